@@ -1,0 +1,89 @@
+//! The decision cache key: a stable 128-bit hash (xxh3, unseeded, identical on every platform
+//! and process) of the bundle digest, namespace, requested tags and the values of exactly the
+//! context fields the namespace's rules read.
+
+use alloc::format;
+use alloc::string::String;
+use xxhash_rust::xxh3::Xxh3;
+
+use crate::context::{FieldValue, RequestContext, ShieldValue};
+use crate::schema::FieldRef;
+
+fn put(h: &mut Xxh3, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
+    h.update(bytes);
+}
+
+fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
+    match v {
+        FieldValue::Missing => h.update(&[0]),
+        FieldValue::Null => h.update(&[1]),
+        FieldValue::Bool(b) => h.update(&[2, u8::from(*b)]),
+        FieldValue::Int(i) => {
+            h.update(&[3]);
+            h.update(&i.to_le_bytes());
+        }
+        FieldValue::Float(f) => {
+            h.update(&[4]);
+            h.update(&f.to_bits().to_le_bytes());
+        }
+        FieldValue::Str(s) => {
+            h.update(&[5]);
+            put(h, s.as_bytes());
+        }
+        FieldValue::StrList(l) => {
+            h.update(&[6]);
+            h.update(&(l.len() as u64).to_le_bytes());
+            l.iter().for_each(|s| put(h, s.as_bytes()));
+        }
+        FieldValue::StrMap(m) => {
+            h.update(&[7]);
+            h.update(&(m.len() as u64).to_le_bytes());
+            for (k, v) in m.iter() {
+                put(h, k.as_bytes());
+                put(h, v.as_bytes());
+            }
+        }
+        FieldValue::Principal(p) => {
+            h.update(&[8]);
+            for (k, v) in p.iter() {
+                put(h, k.as_bytes());
+                match v {
+                    Some(v) => put(h, v.as_bytes()),
+                    None => h.update(&[0xff]),
+                }
+            }
+        }
+        FieldValue::Shield(s) => {
+            h.update(&[9]);
+            for (k, v) in s.iter() {
+                put(h, k.as_bytes());
+                match v {
+                    ShieldValue::Number(n) => h.update(&n.to_bits().to_le_bytes()),
+                    ShieldValue::Text(t) => put(h, t.as_bytes()),
+                }
+            }
+        }
+        FieldValue::Messages(ms) => {
+            h.update(&[10]);
+            h.update(&(ms.len() as u64).to_le_bytes());
+            for m in ms.iter() {
+                put(h, m.role.as_bytes());
+                put(h, m.content.as_bytes());
+            }
+        }
+    }
+}
+
+/// Hex cache key.
+pub(crate) fn compute(bundle: &str, namespace: &str, tags: &[String], reads: &[FieldRef], ctx: &RequestContext) -> String {
+    let mut h = Xxh3::new();
+    put(&mut h, bundle.as_bytes());
+    put(&mut h, namespace.as_bytes());
+    h.update(&(tags.len() as u64).to_le_bytes());
+    tags.iter().for_each(|t| put(&mut h, t.as_bytes()));
+    for f in reads {
+        put_value(&mut h, &ctx.get(f));
+    }
+    format!("{:032x}", h.digest128())
+}

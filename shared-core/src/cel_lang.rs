@@ -1,0 +1,537 @@
+//! CEL conditions (feature `cel`): parsing with a nesting guard, load-time checks of every
+//! variable and field reference against the context schema, translation of the common subset
+//! (comparisons, `in`, `&&`, `||`, `!`, `has()`, `contains` / `startsWith` / `endsWith` /
+//! `matches` with literal arguments) into the native condition tree, and the `cel` interpreter
+//! for everything else.
+
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock};
+
+use cel::common::ast::{operators, CallExpr, Expr, LiteralValue, SelectExpr};
+use cel::{Context, Env, ExecutionError, IdedExpr, Program, Value};
+
+use crate::condition::{Cond, CondError, Leaf, Lit, OrdOp, Scratch, Test, Truth};
+use crate::context::{RequestContext, ShieldValue};
+use crate::schema::{FieldRef, FieldType, ROOTS};
+
+/// Longest accepted expression, in bytes.
+pub(crate) const MAX_EXPR_LEN: usize = 16 * 1024;
+/// Deepest accepted bracket nesting (cel-rust #212: the parser's stack overflows on deep nesting).
+pub(crate) const MAX_NESTING: usize = 32;
+
+/// A CEL expression kept for the interpreter.
+#[derive(Debug)]
+pub(crate) struct CelProgram {
+    program: Program,
+    reads: Vec<FieldRef>,
+}
+
+/// A compile error in a CEL expression.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CelError {
+    pub code: &'static str,
+    pub message: String,
+    pub help: Option<String>,
+}
+
+/// A compiled CEL condition.
+pub(crate) struct CelCompiled {
+    /// The condition: native tree when translatable, else the interpreter.
+    pub cond: Cond,
+    /// For interpreted programs: the translatable top-level `&&` conjuncts, for indexing.
+    pub index_hint: Option<Cond>,
+    /// Whether the whole expression was translated.
+    #[cfg_attr(not(test), allow(dead_code))]
+    pub native: bool,
+}
+
+fn env() -> &'static Arc<Env> {
+    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Env::stdlib();
+        // lowerAscii, upperAscii, trim, replace, split, indexOf, … are useful on prompts.
+        let _ = env.add_extension(cel::extensions::strings);
+        Arc::new(env)
+    })
+}
+
+fn cel_err(code: &'static str, message: String, help: Option<String>) -> CelError {
+    CelError { code, message, help }
+}
+
+/// Rejects expressions too long or too deeply nested for the parser.
+fn guard(src: &str) -> Result<(), CelError> {
+    if src.len() > MAX_EXPR_LEN {
+        return Err(cel_err(
+            "cel-too-large",
+            format!("expression is {} bytes, over the limit of {MAX_EXPR_LEN}", src.len()),
+            None,
+        ));
+    }
+    let (mut depth, mut max, mut unary) = (0usize, 0usize, 0usize);
+    let mut quote: Option<char> = None;
+    let mut escaped = false;
+    for c in src.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' => quote = Some(c),
+            '(' | '[' | '{' => {
+                depth += 1;
+                max = max.max(depth);
+            }
+            ')' | ']' | '}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        if c == '!' || c == '-' {
+            unary += 1;
+        } else if !c.is_whitespace() {
+            unary = 0;
+        }
+        if max > MAX_NESTING || unary > MAX_NESTING {
+            return Err(cel_err(
+                "cel-too-deep",
+                format!("expression nests deeper than {MAX_NESTING} levels"),
+                Some(String::from("split the condition into several rules or use the match DSL")),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Compiles one CEL condition.
+pub(crate) fn compile(src: &str, attrs: &[String]) -> Result<CelCompiled, CelError> {
+    guard(src)?;
+    let program = env().compile(src).map_err(|e| {
+        cel_err("cel-syntax", format!("CEL syntax error: {}", e.to_string().trim()), None)
+    })?;
+    let mut reads = Vec::new();
+    check_refs(program.expression(), attrs, &mut Vec::new(), &mut reads)?;
+    reads.sort();
+    reads.dedup();
+    // Catch misspelt functions now rather than on every request.
+    if let Err(ExecutionError::UndeclaredReference(name)) = program.execute(&activation(&sample(attrs))) {
+        if !ROOTS.contains(&name.as_str()) {
+            return Err(cel_err("cel-unknown-function", format!("unknown function or variable `{name}`"), None));
+        }
+    }
+    if let Some(cond) = translate(program.expression(), attrs) {
+        return Ok(CelCompiled { cond, index_hint: None, native: true });
+    }
+    let mut conjuncts = Vec::new();
+    flatten_and(program.expression(), &mut conjuncts);
+    let hints: Vec<Cond> = conjuncts.into_iter().filter_map(|c| translate(c, attrs)).collect();
+    let index_hint = (!hints.is_empty()).then_some(Cond::All(hints));
+    Ok(CelCompiled {
+        cond: Cond::Cel(Arc::new(CelProgram { program, reads })),
+        index_hint,
+        native: false,
+    })
+}
+
+fn sample(attrs: &[String]) -> RequestContext {
+    RequestContext {
+        principal: attrs.iter().map(|a| (a.clone(), None)).collect(),
+        ..RequestContext::default()
+    }
+}
+
+fn flatten_and<'a>(e: &'a IdedExpr, out: &mut Vec<&'a IdedExpr>) {
+    match &e.expr {
+        Expr::Call(c) if c.func_name == operators::LOGICAL_AND && c.target.is_none() => {
+            c.args.iter().for_each(|a| flatten_and(a, out));
+        }
+        _ => out.push(e),
+    }
+}
+
+/// Checks every variable and field reference; collects the fields the expression reads.
+fn check_refs(
+    e: &IdedExpr,
+    attrs: &[String],
+    bound: &mut Vec<String>,
+    reads: &mut Vec<FieldRef>,
+) -> Result<(), CelError> {
+    match &e.expr {
+        Expr::Ident(name) => {
+            if bound.iter().any(|b| b == name) {
+                return Ok(());
+            }
+            whole_root(name, reads).ok_or_else(|| unknown_var(name))?;
+        }
+        Expr::Select(SelectExpr { operand, field, .. }) => {
+            if let Expr::Ident(root) = &operand.expr {
+                if !bound.iter().any(|b| b == root) {
+                    if !ROOTS.contains(&root.as_str()) {
+                        return Err(unknown_var(root));
+                    }
+                    let (f, _) = FieldRef::resolve(root, Some(field), attrs).map_err(|u| {
+                        cel_err(
+                            "unknown-field",
+                            u.message,
+                            u.suggestion.map(|s| format!("did you mean `{s}`?")),
+                        )
+                    })?;
+                    reads.push(f);
+                    return Ok(());
+                }
+            }
+            check_refs(operand, attrs, bound, reads)?;
+        }
+        Expr::Call(CallExpr { target, args, .. }) => {
+            if let Some(t) = target {
+                check_refs(t, attrs, bound, reads)?;
+            }
+            for a in args {
+                check_refs(a, attrs, bound, reads)?;
+            }
+        }
+        Expr::Comprehension(c) => {
+            check_refs(&c.iter_range, attrs, bound, reads)?;
+            let n = bound.len();
+            bound.push(c.iter_var.clone());
+            if let Some(v2) = &c.iter_var2 {
+                bound.push(v2.clone());
+            }
+            bound.push(c.accu_var.clone());
+            for part in [&c.accu_init, &c.loop_cond, &c.loop_step, &c.result] {
+                check_refs(part, attrs, bound, reads)?;
+            }
+            bound.truncate(n);
+        }
+        Expr::List(l) => {
+            for el in &l.elements {
+                check_refs(el, attrs, bound, reads)?;
+            }
+        }
+        Expr::Map(m) => {
+            for entry in &m.entries {
+                if let cel::common::ast::EntryExpr::MapEntry(me) = &entry.expr {
+                    check_refs(&me.key, attrs, bound, reads)?;
+                    check_refs(&me.value, attrs, bound, reads)?;
+                }
+            }
+        }
+        Expr::Struct(_) => {
+            return Err(cel_err("cel-unsupported", String::from("message construction is not supported"), None))
+        }
+        Expr::Literal(_) | Expr::Unspecified => {}
+    }
+    Ok(())
+}
+
+fn unknown_var(name: &str) -> CelError {
+    let u = FieldRef::resolve(name, Some(""), &[]).err();
+    cel_err(
+        "unknown-field",
+        format!("unknown variable `{name}`"),
+        u.and_then(|u| u.suggestion)
+            .map(|s| format!("did you mean `{}`?", s.trim_end_matches('.'))),
+    )
+}
+
+/// Marks a whole root as read; `None` if `name` is not a root.
+fn whole_root(name: &str, reads: &mut Vec<FieldRef>) -> Option<()> {
+    match name {
+        "request" => reads.extend([
+            FieldRef::Method,
+            FieldRef::Path,
+            FieldRef::Host,
+            FieldRef::Headers,
+            FieldRef::Provider,
+            FieldRef::Api,
+            FieldRef::Model,
+            FieldRef::Stream,
+            FieldRef::MaxTokens,
+            FieldRef::Temperature,
+            FieldRef::User,
+            FieldRef::Messages,
+            FieldRef::Prompt,
+            FieldRef::EstimatedTokens,
+            FieldRef::Tools,
+            FieldRef::BodyBytes,
+        ]),
+        "principal" => reads.push(FieldRef::PrincipalAll),
+        "shield" => reads.push(FieldRef::ShieldAll),
+        "time" => reads.extend([FieldRef::Hour, FieldRef::Weekday]),
+        _ => return None,
+    }
+    Some(())
+}
+
+/// A field access: `root.member`, `request.headers.x`, `request.headers['x']`, `shield['x']`.
+fn field_of(e: &IdedExpr, attrs: &[String]) -> Option<(FieldRef, FieldType)> {
+    match &e.expr {
+        Expr::Select(SelectExpr { operand, field, test: false }) => match &operand.expr {
+            Expr::Ident(root) => FieldRef::resolve(root, Some(field), attrs).ok(),
+            Expr::Select(inner) if is_headers(inner) => Some((FieldRef::Header(field.clone()), FieldType::OptStr)),
+            _ => None,
+        },
+        Expr::Call(c) if c.func_name == operators::INDEX && c.target.is_none() && c.args.len() == 2 => {
+            let key = string_lit(c.args.get(1)?)?;
+            match &c.args.first()?.expr {
+                Expr::Select(inner) if is_headers(inner) => Some((FieldRef::Header(key), FieldType::OptStr)),
+                Expr::Ident(root) if root == "shield" => Some((FieldRef::Shield(key), FieldType::Dynamic)),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+fn is_headers(s: &SelectExpr) -> bool {
+    matches!(&s.operand.expr, Expr::Ident(r) if r == "request") && s.field == "headers" && !s.test
+}
+
+fn literal(e: &IdedExpr) -> Option<Lit> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::Boolean(b)) => Some(Lit::Bool(*b.inner())),
+        Expr::Literal(LiteralValue::Int(i)) => Some(Lit::Int(*i.inner())),
+        Expr::Literal(LiteralValue::Double(d)) => Some(Lit::Float(*d.inner())),
+        Expr::Literal(LiteralValue::String(s)) => Some(Lit::Str(s.inner().to_string())),
+        Expr::Literal(LiteralValue::Null) => Some(Lit::Null),
+        _ => None,
+    }
+}
+
+fn string_lit(e: &IdedExpr) -> Option<String> {
+    match literal(e)? {
+        Lit::Str(s) => Some(s),
+        _ => None,
+    }
+}
+
+fn strict(field: FieldRef, test: Test) -> Cond {
+    Cond::Leaf(Leaf { field, test, negate: false, strict: true, ignore_case: false })
+}
+
+/// Translates the native subset; `None` means "keep the interpreter".
+fn translate(e: &IdedExpr, attrs: &[String]) -> Option<Cond> {
+    match &e.expr {
+        Expr::Literal(LiteralValue::Boolean(b)) => Some(Cond::Const(*b.inner())),
+        Expr::Select(SelectExpr { operand, field, test: true }) => {
+            let (f, _) = field_of(
+                &IdedExpr {
+                    id: e.id,
+                    expr: Expr::Select(SelectExpr { operand: operand.clone(), field: field.clone(), test: false }),
+                },
+                attrs,
+            )?;
+            Some(strict(f, Test::Present))
+        }
+        Expr::Select(_) | Expr::Call(_) if field_of(e, attrs).is_some_and(|(_, t)| t == FieldType::Bool) => {
+            let (f, _) = field_of(e, attrs)?;
+            Some(strict(f, Test::Eq(Lit::Bool(true))))
+        }
+        Expr::Call(c) => translate_call(c, attrs),
+        _ => None,
+    }
+}
+
+fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
+    let name = c.func_name.as_str();
+    if let Some(target) = &c.target {
+        // Member functions with one literal string argument.
+        let (f, ty) = field_of(target, attrs)?;
+        if !matches!(ty, FieldType::Str | FieldType::OptStr) || c.args.len() != 1 {
+            return None;
+        }
+        let arg = string_lit(c.args.first()?)?;
+        let test = match name {
+            "contains" => Test::Contains(arg),
+            "startsWith" => Test::StartsWith(arg),
+            "endsWith" => Test::EndsWith(arg),
+            "matches" => Test::Matches(regex::Regex::new(&arg).ok()?),
+            _ => return None,
+        };
+        return Some(strict(f, test));
+    }
+    let args = &c.args;
+    match (name, args.as_slice()) {
+        (operators::LOGICAL_AND, [a, b]) => Some(Cond::All(vec![translate(a, attrs)?, translate(b, attrs)?])),
+        (operators::LOGICAL_OR, [a, b]) => Some(Cond::Any(vec![translate(a, attrs)?, translate(b, attrs)?])),
+        (operators::LOGICAL_NOT, [a]) => Some(Cond::Not(Box::new(translate(a, attrs)?))),
+        (operators::IN, [l, r]) => {
+            if let (Some((f, ty)), Expr::List(list)) = (field_of(l, attrs), &r.expr) {
+                if ty == FieldType::Messages || ty == FieldType::StrList || ty == FieldType::StrMap {
+                    return None;
+                }
+                let lits: Option<Vec<Lit>> = list.elements.iter().map(literal).collect();
+                return Some(strict(f, Test::In(lits?)));
+            }
+            let (f, ty) = field_of(r, attrs)?;
+            let lit = literal(l)?;
+            matches!(ty, FieldType::StrList | FieldType::StrMap).then(|| strict(f, Test::Has(vec![lit])))
+        }
+        (op, [l, r]) => {
+            let (field_side, lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
+                (Some(f), None) => (f, literal(r)?, false),
+                (None, Some(f)) => (f, literal(l)?, true),
+                _ => return None,
+            };
+            let (f, ty) = field_side;
+            if matches!(ty, FieldType::StrList | FieldType::StrMap | FieldType::Messages) {
+                return None;
+            }
+            let ord = |o: OrdOp| Some(strict(f.clone(), Test::Ord(o, lit.clone())));
+            match (op, swapped) {
+                (operators::EQUALS, _) => Some(strict(f, Test::Eq(lit))),
+                (operators::NOT_EQUALS, _) => Some(Cond::Not(Box::new(strict(f, Test::Eq(lit))))),
+                (operators::GREATER, false) | (operators::LESS, true) => ord(OrdOp::Gt),
+                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => ord(OrdOp::Gte),
+                (operators::LESS, false) | (operators::GREATER, true) => ord(OrdOp::Lt),
+                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => ord(OrdOp::Lte),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+impl CelProgram {
+    pub(crate) fn reads(&self) -> &[FieldRef] {
+        &self.reads
+    }
+
+    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch) -> Truth {
+        let activation = scratch.cel.get_or_insert_with(|| activation(ctx));
+        match self.program.execute(activation) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(CondError(format!("condition returned {:?}, not a bool", other.type_of()))),
+            Err(e) => Err(CondError(e.to_string())),
+        }
+    }
+}
+
+fn s(v: &str) -> Value {
+    Value::String(Arc::new(v.to_string()))
+}
+
+fn opt_s(v: &Option<String>) -> Value {
+    v.as_deref().map_or(Value::Null, s)
+}
+
+fn map(entries: impl IntoIterator<Item = (String, Value)>) -> Value {
+    let m: HashMap<String, Value> = entries.into_iter().collect();
+    Value::Map(m.into())
+}
+
+/// The CEL variables for one request: `request`, `principal`, `shield`, `time`.
+pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
+    let r = &ctx.request;
+    let k = |name: &str, v: Value| (name.to_string(), v);
+    let request = map([
+        k("method", s(&r.method)),
+        k("path", s(&r.path)),
+        k("host", s(&r.host)),
+        k("headers", map(r.headers.iter().map(|(h, v)| (h.clone(), s(v))))),
+        k("provider", s(r.provider.as_str())),
+        k("api", s(r.api.as_str())),
+        k("model", opt_s(&r.model)),
+        k("stream", Value::Bool(r.stream)),
+        k("max_tokens", r.max_tokens.map_or(Value::Null, Value::Int)),
+        k("temperature", r.temperature.map_or(Value::Null, Value::Float)),
+        k("user", opt_s(&r.user)),
+        k(
+            "messages",
+            Value::List(Arc::new(
+                r.messages
+                    .iter()
+                    .map(|m| map([k("role", s(&m.role)), k("content", s(&m.content))]))
+                    .collect(),
+            )),
+        ),
+        k("prompt", s(&r.prompt)),
+        k("estimated_tokens", Value::Int(r.estimated_tokens)),
+        k("tools", Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect()))),
+        k("body_bytes", Value::Int(r.body_bytes)),
+    ]);
+    let principal = map(ctx.principal.iter().map(|(a, v)| (a.clone(), opt_s(v))));
+    let shield = map(ctx.shield.iter().map(|(n, v)| {
+        let v = match v {
+            ShieldValue::Number(f) => Value::Float(*f),
+            ShieldValue::Text(t) => s(t),
+        };
+        (n.clone(), v)
+    }));
+    let time = map([k("hour", Value::Int(ctx.time.hour)), k("weekday", Value::Int(ctx.time.weekday))]);
+    let mut c = Context::with_env(Arc::clone(env()));
+    c.add_variable_from_value("request", request);
+    c.add_variable_from_value("principal", principal);
+    c.add_variable_from_value("shield", shield);
+    c.add_variable_from_value("time", time);
+    c
+}
+
+/// Evaluates `src` with the interpreter only (no translation): the reference the native tree is
+/// tested against.
+#[cfg(test)]
+pub(crate) fn interpret(src: &str, ctx: &RequestContext) -> Truth {
+    let program = env().compile(src).map_err(|e| CondError(e.to_string()))?;
+    match program.execute(&activation(ctx)) {
+        Ok(Value::Bool(b)) => Ok(b),
+        Ok(_) => Err(CondError(String::from("not a bool"))),
+        Err(e) => Err(CondError(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs() -> Vec<String> {
+        ["id", "tier", "team"].iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn common_expressions_are_translated() {
+        for src in [
+            "request.model == 'gpt-4o' && request.max_tokens > 100",
+            "!(request.model in ['a', 'b'])",
+            "principal.tier == 'free' || request.stream",
+            "request.prompt.contains('ignore previous')",
+            "request.prompt.matches('(?i)sk-[a-z0-9]{20}')",
+            "'x-api-key' in request.headers",
+            "has(shield.pii)",
+            "shield.pii > 0.5",
+            "'web_search' in request.tools",
+            "1000 < request.max_tokens",
+        ] {
+            let c = compile(src, &attrs()).unwrap();
+            assert!(c.native, "{src}");
+        }
+    }
+
+    #[test]
+    fn others_use_the_interpreter_with_an_index_hint() {
+        let c = compile("request.model == 'x' && size(request.messages) > 3", &attrs()).unwrap();
+        assert!(!c.native);
+        assert!(c.index_hint.is_some());
+    }
+
+    #[test]
+    fn load_time_errors() {
+        let e = compile("request.modle == 'x'", &attrs()).err().unwrap();
+        assert_eq!(e.code, "unknown-field");
+        assert_eq!(e.help.as_deref(), Some("did you mean `request.model`?"));
+        assert_eq!(compile("reqest.model == 'x'", &attrs()).err().unwrap().code, "unknown-field");
+        assert_eq!(compile("request.model ==", &attrs()).err().unwrap().code, "cel-syntax");
+        assert_eq!(
+            compile("request.prompt.lowerAsci() == 'x'", &attrs()).err().unwrap().code,
+            "cel-unknown-function"
+        );
+        let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
+        assert_eq!(compile(&deep, &attrs()).err().unwrap().code, "cel-too-deep");
+        let bangs = format!("{}true", "!".repeat(5000));
+        assert_eq!(compile(&bangs, &attrs()).err().unwrap().code, "cel-too-deep");
+        assert!(compile("[1,2].all(x, x > 0) && request.stream", &attrs()).is_ok());
+    }
+}

@@ -1,0 +1,351 @@
+//! Compiled conditions: the native condition tree that DSL conditions, and the CEL subset that maps
+//! onto it, are compiled into at load time. Field paths are resolved, literals typed, regexes
+//! built; evaluating a leaf is a field access and a comparison.
+//!
+//! Two null semantics share the tree. DSL leaves are *lenient*: a comparison against a null or
+//! missing value is false. Leaves translated from CEL are *strict*: they give exactly what the
+//! `cel` crate gives on the same context (a missing map key or an ordering on null is an error),
+//! so a CEL expression decides the same whether it runs here or in the interpreter. `all`/`any`
+//! follow CEL's commutative error rules (`false && error` is false, `true || error` is true).
+
+use alloc::boxed::Box;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::cmp::Ordering;
+
+use regex::Regex;
+
+use crate::context::{FieldValue, RequestContext};
+use crate::schema::FieldRef;
+
+/// A literal operand.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Lit {
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+/// Ordering operators.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum OrdOp {
+    Gt,
+    Gte,
+    Lt,
+    Lte,
+}
+
+/// What a leaf tests.
+#[derive(Debug, Clone)]
+pub(crate) enum Test {
+    /// Equality (numbers compare across int / double).
+    Eq(Lit),
+    /// Equality with one of the literals.
+    In(Vec<Lit>),
+    /// Numeric ordering.
+    Ord(OrdOp, Lit),
+    /// Substring.
+    Contains(String),
+    /// Prefix.
+    StartsWith(String),
+    /// Suffix.
+    EndsWith(String),
+    /// Regex search (also case-insensitive and any-of string tests).
+    Matches(Regex),
+    /// A list has an element equal to one of these / a map has one of these keys.
+    Has(Vec<Lit>),
+    /// Not null and not empty (DSL `exists`).
+    Exists,
+    /// The key is there, even if null (CEL `has()`).
+    Present,
+}
+
+/// One leaf: a field, a test, and how nulls behave.
+#[derive(Debug, Clone)]
+pub(crate) struct Leaf {
+    pub field: FieldRef,
+    pub test: Test,
+    /// DSL `ne` / `not_in` / `not_contains` / `exists: false`: negates a non-null result.
+    pub negate: bool,
+    /// CEL semantics (errors) rather than DSL semantics (false).
+    pub strict: bool,
+    /// Case-insensitive equality for `Eq` / `In` / `Has` string literals.
+    pub ignore_case: bool,
+}
+
+/// A compiled condition.
+#[derive(Debug, Clone)]
+pub(crate) enum Cond {
+    Const(bool),
+    All(Vec<Cond>),
+    Any(Vec<Cond>),
+    Not(Box<Cond>),
+    Leaf(Leaf),
+    /// A CEL program the native tree cannot express; run by the `cel` interpreter.
+    #[cfg(feature = "cel")]
+    Cel(alloc::sync::Arc<crate::cel_lang::CelProgram>),
+}
+
+/// A runtime condition error (reported in `metadata.errors`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CondError(pub String);
+
+pub(crate) type Truth = Result<bool, CondError>;
+
+/// Per-evaluation scratch space (the CEL activation, built at most once per request).
+#[derive(Default)]
+pub(crate) struct Scratch {
+    #[cfg(feature = "cel")]
+    pub cel: Option<cel::Context<'static, 'static>>,
+}
+
+impl Cond {
+    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch) -> Truth {
+        match self {
+            Cond::Const(b) => Ok(*b),
+            Cond::All(children) => {
+                let mut err = None;
+                for c in children {
+                    match c.eval(ctx, scratch) {
+                        Ok(false) => return Ok(false),
+                        Ok(true) => {}
+                        Err(e) => {
+                            err.get_or_insert(e);
+                        }
+                    }
+                }
+                err.map_or(Ok(true), Err)
+            }
+            Cond::Any(children) => {
+                let mut err = None;
+                for c in children {
+                    match c.eval(ctx, scratch) {
+                        Ok(true) => return Ok(true),
+                        Ok(false) => {}
+                        Err(e) => {
+                            err.get_or_insert(e);
+                        }
+                    }
+                }
+                err.map_or(Ok(false), Err)
+            }
+            Cond::Not(c) => c.eval(ctx, scratch).map(|b| !b),
+            Cond::Leaf(leaf) => leaf.eval(ctx),
+            #[cfg(feature = "cel")]
+            Cond::Cel(program) => program.eval(ctx, scratch),
+        }
+    }
+
+    /// Calls `f` for every field the condition reads.
+    pub(crate) fn visit_fields(&self, f: &mut dyn FnMut(&FieldRef)) {
+        match self {
+            Cond::Const(_) => {}
+            Cond::All(c) | Cond::Any(c) => c.iter().for_each(|c| c.visit_fields(f)),
+            Cond::Not(c) => c.visit_fields(f),
+            Cond::Leaf(l) => f(&l.field),
+            #[cfg(feature = "cel")]
+            Cond::Cel(p) => p.reads().iter().for_each(|r| f(r)),
+        }
+    }
+
+    /// Structural fingerprint used to detect identical conditions (conflict check).
+    pub(crate) fn fingerprint(&self) -> String {
+        format!("{self:?}")
+    }
+}
+
+fn no_such_key(field: &FieldRef) -> CondError {
+    CondError(format!("no such key: {}", field.path()))
+}
+
+fn no_overload(op: &str, field: &FieldRef, v: &FieldValue<'_>) -> CondError {
+    CondError(format!(
+        "found no matching overload for '{op}' applied to {} ({})",
+        field.path(),
+        type_name(v)
+    ))
+}
+
+fn type_name(v: &FieldValue<'_>) -> &'static str {
+    match v {
+        FieldValue::Missing => "missing",
+        FieldValue::Null => "null",
+        FieldValue::Bool(_) => "bool",
+        FieldValue::Int(_) => "int",
+        FieldValue::Float(_) => "double",
+        FieldValue::Str(_) => "string",
+        FieldValue::StrList(_) | FieldValue::Messages(_) => "list",
+        FieldValue::StrMap(_) | FieldValue::Principal(_) | FieldValue::Shield(_) => "map",
+    }
+}
+
+fn str_eq(a: &str, b: &str, ignore_case: bool) -> bool {
+    if ignore_case {
+        a.chars()
+            .flat_map(char::to_lowercase)
+            .eq(b.chars().flat_map(char::to_lowercase))
+    } else {
+        a == b
+    }
+}
+
+/// CEL-style heterogeneous equality; numbers compare by value across int and double.
+fn value_eq(v: &FieldValue<'_>, lit: &Lit, ignore_case: bool) -> bool {
+    match (v, lit) {
+        (FieldValue::Null, Lit::Null) => true,
+        (FieldValue::Bool(a), Lit::Bool(b)) => a == b,
+        (FieldValue::Str(a), Lit::Str(b)) => str_eq(a, b, ignore_case),
+        (FieldValue::Int(_) | FieldValue::Float(_), Lit::Int(_) | Lit::Float(_)) => {
+            num_cmp(v, lit) == Some(Ordering::Equal)
+        }
+        _ => false,
+    }
+}
+
+fn num_cmp(v: &FieldValue<'_>, lit: &Lit) -> Option<Ordering> {
+    match (v, lit) {
+        (FieldValue::Int(a), Lit::Int(b)) => Some(a.cmp(b)),
+        (FieldValue::Int(a), Lit::Float(b)) => (*a as f64).partial_cmp(b),
+        (FieldValue::Float(a), Lit::Int(b)) => a.partial_cmp(&(*b as f64)),
+        (FieldValue::Float(a), Lit::Float(b)) => a.partial_cmp(b),
+        _ => None,
+    }
+}
+
+fn is_empty(v: &FieldValue<'_>) -> bool {
+    match v {
+        FieldValue::Missing | FieldValue::Null => true,
+        FieldValue::Str(s) => s.is_empty(),
+        FieldValue::StrList(l) => l.is_empty(),
+        FieldValue::StrMap(m) => m.is_empty(),
+        FieldValue::Messages(m) => m.is_empty(),
+        FieldValue::Principal(p) => p.iter().all(|(_, v)| v.is_none()),
+        FieldValue::Shield(s) => s.is_empty(),
+        FieldValue::Bool(_) | FieldValue::Int(_) | FieldValue::Float(_) => false,
+    }
+}
+
+impl Leaf {
+    fn eval(&self, ctx: &RequestContext) -> Truth {
+        let v = ctx.get(&self.field);
+        match self.test {
+            Test::Present => return Ok(!matches!(v, FieldValue::Missing) != self.negate),
+            Test::Exists => return Ok(!is_empty(&v) != self.negate),
+            _ => {}
+        }
+        if self.strict {
+            if matches!(v, FieldValue::Missing) {
+                return Err(no_such_key(&self.field));
+            }
+            self.test_value(&v)
+        } else if matches!(v, FieldValue::Missing | FieldValue::Null) {
+            Ok(false)
+        } else {
+            // Lenient: a type mismatch is simply false.
+            Ok(self.test_value(&v).unwrap_or(false) != self.negate)
+        }
+    }
+
+    fn test_value(&self, v: &FieldValue<'_>) -> Truth {
+        let ic = self.ignore_case;
+        match &self.test {
+            Test::Eq(lit) => Ok(value_eq(v, lit, ic)),
+            Test::In(lits) => Ok(lits.iter().any(|l| value_eq(v, l, ic))),
+            Test::Ord(op, lit) => {
+                let ord = num_cmp(v, lit).ok_or_else(|| no_overload(ord_name(*op), &self.field, v))?;
+                Ok(match op {
+                    OrdOp::Gt => ord == Ordering::Greater,
+                    OrdOp::Gte => ord != Ordering::Less,
+                    OrdOp::Lt => ord == Ordering::Less,
+                    OrdOp::Lte => ord != Ordering::Greater,
+                })
+            }
+            Test::Contains(s) => str_of(v, "contains", &self.field).map(|x| x.contains(s.as_str())),
+            Test::StartsWith(s) => str_of(v, "startsWith", &self.field).map(|x| x.starts_with(s.as_str())),
+            Test::EndsWith(s) => str_of(v, "endsWith", &self.field).map(|x| x.ends_with(s.as_str())),
+            Test::Matches(re) => str_of(v, "matches", &self.field).map(|x| re.is_match(x)),
+            Test::Has(lits) => match v {
+                FieldValue::StrList(list) => Ok(list
+                    .iter()
+                    .any(|e| lits.iter().any(|l| value_eq(&FieldValue::Str(e), l, ic)))),
+                FieldValue::StrMap(map) => Ok(map
+                    .iter()
+                    .any(|(k, _)| lits.iter().any(|l| value_eq(&FieldValue::Str(k), l, ic)))),
+                _ => Err(no_overload("@in", &self.field, v)),
+            },
+            Test::Exists | Test::Present => Ok(true),
+        }
+    }
+}
+
+fn ord_name(op: OrdOp) -> &'static str {
+    match op {
+        OrdOp::Gt => "_>_",
+        OrdOp::Gte => "_>=_",
+        OrdOp::Lt => "_<_",
+        OrdOp::Lte => "_<=_",
+    }
+}
+
+fn str_of<'a>(v: &FieldValue<'a>, op: &str, field: &FieldRef) -> Result<&'a str, CondError> {
+    match v {
+        FieldValue::Str(s) => Ok(s),
+        other => Err(no_overload(op, field, other)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloc::string::ToString;
+
+    fn ctx() -> RequestContext {
+        let mut c = RequestContext::default();
+        c.request.model = Some("gpt-4o".into());
+        c.request.max_tokens = Some(2000);
+        c.principal = alloc::vec![("tier".to_string(), None)];
+        c
+    }
+
+    fn leaf(field: FieldRef, test: Test, strict: bool) -> Cond {
+        Cond::Leaf(Leaf { field, test, negate: false, strict, ignore_case: false })
+    }
+
+    #[test]
+    fn lenient_null_is_false_strict_null_errors() {
+        let c = ctx();
+        let mut s = Scratch::default();
+        let t = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), false);
+        assert_eq!(t.eval(&c, &mut s), Ok(false));
+        let t = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), true);
+        assert!(t.eval(&c, &mut s).is_err());
+        let t = leaf(FieldRef::Principal("tier".into()), Test::Eq(Lit::Str("free".into())), true);
+        assert_eq!(t.eval(&c, &mut s), Ok(false));
+    }
+
+    #[test]
+    fn cel_error_rules_for_and_or() {
+        let c = ctx();
+        let mut s = Scratch::default();
+        let err = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), true);
+        let f = Cond::Const(false);
+        let t = Cond::Const(true);
+        assert_eq!(Cond::All(alloc::vec![err.clone(), f.clone()]).eval(&c, &mut s), Ok(false));
+        assert!(Cond::All(alloc::vec![err.clone(), t.clone()]).eval(&c, &mut s).is_err());
+        assert_eq!(Cond::Any(alloc::vec![err.clone(), t]).eval(&c, &mut s), Ok(true));
+        assert!(Cond::Any(alloc::vec![err, f]).eval(&c, &mut s).is_err());
+    }
+
+    #[test]
+    fn numbers_compare_across_int_and_double() {
+        let c = ctx();
+        let mut s = Scratch::default();
+        let t = leaf(FieldRef::MaxTokens, Test::Ord(OrdOp::Gte, Lit::Float(1999.5)), true);
+        assert_eq!(t.eval(&c, &mut s), Ok(true));
+        let t = leaf(FieldRef::MaxTokens, Test::Eq(Lit::Float(2000.0)), true);
+        assert_eq!(t.eval(&c, &mut s), Ok(true));
+    }
+}

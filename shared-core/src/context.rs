@@ -1,0 +1,459 @@
+//! The request context: the typed view of one LLM request that conditions read.
+//!
+//! Built once per request by [`RequestContext::from_request`] from what Envoy (or the CLI) sees:
+//! method, path, headers and body. Every field of the schema ([`crate::schema::FIELDS`]) is
+//! present; absent values are null, empty or false as documented there.
+
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use serde::{Deserialize, Serialize};
+
+use crate::extract;
+use crate::schema::FieldRef;
+
+/// How the context is read from headers. One per deployment; the policy set is compiled against it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ContextConfig {
+    /// Header that selects the policy namespace (default `x-llm-policy-namespace`).
+    pub namespace_header: String,
+    /// Principal attributes and the header each is read from (defaults: `id` ← `x-user-id`,
+    /// `tier` ← `x-user-tier`, `team` ← `x-team-id`).
+    pub principal_headers: Vec<(String, String)>,
+    /// Prefix of shield score headers (default `x-llm-shield-`).
+    pub shield_prefix: String,
+    /// Bodies larger than this are rejected with 413 (default 4 MiB).
+    pub max_body_bytes: usize,
+}
+
+impl Default for ContextConfig {
+    fn default() -> Self {
+        ContextConfig {
+            namespace_header: String::from("x-llm-policy-namespace"),
+            principal_headers: [("id", "x-user-id"), ("tier", "x-user-tier"), ("team", "x-team-id")]
+                .iter()
+                .map(|(a, h)| (a.to_string(), h.to_string()))
+                .collect(),
+            shield_prefix: String::from("x-llm-shield-"),
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+impl ContextConfig {
+    /// The configured principal attribute names.
+    pub fn principal_attributes(&self) -> Vec<String> {
+        self.principal_headers.iter().map(|(a, _)| a.clone()).collect()
+    }
+}
+
+/// The raw request as the caller sees it.
+#[derive(Debug, Clone, Copy)]
+pub struct RequestInput<'a> {
+    /// HTTP method.
+    pub method: &'a str,
+    /// Path, possibly with a query string (ignored).
+    pub path: &'a str,
+    /// Header pairs; names in any case.
+    pub headers: &'a [(String, String)],
+    /// Raw body bytes (empty when there is none).
+    pub body: &'a [u8],
+    /// Evaluation time, seconds since the Unix epoch (UTC).
+    pub now_unix: i64,
+}
+
+/// Why a request could not be turned into a context. Callers map these to HTTP 400 / 413.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ContextError {
+    /// The body is not valid JSON, or not a JSON object.
+    #[error("request body is not valid JSON: {0}")]
+    InvalidBody(String),
+    /// A field has a type the provider's API does not allow (e.g. `model: 5`).
+    #[error("request body field `{field}` has the wrong type: {message}")]
+    InvalidField {
+        /// The JSON field.
+        field: String,
+        /// What was expected.
+        message: String,
+    },
+    /// The body exceeds `max_body_bytes`.
+    #[error("request body is {size} bytes, over the limit of {limit} bytes")]
+    BodyTooLarge {
+        /// Body size.
+        size: usize,
+        /// Configured limit.
+        limit: usize,
+    },
+}
+
+impl ContextError {
+    /// HTTP status the caller should answer with.
+    pub fn status(&self) -> u16 {
+        match self {
+            ContextError::BodyTooLarge { .. } => 413,
+            _ => 400,
+        }
+    }
+    /// Stable machine-readable code.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ContextError::InvalidBody(_) => "invalid_body",
+            ContextError::InvalidField { .. } => "invalid_field",
+            ContextError::BodyTooLarge { .. } => "body_too_large",
+        }
+    }
+}
+
+/// One conversation turn.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Message {
+    /// `system`, `user`, `assistant`, `tool`, …
+    pub role: String,
+    /// The text of the turn.
+    pub content: String,
+}
+
+/// A shield score: a number when the header parses as one, else the string.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum ShieldValue {
+    /// Numeric score.
+    Number(f64),
+    /// Anything else.
+    Text(String),
+}
+
+/// The LLM provider a request is addressed to.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// OpenAI and OpenAI-compatible APIs (including Azure OpenAI).
+    Openai,
+    /// Anthropic.
+    Anthropic,
+    /// Anything else.
+    #[default]
+    Unknown,
+}
+
+/// Which API of the provider.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// Chat Completions.
+    Chat,
+    /// Legacy Completions.
+    Completions,
+    /// Embeddings.
+    Embeddings,
+    /// Responses.
+    Responses,
+    /// Anthropic Messages.
+    Messages,
+    /// Anything else.
+    #[default]
+    Other,
+}
+
+impl Provider {
+    /// Schema string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provider::Openai => "openai",
+            Provider::Anthropic => "anthropic",
+            Provider::Unknown => "unknown",
+        }
+    }
+}
+
+impl Api {
+    /// Schema string.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Completions => "completions",
+            Api::Embeddings => "embeddings",
+            Api::Responses => "responses",
+            Api::Messages => "messages",
+            Api::Other => "other",
+        }
+    }
+}
+
+/// The `request` part of the context.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestInfo {
+    /// Upper-case method.
+    pub method: String,
+    /// Path without the query.
+    pub path: String,
+    /// Host / authority.
+    pub host: String,
+    /// Lower-cased header names with values, sorted by name.
+    pub headers: Vec<(String, String)>,
+    /// Provider.
+    pub provider: Provider,
+    /// API.
+    pub api: Api,
+    /// Model.
+    pub model: Option<String>,
+    /// Streaming requested.
+    pub stream: bool,
+    /// Output token cap.
+    pub max_tokens: Option<i64>,
+    /// Temperature.
+    pub temperature: Option<f64>,
+    /// End-user id from the body.
+    pub user: Option<String>,
+    /// Conversation turns.
+    pub messages: Vec<Message>,
+    /// All prompt text joined.
+    pub prompt: String,
+    /// Prompt token estimate.
+    pub estimated_tokens: i64,
+    /// Tool names.
+    pub tools: Vec<String>,
+    /// Body size.
+    pub body_bytes: i64,
+}
+
+/// The `time` part of the context.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TimeInfo {
+    /// Hour, UTC.
+    pub hour: i64,
+    /// Day of week, 0 = Sunday.
+    pub weekday: i64,
+}
+
+impl TimeInfo {
+    /// Hour and weekday of a Unix timestamp (UTC).
+    pub fn from_unix(secs: i64) -> TimeInfo {
+        let days = secs.div_euclid(86_400);
+        let hour = secs.rem_euclid(86_400) / 3600;
+        // 1970-01-01 was a Thursday (4).
+        let weekday = (days + 4).rem_euclid(7);
+        TimeInfo { hour, weekday }
+    }
+}
+
+/// The context conditions read. See the schema in [`crate::schema::FIELDS`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct RequestContext {
+    /// Policy namespace selected by the namespace header (`default` when absent).
+    pub namespace: String,
+    /// Request fields.
+    pub request: RequestInfo,
+    /// Principal attributes, in configuration order; null when the header is missing.
+    pub principal: Vec<(String, Option<String>)>,
+    /// Shield scores, sorted by name.
+    pub shield: Vec<(String, ShieldValue)>,
+    /// Evaluation time.
+    pub time: TimeInfo,
+}
+
+/// What a rule set needs extracted; fields no rule reads are skipped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Needs {
+    /// Build `request.messages`.
+    pub messages: bool,
+    /// Build `request.prompt` (and `estimated_tokens`).
+    pub prompt: bool,
+}
+
+impl Needs {
+    /// Extract everything.
+    pub const ALL: Needs = Needs {
+        messages: true,
+        prompt: true,
+    };
+}
+
+/// A field's value as conditions see it.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum FieldValue<'a> {
+    /// A map key that is not there (a header or shield score).
+    Missing,
+    Null,
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Str(&'a str),
+    StrList(&'a [String]),
+    StrMap(&'a [(String, String)]),
+    Principal(&'a [(String, Option<String>)]),
+    Shield(&'a [(String, ShieldValue)]),
+    Messages(&'a [Message]),
+}
+
+impl RequestContext {
+    /// Builds the context of one request, extracting everything.
+    pub fn from_request(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+    ) -> Result<RequestContext, ContextError> {
+        Self::from_request_with(input, config, Needs::ALL)
+    }
+
+    /// Builds the context, skipping what `needs` says no rule reads (see [`crate::PolicySet::needs`]).
+    pub fn from_request_with(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+        needs: Needs,
+    ) -> Result<RequestContext, ContextError> {
+        if input.body.len() > config.max_body_bytes {
+            return Err(ContextError::BodyTooLarge {
+                size: input.body.len(),
+                limit: config.max_body_bytes,
+            });
+        }
+        let mut headers: Vec<(String, String)> = input
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        let header = |name: &str| -> Option<&str> {
+            headers
+                .binary_search_by(|(k, _)| k.as_str().cmp(name))
+                .ok()
+                .and_then(|i| headers.get(i))
+                .map(|(_, v)| v.as_str())
+        };
+        let path = input.path.split('?').next().unwrap_or_default().to_string();
+        let host = header(":authority")
+            .or_else(|| header("host"))
+            .unwrap_or_default()
+            .to_string();
+        let namespace = header(&config.namespace_header)
+            .filter(|v| !v.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        let principal = config
+            .principal_headers
+            .iter()
+            .map(|(attr, h)| (attr.clone(), header(h).map(str::to_string)))
+            .collect();
+        let mut shield: Vec<(String, ShieldValue)> = headers
+            .iter()
+            .filter_map(|(k, v)| {
+                let name = k.strip_prefix(config.shield_prefix.as_str())?;
+                let value = match v.trim().parse::<f64>() {
+                    Ok(n) if n.is_finite() => ShieldValue::Number(n),
+                    _ => ShieldValue::Text(v.clone()),
+                };
+                Some((name.replace('-', "_"), value))
+            })
+            .collect();
+        shield.sort_by(|a, b| a.0.cmp(&b.0));
+        let (provider, api) = extract::classify(&path, |h| header(h).is_some());
+        let mut request = RequestInfo {
+            method: input.method.to_ascii_uppercase(),
+            path,
+            host,
+            headers: Vec::new(),
+            provider,
+            api,
+            body_bytes: i64::try_from(input.body.len()).unwrap_or(i64::MAX),
+            ..RequestInfo::default()
+        };
+        // Multipart uploads (audio, files) carry no JSON prompt; everything else must be JSON.
+        let multipart = header("content-type").is_some_and(|ct| ct.starts_with("multipart/"));
+        if !multipart {
+            extract::body(input.body, &mut request, needs)?;
+        }
+        if request.model.is_none() {
+            request.model = extract::azure_deployment(&request.path);
+        }
+        request.headers = headers;
+        Ok(RequestContext {
+            namespace,
+            request,
+            principal,
+            shield,
+            time: TimeInfo::from_unix(input.now_unix),
+        })
+    }
+
+    /// The value of a header (name lower-case), if present.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        let h = &self.request.headers;
+        h.binary_search_by(|(k, _)| k.as_str().cmp(name))
+            .ok()
+            .and_then(|i| h.get(i))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The value of a principal attribute.
+    pub fn principal(&self, attr: &str) -> Option<&str> {
+        self.principal
+            .iter()
+            .find(|(a, _)| a == attr)
+            .and_then(|(_, v)| v.as_deref())
+    }
+
+    pub(crate) fn get(&self, field: &FieldRef) -> FieldValue<'_> {
+        let r = &self.request;
+        match field {
+            FieldRef::Method => FieldValue::Str(&r.method),
+            FieldRef::Path => FieldValue::Str(&r.path),
+            FieldRef::Host => FieldValue::Str(&r.host),
+            FieldRef::Headers => FieldValue::StrMap(&r.headers),
+            FieldRef::Header(name) => match self.header(name) {
+                Some(v) => FieldValue::Str(v),
+                None => FieldValue::Missing,
+            },
+            FieldRef::Provider => FieldValue::Str(r.provider.as_str()),
+            FieldRef::Api => FieldValue::Str(r.api.as_str()),
+            FieldRef::Model => opt_str(&r.model),
+            FieldRef::Stream => FieldValue::Bool(r.stream),
+            FieldRef::MaxTokens => r.max_tokens.map_or(FieldValue::Null, FieldValue::Int),
+            FieldRef::Temperature => r.temperature.map_or(FieldValue::Null, FieldValue::Float),
+            FieldRef::User => opt_str(&r.user),
+            FieldRef::Messages => FieldValue::Messages(&r.messages),
+            FieldRef::Prompt => FieldValue::Str(&r.prompt),
+            FieldRef::EstimatedTokens => FieldValue::Int(r.estimated_tokens),
+            FieldRef::Tools => FieldValue::StrList(&r.tools),
+            FieldRef::BodyBytes => FieldValue::Int(r.body_bytes),
+            FieldRef::PrincipalAll => FieldValue::Principal(&self.principal),
+            FieldRef::Principal(attr) => match self.principal.iter().find(|(a, _)| a == attr) {
+                Some((_, v)) => opt_str(v),
+                None => FieldValue::Missing,
+            },
+            FieldRef::ShieldAll => FieldValue::Shield(&self.shield),
+            FieldRef::Shield(name) => match self
+                .shield
+                .binary_search_by(|(k, _)| k.as_str().cmp(name))
+                .ok()
+                .and_then(|i| self.shield.get(i))
+            {
+                Some((_, ShieldValue::Number(n))) => FieldValue::Float(*n),
+                Some((_, ShieldValue::Text(s))) => FieldValue::Str(s),
+                None => FieldValue::Missing,
+            },
+            FieldRef::Hour => FieldValue::Int(self.time.hour),
+            FieldRef::Weekday => FieldValue::Int(self.time.weekday),
+        }
+    }
+}
+
+fn opt_str(v: &Option<String>) -> FieldValue<'_> {
+    match v {
+        Some(s) => FieldValue::Str(s.as_str()),
+        None => FieldValue::Null,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn weekday_and_hour_from_unix() {
+        // 2026-11-24T10:31:28Z is a Tuesday.
+        let t = TimeInfo::from_unix(1795516288);
+        assert_eq!(t, TimeInfo { hour: 10, weekday: 2 });
+        assert_eq!(TimeInfo::from_unix(0), TimeInfo { hour: 0, weekday: 4 });
+    }
+}

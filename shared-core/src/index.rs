@@ -1,0 +1,127 @@
+//! Rule selection by literal tests. A rule whose condition requires `field == literal` (or
+//! `field in [literals]`) for one of the indexed fields is a candidate only when the request's
+//! value is one of those literals; every other rule is always a candidate. The index is exact:
+//! a skipped rule would have evaluated to false (also under CEL's error rules, since
+//! `false && error` is false).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use hashbrown::HashMap;
+
+use crate::compile::CompiledRule;
+use crate::condition::{Cond, Leaf, Lit, Test};
+use crate::context::{FieldValue, RequestContext};
+use crate::schema::FieldRef;
+
+/// Candidate lists per indexed field and value.
+#[derive(Default)]
+pub(crate) struct RuleIndex {
+    keyed: Vec<(FieldRef, HashMap<String, Vec<u32>>)>,
+    always: Vec<u32>,
+}
+
+/// Fields worth indexing: always present (never a missing key) and usually literal-tested.
+fn indexable(f: &FieldRef) -> bool {
+    matches!(
+        f,
+        FieldRef::Model | FieldRef::Path | FieldRef::Api | FieldRef::Provider | FieldRef::Method | FieldRef::Host | FieldRef::Principal(_)
+    )
+}
+
+/// The literal values a condition requires of one field, if it requires any.
+fn required(c: &Cond) -> Option<(FieldRef, Vec<String>)> {
+    match c {
+        Cond::Leaf(Leaf { field, test, negate: false, ignore_case: false, .. }) if indexable(field) => {
+            let lits: &[Lit] = match test {
+                Test::Eq(l) => core::slice::from_ref(l),
+                Test::In(ls) => ls,
+                _ => return None,
+            };
+            let strings: Option<Vec<String>> = lits
+                .iter()
+                .map(|l| match l {
+                    Lit::Str(s) => Some(s.clone()),
+                    _ => None,
+                })
+                .collect();
+            strings.map(|s| (field.clone(), s))
+        }
+        // Prefer the most selective conjunct: model, then path, then the others.
+        Cond::All(children) => children
+            .iter()
+            .filter_map(required)
+            .min_by_key(|(f, _)| match f {
+                FieldRef::Model => 0,
+                FieldRef::Path => 1,
+                _ => 2,
+            }),
+        Cond::Any(children) if !children.is_empty() => {
+            let mut parts = children.iter().map(required);
+            let (field, mut values) = parts.next()??;
+            for p in parts {
+                let (f, v) = p?;
+                if f != field {
+                    return None;
+                }
+                values.extend(v);
+            }
+            Some((field, values))
+        }
+        _ => None,
+    }
+}
+
+impl RuleIndex {
+    pub(crate) fn build(rules: &[CompiledRule]) -> RuleIndex {
+        let mut idx = RuleIndex::default();
+        for (i, r) in rules.iter().enumerate() {
+            let i = u32::try_from(i).unwrap_or(u32::MAX);
+            let key = if r.plugin.is_some() { None } else { required(r.index_hint.as_ref().unwrap_or(&r.cond)) };
+            match key {
+                Some((field, values)) => {
+                    let slot = match idx.keyed.iter().position(|(f, _)| *f == field) {
+                        Some(p) => p,
+                        None => {
+                            idx.keyed.push((field, HashMap::new()));
+                            idx.keyed.len() - 1
+                        }
+                    };
+                    if let Some((_, map)) = idx.keyed.get_mut(slot) {
+                        for v in values {
+                            let list = map.entry(v).or_default();
+                            if list.last() != Some(&i) {
+                                list.push(i);
+                            }
+                        }
+                    }
+                }
+                None => idx.always.push(i),
+            }
+        }
+        idx
+    }
+
+    /// Candidate rule positions for a request, ascending (= by descending priority).
+    pub(crate) fn candidates(&self, ctx: &RequestContext, out: &mut Vec<u32>) {
+        out.clear();
+        out.extend_from_slice(&self.always);
+        let mut merged = false;
+        for (field, map) in &self.keyed {
+            if let FieldValue::Str(v) = ctx.get(field) {
+                if let Some(list) = map.get(v) {
+                    out.extend_from_slice(list);
+                    merged = true;
+                }
+            }
+        }
+        if merged {
+            out.sort_unstable();
+        }
+    }
+
+    /// Number of rules reached only through the index (for diagnostics and benchmarks).
+    #[allow(dead_code)]
+    pub(crate) fn keyed_fields(&self) -> usize {
+        self.keyed.len()
+    }
+}

@@ -1,0 +1,51 @@
+//! # llm-policy-core
+//!
+//! The shared rule core of llm-policy. The same crate is compiled into the Envoy proxy-wasm filter
+//! (`wasm32-wasip1`, features `std,cel`) and into the ext_authz server, so one policy file gives the
+//! same decision in both places.
+//!
+//! The pipeline:
+//!
+//! 1. **Load** ([`source`], `std` only): YAML or JSON policy files become [`Document`]s that remember
+//!    the line and column of every node, so validation errors point at the file.
+//! 2. **Compile** ([`PolicySet::compile`]): validate every rule (schema, CEL syntax, DSL fields and
+//!    types, regexes, duplicates, conflicts), compile DSL conditions and the CEL subset that maps onto
+//!    them into a native condition tree, keep the `cel` crate for the rest, and index rules by their
+//!    literal tests. The result is an immutable, cheaply cloned [`PolicySet`].
+//! 3. **Extract** ([`RequestContext::from_request`]): build the typed request context from method,
+//!    path, headers and body of an OpenAI / Anthropic style request.
+//! 4. **Evaluate** ([`PolicySet::evaluate`]): select candidate rules through the index, evaluate them,
+//!    resolve all matches into one [`Decision`] with its cache key, cacheability, counter charges and
+//!    whether the server must finish the decision.
+//!
+//! Without default features the crate is `#![no_std]` + `alloc` (model, DSL, matcher, resolver,
+//! context); `std` adds file loading with locations, `cel` adds CEL conditions.
+#![cfg_attr(not(feature = "std"), no_std)]
+
+extern crate alloc;
+
+mod cache_key;
+#[cfg(feature = "cel")]
+mod cel_lang;
+mod compile;
+mod condition;
+pub mod context;
+pub mod decision;
+mod diagnostic;
+mod document;
+mod dsl;
+mod eval;
+mod extract;
+mod index;
+pub mod model;
+pub mod schema;
+#[cfg(feature = "std")]
+pub mod source;
+mod suggest;
+
+pub use compile::{CompileOutput, PolicySet};
+pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};
+pub use decision::{Decision, ErrorBody, Verdict};
+pub use diagnostic::{Diagnostic, Diagnostics, Severity};
+pub use document::{Document, Position};
+pub use eval::{CounterCheck, EvalOptions, Hooks, LocalOnly, PluginCheck};
