@@ -3,7 +3,7 @@
 use alloc::borrow::ToOwned;
 use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -14,7 +14,7 @@ use crate::condition::Cond;
 use crate::context::{ContextConfig, Needs};
 use crate::decision::{ChargeSource, CounterKind, Verdict};
 use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::document::{escape_segment, Document};
+use crate::document::Document;
 use crate::dsl;
 use crate::index::RuleIndex;
 use crate::model::{
@@ -164,6 +164,50 @@ impl PolicySet {
     pub fn rule_count(&self) -> usize {
         self.0.namespaces.values().map(|n| n.rules.len()).sum()
     }
+
+    /// Counts of what the set holds.
+    pub fn stats(&self) -> Stats {
+        let ns = self.0.namespaces.values();
+        let rules = || ns.clone().flat_map(|n| n.rules.iter());
+        Stats {
+            namespaces: self.0.namespaces.len(),
+            policies: ns.clone().map(|n| n.policies.len()).sum(),
+            rules: rules().count(),
+            disabled: ns.clone().map(|n| n.disabled.len()).sum(),
+            interpreted: rules().filter(|r| r.is_interpreted()).count(),
+            remote: rules().filter(|r| r.plugin.is_some() || r.action.limit.is_some()).count(),
+        }
+    }
+}
+
+/// What a policy set holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stats {
+    /// Namespaces.
+    pub namespaces: usize,
+    /// Policies.
+    pub policies: usize,
+    /// Enabled rules.
+    pub rules: usize,
+    /// Disabled rules.
+    pub disabled: usize,
+    /// Rules whose CEL condition runs in the interpreter (the rest are native).
+    pub interpreted: usize,
+    /// Rules with a plugin, rate limit or budget (finished by the filter or server).
+    pub remote: usize,
+}
+
+impl CompiledRule {
+    fn is_interpreted(&self) -> bool {
+        #[cfg(feature = "cel")]
+        {
+            matches!(self.cond, Cond::Cel(_))
+        }
+        #[cfg(not(feature = "cel"))]
+        {
+            false
+        }
+    }
 }
 
 struct Pending {
@@ -181,44 +225,6 @@ struct Compiler<'a> {
     attrs: Vec<String>,
     errors: Vec<Diagnostic>,
     warnings: Vec<Diagnostic>,
-}
-
-/// A JSON pointer from a serde path.
-fn pointer_of(path: &serde_path_to_error::Path) -> String {
-    use serde_path_to_error::Segment;
-    let mut p = String::new();
-    for seg in path.iter() {
-        match seg {
-            Segment::Seq { index } => p.push_str(&format!("/{index}")),
-            Segment::Map { key } => p.push_str(&format!("/{}", escape_segment(key))),
-            Segment::Enum { .. } | Segment::Unknown => {}
-        }
-    }
-    p
-}
-
-/// Deserializes `value` as `T`, turning an error into a located diagnostic.
-fn typed<T: serde::de::DeserializeOwned>(
-    doc: &Document,
-    base: &str,
-    value: &Value,
-    rule: Option<&str>,
-) -> Result<T, Diagnostic> {
-    serde_path_to_error::deserialize(value).map_err(|e| {
-        let mut ptr = format!("{base}{}", pointer_of(e.path()));
-        let msg = e.into_inner().to_string();
-        let code = if msg.starts_with("unknown field") {
-            if let Some(name) = msg.split('`').nth(1) {
-                ptr = format!("{ptr}/{}", escape_segment(name));
-            }
-            "unknown-field"
-        } else if msg.starts_with("missing field") {
-            "missing-field"
-        } else {
-            "invalid-type"
-        };
-        Diagnostic::error(code, msg).at(&doc.file, doc.position(&ptr)).rule(rule)
-    })
 }
 
 impl<'a> Compiler<'a> {
@@ -322,6 +328,9 @@ impl<'a> Compiler<'a> {
         for ns in namespaces.values_mut() {
             self.finish_namespace(ns, docs);
         }
+        let by_place = |d: &Diagnostic| (d.file.clone(), d.position);
+        self.errors.sort_by_key(by_place);
+        self.warnings.sort_by_key(by_place);
         if !self.errors.is_empty() {
             let mut all = self.errors;
             all.extend(self.warnings);
@@ -340,7 +349,7 @@ impl<'a> Compiler<'a> {
             Some(Value::Array(items)) => core::mem::take(items),
             _ => Vec::new(),
         };
-        let policy: PolicyDoc = match typed(doc, "", &header, None) {
+        let policy: PolicyDoc = match doc.parse_at("", &header, None) {
             Ok(p) => p,
             Err(d) => {
                 self.errors.push(d);
@@ -378,7 +387,7 @@ impl<'a> Compiler<'a> {
         for (i, raw) in rules.iter().enumerate() {
             let base = format!("/spec/rules/{i}");
             let id_hint = raw.get("id").and_then(Value::as_str);
-            let rule: Rule = match typed(doc, &base, raw, id_hint) {
+            let rule: Rule = match doc.parse_at(&base, raw, id_hint) {
                 Ok(r) => r,
                 Err(d) => {
                     self.errors.push(d);

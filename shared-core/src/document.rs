@@ -1,8 +1,12 @@
 //! A parsed policy document: its data as a JSON value, and where each node was written.
 
 use alloc::collections::BTreeMap;
-use alloc::string::String;
+use alloc::format;
+use alloc::string::{String, ToString};
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
+
+use crate::diagnostic::Diagnostic;
 
 /// A 1-based line and column in a source file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
@@ -51,6 +55,38 @@ impl Document {
         }
     }
 
+    /// Deserializes the whole document as `T`; an error names the file, line and column.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, Diagnostic> {
+        self.parse_at("", &self.value, None)
+    }
+
+    /// Deserializes `value`, found at JSON pointer `base` of this document, as `T`.
+    pub(crate) fn parse_at<T: DeserializeOwned>(
+        &self,
+        base: &str,
+        value: &serde_json::Value,
+        rule: Option<&str>,
+    ) -> Result<T, Diagnostic> {
+        serde_path_to_error::deserialize(value).map_err(|e| {
+            let mut ptr = format!("{base}{}", pointer_of(e.path()));
+            let msg = e.into_inner().to_string();
+            let code = if msg.starts_with("unknown field") {
+                // Point at the offending key itself.
+                if let Some(name) = msg.split('`').nth(1) {
+                    ptr = format!("{ptr}/{}", escape_segment(name));
+                }
+                "unknown-field"
+            } else if msg.starts_with("missing field") {
+                "missing-field"
+            } else {
+                "invalid-type"
+            };
+            Diagnostic::error(code, msg)
+                .at(&self.file, self.position(&ptr))
+                .rule(rule)
+        })
+    }
+
     /// The `kind` field, if any.
     pub fn kind(&self) -> Option<&str> {
         self.value.get("kind").and_then(serde_json::Value::as_str)
@@ -69,6 +105,20 @@ impl Document {
             }
         }
     }
+}
+
+/// A JSON pointer from a serde path.
+fn pointer_of(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut p = String::new();
+    for seg in path.iter() {
+        match seg {
+            Segment::Seq { index } => p.push_str(&format!("/{index}")),
+            Segment::Map { key } => p.push_str(&format!("/{}", escape_segment(key))),
+            Segment::Enum { .. } | Segment::Unknown => {}
+        }
+    }
+    p
 }
 
 /// Escapes one JSON-pointer segment.

@@ -43,7 +43,7 @@ pub mod schema;
 pub mod source;
 mod suggest;
 
-pub use compile::{CompileOutput, PolicySet};
+pub use compile::{CompileOutput, PolicySet, Stats};
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};
 pub use decision::{Decision, ErrorBody, Verdict};
 pub use diagnostic::{Diagnostic, Diagnostics, Severity};

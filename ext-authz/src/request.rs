@@ -1,0 +1,78 @@
+//! The request file: `{"method", "path", "headers", "body", "time"?, "now"?}`, where `body` is a
+//! JSON value (sent as its JSON text) or a string (sent verbatim, so non-JSON bodies can be
+//! tested), and `time: {hour, weekday}` or `now` (Unix seconds) pins the evaluation time.
+
+use std::collections::BTreeMap;
+
+use llm_policy_core::context::TimeInfo;
+use llm_policy_core::{ContextError, PolicySet, RequestContext, RequestInput};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// A request as written in a request file or a test case.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RequestFile {
+    /// HTTP method (default `POST`).
+    #[serde(default = "post")]
+    pub method: String,
+    /// Path (default `/v1/chat/completions`).
+    #[serde(default = "chat_path")]
+    pub path: String,
+    /// Headers.
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Body: JSON, or a string sent as is.
+    #[serde(default)]
+    pub body: Option<Value>,
+    /// Pinned hour and weekday (UTC).
+    #[serde(default)]
+    pub time: Option<TimeInfo>,
+    /// Pinned evaluation time, Unix seconds.
+    #[serde(default)]
+    pub now: Option<i64>,
+}
+
+fn post() -> String {
+    String::from("POST")
+}
+
+fn chat_path() -> String {
+    String::from("/v1/chat/completions")
+}
+
+impl RequestFile {
+    /// The raw body bytes.
+    pub fn body_bytes(&self) -> Vec<u8> {
+        match &self.body {
+            None | Some(Value::Null) => Vec::new(),
+            Some(Value::String(s)) => s.clone().into_bytes(),
+            Some(v) => serde_json::to_vec(v).unwrap_or_default(),
+        }
+    }
+
+    /// Builds the context the way the filter and server will (including `needs` skipping).
+    pub fn context(&self, set: &PolicySet) -> Result<RequestContext, ContextError> {
+        let headers: Vec<(String, String)> =
+            self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let body = self.body_bytes();
+        let now = self.now.unwrap_or_else(|| {
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
+                .unwrap_or(0)
+        });
+        let input = RequestInput {
+            method: &self.method,
+            path: &self.path,
+            headers: &headers,
+            body: &body,
+            now_unix: now,
+        };
+        let mut ctx = RequestContext::from_request_with(&input, set.config(), set.needs())?;
+        if let Some(t) = self.time {
+            ctx.time = t;
+        }
+        Ok(ctx)
+    }
+}

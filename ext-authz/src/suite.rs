@@ -1,0 +1,226 @@
+//! Policy test suites (`kind: PolicyTest`), in the manner of `opa test` / `cerbos compile`:
+//!
+//! ```yaml
+//! apiVersion: llm-policy/v1
+//! kind: PolicyTest
+//! metadata: { name: baseline }
+//! policy: ../llm-baseline.yaml      # file or directory, relative to this file
+//! cases:
+//!   - name: free tier may not use gpt-4o
+//!     request: { path: /v1/chat/completions, headers: {x-user-tier: free}, body: {...} }
+//!     tags: [models]                # optional: evaluate only rules with these tags
+//!     expect: { decision: deny, matched_rules: [free-tier-models], reason: "..." }
+//!   - name: broken JSON is a 400
+//!     request: { body: "{not json" }
+//!     expect: { error: invalid_body }
+//! ```
+
+use std::path::{Path, PathBuf};
+
+use llm_policy_core::decision::Verdict;
+use llm_policy_core::source;
+use llm_policy_core::{Diagnostic, Diagnostics, EvalOptions, LocalOnly, PolicySet};
+use serde::Deserialize;
+
+use crate::request::RequestFile;
+
+/// A test suite file.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Suite {
+    /// `llm-policy/v1`.
+    pub api_version: String,
+    /// `PolicyTest`.
+    pub kind: String,
+    /// Name.
+    pub metadata: SuiteMeta,
+    /// Policy file or directory, relative to the suite file.
+    pub policy: String,
+    /// Cases.
+    pub cases: Vec<Case>,
+}
+
+/// Suite metadata.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SuiteMeta {
+    /// Name.
+    pub name: String,
+    /// Description.
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+/// One case.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Case {
+    /// Name shown in reports.
+    pub name: String,
+    /// The request.
+    pub request: RequestFile,
+    /// Tags to select rules with.
+    #[serde(default)]
+    pub tags: Vec<String>,
+    /// What must come out.
+    pub expect: Expect,
+}
+
+/// Expected outcome; unset fields are not checked.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Expect {
+    /// The verdict.
+    #[serde(default)]
+    pub decision: Option<Verdict>,
+    /// Exactly these enforcing matches, in this order.
+    #[serde(default)]
+    pub matched_rules: Option<Vec<String>>,
+    /// Exactly this reason.
+    #[serde(default)]
+    pub reason: Option<String>,
+    /// This HTTP status.
+    #[serde(default)]
+    pub status: Option<u16>,
+    /// Exactly these shadow matches.
+    #[serde(default)]
+    pub shadow_matches: Option<Vec<String>>,
+    /// Whether the server must finish the decision.
+    #[serde(default)]
+    pub needs_remote: Option<bool>,
+    /// The request is rejected before evaluation with this error code (`invalid_body`, …).
+    #[serde(default)]
+    pub error: Option<String>,
+}
+
+/// Outcome of one case.
+#[derive(Debug)]
+pub struct CaseResult {
+    /// Case name.
+    pub name: String,
+    /// Line of the case in the suite file.
+    pub line: Option<u32>,
+    /// Differences; empty when it passed.
+    pub diffs: Vec<String>,
+}
+
+/// Outcome of one suite.
+#[derive(Debug)]
+pub struct SuiteResult {
+    /// Suite file.
+    pub file: String,
+    /// Suite name.
+    pub name: String,
+    /// Cases.
+    pub cases: Vec<CaseResult>,
+}
+
+/// Finds suite files below the given paths (files of `kind: PolicyTest`).
+pub fn find_suites(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
+    let mut out = Vec::new();
+    let mut errors = Vec::new();
+    for p in paths {
+        match source::policy_files(p) {
+            Ok(files) => {
+                for f in files {
+                    match source::load_file(&f) {
+                        Ok(docs) if docs.iter().any(|d| d.kind() == Some("PolicyTest")) => out.push(f),
+                        Ok(_) => {}
+                        Err(e) => errors.push(e),
+                    }
+                }
+            }
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(out)
+    } else {
+        Err(Diagnostics(errors))
+    }
+}
+
+fn show_list(v: &[String]) -> String {
+    format!("[{}]", v.join(", "))
+}
+
+/// Runs one suite file. Errors (unreadable suite, invalid policy) are returned as diagnostics.
+pub fn run_suite(path: &Path) -> Result<SuiteResult, Diagnostics> {
+    let file = path.display().to_string();
+    let docs = source::load_file(path).map_err(|e| Diagnostics(vec![e]))?;
+    let doc = docs
+        .into_iter()
+        .find(|d| d.kind() == Some("PolicyTest"))
+        .ok_or_else(|| Diagnostics(vec![Diagnostic::error("not-a-suite", "no `kind: PolicyTest` document").at(&file, None)]))?;
+    let suite: Suite = doc.parse().map_err(|e| Diagnostics(vec![e]))?;
+    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
+    let set = PolicySet::load(&[policy_path])?.set;
+    let mut cases = Vec::new();
+    for (i, case) in suite.cases.iter().enumerate() {
+        let line = doc.position(&format!("/cases/{i}")).map(|p| p.line);
+        cases.push(CaseResult { name: case.name.clone(), line, diffs: check(&set, case) });
+    }
+    Ok(SuiteResult { file, name: suite.metadata.name, cases })
+}
+
+/// The differences between what a case expects and what the policy decides.
+pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let e = &case.expect;
+    let ctx = match case.request.context(set) {
+        Ok(c) => c,
+        Err(err) => {
+            match &e.error {
+                Some(code) if code == err.code() => {}
+                Some(code) => diffs.push(format!("error: expected {code}, got {} ({err})", err.code())),
+                None => diffs.push(format!("request rejected before evaluation: {err}")),
+            }
+            return diffs;
+        }
+    };
+    if let Some(code) = &e.error {
+        diffs.push(format!("error: expected {code}, but the request was evaluated"));
+        return diffs;
+    }
+    let d = set.evaluate(&ctx, &EvalOptions { tags: &case.tags, explain: false }, &mut LocalOnly);
+    if let Some(want) = e.decision {
+        if want != d.decision {
+            diffs.push(format!("decision: expected {}, got {}", want.as_str(), d.decision.as_str()));
+        }
+    }
+    if let Some(want) = &e.matched_rules {
+        if *want != d.matched_rules {
+            diffs.push(format!("matched_rules: expected {}, got {}", show_list(want), show_list(&d.matched_rules)));
+        }
+    }
+    if let Some(want) = &e.reason {
+        if *want != d.reason {
+            diffs.push(format!("reason: expected {want:?}, got {:?}", d.reason));
+        }
+    }
+    if let Some(want) = e.status {
+        if Some(want) != d.actions.status {
+            diffs.push(format!("status: expected {want}, got {:?}", d.actions.status));
+        }
+    }
+    if let Some(want) = &e.shadow_matches {
+        if *want != d.metadata.shadow_matches {
+            diffs.push(format!(
+                "shadow_matches: expected {}, got {}",
+                show_list(want),
+                show_list(&d.metadata.shadow_matches)
+            ));
+        }
+    }
+    if let Some(want) = e.needs_remote {
+        if want != d.metadata.needs_remote {
+            diffs.push(format!("needs_remote: expected {want}, got {}", d.metadata.needs_remote));
+        }
+    }
+    for err in &d.metadata.errors {
+        if !diffs.is_empty() {
+            diffs.push(format!("(rule `{}` errored: {})", err.rule, err.message));
+        }
+    }
+    diffs
+}
