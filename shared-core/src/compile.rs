@@ -3,7 +3,7 @@
 use alloc::borrow::ToOwned;
 use alloc::collections::BTreeMap;
 use alloc::format;
-use alloc::string::String;
+use alloc::string::{String, ToString};
 use alloc::sync::Arc;
 use alloc::vec::Vec;
 
@@ -89,6 +89,21 @@ pub(crate) struct CompiledAction {
     pub audit: bool,
     pub alert: Option<Alert>,
     pub limit: Option<Limit>,
+}
+
+impl Namespace {
+    fn new(name: &str) -> Namespace {
+        Namespace {
+            name: name.to_string(),
+            policies: Vec::new(),
+            default: Verdict::Allow,
+            rules: Vec::new(),
+            disabled: Vec::new(),
+            index: RuleIndex::default(),
+            reads: Vec::new(),
+            tags: HashMap::new(),
+        }
+    }
 }
 
 /// A rate limit or budget of a rule.
@@ -210,11 +225,17 @@ impl CompiledRule {
     }
 }
 
+struct PolicyMeta {
+    namespace: String,
+    name: String,
+    version: String,
+    default: DefaultDecision,
+    file: String,
+}
+
 struct Pending {
     ns: String,
     policy_name: String,
-    policy_version: String,
-    default: DefaultDecision,
     file: String,
     pointer: String,
     rule: Rule,
@@ -239,19 +260,27 @@ impl<'a> Compiler<'a> {
 
     fn run(mut self, docs: &[Document]) -> Result<CompileOutput, Diagnostics> {
         let mut pending: Vec<Pending> = Vec::new();
-        let mut policy_names: BTreeMap<(String, String), String> = BTreeMap::new();
+        let mut metas: Vec<PolicyMeta> = Vec::new();
         let mut digest = xxhash_rust::xxh3::Xxh3::new();
         for doc in docs {
             digest.update(doc.file.as_bytes());
             digest.update(&[0]);
             digest.update(doc.canonical.as_bytes());
             digest.update(&[0]);
-            self.read_doc(doc, &mut pending, &mut policy_names);
+            self.read_doc(doc, &mut pending, &mut metas);
         }
         if docs.is_empty() {
             self.errors.push(Diagnostic::error("no-policies", "no policy documents found"));
         }
         let mut namespaces: HashMap<String, Namespace> = HashMap::new();
+        // Every policy, with or without rules, defines its namespace and contributes its default.
+        for meta in &metas {
+            let ns = namespaces.entry(meta.namespace.clone()).or_insert_with(|| Namespace::new(&meta.namespace));
+            ns.policies.push(PolicyInfo { name: meta.name.clone(), version: meta.version.clone() });
+            if meta.default == DefaultDecision::Deny {
+                ns.default = Verdict::Deny;
+            }
+        }
         let mut seen_ids: HashMap<(String, String), String> = HashMap::new();
         let mut needs = Needs { messages: false, prompt: false };
         for p in pending {
@@ -272,26 +301,8 @@ impl<'a> Compiler<'a> {
                 None => p.file.clone(),
             };
             seen_ids.insert(id_key, here);
-            let ns = namespaces.entry(p.ns.clone()).or_insert_with(|| Namespace {
-                name: p.ns.clone(),
-                policies: Vec::new(),
-                default: Verdict::Allow,
-                rules: Vec::new(),
-                disabled: Vec::new(),
-                index: RuleIndex::default(),
-                reads: Vec::new(),
-                tags: HashMap::new(),
-            });
-            let policy = match ns.policies.iter().position(|x| x.name == p.policy_name) {
-                Some(i) => i,
-                None => {
-                    ns.policies.push(PolicyInfo { name: p.policy_name.clone(), version: p.policy_version.clone() });
-                    ns.policies.len() - 1
-                }
-            };
-            if p.default == DefaultDecision::Deny {
-                ns.default = Verdict::Deny;
-            }
+            let ns = namespaces.entry(p.ns.clone()).or_insert_with(|| Namespace::new(&p.ns));
+            let policy = ns.policies.iter().position(|x| x.name == p.policy_name).unwrap_or(0);
             if !p.rule.enabled {
                 // Still validated, so a disabled rule cannot hide a broken condition.
                 let _ = self.compile_rule(&p, policy, docs);
@@ -312,19 +323,6 @@ impl<'a> Compiler<'a> {
                 ns.rules.push(rule);
             }
         }
-        // Namespaces seen only through policies without rules still exist (their default applies).
-        for ((ns_name, _), _) in policy_names.iter() {
-            namespaces.entry(ns_name.clone()).or_insert_with(|| Namespace {
-                name: ns_name.clone(),
-                policies: Vec::new(),
-                default: Verdict::Allow,
-                rules: Vec::new(),
-                disabled: Vec::new(),
-                index: RuleIndex::default(),
-                reads: Vec::new(),
-                tags: HashMap::new(),
-            });
-        }
         for ns in namespaces.values_mut() {
             self.finish_namespace(ns, docs);
         }
@@ -343,7 +341,7 @@ impl<'a> Compiler<'a> {
         })
     }
 
-    fn read_doc(&mut self, doc: &Document, pending: &mut Vec<Pending>, names: &mut BTreeMap<(String, String), String>) {
+    fn read_doc(&mut self, doc: &Document, pending: &mut Vec<Pending>, metas: &mut Vec<PolicyMeta>) {
         let mut header = doc.value.clone();
         let rules: Vec<Value> = match header.pointer_mut("/spec/rules") {
             Some(Value::Array(items)) => core::mem::take(items),
@@ -374,8 +372,8 @@ impl<'a> Compiler<'a> {
         if meta.name.trim().is_empty() {
             self.errors.push(Diagnostic::error("invalid-name", "metadata.name must not be empty").at(&doc.file, doc.position("/metadata/name")));
         }
-        let key = (meta.namespace.clone(), meta.name.clone());
-        if let Some(first) = names.get(&key) {
+        if let Some(first) = metas.iter().find(|m| m.namespace == meta.namespace && m.name == meta.name) {
+            let first = first.file.clone();
             self.errors.push(
                 Diagnostic::error("duplicate-policy", format!("policy `{}` is already defined in namespace `{}`", meta.name, meta.namespace))
                     .at(&doc.file, doc.position("/metadata/name"))
@@ -383,7 +381,13 @@ impl<'a> Compiler<'a> {
             );
             return;
         }
-        names.insert(key, doc.file.clone());
+        metas.push(PolicyMeta {
+            namespace: meta.namespace.clone(),
+            name: meta.name.clone(),
+            version: meta.version.clone().unwrap_or_default(),
+            default: policy.spec.default_decision,
+            file: doc.file.clone(),
+        });
         for (i, raw) in rules.iter().enumerate() {
             let base = format!("/spec/rules/{i}");
             let id_hint = raw.get("id").and_then(Value::as_str);
@@ -401,8 +405,6 @@ impl<'a> Compiler<'a> {
             pending.push(Pending {
                 ns: meta.namespace.clone(),
                 policy_name: meta.name.clone(),
-                policy_version: meta.version.clone().unwrap_or_default(),
-                default: policy.spec.default_decision,
                 file: doc.file.clone(),
                 pointer: base,
                 rule,

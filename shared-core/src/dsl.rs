@@ -71,7 +71,9 @@ pub(crate) fn compile(v: &Value, attrs: &[String], ptr: &str, errors: &mut Vec<D
         errors.push(err(ptr, String::from("a match node needs `all`, `any`, `not` or `field`"), Some(shape_help())));
         return None;
     }
-    let leaf: LeafDoc = match serde_path_to_error::deserialize(v) {
+    let leaf: LeafDoc = match serde_path_to_error::deserialize::<_, LeafDoc>(v) {
+        // serde reads `value: null` as "no value"; keep it, to explain why it cannot work.
+        Ok(l) if l.value.is_none() && map.get("value") == Some(&Value::Null) => LeafDoc { value: Some(Value::Null), ..l },
         Ok(l) => l,
         Err(e) => {
             let path = e.path().to_string();

@@ -1,0 +1,293 @@
+//! Evaluation semantics: priorities, ties, merging, shadow rules, errors, defaults, namespaces,
+//! tags, counters, remote rules and cache keys.
+
+mod common;
+
+use common::{compile, ctx, eval, policy};
+use llm_policy_core::decision::Verdict;
+use llm_policy_core::model::Alert;
+use llm_policy_core::{CounterCheck, EvalOptions, Hooks, LocalOnly, PluginCheck};
+
+const RULES: &str = r#"
+    - id: deny-gpt4o
+      priority: 10
+      when: { cel: "request.model == 'gpt-4o'" }
+      action: { decision: deny, reason: "no gpt-4o", headers: { x-a: deny }, alert: low }
+    - id: throttle-gpt4o
+      priority: 10
+      when: { match: { field: request.model, op: eq, value: gpt-4o } }
+      action: { decision: throttle, reason: "slow down", headers: { x-a: throttle, x-b: t }, audit: true, alert: high }
+    - id: allow-pro
+      priority: 20
+      when: { match: { field: principal.tier, op: eq, value: pro } }
+      action: { decision: allow, reason: "pro users", headers: { x-c: pro } }
+    - id: shadow-all-gpt
+      priority: 100
+      mode: shadow
+      when: { match: { field: request.model, op: starts_with, value: gpt- } }
+      action: { decision: deny, reason: "observing" }
+"#;
+
+#[test]
+fn ties_resolve_deny_over_throttle_and_actions_merge() {
+    let set = compile(&policy("allow", RULES)).unwrap();
+    let d = eval(&set, &ctx(&[], r#"{"model":"gpt-4o"}"#));
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.reason, "no gpt-4o");
+    assert_eq!(d.matched_rules, vec!["deny-gpt4o", "throttle-gpt4o"]);
+    assert_eq!(d.actions.status, Some(403));
+    // The deciding (first) rule's header wins a clash; others merge.
+    assert_eq!(d.actions.headers.get("x-a").map(String::as_str), Some("deny"));
+    assert_eq!(d.actions.headers.get("x-b").map(String::as_str), Some("t"));
+    assert!(d.actions.audit);
+    assert_eq!(d.actions.alert, Some(Alert::High));
+    assert_eq!(d.metadata.shadow_matches, vec!["shadow-all-gpt"]);
+    assert_eq!(d.metadata.deciding_rule.as_deref(), Some("deny-gpt4o"));
+    assert!(!d.metadata.default_applied);
+}
+
+#[test]
+fn higher_priority_allow_beats_lower_deny() {
+    let set = compile(&policy("deny", RULES)).unwrap();
+    let d = eval(&set, &ctx(&[("x-user-tier", "pro")], r#"{"model":"gpt-4o"}"#));
+    assert_eq!(d.decision, Verdict::Allow);
+    assert_eq!(d.matched_rules, vec!["allow-pro", "deny-gpt4o", "throttle-gpt4o"]);
+    assert_eq!(d.actions.status, None);
+    assert_eq!(d.reason, "pro users");
+}
+
+#[test]
+fn default_applies_when_nothing_enforcing_matches() {
+    let set = compile(&policy("deny", RULES)).unwrap();
+    let d = eval(&set, &ctx(&[], r#"{"model":"gpt-4o-mini"}"#));
+    assert_eq!(d.decision, Verdict::Deny);
+    assert!(d.metadata.default_applied);
+    assert_eq!(d.reason, "no rule matched: default deny");
+    assert_eq!(d.metadata.shadow_matches, vec!["shadow-all-gpt"]);
+    assert!(d.matched_rules.is_empty());
+}
+
+#[test]
+fn default_is_deny_unless_said_otherwise() {
+    let set = compile(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: x}\nspec:\n  rules: []\n",
+    )
+    .unwrap();
+    assert_eq!(eval(&set, &ctx(&[], "{}")).decision, Verdict::Deny);
+}
+
+#[test]
+fn runtime_errors_follow_on_error() {
+    let rules = r#"
+    - id: strict
+      priority: 5
+      when: { cel: "request.temperature > 1.0" }
+      action: { decision: allow }
+    - id: lenient
+      priority: 9
+      onError: skip
+      when: { cel: "request.headers['x-team'] == 'a'" }
+      action: { decision: deny }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let d = eval(&set, &ctx(&[], r#"{"model":"m"}"#));
+    // `strict` errors (null > 1.0) and fails closed; `lenient` errors and is skipped.
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.matched_rules, vec!["strict"]);
+    assert!(d.reason.contains("fails closed"), "{}", d.reason);
+    let errored: Vec<&str> = d.metadata.errors.iter().map(|e| e.rule.as_str()).collect();
+    assert_eq!(errored, vec!["lenient", "strict"]);
+    // With values present, no errors.
+    let d = eval(&set, &ctx(&[("x-team", "b")], r#"{"model":"m","temperature":1.5}"#));
+    assert_eq!(d.decision, Verdict::Allow);
+    assert!(d.metadata.errors.is_empty());
+}
+
+#[test]
+fn dsl_null_comparisons_are_false_and_exists_tests_presence() {
+    let rules = r#"
+    - id: ne-free
+      when: { match: { field: principal.tier, op: ne, value: free } }
+      action: { decision: deny }
+    - id: no-user
+      priority: 1
+      when: { match: { field: principal.id, op: exists, value: false } }
+      action: { decision: throttle }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let d = eval(&set, &ctx(&[], "{}"));
+    assert_eq!(d.matched_rules, vec!["no-user"]);
+    let d = eval(&set, &ctx(&[("x-user-tier", "pro"), ("x-user-id", "u")], "{}"));
+    assert_eq!(d.matched_rules, vec!["ne-free"]);
+}
+
+#[test]
+fn namespaces_are_separate_and_unknown_namespace_is_denied() {
+    let a = policy("allow", "    - {id: r, when: {cel: 'true'}, action: {decision: deny}}\n");
+    let b = "---\napiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: other, namespace: team-b}\nspec: {defaultDecision: allow, rules: []}\n";
+    let set = compile(&format!("{a}{b}")).unwrap();
+    assert_eq!(set.namespaces(), vec!["default", "team-b"]);
+    assert_eq!(eval(&set, &ctx(&[], "{}")).decision, Verdict::Deny);
+    let d = eval(&set, &ctx(&[("x-llm-policy-namespace", "team-b")], "{}"));
+    assert_eq!(d.decision, Verdict::Allow);
+    let d = eval(&set, &ctx(&[("x-llm-policy-namespace", "nope")], "{}"));
+    assert_eq!(d.decision, Verdict::Deny);
+    assert!(d.reason.contains("no policy for namespace `nope`"));
+}
+
+#[test]
+fn any_deny_default_in_a_namespace_makes_the_default_deny() {
+    let a = policy("allow", "    - {id: r, when: {cel: 'false'}, action: {decision: deny}}\n");
+    let b = "---\napiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: strict}\nspec: {defaultDecision: deny, rules: []}\n";
+    let set = compile(&format!("{a}{b}")).unwrap();
+    let d = eval(&set, &ctx(&[], "{}"));
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.metadata.policy, "t,strict");
+}
+
+#[test]
+fn tags_select_rules() {
+    let rules = r#"
+    - {id: a, tags: [x], when: {cel: 'true'}, action: {decision: deny}}
+    - {id: b, tags: [y], priority: -1, when: {cel: 'true'}, action: {decision: throttle}}
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let c = ctx(&[], "{}");
+    let y = vec!["y".to_string()];
+    let d = set.evaluate(&c, &EvalOptions { tags: &y, explain: false }, &mut LocalOnly);
+    assert_eq!(d.matched_rules, vec!["b"]);
+    let none = vec!["zzz".to_string()];
+    let d = set.evaluate(&c, &EvalOptions { tags: &none, explain: false }, &mut LocalOnly);
+    assert!(d.matched_rules.is_empty());
+    assert_ne!(
+        set.evaluate(&c, &EvalOptions { tags: &y, explain: false }, &mut LocalOnly).metadata.cache_key,
+        set.evaluate(&c, &EvalOptions::default(), &mut LocalOnly).metadata.cache_key
+    );
+}
+
+struct Fake {
+    over: bool,
+    plugin: PluginCheck,
+    charged: Vec<String>,
+}
+
+impl Hooks for Fake {
+    fn plugin(&mut self, _: &str, _: &llm_policy_core::model::PluginRef, _: &llm_policy_core::RequestContext) -> PluginCheck {
+        self.plugin.clone()
+    }
+    fn counter(&mut self, c: &llm_policy_core::decision::Charge) -> CounterCheck {
+        self.charged.push(c.key.clone());
+        if self.over {
+            CounterCheck::Over
+        } else {
+            CounterCheck::Under
+        }
+    }
+}
+
+const LIMITS: &str = r#"
+    - id: per-user
+      priority: 5
+      when: { match: { field: principal.id, op: exists } }
+      action:
+        decision: throttle
+        reason: "too many"
+        rateLimit: { key: "{principal.id}:{request.model}", requests: 10, per: 1m }
+    - id: pii
+      priority: 50
+      when: { plugin: { name: pii-detector, args: { threshold: 0.5 } } }
+      action: { decision: deny, reason: "pii" }
+"#;
+
+#[test]
+fn rate_limits_apply_only_over_the_limit_and_report_charges() {
+    let set = compile(&policy("allow", LIMITS)).unwrap();
+    let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+    let mut under = Fake { over: false, plugin: PluginCheck::Matched(false), charged: vec![] };
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut under);
+    assert_eq!(d.decision, Verdict::Allow);
+    assert_eq!(under.charged, vec!["default/per-user/u1:gpt-4o"]);
+    assert_eq!(d.actions.counters.len(), 1);
+    assert_eq!(d.actions.counters[0].window_secs, 60);
+    assert!(!d.metadata.needs_remote);
+    assert!(!d.metadata.cacheable);
+    let mut over = Fake { over: true, plugin: PluginCheck::Matched(false), charged: vec![] };
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut over);
+    assert_eq!(d.decision, Verdict::Throttle);
+    assert_eq!(d.actions.status, Some(429));
+}
+
+#[test]
+fn plugins_and_global_limits_need_the_server_locally() {
+    let set = compile(&policy("allow", LIMITS)).unwrap();
+    let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+    let d = eval(&set, &c);
+    assert!(d.metadata.needs_remote);
+    assert_eq!(d.metadata.remote_rules, vec!["pii", "per-user"]);
+    // With plugins available, a plugin match decides.
+    let mut hooks = Fake { over: false, plugin: PluginCheck::Matched(true), charged: vec![] };
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.reason, "pii");
+    // A failing plugin fails closed by default.
+    let mut hooks = Fake { over: false, plugin: PluginCheck::Error("timeout".into()), charged: vec![] };
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.metadata.errors[0].message, "timeout");
+}
+
+#[test]
+fn cache_key_depends_only_on_fields_the_rules_read() {
+    let rules = r#"
+    - id: m
+      when: { match: { field: request.model, op: eq, value: gpt-4o } }
+      action: { decision: deny }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let a = eval(&set, &ctx(&[("x-user-id", "1")], r#"{"model":"gpt-4o","messages":[{"role":"user","content":"a"}]}"#));
+    let b = eval(&set, &ctx(&[("x-user-id", "2")], r#"{"model":"gpt-4o","messages":[{"role":"user","content":"b"}]}"#));
+    let c = eval(&set, &ctx(&[], r#"{"model":"gpt-4o-mini"}"#));
+    assert!(a.metadata.cacheable);
+    assert_eq!(a.metadata.cache_key, b.metadata.cache_key);
+    assert_ne!(a.metadata.cache_key, c.metadata.cache_key);
+    // A different bundle gives different keys.
+    let other = compile(&policy("deny", rules)).unwrap();
+    assert_ne!(eval(&other, &ctx(&[], r#"{"model":"gpt-4o"}"#)).metadata.cache_key, a.metadata.cache_key);
+}
+
+#[test]
+fn time_rules_are_not_cacheable() {
+    let rules = "    - {id: night, when: {cel: 'time.hour < 6'}, action: {decision: deny}}\n";
+    let set = compile(&policy("allow", rules)).unwrap();
+    assert!(!eval(&set, &ctx(&[], "{}")).metadata.cacheable);
+}
+
+#[test]
+fn explain_reports_every_rule_and_decides_like_the_index() {
+    let set = compile(&policy("allow", RULES)).unwrap();
+    let c = ctx(&[("x-user-tier", "pro")], r#"{"model":"gpt-4o-mini"}"#);
+    let fast = eval(&set, &c);
+    let explained = set.evaluate(&c, &EvalOptions { tags: &[], explain: true }, &mut LocalOnly);
+    assert_eq!(fast.decision, explained.decision);
+    assert_eq!(fast.matched_rules, explained.matched_rules);
+    let trace = explained.explain.unwrap();
+    assert_eq!(trace.len(), 4);
+    let outcome = |id: &str| trace.iter().find(|t| t.rule == id).map(|t| t.outcome.clone()).unwrap();
+    assert_eq!(outcome("allow-pro"), "matched");
+    assert_eq!(outcome("deny-gpt4o"), "not_matched");
+}
+
+#[test]
+fn decision_json_is_stable() {
+    let set = compile(&policy("allow", RULES)).unwrap();
+    let d = eval(&set, &ctx(&[], r#"{"model":"gpt-4o"}"#));
+    let v = serde_json::to_value(&d).unwrap();
+    for key in ["decision", "reason", "matched_rules", "actions", "metadata", "evaluation_time_us"] {
+        assert!(v.get(key).is_some(), "{key}");
+    }
+    assert_eq!(v["decision"], "deny");
+    assert_eq!(v["actions"]["alert"], "high");
+    assert!(v.get("explain").is_none());
+    let back: llm_policy_core::Decision = serde_json::from_value(v).unwrap();
+    assert_eq!(back, d);
+}

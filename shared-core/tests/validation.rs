@@ -1,0 +1,203 @@
+//! Every validation error names the file, line, column and rule, with a code a user can look up.
+
+mod common;
+
+use common::{compile, policy};
+use llm_policy_core::{Diagnostic, Severity};
+
+/// Compiles and returns the diagnostics (errors and warnings) of a failing policy.
+fn errors(yaml: &str) -> Vec<Diagnostic> {
+    match compile(yaml) {
+        Ok(_) => panic!("expected validation errors"),
+        Err(d) => d.0,
+    }
+}
+
+/// The one error with `code`, asserting its line and rule.
+fn expect(yaml: &str, code: &str, line: u32, rule: Option<&str>) -> Diagnostic {
+    let all = errors(yaml);
+    let d = all
+        .iter()
+        .find(|d| d.code == code)
+        .unwrap_or_else(|| panic!("no `{code}` in {all:#?}"))
+        .clone();
+    assert_eq!(d.file.as_deref(), Some("test.yaml"));
+    assert_eq!(d.position.map(|p| p.line), Some(line), "{d}");
+    assert_eq!(d.rule.as_deref(), rule, "{d}");
+    d
+}
+
+// `policy()` puts the first rule line at line 8.
+
+#[test]
+fn unknown_fields_point_at_the_key() {
+    let y = policy("allow", "    - id: a\n      when: { cel: 'true' }\n      action: { decision: deny }\n      priorty: 3\n");
+    let d = expect(&y, "unknown-field", 11, Some("a"));
+    assert!(d.message.contains("priorty"), "{d}");
+    assert_eq!(d.position.map(|p| p.column), Some(7));
+    let y = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: x, nmespace: y}\nspec: {}\n";
+    expect(y, "unknown-field", 3, None);
+}
+
+#[test]
+fn wrong_types_and_missing_fields() {
+    let y = policy("allow", "    - id: a\n      priority: high\n      when: { cel: 'true' }\n      action: { decision: deny }\n");
+    expect(&y, "invalid-type", 9, Some("a"));
+    let y = policy("allow", "    - id: a\n      when: { cel: 'true' }\n");
+    let d = expect(&y, "missing-field", 8, Some("a"));
+    assert!(d.message.contains("action"));
+    let y = policy("allow", "    - id: a\n      when: { cel: 'true' }\n      action: { decision: block }\n");
+    expect(&y, "invalid-type", 10, Some("a"));
+}
+
+#[test]
+fn duplicate_ids_name_the_first_definition() {
+    let y = policy(
+        "allow",
+        "    - {id: a, when: {cel: 'true'}, action: {decision: deny}}\n    - {id: a, when: {cel: 'false'}, action: {decision: deny}}\n",
+    );
+    let d = expect(&y, "duplicate-id", 9, Some("a"));
+    assert_eq!(d.help.as_deref(), Some("first defined at test.yaml:8:8"));
+}
+
+#[test]
+fn cel_syntax_errors() {
+    let y = policy("allow", "    - id: a\n      when: { cel: \"request.model ==\" }\n      action: { decision: deny }\n");
+    expect(&y, "cel-syntax", 9, Some("a"));
+}
+
+#[test]
+fn cel_unknown_fields_get_suggestions() {
+    let y = policy("allow", "    - id: a\n      when: { cel: \"principal.teir == 'x'\" }\n      action: { decision: deny }\n");
+    let d = expect(&y, "unknown-field", 9, Some("a"));
+    assert_eq!(d.help.as_deref(), Some("did you mean `principal.tier`?"));
+}
+
+#[test]
+fn dsl_unknown_field_with_suggestion() {
+    let y = policy(
+        "allow",
+        "    - id: a\n      when:\n        match:\n          all:\n            - { field: request.model, op: eq, value: x }\n            - { field: request.modle, op: eq, value: x }\n      action: { decision: deny }\n",
+    );
+    let d = expect(&y, "invalid-match", 13, Some("a"));
+    assert_eq!(d.help.as_deref(), Some("did you mean `request.model`?"));
+    assert!(d.message.contains("request.modle"));
+}
+
+#[test]
+fn dsl_values_of_the_wrong_type() {
+    for (leaf, what) in [
+        ("{ field: request.max_tokens, op: gt, value: lots }", "needs a number"),
+        ("{ field: request.model, op: eq, value: 5 }", "is a string, but the value is a number"),
+        ("{ field: request.stream, op: eq, value: 'yes' }", "is a bool, but the value is a string"),
+        ("{ field: request.model, op: in, value: gpt-4o }", "takes a list"),
+        ("{ field: request.model, op: gt, value: 3 }", "compares numbers"),
+        ("{ field: request.model, op: eq, value: null }", "always false"),
+        ("{ field: request.model, op: bigger, value: 1 }", "unknown variant"),
+    ] {
+        let y = policy("allow", &format!("    - id: a\n      when:\n        match: {leaf}\n      action: {{ decision: deny }}\n"));
+        let all = errors(&y);
+        let d = all.iter().find(|d| d.severity == Severity::Error).unwrap();
+        assert!(d.message.contains(what), "{leaf}: {d}");
+        assert_eq!(d.position.map(|p| p.line), Some(10), "{d}");
+        assert_eq!(d.rule.as_deref(), Some("a"));
+    }
+}
+
+#[test]
+fn bad_regexes() {
+    let y = policy("allow", "    - id: a\n      when:\n        match: { field: request.prompt, op: matches, value: '([a-z' }\n      action: { decision: deny }\n");
+    let d = expect(&y, "invalid-match", 10, Some("a"));
+    assert!(d.message.contains("invalid regular expression"));
+}
+
+#[test]
+fn when_needs_exactly_one_condition() {
+    let y = policy("allow", "    - id: a\n      when: { cel: 'true', match: { field: request.stream, op: exists } }\n      action: { decision: deny }\n");
+    expect(&y, "invalid-condition", 9, Some("a"));
+    let y = policy("allow", "    - id: a\n      when: {}\n      action: { decision: deny }\n");
+    expect(&y, "invalid-condition", 9, Some("a"));
+}
+
+#[test]
+fn conflicting_rules_are_errors() {
+    let y = policy(
+        "allow",
+        "    - {id: a, priority: 3, when: {cel: 'request.stream'}, action: {decision: deny}}\n    - {id: b, priority: 3, when: {cel: 'request.stream'}, action: {decision: allow}}\n",
+    );
+    let d = expect(&y, "conflicting-rules", 9, Some("b"));
+    assert!(d.message.contains("`a`"));
+}
+
+#[test]
+fn shadowed_rules_are_warnings_only() {
+    let y = policy(
+        "allow",
+        "    - {id: all, priority: 9, when: {match: {all: []}}, action: {decision: allow}}\n    - {id: low, when: {cel: 'request.stream'}, action: {decision: deny}}\n",
+    );
+    let docs = llm_policy_core::source::parse_str("test.yaml", &y).unwrap();
+    let out = llm_policy_core::PolicySet::compile(&docs, &Default::default()).unwrap();
+    assert_eq!(out.warnings.len(), 1);
+    let w = &out.warnings[0];
+    assert_eq!(w.code, "shadowed-rule");
+    assert_eq!(w.severity, Severity::Warning);
+    assert_eq!(w.rule.as_deref(), Some("low"));
+    assert_eq!(w.position.map(|p| p.line), Some(9));
+}
+
+#[test]
+fn limits_and_actions_are_checked() {
+    let cases = [
+        ("rateLimit: { key: '{principal.id}', per: minute }", "invalid-limit"),
+        ("rateLimit: { key: '{principal.idd}', requests: 5, per: minute }", "invalid-key"),
+        ("rateLimit: { key: '{request.messages}', requests: 5, per: minute }", "invalid-key"),
+        ("rateLimit: { key: '{principal.id}', requests: 5, per: fortnight }", "invalid-window"),
+        ("budget: { key: team, usd: -3, per: day }", "invalid-limit"),
+        ("status: 999", "invalid-status"),
+        ("headers: { 'X Bad': v }", "invalid-header"),
+    ];
+    for (extra, code) in cases {
+        let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: throttle, {extra} }}\n"));
+        let all = errors(&y);
+        assert!(all.iter().any(|d| d.code == code && d.rule.as_deref() == Some("a") && d.position.is_some()), "{extra}: {all:#?}");
+    }
+}
+
+#[test]
+fn header_errors() {
+    let y = "apiVersion: llm-policy/v2\nkind: Policy\nmetadata: {name: x}\nspec: {}\n";
+    expect(y, "api-version", 1, None);
+    let y = "apiVersion: llm-policy/v1\nkind: Rules\nmetadata: {name: x}\nspec: {}\n";
+    expect(y, "kind", 2, None);
+    let a = policy("allow", "    []\n");
+    let y = format!("{a}---\n{a}");
+    let d = expect(&y, "duplicate-policy", 13, None);
+    assert!(d.message.contains("`t`"));
+}
+
+#[test]
+fn yaml_syntax_errors_have_positions() {
+    let err = llm_policy_core::source::parse_str("test.yaml", "a: [1, 2\nb: {\n").unwrap_err();
+    assert_eq!(err.code, "syntax");
+    assert!(err.position.is_some());
+    let err = llm_policy_core::source::parse_str("p.json", "{\"a\": 1,, }").unwrap_err();
+    assert_eq!(err.position.map(|p| p.line), Some(1));
+}
+
+#[test]
+fn deep_cel_nesting_is_rejected_not_a_crash() {
+    let deep = format!("{}request.stream{}", "(".repeat(1_000), ")".repeat(1_000));
+    let y = policy("allow", &format!("    - id: a\n      when: {{ cel: \"{deep}\" }}\n      action: {{ decision: deny }}\n"));
+    expect(&y, "cel-too-deep", 9, Some("a"));
+}
+
+#[test]
+fn all_errors_are_reported_at_once() {
+    let y = policy(
+        "allow",
+        "    - {id: a, when: {cel: 'request.modle'}, action: {decision: deny}}\n    - {id: b, when: {cel: '1 +'}, action: {decision: deny}}\n    - {id: c, when: {match: {field: x.y, op: eq, value: 1}}, action: {decision: deny}}\n",
+    );
+    let all = errors(&y);
+    let rules: Vec<&str> = all.iter().filter_map(|d| d.rule.as_deref()).collect();
+    assert_eq!(rules, vec!["a", "b", "c"]);
+}
