@@ -14,7 +14,11 @@ use llm_policy_server::request::RequestFile;
 use llm_policy_server::{report, suite};
 
 #[derive(Parser)]
-#[command(name = "llm-policy", version, about = "Policy engine for LLM API traffic: validate, evaluate and test policies")]
+#[command(
+    name = "llm-policy",
+    version,
+    about = "Policy engine for LLM API traffic: validate, evaluate and test policies"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -72,7 +76,13 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Validate { paths } => validate(&paths),
-        Command::Eval { policy, request, explain, tags, format } => eval(&policy, &request, explain, &tags, format),
+        Command::Eval {
+            policy,
+            request,
+            explain,
+            tags,
+            format,
+        } => eval(&policy, &request, explain, &tags, format),
         Command::Test { paths } => test(&paths),
         Command::Schema => {
             println!("| field | type | when absent | meaning |\n|---|---|---|---|");
@@ -106,14 +116,23 @@ fn validate(paths: &[PathBuf]) -> ExitCode {
         }
         Err(d) => {
             print_diagnostics(&d);
-            let errors = d.0.iter().filter(|x| x.severity == llm_policy_core::Severity::Error).count();
+            let errors =
+                d.0.iter()
+                    .filter(|x| x.severity == llm_policy_core::Severity::Error)
+                    .count();
             eprintln!("invalid: {errors} error(s)");
             ExitCode::from(2)
         }
     }
 }
 
-fn eval(policy: &[PathBuf], request: &PathBuf, explain: bool, tags: &[String], format: Format) -> ExitCode {
+fn eval(
+    policy: &[PathBuf],
+    request: &PathBuf,
+    explain: bool,
+    tags: &[String],
+    format: Format,
+) -> ExitCode {
     let set = match PolicySet::load(policy) {
         Ok(out) => out.set,
         Err(d) => {
@@ -135,7 +154,10 @@ fn eval(policy: &[PathBuf], request: &PathBuf, explain: bool, tags: &[String], f
         Ok(c) => c,
         Err(e) => {
             // The same error body the proxy answers with.
-            println!("{}", serde_json::to_string_pretty(&ErrorBody::from(&e)).unwrap_or_default());
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&ErrorBody::from(&e)).unwrap_or_default()
+            );
             eprintln!("{}: request rejected: {e}", request.display());
             return ExitCode::from(2);
         }

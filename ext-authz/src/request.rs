@@ -53,8 +53,11 @@ impl RequestFile {
 
     /// Builds the context the way the filter and server will (including `needs` skipping).
     pub fn context(&self, set: &PolicySet) -> Result<RequestContext, ContextError> {
-        let headers: Vec<(String, String)> =
-            self.headers.iter().map(|(k, v)| (k.clone(), v.clone())).collect();
+        let headers: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
         let body = self.body_bytes();
         let now = self.now.unwrap_or_else(|| {
             std::time::SystemTime::now()

@@ -124,7 +124,9 @@ pub fn find_suites(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
             Ok(files) => {
                 for f in files {
                     match source::load_file(&f) {
-                        Ok(docs) if docs.iter().any(|d| d.kind() == Some("PolicyTest")) => out.push(f),
+                        Ok(docs) if docs.iter().any(|d| d.kind() == Some("PolicyTest")) => {
+                            out.push(f)
+                        }
                         Ok(_) => {}
                         Err(e) => errors.push(e),
                     }
@@ -151,16 +153,30 @@ pub fn run_suite(path: &Path) -> Result<SuiteResult, Diagnostics> {
     let doc = docs
         .into_iter()
         .find(|d| d.kind() == Some("PolicyTest"))
-        .ok_or_else(|| Diagnostics(vec![Diagnostic::error("not-a-suite", "no `kind: PolicyTest` document").at(&file, None)]))?;
+        .ok_or_else(|| {
+            Diagnostics(vec![Diagnostic::error(
+                "not-a-suite",
+                "no `kind: PolicyTest` document",
+            )
+            .at(&file, None)])
+        })?;
     let suite: Suite = doc.parse().map_err(|e| Diagnostics(vec![e]))?;
     let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
     let set = PolicySet::load(&[policy_path])?.set;
     let mut cases = Vec::new();
     for (i, case) in suite.cases.iter().enumerate() {
         let line = doc.position(&format!("/cases/{i}")).map(|p| p.line);
-        cases.push(CaseResult { name: case.name.clone(), line, diffs: check(&set, case) });
+        cases.push(CaseResult {
+            name: case.name.clone(),
+            line,
+            diffs: check(&set, case),
+        });
     }
-    Ok(SuiteResult { file, name: suite.metadata.name, cases })
+    Ok(SuiteResult {
+        file,
+        name: suite.metadata.name,
+        cases,
+    })
 }
 
 /// The differences between what a case expects and what the policy decides.
@@ -172,25 +188,45 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
         Err(err) => {
             match &e.error {
                 Some(code) if code == err.code() => {}
-                Some(code) => diffs.push(format!("error: expected {code}, got {} ({err})", err.code())),
+                Some(code) => diffs.push(format!(
+                    "error: expected {code}, got {} ({err})",
+                    err.code()
+                )),
                 None => diffs.push(format!("request rejected before evaluation: {err}")),
             }
             return diffs;
         }
     };
     if let Some(code) = &e.error {
-        diffs.push(format!("error: expected {code}, but the request was evaluated"));
+        diffs.push(format!(
+            "error: expected {code}, but the request was evaluated"
+        ));
         return diffs;
     }
-    let d = set.evaluate(&ctx, &EvalOptions { tags: &case.tags, explain: false }, &mut LocalOnly);
+    let d = set.evaluate(
+        &ctx,
+        &EvalOptions {
+            tags: &case.tags,
+            explain: false,
+        },
+        &mut LocalOnly,
+    );
     if let Some(want) = e.decision {
         if want != d.decision {
-            diffs.push(format!("decision: expected {}, got {}", want.as_str(), d.decision.as_str()));
+            diffs.push(format!(
+                "decision: expected {}, got {}",
+                want.as_str(),
+                d.decision.as_str()
+            ));
         }
     }
     if let Some(want) = &e.matched_rules {
         if *want != d.matched_rules {
-            diffs.push(format!("matched_rules: expected {}, got {}", show_list(want), show_list(&d.matched_rules)));
+            diffs.push(format!(
+                "matched_rules: expected {}, got {}",
+                show_list(want),
+                show_list(&d.matched_rules)
+            ));
         }
     }
     if let Some(want) = &e.reason {
@@ -200,7 +236,10 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
     }
     if let Some(want) = e.status {
         if Some(want) != d.actions.status {
-            diffs.push(format!("status: expected {want}, got {:?}", d.actions.status));
+            diffs.push(format!(
+                "status: expected {want}, got {:?}",
+                d.actions.status
+            ));
         }
     }
     if let Some(want) = &e.shadow_matches {
@@ -214,7 +253,10 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
     }
     if let Some(want) = e.needs_remote {
         if want != d.metadata.needs_remote {
-            diffs.push(format!("needs_remote: expected {want}, got {}", d.metadata.needs_remote));
+            diffs.push(format!(
+                "needs_remote: expected {want}, got {}",
+                d.metadata.needs_remote
+            ));
         }
     }
     for err in &d.metadata.errors {

@@ -76,7 +76,13 @@ fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
 }
 
 /// Hex cache key.
-pub(crate) fn compute(bundle: &str, namespace: &str, tags: &[String], reads: &[FieldRef], ctx: &RequestContext) -> String {
+pub(crate) fn compute(
+    bundle: &str,
+    namespace: &str,
+    tags: &[String],
+    reads: &[FieldRef],
+    ctx: &RequestContext,
+) -> String {
     let mut h = Xxh3::new();
     put(&mut h, bundle.as_bytes());
     put(&mut h, namespace.as_bytes());

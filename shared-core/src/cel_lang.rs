@@ -56,7 +56,11 @@ fn env() -> &'static Arc<Env> {
 }
 
 fn cel_err(code: &'static str, message: String, help: Option<String>) -> CelError {
-    CelError { code, message, help }
+    CelError {
+        code,
+        message,
+        help,
+    }
 }
 
 /// Rejects expressions too long or too deeply nested for the parser.
@@ -64,7 +68,10 @@ fn guard(src: &str) -> Result<(), CelError> {
     if src.len() > MAX_EXPR_LEN {
         return Err(cel_err(
             "cel-too-large",
-            format!("expression is {} bytes, over the limit of {MAX_EXPR_LEN}", src.len()),
+            format!(
+                "expression is {} bytes, over the limit of {MAX_EXPR_LEN}",
+                src.len()
+            ),
             None,
         ));
     }
@@ -100,7 +107,9 @@ fn guard(src: &str) -> Result<(), CelError> {
             return Err(cel_err(
                 "cel-too-deep",
                 format!("expression nests deeper than {MAX_NESTING} levels"),
-                Some(String::from("split the condition into several rules or use the match DSL")),
+                Some(String::from(
+                    "split the condition into several rules or use the match DSL",
+                )),
             ));
         }
     }
@@ -111,24 +120,41 @@ fn guard(src: &str) -> Result<(), CelError> {
 pub(crate) fn compile(src: &str, attrs: &[String]) -> Result<CelCompiled, CelError> {
     guard(src)?;
     let program = env().compile(src).map_err(|e| {
-        cel_err("cel-syntax", format!("CEL syntax error: {}", e.to_string().trim()), None)
+        cel_err(
+            "cel-syntax",
+            format!("CEL syntax error: {}", e.to_string().trim()),
+            None,
+        )
     })?;
     let mut reads = Vec::new();
     check_refs(program.expression(), attrs, &mut Vec::new(), &mut reads)?;
     reads.sort();
     reads.dedup();
     // Catch misspelt functions now rather than on every request.
-    if let Err(ExecutionError::UndeclaredReference(name)) = program.execute(&activation(&sample(attrs))) {
+    if let Err(ExecutionError::UndeclaredReference(name)) =
+        program.execute(&activation(&sample(attrs)))
+    {
         if !ROOTS.contains(&name.as_str()) {
-            return Err(cel_err("cel-unknown-function", format!("unknown function or variable `{name}`"), None));
+            return Err(cel_err(
+                "cel-unknown-function",
+                format!("unknown function or variable `{name}`"),
+                None,
+            ));
         }
     }
     if let Some(cond) = translate(program.expression(), attrs) {
-        return Ok(CelCompiled { cond, index_hint: None, native: true });
+        return Ok(CelCompiled {
+            cond,
+            index_hint: None,
+            native: true,
+        });
     }
     let mut conjuncts = Vec::new();
     flatten_and(program.expression(), &mut conjuncts);
-    let hints: Vec<Cond> = conjuncts.into_iter().filter_map(|c| translate(c, attrs)).collect();
+    let hints: Vec<Cond> = conjuncts
+        .into_iter()
+        .filter_map(|c| translate(c, attrs))
+        .collect();
     let index_hint = (!hints.is_empty()).then_some(Cond::All(hints));
     Ok(CelCompiled {
         cond: Cond::Cel(Arc::new(CelProgram { program, reads })),
@@ -221,7 +247,11 @@ fn check_refs(
             }
         }
         Expr::Struct(_) => {
-            return Err(cel_err("cel-unsupported", String::from("message construction is not supported"), None))
+            return Err(cel_err(
+                "cel-unsupported",
+                String::from("message construction is not supported"),
+                None,
+            ))
         }
         Expr::Literal(_) | Expr::Unspecified => {}
     }
@@ -270,16 +300,28 @@ fn whole_root(name: &str, reads: &mut Vec<FieldRef>) -> Option<()> {
 /// A field access: `root.member`, `request.headers.x`, `request.headers['x']`, `shield['x']`.
 fn field_of(e: &IdedExpr, attrs: &[String]) -> Option<(FieldRef, FieldType)> {
     match &e.expr {
-        Expr::Select(SelectExpr { operand, field, test: false }) => match &operand.expr {
+        Expr::Select(SelectExpr {
+            operand,
+            field,
+            test: false,
+        }) => match &operand.expr {
             Expr::Ident(root) => FieldRef::resolve(root, Some(field), attrs).ok(),
-            Expr::Select(inner) if is_headers(inner) => Some((FieldRef::Header(field.clone()), FieldType::OptStr)),
+            Expr::Select(inner) if is_headers(inner) => {
+                Some((FieldRef::Header(field.clone()), FieldType::OptStr))
+            }
             _ => None,
         },
-        Expr::Call(c) if c.func_name == operators::INDEX && c.target.is_none() && c.args.len() == 2 => {
+        Expr::Call(c)
+            if c.func_name == operators::INDEX && c.target.is_none() && c.args.len() == 2 =>
+        {
             let key = string_lit(c.args.get(1)?)?;
             match &c.args.first()?.expr {
-                Expr::Select(inner) if is_headers(inner) => Some((FieldRef::Header(key), FieldType::OptStr)),
-                Expr::Ident(root) if root == "shield" => Some((FieldRef::Shield(key), FieldType::Dynamic)),
+                Expr::Select(inner) if is_headers(inner) => {
+                    Some((FieldRef::Header(key), FieldType::OptStr))
+                }
+                Expr::Ident(root) if root == "shield" => {
+                    Some((FieldRef::Shield(key), FieldType::Dynamic))
+                }
                 _ => None,
             }
         }
@@ -310,24 +352,40 @@ fn string_lit(e: &IdedExpr) -> Option<String> {
 }
 
 fn strict(field: FieldRef, test: Test) -> Cond {
-    Cond::Leaf(Leaf { field, test, negate: false, strict: true, ignore_case: false })
+    Cond::Leaf(Leaf {
+        field,
+        test,
+        negate: false,
+        strict: true,
+        ignore_case: false,
+    })
 }
 
 /// Translates the native subset; `None` means "keep the interpreter".
 fn translate(e: &IdedExpr, attrs: &[String]) -> Option<Cond> {
     match &e.expr {
         Expr::Literal(LiteralValue::Boolean(b)) => Some(Cond::Const(*b.inner())),
-        Expr::Select(SelectExpr { operand, field, test: true }) => {
+        Expr::Select(SelectExpr {
+            operand,
+            field,
+            test: true,
+        }) => {
             let (f, _) = field_of(
                 &IdedExpr {
                     id: e.id,
-                    expr: Expr::Select(SelectExpr { operand: operand.clone(), field: field.clone(), test: false }),
+                    expr: Expr::Select(SelectExpr {
+                        operand: operand.clone(),
+                        field: field.clone(),
+                        test: false,
+                    }),
                 },
                 attrs,
             )?;
             Some(strict(f, Test::Present))
         }
-        Expr::Select(_) | Expr::Call(_) if field_of(e, attrs).is_some_and(|(_, t)| t == FieldType::Bool) => {
+        Expr::Select(_) | Expr::Call(_)
+            if field_of(e, attrs).is_some_and(|(_, t)| t == FieldType::Bool) =>
+        {
             let (f, _) = field_of(e, attrs)?;
             Some(strict(f, Test::Eq(Lit::Bool(true))))
         }
@@ -356,12 +414,17 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
     }
     let args = &c.args;
     match (name, args.as_slice()) {
-        (operators::LOGICAL_AND, [a, b]) => Some(Cond::All(vec![translate(a, attrs)?, translate(b, attrs)?])),
-        (operators::LOGICAL_OR, [a, b]) => Some(Cond::Any(vec![translate(a, attrs)?, translate(b, attrs)?])),
+        (operators::LOGICAL_AND, [a, b]) => {
+            Some(Cond::All(vec![translate(a, attrs)?, translate(b, attrs)?]))
+        }
+        (operators::LOGICAL_OR, [a, b]) => {
+            Some(Cond::Any(vec![translate(a, attrs)?, translate(b, attrs)?]))
+        }
         (operators::LOGICAL_NOT, [a]) => Some(Cond::Not(Box::new(translate(a, attrs)?))),
         (operators::IN, [l, r]) => {
             if let (Some((f, ty)), Expr::List(list)) = (field_of(l, attrs), &r.expr) {
-                if ty == FieldType::Messages || ty == FieldType::StrList || ty == FieldType::StrMap {
+                if ty == FieldType::Messages || ty == FieldType::StrList || ty == FieldType::StrMap
+                {
                     return None;
                 }
                 let lits: Option<Vec<Lit>> = list.elements.iter().map(literal).collect();
@@ -369,7 +432,8 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
             }
             let (f, ty) = field_of(r, attrs)?;
             let lit = literal(l)?;
-            matches!(ty, FieldType::StrList | FieldType::StrMap).then(|| strict(f, Test::Has(vec![lit])))
+            matches!(ty, FieldType::StrList | FieldType::StrMap)
+                .then(|| strict(f, Test::Has(vec![lit])))
         }
         (op, [l, r]) => {
             let (field_side, lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
@@ -378,7 +442,10 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
                 _ => return None,
             };
             let (f, ty) = field_side;
-            if matches!(ty, FieldType::StrList | FieldType::StrMap | FieldType::Messages) {
+            if matches!(
+                ty,
+                FieldType::StrList | FieldType::StrMap | FieldType::Messages
+            ) {
                 return None;
             }
             let ord = |o: OrdOp| Some(strict(f.clone(), Test::Ord(o, lit.clone())));
@@ -386,9 +453,13 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
                 (operators::EQUALS, _) => Some(strict(f, Test::Eq(lit))),
                 (operators::NOT_EQUALS, _) => Some(Cond::Not(Box::new(strict(f, Test::Eq(lit))))),
                 (operators::GREATER, false) | (operators::LESS, true) => ord(OrdOp::Gt),
-                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => ord(OrdOp::Gte),
+                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => {
+                    ord(OrdOp::Gte)
+                }
                 (operators::LESS, false) | (operators::GREATER, true) => ord(OrdOp::Lt),
-                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => ord(OrdOp::Lte),
+                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => {
+                    ord(OrdOp::Lte)
+                }
                 _ => None,
             }
         }
@@ -405,7 +476,10 @@ impl CelProgram {
         let activation = scratch.cel.get_or_insert_with(|| activation(ctx));
         match self.program.execute(activation) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(CondError(format!("condition returned {:?}, not a bool", other.type_of()))),
+            Ok(other) => Err(CondError(format!(
+                "condition returned {:?}, not a bool",
+                other.type_of()
+            ))),
             Err(e) => Err(CondError(e.to_string())),
         }
     }
@@ -432,13 +506,19 @@ pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
         k("method", s(&r.method)),
         k("path", s(&r.path)),
         k("host", s(&r.host)),
-        k("headers", map(r.headers.iter().map(|(h, v)| (h.clone(), s(v))))),
+        k(
+            "headers",
+            map(r.headers.iter().map(|(h, v)| (h.clone(), s(v)))),
+        ),
         k("provider", s(r.provider.as_str())),
         k("api", s(r.api.as_str())),
         k("model", opt_s(&r.model)),
         k("stream", Value::Bool(r.stream)),
         k("max_tokens", r.max_tokens.map_or(Value::Null, Value::Int)),
-        k("temperature", r.temperature.map_or(Value::Null, Value::Float)),
+        k(
+            "temperature",
+            r.temperature.map_or(Value::Null, Value::Float),
+        ),
         k("user", opt_s(&r.user)),
         k(
             "messages",
@@ -451,7 +531,10 @@ pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
         ),
         k("prompt", s(&r.prompt)),
         k("estimated_tokens", Value::Int(r.estimated_tokens)),
-        k("tools", Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect()))),
+        k(
+            "tools",
+            Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect())),
+        ),
         k("body_bytes", Value::Int(r.body_bytes)),
     ]);
     let principal = map(ctx.principal.iter().map(|(a, v)| (a.clone(), opt_s(v))));
@@ -462,7 +545,10 @@ pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
         };
         (n.clone(), v)
     }));
-    let time = map([k("hour", Value::Int(ctx.time.hour)), k("weekday", Value::Int(ctx.time.weekday))]);
+    let time = map([
+        k("hour", Value::Int(ctx.time.hour)),
+        k("weekday", Value::Int(ctx.time.weekday)),
+    ]);
     let mut c = Context::with_env(Arc::clone(env()));
     c.add_variable_from_value("request", request);
     c.add_variable_from_value("principal", principal);
@@ -488,7 +574,10 @@ mod tests {
     use super::*;
 
     fn attrs() -> Vec<String> {
-        ["id", "tier", "team"].iter().map(|s| s.to_string()).collect()
+        ["id", "tier", "team"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
@@ -512,7 +601,11 @@ mod tests {
 
     #[test]
     fn others_use_the_interpreter_with_an_index_hint() {
-        let c = compile("request.model == 'x' && size(request.messages) > 3", &attrs()).unwrap();
+        let c = compile(
+            "request.model == 'x' && size(request.messages) > 3",
+            &attrs(),
+        )
+        .unwrap();
         assert!(!c.native);
         assert!(c.index_hint.is_some());
     }
@@ -522,16 +615,168 @@ mod tests {
         let e = compile("request.modle == 'x'", &attrs()).err().unwrap();
         assert_eq!(e.code, "unknown-field");
         assert_eq!(e.help.as_deref(), Some("did you mean `request.model`?"));
-        assert_eq!(compile("reqest.model == 'x'", &attrs()).err().unwrap().code, "unknown-field");
-        assert_eq!(compile("request.model ==", &attrs()).err().unwrap().code, "cel-syntax");
         assert_eq!(
-            compile("request.prompt.lowerAsci() == 'x'", &attrs()).err().unwrap().code,
+            compile("reqest.model == 'x'", &attrs()).err().unwrap().code,
+            "unknown-field"
+        );
+        assert_eq!(
+            compile("request.model ==", &attrs()).err().unwrap().code,
+            "cel-syntax"
+        );
+        assert_eq!(
+            compile("request.prompt.lowerAsci() == 'x'", &attrs())
+                .err()
+                .unwrap()
+                .code,
             "cel-unknown-function"
         );
         let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
         assert_eq!(compile(&deep, &attrs()).err().unwrap().code, "cel-too-deep");
         let bangs = format!("{}true", "!".repeat(5000));
-        assert_eq!(compile(&bangs, &attrs()).err().unwrap().code, "cel-too-deep");
+        assert_eq!(
+            compile(&bangs, &attrs()).err().unwrap().code,
+            "cel-too-deep"
+        );
         assert!(compile("[1,2].all(x, x > 0) && request.stream", &attrs()).is_ok());
+    }
+
+    mod differential {
+        //! The native translation must decide exactly as the `cel` interpreter on every context.
+        use super::*;
+        use crate::condition::Scratch;
+        use crate::context::{Message, ShieldValue};
+        use proptest::prelude::*;
+
+        fn atom() -> impl Strategy<Value = String> {
+            let model = prop_oneof![Just("gpt-4o"), Just("gpt-4o-mini"), Just("claude")];
+            let num = prop_oneof![
+                Just("100"),
+                Just("1000"),
+                Just("1000.5"),
+                Just("-1"),
+                Just("0.5")
+            ];
+            let ord = prop_oneof![
+                Just(">"),
+                Just(">="),
+                Just("<"),
+                Just("<="),
+                Just("=="),
+                Just("!=")
+            ];
+            prop_oneof![
+                (model.clone(), prop::bool::ANY).prop_map(|(m, eq)| format!(
+                    "request.model {} '{m}'",
+                    if eq { "==" } else { "!=" }
+                )),
+                (ord.clone(), num.clone()).prop_map(|(o, n)| format!("request.max_tokens {o} {n}")),
+                (ord.clone(), num.clone())
+                    .prop_map(|(o, n)| format!("{n} {o} request.temperature")),
+                (ord, num).prop_map(|(o, n)| format!("shield.pii {o} {n}")),
+                Just("principal.tier in ['free', 'trial']".to_string()),
+                Just("request.model in ['gpt-4o', 1, null]".to_string()),
+                Just("null == request.model".to_string()),
+                Just("request.prompt.contains('key')".to_string()),
+                Just("request.prompt.startsWith('ign')".to_string()),
+                Just("request.user.endsWith('9')".to_string()),
+                Just("request.prompt.matches('k[a-z]+')".to_string()),
+                Just("'x-a' in request.headers".to_string()),
+                Just("request.headers['x-a'] == 'v'".to_string()),
+                Just("request.stream".to_string()),
+                Just("has(shield.pii)".to_string()),
+                Just("'bash' in request.tools".to_string()),
+                Just("true".to_string()),
+                Just("false".to_string()),
+                Just("principal.team == 'red'".to_string()),
+                Just("request.estimated_tokens > 3".to_string()),
+            ]
+        }
+
+        fn expr() -> impl Strategy<Value = String> {
+            atom().prop_recursive(3, 16, 2, |inner| {
+                prop_oneof![
+                    (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a} && {b})")),
+                    (inner.clone(), inner.clone()).prop_map(|(a, b)| format!("({a} || {b})")),
+                    inner.prop_map(|a| format!("!({a})")),
+                ]
+            })
+        }
+
+        fn context() -> impl Strategy<Value = RequestContext> {
+            (
+                prop::option::of(prop_oneof![
+                    Just("gpt-4o"),
+                    Just("gpt-4o-mini"),
+                    Just("other")
+                ]),
+                prop::option::of(prop_oneof![
+                    Just(100i64),
+                    Just(1000),
+                    Just(1001),
+                    Just(5000),
+                    Just(-3)
+                ]),
+                prop::option::of(prop_oneof![
+                    Just(0.0f64),
+                    Just(0.5),
+                    Just(1000.5),
+                    Just(2.0)
+                ]),
+                prop::option::of(prop_oneof![Just("free"), Just("pro")]),
+                prop::option::of(prop_oneof![Just(0.1f64), Just(0.9), Just(1000.5)]),
+                prop_oneof![Just(""), Just("ignore the key"), Just("kxyz")],
+                prop::option::of(prop_oneof![Just("v"), Just("w")]),
+                prop::bool::ANY,
+                prop::option::of(Just("user-9")),
+                prop::bool::ANY,
+            )
+                .prop_map(
+                    |(model, max, temp, tier, pii, prompt, xa, stream, user, bash)| {
+                        let mut c = RequestContext::default();
+                        c.request.model = model.map(String::from);
+                        c.request.max_tokens = max;
+                        c.request.temperature = temp;
+                        c.request.prompt = prompt.to_string();
+                        c.request.estimated_tokens = (prompt.len() as i64).div_euclid(4);
+                        c.request.messages = vec![Message {
+                            role: "user".into(),
+                            content: prompt.into(),
+                        }];
+                        c.request.stream = stream;
+                        c.request.user = user.map(String::from);
+                        if bash {
+                            c.request.tools = vec!["bash".into()];
+                        }
+                        if let Some(v) = xa {
+                            c.request.headers = vec![("x-a".into(), v.into())];
+                        }
+                        c.principal = vec![
+                            ("id".into(), None),
+                            ("tier".into(), tier.map(String::from)),
+                            ("team".into(), None),
+                        ];
+                        if let Some(p) = pii {
+                            c.shield = vec![("pii".into(), ShieldValue::Number(p))];
+                        }
+                        c
+                    },
+                )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(2000))]
+            #[test]
+            fn native_equals_interpreter(src in expr(), ctx in context()) {
+                let compiled = compile(&src, &["id".into(), "tier".into(), "team".into()]).unwrap();
+                prop_assert!(compiled.native, "not translated: {}", src);
+                let native = compiled.cond.eval(&ctx, &mut Scratch::default());
+                let reference = interpret(&src, &ctx);
+                match (&native, &reference) {
+                    (Ok(a), Ok(b)) => prop_assert_eq!(a, b, "{}", src),
+                    (Err(_), Err(_)) => {}
+                    _ => prop_assert!(false, "{}: native {:?} vs interpreter {:?}", src, native, reference),
+                }
+            }
+        }
     }
 }

@@ -18,8 +18,8 @@ use crate::document::Document;
 use crate::dsl;
 use crate::index::RuleIndex;
 use crate::model::{
-    Action, ActionDecision, Alert, DefaultDecision, Mode, OnError, PluginRef, PolicyDoc, Rule, Scope, API_VERSION,
-    KIND_POLICY,
+    Action, ActionDecision, Alert, DefaultDecision, Mode, OnError, PluginRef, PolicyDoc, Rule,
+    Scope, API_VERSION, KIND_POLICY,
 };
 use crate::schema::{FieldRef, FieldType};
 
@@ -141,7 +141,10 @@ impl core::fmt::Debug for PolicySet {
 impl PolicySet {
     /// Validates and compiles documents (`kind: Policy`) against a context configuration.
     /// Fails with every error found; never returns a partially valid set.
-    pub fn compile(docs: &[Document], config: &ContextConfig) -> Result<CompileOutput, Diagnostics> {
+    pub fn compile(
+        docs: &[Document],
+        config: &ContextConfig,
+    ) -> Result<CompileOutput, Diagnostics> {
         Compiler::new(config).run(docs)
     }
 
@@ -190,7 +193,9 @@ impl PolicySet {
             rules: rules().count(),
             disabled: ns.clone().map(|n| n.disabled.len()).sum(),
             interpreted: rules().filter(|r| r.is_interpreted()).count(),
-            remote: rules().filter(|r| r.plugin.is_some() || r.action.limit.is_some()).count(),
+            remote: rules()
+                .filter(|r| r.plugin.is_some() || r.action.limit.is_some())
+                .count(),
         }
     }
 }
@@ -270,29 +275,50 @@ impl<'a> Compiler<'a> {
             self.read_doc(doc, &mut pending, &mut metas);
         }
         if docs.is_empty() {
-            self.errors.push(Diagnostic::error("no-policies", "no policy documents found"));
+            self.errors.push(Diagnostic::error(
+                "no-policies",
+                "no policy documents found",
+            ));
         }
         let mut namespaces: HashMap<String, Namespace> = HashMap::new();
         // Every policy, with or without rules, defines its namespace and contributes its default.
         for meta in &metas {
-            let ns = namespaces.entry(meta.namespace.clone()).or_insert_with(|| Namespace::new(&meta.namespace));
-            ns.policies.push(PolicyInfo { name: meta.name.clone(), version: meta.version.clone() });
+            let ns = namespaces
+                .entry(meta.namespace.clone())
+                .or_insert_with(|| Namespace::new(&meta.namespace));
+            ns.policies.push(PolicyInfo {
+                name: meta.name.clone(),
+                version: meta.version.clone(),
+            });
             if meta.default == DefaultDecision::Deny {
                 ns.default = Verdict::Deny;
             }
         }
         let mut seen_ids: HashMap<(String, String), String> = HashMap::new();
-        let mut needs = Needs { messages: false, prompt: false };
+        let mut needs = Needs {
+            messages: false,
+            prompt: false,
+        };
         for p in pending {
-            let loc = |ptr: &str| docs.iter().find(|d| d.file == p.file).and_then(|d| d.position(ptr));
+            let loc = |ptr: &str| {
+                docs.iter()
+                    .find(|d| d.file == p.file)
+                    .and_then(|d| d.position(ptr))
+            };
             let id_ptr = format!("{}/id", p.pointer);
             let id_key = (p.ns.clone(), p.rule.id.clone());
             if let Some(first) = seen_ids.get(&id_key) {
                 self.errors.push(
-                    Diagnostic::error("duplicate-id", format!("rule id `{}` is already used in namespace `{}`", p.rule.id, p.ns))
-                        .at(&p.file, loc(&id_ptr))
-                        .rule(Some(&p.rule.id))
-                        .help(Some(format!("first defined at {first}"))),
+                    Diagnostic::error(
+                        "duplicate-id",
+                        format!(
+                            "rule id `{}` is already used in namespace `{}`",
+                            p.rule.id, p.ns
+                        ),
+                    )
+                    .at(&p.file, loc(&id_ptr))
+                    .rule(Some(&p.rule.id))
+                    .help(Some(format!("first defined at {first}"))),
                 );
                 continue;
             }
@@ -301,8 +327,14 @@ impl<'a> Compiler<'a> {
                 None => p.file.clone(),
             };
             seen_ids.insert(id_key, here);
-            let ns = namespaces.entry(p.ns.clone()).or_insert_with(|| Namespace::new(&p.ns));
-            let policy = ns.policies.iter().position(|x| x.name == p.policy_name).unwrap_or(0);
+            let ns = namespaces
+                .entry(p.ns.clone())
+                .or_insert_with(|| Namespace::new(&p.ns));
+            let policy = ns
+                .policies
+                .iter()
+                .position(|x| x.name == p.policy_name)
+                .unwrap_or(0);
             if !p.rule.enabled {
                 // Still validated, so a disabled rule cannot hide a broken condition.
                 let _ = self.compile_rule(&p, policy, docs);
@@ -314,7 +346,12 @@ impl<'a> Compiler<'a> {
                     needs.prompt |= matches!(f, FieldRef::Prompt | FieldRef::EstimatedTokens);
                     needs.messages |= matches!(f, FieldRef::Messages);
                 });
-                if rule.action.limit.as_ref().is_some_and(|l| l.kind != CounterKind::Requests) {
+                if rule
+                    .action
+                    .limit
+                    .as_ref()
+                    .is_some_and(|l| l.kind != CounterKind::Requests)
+                {
                     needs.prompt = true;
                 }
                 if rule.plugin.is_some() {
@@ -336,12 +373,22 @@ impl<'a> Compiler<'a> {
         }
         let bundle = format!("{:032x}", digest.digest128());
         Ok(CompileOutput {
-            set: PolicySet(Arc::new(Inner { namespaces, bundle, config: self.config.clone(), needs })),
+            set: PolicySet(Arc::new(Inner {
+                namespaces,
+                bundle,
+                config: self.config.clone(),
+                needs,
+            })),
             warnings: self.warnings,
         })
     }
 
-    fn read_doc(&mut self, doc: &Document, pending: &mut Vec<Pending>, metas: &mut Vec<PolicyMeta>) {
+    fn read_doc(
+        &mut self,
+        doc: &Document,
+        pending: &mut Vec<Pending>,
+        metas: &mut Vec<PolicyMeta>,
+    ) {
         let mut header = doc.value.clone();
         let rules: Vec<Value> = match header.pointer_mut("/spec/rules") {
             Some(Value::Array(items)) => core::mem::take(items),
@@ -356,28 +403,45 @@ impl<'a> Compiler<'a> {
         };
         if policy.api_version != API_VERSION {
             self.errors.push(
-                Diagnostic::error("api-version", format!("unsupported apiVersion `{}`", policy.api_version))
-                    .at(&doc.file, doc.position("/apiVersion"))
-                    .help(Some(format!("use `apiVersion: {API_VERSION}`"))),
+                Diagnostic::error(
+                    "api-version",
+                    format!("unsupported apiVersion `{}`", policy.api_version),
+                )
+                .at(&doc.file, doc.position("/apiVersion"))
+                .help(Some(format!("use `apiVersion: {API_VERSION}`"))),
             );
         }
         if policy.kind != KIND_POLICY {
             self.errors.push(
                 Diagnostic::error("kind", format!("unsupported kind `{}`", policy.kind))
                     .at(&doc.file, doc.position("/kind"))
-                    .help(Some(String::from("use `kind: Policy` (test suites use `kind: PolicyTest`)"))),
+                    .help(Some(String::from(
+                        "use `kind: Policy` (test suites use `kind: PolicyTest`)",
+                    ))),
             );
         }
         let meta = &policy.metadata;
         if meta.name.trim().is_empty() {
-            self.errors.push(Diagnostic::error("invalid-name", "metadata.name must not be empty").at(&doc.file, doc.position("/metadata/name")));
+            self.errors.push(
+                Diagnostic::error("invalid-name", "metadata.name must not be empty")
+                    .at(&doc.file, doc.position("/metadata/name")),
+            );
         }
-        if let Some(first) = metas.iter().find(|m| m.namespace == meta.namespace && m.name == meta.name) {
+        if let Some(first) = metas
+            .iter()
+            .find(|m| m.namespace == meta.namespace && m.name == meta.name)
+        {
             let first = first.file.clone();
             self.errors.push(
-                Diagnostic::error("duplicate-policy", format!("policy `{}` is already defined in namespace `{}`", meta.name, meta.namespace))
-                    .at(&doc.file, doc.position("/metadata/name"))
-                    .help(Some(format!("first defined in {first}"))),
+                Diagnostic::error(
+                    "duplicate-policy",
+                    format!(
+                        "policy `{}` is already defined in namespace `{}`",
+                        meta.name, meta.namespace
+                    ),
+                )
+                .at(&doc.file, doc.position("/metadata/name"))
+                .help(Some(format!("first defined in {first}"))),
             );
             return;
         }
@@ -399,7 +463,10 @@ impl<'a> Compiler<'a> {
                 }
             };
             if rule.id.trim().is_empty() {
-                self.errors.push(Diagnostic::error("invalid-id", "rule id must not be empty").at(&doc.file, doc.position(&format!("{base}/id"))));
+                self.errors.push(
+                    Diagnostic::error("invalid-id", "rule id must not be empty")
+                        .at(&doc.file, doc.position(&format!("{base}/id"))),
+                );
                 continue;
             }
             pending.push(Pending {
@@ -412,19 +479,30 @@ impl<'a> Compiler<'a> {
         }
     }
 
-    fn compile_rule(&mut self, p: &Pending, policy: usize, docs: &[Document]) -> Option<CompiledRule> {
+    fn compile_rule(
+        &mut self,
+        p: &Pending,
+        policy: usize,
+        docs: &[Document],
+    ) -> Option<CompiledRule> {
         let doc = docs.iter().find(|d| d.file == p.file)?;
         let rule = &p.rule;
         let id = Some(rule.id.as_str());
         let at = |ptr: &str| doc.position(&format!("{}{ptr}", p.pointer));
         let before = self.errors.len();
         let w = &rule.when;
-        let set = [w.cel.is_some(), w.matcher.is_some(), w.plugin.is_some()].iter().filter(|b| **b).count();
+        let set = [w.cel.is_some(), w.matcher.is_some(), w.plugin.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
         if set != 1 {
             self.errors.push(
-                Diagnostic::error("invalid-condition", "`when` needs exactly one of `cel`, `match`, `plugin`")
-                    .at(&p.file, at("/when"))
-                    .rule(id),
+                Diagnostic::error(
+                    "invalid-condition",
+                    "`when` needs exactly one of `cel`, `match`, `plugin`",
+                )
+                .at(&p.file, at("/when"))
+                .rule(id),
             );
             return None;
         }
@@ -454,7 +532,11 @@ impl<'a> Compiler<'a> {
             }
         } else if let Some(pl) = &plugin {
             if pl.name.trim().is_empty() {
-                self.errors.push(Diagnostic::error("invalid-plugin", "plugin name must not be empty").at(&p.file, at("/when/plugin/name")).rule(id));
+                self.errors.push(
+                    Diagnostic::error("invalid-plugin", "plugin name must not be empty")
+                        .at(&p.file, at("/when/plugin/name"))
+                        .rule(id),
+                );
             }
         }
         let action = self.compile_action(&rule.action, &p.file, &|ptr| at(ptr), id);
@@ -488,8 +570,13 @@ impl<'a> Compiler<'a> {
 
     #[cfg(not(feature = "cel"))]
     fn compile_cel(&self, _src: &str) -> Result<(Cond, Option<Cond>), Diagnostic> {
-        Err(Diagnostic::error("cel-unavailable", "CEL conditions need the `cel` feature of llm-policy-core")
-            .help(Some(String::from("use a `match` condition, or build with `--features cel`"))))
+        Err(Diagnostic::error(
+            "cel-unavailable",
+            "CEL conditions need the `cel` feature of llm-policy-core",
+        )
+        .help(Some(String::from(
+            "use a `match` condition, or build with `--features cel`",
+        ))))
     }
 
     fn compile_action(
@@ -501,19 +588,32 @@ impl<'a> Compiler<'a> {
     ) -> Option<CompiledAction> {
         let mut ok = true;
         let mut fail = |s: &mut Self, ptr: &str, code: &str, msg: String| {
-            s.errors.push(Diagnostic::error(code, msg).at(file, at(ptr)).rule(id));
+            s.errors
+                .push(Diagnostic::error(code, msg).at(file, at(ptr)).rule(id));
             ok = false;
         };
         if let Some(st) = a.status {
             if !(100..=599).contains(&st) {
-                fail(self, "/action/status", "invalid-status", format!("status {st} is not an HTTP status code"));
+                fail(
+                    self,
+                    "/action/status",
+                    "invalid-status",
+                    format!("status {st} is not an HTTP status code"),
+                );
             }
         }
         for name in a.headers.keys() {
             let valid = !name.is_empty()
-                && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b));
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
+                });
             if !valid {
-                fail(self, "/action/headers", "invalid-header", format!("`{name}` is not a valid lower-case header name"));
+                fail(
+                    self,
+                    "/action/headers",
+                    "invalid-header",
+                    format!("`{name}` is not a valid lower-case header name"),
+                );
             }
         }
         let decision = match a.decision {
@@ -523,20 +623,37 @@ impl<'a> Compiler<'a> {
         };
         let mut limit = None;
         if a.rate_limit.is_some() && a.budget.is_some() {
-            fail(self, "/action", "invalid-limit", String::from("a rule takes either `rateLimit` or `budget`, not both"));
+            fail(
+                self,
+                "/action",
+                "invalid-limit",
+                String::from("a rule takes either `rateLimit` or `budget`, not both"),
+            );
         }
         if let Some(rl) = &a.rate_limit {
             let (kind, amount) = match (rl.requests, rl.tokens) {
                 (Some(n), None) => (CounterKind::Requests, n as f64),
                 (None, Some(n)) => (CounterKind::Tokens, n as f64),
                 _ => {
-                    fail(self, "/action/rateLimit", "invalid-limit", String::from("`rateLimit` needs exactly one of `requests`, `tokens`"));
+                    fail(
+                        self,
+                        "/action/rateLimit",
+                        "invalid-limit",
+                        String::from("`rateLimit` needs exactly one of `requests`, `tokens`"),
+                    );
                     (CounterKind::Requests, 0.0)
                 }
             };
             match (self.key_template(&rl.key), window(&rl.per)) {
                 (Ok(key), Ok(window_secs)) => {
-                    limit = Some(Limit { source: ChargeSource::RateLimit, key, kind, limit: amount, window_secs, scope: rl.scope })
+                    limit = Some(Limit {
+                        source: ChargeSource::RateLimit,
+                        key,
+                        kind,
+                        limit: amount,
+                        window_secs,
+                        scope: rl.scope,
+                    })
                 }
                 (Err(m), _) => fail(self, "/action/rateLimit/key", "invalid-key", m),
                 (_, Err(m)) => fail(self, "/action/rateLimit/per", "invalid-window", m),
@@ -547,13 +664,25 @@ impl<'a> Compiler<'a> {
                 (Some(n), None) => (CounterKind::Tokens, n as f64),
                 (None, Some(u)) if u.is_finite() && u > 0.0 => (CounterKind::Usd, u),
                 _ => {
-                    fail(self, "/action/budget", "invalid-limit", String::from("`budget` needs exactly one of `tokens`, `usd` (positive)"));
+                    fail(
+                        self,
+                        "/action/budget",
+                        "invalid-limit",
+                        String::from("`budget` needs exactly one of `tokens`, `usd` (positive)"),
+                    );
                     (CounterKind::Tokens, 0.0)
                 }
             };
             match (self.key_template(&b.key), window(&b.per)) {
                 (Ok(key), Ok(window_secs)) => {
-                    limit = Some(Limit { source: ChargeSource::Budget, key, kind, limit: amount, window_secs, scope: Scope::Global })
+                    limit = Some(Limit {
+                        source: ChargeSource::Budget,
+                        key,
+                        kind,
+                        limit: amount,
+                        window_secs,
+                        scope: Scope::Global,
+                    })
                 }
                 (Err(m), _) => fail(self, "/action/budget/key", "invalid-key", m),
                 (_, Err(m)) => fail(self, "/action/budget/per", "invalid-window", m),
@@ -582,14 +711,22 @@ impl<'a> Compiler<'a> {
                 parts.push(KeyPart::Text(rest[..open].to_owned()));
             }
             let after = &rest[open + 1..];
-            let close = after.find('}').ok_or_else(|| format!("unclosed `{{` in key `{t}`"))?;
+            let close = after
+                .find('}')
+                .ok_or_else(|| format!("unclosed `{{` in key `{t}`"))?;
             let path = after[..close].trim();
-            let (field, ty) = FieldRef::parse_path(path, &self.attrs).map_err(|e| match e.suggestion {
-                Some(s) => format!("{} (did you mean `{s}`?)", e.message),
-                None => e.message,
-            })?;
-            if matches!(ty, FieldType::Messages | FieldType::StrList | FieldType::StrMap) {
-                return Err(format!("`{path}` cannot be part of a counter key (use a scalar field)"));
+            let (field, ty) =
+                FieldRef::parse_path(path, &self.attrs).map_err(|e| match e.suggestion {
+                    Some(s) => format!("{} (did you mean `{s}`?)", e.message),
+                    None => e.message,
+                })?;
+            if matches!(
+                ty,
+                FieldType::Messages | FieldType::StrList | FieldType::StrMap
+            ) {
+                return Err(format!(
+                    "`{path}` cannot be part of a counter key (use a scalar field)"
+                ));
             }
             parts.push(KeyPart::Field(field));
             rest = &after[close + 1..];
@@ -609,11 +746,22 @@ impl<'a> Compiler<'a> {
         let locate = |id: &str| -> (Option<String>, Option<crate::document::Position>) {
             for d in docs {
                 if let Some(Value::Array(rules)) = d.value.pointer("/spec/rules") {
-                    if d.value.pointer("/metadata/namespace").and_then(Value::as_str).unwrap_or("default") != ns.name {
+                    if d.value
+                        .pointer("/metadata/namespace")
+                        .and_then(Value::as_str)
+                        .unwrap_or("default")
+                        != ns.name
+                    {
                         continue;
                     }
-                    if let Some(i) = rules.iter().position(|r| r.get("id").and_then(Value::as_str) == Some(id)) {
-                        return (Some(d.file.clone()), d.position(&format!("/spec/rules/{i}/id")));
+                    if let Some(i) = rules
+                        .iter()
+                        .position(|r| r.get("id").and_then(Value::as_str) == Some(id))
+                    {
+                        return (
+                            Some(d.file.clone()),
+                            d.position(&format!("/spec/rules/{i}/id")),
+                        );
                     }
                 }
             }
@@ -630,7 +778,9 @@ impl<'a> Compiler<'a> {
         let unconditional: Option<(String, i64)> = ns
             .rules
             .iter()
-            .find(|r| !r.shadow && r.plugin.is_none() && r.action.limit.is_none() && is_always(&r.cond))
+            .find(|r| {
+                !r.shadow && r.plugin.is_none() && r.action.limit.is_none() && is_always(&r.cond)
+            })
             .map(|r| (r.id.clone(), r.priority));
         if let Some((uid, up)) = unconditional {
             for r in ns.rules.iter().filter(|r| r.priority < up) {
@@ -646,8 +796,17 @@ impl<'a> Compiler<'a> {
         }
         // Conflicts: equal priority, same condition, contradictory decisions.
         for (i, a) in ns.rules.iter().enumerate() {
-            for b in ns.rules.iter().skip(i + 1).take_while(|b| b.priority == a.priority) {
-                if a.shadow || b.shadow || a.action.decision == b.action.decision || a.plugin != b.plugin {
+            for b in ns
+                .rules
+                .iter()
+                .skip(i + 1)
+                .take_while(|b| b.priority == a.priority)
+            {
+                if a.shadow
+                    || b.shadow
+                    || a.action.decision == b.action.decision
+                    || a.plugin != b.plugin
+                {
                     continue;
                 }
                 if a.action.limit.is_some() || b.action.limit.is_some() {
@@ -690,7 +849,10 @@ impl<'a> Compiler<'a> {
         let words = ns.rules.len().div_ceil(64);
         for (i, r) in ns.rules.iter().enumerate() {
             for t in &r.tags {
-                let bits = ns.tags.entry(t.clone()).or_insert_with(|| alloc::vec![0u64; words]);
+                let bits = ns
+                    .tags
+                    .entry(t.clone())
+                    .or_insert_with(|| alloc::vec![0u64; words]);
                 if let Some(w) = bits.get_mut(i / 64) {
                     *w |= 1u64 << (i % 64);
                 }
@@ -721,7 +883,9 @@ fn window(per: &str) -> Result<u64, String> {
     if let Some(s) = named {
         return Ok(s);
     }
-    let bad = || format!("`{per}` is not a window: use second, minute, hour, day, week, month or e.g. 30s, 5m, 2h, 1d");
+    let bad = || {
+        format!("`{per}` is not a window: use second, minute, hour, day, week, month or e.g. 30s, 5m, 2h, 1d")
+    };
     let (num, unit) = per.split_at(per.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?);
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult = match unit {

@@ -258,7 +258,8 @@ impl Leaf {
             Test::Eq(lit) => Ok(value_eq(v, lit, ic)),
             Test::In(lits) => Ok(lits.iter().any(|l| value_eq(v, l, ic))),
             Test::Ord(op, lit) => {
-                let ord = num_cmp(v, lit).ok_or_else(|| no_overload(ord_name(*op), &self.field, v))?;
+                let ord =
+                    num_cmp(v, lit).ok_or_else(|| no_overload(ord_name(*op), &self.field, v))?;
                 Ok(match op {
                     OrdOp::Gt => ord == Ordering::Greater,
                     OrdOp::Gte => ord != Ordering::Less,
@@ -267,8 +268,12 @@ impl Leaf {
                 })
             }
             Test::Contains(s) => str_of(v, "contains", &self.field).map(|x| x.contains(s.as_str())),
-            Test::StartsWith(s) => str_of(v, "startsWith", &self.field).map(|x| x.starts_with(s.as_str())),
-            Test::EndsWith(s) => str_of(v, "endsWith", &self.field).map(|x| x.ends_with(s.as_str())),
+            Test::StartsWith(s) => {
+                str_of(v, "startsWith", &self.field).map(|x| x.starts_with(s.as_str()))
+            }
+            Test::EndsWith(s) => {
+                str_of(v, "endsWith", &self.field).map(|x| x.ends_with(s.as_str()))
+            }
             Test::Matches(re) => str_of(v, "matches", &self.field).map(|x| re.is_match(x)),
             Test::Has(lits) => match v {
                 FieldValue::StrList(list) => Ok(list
@@ -314,18 +319,36 @@ mod tests {
     }
 
     fn leaf(field: FieldRef, test: Test, strict: bool) -> Cond {
-        Cond::Leaf(Leaf { field, test, negate: false, strict, ignore_case: false })
+        Cond::Leaf(Leaf {
+            field,
+            test,
+            negate: false,
+            strict,
+            ignore_case: false,
+        })
     }
 
     #[test]
     fn lenient_null_is_false_strict_null_errors() {
         let c = ctx();
         let mut s = Scratch::default();
-        let t = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), false);
+        let t = leaf(
+            FieldRef::Temperature,
+            Test::Ord(OrdOp::Gt, Lit::Int(1)),
+            false,
+        );
         assert_eq!(t.eval(&c, &mut s), Ok(false));
-        let t = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), true);
+        let t = leaf(
+            FieldRef::Temperature,
+            Test::Ord(OrdOp::Gt, Lit::Int(1)),
+            true,
+        );
         assert!(t.eval(&c, &mut s).is_err());
-        let t = leaf(FieldRef::Principal("tier".into()), Test::Eq(Lit::Str("free".into())), true);
+        let t = leaf(
+            FieldRef::Principal("tier".into()),
+            Test::Eq(Lit::Str("free".into())),
+            true,
+        );
         assert_eq!(t.eval(&c, &mut s), Ok(false));
     }
 
@@ -333,12 +356,24 @@ mod tests {
     fn cel_error_rules_for_and_or() {
         let c = ctx();
         let mut s = Scratch::default();
-        let err = leaf(FieldRef::Temperature, Test::Ord(OrdOp::Gt, Lit::Int(1)), true);
+        let err = leaf(
+            FieldRef::Temperature,
+            Test::Ord(OrdOp::Gt, Lit::Int(1)),
+            true,
+        );
         let f = Cond::Const(false);
         let t = Cond::Const(true);
-        assert_eq!(Cond::All(alloc::vec![err.clone(), f.clone()]).eval(&c, &mut s), Ok(false));
-        assert!(Cond::All(alloc::vec![err.clone(), t.clone()]).eval(&c, &mut s).is_err());
-        assert_eq!(Cond::Any(alloc::vec![err.clone(), t]).eval(&c, &mut s), Ok(true));
+        assert_eq!(
+            Cond::All(alloc::vec![err.clone(), f.clone()]).eval(&c, &mut s),
+            Ok(false)
+        );
+        assert!(Cond::All(alloc::vec![err.clone(), t.clone()])
+            .eval(&c, &mut s)
+            .is_err());
+        assert_eq!(
+            Cond::Any(alloc::vec![err.clone(), t]).eval(&c, &mut s),
+            Ok(true)
+        );
         assert!(Cond::Any(alloc::vec![err, f]).eval(&c, &mut s).is_err());
     }
 
@@ -346,7 +381,11 @@ mod tests {
     fn numbers_compare_across_int_and_double() {
         let c = ctx();
         let mut s = Scratch::default();
-        let t = leaf(FieldRef::MaxTokens, Test::Ord(OrdOp::Gte, Lit::Float(1999.5)), true);
+        let t = leaf(
+            FieldRef::MaxTokens,
+            Test::Ord(OrdOp::Gte, Lit::Float(1999.5)),
+            true,
+        );
         assert_eq!(t.eval(&c, &mut s), Ok(true));
         let t = leaf(FieldRef::MaxTokens, Test::Eq(Lit::Float(2000.0)), true);
         assert_eq!(t.eval(&c, &mut s), Ok(true));

@@ -30,10 +30,14 @@ impl Default for ContextConfig {
     fn default() -> Self {
         ContextConfig {
             namespace_header: String::from("x-llm-policy-namespace"),
-            principal_headers: [("id", "x-user-id"), ("tier", "x-user-tier"), ("team", "x-team-id")]
-                .iter()
-                .map(|(a, h)| (a.to_string(), h.to_string()))
-                .collect(),
+            principal_headers: [
+                ("id", "x-user-id"),
+                ("tier", "x-user-tier"),
+                ("team", "x-team-id"),
+            ]
+            .iter()
+            .map(|(a, h)| (a.to_string(), h.to_string()))
+            .collect(),
             shield_prefix: String::from("x-llm-shield-"),
             max_body_bytes: 4 * 1024 * 1024,
         }
@@ -43,7 +47,10 @@ impl Default for ContextConfig {
 impl ContextConfig {
     /// The configured principal attribute names.
     pub fn principal_attributes(&self) -> Vec<String> {
-        self.principal_headers.iter().map(|(a, _)| a.clone()).collect()
+        self.principal_headers
+            .iter()
+            .map(|(a, _)| a.clone())
+            .collect()
     }
 }
 
@@ -453,7 +460,19 @@ mod tests {
     fn weekday_and_hour_from_unix() {
         // 2026-11-24T10:31:28Z is a Tuesday.
         let t = TimeInfo::from_unix(1795516288);
-        assert_eq!(t, TimeInfo { hour: 10, weekday: 2 });
-        assert_eq!(TimeInfo::from_unix(0), TimeInfo { hour: 0, weekday: 4 });
+        assert_eq!(
+            t,
+            TimeInfo {
+                hour: 10,
+                weekday: 2
+            }
+        );
+        assert_eq!(
+            TimeInfo::from_unix(0),
+            TimeInfo {
+                hour: 0,
+                weekday: 4
+            }
+        );
     }
 }

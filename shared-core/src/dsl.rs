@@ -33,19 +33,36 @@ fn err(pointer: &str, message: String, help: Option<String>) -> DslError {
 }
 
 /// Compiles a `match` tree. Collects every error rather than stopping at the first.
-pub(crate) fn compile(v: &Value, attrs: &[String], ptr: &str, errors: &mut Vec<DslError>) -> Option<Cond> {
+pub(crate) fn compile(
+    v: &Value,
+    attrs: &[String],
+    ptr: &str,
+    errors: &mut Vec<DslError>,
+) -> Option<Cond> {
     let Value::Object(map) = v else {
-        errors.push(err(ptr, String::from("a match node must be a map"), Some(shape_help())));
+        errors.push(err(
+            ptr,
+            String::from("a match node must be a map"),
+            Some(shape_help()),
+        ));
         return None;
     };
     for (key, ctor) in [("all", true), ("any", false)] {
         if let Some(children) = map.get(key) {
             if map.len() != 1 {
-                errors.push(err(ptr, format!("`{key}` must be the only key of its node"), Some(shape_help())));
+                errors.push(err(
+                    ptr,
+                    format!("`{key}` must be the only key of its node"),
+                    Some(shape_help()),
+                ));
                 return None;
             }
             let Value::Array(items) = children else {
-                errors.push(err(&format!("{ptr}/{key}"), format!("`{key}` takes a list"), None));
+                errors.push(err(
+                    &format!("{ptr}/{key}"),
+                    format!("`{key}` takes a list"),
+                    None,
+                ));
                 return None;
             };
             let before = errors.len();
@@ -57,28 +74,52 @@ pub(crate) fn compile(v: &Value, attrs: &[String], ptr: &str, errors: &mut Vec<D
             if errors.len() > before {
                 return None;
             }
-            return Some(if ctor { Cond::All(compiled) } else { Cond::Any(compiled) });
+            return Some(if ctor {
+                Cond::All(compiled)
+            } else {
+                Cond::Any(compiled)
+            });
         }
     }
     if let Some(child) = map.get("not") {
         if map.len() != 1 {
-            errors.push(err(ptr, String::from("`not` must be the only key of its node"), Some(shape_help())));
+            errors.push(err(
+                ptr,
+                String::from("`not` must be the only key of its node"),
+                Some(shape_help()),
+            ));
             return None;
         }
-        return compile(child, attrs, &format!("{ptr}/not"), errors).map(|c| Cond::Not(Box::new(c)));
+        return compile(child, attrs, &format!("{ptr}/not"), errors)
+            .map(|c| Cond::Not(Box::new(c)));
     }
     if !map.contains_key("field") {
-        errors.push(err(ptr, String::from("a match node needs `all`, `any`, `not` or `field`"), Some(shape_help())));
+        errors.push(err(
+            ptr,
+            String::from("a match node needs `all`, `any`, `not` or `field`"),
+            Some(shape_help()),
+        ));
         return None;
     }
     let leaf: LeafDoc = match serde_path_to_error::deserialize::<_, LeafDoc>(v) {
         // serde reads `value: null` as "no value"; keep it, to explain why it cannot work.
-        Ok(l) if l.value.is_none() && map.get("value") == Some(&Value::Null) => LeafDoc { value: Some(Value::Null), ..l },
+        Ok(l) if l.value.is_none() && map.get("value") == Some(&Value::Null) => LeafDoc {
+            value: Some(Value::Null),
+            ..l
+        },
         Ok(l) => l,
         Err(e) => {
             let path = e.path().to_string();
-            let sub = if path == "." { String::new() } else { format!("/{}", path.replace('.', "/")) };
-            errors.push(err(&format!("{ptr}{sub}"), e.into_inner().to_string(), None));
+            let sub = if path == "." {
+                String::new()
+            } else {
+                format!("/{}", path.replace('.', "/"))
+            };
+            errors.push(err(
+                &format!("{ptr}{sub}"),
+                e.into_inner().to_string(),
+                None,
+            ));
             return None;
         }
     };
@@ -99,7 +140,11 @@ type LeafError = (&'static str, String, Option<String>);
 
 fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
     let (field, ty) = FieldRef::parse_path(&doc.field, attrs).map_err(|e| {
-        ("field", e.message, e.suggestion.map(|s| format!("did you mean `{s}`?")))
+        (
+            "field",
+            e.message,
+            e.suggestion.map(|s| format!("did you mean `{s}`?")),
+        )
     })?;
     let value = doc.value.as_ref();
     let op = doc.op;
@@ -113,13 +158,30 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
         Op::In | Op::NotIn => {
             negate = op == Op::NotIn;
             let Some(Value::Array(items)) = value else {
-                return Err(("value", format!("`{}` takes a list of values", op_name(op)), None));
+                return Err((
+                    "value",
+                    format!("`{}` takes a list of values", op_name(op)),
+                    None,
+                ));
             };
-            Test::In(items.iter().map(|i| scalar(Some(i), ty, &doc.field)).collect::<Result<_, _>>()?)
+            Test::In(
+                items
+                    .iter()
+                    .map(|i| scalar(Some(i), ty, &doc.field))
+                    .collect::<Result<_, _>>()?,
+            )
         }
         Op::Gt | Op::Gte | Op::Lt | Op::Lte => {
             if !ty.is_numeric() {
-                return Err(("op", format!("`{}` compares numbers, and `{}` is not a number", op_name(op), doc.field), None));
+                return Err((
+                    "op",
+                    format!(
+                        "`{}` compares numbers, and `{}` is not a number",
+                        op_name(op),
+                        doc.field
+                    ),
+                    None,
+                ));
             }
             let lit = match value {
                 Some(Value::Number(n)) => number(n),
@@ -137,17 +199,33 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
             negate = op == Op::NotContains;
             let needles = strings(value, op)?;
             match ty {
-                FieldType::StrList | FieldType::StrMap => Test::Has(needles.into_iter().map(Lit::Str).collect()),
+                FieldType::StrList | FieldType::StrMap => {
+                    Test::Has(needles.into_iter().map(Lit::Str).collect())
+                }
                 t if t.is_string() => match (needles.as_slice(), ic) {
                     ([one], false) => Test::Contains(one.clone()),
                     _ => Test::Matches(literal_regex(&needles, ic, "", "")?),
                 },
-                _ => return Err(("op", format!("`{}` does not apply to `{}`", op_name(op), doc.field), None)),
+                _ => {
+                    return Err((
+                        "op",
+                        format!("`{}` does not apply to `{}`", op_name(op), doc.field),
+                        None,
+                    ))
+                }
             }
         }
         Op::StartsWith | Op::EndsWith => {
             if !ty.is_string() {
-                return Err(("op", format!("`{}` needs a string field, and `{}` is not one", op_name(op), doc.field), None));
+                return Err((
+                    "op",
+                    format!(
+                        "`{}` needs a string field, and `{}` is not one",
+                        op_name(op),
+                        doc.field
+                    ),
+                    None,
+                ));
             }
             let needles = strings(value, op)?;
             let start = op == Op::StartsWith;
@@ -160,10 +238,21 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
         }
         Op::Matches => {
             if !ty.is_string() {
-                return Err(("op", format!("`matches` needs a string field, and `{}` is not one", doc.field), None));
+                return Err((
+                    "op",
+                    format!(
+                        "`matches` needs a string field, and `{}` is not one",
+                        doc.field
+                    ),
+                    None,
+                ));
             }
             let Some(Value::String(p)) = value else {
-                return Err(("value", String::from("`matches` needs a regular expression string"), None));
+                return Err((
+                    "value",
+                    String::from("`matches` needs a regular expression string"),
+                    None,
+                ));
             };
             Test::Matches(build_regex(p, ic)?)
         }
@@ -171,12 +260,20 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
             negate = match value {
                 None | Some(Value::Bool(true)) => false,
                 Some(Value::Bool(false)) => true,
-                Some(_) => return Err(("value", String::from("`exists` takes true or false"), None)),
+                Some(_) => {
+                    return Err(("value", String::from("`exists` takes true or false"), None))
+                }
             };
             Test::Exists
         }
     };
-    Ok(Cond::Leaf(Leaf { field, test, negate, strict: false, ignore_case: ic }))
+    Ok(Cond::Leaf(Leaf {
+        field,
+        test,
+        negate,
+        strict: false,
+        ignore_case: ic,
+    }))
 }
 
 fn op_name(op: Op) -> String {
@@ -201,25 +298,43 @@ fn scalar(v: Option<&Value>, ty: FieldType, field: &str) -> Result<Lit, LeafErro
             return Err((
                 "value",
                 String::from("comparing with null is always false"),
-                Some(String::from("test presence with `op: exists` (or `value: false` for absence)")),
+                Some(String::from(
+                    "test presence with `op: exists` (or `value: false` for absence)",
+                )),
             ))
         }
         Some(Value::Bool(b)) => Lit::Bool(*b),
         Some(Value::Number(n)) => number(n),
         Some(Value::String(s)) => Lit::Str(s.clone()),
-        Some(_) => return Err(("value", String::from("expected a string, number or bool"), None)),
+        Some(_) => {
+            return Err((
+                "value",
+                String::from("expected a string, number or bool"),
+                None,
+            ))
+        }
     };
     let ok = match (&lit, ty) {
         (_, FieldType::Dynamic) => !matches!(lit, Lit::Bool(_)),
         (Lit::Str(_), t) => matches!(t, FieldType::Str | FieldType::OptStr),
-        (Lit::Int(_) | Lit::Float(_), t) => matches!(t, FieldType::Int | FieldType::OptInt | FieldType::OptFloat),
+        (Lit::Int(_) | Lit::Float(_), t) => {
+            matches!(t, FieldType::Int | FieldType::OptInt | FieldType::OptFloat)
+        }
         (Lit::Bool(_), t) => t == FieldType::Bool,
         (Lit::Null, _) => false,
     };
     if ok {
         Ok(lit)
     } else {
-        Err(("value", format!("`{field}` is {}, but the value is {}", type_word(ty), lit_word(&lit)), None))
+        Err((
+            "value",
+            format!(
+                "`{field}` is {}, but the value is {}",
+                type_word(ty),
+                lit_word(&lit)
+            ),
+            None,
+        ))
     }
 }
 
@@ -246,7 +361,13 @@ fn lit_word(l: &Lit) -> &'static str {
 }
 
 fn strings(v: Option<&Value>, op: Op) -> Result<Vec<String>, LeafError> {
-    let bad = || ("value", format!("`{}` takes a string or a list of strings", op_name(op)), None);
+    let bad = || {
+        (
+            "value",
+            format!("`{}` takes a string or a list of strings", op_name(op)),
+            None,
+        )
+    };
     match v {
         Some(Value::String(s)) => Ok(alloc::vec![s.clone()]),
         Some(Value::Array(items)) if !items.is_empty() => items

@@ -90,7 +90,12 @@ enum Outcome {
 impl PolicySet {
     /// Evaluates one request. Never panics and never fails: condition errors follow each rule's
     /// `onError` and are reported in `metadata.errors`.
-    pub fn evaluate(&self, ctx: &RequestContext, opts: &EvalOptions<'_>, hooks: &mut dyn Hooks) -> Decision {
+    pub fn evaluate(
+        &self,
+        ctx: &RequestContext,
+        opts: &EvalOptions<'_>,
+        hooks: &mut dyn Hooks,
+    ) -> Decision {
         #[cfg(feature = "std")]
         let start = std::time::Instant::now();
         let mut d = self.decide(ctx, opts, hooks);
@@ -105,7 +110,12 @@ impl PolicySet {
         d
     }
 
-    fn decide(&self, ctx: &RequestContext, opts: &EvalOptions<'_>, hooks: &mut dyn Hooks) -> Decision {
+    fn decide(
+        &self,
+        ctx: &RequestContext,
+        opts: &EvalOptions<'_>,
+        hooks: &mut dyn Hooks,
+    ) -> Decision {
         let inner = &self.0;
         let mut tags: Vec<String> = opts.tags.to_vec();
         tags.sort();
@@ -113,9 +123,15 @@ impl PolicySet {
         let Some(ns) = inner.namespaces.get(ctx.namespace.as_str()) else {
             return Decision {
                 decision: Verdict::Deny,
-                reason: format!("no policy for namespace `{}`: denied by default", ctx.namespace),
+                reason: format!(
+                    "no policy for namespace `{}`: denied by default",
+                    ctx.namespace
+                ),
                 matched_rules: Vec::new(),
-                actions: Actions { status: Some(403), ..Actions::default() },
+                actions: Actions {
+                    status: Some(403),
+                    ..Actions::default()
+                },
                 metadata: DecisionMetadata {
                     namespace: ctx.namespace.clone(),
                     bundle: inner.bundle.clone(),
@@ -146,7 +162,9 @@ impl PolicySet {
         let explain = opts.explain;
 
         for &i in &candidates {
-            let Some(rule) = ns.rules.get(i as usize) else { continue };
+            let Some(rule) = ns.rules.get(i as usize) else {
+                continue;
+            };
             if let Some(mask) = &selected {
                 if !bit(mask, i as usize) {
                     if explain {
@@ -165,7 +183,11 @@ impl PolicySet {
                 Outcome::UnderLimit => ("under_limit", None),
             };
             if explain {
-                let label = if matches!(outcome, Outcome::Matched) && rule.action.limit.is_some() { "over_limit" } else { label };
+                let label = if matches!(outcome, Outcome::Matched) && rule.action.limit.is_some() {
+                    "over_limit"
+                } else {
+                    label
+                };
                 trace.push(rt(rule, label, detail));
             }
             match outcome {
@@ -176,7 +198,10 @@ impl PolicySet {
                     reason: rule.action.reason.clone(),
                 }),
                 Outcome::Error(e) => {
-                    errors.push(RuleError { rule: rule.id.clone(), message: e.clone() });
+                    errors.push(RuleError {
+                        rule: rule.id.clone(),
+                        message: e.clone(),
+                    });
                     if rule.on_error == OnError::Deny && !rule.shadow {
                         hits.push(Hit {
                             rule,
@@ -191,7 +216,13 @@ impl PolicySet {
         }
         if explain {
             for (id, prio) in &ns.disabled {
-                trace.push(RuleTrace { rule: id.clone(), priority: *prio, outcome: "disabled".into(), shadow: false, detail: None });
+                trace.push(RuleTrace {
+                    rule: id.clone(),
+                    priority: *prio,
+                    outcome: "disabled".into(),
+                    shadow: false,
+                    detail: None,
+                });
             }
         }
 
@@ -216,12 +247,17 @@ impl PolicySet {
                 matched_rules.push(h.rule.id.clone());
             }
             for (k, v) in &h.rule.action.headers {
-                actions.headers.entry(k.clone()).or_insert_with(|| v.clone());
+                actions
+                    .headers
+                    .entry(k.clone())
+                    .or_insert_with(|| v.clone());
             }
             actions.audit |= h.rule.action.audit;
             actions.alert = actions.alert.max(h.rule.action.alert);
         }
-        let (verdict, reason, policy, version, deciding_rule) = match decider.and_then(|i| hits.get(i)) {
+        let (verdict, reason, policy, version, deciding_rule) = match decider
+            .and_then(|i| hits.get(i))
+        {
             Some(h) => {
                 let info = ns.policies.get(h.rule.policy);
                 let reason = if h.reason.is_empty() {
@@ -268,7 +304,10 @@ impl PolicySet {
             decision: verdict,
             reason,
             matched_rules,
-            actions: Actions { counters: charges, ..actions },
+            actions: Actions {
+                counters: charges,
+                ..actions
+            },
             metadata: DecisionMetadata {
                 namespace: ns.name.clone(),
                 policy,
@@ -309,7 +348,9 @@ impl PolicySet {
             Err(e) => Outcome::Error(e),
             Ok(false) => Outcome::NotMatched,
             Ok(true) => {
-                let Some(limit) = &rule.action.limit else { return Outcome::Matched };
+                let Some(limit) = &rule.action.limit else {
+                    return Outcome::Matched;
+                };
                 if rule.shadow {
                     return Outcome::Matched;
                 }
@@ -323,7 +364,9 @@ impl PolicySet {
                     amount: match limit.kind {
                         CounterKind::Requests => 1.0,
                         CounterKind::Tokens => {
-                            (ctx.request.estimated_tokens + ctx.request.max_tokens.unwrap_or(0).max(0)) as f64
+                            (ctx.request.estimated_tokens
+                                + ctx.request.max_tokens.unwrap_or(0).max(0))
+                                as f64
                         }
                         CounterKind::Usd => 0.0,
                     },
@@ -343,11 +386,18 @@ impl PolicySet {
 }
 
 fn rt(rule: &CompiledRule, outcome: &str, detail: Option<String>) -> RuleTrace {
-    RuleTrace { rule: rule.id.clone(), priority: rule.priority, outcome: outcome.to_string(), shadow: rule.shadow, detail }
+    RuleTrace {
+        rule: rule.id.clone(),
+        priority: rule.priority,
+        outcome: outcome.to_string(),
+        shadow: rule.shadow,
+        detail,
+    }
 }
 
 fn bit(mask: &[u64], i: usize) -> bool {
-    mask.get(i / 64).is_some_and(|w| w & (1u64 << (i % 64)) != 0)
+    mask.get(i / 64)
+        .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
 }
 
 /// Union of the requested tags' bitsets; `None` when no tags were requested.

@@ -35,7 +35,9 @@ pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provid
     };
     if has_header("anthropic-version") {
         provider = Provider::Anthropic;
-    } else if provider == Provider::Unknown && (p.starts_with("/openai/") || has_header("openai-organization")) {
+    } else if provider == Provider::Unknown
+        && (p.starts_with("/openai/") || has_header("openai-organization"))
+    {
         provider = Provider::Openai;
     }
     (provider, api)
@@ -49,7 +51,11 @@ pub(crate) fn azure_deployment(path: &str) -> Option<String> {
 }
 
 /// Fills the body-derived fields of `request`.
-pub(crate) fn body(bytes: &[u8], request: &mut RequestInfo, needs: Needs) -> Result<(), ContextError> {
+pub(crate) fn body(
+    bytes: &[u8],
+    request: &mut RequestInfo,
+    needs: Needs,
+) -> Result<(), ContextError> {
     let trimmed = trim_ascii(bytes);
     if trimmed.is_empty() {
         return Ok(());
@@ -69,12 +75,22 @@ pub(crate) fn body(bytes: &[u8], request: &mut RequestInfo, needs: Needs) -> Res
 }
 
 fn trim_ascii(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     b.get(start..end).unwrap_or_default()
 }
 
-fn fill<S: Sink>(bytes: &[u8], request: &mut RequestInfo, needs: Needs) -> Result<(), ContextError> {
+fn fill<S: Sink>(
+    bytes: &[u8],
+    request: &mut RequestInfo,
+    needs: Needs,
+) -> Result<(), ContextError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
     let parsed: Body<'_, S> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
@@ -88,7 +104,8 @@ fn fill<S: Sink>(bytes: &[u8], request: &mut RequestInfo, needs: Needs) -> Resul
             ContextError::InvalidBody(inner.to_string())
         }
     })?;
-    de.end().map_err(|e| ContextError::InvalidBody(e.to_string()))?;
+    de.end()
+        .map_err(|e| ContextError::InvalidBody(e.to_string()))?;
 
     request.model = parsed.model.map(Cow::into_owned);
     request.stream = parsed.stream.unwrap_or(false);
@@ -122,7 +139,12 @@ fn fill<S: Sink>(bytes: &[u8], request: &mut RequestInfo, needs: Needs) -> Resul
             });
         }
     }
-    for item in parsed.messages.into_iter().flatten().chain(parsed.input.into_iter().flat_map(|i| i.0)) {
+    for item in parsed
+        .messages
+        .into_iter()
+        .flatten()
+        .chain(parsed.input.into_iter().flat_map(|i| i.0))
+    {
         if let Some(m) = item.0 {
             messages.push(m);
         }
@@ -371,7 +393,8 @@ impl<'de, S: Sink> Visitor<'de> for ItemVisitor<S> {
         Ok(Item::text("user", v.to_string()))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<S>, A::Error> {
-        let f: ItemFields<'_, S> = Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        let f: ItemFields<'_, S> =
+            Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
         let role = match (&f.role, f.kind.as_deref()) {
             (Some(r), _) => r.as_ref(),
             (None, Some("function_call_output")) => "tool",

@@ -24,14 +24,26 @@ pub(crate) struct RuleIndex {
 fn indexable(f: &FieldRef) -> bool {
     matches!(
         f,
-        FieldRef::Model | FieldRef::Path | FieldRef::Api | FieldRef::Provider | FieldRef::Method | FieldRef::Host | FieldRef::Principal(_)
+        FieldRef::Model
+            | FieldRef::Path
+            | FieldRef::Api
+            | FieldRef::Provider
+            | FieldRef::Method
+            | FieldRef::Host
+            | FieldRef::Principal(_)
     )
 }
 
 /// The literal values a condition requires of one field, if it requires any.
 fn required(c: &Cond) -> Option<(FieldRef, Vec<String>)> {
     match c {
-        Cond::Leaf(Leaf { field, test, negate: false, ignore_case: false, .. }) if indexable(field) => {
+        Cond::Leaf(Leaf {
+            field,
+            test,
+            negate: false,
+            ignore_case: false,
+            ..
+        }) if indexable(field) => {
             let lits: &[Lit] = match test {
                 Test::Eq(l) => core::slice::from_ref(l),
                 Test::In(ls) => ls,
@@ -76,7 +88,11 @@ impl RuleIndex {
         let mut idx = RuleIndex::default();
         for (i, r) in rules.iter().enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            let key = if r.plugin.is_some() { None } else { required(r.index_hint.as_ref().unwrap_or(&r.cond)) };
+            let key = if r.plugin.is_some() {
+                None
+            } else {
+                required(r.index_hint.as_ref().unwrap_or(&r.cond))
+            };
             match key {
                 Some((field, values)) => {
                     let slot = match idx.keyed.iter().position(|(f, _)| *f == field) {

@@ -87,7 +87,10 @@ pub enum FieldType {
 impl FieldType {
     /// Whether string operators apply.
     pub fn is_string(self) -> bool {
-        matches!(self, FieldType::Str | FieldType::OptStr | FieldType::Dynamic)
+        matches!(
+            self,
+            FieldType::Str | FieldType::OptStr | FieldType::Dynamic
+        )
     }
     /// Whether ordering operators apply.
     pub fn is_numeric(self) -> bool {
@@ -151,7 +154,11 @@ const REQUEST_FIELDS: &[(&str, FieldRef, FieldType)] = &[
     ("user", FieldRef::User, FieldType::OptStr),
     ("messages", FieldRef::Messages, FieldType::Messages),
     ("prompt", FieldRef::Prompt, FieldType::Str),
-    ("estimated_tokens", FieldRef::EstimatedTokens, FieldType::Int),
+    (
+        "estimated_tokens",
+        FieldRef::EstimatedTokens,
+        FieldType::Int,
+    ),
     ("tools", FieldRef::Tools, FieldType::StrList),
     ("body_bytes", FieldRef::BodyBytes, FieldType::Int),
 ];
@@ -222,7 +229,10 @@ impl FieldRef {
                     suggestion: None,
                 });
             }
-            return Ok((FieldRef::Header(name.to_ascii_lowercase()), FieldType::OptStr));
+            return Ok((
+                FieldRef::Header(name.to_ascii_lowercase()),
+                FieldType::OptStr,
+            ));
         }
         let (root, member) = match path.split_once('.') {
             Some((r, m)) => (r, Some(m)),
@@ -261,7 +271,11 @@ impl FieldRef {
     }
 }
 
-fn unknown<'a>(root: &str, member: &str, candidates: impl Iterator<Item = &'a str>) -> UnknownField {
+fn unknown<'a>(
+    root: &str,
+    member: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> UnknownField {
     let options: Vec<&str> = candidates.collect();
     UnknownField {
         message: format!("`{root}.{member}` is not a field of the request context"),
@@ -288,15 +302,23 @@ mod tests {
     use super::*;
 
     fn attrs() -> Vec<String> {
-        ["id", "tier", "team"].iter().map(|s| s.to_string()).collect()
+        ["id", "tier", "team"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
     }
 
     #[test]
     fn resolves_known_paths() {
         let a = attrs();
-        assert_eq!(FieldRef::parse_path("request.model", &a).unwrap().0, FieldRef::Model);
         assert_eq!(
-            FieldRef::parse_path("request.headers.X-Api-Key", &a).unwrap().0,
+            FieldRef::parse_path("request.model", &a).unwrap().0,
+            FieldRef::Model
+        );
+        assert_eq!(
+            FieldRef::parse_path("request.headers.X-Api-Key", &a)
+                .unwrap()
+                .0,
             FieldRef::Header("x-api-key".into())
         );
         assert_eq!(

@@ -20,8 +20,10 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
     let mut parser = Parser::new_from_str(text);
     if let Err(e) = parser.load(&mut builder, true) {
         let m = e.marker();
-        return Err(Diagnostic::error("syntax", format!("invalid YAML/JSON: {}", e.info()))
-            .at(file, Some(position(m))));
+        return Err(
+            Diagnostic::error("syntax", format!("invalid YAML/JSON: {}", e.info()))
+                .at(file, Some(position(m))),
+        );
     }
     if let Some((msg, pos)) = builder.error.take() {
         return Err(Diagnostic::error("syntax", msg).at(file, Some(pos)));
@@ -54,13 +56,17 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     let mut stack = vec![path.to_path_buf()];
     while let Some(dir) = stack.pop() {
         let entries = std::fs::read_dir(&dir).map_err(|e| {
-            Diagnostic::error("io", format!("cannot read directory: {e}")).at(&dir.display().to_string(), None)
+            Diagnostic::error("io", format!("cannot read directory: {e}"))
+                .at(&dir.display().to_string(), None)
         })?;
         for entry in entries.flatten() {
             let p = entry.path();
             if p.is_dir() {
                 stack.push(p);
-            } else if matches!(p.extension().and_then(|e| e.to_str()), Some("yaml" | "yml" | "json")) {
+            } else if matches!(
+                p.extension().and_then(|e| e.to_str()),
+                Some("yaml" | "yml" | "json")
+            ) {
                 out.push(p);
             }
         }
@@ -79,7 +85,8 @@ pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagn
             Ok(files) => {
                 for f in files {
                     match load_file(&f) {
-                        Ok(d) => docs.extend(d.into_iter().filter(|d| d.kind() != Some(KIND_POLICY_TEST))),
+                        Ok(d) => docs
+                            .extend(d.into_iter().filter(|d| d.kind() != Some(KIND_POLICY_TEST))),
                         Err(e) => errors.push(e),
                     }
                 }
@@ -102,8 +109,17 @@ fn position(m: &Marker) -> Position {
 }
 
 enum Frame {
-    Map { map: Map<String, Value>, key: Option<String>, ptr: String, anchor: usize },
-    Seq { items: Vec<Value>, ptr: String, anchor: usize },
+    Map {
+        map: Map<String, Value>,
+        key: Option<String>,
+        ptr: String,
+        anchor: usize,
+    },
+    Seq {
+        items: Vec<Value>,
+        ptr: String,
+        anchor: usize,
+    },
 }
 
 /// Builds JSON values and a pointer → position map from parser events.
@@ -123,7 +139,9 @@ impl Builder {
         match self.stack.last() {
             None => Some(String::new()),
             Some(Frame::Map { key: None, .. }) => None,
-            Some(Frame::Map { key: Some(k), ptr, .. }) => Some(format!("{ptr}/{}", escape_segment(k))),
+            Some(Frame::Map {
+                key: Some(k), ptr, ..
+            }) => Some(format!("{ptr}/{}", escape_segment(k))),
             Some(Frame::Seq { items, ptr, .. }) => Some(format!("{ptr}/{}", items.len())),
         }
     }
@@ -160,7 +178,9 @@ fn scalar_value(s: &str, style: TScalarStyle, tagged_str: bool) -> Result<Value,
         Yaml::Integer(i) => Value::Number(i.into()),
         Yaml::Real(r) => {
             let f: f64 = r.parse().map_err(|_| format!("invalid number `{r}`"))?;
-            Number::from_f64(f).map(Value::Number).ok_or_else(|| format!("`{r}` is not a finite number"))?
+            Number::from_f64(f)
+                .map(Value::Number)
+                .ok_or_else(|| format!("`{r}` is not a finite number"))?
         }
         Yaml::Boolean(b) => Value::Bool(b),
         Yaml::Null => Value::Null,
@@ -192,7 +212,8 @@ impl MarkedEventReceiver for Builder {
                     None => {
                         // A map key.
                         if let Some(Frame::Map { key, ptr, .. }) = self.stack.last_mut() {
-                            self.spans.insert(format!("{ptr}/{}", escape_segment(&s)), position(&mark));
+                            self.spans
+                                .insert(format!("{ptr}/{}", escape_segment(&s)), position(&mark));
                             *key = Some(s);
                         }
                     }
@@ -222,14 +243,27 @@ impl MarkedEventReceiver for Builder {
                 };
                 self.spans.entry(ptr.clone()).or_insert(position(&mark));
                 self.stack.push(if matches!(ev, Event::SequenceStart(..)) {
-                    Frame::Seq { items: Vec::new(), ptr, anchor }
+                    Frame::Seq {
+                        items: Vec::new(),
+                        ptr,
+                        anchor,
+                    }
                 } else {
-                    Frame::Map { map: Map::new(), key: None, ptr, anchor }
+                    Frame::Map {
+                        map: Map::new(),
+                        key: None,
+                        ptr,
+                        anchor,
+                    }
                 });
             }
             Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(Frame::Seq { items, anchor, .. }) => self.push_value(Value::Array(items), anchor, mark),
-                Some(Frame::Map { map, anchor, .. }) => self.push_value(Value::Object(map), anchor, mark),
+                Some(Frame::Seq { items, anchor, .. }) => {
+                    self.push_value(Value::Array(items), anchor, mark)
+                }
+                Some(Frame::Map { map, anchor, .. }) => {
+                    self.push_value(Value::Object(map), anchor, mark)
+                }
                 None => {}
             },
             Event::StreamStart | Event::StreamEnd | Event::Nothing => {}

@@ -3,7 +3,10 @@
 use alloc::vec::Vec;
 
 /// The candidate closest to `word` by edit distance, if it is close enough to be a likely typo.
-pub(crate) fn closest<'a>(word: &str, candidates: impl Iterator<Item = &'a str>) -> Option<&'a str> {
+pub(crate) fn closest<'a>(
+    word: &str,
+    candidates: impl Iterator<Item = &'a str>,
+) -> Option<&'a str> {
     let limit = core::cmp::max(2, word.chars().count() / 3);
     candidates
         .map(|c| (distance(word, c), c))
@@ -42,7 +45,10 @@ mod tests {
 
     #[test]
     fn finds_typos() {
-        assert_eq!(closest("modle", ["model", "path"].into_iter()), Some("model"));
+        assert_eq!(
+            closest("modle", ["model", "path"].into_iter()),
+            Some("model")
+        );
         assert_eq!(closest("zzzzzz", ["model", "path"].into_iter()), None);
     }
 }

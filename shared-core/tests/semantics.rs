@@ -37,7 +37,10 @@ fn ties_resolve_deny_over_throttle_and_actions_merge() {
     assert_eq!(d.matched_rules, vec!["deny-gpt4o", "throttle-gpt4o"]);
     assert_eq!(d.actions.status, Some(403));
     // The deciding (first) rule's header wins a clash; others merge.
-    assert_eq!(d.actions.headers.get("x-a").map(String::as_str), Some("deny"));
+    assert_eq!(
+        d.actions.headers.get("x-a").map(String::as_str),
+        Some("deny")
+    );
     assert_eq!(d.actions.headers.get("x-b").map(String::as_str), Some("t"));
     assert!(d.actions.audit);
     assert_eq!(d.actions.alert, Some(Alert::High));
@@ -49,9 +52,15 @@ fn ties_resolve_deny_over_throttle_and_actions_merge() {
 #[test]
 fn higher_priority_allow_beats_lower_deny() {
     let set = compile(&policy("deny", RULES)).unwrap();
-    let d = eval(&set, &ctx(&[("x-user-tier", "pro")], r#"{"model":"gpt-4o"}"#));
+    let d = eval(
+        &set,
+        &ctx(&[("x-user-tier", "pro")], r#"{"model":"gpt-4o"}"#),
+    );
     assert_eq!(d.decision, Verdict::Allow);
-    assert_eq!(d.matched_rules, vec!["allow-pro", "deny-gpt4o", "throttle-gpt4o"]);
+    assert_eq!(
+        d.matched_rules,
+        vec!["allow-pro", "deny-gpt4o", "throttle-gpt4o"]
+    );
     assert_eq!(d.actions.status, None);
     assert_eq!(d.reason, "pro users");
 }
@@ -98,7 +107,10 @@ fn runtime_errors_follow_on_error() {
     let errored: Vec<&str> = d.metadata.errors.iter().map(|e| e.rule.as_str()).collect();
     assert_eq!(errored, vec!["lenient", "strict"]);
     // With values present, no errors.
-    let d = eval(&set, &ctx(&[("x-team", "b")], r#"{"model":"m","temperature":1.5}"#));
+    let d = eval(
+        &set,
+        &ctx(&[("x-team", "b")], r#"{"model":"m","temperature":1.5}"#),
+    );
     assert_eq!(d.decision, Verdict::Allow);
     assert!(d.metadata.errors.is_empty());
 }
@@ -117,13 +129,19 @@ fn dsl_null_comparisons_are_false_and_exists_tests_presence() {
     let set = compile(&policy("allow", rules)).unwrap();
     let d = eval(&set, &ctx(&[], "{}"));
     assert_eq!(d.matched_rules, vec!["no-user"]);
-    let d = eval(&set, &ctx(&[("x-user-tier", "pro"), ("x-user-id", "u")], "{}"));
+    let d = eval(
+        &set,
+        &ctx(&[("x-user-tier", "pro"), ("x-user-id", "u")], "{}"),
+    );
     assert_eq!(d.matched_rules, vec!["ne-free"]);
 }
 
 #[test]
 fn namespaces_are_separate_and_unknown_namespace_is_denied() {
-    let a = policy("allow", "    - {id: r, when: {cel: 'true'}, action: {decision: deny}}\n");
+    let a = policy(
+        "allow",
+        "    - {id: r, when: {cel: 'true'}, action: {decision: deny}}\n",
+    );
     let b = "---\napiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: other, namespace: team-b}\nspec: {defaultDecision: allow, rules: []}\n";
     let set = compile(&format!("{a}{b}")).unwrap();
     assert_eq!(set.namespaces(), vec!["default", "team-b"]);
@@ -137,7 +155,10 @@ fn namespaces_are_separate_and_unknown_namespace_is_denied() {
 
 #[test]
 fn any_deny_default_in_a_namespace_makes_the_default_deny() {
-    let a = policy("allow", "    - {id: r, when: {cel: 'false'}, action: {decision: deny}}\n");
+    let a = policy(
+        "allow",
+        "    - {id: r, when: {cel: 'false'}, action: {decision: deny}}\n",
+    );
     let b = "---\napiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: strict}\nspec: {defaultDecision: deny, rules: []}\n";
     let set = compile(&format!("{a}{b}")).unwrap();
     let d = eval(&set, &ctx(&[], "{}"));
@@ -154,14 +175,39 @@ fn tags_select_rules() {
     let set = compile(&policy("allow", rules)).unwrap();
     let c = ctx(&[], "{}");
     let y = vec!["y".to_string()];
-    let d = set.evaluate(&c, &EvalOptions { tags: &y, explain: false }, &mut LocalOnly);
+    let d = set.evaluate(
+        &c,
+        &EvalOptions {
+            tags: &y,
+            explain: false,
+        },
+        &mut LocalOnly,
+    );
     assert_eq!(d.matched_rules, vec!["b"]);
     let none = vec!["zzz".to_string()];
-    let d = set.evaluate(&c, &EvalOptions { tags: &none, explain: false }, &mut LocalOnly);
+    let d = set.evaluate(
+        &c,
+        &EvalOptions {
+            tags: &none,
+            explain: false,
+        },
+        &mut LocalOnly,
+    );
     assert!(d.matched_rules.is_empty());
     assert_ne!(
-        set.evaluate(&c, &EvalOptions { tags: &y, explain: false }, &mut LocalOnly).metadata.cache_key,
-        set.evaluate(&c, &EvalOptions::default(), &mut LocalOnly).metadata.cache_key
+        set.evaluate(
+            &c,
+            &EvalOptions {
+                tags: &y,
+                explain: false
+            },
+            &mut LocalOnly
+        )
+        .metadata
+        .cache_key,
+        set.evaluate(&c, &EvalOptions::default(), &mut LocalOnly)
+            .metadata
+            .cache_key
     );
 }
 
@@ -172,7 +218,12 @@ struct Fake {
 }
 
 impl Hooks for Fake {
-    fn plugin(&mut self, _: &str, _: &llm_policy_core::model::PluginRef, _: &llm_policy_core::RequestContext) -> PluginCheck {
+    fn plugin(
+        &mut self,
+        _: &str,
+        _: &llm_policy_core::model::PluginRef,
+        _: &llm_policy_core::RequestContext,
+    ) -> PluginCheck {
         self.plugin.clone()
     }
     fn counter(&mut self, c: &llm_policy_core::decision::Charge) -> CounterCheck {
@@ -203,7 +254,11 @@ const LIMITS: &str = r#"
 fn rate_limits_apply_only_over_the_limit_and_report_charges() {
     let set = compile(&policy("allow", LIMITS)).unwrap();
     let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
-    let mut under = Fake { over: false, plugin: PluginCheck::Matched(false), charged: vec![] };
+    let mut under = Fake {
+        over: false,
+        plugin: PluginCheck::Matched(false),
+        charged: vec![],
+    };
     let d = set.evaluate(&c, &EvalOptions::default(), &mut under);
     assert_eq!(d.decision, Verdict::Allow);
     assert_eq!(under.charged, vec!["default/per-user/u1:gpt-4o"]);
@@ -211,7 +266,11 @@ fn rate_limits_apply_only_over_the_limit_and_report_charges() {
     assert_eq!(d.actions.counters[0].window_secs, 60);
     assert!(!d.metadata.needs_remote);
     assert!(!d.metadata.cacheable);
-    let mut over = Fake { over: true, plugin: PluginCheck::Matched(false), charged: vec![] };
+    let mut over = Fake {
+        over: true,
+        plugin: PluginCheck::Matched(false),
+        charged: vec![],
+    };
     let d = set.evaluate(&c, &EvalOptions::default(), &mut over);
     assert_eq!(d.decision, Verdict::Throttle);
     assert_eq!(d.actions.status, Some(429));
@@ -225,12 +284,20 @@ fn plugins_and_global_limits_need_the_server_locally() {
     assert!(d.metadata.needs_remote);
     assert_eq!(d.metadata.remote_rules, vec!["pii", "per-user"]);
     // With plugins available, a plugin match decides.
-    let mut hooks = Fake { over: false, plugin: PluginCheck::Matched(true), charged: vec![] };
+    let mut hooks = Fake {
+        over: false,
+        plugin: PluginCheck::Matched(true),
+        charged: vec![],
+    };
     let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
     assert_eq!(d.decision, Verdict::Deny);
     assert_eq!(d.reason, "pii");
     // A failing plugin fails closed by default.
-    let mut hooks = Fake { over: false, plugin: PluginCheck::Error("timeout".into()), charged: vec![] };
+    let mut hooks = Fake {
+        over: false,
+        plugin: PluginCheck::Error("timeout".into()),
+        charged: vec![],
+    };
     let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
     assert_eq!(d.decision, Verdict::Deny);
     assert_eq!(d.metadata.errors[0].message, "timeout");
@@ -244,15 +311,32 @@ fn cache_key_depends_only_on_fields_the_rules_read() {
       action: { decision: deny }
 "#;
     let set = compile(&policy("allow", rules)).unwrap();
-    let a = eval(&set, &ctx(&[("x-user-id", "1")], r#"{"model":"gpt-4o","messages":[{"role":"user","content":"a"}]}"#));
-    let b = eval(&set, &ctx(&[("x-user-id", "2")], r#"{"model":"gpt-4o","messages":[{"role":"user","content":"b"}]}"#));
+    let a = eval(
+        &set,
+        &ctx(
+            &[("x-user-id", "1")],
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"a"}]}"#,
+        ),
+    );
+    let b = eval(
+        &set,
+        &ctx(
+            &[("x-user-id", "2")],
+            r#"{"model":"gpt-4o","messages":[{"role":"user","content":"b"}]}"#,
+        ),
+    );
     let c = eval(&set, &ctx(&[], r#"{"model":"gpt-4o-mini"}"#));
     assert!(a.metadata.cacheable);
     assert_eq!(a.metadata.cache_key, b.metadata.cache_key);
     assert_ne!(a.metadata.cache_key, c.metadata.cache_key);
     // A different bundle gives different keys.
     let other = compile(&policy("deny", rules)).unwrap();
-    assert_ne!(eval(&other, &ctx(&[], r#"{"model":"gpt-4o"}"#)).metadata.cache_key, a.metadata.cache_key);
+    assert_ne!(
+        eval(&other, &ctx(&[], r#"{"model":"gpt-4o"}"#))
+            .metadata
+            .cache_key,
+        a.metadata.cache_key
+    );
 }
 
 #[test]
@@ -267,12 +351,25 @@ fn explain_reports_every_rule_and_decides_like_the_index() {
     let set = compile(&policy("allow", RULES)).unwrap();
     let c = ctx(&[("x-user-tier", "pro")], r#"{"model":"gpt-4o-mini"}"#);
     let fast = eval(&set, &c);
-    let explained = set.evaluate(&c, &EvalOptions { tags: &[], explain: true }, &mut LocalOnly);
+    let explained = set.evaluate(
+        &c,
+        &EvalOptions {
+            tags: &[],
+            explain: true,
+        },
+        &mut LocalOnly,
+    );
     assert_eq!(fast.decision, explained.decision);
     assert_eq!(fast.matched_rules, explained.matched_rules);
     let trace = explained.explain.unwrap();
     assert_eq!(trace.len(), 4);
-    let outcome = |id: &str| trace.iter().find(|t| t.rule == id).map(|t| t.outcome.clone()).unwrap();
+    let outcome = |id: &str| {
+        trace
+            .iter()
+            .find(|t| t.rule == id)
+            .map(|t| t.outcome.clone())
+            .unwrap()
+    };
     assert_eq!(outcome("allow-pro"), "matched");
     assert_eq!(outcome("deny-gpt4o"), "not_matched");
 }
@@ -282,7 +379,14 @@ fn decision_json_is_stable() {
     let set = compile(&policy("allow", RULES)).unwrap();
     let d = eval(&set, &ctx(&[], r#"{"model":"gpt-4o"}"#));
     let v = serde_json::to_value(&d).unwrap();
-    for key in ["decision", "reason", "matched_rules", "actions", "metadata", "evaluation_time_us"] {
+    for key in [
+        "decision",
+        "reason",
+        "matched_rules",
+        "actions",
+        "metadata",
+        "evaluation_time_us",
+    ] {
         assert!(v.get(key).is_some(), "{key}");
     }
     assert_eq!(v["decision"], "deny");

@@ -46,7 +46,10 @@ fn wrong_types_and_missing_fields() {
     let y = policy("allow", "    - id: a\n      when: { cel: 'true' }\n");
     let d = expect(&y, "missing-field", 8, Some("a"));
     assert!(d.message.contains("action"));
-    let y = policy("allow", "    - id: a\n      when: { cel: 'true' }\n      action: { decision: block }\n");
+    let y = policy(
+        "allow",
+        "    - id: a\n      when: { cel: 'true' }\n      action: { decision: block }\n",
+    );
     expect(&y, "invalid-type", 10, Some("a"));
 }
 
@@ -87,13 +90,34 @@ fn dsl_unknown_field_with_suggestion() {
 #[test]
 fn dsl_values_of_the_wrong_type() {
     for (leaf, what) in [
-        ("{ field: request.max_tokens, op: gt, value: lots }", "needs a number"),
-        ("{ field: request.model, op: eq, value: 5 }", "is a string, but the value is a number"),
-        ("{ field: request.stream, op: eq, value: 'yes' }", "is a bool, but the value is a string"),
-        ("{ field: request.model, op: in, value: gpt-4o }", "takes a list"),
-        ("{ field: request.model, op: gt, value: 3 }", "compares numbers"),
-        ("{ field: request.model, op: eq, value: null }", "always false"),
-        ("{ field: request.model, op: bigger, value: 1 }", "unknown variant"),
+        (
+            "{ field: request.max_tokens, op: gt, value: lots }",
+            "needs a number",
+        ),
+        (
+            "{ field: request.model, op: eq, value: 5 }",
+            "is a string, but the value is a number",
+        ),
+        (
+            "{ field: request.stream, op: eq, value: 'yes' }",
+            "is a bool, but the value is a string",
+        ),
+        (
+            "{ field: request.model, op: in, value: gpt-4o }",
+            "takes a list",
+        ),
+        (
+            "{ field: request.model, op: gt, value: 3 }",
+            "compares numbers",
+        ),
+        (
+            "{ field: request.model, op: eq, value: null }",
+            "always false",
+        ),
+        (
+            "{ field: request.model, op: bigger, value: 1 }",
+            "unknown variant",
+        ),
     ] {
         let y = policy("allow", &format!("    - id: a\n      when:\n        match: {leaf}\n      action: {{ decision: deny }}\n"));
         let all = errors(&y);
@@ -115,7 +139,10 @@ fn bad_regexes() {
 fn when_needs_exactly_one_condition() {
     let y = policy("allow", "    - id: a\n      when: { cel: 'true', match: { field: request.stream, op: exists } }\n      action: { decision: deny }\n");
     expect(&y, "invalid-condition", 9, Some("a"));
-    let y = policy("allow", "    - id: a\n      when: {}\n      action: { decision: deny }\n");
+    let y = policy(
+        "allow",
+        "    - id: a\n      when: {}\n      action: { decision: deny }\n",
+    );
     expect(&y, "invalid-condition", 9, Some("a"));
 }
 
@@ -148,10 +175,22 @@ fn shadowed_rules_are_warnings_only() {
 #[test]
 fn limits_and_actions_are_checked() {
     let cases = [
-        ("rateLimit: { key: '{principal.id}', per: minute }", "invalid-limit"),
-        ("rateLimit: { key: '{principal.idd}', requests: 5, per: minute }", "invalid-key"),
-        ("rateLimit: { key: '{request.messages}', requests: 5, per: minute }", "invalid-key"),
-        ("rateLimit: { key: '{principal.id}', requests: 5, per: fortnight }", "invalid-window"),
+        (
+            "rateLimit: { key: '{principal.id}', per: minute }",
+            "invalid-limit",
+        ),
+        (
+            "rateLimit: { key: '{principal.idd}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
+        (
+            "rateLimit: { key: '{request.messages}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
+        (
+            "rateLimit: { key: '{principal.id}', requests: 5, per: fortnight }",
+            "invalid-window",
+        ),
         ("budget: { key: team, usd: -3, per: day }", "invalid-limit"),
         ("status: 999", "invalid-status"),
         ("headers: { 'X Bad': v }", "invalid-header"),
@@ -159,7 +198,11 @@ fn limits_and_actions_are_checked() {
     for (extra, code) in cases {
         let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: throttle, {extra} }}\n"));
         let all = errors(&y);
-        assert!(all.iter().any(|d| d.code == code && d.rule.as_deref() == Some("a") && d.position.is_some()), "{extra}: {all:#?}");
+        assert!(
+            all.iter()
+                .any(|d| d.code == code && d.rule.as_deref() == Some("a") && d.position.is_some()),
+            "{extra}: {all:#?}"
+        );
     }
 }
 
@@ -187,7 +230,12 @@ fn yaml_syntax_errors_have_positions() {
 #[test]
 fn deep_cel_nesting_is_rejected_not_a_crash() {
     let deep = format!("{}request.stream{}", "(".repeat(1_000), ")".repeat(1_000));
-    let y = policy("allow", &format!("    - id: a\n      when: {{ cel: \"{deep}\" }}\n      action: {{ decision: deny }}\n"));
+    let y = policy(
+        "allow",
+        &format!(
+            "    - id: a\n      when: {{ cel: \"{deep}\" }}\n      action: {{ decision: deny }}\n"
+        ),
+    );
     expect(&y, "cel-too-deep", 9, Some("a"));
 }
 

@@ -3,7 +3,9 @@
 
 use llm_policy_core::decision::Decision;
 use llm_policy_core::source::parse_str;
-use llm_policy_core::{ContextConfig, Diagnostics, EvalOptions, LocalOnly, PolicySet, RequestContext, RequestInput};
+use llm_policy_core::{
+    ContextConfig, Diagnostics, EvalOptions, LocalOnly, PolicySet, RequestContext, RequestInput,
+};
 
 /// Compiles one YAML policy text.
 pub fn compile(yaml: &str) -> Result<PolicySet, Diagnostics> {
@@ -25,8 +27,17 @@ pub fn ctx(headers: &[(&str, &str)], body: &str) -> RequestContext {
 
 /// A context for a path.
 pub fn ctx_at(path: &str, headers: &[(&str, &str)], body: &str) -> RequestContext {
-    let headers: Vec<(String, String)> = headers.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
-    let input = RequestInput { method: "POST", path, headers: &headers, body: body.as_bytes(), now_unix: 1_795_516_288 };
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let input = RequestInput {
+        method: "POST",
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+        now_unix: 1_795_516_288,
+    };
     RequestContext::from_request(&input, &ContextConfig::default()).expect("valid request")
 }
 

@@ -1,0 +1,296 @@
+//! Context extraction from real request shapes: OpenAI Chat Completions, Completions, Embeddings,
+//! Responses; Anthropic Messages; unknown providers; and the errors a proxy turns into 4xx.
+
+mod common;
+
+use common::ctx_at;
+use llm_policy_core::context::{Api, Provider};
+use llm_policy_core::{ContextConfig, ContextError, RequestContext, RequestInput};
+
+fn try_ctx(
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<RequestContext, ContextError> {
+    let headers: Vec<(String, String)> = headers
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let input = RequestInput {
+        method: "post",
+        path,
+        headers: &headers,
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    RequestContext::from_request(&input, &ContextConfig::default())
+}
+
+#[test]
+fn openai_chat_with_parts_tools_and_options() {
+    let body = r#"{
+      "model": "gpt-4o",
+      "messages": [
+        {"role": "developer", "content": "Answer in French."},
+        {"role": "user", "content": [
+          {"type": "text", "text": "What is in this image?"},
+          {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}}
+        ]},
+        {"role": "assistant", "content": null, "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "lookup", "arguments": "{\"q\":\"x\"}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "lookup result"}
+      ],
+      "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+      "max_completion_tokens": 300, "temperature": 0.2, "stream": true,
+      "stream_options": {"include_usage": true}, "user": "end-user-9", "n": 1,
+      "response_format": {"type": "json_object"}
+    }"#;
+    let c = ctx_at(
+        "/v1/chat/completions?api-version=1",
+        &[("Host", "api.openai.com"), ("X-User-Tier", "pro")],
+        body,
+    );
+    let r = &c.request;
+    assert_eq!((r.provider, r.api), (Provider::Openai, Api::Chat));
+    assert_eq!(r.method, "POST");
+    assert_eq!(r.path, "/v1/chat/completions");
+    assert_eq!(r.host, "api.openai.com");
+    assert_eq!(r.model.as_deref(), Some("gpt-4o"));
+    assert_eq!(r.max_tokens, Some(300));
+    assert_eq!(r.temperature, Some(0.2));
+    assert!(r.stream);
+    assert_eq!(r.user.as_deref(), Some("end-user-9"));
+    assert_eq!(r.tools, vec!["lookup"]);
+    let roles: Vec<&str> = r.messages.iter().map(|m| m.role.as_str()).collect();
+    assert_eq!(roles, vec!["developer", "user", "assistant", "tool"]);
+    assert_eq!(r.messages[1].content, "What is in this image?");
+    assert_eq!(
+        r.prompt,
+        "Answer in French.\nWhat is in this image?\nlookup result"
+    );
+    assert_eq!(r.estimated_tokens, (r.prompt.len() as i64 + 3) / 4);
+    assert_eq!(c.principal("tier"), Some("pro"));
+    assert_eq!(c.header("x-user-tier"), Some("pro"));
+    assert_eq!(r.body_bytes, body.len() as i64);
+}
+
+#[test]
+fn anthropic_messages_with_system_blocks_and_tool_blocks() {
+    let body = r#"{
+      "model": "claude-sonnet-4-5", "max_tokens": 1024,
+      "system": [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}],
+      "metadata": {"user_id": "u-77"},
+      "tools": [{"name": "get_weather", "description": "w", "input_schema": {"type": "object"}}],
+      "messages": [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "get_weather", "input": {"city": "Paris"}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": [{"type": "text", "text": "18C"}]},
+                                      {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AAAA"}}]}
+      ]
+    }"#;
+    let c = ctx_at(
+        "/v1/messages",
+        &[("anthropic-version", "2023-06-01"), ("x-api-key", "k")],
+        body,
+    );
+    let r = &c.request;
+    assert_eq!((r.provider, r.api), (Provider::Anthropic, Api::Messages));
+    assert_eq!(r.max_tokens, Some(1024));
+    assert_eq!(r.user.as_deref(), Some("u-77"));
+    assert_eq!(r.tools, vec!["get_weather"]);
+    assert_eq!(r.messages[0].role, "system");
+    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\n18C");
+}
+
+#[test]
+fn anthropic_string_system() {
+    let c = ctx_at(
+        "/v1/messages",
+        &[],
+        r#"{"model":"claude-3-5-haiku-latest","max_tokens":5,"system":"Be kind.","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    assert_eq!(c.request.prompt, "Be kind.\nhi");
+}
+
+#[test]
+fn responses_api_input_forms() {
+    let c = ctx_at(
+        "/v1/responses",
+        &[],
+        r#"{"model":"gpt-4o","input":"Tell me a joke","instructions":"Be funny","max_output_tokens":50}"#,
+    );
+    assert_eq!(c.request.api, Api::Responses);
+    assert_eq!(c.request.max_tokens, Some(50));
+    assert_eq!(c.request.prompt, "Be funny\nTell me a joke");
+    let body = r#"{"model":"o3-mini","input":[
+        {"role":"user","content":[{"type":"input_text","text":"look"},{"type":"input_image","image_url":"https://x/y.png"}]},
+        {"type":"function_call","call_id":"c","name":"f","arguments":"{}"},
+        {"type":"function_call_output","call_id":"c","output":"tool says hi"},
+        {"type":"reasoning","id":"r","summary":[]}],
+      "tools":[{"type":"web_search_preview"},{"type":"function","name":"f","parameters":{}}]}"#;
+    let c = ctx_at("/v1/responses", &[], body);
+    assert_eq!(c.request.prompt, "look\ntool says hi");
+    assert_eq!(c.request.tools, vec!["web_search_preview", "f"]);
+    assert!(c
+        .request
+        .messages
+        .iter()
+        .any(|m| m.role == "tool" && m.content == "tool says hi"));
+}
+
+#[test]
+fn completions_and_embeddings() {
+    let c = ctx_at(
+        "/v1/completions",
+        &[],
+        r#"{"model":"gpt-3.5-turbo-instruct","prompt":["one","two"],"max_tokens":7}"#,
+    );
+    assert_eq!(
+        (c.request.api, c.request.max_tokens),
+        (Api::Completions, Some(7))
+    );
+    assert_eq!(c.request.prompt, "one\ntwo");
+    let c = ctx_at(
+        "/v1/embeddings",
+        &[],
+        r#"{"model":"text-embedding-3-small","input":"embed me"}"#,
+    );
+    assert_eq!(
+        (c.request.api, c.request.prompt.as_str()),
+        (Api::Embeddings, "embed me")
+    );
+    // Token-array inputs carry no text.
+    let c = ctx_at(
+        "/v1/embeddings",
+        &[],
+        r#"{"model":"text-embedding-3-small","input":[[1,2,3],[4]]}"#,
+    );
+    assert_eq!(c.request.prompt, "");
+}
+
+#[test]
+fn azure_and_unknown_providers() {
+    let c = ctx_at(
+        "/openai/deployments/gpt4o-prod/chat/completions",
+        &[],
+        r#"{"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(c.request.provider, Provider::Openai);
+    assert_eq!(c.request.model.as_deref(), Some("gpt4o-prod"));
+    let c = ctx_at(
+        "/api/generate",
+        &[],
+        r#"{"model":"llama3","prompt":"hello","stream":false}"#,
+    );
+    assert_eq!(
+        (c.request.provider, c.request.api),
+        (Provider::Unknown, Api::Other)
+    );
+    assert_eq!(c.request.model.as_deref(), Some("llama3"));
+    assert_eq!(c.request.prompt, "hello");
+}
+
+#[test]
+fn missing_headers_and_body_give_documented_defaults() {
+    let c = ctx_at("/v1/models", &[], "");
+    assert_eq!(c.namespace, "default");
+    assert_eq!(c.request.model, None);
+    assert!(!c.request.stream);
+    assert_eq!(c.request.max_tokens, None);
+    assert_eq!(c.request.prompt, "");
+    assert_eq!(c.principal("id"), None);
+    assert!(c.shield.is_empty());
+}
+
+#[test]
+fn shield_headers_become_scores() {
+    let c = ctx_at(
+        "/v1/chat/completions",
+        &[
+            ("x-llm-shield-pii-score", "0.93"),
+            ("x-llm-shield-verdict", "block"),
+        ],
+        "{}",
+    );
+    let s = serde_json::to_value(&c.shield).unwrap();
+    assert_eq!(
+        s,
+        serde_json::json!([["pii_score", 0.93], ["verdict", "block"]])
+    );
+}
+
+#[test]
+fn bad_bodies_are_clear_errors() {
+    let e = try_ctx("/v1/chat/completions", &[], "{\"model\": \"gpt-4o\",").unwrap_err();
+    assert!(matches!(e, ContextError::InvalidBody(_)));
+    assert_eq!(e.status(), 400);
+    let e = try_ctx("/v1/chat/completions", &[], "[1,2]").unwrap_err();
+    assert_eq!(
+        e,
+        ContextError::InvalidBody("the body must be a JSON object".into())
+    );
+    let e = try_ctx("/v1/chat/completions", &[], "hello").unwrap_err();
+    assert_eq!(e.code(), "invalid_body");
+    let e = try_ctx("/v1/chat/completions", &[], r#"{"model": 5}"#).unwrap_err();
+    assert!(
+        matches!(&e, ContextError::InvalidField { field, .. } if field == "model"),
+        "{e}"
+    );
+    let e = try_ctx(
+        "/v1/chat/completions",
+        &[],
+        r#"{"messages": [{"role": "user", "content": 5}], "max_tokens": "x"}"#,
+    )
+    .unwrap_err();
+    assert!(
+        matches!(&e, ContextError::InvalidField { field, .. } if field == "max_tokens"),
+        "{e}"
+    );
+    let e = try_ctx("/v1/chat/completions", &[], "{} trailing").unwrap_err();
+    assert_eq!(e.code(), "invalid_body");
+    let big = format!("{{\"model\":\"{}\"}}", "a".repeat(5 * 1024 * 1024));
+    let e = try_ctx("/v1/chat/completions", &[], &big).unwrap_err();
+    assert_eq!(e.status(), 413);
+}
+
+#[test]
+fn multipart_uploads_are_not_parsed() {
+    let c = try_ctx(
+        "/v1/audio/transcriptions",
+        &[("content-type", "multipart/form-data; boundary=x")],
+        "--x\r\n...",
+    )
+    .unwrap();
+    assert_eq!(c.request.body_bytes, 8);
+    assert_eq!(c.request.model, None);
+}
+
+#[test]
+fn deeply_nested_json_is_an_error_not_a_crash() {
+    // Valid but absurd: an item that is a deeply nested array is skipped like a token array.
+    let body = format!(
+        "{{\"messages\":{}{}}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    let c = try_ctx("/v1/chat/completions", &[], &body).unwrap();
+    assert!(c.request.messages.is_empty());
+    // Nesting in content hits serde_json's recursion limit: a 400, not a stack overflow.
+    let body = format!(
+        "{{\"messages\":[{{\"role\":\"user\",\"content\":{}{}}}]}}",
+        "[".repeat(100_000),
+        "]".repeat(100_000)
+    );
+    assert_eq!(
+        try_ctx("/v1/chat/completions", &[], &body)
+            .unwrap_err()
+            .status(),
+        400
+    );
+    // Unknown fields are skipped without recursion, however deep.
+    let body = format!(
+        "{{\"x\":{}1{}}}",
+        "{\"a\":".repeat(100_000),
+        "}".repeat(100_000)
+    );
+    assert!(try_ctx("/v1/chat/completions", &[], &body).is_ok());
+}
