@@ -742,7 +742,7 @@ impl<'a> Compiler<'a> {
 
     fn finish_namespace(&mut self, ns: &mut Namespace, docs: &[Document]) {
         // Descending priority, stable (file order) within a priority.
-        ns.rules.sort_by(|a, b| b.priority.cmp(&a.priority));
+        ns.rules.sort_by_key(|r| core::cmp::Reverse(r.priority));
         let locate = |id: &str| -> (Option<String>, Option<crate::document::Position>) {
             for d in docs {
                 if let Some(Value::Array(rules)) = d.value.pointer("/spec/rules") {

@@ -150,7 +150,7 @@ impl Cond {
             Cond::Not(c) => c.visit_fields(f),
             Cond::Leaf(l) => f(&l.field),
             #[cfg(feature = "cel")]
-            Cond::Cel(p) => p.reads().iter().for_each(|r| f(r)),
+            Cond::Cel(p) => p.reads().iter().for_each(f),
         }
     }
 
@@ -236,7 +236,7 @@ impl Leaf {
         let v = ctx.get(&self.field);
         match self.test {
             Test::Present => return Ok(!matches!(v, FieldValue::Missing) != self.negate),
-            Test::Exists => return Ok(!is_empty(&v) != self.negate),
+            Test::Exists => return Ok(is_empty(&v) == self.negate),
             _ => {}
         }
         if self.strict {

@@ -298,7 +298,7 @@ impl PolicySet {
             .map(|r| r.id.clone())
             .collect();
         if explain {
-            trace.sort_by(|a, b| b.priority.cmp(&a.priority));
+            trace.sort_by_key(|t| core::cmp::Reverse(t.priority));
         }
         Decision {
             decision: verdict,

@@ -21,6 +21,8 @@
 //! Without default features the crate is `#![no_std]` + `alloc` (model, DSL, matcher, resolver,
 //! context); `std` adds file loading with locations, `cel` adds CEL conditions.
 #![cfg_attr(not(feature = "std"), no_std)]
+// Diagnostics are returned on the load path only, never per request; their size does not matter.
+#![allow(clippy::result_large_err)]
 
 extern crate alloc;
 

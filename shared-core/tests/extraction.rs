@@ -1,5 +1,6 @@
 //! Context extraction from real request shapes: OpenAI Chat Completions, Completions, Embeddings,
 //! Responses; Anthropic Messages; unknown providers; and the errors a proxy turns into 4xx.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
 

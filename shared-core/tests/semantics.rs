@@ -1,5 +1,6 @@
 //! Evaluation semantics: priorities, ties, merging, shadow rules, errors, defaults, namespaces,
 //! tags, counters, remote rules and cache keys.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
 

@@ -1,4 +1,5 @@
 //! Every validation error names the file, line, column and rule, with a code a user can look up.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
 
 mod common;
 

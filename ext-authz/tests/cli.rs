@@ -1,0 +1,219 @@
+//! The `llm-policy` binary: exit codes, output formats and error reports.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn run(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_llm-policy"))
+        .args(args)
+        .current_dir(root())
+        .output()
+        .expect("runs")
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+fn write(dir: &Path, name: &str, body: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, body).expect("write");
+    p.display().to_string()
+}
+
+#[test]
+fn validate_accepts_the_example_bundle() {
+    let out = run(&["validate", "policies"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        text(&out.stdout).starts_with("valid: 2 policies"),
+        "{}",
+        text(&out.stdout)
+    );
+}
+
+#[test]
+fn validate_rejects_a_broken_file_with_locations() {
+    let dir = tempfile::tempdir().unwrap();
+    let f = write(
+        dir.path(),
+        "bad.yaml",
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: bad}\nspec:\n  rules:\n    - id: r1\n      when: { match: { field: request.modle, op: eq, value: x } }\n      action: { decision: deny }\n",
+    );
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = text(&out.stderr);
+    assert!(err.contains(&format!("{f}:7:")), "{err}");
+    assert!(err.contains("did you mean `request.model`?"), "{err}");
+    assert!(err.contains("(rule `r1`)"), "{err}");
+    let out = run(&["validate", "no/such/path"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("no/such/path"));
+    let f = write(dir.path(), "syntax.yaml", "apiVersion: [\n");
+    let out = run(&["validate", &f]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("error[syntax]"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn eval_prints_the_decision_json() {
+    let out = run(&[
+        "eval",
+        "--policy",
+        "policies",
+        "--request",
+        "examples/requests/free-tier-gpt4o.json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON on stdout");
+    assert_eq!(d["decision"], "deny");
+    assert_eq!(d["matched_rules"][0], "free-tier-models");
+    assert_eq!(d["actions"]["status"], 402);
+    assert!(d.get("explain").is_none());
+}
+
+#[test]
+fn eval_explain_lists_every_rule() {
+    let out = run(&[
+        "eval",
+        "-p",
+        "policies",
+        "-r",
+        "examples/requests/allowed-chat.json",
+        "--explain",
+    ]);
+    assert_eq!(out.status.code(), Some(0));
+    let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(d["decision"], "allow");
+    let trace = d["explain"].as_array().unwrap();
+    assert_eq!(trace.len(), 9, "every rule of the default namespace");
+    assert!(trace
+        .iter()
+        .any(|t| t["rule"] == "per-user-request-rate" && t["outcome"] == "remote"));
+    let out = run(&[
+        "eval",
+        "-p",
+        "policies",
+        "-r",
+        "examples/requests/allowed-chat.json",
+        "--explain",
+        "--format",
+        "text",
+    ]);
+    let t = text(&out.stdout);
+    assert!(t.starts_with("decision: ALLOW"), "{t}");
+    assert!(t.contains("block-secrets-in-prompt"), "{t}");
+}
+
+#[test]
+fn eval_rejects_invalid_input_with_exit_2() {
+    let out = run(&[
+        "eval",
+        "-p",
+        "policies",
+        "-r",
+        "examples/requests/malformed-body.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let e: serde_json::Value = serde_json::from_slice(&out.stdout).expect("error JSON");
+    assert_eq!(e["error"]["code"], "invalid_body");
+    assert_eq!(e["error"]["status"], 400);
+    let dir = tempfile::tempdir().unwrap();
+    let r = write(dir.path(), "r.json", "{\"path\": 5}");
+    let out = run(&["eval", "-p", "policies", "-r", &r]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(text(&out.stderr).contains("invalid request file"));
+    let p = write(
+        dir.path(),
+        "p.yaml",
+        "apiVersion: llm-policy/v1\nkind: Policy\n",
+    );
+    let out = run(&[
+        "eval",
+        "-p",
+        &p,
+        "-r",
+        "examples/requests/allowed-chat.json",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("missing field"),
+        "{}",
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn test_runs_the_example_suites() {
+    let out = run(&["test", "policies"]);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let last = text(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    assert!(last.ends_with(" passed, 0 failed"), "{last}");
+}
+
+#[test]
+fn test_reports_a_failed_case_with_a_diff_and_exit_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = root()
+        .join("policies/llm-baseline.yaml")
+        .display()
+        .to_string();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {{name: s}}\npolicy: {policy}\ncases:\n  - name: wrong on purpose\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: deny, matched_rules: [x] }}\n  - name: right\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: allow }}\n"
+        ),
+    );
+    let out = run(&["test", &suite]);
+    assert_eq!(out.status.code(), Some(1));
+    let o = text(&out.stdout);
+    assert!(
+        o.contains(&format!("FAIL {suite}:6 wrong on purpose")),
+        "{o}"
+    );
+    assert!(o.contains("decision: expected deny, got allow"), "{o}");
+    assert!(o.contains("matched_rules: expected [x], got []"), "{o}");
+    assert!(o.contains("1 passed, 1 failed"), "{o}");
+}
+
+#[test]
+fn test_with_a_broken_policy_is_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "p.yaml",
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p}\nspec: {rules: [{id: a}]}\n",
+    );
+    let suite = write(
+        dir.path(),
+        "s_test.yaml",
+        "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {name: s}\npolicy: p.yaml\ncases: []\n",
+    );
+    let out = run(&["test", &suite]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        text(&out.stderr).contains("p.yaml:4:"),
+        "{}",
+        text(&out.stderr)
+    );
+}
