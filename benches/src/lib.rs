@@ -1,1 +1,113 @@
-//! Benchmarks live in `benches/`.
+//! Workloads shared by the benchmarks: the same N-rule semantics written for llm-policy (CEL and
+//! DSL), Rego (regorus), Cedar (cedar-policy) and as separate `cel` programs, plus realistic chat
+//! bodies of a given size.
+//!
+//! Rule `i` of N matches when `model == "m{i}"` and `max_tokens > 10 i`; the benchmark request
+//! (`model: gpt-4o`, `max_tokens: 500`) misses all of them, so every engine must look at every rule
+//! unless it indexes.
+
+use std::fmt::Write as _;
+
+/// llm-policy YAML with `n` CEL rules (translated to native conditions at load).
+pub fn policy_cel(n: usize) -> String {
+    let mut s = header();
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "    - id: r{i}\n      priority: {i}\n      when: {{ cel: \"request.model == 'm{i}' && request.max_tokens > {}\" }}\n      action: {{ decision: deny }}\n",
+            10 * i
+        );
+    }
+    s
+}
+
+/// The same rules in the YAML DSL.
+pub fn policy_dsl(n: usize) -> String {
+    let mut s = header();
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "    - id: r{i}\n      priority: {i}\n      when: {{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, {{ field: request.max_tokens, op: gt, value: {} }}] }} }}\n      action: {{ decision: deny }}\n",
+            10 * i
+        );
+    }
+    s
+}
+
+/// Rules the index cannot select (prefix tests): every rule is evaluated natively.
+pub fn policy_unindexed(n: usize) -> String {
+    let mut s = header();
+    for i in 0..n {
+        let _ = write!(
+            s,
+            "    - id: r{i}\n      priority: {i}\n      when: {{ cel: \"request.model.startsWith('m{i}-') && request.max_tokens > {}\" }}\n      action: {{ decision: deny }}\n",
+            10 * i
+        );
+    }
+    s
+}
+
+fn header() -> String {
+    String::from("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: bench}\nspec:\n  defaultDecision: allow\n  rules:\n")
+}
+
+/// Rego with the same semantics: every matching rule id is collected (as llm-policy does).
+pub fn rego(n: usize) -> String {
+    let mut s = String::from("package bench\n\nimport rego.v1\n\n");
+    for i in 0..n {
+        let _ = writeln!(s, "matched contains \"r{i}\" if {{\n\tinput.model == \"m{i}\"\n\tinput.max_tokens > {}\n}}\n", 10 * i);
+    }
+    s
+}
+
+/// Cedar with the same semantics (one `forbid` per rule; context carries the request fields).
+pub fn cedar(n: usize) -> String {
+    let mut s = String::new();
+    for i in 0..n {
+        let _ = writeln!(
+            s,
+            "@id(\"r{i}\")\nforbid(principal, action, resource) when {{ context.model == \"m{i}\" && context.max_tokens > {} }};",
+            10 * i
+        );
+    }
+    s.push_str("permit(principal, action, resource);\n");
+    s
+}
+
+/// The CEL source of rule `i`, over a `request` map.
+pub fn cel_rule(i: usize) -> String {
+    format!("request.model == 'm{i}' && request.max_tokens > {}", 10 * i)
+}
+
+/// A realistic OpenAI chat body of about `bytes` bytes (several turns, a content-part array,
+/// tools, and options).
+pub fn chat_body(bytes: usize) -> String {
+    let para = "The quarterly report shows revenue growth in all regions, with EMEA leading at 14 percent. \
+                Please check the numbers against the attached table and flag anything inconsistent. ";
+    let mut messages = vec![
+        serde_json::json!({"role": "system", "content": "You are a careful financial analyst. Answer concisely."}),
+    ];
+    let mut size = 600;
+    let mut turn = 0;
+    while size < bytes {
+        let text: String = para.repeat(((bytes - size) / para.len()).clamp(1, 4));
+        size += text.len() + 60;
+        let msg = if turn % 2 == 0 {
+            serde_json::json!({"role": "user", "content": [{"type": "text", "text": text}]})
+        } else {
+            serde_json::json!({"role": "assistant", "content": text})
+        };
+        messages.push(msg);
+        turn += 1;
+    }
+    serde_json::json!({
+        "model": "gpt-4o",
+        "messages": messages,
+        "max_tokens": 500,
+        "temperature": 0.3,
+        "stream": false,
+        "tools": [{"type": "function", "function": {"name": "lookup_account", "parameters": {"type": "object", "properties": {"id": {"type": "string"}}}}}],
+        "user": "user-1234"
+    })
+    .to_string()
+}

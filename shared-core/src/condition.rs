@@ -106,6 +106,8 @@ pub(crate) struct Scratch {
 }
 
 impl Cond {
+    // Without CEL the scratch space is empty and only passed down.
+    #[cfg_attr(not(feature = "cel"), allow(clippy::only_used_in_recursion))]
     pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch) -> Truth {
         match self {
             Cond::Const(b) => Ok(*b),

@@ -1,0 +1,194 @@
+//! Decision benchmarks. Run with `make bench`; the README reports the ratios of one run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // bench harness
+
+use std::collections::HashMap;
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
+use llm_policy_bench as w;
+use llm_policy_core::source::parse_str;
+use llm_policy_core::{
+    ContextConfig, EvalOptions, LocalOnly, PolicySet, RequestContext, RequestInput,
+};
+
+fn compile(yaml: &str) -> PolicySet {
+    let docs = parse_str("bench.yaml", yaml).unwrap();
+    PolicySet::compile(&docs, &ContextConfig::default())
+        .unwrap()
+        .set
+}
+
+fn context(body: &str) -> RequestContext {
+    let headers = vec![
+        ("content-type".to_string(), "application/json".to_string()),
+        ("x-user-id".to_string(), "u-1".to_string()),
+    ];
+    let input = RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &headers,
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    RequestContext::from_request(&input, &ContextConfig::default()).unwrap()
+}
+
+fn llm_policy(c: &mut Criterion) {
+    let ctx = context(&w::chat_body(2 * 1024));
+    let mut g = c.benchmark_group("llm-policy");
+    for (name, n, yaml) in [
+        ("cel", 1, w::policy_cel(1)),
+        ("cel", 100, w::policy_cel(100)),
+        ("cel", 1000, w::policy_cel(1000)),
+        ("dsl", 100, w::policy_dsl(100)),
+        ("unindexed", 100, w::policy_unindexed(100)),
+    ] {
+        let set = compile(&yaml);
+        let d = set.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
+        assert!(d.matched_rules.is_empty());
+        g.bench_with_input(BenchmarkId::new(name, n), &set, |b, set| {
+            b.iter(|| set.evaluate(black_box(&ctx), &EvalOptions::default(), &mut LocalOnly))
+        });
+    }
+    // A hit: rule 42 matches, so a decision with a matched rule is built.
+    let set = compile(&w::policy_cel(100));
+    let hit = context(&w::chat_body(2 * 1024).replace("\"gpt-4o\"", "\"m42\""));
+    assert_eq!(
+        set.evaluate(&hit, &EvalOptions::default(), &mut LocalOnly)
+            .matched_rules,
+        vec!["r42"]
+    );
+    g.bench_function("cel-hit/100", |b| {
+        b.iter(|| set.evaluate(black_box(&hit), &EvalOptions::default(), &mut LocalOnly))
+    });
+    g.finish();
+}
+
+fn peers(c: &mut Criterion) {
+    let n = 100;
+    let mut g = c.benchmark_group("peers-100-rules");
+
+    // regorus (Rego).
+    let mut engine = regorus::Engine::new();
+    engine.add_policy("bench.rego".into(), w::rego(n)).unwrap();
+    engine.set_input(
+        regorus::Value::from_json_str(r#"{"model": "gpt-4o", "max_tokens": 500}"#).unwrap(),
+    );
+    let r = engine.eval_rule("data.bench.matched".into()).unwrap();
+    assert_eq!(r.to_json_str().unwrap().trim(), "[]");
+    g.bench_function("regorus", |b| {
+        b.iter(|| {
+            engine
+                .eval_rule(black_box("data.bench.matched".into()))
+                .unwrap()
+        })
+    });
+
+    // cedar-policy.
+    let policies: cedar_policy::PolicySet = w::cedar(n).parse().unwrap();
+    let cedar_ctx = cedar_policy::Context::from_json_value(
+        serde_json::json!({"model": "gpt-4o", "max_tokens": 500}),
+        None,
+    )
+    .unwrap();
+    let uid = |s: &str| s.parse::<cedar_policy::EntityUid>().unwrap();
+    let request = cedar_policy::Request::new(
+        uid("User::\"u-1\""),
+        uid("Action::\"call\""),
+        uid("Model::\"gpt-4o\""),
+        cedar_ctx,
+        None,
+    )
+    .unwrap();
+    let entities = cedar_policy::Entities::empty();
+    let authorizer = cedar_policy::Authorizer::new();
+    assert_eq!(
+        authorizer
+            .is_authorized(&request, &policies, &entities)
+            .decision(),
+        cedar_policy::Decision::Allow
+    );
+    g.bench_function("cedar-policy", |b| {
+        b.iter(|| authorizer.is_authorized(black_box(&request), &policies, &entities))
+    });
+
+    // The raw cel crate, one program per rule.
+    let programs: Vec<cel::Program> = (0..n)
+        .map(|i| cel::Program::compile(&w::cel_rule(i)).unwrap())
+        .collect();
+    let mut cel_ctx = cel::Context::default();
+    let mut req: HashMap<String, cel::Value> = HashMap::new();
+    req.insert(
+        "model".into(),
+        cel::Value::String(Arc::new("gpt-4o".into())),
+    );
+    req.insert("max_tokens".into(), cel::Value::Int(500));
+    cel_ctx.add_variable_from_value("request", cel::Value::Map(req.into()));
+    g.bench_function("cel-one-by-one", |b| {
+        b.iter(|| {
+            programs
+                .iter()
+                .filter(|p| matches!(p.execute(black_box(&cel_ctx)), Ok(cel::Value::Bool(true))))
+                .count()
+        })
+    });
+
+    // A plain Rust loop over the same tests: the floor.
+    let names: Vec<String> = (0..n).map(|i| format!("m{i}")).collect();
+    let limits: Vec<i64> = (0..n).map(|i| 10 * i as i64).collect();
+    let (model, max) = (String::from("gpt-4o"), 500i64);
+    g.bench_function("rust-loop", |b| {
+        b.iter(|| {
+            (0..n)
+                .filter(|&i| black_box(&model) == &names[i] && black_box(max) > limits[i])
+                .count()
+        })
+    });
+
+    // llm-policy on the same rules, in the same group for a same-run ratio.
+    let set = compile(&w::policy_cel(n));
+    let ctx = context(&w::chat_body(2 * 1024));
+    g.bench_function("llm-policy", |b| {
+        b.iter(|| set.evaluate(black_box(&ctx), &EvalOptions::default(), &mut LocalOnly))
+    });
+    g.finish();
+}
+
+fn extraction(c: &mut Criterion) {
+    let mut g = c.benchmark_group("extract");
+    let config = ContextConfig::default();
+    let headers = vec![
+        ("content-type".to_string(), "application/json".to_string()),
+        ("x-user-tier".to_string(), "pro".to_string()),
+    ];
+    for kb in [2usize, 32] {
+        let body = w::chat_body(kb * 1024);
+        g.throughput(criterion::Throughput::Bytes(body.len() as u64));
+        g.bench_with_input(
+            BenchmarkId::new("chat", format!("{kb}KB")),
+            &body,
+            |b, body| {
+                b.iter(|| {
+                    let input = RequestInput {
+                        method: "POST",
+                        path: "/v1/chat/completions",
+                        headers: &headers,
+                        body: body.as_bytes(),
+                        now_unix: 0,
+                    };
+                    RequestContext::from_request(black_box(&input), &config).unwrap()
+                })
+            },
+        );
+    }
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(60).warm_up_time(Duration::from_millis(800)).measurement_time(Duration::from_secs(3));
+    targets = llm_policy, peers, extraction
+}
+criterion_main!(benches);
