@@ -63,6 +63,46 @@ fn llm_policy(c: &mut Criterion) {
     g.bench_function("cel-hit/100", |b| {
         b.iter(|| set.evaluate(black_box(&hit), &EvalOptions::default(), &mut LocalOnly))
     });
+
+    // The example bundle (regexes over the prompt, an interpreted CEL shadow rule, a rate limit)
+    // on a 2 KB chat request from a pro user: the realistic per-request cost.
+    let bundle = PolicySet::load(&[concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")])
+        .unwrap()
+        .set;
+    let headers = vec![
+        ("x-user-id".to_string(), "u-1".to_string()),
+        ("x-user-tier".to_string(), "pro".to_string()),
+    ];
+    let body = w::chat_body(2 * 1024);
+    let input = RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &headers,
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    let real = RequestContext::from_request(&input, bundle.config()).unwrap();
+    assert_eq!(
+        bundle
+            .evaluate(&real, &EvalOptions::default(), &mut LocalOnly)
+            .decision
+            .as_str(),
+        "allow"
+    );
+    g.bench_function("example-bundle/2KB", |b| {
+        b.iter(|| bundle.evaluate(black_box(&real), &EvalOptions::default(), &mut LocalOnly))
+    });
+    g.bench_function("example-bundle/2KB+extract", |b| {
+        b.iter(|| {
+            let ctx = RequestContext::from_request_with(
+                black_box(&input),
+                bundle.config(),
+                bundle.needs(),
+            )
+            .unwrap();
+            bundle.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly)
+        })
+    });
     g.finish();
 }
 

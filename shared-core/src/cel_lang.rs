@@ -132,7 +132,7 @@ pub(crate) fn compile(src: &str, attrs: &[String]) -> Result<CelCompiled, CelErr
     reads.dedup();
     // Catch misspelt functions now rather than on every request.
     if let Err(ExecutionError::UndeclaredReference(name)) =
-        program.execute(&activation(&sample(attrs)))
+        program.execute(&activation(&sample(attrs), None))
     {
         if !ROOTS.contains(&name.as_str()) {
             return Err(cel_err(
@@ -358,7 +358,32 @@ fn strict(field: FieldRef, test: Test) -> Cond {
         negate: false,
         strict: true,
         ignore_case: false,
+        size: false,
     })
+}
+
+/// `size(field) <op> int`, translated as a size leaf.
+fn strict_size(field: FieldRef, test: Test) -> Cond {
+    Cond::Leaf(Leaf {
+        field,
+        test,
+        negate: false,
+        strict: true,
+        ignore_case: false,
+        size: true,
+    })
+}
+
+/// `size(x)` or `x.size()` of a field.
+fn size_arg(e: &IdedExpr, attrs: &[String]) -> Option<FieldRef> {
+    match &e.expr {
+        Expr::Call(c) if c.func_name == "size" => match (&c.target, c.args.as_slice()) {
+            (None, [a]) => field_of(a, attrs).map(|(f, _)| f),
+            (Some(t), []) => field_of(t, attrs).map(|(f, _)| f),
+            _ => None,
+        },
+        _ => None,
+    }
 }
 
 /// Translates the native subset; `None` means "keep the interpreter".
@@ -435,6 +460,32 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
             matches!(ty, FieldType::StrList | FieldType::StrMap)
                 .then(|| strict(f, Test::Has(vec![lit])))
         }
+        (op, [l, r]) if size_arg(l, attrs).is_some() || size_arg(r, attrs).is_some() => {
+            let (f, lit, swapped) = match (size_arg(l, attrs), size_arg(r, attrs)) {
+                (Some(f), None) => (f, literal(r)?, false),
+                (None, Some(f)) => (f, literal(l)?, true),
+                _ => return None,
+            };
+            if !matches!(lit, Lit::Int(_)) {
+                return None;
+            }
+            let ord = |o: OrdOp| Some(strict_size(f.clone(), Test::Ord(o, lit.clone())));
+            match (op, swapped) {
+                (operators::EQUALS, _) => Some(strict_size(f, Test::Eq(lit))),
+                (operators::NOT_EQUALS, _) => {
+                    Some(Cond::Not(Box::new(strict_size(f, Test::Eq(lit)))))
+                }
+                (operators::GREATER, false) | (operators::LESS, true) => ord(OrdOp::Gt),
+                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => {
+                    ord(OrdOp::Gte)
+                }
+                (operators::LESS, false) | (operators::GREATER, true) => ord(OrdOp::Lt),
+                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => {
+                    ord(OrdOp::Lte)
+                }
+                _ => None,
+            }
+        }
         (op, [l, r]) => {
             let (field_side, lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
                 (Some(f), None) => (f, literal(r)?, false),
@@ -472,8 +523,11 @@ impl CelProgram {
         &self.reads
     }
 
-    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch) -> Truth {
-        let activation = scratch.cel.get_or_insert_with(|| activation(ctx));
+    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch<'_>) -> Truth {
+        let reads = scratch.cel_reads;
+        let activation = scratch
+            .cel
+            .get_or_insert_with(|| activation(ctx, Some(reads)));
         match self.program.execute(activation) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(CondError(format!(
@@ -498,45 +552,66 @@ fn map(entries: impl IntoIterator<Item = (String, Value)>) -> Value {
     Value::Map(m.into())
 }
 
-/// The CEL variables for one request: `request`, `principal`, `shield`, `time`.
-pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
+/// The CEL variables for one request: `request`, `principal`, `shield`, `time`. Only the
+/// `request` fields in `reads` are converted (all of them with `None`): the interpreted programs
+/// of a namespace never read others, and copying a long prompt costs microseconds.
+pub(crate) fn activation(
+    ctx: &RequestContext,
+    reads: Option<&[FieldRef]>,
+) -> Context<'static, 'static> {
     let r = &ctx.request;
-    let k = |name: &str, v: Value| (name.to_string(), v);
-    let request = map([
-        k("method", s(&r.method)),
-        k("path", s(&r.path)),
-        k("host", s(&r.host)),
-        k(
-            "headers",
-            map(r.headers.iter().map(|(h, v)| (h.clone(), s(v)))),
-        ),
-        k("provider", s(r.provider.as_str())),
-        k("api", s(r.api.as_str())),
-        k("model", opt_s(&r.model)),
-        k("stream", Value::Bool(r.stream)),
-        k("max_tokens", r.max_tokens.map_or(Value::Null, Value::Int)),
-        k(
-            "temperature",
-            r.temperature.map_or(Value::Null, Value::Float),
-        ),
-        k("user", opt_s(&r.user)),
-        k(
-            "messages",
+    let want = |f: &FieldRef| {
+        reads.is_none_or(|rs| {
+            rs.contains(f)
+                || (*f == FieldRef::Headers && rs.iter().any(|x| matches!(x, FieldRef::Header(_))))
+        })
+    };
+    let fields: [(FieldRef, &str, &dyn Fn() -> Value); 16] = [
+        (FieldRef::Method, "method", &|| s(&r.method)),
+        (FieldRef::Path, "path", &|| s(&r.path)),
+        (FieldRef::Host, "host", &|| s(&r.host)),
+        (FieldRef::Headers, "headers", &|| {
+            map(r.headers.iter().map(|(h, v)| (h.clone(), s(v))))
+        }),
+        (FieldRef::Provider, "provider", &|| s(r.provider.as_str())),
+        (FieldRef::Api, "api", &|| s(r.api.as_str())),
+        (FieldRef::Model, "model", &|| opt_s(&r.model)),
+        (FieldRef::Stream, "stream", &|| Value::Bool(r.stream)),
+        (FieldRef::MaxTokens, "max_tokens", &|| {
+            r.max_tokens.map_or(Value::Null, Value::Int)
+        }),
+        (FieldRef::Temperature, "temperature", &|| {
+            r.temperature.map_or(Value::Null, Value::Float)
+        }),
+        (FieldRef::User, "user", &|| opt_s(&r.user)),
+        (FieldRef::Messages, "messages", &|| {
             Value::List(Arc::new(
                 r.messages
                     .iter()
-                    .map(|m| map([k("role", s(&m.role)), k("content", s(&m.content))]))
+                    .map(|m| {
+                        map([
+                            ("role".to_string(), s(&m.role)),
+                            ("content".to_string(), s(&m.content)),
+                        ])
+                    })
                     .collect(),
-            )),
-        ),
-        k("prompt", s(&r.prompt)),
-        k("estimated_tokens", Value::Int(r.estimated_tokens)),
-        k(
-            "tools",
-            Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect())),
-        ),
-        k("body_bytes", Value::Int(r.body_bytes)),
-    ]);
+            ))
+        }),
+        (FieldRef::Prompt, "prompt", &|| s(&r.prompt)),
+        (FieldRef::EstimatedTokens, "estimated_tokens", &|| {
+            Value::Int(r.estimated_tokens)
+        }),
+        (FieldRef::Tools, "tools", &|| {
+            Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect()))
+        }),
+        (FieldRef::BodyBytes, "body_bytes", &|| {
+            Value::Int(r.body_bytes)
+        }),
+    ];
+    let request = map(fields
+        .iter()
+        .filter(|(f, _, _)| want(f))
+        .map(|(_, name, v)| (name.to_string(), v())));
     let principal = map(ctx.principal.iter().map(|(a, v)| (a.clone(), opt_s(v))));
     let shield = map(ctx.shield.iter().map(|(n, v)| {
         let v = match v {
@@ -546,8 +621,8 @@ pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
         (n.clone(), v)
     }));
     let time = map([
-        k("hour", Value::Int(ctx.time.hour)),
-        k("weekday", Value::Int(ctx.time.weekday)),
+        ("hour".to_string(), Value::Int(ctx.time.hour)),
+        ("weekday".to_string(), Value::Int(ctx.time.weekday)),
     ]);
     let mut c = Context::with_env(Arc::clone(env()));
     c.add_variable_from_value("request", request);
@@ -562,7 +637,7 @@ pub(crate) fn activation(ctx: &RequestContext) -> Context<'static, 'static> {
 #[cfg(test)]
 pub(crate) fn interpret(src: &str, ctx: &RequestContext) -> Truth {
     let program = env().compile(src).map_err(|e| CondError(e.to_string()))?;
-    match program.execute(&activation(ctx)) {
+    match program.execute(&activation(ctx, None)) {
         Ok(Value::Bool(b)) => Ok(b),
         Ok(_) => Err(CondError(String::from("not a bool"))),
         Err(e) => Err(CondError(e.to_string())),
@@ -593,6 +668,8 @@ mod tests {
             "shield.pii > 0.5",
             "'web_search' in request.tools",
             "1000 < request.max_tokens",
+            "size(request.messages) > 40",
+            "request.prompt.size() <= 10",
         ] {
             let c = compile(src, &attrs()).unwrap();
             assert!(c.native, "{src}");
@@ -602,7 +679,7 @@ mod tests {
     #[test]
     fn others_use_the_interpreter_with_an_index_hint() {
         let c = compile(
-            "request.model == 'x' && size(request.messages) > 3",
+            "request.model == 'x' && request.messages.exists(m, m.role == 'tool')",
             &attrs(),
         )
         .unwrap();
@@ -689,6 +766,12 @@ mod tests {
                 Just("false".to_string()),
                 Just("principal.team == 'red'".to_string()),
                 Just("request.estimated_tokens > 3".to_string()),
+                Just("size(request.prompt) > 4".to_string()),
+                Just("size(request.messages) == 1".to_string()),
+                Just("2 <= request.prompt.size()".to_string()),
+                Just("size(request.tools) != 0".to_string()),
+                Just("size(request.user) < 7".to_string()),
+                Just("size(request.headers) >= 1".to_string()),
             ]
         }
 

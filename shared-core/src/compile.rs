@@ -61,6 +61,9 @@ pub(crate) struct Namespace {
     pub index: RuleIndex,
     /// Every field any rule of the namespace reads (cache key input), sorted.
     pub reads: Vec<FieldRef>,
+    /// The fields its interpreted CEL programs read (what the CEL activation must hold).
+    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    pub cel_reads: Vec<FieldRef>,
     /// Tag → bitset over `rules`.
     pub tags: HashMap<String, Vec<u64>>,
 }
@@ -101,6 +104,7 @@ impl Namespace {
             disabled: Vec::new(),
             index: RuleIndex::default(),
             reads: Vec::new(),
+            cel_reads: Vec::new(),
             tags: HashMap::new(),
         }
     }
@@ -845,6 +849,18 @@ impl<'a> Compiler<'a> {
         reads.sort();
         reads.dedup();
         ns.reads = reads;
+        #[cfg(feature = "cel")]
+        {
+            let mut cel_reads: Vec<FieldRef> = Vec::new();
+            for r in &ns.rules {
+                if let Cond::Cel(p) = &r.cond {
+                    cel_reads.extend(p.reads().iter().cloned());
+                }
+            }
+            cel_reads.sort();
+            cel_reads.dedup();
+            ns.cel_reads = cel_reads;
+        }
         ns.index = RuleIndex::build(&ns.rules);
         let words = ns.rules.len().div_ceil(64);
         for (i, r) in ns.rules.iter().enumerate() {

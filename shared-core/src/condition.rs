@@ -77,6 +77,8 @@ pub(crate) struct Leaf {
     pub strict: bool,
     /// Case-insensitive equality for `Eq` / `In` / `Has` string literals.
     pub ignore_case: bool,
+    /// Test the field's CEL `size()` (code points of a string, entries of a list or map).
+    pub size: bool,
 }
 
 /// A compiled condition.
@@ -100,15 +102,20 @@ pub(crate) type Truth = Result<bool, CondError>;
 
 /// Per-evaluation scratch space (the CEL activation, built at most once per request).
 #[derive(Default)]
-pub(crate) struct Scratch {
+pub(crate) struct Scratch<'a> {
+    /// The fields the namespace's interpreted CEL programs read.
+    #[cfg(feature = "cel")]
+    pub cel_reads: &'a [FieldRef],
     #[cfg(feature = "cel")]
     pub cel: Option<cel::Context<'static, 'static>>,
+    #[cfg(not(feature = "cel"))]
+    pub _unused: core::marker::PhantomData<&'a ()>,
 }
 
 impl Cond {
     // Without CEL the scratch space is empty and only passed down.
     #[cfg_attr(not(feature = "cel"), allow(clippy::only_used_in_recursion))]
-    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch) -> Truth {
+    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch<'_>) -> Truth {
         match self {
             Cond::Const(b) => Ok(*b),
             Cond::All(children) => {
@@ -241,6 +248,18 @@ impl Leaf {
             Test::Exists => return Ok(is_empty(&v) == self.negate),
             _ => {}
         }
+        let v = if self.size {
+            match size_of(&v) {
+                Some(n) => FieldValue::Int(n),
+                None if self.strict && matches!(v, FieldValue::Missing) => {
+                    return Err(no_such_key(&self.field))
+                }
+                None if self.strict => return Err(no_overload("size", &self.field, &v)),
+                None => return Ok(false),
+            }
+        } else {
+            v
+        };
         if self.strict {
             if matches!(v, FieldValue::Missing) {
                 return Err(no_such_key(&self.field));
@@ -291,6 +310,20 @@ impl Leaf {
     }
 }
 
+/// CEL `size()`: code points of a string, entries of a list or map.
+fn size_of(v: &FieldValue<'_>) -> Option<i64> {
+    let n = match v {
+        FieldValue::Str(s) => s.chars().count(),
+        FieldValue::StrList(l) => l.len(),
+        FieldValue::StrMap(m) => m.len(),
+        FieldValue::Messages(m) => m.len(),
+        FieldValue::Principal(p) => p.len(),
+        FieldValue::Shield(s) => s.len(),
+        _ => return None,
+    };
+    i64::try_from(n).ok()
+}
+
 fn ord_name(op: OrdOp) -> &'static str {
     match op {
         OrdOp::Gt => "_>_",
@@ -327,6 +360,7 @@ mod tests {
             negate: false,
             strict,
             ignore_case: false,
+            size: false,
         })
     }
 

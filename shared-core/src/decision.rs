@@ -65,7 +65,8 @@ pub struct Actions {
     /// The highest alert severity of the enforcing matches.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub alert: Option<Alert>,
-    /// Counters the request charges if it goes ahead (rate limits and budgets of matched rules).
+    /// Counters to charge (rate limits and budgets of matched rules under their limit); empty
+    /// unless the decision is `allow`, since a rejected request consumes nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub counters: Vec<Charge>,
 }

@@ -273,6 +273,7 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
         negate,
         strict: false,
         ignore_case: ic,
+        size: false,
     }))
 }
 

@@ -151,7 +151,11 @@ impl PolicySet {
         } else {
             ns.index.candidates(ctx, &mut candidates);
         }
-        let mut scratch = Scratch::default();
+        let mut scratch = Scratch {
+            #[cfg(feature = "cel")]
+            cel_reads: &ns.cel_reads,
+            ..Scratch::default()
+        };
         let mut hits: Vec<Hit<'_>> = Vec::new();
         let mut shadow = Vec::new();
         let mut errors = Vec::new();
@@ -305,7 +309,12 @@ impl PolicySet {
             reason,
             matched_rules,
             actions: Actions {
-                counters: charges,
+                // Only a request that goes ahead charges its counters.
+                counters: if verdict == Verdict::Allow {
+                    charges
+                } else {
+                    Vec::new()
+                },
                 ..actions
             },
             metadata: DecisionMetadata {
@@ -332,7 +341,7 @@ impl PolicySet {
         rule: &CompiledRule,
         ns: &Namespace,
         ctx: &RequestContext,
-        scratch: &mut Scratch,
+        scratch: &mut Scratch<'_>,
         hooks: &mut dyn Hooks,
         charges: &mut Vec<Charge>,
     ) -> Outcome {

@@ -42,6 +42,7 @@ fn required(c: &Cond) -> Option<(FieldRef, Vec<String>)> {
             test,
             negate: false,
             ignore_case: false,
+            size: false,
             ..
         }) if indexable(field) => {
             let lits: &[Lit] = match test {

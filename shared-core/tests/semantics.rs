@@ -275,6 +275,10 @@ fn rate_limits_apply_only_over_the_limit_and_report_charges() {
     let d = set.evaluate(&c, &EvalOptions::default(), &mut over);
     assert_eq!(d.decision, Verdict::Throttle);
     assert_eq!(d.actions.status, Some(429));
+    assert!(
+        d.actions.counters.is_empty(),
+        "a rejected request charges nothing"
+    );
 }
 
 #[test]
