@@ -217,3 +217,15 @@ fn test_with_a_broken_policy_is_exit_2() {
         text(&out.stderr)
     );
 }
+
+#[test]
+fn the_schema_doc_is_current() {
+    let out = run(&["schema"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc = std::fs::read_to_string(root().join("docs/context-schema.md")).unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        doc,
+        "run `make docs` to regenerate docs/context-schema.md"
+    );
+}

@@ -248,18 +248,27 @@ impl Leaf {
             Test::Exists => return Ok(is_empty(&v) == self.negate),
             _ => {}
         }
-        let v = if self.size {
-            match size_of(&v) {
-                Some(n) => FieldValue::Int(n),
-                None if self.strict && matches!(v, FieldValue::Missing) => {
-                    return Err(no_such_key(&self.field))
-                }
-                None if self.strict => return Err(no_overload("size", &self.field, &v)),
-                None => return Ok(false),
+        if self.size {
+            return self.eval_size(&v);
+        }
+        self.eval_value(v)
+    }
+
+    /// CEL `size(field) <op> n`.
+    #[inline(never)]
+    fn eval_size(&self, v: &FieldValue<'_>) -> Truth {
+        match size_of(v) {
+            Some(n) => self.eval_value(FieldValue::Int(n)),
+            None if self.strict && matches!(v, FieldValue::Missing) => {
+                Err(no_such_key(&self.field))
             }
-        } else {
-            v
-        };
+            None if self.strict => Err(no_overload("size", &self.field, v)),
+            None => Ok(false),
+        }
+    }
+
+    #[inline]
+    fn eval_value(&self, v: FieldValue<'_>) -> Truth {
         if self.strict {
             if matches!(v, FieldValue::Missing) {
                 return Err(no_such_key(&self.field));
