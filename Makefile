@@ -8,7 +8,10 @@ REQUESTS := $(sort $(wildcard examples/requests/*.json))
 ENVOY_VERSION := 1.40.0
 TOOLS := tools
 
-.PHONY: all build demo test lint fmt unit nostd wasm policy-tests bench docs envoy clean
+SDK_VENV := $(TOOLS)/sdk-venv
+SDK_FIXTURES := shared-core/tests/fixtures/sdk
+
+.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check bench docs envoy clean
 
 all: build
 
@@ -25,7 +28,7 @@ demo: build
 	done
 
 ## test: formatting, lints, unit/property/CLI tests, no_std and wasm builds, policy test suites.
-test: lint unit nostd wasm policy-tests
+test: lint unit nostd wasm policy-tests sdk-fixtures-check
 
 lint:
 	$(CARGO) fmt --all -- --check
@@ -50,6 +53,21 @@ wasm:
 policy-tests: build
 	$(CLI) validate $(POLICIES)
 	$(CLI) test $(POLICIES)
+
+# Request shapes captured from the official openai / anthropic SDKs (pinned in requirements.txt).
+$(SDK_VENV)/.installed: integration/sdk-fixtures/requirements.txt
+	python3 -m venv $(SDK_VENV)
+	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
+	touch $@
+
+sdk-fixtures: $(SDK_VENV)/.installed
+	$(SDK_VENV)/bin/python integration/sdk-fixtures/generate.py $(SDK_FIXTURES)
+
+# The committed fixtures must be exactly what the pinned SDKs send.
+sdk-fixtures-check: $(SDK_VENV)/.installed
+	rm -rf $(TOOLS)/sdk-fixtures-check
+	$(SDK_VENV)/bin/python integration/sdk-fixtures/generate.py $(TOOLS)/sdk-fixtures-check
+	diff -r $(SDK_FIXTURES) $(TOOLS)/sdk-fixtures-check
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel) — see README "Performance".
 bench:

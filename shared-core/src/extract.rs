@@ -116,6 +116,7 @@ fn fill<S: Sink>(
     request.temperature = parsed.temperature;
     request.user = parsed
         .user
+        .or(parsed.safety_identifier)
         .map(Cow::into_owned)
         .or_else(|| parsed.metadata.and_then(|m| m.user_id).map(Cow::into_owned));
     request.tools = parsed
@@ -196,6 +197,9 @@ struct Body<'a, S> {
     temperature: Option<f64>,
     #[serde(default, borrow)]
     user: Option<Cow<'a, str>>,
+    /// OpenAI's successor of `user`.
+    #[serde(default, borrow)]
+    safety_identifier: Option<Cow<'a, str>>,
     #[serde(default, borrow)]
     metadata: Option<Meta<'a>>,
     #[serde(default)]
@@ -395,6 +399,10 @@ impl<'de, S: Sink> Visitor<'de> for ItemVisitor<S> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<S>, A::Error> {
         let f: ItemFields<'_, S> =
             Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        if f.role.is_none() && f.content.is_none() && f.output.is_none() {
+            // function_call, reasoning and other items that are not turns and carry no text.
+            return Ok(Item(None, PhantomData));
+        }
         let role = match (&f.role, f.kind.as_deref()) {
             (Some(r), _) => r.as_ref(),
             (None, Some("function_call_output")) => "tool",

@@ -126,7 +126,7 @@ pub const FIELDS: &[FieldDoc] = &[
     FieldDoc { path: "request.stream", ty: "bool", absent: "false", doc: "Body `stream`." },
     FieldDoc { path: "request.max_tokens", ty: "int | null", absent: "null", doc: "`max_tokens`, else `max_completion_tokens` (OpenAI chat), else `max_output_tokens` (Responses)." },
     FieldDoc { path: "request.temperature", ty: "double | null", absent: "null", doc: "Body `temperature`." },
-    FieldDoc { path: "request.user", ty: "string | null", absent: "null", doc: "Body `user` (OpenAI) or `metadata.user_id` (Anthropic)." },
+    FieldDoc { path: "request.user", ty: "string | null", absent: "null", doc: "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)." },
     FieldDoc { path: "request.messages", ty: "list<{role: string, content: string}>", absent: "[]", doc: "Conversation turns with their text joined (system / instructions first as role `system`); image and other non-text parts are skipped." },
     FieldDoc { path: "request.prompt", ty: "string", absent: "\"\"", doc: "All prompt text joined with newlines: messages, system, instructions, completion prompt, embedding input, tool results." },
     FieldDoc { path: "request.estimated_tokens", ty: "int", absent: "0", doc: "Prompt token estimate: ceil(UTF-8 bytes of `prompt` / 4)." },
