@@ -9,9 +9,7 @@ use std::time::Duration;
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion};
 use llm_policy_bench as w;
 use llm_policy_core::source::parse_str;
-use llm_policy_core::{
-    ContextConfig, EvalOptions, LocalOnly, PolicySet, RequestContext, RequestInput,
-};
+use llm_policy_core::{ContextConfig, EvalOptions, LocalOnly, PolicySet, RequestContext};
 
 fn compile(yaml: &str) -> PolicySet {
     let docs = parse_str("bench.yaml", yaml).unwrap();
@@ -21,18 +19,8 @@ fn compile(yaml: &str) -> PolicySet {
 }
 
 fn context(body: &str) -> RequestContext {
-    let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("x-user-id".to_string(), "u-1".to_string()),
-    ];
-    let input = RequestInput {
-        method: "POST",
-        path: "/v1/chat/completions",
-        headers: &headers,
-        body: body.as_bytes(),
-        now_unix: 0,
-    };
-    RequestContext::from_request(&input, &ContextConfig::default()).unwrap()
+    let headers = w::headers(&[("content-type", "application/json"), ("x-user-id", "u-1")]);
+    RequestContext::from_request(&w::chat_input(&headers, body), &ContextConfig::default()).unwrap()
 }
 
 fn llm_policy(c: &mut Criterion) {
@@ -69,18 +57,9 @@ fn llm_policy(c: &mut Criterion) {
     let bundle = PolicySet::load(&[concat!(env!("CARGO_MANIFEST_DIR"), "/../policies")])
         .unwrap()
         .set;
-    let headers = vec![
-        ("x-user-id".to_string(), "u-1".to_string()),
-        ("x-user-tier".to_string(), "pro".to_string()),
-    ];
+    let headers = w::headers(&[("x-user-id", "u-1"), ("x-user-tier", "pro")]);
     let body = w::chat_body(2 * 1024);
-    let input = RequestInput {
-        method: "POST",
-        path: "/v1/chat/completions",
-        headers: &headers,
-        body: body.as_bytes(),
-        now_unix: 0,
-    };
+    let input = w::chat_input(&headers, &body);
     let real = RequestContext::from_request(&input, bundle.config()).unwrap();
     assert_eq!(
         bundle
@@ -199,10 +178,7 @@ fn peers(c: &mut Criterion) {
 fn extraction(c: &mut Criterion) {
     let mut g = c.benchmark_group("extract");
     let config = ContextConfig::default();
-    let headers = vec![
-        ("content-type".to_string(), "application/json".to_string()),
-        ("x-user-tier".to_string(), "pro".to_string()),
-    ];
+    let headers = w::headers(&[("content-type", "application/json"), ("x-user-tier", "pro")]);
     for kb in [2usize, 32] {
         let body = w::chat_body(kb * 1024);
         g.throughput(criterion::Throughput::Bytes(body.len() as u64));
@@ -211,13 +187,7 @@ fn extraction(c: &mut Criterion) {
             &body,
             |b, body| {
                 b.iter(|| {
-                    let input = RequestInput {
-                        method: "POST",
-                        path: "/v1/chat/completions",
-                        headers: &headers,
-                        body: body.as_bytes(),
-                        now_unix: 0,
-                    };
+                    let input = w::chat_input(&headers, body);
                     RequestContext::from_request(black_box(&input), &config).unwrap()
                 })
             },

@@ -8,6 +8,27 @@
 
 use std::fmt::Write as _;
 
+use llm_policy_core::RequestInput;
+
+/// Owned header pairs.
+pub fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A `POST /v1/chat/completions` request over `body`.
+pub fn chat_input<'a>(headers: &'a [(String, String)], body: &'a str) -> RequestInput<'a> {
+    RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers,
+        body: body.as_bytes(),
+        now_unix: 0,
+    }
+}
+
 /// llm-policy YAML with `n` CEL rules (translated to native conditions at load).
 pub fn policy_cel(n: usize) -> String {
     let mut s = header();

@@ -362,16 +362,29 @@ fn strict(field: FieldRef, test: Test) -> Cond {
     })
 }
 
-/// `size(field) <op> int`, translated as a size leaf.
-fn strict_size(field: FieldRef, test: Test) -> Cond {
-    Cond::Leaf(Leaf {
-        field,
-        test,
-        negate: false,
-        strict: true,
-        ignore_case: false,
-        size: true,
-    })
+/// `field <op> literal`, or `literal <op> field` when `swapped`; on the field's `size()` when
+/// `size`. `None` for operators the native tree does not have.
+fn comparison(op: &str, swapped: bool, field: FieldRef, lit: Lit, size: bool) -> Option<Cond> {
+    let leaf = |test| {
+        Cond::Leaf(Leaf {
+            field,
+            test,
+            negate: false,
+            strict: true,
+            ignore_case: false,
+            size,
+        })
+    };
+    let ord = match (op, swapped) {
+        (operators::EQUALS, _) => return Some(leaf(Test::Eq(lit))),
+        (operators::NOT_EQUALS, _) => return Some(Cond::Not(Box::new(leaf(Test::Eq(lit))))),
+        (operators::GREATER, false) | (operators::LESS, true) => OrdOp::Gt,
+        (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => OrdOp::Gte,
+        (operators::LESS, false) | (operators::GREATER, true) => OrdOp::Lt,
+        (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => OrdOp::Lte,
+        _ => return None,
+    };
+    Some(leaf(Test::Ord(ord, lit)))
 }
 
 /// `size(x)` or `x.size()` of a field.
@@ -469,50 +482,21 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
             if !matches!(lit, Lit::Int(_)) {
                 return None;
             }
-            let ord = |o: OrdOp| Some(strict_size(f.clone(), Test::Ord(o, lit.clone())));
-            match (op, swapped) {
-                (operators::EQUALS, _) => Some(strict_size(f, Test::Eq(lit))),
-                (operators::NOT_EQUALS, _) => {
-                    Some(Cond::Not(Box::new(strict_size(f, Test::Eq(lit)))))
-                }
-                (operators::GREATER, false) | (operators::LESS, true) => ord(OrdOp::Gt),
-                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => {
-                    ord(OrdOp::Gte)
-                }
-                (operators::LESS, false) | (operators::GREATER, true) => ord(OrdOp::Lt),
-                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => {
-                    ord(OrdOp::Lte)
-                }
-                _ => None,
-            }
+            comparison(op, swapped, f, lit, true)
         }
         (op, [l, r]) => {
-            let (field_side, lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
+            let ((f, ty), lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
                 (Some(f), None) => (f, literal(r)?, false),
                 (None, Some(f)) => (f, literal(l)?, true),
                 _ => return None,
             };
-            let (f, ty) = field_side;
             if matches!(
                 ty,
                 FieldType::StrList | FieldType::StrMap | FieldType::Messages
             ) {
                 return None;
             }
-            let ord = |o: OrdOp| Some(strict(f.clone(), Test::Ord(o, lit.clone())));
-            match (op, swapped) {
-                (operators::EQUALS, _) => Some(strict(f, Test::Eq(lit))),
-                (operators::NOT_EQUALS, _) => Some(Cond::Not(Box::new(strict(f, Test::Eq(lit))))),
-                (operators::GREATER, false) | (operators::LESS, true) => ord(OrdOp::Gt),
-                (operators::GREATER_EQUALS, false) | (operators::LESS_EQUALS, true) => {
-                    ord(OrdOp::Gte)
-                }
-                (operators::LESS, false) | (operators::GREATER, true) => ord(OrdOp::Lt),
-                (operators::LESS_EQUALS, false) | (operators::GREATER_EQUALS, true) => {
-                    ord(OrdOp::Lte)
-                }
-                _ => None,
-            }
+            comparison(op, swapped, f, lit, false)
         }
         _ => None,
     }
