@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::source;
-use llm_policy_core::{Diagnostic, Diagnostics, EvalOptions, LocalOnly, PolicySet};
+use llm_policy_core::{ContextConfig, Diagnostic, Diagnostics, EvalOptions, LocalOnly, PolicySet};
 use serde::Deserialize;
 
 use crate::request::RequestFile;
@@ -36,6 +36,9 @@ pub struct Suite {
     pub metadata: SuiteMeta,
     /// Policy file or directory, relative to the suite file.
     pub policy: String,
+    /// Context configuration for this suite (default: the one given to the command).
+    #[serde(default)]
+    pub context_config: Option<ContextConfig>,
     /// Cases.
     pub cases: Vec<Case>,
 }
@@ -147,7 +150,8 @@ fn show_list(v: &[String]) -> String {
 }
 
 /// Runs one suite file. Errors (unreadable suite, invalid policy) are returned as diagnostics.
-pub fn run_suite(path: &Path) -> Result<SuiteResult, Diagnostics> {
+/// `config` applies unless the suite sets `contextConfig`.
+pub fn run_suite(path: &Path, config: &ContextConfig) -> Result<SuiteResult, Diagnostics> {
     let file = path.display().to_string();
     let docs = source::load_file(path).map_err(|e| Diagnostics(vec![e]))?;
     let doc = docs
@@ -162,7 +166,8 @@ pub fn run_suite(path: &Path) -> Result<SuiteResult, Diagnostics> {
         })?;
     let suite: Suite = doc.parse().map_err(|e| Diagnostics(vec![e]))?;
     let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
-    let set = PolicySet::load(&[policy_path])?.set;
+    let config = suite.context_config.as_ref().unwrap_or(config);
+    let set = PolicySet::load_with(&[policy_path], config)?.set;
     let mut cases = Vec::new();
     for (i, case) in suite.cases.iter().enumerate() {
         let line = doc.position(&format!("/cases/{i}")).map(|p| p.line);

@@ -155,8 +155,17 @@ impl PolicySet {
     /// Loads (file or directory paths) and compiles, with the default context configuration.
     #[cfg(feature = "std")]
     pub fn load<P: AsRef<std::path::Path>>(paths: &[P]) -> Result<CompileOutput, Diagnostics> {
+        PolicySet::load_with(paths, &ContextConfig::default())
+    }
+
+    /// Loads (file or directory paths) and compiles against a context configuration.
+    #[cfg(feature = "std")]
+    pub fn load_with<P: AsRef<std::path::Path>>(
+        paths: &[P],
+        config: &ContextConfig,
+    ) -> Result<CompileOutput, Diagnostics> {
         let docs = crate::source::load_policies(paths)?;
-        PolicySet::compile(&docs, &ContextConfig::default())
+        PolicySet::compile(&docs, config)
     }
 
     /// The context configuration the set was compiled against (use it to build contexts).

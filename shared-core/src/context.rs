@@ -4,6 +4,7 @@
 //! method, path, headers and body. Every field of the schema ([`crate::schema::FIELDS`]) is
 //! present; absent values are null, empty or false as documented there.
 
+use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use serde::{Deserialize, Serialize};
@@ -11,15 +12,19 @@ use serde::{Deserialize, Serialize};
 use crate::extract;
 use crate::schema::FieldRef;
 
-/// How the context is read from headers. One per deployment; the policy set is compiled against it.
+/// How the context is read from headers. One per deployment; the policy set is compiled against it
+/// (principal attributes are part of the schema conditions are checked against).
+///
+/// As a file (`llm-policy --context-config`):
+/// `{namespaceHeader, principalHeaders: {id: x-user-id, ...}, shieldPrefix, maxBodyBytes}`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, default)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct ContextConfig {
     /// Header that selects the policy namespace (default `x-llm-policy-namespace`).
     pub namespace_header: String,
     /// Principal attributes and the header each is read from (defaults: `id` ← `x-user-id`,
     /// `tier` ← `x-user-tier`, `team` ← `x-team-id`).
-    pub principal_headers: Vec<(String, String)>,
+    pub principal_headers: BTreeMap<String, String>,
     /// Prefix of shield score headers (default `x-llm-shield-`).
     pub shield_prefix: String,
     /// Bodies larger than this are rejected with 413 (default 4 MiB).
@@ -47,10 +52,7 @@ impl Default for ContextConfig {
 impl ContextConfig {
     /// The configured principal attribute names.
     pub fn principal_attributes(&self) -> Vec<String> {
-        self.principal_headers
-            .iter()
-            .map(|(a, _)| a.clone())
-            .collect()
+        self.principal_headers.keys().cloned().collect()
     }
 }
 

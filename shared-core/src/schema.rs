@@ -194,7 +194,13 @@ impl FieldRef {
                 if principal_attrs.iter().any(|a| a == m) {
                     Ok((FieldRef::Principal(m.to_string()), FieldType::OptStr))
                 } else {
-                    Err(unknown(root, m, principal_attrs.iter().map(String::as_str)))
+                    let mut e = unknown(root, m, principal_attrs.iter().map(String::as_str));
+                    e.message = format!(
+                        "{} (configured principal attributes: {})",
+                        e.message,
+                        principal_attrs.join(", ")
+                    );
+                    Err(e)
                 }
             }
             ("shield", None) => Ok((FieldRef::ShieldAll, FieldType::StrMap)),
