@@ -126,6 +126,7 @@ pub(crate) enum KeyPart {
 }
 
 /// A compiled set and the warnings found while compiling it.
+#[derive(Debug)]
 pub struct CompileOutput {
     /// The set.
     pub set: PolicySet,
@@ -254,6 +255,8 @@ struct PolicyMeta {
 struct Pending {
     ns: String,
     policy_name: String,
+    /// Index of the document in the compiled list (a file may hold several documents).
+    doc: usize,
     file: String,
     pointer: String,
     rule: Rule,
@@ -280,12 +283,12 @@ impl<'a> Compiler<'a> {
         let mut pending: Vec<Pending> = Vec::new();
         let mut metas: Vec<PolicyMeta> = Vec::new();
         let mut digest = xxhash_rust::xxh3::Xxh3::new();
-        for doc in docs {
+        for (index, doc) in docs.iter().enumerate() {
             digest.update(doc.file.as_bytes());
             digest.update(&[0]);
             digest.update(doc.canonical.as_bytes());
             digest.update(&[0]);
-            self.read_doc(doc, &mut pending, &mut metas);
+            self.read_doc(index, doc, &mut pending, &mut metas);
         }
         if docs.is_empty() {
             self.errors.push(Diagnostic::error(
@@ -313,11 +316,7 @@ impl<'a> Compiler<'a> {
             prompt: false,
         };
         for p in pending {
-            let loc = |ptr: &str| {
-                docs.iter()
-                    .find(|d| d.file == p.file)
-                    .and_then(|d| d.position(ptr))
-            };
+            let loc = |ptr: &str| docs.get(p.doc).and_then(|d| d.position(ptr));
             let id_ptr = format!("{}/id", p.pointer);
             let id_key = (p.ns.clone(), p.rule.id.clone());
             if let Some(first) = seen_ids.get(&id_key) {
@@ -398,6 +397,7 @@ impl<'a> Compiler<'a> {
 
     fn read_doc(
         &mut self,
+        index: usize,
         doc: &Document,
         pending: &mut Vec<Pending>,
         metas: &mut Vec<PolicyMeta>,
@@ -486,6 +486,7 @@ impl<'a> Compiler<'a> {
                 ns: meta.namespace.clone(),
                 policy_name: meta.name.clone(),
                 file: doc.file.clone(),
+                doc: index,
                 pointer: base,
                 rule,
             });
@@ -498,7 +499,7 @@ impl<'a> Compiler<'a> {
         policy: usize,
         docs: &[Document],
     ) -> Option<CompiledRule> {
-        let doc = docs.iter().find(|d| d.file == p.file)?;
+        let doc = docs.get(p.doc)?;
         let rule = &p.rule;
         let id = Some(rule.id.as_str());
         let at = |ptr: &str| doc.position(&format!("{}{ptr}", p.pointer));

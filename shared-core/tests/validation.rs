@@ -250,3 +250,43 @@ fn all_errors_are_reported_at_once() {
     let rules: Vec<&str> = all.iter().filter_map(|d| d.rule.as_deref()).collect();
     assert_eq!(rules, vec!["a", "b", "c"]);
 }
+
+#[test]
+fn errors_in_a_later_document_of_a_file_point_into_that_document() {
+    let a = policy(
+        "allow",
+        "    - {id: a, when: {cel: 'true'}, action: {decision: deny}}\n",
+    );
+    let b = "---\napiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: b, namespace: other}\nspec:\n  rules:\n    - id: bad\n      when: { cel: \"request.modle == 'x'\" }\n      action: { decision: deny }\n";
+    let y = format!("{a}{b}");
+    // `a` fills lines 1-8, `---` is line 9, so the CEL of `bad` is on line 16.
+    expect(&y, "unknown-field", 16, Some("bad"));
+}
+
+#[test]
+fn remaining_error_codes() {
+    let long = format!("request.model == '{}'", "x".repeat(20_000));
+    let y = policy(
+        "allow",
+        &format!(
+            "    - id: a\n      when: {{ cel: \"{long}\" }}\n      action: {{ decision: deny }}\n"
+        ),
+    );
+    expect(&y, "cel-too-large", 9, Some("a"));
+    let y = policy("allow", "    - id: a\n      when: { cel: \"request.prompt.lowerAsci() == 'x'\" }\n      action: { decision: deny }\n");
+    expect(&y, "cel-unknown-function", 9, Some("a"));
+    let y = policy(
+        "allow",
+        "    - id: ''\n      when: { cel: 'true' }\n      action: { decision: deny }\n",
+    );
+    expect(&y, "invalid-id", 8, None);
+    let y = policy(
+        "allow",
+        "    - id: a\n      when: { plugin: { name: ' ' } }\n      action: { decision: deny }\n",
+    );
+    expect(&y, "invalid-plugin", 9, Some("a"));
+    let y = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: ''}\nspec: {}\n";
+    expect(y, "invalid-name", 3, None);
+    let none = llm_policy_core::PolicySet::compile(&[], &Default::default()).unwrap_err();
+    assert_eq!(none.0[0].code, "no-policies");
+}
