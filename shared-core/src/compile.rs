@@ -284,8 +284,7 @@ impl<'a> Compiler<'a> {
         let mut metas: Vec<PolicyMeta> = Vec::new();
         let mut digest = xxhash_rust::xxh3::Xxh3::new();
         for (index, doc) in docs.iter().enumerate() {
-            digest.update(doc.file.as_bytes());
-            digest.update(&[0]);
+            // Content only: the same policies mounted at another path are the same bundle.
             digest.update(doc.canonical.as_bytes());
             digest.update(&[0]);
             self.read_doc(index, doc, &mut pending, &mut metas);
@@ -311,10 +310,6 @@ impl<'a> Compiler<'a> {
             }
         }
         let mut seen_ids: HashMap<(String, String), String> = HashMap::new();
-        let mut needs = Needs {
-            messages: false,
-            prompt: false,
-        };
         for p in pending {
             let loc = |ptr: &str| docs.get(p.doc).and_then(|d| d.position(ptr));
             let id_ptr = format!("{}/id", p.pointer);
@@ -354,27 +349,13 @@ impl<'a> Compiler<'a> {
                 continue;
             }
             if let Some(rule) = self.compile_rule(&p, policy, docs) {
-                rule.cond.visit_fields(&mut |f| {
-                    needs.prompt |= matches!(f, FieldRef::Prompt | FieldRef::EstimatedTokens);
-                    needs.messages |= matches!(f, FieldRef::Messages);
-                });
-                if rule
-                    .action
-                    .limit
-                    .as_ref()
-                    .is_some_and(|l| l.kind != CounterKind::Requests)
-                {
-                    needs.prompt = true;
-                }
-                if rule.plugin.is_some() {
-                    needs = Needs::ALL;
-                }
                 ns.rules.push(rule);
             }
         }
         for ns in namespaces.values_mut() {
             self.finish_namespace(ns, docs);
         }
+        let needs = needs_of(namespaces.values());
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);
         self.errors.sort_by_key(by_place);
         self.warnings.sort_by_key(by_place);
@@ -885,6 +866,32 @@ impl<'a> Compiler<'a> {
             }
         }
     }
+}
+
+/// What extraction must build for these namespaces: text only if some rule reads it, a token
+/// counter estimates from it, or a plugin may inspect it.
+fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
+    let mut needs = Needs {
+        messages: false,
+        prompt: false,
+    };
+    for ns in namespaces {
+        for f in &ns.reads {
+            needs.prompt |= matches!(f, FieldRef::Prompt | FieldRef::EstimatedTokens);
+            needs.messages |= *f == FieldRef::Messages;
+        }
+        for r in &ns.rules {
+            needs.prompt |= r
+                .action
+                .limit
+                .as_ref()
+                .is_some_and(|l| l.kind != CounterKind::Requests);
+            if r.plugin.is_some() {
+                needs = Needs::ALL;
+            }
+        }
+    }
+    needs
 }
 
 fn is_always(c: &Cond) -> bool {

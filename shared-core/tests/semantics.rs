@@ -400,3 +400,51 @@ fn decision_json_is_stable() {
     let back: llm_policy_core::Decision = serde_json::from_value(v).unwrap();
     assert_eq!(back, d);
 }
+
+#[test]
+fn extraction_needs_follow_what_rules_read() {
+    let model_only = compile(&policy(
+        "allow",
+        "    - {id: m, when: {cel: \"request.model == 'x'\"}, action: {decision: deny}}\n",
+    ))
+    .unwrap();
+    assert_eq!(
+        model_only.needs(),
+        llm_policy_core::context::Needs {
+            messages: false,
+            prompt: false
+        }
+    );
+    let prompt = compile(&policy("allow", "    - {id: p, when: {match: {field: request.prompt, op: contains, value: secret}}, action: {decision: deny}}\n")).unwrap();
+    assert_eq!(
+        prompt.needs(),
+        llm_policy_core::context::Needs {
+            messages: false,
+            prompt: true
+        }
+    );
+    let interpreted = compile(&policy("allow", "    - {id: i, when: {cel: \"request.messages.exists(m, m.role == 'tool')\"}, action: {decision: deny}}\n")).unwrap();
+    assert!(interpreted.needs().messages);
+    // Skipping text changes nothing for a set that does not read it.
+    let body = r#"{"model":"x","messages":[{"role":"user","content":"a secret"}]}"#;
+    let headers: Vec<(String, String)> = Vec::new();
+    let input = llm_policy_core::RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &headers,
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    let lean = llm_policy_core::RequestContext::from_request_with(
+        &input,
+        model_only.config(),
+        model_only.needs(),
+    )
+    .unwrap();
+    assert_eq!(lean.request.prompt, "");
+    assert_eq!(eval(&model_only, &lean).decision, Verdict::Deny);
+    assert_eq!(
+        eval(&model_only, &lean).metadata.cache_key,
+        eval(&model_only, &ctx(&[], body)).metadata.cache_key
+    );
+}
