@@ -33,6 +33,7 @@ test: lint unit nostd wasm policy-tests sdk-fixtures-check
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps -p llm-policy-core -p llm-policy-server -p llm-policy-filter
 
 fmt:
 	$(CARGO) fmt --all
