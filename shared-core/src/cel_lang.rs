@@ -8,6 +8,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
 use cel::common::ast::{operators, CallExpr, Expr, LiteralValue, SelectExpr};
+use cel::common::types::{
+    CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
+};
 use cel::{Context, Env, ExecutionError, IdedExpr, Program, Value};
 
 use crate::condition::{Cond, CondError, Leaf, Lit, OrdOp, Scratch, Test, Truth};
@@ -507,7 +510,7 @@ impl CelProgram {
         &self.reads
     }
 
-    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch<'_>) -> Truth {
+    pub(crate) fn eval<'a>(&self, ctx: &'a RequestContext, scratch: &mut Scratch<'a>) -> Truth {
         let reads = scratch.cel_reads;
         let activation = scratch
             .cel
@@ -523,26 +526,43 @@ impl CelProgram {
     }
 }
 
-fn s(v: &str) -> Value {
-    Value::String(Arc::new(v.to_string()))
+/// A CEL value borrowing from the request context.
+type Val<'a> = Box<dyn cel::common::value::Val + 'a>;
+
+fn s(v: &str) -> Val<'_> {
+    Box::new(CelString::from(v))
 }
 
-fn opt_s(v: &Option<String>) -> Value {
-    v.as_deref().map_or(Value::Null, s)
+fn opt_s(v: &Option<String>) -> Val<'_> {
+    match v {
+        Some(x) => s(x),
+        None => Box::new(CelNull),
+    }
 }
 
-fn map(entries: impl IntoIterator<Item = (String, Value)>) -> Value {
-    let m: HashMap<String, Value> = entries.into_iter().collect();
-    Value::Map(m.into())
+fn int<'a>(v: i64) -> Val<'a> {
+    Box::new(CelInt::from(v))
 }
 
-/// The CEL variables for one request: `request`, `principal`, `shield`, `time`. Only the
-/// `request` fields in `reads` are converted (all of them with `None`): the interpreted programs
-/// of a namespace never read others, and copying a long prompt costs microseconds.
-pub(crate) fn activation(
-    ctx: &RequestContext,
+fn map<'a>(entries: impl IntoIterator<Item = (&'a str, Val<'a>)>) -> Val<'a> {
+    let m: HashMap<CelMapKey<'a>, Val<'a>> = entries
+        .into_iter()
+        .map(|(k, v)| (CelMapKey::from(k), v))
+        .collect();
+    Box::new(CelMap::from(m))
+}
+
+fn list<'a>(items: impl IntoIterator<Item = Val<'a>>) -> Val<'a> {
+    Box::new(CelList::from(items.into_iter().collect::<Vec<_>>()))
+}
+
+/// The CEL variables for one request: `request`, `principal`, `shield`, `time`, borrowing every
+/// string from the context (no copies). Only the `request` fields in `reads` are built (all of
+/// them with `None`): the interpreted programs of a namespace never read others.
+pub(crate) fn activation<'a>(
+    ctx: &'a RequestContext,
     reads: Option<&[FieldRef]>,
-) -> Context<'static, 'static> {
+) -> Context<'a, 'a> {
     let r = &ctx.request;
     let want = |f: &FieldRef| {
         reads.is_none_or(|rs| {
@@ -550,69 +570,69 @@ pub(crate) fn activation(
                 || (*f == FieldRef::Headers && rs.iter().any(|x| matches!(x, FieldRef::Header(_))))
         })
     };
-    let fields: [(FieldRef, &str, &dyn Fn() -> Value); 16] = [
+    let fields: [(FieldRef, &str, &dyn Fn() -> Val<'a>); 16] = [
         (FieldRef::Method, "method", &|| s(&r.method)),
         (FieldRef::Path, "path", &|| s(&r.path)),
         (FieldRef::Host, "host", &|| s(&r.host)),
         (FieldRef::Headers, "headers", &|| {
-            map(r.headers.iter().map(|(h, v)| (h.clone(), s(v))))
+            map(r.headers.iter().map(|(h, v)| (h.as_str(), s(v))))
         }),
         (FieldRef::Provider, "provider", &|| s(r.provider.as_str())),
         (FieldRef::Api, "api", &|| s(r.api.as_str())),
         (FieldRef::Model, "model", &|| opt_s(&r.model)),
-        (FieldRef::Stream, "stream", &|| Value::Bool(r.stream)),
-        (FieldRef::MaxTokens, "max_tokens", &|| {
-            r.max_tokens.map_or(Value::Null, Value::Int)
+        (FieldRef::Stream, "stream", &|| {
+            Box::new(CelBool::from(r.stream))
         }),
-        (FieldRef::Temperature, "temperature", &|| {
-            r.temperature.map_or(Value::Null, Value::Float)
+        (FieldRef::MaxTokens, "max_tokens", &|| match r.max_tokens {
+            Some(n) => int(n),
+            None => Box::new(CelNull),
         }),
+        (
+            FieldRef::Temperature,
+            "temperature",
+            &|| match r.temperature {
+                Some(t) => Box::new(CelDouble::from(t)),
+                None => Box::new(CelNull),
+            },
+        ),
         (FieldRef::User, "user", &|| opt_s(&r.user)),
         (FieldRef::Messages, "messages", &|| {
-            Value::List(Arc::new(
+            list(
                 r.messages
                     .iter()
-                    .map(|m| {
-                        map([
-                            ("role".to_string(), s(&m.role)),
-                            ("content".to_string(), s(&m.content)),
-                        ])
-                    })
-                    .collect(),
-            ))
+                    .map(|m| map([("role", s(&m.role)), ("content", s(&m.content))])),
+            )
         }),
         (FieldRef::Prompt, "prompt", &|| s(&r.prompt)),
         (FieldRef::EstimatedTokens, "estimated_tokens", &|| {
-            Value::Int(r.estimated_tokens)
+            int(r.estimated_tokens)
         }),
         (FieldRef::Tools, "tools", &|| {
-            Value::List(Arc::new(r.tools.iter().map(|t| s(t)).collect()))
+            list(r.tools.iter().map(|t| s(t)))
         }),
-        (FieldRef::BodyBytes, "body_bytes", &|| {
-            Value::Int(r.body_bytes)
-        }),
+        (FieldRef::BodyBytes, "body_bytes", &|| int(r.body_bytes)),
     ];
     let request = map(fields
         .iter()
         .filter(|(f, _, _)| want(f))
-        .map(|(_, name, v)| (name.to_string(), v())));
-    let principal = map(ctx.principal.iter().map(|(a, v)| (a.clone(), opt_s(v))));
+        .map(|(_, name, v)| (*name, v())));
+    let principal = map(ctx.principal.iter().map(|(a, v)| (a.as_str(), opt_s(v))));
     let shield = map(ctx.shield.iter().map(|(n, v)| {
-        let v = match v {
-            ShieldValue::Number(f) => Value::Float(*f),
+        let v: Val<'a> = match v {
+            ShieldValue::Number(f) => Box::new(CelDouble::from(*f)),
             ShieldValue::Text(t) => s(t),
         };
-        (n.clone(), v)
+        (n.as_str(), v)
     }));
     let time = map([
-        ("hour".to_string(), Value::Int(ctx.time.hour)),
-        ("weekday".to_string(), Value::Int(ctx.time.weekday)),
+        ("hour", int(ctx.time.hour)),
+        ("weekday", int(ctx.time.weekday)),
     ]);
     let mut c = Context::with_env(Arc::clone(env()));
-    c.add_variable_from_value("request", request);
-    c.add_variable_from_value("principal", principal);
-    c.add_variable_from_value("shield", shield);
-    c.add_variable_from_value("time", time);
+    c.add_variable_as_val("request", request);
+    c.add_variable_as_val("principal", principal);
+    c.add_variable_as_val("shield", shield);
+    c.add_variable_as_val("time", time);
     c
 }
 

@@ -107,7 +107,7 @@ pub(crate) struct Scratch<'a> {
     #[cfg(feature = "cel")]
     pub cel_reads: &'a [FieldRef],
     #[cfg(feature = "cel")]
-    pub cel: Option<cel::Context<'static, 'static>>,
+    pub cel: Option<cel::Context<'a, 'a>>,
     #[cfg(not(feature = "cel"))]
     pub _unused: core::marker::PhantomData<&'a ()>,
 }
@@ -115,7 +115,7 @@ pub(crate) struct Scratch<'a> {
 impl Cond {
     // Without CEL the scratch space is empty and only passed down.
     #[cfg_attr(not(feature = "cel"), allow(clippy::only_used_in_recursion))]
-    pub(crate) fn eval(&self, ctx: &RequestContext, scratch: &mut Scratch<'_>) -> Truth {
+    pub(crate) fn eval<'a>(&self, ctx: &'a RequestContext, scratch: &mut Scratch<'a>) -> Truth {
         match self {
             Cond::Const(b) => Ok(*b),
             Cond::All(children) => {

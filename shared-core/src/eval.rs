@@ -178,7 +178,7 @@ impl PolicySet {
                 }
             }
             cacheable &= !rule.volatile;
-            let outcome = self.run_rule(rule, ns, ctx, &mut scratch, hooks, &mut charges);
+            let outcome = run_rule(rule, ns, ctx, &mut scratch, hooks, &mut charges);
             let (label, detail) = match &outcome {
                 Outcome::Matched => ("matched", None),
                 Outcome::NotMatched => ("not_matched", None),
@@ -335,60 +335,59 @@ impl PolicySet {
             explain: explain.then_some(trace),
         }
     }
+}
 
-    fn run_rule(
-        &self,
-        rule: &CompiledRule,
-        ns: &Namespace,
-        ctx: &RequestContext,
-        scratch: &mut Scratch<'_>,
-        hooks: &mut dyn Hooks,
-        charges: &mut Vec<Charge>,
-    ) -> Outcome {
-        let matched = match &rule.plugin {
-            Some(p) => match hooks.plugin(&rule.id, p, ctx) {
-                PluginCheck::Matched(b) => Ok(b),
-                PluginCheck::Error(e) => Err(e),
-                PluginCheck::Unavailable => return Outcome::Remote,
-            },
-            None => rule.cond.eval(ctx, scratch).map_err(|e| e.0),
-        };
-        match matched {
-            Err(e) => Outcome::Error(e),
-            Ok(false) => Outcome::NotMatched,
-            Ok(true) => {
-                let Some(limit) = &rule.action.limit else {
-                    return Outcome::Matched;
-                };
-                if rule.shadow {
-                    return Outcome::Matched;
-                }
-                let charge = Charge {
-                    rule: rule.id.clone(),
-                    source: limit.source,
-                    key: render_key(&ns.name, &rule.id, &limit.key, ctx),
-                    kind: limit.kind,
-                    limit: limit.limit,
-                    window_secs: limit.window_secs,
-                    amount: match limit.kind {
-                        CounterKind::Requests => 1.0,
-                        CounterKind::Tokens => {
-                            (ctx.request.estimated_tokens
-                                + ctx.request.max_tokens.unwrap_or(0).max(0))
-                                as f64
-                        }
-                        CounterKind::Usd => 0.0,
-                    },
-                    scope: limit.scope,
-                };
-                let state = hooks.counter(&charge);
-                charges.push(charge);
-                match state {
-                    CounterCheck::Over => Outcome::Matched,
-                    CounterCheck::Under => Outcome::UnderLimit,
-                    CounterCheck::Unknown if limit.scope == Scope::Global => Outcome::Remote,
-                    CounterCheck::Unknown => Outcome::UnderLimit,
-                }
+/// Evaluates one rule: its condition (or plugin), then its counter if it has one.
+fn run_rule<'a>(
+    rule: &CompiledRule,
+    ns: &Namespace,
+    ctx: &'a RequestContext,
+    scratch: &mut Scratch<'a>,
+    hooks: &mut dyn Hooks,
+    charges: &mut Vec<Charge>,
+) -> Outcome {
+    let matched = match &rule.plugin {
+        Some(p) => match hooks.plugin(&rule.id, p, ctx) {
+            PluginCheck::Matched(b) => Ok(b),
+            PluginCheck::Error(e) => Err(e),
+            PluginCheck::Unavailable => return Outcome::Remote,
+        },
+        None => rule.cond.eval(ctx, scratch).map_err(|e| e.0),
+    };
+    match matched {
+        Err(e) => Outcome::Error(e),
+        Ok(false) => Outcome::NotMatched,
+        Ok(true) => {
+            let Some(limit) = &rule.action.limit else {
+                return Outcome::Matched;
+            };
+            if rule.shadow {
+                return Outcome::Matched;
+            }
+            let charge = Charge {
+                rule: rule.id.clone(),
+                source: limit.source,
+                key: render_key(&ns.name, &rule.id, &limit.key, ctx),
+                kind: limit.kind,
+                limit: limit.limit,
+                window_secs: limit.window_secs,
+                amount: match limit.kind {
+                    CounterKind::Requests => 1.0,
+                    CounterKind::Tokens => {
+                        (ctx.request.estimated_tokens + ctx.request.max_tokens.unwrap_or(0).max(0))
+                            as f64
+                    }
+                    CounterKind::Usd => 0.0,
+                },
+                scope: limit.scope,
+            };
+            let state = hooks.counter(&charge);
+            charges.push(charge);
+            match state {
+                CounterCheck::Over => Outcome::Matched,
+                CounterCheck::Under => Outcome::UnderLimit,
+                CounterCheck::Unknown if limit.scope == Scope::Global => Outcome::Remote,
+                CounterCheck::Unknown => Outcome::UnderLimit,
             }
         }
     }
