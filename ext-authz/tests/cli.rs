@@ -20,6 +20,12 @@ fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
 
+/// Asserts that the command's stderr contains `needle`, showing stderr otherwise.
+fn stderr_has(out: &Output, needle: &str) {
+    let err = text(&out.stderr);
+    assert!(err.contains(needle), "no {needle:?} in stderr:\n{err}");
+}
+
 fn write(dir: &Path, name: &str, body: &str) -> String {
     let p = dir.join(name);
     std::fs::write(&p, body).expect("write");
@@ -57,11 +63,7 @@ fn validate_rejects_a_broken_file_with_locations() {
     let f = write(dir.path(), "syntax.yaml", "apiVersion: [\n");
     let out = run(&["validate", &f]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("error[syntax]"),
-        "{}",
-        text(&out.stderr)
-    );
+    stderr_has(&out, "error[syntax]");
 }
 
 #[test]
@@ -145,11 +147,7 @@ fn eval_rejects_invalid_input_with_exit_2() {
         "examples/requests/allowed-chat.json",
     ]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("missing field"),
-        "{}",
-        text(&out.stderr)
-    );
+    stderr_has(&out, "missing field");
 }
 
 #[test]
@@ -211,11 +209,7 @@ fn test_with_a_broken_policy_is_exit_2() {
     );
     let out = run(&["test", &suite]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("p.yaml:4:"),
-        "{}",
-        text(&out.stderr)
-    );
+    stderr_has(&out, "p.yaml:4:");
 }
 
 #[test]
@@ -256,17 +250,9 @@ fn context_config_changes_the_schema_and_the_headers() {
     // Without the configuration, `principal.org` is not part of the schema.
     let out = run(&["validate", &p]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("configured principal attributes: id, team, tier"),
-        "{}",
-        text(&out.stderr)
-    );
+    stderr_has(&out, "configured principal attributes: id, team, tier");
     let bad = write(dir.path(), "bad.yaml", "principalHeader: {}\n");
     let out = run(&["validate", "--context-config", &bad, &p]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(
-        text(&out.stderr).contains("bad.yaml:1:1"),
-        "{}",
-        text(&out.stderr)
-    );
+    stderr_has(&out, "bad.yaml:1:1");
 }

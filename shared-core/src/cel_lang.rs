@@ -354,30 +354,26 @@ fn string_lit(e: &IdedExpr) -> Option<String> {
     }
 }
 
-fn strict(field: FieldRef, test: Test) -> Cond {
+/// A CEL-semantics leaf on the field's value (`size: false`) or its `size()`.
+fn strict_leaf(field: FieldRef, test: Test, size: bool) -> Cond {
     Cond::Leaf(Leaf {
         field,
         test,
         negate: false,
         strict: true,
         ignore_case: false,
-        size: false,
+        size,
     })
+}
+
+fn strict(field: FieldRef, test: Test) -> Cond {
+    strict_leaf(field, test, false)
 }
 
 /// `field <op> literal`, or `literal <op> field` when `swapped`; on the field's `size()` when
 /// `size`. `None` for operators the native tree does not have.
 fn comparison(op: &str, swapped: bool, field: FieldRef, lit: Lit, size: bool) -> Option<Cond> {
-    let leaf = |test| {
-        Cond::Leaf(Leaf {
-            field,
-            test,
-            negate: false,
-            strict: true,
-            ignore_case: false,
-            size,
-        })
-    };
+    let leaf = |test| strict_leaf(field, test, size);
     let ord = match (op, swapped) {
         (operators::EQUALS, _) => return Some(leaf(Test::Eq(lit))),
         (operators::NOT_EQUALS, _) => return Some(Cond::Not(Box::new(leaf(Test::Eq(lit))))),
