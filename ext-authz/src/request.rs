@@ -4,8 +4,8 @@
 
 use std::collections::BTreeMap;
 
-use llm_policy_core::context::TimeInfo;
-use llm_policy_core::{ContextError, PolicySet, RequestContext, RequestInput};
+use llm_policy_core::context::{Needs, TimeInfo};
+use llm_policy_core::{ContextConfig, ContextError, PolicySet, RequestContext, RequestInput};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -53,6 +53,15 @@ impl RequestFile {
 
     /// Builds the context the way the filter and server will (including `needs` skipping).
     pub fn context(&self, set: &PolicySet) -> Result<RequestContext, ContextError> {
+        self.context_with(set.config(), set.needs())
+    }
+
+    /// Builds the context with a configuration, extracting what `needs` says.
+    pub fn context_with(
+        &self,
+        config: &ContextConfig,
+        needs: Needs,
+    ) -> Result<RequestContext, ContextError> {
         let headers: Vec<(String, String)> = self
             .headers
             .iter()
@@ -72,7 +81,7 @@ impl RequestFile {
             body: &body,
             now_unix: now,
         };
-        let mut ctx = RequestContext::from_request_with(&input, set.config(), set.needs())?;
+        let mut ctx = RequestContext::from_request_with(&input, config, needs)?;
         if let Some(t) = self.time {
             ctx.time = t;
         }

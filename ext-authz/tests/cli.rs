@@ -256,3 +256,26 @@ fn context_config_changes_the_schema_and_the_headers() {
     assert_eq!(out.status.code(), Some(2));
     stderr_has(&out, "bad.yaml:1:1");
 }
+
+#[test]
+fn context_shows_what_conditions_see() {
+    let out = run(&[
+        "context",
+        "-r",
+        "examples/requests/anthropic-jailbreak.json",
+    ]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let c: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(c["namespace"], "default");
+    assert_eq!(c["request"]["provider"], "anthropic");
+    assert_eq!(c["request"]["api"], "messages");
+    assert_eq!(c["request"]["headers"]["anthropic-version"], "2023-06-01");
+    assert_eq!(c["principal"]["id"], "u-8");
+    assert!(c["principal"]["tier"].is_null());
+    assert!(c["request"]["prompt"]
+        .as_str()
+        .unwrap()
+        .starts_with("You are a support assistant"));
+    let out = run(&["context", "-r", "examples/requests/malformed-body.json"]);
+    assert_eq!(out.status.code(), Some(2));
+}

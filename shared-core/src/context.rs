@@ -199,7 +199,8 @@ pub struct RequestInfo {
     pub path: String,
     /// Host / authority.
     pub host: String,
-    /// Lower-cased header names with values, sorted by name.
+    /// Lower-cased header names with values, sorted by name (a JSON map when serialized).
+    #[serde(with = "pairs")]
     pub headers: Vec<(String, String)>,
     /// Provider.
     pub provider: Provider,
@@ -255,8 +256,10 @@ pub struct RequestContext {
     /// Request fields.
     pub request: RequestInfo,
     /// Principal attributes, in configuration order; null when the header is missing.
+    #[serde(with = "pairs")]
     pub principal: Vec<(String, Option<String>)>,
     /// Shield scores, sorted by name.
+    #[serde(with = "pairs")]
     pub shield: Vec<(String, ShieldValue)>,
     /// Evaluation time.
     pub time: TimeInfo,
@@ -444,6 +447,28 @@ impl RequestContext {
             FieldRef::Hour => FieldValue::Int(self.time.hour),
             FieldRef::Weekday => FieldValue::Int(self.time.weekday),
         }
+    }
+}
+
+/// Serializes sorted `(name, value)` lists as JSON maps.
+mod pairs {
+    use alloc::collections::BTreeMap;
+    use alloc::string::String;
+    use alloc::vec::Vec;
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    pub fn serialize<S: Serializer, V: Serialize>(
+        v: &[(String, V)],
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.collect_map(v.iter().map(|(k, v)| (k, v)))
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>, V: Deserialize<'de>>(
+        d: D,
+    ) -> Result<Vec<(String, V)>, D::Error> {
+        let m: BTreeMap<String, V> = BTreeMap::deserialize(d)?;
+        Ok(m.into_iter().collect())
     }
 }
 
