@@ -169,3 +169,41 @@ fn random_bytes_never_panic_extraction() {
         })
         .expect("no panic");
 }
+
+/// Random edits of the example policies (deleted, duplicated and replaced bytes) never panic the
+/// loader or the compiler: a broken file is an error, never a crash.
+#[test]
+fn mangled_policy_files_never_panic() {
+    let text = std::fs::read_to_string(bundle_dir().join("llm-baseline.yaml")).unwrap();
+    let bytes = text.as_bytes().to_vec();
+    let edit = (0..bytes.len(), 0usize..3, any::<u8>(), 1usize..40);
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(600));
+    runner
+        .run(&prop::collection::vec(edit, 1..6), |edits| {
+            let mut b = bytes.clone();
+            for (pos, kind, byte, len) in edits {
+                let pos = pos.min(b.len());
+                let end = (pos + len).min(b.len());
+                match kind {
+                    0 => {
+                        b.drain(pos..end);
+                    }
+                    1 => {
+                        let chunk: Vec<u8> = b[pos..end].to_vec();
+                        b.splice(pos..pos, chunk);
+                    }
+                    _ => {
+                        if pos < b.len() {
+                            b[pos] = byte;
+                        }
+                    }
+                }
+            }
+            let text = String::from_utf8_lossy(&b);
+            if let Ok(docs) = parse_str("mangled.yaml", &text) {
+                let _ = PolicySet::compile(&docs, &ContextConfig::default());
+            }
+            Ok(())
+        })
+        .expect("no panic");
+}
