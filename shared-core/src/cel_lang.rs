@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 
-use cel::common::ast::{operators, CallExpr, Expr, LiteralValue, SelectExpr};
+use cel::common::ast::{operators, CallExpr, ComprehensionExpr, Expr, LiteralValue, SelectExpr};
 use cel::common::types::{
     CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
 };
@@ -15,7 +15,7 @@ use cel::{Context, Env, ExecutionError, IdedExpr, Program, Value};
 
 use crate::condition::{Cond, CondError, Leaf, Lit, OrdOp, Scratch, Test, Truth};
 use crate::context::{RequestContext, ShieldValue};
-use crate::schema::{FieldRef, FieldType, ROOTS};
+use crate::schema::{ElemField, FieldRef, FieldType, ROOTS};
 
 /// Longest accepted expression, in bytes.
 pub(crate) const MAX_EXPR_LEN: usize = 16 * 1024;
@@ -145,7 +145,8 @@ pub(crate) fn compile(src: &str, attrs: &[String]) -> Result<CelCompiled, CelErr
             ));
         }
     }
-    if let Some(cond) = translate(program.expression(), attrs) {
+    let sc = Scope { attrs, elem: None };
+    if let Some(cond) = translate(program.expression(), &sc) {
         return Ok(CelCompiled {
             cond,
             index_hint: None,
@@ -156,7 +157,7 @@ pub(crate) fn compile(src: &str, attrs: &[String]) -> Result<CelCompiled, CelErr
     flatten_and(program.expression(), &mut conjuncts);
     let hints: Vec<Cond> = conjuncts
         .into_iter()
-        .filter_map(|c| translate(c, attrs))
+        .filter_map(|c| translate(c, &sc))
         .collect();
     let index_hint = (!hints.is_empty()).then_some(Cond::All(hints));
     Ok(CelCompiled {
@@ -301,14 +302,39 @@ fn whole_root(name: &str, reads: &mut Vec<FieldRef>) -> Option<()> {
 }
 
 /// A field access: `root.member`, `request.headers.x`, `request.headers['x']`, `shield['x']`.
-fn field_of(e: &IdedExpr, attrs: &[String]) -> Option<(FieldRef, FieldType)> {
+/// What a translation may refer to: the configured principal attributes and, inside an
+/// `exists` / `all`, the iteration variable and the type of the list it ranges over.
+struct Scope<'s> {
+    attrs: &'s [String],
+    elem: Option<(&'s str, FieldType)>,
+}
+
+impl Scope<'_> {
+    fn elem_type(&self, name: &str) -> Option<FieldType> {
+        self.elem.filter(|(v, _)| *v == name).map(|(_, t)| t)
+    }
+}
+
+fn field_of(e: &IdedExpr, sc: &Scope<'_>) -> Option<(FieldRef, FieldType)> {
     match &e.expr {
+        // The element of `request.tools.exists(t, ...)`.
+        Expr::Ident(v) if sc.elem_type(v) == Some(FieldType::StrList) => {
+            Some((FieldRef::Elem(ElemField::Value), FieldType::Str))
+        }
         Expr::Select(SelectExpr {
             operand,
             field,
             test: false,
         }) => match &operand.expr {
-            Expr::Ident(root) => FieldRef::resolve(root, Some(field), attrs).ok(),
+            // `m.role` / `m.content` of `request.messages.exists(m, ...)`.
+            Expr::Ident(v) if sc.elem_type(v) == Some(FieldType::Messages) => {
+                match field.as_str() {
+                    "role" => Some((FieldRef::Elem(ElemField::Role), FieldType::Str)),
+                    "content" => Some((FieldRef::Elem(ElemField::Content), FieldType::Str)),
+                    _ => None,
+                }
+            }
+            Expr::Ident(root) => FieldRef::resolve(root, Some(field), sc.attrs).ok(),
             Expr::Select(inner) if is_headers(inner) => {
                 Some((FieldRef::Header(field.clone()), FieldType::OptStr))
             }
@@ -387,11 +413,11 @@ fn comparison(op: &str, swapped: bool, field: FieldRef, lit: Lit, size: bool) ->
 }
 
 /// `size(x)` or `x.size()` of a field.
-fn size_arg(e: &IdedExpr, attrs: &[String]) -> Option<FieldRef> {
+fn size_arg(e: &IdedExpr, sc: &Scope<'_>) -> Option<FieldRef> {
     match &e.expr {
         Expr::Call(c) if c.func_name == "size" => match (&c.target, c.args.as_slice()) {
-            (None, [a]) => field_of(a, attrs).map(|(f, _)| f),
-            (Some(t), []) => field_of(t, attrs).map(|(f, _)| f),
+            (None, [a]) => field_of(a, sc).map(|(f, _)| f),
+            (Some(t), []) => field_of(t, sc).map(|(f, _)| f),
             _ => None,
         },
         _ => None,
@@ -399,7 +425,7 @@ fn size_arg(e: &IdedExpr, attrs: &[String]) -> Option<FieldRef> {
 }
 
 /// Translates the native subset; `None` means "keep the interpreter".
-fn translate(e: &IdedExpr, attrs: &[String]) -> Option<Cond> {
+fn translate(e: &IdedExpr, sc: &Scope<'_>) -> Option<Cond> {
     match &e.expr {
         Expr::Literal(LiteralValue::Boolean(b)) => Some(Cond::Const(*b.inner())),
         Expr::Select(SelectExpr {
@@ -416,26 +442,71 @@ fn translate(e: &IdedExpr, attrs: &[String]) -> Option<Cond> {
                         test: false,
                     }),
                 },
-                attrs,
+                sc,
             )?;
             Some(strict(f, Test::Present))
         }
         Expr::Select(_) | Expr::Call(_)
-            if field_of(e, attrs).is_some_and(|(_, t)| t == FieldType::Bool) =>
+            if field_of(e, sc).is_some_and(|(_, t)| t == FieldType::Bool) =>
         {
-            let (f, _) = field_of(e, attrs)?;
+            let (f, _) = field_of(e, sc)?;
             Some(strict(f, Test::Eq(Lit::Bool(true))))
         }
-        Expr::Call(c) => translate_call(c, attrs),
+        Expr::Call(c) => translate_call(c, sc),
+        Expr::Comprehension(c) => translate_each(c, sc),
         _ => None,
     }
 }
 
-fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
+/// `list.exists(x, pred)` / `list.all(x, pred)` as expanded by the `cel` parser, over
+/// `request.messages` or `request.tools`, one level deep.
+fn translate_each(c: &ComprehensionExpr, sc: &Scope<'_>) -> Option<Cond> {
+    const ACCU: &str = "@result";
+    if sc.elem.is_some()
+        || c.iter_var2.is_some()
+        || c.accu_var != ACCU
+        || ROOTS.contains(&c.iter_var.as_str())
+    {
+        return None;
+    }
+    let is_accu = |e: &IdedExpr| matches!(&e.expr, Expr::Ident(a) if a == ACCU);
+    let (Expr::Literal(LiteralValue::Boolean(init)), Expr::Call(step)) =
+        (&c.accu_init.expr, &c.loop_step.expr)
+    else {
+        return None;
+    };
+    let any = match (*init.inner(), step.func_name.as_str()) {
+        (false, operators::LOGICAL_OR) => true,
+        (true, operators::LOGICAL_AND) => false,
+        _ => return None,
+    };
+    let [acc, pred] = step.args.as_slice() else {
+        return None;
+    };
+    if !is_accu(acc) || !is_accu(&c.result) {
+        return None;
+    }
+    let (range, ty) = field_of(&c.iter_range, sc)?;
+    if !matches!(ty, FieldType::Messages | FieldType::StrList) {
+        return None;
+    }
+    let inner = Scope {
+        attrs: sc.attrs,
+        elem: Some((c.iter_var.as_str(), ty)),
+    };
+    let pred = translate(pred, &inner)?;
+    Some(Cond::Each {
+        range,
+        any,
+        pred: Box::new(pred),
+    })
+}
+
+fn translate_call(c: &CallExpr, sc: &Scope<'_>) -> Option<Cond> {
     let name = c.func_name.as_str();
     if let Some(target) = &c.target {
         // Member functions with one literal string argument.
-        let (f, ty) = field_of(target, attrs)?;
+        let (f, ty) = field_of(target, sc)?;
         if !matches!(ty, FieldType::Str | FieldType::OptStr) || c.args.len() != 1 {
             return None;
         }
@@ -452,14 +523,14 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
     let args = &c.args;
     match (name, args.as_slice()) {
         (operators::LOGICAL_AND, [a, b]) => {
-            Some(Cond::All(vec![translate(a, attrs)?, translate(b, attrs)?]))
+            Some(Cond::All(vec![translate(a, sc)?, translate(b, sc)?]))
         }
         (operators::LOGICAL_OR, [a, b]) => {
-            Some(Cond::Any(vec![translate(a, attrs)?, translate(b, attrs)?]))
+            Some(Cond::Any(vec![translate(a, sc)?, translate(b, sc)?]))
         }
-        (operators::LOGICAL_NOT, [a]) => Some(Cond::Not(Box::new(translate(a, attrs)?))),
+        (operators::LOGICAL_NOT, [a]) => Some(Cond::Not(Box::new(translate(a, sc)?))),
         (operators::IN, [l, r]) => {
-            if let (Some((f, ty)), Expr::List(list)) = (field_of(l, attrs), &r.expr) {
+            if let (Some((f, ty)), Expr::List(list)) = (field_of(l, sc), &r.expr) {
                 if ty == FieldType::Messages || ty == FieldType::StrList || ty == FieldType::StrMap
                 {
                     return None;
@@ -467,13 +538,13 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
                 let lits: Option<Vec<Lit>> = list.elements.iter().map(literal).collect();
                 return Some(strict(f, Test::In(lits?)));
             }
-            let (f, ty) = field_of(r, attrs)?;
+            let (f, ty) = field_of(r, sc)?;
             let lit = literal(l)?;
             matches!(ty, FieldType::StrList | FieldType::StrMap)
                 .then(|| strict(f, Test::Has(vec![lit])))
         }
-        (op, [l, r]) if size_arg(l, attrs).is_some() || size_arg(r, attrs).is_some() => {
-            let (f, lit, swapped) = match (size_arg(l, attrs), size_arg(r, attrs)) {
+        (op, [l, r]) if size_arg(l, sc).is_some() || size_arg(r, sc).is_some() => {
+            let (f, lit, swapped) = match (size_arg(l, sc), size_arg(r, sc)) {
                 (Some(f), None) => (f, literal(r)?, false),
                 (None, Some(f)) => (f, literal(l)?, true),
                 _ => return None,
@@ -484,7 +555,7 @@ fn translate_call(c: &CallExpr, attrs: &[String]) -> Option<Cond> {
             comparison(op, swapped, f, lit, true)
         }
         (op, [l, r]) => {
-            let ((f, ty), lit, swapped) = match (field_of(l, attrs), field_of(r, attrs)) {
+            let ((f, ty), lit, swapped) = match (field_of(l, sc), field_of(r, sc)) {
                 (Some(f), None) => (f, literal(r)?, false),
                 (None, Some(f)) => (f, literal(l)?, true),
                 _ => return None,
@@ -670,6 +741,8 @@ mod tests {
             "1000 < request.max_tokens",
             "size(request.messages) > 40",
             "request.prompt.size() <= 10",
+            "request.messages.exists(m, m.role == 'tool' && size(m.content) > 20000)",
+            "request.tools.all(t, t in ['a', 'b'])",
         ] {
             let c = compile(src, &attrs()).unwrap();
             assert!(c.native, "{src}");
@@ -679,7 +752,7 @@ mod tests {
     #[test]
     fn others_use_the_interpreter_with_an_index_hint() {
         let c = compile(
-            "request.model == 'x' && request.messages.exists(m, m.role == 'tool')",
+            "request.model == 'x' && request.prompt.lowerAscii() == 'y'",
             &attrs(),
         )
         .unwrap();
@@ -772,6 +845,30 @@ mod tests {
                 Just("size(request.tools) != 0".to_string()),
                 Just("size(request.user) < 7".to_string()),
                 Just("size(request.headers) >= 1".to_string()),
+                Just("request.messages.exists(m, m.role == 'tool')".to_string()),
+                Just("request.messages.all(m, size(m.content) < 10)".to_string()),
+                Just(
+                    "request.messages.exists(m, m.content.contains('key') && m.role == 'user')"
+                        .to_string()
+                ),
+                Just(
+                    "request.messages.exists(m, m.role == 'tool' && request.max_tokens > 1000)"
+                        .to_string()
+                ),
+                Just(
+                    "request.messages.all(m, m.content.matches('k') || request.temperature < 1.0)"
+                        .to_string()
+                ),
+                Just("request.tools.exists(t, t == 'bash')".to_string()),
+                Just(
+                    "request.messages.exists(m, m.role == 'tool' || request.max_tokens > 1000)"
+                        .to_string()
+                ),
+                Just(
+                    "request.messages.all(m, m.role == 'user' && request.max_tokens > 1000)"
+                        .to_string()
+                ),
+                Just("request.tools.all(t, t.startsWith('b'))".to_string()),
             ]
         }
 
@@ -811,20 +908,33 @@ mod tests {
                 prop::option::of(prop_oneof![Just("v"), Just("w")]),
                 prop::bool::ANY,
                 prop::option::of(Just("user-9")),
-                prop::bool::ANY,
+                (prop::bool::ANY, 0usize..3),
             )
                 .prop_map(
-                    |(model, max, temp, tier, pii, prompt, xa, stream, user, bash)| {
+                    |(model, max, temp, tier, pii, prompt, xa, stream, user, (bash, turns))| {
                         let mut c = RequestContext::default();
                         c.request.model = model.map(String::from);
                         c.request.max_tokens = max;
                         c.request.temperature = temp;
                         c.request.prompt = prompt.to_string();
                         c.request.estimated_tokens = (prompt.len() as i64).div_euclid(4);
-                        c.request.messages = vec![Message {
-                            role: "user".into(),
-                            content: prompt.into(),
-                        }];
+                        c.request.messages = match turns {
+                            0 => vec![],
+                            1 => vec![Message {
+                                role: "user".into(),
+                                content: prompt.into(),
+                            }],
+                            _ => vec![
+                                Message {
+                                    role: "user".into(),
+                                    content: prompt.into(),
+                                },
+                                Message {
+                                    role: "tool".into(),
+                                    content: "tool output with a key".into(),
+                                },
+                            ],
+                        };
                         c.request.stream = stream;
                         c.request.user = user.map(String::from);
                         if bash {

@@ -17,7 +17,7 @@ use core::cmp::Ordering;
 use regex::Regex;
 
 use crate::context::{FieldValue, RequestContext};
-use crate::schema::FieldRef;
+use crate::schema::{ElemField, FieldRef};
 
 /// A literal operand.
 #[derive(Debug, Clone, PartialEq)]
@@ -89,6 +89,14 @@ pub(crate) enum Cond {
     Any(Vec<Cond>),
     Not(Box<Cond>),
     Leaf(Leaf),
+    /// CEL `list.exists(x, pred)` (`any`) or `list.all(x, pred)` over `request.messages` or
+    /// `request.tools`; `pred` reads the element through `FieldRef::Elem`.
+    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    Each {
+        range: FieldRef,
+        any: bool,
+        pred: Box<Cond>,
+    },
     /// A CEL program the native tree cannot express; run by the `cel` interpreter.
     #[cfg(feature = "cel")]
     Cel(alloc::sync::Arc<crate::cel_lang::CelProgram>),
@@ -100,9 +108,19 @@ pub(crate) struct CondError(pub String);
 
 pub(crate) type Truth = Result<bool, CondError>;
 
-/// Per-evaluation scratch space (the CEL activation, built at most once per request).
+/// The current element of a list comprehension.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Elem<'a> {
+    Message(&'a crate::context::Message),
+    Str(&'a str),
+}
+
+/// Per-evaluation scratch space (the CEL activation, built at most once per request; the current
+/// comprehension element).
 #[derive(Default)]
 pub(crate) struct Scratch<'a> {
+    /// The element `FieldRef::Elem` leaves read.
+    pub elem: Option<Elem<'a>>,
     /// The fields the namespace's interpreted CEL programs read.
     #[cfg(feature = "cel")]
     pub cel_reads: &'a [FieldRef],
@@ -145,7 +163,25 @@ impl Cond {
                 err.map_or(Ok(false), Err)
             }
             Cond::Not(c) => c.eval(ctx, scratch).map(|b| !b),
-            Cond::Leaf(leaf) => leaf.eval(ctx),
+            Cond::Leaf(leaf) => leaf.eval(ctx, scratch.elem),
+            Cond::Each { range, any, pred } => {
+                let outer = scratch.elem;
+                let result = match ctx.get(range) {
+                    FieldValue::Messages(ms) => {
+                        each(ms.iter().map(Elem::Message), *any, pred, ctx, scratch)
+                    }
+                    FieldValue::StrList(l) => {
+                        each(l.iter().map(|s| Elem::Str(s)), *any, pred, ctx, scratch)
+                    }
+                    other => Err(no_overload(
+                        if *any { "exists" } else { "all" },
+                        range,
+                        &other,
+                    )),
+                };
+                scratch.elem = outer;
+                result
+            }
             #[cfg(feature = "cel")]
             Cond::Cel(program) => program.eval(ctx, scratch),
         }
@@ -157,7 +193,12 @@ impl Cond {
             Cond::Const(_) => {}
             Cond::All(c) | Cond::Any(c) => c.iter().for_each(|c| c.visit_fields(f)),
             Cond::Not(c) => c.visit_fields(f),
+            Cond::Leaf(l) if matches!(l.field, FieldRef::Elem(_)) => {}
             Cond::Leaf(l) => f(&l.field),
+            Cond::Each { range, pred, .. } => {
+                f(range);
+                pred.visit_fields(f);
+            }
             #[cfg(feature = "cel")]
             Cond::Cel(p) => p.reads().iter().for_each(f),
         }
@@ -167,6 +208,28 @@ impl Cond {
     pub(crate) fn fingerprint(&self) -> String {
         format!("{self:?}")
     }
+}
+
+/// `exists` (`any`) / `all` of `pred` over elements, with CEL's error rules (as `Any` / `All`).
+fn each<'a>(
+    elems: impl Iterator<Item = Elem<'a>>,
+    any: bool,
+    pred: &Cond,
+    ctx: &'a RequestContext,
+    scratch: &mut Scratch<'a>,
+) -> Truth {
+    let mut err = None;
+    for e in elems {
+        scratch.elem = Some(e);
+        match pred.eval(ctx, scratch) {
+            Ok(b) if b == any => return Ok(any),
+            Ok(_) => {}
+            Err(e) => {
+                err.get_or_insert(e);
+            }
+        }
+    }
+    err.map_or(Ok(!any), Err)
 }
 
 fn no_such_key(field: &FieldRef) -> CondError {
@@ -241,8 +304,11 @@ fn is_empty(v: &FieldValue<'_>) -> bool {
 }
 
 impl Leaf {
-    fn eval(&self, ctx: &RequestContext) -> Truth {
-        let v = ctx.get(&self.field);
+    fn eval(&self, ctx: &RequestContext, elem: Option<Elem<'_>>) -> Truth {
+        let v = match (&self.field, elem) {
+            (FieldRef::Elem(f), Some(e)) => elem_value(*f, e),
+            _ => ctx.get(&self.field),
+        };
         match self.test {
             Test::Present => return Ok(!matches!(v, FieldValue::Missing) != self.negate),
             Test::Exists => return Ok(is_empty(&v) == self.negate),
@@ -316,6 +382,15 @@ impl Leaf {
             },
             Test::Exists | Test::Present => Ok(true),
         }
+    }
+}
+
+fn elem_value(f: ElemField, e: Elem<'_>) -> FieldValue<'_> {
+    match (f, e) {
+        (ElemField::Role, Elem::Message(m)) => FieldValue::Str(&m.role),
+        (ElemField::Content, Elem::Message(m)) => FieldValue::Str(&m.content),
+        (ElemField::Value, Elem::Str(s)) => FieldValue::Str(s),
+        _ => FieldValue::Missing,
     }
 }
 

@@ -446,6 +446,8 @@ impl RequestContext {
             },
             FieldRef::Hour => FieldValue::Int(self.time.hour),
             FieldRef::Weekday => FieldValue::Int(self.time.weekday),
+            // Element fields exist only inside a list comprehension (see `condition::Elem`).
+            FieldRef::Elem(_) => FieldValue::Missing,
         }
     }
 }

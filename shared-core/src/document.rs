@@ -46,7 +46,8 @@ impl Document {
         value: serde_json::Value,
         spans: BTreeMap<String, Position>,
     ) -> Document {
-        let canonical = serde_json::to_string(&value).unwrap_or_default();
+        let mut canonical = String::new();
+        canonical_json(&value, &mut canonical);
         Document {
             file: file.into(),
             value,
@@ -107,6 +108,42 @@ impl Document {
     }
 }
 
+/// Writes `v` as JSON with object keys sorted at every level, so the text (and the bundle digest
+/// and cache keys derived from it) does not depend on how `serde_json` orders maps in a given
+/// build (`preserve_order` may be switched on by another crate in the dependency graph).
+fn canonical_json(v: &serde_json::Value, out: &mut String) {
+    use serde_json::Value;
+    match v {
+        Value::Object(map) => {
+            let mut keys: alloc::vec::Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push(':');
+                if let Some(x) = map.get(k) {
+                    canonical_json(x, out);
+                }
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, x) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical_json(x, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&serde_json::to_string(scalar).unwrap_or_default()),
+    }
+}
+
 /// A JSON pointer from a serde path.
 fn pointer_of(path: &serde_path_to_error::Path) -> String {
     use serde_path_to_error::Segment;
@@ -124,4 +161,25 @@ fn pointer_of(path: &serde_path_to_error::Path) -> String {
 /// Escapes one JSON-pointer segment.
 pub(crate) fn escape_segment(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_form_ignores_key_order() {
+        let a: serde_json::Value =
+            serde_json::from_str(r#"{"b": 1, "a": {"y": [1, {"d": 2, "c": 3}], "x": "s"}}"#)
+                .unwrap();
+        let b: serde_json::Value =
+            serde_json::from_str(r#"{"a": {"x": "s", "y": [1, {"c": 3, "d": 2}]}, "b": 1}"#)
+                .unwrap();
+        let (da, db) = (Document::from_value("a", a), Document::from_value("b", b));
+        assert_eq!(da.canonical, db.canonical);
+        assert_eq!(
+            da.canonical,
+            r#"{"a":{"x":"s","y":[1,{"c":3,"d":2}]},"b":1}"#
+        );
+    }
 }

@@ -57,6 +57,20 @@ pub enum FieldRef {
     Hour,
     /// `time.weekday`
     Weekday,
+    /// A field of the current element inside a CEL `exists` / `all` over a list.
+    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    Elem(ElemField),
+}
+
+/// What an element field of a list comprehension reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ElemField {
+    /// `m.role` of a message.
+    Role,
+    /// `m.content` of a message.
+    Content,
+    /// The element itself (a string of `request.tools`).
+    Value,
 }
 
 /// The static type of a field, used to check DSL operands and CEL translations at load time.
@@ -268,6 +282,9 @@ impl FieldRef {
             FieldRef::ShieldAll => String::from("shield"),
             FieldRef::Hour => String::from("time.hour"),
             FieldRef::Weekday => String::from("time.weekday"),
+            FieldRef::Elem(ElemField::Role) => String::from("<message>.role"),
+            FieldRef::Elem(ElemField::Content) => String::from("<message>.content"),
+            FieldRef::Elem(ElemField::Value) => String::from("<element>"),
             other => REQUEST_FIELDS
                 .iter()
                 .find(|(_, f, _)| f == other)

@@ -423,8 +423,8 @@ fn extraction_needs_follow_what_rules_read() {
             prompt: true
         }
     );
-    let interpreted = compile(&policy("allow", "    - {id: i, when: {cel: \"request.messages.exists(m, m.role == 'tool')\"}, action: {decision: deny}}\n")).unwrap();
-    assert!(interpreted.needs().messages);
+    let messages = compile(&policy("allow", "    - {id: i, when: {cel: \"request.messages.exists(m, m.role == 'tool')\"}, action: {decision: deny}}\n")).unwrap();
+    assert!(messages.needs().messages);
     // Skipping text changes nothing for a set that does not read it.
     let body = r#"{"model":"x","messages":[{"role":"user","content":"a secret"}]}"#;
     let headers: Vec<(String, String)> = Vec::new();
