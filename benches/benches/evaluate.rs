@@ -40,6 +40,15 @@ fn llm_policy(c: &mut Criterion) {
             b.iter(|| set.evaluate(black_box(&ctx), &EvalOptions::default(), &mut LocalOnly))
         });
     }
+    // One rule the native tree cannot express (`lowerAscii`): the CEL interpreter's cost.
+    let interpreted = compile(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: i}\nspec:\n  defaultDecision: allow\n  rules:\n    - {id: i, when: {cel: \"request.prompt.lowerAscii().contains('ignore previous')\"}, action: {decision: deny}}\n",
+    );
+    assert_eq!(interpreted.stats().interpreted, 1);
+    g.bench_function("interpreted-cel/1", |b| {
+        b.iter(|| interpreted.evaluate(black_box(&ctx), &EvalOptions::default(), &mut LocalOnly))
+    });
+
     // A hit: rule 42 matches, so a decision with a matched rule is built.
     let set = compile(&w::policy_cel(100));
     let hit = context(&w::chat_body(2 * 1024).replace("\"gpt-4o\"", "\"m42\""));

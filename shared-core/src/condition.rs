@@ -305,9 +305,12 @@ fn is_empty(v: &FieldValue<'_>) -> bool {
 
 impl Leaf {
     fn eval(&self, ctx: &RequestContext, elem: Option<Elem<'_>>) -> Truth {
-        let v = match (&self.field, elem) {
-            (FieldRef::Elem(f), Some(e)) => elem_value(*f, e),
-            _ => ctx.get(&self.field),
+        let v = match elem {
+            None => ctx.get(&self.field),
+            Some(e) => match self.field {
+                FieldRef::Elem(f) => elem_value(f, e),
+                _ => ctx.get(&self.field),
+            },
         };
         match self.test {
             Test::Present => return Ok(!matches!(v, FieldValue::Missing) != self.negate),
