@@ -45,10 +45,12 @@ pub fn decision_text(d: &Decision) -> String {
         let _ = writeln!(s, "audit:    {}   alert: {alert}", d.actions.audit);
     }
     for c in &d.actions.counters {
+        let kind = format!("{:?}", c.kind).to_lowercase();
+        let scope = format!("{:?}", c.scope).to_lowercase();
         let _ = writeln!(
             s,
-            "counter:  {} {:?} {} of {}/{}s ({:?}, rule `{}`)",
-            c.key, c.kind, c.amount, c.limit, c.window_secs, c.scope, c.rule
+            "counter:  {} +{} {kind} (limit {} per {}s, {scope}, rule `{}`)",
+            c.key, c.amount, c.limit, c.window_secs, c.rule
         );
     }
     if d.metadata.needs_remote {
