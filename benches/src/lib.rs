@@ -29,47 +29,49 @@ pub fn chat_input<'a>(headers: &'a [(String, String)], body: &'a str) -> Request
     }
 }
 
-/// llm-policy YAML with `n` CEL rules (translated to native conditions at load).
-pub fn policy_cel(n: usize) -> String {
-    let mut s = header();
+/// llm-policy YAML with `n` rules whose `when` is `condition(i)`.
+fn policy(n: usize, condition: impl Fn(usize) -> String) -> String {
+    let mut s = String::from(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: bench}\nspec:\n  defaultDecision: allow\n  rules:\n",
+    );
     for i in 0..n {
         let _ = write!(
             s,
-            "    - id: r{i}\n      priority: {i}\n      when: {{ cel: \"request.model == 'm{i}' && request.max_tokens > {}\" }}\n      action: {{ decision: deny }}\n",
-            10 * i
+            "    - id: r{i}\n      priority: {i}\n      when: {}\n      action: {{ decision: deny }}\n",
+            condition(i)
         );
     }
     s
+}
+
+/// `n` CEL rules (translated to native conditions at load).
+pub fn policy_cel(n: usize) -> String {
+    policy(n, |i| {
+        format!(
+            "{{ cel: \"request.model == 'm{i}' && request.max_tokens > {}\" }}",
+            10 * i
+        )
+    })
 }
 
 /// The same rules in the YAML DSL.
 pub fn policy_dsl(n: usize) -> String {
-    let mut s = header();
-    for i in 0..n {
-        let _ = write!(
-            s,
-            "    - id: r{i}\n      priority: {i}\n      when: {{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, {{ field: request.max_tokens, op: gt, value: {} }}] }} }}\n      action: {{ decision: deny }}\n",
+    policy(n, |i| {
+        format!(
+            "{{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, {{ field: request.max_tokens, op: gt, value: {} }}] }} }}",
             10 * i
-        );
-    }
-    s
+        )
+    })
 }
 
 /// Rules the index cannot select (prefix tests): every rule is evaluated natively.
 pub fn policy_unindexed(n: usize) -> String {
-    let mut s = header();
-    for i in 0..n {
-        let _ = write!(
-            s,
-            "    - id: r{i}\n      priority: {i}\n      when: {{ cel: \"request.model.startsWith('m{i}-') && request.max_tokens > {}\" }}\n      action: {{ decision: deny }}\n",
+    policy(n, |i| {
+        format!(
+            "{{ cel: \"request.model.startsWith('m{i}-') && request.max_tokens > {}\" }}",
             10 * i
-        );
-    }
-    s
-}
-
-fn header() -> String {
-    String::from("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: bench}\nspec:\n  defaultDecision: allow\n  rules:\n")
+        )
+    })
 }
 
 /// Rego with the same semantics: every matching rule id is collected (as llm-policy does).

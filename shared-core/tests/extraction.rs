@@ -4,28 +4,9 @@
 
 mod common;
 
-use common::ctx_at;
+use common::{ctx_at, try_ctx};
 use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::{ContextConfig, ContextError, RequestContext, RequestInput};
-
-fn try_ctx(
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &str,
-) -> Result<RequestContext, ContextError> {
-    let headers: Vec<(String, String)> = headers
-        .iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect();
-    let input = RequestInput {
-        method: "post",
-        path,
-        headers: &headers,
-        body: body.as_bytes(),
-        now_unix: 0,
-    };
-    RequestContext::from_request(&input, &ContextConfig::default())
-}
 
 #[test]
 fn openai_chat_with_parts_tools_and_options() {

@@ -4,7 +4,8 @@
 use llm_policy_core::decision::Decision;
 use llm_policy_core::source::parse_str;
 use llm_policy_core::{
-    ContextConfig, Diagnostics, EvalOptions, LocalOnly, PolicySet, RequestContext, RequestInput,
+    ContextConfig, ContextError, Diagnostics, EvalOptions, LocalOnly, PolicySet, RequestContext,
+    RequestInput,
 };
 
 /// Compiles one YAML policy text.
@@ -27,18 +28,27 @@ pub fn ctx(headers: &[(&str, &str)], body: &str) -> RequestContext {
 
 /// A context for a path.
 pub fn ctx_at(path: &str, headers: &[(&str, &str)], body: &str) -> RequestContext {
+    try_ctx(path, headers, body).expect("valid request")
+}
+
+/// A context for a path, or why the request cannot be evaluated.
+pub fn try_ctx(
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> Result<RequestContext, ContextError> {
     let headers: Vec<(String, String)> = headers
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect();
     let input = RequestInput {
-        method: "POST",
+        method: "post",
         path,
         headers: &headers,
         body: body.as_bytes(),
         now_unix: 1_795_516_288,
     };
-    RequestContext::from_request(&input, &ContextConfig::default()).expect("valid request")
+    RequestContext::from_request(&input, &ContextConfig::default())
 }
 
 /// Evaluates with no plugins and no counters.
