@@ -6,7 +6,7 @@ mod common;
 
 use common::{ctx_at, try_ctx};
 use llm_policy_core::context::{Api, Provider};
-use llm_policy_core::{ContextConfig, ContextError, RequestContext, RequestInput};
+use llm_policy_core::ContextError;
 
 #[test]
 fn openai_chat_with_parts_tools_and_options() {
