@@ -135,10 +135,4 @@ impl RuleIndex {
             out.sort_unstable();
         }
     }
-
-    /// Number of rules reached only through the index (for diagnostics and benchmarks).
-    #[allow(dead_code)]
-    pub(crate) fn keyed_fields(&self) -> usize {
-        self.keyed.len()
-    }
 }

@@ -58,7 +58,6 @@ pub enum FieldRef {
     /// `time.weekday`
     Weekday,
     /// A field of the current element inside a CEL `exists` / `all` over a list.
-    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
     Elem(ElemField),
 }
 
