@@ -207,3 +207,84 @@ fn mangled_policy_files_never_panic() {
         })
         .expect("no panic");
 }
+
+/// Arbitrary contexts (any strings, numbers, headers and scores, not only what extraction
+/// produces) never panic evaluation, with or without explain and tags.
+#[test]
+fn arbitrary_contexts_never_panic() {
+    use llm_policy_core::context::{Message, ShieldValue, TimeInfo};
+    let set = yaml_set();
+    let tags = vec!["models".to_string(), "nope".to_string()];
+    let strategy = (
+        (
+            prop::option::of(".{0,12}"),
+            ".{0,40}",
+            prop::option::of(any::<i64>()),
+            prop::option::of(any::<f64>()),
+        ),
+        (
+            prop::collection::vec(("[a-z-]{0,8}", ".{0,8}"), 0..4),
+            prop::collection::vec(".{0,6}", 0..3),
+        ),
+        (
+            prop::option::of(".{0,6}"),
+            prop::collection::vec(("[a-z_]{0,6}", any::<f64>()), 0..3),
+            any::<i64>(),
+            any::<i64>(),
+        ),
+        (
+            prop_oneof![
+                Just("default".to_string()),
+                Just("restricted".to_string()),
+                ".{0,6}"
+            ],
+            any::<bool>(),
+            any::<bool>(),
+        ),
+    );
+    let mut runner = proptest::test_runner::TestRunner::new(ProptestConfig::with_cases(1000));
+    runner
+        .run(
+            &strategy,
+            |(
+                (model, prompt, max, temp),
+                (mut headers, tools),
+                (tier, shield, hour, weekday),
+                (ns, stream, explain),
+            )| {
+                let mut c = RequestContext::default();
+                c.namespace = ns;
+                c.request.model = model;
+                c.request.max_tokens = max;
+                c.request.temperature = temp;
+                c.request.stream = stream;
+                c.request.messages = vec![Message {
+                    role: "user".into(),
+                    content: prompt.clone(),
+                }];
+                c.request.estimated_tokens = max.unwrap_or(0);
+                c.request.prompt = prompt;
+                c.request.tools = tools;
+                headers.sort();
+                c.request.headers = headers;
+                c.principal = vec![
+                    ("id".into(), None),
+                    ("team".into(), tier.clone()),
+                    ("tier".into(), tier),
+                ];
+                let mut shield: Vec<(String, ShieldValue)> = shield
+                    .into_iter()
+                    .map(|(k, v)| (k, ShieldValue::Number(v)))
+                    .collect();
+                shield.sort_by(|a, b| a.0.cmp(&b.0));
+                c.shield = shield;
+                c.time = TimeInfo { hour, weekday };
+                for t in [&[][..], &tags[..]] {
+                    let d = set.evaluate(&c, &EvalOptions { tags: t, explain }, &mut LocalOnly);
+                    prop_assert!(!d.reason.is_empty());
+                }
+                Ok(())
+            },
+        )
+        .expect("no panic");
+}
