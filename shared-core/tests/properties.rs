@@ -252,8 +252,10 @@ fn arbitrary_contexts_never_panic() {
                 (tier, shield, hour, weekday),
                 (ns, stream, explain),
             )| {
-                let mut c = RequestContext::default();
-                c.namespace = ns;
+                let mut c = RequestContext {
+                    namespace: ns,
+                    ..RequestContext::default()
+                };
                 c.request.model = model;
                 c.request.max_tokens = max;
                 c.request.temperature = temp;
