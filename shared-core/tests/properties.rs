@@ -214,7 +214,7 @@ fn mangled_policy_files_never_panic() {
 fn arbitrary_contexts_never_panic() {
     use llm_policy_core::context::{Message, ShieldValue, TimeInfo};
     let set = yaml_set();
-    let tags = vec!["models".to_string(), "nope".to_string()];
+    let tags = ["models".to_string(), "nope".to_string()];
     let strategy = (
         (
             prop::option::of(".{0,12}"),
