@@ -251,8 +251,8 @@ fn test(paths: &[PathBuf], config: &ContextConfig) -> ExitCode {
         return ExitCode::from(2);
     }
     let (mut passed, mut failed, mut invalid) = (0usize, 0usize, 0usize);
-    for path in &suites {
-        match suite::run_suite(path, config) {
+    for doc in &suites {
+        match suite::run_suite(doc, config) {
             Ok(r) => {
                 for c in &r.cases {
                     let at = c.line.map(|l| format!(":{l}")).unwrap_or_default();
@@ -270,7 +270,7 @@ fn test(paths: &[PathBuf], config: &ContextConfig) -> ExitCode {
             }
             Err(d) => {
                 invalid += 1;
-                eprintln!("ERROR {}:", path.display());
+                eprintln!("ERROR {}:", doc.file);
                 print_diagnostics(&d);
             }
         }

@@ -18,8 +18,9 @@
 use std::path::{Path, PathBuf};
 
 use llm_policy_core::decision::Verdict;
+use llm_policy_core::model::KIND_POLICY_TEST;
 use llm_policy_core::source;
-use llm_policy_core::{ContextConfig, Diagnostic, Diagnostics, EvalOptions, LocalOnly, PolicySet};
+use llm_policy_core::{ContextConfig, Diagnostics, Document, EvalOptions, LocalOnly, PolicySet};
 use serde::Deserialize;
 
 use crate::request::RequestFile;
@@ -118,54 +119,24 @@ pub struct SuiteResult {
     pub cases: Vec<CaseResult>,
 }
 
-/// Finds suite files below the given paths (files of `kind: PolicyTest`).
-pub fn find_suites(paths: &[PathBuf]) -> Result<Vec<PathBuf>, Diagnostics> {
-    let mut out = Vec::new();
-    let mut errors = Vec::new();
-    for p in paths {
-        match source::policy_files(p) {
-            Ok(files) => {
-                for f in files {
-                    match source::load_file(&f) {
-                        Ok(docs) if docs.iter().any(|d| d.kind() == Some("PolicyTest")) => {
-                            out.push(f)
-                        }
-                        Ok(_) => {}
-                        Err(e) => errors.push(e),
-                    }
-                }
-            }
-            Err(e) => errors.push(e),
-        }
-    }
-    if errors.is_empty() {
-        Ok(out)
-    } else {
-        Err(Diagnostics(errors))
-    }
+/// The suite documents (`kind: PolicyTest`) below the given paths.
+pub fn find_suites(paths: &[PathBuf]) -> Result<Vec<Document>, Diagnostics> {
+    let mut docs = source::load_documents(paths)?;
+    docs.retain(|d| d.kind() == Some(KIND_POLICY_TEST));
+    Ok(docs)
 }
 
 fn show_list(v: &[String]) -> String {
     format!("[{}]", v.join(", "))
 }
 
-/// Runs one suite file. Errors (unreadable suite, invalid policy) are returned as diagnostics.
+/// Runs one suite document. Errors (unreadable suite, invalid policy) are returned as diagnostics.
 /// `config` applies unless the suite sets `contextConfig`.
-pub fn run_suite(path: &Path, config: &ContextConfig) -> Result<SuiteResult, Diagnostics> {
-    let file = path.display().to_string();
-    let docs = source::load_file(path).map_err(|e| Diagnostics(vec![e]))?;
-    let doc = docs
-        .into_iter()
-        .find(|d| d.kind() == Some("PolicyTest"))
-        .ok_or_else(|| {
-            Diagnostics(vec![Diagnostic::error(
-                "not-a-suite",
-                "no `kind: PolicyTest` document",
-            )
-            .at(&file, None)])
-        })?;
+pub fn run_suite(doc: &Document, config: &ContextConfig) -> Result<SuiteResult, Diagnostics> {
+    let file = doc.file.clone();
     let suite: Suite = doc.parse().map_err(|e| Diagnostics(vec![e]))?;
-    let policy_path = path.parent().unwrap_or(Path::new(".")).join(&suite.policy);
+    let dir = Path::new(&doc.file).parent().unwrap_or(Path::new("."));
+    let policy_path = dir.join(&suite.policy);
     let config = suite.context_config.as_ref().unwrap_or(config);
     let set = PolicySet::load_with(&[policy_path], config)?.set;
     let mut cases = Vec::new();

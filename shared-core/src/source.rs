@@ -75,9 +75,9 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     Ok(out)
 }
 
-/// Loads every policy document of the given paths (files or directories). Test suites
-/// (`kind: PolicyTest`) are skipped. All file errors are collected.
-pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagnostics> {
+/// Loads every document (of any kind) of the given paths (files or directories), collecting all
+/// file errors.
+pub fn load_documents<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagnostics> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for path in paths {
@@ -85,8 +85,7 @@ pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagn
             Ok(files) => {
                 for f in files {
                     match load_file(&f) {
-                        Ok(d) => docs
-                            .extend(d.into_iter().filter(|d| d.kind() != Some(KIND_POLICY_TEST))),
+                        Ok(d) => docs.extend(d),
                         Err(e) => errors.push(e),
                     }
                 }
@@ -99,6 +98,13 @@ pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagn
     } else {
         Err(Diagnostics(errors))
     }
+}
+
+/// Loads every policy document of the given paths; test suites (`kind: PolicyTest`) are skipped.
+pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagnostics> {
+    let mut docs = load_documents(paths)?;
+    docs.retain(|d| d.kind() != Some(KIND_POLICY_TEST));
+    Ok(docs)
 }
 
 fn position(m: &Marker) -> Position {
