@@ -11,7 +11,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check bench docs envoy clean
+.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check bench docs envoy clean toolchain
 
 all: build
 
@@ -28,9 +28,21 @@ demo: build
 	done
 
 ## test: formatting, lints, unit/property/CLI tests, no_std and wasm builds, policy test suites.
-test: lint unit nostd wasm policy-tests sdk-fixtures-check
+test: toolchain lint unit nostd wasm policy-tests sdk-fixtures-check
 
-lint:
+## toolchain: the rustup targets and components the build needs (idempotent; a no-op when present).
+WASM_TARGETS := wasm32-wasip1 wasm32-unknown-unknown
+RUST_COMPONENTS := rustfmt clippy
+toolchain:
+	@command -v rustup >/dev/null || { echo "rustup is required (https://rustup.rs): the build needs the $(WASM_TARGETS) targets" >&2; exit 1; }
+	@installed="$$(rustup target list --installed)"; for t in $(WASM_TARGETS); do \
+	  grep -qx "$$t" <<<"$$installed" || { echo "== rustup target add $$t"; rustup target add "$$t"; } || exit 1; \
+	done
+	@installed="$$(rustup component list --installed)"; for c in $(RUST_COMPONENTS); do \
+	  grep -q "^$$c" <<<"$$installed" || { echo "== rustup component add $$c"; rustup component add "$$c"; } || exit 1; \
+	done
+
+lint: toolchain
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps -p llm-policy-core -p llm-policy-server -p llm-policy-filter
@@ -42,12 +54,12 @@ unit:
 	$(CARGO) test --workspace
 
 # The core without std (model, DSL, matcher, resolver, context) for a bare wasm target.
-nostd:
+nostd: toolchain
 	$(CARGO) build -p llm-policy-core --no-default-features --target wasm32-unknown-unknown
 	$(CARGO) clippy -p llm-policy-core --no-default-features --target wasm32-unknown-unknown -- -D warnings
 
 # What the Envoy filter will build: the core with std + cel for wasm32-wasip1.
-wasm:
+wasm: toolchain
 	$(CARGO) build -p llm-policy-core --features std,cel --target wasm32-wasip1 --release
 	$(CARGO) build -p llm-policy-filter --target wasm32-wasip1 --release
 
