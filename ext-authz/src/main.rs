@@ -11,7 +11,7 @@ use llm_policy_core::decision::ErrorBody;
 use llm_policy_core::schema::FIELDS;
 use llm_policy_core::source;
 use llm_policy_core::{
-    ContextConfig, ContextError, Diagnostics, EvalOptions, LocalOnly, PolicySet,
+    Code, ContextConfig, ContextError, Diagnostics, EvalOptions, LocalOnly, PolicySet,
 };
 use llm_policy_server::request::RequestFile;
 use llm_policy_server::{report, suite};
@@ -96,6 +96,8 @@ enum Command {
     },
     /// Print the request-context schema (Markdown).
     Schema,
+    /// Print the table of validation codes (Markdown).
+    Codes,
 }
 
 fn print_diagnostics(d: &Diagnostics) {
@@ -133,7 +135,14 @@ fn main() -> ExitCode {
             println!("rule's `onError`, so write `request.max_tokens != null && request.max_tokens > 5`.\n");
             println!("| field | type | when absent | meaning |\n|---|---|---|---|");
             for f in FIELDS {
-                println!("| `{}` | {} | {} | {} |", f.path, f.ty, f.absent, f.doc);
+                println!("| `{}` | {} | {} | {} |", f.path, f.ty_doc, f.absent, f.doc);
+            }
+            ExitCode::SUCCESS
+        }
+        Command::Codes => {
+            println!("| code | what |\n|---|---|");
+            for c in Code::ALL {
+                println!("| `{}` | {} |", c.as_str(), c.summary());
             }
             ExitCode::SUCCESS
         }

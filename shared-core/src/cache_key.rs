@@ -6,7 +6,7 @@ use alloc::format;
 use alloc::string::String;
 use xxhash_rust::xxh3::Xxh3;
 
-use crate::context::{FieldValue, RequestContext, ShieldValue};
+use crate::context::{FieldValue, ShieldValue, View};
 use crate::schema::FieldRef;
 
 fn put(h: &mut Xxh3, bytes: &[u8]) {
@@ -75,21 +75,24 @@ fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
     }
 }
 
-/// Hex cache key.
-pub(crate) fn compute(
+/// Hex cache key over the values `reads` take in every view (the request, then each batch item).
+pub(crate) fn compute<'a>(
     bundle: &str,
     namespace: &str,
     tags: &[String],
     reads: &[FieldRef],
-    ctx: &RequestContext,
+    views: impl Iterator<Item = View<'a>>,
 ) -> String {
     let mut h = Xxh3::new();
     put(&mut h, bundle.as_bytes());
     put(&mut h, namespace.as_bytes());
     h.update(&(tags.len() as u64).to_le_bytes());
     tags.iter().for_each(|t| put(&mut h, t.as_bytes()));
-    for f in reads {
-        put_value(&mut h, &ctx.get(f));
+    for (i, view) in views.enumerate() {
+        h.update(&(i as u64).to_le_bytes());
+        for f in reads {
+            put_value(&mut h, &view.get(f));
+        }
     }
     format!("{:032x}", h.digest128())
 }

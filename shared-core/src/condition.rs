@@ -16,7 +16,7 @@ use core::cmp::Ordering;
 
 use regex::Regex;
 
-use crate::context::{FieldValue, RequestContext};
+use crate::context::{FieldValue, View};
 use crate::schema::{ElemField, FieldRef};
 
 /// A literal operand.
@@ -47,7 +47,7 @@ pub(crate) enum Test {
     Eq(Lit),
     /// Equality with one of the literals.
     In(Vec<Lit>),
-    /// Numeric ordering.
+    /// Ordering: numbers across int and double, strings, bools (CEL's orderings).
     Ord(OrdOp, Lit),
     /// Substring.
     Contains(String),
@@ -133,13 +133,13 @@ pub(crate) struct Scratch<'a> {
 impl Cond {
     // Without CEL the scratch space is empty and only passed down.
     #[cfg_attr(not(feature = "cel"), allow(clippy::only_used_in_recursion))]
-    pub(crate) fn eval<'a>(&self, ctx: &'a RequestContext, scratch: &mut Scratch<'a>) -> Truth {
+    pub(crate) fn eval<'a>(&self, v: View<'a>, scratch: &mut Scratch<'a>) -> Truth {
         match self {
             Cond::Const(b) => Ok(*b),
             Cond::All(children) => {
                 let mut err = None;
                 for c in children {
-                    match c.eval(ctx, scratch) {
+                    match c.eval(v, scratch) {
                         Ok(false) => return Ok(false),
                         Ok(true) => {}
                         Err(e) => {
@@ -152,7 +152,7 @@ impl Cond {
             Cond::Any(children) => {
                 let mut err = None;
                 for c in children {
-                    match c.eval(ctx, scratch) {
+                    match c.eval(v, scratch) {
                         Ok(true) => return Ok(true),
                         Ok(false) => {}
                         Err(e) => {
@@ -162,16 +162,16 @@ impl Cond {
                 }
                 err.map_or(Ok(false), Err)
             }
-            Cond::Not(c) => c.eval(ctx, scratch).map(|b| !b),
-            Cond::Leaf(leaf) => leaf.eval(ctx, scratch.elem),
+            Cond::Not(c) => c.eval(v, scratch).map(|b| !b),
+            Cond::Leaf(leaf) => leaf.eval(v, scratch.elem),
             Cond::Each { range, any, pred } => {
                 let outer = scratch.elem;
-                let result = match ctx.get(range) {
+                let result = match v.get(range) {
                     FieldValue::Messages(ms) => {
-                        each(ms.iter().map(Elem::Message), *any, pred, ctx, scratch)
+                        each(ms.iter().map(Elem::Message), *any, pred, v, scratch)
                     }
                     FieldValue::StrList(l) => {
-                        each(l.iter().map(|s| Elem::Str(s)), *any, pred, ctx, scratch)
+                        each(l.iter().map(|s| Elem::Str(s)), *any, pred, v, scratch)
                     }
                     other => Err(no_overload(
                         if *any { "exists" } else { "all" },
@@ -183,7 +183,7 @@ impl Cond {
                 result
             }
             #[cfg(feature = "cel")]
-            Cond::Cel(program) => program.eval(ctx, scratch),
+            Cond::Cel(program) => program.eval(v, scratch),
         }
     }
 
@@ -215,13 +215,13 @@ fn each<'a>(
     elems: impl Iterator<Item = Elem<'a>>,
     any: bool,
     pred: &Cond,
-    ctx: &'a RequestContext,
+    v: View<'a>,
     scratch: &mut Scratch<'a>,
 ) -> Truth {
     let mut err = None;
     for e in elems {
         scratch.elem = Some(e);
-        match pred.eval(ctx, scratch) {
+        match pred.eval(v, scratch) {
             Ok(b) if b == any => return Ok(any),
             Ok(_) => {}
             Err(e) => {
@@ -237,9 +237,14 @@ fn no_such_key(field: &FieldRef) -> CondError {
 }
 
 fn no_overload(op: &str, field: &FieldRef, v: &FieldValue<'_>) -> CondError {
+    let path = field.path();
+    if matches!(v, FieldValue::Null) {
+        return CondError(format!(
+            "`{path}` is null, and '{op}' does not apply to null (write `{path} != null && ...` to test only requests that carry it)"
+        ));
+    }
     CondError(format!(
-        "found no matching overload for '{op}' applied to {} ({})",
-        field.path(),
+        "found no matching overload for '{op}' applied to {path} ({})",
         type_name(v)
     ))
 }
@@ -280,6 +285,16 @@ fn value_eq(v: &FieldValue<'_>, lit: &Lit, ignore_case: bool) -> bool {
     }
 }
 
+/// CEL's orderings: numbers by value across int and double (NaN orders with nothing), strings
+/// by code points, `false < true`. Anything else has no ordering (an error in CEL).
+fn ord_cmp(v: &FieldValue<'_>, lit: &Lit) -> Option<Ordering> {
+    match (v, lit) {
+        (FieldValue::Str(a), Lit::Str(b)) => Some((*a).cmp(b.as_str())),
+        (FieldValue::Bool(a), Lit::Bool(b)) => Some(a.cmp(b)),
+        _ => num_cmp(v, lit),
+    }
+}
+
 fn num_cmp(v: &FieldValue<'_>, lit: &Lit) -> Option<Ordering> {
     match (v, lit) {
         (FieldValue::Int(a), Lit::Int(b)) => Some(a.cmp(b)),
@@ -304,13 +319,10 @@ fn is_empty(v: &FieldValue<'_>) -> bool {
 }
 
 impl Leaf {
-    fn eval(&self, ctx: &RequestContext, elem: Option<Elem<'_>>) -> Truth {
-        let v = match elem {
-            None => ctx.get(&self.field),
-            Some(e) => match self.field {
-                FieldRef::Elem(f) => elem_value(f, e),
-                _ => ctx.get(&self.field),
-            },
+    fn eval(&self, view: View<'_>, elem: Option<Elem<'_>>) -> Truth {
+        let v = match (elem, &self.field) {
+            (Some(e), FieldRef::Elem(f)) => elem_value(*f, e),
+            _ => view.get(&self.field),
         };
         match self.test {
             Test::Present => return Ok(!matches!(v, FieldValue::Missing) != self.negate),
@@ -358,7 +370,7 @@ impl Leaf {
             Test::In(lits) => Ok(lits.iter().any(|l| value_eq(v, l, ic))),
             Test::Ord(op, lit) => {
                 let ord =
-                    num_cmp(v, lit).ok_or_else(|| no_overload(ord_name(*op), &self.field, v))?;
+                    ord_cmp(v, lit).ok_or_else(|| no_overload(ord_name(*op), &self.field, v))?;
                 Ok(match op {
                     OrdOp::Gt => ord == Ordering::Greater,
                     OrdOp::Gte => ord != Ordering::Less,
@@ -430,6 +442,7 @@ fn str_of<'a>(v: &FieldValue<'a>, op: &str, field: &FieldRef) -> Result<&'a str,
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::context::RequestContext;
     use alloc::string::ToString;
 
     fn ctx() -> RequestContext {
@@ -460,19 +473,19 @@ mod tests {
             Test::Ord(OrdOp::Gt, Lit::Int(1)),
             false,
         );
-        assert_eq!(t.eval(&c, &mut s), Ok(false));
+        assert_eq!(t.eval(c.view(), &mut s), Ok(false));
         let t = leaf(
             FieldRef::Temperature,
             Test::Ord(OrdOp::Gt, Lit::Int(1)),
             true,
         );
-        assert!(t.eval(&c, &mut s).is_err());
+        assert!(t.eval(c.view(), &mut s).is_err());
         let t = leaf(
             FieldRef::Principal("tier".into()),
             Test::Eq(Lit::Str("free".into())),
             true,
         );
-        assert_eq!(t.eval(&c, &mut s), Ok(false));
+        assert_eq!(t.eval(c.view(), &mut s), Ok(false));
     }
 
     #[test]
@@ -487,17 +500,17 @@ mod tests {
         let f = Cond::Const(false);
         let t = Cond::Const(true);
         assert_eq!(
-            Cond::All(alloc::vec![err.clone(), f.clone()]).eval(&c, &mut s),
+            Cond::All(alloc::vec![err.clone(), f.clone()]).eval(c.view(), &mut s),
             Ok(false)
         );
         assert!(Cond::All(alloc::vec![err.clone(), t.clone()])
-            .eval(&c, &mut s)
+            .eval(c.view(), &mut s)
             .is_err());
         assert_eq!(
-            Cond::Any(alloc::vec![err.clone(), t]).eval(&c, &mut s),
+            Cond::Any(alloc::vec![err.clone(), t]).eval(c.view(), &mut s),
             Ok(true)
         );
-        assert!(Cond::Any(alloc::vec![err, f]).eval(&c, &mut s).is_err());
+        assert!(Cond::Any(alloc::vec![err, f]).eval(c.view(), &mut s).is_err());
     }
 
     #[test]
@@ -509,8 +522,43 @@ mod tests {
             Test::Ord(OrdOp::Gte, Lit::Float(1999.5)),
             true,
         );
-        assert_eq!(t.eval(&c, &mut s), Ok(true));
+        assert_eq!(t.eval(c.view(), &mut s), Ok(true));
         let t = leaf(FieldRef::MaxTokens, Test::Eq(Lit::Float(2000.0)), true);
-        assert_eq!(t.eval(&c, &mut s), Ok(true));
+        assert_eq!(t.eval(c.view(), &mut s), Ok(true));
+    }
+
+    #[test]
+    fn strings_and_bools_are_ordered_as_cel_orders_them() {
+        let mut c = ctx();
+        c.request.model = Some("zz".into());
+        let mut s = Scratch::default();
+        let lt = |f: FieldRef, lit: Lit| leaf(f, Test::Ord(OrdOp::Lt, lit), true);
+        assert_eq!(
+            lt(FieldRef::Model, Lit::Str("h".into())).eval(c.view(), &mut s),
+            Ok(false)
+        );
+        assert_eq!(
+            lt(FieldRef::Model, Lit::Str("zzz".into())).eval(c.view(), &mut s),
+            Ok(true)
+        );
+        assert_eq!(
+            lt(FieldRef::Stream, Lit::Bool(true)).eval(c.view(), &mut s),
+            Ok(true)
+        );
+        // Across types there is no ordering: an error, as in CEL.
+        assert!(lt(FieldRef::Model, Lit::Int(3)).eval(c.view(), &mut s).is_err());
+    }
+
+    #[test]
+    fn a_null_field_is_named_in_the_error() {
+        let c = ctx();
+        let mut s = Scratch::default();
+        let t = leaf(
+            FieldRef::Principal("tier".into()),
+            Test::StartsWith("x".into()),
+            true,
+        );
+        let e = t.eval(c.view(), &mut s).unwrap_err();
+        assert!(e.0.contains("`principal.tier` is null"), "{}", e.0);
     }
 }

@@ -1,19 +1,21 @@
 //! The request context: the typed view of one LLM request that conditions read.
 //!
-//! Built once per request by [`RequestContext::from_request`] from what Envoy (or the CLI) sees:
-//! method, path, headers and body. Every field of the schema ([`crate::schema::FIELDS`]) is
-//! present; absent values are null, empty or false as documented there.
+//! Built once per request by [`RequestContext::from_request`] (in `extract`) from what Envoy (or
+//! the CLI) sees: method, path, headers and body. Every field of the schema
+//! ([`crate::schema::FIELDS`]) is present; absent values are null, empty or false as documented
+//! there. This module holds the data only; building it is `extract`'s job.
 
 use alloc::collections::BTreeMap;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
+use core::cmp::Ordering;
 use serde::{Deserialize, Serialize};
 
-use crate::extract;
 use crate::schema::FieldRef;
 
 /// How the context is read from headers. One per deployment; the policy set is compiled against it
-/// (principal attributes are part of the schema conditions are checked against).
+/// (principal attributes are part of the schema conditions are checked against). Header names
+/// match in any case (`X-Tenant` finds `x-tenant`).
 ///
 /// As a file (`llm-policy --context-config`):
 /// `{namespaceHeader, principalHeaders: {id: x-user-id, ...}, shieldPrefix, maxBodyBytes}`.
@@ -53,6 +55,21 @@ impl ContextConfig {
     /// The configured principal attribute names.
     pub fn principal_attributes(&self) -> Vec<String> {
         self.principal_headers.keys().cloned().collect()
+    }
+
+    /// The same configuration with every header name and the shield prefix in lower case (how
+    /// request headers are compared). A compiled set keeps this form.
+    pub fn normalized(&self) -> ContextConfig {
+        ContextConfig {
+            namespace_header: self.namespace_header.to_ascii_lowercase(),
+            principal_headers: self
+                .principal_headers
+                .iter()
+                .map(|(a, h)| (a.clone(), h.to_ascii_lowercase()))
+                .collect(),
+            shield_prefix: self.shield_prefix.to_ascii_lowercase(),
+            max_body_bytes: self.max_body_bytes,
+        }
     }
 }
 
@@ -160,6 +177,8 @@ pub enum Api {
     Responses,
     /// Anthropic Messages.
     Messages,
+    /// A batch of requests (`/v1/messages/batches`, `/v1/batches`).
+    Batch,
     /// Anything else.
     #[default]
     Other,
@@ -185,6 +204,7 @@ impl Api {
             Api::Embeddings => "embeddings",
             Api::Responses => "responses",
             Api::Messages => "messages",
+            Api::Batch => "batch",
             Api::Other => "other",
         }
     }
@@ -238,12 +258,12 @@ pub struct TimeInfo {
 }
 
 impl TimeInfo {
-    /// Hour and weekday of a Unix timestamp (UTC).
+    /// Hour and weekday of a Unix timestamp (UTC); any `i64` is accepted.
     pub fn from_unix(secs: i64) -> TimeInfo {
         let days = secs.div_euclid(86_400);
-        let hour = secs.rem_euclid(86_400) / 3600;
-        // 1970-01-01 was a Thursday (4).
-        let weekday = (days + 4).rem_euclid(7);
+        let hour = secs.rem_euclid(86_400).div_euclid(3600);
+        // 1970-01-01 was a Thursday (4): (days + 4) mod 7, without overflow at i64::MAX.
+        let weekday = days.rem_euclid(7).saturating_add(4).rem_euclid(7);
         TimeInfo { hour, weekday }
     }
 }
@@ -263,6 +283,10 @@ pub struct RequestContext {
     pub shield: Vec<(String, ShieldValue)>,
     /// Evaluation time.
     pub time: TimeInfo,
+    /// The requests inside a batch body (`request.api == "batch"`), each evaluated as its own
+    /// request (method, path, host, headers and body size are the batch's). Empty otherwise.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub batch: Vec<RequestInfo>,
 }
 
 /// What a rule set needs extracted; fields no rule reads are skipped.
@@ -299,102 +323,26 @@ pub(crate) enum FieldValue<'a> {
     Messages(&'a [Message]),
 }
 
+/// Compares a stored (lower-case) header name with a name in any case, without allocating.
+pub(crate) fn cmp_header(stored: &str, name: &str) -> Ordering {
+    stored
+        .bytes()
+        .cmp(name.bytes().map(|b| b.to_ascii_lowercase()))
+}
+
+/// The value of a header in lower-cased, sorted pairs; `name` in any case.
+pub(crate) fn find_header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
+    headers
+        .binary_search_by(|(k, _)| cmp_header(k, name))
+        .ok()
+        .and_then(|i| headers.get(i))
+        .map(|(_, v)| v.as_str())
+}
+
 impl RequestContext {
-    /// Builds the context of one request, extracting everything.
-    pub fn from_request(
-        input: &RequestInput<'_>,
-        config: &ContextConfig,
-    ) -> Result<RequestContext, ContextError> {
-        Self::from_request_with(input, config, Needs::ALL)
-    }
-
-    /// Builds the context, skipping what `needs` says no rule reads (see [`crate::PolicySet::needs`]).
-    pub fn from_request_with(
-        input: &RequestInput<'_>,
-        config: &ContextConfig,
-        needs: Needs,
-    ) -> Result<RequestContext, ContextError> {
-        if input.body.len() > config.max_body_bytes {
-            return Err(ContextError::BodyTooLarge {
-                size: input.body.len(),
-                limit: config.max_body_bytes,
-            });
-        }
-        let mut headers: Vec<(String, String)> = input
-            .headers
-            .iter()
-            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-            .collect();
-        headers.sort_by(|a, b| a.0.cmp(&b.0));
-        let header = |name: &str| -> Option<&str> {
-            headers
-                .binary_search_by(|(k, _)| k.as_str().cmp(name))
-                .ok()
-                .and_then(|i| headers.get(i))
-                .map(|(_, v)| v.as_str())
-        };
-        let path = input.path.split('?').next().unwrap_or_default().to_string();
-        let host = header(":authority")
-            .or_else(|| header("host"))
-            .unwrap_or_default()
-            .to_string();
-        let namespace = header(&config.namespace_header)
-            .filter(|v| !v.is_empty())
-            .unwrap_or("default")
-            .to_string();
-        let principal = config
-            .principal_headers
-            .iter()
-            .map(|(attr, h)| (attr.clone(), header(h).map(str::to_string)))
-            .collect();
-        let mut shield: Vec<(String, ShieldValue)> = headers
-            .iter()
-            .filter_map(|(k, v)| {
-                let name = k.strip_prefix(config.shield_prefix.as_str())?;
-                let value = match v.trim().parse::<f64>() {
-                    Ok(n) if n.is_finite() => ShieldValue::Number(n),
-                    _ => ShieldValue::Text(v.clone()),
-                };
-                Some((name.replace('-', "_"), value))
-            })
-            .collect();
-        shield.sort_by(|a, b| a.0.cmp(&b.0));
-        let (provider, api) = extract::classify(&path, |h| header(h).is_some());
-        let mut request = RequestInfo {
-            method: input.method.to_ascii_uppercase(),
-            path,
-            host,
-            headers: Vec::new(),
-            provider,
-            api,
-            body_bytes: i64::try_from(input.body.len()).unwrap_or(i64::MAX),
-            ..RequestInfo::default()
-        };
-        // Multipart uploads (audio, files) carry no JSON prompt; everything else must be JSON.
-        let multipart = header("content-type").is_some_and(|ct| ct.starts_with("multipart/"));
-        if !multipart {
-            extract::body(input.body, &mut request, needs)?;
-        }
-        if request.model.is_none() {
-            request.model = extract::azure_deployment(&request.path);
-        }
-        request.headers = headers;
-        Ok(RequestContext {
-            namespace,
-            request,
-            principal,
-            shield,
-            time: TimeInfo::from_unix(input.now_unix),
-        })
-    }
-
-    /// The value of a header (name lower-case), if present.
+    /// The value of a header (name in any case), if present.
     pub fn header(&self, name: &str) -> Option<&str> {
-        let h = &self.request.headers;
-        h.binary_search_by(|(k, _)| k.as_str().cmp(name))
-            .ok()
-            .and_then(|i| h.get(i))
-            .map(|(_, v)| v.as_str())
+        find_header(&self.request.headers, name)
     }
 
     /// The value of a principal attribute.
@@ -405,14 +353,66 @@ impl RequestContext {
             .and_then(|(_, v)| v.as_deref())
     }
 
-    pub(crate) fn get(&self, field: &FieldRef) -> FieldValue<'_> {
-        let r = &self.request;
+    /// The context one item of a batch is evaluated with: this context with the item's request
+    /// fields (method, path, host, headers and body size stay the batch's). `None` when there is
+    /// no such item.
+    pub fn batch_item(&self, index: usize) -> Option<RequestContext> {
+        let item = self.batch.get(index)?;
+        Some(RequestContext {
+            namespace: self.namespace.clone(),
+            request: RequestInfo {
+                method: self.request.method.clone(),
+                path: self.request.path.clone(),
+                host: self.request.host.clone(),
+                headers: self.request.headers.clone(),
+                body_bytes: self.request.body_bytes,
+                ..item.clone()
+            },
+            principal: self.principal.clone(),
+            shield: self.shield.clone(),
+            time: self.time,
+            batch: Vec::new(),
+        })
+    }
+
+    /// The views evaluation runs over: the request itself, then every batch item.
+    pub(crate) fn views(&self) -> impl Iterator<Item = View<'_>> {
+        core::iter::once(View {
+            ctx: self,
+            req: &self.request,
+        })
+        .chain(self.batch.iter().map(move |req| View { ctx: self, req }))
+    }
+
+    /// The view of the request itself.
+    pub(crate) fn view(&self) -> View<'_> {
+        View {
+            ctx: self,
+            req: &self.request,
+        }
+    }
+}
+
+/// What one evaluation reads: a context and which request fields apply (the request's own, or a
+/// batch item's). Method, path, host, headers and body size always come from the request.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct View<'a> {
+    pub ctx: &'a RequestContext,
+    pub req: &'a RequestInfo,
+}
+
+impl<'a> View<'a> {
+    /// The value of one field. Every `FieldRef` is answered here, so adding a field to the schema
+    /// without a value is a compile error.
+    pub(crate) fn get(&self, field: &FieldRef) -> FieldValue<'a> {
+        let outer = &self.ctx.request;
+        let r = self.req;
         match field {
-            FieldRef::Method => FieldValue::Str(&r.method),
-            FieldRef::Path => FieldValue::Str(&r.path),
-            FieldRef::Host => FieldValue::Str(&r.host),
-            FieldRef::Headers => FieldValue::StrMap(&r.headers),
-            FieldRef::Header(name) => match self.header(name) {
+            FieldRef::Method => FieldValue::Str(&outer.method),
+            FieldRef::Path => FieldValue::Str(&outer.path),
+            FieldRef::Host => FieldValue::Str(&outer.host),
+            FieldRef::Headers => FieldValue::StrMap(&outer.headers),
+            FieldRef::Header(name) => match find_header(&outer.headers, name) {
                 Some(v) => FieldValue::Str(v),
                 None => FieldValue::Missing,
             },
@@ -427,25 +427,27 @@ impl RequestContext {
             FieldRef::Prompt => FieldValue::Str(&r.prompt),
             FieldRef::EstimatedTokens => FieldValue::Int(r.estimated_tokens),
             FieldRef::Tools => FieldValue::StrList(&r.tools),
-            FieldRef::BodyBytes => FieldValue::Int(r.body_bytes),
-            FieldRef::PrincipalAll => FieldValue::Principal(&self.principal),
-            FieldRef::Principal(attr) => match self.principal.iter().find(|(a, _)| a == attr) {
+            FieldRef::BodyBytes => FieldValue::Int(outer.body_bytes),
+            FieldRef::PrincipalAll => FieldValue::Principal(&self.ctx.principal),
+            FieldRef::Principal(attr) => match self.ctx.principal.iter().find(|(a, _)| a == attr) {
                 Some((_, v)) => opt_str(v),
                 None => FieldValue::Missing,
             },
-            FieldRef::ShieldAll => FieldValue::Shield(&self.shield),
-            FieldRef::Shield(name) => match self
-                .shield
-                .binary_search_by(|(k, _)| k.as_str().cmp(name))
-                .ok()
-                .and_then(|i| self.shield.get(i))
-            {
-                Some((_, ShieldValue::Number(n))) => FieldValue::Float(*n),
-                Some((_, ShieldValue::Text(s))) => FieldValue::Str(s),
-                None => FieldValue::Missing,
-            },
-            FieldRef::Hour => FieldValue::Int(self.time.hour),
-            FieldRef::Weekday => FieldValue::Int(self.time.weekday),
+            FieldRef::ShieldAll => FieldValue::Shield(&self.ctx.shield),
+            FieldRef::Shield(name) => {
+                let shield = &self.ctx.shield;
+                match shield
+                    .binary_search_by(|(k, _)| k.as_str().cmp(name))
+                    .ok()
+                    .and_then(|i| shield.get(i))
+                {
+                    Some((_, ShieldValue::Number(n))) => FieldValue::Float(*n),
+                    Some((_, ShieldValue::Text(s))) => FieldValue::Str(s),
+                    None => FieldValue::Missing,
+                }
+            }
+            FieldRef::Hour => FieldValue::Int(self.ctx.time.hour),
+            FieldRef::Weekday => FieldValue::Int(self.ctx.time.weekday),
             // Element fields exist only inside a list comprehension (see `condition::Elem`).
             FieldRef::Elem(_) => FieldValue::Missing,
         }
@@ -503,5 +505,19 @@ mod tests {
                 weekday: 4
             }
         );
+        // 1969-12-31 was a Wednesday; extremes do not overflow.
+        assert_eq!(TimeInfo::from_unix(-1).weekday, 3);
+        for t in [i64::MIN, i64::MAX] {
+            let t = TimeInfo::from_unix(t);
+            assert!((0..24).contains(&t.hour) && (0..7).contains(&t.weekday));
+        }
+    }
+
+    #[test]
+    fn header_names_match_in_any_case() {
+        let h = vec![("x-tenant".to_string(), "a".to_string())];
+        assert_eq!(find_header(&h, "X-Tenant"), Some("a"));
+        assert_eq!(find_header(&h, "x-tenant"), Some("a"));
+        assert_eq!(find_header(&h, "x-tenants"), None);
     }
 }

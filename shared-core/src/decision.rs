@@ -57,8 +57,9 @@ pub struct Actions {
     /// HTTP status for deny / throttle replies (none for allow).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<u16>,
-    /// Headers from every enforcing match; on a clash the higher-priority rule's value wins.
-    /// Added to the reply for deny / throttle, to the upstream request for allow.
+    /// Headers from every enforcing match. On a clash the deciding rule's value wins, then the
+    /// higher-priority rule's, then the rule written first. Added to the reply for deny /
+    /// throttle, to the upstream request for allow.
     pub headers: BTreeMap<String, String>,
     /// Some enforcing match asked for an audit record.
     pub audit: bool,
@@ -139,6 +140,9 @@ pub struct DecisionMetadata {
     pub deciding_rule: Option<String>,
     /// Whether the namespace default decided.
     pub default_applied: bool,
+    /// For a batch: the item whose evaluation decided (`None`: the batch request itself).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_item: Option<usize>,
     /// Shadow rules that matched (never change the decision).
     pub shadow_matches: Vec<String>,
     /// Runtime errors of rule conditions.

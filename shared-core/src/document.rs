@@ -4,18 +4,7 @@ use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
-
-use crate::diagnostic::Diagnostic;
-
-/// A 1-based line and column in a source file.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
-pub struct Position {
-    /// Line, from 1.
-    pub line: u32,
-    /// Column, from 1.
-    pub column: u32,
-}
+use crate::diagnostic::{Code, Diagnostic, Position};
 
 /// One policy (or test) document with its locations.
 ///
@@ -76,11 +65,11 @@ impl Document {
                 if let Some(name) = msg.split('`').nth(1) {
                     ptr = format!("{ptr}/{}", escape_segment(name));
                 }
-                "unknown-field"
+                Code::UnknownField
             } else if msg.starts_with("missing field") {
-                "missing-field"
+                Code::MissingField
             } else {
-                "invalid-type"
+                Code::InvalidType
             };
             Diagnostic::error(code, msg)
                 .at(&self.file, self.position(&ptr))

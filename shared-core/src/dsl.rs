@@ -10,15 +10,20 @@ use regex::{Regex, RegexBuilder};
 use serde_json::Value;
 
 use crate::condition::{Cond, Leaf, Lit, OrdOp, Test};
+use crate::diagnostic::Code;
 use crate::model::{Leaf as LeafDoc, Op};
 use crate::schema::{FieldRef, FieldType};
 
-/// Compiled regexes may not grow beyond this (protects load time and memory).
+/// Compiled regexes may not grow beyond this (protects load time and memory; `\\w{300}` is
+/// over it).
 const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Deepest `all` / `any` / `not` nesting.
+pub(crate) const MAX_MATCH_DEPTH: usize = 32;
 
 /// A DSL error: JSON pointer below the `match` node, message, optional help.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct DslError {
+    pub code: Code,
     pub pointer: String,
     pub message: String,
     pub help: Option<String>,
@@ -26,6 +31,7 @@ pub(crate) struct DslError {
 
 fn err(pointer: &str, message: String, help: Option<String>) -> DslError {
     DslError {
+        code: Code::InvalidMatch,
         pointer: pointer.to_string(),
         message,
         help,
@@ -39,6 +45,25 @@ pub(crate) fn compile(
     ptr: &str,
     errors: &mut Vec<DslError>,
 ) -> Option<Cond> {
+    compile_at(v, attrs, ptr, errors, 0)
+}
+
+fn compile_at(
+    v: &Value,
+    attrs: &[String],
+    ptr: &str,
+    errors: &mut Vec<DslError>,
+    depth: usize,
+) -> Option<Cond> {
+    if depth >= MAX_MATCH_DEPTH {
+        errors.push(err(
+            ptr,
+            format!("`all` / `any` / `not` nest deeper than {MAX_MATCH_DEPTH} levels"),
+            Some(String::from("split the condition into several rules")),
+        ));
+        return None;
+    }
+    let next = depth.saturating_add(1);
     let Value::Object(map) = v else {
         errors.push(err(
             ptr,
@@ -69,7 +94,7 @@ pub(crate) fn compile(
             let compiled: Vec<Cond> = items
                 .iter()
                 .enumerate()
-                .filter_map(|(i, c)| compile(c, attrs, &format!("{ptr}/{key}/{i}"), errors))
+                .filter_map(|(i, c)| compile_at(c, attrs, &format!("{ptr}/{key}/{i}"), errors, next))
                 .collect();
             if errors.len() > before {
                 return None;
@@ -90,7 +115,7 @@ pub(crate) fn compile(
             ));
             return None;
         }
-        return compile(child, attrs, &format!("{ptr}/not"), errors)
+        return compile_at(child, attrs, &format!("{ptr}/not"), errors, next)
             .map(|c| Cond::Not(Box::new(c)));
     }
     if !map.contains_key("field") {
@@ -126,7 +151,11 @@ pub(crate) fn compile(
     match compile_leaf(&leaf, attrs) {
         Ok(c) => Some(c),
         Err((sub, message, help)) => {
-            errors.push(err(&format!("{ptr}/{sub}"), message, help));
+            let mut e = err(&format!("{ptr}/{sub}"), message, help);
+            if sub == "field" && leaf.field.starts_with("shield.") {
+                e.code = Code::InvalidShieldName;
+            }
+            errors.push(e);
             None
         }
     }

@@ -1,24 +1,35 @@
-//! Evaluation and resolution: candidate rules through the index, every match collected, then one
-//! decision. Highest-priority enforcing match decides (ties: deny > throttle > allow); headers,
-//! audit and alert of all enforcing matches merge; shadow matches are reported only; the
-//! namespace default applies when nothing enforcing matched.
+//! Evaluation: select candidate rules ([`select`]), run them ([`run`]), resolve every match into
+//! one decision ([`resolve`]). Highest-priority enforcing match decides (ties: deny > throttle >
+//! allow); headers, audit and alert of all enforcing matches merge; shadow matches are reported
+//! only; the namespace default applies when nothing enforcing matched.
 //!
-//! What the core cannot do alone goes through [`Hooks`]: WASM plugins and counters (rate limits,
-//! budgets). [`LocalOnly`] answers "unknown" to both, and the decision then says which rules the
-//! server must finish (`metadata.needs_remote`).
+//! What the core cannot do alone (WASM plugins, counters for rate limits and budgets) is asked
+//! of the host, in one of two forms that decide the same:
+//!
+//! - **Two-phase** ([`PolicySet::start`] → [`Step::Pending`] → [`Pending::answer`] →
+//!   [`Pending::resume`]): synchronous and `no_std`, for hosts whose answers arrive later (an
+//!   async server awaiting Redis, a proxy-wasm filter waiting for a callout). The pending state
+//!   lists exactly what is needed and keeps the policy set it started with.
+//! - **Callbacks** ([`PolicySet::evaluate`] with [`Hooks`]): the host answers on the spot;
+//!   [`LocalOnly`] answers "unavailable", and the decision then names the rules the server must
+//!   finish (`metadata.needs_remote`).
+//!
+//! A batch request (`request.api == "batch"`) is evaluated once for the batch and once per item;
+//! the strictest verdict wins.
 
-use alloc::format;
-use alloc::string::{String, ToString};
+use alloc::string::String;
 use alloc::vec::Vec;
 
-use crate::cache_key;
-use crate::compile::{CompiledRule, KeyPart, Namespace, PolicySet};
-use crate::condition::Scratch;
-use crate::context::{FieldValue, RequestContext};
-use crate::decision::{
-    Actions, Charge, CounterKind, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict,
-};
-use crate::model::{OnError, PluginRef, Scope};
+use crate::context::RequestContext;
+use crate::decision::{Charge, Decision};
+use crate::model::PluginRef;
+use crate::set::PolicySet;
+
+mod resolve;
+mod run;
+mod select;
+
+pub(crate) use run::Outcome;
 
 /// Options of one evaluation.
 #[derive(Debug, Clone, Copy, Default)]
@@ -47,13 +58,13 @@ pub enum CounterCheck {
     Under,
     /// Over the limit: the rule's action applies.
     Over,
-    /// Not counted here.
+    /// Not counted here (a global counter then needs the server; a local one counts as under).
     Unknown,
 }
 
-/// What the core asks of its host.
+/// What the core asks of its host, answered on the spot.
 pub trait Hooks {
-    /// Evaluates a plugin condition.
+    /// Evaluates a plugin condition (`ctx` is the request, or the batch item the rule runs on).
     fn plugin(&mut self, rule: &str, plugin: &PluginRef, ctx: &RequestContext) -> PluginCheck;
     /// Checks (and, for a server, reserves) a counter.
     fn counter(&mut self, charge: &Charge) -> CounterCheck;
@@ -72,372 +83,137 @@ impl Hooks for LocalOnly {
     }
 }
 
-/// One enforcing match.
-struct Hit<'a> {
-    rule: &'a CompiledRule,
-    verdict: Verdict,
-    reason: String,
+/// One thing the evaluation needs from the host.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Need {
+    /// Pass back to [`Pending::answer`].
+    pub id: NeedId,
+    /// The rule asking.
+    pub rule: String,
+    /// `None`: the request itself; `Some(i)`: batch item `i` (see
+    /// [`RequestContext::batch_item`]).
+    pub batch_item: Option<usize>,
+    /// What is needed.
+    pub kind: NeedKind,
 }
 
-enum Outcome {
-    Matched,
-    NotMatched,
-    Error(String),
-    Remote,
-    UnderLimit,
+/// The id of a [`Need`] within its evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct NeedId(pub(crate) u32);
+
+/// What a [`Need`] asks for.
+#[derive(Debug, Clone, PartialEq)]
+pub enum NeedKind {
+    /// Run this plugin condition on the request (or batch item).
+    Plugin(PluginRef),
+    /// Check (and reserve) this counter: the rule's condition matched and the rule is limited.
+    Counter(Charge),
+}
+
+/// The answer to a [`Need`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// For [`NeedKind::Plugin`].
+    Plugin(PluginCheck),
+    /// For [`NeedKind::Counter`].
+    Counter(CounterCheck),
+}
+
+/// The result of [`PolicySet::start`] or [`Pending::resume`].
+#[derive(Debug)]
+#[allow(
+    clippy::large_enum_variant,
+    reason = "moved once per request; boxing would add an allocation to every decision"
+)]
+pub enum Step {
+    /// The decision.
+    Done(Decision),
+    /// The host must answer [`Pending::needs`], then [`Pending::resume`].
+    Pending(Pending),
+}
+
+/// An evaluation waiting for its host's answers. `Send`, so an async host can hold it across
+/// awaits; it keeps the [`PolicySet`] it started with (a reload in between does not change it).
+#[derive(Debug)]
+pub struct Pending {
+    pub(crate) set: PolicySet,
+    pub(crate) namespace: String,
+    pub(crate) tags: Vec<String>,
+    pub(crate) explain: bool,
+    /// One per view: the request, then each batch item.
+    pub(crate) parts: Vec<Vec<(u32, Outcome)>>,
+    pub(crate) needs: Vec<Need>,
+    pub(crate) answers: Vec<Option<Answer>>,
+    /// Time spent in the core so far (not waiting for the host).
+    pub(crate) elapsed_us: u64,
+}
+
+impl Pending {
+    /// What the host must answer before [`Pending::resume`].
+    pub fn needs(&self) -> &[Need] {
+        &self.needs
+    }
+
+    /// Records the answer to one need. An unanswered need counts as unavailable (a plugin rule
+    /// or global counter is then left to the server, `metadata.needs_remote`); an answer of the
+    /// wrong kind likewise.
+    pub fn answer(&mut self, id: NeedId, answer: Answer) {
+        if let Some(slot) = self.answers.get_mut(id.0 as usize) {
+            *slot = Some(answer);
+        }
+    }
+
+    /// Continues with the answers given; `ctx` must be the context the evaluation started with.
+    /// Either decides, or (after a plugin matched on a rule with a rate limit or budget) asks
+    /// for that counter.
+    pub fn resume(self, ctx: &RequestContext) -> Step {
+        run::resume(self, ctx)
+    }
 }
 
 impl PolicySet {
-    /// Evaluates one request. Never panics and never fails: condition errors follow each rule's
+    /// Starts evaluating one request: decides at once when no rule needs the host, else returns
+    /// what is needed. Never panics and never fails: condition errors follow each rule's
     /// `onError` and are reported in `metadata.errors`.
+    pub fn start(&self, ctx: &RequestContext, opts: &EvalOptions<'_>) -> Step {
+        run::start(self, ctx, opts)
+    }
+
+    /// Evaluates one request, asking `hooks` for plugins and counters. Decides exactly as
+    /// [`PolicySet::start`] / [`Pending::resume`] with the same answers.
     pub fn evaluate(
         &self,
         ctx: &RequestContext,
         opts: &EvalOptions<'_>,
         hooks: &mut dyn Hooks,
     ) -> Decision {
-        #[cfg(feature = "std")]
-        let start = std::time::Instant::now();
-        let mut d = self.decide(ctx, opts, hooks);
-        #[cfg(feature = "std")]
-        {
-            d.evaluation_time_us = u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX);
-        }
-        #[cfg(not(feature = "std"))]
-        {
-            d.evaluation_time_us = 0;
-        }
-        d
-    }
-
-    fn decide(
-        &self,
-        ctx: &RequestContext,
-        opts: &EvalOptions<'_>,
-        hooks: &mut dyn Hooks,
-    ) -> Decision {
-        let inner = &self.0;
-        let mut tags: Vec<String> = opts.tags.to_vec();
-        tags.sort();
-        tags.dedup();
-        let Some(ns) = inner.namespaces.get(ctx.namespace.as_str()) else {
-            return Decision {
-                decision: Verdict::Deny,
-                reason: format!(
-                    "no policy for namespace `{}`: denied by default",
-                    ctx.namespace
-                ),
-                matched_rules: Vec::new(),
-                actions: Actions {
-                    status: Some(403),
-                    ..Actions::default()
-                },
-                metadata: DecisionMetadata {
-                    namespace: ctx.namespace.clone(),
-                    bundle: inner.bundle.clone(),
-                    default_applied: true,
-                    cacheable: true,
-                    cache_key: cache_key::compute(&inner.bundle, &ctx.namespace, &tags, &[], ctx),
-                    ..DecisionMetadata::default()
-                },
-                evaluation_time_us: 0,
-                explain: opts.explain.then(Vec::new),
-            };
-        };
-        let selected = tag_mask(ns, &tags);
-        let mut candidates: Vec<u32> = Vec::new();
-        if opts.explain {
-            candidates.extend(0..u32::try_from(ns.rules.len()).unwrap_or(u32::MAX));
-        } else {
-            ns.index.candidates(ctx, &mut candidates);
-        }
-        let mut scratch = Scratch {
-            #[cfg(feature = "cel")]
-            cel_reads: &ns.cel_reads,
-            ..Scratch::default()
-        };
-        let mut hits: Vec<Hit<'_>> = Vec::new();
-        let mut shadow = Vec::new();
-        let mut errors = Vec::new();
-        let mut charges = Vec::new();
-        let mut remote: Vec<&CompiledRule> = Vec::new();
-        let mut cacheable = true;
-        let mut trace: Vec<RuleTrace> = Vec::new();
-        let explain = opts.explain;
-
-        for &i in &candidates {
-            let Some(rule) = ns.rules.get(i as usize) else {
-                continue;
-            };
-            if let Some(mask) = &selected {
-                if !bit(mask, i as usize) {
-                    if explain {
-                        trace.push(rt(rule, "not_selected", None));
+        let mut step = self.start(ctx, opts);
+        // A round can only add counter needs (after a plugin matched): at most three rounds.
+        loop {
+            match step {
+                Step::Done(d) => return d,
+                Step::Pending(mut p) => {
+                    let needs = p.needs.clone();
+                    for need in needs {
+                        let answer = match &need.kind {
+                            NeedKind::Plugin(plugin) => {
+                                let item;
+                                let target = match need.batch_item.and_then(|i| ctx.batch_item(i)) {
+                                    Some(c) => {
+                                        item = c;
+                                        &item
+                                    }
+                                    None => ctx,
+                                };
+                                Answer::Plugin(hooks.plugin(&need.rule, plugin, target))
+                            }
+                            NeedKind::Counter(charge) => Answer::Counter(hooks.counter(charge)),
+                        };
+                        p.answer(need.id, answer);
                     }
-                    continue;
+                    step = p.resume(ctx);
                 }
             }
-            cacheable &= !rule.volatile;
-            let outcome = run_rule(rule, ns, ctx, &mut scratch, hooks, &mut charges);
-            let (label, detail) = match &outcome {
-                Outcome::Matched => ("matched", None),
-                Outcome::NotMatched => ("not_matched", None),
-                Outcome::Error(e) => ("error", Some(e.clone())),
-                Outcome::Remote => ("remote", None),
-                Outcome::UnderLimit => ("under_limit", None),
-            };
-            if explain {
-                let label = if matches!(outcome, Outcome::Matched) && rule.action.limit.is_some() {
-                    "over_limit"
-                } else {
-                    label
-                };
-                trace.push(rt(rule, label, detail));
-            }
-            match outcome {
-                Outcome::Matched if rule.shadow => shadow.push(rule.id.clone()),
-                Outcome::Matched => hits.push(Hit {
-                    rule,
-                    verdict: rule.action.decision,
-                    reason: rule.action.reason.clone(),
-                }),
-                Outcome::Error(e) => {
-                    errors.push(RuleError {
-                        rule: rule.id.clone(),
-                        message: e.clone(),
-                    });
-                    if rule.on_error == OnError::Deny && !rule.shadow {
-                        hits.push(Hit {
-                            rule,
-                            verdict: Verdict::Deny,
-                            reason: format!("rule `{}` failed and fails closed: {e}", rule.id),
-                        });
-                    }
-                }
-                Outcome::Remote => remote.push(rule),
-                Outcome::NotMatched | Outcome::UnderLimit => {}
-            }
-        }
-        if explain {
-            for (id, prio) in &ns.disabled {
-                trace.push(RuleTrace {
-                    rule: id.clone(),
-                    priority: *prio,
-                    outcome: "disabled".into(),
-                    shadow: false,
-                    detail: None,
-                });
-            }
-        }
-
-        // Resolve: rules are visited by descending priority, so `hits` is too.
-        let top = hits.first().map(|h| h.rule.priority);
-        let decider = top.and_then(|p| {
-            hits.iter()
-                .enumerate()
-                .take_while(|(_, h)| h.rule.priority == p)
-                .max_by_key(|(i, h)| (h.verdict, core::cmp::Reverse(*i)))
-                .map(|(i, _)| i)
-        });
-        let mut actions = Actions::default();
-        let mut matched_rules = Vec::with_capacity(hits.len());
-        if let Some(di) = decider {
-            if let Some(h) = hits.get(di) {
-                matched_rules.push(h.rule.id.clone());
-            }
-        }
-        for (i, h) in hits.iter().enumerate() {
-            if Some(i) != decider {
-                matched_rules.push(h.rule.id.clone());
-            }
-            for (k, v) in &h.rule.action.headers {
-                actions
-                    .headers
-                    .entry(k.clone())
-                    .or_insert_with(|| v.clone());
-            }
-            actions.audit |= h.rule.action.audit;
-            actions.alert = actions.alert.max(h.rule.action.alert);
-        }
-        let (verdict, reason, policy, version, deciding_rule) = match decider
-            .and_then(|i| hits.get(i))
-        {
-            Some(h) => {
-                let info = ns.policies.get(h.rule.policy);
-                let reason = if h.reason.is_empty() {
-                    format!("matched rule `{}`", h.rule.id)
-                } else {
-                    h.reason.clone()
-                };
-                actions.status = match h.verdict {
-                    Verdict::Allow => None,
-                    Verdict::Deny => Some(h.rule.action.status.unwrap_or(403)),
-                    Verdict::Throttle => Some(h.rule.action.status.unwrap_or(429)),
-                };
-                (
-                    h.verdict,
-                    reason,
-                    info.map(|p| p.name.clone()).unwrap_or_default(),
-                    info.map(|p| p.version.clone()).unwrap_or_default(),
-                    Some(h.rule.id.clone()),
-                )
-            }
-            None => {
-                actions.status = (ns.default == Verdict::Deny).then_some(403);
-                let names: Vec<&str> = ns.policies.iter().map(|p| p.name.as_str()).collect();
-                let versions: Vec<&str> = ns.policies.iter().map(|p| p.version.as_str()).collect();
-                (
-                    ns.default,
-                    format!("no rule matched: default {}", ns.default.as_str()),
-                    names.join(","),
-                    versions.join(","),
-                    None,
-                )
-            }
-        };
-        // Remote rules matter only if they could still decide (priority at or above the decider's).
-        let remote_rules: Vec<String> = remote
-            .iter()
-            .filter(|r| top.is_none_or(|p| r.priority >= p))
-            .map(|r| r.id.clone())
-            .collect();
-        if explain {
-            trace.sort_by_key(|t| core::cmp::Reverse(t.priority));
-        }
-        Decision {
-            decision: verdict,
-            reason,
-            matched_rules,
-            actions: Actions {
-                // Only a request that goes ahead charges its counters.
-                counters: if verdict == Verdict::Allow {
-                    charges
-                } else {
-                    Vec::new()
-                },
-                ..actions
-            },
-            metadata: DecisionMetadata {
-                namespace: ns.name.clone(),
-                policy,
-                version,
-                bundle: inner.bundle.clone(),
-                deciding_rule: deciding_rule.clone(),
-                default_applied: deciding_rule.is_none(),
-                shadow_matches: shadow,
-                errors,
-                cacheable,
-                cache_key: cache_key::compute(&inner.bundle, &ns.name, &tags, &ns.reads, ctx),
-                needs_remote: !remote_rules.is_empty(),
-                remote_rules,
-            },
-            evaluation_time_us: 0,
-            explain: explain.then_some(trace),
         }
     }
-}
-
-/// Evaluates one rule: its condition (or plugin), then its counter if it has one.
-fn run_rule<'a>(
-    rule: &CompiledRule,
-    ns: &Namespace,
-    ctx: &'a RequestContext,
-    scratch: &mut Scratch<'a>,
-    hooks: &mut dyn Hooks,
-    charges: &mut Vec<Charge>,
-) -> Outcome {
-    let matched = match &rule.plugin {
-        Some(p) => match hooks.plugin(&rule.id, p, ctx) {
-            PluginCheck::Matched(b) => Ok(b),
-            PluginCheck::Error(e) => Err(e),
-            PluginCheck::Unavailable => return Outcome::Remote,
-        },
-        None => rule.cond.eval(ctx, scratch).map_err(|e| e.0),
-    };
-    match matched {
-        Err(e) => Outcome::Error(e),
-        Ok(false) => Outcome::NotMatched,
-        Ok(true) => {
-            let Some(limit) = &rule.action.limit else {
-                return Outcome::Matched;
-            };
-            if rule.shadow {
-                return Outcome::Matched;
-            }
-            let charge = Charge {
-                rule: rule.id.clone(),
-                source: limit.source,
-                key: render_key(&ns.name, &rule.id, &limit.key, ctx),
-                kind: limit.kind,
-                limit: limit.limit,
-                window_secs: limit.window_secs,
-                amount: match limit.kind {
-                    CounterKind::Requests => 1.0,
-                    CounterKind::Tokens => {
-                        (ctx.request.estimated_tokens + ctx.request.max_tokens.unwrap_or(0).max(0))
-                            as f64
-                    }
-                    CounterKind::Usd => 0.0,
-                },
-                scope: limit.scope,
-            };
-            let state = hooks.counter(&charge);
-            charges.push(charge);
-            match state {
-                CounterCheck::Over => Outcome::Matched,
-                CounterCheck::Under => Outcome::UnderLimit,
-                CounterCheck::Unknown if limit.scope == Scope::Global => Outcome::Remote,
-                CounterCheck::Unknown => Outcome::UnderLimit,
-            }
-        }
-    }
-}
-
-fn rt(rule: &CompiledRule, outcome: &str, detail: Option<String>) -> RuleTrace {
-    RuleTrace {
-        rule: rule.id.clone(),
-        priority: rule.priority,
-        outcome: outcome.to_string(),
-        shadow: rule.shadow,
-        detail,
-    }
-}
-
-fn bit(mask: &[u64], i: usize) -> bool {
-    mask.get(i / 64)
-        .is_some_and(|w| w & (1u64 << (i % 64)) != 0)
-}
-
-/// Union of the requested tags' bitsets; `None` when no tags were requested.
-fn tag_mask(ns: &Namespace, tags: &[String]) -> Option<Vec<u64>> {
-    if tags.is_empty() {
-        return None;
-    }
-    let mut mask = alloc::vec![0u64; ns.rules.len().div_ceil(64)];
-    for t in tags {
-        if let Some(bits) = ns.tags.get(t.as_str()) {
-            for (m, b) in mask.iter_mut().zip(bits) {
-                *m |= b;
-            }
-        }
-    }
-    Some(mask)
-}
-
-/// `namespace/rule/rendered-template`; null values render as `-`.
-fn render_key(ns: &str, rule: &str, parts: &[KeyPart], ctx: &RequestContext) -> String {
-    let mut key = format!("{ns}/{rule}/");
-    for p in parts {
-        match p {
-            KeyPart::Text(t) => key.push_str(t),
-            KeyPart::Field(f) => match ctx.get(f) {
-                FieldValue::Str(s) => key.push_str(s),
-                FieldValue::Int(i) => key.push_str(&i.to_string()),
-                FieldValue::Float(x) => key.push_str(&format!("{x}")),
-                FieldValue::Bool(b) => key.push_str(if b { "true" } else { "false" }),
-                _ => key.push('-'),
-            },
-        }
-    }
-    key
 }

@@ -1,10 +1,11 @@
-//! Typed extraction of the fields policies read from OpenAI and Anthropic request bodies.
+//! Building a [`RequestContext`] from a raw request: headers, path classification, and one typed
+//! serde pass over OpenAI and Anthropic request bodies.
 //!
-//! One serde pass over the body: unknown fields are skipped without being built, strings are
-//! borrowed where the JSON has no escapes, and when no rule reads message text the text is not
-//! collected at all (the `S: Sink` parameter). Handles Chat Completions, Completions, Embeddings,
-//! Responses and Anthropic Messages bodies, with string content and content-part arrays
-//! (text, image, tool_use, tool_result, input_text, function_call_output, …).
+//! Unknown body fields are skipped without being built, strings are borrowed where the JSON has
+//! no escapes, and when no rule reads message text the text is not collected at all (the
+//! `S: Sink` parameter). Handles Chat Completions, Completions, Embeddings, Responses, Anthropic
+//! Messages and Anthropic message batches. Which text goes into `request.prompt` is listed in
+//! `docs/policy-language.md` ("What `request.prompt` holds") and tested in `tests/extraction.rs`.
 
 use alloc::borrow::Cow;
 use alloc::string::{String, ToString};
@@ -15,7 +16,110 @@ use core::marker::PhantomData;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
-use crate::context::{Api, ContextError, Message, Needs, Provider, RequestInfo};
+use crate::context::{
+    cmp_header, find_header, Api, ContextConfig, ContextError, Message, Needs, Provider,
+    RequestContext, RequestInfo, RequestInput, ShieldValue, TimeInfo,
+};
+
+impl RequestContext {
+    /// Builds the context of one request, extracting everything.
+    pub fn from_request(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+    ) -> Result<RequestContext, ContextError> {
+        Self::from_request_with(input, config, Needs::ALL)
+    }
+
+    /// Builds the context, skipping what `needs` says no rule reads (see [`crate::PolicySet::needs`]).
+    pub fn from_request_with(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+        needs: Needs,
+    ) -> Result<RequestContext, ContextError> {
+        if input.body.len() > config.max_body_bytes {
+            return Err(ContextError::BodyTooLarge {
+                size: input.body.len(),
+                limit: config.max_body_bytes,
+            });
+        }
+        let mut headers: Vec<(String, String)> = input
+            .headers
+            .iter()
+            .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+            .collect();
+        headers.sort_by(|a, b| a.0.cmp(&b.0));
+        let header = |name: &str| find_header(&headers, name);
+        let path = input.path.split('?').next().unwrap_or_default().to_string();
+        let host = header(":authority")
+            .or_else(|| header("host"))
+            .unwrap_or_default()
+            .to_string();
+        let namespace = header(&config.namespace_header)
+            .filter(|v| !v.is_empty())
+            .unwrap_or("default")
+            .to_string();
+        let principal = config
+            .principal_headers
+            .iter()
+            .map(|(attr, h)| (attr.clone(), header(h).map(str::to_string)))
+            .collect();
+        let prefix = config.shield_prefix.as_str();
+        let mut shield: Vec<(String, ShieldValue)> = headers
+            .iter()
+            .filter_map(|(k, v)| {
+                let head = k.get(..prefix.len())?;
+                if cmp_header(head, prefix) != core::cmp::Ordering::Equal {
+                    return None;
+                }
+                let name = k.get(prefix.len()..)?;
+                let value = match v.trim().parse::<f64>() {
+                    Ok(n) if n.is_finite() => ShieldValue::Number(n),
+                    _ => ShieldValue::Text(v.clone()),
+                };
+                Some((name.replace('-', "_"), value))
+            })
+            .collect();
+        shield.sort_by(|a, b| a.0.cmp(&b.0));
+        let (provider, api) = classify(&path, |h| header(h).is_some());
+        let mut request = RequestInfo {
+            method: input.method.to_ascii_uppercase(),
+            path,
+            host,
+            headers: Vec::new(),
+            provider,
+            api,
+            body_bytes: i64::try_from(input.body.len()).unwrap_or(i64::MAX),
+            ..RequestInfo::default()
+        };
+        let mut batch = Vec::new();
+        // Multipart uploads (audio, files) carry no JSON prompt; everything else must be JSON.
+        let multipart = header("content-type").is_some_and(|ct| {
+            ct.trim_start()
+                .get(..10)
+                .is_some_and(|t| t.eq_ignore_ascii_case("multipart/"))
+        });
+        if !multipart {
+            if api == Api::Batch && provider == Provider::Anthropic {
+                batch = batch_items(input.body, needs)?;
+            } else {
+                body(input.body, &mut request, needs)?;
+            }
+        }
+        if let Some(deployment) = azure_deployment(&request.path) {
+            // The deployment is the model Azure runs, whatever the body names.
+            request.model = Some(deployment);
+        }
+        request.headers = headers;
+        Ok(RequestContext {
+            namespace,
+            request,
+            principal,
+            shield,
+            time: TimeInfo::from_unix(input.now_unix),
+            batch,
+        })
+    }
+}
 
 /// Provider and API from the path and the provider-specific headers.
 pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provider, Api) {
@@ -24,12 +128,16 @@ pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provid
         (Provider::Openai, Api::Chat)
     } else if p.ends_with("/v1/messages") || p == "/messages" {
         (Provider::Anthropic, Api::Messages)
+    } else if p.ends_with("/v1/messages/batches") {
+        (Provider::Anthropic, Api::Batch)
     } else if p.ends_with("/completions") {
         (Provider::Openai, Api::Completions)
     } else if p.ends_with("/embeddings") {
         (Provider::Openai, Api::Embeddings)
     } else if p.ends_with("/responses") {
         (Provider::Openai, Api::Responses)
+    } else if p.ends_with("/v1/batches") || p.ends_with("/openai/batches") {
+        (Provider::Openai, Api::Batch)
     } else {
         (Provider::Unknown, Api::Other)
     };
@@ -50,30 +158,6 @@ pub(crate) fn azure_deployment(path: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
-/// Fills the body-derived fields of `request`.
-pub(crate) fn body(
-    bytes: &[u8],
-    request: &mut RequestInfo,
-    needs: Needs,
-) -> Result<(), ContextError> {
-    let trimmed = trim_ascii(bytes);
-    if trimmed.is_empty() {
-        return Ok(());
-    }
-    if trimmed.first() != Some(&b'{') {
-        // Distinguish "not JSON at all" from "JSON, but not an object" for a clearer message.
-        return Err(match serde_json::from_slice::<IgnoredAny>(trimmed) {
-            Ok(_) => ContextError::InvalidBody(String::from("the body must be a JSON object")),
-            Err(e) => ContextError::InvalidBody(e.to_string()),
-        });
-    }
-    if needs.messages || needs.prompt {
-        fill::<Text>(trimmed, request, needs)
-    } else {
-        fill::<Skip>(trimmed, request, needs)
-    }
-}
-
 fn trim_ascii(b: &[u8]) -> &[u8] {
     let start = b
         .iter()
@@ -82,17 +166,29 @@ fn trim_ascii(b: &[u8]) -> &[u8] {
     let end = b
         .iter()
         .rposition(|c| !c.is_ascii_whitespace())
-        .map_or(start, |e| e + 1);
+        .map_or(start, |e| e.saturating_add(1));
     b.get(start..end).unwrap_or_default()
 }
 
-fn fill<S: Sink>(
-    bytes: &[u8],
-    request: &mut RequestInfo,
-    needs: Needs,
-) -> Result<(), ContextError> {
+/// The trimmed body, checked to be a JSON object; `None` for an empty body.
+fn object_body(bytes: &[u8]) -> Result<Option<&[u8]>, ContextError> {
+    let trimmed = trim_ascii(bytes);
+    if trimmed.is_empty() {
+        return Ok(None);
+    }
+    if trimmed.first() != Some(&b'{') {
+        // Distinguish "not JSON at all" from "JSON, but not an object" for a clearer message.
+        return Err(match serde_json::from_slice::<IgnoredAny>(trimmed) {
+            Ok(_) => ContextError::InvalidBody(String::from("the body must be a JSON object")),
+            Err(e) => ContextError::InvalidBody(e.to_string()),
+        });
+    }
+    Ok(Some(trimmed))
+}
+
+fn parse<'de, T: Deserialize<'de>>(bytes: &'de [u8]) -> Result<T, ContextError> {
     let mut de = serde_json::Deserializer::from_slice(bytes);
-    let parsed: Body<'_, S> = serde_path_to_error::deserialize(&mut de).map_err(|e| {
+    let parsed: T = serde_path_to_error::deserialize(&mut de).map_err(|e| {
         let path = e.path().to_string();
         let inner = e.into_inner();
         if inner.is_data() && path != "." {
@@ -106,77 +202,65 @@ fn fill<S: Sink>(
     })?;
     de.end()
         .map_err(|e| ContextError::InvalidBody(e.to_string()))?;
+    Ok(parsed)
+}
 
-    request.model = parsed.model.map(Cow::into_owned);
-    request.stream = parsed.stream.unwrap_or(false);
-    request.max_tokens = parsed
-        .max_tokens
-        .or(parsed.max_completion_tokens)
-        .or(parsed.max_output_tokens);
-    request.temperature = parsed.temperature;
-    request.user = parsed
-        .user
-        .or(parsed.safety_identifier)
-        .map(Cow::into_owned)
-        .or_else(|| parsed.metadata.and_then(|m| m.user_id).map(Cow::into_owned));
-    request.tools = parsed
-        .tools
-        .into_iter()
-        .flatten()
-        .chain(parsed.functions.into_iter().flatten())
-        .filter_map(Tool::name)
-        .collect();
-
-    if !(needs.messages || needs.prompt) {
+/// Fills the body-derived fields of `request`.
+pub(crate) fn body(
+    bytes: &[u8],
+    request: &mut RequestInfo,
+    needs: Needs,
+) -> Result<(), ContextError> {
+    let Some(bytes) = object_body(bytes)? else {
         return Ok(());
-    }
-    let mut messages: Vec<Message> = Vec::new();
-    for system in [parsed.system, parsed.instructions].into_iter().flatten() {
-        let text = system.into_text();
-        if !text.is_empty() {
-            messages.push(Message {
-                role: String::from("system"),
-                content: text,
-            });
-        }
-    }
-    for item in parsed
-        .messages
-        .into_iter()
-        .flatten()
-        .chain(parsed.input.into_iter().flat_map(|i| i.0))
-    {
-        if let Some(m) = item.0 {
-            messages.push(m);
-        }
-    }
-    if let Some(prompt) = parsed.prompt {
-        let text = prompt.into_text();
-        if !text.is_empty() {
-            messages.push(Message {
-                role: String::from("user"),
-                content: text,
-            });
-        }
-    }
-    if needs.prompt {
-        let mut prompt = String::with_capacity(messages.iter().map(|m| m.content.len() + 1).sum());
-        for m in &messages {
-            if m.content.is_empty() {
-                continue;
-            }
-            if !prompt.is_empty() {
-                prompt.push('\n');
-            }
-            prompt.push_str(&m.content);
-        }
-        request.estimated_tokens = i64::try_from(prompt.len().div_ceil(4)).unwrap_or(i64::MAX);
-        request.prompt = prompt;
-    }
-    if needs.messages {
-        request.messages = messages;
+    };
+    if needs.messages || needs.prompt {
+        parse::<Body<'_, Text>>(bytes)?.fill(request, needs);
+    } else {
+        parse::<Body<'_, Skip>>(bytes)?.fill(request, needs);
     }
     Ok(())
+}
+
+/// The requests of an Anthropic message batch, each as an Anthropic Messages request.
+fn batch_items(bytes: &[u8], needs: Needs) -> Result<Vec<RequestInfo>, ContextError> {
+    let Some(bytes) = object_body(bytes)? else {
+        return Ok(Vec::new());
+    };
+    if needs.messages || needs.prompt {
+        let b: Batch<'_, Text> = parse(bytes)?;
+        Ok(b.requests.into_iter().flatten().map(|i| item(i.params, needs)).collect())
+    } else {
+        let b: Batch<'_, Skip> = parse(bytes)?;
+        Ok(b.requests.into_iter().flatten().map(|i| item(i.params, needs)).collect())
+    }
+}
+
+fn item<S: Sink>(params: Option<Body<'_, S>>, needs: Needs) -> RequestInfo {
+    let mut r = RequestInfo {
+        provider: Provider::Anthropic,
+        api: Api::Messages,
+        ..RequestInfo::default()
+    };
+    if let Some(p) = params {
+        p.fill(&mut r, needs);
+    }
+    r
+}
+
+/// `{"requests": [{"custom_id", "params": {...a Messages body...}}]}`.
+#[derive(Deserialize)]
+#[serde(bound = "S: Sink")]
+struct Batch<'a, S> {
+    #[serde(default, borrow)]
+    requests: Option<Vec<BatchItem<'a, S>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(bound = "S: Sink")]
+struct BatchItem<'a, S> {
+    #[serde(default, borrow)]
+    params: Option<Body<'a, S>>,
 }
 
 /// The body fields policies read; everything else is skipped by serde.
@@ -218,6 +302,74 @@ struct Body<'a, S> {
     functions: Option<Vec<Tool<'a>>>,
 }
 
+impl<S: Sink> Body<'_, S> {
+    fn fill(self, request: &mut RequestInfo, needs: Needs) {
+        request.model = self.model.map(Cow::into_owned);
+        request.stream = self.stream.unwrap_or(false);
+        request.max_tokens = self
+            .max_tokens
+            .or(self.max_completion_tokens)
+            .or(self.max_output_tokens);
+        request.temperature = self.temperature;
+        request.user = self
+            .user
+            .or(self.safety_identifier)
+            .map(Cow::into_owned)
+            .or_else(|| self.metadata.and_then(|m| m.user_id).map(Cow::into_owned));
+        request.tools = self
+            .tools
+            .into_iter()
+            .flatten()
+            .chain(self.functions.into_iter().flatten())
+            .filter_map(Tool::name)
+            .collect();
+        if !(needs.messages || needs.prompt) {
+            return;
+        }
+        let mut messages: Vec<Message> = Vec::new();
+        for system in [self.system, self.instructions].into_iter().flatten() {
+            let text = system.into_text();
+            if !text.is_empty() {
+                messages.push(Message {
+                    role: String::from("system"),
+                    content: text,
+                });
+            }
+        }
+        for item in self
+            .messages
+            .into_iter()
+            .flatten()
+            .chain(self.input.into_iter().flat_map(|i| i.0))
+        {
+            if let Some(m) = item.0 {
+                messages.push(m);
+            }
+        }
+        if let Some(prompt) = self.prompt {
+            let text = prompt.into_text();
+            if !text.is_empty() {
+                messages.push(Message {
+                    role: String::from("user"),
+                    content: text,
+                });
+            }
+        }
+        if needs.prompt {
+            let mut prompt =
+                String::with_capacity(messages.iter().map(|m| m.content.len().saturating_add(1)).sum());
+            for m in &messages {
+                push_joined(&mut prompt, &m.content);
+            }
+            request.estimated_tokens = i64::try_from(prompt.len().div_ceil(4)).unwrap_or(i64::MAX);
+            request.prompt = prompt;
+        }
+        if needs.messages {
+            request.messages = messages;
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Meta<'a> {
     #[serde(default, borrow)]
@@ -257,7 +409,12 @@ trait Sink: for<'de> Deserialize<'de> + Default {
     fn into_text(self) -> String;
 }
 
-/// Collects text: a string, or the `text` / `content` / `output` of content parts, joined.
+/// Collects the text the model reads from a content value: a string, or, in content parts and
+/// blocks, `text`, `content`, `output`, `thinking`, `refusal`, tool-call `arguments` (OpenAI
+/// `tool_calls[].function`, `function_call`, Responses `function_call` items), every string of a
+/// tool call's `input` (Anthropic `tool_use`, Responses `custom_tool_call`), a text `source`'s
+/// `data` and a `document`'s `title` and `context`. Images, audio, files and base64 data are
+/// skipped.
 #[derive(Default)]
 struct Text(String);
 
@@ -339,23 +496,103 @@ impl<'de> Visitor<'de> for TextVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
         let mut acc = String::new();
+        let mut kind: Option<Cow<'de, str>> = None;
+        // Kept until the block's `type` is known (keys come in any order).
+        let (mut data, mut title, mut context) = (None, None, None);
         while let Some(key) = map.next_key::<Cow<'de, str>>()? {
             match key.as_ref() {
-                // text parts, tool_result / Responses message content, function_call_output
-                "text" | "content" | "output" => {
+                "text" | "content" | "output" | "thinking" | "refusal" | "arguments"
+                | "function" | "function_call" | "tool_calls" | "summary" | "source" => {
                     let Text(part) = map.next_value::<Text>()?;
                     push_joined(&mut acc, &part);
                 }
+                "input" => {
+                    let Strings(part) = map.next_value::<Strings>()?;
+                    push_joined(&mut acc, &part);
+                }
+                "type" => kind = map.next_value::<Option<Cow<'de, str>>>()?,
+                "data" => data = map.next_value::<Option<Text>>()?,
+                "title" => title = map.next_value::<Option<Text>>()?,
+                "context" => context = map.next_value::<Option<Text>>()?,
                 _ => {
                     map.next_value::<IgnoredAny>()?;
                 }
             }
         }
+        match kind.as_deref() {
+            // A plain-text document source: `{"type": "text", "media_type": "text/plain", "data"}`.
+            Some("text") => {
+                if let Some(Text(d)) = data {
+                    push_joined(&mut acc, &d);
+                }
+            }
+            Some("document") => {
+                for Text(t) in [title, context].into_iter().flatten() {
+                    push_joined(&mut acc, &t);
+                }
+            }
+            _ => {}
+        }
         Ok(Text(acc))
     }
 }
 
-/// One message / input item; `None` for items without text (token arrays, reasoning items).
+/// Every string value (not key) of any JSON value, depth first, joined with newlines.
+#[derive(Default)]
+struct Strings(String);
+
+impl<'de> Deserialize<'de> for Strings {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_any(StringsVisitor)
+    }
+}
+
+struct StringsVisitor;
+
+impl<'de> Visitor<'de> for StringsVisitor {
+    type Value = Strings;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_str<E: de::Error>(self, v: &str) -> Result<Strings, E> {
+        Ok(Strings(v.to_string()))
+    }
+    fn visit_string<E: de::Error>(self, v: String) -> Result<Strings, E> {
+        Ok(Strings(v))
+    }
+    fn visit_unit<E: de::Error>(self) -> Result<Strings, E> {
+        Ok(Strings::default())
+    }
+    fn visit_bool<E: de::Error>(self, _: bool) -> Result<Strings, E> {
+        Ok(Strings::default())
+    }
+    fn visit_i64<E: de::Error>(self, _: i64) -> Result<Strings, E> {
+        Ok(Strings::default())
+    }
+    fn visit_u64<E: de::Error>(self, _: u64) -> Result<Strings, E> {
+        Ok(Strings::default())
+    }
+    fn visit_f64<E: de::Error>(self, _: f64) -> Result<Strings, E> {
+        Ok(Strings::default())
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Strings, A::Error> {
+        let mut acc = String::new();
+        while let Some(Strings(part)) = seq.next_element::<Strings>()? {
+            push_joined(&mut acc, &part);
+        }
+        Ok(Strings(acc))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strings, A::Error> {
+        let mut acc = String::new();
+        while map.next_key::<IgnoredAny>()?.is_some() {
+            let Strings(part) = map.next_value::<Strings>()?;
+            push_joined(&mut acc, &part);
+        }
+        Ok(Strings(acc))
+    }
+}
+
+/// One message / input item; `None` for items without text (token arrays, bare ids).
 struct Item<S>(Option<Message>, PhantomData<S>);
 
 /// `input`: a string, or an array of strings / items / token arrays.
@@ -370,6 +607,21 @@ struct ItemFields<'a, S> {
     content: Option<S>,
     #[serde(default)]
     output: Option<S>,
+    /// OpenAI chat assistant turns: `tool_calls[].function.arguments`.
+    #[serde(default)]
+    tool_calls: Option<S>,
+    /// Legacy OpenAI chat assistant turns: `function_call.arguments`.
+    #[serde(default)]
+    function_call: Option<S>,
+    /// Responses `function_call` items.
+    #[serde(default)]
+    arguments: Option<S>,
+    /// Responses `custom_tool_call` items.
+    #[serde(default)]
+    input: Option<S>,
+    /// Responses `reasoning` items.
+    #[serde(default)]
+    summary: Option<S>,
     #[serde(default, borrow, rename = "type")]
     kind: Option<Cow<'a, str>>,
 }
@@ -399,18 +651,32 @@ impl<'de, S: Sink> Visitor<'de> for ItemVisitor<S> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<S>, A::Error> {
         let f: ItemFields<'_, S> =
             Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        if f.role.is_none() && f.content.is_none() && f.output.is_none() {
-            // function_call, reasoning and other items that are not turns and carry no text.
+        let parts = [
+            f.content,
+            f.output,
+            f.tool_calls,
+            f.function_call,
+            f.arguments,
+            f.input,
+            f.summary,
+        ];
+        if f.role.is_none() && parts.iter().all(Option::is_none) {
+            // Items that carry no text (a bare reference, a token array in a map, ...).
             return Ok(Item(None, PhantomData));
         }
         let role = match (&f.role, f.kind.as_deref()) {
             (Some(r), _) => r.as_ref(),
-            (None, Some("function_call_output")) => "tool",
+            (None, Some("function_call_output" | "custom_tool_call_output")) => "tool",
+            (None, Some("function_call" | "custom_tool_call" | "reasoning")) => "assistant",
             (None, _) => "user",
         };
-        let mut text = f.content.map(Sink::into_text).unwrap_or_default();
-        if let Some(out) = f.output {
-            push_joined(&mut text, &out.into_text());
+        let mut text = String::new();
+        for part in parts.into_iter().flatten() {
+            push_joined(&mut text, &part.into_text());
+        }
+        if f.role.is_none() && text.is_empty() {
+            // A reasoning item without a summary, a call without arguments: no turn.
+            return Ok(Item(None, PhantomData));
         }
         Ok(Item::text(role, text))
     }

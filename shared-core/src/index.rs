@@ -8,9 +8,8 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use hashbrown::HashMap;
 
-use crate::compile::CompiledRule;
 use crate::condition::{Cond, Leaf, Lit, Test};
-use crate::context::{FieldValue, RequestContext};
+use crate::context::{FieldValue, View};
 use crate::schema::FieldRef;
 
 /// Candidate lists per indexed field and value.
@@ -85,15 +84,13 @@ fn required(c: &Cond) -> Option<(FieldRef, Vec<String>)> {
 }
 
 impl RuleIndex {
-    pub(crate) fn build(rules: &[CompiledRule]) -> RuleIndex {
+    /// Builds the index over rules given by the condition each is selected by, in rule order
+    /// (`None`: the rule is always a candidate). Linear in the rules and their literals.
+    pub(crate) fn build<'c>(conds: impl Iterator<Item = Option<&'c Cond>>) -> RuleIndex {
         let mut idx = RuleIndex::default();
-        for (i, r) in rules.iter().enumerate() {
+        for (i, cond) in conds.enumerate() {
             let i = u32::try_from(i).unwrap_or(u32::MAX);
-            let key = if r.plugin.is_some() {
-                None
-            } else {
-                required(r.index_hint.as_ref().unwrap_or(&r.cond))
-            };
+            let key = cond.and_then(required);
             match key {
                 Some((field, values)) => {
                     let slot = match idx.keyed.iter().position(|(f, _)| *f == field) {
@@ -119,12 +116,12 @@ impl RuleIndex {
     }
 
     /// Candidate rule positions for a request, ascending (= by descending priority).
-    pub(crate) fn candidates(&self, ctx: &RequestContext, out: &mut Vec<u32>) {
+    pub(crate) fn candidates(&self, view: View<'_>, out: &mut Vec<u32>) {
         out.clear();
         out.extend_from_slice(&self.always);
         let mut merged = false;
         for (field, map) in &self.keyed {
-            if let FieldValue::Str(v) = ctx.get(field) {
+            if let FieldValue::Str(v) = view.get(field) {
                 if let Some(list) = map.get(v) {
                     out.extend_from_slice(list);
                     merged = true;

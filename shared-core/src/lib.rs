@@ -14,15 +14,27 @@
 //!    literal tests. The result is an immutable, cheaply cloned [`PolicySet`].
 //! 3. **Extract** ([`RequestContext::from_request`]): build the typed request context from method,
 //!    path, headers and body of an OpenAI / Anthropic style request.
-//! 4. **Evaluate** ([`PolicySet::evaluate`]): select candidate rules through the index, evaluate them,
-//!    resolve all matches into one [`Decision`] with its cache key, cacheability, counter charges and
-//!    whether the server must finish the decision.
+//! 4. **Evaluate** ([`PolicySet::start`] / [`Pending::resume`], or [`PolicySet::evaluate`] with
+//!    [`Hooks`]): select candidate rules through the index, evaluate them, resolve all matches into
+//!    one [`Decision`] with its cache key, cacheability and counter charges. What only the host can
+//!    answer (plugins, counters) is asked for, either in a second phase or through callbacks.
 //!
 //! Without default features the crate is `#![no_std]` + `alloc` (model, DSL, matcher, resolver,
 //! context); `std` adds file loading with locations, `cel` adds CEL conditions.
 #![cfg_attr(not(feature = "std"), no_std)]
-// Diagnostics are returned on the load path only, never per request; their size does not matter.
-#![allow(clippy::result_large_err)]
+#![allow(
+    clippy::result_large_err,
+    reason = "diagnostics are returned on the load path only, never per request"
+)]
+// Request data is hostile: no arithmetic that can overflow, no indexing that can panic.
+#![cfg_attr(
+    not(test),
+    deny(
+        clippy::arithmetic_side_effects,
+        clippy::indexing_slicing,
+        clippy::string_slice
+    )
+)]
 
 extern crate alloc;
 
@@ -41,13 +53,17 @@ mod extract;
 mod index;
 pub mod model;
 pub mod schema;
+mod set;
 #[cfg(feature = "std")]
 pub mod source;
 mod suggest;
 
-pub use compile::{CompileOutput, PolicySet, Stats};
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};
 pub use decision::{Decision, ErrorBody, Verdict};
-pub use diagnostic::{Diagnostic, Diagnostics, Severity};
-pub use document::{Document, Position};
-pub use eval::{CounterCheck, EvalOptions, Hooks, LocalOnly, PluginCheck};
+pub use diagnostic::{Code, Diagnostic, Diagnostics, Position, Severity};
+pub use document::Document;
+pub use eval::{
+    Answer, CounterCheck, EvalOptions, Hooks, LocalOnly, Need, NeedId, NeedKind, Pending,
+    PluginCheck, Step,
+};
+pub use set::{CompileOutput, Origin, PolicySet, RuleInfo, Stats};

@@ -1,6 +1,6 @@
 //! The request-context schema: every field a condition can read, its type and what it holds when
-//! the request does not say. [`FIELDS`] is the single source of this table (the docs are generated
-//! from it by `llm-policy schema`).
+//! the request does not say. [`FIELDS`] is the single source of this table: path resolution, the
+//! CEL activation, whole-root read sets and the docs (`llm-policy schema`) are all driven by it.
 
 use alloc::format;
 use alloc::string::{String, ToString};
@@ -112,72 +112,102 @@ impl FieldType {
             FieldType::Int | FieldType::OptInt | FieldType::OptFloat | FieldType::Dynamic
         )
     }
+    /// Whether the value may be null (or, for shield scores, absent).
+    pub fn is_nullable(self) -> bool {
+        matches!(
+            self,
+            FieldType::OptStr | FieldType::OptInt | FieldType::OptFloat | FieldType::Dynamic
+        )
+    }
 }
 
-/// A documented schema entry.
-#[derive(Debug, Clone, Copy)]
-pub struct FieldDoc {
-    /// Dotted path.
+/// One row of the schema: a field conditions can read, its type, its value when the request does
+/// not carry it, and what it holds. [`FIELDS`] is the one table every consumer reads: path
+/// resolution (DSL, CEL, counter keys), the CEL activation, the cache key's read set of a whole
+/// root and the generated documentation.
+#[derive(Debug, Clone)]
+pub struct Field {
+    /// Dotted path; `<name>` / `<attribute>` mark a family of fields.
     pub path: &'static str,
+    /// The resolved field, for fixed paths (`None` for the `<name>` families).
+    pub field: Option<FieldRef>,
+    /// Static type (load-time checks).
+    pub ty: FieldType,
     /// Type as written in the docs.
-    pub ty: &'static str,
+    pub ty_doc: &'static str,
     /// Value when the request does not carry it.
     pub absent: &'static str,
     /// What it holds.
     pub doc: &'static str,
 }
 
-/// The schema, in documentation order.
-pub const FIELDS: &[FieldDoc] = &[
-    FieldDoc { path: "request.method", ty: "string", absent: "\"\"", doc: "HTTP method, upper-case (`POST`)." },
-    FieldDoc { path: "request.path", ty: "string", absent: "\"\"", doc: "Request path without the query string." },
-    FieldDoc { path: "request.host", ty: "string", absent: "\"\"", doc: "`:authority` / `host` header." },
-    FieldDoc { path: "request.headers", ty: "map<string, string>", absent: "{}", doc: "All request headers, names lower-cased. `request.headers.<name>` in the DSL; `request.headers['<name>']` in CEL (missing key is a CEL error: test with `'<name>' in request.headers`)." },
-    FieldDoc { path: "request.provider", ty: "string", absent: "\"unknown\"", doc: "`openai`, `anthropic` or `unknown`, from the path and provider headers." },
-    FieldDoc { path: "request.api", ty: "string", absent: "\"other\"", doc: "`chat`, `completions`, `embeddings`, `responses`, `messages` or `other`." },
-    FieldDoc { path: "request.model", ty: "string | null", absent: "null", doc: "Body `model` (Azure OpenAI: the deployment in the path when the body has none)." },
-    FieldDoc { path: "request.stream", ty: "bool", absent: "false", doc: "Body `stream`." },
-    FieldDoc { path: "request.max_tokens", ty: "int | null", absent: "null", doc: "`max_tokens`, else `max_completion_tokens` (OpenAI chat), else `max_output_tokens` (Responses)." },
-    FieldDoc { path: "request.temperature", ty: "double | null", absent: "null", doc: "Body `temperature`." },
-    FieldDoc { path: "request.user", ty: "string | null", absent: "null", doc: "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)." },
-    FieldDoc { path: "request.messages", ty: "list<{role: string, content: string}>", absent: "[]", doc: "Conversation turns with their text joined (system / instructions first as role `system`); image and other non-text parts are skipped." },
-    FieldDoc { path: "request.prompt", ty: "string", absent: "\"\"", doc: "All prompt text joined with newlines: messages, system, instructions, completion prompt, embedding input, tool results." },
-    FieldDoc { path: "request.estimated_tokens", ty: "int", absent: "0", doc: "Prompt token estimate: ceil(UTF-8 bytes of `prompt` / 4)." },
-    FieldDoc { path: "request.tools", ty: "list<string>", absent: "[]", doc: "Names of the tools / functions offered to the model." },
-    FieldDoc { path: "request.body_bytes", ty: "int", absent: "0", doc: "Size of the request body in bytes." },
-    FieldDoc { path: "principal.id", ty: "string | null", absent: "null", doc: "From header `x-user-id` (configurable)." },
-    FieldDoc { path: "principal.tier", ty: "string | null", absent: "null", doc: "From header `x-user-tier` (configurable)." },
-    FieldDoc { path: "principal.team", ty: "string | null", absent: "null", doc: "From header `x-team-id` (configurable). More attributes can be configured." },
-    FieldDoc { path: "shield.<name>", ty: "double | string (may be absent)", absent: "absent", doc: "From headers `x-llm-shield-<name>` (dashes become underscores); numeric values are numbers. DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`." },
-    FieldDoc { path: "time.hour", ty: "int", absent: "-", doc: "Hour of the evaluation time, UTC, 0-23. Rules reading time are never cached." },
-    FieldDoc { path: "time.weekday", ty: "int", absent: "-", doc: "Day of week of the evaluation time, UTC, 0 = Sunday … 6 = Saturday." },
-];
+macro_rules! field {
+    ($path:literal, $field:expr, $ty:ident, $ty_doc:literal, $absent:literal, $doc:literal) => {
+        Field {
+            path: $path,
+            field: $field,
+            ty: FieldType::$ty,
+            ty_doc: $ty_doc,
+            absent: $absent,
+            doc: $doc,
+        }
+    };
+}
 
-const REQUEST_FIELDS: &[(&str, FieldRef, FieldType)] = &[
-    ("method", FieldRef::Method, FieldType::Str),
-    ("path", FieldRef::Path, FieldType::Str),
-    ("host", FieldRef::Host, FieldType::Str),
-    ("headers", FieldRef::Headers, FieldType::StrMap),
-    ("provider", FieldRef::Provider, FieldType::Str),
-    ("api", FieldRef::Api, FieldType::Str),
-    ("model", FieldRef::Model, FieldType::OptStr),
-    ("stream", FieldRef::Stream, FieldType::Bool),
-    ("max_tokens", FieldRef::MaxTokens, FieldType::OptInt),
-    ("temperature", FieldRef::Temperature, FieldType::OptFloat),
-    ("user", FieldRef::User, FieldType::OptStr),
-    ("messages", FieldRef::Messages, FieldType::Messages),
-    ("prompt", FieldRef::Prompt, FieldType::Str),
-    (
-        "estimated_tokens",
-        FieldRef::EstimatedTokens,
-        FieldType::Int,
-    ),
-    ("tools", FieldRef::Tools, FieldType::StrList),
-    ("body_bytes", FieldRef::BodyBytes, FieldType::Int),
+/// The schema, in documentation order.
+#[rustfmt::skip]
+pub const FIELDS: &[Field] = &[
+    field!("request.method", Some(FieldRef::Method), Str, "string", "\"\"", "HTTP method, upper-case (`POST`)."),
+    field!("request.path", Some(FieldRef::Path), Str, "string", "\"\"", "Request path without the query string."),
+    field!("request.host", Some(FieldRef::Host), Str, "string", "\"\"", "`:authority` / `host` header."),
+    field!("request.headers", Some(FieldRef::Headers), StrMap, "map<string, string>", "{}", "All request headers, names lower-cased. `request.headers.<name>` in the DSL (any case); `request.headers['<name>']` in CEL, lower-case (capitals are a load error; a missing key is a CEL error: test with `'<name>' in request.headers`)."),
+    field!("request.provider", Some(FieldRef::Provider), Str, "string", "\"unknown\"", "`openai`, `anthropic` or `unknown`, from the path and provider headers."),
+    field!("request.api", Some(FieldRef::Api), Str, "string", "\"other\"", "`chat`, `completions`, `embeddings`, `responses`, `messages`, `batch` or `other`. A batch body (`/v1/messages/batches`) is also evaluated item by item: see the policy language."),
+    field!("request.model", Some(FieldRef::Model), OptStr, "string | null", "null", "Body `model`; on Azure OpenAI (`/openai/deployments/{name}/...`) the deployment in the path, whatever the body says (the deployment is what runs)."),
+    field!("request.stream", Some(FieldRef::Stream), Bool, "bool", "false", "Body `stream`."),
+    field!("request.max_tokens", Some(FieldRef::MaxTokens), OptInt, "int | null", "null", "`max_tokens`, else `max_completion_tokens` (OpenAI chat), else `max_output_tokens` (Responses)."),
+    field!("request.temperature", Some(FieldRef::Temperature), OptFloat, "double | null", "null", "Body `temperature`."),
+    field!("request.user", Some(FieldRef::User), OptStr, "string | null", "null", "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)."),
+    field!("request.messages", Some(FieldRef::Messages), Messages, "list<{role: string, content: string}>", "[]", "Conversation turns with their text joined (system / instructions first as role `system`); what counts as text is listed under `request.prompt`."),
+    field!("request.prompt", Some(FieldRef::Prompt), Str, "string", "\"\"", "All text the model reads, joined with newlines: see \"What `request.prompt` holds\" in the policy language."),
+    field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate: ceil(UTF-8 bytes of `prompt` / 4)."),
+    field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools / functions offered to the model."),
+    field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),
+    field!("principal.<attribute>", None, OptStr, "string | null", "null", "One per configured attribute, from its header (defaults: `id` from `x-user-id`, `tier` from `x-user-tier`, `team` from `x-team-id`); null when the header is missing, so guard CEL calls: `principal.id != null && principal.id.startsWith('svc-')`."),
+    field!("shield.<name>", None, Dynamic, "double | string (may be absent)", "absent", "From headers `x-llm-shield-<name>` (lower-case, dashes become underscores: write `shield.pii_score`); numeric values are numbers. DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`."),
+    field!("time.hour", Some(FieldRef::Hour), Int, "int", "-", "Hour of the evaluation time, UTC, 0-23. Rules reading time are never cached."),
+    field!("time.weekday", Some(FieldRef::Weekday), Int, "int", "-", "Day of week of the evaluation time, UTC, 0 = Sunday … 6 = Saturday."),
 ];
 
 /// The root variables conditions can read.
 pub const ROOTS: &[&str] = &["request", "principal", "shield", "time"];
+
+/// The fixed fields under `root` (`request` or `time`), with their member names.
+pub fn members(root: &str) -> impl Iterator<Item = (&'static str, &'static Field)> + '_ {
+    FIELDS.iter().filter_map(move |f| {
+        let (r, m) = f.path.split_once('.')?;
+        (r == root && f.field.is_some()).then_some((m, f))
+    })
+}
+
+/// Every field a condition that reads the whole root variable `root` depends on.
+pub fn root_fields(root: &str) -> Vec<FieldRef> {
+    match root {
+        "principal" => alloc::vec![FieldRef::PrincipalAll],
+        "shield" => alloc::vec![FieldRef::ShieldAll],
+        _ => members(root).filter_map(|(_, f)| f.field.clone()).collect(),
+    }
+}
+
+/// A shield score name as headers produce it: lower case, `_` for `-`. `Err` carries the name to
+/// write instead.
+pub fn check_shield_name(name: &str) -> Result<(), String> {
+    if name.bytes().any(|b| b.is_ascii_uppercase() || b == b'-') {
+        Err(name.to_ascii_lowercase().replace('-', "_"))
+    } else {
+        Ok(())
+    }
+}
 
 /// A field path that is not in the schema.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,11 +227,10 @@ impl FieldRef {
         principal_attrs: &[String],
     ) -> Result<(FieldRef, FieldType), UnknownField> {
         match (root, member) {
-            ("request", Some(m)) => REQUEST_FIELDS
-                .iter()
-                .find(|(name, _, _)| *name == m)
-                .map(|(_, f, t)| (f.clone(), *t))
-                .ok_or_else(|| unknown(root, m, REQUEST_FIELDS.iter().map(|(n, _, _)| *n))),
+            ("request" | "time", Some(m)) => members(root)
+                .find(|(name, _)| *name == m)
+                .and_then(|(_, f)| Some((f.field.clone()?, f.ty)))
+                .ok_or_else(|| unknown(root, m, members(root).map(|(n, _)| n))),
             ("principal", None) => Ok((FieldRef::PrincipalAll, FieldType::StrMap)),
             ("principal", Some(m)) => {
                 if principal_attrs.iter().any(|a| a == m) {
@@ -217,10 +246,15 @@ impl FieldRef {
                 }
             }
             ("shield", None) => Ok((FieldRef::ShieldAll, FieldType::StrMap)),
-            ("shield", Some(m)) => Ok((FieldRef::Shield(m.to_string()), FieldType::Dynamic)),
-            ("time", Some("hour")) => Ok((FieldRef::Hour, FieldType::Int)),
-            ("time", Some("weekday")) => Ok((FieldRef::Weekday, FieldType::Int)),
-            ("time", Some(m)) => Err(unknown(root, m, ["hour", "weekday"].into_iter())),
+            ("shield", Some(m)) => match check_shield_name(m) {
+                Ok(()) => Ok((FieldRef::Shield(m.to_string()), FieldType::Dynamic)),
+                Err(fixed) => Err(UnknownField {
+                    message: format!(
+                        "`shield.{m}` can never match: shield scores are named in lower case with `_` for `-`"
+                    ),
+                    suggestion: Some(format!("shield.{fixed}")),
+                }),
+            },
             (_, None) if ROOTS.contains(&root) => Err(UnknownField {
                 message: format!("`{root}` is not a field; name one of its members"),
                 suggestion: None,
@@ -235,8 +269,8 @@ impl FieldRef {
         }
     }
 
-    /// Resolves a dotted DSL path such as `request.model`, `request.headers.x-api-key`,
-    /// `principal.tier` or `shield.pii_score`.
+    /// Resolves a dotted DSL path such as `request.model`, `request.headers.x-api-key` (header
+    /// names in any case), `principal.tier` or `shield.pii_score`.
     pub fn parse_path(
         path: &str,
         principal_attrs: &[String],
@@ -259,8 +293,7 @@ impl FieldRef {
         };
         if let Some(m) = member {
             if m.contains('.') && root != "shield" {
-                let full = unknown_path(path, principal_attrs);
-                return Err(full);
+                return Err(unknown_path(path, principal_attrs));
             }
         }
         FieldRef::resolve(root, member, principal_attrs)
@@ -279,15 +312,13 @@ impl FieldRef {
             FieldRef::PrincipalAll => String::from("principal"),
             FieldRef::Shield(s) => format!("shield.{s}"),
             FieldRef::ShieldAll => String::from("shield"),
-            FieldRef::Hour => String::from("time.hour"),
-            FieldRef::Weekday => String::from("time.weekday"),
             FieldRef::Elem(ElemField::Role) => String::from("<message>.role"),
             FieldRef::Elem(ElemField::Content) => String::from("<message>.content"),
             FieldRef::Elem(ElemField::Value) => String::from("<element>"),
-            other => REQUEST_FIELDS
+            other => FIELDS
                 .iter()
-                .find(|(_, f, _)| f == other)
-                .map(|(n, _, _)| format!("request.{n}"))
+                .find(|f| f.field.as_ref() == Some(other))
+                .map(|f| f.path.to_string())
                 .unwrap_or_default(),
         }
     }
@@ -306,13 +337,12 @@ fn unknown<'a>(
 }
 
 fn unknown_path(path: &str, principal_attrs: &[String]) -> UnknownField {
-    let mut all: Vec<String> = REQUEST_FIELDS
+    let mut all: Vec<String> = FIELDS
         .iter()
-        .map(|(n, _, _)| format!("request.{n}"))
+        .filter(|f| f.field.is_some())
+        .map(|f| f.path.to_string())
         .collect();
     all.extend(principal_attrs.iter().map(|a| format!("principal.{a}")));
-    all.push(String::from("time.hour"));
-    all.push(String::from("time.weekday"));
     UnknownField {
         message: format!("`{path}` is not a field of the request context"),
         suggestion: closest(path, all.iter().map(String::as_str)).map(|s| s.to_string()),
@@ -351,6 +381,10 @@ mod tests {
             FieldRef::parse_path("shield.pii_score", &a).unwrap().0,
             FieldRef::Shield("pii_score".into())
         );
+        assert_eq!(
+            FieldRef::parse_path("time.weekday", &a).unwrap().0,
+            FieldRef::Weekday
+        );
     }
 
     #[test]
@@ -361,13 +395,28 @@ mod tests {
         assert_eq!(e.suggestion.as_deref(), Some("principal.tier"));
         let e = FieldRef::parse_path("reqest.model", &attrs()).unwrap_err();
         assert!(e.message.contains("reqest"), "{}", e.message);
+        let e = FieldRef::parse_path("time.hours", &attrs()).unwrap_err();
+        assert_eq!(e.suggestion.as_deref(), Some("time.hour"));
     }
 
     #[test]
-    fn every_documented_path_resolves() {
+    fn shield_names_that_never_match_are_rejected_with_the_right_name() {
+        for (bad, good) in [("pii-score", "shield.pii_score"), ("PII_SCORE", "shield.pii_score")] {
+            let e = FieldRef::parse_path(&format!("shield.{bad}"), &attrs()).unwrap_err();
+            assert_eq!(e.suggestion.as_deref(), Some(good), "{bad}");
+        }
+    }
+
+    #[test]
+    fn every_documented_path_resolves_and_every_fixed_field_has_its_path() {
         for f in FIELDS {
-            let path = f.path.replace("<name>", "x");
-            assert!(FieldRef::parse_path(&path, &attrs()).is_ok(), "{path}");
+            let path = f.path.replace("<name>", "x").replace("<attribute>", "id");
+            let (resolved, ty) = FieldRef::parse_path(&path, &attrs()).unwrap();
+            assert_eq!(ty, f.ty, "{path}");
+            if let Some(field) = &f.field {
+                assert_eq!(&resolved, field);
+                assert_eq!(field.path(), f.path);
+            }
         }
     }
 }

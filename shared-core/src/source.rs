@@ -1,72 +1,128 @@
 //! Loading policy files (`std`): YAML or JSON, one or several documents per file, a file or a
 //! directory, with the line and column of every node kept for error messages.
+//!
+//! Every input is bounded: files over [`MAX_FILE_BYTES`], documents nested deeper than
+//! [`MAX_DOCUMENT_DEPTH`] and YAML aliases that expand past [`MAX_ALIAS_NODES`] nodes (or four
+//! times the nodes written out) are located errors, found while reading, before any memory
+//! grows with them. Directory walks follow symbolic links once, skip hidden entries (Kubernetes
+//! ConfigMap mounts keep the real files in `..data/` and `..<timestamp>/`, and link each file
+//! from the top) and never visit a directory twice, so no layout can make the loader loop.
 
-use std::collections::BTreeMap;
+use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Number, Value};
-use yaml_rust2::parser::{Event, MarkedEventReceiver, Parser};
-use yaml_rust2::scanner::{Marker, TScalarStyle};
-use yaml_rust2::Yaml;
-
-use crate::diagnostic::{Diagnostic, Diagnostics};
-use crate::document::{escape_segment, Document, Position};
+use crate::diagnostic::{Code, Diagnostic, Diagnostics};
+use crate::document::Document;
 use crate::model::KIND_POLICY_TEST;
 
-/// Parses the text of one file into its documents. JSON is read by the same YAML 1.2 parser (JSON
-/// is a subset), so both carry locations.
+mod json;
+mod yaml;
+
+/// Largest policy file read, in bytes.
+pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
+/// Deepest nesting of maps and lists in a document.
+pub const MAX_DOCUMENT_DEPTH: usize = 64;
+/// Most nodes YAML aliases may add to a document (also at most four times the nodes written).
+pub const MAX_ALIAS_NODES: usize = 100_000;
+/// Deepest directory below a policy directory that is searched.
+pub const MAX_DIRECTORY_DEPTH: usize = 16;
+
+/// Parses the text of one file into its documents. `.json` files (and text that parses as one
+/// JSON value) are read as JSON; everything else as YAML 1.2, multi-document. Both keep
+/// locations.
 pub fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
-    let mut builder = Builder::default();
-    let mut parser = Parser::new_from_str(text);
-    if let Err(e) = parser.load(&mut builder, true) {
-        let m = e.marker();
-        return Err(
-            Diagnostic::error("syntax", format!("invalid YAML/JSON: {}", e.info()))
-                .at(file, Some(position(m))),
-        );
+    let looks_json = text.trim_start().starts_with(['{', '[']);
+    if file.ends_with(".json") {
+        return json::parse(file, text).map(|d| vec![d]);
     }
-    if let Some((msg, pos)) = builder.error.take() {
-        return Err(Diagnostic::error("syntax", msg).at(file, Some(pos)));
+    if looks_json {
+        // A YAML flow mapping also starts with `{`: fall back to YAML when it is not JSON.
+        if let Ok(doc) = json::parse(file, text) {
+            return Ok(vec![doc]);
+        }
     }
-    Ok(builder
-        .docs
-        .into_iter()
-        .map(|(value, spans)| Document::with_spans(file, value, spans))
-        .collect())
+    yaml::parse(file, text)
 }
 
 /// Reads one file.
 pub fn load_file(path: &Path) -> Result<Vec<Document>, Diagnostic> {
-    let name = path.display().to_string();
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| Diagnostic::error("io", format!("cannot read file: {e}")).at(&name, None))?;
-    parse_str(&name, &text)
+    load_file_as(path, &path.display().to_string())
+}
+
+fn load_file_as(path: &Path, name: &str) -> Result<Vec<Document>, Diagnostic> {
+    let io = |e: std::io::Error| {
+        Diagnostic::error(Code::Io, format!("cannot read file: {e}")).at(name, None)
+    };
+    let size = std::fs::metadata(path).map_err(io)?.len();
+    if size > MAX_FILE_BYTES {
+        return Err(Diagnostic::error(
+            Code::FileTooLarge,
+            format!("file is {size} bytes, over the limit of {MAX_FILE_BYTES}"),
+        )
+        .at(name, None)
+        .help(Some(String::from(
+            "split the policies into several files",
+        ))));
+    }
+    let text = std::fs::read_to_string(path).map_err(io)?;
+    parse_str(name, &text)
+}
+
+fn is_policy_file(p: &Path) -> bool {
+    matches!(
+        p.extension().and_then(|e| e.to_str()),
+        Some("yaml" | "yml" | "json")
+    )
+}
+
+fn hidden(name: &std::ffi::OsStr) -> bool {
+    name.to_str().is_some_and(|n| n.starts_with('.'))
 }
 
 /// Policy files of a path: the file itself, or every `.yaml` / `.yml` / `.json` file below a
-/// directory (sorted, recursively).
+/// directory, sorted, each once. Symbolic links are followed (a link to a file is read under the
+/// link's name); hidden files and directories (names starting with `.`) are skipped; a directory
+/// reached twice (a link cycle, or two links to one place) is searched once.
 pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     let name = path.display().to_string();
-    let meta = std::fs::metadata(path)
-        .map_err(|e| Diagnostic::error("io", format!("cannot read path: {e}")).at(&name, None))?;
+    let io = |what: &str, at: &str, e: std::io::Error| {
+        Diagnostic::error(Code::Io, format!("cannot read {what}: {e}")).at(at, None)
+    };
+    let meta = std::fs::metadata(path).map_err(|e| io("path", &name, e))?;
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
     let mut out = Vec::new();
-    let mut stack = vec![path.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        let entries = std::fs::read_dir(&dir).map_err(|e| {
-            Diagnostic::error("io", format!("cannot read directory: {e}"))
-                .at(&dir.display().to_string(), None)
-        })?;
-        for entry in entries.flatten() {
-            let p = entry.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if matches!(
-                p.extension().and_then(|e| e.to_str()),
-                Some("yaml" | "yml" | "json")
-            ) {
+    let mut files_seen: HashSet<PathBuf> = HashSet::new();
+    let mut dirs_seen: HashSet<PathBuf> = HashSet::new();
+    let root = std::fs::canonicalize(path).map_err(|e| io("directory", &name, e))?;
+    dirs_seen.insert(root);
+    let mut stack = vec![(path.to_path_buf(), 0usize)];
+    while let Some((dir, depth)) = stack.pop() {
+        let at = dir.display().to_string();
+        let entries = std::fs::read_dir(&dir).map_err(|e| io("directory", &at, e))?;
+        let mut names: Vec<PathBuf> = entries
+            .flatten()
+            .filter(|e| !hidden(&e.file_name()))
+            .map(|e| e.path())
+            .collect();
+        names.sort();
+        for p in names {
+            // `metadata` follows links; a dangling link is reported when the file is read.
+            let Ok(meta) = std::fs::metadata(&p) else {
+                if is_policy_file(&p) {
+                    out.push(p);
+                }
+                continue;
+            };
+            let Ok(real) = std::fs::canonicalize(&p) else {
+                continue;
+            };
+            if meta.is_dir() {
+                if depth < MAX_DIRECTORY_DEPTH && dirs_seen.insert(real) {
+                    stack.push((p, depth.saturating_add(1)));
+                }
+            } else if is_policy_file(&p) && files_seen.insert(real) {
                 out.push(p);
             }
         }
@@ -101,185 +157,29 @@ pub fn load_documents<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diag
 }
 
 /// Loads every policy document of the given paths; test suites (`kind: PolicyTest`) are skipped.
+/// Finding no document at all is an error naming the paths.
 pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagnostics> {
     let mut docs = load_documents(paths)?;
     docs.retain(|d| d.kind() != Some(KIND_POLICY_TEST));
+    if docs.is_empty() {
+        let names: Vec<String> = paths
+            .iter()
+            .map(|p| p.as_ref().display().to_string())
+            .collect();
+        let mut d = Diagnostic::error(Code::NoPolicies, "no policy documents found")
+            .help(Some(String::from(
+                "policy files end in .yaml, .yml or .json and hold documents with `kind: Policy`",
+            )));
+        d.file = Some(names.join(", "));
+        return Err(Diagnostics(vec![d]));
+    }
     Ok(docs)
-}
-
-fn position(m: &Marker) -> Position {
-    Position {
-        line: u32::try_from(m.line()).unwrap_or(u32::MAX),
-        column: u32::try_from(m.col() + 1).unwrap_or(u32::MAX),
-    }
-}
-
-enum Frame {
-    Map {
-        map: Map<String, Value>,
-        key: Option<String>,
-        ptr: String,
-        anchor: usize,
-    },
-    Seq {
-        items: Vec<Value>,
-        ptr: String,
-        anchor: usize,
-    },
-}
-
-/// Builds JSON values and a pointer → position map from parser events.
-#[derive(Default)]
-struct Builder {
-    stack: Vec<Frame>,
-    docs: Vec<(Value, BTreeMap<String, Position>)>,
-    spans: BTreeMap<String, Position>,
-    anchors: BTreeMap<usize, Value>,
-    root: Option<Value>,
-    error: Option<(String, Position)>,
-}
-
-impl Builder {
-    /// The pointer of the next node, or `None` when the next scalar is a map key.
-    fn next_ptr(&self) -> Option<String> {
-        match self.stack.last() {
-            None => Some(String::new()),
-            Some(Frame::Map { key: None, .. }) => None,
-            Some(Frame::Map {
-                key: Some(k), ptr, ..
-            }) => Some(format!("{ptr}/{}", escape_segment(k))),
-            Some(Frame::Seq { items, ptr, .. }) => Some(format!("{ptr}/{}", items.len())),
-        }
-    }
-
-    fn fail(&mut self, msg: String, mark: Marker) {
-        if self.error.is_none() {
-            self.error = Some((msg, position(&mark)));
-        }
-    }
-
-    fn push_value(&mut self, v: Value, anchor: usize, mark: Marker) {
-        if anchor > 0 {
-            self.anchors.insert(anchor, v.clone());
-        }
-        match self.stack.last_mut() {
-            None => self.root = Some(v),
-            Some(Frame::Seq { items, .. }) => items.push(v),
-            Some(Frame::Map { map, key, .. }) => {
-                if let Some(k) = key.take() {
-                    if map.insert(k.clone(), v).is_some() {
-                        self.fail(format!("duplicate key `{k}`"), mark);
-                    }
-                }
-            }
-        }
-    }
-}
-
-fn scalar_value(s: &str, style: TScalarStyle, tagged_str: bool) -> Result<Value, String> {
-    if style != TScalarStyle::Plain || tagged_str {
-        return Ok(Value::String(s.to_string()));
-    }
-    Ok(match Yaml::from_str(s) {
-        Yaml::Integer(i) => Value::Number(i.into()),
-        Yaml::Real(r) => {
-            let f: f64 = r.parse().map_err(|_| format!("invalid number `{r}`"))?;
-            Number::from_f64(f)
-                .map(Value::Number)
-                .ok_or_else(|| format!("`{r}` is not a finite number"))?
-        }
-        Yaml::Boolean(b) => Value::Bool(b),
-        Yaml::Null => Value::Null,
-        Yaml::String(s) => Value::String(s),
-        _ => Value::String(s.to_string()),
-    })
-}
-
-impl MarkedEventReceiver for Builder {
-    fn on_event(&mut self, ev: Event, mark: Marker) {
-        if self.error.is_some() {
-            return;
-        }
-        match ev {
-            Event::DocumentStart => {
-                self.spans.clear();
-                self.root = None;
-            }
-            Event::DocumentEnd => {
-                if let Some(v) = self.root.take() {
-                    if !v.is_null() {
-                        self.docs.push((v, std::mem::take(&mut self.spans)));
-                    }
-                }
-            }
-            Event::Scalar(s, style, anchor, tag) => {
-                let tagged_str = tag.as_ref().is_some_and(|t| t.suffix == "str");
-                match self.next_ptr() {
-                    None => {
-                        // A map key.
-                        if let Some(Frame::Map { key, ptr, .. }) = self.stack.last_mut() {
-                            self.spans
-                                .insert(format!("{ptr}/{}", escape_segment(&s)), position(&mark));
-                            *key = Some(s);
-                        }
-                    }
-                    Some(ptr) => match scalar_value(&s, style, tagged_str) {
-                        Ok(v) => {
-                            self.spans.entry(ptr).or_insert(position(&mark));
-                            self.push_value(v, anchor, mark);
-                        }
-                        Err(e) => self.fail(e, mark),
-                    },
-                }
-            }
-            Event::Alias(id) => {
-                if self.next_ptr().is_none() {
-                    self.fail(String::from("aliases cannot be map keys"), mark);
-                    return;
-                }
-                match self.anchors.get(&id).cloned() {
-                    Some(v) => self.push_value(v, 0, mark),
-                    None => self.fail(String::from("unknown alias"), mark),
-                }
-            }
-            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
-                let Some(ptr) = self.next_ptr() else {
-                    self.fail(String::from("complex map keys are not supported"), mark);
-                    return;
-                };
-                self.spans.entry(ptr.clone()).or_insert(position(&mark));
-                self.stack.push(if matches!(ev, Event::SequenceStart(..)) {
-                    Frame::Seq {
-                        items: Vec::new(),
-                        ptr,
-                        anchor,
-                    }
-                } else {
-                    Frame::Map {
-                        map: Map::new(),
-                        key: None,
-                        ptr,
-                        anchor,
-                    }
-                });
-            }
-            Event::SequenceEnd | Event::MappingEnd => match self.stack.pop() {
-                Some(Frame::Seq { items, anchor, .. }) => {
-                    self.push_value(Value::Array(items), anchor, mark)
-                }
-                Some(Frame::Map { map, anchor, .. }) => {
-                    self.push_value(Value::Object(map), anchor, mark)
-                }
-                None => {}
-            },
-            Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
-        }
-    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::diagnostic::Position;
 
     #[test]
     fn yaml_values_and_positions() {
@@ -305,6 +205,24 @@ mod tests {
         let docs = parse_str("p.json", "{\n  \"a\": {\"b\": [1, 2]}\n}").unwrap();
         assert_eq!(docs[0].value["a"]["b"][1], 2);
         assert_eq!(docs[0].position("/a/b").map(|p| p.line), Some(2));
+        assert_eq!(
+            docs[0].position("/a/b/1"),
+            Some(Position {
+                line: 2,
+                column: 18
+            })
+        );
+    }
+
+    #[test]
+    fn json_surrogate_pairs_as_python_writes_them() {
+        let docs = parse_str("p.json", r#"{"reason": "\ud83d\ude00 \u00e9"}"#).unwrap();
+        assert_eq!(docs[0].value["reason"], "\u{1F600} \u{e9}");
+        // The same text with another extension is still read as JSON.
+        let docs = parse_str("upload", r#"{"reason": "\ud83d\ude00"}"#).unwrap();
+        assert_eq!(docs[0].value["reason"], "\u{1F600}");
+        let e = parse_str("p.json", r#"{"reason": "\ud83d"}"#).unwrap_err();
+        assert_eq!(e.code, Code::Syntax);
     }
 
     #[test]
@@ -315,11 +233,52 @@ mod tests {
         let e = parse_str("p.yaml", "a: 1\na: 2\n").unwrap_err();
         assert!(e.message.contains("duplicate key"), "{}", e.message);
         assert_eq!(e.position.map(|p| p.line), Some(2));
+        let e = parse_str("p.json", "{\"a\": 1,\n \"a\": 2}").unwrap_err();
+        assert!(e.message.contains("duplicate key"), "{}", e.message);
+        assert_eq!(e.position.map(|p| p.line), Some(2));
     }
 
     #[test]
     fn anchors_and_aliases() {
         let docs = parse_str("p.yaml", "x: &m [a, b]\ny: *m\n").unwrap();
         assert_eq!(docs[0].value["y"][1], "b");
+    }
+
+    #[test]
+    fn billion_laughs_fail_fast() {
+        // 9 levels of ten aliases each: 10^9 nodes if expanded.
+        let mut y = String::from("l0: &l0 [x, x, x, x, x, x, x, x, x, x]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            y.push_str(&format!(
+                "l{i}: &l{i} [*l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}, *l{p}]\n"
+            ));
+        }
+        let t = std::time::Instant::now();
+        let e = parse_str("laughs.yaml", &y).unwrap_err();
+        assert_eq!(e.code, Code::DocumentTooLarge);
+        assert!(e.position.is_some());
+        assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn deep_nesting_is_an_error_not_a_stack_overflow() {
+        for text in [
+            format!("a: {}1{}", "[".repeat(100_000), "]".repeat(100_000)),
+            format!("{}1{}", "[".repeat(100_000), "]".repeat(100_000)),
+            (0..200)
+                .map(|i| format!("{}k{i}:\n", " ".repeat(i)))
+                .collect::<String>(),
+        ] {
+            for name in ["deep.yaml", "deep.json"] {
+                let e = parse_str(name, &text).unwrap_err();
+                assert!(
+                    matches!(e.code, Code::DocumentTooDeep | Code::Syntax),
+                    "{name}: {e}"
+                );
+            }
+        }
+        let ok = format!("a: {}1{}", "[".repeat(60), "]".repeat(60));
+        assert!(parse_str("ok.yaml", &ok).is_ok());
     }
 }

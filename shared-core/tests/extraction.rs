@@ -47,7 +47,7 @@ fn openai_chat_with_parts_tools_and_options() {
     assert_eq!(r.messages[1].content, "What is in this image?");
     assert_eq!(
         r.prompt,
-        "Answer in French.\nWhat is in this image?\nlookup result"
+        "Answer in French.\nWhat is in this image?\n{\"q\":\"x\"}\nlookup result"
     );
     assert_eq!(r.estimated_tokens, (r.prompt.len() as i64 + 3) / 4);
     assert_eq!(c.principal("tier"), Some("pro"));
@@ -80,7 +80,8 @@ fn anthropic_messages_with_system_blocks_and_tool_blocks() {
     assert_eq!(r.user.as_deref(), Some("u-77"));
     assert_eq!(r.tools, vec!["get_weather"]);
     assert_eq!(r.messages[0].role, "system");
-    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\n18C");
+    // The tool call's input is text the model reads (a secret in it must be caught).
+    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\nParis\n18C");
 }
 
 #[test]
@@ -110,7 +111,7 @@ fn responses_api_input_forms() {
         {"type":"reasoning","id":"r","summary":[]}],
       "tools":[{"type":"web_search_preview"},{"type":"function","name":"f","parameters":{}}]}"#;
     let c = ctx_at("/v1/responses", &[], body);
-    assert_eq!(c.request.prompt, "look\ntool says hi");
+    assert_eq!(c.request.prompt, "look\n{}\ntool says hi");
     assert_eq!(c.request.tools, vec!["web_search_preview", "f"]);
     assert!(c
         .request
@@ -275,4 +276,177 @@ fn deeply_nested_json_is_an_error_not_a_crash() {
         "}".repeat(100_000)
     );
     assert!(try_ctx("/v1/chat/completions", &[], &body).is_ok());
+}
+
+#[test]
+fn multipart_is_recognised_in_any_case() {
+    for ct in [
+        "Multipart/form-data; boundary=x",
+        "MULTIPART/FORM-DATA; boundary=x",
+        " multipart/form-data",
+    ] {
+        let c = try_ctx("/v1/audio/transcriptions", &[("Content-Type", ct)], "--x\r\n...");
+        assert!(c.is_ok(), "{ct}: {c:?}");
+    }
+}
+
+/// Every piece of text the model reads reaches `request.prompt`: what a secret or jailbreak rule
+/// scans. Each case hides the marker where an earlier version did not look.
+#[test]
+fn prompt_holds_every_text_the_model_reads() {
+    let marker = "sk-HIDDEN0123456789";
+    let cases: Vec<(&str, &[(&str, &str)], String)> = vec![
+        // Anthropic document block with a plain-text source.
+        (
+            "/v1/messages",
+            &[],
+            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","source":{{"type":"text","media_type":"text/plain","data":"{marker}"}}}}]}}]}}"#),
+        ),
+        // Anthropic document block: title and context are read too.
+        (
+            "/v1/messages",
+            &[],
+            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","title":"{marker}","source":{{"type":"url","url":"https://x"}}}}]}}]}}"#),
+        ),
+        // Anthropic document block with a content source.
+        (
+            "/v1/messages",
+            &[],
+            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","source":{{"type":"content","content":[{{"type":"text","text":"{marker}"}}]}}}}]}}]}}"#),
+        ),
+        // Anthropic tool_use input (nested strings).
+        (
+            "/v1/messages",
+            &[],
+            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
+                {{"type":"tool_use","id":"t","name":"sh","input":{{"cmd":["export", {{"k":"{marker}"}}]}}}}]}}]}}"#),
+        ),
+        // Anthropic thinking block.
+        (
+            "/v1/messages",
+            &[],
+            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
+                {{"type":"thinking","thinking":"{marker}","signature":"s"}}]}}]}}"#),
+        ),
+        // OpenAI chat tool_calls arguments.
+        (
+            "/v1/chat/completions",
+            &[],
+            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":null,"tool_calls":[
+                {{"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"key\":\"{marker}\"}}"}}}}]}}]}}"#),
+        ),
+        // OpenAI legacy function_call arguments.
+        (
+            "/v1/chat/completions",
+            &[],
+            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":null,
+                "function_call":{{"name":"f","arguments":"{marker}"}}}}]}}"#),
+        ),
+        // Responses function_call and custom_tool_call items.
+        (
+            "/v1/responses",
+            &[],
+            format!(r#"{{"model":"m","input":[{{"type":"function_call","call_id":"c","name":"f","arguments":"{marker}"}}]}}"#),
+        ),
+        (
+            "/v1/responses",
+            &[],
+            format!(r#"{{"model":"m","input":[{{"type":"custom_tool_call","call_id":"c","name":"f","input":"{marker}"}}]}}"#),
+        ),
+        // Refusal parts.
+        (
+            "/v1/chat/completions",
+            &[],
+            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":[{{"type":"refusal","refusal":"{marker}"}}]}}]}}"#),
+        ),
+    ];
+    for (path, headers, body) in cases {
+        let c = ctx_at(path, headers, &body);
+        assert!(
+            c.request.prompt.contains(marker),
+            "{path}: marker missing from prompt {:?} for {body}",
+            c.request.prompt
+        );
+    }
+}
+
+#[test]
+fn binary_sources_are_not_text() {
+    let c = ctx_at(
+        "/v1/messages",
+        &[],
+        r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[
+            {"type":"image","source":{"type":"base64","media_type":"image/png","data":"iVBORw0KGgo"}},
+            {"type":"document","source":{"type":"base64","media_type":"application/pdf","data":"JVBERi0x"}},
+            {"type":"text","text":"describe"}]}]}"#,
+    );
+    assert_eq!(c.request.prompt, "describe");
+}
+
+#[test]
+fn azure_deployment_is_the_model_whatever_the_body_says() {
+    let c = ctx_at(
+        "/openai/deployments/gpt-4o-prod/chat/completions?api-version=2024-06-01",
+        &[],
+        r#"{"model":"gpt-4o-mini","messages":[]}"#,
+    );
+    assert_eq!(c.request.model.as_deref(), Some("gpt-4o-prod"));
+    assert_eq!(c.request.provider, Provider::Openai);
+}
+
+#[test]
+fn anthropic_batches_are_read_item_by_item() {
+    let body = r#"{"requests":[
+        {"custom_id":"a","params":{"model":"claude-sonnet-4-5","max_tokens":10,"messages":[{"role":"user","content":"hello"}]}},
+        {"custom_id":"b","params":{"model":"claude-opus-4","max_tokens":99,"messages":[{"role":"user","content":"sk-SECRET"}]}}]}"#;
+    let c = ctx_at(
+        "/v1/messages/batches",
+        &[("anthropic-version", "2023-06-01")],
+        body,
+    );
+    assert_eq!(
+        (c.request.provider, c.request.api),
+        (Provider::Anthropic, Api::Batch)
+    );
+    assert_eq!(c.request.model, None);
+    assert_eq!(c.batch.len(), 2);
+    let b = &c.batch[1];
+    assert_eq!(b.api, Api::Messages);
+    assert_eq!(b.model.as_deref(), Some("claude-opus-4"));
+    assert_eq!(b.max_tokens, Some(99));
+    assert_eq!(b.prompt, "sk-SECRET");
+    let item = c.batch_item(1).unwrap();
+    assert_eq!(item.request.path, "/v1/messages/batches");
+    assert_eq!(item.request.model.as_deref(), Some("claude-opus-4"));
+    // Retrieving or cancelling a batch is not a batch body.
+    let c = ctx_at("/v1/messages/batches/msgbatch_1/cancel", &[], "");
+    assert_eq!(c.request.api, Api::Other);
+}
+
+#[test]
+fn openai_batches_reference_an_uploaded_file() {
+    let c = ctx_at(
+        "/v1/batches",
+        &[],
+        r#"{"input_file_id":"file-1","endpoint":"/v1/chat/completions","completion_window":"24h"}"#,
+    );
+    assert_eq!(
+        (c.request.provider, c.request.api),
+        (Provider::Openai, Api::Batch)
+    );
+    assert!(c.batch.is_empty());
+    assert_eq!(c.request.model, None);
+}
+
+#[test]
+fn huge_max_tokens_saturate_instead_of_overflowing() {
+    let c = ctx_at(
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","max_tokens":9223372036854775807,"messages":[{"role":"user","content":"hi there"}]}"#,
+    );
+    assert_eq!(c.request.max_tokens, Some(i64::MAX));
 }

@@ -43,7 +43,7 @@ fn openai_chat_with_parts_tools_and_stream() {
     assert_eq!(r.tools, vec!["lookup"]);
     assert_eq!(
         r.prompt,
-        "Answer in French.\nWhat is in this image?\nlookup result"
+        "Answer in French.\nWhat is in this image?\n{\"q\": \"x\"}\nlookup result"
     );
     assert_eq!(c.principal("tier"), Some("pro"));
 }
@@ -80,10 +80,10 @@ fn openai_responses() {
     assert_eq!(r.max_tokens, Some(200));
     assert_eq!(
         r.prompt,
-        "You are a support bot.\nlook at this\ntool says hi"
+        "You are a support bot.\nlook at this\n{}\ntool says hi"
     );
     let roles: Vec<&str> = r.messages.iter().map(|m| m.role.as_str()).collect();
-    assert_eq!(roles, vec!["system", "user", "tool"]);
+    assert_eq!(roles, vec!["system", "user", "assistant", "tool"]);
     assert_eq!(r.tools, vec!["web_search_preview", "get_weather"]);
     let c = load("openai-responses-string");
     assert!(c.request.stream);
@@ -98,7 +98,7 @@ fn anthropic_messages() {
     assert_eq!(r.max_tokens, Some(1024));
     assert_eq!(r.user.as_deref(), Some("u-77"));
     assert_eq!(r.tools, vec!["get_weather"]);
-    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\n18C");
+    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\nParis\n18C");
     assert_eq!(c.principal("team"), Some("research"));
     let c = load("anthropic-messages-stream");
     assert!(c.request.stream);

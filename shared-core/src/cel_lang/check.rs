@@ -1,0 +1,1094 @@
+//! Load-time checks of a parsed CEL expression: names, types, functions, regexes, constants,
+//! cost, and guards against null or absent values.
+//!
+//! The checker walks the tree once (recursion bounded by [`super::MAX_DEPTH`]) and infers a
+//! coarse type for every node. Only definite conflicts are errors (`dyn` silences them), so a
+//! valid CEL program is never rejected for what the checker cannot know.
+
+use cel::common::ast::{operators as op, CallExpr, ComprehensionExpr, Expr, IdedExpr, LiteralValue};
+use cel::{Context, ExecutionError, Value};
+
+use super::{env, field_of, issue, show, string_lit, CelIssue, Scope};
+use crate::diagnostic::Code;
+use crate::dsl::build_regex;
+use crate::schema::{check_shield_name, root_fields, FieldRef, FieldType, ROOTS};
+
+/// How many request sizes a value built by an expression may reach (`a + b` of two prompts is
+/// 2). Above this, building it could take memory out of proportion to the request.
+const MAX_GROWTH: u32 = 8;
+
+/// What the checks found.
+pub(super) struct Checked {
+    /// Every context field the expression reads, sorted.
+    pub reads: Vec<FieldRef>,
+    /// The fields read that may be null or absent (named in runtime errors).
+    pub nullable: Vec<FieldRef>,
+    /// Findings that do not reject the expression.
+    pub warnings: Vec<CelIssue>,
+}
+
+/// A coarse CEL type.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ty {
+    Bool,
+    Int,
+    Uint,
+    Double,
+    Str,
+    Bytes,
+    Null,
+    List,
+    Map,
+    /// An element of `request.messages` (a map with `role` and `content`).
+    Message,
+    Type,
+    Dyn,
+}
+
+impl Ty {
+    fn name(self) -> &'static str {
+        match self {
+            Ty::Bool => "a bool",
+            Ty::Int => "an int",
+            Ty::Uint => "a uint",
+            Ty::Double => "a double",
+            Ty::Str => "a string",
+            Ty::Bytes => "bytes",
+            Ty::Null => "null",
+            Ty::List => "a list",
+            Ty::Map | Ty::Message => "a map",
+            Ty::Type => "a type",
+            Ty::Dyn => "dyn",
+        }
+    }
+    fn numeric(self) -> bool {
+        matches!(self, Ty::Int | Ty::Uint | Ty::Double)
+    }
+    fn known(self) -> bool {
+        self != Ty::Dyn
+    }
+}
+
+/// The inferred facts of one node.
+#[derive(Debug, Clone)]
+struct T {
+    ty: Ty,
+    /// For lists: the element type.
+    elem: Ty,
+    /// The context field this node reads directly, if any.
+    field: Option<FieldRef>,
+    /// The value may be null (a nullable field).
+    nullable: bool,
+    /// Growth: how many request sizes the value may reach (0 for constants and scalars).
+    size: u32,
+    /// The value depends on the request (a field, or something computed from one).
+    request: bool,
+}
+
+impl T {
+    fn of(ty: Ty) -> T {
+        T {
+            ty,
+            elem: Ty::Dyn,
+            field: None,
+            nullable: false,
+            size: 0,
+            request: false,
+        }
+    }
+    fn derived(ty: Ty, size: u32, request: bool) -> T {
+        T {
+            size,
+            request,
+            ..T::of(ty)
+        }
+    }
+}
+
+/// A fact that holds where an expression is known to be true (or false).
+#[derive(Debug, Clone, PartialEq)]
+enum Fact {
+    NotNull(FieldRef),
+    Present(FieldRef),
+}
+
+/// A comprehension variable in scope.
+struct Binding {
+    name: String,
+    t: T,
+    /// The iteration variable of a comprehension over request data.
+    request_elem: bool,
+}
+
+struct Checker<'a> {
+    attrs: &'a [String],
+    reads: Vec<FieldRef>,
+    nullable: Vec<FieldRef>,
+    warnings: Vec<CelIssue>,
+    warned: Vec<FieldRef>,
+    bound: Vec<Binding>,
+    facts: Vec<Fact>,
+    /// Set inside the body of a comprehension over request data.
+    in_request_loop: bool,
+    comprehensions: usize,
+}
+
+/// Checks an expression; `Err` is the first error found.
+pub(super) fn check(e: &IdedExpr, attrs: &[String]) -> Result<Checked, CelIssue> {
+    let mut c = Checker {
+        attrs,
+        reads: Vec::new(),
+        nullable: Vec::new(),
+        warnings: Vec::new(),
+        warned: Vec::new(),
+        bound: Vec::new(),
+        facts: Vec::new(),
+        in_request_loop: false,
+        comprehensions: 0,
+    };
+    let t = c.expr(e)?;
+    if t.ty.known() && t.ty != Ty::Bool {
+        return Err(type_err(format!(
+            "the condition is {}, not a bool: `{}`",
+            t.ty.name(),
+            show(e)
+        )));
+    }
+    fold_constants(e, &mut Vec::new())?;
+    c.reads.sort();
+    c.reads.dedup();
+    c.nullable.sort();
+    c.nullable.dedup();
+    Ok(Checked {
+        reads: c.reads,
+        nullable: c.nullable,
+        warnings: c.warnings,
+    })
+}
+
+fn type_err(message: String) -> CelIssue {
+    issue(Code::CelType, message, None)
+}
+
+fn t_of_field(f: FieldRef, ty: FieldType) -> T {
+    let (t, elem) = match ty {
+        FieldType::Str => (Ty::Str, Ty::Dyn),
+        FieldType::OptStr => (Ty::Str, Ty::Dyn),
+        FieldType::Int | FieldType::OptInt => (Ty::Int, Ty::Dyn),
+        FieldType::OptFloat => (Ty::Double, Ty::Dyn),
+        FieldType::Bool => (Ty::Bool, Ty::Dyn),
+        FieldType::StrList => (Ty::List, Ty::Str),
+        FieldType::StrMap => (Ty::Map, Ty::Str),
+        FieldType::Messages => (Ty::List, Ty::Message),
+        FieldType::Dynamic => (Ty::Dyn, Ty::Dyn),
+    };
+    // Request text can be as large as the request; numbers, bools and the enum-like strings
+    // cannot.
+    let small = matches!(
+        f,
+        FieldRef::Method | FieldRef::Provider | FieldRef::Api | FieldRef::Hour | FieldRef::Weekday
+    ) || matches!(t, Ty::Int | Ty::Double | Ty::Bool);
+    T {
+        ty: t,
+        elem,
+        nullable: matches!(
+            ty,
+            FieldType::OptStr | FieldType::OptInt | FieldType::OptFloat
+        ) || matches!(f, FieldRef::Principal(_)),
+        size: u32::from(!small),
+        request: true,
+        field: Some(f),
+    }
+}
+
+fn lit_ty(l: &LiteralValue) -> Ty {
+    match l {
+        LiteralValue::Boolean(_) => Ty::Bool,
+        LiteralValue::Bytes(_) => Ty::Bytes,
+        LiteralValue::Double(_) => Ty::Double,
+        LiteralValue::Int(_) => Ty::Int,
+        LiteralValue::Null => Ty::Null,
+        LiteralValue::String(_) => Ty::Str,
+        LiteralValue::UInt(_) => Ty::Uint,
+    }
+}
+
+/// Whether two known types can be compared with `==` (numbers across kinds, null with anything
+/// nullable is handled by the caller).
+fn comparable(a: Ty, b: Ty) -> bool {
+    !a.known()
+        || !b.known()
+        || a == b
+        || (a.numeric() && b.numeric())
+        || matches!((a, b), (Ty::Map, Ty::Message) | (Ty::Message, Ty::Map))
+}
+
+fn orderable(a: Ty, b: Ty) -> bool {
+    let ordered = |t: Ty| matches!(t, Ty::Int | Ty::Uint | Ty::Double | Ty::Str | Ty::Bool | Ty::Bytes | Ty::Dyn);
+    ordered(a) && ordered(b) && (a == b || !a.known() || !b.known() || (a.numeric() && b.numeric()))
+}
+
+impl Checker<'_> {
+    fn scope(&self) -> Scope<'_> {
+        Scope {
+            attrs: self.attrs,
+            elem: None,
+        }
+    }
+
+    fn binding(&self, name: &str) -> Option<&Binding> {
+        self.bound.iter().rev().find(|b| b.name == name)
+    }
+
+    fn read(&mut self, f: &FieldRef) {
+        self.reads.push(f.clone());
+    }
+
+    /// Rejects reading request text inside a list macro over request data (its cost would be
+    /// the product of the two sizes).
+    fn loop_read(&self, t: &T, e: &IdedExpr) -> Result<(), CelIssue> {
+        if self.in_request_loop && t.size > 0 {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}` is read inside a list macro over request data: the cost would grow with the product of the two sizes",
+                    show(e)
+                ),
+                Some(String::from(
+                    "test it outside the macro (`principal.tier == 'free' && request.messages.exists(m, ...)`), or compare the element with literals",
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    fn warn_unguarded(&mut self, field: &FieldRef, use_text: String) {
+        if self.warned.contains(field) {
+            return;
+        }
+        let path = field.path();
+        let (message, help) = match field {
+            FieldRef::Header(h) => (
+                format!("`{use_text}` errors when the request has no `{h}` header, and the rule's `onError` then applies (default: deny)"),
+                format!("guard it in the same condition: `'{h}' in request.headers && ...`"),
+            ),
+            FieldRef::Shield(s) => (
+                format!("`{use_text}` errors when the request carries no `{s}` shield score, and the rule's `onError` then applies (default: deny)"),
+                format!("guard it in the same condition: `has(shield.{s}) && ...`"),
+            ),
+            _ => (
+                format!("`{use_text}` errors when `{path}` is null, and the rule's `onError` then applies (default: deny)"),
+                format!("guard it in the same condition: `{path} != null && ...`"),
+            ),
+        };
+        self.warned.push(field.clone());
+        self.warnings
+            .push(issue(Code::CelUnguarded, message, Some(help)));
+    }
+
+    /// A value that errors when null is used (method call, ordering, arithmetic).
+    fn use_nullable(&mut self, t: &T, e: &IdedExpr) {
+        if let (true, Some(f)) = (t.nullable, &t.field) {
+            if !self.facts.contains(&Fact::NotNull(f.clone())) {
+                self.warn_unguarded(&f.clone(), show(e));
+            }
+        }
+    }
+
+    /// A header or shield key that errors when absent.
+    fn access_absent(&mut self, f: &FieldRef, e: &IdedExpr) {
+        if !self.facts.contains(&Fact::Present(f.clone())) {
+            self.warn_unguarded(f, show(e));
+        }
+    }
+
+    fn expr(&mut self, e: &IdedExpr) -> Result<T, CelIssue> {
+        match &e.expr {
+            Expr::Literal(l) => Ok(T::of(lit_ty(l))),
+            Expr::Ident(name) => self.ident(name, e),
+            Expr::Select(s) => self.select(s, e),
+            Expr::Call(c) => self.call(c, e),
+            Expr::Comprehension(c) => self.comprehension(c, e),
+            Expr::List(l) => {
+                let mut elem: Option<Ty> = None;
+                let (mut size, mut request) = (0u32, false);
+                for x in &l.elements {
+                    let t = self.expr(x)?;
+                    elem = Some(match elem {
+                        None => t.ty,
+                        Some(p) if p == t.ty => p,
+                        Some(_) => Ty::Dyn,
+                    });
+                    size = size.saturating_add(t.size);
+                    request |= t.request;
+                }
+                self.grow(size, e)?;
+                Ok(T {
+                    elem: elem.unwrap_or(Ty::Dyn),
+                    ..T::derived(Ty::List, size, request)
+                })
+            }
+            Expr::Map(_) | Expr::Struct(_) => {
+                if let Expr::Struct(_) = &e.expr {
+                    return Err(issue(
+                        Code::CelUnsupported,
+                        "message construction is not supported",
+                        None,
+                    ));
+                }
+                let (mut size, mut request) = (0u32, false);
+                for x in super::children(e) {
+                    let t = self.expr(x)?;
+                    size = size.saturating_add(t.size);
+                    request |= t.request;
+                }
+                self.grow(size, e)?;
+                Ok(T::derived(Ty::Map, size, request))
+            }
+            Expr::Unspecified => Ok(T::of(Ty::Dyn)),
+        }
+    }
+
+    fn grow(&self, size: u32, e: &IdedExpr) -> Result<(), CelIssue> {
+        if size > MAX_GROWTH {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}` can build a value {size} times the size of the request (the limit is {MAX_GROWTH})",
+                    show(e)
+                ),
+                Some(String::from("test the parts separately instead of joining them")),
+            ));
+        }
+        Ok(())
+    }
+
+    fn ident(&mut self, name: &str, e: &IdedExpr) -> Result<T, CelIssue> {
+        if let Some(b) = self.binding(name) {
+            let t = b.t.clone();
+            if b.request_elem {
+                return Ok(t);
+            }
+            self.loop_read(&t, e)?;
+            return Ok(t);
+        }
+        if TYPE_NAMES.contains(&name) {
+            return Ok(T::of(Ty::Type));
+        }
+        if !ROOTS.contains(&name) {
+            let u = FieldRef::resolve(name, Some(""), &[]).err();
+            return Err(issue(
+                Code::UnknownField,
+                format!("unknown variable `{name}`"),
+                u.and_then(|u| u.suggestion)
+                    .map(|s| format!("did you mean `{}`?", s.trim_end_matches('.'))),
+            ));
+        }
+        let fields = root_fields(name);
+        for f in &fields {
+            self.read(f);
+        }
+        let t = T::derived(Ty::Map, 1, true);
+        self.loop_read(&t, e)?;
+        Ok(t)
+    }
+
+    fn select(&mut self, s: &cel::common::ast::SelectExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        // `m.role` / `m.content` of a message element.
+        if let Expr::Ident(v) = &s.operand.expr {
+            if let Some(b) = self.binding(v) {
+                if b.t.ty == Ty::Message {
+                    if s.test {
+                        return Ok(T::of(Ty::Bool));
+                    }
+                    return match s.field.as_str() {
+                        "role" | "content" => Ok(T {
+                            size: b.t.size,
+                            request: true,
+                            ..T::of(Ty::Str)
+                        }),
+                        other => Err(issue(
+                            Code::UnknownField,
+                            format!("a message has no field `{other}`"),
+                            Some(String::from("a message has `role` and `content`")),
+                        )),
+                    };
+                }
+            } else if ROOTS.contains(&v.as_str()) {
+                return self.root_member(v, &s.field, s.test, e);
+            }
+        }
+        // `request.headers.name`.
+        if let Expr::Select(inner) = &s.operand.expr {
+            if super::is_headers(inner) && self.binding("request").is_none() {
+                let f = self.header(&s.field)?;
+                self.read(&FieldRef::Headers);
+                if s.test {
+                    return Ok(T::of(Ty::Bool));
+                }
+                self.access_absent(&f, e);
+                let t = T {
+                    field: Some(f),
+                    ..T::derived(Ty::Str, 1, true)
+                };
+                self.loop_read(&t, e)?;
+                return Ok(t);
+            }
+        }
+        let operand = self.expr(&s.operand)?;
+        if s.test {
+            return Ok(T::of(Ty::Bool));
+        }
+        if operand.ty.known() && !matches!(operand.ty, Ty::Map | Ty::Message) {
+            return Err(type_err(format!(
+                "`{}` selects a field of {}",
+                show(e),
+                operand.ty.name()
+            )));
+        }
+        Ok(T::derived(Ty::Dyn, operand.size, operand.request))
+    }
+
+    /// A header name written in a condition: lower case, or a load error.
+    fn header(&self, name: &str) -> Result<FieldRef, CelIssue> {
+        if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            return Err(issue(
+                Code::HeaderCase,
+                format!("header names are lower-case in `request.headers`, so `{name}` never matches"),
+                Some(format!("write `{}`", name.to_ascii_lowercase())),
+            ));
+        }
+        Ok(FieldRef::Header(name.to_string()))
+    }
+
+    fn root_member(
+        &mut self,
+        root: &str,
+        member: &str,
+        test: bool,
+        e: &IdedExpr,
+    ) -> Result<T, CelIssue> {
+        let (f, ty) = FieldRef::resolve(root, Some(member), self.attrs).map_err(|u| {
+            let code = if root == "shield" {
+                Code::InvalidShieldName
+            } else {
+                Code::UnknownField
+            };
+            issue(
+                code,
+                u.message,
+                u.suggestion.map(|s| format!("did you mean `{s}`?")),
+            )
+        })?;
+        self.read(&f);
+        if test {
+            return Ok(T::of(Ty::Bool));
+        }
+        if matches!(f, FieldRef::Shield(_)) {
+            self.access_absent(&f, e);
+        }
+        let t = t_of_field(f, ty);
+        self.loop_read(&t, e)?;
+        Ok(t)
+    }
+
+    fn call(&mut self, c: &CallExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        let name = c.func_name.as_str();
+        match (name, c.target.as_deref(), c.args.as_slice()) {
+            (op::LOGICAL_AND | op::LOGICAL_OR, None, [a, b]) => {
+                let and = name == op::LOGICAL_AND;
+                let facts = |x: &IdedExpr, sc: &Scope<'_>| {
+                    if and {
+                        positive(x, sc)
+                    } else {
+                        negative(x, sc)
+                    }
+                };
+                let sc = self.scope();
+                let (fa, fb) = (facts(a, &sc), facts(b, &sc));
+                let n = self.facts.len();
+                self.facts.extend(fb);
+                let ta = self.expr(a)?;
+                self.facts.truncate(n);
+                self.facts.extend(fa);
+                let tb = self.expr(b)?;
+                self.facts.truncate(n);
+                for (t, x) in [(&ta, a), (&tb, b)] {
+                    if t.ty.known() && t.ty != Ty::Bool {
+                        return Err(type_err(format!(
+                            "`{}` is {}, and `{}` needs bools",
+                            show(x),
+                            t.ty.name(),
+                            if and { "&&" } else { "||" }
+                        )));
+                    }
+                }
+                Ok(T::of(Ty::Bool))
+            }
+            (op::LOGICAL_NOT, None, [a]) => {
+                let t = self.expr(a)?;
+                if t.ty.known() && t.ty != Ty::Bool {
+                    return Err(type_err(format!("`!` needs a bool, and `{}` is {}", show(a), t.ty.name())));
+                }
+                Ok(T::of(Ty::Bool))
+            }
+            (op::NOT_STRICTLY_FALSE, None, [a]) => {
+                self.expr(a)?;
+                Ok(T::of(Ty::Bool))
+            }
+            (op::CONDITIONAL, None, [cond, yes, no]) => {
+                let tc = self.expr(cond)?;
+                if tc.ty.known() && tc.ty != Ty::Bool {
+                    return Err(type_err(format!(
+                        "the condition of `? :` is {}, not a bool: `{}`",
+                        tc.ty.name(),
+                        show(cond)
+                    )));
+                }
+                let sc = self.scope();
+                let (pos, neg) = (positive(cond, &sc), negative(cond, &sc));
+                let n = self.facts.len();
+                self.facts.extend(pos);
+                let ty = self.expr(yes)?;
+                self.facts.truncate(n);
+                self.facts.extend(neg);
+                let tn = self.expr(no)?;
+                self.facts.truncate(n);
+                let size = ty.size.max(tn.size);
+                Ok(T::derived(
+                    if ty.ty == tn.ty { ty.ty } else { Ty::Dyn },
+                    size,
+                    ty.request || tn.request,
+                ))
+            }
+            (op::NEGATE, None, [a]) => {
+                let t = self.expr(a)?;
+                if t.ty.known() && !matches!(t.ty, Ty::Int | Ty::Double) {
+                    return Err(type_err(format!("`-` needs a number, and `{}` is {}", show(a), t.ty.name())));
+                }
+                self.use_nullable(&t, a);
+                Ok(T::derived(t.ty, 0, t.request))
+            }
+            (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                for (x, y, tx) in [(&ta, &tb, a), (&tb, &ta, b)] {
+                    if y.ty == Ty::Null && x.ty.known() && x.ty != Ty::Null && !x.nullable && x.field.is_some() {
+                        return Err(type_err(format!(
+                            "`{}` is never null, so `{}` is always {}",
+                            show(tx),
+                            show(e),
+                            name == op::NOT_EQUALS
+                        )));
+                    }
+                }
+                if ta.ty != Ty::Null && tb.ty != Ty::Null && !comparable(ta.ty, tb.ty) {
+                    return Err(type_err(format!(
+                        "`{}` compares {} with {}: it is always {}",
+                        show(e),
+                        ta.ty.name(),
+                        tb.ty.name(),
+                        name == op::NOT_EQUALS
+                    )));
+                }
+                Ok(T::derived(Ty::Bool, 0, ta.request || tb.request))
+            }
+            (op::LESS | op::LESS_EQUALS | op::GREATER | op::GREATER_EQUALS, None, [a, b]) => {
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                if !orderable(ta.ty, tb.ty) {
+                    return Err(type_err(format!(
+                        "`{}` orders {} and {}, which have no ordering (it fails on every request)",
+                        show(e),
+                        ta.ty.name(),
+                        tb.ty.name()
+                    )));
+                }
+                self.use_nullable(&ta, a);
+                self.use_nullable(&tb, b);
+                Ok(T::derived(Ty::Bool, 0, ta.request || tb.request))
+            }
+            (op::ADD | op::SUBSTRACT | op::MULTIPLY | op::DIVIDE | op::MODULO, None, [a, b]) => {
+                let (ta, tb) = (self.expr(a)?, self.expr(b)?);
+                self.use_nullable(&ta, a);
+                self.use_nullable(&tb, b);
+                let add = name == op::ADD;
+                let ok_kind = |t: Ty| {
+                    !t.known()
+                        || t.numeric()
+                        || (add && matches!(t, Ty::Str | Ty::Bytes | Ty::List))
+                };
+                let same = !ta.ty.known() || !tb.ty.known() || ta.ty == tb.ty;
+                if !(ok_kind(ta.ty) && ok_kind(tb.ty) && same) {
+                    return Err(type_err(format!(
+                        "`{}` applies `{}` to {} and {} (CEL does not convert between types; use `double(x)` or `int(x)`)",
+                        show(e),
+                        op_symbol(name),
+                        ta.ty.name(),
+                        tb.ty.name()
+                    )));
+                }
+                let ty = if ta.ty.known() { ta.ty } else { tb.ty };
+                let size = if add { ta.size.saturating_add(tb.size) } else { 0 };
+                self.grow(size, e)?;
+                Ok(T {
+                    elem: if ta.elem == tb.elem { ta.elem } else { Ty::Dyn },
+                    ..T::derived(ty, size, ta.request || tb.request)
+                })
+            }
+            (op::IN, None, [needle, hay]) => self.in_op(needle, hay, e),
+            (op::INDEX | op::OPT_INDEX, None, [target, key]) => self.index(target, key, e),
+            (op::OPT_SELECT, None, [target, _]) => {
+                let t = self.expr(target)?;
+                Ok(T::derived(Ty::Dyn, t.size, t.request))
+            }
+            _ => self.function(c, e),
+        }
+    }
+
+    fn in_op(&mut self, needle: &IdedExpr, hay: &IdedExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        // `'name' in request.headers` tests presence; the name must be lower case.
+        if let Expr::Select(inner) = &hay.expr {
+            if super::is_headers(inner) {
+                if let Some(name) = string_lit(needle) {
+                    self.header(&name)?;
+                }
+            }
+        }
+        if let (Expr::Ident(root), Some(name)) = (&hay.expr, string_lit(needle)) {
+            if root == "shield" && self.binding("shield").is_none() {
+                if let Err(fixed) = check_shield_name(&name) {
+                    return Err(issue(
+                        Code::InvalidShieldName,
+                        format!("shield scores are named in lower case with `_` for `-`, so `'{name}' in shield` is always false"),
+                        Some(format!("write `'{fixed}' in shield`, or `has(shield.{fixed})`")),
+                    ));
+                }
+            }
+        }
+        let tn = self.expr(needle)?;
+        let th = self.expr(hay)?;
+        if th.ty.known() && !matches!(th.ty, Ty::List | Ty::Map | Ty::Message) {
+            return Err(type_err(format!(
+                "`{}`: `in` needs a list or a map on the right, and `{}` is {}",
+                show(e),
+                show(hay),
+                th.ty.name()
+            )));
+        }
+        if th.ty == Ty::List && th.elem.known() && tn.ty.known() && tn.ty != Ty::Null && !comparable(tn.ty, th.elem) {
+            return Err(type_err(format!(
+                "`{}` looks for {} in a list of {}s: it is always false",
+                show(e),
+                tn.ty.name(),
+                th.elem.name().trim_start_matches("a ").trim_start_matches("an ")
+            )));
+        }
+        Ok(T::derived(Ty::Bool, 0, tn.request || th.request))
+    }
+
+    fn index(&mut self, target: &IdedExpr, key: &IdedExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        if let Some((f, _)) = field_of(e, &self.scope()) {
+            match &f {
+                FieldRef::Header(h) => {
+                    self.header(h)?;
+                    self.read(&FieldRef::Headers);
+                }
+                FieldRef::Shield(s) => {
+                    if let Err(fixed) = check_shield_name(s) {
+                        return Err(issue(
+                            Code::InvalidShieldName,
+                            format!("shield scores are named in lower case with `_` for `-`, so `shield['{s}']` never matches"),
+                            Some(format!("write `shield.{fixed}`")),
+                        ));
+                    }
+                    self.read(&f);
+                }
+                _ => {}
+            }
+            self.access_absent(&f, e);
+            let ty = if matches!(f, FieldRef::Header(_)) { Ty::Str } else { Ty::Dyn };
+            let t = T {
+                field: Some(f),
+                ..T::derived(ty, 1, true)
+            };
+            self.loop_read(&t, e)?;
+            return Ok(t);
+        }
+        let tt = self.expr(target)?;
+        let tk = self.expr(key)?;
+        match tt.ty {
+            Ty::List => {
+                if tk.ty.known() && !matches!(tk.ty, Ty::Int | Ty::Uint) {
+                    return Err(type_err(format!("`{}` indexes a list with {}", show(e), tk.ty.name())));
+                }
+                Ok(T::derived(tt.elem, tt.size, tt.request))
+            }
+            Ty::Map | Ty::Message | Ty::Dyn => Ok(T::derived(Ty::Dyn, tt.size, tt.request)),
+            other => Err(type_err(format!("`{}` indexes {}", show(e), other.name()))),
+        }
+    }
+
+    fn comprehension(&mut self, c: &ComprehensionExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        if self.comprehensions > 0 {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}` runs a list macro inside another one: the cost grows with the product of the list sizes",
+                    show(e)
+                ),
+                Some(String::from("split it into two conditions, or into two rules")),
+            ));
+        }
+        let range = self.expr(&c.iter_range)?;
+        if range.ty.known() && !matches!(range.ty, Ty::List | Ty::Map) {
+            return Err(type_err(format!(
+                "`{}` ranges over {}: `exists`, `all`, `map` and `filter` need a list or a map",
+                show(&c.iter_range),
+                range.ty.name()
+            )));
+        }
+        let elem = if range.ty == Ty::List { range.elem } else { Ty::Dyn };
+        let accu = self.expr(&c.accu_init)?;
+        let n = self.bound.len();
+        self.bound.push(Binding {
+            name: c.iter_var.clone(),
+            t: T {
+                size: range.size,
+                ..T::derived(elem, range.size, range.request)
+            },
+            request_elem: range.request,
+        });
+        if let Some(v2) = &c.iter_var2 {
+            self.bound.push(Binding {
+                name: v2.clone(),
+                t: T::derived(Ty::Dyn, range.size, range.request),
+                request_elem: range.request,
+            });
+        }
+        self.bound.push(Binding {
+            name: c.accu_var.clone(),
+            t: accu.clone(),
+            request_elem: true,
+        });
+        self.comprehensions = self.comprehensions.saturating_add(1);
+        let outer = self.in_request_loop;
+        self.in_request_loop = range.request && range.size > 0;
+        let result = (|| {
+            self.expr(&c.loop_cond)?;
+            let step = self.expr(&c.loop_step)?;
+            let result = self.expr(&c.result)?;
+            Ok::<_, CelIssue>((step, result))
+        })();
+        self.in_request_loop = outer;
+        self.comprehensions = self.comprehensions.saturating_sub(1);
+        self.bound.truncate(n);
+        let (step, result) = result?;
+        // `map` / `filter` accumulate a list as large as the range times what each step adds.
+        let size = if result.ty == Ty::List || accu.ty == Ty::List {
+            range.size.max(1).saturating_mul(step.size.max(1))
+        } else {
+            0
+        };
+        self.grow(size, e)?;
+        Ok(T::derived(
+            if result.ty.known() { result.ty } else { accu.ty },
+            size,
+            range.request,
+        ))
+    }
+
+    fn function(&mut self, c: &CallExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        let name = c.func_name.as_str();
+        let target = match &c.target {
+            Some(t) => Some(self.expr(t)?),
+            None => None,
+        };
+        let mut args = Vec::with_capacity(c.args.len());
+        for a in &c.args {
+            args.push(self.expr(a)?);
+        }
+        let request = target.as_ref().is_some_and(|t| t.request) || args.iter().any(|a| a.request);
+        // The receiver: `x.f()`, or the first argument of a global call.
+        let recv = target.as_ref().or(args.first());
+        let recv_expr = c.target.as_deref().or(c.args.first());
+        let want_str = |t: Option<&T>| -> Result<(), CelIssue> {
+            match t {
+                Some(t) if t.ty.known() && t.ty != Ty::Str => Err(type_err(format!(
+                    "`{}` calls `{name}` on {}, which needs a string",
+                    show(e),
+                    t.ty.name()
+                ))),
+                _ => Ok(()),
+            }
+        };
+        if let (Some(r), Some(x)) = (recv, recv_expr) {
+            if !matches!(name, "string" | "dyn" | "type" | "bool" | "int" | "uint" | "double" | "bytes") {
+                let r = r.clone();
+                self.use_nullable(&r, x);
+            }
+        }
+        let size_of_recv = recv.map_or(0, |t| t.size);
+        let t = match name {
+            "size" => {
+                if let Some(r) = recv {
+                    if r.ty.known() && !matches!(r.ty, Ty::Str | Ty::Bytes | Ty::List | Ty::Map | Ty::Message) {
+                        return Err(type_err(format!("`{}`: `size` does not apply to {}", show(e), r.ty.name())));
+                    }
+                }
+                T::derived(Ty::Int, 0, request)
+            }
+            "contains" | "startsWith" | "endsWith" => {
+                want_str(recv)?;
+                T::derived(Ty::Bool, 0, request)
+            }
+            "matches" => {
+                want_str(recv)?;
+                let pattern_arg = if c.target.is_some() { c.args.first() } else { c.args.get(1) };
+                let Some(pattern) = pattern_arg.and_then(string_lit) else {
+                    return Err(issue(
+                        Code::CelRegex,
+                        format!("`{}`: the pattern of `matches` must be a string literal", show(e)),
+                        Some(String::from(
+                            "a pattern computed from the request would be compiled on every request",
+                        )),
+                    ));
+                };
+                build_regex(&pattern, false).map_err(|(_, msg, _)| {
+                    issue(Code::CelRegex, format!("`{}`: {msg}", show(e)), None)
+                })?;
+                T::derived(Ty::Bool, 0, request)
+            }
+            "lowerAscii" | "upperAscii" | "trim" | "reverse" | "substring" | "charAt" => {
+                want_str(recv)?;
+                T::derived(Ty::Str, size_of_recv, request)
+            }
+            "indexOf" | "lastIndexOf" => {
+                want_str(recv)?;
+                T::derived(Ty::Int, 0, request)
+            }
+            "replace" => {
+                want_str(recv)?;
+                let lits: Vec<Option<String>> = c.args.iter().take(2).map(string_lit).collect();
+                match lits.as_slice() {
+                    [Some(from), Some(to)] if !from.is_empty() && to.len() <= from.len() => {}
+                    _ => {
+                        return Err(issue(
+                            Code::CelTooComplex,
+                            format!("`{}` can grow the text it is applied to", show(e)),
+                            Some(String::from(
+                                "`replace` takes a non-empty literal and a literal no longer than it (e.g. `.replace('-', '')`)",
+                            )),
+                        ))
+                    }
+                }
+                T::derived(Ty::Str, size_of_recv, request)
+            }
+            "split" | "join" | "format" | "strings.quote" => {
+                return Err(issue(
+                    Code::CelTooComplex,
+                    format!("`{}` builds values out of proportion to the request", show(e)),
+                    Some(String::from(
+                        "use `contains`, `startsWith`, `endsWith` or `matches` on the text itself",
+                    )),
+                ))
+            }
+            "int" => T::derived(Ty::Int, 0, request),
+            "uint" => T::derived(Ty::Uint, 0, request),
+            "double" => T::derived(Ty::Double, 0, request),
+            "string" => T::derived(Ty::Str, size_of_recv, request),
+            "bool" => T::derived(Ty::Bool, 0, request),
+            "bytes" => T::derived(Ty::Bytes, size_of_recv, request),
+            "type" => T::derived(Ty::Type, 0, request),
+            "dyn" => match recv {
+                Some(r) => T {
+                    ty: Ty::Dyn,
+                    ..r.clone()
+                },
+                None => T::of(Ty::Dyn),
+            },
+            _ => {
+                if !function_exists(name, c.target.is_some()) {
+                    return Err(issue(
+                        Code::CelUnknownFunction,
+                        format!("unknown function `{name}`"),
+                        crate::suggest::closest(name, KNOWN_FUNCTIONS.iter().copied())
+                            .map(|s| format!("did you mean `{s}`?")),
+                    ));
+                }
+                T::derived(Ty::Dyn, 0, request)
+            }
+        };
+        Ok(t)
+    }
+}
+
+fn op_symbol(name: &str) -> &'static str {
+    match name {
+        op::ADD => "+",
+        op::SUBSTRACT => "-",
+        op::MULTIPLY => "*",
+        op::DIVIDE => "/",
+        _ => "%",
+    }
+}
+
+/// Type names CEL has as identifiers (`type(x) == string`).
+const TYPE_NAMES: &[&str] = &[
+    "int", "uint", "double", "string", "bool", "bytes", "list", "map", "null_type", "type", "dyn",
+];
+
+/// Functions the checker types itself (the rest are looked up in the interpreter).
+pub(super) const KNOWN_FUNCTIONS: &[&str] = &[
+    "size", "contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "trim",
+    "reverse", "substring", "charAt", "indexOf", "lastIndexOf", "replace", "int", "uint", "double",
+    "string", "bool", "bytes", "type", "dyn",
+];
+
+/// Asks the interpreter whether a function exists: calling it with no arguments fails with
+/// "undeclared reference" only when nothing by that name is declared.
+fn function_exists(name: &str, member: bool) -> bool {
+    let call = IdedExpr {
+        id: 1,
+        expr: Expr::Call(CallExpr {
+            func_name: name.to_string(),
+            target: member.then(|| {
+                Box::new(IdedExpr {
+                    id: 2,
+                    expr: Expr::Literal(LiteralValue::String(String::new().into())),
+                })
+            }),
+            args: Vec::new(),
+        }),
+    };
+    let ctx = Context::with_env(std::sync::Arc::clone(env()));
+    !matches!(Value::resolve(&call, &ctx), Err(ExecutionError::UndeclaredReference(n)) if n.as_str() == name)
+}
+
+/// Facts that hold where `e` is true.
+fn positive(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
+    let Expr::Call(c) = &e.expr else {
+        if let Expr::Select(s) = &e.expr {
+            if s.test {
+                let plain = IdedExpr {
+                    id: e.id,
+                    expr: Expr::Select(cel::common::ast::SelectExpr {
+                        test: false,
+                        ..s.clone()
+                    }),
+                };
+                if let Some((f, _)) = field_of(&plain, sc) {
+                    return vec![Fact::Present(f)];
+                }
+            }
+        }
+        return Vec::new();
+    };
+    match (c.func_name.as_str(), c.args.as_slice()) {
+        (op::LOGICAL_AND, [a, b]) => {
+            let mut v = positive(a, sc);
+            v.extend(positive(b, sc));
+            v
+        }
+        (op::LOGICAL_NOT, [a]) => negative(a, sc),
+        (op::NOT_EQUALS, [a, b]) if is_null(b) => not_null(a, sc),
+        (op::NOT_EQUALS, [a, b]) if is_null(a) => not_null(b, sc),
+        (op::EQUALS, [a, b]) if is_non_null_lit(b) => not_null(a, sc),
+        (op::EQUALS, [a, b]) if is_non_null_lit(a) => not_null(b, sc),
+        (op::IN, [needle, hay]) => {
+            if let Expr::List(l) = &hay.expr {
+                if !l.elements.is_empty() && l.elements.iter().all(is_non_null_lit) {
+                    return not_null(needle, sc);
+                }
+                return Vec::new();
+            }
+            let Some(key) = string_lit(needle) else {
+                return Vec::new();
+            };
+            match &hay.expr {
+                Expr::Select(s) if super::is_headers(s) => vec![Fact::Present(FieldRef::Header(key))],
+                Expr::Ident(r) if r == "shield" => vec![Fact::Present(FieldRef::Shield(key))],
+                _ => Vec::new(),
+            }
+        }
+        _ => Vec::new(),
+    }
+}
+
+/// Facts that hold where `e` is false.
+fn negative(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
+    let Expr::Call(c) = &e.expr else {
+        return Vec::new();
+    };
+    match (c.func_name.as_str(), c.args.as_slice()) {
+        (op::LOGICAL_OR, [a, b]) => {
+            let mut v = negative(a, sc);
+            v.extend(negative(b, sc));
+            v
+        }
+        (op::LOGICAL_NOT, [a]) => positive(a, sc),
+        (op::EQUALS, [a, b]) if is_null(b) => not_null(a, sc),
+        (op::EQUALS, [a, b]) if is_null(a) => not_null(b, sc),
+        _ => Vec::new(),
+    }
+}
+
+fn not_null(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
+    field_of(e, sc).map(|(f, _)| Fact::NotNull(f)).into_iter().collect()
+}
+
+fn is_null(e: &IdedExpr) -> bool {
+    matches!(e.expr, Expr::Literal(LiteralValue::Null))
+}
+
+fn is_non_null_lit(e: &IdedExpr) -> bool {
+    matches!(&e.expr, Expr::Literal(l) if !matches!(l, LiteralValue::Null))
+}
+
+/// Evaluates every constant sub-expression (no variable in it) that is not a literal: one that
+/// fails would fail on every request that reaches it.
+fn fold_constants(e: &IdedExpr, bound: &mut Vec<String>) -> Result<(), CelIssue> {
+    if matches!(e.expr, Expr::Literal(_)) {
+        return Ok(());
+    }
+    if is_constant(e, bound) {
+        let ctx = Context::with_env(std::sync::Arc::clone(env()));
+        if let Err(err) = Value::resolve(e, &ctx) {
+            return Err(issue(
+                Code::CelConstant,
+                format!("`{}` always fails: {err}", show(e)),
+                None,
+            ));
+        }
+        return Ok(());
+    }
+    if let Expr::Comprehension(c) = &e.expr {
+        fold_constants(&c.iter_range, bound)?;
+        let n = bound.len();
+        bound.push(c.iter_var.clone());
+        bound.extend(c.iter_var2.iter().cloned());
+        bound.push(c.accu_var.clone());
+        let r = [&c.accu_init, &c.loop_cond, &c.loop_step, &c.result]
+            .into_iter()
+            .try_for_each(|x| fold_constants(x, bound));
+        bound.truncate(n);
+        return r;
+    }
+    super::children(e)
+        .into_iter()
+        .try_for_each(|x| fold_constants(x, bound))
+}
+
+/// Whether `e` reads no variable (the root variables, or a comprehension variable bound
+/// outside it).
+fn is_constant(e: &IdedExpr, bound: &[String]) -> bool {
+    match &e.expr {
+        Expr::Ident(n) => !(ROOTS.contains(&n.as_str()) || bound.iter().any(|b| b == n)),
+        Expr::Comprehension(c) => {
+            is_constant(&c.iter_range, bound)
+                && is_constant(&c.accu_init, bound)
+                && [&c.loop_cond, &c.loop_step, &c.result]
+                    .iter()
+                    .all(|x| is_constant(x, bound))
+        }
+        _ => super::children(e).into_iter().all(|x| is_constant(x, bound)),
+    }
+}

@@ -1,0 +1,272 @@
+//! The `cel` interpreter for conditions the native tree cannot express, and the CEL activation
+//! (the variables a program reads), built from the schema table.
+//!
+//! The interpreter's own `matches()` compiles its regex on every call; a policy's `matches()`
+//! calls are rewritten at load to `__llmp_matches`, which looks the regex up in a cache filled
+//! (size-limited) while the policy compiled. No request ever compiles a regex.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use cel::common::ast::{CallExpr, Expr, IdedExpr};
+use cel::common::types::{self, CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString};
+use cel::common::value::CowVal;
+use cel::{Context, Env, ExecutionError, Value};
+use regex::Regex;
+
+use super::{env, string_lit};
+use crate::condition::{CondError, Scratch, Truth};
+use crate::context::{FieldValue, ShieldValue, View};
+use crate::dsl::build_regex;
+use crate::schema::{members, FieldRef};
+
+/// The function `matches()` calls are rewritten to.
+const MATCHES: &str = "__llmp_matches";
+/// Entries kept in the regex cache; past this it is emptied (entries come back on use).
+const CACHE_LIMIT: usize = 4096;
+
+fn cache() -> &'static RwLock<HashMap<String, Arc<Regex>>> {
+    static CACHE: std::sync::OnceLock<RwLock<HashMap<String, Arc<Regex>>>> =
+        std::sync::OnceLock::new();
+    CACHE.get_or_init(|| RwLock::new(HashMap::new()))
+}
+
+/// The compiled regex of a pattern: from the cache, or built (size-limited) and cached.
+fn regex(pattern: &str) -> Result<Arc<Regex>, String> {
+    if let Ok(c) = cache().read() {
+        if let Some(re) = c.get(pattern) {
+            return Ok(Arc::clone(re));
+        }
+    }
+    let re = Arc::new(build_regex(pattern, false).map_err(|(_, m, _)| m)?);
+    if let Ok(mut c) = cache().write() {
+        if c.len() >= CACHE_LIMIT {
+            c.clear();
+        }
+        c.insert(pattern.to_string(), Arc::clone(&re));
+    }
+    Ok(re)
+}
+
+fn matches_fn<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, ExecutionError> {
+    let text = args.first().and_then(|a| a.downcast_ref::<CelString>());
+    let pattern = args.get(1).and_then(|a| a.downcast_ref::<CelString>());
+    let (Some(text), Some(pattern)) = (text, pattern) else {
+        return Err(ExecutionError::function_error(
+            "matches",
+            "matches() needs two strings",
+        ));
+    };
+    let re = regex(pattern.inner()).map_err(|m| ExecutionError::function_error("matches", m))?;
+    Ok(CowVal::owned(CelBool::from(re.is_match(text.inner()))))
+}
+
+/// Adds `__llmp_matches(string, string)` to the environment.
+pub(super) fn register(env: &mut Env) {
+    let _ = env.add_overload(
+        MATCHES,
+        "llmp_matches_string_string",
+        vec![types::STRING_TYPE, types::STRING_TYPE],
+        matches_fn,
+    );
+}
+
+/// Rewrites `x.matches('p')` and `matches(x, 'p')` to `__llmp_matches(x, 'p')` and fills the
+/// regex cache with their patterns (the checker has already validated them). Iterative.
+fn rewrite_matches(e: &mut IdedExpr) {
+    let mut stack: Vec<&mut IdedExpr> = vec![e];
+    while let Some(node) = stack.pop() {
+        if let Expr::Call(c) = &mut node.expr {
+            if c.func_name == "matches" {
+                let pattern = if c.target.is_some() {
+                    c.args.first()
+                } else {
+                    c.args.get(1)
+                };
+                if let Some(p) = pattern.and_then(string_lit) {
+                    let _ = regex(&p);
+                    if let Some(t) = c.target.take() {
+                        c.args.insert(0, *t);
+                    }
+                    c.func_name = MATCHES.to_string();
+                }
+            }
+        }
+        match &mut node.expr {
+            Expr::Call(CallExpr { target, args, .. }) => {
+                stack.extend(target.iter_mut().map(|t| &mut **t));
+                stack.extend(args.iter_mut());
+            }
+            Expr::Comprehension(c) => {
+                let c = &mut **c;
+                stack.extend([
+                    &mut c.iter_range,
+                    &mut c.accu_init,
+                    &mut c.loop_cond,
+                    &mut c.loop_step,
+                    &mut c.result,
+                ]);
+            }
+            Expr::List(l) => stack.extend(l.elements.iter_mut()),
+            Expr::Map(m) => {
+                for entry in &mut m.entries {
+                    match &mut entry.expr {
+                        cel::common::ast::EntryExpr::MapEntry(me) => {
+                            stack.push(&mut me.key);
+                            stack.push(&mut me.value);
+                        }
+                        cel::common::ast::EntryExpr::StructField(sf) => stack.push(&mut sf.value),
+                    }
+                }
+            }
+            Expr::Select(s) => stack.push(&mut s.operand),
+            _ => {}
+        }
+    }
+}
+
+/// A CEL expression kept for the interpreter.
+#[derive(Debug)]
+pub(crate) struct CelProgram {
+    expr: IdedExpr,
+    reads: Vec<FieldRef>,
+    /// The fields it reads that may be null or absent (named when the program fails).
+    nullable: Vec<FieldRef>,
+}
+
+impl CelProgram {
+    pub(super) fn new(mut expr: IdedExpr, reads: Vec<FieldRef>, nullable: Vec<FieldRef>) -> CelProgram {
+        rewrite_matches(&mut expr);
+        CelProgram {
+            expr,
+            reads,
+            nullable,
+        }
+    }
+
+    pub(crate) fn reads(&self) -> &[FieldRef] {
+        &self.reads
+    }
+
+    pub(crate) fn eval<'a>(&self, v: View<'a>, scratch: &mut Scratch<'a>) -> Truth {
+        let reads = scratch.cel_reads;
+        let activation = scratch.cel.get_or_insert_with(|| activation(v, Some(reads)));
+        match Value::resolve(&self.expr, activation) {
+            Ok(Value::Bool(b)) => Ok(b),
+            Ok(other) => Err(CondError(format!(
+                "condition returned {:?}, not a bool",
+                other.type_of()
+            ))),
+            Err(e) => {
+                let mut msg = e.to_string();
+                let missing: Vec<String> = self
+                    .nullable
+                    .iter()
+                    .filter(|f| matches!(v.get(f), FieldValue::Null | FieldValue::Missing))
+                    .map(|f| format!("`{}`", f.path()))
+                    .collect();
+                if !missing.is_empty() {
+                    msg.push_str(&format!(
+                        " (null or absent in this request: {})",
+                        missing.join(", ")
+                    ));
+                }
+                Err(CondError(msg))
+            }
+        }
+    }
+}
+
+/// A CEL value borrowing from the request context.
+type Val<'a> = Box<dyn cel::common::value::Val + 'a>;
+
+fn s(v: &str) -> Val<'_> {
+    Box::new(CelString::from(v))
+}
+
+fn map<'a>(entries: impl IntoIterator<Item = (&'a str, Val<'a>)>) -> Val<'a> {
+    let m: HashMap<CelMapKey<'a>, Val<'a>> = entries
+        .into_iter()
+        .map(|(k, v)| (CelMapKey::from(k), v))
+        .collect();
+    Box::new(CelMap::from(m))
+}
+
+fn list<'a>(items: impl IntoIterator<Item = Val<'a>>) -> Val<'a> {
+    Box::new(CelList::from(items.into_iter().collect::<Vec<_>>()))
+}
+
+/// A field value as CEL sees it; `None` for a missing key (left out of its map).
+fn val(v: FieldValue<'_>) -> Option<Val<'_>> {
+    Some(match v {
+        FieldValue::Missing => return None,
+        FieldValue::Null => Box::new(CelNull),
+        FieldValue::Bool(b) => Box::new(CelBool::from(b)),
+        FieldValue::Int(i) => Box::new(CelInt::from(i)),
+        FieldValue::Float(f) => Box::new(CelDouble::from(f)),
+        FieldValue::Str(x) => s(x),
+        FieldValue::StrList(l) => list(l.iter().map(|x| s(x))),
+        FieldValue::StrMap(m) => map(m.iter().map(|(k, x)| (k.as_str(), s(x)))),
+        FieldValue::Messages(ms) => list(
+            ms.iter()
+                .map(|m| map([("role", s(&m.role)), ("content", s(&m.content))])),
+        ),
+        FieldValue::Principal(p) => map(p.iter().map(|(a, x)| {
+            let v: Val<'_> = match x {
+                Some(x) => s(x),
+                None => Box::new(CelNull),
+            };
+            (a.as_str(), v)
+        })),
+        FieldValue::Shield(sh) => map(sh.iter().map(|(n, x)| {
+            let v: Val<'_> = match x {
+                ShieldValue::Number(f) => Box::new(CelDouble::from(*f)),
+                ShieldValue::Text(t) => s(t),
+            };
+            (n.as_str(), v)
+        })),
+    })
+}
+
+/// The CEL variables for one evaluation: `request`, `principal`, `shield`, `time`, borrowing
+/// every string from the context (no copies), built from the schema table. Only the `request`
+/// fields in `reads` are built (all of them with `None`): the interpreted programs of a
+/// namespace never read others.
+pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context<'a, 'a> {
+    let want = |f: &FieldRef| {
+        reads.is_none_or(|rs| {
+            rs.contains(f)
+                || (*f == FieldRef::Headers && rs.iter().any(|x| matches!(x, FieldRef::Header(_))))
+        })
+    };
+    let root = |name: &'static str, all: bool| {
+        map(members(name).filter_map(move |(member, f)| {
+            let field = f.field.as_ref()?;
+            if !all && !want(field) {
+                return None;
+            }
+            Some((member, val(v.get(field))?))
+        }))
+    };
+    let mut c = Context::with_env(Arc::clone(env()));
+    c.add_variable_as_val("request", root("request", false));
+    c.add_variable_as_val("time", root("time", true));
+    for (name, field) in [("principal", FieldRef::PrincipalAll), ("shield", FieldRef::ShieldAll)] {
+        if let Some(x) = val(v.get(&field)) {
+            c.add_variable_as_val(name, x);
+        }
+    }
+    c
+}
+
+/// Evaluates `src` with the interpreter only (no translation, the stock `matches`): the
+/// reference the native tree is tested against.
+#[cfg(test)]
+pub(crate) fn interpret(src: &str, ctx: &crate::context::RequestContext) -> Truth {
+    let program = super::parse(src).map_err(|e| CondError(e.message))?;
+    match Value::resolve(&program, &activation(ctx.view(), None)) {
+        Ok(Value::Bool(b)) => Ok(b),
+        Ok(_) => Err(CondError(String::from("not a bool"))),
+        Err(e) => Err(CondError(e.to_string())),
+    }
+}

@@ -1,0 +1,228 @@
+//! A rule's action: verdict, status, headers, rate limit or budget, counter key templates and
+//! windows.
+
+use alloc::borrow::ToOwned;
+use alloc::format;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::{has_control, Compiler, RuleSite};
+use crate::decision::{ChargeSource, CounterKind, Verdict};
+use crate::diagnostic::Code;
+use crate::model::{Action, ActionDecision, Scope};
+use crate::schema::{FieldRef, FieldType};
+use crate::set::{CompiledAction, KeyPart, Limit};
+
+impl Compiler {
+    pub(super) fn compile_action(
+        &mut self,
+        a: &Action,
+        site: &RuleSite<'_>,
+    ) -> Option<CompiledAction> {
+        let before = self.errors.len();
+        let decision = match a.decision {
+            ActionDecision::Allow => Verdict::Allow,
+            ActionDecision::Deny => Verdict::Deny,
+            ActionDecision::Throttle => Verdict::Throttle,
+        };
+        if let Some(st) = a.status {
+            let problem = match decision {
+                Verdict::Allow => Some(String::from(
+                    "`status` applies to deny and throttle replies; an allowed request gets the upstream's status",
+                )),
+                _ if !(400..=599).contains(&st) => Some(format!(
+                    "status {st} cannot reject a request: use a 4xx or 5xx status"
+                )),
+                _ => None,
+            };
+            if let Some(msg) = problem {
+                self.errors
+                    .push(site.error(Code::InvalidStatus, "/action/status", msg));
+            }
+        }
+        for (name, value) in &a.headers {
+            let valid = !name.is_empty()
+                && name.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || b"-_.!#$%&'*+^`|~".contains(&b)
+                });
+            if !valid {
+                self.errors.push(site.error(
+                    Code::InvalidHeader,
+                    "/action/headers",
+                    format!("`{}` is not a valid lower-case header name", name.escape_debug()),
+                ));
+            }
+            if has_control(value) {
+                self.errors.push(site.error(
+                    Code::InvalidHeader,
+                    &format!("/action/headers/{}", crate::document::escape_segment(name)),
+                    format!(
+                        "the value of header `{name}` holds control characters (`{}`): CR and LF would split the header",
+                        value.escape_debug()
+                    ),
+                ));
+            }
+        }
+        let mut limit = None;
+        if a.rate_limit.is_some() && a.budget.is_some() {
+            self.errors.push(site.error(
+                Code::InvalidLimit,
+                "/action",
+                "a rule takes either `rateLimit` or `budget`, not both",
+            ));
+        }
+        if let Some(rl) = &a.rate_limit {
+            let amount = match (rl.requests, rl.tokens) {
+                (Some(n), None) => Some((CounterKind::Requests, n as f64)),
+                (None, Some(n)) => Some((CounterKind::Tokens, n as f64)),
+                _ => {
+                    self.errors.push(site.error(
+                        Code::InvalidLimit,
+                        "/action/rateLimit",
+                        "`rateLimit` needs exactly one of `requests`, `tokens`",
+                    ));
+                    None
+                }
+            };
+            let key = self.key_or_error(&rl.key, site, "/action/rateLimit/key");
+            let window = window_or_error(self, &rl.per, site, "/action/rateLimit/per");
+            if let (Some((kind, amount)), Some(key), Some(window_secs)) = (amount, key, window) {
+                limit = Some(Limit {
+                    source: ChargeSource::RateLimit,
+                    key,
+                    kind,
+                    limit: amount,
+                    window_secs,
+                    scope: rl.scope,
+                });
+            }
+        }
+        if let Some(b) = &a.budget {
+            let amount = match (b.tokens, b.usd) {
+                (Some(n), None) => Some((CounterKind::Tokens, n as f64)),
+                (None, Some(u)) if u.is_finite() && u > 0.0 => Some((CounterKind::Usd, u)),
+                _ => {
+                    self.errors.push(site.error(
+                        Code::InvalidLimit,
+                        "/action/budget",
+                        "`budget` needs exactly one of `tokens`, `usd` (positive)",
+                    ));
+                    None
+                }
+            };
+            let key = self.key_or_error(&b.key, site, "/action/budget/key");
+            let window = window_or_error(self, &b.per, site, "/action/budget/per");
+            if let (Some((kind, amount)), Some(key), Some(window_secs)) = (amount, key, window) {
+                limit = Some(Limit {
+                    source: ChargeSource::Budget,
+                    key,
+                    kind,
+                    limit: amount,
+                    window_secs,
+                    scope: Scope::Global,
+                });
+            }
+        }
+        if self.errors.len() > before {
+            return None;
+        }
+        Some(CompiledAction {
+            decision,
+            reason: a.reason.clone().unwrap_or_default(),
+            status: a.status,
+            headers: a.headers.clone(),
+            audit: a.audit,
+            alert: a.alert,
+            limit,
+        })
+    }
+
+    fn key_or_error(&mut self, t: &str, site: &RuleSite<'_>, ptr: &str) -> Option<Vec<KeyPart>> {
+        match key_template(t, &self.attrs) {
+            Ok(k) => Some(k),
+            Err(m) => {
+                self.errors.push(site.error(Code::InvalidKey, ptr, m));
+                None
+            }
+        }
+    }
+}
+
+fn window_or_error(c: &mut Compiler, per: &str, site: &RuleSite<'_>, ptr: &str) -> Option<u64> {
+    match window(per) {
+        Ok(w) => Some(w),
+        Err(m) => {
+            c.errors.push(site.error(Code::InvalidWindow, ptr, m));
+            None
+        }
+    }
+}
+
+/// `"{principal.id}:{request.model}"` → parts. Literal text outside braces is kept.
+fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
+    let mut parts = Vec::new();
+    let mut rest = t;
+    while let Some((before, after)) = rest.split_once('{') {
+        if !before.is_empty() {
+            parts.push(KeyPart::Text(before.to_owned()));
+        }
+        let (inner, tail) = after
+            .split_once('}')
+            .ok_or_else(|| format!("unclosed `{{` in key `{t}`"))?;
+        let path = inner.trim();
+        let (field, ty) = FieldRef::parse_path(path, attrs).map_err(|e| match e.suggestion {
+            Some(s) => format!("{} (did you mean `{s}`?)", e.message),
+            None => e.message,
+        })?;
+        if matches!(
+            ty,
+            FieldType::Messages | FieldType::StrList | FieldType::StrMap
+        ) {
+            return Err(format!(
+                "`{path}` cannot be part of a counter key (use a scalar field)"
+            ));
+        }
+        parts.push(KeyPart::Field(field));
+        rest = tail;
+    }
+    if !rest.is_empty() {
+        parts.push(KeyPart::Text(rest.to_owned()));
+    }
+    if parts.is_empty() {
+        return Err(String::from("counter key must not be empty"));
+    }
+    Ok(parts)
+}
+
+/// Window length in seconds: a unit name or a duration like `30s`, `5m`, `2h`, `1d`.
+fn window(per: &str) -> Result<u64, String> {
+    let named = match per {
+        "second" => Some(1),
+        "minute" => Some(60),
+        "hour" => Some(3600),
+        "day" => Some(86_400),
+        "week" => Some(7 * 86_400),
+        "month" => Some(30 * 86_400),
+        _ => None,
+    };
+    if let Some(s) = named {
+        return Ok(s);
+    }
+    let bad = || {
+        format!("`{per}` is not a window: use second, minute, hour, day, week, month or e.g. 30s, 5m, 2h, 1d")
+    };
+    let split = per.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (num, unit) = (per.get(..split).unwrap_or_default(), per.get(split..).unwrap_or_default());
+    let n: u64 = num.parse().map_err(|_| bad())?;
+    let mult = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return Err(bad()),
+    };
+    if n == 0 {
+        return Err(bad());
+    }
+    n.checked_mul(mult).ok_or_else(bad)
+}

@@ -1,0 +1,313 @@
+//! Resolution: every rule outcome of a request (and of each batch item) into one [`Decision`].
+
+use alloc::collections::BTreeMap;
+use alloc::format;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+
+use super::{Outcome, Pending};
+use crate::cache_key;
+use crate::context::RequestContext;
+use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
+use crate::model::OnError;
+use crate::set::{CompiledRule, Namespace, PolicySet};
+
+/// The decision for a namespace no policy defines: deny.
+pub(super) fn no_namespace(
+    set: &PolicySet,
+    ctx: &RequestContext,
+    tags: &[String],
+    explain: bool,
+) -> Decision {
+    let inner = &set.0;
+    Decision {
+        decision: Verdict::Deny,
+        reason: format!(
+            "no policy for namespace `{}`: denied by default",
+            ctx.namespace
+        ),
+        matched_rules: Vec::new(),
+        actions: Actions {
+            status: Some(403),
+            ..Actions::default()
+        },
+        metadata: DecisionMetadata {
+            namespace: ctx.namespace.clone(),
+            bundle: inner.bundle.clone(),
+            default_applied: true,
+            cacheable: true,
+            cache_key: cache_key::compute(&inner.bundle, &ctx.namespace, tags, &[], ctx.views()),
+            ..DecisionMetadata::default()
+        },
+        evaluation_time_us: 0,
+        explain: explain.then(Vec::new),
+    }
+}
+
+/// One enforcing match.
+struct Hit<'a> {
+    rule: &'a CompiledRule,
+    verdict: Verdict,
+    reason: String,
+}
+
+/// The decision of one part (the request, or one batch item).
+struct PartDecision {
+    verdict: Verdict,
+    reason: String,
+    matched_rules: Vec<String>,
+    actions: Actions,
+    policy: String,
+    version: String,
+    deciding_rule: Option<String>,
+    shadow: Vec<String>,
+    errors: Vec<RuleError>,
+    charges: Vec<Charge>,
+    remote: Vec<String>,
+    cacheable: bool,
+    trace: Vec<RuleTrace>,
+}
+
+pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decision {
+    let inner = &p.set.0;
+    let parts: Vec<PartDecision> = p
+        .parts
+        .iter()
+        .map(|outcomes| resolve_part(ns, outcomes, p.explain))
+        .collect();
+    // The strictest part decides (the request itself first on a tie).
+    let deciding = parts
+        .iter()
+        .enumerate()
+        .max_by_key(|(i, d)| (d.verdict, core::cmp::Reverse(*i)))
+        .map_or(0, |(i, _)| i);
+    let cacheable = parts.iter().all(|d| d.cacheable);
+    let verdict = parts.get(deciding).map_or(ns.default, |d| d.verdict);
+    let mut charges = Vec::new();
+    let mut shadow = Vec::new();
+    let mut errors = Vec::new();
+    let mut remote: Vec<String> = Vec::new();
+    for (i, d) in parts.iter().enumerate() {
+        let prefix = match i {
+            0 => String::new(),
+            n => format!("batch item {}: ", n.saturating_sub(1)),
+        };
+        // Only a request that goes ahead charges its counters.
+        if verdict == Verdict::Allow {
+            charges.extend(d.charges.iter().cloned());
+        }
+        for s in &d.shadow {
+            if !shadow.contains(s) {
+                shadow.push(s.clone());
+            }
+        }
+        errors.extend(d.errors.iter().map(|e| RuleError {
+            rule: e.rule.clone(),
+            message: format!("{prefix}{}", e.message),
+        }));
+        for r in &d.remote {
+            if !remote.contains(r) {
+                remote.push(r.clone());
+            }
+        }
+    }
+    let Some(d) = parts.into_iter().nth(deciding) else {
+        return no_namespace(&p.set, ctx, &p.tags, p.explain);
+    };
+    Decision {
+        decision: d.verdict,
+        reason: d.reason,
+        matched_rules: d.matched_rules,
+        actions: Actions {
+            counters: charges,
+            ..d.actions
+        },
+        metadata: DecisionMetadata {
+            namespace: ns.name.clone(),
+            policy: d.policy,
+            version: d.version,
+            bundle: inner.bundle.clone(),
+            default_applied: d.deciding_rule.is_none(),
+            deciding_rule: d.deciding_rule,
+            batch_item: deciding.checked_sub(1),
+            shadow_matches: shadow,
+            errors,
+            cacheable,
+            cache_key: cache_key::compute(&inner.bundle, &ns.name, &p.tags, &ns.reads, ctx.views()),
+            needs_remote: !remote.is_empty(),
+            remote_rules: remote,
+        },
+        evaluation_time_us: 0,
+        explain: p.explain.then_some(d.trace),
+    }
+}
+
+fn resolve_part(ns: &Namespace, outcomes: &[(u32, Outcome)], explain: bool) -> PartDecision {
+    let mut hits: Vec<Hit<'_>> = Vec::new();
+    let mut shadow = Vec::new();
+    let mut errors = Vec::new();
+    let mut charges = Vec::new();
+    let mut remote: Vec<&CompiledRule> = Vec::new();
+    let mut cacheable = true;
+    let mut trace: Vec<RuleTrace> = Vec::new();
+    for (pos, outcome) in outcomes {
+        let Some(rule) = ns.rules.get(*pos as usize) else {
+            continue;
+        };
+        if explain {
+            trace.push(rule_trace(rule, outcome));
+        }
+        if *outcome == Outcome::NotSelected {
+            continue;
+        }
+        cacheable &= !rule.volatile;
+        match outcome {
+            Outcome::Matched(charge) => {
+                charges.extend(charge.iter().cloned());
+                if rule.shadow {
+                    shadow.push(rule.id.clone());
+                } else {
+                    hits.push(Hit {
+                        rule,
+                        verdict: rule.action.decision,
+                        reason: rule.action.reason.clone(),
+                    });
+                }
+            }
+            Outcome::Error(e) => {
+                errors.push(RuleError {
+                    rule: rule.id.clone(),
+                    message: e.clone(),
+                });
+                if rule.on_error == OnError::Deny && !rule.shadow {
+                    hits.push(Hit {
+                        rule,
+                        verdict: Verdict::Deny,
+                        reason: format!("rule `{}` failed and fails closed: {e}", rule.id),
+                    });
+                }
+            }
+            Outcome::Remote(charge) => {
+                charges.extend(charge.iter().cloned());
+                remote.push(rule);
+            }
+            Outcome::UnderLimit(charge) => charges.push(charge.clone()),
+            // Waiting states never reach resolution: an unanswered need becomes `Remote`.
+            Outcome::WaitPlugin(_) | Outcome::WaitCounter(..) => remote.push(rule),
+            Outcome::NotMatched | Outcome::NotSelected => {}
+        }
+    }
+    if explain {
+        for (id, prio) in &ns.disabled {
+            trace.push(RuleTrace {
+                rule: id.clone(),
+                priority: *prio,
+                outcome: "disabled".into(),
+                shadow: false,
+                detail: None,
+            });
+        }
+        trace.sort_by_key(|t| core::cmp::Reverse(t.priority));
+    }
+
+    // Rules are visited by descending priority, so `hits` is too.
+    let top = hits.first().map(|h| h.rule.priority);
+    let decider = top.and_then(|p| {
+        hits.iter()
+            .enumerate()
+            .take_while(|(_, h)| h.rule.priority == p)
+            .max_by_key(|(i, h)| (h.verdict, core::cmp::Reverse(*i)))
+            .map(|(i, _)| i)
+    });
+    let mut actions = Actions::default();
+    let mut matched_rules = Vec::with_capacity(hits.len());
+    // Headers: the deciding rule's win a clash, then higher priority, then file order.
+    let mut headers: BTreeMap<String, String> = BTreeMap::new();
+    let order = decider.into_iter().chain((0..hits.len()).filter(|i| Some(*i) != decider));
+    for i in order {
+        let Some(h) = hits.get(i) else {
+            continue;
+        };
+        matched_rules.push(h.rule.id.clone());
+        for (k, v) in &h.rule.action.headers {
+            headers.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+        actions.audit |= h.rule.action.audit;
+        actions.alert = actions.alert.max(h.rule.action.alert);
+    }
+    actions.headers = headers;
+    let (verdict, reason, policy, version, deciding_rule) = match decider.and_then(|i| hits.get(i)) {
+        Some(h) => {
+            let info = ns.policies.get(h.rule.policy);
+            let reason = if h.reason.is_empty() {
+                format!("matched rule `{}`", h.rule.id)
+            } else {
+                h.reason.clone()
+            };
+            actions.status = match h.verdict {
+                Verdict::Allow => None,
+                Verdict::Deny => Some(h.rule.action.status.unwrap_or(403)),
+                Verdict::Throttle => Some(h.rule.action.status.unwrap_or(429)),
+            };
+            (
+                h.verdict,
+                reason,
+                info.map(|p| p.name.clone()).unwrap_or_default(),
+                info.map(|p| p.version.clone()).unwrap_or_default(),
+                Some(h.rule.id.clone()),
+            )
+        }
+        None => {
+            actions.status = (ns.default == Verdict::Deny).then_some(403);
+            let names: Vec<&str> = ns.policies.iter().map(|p| p.name.as_str()).collect();
+            let versions: Vec<&str> = ns.policies.iter().map(|p| p.version.as_str()).collect();
+            (
+                ns.default,
+                format!("no rule matched: default {}", ns.default.as_str()),
+                names.join(","),
+                versions.join(","),
+                None,
+            )
+        }
+    };
+    // Remote rules matter only if they could still decide (priority at or above the decider's).
+    let remote: Vec<String> = remote
+        .iter()
+        .filter(|r| top.is_none_or(|p| r.priority >= p))
+        .map(|r| r.id.clone())
+        .collect();
+    PartDecision {
+        verdict,
+        reason,
+        matched_rules,
+        actions,
+        policy,
+        version,
+        deciding_rule,
+        shadow,
+        errors,
+        charges,
+        remote,
+        cacheable,
+        trace,
+    }
+}
+
+fn rule_trace(rule: &CompiledRule, outcome: &Outcome) -> RuleTrace {
+    let (label, detail) = match outcome {
+        Outcome::NotSelected => ("not_selected", None),
+        Outcome::Matched(Some(_)) => ("over_limit", None),
+        Outcome::Matched(None) => ("matched", None),
+        Outcome::NotMatched => ("not_matched", None),
+        Outcome::Error(e) => ("error", Some(e.clone())),
+        Outcome::Remote(_) | Outcome::WaitPlugin(_) | Outcome::WaitCounter(..) => ("remote", None),
+        Outcome::UnderLimit(_) => ("under_limit", None),
+    };
+    RuleTrace {
+        rule: rule.id.clone(),
+        priority: rule.priority,
+        outcome: label.to_string(),
+        shadow: rule.shadow,
+        detail,
+    }
+}

@@ -1,0 +1,281 @@
+//! YAML 1.2 documents to JSON values with a pointer → position map, driven event by event (the
+//! parser's own recursive loader is not used, so nesting cannot exhaust the stack), with the
+//! depth and alias-expansion limits of [`super`].
+
+use std::collections::BTreeMap;
+
+use serde_json::{Map, Number, Value};
+use yaml_rust2::parser::{Event, Parser};
+use yaml_rust2::scanner::{Marker, TScalarStyle};
+use yaml_rust2::Yaml;
+
+use super::{MAX_ALIAS_NODES, MAX_DOCUMENT_DEPTH};
+use crate::diagnostic::{Code, Diagnostic, Position};
+use crate::document::{escape_segment, Document};
+
+/// Parses every document of a YAML stream.
+pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
+    let mut builder = Builder::default();
+    let mut parser = Parser::new_from_str(text);
+    loop {
+        let (ev, mark) = match parser.next_token() {
+            Ok(x) => x,
+            Err(e) => {
+                return Err(Diagnostic::error(
+                    Code::Syntax,
+                    format!("invalid YAML/JSON: {}", e.info()),
+                )
+                .at(file, Some(position(e.marker()))))
+            }
+        };
+        let end = ev == Event::StreamEnd;
+        builder.on_event(ev, mark);
+        if let Some((code, msg, pos)) = builder.error.take() {
+            return Err(Diagnostic::error(code, msg).at(file, Some(pos)));
+        }
+        if end {
+            break;
+        }
+    }
+    Ok(builder
+        .docs
+        .into_iter()
+        .map(|(value, spans)| Document::with_spans(file, value, spans))
+        .collect())
+}
+
+fn position(m: &Marker) -> Position {
+    Position {
+        line: u32::try_from(m.line()).unwrap_or(u32::MAX),
+        column: u32::try_from(m.col().saturating_add(1)).unwrap_or(u32::MAX),
+    }
+}
+
+enum Frame {
+    Map {
+        map: Map<String, Value>,
+        key: Option<String>,
+        ptr: String,
+        anchor: usize,
+        /// `Builder::nodes` when the container opened (its size is the difference at close).
+        start: usize,
+    },
+    Seq {
+        items: Vec<Value>,
+        ptr: String,
+        anchor: usize,
+        start: usize,
+    },
+}
+
+/// Builds JSON values and a pointer → position map from parser events.
+#[derive(Default)]
+struct Builder {
+    stack: Vec<Frame>,
+    docs: Vec<(Value, BTreeMap<String, Position>)>,
+    spans: BTreeMap<String, Position>,
+    /// Anchored values with their node counts.
+    anchors: BTreeMap<usize, (Value, usize)>,
+    root: Option<Value>,
+    /// Nodes in the current document, aliases expanded.
+    nodes: usize,
+    /// Nodes written out in the current document.
+    written: usize,
+    /// Nodes added by aliases in the current document.
+    aliased: usize,
+    error: Option<(Code, String, Position)>,
+}
+
+impl Builder {
+    /// The pointer of the next node, or `None` when the next scalar is a map key.
+    fn next_ptr(&self) -> Option<String> {
+        match self.stack.last() {
+            None => Some(String::new()),
+            Some(Frame::Map { key: None, .. }) => None,
+            Some(Frame::Map {
+                key: Some(k), ptr, ..
+            }) => Some(format!("{ptr}/{}", escape_segment(k))),
+            Some(Frame::Seq { items, ptr, .. }) => Some(format!("{ptr}/{}", items.len())),
+        }
+    }
+
+    fn fail(&mut self, code: Code, msg: String, mark: Marker) {
+        if self.error.is_none() {
+            self.error = Some((code, msg, position(&mark)));
+        }
+    }
+
+    /// Adds a value of `size` nodes (already counted in `nodes`) at the current place.
+    fn push_value(&mut self, v: Value, anchor: usize, size: usize, mark: Marker) {
+        if anchor > 0 {
+            self.anchors.insert(anchor, (v.clone(), size));
+        }
+        match self.stack.last_mut() {
+            None => self.root = Some(v),
+            Some(Frame::Seq { items, .. }) => items.push(v),
+            Some(Frame::Map { map, key, .. }) => {
+                if let Some(k) = key.take() {
+                    if map.insert(k.clone(), v).is_some() {
+                        self.fail(Code::Syntax, format!("duplicate key `{k}`"), mark);
+                    }
+                }
+            }
+        }
+    }
+
+    fn count_written(&mut self) {
+        self.nodes = self.nodes.saturating_add(1);
+        self.written = self.written.saturating_add(1);
+    }
+
+    fn alias(&mut self, id: usize, mark: Marker) {
+        if self.next_ptr().is_none() {
+            self.fail(
+                Code::Syntax,
+                String::from("aliases cannot be map keys"),
+                mark,
+            );
+            return;
+        }
+        let Some(size) = self.anchors.get(&id).map(|(_, n)| *n) else {
+            self.fail(Code::Syntax, String::from("unknown alias"), mark);
+            return;
+        };
+        let aliased = self.aliased.saturating_add(size);
+        let limit = MAX_ALIAS_NODES.min(self.written.saturating_mul(4).max(1000));
+        if aliased > limit {
+            self.fail(
+                Code::DocumentTooLarge,
+                format!(
+                    "YAML aliases expand this document past {limit} nodes ({} written)",
+                    self.written
+                ),
+                mark,
+            );
+            return;
+        }
+        self.aliased = aliased;
+        self.nodes = self.nodes.saturating_add(size);
+        if let Some((v, _)) = self.anchors.get(&id).cloned() {
+            self.push_value(v, 0, size, mark);
+        }
+    }
+
+    fn on_event(&mut self, ev: Event, mark: Marker) {
+        if self.error.is_some() {
+            return;
+        }
+        match ev {
+            Event::DocumentStart => {
+                self.spans.clear();
+                self.anchors.clear();
+                self.root = None;
+                self.nodes = 0;
+                self.written = 0;
+                self.aliased = 0;
+            }
+            Event::DocumentEnd => {
+                if let Some(v) = self.root.take() {
+                    if !v.is_null() {
+                        self.docs.push((v, std::mem::take(&mut self.spans)));
+                    }
+                }
+            }
+            Event::Scalar(s, style, anchor, tag) => {
+                let tagged_str = tag.as_ref().is_some_and(|t| t.suffix == "str");
+                match self.next_ptr() {
+                    None => {
+                        // A map key.
+                        if let Some(Frame::Map { key, ptr, .. }) = self.stack.last_mut() {
+                            self.spans
+                                .insert(format!("{ptr}/{}", escape_segment(&s)), position(&mark));
+                            *key = Some(s);
+                        }
+                    }
+                    Some(ptr) => match scalar_value(&s, style, tagged_str) {
+                        Ok(v) => {
+                            self.spans.entry(ptr).or_insert(position(&mark));
+                            self.count_written();
+                            self.push_value(v, anchor, 1, mark);
+                        }
+                        Err(e) => self.fail(Code::Syntax, e, mark),
+                    },
+                }
+            }
+            Event::Alias(id) => self.alias(id, mark),
+            Event::SequenceStart(anchor, _) | Event::MappingStart(anchor, _) => {
+                let Some(ptr) = self.next_ptr() else {
+                    self.fail(
+                        Code::Syntax,
+                        String::from("complex map keys are not supported"),
+                        mark,
+                    );
+                    return;
+                };
+                if self.stack.len() >= MAX_DOCUMENT_DEPTH {
+                    self.fail(
+                        Code::DocumentTooDeep,
+                        format!("maps and lists nest deeper than {MAX_DOCUMENT_DEPTH} levels"),
+                        mark,
+                    );
+                    return;
+                }
+                self.spans.entry(ptr.clone()).or_insert(position(&mark));
+                self.count_written();
+                let start = self.nodes;
+                self.stack.push(if matches!(ev, Event::SequenceStart(..)) {
+                    Frame::Seq {
+                        items: Vec::new(),
+                        ptr,
+                        anchor,
+                        start,
+                    }
+                } else {
+                    Frame::Map {
+                        map: Map::new(),
+                        key: None,
+                        ptr,
+                        anchor,
+                        start,
+                    }
+                });
+            }
+            Event::SequenceEnd | Event::MappingEnd => {
+                let (value, anchor, start) = match self.stack.pop() {
+                    Some(Frame::Seq {
+                        items,
+                        anchor,
+                        start,
+                        ..
+                    }) => (Value::Array(items), anchor, start),
+                    Some(Frame::Map {
+                        map, anchor, start, ..
+                    }) => (Value::Object(map), anchor, start),
+                    None => return,
+                };
+                let size = self.nodes.saturating_sub(start).saturating_add(1);
+                self.push_value(value, anchor, size, mark);
+            }
+            Event::StreamStart | Event::StreamEnd | Event::Nothing => {}
+        }
+    }
+}
+
+fn scalar_value(s: &str, style: TScalarStyle, tagged_str: bool) -> Result<Value, String> {
+    if style != TScalarStyle::Plain || tagged_str {
+        return Ok(Value::String(s.to_string()));
+    }
+    Ok(match Yaml::from_str(s) {
+        Yaml::Integer(i) => Value::Number(i.into()),
+        Yaml::Real(r) => {
+            let f: f64 = r.parse().map_err(|_| format!("invalid number `{r}`"))?;
+            Number::from_f64(f)
+                .map(Value::Number)
+                .ok_or_else(|| format!("`{r}` is not a finite number"))?
+        }
+        Yaml::Boolean(b) => Value::Bool(b),
+        Yaml::Null => Value::Null,
+        Yaml::String(s) => Value::String(s),
+        _ => Value::String(s.to_string()),
+    })
+}
