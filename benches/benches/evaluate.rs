@@ -1,5 +1,11 @@
 //! Decision benchmarks. Run with `make bench`; the README reports the ratios of one run.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic, missing_docs)] // bench harness
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    missing_docs,
+    reason = "bench harness: fixed inputs, a failure is a broken benchmark"
+)]
 
 use std::collections::HashMap;
 use std::hint::black_box;

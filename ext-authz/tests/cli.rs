@@ -1,5 +1,10 @@
 //! The `llm-policy` binary: exit codes, output formats and error reports.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};

@@ -31,7 +31,7 @@ mod guard;
 mod interp;
 mod translate;
 
-pub(crate) use interp::{activation, CelProgram};
+pub(crate) use interp::CelProgram;
 
 /// Longest accepted expression, in bytes.
 pub(crate) const MAX_EXPR_LEN: usize = 16 * 1024;
@@ -228,9 +228,9 @@ pub(crate) fn children(e: &IdedExpr) -> Vec<&IdedExpr> {
         Expr::Struct(s) => s
             .entries
             .iter()
-            .filter_map(|entry| match &entry.expr {
-                cel::common::ast::EntryExpr::StructField(sf) => Some(&sf.value),
-                cel::common::ast::EntryExpr::MapEntry(me) => Some(&me.value),
+            .map(|entry| match &entry.expr {
+                cel::common::ast::EntryExpr::StructField(sf) => &sf.value,
+                cel::common::ast::EntryExpr::MapEntry(me) => &me.value,
             })
             .collect(),
         Expr::Select(s) => vec![&*s.operand],

@@ -13,7 +13,6 @@ use alloc::vec::Vec;
 use hashbrown::HashMap;
 use serde_json::Value;
 
-use crate::condition::Cond;
 use crate::context::{ContextConfig, Needs};
 use crate::decision::{CounterKind, Verdict};
 use crate::diagnostic::{Code, Diagnostic, Diagnostics};
@@ -21,7 +20,9 @@ use crate::document::Document;
 use crate::index::RuleIndex;
 use crate::model::{DefaultDecision, PolicyDoc, Rule, API_VERSION, KIND_POLICY};
 use crate::schema::FieldRef;
-use crate::set::{CompileOutput, CompiledRule, Inner, KeyPart, Namespace, Origin, PolicyInfo, PolicySet};
+use crate::set::{
+    CompileOutput, CompiledRule, Inner, KeyPart, Namespace, Origin, PolicyInfo, PolicySet,
+};
 
 mod action;
 mod lint;
@@ -239,7 +240,9 @@ impl Compiler {
                 if let Value::Object(spec) = v {
                     let rest: serde_json::Map<String, Value> = spec
                         .iter()
-                        .filter(|(sk, _)| *sk != "rules" || !v.get("rules").is_some_and(Value::is_array))
+                        .filter(|(sk, _)| {
+                            *sk != "rules" || !v.get("rules").is_some_and(Value::is_array)
+                        })
                         .map(|(sk, sv)| (sk.clone(), sv.clone()))
                         .collect();
                     header.insert(k.clone(), Value::Object(rest));
@@ -380,7 +383,7 @@ impl Compiler {
         {
             let mut cel_reads: Vec<FieldRef> = Vec::new();
             for r in &ns.rules {
-                if let Cond::Cel(p) = &r.cond {
+                if let crate::condition::Cond::Cel(p) = &r.cond {
                     cel_reads.extend(p.reads().iter().cloned());
                 }
             }

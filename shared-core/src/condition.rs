@@ -23,7 +23,10 @@ use crate::schema::{ElemField, FieldRef};
 #[derive(Debug, Clone, PartialEq)]
 pub(crate) enum Lit {
     /// Only CEL can write a null literal (the DSL rejects it).
-    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only CEL produces it")
+    )]
     Null,
     Bool(bool),
     Int(i64),
@@ -62,7 +65,10 @@ pub(crate) enum Test {
     /// Not null and not empty (DSL `exists`).
     Exists,
     /// The key is there, even if null (CEL `has()`).
-    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only CEL produces it")
+    )]
     Present,
 }
 
@@ -91,7 +97,10 @@ pub(crate) enum Cond {
     Leaf(Leaf),
     /// CEL `list.exists(x, pred)` (`any`) or `list.all(x, pred)` over `request.messages` or
     /// `request.tools`; `pred` reads the element through `FieldRef::Elem`.
-    #[cfg_attr(not(feature = "cel"), allow(dead_code))]
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only CEL produces it")
+    )]
     Each {
         range: FieldRef,
         any: bool,
@@ -131,8 +140,13 @@ pub(crate) struct Scratch<'a> {
 }
 
 impl Cond {
-    // Without CEL the scratch space is empty and only passed down.
-    #[cfg_attr(not(feature = "cel"), allow(clippy::only_used_in_recursion))]
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(
+            clippy::only_used_in_recursion,
+            reason = "without CEL the scratch space is empty and only passed down"
+        )
+    )]
     pub(crate) fn eval<'a>(&self, v: View<'a>, scratch: &mut Scratch<'a>) -> Truth {
         match self {
             Cond::Const(b) => Ok(*b),
@@ -510,7 +524,9 @@ mod tests {
             Cond::Any(alloc::vec![err.clone(), t]).eval(c.view(), &mut s),
             Ok(true)
         );
-        assert!(Cond::Any(alloc::vec![err, f]).eval(c.view(), &mut s).is_err());
+        assert!(Cond::Any(alloc::vec![err, f])
+            .eval(c.view(), &mut s)
+            .is_err());
     }
 
     #[test]
@@ -546,7 +562,9 @@ mod tests {
             Ok(true)
         );
         // Across types there is no ordering: an error, as in CEL.
-        assert!(lt(FieldRef::Model, Lit::Int(3)).eval(c.view(), &mut s).is_err());
+        assert!(lt(FieldRef::Model, Lit::Int(3))
+            .eval(c.view(), &mut s)
+            .is_err());
     }
 
     #[test]

@@ -385,6 +385,7 @@ impl RequestContext {
     }
 
     /// The view of the request itself.
+    #[cfg(test)]
     pub(crate) fn view(&self) -> View<'_> {
         View {
             ctx: self,

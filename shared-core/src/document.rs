@@ -1,10 +1,10 @@
 //! A parsed policy document: its data as a JSON value, and where each node was written.
 
+use crate::diagnostic::{Code, Diagnostic, Position};
 use alloc::collections::BTreeMap;
 use alloc::format;
 use alloc::string::{String, ToString};
 use serde::de::DeserializeOwned;
-use crate::diagnostic::{Code, Diagnostic, Position};
 
 /// One policy (or test) document with its locations.
 ///

@@ -94,7 +94,9 @@ fn compile_at(
             let compiled: Vec<Cond> = items
                 .iter()
                 .enumerate()
-                .filter_map(|(i, c)| compile_at(c, attrs, &format!("{ptr}/{key}/{i}"), errors, next))
+                .filter_map(|(i, c)| {
+                    compile_at(c, attrs, &format!("{ptr}/{key}/{i}"), errors, next)
+                })
                 .collect();
             if errors.len() > before {
                 return None;

@@ -229,10 +229,18 @@ fn batch_items(bytes: &[u8], needs: Needs) -> Result<Vec<RequestInfo>, ContextEr
     };
     if needs.messages || needs.prompt {
         let b: Batch<'_, Text> = parse(bytes)?;
-        Ok(b.requests.into_iter().flatten().map(|i| item(i.params, needs)).collect())
+        Ok(b.requests
+            .into_iter()
+            .flatten()
+            .map(|i| item(i.params, needs))
+            .collect())
     } else {
         let b: Batch<'_, Skip> = parse(bytes)?;
-        Ok(b.requests.into_iter().flatten().map(|i| item(i.params, needs)).collect())
+        Ok(b.requests
+            .into_iter()
+            .flatten()
+            .map(|i| item(i.params, needs))
+            .collect())
     }
 }
 
@@ -356,8 +364,12 @@ impl<S: Sink> Body<'_, S> {
             }
         }
         if needs.prompt {
-            let mut prompt =
-                String::with_capacity(messages.iter().map(|m| m.content.len().saturating_add(1)).sum());
+            let mut prompt = String::with_capacity(
+                messages
+                    .iter()
+                    .map(|m| m.content.len().saturating_add(1))
+                    .sum(),
+            );
             for m in &messages {
                 push_joined(&mut prompt, &m.content);
             }

@@ -93,14 +93,10 @@ impl RuleIndex {
             let key = cond.and_then(required);
             match key {
                 Some((field, values)) => {
-                    let slot = match idx.keyed.iter().position(|(f, _)| *f == field) {
-                        Some(p) => p,
-                        None => {
-                            idx.keyed.push((field, HashMap::new()));
-                            idx.keyed.len() - 1
-                        }
-                    };
-                    if let Some((_, map)) = idx.keyed.get_mut(slot) {
+                    if !idx.keyed.iter().any(|(f, _)| *f == field) {
+                        idx.keyed.push((field.clone(), HashMap::new()));
+                    }
+                    if let Some((_, map)) = idx.keyed.iter_mut().find(|(f, _)| *f == field) {
                         for v in values {
                             let list = map.entry(v).or_default();
                             if list.last() != Some(&i) {

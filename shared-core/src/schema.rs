@@ -401,7 +401,10 @@ mod tests {
 
     #[test]
     fn shield_names_that_never_match_are_rejected_with_the_right_name() {
-        for (bad, good) in [("pii-score", "shield.pii_score"), ("PII_SCORE", "shield.pii_score")] {
+        for (bad, good) in [
+            ("pii-score", "shield.pii_score"),
+            ("PII_SCORE", "shield.pii_score"),
+        ] {
             let e = FieldRef::parse_path(&format!("shield.{bad}"), &attrs()).unwrap_err();
             assert_eq!(e.suggestion.as_deref(), Some(good), "{bad}");
         }

@@ -56,7 +56,10 @@ pub(crate) struct Namespace {
     /// Every field any rule of the namespace reads (cache key input), sorted.
     pub reads: Vec<FieldRef>,
     /// The fields its interpreted CEL programs read (what the CEL activation must hold).
-    #[cfg_attr(not(feature = "cel"), allow(dead_code, reason = "only the CEL activation reads it"))]
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only the CEL activation reads it")
+    )]
     pub cel_reads: Vec<FieldRef>,
     /// Tag → bitset over `rules`.
     pub tags: HashMap<String, Vec<u64>>,

@@ -60,9 +60,7 @@ fn load_file_as(path: &Path, name: &str) -> Result<Vec<Document>, Diagnostic> {
             format!("file is {size} bytes, over the limit of {MAX_FILE_BYTES}"),
         )
         .at(name, None)
-        .help(Some(String::from(
-            "split the policies into several files",
-        ))));
+        .help(Some(String::from("split the policies into several files"))));
     }
     let text = std::fs::read_to_string(path).map_err(io)?;
     parse_str(name, &text)
@@ -166,8 +164,9 @@ pub fn load_policies<P: AsRef<Path>>(paths: &[P]) -> Result<Vec<Document>, Diagn
             .iter()
             .map(|p| p.as_ref().display().to_string())
             .collect();
-        let mut d = Diagnostic::error(Code::NoPolicies, "no policy documents found")
-            .help(Some(String::from(
+        let mut d =
+            Diagnostic::error(Code::NoPolicies, "no policy documents found")
+                .help(Some(String::from(
                 "policy files end in .yaml, .yml or .json and hold documents with `kind: Policy`",
             )));
         d.file = Some(names.join(", "));

@@ -15,28 +15,34 @@ pub(crate) fn closest<'a>(
         .map(|(_, c)| c)
 }
 
-/// Levenshtein distance with transpositions counted as one edit (optimal string alignment).
+/// Levenshtein distance with transpositions counted as one edit (optimal string alignment),
+/// over three rolling rows. Names are short; arithmetic saturates regardless.
 fn distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
     let b: Vec<char> = b.chars().collect();
-    let w = b.len() + 1;
-    let mut d: Vec<usize> = (0..(a.len() + 1) * w).collect();
-    for i in 0..=a.len() {
-        d[i * w] = i;
-    }
-    for i in 1..=a.len() {
-        for j in 1..=b.len() {
-            let cost = usize::from(a[i - 1] != b[j - 1]);
-            let mut v = (d[(i - 1) * w + j] + 1)
-                .min(d[i * w + j - 1] + 1)
-                .min(d[(i - 1) * w + j - 1] + cost);
-            if i > 1 && j > 1 && a[i - 1] == b[j - 2] && a[i - 2] == b[j - 1] {
-                v = v.min(d[(i - 2) * w + j - 2] + 1);
+    let mut before: Vec<usize> = Vec::new();
+    let mut prev: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut cur = alloc::vec![i.saturating_add(1)];
+        for (j, cb) in b.iter().enumerate() {
+            let at = |row: &[usize], k: usize| row.get(k).copied().unwrap_or(usize::MAX);
+            let cost = usize::from(ca != cb);
+            let mut v = at(&prev, j.saturating_add(1))
+                .saturating_add(1)
+                .min(at(&cur, j).saturating_add(1))
+                .min(at(&prev, j).saturating_add(cost));
+            let transposed = i > 0
+                && j > 0
+                && a.get(i.saturating_sub(1)) == Some(cb)
+                && b.get(j.saturating_sub(1)) == Some(ca);
+            if transposed {
+                v = v.min(at(&before, j.saturating_sub(1)).saturating_add(1));
             }
-            d[i * w + j] = v;
+            cur.push(v);
         }
+        before = core::mem::replace(&mut prev, cur);
     }
-    d[a.len() * w + b.len()]
+    prev.last().copied().unwrap_or(0)
 }
 
 #[cfg(test)]
@@ -50,5 +56,8 @@ mod tests {
             Some("model")
         );
         assert_eq!(closest("zzzzzz", ["model", "path"].into_iter()), None);
+        assert_eq!(distance("modle", "model"), 1);
+        assert_eq!(distance("", "abc"), 3);
+        assert_eq!(distance("kitten", "sitting"), 3);
     }
 }

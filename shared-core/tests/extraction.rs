@@ -1,6 +1,11 @@
 //! Context extraction from real request shapes: OpenAI Chat Completions, Completions, Embeddings,
 //! Responses; Anthropic Messages; unknown providers; and the errors a proxy turns into 4xx.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 mod common;
 
@@ -285,7 +290,11 @@ fn multipart_is_recognised_in_any_case() {
         "MULTIPART/FORM-DATA; boundary=x",
         " multipart/form-data",
     ] {
-        let c = try_ctx("/v1/audio/transcriptions", &[("Content-Type", ct)], "--x\r\n...");
+        let c = try_ctx(
+            "/v1/audio/transcriptions",
+            &[("Content-Type", ct)],
+            "--x\r\n...",
+        );
         assert!(c.is_ok(), "{ct}: {c:?}");
     }
 }
@@ -295,72 +304,97 @@ fn multipart_is_recognised_in_any_case() {
 #[test]
 fn prompt_holds_every_text_the_model_reads() {
     let marker = "sk-HIDDEN0123456789";
-    let cases: Vec<(&str, &[(&str, &str)], String)> = vec![
+    type Case = (
+        &'static str,
+        &'static [(&'static str, &'static str)],
+        String,
+    );
+    let cases: Vec<Case> = vec![
         // Anthropic document block with a plain-text source.
         (
             "/v1/messages",
             &[],
-            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
-                {{"type":"document","source":{{"type":"text","media_type":"text/plain","data":"{marker}"}}}}]}}]}}"#),
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","source":{{"type":"text","media_type":"text/plain","data":"{marker}"}}}}]}}]}}"#
+            ),
         ),
         // Anthropic document block: title and context are read too.
         (
             "/v1/messages",
             &[],
-            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
-                {{"type":"document","title":"{marker}","source":{{"type":"url","url":"https://x"}}}}]}}]}}"#),
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","title":"{marker}","source":{{"type":"url","url":"https://x"}}}}]}}]}}"#
+            ),
         ),
         // Anthropic document block with a content source.
         (
             "/v1/messages",
             &[],
-            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
-                {{"type":"document","source":{{"type":"content","content":[{{"type":"text","text":"{marker}"}}]}}}}]}}]}}"#),
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"document","source":{{"type":"content","content":[{{"type":"text","text":"{marker}"}}]}}}}]}}]}}"#
+            ),
         ),
         // Anthropic tool_use input (nested strings).
         (
             "/v1/messages",
             &[],
-            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
-                {{"type":"tool_use","id":"t","name":"sh","input":{{"cmd":["export", {{"k":"{marker}"}}]}}}}]}}]}}"#),
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
+                {{"type":"tool_use","id":"t","name":"sh","input":{{"cmd":["export", {{"k":"{marker}"}}]}}}}]}}]}}"#
+            ),
         ),
         // Anthropic thinking block.
         (
             "/v1/messages",
             &[],
-            format!(r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
-                {{"type":"thinking","thinking":"{marker}","signature":"s"}}]}}]}}"#),
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
+                {{"type":"thinking","thinking":"{marker}","signature":"s"}}]}}]}}"#
+            ),
         ),
         // OpenAI chat tool_calls arguments.
         (
             "/v1/chat/completions",
             &[],
-            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":null,"tool_calls":[
-                {{"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"key\":\"{marker}\"}}"}}}}]}}]}}"#),
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"assistant","content":null,"tool_calls":[
+                {{"id":"c","type":"function","function":{{"name":"f","arguments":"{{\"key\":\"{marker}\"}}"}}}}]}}]}}"#
+            ),
         ),
         // OpenAI legacy function_call arguments.
         (
             "/v1/chat/completions",
             &[],
-            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":null,
-                "function_call":{{"name":"f","arguments":"{marker}"}}}}]}}"#),
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"assistant","content":null,
+                "function_call":{{"name":"f","arguments":"{marker}"}}}}]}}"#
+            ),
         ),
         // Responses function_call and custom_tool_call items.
         (
             "/v1/responses",
             &[],
-            format!(r#"{{"model":"m","input":[{{"type":"function_call","call_id":"c","name":"f","arguments":"{marker}"}}]}}"#),
+            format!(
+                r#"{{"model":"m","input":[{{"type":"function_call","call_id":"c","name":"f","arguments":"{marker}"}}]}}"#
+            ),
         ),
         (
             "/v1/responses",
             &[],
-            format!(r#"{{"model":"m","input":[{{"type":"custom_tool_call","call_id":"c","name":"f","input":"{marker}"}}]}}"#),
+            format!(
+                r#"{{"model":"m","input":[{{"type":"custom_tool_call","call_id":"c","name":"f","input":"{marker}"}}]}}"#
+            ),
         ),
         // Refusal parts.
         (
             "/v1/chat/completions",
             &[],
-            format!(r#"{{"model":"m","messages":[{{"role":"assistant","content":[{{"type":"refusal","refusal":"{marker}"}}]}}]}}"#),
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"assistant","content":[{{"type":"refusal","refusal":"{marker}"}}]}}]}}"#
+            ),
         ),
     ];
     for (path, headers, body) in cases {

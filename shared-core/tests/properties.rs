@@ -1,7 +1,12 @@
 //! Properties over generated requests, against the example bundle in `policies/`:
 //! evaluation never panics; the index never changes a decision (explain mode evaluates every
 //! rule); YAML and JSON forms of the same policies decide the same.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 use std::path::PathBuf;
 

@@ -1,6 +1,11 @@
 //! Extraction on requests captured from the official `openai` and `anthropic` Python SDKs
 //! (`integration/sdk-fixtures/generate.py`; `make test` checks the files are current).
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 use std::path::PathBuf;
 

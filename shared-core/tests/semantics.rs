@@ -1,6 +1,11 @@
 //! Evaluation semantics: priorities, ties, merging, shadow rules, errors, defaults, namespaces,
 //! tags, counters, remote rules and cache keys.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 mod common;
 

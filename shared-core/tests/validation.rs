@@ -1,5 +1,10 @@
 //! Every validation error names the file, line, column and rule, with a code a user can look up.
-#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // test code
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 mod common;
 

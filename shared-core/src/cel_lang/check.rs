@@ -5,7 +5,9 @@
 //! coarse type for every node. Only definite conflicts are errors (`dyn` silences them), so a
 //! valid CEL program is never rejected for what the checker cannot know.
 
-use cel::common::ast::{operators as op, CallExpr, ComprehensionExpr, Expr, IdedExpr, LiteralValue};
+use cel::common::ast::{
+    operators as op, CallExpr, ComprehensionExpr, Expr, IdedExpr, LiteralValue,
+};
 use cel::{Context, ExecutionError, Value};
 
 use super::{env, field_of, issue, show, string_lit, CelIssue, Scope};
@@ -224,7 +226,12 @@ fn comparable(a: Ty, b: Ty) -> bool {
 }
 
 fn orderable(a: Ty, b: Ty) -> bool {
-    let ordered = |t: Ty| matches!(t, Ty::Int | Ty::Uint | Ty::Double | Ty::Str | Ty::Bool | Ty::Bytes | Ty::Dyn);
+    let ordered = |t: Ty| {
+        matches!(
+            t,
+            Ty::Int | Ty::Uint | Ty::Double | Ty::Str | Ty::Bool | Ty::Bytes | Ty::Dyn
+        )
+    };
     ordered(a) && ordered(b) && (a == b || !a.known() || !b.known() || (a.numeric() && b.numeric()))
 }
 
@@ -454,7 +461,9 @@ impl Checker<'_> {
         if name.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(issue(
                 Code::HeaderCase,
-                format!("header names are lower-case in `request.headers`, so `{name}` never matches"),
+                format!(
+                    "header names are lower-case in `request.headers`, so `{name}` never matches"
+                ),
                 Some(format!("write `{}`", name.to_ascii_lowercase())),
             ));
         }
@@ -528,7 +537,11 @@ impl Checker<'_> {
             (op::LOGICAL_NOT, None, [a]) => {
                 let t = self.expr(a)?;
                 if t.ty.known() && t.ty != Ty::Bool {
-                    return Err(type_err(format!("`!` needs a bool, and `{}` is {}", show(a), t.ty.name())));
+                    return Err(type_err(format!(
+                        "`!` needs a bool, and `{}` is {}",
+                        show(a),
+                        t.ty.name()
+                    )));
                 }
                 Ok(T::of(Ty::Bool))
             }
@@ -564,7 +577,11 @@ impl Checker<'_> {
             (op::NEGATE, None, [a]) => {
                 let t = self.expr(a)?;
                 if t.ty.known() && !matches!(t.ty, Ty::Int | Ty::Double) {
-                    return Err(type_err(format!("`-` needs a number, and `{}` is {}", show(a), t.ty.name())));
+                    return Err(type_err(format!(
+                        "`-` needs a number, and `{}` is {}",
+                        show(a),
+                        t.ty.name()
+                    )));
                 }
                 self.use_nullable(&t, a);
                 Ok(T::derived(t.ty, 0, t.request))
@@ -572,7 +589,12 @@ impl Checker<'_> {
             (op::EQUALS | op::NOT_EQUALS, None, [a, b]) => {
                 let (ta, tb) = (self.expr(a)?, self.expr(b)?);
                 for (x, y, tx) in [(&ta, &tb, a), (&tb, &ta, b)] {
-                    if y.ty == Ty::Null && x.ty.known() && x.ty != Ty::Null && !x.nullable && x.field.is_some() {
+                    if y.ty == Ty::Null
+                        && x.ty.known()
+                        && x.ty != Ty::Null
+                        && !x.nullable
+                        && x.field.is_some()
+                    {
                         return Err(type_err(format!(
                             "`{}` is never null, so `{}` is always {}",
                             show(tx),
@@ -627,7 +649,11 @@ impl Checker<'_> {
                     )));
                 }
                 let ty = if ta.ty.known() { ta.ty } else { tb.ty };
-                let size = if add { ta.size.saturating_add(tb.size) } else { 0 };
+                let size = if add {
+                    ta.size.saturating_add(tb.size)
+                } else {
+                    0
+                };
                 self.grow(size, e)?;
                 Ok(T {
                     elem: if ta.elem == tb.elem { ta.elem } else { Ty::Dyn },
@@ -674,12 +700,20 @@ impl Checker<'_> {
                 th.ty.name()
             )));
         }
-        if th.ty == Ty::List && th.elem.known() && tn.ty.known() && tn.ty != Ty::Null && !comparable(tn.ty, th.elem) {
+        if th.ty == Ty::List
+            && th.elem.known()
+            && tn.ty.known()
+            && tn.ty != Ty::Null
+            && !comparable(tn.ty, th.elem)
+        {
             return Err(type_err(format!(
                 "`{}` looks for {} in a list of {}s: it is always false",
                 show(e),
                 tn.ty.name(),
-                th.elem.name().trim_start_matches("a ").trim_start_matches("an ")
+                th.elem
+                    .name()
+                    .trim_start_matches("a ")
+                    .trim_start_matches("an ")
             )));
         }
         Ok(T::derived(Ty::Bool, 0, tn.request || th.request))
@@ -705,7 +739,11 @@ impl Checker<'_> {
                 _ => {}
             }
             self.access_absent(&f, e);
-            let ty = if matches!(f, FieldRef::Header(_)) { Ty::Str } else { Ty::Dyn };
+            let ty = if matches!(f, FieldRef::Header(_)) {
+                Ty::Str
+            } else {
+                Ty::Dyn
+            };
             let t = T {
                 field: Some(f),
                 ..T::derived(ty, 1, true)
@@ -718,7 +756,11 @@ impl Checker<'_> {
         match tt.ty {
             Ty::List => {
                 if tk.ty.known() && !matches!(tk.ty, Ty::Int | Ty::Uint) {
-                    return Err(type_err(format!("`{}` indexes a list with {}", show(e), tk.ty.name())));
+                    return Err(type_err(format!(
+                        "`{}` indexes a list with {}",
+                        show(e),
+                        tk.ty.name()
+                    )));
                 }
                 Ok(T::derived(tt.elem, tt.size, tt.request))
             }
@@ -746,7 +788,11 @@ impl Checker<'_> {
                 range.ty.name()
             )));
         }
-        let elem = if range.ty == Ty::List { range.elem } else { Ty::Dyn };
+        let elem = if range.ty == Ty::List {
+            range.elem
+        } else {
+            Ty::Dyn
+        };
         let accu = self.expr(&c.accu_init)?;
         let n = self.bound.len();
         self.bound.push(Binding {
@@ -790,7 +836,11 @@ impl Checker<'_> {
         };
         self.grow(size, e)?;
         Ok(T::derived(
-            if result.ty.known() { result.ty } else { accu.ty },
+            if result.ty.known() {
+                result.ty
+            } else {
+                accu.ty
+            },
             size,
             range.request,
         ))
@@ -821,7 +871,10 @@ impl Checker<'_> {
             }
         };
         if let (Some(r), Some(x)) = (recv, recv_expr) {
-            if !matches!(name, "string" | "dyn" | "type" | "bool" | "int" | "uint" | "double" | "bytes") {
+            if !matches!(
+                name,
+                "string" | "dyn" | "type" | "bool" | "int" | "uint" | "double" | "bytes"
+            ) {
                 let r = r.clone();
                 self.use_nullable(&r, x);
             }
@@ -830,8 +883,14 @@ impl Checker<'_> {
         let t = match name {
             "size" => {
                 if let Some(r) = recv {
-                    if r.ty.known() && !matches!(r.ty, Ty::Str | Ty::Bytes | Ty::List | Ty::Map | Ty::Message) {
-                        return Err(type_err(format!("`{}`: `size` does not apply to {}", show(e), r.ty.name())));
+                    if r.ty.known()
+                        && !matches!(r.ty, Ty::Str | Ty::Bytes | Ty::List | Ty::Map | Ty::Message)
+                    {
+                        return Err(type_err(format!(
+                            "`{}`: `size` does not apply to {}",
+                            show(e),
+                            r.ty.name()
+                        )));
                     }
                 }
                 T::derived(Ty::Int, 0, request)
@@ -842,7 +901,11 @@ impl Checker<'_> {
             }
             "matches" => {
                 want_str(recv)?;
-                let pattern_arg = if c.target.is_some() { c.args.first() } else { c.args.get(1) };
+                let pattern_arg = if c.target.is_some() {
+                    c.args.first()
+                } else {
+                    c.args.get(1)
+                };
                 let Some(pattern) = pattern_arg.and_then(string_lit) else {
                     return Err(issue(
                         Code::CelRegex,
@@ -885,7 +948,10 @@ impl Checker<'_> {
             "split" | "join" | "format" | "strings.quote" => {
                 return Err(issue(
                     Code::CelTooComplex,
-                    format!("`{}` builds values out of proportion to the request", show(e)),
+                    format!(
+                        "`{}` builds values out of proportion to the request",
+                        show(e)
+                    ),
                     Some(String::from(
                         "use `contains`, `startsWith`, `endsWith` or `matches` on the text itself",
                     )),
@@ -933,14 +999,43 @@ fn op_symbol(name: &str) -> &'static str {
 
 /// Type names CEL has as identifiers (`type(x) == string`).
 const TYPE_NAMES: &[&str] = &[
-    "int", "uint", "double", "string", "bool", "bytes", "list", "map", "null_type", "type", "dyn",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bool",
+    "bytes",
+    "list",
+    "map",
+    "null_type",
+    "type",
+    "dyn",
 ];
 
 /// Functions the checker types itself (the rest are looked up in the interpreter).
 pub(super) const KNOWN_FUNCTIONS: &[&str] = &[
-    "size", "contains", "startsWith", "endsWith", "matches", "lowerAscii", "upperAscii", "trim",
-    "reverse", "substring", "charAt", "indexOf", "lastIndexOf", "replace", "int", "uint", "double",
-    "string", "bool", "bytes", "type", "dyn",
+    "size",
+    "contains",
+    "startsWith",
+    "endsWith",
+    "matches",
+    "lowerAscii",
+    "upperAscii",
+    "trim",
+    "reverse",
+    "substring",
+    "charAt",
+    "indexOf",
+    "lastIndexOf",
+    "replace",
+    "int",
+    "uint",
+    "double",
+    "string",
+    "bool",
+    "bytes",
+    "type",
+    "dyn",
 ];
 
 /// Asks the interpreter whether a function exists: calling it with no arguments fails with
@@ -1004,7 +1099,9 @@ fn positive(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
                 return Vec::new();
             };
             match &hay.expr {
-                Expr::Select(s) if super::is_headers(s) => vec![Fact::Present(FieldRef::Header(key))],
+                Expr::Select(s) if super::is_headers(s) => {
+                    vec![Fact::Present(FieldRef::Header(key))]
+                }
                 Expr::Ident(r) if r == "shield" => vec![Fact::Present(FieldRef::Shield(key))],
                 _ => Vec::new(),
             }
@@ -1032,7 +1129,10 @@ fn negative(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
 }
 
 fn not_null(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
-    field_of(e, sc).map(|(f, _)| Fact::NotNull(f)).into_iter().collect()
+    field_of(e, sc)
+        .map(|(f, _)| Fact::NotNull(f))
+        .into_iter()
+        .collect()
 }
 
 fn is_null(e: &IdedExpr) -> bool {
@@ -1089,6 +1189,8 @@ fn is_constant(e: &IdedExpr, bound: &[String]) -> bool {
                     .iter()
                     .all(|x| is_constant(x, bound))
         }
-        _ => super::children(e).into_iter().all(|x| is_constant(x, bound)),
+        _ => super::children(e)
+            .into_iter()
+            .all(|x| is_constant(x, bound)),
     }
 }

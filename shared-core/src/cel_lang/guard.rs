@@ -131,13 +131,11 @@ pub(super) fn lexical(src: &str) -> Result<(), CelIssue> {
                     ..Group::default()
                 });
             }
-            ')' | ']' | '}' => {
-                if stack.len() > 1 {
-                    if let Some(g) = stack.pop() {
-                        let b = g.bound();
-                        if let Some(parent) = stack.last_mut() {
-                            parent.child = parent.child.max(b);
-                        }
+            ')' | ']' | '}' if stack.len() > 1 => {
+                if let Some(g) = stack.pop() {
+                    let b = g.bound();
+                    if let Some(parent) = stack.last_mut() {
+                        parent.child = parent.child.max(b);
                     }
                 }
             }
@@ -168,15 +166,16 @@ pub(super) fn lexical(src: &str) -> Result<(), CelIssue> {
                     g.ops = g.ops.saturating_add(1);
                 }
             }
-            'i' if !(prev.is_alphanumeric() || prev == '_') => {
-                // The `in` operator.
-                if chars.peek() == Some(&'n') {
-                    let mut look = chars.clone();
-                    look.next();
-                    if !look.peek().is_some_and(|n| n.is_alphanumeric() || *n == '_') {
-                        if let Some(g) = stack.last_mut() {
-                            g.ops = g.ops.saturating_add(1);
-                        }
+            // The `in` operator.
+            'i' if !(prev.is_alphanumeric() || prev == '_') && chars.peek() == Some(&'n') => {
+                let mut look = chars.clone();
+                look.next();
+                if !look
+                    .peek()
+                    .is_some_and(|n| n.is_alphanumeric() || *n == '_')
+                {
+                    if let Some(g) = stack.last_mut() {
+                        g.ops = g.ops.saturating_add(1);
                     }
                 }
             }

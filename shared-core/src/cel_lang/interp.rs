@@ -9,7 +9,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use cel::common::ast::{CallExpr, Expr, IdedExpr};
-use cel::common::types::{self, CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString};
+use cel::common::types::{
+    self, CelBool, CelDouble, CelInt, CelList, CelMap, CelMapKey, CelNull, CelString,
+};
 use cel::common::value::CowVal;
 use cel::{Context, Env, ExecutionError, Value};
 use regex::Regex;
@@ -135,7 +137,11 @@ pub(crate) struct CelProgram {
 }
 
 impl CelProgram {
-    pub(super) fn new(mut expr: IdedExpr, reads: Vec<FieldRef>, nullable: Vec<FieldRef>) -> CelProgram {
+    pub(super) fn new(
+        mut expr: IdedExpr,
+        reads: Vec<FieldRef>,
+        nullable: Vec<FieldRef>,
+    ) -> CelProgram {
         rewrite_matches(&mut expr);
         CelProgram {
             expr,
@@ -150,7 +156,9 @@ impl CelProgram {
 
     pub(crate) fn eval<'a>(&self, v: View<'a>, scratch: &mut Scratch<'a>) -> Truth {
         let reads = scratch.cel_reads;
-        let activation = scratch.cel.get_or_insert_with(|| activation(v, Some(reads)));
+        let activation = scratch
+            .cel
+            .get_or_insert_with(|| activation(v, Some(reads)));
         match Value::resolve(&self.expr, activation) {
             Ok(Value::Bool(b)) => Ok(b),
             Ok(other) => Err(CondError(format!(
@@ -251,7 +259,10 @@ pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context
     let mut c = Context::with_env(Arc::clone(env()));
     c.add_variable_as_val("request", root("request", false));
     c.add_variable_as_val("time", root("time", true));
-    for (name, field) in [("principal", FieldRef::PrincipalAll), ("shield", FieldRef::ShieldAll)] {
+    for (name, field) in [
+        ("principal", FieldRef::PrincipalAll),
+        ("shield", FieldRef::ShieldAll),
+    ] {
         if let Some(x) = val(v.get(&field)) {
             c.add_variable_as_val(name, x);
         }

@@ -65,7 +65,10 @@ fn load_time_errors() {
         "cel-unknown-function"
     );
     let deep = format!("{}true{}", "(".repeat(5000), ")".repeat(5000));
-    assert_eq!(compile(&deep, &attrs()).err().unwrap().code, Code::CelTooDeep);
+    assert_eq!(
+        compile(&deep, &attrs()).err().unwrap().code,
+        Code::CelTooDeep
+    );
     let bangs = format!("{}true", "!".repeat(5000));
     assert_eq!(
         compile(&bangs, &attrs()).err().unwrap().code,
@@ -167,12 +170,19 @@ mod differential {
 
     fn context() -> impl Strategy<Value = RequestContext> {
         (
-            prop::option::of(prop::sample::select(vec!["gpt-4o", "gpt-4o-mini", "zz", "a", ""])),
+            prop::option::of(prop::sample::select(vec![
+                "gpt-4o",
+                "gpt-4o-mini",
+                "zz",
+                "a",
+                "",
+            ])),
             prop::option::of(prop::sample::select(vec![100i64, 1000, 1001, 5000, -3, 0])),
             prop::option::of(prop::sample::select(vec![0.0f64, 0.5, 1000.5, 2.0])),
             prop::option::of(prop::sample::select(vec!["free", "pro", "h"])),
             prop::option::of(prop_oneof![
-                prop::sample::select(vec![0.1f64, 0.9, 1000.5, 100.0]).prop_map(ShieldValue::Number),
+                prop::sample::select(vec![0.1f64, 0.9, 1000.5, 100.0])
+                    .prop_map(ShieldValue::Number),
                 Just(ShieldValue::Text("high".into())),
             ]),
             prop::sample::select(vec!["", "ignore the key", "kxyz", "h"]),

@@ -3,10 +3,12 @@
 //! `startsWith` / `endsWith` / `matches` with literal arguments, and `exists` / `all` over
 //! `request.messages` / `request.tools`. Leaves keep CEL's semantics, errors included.
 
-use cel::common::ast::{operators, CallExpr, ComprehensionExpr, Expr, IdedExpr, LiteralValue, SelectExpr};
+use cel::common::ast::{
+    operators, CallExpr, ComprehensionExpr, Expr, IdedExpr, LiteralValue, SelectExpr,
+};
 
-use super::{field_of, literal, string_lit};
 pub(super) use super::Scope;
+use super::{field_of, literal, string_lit};
 use crate::condition::{Cond, Leaf, Lit, OrdOp, Test};
 use crate::dsl::build_regex;
 use crate::schema::{FieldRef, FieldType, ROOTS};

@@ -49,7 +49,10 @@ impl Compiler {
                 self.errors.push(site.error(
                     Code::InvalidHeader,
                     "/action/headers",
-                    format!("`{}` is not a valid lower-case header name", name.escape_debug()),
+                    format!(
+                        "`{}` is not a valid lower-case header name",
+                        name.escape_debug()
+                    ),
                 ));
             }
             if has_control(value) {
@@ -212,7 +215,10 @@ fn window(per: &str) -> Result<u64, String> {
         format!("`{per}` is not a window: use second, minute, hour, day, week, month or e.g. 30s, 5m, 2h, 1d")
     };
     let split = per.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
-    let (num, unit) = (per.get(..split).unwrap_or_default(), per.get(split..).unwrap_or_default());
+    let (num, unit) = (
+        per.get(..split).unwrap_or_default(),
+        per.get(split..).unwrap_or_default(),
+    );
     let n: u64 = num.parse().map_err(|_| bad())?;
     let mult = match unit {
         "s" => 1,

@@ -21,19 +21,21 @@ pub(super) fn lint(rules: &[CompiledRule]) -> (Vec<Diagnostic>, Vec<Diagnostic>)
     });
     if let Some(u) = unconditional {
         for r in rules.iter().filter(|r| r.priority < u.priority) {
-            warnings.push(r.origin.locate(
-                Diagnostic::warning(
-                    Code::ShadowedRule,
-                    format!(
+            warnings.push(
+                r.origin.locate(
+                    Diagnostic::warning(
+                        Code::ShadowedRule,
+                        format!(
                         "rule `{}` can never decide: rule `{}` (priority {}) matches every request",
                         r.id, u.id, u.priority
                     ),
-                )
-                .help(Some(String::from(
-                    "raise its priority, or give the other rule a condition",
-                ))),
-                &r.id,
-            ));
+                    )
+                    .help(Some(String::from(
+                        "raise its priority, or give the other rule a condition",
+                    ))),
+                    &r.id,
+                ),
+            );
         }
     }
     // Conflicts: equal priority, same condition (and plugin), contradictory decisions.

@@ -54,9 +54,9 @@ impl Compiler {
                         );
                     }
                 }
-                Err(e) => self.errors.push(
-                    site.error(e.code, "/when/cel", e.message).help(e.help),
-                ),
+                Err(e) => self
+                    .errors
+                    .push(site.error(e.code, "/when/cel", e.message).help(e.help)),
             }
         } else if let Some(m) = &w.matcher {
             let mut errs = Vec::new();
@@ -65,8 +65,12 @@ impl Compiler {
                 _ => {
                     for e in errs {
                         self.errors.push(
-                            site.error(e.code, &alloc::format!("/when/match{}", e.pointer), e.message)
-                                .help(e.help),
+                            site.error(
+                                e.code,
+                                &alloc::format!("/when/match{}", e.pointer),
+                                e.message,
+                            )
+                            .help(e.help),
                         );
                     }
                 }
@@ -104,7 +108,10 @@ impl Compiler {
     }
 
     #[cfg(feature = "cel")]
-    fn compile_cel(&self, src: &str) -> Result<crate::cel_lang::CelCompiled, crate::cel_lang::CelIssue> {
+    fn compile_cel(
+        &self,
+        src: &str,
+    ) -> Result<crate::cel_lang::CelCompiled, crate::cel_lang::CelIssue> {
         crate::cel_lang::compile(src, &self.attrs)
     }
 

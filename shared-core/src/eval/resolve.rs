@@ -223,7 +223,9 @@ fn resolve_part(ns: &Namespace, outcomes: &[(u32, Outcome)], explain: bool) -> P
     let mut matched_rules = Vec::with_capacity(hits.len());
     // Headers: the deciding rule's win a clash, then higher priority, then file order.
     let mut headers: BTreeMap<String, String> = BTreeMap::new();
-    let order = decider.into_iter().chain((0..hits.len()).filter(|i| Some(*i) != decider));
+    let order = decider
+        .into_iter()
+        .chain((0..hits.len()).filter(|i| Some(*i) != decider));
     for i in order {
         let Some(h) = hits.get(i) else {
             continue;
@@ -236,7 +238,8 @@ fn resolve_part(ns: &Namespace, outcomes: &[(u32, Outcome)], explain: bool) -> P
         actions.alert = actions.alert.max(h.rule.action.alert);
     }
     actions.headers = headers;
-    let (verdict, reason, policy, version, deciding_rule) = match decider.and_then(|i| hits.get(i)) {
+    let (verdict, reason, policy, version, deciding_rule) = match decider.and_then(|i| hits.get(i))
+    {
         Some(h) => {
             let info = ns.policies.get(h.rule.policy);
             let reason = if h.reason.is_empty() {

@@ -7,7 +7,9 @@ use alloc::vec::Vec;
 
 use super::resolve;
 use super::select;
-use super::{Answer, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck, Step};
+use super::{
+    Answer, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck, Step,
+};
 use crate::condition::Scratch;
 use crate::context::{FieldValue, RequestContext, View};
 use crate::decision::{Charge, CounterKind};
@@ -247,7 +249,9 @@ fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: View<'_>) ->
             CounterKind::Requests => 1.0,
             // Saturating: a request's `max_tokens` can be any i64.
             CounterKind::Tokens => {
-                r.estimated_tokens.max(0).saturating_add(r.max_tokens.unwrap_or(0).max(0)) as f64
+                r.estimated_tokens
+                    .max(0)
+                    .saturating_add(r.max_tokens.unwrap_or(0).max(0)) as f64
             }
             CounterKind::Usd => 0.0,
         },
@@ -294,8 +298,10 @@ mod tests {
 
     #[test]
     fn counter_keys_cannot_collide_across_rule_and_key() {
-        let mut ctx = RequestContext::default();
-        ctx.namespace = String::from("default");
+        let ctx = RequestContext {
+            namespace: String::from("default"),
+            ..RequestContext::default()
+        };
         let v = ctx.view();
         let a = render_key("default", "a", &[KeyPart::Text("b/c".into())], v);
         let b = render_key("default", "a/b", &[KeyPart::Text("c".into())], v);

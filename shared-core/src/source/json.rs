@@ -12,7 +12,8 @@ use crate::document::{escape_segment, Document};
 
 /// Parses one JSON document.
 pub(super) fn parse(file: &str, text: &str) -> Result<Document, Diagnostic> {
-    let spans = scan(text).map_err(|(code, msg, pos)| Diagnostic::error(code, msg).at(file, Some(pos)))?;
+    let spans =
+        scan(text).map_err(|(code, msg, pos)| Diagnostic::error(code, msg).at(file, Some(pos)))?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         Diagnostic::error(Code::Syntax, format!("invalid JSON: {e}")).at(
             file,
@@ -50,7 +51,10 @@ fn scan(text: &str) -> Result<BTreeMap<String, Position>, ScanError> {
         match stack.last() {
             None => String::new(),
             Some(Frame::Object { ptr, key, .. }) => {
-                format!("{ptr}/{}", escape_segment(key.as_deref().unwrap_or_default()))
+                format!(
+                    "{ptr}/{}",
+                    escape_segment(key.as_deref().unwrap_or_default())
+                )
             }
             Some(Frame::Array { ptr, index }) => format!("{ptr}/{index}"),
         }
@@ -135,8 +139,8 @@ fn scan(text: &str) -> Result<BTreeMap<String, Position>, ScanError> {
             }
             _ => {
                 // A number or a literal: skip to the next delimiter.
-                while let Some((_, ch)) =
-                    chars.next_if(|(_, ch)| !matches!(ch, ',' | ']' | '}' | ' ' | '\t' | '\r' | '\n'))
+                while let Some((_, ch)) = chars
+                    .next_if(|(_, ch)| !matches!(ch, ',' | ']' | '}' | ' ' | '\t' | '\r' | '\n'))
                 {
                     let _ = ch;
                     column = column.saturating_add(1);

@@ -1,5 +1,9 @@
 //! Helpers shared by the integration tests.
-#![allow(dead_code, clippy::expect_used)]
+#![allow(
+    dead_code,
+    clippy::expect_used,
+    reason = "helpers shared by test binaries that each use a subset"
+)]
 
 use llm_policy_core::decision::Decision;
 use llm_policy_core::source::parse_str;
