@@ -897,6 +897,18 @@ impl Checker<'_> {
             }
             "contains" | "startsWith" | "endsWith" => {
                 want_str(recv)?;
+                let arg = if c.target.is_some() {
+                    args.first()
+                } else {
+                    args.get(1)
+                };
+                if let Some(a) = arg.filter(|a| a.ty.known() && a.ty != Ty::Str) {
+                    return Err(type_err(format!(
+                        "`{}`: `{name}` takes a string, not {}",
+                        show(e),
+                        a.ty.name()
+                    )));
+                }
                 T::derived(Ty::Bool, 0, request)
             }
             "matches" => {

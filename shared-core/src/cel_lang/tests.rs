@@ -281,3 +281,434 @@ mod differential {
         }
     }
 }
+
+mod limits {
+    //! Every recursion over a CEL expression is bounded: the deepest expression of each kind
+    //! the guard accepts compiles and evaluates, natively and in the interpreter, on a 256 KiB
+    //! stack; one level more is a load error, never a crash.
+    use super::attrs;
+    use crate::cel_lang::{compile, MAX_EXPR_LEN};
+    use crate::condition::Scratch;
+    use crate::context::{Message, RequestContext};
+    use crate::diagnostic::Code;
+
+    type Kind = (&'static str, fn(usize) -> String);
+
+    const KINDS: &[Kind] = &[
+        ("parentheses", |n| {
+            format!("{}request.stream{}", "(".repeat(n), ")".repeat(n))
+        }),
+        ("lists", |n| {
+            format!("size({}1{}) == 1", "[".repeat(n), "]".repeat(n))
+        }),
+        ("maps", |n| {
+            format!("size({}1{}) == 1", "{'a': ".repeat(n), "}".repeat(n))
+        }),
+        ("calls", |n| {
+            format!("{}1{} == 1", "int(".repeat(n), ")".repeat(n))
+        }),
+        ("additions", |n| {
+            format!("request.max_tokens == {}1", "1 + ".repeat(n))
+        }),
+        ("subtractions", |n| {
+            format!("request.max_tokens == {}1", "1 - ".repeat(n))
+        }),
+        ("products", |n| {
+            format!("request.max_tokens == {}1", "1 * ".repeat(n))
+        }),
+        ("conjunctions", |n| {
+            format!("{}true", "request.stream && ".repeat(n))
+        }),
+        ("disjunctions", |n| {
+            format!("{}false", "request.stream || ".repeat(n))
+        }),
+        ("negations", |n| format!("{}request.stream", "!".repeat(n))),
+        ("minus signs", |n| format!("{}1 < 0", "-".repeat(n))),
+        ("member calls", |n| {
+            format!("request.prompt{} == ''", ".trim()".repeat(n))
+        }),
+        ("selects", |n| format!("has(shield{})", ".x".repeat(n))),
+        ("ternaries", |n| {
+            format!("{}false", "request.stream ? true : ".repeat(n))
+        }),
+        ("macro bodies", |n| {
+            format!(
+                "request.messages.exists(m, m.content == ''{})",
+                " || m.role == 'x'".repeat(n)
+            )
+        }),
+    ];
+
+    fn request() -> RequestContext {
+        let mut c = RequestContext::default();
+        c.request.stream = true;
+        c.request.max_tokens = Some(1);
+        c.request.prompt = String::from("p");
+        c.request.messages = vec![Message {
+            role: "user".into(),
+            content: "c".into(),
+        }];
+        c.principal = vec![("id".into(), None)];
+        c
+    }
+
+    /// The largest `n` whose expression compiles, and the error one more gives.
+    fn deepest(f: fn(usize) -> String, wrap: bool) -> (usize, Code) {
+        let src = |n: usize| {
+            let e = f(n);
+            if wrap {
+                // Not translatable as a whole: the interpreter runs it.
+                format!("({e}) && request.prompt.lowerAscii() != 'q'")
+            } else {
+                e
+            }
+        };
+        let mut n = 1;
+        loop {
+            match compile(&src(n), &attrs()) {
+                Ok(_) if n < 5000 => n += 1,
+                Ok(_) => return (n, Code::Syntax),
+                Err(e) => return (n - 1, e.code),
+            }
+        }
+    }
+
+    fn on_small_stack(f: impl FnOnce() + Send + 'static) {
+        std::thread::Builder::new()
+            .stack_size(256 * 1024)
+            .spawn(f)
+            .unwrap()
+            .join()
+            .unwrap();
+    }
+
+    #[test]
+    fn the_deepest_accepted_expression_of_each_kind_runs_on_a_256_kib_stack() {
+        for &(name, f) in KINDS {
+            for wrap in [false, true] {
+                let (n, code) = deepest(f, wrap);
+                assert!(n >= 1, "{name}: nothing accepted");
+                assert!(
+                    matches!(code, Code::CelTooDeep | Code::CelTooLarge | Code::CelSyntax),
+                    "{name} (n = {}): rejected with {code}",
+                    n + 1
+                );
+                let src = if wrap {
+                    format!("({}) && request.prompt.lowerAscii() != 'q'", f(n))
+                } else {
+                    f(n)
+                };
+                on_small_stack(move || {
+                    let c = compile(&src, &attrs()).unwrap();
+                    let ctx = request();
+                    let _ = c.cond.eval(ctx.view(), &mut Scratch::default());
+                    let _ = c.cond.fingerprint();
+                    let mut reads = 0;
+                    c.cond.visit_fields(&mut |_| reads += 1);
+                    drop(c);
+                });
+            }
+        }
+    }
+
+    #[test]
+    fn what_is_rejected_is_rejected_fast_and_on_a_small_stack() {
+        // The expression from the report: 5,000 `+` terms (10 KB) after a model test.
+        let chain = format!(
+            "request.model == 'boom' && request.max_tokens == {}",
+            vec!["1"; 5000].join("+")
+        );
+        let deep = [
+            chain,
+            format!("{}true{}", "(".repeat(8000), ")".repeat(8000)),
+            format!("{}true", "!".repeat(16000)),
+            format!("{}1 > 0", "-".repeat(16000)),
+            format!("request.prompt{} == ''", ".trim()".repeat(2000)),
+            format!("has(shield{})", ".x".repeat(5000)),
+            format!("{}1{}", "[".repeat(5000), "]".repeat(5000)),
+            "x".repeat(MAX_EXPR_LEN + 1),
+        ];
+        for src in deep {
+            on_small_stack(move || {
+                let e = compile(&src, &attrs()).err().unwrap();
+                assert!(
+                    matches!(e.code, Code::CelTooDeep | Code::CelTooLarge),
+                    "{}: {}",
+                    &src[..40.min(src.len())],
+                    e.message
+                );
+            });
+        }
+    }
+}
+
+mod checks {
+    //! What CEL would only find on a request is found at load.
+    use super::attrs;
+    use crate::cel_lang::compile;
+    use crate::diagnostic::Code;
+
+    fn code(src: &str) -> Code {
+        match compile(src, &attrs()) {
+            Ok(_) => panic!("`{src}` compiled"),
+            Err(e) => e.code,
+        }
+    }
+
+    fn warnings(src: &str) -> Vec<String> {
+        compile(src, &attrs())
+            .unwrap_or_else(|e| panic!("`{src}`: {}", e.message))
+            .warnings
+            .into_iter()
+            .map(|w| {
+                format!(
+                    "{:?} {} / {}",
+                    w.code,
+                    w.message,
+                    w.help.unwrap_or_default()
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn regexes_are_checked_at_load() {
+        assert_eq!(code("request.prompt.matches('[unclosed')"), Code::CelRegex);
+        // Over the size limit (the interpreter would compile it on every request).
+        assert_eq!(
+            code("request.prompt.lowerAscii().matches('\\\\w{300}')"),
+            Code::CelRegex
+        );
+        assert_eq!(code("request.prompt.matches('\\\\w{300}')"), Code::CelRegex);
+        // A pattern from the request would be compiled per request.
+        assert_eq!(code("request.prompt.matches(request.user)"), Code::CelRegex);
+        assert_eq!(code("matches(request.prompt, '(')"), Code::CelRegex);
+        assert!(compile("request.prompt.lowerAscii().matches('^a+$')", &attrs()).is_ok());
+    }
+
+    #[test]
+    fn unknown_functions_behind_a_short_circuit() {
+        assert_eq!(
+            code("request.model == 'x' && foo(request.prompt)"),
+            Code::CelUnknownFunction
+        );
+        assert_eq!(
+            code("request.model == 'x' || request.prompt.lowerAsci() == ''"),
+            Code::CelUnknownFunction
+        );
+        assert_eq!(
+            code("false ? request.prompt.nope() : true"),
+            Code::CelUnknownFunction
+        );
+        let e = compile("request.prompt.lowerAsci() == ''", &attrs())
+            .err()
+            .unwrap();
+        assert_eq!(e.help.as_deref(), Some("did you mean `lowerAscii`?"));
+    }
+
+    #[test]
+    fn types_are_checked_at_load() {
+        for src in [
+            "request.model > 3",
+            "3 <= request.model",
+            "request.model",
+            "request.max_tokens",
+            "request.model == 3",
+            "request.stream == 'yes'",
+            "request.stream == null",
+            "request.max_tokens + 1.5 > 2.0",
+            "request.prompt.startsWith(1)",
+            "request.max_tokens.startsWith('1')",
+            "size(request.max_tokens) > 1",
+            "'a' in request.max_tokens",
+            "request.model && true",
+            "!request.model",
+            "request.stream ? 1 : 2",
+            "request.prompt[0] == 'a'",
+        ] {
+            assert_eq!(code(src), Code::CelType, "{src}");
+        }
+        for src in [
+            "request.model == null",
+            "request.max_tokens == 1.0",
+            "request.temperature > 1",
+            "request.model < 'h'",
+            "request.stream > false",
+            "shield.pii == 'x' || has(shield.pii)",
+            "type(request.max_tokens) == int",
+            "dyn(request.model) == 3",
+        ] {
+            assert!(compile(src, &attrs()).is_ok(), "{src}");
+        }
+    }
+
+    #[test]
+    fn constants_that_always_fail() {
+        for src in [
+            "9223372036854775807 + 1 > 0",
+            "request.stream && 1 / 0 == 1",
+            "int('x') == 1",
+            "request.messages.exists(m, 5 % 0 == 1)",
+            "[1, 2][5] == 1",
+        ] {
+            assert_eq!(code(src), Code::CelConstant, "{src}");
+        }
+        // Never reached: not an error.
+        assert!(compile("false && 1 / 0 == 1", &attrs()).is_ok());
+    }
+
+    #[test]
+    fn unguarded_nullable_reads_are_warnings_with_the_guard_to_write() {
+        let w = warnings("principal.id.startsWith('rate-')");
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(w[0].contains("principal.id != null && ..."), "{w:?}");
+        for guarded in [
+            "principal.id != null && principal.id.startsWith('rate-')",
+            "principal.id.startsWith('rate-') && null != principal.id",
+            "principal.id == null || principal.id.startsWith('rate-')",
+            "principal.id != null ? principal.id.startsWith('rate-') : false",
+            "principal.tier in ['a', 'b'] && principal.tier.endsWith('a')",
+            "request.max_tokens != null && request.max_tokens > 10",
+            "has(shield.pii) && shield.pii > 0.5",
+            "'x-k' in request.headers && request.headers['x-k'].startsWith('sk-')",
+            "!has(shield.pii) || shield.pii > 0.5",
+        ] {
+            assert!(
+                warnings(guarded).is_empty(),
+                "{guarded}: {:?}",
+                warnings(guarded)
+            );
+        }
+        for (unguarded, help) in [
+            ("request.max_tokens > 10", "request.max_tokens != null"),
+            ("shield.pii > 0.5", "has(shield.pii)"),
+            ("request.headers['x-k'] == 'a'", "'x-k' in request.headers"),
+            (
+                "request.user.contains('bot') || request.stream",
+                "request.user != null",
+            ),
+        ] {
+            let w = warnings(unguarded);
+            assert!(w.len() == 1 && w[0].contains(help), "{unguarded}: {w:?}");
+        }
+        // Equality and `in` do not fail on null: no warning.
+        assert!(warnings("principal.tier == 'free' || request.model in ['a']").is_empty());
+    }
+
+    #[test]
+    fn header_names_with_capitals_never_match_and_are_rejected() {
+        for src in [
+            "'X-Api-Key' in request.headers",
+            "request.headers['X-Api-Key'] == 'k'",
+            "has(request.headers.X)",
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert_eq!(e.code, Code::HeaderCase, "{src}");
+            assert!(e.help.unwrap().starts_with("write `x"), "{src}");
+        }
+    }
+
+    #[test]
+    fn shield_names_that_never_match_are_rejected() {
+        for (src, help) in [
+            ("has(shield.PII_SCORE)", "shield.pii_score"),
+            ("shield['pii-score'] > 0.5", "shield.pii_score"),
+            ("'Pii' in shield", "shield.pii"),
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert_eq!(e.code, Code::InvalidShieldName, "{src}");
+            assert!(e.help.unwrap().contains(help), "{src}");
+        }
+    }
+
+    #[test]
+    fn costs_out_of_proportion_to_the_request_are_rejected() {
+        for src in [
+            "request.messages.exists(m, request.tools.exists(t, t == m.content))",
+            "request.messages.exists(m, m.content.contains(request.prompt))",
+            "request.messages.exists(m, principal.tier == 'free' && m.role == 'x')",
+            "request.prompt.replace('', 'xxxx') == ''",
+            "request.prompt.replace('a', request.prompt) == ''",
+            "request.prompt.split(' ').size() > 3",
+            "[request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt].size() > 0",
+            "request.messages.map(m, request.prompt).size() > 0",
+        ] {
+            assert_eq!(code(src), Code::CelTooComplex, "{src}");
+        }
+        for src in [
+            "request.messages.exists(m, m.role == 'tool' && request.max_tokens > 1000)",
+            "request.prompt.replace('-', '').contains('4111111111111111')",
+            "(request.prompt + request.user).size() > 10",
+            "request.messages.map(m, m.content).size() > 3",
+            "request.messages.filter(m, m.role == 'user').size() > 3",
+        ] {
+            assert!(
+                compile(src, &attrs()).is_ok(),
+                "{src}: {:?}",
+                compile(src, &attrs()).err()
+            );
+        }
+    }
+
+    #[test]
+    fn messages_have_role_and_content_only() {
+        let e = compile("request.messages.exists(m, m.text == 'x')", &attrs())
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Code::UnknownField);
+    }
+
+    #[test]
+    fn the_interpreter_never_compiles_a_regex_per_request() {
+        let c = compile("request.prompt.lowerAscii().matches('^ab+$')", &attrs()).unwrap();
+        assert!(!c.native);
+        let crate::condition::Cond::Cel(p) = &c.cond else {
+            panic!("interpreted");
+        };
+        let text = format!("{p:?}");
+        assert!(
+            text.contains("__llmp_matches") && !text.contains("\"matches\""),
+            "{text}"
+        );
+        let mut ctx = crate::context::RequestContext::default();
+        ctx.request.prompt = String::from("ABBB");
+        let mut scratch = crate::condition::Scratch {
+            cel_reads: p.reads(),
+            ..Default::default()
+        };
+        assert_eq!(c.cond.eval(ctx.view(), &mut scratch), Ok(true));
+    }
+
+    #[test]
+    fn pratt_and_antlr_parsers_build_the_same_trees() {
+        fn normalize(s: String) -> String {
+            // Node ids differ in numbering; the shapes must not.
+            let mut out = String::new();
+            let mut rest = s.as_str();
+            while let Some(i) = rest.find("id: ") {
+                out.push_str(&rest[..i]);
+                rest = rest[i + 4..].trim_start_matches(|c: char| c.is_ascii_digit());
+            }
+            out.push_str(rest);
+            out
+        }
+        let env = cel::Env::stdlib();
+        for src in [
+            "request.model == 'x' && request.messages.exists(m, m.role == 'tool' && has(m.x))",
+            "1 + 2 * 3 > -4 ? 'a' : b'c' == r'\\d'",
+            "[1, 2u, 3.5e3, 0x1F][1] in {'k': true}.map(k, k)",
+            "'x'.matches('y') || !(a in [1, 2]) && x[0].y.z(1, 2)",
+            "request.headers['x-a'] != null || size(request.tools) >= 2",
+            "\"\"\"triple \"quoted\" \"\"\" + '\\u00e9' + \"\\x41\"",
+            "a.all(x, x > 0) && b.exists_one(y, y == 1) && c.filter(z, z).size() == 0",
+        ] {
+            let a = env.parser().parse(src).unwrap();
+            let b = crate::cel_lang::parse(src).unwrap();
+            assert_eq!(
+                normalize(format!("{a:?}")),
+                normalize(format!("{b:?}")),
+                "{src}"
+            );
+        }
+    }
+}
