@@ -295,3 +295,180 @@ fn arbitrary_contexts_never_panic() {
         )
         .expect("no panic");
 }
+
+mod two_phase {
+    //! The two-phase form decides exactly as the callback form with the same answers, whatever
+    //! order the host answers in and however it splits them.
+    use super::*;
+    use llm_policy_core::decision::Charge;
+    use llm_policy_core::model::PluginRef;
+    use llm_policy_core::{Answer, CounterCheck, Hooks, NeedKind, PluginCheck, Step};
+
+    /// One generated rule: condition, decision, priority, limit, shadow, onError.
+    fn rule() -> impl Strategy<Value = String> {
+        let when = prop::sample::select(vec![
+            "{ cel: \"request.model == 'a'\" }",
+            "{ cel: \"request.stream\" }",
+            "{ cel: 'true' }",
+            "{ cel: \"request.max_tokens > 10\" }",
+            "{ match: { field: principal.tier, op: in, value: [free, pro] } }",
+            "{ plugin: { name: p1 } }",
+            "{ plugin: { name: p2 } }",
+        ]);
+        let limit = prop::sample::select(vec![
+            "",
+            ", rateLimit: { key: '{principal.id}', requests: 5, per: minute }",
+            ", rateLimit: { key: '{principal.id}', tokens: 50, per: hour, scope: local }",
+            ", budget: { key: '{principal.tier}', usd: 3, per: day }",
+        ]);
+        (
+            when,
+            prop::sample::select(vec!["allow", "deny", "throttle"]),
+            0i64..4,
+            limit,
+            prop::bool::weighted(0.15),
+            prop::bool::ANY,
+        )
+            .prop_map(|(when, decision, priority, limit, shadow, skip)| {
+                let mode = if shadow { "shadow" } else { "enforce" };
+                let on_error = if skip { "skip" } else { "deny" };
+                format!(
+                    "when: {when}\n      priority: {priority}\n      mode: {mode}\n      onError: {on_error}\n      action: {{ decision: {decision}, headers: {{ x-r: {decision} }}{limit} }}"
+                )
+            })
+    }
+
+    fn set(rules: &[String], default: &str) -> Option<PolicySet> {
+        let body: String = rules
+            .iter()
+            .enumerate()
+            .map(|(i, r)| format!("    - id: r{i}\n      {r}\n"))
+            .collect();
+        let y = format!(
+            "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: gen}}\nspec:\n  defaultDecision: {default}\n  rules:\n{body}"
+        );
+        let docs = parse_str("gen.yaml", &y).ok()?;
+        // Generated rules may conflict (same priority and condition, other decision).
+        PolicySet::compile(&docs, &ContextConfig::default())
+            .ok()
+            .map(|o| o.set)
+    }
+
+    fn plugin_answer(seed: u8) -> PluginCheck {
+        match seed % 4 {
+            0 => PluginCheck::Matched(true),
+            1 => PluginCheck::Matched(false),
+            2 => PluginCheck::Error("plugin failed".into()),
+            _ => PluginCheck::Unavailable,
+        }
+    }
+
+    fn counter_answer(seed: u8) -> CounterCheck {
+        match seed % 3 {
+            0 => CounterCheck::Under,
+            1 => CounterCheck::Over,
+            _ => CounterCheck::Unknown,
+        }
+    }
+
+    /// Answers keyed by rule: the same for both forms.
+    struct Scripted {
+        seeds: Vec<u8>,
+    }
+
+    impl Scripted {
+        fn seed(&self, rule: &str) -> u8 {
+            let i: usize = rule.trim_start_matches('r').parse().unwrap_or(0);
+            self.seeds.get(i).copied().unwrap_or(0)
+        }
+    }
+
+    impl Hooks for Scripted {
+        fn plugin(&mut self, rule: &str, _: &PluginRef, _: &RequestContext) -> PluginCheck {
+            plugin_answer(self.seed(rule))
+        }
+        fn counter(&mut self, charge: &Charge) -> CounterCheck {
+            counter_answer(self.seed(&charge.rule))
+        }
+    }
+
+    fn request() -> impl Strategy<Value = RequestContext> {
+        (
+            prop::sample::select(vec!["a", "b"]),
+            prop::bool::ANY,
+            prop::option::of(0i64..40),
+            prop::option::of(prop::sample::select(vec!["free", "pro", "ent"])),
+            prop::option::of(prop::sample::select(vec!["u1", "u2"])),
+        )
+            .prop_map(|(model, stream, max, tier, id)| {
+                let mut headers = Vec::new();
+                if let Some(t) = tier {
+                    headers.push(("x-user-tier".to_string(), t.to_string()));
+                }
+                if let Some(u) = id {
+                    headers.push(("x-user-id".to_string(), u.to_string()));
+                }
+                let body = serde_json::json!({"model": model, "stream": stream, "max_tokens": max})
+                    .to_string();
+                let input = RequestInput {
+                    method: "POST",
+                    path: "/v1/chat/completions",
+                    headers: &headers,
+                    body: body.as_bytes(),
+                    now_unix: 0,
+                };
+                RequestContext::from_request(&input, &ContextConfig::default()).unwrap()
+            })
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1500))]
+        #[test]
+        fn two_phase_equals_callbacks(
+            rules in prop::collection::vec(rule(), 1..8),
+            default in prop::sample::select(vec!["allow", "deny"]),
+            seeds in prop::collection::vec(any::<u8>(), 8),
+            ctx in request(),
+            shuffle in any::<u64>(),
+            explain in any::<bool>(),
+        ) {
+            let Some(set) = set(&rules, default) else { return Ok(()) };
+            let opts = EvalOptions { tags: &[], explain };
+            let mut hooks = Scripted { seeds: seeds.clone() };
+            let expected = set.evaluate(&ctx, &opts, &mut hooks);
+            let script = Scripted { seeds };
+            let mut step = set.start(&ctx, &opts);
+            let mut rounds = 0;
+            let got = loop {
+                match step {
+                    Step::Done(d) => break d,
+                    Step::Pending(mut p) => {
+                        rounds += 1;
+                        prop_assert!(rounds <= 2, "more than two rounds");
+                        let mut needs = p.needs().to_vec();
+                        // Any order.
+                        let n = needs.len();
+                        for i in 0..n {
+                            let j = (shuffle as usize).wrapping_mul(31).wrapping_add(i * 7) % n;
+                            needs.swap(i, j);
+                        }
+                        for need in needs {
+                            let seed = script.seed(&need.rule);
+                            let a = match &need.kind {
+                                NeedKind::Plugin(_) => Answer::Plugin(plugin_answer(seed)),
+                                NeedKind::Counter(_) => Answer::Counter(counter_answer(seed)),
+                            };
+                            p.answer(need.id, a);
+                        }
+                        step = p.resume(&ctx);
+                    }
+                }
+            };
+            let strip = |mut d: Decision| {
+                d.evaluation_time_us = 0;
+                d
+            };
+            prop_assert_eq!(strip(got), strip(expected));
+        }
+    }
+}

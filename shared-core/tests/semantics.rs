@@ -453,3 +453,226 @@ fn extraction_needs_follow_what_rules_read() {
         eval(&model_only, &ctx(&[], body)).metadata.cache_key
     );
 }
+
+#[test]
+fn the_deciding_rules_headers_win_a_clash_at_equal_priority() {
+    // `a-allow` is written first, `b-deny` decides (deny beats allow at equal priority): the
+    // reply must carry the deny rule's header.
+    let rules = r#"
+    - { id: a-allow, priority: 7, when: { cel: "request.stream" }, action: { decision: allow, headers: { x-h: allow, x-only-a: a } } }
+    - { id: b-deny, priority: 7, when: { cel: "request.model == 'm'" }, action: { decision: deny, headers: { x-h: deny } } }
+    - { id: c-low, priority: 1, when: { cel: "request.stream" }, action: { decision: allow, headers: { x-h: low, x-only-c: c } } }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let d = eval(&set, &ctx(&[], r#"{"model":"m","stream":true}"#));
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.matched_rules, vec!["b-deny", "a-allow", "c-low"]);
+    let h = |k: &str| d.actions.headers.get(k).map(String::as_str);
+    assert_eq!(h("x-h"), Some("deny"));
+    assert_eq!(h("x-only-a"), Some("a"));
+    assert_eq!(h("x-only-c"), Some("c"));
+}
+
+const TOKEN_LIMIT: &str = r#"
+    - id: tokens
+      when: { cel: "true" }
+      action: { decision: throttle, rateLimit: { key: "{principal.id}", tokens: 1000, per: minute } }
+"#;
+
+#[test]
+fn huge_max_tokens_charge_a_saturated_positive_amount() {
+    let set = compile(&policy("allow", TOKEN_LIMIT)).unwrap();
+    let c = ctx(
+        &[("x-user-id", "u")],
+        r#"{"model":"m","max_tokens":9223372036854775807,"messages":[{"role":"user","content":"hello world"}]}"#,
+    );
+    let mut hooks = Fake {
+        over: false,
+        plugin: PluginCheck::Matched(false),
+        charged: vec![],
+    };
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+    let amount = d.actions.counters[0].amount;
+    assert!(amount > 9.2e18 && amount.is_finite(), "{amount}");
+    let c = ctx(&[("x-user-id", "u")], r#"{"model":"m","max_tokens":-5}"#);
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+    assert_eq!(d.actions.counters[0].amount, 0.0);
+}
+
+const BATCH_RULES: &str = r#"
+    - id: approved-models
+      priority: 10
+      when: { cel: "request.api == 'messages' && !(request.model in ['claude-sonnet-4-5'])" }
+      action: { decision: deny, reason: "model is not approved" }
+    - id: secrets
+      priority: 20
+      when: { cel: "request.prompt.contains('sk-')" }
+      action: { decision: deny, reason: "secret in prompt" }
+    - id: per-item-requests
+      when: { cel: "request.api == 'messages'" }
+      action: { decision: throttle, rateLimit: { key: "{principal.id}", requests: 100, per: minute, scope: local } }
+"#;
+
+fn batch(items: &[(&str, &str)]) -> String {
+    let items: Vec<String> = items
+        .iter()
+        .map(|(model, text)| {
+            format!(r#"{{"custom_id":"x","params":{{"model":"{model}","max_tokens":5,"messages":[{{"role":"user","content":"{text}"}}]}}}}"#)
+        })
+        .collect();
+    format!(r#"{{"requests":[{}]}}"#, items.join(","))
+}
+
+#[test]
+fn a_batch_is_decided_by_its_strictest_item() {
+    let set = compile(&policy("allow", BATCH_RULES)).unwrap();
+    let headers = [("anthropic-version", "2023-06-01"), ("x-user-id", "u")];
+    let ok = batch(&[("claude-sonnet-4-5", "hi"), ("claude-sonnet-4-5", "yo")]);
+    let d = eval(&set, &common::ctx_at("/v1/messages/batches", &headers, &ok));
+    assert_eq!(d.decision, Verdict::Allow);
+    // Each item is a request: two request charges.
+    assert_eq!(d.actions.counters.len(), 2);
+    let bad_model = batch(&[("claude-sonnet-4-5", "hi"), ("claude-opus-4", "yo")]);
+    let d = eval(
+        &set,
+        &common::ctx_at("/v1/messages/batches", &headers, &bad_model),
+    );
+    assert_eq!(d.decision, Verdict::Deny);
+    assert_eq!(d.reason, "model is not approved");
+    assert_eq!(d.metadata.batch_item, Some(1));
+    assert!(d.actions.counters.is_empty());
+    let secret = batch(&[
+        ("claude-sonnet-4-5", "sk-live-123"),
+        ("claude-sonnet-4-5", "yo"),
+    ]);
+    let d = eval(
+        &set,
+        &common::ctx_at("/v1/messages/batches", &headers, &secret),
+    );
+    assert_eq!(
+        (d.decision, d.metadata.batch_item),
+        (Verdict::Deny, Some(0))
+    );
+    // The cache key covers every item.
+    let a = eval(&set, &common::ctx_at("/v1/messages/batches", &headers, &ok));
+    let b = eval(
+        &set,
+        &common::ctx_at(
+            "/v1/messages/batches",
+            &headers,
+            &batch(&[("claude-sonnet-4-5", "hi"), ("claude-sonnet-4-5", "zz")]),
+        ),
+    );
+    assert_ne!(a.metadata.cache_key, b.metadata.cache_key);
+}
+
+mod two_phase {
+    use super::*;
+    use llm_policy_core::{Answer, NeedKind, Step};
+
+    #[test]
+    fn what_the_host_must_answer_is_listed_and_the_answers_decide() {
+        let set = compile(&policy("allow", LIMITS)).unwrap();
+        let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+        let Step::Pending(mut p) = set.start(&c, &EvalOptions::default()) else {
+            panic!("a plugin and a limited rule need the host");
+        };
+        let kinds: Vec<(String, bool)> = p
+            .needs()
+            .iter()
+            .map(|n| (n.rule.clone(), matches!(n.kind, NeedKind::Plugin(_))))
+            .collect();
+        assert_eq!(
+            kinds,
+            vec![("pii".to_string(), true), ("per-user".to_string(), false)]
+        );
+        for need in p.needs().to_vec() {
+            let a = match need.kind {
+                NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Matched(false)),
+                NeedKind::Counter(_) => Answer::Counter(CounterCheck::Over),
+            };
+            p.answer(need.id, a);
+        }
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("all answered");
+        };
+        assert_eq!(d.decision, Verdict::Throttle);
+        assert!(!d.metadata.needs_remote);
+    }
+
+    #[test]
+    fn unanswered_needs_are_left_to_the_server() {
+        let set = compile(&policy("allow", LIMITS)).unwrap();
+        let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+        let Step::Pending(p) = set.start(&c, &EvalOptions::default()) else {
+            panic!("pending");
+        };
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("nothing new to ask");
+        };
+        assert_eq!(d, {
+            let mut local = eval(&set, &c);
+            local.evaluation_time_us = d.evaluation_time_us;
+            local
+        });
+        assert_eq!(d.metadata.remote_rules, vec!["pii", "per-user"]);
+    }
+
+    #[test]
+    fn a_matching_plugin_on_a_limited_rule_asks_for_its_counter_next() {
+        let rules = r#"
+    - id: pii-budget
+      when: { plugin: { name: pii } }
+      action: { decision: deny, budget: { key: "{principal.team}", tokens: 10, per: day } }
+"#;
+        let set = compile(&policy("allow", rules)).unwrap();
+        let c = ctx(&[("x-team-id", "t")], r#"{"model":"m"}"#);
+        let Step::Pending(mut p) = set.start(&c, &EvalOptions::default()) else {
+            panic!("plugin");
+        };
+        let id = p.needs()[0].id;
+        p.answer(id, Answer::Plugin(PluginCheck::Matched(true)));
+        let Step::Pending(mut p) = p.resume(&c) else {
+            panic!("the budget is needed next");
+        };
+        let NeedKind::Counter(charge) = &p.needs()[0].kind else {
+            panic!("a counter");
+        };
+        assert_eq!(charge.key, "default/pii-budget/t");
+        let id = p.needs()[0].id;
+        p.answer(id, Answer::Counter(CounterCheck::Over));
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("done");
+        };
+        assert_eq!(d.decision, Verdict::Deny);
+    }
+
+    #[test]
+    fn pending_keeps_the_set_it_started_with() {
+        let set = compile(&policy("allow", LIMITS)).unwrap();
+        let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+        let bundle = set.bundle().to_string();
+        let Step::Pending(p) = set.start(&c, &EvalOptions::default()) else {
+            panic!("pending");
+        };
+        drop(set); // a reload swapped it out
+        fn send<T: Send>(t: T) -> T {
+            t
+        }
+        let p = send(p);
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("done");
+        };
+        assert_eq!(d.metadata.bundle, bundle);
+    }
+
+    #[test]
+    fn no_host_is_asked_when_no_rule_needs_one() {
+        let set = compile(&policy("allow", RULES)).unwrap();
+        let c = ctx(&[], r#"{"model":"gpt-4o"}"#);
+        let Step::Done(d) = set.start(&c, &EvalOptions::default()) else {
+            panic!("decided locally");
+        };
+        assert_eq!(d.decision, Verdict::Deny);
+    }
+}

@@ -295,3 +295,182 @@ fn remaining_error_codes() {
     let none = llm_policy_core::PolicySet::compile(&[], &Default::default()).unwrap_err();
     assert_eq!(none.0[0].code, "no-policies");
 }
+
+/// A one-rule policy whose rule has this `when` and `action` (rule on line 8, `when` on line 9,
+/// `action` on line 10).
+fn rule(when: &str, action: &str) -> String {
+    policy(
+        "allow",
+        &format!("    - id: a\n      when: {when}\n      action: {action}\n"),
+    )
+}
+
+#[test]
+fn cel_checks_that_used_to_fail_on_every_request_are_load_errors_with_locations() {
+    for (cel, code) in [
+        ("request.prompt.matches('[unclosed')", "cel-regex"),
+        (
+            "request.prompt.lowerAscii().matches(r'\\\\w{300}')",
+            "cel-regex",
+        ),
+        (
+            "request.model == 'x' && foo(request.prompt)",
+            "cel-unknown-function",
+        ),
+        ("request.model > 3", "cel-type"),
+        ("request.model", "cel-type"),
+        ("9223372036854775807 + 1 > 0", "cel-constant"),
+        ("'X-Api-Key' in request.headers", "header-case"),
+        ("has(shield.PII_SCORE)", "invalid-shield-name"),
+        (
+            "request.messages.exists(m, request.messages.exists(n, n == m))",
+            "cel-too-complex",
+        ),
+        (
+            &format!(
+                "request.model == 'boom' && request.max_tokens == {}",
+                vec!["1"; 5000].join("+")
+            ),
+            "cel-too-deep",
+        ),
+    ] {
+        let y = rule(&format!("{{ cel: \"{cel}\" }}"), "{ decision: deny }");
+        let d = expect(&y, code, 9, Some("a"));
+        assert_eq!(d.position.map(|p| p.column), Some(15), "{cel}: {d}");
+    }
+}
+
+#[test]
+fn unguarded_null_reads_warn_with_the_guard_to_write() {
+    let y = rule(
+        "{ cel: \"principal.id.startsWith('rate-')\" }",
+        "{ decision: deny }",
+    );
+    let docs = llm_policy_core::source::parse_str("test.yaml", &y).unwrap();
+    let out = llm_policy_core::PolicySet::compile(&docs, &Default::default()).unwrap();
+    let w = &out.warnings[0];
+    assert_eq!(w.code, "cel-unguarded");
+    assert_eq!(w.position.map(|p| p.line), Some(9));
+    assert!(
+        w.help
+            .as_deref()
+            .unwrap()
+            .contains("principal.id != null && ..."),
+        "{w}"
+    );
+}
+
+#[test]
+fn actions_that_cannot_be_sent_are_errors() {
+    let y = rule("{ cel: 'true' }", "{ decision: deny, status: 200 }");
+    let d = expect(&y, "invalid-status", 10, Some("a"));
+    assert!(d.message.contains("4xx or 5xx"), "{d}");
+    let y = rule("{ cel: 'true' }", "{ decision: allow, status: 403 }");
+    expect(&y, "invalid-status", 10, Some("a"));
+    let y = rule(
+        "{ cel: 'true' }",
+        "{ decision: deny, headers: { x-h: \"a\\r\\nset-cookie: x=1\" } }",
+    );
+    let d = expect(&y, "invalid-header", 10, Some("a"));
+    assert!(d.message.contains("control characters"), "{d}");
+}
+
+#[test]
+fn empty_or_broken_namespaces_are_errors() {
+    for ns in ["''", "'   '", "\"a\\nb\""] {
+        let y = format!(
+            "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: x, namespace: {ns}}}\nspec: {{}}\n"
+        );
+        expect(&y, "invalid-namespace", 3, None);
+    }
+}
+
+#[test]
+fn a_document_that_is_not_a_map_says_so() {
+    let y = "- apiVersion: llm-policy/v1\n  kind: Policy\n- apiVersion: llm-policy/v1\n";
+    let d = expect(y, "invalid-document", 1, None);
+    assert!(d.message.contains("a list"), "{d}");
+    assert!(d.help.as_deref().unwrap().contains("---"), "{d}");
+}
+
+#[test]
+fn dsl_nesting_is_bounded() {
+    let deep = format!(
+        "{}{{ field: request.stream, op: exists }}{}",
+        "{not: ".repeat(40),
+        "}".repeat(40)
+    );
+    let y = rule(&format!("{{ match: {deep} }}"), "{ decision: deny }");
+    let all = errors(&y);
+    assert!(
+        all.iter()
+            .any(|d| d.code == "invalid-match" && d.message.contains("deeper than 32")),
+        "{all:#?}"
+    );
+}
+
+#[test]
+fn a_context_config_with_capitals_still_matches() {
+    use llm_policy_core::{ContextConfig, RequestContext, RequestInput};
+    let config = ContextConfig {
+        namespace_header: "X-Tenant".into(),
+        principal_headers: [("id".to_string(), "X-User".to_string())]
+            .into_iter()
+            .collect(),
+        shield_prefix: "X-Shield-".into(),
+        ..ContextConfig::default()
+    };
+    let headers = vec![
+        ("x-tenant".to_string(), "acme".to_string()),
+        ("X-USER".to_string(), "u1".to_string()),
+        ("x-shield-pii-score".to_string(), "0.7".to_string()),
+    ];
+    let input = RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &headers,
+        body: b"{}",
+        now_unix: 0,
+    };
+    let c = RequestContext::from_request(&input, &config).unwrap();
+    assert_eq!(c.namespace, "acme");
+    assert_eq!(c.principal("id"), Some("u1"));
+    assert_eq!(c.shield.len(), 1);
+    assert_eq!(c.shield[0].0, "pii_score");
+    // The compiled set keeps the configuration in lower case.
+    let y = policy("allow", "    []\n");
+    let docs = llm_policy_core::source::parse_str("test.yaml", &y).unwrap();
+    let set = llm_policy_core::PolicySet::compile(&docs, &config)
+        .unwrap()
+        .set;
+    assert_eq!(set.config().namespace_header, "x-tenant");
+}
+
+#[test]
+fn json_policies_with_escapes_python_writes() {
+    let json = r#"{"apiVersion": "llm-policy/v1", "kind": "Policy", "metadata": {"name": "p"},
+      "spec": {"rules": [{"id": "r", "when": {"cel": "request.prompt.contains('\ud83d\ude00')"},
+        "action": {"decision": "deny", "reason": "no \u00e9mojis"}}]}}"#;
+    let docs = llm_policy_core::source::parse_str("p.json", json).unwrap();
+    let set = llm_policy_core::PolicySet::compile(&docs, &Default::default()).unwrap();
+    assert_eq!(set.set.rule_count(), 1);
+    let bad = json.replace("\"kind\": \"Policy\"", "\"kind\": 5");
+    let e = llm_policy_core::source::parse_str("p.json", &bad)
+        .map(|d| llm_policy_core::PolicySet::compile(&d, &Default::default()).unwrap_err())
+        .unwrap();
+    assert_eq!(e.0[0].code, "invalid-type");
+    assert_eq!(e.0[0].position.map(|p| p.line), Some(1));
+}
+
+#[test]
+fn rules_keep_where_they_were_written() {
+    let y = policy(
+        "allow",
+        "    - {id: a, when: {cel: 'true'}, action: {decision: deny}}\n    - id: b\n      when: {cel: 'false'}\n      action: {decision: deny}\n",
+    );
+    let set = compile(&y).unwrap();
+    let b = set.rule("default", "b").unwrap();
+    assert_eq!(b.origin.file, "test.yaml");
+    assert_eq!(b.origin.position.map(|p| (p.line, p.column)), Some((9, 7)));
+    assert_eq!(b.origin.policy, "t");
+}
