@@ -85,6 +85,7 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel) — see README "Performance".
 bench:
 	$(CARGO) bench -p llm-policy-bench --bench evaluate
+	$(CARGO) bench -p llm-policy-bench --bench load
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build

@@ -134,3 +134,53 @@ pub fn chat_body(bytes: usize) -> String {
     })
     .to_string()
 }
+
+/// What the rules of a load benchmark are written in.
+#[derive(Debug, Clone, Copy)]
+pub enum LoadKind {
+    /// YAML DSL conditions.
+    Dsl,
+    /// CEL conditions the compiler translates into native conditions.
+    Cel,
+    /// A realistic mix: DSL, native CEL, interpreted CEL, rate limits, tags, a few priorities.
+    Mixed,
+}
+
+/// `n` distinct rules in one policy document, for load + compile benchmarks. DSL and CEL rules all
+/// share one priority (the case that was quadratic); the mix spreads over four.
+pub fn load_policy(n: usize, kind: LoadKind) -> String {
+    let mut s = String::with_capacity(n * 160);
+    s.push_str(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: load}\nspec:\n  defaultDecision: allow\n  rules:\n",
+    );
+    for i in 0..n {
+        let (when, extra, priority) = match (kind, i % 4) {
+            (LoadKind::Dsl, _) | (LoadKind::Mixed, 0) => (
+                format!("{{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, {{ field: principal.tier, op: in, value: [free, t{i}] }}] }} }}"),
+                String::new(),
+                0,
+            ),
+            (LoadKind::Cel, _) | (LoadKind::Mixed, 1) => (
+                format!("{{ cel: \"request.model == 'm{i}' && request.max_tokens != null && request.max_tokens > {i}\" }}"),
+                String::new(),
+                if matches!(kind, LoadKind::Mixed) { 1 } else { 0 },
+            ),
+            (LoadKind::Mixed, 2) => (
+                format!("{{ cel: \"request.model == 'm{i}' && request.prompt.lowerAscii().contains('w{i}')\" }}"),
+                String::new(),
+                2,
+            ),
+            (LoadKind::Mixed, _) => (
+                format!("{{ match: {{ field: request.path, op: starts_with, value: /v{i}/ }} }}"),
+                format!(", rateLimit: {{ key: \"{{principal.id}}\", requests: {i}, per: minute }}"),
+                3,
+            ),
+        };
+        let _ = write!(
+            s,
+            "    - id: r{i}\n      priority: {priority}\n      tags: [t{}]\n      when: {when}\n      action: {{ decision: deny{extra} }}\n",
+            i % 10
+        );
+    }
+    s
+}

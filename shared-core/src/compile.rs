@@ -105,8 +105,7 @@ impl Compiler {
         let mut digest = xxhash_rust::xxh3::Xxh3::new();
         for (index, doc) in docs.iter().enumerate() {
             // Content only: the same policies mounted at another path are the same bundle.
-            digest.update(doc.canonical.as_bytes());
-            digest.update(&[0]);
+            digest.update(&doc.digest.to_le_bytes());
             self.read_doc(index, doc, &mut pending, &mut metas, &mut first_policy);
         }
         if docs.is_empty() {

@@ -218,9 +218,20 @@ impl Cond {
         }
     }
 
-    /// Structural fingerprint used to detect identical conditions (conflict check).
-    pub(crate) fn fingerprint(&self) -> String {
-        format!("{self:?}")
+    /// Structural fingerprint used to detect identical conditions (conflict check): a 128-bit
+    /// hash of the tree's debug form and `extra` (a plugin reference), written straight into the
+    /// hasher.
+    pub(crate) fn fingerprint(&self, extra: &dyn core::fmt::Debug) -> u128 {
+        struct H(xxhash_rust::xxh3::Xxh3);
+        impl core::fmt::Write for H {
+            fn write_str(&mut self, s: &str) -> core::fmt::Result {
+                self.0.update(s.as_bytes());
+                Ok(())
+            }
+        }
+        let mut h = H(xxhash_rust::xxh3::Xxh3::new());
+        let _ = core::fmt::Write::write_fmt(&mut h, format_args!("{self:?}|{extra:?}"));
+        h.0.digest128()
     }
 }
 

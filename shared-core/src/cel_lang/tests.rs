@@ -402,7 +402,7 @@ mod limits {
                     let c = compile(&src, &attrs()).unwrap();
                     let ctx = request();
                     let _ = c.cond.eval(ctx.view(), &mut Scratch::default());
-                    let _ = c.cond.fingerprint();
+                    let _ = c.cond.fingerprint(&());
                     let mut reads = 0;
                     c.cond.visit_fields(&mut |_| reads += 1);
                     drop(c);

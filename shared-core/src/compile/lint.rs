@@ -39,15 +39,12 @@ pub(super) fn lint(rules: &[CompiledRule]) -> (Vec<Diagnostic>, Vec<Diagnostic>)
         }
     }
     // Conflicts: equal priority, same condition (and plugin), contradictory decisions.
-    let mut first_by_condition: HashMap<(i64, String), usize> = HashMap::new();
+    let mut first_by_condition: HashMap<(i64, u128), usize> = HashMap::new();
     for (i, r) in rules.iter().enumerate() {
         if r.shadow || r.action.limit.is_some() {
             continue;
         }
-        let key = (
-            r.priority,
-            format!("{}|{:?}", r.cond.fingerprint(), r.plugin),
-        );
+        let key = (r.priority, r.cond.fingerprint(&r.plugin));
         match first_by_condition.get(&key).and_then(|&j| rules.get(j)) {
             Some(a) if a.action.decision != r.action.decision => {
                 errors.push(r.origin.locate(

@@ -2,13 +2,13 @@
 //! `json.dumps` writes them), and a linear, non-recursive scan of the text for the position of
 //! every node, duplicate keys and the depth limit.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 
 use serde_json::Value;
 
 use super::MAX_DOCUMENT_DEPTH;
 use crate::diagnostic::{Code, Diagnostic, Position};
-use crate::document::{escape_segment, Document};
+use crate::document::{escape_segment, Document, Spans};
 
 /// Parses one JSON document.
 pub(super) fn parse(file: &str, text: &str) -> Result<Document, Diagnostic> {
@@ -41,8 +41,8 @@ enum Frame {
 type ScanError = (Code, String, Position);
 
 /// Positions of every node by JSON pointer (a map entry: where its key is written).
-fn scan(text: &str) -> Result<BTreeMap<String, Position>, ScanError> {
-    let mut spans = BTreeMap::new();
+fn scan(text: &str) -> Result<Spans, ScanError> {
+    let mut spans = Spans::new();
     let mut stack: Vec<Frame> = Vec::new();
     let (mut line, mut column) = (1u32, 1u32);
     let mut chars = text.char_indices().peekable();

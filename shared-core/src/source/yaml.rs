@@ -11,7 +11,7 @@ use yaml_rust2::Yaml;
 
 use super::{MAX_ALIAS_NODES, MAX_DOCUMENT_DEPTH};
 use crate::diagnostic::{Code, Diagnostic, Position};
-use crate::document::{escape_segment, Document};
+use crate::document::{escape_segment, Document, Spans};
 
 /// Parses every document of a YAML stream.
 pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
@@ -44,6 +44,15 @@ pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic>
         .collect())
 }
 
+/// `parent/segment`, allocated once at its final size.
+fn child(parent: &str, segment: &str) -> String {
+    let mut p = String::with_capacity(parent.len().saturating_add(segment.len()).saturating_add(1));
+    p.push_str(parent);
+    p.push('/');
+    p.push_str(segment);
+    p
+}
+
 fn position(m: &Marker) -> Position {
     Position {
         line: u32::try_from(m.line()).unwrap_or(u32::MAX),
@@ -72,8 +81,8 @@ enum Frame {
 #[derive(Default)]
 struct Builder {
     stack: Vec<Frame>,
-    docs: Vec<(Value, BTreeMap<String, Position>)>,
-    spans: BTreeMap<String, Position>,
+    docs: Vec<(Value, Spans)>,
+    spans: Spans,
     /// Anchored values with their node counts.
     anchors: BTreeMap<usize, (Value, usize)>,
     root: Option<Value>,
@@ -94,8 +103,8 @@ impl Builder {
             Some(Frame::Map { key: None, .. }) => None,
             Some(Frame::Map {
                 key: Some(k), ptr, ..
-            }) => Some(format!("{ptr}/{}", escape_segment(k))),
-            Some(Frame::Seq { items, ptr, .. }) => Some(format!("{ptr}/{}", items.len())),
+            }) => Some(child(ptr, &escape_segment(k))),
+            Some(Frame::Seq { items, ptr, .. }) => Some(child(ptr, &items.len().to_string())),
         }
     }
 
@@ -188,7 +197,7 @@ impl Builder {
                         // A map key.
                         if let Some(Frame::Map { key, ptr, .. }) = self.stack.last_mut() {
                             self.spans
-                                .insert(format!("{ptr}/{}", escape_segment(&s)), position(&mark));
+                                .insert(child(ptr, &escape_segment(&s)), position(&mark));
                             *key = Some(s);
                         }
                     }
