@@ -184,7 +184,7 @@ fn test_reports_a_failed_case_with_a_diff_and_exit_1() {
         dir.path(),
         "s.yaml",
         &format!(
-            "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {{name: s}}\npolicy: {policy}\ncases:\n  - name: wrong on purpose\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: deny, matched_rules: [x] }}\n  - name: right\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: allow }}\n"
+            "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {{name: s}}\npolicy: {policy}\ncases:\n  - name: wrong on purpose\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: deny, matched_rules: [x], status: 402 }}\n  - name: right\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: allow }}\n"
         ),
     );
     let out = run(&["test", &suite]);
@@ -196,6 +196,8 @@ fn test_reports_a_failed_case_with_a_diff_and_exit_1() {
     );
     assert!(o.contains("decision: expected deny, got allow"), "{o}");
     assert!(o.contains("matched_rules: expected [x], got []"), "{o}");
+    assert!(o.contains("status: expected 402, got none (allow)"), "{o}");
+    assert!(!o.contains("Some("), "{o}");
     assert!(o.contains("1 passed, 1 failed"), "{o}");
 }
 

@@ -31,6 +31,8 @@ mod guard;
 mod interp;
 mod translate;
 
+#[cfg(test)]
+pub(crate) use interp::activation;
 pub(crate) use interp::CelProgram;
 
 /// Longest accepted expression, in bytes.

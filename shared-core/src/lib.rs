@@ -50,6 +50,8 @@ mod document;
 mod dsl;
 mod eval;
 mod extract;
+#[cfg(all(test, feature = "cel"))]
+mod field_table_tests;
 mod index;
 pub mod model;
 pub mod schema;
