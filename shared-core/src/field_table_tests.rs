@@ -46,11 +46,13 @@ fn perturb(c: &mut RequestContext, field: &FieldRef) {
 }
 
 fn base() -> RequestContext {
-    let mut c = RequestContext::default();
-    c.namespace = "default".into();
+    let mut c = RequestContext {
+        namespace: "default".into(),
+        principal: vec![("id".into(), Some("u1".into()))],
+        shield: vec![("x".into(), ShieldValue::Number(0.1))],
+        ..RequestContext::default()
+    };
     c.request.headers = vec![("x-a".into(), "1".into())];
-    c.principal = vec![("id".into(), Some("u1".into()))];
-    c.shield = vec![("x".into(), ShieldValue::Number(0.1))];
     c
 }
 
