@@ -44,23 +44,36 @@ fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
                 put(h, v.as_bytes());
             }
         }
+        // Every variant of every entry is tagged: `Number(0.0)` and `Text("")` (or `None` and
+        // `Some`) must never hash the same.
         FieldValue::Principal(p) => {
             h.update(&[8]);
+            h.update(&(p.len() as u64).to_le_bytes());
             for (k, v) in p.iter() {
                 put(h, k.as_bytes());
                 match v {
-                    Some(v) => put(h, v.as_bytes()),
-                    None => h.update(&[0xff]),
+                    Some(v) => {
+                        h.update(&[1]);
+                        put(h, v.as_bytes());
+                    }
+                    None => h.update(&[0]),
                 }
             }
         }
         FieldValue::Shield(s) => {
             h.update(&[9]);
+            h.update(&(s.len() as u64).to_le_bytes());
             for (k, v) in s.iter() {
                 put(h, k.as_bytes());
                 match v {
-                    ShieldValue::Number(n) => h.update(&n.to_bits().to_le_bytes()),
-                    ShieldValue::Text(t) => put(h, t.as_bytes()),
+                    ShieldValue::Number(n) => {
+                        h.update(&[1]);
+                        h.update(&n.to_bits().to_le_bytes());
+                    }
+                    ShieldValue::Text(t) => {
+                        h.update(&[2]);
+                        put(h, t.as_bytes());
+                    }
                 }
             }
         }
@@ -95,4 +108,37 @@ pub(crate) fn compute<'a>(
         }
     }
     format!("{:032x}", h.digest128())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::context::RequestContext;
+
+    #[test]
+    fn values_of_different_kinds_never_share_a_key() {
+        let key = |shield: Vec<(String, ShieldValue)>, principal: Vec<(String, Option<String>)>| {
+            let c = RequestContext {
+                shield,
+                principal,
+                ..RequestContext::default()
+            };
+            compute(
+                "b",
+                "n",
+                &[],
+                &[FieldRef::ShieldAll, FieldRef::PrincipalAll],
+                c.views(),
+            )
+        };
+        let p = || vec![("id".to_string(), None)];
+        assert_ne!(
+            key(vec![("pii".into(), ShieldValue::Number(0.0))], p()),
+            key(vec![("pii".into(), ShieldValue::Text(String::new()))], p())
+        );
+        assert_ne!(
+            key(vec![], vec![("id".into(), None)]),
+            key(vec![], vec![("id".into(), Some(String::new()))])
+        );
+    }
 }

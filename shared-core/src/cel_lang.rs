@@ -27,7 +27,7 @@ use crate::diagnostic::Code;
 use crate::schema::{ElemField, FieldRef, FieldType};
 
 mod check;
-mod guard;
+pub(crate) mod guard;
 mod interp;
 mod translate;
 
@@ -39,6 +39,8 @@ pub(crate) use interp::CelProgram;
 pub(crate) const MAX_EXPR_LEN: usize = 16 * 1024;
 /// Deepest accepted bracket nesting (`(`, `[`, `{`).
 pub(crate) const MAX_NESTING: usize = 32;
+/// Most nodes a parsed expression may have.
+pub(crate) const MAX_NODES: usize = 8192;
 /// Deepest accepted syntax tree (a chain of `n` binary operators is `n` deep, except `&&` and
 /// `||`, which the parser balances).
 pub(crate) const MAX_DEPTH: usize = 64;
@@ -90,6 +92,9 @@ pub(crate) fn parse(src: &str) -> Result<IdedExpr, CelIssue> {
     cel::parser::PrattParser::new()
         .enable_optional_syntax(true)
         .max_recursion_depth(u16::try_from(MAX_DEPTH).unwrap_or(u16::MAX))
+        // Stop at the first error: recovery would keep building a tree from broken text.
+        .error_recovery_limit(0)
+        .max_expression_node_count(MAX_NODES)
         .parse(src)
         .map_err(|e| {
             let text = e.to_string();

@@ -115,6 +115,22 @@ pub(crate) enum Cond {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CondError(pub String);
 
+/// Longest error message kept: messages may quote request values (a whole prompt).
+pub(crate) const MAX_ERROR_LEN: usize = 300;
+
+/// `msg` cut to [`MAX_ERROR_LEN`] bytes at a character boundary, marked with `…`.
+pub(crate) fn clip(mut msg: String) -> String {
+    if msg.len() > MAX_ERROR_LEN {
+        let mut end = MAX_ERROR_LEN;
+        while !msg.is_char_boundary(end) {
+            end = end.saturating_sub(1);
+        }
+        msg.truncate(end);
+        msg.push('…');
+    }
+    msg
+}
+
 pub(crate) type Truth = Result<bool, CondError>;
 
 /// The current element of a list comprehension.

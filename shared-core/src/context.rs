@@ -31,6 +31,9 @@ pub struct ContextConfig {
     pub shield_prefix: String,
     /// Bodies larger than this are rejected with 413 (default 4 MiB).
     pub max_body_bytes: usize,
+    /// Batch bodies with more requests than this are rejected with 413 (default 10,000; each
+    /// item is evaluated as a request).
+    pub max_batch_items: usize,
 }
 
 impl Default for ContextConfig {
@@ -47,6 +50,7 @@ impl Default for ContextConfig {
             .collect(),
             shield_prefix: String::from("x-llm-shield-"),
             max_body_bytes: 4 * 1024 * 1024,
+            max_batch_items: 10_000,
         }
     }
 }
@@ -69,6 +73,7 @@ impl ContextConfig {
                 .collect(),
             shield_prefix: self.shield_prefix.to_ascii_lowercase(),
             max_body_bytes: self.max_body_bytes,
+            max_batch_items: self.max_batch_items,
         }
     }
 }
@@ -111,13 +116,19 @@ pub enum ContextError {
         /// Configured limit.
         limit: usize,
     },
+    /// A batch body holds more requests than `max_batch_items`.
+    #[error("the batch holds more than {limit} requests")]
+    BatchTooLarge {
+        /// Configured limit.
+        limit: usize,
+    },
 }
 
 impl ContextError {
     /// HTTP status the caller should answer with.
     pub fn status(&self) -> u16 {
         match self {
-            ContextError::BodyTooLarge { .. } => 413,
+            ContextError::BodyTooLarge { .. } | ContextError::BatchTooLarge { .. } => 413,
             _ => 400,
         }
     }
@@ -127,6 +138,7 @@ impl ContextError {
             ContextError::InvalidBody(_) => "invalid_body",
             ContextError::InvalidField { .. } => "invalid_field",
             ContextError::BodyTooLarge { .. } => "body_too_large",
+            ContextError::BatchTooLarge { .. } => "batch_too_large",
         }
     }
 }
@@ -330,7 +342,7 @@ pub(crate) fn cmp_header(stored: &str, name: &str) -> Ordering {
         .cmp(name.bytes().map(|b| b.to_ascii_lowercase()))
 }
 
-/// The value of a header in lower-cased, sorted pairs; `name` in any case.
+/// The value of a header in lower-cased, sorted pairs (one per name); `name` in any case.
 pub(crate) fn find_header<'h>(headers: &'h [(String, String)], name: &str) -> Option<&'h str> {
     headers
         .binary_search_by(|(k, _)| cmp_header(k, name))

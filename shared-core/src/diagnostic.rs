@@ -58,7 +58,7 @@ macro_rules! codes {
 
 codes! {
     /// A file or directory cannot be read.
-    Io = "io", "a file or directory cannot be read (missing, permissions, a dangling link)";
+    Io = "io", "a file or directory cannot be read (missing, permissions, a dangling link, not a regular file, not UTF-8, over 100,000 directory entries)";
     /// A file is over the size limit.
     FileTooLarge = "file-too-large", "a policy file is over 16 MiB";
     /// YAML / JSON syntax.
@@ -66,7 +66,7 @@ codes! {
     /// Nesting over the document depth limit.
     DocumentTooDeep = "document-too-deep", "maps and lists nested deeper than 64 levels";
     /// YAML aliases expanding past the limit.
-    DocumentTooLarge = "document-too-large", "YAML aliases expand to more than 100,000 nodes (or four times the nodes written)";
+    DocumentTooLarge = "document-too-large", "YAML aliases would add more than 16 MiB (or four times the file), more than 10,000 documents in a file, or map keys so long and deep that their locations outgrow the file";
     /// Nothing to load.
     NoPolicies = "no-policies", "the paths hold no `kind: Policy` document (names the paths)";
     /// A document that is not a map.
@@ -104,7 +104,7 @@ codes! {
     /// CEL nesting or operator chains too deep.
     CelTooDeep = "cel-too-deep", "a CEL expression nests brackets deeper than 32 levels or its syntax tree deeper than 64 (long operator chains count)";
     /// A CEL construct whose cost grows too fast.
-    CelTooComplex = "cel-too-complex", "a list macro (`exists`, `all`, `map`, ...) inside another one";
+    CelTooComplex = "cel-too-complex", "a construct whose cost could outgrow the request: a list macro inside another, one over request data (or over more than 32 literals) whose body reads request text, a value more than 8 times the request, `split`, `join`, `format`, `indexOf`, `lastIndexOf`, a growing `replace`";
     /// Unknown CEL function.
     CelUnknownFunction = "cel-unknown-function", "a CEL function that does not exist (also behind `&&` / `||`)";
     /// Unsupported CEL construct.
@@ -116,7 +116,7 @@ codes! {
     /// A constant CEL sub-expression that always fails.
     CelConstant = "cel-constant", "a constant CEL sub-expression that always fails (`9223372036854775807 + 1`, `1 / 0`)";
     /// A bad regular expression in CEL.
-    CelRegex = "cel-regex", "`matches()` with an invalid regex, one over the size limit, or a pattern that is not a literal";
+    CelRegex = "cel-regex", "`matches()` with an invalid regex, one over the size limit (128 KiB compiled), or a pattern that is not a literal";
     /// Header names written with capitals.
     HeaderCase = "header-case", "a header name with capitals in a condition or the context configuration (headers are lower-case)";
     /// A shield score name that can never match.
@@ -124,7 +124,7 @@ codes! {
     /// A bad rate limit or budget.
     InvalidLimit = "invalid-limit", "`rateLimit` / `budget` without exactly one amount, or both on one rule";
     /// A bad counter key template.
-    InvalidKey = "invalid-key", "a counter key template with an unknown or non-scalar field";
+    InvalidKey = "invalid-key", "a counter key template with an unknown field, request text (`request.prompt`, lists, maps), more than 8 fields or more than 256 bytes";
     /// A bad window.
     InvalidWindow = "invalid-window", "a window that is not a unit name or a duration like `30s`";
     /// A bad HTTP status.

@@ -14,9 +14,12 @@ use crate::diagnostic::Code;
 use crate::model::{Leaf as LeafDoc, Op};
 use crate::schema::{FieldRef, FieldType};
 
-/// Compiled regexes may not grow beyond this (protects load time and memory; `\\w{300}` is
-/// over it).
-const REGEX_SIZE_LIMIT: usize = 1 << 20;
+/// Compiled regexes may not grow beyond this. Past about this size the regex engine's lazy DFA
+/// can thrash on adversarial text and fall back to an NFA simulation whose cost is the pattern
+/// size times the text (`a[ab]{3000}c` would take seconds per megabyte); under it, matching stays
+/// in the tens of milliseconds per megabyte at worst. Unicode classes are large: write
+/// `[A-Za-z0-9_]` or `(?-u:\w)` rather than `\w{20}`.
+pub(crate) const REGEX_SIZE_LIMIT: usize = 128 * 1024;
 /// Deepest `all` / `any` / `not` nesting.
 pub(crate) const MAX_MATCH_DEPTH: usize = 32;
 
@@ -230,9 +233,14 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
             negate = op == Op::NotContains;
             let needles = strings(value, op)?;
             match ty {
-                FieldType::StrList | FieldType::StrMap => {
-                    Test::Has(needles.into_iter().map(Lit::Str).collect())
-                }
+                FieldType::StrList => Test::Has(needles.into_iter().map(Lit::Str).collect()),
+                // Header names match in any case.
+                FieldType::StrMap => Test::Has(
+                    needles
+                        .into_iter()
+                        .map(|n| Lit::Str(n.to_ascii_lowercase()))
+                        .collect(),
+                ),
                 t if t.is_string() => match (needles.as_slice(), ic) {
                     ([one], false) => Test::Contains(one.clone()),
                     _ => Test::Matches(literal_regex(&needles, ic, "", "")?),

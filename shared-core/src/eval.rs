@@ -119,6 +119,16 @@ pub enum Answer {
     Counter(CounterCheck),
 }
 
+/// The outcomes of the rules run on one view (the request, or one batch item).
+#[derive(Debug)]
+pub(crate) struct Part {
+    /// Rule positions with their outcomes, ascending; rules that did not match are left out
+    /// (unless explaining).
+    pub outcomes: Vec<(u32, Outcome)>,
+    /// No rule run reads time, uses a plugin or a counter.
+    pub cacheable: bool,
+}
+
 /// The result of [`PolicySet::start`] or [`Pending::resume`].
 #[derive(Debug)]
 #[allow(
@@ -141,7 +151,7 @@ pub struct Pending {
     pub(crate) tags: Vec<String>,
     pub(crate) explain: bool,
     /// One per view: the request, then each batch item.
-    pub(crate) parts: Vec<Vec<(u32, Outcome)>>,
+    pub(crate) parts: Vec<Part>,
     pub(crate) needs: Vec<Need>,
     pub(crate) answers: Vec<Option<Answer>>,
     /// Time spent in the core so far (not waiting for the host).

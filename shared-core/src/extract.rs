@@ -47,9 +47,20 @@ impl RequestContext {
             .iter()
             .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
             .collect();
+        // Stable: a name sent twice keeps its arrival order, and its values are joined with `,`
+        // (RFC 9110, 5.3), so which value a rule sees never depends on sorting.
         headers.sort_by(|a, b| a.0.cmp(&b.0));
+        headers.dedup_by(|next, kept| {
+            if next.0 == kept.0 {
+                kept.1.push(',');
+                kept.1.push_str(&next.1);
+                true
+            } else {
+                false
+            }
+        });
         let header = |name: &str| find_header(&headers, name);
-        let path = input.path.split('?').next().unwrap_or_default().to_string();
+        let path = normalize_path(input.path);
         let host = header(":authority")
             .or_else(|| header("host"))
             .unwrap_or_default()
@@ -92,15 +103,17 @@ impl RequestContext {
             ..RequestInfo::default()
         };
         let mut batch = Vec::new();
-        // Multipart uploads (audio, files) carry no JSON prompt; everything else must be JSON.
+        // Multipart uploads (audio, files) carry no JSON prompt; everything else must be JSON. The
+        // JSON APIs are parsed whatever the content type says: a client cannot skip screening by
+        // calling its JSON body multipart.
         let multipart = header("content-type").is_some_and(|ct| {
             ct.trim_start()
                 .get(..10)
                 .is_some_and(|t| t.eq_ignore_ascii_case("multipart/"))
         });
-        if !multipart {
+        if !(multipart && api == Api::Other) {
             if api == Api::Batch && provider == Provider::Anthropic {
-                batch = batch_items(input.body, needs)?;
+                batch = batch_items(input.body, needs, config.max_batch_items)?;
             } else {
                 body(input.body, &mut request, needs)?;
             }
@@ -119,6 +132,50 @@ impl RequestContext {
             batch,
         })
     }
+}
+
+/// The path as a server resolves it, so a spelling cannot change which API a request is
+/// classified as: query and fragment removed, percent-encoded unreserved characters decoded
+/// (`%73` is `s`), repeated slashes merged, `.` and `..` segments resolved (RFC 3986, 6.2.2 and
+/// 5.2.4). Case is kept. Other escapes (`%2F`) stay as they are.
+pub(crate) fn normalize_path(raw: &str) -> String {
+    let raw = raw.split(['?', '#']).next().unwrap_or_default();
+    let mut decoded = String::with_capacity(raw.len());
+    let mut chars = raw.chars();
+    while let Some(c) = chars.next() {
+        if c == '%' {
+            let mut look = chars.clone();
+            let hex: String = look.by_ref().take(2).collect();
+            if let Ok(b) = u8::from_str_radix(&hex, 16) {
+                if hex.len() == 2 && (b.is_ascii_alphanumeric() || b"-._~".contains(&b)) {
+                    decoded.push(char::from(b));
+                    chars = look;
+                    continue;
+                }
+            }
+        }
+        decoded.push(c);
+    }
+    let mut segments: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                segments.pop();
+            }
+            s => segments.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') || decoded.ends_with("/.") || decoded.ends_with("/..");
+    let mut out = String::with_capacity(decoded.len().saturating_add(1));
+    for seg in &segments {
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() || (trailing && !segments.is_empty()) {
+        out.push('/');
+    }
+    out
 }
 
 /// Provider and API from the path and the provider-specific headers.
@@ -223,10 +280,15 @@ pub(crate) fn body(
 }
 
 /// The requests of an Anthropic message batch, each as an Anthropic Messages request.
-fn batch_items(bytes: &[u8], needs: Needs) -> Result<Vec<RequestInfo>, ContextError> {
+fn batch_items(bytes: &[u8], needs: Needs, limit: usize) -> Result<Vec<RequestInfo>, ContextError> {
     let Some(bytes) = object_body(bytes)? else {
         return Ok(Vec::new());
     };
+    // Counted first, without building anything: a body of many tiny items must not cost memory
+    // before it is refused.
+    if parse::<BatchCount>(bytes)?.0 > limit {
+        return Err(ContextError::BatchTooLarge { limit });
+    }
     if needs.messages || needs.prompt {
         let b: Batch<'_, Text> = parse(bytes)?;
         Ok(b.requests
@@ -254,6 +316,56 @@ fn item<S: Sink>(params: Option<Body<'_, S>>, needs: Needs) -> RequestInfo {
         p.fill(&mut r, needs);
     }
     r
+}
+
+/// The number of items in a batch body's `requests`.
+struct BatchCount(usize);
+
+impl<'de> Deserialize<'de> for BatchCount {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Top;
+        impl<'de> Visitor<'de> for Top {
+            type Value = BatchCount;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a batch body")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<BatchCount, A::Error> {
+                let mut n = 0;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "requests" {
+                        n = map.next_value::<Count>()?.0;
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                Ok(BatchCount(n))
+            }
+        }
+        struct Count(usize);
+        impl<'de> Deserialize<'de> for Count {
+            fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+                struct Items;
+                impl<'de> Visitor<'de> for Items {
+                    type Value = Count;
+                    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                        f.write_str("a list of requests")
+                    }
+                    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                        let mut n = 0usize;
+                        while seq.next_element::<IgnoredAny>()?.is_some() {
+                            n = n.saturating_add(1);
+                        }
+                        Ok(Count(n))
+                    }
+                    fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
+                        Ok(Count(0))
+                    }
+                }
+                d.deserialize_any(Items)
+            }
+        }
+        d.deserialize_map(Top)
+    }
 }
 
 /// `{"requests": [{"custom_id", "params": {...a Messages body...}}]}`.
@@ -302,6 +414,9 @@ struct Body<'a, S> {
     instructions: Option<S>,
     #[serde(default)]
     prompt: Option<S>,
+    /// Completions: text after the insertion point.
+    #[serde(default)]
+    suffix: Option<S>,
     #[serde(default)]
     input: Option<Items<S>>,
     #[serde(default, borrow)]
@@ -314,10 +429,15 @@ impl<S: Sink> Body<'_, S> {
     fn fill(self, request: &mut RequestInfo, needs: Needs) {
         request.model = self.model.map(Cow::into_owned);
         request.stream = self.stream.unwrap_or(false);
-        request.max_tokens = self
-            .max_tokens
-            .or(self.max_completion_tokens)
-            .or(self.max_output_tokens);
+        // When a body names several, the largest is what a cap must see.
+        request.max_tokens = [
+            self.max_tokens,
+            self.max_completion_tokens,
+            self.max_output_tokens,
+        ]
+        .into_iter()
+        .flatten()
+        .max();
         request.temperature = self.temperature;
         request.user = self
             .user
@@ -354,7 +474,7 @@ impl<S: Sink> Body<'_, S> {
                 messages.push(m);
             }
         }
-        if let Some(prompt) = self.prompt {
+        for prompt in [self.prompt, self.suffix].into_iter().flatten() {
             let text = prompt.into_text();
             if !text.is_empty() {
                 messages.push(Message {
@@ -518,7 +638,8 @@ impl<'de> Visitor<'de> for TextVisitor {
                     let Text(part) = map.next_value::<Text>()?;
                     push_joined(&mut acc, &part);
                 }
-                "input" => {
+                // Tool call input (any JSON), prompt-template variables.
+                "input" | "variables" => {
                     let Strings(part) = map.next_value::<Strings>()?;
                     push_joined(&mut acc, &part);
                 }
@@ -538,7 +659,7 @@ impl<'de> Visitor<'de> for TextVisitor {
                     push_joined(&mut acc, &d);
                 }
             }
-            Some("document") => {
+            Some("document" | "search_result") => {
                 for Text(t) in [title, context].into_iter().flatten() {
                     push_joined(&mut acc, &t);
                 }
@@ -549,7 +670,7 @@ impl<'de> Visitor<'de> for TextVisitor {
     }
 }
 
-/// Every string value (not key) of any JSON value, depth first, joined with newlines.
+/// Every string of any JSON value (map keys included), depth first, joined with newlines.
 #[derive(Default)]
 struct Strings(String);
 
@@ -596,7 +717,9 @@ impl<'de> Visitor<'de> for StringsVisitor {
     }
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Strings, A::Error> {
         let mut acc = String::new();
-        while map.next_key::<IgnoredAny>()?.is_some() {
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            // Keys are read too: `{"AKIA...": 1}` puts a secret in front of the model as well.
+            push_joined(&mut acc, &key);
             let Strings(part) = map.next_value::<Strings>()?;
             push_joined(&mut acc, &part);
         }
@@ -615,6 +738,9 @@ struct Items<S>(Vec<Item<S>>);
 struct ItemFields<'a, S> {
     #[serde(default, borrow)]
     role: Option<Cow<'a, str>>,
+    /// OpenAI chat: the participant's name, which the model reads with the turn.
+    #[serde(default)]
+    name: Option<S>,
     #[serde(default)]
     content: Option<S>,
     #[serde(default)]
@@ -663,7 +789,10 @@ impl<'de, S: Sink> Visitor<'de> for ItemVisitor<S> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<S>, A::Error> {
         let f: ItemFields<'_, S> =
             Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
+        // A Responses `function_call` item's `name` is the tool's name, not text.
+        let name = f.name.filter(|_| f.role.is_some());
         let parts = [
+            name,
             f.content,
             f.output,
             f.tool_calls,

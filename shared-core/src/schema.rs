@@ -158,9 +158,9 @@ macro_rules! field {
 #[rustfmt::skip]
 pub const FIELDS: &[Field] = &[
     field!("request.method", Some(FieldRef::Method), Str, "string", "\"\"", "HTTP method, upper-case (`POST`)."),
-    field!("request.path", Some(FieldRef::Path), Str, "string", "\"\"", "Request path without the query string."),
+    field!("request.path", Some(FieldRef::Path), Str, "string", "\"\"", "Request path as a server resolves it: without query and fragment, `%XX` of letters, digits and `-._~` decoded, `//` merged, `.` and `..` resolved (so `/v1/chat/completion%73` is `/v1/chat/completions`)."),
     field!("request.host", Some(FieldRef::Host), Str, "string", "\"\"", "`:authority` / `host` header."),
-    field!("request.headers", Some(FieldRef::Headers), StrMap, "map<string, string>", "{}", "All request headers, names lower-cased. `request.headers.<name>` in the DSL (any case); `request.headers['<name>']` in CEL, lower-case (capitals are a load error; a missing key is a CEL error: test with `'<name>' in request.headers`)."),
+    field!("request.headers", Some(FieldRef::Headers), StrMap, "map<string, string>", "{}", "All request headers, names lower-cased; a name sent twice has its values joined with `,` in arrival order. `request.headers.<name>` in the DSL (any case); `request.headers['<name>']` in CEL, lower-case (capitals are a load error; a missing key is a CEL error: test with `'<name>' in request.headers`)."),
     field!("request.provider", Some(FieldRef::Provider), Str, "string", "\"unknown\"", "`openai`, `anthropic` or `unknown`, from the path and provider headers."),
     field!("request.api", Some(FieldRef::Api), Str, "string", "\"other\"", "`chat`, `completions`, `embeddings`, `responses`, `messages`, `batch` or `other`. A batch body (`/v1/messages/batches`) is also evaluated item by item: see the policy language."),
     field!("request.model", Some(FieldRef::Model), OptStr, "string | null", "null", "Body `model`; on Azure OpenAI (`/openai/deployments/{name}/...`) the deployment in the path, whatever the body says (the deployment is what runs)."),

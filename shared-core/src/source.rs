@@ -1,10 +1,11 @@
 //! Loading policy files (`std`): YAML or JSON, one or several documents per file, a file or a
 //! directory, with the line and column of every node kept for error messages.
 //!
-//! Every input is bounded: files over [`MAX_FILE_BYTES`], documents nested deeper than
-//! [`MAX_DOCUMENT_DEPTH`] and YAML aliases that expand past [`MAX_ALIAS_NODES`] nodes (or four
-//! times the nodes written out) are located errors, found while reading, before any memory
-//! grows with them. Directory walks follow symbolic links once, skip hidden entries (Kubernetes
+//! Every input is bounded: files over [`MAX_FILE_BYTES`] (what is read, not what the file
+//! system says), documents nested deeper than [`MAX_DOCUMENT_DEPTH`], YAML aliases that would add
+//! more than [`MAX_ALIAS_BYTES`] (or four times the file), more than [`MAX_DOCUMENTS`] documents
+//! in a file, and location tables out of proportion to the file (long keys at depth) are located
+//! errors, found while reading, before memory grows with them. Only regular files are read. Directory walks follow symbolic links once, skip hidden entries (Kubernetes
 //! ConfigMap mounts keep the real files in `..data/` and `..<timestamp>/`, and link each file
 //! from the top) and never visit a directory twice, so no layout can make the loader loop.
 
@@ -22,8 +23,23 @@ mod yaml;
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Deepest nesting of maps and lists in a document.
 pub const MAX_DOCUMENT_DEPTH: usize = 64;
-/// Most nodes YAML aliases may add to a document (also at most four times the nodes written).
-pub const MAX_ALIAS_NODES: usize = 100_000;
+/// Most data YAML aliases may add to a document, in bytes of strings plus one per node (also at
+/// most four times the file, with a floor of 64 KiB).
+pub const MAX_ALIAS_BYTES: usize = 16 * 1024 * 1024;
+/// Most documents in one file.
+pub const MAX_DOCUMENTS: usize = 10_000;
+/// Most directory entries one walk looks at.
+pub const MAX_DIRECTORY_ENTRIES: usize = 100_000;
+
+/// The budget for a file's location table: 16 times its size, at least 1 MiB.
+pub(crate) fn span_budget(text_len: usize) -> usize {
+    text_len.saturating_mul(16).max(1024 * 1024)
+}
+
+/// The budget for what aliases may add to a document of a file of `text_len` bytes.
+pub(crate) fn alias_budget(text_len: usize) -> usize {
+    MAX_ALIAS_BYTES.min(text_len.saturating_mul(4).max(64 * 1024))
+}
 /// Deepest directory below a policy directory that is searched.
 pub const MAX_DIRECTORY_DEPTH: usize = 16;
 
@@ -50,19 +66,41 @@ pub fn load_file(path: &Path) -> Result<Vec<Document>, Diagnostic> {
 }
 
 fn load_file_as(path: &Path, name: &str) -> Result<Vec<Document>, Diagnostic> {
+    use std::io::Read as _;
     let io = |e: std::io::Error| {
         Diagnostic::error(Code::Io, format!("cannot read file: {e}")).at(name, None)
     };
-    let size = std::fs::metadata(path).map_err(io)?.len();
-    if size > MAX_FILE_BYTES {
-        return Err(Diagnostic::error(
+    let too_large = |size: String| {
+        Diagnostic::error(
             Code::FileTooLarge,
             format!("file is {size} bytes, over the limit of {MAX_FILE_BYTES}"),
         )
         .at(name, None)
-        .help(Some(String::from("split the policies into several files"))));
+        .help(Some(String::from("split the policies into several files")))
+    };
+    // Checked before opening: opening a FIFO blocks, a device (/dev/zero) never ends.
+    if !std::fs::metadata(path).map_err(io)?.is_file() {
+        return Err(Diagnostic::error(Code::Io, "not a regular file").at(name, None));
     }
-    let text = std::fs::read_to_string(path).map_err(io)?;
+    let file = std::fs::File::open(path).map_err(io)?;
+    let meta = file.metadata().map_err(io)?;
+    if !meta.is_file() {
+        return Err(Diagnostic::error(Code::Io, "not a regular file").at(name, None));
+    }
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_large(meta.len().to_string()));
+    }
+    // The size can change between the check and the read: read at most one byte more.
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(io)?;
+    if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE_BYTES {
+        return Err(too_large(format!("more than {MAX_FILE_BYTES}")));
+    }
+    let text = String::from_utf8(bytes).map_err(|e| {
+        Diagnostic::error(Code::Io, format!("file is not UTF-8: {e}")).at(name, None)
+    })?;
     parse_str(name, &text)
 }
 
@@ -90,20 +128,38 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
     if meta.is_file() {
         return Ok(vec![path.to_path_buf()]);
     }
+    if !meta.is_dir() {
+        return Err(
+            Diagnostic::error(Code::Io, "not a regular file or a directory").at(&name, None),
+        );
+    }
     let mut out = Vec::new();
     let mut files_seen: HashSet<PathBuf> = HashSet::new();
     let mut dirs_seen: HashSet<PathBuf> = HashSet::new();
     let root = std::fs::canonicalize(path).map_err(|e| io("directory", &name, e))?;
     dirs_seen.insert(root);
     let mut stack = vec![(path.to_path_buf(), 0usize)];
+    let mut seen = 0usize;
     while let Some((dir, depth)) = stack.pop() {
         let at = dir.display().to_string();
         let entries = std::fs::read_dir(&dir).map_err(|e| io("directory", &at, e))?;
-        let mut names: Vec<PathBuf> = entries
-            .flatten()
-            .filter(|e| !hidden(&e.file_name()))
-            .map(|e| e.path())
-            .collect();
+        let mut names: Vec<PathBuf> = Vec::new();
+        for entry in entries.flatten() {
+            seen = seen.saturating_add(1);
+            if seen > MAX_DIRECTORY_ENTRIES {
+                return Err(Diagnostic::error(
+                    Code::Io,
+                    format!("more than {MAX_DIRECTORY_ENTRIES} entries below this directory"),
+                )
+                .at(&name, None)
+                .help(Some(String::from(
+                    "point the loader at the directory that holds the policies",
+                ))));
+            }
+            if !hidden(&entry.file_name()) {
+                names.push(entry.path());
+            }
+        }
         names.sort();
         for p in names {
             // `metadata` follows links; a dangling link is reported when the file is read.
@@ -120,7 +176,7 @@ pub fn policy_files(path: &Path) -> Result<Vec<PathBuf>, Diagnostic> {
                 if depth < MAX_DIRECTORY_DEPTH && dirs_seen.insert(real) {
                     stack.push((p, depth.saturating_add(1)));
                 }
-            } else if is_policy_file(&p) && files_seen.insert(real) {
+            } else if meta.is_file() && is_policy_file(&p) && files_seen.insert(real) {
                 out.push(p);
             }
         }
@@ -258,6 +314,38 @@ mod tests {
         assert_eq!(e.code, Code::DocumentTooLarge);
         assert!(e.position.is_some());
         assert!(t.elapsed() < std::time::Duration::from_secs(2));
+    }
+
+    #[test]
+    fn an_alias_of_a_large_value_counts_its_bytes() {
+        // A few aliases of an 8 MB string: few nodes, a lot of memory.
+        let big = "x".repeat(1 << 20);
+        let y = format!("a: &a \"{big}\"\nb: [{}]\n", vec!["*a"; 100].join(", "));
+        let e = parse_str("fat.yaml", &y).unwrap_err();
+        assert_eq!(e.code, Code::DocumentTooLarge);
+        // A few aliases of a small anchor are fine.
+        let y = format!("a: &a {{k: v}}\nb: [{}]\n", vec!["*a"; 100].join(", "));
+        assert!(parse_str("ok.yaml", &y).is_ok());
+    }
+
+    #[test]
+    fn long_keys_at_depth_cannot_blow_up_the_location_table() {
+        let key = "k".repeat(100_000);
+        let items = vec!["1"; 20_000].join(",");
+        for (name, text) in [
+            ("long.json", format!("{{\"{key}\": [{items}]}}")),
+            ("long.yaml", format!("? {key}\n: [{items}]\n")),
+        ] {
+            let e = parse_str(name, &text).unwrap_err();
+            assert_eq!(e.code, Code::DocumentTooLarge, "{name}");
+        }
+    }
+
+    #[test]
+    fn too_many_documents_in_a_file() {
+        let text = "--- 1\n".repeat(MAX_DOCUMENTS + 1);
+        let e = parse_str("many.yaml", &text).unwrap_err();
+        assert_eq!(e.code, Code::DocumentTooLarge);
     }
 
     #[test]

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{ctx_at, try_ctx};
+use common::{ctx, ctx_at, try_ctx};
 use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::ContextError;
 
@@ -86,7 +86,10 @@ fn anthropic_messages_with_system_blocks_and_tool_blocks() {
     assert_eq!(r.tools, vec!["get_weather"]);
     assert_eq!(r.messages[0].role, "system");
     // The tool call's input is text the model reads (a secret in it must be caught).
-    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\nParis\n18C");
+    assert_eq!(
+        r.prompt,
+        "You are terse.\nWeather in Paris?\ncity\nParis\n18C"
+    );
 }
 
 #[test]
@@ -388,6 +391,52 @@ fn prompt_holds_every_text_the_model_reads() {
                 r#"{{"model":"m","input":[{{"type":"custom_tool_call","call_id":"c","name":"f","input":"{marker}"}}]}}"#
             ),
         ),
+        // Responses prompt-template variables.
+        (
+            "/v1/responses",
+            &[],
+            format!(
+                r#"{{"model":"m","prompt":{{"id":"pmpt_1","variables":{{"customer":"{marker}"}}}},"input":"hi"}}"#
+            ),
+        ),
+        // Completions suffix.
+        (
+            "/v1/completions",
+            &[],
+            format!(r#"{{"model":"m","prompt":"def f():","suffix":"{marker}"}}"#),
+        ),
+        // A key of a tool call's input.
+        (
+            "/v1/messages",
+            &[],
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"assistant","content":[
+                {{"type":"tool_use","id":"t","name":"sh","input":{{"{marker}":1}}}}]}}]}}"#
+            ),
+        ),
+        // A chat participant's name.
+        (
+            "/v1/chat/completions",
+            &[],
+            format!(
+                r#"{{"model":"m","messages":[{{"role":"user","name":"{marker}","content":"hi"}}]}}"#
+            ),
+        ),
+        // A search result's title.
+        (
+            "/v1/messages",
+            &[],
+            format!(
+                r#"{{"model":"c","max_tokens":5,"messages":[{{"role":"user","content":[
+                {{"type":"search_result","source":"https://x","title":"{marker}","content":[{{"type":"text","text":"r"}}]}}]}}]}}"#
+            ),
+        ),
+        // A JSON API called with a multipart content type is still read as JSON.
+        (
+            "/v1/chat/completions",
+            &[("content-type", "multipart/form-data; boundary=x")],
+            format!(r#"{{"model":"m","messages":[{{"role":"user","content":"{marker}"}}]}}"#),
+        ),
         // Refusal parts.
         (
             "/v1/chat/completions",
@@ -476,6 +525,16 @@ fn openai_batches_reference_an_uploaded_file() {
 }
 
 #[test]
+fn the_largest_token_cap_a_body_names_is_the_one_rules_see() {
+    let c = ctx_at(
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","max_tokens":100,"max_completion_tokens":100000,"messages":[]}"#,
+    );
+    assert_eq!(c.request.max_tokens, Some(100_000));
+}
+
+#[test]
 fn huge_max_tokens_saturate_instead_of_overflowing() {
     let c = ctx_at(
         "/v1/chat/completions",
@@ -483,4 +542,54 @@ fn huge_max_tokens_saturate_instead_of_overflowing() {
         r#"{"model":"m","max_tokens":9223372036854775807,"messages":[{"role":"user","content":"hi there"}]}"#,
     );
     assert_eq!(c.request.max_tokens, Some(i64::MAX));
+}
+
+#[test]
+fn paths_are_classified_as_a_server_resolves_them() {
+    for path in [
+        "/v1/chat/completion%73",
+        "/v1/chat/completions/.",
+        "//v1//chat/completions",
+        "/v1/x/../chat/completions",
+        "/v1/chat/%63ompletions?x=1#f",
+    ] {
+        let c = ctx_at(path, &[], r#"{"model":"m","messages":[]}"#);
+        assert_eq!(c.request.api, Api::Chat, "{path}");
+        assert_eq!(
+            c.request.path.trim_end_matches('/'),
+            "/v1/chat/completions",
+            "{path}"
+        );
+    }
+    // Escaped slashes are not decoded (they are not path separators).
+    let c = ctx_at("/v1/chat%2Fcompletions", &[], "{}");
+    assert_eq!(c.request.api, Api::Other);
+    assert_eq!(ctx_at("", &[], "").request.path, "/");
+}
+
+#[test]
+fn a_header_sent_twice_has_both_values_in_arrival_order() {
+    let c = ctx(
+        &[
+            ("X-User-Tier", "free"),
+            ("x-user-tier", "pro"),
+            ("x-a", "1"),
+        ],
+        "{}",
+    );
+    assert_eq!(c.principal("tier"), Some("free,pro"));
+    let c = ctx(&[("x-user-tier", "pro"), ("X-USER-TIER", "free")], "{}");
+    assert_eq!(c.principal("tier"), Some("pro,free"));
+}
+
+#[test]
+fn a_batch_over_the_item_limit_is_refused_before_it_is_built() {
+    let items = vec![r#"{"params":{}}"#; 10_001].join(",");
+    let e = try_ctx(
+        "/v1/messages/batches",
+        &[],
+        &format!(r#"{{"requests":[{items}]}}"#),
+    )
+    .unwrap_err();
+    assert_eq!((e.status(), e.code()), (413, "batch_too_large"));
 }

@@ -126,3 +126,38 @@ fn a_file_over_the_size_limit_is_refused_before_it_is_read() {
     let e = load_policies(&[&big]).unwrap_err();
     assert_eq!(e.0[0].code, "file-too-large");
 }
+
+#[test]
+fn devices_and_fifos_are_not_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    write(&root.join("ok.yaml"), &policy("ok"));
+    symlink("/dev/zero", root.join("zero.yaml")).unwrap();
+    let fifo = root.join("pipe.yaml");
+    let status = std::process::Command::new("mkfifo")
+        .arg(&fifo)
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let root = root.to_path_buf();
+    let files = bounded({
+        let root = root.clone();
+        move || policy_files(&root).unwrap()
+    });
+    // Only the regular file is listed from the directory...
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["ok.yaml"]);
+    // ...and naming a device or a FIFO directly is an error, not a hang.
+    for p in [root.join("zero.yaml"), fifo] {
+        let e = bounded(move || load_policies(&[p]).unwrap_err());
+        assert_eq!(e.0[0].code, "io");
+        assert!(
+            e.0[0].message.starts_with("not a regular file"),
+            "{}",
+            e.0[0].message
+        );
+    }
+}

@@ -103,7 +103,10 @@ fn anthropic_messages() {
     assert_eq!(r.max_tokens, Some(1024));
     assert_eq!(r.user.as_deref(), Some("u-77"));
     assert_eq!(r.tools, vec!["get_weather"]);
-    assert_eq!(r.prompt, "You are terse.\nWeather in Paris?\nParis\n18C");
+    assert_eq!(
+        r.prompt,
+        "You are terse.\nWeather in Paris?\ncity\nParis\n18C"
+    );
     assert_eq!(c.principal("team"), Some("research"));
     let c = load("anthropic-messages-stream");
     assert!(c.request.stream);

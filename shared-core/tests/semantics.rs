@@ -455,6 +455,21 @@ fn extraction_needs_follow_what_rules_read() {
 }
 
 #[test]
+fn dsl_header_names_match_in_any_case() {
+    let rules = r#"
+    - id: key-required
+      when: { match: { field: request.headers, op: not_contains, value: X-Api-Key } }
+      action: { decision: deny }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    assert_eq!(
+        eval(&set, &ctx(&[("x-api-key", "k")], "{}")).decision,
+        Verdict::Allow
+    );
+    assert_eq!(eval(&set, &ctx(&[], "{}")).decision, Verdict::Deny);
+}
+
+#[test]
 fn the_deciding_rules_headers_win_a_clash_at_equal_priority() {
     // `a-allow` is written first, `b-deny` decides (deny beats allow at equal priority): the
     // reply must carry the deny rule's header.

@@ -199,6 +199,14 @@ fn limits_and_actions_are_checked() {
         ),
         ("budget: { key: team, usd: -3, per: day }", "invalid-limit"),
         ("status: 999", "invalid-status"),
+        (
+            "rateLimit: { key: '{request.prompt}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
+        (
+            "rateLimit: { key: '{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
         ("headers: { 'X Bad': v }", "invalid-header"),
     ];
     for (extra, code) in cases {

@@ -85,6 +85,8 @@ struct T {
     size: u32,
     /// The value depends on the request (a field, or something computed from one).
     request: bool,
+    /// For a list literal: how many elements it has.
+    count: Option<usize>,
 }
 
 impl T {
@@ -96,6 +98,7 @@ impl T {
             nullable: false,
             size: 0,
             request: false,
+            count: None,
         }
     }
     fn derived(ty: Ty, size: u32, request: bool) -> T {
@@ -200,6 +203,7 @@ fn t_of_field(f: FieldRef, ty: FieldType) -> T {
         size: u32::from(!small),
         request: true,
         field: Some(f),
+        count: None,
     }
 }
 
@@ -332,6 +336,7 @@ impl Checker<'_> {
                 self.grow(size, e)?;
                 Ok(T {
                     elem: elem.unwrap_or(Ty::Dyn),
+                    count: Some(l.elements.len()),
                     ..T::derived(Ty::List, size, request)
                 })
             }
@@ -446,6 +451,16 @@ impl Checker<'_> {
         if s.test {
             return Ok(T::of(Ty::Bool));
         }
+        if operand.ty == Ty::Message && !matches!(s.field.as_str(), "role" | "content") {
+            return Err(issue(
+                Code::UnknownField,
+                format!("`{}`: a message has no field `{}`", show(e), s.field),
+                Some(String::from("a message has `role` and `content`")),
+            ));
+        }
+        if operand.ty == Ty::Message {
+            return Ok(T::derived(Ty::Str, operand.size, operand.request));
+        }
         if operand.ty.known() && !matches!(operand.ty, Ty::Map | Ty::Message) {
             return Err(type_err(format!(
                 "`{}` selects a field of {}",
@@ -470,11 +485,13 @@ impl Checker<'_> {
         Ok(FieldRef::Header(name.to_string()))
     }
 
+    /// `root.member`; `quiet`: a presence test (`has()`) or an optional access, which never
+    /// fails on an absent value.
     fn root_member(
         &mut self,
         root: &str,
         member: &str,
-        test: bool,
+        quiet: bool,
         e: &IdedExpr,
     ) -> Result<T, CelIssue> {
         let (f, ty) = FieldRef::resolve(root, Some(member), self.attrs).map_err(|u| {
@@ -490,8 +507,11 @@ impl Checker<'_> {
             )
         })?;
         self.read(&f);
-        if test {
-            return Ok(T::of(Ty::Bool));
+        if quiet {
+            return Ok(T {
+                field: Some(f),
+                ..T::derived(Ty::Bool, 1, true)
+            });
         }
         if matches!(f, FieldRef::Shield(_)) {
             self.access_absent(&f, e);
@@ -661,9 +681,17 @@ impl Checker<'_> {
                 })
             }
             (op::IN, None, [needle, hay]) => self.in_op(needle, hay, e),
-            (op::INDEX | op::OPT_INDEX, None, [target, key]) => self.index(target, key, e),
-            (op::OPT_SELECT, None, [target, _]) => {
+            (op::INDEX, None, [target, key]) => self.index(target, key, e),
+            (op::OPT_INDEX | op::OPT_SELECT, None, [target, key]) => {
+                // `a[?k]` / `a.?k`: absent is an empty optional, not an error; a literal key is
+                // still checked as the field it names.
+                if let Some(k) = string_lit(key) {
+                    if let Some(t) = self.named_access(target, &k, true, e)? {
+                        return Ok(T { ty: Ty::Dyn, ..t });
+                    }
+                }
                 let t = self.expr(target)?;
+                self.expr(key)?;
                 Ok(T::derived(Ty::Dyn, t.size, t.request))
             }
             _ => self.function(c, e),
@@ -719,7 +747,44 @@ impl Checker<'_> {
         Ok(T::derived(Ty::Bool, 0, tn.request || th.request))
     }
 
+    /// `root[k]`, `root[?k]`, `root.?k` and the same on `request.headers`, with a literal key:
+    /// checked as the field it names (`principal['tierr']` is an unknown field).
+    fn named_access(
+        &mut self,
+        target: &IdedExpr,
+        key: &str,
+        optional: bool,
+        e: &IdedExpr,
+    ) -> Result<Option<T>, CelIssue> {
+        if let Expr::Select(inner) = &target.expr {
+            if super::is_headers(inner) && self.binding("request").is_none() {
+                let f = self.header(key)?;
+                self.read(&FieldRef::Headers);
+                if !optional {
+                    self.access_absent(&f, e);
+                }
+                return Ok(Some(T {
+                    field: Some(f),
+                    ..T::derived(Ty::Str, 1, true)
+                }));
+            }
+        }
+        if let Expr::Ident(root) = &target.expr {
+            if self.binding(root).is_none() && ROOTS.contains(&root.as_str()) {
+                return self.root_member(root, key, optional, e).map(Some);
+            }
+        }
+        Ok(None)
+    }
+
     fn index(&mut self, target: &IdedExpr, key: &IdedExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        if let (Some(k), Expr::Ident(root)) = (string_lit(key), &target.expr) {
+            if root != "shield" {
+                if let Some(t) = self.named_access(target, &k, false, e)? {
+                    return Ok(t);
+                }
+            }
+        }
         if let Some((f, _)) = field_of(e, &self.scope()) {
             match &f {
                 FieldRef::Header(h) => {
@@ -817,7 +882,10 @@ impl Checker<'_> {
         });
         self.comprehensions = self.comprehensions.saturating_add(1);
         let outer = self.in_request_loop;
-        self.in_request_loop = range.request && range.size > 0;
+        // Only a short literal list may run a body that reads request text: its cost is a small
+        // multiple of the text. Over request data, or a long list, it would be the product.
+        let short_literal = !range.request && range.count.is_some_and(|n| n <= MAX_LITERAL_RANGE);
+        self.in_request_loop = !short_literal;
         let result = (|| {
             self.expr(&c.loop_cond)?;
             let step = self.expr(&c.loop_step)?;
@@ -829,10 +897,12 @@ impl Checker<'_> {
         self.bound.truncate(n);
         let (step, result) = result?;
         // `map` / `filter` accumulate a list as large as the range times what each step adds.
-        let size = if result.ty == Ty::List || accu.ty == Ty::List {
-            range.size.max(1).saturating_mul(step.size.max(1))
-        } else {
-            0
+        let size = match (result.ty == Ty::List || accu.ty == Ty::List, short_literal) {
+            (false, _) => 0,
+            (true, true) => u32::try_from(range.count.unwrap_or(0))
+                .unwrap_or(u32::MAX)
+                .saturating_mul(step.size),
+            (true, false) => range.size.max(1).saturating_mul(step.size.max(1)),
         };
         self.grow(size, e)?;
         Ok(T::derived(
@@ -937,8 +1007,16 @@ impl Checker<'_> {
                 T::derived(Ty::Str, size_of_recv, request)
             }
             "indexOf" | "lastIndexOf" => {
-                want_str(recv)?;
-                T::derived(Ty::Int, 0, request)
+                return Err(issue(
+                    Code::CelTooComplex,
+                    format!(
+                        "`{}`: `{name}` searches in time proportional to the text times the needle",
+                        show(e)
+                    ),
+                    Some(String::from(
+                        "use `contains`, `startsWith`, `endsWith` or `matches`",
+                    )),
+                ))
             }
             "replace" => {
                 want_str(recv)?;
@@ -1009,6 +1087,9 @@ fn op_symbol(name: &str) -> &'static str {
     }
 }
 
+/// Longest literal list a list macro may range over while reading request text in its body.
+const MAX_LITERAL_RANGE: usize = 32;
+
 /// Type names CEL has as identifiers (`type(x) == string`).
 const TYPE_NAMES: &[&str] = &[
     "int",
@@ -1037,8 +1118,6 @@ pub(super) const KNOWN_FUNCTIONS: &[&str] = &[
     "reverse",
     "substring",
     "charAt",
-    "indexOf",
-    "lastIndexOf",
     "replace",
     "int",
     "uint",

@@ -12,7 +12,7 @@ use crate::diagnostic::Code;
 
 /// Largest upper bound of the tree depth estimated from the text; well inside what the parser
 /// handles on a 256 KiB stack, and far above [`MAX_DEPTH`] for anything a person writes.
-const LEXICAL_BOUND: usize = 512;
+const LEXICAL_BOUND: usize = 256;
 
 fn too_deep(what: &str) -> CelIssue {
     issue(
@@ -29,7 +29,8 @@ fn too_deep(what: &str) -> CelIssue {
 /// in it.
 #[derive(Default)]
 struct Group {
-    closer: char,
+    /// A `{...}` group: `:` separates a key from its value.
+    brace: bool,
     done: usize,
     ops: usize,
     child: usize,
@@ -48,8 +49,11 @@ impl Group {
 }
 
 /// Rejects expressions too long, too deeply nested, or with operator chains too long to parse
-/// safely. Strings (all CEL quote forms) are skipped.
-pub(super) fn lexical(src: &str) -> Result<(), CelIssue> {
+/// safely. Runs on the parser's own tokens (so strings, raw strings, comments and escapes are
+/// read exactly as the parser reads them); a text the lexer rejects is a syntax error here,
+/// before the parser (and its error recovery) sees it.
+pub(crate) fn lexical(src: &str) -> Result<(), CelIssue> {
+    use cel::parser::pratt_parser::{Lexer, TokenKind as K};
     if src.len() > MAX_EXPR_LEN {
         return Err(issue(
             Code::CelTooLarge,
@@ -61,77 +65,35 @@ pub(super) fn lexical(src: &str) -> Result<(), CelIssue> {
         ));
     }
     let mut stack: Vec<Group> = vec![Group::default()];
-    let mut chars = src.chars().peekable();
-    // Inside a number, `.` is a decimal point, not a member access.
-    let mut in_number = false;
-    let mut in_ident = false;
-    let mut prev: char = ' ';
-    while let Some(c) = chars.next() {
-        let word = c.is_alphanumeric() || c == '_';
-        let decimal_point = c == '.' && in_number;
-        in_number = if word {
-            in_number || (!in_ident && c.is_ascii_digit())
-        } else {
-            decimal_point
-        };
-        in_ident = word && !in_number;
-        match c {
-            '"' | '\'' => {
-                // `'...'`, `"..."`, `'''...'''`, `"""..."""`; raw / bytes prefixes are letters
-                // before the quote and need nothing here (a raw string has no escapes, and a `\`
-                // before the closing quote cannot occur in a valid raw string).
-                let triple = {
-                    let mut look = chars.clone();
-                    look.next() == Some(c) && look.next() == Some(c)
-                };
-                if triple {
-                    chars.next();
-                    chars.next();
-                }
-                let mut run = 0usize;
-                let mut escaped = false;
-                for ch in chars.by_ref() {
-                    if escaped {
-                        escaped = false;
-                        run = 0;
-                        continue;
-                    }
-                    if ch == '\\' {
-                        escaped = true;
-                        run = 0;
-                        continue;
-                    }
-                    if ch == c {
-                        run = run.saturating_add(1);
-                        if !triple || run == 3 {
-                            break;
-                        }
-                    } else {
-                        run = 0;
-                    }
-                }
+    let mut lexer = Lexer::new(src);
+    loop {
+        let token = lexer.lex();
+        match token.kind {
+            K::TokEnd => break,
+            K::TokError => {
+                let at = lexer.get_error().map_or(token.start, |e| e.start);
+                return Err(issue(
+                    Code::CelSyntax,
+                    format!("CEL syntax error: invalid token at byte {at}"),
+                    None,
+                ));
             }
-            '(' | '[' | '{' => {
+            K::TokLeftParen | K::TokLeftBracket | K::TokLeftBrace => {
                 if stack.len() > MAX_NESTING {
                     return Err(too_deep(&format!(
                         "expression nests brackets deeper than {MAX_NESTING} levels"
                     )));
                 }
-                let closer = match c {
-                    '(' => ')',
-                    '[' => ']',
-                    _ => '}',
-                };
                 if let Some(g) = stack.last_mut() {
-                    // Calling or indexing is an operator of the enclosing segment.
+                    // Calling, indexing or building a list is a node of the enclosing segment.
                     g.ops = g.ops.saturating_add(1);
                 }
                 stack.push(Group {
-                    closer,
+                    brace: token.kind == K::TokLeftBrace,
                     ..Group::default()
                 });
             }
-            ')' | ']' | '}' if stack.len() > 1 => {
+            K::TokRightParen | K::TokRightBracket | K::TokRightBrace if stack.len() > 1 => {
                 if let Some(g) = stack.pop() {
                     let b = g.bound();
                     if let Some(parent) = stack.last_mut() {
@@ -139,49 +101,41 @@ pub(super) fn lexical(src: &str) -> Result<(), CelIssue> {
                     }
                 }
             }
-            ',' => {
+            K::TokComma => {
                 if let Some(g) = stack.last_mut() {
                     g.finish_segment();
                 }
             }
-            ':' => {
+            K::TokColon => {
                 if let Some(g) = stack.last_mut() {
-                    if g.closer == '}' {
+                    if g.brace {
                         g.finish_segment();
                     } else {
                         g.ops = g.ops.saturating_add(1);
                     }
                 }
             }
-            '.' if decimal_point => {}
-            '!' | '-' | '.' | '?' => {
+            K::TokWhitespace | K::TokComment => {}
+            K::TokNull
+            | K::TokFalse
+            | K::TokTrue
+            | K::TokReservedWord
+            | K::TokInt
+            | K::TokUint
+            | K::TokFloat
+            | K::TokString
+            | K::TokBytes
+            | K::TokIdent
+            | K::TokRightParen
+            | K::TokRightBracket
+            | K::TokRightBrace => {}
+            // Every operator (`.`, `-`, `!`, `?`, `in`, binary operators) is a possible level.
+            _ => {
                 if let Some(g) = stack.last_mut() {
                     g.ops = g.ops.saturating_add(1);
                 }
             }
-            '+' | '*' | '/' | '%' | '<' | '>' | '=' | '&' | '|' => {
-                // A run of these is one operator (`==`, `<=`, `&&`, ...).
-                while chars.next_if(|n| "=&|<>".contains(*n)).is_some() {}
-                if let Some(g) = stack.last_mut() {
-                    g.ops = g.ops.saturating_add(1);
-                }
-            }
-            // The `in` operator.
-            'i' if !(prev.is_alphanumeric() || prev == '_') && chars.peek() == Some(&'n') => {
-                let mut look = chars.clone();
-                look.next();
-                if !look
-                    .peek()
-                    .is_some_and(|n| n.is_alphanumeric() || *n == '_')
-                {
-                    if let Some(g) = stack.last_mut() {
-                        g.ops = g.ops.saturating_add(1);
-                    }
-                }
-            }
-            _ => {}
         }
-        prev = c;
         let bound: usize = stack
             .iter()
             .map(|g| g.done.max(g.ops.saturating_add(g.child)).saturating_add(1))

@@ -411,6 +411,74 @@ mod limits {
         }
     }
 
+    /// Chains the exact depth check rejects but the text guard lets through to the parser: the
+    /// parser (and the drop of what it builds) must survive the longest of each on 256 KiB.
+    const CHAINS: &[Kind] = &[
+        ("else branches", |n| format!("{}c", "a ? b : ".repeat(n))),
+        ("then branches", |n| {
+            format!("{}b{}", "a ? (".repeat(n), ") : c".repeat(n))
+        }),
+        ("mixed unary", |n| format!("{}a", "!-".repeat(n))),
+        ("optional selects", |n| format!("a{} == 1", ".?b".repeat(n))),
+        ("selects", |n| format!("a{} == 1", ".b".repeat(n))),
+        ("indexes", |n| format!("a{} == 1", "[0]".repeat(n))),
+        ("optional indexes", |n| {
+            format!("a{} == 1", "[?0]".repeat(n))
+        }),
+        ("in chains", |n| format!("a{}", " in a".repeat(n))),
+        ("equalities", |n| format!("a{}", " == a".repeat(n))),
+        ("member calls", |n| format!("a{} == 1", ".f()".repeat(n))),
+        ("additions", |n| format!("a{}", " + a".repeat(n))),
+        ("products", |n| format!("a{}", " * a".repeat(n))),
+    ];
+
+    #[test]
+    fn the_longest_chain_the_text_guard_passes_parses_on_a_256_kib_stack() {
+        for &(name, f) in CHAINS.iter().chain(KINDS) {
+            let mut n = 1;
+            while n < 5000 && crate::cel_lang::guard::lexical(&f(n + 1)).is_ok() {
+                n += 1;
+            }
+            let src = f(n);
+            on_small_stack(move || {
+                if let Err(e) = compile(&src, &attrs()) {
+                    assert!(
+                        matches!(
+                            e.code,
+                            Code::CelTooDeep | Code::UnknownField | Code::CelType
+                        ),
+                        "{name} (n = {n}): {} {}",
+                        e.code,
+                        e.message
+                    );
+                }
+            });
+        }
+    }
+
+    #[test]
+    fn comments_and_raw_strings_cannot_hide_a_chain_from_the_guard() {
+        let chain = "a ? b : ".repeat(1500);
+        for src in [
+            format!("true // '\n && {chain}c // '\n"),
+            format!("r'\\' == r'\\' || {chain} c || 'x' == 'x'"),
+            format!("true /* not a comment */ && {chain}c"),
+            format!("b'\\x' == b'' && {chain}c"),
+            format!("'''a''' == ''' '' ''' && {chain}c"),
+            format!("true // '\n && a{} == 1 // '", ".f()".repeat(4000)),
+        ] {
+            on_small_stack(move || {
+                let e = compile(&src, &attrs()).err().unwrap();
+                assert!(
+                    matches!(e.code, Code::CelTooDeep | Code::CelSyntax),
+                    "{}: {}",
+                    &src[..30],
+                    e.message
+                );
+            });
+        }
+    }
+
     #[test]
     fn what_is_rejected_is_rejected_fast_and_on_a_small_stack() {
         // The expression from the report: 5,000 `+` terms (10 KB) after a model test.
@@ -641,6 +709,69 @@ mod checks {
             "(request.prompt + request.user).size() > 10",
             "request.messages.map(m, m.content).size() > 3",
             "request.messages.filter(m, m.role == 'user').size() > 3",
+        ] {
+            assert!(
+                compile(src, &attrs()).is_ok(),
+                "{src}: {:?}",
+                compile(src, &attrs()).err()
+            );
+        }
+    }
+
+    #[test]
+    fn literal_ranges_may_read_request_text_only_when_short() {
+        assert!(compile(
+            "['sk-', 'AKIA'].exists(p, request.prompt.contains(p))",
+            &attrs()
+        )
+        .is_ok());
+        let long = format!(
+            "[{}].exists(x, request.prompt.endsWith('zz'))",
+            vec!["1"; 40].join(",")
+        );
+        assert_eq!(code(&long), Code::CelTooComplex);
+        let grow = format!(
+            "[{}].map(x, request.prompt).size() == 0",
+            vec!["1"; 20].join(",")
+        );
+        assert_eq!(code(&grow), Code::CelTooComplex);
+        let many = format!(
+            "[{}].map(x, request.prompt + request.prompt).size() == 0",
+            vec!["1"; 7000].join(",")
+        );
+        assert!(matches!(
+            code(&many),
+            Code::CelTooComplex | Code::CelTooDeep | Code::CelTooLarge
+        ));
+        assert_eq!(
+            code("request.messages[0].content.indexOf(request.messages[1].content) > 5"),
+            Code::CelTooComplex
+        );
+        assert_eq!(
+            code("request.prompt.lastIndexOf('x') > 5"),
+            Code::CelTooComplex
+        );
+    }
+
+    #[test]
+    fn keyed_and_optional_access_is_checked_like_a_field() {
+        for (src, want) in [
+            ("request.messages[0].rol == 'user'", Code::UnknownField),
+            ("principal['tierr'] == 'free'", Code::UnknownField),
+            ("request['modell'] == 'x'", Code::UnknownField),
+            ("time['hourr'] > 3", Code::UnknownField),
+            ("request.?modell.orValue('') == ''", Code::UnknownField),
+            ("request.headers[?'X-Api-Key'].hasValue()", Code::HeaderCase),
+            ("shield.?PII_score.hasValue()", Code::InvalidShieldName),
+        ] {
+            assert_eq!(code(src), want, "{src}");
+        }
+        for src in [
+            "request.messages[0].role == 'user'",
+            "principal['tier'] == 'free'",
+            "request.?model.orValue('') == 'x'",
+            "request.headers[?'x-api-key'].hasValue()",
+            "shield.?pii_score.hasValue()",
         ] {
             assert!(
                 compile(src, &attrs()).is_ok(),

@@ -161,8 +161,20 @@ fn window_or_error(c: &mut Compiler, per: &str, site: &RuleSite<'_>, ptr: &str) 
     }
 }
 
-/// `"{principal.id}:{request.model}"` → parts. Literal text outside braces is kept.
+/// Longest counter key template, in bytes.
+const MAX_KEY_TEMPLATE: usize = 256;
+/// Most fields in a counter key template.
+const MAX_KEY_FIELDS: usize = 8;
+
+/// `"{principal.id}:{request.model}"` → parts. Literal text outside braces is kept. Only short
+/// scalar fields may be part of a key: a key holds who or what is counted, never request text.
 fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
+    if t.len() > MAX_KEY_TEMPLATE {
+        return Err(format!(
+            "counter key template is {} bytes, over the limit of {MAX_KEY_TEMPLATE}",
+            t.len()
+        ));
+    }
     let mut parts = Vec::new();
     let mut rest = t;
     while let Some((before, after)) = rest.split_once('{') {
@@ -180,12 +192,23 @@ fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
         if matches!(
             ty,
             FieldType::Messages | FieldType::StrList | FieldType::StrMap
-        ) {
+        ) || field == FieldRef::Prompt
+        {
             return Err(format!(
-                "`{path}` cannot be part of a counter key (use a scalar field)"
+                "`{path}` cannot be part of a counter key (use a field that names who or what is counted, e.g. `principal.id`, `request.model`)"
             ));
         }
         parts.push(KeyPart::Field(field));
+        if parts
+            .iter()
+            .filter(|p| matches!(p, KeyPart::Field(_)))
+            .count()
+            > MAX_KEY_FIELDS
+        {
+            return Err(format!(
+                "a counter key template takes at most {MAX_KEY_FIELDS} fields"
+            ));
+        }
         rest = tail;
     }
     if !rest.is_empty() {

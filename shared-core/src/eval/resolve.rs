@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::{Outcome, Pending};
+use super::{Outcome, Part, Pending};
 use crate::cache_key;
 use crate::context::RequestContext;
 use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
@@ -73,7 +73,7 @@ pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decis
     let parts: Vec<PartDecision> = p
         .parts
         .iter()
-        .map(|outcomes| resolve_part(ns, outcomes, p.explain))
+        .map(|part| resolve_part(ns, part, p.explain))
         .collect();
     // The strictest part decides (the request itself first on a tie).
     let deciding = parts
@@ -142,13 +142,14 @@ pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decis
     }
 }
 
-fn resolve_part(ns: &Namespace, outcomes: &[(u32, Outcome)], explain: bool) -> PartDecision {
+fn resolve_part(ns: &Namespace, part: &Part, explain: bool) -> PartDecision {
+    let outcomes = &part.outcomes;
     let mut hits: Vec<Hit<'_>> = Vec::new();
     let mut shadow = Vec::new();
     let mut errors = Vec::new();
     let mut charges = Vec::new();
     let mut remote: Vec<&CompiledRule> = Vec::new();
-    let mut cacheable = true;
+    let cacheable = part.cacheable;
     let mut trace: Vec<RuleTrace> = Vec::new();
     for (pos, outcome) in outcomes {
         let Some(rule) = ns.rules.get(*pos as usize) else {
@@ -157,10 +158,6 @@ fn resolve_part(ns: &Namespace, outcomes: &[(u32, Outcome)], explain: bool) -> P
         if explain {
             trace.push(rule_trace(rule, outcome));
         }
-        if *outcome == Outcome::NotSelected {
-            continue;
-        }
-        cacheable &= !rule.volatile;
         match outcome {
             Outcome::Matched(charge) => {
                 charges.extend(charge.iter().cloned());

@@ -8,7 +8,7 @@ use alloc::vec::Vec;
 use super::resolve;
 use super::select;
 use super::{
-    Answer, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck, Step,
+    Answer, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Part, Pending, PluginCheck, Step,
 };
 use crate::condition::Scratch;
 use crate::context::{FieldValue, RequestContext, View};
@@ -81,19 +81,30 @@ pub(super) fn start(set: &PolicySet, ctx: &RequestContext, opts: &EvalOptions<'_
             cel_reads: &ns.cel_reads,
             ..Scratch::default()
         };
-        let mut outcomes: Vec<(u32, Outcome)> = Vec::with_capacity(candidates.len());
+        let mut outcomes: Vec<(u32, Outcome)> = Vec::new();
         if opts.explain {
             outcomes.extend(left_out.into_iter().map(|i| (i, Outcome::NotSelected)));
         }
+        let mut cacheable = true;
         for i in candidates {
             let Some(rule) = ns.rules.get(i as usize) else {
                 continue;
             };
+            cacheable &= !rule.volatile;
             let outcome = run_rule(rule, ns, view, &mut scratch, &mut needs, part);
-            outcomes.push((i, outcome));
+            // Most candidates do not match: keeping them only costs memory (a batch has many
+            // parts), unless they are to be explained.
+            if outcome != Outcome::NotMatched || opts.explain {
+                outcomes.push((i, outcome));
+            }
         }
-        outcomes.sort_by_key(|(i, _)| *i);
-        parts.push(outcomes);
+        if opts.explain {
+            outcomes.sort_by_key(|(i, _)| *i);
+        }
+        parts.push(Part {
+            outcomes,
+            cacheable,
+        });
     }
     let answers = alloc::vec![None; needs.len()];
     finish(
@@ -125,7 +136,7 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
     let answer = |id: &NeedId| answers.get(id.0 as usize).cloned().flatten();
     let mut needs = Vec::new();
     let views: Vec<View<'_>> = ctx.views().collect();
-    for (part, outcomes) in p.parts.iter_mut().enumerate() {
+    for (part, Part { outcomes, .. }) in p.parts.iter_mut().enumerate() {
         let Some(view) = views.get(part).copied() else {
             continue;
         };
@@ -139,7 +150,9 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
                         after_match(rule, ns, view, &mut needs, part)
                     }
                     Some(Answer::Plugin(PluginCheck::Matched(false))) => Outcome::NotMatched,
-                    Some(Answer::Plugin(PluginCheck::Error(e))) => Outcome::Error(e),
+                    Some(Answer::Plugin(PluginCheck::Error(e))) => {
+                        Outcome::Error(crate::condition::clip(e))
+                    }
                     _ => Outcome::Remote(None),
                 },
                 Outcome::WaitCounter(id, charge) => {
@@ -191,7 +204,7 @@ fn run_rule<'a>(
         return Outcome::WaitPlugin(id);
     }
     match rule.cond.eval(view, scratch) {
-        Err(e) => Outcome::Error(e.0),
+        Err(e) => Outcome::Error(crate::condition::clip(e.0)),
         Ok(false) => Outcome::NotMatched,
         Ok(true) => after_match(rule, ns, view, needs, part),
     }
@@ -270,22 +283,60 @@ fn escape_key_part(s: &str, out: &mut String) {
     }
 }
 
-/// `namespace/rule/rendered-template` (namespace and rule escaped); null values render as `-`.
+/// Longest encoded field value kept in a counter key; longer ones are replaced by a hash.
+const MAX_KEY_VALUE: usize = 128;
+
+/// A request value in a counter key: letters, digits, `-`, `.` and `_` as they are (unless the
+/// template's own text uses them), everything else percent-encoded, so that no two values (and
+/// no value and the template's separators) render alike; null is `%-`, which no encoded value
+/// contains. A value longer than [`MAX_KEY_VALUE`] encoded becomes `~` and its xxh3-64 hash.
+fn push_key_value(key: &mut String, value: &str, reserved: &[char]) {
+    let start = key.len();
+    for c in value.chars() {
+        if (c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_')) && !reserved.contains(&c) {
+            key.push(c);
+        } else {
+            let mut buf = [0u8; 4];
+            for b in c.encode_utf8(&mut buf).bytes() {
+                key.push_str(&format!("%{b:02X}"));
+            }
+        }
+        if key.len().saturating_sub(start) > MAX_KEY_VALUE {
+            key.truncate(start);
+            key.push_str(&format!(
+                "~{:016x}",
+                xxhash_rust::xxh3::xxh3_64(value.as_bytes())
+            ));
+            return;
+        }
+    }
+}
+
+/// `namespace/rule/rendered-template` (namespace and rule escaped, request values encoded by
+/// [`push_key_value`]).
 fn render_key(ns: &str, rule: &str, parts: &[KeyPart], view: View<'_>) -> String {
     let mut key = String::new();
     escape_key_part(ns, &mut key);
     key.push('/');
     escape_key_part(rule, &mut key);
     key.push('/');
+    let reserved: Vec<char> = parts
+        .iter()
+        .filter_map(|p| match p {
+            KeyPart::Text(t) => Some(t.chars()),
+            KeyPart::Field(_) => None,
+        })
+        .flatten()
+        .collect();
     for p in parts {
         match p {
             KeyPart::Text(t) => key.push_str(t),
             KeyPart::Field(f) => match view.get(f) {
-                FieldValue::Str(s) => key.push_str(s),
-                FieldValue::Int(i) => key.push_str(&i.to_string()),
-                FieldValue::Float(x) => key.push_str(&format!("{x}")),
+                FieldValue::Str(s) => push_key_value(&mut key, s, &reserved),
+                FieldValue::Int(i) => push_key_value(&mut key, &i.to_string(), &reserved),
+                FieldValue::Float(x) => push_key_value(&mut key, &format!("{x}"), &reserved),
                 FieldValue::Bool(b) => key.push_str(if b { "true" } else { "false" }),
-                _ => key.push('-'),
+                _ => key.push_str("%-"),
             },
         }
     }
@@ -313,5 +364,33 @@ mod tests {
             "n%252F/r/",
             "an escape sequence in a name is itself escaped"
         );
+    }
+
+    #[test]
+    fn request_values_cannot_collide_in_a_key() {
+        let key = |id: Option<&str>, model: &str| {
+            let mut ctx = RequestContext {
+                principal: vec![("id".into(), id.map(String::from))],
+                ..RequestContext::default()
+            };
+            ctx.request.model = Some(model.into());
+            let parts = [
+                KeyPart::Field(crate::schema::FieldRef::Principal("id".into())),
+                KeyPart::Text(":".into()),
+                KeyPart::Field(crate::schema::FieldRef::Model),
+            ];
+            render_key("default", "r", &parts, ctx.view())
+        };
+        // `x:y` + `z` and `x` + `y:z`.
+        assert_ne!(key(Some("x:y"), "z"), key(Some("x"), "y:z"));
+        // An id of `-` and no id at all.
+        assert_ne!(key(Some("-"), "m"), key(None, "m"));
+        assert_eq!(key(Some("user-1"), "gpt-4o"), "default/r/user-1:gpt-4o");
+        assert_eq!(key(Some("a@b.c"), "m"), "default/r/a%40b.c:m");
+        // A long value is hashed: the key stays short.
+        let long = "u".repeat(10_000);
+        let k = key(Some(&long), "m");
+        assert!(k.len() < 64 && k.contains('~'), "{k}");
+        assert_ne!(k, key(Some(&"u".repeat(10_001)), "m"));
     }
 }

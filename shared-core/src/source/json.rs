@@ -6,14 +6,14 @@ use std::collections::HashSet;
 
 use serde_json::Value;
 
-use super::MAX_DOCUMENT_DEPTH;
+use super::{span_budget, MAX_DOCUMENT_DEPTH};
 use crate::diagnostic::{Code, Diagnostic, Position};
 use crate::document::{escape_segment, Document, Spans};
 
 /// Parses one JSON document.
 pub(super) fn parse(file: &str, text: &str) -> Result<Document, Diagnostic> {
-    let spans =
-        scan(text).map_err(|(code, msg, pos)| Diagnostic::error(code, msg).at(file, Some(pos)))?;
+    let spans = scan(text, span_budget(text.len()))
+        .map_err(|(code, msg, pos)| Diagnostic::error(code, msg).at(file, Some(pos)))?;
     let value: Value = serde_json::from_str(text).map_err(|e| {
         Diagnostic::error(Code::Syntax, format!("invalid JSON: {e}")).at(
             file,
@@ -41,8 +41,27 @@ enum Frame {
 type ScanError = (Code, String, Position);
 
 /// Positions of every node by JSON pointer (a map entry: where its key is written).
-fn scan(text: &str) -> Result<Spans, ScanError> {
+fn scan(text: &str, budget: usize) -> Result<Spans, ScanError> {
     let mut spans = Spans::new();
+    let mut span_bytes = 0usize;
+    let mut record = |spans: &mut Spans, ptr: String, at: Position, replace: bool| {
+        span_bytes = span_bytes.saturating_add(ptr.len());
+        if span_bytes > budget {
+            return Err((
+                Code::DocumentTooLarge,
+                String::from(
+                    "the document's keys are too long for its size (long map keys nested deep)",
+                ),
+                at,
+            ));
+        }
+        if replace {
+            spans.insert(ptr, at);
+        } else {
+            spans.entry(ptr).or_insert(at);
+        }
+        Ok(())
+    };
     let mut stack: Vec<Frame> = Vec::new();
     let (mut line, mut column) = (1u32, 1u32);
     let mut chars = text.char_indices().peekable();
@@ -82,7 +101,7 @@ fn scan(text: &str) -> Result<Spans, ScanError> {
                     ));
                 }
                 let ptr = next_ptr(&stack);
-                spans.entry(ptr.clone()).or_insert(here);
+                record(&mut spans, ptr.clone(), here, false)?;
                 stack.push(if c == '{' {
                     Frame::Object {
                         ptr,
@@ -126,11 +145,12 @@ fn scan(text: &str) -> Result<Spans, ScanError> {
                         if !keys.insert(k.clone()) {
                             return Err((Code::Syntax, format!("duplicate key `{k}`"), here));
                         }
-                        spans.insert(format!("{ptr}/{}", escape_segment(&k)), here);
+                        let at = format!("{ptr}/{}", escape_segment(&k));
                         *key = Some(k);
+                        record(&mut spans, at, here, true)?;
                     }
                     _ => {
-                        spans.entry(next_ptr(&stack)).or_insert(here);
+                        record(&mut spans, next_ptr(&stack), here, false)?;
                         if let Some(Frame::Object { key, .. }) = stack.last_mut() {
                             *key = None;
                         }
@@ -145,7 +165,7 @@ fn scan(text: &str) -> Result<Spans, ScanError> {
                     let _ = ch;
                     column = column.saturating_add(1);
                 }
-                spans.entry(next_ptr(&stack)).or_insert(here);
+                record(&mut spans, next_ptr(&stack), here, false)?;
                 if let Some(Frame::Object { key, .. }) = stack.last_mut() {
                     *key = None;
                 }

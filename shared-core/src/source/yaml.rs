@@ -9,13 +9,17 @@ use yaml_rust2::parser::{Event, Parser};
 use yaml_rust2::scanner::{Marker, TScalarStyle};
 use yaml_rust2::Yaml;
 
-use super::{MAX_ALIAS_NODES, MAX_DOCUMENT_DEPTH};
+use super::{alias_budget, span_budget, MAX_DOCUMENTS, MAX_DOCUMENT_DEPTH};
 use crate::diagnostic::{Code, Diagnostic, Position};
 use crate::document::{escape_segment, Document, Spans};
 
 /// Parses every document of a YAML stream.
 pub(super) fn parse(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
-    let mut builder = Builder::default();
+    let mut builder = Builder {
+        alias_budget: alias_budget(text.len()),
+        span_budget: span_budget(text.len()),
+        ..Builder::default()
+    };
     let mut parser = Parser::new_from_str(text);
     loop {
         let (ev, mark) = match parser.next_token() {
@@ -83,15 +87,18 @@ struct Builder {
     stack: Vec<Frame>,
     docs: Vec<(Value, Spans)>,
     spans: Spans,
-    /// Anchored values with their node counts.
+    /// Anchored values with their weights.
     anchors: BTreeMap<usize, (Value, usize)>,
     root: Option<Value>,
-    /// Nodes in the current document, aliases expanded.
+    /// Weight of the current document (one per node plus the bytes of its strings), aliases
+    /// expanded.
     nodes: usize,
-    /// Nodes written out in the current document.
-    written: usize,
-    /// Nodes added by aliases in the current document.
+    /// Weight added by aliases in the current document.
     aliased: usize,
+    /// Bytes of the location table's keys in the current document.
+    span_bytes: usize,
+    alias_budget: usize,
+    span_budget: usize,
     error: Option<(Code, String, Position)>,
 }
 
@@ -132,9 +139,24 @@ impl Builder {
         }
     }
 
-    fn count_written(&mut self) {
-        self.nodes = self.nodes.saturating_add(1);
-        self.written = self.written.saturating_add(1);
+    fn count_written(&mut self, weight: usize) {
+        self.nodes = self.nodes.saturating_add(weight);
+    }
+
+    /// Records where the node at `ptr` was written, within the table's budget.
+    fn span(&mut self, ptr: String, mark: Marker) {
+        self.span_bytes = self.span_bytes.saturating_add(ptr.len());
+        if self.span_bytes > self.span_budget {
+            self.fail(
+                Code::DocumentTooLarge,
+                String::from(
+                    "the document's keys are too long for its size (long map keys nested deep)",
+                ),
+                mark,
+            );
+            return;
+        }
+        self.spans.entry(ptr).or_insert(position(&mark));
     }
 
     fn alias(&mut self, id: usize, mark: Marker) {
@@ -151,13 +173,12 @@ impl Builder {
             return;
         };
         let aliased = self.aliased.saturating_add(size);
-        let limit = MAX_ALIAS_NODES.min(self.written.saturating_mul(4).max(1000));
-        if aliased > limit {
+        if aliased > self.alias_budget {
             self.fail(
                 Code::DocumentTooLarge,
                 format!(
-                    "YAML aliases expand this document past {limit} nodes ({} written)",
-                    self.written
+                    "YAML aliases would add more than {} bytes to this document",
+                    self.alias_budget
                 ),
                 mark,
             );
@@ -180,12 +201,20 @@ impl Builder {
                 self.anchors.clear();
                 self.root = None;
                 self.nodes = 0;
-                self.written = 0;
                 self.aliased = 0;
+                self.span_bytes = 0;
             }
             Event::DocumentEnd => {
                 if let Some(v) = self.root.take() {
                     if !v.is_null() {
+                        if self.docs.len() >= MAX_DOCUMENTS {
+                            self.fail(
+                                Code::DocumentTooLarge,
+                                format!("more than {MAX_DOCUMENTS} documents in one file"),
+                                mark,
+                            );
+                            return;
+                        }
                         self.docs.push((v, std::mem::take(&mut self.spans)));
                     }
                 }
@@ -196,16 +225,17 @@ impl Builder {
                     None => {
                         // A map key.
                         if let Some(Frame::Map { key, ptr, .. }) = self.stack.last_mut() {
-                            self.spans
-                                .insert(child(ptr, &escape_segment(&s)), position(&mark));
+                            let at = child(ptr, &escape_segment(&s));
                             *key = Some(s);
+                            self.span(at, mark);
                         }
                     }
                     Some(ptr) => match scalar_value(&s, style, tagged_str) {
                         Ok(v) => {
-                            self.spans.entry(ptr).or_insert(position(&mark));
-                            self.count_written();
-                            self.push_value(v, anchor, 1, mark);
+                            let weight = s.len().saturating_add(1);
+                            self.span(ptr, mark);
+                            self.count_written(weight);
+                            self.push_value(v, anchor, weight, mark);
                         }
                         Err(e) => self.fail(Code::Syntax, e, mark),
                     },
@@ -229,8 +259,8 @@ impl Builder {
                     );
                     return;
                 }
-                self.spans.entry(ptr.clone()).or_insert(position(&mark));
-                self.count_written();
+                self.span(ptr.clone(), mark);
+                self.count_written(1);
                 let start = self.nodes;
                 self.stack.push(if matches!(ev, Event::SequenceStart(..)) {
                     Frame::Seq {
