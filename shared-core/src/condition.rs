@@ -118,17 +118,41 @@ pub(crate) struct CondError(pub String);
 /// Longest error message kept: messages may quote request values (a whole prompt).
 pub(crate) const MAX_ERROR_LEN: usize = 300;
 
-/// `msg` cut to [`MAX_ERROR_LEN`] bytes at a character boundary, marked with `…`.
-pub(crate) fn clip(mut msg: String) -> String {
-    if msg.len() > MAX_ERROR_LEN {
-        let mut end = MAX_ERROR_LEN;
-        while !msg.is_char_boundary(end) {
-            end = end.saturating_sub(1);
-        }
-        msg.truncate(end);
-        msg.push('…');
+/// `msg` cut to [`MAX_ERROR_LEN`] bytes at a character boundary, marked with `…` (the cut string
+/// does not keep the original's allocation).
+pub(crate) fn clip(msg: String) -> String {
+    if msg.len() <= MAX_ERROR_LEN {
+        return msg;
     }
-    msg
+    clip_display(&msg)
+}
+
+/// Formats `value` into at most [`MAX_ERROR_LEN`] bytes, marked with `…` when cut; formatting
+/// stops there (an error quoting a 4 MB prompt never becomes a 4 MB string).
+pub(crate) fn clip_display(value: &dyn core::fmt::Display) -> String {
+    struct Bounded(String, bool);
+    impl core::fmt::Write for Bounded {
+        fn write_str(&mut self, s: &str) -> core::fmt::Result {
+            let room = MAX_ERROR_LEN.saturating_sub(self.0.len());
+            if s.len() <= room {
+                self.0.push_str(s);
+                return Ok(());
+            }
+            let mut end = room;
+            while !s.is_char_boundary(end) {
+                end = end.saturating_sub(1);
+            }
+            self.0.push_str(s.get(..end).unwrap_or_default());
+            self.1 = true;
+            Err(core::fmt::Error)
+        }
+    }
+    let mut out = Bounded(String::new(), false);
+    let _ = core::fmt::write(&mut out, format_args!("{value}"));
+    if out.1 {
+        out.0.push('…');
+    }
+    out.0
 }
 
 pub(crate) type Truth = Result<bool, CondError>;
@@ -592,6 +616,16 @@ mod tests {
         assert!(lt(FieldRef::Model, Lit::Int(3))
             .eval(c.view(), &mut s)
             .is_err());
+    }
+
+    #[test]
+    fn long_error_messages_are_cut_without_keeping_their_size() {
+        let long = "é".repeat(10_000);
+        let cut = clip(long.clone());
+        assert!(cut.len() <= MAX_ERROR_LEN + 3 && cut.ends_with('…'));
+        assert!(cut.capacity() < 1000);
+        assert_eq!(clip_display(&long), cut);
+        assert_eq!(clip(String::from("short")), "short");
     }
 
     #[test]

@@ -166,7 +166,7 @@ impl CelProgram {
                 other.type_of()
             ))),
             Err(e) => {
-                let mut msg = crate::condition::clip(e.to_string());
+                let mut msg = crate::condition::clip_display(&e);
                 let missing: Vec<String> = self
                     .nullable
                     .iter()
