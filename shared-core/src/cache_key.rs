@@ -2,7 +2,6 @@
 //! and process) of the bundle digest, namespace, requested tags and the values of exactly the
 //! context fields the namespace's rules read.
 
-use alloc::format;
 use alloc::string::String;
 use xxhash_rust::xxh3::Xxh3;
 
@@ -107,13 +106,38 @@ pub(crate) fn compute<'a>(
             put_value(&mut h, &view.get(f));
         }
     }
-    format!("{:032x}", h.digest128())
+    hex128(h.digest128())
+}
+
+/// 32 lower-case hex digits (what `format!("{:032x}")` writes, several times faster).
+pub(crate) fn hex128(v: u128) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = [0u8; 32];
+    for (pair, byte) in out.chunks_exact_mut(2).zip(v.to_be_bytes()) {
+        if let [hi, lo] = pair {
+            *hi = HEX.get(usize::from(byte >> 4)).copied().unwrap_or(b'0');
+            *lo = HEX.get(usize::from(byte & 0xf)).copied().unwrap_or(b'0');
+        }
+    }
+    String::from_utf8(out.to_vec()).unwrap_or_default()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::context::RequestContext;
+
+    #[test]
+    fn hex_is_what_format_writes() {
+        for v in [
+            0u128,
+            1,
+            u128::MAX,
+            0xdead_beef_0000_0001_2345_6789_abcd_ef00,
+        ] {
+            assert_eq!(hex128(v), alloc::format!("{v:032x}"));
+        }
+    }
 
     #[test]
     fn values_of_different_kinds_never_share_a_key() {

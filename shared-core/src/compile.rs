@@ -194,7 +194,7 @@ impl Compiler {
             all.extend(self.warnings);
             return Err(Diagnostics(all));
         }
-        let bundle = format!("{:032x}", digest.digest128());
+        let bundle = crate::cache_key::hex128(digest.digest128());
         Ok(CompileOutput {
             set: PolicySet(Arc::new(Inner {
                 namespaces,
@@ -359,6 +359,10 @@ impl Compiler {
     }
 
     fn finish_namespace(&mut self, ns: &mut Namespace) {
+        let names: Vec<&str> = ns.policies.iter().map(|p| p.name.as_str()).collect();
+        let versions: Vec<&str> = ns.policies.iter().map(|p| p.version.as_str()).collect();
+        ns.policy_names = names.join(",");
+        ns.policy_versions = versions.join(",");
         // Descending priority, stable (file order) within a priority.
         ns.rules.sort_by_key(|r| core::cmp::Reverse(r.priority));
         let (errors, warnings) = lint::lint(&ns.rules);

@@ -25,6 +25,7 @@ use crate::decision::{Charge, Decision};
 use crate::model::PluginRef;
 use crate::set::PolicySet;
 
+mod key;
 mod resolve;
 mod run;
 mod select;
@@ -186,7 +187,7 @@ impl PolicySet {
     /// what is needed. Never panics and never fails: condition errors follow each rule's
     /// `onError` and are reported in `metadata.errors`.
     pub fn start(&self, ctx: &RequestContext, opts: &EvalOptions<'_>) -> Step {
-        run::start(self, ctx, opts)
+        run::start(self, ctx, opts, run::Host::Later(Vec::new()))
     }
 
     /// Evaluates one request, asking `hooks` for plugins and counters. Decides exactly as
@@ -197,8 +198,8 @@ impl PolicySet {
         opts: &EvalOptions<'_>,
         hooks: &mut dyn Hooks,
     ) -> Decision {
-        let mut step = self.start(ctx, opts);
-        // A round can only add counter needs (after a plugin matched): at most three rounds.
+        // The hooks answer as rules run: one pass, no pending state.
+        let mut step = run::start(self, ctx, opts, run::Host::Now { hooks, ctx });
         loop {
             match step {
                 Step::Done(d) => return d,

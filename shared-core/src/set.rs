@@ -47,6 +47,9 @@ pub(crate) struct PolicyInfo {
 pub(crate) struct Namespace {
     pub name: String,
     pub policies: Vec<PolicyInfo>,
+    /// Every policy name, comma-separated (what a default decision reports), and their versions.
+    pub policy_names: String,
+    pub policy_versions: String,
     pub default: Verdict,
     /// Enabled rules, by descending priority (file order within a priority).
     pub rules: Vec<CompiledRule>,
@@ -152,6 +155,8 @@ impl Namespace {
         Namespace {
             name: String::from(name),
             policies: Vec::new(),
+            policy_names: String::new(),
+            policy_versions: String::new(),
             default: Verdict::Allow,
             rules: Vec::new(),
             disabled: Vec::new(),

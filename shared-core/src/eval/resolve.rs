@@ -5,7 +5,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use super::{Outcome, Part, Pending};
+use super::{Outcome, Part};
 use crate::cache_key;
 use crate::context::RequestContext;
 use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
@@ -68,12 +68,54 @@ struct PartDecision {
     trace: Vec<RuleTrace>,
 }
 
-pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decision {
-    let inner = &p.set.0;
-    let parts: Vec<PartDecision> = p
-        .parts
+pub(super) fn decide(
+    set: &PolicySet,
+    ns: &Namespace,
+    ctx: &RequestContext,
+    parts: &[Part],
+    tags: &[String],
+    explain: bool,
+) -> Decision {
+    let inner = &set.0;
+    let cache_key = || cache_key::compute(&inner.bundle, &ns.name, tags, &ns.reads, ctx.views());
+    if let [part] = parts {
+        // One request (not a batch): its decision as it is.
+        let d = resolve_part(ns, part, explain);
+        let charges = if d.verdict == Verdict::Allow {
+            d.charges
+        } else {
+            Vec::new()
+        };
+        return Decision {
+            decision: d.verdict,
+            reason: d.reason,
+            matched_rules: d.matched_rules,
+            actions: Actions {
+                counters: charges,
+                ..d.actions
+            },
+            metadata: DecisionMetadata {
+                namespace: ns.name.clone(),
+                policy: d.policy,
+                version: d.version,
+                bundle: inner.bundle.clone(),
+                default_applied: d.deciding_rule.is_none(),
+                deciding_rule: d.deciding_rule,
+                batch_item: None,
+                shadow_matches: d.shadow,
+                errors: d.errors,
+                cacheable: d.cacheable,
+                cache_key: cache_key(),
+                needs_remote: !d.remote.is_empty(),
+                remote_rules: d.remote,
+            },
+            evaluation_time_us: 0,
+            explain: explain.then_some(d.trace),
+        };
+    }
+    let parts: Vec<PartDecision> = parts
         .iter()
-        .map(|part| resolve_part(ns, part, p.explain))
+        .map(|part| resolve_part(ns, part, explain))
         .collect();
     // The strictest part decides (the request itself first on a tie).
     let deciding = parts
@@ -112,7 +154,7 @@ pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decis
         }
     }
     let Some(d) = parts.into_iter().nth(deciding) else {
-        return no_namespace(&p.set, ctx, &p.tags, p.explain);
+        return no_namespace(set, ctx, tags, explain);
     };
     Decision {
         decision: d.verdict,
@@ -133,12 +175,12 @@ pub(super) fn decide(p: &Pending, ns: &Namespace, ctx: &RequestContext) -> Decis
             shadow_matches: shadow,
             errors,
             cacheable,
-            cache_key: cache_key::compute(&inner.bundle, &ns.name, &p.tags, &ns.reads, ctx.views()),
+            cache_key: cache_key(),
             needs_remote: !remote.is_empty(),
             remote_rules: remote,
         },
         evaluation_time_us: 0,
-        explain: p.explain.then_some(d.trace),
+        explain: explain.then_some(d.trace),
     }
 }
 
@@ -259,13 +301,12 @@ fn resolve_part(ns: &Namespace, part: &Part, explain: bool) -> PartDecision {
         }
         None => {
             actions.status = (ns.default == Verdict::Deny).then_some(403);
-            let names: Vec<&str> = ns.policies.iter().map(|p| p.name.as_str()).collect();
-            let versions: Vec<&str> = ns.policies.iter().map(|p| p.version.as_str()).collect();
+
             (
                 ns.default,
                 format!("no rule matched: default {}", ns.default.as_str()),
-                names.join(","),
-                versions.join(","),
+                ns.policy_names.clone(),
+                ns.policy_versions.clone(),
                 None,
             )
         }
