@@ -236,6 +236,20 @@ fn val(v: FieldValue<'_>) -> Option<Val<'_>> {
     })
 }
 
+/// The fixed fields of a root variable with their member names, from the schema table (built
+/// once: the activation is built per request).
+fn members_of(root: &'static str) -> &'static [(&'static str, FieldRef)] {
+    type Table = Vec<(&'static str, FieldRef)>;
+    static REQUEST: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    static TIME: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    let cell = if root == "time" { &TIME } else { &REQUEST };
+    cell.get_or_init(|| {
+        members(root)
+            .filter_map(|(m, f)| Some((m, f.field.clone()?)))
+            .collect()
+    })
+}
+
 /// The CEL variables for one evaluation: `request`, `principal`, `shield`, `time`, borrowing
 /// every string from the context (no copies), built from the schema table. Only the `request`
 /// fields in `reads` are built (all of them with `None`): the interpreted programs of a
@@ -247,18 +261,17 @@ pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context
                 || (*f == FieldRef::Headers && rs.iter().any(|x| matches!(x, FieldRef::Header(_))))
         })
     };
-    let root = |name: &'static str, all: bool| {
-        map(members(name).filter_map(move |(member, f)| {
-            let field = f.field.as_ref()?;
+    let root = |fields: &'static [(&'static str, FieldRef)], all: bool| {
+        map(fields.iter().filter_map(move |(member, field)| {
             if !all && !want(field) {
                 return None;
             }
-            Some((member, val(v.get(field))?))
+            Some((*member, val(v.get(field))?))
         }))
     };
     let mut c = Context::with_env(Arc::clone(env()));
-    c.add_variable_as_val("request", root("request", false));
-    c.add_variable_as_val("time", root("time", true));
+    c.add_variable_as_val("request", root(members_of("request"), false));
+    c.add_variable_as_val("time", root(members_of("time"), true));
     for (name, field) in [
         ("principal", FieldRef::PrincipalAll),
         ("shield", FieldRef::ShieldAll),
