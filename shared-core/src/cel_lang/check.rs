@@ -313,6 +313,15 @@ impl Checker<'_> {
         }
     }
 
+    /// Checks `e` with `facts` known to hold while it is evaluated.
+    fn expr_with(&mut self, facts: Vec<Fact>, e: &IdedExpr) -> Result<T, CelIssue> {
+        let n = self.facts.len();
+        self.facts.extend(facts);
+        let t = self.expr(e);
+        self.facts.truncate(n);
+        t
+    }
+
     fn expr(&mut self, e: &IdedExpr) -> Result<T, CelIssue> {
         match &e.expr {
             Expr::Literal(l) => Ok(T::of(lit_ty(l))),
@@ -535,13 +544,10 @@ impl Checker<'_> {
                 };
                 let sc = self.scope();
                 let (fa, fb) = (facts(a, &sc), facts(b, &sc));
-                let n = self.facts.len();
-                self.facts.extend(fb);
-                let ta = self.expr(a)?;
-                self.facts.truncate(n);
-                self.facts.extend(fa);
-                let tb = self.expr(b)?;
-                self.facts.truncate(n);
+                // Each side is checked knowing what the other establishes (CEL's `&&` and `||`
+                // are commutative for errors).
+                let ta = self.expr_with(fb, a)?;
+                let tb = self.expr_with(fa, b)?;
                 for (t, x) in [(&ta, a), (&tb, b)] {
                     if t.ty.known() && t.ty != Ty::Bool {
                         return Err(type_err(format!(
@@ -580,13 +586,8 @@ impl Checker<'_> {
                 }
                 let sc = self.scope();
                 let (pos, neg) = (positive(cond, &sc), negative(cond, &sc));
-                let n = self.facts.len();
-                self.facts.extend(pos);
-                let ty = self.expr(yes)?;
-                self.facts.truncate(n);
-                self.facts.extend(neg);
-                let tn = self.expr(no)?;
-                self.facts.truncate(n);
+                let ty = self.expr_with(pos, yes)?;
+                let tn = self.expr_with(neg, no)?;
                 let size = ty.size.max(tn.size);
                 Ok(T::derived(
                     if ty.ty == tn.ty { ty.ty } else { Ty::Dyn },
@@ -1151,8 +1152,20 @@ fn function_exists(name: &str, member: bool) -> bool {
 
 /// Facts that hold where `e` is true.
 fn positive(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
+    facts(e, sc, true)
+}
+
+/// Facts that hold where `e` is false.
+fn negative(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
+    facts(e, sc, false)
+}
+
+/// Facts that hold where `e` evaluates to `truth`: `x != null`, `x == 'lit'`, `x in ['lit']`,
+/// `has(shield.x)`, `'h' in request.headers` when true; `x == null` when false; through `!`,
+/// `&&` (when true) and `||` (when false).
+fn facts(e: &IdedExpr, sc: &Scope<'_>, truth: bool) -> Vec<Fact> {
     let Expr::Call(c) = &e.expr else {
-        if let Expr::Select(s) = &e.expr {
+        if let (Expr::Select(s), true) = (&e.expr, truth) {
             if s.test {
                 let plain = IdedExpr {
                     id: e.id,
@@ -1161,25 +1174,24 @@ fn positive(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
                         ..s.clone()
                     }),
                 };
-                if let Some((f, _)) = field_of(&plain, sc) {
-                    return vec![Fact::Present(f)];
-                }
+                return field_of(&plain, sc)
+                    .map(|(f, _)| Fact::Present(f))
+                    .into_iter()
+                    .collect();
             }
         }
         return Vec::new();
     };
+    let null_test = if truth { op::NOT_EQUALS } else { op::EQUALS };
     match (c.func_name.as_str(), c.args.as_slice()) {
-        (op::LOGICAL_AND, [a, b]) => {
-            let mut v = positive(a, sc);
-            v.extend(positive(b, sc));
-            v
-        }
-        (op::LOGICAL_NOT, [a]) => negative(a, sc),
-        (op::NOT_EQUALS, [a, b]) if is_null(b) => not_null(a, sc),
-        (op::NOT_EQUALS, [a, b]) if is_null(a) => not_null(b, sc),
-        (op::EQUALS, [a, b]) if is_non_null_lit(b) => not_null(a, sc),
-        (op::EQUALS, [a, b]) if is_non_null_lit(a) => not_null(b, sc),
-        (op::IN, [needle, hay]) => {
+        (op::LOGICAL_AND, [a, b]) if truth => [facts(a, sc, true), facts(b, sc, true)].concat(),
+        (op::LOGICAL_OR, [a, b]) if !truth => [facts(a, sc, false), facts(b, sc, false)].concat(),
+        (op::LOGICAL_NOT, [a]) => facts(a, sc, !truth),
+        (name, [a, b]) if name == null_test && is_null(b) => not_null(a, sc),
+        (name, [a, b]) if name == null_test && is_null(a) => not_null(b, sc),
+        (op::EQUALS, [a, b]) if truth && is_non_null_lit(b) => not_null(a, sc),
+        (op::EQUALS, [a, b]) if truth && is_non_null_lit(a) => not_null(b, sc),
+        (op::IN, [needle, hay]) if truth => {
             if let Expr::List(l) = &hay.expr {
                 if !l.elements.is_empty() && l.elements.iter().all(is_non_null_lit) {
                     return not_null(needle, sc);
@@ -1197,24 +1209,6 @@ fn positive(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
                 _ => Vec::new(),
             }
         }
-        _ => Vec::new(),
-    }
-}
-
-/// Facts that hold where `e` is false.
-fn negative(e: &IdedExpr, sc: &Scope<'_>) -> Vec<Fact> {
-    let Expr::Call(c) = &e.expr else {
-        return Vec::new();
-    };
-    match (c.func_name.as_str(), c.args.as_slice()) {
-        (op::LOGICAL_OR, [a, b]) => {
-            let mut v = negative(a, sc);
-            v.extend(negative(b, sc));
-            v
-        }
-        (op::LOGICAL_NOT, [a]) => positive(a, sc),
-        (op::EQUALS, [a, b]) if is_null(b) => not_null(a, sc),
-        (op::EQUALS, [a, b]) if is_null(a) => not_null(b, sc),
         _ => Vec::new(),
     }
 }

@@ -80,38 +80,32 @@ pub(super) fn decide(
     let cache_key = || cache_key::compute(&inner.bundle, &ns.name, tags, &ns.reads, ctx.views());
     if let [part] = parts {
         // One request (not a batch): its decision as it is.
-        let d = resolve_part(ns, part, explain);
-        let charges = if d.verdict == Verdict::Allow {
-            d.charges
-        } else {
-            Vec::new()
-        };
-        return Decision {
-            decision: d.verdict,
-            reason: d.reason,
-            matched_rules: d.matched_rules,
-            actions: Actions {
-                counters: charges,
-                ..d.actions
-            },
-            metadata: DecisionMetadata {
-                namespace: ns.name.clone(),
-                policy: d.policy,
-                version: d.version,
-                bundle: inner.bundle.clone(),
-                default_applied: d.deciding_rule.is_none(),
-                deciding_rule: d.deciding_rule,
+        let mut d = resolve_part(ns, part, explain);
+        if d.verdict != Verdict::Allow {
+            d.charges.clear();
+        }
+        let cacheable = d.cacheable;
+        let (shadow, errors, charges, remote) = (
+            core::mem::take(&mut d.shadow),
+            core::mem::take(&mut d.errors),
+            core::mem::take(&mut d.charges),
+            core::mem::take(&mut d.remote),
+        );
+        return decision(
+            d,
+            ns,
+            set,
+            Merged {
                 batch_item: None,
-                shadow_matches: d.shadow,
-                errors: d.errors,
-                cacheable: d.cacheable,
+                shadow,
+                errors,
+                charges,
+                remote,
+                cacheable,
                 cache_key: cache_key(),
-                needs_remote: !d.remote.is_empty(),
-                remote_rules: d.remote,
             },
-            evaluation_time_us: 0,
-            explain: explain.then_some(d.trace),
-        };
+            explain,
+        );
     }
     let parts: Vec<PartDecision> = parts
         .iter()
@@ -156,28 +150,59 @@ pub(super) fn decide(
     let Some(d) = parts.into_iter().nth(deciding) else {
         return no_namespace(set, ctx, tags, explain);
     };
+    let merged = Merged {
+        batch_item: deciding.checked_sub(1),
+        shadow,
+        errors,
+        charges,
+        remote,
+        cacheable,
+        cache_key: cache_key(),
+    };
+    decision(d, ns, set, merged, explain)
+}
+
+/// What a decision takes from every part (for one request: from itself).
+struct Merged {
+    batch_item: Option<usize>,
+    shadow: Vec<String>,
+    errors: Vec<RuleError>,
+    charges: Vec<Charge>,
+    remote: Vec<String>,
+    cacheable: bool,
+    cache_key: String,
+}
+
+/// The decision of the deciding part `d`, with what all parts contribute.
+fn decision(
+    d: PartDecision,
+    ns: &Namespace,
+    set: &PolicySet,
+    m: Merged,
+    explain: bool,
+) -> Decision {
     Decision {
         decision: d.verdict,
         reason: d.reason,
         matched_rules: d.matched_rules,
         actions: Actions {
-            counters: charges,
+            counters: m.charges,
             ..d.actions
         },
         metadata: DecisionMetadata {
             namespace: ns.name.clone(),
             policy: d.policy,
             version: d.version,
-            bundle: inner.bundle.clone(),
+            bundle: set.0.bundle.clone(),
             default_applied: d.deciding_rule.is_none(),
             deciding_rule: d.deciding_rule,
-            batch_item: deciding.checked_sub(1),
-            shadow_matches: shadow,
-            errors,
-            cacheable,
-            cache_key: cache_key(),
-            needs_remote: !remote.is_empty(),
-            remote_rules: remote,
+            batch_item: m.batch_item,
+            shadow_matches: m.shadow,
+            errors: m.errors,
+            cacheable: m.cacheable,
+            cache_key: m.cache_key,
+            needs_remote: !m.remote.is_empty(),
+            remote_rules: m.remote,
         },
         evaluation_time_us: 0,
         explain: explain.then_some(d.trace),

@@ -75,26 +75,33 @@ pub(super) enum Host<'h> {
 }
 
 impl Host<'_> {
+    /// Asks the host: at once (`Ok`), or later (`Err` with the need's id).
+    fn ask<T>(
+        &mut self,
+        rule: &CompiledRule,
+        part: usize,
+        need: impl FnOnce() -> NeedKind,
+        now: impl FnOnce(&mut dyn Hooks, &RequestContext) -> T,
+    ) -> Result<T, NeedId> {
+        match self {
+            Host::Later(needs) => Err(push_need(needs, rule, part, need())),
+            Host::Now { hooks, ctx } => Ok(now(&mut **hooks, ctx)),
+        }
+    }
+
     fn plugin(
         &mut self,
         rule: &CompiledRule,
         plugin: &PluginRef,
         part: usize,
     ) -> Result<PluginCheck, NeedId> {
-        match self {
-            Host::Later(needs) => Err(push_need(
-                needs,
-                rule,
-                part,
-                NeedKind::Plugin(plugin.clone()),
-            )),
-            Host::Now { hooks, ctx } => {
-                Ok(match part.checked_sub(1).and_then(|i| ctx.batch_item(i)) {
-                    Some(item) => hooks.plugin(&rule.id, plugin, &item),
-                    None => hooks.plugin(&rule.id, plugin, ctx),
-                })
+        let need = || NeedKind::Plugin(plugin.clone());
+        self.ask(rule, part, need, |hooks, ctx| {
+            match part.checked_sub(1).and_then(|i| ctx.batch_item(i)) {
+                Some(item) => hooks.plugin(&rule.id, plugin, &item),
+                None => hooks.plugin(&rule.id, plugin, ctx),
             }
-        }
+        })
     }
 
     fn counter(
@@ -103,15 +110,8 @@ impl Host<'_> {
         charge: &Charge,
         part: usize,
     ) -> Result<CounterCheck, NeedId> {
-        match self {
-            Host::Later(needs) => Err(push_need(
-                needs,
-                rule,
-                part,
-                NeedKind::Counter(charge.clone()),
-            )),
-            Host::Now { hooks, .. } => Ok(hooks.counter(charge)),
-        }
+        let need = || NeedKind::Counter(charge.clone());
+        self.ask(rule, part, need, |hooks, _| hooks.counter(charge))
     }
 
     fn into_needs(self) -> Vec<Need> {
