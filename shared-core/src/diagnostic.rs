@@ -104,7 +104,7 @@ codes! {
     /// CEL nesting or operator chains too deep.
     CelTooDeep = "cel-too-deep", "a CEL expression nests brackets deeper than 32 levels or its syntax tree deeper than 64 (long operator chains count)";
     /// A CEL construct whose cost grows too fast.
-    CelTooComplex = "cel-too-complex", "a construct whose cost could outgrow the request: a list macro inside another, one over request data (or over more than 32 literals) whose body reads request text, a value more than 8 times the request, `split`, `join`, `format`, `indexOf`, `lastIndexOf`, a growing `replace`";
+    CelTooComplex = "cel-too-complex", "a construct whose cost could outgrow the request: a list macro inside another, one over request data (or over more than 32 literals) whose body reads request text, a value more than 8 times the request or with more than 64 KiB of literal text, `split`, `join`, `format`, `indexOf`, `lastIndexOf`, a growing `replace`";
     /// Unknown CEL function.
     CelUnknownFunction = "cel-unknown-function", "a CEL function that does not exist (also behind `&&` / `||`)";
     /// Unsupported CEL construct.
@@ -124,7 +124,7 @@ codes! {
     /// A bad rate limit or budget.
     InvalidLimit = "invalid-limit", "`rateLimit` / `budget` without exactly one amount, or both on one rule";
     /// A bad counter key template.
-    InvalidKey = "invalid-key", "a counter key template with an unknown field, request text (`request.prompt`, lists, maps), more than 8 fields or more than 256 bytes";
+    InvalidKey = "invalid-key", "a counter key template with an unknown field, request text (`request.prompt`, lists, maps), fields without text between them, `%`, more than 8 fields or more than 256 bytes";
     /// A bad window.
     InvalidWindow = "invalid-window", "a window that is not a unit name or a duration like `30s`";
     /// A bad HTTP status.

@@ -83,6 +83,11 @@ impl RequestContext {
                     return None;
                 }
                 let name = k.get(prefix.len()..)?;
+                if name.contains('_') {
+                    // `x-llm-shield-pii_score` would alias `x-llm-shield-pii-score`: scores are
+                    // named with `-` in headers, and a client must not shadow one with `_`.
+                    return None;
+                }
                 let value = match v.trim().parse::<f64>() {
                     Ok(n) if n.is_finite() => ShieldValue::Number(n),
                     _ => ShieldValue::Text(v.clone()),
@@ -333,7 +338,8 @@ impl<'de> Deserialize<'de> for BatchCount {
                 let mut n = 0;
                 while let Some(key) = map.next_key::<Cow<'de, str>>()? {
                     if key == "requests" {
-                        n = map.next_value::<Count>()?.0;
+                        // A repeated key counts twice: whatever the parser builds is counted.
+                        n = map.next_value::<Count>()?.0.saturating_add(n);
                     } else {
                         map.next_value::<IgnoredAny>()?;
                     }

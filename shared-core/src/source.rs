@@ -23,8 +23,8 @@ mod yaml;
 pub const MAX_FILE_BYTES: u64 = 16 * 1024 * 1024;
 /// Deepest nesting of maps and lists in a document.
 pub const MAX_DOCUMENT_DEPTH: usize = 64;
-/// Most data YAML aliases may add to a document, in bytes of strings plus one per node (also at
-/// most four times the file, with a floor of 64 KiB).
+/// Most data YAML aliases may add to a file (all its documents together), in bytes of strings
+/// plus one per node (also at most four times the file, with a floor of 64 KiB).
 pub const MAX_ALIAS_BYTES: usize = 16 * 1024 * 1024;
 /// Most documents in one file.
 pub const MAX_DOCUMENTS: usize = 10_000;
@@ -326,6 +326,19 @@ mod tests {
         // A few aliases of a small anchor are fine.
         let y = format!("a: &a {{k: v}}\nb: [{}]\n", vec!["*a"; 100].join(", "));
         assert!(parse_str("ok.yaml", &y).is_ok());
+    }
+
+    #[test]
+    fn the_alias_budget_is_per_file_not_per_document() {
+        let doc = format!(
+            "---\na: &a \"{}\"\nb: [{}]\n",
+            "x".repeat(4096),
+            ["*a"; 10].join(", ")
+        );
+        // One document is fine; a file of many such documents is not.
+        assert!(parse_str("one.yaml", &doc).is_ok());
+        let e = parse_str("many.yaml", &doc.repeat(200)).unwrap_err();
+        assert_eq!(e.code, Code::DocumentTooLarge);
     }
 
     #[test]

@@ -583,6 +583,35 @@ fn a_header_sent_twice_has_both_values_in_arrival_order() {
 }
 
 #[test]
+fn a_shield_header_spelled_with_underscores_cannot_shadow_a_score() {
+    let c = ctx(
+        &[
+            ("x-llm-shield-pii-score", "0.99"),
+            ("x-llm-shield-pii_score", "0"),
+        ],
+        "{}",
+    );
+    assert_eq!(c.shield.len(), 1);
+    assert_eq!(c.shield[0].0, "pii_score");
+    assert_eq!(
+        c.shield[0].1,
+        llm_policy_core::context::ShieldValue::Number(0.99)
+    );
+}
+
+#[test]
+fn a_repeated_requests_key_counts_every_item() {
+    let items = vec!["{}"; 6000].join(",");
+    let e = try_ctx(
+        "/v1/messages/batches",
+        &[],
+        &format!(r#"{{"requests":[{items}],"requests":[{items}]}}"#),
+    )
+    .unwrap_err();
+    assert_eq!(e.code(), "batch_too_large");
+}
+
+#[test]
 fn a_batch_over_the_item_limit_is_refused_before_it_is_built() {
     let items = vec![r#"{"params":{}}"#; 10_001].join(",");
     let e = try_ctx(

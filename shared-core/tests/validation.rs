@@ -204,6 +204,14 @@ fn limits_and_actions_are_checked() {
             "invalid-key",
         ),
         (
+            "rateLimit: { key: '{principal.id}{principal.team}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
+        (
+            "rateLimit: { key: '{principal.id}%2{request.model}', requests: 5, per: minute }",
+            "invalid-key",
+        ),
+        (
             "rateLimit: { key: '{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}{principal.id}', requests: 5, per: minute }",
             "invalid-key",
         ),

@@ -87,6 +87,9 @@ struct T {
     request: bool,
     /// For a list literal: how many elements it has.
     count: Option<usize>,
+    /// Bytes of literal text the value may hold (`'abc'` holds 3; a `map` over a literal list
+    /// holds the list's length times what each step adds): built on every evaluation.
+    lits: u64,
 }
 
 impl T {
@@ -99,6 +102,7 @@ impl T {
             size: 0,
             request: false,
             count: None,
+            lits: 0,
         }
     }
     fn derived(ty: Ty, size: u32, request: bool) -> T {
@@ -108,6 +112,17 @@ impl T {
             ..T::of(ty)
         }
     }
+}
+
+/// How a root member is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Access {
+    /// Its value (an absent key is an error).
+    Read,
+    /// `has()`: presence only.
+    Test,
+    /// `.?member`, `[?'member']`: an optional value (absent is an empty optional).
+    Optional,
 }
 
 /// A fact that holds where an expression is known to be true (or false).
@@ -204,6 +219,7 @@ fn t_of_field(f: FieldRef, ty: FieldType) -> T {
         request: true,
         field: Some(f),
         count: None,
+        lits: 0,
     }
 }
 
@@ -324,14 +340,21 @@ impl Checker<'_> {
 
     fn expr(&mut self, e: &IdedExpr) -> Result<T, CelIssue> {
         match &e.expr {
-            Expr::Literal(l) => Ok(T::of(lit_ty(l))),
+            Expr::Literal(l) => Ok(T {
+                lits: match l {
+                    LiteralValue::String(x) => x.inner().len() as u64,
+                    LiteralValue::Bytes(x) => x.inner().len() as u64,
+                    _ => 0,
+                },
+                ..T::of(lit_ty(l))
+            }),
             Expr::Ident(name) => self.ident(name, e),
             Expr::Select(s) => self.select(s, e),
             Expr::Call(c) => self.call(c, e),
             Expr::Comprehension(c) => self.comprehension(c, e),
             Expr::List(l) => {
                 let mut elem: Option<Ty> = None;
-                let (mut size, mut request) = (0u32, false);
+                let (mut size, mut request, mut lits) = (0u32, false, 0u64);
                 for x in &l.elements {
                     let t = self.expr(x)?;
                     elem = Some(match elem {
@@ -341,11 +364,13 @@ impl Checker<'_> {
                     });
                     size = size.saturating_add(t.size);
                     request |= t.request;
+                    lits = lits.saturating_add(t.lits);
                 }
                 self.grow(size, e)?;
                 Ok(T {
                     elem: elem.unwrap_or(Ty::Dyn),
                     count: Some(l.elements.len()),
+                    lits,
                     ..T::derived(Ty::List, size, request)
                 })
             }
@@ -357,17 +382,38 @@ impl Checker<'_> {
                         None,
                     ));
                 }
-                let (mut size, mut request) = (0u32, false);
+                let (mut size, mut request, mut lits) = (0u32, false, 0u64);
                 for x in super::children(e) {
                     let t = self.expr(x)?;
                     size = size.saturating_add(t.size);
                     request |= t.request;
+                    lits = lits.saturating_add(t.lits);
                 }
                 self.grow(size, e)?;
-                Ok(T::derived(Ty::Map, size, request))
+                Ok(T {
+                    lits,
+                    ..T::derived(Ty::Map, size, request)
+                })
             }
             Expr::Unspecified => Ok(T::of(Ty::Dyn)),
         }
+    }
+
+    /// Rejects a value holding more than [`MAX_LITERAL_BYTES`] of literal text: a constant
+    /// multiplied by a list is rebuilt on every evaluation.
+    fn literal_bytes(&self, t: &T, e: &IdedExpr) -> Result<(), CelIssue> {
+        if t.lits > MAX_LITERAL_BYTES {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}` builds {} bytes of literal text on every evaluation (the limit is {MAX_LITERAL_BYTES})",
+                    show(e),
+                    t.lits
+                ),
+                Some(String::from("test the parts separately instead of building a large value")),
+            ));
+        }
+        Ok(())
     }
 
     fn grow(&self, size: u32, e: &IdedExpr) -> Result<(), CelIssue> {
@@ -436,7 +482,8 @@ impl Checker<'_> {
                     };
                 }
             } else if ROOTS.contains(&v.as_str()) {
-                return self.root_member(v, &s.field, s.test, e);
+                let access = if s.test { Access::Test } else { Access::Read };
+                return self.root_member(v, &s.field, access, e);
             }
         }
         // `request.headers.name`.
@@ -494,13 +541,12 @@ impl Checker<'_> {
         Ok(FieldRef::Header(name.to_string()))
     }
 
-    /// `root.member`; `quiet`: a presence test (`has()`) or an optional access, which never
-    /// fails on an absent value.
+    /// `root.member`, read as `access` says.
     fn root_member(
         &mut self,
         root: &str,
         member: &str,
-        quiet: bool,
+        access: Access,
         e: &IdedExpr,
     ) -> Result<T, CelIssue> {
         let (f, ty) = FieldRef::resolve(root, Some(member), self.attrs).map_err(|u| {
@@ -516,16 +562,18 @@ impl Checker<'_> {
             )
         })?;
         self.read(&f);
-        if quiet {
-            return Ok(T {
-                field: Some(f),
-                ..T::derived(Ty::Bool, 1, true)
-            });
+        if access == Access::Test {
+            return Ok(T::derived(Ty::Bool, 0, true));
         }
-        if matches!(f, FieldRef::Shield(_)) {
+        if access == Access::Read && matches!(f, FieldRef::Shield(_)) {
             self.access_absent(&f, e);
         }
-        let t = t_of_field(f, ty);
+        let mut t = t_of_field(f, ty);
+        if access == Access::Optional {
+            // An optional, whatever the field's type; as large as the field.
+            t.ty = Ty::Dyn;
+            t.nullable = false;
+        }
         self.loop_read(&t, e)?;
         Ok(t)
     }
@@ -589,11 +637,14 @@ impl Checker<'_> {
                 let ty = self.expr_with(pos, yes)?;
                 let tn = self.expr_with(neg, no)?;
                 let size = ty.size.max(tn.size);
-                Ok(T::derived(
-                    if ty.ty == tn.ty { ty.ty } else { Ty::Dyn },
-                    size,
-                    ty.request || tn.request,
-                ))
+                Ok(T {
+                    lits: ty.lits.max(tn.lits),
+                    ..T::derived(
+                        if ty.ty == tn.ty { ty.ty } else { Ty::Dyn },
+                        size,
+                        ty.request || tn.request,
+                    )
+                })
             }
             (op::NEGATE, None, [a]) => {
                 let t = self.expr(a)?;
@@ -676,10 +727,17 @@ impl Checker<'_> {
                     0
                 };
                 self.grow(size, e)?;
-                Ok(T {
+                let t = T {
                     elem: if ta.elem == tb.elem { ta.elem } else { Ty::Dyn },
+                    lits: if add {
+                        ta.lits.saturating_add(tb.lits)
+                    } else {
+                        0
+                    },
                     ..T::derived(ty, size, ta.request || tb.request)
-                })
+                };
+                self.literal_bytes(&t, e)?;
+                Ok(t)
             }
             (op::IN, None, [needle, hay]) => self.in_op(needle, hay, e),
             (op::INDEX, None, [target, key]) => self.index(target, key, e),
@@ -764,15 +822,22 @@ impl Checker<'_> {
                 if !optional {
                     self.access_absent(&f, e);
                 }
-                return Ok(Some(T {
+                let t = T {
                     field: Some(f),
                     ..T::derived(Ty::Str, 1, true)
-                }));
+                };
+                self.loop_read(&t, e)?;
+                return Ok(Some(t));
             }
         }
         if let Expr::Ident(root) = &target.expr {
             if self.binding(root).is_none() && ROOTS.contains(&root.as_str()) {
-                return self.root_member(root, key, optional, e).map(Some);
+                let access = if optional {
+                    Access::Optional
+                } else {
+                    Access::Read
+                };
+                return self.root_member(root, key, access, e).map(Some);
             }
         }
         Ok(None)
@@ -898,23 +963,40 @@ impl Checker<'_> {
         self.bound.truncate(n);
         let (step, result) = result?;
         // `map` / `filter` accumulate a list as large as the range times what each step adds.
-        let size = match (result.ty == Ty::List || accu.ty == Ty::List, short_literal) {
-            (false, _) => 0,
-            (true, true) => u32::try_from(range.count.unwrap_or(0))
-                .unwrap_or(u32::MAX)
-                .saturating_mul(step.size),
-            (true, false) => range.size.max(1).saturating_mul(step.size.max(1)),
+        let builds = result.ty == Ty::List || accu.ty == Ty::List;
+        let count = u32::try_from(range.count.unwrap_or(0)).unwrap_or(u32::MAX);
+        let size = match (builds, short_literal, range.count) {
+            (false, _, _) => 0,
+            (true, true, _) | (true, false, Some(_)) => count.saturating_mul(step.size),
+            // Over request data: one step per element, and each element takes at least 12 bytes
+            // of the request (`{"role":""}`), so literal text added per step is a multiple of
+            // the request's size.
+            (true, false, None) => range
+                .size
+                .max(1)
+                .saturating_mul(step.size.max(1))
+                .saturating_add(u32::try_from(step.lits.div_ceil(12)).unwrap_or(u32::MAX)),
         };
         self.grow(size, e)?;
-        Ok(T::derived(
-            if result.ty.known() {
-                result.ty
-            } else {
-                accu.ty
-            },
-            size,
-            range.request,
-        ))
+        let lits = match (builds, range.count) {
+            (false, _) => 0,
+            (true, Some(n)) => (n as u64).saturating_mul(step.lits),
+            (true, None) => step.lits,
+        };
+        let t = T {
+            lits,
+            ..T::derived(
+                if result.ty.known() {
+                    result.ty
+                } else {
+                    accu.ty
+                },
+                size,
+                range.request,
+            )
+        };
+        self.literal_bytes(&t, e)?;
+        Ok(t)
     }
 
     fn function(&mut self, c: &CallExpr, e: &IdedExpr) -> Result<T, CelIssue> {
@@ -1005,7 +1087,10 @@ impl Checker<'_> {
             }
             "lowerAscii" | "upperAscii" | "trim" | "reverse" | "substring" | "charAt" => {
                 want_str(recv)?;
-                T::derived(Ty::Str, size_of_recv, request)
+                T {
+                    lits: recv.map_or(0, |r| r.lits),
+                    ..T::derived(Ty::Str, size_of_recv, request)
+                }
             }
             "indexOf" | "lastIndexOf" => {
                 return Err(issue(
@@ -1051,9 +1136,15 @@ impl Checker<'_> {
             "int" => T::derived(Ty::Int, 0, request),
             "uint" => T::derived(Ty::Uint, 0, request),
             "double" => T::derived(Ty::Double, 0, request),
-            "string" => T::derived(Ty::Str, size_of_recv, request),
+            "string" => T {
+                lits: recv.map_or(0, |r| r.lits),
+                ..T::derived(Ty::Str, size_of_recv, request)
+            },
             "bool" => T::derived(Ty::Bool, 0, request),
-            "bytes" => T::derived(Ty::Bytes, size_of_recv, request),
+            "bytes" => T {
+                lits: recv.map_or(0, |r| r.lits),
+                ..T::derived(Ty::Bytes, size_of_recv, request)
+            },
             "type" => T::derived(Ty::Type, 0, request),
             "dyn" => match recv {
                 Some(r) => T {
@@ -1071,7 +1162,20 @@ impl Checker<'_> {
                             .map(|s| format!("did you mean `{s}`?")),
                     ));
                 }
-                T::derived(Ty::Dyn, 0, request)
+                // Untyped here (`orValue`, `value`, ...): as large as all its inputs together.
+                let size = target
+                    .iter()
+                    .chain(args.iter())
+                    .fold(0u32, |acc, t| acc.saturating_add(t.size));
+                let lits = target
+                    .iter()
+                    .chain(args.iter())
+                    .fold(0u64, |acc, t| acc.saturating_add(t.lits));
+                self.grow(size, e)?;
+                T {
+                    lits,
+                    ..T::derived(Ty::Dyn, size, request)
+                }
             }
         };
         Ok(t)
@@ -1087,6 +1191,9 @@ fn op_symbol(name: &str) -> &'static str {
         _ => "%",
     }
 }
+
+/// Most literal text an expression may build on one evaluation.
+const MAX_LITERAL_BYTES: u64 = 64 * 1024;
 
 /// Longest literal list a list macro may range over while reading request text in its body.
 const MAX_LITERAL_RANGE: usize = 32;

@@ -2,11 +2,13 @@
 //! (the variables a program reads), built from the schema table.
 //!
 //! The interpreter's own `matches()` compiles its regex on every call; a policy's `matches()`
-//! calls are rewritten at load to `__llmp_matches`, which looks the regex up in a cache filled
-//! (size-limited) while the policy compiled. No request ever compiles a regex.
+//! calls are rewritten at load to `__llmp_matches`, which looks the regex up in a process-wide
+//! table. Each compiled program holds its regexes, the table only weak references: a regex lives
+//! exactly as long as a loaded policy uses it, however many patterns there are, and no request
+//! ever compiles one.
 
 use std::collections::HashMap;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, RwLock, Weak};
 
 use cel::common::ast::{CallExpr, Expr, IdedExpr};
 use cel::common::types::{
@@ -24,28 +26,39 @@ use crate::schema::{members, FieldRef};
 
 /// The function `matches()` calls are rewritten to.
 const MATCHES: &str = "__llmp_matches";
-/// Entries kept in the regex cache; past this it is emptied (entries come back on use).
-const CACHE_LIMIT: usize = 4096;
 
-fn cache() -> &'static RwLock<HashMap<String, Arc<Regex>>> {
-    static CACHE: std::sync::OnceLock<RwLock<HashMap<String, Arc<Regex>>>> =
-        std::sync::OnceLock::new();
-    CACHE.get_or_init(|| RwLock::new(HashMap::new()))
+/// Patterns → the compiled regexes loaded programs hold.
+struct Table {
+    map: HashMap<String, Weak<Regex>>,
+    /// Past this many entries, entries no program holds any more are dropped.
+    prune_at: usize,
 }
 
-/// The compiled regex of a pattern: from the cache, or built (size-limited) and cached.
+fn table() -> &'static RwLock<Table> {
+    static TABLE: std::sync::OnceLock<RwLock<Table>> = std::sync::OnceLock::new();
+    TABLE.get_or_init(|| {
+        RwLock::new(Table {
+            map: HashMap::new(),
+            prune_at: 1024,
+        })
+    })
+}
+
+/// The compiled regex of a pattern: the one a loaded program holds, or a new one (size-limited,
+/// as the checker validated it) that the caller must keep alive.
 fn regex(pattern: &str) -> Result<Arc<Regex>, String> {
-    if let Ok(c) = cache().read() {
-        if let Some(re) = c.get(pattern) {
-            return Ok(Arc::clone(re));
+    if let Ok(t) = table().read() {
+        if let Some(re) = t.map.get(pattern).and_then(Weak::upgrade) {
+            return Ok(re);
         }
     }
     let re = Arc::new(build_regex(pattern, false).map_err(|(_, m, _)| m)?);
-    if let Ok(mut c) = cache().write() {
-        if c.len() >= CACHE_LIMIT {
-            c.clear();
+    if let Ok(mut t) = table().write() {
+        if t.map.len() >= t.prune_at {
+            t.map.retain(|_, w| w.strong_count() > 0);
+            t.prune_at = t.map.len().saturating_mul(2).max(1024);
         }
-        c.insert(pattern.to_string(), Arc::clone(&re));
+        t.map.insert(pattern.to_string(), Arc::downgrade(&re));
     }
     Ok(re)
 }
@@ -73,9 +86,11 @@ pub(super) fn register(env: &mut Env) {
     );
 }
 
-/// Rewrites `x.matches('p')` and `matches(x, 'p')` to `__llmp_matches(x, 'p')` and fills the
-/// regex cache with their patterns (the checker has already validated them). Iterative.
-fn rewrite_matches(e: &mut IdedExpr) {
+/// Rewrites `x.matches('p')` and `matches(x, 'p')` to `__llmp_matches(x, 'p')` and returns
+/// their compiled regexes, for the program to hold (the checker has already validated the
+/// patterns). Iterative.
+fn rewrite_matches(e: &mut IdedExpr) -> Vec<Arc<Regex>> {
+    let mut held = Vec::new();
     let mut stack: Vec<&mut IdedExpr> = vec![e];
     while let Some(node) = stack.pop() {
         if let Expr::Call(c) = &mut node.expr {
@@ -86,7 +101,9 @@ fn rewrite_matches(e: &mut IdedExpr) {
                     c.args.get(1)
                 };
                 if let Some(p) = pattern.and_then(string_lit) {
-                    let _ = regex(&p);
+                    if let Ok(re) = regex(&p) {
+                        held.push(re);
+                    }
                     if let Some(t) = c.target.take() {
                         c.args.insert(0, *t);
                     }
@@ -125,6 +142,7 @@ fn rewrite_matches(e: &mut IdedExpr) {
             _ => {}
         }
     }
+    held
 }
 
 /// A CEL expression kept for the interpreter.
@@ -134,6 +152,8 @@ pub(crate) struct CelProgram {
     reads: Vec<FieldRef>,
     /// The fields it reads that may be null or absent (named when the program fails).
     nullable: Vec<FieldRef>,
+    /// The regexes of its `matches()` calls, kept alive while the program is.
+    _regexes: Vec<Arc<Regex>>,
 }
 
 impl CelProgram {
@@ -142,11 +162,12 @@ impl CelProgram {
         reads: Vec<FieldRef>,
         nullable: Vec<FieldRef>,
     ) -> CelProgram {
-        rewrite_matches(&mut expr);
+        let regexes = rewrite_matches(&mut expr);
         CelProgram {
             expr,
             reads,
             nullable,
+            _regexes: regexes,
         }
     }
 
@@ -179,7 +200,7 @@ impl CelProgram {
                         missing.join(", ")
                     ));
                 }
-                Err(CondError(msg))
+                Err(CondError(crate::condition::clip(msg)))
             }
         }
     }
@@ -292,5 +313,36 @@ pub(crate) fn interpret(src: &str, ctx: &crate::context::RequestContext) -> Trut
         Ok(Value::Bool(b)) => Ok(b),
         Ok(_) => Err(CondError(String::from("not a bool"))),
         Err(e) => Err(CondError(e.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn programs_hold_their_regexes_and_the_table_forgets_the_rest() {
+        let pattern = "^held-[0-9]+$";
+        let mut e =
+            crate::cel_lang::parse(&format!("request.prompt.matches('{pattern}')")).unwrap();
+        let held = rewrite_matches(&mut e);
+        assert_eq!(held.len(), 1);
+        let live = |p: &str| {
+            table()
+                .read()
+                .unwrap()
+                .map
+                .get(p)
+                .is_some_and(|w| w.strong_count() > 0)
+        };
+        assert!(live(pattern));
+        // Thousands of other patterns come and go: the held one stays, the table stays small.
+        for i in 0..5000 {
+            let _ = regex(&format!("^gone-{i}$")).unwrap();
+        }
+        assert!(live(pattern));
+        assert!(table().read().unwrap().map.len() < 3000);
+        drop(held);
+        assert!(!live(pattern));
     }
 }

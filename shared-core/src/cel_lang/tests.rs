@@ -754,6 +754,47 @@ mod checks {
     }
 
     #[test]
+    fn optional_access_counts_like_the_field_it_reads() {
+        let term = "request.?prompt.orValue('')";
+        let nine = [term; 9].join(" + ");
+        assert_eq!(code(&format!("size({nine}) == 7")), Code::CelTooComplex);
+        assert_eq!(
+            code(&format!(
+                "request.messages.exists(m, m.content == 'x' && {term}.matches('B+q'))"
+            )),
+            Code::CelTooComplex
+        );
+        assert_eq!(
+            code("request.messages.exists(m, request.headers[?'x-a'].hasValue())"),
+            Code::CelTooComplex
+        );
+        assert!(compile(&format!("{term}.contains('x')"), &attrs()).is_ok());
+    }
+
+    #[test]
+    fn literal_text_multiplied_by_a_list_is_bounded() {
+        let list = vec!["1"; 1000].join(",");
+        let text = "a".repeat(100);
+        assert_eq!(
+            code(&format!(
+                "[{list}].map(x, request.stream ? '' : '{text}').size() > 0"
+            )),
+            Code::CelTooComplex
+        );
+        assert_eq!(
+            code(&format!(
+                "request.messages.map(m, '{text}{text}').size() > 0"
+            )),
+            Code::CelTooComplex
+        );
+        assert!(compile(
+            "[1, 2, 3].map(x, request.stream ? 'a' : 'b').size() > 0",
+            &attrs()
+        )
+        .is_ok());
+    }
+
+    #[test]
     fn keyed_and_optional_access_is_checked_like_a_field() {
         for (src, want) in [
             ("request.messages[0].rol == 'user'", Code::UnknownField),

@@ -180,6 +180,11 @@ fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
     while let Some((before, after)) = rest.split_once('{') {
         if !before.is_empty() {
             parts.push(KeyPart::Text(before.to_owned()));
+        } else if matches!(parts.last(), Some(KeyPart::Field(_))) {
+            // `{a}{b}` would render `ab` + `c` and `a` + `bc` alike.
+            return Err(format!(
+                "fields in key `{t}` need a separator between them (e.g. `{{principal.id}}:{{request.model}}`)"
+            ));
         }
         let (inner, tail) = after
             .split_once('}')
@@ -213,6 +218,14 @@ fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
     }
     if !rest.is_empty() {
         parts.push(KeyPart::Text(rest.to_owned()));
+    }
+    if parts
+        .iter()
+        .any(|p| matches!(p, KeyPart::Text(text) if text.contains('%')))
+    {
+        return Err(format!(
+            "`%` is reserved in counter keys (request values are percent-encoded): `{t}`"
+        ));
     }
     if parts.is_empty() {
         return Err(String::from("counter key must not be empty"));

@@ -93,9 +93,9 @@ struct Builder {
     /// Weight of the current document (one per node plus the bytes of its strings), aliases
     /// expanded.
     nodes: usize,
-    /// Weight added by aliases in the current document.
+    /// Weight added by aliases in the file.
     aliased: usize,
-    /// Bytes of the location table's keys in the current document.
+    /// Bytes of the location tables' keys in the file.
     span_bytes: usize,
     alias_budget: usize,
     span_budget: usize,
@@ -197,12 +197,12 @@ impl Builder {
         }
         match ev {
             Event::DocumentStart => {
+                // Anchors are per document; the alias and location budgets are per file (a file
+                // of many documents must not get a budget per document).
                 self.spans.clear();
                 self.anchors.clear();
                 self.root = None;
                 self.nodes = 0;
-                self.aliased = 0;
-                self.span_bytes = 0;
             }
             Event::DocumentEnd => {
                 if let Some(v) = self.root.take() {
