@@ -1,12 +1,16 @@
 //! # llm-policy-server
 //!
-//! The ext_authz policy server of llm-policy (ROADMAP step 2) and, for now, the `llm-policy`
-//! command-line tool built on the shared core:
+//! The `llm-policy` binary: the command-line tool and the policy server, in separate module
+//! trees that share only the request-file format.
 //!
-//! - [`request`]: the request-file format of `llm-policy eval` and of test cases;
-//! - [`suite`]: policy test suites (`kind: PolicyTest`), run by `llm-policy test`;
-//! - [`report`]: human-readable rendering of decisions and diagnostics.
+//! - [`cli`]: `validate`, `eval`, `test`, `context`, `schema`, `codes` and the `serve` entry;
+//!   [`cli::suite`] runs policy test suites, [`cli::report`] renders decisions as text.
+//! - [`server`]: `llm-policy serve`, the Envoy ext_authz server with its REST API, metrics, hot
+//!   reload, limits and budgets, and audit log. Protocols are converted at its edges; the core
+//!   never sees a tonic or axum type.
+//! - [`request`]: the request-file format of `llm-policy eval`, test cases and `POST
+//!   /v1/evaluate`.
 
-pub mod report;
+pub mod cli;
 pub mod request;
-pub mod suite;
+pub mod server;

@@ -190,6 +190,19 @@ impl PolicySet {
         run::start(self, ctx, opts, run::Host::Later(Vec::new()))
     }
 
+    /// The key [`Decision::metadata`]`.cache_key` of this request's decision will have, computed
+    /// without evaluating (a hash of the bundle, namespace, tags and the values of the fields the
+    /// namespace's rules read). A host caching decisions looks this up first; only decisions marked
+    /// `cacheable` may be stored under it, and then the same key always gets the same decision.
+    pub fn cache_key(&self, ctx: &RequestContext, opts: &EvalOptions<'_>) -> String {
+        let (name, reads): (&str, &[crate::schema::FieldRef]) =
+            match self.0.namespaces.get(ctx.namespace.as_str()) {
+                Some(ns) => (&ns.name, &ns.reads),
+                None => (&ctx.namespace, &[]),
+            };
+        crate::cache_key::compute(&self.0.bundle, name, opts.tags, reads, ctx.views())
+    }
+
     /// Evaluates one request, asking `hooks` for plugins and counters. Decides exactly as
     /// [`PolicySet::start`] / [`Pending::resume`] with the same answers.
     pub fn evaluate(

@@ -54,6 +54,7 @@ mod extract;
 mod field_table_tests;
 mod index;
 pub mod model;
+pub mod reply;
 pub mod schema;
 mod set;
 #[cfg(feature = "std")]

@@ -223,6 +223,11 @@ impl PolicySet {
         v
     }
 
+    /// Whether the bundle has a policy for `namespace`.
+    pub fn has_namespace(&self, namespace: &str) -> bool {
+        self.0.namespaces.contains_key(namespace)
+    }
+
     /// Number of enabled rules over all namespaces.
     pub fn rule_count(&self) -> usize {
         self.0.namespaces.values().map(|n| n.rules.len()).sum()

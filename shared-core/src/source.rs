@@ -62,11 +62,16 @@ pub fn parse_str(file: &str, text: &str) -> Result<Vec<Document>, Diagnostic> {
 
 /// Reads one file.
 pub fn load_file(path: &Path) -> Result<Vec<Document>, Diagnostic> {
-    load_file_as(path, &path.display().to_string())
+    let name = path.display().to_string();
+    let text = read_file(path)?;
+    parse_str(&name, &text)
 }
 
-fn load_file_as(path: &Path, name: &str) -> Result<Vec<Document>, Diagnostic> {
+/// Reads one policy file's text, within the limits (regular files only, at most
+/// [`MAX_FILE_BYTES`], UTF-8).
+pub fn read_file(path: &Path) -> Result<String, Diagnostic> {
     use std::io::Read as _;
+    let name = &path.display().to_string();
     let io = |e: std::io::Error| {
         Diagnostic::error(Code::Io, format!("cannot read file: {e}")).at(name, None)
     };
@@ -98,10 +103,8 @@ fn load_file_as(path: &Path, name: &str) -> Result<Vec<Document>, Diagnostic> {
     if u64::try_from(bytes.len()).unwrap_or(u64::MAX) > MAX_FILE_BYTES {
         return Err(too_large(format!("more than {MAX_FILE_BYTES}")));
     }
-    let text = String::from_utf8(bytes).map_err(|e| {
-        Diagnostic::error(Code::Io, format!("file is not UTF-8: {e}")).at(name, None)
-    })?;
-    parse_str(name, &text)
+    String::from_utf8(bytes)
+        .map_err(|e| Diagnostic::error(Code::Io, format!("file is not UTF-8: {e}")).at(name, None))
 }
 
 fn is_policy_file(p: &Path) -> bool {

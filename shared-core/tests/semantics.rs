@@ -691,3 +691,23 @@ mod two_phase {
         assert_eq!(d.decision, Verdict::Deny);
     }
 }
+
+#[test]
+fn cache_key_before_evaluation_is_the_decisions_key() {
+    let set = compile(&policy("allow", RULES)).unwrap();
+    for body in [
+        r#"{"model":"gpt-4o"}"#,
+        r#"{"model":"gpt-4o-mini"}"#,
+        r#"{"model":"claude"}"#,
+    ] {
+        let c = ctx(&[], body);
+        let key = set.cache_key(&c, &EvalOptions::default());
+        assert_eq!(key, eval(&set, &c).metadata.cache_key, "{body}");
+    }
+    // An unknown namespace (denied by default) too.
+    let c = ctx(&[("x-llm-policy-namespace", "nowhere")], "{}");
+    assert_eq!(
+        set.cache_key(&c, &EvalOptions::default()),
+        eval(&set, &c).metadata.cache_key
+    );
+}

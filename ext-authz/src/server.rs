@@ -1,0 +1,414 @@
+//! `llm-policy serve`: the policy server.
+//!
+//! - [`config`]: the YAML configuration and the flags that override it.
+//! - [`registry`]: versioned, validated policy bundles (hot reload, rollback).
+//! - [`engine`]: one check, whatever the protocol: caches ([`cache`]), counters ([`limits`]),
+//!   replies, [`metrics`] and the [`audit`] log.
+//! - Edges, the only modules that know a protocol: [`envoy`] (ext_authz gRPC), [`rest`] (axum).
+//!
+//! [`start`] binds the listeners and returns a [`Running`] server; [`Running::shutdown`] drains
+//! it: stop accepting, finish in-flight checks, flush the audit queue.
+
+pub mod audit;
+pub mod cache;
+pub mod config;
+pub mod engine;
+pub mod envoy;
+pub mod limits;
+pub mod metrics;
+pub mod registry;
+pub mod rest;
+mod watch;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use envoy_types::ext_authz::v3::pb::AuthorizationServer;
+use llm_policy_core::Diagnostics;
+use tokio::sync::watch as signal;
+use tokio::task::JoinSet;
+
+use config::Config;
+use engine::Engine;
+use registry::{Registry, Version};
+
+/// Reloads the policy path and reports the outcome (log, `llm_policy_reloads_total`, bundle
+/// gauge). The last good version keeps serving on error.
+pub fn reload(engine: &Engine) -> Result<Arc<Version>, Diagnostics> {
+    let metrics = engine.metrics();
+    match engine.registry().reload() {
+        Ok((v, changed)) => {
+            metrics
+                .reloads
+                .with_label_values(&[if changed { "ok" } else { "unchanged" }])
+                .inc();
+            if changed {
+                metrics.serving(v.set.bundle(), v.number);
+                for w in &v.warnings {
+                    tracing::warn!(diagnostic = %w, "policy warning");
+                }
+                let stats = v.set.stats();
+                tracing::info!(
+                    version = v.number,
+                    bundle = v.set.bundle(),
+                    policies = stats.policies,
+                    rules = stats.rules,
+                    namespaces = stats.namespaces,
+                    path = %engine.registry().path().display(),
+                    "policies loaded"
+                );
+            }
+            Ok(v)
+        }
+        Err(d) => {
+            metrics.reloads.with_label_values(&["error"]).inc();
+            for diag in &d.0 {
+                tracing::error!(diagnostic = %diag, "policy rejected");
+            }
+            let serving = engine.registry().current().map(|v| v.number);
+            tracing::error!(
+                errors = d.0.len(),
+                serving = ?serving,
+                "reload rejected: the last good version keeps serving"
+            );
+            Err(d)
+        }
+    }
+}
+
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration or admin token is invalid.
+    #[error("invalid configuration:\n{0}")]
+    Config(Diagnostics),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The audit file cannot be opened, or metrics cannot be registered.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// A running server.
+pub struct Running {
+    /// The bound gRPC address (ext_authz, health).
+    pub grpc: SocketAddr,
+    /// The bound REST address.
+    pub http: SocketAddr,
+    /// The bound Prometheus address.
+    pub metrics: SocketAddr,
+    /// The engine (for in-process callers and tests).
+    pub engine: Arc<Engine>,
+    stop: signal::Sender<bool>,
+    tasks: JoinSet<()>,
+    audit: audit::Writer,
+}
+
+async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|source| StartError::Bind { addr, source })
+}
+
+/// Loads the policies, binds the listeners and serves until [`Running::shutdown`]. A policy
+/// path that does not load yet is not fatal: the server runs, not ready, and reloads when the
+/// files change.
+pub async fn start(config: Config) -> Result<Running, StartError> {
+    let admin_token = config.admin_token().map_err(StartError::Config)?;
+    let metrics = metrics::Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
+    let (audit, writer) = audit::start(&config.audit, metrics.clone())
+        .map_err(|e| StartError::Setup(format!("cannot open the audit log: {e}")))?;
+    let registry = Arc::new(Registry::new(
+        config.policies.clone(),
+        config.context.clone(),
+        config.reload.history,
+    ));
+    let engine = Arc::new(Engine::new(
+        registry,
+        Arc::new(limits::MemoryStore::default()),
+        cache::Caches::new(&config.cache),
+        metrics.clone(),
+        audit,
+        config.check.clone(),
+        config.limits.clone(),
+    ));
+    let first = {
+        let e = Arc::clone(&engine);
+        tokio::task::spawn_blocking(move || reload(&e).is_ok())
+            .await
+            .unwrap_or(false)
+    };
+
+    let grpc = bind(config.grpc_listen).await?;
+    let http = bind(config.http_listen).await?;
+    let prom = bind(config.metrics_listen).await?;
+    let addr = |l: &tokio::net::TcpListener, fallback| l.local_addr().unwrap_or(fallback);
+    let (grpc_addr, http_addr, metrics_addr) = (
+        addr(&grpc, config.grpc_listen),
+        addr(&http, config.http_listen),
+        addr(&prom, config.metrics_listen),
+    );
+    let (stop, stopped) = signal::channel(false);
+    let until_stopped =
+        |mut rx: signal::Receiver<bool>| async move { stopped_signal(&mut rx).await };
+    let mut tasks = JoinSet::new();
+
+    // gRPC: ext_authz + health.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health = Arc::new(health);
+    if first {
+        health
+            .set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+            .await;
+    } else {
+        health
+            .set_not_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+            .await;
+    }
+    let authz = AuthorizationServer::new(envoy::EnvoyAuthz::new(Arc::clone(&engine)))
+        .max_decoding_message_size(grpc_message_limit(&config));
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(authz)
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            until_stopped(stopped.clone()),
+        );
+    tasks.spawn(async move {
+        if let Err(e) = grpc_server.await {
+            tracing::error!(error = %e, "gRPC server failed");
+        }
+    });
+
+    // REST.
+    let state = rest::RestState {
+        engine: Arc::clone(&engine),
+        admin_token: admin_token.map(Arc::from),
+    };
+    let app = rest::router(state, rest_body_limit(&config));
+    let rx = stopped.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(http, app)
+            .with_graceful_shutdown(until_stopped(rx))
+            .await
+        {
+            tracing::error!(error = %e, "REST server failed");
+        }
+    });
+
+    // Prometheus.
+    let m = metrics.clone();
+    let metrics_app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let m = m.clone();
+            async move {
+                (
+                    [(
+                        axum::http::header::CONTENT_TYPE,
+                        "text/plain; version=0.0.4",
+                    )],
+                    m.render(),
+                )
+            }
+        }),
+    );
+    let rx = stopped.clone();
+    tasks.spawn(async move {
+        if let Err(e) = axum::serve(prom, metrics_app)
+            .with_graceful_shutdown(until_stopped(rx))
+            .await
+        {
+            tracing::error!(error = %e, "metrics server failed");
+        }
+    });
+
+    // Hot reload.
+    if config.reload.watch {
+        let e = Arc::clone(&engine);
+        let h = Arc::clone(&health);
+        let on_change = move || {
+            let e = Arc::clone(&e);
+            let h = Arc::clone(&h);
+            async move {
+                let ok = {
+                    let e = Arc::clone(&e);
+                    tokio::task::spawn_blocking(move || reload(&e).is_ok())
+                        .await
+                        .unwrap_or(false)
+                };
+                if ok {
+                    h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+                        .await;
+                }
+            }
+        };
+        match watch::spawn(
+            config.policies.clone(),
+            Duration::from_millis(config.reload.debounce_ms),
+            on_change,
+            stopped.clone(),
+            &mut tasks,
+        ) {
+            Ok(()) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot watch the policy path: hot reload off"),
+        }
+    }
+
+    // Reservations nobody reports usage for.
+    let e = Arc::clone(&engine);
+    let mut rx = stopped.clone();
+    tasks.spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                _ = tick.tick() => e.expire().await,
+                _ = stopped_signal(&mut rx) => break,
+            }
+        }
+    });
+
+    tracing::info!(
+        grpc = %grpc_addr,
+        http = %http_addr,
+        metrics = %metrics_addr,
+        ready = first,
+        "llm-policy server listening"
+    );
+    Ok(Running {
+        grpc: grpc_addr,
+        http: http_addr,
+        metrics: metrics_addr,
+        engine,
+        stop,
+        tasks,
+        audit: writer,
+    })
+}
+
+/// Resolves when the server is told to stop.
+pub(crate) async fn stopped_signal(rx: &mut signal::Receiver<bool>) {
+    // The guard `wait_for` returns is dropped here, so callers' futures stay `Send`.
+    let _ = rx.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// The largest gRPC message Envoy may send: the body limit plus room for headers.
+fn grpc_message_limit(config: &Config) -> usize {
+    config
+        .context
+        .max_body_bytes
+        .saturating_mul(2)
+        .saturating_add(1024 * 1024)
+}
+
+/// The largest REST body: a request file holds the request body as JSON text (escaping can
+/// double it) plus headers.
+fn rest_body_limit(config: &Config) -> usize {
+    config
+        .context
+        .max_body_bytes
+        .saturating_mul(2)
+        .saturating_add(256 * 1024)
+}
+
+impl Running {
+    /// Drains: stops accepting, lets in-flight requests finish (at most `grace`), then writes
+    /// every queued audit record.
+    pub async fn shutdown(mut self, grace: Duration) {
+        let _ = self.stop.send(true);
+        let drained = tokio::time::timeout(grace, async {
+            while self.tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            tracing::warn!("in-flight requests did not finish within the grace period");
+            self.tasks.abort_all();
+        }
+        drop(self.engine);
+        self.audit.shutdown().await;
+        tracing::info!("llm-policy server stopped");
+    }
+}
+
+/// Runs `llm-policy serve` to completion: exit 0 after a clean shutdown (SIGTERM, SIGINT), 2 on
+/// a configuration it cannot start with.
+pub fn main(args: &config::ServeArgs) -> std::process::ExitCode {
+    init_logging();
+    let config = match Config::load(args) {
+        Ok(c) => c,
+        Err(d) => {
+            for diag in &d.0 {
+                tracing::error!(diagnostic = %diag, "invalid configuration");
+            }
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the runtime");
+            return std::process::ExitCode::from(2);
+        }
+    };
+    runtime.block_on(async move {
+        let running = match start(config).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot start");
+                return std::process::ExitCode::from(2);
+            }
+        };
+        wait_for_signal().await;
+        tracing::info!("shutting down: draining in-flight checks and the audit queue");
+        running.shutdown(Duration::from_secs(10)).await;
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+/// Structured logs on standard error (standard output carries audit records): JSON lines, or
+/// text with `LLM_POLICY_LOG=text`; levels from `RUST_LOG` (default `info`).
+fn init_logging() {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let text = std::env::var("LLM_POLICY_LOG").is_ok_and(|v| v == "text");
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if text {
+        builder.try_init()
+    } else {
+        builder.json().flatten_event(true).try_init()
+    };
+}

@@ -1,0 +1,490 @@
+//! Decision records: one JSON line per decision (and per alert), written by a dedicated thread
+//! from a bounded queue, so a slow disk never blocks a check. A record that does not fit the
+//! queue is dropped and counted (`llm_policy_audit_dropped_total`); every record the queue
+//! accepted is written before shutdown completes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{self, BufWriter, Write};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use llm_policy_core::model::Alert;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::config::{AuditConfig, AuditScope, FileSinkConfig, PromptLogging};
+use super::metrics::Metrics;
+
+/// One decision record. Field names are a stable contract (see `docs/server.md`).
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct Record {
+    /// `decision`, or `alert` for the extra record an `alert` action emits.
+    pub kind: &'static str,
+    /// Unique id (the request's `x-request-id` when it has one).
+    pub id: String,
+    /// RFC 3339 UTC time with milliseconds.
+    pub time: String,
+    /// Namespace evaluated.
+    pub namespace: String,
+    /// The deciding policy (or the namespace's policies when the default decided).
+    pub policy: String,
+    /// That policy's `metadata.version`.
+    pub policy_version: String,
+    /// The registry version that decided.
+    pub version: u64,
+    /// The bundle digest.
+    pub bundle: String,
+    /// Principal attributes present on the request.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub principal: Vec<(String, String)>,
+    /// The requested model.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub model: Option<String>,
+    /// `allow`, `deny`, `throttle`, or `error` (the check could not decide).
+    pub decision: String,
+    /// HTTP status answered (200 for a request let through).
+    pub status: u16,
+    /// Enforcing rules that matched, deciding one first.
+    pub matched_rules: Vec<String>,
+    /// The reason.
+    pub reason: String,
+    /// Whole check time in microseconds.
+    pub latency_us: u64,
+    /// Whether the decision came from a cache (`l1`, `l2`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cache: Option<&'static str>,
+    /// W3C trace id of the request, when it carried `traceparent`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub trace_id: Option<String>,
+    /// Alert severity, when a matched rule raised one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub alert: Option<Alert>,
+    /// The prompt, hashed or redacted, when configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub prompt: Option<String>,
+}
+
+/// Where records go.
+pub trait Sink: Send {
+    /// Writes one JSON line (without the newline).
+    fn write(&mut self, line: &str) -> io::Result<()>;
+    /// Flushes buffered lines.
+    fn flush(&mut self) -> io::Result<()>;
+}
+
+/// Standard output.
+pub struct StdoutSink(BufWriter<io::Stdout>);
+
+impl StdoutSink {
+    /// A sink on standard output.
+    pub fn new() -> StdoutSink {
+        StdoutSink(BufWriter::new(io::stdout()))
+    }
+}
+
+impl Default for StdoutSink {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Sink for StdoutSink {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        self.0.write_all(line.as_bytes())?;
+        self.0.write_all(b"\n")
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.0.flush()
+    }
+}
+
+/// A file rotated by size: `audit.log` → `audit.log.1` → ... → `audit.log.<keep>`.
+pub struct FileSink {
+    config: FileSinkConfig,
+    out: BufWriter<File>,
+    size: u64,
+}
+
+impl FileSink {
+    /// Opens (appends to) the file.
+    pub fn open(config: FileSinkConfig) -> io::Result<FileSink> {
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&config.path)?;
+        let size = file.metadata()?.len();
+        Ok(FileSink {
+            config,
+            out: BufWriter::new(file),
+            size,
+        })
+    }
+
+    fn rotated(&self, n: usize) -> PathBuf {
+        let mut p = self.config.path.clone().into_os_string();
+        p.push(format!(".{n}"));
+        PathBuf::from(p)
+    }
+
+    fn rotate(&mut self) -> io::Result<()> {
+        self.out.flush()?;
+        if self.config.keep == 0 {
+            std::fs::remove_file(&self.config.path)?;
+        } else {
+            for n in (1..self.config.keep).rev() {
+                let from = self.rotated(n);
+                if from.exists() {
+                    std::fs::rename(&from, self.rotated(n + 1))?;
+                }
+            }
+            std::fs::rename(&self.config.path, self.rotated(1))?;
+        }
+        let file = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.config.path)?;
+        self.out = BufWriter::new(file);
+        self.size = 0;
+        Ok(())
+    }
+}
+
+impl Sink for FileSink {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        let len = line.len() as u64 + 1;
+        if self.size > 0 && self.size.saturating_add(len) > self.config.max_bytes {
+            self.rotate()?;
+        }
+        self.out.write_all(line.as_bytes())?;
+        self.out.write_all(b"\n")?;
+        self.size = self.size.saturating_add(len);
+        Ok(())
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+enum Msg {
+    Record(Box<Record>),
+    Shutdown,
+}
+
+/// The handle checks record through: cheap to clone, never blocks.
+#[derive(Clone)]
+pub struct Audit {
+    tx: mpsc::Sender<Msg>,
+    metrics: Metrics,
+    scope: AuditScope,
+    prompts: PromptLogging,
+    sequence: Arc<AtomicU64>,
+}
+
+/// The writer thread; [`Writer::shutdown`] drains the queue and joins it.
+pub struct Writer {
+    tx: mpsc::Sender<Msg>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// Opens the sinks the configuration names and starts the writer thread.
+pub fn start(config: &AuditConfig, metrics: Metrics) -> io::Result<(Audit, Writer)> {
+    let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
+    if config.stdout {
+        sinks.push(Box::new(StdoutSink::new()));
+    }
+    if let Some(f) = &config.file {
+        sinks.push(Box::new(FileSink::open(f.clone())?));
+    }
+    Ok(start_with(config, metrics, sinks))
+}
+
+/// Starts the writer thread on the given sinks.
+pub fn start_with(
+    config: &AuditConfig,
+    metrics: Metrics,
+    sinks: Vec<Box<dyn Sink>>,
+) -> (Audit, Writer) {
+    let (tx, rx) = mpsc::channel(config.queue.max(1));
+    let m = metrics.clone();
+    let thread = std::thread::Builder::new()
+        .name(String::from("llm-policy-audit"))
+        .spawn(move || write_loop(rx, sinks, &m))
+        .ok();
+    let audit = Audit {
+        tx: tx.clone(),
+        metrics,
+        scope: config.decisions,
+        prompts: config.prompts,
+        sequence: Arc::new(AtomicU64::new(0)),
+    };
+    (audit, Writer { tx, thread })
+}
+
+fn write_loop(mut rx: mpsc::Receiver<Msg>, mut sinks: Vec<Box<dyn Sink>>, metrics: &Metrics) {
+    let write = |r: &Record, sinks: &mut Vec<Box<dyn Sink>>| {
+        metrics.audit_queue.dec();
+        let line = match serde_json::to_string(r) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot serialize an audit record");
+                return;
+            }
+        };
+        for s in sinks.iter_mut() {
+            if let Err(e) = s.write(&line) {
+                tracing::error!(error = %e, "cannot write an audit record");
+            }
+        }
+    };
+    while let Some(msg) = rx.blocking_recv() {
+        match msg {
+            Msg::Record(r) => {
+                write(&r, &mut sinks);
+                // Flush when the queue is empty: batches under load, prompt when idle.
+                if rx.is_empty() {
+                    flush(&mut sinks);
+                }
+            }
+            Msg::Shutdown => {
+                // Refuse new records, write everything already accepted.
+                rx.close();
+                while let Ok(msg) = rx.try_recv() {
+                    if let Msg::Record(r) = msg {
+                        write(&r, &mut sinks);
+                    }
+                }
+                break;
+            }
+        }
+    }
+    flush(&mut sinks);
+}
+
+fn flush(sinks: &mut [Box<dyn Sink>]) {
+    for s in sinks.iter_mut() {
+        if let Err(e) = s.flush() {
+            tracing::error!(error = %e, "cannot flush the audit log");
+        }
+    }
+}
+
+impl Audit {
+    /// Whether a decision with this verdict and `audit` flag is recorded.
+    pub fn wants(&self, verdict: &str, flagged: bool) -> bool {
+        match self.scope {
+            AuditScope::All => true,
+            AuditScope::Flagged => flagged || verdict != "allow",
+            AuditScope::None => false,
+        }
+    }
+
+    /// How prompts are logged.
+    pub fn prompts(&self) -> PromptLogging {
+        self.prompts
+    }
+
+    /// A fresh record id, unique within this process run.
+    pub fn next_id(&self) -> String {
+        let n = self.sequence.fetch_add(1, Ordering::Relaxed);
+        format!("{:x}-{n:x}", start_nanos())
+    }
+
+    /// Queues a record; drops (and counts) it when the queue is full or closed.
+    pub fn record(&self, record: Record) {
+        self.metrics.audit_queue.inc();
+        if self.tx.try_send(Msg::Record(Box::new(record))).is_err() {
+            self.metrics.audit_queue.dec();
+            self.metrics.audit_dropped.inc();
+        }
+    }
+}
+
+impl Writer {
+    /// Writes everything queued, flushes the sinks and stops the thread.
+    pub async fn shutdown(mut self) {
+        // Waits for room when the queue is full: every record already accepted is written.
+        let _ = self.tx.send(Msg::Shutdown).await;
+        if let Some(t) = self.thread.take() {
+            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+        }
+    }
+}
+
+/// The prompt as configured: `None` (off), its xxh3-128 hash, or its shape (every run of letters
+/// and digits replaced by its length).
+pub fn prompt_field(mode: PromptLogging, prompt: &str) -> Option<String> {
+    match mode {
+        PromptLogging::Off => None,
+        PromptLogging::Hash => Some(format!(
+            "xxh3:{:032x}",
+            xxhash_rust::xxh3::xxh3_128(prompt.as_bytes())
+        )),
+        PromptLogging::Redact => {
+            let mut out = String::new();
+            let mut run = 0usize;
+            for c in prompt.chars().chain(std::iter::once(' ')) {
+                if c.is_alphanumeric() {
+                    run = run.saturating_add(1);
+                } else {
+                    if run > 0 {
+                        out.push_str(&format!("[{run}]"));
+                        run = 0;
+                    }
+                    out.push(c);
+                }
+            }
+            out.pop();
+            Some(out)
+        }
+    }
+}
+
+fn start_nanos() -> u128 {
+    static START: std::sync::OnceLock<u128> = std::sync::OnceLock::new();
+    *START.get_or_init(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos())
+            .unwrap_or(0)
+    })
+}
+
+/// RFC 3339 UTC with milliseconds, e.g. `2026-11-25T18:03:07.123Z`.
+pub fn rfc3339(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (H. Hinnant's algorithm), all in u64.
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Vec<String>>>);
+
+    impl Sink for Memory {
+        fn write(&mut self, line: &str) -> io::Result<()> {
+            self.0
+                .lock()
+                .map_err(|_| io::Error::other("poisoned"))?
+                .push(line.to_string());
+            Ok(())
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// Blocks the writer until released, so the queue fills.
+    struct Gate(Arc<Mutex<()>>, Memory);
+
+    impl Sink for Gate {
+        fn write(&mut self, line: &str) -> io::Result<()> {
+            drop(self.0.lock());
+            self.1.write(line)
+        }
+        fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn dates_are_rfc3339() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_629_787_123);
+        assert_eq!(rfc3339(t), "2026-11-25T18:03:07.123Z");
+        assert_eq!(rfc3339(std::time::UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let leap = std::time::UNIX_EPOCH + std::time::Duration::from_secs(951_782_400);
+        assert_eq!(rfc3339(leap), "2000-02-29T00:00:00.000Z");
+    }
+
+    #[test]
+    fn prompts_are_hashed_or_redacted_never_copied() {
+        assert_eq!(prompt_field(PromptLogging::Off, "secret"), None);
+        let h = prompt_field(PromptLogging::Hash, "my secret").unwrap();
+        assert!(h.starts_with("xxh3:") && !h.contains("secret"));
+        assert_eq!(
+            prompt_field(PromptLogging::Redact, "my card 4111-1111!").unwrap(),
+            "[2] [4] [4]-[4]!"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_full_queue_drops_and_counts_and_shutdown_writes_every_accepted_record() {
+        let metrics = Metrics::new().unwrap();
+        let gate = Arc::new(Mutex::new(()));
+        let memory = Memory::default();
+        let config = AuditConfig {
+            queue: 10,
+            ..AuditConfig::default()
+        };
+        let held = gate.lock().unwrap();
+        let (audit, writer) = start_with(
+            &config,
+            metrics.clone(),
+            vec![Box::new(Gate(Arc::clone(&gate), memory.clone()))],
+        );
+        for i in 0..50 {
+            audit.record(Record {
+                kind: "decision",
+                id: i.to_string(),
+                ..Record::default()
+            });
+        }
+        // The writer holds at most one record; the queue holds 10.
+        let dropped = metrics.audit_dropped.get();
+        assert!((39..=40).contains(&dropped), "dropped {dropped}");
+        drop(held);
+        writer.shutdown().await;
+        let lines = memory.0.lock().unwrap().clone();
+        assert_eq!(lines.len() as u64, 50 - dropped);
+        assert!(lines[0].contains("\"id\":\"0\""));
+        assert_eq!(metrics.audit_queue.get(), 0);
+        // After shutdown nothing is accepted, and nothing blocks.
+        audit.record(Record::default());
+        assert_eq!(metrics.audit_dropped.get(), dropped + 1);
+    }
+
+    #[test]
+    fn the_file_rotates_by_size_and_keeps_n() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.log");
+        let mut s = FileSink::open(FileSinkConfig {
+            path: path.clone(),
+            max_bytes: 100,
+            keep: 2,
+        })
+        .unwrap();
+        for i in 0..20 {
+            s.write(&format!("{i:040}")).unwrap();
+        }
+        s.flush().unwrap();
+        assert!(path.exists());
+        assert!(dir.path().join("audit.log.1").exists());
+        assert!(dir.path().join("audit.log.2").exists());
+        assert!(!dir.path().join("audit.log.3").exists());
+        let last = std::fs::read_to_string(&path).unwrap();
+        assert!(last.ends_with(&format!("{:040}\n", 19)));
+        assert!(last.len() <= 100);
+    }
+}

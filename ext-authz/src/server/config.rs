@@ -1,0 +1,335 @@
+//! The server's configuration: one YAML (or JSON) file, every key optional, read with the core's
+//! located loader so a mistake is reported with its file, line and column. Command-line flags
+//! override the file for the common knobs.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics};
+use serde::{Deserialize, Serialize};
+
+/// The whole configuration (`llm-policy serve --config FILE`). See `docs/server.md`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct Config {
+    /// Policy file or directory (default `./policies`).
+    pub policies: PathBuf,
+    /// Envoy ext_authz gRPC (and gRPC health) listener (default `0.0.0.0:50051`).
+    pub grpc_listen: SocketAddr,
+    /// REST API listener (default `0.0.0.0:8080`).
+    pub http_listen: SocketAddr,
+    /// Prometheus listener (default `0.0.0.0:9090`).
+    pub metrics_listen: SocketAddr,
+    /// File holding the admin token for API writes; without one, writes are refused.
+    pub admin_token_file: Option<PathBuf>,
+    /// How requests are read: namespace and principal headers, shield prefix, body limits.
+    pub context: ContextConfig,
+    /// Checks: deadline and what happens when the server cannot decide in time.
+    pub check: CheckConfig,
+    /// Hot reload of the policy directory.
+    pub reload: ReloadConfig,
+    /// Rate limits and budgets.
+    pub limits: LimitsConfig,
+    /// Decision records.
+    pub audit: AuditConfig,
+    /// Decision cache sizes.
+    pub cache: super::cache::CacheConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            policies: PathBuf::from("policies"),
+            grpc_listen: SocketAddr::from(([0, 0, 0, 0], 50051)),
+            http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
+            admin_token_file: None,
+            context: ContextConfig::default(),
+            check: CheckConfig::default(),
+            reload: ReloadConfig::default(),
+            limits: LimitsConfig::default(),
+            audit: AuditConfig::default(),
+            cache: super::cache::CacheConfig::default(),
+        }
+    }
+}
+
+/// What a check does when it cannot decide (the deadline passed, the counter store failed).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum FailureMode {
+    /// Deny with 503 (default).
+    Closed,
+    /// Let the request through (marked `x-llm-policy-decision: error`).
+    Open,
+}
+
+/// Check settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct CheckConfig {
+    /// Longest a check may take, in milliseconds (default 150: under Envoy's default 200 ms
+    /// ext_authz timeout, so the answer is ours, not Envoy's).
+    pub deadline_ms: u64,
+    /// What a check that cannot decide answers (default closed).
+    pub failure_mode: FailureMode,
+}
+
+impl Default for CheckConfig {
+    fn default() -> Self {
+        CheckConfig {
+            deadline_ms: 150,
+            failure_mode: FailureMode::Closed,
+        }
+    }
+}
+
+impl CheckConfig {
+    /// The deadline as a duration.
+    pub fn deadline(&self) -> Duration {
+        Duration::from_millis(self.deadline_ms.max(1))
+    }
+}
+
+/// Hot reload settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct ReloadConfig {
+    /// Watch the policy path and reload on changes (default true).
+    pub watch: bool,
+    /// Wait this long after the last change before reloading, in milliseconds (default 250).
+    pub debounce_ms: u64,
+    /// Versions kept for rollback (default 20).
+    pub history: usize,
+}
+
+impl Default for ReloadConfig {
+    fn default() -> Self {
+        ReloadConfig {
+            watch: true,
+            debounce_ms: 250,
+            history: 20,
+        }
+    }
+}
+
+/// What happens to a token or cost reservation that no usage report commits in time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum Unreported {
+    /// Give the reservation back (default: the request may have failed upstream).
+    Release,
+    /// Count the reservation as spent (for deployments without usage reports).
+    Commit,
+}
+
+/// Rate limit and budget settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct LimitsConfig {
+    /// Seconds a token or cost reservation waits for its usage report (default 300).
+    pub reservation_timeout_secs: u64,
+    /// What an unreported reservation becomes (default release).
+    pub unreported: Unreported,
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            reservation_timeout_secs: 300,
+            unreported: Unreported::Release,
+        }
+    }
+}
+
+/// Which decisions are recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AuditScope {
+    /// Every decision (default).
+    All,
+    /// Decisions a matched rule asked to audit (`audit: true`), and every deny and throttle.
+    Flagged,
+    /// None (alerts are still recorded).
+    None,
+}
+
+/// How prompts appear in records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum PromptLogging {
+    /// Never (default).
+    Off,
+    /// An xxh3-128 hash of the prompt.
+    Hash,
+    /// The prompt with every run of letters and digits replaced by its length (`[5] [3]`).
+    Redact,
+}
+
+/// Audit settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct AuditConfig {
+    /// Which decisions are recorded (default all).
+    pub decisions: AuditScope,
+    /// Write records to standard output, one JSON line each (default true).
+    pub stdout: bool,
+    /// Also write them to this file, rotated by size.
+    pub file: Option<FileSinkConfig>,
+    /// Records waiting to be written; past this, new records are dropped and counted (default
+    /// 10,000).
+    pub queue: usize,
+    /// Prompts in records (default off).
+    pub prompts: PromptLogging,
+}
+
+impl Default for AuditConfig {
+    fn default() -> Self {
+        AuditConfig {
+            decisions: AuditScope::All,
+            stdout: true,
+            file: None,
+            queue: 10_000,
+            prompts: PromptLogging::Off,
+        }
+    }
+}
+
+/// A rotating audit file.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct FileSinkConfig {
+    /// The file; rotated ones get `.1`, `.2`, ...
+    pub path: PathBuf,
+    /// Rotate past this size (default 100 MiB).
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: u64,
+    /// Rotated files kept (default 5).
+    #[serde(default = "default_keep")]
+    pub keep: usize,
+}
+
+fn default_max_bytes() -> u64 {
+    100 * 1024 * 1024
+}
+
+fn default_keep() -> usize {
+    5
+}
+
+/// Flags that override the file.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (YAML or JSON).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Policy file or directory.
+    #[arg(long)]
+    pub policies: Option<PathBuf>,
+    /// gRPC listener (Envoy ext_authz, health).
+    #[arg(long)]
+    pub grpc_listen: Option<SocketAddr>,
+    /// REST listener.
+    #[arg(long)]
+    pub http_listen: Option<SocketAddr>,
+    /// Prometheus listener.
+    #[arg(long)]
+    pub metrics_listen: Option<SocketAddr>,
+    /// File holding the admin token for API writes.
+    #[arg(long)]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Config {
+    /// The configuration file (if any) with the flags applied.
+    pub fn load(args: &ServeArgs) -> Result<Config, Diagnostics> {
+        let mut config = match &args.config {
+            Some(path) => read(path)?,
+            None => Config::default(),
+        };
+        if let Some(p) = &args.policies {
+            config.policies = p.clone();
+        }
+        if let Some(a) = args.grpc_listen {
+            config.grpc_listen = a;
+        }
+        if let Some(a) = args.http_listen {
+            config.http_listen = a;
+        }
+        if let Some(a) = args.metrics_listen {
+            config.metrics_listen = a;
+        }
+        if let Some(p) = &args.admin_token_file {
+            config.admin_token_file = Some(p.clone());
+        }
+        Ok(config)
+    }
+
+    /// The admin token, if one is configured (trimmed; an empty file is an error).
+    pub fn admin_token(&self) -> Result<Option<String>, Diagnostics> {
+        let Some(path) = &self.admin_token_file else {
+            return Ok(None);
+        };
+        let name = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            one(Diagnostic::error(
+                llm_policy_core::Code::Io,
+                format!("cannot read the admin token: {e}"),
+            )
+            .at(&name, None))
+        })?;
+        let token = text.trim().to_string();
+        if token.len() < 16 {
+            return Err(one(Diagnostic::error(
+                llm_policy_core::Code::Io,
+                "the admin token must be at least 16 characters",
+            )
+            .at(&name, None)));
+        }
+        Ok(Some(token))
+    }
+}
+
+fn one(d: Diagnostic) -> Diagnostics {
+    Diagnostics(vec![d])
+}
+
+fn read(path: &Path) -> Result<Config, Diagnostics> {
+    let docs = source::load_file(path).map_err(one)?;
+    match docs.first() {
+        Some(doc) => doc.parse().map_err(one),
+        None => Ok(Config::default()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_key_is_optional_and_typos_are_located() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("ok.yaml");
+        std::fs::write(&ok, "check: {deadlineMs: 50}\naudit: {stdout: false}\n").unwrap();
+        let c = Config::load(&ServeArgs {
+            config: Some(ok),
+            grpc_listen: Some("127.0.0.1:1".parse().unwrap()),
+            ..ServeArgs::default()
+        })
+        .unwrap();
+        assert_eq!(c.check.deadline_ms, 50);
+        assert!(!c.audit.stdout);
+        assert_eq!(c.grpc_listen.port(), 1);
+        assert_eq!(c.policies, PathBuf::from("policies"));
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "check:\n  deadlineMS: 50\n").unwrap();
+        let e = Config::load(&ServeArgs {
+            config: Some(bad),
+            ..ServeArgs::default()
+        })
+        .unwrap_err();
+        assert_eq!(e.0[0].code, "unknown-field");
+        assert_eq!(e.0[0].position.map(|p| p.line), Some(2));
+    }
+}

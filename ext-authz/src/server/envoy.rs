@@ -1,0 +1,162 @@
+//! The Envoy edge: `envoy.service.auth.v3.Authorization/Check`. Converts the `CheckRequest` into
+//! a [`CheckInput`] and the [`Checked`] back into a `CheckResponse`; nothing else here knows
+//! Envoy's types.
+
+use std::sync::Arc;
+
+use envoy_types::ext_authz::v3::pb::{
+    Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
+    HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
+};
+use envoy_types::pb::google::rpc;
+use tonic::{Request, Response, Status};
+
+use super::engine::{CheckInput, Checked, Engine};
+
+/// Envoy sets this header when it forwarded only part of a body larger than its buffer limit.
+const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+/// The ext_authz service.
+pub struct EnvoyAuthz {
+    engine: Arc<Engine>,
+}
+
+impl EnvoyAuthz {
+    /// A service checking with `engine`.
+    pub fn new(engine: Arc<Engine>) -> EnvoyAuthz {
+        EnvoyAuthz { engine }
+    }
+}
+
+/// `CheckRequest` → [`CheckInput`].
+pub fn input(req: CheckRequest) -> CheckInput {
+    let Some(http) = req.attributes.and_then(|a| a.request).and_then(|r| r.http) else {
+        return CheckInput::default();
+    };
+    // `header_map` (with `encode_raw_headers`) carries every value, raw; `headers` joins repeated
+    // names with `,`.
+    let mut headers: Vec<(String, String)> = match http.header_map {
+        Some(map) if !map.headers.is_empty() => map
+            .headers
+            .into_iter()
+            .map(|h| {
+                let value = if h.raw_value.is_empty() {
+                    h.value
+                } else {
+                    String::from_utf8_lossy(&h.raw_value).into_owned()
+                };
+                (h.key, value)
+            })
+            .collect(),
+        _ => http.headers.into_iter().collect(),
+    };
+    let partial_body = headers
+        .iter()
+        .any(|(k, v)| k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER) && v == "true");
+    // Pseudo-headers other than `:authority` say nothing rules read (method and path come
+    // separately); Envoy's own bookkeeping header is not the client's.
+    headers.retain(|(k, _)| {
+        (!k.starts_with(':') || k == ":authority") && !k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER)
+    });
+    if !http.host.is_empty()
+        && !headers
+            .iter()
+            .any(|(k, _)| k == ":authority" || k == "host")
+    {
+        headers.push((String::from(":authority"), http.host));
+    }
+    let body = if http.raw_body.is_empty() {
+        http.body.into_bytes()
+    } else {
+        http.raw_body
+    };
+    CheckInput {
+        method: http.method,
+        path: http.path,
+        headers,
+        body,
+        partial_body,
+        now: None,
+        explain: false,
+    }
+}
+
+fn header(key: String, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key,
+            value,
+            raw_value: Vec::new(),
+        }),
+        // Ours, whatever the client sent under the same name.
+        append_action: HeaderAppendAction::OverwriteIfExistsOrAdd as i32,
+        ..HeaderValueOption::default()
+    }
+}
+
+/// gRPC codes Envoy reads (`google.rpc.Code`).
+mod code {
+    pub const OK: i32 = 0;
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const RESOURCE_EXHAUSTED: i32 = 8;
+    pub const UNAVAILABLE: i32 = 14;
+}
+
+/// [`Checked`] → `CheckResponse`.
+pub fn response(checked: Checked) -> CheckResponse {
+    match checked.reply {
+        None => CheckResponse {
+            status: Some(rpc::Status {
+                code: code::OK,
+                ..rpc::Status::default()
+            }),
+            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                headers: checked
+                    .upstream
+                    .into_iter()
+                    .map(|(k, v)| header(k, v))
+                    .collect(),
+                ..OkHttpResponse::default()
+            })),
+            ..CheckResponse::default()
+        },
+        Some(reply) => {
+            let code = match reply.status {
+                429 => code::RESOURCE_EXHAUSTED,
+                400 | 413 => code::INVALID_ARGUMENT,
+                s if s >= 500 => code::UNAVAILABLE,
+                _ => code::PERMISSION_DENIED,
+            };
+            CheckResponse {
+                status: Some(rpc::Status {
+                    code,
+                    ..rpc::Status::default()
+                }),
+                http_response: Some(HttpResponse::DeniedResponse(DeniedHttpResponse {
+                    status: Some(HttpStatus {
+                        code: i32::from(reply.status),
+                    }),
+                    headers: reply
+                        .headers
+                        .into_iter()
+                        .map(|(k, v)| header(k, v))
+                        .collect(),
+                    body: reply.body,
+                })),
+                ..CheckResponse::default()
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Authorization for EnvoyAuthz {
+    async fn check(
+        &self,
+        request: Request<CheckRequest>,
+    ) -> Result<Response<CheckResponse>, Status> {
+        let checked = self.engine.check(input(request.into_inner())).await;
+        Ok(Response::new(response(checked)))
+    }
+}

@@ -1,0 +1,137 @@
+//! Prometheus metrics, every name prefixed `llm_policy_`, served on their own port.
+
+use prometheus::{
+    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+/// Every metric the server exports.
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// `llm_policy_decisions_total{decision,namespace,rule}`.
+    pub decisions: IntCounterVec,
+    /// `llm_policy_evaluation_duration_seconds`: the core's own time.
+    pub evaluation: Histogram,
+    /// `llm_policy_check_duration_seconds`: a whole check, counters included.
+    pub check: Histogram,
+    /// `llm_policy_cache_requests_total{level,result}`.
+    pub cache: IntCounterVec,
+    /// `llm_policy_reloads_total{result}`.
+    pub reloads: IntCounterVec,
+    /// `llm_policy_bundle_info{bundle,version}`: 1 for the version serving.
+    pub bundle: IntGaugeVec,
+    /// `llm_policy_limit_rejections_total{kind}`.
+    pub limit_rejections: IntCounterVec,
+    /// `llm_policy_audit_dropped_total`.
+    pub audit_dropped: IntCounter,
+    /// `llm_policy_audit_queue_depth`.
+    pub audit_queue: IntGauge,
+    /// `llm_policy_alerts_total{severity,rule}`.
+    pub alerts: IntCounterVec,
+    /// `llm_policy_check_errors_total{kind}`: checks that could not decide (deadline, store).
+    pub check_errors: IntCounterVec,
+}
+
+impl Metrics {
+    /// Registers every metric.
+    pub fn new() -> Result<Metrics, prometheus::Error> {
+        let registry = Registry::new();
+        let counter_vec =
+            |name: &str, help: &str, labels: &[&str]| -> Result<IntCounterVec, prometheus::Error> {
+                let c = IntCounterVec::new(Opts::new(name, help), labels)?;
+                registry.register(Box::new(c.clone()))?;
+                Ok(c)
+            };
+        let seconds = |name: &str, help: &str| -> Result<Histogram, prometheus::Error> {
+            // 1 µs … ~1 s.
+            let h = Histogram::with_opts(
+                HistogramOpts::new(name, help).buckets(exponential_buckets(1e-6, 2.0, 21)?),
+            )?;
+            registry.register(Box::new(h.clone()))?;
+            Ok(h)
+        };
+        let decisions = counter_vec(
+            "llm_policy_decisions_total",
+            "Decisions by verdict, namespace and deciding rule (`default` when none decided).",
+            &["decision", "namespace", "rule"],
+        )?;
+        let evaluation = seconds(
+            "llm_policy_evaluation_duration_seconds",
+            "Time the policy core spent on a decision.",
+        )?;
+        let check = seconds(
+            "llm_policy_check_duration_seconds",
+            "Time of a whole check (request parsing, counters, audit hand-off).",
+        )?;
+        let cache = counter_vec(
+            "llm_policy_cache_requests_total",
+            "Decision cache lookups by level and result.",
+            &["level", "result"],
+        )?;
+        let reloads = counter_vec(
+            "llm_policy_reloads_total",
+            "Policy reloads by result (ok, unchanged, error).",
+            &["result"],
+        )?;
+        let bundle = IntGaugeVec::new(
+            Opts::new("llm_policy_bundle_info", "The bundle serving (value 1)."),
+            &["bundle", "version"],
+        )?;
+        registry.register(Box::new(bundle.clone()))?;
+        let limit_rejections = counter_vec(
+            "llm_policy_limit_rejections_total",
+            "Requests a rate limit or budget stopped, by kind (rate_limit, budget).",
+            &["kind"],
+        )?;
+        let audit_dropped = IntCounter::new(
+            "llm_policy_audit_dropped_total",
+            "Decision records dropped because the audit queue was full.",
+        )?;
+        registry.register(Box::new(audit_dropped.clone()))?;
+        let audit_queue = IntGauge::new(
+            "llm_policy_audit_queue_depth",
+            "Decision records waiting to be written.",
+        )?;
+        registry.register(Box::new(audit_queue.clone()))?;
+        let alerts = counter_vec(
+            "llm_policy_alerts_total",
+            "Alerts raised by rules, by severity and rule.",
+            &["severity", "rule"],
+        )?;
+        let check_errors = counter_vec(
+            "llm_policy_check_errors_total",
+            "Checks that could not decide, by kind (deadline, store), answered per the failure mode.",
+            &["kind"],
+        )?;
+        Ok(Metrics {
+            registry,
+            decisions,
+            evaluation,
+            check,
+            cache,
+            reloads,
+            bundle,
+            limit_rejections,
+            audit_dropped,
+            audit_queue,
+            alerts,
+            check_errors,
+        })
+    }
+
+    /// Marks `bundle` as the one serving (the previous one's gauge is removed).
+    pub fn serving(&self, bundle: &str, version: u64) {
+        self.bundle.reset();
+        self.bundle
+            .with_label_values(&[bundle, &version.to_string()])
+            .set(1);
+    }
+
+    /// The text exposition.
+    pub fn render(&self) -> String {
+        let mut out = Vec::new();
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

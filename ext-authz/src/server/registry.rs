@@ -1,0 +1,497 @@
+//! The versioned registry of compiled policy sets (the "L3" cache: every kept version is ready to
+//! serve, so a rollback is a pointer swap).
+//!
+//! A reload reads the policy path, validates and compiles everything, and only then swaps the
+//! active version atomically; a bundle with errors is rejected with its located diagnostics and
+//! the last good version keeps serving. A check holds the `Arc` of the version it started with,
+//! so a swap never changes a decision in flight.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use arc_swap::ArcSwapOption;
+use llm_policy_core::{
+    source, Code, ContextConfig, Diagnostic, Diagnostics, Document, PolicySet, Severity,
+};
+use serde::Serialize;
+
+/// How a version came to be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Origin {
+    /// Read from the policy path (start-up, file change, reload request).
+    Load,
+    /// Written through the API.
+    Api,
+    /// A policy was rolled back through the API.
+    Rollback,
+}
+
+/// One policy file as it was read.
+#[derive(Debug, Clone)]
+pub struct SourceFile {
+    /// Where it was read.
+    pub path: PathBuf,
+    /// Its text.
+    pub text: String,
+}
+
+/// One accepted bundle.
+#[derive(Debug)]
+pub struct Version {
+    /// 1, 2, ... in the order accepted.
+    pub number: u64,
+    /// The compiled set.
+    pub set: PolicySet,
+    /// When it was accepted.
+    pub loaded_at: SystemTime,
+    /// How.
+    pub origin: Origin,
+    /// The files it was compiled from.
+    pub files: Vec<SourceFile>,
+    /// Its documents (for `GET /v1/bundle`).
+    pub documents: Vec<Document>,
+    /// Warnings found while compiling it.
+    pub warnings: Vec<Diagnostic>,
+}
+
+impl Version {
+    /// `(namespace, name, version)` of every policy in it.
+    pub fn policies(&self) -> Vec<PolicyEntry> {
+        self.documents
+            .iter()
+            .filter_map(|d| {
+                let meta = d.value.get("metadata")?;
+                Some(PolicyEntry {
+                    name: meta.get("name")?.as_str()?.to_string(),
+                    namespace: meta
+                        .get("namespace")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or("default")
+                        .to_string(),
+                    version: meta
+                        .get("version")
+                        .and_then(|n| n.as_str())
+                        .unwrap_or_default()
+                        .to_string(),
+                    file: d.file.clone(),
+                    rules: d
+                        .value
+                        .pointer("/spec/rules")
+                        .and_then(|r| r.as_array())
+                        .map_or(0, Vec::len),
+                })
+            })
+            .collect()
+    }
+
+    /// The documents of one policy (by name, in any namespace).
+    pub fn policy_documents(&self, name: &str) -> Vec<&Document> {
+        self.documents
+            .iter()
+            .filter(|d| d.value.pointer("/metadata/name").and_then(|n| n.as_str()) == Some(name))
+            .collect()
+    }
+}
+
+/// A policy as listed by the API.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PolicyEntry {
+    /// `metadata.name`.
+    pub name: String,
+    /// `metadata.namespace`.
+    pub namespace: String,
+    /// `metadata.version`.
+    pub version: String,
+    /// The file it was read from.
+    pub file: String,
+    /// Its rules (enabled or not).
+    pub rules: usize,
+}
+
+/// Why a write or rollback was refused.
+#[derive(Debug)]
+pub enum RegistryError {
+    /// The policies do not validate (the located findings).
+    Invalid(Diagnostics),
+    /// The request cannot be carried out (what is wrong, HTTP status).
+    Refused(String, u16),
+}
+
+/// The registry.
+pub struct Registry {
+    path: PathBuf,
+    context: ContextConfig,
+    keep: usize,
+    active: ArcSwapOption<Version>,
+    history: Mutex<Vec<Arc<Version>>>,
+    next: AtomicU64,
+    /// Serializes reloads and writes.
+    writer: Mutex<()>,
+    last_error: Mutex<Option<Diagnostics>>,
+}
+
+impl Registry {
+    /// A registry over `path` (a file or directory); nothing is loaded yet.
+    pub fn new(path: PathBuf, context: ContextConfig, keep: usize) -> Registry {
+        Registry {
+            path,
+            context,
+            keep: keep.max(1),
+            active: ArcSwapOption::empty(),
+            history: Mutex::new(Vec::new()),
+            next: AtomicU64::new(1),
+            writer: Mutex::new(()),
+            last_error: Mutex::new(None),
+        }
+    }
+
+    /// The policy path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The version serving now (`None` until the first good load).
+    pub fn current(&self) -> Option<Arc<Version>> {
+        self.active.load_full()
+    }
+
+    /// The kept versions, oldest first.
+    pub fn versions(&self) -> Vec<Arc<Version>> {
+        self.history.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The errors of the last rejected reload (cleared by a good one).
+    pub fn last_error(&self) -> Option<Diagnostics> {
+        self.last_error.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Reads and compiles the policy path; on success swaps it in (unless it is the bundle already
+    /// serving) and returns the version serving afterwards, and whether it changed.
+    pub fn reload(&self) -> Result<(Arc<Version>, bool), Diagnostics> {
+        let _guard = self.writer.lock();
+        let files = read_files(&self.path)?;
+        self.accept(files, Origin::Load)
+    }
+
+    /// Validates `files`, and swaps them in if they compile. Holds no lock (callers do).
+    fn accept(
+        &self,
+        files: Vec<SourceFile>,
+        origin: Origin,
+    ) -> Result<(Arc<Version>, bool), Diagnostics> {
+        let result = compile(&files, &self.context);
+        let (set, documents, warnings) = match result {
+            Ok(x) => x,
+            Err(d) => {
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(d.clone());
+                }
+                return Err(d);
+            }
+        };
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = None;
+        }
+        if let Some(cur) = self.current() {
+            if cur.set.bundle() == set.bundle() {
+                return Ok((cur, false));
+            }
+        }
+        let version = Arc::new(Version {
+            number: self.next.fetch_add(1, Ordering::SeqCst),
+            set,
+            loaded_at: SystemTime::now(),
+            origin,
+            files,
+            documents,
+            warnings,
+        });
+        if let Ok(mut h) = self.history.lock() {
+            h.push(Arc::clone(&version));
+            let excess = h.len().saturating_sub(self.keep);
+            h.drain(..excess);
+        }
+        self.active.store(Some(Arc::clone(&version)));
+        Ok((version, true))
+    }
+
+    /// Writes one policy (`text`, YAML or JSON, holding exactly that policy) to the policy
+    /// directory and reloads. The whole bundle must validate first; nothing is written otherwise.
+    pub fn put_policy(&self, name: &str, text: &str) -> Result<Arc<Version>, RegistryError> {
+        let _guard = self.writer.lock();
+        if !self.path.is_dir() {
+            return Err(RegistryError::Refused(
+                String::from("policies are served from a single file: write them through the file"),
+                409,
+            ));
+        }
+        if name.is_empty()
+            || !name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+            || name.starts_with('.')
+        {
+            return Err(RegistryError::Refused(
+                format!("`{name}` is not a policy name this API writes (letters, digits, -, _, .)"),
+                400,
+            ));
+        }
+        let file_name = format!("{name}.yaml");
+        let docs = source::parse_str(&file_name, text)
+            .map_err(|d| RegistryError::Invalid(Diagnostics(vec![d])))?;
+        let named: Vec<&str> = docs
+            .iter()
+            .filter_map(|d| d.value.pointer("/metadata/name").and_then(|n| n.as_str()))
+            .collect();
+        if named != [name] {
+            return Err(RegistryError::Refused(
+                format!(
+                    "the body must hold exactly one policy named `{name}` (it holds {named:?})"
+                ),
+                400,
+            ));
+        }
+        let current = read_files(&self.path).map_err(RegistryError::Invalid)?;
+        let target = self.file_of(name, &current)?;
+        let mut files: Vec<SourceFile> = current.into_iter().filter(|f| f.path != target).collect();
+        files.push(SourceFile {
+            path: target.clone(),
+            text: text.to_string(),
+        });
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        // Validate before touching the directory.
+        compile(&files, &self.context).map_err(RegistryError::Invalid)?;
+        write_atomically(&target, text).map_err(|e| {
+            RegistryError::Refused(format!("cannot write {}: {e}", target.display()), 503)
+        })?;
+        let (v, _) = self
+            .accept(
+                read_files(&self.path).map_err(RegistryError::Invalid)?,
+                Origin::Api,
+            )
+            .map_err(RegistryError::Invalid)?;
+        Ok(v)
+    }
+
+    /// Restores one policy to its text in version `to` (or, without `to`, in the newest kept
+    /// version where it differs from now) and reloads.
+    pub fn rollback_policy(
+        &self,
+        name: &str,
+        to: Option<u64>,
+    ) -> Result<Arc<Version>, RegistryError> {
+        let current = self
+            .current()
+            .ok_or_else(|| RegistryError::Refused(String::from("no policies loaded yet"), 409))?;
+        let text_in = |v: &Version| -> Option<(PathBuf, String)> {
+            let doc = v.policy_documents(name).into_iter().next()?;
+            let file = v
+                .files
+                .iter()
+                .find(|f| f.path.display().to_string() == doc.file)?;
+            Some((file.path.clone(), file.text.clone()))
+        };
+        let now = text_in(&current);
+        let history = self.versions();
+        let target = match to {
+            Some(n) => history
+                .iter()
+                .find(|v| v.number == n)
+                .ok_or_else(|| RegistryError::Refused(format!("version {n} is not kept"), 404))?
+                .clone(),
+            None => history
+                .iter()
+                .rev()
+                .find(|v| v.number < current.number && text_in(v).is_some() && text_in(v) != now)
+                .ok_or_else(|| {
+                    RegistryError::Refused(format!("no earlier version of `{name}` is kept"), 404)
+                })?
+                .clone(),
+        };
+        let (path, text) = text_in(&target).ok_or_else(|| {
+            RegistryError::Refused(
+                format!("version {} has no policy `{name}`", target.number),
+                404,
+            )
+        })?;
+        let _guard = self.writer.lock();
+        let mut files: Vec<SourceFile> = read_files(&self.path)
+            .map_err(RegistryError::Invalid)?
+            .into_iter()
+            .filter(|f| f.path != path)
+            .collect();
+        files.push(SourceFile {
+            path: path.clone(),
+            text: text.clone(),
+        });
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        compile(&files, &self.context).map_err(RegistryError::Invalid)?;
+        write_atomically(&path, &text).map_err(|e| {
+            RegistryError::Refused(format!("cannot write {}: {e}", path.display()), 503)
+        })?;
+        let (v, _) = self
+            .accept(
+                read_files(&self.path).map_err(RegistryError::Invalid)?,
+                Origin::Rollback,
+            )
+            .map_err(RegistryError::Invalid)?;
+        Ok(v)
+    }
+
+    /// The file a policy lives in now, or `<dir>/<name>.yaml` for a new one; a file shared with
+    /// other policies is refused (the API writes whole files).
+    fn file_of(&self, name: &str, files: &[SourceFile]) -> Result<PathBuf, RegistryError> {
+        for f in files {
+            let docs = source::parse_str(&f.path.display().to_string(), &f.text)
+                .map_err(|d| RegistryError::Invalid(Diagnostics(vec![d])))?;
+            let names: Vec<&str> = docs
+                .iter()
+                .filter_map(|d| d.value.pointer("/metadata/name").and_then(|n| n.as_str()))
+                .collect();
+            if names.contains(&name) {
+                if names.len() > 1 {
+                    return Err(RegistryError::Refused(
+                        format!(
+                            "`{name}` shares {} with other policies: edit that file instead",
+                            f.path.display()
+                        ),
+                        409,
+                    ));
+                }
+                return Ok(f.path.clone());
+            }
+        }
+        Ok(self.path.join(format!("{name}.yaml")))
+    }
+}
+
+/// Reads every policy file of `path` (the loader's limits and directory rules).
+fn read_files(path: &Path) -> Result<Vec<SourceFile>, Diagnostics> {
+    let mut files = Vec::new();
+    let mut errors = Vec::new();
+    for f in source::policy_files(path).map_err(|d| Diagnostics(vec![d]))? {
+        match source::read_file(&f) {
+            Ok(text) => files.push(SourceFile { path: f, text }),
+            Err(e) => errors.push(e),
+        }
+    }
+    if errors.is_empty() {
+        Ok(files)
+    } else {
+        Err(Diagnostics(errors))
+    }
+}
+
+type Compiled = (PolicySet, Vec<Document>, Vec<Diagnostic>);
+
+/// Parses and compiles files (test suites skipped), as `llm-policy validate` does.
+fn compile(files: &[SourceFile], context: &ContextConfig) -> Result<Compiled, Diagnostics> {
+    let mut docs = Vec::new();
+    let mut errors = Vec::new();
+    for f in files {
+        match source::parse_str(&f.path.display().to_string(), &f.text) {
+            Ok(d) => docs.extend(d),
+            Err(e) => errors.push(e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(Diagnostics(errors));
+    }
+    docs.retain(|d| d.kind() != Some(llm_policy_core::model::KIND_POLICY_TEST));
+    if docs.is_empty() {
+        return Err(Diagnostics(vec![Diagnostic::error(
+            Code::NoPolicies,
+            "no policy documents found",
+        )]));
+    }
+    let out = PolicySet::compile(&docs, context)?;
+    let warnings = out
+        .warnings
+        .into_iter()
+        .filter(|w| w.severity == Severity::Warning)
+        .collect();
+    Ok((out.set, docs, warnings))
+}
+
+/// Writes `text` to a temporary file beside `path`, then renames it over `path` (a watcher
+/// never sees half a file).
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("policy")
+    ));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(&tmp, path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(name: &str, model: &str) -> String {
+        format!(
+            "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: {name}}}\nspec:\n  defaultDecision: allow\n  rules:\n    - {{id: r-{name}, when: {{cel: \"request.model == '{model}'\"}}, action: {{decision: deny}}}}\n"
+        )
+    }
+
+    #[test]
+    fn a_bad_bundle_is_rejected_and_the_last_good_keeps_serving() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), policy("a", "x")).unwrap();
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5);
+        let (v1, changed) = r.reload().unwrap();
+        assert!(changed && v1.number == 1);
+        std::fs::write(dir.path().join("a.yaml"), "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: a}\nspec: {rules: [{id: r, when: {cel: 'request.modle'}, action: {decision: deny}}]}\n").unwrap();
+        let e = r.reload().unwrap_err();
+        assert_eq!(e.0[0].code, "unknown-field");
+        assert_eq!(r.current().unwrap().number, 1);
+        assert!(r.last_error().is_some());
+        // The same bundle again is not a new version.
+        std::fs::write(dir.path().join("a.yaml"), policy("a", "x")).unwrap();
+        let (v, changed) = r.reload().unwrap();
+        assert!(!changed && v.number == 1);
+        assert!(r.last_error().is_none());
+    }
+
+    #[test]
+    fn writes_validate_first_and_rollback_restores_a_policy() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.yaml"), policy("a", "x")).unwrap();
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5);
+        r.reload().unwrap();
+        let v2 = r.put_policy("a", &policy("a", "y")).unwrap();
+        assert_eq!(v2.number, 2);
+        assert!(std::fs::read_to_string(dir.path().join("a.yaml"))
+            .unwrap()
+            .contains("'y'"));
+        // Invalid: nothing written.
+        let bad = policy("a", "z").replace("request.model", "request.modle");
+        assert!(matches!(
+            r.put_policy("a", &bad),
+            Err(RegistryError::Invalid(_))
+        ));
+        assert!(std::fs::read_to_string(dir.path().join("a.yaml"))
+            .unwrap()
+            .contains("'y'"));
+        // Wrong name in the body.
+        assert!(matches!(
+            r.put_policy("a", &policy("b", "z")),
+            Err(RegistryError::Refused(_, 400))
+        ));
+        // A new policy gets its own file.
+        r.put_policy("b", &policy("b", "z")).unwrap();
+        assert!(dir.path().join("b.yaml").exists());
+        let v = r.rollback_policy("a", None).unwrap();
+        assert!(std::fs::read_to_string(dir.path().join("a.yaml"))
+            .unwrap()
+            .contains("'x'"));
+        assert_eq!(v.origin, Origin::Rollback);
+        assert_eq!(r.versions().len(), 4);
+    }
+}

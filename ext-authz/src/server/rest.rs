@@ -1,0 +1,496 @@
+//! The REST edge (axum): evaluation, usage reports, the policy registry, the bundle for filters
+//! and replicas to sync, health. Writes need `Authorization: Bearer <admin token>`; without a
+//! configured token they are refused (403), never open. JSON in, JSON out; errors are
+//! `{"error": {"code", "message", "status"}}` (with `diagnostics` for a rejected policy).
+
+use std::sync::Arc;
+
+use axum::body::Bytes;
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use llm_policy_core::Diagnostics;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use super::engine::{CheckInput, Engine, Usage};
+use super::registry::{RegistryError, Version};
+use crate::request::RequestFile;
+
+/// What the REST handlers share.
+#[derive(Clone)]
+pub struct RestState {
+    /// The check engine.
+    pub engine: Arc<Engine>,
+    /// The admin token (`None`: writes disabled).
+    pub admin_token: Option<Arc<str>>,
+}
+
+/// Largest policy a `PUT` accepts.
+const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+
+/// The REST routes. `max_body` bounds request bodies (the evaluate body is a JSON request file
+/// whose own body may be up to the context's `maxBodyBytes`).
+pub fn router(state: RestState, max_body: usize) -> Router {
+    Router::new()
+        .route("/v1/evaluate", post(evaluate))
+        .route("/v1/usage", post(usage))
+        .route("/v1/policies", get(list_policies))
+        .route("/v1/policies/{name}", get(get_policy).put(put_policy))
+        .route("/v1/policies/{name}/versions", get(policy_versions))
+        .route("/v1/policies/{name}/rollback", post(rollback))
+        .route("/v1/reload", post(reload))
+        .route("/v1/bundle", get(bundle))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(ready))
+        .layer(DefaultBodyLimit::max(max_body.max(MAX_POLICY_BYTES)))
+        .with_state(state)
+}
+
+/// An error answer: `{"error": {"code", "message", "status"}}`, plus `diagnostics` for a
+/// rejected policy.
+struct ApiError {
+    status: StatusCode,
+    body: Value,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(self.body)).into_response()
+    }
+}
+
+type ApiResult = Result<Response, ApiError>;
+
+fn error(status: StatusCode, code: &str, message: impl Into<String>) -> ApiError {
+    let message = message.into();
+    ApiError {
+        status,
+        body: json!({"error": {"code": code, "message": message, "status": status.as_u16()}}),
+    }
+}
+
+fn invalid(d: &Diagnostics) -> ApiError {
+    let message =
+        d.0.first()
+            .map_or_else(|| String::from("invalid policy"), ToString::to_string);
+    ApiError {
+        status: StatusCode::UNPROCESSABLE_ENTITY,
+        body: json!({
+            "error": {"code": "invalid_policy", "message": message, "status": 422},
+            "diagnostics": d.0,
+        }),
+    }
+}
+
+fn registry_error(e: RegistryError) -> ApiError {
+    match e {
+        RegistryError::Invalid(d) => invalid(&d),
+        RegistryError::Refused(message, status) => error(
+            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
+            "refused",
+            message,
+        ),
+    }
+}
+
+/// Checks `Authorization: Bearer <token>` in constant time.
+fn authorize(state: &RestState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = &state.admin_token else {
+        return Err(error(
+            StatusCode::FORBIDDEN,
+            "writes_disabled",
+            "no admin token is configured: API writes are disabled",
+        ));
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    let equal = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if equal {
+        Ok(())
+    } else {
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "a valid `Authorization: Bearer <admin token>` is required",
+        ))
+    }
+}
+
+fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("invalid request body: {e}"),
+        )
+    })
+}
+
+#[derive(Deserialize)]
+struct EvaluateQuery {
+    #[serde(default)]
+    explain: bool,
+}
+
+/// `POST /v1/evaluate`: a request file in, the decision out (as `llm-policy eval` prints it). The
+/// check is real: counters are charged as for a request Envoy checks.
+async fn evaluate(
+    State(s): State<RestState>,
+    Query(q): Query<EvaluateQuery>,
+    body: Bytes,
+) -> ApiResult {
+    let req: RequestFile = json_body(&body)?;
+    let checked = s
+        .engine
+        .check(CheckInput {
+            body: req.body_bytes(),
+            method: req.method,
+            path: req.path,
+            headers: req.headers.into_iter().collect(),
+            partial_body: false,
+            now: req.now,
+            explain: q.explain,
+        })
+        .await;
+    match (checked.decision, checked.reply) {
+        (Some(d), _) => Ok(Json(d).into_response()),
+        (None, Some(reply)) => {
+            let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_REQUEST);
+            let message = serde_json::from_str::<Value>(&reply.body)
+                .ok()
+                .and_then(|v| {
+                    v.pointer("/error/message")
+                        .and_then(Value::as_str)
+                        .map(str::to_string)
+                })
+                .unwrap_or(reply.body);
+            let code = if status.is_server_error() {
+                "policy_unavailable"
+            } else if status == StatusCode::PAYLOAD_TOO_LARGE {
+                "body_too_large"
+            } else {
+                "invalid_body"
+            };
+            Err(error(status, code, message))
+        }
+        // Failure mode open: no decision, let through.
+        (None, None) => Ok(Json(
+            json!({"decision": "error", "reason": "the check could not decide; failure mode open"}),
+        )
+        .into_response()),
+    }
+}
+
+/// `POST /v1/usage` body.
+#[derive(Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct UsageReport {
+    /// The request's `x-request-id` or `x-llm-policy-reservation`.
+    request_id: String,
+    /// Total tokens (or give `usage`).
+    #[serde(default)]
+    tokens: Option<f64>,
+    /// Cost in US dollars.
+    #[serde(default)]
+    cost_usd: Option<f64>,
+    /// The provider's `usage` object as it came in the response (OpenAI `prompt_tokens` /
+    /// `completion_tokens` / `total_tokens`, or Anthropic `input_tokens` / `output_tokens`).
+    #[serde(default)]
+    usage: Option<Value>,
+}
+
+/// Tokens of a provider `usage` object.
+fn usage_tokens(u: &Value) -> Option<f64> {
+    let n = |k: &str| u.get(k).and_then(Value::as_f64);
+    n("total_tokens").or_else(|| {
+        let parts = [
+            n("prompt_tokens"),
+            n("completion_tokens"),
+            n("input_tokens"),
+            n("output_tokens"),
+            n("cache_creation_input_tokens"),
+            n("cache_read_input_tokens"),
+        ];
+        parts
+            .iter()
+            .any(Option::is_some)
+            .then(|| parts.iter().flatten().sum())
+    })
+}
+
+async fn usage(State(s): State<RestState>, body: Bytes) -> ApiResult {
+    let r: UsageReport = json_body(&body)?;
+    let tokens = r.tokens.or_else(|| r.usage.as_ref().and_then(usage_tokens));
+    let found = s
+        .engine
+        .record_usage(
+            &r.request_id,
+            Usage {
+                tokens,
+                usd: r.cost_usd,
+            },
+        )
+        .await;
+    if found {
+        Ok(Json(json!({"recorded": true})).into_response())
+    } else {
+        Err(error(
+            StatusCode::NOT_FOUND,
+            "unknown_request",
+            "no reservation waits for this request (unknown, already reported, or expired)",
+        ))
+    }
+}
+
+fn current(s: &RestState) -> Result<Arc<Version>, ApiError> {
+    s.engine.registry().current().ok_or_else(|| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no policy loaded yet",
+        )
+    })
+}
+
+async fn list_policies(State(s): State<RestState>) -> ApiResult {
+    let v = current(&s)?;
+    Ok(Json(json!({
+        "version": v.number,
+        "bundle": v.set.bundle(),
+        "policies": v.policies(),
+    }))
+    .into_response())
+}
+
+async fn get_policy(State(s): State<RestState>, Path(name): Path<String>) -> ApiResult {
+    let v = current(&s)?;
+    let Some(entry) = v.policies().into_iter().find(|p| p.name == name) else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no policy `{name}`"),
+        ));
+    };
+    let text = v
+        .files
+        .iter()
+        .find(|f| f.path.display().to_string() == entry.file)
+        .map(|f| f.text.clone())
+        .unwrap_or_default();
+    Ok(Json(json!({"version": v.number, "policy": entry, "text": text})).into_response())
+}
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct VersionEntry {
+    version: u64,
+    loaded_at: String,
+    origin: super::registry::Origin,
+    bundle: String,
+    policy_version: String,
+    active: bool,
+}
+
+async fn policy_versions(State(s): State<RestState>, Path(name): Path<String>) -> ApiResult {
+    let active = s.engine.registry().current().map(|v| v.number);
+    let versions: Vec<VersionEntry> = s
+        .engine
+        .registry()
+        .versions()
+        .iter()
+        .filter_map(|v| {
+            let entry = v.policies().into_iter().find(|p| p.name == name)?;
+            Some(VersionEntry {
+                version: v.number,
+                loaded_at: super::audit::rfc3339(v.loaded_at),
+                origin: v.origin,
+                bundle: v.set.bundle().to_string(),
+                policy_version: entry.version,
+                active: Some(v.number) == active,
+            })
+        })
+        .collect();
+    if versions.is_empty() {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no kept version has a policy `{name}`"),
+        ));
+    }
+    Ok(Json(json!({"policy": name, "versions": versions})).into_response())
+}
+
+fn version_json(v: &Version) -> Value {
+    json!({
+        "version": v.number,
+        "bundle": v.set.bundle(),
+        "warnings": v.warnings,
+    })
+}
+
+async fn put_policy(
+    State(s): State<RestState>,
+    Path(name): Path<String>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> ApiResult {
+    authorize(&s, &headers)?;
+    if body.len() > MAX_POLICY_BYTES {
+        return Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            "a policy is at most 4 MiB",
+        ));
+    }
+    let Ok(text) = std::str::from_utf8(&body) else {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_text",
+            "the policy is not UTF-8 text",
+        ));
+    };
+    let registry = Arc::clone(s.engine.registry());
+    let (name2, text) = (name.clone(), text.to_string());
+    // Compiling a large bundle is CPU work: off the async workers.
+    let result = tokio::task::spawn_blocking(move || registry.put_policy(&name2, &text)).await;
+    match result {
+        Ok(Ok(v)) => {
+            s.engine.metrics().reloads.with_label_values(&["ok"]).inc();
+            s.engine.metrics().serving(v.set.bundle(), v.number);
+            tracing::info!(policy = %name, version = v.number, bundle = v.set.bundle(), "policy written through the API");
+            Ok(Json(version_json(&v)).into_response())
+        }
+        Ok(Err(e)) => {
+            if matches!(e, RegistryError::Invalid(_)) {
+                s.engine
+                    .metrics()
+                    .reloads
+                    .with_label_values(&["error"])
+                    .inc();
+            }
+            Err(registry_error(e))
+        }
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
+}
+
+#[derive(Deserialize, Default)]
+struct RollbackQuery {
+    #[serde(default)]
+    to: Option<u64>,
+}
+
+async fn rollback(
+    State(s): State<RestState>,
+    Path(name): Path<String>,
+    Query(q): Query<RollbackQuery>,
+    headers: HeaderMap,
+) -> ApiResult {
+    authorize(&s, &headers)?;
+    let registry = Arc::clone(s.engine.registry());
+    let name2 = name.clone();
+    match tokio::task::spawn_blocking(move || registry.rollback_policy(&name2, q.to)).await {
+        Ok(Ok(v)) => {
+            s.engine.metrics().serving(v.set.bundle(), v.number);
+            tracing::info!(policy = %name, version = v.number, "policy rolled back through the API");
+            Ok(Json(version_json(&v)).into_response())
+        }
+        Ok(Err(e)) => Err(registry_error(e)),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
+}
+
+async fn reload(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers)?;
+    let engine = Arc::clone(&s.engine);
+    match tokio::task::spawn_blocking(move || super::reload(&engine)).await {
+        Ok(Ok(v)) => Ok(Json(version_json(&v)).into_response()),
+        Ok(Err(d)) => Err(invalid(&d)),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
+    }
+}
+
+/// `GET /v1/bundle`: the active bundle's files, with the bundle digest as ETag
+/// (`If-None-Match` → 304).
+async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
+    let v = current(&s)?;
+    let etag = format!("\"{}\"", v.set.bundle());
+    let matches = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|h| h.to_str().ok())
+        .is_some_and(|h| h.split(',').any(|t| t.trim() == etag || t.trim() == "*"));
+    let etag_value = HeaderValue::from_str(&etag).unwrap_or(HeaderValue::from_static("\"\""));
+    if matches {
+        return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
+    }
+    let files: Vec<Value> = v
+        .files
+        .iter()
+        .map(|f| {
+            json!({
+                "path": f.path.strip_prefix(s.engine.registry().path()).unwrap_or(&f.path).display().to_string(),
+                "text": f.text,
+            })
+        })
+        .collect();
+    Ok((
+        [(header::ETAG, etag_value)],
+        Json(json!({"version": v.number, "bundle": v.set.bundle(), "files": files})),
+    )
+        .into_response())
+}
+
+async fn ready(State(s): State<RestState>) -> ApiResult {
+    match s.engine.registry().current() {
+        Some(v) => Ok(
+            Json(json!({"ready": true, "version": v.number, "bundle": v.set.bundle()}))
+                .into_response(),
+        ),
+        None => Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "no policy loaded yet",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn usage_objects_of_both_providers() {
+        assert_eq!(
+            usage_tokens(&json!({"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})),
+            Some(15.0)
+        );
+        assert_eq!(
+            usage_tokens(&json!({"input_tokens": 10, "output_tokens": 7})),
+            Some(17.0)
+        );
+        assert_eq!(usage_tokens(&json!({"other": 1})), None);
+    }
+}
