@@ -61,12 +61,18 @@ pub fn for_decision(d: &Decision, provider: Provider, limit: Option<LimitState>)
         .collect();
     headers.push((DECISION_HEADER.into(), d.decision.as_str().into()));
     if d.decision == Verdict::Throttle {
+        // The counter's state, unless the rule's own headers say otherwise.
         let reset = limit.map_or(1, |l| l.reset_secs.max(1));
-        headers.push(("retry-after".into(), reset.to_string()));
+        let mut computed = alloc::vec![("retry-after", reset.to_string())];
         if let Some(l) = limit {
-            headers.push(("x-ratelimit-limit".into(), whole(l.limit)));
-            headers.push(("x-ratelimit-remaining".into(), whole(l.remaining.max(0.0))));
-            headers.push(("x-ratelimit-reset".into(), reset.to_string()));
+            computed.push(("x-ratelimit-limit", whole(l.limit)));
+            computed.push(("x-ratelimit-remaining", whole(l.remaining.max(0.0))));
+            computed.push(("x-ratelimit-reset", reset.to_string()));
+        }
+        for (name, value) in computed {
+            if !headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name)) {
+                headers.push((name.into(), value));
+            }
         }
     }
     let code = match d.decision {
@@ -222,6 +228,16 @@ mod tests {
         assert_eq!(h("x-ratelimit-remaining"), Some("0"));
         let r = for_decision(&d, Provider::Anthropic, None).unwrap();
         assert!(r.body.contains("rate_limit_error"));
+        // A rule's own retry-after wins; the header is never sent twice.
+        let mut d = decision(Verdict::Throttle, Some(429));
+        d.actions.headers.insert("retry-after".into(), "60".into());
+        let r = for_decision(&d, Provider::Openai, Some(state)).unwrap();
+        let retry: Vec<_> = r
+            .headers
+            .iter()
+            .filter(|(k, _)| k == "retry-after")
+            .collect();
+        assert_eq!(retry, [&("retry-after".to_string(), "60".to_string())]);
     }
 
     #[test]

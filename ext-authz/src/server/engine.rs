@@ -563,7 +563,11 @@ impl Engine {
         let reason = match (d, failure, &checked.reply) {
             (Some(d), _, _) => d.reason.clone(),
             (None, Some(f), _) => format!("check failed: {}", f.as_str()),
-            (None, None, Some(r)) => r.body.clone(),
+            // A rejected request: the message of its error body.
+            (None, None, Some(r)) => serde_json::from_str::<serde_json::Value>(&r.body)
+                .ok()
+                .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string))
+                .unwrap_or_else(|| r.body.clone()),
             (None, None, None) => String::new(),
         };
         let record = Record {
