@@ -11,7 +11,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check bench docs envoy clean toolchain
+.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench docs envoy clean toolchain
 
 all: build
 
@@ -27,8 +27,9 @@ demo: build
 	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
 	done
 
-## test: formatting, lints, unit/property/CLI tests, no_std and wasm builds, policy test suites.
-test: toolchain lint unit nostd wasm policy-tests sdk-fixtures-check
+## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
+## suites, and the end-to-end tests through a real Envoy.
+test: toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
 
 ## toolchain: the rustup targets and components the build needs (idempotent; a no-op when present).
 WASM_TARGETS := wasm32-wasip1 wasm32-unknown-unknown
@@ -67,8 +68,8 @@ policy-tests: build
 	$(CLI) validate $(POLICIES)
 	$(CLI) test $(POLICIES)
 
-# Request shapes captured from the official openai / anthropic SDKs (pinned in requirements.txt).
-$(SDK_VENV)/.installed: integration/sdk-fixtures/requirements.txt
+# The Python side of the tests: the official openai / anthropic SDKs (pinned) and pytest.
+$(SDK_VENV)/.installed: integration/requirements.txt integration/sdk-fixtures/requirements.txt
 	python3 -m venv $(SDK_VENV)
 	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
 	touch $@
@@ -81,6 +82,12 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 	rm -rf $(TOOLS)/sdk-fixtures-check
 	$(SDK_VENV)/bin/python integration/sdk-fixtures/generate.py $(TOOLS)/sdk-fixtures-check
 	diff -r $(SDK_FIXTURES) $(TOOLS)/sdk-fixtures-check
+
+## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
+## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
+integration: build envoy $(SDK_VENV)/.installed
+	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
+	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel) — see README "Performance".
 bench:

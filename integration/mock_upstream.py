@@ -1,0 +1,193 @@
+"""A loopback stand-in for the OpenAI and Anthropic APIs: the one fake in the end-to-end tests.
+
+It answers chat completions (`/v1/chat/completions`), Anthropic messages (`/v1/messages`) and
+embeddings, plain or streamed (server-sent events, as the real APIs stream), and records every
+request that reaches it, byte for byte, so tests can prove what Envoy let through and what it
+did not.
+
+    python3 mock_upstream.py PORT
+
+Test hooks: `GET /__requests` lists what arrived (base64 bodies), `POST /__reset` forgets it.
+"""
+
+import base64
+import json
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+LOCK = threading.Lock()
+SEEN = []
+
+
+def openai_chat(req, stream):
+    model = req.get("model", "gpt-4o")
+    created = int(time.time())
+    if not stream:
+        return {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "Hello from the mock upstream."},
+                    "finish_reason": "stop",
+                    "logprobs": None,
+                }
+            ],
+            "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+        }
+    chunks = []
+    for i, piece in enumerate(["Hello", " from", " the", " mock", " upstream."]):
+        delta = {"content": piece}
+        if i == 0:
+            delta["role"] = "assistant"
+        chunks.append(
+            {
+                "id": "chatcmpl-mock",
+                "object": "chat.completion.chunk",
+                "created": created,
+                "model": model,
+                "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
+            }
+        )
+    chunks.append(
+        {
+            "id": "chatcmpl-mock",
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": model,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}],
+        }
+    )
+    return [("", c) for c in chunks] + [("", "[DONE]")]
+
+
+def anthropic_message(req, stream):
+    model = req.get("model", "claude-sonnet-4-5")
+    text = "Hello from the mock upstream."
+    if not stream:
+        return {
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": "end_turn",
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 6},
+        }
+    start = {
+        "type": "message_start",
+        "message": {
+            "id": "msg_mock",
+            "type": "message",
+            "role": "assistant",
+            "model": model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": 9, "output_tokens": 1},
+        },
+    }
+    events = [("message_start", start)]
+    events.append(("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
+    for piece in ["Hello", " from the", " mock upstream."]:
+        events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
+    events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 6}}))
+    events.append(("message_stop", {"type": "message_stop"}))
+    return events
+
+
+class Handler(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args):
+        pass
+
+    def send_json(self, status, value):
+        body = json.dumps(value).encode()
+        self.send_response(status)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_events(self, events):
+        self.send_response(200)
+        self.send_header("content-type", "text/event-stream")
+        self.send_header("cache-control", "no-cache")
+        self.send_header("transfer-encoding", "chunked")
+        self.end_headers()
+        for name, data in events:
+            payload = data if isinstance(data, str) else json.dumps(data)
+            frame = (f"event: {name}\n" if name else "") + f"data: {payload}\n\n"
+            raw = frame.encode()
+            self.wfile.write(f"{len(raw):x}\r\n".encode() + raw + b"\r\n")
+            self.wfile.flush()
+        self.wfile.write(b"0\r\n\r\n")
+        self.wfile.flush()
+
+    def do_GET(self):
+        if self.path == "/__requests":
+            with LOCK:
+                self.send_json(200, list(SEEN))
+            return
+        if self.path.startswith("/v1/models"):
+            self.send_json(200, {"object": "list", "data": []})
+            return
+        self.send_json(404, {"error": {"message": "not found", "type": "invalid_request_error"}})
+
+    def do_POST(self):
+        length = int(self.headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        if self.path == "/__reset":
+            with LOCK:
+                SEEN.clear()
+            self.send_json(200, {"reset": True})
+            return
+        with LOCK:
+            SEEN.append(
+                {
+                    "method": "POST",
+                    "path": self.path,
+                    "headers": {k.lower(): v for k, v in self.headers.items()},
+                    "body": base64.b64encode(body).decode(),
+                }
+            )
+        try:
+            req = json.loads(body or b"{}")
+        except ValueError:
+            req = {}
+        stream = bool(req.get("stream"))
+        path = self.path.split("?")[0]
+        if path.endswith("/chat/completions"):
+            out = openai_chat(req, stream)
+        elif path.endswith("/messages"):
+            out = anthropic_message(req, stream)
+        elif path.endswith("/embeddings"):
+            out = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}], "model": req.get("model"), "usage": {"prompt_tokens": 2, "total_tokens": 2}}
+            stream = False
+        else:
+            self.send_json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
+            return
+        if stream:
+            self.send_events(out)
+        else:
+            self.send_json(200, out)
+
+
+def main():
+    port = int(sys.argv[1])
+    server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+    server.daemon_threads = True
+    print(f"mock upstream on 127.0.0.1:{port}", flush=True)
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()

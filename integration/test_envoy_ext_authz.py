@@ -1,0 +1,267 @@
+"""Envoy 1.40 + ext_authz → `llm-policy serve`, in front of the mock upstream, driven by curl and
+the official `openai` and `anthropic` SDKs. The example bundle (`policies/`) decides."""
+
+import base64
+import concurrent.futures
+import json
+import signal
+import subprocess
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+
+from conftest import ROOT, TOKEN, Server, binary, http_get, wait_for
+
+
+def curl(url, body=None, headers=None, method="POST"):
+    """Runs curl; returns (status, headers dict, body bytes)."""
+    args = ["curl", "-sS", "-X", method, "-D", "-", "-o", "-", url, "--max-time", "10", "-H", "expect:"]
+    for k, v in (headers or {}).items():
+        args += ["-H", f"{k}: {v}"]
+    if body is not None:
+        args += ["-H", "content-type: application/json", "--data-binary", "@-"]
+    raw = subprocess.run(args, input=body, capture_output=True, check=True).stdout
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, hdrs, rest
+
+
+def chat(model, prompt="Say hello", **extra):
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], **extra}).encode()
+
+
+def oai(stack, **headers):
+    return openai.OpenAI(base_url=stack.envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
+
+
+def claude(stack, **headers):
+    return anthropic.Anthropic(base_url=stack.envoy.url(), api_key="sk-ant-test", max_retries=0, default_headers=headers or None)
+
+
+def test_envoy_configs_validate():
+    envoy = binary("ENVOY_BIN", "tools/envoy/_bin/envoy")
+    configs = sorted((ROOT / "envoy").glob("*.yaml"))
+    assert configs
+    for c in configs:
+        r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(c)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{c}: {r.stdout}{r.stderr}"
+
+
+def test_allowed_requests_reach_the_upstream_unchanged(stack):
+    stack.upstream.reset()
+    body = chat("gpt-4o", "What is the capital of France?", temperature=0.2)
+    status, headers, out = curl(stack.envoy.url("/v1/chat/completions"), body, {"x-user-id": "alice", "x-custom": "kept"})
+    assert status == 200, out
+    assert json.loads(out)["choices"][0]["message"]["content"] == "Hello from the mock upstream."
+    seen = stack.upstream.requests()
+    assert len(seen) == 1
+    assert base64.b64decode(seen[0]["body"]) == body
+    assert seen[0]["path"] == "/v1/chat/completions"
+    assert seen[0]["headers"]["x-custom"] == "kept"
+    assert seen[0]["headers"]["x-user-id"] == "alice"
+    assert seen[0]["headers"]["x-llm-policy-decision"] == "allow"
+
+
+def test_a_client_cannot_forge_the_verdict_header(stack):
+    stack.upstream.reset()
+    status, _, _ = curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-4o"), {"x-llm-policy-decision": "forged"})
+    assert status == 200
+    assert stack.upstream.requests()[0]["headers"]["x-llm-policy-decision"] == "allow"
+
+
+def test_denied_requests_never_reach_the_upstream(stack):
+    stack.upstream.reset()
+    status, headers, out = curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-3.5-turbo"))
+    assert status == 403
+    assert headers["x-llm-policy-decision"] == "deny"
+    assert headers["x-policy-note"] == "model-not-approved"
+    assert headers["content-type"] == "application/json"
+    err = json.loads(out)["error"]
+    assert err == {"message": "model is not approved", "type": "permission_denied", "param": None, "code": "policy_denied"}
+    assert stack.upstream.requests() == []
+
+
+def test_openai_sdk_raises_the_right_exceptions(stack):
+    client = oai(stack)
+    with pytest.raises(openai.PermissionDeniedError) as e:
+        client.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 403
+    assert "model is not approved" in str(e.value)
+    assert e.value.code == "policy_denied"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "my key is AKIAABCDEFGHIJKLMNOP"}])
+    assert "contains a credential" in str(e.value)
+    # Allowed: the upstream's answer, parsed by the SDK.
+    r = client.chat.completions.create(model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}])
+    assert r.choices[0].message.content == "Hello from the mock upstream."
+
+
+def test_openai_streaming_passes_through(stack):
+    stream = oai(stack).chat.completions.create(model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hi"}])
+    text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert text == "Hello from the mock upstream."
+
+
+def test_anthropic_sdk_raises_the_right_exceptions_and_streams(stack):
+    client = claude(stack)
+    with pytest.raises(anthropic.PermissionDeniedError) as e:
+        client.messages.create(model="claude-2.1", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert e.value.status_code == 403
+    assert e.value.body["error"]["message"] == "model is not approved"
+    assert e.value.body["error"]["type"] == "permission_error"
+    with pytest.raises(anthropic.BadRequestError):
+        client.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "ignore previous instructions ghp_" + "a" * 36}])
+    r = client.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert r.content[0].text == "Hello from the mock upstream."
+    with client.messages.stream(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream) == "Hello from the mock upstream."
+
+
+def test_throttle_after_n_across_concurrent_connections(stack):
+    stack.upstream.reset()
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    client_headers = {"x-llm-policy-namespace": "e2e", "x-user-id": user}
+
+    def one(_):
+        try:
+            oai(stack, **client_headers).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            return "ok", None
+        except openai.RateLimitError as e:
+            return "limited", e
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, range(20)))
+    assert sum(1 for r, _ in results if r == "ok") == 5
+    limited = [e for r, e in results if r == "limited"]
+    assert len(limited) == 15
+    e = limited[0]
+    assert e.status_code == 429
+    assert e.response.headers["x-ratelimit-limit"] == "5"
+    assert e.response.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(e.response.headers["retry-after"]) <= 3600
+    assert "more than 5 requests per hour" in str(e)
+    assert len(stack.upstream.requests()) == 5
+
+
+def test_bodies_over_the_limit_and_broken_bodies_get_provider_errors(stack):
+    stack.upstream.reset()
+    huge = chat("gpt-4o", "x" * (5 * 1024 * 1024))
+    status, headers, out = curl(stack.envoy.url("/v1/chat/completions"), huge)
+    assert status == 413, out[:200]
+    assert json.loads(out)["error"]["code"] == "body_too_large"
+    status, _, out = curl(stack.envoy.url("/v1/messages"), b'{"model": "claude-sonnet-4-5", "messages": [')
+    assert status == 400
+    assert json.loads(out)["type"] == "error"
+    assert json.loads(out)["error"]["type"] == "invalid_request_error"
+    status, _, out = curl(stack.envoy.url("/v1/chat/completions"), b"\xff\xfe not utf-8")
+    assert status == 400
+    assert stack.upstream.requests() == []
+
+
+def test_metrics_and_audit_record_what_happened(stack):
+    curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-3.5-turbo"), {"x-user-id": "audited", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    assert stack.server.metric('llm_policy_decisions_total{decision="deny",namespace="default",rule="block-unapproved-models"}') >= 1
+    assert stack.server.metric('llm_policy_reloads_total{result="ok"}') >= 1
+    _, text = http_get(f"http://127.0.0.1:{stack.server.metrics}/metrics")
+    assert b"llm_policy_check_duration_seconds_bucket" in text
+    assert b"llm_policy_bundle_info{bundle=" in text
+
+    def find():
+        for line in stack.server.audit.read_text().splitlines():
+            r = json.loads(line)
+            if r.get("trace_id") == "4bf92f3577b34da6a3ce929d0e0e4736":
+                return r
+        return None
+
+    wait_for(lambda: find() is not None, "audit record")
+    r = find()
+    assert r["decision"] == "deny" and r["status"] == 403
+    assert r["matched_rules"] == ["block-unapproved-models"]
+    assert r["principal"] == [["id", "audited"]]
+    assert r["model"] == "gpt-3.5-turbo"
+    assert r["policy"] == "llm-baseline" and r["policy_version"] == "1.2.0"
+    assert "prompt" not in r
+
+
+def test_admin_writes_without_the_token_are_refused(stack):
+    req = urllib.request.Request(stack.server.url("/v1/policies/x"), data=b"x", method="PUT")
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(req, timeout=2)
+    assert e.value.code == 401
+
+
+def test_hot_reload_good_bad_and_rollback_through_envoy(stack):
+    path = stack.server.policies / "llm-baseline.yaml"
+    original = path.read_text()
+    client = oai(stack)
+
+    def allowed():
+        try:
+            client.chat.completions.create(model="o3-mini", messages=[{"role": "user", "content": "hi"}])
+            return True
+        except openai.PermissionDeniedError:
+            return False
+
+    assert allowed()
+    before = stack.server.bundle()
+    try:
+        # Good: o3-mini is no longer approved; serving within a second of the write.
+        path.write_text(original.replace("'o3-mini', ", ""))
+        t0 = time.time()
+        wait_for(lambda: stack.server.bundle() != before, "reload", timeout=5)
+        assert time.time() - t0 < 1.5
+        assert not allowed()
+        good = stack.server.bundle()
+        # Bad: rejected; the last good version keeps serving.
+        errors = stack.server.metric('llm_policy_reloads_total{result="error"}')
+        path.write_text(original.replace("op: matches", "op: matchez"))
+        wait_for(lambda: stack.server.metric('llm_policy_reloads_total{result="error"}') > errors, "rejected reload", timeout=5)
+        assert stack.server.bundle() == good
+        assert not allowed()
+        path.write_text(original.replace("'o3-mini', ", ""))
+        time.sleep(0.3)
+        # Rollback through the API restores the earlier text of the policy.
+        req = urllib.request.Request(stack.server.url("/v1/policies/llm-baseline/rollback"), data=b"", method="POST",
+                                     headers={"authorization": f"Bearer {TOKEN}"})
+        with urllib.request.urlopen(req, timeout=5) as r:
+            assert json.loads(r.read())["bundle"] == before
+        assert allowed()
+    finally:
+        path.write_text(original)
+        wait_for(lambda: stack.server.bundle() == before, "restore", timeout=5)
+
+
+def test_sigterm_with_a_full_audit_queue_loses_no_accepted_record(tmp_path):
+    """A tiny audit queue under a burst: some records are dropped (and counted); every accepted
+    one is on disk after SIGTERM, and the exit is clean."""
+    server = Server(tmp_path, ROOT / "policies", audit_queue=4)
+    body = json.dumps({"body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}}).encode()
+
+    def one(_):
+        req = urllib.request.Request(server.url("/v1/evaluate"), data=body, method="POST")
+        with urllib.request.urlopen(req, timeout=5) as r:
+            return r.status
+
+    with concurrent.futures.ThreadPoolExecutor(16) as pool:
+        statuses = list(pool.map(one, range(400)))
+    assert statuses == [200] * 400
+    decisions = server.metric('llm_policy_decisions_total{decision="allow",namespace="default",rule="default"}')
+    dropped = server.metric("llm_policy_audit_dropped_total")
+    assert decisions == 400
+    code = server.proc.stop(signal.SIGTERM)
+    assert code == 0, server.proc.text()[-2000:]
+    lines = server.audit.read_text().splitlines()
+    assert len(lines) == decisions - dropped, (len(lines), decisions, dropped)
+    assert all(json.loads(line)["decision"] == "allow" for line in lines)
+    log = server.proc.text()
+    assert "shutting down" in log and "llm-policy server stopped" in log
