@@ -4,12 +4,15 @@
 //! - [`registry`]: versioned, validated policy bundles (hot reload, rollback).
 //! - [`engine`]: one check, whatever the protocol: caches ([`cache`]), counters ([`limits`]),
 //!   replies, [`metrics`] and the [`audit`] log.
-//! - Edges, the only modules that know a protocol: [`envoy`] (ext_authz gRPC), [`rest`] (axum).
+//! - Edges, the only modules that know a protocol: [`envoy`] (ext_authz gRPC), [`api`] (our own
+//!   `llmpolicy.v1` gRPC API), [`rest`] (axum); [`auth`] guards their writes.
 //!
 //! [`start`] binds the listeners and returns a [`Running`] server; [`Running::shutdown`] drains
 //! it: stop accepting, finish in-flight checks, flush the audit queue.
 
+pub mod api;
 pub mod audit;
+pub mod auth;
 pub mod cache;
 pub mod config;
 pub mod engine;
@@ -174,9 +177,16 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     }
     let authz = AuthorizationServer::new(envoy::EnvoyAuthz::new(Arc::clone(&engine)))
         .max_decoding_message_size(grpc_message_limit(&config));
+    let api = api::pb::policy_service_server::PolicyServiceServer::new(api::PolicyApi::new(
+        Arc::clone(&engine),
+        admin_token.clone().map(Arc::from),
+        stopped.clone(),
+    ))
+    .max_decoding_message_size(grpc_message_limit(&config));
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz)
+        .add_service(api)
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
             until_stopped(stopped.clone()),

@@ -10,7 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Instant, SystemTime};
 
-use llm_policy_core::decision::{ChargeSource, CounterKind, Decision, Verdict};
+use llm_policy_core::decision::{
+    ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
+};
 use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, EvalOptions, NeedKind, PluginCheck, RequestContext,
@@ -58,6 +60,9 @@ pub struct Checked {
     pub version: Option<u64>,
     /// The cache level that answered.
     pub cache: Option<Level>,
+    /// Why there is no decision: the request was rejected (400 / 413) or the check failed (503,
+    /// or let through in failure mode open).
+    pub error: Option<ErrorDetail>,
 }
 
 /// Why a check could not decide.
@@ -202,6 +207,16 @@ impl Engine {
 
     fn failed(&self, f: Failure, provider: llm_policy_core::context::Provider) -> Checked {
         let version = self.registry.current().map(|v| v.number);
+        let message = match f {
+            Failure::NotReady => "the policy server has no policy loaded yet",
+            Failure::Deadline => "the policy check did not finish in time",
+            Failure::Store => "the rate-limit store is unavailable",
+        };
+        let error = Some(ErrorDetail {
+            code: String::from("policy_unavailable"),
+            message: message.to_string(),
+            status: 503,
+        });
         match self.check.failure_mode {
             FailureMode::Open => Checked {
                 decision: None,
@@ -209,31 +224,26 @@ impl Engine {
                 upstream: vec![(reply::DECISION_HEADER.to_string(), String::from("error"))],
                 version,
                 cache: None,
+                error,
             },
-            FailureMode::Closed => {
-                let message = match f {
-                    Failure::NotReady => "the policy server has no policy loaded yet",
-                    Failure::Deadline => "the policy check did not finish in time",
-                    Failure::Store => "the rate-limit store is unavailable",
-                };
-                Checked {
-                    decision: None,
-                    reply: Some(Reply {
-                        status: 503,
-                        headers: vec![
-                            (reply::DECISION_HEADER.to_string(), String::from("error")),
-                            (
-                                String::from("content-type"),
-                                String::from("application/json"),
-                            ),
-                        ],
-                        body: reply::error_body(provider, 503, "policy_unavailable", message),
-                    }),
-                    upstream: Vec::new(),
-                    version,
-                    cache: None,
-                }
-            }
+            FailureMode::Closed => Checked {
+                decision: None,
+                reply: Some(Reply {
+                    status: 503,
+                    headers: vec![
+                        (reply::DECISION_HEADER.to_string(), String::from("error")),
+                        (
+                            String::from("content-type"),
+                            String::from("application/json"),
+                        ),
+                    ],
+                    body: reply::error_body(provider, 503, "policy_unavailable", message),
+                }),
+                upstream: Vec::new(),
+                version,
+                cache: None,
+                error,
+            },
         }
     }
 
@@ -281,6 +291,7 @@ impl Engine {
                         upstream: Vec::new(),
                         version: Some(version.number),
                         cache: None,
+                        error: Some(ErrorBody::from(&e).error),
                     },
                     None,
                 ));
@@ -398,6 +409,7 @@ impl Engine {
             upstream,
             version: Some(version.number),
             cache,
+            error: None,
         }
     }
 
@@ -560,15 +572,10 @@ impl Engine {
         if !wants && alert.is_none() {
             return;
         }
-        let reason = match (d, failure, &checked.reply) {
-            (Some(d), _, _) => d.reason.clone(),
-            (None, Some(f), _) => format!("check failed: {}", f.as_str()),
-            // A rejected request: the message of its error body.
-            (None, None, Some(r)) => serde_json::from_str::<serde_json::Value>(&r.body)
-                .ok()
-                .and_then(|v| v.pointer("/error/message")?.as_str().map(str::to_string))
-                .unwrap_or_else(|| r.body.clone()),
-            (None, None, None) => String::new(),
+        let reason = match (d, &checked.error) {
+            (Some(d), _) => d.reason.clone(),
+            (None, Some(e)) => e.message.clone(),
+            (None, None) => String::new(),
         };
         let record = Record {
             kind: "decision",

@@ -87,6 +87,30 @@ impl Version {
             .collect()
     }
 
+    /// Its files as `(path relative to root, text)`.
+    pub fn relative_files(&self, root: &Path) -> Vec<(String, &str)> {
+        self.files
+            .iter()
+            .map(|f| {
+                let path = f.path.strip_prefix(root).unwrap_or(&f.path);
+                (path.display().to_string(), f.text.as_str())
+            })
+            .collect()
+    }
+
+    /// The file holding policy `name`.
+    pub fn policy_file(&self, name: &str) -> Option<&SourceFile> {
+        let doc = self.policy_documents(name).into_iter().next()?;
+        self.files
+            .iter()
+            .find(|f| f.path.display().to_string() == doc.file)
+    }
+
+    /// The source text of the file holding policy `name`.
+    pub fn policy_text(&self, name: &str) -> Option<&str> {
+        self.policy_file(name).map(|f| f.text.as_str())
+    }
+
     /// The documents of one policy (by name, in any namespace).
     pub fn policy_documents(&self, name: &str) -> Vec<&Document> {
         self.documents
@@ -131,6 +155,8 @@ pub struct Registry {
     /// Serializes reloads and writes.
     writer: Mutex<()>,
     last_error: Mutex<Option<Diagnostics>>,
+    /// Tells subscribers (`WatchBundle`) about each new version.
+    changes: tokio::sync::watch::Sender<Option<Arc<Version>>>,
 }
 
 impl Registry {
@@ -145,6 +171,7 @@ impl Registry {
             next: AtomicU64::new(1),
             writer: Mutex::new(()),
             last_error: Mutex::new(None),
+            changes: tokio::sync::watch::Sender::new(None),
         }
     }
 
@@ -156,6 +183,11 @@ impl Registry {
     /// The version serving now (`None` until the first good load).
     pub fn current(&self) -> Option<Arc<Version>> {
         self.active.load_full()
+    }
+
+    /// A receiver that sees every version swapped in from now on (and the current one).
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<Option<Arc<Version>>> {
+        self.changes.subscribe()
     }
 
     /// The kept versions, oldest first.
@@ -215,6 +247,7 @@ impl Registry {
             h.drain(..excess);
         }
         self.active.store(Some(Arc::clone(&version)));
+        self.changes.send_replace(Some(Arc::clone(&version)));
         Ok((version, true))
     }
 
@@ -287,11 +320,7 @@ impl Registry {
             .current()
             .ok_or_else(|| RegistryError::Refused(String::from("no policies loaded yet"), 409))?;
         let text_in = |v: &Version| -> Option<(PathBuf, String)> {
-            let doc = v.policy_documents(name).into_iter().next()?;
-            let file = v
-                .files
-                .iter()
-                .find(|f| f.path.display().to_string() == doc.file)?;
+            let file = v.policy_file(name)?;
             Some((file.path.clone(), file.text.clone()))
         };
         let now = text_in(&current);

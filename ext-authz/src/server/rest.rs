@@ -96,35 +96,19 @@ fn registry_error(e: RegistryError) -> ApiError {
     }
 }
 
-/// Checks `Authorization: Bearer <token>` in constant time.
+/// Checks `Authorization: Bearer <admin token>`.
 fn authorize(state: &RestState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(token) = &state.admin_token else {
-        return Err(error(
-            StatusCode::FORBIDDEN,
-            "writes_disabled",
-            "no admin token is configured: API writes are disabled",
-        ));
-    };
     let given = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
-    let equal = given.len() == token.len()
-        && given
-            .bytes()
-            .zip(token.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0;
-    if equal {
-        Ok(())
-    } else {
-        Err(error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "a valid `Authorization: Bearer <admin token>` is required",
-        ))
-    }
+        .and_then(|v| v.to_str().ok());
+    super::auth::check(state.admin_token.as_deref(), given).map_err(|d| match d {
+        super::auth::Denied::Disabled => {
+            error(StatusCode::FORBIDDEN, "writes_disabled", d.message())
+        }
+        super::auth::Denied::Unauthorized => {
+            error(StatusCode::UNAUTHORIZED, "unauthorized", d.message())
+        }
+    })
 }
 
 fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
@@ -163,32 +147,18 @@ async fn evaluate(
             explain: q.explain,
         })
         .await;
-    match (checked.decision, checked.reply) {
+    match (checked.decision, checked.error) {
         (Some(d), _) => Ok(Json(d).into_response()),
-        (None, Some(reply)) => {
-            let status = StatusCode::from_u16(reply.status).unwrap_or(StatusCode::BAD_REQUEST);
-            let message = serde_json::from_str::<Value>(&reply.body)
-                .ok()
-                .and_then(|v| {
-                    v.pointer("/error/message")
-                        .and_then(Value::as_str)
-                        .map(str::to_string)
-                })
-                .unwrap_or(reply.body);
-            let code = if status.is_server_error() {
-                "policy_unavailable"
-            } else if status == StatusCode::PAYLOAD_TOO_LARGE {
-                "body_too_large"
-            } else {
-                "invalid_body"
-            };
-            Err(error(status, code, message))
-        }
-        // Failure mode open: no decision, let through.
-        (None, None) => Ok(Json(
-            json!({"decision": "error", "reason": "the check could not decide; failure mode open"}),
-        )
-        .into_response()),
+        (None, Some(e)) => Err(error(
+            StatusCode::from_u16(e.status).unwrap_or(StatusCode::BAD_REQUEST),
+            &e.code,
+            e.message,
+        )),
+        (None, None) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "no decision and no error",
+        )),
     }
 }
 
@@ -282,12 +252,7 @@ async fn get_policy(State(s): State<RestState>, Path(name): Path<String>) -> Api
             format!("no policy `{name}`"),
         ));
     };
-    let text = v
-        .files
-        .iter()
-        .find(|f| f.path.display().to_string() == entry.file)
-        .map(|f| f.text.clone())
-        .unwrap_or_default();
+    let text = v.policy_text(&name).unwrap_or_default();
     Ok(Json(json!({"version": v.number, "policy": entry, "text": text})).into_response())
 }
 
@@ -447,14 +412,9 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
     let files: Vec<Value> = v
-        .files
-        .iter()
-        .map(|f| {
-            json!({
-                "path": f.path.strip_prefix(s.engine.registry().path()).unwrap_or(&f.path).display().to_string(),
-                "text": f.text,
-            })
-        })
+        .relative_files(s.engine.registry().path())
+        .into_iter()
+        .map(|(path, text)| json!({"path": path, "text": text}))
         .collect();
     Ok((
         [(header::ETAG, etag_value)],

@@ -1,0 +1,62 @@
+//! Admin authorization for API writes, shared by the REST and gRPC edges: `Authorization: Bearer
+//! <token>`, compared in constant time; with no token configured, writes are disabled.
+
+/// Why a write was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Denied {
+    /// No admin token is configured: writes are disabled (403 / PERMISSION_DENIED).
+    Disabled,
+    /// The header is missing or the token wrong (401 / UNAUTHENTICATED).
+    Unauthorized,
+}
+
+impl Denied {
+    /// What to tell the caller.
+    pub fn message(self) -> &'static str {
+        match self {
+            Denied::Disabled => "no admin token is configured: API writes are disabled",
+            Denied::Unauthorized => "a valid `Authorization: Bearer <admin token>` is required",
+        }
+    }
+}
+
+/// Checks an `Authorization` header value against the configured token.
+pub fn check(token: Option<&str>, authorization: Option<&str>) -> Result<(), Denied> {
+    let token = token.ok_or(Denied::Disabled)?;
+    let given = authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default();
+    // Constant time in the token's content (the length is not secret).
+    let equal = given.len() == token.len()
+        && given
+            .bytes()
+            .zip(token.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if equal {
+        Ok(())
+    } else {
+        Err(Denied::Unauthorized)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bearer_tokens() {
+        let t = Some("0123456789abcdef");
+        assert_eq!(check(t, Some("Bearer 0123456789abcdef")), Ok(()));
+        assert_eq!(
+            check(t, Some("Bearer 0123456789abcdeX")),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(
+            check(t, Some("0123456789abcdef")),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(check(t, None), Err(Denied::Unauthorized));
+        assert_eq!(check(None, Some("Bearer x")), Err(Denied::Disabled));
+    }
+}
