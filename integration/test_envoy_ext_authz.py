@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from conftest import ROOT, TOKEN, Server, binary, http_get, wait_for
+from stack import ROOT, TOKEN, Server, binary, http_get, wait_for
 
 
 def curl(url, body=None, headers=None, method="POST"):

@@ -1,0 +1,180 @@
+"""Real processes on loopback for the end-to-end tests and `make demo`: the mock LLM upstream,
+`llm-policy serve` and Envoy 1.40 with ext_authz in front of it. Ports are picked free at start.
+Standard library only.
+
+Binaries: `LLM_POLICY_BIN` (default `target/release/llm-policy`) and `ENVOY_BIN` (default
+`tools/envoy/_bin/envoy`, fetched by `make envoy`).
+"""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "e2e-admin-token-0123456789abcdef"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def binary(env, default):
+    path = Path(os.environ.get(env) or ROOT / default)
+    if not path.exists():
+        raise SystemExit(f"{path} is missing (set {env}, or run `make build envoy`)")
+    return path
+
+
+def wait_for(check, what, timeout=20.0):
+    deadline = time.time() + timeout
+    last = None
+    while time.time() < deadline:
+        try:
+            if check():
+                return
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = e
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not up after {timeout}s ({last})")
+
+
+def http_get(url, timeout=2.0):
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
+
+
+class Proc:
+    """A child process whose output goes to a log file (shown when a test fails)."""
+
+    def __init__(self, name, args, log_dir, **kw):
+        self.name = name
+        self.log = log_dir / f"{name}.log"
+        self.out = open(self.log, "wb")
+        self.p = subprocess.Popen(args, stdout=self.out, stderr=subprocess.STDOUT, **kw)
+
+    def stop(self, sig=signal.SIGTERM, timeout=15):
+        if self.p.poll() is None:
+            self.p.send_signal(sig)
+            try:
+                self.p.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.p.kill()
+                self.p.wait()
+        self.out.close()
+        return self.p.returncode
+
+    def text(self):
+        return self.log.read_text(errors="replace")
+
+
+class Server:
+    """`llm-policy serve` with a config file, its own policy directory and audit file."""
+
+    def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None):
+        self.dir = tmp
+        self.policies = tmp / "policies"
+        shutil.copytree(policies_src, self.policies, ignore=shutil.ignore_patterns("tests"))
+        for name, text in (extra_policies or {}).items():
+            (self.policies / name).write_text(text)
+        (tmp / "token").write_text(TOKEN)
+        self.audit = tmp / "audit.log"
+        self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
+        config = {
+            "policies": str(self.policies),
+            "grpcListen": f"127.0.0.1:{self.grpc}",
+            "httpListen": f"127.0.0.1:{self.http}",
+            "metricsListen": f"127.0.0.1:{self.metrics}",
+            "adminTokenFile": str(tmp / "token"),
+            "reload": {"debounceMs": 100},
+            "audit": {"stdout": False, "queue": audit_queue, "file": {"path": str(self.audit)}},
+        }
+        (tmp / "server.yaml").write_text(json.dumps(config))
+        self.proc = Proc(
+            "llm-policy",
+            [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "serve", "--config", str(tmp / "server.yaml")],
+            log_dir or tmp,
+            env={**os.environ, "RUST_LOG": "info"},
+        )
+        wait_for(lambda: http_get(self.url("/readyz"))[0] == 200, "llm-policy serve")
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.http}{path}"
+
+    def metric(self, sample):
+        _, text = http_get(f"http://127.0.0.1:{self.metrics}/metrics")
+        for line in text.decode().splitlines():
+            if line.startswith(sample + " "):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    def bundle(self):
+        return json.loads(http_get(self.url("/readyz"))[1])["bundle"]
+
+
+class Envoy:
+    """Envoy running `envoy/ext-authz.yaml` with its ports replaced."""
+
+    def __init__(self, tmp, server, upstream_port, log_dir):
+        self.port, self.admin = free_port(), free_port()
+        text = (ROOT / "envoy" / "ext-authz.yaml").read_text()
+        for old, new in [
+            ("port_value: 10000", f"port_value: {self.port}"),
+            ("port_value: 9901", f"port_value: {self.admin}"),
+            ("port_value: 50051", f"port_value: {server.grpc}"),
+            ("port_value: 18000", f"port_value: {upstream_port}"),
+            ("address: 0.0.0.0", "address: 127.0.0.1"),
+        ]:
+            assert old in text, old
+            text = text.replace(old, new)
+        config = tmp / "envoy.yaml"
+        config.write_text(text)
+        self.proc = Proc(
+            "envoy",
+            [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(config), "--concurrency", "2",
+             "--base-id", str(self.port), "-l", "warning"],
+            log_dir,
+        )
+        wait_for(lambda: http_get(f"http://127.0.0.1:{self.admin}/ready")[1].strip() == b"LIVE", "envoy")
+
+    def url(self, path=""):
+        return f"http://127.0.0.1:{self.port}{path}"
+
+
+class Upstream:
+    def __init__(self, log_dir):
+        self.port = free_port()
+        self.proc = Proc("upstream", [sys.executable, str(ROOT / "integration" / "mock_upstream.py"), str(self.port)], log_dir)
+        wait_for(lambda: http_get(f"http://127.0.0.1:{self.port}/__requests")[0] == 200, "mock upstream")
+
+    def requests(self):
+        return json.loads(http_get(f"http://127.0.0.1:{self.port}/__requests")[1])
+
+    def reset(self):
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/__reset", data=b"", method="POST")
+        urllib.request.urlopen(req, timeout=2).read()
+
+
+E2E_LIMITS = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-limits, namespace: e2e, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: five-per-hour
+      priority: 10
+      when: { match: { field: principal.id, op: exists } }
+      action:
+        decision: throttle
+        reason: "more than 5 requests per hour"
+        rateLimit: { key: "{principal.id}", requests: 5, per: hour }
+"""
