@@ -50,9 +50,22 @@ pub fn input(req: CheckRequest) -> CheckInput {
             .collect(),
         _ => http.headers.into_iter().collect(),
     };
+    let body = if http.raw_body.is_empty() {
+        http.body.into_bytes()
+    } else {
+        http.raw_body
+    };
+    // Envoy flags a body it cut at `max_request_bytes`, but not in every case (a body that
+    // arrives whole in one read is cut unflagged): a declared length above what arrived says
+    // the same.
+    let declared = headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case("content-length"))
+        .and_then(|(_, v)| v.trim().parse::<usize>().ok());
     let partial_body = headers
         .iter()
-        .any(|(k, v)| k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER) && v == "true");
+        .any(|(k, v)| k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER) && v == "true")
+        || declared.is_some_and(|n| n > body.len());
     // Pseudo-headers other than `:authority` say nothing rules read (method and path come
     // separately); Envoy's own bookkeeping header is not the client's.
     headers.retain(|(k, _)| {
@@ -65,11 +78,6 @@ pub fn input(req: CheckRequest) -> CheckInput {
     {
         headers.push((String::from(":authority"), http.host));
     }
-    let body = if http.raw_body.is_empty() {
-        http.body.into_bytes()
-    } else {
-        http.raw_body
-    };
     CheckInput {
         method: http.method,
         path: http.path,
@@ -158,5 +166,82 @@ impl Authorization for EnvoyAuthz {
     ) -> Result<Response<CheckResponse>, Status> {
         let checked = self.engine.check(input(request.into_inner())).await;
         Ok(Response::new(response(checked)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::core::v3::HeaderMap;
+    use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
+    use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+
+    fn request(http: HttpRequest) -> CheckRequest {
+        CheckRequest {
+            attributes: Some(AttributeContext {
+                request: Some(Request {
+                    http: Some(http),
+                    ..Request::default()
+                }),
+                ..AttributeContext::default()
+            }),
+        }
+    }
+
+    fn raw(key: &str, value: &str) -> HeaderValue {
+        HeaderValue {
+            key: key.into(),
+            value: String::new(),
+            raw_value: value.as_bytes().to_vec(),
+        }
+    }
+
+    #[test]
+    fn raw_headers_pseudo_headers_and_cut_bodies() {
+        let i = input(request(HttpRequest {
+            method: "POST".into(),
+            path: "/v1/chat/completions".into(),
+            host: "api.openai.com".into(),
+            header_map: Some(HeaderMap {
+                headers: vec![
+                    raw(":method", "POST"),
+                    raw(":authority", "api.openai.com"),
+                    raw("x-user-id", "a"),
+                    raw("x-user-id", "b"),
+                    raw("content-length", "10"),
+                ],
+            }),
+            raw_body: b"{\"a\":1}".to_vec(),
+            ..HttpRequest::default()
+        }));
+        assert_eq!(
+            i.headers,
+            [
+                (":authority".to_string(), "api.openai.com".to_string()),
+                ("x-user-id".into(), "a".into()),
+                ("x-user-id".into(), "b".into()),
+                ("content-length".into(), "10".into()),
+            ]
+        );
+        // 7 bytes arrived of 10 declared.
+        assert!(i.partial_body);
+        let i = input(request(HttpRequest {
+            headers: [
+                ("x-envoy-auth-partial-body".to_string(), "true".to_string()),
+                ("content-length".into(), "4".into()),
+            ]
+            .into_iter()
+            .collect(),
+            body: "{}{}".into(),
+            host: "h".into(),
+            ..HttpRequest::default()
+        }));
+        assert!(i.partial_body);
+        assert!(i.headers.iter().any(|(k, v)| k == ":authority" && v == "h"));
+        assert!(!i
+            .headers
+            .iter()
+            .any(|(k, _)| k == "x-envoy-auth-partial-body"));
+        assert!(!input(CheckRequest::default()).partial_body);
     }
 }
