@@ -100,7 +100,9 @@ pub(crate) struct CompiledRule {
     pub index_hint: Option<Cond>,
     pub plugin: Option<PluginRef>,
     pub action: CompiledAction,
-    /// Reads time, uses a plugin, a rate limit or a budget: decisions involving it are not cached.
+    /// Reads time or uses a plugin: decisions it was run for are not cached. (A rate limit or
+    /// budget makes a decision uncacheable only when its condition matched: only then is the
+    /// counter consulted.)
     pub volatile: bool,
 }
 

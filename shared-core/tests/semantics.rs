@@ -711,3 +711,18 @@ fn cache_key_before_evaluation_is_the_decisions_key() {
         eval(&set, &c).metadata.cache_key
     );
 }
+
+#[test]
+fn a_limited_rule_makes_a_decision_uncacheable_only_when_it_matched() {
+    let rules = r#"
+    - id: limit-free
+      priority: 10
+      when: { match: { field: principal.tier, op: eq, value: free } }
+      action: { decision: throttle, rateLimit: { key: "{principal.id}", requests: 5, per: minute } }
+"#;
+    let set = compile(&policy("allow", rules)).unwrap();
+    let pro = eval(&set, &ctx(&[("x-user-tier", "pro")], "{}"));
+    assert!(pro.metadata.cacheable, "the counter was never consulted");
+    let free = eval(&set, &ctx(&[("x-user-tier", "free"), ("x-user-id", "u")], "{}"));
+    assert!(!free.metadata.cacheable);
+}

@@ -89,7 +89,7 @@ impl Compiler {
             return None;
         }
         let action = action?;
-        let mut volatile = plugin.is_some() || action.limit.is_some();
+        let mut volatile = plugin.is_some();
         cond.visit_fields(&mut |f| volatile |= f.is_time());
         Some(CompiledRule {
             id: rule.id.clone(),

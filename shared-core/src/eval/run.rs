@@ -260,6 +260,9 @@ fn run_part(
         };
         cacheable &= !rule.volatile;
         let outcome = run_rule(rule, ns, view, &mut scratch, host, part);
+        // A counter was (or would be) consulted: the next identical request may decide
+        // differently.
+        cacheable &= rule.action.limit.is_none() || outcome == Outcome::NotMatched;
         // Most candidates do not match: keeping them only costs memory (a batch has many
         // parts), unless they are to be explained.
         if outcome != Outcome::NotMatched || explain {
