@@ -11,7 +11,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench docs envoy clean toolchain
+.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -93,10 +93,19 @@ integration: build envoy $(SDK_VENV)/.installed
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
 	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
-## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel) — see README "Performance".
+## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel; server caches and checks) —
+## see README "Performance".
 bench:
 	$(CARGO) bench -p llm-policy-bench --bench evaluate
 	$(CARGO) bench -p llm-policy-bench --bench load
+	$(CARGO) bench -p llm-policy-bench --bench server
+
+## bench-proxy: Envoy passthrough vs ext_authz floor vs llm-policy under load (loadgen), gRPC
+## Check on one core, a 10k-rule reload under load. About 2 minutes; results in tools/bench-proxy.json.
+bench-proxy: build envoy
+	$(CARGO) build --release -p llm-policy-bench --bins
+	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
+	  BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_proxy.py
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build

@@ -121,25 +121,27 @@ class Server:
 
 
 class Envoy:
-    """Envoy running `envoy/ext-authz.yaml` with its ports replaced."""
+    """Envoy running one of `envoy/*.yaml` with its ports replaced: `authz_port` is the ext_authz
+    server's gRPC port (`server.grpc` by default; unused by configs without ext_authz)."""
 
-    def __init__(self, tmp, server, upstream_port, log_dir):
+    def __init__(self, tmp, server, upstream_port, log_dir, config="ext-authz.yaml", authz_port=None, concurrency=2):
         self.port, self.admin = free_port(), free_port()
-        text = (ROOT / "envoy" / "ext-authz.yaml").read_text()
-        for old, new in [
-            ("port_value: 10000", f"port_value: {self.port}"),
-            ("port_value: 9901", f"port_value: {self.admin}"),
-            ("port_value: 50051", f"port_value: {server.grpc}"),
-            ("port_value: 18000", f"port_value: {upstream_port}"),
-            ("address: 0.0.0.0", "address: 127.0.0.1"),
+        text = (ROOT / "envoy" / config).read_text()
+        authz = authz_port or (server.grpc if server else None)
+        for old, new, required in [
+            ("port_value: 10000", f"port_value: {self.port}", True),
+            ("port_value: 9901", f"port_value: {self.admin}", True),
+            ("port_value: 50051", f"port_value: {authz}", False),
+            ("port_value: 18000", f"port_value: {upstream_port}", True),
+            ("address: 0.0.0.0", "address: 127.0.0.1", True),
         ]:
-            assert old in text, old
+            assert old in text or not required, old
             text = text.replace(old, new)
-        config = tmp / "envoy.yaml"
-        config.write_text(text)
+        path = Path(tmp) / f"envoy-{self.port}.yaml"
+        path.write_text(text)
         self.proc = Proc(
-            "envoy",
-            [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(config), "--concurrency", "2",
+            f"envoy-{config.removesuffix('.yaml')}",
+            [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(path), "--concurrency", str(concurrency),
              "--base-id", str(self.port), "-l", "warning"],
             log_dir,
         )

@@ -723,6 +723,9 @@ fn a_limited_rule_makes_a_decision_uncacheable_only_when_it_matched() {
     let set = compile(&policy("allow", rules)).unwrap();
     let pro = eval(&set, &ctx(&[("x-user-tier", "pro")], "{}"));
     assert!(pro.metadata.cacheable, "the counter was never consulted");
-    let free = eval(&set, &ctx(&[("x-user-tier", "free"), ("x-user-id", "u")], "{}"));
+    let free = eval(
+        &set,
+        &ctx(&[("x-user-tier", "free"), ("x-user-id", "u")], "{}"),
+    );
     assert!(!free.metadata.cacheable);
 }

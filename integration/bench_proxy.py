@@ -1,0 +1,152 @@
+"""`make bench-proxy`: the proxy path under load, all on loopback, one run, one machine.
+
+Three Envoy 1.40 set-ups in front of the same fast upstream (`bench-upstream`), each driven by
+`loadgen` with 8 KB chat bodies, at a fixed 1,000 rps and at saturation:
+
+  1. passthrough: Envoy alone (`envoy/passthrough.yaml`);
+  2. floor: Envoy + ext_authz → `allow-authz`, a gRPC server that allows without looking;
+  3. llm-policy: Envoy + ext_authz → `llm-policy serve` on the example bundle (`policies/`).
+
+Then `Check` called directly over gRPC against `llm-policy serve` pinned to one core (cached
+decisions), and a 10,000-rule bundle written into the policy directory while 500 rps flow
+through Envoy: failed requests and the time until the new version serves.
+
+The machine is shared and noisy: compare the ratios of one run, not absolute numbers across
+runs. Results: a Markdown table on stdout and `tools/bench-proxy.json`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from stack import ROOT, Envoy, Proc, Server, free_port, http_get, wait_for
+
+BIN = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")
+RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
+
+
+def loadgen(*args, cpu=None):
+    cmd = [str(BIN / "loadgen"), *map(str, args)]
+    if cpu is not None:
+        cmd = ["taskset", "-c", str(cpu), *cmd]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def http_scenarios(url):
+    fixed = loadgen("http", "--url", url, "--rate", 1000, "--duration", RATE_SECS, "--concurrency", 64)
+    sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS)
+    return {"fixed_1000": fixed, "saturation": sat}
+
+
+def main():
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        procs = []
+        try:
+            up_port = free_port()
+            upstream = Proc("bench-upstream", [str(BIN / "bench-upstream"), f"127.0.0.1:{up_port}"], tmp)
+            procs.append(upstream)
+            wait_for(lambda: subprocess.run(["curl", "-sf", "-XPOST", f"http://127.0.0.1:{up_port}/"],
+                                            capture_output=True).returncode == 0, "bench-upstream")
+
+            # 1. Passthrough.
+            e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml")
+            results["passthrough"] = http_scenarios(e.url("/v1/chat/completions"))
+            e.proc.stop()
+
+            # 2. Floor: ext_authz to a server that allows without looking.
+            floor_port = free_port()
+            floor = Proc("allow-authz", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
+            procs.append(floor)
+            time.sleep(0.5)
+            e = Envoy(tmp, None, up_port, tmp, authz_port=floor_port)
+            results["floor"] = http_scenarios(e.url("/v1/chat/completions"))
+            e.proc.stop()
+            floor.stop()
+
+            # 3. llm-policy.
+            (tmp / "s").mkdir()
+            server = Server(tmp / "s", ROOT / "policies")
+            procs.append(server.proc)
+            e = Envoy(tmp, server, up_port, tmp)
+            results["llm_policy"] = http_scenarios(e.url("/v1/chat/completions"))
+
+            # 4. A 10k-rule bundle arrives while 500 rps flow.
+            before = server.bundle()
+            policy = subprocess.run([str(BIN / "loadgen"), "gen-policy", "--rules", "10000"],
+                                    capture_output=True, text=True, check=True).stdout
+            swap = {}
+
+            def write_later():
+                time.sleep(3)
+                t0 = time.time()
+                (server.policies / "load-10k.yaml").write_text(policy)
+                while server.bundle() == before:
+                    time.sleep(0.01)
+                swap["seconds"] = time.time() - t0
+
+            t = threading.Thread(target=write_later)
+            t.start()
+            during = loadgen("http", "--url", e.url("/v1/chat/completions"), "--rate", 500, "--duration", 10,
+                             "--concurrency", 64)
+            t.join()
+            failed = during["errors"] + sum(n for s, n in during["statuses"].items() if s != "200")
+            results["reload_10k_under_load"] = {"load": during, "failed_requests": failed,
+                                                "new_version_serving_after_s": swap.get("seconds")}
+            e.proc.stop()
+            server.proc.stop()
+            procs.remove(server.proc)
+
+            # 5. Check over gRPC, the server on one core, cached decisions.
+            s1 = tmp / "one-core"
+            s1.mkdir()
+            os.environ["TOKIO_WORKER_THREADS"] = "1"
+            one = Server(s1, ROOT / "policies")
+            del os.environ["TOKIO_WORKER_THREADS"]
+            procs.append(one.proc)
+            subprocess.run(["taskset", "-pc", "0", str(one.proc.p.pid)], capture_output=True, check=True)
+            results["grpc_check_one_core"] = loadgen("check", "--grpc", f"127.0.0.1:{one.grpc}", "--concurrency", 64,
+                                                     "--connections", 4, "--duration", 5, cpu=1)
+            hits = one.metric('llm_policy_cache_requests_total{level="l1",result="hit"}')
+            results["grpc_check_one_core"]["l1_hits"] = hits
+        finally:
+            for p in reversed(procs):
+                p.stop()
+
+    out = ROOT / "tools" / "bench-proxy.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(r):
+    print("| set-up | load | rps | p50 ms | p99 ms | non-200 |")
+    print("|---|---|---:|---:|---:|---:|")
+    for name in ("passthrough", "floor", "llm_policy"):
+        for load in ("fixed_1000", "saturation"):
+            x = r[name][load]
+            bad = x["errors"] + sum(n for s, n in x["statuses"].items() if s != "200")
+            print(f"| {name} | {load} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {bad} |")
+    f, p, t = r["floor"], r["llm_policy"], r["passthrough"]
+    print()
+    print(f"p99 at 1k rps, llm-policy / floor: {p['fixed_1000']['p99_ms'] / f['fixed_1000']['p99_ms']:.2f}x "
+          f"(target <= 1.2x); llm-policy / passthrough: {p['fixed_1000']['p99_ms'] / t['fixed_1000']['p99_ms']:.2f}x")
+    print(f"saturation throughput, llm-policy / floor: {p['saturation']['rps'] / f['saturation']['rps']:.2f}; "
+          f"llm-policy / passthrough: {p['saturation']['rps'] / t['saturation']['rps']:.2f}")
+    g = r["grpc_check_one_core"]
+    print(f"gRPC Check, server on one core, cached: {g['rps']:.0f} calls/s (target >= 20,000), p99 {g['p99_ms']:.2f} ms, "
+          f"errors {g['errors']}")
+    rl = r["reload_10k_under_load"]
+    print(f"10k-rule bundle under 500 rps: {rl['failed_requests']} failed requests, new version serving after "
+          f"{rl['new_version_serving_after_s']:.2f} s (target <= 1 s)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
