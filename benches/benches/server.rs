@@ -92,6 +92,7 @@ fn bench(c: &mut Criterion) {
         path: "/v1/chat/completions".into(),
         headers: vec![("content-type".into(), "application/json".into())],
         body: body(),
+        charge: true,
         ..CheckInput::default()
     };
     let mut g = c.benchmark_group("check_8kb_chat");

@@ -39,8 +39,24 @@ use registry::{Registry, Version};
 /// Reloads the policy path and reports the outcome (log, `llm_policy_reloads_total`, bundle
 /// gauge). The last good version keeps serving on error.
 pub fn reload(engine: &Engine) -> Result<Arc<Version>, Diagnostics> {
+    report_reload(engine, engine.registry().reload())
+}
+
+/// What the watcher runs: a reload when the files differ from those serving and from those last
+/// rejected; `None` otherwise (nothing logged or counted).
+fn reload_if_changed(engine: &Engine) -> Option<Result<Arc<Version>, Diagnostics>> {
+    engine
+        .registry()
+        .reload_if_changed()
+        .map(|r| report_reload(engine, r))
+}
+
+fn report_reload(
+    engine: &Engine,
+    result: Result<(Arc<Version>, bool), Diagnostics>,
+) -> Result<Arc<Version>, Diagnostics> {
     let metrics = engine.metrics();
-    match engine.registry().reload() {
+    match result {
         Ok((v, changed)) => {
             metrics
                 .reloads
@@ -250,9 +266,11 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             async move {
                 let ok = {
                     let e = Arc::clone(&e);
-                    tokio::task::spawn_blocking(move || reload(&e).is_ok())
-                        .await
-                        .unwrap_or(false)
+                    tokio::task::spawn_blocking(move || {
+                        matches!(reload_if_changed(&e), Some(Ok(_)))
+                    })
+                    .await
+                    .unwrap_or(false)
                 };
                 if ok {
                     h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
@@ -260,16 +278,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 }
             }
         };
-        match watch::spawn(
+        watch::spawn(
             config.policies.clone(),
             Duration::from_millis(config.reload.debounce_ms),
+            (config.reload.poll_ms > 0).then(|| Duration::from_millis(config.reload.poll_ms)),
             on_change,
             stopped.clone(),
             &mut tasks,
-        ) {
-            Ok(()) => {}
-            Err(e) => tracing::warn!(error = %e, "cannot watch the policy path: hot reload off"),
-        }
+        );
     }
 
     // Reservations nobody reports usage for.
@@ -342,7 +358,7 @@ impl Running {
             self.tasks.abort_all();
         }
         drop(self.engine);
-        self.audit.shutdown().await;
+        self.audit.shutdown(grace).await;
         tracing::info!("llm-policy server stopped");
     }
 }

@@ -38,6 +38,7 @@ fn eval_req(model: &str) -> pb::EvaluateRequest {
             now: None,
         }),
         explain: false,
+        charge: false,
     }
 }
 
@@ -97,6 +98,12 @@ async fn evaluate_and_batch_evaluate() {
         })
         .collect();
     assert_eq!(verdicts, ["allow", "deny", "error"]);
+    // Spending counters needs the token.
+    let mut charged = eval_req("gpt-4o");
+    charged.charge = true;
+    let e = c.evaluate(charged.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    assert!(c.evaluate(authed(charged)).await.is_ok());
     let e = c
         .batch_evaluate(pb::BatchEvaluateRequest {
             requests: vec![eval_req("gpt-4o"); 1001],

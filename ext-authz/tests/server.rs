@@ -13,7 +13,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{chat, check, check_request, policy, Harness, TOKEN};
+use llm_policy_core::decision::Charge;
 use llm_policy_server::server::config::FailureMode;
+use llm_policy_server::server::limits::{
+    CounterStore, ReservationId, Reserved, StoreError, StoreFuture,
+};
 use serde_json::{json, Value};
 
 const RULES: &str = r#"
@@ -596,43 +600,25 @@ async fn hot_reload_swaps_good_bundles_and_keeps_serving_through_bad_ones() {
 /// A counter store that never answers in time.
 struct SlowStore;
 
-impl llm_policy_server::server::limits::CounterStore for SlowStore {
-    fn reserve<'a>(
-        &'a self,
-        _: &'a llm_policy_core::decision::Charge,
-        _: u64,
-    ) -> llm_policy_server::server::limits::StoreFuture<
-        'a,
-        Result<
-            llm_policy_server::server::limits::Reserved,
-            llm_policy_server::server::limits::StoreError,
-        >,
-    > {
+type StoreResult<T> = Result<T, StoreError>;
+
+impl CounterStore for SlowStore {
+    fn peek<'a>(&'a self, c: &'a Charge, now: u64) -> StoreFuture<'a, StoreResult<Reserved>> {
+        self.reserve(c, now)
+    }
+    fn reserve<'a>(&'a self, _: &'a Charge, _: u64) -> StoreFuture<'a, StoreResult<Reserved>> {
         Box::pin(async {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            Err(llm_policy_server::server::limits::StoreError("slow".into()))
+            Err(StoreError("slow".into()))
         })
     }
-    fn commit(
-        &self,
-        _: llm_policy_server::server::limits::ReservationId,
-        _: Option<f64>,
-    ) -> llm_policy_server::server::limits::StoreFuture<
-        '_,
-        Result<(), llm_policy_server::server::limits::StoreError>,
-    > {
+    fn commit(&self, _: ReservationId, _: Option<f64>) -> StoreFuture<'_, StoreResult<()>> {
         Box::pin(async { Ok(()) })
     }
-    fn release(
-        &self,
-        _: llm_policy_server::server::limits::ReservationId,
-    ) -> llm_policy_server::server::limits::StoreFuture<
-        '_,
-        Result<(), llm_policy_server::server::limits::StoreError>,
-    > {
+    fn release(&self, _: ReservationId) -> StoreFuture<'_, StoreResult<()>> {
         Box::pin(async { Ok(()) })
     }
-    fn expire(&self, _: u64, _: bool) -> llm_policy_server::server::limits::StoreFuture<'_, usize> {
+    fn expire(&self, _: u64, _: bool) -> StoreFuture<'_, usize> {
         Box::pin(async { 0 })
     }
 }
@@ -674,6 +660,7 @@ async fn a_check_never_outlives_its_deadline_and_follows_the_failure_mode() {
                 path: "/v1/chat/completions".into(),
                 headers: vec![("x-user-id".into(), "u".into())],
                 body: chat("gpt-4o", "hi").into_bytes(),
+                charge: true,
                 ..Default::default()
             })
             .await;
@@ -703,7 +690,7 @@ async fn a_check_never_outlives_its_deadline_and_follows_the_failure_mode() {
             .await;
         assert!(out.reply.is_none() && out.decision.is_some());
         drop(e);
-        writer.shutdown().await;
+        writer.shutdown(Duration::from_secs(5)).await;
     }
 }
 
@@ -766,6 +753,95 @@ async fn not_ready_until_the_first_good_load_then_health_serves() {
         )
         .await
         .allowed
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dry_runs_spend_nothing_and_a_pinned_time_never_resets_a_counter() {
+    let h = Harness::start(&[("base.yaml", &base())], |_| {}).await;
+    let eval = |q: &'static str, token: bool, now: Option<i64>| {
+        let mut body = json!({"headers": {"x-user-id": "carol"}, "body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}});
+        if let Some(n) = now {
+            body["now"] = json!(n);
+        }
+        let mut r = h
+            .client
+            .post(h.url(&format!("/v1/evaluate{q}")))
+            .json(&body);
+        if token {
+            r = r.bearer_auth(TOKEN);
+        }
+        r.send()
+    };
+    // Dry runs read the counter and spend nothing.
+    for _ in 0..5 {
+        let d: Value = eval("", false, None).await.unwrap().json().await.unwrap();
+        assert_eq!(d["decision"], "allow");
+    }
+    let mut c = h.grpc().await;
+    let user = [("x-user-id", "carol")];
+    for _ in 0..3 {
+        assert!(
+            check(
+                &mut c,
+                check_request("POST", "/v1/chat/completions", &user, &chat("gpt-4o", "hi"))
+            )
+            .await
+            .allowed
+        );
+    }
+    let d: Value = eval("", false, None).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        d["decision"], "throttle",
+        "the dry run sees the spent counter"
+    );
+    // Spending through the API needs the token.
+    assert_eq!(
+        eval("?charge=true", false, None).await.unwrap().status(),
+        401
+    );
+    // A request pinned to 1970 is evaluated then, but counted now: no fresh window.
+    let d: Value = eval("?charge=true", true, Some(0))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(d["decision"], "throttle");
+    assert!(
+        !check(
+            &mut c,
+            check_request("POST", "/v1/chat/completions", &user, &chat("gpt-4o", "hi"))
+        )
+        .await
+        .allowed
+    );
+    h.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_evaluation_is_answered_by_the_failure_mode_and_charges_nothing() {
+    let h = Harness::start(&[("base.yaml", &base())], |c| c.check.deadline_ms = 1).await;
+    let mut c = h.grpc().await;
+    // Parsing and scanning 3 MB takes longer than 1 ms (on the blocking pool).
+    let big = chat("gpt-4o", &"lorem ipsum dolor sit amet ".repeat(110_000));
+    let a = check(
+        &mut c,
+        check_request(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-user-id", "dave")],
+            &big,
+        ),
+    )
+    .await;
+    assert_eq!(a.status, 503, "{a:?}");
+    assert_eq!(a.json()["error"]["code"], "policy_unavailable");
+    assert_eq!(
+        h.metric(r#"llm_policy_check_errors_total{kind="deadline"}"#)
+            .await,
+        1.0
     );
     h.stop().await;
 }

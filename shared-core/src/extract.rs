@@ -88,9 +88,23 @@ impl RequestContext {
                     // named with `-` in headers, and a client must not shadow one with `_`.
                     return None;
                 }
-                let value = match v.trim().parse::<f64>() {
-                    Ok(n) if n.is_finite() => ShieldValue::Number(n),
-                    _ => ShieldValue::Text(v.clone()),
+                // A score sent more than once arrives joined with `,`: the scores are risks
+                // (higher is riskier), so the highest counts, and one copy cannot lower another.
+                let mut highest: Option<f64> = None;
+                for part in v.split(',') {
+                    match part.trim().parse::<f64>() {
+                        Ok(n) if n.is_finite() => {
+                            highest = Some(highest.map_or(n, |h: f64| h.max(n)));
+                        }
+                        _ => {
+                            highest = None;
+                            break;
+                        }
+                    }
+                }
+                let value = match highest {
+                    Some(n) => ShieldValue::Number(n),
+                    None => ShieldValue::Text(v.clone()),
                 };
                 Some((name.replace('-', "_"), value))
             })

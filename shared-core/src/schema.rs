@@ -174,7 +174,7 @@ pub const FIELDS: &[Field] = &[
     field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools / functions offered to the model."),
     field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),
     field!("principal.<attribute>", None, OptStr, "string | null", "null", "One per configured attribute, from its header (defaults: `id` from `x-user-id`, `tier` from `x-user-tier`, `team` from `x-team-id`); null when the header is missing, so guard CEL calls: `principal.id != null && principal.id.startsWith('svc-')`."),
-    field!("shield.<name>", None, Dynamic, "double | string (may be absent)", "absent", "From headers `x-llm-shield-<name>` (lower-case, dashes become underscores: write `shield.pii_score`; a header name with `_` is ignored); numeric values are numbers. DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`."),
+    field!("shield.<name>", None, Dynamic, "double | string (may be absent)", "absent", "From headers `x-llm-shield-<name>` (lower-case, dashes become underscores: write `shield.pii_score`; a header name with `_` is ignored); numeric values are numbers; a score sent more than once counts at its highest (scores are risks). DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`."),
     field!("time.hour", Some(FieldRef::Hour), Int, "int", "-", "Hour of the evaluation time, UTC, 0-23. Rules reading time are never cached."),
     field!("time.weekday", Some(FieldRef::Weekday), Int, "int", "-", "Day of week of the evaluation time, UTC, 0 = Sunday … 6 = Saturday."),
 ];

@@ -622,3 +622,22 @@ fn a_batch_over_the_item_limit_is_refused_before_it_is_built() {
     .unwrap_err();
     assert_eq!((e.status(), e.code()), (413, "batch_too_large"));
 }
+
+#[test]
+fn a_score_sent_twice_counts_at_its_highest() {
+    let c = ctx_at(
+        "/v1/chat/completions",
+        &[
+            ("X-LLM-SHIELD-JAILBREAK", "0"),
+            ("x-llm-shield-jailbreak", "0.95"),
+            ("x-llm-shield-label", "a"),
+            ("x-llm-shield-label", "0.5"),
+        ],
+        "{}",
+    );
+    let s = serde_json::to_value(&c.shield).unwrap();
+    assert_eq!(
+        s,
+        serde_json::json!([["jailbreak", 0.95], ["label", "a,0.5"]])
+    );
+}

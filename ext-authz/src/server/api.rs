@@ -63,6 +63,7 @@ impl PolicyApi {
     }
 
     async fn evaluate_one(&self, req: pb::EvaluateRequest) -> pb::EvaluateResponse {
+        let charge = req.charge;
         let http = req.request.unwrap_or_default();
         let checked = self
             .engine
@@ -74,6 +75,7 @@ impl PolicyApi {
                 partial_body: false,
                 now: http.now,
                 explain: req.explain,
+                charge,
             })
             .await;
         evaluate_response(checked)
@@ -165,6 +167,7 @@ pub fn decision(d: Decision) -> pb::Decision {
 }
 
 fn evaluate_response(c: Checked) -> pb::EvaluateResponse {
+    let version = c.version_number();
     pb::EvaluateResponse {
         decision: c.decision.map(decision),
         reply: c.reply.map(|r| pb::Reply {
@@ -173,7 +176,7 @@ fn evaluate_response(c: Checked) -> pb::EvaluateResponse {
             body: r.body,
         }),
         upstream_headers: c.upstream.into_iter().collect(),
-        version: c.version.unwrap_or(0),
+        version,
         error: c.error.map(|e| pb::Error {
             code: e.code,
             message: e.message,
@@ -182,10 +185,22 @@ fn evaluate_response(c: Checked) -> pb::EvaluateResponse {
     }
 }
 
+/// Diagnostics in a status message: the first 20, each clipped (the message travels in a
+/// header).
 fn invalid(d: &Diagnostics) -> Status {
-    let text: Vec<String> = d.0.iter().map(ToString::to_string).collect();
+    let mut text: Vec<String> =
+        d.0.iter()
+            .take(20)
+            .map(|x| x.to_string().chars().take(500).collect())
+            .collect();
+    if d.0.len() > 20 {
+        text.push(format!("... and {} more", d.0.len() - 20));
+    }
     Status::invalid_argument(text.join("\n"))
 }
+
+/// Largest policy text `PutPolicy` takes (as REST).
+const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
 
 fn registry_status(e: RegistryError) -> Status {
     match e {
@@ -240,6 +255,9 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::EvaluateRequest>,
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
+        if req.get_ref().charge {
+            self.authorize(&req)?;
+        }
         Ok(Response::new(self.evaluate_one(req.into_inner()).await))
     }
 
@@ -247,6 +265,9 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::BatchEvaluateRequest>,
     ) -> Result<Response<pb::BatchEvaluateResponse>, Status> {
+        if req.get_ref().requests.iter().any(|r| r.charge) {
+            self.authorize(&req)?;
+        }
         let requests = req.into_inner().requests;
         if requests.len() > MAX_BATCH {
             return Err(Status::invalid_argument(format!(
@@ -305,6 +326,9 @@ impl PolicyService for PolicyApi {
     ) -> Result<Response<pb::VersionInfo>, Status> {
         self.authorize(&req)?;
         let pb::PutPolicyRequest { name, text } = req.into_inner();
+        if text.len() > MAX_POLICY_BYTES {
+            return Err(Status::invalid_argument("a policy is at most 4 MiB"));
+        }
         let registry = Arc::clone(self.engine.registry());
         let result = tokio::task::spawn_blocking(move || registry.put_policy(&name, &text))
             .await
@@ -336,7 +360,9 @@ impl PolicyService for PolicyApi {
             .await
             .map_err(|e| Status::internal(e.to_string()))?
             .map_err(registry_status)?;
-        self.engine.metrics().serving(v.set.bundle(), v.number);
+        let metrics = self.engine.metrics();
+        metrics.reloads.with_label_values(&["ok"]).inc();
+        metrics.serving(v.set.bundle(), v.number);
         Ok(Response::new(version_info(&v)))
     }
 

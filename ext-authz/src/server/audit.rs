@@ -22,8 +22,11 @@ use super::metrics::Metrics;
 pub struct Record {
     /// `decision`, or `alert` for the extra record an `alert` action emits.
     pub kind: &'static str,
-    /// Unique id (the request's `x-request-id` when it has one).
+    /// Unique id, made by the server.
     pub id: String,
+    /// The request's `x-request-id` as the client or proxy sent it (not unique, not trusted).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
     /// RFC 3339 UTC time with milliseconds.
     pub time: String,
     /// Namespace evaluated.
@@ -61,7 +64,7 @@ pub struct Record {
     /// Alert severity, when a matched rule raised one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub alert: Option<Alert>,
-    /// The prompt, hashed or redacted, when configured.
+    /// The prompt, HMAC-SHA256-hashed or redacted, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
 }
@@ -179,6 +182,7 @@ pub struct Audit {
     metrics: Metrics,
     scope: AuditScope,
     prompts: PromptLogging,
+    prompt_key: Arc<[u8]>,
     sequence: Arc<AtomicU64>,
 }
 
@@ -190,6 +194,12 @@ pub struct Writer {
 
 /// Opens the sinks the configuration names and starts the writer thread.
 pub fn start(config: &AuditConfig, metrics: Metrics) -> io::Result<(Audit, Writer)> {
+    if config.prompts == PromptLogging::Hash && config.prompt_hash_key_file.is_none() {
+        tracing::warn!(
+            "audit.prompts is `hash` without audit.promptHashKeyFile: prompts are keyed with a \
+             random key, so equal prompts match only within this process"
+        );
+    }
     let mut sinks: Vec<Box<dyn Sink>> = Vec::new();
     if config.stdout {
         sinks.push(Box::new(StdoutSink::new()));
@@ -207,6 +217,18 @@ pub fn start_with(
     sinks: Vec<Box<dyn Sink>>,
 ) -> (Audit, Writer) {
     let (tx, rx) = mpsc::channel(config.queue.max(1));
+    let prompt_key: Arc<[u8]> = match config
+        .prompt_hash_key_file
+        .as_ref()
+        .and_then(|p| std::fs::read(p).ok())
+    {
+        Some(k) if k.len() >= 16 => Arc::from(k),
+        _ => {
+            let mut k = [0u8; 32];
+            let _ = getrandom::fill(&mut k);
+            Arc::from(k.as_slice())
+        }
+    };
     let m = metrics.clone();
     let thread = std::thread::Builder::new()
         .name(String::from("llm-policy-audit"))
@@ -217,6 +239,7 @@ pub fn start_with(
         metrics,
         scope: config.decisions,
         prompts: config.prompts,
+        prompt_key,
         sequence: Arc::new(AtomicU64::new(0)),
     };
     (audit, Writer { tx, thread })
@@ -285,6 +308,11 @@ impl Audit {
         self.prompts
     }
 
+    /// The prompt as configured for a record.
+    pub fn prompt_field(&self, prompt: &str) -> Option<String> {
+        prompt_field(self.prompts, &self.prompt_key, prompt)
+    }
+
     /// A fresh record id, unique within this process run.
     pub fn next_id(&self) -> String {
         let n = self.sequence.fetch_add(1, Ordering::Relaxed);
@@ -302,25 +330,40 @@ impl Audit {
 }
 
 impl Writer {
-    /// Writes everything queued, flushes the sinks and stops the thread.
-    pub async fn shutdown(mut self) {
-        // Waits for room when the queue is full: every record already accepted is written.
-        let _ = self.tx.send(Msg::Shutdown).await;
-        if let Some(t) = self.thread.take() {
-            let _ = tokio::task::spawn_blocking(move || t.join()).await;
+    /// Writes everything queued, flushes the sinks and stops the thread; gives up after
+    /// `timeout` (a sink that blocks, e.g. a full pipe) with an error log rather than hang.
+    pub async fn shutdown(mut self, timeout: std::time::Duration) {
+        let drain = async {
+            // Waits for room when the queue is full: every record already accepted is written.
+            let _ = self.tx.send(Msg::Shutdown).await;
+            if let Some(t) = self.thread.take() {
+                let _ = tokio::task::spawn_blocking(move || t.join()).await;
+            }
+        };
+        if tokio::time::timeout(timeout, drain).await.is_err() {
+            tracing::error!(
+                queued = self.tx.max_capacity() - self.tx.capacity(),
+                "the audit sink did not drain in time: queued records are lost"
+            );
         }
     }
 }
 
-/// The prompt as configured: `None` (off), its xxh3-128 hash, or its shape (every run of letters
-/// and digits replaced by its length).
-pub fn prompt_field(mode: PromptLogging, prompt: &str) -> Option<String> {
+/// The prompt as configured: `None` (off), its HMAC-SHA256 under `key`, or its shape (every run
+/// of letters and digits replaced by its length).
+pub fn prompt_field(mode: PromptLogging, key: &[u8], prompt: &str) -> Option<String> {
+    use hmac::Mac as _;
     match mode {
         PromptLogging::Off => None,
-        PromptLogging::Hash => Some(format!(
-            "xxh3:{:032x}",
-            xxhash_rust::xxh3::xxh3_128(prompt.as_bytes())
-        )),
+        PromptLogging::Hash => {
+            let mut mac = hmac::Hmac::<sha2::Sha256>::new_from_slice(key).ok()?;
+            mac.update(prompt.as_bytes());
+            let tag = mac.finalize().into_bytes();
+            Some(format!(
+                "hmac-sha256:{}",
+                tag.iter().map(|b| format!("{b:02x}")).collect::<String>()
+            ))
+        }
         PromptLogging::Redact => {
             let mut out = String::new();
             let mut run = 0usize;
@@ -420,11 +463,20 @@ mod tests {
 
     #[test]
     fn prompts_are_hashed_or_redacted_never_copied() {
-        assert_eq!(prompt_field(PromptLogging::Off, "secret"), None);
-        let h = prompt_field(PromptLogging::Hash, "my secret").unwrap();
-        assert!(h.starts_with("xxh3:") && !h.contains("secret"));
+        let key = b"0123456789abcdef";
+        assert_eq!(prompt_field(PromptLogging::Off, key, "secret"), None);
+        let h = prompt_field(PromptLogging::Hash, key, "my secret").unwrap();
+        assert!(h.starts_with("hmac-sha256:") && !h.contains("secret"));
         assert_eq!(
-            prompt_field(PromptLogging::Redact, "my card 4111-1111!").unwrap(),
+            h,
+            prompt_field(PromptLogging::Hash, key, "my secret").unwrap()
+        );
+        assert_ne!(
+            h,
+            prompt_field(PromptLogging::Hash, b"another key 1234", "my secret").unwrap()
+        );
+        assert_eq!(
+            prompt_field(PromptLogging::Redact, key, "my card 4111-1111!").unwrap(),
             "[2] [4] [4]-[4]!"
         );
     }
@@ -455,7 +507,7 @@ mod tests {
         let dropped = metrics.audit_dropped.get();
         assert!((39..=40).contains(&dropped), "dropped {dropped}");
         drop(held);
-        writer.shutdown().await;
+        writer.shutdown(std::time::Duration::from_secs(5)).await;
         let lines = memory.0.lock().unwrap().clone();
         assert_eq!(lines.len() as u64, 50 - dropped);
         assert!(lines[0].contains("\"id\":\"0\""));

@@ -23,9 +23,11 @@ impl Denied {
 /// Checks an `Authorization` header value against the configured token.
 pub fn check(token: Option<&str>, authorization: Option<&str>) -> Result<(), Denied> {
     let token = token.ok_or(Denied::Disabled)?;
+    // The scheme is case-insensitive (RFC 9110, 11.1).
     let given = authorization
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or_default();
+        .and_then(|v| v.trim().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map_or("", |(_, token)| token.trim());
     // Constant time in the token's content (the length is not secret).
     let equal = given.len() == token.len()
         && given

@@ -100,6 +100,9 @@ pub struct ReloadConfig {
     pub watch: bool,
     /// Wait this long after the last change before reloading, in milliseconds (default 250).
     pub debounce_ms: u64,
+    /// Also re-read the policy path this often, in milliseconds, in case a file event was
+    /// missed (default 2000; 0: off). Unchanged files are not recompiled.
+    pub poll_ms: u64,
     /// Versions kept for rollback (default 20).
     pub history: usize,
 }
@@ -109,6 +112,7 @@ impl Default for ReloadConfig {
         ReloadConfig {
             watch: true,
             debounce_ms: 250,
+            poll_ms: 2000,
             history: 20,
         }
     }
@@ -161,7 +165,7 @@ pub enum AuditScope {
 pub enum PromptLogging {
     /// Never (default).
     Off,
-    /// An xxh3-128 hash of the prompt.
+    /// The prompt's HMAC-SHA256 (see `promptHashKeyFile`).
     Hash,
     /// The prompt with every run of letters and digits replaced by its length (`[5] [3]`).
     Redact,
@@ -182,6 +186,9 @@ pub struct AuditConfig {
     pub queue: usize,
     /// Prompts in records (default off).
     pub prompts: PromptLogging,
+    /// Key (at least 16 bytes) for `prompts: hash`, so hashes match across restarts and
+    /// replicas; without it a random key per process.
+    pub prompt_hash_key_file: Option<PathBuf>,
 }
 
 impl Default for AuditConfig {
@@ -192,6 +199,7 @@ impl Default for AuditConfig {
             file: None,
             queue: 10_000,
             prompts: PromptLogging::Off,
+            prompt_hash_key_file: None,
         }
     }
 }

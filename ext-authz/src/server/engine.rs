@@ -1,14 +1,14 @@
 //! One check, whatever protocol asked: build the context, look in the decision caches, evaluate
 //! with the version serving, answer the core's needs (counters; plugins come with #8), settle
 //! reservations, render the reply, count and record it. Never longer than the deadline: past
-//! it, the failure mode answers.
+//! it, the failure mode answers and nothing is charged.
 //!
-//! Protocol edges ([`super::envoy`], [`super::rest`]) build a [`CheckInput`] and turn the
-//! [`Checked`] into their own types.
+//! Protocol edges ([`super::envoy`], [`super::api`], [`super::rest`]) build a [`CheckInput`] and
+//! turn the [`Checked`] into their own types.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use llm_policy_core::decision::{
     ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
@@ -39,10 +39,14 @@ pub struct CheckInput {
     pub body: Vec<u8>,
     /// The proxy buffered only part of the body (it is larger than the proxy's limit).
     pub partial_body: bool,
-    /// Evaluation time (Unix seconds); now when absent.
+    /// Evaluation time for the rules (Unix seconds); now when absent. Counters always use the
+    /// server's clock.
     pub now: Option<i64>,
-    /// Report every rule's outcome (REST `?explain=true`); bypasses the caches.
+    /// Report every rule's outcome; bypasses the caches.
     pub explain: bool,
+    /// Reserve and commit counters (a request that will go ahead). Without it counters are only
+    /// read: a dry run that consumes nothing.
+    pub charge: bool,
 }
 
 /// The outcome of a check.
@@ -56,13 +60,20 @@ pub struct Checked {
     pub reply: Option<Reply>,
     /// Headers to add to a request that goes ahead.
     pub upstream: Vec<(String, String)>,
-    /// The registry version that decided.
-    pub version: Option<u64>,
+    /// The registry version that decided (or was serving when the check failed).
+    pub version: Option<Arc<Version>>,
     /// The cache level that answered.
     pub cache: Option<Level>,
     /// Why there is no decision: the request was rejected (400 / 413) or the check failed (503,
     /// or let through in failure mode open).
     pub error: Option<ErrorDetail>,
+}
+
+impl Checked {
+    /// The number of the version that decided (0 when none was loaded).
+    pub fn version_number(&self) -> u64 {
+        self.version.as_ref().map_or(0, |v| v.number)
+    }
 }
 
 /// Why a check could not decide.
@@ -74,6 +85,8 @@ enum Failure {
     Deadline,
     /// The counter store failed.
     Store,
+    /// Evaluation stopped unexpectedly (a bug: logged).
+    Internal,
 }
 
 impl Failure {
@@ -82,22 +95,34 @@ impl Failure {
             Failure::NotReady => "not_ready",
             Failure::Deadline => "deadline",
             Failure::Store => "store",
+            Failure::Internal => "internal",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Failure::NotReady => "the policy server has no policy loaded yet",
+            Failure::Deadline => "the policy check did not finish in time",
+            Failure::Store => "the rate-limit store is unavailable",
+            Failure::Internal => "the policy check failed",
         }
     }
 }
 
-/// The header a usage report names its request by.
+/// The header carrying the handle a usage report names an allowed request by: 128 random bits,
+/// known only to whoever sees the upstream request.
 pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
 
-/// Most requests whose token or cost reservations wait for a usage report at once; past it, new
-/// ones are settled at once as `limits.unreported` says.
+/// Most requests whose token or cost reservations wait for a usage report at once; past it, a
+/// new request's reservations are committed at once (its estimate counts as spent).
 const MAX_UNREPORTED: usize = 100_000;
 
-/// Token and cost reservations of allowed requests, waiting for their usage report.
-#[derive(Default)]
-struct Unsettled {
-    by_request: HashMap<String, (u64, Vec<(ReservationId, CounterKind)>)>,
-}
+/// Bodies above this are parsed and evaluated on the blocking pool, so a few large requests
+/// never stall the async workers that serve small ones.
+const INLINE_BODY_BYTES: usize = 64 * 1024;
+
+/// Longest client `x-request-id` kept in an audit record.
+const MAX_REQUEST_ID: usize = 128;
 
 /// Usage reported for an allowed request (`POST /v1/usage`, `RecordUsage`).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -107,6 +132,9 @@ pub struct Usage {
     /// Cost in US dollars.
     pub usd: Option<f64>,
 }
+
+/// Token and cost reservations of allowed requests, by reservation handle: (made at, ids).
+type Unsettled = HashMap<String, (u64, Vec<(ReservationId, CounterKind)>)>;
 
 /// The check engine, shared by every protocol edge.
 pub struct Engine {
@@ -125,6 +153,28 @@ fn unix_now() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
         .unwrap_or(0)
+}
+
+/// Runs CPU work inline, or on the blocking pool when it may be long.
+async fn cpu<T: Send + 'static>(
+    long: bool,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, Failure> {
+    if long {
+        tokio::task::spawn_blocking(f).await.map_err(|e| {
+            tracing::error!(error = %e, "evaluation task failed");
+            Failure::Internal
+        })
+    } else {
+        Ok(f())
+    }
+}
+
+/// A fresh reservation handle: 128 bits from the OS's CSPRNG.
+fn reservation_handle() -> Option<String> {
+    let mut b = [0u8; 16];
+    getrandom::fill(&mut b).ok()?;
+    Some(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 impl Engine {
@@ -146,7 +196,7 @@ impl Engine {
             audit,
             check,
             limits,
-            unsettled: Mutex::new(Unsettled::default()),
+            unsettled: Mutex::new(Unsettled::new()),
         }
     }
 
@@ -165,70 +215,65 @@ impl Engine {
         let started = Instant::now();
         let provider = reply::provider_of(&input.path, &input.headers);
         let trace_id = trace_id(&input.headers);
-        let request_id = header(&input.headers, "x-request-id").map(str::to_string);
+        let request_id = header(&input.headers, "x-request-id")
+            .filter(|id| id.len() <= MAX_REQUEST_ID)
+            .map(str::to_string);
+        // One version for the whole check: decision, audit and metrics agree even across a swap.
+        let version = self.registry.current();
+        let deadline = self.check.deadline();
         let result = tokio::time::timeout(
-            self.check.deadline(),
-            self.decide(&input, request_id.as_deref()),
+            deadline,
+            self.decide(input, version.clone(), started, deadline),
         )
         .await
         .unwrap_or(Err(Failure::Deadline));
         let latency = started.elapsed();
         self.metrics.check.observe(latency.as_secs_f64());
-        match result {
-            Ok((checked, ctx)) => {
-                self.account(&checked, ctx.as_ref(), latency, trace_id, request_id);
-                checked
-            }
+        let (checked, ctx, failure) = match result {
+            Ok((checked, ctx)) => (checked, ctx, None),
             Err(f) => {
                 self.metrics
                     .check_errors
                     .with_label_values(&[f.as_str()])
                     .inc();
-                let checked = self.failed(f, provider);
                 tracing::warn!(
                     reason = f.as_str(),
-                    "check could not decide: failure mode {:?}",
-                    self.check.failure_mode
+                    failure_mode = ?self.check.failure_mode,
+                    "check could not decide"
                 );
-                let version = self.registry.current();
-                self.record(
-                    &checked,
-                    None,
-                    version.as_deref(),
-                    latency,
-                    trace_id,
-                    request_id,
-                    Some(f),
-                );
-                checked
+                (self.failed(f, provider, version), None, Some(f))
             }
-        }
+        };
+        self.count(&checked);
+        self.record(
+            &checked,
+            ctx.as_ref(),
+            latency,
+            trace_id,
+            request_id,
+            failure,
+        );
+        checked
     }
 
-    fn failed(&self, f: Failure, provider: llm_policy_core::context::Provider) -> Checked {
-        let version = self.registry.current().map(|v| v.number);
-        let message = match f {
-            Failure::NotReady => "the policy server has no policy loaded yet",
-            Failure::Deadline => "the policy check did not finish in time",
-            Failure::Store => "the rate-limit store is unavailable",
-        };
+    fn failed(
+        &self,
+        f: Failure,
+        provider: llm_policy_core::context::Provider,
+        version: Option<Arc<Version>>,
+    ) -> Checked {
         let error = Some(ErrorDetail {
             code: String::from("policy_unavailable"),
-            message: message.to_string(),
+            message: f.message().to_string(),
             status: 503,
         });
-        match self.check.failure_mode {
-            FailureMode::Open => Checked {
-                decision: None,
-                reply: None,
-                upstream: vec![(reply::DECISION_HEADER.to_string(), String::from("error"))],
-                version,
-                cache: None,
-                error,
-            },
-            FailureMode::Closed => Checked {
-                decision: None,
-                reply: Some(Reply {
+        let (reply, upstream) = match self.check.failure_mode {
+            FailureMode::Open => (
+                None,
+                vec![(reply::DECISION_HEADER.to_string(), String::from("error"))],
+            ),
+            FailureMode::Closed => (
+                Some(Reply {
                     status: 503,
                     headers: vec![
                         (reply::DECISION_HEADER.to_string(), String::from("error")),
@@ -237,82 +282,103 @@ impl Engine {
                             String::from("application/json"),
                         ),
                     ],
-                    body: reply::error_body(provider, 503, "policy_unavailable", message),
+                    body: reply::error_body(provider, 503, "policy_unavailable", f.message()),
                 }),
-                upstream: Vec::new(),
-                version,
-                cache: None,
-                error,
-            },
+                Vec::new(),
+            ),
+        };
+        Checked {
+            decision: None,
+            reply,
+            upstream,
+            version,
+            cache: None,
+            error,
         }
     }
 
     /// Everything but the deadline. Returns the context for accounting.
     async fn decide(
         &self,
-        input: &CheckInput,
-        request_id: Option<&str>,
+        input: CheckInput,
+        version: Option<Arc<Version>>,
+        started: Instant,
+        deadline: Duration,
     ) -> Result<(Checked, Option<RequestContext>), Failure> {
-        let version = self.registry.current().ok_or(Failure::NotReady)?;
-        let set = &version.set;
+        let version = version.ok_or(Failure::NotReady)?;
+        let set = version.set.clone();
+        let long = input.body.len() > INLINE_BODY_BYTES;
         let mut needs = set.needs();
         if self.audit.prompts() != PromptLogging::Off {
             needs.prompt = true;
         }
+        let explain = input.explain;
+        let charge = input.charge;
+        let provider = reply::provider_of(&input.path, &input.headers);
         let now = input
             .now
             .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
-        let ctx = if input.partial_body {
-            Err(ContextError::BodyTooLarge {
-                size: content_length(&input.headers).unwrap_or(input.body.len()),
-                limit: set.config().max_body_bytes,
+        // Context and cache key: the CPU-heavy part for large bodies.
+        let built = {
+            let set = set.clone();
+            cpu(long, move || {
+                let ctx = if input.partial_body {
+                    Err(ContextError::BodyTooLarge {
+                        size: content_length(&input.headers).unwrap_or(input.body.len()),
+                        limit: set.config().max_body_bytes,
+                    })
+                } else {
+                    RequestContext::from_request_with(
+                        &RequestInput {
+                            method: &input.method,
+                            path: &input.path,
+                            headers: &input.headers,
+                            body: &input.body,
+                            now_unix: now,
+                        },
+                        set.config(),
+                        needs,
+                    )
+                };
+                ctx.map(|ctx| {
+                    let key = (!explain)
+                        .then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
+                    (ctx, key)
+                })
             })
-        } else {
-            RequestContext::from_request_with(
-                &RequestInput {
-                    method: &input.method,
-                    path: &input.path,
-                    headers: &input.headers,
-                    body: &input.body,
-                    now_unix: now,
-                },
-                set.config(),
-                needs,
-            )
+            .await?
         };
-        let ctx = match ctx {
-            Ok(c) => c,
+        let (ctx, key) = match built {
+            Ok(x) => x,
             Err(e) => {
-                let provider = reply::provider_of(&input.path, &input.headers);
-                return Ok((
-                    Checked {
-                        decision: None,
-                        reply: Some(reply::for_error(&e, provider)),
-                        upstream: Vec::new(),
-                        version: Some(version.number),
-                        cache: None,
-                        error: Some(ErrorBody::from(&e).error),
-                    },
-                    None,
-                ));
+                let checked = Checked {
+                    decision: None,
+                    reply: Some(reply::for_error(&e, provider)),
+                    upstream: Vec::new(),
+                    version: Some(version),
+                    cache: None,
+                    error: Some(ErrorBody::from(&e).error),
+                };
+                return Ok((checked, None));
             }
         };
-        let opts = EvalOptions {
-            tags: &[],
-            explain: input.explain,
-        };
-        // Caches: only for plain checks (an explained decision carries its trace).
-        let key = (!input.explain).then(|| set.cache_key(&ctx, &opts));
         if let Some(key) = &key {
             if let Some((d, level)) = self.caches.get(key, &self.metrics) {
-                let checked = self.render(&version, (*d).clone(), &ctx, None, Some(level));
+                let checked = render(version, (*d).clone(), &ctx, None, Some(level));
                 return Ok((checked, Some(ctx)));
             }
         }
         let mut held = Held::new(Arc::clone(&self.store));
         let mut limit_states: Vec<(String, LimitState)> = Vec::new();
-        let mut step = set.start(&ctx, &opts);
-        let now_secs = u64::try_from(now).unwrap_or(0);
+        let (mut step, mut ctx) = {
+            let set = set.clone();
+            cpu(long, move || {
+                let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
+                (step, ctx)
+            })
+            .await?
+        };
+        let counter_now = unix_now();
         let decision = loop {
             match step {
                 Step::Done(d) => break d,
@@ -322,26 +388,34 @@ impl Engine {
                             NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Error(
                                 String::from("WASM plugins are not available on this server"),
                             )),
-                            NeedKind::Counter(charge) => {
-                                let r =
-                                    self.store.reserve(charge, now_secs).await.map_err(|e| {
-                                        tracing::error!(error = %e.0, "counter store failed");
-                                        Failure::Store
-                                    })?;
+                            NeedKind::Counter(c) => {
+                                let r = if charge {
+                                    self.store.reserve(c, counter_now).await
+                                } else {
+                                    self.store.peek(c, counter_now).await
+                                }
+                                .map_err(|e| {
+                                    tracing::error!(error = %e.0, "counter store failed");
+                                    Failure::Store
+                                })?;
                                 match r.reservation {
                                     Some(id) => {
-                                        held.ids.push((id, charge.kind));
+                                        if charge {
+                                            held.ids.push((id, c.kind));
+                                        }
                                         Answer::Counter(CounterCheck::Under)
                                     }
                                     None => {
-                                        let kind = match charge.source {
+                                        let kind = match c.source {
                                             ChargeSource::RateLimit => "rate_limit",
                                             ChargeSource::Budget => "budget",
                                         };
-                                        self.metrics
-                                            .limit_rejections
-                                            .with_label_values(&[kind])
-                                            .inc();
+                                        if charge {
+                                            self.metrics
+                                                .limit_rejections
+                                                .with_label_values(&[kind])
+                                                .inc();
+                                        }
                                         limit_states.push((need.rule.clone(), r.state));
                                         Answer::Counter(CounterCheck::Over)
                                     }
@@ -350,13 +424,25 @@ impl Engine {
                         };
                         p.answer(need.id, answer);
                     }
-                    step = p.resume(&ctx);
+                    (step, ctx) = cpu(long, move || {
+                        let step = p.resume(&ctx);
+                        (step, ctx)
+                    })
+                    .await?;
                 }
             }
         };
+        // Past the deadline the failure mode answers, whatever was decided: nothing is
+        // charged for a decision the proxy may never apply (the reservations go back).
+        if started.elapsed() > deadline {
+            return Err(Failure::Deadline);
+        }
         // Settle: a request that goes ahead spends its request counts now and keeps its token
         // and cost reservations for its usage report; anything else gives them back.
-        if decision.decision == Verdict::Allow {
+        let limit = deciding_limit(&decision, &limit_states);
+        if decision.decision != Verdict::Allow {
+            held.release_now().await;
+        } else if !held.ids.is_empty() {
             let ids = std::mem::take(&mut held.ids);
             let mut waiting = Vec::new();
             for (id, kind) in ids {
@@ -367,93 +453,55 @@ impl Engine {
                 }
             }
             if !waiting.is_empty() {
-                let key = request_id.map_or_else(|| self.audit.next_id(), str::to_string);
-                self.hold_for_usage(key.clone(), waiting).await;
-                let limit = deciding_limit(&decision, &limit_states);
-                let mut checked = self.render(&version, decision, &ctx, limit, None);
-                checked.upstream.push((RESERVATION_HEADER.to_string(), key));
+                let mut checked = render(version, decision, &ctx, limit, None);
+                if let Some(handle) = self.hold_for_usage(waiting).await {
+                    checked
+                        .upstream
+                        .push((RESERVATION_HEADER.to_string(), handle));
+                }
                 return Ok((checked, Some(ctx)));
             }
-        } else {
-            held.release_now().await;
         }
         if let Some(key) = key {
             if decision.metadata.cacheable {
                 self.caches.put(key, Arc::new(decision.clone()));
             }
         }
-        let limit = deciding_limit(&decision, &limit_states);
-        Ok((
-            self.render(&version, decision, &ctx, limit, None),
-            Some(ctx),
-        ))
+        Ok((render(version, decision, &ctx, limit, None), Some(ctx)))
     }
 
-    fn render(
-        &self,
-        version: &Version,
-        decision: Decision,
-        ctx: &RequestContext,
-        limit: Option<LimitState>,
-        cache: Option<Level>,
-    ) -> Checked {
-        let reply = reply::for_decision(&decision, ctx.request.provider, limit);
-        let upstream = if reply.is_none() {
-            reply::upstream_headers(&decision)
-        } else {
-            Vec::new()
-        };
-        Checked {
-            decision: Some(decision),
-            reply,
-            upstream,
-            version: Some(version.number),
-            cache,
-            error: None,
-        }
-    }
-
-    async fn hold_for_usage(&self, key: String, ids: Vec<(ReservationId, CounterKind)>) {
-        let overflow = {
-            let Ok(mut u) = self.unsettled.lock() else {
-                return;
-            };
-            if u.by_request.len() >= MAX_UNREPORTED {
-                Some(ids)
-            } else {
-                u.by_request
-                    .entry(key)
-                    .or_insert_with(|| (unix_now(), Vec::new()))
-                    .1
-                    .extend(ids);
+    /// Keeps token and cost reservations until the request's usage is reported, under a fresh
+    /// handle. When too many wait (or no handle can be made), they are committed at once: the
+    /// estimate counts as spent, so a flood of requests cannot switch budgets off.
+    async fn hold_for_usage(&self, ids: Vec<(ReservationId, CounterKind)>) -> Option<String> {
+        let handle = reservation_handle();
+        let overflow = match (&handle, self.unsettled.lock()) {
+            (Some(h), Ok(mut u)) if u.len() < MAX_UNREPORTED => {
+                u.insert(h.clone(), (unix_now(), ids));
                 None
             }
+            _ => Some(ids),
         };
-        if let Some(ids) = overflow {
-            tracing::warn!("too many requests wait for usage reports: settling at once");
-            self.settle(ids.into_iter().map(|(id, _)| id).collect())
-                .await;
+        match overflow {
+            None => handle,
+            Some(ids) => {
+                tracing::warn!("cannot hold reservations for usage reports: committing estimates");
+                for (id, _) in ids {
+                    let _ = self.store.commit(id, None).await;
+                }
+                None
+            }
         }
     }
 
-    async fn settle(&self, ids: Vec<ReservationId>) {
-        for id in ids {
-            let _ = match self.limits.unreported {
-                Unreported::Commit => self.store.commit(id, None).await,
-                Unreported::Release => self.store.release(id).await,
-            };
-        }
-    }
-
-    /// Commits the usage of an allowed request (by its `x-request-id`, or the
-    /// `x-llm-policy-reservation` header the check added). Returns whether the request had
-    /// reservations waiting.
-    pub async fn record_usage(&self, request: &str, usage: Usage) -> bool {
+    /// Commits the usage of an allowed request, named by the `x-llm-policy-reservation` handle
+    /// its check added upstream. Returns whether reservations were waiting under it.
+    pub async fn record_usage(&self, handle: &str, usage: Usage) -> bool {
         let Some((_, ids)) = self
             .unsettled
             .lock()
             .ok()
-            .and_then(|mut u| u.by_request.remove(request))
+            .and_then(|mut u| u.remove(handle))
         else {
             return false;
         };
@@ -477,85 +525,70 @@ impl Engine {
         let before = unix_now().saturating_sub(self.limits.reservation_timeout_secs);
         let old: Vec<ReservationId> = match self.unsettled.lock() {
             Ok(mut u) => {
-                let keys: Vec<String> = u
-                    .by_request
-                    .iter()
-                    .filter(|(_, (at, _))| *at < before)
-                    .map(|(k, _)| k.clone())
-                    .collect();
-                keys.iter()
-                    .filter_map(|k| u.by_request.remove(k))
-                    .flat_map(|(_, ids)| ids.into_iter().map(|(id, _)| id))
-                    .collect()
+                let mut old = Vec::new();
+                u.retain(|_, (at, ids)| {
+                    let keep = *at >= before;
+                    if !keep {
+                        old.extend(ids.iter().map(|(id, _)| *id));
+                    }
+                    keep
+                });
+                old
             }
             Err(_) => Vec::new(),
         };
-        self.settle(old).await;
-        let _ = self
-            .store
-            .expire(before, self.limits.unreported == Unreported::Commit)
-            .await;
-    }
-
-    /// Metrics and audit of a decided check.
-    fn account(
-        &self,
-        checked: &Checked,
-        ctx: Option<&RequestContext>,
-        latency: std::time::Duration,
-        trace_id: Option<String>,
-        request_id: Option<String>,
-    ) {
-        let version = self.registry.current();
-        if let Some(d) = &checked.decision {
-            let set_has_ns = version
-                .as_ref()
-                .is_some_and(|v| v.set.has_namespace(&d.metadata.namespace));
-            let ns = if set_has_ns {
-                d.metadata.namespace.as_str()
+        let commit = self.limits.unreported == Unreported::Commit;
+        for id in old {
+            let _ = if commit {
+                self.store.commit(id, None).await
             } else {
-                "_unknown"
+                self.store.release(id).await
             };
-            let rule = d.metadata.deciding_rule.as_deref().unwrap_or("default");
-            self.metrics
-                .decisions
-                .with_label_values(&[d.decision.as_str(), ns, rule])
-                .inc();
-            if checked.cache.is_none() {
-                self.metrics
-                    .evaluation
-                    .observe(d.evaluation_time_us as f64 / 1e6);
-            }
-            if let Some(a) = d.actions.alert {
-                let severity = format!("{a:?}").to_ascii_lowercase();
-                let alert_rule = d.matched_rules.first().map_or("default", String::as_str);
-                self.metrics
-                    .alerts
-                    .with_label_values(&[&severity, alert_rule])
-                    .inc();
-            }
         }
-        self.record(
-            checked,
-            ctx,
-            version.as_deref(),
-            latency,
-            trace_id,
-            request_id,
-            None,
-        );
+        let _ = self.store.expire(before, commit).await;
     }
 
-    #[allow(
-        clippy::too_many_arguments,
-        reason = "one private call site per outcome"
-    )]
+    /// Decision and alert metrics.
+    fn count(&self, checked: &Checked) {
+        let Some(d) = &checked.decision else {
+            return;
+        };
+        let known = checked
+            .version
+            .as_ref()
+            .is_some_and(|v| v.set.has_namespace(&d.metadata.namespace));
+        // Namespaces come from a header: only the bundle's own become label values.
+        let ns = if known {
+            d.metadata.namespace.as_str()
+        } else {
+            "_unknown"
+        };
+        let rule = d.metadata.deciding_rule.as_deref().unwrap_or("default");
+        self.metrics
+            .decisions
+            .with_label_values(&[d.decision.as_str(), ns, rule])
+            .inc();
+        if checked.cache.is_none() {
+            self.metrics
+                .evaluation
+                .observe(d.evaluation_time_us as f64 / 1e6);
+        }
+        if let Some(a) = d.actions.alert {
+            let severity = format!("{a:?}").to_ascii_lowercase();
+            let alert_rule = d.matched_rules.first().map_or("default", String::as_str);
+            self.metrics
+                .alerts
+                .with_label_values(&[&severity, alert_rule])
+                .inc();
+        }
+    }
+
+    /// The audit record of a check (and its alert record).
     fn record(
         &self,
         checked: &Checked,
         ctx: Option<&RequestContext>,
-        version: Option<&Version>,
-        latency: std::time::Duration,
+        latency: Duration,
         trace_id: Option<String>,
         request_id: Option<String>,
         failure: Option<Failure>,
@@ -577,9 +610,11 @@ impl Engine {
             (None, Some(e)) => e.message.clone(),
             (None, None) => String::new(),
         };
+        let version = checked.version.as_deref();
         let record = Record {
             kind: "decision",
-            id: request_id.unwrap_or_else(|| self.audit.next_id()),
+            id: self.audit.next_id(),
+            request_id,
             time: audit::rfc3339(SystemTime::now()),
             namespace: d
                 .map(|d| d.metadata.namespace.clone())
@@ -587,7 +622,7 @@ impl Engine {
                 .unwrap_or_default(),
             policy: d.map(|d| d.metadata.policy.clone()).unwrap_or_default(),
             policy_version: d.map(|d| d.metadata.version.clone()).unwrap_or_default(),
-            version: checked.version.or(version.map(|v| v.number)).unwrap_or(0),
+            version: checked.version_number(),
             bundle: version
                 .map(|v| v.set.bundle().to_string())
                 .unwrap_or_default(),
@@ -608,11 +643,12 @@ impl Engine {
             cache: checked.cache.map(Level::as_str),
             trace_id,
             alert,
-            prompt: ctx.and_then(|c| audit::prompt_field(self.audit.prompts(), &c.request.prompt)),
+            prompt: ctx.and_then(|c| self.audit.prompt_field(&c.request.prompt)),
         };
         if let Some(a) = alert {
             self.audit.record(Record {
                 kind: "alert",
+                id: self.audit.next_id(),
                 alert: Some(a),
                 ..record.clone()
             });
@@ -620,6 +656,30 @@ impl Engine {
         if wants {
             self.audit.record(record);
         }
+    }
+}
+
+/// The answer for a decision.
+fn render(
+    version: Arc<Version>,
+    decision: Decision,
+    ctx: &RequestContext,
+    limit: Option<LimitState>,
+    cache: Option<Level>,
+) -> Checked {
+    let reply = reply::for_decision(&decision, ctx.request.provider, limit);
+    let upstream = if reply.is_none() {
+        reply::upstream_headers(&decision)
+    } else {
+        Vec::new()
+    };
+    Checked {
+        decision: Some(decision),
+        reply,
+        upstream,
+        version: Some(version),
+        cache,
+        error: None,
     }
 }
 
@@ -708,5 +768,13 @@ mod tests {
             trace_id(&h(&format!("00-{}-00f067aa0ba902b7-01", "0".repeat(32)))),
             None
         );
+    }
+
+    #[test]
+    fn reservation_handles_are_random_128_bit() {
+        let a = reservation_handle().unwrap();
+        let b = reservation_handle().unwrap();
+        assert_eq!(a.len(), 32);
+        assert_ne!(a, b);
     }
 }

@@ -11,7 +11,7 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use super::engine::{CheckInput, Checked, Engine};
+use super::engine::{CheckInput, Checked, Engine, RESERVATION_HEADER};
 
 /// Envoy sets this header when it forwarded only part of a body larger than its buffer limit.
 const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
@@ -86,6 +86,8 @@ pub fn input(req: CheckRequest) -> CheckInput {
         partial_body,
         now: None,
         explain: false,
+        // Envoy forwards what is allowed: counters are spent.
+        charge: true,
     }
 }
 
@@ -114,21 +116,30 @@ mod code {
 /// [`Checked`] → `CheckResponse`.
 pub fn response(checked: Checked) -> CheckResponse {
     match checked.reply {
-        None => CheckResponse {
-            status: Some(rpc::Status {
-                code: code::OK,
-                ..rpc::Status::default()
-            }),
-            http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                headers: checked
-                    .upstream
-                    .into_iter()
-                    .map(|(k, v)| header(k, v))
-                    .collect(),
-                ..OkHttpResponse::default()
-            })),
-            ..CheckResponse::default()
-        },
+        None => {
+            // Headers only the server may set upstream: a client's copy is removed.
+            let headers_to_remove = [RESERVATION_HEADER]
+                .iter()
+                .filter(|h| !checked.upstream.iter().any(|(k, _)| k == *h))
+                .map(|h| (*h).to_string())
+                .collect();
+            CheckResponse {
+                status: Some(rpc::Status {
+                    code: code::OK,
+                    ..rpc::Status::default()
+                }),
+                http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
+                    headers: checked
+                        .upstream
+                        .into_iter()
+                        .map(|(k, v)| header(k, v))
+                        .collect(),
+                    headers_to_remove,
+                    ..OkHttpResponse::default()
+                })),
+                ..CheckResponse::default()
+            }
+        }
         Some(reply) => {
             let code = match reply.status {
                 429 => code::RESOURCE_EXHAUSTED,

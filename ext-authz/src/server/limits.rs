@@ -38,6 +38,12 @@ pub struct StoreError(pub String);
 
 /// Where counters live.
 pub trait CounterStore: Send + Sync {
+    /// Whether `charge` would fit now, reserving nothing (dry-run evaluations).
+    fn peek<'a>(
+        &'a self,
+        charge: &'a Charge,
+        now: u64,
+    ) -> StoreFuture<'a, Result<Reserved, StoreError>>;
     /// Reserves `charge` if it fits its limit in the current window (`now`: Unix seconds).
     fn reserve<'a>(
         &'a self,
@@ -80,15 +86,17 @@ pub struct MemoryStore {
     shards: Vec<Mutex<HashMap<String, Window>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
     next: AtomicU64,
+    /// Counter keys held now (over all shards).
+    keys: AtomicU64,
+    max_keys: u64,
 }
+
+/// Counter keys a [`MemoryStore`] holds by default (about 150 bytes each).
+pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        MemoryStore {
-            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
-            reservations: Mutex::new(HashMap::new()),
-            next: AtomicU64::new(1),
-        }
+        MemoryStore::with_max_keys(DEFAULT_MAX_KEYS)
     }
 }
 
@@ -97,19 +105,48 @@ fn poisoned<T>(_: T) -> StoreError {
 }
 
 impl MemoryStore {
+    /// A store holding at most `max_keys` counter keys: keys come from request values (users,
+    /// teams), so past the cap a new key is an error (the check's failure mode applies) rather
+    /// than unbounded memory.
+    pub fn with_max_keys(max_keys: u64) -> MemoryStore {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
+            reservations: Mutex::new(HashMap::new()),
+            next: AtomicU64::new(1),
+            keys: AtomicU64::new(0),
+            max_keys,
+        }
+    }
+
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Window>> {
         let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
         let i = usize::try_from(h % SHARDS as u64).unwrap_or(0);
         &self.shards[i.min(SHARDS - 1)]
     }
 
-    fn reserve_now(&self, charge: &Charge, now: u64) -> Result<Reserved, StoreError> {
+    /// Checks `charge` against its window and, when `reserve`, reserves it.
+    fn reserve_now(
+        &self,
+        charge: &Charge,
+        now: u64,
+        reserve: bool,
+    ) -> Result<Reserved, StoreError> {
         let window = charge.window_secs.max(1);
         let start = now - now % window;
         let reset_secs = start.saturating_add(window).saturating_sub(now);
         let mut shard = self.shard(&charge.key).lock().map_err(poisoned)?;
+        if !shard.contains_key(&charge.key) {
+            if self.keys.load(Ordering::Relaxed) >= self.max_keys {
+                return Err(StoreError(format!(
+                    "the counter store holds its maximum of {} keys",
+                    self.max_keys
+                )));
+            }
+            self.keys.fetch_add(1, Ordering::Relaxed);
+        }
         let w = shard.entry(charge.key.clone()).or_default();
-        if w.start != start {
+        // Only a newer window replaces the one kept: a clock step back never resets a counter.
+        if start > w.start || w.end == 0 {
             *w = Window {
                 start,
                 end: start.saturating_add(window),
@@ -124,25 +161,26 @@ impl MemoryStore {
         } else {
             used < charge.limit
         };
-        if !fits {
+        let remaining_after = |extra: f64| (charge.limit - used - extra).max(0.0);
+        if !fits || !reserve {
             return Ok(Reserved {
-                reservation: None,
+                reservation: fits.then_some(ReservationId(0)),
                 state: LimitState {
                     limit: charge.limit,
-                    remaining: (charge.limit - used).max(0.0),
+                    remaining: remaining_after(if fits { charge.amount } else { 0.0 }),
                     reset_secs,
                 },
             });
         }
         w.reserved += charge.amount;
-        let remaining = (charge.limit - w.spent - w.reserved).max(0.0);
+        let window_start = w.start;
         drop(shard);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.reservations.lock().map_err(poisoned)?.insert(
             id,
             Reservation {
                 key: charge.key.clone(),
-                window_start: start,
+                window_start,
                 amount: charge.amount,
                 made_at: now,
             },
@@ -151,7 +189,7 @@ impl MemoryStore {
             reservation: Some(ReservationId(id)),
             state: LimitState {
                 limit: charge.limit,
-                remaining,
+                remaining: remaining_after(charge.amount),
                 reset_secs,
             },
         })
@@ -163,12 +201,13 @@ impl MemoryStore {
         };
         let mut shard = self.shard(&r.key).lock().map_err(poisoned)?;
         if let Some(w) = shard.get_mut(&r.key) {
-            // A reservation of a past window has nothing left to settle.
+            // The reservation left with its window; usage reported after the window turned is
+            // spent in the current one (a call that crossed the boundary still counts).
             if w.start == r.window_start {
                 w.reserved = (w.reserved - r.amount).max(0.0);
-                if let Some(s) = spend {
-                    w.spent += s.max(0.0);
-                }
+            }
+            if let Some(s) = spend {
+                w.spent += s.max(0.0);
             }
         }
         Ok(())
@@ -185,12 +224,20 @@ impl MemoryStore {
 }
 
 impl CounterStore for MemoryStore {
+    fn peek<'a>(
+        &'a self,
+        charge: &'a Charge,
+        now: u64,
+    ) -> StoreFuture<'a, Result<Reserved, StoreError>> {
+        Box::pin(async move { self.reserve_now(charge, now, false) })
+    }
+
     fn reserve<'a>(
         &'a self,
         charge: &'a Charge,
         now: u64,
     ) -> StoreFuture<'a, Result<Reserved, StoreError>> {
-        Box::pin(async move { self.reserve_now(charge, now) })
+        Box::pin(async move { self.reserve_now(charge, now, true) })
     }
 
     fn commit(
@@ -233,7 +280,13 @@ impl CounterStore for MemoryStore {
             // counters keyed by request values (users, tenants) do not accumulate forever.
             for shard in &self.shards {
                 if let Ok(mut s) = shard.lock() {
+                    let held = s.len();
                     s.retain(|_, w| w.end >= before || w.reserved > 0.0);
+                    let dropped = held.saturating_sub(s.len()) as u64;
+                    self.keys.fetch_sub(
+                        dropped.min(self.keys.load(Ordering::Relaxed)),
+                        Ordering::Relaxed,
+                    );
                 }
             }
             old.len()
@@ -309,5 +362,40 @@ mod tests {
         store.expire(1000, false).await;
         assert_eq!(store.usage("default/r/team"), (0.0, 0.0));
         assert!(store.shards.iter().all(|s| s.lock().unwrap().is_empty()));
+    }
+
+    #[tokio::test]
+    async fn an_older_time_never_resets_a_window_and_late_usage_still_counts() {
+        let store = MemoryStore::default();
+        let a = store.reserve(&charge(100.0, 1000.0), 130).await.unwrap();
+        // A check that claims to run in an earlier window sees this one.
+        let b = store.reserve(&charge(901.0, 1000.0), 10).await.unwrap();
+        assert!(b.reservation.is_none());
+        // Usage reported after the window turned counts in the new window.
+        let _ = store.reserve(&charge(1.0, 1000.0), 185).await.unwrap();
+        store
+            .commit(a.reservation.unwrap(), Some(700.0))
+            .await
+            .unwrap();
+        assert_eq!(store.usage("default/r/team").0, 700.0);
+        // Peeking reserves nothing.
+        let p = store.peek(&charge(200.0, 1000.0), 186).await.unwrap();
+        assert!(p.reservation.is_some());
+        assert_eq!(store.usage("default/r/team").1, 1.0);
+    }
+
+    #[tokio::test]
+    async fn the_number_of_keys_is_bounded() {
+        let store = MemoryStore::with_max_keys(2);
+        let mut c = charge(1.0, 10.0);
+        for k in ["a", "b"] {
+            c.key = k.into();
+            assert!(store.reserve(&c, 60).await.is_ok());
+        }
+        c.key = "c".into();
+        assert!(store.reserve(&c, 60).await.is_err());
+        // Ended windows make room.
+        store.expire(10_000, false).await;
+        assert!(store.reserve(&c, 10_000).await.is_ok());
     }
 }

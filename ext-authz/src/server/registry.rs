@@ -155,6 +155,8 @@ pub struct Registry {
     /// Serializes reloads and writes.
     writer: Mutex<()>,
     last_error: Mutex<Option<Diagnostics>>,
+    /// Fingerprint of the files last rejected (so polling does not recompile them).
+    last_rejected: Mutex<Option<u128>>,
     /// Tells subscribers (`WatchBundle`) about each new version.
     changes: tokio::sync::watch::Sender<Option<Arc<Version>>>,
 }
@@ -171,6 +173,7 @@ impl Registry {
             next: AtomicU64::new(1),
             writer: Mutex::new(()),
             last_error: Mutex::new(None),
+            last_rejected: Mutex::new(None),
             changes: tokio::sync::watch::Sender::new(None),
         }
     }
@@ -205,6 +208,43 @@ impl Registry {
     pub fn reload(&self) -> Result<(Arc<Version>, bool), Diagnostics> {
         let _guard = self.writer.lock();
         let files = read_files(&self.path)?;
+        self.reload_files(files)
+    }
+
+    /// Like [`Registry::reload`], but `None` when the files are those serving or those last
+    /// rejected: what a watcher or poller calls, so an unchanged (or still broken) directory is
+    /// neither recompiled nor reported again.
+    pub fn reload_if_changed(&self) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
+        let _guard = self.writer.lock();
+        let files = match read_files(&self.path) {
+            Ok(f) => f,
+            Err(d) => return Some(Err(d)),
+        };
+        let print = fingerprint(&files);
+        let serving = self.current().map(|v| fingerprint(&v.files));
+        let rejected = self.last_rejected.lock().ok().and_then(|r| *r);
+        if Some(print) == serving || Some(print) == rejected {
+            return None;
+        }
+        Some(self.reload_files(files))
+    }
+
+    fn reload_files(&self, files: Vec<SourceFile>) -> Result<(Arc<Version>, bool), Diagnostics> {
+        // The same files as the version serving: nothing to compile (cheap enough to poll).
+        if let Some(cur) = self.current() {
+            let same = cur.files.len() == files.len()
+                && cur
+                    .files
+                    .iter()
+                    .zip(&files)
+                    .all(|(a, b)| a.path == b.path && a.text == b.text);
+            if same {
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = None;
+                }
+                return Ok((cur, false));
+            }
+        }
         self.accept(files, Origin::Load)
     }
 
@@ -221,11 +261,17 @@ impl Registry {
                 if let Ok(mut e) = self.last_error.lock() {
                     *e = Some(d.clone());
                 }
+                if let Ok(mut r) = self.last_rejected.lock() {
+                    *r = Some(fingerprint(&files));
+                }
                 return Err(d);
             }
         };
         if let Ok(mut e) = self.last_error.lock() {
             *e = None;
+        }
+        if let Ok(mut r) = self.last_rejected.lock() {
+            *r = None;
         }
         if let Some(cur) = self.current() {
             if cur.set.bundle() == set.bundle() {
@@ -316,6 +362,8 @@ impl Registry {
         name: &str,
         to: Option<u64>,
     ) -> Result<Arc<Version>, RegistryError> {
+        // The target is chosen and written under the lock: no write slips in between.
+        let _guard = self.writer.lock();
         let current = self
             .current()
             .ok_or_else(|| RegistryError::Refused(String::from("no policies loaded yet"), 409))?;
@@ -346,12 +394,29 @@ impl Registry {
                 404,
             )
         })?;
-        let _guard = self.writer.lock();
-        let mut files: Vec<SourceFile> = read_files(&self.path)
-            .map_err(RegistryError::Invalid)?
-            .into_iter()
-            .filter(|f| f.path != path)
-            .collect();
+        let on_disk = read_files(&self.path).map_err(RegistryError::Invalid)?;
+        // The API writes whole files: a file the policy shares with others (now or in the
+        // target version) would roll them back too.
+        let here = self.file_of(name, &on_disk)?;
+        self.file_of(
+            name,
+            &[SourceFile {
+                path: path.clone(),
+                text: text.clone(),
+            }],
+        )?;
+        if here != path {
+            return Err(RegistryError::Refused(
+                format!(
+                    "`{name}` moved from {} to {} since version {}: restore it through the files",
+                    path.display(),
+                    here.display(),
+                    target.number
+                ),
+                409,
+            ));
+        }
+        let mut files: Vec<SourceFile> = on_disk.into_iter().filter(|f| f.path != path).collect();
         files.push(SourceFile {
             path: path.clone(),
             text: text.clone(),
@@ -371,7 +436,8 @@ impl Registry {
     }
 
     /// The file a policy lives in now, or `<dir>/<name>.yaml` for a new one; a file shared with
-    /// other policies is refused (the API writes whole files).
+    /// other policies is refused (the API writes whole files), and so is a new policy whose file
+    /// name is taken by other policies.
     fn file_of(&self, name: &str, files: &[SourceFile]) -> Result<PathBuf, RegistryError> {
         for f in files {
             let docs = source::parse_str(&f.path.display().to_string(), &f.text)
@@ -393,7 +459,17 @@ impl Registry {
                 return Ok(f.path.clone());
             }
         }
-        Ok(self.path.join(format!("{name}.yaml")))
+        let fresh = self.path.join(format!("{name}.yaml"));
+        if files.iter().any(|f| f.path == fresh) {
+            return Err(RegistryError::Refused(
+                format!(
+                    "{} holds other policies: a new policy `{name}` cannot take its place",
+                    fresh.display()
+                ),
+                409,
+            ));
+        }
+        Ok(fresh)
     }
 }
 
@@ -412,6 +488,19 @@ fn read_files(path: &Path) -> Result<Vec<SourceFile>, Diagnostics> {
     } else {
         Err(Diagnostics(errors))
     }
+}
+
+/// A hash of file names and contents.
+fn fingerprint(files: &[SourceFile]) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for f in files {
+        let path = f.path.display().to_string();
+        h.update(&(path.len() as u64).to_le_bytes());
+        h.update(path.as_bytes());
+        h.update(&(f.text.len() as u64).to_le_bytes());
+        h.update(f.text.as_bytes());
+    }
+    h.digest128()
 }
 
 type Compiled = (PolicySet, Vec<Document>, Vec<Diagnostic>);
@@ -522,5 +611,39 @@ mod tests {
             .contains("'x'"));
         assert_eq!(v.origin, Origin::Rollback);
         assert_eq!(r.versions().len(), 4);
+    }
+
+    #[test]
+    fn writes_never_touch_policies_sharing_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        // `c.yaml` holds policies a and b.
+        std::fs::write(
+            dir.path().join("c.yaml"),
+            format!("{}---\n{}", policy("a", "x"), policy("b", "x")),
+        )
+        .unwrap();
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5);
+        r.reload().unwrap();
+        // A new policy named after the shared file would overwrite it.
+        assert!(matches!(
+            r.put_policy("c", &policy("c", "y")),
+            Err(RegistryError::Refused(_, 409))
+        ));
+        assert!(matches!(
+            r.put_policy("a", &policy("a", "y")),
+            Err(RegistryError::Refused(_, 409))
+        ));
+        // Rolling back `a` would roll back `b` too.
+        let both = |m: &str| format!("{}---\n{}", policy("a", m), policy("b", m));
+        std::fs::write(dir.path().join("c.yaml"), both("z")).unwrap();
+        r.reload().unwrap();
+        assert!(matches!(
+            r.rollback_policy("a", Some(1)),
+            Err(RegistryError::Refused(_, 409))
+        ));
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("c.yaml")).unwrap(),
+            both("z")
+        );
     }
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use axum::body::Bytes;
 use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::handler::Handler as _;
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -31,22 +32,67 @@ pub struct RestState {
 /// Largest policy a `PUT` accepts.
 const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
 
+/// Requests the REST API serves at once; more wait.
+const MAX_CONCURRENT: usize = 256;
+
+/// Longest a REST request may take, body upload included.
+const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// The REST routes. `max_body` bounds request bodies (the evaluate body is a JSON request file
-/// whose own body may be up to the context's `maxBodyBytes`).
+/// whose own body may be up to the context's `maxBodyBytes`); a policy write is at most 4 MiB,
+/// and its token is checked before its body is read.
 pub fn router(state: RestState, max_body: usize) -> Router {
     Router::new()
         .route("/v1/evaluate", post(evaluate))
         .route("/v1/usage", post(usage))
         .route("/v1/policies", get(list_policies))
-        .route("/v1/policies/{name}", get(get_policy).put(put_policy))
+        .route(
+            "/v1/policies/{name}",
+            get(get_policy).put(put_policy.layer(DefaultBodyLimit::max(MAX_POLICY_BYTES))),
+        )
         .route("/v1/policies/{name}/versions", get(policy_versions))
         .route("/v1/policies/{name}/rollback", post(rollback))
         .route("/v1/reload", post(reload))
         .route("/v1/bundle", get(bundle))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .layer(DefaultBodyLimit::max(max_body.max(MAX_POLICY_BYTES)))
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            guard_writes,
+        ))
+        .layer(DefaultBodyLimit::max(max_body))
+        .layer(tower_http::timeout::TimeoutLayer::with_status_code(
+            StatusCode::REQUEST_TIMEOUT,
+            REQUEST_TIMEOUT,
+        ))
+        .layer(tower::limit::ConcurrencyLimitLayer::new(MAX_CONCURRENT))
         .with_state(state)
+}
+
+/// Whether a request writes (or spends counters) and so needs the admin token.
+fn is_write(method: &axum::http::Method, uri: &axum::http::Uri) -> bool {
+    let path = uri.path();
+    method == axum::http::Method::PUT
+        || path.ends_with("/rollback")
+        || path == "/v1/reload"
+        || (path == "/v1/evaluate"
+            && uri
+                .query()
+                .is_some_and(|q| q.split('&').any(|kv| kv == "charge=true")))
+}
+
+/// Refuses writes without the admin token before their body is read.
+async fn guard_writes(
+    State(s): State<RestState>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if is_write(req.method(), req.uri()) {
+        if let Err(e) = authorize(&s, req.headers()) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
 }
 
 /// An error answer: `{"error": {"code", "message", "status"}}`, plus `diagnostics` for a
@@ -125,16 +171,26 @@ fn json_body<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
 struct EvaluateQuery {
     #[serde(default)]
     explain: bool,
+    /// Spend counters as a real check would (admin token needed).
+    #[serde(default)]
+    charge: bool,
 }
 
-/// `POST /v1/evaluate`: a request file in, the decision out (as `llm-policy eval` prints it). The
-/// check is real: counters are charged as for a request Envoy checks.
+/// `POST /v1/evaluate`: a request file in, the decision out (as `llm-policy eval` prints it).
+/// Counters are read, not spent, unless `?charge=true` (with the admin token).
 async fn evaluate(
     State(s): State<RestState>,
     Query(q): Query<EvaluateQuery>,
+    headers: HeaderMap,
     body: Bytes,
 ) -> ApiResult {
+    if q.charge {
+        authorize(&s, &headers)?;
+    }
     let req: RequestFile = json_body(&body)?;
+    let now = req
+        .now
+        .or_else(|| req.time.map(|t| pinned_time(t.hour, t.weekday)));
     let checked = s
         .engine
         .check(CheckInput {
@@ -143,8 +199,9 @@ async fn evaluate(
             path: req.path,
             headers: req.headers.into_iter().collect(),
             partial_body: false,
-            now: req.now,
+            now,
             explain: q.explain,
+            charge: q.charge,
         })
         .await;
     match (checked.decision, checked.error) {
@@ -162,11 +219,18 @@ async fn evaluate(
     }
 }
 
+/// A Unix time with this UTC hour and weekday (0 = Sunday), for request files that pin `time`.
+fn pinned_time(hour: i64, weekday: i64) -> i64 {
+    // 1970-01-04 was a Sunday.
+    const SUNDAY: i64 = 3 * 86_400;
+    SUNDAY + weekday.clamp(0, 6) * 86_400 + hour.clamp(0, 23) * 3600
+}
+
 /// `POST /v1/usage` body.
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct UsageReport {
-    /// The request's `x-request-id` or `x-llm-policy-reservation`.
+    /// The `x-llm-policy-reservation` handle the check added upstream.
     request_id: String,
     /// Total tokens (or give `usage`).
     #[serde(default)]
@@ -371,6 +435,7 @@ async fn rollback(
     let name2 = name.clone();
     match tokio::task::spawn_blocking(move || registry.rollback_policy(&name2, q.to)).await {
         Ok(Ok(v)) => {
+            s.engine.metrics().reloads.with_label_values(&["ok"]).inc();
             s.engine.metrics().serving(v.set.bundle(), v.number);
             tracing::info!(policy = %name, version = v.number, "policy rolled back through the API");
             Ok(Json(version_json(&v)).into_response())
@@ -440,6 +505,12 @@ async fn ready(State(s): State<RestState>) -> ApiResult {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pinned_times_have_their_hour_and_weekday() {
+        let t = llm_policy_core::context::TimeInfo::from_unix(pinned_time(14, 3));
+        assert_eq!((t.hour, t.weekday), (14, 3));
+    }
 
     #[test]
     fn usage_objects_of_both_providers() {
