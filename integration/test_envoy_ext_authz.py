@@ -187,7 +187,7 @@ def test_metrics_and_audit_record_what_happened(stack):
     r = find()
     assert r["decision"] == "deny" and r["status"] == 403
     assert r["matched_rules"] == ["block-unapproved-models"]
-    assert r["principal"] == [["id", "audited"]]
+    assert r["principal"] == {"id": "audited"}
     assert r["model"] == "gpt-3.5-turbo"
     assert r["policy"] == "llm-baseline" and r["policy_version"] == "1.2.0"
     assert "prompt" not in r

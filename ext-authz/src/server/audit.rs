@@ -40,8 +40,8 @@ pub struct Record {
     /// The bundle digest.
     pub bundle: String,
     /// Principal attributes present on the request.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub principal: Vec<(String, String)>,
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub principal: std::collections::BTreeMap<String, String>,
     /// The requested model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
