@@ -125,7 +125,8 @@ fn with_content_type(mut h: Vec<(String, String)>) -> Vec<(String, String)> {
 
 fn whole(x: f64) -> String {
     if (0.0..9.0e15).contains(&x) {
-        format!("{}", x.floor() as u64)
+        // Truncation is the floor for non-negative values (no `f64::floor` without std).
+        format!("{}", x as u64)
     } else {
         String::from("0")
     }
