@@ -21,6 +21,7 @@ pub mod limits;
 pub mod metrics;
 pub mod registry;
 pub mod rest;
+pub mod telemetry;
 mod watch;
 
 use std::net::SocketAddr;
@@ -366,27 +367,28 @@ impl Running {
 /// Runs `llm-policy serve` to completion: exit 0 after a clean shutdown (SIGTERM, SIGINT), 2 on
 /// a configuration it cannot start with.
 pub fn main(args: &config::ServeArgs) -> std::process::ExitCode {
-    init_logging();
-    let config = match Config::load(args) {
-        Ok(c) => c,
-        Err(d) => {
-            for diag in &d.0 {
-                tracing::error!(diagnostic = %diag, "invalid configuration");
-            }
-            return std::process::ExitCode::from(2);
-        }
-    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
     {
         Ok(r) => r,
         Err(e) => {
-            tracing::error!(error = %e, "cannot start the runtime");
+            eprintln!("cannot start the runtime: {e}");
             return std::process::ExitCode::from(2);
         }
     };
     runtime.block_on(async move {
+        let config = Config::load(args);
+        let telemetry = telemetry::init(config.as_ref().ok().map(|c| &c.tracing));
+        let config = match config {
+            Ok(c) => c,
+            Err(d) => {
+                for diag in &d.0 {
+                    tracing::error!(diagnostic = %diag, "invalid configuration");
+                }
+                return std::process::ExitCode::from(2);
+            }
+        };
         let running = match start(config).await {
             Ok(r) => r,
             Err(e) => {
@@ -397,6 +399,7 @@ pub fn main(args: &config::ServeArgs) -> std::process::ExitCode {
         wait_for_signal().await;
         tracing::info!("shutting down: draining in-flight checks and the audit queue");
         running.shutdown(Duration::from_secs(10)).await;
+        let _ = tokio::task::spawn_blocking(move || telemetry.shutdown()).await;
         std::process::ExitCode::SUCCESS
     })
 }
@@ -421,20 +424,4 @@ async fn wait_for_signal() {
     {
         let _ = tokio::signal::ctrl_c().await;
     }
-}
-
-/// Structured logs on standard error (standard output carries audit records): JSON lines, or
-/// text with `LLM_POLICY_LOG=text`; levels from `RUST_LOG` (default `info`).
-fn init_logging() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let text = std::env::var("LLM_POLICY_LOG").is_ok_and(|v| v == "text");
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    let _ = if text {
-        builder.try_init()
-    } else {
-        builder.json().flatten_event(true).try_init()
-    };
 }

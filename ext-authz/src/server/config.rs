@@ -35,6 +35,8 @@ pub struct Config {
     pub audit: AuditConfig,
     /// Decision cache sizes.
     pub cache: super::cache::CacheConfig,
+    /// OpenTelemetry traces (off unless an OTLP endpoint is set).
+    pub tracing: super::telemetry::TracingConfig,
 }
 
 impl Default for Config {
@@ -51,6 +53,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             audit: AuditConfig::default(),
             cache: super::cache::CacheConfig::default(),
+            tracing: super::telemetry::TracingConfig::default(),
         }
     }
 }

@@ -10,6 +10,9 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
+use tracing::field::Empty;
+use tracing::Instrument as _;
+
 use llm_policy_core::decision::{
     ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
@@ -221,10 +224,22 @@ impl Engine {
         // One version for the whole check: decision, audit and metrics agree even across a swap.
         let version = self.registry.current();
         let deadline = self.check.deadline();
+        // Disabled (free) unless traces are exported.
+        let span = tracing::debug_span!(
+            "check",
+            otel.kind = "server",
+            http.method = %input.method,
+            decision = Empty,
+            namespace = Empty,
+            rule = Empty,
+            cache = Empty,
+        );
+        super::telemetry::continue_trace(&span, &input.headers);
         let result = tokio::time::timeout(
             deadline,
             self.decide(input, version.clone(), started, deadline),
         )
+        .instrument(span.clone())
         .await
         .unwrap_or(Err(Failure::Deadline));
         let latency = started.elapsed();
@@ -244,6 +259,27 @@ impl Engine {
                 (self.failed(f, provider, version), None, Some(f))
             }
         };
+        if !span.is_disabled() {
+            let verdict = checked.decision.as_ref().map_or(
+                if failure.is_some() {
+                    "error"
+                } else {
+                    "rejected"
+                },
+                |d| d.decision.as_str(),
+            );
+            span.record("decision", verdict);
+            if let Some(d) = &checked.decision {
+                span.record("namespace", d.metadata.namespace.as_str());
+                span.record(
+                    "rule",
+                    d.metadata.deciding_rule.as_deref().unwrap_or("default"),
+                );
+            }
+            if let Some(level) = checked.cache {
+                span.record("cache", level.as_str());
+            }
+        }
         self.count(&checked);
         self.record(
             &checked,
@@ -346,6 +382,7 @@ impl Engine {
                     (ctx, key)
                 })
             })
+            .instrument(tracing::debug_span!("extract"))
             .await?
         };
         let (ctx, key) = match built {
@@ -362,8 +399,12 @@ impl Engine {
                 return Ok((checked, None));
             }
         };
-        if let Some(key) = &key {
-            if let Some((d, level)) = self.caches.get(key, &self.metrics) {
+        let hit = key.as_ref().and_then(|key| {
+            let _span = tracing::debug_span!("cache").entered();
+            self.caches.get(key, &self.metrics)
+        });
+        {
+            if let Some((d, level)) = hit {
                 let checked = render(version, (*d).clone(), &ctx, None, Some(level));
                 return Ok((checked, Some(ctx)));
             }
@@ -376,6 +417,7 @@ impl Engine {
                 let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
                 (step, ctx)
             })
+            .instrument(tracing::debug_span!("evaluate"))
             .await?
         };
         let counter_now = unix_now();
@@ -389,10 +431,15 @@ impl Engine {
                                 String::from("WASM plugins are not available on this server"),
                             )),
                             NeedKind::Counter(c) => {
+                                let span = tracing::debug_span!(
+                                    "counters",
+                                    rule = %need.rule,
+                                    charge,
+                                );
                                 let r = if charge {
-                                    self.store.reserve(c, counter_now).await
+                                    self.store.reserve(c, counter_now).instrument(span).await
                                 } else {
-                                    self.store.peek(c, counter_now).await
+                                    self.store.peek(c, counter_now).instrument(span).await
                                 }
                                 .map_err(|e| {
                                     tracing::error!(error = %e.0, "counter store failed");
@@ -428,6 +475,7 @@ impl Engine {
                         let step = p.resume(&ctx);
                         (step, ctx)
                     })
+                    .instrument(tracing::debug_span!("evaluate"))
                     .await?;
                 }
             }
