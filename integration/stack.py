@@ -79,7 +79,7 @@ class Proc:
 class Server:
     """`llm-policy serve` with a config file, its own policy directory and audit file."""
 
-    def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None):
+    def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None, tls=None):
         self.dir = tmp
         self.policies = tmp / "policies"
         shutil.copytree(policies_src, self.policies, ignore=shutil.ignore_patterns("tests"))
@@ -97,6 +97,8 @@ class Server:
             "reload": {"debounceMs": 100},
             "audit": {"stdout": False, "queue": audit_queue, "file": {"path": str(self.audit)}},
         }
+        if tls:
+            config["tls"] = tls
         (tmp / "server.yaml").write_text(json.dumps(config))
         self.proc = Proc(
             "llm-policy",
@@ -124,7 +126,8 @@ class Envoy:
     """Envoy running one of `envoy/*.yaml` with its ports replaced: `authz_port` is the ext_authz
     server's gRPC port (`server.grpc` by default; unused by configs without ext_authz)."""
 
-    def __init__(self, tmp, server, upstream_port, log_dir, config="ext-authz.yaml", authz_port=None, concurrency=2):
+    def __init__(self, tmp, server, upstream_port, log_dir, config="ext-authz.yaml", authz_port=None, concurrency=2,
+                 cert_dir=None):
         self.port, self.admin = free_port(), free_port()
         text = (ROOT / "envoy" / config).read_text()
         authz = authz_port or (server.grpc if server else None)
@@ -137,6 +140,8 @@ class Envoy:
         ]:
             assert old in text or not required, old
             text = text.replace(old, new)
+        if cert_dir:
+            text = text.replace("/etc/llm-policy/tls/", f"{cert_dir}/")
         path = Path(tmp) / f"envoy-{self.port}.yaml"
         path.write_text(text)
         self.proc = Proc(
@@ -149,6 +154,27 @@ class Envoy:
 
     def url(self, path=""):
         return f"http://127.0.0.1:{self.port}{path}"
+
+
+def make_certs(directory):
+    """A CA, a server certificate for `localhost` and a client certificate for Envoy, all signed
+    by the CA (openssl): `ca.crt`, `server.crt/.key`, `envoy.crt/.key` in `directory`."""
+    d = Path(directory)
+    d.mkdir(parents=True, exist_ok=True)
+
+    def run(*args):
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-days", "2",
+        "-subj", "/CN=llm-policy test CA", "-keyout", "ca.key", "-out", "ca.crt")
+    for name, ext in [("server", "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth"),
+                      ("envoy", "subjectAltName=DNS:envoy\nextendedKeyUsage=clientAuth")]:
+        (d / f"{name}.ext").write_text(ext + "\n")
+        run("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes", "-subj", f"/CN={name}",
+            "-keyout", f"{name}.key", "-out", f"{name}.csr")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+            "-days", "2", "-extfile", f"{name}.ext", "-out", f"{name}.crt")
+    return d
 
 
 class Upstream:

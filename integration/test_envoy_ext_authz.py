@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from stack import ROOT, TOKEN, Server, binary, http_get, wait_for
+from stack import ROOT, TOKEN, Envoy, Server, binary, http_get, make_certs, wait_for
 
 
 def curl(url, body=None, headers=None, method="POST"):
@@ -48,12 +48,17 @@ def claude(stack, **headers):
     return anthropic.Anthropic(base_url=stack.envoy.url(), api_key="sk-ant-test", max_retries=0, default_headers=headers or None)
 
 
-def test_envoy_configs_validate():
+def test_envoy_configs_validate(tmp_path):
     envoy = binary("ENVOY_BIN", "tools/envoy/_bin/envoy")
     configs = sorted((ROOT / "envoy").glob("*.yaml"))
     assert configs
+    certs = make_certs(tmp_path / "certs")
     for c in configs:
-        r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(c)], capture_output=True, text=True)
+        # Configs that name certificate files are validated with real ones.
+        text = c.read_text().replace("/etc/llm-policy/tls/", f"{certs}/")
+        path = tmp_path / c.name
+        path.write_text(text)
+        r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, f"{c}: {r.stdout}{r.stderr}"
 
 
@@ -265,3 +270,37 @@ def test_sigterm_with_a_full_audit_queue_loses_no_accepted_record(tmp_path):
     assert all(json.loads(line)["decision"] == "allow" for line in lines)
     log = server.proc.text()
     assert "shutting down" in log and "llm-policy server stopped" in log
+
+
+def test_envoy_reaches_the_server_over_mutual_tls(stack, tmp_path):
+    """`envoy/ext-authz-mtls.yaml` against a server with `tls.clientCaFile`: decisions flow over
+    mTLS; an Envoy without TLS gets no decision (fails closed, 503)."""
+    certs = make_certs(tmp_path / "certs")
+    tls = {"certFile": str(certs / "server.crt"), "keyFile": str(certs / "server.key"),
+           "clientCaFile": str(certs / "ca.crt"), "http": False}
+    server = Server(tmp_path, ROOT / "policies", log_dir=tmp_path, tls=tls)
+    procs = [server.proc]
+    try:
+        secure = Envoy(tmp_path, server, stack.upstream.port, tmp_path, config="ext-authz-mtls.yaml", cert_dir=certs)
+        procs.append(secure.proc)
+        plain = Envoy(tmp_path, server, stack.upstream.port, tmp_path)
+        procs.append(plain.proc)
+        ok = chat("gpt-4o")
+        stack.upstream.reset()
+        status, _, _ = curl(secure.url("/v1/chat/completions"), ok)
+        assert status == 200
+        assert [r["headers"]["x-llm-policy-decision"] for r in stack.upstream.requests()] == ["allow"]
+        status, _, body = curl(secure.url("/v1/chat/completions"), chat("gpt-3.5-turbo"))
+        assert status == 403, body
+        assert json.loads(body)["error"]["message"] == "model is not approved"
+        status, headers, _ = curl(plain.url("/v1/chat/completions"), ok)
+        assert status == 503, "a plaintext Envoy must not get a decision from a TLS-only server"
+        assert "x-llm-policy-decision" not in headers
+        # Only the two mTLS checks were decided (and recorded).
+        wait_for(lambda: len(server.audit.read_text().splitlines()) >= 2 if server.audit.exists() else False, "audit")
+        time.sleep(0.3)
+        records = [json.loads(line) for line in server.audit.read_text().splitlines()]
+        assert [r["decision"] for r in records] == ["allow", "deny"]
+    finally:
+        for p in reversed(procs):
+            p.stop()

@@ -18,6 +18,7 @@ pub mod config;
 pub mod engine;
 pub mod envoy;
 pub mod limits;
+pub mod listen;
 pub mod metrics;
 pub mod registry;
 pub mod rest;
@@ -32,6 +33,7 @@ use envoy_types::ext_authz::v3::pb::AuthorizationServer;
 use llm_policy_core::Diagnostics;
 use tokio::sync::watch as signal;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
 
 use config::Config;
 use engine::Engine;
@@ -175,6 +177,19 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         addr(&http, config.http_listen),
         addr(&prom, config.metrics_listen),
     );
+    let tls = |on: bool, alpn: &[&[u8]]| -> Result<_, StartError> {
+        match &config.tls {
+            Some(t) if on => listen::acceptor(t, alpn)
+                .map(Some)
+                .map_err(StartError::Setup),
+            _ => Ok(None),
+        }
+    };
+    let grpc_tls = tls(config.tls.as_ref().is_some_and(|t| t.grpc), &[b"h2"])?;
+    let http_tls = tls(
+        config.tls.as_ref().is_some_and(|t| t.http),
+        &[b"h2", b"http/1.1"],
+    )?;
     let (stop, stopped) = signal::channel(false);
     let until_stopped =
         |mut rx: signal::Receiver<bool>| async move { stopped_signal(&mut rx).await };
@@ -205,7 +220,12 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         .add_service(authz)
         .add_service(api)
         .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(grpc).with_nodelay(Some(true)),
+            tokio_stream::wrappers::ReceiverStream::new(listen::accept(
+                grpc,
+                grpc_tls,
+                stopped.clone(),
+            ))
+            .map(Ok::<_, std::io::Error>),
             until_stopped(stopped.clone()),
         );
     tasks.spawn(async move {
@@ -220,15 +240,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_token: admin_token.map(Arc::from),
     };
     let app = rest::router(state, rest_body_limit(&config));
-    let rx = stopped.clone();
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(http, app)
-            .with_graceful_shutdown(until_stopped(rx))
-            .await
-        {
-            tracing::error!(error = %e, "REST server failed");
-        }
-    });
+    let incoming = listen::accept(http, http_tls, stopped.clone());
+    tasks.spawn(listen::serve_http(incoming, app, stopped.clone()));
 
     // Prometheus.
     let m = metrics.clone();
@@ -247,15 +260,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             }
         }),
     );
-    let rx = stopped.clone();
-    tasks.spawn(async move {
-        if let Err(e) = axum::serve(prom, metrics_app)
-            .with_graceful_shutdown(until_stopped(rx))
-            .await
-        {
-            tracing::error!(error = %e, "metrics server failed");
-        }
-    });
+    let incoming = listen::accept(prom, None, stopped.clone());
+    tasks.spawn(listen::serve_http(incoming, metrics_app, stopped.clone()));
 
     // Hot reload.
     if config.reload.watch {

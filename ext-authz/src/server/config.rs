@@ -37,6 +37,8 @@ pub struct Config {
     pub cache: super::cache::CacheConfig,
     /// OpenTelemetry traces (off unless an OTLP endpoint is set).
     pub tracing: super::telemetry::TracingConfig,
+    /// TLS for the gRPC and REST listeners (off unless set).
+    pub tls: Option<super::listen::TlsConfig>,
 }
 
 impl Default for Config {
@@ -54,6 +56,7 @@ impl Default for Config {
             audit: AuditConfig::default(),
             cache: super::cache::CacheConfig::default(),
             tracing: super::telemetry::TracingConfig::default(),
+            tls: None,
         }
     }
 }
