@@ -3,6 +3,7 @@ SHELL := /bin/bash
 CARGO ?= cargo
 TARGET_DIR := $(shell $(CARGO) metadata --format-version 1 --no-deps 2>/dev/null | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null || echo target)
 CLI := $(TARGET_DIR)/release/llm-policy
+WASM := $(TARGET_DIR)/wasm32-wasip1/wasm/llm_policy_filter.wasm
 POLICIES := policies
 REQUESTS := $(sort $(wildcard examples/requests/*.json))
 ENVOY_VERSION := 1.40.0
@@ -11,12 +12,24 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: all build filter envoy-configs envoy-configs-check demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
 build:
 	$(CARGO) build --release -p llm-policy-server
+
+## filter: the Envoy proxy-wasm filter, $(WASM) (profile `wasm`: full LTO, stripped).
+filter: toolchain
+	$(CARGO) build -p llm-policy-filter --target wasm32-wasip1 --profile wasm
+
+## envoy-configs: regenerate envoy/{filter,ext-authz,filter-fallback}.yaml with `llm-policy envoy-config`
+## from the example bundle (the tests check the committed files are current).
+ENVOY_CONFIG = $(CLI) envoy-config --upstream http://127.0.0.1:18000 --listen 0.0.0.0:10000
+envoy-configs: build
+	$(ENVOY_CONFIG) --mode filter --policies $(POLICIES) > envoy/filter.yaml
+	$(ENVOY_CONFIG) --mode ext-authz > envoy/ext-authz.yaml
+	$(ENVOY_CONFIG) --mode filter+fallback --policies $(POLICIES) > envoy/filter-fallback.yaml
 
 ## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
 ## serve the bundle with `llm-policy serve` behind a real Envoy in front of a mock LLM upstream and
@@ -63,10 +76,9 @@ nostd: toolchain
 	$(CARGO) build -p llm-policy-core --no-default-features --target wasm32-unknown-unknown
 	$(CARGO) clippy -p llm-policy-core --no-default-features --target wasm32-unknown-unknown -- -D warnings
 
-# What the Envoy filter will build: the core with std + cel for wasm32-wasip1.
-wasm: toolchain
-	$(CARGO) build -p llm-policy-core --features std,cel --target wasm32-wasip1 --release
-	$(CARGO) build -p llm-policy-filter --target wasm32-wasip1 --release
+# The Envoy filter for wasm32-wasip1, and clippy on its proxy-wasm binding (only built there).
+wasm: toolchain filter
+	$(CARGO) clippy -p llm-policy-filter --target wasm32-wasip1 -- -D warnings
 
 policy-tests: build
 	$(CLI) validate $(POLICIES)
@@ -89,8 +101,9 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 
 ## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
 ## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
-integration: build envoy $(SDK_VENV)/.installed
+integration: build filter envoy $(SDK_VENV)/.installed
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
+	  LLM_POLICY_WASM=$(abspath $(WASM)) \
 	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel; server caches and checks) —

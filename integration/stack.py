@@ -127,9 +127,10 @@ class Envoy:
     server's gRPC port (`server.grpc` by default; unused by configs without ext_authz)."""
 
     def __init__(self, tmp, server, upstream_port, log_dir, config="ext-authz.yaml", authz_port=None, concurrency=2,
-                 cert_dir=None):
+                 cert_dir=None, text=None):
         self.port, self.admin = free_port(), free_port()
-        text = (ROOT / "envoy" / config).read_text()
+        text = text or (ROOT / "envoy" / config).read_text()
+        text = text.replace(DEFAULT_WASM, str(wasm_file()))
         authz = authz_port or (server.grpc if server else None)
         for old, new, required in [
             ("port_value: 10000", f"port_value: {self.port}", True),
@@ -145,7 +146,7 @@ class Envoy:
         path = Path(tmp) / f"envoy-{self.port}.yaml"
         path.write_text(text)
         self.proc = Proc(
-            f"envoy-{config.removesuffix('.yaml')}",
+            f"envoy-{config.removesuffix('.yaml') if not text else 'generated'}-{self.port}",
             [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(path), "--concurrency", str(concurrency),
              "--base-id", str(self.port), "-l", "warning"],
             log_dir,
@@ -154,6 +155,25 @@ class Envoy:
 
     def url(self, path=""):
         return f"http://127.0.0.1:{self.port}{path}"
+
+
+DEFAULT_WASM = "target/wasm32-wasip1/wasm/llm_policy_filter.wasm"
+
+
+def wasm_file():
+    """The filter: `LLM_POLICY_WASM` (the Makefile passes it), else the default build output."""
+    return Path(os.environ.get("LLM_POLICY_WASM", ROOT / DEFAULT_WASM))
+
+
+def envoy_config(mode, policies=None, **flags):
+    """`llm-policy envoy-config --mode MODE` with the default ports (the Envoy class replaces them)."""
+    args = [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", mode,
+            "--upstream", "http://127.0.0.1:18000", "--listen", "0.0.0.0:10000"]
+    if policies:
+        args += ["--policies", str(policies)]
+    for k, v in flags.items():
+        args += [f"--{k.replace('_', '-')}", str(v)]
+    return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 
 def make_certs(directory):

@@ -15,7 +15,7 @@ import anthropic
 import openai
 import pytest
 
-from stack import ROOT, TOKEN, Envoy, Server, binary, http_get, make_certs, wait_for
+from stack import DEFAULT_WASM, ROOT, TOKEN, Envoy, Server, binary, envoy_config, http_get, make_certs, wait_for, wasm_file
 
 
 def curl(url, body=None, headers=None, method="POST"):
@@ -55,11 +55,18 @@ def test_envoy_configs_validate(tmp_path):
     certs = make_certs(tmp_path / "certs")
     for c in configs:
         # Configs that name certificate files are validated with real ones.
-        text = c.read_text().replace("/etc/llm-policy/tls/", f"{certs}/")
+        text = c.read_text().replace("/etc/llm-policy/tls/", f"{certs}/").replace(DEFAULT_WASM, str(wasm_file()))
         path = tmp_path / c.name
         path.write_text(text)
         r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
         assert r.returncode == 0, f"{c}: {r.stdout}{r.stderr}"
+
+
+def test_envoy_configs_are_what_the_generator_prints():
+    """`make envoy-configs` output is committed: the files match `llm-policy envoy-config`."""
+    for name, mode, policies in [("filter.yaml", "filter", ROOT / "policies"), ("ext-authz.yaml", "ext-authz", None),
+                                 ("filter-fallback.yaml", "filter+fallback", ROOT / "policies")]:
+        assert (ROOT / "envoy" / name).read_text() == envoy_config(mode, policies), f"envoy/{name}: run make envoy-configs"
 
 
 def test_allowed_requests_reach_the_upstream_unchanged(stack):
@@ -132,29 +139,35 @@ def test_anthropic_sdk_raises_the_right_exceptions_and_streams(stack):
         assert "".join(s.text_stream) == "Hello from the mock upstream."
 
 
-def test_throttle_after_n_across_concurrent_connections(stack):
-    stack.upstream.reset()
-    user = f"user-{uuid.uuid4().hex[:8]}"
-    client_headers = {"x-llm-policy-namespace": "e2e", "x-user-id": user}
+def assert_throttled_after(make_client, allowed, total, reason):
+    """`total` chat requests from 8 threads (separate connections): exactly `allowed` pass, the
+    rest get `RateLimitError` with the counter's headers and the rule's reason."""
 
     def one(_):
         try:
-            oai(stack, **client_headers).chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            make_client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
             return "ok", None
         except openai.RateLimitError as e:
             return "limited", e
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(20)))
-    assert sum(1 for r, _ in results if r == "ok") == 5
+        results = list(pool.map(one, range(total)))
+    assert sum(1 for r, _ in results if r == "ok") == allowed
     limited = [e for r, e in results if r == "limited"]
-    assert len(limited) == 15
+    assert len(limited) == total - allowed
     e = limited[0]
     assert e.status_code == 429
-    assert e.response.headers["x-ratelimit-limit"] == "5"
+    assert e.response.headers["x-ratelimit-limit"] == str(allowed)
     assert e.response.headers["x-ratelimit-remaining"] == "0"
     assert 1 <= int(e.response.headers["retry-after"]) <= 3600
-    assert "more than 5 requests per hour" in str(e)
+    assert reason in str(e)
+
+
+def test_throttle_after_n_across_concurrent_connections(stack):
+    stack.upstream.reset()
+    user = f"user-{uuid.uuid4().hex[:8]}"
+    assert_throttled_after(lambda: oai(stack, **{"x-llm-policy-namespace": "e2e", "x-user-id": user}),
+                           5, 20, "more than 5 requests per hour")
     assert len(stack.upstream.requests()) == 5
 
 

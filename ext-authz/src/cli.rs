@@ -4,6 +4,7 @@
 //! input; `test` 0 all passed, 1 a case failed, 2 invalid suite or policy; `serve` 0 after a clean
 //! shutdown, 2 on a configuration it cannot start with.
 
+pub mod envoy_config;
 pub mod report;
 pub mod suite;
 
@@ -127,6 +128,8 @@ enum Command {
     Codes,
     /// Run the policy server: Envoy ext_authz (gRPC), REST API, Prometheus metrics, hot reload.
     Serve(crate::server::config::ServeArgs),
+    /// Print a complete Envoy 1.40 configuration: listener, the filter and/or ext_authz, clusters.
+    EnvoyConfig(envoy_config::EnvoyConfigArgs),
 }
 
 fn print_diagnostics(d: &Diagnostics) {
@@ -178,6 +181,19 @@ pub fn main() -> ExitCode {
                 out!("| `{}` | {} |", c.as_str(), c.summary());
             }
             ExitCode::SUCCESS
+        }
+        Command::EnvoyConfig(args) => {
+            let given = cli.config.context_config.is_some().then_some(&config);
+            match envoy_config::generate(&args, given) {
+                Ok(text) => {
+                    outp!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    err!("{e}");
+                    ExitCode::from(2)
+                }
+            }
         }
         Command::Serve(_) => ExitCode::from(2),
     }

@@ -845,3 +845,51 @@ async fn a_slow_evaluation_is_answered_by_the_failure_mode_and_charges_nothing()
     );
     h.stop().await;
 }
+
+/// The llm-policy filter counts `scope: local` limits itself and says so in the Check's context
+/// extensions (which only the proxy's configuration sets): the server answers those rules from
+/// what the filter reported and counts only the global ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_limits_counted_by_the_filter_are_not_counted_again() {
+    let rules = r#"
+    - id: local-two
+      priority: 50
+      when: { match: { field: principal.id, op: exists } }
+      action:
+        decision: throttle
+        reason: "local limit"
+        rateLimit: { key: "{principal.id}", requests: 2, per: minute, scope: local }
+"#;
+    let h = Harness::start(&[("p.yaml", &policy("p", "allow", rules))], |_| {}).await;
+    let mut c = h.grpc().await;
+    let req = |over: Option<&str>| {
+        let mut r = check_request(
+            "POST",
+            "/v1/chat/completions",
+            &[("x-user-id", "carol")],
+            &chat("gpt-4o", "hi"),
+        );
+        if let (Some(over), Some(a)) = (over, r.attributes.as_mut()) {
+            a.context_extensions
+                .insert("llm-policy.local-counters".into(), "proxy".into());
+            a.context_extensions
+                .insert("llm-policy.local-over".into(), over.into());
+        }
+        r
+    };
+    // Counted by the filter, under: allowed however many times.
+    for _ in 0..5 {
+        assert!(check(&mut c, req(Some("{}"))).await.allowed);
+    }
+    // The filter says the counter is over: throttled with the filter's counter state.
+    let a = check(&mut c, req(Some(r#"{"local-two": [2, 0, 42]}"#))).await;
+    assert!(!a.allowed);
+    assert_eq!(a.status, 429);
+    assert_eq!(a.header("retry-after"), Some("42"));
+    assert_eq!(a.header("x-ratelimit-limit"), Some("2"));
+    // Without the extension (ext_authz alone) the server counts: two, then throttled.
+    assert!(check(&mut c, req(None)).await.allowed);
+    assert!(check(&mut c, req(None)).await.allowed);
+    assert!(!check(&mut c, req(None)).await.allowed);
+    h.stop().await;
+}

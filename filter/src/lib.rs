@@ -1,28 +1,36 @@
 //! The Envoy proxy-wasm filter of llm-policy.
 //!
-//! Not implemented yet (see `ROADMAP.md` step 3): this crate exists so the workspace builds the
-//! shared core for `wasm32-wasip1` with the features the filter will use, and so a dependency that
-//! cannot go into the proxy is caught now. It exports nothing to Envoy.
+//! The shared core, compiled to `wasm32-wasip1`, decides LLM API calls inside Envoy: it buffers
+//! their bodies, evaluates the bundle, lets the request go with the decision's headers or answers
+//! it in the provider's own error format, counts local rate limits in shared data, and sends what
+//! it cannot decide alone (global limits, budgets, plugin rules) to the policy server as an
+//! ext_authz `Check`.
+//!
+//! The logic knows nothing of proxy-wasm: it talks to its proxy through [`host::Host`], which the
+//! wasm build implements with host calls (`wasm.rs`, the only file that makes them) and the tests
+//! with a fake proxy.
+//!
+//! - [`config`]: the plugin configuration (located errors).
+//! - [`plugin`]: one VM's configured state (bundle, routes, counters, cache).
+//! - [`request`]: one request's path through the filter.
+//! - [`route`]: which requests are LLM API calls.
+//! - [`counters`]: local rate limits in shared data (compare-and-swap).
+//! - [`cache`]: the per-VM decision cache.
+//! - [`ext_authz`]: the `Check` call to the policy server.
 
-/// The core version this filter is built against.
-pub fn core_version() -> &'static str {
-    env!("CARGO_PKG_VERSION")
-}
+pub mod cache;
+pub mod config;
+pub mod counters;
+pub mod ext_authz;
+pub mod host;
+pub mod plugin;
+pub mod request;
+pub mod route;
 
-/// Compiles a policy bundle from JSON documents, as the filter will on configuration; returns the
-/// number of rules. Exercises the whole core (DSL, CEL, index) inside the wasm build.
-pub fn compile_bundle(docs: Vec<serde_json_value::Value>) -> Result<usize, String> {
-    let docs: Vec<llm_policy_core::Document> = docs
-        .into_iter()
-        .enumerate()
-        .map(|(i, v)| llm_policy_core::Document::from_value(format!("bundle[{i}]"), v))
-        .collect();
-    llm_policy_core::PolicySet::compile(&docs, &llm_policy_core::ContextConfig::default())
-        .map(|out| out.set.rule_count())
-        .map_err(|e| e.to_string())
-}
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod tests;
 
-/// Re-export of the JSON value type bundles are made of.
-pub mod serde_json_value {
-    pub use llm_policy_core::model::JsonValue as Value;
-}
+#[cfg(target_arch = "wasm32")]
+mod wasm;

@@ -14,7 +14,7 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use crate::context::{ContextError, Provider};
+use crate::context::{Api, ContextError, Provider};
 use crate::decision::{Decision, Verdict};
 
 /// The header that carries the verdict to the upstream (allow) or the client (deny, throttle).
@@ -99,11 +99,24 @@ pub fn for_error(e: &ContextError, provider: Provider) -> Reply {
 /// The provider a request is addressed to, from its path and headers (as extraction decides it),
 /// for replying to a request whose context could not be built.
 pub fn provider_of(path: &str, headers: &[(String, String)]) -> Provider {
+    classify(path, headers).0
+}
+
+/// Provider and API of a request from its path and headers, exactly as extraction decides them
+/// (`Api::Other` for a path that is no LLM API call). A proxy uses it to pick the requests to
+/// check before reading their bodies.
+pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api) {
     let path = crate::extract::normalize_path(path);
     crate::extract::classify(&path, |name| {
         headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
     })
-    .0
+}
+
+/// The path as extraction resolves it: query and fragment removed, unreserved escapes decoded,
+/// repeated slashes merged, dot segments resolved. Path patterns must match this form, or a
+/// client could spell its way around them (`/v1/./chat/completions`).
+pub fn normalize_path(path: &str) -> String {
+    crate::extract::normalize_path(path)
 }
 
 /// Headers added to a request that goes ahead: the verdict and the matched rules' headers.

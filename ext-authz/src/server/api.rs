@@ -76,6 +76,7 @@ impl PolicyApi {
                 now: http.now,
                 explain: req.explain,
                 charge,
+                local_counted: None,
             })
             .await;
         evaluate_response(checked)

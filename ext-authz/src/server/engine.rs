@@ -16,6 +16,7 @@ use tracing::Instrument as _;
 use llm_policy_core::decision::{
     ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
+use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, EvalOptions, NeedKind, PluginCheck, RequestContext,
@@ -50,6 +51,10 @@ pub struct CheckInput {
     /// Reserve and commit counters (a request that will go ahead). Without it counters are only
     /// read: a dry run that consumes nothing.
     pub charge: bool,
+    /// The proxy (the llm-policy filter) already counted the local-scope limits (`scope:
+    /// local`): the rules whose counter was over, with its state. They are answered from here,
+    /// not counted again. `None`: this server counts them (ext_authz-only deployments).
+    pub local_counted: Option<Vec<(String, LimitState)>>,
 }
 
 /// The outcome of a check.
@@ -350,6 +355,7 @@ impl Engine {
         }
         let explain = input.explain;
         let charge = input.charge;
+        let local_counted = input.local_counted.clone();
         let provider = reply::provider_of(&input.path, &input.headers);
         let now = input
             .now
@@ -430,6 +436,21 @@ impl Engine {
                             NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Error(
                                 String::from("WASM plugins are not available on this server"),
                             )),
+                            NeedKind::Counter(c)
+                                if c.scope == Scope::Local && local_counted.is_some() =>
+                            {
+                                let over = local_counted
+                                    .iter()
+                                    .flatten()
+                                    .find(|(rule, _)| *rule == need.rule);
+                                match over {
+                                    Some((_, state)) => {
+                                        limit_states.push((need.rule.clone(), *state));
+                                        Answer::Counter(CounterCheck::Over)
+                                    }
+                                    None => Answer::Counter(CounterCheck::Under),
+                                }
+                            }
                             NeedKind::Counter(c) => {
                                 let span = tracing::debug_span!(
                                     "counters",

@@ -11,6 +11,8 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use llm_policy_core::reply::LimitState;
+
 use super::engine::{CheckInput, Checked, Engine, RESERVATION_HEADER};
 
 /// Envoy sets this header when it forwarded only part of a body larger than its buffer limit.
@@ -30,7 +32,11 @@ impl EnvoyAuthz {
 
 /// `CheckRequest` → [`CheckInput`].
 pub fn input(req: CheckRequest) -> CheckInput {
-    let Some(http) = req.attributes.and_then(|a| a.request).and_then(|r| r.http) else {
+    let Some(mut attributes) = req.attributes else {
+        return CheckInput::default();
+    };
+    let local_counted = local_counted(&mut attributes.context_extensions);
+    let Some(http) = attributes.request.and_then(|r| r.http) else {
         return CheckInput::default();
     };
     // `header_map` (with `encode_raw_headers`) carries every value, raw; `headers` joins repeated
@@ -88,7 +94,43 @@ pub fn input(req: CheckRequest) -> CheckInput {
         explain: false,
         // Envoy forwards what is allowed: counters are spent.
         charge: true,
+        local_counted,
     }
+}
+
+/// Context extension set by the llm-policy filter when it calls the server: it counted the
+/// local-scope limits itself. Context extensions come from the proxy's configuration, never
+/// from the client's request.
+pub const LOCAL_COUNTERS: &str = "llm-policy.local-counters";
+
+/// Context extension with the rules whose local counter was over: a JSON object `{rule:
+/// [limit, remaining, reset_secs]}`.
+pub const LOCAL_OVER: &str = "llm-policy.local-over";
+
+fn local_counted(
+    extensions: &mut std::collections::HashMap<String, String>,
+) -> Option<Vec<(String, LimitState)>> {
+    if extensions.get(LOCAL_COUNTERS).map(String::as_str) != Some("proxy") {
+        return None;
+    }
+    let over: std::collections::BTreeMap<String, (f64, f64, u64)> = extensions
+        .remove(LOCAL_OVER)
+        .and_then(|text| serde_json::from_str(&text).ok())
+        .unwrap_or_default();
+    Some(
+        over.into_iter()
+            .map(|(rule, (limit, remaining, reset_secs))| {
+                (
+                    rule,
+                    LimitState {
+                        limit,
+                        remaining,
+                        reset_secs,
+                    },
+                )
+            })
+            .collect(),
+    )
 }
 
 fn header(key: String, value: String) -> HeaderValueOption {

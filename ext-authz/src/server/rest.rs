@@ -202,6 +202,7 @@ async fn evaluate(
             now,
             explain: q.explain,
             charge: q.charge,
+            local_counted: None,
         })
         .await;
     match (checked.decision, checked.error) {

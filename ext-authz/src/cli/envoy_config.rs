@@ -1,0 +1,388 @@
+//! `llm-policy envoy-config`: a complete Envoy 1.40 configuration that puts the policies in front
+//! of an LLM provider, so nobody hand-writes Envoy YAML. Three modes:
+//!
+//! - `filter`: the proxy-wasm filter decides in Envoy, with the bundle inline;
+//! - `ext-authz`: Envoy's ext_authz filter asks `llm-policy serve` for every request;
+//! - `filter+fallback`: the filter decides, and asks the server only for what it cannot decide
+//!   alone (global limits, budgets, plugin rules).
+//!
+//! The bundle is validated first (a broken one is refused with its errors) and embedded as JSON.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, ValueEnum};
+use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
+use serde_json::json;
+
+/// Where Envoy runs the filter from when `--wasm` is not given (what `make filter` builds).
+pub const DEFAULT_WASM: &str = "target/wasm32-wasip1/wasm/llm_policy_filter.wasm";
+
+/// The filter's default body limit (bodies are buffered in the proxy).
+const FILTER_MAX_BODY: usize = 1024 * 1024;
+
+/// Which filters check the traffic.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// The proxy-wasm filter alone.
+    Filter,
+    /// Envoy's ext_authz filter and the policy server.
+    #[value(name = "ext-authz")]
+    ExtAuthz,
+    /// The filter, falling back to the server for what it cannot decide alone.
+    #[value(name = "filter+fallback")]
+    FilterFallback,
+}
+
+/// Failure mode for the generated filters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Failure {
+    /// No decision: 503.
+    Closed,
+    /// No decision: let through, marked.
+    Open,
+}
+
+/// `llm-policy envoy-config` arguments.
+#[derive(Debug, Clone, Args)]
+pub struct EnvoyConfigArgs {
+    /// Which filters check the traffic.
+    #[arg(long, value_enum)]
+    pub mode: Mode,
+    /// Policy files or directories, embedded in the filter (filter modes).
+    #[arg(long)]
+    pub policies: Vec<PathBuf>,
+    /// Envoy's listener.
+    #[arg(long, default_value = "0.0.0.0:10000")]
+    pub listen: SocketAddr,
+    /// The LLM provider, e.g. `https://api.openai.com` (TLS with SNI for https).
+    #[arg(long)]
+    pub upstream: String,
+    /// The filter's .wasm file.
+    #[arg(long, default_value = DEFAULT_WASM)]
+    pub wasm: String,
+    /// The policy server's gRPC address, `host:port` (ext-authz and filter+fallback).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub server: String,
+    /// Envoy's admin listener.
+    #[arg(long, default_value = "127.0.0.1:9901")]
+    pub admin: SocketAddr,
+    /// What happens when no decision can be made.
+    #[arg(long, value_enum, default_value = "closed")]
+    pub failure_mode: Failure,
+    /// CA bundle that verifies an https upstream.
+    #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
+    pub upstream_ca: String,
+}
+
+/// An `http(s)://host[:port]` URL.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Upstream {
+    tls: bool,
+    host: String,
+    port: u16,
+}
+
+fn parse_upstream(url: &str) -> Result<Upstream, String> {
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(format!(
+            "--upstream {url}: expected http://host[:port] or https://host[:port]"
+        ));
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.is_empty() || authority.contains('/') {
+        return Err(format!(
+            "--upstream {url}: give the provider's origin only (no path); requests keep their own paths"
+        ));
+    }
+    let (host, port) = split_host_port(authority, if tls { 443 } else { 80 })
+        .ok_or_else(|| format!("--upstream {url}: bad port"))?;
+    Ok(Upstream { tls, host, port })
+}
+
+fn split_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
+    if let Some(rest) = authority.strip_prefix('[') {
+        let (host, after) = rest.split_once(']')?;
+        let port = match after.strip_prefix(':') {
+            Some(p) => p.parse().ok()?,
+            None if after.is_empty() => default,
+            None => return None,
+        };
+        return Some((host.to_string(), port));
+    }
+    match authority.rsplit_once(':') {
+        Some((h, p)) => Some((h.to_string(), p.parse().ok()?)),
+        None => Some((authority.to_string(), default)),
+    }
+}
+
+/// Indents every line of `text` by `n` spaces.
+fn indent(text: &str, n: usize) -> String {
+    let pad = " ".repeat(n);
+    text.lines()
+        .map(|l| format!("{pad}{l}"))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A cluster's endpoint: STATIC for an IP address, LOGICAL_DNS for a name.
+fn cluster(name: &str, host: &str, port: u16, extra: &str) -> String {
+    let kind = if host.parse::<std::net::IpAddr>().is_ok() {
+        "STATIC"
+    } else {
+        "LOGICAL_DNS\n      dns_lookup_family: V4_PREFERRED"
+    };
+    format!(
+        "    - name: {name}
+      type: {kind}
+      connect_timeout: 2s
+{extra}      load_assignment:
+        cluster_name: {name}
+        endpoints:
+          - lb_endpoints:
+              - endpoint:
+                  address:
+                    socket_address: {{ address: \"{host}\", port_value: {port} }}
+"
+    )
+}
+
+/// Generates the configuration. Errors: a broken bundle (its diagnostics), bad arguments.
+pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Result<String, String> {
+    let upstream = parse_upstream(&args.upstream)?;
+    let uses_filter = args.mode != Mode::ExtAuthz;
+    let uses_server = args.mode != Mode::Filter;
+    let mut context = context.cloned().unwrap_or_else(|| ContextConfig {
+        max_body_bytes: if uses_filter {
+            FILTER_MAX_BODY
+        } else {
+            ContextConfig::default().max_body_bytes
+        },
+        ..ContextConfig::default()
+    });
+    context.max_body_bytes = context.max_body_bytes.max(1);
+    let max_body = context.max_body_bytes;
+    let failure = match args.failure_mode {
+        Failure::Closed => "closed",
+        Failure::Open => "open",
+    };
+
+    let mut filters = String::new();
+    if uses_filter {
+        if args.policies.is_empty() {
+            return Err(String::from("--policies is required in the filter modes"));
+        }
+        let docs = source::load_policies(&args.policies).map_err(render)?;
+        PolicySet::compile(&docs, &context).map_err(render)?;
+        let mut plugin = json!({
+            "policies": docs.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
+            "context": context,
+            "failureMode": failure,
+        });
+        if uses_server {
+            plugin["server"] = json!({"cluster": "llm_policy", "timeoutMs": 200});
+        }
+        let plugin = serde_json::to_string_pretty(&plugin).map_err(|e| e.to_string())?;
+        let wasm = serde_json::to_string(&args.wasm).map_err(|e| e.to_string())?;
+        filters.push_str(&format!(
+            "                  # The llm-policy filter: decides LLM API calls in Envoy.
+                  - name: envoy.filters.http.wasm
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.wasm.v3.Wasm
+                      config:
+                        name: llm_policy
+                        root_id: llm_policy
+                        # Decide on the body before the headers go upstream (Envoy >= 1.35;
+                        # without it the headers may leave before the decision).
+                        allow_on_headers_stop_iteration: true
+                        # A VM that cannot start or has crashed: requests fail, never pass unchecked.
+                        failure_policy: FAIL_CLOSED
+                        vm_config:
+                          vm_id: llm_policy
+                          runtime: envoy.wasm.runtime.v8
+                          code: {{ local: {{ filename: {wasm} }} }}
+                        # The plugin configuration (docs/filter.md): the bundle inline, as JSON.
+                        configuration:
+                          \"@type\": type.googleapis.com/google.protobuf.StringValue
+                          value: |
+{}
+",
+            indent(&plugin, 30)
+        ));
+    } else {
+        filters.push_str(&format!(
+            "                  # Every request checked by `llm-policy serve` (docs/server.md).
+                  - name: envoy.filters.http.ext_authz
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz
+                      transport_api_version: V3
+                      grpc_service:
+                        envoy_grpc: {{ cluster_name: llm_policy }}
+                        # Above the server's own deadline (150 ms), so the answer is the server's.
+                        timeout: 0.25s
+                      with_request_body:
+                        max_request_bytes: {max_body}
+                        # A larger body is sent in part, flagged; the server answers 413 in the
+                        # provider's error format.
+                        allow_partial_message: true
+                        # Bytes, not a string: bodies that are not UTF-8 reach the server intact.
+                        pack_as_bytes: true
+                      # Every value of repeated headers, as sent.
+                      encode_raw_headers: true
+                      # The policy server unreachable: {}.
+                      failure_mode_allow: {}
+                      status_on_error: {{ code: 503 }}
+",
+            if args.failure_mode == Failure::Open {
+                "let through"
+            } else {
+                "deny (503), never let through unchecked"
+            },
+            args.failure_mode == Failure::Open
+        ));
+    }
+
+    let host_rewrite = if upstream.tls {
+        format!("host_rewrite_literal: {}, ", upstream.host)
+    } else {
+        String::new()
+    };
+    let upstream_tls = if upstream.tls {
+        format!(
+            "      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: {host}
+          common_tls_context:
+            validation_context:
+              trusted_ca: {{ filename: {ca} }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: {host} }}
+",
+            host = upstream.host,
+            ca = args.upstream_ca
+        )
+    } else {
+        String::new()
+    };
+    let mut clusters = cluster("llm_upstream", &upstream.host, upstream.port, &upstream_tls);
+    if uses_server {
+        let (host, port) = split_host_port(&args.server, 50051)
+            .ok_or_else(|| format!("--server {}: expected host:port", args.server))?;
+        let h2 = "      # gRPC: the cluster must speak HTTP/2.
+      typed_extension_protocol_options:
+        envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+          \"@type\": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+          explicit_http_config:
+            http2_protocol_options: {}
+      health_checks:
+        - timeout: 1s
+          interval: 5s
+          unhealthy_threshold: 2
+          healthy_threshold: 1
+          grpc_health_check:
+            service_name: envoy.service.auth.v3.Authorization
+";
+        clusters.push('\n');
+        clusters.push_str(&cluster("llm_policy", &host, port, h2));
+    }
+
+    // Room for our own 413 before Envoy's: the filter answers when a body passes the limit.
+    let buffer_limit = if uses_filter {
+        max_body.saturating_mul(2).max(64 * 1024)
+    } else {
+        max_body
+    };
+    let what = match args.mode {
+        Mode::Filter => "The llm-policy proxy-wasm filter decides every LLM API call in Envoy.",
+        Mode::ExtAuthz => {
+            "Every request is checked by `llm-policy serve` through ext_authz (gRPC)."
+        }
+        Mode::FilterFallback => {
+            "The llm-policy filter decides in Envoy and asks `llm-policy serve` (ext_authz gRPC)\n\
+             # only for global limits, budgets and plugin rules."
+        }
+    };
+    Ok(format!(
+        "# Generated by `llm-policy envoy-config --mode {mode}` for Envoy 1.40.
+# {what}
+# Upstream: {url}. Validate with: envoy --mode validate -c <this file>
+admin:
+  address:
+    socket_address: {{ address: {admin_ip}, port_value: {admin_port} }}
+
+static_resources:
+  listeners:
+    - name: llm
+      address:
+        socket_address: {{ address: {listen_ip}, port_value: {listen_port} }}
+      # Request bodies are buffered for the decision.
+      per_connection_buffer_limit_bytes: {buffer_limit}
+      filter_chains:
+        - filters:
+            - name: envoy.filters.network.http_connection_manager
+              typed_config:
+                \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+                stat_prefix: llm
+                # Streaming answers (SSE) may run long: no idle cut-off on the stream.
+                stream_idle_timeout: 300s
+                route_config:
+                  virtual_hosts:
+                    - name: llm
+                      domains: [\"*\"]
+                      routes:
+                        - match: {{ prefix: \"/\" }}
+                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}
+                http_filters:
+{filters}                  - name: envoy.filters.http.router
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+
+  clusters:
+{clusters}",
+        mode = args.mode.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
+        url = args.upstream,
+        admin_ip = args.admin.ip(),
+        admin_port = args.admin.port(),
+        listen_ip = args.listen.ip(),
+        listen_port = args.listen.port(),
+    ))
+}
+
+fn render(d: Diagnostics) -> String {
+    d.0.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn upstream_urls() {
+        assert_eq!(
+            parse_upstream("https://api.openai.com").unwrap(),
+            Upstream {
+                tls: true,
+                host: "api.openai.com".into(),
+                port: 443
+            }
+        );
+        assert_eq!(
+            parse_upstream("http://127.0.0.1:18000/").unwrap().port,
+            18000
+        );
+        assert_eq!(parse_upstream("http://[::1]:8080").unwrap().host, "::1");
+        assert!(parse_upstream("api.openai.com").is_err());
+        assert!(parse_upstream("https://api.openai.com/v1").is_err());
+        assert!(parse_upstream("http://h:notaport").is_err());
+    }
+}

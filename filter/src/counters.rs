@@ -1,0 +1,306 @@
+//! Local-scope rate limits (`scope: local`), counted in proxy-wasm shared data so every worker VM
+//! of one Envoy sees the same counts.
+//!
+//! The counters live in a fixed table of `slots` shared-data entries (`llm_policy.c.<n>`), so a
+//! flood of distinct keys (one per client-chosen header value, say) cannot grow Envoy's memory: a
+//! key hashes to a slot and probes up to [`PROBES`] slots for its own entry or one whose window has
+//! ended. Each update is a compare-and-swap, retried when another worker wrote first. A key that
+//! finds no free slot is not counted (answered "unknown", which a local limit treats as under) and
+//! counted in `llm_policy.local_counters.full`.
+//!
+//! One race is left: the very first write of a never-used slot cannot be a compare-and-swap
+//! (proxy-wasm has no "create if absent"), so two workers creating the same slot at the same
+//! instant may lose one count, once per slot.
+
+use llm_policy_core::decision::Charge;
+use llm_policy_core::reply::LimitState;
+
+use crate::host::{Host, Level, Metric, SharedWrite};
+
+/// Slots probed for one key.
+pub const PROBES: u32 = 8;
+
+/// Compare-and-swap attempts per slot before giving up.
+const CAS_ATTEMPTS: u32 = 64;
+
+/// A slot's content: which key, until when, how much used.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Entry {
+    key: u64,
+    window_end: u64,
+    used: f64,
+}
+
+impl Entry {
+    const LEN: usize = 24;
+
+    fn encode(self) -> [u8; Self::LEN] {
+        let mut out = [0u8; Self::LEN];
+        let parts = [
+            self.key.to_le_bytes(),
+            self.window_end.to_le_bytes(),
+            self.used.to_bits().to_le_bytes(),
+        ];
+        for (chunk, part) in out.chunks_exact_mut(8).zip(parts) {
+            chunk.copy_from_slice(&part);
+        }
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Entry> {
+        let mut words = bytes.chunks_exact(8).map(|c| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(c);
+            u64::from_le_bytes(w)
+        });
+        let (key, window_end, used) = (words.next()?, words.next()?, words.next()?);
+        Some(Entry {
+            key,
+            window_end,
+            used: f64::from_bits(used),
+        })
+    }
+}
+
+/// A charge held in a slot, to give back if the request does not go ahead.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reservation {
+    slot: String,
+    key: u64,
+    window_end: u64,
+    amount: f64,
+}
+
+/// What a counter said.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Count {
+    /// Under the limit; the charge is held.
+    Under(Reservation),
+    /// Over the limit; nothing was charged.
+    Over(LimitState),
+    /// Not counted (no free slot, or the host refused).
+    Unknown,
+}
+
+/// The local counter table.
+#[derive(Debug, Clone, Copy)]
+pub struct Counters {
+    slots: u32,
+}
+
+impl Counters {
+    /// A table of `slots` entries (at least [`PROBES`]).
+    pub fn new(slots: u32) -> Counters {
+        Counters {
+            slots: slots.max(PROBES),
+        }
+    }
+
+    /// Adds `charge.amount` to the charge's counter if that stays within its limit.
+    pub fn reserve(&self, host: &mut dyn Host, charge: &Charge, now_secs: u64) -> Count {
+        let key = key_hash(&charge.rule, &charge.key);
+        let window = charge.window_secs.max(1);
+        let window_end = now_secs
+            .saturating_sub(now_secs % window)
+            .saturating_add(window);
+        let base = key % u64::from(self.slots);
+        for probe in 0..PROBES {
+            let slot = slot_name((base + u64::from(probe)) % u64::from(self.slots));
+            for _ in 0..CAS_ATTEMPTS {
+                let (current, cas) = match host.shared_get(&slot) {
+                    Some((bytes, cas)) => (Entry::decode(&bytes), Some(cas)),
+                    None => (None, None),
+                };
+                let used = match current {
+                    // Our key, this window.
+                    Some(e) if e.key == key && e.window_end == window_end => e.used,
+                    // Another key still counting: try the next slot.
+                    Some(e) if e.key != key && e.window_end > now_secs => break,
+                    // Empty, ended, or our key from an earlier window.
+                    _ => 0.0,
+                };
+                let after = used + charge.amount;
+                if after > charge.limit {
+                    return Count::Over(LimitState {
+                        limit: charge.limit,
+                        remaining: (charge.limit - used).max(0.0),
+                        reset_secs: window_end.saturating_sub(now_secs),
+                    });
+                }
+                let entry = Entry {
+                    key,
+                    window_end,
+                    used: after,
+                };
+                match host.shared_set(&slot, &entry.encode(), cas) {
+                    SharedWrite::Ok => {
+                        return Count::Under(Reservation {
+                            slot,
+                            key,
+                            window_end,
+                            amount: charge.amount,
+                        })
+                    }
+                    SharedWrite::CasMismatch => continue,
+                    SharedWrite::Failed => return Count::Unknown,
+                }
+            }
+        }
+        host.metric(Metric::CounterTableFull, 1);
+        host.log(
+            Level::Warn,
+            &format!(
+                "local counter for rule {} not counted: no free slot (localCounterSlots)",
+                charge.rule
+            ),
+        );
+        Count::Unknown
+    }
+
+    /// Gives a reservation back (if its window has not ended).
+    pub fn release(&self, host: &mut dyn Host, r: &Reservation) {
+        self.adjust(host, r, -r.amount);
+    }
+
+    /// Adds `delta` (negative: takes back) to a reserved counter, e.g. actual minus estimated
+    /// tokens once a response reports its usage. The count never goes below zero.
+    pub fn adjust(&self, host: &mut dyn Host, r: &Reservation, delta: f64) {
+        for _ in 0..CAS_ATTEMPTS {
+            let Some((bytes, cas)) = host.shared_get(&r.slot) else {
+                return;
+            };
+            let Some(mut e) = Entry::decode(&bytes) else {
+                return;
+            };
+            if e.key != r.key || e.window_end != r.window_end {
+                return;
+            }
+            e.used = (e.used + delta).max(0.0);
+            match host.shared_set(&r.slot, &e.encode(), Some(cas)) {
+                SharedWrite::CasMismatch => continue,
+                SharedWrite::Ok | SharedWrite::Failed => return,
+            }
+        }
+    }
+}
+
+fn slot_name(n: u64) -> String {
+    format!("llm_policy.c.{n}")
+}
+
+fn key_hash(rule: &str, key: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    h.update(rule.as_bytes());
+    h.update(&[0]);
+    h.update(key.as_bytes());
+    h.digest()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeHost;
+    use llm_policy_core::decision::{ChargeSource, CounterKind};
+    use llm_policy_core::model::Scope;
+
+    fn charge(key: &str, limit: f64) -> Charge {
+        Charge {
+            rule: "r".into(),
+            source: ChargeSource::RateLimit,
+            key: key.into(),
+            kind: CounterKind::Requests,
+            limit,
+            window_secs: 60,
+            amount: 1.0,
+            scope: Scope::Local,
+        }
+    }
+
+    #[test]
+    fn counts_up_to_the_limit_then_says_over_until_the_window_ends() {
+        let mut host = FakeHost::default();
+        let c = Counters::new(64);
+        for _ in 0..3 {
+            assert!(matches!(
+                c.reserve(&mut host, &charge("a", 3.0), 120),
+                Count::Under(_)
+            ));
+        }
+        match c.reserve(&mut host, &charge("a", 3.0), 130) {
+            Count::Over(s) => {
+                assert_eq!(s.remaining, 0.0);
+                assert_eq!(s.reset_secs, 50);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another key has its own count; the next window starts over.
+        assert!(matches!(
+            c.reserve(&mut host, &charge("b", 3.0), 130),
+            Count::Under(_)
+        ));
+        assert!(matches!(
+            c.reserve(&mut host, &charge("a", 3.0), 180),
+            Count::Under(_)
+        ));
+    }
+
+    #[test]
+    fn a_release_gives_the_charge_back() {
+        let mut host = FakeHost::default();
+        let c = Counters::new(64);
+        let Count::Under(r) = c.reserve(&mut host, &charge("a", 1.0), 0) else {
+            panic!()
+        };
+        assert!(matches!(
+            c.reserve(&mut host, &charge("a", 1.0), 0),
+            Count::Over(_)
+        ));
+        c.release(&mut host, &r);
+        assert!(matches!(
+            c.reserve(&mut host, &charge("a", 1.0), 0),
+            Count::Under(_)
+        ));
+    }
+
+    #[test]
+    fn concurrent_writers_never_overshoot() {
+        // Every second write loses its compare-and-swap: the retry must re-read the count.
+        let mut host = FakeHost {
+            cas_conflicts: 1000,
+            ..FakeHost::default()
+        };
+        let c = Counters::new(64);
+        let under = (0..50)
+            .filter(|_| matches!(c.reserve(&mut host, &charge("a", 20.0), 0), Count::Under(_)))
+            .count();
+        assert_eq!(under, 20);
+    }
+
+    #[test]
+    fn a_flood_of_keys_is_bounded_by_the_table() {
+        let mut host = FakeHost::default();
+        let c = Counters::new(16);
+        let counted = (0..1000)
+            .filter(|i| {
+                matches!(
+                    c.reserve(&mut host, &charge(&format!("k{i}"), 5.0), 0),
+                    Count::Under(_)
+                )
+            })
+            .count();
+        assert_eq!(counted, 16, "one key per slot while the window runs");
+        assert!(host.shared.len() <= 16);
+        assert!(
+            host.metrics
+                .get(&Metric::CounterTableFull)
+                .copied()
+                .unwrap_or(0)
+                > 0
+        );
+        // Once the window ended, slots are reused.
+        assert!(matches!(
+            c.reserve(&mut host, &charge("late", 5.0), 3600),
+            Count::Under(_)
+        ));
+    }
+}

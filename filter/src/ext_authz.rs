@@ -1,0 +1,282 @@
+//! The ext_authz `Check` call to the policy server, as the filter makes it: the part of Envoy's
+//! `envoy.service.auth.v3` messages it needs, with their field numbers (prost; the full Envoy
+//! types would not fit a proxy plugin). A test checks the wire format against `envoy-types`.
+//!
+//! The filter has already counted the local-scope limits: it says so in the request's
+//! `context_extensions` (which a client cannot set), with the rules whose local counter was over,
+//! so the server neither counts them again nor counts them differently.
+
+use std::collections::HashMap;
+
+use llm_policy_core::reply::LimitState;
+
+/// The gRPC service.
+pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
+/// The gRPC method.
+pub const METHOD: &str = "Check";
+/// Context extension: the proxy counted local-scope limits (`"proxy"`).
+pub const LOCAL_COUNTERS: &str = "llm-policy.local-counters";
+/// Context extension: the rules whose local counter was over its limit, as a JSON object
+/// `{rule: [limit, remaining, reset_secs]}`.
+pub const LOCAL_OVER: &str = "llm-policy.local-over";
+
+/// `CheckRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckRequest {
+    /// `attributes`.
+    #[prost(message, optional, tag = "1")]
+    pub attributes: Option<AttributeContext>,
+}
+
+/// `AttributeContext`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct AttributeContext {
+    /// `request`.
+    #[prost(message, optional, tag = "4")]
+    pub request: Option<Request>,
+    /// `context_extensions`.
+    #[prost(map = "string, string", tag = "10")]
+    pub context_extensions: HashMap<String, String>,
+}
+
+/// `AttributeContext.Request`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Request {
+    /// `http`.
+    #[prost(message, optional, tag = "2")]
+    pub http: Option<HttpRequest>,
+}
+
+/// `AttributeContext.HttpRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HttpRequest {
+    /// `method`.
+    #[prost(string, tag = "2")]
+    pub method: String,
+    /// `headers` (lower-case names; repeated names joined with `,`).
+    #[prost(map = "string, string", tag = "3")]
+    pub headers: HashMap<String, String>,
+    /// `path` (with query).
+    #[prost(string, tag = "4")]
+    pub path: String,
+    /// `host`.
+    #[prost(string, tag = "5")]
+    pub host: String,
+    /// `scheme`.
+    #[prost(string, tag = "6")]
+    pub scheme: String,
+    /// `size`.
+    #[prost(int64, tag = "9")]
+    pub size: i64,
+    /// `protocol`.
+    #[prost(string, tag = "10")]
+    pub protocol: String,
+    /// `raw_body`.
+    #[prost(bytes = "vec", tag = "12")]
+    pub raw_body: Vec<u8>,
+}
+
+/// `CheckResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct CheckResponse {
+    /// `status` (google.rpc.Status).
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<RpcStatus>,
+    /// `denied_response`.
+    #[prost(message, optional, tag = "2")]
+    pub denied_response: Option<DeniedHttpResponse>,
+    /// `ok_response`.
+    #[prost(message, optional, tag = "3")]
+    pub ok_response: Option<OkHttpResponse>,
+}
+
+/// `google.rpc.Status`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RpcStatus {
+    /// `code`.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+    /// `message`.
+    #[prost(string, tag = "2")]
+    pub message: String,
+}
+
+/// `DeniedHttpResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct DeniedHttpResponse {
+    /// `status`.
+    #[prost(message, optional, tag = "1")]
+    pub status: Option<HttpStatus>,
+    /// `headers`.
+    #[prost(message, repeated, tag = "2")]
+    pub headers: Vec<HeaderValueOption>,
+    /// `body`.
+    #[prost(string, tag = "3")]
+    pub body: String,
+}
+
+/// `envoy.type.v3.HttpStatus`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HttpStatus {
+    /// `code`.
+    #[prost(int32, tag = "1")]
+    pub code: i32,
+}
+
+/// `OkHttpResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OkHttpResponse {
+    /// `headers` (added to the upstream request).
+    #[prost(message, repeated, tag = "2")]
+    pub headers: Vec<HeaderValueOption>,
+    /// `headers_to_remove`.
+    #[prost(string, repeated, tag = "5")]
+    pub headers_to_remove: Vec<String>,
+}
+
+/// `HeaderValueOption`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderValueOption {
+    /// `header`.
+    #[prost(message, optional, tag = "1")]
+    pub header: Option<HeaderValue>,
+}
+
+/// `HeaderValue`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct HeaderValue {
+    /// `key`.
+    #[prost(string, tag = "1")]
+    pub key: String,
+    /// `value`.
+    #[prost(string, tag = "2")]
+    pub value: String,
+    /// `raw_value`.
+    #[prost(bytes = "vec", tag = "3")]
+    pub raw_value: Vec<u8>,
+}
+
+impl HeaderValue {
+    fn pair(&self) -> (String, String) {
+        let value = if self.raw_value.is_empty() {
+            self.value.clone()
+        } else {
+            String::from_utf8_lossy(&self.raw_value).into_owned()
+        };
+        (self.key.to_ascii_lowercase(), value)
+    }
+}
+
+/// The encoded `CheckRequest` for a buffered request. `over` lists the rules whose local
+/// counter was over its limit, with the counter's state.
+pub fn check_request(
+    headers: &[(String, String)],
+    body: &[u8],
+    over: &[(String, LimitState)],
+) -> Vec<u8> {
+    use prost::Message as _;
+    let get = |name: &str| {
+        headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+            .unwrap_or_default()
+    };
+    let mut joined: HashMap<String, String> = HashMap::new();
+    for (k, v) in headers {
+        let k = k.to_ascii_lowercase();
+        joined
+            .entry(k)
+            .and_modify(|old| {
+                old.push(',');
+                old.push_str(v);
+            })
+            .or_insert_with(|| v.clone());
+    }
+    let mut extensions = HashMap::new();
+    extensions.insert(LOCAL_COUNTERS.to_string(), "proxy".to_string());
+    extensions.insert(
+        LOCAL_OVER.to_string(),
+        serde_json::to_string(
+            &over
+                .iter()
+                .map(|(rule, s)| (rule.as_str(), (s.limit, s.remaining, s.reset_secs)))
+                .collect::<std::collections::BTreeMap<_, _>>(),
+        )
+        .unwrap_or_else(|_| String::from("{}")),
+    );
+    CheckRequest {
+        attributes: Some(AttributeContext {
+            request: Some(Request {
+                http: Some(HttpRequest {
+                    method: get(":method"),
+                    path: get(":path"),
+                    host: get(":authority"),
+                    scheme: get(":scheme"),
+                    size: i64::try_from(body.len()).unwrap_or(i64::MAX),
+                    protocol: String::from("HTTP/1.1"),
+                    headers: joined,
+                    raw_body: body.to_vec(),
+                }),
+            }),
+            context_extensions: extensions,
+        }),
+    }
+    .encode_to_vec()
+}
+
+/// What the server decided.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Answer {
+    /// Let the request go: set these headers, remove those.
+    Allow {
+        /// Headers to set (replace) on the upstream request.
+        set: Vec<(String, String)>,
+        /// Headers to remove.
+        remove: Vec<String>,
+    },
+    /// Answer the client.
+    Deny {
+        /// HTTP status (403 when the server gave none).
+        status: u16,
+        /// Reply headers.
+        headers: Vec<(String, String)>,
+        /// Reply body.
+        body: String,
+    },
+}
+
+impl Answer {
+    /// Decodes a `CheckResponse`.
+    pub fn decode(bytes: &[u8]) -> Result<Answer, String> {
+        use prost::Message as _;
+        let r = CheckResponse::decode(bytes).map_err(|e| format!("bad CheckResponse: {e}"))?;
+        let code = r.status.as_ref().map_or(0, |s| s.code);
+        if code == 0 {
+            let ok = r.ok_response.unwrap_or_default();
+            return Ok(Answer::Allow {
+                set: ok
+                    .headers
+                    .iter()
+                    .filter_map(|h| h.header.as_ref().map(HeaderValue::pair))
+                    .collect(),
+                remove: ok.headers_to_remove,
+            });
+        }
+        let denied = r.denied_response.unwrap_or_default();
+        let status = denied
+            .status
+            .and_then(|s| u16::try_from(s.code).ok())
+            .filter(|s| (200..600).contains(s))
+            .unwrap_or(403);
+        Ok(Answer::Deny {
+            status,
+            headers: denied
+                .headers
+                .iter()
+                .filter_map(|h| h.header.as_ref().map(HeaderValue::pair))
+                .collect(),
+            body: denied.body,
+        })
+    }
+}

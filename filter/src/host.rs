@@ -1,0 +1,138 @@
+//! What the filter's logic needs from its proxy: the only interface between the two. The wasm
+//! build implements it with proxy-wasm host calls (`wasm.rs`); the tests with a fake host that
+//! records what the filter did.
+
+use std::time::Duration;
+
+/// Log levels (proxy-wasm's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Details.
+    Debug,
+    /// Normal operation.
+    Info,
+    /// Something is off but handled.
+    Warn,
+    /// Something failed.
+    Error,
+}
+
+/// The outcome of a shared-data write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedWrite {
+    /// Written.
+    Ok,
+    /// Another worker wrote first (the compare-and-swap value was stale).
+    CasMismatch,
+    /// The host refused.
+    Failed,
+}
+
+/// The filter's counters and histograms (Envoy stats, `llm_policy.*`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Metric {
+    /// Requests allowed.
+    Allowed,
+    /// Requests denied by a rule.
+    Denied,
+    /// Requests throttled.
+    Throttled,
+    /// Requests answered 400 (malformed body) or 413 (too large).
+    Rejected,
+    /// Requests with a body over the limit (413).
+    BodyTooLarge,
+    /// Requests whose body is not a valid request (400).
+    InvalidBody,
+    /// Decisions served from the per-VM cache.
+    CacheHit,
+    /// Cache lookups that missed.
+    CacheMiss,
+    /// Checks sent to the policy server.
+    FallbackCalls,
+    /// Checks the server could not answer (transport error, bad answer).
+    FallbackFailures,
+    /// Checks the server did not answer in time.
+    FallbackTimeouts,
+    /// Local rate-limit keys that found no free slot.
+    CounterTableFull,
+    /// Core evaluation time, microseconds (histogram).
+    EvaluationMicros,
+}
+
+impl Metric {
+    /// Every metric, for hosts that define them up front.
+    pub const ALL: [Metric; 13] = [
+        Metric::Allowed,
+        Metric::Denied,
+        Metric::Throttled,
+        Metric::Rejected,
+        Metric::BodyTooLarge,
+        Metric::InvalidBody,
+        Metric::CacheHit,
+        Metric::CacheMiss,
+        Metric::FallbackCalls,
+        Metric::FallbackFailures,
+        Metric::FallbackTimeouts,
+        Metric::CounterTableFull,
+        Metric::EvaluationMicros,
+    ];
+
+    /// The stat name (Envoy shows it in `/stats/prometheus` with dots as underscores).
+    pub fn name(self) -> &'static str {
+        match self {
+            Metric::Allowed => "llm_policy.decisions.allow",
+            Metric::Denied => "llm_policy.decisions.deny",
+            Metric::Throttled => "llm_policy.decisions.throttle",
+            Metric::Rejected => "llm_policy.decisions.rejected",
+            Metric::BodyTooLarge => "llm_policy.body_too_large",
+            Metric::InvalidBody => "llm_policy.invalid_body",
+            Metric::CacheHit => "llm_policy.cache.hit",
+            Metric::CacheMiss => "llm_policy.cache.miss",
+            Metric::FallbackCalls => "llm_policy.fallback.calls",
+            Metric::FallbackFailures => "llm_policy.fallback.failures",
+            Metric::FallbackTimeouts => "llm_policy.fallback.timeouts",
+            Metric::CounterTableFull => "llm_policy.local_counters.full",
+            Metric::EvaluationMicros => "llm_policy.evaluation_us",
+        }
+    }
+
+    /// Whether the metric is a histogram (else a counter).
+    pub fn is_histogram(self) -> bool {
+        matches!(self, Metric::EvaluationMicros)
+    }
+}
+
+/// The host calls the filter makes. Every call is infallible from the filter's side: a host
+/// that refuses returns `None` / [`SharedWrite::Failed`] / `Err`, never panics.
+pub trait Host {
+    /// The request's headers (pseudo-headers `:method`, `:path`, `:authority` included).
+    fn request_headers(&mut self) -> Vec<(String, String)>;
+    /// The first `len` bytes of the buffered request body.
+    fn request_body(&mut self, len: usize) -> Option<Vec<u8>>;
+    /// Sets (replaces) a request header, or removes it with `None`.
+    fn set_request_header(&mut self, name: &str, value: Option<&str>);
+    /// Answers the client locally; the request never reaches the upstream.
+    fn send_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Lets a paused request continue (after an asynchronous decision).
+    fn resume_request(&mut self);
+    /// Wall-clock time since the Unix epoch.
+    fn now(&self) -> Duration;
+    /// A shared-data value and its compare-and-swap token.
+    fn shared_get(&mut self, key: &str) -> Option<(Vec<u8>, u32)>;
+    /// Writes a shared-data value if its token is still `cas` (`None`: unconditionally).
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SharedWrite;
+    /// Starts a unary gRPC call on `cluster`; the answer comes to the request's callback with
+    /// the returned token.
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, String>;
+    /// Logs a line.
+    fn log(&mut self, level: Level, message: &str);
+    /// Adds to a counter, or records a histogram value.
+    fn metric(&mut self, metric: Metric, value: u64);
+}

@@ -1,0 +1,54 @@
+//! The configured plugin of one worker VM: the compiled bundle, the route matcher, the local
+//! counter table and the decision cache. Requests share it (`Rc`); a new configuration or bundle
+//! makes a new one, and requests in flight keep the one they started with.
+
+use std::cell::RefCell;
+
+use llm_policy_core::{Diagnostics, PolicySet};
+
+use crate::cache::DecisionCache;
+use crate::config::FilterConfig;
+use crate::counters::Counters;
+use crate::route::Routes;
+
+/// One VM's plugin state.
+#[derive(Debug)]
+pub struct Plugin {
+    /// The bundle serving.
+    pub set: PolicySet,
+    /// The configuration it came with.
+    pub config: FilterConfig,
+    /// Which requests are checked.
+    pub routes: Routes,
+    /// Local rate-limit counters (shared data).
+    pub counters: Counters,
+    /// Cacheable decisions of this VM.
+    pub cache: RefCell<DecisionCache>,
+}
+
+impl Plugin {
+    /// Parses the plugin configuration and compiles its bundle. Errors are located (file, line,
+    /// column) in the configuration or in the inline policies.
+    pub fn configure(text: &str) -> Result<Plugin, Diagnostics> {
+        let config = FilterConfig::parse(text)?;
+        let Some(set) = config.compile_policies()? else {
+            return Err(Diagnostics(vec![llm_policy_core::Diagnostic::error(
+                llm_policy_core::Code::MissingField,
+                "no policies: set `policies` to the bundle (YAML or JSON text)",
+            )
+            .at(crate::config::CONFIG_FILE, None)]));
+        };
+        Ok(Plugin::new(config, set))
+    }
+
+    /// A plugin serving `set` under `config`.
+    pub fn new(config: FilterConfig, set: PolicySet) -> Plugin {
+        Plugin {
+            routes: Routes::new(&config.routes),
+            counters: Counters::new(config.local_counter_slots),
+            cache: RefCell::new(DecisionCache::new(config.cache_entries)),
+            set,
+            config,
+        }
+    }
+}

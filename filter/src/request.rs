@@ -1,0 +1,505 @@
+//! One request through the filter: pick LLM API calls, buffer their bodies, decide, then let the
+//! request go (with the decision's headers) or answer it locally in the provider's format.
+//!
+//! Requests that need the policy server (global limits, budgets, plugin rules — exactly what the
+//! core's pending state names) are sent to it as an ext_authz `Check` and paused until it
+//! answers; the server's answer is applied as Envoy's ext_authz filter would apply it.
+
+use std::rc::Rc;
+
+use llm_policy_core::context::Provider;
+use llm_policy_core::decision::Verdict;
+use llm_policy_core::model::Scope;
+use llm_policy_core::reply::{self, LimitState, DECISION_HEADER};
+use llm_policy_core::{Answer, CounterCheck, NeedKind, PluginCheck, Step};
+use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
+
+use crate::config::FailureMode;
+use crate::counters::{Count, Reservation};
+use crate::ext_authz;
+use crate::host::{Host, Level, Metric};
+use crate::plugin::Plugin;
+
+/// The server's reservation handle for token and cost budgets; a client's copy is removed.
+pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
+
+/// What the proxy does with the request after a callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on to the next filter (or upstream).
+    Continue,
+    /// Hold the request (buffering its body, waiting for the server, or answered locally).
+    Pause,
+}
+
+#[derive(Debug)]
+enum State {
+    /// Headers not seen yet.
+    New,
+    /// Not an LLM API call, or already decided and let through.
+    Passing,
+    /// Buffering the body of an LLM API call.
+    Buffering { provider: Provider, body_len: usize },
+    /// Waiting for the policy server's answer to the call with this token.
+    Asking {
+        token: u32,
+        provider: Provider,
+        /// The decision without the server's rules, for `failureMode: open`.
+        provisional: Box<Decision>,
+    },
+    /// Answered locally (or by the server's denial).
+    Answered,
+}
+
+/// The filter's state for one request.
+#[derive(Debug)]
+pub struct RequestFlow {
+    plugin: Rc<Plugin>,
+    state: State,
+    /// Local counters charged for this request.
+    held: Vec<Reservation>,
+}
+
+impl RequestFlow {
+    /// A request checked against `plugin`.
+    pub fn new(plugin: Rc<Plugin>) -> RequestFlow {
+        RequestFlow {
+            plugin,
+            state: State::New,
+            held: Vec::new(),
+        }
+    }
+
+    /// Request headers arrived (`end_of_stream`: there is no body).
+    pub fn on_request_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if !matches!(self.state, State::New) {
+            return Flow::Continue;
+        }
+        let headers = host.request_headers();
+        let path = header(&headers, ":path").unwrap_or("/");
+        let Some(provider) = self.plugin.routes.check(path, &headers) else {
+            self.state = State::Passing;
+            return Flow::Continue;
+        };
+        // Only the server issues reservation handles.
+        if header(&headers, RESERVATION_HEADER).is_some() {
+            host.set_request_header(RESERVATION_HEADER, None);
+        }
+        let limit = self.plugin.set.config().max_body_bytes;
+        if let Some(declared) =
+            header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok())
+        {
+            if declared > limit {
+                return self.reject_too_large(host, provider, declared, limit);
+            }
+        }
+        if end_of_stream {
+            return self.decide(host, provider, 0);
+        }
+        self.state = State::Buffering {
+            provider,
+            body_len: 0,
+        };
+        Flow::Pause
+    }
+
+    /// A body chunk arrived; `body_size` is everything buffered so far.
+    pub fn on_request_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let State::Buffering { provider, body_len } = &mut self.state else {
+            return self.passing();
+        };
+        let provider = *provider;
+        *body_len = body_size;
+        let limit = self.plugin.set.config().max_body_bytes;
+        if body_size > limit {
+            return self.reject_too_large(host, provider, body_size, limit);
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        self.decide(host, provider, body_size)
+    }
+
+    /// Request trailers arrived: the body is complete (HTTP/2 requests with trailers never see
+    /// `end_of_stream` in the body callback).
+    pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Flow {
+        let State::Buffering { provider, body_len } = self.state else {
+            return self.passing();
+        };
+        self.decide(host, provider, body_len)
+    }
+
+    /// The answer to the policy-server call `token`: `status` is the gRPC status of the call
+    /// (non-zero: the call failed or timed out), `body` the response message.
+    pub fn on_server_answer(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        status: u32,
+        body: Option<Vec<u8>>,
+    ) {
+        let State::Asking {
+            token: expected,
+            provider,
+            ..
+        } = &self.state
+        else {
+            return;
+        };
+        if *expected != token {
+            return;
+        }
+        let provider = *provider;
+        let answer = match (status, body) {
+            (0, Some(bytes)) => ext_authz::Answer::decode(&bytes),
+            (0, None) => Err(String::from("empty answer")),
+            (4, _) => {
+                host.metric(Metric::FallbackTimeouts, 1);
+                Err(String::from("timed out"))
+            }
+            (code, _) => Err(format!("gRPC status {code}")),
+        };
+        match answer {
+            Ok(ext_authz::Answer::Allow { set, remove }) => {
+                for name in remove {
+                    host.set_request_header(&name, None);
+                }
+                for (name, value) in set {
+                    host.set_request_header(&name, Some(&value));
+                }
+                host.metric(Metric::Allowed, 1);
+                self.state = State::Passing;
+                host.resume_request();
+            }
+            Ok(ext_authz::Answer::Deny {
+                status,
+                headers,
+                body,
+            }) => {
+                self.release(host);
+                host.metric(
+                    if status == 429 {
+                        Metric::Throttled
+                    } else {
+                        Metric::Denied
+                    },
+                    1,
+                );
+                self.state = State::Answered;
+                host.send_reply(status, &headers, body.as_bytes());
+            }
+            Err(why) => {
+                host.metric(Metric::FallbackFailures, 1);
+                host.log(Level::Warn, &format!("policy server check failed: {why}"));
+                let State::Asking { provisional, .. } =
+                    std::mem::replace(&mut self.state, State::Answered)
+                else {
+                    return;
+                };
+                if self.apply_failure(host, provider, *provisional) == Flow::Continue {
+                    host.resume_request();
+                }
+            }
+        }
+    }
+
+    fn passing(&self) -> Flow {
+        match self.state {
+            State::Answered | State::Asking { .. } | State::Buffering { .. } => Flow::Pause,
+            _ => Flow::Continue,
+        }
+    }
+
+    fn reject_too_large(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        size: usize,
+        limit: usize,
+    ) -> Flow {
+        host.metric(Metric::BodyTooLarge, 1);
+        self.reject(
+            host,
+            &llm_policy_core::ContextError::BodyTooLarge { size, limit },
+            provider,
+        )
+    }
+
+    fn reject(
+        &mut self,
+        host: &mut dyn Host,
+        e: &llm_policy_core::ContextError,
+        provider: Provider,
+    ) -> Flow {
+        host.metric(Metric::Rejected, 1);
+        let r = reply::for_error(e, provider);
+        self.answer(host, r.status, &r.headers, r.body.as_bytes())
+    }
+
+    fn answer(
+        &mut self,
+        host: &mut dyn Host,
+        status: u16,
+        headers: &[(String, String)],
+        body: &[u8],
+    ) -> Flow {
+        self.release(host);
+        self.state = State::Answered;
+        host.send_reply(status, headers, body);
+        Flow::Pause
+    }
+
+    fn release(&mut self, host: &mut dyn Host) {
+        for r in std::mem::take(&mut self.held) {
+            self.plugin.counters.release(host, &r);
+        }
+    }
+
+    /// Builds the context from the buffered request and decides.
+    fn decide(&mut self, host: &mut dyn Host, provider: Provider, body_len: usize) -> Flow {
+        let plugin = Rc::clone(&self.plugin);
+        let headers = host.request_headers();
+        let body = if body_len > 0 {
+            host.request_body(body_len).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let now = host.now();
+        let started = now;
+        // As the server's ext_authz edge sees them: pseudo-headers other than `:authority` are
+        // not request data (method and path come separately).
+        let data: Vec<(String, String)> = headers
+            .iter()
+            .filter(|(k, _)| !k.starts_with(':') || k == ":authority")
+            .cloned()
+            .collect();
+        let input = RequestInput {
+            method: header(&headers, ":method").unwrap_or("GET"),
+            path: header(&headers, ":path").unwrap_or("/"),
+            headers: &data,
+            body: &body,
+            now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+        };
+        let ctx = match RequestContext::from_request_with(
+            &input,
+            plugin.set.config(),
+            plugin.set.needs(),
+        ) {
+            Ok(ctx) => ctx,
+            Err(e) => {
+                host.metric(
+                    if e.status() == 413 {
+                        Metric::BodyTooLarge
+                    } else {
+                        Metric::InvalidBody
+                    },
+                    1,
+                );
+                return self.reject(host, &e, provider);
+            }
+        };
+        let opts = EvalOptions::default();
+        let key = plugin
+            .cache
+            .try_borrow()
+            .ok()
+            .filter(|c| c.enabled())
+            .map(|_| plugin.set.cache_key(&ctx, &opts));
+        if let Some(k) = &key {
+            let hit = plugin.cache.try_borrow().ok().and_then(|c| c.get(k));
+            match hit {
+                Some(d) => {
+                    host.metric(Metric::CacheHit, 1);
+                    return self.apply(host, provider, &d, None);
+                }
+                None => host.metric(Metric::CacheMiss, 1),
+            }
+        }
+
+        let now_secs = now.as_secs();
+        let mut limits: Vec<(String, LimitState)> = Vec::new();
+        let mut remote = false;
+        let mut step = plugin.set.start(&ctx, &opts);
+        let decision = loop {
+            match step {
+                Step::Done(d) => break d,
+                Step::Pending(mut p) => {
+                    for need in p.needs().to_vec() {
+                        let answer = match &need.kind {
+                            NeedKind::Counter(c) if c.scope == Scope::Local => {
+                                match plugin.counters.reserve(host, c, now_secs) {
+                                    Count::Under(r) => {
+                                        self.held.push(r);
+                                        Answer::Counter(CounterCheck::Under)
+                                    }
+                                    Count::Over(state) => {
+                                        limits.push((need.rule.clone(), state));
+                                        Answer::Counter(CounterCheck::Over)
+                                    }
+                                    Count::Unknown => Answer::Counter(CounterCheck::Unknown),
+                                }
+                            }
+                            NeedKind::Counter(_) => {
+                                remote = true;
+                                Answer::Counter(CounterCheck::Unknown)
+                            }
+                            NeedKind::Plugin(_) => {
+                                remote = true;
+                                Answer::Plugin(PluginCheck::Unavailable)
+                            }
+                        };
+                        p.answer(need.id, answer);
+                    }
+                    step = p.resume(&ctx);
+                }
+            }
+        };
+        let spent = host.now().saturating_sub(started);
+        host.metric(
+            Metric::EvaluationMicros,
+            u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
+        );
+        if remote || decision.metadata.needs_remote {
+            return self.ask_server(host, provider, &headers, &body, &limits, decision);
+        }
+        if let Some(k) = key {
+            if decision.metadata.cacheable {
+                if let Ok(mut c) = plugin.cache.try_borrow_mut() {
+                    c.put(k, Rc::new(decision.clone()));
+                }
+            }
+        }
+        let limit = decision
+            .metadata
+            .deciding_rule
+            .as_ref()
+            .and_then(|r| limits.iter().find(|(rule, _)| rule == r))
+            .map(|(_, s)| *s);
+        self.apply(host, provider, &decision, limit)
+    }
+
+    /// Lets the request go with the decision's headers, or answers it.
+    fn apply(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        d: &Decision,
+        limit: Option<LimitState>,
+    ) -> Flow {
+        match reply::for_decision(d, provider, limit) {
+            Some(r) => {
+                host.metric(
+                    if d.decision == Verdict::Throttle {
+                        Metric::Throttled
+                    } else {
+                        Metric::Denied
+                    },
+                    1,
+                );
+                self.answer(host, r.status, &r.headers, r.body.as_bytes())
+            }
+            None => {
+                for (name, value) in reply::upstream_headers(d) {
+                    host.set_request_header(&name, Some(&value));
+                }
+                host.metric(Metric::Allowed, 1);
+                self.state = State::Passing;
+                Flow::Continue
+            }
+        }
+    }
+
+    /// Sends the request to the policy server, or follows the failure mode without one.
+    fn ask_server(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        headers: &[(String, String)],
+        body: &[u8],
+        over: &[(String, LimitState)],
+        provisional: Decision,
+    ) -> Flow {
+        let Some(server) = self.plugin.config.server.clone() else {
+            host.log(
+                Level::Warn,
+                &format!(
+                    "rules {:?} need the policy server, and no `server` is configured",
+                    provisional.metadata.remote_rules
+                ),
+            );
+            return self.apply_failure(host, provider, provisional);
+        };
+        let message = ext_authz::check_request(headers, body, over);
+        host.metric(Metric::FallbackCalls, 1);
+        match host.grpc_call(
+            &server.cluster,
+            ext_authz::SERVICE,
+            ext_authz::METHOD,
+            &message,
+            server.timeout(),
+        ) {
+            Ok(token) => {
+                self.state = State::Asking {
+                    token,
+                    provider,
+                    provisional: Box::new(provisional),
+                };
+                Flow::Pause
+            }
+            Err(e) => {
+                host.metric(Metric::FallbackFailures, 1);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "cannot call the policy server on cluster {}: {e}",
+                        server.cluster
+                    ),
+                );
+                self.apply_failure(host, provider, provisional)
+            }
+        }
+    }
+
+    /// The server could not answer: closed → 503; open → the decision without its rules.
+    fn apply_failure(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        provisional: Decision,
+    ) -> Flow {
+        match self.plugin.config.failure_mode {
+            FailureMode::Closed => {
+                let body = reply::error_body(
+                    provider,
+                    503,
+                    "policy_unavailable",
+                    "the policy server could not be reached",
+                );
+                let headers = vec![
+                    (DECISION_HEADER.to_string(), String::from("error")),
+                    ("content-type".to_string(), "application/json".to_string()),
+                ];
+                self.answer(host, 503, &headers, body.as_bytes())
+            }
+            FailureMode::Open => {
+                let flow = self.apply(host, provider, &provisional, None);
+                if flow == Flow::Continue {
+                    host.set_request_header(DECISION_HEADER, Some("error"));
+                }
+                flow
+            }
+        }
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(k, _)| k.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_str())
+}

@@ -1,0 +1,414 @@
+//! The request path against the fake proxy.
+
+use std::rc::Rc;
+
+use prost::Message as _;
+
+use crate::config::FilterConfig;
+use crate::ext_authz;
+use crate::fake::FakeHost;
+use crate::host::Metric;
+use crate::plugin::Plugin;
+use crate::request::{Flow, RequestFlow};
+
+const POLICY: &str = r#"
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: p, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: no-gpt-3
+      priority: 100
+      when: {cel: "request.model == 'gpt-3.5-turbo'"}
+      action: {decision: deny, reason: "model is not approved", headers: {x-policy-note: model-not-approved}}
+    - id: tag-claude
+      priority: 60
+      when: {cel: "request.model.startsWith('claude')"}
+      action: {decision: allow, reason: "claude", headers: {x-routed: claude}}
+    - id: three-per-minute
+      priority: 50
+      when: {match: {field: principal.id, op: exists}}
+      action:
+        decision: throttle
+        reason: "more than 3 requests per minute"
+        rateLimit: {key: "{principal.id}", requests: 3, per: minute, scope: local}
+    - id: team-budget
+      priority: 40
+      when: {match: {field: principal.team, op: eq, value: research}}
+      action:
+        decision: throttle
+        reason: "budget spent"
+        budget: {key: "{principal.team}", tokens: 1000, per: day}
+"#;
+
+fn plugin(extra: &str) -> Rc<Plugin> {
+    let config = format!(
+        "policies: |\n{}\n{extra}",
+        POLICY
+            .lines()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    Rc::new(Plugin::configure(&config).unwrap())
+}
+
+fn chat(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
+/// Runs a request through headers and one body chunk.
+fn run(p: &Rc<Plugin>, host: &mut FakeHost) -> (RequestFlow, Flow) {
+    let mut flow = RequestFlow::new(Rc::clone(p));
+    let eos = host.body.is_empty();
+    let first = flow.on_request_headers(host, eos);
+    if eos || first == Flow::Continue || host.reply.is_some() {
+        return (flow, first);
+    }
+    let len = host.body.len();
+    let f = flow.on_request_body(host, len, true);
+    (flow, f)
+}
+
+#[test]
+fn allowed_requests_go_on_with_the_decision_headers_and_no_forged_ones() {
+    let p = plugin("");
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-llm-policy-decision", "forged"),
+            ("x-llm-policy-reservation", "stolen"),
+        ],
+        &chat("claude-sonnet-4-5"),
+    );
+    let (_, flow) = run(&p, &mut host);
+    assert_eq!(flow, Flow::Continue);
+    assert!(host.reply.is_none());
+    assert_eq!(host.header("x-llm-policy-decision"), Some("allow"));
+    assert_eq!(host.header("x-routed"), Some("claude"));
+    assert_eq!(host.header("x-llm-policy-reservation"), None);
+    assert_eq!(host.count(Metric::Allowed), 1);
+}
+
+#[test]
+fn denials_answer_in_the_provider_format() {
+    let p = plugin("");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-3.5-turbo"));
+    let (_, flow) = run(&p, &mut host);
+    assert_eq!(flow, Flow::Pause);
+    let r = host.reply.clone().unwrap();
+    assert_eq!(r.status, 403);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["error"]["message"], "model is not approved");
+    assert_eq!(v["error"]["type"], "permission_denied");
+    assert!(r
+        .headers
+        .contains(&("x-policy-note".into(), "model-not-approved".into())));
+    assert!(r
+        .headers
+        .contains(&("x-llm-policy-decision".into(), "deny".into())));
+
+    // The same model on the Anthropic API: Anthropic's error shape.
+    let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("gpt-3.5-turbo"));
+    run(&p, &mut host);
+    let v: serde_json::Value = serde_json::from_str(&host.reply.unwrap().body).unwrap();
+    assert_eq!(v["type"], "error");
+    assert_eq!(v["error"]["type"], "permission_error");
+}
+
+#[test]
+fn other_routes_pass_untouched_and_unbuffered() {
+    let p = plugin("");
+    let mut host = FakeHost::request("POST", "/upload", &[], "not json at all");
+    let mut flow = RequestFlow::new(Rc::clone(&p));
+    assert_eq!(flow.on_request_headers(&mut host, false), Flow::Continue);
+    assert_eq!(flow.on_request_body(&mut host, 15, true), Flow::Continue);
+    assert!(host.reply.is_none());
+    assert_eq!(host.header("x-llm-policy-decision"), None);
+}
+
+#[test]
+fn the_body_is_buffered_until_its_end_or_its_trailers() {
+    let p = plugin("");
+    let body = chat("gpt-3.5-turbo");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &body);
+    let mut flow = RequestFlow::new(Rc::clone(&p));
+    assert_eq!(flow.on_request_headers(&mut host, false), Flow::Pause);
+    assert_eq!(flow.on_request_body(&mut host, 10, false), Flow::Pause);
+    assert!(host.reply.is_none());
+    assert_eq!(
+        flow.on_request_body(&mut host, body.len(), false),
+        Flow::Pause
+    );
+    // HTTP/2 with trailers: no end of stream in the body callback.
+    assert_eq!(flow.on_request_trailers(&mut host), Flow::Pause);
+    assert_eq!(host.reply.unwrap().status, 403);
+}
+
+#[test]
+fn oversized_and_malformed_bodies_get_413_and_400_in_the_provider_format() {
+    let p = plugin("context: {maxBodyBytes: 100}\n");
+    // Declared too large: answered before any byte is buffered.
+    let mut host = FakeHost::request("POST", "/v1/messages", &[("content-length", "5000")], "x");
+    let mut flow = RequestFlow::new(Rc::clone(&p));
+    assert_eq!(flow.on_request_headers(&mut host, false), Flow::Pause);
+    let r = host.reply.clone().unwrap();
+    assert_eq!(r.status, 413);
+    let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+    assert_eq!(v["error"]["type"], "request_too_large");
+
+    // Undeclared (chunked) and growing past the limit.
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], "x");
+    let mut flow = RequestFlow::new(Rc::clone(&p));
+    flow.on_request_headers(&mut host, false);
+    assert_eq!(flow.on_request_body(&mut host, 64, false), Flow::Pause);
+    assert!(host.reply.is_none());
+    assert_eq!(flow.on_request_body(&mut host, 101, false), Flow::Pause);
+    assert_eq!(host.reply.clone().unwrap().status, 413);
+    assert_eq!(host.count(Metric::BodyTooLarge), 1);
+
+    for bad in ["{\"model\": ", "[1,2]", "{\"model\": 5}", "\u{0}\u{1}"] {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], bad);
+        run(&p, &mut host);
+        let r = host.reply.unwrap();
+        assert_eq!(r.status, 400, "{bad:?}");
+        let v: serde_json::Value = serde_json::from_str(&r.body).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+    }
+}
+
+#[test]
+fn local_rate_limits_throttle_after_n_and_a_denied_request_costs_nothing() {
+    let p = plugin("");
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-user-id", "u1")],
+        &chat("gpt-4o"),
+    );
+    for i in 0..3 {
+        let (_, flow) = run(&p, &mut host);
+        assert_eq!(flow, Flow::Continue, "request {i}");
+        host.next_chat(&[("x-user-id", "u1")], "gpt-4o");
+    }
+    let (_, flow) = run(&p, &mut host);
+    assert_eq!(flow, Flow::Pause);
+    let r = host.reply.clone().unwrap();
+    assert_eq!(r.status, 429);
+    let get = |n: &str| {
+        r.headers
+            .iter()
+            .find(|(k, _)| k == n)
+            .map(|(_, v)| v.clone())
+    };
+    assert_eq!(get("x-ratelimit-limit").as_deref(), Some("3"));
+    assert_eq!(get("x-ratelimit-remaining").as_deref(), Some("0"));
+    assert!(get("retry-after").is_some());
+
+    // Another user: own counter. A denied request (higher-priority deny) gives its charge back.
+    for _ in 0..5 {
+        host.next_chat(&[("x-user-id", "u2")], "gpt-3.5-turbo");
+        run(&p, &mut host);
+        assert_eq!(host.reply.clone().unwrap().status, 403);
+    }
+    host.next_chat(&[("x-user-id", "u2")], "gpt-4o");
+    assert_eq!(run(&p, &mut host).1, Flow::Continue);
+}
+
+#[test]
+fn cacheable_decisions_are_served_from_the_vm_cache() {
+    let p = plugin("");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-3.5-turbo"));
+    run(&p, &mut host);
+    host.next_chat(&[], "gpt-3.5-turbo");
+    run(&p, &mut host);
+    assert_eq!(host.count(Metric::CacheMiss), 1);
+    assert_eq!(host.count(Metric::CacheHit), 1);
+    assert_eq!(host.reply.clone().unwrap().status, 403);
+    // Limited requests are not cached: each one counts.
+    host.next_chat(&[("x-user-id", "c")], "gpt-4o");
+    run(&p, &mut host);
+    host.next_chat(&[("x-user-id", "c")], "gpt-4o");
+    run(&p, &mut host);
+    assert_eq!(host.count(Metric::CacheHit), 1);
+}
+
+#[test]
+fn without_a_server_rules_that_need_one_follow_the_failure_mode() {
+    let research = [("x-team-id", "research")];
+    let closed = plugin("");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &research, &chat("gpt-4o"));
+    assert_eq!(run(&closed, &mut host).1, Flow::Pause);
+    let r = host.reply.clone().unwrap();
+    assert_eq!(r.status, 503);
+    assert!(r
+        .headers
+        .contains(&("x-llm-policy-decision".into(), "error".into())));
+
+    let open = plugin("failureMode: open\n");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &research, &chat("gpt-4o"));
+    assert_eq!(run(&open, &mut host).1, Flow::Continue);
+    assert_eq!(host.header("x-llm-policy-decision"), Some("error"));
+    // A request no server rule applies to makes no call and needs no server.
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-4o"));
+    assert_eq!(run(&closed, &mut host).1, Flow::Continue);
+}
+
+fn server_plugin() -> Rc<Plugin> {
+    plugin("server: {cluster: llm_policy, timeoutMs: 300}\n")
+}
+
+#[test]
+fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_applied() {
+    use envoy_types::ext_authz::v3::pb as envoy;
+    let p = server_plugin();
+    let body = chat("gpt-4o");
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-team-id", "research"), ("x-user-id", "u9")],
+        &body,
+    );
+    let (mut flow, f) = run(&p, &mut host);
+    assert_eq!(f, Flow::Pause);
+    assert!(host.reply.is_none());
+    let call = host.calls.first().cloned().unwrap();
+    assert_eq!(call.cluster, "llm_policy");
+    assert_eq!(call.service, "envoy.service.auth.v3.Authorization");
+    assert_eq!(call.method, "Check");
+    assert_eq!(call.timeout.as_millis(), 300);
+    // Envoy's own types read what the filter sent.
+    let sent = envoy::CheckRequest::decode(call.message.as_slice()).unwrap();
+    let attrs = sent.attributes.unwrap();
+    let http = attrs.request.unwrap().http.unwrap();
+    assert_eq!(http.method, "POST");
+    assert_eq!(http.path, "/v1/chat/completions");
+    assert_eq!(http.raw_body, body.as_bytes());
+    assert_eq!(http.headers["x-team-id"], "research");
+    assert_eq!(attrs.context_extensions[ext_authz::LOCAL_COUNTERS], "proxy");
+    assert_eq!(attrs.context_extensions[ext_authz::LOCAL_OVER], "{}");
+
+    // The server allows, with headers: they are set upstream and the request resumes.
+    let ok = envoy::CheckResponse {
+        status: Some(envoy_types::pb::google::rpc::Status {
+            code: 0,
+            ..Default::default()
+        }),
+        http_response: Some(envoy::HttpResponse::OkResponse(envoy::OkHttpResponse {
+            headers: vec![envoy::HeaderValueOption {
+                header: Some(envoy::HeaderValue {
+                    key: "x-llm-policy-reservation".into(),
+                    value: "abc".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    flow.on_server_answer(&mut host, 1, 0, Some(ok.encode_to_vec()));
+    assert!(host.resumed);
+    assert_eq!(host.header("x-llm-policy-reservation"), Some("abc"));
+
+    // The server throttles: its reply is the client's answer, and the local charge goes back.
+    host.next_chat(&[("x-team-id", "research"), ("x-user-id", "u9")], "gpt-4o");
+    let (mut flow, _) = run(&p, &mut host);
+    let denied = envoy::CheckResponse {
+        status: Some(envoy_types::pb::google::rpc::Status {
+            code: 7,
+            ..Default::default()
+        }),
+        http_response: Some(envoy::HttpResponse::DeniedResponse(
+            envoy::DeniedHttpResponse {
+                status: Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code: 429 }),
+                headers: vec![envoy::HeaderValueOption {
+                    header: Some(envoy::HeaderValue {
+                        key: "retry-after".into(),
+                        raw_value: b"30".to_vec(),
+                        ..Default::default()
+                    }),
+                    ..Default::default()
+                }],
+                body: "{\"error\":{}}".into(),
+            },
+        )),
+        ..Default::default()
+    };
+    flow.on_server_answer(&mut host, 1, 0, Some(denied.encode_to_vec()));
+    let r = host.reply.clone().unwrap();
+    assert_eq!(r.status, 429);
+    assert_eq!(
+        r.headers,
+        vec![("retry-after".to_string(), "30".to_string())]
+    );
+    assert_eq!(r.body, "{\"error\":{}}");
+    // Two allowed so far for u9 (one local count each way): the throttled one was given back.
+    for _ in 0..2 {
+        host.next_chat(&[("x-user-id", "u9")], "gpt-4o");
+        assert_eq!(run(&p, &mut host).1, Flow::Continue);
+    }
+    host.next_chat(&[("x-user-id", "u9")], "gpt-4o");
+    assert_eq!(
+        run(&p, &mut host).1,
+        Flow::Pause,
+        "the fourth counted request is over"
+    );
+}
+
+#[test]
+fn a_failed_or_late_server_follows_the_failure_mode_and_stale_answers_are_ignored() {
+    let p = server_plugin();
+    let research = [("x-team-id", "research")];
+    let body = chat("gpt-4o");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &research, &body);
+    let (mut flow, _) = run(&p, &mut host);
+    flow.on_server_answer(&mut host, 99, 0, None);
+    assert!(
+        host.reply.is_none() && !host.resumed,
+        "an answer to another call is ignored"
+    );
+    flow.on_server_answer(&mut host, 1, 4, None);
+    assert_eq!(host.reply.clone().unwrap().status, 503);
+    assert_eq!(host.count(Metric::FallbackTimeouts), 1);
+
+    // Garbage from the server is a failure too, not a crash.
+    host.next_chat(&research, "gpt-4o");
+    let (mut flow, _) = run(&p, &mut host);
+    flow.on_server_answer(&mut host, 1, 0, Some(vec![0xff; 10]));
+    assert_eq!(host.reply.clone().unwrap().status, 503);
+
+    // The cluster does not exist: failure at once.
+    host.next_chat(&research, "gpt-4o");
+    host.refuse_calls = true;
+    let (_, f) = run(&p, &mut host);
+    assert_eq!(f, Flow::Pause);
+    assert_eq!(host.reply.clone().unwrap().status, 503);
+    assert!(host.count(Metric::FallbackFailures) >= 2);
+
+    // Open: the request goes on, marked.
+    let open = plugin("server: {cluster: llm_policy}\nfailureMode: open\n");
+    host.next_chat(&research, "gpt-4o");
+    host.refuse_calls = false;
+    let (mut flow, _) = run(&open, &mut host);
+    flow.on_server_answer(&mut host, 1, 14, None);
+    assert!(host.resumed);
+    assert_eq!(host.header("x-llm-policy-decision"), Some("error"));
+}
+
+#[test]
+fn configuration_errors_are_located() {
+    let e = Plugin::configure("routes: {paths: 5}\n")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("plugin configuration:1"), "{e}");
+    let e = Plugin::configure("").unwrap_err().to_string();
+    assert!(e.contains("no policies"), "{e}");
+    let e = Plugin::configure("policies: \"apiVersion: llm-policy/v1\\nkind: Policy\\nmetadata: {name: p}\\nspec: {rules: [{id: r, when: {cel: 'nope('}, action: {decision: deny}}]}\\n\"")
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("plugin configuration: policies:4"), "{e}");
+    let _ = FilterConfig::default();
+}

@@ -1,0 +1,259 @@
+//! The proxy-wasm binding: the only file that makes host calls. It maps Envoy's callbacks onto
+//! [`crate::request::RequestFlow`] and implements [`Host`] with `proxy_wasm::hostcalls`.
+//!
+//! The SDK's convenience methods unwrap host results (and `get_map` panics on a header value that
+//! is not UTF-8 — a client can send one); a panic traps the VM and fails every request on that
+//! worker. So nothing here uses them: headers are read as bytes and converted lossily, and every
+//! host call's error is handled. A panic hook logs through the host, should one happen anyway.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::time::{Duration, UNIX_EPOCH};
+
+use proxy_wasm::hostcalls;
+use proxy_wasm::traits::{Context, HttpContext, RootContext};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
+
+use crate::host::{Host, Level, Metric, SharedWrite};
+use crate::plugin::Plugin;
+use crate::request::{Flow, RequestFlow};
+
+proxy_wasm::main! {{
+    proxy_wasm::set_log_level(LogLevel::Info);
+    std::panic::set_hook(Box::new(|info| {
+        let _ = hostcalls::log(LogLevel::Critical, &format!("llm-policy: panic: {info}"));
+    }));
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plugin: None }) });
+}}
+
+thread_local! {
+    /// Metric ids, defined once per VM.
+    static METRICS: RefCell<HashMap<Metric, u32>> = RefCell::new(HashMap::new());
+}
+
+fn define_metrics() {
+    METRICS.with(|m| {
+        let Ok(mut m) = m.try_borrow_mut() else {
+            return;
+        };
+        if !m.is_empty() {
+            return;
+        }
+        for metric in Metric::ALL {
+            let kind = if metric.is_histogram() {
+                MetricType::Histogram
+            } else {
+                MetricType::Counter
+            };
+            if let Ok(id) = hostcalls::define_metric(kind, metric.name()) {
+                m.insert(metric, id);
+            }
+        }
+    });
+}
+
+/// The root context of one VM: holds the configured plugin.
+struct Root {
+    plugin: Option<Rc<Plugin>>,
+}
+
+impl Context for Root {}
+
+impl RootContext for Root {
+    fn on_configure(&mut self, _size: usize) -> bool {
+        define_metrics();
+        let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
+            Ok(Some(bytes)) => match String::from_utf8(bytes) {
+                Ok(t) => t,
+                Err(_) => {
+                    log(
+                        Level::Error,
+                        "llm-policy: invalid configuration: not UTF-8 text",
+                    );
+                    return false;
+                }
+            },
+            _ => String::new(),
+        };
+        match Plugin::configure(&text) {
+            Ok(plugin) => {
+                let stats = plugin.set.stats();
+                log(
+                    Level::Info,
+                    &format!(
+                        "llm-policy: bundle {} loaded: {} policies, {} rules, {} namespaces",
+                        plugin.set.bundle(),
+                        stats.policies,
+                        stats.rules,
+                        stats.namespaces
+                    ),
+                );
+                self.plugin = Some(Rc::new(plugin));
+                true
+            }
+            Err(diagnostics) => {
+                let all: Vec<String> = diagnostics.0.iter().map(ToString::to_string).collect();
+                log(
+                    Level::Error,
+                    &format!("llm-policy: invalid configuration: {}", all.join("; ")),
+                );
+                false
+            }
+        }
+    }
+
+    fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        Some(Box::new(Http {
+            flow: self.plugin.as_ref().map(|p| RequestFlow::new(Rc::clone(p))),
+        }))
+    }
+
+    fn get_type(&self) -> Option<ContextType> {
+        Some(ContextType::HttpContext)
+    }
+}
+
+/// One request.
+struct Http {
+    flow: Option<RequestFlow>,
+}
+
+fn action(flow: Flow) -> Action {
+    match flow {
+        Flow::Continue => Action::Continue,
+        Flow::Pause => Action::Pause,
+    }
+}
+
+impl Context for Http {
+    fn on_grpc_call_response(&mut self, token_id: u32, status_code: u32, response_size: usize) {
+        let body = if response_size > 0 {
+            hostcalls::get_buffer(BufferType::GrpcReceiveBuffer, 0, response_size)
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        if let Some(flow) = &mut self.flow {
+            flow.on_server_answer(&mut WasmHost, token_id, status_code, body);
+        }
+    }
+}
+
+impl HttpContext for Http {
+    fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_request_headers(&mut WasmHost, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_request_body(&mut WasmHost, body_size, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_request_trailers(&mut WasmHost)),
+            None => Action::Continue,
+        }
+    }
+}
+
+fn log(level: Level, message: &str) {
+    let level = match level {
+        Level::Debug => LogLevel::Debug,
+        Level::Info => LogLevel::Info,
+        Level::Warn => LogLevel::Warn,
+        Level::Error => LogLevel::Error,
+    };
+    let _ = hostcalls::log(level, message);
+}
+
+/// [`Host`] over proxy-wasm host calls, for the request whose callback is running.
+struct WasmHost;
+
+impl Host for WasmHost {
+    fn request_headers(&mut self) -> Vec<(String, String)> {
+        hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .collect()
+    }
+
+    fn request_body(&mut self, len: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpRequestBody, 0, len)
+            .ok()
+            .flatten()
+    }
+
+    fn set_request_header(&mut self, name: &str, value: Option<&str>) {
+        let _ = hostcalls::set_map_value(MapType::HttpRequestHeaders, name, value);
+    }
+
+    fn send_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]) {
+        let headers: Vec<(&str, &str)> = headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body));
+    }
+
+    fn resume_request(&mut self) {
+        let _ = hostcalls::resume_http_request();
+    }
+
+    fn now(&self) -> Duration {
+        hostcalls::get_current_time()
+            .ok()
+            .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
+            .unwrap_or_default()
+    }
+
+    fn shared_get(&mut self, key: &str) -> Option<(Vec<u8>, u32)> {
+        match hostcalls::get_shared_data(key) {
+            Ok((Some(value), Some(cas))) => Some((value, cas)),
+            _ => None,
+        }
+    }
+
+    fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SharedWrite {
+        match hostcalls::set_shared_data(key, Some(value), cas) {
+            Ok(()) => SharedWrite::Ok,
+            Err(Status::CasMismatch) => SharedWrite::CasMismatch,
+            Err(_) => SharedWrite::Failed,
+        }
+    }
+
+    fn grpc_call(
+        &mut self,
+        cluster: &str,
+        service: &str,
+        method: &str,
+        message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, String> {
+        hostcalls::dispatch_grpc_call(cluster, service, method, Vec::new(), Some(message), timeout)
+            .map_err(|s| format!("{s:?}"))
+    }
+
+    fn log(&mut self, level: Level, message: &str) {
+        log(level, message);
+    }
+
+    fn metric(&mut self, metric: Metric, value: u64) {
+        let id = METRICS.with(|m| m.try_borrow().ok().and_then(|m| m.get(&metric).copied()));
+        if let Some(id) = id {
+            let _ = if metric.is_histogram() {
+                hostcalls::record_metric(id, value)
+            } else {
+                hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
+            };
+        }
+    }
+}
