@@ -38,12 +38,31 @@ spec:
 """
 
 
+# A global token budget: reserved by the server, reconciled with the usage the filter reports.
+E2E_BUDGET = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-budget, namespace: e2e-budget, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: team-tokens
+      priority: 10
+      when: { match: { field: principal.team, op: exists } }
+      action:
+        decision: throttle
+        reason: "the team's daily token budget is spent"
+        budget: { key: "{principal.team}", tokens: 100000, per: day }
+"""
+
+
 @pytest.fixture(scope="module")
 def fstack(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("filter")
     policies = tmp / "bundle"
     shutil.copytree(ROOT / "policies", policies, ignore=shutil.ignore_patterns("tests"))
     (policies / "e2e-local.yaml").write_text(E2E_LOCAL)
+    (policies / "e2e-budget.yaml").write_text(E2E_BUDGET)
     procs = []
     try:
         upstream = Upstream(tmp)
@@ -237,3 +256,25 @@ def test_hostile_headers_do_not_crash_the_vm(fstack):
     for _ in range(4):
         status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"))
         assert status == 200
+
+
+def test_usage_of_a_streamed_answer_is_reported_to_the_server(fstack):
+    """A team's request: the server's token budget reserves an estimate (the filter asks it), the answer streams through the filter untouched, and the usage in its SSE events is
+    reported back under the reservation (RecordUsage) — never sent to the provider."""
+    fstack.upstream.reset()
+    before = fstack.server.metric('llm_policy_usage_reports_total{result="recorded"}')
+    c = anthropic.Anthropic(base_url=fstack.envoy.url(), api_key="sk-ant-test", max_retries=0,
+                            default_headers={"x-llm-policy-namespace": "e2e-budget", "x-team-id": "research"})
+    with c.messages.stream(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as s:
+        assert "".join(s.text_stream) == "Hello from the mock upstream."
+    seen = fstack.upstream.requests()
+    assert len(seen) == 1
+    assert "x-llm-policy-reservation" not in seen[0]["headers"]
+    wait_for(lambda: fstack.server.metric('llm_policy_usage_reports_total{result="recorded"}') == before + 1,
+             "the usage report", timeout=5)
+    # A JSON answer too.
+    r = c.messages.create(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
+    assert r.usage.output_tokens > 0
+    wait_for(lambda: fstack.server.metric('llm_policy_usage_reports_total{result="recorded"}') == before + 2,
+             "the second usage report", timeout=5)
+    assert fstack.server.metric('llm_policy_usage_reports_total{result="unknown"}') == 0

@@ -12,7 +12,7 @@
 //! (proxy-wasm has no "create if absent"), so two workers creating the same slot at the same
 //! instant may lose one count, once per slot.
 
-use llm_policy_core::decision::Charge;
+use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
 
 use crate::host::{Host, Level, Metric, SharedWrite};
@@ -69,6 +69,19 @@ pub struct Reservation {
     key: u64,
     window_end: u64,
     amount: f64,
+    kind: CounterKind,
+}
+
+impl Reservation {
+    /// The amount reserved.
+    pub fn amount(&self) -> f64 {
+        self.amount
+    }
+
+    /// Whether it counts tokens (reconciled with the answer's usage).
+    pub fn is_tokens(&self) -> bool {
+        self.kind == CounterKind::Tokens
+    }
 }
 
 /// What a counter said.
@@ -139,6 +152,7 @@ impl Counters {
                             key,
                             window_end,
                             amount: charge.amount,
+                            kind: charge.kind,
                         })
                     }
                     SharedWrite::CasMismatch => continue,
@@ -200,7 +214,7 @@ fn key_hash(rule: &str, key: &str) -> u64 {
 mod tests {
     use super::*;
     use crate::fake::FakeHost;
-    use llm_policy_core::decision::{ChargeSource, CounterKind};
+    use llm_policy_core::decision::ChargeSource;
     use llm_policy_core::model::Scope;
 
     fn charge(key: &str, limit: f64) -> Charge {

@@ -28,6 +28,9 @@ pub struct GrpcCall {
 pub struct FakeHost {
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    pub response_headers: Vec<(String, String)>,
+    /// The response chunk the proxy is passing on.
+    pub response_chunk: Vec<u8>,
     pub reply: Option<SentReply>,
     pub resumed: bool,
     pub now: Duration,
@@ -68,6 +71,8 @@ impl FakeHost {
         self.reply = None;
         self.resumed = false;
         self.calls.clear();
+        self.response_headers.clear();
+        self.response_chunk.clear();
     }
 
     /// The same proxy with a new chat completion request for `model`.
@@ -114,6 +119,19 @@ impl Host for FakeHost {
             headers: headers.to_vec(),
             body: String::from_utf8_lossy(body).into_owned(),
         });
+    }
+
+    fn response_header(&mut self, name: &str) -> Option<String> {
+        self.response_headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.clone())
+    }
+
+    fn response_body(&mut self, len: usize) -> Option<Vec<u8>> {
+        self.response_chunk
+            .get(..len.min(self.response_chunk.len()))
+            .map(<[u8]>::to_vec)
     }
 
     fn resume_request(&mut self) {

@@ -55,13 +55,19 @@ pub enum Metric {
     FallbackTimeouts,
     /// Local rate-limit keys that found no free slot.
     CounterTableFull,
+    /// Usage reports sent to the server.
+    UsageReports,
+    /// Usage reports that could not be sent (or were dropped: queue full).
+    UsageReportFailures,
+    /// Answers to reserved requests whose usage could not be read.
+    UsageUnknown,
     /// Core evaluation time, microseconds (histogram).
     EvaluationMicros,
 }
 
 impl Metric {
     /// Every metric, for hosts that define them up front.
-    pub const ALL: [Metric; 13] = [
+    pub const ALL: [Metric; 16] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Throttled,
@@ -74,6 +80,9 @@ impl Metric {
         Metric::FallbackFailures,
         Metric::FallbackTimeouts,
         Metric::CounterTableFull,
+        Metric::UsageReports,
+        Metric::UsageReportFailures,
+        Metric::UsageUnknown,
         Metric::EvaluationMicros,
     ];
 
@@ -92,6 +101,9 @@ impl Metric {
             Metric::FallbackFailures => "llm_policy.fallback.failures",
             Metric::FallbackTimeouts => "llm_policy.fallback.timeouts",
             Metric::CounterTableFull => "llm_policy.local_counters.full",
+            Metric::UsageReports => "llm_policy.usage.reports",
+            Metric::UsageReportFailures => "llm_policy.usage.report_failures",
+            Metric::UsageUnknown => "llm_policy.usage.unknown",
             Metric::EvaluationMicros => "llm_policy.evaluation_us",
         }
     }
@@ -113,6 +125,10 @@ pub trait Host {
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     /// Answers the client locally; the request never reaches the upstream.
     fn send_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// A response header (first value).
+    fn response_header(&mut self, name: &str) -> Option<String>;
+    /// The response body chunk being passed on (`len` bytes).
+    fn response_body(&mut self, len: usize) -> Option<Vec<u8>>;
     /// Lets a paused request continue (after an asynchronous decision).
     fn resume_request(&mut self);
     /// Wall-clock time since the Unix epoch.

@@ -17,15 +17,19 @@
 //! - [`counters`]: local rate limits in shared data (compare-and-swap).
 //! - [`cache`]: the per-VM decision cache.
 //! - [`ext_authz`]: the `Check` call to the policy server.
+//! - [`usage`]: token usage read from responses (JSON and SSE) as they stream through.
+//! - [`outbox`]: usage reports queued for the server, sent from the root context.
 
 pub mod cache;
 pub mod config;
 pub mod counters;
 pub mod ext_authz;
 pub mod host;
+pub mod outbox;
 pub mod plugin;
 pub mod request;
 pub mod route;
+pub mod usage;
 
 #[cfg(test)]
 mod fake;

@@ -18,7 +18,9 @@ use crate::config::FailureMode;
 use crate::counters::{Count, Reservation};
 use crate::ext_authz;
 use crate::host::{Host, Level, Metric};
+use crate::outbox::{Outbox, UsageReport};
 use crate::plugin::Plugin;
+use crate::usage::UsageReader;
 
 /// The server's reservation handle for token and cost budgets; a client's copy is removed.
 pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
@@ -55,18 +57,91 @@ enum State {
 #[derive(Debug)]
 pub struct RequestFlow {
     plugin: Rc<Plugin>,
+    outbox: Rc<Outbox>,
     state: State,
     /// Local counters charged for this request.
     held: Vec<Reservation>,
+    /// The request went upstream with an allow decision.
+    allowed: bool,
+    /// The server's reservation handle for token and cost budgets.
+    handle: Option<String>,
+    /// Reading the response's usage (for a request that reserved tokens).
+    usage: Option<UsageReader>,
 }
 
 impl RequestFlow {
-    /// A request checked against `plugin`.
-    pub fn new(plugin: Rc<Plugin>) -> RequestFlow {
+    /// A request checked against `plugin`; its usage report, if any, goes to `outbox`.
+    pub fn new(plugin: Rc<Plugin>, outbox: Rc<Outbox>) -> RequestFlow {
         RequestFlow {
             plugin,
+            outbox,
             state: State::New,
             held: Vec::new(),
+            allowed: false,
+            handle: None,
+            usage: None,
+        }
+    }
+
+    /// Response headers arrived.
+    pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let wants =
+            self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
+        if wants && self.usage.is_none() {
+            let ct = host.response_header("content-type").unwrap_or_default();
+            self.usage = Some(UsageReader::new(&ct));
+            if end_of_stream {
+                self.settle(host);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// A response body chunk of `body_size` bytes is passing (never held back).
+    pub fn on_response_body(
+        &mut self,
+        host: &mut dyn Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        if let Some(reader) = &mut self.usage {
+            if body_size > 0 {
+                if let Some(chunk) = host.response_body(body_size) {
+                    reader.feed(&chunk);
+                }
+            }
+            if end_of_stream {
+                self.settle(host);
+            }
+        }
+        Flow::Continue
+    }
+
+    /// Response trailers arrived: the body has ended.
+    pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> Flow {
+        self.settle(host);
+        Flow::Continue
+    }
+
+    /// Reconciles the reservations with the answer's usage: local token counters get the
+    /// difference, the server gets a usage report. An answer without usage (or cut off) leaves
+    /// the estimates (the server releases or commits them after its timeout).
+    fn settle(&mut self, host: &mut dyn Host) {
+        let Some(reader) = self.usage.take() else {
+            return;
+        };
+        let Some(usage) = reader.finish() else {
+            host.metric(Metric::UsageUnknown, 1);
+            return;
+        };
+        let tokens = usage.tokens();
+        for r in self.held.iter().filter(|r| r.is_tokens()) {
+            self.plugin.counters.adjust(host, r, tokens - r.amount());
+        }
+        if let Some(handle) = self.handle.take() {
+            if !self.outbox.push(UsageReport { handle, tokens }) {
+                host.metric(Metric::UsageReportFailures, 1);
+            }
         }
     }
 
@@ -170,9 +245,15 @@ impl RequestFlow {
                     host.set_request_header(&name, None);
                 }
                 for (name, value) in set {
+                    // The reservation handle is for the usage report, not for the provider.
+                    if name == RESERVATION_HEADER {
+                        self.handle = Some(value);
+                        continue;
+                    }
                     host.set_request_header(&name, Some(&value));
                 }
                 host.metric(Metric::Allowed, 1);
+                self.allowed = true;
                 self.state = State::Passing;
                 host.resume_request();
             }
@@ -408,6 +489,7 @@ impl RequestFlow {
                     host.set_request_header(&name, Some(&value));
                 }
                 host.metric(Metric::Allowed, 1);
+                self.allowed = true;
                 self.state = State::Passing;
                 Flow::Continue
             }

@@ -8,6 +8,7 @@ use crate::config::FilterConfig;
 use crate::ext_authz;
 use crate::fake::FakeHost;
 use crate::host::Metric;
+use crate::outbox::Outbox;
 use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
 
@@ -33,6 +34,13 @@ spec:
         decision: throttle
         reason: "more than 3 requests per minute"
         rateLimit: {key: "{principal.id}", requests: 3, per: minute, scope: local}
+    - id: metered-tokens
+      priority: 45
+      when: {match: {field: principal.tier, op: eq, value: metered}}
+      action:
+        decision: throttle
+        reason: "token limit"
+        rateLimit: {key: "{principal.id}", tokens: 100, per: minute, scope: local}
     - id: team-budget
       priority: 40
       when: {match: {field: principal.team, op: eq, value: research}}
@@ -60,7 +68,12 @@ fn chat(model: &str) -> String {
 
 /// Runs a request through headers and one body chunk.
 fn run(p: &Rc<Plugin>, host: &mut FakeHost) -> (RequestFlow, Flow) {
-    let mut flow = RequestFlow::new(Rc::clone(p));
+    run_into(p, host, &Rc::default())
+}
+
+/// [`run`], with usage reports going to `outbox`.
+fn run_into(p: &Rc<Plugin>, host: &mut FakeHost, outbox: &Rc<Outbox>) -> (RequestFlow, Flow) {
+    let mut flow = RequestFlow::new(Rc::clone(p), Rc::clone(outbox));
     let eos = host.body.is_empty();
     let first = flow.on_request_headers(host, eos);
     if eos || first == Flow::Continue || host.reply.is_some() {
@@ -122,7 +135,7 @@ fn denials_answer_in_the_provider_format() {
 fn other_routes_pass_untouched_and_unbuffered() {
     let p = plugin("");
     let mut host = FakeHost::request("POST", "/upload", &[], "not json at all");
-    let mut flow = RequestFlow::new(Rc::clone(&p));
+    let mut flow = RequestFlow::new(Rc::clone(&p), Rc::default());
     assert_eq!(flow.on_request_headers(&mut host, false), Flow::Continue);
     assert_eq!(flow.on_request_body(&mut host, 15, true), Flow::Continue);
     assert!(host.reply.is_none());
@@ -134,7 +147,7 @@ fn the_body_is_buffered_until_its_end_or_its_trailers() {
     let p = plugin("");
     let body = chat("gpt-3.5-turbo");
     let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &body);
-    let mut flow = RequestFlow::new(Rc::clone(&p));
+    let mut flow = RequestFlow::new(Rc::clone(&p), Rc::default());
     assert_eq!(flow.on_request_headers(&mut host, false), Flow::Pause);
     assert_eq!(flow.on_request_body(&mut host, 10, false), Flow::Pause);
     assert!(host.reply.is_none());
@@ -152,7 +165,7 @@ fn oversized_and_malformed_bodies_get_413_and_400_in_the_provider_format() {
     let p = plugin("context: {maxBodyBytes: 100}\n");
     // Declared too large: answered before any byte is buffered.
     let mut host = FakeHost::request("POST", "/v1/messages", &[("content-length", "5000")], "x");
-    let mut flow = RequestFlow::new(Rc::clone(&p));
+    let mut flow = RequestFlow::new(Rc::clone(&p), Rc::default());
     assert_eq!(flow.on_request_headers(&mut host, false), Flow::Pause);
     let r = host.reply.clone().unwrap();
     assert_eq!(r.status, 413);
@@ -161,7 +174,7 @@ fn oversized_and_malformed_bodies_get_413_and_400_in_the_provider_format() {
 
     // Undeclared (chunked) and growing past the limit.
     let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], "x");
-    let mut flow = RequestFlow::new(Rc::clone(&p));
+    let mut flow = RequestFlow::new(Rc::clone(&p), Rc::default());
     flow.on_request_headers(&mut host, false);
     assert_eq!(flow.on_request_body(&mut host, 64, false), Flow::Pause);
     assert!(host.reply.is_none());
@@ -271,7 +284,8 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
         &[("x-team-id", "research"), ("x-user-id", "u9")],
         &body,
     );
-    let (mut flow, f) = run(&p, &mut host);
+    let outbox = Rc::new(Outbox::default());
+    let (mut flow, f) = run_into(&p, &mut host, &outbox);
     assert_eq!(f, Flow::Pause);
     assert!(host.reply.is_none());
     let call = host.calls.first().cloned().unwrap();
@@ -311,7 +325,20 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
     };
     flow.on_server_answer(&mut host, 1, 0, Some(ok.encode_to_vec()));
     assert!(host.resumed);
-    assert_eq!(host.header("x-llm-policy-reservation"), Some("abc"));
+    // The reservation handle is kept for the usage report, not sent to the provider.
+    assert_eq!(host.header("x-llm-policy-reservation"), None);
+    // The answer streams through; its usage goes to the server under the handle.
+    host.response_headers = vec![("content-type".into(), "text/event-stream".into())];
+    assert_eq!(flow.on_response_headers(&mut host, false), Flow::Continue);
+    host.response_chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n".to_vec();
+    let len = host.response_chunk.len();
+    assert_eq!(flow.on_response_body(&mut host, len, true), Flow::Continue);
+    let server = p.config.server.clone().unwrap();
+    outbox.flush(&mut host, &server);
+    let report = host.calls.last().cloned().unwrap();
+    assert_eq!(report.method, "RecordUsage");
+    let m = crate::outbox::RecordUsageRequest::decode(report.message.as_slice()).unwrap();
+    assert_eq!((m.request_id.as_str(), m.tokens), ("abc", Some(12.0)));
 
     // The server throttles: its reply is the client's answer, and the local charge goes back.
     host.next_chat(&[("x-team-id", "research"), ("x-user-id", "u9")], "gpt-4o");
@@ -411,4 +438,27 @@ fn configuration_errors_are_located() {
         .to_string();
     assert!(e.contains("plugin configuration: policies:4"), "{e}");
     let _ = FilterConfig::default();
+}
+
+#[test]
+fn local_token_limits_are_reconciled_with_the_answers_usage() {
+    let p = plugin("");
+    let who = [("x-user-id", "m1"), ("x-user-tier", "metered")];
+    let body = r#"{"model":"gpt-4o","max_tokens":60,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &who, body);
+    let (mut flow, f) = run(&p, &mut host);
+    assert_eq!(f, Flow::Continue);
+    // The answer used 10 tokens, not the ~60 reserved.
+    host.response_headers = vec![("content-type".into(), "application/json".into())];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk =
+        br#"{"usage":{"prompt_tokens":4,"completion_tokens":6,"total_tokens":10}}"#.to_vec();
+    let len = host.response_chunk.len();
+    flow.on_response_body(&mut host, len, true);
+    // So a second 60-token request fits in the 100-token window; a third does not.
+    host.next("POST", "/v1/chat/completions", &who, body);
+    assert_eq!(run(&p, &mut host).1, Flow::Continue);
+    host.next("POST", "/v1/chat/completions", &who, body);
+    assert_eq!(run(&p, &mut host).1, Flow::Pause);
+    assert_eq!(host.reply.clone().unwrap().status, 429);
 }

@@ -16,6 +16,7 @@ use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
 use crate::host::{Host, Level, Metric, SharedWrite};
+use crate::outbox::Outbox;
 use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
 
@@ -24,7 +25,9 @@ proxy_wasm::main! {{
     std::panic::set_hook(Box::new(|info| {
         let _ = hostcalls::log(LogLevel::Critical, &format!("llm-policy: panic: {info}"));
     }));
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { plugin: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { plugin: None, outbox: Rc::default() })
+    });
 }}
 
 thread_local! {
@@ -53,12 +56,22 @@ fn define_metrics() {
     });
 }
 
-/// The root context of one VM: holds the configured plugin.
+/// How often the root context sends queued usage reports.
+const TICK: Duration = Duration::from_millis(200);
+
+/// The root context of one VM: holds the configured plugin and the usage reports' queue.
 struct Root {
     plugin: Option<Rc<Plugin>>,
+    outbox: Rc<Outbox>,
 }
 
-impl Context for Root {}
+impl Context for Root {
+    fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, _response_size: usize) {
+        if status_code != 0 {
+            WasmHost.metric(Metric::UsageReportFailures, 1);
+        }
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -90,6 +103,7 @@ impl RootContext for Root {
                     ),
                 );
                 self.plugin = Some(Rc::new(plugin));
+                let _ = hostcalls::set_tick_period(TICK);
                 true
             }
             Err(diagnostics) => {
@@ -103,9 +117,21 @@ impl RootContext for Root {
         }
     }
 
+    fn on_tick(&mut self) {
+        if self.outbox.is_empty() {
+            return;
+        }
+        if let Some(server) = self.plugin.as_ref().and_then(|p| p.config.server.as_ref()) {
+            self.outbox.flush(&mut WasmHost, server);
+        }
+    }
+
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
-            flow: self.plugin.as_ref().map(|p| RequestFlow::new(Rc::clone(p))),
+            flow: self
+                .plugin
+                .as_ref()
+                .map(|p| RequestFlow::new(Rc::clone(p), Rc::clone(&self.outbox))),
         }))
     }
 
@@ -162,6 +188,27 @@ impl HttpContext for Http {
             None => Action::Continue,
         }
     }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_response_headers(&mut WasmHost, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_response_body(&mut WasmHost, body_size, end_of_stream)),
+            None => Action::Continue,
+        }
+    }
+
+    fn on_http_response_trailers(&mut self, _num_trailers: usize) -> Action {
+        match &mut self.flow {
+            Some(flow) => action(flow.on_response_trailers(&mut WasmHost)),
+            None => Action::Continue,
+        }
+    }
 }
 
 fn log(level: Level, message: &str) {
@@ -202,6 +249,19 @@ impl Host for WasmHost {
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
         let _ = hostcalls::send_http_response(u32::from(status), headers, Some(body));
+    }
+
+    fn response_header(&mut self, name: &str) -> Option<String> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+            .map(|v| String::from_utf8_lossy(&v).into_owned())
+    }
+
+    fn response_body(&mut self, len: usize) -> Option<Vec<u8>> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, len)
+            .ok()
+            .flatten()
     }
 
     fn resume_request(&mut self) {

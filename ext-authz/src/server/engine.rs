@@ -572,8 +572,16 @@ impl Engine {
             .ok()
             .and_then(|mut u| u.remove(handle))
         else {
+            self.metrics
+                .usage_reports
+                .with_label_values(&["unknown"])
+                .inc();
             return false;
         };
+        self.metrics
+            .usage_reports
+            .with_label_values(&["recorded"])
+            .inc();
         for (id, kind) in ids {
             let actual = match kind {
                 CounterKind::Tokens => usage.tokens,

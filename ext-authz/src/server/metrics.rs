@@ -31,6 +31,8 @@ pub struct Metrics {
     pub alerts: IntCounterVec,
     /// `llm_policy_check_errors_total{kind}`: checks that could not decide (deadline, store).
     pub check_errors: IntCounterVec,
+    /// `llm_policy_usage_reports_total{result}`.
+    pub usage_reports: IntCounterVec,
 }
 
 impl Metrics {
@@ -104,7 +106,13 @@ impl Metrics {
             "Checks that could not decide, by kind (deadline, store), answered per the failure mode.",
             &["kind"],
         )?;
+        let usage_reports = counter_vec(
+            "llm_policy_usage_reports_total",
+            "Usage reports by result (recorded; unknown: no reservation waited under the handle).",
+            &["result"],
+        )?;
         Ok(Metrics {
+            usage_reports,
             registry,
             decisions,
             evaluation,
