@@ -70,7 +70,8 @@ def fstack(tmp_path_factory):
         (tmp / "server").mkdir()
         server = Server(tmp / "server", policies, log_dir=tmp)
         procs.append(server.proc)
-        text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}")
+        text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}",
+                            sync_from=f"127.0.0.1:{server.http}", sync_interval_ms=300)
         envoy = Envoy(tmp, None, upstream.port, tmp, text=text, concurrency=2)
         procs.append(envoy.proc)
         yield type("FilterStack", (), {"upstream": upstream, "server": server, "envoy": envoy, "tmp": tmp,
@@ -278,3 +279,51 @@ def test_usage_of_a_streamed_answer_is_reported_to_the_server(fstack):
     wait_for(lambda: fstack.server.metric('llm_policy_usage_reports_total{result="recorded"}') == before + 2,
              "the second usage report", timeout=5)
     assert fstack.server.metric('llm_policy_usage_reports_total{result="unknown"}') == 0
+
+
+NEW_RULE = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: late-addition, version: "2"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: no-mini-after-all
+      priority: 500
+      when: { match: { field: request.model, op: eq, value: gpt-4o-mini } }
+      action: { decision: deny, reason: "gpt-4o-mini was withdrawn" }
+"""
+
+
+def test_bundle_sync_swaps_a_new_policy_while_traffic_flows(fstack):
+    """The server reloads a new policy file; the filter's workers fetch it (GET /v1/bundle with
+    If-None-Match) and decide with it, while requests keep flowing without a failure."""
+    import threading
+    old = fstack.server.bundle()
+    failures, sent, stop = [], [0], threading.Event()
+
+    def traffic():
+        while not stop.is_set():
+            status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+            sent[0] += 1
+            if status != 200:
+                failures.append((status, out[:200]))
+
+    t = threading.Thread(target=traffic)
+    t.start()
+    try:
+        (fstack.server.policies / "late.yaml").write_text(NEW_RULE)
+        wait_for(lambda: fstack.server.bundle() != old, "the server's reload")
+
+        def denied():
+            status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))
+            return status == 403 and b"withdrawn" in out
+
+        # Both workers must have it: several answers in a row on fresh connections.
+        wait_for(lambda: all(denied() for _ in range(6)), "the filter deciding with the new bundle", timeout=10)
+    finally:
+        stop.set()
+        t.join()
+        (fstack.server.policies / "late.yaml").unlink(missing_ok=True)
+    assert sent[0] > 0
+    assert failures == []

@@ -31,6 +31,8 @@ pub struct FilterConfig {
     pub failure_mode: FailureMode,
     /// The policy server (ext_authz gRPC), for rules the filter cannot decide alone.
     pub server: Option<ServerConfig>,
+    /// Fetch the bundle from the server's REST API and swap in new versions.
+    pub sync: Option<crate::sync::SyncConfig>,
     /// Decisions cached per worker VM (default 1,024; 0 turns the cache off).
     pub cache_entries: usize,
     /// Slots of the local rate-limit table shared by the workers (default 65,536). Each live
@@ -49,6 +51,7 @@ impl Default for FilterConfig {
             routes: RoutesConfig::default(),
             failure_mode: FailureMode::Closed,
             server: None,
+            sync: None,
             cache_entries: 1024,
             local_counter_slots: 65_536,
         }

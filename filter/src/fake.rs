@@ -24,8 +24,17 @@ pub struct GrpcCall {
     pub timeout: Duration,
 }
 
+/// An HTTP call the filter made.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HttpCall {
+    pub cluster: String,
+    pub headers: Vec<(String, String)>,
+    pub timeout: Duration,
+}
+
 #[derive(Debug, Default)]
 pub struct FakeHost {
+    pub http_calls: Vec<HttpCall>,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
     pub response_headers: Vec<(String, String)>,
@@ -188,6 +197,23 @@ impl Host for FakeHost {
             timeout,
         });
         Ok(u32::try_from(self.calls.len()).unwrap_or(u32::MAX))
+    }
+
+    fn http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, String> {
+        self.http_calls.push(HttpCall {
+            cluster: cluster.into(),
+            headers: headers
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            timeout,
+        });
+        Ok(u32::try_from(self.http_calls.len()).unwrap_or(u32::MAX))
     }
 
     fn log(&mut self, level: Level, message: &str) {

@@ -55,6 +55,10 @@ pub enum Metric {
     FallbackTimeouts,
     /// Local rate-limit keys that found no free slot.
     CounterTableFull,
+    /// Bundles synced from the server.
+    SyncOk,
+    /// Bundle fetches that failed or brought a bundle that does not compile.
+    SyncFailed,
     /// Usage reports sent to the server.
     UsageReports,
     /// Usage reports that could not be sent (or were dropped: queue full).
@@ -67,7 +71,7 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, for hosts that define them up front.
-    pub const ALL: [Metric; 16] = [
+    pub const ALL: [Metric; 18] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Throttled,
@@ -80,6 +84,8 @@ impl Metric {
         Metric::FallbackFailures,
         Metric::FallbackTimeouts,
         Metric::CounterTableFull,
+        Metric::SyncOk,
+        Metric::SyncFailed,
         Metric::UsageReports,
         Metric::UsageReportFailures,
         Metric::UsageUnknown,
@@ -101,6 +107,8 @@ impl Metric {
             Metric::FallbackFailures => "llm_policy.fallback.failures",
             Metric::FallbackTimeouts => "llm_policy.fallback.timeouts",
             Metric::CounterTableFull => "llm_policy.local_counters.full",
+            Metric::SyncOk => "llm_policy.sync.ok",
+            Metric::SyncFailed => "llm_policy.sync.failed",
             Metric::UsageReports => "llm_policy.usage.reports",
             Metric::UsageReportFailures => "llm_policy.usage.report_failures",
             Metric::UsageUnknown => "llm_policy.usage.unknown",
@@ -145,6 +153,14 @@ pub trait Host {
         service: &str,
         method: &str,
         message: &[u8],
+        timeout: Duration,
+    ) -> Result<u32, String>;
+    /// Starts an HTTP call on `cluster` (headers include `:method`, `:path`, `:authority`); the
+    /// answer comes to the root context's callback with the returned token.
+    fn http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
         timeout: Duration,
     ) -> Result<u32, String>;
     /// Logs a line.

@@ -19,6 +19,7 @@
 //! - [`ext_authz`]: the `Check` call to the policy server.
 //! - [`usage`]: token usage read from responses (JSON and SSE) as they stream through.
 //! - [`outbox`]: usage reports queued for the server, sent from the root context.
+//! - [`sync`]: the bundle fetched from the server and swapped in.
 
 pub mod cache;
 pub mod config;
@@ -29,6 +30,7 @@ pub mod outbox;
 pub mod plugin;
 pub mod request;
 pub mod route;
+pub mod sync;
 pub mod usage;
 
 #[cfg(test)]

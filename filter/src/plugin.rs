@@ -14,8 +14,8 @@ use crate::route::Routes;
 /// One VM's plugin state.
 #[derive(Debug)]
 pub struct Plugin {
-    /// The bundle serving.
-    pub set: PolicySet,
+    /// The bundle serving (`None` until the first sync when the configuration has none).
+    pub set: Option<PolicySet>,
     /// The configuration it came with.
     pub config: FilterConfig,
     /// Which requests are checked.
@@ -31,18 +31,19 @@ impl Plugin {
     /// column) in the configuration or in the inline policies.
     pub fn configure(text: &str) -> Result<Plugin, Diagnostics> {
         let config = FilterConfig::parse(text)?;
-        let Some(set) = config.compile_policies()? else {
+        let set = config.compile_policies()?;
+        if set.is_none() && config.sync.is_none() {
             return Err(Diagnostics(vec![llm_policy_core::Diagnostic::error(
                 llm_policy_core::Code::MissingField,
-                "no policies: set `policies` to the bundle (YAML or JSON text)",
+                "no policies: set `policies` to the bundle (YAML or JSON text), or `sync` to fetch it from the server",
             )
             .at(crate::config::CONFIG_FILE, None)]));
-        };
+        }
         Ok(Plugin::new(config, set))
     }
 
     /// A plugin serving `set` under `config`.
-    pub fn new(config: FilterConfig, set: PolicySet) -> Plugin {
+    pub fn new(config: FilterConfig, set: Option<PolicySet>) -> Plugin {
         Plugin {
             routes: Routes::new(&config.routes),
             counters: Counters::new(config.local_counter_slots),

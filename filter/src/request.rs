@@ -160,7 +160,11 @@ impl RequestFlow {
         if header(&headers, RESERVATION_HEADER).is_some() {
             host.set_request_header(RESERVATION_HEADER, None);
         }
-        let limit = self.plugin.set.config().max_body_bytes;
+        let Some(set) = &self.plugin.set else {
+            // Waiting for the first bundle from the server.
+            return self.no_bundle(host, provider);
+        };
+        let limit = set.config().max_body_bytes;
         if let Some(declared) =
             header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok())
         {
@@ -190,7 +194,7 @@ impl RequestFlow {
         };
         let provider = *provider;
         *body_len = body_size;
-        let limit = self.plugin.set.config().max_body_bytes;
+        let limit = self.plugin.config.context.max_body_bytes;
         if body_size > limit {
             return self.reject_too_large(host, provider, body_size, limit);
         }
@@ -341,9 +345,37 @@ impl RequestFlow {
         }
     }
 
+    /// No bundle yet (it comes from the server): the failure mode answers.
+    fn no_bundle(&mut self, host: &mut dyn Host, provider: Provider) -> Flow {
+        host.log(Level::Warn, "no policy bundle yet (waiting for the sync)");
+        match self.plugin.config.failure_mode {
+            FailureMode::Closed => {
+                self.unavailable(host, provider, "no policy bundle is loaded yet")
+            }
+            FailureMode::Open => {
+                host.set_request_header(DECISION_HEADER, Some("error"));
+                self.state = State::Passing;
+                Flow::Continue
+            }
+        }
+    }
+
+    /// 503 in the provider's format, marked `x-llm-policy-decision: error`.
+    fn unavailable(&mut self, host: &mut dyn Host, provider: Provider, message: &str) -> Flow {
+        let body = reply::error_body(provider, 503, "policy_unavailable", message);
+        let headers = vec![
+            (DECISION_HEADER.to_string(), String::from("error")),
+            ("content-type".to_string(), "application/json".to_string()),
+        ];
+        self.answer(host, 503, &headers, body.as_bytes())
+    }
+
     /// Builds the context from the buffered request and decides.
     fn decide(&mut self, host: &mut dyn Host, provider: Provider, body_len: usize) -> Flow {
         let plugin = Rc::clone(&self.plugin);
+        let Some(set) = plugin.set.as_ref() else {
+            return self.no_bundle(host, provider);
+        };
         let headers = host.request_headers();
         let body = if body_len > 0 {
             host.request_body(body_len).unwrap_or_default()
@@ -366,11 +398,7 @@ impl RequestFlow {
             body: &body,
             now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let ctx = match RequestContext::from_request_with(
-            &input,
-            plugin.set.config(),
-            plugin.set.needs(),
-        ) {
+        let ctx = match RequestContext::from_request_with(&input, set.config(), set.needs()) {
             Ok(ctx) => ctx,
             Err(e) => {
                 host.metric(
@@ -390,7 +418,7 @@ impl RequestFlow {
             .try_borrow()
             .ok()
             .filter(|c| c.enabled())
-            .map(|_| plugin.set.cache_key(&ctx, &opts));
+            .map(|_| set.cache_key(&ctx, &opts));
         if let Some(k) = &key {
             let hit = plugin.cache.try_borrow().ok().and_then(|c| c.get(k));
             match hit {
@@ -405,7 +433,7 @@ impl RequestFlow {
         let now_secs = now.as_secs();
         let mut limits: Vec<(String, LimitState)> = Vec::new();
         let mut remote = false;
-        let mut step = plugin.set.start(&ctx, &opts);
+        let mut step = set.start(&ctx, &opts);
         let decision = loop {
             match step {
                 Step::Done(d) => break d,
@@ -556,17 +584,7 @@ impl RequestFlow {
     ) -> Flow {
         match self.plugin.config.failure_mode {
             FailureMode::Closed => {
-                let body = reply::error_body(
-                    provider,
-                    503,
-                    "policy_unavailable",
-                    "the policy server could not be reached",
-                );
-                let headers = vec![
-                    (DECISION_HEADER.to_string(), String::from("error")),
-                    ("content-type".to_string(), "application/json".to_string()),
-                ];
-                self.answer(host, 503, &headers, body.as_bytes())
+                self.unavailable(host, provider, "the policy server could not be reached")
             }
             FailureMode::Open => {
                 let flow = self.apply(host, provider, &provisional, None);

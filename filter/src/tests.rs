@@ -462,3 +462,25 @@ fn local_token_limits_are_reconciled_with_the_answers_usage() {
     assert_eq!(run(&p, &mut host).1, Flow::Pause);
     assert_eq!(host.reply.clone().unwrap().status, 429);
 }
+
+#[test]
+fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
+    let p = Rc::new(Plugin::configure("sync: {cluster: llm_policy_rest}\n").unwrap());
+    assert!(p.set.is_none());
+    let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("claude-sonnet-4-5"));
+    assert_eq!(run(&p, &mut host).1, Flow::Pause);
+    let r = host.reply.unwrap();
+    assert_eq!(r.status, 503);
+    assert!(
+        r.body.contains("no policy bundle is loaded yet"),
+        "{}",
+        r.body
+    );
+    let open = Rc::new(Plugin::configure("sync: {cluster: c}\nfailureMode: open\n").unwrap());
+    let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("claude-sonnet-4-5"));
+    assert_eq!(run(&open, &mut host).1, Flow::Continue);
+    assert_eq!(host.header("x-llm-policy-decision"), Some("error"));
+    // Other routes are not affected.
+    let mut host = FakeHost::request("GET", "/v1/models", &[], "");
+    assert_eq!(run(&p, &mut host).1, Flow::Continue);
+}

@@ -19,6 +19,7 @@ use crate::host::{Host, Level, Metric, SharedWrite};
 use crate::outbox::Outbox;
 use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
+use crate::sync::{Fetched, Sync};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -26,7 +27,7 @@ proxy_wasm::main! {{
         let _ = hostcalls::log(LogLevel::Critical, &format!("llm-policy: panic: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { plugin: None, outbox: Rc::default() })
+        Box::new(Root { plugin: None, outbox: Rc::default(), sync: None })
     });
 }}
 
@@ -59,16 +60,60 @@ fn define_metrics() {
 /// How often the root context sends queued usage reports.
 const TICK: Duration = Duration::from_millis(200);
 
-/// The root context of one VM: holds the configured plugin and the usage reports' queue.
+/// The root context of one VM: holds the configured plugin, the usage reports' queue and the
+/// bundle sync.
 struct Root {
     plugin: Option<Rc<Plugin>>,
     outbox: Rc<Outbox>,
+    sync: Option<Sync>,
 }
 
 impl Context for Root {
     fn on_grpc_call_response(&mut self, _token_id: u32, status_code: u32, _response_size: usize) {
         if status_code != 0 {
             WasmHost.metric(Metric::UsageReportFailures, 1);
+        }
+    }
+
+    fn on_http_call_response(
+        &mut self,
+        token_id: u32,
+        num_headers: usize,
+        body_size: usize,
+        _num_trailers: usize,
+    ) {
+        let (Some(sync), Some(plugin)) = (&mut self.sync, &self.plugin) else {
+            return;
+        };
+        let headers = if num_headers > 0 {
+            hostcalls::get_map_bytes(MapType::HttpCallResponseHeaders).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        let value = |name: &str| {
+            headers
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| String::from_utf8_lossy(v).into_owned())
+        };
+        let status = value(":status").and_then(|s| s.parse::<u16>().ok());
+        let body = if body_size > 0 && body_size <= crate::sync::MAX_BUNDLE_BYTES {
+            hostcalls::get_buffer(BufferType::HttpCallResponseBody, 0, body_size)
+                .ok()
+                .flatten()
+        } else {
+            None
+        };
+        let fetched = sync.on_answer(
+            &mut WasmHost,
+            token_id,
+            status,
+            value("etag"),
+            body,
+            &plugin.config.context,
+        );
+        if let Fetched::New(set) = fetched {
+            self.plugin = Some(Rc::new(Plugin::new(plugin.config.clone(), Some(set))));
         }
     }
 }
@@ -91,17 +136,26 @@ impl RootContext for Root {
         };
         match Plugin::configure(&text) {
             Ok(plugin) => {
-                let stats = plugin.set.stats();
-                log(
-                    Level::Info,
-                    &format!(
-                        "llm-policy: bundle {} loaded: {} policies, {} rules, {} namespaces",
-                        plugin.set.bundle(),
-                        stats.policies,
-                        stats.rules,
-                        stats.namespaces
+                match &plugin.set {
+                    Some(set) => {
+                        let stats = set.stats();
+                        log(
+                            Level::Info,
+                            &format!(
+                                "llm-policy: bundle {} loaded: {} policies, {} rules, {} namespaces",
+                                set.bundle(),
+                                stats.policies,
+                                stats.rules,
+                                stats.namespaces
+                            ),
+                        );
+                    }
+                    None => log(
+                        Level::Info,
+                        "llm-policy: waiting for the bundle from the server",
                     ),
-                );
+                }
+                self.sync = plugin.config.sync.clone().map(Sync::new);
                 self.plugin = Some(Rc::new(plugin));
                 let _ = hostcalls::set_tick_period(TICK);
                 true
@@ -118,6 +172,9 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        if let Some(sync) = &mut self.sync {
+            sync.tick(&mut WasmHost);
+        }
         if self.outbox.is_empty() {
             return;
         }
@@ -299,6 +356,16 @@ impl Host for WasmHost {
         timeout: Duration,
     ) -> Result<u32, String> {
         hostcalls::dispatch_grpc_call(cluster, service, method, Vec::new(), Some(message), timeout)
+            .map_err(|s| format!("{s:?}"))
+    }
+
+    fn http_call(
+        &mut self,
+        cluster: &str,
+        headers: &[(&str, &str)],
+        timeout: Duration,
+    ) -> Result<u32, String> {
+        hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, Vec::new(), timeout)
             .map_err(|s| format!("{s:?}"))
     }
 

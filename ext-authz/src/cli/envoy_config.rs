@@ -70,6 +70,13 @@ pub struct EnvoyConfigArgs {
     /// What happens when no decision can be made.
     #[arg(long, value_enum, default_value = "closed")]
     pub failure_mode: Failure,
+    /// Also fetch the bundle from the server's REST API (`host:port`) and swap in new versions
+    /// (filter modes).
+    #[arg(long)]
+    pub sync_from: Option<String>,
+    /// How often the filter asks for a new bundle, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub sync_interval_ms: u64,
     /// CA bundle that verifies an https upstream.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     pub upstream_ca: String,
@@ -186,6 +193,13 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
         if uses_server {
             plugin["server"] = json!({"cluster": "llm_policy", "timeoutMs": 200});
         }
+        if args.sync_from.is_some() {
+            plugin["sync"] = json!({
+                "cluster": "llm_policy_rest",
+                "authority": "llm-policy",
+                "intervalMs": args.sync_interval_ms,
+            });
+        }
         let plugin = serde_json::to_string_pretty(&plugin).map_err(|e| e.to_string())?;
         let wasm = serde_json::to_string(&args.wasm).map_err(|e| e.to_string())?;
         filters.push_str(&format!(
@@ -291,6 +305,18 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
 ";
         clusters.push('\n');
         clusters.push_str(&cluster("llm_policy", &host, port, h2));
+    }
+
+    if let (true, Some(addr)) = (uses_filter, &args.sync_from) {
+        let (host, port) = split_host_port(addr, 8080)
+            .ok_or_else(|| format!("--sync-from {addr}: expected host:port"))?;
+        clusters.push('\n');
+        clusters.push_str(&cluster(
+            "llm_policy_rest",
+            &host,
+            port,
+            "      # The server's REST API: the filter fetches the bundle (GET /v1/bundle).\n",
+        ));
     }
 
     // Room for our own 413 before Envoy's: the filter answers when a body passes the limit.

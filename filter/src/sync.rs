@@ -1,0 +1,284 @@
+//! Bundle sync: on its tick the root context asks the policy server's `GET /v1/bundle` (with
+//! `If-None-Match`) for the bundle serving; a new one is compiled and swapped in for new
+//! requests (requests in flight keep theirs). A bundle that does not compile here is logged and
+//! counted, and the last good one keeps serving; a server that does not answer changes nothing.
+
+use std::time::Duration;
+
+use llm_policy_core::model::KIND_POLICY_TEST;
+use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
+use serde::{Deserialize, Serialize};
+
+use crate::host::{Host, Level, Metric};
+
+/// Largest bundle answer accepted.
+pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
+
+/// `sync:` in the plugin configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SyncConfig {
+    /// The Envoy cluster of the server's REST port.
+    pub cluster: String,
+    /// The bundle's path (default `/v1/bundle`).
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// `:authority` of the request (default the cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// How often to ask, in milliseconds (default 10,000; at least 100).
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// Longest a fetch may take, in milliseconds (default 5,000).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_path() -> String {
+    String::from("/v1/bundle")
+}
+
+fn default_interval() -> u64 {
+    10_000
+}
+
+fn default_timeout() -> u64 {
+    5_000
+}
+
+/// The server's answer (`GET /v1/bundle`).
+#[derive(Debug, Deserialize)]
+struct BundleAnswer {
+    bundle: String,
+    files: Vec<BundleFile>,
+}
+
+#[derive(Debug, Deserialize)]
+struct BundleFile {
+    path: String,
+    text: String,
+}
+
+/// What a fetch brought.
+#[derive(Debug)]
+pub enum Fetched {
+    /// A new bundle, compiled.
+    New(PolicySet),
+    /// The same bundle, or no usable answer (nothing changes).
+    Nothing,
+}
+
+/// The sync state of one VM.
+#[derive(Debug)]
+pub struct Sync {
+    config: SyncConfig,
+    etag: Option<String>,
+    in_flight: Option<u32>,
+    last: Option<Duration>,
+}
+
+impl Sync {
+    /// Sync as configured.
+    pub fn new(config: SyncConfig) -> Sync {
+        Sync {
+            config,
+            etag: None,
+            in_flight: None,
+            last: None,
+        }
+    }
+
+    /// Starts a fetch if one is due and none is running.
+    pub fn tick(&mut self, host: &mut dyn Host) {
+        let now = host.now();
+        let every = Duration::from_millis(self.config.interval_ms.max(100));
+        let due = self.last.is_none_or(|t| now.saturating_sub(t) >= every);
+        if self.in_flight.is_some() || !due {
+            return;
+        }
+        self.last = Some(now);
+        let authority = self
+            .config
+            .authority
+            .clone()
+            .unwrap_or_else(|| self.config.cluster.clone());
+        let mut headers = vec![
+            (":method", "GET".to_string()),
+            (":path", self.config.path.clone()),
+            (":authority", authority),
+            ("accept", "application/json".to_string()),
+        ];
+        if let Some(etag) = &self.etag {
+            headers.push(("if-none-match", etag.clone()));
+        }
+        let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let timeout = Duration::from_millis(self.config.timeout_ms.clamp(100, 60_000));
+        match host.http_call(&self.config.cluster, &headers, timeout) {
+            Ok(token) => self.in_flight = Some(token),
+            Err(e) => {
+                host.metric(Metric::SyncFailed, 1);
+                host.log(
+                    Level::Warn,
+                    &format!("bundle sync: cannot call {}: {e}", self.config.cluster),
+                );
+            }
+        }
+    }
+
+    /// The answer to fetch `token`: HTTP status (`None`: no answer), `ETag`, body.
+    pub fn on_answer(
+        &mut self,
+        host: &mut dyn Host,
+        token: u32,
+        status: Option<u16>,
+        etag: Option<String>,
+        body: Option<Vec<u8>>,
+        context: &ContextConfig,
+    ) -> Fetched {
+        if self.in_flight != Some(token) {
+            return Fetched::Nothing;
+        }
+        self.in_flight = None;
+        match status {
+            Some(304) => Fetched::Nothing,
+            Some(200) => match compile(body.as_deref().unwrap_or_default(), context) {
+                Ok((served, set)) => {
+                    self.etag = etag.or(Some(format!("\"{served}\"")));
+                    host.metric(Metric::SyncOk, 1);
+                    host.log(
+                        Level::Info,
+                        &format!(
+                            "llm-policy: bundle {served} synced from {}: {} rules",
+                            self.config.cluster,
+                            set.rule_count()
+                        ),
+                    );
+                    Fetched::New(set)
+                }
+                Err(e) => {
+                    host.metric(Metric::SyncFailed, 1);
+                    host.log(
+                        Level::Error,
+                        &format!("llm-policy: synced bundle rejected, the last good one keeps serving: {e}"),
+                    );
+                    Fetched::Nothing
+                }
+            },
+            other => {
+                host.metric(Metric::SyncFailed, 1);
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "bundle sync: {} answered {}",
+                        self.config.cluster,
+                        other.map_or_else(|| String::from("nothing"), |s| s.to_string())
+                    ),
+                );
+                Fetched::Nothing
+            }
+        }
+    }
+}
+
+/// Parses and compiles a bundle answer: (the server's bundle digest, the compiled set).
+fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), String> {
+    if body.len() > MAX_BUNDLE_BYTES {
+        return Err(format!("the answer is over {MAX_BUNDLE_BYTES} bytes"));
+    }
+    let answer: BundleAnswer =
+        serde_json::from_slice(body).map_err(|e| format!("not a bundle answer: {e}"))?;
+    let mut docs = Vec::new();
+    for f in &answer.files {
+        docs.extend(source::parse_str(&f.path, &f.text).map_err(|d| d.to_string())?);
+    }
+    docs.retain(|d| d.kind() != Some(KIND_POLICY_TEST));
+    if docs.is_empty() {
+        return Err(String::from("the bundle holds no policy"));
+    }
+    let set = crate::config::compile(&docs, context).map_err(|d: Diagnostics| d.to_string())?;
+    Ok((answer.bundle, set))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::fake::FakeHost;
+
+    const POLICY: &str = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n    - id: r\n      when: {cel: \"request.model == 'x'\"}\n      action: {decision: deny}\n";
+
+    fn answer(text: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "version": 3, "bundle": "abc", "files": [{"path": "p.yaml", "text": text}]
+        }))
+        .unwrap()
+    }
+
+    fn sync() -> Sync {
+        Sync::new(SyncConfig {
+            cluster: "llm_policy_rest".into(),
+            path: default_path(),
+            authority: None,
+            interval_ms: 1000,
+            timeout_ms: 500,
+        })
+    }
+
+    #[test]
+    fn fetches_when_due_with_the_etag_and_swaps_good_bundles_only() {
+        let mut host = FakeHost::default();
+        let mut s = sync();
+        let ctx = ContextConfig::default();
+        s.tick(&mut host);
+        s.tick(&mut host);
+        assert_eq!(host.http_calls.len(), 1, "one fetch at a time");
+        let first = host.http_calls[0].clone();
+        assert!(first
+            .headers
+            .contains(&(":path".into(), "/v1/bundle".into())));
+        assert!(!first.headers.iter().any(|(k, _)| k == "if-none-match"));
+        let got = s.on_answer(
+            &mut host,
+            1,
+            Some(200),
+            Some("\"abc\"".into()),
+            Some(answer(POLICY)),
+            &ctx,
+        );
+        assert!(matches!(got, Fetched::New(set) if set.rule_count() == 1));
+
+        // Not due yet; then due, with If-None-Match; 304 changes nothing.
+        s.tick(&mut host);
+        assert_eq!(host.http_calls.len(), 1);
+        host.now += Duration::from_millis(1000);
+        s.tick(&mut host);
+        assert!(host.http_calls[1]
+            .headers
+            .contains(&("if-none-match".into(), "\"abc\"".into())));
+        assert!(matches!(
+            s.on_answer(&mut host, 2, Some(304), None, None, &ctx),
+            Fetched::Nothing
+        ));
+
+        // A broken bundle, garbage, a failed call: nothing changes, each is counted.
+        for (token, status, body) in [
+            (3, Some(200), Some(answer(&POLICY.replace("==", "===")))),
+            (4, Some(200), Some(b"<html>".to_vec())),
+            (5, None, None),
+            (6, Some(503), None),
+        ] {
+            host.now += Duration::from_millis(1000);
+            s.tick(&mut host);
+            assert!(matches!(
+                s.on_answer(&mut host, token, status, None, body, &ctx),
+                Fetched::Nothing
+            ));
+        }
+        assert_eq!(host.count(Metric::SyncFailed), 4);
+        assert_eq!(host.count(Metric::SyncOk), 1);
+        // An answer to a call that is not running is ignored.
+        assert!(matches!(
+            s.on_answer(&mut host, 99, Some(200), None, Some(answer(POLICY)), &ctx),
+            Fetched::Nothing
+        ));
+    }
+}
