@@ -1,8 +1,10 @@
 """pytest fixtures over `stack.py`: one upstream + server + Envoy for the session."""
 
+import shutil
+
 import pytest
 
-from stack import E2E_LIMITS, ROOT, Envoy, Server, Upstream
+from stack import E2E_LIMITS, ROOT, Envoy, Server, Upstream, envoy_config
 
 
 @pytest.fixture(scope="session")
@@ -23,13 +25,78 @@ def stack(tmp_path_factory):
             p.stop()
 
 
+# A local-scope limit: counted by the filter in Envoy's shared data, across its workers.
+E2E_LOCAL = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-local, namespace: e2e-local, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: five-per-hour-here
+      priority: 10
+      when: { match: { field: principal.id, op: exists } }
+      action:
+        decision: throttle
+        reason: "more than 5 requests per hour on this proxy"
+        rateLimit: { key: "{principal.id}", requests: 5, per: hour, scope: local }
+"""
+
+
+# A global token budget: reserved by the server, reconciled with the usage the filter reports.
+E2E_BUDGET = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-budget, namespace: e2e-budget, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: team-tokens
+      priority: 10
+      when: { match: { field: principal.team, op: exists } }
+      action:
+        decision: throttle
+        reason: "the team's daily token budget is spent"
+        budget: { key: "{principal.team}", tokens: 100000, per: day }
+"""
+
+
+@pytest.fixture(scope="session")
+def fstack(tmp_path_factory):
+    """Upstream, server and Envoy with the filter (filter+fallback, bundle sync), shared by the
+    filter tests."""
+    tmp = tmp_path_factory.mktemp("filter")
+    policies = tmp / "bundle"
+    shutil.copytree(ROOT / "policies", policies, ignore=shutil.ignore_patterns("tests"))
+    (policies / "e2e-local.yaml").write_text(E2E_LOCAL)
+    (policies / "e2e-budget.yaml").write_text(E2E_BUDGET)
+    procs = []
+    try:
+        upstream = Upstream(tmp)
+        procs.append(upstream.proc)
+        (tmp / "server").mkdir()
+        server = Server(tmp / "server", policies, log_dir=tmp)
+        procs.append(server.proc)
+        text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}",
+                            sync_from=f"127.0.0.1:{server.http}", sync_interval_ms=300)
+        envoy = Envoy(tmp, None, upstream.port, tmp, text=text, concurrency=2)
+        procs.append(envoy.proc)
+        yield type("FilterStack", (), {"upstream": upstream, "server": server, "envoy": envoy, "tmp": tmp,
+                                       "policies": policies})
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """On failure, show the tail of each process log."""
     outcome = yield
     report = outcome.get_result()
-    if report.failed and "stack" in item.funcargs:
-        s = item.funcargs["stack"]
+    for name in ("stack", "fstack"):
+        if not report.failed or name not in item.funcargs:
+            continue
+        s = item.funcargs[name]
         for p in (s.upstream.proc, s.server.proc, s.envoy.proc):
             tail = "\n".join(p.text().splitlines()[-30:])
             report.sections.append((f"{p.name} log (tail)", tail))

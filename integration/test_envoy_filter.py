@@ -5,7 +5,6 @@ SDKs, and a raw HTTP/2 client for requests with trailers."""
 
 import base64
 import json
-import shutil
 import socket
 import subprocess
 import uuid
@@ -17,69 +16,8 @@ import h2.events
 import openai
 import pytest
 
-from stack import ROOT, Envoy, Server, Upstream, binary, envoy_config, free_port, wait_for, wasm_file
+from stack import ROOT, Envoy, binary, envoy_config, free_port, wait_for, wasm_file
 from test_envoy_ext_authz import assert_throttled_after, chat, curl
-
-# A local-scope limit: counted by the filter in Envoy's shared data, across its workers.
-E2E_LOCAL = """
-apiVersion: llm-policy/v1
-kind: Policy
-metadata: {name: e2e-local, namespace: e2e-local, version: "1"}
-spec:
-  defaultDecision: allow
-  rules:
-    - id: five-per-hour-here
-      priority: 10
-      when: { match: { field: principal.id, op: exists } }
-      action:
-        decision: throttle
-        reason: "more than 5 requests per hour on this proxy"
-        rateLimit: { key: "{principal.id}", requests: 5, per: hour, scope: local }
-"""
-
-
-# A global token budget: reserved by the server, reconciled with the usage the filter reports.
-E2E_BUDGET = """
-apiVersion: llm-policy/v1
-kind: Policy
-metadata: {name: e2e-budget, namespace: e2e-budget, version: "1"}
-spec:
-  defaultDecision: allow
-  rules:
-    - id: team-tokens
-      priority: 10
-      when: { match: { field: principal.team, op: exists } }
-      action:
-        decision: throttle
-        reason: "the team's daily token budget is spent"
-        budget: { key: "{principal.team}", tokens: 100000, per: day }
-"""
-
-
-@pytest.fixture(scope="module")
-def fstack(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("filter")
-    policies = tmp / "bundle"
-    shutil.copytree(ROOT / "policies", policies, ignore=shutil.ignore_patterns("tests"))
-    (policies / "e2e-local.yaml").write_text(E2E_LOCAL)
-    (policies / "e2e-budget.yaml").write_text(E2E_BUDGET)
-    procs = []
-    try:
-        upstream = Upstream(tmp)
-        procs.append(upstream.proc)
-        (tmp / "server").mkdir()
-        server = Server(tmp / "server", policies, log_dir=tmp)
-        procs.append(server.proc)
-        text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}",
-                            sync_from=f"127.0.0.1:{server.http}", sync_interval_ms=300)
-        envoy = Envoy(tmp, None, upstream.port, tmp, text=text, concurrency=2)
-        procs.append(envoy.proc)
-        yield type("FilterStack", (), {"upstream": upstream, "server": server, "envoy": envoy, "tmp": tmp,
-                                       "policies": policies})
-    finally:
-        for p in reversed(procs):
-            p.stop()
-
 
 def oai(s, **headers):
     return openai.OpenAI(base_url=s.envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
