@@ -263,5 +263,9 @@ def test_bundle_sync_swaps_a_new_policy_while_traffic_flows(fstack):
         stop.set()
         t.join()
         (fstack.server.policies / "late.yaml").unlink(missing_ok=True)
+        # Back to the original bundle, everywhere, for the tests that follow.
+        wait_for(lambda: fstack.server.bundle() == old, "the server's reload")
+        wait_for(lambda: all(curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))[0] == 200
+                             for _ in range(6)), "the filter back on the original bundle", timeout=10)
     assert sent[0] > 0
     assert failures == []
