@@ -32,17 +32,19 @@ envoy-configs: build
 	$(ENVOY_CONFIG) --mode filter+fallback --policies $(POLICIES) > envoy/filter-fallback.yaml
 
 ## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
-## serve the bundle with `llm-policy serve` behind a real Envoy in front of a mock LLM upstream and
-## send the same requests through it with curl (answers, audit records, metrics), all on loopback.
-demo: build envoy
+## send the same requests with curl through a real Envoy in front of a mock LLM upstream: with the
+## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
+## audit records, metrics), all on loopback.
+demo: build filter envoy
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
 	  echo; echo "== llm-policy eval --policy $(POLICIES) --request $$r --explain"; \
 	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
 	done
-	@echo; echo "== llm-policy serve + Envoy $(ENVOY_VERSION) (ext_authz) + mock upstream"
-	@cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) python3 demo.py
+	@echo; echo "== Envoy $(ENVOY_VERSION) with the llm-policy filter, and with ext_authz, in front of a mock upstream"
+	@cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
+	  LLM_POLICY_WASM=$(abspath $(WASM)) python3 demo.py
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.

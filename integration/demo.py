@@ -1,15 +1,23 @@
-"""`make demo`, part 2: the example bundle served by `llm-policy serve` behind a real Envoy, in
-front of the mock LLM upstream. Sends each sample request (`examples/requests/`) through Envoy
-with curl and shows the answer, what reached the upstream, the audit records and the metrics.
-Everything runs on loopback and is stopped at the end."""
+"""`make demo`, parts 2 and 3: the example bundle in front of the mock LLM upstream, through a real
+Envoy 1.40 —
+
+- with the llm-policy proxy-wasm filter deciding inside Envoy and `llm-policy serve` behind it for
+  what the filter cannot decide alone (`llm-policy envoy-config --mode filter+fallback`);
+- with Envoy's ext_authz filter asking `llm-policy serve` for every request.
+
+Each sample request (`examples/requests/`) goes through Envoy with curl; the demo shows the answer,
+whether it reached the upstream (and, for the filter, whether it needed the server), Envoy's stats,
+the server's audit records and metrics. Everything runs on loopback and is stopped at the end."""
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from stack import ROOT, Envoy, Server, Upstream, http_get
+from stack import ROOT, Envoy, Server, Upstream, envoy_config, http_get
 
 SHOWN_HEADERS = ("x-llm-policy-decision", "retry-after", "x-ratelimit-limit", "x-ratelimit-remaining",
                  "x-policy-violation", "x-policy-note", "content-type")
@@ -32,7 +40,72 @@ def curl(url, req):
     return lines[0], headers, rest.decode(errors="replace")
 
 
+def show(envoy, upstream, server):
+    """Sends every sample request through `envoy` and prints what happened."""
+    for path in sorted((ROOT / "examples" / "requests").glob("*.json")):
+        req = json.loads(path.read_text())
+        before = len(upstream.requests())
+        asked = audit_lines(server)
+        status, headers, body = curl(envoy.url(req.get("path", "/v1/chat/completions")), req)
+        reached = len(upstream.requests()) > before
+        print(f"\n== {path.name}: {req.get('method', 'POST')} {req.get('path')} through Envoy")
+        print(f"   {status}")
+        for h in SHOWN_HEADERS:
+            if h in headers:
+                print(f"   {h}: {headers[h]}")
+        print(f"   body: {body[:300]}")
+        print(f"   reached the upstream: {'yes' if reached else 'no'}")
+        if server is not None:
+            time.sleep(0.2)
+            print(f"   decided by: {'the server (the filter asked it)' if audit_lines(server) > asked else 'the filter, in Envoy'}")
+
+
+def audit_lines(server):
+    if server is None or not server.audit.exists():
+        return 0
+    return len(server.audit.read_text().splitlines())
+
+
+def filter_tour():
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            upstream = Upstream(tmp)
+            procs.append(upstream.proc)
+            server = Server(tmp, ROOT / "policies")
+            procs.append(server.proc)
+            text = envoy_config("filter+fallback", ROOT / "policies", server=f"127.0.0.1:{server.grpc}",
+                                sync_from=f"127.0.0.1:{server.http}")
+            envoy = Envoy(tmp, None, upstream.port, tmp, text=text)
+            procs.append(envoy.proc)
+            print("\n== part 2: Envoy + the llm-policy filter (proxy-wasm), llm-policy serve behind it for global "
+                  "limits, budgets and plugin rules")
+            print(f"   mock upstream 127.0.0.1:{upstream.port}, server gRPC :{server.grpc} REST :{server.http}, "
+                  f"Envoy :{envoy.port} (config: llm-policy envoy-config --mode filter+fallback)")
+            show(envoy, upstream, server)
+            print("\n== Envoy's stats of the filter (llm_policy.*, non-zero)")
+            _, stats = http_get(f"http://127.0.0.1:{envoy.admin}/stats?filter=^wasmcustom%5C.llm_policy")
+            for line in stats.decode().splitlines():
+                name, _, value = line.partition(":")
+                if value.strip() not in ("0", "") and "evaluation_us" not in name:
+                    print(f"   {line.removeprefix('wasmcustom.')}")
+            print("\n== Envoy's view of the policy server (health checks, calls)")
+            _, stats = http_get(f"http://127.0.0.1:{envoy.admin}/stats?filter=^cluster%5C.llm_policy%5C."
+                                "(health_check%5C.(success|failure)|upstream_rq_200)$")
+            for line in stats.decode().splitlines():
+                print(f"   {line}")
+            if os.environ.get("DEMO_DEBUG"):
+                print("\n".join(l for l in envoy.proc.text().splitlines() if "health" in l)[-3000:])
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    print("\n== stopped: upstream, server, Envoy")
+
+
 def main():
+    filter_tour()
+    print("\n== part 3: Envoy + ext_authz → llm-policy serve (every request checked by the server)")
     procs = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -43,20 +116,9 @@ def main():
             procs.append(server.proc)
             envoy = Envoy(tmp, server, upstream.port, tmp)
             procs.append(envoy.proc)
-            print(f"== mock upstream 127.0.0.1:{upstream.port}, llm-policy serve gRPC :{server.grpc} REST :{server.http} "
+            print(f"   mock upstream 127.0.0.1:{upstream.port}, llm-policy serve gRPC :{server.grpc} REST :{server.http} "
                   f"metrics :{server.metrics}, Envoy :{envoy.port}")
-            for path in sorted((ROOT / "examples" / "requests").glob("*.json")):
-                req = json.loads(path.read_text())
-                before = len(upstream.requests())
-                status, headers, body = curl(envoy.url(req.get("path", "/v1/chat/completions")), req)
-                reached = len(upstream.requests()) > before
-                print(f"\n== {path.name}: {req.get('method', 'POST')} {req.get('path')} through Envoy")
-                print(f"   {status}")
-                for h in SHOWN_HEADERS:
-                    if h in headers:
-                        print(f"   {h}: {headers[h]}")
-                print(f"   body: {body[:300]}")
-                print(f"   reached the upstream: {'yes' if reached else 'no'}")
+            show(envoy, upstream, None)
             print("\n== Prometheus metrics (llm_policy_*)")
             _, text = http_get(f"http://127.0.0.1:{server.metrics}/metrics")
             for line in text.decode().splitlines():

@@ -148,7 +148,7 @@ class Envoy:
         self.proc = Proc(
             f"envoy-{config.removesuffix('.yaml') if not text else 'generated'}-{self.port}",
             [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(path), "--concurrency", str(concurrency),
-             "--base-id", str(self.port), "-l", "warning"],
+             "--base-id", str(self.port), "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning")],
             log_dir,
         )
         wait_for(lambda: http_get(f"http://127.0.0.1:{self.admin}/ready")[1].strip() == b"LIVE", "envoy")

@@ -484,3 +484,19 @@ fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
     let mut host = FakeHost::request("GET", "/v1/models", &[], "");
     assert_eq!(run(&p, &mut host).1, Flow::Continue);
 }
+
+#[test]
+fn a_request_denied_in_the_filter_never_waits_for_the_server() {
+    let p = server_plugin();
+    // The team budget (the server's) sits below the deny: it could not change the verdict.
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-team-id", "research")],
+        &chat("gpt-3.5-turbo"),
+    );
+    assert_eq!(run(&p, &mut host).1, Flow::Pause);
+    assert_eq!(host.reply.clone().unwrap().status, 403);
+    assert!(host.calls.is_empty(), "no Check was sent");
+    assert_eq!(host.count(Metric::FallbackCalls), 0);
+}

@@ -167,7 +167,8 @@ pub struct RuleTrace {
     /// Priority.
     pub priority: i64,
     /// `matched`, `not_matched`, `error`, `disabled`, `not_selected` (tags), `remote`,
-    /// `under_limit`, `over_limit`.
+    /// `under_limit`, `over_limit`, `skipped` (below a rule that already denied or throttled:
+    /// its plugin or counter was not asked for).
     pub outcome: String,
     /// Whether it is a shadow rule.
     pub shadow: bool,

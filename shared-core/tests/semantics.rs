@@ -616,6 +616,59 @@ mod two_phase {
     }
 
     #[test]
+    fn nothing_is_asked_below_a_rule_that_already_denied() {
+        let rules = format!(
+            "{LIMITS}    - id: no-gpt-3\n      priority: 100\n      when: {{ match: {{ field: request.model, op: eq, value: gpt-3.5-turbo }} }}\n      action: {{ decision: deny, reason: \"no\" }}\n    - id: same-level\n      priority: 100\n      when: {{ plugin: {{ name: scorer }} }}\n      action: {{ decision: deny, reason: \"scored\" }}\n"
+        );
+        let set = compile(&policy("allow", &rules)).unwrap();
+        let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-3.5-turbo"}"#);
+        let opts = EvalOptions {
+            explain: true,
+            ..EvalOptions::default()
+        };
+        // A plugin at the deny's own priority could still decide (ties go to deny): asked.
+        let Step::Pending(p) = set.start(&c, &opts) else {
+            panic!("the same-priority plugin is asked for");
+        };
+        let asked: Vec<&str> = p.needs().iter().map(|n| n.rule.as_str()).collect();
+        assert_eq!(asked, vec!["same-level"]);
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("nothing else is needed");
+        };
+        assert_eq!(d.decision, Verdict::Deny);
+        assert_eq!(d.metadata.deciding_rule.as_deref(), Some("no-gpt-3"));
+        let trace: Vec<(String, String)> = d
+            .explain
+            .unwrap()
+            .into_iter()
+            .map(|t| (t.rule, t.outcome))
+            .collect();
+        assert!(
+            trace.contains(&("pii".into(), "skipped".into())),
+            "{trace:?}"
+        );
+        assert!(
+            trace.contains(&("per-user".into(), "skipped".into())),
+            "{trace:?}"
+        );
+        // The callback form asks nothing below the deny either.
+        let mut hooks = Fake {
+            over: true,
+            plugin: PluginCheck::Matched(true),
+            charged: vec![],
+        };
+        let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+        assert_eq!(d.decision, Verdict::Deny);
+        assert!(hooks.charged.is_empty());
+        // Another model: the lower rules are asked as before.
+        let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);
+        let Step::Pending(p) = set.start(&c, &EvalOptions::default()) else {
+            panic!("the plugin and the counter are needed");
+        };
+        assert_eq!(p.needs().len(), 3);
+    }
+
+    #[test]
     fn unanswered_needs_are_left_to_the_server() {
         let set = compile(&policy("allow", LIMITS)).unwrap();
         let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);

@@ -258,7 +258,7 @@ fn resolve_part(ns: &Namespace, part: &Part, explain: bool) -> PartDecision {
             Outcome::UnderLimit(charge) => charges.push(charge.clone()),
             // Waiting states never reach resolution: an unanswered need becomes `Remote`.
             Outcome::WaitPlugin(_) | Outcome::WaitCounter(..) => remote.push(rule),
-            Outcome::NotMatched | Outcome::NotSelected => {}
+            Outcome::NotMatched | Outcome::NotSelected | Outcome::Skipped => {}
         }
     }
     if explain {
@@ -368,6 +368,7 @@ fn rule_trace(rule: &CompiledRule, outcome: &Outcome) -> RuleTrace {
         Outcome::Error(e) => ("error", Some(e.clone())),
         Outcome::Remote(_) | Outcome::WaitPlugin(_) | Outcome::WaitCounter(..) => ("remote", None),
         Outcome::UnderLimit(_) => ("under_limit", None),
+        Outcome::Skipped => ("skipped", None),
     };
     RuleTrace {
         rule: rule.id.clone(),

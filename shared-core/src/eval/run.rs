@@ -13,8 +13,8 @@ use super::{
 };
 use crate::condition::Scratch;
 use crate::context::{RequestContext, View};
-use crate::decision::Charge;
-use crate::model::{PluginRef, Scope};
+use crate::decision::{Charge, Verdict};
+use crate::model::{OnError, PluginRef, Scope};
 use crate::set::{CompiledRule, Namespace, PolicySet};
 
 /// How one rule fared.
@@ -36,6 +36,9 @@ pub(crate) enum Outcome {
     WaitPlugin(NeedId),
     /// Waiting for the host to check the rule's counter.
     WaitCounter(NeedId, Charge),
+    /// Matched (or a plugin rule), but below a rule that already denied or throttled without
+    /// the host: its plugin or counter could not change the verdict, so it was not asked for.
+    Skipped,
 }
 
 /// A clock for `evaluation_time_us` (none without `std`).
@@ -254,15 +257,23 @@ fn run_part(
         outcomes.extend(left_out.into_iter().map(|i| (i, Outcome::NotSelected)));
     }
     let mut cacheable = true;
+    // The priority of the first (highest) rule that denied or throttled without the host: rules
+    // below it cannot change the verdict, so their plugins and counters are not asked for.
+    let mut floor: Option<i64> = None;
     for i in candidates {
         let Some(rule) = ns.rules.get(i as usize) else {
             continue;
         };
         cacheable &= !rule.volatile;
-        let outcome = run_rule(rule, ns, view, &mut scratch, host, part);
+        let below = floor.is_some_and(|f| rule.priority < f);
+        let outcome = run_rule(rule, ns, view, &mut scratch, host, part, below);
+        if floor.is_none() && stops(rule, &outcome) {
+            floor = Some(rule.priority);
+        }
         // A counter was (or would be) consulted: the next identical request may decide
         // differently.
-        cacheable &= rule.action.limit.is_none() || outcome == Outcome::NotMatched;
+        cacheable &= rule.action.limit.is_none()
+            || matches!(outcome, Outcome::NotMatched | Outcome::Skipped);
         // Most candidates do not match: keeping them only costs memory (a batch has many
         // parts), unless they are to be explained.
         if outcome != Outcome::NotMatched || explain {
@@ -292,7 +303,21 @@ fn finish(mut p: Pending, ctx: &RequestContext, timer: Timer) -> Step {
     Step::Done(d)
 }
 
+/// Whether an outcome denies or throttles the request whatever lower rules say, decided without
+/// the host (so both evaluation forms skip the same rules).
+fn stops(rule: &CompiledRule, outcome: &Outcome) -> bool {
+    if rule.shadow {
+        return false;
+    }
+    match outcome {
+        Outcome::Matched(None) => rule.plugin.is_none() && rule.action.decision != Verdict::Allow,
+        Outcome::Error(_) => rule.plugin.is_none() && rule.on_error == OnError::Deny,
+        _ => false,
+    }
+}
+
 /// Runs one rule as far as the host lets: its condition (or its plugin), then its counter.
+/// `below` a rule that already denied or throttled, nothing is asked of the host.
 fn run_rule<'a>(
     rule: &CompiledRule,
     ns: &Namespace,
@@ -300,8 +325,12 @@ fn run_rule<'a>(
     scratch: &mut Scratch<'a>,
     host: &mut Host<'_>,
     part: usize,
+    below: bool,
 ) -> Outcome {
     if let Some(plugin) = &rule.plugin {
+        if below {
+            return Outcome::Skipped;
+        }
         return match host.plugin(rule, plugin, part) {
             Ok(check) => plugin_outcome(check, rule, ns, view, host, part),
             Err(id) => Outcome::WaitPlugin(id),
@@ -310,6 +339,7 @@ fn run_rule<'a>(
     match rule.cond.eval(view, scratch) {
         Err(e) => Outcome::Error(crate::condition::clip(e.0)),
         Ok(false) => Outcome::NotMatched,
+        Ok(true) if below && rule.action.limit.is_some() && !rule.shadow => Outcome::Skipped,
         Ok(true) => after_match(rule, ns, view, host, part),
     }
 }
