@@ -12,7 +12,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build filter envoy-configs envoy-configs-check demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: all build filter bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -121,6 +121,15 @@ bench-proxy: build envoy
 	$(CARGO) build --release -p llm-policy-bench --bins
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
 	  BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_proxy.py
+
+## bench-filter: the proxy-wasm filter under load (Envoy, one worker): passthrough vs a no-op
+## body-buffering wasm filter vs llm-policy with 100 rules and with the example bundle, 1/8/64 KB
+## bodies; memory over 100k requests; .wasm size. About 3 minutes; results in tools/bench-filter.json.
+bench-filter: build filter envoy
+	$(CARGO) build --release -p llm-policy-bench --bins
+	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
+	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
+	  LLM_POLICY_WASM=$(abspath $(WASM)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_filter.py
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build

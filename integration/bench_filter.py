@@ -1,0 +1,172 @@
+"""`make bench-filter`: the proxy-wasm filter under load, all on loopback, one run, one machine.
+
+Envoy 1.40 with one worker (`--concurrency 1`, pinned to CPU 0; the load generator and the
+upstream share CPU 1) in front of `bench-upstream`, four set-ups:
+
+  1. passthrough: Envoy alone (`envoy/passthrough.yaml`);
+  2. floor: Envoy + a no-op wasm filter that only buffers the request body (`benches/noop-filter`);
+  3. llm-policy (a): the filter with 100 rules on model / max_tokens / headers;
+  4. llm-policy (b): the filter with the example bundle (`policies/`, which also scans prompts).
+
+Each with 1 KB, 8 KB and 64 KB chat bodies: throughput at saturation (closed loop) and the
+unloaded p50 (100 rps). Then 100,000 requests through (b) with Envoy's allocated memory before and
+after, and the size of the release `.wasm`. The machine is shared and noisy: compare the ratios of
+one run. Results: a Markdown table on stdout and `tools/bench-filter.json`.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from stack import ROOT, Envoy, Proc, envoy_config, free_port, http_get, wait_for, wasm_file
+
+BIN = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")
+NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
+SECS = int(os.environ.get("BENCH_SECS", "5"))
+SIZES = (1024, 8 * 1024, 64 * 1024)
+
+
+def loadgen(*args):
+    cmd = ["taskset", "-c", "1", str(BIN / "loadgen"), *map(str, args)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def body(size):
+    """An OpenAI chat body of about `size` bytes that the example bundle allows."""
+    text = "Please summarise the following notes about the quarterly planning meeting. "
+    filler = (text * (size // len(text) + 1))[: max(size - 120, 10)]
+    return json.dumps({"model": "gpt-4o", "max_tokens": 256,
+                       "messages": [{"role": "system", "content": "You are concise."},
+                                    {"role": "user", "content": filler}]}).encode()
+
+
+def hundred_rules():
+    rules = []
+    for i in range(100):
+        if i % 3 == 0:
+            when = f"{{ cel: \"request.model == 'm{i}' && request.max_tokens != null && request.max_tokens > {10 * i}\" }}"
+        elif i % 3 == 1:
+            when = f"{{ match: {{ field: request.headers.x-team, op: eq, value: t{i} }} }}"
+        else:
+            when = (f"{{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, "
+                    f"{{ field: request.max_tokens, op: gt, value: {i} }}] }} }}")
+        rules.append(f"    - id: r{i}\n      priority: {i}\n      when: {when}\n      action: {{ decision: deny }}\n")
+    return ("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: hundred}\nspec:\n"
+            "  defaultDecision: allow\n  rules:\n" + "".join(rules))
+
+
+def pin(proc, cpu):
+    subprocess.run(["taskset", "-pc", str(cpu), str(proc.p.pid)], capture_output=True, check=True)
+
+
+def measure(url, files):
+    out = {}
+    for size, f in files.items():
+        sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f)
+        idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f)
+        out[str(size)] = {"saturation": sat, "unloaded": idle}
+    return out
+
+
+def allocated(envoy):
+    _, text = http_get(f"http://127.0.0.1:{envoy.admin}/memory")
+    return int(json.loads(text)["allocated"])
+
+
+def main():
+    results = {"wasm_bytes": wasm_file().stat().st_size, "noop_wasm_bytes": NOOP.stat().st_size}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        files = {}
+        for size in SIZES:
+            f = tmp / f"body-{size}.json"
+            f.write_bytes(body(size))
+            files[size] = f
+        hundred = tmp / "hundred"
+        hundred.mkdir()
+        (hundred / "hundred.yaml").write_text(hundred_rules())
+        procs = []
+        try:
+            up_port = free_port()
+            upstream = Proc("bench-upstream", [str(BIN / "bench-upstream"), f"127.0.0.1:{up_port}"], tmp)
+            procs.append(upstream)
+            wait_for(lambda: subprocess.run(["curl", "-sf", "-XPOST", f"http://127.0.0.1:{up_port}/"],
+                                            capture_output=True).returncode == 0, "bench-upstream")
+            pin(upstream, 1)
+            setups = [
+                ("passthrough", None),
+                ("noop_floor", envoy_config("filter", ROOT / "policies", wasm=NOOP)),
+                ("filter_100_rules", envoy_config("filter", hundred)),
+                ("filter_example_bundle", envoy_config("filter", ROOT / "policies")),
+            ]
+            for name, text in setups:
+                if text is None:
+                    e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml", concurrency=1)
+                else:
+                    e = Envoy(tmp, None, up_port, tmp, text=text, concurrency=1)
+                pin(e.proc, 0)
+                url = e.url("/v1/chat/completions")
+                # The example bundle allows the benchmark request: check before measuring.
+                status = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
+                                         f"@{files[1024]}", "-H", "content-type: application/json", url],
+                                        capture_output=True, text=True).stdout
+                assert status == "200", f"{name}: the benchmark request got {status}"
+                results[name] = measure(url, files)
+                if name.startswith("filter"):
+                    _, h = http_get(f"http://127.0.0.1:{e.admin}/stats?filter=evaluation_us")
+                    results[name]["evaluation_us_histogram"] = h.decode().strip()
+                if name == "filter_example_bundle":
+                    before = allocated(e)
+                    run = loadgen("http", "--url", url, "--concurrency", 32, "--duration", 12,
+                                  "--body-file", files[8 * 1024])
+                    after = allocated(e)
+                    results["memory_100k"] = {"requests": run["requests"] if "requests" in run else
+                                              round(run["rps"] * 12), "allocated_before": before,
+                                              "allocated_after": after}
+                e.proc.stop()
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    out = ROOT / "tools" / "bench-filter.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps(results, indent=2))
+    print_table(results)
+
+
+def print_table(r):
+    names = ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle")
+    print("| set-up | body | rps (saturation) | × passthrough | p50 ms unloaded | p99 ms saturation | non-200 |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for size in map(str, SIZES):
+        base = r["passthrough"][size]["saturation"]["rps"]
+        for name in names:
+            x = r[name][size]
+            sat = x["saturation"]
+            bad = sum(v["errors"] + sum(n for s, n in v["statuses"].items() if s != "200") for v in x.values())
+            print(f"| {name} | {int(size) // 1024} KB | {sat['rps']:.0f} | {sat['rps'] / base:.2f} | "
+                  f"{x['unloaded']['p50_ms']:.3f} | {sat['p99_ms']:.2f} | {bad} |")
+    print()
+    for size in map(str, SIZES):
+        t = r["passthrough"][size]
+        n = r["noop_floor"][size]
+        for name in ("filter_100_rules", "filter_example_bundle"):
+            f = r[name][size]
+            print(f"{int(size) // 1024} KB {name}: {f['saturation']['rps'] / t['saturation']['rps']:.2f}x passthrough "
+                  f"(floor {n['saturation']['rps'] / t['saturation']['rps']:.2f}x, "
+                  f"{f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor); unloaded p50 "
+                  f"{f['unloaded']['p50_ms']:.3f} ms vs floor {n['unloaded']['p50_ms']:.3f} ms vs passthrough "
+                  f"{t['unloaded']['p50_ms']:.3f} ms")
+    for name in ("filter_100_rules", "filter_example_bundle"):
+        print(f"{name}, time in the filter's evaluation (Envoy histogram, µs): {r[name].get('evaluation_us_histogram')}")
+    m = r["memory_100k"]
+    print(f"memory over {m['requests']} requests (example bundle, 8 KB): allocated {m['allocated_before'] / 1e6:.1f} MB "
+          f"-> {m['allocated_after'] / 1e6:.1f} MB")
+    print(f".wasm: {r['wasm_bytes'] / 1e6:.2f} MB (target <= 3 MB); no-op floor {r['noop_wasm_bytes'] / 1e6:.2f} MB")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
