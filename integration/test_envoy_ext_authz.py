@@ -62,6 +62,34 @@ def test_envoy_configs_validate(tmp_path):
         assert r.returncode == 0, f"{c}: {r.stdout}{r.stderr}"
 
 
+def test_generated_configs_for_every_mode_and_an_https_provider_validate(tmp_path):
+    """`llm-policy envoy-config` in each mode, in front of https://api.openai.com (TLS with SNI, the
+    provider's name checked against its certificate): Envoy accepts every one."""
+    envoy = binary("ENVOY_BIN", "tools/envoy/_bin/envoy")
+    for mode in ("filter", "ext-authz", "filter+fallback"):
+        args = [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", mode,
+                "--upstream", "https://api.openai.com", "--wasm", str(wasm_file())]
+        if mode != "ext-authz":
+            args += ["--policies", str(ROOT / "policies")]
+        if mode == "filter+fallback":
+            args += ["--sync-from", "127.0.0.1:8080"]
+        text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
+        assert "sni: api.openai.com" in text and "host_rewrite_literal: api.openai.com" in text
+        path = tmp_path / f"{mode}.yaml"
+        path.write_text(text)
+        r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
+        assert r.returncode == 0, f"{mode}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+    # A broken bundle is refused with its location, nothing printed.
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "p.yaml").write_text("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  rules:\n"
+                                "    - id: r\n      when: {cel: 'nope('}\n      action: {decision: deny}\n")
+    r = subprocess.run([str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", "filter",
+                        "--upstream", "https://api.openai.com", "--policies", str(bad)], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stdout == ""
+    assert "p.yaml:7" in r.stderr, r.stderr
+
+
 def test_envoy_configs_are_what_the_generator_prints():
     """`make envoy-configs` output is committed: the files match `llm-policy envoy-config`."""
     for name, mode, policies in [("filter.yaml", "filter", ROOT / "policies"), ("ext-authz.yaml", "ext-authz", None),
