@@ -39,8 +39,9 @@ pub struct RecordUsageRequest {
 pub struct UsageReport {
     /// The server's reservation handle.
     pub handle: String,
-    /// Tokens used.
-    pub tokens: f64,
+    /// Tokens used; `None`: unknown (the answer did not say, or was cut off), so the server
+    /// counts its estimate as spent.
+    pub tokens: Option<f64>,
 }
 
 /// The VM's queue of reports.
@@ -84,7 +85,7 @@ impl Outbox {
         for r in batch {
             let message = RecordUsageRequest {
                 request_id: r.handle,
-                tokens: Some(r.tokens),
+                tokens: r.tokens,
                 cost_usd: None,
             }
             .encode_to_vec();
@@ -111,7 +112,7 @@ mod tests {
         for i in 0..MAX_QUEUED + 5 {
             let queued = outbox.push(UsageReport {
                 handle: format!("h{i}"),
-                tokens: 10.0,
+                tokens: Some(10.0),
             });
             assert_eq!(queued, i < MAX_QUEUED);
         }

@@ -87,12 +87,22 @@ impl RequestFlow {
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         let wants =
             self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
-        if wants && self.usage.is_none() {
-            let ct = host.response_header("content-type").unwrap_or_default();
-            self.usage = Some(UsageReader::new(&ct));
-            if end_of_stream {
-                self.settle(host);
-            }
+        if !wants || self.usage.is_some() {
+            return Flow::Continue;
+        }
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(200);
+        if status >= 400 {
+            // The provider refused or failed: nothing was spent.
+            self.settle_with(host, Some(0.0));
+            return Flow::Continue;
+        }
+        let ct = host.response_header("content-type").unwrap_or_default();
+        self.usage = Some(UsageReader::new(&ct));
+        if end_of_stream {
+            self.settle(host);
         }
         Flow::Continue
     }
@@ -123,20 +133,39 @@ impl RequestFlow {
         Flow::Continue
     }
 
-    /// Reconciles the reservations with the answer's usage: local token counters get the
-    /// difference, the server gets a usage report. An answer without usage (or cut off) leaves
-    /// the estimates (the server releases or commits them after its timeout).
+    /// The stream is over (Envoy's log callback). An answer still being read was cut off (the
+    /// client went away, the upstream failed): its usage is unknown.
+    pub fn on_done(&mut self, host: &mut dyn Host) {
+        let reserved =
+            self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
+        if self.usage.take().is_some() || (reserved && self.handle.is_some()) {
+            host.metric(Metric::UsageUnknown, 1);
+            self.settle_with(host, None);
+        }
+    }
+
+    /// Settles with what the answer said.
     fn settle(&mut self, host: &mut dyn Host) {
         let Some(reader) = self.usage.take() else {
             return;
         };
-        let Some(usage) = reader.finish() else {
+        let tokens = reader.finish().map(|u| u.tokens());
+        if tokens.is_none() {
             host.metric(Metric::UsageUnknown, 1);
-            return;
-        };
-        let tokens = usage.tokens();
-        for r in self.held.iter().filter(|r| r.is_tokens()) {
-            self.plugin.counters.adjust(host, r, tokens - r.amount());
+        }
+        self.settle_with(host, tokens);
+    }
+
+    /// Reconciles the reservations with the tokens spent: local token counters get the
+    /// difference, the server a usage report. Unknown usage (`None`) keeps the local estimates
+    /// and asks the server to count its estimate as spent, so an answer without usage — an
+    /// OpenAI stream without `include_usage`, a cut connection — cannot dodge a budget.
+    fn settle_with(&mut self, host: &mut dyn Host, tokens: Option<f64>) {
+        self.usage = None;
+        if let Some(t) = tokens {
+            for r in self.held.iter().filter(|r| r.is_tokens()) {
+                self.plugin.counters.adjust(host, r, t - r.amount());
+            }
         }
         if let Some(handle) = self.handle.take() {
             if !self.outbox.push(UsageReport { handle, tokens }) {

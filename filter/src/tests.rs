@@ -500,3 +500,92 @@ fn a_request_denied_in_the_filter_never_waits_for_the_server() {
     assert!(host.calls.is_empty(), "no Check was sent");
     assert_eq!(host.count(Metric::FallbackCalls), 0);
 }
+
+/// A research request the server allowed with reservation handle `h1`: (flow, host, outbox).
+fn allowed_with_a_reservation() -> (RequestFlow, FakeHost, Rc<Outbox>) {
+    use envoy_types::ext_authz::v3::pb as envoy;
+    let p = server_plugin();
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-team-id", "research")],
+        &chat("gpt-4o"),
+    );
+    let outbox = Rc::new(Outbox::default());
+    let (mut flow, _) = run_into(&p, &mut host, &outbox);
+    let ok = envoy::CheckResponse {
+        http_response: Some(envoy::HttpResponse::OkResponse(envoy::OkHttpResponse {
+            headers: vec![envoy::HeaderValueOption {
+                header: Some(envoy::HeaderValue {
+                    key: "x-llm-policy-reservation".into(),
+                    value: "h1".into(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    flow.on_server_answer(&mut host, 1, 0, Some(ok.encode_to_vec()));
+    (flow, host, outbox)
+}
+
+fn reported(host: &mut FakeHost, outbox: &Outbox) -> Vec<Option<f64>> {
+    let before = host.calls.len();
+    outbox.flush(
+        host,
+        &crate::config::ServerConfig {
+            cluster: "llm_policy".into(),
+            timeout_ms: 200,
+        },
+    );
+    host.calls[before..]
+        .iter()
+        .map(|c| {
+            crate::outbox::RecordUsageRequest::decode(c.message.as_slice())
+                .unwrap()
+                .tokens
+        })
+        .collect()
+}
+
+#[test]
+fn answers_without_usage_cannot_dodge_a_budget() {
+    // A stream without usage events (OpenAI without include_usage): the estimate counts.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    host.response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "text/event-stream".into()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk =
+        b"data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\ndata: [DONE]\n\n".to_vec();
+    let len = host.response_chunk.len();
+    flow.on_response_body(&mut host, len, true);
+    flow.on_done(&mut host);
+    assert_eq!(reported(&mut host, &outbox), vec![None]);
+    assert_eq!(host.count(Metric::UsageUnknown), 1);
+
+    // Cut off mid-stream (the client went away): the estimate counts.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    host.response_headers = vec![("content-type".into(), "text/event-stream".into())];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = b"data: {\"choices\":[]}\n\n".to_vec();
+    let len = host.response_chunk.len();
+    flow.on_response_body(&mut host, len, false);
+    flow.on_done(&mut host);
+    assert_eq!(reported(&mut host, &outbox), vec![None]);
+
+    // The upstream never answered: the estimate counts.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    flow.on_done(&mut host);
+    assert_eq!(reported(&mut host, &outbox), vec![None]);
+
+    // The provider refused (429, 5xx): nothing was spent.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    host.response_headers = vec![(":status".into(), "503".into())];
+    flow.on_response_headers(&mut host, false);
+    flow.on_done(&mut host);
+    assert_eq!(reported(&mut host, &outbox), vec![Some(0.0)]);
+}

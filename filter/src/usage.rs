@@ -4,17 +4,16 @@
 //! `stream_options.include_usage`, the Responses API's `response.completed`, Anthropic's
 //! `message_start` and `message_delta`).
 //!
-//! Memory is bounded: a JSON answer is copied up to [`MAX_JSON_BYTES`] (past that its usage is
-//! unknown), an SSE line up to [`MAX_LINE_BYTES`] (a longer line is skipped), and only lines that
-//! mention `usage` are parsed.
+//! Memory is bounded and small whatever the answer: the provider puts `usage` at the end of a
+//! JSON answer and in short SSE events, so only the last [`TAIL_BYTES`] of the JSON body, and of
+//! each SSE line, are kept; at the end the last `"usage":` object in them is parsed. A large
+//! answer therefore costs the filter a few KiB, not a copy (thousands of streams at once must not
+//! run the VM out of memory).
 
 use serde::Deserialize;
 
-/// Largest JSON answer whose usage is read.
-pub const MAX_JSON_BYTES: usize = 8 * 1024 * 1024;
-
-/// Longest SSE line kept while it arrives.
-pub const MAX_LINE_BYTES: usize = 1024 * 1024;
+/// Bytes kept from the end of a JSON answer, or of one SSE line.
+pub const TAIL_BYTES: usize = 4 * 1024;
 
 /// Token counts of one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -45,36 +44,35 @@ struct Fields {
     cache_read_input_tokens: Option<f64>,
 }
 
-#[derive(Debug, Default, Deserialize)]
-struct Holder {
-    usage: Option<Fields>,
-}
+/// The last [`TAIL_BYTES`] of a byte stream.
+#[derive(Debug, Default)]
+pub struct Tail(Vec<u8>);
 
-/// What carries usage: the answer or event itself, or its `message` (Anthropic `message_start`)
-/// or `response` (OpenAI Responses events).
-#[derive(Debug, Default, Deserialize)]
-struct Carrier {
-    usage: Option<Fields>,
-    message: Option<Holder>,
-    response: Option<Holder>,
+impl Tail {
+    fn push(&mut self, bytes: &[u8]) {
+        if bytes.len() >= TAIL_BYTES {
+            self.0.clear();
+            self.0
+                .extend_from_slice(bytes.get(bytes.len() - TAIL_BYTES..).unwrap_or_default());
+            return;
+        }
+        let keep = TAIL_BYTES - bytes.len();
+        if self.0.len() > keep {
+            self.0.drain(..self.0.len() - keep);
+        }
+        self.0.extend_from_slice(bytes);
+    }
 }
 
 /// Reads usage from one response body, chunk by chunk.
 #[derive(Debug)]
 pub enum UsageReader {
-    /// A JSON answer (copied until it ends).
-    Json {
-        /// The bytes so far.
-        body: Vec<u8>,
-        /// Over the limit: usage unknown.
-        overflow: bool,
-    },
+    /// A JSON answer: its tail.
+    Json(Tail),
     /// A server-sent-event stream.
     Sse {
-        /// The unfinished last line.
-        line: Vec<u8>,
-        /// The line is over the limit and skipped until its end.
-        skipping: bool,
+        /// The tail of the unfinished last line.
+        line: Tail,
         /// What the events said so far.
         seen: Option<Usage>,
     },
@@ -88,15 +86,11 @@ impl UsageReader {
         let ct = content_type.to_ascii_lowercase();
         if ct.starts_with("text/event-stream") {
             UsageReader::Sse {
-                line: Vec::new(),
-                skipping: false,
+                line: Tail::default(),
                 seen: None,
             }
         } else if ct.starts_with("application/json") || ct.is_empty() {
-            UsageReader::Json {
-                body: Vec::new(),
-                overflow: false,
-            }
+            UsageReader::Json(Tail::default())
         } else {
             UsageReader::Off
         }
@@ -105,35 +99,13 @@ impl UsageReader {
     /// The next chunk of the body.
     pub fn feed(&mut self, chunk: &[u8]) {
         match self {
-            UsageReader::Json { body, overflow } => {
-                if *overflow || body.len().saturating_add(chunk.len()) > MAX_JSON_BYTES {
-                    *overflow = true;
-                    body.clear();
-                } else {
-                    body.extend_from_slice(chunk);
-                }
-            }
-            UsageReader::Sse {
-                line,
-                skipping,
-                seen,
-            } => {
+            UsageReader::Json(tail) => tail.push(chunk),
+            UsageReader::Sse { line, seen } => {
                 for piece in chunk.split_inclusive(|b| *b == b'\n') {
-                    let complete = piece.last() == Some(&b'\n');
-                    if !*skipping {
-                        if line.len().saturating_add(piece.len()) > MAX_LINE_BYTES {
-                            *skipping = true;
-                            line.clear();
-                        } else {
-                            line.extend_from_slice(piece);
-                        }
-                    }
-                    if complete {
-                        if !*skipping {
-                            sse_line(line, seen);
-                        }
-                        line.clear();
-                        *skipping = false;
+                    line.push(piece);
+                    if piece.last() == Some(&b'\n') {
+                        merge(seen, &line.0);
+                        line.0.clear();
                     }
                 }
             }
@@ -144,23 +116,13 @@ impl UsageReader {
     /// The usage, once the body has ended (`None`: the answer did not say).
     pub fn finish(self) -> Option<Usage> {
         match self {
-            UsageReader::Json { body, overflow } => {
-                if overflow {
-                    return None;
-                }
-                let c: Carrier = serde_json::from_slice(&body).ok()?;
+            UsageReader::Json(tail) => {
                 let mut seen = None;
-                merge(&mut seen, &c);
+                merge(&mut seen, &tail.0);
                 seen
             }
-            UsageReader::Sse {
-                line,
-                skipping,
-                mut seen,
-            } => {
-                if !skipping {
-                    sse_line(&line, &mut seen);
-                }
+            UsageReader::Sse { line, mut seen } => {
+                merge(&mut seen, &line.0);
                 seen
             }
             UsageReader::Off => None,
@@ -168,48 +130,39 @@ impl UsageReader {
     }
 }
 
-/// One SSE line: `data: {json}` lines that mention usage are read.
-fn sse_line(line: &[u8], seen: &mut Option<Usage>) {
-    let text = line.strip_suffix(b"\n").unwrap_or(line);
-    let text = text.strip_suffix(b"\r").unwrap_or(text);
-    let Some(data) = text.strip_prefix(b"data:") else {
+/// Finds the last `"usage"` key in `text` and adds its object. Counts are cumulative in every
+/// provider's stream, so the largest value seen wins.
+fn merge(seen: &mut Option<Usage>, text: &[u8]) {
+    const KEY: &[u8] = b"\"usage\"";
+    let Some(at) = text.windows(KEY.len()).rposition(|w| w == KEY) else {
         return;
     };
-    if !contains(data, b"usage") {
+    let rest = text.get(at + KEY.len()..).unwrap_or_default();
+    let rest = trim_start(rest);
+    let Some(rest) = rest.strip_prefix(b":") else {
         return;
-    }
-    if let Ok(c) = serde_json::from_slice::<Carrier>(data) {
-        merge(seen, &c);
+    };
+    // The object that follows, up to wherever it ends (the rest of the line is ignored).
+    let mut values = serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<Fields>();
+    let Some(Ok(f)) = values.next() else {
+        return;
+    };
+    let u = seen.get_or_insert_with(Usage::default);
+    let input = f.prompt_tokens.unwrap_or(0.0)
+        + f.input_tokens.unwrap_or(0.0)
+        + f.cache_creation_input_tokens.unwrap_or(0.0)
+        + f.cache_read_input_tokens.unwrap_or(0.0);
+    let output = f.completion_tokens.unwrap_or(0.0) + f.output_tokens.unwrap_or(0.0);
+    u.input = u.input.max(finite(input));
+    u.output = u.output.max(finite(output));
+    if let Some(t) = f.total_tokens {
+        u.total = Some(u.total.unwrap_or(0.0).max(finite(t)));
     }
 }
 
-fn contains(hay: &[u8], needle: &[u8]) -> bool {
-    hay.windows(needle.len()).any(|w| w == needle)
-}
-
-/// Adds what one answer or event says. Counts are cumulative in every provider's stream, so the
-/// largest value seen wins.
-fn merge(seen: &mut Option<Usage>, c: &Carrier) {
-    for f in [
-        c.usage.as_ref(),
-        c.message.as_ref().and_then(|m| m.usage.as_ref()),
-        c.response.as_ref().and_then(|r| r.usage.as_ref()),
-    ]
-    .into_iter()
-    .flatten()
-    {
-        let u = seen.get_or_insert_with(Usage::default);
-        let input = f.prompt_tokens.unwrap_or(0.0)
-            + f.input_tokens.unwrap_or(0.0)
-            + f.cache_creation_input_tokens.unwrap_or(0.0)
-            + f.cache_read_input_tokens.unwrap_or(0.0);
-        let output = f.completion_tokens.unwrap_or(0.0) + f.output_tokens.unwrap_or(0.0);
-        u.input = u.input.max(finite(input));
-        u.output = u.output.max(finite(output));
-        if let Some(t) = f.total_tokens {
-            u.total = Some(u.total.unwrap_or(0.0).max(finite(t)));
-        }
-    }
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b.iter().take_while(|c| c.is_ascii_whitespace()).count();
+    b.get(n..).unwrap_or_default()
 }
 
 fn finite(x: f64) -> f64 {
@@ -287,23 +240,32 @@ event: message_delta\r\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_to
 
     #[test]
     fn hostile_bodies_are_bounded() {
-        // A huge JSON answer: not kept, usage unknown.
+        // A huge JSON answer: only its tail is kept, and its usage at the end is still read.
         let mut r = UsageReader::new("application/json");
         let chunk = vec![b' '; 1024 * 1024];
+        r.feed(b"{\"choices\":[{\"text\":\"");
         for _ in 0..9 {
             r.feed(&chunk);
+            assert!(matches!(&r, UsageReader::Json(t) if t.0.len() <= TAIL_BYTES));
         }
-        assert!(matches!(&r, UsageReader::Json { body, overflow: true } if body.is_empty()));
-        assert_eq!(r.finish(), None);
-        // An endless SSE line: skipped, the next lines still read.
+        r.feed(br#""}],"usage":{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}}"#);
+        assert_eq!(r.finish().map(|u| u.tokens()), Some(3.0));
+        // An endless SSE line: bounded too; the next lines still read.
         let mut r = UsageReader::new("text/event-stream");
         r.feed(b"data: ");
         for _ in 0..3 {
             r.feed(&chunk);
+            assert!(matches!(&r, UsageReader::Sse { line, .. } if line.0.len() <= TAIL_BYTES));
         }
         r.feed(b"\ndata: {\"usage\":{\"input_tokens\":1,\"output_tokens\":2}}\n");
         assert_eq!(r.finish().map(|u| u.tokens()), Some(3.0));
-        // Negative numbers count as nothing; out-of-range ones make the answer unreadable.
+        // A usage key inside the text is escaped, so only the real one counts.
+        let tricky = br#"{"content":"say \"usage\": {\"total_tokens\": 1}","usage":{"input_tokens":4,"output_tokens":5}}"#;
+        assert_eq!(
+            read("application/json", &[tricky]).map(|u| u.tokens()),
+            Some(9.0)
+        );
+        // Negative numbers count as nothing; out-of-range ones make the object unreadable.
         let u = read(
             "application/json",
             &[br#"{"usage":{"input_tokens":-5,"output_tokens":2}}"#],

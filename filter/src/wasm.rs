@@ -266,6 +266,12 @@ impl HttpContext for Http {
             None => Action::Continue,
         }
     }
+
+    fn on_log(&mut self) {
+        if let Some(flow) = &mut self.flow {
+            flow.on_done(&mut WasmHost);
+        }
+    }
 }
 
 fn log(level: Level, message: &str) {
