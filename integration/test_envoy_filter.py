@@ -83,10 +83,10 @@ def test_413_400_and_other_routes(fstack):
     # Not an LLM API call: untouched, unbuffered, no verdict.
     status, _, _ = curl(fstack.envoy.url("/v1/models"), method="GET")
     assert status == 200
-    status, _, _ = curl(fstack.envoy.url("/v1/uploads/part"), b"\x00 not json \xff")
+    status, _, _ = curl(fstack.envoy.url("/internal/uploads/part"), b"\x00 not json \xff")
     assert status != 400
     seen = fstack.upstream.requests()
-    assert [r["path"] for r in seen] == ["/v1/uploads/part"]
+    assert [r["path"] for r in seen] == ["/internal/uploads/part"]
     assert base64.b64decode(seen[0]["body"]) == b"\x00 not json \xff"
     assert "x-llm-policy-decision" not in seen[0]["headers"]
 
@@ -269,3 +269,24 @@ def test_bundle_sync_swaps_a_new_policy_while_traffic_flows(fstack):
                              for _ in range(6)), "the filter back on the original bundle", timeout=10)
     assert sent[0] > 0
     assert failures == []
+
+
+def test_path_spellings_and_repeated_identity_headers_do_not_get_around_the_policy(fstack):
+    """Found by a hostile review: spellings of an API path a lenient upstream may accept, and a
+    principal header sent twice (joined, `free,free` matched no free-tier rule)."""
+    fstack.upstream.reset()
+    for path in ["/v1/chat%2Fcompletions", "/v1/Chat/Completions", "/v1/chat/completions;x=1",
+                 "/v1//chat/./completions", "/v1/chat%2fcompletions?x=1"]:
+        status, headers, out = curl(fstack.envoy.url(path), chat("gpt-3.5-turbo"))
+        assert status == 403, f"{path}: {status} {out[:200]}"
+        assert json.loads(out)["error"]["message"] == "model is not approved"
+    assert fstack.upstream.requests() == []
+    # The same tier twice is that tier (402 for gpt-4o on the free tier); two tiers are refused.
+    args = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+            "--data-binary", chat("gpt-4o").decode(), fstack.envoy.url("/v1/chat/completions")]
+    same = subprocess.run(args + ["-H", "x-user-tier: free", "-H", "x-user-tier: free"], capture_output=True, text=True)
+    assert same.stdout == "402"
+    both = subprocess.run(args + ["-H", "x-user-tier: free", "-H", "x-user-tier: enterprise"], capture_output=True,
+                          text=True)
+    assert both.stdout == "400"
+    assert fstack.upstream.requests() == []

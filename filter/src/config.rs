@@ -121,6 +121,29 @@ impl FilterConfig {
         if doc.value.pointer("/context/maxBodyBytes").is_none() {
             config.context.max_body_bytes = DEFAULT_MAX_BODY_BYTES;
         }
+        let bad = |pointer: &str, msg: &str| {
+            one(Diagnostic::error(llm_policy_core::Code::InvalidType, msg)
+                .at(CONFIG_FILE, doc.position(pointer)))
+        };
+        if config.context.max_body_bytes == 0 {
+            return Err(bad("/context/maxBodyBytes", "maxBodyBytes must be above 0"));
+        }
+        if config.routes.hosts.iter().any(|h| h.trim().is_empty()) {
+            return Err(bad(
+                "/routes/hosts",
+                "an empty host matches nothing: remove it",
+            ));
+        }
+        if config.routes.paths.iter().any(|p| !p.starts_with('/')) {
+            return Err(bad("/routes/paths", "paths start with `/`"));
+        }
+        if config
+            .server
+            .as_ref()
+            .is_some_and(|s| s.cluster.trim().is_empty())
+        {
+            return Err(bad("/server/cluster", "the server's cluster name is empty"));
+        }
         Ok(config)
     }
 

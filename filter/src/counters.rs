@@ -3,14 +3,18 @@
 //!
 //! The counters live in a fixed table of `slots` shared-data entries (`llm_policy.c.<n>`), so a
 //! flood of distinct keys (one per client-chosen header value, say) cannot grow Envoy's memory: a
-//! key hashes to a slot and probes up to [`PROBES`] slots for its own entry or one whose window has
-//! ended. Each update is a compare-and-swap, retried when another worker wrote first. A key that
-//! finds no free slot is not counted (answered "unknown", which a local limit treats as under) and
-//! counted in `llm_policy.local_counters.full`.
+//! key hashes (with a random seed the first worker stores, so a client cannot aim at another
+//! key's slots) to a slot and probes up to [`PROBES`] slots for its own live entry, else the
+//! first one free or whose window has ended. Each update is a compare-and-swap, retried when
+//! another worker wrote first. A key that finds no free slot is counted in
+//! `llm_policy.local_counters.full` and, failing closed (the default), is over its limit;
+//! failing open, it is not counted.
 //!
 //! One race is left: the very first write of a never-used slot cannot be a compare-and-swap
 //! (proxy-wasm has no "create if absent"), so two workers creating the same slot at the same
 //! instant may lose one count, once per slot.
+
+use std::cell::Cell;
 
 use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
@@ -96,79 +100,141 @@ pub enum Count {
 }
 
 /// The local counter table.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug)]
 pub struct Counters {
     slots: u32,
+    /// A key that finds no free slot is over its limit (fail closed) rather than not counted.
+    fail_closed: bool,
+    /// When "table full" was last logged (Unix seconds), so a flood does not flood the log.
+    logged: Cell<u64>,
 }
 
+/// Shared-data key of the table's hash seed: random, chosen by the first worker, so a client
+/// cannot compute which slots its keys land in.
+const SEED_KEY: &str = "llm_policy.c.seed";
+
 impl Counters {
-    /// A table of `slots` entries (at least [`PROBES`]).
-    pub fn new(slots: u32) -> Counters {
+    /// A table of `slots` entries (at least [`PROBES`]); `fail_closed`: what a key that finds no
+    /// free slot gets.
+    pub fn new(slots: u32, fail_closed: bool) -> Counters {
         Counters {
             slots: slots.max(PROBES),
+            fail_closed,
+            logged: Cell::new(0),
         }
+    }
+
+    /// The table's seed, read from shared data each time (so every worker uses the one stored,
+    /// even after two raced to create it).
+    fn seed(host: &mut dyn Host) -> u64 {
+        if let Some(seed) = host.shared_get(SEED_KEY).and_then(|(v, _)| word(&v)) {
+            return seed;
+        }
+        let fresh =
+            std::hash::BuildHasher::hash_one(&std::collections::hash_map::RandomState::new(), 0u8);
+        let _ = host.shared_set(SEED_KEY, &fresh.to_le_bytes(), None);
+        host.shared_get(SEED_KEY)
+            .and_then(|(v, _)| word(&v))
+            .unwrap_or(fresh)
     }
 
     /// Adds `charge.amount` to the charge's counter if that stays within its limit.
     pub fn reserve(&self, host: &mut dyn Host, charge: &Charge, now_secs: u64) -> Count {
-        let key = key_hash(&charge.rule, &charge.key);
+        let key = key_hash(Counters::seed(host), &charge.rule, &charge.key);
         let window = charge.window_secs.max(1);
         let window_end = now_secs
             .saturating_sub(now_secs % window)
             .saturating_add(window);
         let base = key % u64::from(self.slots);
-        for probe in 0..PROBES {
-            let slot = slot_name((base + u64::from(probe)) % u64::from(self.slots));
-            for _ in 0..CAS_ATTEMPTS {
-                let (current, cas) = match host.shared_get(&slot) {
+        let names: Vec<String> = (0..u64::from(PROBES))
+            .map(|p| slot_name((base + p) % u64::from(self.slots)))
+            .collect();
+        for _ in 0..CAS_ATTEMPTS {
+            // Our own live entry anywhere in the probe window first; else the first free slot
+            // (never used, or its window ended). Claiming a free slot before looking further
+            // would start a second count for the same key.
+            let mut own = None;
+            let mut free = None;
+            for name in &names {
+                let (entry, cas) = match host.shared_get(name) {
                     Some((bytes, cas)) => (Entry::decode(&bytes), Some(cas)),
                     None => (None, None),
                 };
-                let used = match current {
-                    // Our key, this window.
-                    Some(e) if e.key == key && e.window_end == window_end => e.used,
-                    // Another key still counting: try the next slot.
-                    Some(e) if e.key != key && e.window_end > now_secs => break,
-                    // Empty, ended, or our key from an earlier window.
-                    _ => 0.0,
-                };
-                let after = used + charge.amount;
-                if after > charge.limit {
-                    return Count::Over(LimitState {
-                        limit: charge.limit,
-                        remaining: (charge.limit - used).max(0.0),
-                        reset_secs: window_end.saturating_sub(now_secs),
-                    });
-                }
-                let entry = Entry {
-                    key,
-                    window_end,
-                    used: after,
-                };
-                match host.shared_set(&slot, &entry.encode(), cas) {
-                    SharedWrite::Ok => {
-                        return Count::Under(Reservation {
-                            slot,
-                            key,
-                            window_end,
-                            amount: charge.amount,
-                            kind: charge.kind,
-                        })
+                match entry {
+                    Some(e) if e.key == key && e.window_end > now_secs => {
+                        own = Some((name, e.used, cas));
+                        break;
                     }
-                    SharedWrite::CasMismatch => continue,
-                    SharedWrite::Failed => return Count::Unknown,
+                    Some(e) if e.window_end > now_secs => {}
+                    _ => {
+                        if free.is_none() {
+                            free = Some((name, cas));
+                        }
+                    }
                 }
             }
+            let (slot, used, cas) = match (own, free) {
+                (Some(own), _) => own,
+                (None, Some((name, cas))) => (name, 0.0, cas),
+                (None, None) => return self.full(host, charge, now_secs, window_end),
+            };
+            let after = used + charge.amount;
+            if after > charge.limit {
+                return Count::Over(LimitState {
+                    limit: charge.limit,
+                    remaining: (charge.limit - used).max(0.0),
+                    reset_secs: window_end.saturating_sub(now_secs),
+                });
+            }
+            let entry = Entry {
+                key,
+                window_end,
+                used: after,
+            };
+            match host.shared_set(slot, &entry.encode(), cas) {
+                SharedWrite::Ok => {
+                    return Count::Under(Reservation {
+                        slot: slot.clone(),
+                        key,
+                        window_end,
+                        amount: charge.amount,
+                        kind: charge.kind,
+                    })
+                }
+                SharedWrite::CasMismatch => continue,
+                SharedWrite::Failed => return Count::Unknown,
+            }
         }
-        host.metric(Metric::CounterTableFull, 1);
-        host.log(
-            Level::Warn,
-            &format!(
-                "local counter for rule {} not counted: no free slot (localCounterSlots)",
-                charge.rule
-            ),
-        );
         Count::Unknown
+    }
+
+    /// No free slot for the key: over its limit when failing closed, else not counted.
+    fn full(&self, host: &mut dyn Host, charge: &Charge, now: u64, window_end: u64) -> Count {
+        host.metric(Metric::CounterTableFull, 1);
+        if now >= self.logged.get().saturating_add(10) {
+            self.logged.set(now);
+            host.log(
+                Level::Warn,
+                &format!(
+                    "local counters: no free slot for a key of rule {} ({}); raise localCounterSlots",
+                    charge.rule,
+                    if self.fail_closed {
+                        "counted as over its limit"
+                    } else {
+                        "not counted"
+                    }
+                ),
+            );
+        }
+        if self.fail_closed {
+            Count::Over(LimitState {
+                limit: charge.limit,
+                remaining: 0.0,
+                reset_secs: window_end.saturating_sub(now),
+            })
+        } else {
+            Count::Unknown
+        }
     }
 
     /// Gives a reservation back (if its window has not ended).
@@ -198,12 +264,17 @@ impl Counters {
     }
 }
 
+fn word(bytes: &[u8]) -> Option<u64> {
+    let b: [u8; 8] = bytes.get(..8)?.try_into().ok()?;
+    Some(u64::from_le_bytes(b))
+}
+
 fn slot_name(n: u64) -> String {
     format!("llm_policy.c.{n}")
 }
 
-fn key_hash(rule: &str, key: &str) -> u64 {
-    let mut h = xxhash_rust::xxh3::Xxh3::new();
+fn key_hash(seed: u64, rule: &str, key: &str) -> u64 {
+    let mut h = xxhash_rust::xxh3::Xxh3::with_seed(seed);
     h.update(rule.as_bytes());
     h.update(&[0]);
     h.update(key.as_bytes());
@@ -233,7 +304,7 @@ mod tests {
     #[test]
     fn counts_up_to_the_limit_then_says_over_until_the_window_ends() {
         let mut host = FakeHost::default();
-        let c = Counters::new(64);
+        let c = Counters::new(64, false);
         for _ in 0..3 {
             assert!(matches!(
                 c.reserve(&mut host, &charge("a", 3.0), 120),
@@ -261,7 +332,7 @@ mod tests {
     #[test]
     fn a_release_gives_the_charge_back() {
         let mut host = FakeHost::default();
-        let c = Counters::new(64);
+        let c = Counters::new(64, false);
         let Count::Under(r) = c.reserve(&mut host, &charge("a", 1.0), 0) else {
             panic!()
         };
@@ -283,7 +354,7 @@ mod tests {
             cas_conflicts: 1000,
             ..FakeHost::default()
         };
-        let c = Counters::new(64);
+        let c = Counters::new(64, false);
         let under = (0..50)
             .filter(|_| matches!(c.reserve(&mut host, &charge("a", 20.0), 0), Count::Under(_)))
             .count();
@@ -291,30 +362,88 @@ mod tests {
     }
 
     #[test]
-    fn a_flood_of_keys_is_bounded_by_the_table() {
+    fn a_flood_of_keys_is_bounded_by_the_table_and_a_full_table_fails_as_configured() {
         let mut host = FakeHost::default();
-        let c = Counters::new(16);
+        let open = Counters::new(16, false);
         let counted = (0..1000)
             .filter(|i| {
                 matches!(
-                    c.reserve(&mut host, &charge(&format!("k{i}"), 5.0), 0),
+                    open.reserve(&mut host, &charge(&format!("k{i}"), 5.0), 0),
                     Count::Under(_)
                 )
             })
             .count();
-        assert_eq!(counted, 16, "one key per slot while the window runs");
-        assert!(host.shared.len() <= 16);
         assert!(
-            host.metrics
-                .get(&Metric::CounterTableFull)
-                .copied()
-                .unwrap_or(0)
-                > 0
+            counted <= 16,
+            "one key per slot while the window runs: {counted}"
         );
+        assert!(host.shared.len() <= 17, "16 slots and the seed");
+        assert!(host.count(Metric::CounterTableFull) > 0);
+        // Failing closed, a key without a slot is over its limit.
+        let closed = Counters::new(16, true);
+        let over = (1000..1100)
+            .filter(|i| {
+                matches!(
+                    closed.reserve(&mut host, &charge(&format!("k{i}"), 5.0), 0),
+                    Count::Over(_)
+                )
+            })
+            .count();
+        assert!(over > 0);
         // Once the window ended, slots are reused.
         assert!(matches!(
-            c.reserve(&mut host, &charge("late", 5.0), 3600),
+            open.reserve(&mut host, &charge("late", 5.0), 3600),
             Count::Under(_)
         ));
+    }
+
+    #[test]
+    fn a_key_keeps_its_count_when_slots_before_it_free_up() {
+        // Eight slots: every key probes all of them. Seven one-second keys take seven slots,
+        // then a one-minute key (limit 2) the last one.
+        let mut host = FakeHost::default();
+        let c = Counters::new(8, false);
+        let short = |k: &str| Charge {
+            window_secs: 1,
+            ..charge(k, 100.0)
+        };
+        for i in 0..7 {
+            assert!(matches!(
+                c.reserve(&mut host, &short(&format!("s{i}")), 120),
+                Count::Under(_)
+            ));
+        }
+        for _ in 0..2 {
+            assert!(matches!(
+                c.reserve(&mut host, &charge("a", 2.0), 120),
+                Count::Under(_)
+            ));
+        }
+        // The one-second windows end: their slots are free, but "a" still has its count.
+        assert!(matches!(
+            c.reserve(&mut host, &charge("a", 2.0), 125),
+            Count::Over(_)
+        ));
+    }
+
+    #[test]
+    fn the_seed_is_shared_by_every_worker() {
+        let mut host = FakeHost::default();
+        let a = Counters::new(64, false);
+        let b = Counters::new(64, false);
+        // Two workers' tables over the same shared data count one key together.
+        assert!(matches!(
+            a.reserve(&mut host, &charge("x", 2.0), 0),
+            Count::Under(_)
+        ));
+        assert!(matches!(
+            b.reserve(&mut host, &charge("x", 2.0), 0),
+            Count::Under(_)
+        ));
+        assert!(matches!(
+            a.reserve(&mut host, &charge("x", 2.0), 0),
+            Count::Over(_)
+        ));
+        assert!(host.shared.contains_key(SEED_KEY));
     }
 }

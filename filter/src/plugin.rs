@@ -24,6 +24,8 @@ pub struct Plugin {
     pub counters: Counters,
     /// Cacheable decisions of this VM.
     pub cache: RefCell<DecisionCache>,
+    /// Whether "a rule needs the server, none is configured" was logged (once per plugin).
+    pub warned_no_server: std::cell::Cell<bool>,
 }
 
 impl Plugin {
@@ -46,8 +48,12 @@ impl Plugin {
     pub fn new(config: FilterConfig, set: Option<PolicySet>) -> Plugin {
         Plugin {
             routes: Routes::new(&config.routes),
-            counters: Counters::new(config.local_counter_slots),
+            counters: Counters::new(
+                config.local_counter_slots,
+                config.failure_mode == crate::config::FailureMode::Closed,
+            ),
             cache: RefCell::new(DecisionCache::new(config.cache_entries)),
+            warned_no_server: std::cell::Cell::new(false),
             set,
             config,
         }

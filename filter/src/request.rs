@@ -564,13 +564,15 @@ impl RequestFlow {
         provisional: Decision,
     ) -> Flow {
         let Some(server) = self.plugin.config.server.clone() else {
-            host.log(
-                Level::Warn,
-                &format!(
-                    "rules {:?} need the policy server, and no `server` is configured",
-                    provisional.metadata.remote_rules
-                ),
-            );
+            if !self.plugin.warned_no_server.replace(true) {
+                host.log(
+                    Level::Warn,
+                    &format!(
+                        "rules {:?} need the policy server, and no `server` is configured: the failure mode answers (logged once)",
+                        provisional.metadata.remote_rules
+                    ),
+                );
+            }
             return self.apply_failure(host, provider, provisional);
         };
         let message = ext_authz::check_request(headers, body, over);

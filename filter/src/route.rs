@@ -22,16 +22,19 @@ impl Routes {
     pub fn new(config: &RoutesConfig) -> Routes {
         let mut r = Routes::default();
         for p in &config.paths {
+            // Patterns are compared in the form classification reads (lower case, ...).
             match p.strip_suffix('*') {
-                Some(prefix) => r.prefixes.push(prefix.to_string()),
-                None => r.exact.push(p.clone()),
+                Some(prefix) => {
+                    let mut wide = reply::api_path(prefix);
+                    if prefix.ends_with('/') && !wide.ends_with('/') {
+                        wide.push('/');
+                    }
+                    r.prefixes.push(wide);
+                }
+                None => r.exact.push(reply::api_path(p)),
             }
         }
-        r.hosts = config
-            .hosts
-            .iter()
-            .map(|h| strip_port(h).to_ascii_lowercase())
-            .collect();
+        r.hosts = config.hosts.iter().map(|h| host_name(h)).collect();
         r
     }
 
@@ -41,24 +44,33 @@ impl Routes {
             let authority = headers
                 .iter()
                 .find(|(k, _)| k == ":authority" || k.eq_ignore_ascii_case("host"))
-                .map(|(_, v)| strip_port(v).to_ascii_lowercase())
+                .map(|(_, v)| host_name(v))
                 .unwrap_or_default();
             if !self.hosts.contains(&authority) {
                 return None;
             }
         }
         let (provider, api) = reply::classify(path, headers);
+        let wide = reply::api_path(path);
         if self.exact.is_empty() && self.prefixes.is_empty() {
-            return (api != Api::Other).then_some(provider);
-        }
-        let normalized = reply::normalize_path(path);
-        let hit = self.exact.contains(&normalized)
-            || self
-                .prefixes
+            // The APIs the core knows, and every other endpoint of the providers' API trees
+            // (threads, files, token counting, realtime sessions, ...).
+            let provider_tree = ["/v1/", "/openai/", "/anthropic/"]
                 .iter()
-                .any(|p| normalized.starts_with(p.as_str()));
+                .any(|p| wide.starts_with(p));
+            return (api != Api::Other || provider_tree).then_some(provider);
+        }
+        let hit = self.exact.contains(&wide)
+            || self.prefixes.iter().any(|p| wide.starts_with(p.as_str()));
         hit.then_some(provider)
     }
+}
+
+/// A host as compared: lower case, no port, no trailing dot.
+fn host_name(authority: &str) -> String {
+    strip_port(authority.trim())
+        .trim_end_matches('.')
+        .to_ascii_lowercase()
 }
 
 fn strip_port(authority: &str) -> &str {
@@ -102,8 +114,27 @@ mod tests {
             ),
             Some(Provider::Openai)
         );
-        assert_eq!(r.check("/v1/models", &[]), None);
+        // Spellings a lenient upstream may accept are checked too.
+        for spelt in [
+            "/v1/chat%2Fcompletions",
+            "/v1/Chat/Completions",
+            "/v1/chat/completions;x=1",
+            "/v1\\chat\\completions",
+            "/V1/CHAT/COMPLETIONS/",
+        ] {
+            assert_eq!(r.check(spelt, &[]), Some(Provider::Openai), "{spelt}");
+        }
+        // Every endpoint of the providers' API trees is checked, not only the known ones.
+        for other in [
+            "/v1/models",
+            "/v1/threads/runs",
+            "/v1/messages/count_tokens",
+            "/v1/complete",
+        ] {
+            assert!(r.check(other, &[]).is_some(), "{other}");
+        }
         assert_eq!(r.check("/healthz", &[]), None);
+        assert_eq!(r.check("/", &[]), None);
     }
 
     #[test]
@@ -112,10 +143,11 @@ mod tests {
             paths: vec!["/llm/*".into(), "/v1/chat/completions".into()],
             hosts: vec!["api.example.com".into()],
         });
-        let host = h(&[(":authority", "API.example.com:443")]);
+        let host = h(&[(":authority", "API.example.com.:443")]);
         assert!(r.check("/llm/anything", &host).is_some());
         assert!(r.check("/v1/chat/completions", &host).is_some());
         assert!(r.check("/v1/chat/../chat/completions", &host).is_some());
+        assert!(r.check("/V1/CHAT/COMPLETIONS", &host).is_some());
         assert!(r.check("/v1/messages", &host).is_none());
         assert!(r
             .check("/llm/x", &h(&[(":authority", "other.com")]))

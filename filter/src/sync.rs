@@ -75,6 +75,8 @@ pub struct Sync {
     etag: Option<String>,
     in_flight: Option<u32>,
     last: Option<Duration>,
+    /// Failures in a row (only the first of a run, then every 100th, is logged).
+    failures: u64,
 }
 
 impl Sync {
@@ -85,6 +87,7 @@ impl Sync {
             etag: None,
             in_flight: None,
             last: None,
+            failures: 0,
         }
     }
 
@@ -143,6 +146,7 @@ impl Sync {
             Some(304) => Fetched::Nothing,
             Some(200) => match compile(body.as_deref().unwrap_or_default(), context) {
                 Ok((served, set)) => {
+                    self.failures = 0;
                     self.etag = etag.or(Some(format!("\"{served}\"")));
                     host.metric(Metric::SyncOk, 1);
                     host.log(
@@ -156,27 +160,35 @@ impl Sync {
                     Fetched::New(set)
                 }
                 Err(e) => {
-                    host.metric(Metric::SyncFailed, 1);
-                    host.log(
-                        Level::Error,
-                        &format!("llm-policy: synced bundle rejected, the last good one keeps serving: {e}"),
+                    let msg = format!(
+                        "llm-policy: synced bundle rejected, the last good one keeps serving: {e}"
                     );
+                    self.failed(host, Level::Error, &msg);
                     Fetched::Nothing
                 }
             },
             other => {
-                host.metric(Metric::SyncFailed, 1);
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "bundle sync: {} answered {}",
-                        self.config.cluster,
-                        other.map_or_else(|| String::from("nothing"), |s| s.to_string())
-                    ),
+                let msg = format!(
+                    "bundle sync: {} answered {}",
+                    self.config.cluster,
+                    other.map_or_else(|| String::from("nothing"), |s| s.to_string())
                 );
+                self.failed(host, Level::Warn, &msg);
                 Fetched::Nothing
             }
         }
+    }
+
+    /// Counts a failure; logs the first of a run and every 100th after it.
+    fn failed(&mut self, host: &mut dyn Host, level: Level, message: &str) {
+        host.metric(Metric::SyncFailed, 1);
+        if self.failures.is_multiple_of(100) {
+            host.log(
+                level,
+                &format!("{message} (failures in a row: {})", self.failures + 1),
+            );
+        }
+        self.failures = self.failures.saturating_add(1);
     }
 }
 

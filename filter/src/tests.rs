@@ -481,7 +481,7 @@ fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
     assert_eq!(run(&open, &mut host).1, Flow::Continue);
     assert_eq!(host.header("x-llm-policy-decision"), Some("error"));
     // Other routes are not affected.
-    let mut host = FakeHost::request("GET", "/v1/models", &[], "");
+    let mut host = FakeHost::request("GET", "/healthz", &[], "");
     assert_eq!(run(&p, &mut host).1, Flow::Continue);
 }
 

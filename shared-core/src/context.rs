@@ -122,6 +122,13 @@ pub enum ContextError {
         /// Configured limit.
         limit: usize,
     },
+    /// A namespace or principal header was sent more than once with different values: which
+    /// one is meant cannot be told (joined, they would be a new value no rule expects).
+    #[error("header `{header}` was sent more than once with different values")]
+    AmbiguousHeader {
+        /// The header.
+        header: String,
+    },
 }
 
 impl ContextError {
@@ -139,6 +146,7 @@ impl ContextError {
             ContextError::InvalidField { .. } => "invalid_field",
             ContextError::BodyTooLarge { .. } => "body_too_large",
             ContextError::BatchTooLarge { .. } => "batch_too_large",
+            ContextError::AmbiguousHeader { .. } => "ambiguous_header",
         }
     }
 }

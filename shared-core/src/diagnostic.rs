@@ -130,7 +130,7 @@ codes! {
     /// A bad HTTP status.
     InvalidStatus = "invalid-status", "`status` outside 400-599 on deny / throttle, or set on allow";
     /// A bad header name or value.
-    InvalidHeader = "invalid-header", "a header name that is not a lower-case token, or a value with control characters (CR, LF, ...)";
+    InvalidHeader = "invalid-header", "a header name that is not a lower-case token, a header a rule may not set (`content-length`, `transfer-encoding`, `host`, `x-llm-policy-decision`, ...), or a value with control characters (CR, LF, ...)";
     /// Contradictory rules.
     ConflictingRules = "conflicting-rules", "equal priority, identical condition, contradictory decisions";
     /// (warning) A rule that can never decide.

@@ -65,15 +65,29 @@ impl RequestContext {
             .or_else(|| header("host"))
             .unwrap_or_default()
             .to_string();
-        let namespace = header(&config.namespace_header)
+        // Who is asking and where: one value each. The same value sent twice is that value;
+        // different values are refused rather than joined into a value no rule expects.
+        let single = |name: &str| -> Result<Option<String>, ContextError> {
+            let Some(v) = header(name) else {
+                return Ok(None);
+            };
+            let mut parts = v.split(',').map(str::trim);
+            let first = parts.next().unwrap_or_default();
+            if parts.any(|p| p != first) {
+                return Err(ContextError::AmbiguousHeader {
+                    header: name.to_string(),
+                });
+            }
+            Ok(Some(first.to_string()))
+        };
+        let namespace = single(&config.namespace_header)?
             .filter(|v| !v.is_empty())
-            .unwrap_or("default")
-            .to_string();
+            .unwrap_or_else(|| String::from("default"));
         let principal = config
             .principal_headers
             .iter()
-            .map(|(attr, h)| (attr.clone(), header(h).map(str::to_string)))
-            .collect();
+            .map(|(attr, h)| Ok((attr.clone(), single(h)?)))
+            .collect::<Result<_, ContextError>>()?;
         let prefix = config.shield_prefix.as_str();
         let mut shield: Vec<(String, ShieldValue)> = headers
             .iter()
@@ -111,6 +125,16 @@ impl RequestContext {
             .collect();
         shield.sort_by(|a, b| a.0.cmp(&b.0));
         let (provider, api) = classify(&path, |h| header(h).is_some());
+        // Reads and deletes (`GET /v1/chat/completions` lists stored completions) are no model
+        // calls, whatever the path.
+        let api = if ["GET", "HEAD", "DELETE", "OPTIONS"]
+            .iter()
+            .any(|m| input.method.eq_ignore_ascii_case(m))
+        {
+            Api::Other
+        } else {
+            api
+        };
         let mut request = RequestInfo {
             method: input.method.to_ascii_uppercase(),
             path,
@@ -197,9 +221,37 @@ pub(crate) fn normalize_path(raw: &str) -> String {
     out
 }
 
-/// Provider and API from the path and the provider-specific headers.
+/// The form of a normalized path that API classification reads: lower case, `\\`, `%2F` and
+/// `%5C` as `/`, `;parameters` dropped from segments, repeated slashes merged. Servers differ in
+/// which of these spellings they accept as the same path; classification takes the widest
+/// reading, so a spelling cannot make an API call look like something else.
+pub(crate) fn api_path(path: &str) -> String {
+    let lowered = path
+        .to_ascii_lowercase()
+        .replace("%2f", "/")
+        .replace("%5c", "/")
+        .replace('\\', "/");
+    let mut out = String::with_capacity(lowered.len());
+    for seg in lowered.split('/') {
+        let seg = seg.split(';').next().unwrap_or_default();
+        if seg.is_empty() {
+            continue;
+        }
+        out.push('/');
+        out.push_str(seg);
+    }
+    if out.is_empty() {
+        out.push('/');
+    }
+    out
+}
+
+/// Provider and API from the path and the provider-specific headers. The API is read from the
+/// path's shape; `anthropic-version` (or an OpenAI-only header or prefix) names the provider only
+/// when the path does not.
 pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provider, Api) {
-    let p = path.trim_end_matches('/');
+    let wide = api_path(path);
+    let p = wide.trim_end_matches('/');
     let (mut provider, api) = if p.ends_with("/chat/completions") {
         (Provider::Openai, Api::Chat)
     } else if p.ends_with("/v1/messages") || p == "/messages" {
@@ -217,7 +269,7 @@ pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provid
     } else {
         (Provider::Unknown, Api::Other)
     };
-    if has_header("anthropic-version") {
+    if provider == Provider::Unknown && has_header("anthropic-version") {
         provider = Provider::Anthropic;
     } else if provider == Provider::Unknown
         && (p.starts_with("/openai/") || has_header("openai-organization"))

@@ -112,11 +112,13 @@ pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api) {
     })
 }
 
-/// The path as extraction resolves it: query and fragment removed, unreserved escapes decoded,
-/// repeated slashes merged, dot segments resolved. Path patterns must match this form, or a
-/// client could spell its way around them (`/v1/./chat/completions`).
-pub fn normalize_path(path: &str) -> String {
-    crate::extract::normalize_path(path)
+/// The path as API classification reads it: normalized as extraction does (query and fragment
+/// removed, unreserved escapes decoded, dot segments resolved), then lower case, with `\\`,
+/// `%2F` and `%5C` as `/`, `;parameters` dropped and repeated slashes merged. Path patterns must
+/// match this form, or a client could spell its way around them (`/v1/chat%2Fcompletions`,
+/// `/v1/Chat/Completions`, `/v1/./chat/completions`).
+pub fn api_path(path: &str) -> String {
+    crate::extract::api_path(&crate::extract::normalize_path(path))
 }
 
 /// Headers added to a request that goes ahead: the verdict and the matched rules' headers.

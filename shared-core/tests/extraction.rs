@@ -561,25 +561,54 @@ fn paths_are_classified_as_a_server_resolves_them() {
             "{path}"
         );
     }
-    // Escaped slashes are not decoded (they are not path separators).
-    let c = ctx_at("/v1/chat%2Fcompletions", &[], "{}");
-    assert_eq!(c.request.api, Api::Other);
+    // Spellings servers disagree on (escaped slashes, case, `;` parameters, `\\`) are read
+    // the widest way for classification; the path itself keeps them.
+    for path in [
+        "/v1/chat%2Fcompletions",
+        "/v1/Chat/Completions",
+        "/v1/chat/completions;x=1",
+        "/v1\\chat\\completions",
+    ] {
+        let c = ctx_at(path, &[], "{}");
+        assert_eq!(c.request.api, Api::Chat, "{path}");
+    }
+    assert_eq!(
+        ctx_at("/v1/chat%2Fcompletions", &[], "{}").request.path,
+        "/v1/chat%2Fcompletions"
+    );
     assert_eq!(ctx_at("", &[], "").request.path, "/");
 }
 
 #[test]
 fn a_header_sent_twice_has_both_values_in_arrival_order() {
-    let c = ctx(
-        &[
-            ("X-User-Tier", "free"),
-            ("x-user-tier", "pro"),
-            ("x-a", "1"),
-        ],
-        "{}",
-    );
-    assert_eq!(c.principal("tier"), Some("free,pro"));
-    let c = ctx(&[("x-user-tier", "pro"), ("X-USER-TIER", "free")], "{}");
-    assert_eq!(c.principal("tier"), Some("pro,free"));
+    let c = ctx(&[("x-a", "1"), ("X-A", "2"), ("x-user-tier", "pro")], "{}");
+    assert_eq!(c.header("x-a"), Some("1,2"));
+    // Principal and namespace headers: the same value twice is that value; different values
+    // are refused (joined, `free,pro` would slip past every rule on `free`).
+    let c = ctx(&[("x-user-tier", "free"), ("X-User-Tier", "free")], "{}");
+    assert_eq!(c.principal("tier"), Some("free"));
+    for dup in [("x-user-tier", "pro"), ("x-user-id", "u2")] {
+        let mut headers = vec![("x-user-tier", "free"), ("x-user-id", "u1")];
+        headers.push(dup);
+        let h: Vec<(String, String)> = headers
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let input = llm_policy_core::RequestInput {
+            method: "POST",
+            path: "/v1/chat/completions",
+            headers: &h,
+            body: b"{}",
+            now_unix: 0,
+        };
+        let e = llm_policy_core::RequestContext::from_request(
+            &input,
+            &llm_policy_core::ContextConfig::default(),
+        )
+        .unwrap_err();
+        assert_eq!(e.code(), "ambiguous_header");
+        assert_eq!(e.status(), 400);
+    }
 }
 
 #[test]

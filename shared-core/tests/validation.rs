@@ -216,6 +216,10 @@ fn limits_and_actions_are_checked() {
             "invalid-key",
         ),
         ("headers: { 'X Bad': v }", "invalid-header"),
+        ("headers: { transfer-encoding: chunked }", "invalid-header"),
+        ("headers: { content-length: '5' }", "invalid-header"),
+        ("headers: { x-llm-policy-decision: allow }", "invalid-header"),
+        ("headers: { host: evil.example }", "invalid-header"),
     ];
     for (extra, code) in cases {
         let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: throttle, {extra} }}\n"));

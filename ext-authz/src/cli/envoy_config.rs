@@ -11,6 +11,8 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::io::Write as _;
+
 use clap::{Args, ValueEnum};
 use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
 use serde_json::json;
@@ -184,7 +186,16 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
             return Err(String::from("--policies is required in the filter modes"));
         }
         let docs = source::load_policies(&args.policies).map_err(render)?;
-        PolicySet::compile(&docs, &context).map_err(render)?;
+        let out = PolicySet::compile(&docs, &context).map_err(render)?;
+        let remote = out.set.stats().remote;
+        if args.mode == Mode::Filter && remote > 0 {
+            let _ = writeln!(
+                std::io::stderr(),
+                "warning: {remote} rule(s) of the bundle need the policy server (global rate limits, budgets, plugins); \
+                 with --mode filter, requests they apply to get the failure mode ({}). Use --mode filter+fallback.",
+                if args.failure_mode == Failure::Open { "let through, marked" } else { "503" }
+            );
+        }
         let mut plugin = json!({
             "policies": docs.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
             "context": context,
@@ -356,6 +367,12 @@ static_resources:
               typed_config:
                 \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
                 stat_prefix: llm
+                # One spelling per path before any filter sees it: RFC 3986 normalization, `//`
+                # merged, `%2F` / `%5C` decoded (the filter and the server also classify the
+                # wider spellings, so a lenient upstream cannot be reached around them).
+                normalize_path: true
+                merge_slashes: true
+                path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD
                 # Streaming answers (SSE) may run long: no idle cut-off on the stream.
                 stream_idle_timeout: 300s
                 route_config:

@@ -6,6 +6,24 @@ use alloc::format;
 use alloc::string::String;
 use alloc::vec::Vec;
 
+/// Headers a rule may not set: they frame the HTTP message (a wrong `content-length` or
+/// `transfer-encoding` hangs or splits it), route it, or carry the verdict and the server's
+/// reservation handle.
+const RESERVED_HEADERS: &[&str] = &[
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "upgrade",
+    "te",
+    "trailer",
+    "host",
+    "content-encoding",
+    crate::reply::DECISION_HEADER,
+    "x-llm-policy-reservation",
+];
+
 use super::{has_control, Compiler, RuleSite};
 use crate::decision::{ChargeSource, CounterKind, Verdict};
 use crate::diagnostic::Code;
@@ -52,6 +70,15 @@ impl Compiler {
                     format!(
                         "`{}` is not a valid lower-case header name",
                         name.escape_debug()
+                    ),
+                ));
+            }
+            if valid && RESERVED_HEADERS.contains(&name.as_str()) {
+                self.errors.push(site.error(
+                    Code::InvalidHeader,
+                    &format!("/action/headers/{}", crate::document::escape_segment(name)),
+                    format!(
+                        "header `{name}` cannot be set by a rule: it frames the HTTP message or carries the verdict"
                     ),
                 ));
             }
