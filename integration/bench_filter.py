@@ -160,8 +160,6 @@ def print_table(r):
                   f"{f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor); unloaded p50 "
                   f"{f['unloaded']['p50_ms']:.3f} ms vs floor {n['unloaded']['p50_ms']:.3f} ms vs passthrough "
                   f"{t['unloaded']['p50_ms']:.3f} ms")
-    for name in ("filter_100_rules", "filter_example_bundle"):
-        print(f"{name}, time in the filter's evaluation (Envoy histogram, µs): {r[name].get('evaluation_us_histogram')}")
     m = r["memory_100k"]
     print(f"memory over {m['requests']} requests (example bundle, 8 KB): allocated {m['allocated_before'] / 1e6:.1f} MB "
           f"-> {m['allocated_after'] / 1e6:.1f} MB")

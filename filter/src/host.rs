@@ -65,7 +65,7 @@ pub enum Metric {
     UsageReportFailures,
     /// Answers to reserved requests whose usage could not be read.
     UsageUnknown,
-    /// Core evaluation time, microseconds (histogram).
+    /// Context extraction and evaluation time, microseconds, of every 16th decision (histogram).
     EvaluationMicros,
 }
 

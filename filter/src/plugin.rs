@@ -26,6 +26,8 @@ pub struct Plugin {
     pub cache: RefCell<DecisionCache>,
     /// Whether "a rule needs the server, none is configured" was logged (once per plugin).
     pub warned_no_server: std::cell::Cell<bool>,
+    /// Decisions made (every 16th is timed).
+    pub decisions: std::cell::Cell<u64>,
 }
 
 impl Plugin {
@@ -54,6 +56,7 @@ impl Plugin {
             ),
             cache: RefCell::new(DecisionCache::new(config.cache_entries)),
             warned_no_server: std::cell::Cell::new(false),
+            decisions: std::cell::Cell::new(0),
             set,
             config,
         }

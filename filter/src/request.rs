@@ -41,7 +41,12 @@ enum State {
     /// Not an LLM API call, or already decided and let through.
     Passing,
     /// Buffering the body of an LLM API call.
-    Buffering { provider: Provider, body_len: usize },
+    Buffering {
+        provider: Provider,
+        body_len: usize,
+        /// The request headers, read once.
+        headers: Vec<(String, String)>,
+    },
     /// Waiting for the policy server's answer to the call with this token.
     Asking {
         token: u32,
@@ -202,11 +207,12 @@ impl RequestFlow {
             }
         }
         if end_of_stream {
-            return self.decide(host, provider, 0);
+            return self.decide(host, provider, 0, headers);
         }
         self.state = State::Buffering {
             provider,
             body_len: 0,
+            headers,
         };
         Flow::Pause
     }
@@ -218,7 +224,10 @@ impl RequestFlow {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        let State::Buffering { provider, body_len } = &mut self.state else {
+        let State::Buffering {
+            provider, body_len, ..
+        } = &mut self.state
+        else {
             return self.passing();
         };
         let provider = *provider;
@@ -230,16 +239,29 @@ impl RequestFlow {
         if !end_of_stream {
             return Flow::Pause;
         }
-        self.decide(host, provider, body_size)
+        let headers = self.take_headers();
+        self.decide(host, provider, body_size, headers)
+    }
+
+    /// The headers kept while buffering.
+    fn take_headers(&mut self) -> Vec<(String, String)> {
+        match &mut self.state {
+            State::Buffering { headers, .. } => std::mem::take(headers),
+            _ => Vec::new(),
+        }
     }
 
     /// Request trailers arrived: the body is complete (HTTP/2 requests with trailers never see
     /// `end_of_stream` in the body callback).
     pub fn on_request_trailers(&mut self, host: &mut dyn Host) -> Flow {
-        let State::Buffering { provider, body_len } = self.state else {
+        let State::Buffering {
+            provider, body_len, ..
+        } = self.state
+        else {
             return self.passing();
         };
-        self.decide(host, provider, body_len)
+        let headers = self.take_headers();
+        self.decide(host, provider, body_len, headers)
     }
 
     /// The answer to the policy-server call `token`: `status` is the gRPC status of the call
@@ -400,12 +422,17 @@ impl RequestFlow {
     }
 
     /// Builds the context from the buffered request and decides.
-    fn decide(&mut self, host: &mut dyn Host, provider: Provider, body_len: usize) -> Flow {
+    fn decide(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        body_len: usize,
+        headers: Vec<(String, String)>,
+    ) -> Flow {
         let plugin = Rc::clone(&self.plugin);
         let Some(set) = plugin.set.as_ref() else {
             return self.no_bundle(host, provider);
         };
-        let headers = host.request_headers();
         let body = if body_len > 0 {
             host.request_body(body_len).unwrap_or_default()
         } else {
@@ -417,7 +444,10 @@ impl RequestFlow {
         // not request data (method and path come separately).
         let data: Vec<(String, String)> = headers
             .iter()
-            .filter(|(k, _)| !k.starts_with(':') || k == ":authority")
+            .filter(|(k, _)| {
+                (!k.starts_with(':') || k == ":authority")
+                    && !k.eq_ignore_ascii_case(RESERVATION_HEADER)
+            })
             .cloned()
             .collect();
         let input = RequestInput {
@@ -497,11 +527,17 @@ impl RequestFlow {
                 }
             }
         };
-        let spent = host.now().saturating_sub(started);
-        host.metric(
-            Metric::EvaluationMicros,
-            u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
-        );
+        // Timed on every 16th decision: the clock is a host call.
+        self.plugin
+            .decisions
+            .set(self.plugin.decisions.get().wrapping_add(1));
+        if self.plugin.decisions.get().is_multiple_of(16) {
+            let spent = host.now().saturating_sub(started);
+            host.metric(
+                Metric::EvaluationMicros,
+                u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
+            );
+        }
         if remote || decision.metadata.needs_remote {
             return self.ask_server(host, provider, &headers, &body, &limits, decision);
         }

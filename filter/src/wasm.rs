@@ -34,6 +34,24 @@ proxy_wasm::main! {{
 thread_local! {
     /// Metric ids, defined once per VM.
     static METRICS: RefCell<HashMap<Metric, u32>> = RefCell::new(HashMap::new());
+    /// Counter increments not yet handed to Envoy: a host call per increment costs more than
+    /// the decision, so they are summed here and flushed on the root context's tick.
+    static PENDING: RefCell<HashMap<Metric, u64>> = RefCell::new(HashMap::new());
+}
+
+/// Hands the summed counter increments to Envoy.
+fn flush_metrics() {
+    let pending: Vec<(Metric, u64)> = PENDING.with(|p| {
+        p.try_borrow_mut()
+            .map(|mut p| p.drain().collect())
+            .unwrap_or_default()
+    });
+    for (metric, value) in pending {
+        let id = METRICS.with(|m| m.try_borrow().ok().and_then(|m| m.get(&metric).copied()));
+        if let Some(id) = id {
+            let _ = hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX));
+        }
+    }
 }
 
 fn define_metrics() {
@@ -172,6 +190,7 @@ impl RootContext for Root {
     }
 
     fn on_tick(&mut self) {
+        flush_metrics();
         if let Some(sync) = &mut self.sync {
             sync.tick(&mut WasmHost);
         }
@@ -380,13 +399,17 @@ impl Host for WasmHost {
     }
 
     fn metric(&mut self, metric: Metric, value: u64) {
-        let id = METRICS.with(|m| m.try_borrow().ok().and_then(|m| m.get(&metric).copied()));
-        if let Some(id) = id {
-            let _ = if metric.is_histogram() {
-                hostcalls::record_metric(id, value)
-            } else {
-                hostcalls::increment_metric(id, i64::try_from(value).unwrap_or(i64::MAX))
-            };
+        if metric.is_histogram() {
+            let id = METRICS.with(|m| m.try_borrow().ok().and_then(|m| m.get(&metric).copied()));
+            if let Some(id) = id {
+                let _ = hostcalls::record_metric(id, value);
+            }
+            return;
         }
+        PENDING.with(|p| {
+            if let Ok(mut p) = p.try_borrow_mut() {
+                *p.entry(metric).or_default() += value;
+            }
+        });
     }
 }
