@@ -26,6 +26,8 @@ pub struct Plugin {
     pub cache: RefCell<DecisionCache>,
     /// Whether "a rule needs the server, none is configured" was logged (once per plugin).
     pub warned_no_server: std::cell::Cell<bool>,
+    /// Failed calls to the server (their log lines are thinned out).
+    pub server_failures: std::cell::Cell<u64>,
     /// Decisions made (every 16th is timed).
     pub decisions: std::cell::Cell<u64>,
 }
@@ -57,6 +59,7 @@ impl Plugin {
             cache: RefCell::new(DecisionCache::new(config.cache_entries)),
             warned_no_server: std::cell::Cell::new(false),
             decisions: std::cell::Cell::new(0),
+            server_failures: std::cell::Cell::new(0),
             set,
             config,
         }

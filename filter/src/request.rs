@@ -331,7 +331,16 @@ impl RequestFlow {
             }
             Err(why) => {
                 host.metric(Metric::FallbackFailures, 1);
-                host.log(Level::Warn, &format!("policy server check failed: {why}"));
+                // The first failure of a run, then every 100th: a client must not be able to
+                // write one log line per request.
+                let n = self.plugin.server_failures.get();
+                self.plugin.server_failures.set(n.wrapping_add(1));
+                if n.is_multiple_of(100) {
+                    host.log(
+                        Level::Warn,
+                        &format!("policy server check failed: {why} ({} so far)", n + 1),
+                    );
+                }
                 let State::Asking { provisional, .. } =
                     std::mem::replace(&mut self.state, State::Answered)
                 else {
@@ -630,13 +639,18 @@ impl RequestFlow {
             }
             Err(e) => {
                 host.metric(Metric::FallbackFailures, 1);
-                host.log(
-                    Level::Warn,
-                    &format!(
-                        "cannot call the policy server on cluster {}: {e}",
-                        server.cluster
-                    ),
-                );
+                let n = self.plugin.server_failures.get();
+                self.plugin.server_failures.set(n.wrapping_add(1));
+                if n.is_multiple_of(100) {
+                    host.log(
+                        Level::Warn,
+                        &format!(
+                            "cannot call the policy server on cluster {}: {e} ({} so far)",
+                            server.cluster,
+                            n + 1
+                        ),
+                    );
+                }
                 self.apply_failure(host, provider, provisional)
             }
         }

@@ -307,8 +307,11 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
           explicit_http_config:
             http2_protocol_options: {}
       health_checks:
-        - timeout: 1s
+        - timeout: 2s
           interval: 5s
+          # Also while no request flows (the default would wait 60 s after a failed first probe,
+          # e.g. one made while the wasm VMs compile at start).
+          no_traffic_interval: 5s
           unhealthy_threshold: 2
           healthy_threshold: 1
           grpc_health_check:
