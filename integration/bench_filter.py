@@ -21,18 +21,14 @@ import sys
 import tempfile
 from pathlib import Path
 
-from stack import ROOT, Envoy, Proc, envoy_config, free_port, http_get, wait_for, wasm_file
+from benchkit import bench_upstream, loadgen, non_200, save
+from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
-BIN = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
 SECS = int(os.environ.get("BENCH_SECS", "5"))
 SIZES = (1024, 8 * 1024, 64 * 1024)
 
 
-def loadgen(*args):
-    cmd = ["taskset", "-c", "1", str(BIN / "loadgen"), *map(str, args)]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def body(size):
@@ -66,8 +62,8 @@ def pin(proc, cpu):
 def measure(url, files):
     out = {}
     for size, f in files.items():
-        sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f)
-        idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f)
+        sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f, cpu=1)
+        idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f, cpu=1)
         out[str(size)] = {"saturation": sat, "unloaded": idle}
     return out
 
@@ -91,11 +87,8 @@ def main():
         (hundred / "hundred.yaml").write_text(hundred_rules())
         procs = []
         try:
-            up_port = free_port()
-            upstream = Proc("bench-upstream", [str(BIN / "bench-upstream"), f"127.0.0.1:{up_port}"], tmp)
+            upstream, up_port = bench_upstream(tmp)
             procs.append(upstream)
-            wait_for(lambda: subprocess.run(["curl", "-sf", "-XPOST", f"http://127.0.0.1:{up_port}/"],
-                                            capture_output=True).returncode == 0, "bench-upstream")
             pin(upstream, 1)
             setups = [
                 ("passthrough", None),
@@ -122,18 +115,15 @@ def main():
                 if name == "filter_example_bundle":
                     before = allocated(e)
                     run = loadgen("http", "--url", url, "--concurrency", 32, "--duration", 12,
-                                  "--body-file", files[8 * 1024])
+                                  "--body-file", files[8 * 1024], cpu=1)
                     after = allocated(e)
-                    results["memory_100k"] = {"requests": run["requests"] if "requests" in run else
-                                              round(run["rps"] * 12), "allocated_before": before,
+                    results["memory_100k"] = {"requests": run["requests"], "allocated_before": before,
                                               "allocated_after": after}
                 e.proc.stop()
         finally:
             for p in reversed(procs):
                 p.stop()
-    out = ROOT / "tools" / "bench-filter.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save("bench-filter", results)
     print_table(results)
 
 
@@ -146,7 +136,7 @@ def print_table(r):
         for name in names:
             x = r[name][size]
             sat = x["saturation"]
-            bad = sum(v["errors"] + sum(n for s, n in v["statuses"].items() if s != "200") for v in x.values())
+            bad = sum(non_200(v) for v in x.values())
             print(f"| {name} | {int(size) // 1024} KB | {sat['rps']:.0f} | {sat['rps'] / base:.2f} | "
                   f"{x['unloaded']['p50_ms']:.3f} | {sat['p99_ms']:.2f} | {bad} |")
     print()

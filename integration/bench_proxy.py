@@ -15,7 +15,6 @@ The machine is shared and noisy: compare the ratios of one run, not absolute num
 runs. Results: a Markdown table on stdout and `tools/bench-proxy.json`.
 """
 
-import json
 import os
 import subprocess
 import sys
@@ -24,18 +23,12 @@ import threading
 import time
 from pathlib import Path
 
-from stack import ROOT, Envoy, Proc, Server, free_port, http_get, wait_for
+from benchkit import BIN, bench_upstream, loadgen, non_200, save
+from stack import ROOT, Envoy, Proc, Server, free_port
 
-BIN = Path(os.environ.get("BENCH_BIN_DIR") or ROOT / "target" / "release")
 RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
 
 
-def loadgen(*args, cpu=None):
-    cmd = [str(BIN / "loadgen"), *map(str, args)]
-    if cpu is not None:
-        cmd = ["taskset", "-c", str(cpu), *cmd]
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
-    return json.loads(out.strip().splitlines()[-1])
 
 
 def http_scenarios(url):
@@ -50,11 +43,8 @@ def main():
         tmp = Path(tmp)
         procs = []
         try:
-            up_port = free_port()
-            upstream = Proc("bench-upstream", [str(BIN / "bench-upstream"), f"127.0.0.1:{up_port}"], tmp)
+            upstream, up_port = bench_upstream(tmp)
             procs.append(upstream)
-            wait_for(lambda: subprocess.run(["curl", "-sf", "-XPOST", f"http://127.0.0.1:{up_port}/"],
-                                            capture_output=True).returncode == 0, "bench-upstream")
 
             # 1. Passthrough.
             e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml")
@@ -97,7 +87,7 @@ def main():
             during = loadgen("http", "--url", e.url("/v1/chat/completions"), "--rate", 500, "--duration", 10,
                              "--concurrency", 64)
             t.join()
-            failed = during["errors"] + sum(n for s, n in during["statuses"].items() if s != "200")
+            failed = non_200(during)
             results["reload_10k_under_load"] = {"load": during, "failed_requests": failed,
                                                 "new_version_serving_after_s": swap.get("seconds")}
             e.proc.stop()
@@ -120,9 +110,7 @@ def main():
             for p in reversed(procs):
                 p.stop()
 
-    out = ROOT / "tools" / "bench-proxy.json"
-    out.parent.mkdir(exist_ok=True)
-    out.write_text(json.dumps(results, indent=2))
+    save("bench-proxy", results)
     print_table(results)
 
 
@@ -132,7 +120,7 @@ def print_table(r):
     for name in ("passthrough", "floor", "llm_policy"):
         for load in ("fixed_1000", "saturation"):
             x = r[name][load]
-            bad = x["errors"] + sum(n for s, n in x["statuses"].items() if s != "200")
+            bad = non_200(x)
             print(f"| {name} | {load} | {x['rps']:.0f} | {x['p50_ms']:.2f} | {x['p99_ms']:.2f} | {bad} |")
     f, p, t = r["floor"], r["llm_policy"], r["passthrough"]
     print()

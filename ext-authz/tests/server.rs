@@ -454,25 +454,9 @@ async fn admin_writes_need_the_token_validate_first_and_roll_back() {
         new
     );
     // Listing, versions, bundle with ETag.
-    let list: Value = h
-        .client
-        .get(h.url("/v1/policies"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let list: Value = h.get_json("/v1/policies").await;
     assert_eq!(list["policies"].as_array().unwrap().len(), 2);
-    let versions: Value = h
-        .client
-        .get(h.url("/v1/policies/base/versions"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let versions: Value = h.get_json("/v1/policies/base/versions").await;
     assert_eq!(versions["versions"].as_array().unwrap().len(), 2);
     let r = h.client.get(h.url("/v1/bundle")).send().await.unwrap();
     let etag = r.headers()["etag"].to_str().unwrap().to_string();

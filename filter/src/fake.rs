@@ -6,6 +6,11 @@ use std::time::Duration;
 
 use crate::host::{Host, Level, Metric, SharedWrite};
 
+/// A chat completion body for `model`.
+pub fn chat(model: &str) -> String {
+    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
+}
+
 /// What the filter answered locally.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SentReply {

@@ -330,17 +330,7 @@ impl RequestFlow {
                 host.send_reply(status, &headers, body.as_bytes());
             }
             Err(why) => {
-                host.metric(Metric::FallbackFailures, 1);
-                // The first failure of a run, then every 100th: a client must not be able to
-                // write one log line per request.
-                let n = self.plugin.server_failures.get();
-                self.plugin.server_failures.set(n.wrapping_add(1));
-                if n.is_multiple_of(100) {
-                    host.log(
-                        Level::Warn,
-                        &format!("policy server check failed: {why} ({} so far)", n + 1),
-                    );
-                }
+                self.server_failed(host, &format!("policy server check failed: {why}"));
                 let State::Asking { provisional, .. } =
                     std::mem::replace(&mut self.state, State::Answered)
                 else {
@@ -422,12 +412,8 @@ impl RequestFlow {
 
     /// 503 in the provider's format, marked `x-llm-policy-decision: error`.
     fn unavailable(&mut self, host: &mut dyn Host, provider: Provider, message: &str) -> Flow {
-        let body = reply::error_body(provider, 503, "policy_unavailable", message);
-        let headers = vec![
-            (DECISION_HEADER.to_string(), String::from("error")),
-            ("content-type".to_string(), "application/json".to_string()),
-        ];
-        self.answer(host, 503, &headers, body.as_bytes())
+        let r = reply::unavailable(provider, message);
+        self.answer(host, r.status, &r.headers, r.body.as_bytes())
     }
 
     /// Builds the context from the buffered request and decides.
@@ -557,12 +543,7 @@ impl RequestFlow {
                 }
             }
         }
-        let limit = decision
-            .metadata
-            .deciding_rule
-            .as_ref()
-            .and_then(|r| limits.iter().find(|(rule, _)| rule == r))
-            .map(|(_, s)| *s);
+        let limit = reply::deciding_limit(&decision, &limits);
         self.apply(host, provider, &decision, limit)
     }
 
@@ -638,21 +619,26 @@ impl RequestFlow {
                 Flow::Pause
             }
             Err(e) => {
-                host.metric(Metric::FallbackFailures, 1);
-                let n = self.plugin.server_failures.get();
-                self.plugin.server_failures.set(n.wrapping_add(1));
-                if n.is_multiple_of(100) {
-                    host.log(
-                        Level::Warn,
-                        &format!(
-                            "cannot call the policy server on cluster {}: {e} ({} so far)",
-                            server.cluster,
-                            n + 1
-                        ),
-                    );
-                }
+                self.server_failed(
+                    host,
+                    &format!(
+                        "cannot call the policy server on cluster {}: {e}",
+                        server.cluster
+                    ),
+                );
                 self.apply_failure(host, provider, provisional)
             }
+        }
+    }
+
+    /// Counts a failed server call and logs the first of a run, then every 100th: a client must
+    /// not be able to write one log line per request.
+    fn server_failed(&self, host: &mut dyn Host, message: &str) {
+        host.metric(Metric::FallbackFailures, 1);
+        let n = self.plugin.server_failures.get();
+        self.plugin.server_failures.set(n.wrapping_add(1));
+        if n.is_multiple_of(100) {
+            host.log(Level::Warn, &format!("{message} ({} so far)", n + 1));
         }
     }
 

@@ -50,8 +50,7 @@ impl Routes {
                 return None;
             }
         }
-        let (provider, api) = reply::classify(path, headers);
-        let wide = reply::api_path(path);
+        let (provider, api, wide) = reply::classify(path, headers);
         if self.exact.is_empty() && self.prefixes.is_empty() {
             // The APIs the core knows, and every other endpoint of the providers' API trees
             // (threads, files, token counting, realtime sessions, ...).

@@ -6,7 +6,7 @@ use prost::Message as _;
 
 use crate::config::FilterConfig;
 use crate::ext_authz;
-use crate::fake::FakeHost;
+use crate::fake::{chat, FakeHost};
 use crate::host::Metric;
 use crate::outbox::Outbox;
 use crate::plugin::Plugin;
@@ -60,10 +60,6 @@ fn plugin(extra: &str) -> Rc<Plugin> {
             .join("\n")
     );
     Rc::new(Plugin::configure(&config).unwrap())
-}
-
-fn chat(model: &str) -> String {
-    format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hi"}}]}}"#)
 }
 
 /// Runs a request through headers and one body chunk.

@@ -125,11 +125,13 @@ impl RequestContext {
             .collect();
         shield.sort_by(|a, b| a.0.cmp(&b.0));
         let (provider, api) = classify(&path, |h| header(h).is_some());
-        // Reads and deletes (`GET /v1/chat/completions` lists stored completions) are no model
-        // calls, whatever the path.
-        let api = if ["GET", "HEAD", "DELETE", "OPTIONS"]
-            .iter()
-            .any(|m| input.method.eq_ignore_ascii_case(m))
+        // Reads and deletes without a body (`GET /v1/chat/completions` lists stored
+        // completions) are no model calls; one that carries a body is read as the call it
+        // would be, so a method cannot carry a prompt past the API's rules.
+        let api = if input.body.iter().all(u8::is_ascii_whitespace)
+            && ["GET", "HEAD", "DELETE", "OPTIONS"]
+                .iter()
+                .any(|m| input.method.eq_ignore_ascii_case(m))
         {
             Api::Other
         } else {
@@ -250,7 +252,11 @@ pub(crate) fn api_path(path: &str) -> String {
 /// path's shape; `anthropic-version` (or an OpenAI-only header or prefix) names the provider only
 /// when the path does not.
 pub(crate) fn classify(path: &str, has_header: impl Fn(&str) -> bool) -> (Provider, Api) {
-    let wide = api_path(path);
+    classify_wide(&api_path(path), has_header)
+}
+
+/// [`classify`] for a path already in [`api_path`] form.
+pub(crate) fn classify_wide(wide: &str, has_header: impl Fn(&str) -> bool) -> (Provider, Api) {
     let p = wide.trim_end_matches('/');
     let (mut provider, api) = if p.ends_with("/chat/completions") {
         (Provider::Openai, Api::Chat)

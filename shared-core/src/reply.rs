@@ -86,6 +86,13 @@ pub fn for_decision(d: &Decision, provider: Provider, limit: Option<LimitState>)
     })
 }
 
+/// The state of the deciding rule's counter among those a host checked (`(rule, state)` of each
+/// counter that was over), for [`for_decision`]'s `retry-after` and `x-ratelimit-*` headers.
+pub fn deciding_limit(d: &Decision, over: &[(String, LimitState)]) -> Option<LimitState> {
+    let rule = d.metadata.deciding_rule.as_deref()?;
+    over.iter().find(|(r, _)| r == rule).map(|(_, s)| *s)
+}
+
 /// The reply for a request the core could not evaluate (400 / 413).
 pub fn for_error(e: &ContextError, provider: Provider) -> Reply {
     let status = e.status();
@@ -96,6 +103,17 @@ pub fn for_error(e: &ContextError, provider: Provider) -> Reply {
     }
 }
 
+/// The reply when no decision could be made (the policy server unreachable or late, no bundle
+/// yet) and the failure mode is closed: 503 `policy_unavailable`, marked
+/// `x-llm-policy-decision: error`.
+pub fn unavailable(provider: Provider, message: &str) -> Reply {
+    Reply {
+        status: 503,
+        body: error_body(provider, 503, "policy_unavailable", message),
+        headers: with_content_type(alloc::vec![(DECISION_HEADER.into(), String::from("error"))]),
+    }
+}
+
 /// The provider a request is addressed to, from its path and headers (as extraction decides it),
 /// for replying to a request whose context could not be built.
 pub fn provider_of(path: &str, headers: &[(String, String)]) -> Provider {
@@ -103,13 +121,14 @@ pub fn provider_of(path: &str, headers: &[(String, String)]) -> Provider {
 }
 
 /// Provider and API of a request from its path and headers, exactly as extraction decides them
-/// (`Api::Other` for a path that is no LLM API call). A proxy uses it to pick the requests to
-/// check before reading their bodies.
-pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api) {
-    let path = crate::extract::normalize_path(path);
-    crate::extract::classify(&path, |name| {
+/// (`Api::Other` for a path that is no LLM API call), with the path in [`api_path`] form. A
+/// proxy uses it to pick the requests to check before reading their bodies.
+pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api, String) {
+    let wide = api_path(path);
+    let (provider, api) = crate::extract::classify_wide(&wide, |name| {
         headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
-    })
+    });
+    (provider, api, wide)
 }
 
 /// The path as API classification reads it: normalized as extraction does (query and fragment

@@ -670,3 +670,30 @@ fn a_score_sent_twice_counts_at_its_highest() {
         serde_json::json!([["jailbreak", 0.95], ["label", "a,0.5"]])
     );
 }
+
+#[test]
+fn reads_without_a_body_are_no_model_calls_but_a_body_makes_one() {
+    let read = |method: &str, body: &str| {
+        let h: Vec<(String, String)> = Vec::new();
+        let input = llm_policy_core::RequestInput {
+            method,
+            path: "/v1/chat/completions",
+            headers: &h,
+            body: body.as_bytes(),
+            now_unix: 0,
+        };
+        llm_policy_core::RequestContext::from_request(
+            &input,
+            &llm_policy_core::ContextConfig::default(),
+        )
+        .unwrap()
+        .request
+        .api
+    };
+    // `GET /v1/chat/completions` lists stored completions.
+    assert_eq!(read("GET", ""), Api::Other);
+    assert_eq!(read("delete", " \n"), Api::Other);
+    // A prompt sent with another method is still read as the call it would be.
+    assert_eq!(read("GET", r#"{"model":"m","messages":[]}"#), Api::Chat);
+    assert_eq!(read("POST", ""), Api::Chat);
+}

@@ -242,7 +242,7 @@ impl Engine {
         super::telemetry::continue_trace(&span, &input.headers);
         let result = tokio::time::timeout(
             deadline,
-            self.decide(input, version.clone(), started, deadline),
+            self.decide(input, provider, version.clone(), started, deadline),
         )
         .instrument(span.clone())
         .await
@@ -313,20 +313,7 @@ impl Engine {
                 None,
                 vec![(reply::DECISION_HEADER.to_string(), String::from("error"))],
             ),
-            FailureMode::Closed => (
-                Some(Reply {
-                    status: 503,
-                    headers: vec![
-                        (reply::DECISION_HEADER.to_string(), String::from("error")),
-                        (
-                            String::from("content-type"),
-                            String::from("application/json"),
-                        ),
-                    ],
-                    body: reply::error_body(provider, 503, "policy_unavailable", f.message()),
-                }),
-                Vec::new(),
-            ),
+            FailureMode::Closed => (Some(reply::unavailable(provider, f.message())), Vec::new()),
         };
         Checked {
             decision: None,
@@ -342,6 +329,7 @@ impl Engine {
     async fn decide(
         &self,
         input: CheckInput,
+        provider: llm_policy_core::context::Provider,
         version: Option<Arc<Version>>,
         started: Instant,
         deadline: Duration,
@@ -356,7 +344,6 @@ impl Engine {
         let explain = input.explain;
         let charge = input.charge;
         let local_counted = input.local_counted.clone();
-        let provider = reply::provider_of(&input.path, &input.headers);
         let now = input
             .now
             .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
@@ -508,7 +495,7 @@ impl Engine {
         }
         // Settle: a request that goes ahead spends its request counts now and keeps its token
         // and cost reservations for its usage report; anything else gives them back.
-        let limit = deciding_limit(&decision, &limit_states);
+        let limit = reply::deciding_limit(&decision, &limit_states);
         if decision.decision != Verdict::Allow {
             held.release_now().await;
         } else if !held.ids.is_empty() {
@@ -761,11 +748,6 @@ fn render(
 }
 
 /// The counter state of the rule that decided a throttle, if a counter made it decide.
-fn deciding_limit(d: &Decision, states: &[(String, LimitState)]) -> Option<LimitState> {
-    let rule = d.metadata.deciding_rule.as_deref()?;
-    states.iter().find(|(r, _)| r == rule).map(|(_, s)| *s)
-}
-
 /// Reservations taken during a check: released if the check ends any other way (an error, the
 /// deadline dropping the future).
 struct Held {

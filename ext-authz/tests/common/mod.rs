@@ -98,18 +98,22 @@ impl Harness {
             .unwrap_or(0.0)
     }
 
+    /// `GET path` on the REST API, as JSON.
+    pub async fn get_json(&self, path: &str) -> serde_json::Value {
+        self.client
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     /// Polls `/readyz` until the bundle serving is not `old` (at most 5 s).
     pub async fn wait_for_new_bundle(&self, old: &str) -> serde_json::Value {
         for _ in 0..100 {
-            let v: serde_json::Value = self
-                .client
-                .get(self.url("/readyz"))
-                .send()
-                .await
-                .unwrap()
-                .json()
-                .await
-                .unwrap();
+            let v = self.get_json("/readyz").await;
             if v["bundle"].is_string() && v["bundle"] != old {
                 return v;
             }
@@ -119,15 +123,7 @@ impl Harness {
     }
 
     pub async fn bundle(&self) -> String {
-        let v: serde_json::Value = self
-            .client
-            .get(self.url("/readyz"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v = self.get_json("/readyz").await;
         v["bundle"].as_str().unwrap().to_string()
     }
 
