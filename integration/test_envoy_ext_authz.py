@@ -9,7 +9,6 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from pathlib import Path
 
 import anthropic
 import openai
