@@ -20,6 +20,7 @@ pub mod envoy;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod redis;
 pub mod registry;
 pub mod rest;
 pub mod telemetry;
@@ -145,22 +146,47 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_token = config.admin_token().map_err(StartError::Config)?;
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
-    let (audit, writer) = audit::start(&config.audit, metrics.clone())
-        .map_err(|e| StartError::Setup(format!("cannot open the audit log: {e}")))?;
     let registry = Arc::new(Registry::new(
         config.policies.clone(),
         config.context.clone(),
         config.reload.history,
     ));
-    let engine = Arc::new(Engine::new(
-        registry,
-        Arc::new(limits::MemoryStore::default()),
-        cache::Caches::new(&config.cache),
-        metrics.clone(),
-        audit,
-        config.check.clone(),
-        config.limits.clone(),
-    ));
+    let redis = redis::Redis::connect(&config.redis, metrics.clone()).map_err(|e| {
+        StartError::Config(Diagnostics(vec![llm_policy_core::Diagnostic::error(
+            llm_policy_core::Code::Io,
+            e,
+        )]))
+    })?;
+    let stream = redis
+        .as_ref()
+        .zip(config.redis.audit.as_ref())
+        .map(|(r, c)| audit::StreamSink::new(r.clone(), c));
+    let (audit, writer) = audit::start(&config.audit, metrics.clone(), stream)
+        .map_err(|e| StartError::Setup(format!("cannot open the audit log: {e}")))?;
+    let store: Arc<dyn limits::CounterStore> = match &redis {
+        Some(r) if config.redis.counters => Arc::new(limits::redis_store::RedisStore::new(
+            r.clone(),
+            config.limits.reservation_timeout_secs,
+        )),
+        _ => Arc::new(limits::MemoryStore::default()),
+    };
+    let engine = Arc::new(
+        Engine::new(
+            registry,
+            store,
+            cache::Caches::new(&config.cache),
+            metrics.clone(),
+            audit,
+            config.check.clone(),
+            config.limits.clone(),
+        )
+        .with_remote_cache(
+            redis
+                .as_ref()
+                .filter(|_| config.redis.cache.enabled)
+                .map(|r| cache::RemoteCache::new(r.clone(), config.redis.cache.ttl_secs)),
+        ),
+    );
     let first = {
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || reload(&e).is_ok())

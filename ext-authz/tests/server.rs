@@ -624,7 +624,7 @@ async fn a_check_never_outlives_its_deadline_and_follows_the_failure_mode() {
             stdout: false,
             ..Default::default()
         };
-        let (a, writer) = audit::start(&audit_config, m.clone()).unwrap();
+        let (a, writer) = audit::start(&audit_config, m.clone(), None).unwrap();
         let e = engine::Engine::new(
             reg,
             Arc::new(SlowStore),

@@ -175,6 +175,127 @@ enum Msg {
     Shutdown,
 }
 
+/// A Redis stream (`XADD <prefix><stream> MAXLEN ~ <maxLen>`; field `record`: the JSON line),
+/// written in batches from the writer thread over a connection of its own. While Redis is
+/// unreachable records are dropped and counted (`llm_policy_audit_dropped_total`,
+/// `llm_policy_redis_errors_total{feature="audit"}`), reconnecting at most once a second; the
+/// other sinks keep every record.
+pub struct StreamSink {
+    redis: super::redis::Redis,
+    key: String,
+    max_len: u64,
+    conn: Option<redis::Connection>,
+    buffered: Vec<String>,
+    retry_at: Option<std::time::Instant>,
+    metrics: Metrics,
+}
+
+/// Lines a [`StreamSink`] sends in one pipeline at most.
+const STREAM_BATCH: usize = 512;
+
+impl StreamSink {
+    /// A sink on the configured stream.
+    pub fn new(redis: super::redis::Redis, config: &super::redis::StreamConfig) -> StreamSink {
+        let metrics = redis.metrics().clone();
+        StreamSink {
+            key: redis.key(&config.stream),
+            max_len: config.max_len.max(1),
+            redis,
+            conn: None,
+            buffered: Vec::new(),
+            retry_at: None,
+            metrics,
+        }
+    }
+
+    fn connection(&mut self) -> Result<&mut redis::Connection, super::redis::RedisError> {
+        if self.conn.is_none() {
+            if self
+                .retry_at
+                .is_some_and(|at| std::time::Instant::now() < at)
+            {
+                return Err(super::redis::RedisError::Unavailable);
+            }
+            let timeout = self.redis.timeout().saturating_mul(4);
+            let conn = self
+                .redis
+                .client()
+                .get_connection_with_timeout(timeout)
+                .and_then(|c| {
+                    c.set_read_timeout(Some(timeout))?;
+                    c.set_write_timeout(Some(timeout))?;
+                    Ok(c)
+                });
+            match conn {
+                Ok(c) => {
+                    if self.retry_at.take().is_some() {
+                        tracing::info!("audit stream: Redis is reachable again");
+                    }
+                    self.conn = Some(c);
+                }
+                Err(e) => {
+                    self.retry_at =
+                        Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
+                    return Err(super::redis::RedisError::Failed(e.to_string()));
+                }
+            }
+        }
+        self.conn
+            .as_mut()
+            .ok_or(super::redis::RedisError::Unavailable)
+    }
+
+    fn send(&mut self) {
+        if self.buffered.is_empty() {
+            return;
+        }
+        let lines = std::mem::take(&mut self.buffered);
+        let mut pipe = redis::pipe();
+        for line in &lines {
+            pipe.cmd("XADD")
+                .arg(&self.key)
+                .arg("MAXLEN")
+                .arg("~")
+                .arg(self.max_len)
+                .arg("*")
+                .arg("record")
+                .arg(line)
+                .ignore();
+        }
+        let sent = self.connection().and_then(|c| {
+            pipe.query::<()>(c)
+                .map_err(|e| super::redis::RedisError::Failed(e.to_string()))
+        });
+        if let Err(e) = sent {
+            let first = self.retry_at.is_none() || self.conn.is_some();
+            self.conn = None;
+            if self.retry_at.is_none() {
+                self.retry_at = Some(std::time::Instant::now() + std::time::Duration::from_secs(1));
+            }
+            if first {
+                tracing::warn!(error = %e, "audit stream: Redis unreachable, dropping records until it is back");
+            }
+            self.redis.count_error(super::redis::Feature::Audit, &e);
+            self.metrics.audit_dropped.inc_by(lines.len() as u64);
+        }
+    }
+}
+
+impl Sink for StreamSink {
+    fn write(&mut self, line: &str) -> io::Result<()> {
+        self.buffered.push(line.to_string());
+        if self.buffered.len() >= STREAM_BATCH {
+            self.send();
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.send();
+        Ok(())
+    }
+}
+
 /// The handle checks record through: cheap to clone, never blocks.
 #[derive(Clone)]
 pub struct Audit {
@@ -192,8 +313,13 @@ pub struct Writer {
     thread: Option<JoinHandle<()>>,
 }
 
-/// Opens the sinks the configuration names and starts the writer thread.
-pub fn start(config: &AuditConfig, metrics: Metrics) -> io::Result<(Audit, Writer)> {
+/// Opens the sinks the configuration names (and the Redis stream, when given) and starts the
+/// writer thread.
+pub fn start(
+    config: &AuditConfig,
+    metrics: Metrics,
+    stream: Option<StreamSink>,
+) -> io::Result<(Audit, Writer)> {
     if config.prompts == PromptLogging::Hash && config.prompt_hash_key_file.is_none() {
         tracing::warn!(
             "audit.prompts is `hash` without audit.promptHashKeyFile: prompts are keyed with a \
@@ -206,6 +332,9 @@ pub fn start(config: &AuditConfig, metrics: Metrics) -> io::Result<(Audit, Write
     }
     if let Some(f) = &config.file {
         sinks.push(Box::new(FileSink::open(f.clone())?));
+    }
+    if let Some(s) = stream {
+        sinks.push(Box::new(s));
     }
     Ok(start_with(config, metrics, sinks))
 }

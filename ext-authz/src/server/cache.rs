@@ -1,5 +1,6 @@
 //! Decision caches. L1: a small cache per worker thread (no locking); L2: one bounded cache
-//! shared by every thread. (L3 is the registry's compiled versions; L4 on Redis comes with #8.)
+//! shared by every thread; (L3 is the registry's compiled versions); L4: Redis, shared by every
+//! replica ([`RemoteCache`], when Redis is configured), asked after L1 and L2 miss.
 //!
 //! Keys are the core's cache keys: a hash of the bundle, the namespace and the values of every
 //! field the namespace's rules read. A new bundle therefore never sees an old decision, and only
@@ -13,6 +14,7 @@ use llm_policy_core::Decision;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
+use super::redis::{Feature, Redis};
 
 /// Which cache answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -21,6 +23,8 @@ pub enum Level {
     L1,
     /// The shared cache.
     L2,
+    /// Redis, shared by the replicas.
+    L4,
 }
 
 impl Level {
@@ -29,6 +33,7 @@ impl Level {
         match self {
             Level::L1 => "l1",
             Level::L2 => "l2",
+            Level::L4 => "l4",
         }
     }
 }
@@ -124,6 +129,67 @@ impl Caches {
         if let Some(l2) = &self.l2 {
             l2.insert(key, decision);
         }
+    }
+}
+
+/// The L4 cache: decisions in Redis under `d:{core cache key}` (the key includes the bundle
+/// digest, so replicas serving different bundles never share an entry), as the decision JSON.
+/// A failed or slow lookup is a miss; stores are written in the background.
+#[derive(Clone)]
+pub struct RemoteCache {
+    redis: Redis,
+    ttl_secs: u64,
+}
+
+impl RemoteCache {
+    /// Decisions kept `ttl_secs` on `redis`.
+    pub fn new(redis: Redis, ttl_secs: u64) -> RemoteCache {
+        RemoteCache {
+            redis,
+            ttl_secs: ttl_secs.max(1),
+        }
+    }
+
+    /// Looks a decision up (counted as level `l4`); any failure is a miss.
+    pub async fn get(&self, key: &str, metrics: &Metrics) -> Option<Entry> {
+        let rkey = self.redis.key(&format!("d:{key}"));
+        let found: Option<Vec<u8>> = self
+            .redis
+            .run(Feature::Cache, |mut conn| async move {
+                redis::cmd("GET").arg(&rkey).query_async(&mut conn).await
+            })
+            .await
+            .ok()
+            .flatten();
+        let decision = found.and_then(|bytes| serde_json::from_slice::<Decision>(&bytes).ok());
+        metrics
+            .cache
+            .with_label_values(&["l4", if decision.is_some() { "hit" } else { "miss" }])
+            .inc();
+        decision.map(Arc::new)
+    }
+
+    /// Stores a decision in the background (the check does not wait for Redis).
+    pub fn put(&self, key: &str, decision: &Decision) {
+        let Ok(json) = serde_json::to_vec(decision) else {
+            return;
+        };
+        let this = self.clone();
+        let rkey = self.redis.key(&format!("d:{key}"));
+        tokio::spawn(async move {
+            let _: Result<(), _> = this
+                .redis
+                .run(Feature::Cache, |mut conn| async move {
+                    redis::cmd("SET")
+                        .arg(&rkey)
+                        .arg(json)
+                        .arg("EX")
+                        .arg(this.ttl_secs)
+                        .query_async(&mut conn)
+                        .await
+                })
+                .await;
+        });
     }
 }
 

@@ -39,6 +39,9 @@ pub struct Config {
     pub tracing: super::telemetry::TracingConfig,
     /// TLS for the gRPC and REST listeners (off unless set).
     pub tls: Option<super::listen::TlsConfig>,
+    /// Redis, shared by replicas: counters, L4 cache, registry, audit stream (off unless a URL
+    /// is set).
+    pub redis: super::redis::RedisConfig,
 }
 
 impl Default for Config {
@@ -57,6 +60,7 @@ impl Default for Config {
             cache: super::cache::CacheConfig::default(),
             tracing: super::telemetry::TracingConfig::default(),
             tls: None,
+            redis: super::redis::RedisConfig::default(),
         }
     }
 }
@@ -142,6 +146,11 @@ pub struct LimitsConfig {
     pub reservation_timeout_secs: u64,
     /// What an unreported reservation becomes (default release).
     pub unreported: Unreported,
+    /// What a check answers when the counter store fails (Redis unreachable or slow, or the
+    /// in-memory store full): `open` lets the rule's limit pass (counted in
+    /// `llm_policy_counter_errors_total`), `closed` fails the check (503). Default: the check's
+    /// `failureMode`.
+    pub failure_mode: Option<FailureMode>,
 }
 
 impl Default for LimitsConfig {
@@ -149,6 +158,7 @@ impl Default for LimitsConfig {
         LimitsConfig {
             reservation_timeout_secs: 300,
             unreported: Unreported::Release,
+            failure_mode: None,
         }
     }
 }
@@ -253,6 +263,10 @@ pub struct ServeArgs {
     /// File holding the admin token for API writes.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// Redis URL (`redis://host:port`): counters, L4 cache and the other `redis:` features
+    /// shared with the other replicas.
+    #[arg(long)]
+    pub redis_url: Option<String>,
 }
 
 impl Config {
@@ -276,6 +290,9 @@ impl Config {
         }
         if let Some(p) = &args.admin_token_file {
             config.admin_token_file = Some(p.clone());
+        }
+        if let Some(u) = &args.redis_url {
+            config.redis.url = Some(u.clone());
         }
         Ok(config)
     }

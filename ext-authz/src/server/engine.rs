@@ -6,8 +6,7 @@
 //! Protocol edges ([`super::envoy`], [`super::api`], [`super::rest`]) build a [`CheckInput`] and
 //! turn the [`Checked`] into their own types.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tracing::field::Empty;
@@ -24,7 +23,7 @@ use llm_policy_core::{
 };
 
 use super::audit::{self, Audit, Record};
-use super::cache::{Caches, Level};
+use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::limits::{CounterStore, ReservationId};
 use super::metrics::Metrics;
@@ -121,10 +120,6 @@ impl Failure {
 /// known only to whoever sees the upstream request.
 pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
 
-/// Most requests whose token or cost reservations wait for a usage report at once; past it, a
-/// new request's reservations are committed at once (its estimate counts as spent).
-const MAX_UNREPORTED: usize = 100_000;
-
 /// Bodies above this are parsed and evaluated on the blocking pool, so a few large requests
 /// never stall the async workers that serve small ones.
 const INLINE_BODY_BYTES: usize = 64 * 1024;
@@ -141,19 +136,16 @@ pub struct Usage {
     pub usd: Option<f64>,
 }
 
-/// Token and cost reservations of allowed requests, by reservation handle: (made at, ids).
-type Unsettled = HashMap<String, (u64, Vec<(ReservationId, CounterKind)>)>;
-
 /// The check engine, shared by every protocol edge.
 pub struct Engine {
     registry: Arc<Registry>,
     store: Arc<dyn CounterStore>,
     caches: Caches,
+    remote: Option<RemoteCache>,
     metrics: Metrics,
     audit: Audit,
     check: CheckConfig,
     limits: LimitsConfig,
-    unsettled: Mutex<Unsettled>,
 }
 
 fn unix_now() -> u64 {
@@ -200,12 +192,18 @@ impl Engine {
             registry,
             store,
             caches,
+            remote: None,
             metrics,
             audit,
             check,
             limits,
-            unsettled: Mutex::new(Unsettled::new()),
         }
+    }
+
+    /// Adds the L4 cache (Redis), asked after the in-process caches miss.
+    pub fn with_remote_cache(mut self, remote: Option<RemoteCache>) -> Engine {
+        self.remote = remote;
+        self
     }
 
     /// The registry.
@@ -396,9 +394,18 @@ impl Engine {
             let _span = tracing::debug_span!("cache").entered();
             self.caches.get(key, &self.metrics)
         });
-        {
-            if let Some((d, level)) = hit {
-                let checked = render(version, (*d).clone(), &ctx, None, Some(level));
+        if let Some((d, level)) = hit {
+            let checked = render(version, (*d).clone(), &ctx, None, Some(level));
+            return Ok((checked, Some(ctx)));
+        }
+        if let (Some(remote), Some(key)) = (&self.remote, &key) {
+            let found = remote
+                .get(key, &self.metrics)
+                .instrument(tracing::debug_span!("cache", level = "l4"))
+                .await;
+            if let Some(d) = found {
+                self.caches.put(key.clone(), Arc::clone(&d));
+                let checked = render(version, (*d).clone(), &ctx, None, Some(Level::L4));
                 return Ok((checked, Some(ctx)));
             }
         }
@@ -448,11 +455,32 @@ impl Engine {
                                     self.store.reserve(c, counter_now).instrument(span).await
                                 } else {
                                     self.store.peek(c, counter_now).instrument(span).await
-                                }
-                                .map_err(|e| {
-                                    tracing::error!(error = %e.0, "counter store failed");
-                                    Failure::Store
-                                })?;
+                                };
+                                let r = match r {
+                                    Ok(r) => r,
+                                    Err(e) => {
+                                        let open = self
+                                            .limits
+                                            .failure_mode
+                                            .unwrap_or(self.check.failure_mode)
+                                            == FailureMode::Open;
+                                        self.metrics
+                                            .counter_errors
+                                            .with_label_values(&[if open {
+                                                "open"
+                                            } else {
+                                                "closed"
+                                            }])
+                                            .inc();
+                                        if !open {
+                                            tracing::error!(error = %e.0, "counter store failed");
+                                            return Err(Failure::Store);
+                                        }
+                                        tracing::debug!(error = %e.0, rule = %need.rule, "counter store failed: limit not applied (failure mode open)");
+                                        p.answer(need.id, Answer::Counter(CounterCheck::Under));
+                                        continue;
+                                    }
+                                };
                                 match r.reservation {
                                     Some(id) => {
                                         if charge {
@@ -520,6 +548,9 @@ impl Engine {
         }
         if let Some(key) = key {
             if decision.metadata.cacheable {
+                if let Some(remote) = &self.remote {
+                    remote.put(&key, &decision);
+                }
                 self.caches.put(key, Arc::new(decision.clone()));
             }
         }
@@ -527,43 +558,47 @@ impl Engine {
     }
 
     /// Keeps token and cost reservations until the request's usage is reported, under a fresh
-    /// handle. When too many wait (or no handle can be made), they are committed at once: the
-    /// estimate counts as spent, so a flood of requests cannot switch budgets off.
+    /// handle. When the store has no room (or no handle can be made), they are committed at once:
+    /// the estimate counts as spent, so a flood of requests cannot switch budgets off.
     async fn hold_for_usage(&self, ids: Vec<(ReservationId, CounterKind)>) -> Option<String> {
-        let handle = reservation_handle();
-        let overflow = match (&handle, self.unsettled.lock()) {
-            (Some(h), Ok(mut u)) if u.len() < MAX_UNREPORTED => {
-                u.insert(h.clone(), (unix_now(), ids));
-                None
-            }
-            _ => Some(ids),
-        };
-        match overflow {
-            None => handle,
-            Some(ids) => {
-                tracing::warn!("cannot hold reservations for usage reports: committing estimates");
-                for (id, _) in ids {
-                    let _ = self.store.commit(id, None).await;
+        if let Some(handle) = reservation_handle() {
+            match self.store.hold(&handle, &ids).await {
+                Ok(true) => return Some(handle),
+                Ok(false) => tracing::warn!(
+                    "too many reservations wait for usage reports: committing estimates"
+                ),
+                Err(e) => {
+                    tracing::warn!(error = %e.0, "cannot hold reservations for a usage report: committing estimates")
                 }
-                None
             }
         }
+        for (id, _) in ids {
+            let _ = self.store.commit(id, None).await;
+        }
+        None
     }
 
     /// Commits the usage of an allowed request, named by the `x-llm-policy-reservation` handle
-    /// its check added upstream. Returns whether reservations were waiting under it.
+    /// its check added upstream (on any replica sharing the counter store). Returns whether
+    /// reservations were waiting under it.
     pub async fn record_usage(&self, handle: &str, usage: Usage) -> bool {
-        let Some((_, ids)) = self
-            .unsettled
-            .lock()
-            .ok()
-            .and_then(|mut u| u.remove(handle))
-        else {
-            self.metrics
-                .usage_reports
-                .with_label_values(&["unknown"])
-                .inc();
-            return false;
+        let ids = match self.store.take(handle).await {
+            Ok(Some(ids)) => ids,
+            Ok(None) => {
+                self.metrics
+                    .usage_reports
+                    .with_label_values(&["unknown"])
+                    .inc();
+                return false;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.0, "cannot read a usage report's reservations");
+                self.metrics
+                    .usage_reports
+                    .with_label_values(&["error"])
+                    .inc();
+                return false;
+            }
         };
         self.metrics
             .usage_reports
@@ -586,30 +621,11 @@ impl Engine {
     /// Settles reservations whose usage report did not come within the configured timeout
     /// (run periodically).
     pub async fn expire(&self) {
-        let before = unix_now().saturating_sub(self.limits.reservation_timeout_secs);
-        let old: Vec<ReservationId> = match self.unsettled.lock() {
-            Ok(mut u) => {
-                let mut old = Vec::new();
-                u.retain(|_, (at, ids)| {
-                    let keep = *at >= before;
-                    if !keep {
-                        old.extend(ids.iter().map(|(id, _)| *id));
-                    }
-                    keep
-                });
-                old
-            }
-            Err(_) => Vec::new(),
-        };
         let commit = self.limits.unreported == Unreported::Commit;
-        for id in old {
-            let _ = if commit {
-                self.store.commit(id, None).await
-            } else {
-                self.store.release(id).await
-            };
-        }
-        let _ = self.store.expire(before, commit).await;
+        let _ = self
+            .store
+            .expire(unix_now(), self.limits.reservation_timeout_secs, commit)
+            .await;
     }
 
     /// Decision and alert metrics.

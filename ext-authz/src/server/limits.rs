@@ -1,5 +1,5 @@
-//! Counters for rate limits and budgets, behind [`CounterStore`] (in memory here; on Redis across
-//! replicas later).
+//! Counters for rate limits and budgets, behind [`CounterStore`]: [`MemoryStore`] in this
+//! process (one replica), [`redis_store::RedisStore`] in Redis (shared by every replica).
 //!
 //! A check *reserves*: the counter's spent and reserved amounts plus this request's charge must
 //! fit the limit, checked and reserved atomically, so concurrent requests can never overshoot. A
@@ -13,8 +13,10 @@ use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
-use llm_policy_core::decision::Charge;
+use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
+
+pub mod redis_store;
 
 /// A future a store returns.
 pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
@@ -31,6 +33,9 @@ pub struct Reserved {
     /// The counter after the answer.
     pub state: LimitState,
 }
+
+/// Reservations held for a usage report.
+pub type Held = Vec<(ReservationId, CounterKind)>;
 
 /// A counter store failed (it is unreachable or timed out).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,9 +63,20 @@ pub trait CounterStore: Send + Sync {
     ) -> StoreFuture<'_, Result<(), StoreError>>;
     /// Gives a reservation back.
     fn release(&self, id: ReservationId) -> StoreFuture<'_, Result<(), StoreError>>;
-    /// Settles reservations older than `before` (Unix seconds): committed or released; forgets
-    /// windows that ended before it.
-    fn expire(&self, before: u64, commit: bool) -> StoreFuture<'_, usize>;
+    /// Keeps the token and cost reservations of an allowed request until its usage is reported,
+    /// under `handle` (any replica may take them). `Ok(false)`: no room; the caller commits them
+    /// at once instead.
+    fn hold<'a>(
+        &'a self,
+        handle: &'a str,
+        ids: &'a [(ReservationId, CounterKind)],
+    ) -> StoreFuture<'a, Result<bool, StoreError>>;
+    /// Takes the reservations held under `handle` (once: a second take finds nothing).
+    fn take<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>>;
+    /// Settles reservations made more than `timeout_secs` before `now` (Unix seconds): committed
+    /// or released; forgets handles of that age and windows that ended before it. Returns the
+    /// number of reservations settled.
+    fn expire(&self, now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize>;
 }
 
 #[derive(Debug, Default)]
@@ -85,6 +101,8 @@ const SHARDS: usize = 16;
 pub struct MemoryStore {
     shards: Vec<Mutex<HashMap<String, Window>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
+    /// Reservations waiting for a usage report, by handle: (held at, ids).
+    held: Mutex<HashMap<String, (u64, Held)>>,
     next: AtomicU64,
     /// Counter keys held now (over all shards).
     keys: AtomicU64,
@@ -93,6 +111,10 @@ pub struct MemoryStore {
 
 /// Counter keys a [`MemoryStore`] holds by default (about 150 bytes each).
 pub const DEFAULT_MAX_KEYS: u64 = 1_000_000;
+
+/// Most requests whose token or cost reservations wait for a usage report at once in a
+/// [`MemoryStore`]; past it, [`CounterStore::hold`] says no (the estimate is committed).
+const MAX_HELD: usize = 100_000;
 
 impl Default for MemoryStore {
     fn default() -> Self {
@@ -112,6 +134,7 @@ impl MemoryStore {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::new(HashMap::new())).collect(),
             reservations: Mutex::new(HashMap::new()),
+            held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             keys: AtomicU64::new(0),
             max_keys,
@@ -263,8 +286,44 @@ impl CounterStore for MemoryStore {
         Box::pin(async move { self.settle(id, None) })
     }
 
-    fn expire(&self, before: u64, commit: bool) -> StoreFuture<'_, usize> {
+    fn hold<'a>(
+        &'a self,
+        handle: &'a str,
+        ids: &'a [(ReservationId, CounterKind)],
+    ) -> StoreFuture<'a, Result<bool, StoreError>> {
         Box::pin(async move {
+            let mut held = self.held.lock().map_err(poisoned)?;
+            if held.len() >= MAX_HELD {
+                return Ok(false);
+            }
+            let at = self
+                .reservations
+                .lock()
+                .map_err(poisoned)?
+                .get(&ids.first().map_or(0, |(id, _)| id.0))
+                .map_or(0, |r| r.made_at);
+            held.insert(handle.to_string(), (at, ids.to_vec()));
+            Ok(true)
+        })
+    }
+
+    fn take<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
+        Box::pin(async move {
+            Ok(self
+                .held
+                .lock()
+                .map_err(poisoned)?
+                .remove(handle)
+                .map(|(_, ids)| ids))
+        })
+    }
+
+    fn expire(&self, now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {
+        let before = now.saturating_sub(timeout_secs);
+        Box::pin(async move {
+            if let Ok(mut held) = self.held.lock() {
+                held.retain(|_, (at, _)| *at >= before);
+            }
             let old: Vec<(u64, f64)> = match self.reservations.lock() {
                 Ok(r) => r
                     .iter()
@@ -352,14 +411,14 @@ mod tests {
         assert_eq!(store.usage("default/r/team"), (40.0, 0.0));
         let c = store.reserve(&charge(100.0, 1000.0), 62).await.unwrap();
         assert_eq!(c.state.remaining, 860.0);
-        assert_eq!(store.expire(63, true).await, 1);
+        assert_eq!(store.expire(63, 0, true).await, 1);
         assert_eq!(store.usage("default/r/team"), (140.0, 0.0));
         // A new window starts empty.
         let d = store.reserve(&charge(100.0, 1000.0), 125).await.unwrap();
         assert_eq!(d.state.remaining, 900.0);
         assert_eq!(d.state.reset_secs, 55);
         // Ended windows are forgotten.
-        store.expire(1000, false).await;
+        store.expire(1000, 0, false).await;
         assert_eq!(store.usage("default/r/team"), (0.0, 0.0));
         assert!(store.shards.iter().all(|s| s.lock().unwrap().is_empty()));
     }
@@ -395,7 +454,7 @@ mod tests {
         c.key = "c".into();
         assert!(store.reserve(&c, 60).await.is_err());
         // Ended windows make room.
-        store.expire(10_000, false).await;
+        store.expire(10_000, 0, false).await;
         assert!(store.reserve(&c, 10_000).await.is_ok());
     }
 }

@@ -33,6 +33,11 @@ pub struct Metrics {
     pub check_errors: IntCounterVec,
     /// `llm_policy_usage_reports_total{result}`.
     pub usage_reports: IntCounterVec,
+    /// `llm_policy_redis_errors_total{feature,kind}`.
+    pub redis_errors: IntCounterVec,
+    /// `llm_policy_counter_errors_total{result}`: counter-store failures answered per
+    /// `limits.failureMode` (`open`: the limit was not applied; `closed`: the check failed).
+    pub counter_errors: IntCounterVec,
 }
 
 impl Metrics {
@@ -111,8 +116,20 @@ impl Metrics {
             "Usage reports by result (recorded; unknown: no reservation waited under the handle).",
             &["result"],
         )?;
+        let redis_errors = counter_vec(
+            "llm_policy_redis_errors_total",
+            "Failed Redis calls by feature (counters, usage, cache, registry, audit) and kind (timeout, unavailable, error).",
+            &["feature", "kind"],
+        )?;
+        let counter_errors = counter_vec(
+            "llm_policy_counter_errors_total",
+            "Counter-store failures by how they were answered (open: limit not applied; closed: check failed).",
+            &["result"],
+        )?;
         Ok(Metrics {
             usage_reports,
+            redis_errors,
+            counter_errors,
             registry,
             decisions,
             evaluation,
