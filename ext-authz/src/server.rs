@@ -22,6 +22,7 @@ pub mod listen;
 pub mod metrics;
 pub mod redis;
 pub mod registry;
+pub mod registry_sync;
 pub mod rest;
 pub mod telemetry;
 mod watch;
@@ -55,7 +56,7 @@ fn reload_if_changed(engine: &Engine) -> Option<Result<Arc<Version>, Diagnostics
         .map(|r| report_reload(engine, r))
 }
 
-fn report_reload(
+pub(crate) fn report_reload(
     engine: &Engine,
     result: Result<(Arc<Version>, bool), Diagnostics>,
 ) -> Result<Arc<Version>, Diagnostics> {
@@ -187,11 +188,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
                 .map(|r| cache::RemoteCache::new(r.clone(), config.redis.cache.ttl_secs)),
         ),
     );
-    let first = {
+    let mut first = {
         let e = Arc::clone(&engine);
         tokio::task::spawn_blocking(move || reload(&e).is_ok())
             .await
             .unwrap_or(false)
+    };
+    // Replicas sharing the bundle start from the shared head (or seed an empty store).
+    let shared = match &redis {
+        Some(r) if config.redis.registry => {
+            let bundle = Arc::new(registry_sync::RedisBundle::new(r.clone()));
+            engine.registry().share(Arc::clone(&bundle) as Arc<dyn registry::SharedBundle>);
+            first = registry_sync::sync_once(&engine, &bundle).await;
+            Some(bundle)
+        }
+        _ => None,
     };
 
     let grpc = bind(config.grpc_listen).await?;
@@ -289,8 +300,23 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let incoming = listen::accept(prom, None, stopped.clone());
     tasks.spawn(listen::serve_http(incoming, metrics_app, stopped.clone()));
 
-    // Hot reload.
-    if config.reload.watch {
+    // Hot reload: of the directory, or (shared) of the revisions other replicas publish.
+    if let Some(bundle) = shared {
+        let h = Arc::clone(&health);
+        registry_sync::spawn(
+            Arc::clone(&engine),
+            bundle,
+            move || {
+                let h = Arc::clone(&h);
+                async move {
+                    h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+                        .await;
+                }
+            },
+            stopped.clone(),
+            &mut tasks,
+        );
+    } else if config.reload.watch {
         let e = Arc::clone(&engine);
         let h = Arc::clone(&health);
         let on_change = move || {

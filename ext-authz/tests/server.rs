@@ -13,10 +13,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{chat, check, check_request, policy, Harness, TOKEN};
-use llm_policy_core::decision::Charge;
+use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_server::server::config::FailureMode;
 use llm_policy_server::server::limits::{
-    CounterStore, ReservationId, Reserved, StoreError, StoreFuture,
+    CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture,
 };
 use serde_json::{json, Value};
 
@@ -602,7 +602,17 @@ impl CounterStore for SlowStore {
     fn release(&self, _: ReservationId) -> StoreFuture<'_, StoreResult<()>> {
         Box::pin(async { Ok(()) })
     }
-    fn expire(&self, _: u64, _: bool) -> StoreFuture<'_, usize> {
+    fn hold<'a>(
+        &'a self,
+        _: &'a str,
+        _: &'a [(ReservationId, CounterKind)],
+    ) -> StoreFuture<'a, Result<bool, StoreError>> {
+        Box::pin(async { Ok(false) })
+    }
+    fn take<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
+        Box::pin(async { Ok(None) })
+    }
+    fn expire(&self, _: u64, _: u64, _: bool) -> StoreFuture<'_, usize> {
         Box::pin(async { 0 })
     }
 }

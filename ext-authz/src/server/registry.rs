@@ -5,6 +5,11 @@
 //! active version atomically; a bundle with errors is rejected with its located diagnostics and
 //! the last good version keeps serving. A check holds the `Arc` of the version it started with,
 //! so a swap never changes a decision in flight.
+//!
+//! With a [`SharedBundle`] (Redis, [`super::registry_sync`]) the bundle is shared by replicas:
+//! the directory only seeds an empty store, API writes are validated here, then published, and
+//! versions published by other replicas arrive through [`Registry::apply_shared`], validated and
+//! compiled again before they serve.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +23,7 @@ use llm_policy_core::{
 use serde::Serialize;
 
 /// How a version came to be.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Origin {
     /// Read from the policy path (start-up, file change, reload request).
@@ -27,6 +32,21 @@ pub enum Origin {
     Api,
     /// A policy was rolled back through the API.
     Rollback,
+    /// Published by another replica (the shared registry).
+    Shared,
+}
+
+/// Where a bundle shared by replicas is kept (Redis: [`super::registry_sync::RedisBundle`]).
+pub trait SharedBundle: Send + Sync {
+    /// Publishes `files` (`(path relative to the policy root, text)`) as the revision after
+    /// `base` (the revision this replica serves). Returns the new revision; refuses (409) when
+    /// another replica published first, fails (503) when the store does.
+    fn publish(
+        &self,
+        base: Option<u64>,
+        files: &[(String, String)],
+        origin: Origin,
+    ) -> Result<u64, RegistryError>;
 }
 
 /// One policy file as it was read.
@@ -159,6 +179,10 @@ pub struct Registry {
     last_rejected: Mutex<Option<u128>>,
     /// Tells subscribers (`WatchBundle`) about each new version.
     changes: tokio::sync::watch::Sender<Option<Arc<Version>>>,
+    /// The shared store, when replicas share the bundle.
+    shared: std::sync::OnceLock<Arc<dyn SharedBundle>>,
+    /// (revision serving, revision last rejected) of the shared store.
+    revisions: Mutex<(Option<u64>, Option<u64>)>,
 }
 
 impl Registry {
@@ -175,7 +199,128 @@ impl Registry {
             last_error: Mutex::new(None),
             last_rejected: Mutex::new(None),
             changes: tokio::sync::watch::Sender::new(None),
+            shared: std::sync::OnceLock::new(),
+            revisions: Mutex::new((None, None)),
         }
+    }
+
+    /// Shares the bundle with other replicas through `store` (once, at start).
+    pub fn share(&self, store: Arc<dyn SharedBundle>) {
+        let _ = self.shared.set(store);
+    }
+
+    /// Whether the bundle is shared (API writes are published; the directory only seeds).
+    pub fn is_shared(&self) -> bool {
+        self.shared.get().is_some()
+    }
+
+    /// The shared revision serving, if any.
+    pub fn shared_revision(&self) -> Option<u64> {
+        self.revisions.lock().ok().and_then(|r| r.0)
+    }
+
+    /// The directory policy files are named relative to.
+    fn root(&self) -> PathBuf {
+        if self.path.is_dir() {
+            self.path.clone()
+        } else {
+            self.path
+                .parent()
+                .map_or_else(|| PathBuf::from("."), Path::to_path_buf)
+        }
+    }
+
+    /// Swaps in revision `revision` of the shared bundle (`files` relative to the policy root)
+    /// after validating and compiling it. `None` when it is the revision serving or the one last
+    /// rejected (nothing to do).
+    pub fn apply_shared(
+        &self,
+        revision: u64,
+        files: Vec<(String, String)>,
+    ) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
+        let _guard = self.writer.lock();
+        let (serving, rejected) = self.revisions.lock().map(|r| *r).unwrap_or((None, None));
+        if serving == Some(revision) || rejected == Some(revision) {
+            return None;
+        }
+        let root = self.root();
+        let mut files: Vec<SourceFile> = files
+            .into_iter()
+            .map(|(rel, text)| SourceFile {
+                path: root.join(rel),
+                text,
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let result = self.accept(files, Origin::Shared);
+        if let Ok(mut r) = self.revisions.lock() {
+            match &result {
+                Ok(_) => *r = (Some(revision), None),
+                Err(_) => r.1 = Some(revision),
+            }
+        }
+        Some(result)
+    }
+
+    /// The files serving, relative to the policy root (what seeds an empty shared store).
+    pub fn serving_files(&self) -> Option<Vec<(String, String)>> {
+        let root = self.root();
+        self.current().map(|v| {
+            v.relative_files(&root)
+                .into_iter()
+                .map(|(p, t)| (p, t.to_string()))
+                .collect()
+        })
+    }
+
+    /// Records that this replica published `revision` of what it serves (seeding the store).
+    pub fn published(&self, revision: u64) {
+        if let Ok(mut r) = self.revisions.lock() {
+            *r = (Some(revision), None);
+        }
+    }
+
+    /// The files a write starts from: the directory, or (shared) the version serving.
+    fn base_files(&self) -> Result<Vec<SourceFile>, RegistryError> {
+        if self.is_shared() {
+            return Ok(self.current().map(|v| v.files.clone()).unwrap_or_default());
+        }
+        read_files(&self.path).map_err(RegistryError::Invalid)
+    }
+
+    /// Stores a validated write (`text` for the file `target` in `files`) and swaps it in: into
+    /// the directory, or (shared) published for every replica.
+    fn store(
+        &self,
+        files: Vec<SourceFile>,
+        target: &Path,
+        text: &str,
+        origin: Origin,
+    ) -> Result<Arc<Version>, RegistryError> {
+        let Some(shared) = self.shared.get() else {
+            write_atomically(target, text).map_err(|e| {
+                RegistryError::Refused(format!("cannot write {}: {e}", target.display()), 503)
+            })?;
+            let (v, _) = self
+                .accept(
+                    read_files(&self.path).map_err(RegistryError::Invalid)?,
+                    origin,
+                )
+                .map_err(RegistryError::Invalid)?;
+            return Ok(v);
+        };
+        let root = self.root();
+        let relative: Vec<(String, String)> = files
+            .iter()
+            .map(|f| {
+                let p = f.path.strip_prefix(&root).unwrap_or(&f.path);
+                (p.display().to_string(), f.text.clone())
+            })
+            .collect();
+        let revision = shared.publish(self.shared_revision(), &relative, origin)?;
+        let (v, _) = self.accept(files, origin).map_err(RegistryError::Invalid)?;
+        self.published(revision);
+        Ok(v)
     }
 
     /// The policy path.
@@ -205,8 +350,13 @@ impl Registry {
 
     /// Reads and compiles the policy path; on success swaps it in (unless it is the bundle already
     /// serving) and returns the version serving afterwards, and whether it changed.
+    /// Shared: the directory only seeded the store, so this keeps the version serving (the
+    /// shared store is followed by [`super::registry_sync`]).
     pub fn reload(&self) -> Result<(Arc<Version>, bool), Diagnostics> {
         let _guard = self.writer.lock();
+        if let (true, Some(cur)) = (self.is_shared(), self.current()) {
+            return Ok((cur, false));
+        }
         let files = read_files(&self.path)?;
         self.reload_files(files)
     }
@@ -301,7 +451,7 @@ impl Registry {
     /// directory and reloads. The whole bundle must validate first; nothing is written otherwise.
     pub fn put_policy(&self, name: &str, text: &str) -> Result<Arc<Version>, RegistryError> {
         let _guard = self.writer.lock();
-        if !self.path.is_dir() {
+        if !self.path.is_dir() && !self.is_shared() {
             return Err(RegistryError::Refused(
                 String::from("policies are served from a single file: write them through the file"),
                 409,
@@ -333,7 +483,7 @@ impl Registry {
                 400,
             ));
         }
-        let current = read_files(&self.path).map_err(RegistryError::Invalid)?;
+        let current = self.base_files()?;
         let target = self.file_of(name, &current)?;
         let mut files: Vec<SourceFile> = current.into_iter().filter(|f| f.path != target).collect();
         files.push(SourceFile {
@@ -341,18 +491,9 @@ impl Registry {
             text: text.to_string(),
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        // Validate before touching the directory.
+        // Validate before touching the directory or the shared store.
         compile(&files, &self.context).map_err(RegistryError::Invalid)?;
-        write_atomically(&target, text).map_err(|e| {
-            RegistryError::Refused(format!("cannot write {}: {e}", target.display()), 503)
-        })?;
-        let (v, _) = self
-            .accept(
-                read_files(&self.path).map_err(RegistryError::Invalid)?,
-                Origin::Api,
-            )
-            .map_err(RegistryError::Invalid)?;
-        Ok(v)
+        self.store(files, &target, text, Origin::Api)
     }
 
     /// Restores one policy to its text in version `to` (or, without `to`, in the newest kept
@@ -394,7 +535,7 @@ impl Registry {
                 404,
             )
         })?;
-        let on_disk = read_files(&self.path).map_err(RegistryError::Invalid)?;
+        let on_disk = self.base_files()?;
         // The API writes whole files: a file the policy shares with others (now or in the
         // target version) would roll them back too.
         let here = self.file_of(name, &on_disk)?;
@@ -423,16 +564,7 @@ impl Registry {
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
         compile(&files, &self.context).map_err(RegistryError::Invalid)?;
-        write_atomically(&path, &text).map_err(|e| {
-            RegistryError::Refused(format!("cannot write {}: {e}", path.display()), 503)
-        })?;
-        let (v, _) = self
-            .accept(
-                read_files(&self.path).map_err(RegistryError::Invalid)?,
-                Origin::Rollback,
-            )
-            .map_err(RegistryError::Invalid)?;
-        Ok(v)
+        self.store(files, &path, &text, Origin::Rollback)
     }
 
     /// The file a policy lives in now, or `<dir>/<name>.yaml` for a new one; a file shared with
@@ -459,7 +591,7 @@ impl Registry {
                 return Ok(f.path.clone());
             }
         }
-        let fresh = self.path.join(format!("{name}.yaml"));
+        let fresh = self.root().join(format!("{name}.yaml"));
         if files.iter().any(|f| f.path == fresh) {
             return Err(RegistryError::Refused(
                 format!(

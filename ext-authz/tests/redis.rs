@@ -1,0 +1,551 @@
+//! Replicas sharing one real redis-server (started per test on a free loopback port): counters
+//! and budgets, usage reports, the L4 cache, the shared registry, the audit stream, and Redis
+//! going away and coming back.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::redis_server::RedisServer;
+use common::{chat, check, check_request, policy, Harness, TOKEN};
+use llm_policy_core::decision::{Charge, ChargeSource, CounterKind};
+use llm_policy_core::model::Scope;
+use llm_policy_server::server::config::{Config, FailureMode};
+use llm_policy_server::server::limits::redis_store::RedisStore;
+use llm_policy_server::server::limits::CounterStore;
+use llm_policy_server::server::metrics::Metrics;
+use llm_policy_server::server::redis::{Redis, RedisConfig, StreamConfig};
+
+fn charge(key: &str, amount: f64, limit: f64) -> Charge {
+    Charge {
+        rule: "r".into(),
+        source: ChargeSource::Budget,
+        key: key.into(),
+        kind: CounterKind::Tokens,
+        limit,
+        window_secs: 3600,
+        amount,
+        scope: Scope::Global,
+    }
+}
+
+fn store(server: &RedisServer, timeout_ms: u64) -> (RedisStore, Metrics) {
+    let metrics = Metrics::new().unwrap();
+    let config = RedisConfig {
+        url: Some(server.url()),
+        timeout_ms,
+        backoff_ms: 100,
+        ..RedisConfig::default()
+    };
+    let redis = Redis::connect(&config, metrics.clone()).unwrap().unwrap();
+    (RedisStore::new(redis, 300), metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_replicas_never_overshoot_a_shared_budget() {
+    let server = RedisServer::start();
+    // Three stores, three connections: what three server processes would hold.
+    let replicas: Vec<Arc<RedisStore>> = (0..3).map(|_| Arc::new(store(&server, 1000).0)).collect();
+    let mut tasks = Vec::new();
+    for i in 0..200 {
+        let s = Arc::clone(&replicas[i % 3]);
+        tasks.push(tokio::spawn(async move {
+            s.reserve(&charge("t/budget", 7.0, 1000.0), 0)
+                .await
+                .unwrap()
+                .reservation
+        }));
+    }
+    let mut granted = Vec::new();
+    for t in tasks {
+        if let Some(id) = t.await.unwrap() {
+            granted.push(id);
+        }
+    }
+    // 142 × 7 = 994 ≤ 1000 < 143 × 7.
+    assert_eq!(granted.len(), 142);
+    let ids: std::collections::HashSet<_> = granted.iter().collect();
+    assert_eq!(ids.len(), 142, "reservation ids are unique across replicas");
+    assert_eq!(
+        replicas[0].usage("t/budget", 3600).await.unwrap(),
+        (0.0, 994.0)
+    );
+    // Settled on other replicas than the one that reserved.
+    for (i, id) in granted.iter().enumerate() {
+        let s = &replicas[(i + 1) % 3];
+        if i % 2 == 0 {
+            s.commit(*id, Some(1.0)).await.unwrap();
+        } else {
+            s.release(*id).await.unwrap();
+        }
+    }
+    assert_eq!(
+        replicas[2].usage("t/budget", 3600).await.unwrap(),
+        (71.0, 0.0)
+    );
+    // Settling twice changes nothing.
+    replicas[1].commit(granted[0], Some(500.0)).await.unwrap();
+    assert_eq!(replicas[1].usage("t/budget", 3600).await.unwrap().0, 71.0);
+}
+
+#[tokio::test]
+async fn a_request_limit_allows_exactly_n_and_peeks_reserve_nothing() {
+    let server = RedisServer::start();
+    let (s, _) = store(&server, 1000);
+    let mut c = charge("t/rpm", 1.0, 5.0);
+    c.kind = CounterKind::Requests;
+    c.window_secs = 60;
+    let p = s.peek(&c, 0).await.unwrap();
+    assert!(p.reservation.is_some());
+    assert_eq!(p.state.remaining, 4.0);
+    let mut allowed = 0;
+    for _ in 0..8 {
+        if let Some(id) = s.reserve(&c, 0).await.unwrap().reservation {
+            s.commit(id, None).await.unwrap();
+            allowed += 1;
+        }
+    }
+    assert_eq!(allowed, 5);
+    let over = s.reserve(&c, 0).await.unwrap();
+    assert!(over.reservation.is_none());
+    assert_eq!(over.state.remaining, 0.0);
+    assert!(over.state.reset_secs <= 60 && over.state.reset_secs >= 1);
+}
+
+#[tokio::test]
+async fn usage_handles_are_taken_once_and_expiry_settles() {
+    let server = RedisServer::start();
+    let (a, _) = store(&server, 1000);
+    let (b, _) = store(&server, 1000);
+    let r = a.reserve(&charge("t/u", 100.0, 1000.0), 0).await.unwrap();
+    let id = r.reservation.unwrap();
+    assert!(a.hold("h1", &[(id, CounterKind::Tokens)]).await.unwrap());
+    // Another replica takes it; a second take finds nothing.
+    assert_eq!(
+        b.take("h1").await.unwrap(),
+        Some(vec![(id, CounterKind::Tokens)])
+    );
+    assert_eq!(b.take("h1").await.unwrap(), None);
+    // Reservations older than the timeout are settled by whichever replica expires first.
+    let r2 = a.reserve(&charge("t/u", 50.0, 1000.0), 0).await.unwrap();
+    assert!(r2.reservation.is_some());
+    assert_eq!(b.expire(0, 3600, true).await, 0, "not old yet");
+    // A timeout of 0 s: everything made before this second.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(b.expire(0, 0, true).await, 2);
+    assert_eq!(a.usage("t/u", 3600).await.unwrap(), (150.0, 0.0));
+}
+
+#[tokio::test]
+async fn redis_down_fails_fast_and_recovers_by_itself() {
+    let mut server = RedisServer::start();
+    let (s, metrics) = store(&server, 50);
+    assert!(s.reserve(&charge("t/d", 1.0, 10.0), 0).await.is_ok());
+    server.kill();
+    let started = std::time::Instant::now();
+    for _ in 0..20 {
+        assert!(s.reserve(&charge("t/d", 1.0, 10.0), 0).await.is_err());
+    }
+    // Each call is bounded by the deadline; after the first, calls fail at once.
+    assert!(
+        started.elapsed() < std::time::Duration::from_millis(1000),
+        "{:?}",
+        started.elapsed()
+    );
+    let errors: u64 = ["timeout", "unavailable", "error"]
+        .iter()
+        .map(|k| {
+            metrics
+                .redis_errors
+                .with_label_values(&["counters", k])
+                .get()
+        })
+        .sum();
+    assert_eq!(errors, 20);
+    server.restart();
+    let back = async {
+        loop {
+            if s.reserve(&charge("t/d", 1.0, 10.0), 0).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    };
+    tokio::time::timeout(std::time::Duration::from_secs(10), back)
+        .await
+        .expect("the store works again once Redis is back");
+}
+
+const LIMITED: &str = r#"
+    - id: per-team-rate
+      priority: 50
+      when: { match: { field: principal.team, op: eq, value: search } }
+      action:
+        decision: throttle
+        reason: "the team's request rate is spent"
+        rateLimit: { key: "{principal.team}", requests: 10, per: minute }
+    - id: research-budget
+      priority: 40
+      when: { match: { field: principal.team, op: eq, value: research } }
+      action:
+        decision: throttle
+        reason: "the research budget is spent"
+        budget: { key: "{principal.team}", tokens: 1000, per: hour }
+    - id: no-gpt-5
+      priority: 100
+      when: { match: { field: request.model, op: eq, value: gpt-5 } }
+      action: { decision: deny, reason: "no gpt-5" }
+"#;
+
+/// `n` servers (their own engines and caches) sharing `server`'s Redis.
+async fn replicas(server: &RedisServer, n: usize, tweak: fn(&mut Config)) -> Vec<Harness> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let url = server.url();
+        out.push(
+            Harness::start(
+                &[("base.yaml", &policy("base", "allow", LIMITED))],
+                move |c| {
+                    c.redis.url = Some(url);
+                    c.redis.timeout_ms = 200;
+                    c.redis.audit = Some(StreamConfig::default());
+                    c.redis.registry = true;
+                    tweak(c);
+                },
+            )
+            .await,
+        );
+    }
+    out
+}
+
+fn team(team: &str) -> Vec<(&'static str, String)> {
+    vec![("x-team-id", team.to_string())]
+}
+
+async fn check_as(h: &Harness, team_id: &str, body: &str) -> common::Answer {
+    let mut c = h.grpc().await;
+    let headers = team(team_id);
+    let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    check(
+        &mut c,
+        check_request("POST", "/v1/chat/completions", &headers, body),
+    )
+    .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_rate_limit_of_n_allows_exactly_n_across_three_replicas() {
+    let server = RedisServer::start();
+    let rs = replicas(&server, 3, |_| {}).await;
+    let mut tasks = Vec::new();
+    for i in 0..30 {
+        let mut c = rs[i % 3].grpc().await;
+        tasks.push(tokio::spawn(async move {
+            check(
+                &mut c,
+                check_request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("x-team-id", "search")],
+                    &chat("gpt-4o", "hi"),
+                ),
+            )
+            .await
+        }));
+    }
+    let mut allowed = 0;
+    let mut throttled = 0;
+    for t in tasks {
+        let a = t.await.unwrap();
+        if a.allowed {
+            allowed += 1;
+        } else {
+            assert_eq!(a.status, 429, "{a:?}");
+            throttled += 1;
+        }
+    }
+    assert_eq!((allowed, throttled), (10, 20));
+    for h in rs {
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_budget_holds_across_replicas_and_usage_is_reported_to_any_of_them() {
+    let server = RedisServer::start();
+    let rs = replicas(&server, 3, |_| {}).await;
+    // Each request reserves its estimate: max_tokens 90 (+ the prompt's few tokens).
+    let body = r#"{"model":"gpt-4o","max_tokens":90,"messages":[{"role":"user","content":"hi"}]}"#;
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let mut c = rs[i % 3].grpc().await;
+        tasks.push(tokio::spawn(async move {
+            check(
+                &mut c,
+                check_request(
+                    "POST",
+                    "/v1/chat/completions",
+                    &[("x-team-id", "research")],
+                    body,
+                ),
+            )
+            .await
+        }));
+    }
+    let mut handles = Vec::new();
+    for t in tasks {
+        let a = t.await.unwrap();
+        if a.allowed {
+            handles.push(a.header("x-llm-policy-reservation").unwrap().to_string());
+        }
+    }
+    // 1000 tokens / ~91 per request: at most 10 fit, never more, whichever replica asked.
+    assert!(
+        (9..=10).contains(&handles.len()),
+        "allowed {}",
+        handles.len()
+    );
+    // Usage reported to another replica than the one that reserved settles the reservation.
+    for (i, h) in handles.iter().enumerate() {
+        let r = rs[(i + 1) % 3]
+            .client
+            .post(rs[(i + 1) % 3].url("/v1/usage"))
+            .json(&serde_json::json!({"requestId": h, "tokens": 10}))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    // 10 tokens spent per request now: there is room again.
+    let a = check_as(&rs[2], "research", body).await;
+    assert!(a.allowed, "{a:?}");
+    for h in rs {
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream() {
+    let server = RedisServer::start();
+    let rs = replicas(&server, 2, |_| {}).await;
+    let a = check_as(&rs[0], "x", &chat("gpt-5", "hello")).await;
+    assert_eq!(a.status, 403);
+    // The write to L4 is in the background.
+    let mut hit = false;
+    for _ in 0..50 {
+        let b = check_as(&rs[1], "x", &chat("gpt-5", "hello")).await;
+        assert_eq!(b.status, 403);
+        if rs[1]
+            .metric(r#"llm_policy_cache_requests_total{level="l4",result="hit"}"#)
+            .await
+            >= 1.0
+        {
+            hit = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        // A later lookup on replica 1 would be an L1 hit: ask a fresh prompt-equal request
+        // through replica 1's caches only after the first one missed.
+    }
+    assert!(hit, "replica 1 never saw replica 0's decision in L4");
+    // Audit records of both replicas are in the stream.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut n = 0;
+    for _ in 0..50 {
+        n = redis::cmd("XLEN")
+            .arg("llm-policy:audit")
+            .query::<u64>(&mut conn)
+            .unwrap();
+        if n >= 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(n >= 2, "stream length {n}");
+    let entries: Vec<(String, Vec<(String, String)>)> = {
+        let v: redis::Value = redis::cmd("XRANGE")
+            .arg("llm-policy:audit")
+            .arg("-")
+            .arg("+")
+            .query(&mut conn)
+            .unwrap();
+        redis::FromRedisValue::from_redis_value(v).unwrap()
+    };
+    let record: serde_json::Value = serde_json::from_str(&entries[0].1[0].1).unwrap();
+    assert_eq!(record["decision"], "deny");
+    assert_eq!(record["matched_rules"][0], "no-gpt-5");
+    for h in rs {
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none() {
+    let server = RedisServer::start();
+    let rs = replicas(&server, 3, |_| {}).await;
+    let before: Vec<String> = {
+        let mut v = Vec::new();
+        for h in &rs {
+            v.push(h.bundle().await);
+        }
+        v
+    };
+    assert!(before.iter().all(|b| *b == before[0]));
+    let new = policy(
+        "base",
+        "allow",
+        &LIMITED.replace("value: gpt-5 }", "value: gpt-6 }"),
+    );
+    let put = |h: &Harness, text: String| {
+        h.client
+            .put(h.url("/v1/policies/base"))
+            .bearer_auth(TOKEN)
+            .body(text)
+            .send()
+    };
+    let r = put(&rs[0], new.clone()).await.unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    for h in &rs {
+        h.wait_for_new_bundle(&before[0]).await;
+        let a = check_as(h, "x", &chat("gpt-6", "hello")).await;
+        assert_eq!(a.status, 403, "the new rule serves on every replica");
+    }
+    let after = rs[1].bundle().await;
+    // A broken policy is refused where it is written, and never published.
+    let r = put(&rs[1], String::from("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: base}\nspec: {rules: [{id: x, when: {cel: 'request.model =='}, action: {decision: deny}}]}\n"))
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 422, "{}", r.text().await.unwrap());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for h in &rs {
+        assert_eq!(h.bundle().await, after);
+    }
+    // A bad revision written straight into Redis (not through a replica) serves nowhere.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let head: u64 = redis::cmd("GET")
+        .arg("llm-policy:bundle:head")
+        .query(&mut conn)
+        .unwrap();
+    let bad =
+        serde_json::json!({"files": [["base.yaml", "spec: [oops"]], "origin": "api", "at": 0});
+    let _: () = redis::cmd("SET")
+        .arg(format!("llm-policy:bundle:rev:{}", head + 100))
+        .arg(bad.to_string())
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("SET")
+        .arg("llm-policy:bundle:head")
+        .arg(head + 100)
+        .query(&mut conn)
+        .unwrap();
+    let _: () = redis::cmd("PUBLISH")
+        .arg("llm-policy:bundle")
+        .arg(head + 100)
+        .query(&mut conn)
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for h in &rs {
+        assert_eq!(
+            h.bundle().await,
+            after,
+            "the last good version keeps serving"
+        );
+        assert!(
+            h.metric(r#"llm_policy_reloads_total{result="error"}"#)
+                .await
+                >= 1.0
+        );
+    }
+    for h in rs {
+        h.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_going_away_follows_the_failure_mode_and_service_comes_back() {
+    let mut server = RedisServer::start();
+    let open = replicas(&server, 1, |c| {
+        c.limits.failure_mode = Some(FailureMode::Open);
+        c.redis.timeout_ms = 50;
+    })
+    .await;
+    let closed = replicas(&server, 1, |c| {
+        c.limits.failure_mode = Some(FailureMode::Closed);
+        c.redis.timeout_ms = 50;
+    })
+    .await;
+    assert!(
+        check_as(&open[0], "search", &chat("gpt-4o", "a"))
+            .await
+            .allowed
+    );
+    server.kill();
+    let started = std::time::Instant::now();
+    for i in 0..20 {
+        // Fresh prompts: no cache answers.
+        let body = chat("gpt-4o", &format!("p{i}"));
+        let a = check_as(&open[0], "search", &body).await;
+        assert!(a.allowed, "fail-open lets the limit pass: {a:?}");
+        let b = check_as(&closed[0], "search", &body).await;
+        assert_eq!(b.status, 503, "fail-closed: {b:?}");
+        // Rules that need no counter still decide.
+        let c = check_as(&closed[0], "x", &chat("gpt-5", &format!("p{i}"))).await;
+        assert_eq!(c.status, 403);
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "checks never wait long for a dead Redis: {:?}",
+        started.elapsed()
+    );
+    assert!(
+        open[0]
+            .metric(r#"llm_policy_counter_errors_total{result="open"}"#)
+            .await
+            >= 20.0
+    );
+    let errors = open[0].metrics().await;
+    assert!(
+        errors.contains("llm_policy_redis_errors_total{feature=\"counters\""),
+        "{errors}"
+    );
+    server.restart();
+    let mut back = false;
+    for _ in 0..100 {
+        let a = check_as(&closed[0], "search", &chat("gpt-4o", "back")).await;
+        if a.allowed {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "limits work again once Redis is back");
+    // The restarted (empty) Redis is seeded again with the bundle serving.
+    let client = redis::Client::open(server.url()).unwrap();
+    let mut conn = client.get_connection().unwrap();
+    let mut seeded = false;
+    for _ in 0..50 {
+        let head: Option<u64> = redis::cmd("GET")
+            .arg("llm-policy:bundle:head")
+            .query(&mut conn)
+            .unwrap();
+        if head.is_some() {
+            seeded = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(seeded);
+    for h in open.into_iter().chain(closed) {
+        h.stop().await;
+    }
+}
