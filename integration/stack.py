@@ -2,8 +2,9 @@
 `llm-policy serve` and Envoy 1.40 with ext_authz in front of it. Ports are picked free at start.
 Standard library only.
 
-Binaries: `LLM_POLICY_BIN` (default `target/release/llm-policy`) and `ENVOY_BIN` (default
-`tools/envoy/_bin/envoy`, fetched by `make envoy`).
+Binaries: `LLM_POLICY_BIN` (default `target/release/llm-policy`), `ENVOY_BIN` (default
+`tools/envoy/_bin/envoy`, fetched by `make envoy`) and `REDIS_SERVER` (default `redis-server` on
+the `PATH`).
 """
 
 import json
@@ -79,7 +80,8 @@ class Proc:
 class Server:
     """`llm-policy serve` with a config file, its own policy directory and audit file."""
 
-    def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None, tls=None):
+    def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None, tls=None,
+                 redis=None, name="llm-policy"):
         self.dir = tmp
         self.policies = tmp / "policies"
         shutil.copytree(policies_src, self.policies, ignore=shutil.ignore_patterns("tests"))
@@ -99,9 +101,12 @@ class Server:
         }
         if tls:
             config["tls"] = tls
+        if redis:
+            # Replicas: counters, L4 cache, registry and an audit stream in the shared Redis.
+            config["redis"] = {"url": redis.url, "registry": True, "audit": {}, **redis.extra}
         (tmp / "server.yaml").write_text(json.dumps(config))
         self.proc = Proc(
-            "llm-policy",
+            name,
             [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "serve", "--config", str(tmp / "server.yaml")],
             log_dir or tmp,
             env={**os.environ, "RUST_LOG": "info"},
@@ -120,6 +125,71 @@ class Server:
 
     def bundle(self):
         return json.loads(http_get(self.url("/readyz"))[1])["bundle"]
+
+
+class Redis:
+    """A real `redis-server` on a free loopback port, nothing persisted; `kill` and `restart` (same
+    port) for outages."""
+
+    def __init__(self, log_dir, **extra):
+        self.port = free_port()
+        self.log_dir = log_dir
+        self.extra = extra
+        self.proc = None
+        self.start()
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self):
+        self.proc = Proc(f"redis-{self.port}", [os.environ.get("REDIS_SERVER", "redis-server"), "--port", str(self.port),
+                                                "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+                         self.log_dir)
+        wait_for(lambda: self.command("PING") == "PONG", "redis-server")
+
+    def kill(self):
+        self.proc.stop(signal.SIGKILL)
+
+    def restart(self):
+        self.kill()
+        self.start()
+
+    def command(self, *args):
+        """One command over RESP (standard library only): its reply (str, int, list or None);
+        None also when Redis is unreachable."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                s.sendall(("*%d\r\n" % len(args) + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in map(str, args))).encode())
+                return _resp(s.makefile("rb"))
+        except OSError:
+            return None
+
+
+def _resp(f):
+    line = f.readline().decode().rstrip("\r\n")
+    kind, rest = line[:1], line[1:]
+    if kind in "+-":
+        return rest
+    if kind == ":":
+        return int(rest)
+    if kind == "$":
+        return None if rest == "-1" else f.read(int(rest) + 2)[:-2].decode()
+    if kind == "*":
+        return None if rest == "-1" else [_resp(f) for _ in range(int(rest))]
+    raise ValueError(f"unexpected RESP reply {line!r}")
+
+
+def with_endpoints(text, ports, old=50051):
+    """`text` (an Envoy config) with the endpoint on port `old` replaced by one per port (a cluster
+    of replicas, round robin)."""
+    lines = text.splitlines(keepends=True)
+    i = next(n for n, l in enumerate(lines) if f"port_value: {old} " in l or f"port_value: {old}}}" in l)
+    start = i - 2
+    assert "- endpoint:" in lines[start], lines[start]
+    block = "".join(lines[start:i + 1])
+    return "".join(lines[:start]) + "".join(block.replace(f"port_value: {old}", f"port_value: {p}") for p in ports) \
+        + "".join(lines[i + 1:])
 
 
 class Envoy:

@@ -1,0 +1,187 @@
+"""Three `llm-policy serve` processes sharing one real redis-server, behind Envoy 1.40: ext_authz
+load-balanced round robin over the three, and the filter (filter+fallback) falling back to them.
+Limits and budgets hold across the replicas, a policy written on one serves on all, and Redis
+killed and restarted under load degrades per the failure mode and recovers by itself."""
+
+import concurrent.futures
+import json
+import shutil
+import time
+import urllib.request
+import uuid
+
+import pytest
+
+from stack import ROOT, TOKEN, Envoy, Redis, Server, Upstream, envoy_config, http_get, with_endpoints
+from test_envoy_ext_authz import chat, curl
+
+REPLICAS = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-replicas, namespace: e2e-replicas, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: twenty-per-minute
+      priority: 20
+      when: { match: { field: principal.team, op: starts_with, value: rate- } }
+      action:
+        decision: throttle
+        reason: "the team's request rate is spent"
+        rateLimit: { key: "{principal.team}", requests: 20, per: minute }
+    - id: team-budget
+      priority: 10
+      when: { match: { field: principal.team, op: starts_with, value: budget- } }
+      action:
+        decision: throttle
+        reason: "the team's token budget is spent"
+        budget: { key: "{principal.team}", tokens: 9999, per: day }
+"""
+
+NS = {"x-llm-policy-namespace": "e2e-replicas"}
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("replicas")
+    bundle = tmp / "bundle"
+    shutil.copytree(ROOT / "policies", bundle, ignore=shutil.ignore_patterns("tests"))
+    (bundle / "e2e-replicas.yaml").write_text(REPLICAS)
+    procs = []
+    try:
+        upstream = Upstream(tmp)
+        procs.append(upstream.proc)
+        redis = Redis(tmp)
+        procs.append(redis.proc)
+        servers = []
+        for i in range(3):
+            (tmp / f"server{i}").mkdir()
+            servers.append(Server(tmp / f"server{i}", bundle, log_dir=tmp, redis=redis, name=f"llm-policy-{i}"))
+            procs.append(servers[-1].proc)
+        ports = [s.grpc for s in servers]
+        authz = Envoy(tmp, None, upstream.port, tmp,
+                      text=with_endpoints((ROOT / "envoy" / "ext-authz.yaml").read_text(), ports))
+        procs.append(authz.proc)
+        text = envoy_config("filter+fallback", bundle, server="127.0.0.1:50051",
+                            sync_from=f"127.0.0.1:{servers[0].http}", sync_interval_ms=300)
+        filt = Envoy(tmp, None, upstream.port, tmp, text=with_endpoints(text, ports))
+        procs.append(filt.proc)
+        yield type("Replicas", (), {"upstream": upstream, "redis": redis, "servers": servers, "authz": authz,
+                                    "filter": filt, "tmp": tmp, "procs": procs})
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def post(envoy, team, prompt="hi", max_tokens=None, timeout=10):
+    extra = {"max_tokens": max_tokens} if max_tokens else {}
+    return curl(envoy.url("/v1/chat/completions"), chat("gpt-4o", prompt, **extra),
+                {**NS, "x-team-id": team, "x-user-id": "u1"})
+
+
+def many(fn, n, threads=16):
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def checks_served(server):
+    return sum(server.metric(f'llm_policy_decisions_total{{decision="{d}",namespace="e2e-replicas",rule="{r}"}}')
+               for d, r in [("allow", "default"), ("throttle", "twenty-per-minute"), ("throttle", "team-budget")])
+
+
+def test_a_limit_of_n_per_minute_allows_exactly_n_across_three_replicas(replicas):
+    team = f"rate-{uuid.uuid4().hex[:8]}"
+    before = [checks_served(s) for s in replicas.servers]
+    results = many(lambda _: post(replicas.authz, team)[0], 60)
+    assert sorted(set(results)) == [200, 429], results
+    assert results.count(200) == 20, results
+    served = [checks_served(s) - b for s, b in zip(replicas.servers, before)]
+    assert all(n >= 10 for n in served), f"Envoy spread the checks over the replicas: {served}"
+
+
+def test_200_concurrent_requests_never_overshoot_a_budget_across_three_replicas(replicas):
+    # Each request reserves its estimate (max_tokens 1000 + the prompt's): 9 fit in 9,999, never 10.
+    team = f"budget-{uuid.uuid4().hex[:8]}"
+    results = many(lambda _: post(replicas.authz, team, max_tokens=1000)[0], 200, threads=32)
+    assert results.count(200) == 9, sorted(results)
+    assert results.count(429) == 191
+
+
+def test_a_budget_holds_through_the_filters_fallback_with_usage_reports(replicas):
+    # Through the filter: the server reserves, the filter reports the real usage (15 tokens per
+    # mock answer) to whichever replica its gRPC call reaches; the budget never goes over.
+    team = f"budget-{uuid.uuid4().hex[:8]}"
+    results = many(lambda _: post(replicas.filter, team, max_tokens=1000)[0], 120, threads=24)
+    allowed = results.count(200)
+    assert allowed >= 9 and set(results) <= {200, 429}, sorted(results)
+    # Whatever was allowed, the counter never held more than the budget: spent + reserved.
+    deadline = time.time() + 5
+    windows = []
+    while time.time() < deadline and not windows:
+        windows = replicas.redis.command("KEYS", f"llm-policy:c:e2e-replicas/team-budget/{team}@*") or []
+        time.sleep(0.1)
+    assert windows, "the budget's window is in Redis"
+    spent = float(replicas.redis.command("HGET", windows[0], "s") or 0)
+    reserved = float(replicas.redis.command("HGET", windows[0], "r") or 0)
+    assert spent + reserved <= 9999, (spent, reserved, allowed)
+
+
+def test_a_policy_written_on_one_replica_serves_on_all_of_them(replicas):
+    text = REPLICAS.replace('version: "1"', 'version: "2"') + """
+    - id: no-gpt-4o-mini
+      priority: 100
+      when: { match: { field: request.model, op: eq, value: gpt-4o-mini } }
+      action: { decision: deny, reason: "not on this workload" }
+"""
+    old = [s.bundle() for s in replicas.servers]
+    req = urllib.request.Request(replicas.servers[2].url("/v1/policies/e2e-replicas"), data=text.encode(), method="PUT",
+                                 headers={"authorization": f"Bearer {TOKEN}", "content-type": "application/yaml"})
+    assert urllib.request.urlopen(req, timeout=5).status == 200
+    deadline = time.time() + 10
+    while time.time() < deadline and any(s.bundle() == o for s, o in zip(replicas.servers, old)):
+        time.sleep(0.1)
+    bundles = {s.bundle() for s in replicas.servers}
+    assert len(bundles) == 1 and bundles != set(old), bundles
+    # Envoy's checks land on all three: every one answers with the new rule.
+    statuses = many(lambda _: curl(replicas.authz.url("/v1/chat/completions"), chat("gpt-4o-mini"),
+                                   {**NS, "x-team-id": "other"})[0], 12)
+    assert statuses == [403] * 12, statuses
+
+
+def test_redis_killed_and_restarted_under_load(replicas):
+    """Fail-closed (the default): while Redis is away, requests a counter decides get a prompt 503,
+    others are still decided; nothing hangs; limits work again once Redis is back."""
+    stop = time.time() + 6
+    seen = []
+
+    def load(_):
+        while time.time() < stop:
+            t0 = time.time()
+            status, _, _ = post(replicas.authz, f"rate-{uuid.uuid4().hex[:8]}")
+            other, _, _ = curl(replicas.authz.url("/v1/chat/completions"), chat("gpt-3.5-turbo"), {"x-team-id": "x"})
+            seen.append((status, other, time.time() - t0))
+
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(load, i) for i in range(4)]
+        time.sleep(1.5)
+        replicas.redis.kill()
+        time.sleep(2)
+        replicas.redis.start()
+        for f in futures:
+            f.result()
+    statuses = {s for s, _, _ in seen}
+    assert statuses <= {200, 503}, statuses
+    assert 503 in statuses, "the outage was seen (fail-closed)"
+    assert {o for _, o, _ in seen} == {403}, "rules without counters decided throughout"
+    slowest = max(t for _, _, t in seen)
+    assert slowest < 1.0, f"a request waited {slowest:.2f} s"
+    # Recovered: a fresh team gets exactly its 20 again.
+    deadline = time.time() + 10
+    while time.time() < deadline and post(replicas.authz, f"rate-{uuid.uuid4().hex[:8]}")[0] != 200:
+        time.sleep(0.2)
+    team = f"rate-{uuid.uuid4().hex[:8]}"
+    results = many(lambda _: post(replicas.authz, team)[0], 30)
+    assert results.count(200) == 20, results
+    errors = sum(s.metric('llm_policy_counter_errors_total{result="closed"}') for s in replicas.servers)
+    assert errors >= 1
+
