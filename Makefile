@@ -12,7 +12,7 @@ TOOLS := tools
 SDK_VENV := $(TOOLS)/sdk-venv
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -144,6 +144,13 @@ bench-proxy: build envoy
 	$(CARGO) build --release -p llm-policy-bench --bins
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
 	  BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_proxy.py
+
+## bench-redis: a check with its counter in Redis vs in memory (p50/p99 added), and 3 server
+## replicas on one Redis vs 1, over gRPC Check. About 20 s; results in tools/bench-redis.json.
+bench-redis: build redis
+	$(CARGO) build --release -p llm-policy-bench --bins
+	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release \
+	  python3 bench_redis.py
 
 ## bench-filter: the proxy-wasm filter under load (Envoy, one worker): passthrough vs a no-op
 ## body-buffering wasm filter vs llm-policy with 100 rules and with the example bundle, 1/8/64 KB

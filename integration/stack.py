@@ -103,7 +103,7 @@ class Server:
             config["tls"] = tls
         if redis:
             # Replicas: counters, L4 cache, registry and an audit stream in the shared Redis.
-            config["redis"] = {"url": redis.url, "registry": True, "audit": {}, **redis.extra}
+            config["redis"] = {"url": redis.url, "registry": True, "audit": {}, "cache": {"enabled": True}, **redis.extra}
         (tmp / "server.yaml").write_text(json.dumps(config))
         self.proc = Proc(
             name,

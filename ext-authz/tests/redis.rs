@@ -217,6 +217,7 @@ async fn replicas(server: &RedisServer, n: usize, tweak: fn(&mut Config)) -> Vec
                     c.redis.timeout_ms = 200;
                     c.redis.audit = Some(StreamConfig::default());
                     c.redis.registry = true;
+                    c.redis.cache.enabled = true;
                     tweak(c);
                 },
             )

@@ -528,12 +528,22 @@ impl Engine {
             held.release_now().await;
         } else if !held.ids.is_empty() {
             let ids = std::mem::take(&mut held.ids);
-            let mut waiting = Vec::new();
-            for (id, kind) in ids {
-                if kind == CounterKind::Requests {
+            let (requests, waiting): (Vec<_>, Vec<_>) = ids
+                .into_iter()
+                .partition(|(_, kind)| *kind == CounterKind::Requests);
+            // Request counts are spent now; in a remote store off the check's path: reserved,
+            // they already count against their limit, so committing later lets nothing through
+            // (one Redis round trip less per check).
+            if self.store.remote() && !requests.is_empty() {
+                let store = Arc::clone(&self.store);
+                tokio::spawn(async move {
+                    for (id, _) in requests {
+                        let _ = store.commit(id, None).await;
+                    }
+                });
+            } else {
+                for (id, _) in requests {
                     let _ = self.store.commit(id, None).await;
-                } else {
-                    waiting.push((id, kind));
                 }
             }
             if !waiting.is_empty() {

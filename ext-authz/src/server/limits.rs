@@ -77,6 +77,11 @@ pub trait CounterStore: Send + Sync {
     /// or released; forgets handles of that age and windows that ended before it. Returns the
     /// number of reservations settled.
     fn expire(&self, now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize>;
+    /// Whether calls leave the process (a network round trip each): the engine then commits
+    /// request counts off the check's path.
+    fn remote(&self) -> bool {
+        false
+    }
 }
 
 #[derive(Debug, Default)]

@@ -229,78 +229,25 @@ pub async fn check(
     answer(client.check(req).await.unwrap().into_inner())
 }
 
-/// A real `redis-server` on a free loopback port (stopped when dropped). The binary is
-/// `$REDIS_SERVER` or `redis-server` on the `PATH`.
+/// A real `redis-server` on a free loopback port (stopped when dropped).
 pub mod redis_server {
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
+    pub use llm_policy_server::server::redis::local::LocalRedis;
 
-    /// A running redis-server.
-    pub struct RedisServer {
-        child: Option<Child>,
-        /// Its port.
-        pub port: u16,
-    }
+    /// A started redis-server (the test fails when none can start).
+    pub struct RedisServer(pub LocalRedis);
 
     impl RedisServer {
-        /// Starts one on a free port and waits until it answers.
         pub fn start() -> RedisServer {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")
-                .and_then(|l| l.local_addr())
-                .map(|a| a.port())
-                .unwrap();
-            let mut s = RedisServer { child: None, port };
-            s.restart();
-            s
+            RedisServer(LocalRedis::start().unwrap())
         }
-
-        /// Its URL.
         pub fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
+            self.0.url()
         }
-
-        /// Kills it (as a crash would).
         pub fn kill(&mut self) {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
+            self.0.kill();
         }
-
-        /// Starts it again on the same port (empty: nothing is persisted).
         pub fn restart(&mut self) {
-            self.kill();
-            let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-            let child = Command::new(&bin)
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .unwrap_or_else(|e| {
-                    panic!("cannot start {bin} (install redis-server, or set REDIS_SERVER): {e}")
-                });
-            self.child = Some(child);
-            let started = Instant::now();
-            let client = redis::Client::open(self.url()).unwrap();
-            loop {
-                if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
-                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                        return;
-                    }
-                }
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "redis-server did not start"
-                );
-                std::thread::sleep(Duration::from_millis(20));
-            }
-        }
-    }
-
-    impl Drop for RedisServer {
-        fn drop(&mut self) {
-            self.kill();
+            self.0.restart().unwrap();
         }
     }
 }

@@ -340,6 +340,10 @@ impl CounterStore for RedisStore {
         })
     }
 
+    fn remote(&self) -> bool {
+        true
+    }
+
     fn expire(&self, _now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {
         Box::pin(async move {
             let mode = if commit { "commit" } else { "release" };
