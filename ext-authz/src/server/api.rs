@@ -446,7 +446,10 @@ impl PolicyService for PolicyApi {
                     usd: r.cost_usd,
                 },
             )
-            .await;
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!("the counter store is unavailable: {}", e.0))
+            })?;
         Ok(Response::new(pb::RecordUsageResponse { recorded }))
     }
 }

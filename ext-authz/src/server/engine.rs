@@ -25,7 +25,7 @@ use llm_policy_core::{
 use super::audit::{self, Audit, Record};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
-use super::limits::{CounterStore, ReservationId};
+use super::limits::{CounterStore, ReservationId, StoreError};
 use super::metrics::Metrics;
 use super::registry::{Registry, Version};
 
@@ -590,8 +590,9 @@ impl Engine {
 
     /// Commits the usage of an allowed request, named by the `x-llm-policy-reservation` handle
     /// its check added upstream (on any replica sharing the counter store). Returns whether
-    /// reservations were waiting under it.
-    pub async fn record_usage(&self, handle: &str, usage: Usage) -> bool {
+    /// reservations were waiting under it; an error when the counter store cannot say (the
+    /// report may be sent again).
+    pub async fn record_usage(&self, handle: &str, usage: Usage) -> Result<bool, StoreError> {
         let ids = match self.store.take(handle).await {
             Ok(Some(ids)) => ids,
             Ok(None) => {
@@ -599,7 +600,7 @@ impl Engine {
                     .usage_reports
                     .with_label_values(&["unknown"])
                     .inc();
-                return false;
+                return Ok(false);
             }
             Err(e) => {
                 tracing::warn!(error = %e.0, "cannot read a usage report's reservations");
@@ -607,7 +608,7 @@ impl Engine {
                     .usage_reports
                     .with_label_values(&["error"])
                     .inc();
-                return false;
+                return Err(e);
             }
         };
         self.metrics
@@ -625,7 +626,7 @@ impl Engine {
                 .commit(id, actual.filter(|a| a.is_finite() && *a >= 0.0))
                 .await;
         }
-        true
+        Ok(true)
     }
 
     /// Settles reservations whose usage report did not come within the configured timeout

@@ -256,6 +256,22 @@ impl Redis {
         F: FnOnce(ConnectionManager) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
+        self.run_for(feature, self.inner.timeout, call).await
+    }
+
+    /// [`Redis::run`] with a deadline of its own, for calls off the traffic path (reading a
+    /// policy bundle). Their timeouts do not make traffic calls back off; a connection error
+    /// still does.
+    pub async fn run_for<T, F, Fut>(
+        &self,
+        feature: Feature,
+        timeout: Duration,
+        call: F,
+    ) -> Result<T, RedisError>
+    where
+        F: FnOnce(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
+    {
         let until = self.inner.down_until_ms.load(Ordering::Relaxed);
         if until != 0 {
             // Backing off: fail at once, except one caller per backoff period, which probes.
@@ -277,7 +293,7 @@ impl Redis {
                 return Err(e);
             }
         }
-        let result = tokio::time::timeout(self.inner.timeout, call(self.inner.conn.clone())).await;
+        let result = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
         let error = match result {
             Ok(Ok(v)) => {
                 if until != 0 {
@@ -294,10 +310,8 @@ impl Redis {
                 (RedisError::Failed(e.to_string()), unreachable)
             }
             Err(_) => (
-                RedisError::Timeout(
-                    u64::try_from(self.inner.timeout.as_millis()).unwrap_or(u64::MAX),
-                ),
-                true,
+                RedisError::Timeout(u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX)),
+                timeout <= self.inner.timeout,
             ),
         };
         let (error, unreachable) = error;

@@ -34,6 +34,9 @@ const KEEP: u64 = 20;
 /// How often the head is read even without a message.
 const POLL: Duration = Duration::from_secs(2);
 
+/// Deadline of reading a revision (a bundle can be megabytes; this is off the traffic path).
+const READ_DEADLINE: Duration = Duration::from_secs(2);
+
 /// `KEYS`: head, seq, history, revision prefix. `ARGV`: base revision (`` none), payload,
 /// revisions kept, channel. Returns `{1, n}` or `{0, head}` when the head moved.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
@@ -91,7 +94,7 @@ impl RedisBundle {
     async fn head(&self) -> Result<Option<(u64, Vec<(String, String)>)>, String> {
         let head: Option<u64> = self
             .redis
-            .run(Feature::Registry, |mut conn| async move {
+            .run_for(Feature::Registry, READ_DEADLINE, |mut conn| async move {
                 redis::cmd("GET")
                     .arg(&self.head)
                     .query_async(&mut conn)
@@ -105,7 +108,7 @@ impl RedisBundle {
         let key = format!("{}{n}", self.prefix);
         let payload: Option<Vec<u8>> = self
             .redis
-            .run(Feature::Registry, |mut conn| async move {
+            .run_for(Feature::Registry, READ_DEADLINE, |mut conn| async move {
                 redis::cmd("GET").arg(&key).query_async(&mut conn).await
             })
             .await

@@ -277,6 +277,13 @@ async fn usage(State(s): State<RestState>, body: Bytes) -> ApiResult {
             },
         )
         .await;
+    let found = found.map_err(|e| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the counter store is unavailable: {}", e.0),
+        )
+    })?;
     if found {
         Ok(Json(json!({"recorded": true})).into_response())
     } else {
