@@ -97,6 +97,8 @@ codes! {
     InvalidMatch = "invalid-match", "DSL: unknown field (with a suggestion), wrong value type, bad regex, bad shape, nesting deeper than 32";
     /// A plugin reference error.
     InvalidPlugin = "invalid-plugin", "a plugin condition without a name";
+    /// A plugin the host has not loaded.
+    UnknownPlugin = "unknown-plugin", "a plugin condition names a plugin the server has not loaded (`llm-policy serve` only)";
     /// CEL syntax.
     CelSyntax = "cel-syntax", "CEL syntax error";
     /// CEL source too long.

@@ -247,6 +247,28 @@ impl PolicySet {
         })
     }
 
+    /// Every enabled rule with a plugin condition, with its plugin reference (a host checks
+    /// them against the plugins it has loaded).
+    pub fn plugin_rules(&self) -> Vec<(RuleInfo, PluginRef)> {
+        let mut out = Vec::new();
+        for ns in self.0.namespaces.values() {
+            for r in &ns.rules {
+                if let Some(p) = &r.plugin {
+                    out.push((
+                        RuleInfo {
+                            namespace: ns.name.clone(),
+                            id: r.id.clone(),
+                            priority: r.priority,
+                            origin: r.origin.clone(),
+                        },
+                        p.clone(),
+                    ));
+                }
+            }
+        }
+        out
+    }
+
     /// Counts of what the set holds.
     pub fn stats(&self) -> Stats {
         let ns = self.0.namespaces.values();

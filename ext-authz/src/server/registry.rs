@@ -179,6 +179,8 @@ pub struct Registry {
     last_rejected: Mutex<Option<u128>>,
     /// Tells subscribers (`WatchBundle`) about each new version.
     changes: tokio::sync::watch::Sender<Option<Arc<Version>>>,
+    /// The names of the plugins loaded (`None`: no plugin directory).
+    plugins: Option<Vec<String>>,
     /// The shared store, when replicas share the bundle.
     shared: std::sync::OnceLock<Arc<dyn SharedBundle>>,
     /// (revision serving, revision last rejected) of the shared store.
@@ -199,9 +201,17 @@ impl Registry {
             last_error: Mutex::new(None),
             last_rejected: Mutex::new(None),
             changes: tokio::sync::watch::Sender::new(None),
+            plugins: None,
             shared: std::sync::OnceLock::new(),
             revisions: Mutex::new((None, None)),
         }
+    }
+
+    /// Checks plugin conditions against these loaded plugins (`None`: no plugin directory; plugin
+    /// rules then answer per their `onError`, with a warning at load).
+    pub fn with_plugins(mut self, names: Option<Vec<String>>) -> Registry {
+        self.plugins = names;
+        self
     }
 
     /// Shares the bundle with other replicas through `store` (once, at start).
@@ -404,7 +414,7 @@ impl Registry {
         files: Vec<SourceFile>,
         origin: Origin,
     ) -> Result<(Arc<Version>, bool), Diagnostics> {
-        let result = compile(&files, &self.context);
+        let result = compile(&files, &self.context, self.plugins.as_deref());
         let (set, documents, warnings) = match result {
             Ok(x) => x,
             Err(d) => {
@@ -492,7 +502,7 @@ impl Registry {
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
         // Validate before touching the directory or the shared store.
-        compile(&files, &self.context).map_err(RegistryError::Invalid)?;
+        compile(&files, &self.context, self.plugins.as_deref()).map_err(RegistryError::Invalid)?;
         self.store(files, &target, text, Origin::Api)
     }
 
@@ -563,7 +573,7 @@ impl Registry {
             text: text.clone(),
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        compile(&files, &self.context).map_err(RegistryError::Invalid)?;
+        compile(&files, &self.context, self.plugins.as_deref()).map_err(RegistryError::Invalid)?;
         self.store(files, &path, &text, Origin::Rollback)
     }
 
@@ -637,8 +647,58 @@ fn fingerprint(files: &[SourceFile]) -> u128 {
 
 type Compiled = (PolicySet, Vec<Document>, Vec<Diagnostic>);
 
-/// Parses and compiles files (test suites skipped), as `llm-policy validate` does.
-fn compile(files: &[SourceFile], context: &ContextConfig) -> Result<Compiled, Diagnostics> {
+/// Parses and compiles files (test suites skipped), as `llm-policy validate` does; then checks
+/// plugin conditions against `plugins`, the plugins loaded (`None`: the server has no plugin
+/// directory, so plugin rules answer per their `onError`, with a warning).
+fn compile(
+    files: &[SourceFile],
+    context: &ContextConfig,
+    plugins: Option<&[String]>,
+) -> Result<Compiled, Diagnostics> {
+    let (set, docs, mut warnings) = compile_rules(files, context)?;
+    let mut errors = Vec::new();
+    for (rule, plugin) in set.plugin_rules() {
+        if plugins.is_some_and(|p| p.contains(&plugin.name)) {
+            continue;
+        }
+        let (severity, message) = match plugins {
+            Some(loaded) => (
+                Severity::Error,
+                format!(
+                    "plugin `{}` is not loaded on this server (loaded: {})",
+                    plugin.name,
+                    if loaded.is_empty() {
+                        String::from("none")
+                    } else {
+                        loaded.join(", ")
+                    }
+                ),
+            ),
+            None => (
+                Severity::Warning,
+                format!(
+                    "plugin `{}`: this server has no plugin directory (`plugins.dir`), so the rule answers per its `onError`",
+                    plugin.name
+                ),
+            ),
+        };
+        let mut d = Diagnostic::error(Code::UnknownPlugin, message)
+            .at(&rule.origin.file, rule.origin.position);
+        d.severity = severity;
+        d.rule = Some(rule.id);
+        match severity {
+            Severity::Error => errors.push(d),
+            _ => warnings.push(d),
+        }
+    }
+    if errors.is_empty() {
+        Ok((set, docs, warnings))
+    } else {
+        Err(Diagnostics(errors))
+    }
+}
+
+fn compile_rules(files: &[SourceFile], context: &ContextConfig) -> Result<Compiled, Diagnostics> {
     let mut docs = Vec::new();
     let mut errors = Vec::new();
     for f in files {
@@ -707,6 +767,32 @@ mod tests {
         let (v, changed) = r.reload().unwrap();
         assert!(!changed && v.number == 1);
         assert!(r.last_error().is_none());
+    }
+
+    #[test]
+    fn a_plugin_the_server_has_not_loaded_is_a_located_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let text = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: a}\nspec:\n  rules:\n    - id: pii\n      when: {plugin: {name: pii-detector}}\n      action: {decision: deny}\n";
+        std::fs::write(dir.path().join("a.yaml"), text).unwrap();
+        // With a plugin directory, an unknown name rejects the bundle, located.
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5)
+            .with_plugins(Some(vec![String::from("prompt-injection")]));
+        let e = r.reload().unwrap_err();
+        assert_eq!(e.0[0].code, "unknown-plugin");
+        assert_eq!(e.0[0].rule.as_deref(), Some("pii"));
+        assert_eq!(e.0[0].position.map(|p| p.line), Some(6));
+        assert!(
+            e.0[0].message.contains("loaded: prompt-injection"),
+            "{}",
+            e.0[0].message
+        );
+        // Loaded: fine. Without a plugin directory: a warning, the rule answers per onError.
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5)
+            .with_plugins(Some(vec![String::from("pii-detector")]));
+        assert!(r.reload().unwrap().0.warnings.is_empty());
+        let r = Registry::new(dir.path().to_path_buf(), ContextConfig::default(), 5);
+        let (v, _) = r.reload().unwrap();
+        assert_eq!(v.warnings[0].code, "unknown-plugin");
     }
 
     #[test]
