@@ -58,7 +58,7 @@ compose-check: docker-compose
 ## send the same requests with curl through a real Envoy in front of a mock LLM upstream: with the
 ## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
 ## audit records, metrics), all on loopback.
-demo: build filter envoy redis compose-check
+demo: build filter plugins envoy redis compose-check
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
@@ -67,7 +67,7 @@ demo: build filter envoy redis compose-check
 	done
 	@echo; echo "== Envoy $(ENVOY_VERSION) with the llm-policy filter, and with ext_authz, in front of a mock upstream"
 	@cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  LLM_POLICY_WASM=$(abspath $(WASM)) python3 demo.py
+	  LLM_POLICY_WASM=$(abspath $(WASM)) LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) python3 demo.py
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
@@ -93,8 +93,9 @@ lint: toolchain
 fmt:
 	$(CARGO) fmt --all
 
-unit: redis
-	$(CARGO) test --workspace
+# The plugins first: the server's tests run the real ones (and fail if they are missing).
+unit: redis plugins
+	LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) $(CARGO) test --workspace
 
 # The core without std (model, DSL, matcher, resolver, context) for a bare wasm target.
 nostd: toolchain
@@ -102,8 +103,10 @@ nostd: toolchain
 	$(CARGO) clippy -p llm-policy-core --no-default-features --target wasm32-unknown-unknown -- -D warnings
 
 # The Envoy filter for wasm32-wasip1, and clippy on its proxy-wasm binding (only built there).
-wasm: toolchain filter
+wasm: toolchain filter plugins
 	$(CARGO) clippy -p llm-policy-filter --target wasm32-wasip1 -- -D warnings
+	$(CARGO) clippy --target wasm32-unknown-unknown -p llm-policy-plugin-pii -p llm-policy-plugin-injection \
+	  -p llm-policy-plugin-template -- -D warnings
 
 policy-tests: build
 	$(CLI) validate $(POLICIES)
@@ -126,9 +129,9 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 
 ## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
 ## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
-integration: build filter envoy redis $(SDK_VENV)/.installed
+integration: build filter plugins envoy redis $(SDK_VENV)/.installed
 	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  LLM_POLICY_WASM=$(abspath $(WASM)) \
+	  LLM_POLICY_WASM=$(abspath $(WASM)) LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) \
 	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel; server caches and checks) —

@@ -4,7 +4,7 @@ Standard library only.
 
 Binaries: `LLM_POLICY_BIN` (default `target/release/llm-policy`), `ENVOY_BIN` (default
 `tools/envoy/_bin/envoy`, fetched by `make envoy`) and `REDIS_SERVER` (default `redis-server` on
-the `PATH`).
+the `PATH`); `LLM_POLICY_PLUGINS`: the WASM plugin directory servers load (`make plugins`).
 """
 
 import json
@@ -101,6 +101,9 @@ class Server:
         }
         if tls:
             config["tls"] = tls
+        if os.environ.get("LLM_POLICY_PLUGINS"):
+            # The WASM plugins the example bundle's `restricted` namespace uses (`make plugins`).
+            config["plugins"] = {"dir": os.environ["LLM_POLICY_PLUGINS"]}
         if redis:
             # Replicas: counters, L4 cache, registry and an audit stream in the shared Redis.
             config["redis"] = {"url": redis.url, "registry": True, "audit": {}, "cache": {"enabled": True}, **redis.extra}

@@ -20,6 +20,7 @@ pub mod envoy;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
+pub mod plugins;
 pub mod redis;
 pub mod registry;
 pub mod registry_sync;
@@ -147,11 +148,37 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_token = config.admin_token().map_err(StartError::Config)?;
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
-    let registry = Arc::new(Registry::new(
-        config.policies.clone(),
-        config.context.clone(),
-        config.reload.history,
-    ));
+    // Plugins are compiled once, before any bundle: a bad module stops the start, named.
+    let plugins = match &config.plugins.dir {
+        Some(dir) => {
+            let dir = dir.clone();
+            let limits = config.plugins.limits();
+            let attrs = config.context.principal_attributes();
+            let loaded = tokio::task::spawn_blocking(move || {
+                plugins::Plugins::load_dir(&dir, limits, &attrs)
+            })
+            .await
+            .map_err(|e| StartError::Setup(e.to_string()))?
+            .map_err(|e| StartError::Setup(e.to_string()))?;
+            for name in loaded.names() {
+                tracing::info!(plugin = name, "WASM plugin loaded");
+            }
+            Some(loaded)
+        }
+        None => None,
+    };
+    let registry = Arc::new(
+        Registry::new(
+            config.policies.clone(),
+            config.context.clone(),
+            config.reload.history,
+        )
+        .with_plugins(
+            plugins
+                .as_ref()
+                .map(|p| p.names().map(str::to_string).collect()),
+        ),
+    );
     let redis = redis::Redis::connect(&config.redis, metrics.clone()).map_err(|e| {
         StartError::Config(Diagnostics(vec![llm_policy_core::Diagnostic::error(
             llm_policy_core::Code::Io,
@@ -181,6 +208,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config.check.clone(),
             config.limits.clone(),
         )
+        .with_plugins(plugins)
         .with_remote_cache(
             redis
                 .as_ref()
@@ -198,7 +226,9 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let shared = match &redis {
         Some(r) if config.redis.registry => {
             let bundle = Arc::new(registry_sync::RedisBundle::new(r.clone()));
-            engine.registry().share(Arc::clone(&bundle) as Arc<dyn registry::SharedBundle>);
+            engine
+                .registry()
+                .share(Arc::clone(&bundle) as Arc<dyn registry::SharedBundle>);
             first = registry_sync::sync_once(&engine, &bundle).await;
             Some(bundle)
         }

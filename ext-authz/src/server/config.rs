@@ -42,6 +42,51 @@ pub struct Config {
     /// Redis, shared by replicas: counters, L4 cache, registry, audit stream (off unless a URL
     /// is set).
     pub redis: super::redis::RedisConfig,
+    /// WASM plugin conditions (off unless a directory is set).
+    pub plugins: PluginsConfig,
+}
+
+/// `plugins:` in the configuration: where plugin modules are and what one call may use.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct PluginsConfig {
+    /// Directory of `*.wasm` plugin modules, loaded and compiled at start (a bad module stops the
+    /// start, naming the file). Without one, plugin rules answer per their `onError`.
+    pub dir: Option<PathBuf>,
+    /// Fuel per call (about one unit per WebAssembly instruction; default 500,000,000).
+    pub fuel: u64,
+    /// Linear memory per call, in bytes (default 16 MiB).
+    pub memory_bytes: u64,
+    /// Wall-clock time per call, in milliseconds (default 20).
+    pub timeout_ms: u64,
+    /// Calls running at once (default 64); a call beyond it fails (the rule's `onError`).
+    pub max_concurrent_calls: u32,
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        let d = super::plugins::PluginLimits::default();
+        PluginsConfig {
+            dir: None,
+            fuel: d.fuel,
+            memory_bytes: d.memory_bytes,
+            timeout_ms: u64::try_from(d.timeout.as_millis()).unwrap_or(20),
+            max_concurrent_calls: d.max_concurrent_calls,
+        }
+    }
+}
+
+impl PluginsConfig {
+    /// The limits of one call.
+    pub fn limits(&self) -> super::plugins::PluginLimits {
+        super::plugins::PluginLimits {
+            fuel: self.fuel,
+            memory_bytes: self.memory_bytes,
+            timeout: Duration::from_millis(self.timeout_ms.max(1)),
+            max_concurrent_calls: self.max_concurrent_calls.max(1),
+            ..super::plugins::PluginLimits::default()
+        }
+    }
 }
 
 impl Default for Config {
@@ -61,6 +106,7 @@ impl Default for Config {
             tracing: super::telemetry::TracingConfig::default(),
             tls: None,
             redis: super::redis::RedisConfig::default(),
+            plugins: PluginsConfig::default(),
         }
     }
 }
@@ -267,6 +313,9 @@ pub struct ServeArgs {
     /// shared with the other replicas.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// Directory of WASM plugin modules (`*.wasm`).
+    #[arg(long)]
+    pub plugins_dir: Option<PathBuf>,
 }
 
 impl Config {
@@ -293,6 +342,9 @@ impl Config {
         }
         if let Some(u) = &args.redis_url {
             config.redis.url = Some(u.clone());
+        }
+        if let Some(d) = &args.plugins_dir {
+            config.plugins.dir = Some(d.clone());
         }
         Ok(config)
     }

@@ -1,5 +1,5 @@
 //! One check, whatever protocol asked: build the context, look in the decision caches, evaluate
-//! with the version serving, answer the core's needs (counters; plugins come with #8), settle
+//! with the version serving, answer the core's needs (counters, WASM plugins), settle
 //! reservations, render the reply, count and record it. Never longer than the deadline: past
 //! it, the failure mode answers and nothing is charged.
 //!
@@ -15,11 +15,12 @@ use tracing::Instrument as _;
 use llm_policy_core::decision::{
     ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
+use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::{
-    Answer, ContextError, CounterCheck, EvalOptions, NeedKind, PluginCheck, RequestContext,
-    RequestInput, Step,
+    Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, PluginCheck,
+    RequestContext, RequestInput, Step,
 };
 
 use super::audit::{self, Audit, Record};
@@ -27,6 +28,7 @@ use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::limits::{CounterStore, ReservationId, StoreError};
 use super::metrics::Metrics;
+use super::plugins::Plugins;
 use super::registry::{Registry, Version};
 
 /// A request as a protocol edge hands it over.
@@ -142,6 +144,8 @@ pub struct Engine {
     store: Arc<dyn CounterStore>,
     caches: Caches,
     remote: Option<RemoteCache>,
+    /// The plugins, and a permit per instance slot.
+    plugins: Option<(Plugins, Arc<tokio::sync::Semaphore>)>,
     metrics: Metrics,
     audit: Audit,
     check: CheckConfig,
@@ -193,6 +197,7 @@ impl Engine {
             store,
             caches,
             remote: None,
+            plugins: None,
             metrics,
             audit,
             check,
@@ -203,6 +208,16 @@ impl Engine {
     /// Adds the L4 cache (Redis), asked after the in-process caches miss.
     pub fn with_remote_cache(mut self, remote: Option<RemoteCache>) -> Engine {
         self.remote = remote;
+        self
+    }
+
+    /// Adds the WASM plugins plugin conditions run in (without them, plugin rules answer per
+    /// their `onError`).
+    pub fn with_plugins(mut self, plugins: Option<Plugins>) -> Engine {
+        self.plugins = plugins.map(|p| {
+            let slots = usize::try_from(p.limits().max_concurrent_calls).unwrap_or(1);
+            (p, Arc::new(tokio::sync::Semaphore::new(slots.max(1))))
+        });
         self
     }
 
@@ -425,11 +440,22 @@ impl Engine {
             match step {
                 Step::Done(d) => break d,
                 Step::Pending(mut p) => {
-                    for need in p.needs().to_vec() {
+                    let needs = p.needs().to_vec();
+                    let mut plugin_answers = Vec::new();
+                    if needs.iter().any(|n| matches!(n.kind, NeedKind::Plugin(_))) {
+                        (plugin_answers, ctx) = self
+                            .run_plugins(&needs, ctx)
+                            .instrument(tracing::debug_span!("plugins"))
+                            .await?;
+                    }
+                    for need in needs {
                         let answer = match &need.kind {
-                            NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Error(
-                                String::from("WASM plugins are not available on this server"),
-                            )),
+                            NeedKind::Plugin(_) => Answer::Plugin(
+                                plugin_answers
+                                    .iter()
+                                    .find(|(id, _)| *id == need.id)
+                                    .map_or(PluginCheck::Unavailable, |(_, a)| a.clone()),
+                            ),
                             NeedKind::Counter(c)
                                 if c.scope == Scope::Local && local_counted.is_some() =>
                             {
@@ -565,6 +591,72 @@ impl Engine {
             }
         }
         Ok((render(version, decision, &ctx, limit, None), Some(ctx)))
+    }
+
+    /// Runs the plugin conditions among `needs` on the blocking pool (each in a fresh sandboxed
+    /// instance, bounded by the plugin limits) and hands the context back.
+    async fn run_plugins(
+        &self,
+        needs: &[Need],
+        ctx: RequestContext,
+    ) -> Result<(Vec<(NeedId, PluginCheck)>, RequestContext), Failure> {
+        let calls: Vec<(NeedId, String, Option<usize>, PluginRef)> = needs
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NeedKind::Plugin(p) => Some((n.id, n.rule.clone(), n.batch_item, p.clone())),
+                NeedKind::Counter(_) => None,
+            })
+            .collect();
+        let Some((plugins, slots)) = self.plugins.clone() else {
+            let answers = calls
+                .into_iter()
+                .map(|(id, ..)| {
+                    let why = "no plugin directory is configured on this server";
+                    (id, PluginCheck::Error(why.to_string()))
+                })
+                .collect();
+            return Ok((answers, ctx));
+        };
+        let metrics = self.metrics.clone();
+        // Calls wait for a free instance slot (the check's deadline bounds the wait) rather than
+        // fail when every slot is busy.
+        let permit = slots.acquire_owned().await.map_err(|_| Failure::Internal)?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            let answers = calls
+                .into_iter()
+                .map(|(id, rule, item, plugin)| {
+                    let batch_item = item.and_then(|i| ctx.batch_item(i));
+                    let target = batch_item.as_ref().unwrap_or(&ctx);
+                    let started = Instant::now();
+                    let result = plugins.call(&plugin.name, &rule, &plugin.args, target);
+                    metrics
+                        .plugin_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    let (label, answer) = match result {
+                        Ok(out) => (
+                            if out.matched { "match" } else { "no_match" },
+                            PluginCheck::Matched(out.matched),
+                        ),
+                        Err(e) => {
+                            tracing::warn!(plugin = %plugin.name, rule = %rule, error = %e, "plugin call failed: the rule's onError applies");
+                            ("error", PluginCheck::Error(e.to_string()))
+                        }
+                    };
+                    metrics
+                        .plugin_calls
+                        .with_label_values(&[plugin.name.as_str(), label])
+                        .inc();
+                    (id, answer)
+                })
+                .collect();
+            (answers, ctx)
+        })
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "plugin task failed");
+            Failure::Internal
+        })
     }
 
     /// Keeps token and cost reservations until the request's usage is reported, under a fresh

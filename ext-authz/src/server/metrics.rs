@@ -38,6 +38,10 @@ pub struct Metrics {
     /// `llm_policy_counter_errors_total{result}`: counter-store failures answered per
     /// `limits.failureMode` (`open`: the limit was not applied; `closed`: the check failed).
     pub counter_errors: IntCounterVec,
+    /// `llm_policy_plugin_calls_total{plugin,result}`: `match`, `no_match`, `error`.
+    pub plugin_calls: IntCounterVec,
+    /// `llm_policy_plugin_duration_seconds`: one plugin call.
+    pub plugin_duration: Histogram,
 }
 
 impl Metrics {
@@ -126,7 +130,18 @@ impl Metrics {
             "Counter-store failures by how they were answered (open: limit not applied; closed: check failed).",
             &["result"],
         )?;
+        let plugin_calls = counter_vec(
+            "llm_policy_plugin_calls_total",
+            "WASM plugin calls by plugin and result (match, no_match, error: the rule's onError applied).",
+            &["plugin", "result"],
+        )?;
+        let plugin_duration = seconds(
+            "llm_policy_plugin_duration_seconds",
+            "Time of one WASM plugin call (fresh instance, input, run, output).",
+        )?;
         Ok(Metrics {
+            plugin_calls,
+            plugin_duration,
             usage_reports,
             redis_errors,
             counter_errors,

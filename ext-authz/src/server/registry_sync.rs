@@ -231,8 +231,8 @@ pub async fn sync_once(engine: &Arc<Engine>, bundle: &Arc<RedisBundle>) -> bool 
     registry.current().is_some()
 }
 
-/// Follows the shared store until `stopped`: every message on the channel and every
-/// [`POLL`] tick syncs; `on_serving` runs after a sync that leaves a version serving.
+/// Follows the shared store until `stopped`: every message on the channel and every poll tick
+/// (2 s) syncs; `on_serving` runs after a sync that leaves a version serving.
 pub fn spawn<F, Fut>(
     engine: Arc<Engine>,
     bundle: Arc<RedisBundle>,
