@@ -57,8 +57,11 @@ pub struct PluginsConfig {
     pub fuel: u64,
     /// Linear memory per call, in bytes (default 16 MiB).
     pub memory_bytes: u64,
-    /// Wall-clock time per call, in milliseconds (default 20).
+    /// Wall-clock time per call, in milliseconds (default 50; the check's deadline bounds the
+    /// whole check).
     pub timeout_ms: u64,
+    /// Largest input a call gets (the declared fields as JSON), in bytes (default 4 MiB).
+    pub max_input_bytes: usize,
     /// Calls running at once (default 64); a call beyond it fails (the rule's `onError`).
     pub max_concurrent_calls: u32,
 }
@@ -70,7 +73,8 @@ impl Default for PluginsConfig {
             dir: None,
             fuel: d.fuel,
             memory_bytes: d.memory_bytes,
-            timeout_ms: u64::try_from(d.timeout.as_millis()).unwrap_or(20),
+            timeout_ms: u64::try_from(d.timeout.as_millis()).unwrap_or(50),
+            max_input_bytes: d.max_input_bytes,
             max_concurrent_calls: d.max_concurrent_calls,
         }
     }
@@ -84,6 +88,7 @@ impl PluginsConfig {
             memory_bytes: self.memory_bytes,
             timeout: Duration::from_millis(self.timeout_ms.max(1)),
             max_concurrent_calls: self.max_concurrent_calls.max(1),
+            max_input_bytes: self.max_input_bytes,
             ..super::plugins::PluginLimits::default()
         }
     }
