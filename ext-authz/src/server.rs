@@ -224,8 +224,14 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     };
     // Replicas sharing the bundle start from the shared head (or seed an empty store).
     let shared = match &redis {
-        Some(r) if config.redis.registry => {
-            let bundle = Arc::new(registry_sync::RedisBundle::new(r.clone()));
+        Some(_) if config.redis.registry => {
+            // A connection of its own: bundles can be megabytes, and must never queue in front
+            // of counter calls.
+            let own = redis::Redis::connect(&config.redis, metrics.clone())
+                .ok()
+                .flatten()
+                .ok_or_else(|| StartError::Setup(String::from("cannot configure Redis")))?;
+            let bundle = Arc::new(registry_sync::RedisBundle::new(own));
             engine
                 .registry()
                 .share(Arc::clone(&bundle) as Arc<dyn registry::SharedBundle>);

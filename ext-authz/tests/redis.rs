@@ -127,12 +127,13 @@ async fn usage_handles_are_taken_once_and_expiry_settles() {
     let r = a.reserve(&charge("t/u", 100.0, 1000.0), 0).await.unwrap();
     let id = r.reservation.unwrap();
     assert!(a.hold("h1", &[(id, CounterKind::Tokens)]).await.unwrap());
-    // Another replica takes it; a second take finds nothing.
+    // Another replica reads it; once forgotten, it is gone.
     assert_eq!(
-        b.take("h1").await.unwrap(),
+        b.held("h1").await.unwrap(),
         Some(vec![(id, CounterKind::Tokens)])
     );
-    assert_eq!(b.take("h1").await.unwrap(), None);
+    b.forget("h1").await.unwrap();
+    assert_eq!(b.held("h1").await.unwrap(), None);
     // Reservations older than the timeout are settled by whichever replica expires first.
     let r2 = a.reserve(&charge("t/u", 50.0, 1000.0), 0).await.unwrap();
     assert!(r2.reservation.is_some());
@@ -433,25 +434,27 @@ async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none() 
     // A bad revision written straight into Redis (not through a replica) serves nowhere.
     let client = redis::Client::open(server.url()).unwrap();
     let mut conn = client.get_connection().unwrap();
-    let head: u64 = redis::cmd("GET")
+    let head: String = redis::cmd("GET")
         .arg("llm-policy:bundle:head")
         .query(&mut conn)
         .unwrap();
+    let n: u64 = head.split(':').next().unwrap().parse().unwrap();
+    let bad_id = format!("{}:badbadbad", n + 100);
     let bad =
         serde_json::json!({"files": [["base.yaml", "spec: [oops"]], "origin": "api", "at": 0});
     let _: () = redis::cmd("SET")
-        .arg(format!("llm-policy:bundle:rev:{}", head + 100))
+        .arg(format!("llm-policy:bundle:rev:{bad_id}"))
         .arg(bad.to_string())
         .query(&mut conn)
         .unwrap();
     let _: () = redis::cmd("SET")
         .arg("llm-policy:bundle:head")
-        .arg(head + 100)
+        .arg(&bad_id)
         .query(&mut conn)
         .unwrap();
     let _: () = redis::cmd("PUBLISH")
         .arg("llm-policy:bundle")
-        .arg(head + 100)
+        .arg(&bad_id)
         .query(&mut conn)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -535,7 +538,7 @@ async fn redis_going_away_follows_the_failure_mode_and_service_comes_back() {
     let mut conn = client.get_connection().unwrap();
     let mut seeded = false;
     for _ in 0..50 {
-        let head: Option<u64> = redis::cmd("GET")
+        let head: Option<String> = redis::cmd("GET")
             .arg("llm-policy:bundle:head")
             .query(&mut conn)
             .unwrap();

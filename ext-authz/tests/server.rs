@@ -609,8 +609,11 @@ impl CounterStore for SlowStore {
     ) -> StoreFuture<'a, Result<bool, StoreError>> {
         Box::pin(async { Ok(false) })
     }
-    fn take<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
+    fn held<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
         Box::pin(async { Ok(None) })
+    }
+    fn forget<'a>(&'a self, _: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async { Ok(()) })
     }
     fn expire(&self, _: u64, _: u64, _: bool) -> StoreFuture<'_, usize> {
         Box::pin(async { 0 })

@@ -214,9 +214,15 @@ impl Engine {
     /// Adds the WASM plugins plugin conditions run in (without them, plugin rules answer per
     /// their `onError`).
     pub fn with_plugins(mut self, plugins: Option<Plugins>) -> Engine {
+        // Plugins are CPU-bound: more calls at once than cores only make every one of them
+        // slower (and past its deadline); the rest wait, bounded by their check's deadline.
+        let cores = std::thread::available_parallelism().map_or(2, usize::from);
         self.plugins = plugins.map(|p| {
             let slots = usize::try_from(p.limits().max_concurrent_calls).unwrap_or(1);
-            (p, Arc::new(tokio::sync::Semaphore::new(slots.max(1))))
+            (
+                p,
+                Arc::new(tokio::sync::Semaphore::new(slots.min(cores).max(1))),
+            )
         });
         self
     }
@@ -444,7 +450,7 @@ impl Engine {
                     let mut plugin_answers = Vec::new();
                     if needs.iter().any(|n| matches!(n.kind, NeedKind::Plugin(_))) {
                         (plugin_answers, ctx) = self
-                            .run_plugins(&needs, ctx)
+                            .run_plugins(&needs, ctx, started + deadline)
                             .instrument(tracing::debug_span!("plugins"))
                             .await?;
                     }
@@ -599,6 +605,7 @@ impl Engine {
         &self,
         needs: &[Need],
         ctx: RequestContext,
+        deadline: Instant,
     ) -> Result<(Vec<(NeedId, PluginCheck)>, RequestContext), Failure> {
         let calls: Vec<(NeedId, String, Option<usize>, PluginRef)> = needs
             .iter()
@@ -626,6 +633,12 @@ impl Engine {
             let answers = calls
                 .into_iter()
                 .map(|(id, rule, item, plugin)| {
+                    // A batch can ask for many calls: none starts once the check's deadline
+                    // passed (the check has been answered by then).
+                    if Instant::now() >= deadline {
+                        let why = "the check's deadline passed before the plugin ran";
+                        return (id, PluginCheck::Error(why.to_string()));
+                    }
                     let batch_item = item.and_then(|i| ctx.batch_item(i));
                     let target = batch_item.as_ref().unwrap_or(&ctx);
                     let started = Instant::now();
@@ -685,7 +698,17 @@ impl Engine {
     /// reservations were waiting under it; an error when the counter store cannot say (the
     /// report may be sent again).
     pub async fn record_usage(&self, handle: &str, usage: Usage) -> Result<bool, StoreError> {
-        let ids = match self.store.take(handle).await {
+        // Only handles this server could have made reach the store (32 lower-case hex digits).
+        let well_formed = handle.len() == 32
+            && handle
+                .bytes()
+                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        let found = if well_formed {
+            self.store.held(handle).await
+        } else {
+            Ok(None)
+        };
+        let ids = match found {
             Ok(Some(ids)) => ids,
             Ok(None) => {
                 self.metrics
@@ -703,21 +726,29 @@ impl Engine {
                 return Err(e);
             }
         };
-        self.metrics
-            .usage_reports
-            .with_label_values(&["recorded"])
-            .inc();
         for (id, kind) in ids {
             let actual = match kind {
                 CounterKind::Tokens => usage.tokens,
                 CounterKind::Usd => usage.usd,
                 CounterKind::Requests => None,
             };
-            let _ = self
-                .store
+            // Settling is idempotent: a report that fails here keeps its handle, and sent again
+            // settles what is left.
+            self.store
                 .commit(id, actual.filter(|a| a.is_finite() && *a >= 0.0))
-                .await;
+                .await
+                .inspect_err(|_| {
+                    self.metrics
+                        .usage_reports
+                        .with_label_values(&["error"])
+                        .inc();
+                })?;
         }
+        let _ = self.store.forget(handle).await;
+        self.metrics
+            .usage_reports
+            .with_label_values(&["recorded"])
+            .inc();
         Ok(true)
     }
 

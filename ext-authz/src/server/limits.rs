@@ -71,8 +71,11 @@ pub trait CounterStore: Send + Sync {
         handle: &'a str,
         ids: &'a [(ReservationId, CounterKind)],
     ) -> StoreFuture<'a, Result<bool, StoreError>>;
-    /// Takes the reservations held under `handle` (once: a second take finds nothing).
-    fn take<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>>;
+    /// The reservations held under `handle` (they stay until [`CounterStore::forget`]: a report
+    /// whose settlement fails half way can be sent again; settling is idempotent).
+    fn held<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>>;
+    /// Forgets a handle once its reservations are settled.
+    fn forget<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<(), StoreError>>;
     /// Settles reservations made more than `timeout_secs` before `now` (Unix seconds): committed
     /// or released; forgets handles of that age and windows that ended before it. Returns the
     /// number of reservations settled.
@@ -312,14 +315,21 @@ impl CounterStore for MemoryStore {
         })
     }
 
-    fn take<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
+    fn held<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
         Box::pin(async move {
             Ok(self
                 .held
                 .lock()
                 .map_err(poisoned)?
-                .remove(handle)
-                .map(|(_, ids)| ids))
+                .get(handle)
+                .map(|(_, ids)| ids.clone()))
+        })
+    }
+
+    fn forget<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            self.held.lock().map_err(poisoned)?.remove(handle);
+            Ok(())
         })
     }
 

@@ -154,6 +154,9 @@ impl RedisError {
     }
 }
 
+/// Timeouts or connection errors in a row after which calls back off.
+const FAILURES_TO_BACK_OFF: u32 = 2;
+
 /// A shared, reconnecting Redis connection with deadlines.
 #[derive(Clone)]
 pub struct Redis {
@@ -168,6 +171,8 @@ struct Inner {
     backoff: Duration,
     /// Milliseconds since `epoch` until which calls fail at once (0: none).
     down_until_ms: AtomicU64,
+    /// Timeouts and connection errors in a row (back-off starts at [`FAILURES_TO_BACK_OFF`]).
+    failures: std::sync::atomic::AtomicU32,
     epoch: Instant,
     metrics: Metrics,
 }
@@ -204,6 +209,7 @@ impl Redis {
                 timeout,
                 backoff: Duration::from_millis(config.backoff_ms),
                 down_until_ms: AtomicU64::new(0),
+                failures: std::sync::atomic::AtomicU32::new(0),
                 epoch: Instant::now(),
                 metrics,
             }),
@@ -296,6 +302,7 @@ impl Redis {
         let result = tokio::time::timeout(timeout, call(self.inner.conn.clone())).await;
         let error = match result {
             Ok(Ok(v)) => {
+                self.inner.failures.store(0, Ordering::Relaxed);
                 if until != 0 {
                     self.inner.down_until_ms.store(0, Ordering::Relaxed);
                     tracing::info!(feature = feature.as_str(), "Redis is reachable again");
@@ -315,7 +322,13 @@ impl Redis {
             ),
         };
         let (error, unreachable) = error;
-        if unreachable {
+        let in_a_row = if unreachable {
+            self.inner.failures.fetch_add(1, Ordering::Relaxed) + 1
+        } else {
+            0
+        };
+        // One slow answer is not an outage: back off after a second failure in a row.
+        if in_a_row >= FAILURES_TO_BACK_OFF {
             let until = self.now_ms().saturating_add(self.backoff_ms());
             if self.inner.down_until_ms.swap(until, Ordering::Relaxed) == 0 {
                 tracing::warn!(feature = feature.as_str(), error = %error, "Redis unreachable: backing off");

@@ -39,14 +39,15 @@ pub enum Origin {
 /// Where a bundle shared by replicas is kept (Redis: [`super::registry_sync::RedisBundle`]).
 pub trait SharedBundle: Send + Sync {
     /// Publishes `files` (`(path relative to the policy root, text)`) as the revision after
-    /// `base` (the revision this replica serves). Returns the new revision; refuses (409) when
-    /// another replica published first, fails (503) when the store does.
+    /// `base` (the revision this replica serves). Returns the new revision's id (unique: a number
+    /// and a digest of the content); refuses (409) when another replica published first, fails
+    /// (503) when the store does.
     fn publish(
         &self,
-        base: Option<u64>,
+        base: Option<&str>,
         files: &[(String, String)],
         origin: Origin,
-    ) -> Result<u64, RegistryError>;
+    ) -> Result<String, RegistryError>;
 }
 
 /// One policy file as it was read.
@@ -184,7 +185,7 @@ pub struct Registry {
     /// The shared store, when replicas share the bundle.
     shared: std::sync::OnceLock<Arc<dyn SharedBundle>>,
     /// (revision serving, revision last rejected) of the shared store.
-    revisions: Mutex<(Option<u64>, Option<u64>)>,
+    revisions: Mutex<(Option<String>, Option<String>)>,
 }
 
 impl Registry {
@@ -225,8 +226,8 @@ impl Registry {
     }
 
     /// The shared revision serving, if any.
-    pub fn shared_revision(&self) -> Option<u64> {
-        self.revisions.lock().ok().and_then(|r| r.0)
+    pub fn shared_revision(&self) -> Option<String> {
+        self.revisions.lock().ok().and_then(|r| r.0.clone())
     }
 
     /// The directory policy files are named relative to.
@@ -245,12 +246,16 @@ impl Registry {
     /// rejected (nothing to do).
     pub fn apply_shared(
         &self,
-        revision: u64,
+        revision: &str,
         files: Vec<(String, String)>,
     ) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
         let _guard = self.writer.lock();
-        let (serving, rejected) = self.revisions.lock().map(|r| *r).unwrap_or((None, None));
-        if serving == Some(revision) || rejected == Some(revision) {
+        let (serving, rejected) = self
+            .revisions
+            .lock()
+            .map(|r| r.clone())
+            .unwrap_or((None, None));
+        if serving.as_deref() == Some(revision) || rejected.as_deref() == Some(revision) {
             return None;
         }
         let root = self.root();
@@ -265,8 +270,8 @@ impl Registry {
         let result = self.accept(files, Origin::Shared);
         if let Ok(mut r) = self.revisions.lock() {
             match &result {
-                Ok(_) => *r = (Some(revision), None),
-                Err(_) => r.1 = Some(revision),
+                Ok(_) => *r = (Some(revision.to_string()), None),
+                Err(_) => r.1 = Some(revision.to_string()),
             }
         }
         Some(result)
@@ -284,7 +289,7 @@ impl Registry {
     }
 
     /// Records that this replica published `revision` of what it serves (seeding the store).
-    pub fn published(&self, revision: u64) {
+    pub fn published(&self, revision: String) {
         if let Ok(mut r) = self.revisions.lock() {
             *r = (Some(revision), None);
         }
@@ -327,7 +332,7 @@ impl Registry {
                 (p.display().to_string(), f.text.clone())
             })
             .collect();
-        let revision = shared.publish(self.shared_revision(), &relative, origin)?;
+        let revision = shared.publish(self.shared_revision().as_deref(), &relative, origin)?;
         let (v, _) = self.accept(files, origin).map_err(RegistryError::Invalid)?;
         self.published(revision);
         Ok(v)

@@ -1,8 +1,10 @@
 //! The policy registry shared by replicas through Redis (`redis.registry: true`).
 //!
 //! Keys (after the configured prefix):
-//! - `bundle:head`: the revision serving everywhere; `bundle:seq`: the last revision number;
-//! - `bundle:rev:{n}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
+//! - `bundle:head`: the id of the revision serving everywhere, `{n}:{digest}` (the digest of its
+//!   content keeps ids unique even when a Redis restarted empty numbers revisions from 1 again);
+//!   `bundle:seq`: the last revision number;
+//! - `bundle:rev:{id}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
 //! - `bundle:history`: the kept revisions, newest first (older ones are deleted);
 //! - channel `bundle`: a revision number, published on every write.
 //!
@@ -37,14 +39,14 @@ const POLL: Duration = Duration::from_secs(2);
 /// Deadline of reading a revision (a bundle can be megabytes; this is off the traffic path).
 const READ_DEADLINE: Duration = Duration::from_secs(2);
 
-/// `KEYS`: head, seq, history, revision prefix. `ARGV`: base revision (`` none), payload,
-/// revisions kept, channel. Returns `{1, n}` or `{0, head}` when the head moved.
+/// `KEYS`: head, seq, history, revision prefix. `ARGV`: base revision id (`` none), payload,
+/// revisions kept, channel, payload digest. Returns `{1, id}` or `{0, head}` when the head moved.
 static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
         r"
 local head = redis.call('GET', KEYS[1])
 if head and ARGV[1] ~= head then return {0, head} end
-local n = redis.call('INCR', KEYS[2])
+local n = redis.call('INCR', KEYS[2]) .. ':' .. ARGV[5]
 redis.call('SET', KEYS[4] .. n, ARGV[2])
 redis.call('SET', KEYS[1], n)
 redis.call('LPUSH', KEYS[3], n)
@@ -54,7 +56,7 @@ for _, old in ipairs(redis.call('LRANGE', KEYS[3], keep, -1)) do
 end
 redis.call('LTRIM', KEYS[3], 0, keep - 1)
 redis.call('PUBLISH', ARGV[4], n)
-return {1, tostring(n)}
+return {1, n}
 ",
     )
 });
@@ -90,10 +92,9 @@ impl RedisBundle {
         }
     }
 
-    /// The head revision and its files (`Ok(None)`: the store is empty).
-    async fn head(&self) -> Result<Option<(u64, Vec<(String, String)>)>, String> {
-        let head: Option<u64> = self
-            .redis
+    /// The head revision's id (`Ok(None)`: the store is empty).
+    async fn head(&self) -> Result<Option<String>, String> {
+        self.redis
             .run_for(Feature::Registry, READ_DEADLINE, |mut conn| async move {
                 redis::cmd("GET")
                     .arg(&self.head)
@@ -101,11 +102,12 @@ impl RedisBundle {
                     .await
             })
             .await
-            .map_err(|e| e.to_string())?;
-        let Some(n) = head else {
-            return Ok(None);
-        };
-        let key = format!("{}{n}", self.prefix);
+            .map_err(|e| e.to_string())
+    }
+
+    /// A revision's stored payload.
+    async fn payload(&self, id: &str) -> Result<Vec<u8>, String> {
+        let key = format!("{}{id}", self.prefix);
         let payload: Option<Vec<u8>> = self
             .redis
             .run_for(Feature::Registry, READ_DEADLINE, |mut conn| async move {
@@ -113,20 +115,24 @@ impl RedisBundle {
             })
             .await
             .map_err(|e| e.to_string())?;
-        let payload = payload.ok_or_else(|| format!("revision {n} is missing"))?;
-        let rev: Revision = serde_json::from_slice(&payload)
-            .map_err(|e| format!("revision {n} is unreadable: {e}"))?;
-        Ok(Some((n, rev.files)))
+        payload.ok_or_else(|| format!("revision {id} is missing"))
     }
+}
+
+/// A revision's files from its payload.
+fn files_of(id: &str, payload: &[u8]) -> Result<Vec<(String, String)>, String> {
+    serde_json::from_slice::<Revision>(payload)
+        .map(|r| r.files)
+        .map_err(|e| format!("revision {id} is unreadable: {e}"))
 }
 
 impl SharedBundle for RedisBundle {
     fn publish(
         &self,
-        base: Option<u64>,
+        base: Option<&str>,
         files: &[(String, String)],
         origin: Origin,
-    ) -> Result<u64, RegistryError> {
+    ) -> Result<String, RegistryError> {
         let unavailable = |e: String| {
             self.redis.count_error(
                 Feature::Registry,
@@ -156,28 +162,29 @@ impl SharedBundle for RedisBundle {
         conn.set_read_timeout(Some(timeout))
             .and_then(|()| conn.set_write_timeout(Some(timeout)))
             .map_err(|e| unavailable(e.to_string()))?;
+        let digest = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(payload.as_bytes()));
         let (ok, n): (i64, String) = PUBLISH
             .key(&self.head)
             .key(&self.seq)
             .key(&self.history)
             .key(&self.prefix)
-            .arg(base.map(|b| b.to_string()).unwrap_or_default())
+            .arg(base.unwrap_or_default())
             .arg(payload)
             .arg(KEEP)
             .arg(&self.channel)
+            .arg(digest)
             .invoke(&mut conn)
             .map_err(|e| unavailable(e.to_string()))?;
         if ok != 1 {
             return Err(RegistryError::Refused(
                 format!(
                     "another replica published revision {n} first: this replica serves {}; retry",
-                    base.map_or_else(|| String::from("none"), |b| b.to_string())
+                    base.unwrap_or("none")
                 ),
                 409,
             ));
         }
-        n.parse()
-            .map_err(|_| unavailable(format!("unexpected revision {n:?}")))
+        Ok(n)
     }
 }
 
@@ -186,21 +193,34 @@ impl SharedBundle for RedisBundle {
 pub async fn sync_once(engine: &Arc<Engine>, bundle: &Arc<RedisBundle>) -> bool {
     let registry = Arc::clone(engine.registry());
     match bundle.head().await {
-        Ok(Some((n, files))) => {
-            if registry.shared_revision() != Some(n) {
-                let e = Arc::clone(engine);
-                let applied = tokio::task::spawn_blocking(move || {
-                    e.registry()
-                        .apply_shared(n, files)
-                        .map(|r| super::report_reload(&e, r))
-                })
-                .await;
-                if let Ok(Some(Ok(v))) = applied {
-                    tracing::info!(
-                        revision = n,
-                        version = v.number,
-                        "shared policy revision serving"
-                    );
+        Ok(Some(id)) => {
+            // The payload (megabytes, maybe) is read only when the head moved.
+            if registry.shared_revision().as_deref() != Some(id.as_str()) {
+                match bundle.payload(&id).await {
+                    Ok(payload) => {
+                        let e = Arc::clone(engine);
+                        let applied = tokio::task::spawn_blocking(move || {
+                            let files = files_of(&id, &payload)?;
+                            Ok::<_, String>(
+                                e.registry()
+                                    .apply_shared(&id, files)
+                                    .map(|r| (id, super::report_reload(&e, r))),
+                            )
+                        })
+                        .await;
+                        match applied {
+                            Ok(Ok(Some((id, Ok(v))))) => tracing::info!(
+                                revision = %id,
+                                version = v.number,
+                                "shared policy revision serving"
+                            ),
+                            Ok(Err(e)) => {
+                                tracing::warn!(error = %e, "cannot read the shared policy revision")
+                            }
+                            _ => {}
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot read the shared policy revision"),
                 }
             }
         }
@@ -209,15 +229,15 @@ pub async fn sync_once(engine: &Arc<Engine>, bundle: &Arc<RedisBundle>) -> bool 
                 let b = Arc::clone(bundle);
                 let r = Arc::clone(&registry);
                 let seeded = tokio::task::spawn_blocking(move || {
-                    let n = b.publish(None, &files, Origin::Load)?;
-                    r.published(n);
-                    Ok::<u64, RegistryError>(n)
+                    let id = b.publish(None, &files, Origin::Load)?;
+                    r.published(id.clone());
+                    Ok::<String, RegistryError>(id)
                 })
                 .await;
                 match seeded {
-                    Ok(Ok(n)) => tracing::info!(
-                        revision = n,
-                        "the shared policy store was empty: seeded with the version serving"
+                    Ok(Ok(id)) => tracing::warn!(
+                        revision = %id,
+                        "the shared policy store was empty: seeded with the version this replica serves"
                     ),
                     Ok(Err(RegistryError::Refused(m, _))) => {
                         tracing::warn!(error = %m, "cannot seed the shared policy store")

@@ -20,12 +20,17 @@ use super::{CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture
 use crate::server::redis::{Feature, Redis, RedisError};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
-/// `commit` (the reserved amount is spent) or `actual` (this amount is spent instead). Usage
-/// reported after the window turned is spent in the current window.
+/// `commit` (the reserved amount is spent), `actual` (this amount is spent instead) or `expire`
+/// (an unreported reservation: request counts are committed, they were spent when the request
+/// went ahead; tokens and cost released). Usage reported after the window turned is spent in the
+/// current window.
 const SETTLE: &str = r"
 local function settle(rkey, pending, id, mode, actual, grace)
-  local r = redis.call('HMGET', rkey, 'k', 'w', 'n', 'a')
+  local r = redis.call('HMGET', rkey, 'k', 'w', 'n', 'a', 'q')
   if not r[1] then return 0 end
+  if mode == 'expire' then
+    if r[5] == 'r' then mode = 'commit' else mode = 'release' end
+  end
   redis.call('DEL', rkey)
   redis.call('ZREM', pending, id)
   local wkey = r[1] .. '@' .. r[2]
@@ -48,7 +53,7 @@ end
 ";
 
 /// `KEYS`: counter key, id sequence, reservation key prefix, pending set. `ARGV`: limit, amount,
-/// window seconds, `1` to reserve (else a peek), grace seconds. Returns `{fits, remaining,
+/// window seconds, `1` to reserve (else a peek), grace seconds, kind (`r`, `t`, `u`). Returns `{fits, remaining,
 /// reset_secs, id}` (remaining as a string: Lua numbers become integers on the way out).
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(
@@ -75,7 +80,7 @@ redis.call('HINCRBYFLOAT', wkey, 'r', amount)
 redis.call('EXPIRE', wkey, window + grace)
 local id = redis.call('INCR', KEYS[2])
 local rkey = KEYS[3] .. id
-redis.call('HSET', rkey, 'k', KEYS[1], 'w', start, 'n', window, 'a', ARGV[2])
+redis.call('HSET', rkey, 'k', KEYS[1], 'w', start, 'n', window, 'a', ARGV[2], 'q', ARGV[6])
 redis.call('EXPIRE', rkey, window + 2 * grace)
 redis.call('ZADD', KEYS[4], now, id)
 return {1, tostring(math.max(limit - used - amount, 0)), reset, id}
@@ -90,8 +95,8 @@ static SETTLE_ONE: LazyLock<Script> = LazyLock::new(|| {
     ))
 });
 
-/// `KEYS`: pending set, reservation key prefix. `ARGV`: timeout seconds, mode (`commit` /
-/// `release`), most to settle in one call, grace. Returns how many were settled.
+/// `KEYS`: pending set, reservation key prefix. `ARGV`: timeout seconds, mode (`commit`, or
+/// `expire`: see `settle`), most to settle in one call, grace. Returns how many were settled.
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         "{SETTLE}
@@ -188,6 +193,7 @@ impl RedisStore {
                     .arg(args.2)
                     .arg(args.3)
                     .arg(args.4)
+                    .arg(kind_tag(charge.kind).to_string())
                     .invoke_async(&mut conn)
                     .await
             })
@@ -319,13 +325,13 @@ impl CounterStore for RedisStore {
         })
     }
 
-    fn take<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
+    fn held<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<Option<Held>, StoreError>> {
         Box::pin(async move {
             let key = self.redis.key(&format!("held:{handle}"));
             let value: Option<String> = self
                 .redis
                 .run(Feature::Usage, |mut conn| async move {
-                    redis::cmd("GETDEL").arg(&key).query_async(&mut conn).await
+                    redis::cmd("GET").arg(&key).query_async(&mut conn).await
                 })
                 .await
                 .map_err(store_error)?;
@@ -340,13 +346,25 @@ impl CounterStore for RedisStore {
         })
     }
 
+    fn forget<'a>(&'a self, handle: &'a str) -> StoreFuture<'a, Result<(), StoreError>> {
+        Box::pin(async move {
+            let key = self.redis.key(&format!("held:{handle}"));
+            self.redis
+                .run(Feature::Usage, |mut conn| async move {
+                    redis::cmd("DEL").arg(&key).query_async(&mut conn).await
+                })
+                .await
+                .map_err(store_error)
+        })
+    }
+
     fn remote(&self) -> bool {
         true
     }
 
     fn expire(&self, _now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {
         Box::pin(async move {
-            let mode = if commit { "commit" } else { "release" };
+            let mode = if commit { "commit" } else { "expire" };
             let n: Result<u64, _> = self
                 .redis
                 .run(Feature::Counters, |mut conn| async move {
