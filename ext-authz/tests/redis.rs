@@ -553,3 +553,56 @@ async fn redis_going_away_follows_the_failure_mode_and_service_comes_back() {
         h.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_that_never_answers_does_not_hold_up_the_other_audit_sinks() {
+    use llm_policy_server::server::audit::{self, Record, StreamSink};
+    use llm_policy_server::server::config::{AuditConfig, FileSinkConfig};
+    // Accepts connections, never answers: a black-holed Redis.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = silent.local_addr().unwrap().port();
+    let metrics = Metrics::new().unwrap();
+    let redis = Redis::connect(
+        &RedisConfig {
+            url: Some(format!("redis://127.0.0.1:{port}")),
+            ..RedisConfig::default()
+        },
+        metrics.clone(),
+    )
+    .unwrap()
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("audit.log");
+    let config = AuditConfig {
+        stdout: false,
+        file: Some(FileSinkConfig {
+            path: file.clone(),
+            max_bytes: 1 << 30,
+            keep: 1,
+        }),
+        ..AuditConfig::default()
+    };
+    let stream = StreamSink::new(redis, &StreamConfig::default());
+    let (a, writer) = audit::start(&config, metrics.clone(), Some(stream)).unwrap();
+    let started = std::time::Instant::now();
+    for i in 0..5000 {
+        a.record(Record {
+            kind: "decision",
+            id: i.to_string(),
+            ..Record::default()
+        });
+        if i % 500 == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    tokio::time::timeout(
+        Duration::from_secs(10),
+        writer.shutdown(Duration::from_secs(5)),
+    )
+    .await
+    .expect("the audit writer stops although Redis never answers");
+    // The file has every record, whatever the stream could not take.
+    let lines = std::fs::read_to_string(&file).unwrap().lines().count();
+    assert_eq!(lines, 5000, "after {:?}", started.elapsed());
+    drop(silent);
+}

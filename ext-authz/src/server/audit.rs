@@ -175,39 +175,71 @@ enum Msg {
     Shutdown,
 }
 
-/// A Redis stream (`XADD <prefix><stream> MAXLEN ~ <maxLen>`; field `record`: the JSON line),
-/// written in batches from the writer thread over a connection of its own. While Redis is
-/// unreachable records are dropped and counted (`llm_policy_audit_dropped_total`,
-/// `llm_policy_redis_errors_total{feature="audit"}`), reconnecting at most once a second; the
-/// other sinks keep every record.
+/// A Redis stream (`XADD <prefix><stream> MAXLEN ~ <maxLen>`; field `record`: the JSON line).
+/// The stream has a thread and a bounded queue of its own, so a slow or unreachable Redis never
+/// holds up the other sinks: past the queue, records for the stream are dropped and counted
+/// (`llm_policy_audit_dropped_total`, `llm_policy_redis_errors_total{feature="audit"}`); while
+/// Redis is unreachable they are dropped too, reconnecting at most once a second.
 pub struct StreamSink {
-    redis: super::redis::Redis,
-    key: String,
-    max_len: u64,
-    conn: Option<redis::Connection>,
-    buffered: Vec<String>,
-    retry_at: Option<std::time::Instant>,
+    tx: Option<std::sync::mpsc::SyncSender<String>>,
+    thread: Option<JoinHandle<()>>,
     metrics: Metrics,
 }
 
 /// Lines a [`StreamSink`] sends in one pipeline at most.
 const STREAM_BATCH: usize = 512;
 
+/// Lines waiting for the stream's thread.
+const STREAM_QUEUE: usize = 10_000;
+
+/// The stream's thread: its connection and its batching.
+struct StreamWriter {
+    redis: super::redis::Redis,
+    key: String,
+    max_len: u64,
+    conn: Option<redis::Connection>,
+    retry_at: Option<std::time::Instant>,
+    metrics: Metrics,
+}
+
 impl StreamSink {
-    /// A sink on the configured stream.
+    /// A sink on the configured stream (starts its thread).
     pub fn new(redis: super::redis::Redis, config: &super::redis::StreamConfig) -> StreamSink {
         let metrics = redis.metrics().clone();
-        StreamSink {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<String>(STREAM_QUEUE);
+        let mut writer = StreamWriter {
             key: redis.key(&config.stream),
             max_len: config.max_len.max(1),
             redis,
             conn: None,
-            buffered: Vec::new(),
             retry_at: None,
+            metrics: metrics.clone(),
+        };
+        let thread = std::thread::Builder::new()
+            .name(String::from("llm-policy-audit-stream"))
+            .spawn(move || {
+                // Batches: whatever is queued, up to STREAM_BATCH lines per pipeline.
+                while let Ok(first) = rx.recv() {
+                    let mut lines = vec![first];
+                    while lines.len() < STREAM_BATCH {
+                        match rx.try_recv() {
+                            Ok(l) => lines.push(l),
+                            Err(_) => break,
+                        }
+                    }
+                    writer.send(&lines);
+                }
+            })
+            .ok();
+        StreamSink {
+            tx: Some(tx),
+            thread,
             metrics,
         }
     }
+}
 
+impl StreamWriter {
     fn connection(&mut self) -> Result<&mut redis::Connection, super::redis::RedisError> {
         if self.conn.is_none() {
             if self
@@ -245,13 +277,9 @@ impl StreamSink {
             .ok_or(super::redis::RedisError::Unavailable)
     }
 
-    fn send(&mut self) {
-        if self.buffered.is_empty() {
-            return;
-        }
-        let lines = std::mem::take(&mut self.buffered);
+    fn send(&mut self, lines: &[String]) {
         let mut pipe = redis::pipe();
-        for line in &lines {
+        for line in lines {
             pipe.cmd("XADD")
                 .arg(&self.key)
                 .arg("MAXLEN")
@@ -283,16 +311,28 @@ impl StreamSink {
 
 impl Sink for StreamSink {
     fn write(&mut self, line: &str) -> io::Result<()> {
-        self.buffered.push(line.to_string());
-        if self.buffered.len() >= STREAM_BATCH {
-            self.send();
+        let queued = self
+            .tx
+            .as_ref()
+            .is_some_and(|tx| tx.try_send(line.to_string()).is_ok());
+        if !queued {
+            self.metrics.audit_dropped.inc();
         }
         Ok(())
     }
 
     fn flush(&mut self) -> io::Result<()> {
-        self.send();
         Ok(())
+    }
+}
+
+impl Drop for StreamSink {
+    /// Sends what is queued (each batch bounded by the Redis deadlines), then stops the thread.
+    fn drop(&mut self) {
+        drop(self.tx.take());
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
     }
 }
 
