@@ -27,6 +27,7 @@ use serde::{Deserialize, Serialize};
     unsafe_code,
     reason = "the ABI exports: `#[no_mangle]` and reading the input the host wrote at a raw pointer"
 )]
+#[path = "../../abi.rs"]
 mod abi;
 
 /// The plugin manifest (ABI 1): name, version and the one context field it reads.

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
     unsafe_code,
     reason = "the ABI exports: `#[no_mangle]` and reading the input the host wrote at a raw pointer"
 )]
+#[path = "../../abi.rs"]
 mod abi;
 
 /// The manifest: ABI version, the plugin's name (what policies write), its version and the

@@ -1,5 +1,7 @@
 //! The ABI 1 exports (docs/plugins.md): `llm_policy_manifest`, `llm_policy_alloc` and
-//! `llm_policy_evaluate`; `memory` is exported by the toolchain.
+//! `llm_policy_evaluate`; `memory` is exported by the toolchain. Shared by every plugin here
+//! (`#[path = "../../abi.rs"] mod abi;`): it binds the crate's `MANIFEST` and `evaluate`. A plugin
+//! of your own copies it unchanged.
 //!
 //! The host makes a fresh instance for every call, so nothing here is ever freed: buffers are
 //! leaked and the instance's memory goes away with it.
