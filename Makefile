@@ -57,7 +57,8 @@ compose-check: docker-compose
 ## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
 ## send the same requests with curl through a real Envoy in front of a mock LLM upstream: with the
 ## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
-## audit records, metrics), all on loopback.
+## audit records, metrics), then two server replicas on one redis-server running the WASM plugins;
+## validates deploy/docker-compose.yml; all on loopback.
 demo: build filter plugins envoy redis compose-check
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
