@@ -530,8 +530,15 @@ fn international(b: &[u8], i: usize) -> Option<(f64, usize)> {
             end = j;
         } else if b" -.".contains(&c) && at(b, j + 1).is_ascii_digit() && digits > 0 {
             j += 1;
-        } else if c == b' ' && b[j + 1..].starts_with(b"(0) ") && digits > 0 {
-            j += 5;
+        } else if c == b' ' && b[j + 1..].starts_with(b"(0)") && digits > 0 {
+            // `+44 (0)20 …` or `+44 (0) 20 …`: the trunk prefix, then the number goes on.
+            j += 4;
+            if at(b, j) == b' ' {
+                j += 1;
+            }
+            if !at(b, j).is_ascii_digit() {
+                break;
+            }
         } else {
             break;
         }
@@ -906,6 +913,7 @@ mod tests {
             "call +44 20 7946 0958 today",
             "+4915112345678",
             "+1 (0) 415 555 2671",
+            "+44 (0)20 7946 0958",
             "(415) 555-2671",
             "415-555-2671",
             "1-800-555-0199",
