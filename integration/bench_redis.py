@@ -21,24 +21,13 @@ import tempfile
 from pathlib import Path
 
 from benchkit import loadgen, save
-from stack import Redis, Server
+from stack import ROOT, Redis, Server
 
 SECS = int(os.environ.get("BENCH_SECS", "5"))
 LIGHT, SATURATED = 4, 48
 
-COUNTED = """apiVersion: llm-policy/v1
-kind: Policy
-metadata: {name: counted}
-spec:
-  defaultDecision: allow
-  rules:
-    - id: global-rate
-      priority: 10
-      when: { match: { field: request.model, op: exists } }
-      action:
-        decision: throttle
-        rateLimit: { key: "{request.model}", requests: 1000000000000, per: hour }
-"""
+# One rule that charges a global request counter on every request (also the criterion bench's).
+COUNTED = (ROOT / "benches" / "policies" / "counted.yaml").read_text()
 
 
 def run(servers, concurrency):

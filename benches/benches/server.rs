@@ -45,6 +45,24 @@ fn body() -> Vec<u8> {
         .into_bytes()
 }
 
+/// An 8 KB chat completion request as Envoy hands it over, charging counters.
+fn chat_input() -> CheckInput {
+    CheckInput {
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: body(),
+        charge: true,
+        ..CheckInput::default()
+    }
+}
+
+/// No in-process cache levels.
+const NO_LOCAL_CACHE: CacheConfig = CacheConfig {
+    l1_entries: 0,
+    l2_entries: 0,
+};
+
 fn engine(cache: &CacheConfig) -> Engine {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
     engine_on(root, cache, Arc::new(MemoryStore::default()))
@@ -102,14 +120,7 @@ fn bench(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let input = CheckInput {
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body(),
-        charge: true,
-        ..CheckInput::default()
-    };
+    let input = chat_input();
     let mut g = c.benchmark_group("check_8kb_chat");
     let cached = engine(&CacheConfig::default());
     let first = rt.block_on(cached.check(input.clone()));
@@ -117,10 +128,7 @@ fn bench(c: &mut Criterion) {
     g.bench_function("cached", |b| {
         b.iter(|| rt.block_on(cached.check(input.clone())))
     });
-    let uncached = engine(&CacheConfig {
-        l1_entries: 0,
-        l2_entries: 0,
-    });
+    let uncached = engine(&NO_LOCAL_CACHE);
     g.bench_function("uncached", |b| {
         b.iter(|| rt.block_on(uncached.check(input.clone())))
     });
@@ -128,20 +136,8 @@ fn bench(c: &mut Criterion) {
 }
 
 /// A policy whose one rule charges a global request counter on every request (a limit never
-/// reached): every check asks the counter store.
-const COUNTED: &str = "apiVersion: llm-policy/v1
-kind: Policy
-metadata: {name: counted}
-spec:
-  defaultDecision: allow
-  rules:
-    - id: global-rate
-      priority: 10
-      when: { match: { field: request.model, op: exists } }
-      action:
-        decision: throttle
-        rateLimit: { key: \"{request.model}\", requests: 1000000000000, per: hour }
-";
+/// reached): every check asks the counter store. `make bench-redis` loads it too.
+const COUNTED: &str = include_str!("../policies/counted.yaml");
 
 fn bench_redis(c: &mut Criterion) {
     let server = LocalRedis::start().unwrap();
@@ -199,21 +195,10 @@ fn bench_redis(c: &mut Criterion) {
     });
     g.finish();
 
-    let input = CheckInput {
-        method: "POST".into(),
-        path: "/v1/chat/completions".into(),
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: body(),
-        charge: true,
-        ..CheckInput::default()
-    };
-    let no_local = CacheConfig {
-        l1_entries: 0,
-        l2_entries: 0,
-    };
+    let input = chat_input();
     let mut g = c.benchmark_group("check_8kb_chat");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../policies");
-    let from_l4 = engine_on(root, &no_local, Arc::new(MemoryStore::default()))
+    let from_l4 = engine_on(root, &NO_LOCAL_CACHE, Arc::new(MemoryStore::default()))
         .with_remote_cache(Some(RemoteCache::new(redis.clone(), 600)));
     rt.block_on(async {
         from_l4.check(input.clone()).await;
@@ -237,7 +222,7 @@ fn bench_redis(c: &mut Criterion) {
             Arc::new(RedisStore::new(redis.clone(), 300)),
         ),
     ] {
-        let e = engine_on(dir.clone(), &no_local, store);
+        let e = engine_on(dir.clone(), &NO_LOCAL_CACHE, store);
         let first = rt.block_on(e.check(input.clone()));
         assert_eq!(
             first

@@ -20,7 +20,7 @@
 //! findings. [`evaluate`] is the whole plugin (JSON in, JSON out); the `abi` module binds it to
 //! the WebAssembly exports.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 #[cfg(target_arch = "wasm32")]
 #[allow(
@@ -29,6 +29,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[path = "../../abi.rs"]
 mod abi;
+#[path = "../../io.rs"]
+mod io;
 
 /// The plugin manifest (ABI 1): name, version and the one context field it reads.
 pub const MANIFEST: &str = concat!(
@@ -151,14 +153,6 @@ pub fn scan(text: &str, entities: Entities) -> Vec<Finding> {
 // ---------------------------------------------------------------------------------------------
 // The plugin: JSON in, JSON out.
 
-#[derive(Deserialize)]
-struct Input {
-    #[serde(default)]
-    args: Args,
-    #[serde(default)]
-    fields: Fields,
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Args {
@@ -172,35 +166,14 @@ struct Fields {
     prompt: Option<String>,
 }
 
-/// The output JSON of ABI 1.
-#[derive(Serialize, Debug, PartialEq)]
-#[serde(untagged)]
-enum Output {
-    Result {
-        #[serde(rename = "match")]
-        matched: bool,
-        score: f64,
-        reason: String,
-    },
-    Error {
-        error: String,
-    },
-}
-
 /// The plugin: the input JSON of ABI 1 (`{"rule", "args", "fields"}`) to its output JSON
 /// (`{"match", "score", "reason"}`, or `{"error"}` for bad arguments or input).
 pub fn evaluate(input: &[u8]) -> Vec<u8> {
-    let out = match run(input) {
-        Ok(out) => out,
-        Err(error) => Output::Error { error },
-    };
-    serde_json::to_vec(&out).unwrap_or_default()
+    io::respond(input, run)
 }
 
-fn run(input: &[u8]) -> Result<Output, String> {
-    let input: Input =
-        serde_json::from_slice(input).map_err(|e| format!("invalid input or arguments: {e}"))?;
-    let entities = match &input.args.entities {
+fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
+    let entities = match &args.entities {
         None => Entities::all(),
         Some(names) => {
             let mut set = Entities::none();
@@ -215,13 +188,13 @@ fn run(input: &[u8]) -> Result<Output, String> {
             set
         }
     };
-    let threshold = input.args.threshold.unwrap_or(0.5);
+    let threshold = args.threshold.unwrap_or(0.5);
     if !(0.0..=1.0).contains(&threshold) {
         return Err(format!(
             "threshold must be between 0 and 1, not {threshold}"
         ));
     }
-    let text = input.fields.prompt.unwrap_or_default();
+    let text = fields.prompt.unwrap_or_default();
     let findings = scan(&text, entities);
     let mut best = [0.0f64; 6];
     for f in &findings {
@@ -240,9 +213,9 @@ fn run(input: &[u8]) -> Result<Output, String> {
     } else {
         format!("found {}", found.join(", "))
     };
-    Ok(Output::Result {
+    Ok(io::Verdict {
         matched: !found.is_empty() && score >= threshold,
-        score,
+        score: Some(score),
         reason,
     })
 }

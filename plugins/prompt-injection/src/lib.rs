@@ -17,7 +17,7 @@
 //! rule matches when `score >= threshold` (argument `threshold`, default 0.7). The reason lists
 //! the signals hit.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 #[cfg(target_arch = "wasm32")]
 #[allow(
@@ -26,6 +26,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[path = "../../abi.rs"]
 mod abi;
+#[path = "../../io.rs"]
+mod io;
 
 /// The plugin manifest (ABI 1): name, version and the context fields it reads.
 pub const MANIFEST: &str = concat!(
@@ -549,14 +551,6 @@ fn has_base64_blob(text: &str) -> bool {
 // ---------------------------------------------------------------------------------------------
 // The plugin: JSON in, JSON out.
 
-#[derive(Deserialize)]
-struct Input {
-    #[serde(default)]
-    args: Args,
-    #[serde(default)]
-    fields: Fields,
-}
-
 #[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct Args {
@@ -580,43 +574,23 @@ struct Message {
     content: String,
 }
 
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Output {
-    Result {
-        #[serde(rename = "match")]
-        matched: bool,
-        score: f64,
-        reason: String,
-    },
-    Error {
-        error: String,
-    },
-}
-
 /// The plugin: the input JSON of ABI 1 (`{"rule", "args", "fields"}`) to its output JSON
 /// (`{"match", "score", "reason"}`, or `{"error"}` for bad arguments or input).
 pub fn evaluate(input: &[u8]) -> Vec<u8> {
-    let out = match run(input) {
-        Ok(out) => out,
-        Err(error) => Output::Error { error },
-    };
-    serde_json::to_vec(&out).unwrap_or_default()
+    io::respond(input, run)
 }
 
-fn run(input: &[u8]) -> Result<Output, String> {
-    let input: Input =
-        serde_json::from_slice(input).map_err(|e| format!("invalid input or arguments: {e}"))?;
-    let threshold = input.args.threshold.unwrap_or(0.7);
+fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
+    let threshold = args.threshold.unwrap_or(0.7);
     if !(0.0..=1.0).contains(&threshold) {
         return Err(format!(
             "threshold must be between 0 and 1, not {threshold}"
         ));
     }
-    let include_system = input.args.include_system.unwrap_or(false);
-    let messages = input.fields.messages.unwrap_or_default();
+    let include_system = args.include_system.unwrap_or(false);
+    let messages = fields.messages.unwrap_or_default();
     let text = if messages.is_empty() {
-        input.fields.prompt.unwrap_or_default()
+        fields.prompt.unwrap_or_default()
     } else {
         let parts: Vec<&str> = messages
             .iter()
@@ -632,9 +606,9 @@ fn run(input: &[u8]) -> Result<Output, String> {
         let names: Vec<&str> = signals.iter().map(|s| s.name).collect();
         format!("signals: {}", names.join(", "))
     };
-    Ok(Output::Result {
+    Ok(io::Verdict {
         matched: !signals.is_empty() && score >= threshold,
-        score,
+        score: Some(score),
         reason,
     })
 }

@@ -12,7 +12,7 @@
 //! [`evaluate`] function from the input JSON to the output JSON (plain Rust, unit-tested natively),
 //! and the `abi` module that exports both to the host (copy it unchanged). See docs/plugins.md.
 
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
 #[cfg(target_arch = "wasm32")]
 #[allow(
@@ -21,6 +21,8 @@ use serde::{Deserialize, Serialize};
 )]
 #[path = "../../abi.rs"]
 mod abi;
+#[path = "../../io.rs"]
+mod io;
 
 /// The manifest: ABI version, the plugin's name (what policies write), its version and the
 /// context fields it reads (only these are sent to it).
@@ -29,15 +31,6 @@ pub const MANIFEST: &str = concat!(
     env!("CARGO_PKG_VERSION"),
     r#"","reads":["request.prompt"]}"#
 );
-
-/// The input: the rule's arguments and the fields named in the manifest.
-#[derive(Deserialize)]
-struct Input {
-    #[serde(default)]
-    args: Args,
-    #[serde(default)]
-    fields: Fields,
-}
 
 /// The rule's `args`. Unknown arguments are errors, so a typo is not silently ignored.
 #[derive(Deserialize, Default)]
@@ -54,42 +47,23 @@ struct Fields {
     prompt: Option<String>,
 }
 
-/// The output: a result, or an error (the rule's `onError` applies).
-#[derive(Serialize)]
-#[serde(untagged)]
-enum Output {
-    Result {
-        #[serde(rename = "match")]
-        matched: bool,
-        reason: String,
-    },
-    Error {
-        error: String,
-    },
-}
-
-/// The plugin: input JSON to output JSON.
+/// The plugin: input JSON to output JSON (`io::respond` parses the input, so a bad argument or
+/// input is an `{"error"}` output, and writes the output).
 pub fn evaluate(input: &[u8]) -> Vec<u8> {
-    let out = match serde_json::from_slice::<Input>(input) {
-        Err(e) => Output::Error {
-            error: format!("invalid input or arguments: {e}"),
-        },
-        Ok(input) => {
-            let prompt = input.fields.prompt.unwrap_or_default().to_lowercase();
-            let hits = input
-                .args
-                .words
-                .iter()
-                .filter(|w| !w.is_empty() && prompt.contains(&w.to_lowercase()))
-                .count();
-            Output::Result {
-                matched: hits > 0,
-                // Say what matched, never the request's text.
-                reason: format!("{hits} keyword(s) found"),
-            }
-        }
-    };
-    serde_json::to_vec(&out).unwrap_or_default()
+    io::respond(input, |args: Args, fields: Fields| {
+        let prompt = fields.prompt.unwrap_or_default().to_lowercase();
+        let hits = args
+            .words
+            .iter()
+            .filter(|w| !w.is_empty() && prompt.contains(&w.to_lowercase()))
+            .count();
+        Ok(io::Verdict {
+            matched: hits > 0,
+            score: None,
+            // Say what matched, never the request's text.
+            reason: format!("{hits} keyword(s) found"),
+        })
+    })
 }
 
 #[cfg(test)]
