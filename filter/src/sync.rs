@@ -7,44 +7,13 @@ use std::time::Duration;
 
 use llm_policy_core::model::KIND_POLICY_TEST;
 use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 
+use crate::config::SyncConfig;
 use crate::host::{Host, Level, Metric};
 
 /// Largest bundle answer accepted.
 pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
-
-/// `sync:` in the plugin configuration.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
-pub struct SyncConfig {
-    /// The Envoy cluster of the server's REST port.
-    pub cluster: String,
-    /// The bundle's path (default `/v1/bundle`).
-    #[serde(default = "default_path")]
-    pub path: String,
-    /// `:authority` of the request (default the cluster name).
-    #[serde(default)]
-    pub authority: Option<String>,
-    /// How often to ask, in milliseconds (default 10,000; at least 100).
-    #[serde(default = "default_interval")]
-    pub interval_ms: u64,
-    /// Longest a fetch may take, in milliseconds (default 5,000).
-    #[serde(default = "default_timeout")]
-    pub timeout_ms: u64,
-}
-
-fn default_path() -> String {
-    String::from("/v1/bundle")
-}
-
-fn default_interval() -> u64 {
-    10_000
-}
-
-fn default_timeout() -> u64 {
-    5_000
-}
 
 /// The server's answer (`GET /v1/bundle`).
 #[derive(Debug, Deserialize)]
@@ -70,7 +39,7 @@ pub enum Fetched {
 
 /// The sync state of one VM.
 #[derive(Debug)]
-pub struct Sync {
+pub struct BundleSync {
     config: SyncConfig,
     etag: Option<String>,
     in_flight: Option<u32>,
@@ -79,10 +48,10 @@ pub struct Sync {
     failures: u64,
 }
 
-impl Sync {
-    /// Sync as configured.
-    pub fn new(config: SyncConfig) -> Sync {
-        Sync {
+impl BundleSync {
+    /// A sync as configured.
+    pub fn new(config: SyncConfig) -> BundleSync {
+        BundleSync {
             config,
             etag: None,
             in_flight: None,
@@ -207,7 +176,10 @@ fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), 
     if docs.is_empty() {
         return Err(String::from("the bundle holds no policy"));
     }
-    let set = crate::config::compile(&docs, context).map_err(|d: Diagnostics| d.to_string())?;
+    // Warnings were shown when the bundle was validated on the server.
+    let set = PolicySet::compile(&docs, context)
+        .map_err(|d: Diagnostics| d.to_string())?
+        .set;
     Ok((answer.bundle, set))
 }
 
@@ -225,10 +197,10 @@ mod tests {
         .unwrap()
     }
 
-    fn sync() -> Sync {
-        Sync::new(SyncConfig {
+    fn sync() -> BundleSync {
+        BundleSync::new(SyncConfig {
             cluster: "llm_policy_rest".into(),
-            path: default_path(),
+            path: "/v1/bundle".into(),
             authority: None,
             interval_ms: 1000,
             timeout_ms: 500,

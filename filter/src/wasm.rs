@@ -19,7 +19,7 @@ use crate::host::{Host, Level, Metric, SharedWrite};
 use crate::outbox::Outbox;
 use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
-use crate::sync::{Fetched, Sync};
+use crate::sync::{BundleSync, Fetched};
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -83,7 +83,7 @@ const TICK: Duration = Duration::from_millis(200);
 struct Root {
     plugin: Option<Rc<Plugin>>,
     outbox: Rc<Outbox>,
-    sync: Option<Sync>,
+    sync: Option<BundleSync>,
 }
 
 impl Context for Root {
@@ -173,7 +173,7 @@ impl RootContext for Root {
                         "llm-policy: waiting for the bundle from the server",
                     ),
                 }
-                self.sync = plugin.config.sync.clone().map(Sync::new);
+                self.sync = plugin.config.sync.clone().map(BundleSync::new);
                 self.plugin = Some(Rc::new(plugin));
                 let _ = hostcalls::set_tick_period(TICK);
                 true

@@ -12,28 +12,24 @@
 //!    request (a list macro inside another, value-growing string functions) are rejected.
 //! 3. [`translate`]: the common subset becomes the native condition tree (CEL semantics, errors
 //!    included, proven by a differential property test against the interpreter).
-//! 4. [`interp`]: the rest runs in the `cel` interpreter, with regexes compiled once at load.
+//! 4. The rest becomes a [`CelProgram`] (module `cel_program`) that the `cel` interpreter runs,
+//!    with regexes compiled once at load.
 //!
 //! Parsing uses the `cel` crate's own Pratt parser (23× faster than its ANTLR parser on policy
 //! expressions, the same syntax trees; a test compares them).
 
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
 use cel::common::ast::{Expr, IdedExpr, LiteralValue, SelectExpr};
-use cel::Env;
 
+use crate::cel_program::{env, CelProgram};
 use crate::condition::{Cond, Lit};
 use crate::diagnostic::Code;
 use crate::schema::{ElemField, FieldRef, FieldType};
 
 mod check;
 pub(crate) mod guard;
-mod interp;
 mod translate;
-
-#[cfg(test)]
-pub(crate) use interp::activation;
-pub(crate) use interp::CelProgram;
 
 /// Longest accepted expression, in bytes.
 pub(crate) const MAX_EXPR_LEN: usize = 16 * 1024;
@@ -72,19 +68,6 @@ pub(crate) struct CelCompiled {
     pub native: bool,
     /// Findings that do not reject the expression.
     pub warnings: Vec<CelIssue>,
-}
-
-/// The CEL environment: the standard library, the strings extension and the regex function the
-/// interpreter calls for `matches()` (see [`interp`]).
-pub(crate) fn env() -> &'static Arc<Env> {
-    static ENV: OnceLock<Arc<Env>> = OnceLock::new();
-    ENV.get_or_init(|| {
-        let mut env = Env::stdlib();
-        // lowerAscii, upperAscii, trim, indexOf, … are useful on prompts.
-        let _ = env.add_extension(cel::extensions::strings);
-        interp::register(&mut env);
-        Arc::new(env)
-    })
 }
 
 /// Parses without any check (the guard runs first in [`compile`]).

@@ -469,7 +469,7 @@ impl<'a> View<'a> {
             }
             FieldRef::Hour => FieldValue::Int(self.ctx.time.hour),
             FieldRef::Weekday => FieldValue::Int(self.ctx.time.weekday),
-            // Element fields exist only inside a list comprehension (see `condition::Elem`).
+            // Element fields exist only inside a list comprehension (see `truth::Elem`).
             FieldRef::Elem(_) => FieldValue::Missing,
         }
     }

@@ -6,20 +6,15 @@ use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
-use regex::{Regex, RegexBuilder};
+use regex::Regex;
 use serde_json::Value;
 
 use crate::condition::{Cond, Leaf, Lit, OrdOp, Test};
 use crate::diagnostic::Code;
 use crate::model::{Leaf as LeafDoc, Op};
+use crate::pattern::build_regex;
 use crate::schema::{FieldRef, FieldType};
 
-/// Compiled regexes may not grow beyond this. Past about this size the regex engine's lazy DFA
-/// can thrash on adversarial text and fall back to an NFA simulation whose cost is the pattern
-/// size times the text (`a[ab]{3000}c` would take seconds per megabyte); under it, matching stays
-/// in the tens of milliseconds per megabyte at worst. Unicode classes are large: write
-/// `[A-Za-z0-9_]` or `(?-u:\w)` rather than `\w{20}`.
-pub(crate) const REGEX_SIZE_LIMIT: usize = 128 * 1024;
 /// Deepest `all` / `any` / `not` nesting.
 pub(crate) const MAX_MATCH_DEPTH: usize = 32;
 
@@ -293,7 +288,7 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
                     None,
                 ));
             };
-            Test::Matches(build_regex(p, ic)?)
+            Test::Matches(build_regex(p, ic).map_err(|m| ("value", m, None))?)
         }
         Op::Exists => {
             negate = match value {
@@ -422,13 +417,5 @@ fn strings(v: Option<&Value>, op: Op) -> Result<Vec<String>, LeafError> {
 fn literal_regex(needles: &[String], ic: bool, pre: &str, post: &str) -> Result<Regex, LeafError> {
     let alternation: Vec<String> = needles.iter().map(|n| regex::escape(n)).collect();
     build_regex(&format!("{pre}(?:{}){post}", alternation.join("|")), ic)
-}
-
-/// Builds a size-limited, linear-time regex.
-pub(crate) fn build_regex(pattern: &str, ignore_case: bool) -> Result<Regex, LeafError> {
-    RegexBuilder::new(pattern)
-        .case_insensitive(ignore_case)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| ("value", format!("invalid regular expression: {e}"), None))
+        .map_err(|m| ("value", m, None))
 }

@@ -6,7 +6,8 @@
 use cel::Value;
 
 use crate::cache_key;
-use crate::cel_lang::{activation, parse};
+use crate::cel_lang::parse;
+use crate::cel_program::activation;
 use crate::context::{Api, Message, Provider, RequestContext, ShieldValue};
 use crate::schema::{FieldRef, FIELDS};
 

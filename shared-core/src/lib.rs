@@ -41,6 +41,8 @@ extern crate alloc;
 mod cache_key;
 #[cfg(feature = "cel")]
 mod cel_lang;
+#[cfg(feature = "cel")]
+mod cel_program;
 mod compile;
 mod condition;
 pub mod context;
@@ -54,12 +56,14 @@ mod extract;
 mod field_table_tests;
 mod index;
 pub mod model;
+mod pattern;
 pub mod reply;
 pub mod schema;
 mod set;
 #[cfg(feature = "std")]
 pub mod source;
 mod suggest;
+mod truth;
 
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};
 pub use decision::{Decision, ErrorBody, Verdict};

@@ -12,7 +12,7 @@ use cel::{Context, ExecutionError, Value};
 
 use super::{env, field_of, issue, show, string_lit, CelIssue, Scope};
 use crate::diagnostic::Code;
-use crate::dsl::build_regex;
+use crate::pattern::build_regex;
 use crate::schema::{check_shield_name, root_fields, FieldRef, FieldType, ROOTS};
 
 /// How many request sizes a value built by an expression may reach (`a + b` of two prompts is
@@ -1080,9 +1080,8 @@ impl Checker<'_> {
                         )),
                     ));
                 };
-                build_regex(&pattern, false).map_err(|(_, msg, _)| {
-                    issue(Code::CelRegex, format!("`{}`: {msg}", show(e)), None)
-                })?;
+                build_regex(&pattern, false)
+                    .map_err(|msg| issue(Code::CelRegex, format!("`{}`: {msg}", show(e)), None))?;
                 T::derived(Ty::Bool, 0, request)
             }
             "lowerAscii" | "upperAscii" | "trim" | "reverse" | "substring" | "charAt" => {

@@ -81,10 +81,21 @@ mod differential {
     //! The native translation must decide exactly as the `cel` interpreter on every context, and
     //! a comparison the checker rejects must fail (or be constant) on every context.
     use super::{attrs, compile};
-    use crate::cel_lang::interp::interpret;
-    use crate::condition::Scratch;
     use crate::context::{Message, RequestContext, ShieldValue};
+    use crate::truth::Scratch;
     use proptest::prelude::*;
+
+    /// Evaluates `src` with the interpreter only (no translation, the stock `matches`): the
+    /// reference the native tree is tested against.
+    fn interpret(src: &str, ctx: &crate::context::RequestContext) -> crate::truth::Truth {
+        let program =
+            crate::cel_lang::parse(src).map_err(|e| crate::truth::CondError(e.message))?;
+        match cel::Value::resolve(&program, &crate::cel_program::activation(ctx.view(), None)) {
+            Ok(cel::Value::Bool(b)) => Ok(b),
+            Ok(_) => Err(crate::truth::CondError(String::from("not a bool"))),
+            Err(e) => Err(crate::truth::CondError(e.to_string())),
+        }
+    }
 
     /// Every field kind the native tree reads, as CEL writes it.
     const FIELDS: &[&str] = &[
@@ -288,9 +299,9 @@ mod limits {
     //! stack; one level more is a load error, never a crash.
     use super::attrs;
     use crate::cel_lang::{compile, MAX_EXPR_LEN};
-    use crate::condition::Scratch;
     use crate::context::{Message, RequestContext};
     use crate::diagnostic::Code;
+    use crate::truth::Scratch;
 
     type Kind = (&'static str, fn(usize) -> String);
 
@@ -844,7 +855,7 @@ mod checks {
         );
         let mut ctx = crate::context::RequestContext::default();
         ctx.request.prompt = String::from("ABBB");
-        let mut scratch = crate::condition::Scratch {
+        let mut scratch = crate::truth::Scratch {
             cel_reads: p.reads(),
             ..Default::default()
         };

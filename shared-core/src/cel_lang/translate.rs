@@ -10,7 +10,7 @@ use cel::common::ast::{
 pub(super) use super::Scope;
 use super::{field_of, literal, string_lit};
 use crate::condition::{Cond, Leaf, Lit, OrdOp, Test};
-use crate::dsl::build_regex;
+use crate::pattern::build_regex;
 use crate::schema::{FieldRef, FieldType, ROOTS};
 
 /// A CEL-semantics leaf on the field's value (`size: false`) or its `size()`.

@@ -11,11 +11,11 @@ use super::{
     Answer, CounterCheck, EvalOptions, Hooks, Need, NeedId, NeedKind, Part, Pending, PluginCheck,
     Step,
 };
-use crate::condition::Scratch;
 use crate::context::{RequestContext, View};
 use crate::decision::{Charge, Verdict};
 use crate::model::{OnError, PluginRef, Scope};
 use crate::set::{CompiledRule, Namespace, PolicySet};
+use crate::truth::Scratch;
 
 /// How one rule fared.
 #[derive(Debug, Clone, PartialEq)]
@@ -337,7 +337,7 @@ fn run_rule<'a>(
         };
     }
     match rule.cond.eval(view, scratch) {
-        Err(e) => Outcome::Error(crate::condition::clip(e.0)),
+        Err(e) => Outcome::Error(crate::truth::clip(e.0)),
         Ok(false) => Outcome::NotMatched,
         Ok(true) if below && rule.action.limit.is_some() && !rule.shadow => Outcome::Skipped,
         Ok(true) => after_match(rule, ns, view, host, part),
@@ -355,7 +355,7 @@ fn plugin_outcome(
     match check {
         PluginCheck::Matched(true) => after_match(rule, ns, view, host, part),
         PluginCheck::Matched(false) => Outcome::NotMatched,
-        PluginCheck::Error(e) => Outcome::Error(crate::condition::clip(e)),
+        PluginCheck::Error(e) => Outcome::Error(crate::truth::clip(e)),
         PluginCheck::Unavailable => Outcome::Remote(None),
     }
 }

@@ -1,5 +1,7 @@
-//! The `cel` interpreter for conditions the native tree cannot express, and the CEL activation
-//! (the variables a program reads), built from the schema table.
+//! CEL at evaluation time: the compiled [`CelProgram`] the `cel` interpreter runs for conditions
+//! the native tree cannot express, the environment it runs in ([`env`]), and the CEL activation
+//! (the variables a program reads), built from the schema table. Compiling CEL (checks,
+//! translation) is `cel_lang`'s; this module knows nothing of it.
 //!
 //! The interpreter's own `matches()` compiles its regex on every call; a policy's `matches()`
 //! calls are rewritten at load to `__llmp_matches`, which looks the regex up in a process-wide
@@ -18,11 +20,31 @@ use cel::common::value::CowVal;
 use cel::{Context, Env, ExecutionError, Value};
 use regex::Regex;
 
-use super::{env, string_lit};
-use crate::condition::{CondError, Scratch, Truth};
 use crate::context::{FieldValue, ShieldValue, View};
-use crate::dsl::build_regex;
+use crate::pattern::build_regex;
 use crate::schema::{members, FieldRef};
+use crate::truth::{clip, clip_display, CondError, Scratch, Truth};
+
+/// The CEL environment: the standard library, the strings extension and the regex function the
+/// interpreter calls for `matches()`.
+pub(crate) fn env() -> &'static Arc<Env> {
+    static ENV: std::sync::OnceLock<Arc<Env>> = std::sync::OnceLock::new();
+    ENV.get_or_init(|| {
+        let mut env = Env::stdlib();
+        // lowerAscii, upperAscii, trim, indexOf, … are useful on prompts.
+        let _ = env.add_extension(cel::extensions::strings);
+        register(&mut env);
+        Arc::new(env)
+    })
+}
+
+/// The text of a string literal.
+fn string_lit(e: &IdedExpr) -> Option<String> {
+    match &e.expr {
+        Expr::Literal(cel::common::ast::LiteralValue::String(s)) => Some(s.inner().to_string()),
+        _ => None,
+    }
+}
 
 /// The function `matches()` calls are rewritten to.
 const MATCHES: &str = "__llmp_matches";
@@ -52,7 +74,7 @@ fn regex(pattern: &str) -> Result<Arc<Regex>, String> {
             return Ok(re);
         }
     }
-    let re = Arc::new(build_regex(pattern, false).map_err(|(_, m, _)| m)?);
+    let re = Arc::new(build_regex(pattern, false)?);
     if let Ok(mut t) = table().write() {
         if t.map.len() >= t.prune_at {
             t.map.retain(|_, w| w.strong_count() > 0);
@@ -77,7 +99,7 @@ fn matches_fn<'b, 'v>(args: Vec<CowVal<'b, 'v>>) -> Result<CowVal<'b, 'v>, Execu
 }
 
 /// Adds `__llmp_matches(string, string)` to the environment.
-pub(super) fn register(env: &mut Env) {
+fn register(env: &mut Env) {
     let _ = env.add_overload(
         MATCHES,
         "llmp_matches_string_string",
@@ -157,7 +179,7 @@ pub(crate) struct CelProgram {
 }
 
 impl CelProgram {
-    pub(super) fn new(
+    pub(crate) fn new(
         mut expr: IdedExpr,
         reads: Vec<FieldRef>,
         nullable: Vec<FieldRef>,
@@ -187,7 +209,7 @@ impl CelProgram {
                 other.type_of()
             ))),
             Err(e) => {
-                let mut msg = crate::condition::clip_display(&e);
+                let mut msg = clip_display(&e);
                 let missing: Vec<String> = self
                     .nullable
                     .iter()
@@ -200,7 +222,7 @@ impl CelProgram {
                         missing.join(", ")
                     ));
                 }
-                Err(CondError(crate::condition::clip(msg)))
+                Err(CondError(clip(msg)))
             }
         }
     }
@@ -304,18 +326,6 @@ pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context
     c
 }
 
-/// Evaluates `src` with the interpreter only (no translation, the stock `matches`): the
-/// reference the native tree is tested against.
-#[cfg(test)]
-pub(crate) fn interpret(src: &str, ctx: &crate::context::RequestContext) -> Truth {
-    let program = super::parse(src).map_err(|e| CondError(e.message))?;
-    match Value::resolve(&program, &activation(ctx.view(), None)) {
-        Ok(Value::Bool(b)) => Ok(b),
-        Ok(_) => Err(CondError(String::from("not a bool"))),
-        Err(e) => Err(CondError(e.to_string())),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -323,8 +333,9 @@ mod tests {
     #[test]
     fn programs_hold_their_regexes_and_the_table_forgets_the_rest() {
         let pattern = "^held-[0-9]+$";
-        let mut e =
-            crate::cel_lang::parse(&format!("request.prompt.matches('{pattern}')")).unwrap();
+        let mut e = cel::parser::PrattParser::new()
+            .parse(&format!("request.prompt.matches('{pattern}')"))
+            .unwrap();
         let held = rewrite_matches(&mut e);
         assert_eq!(held.len(), 1);
         let live = |p: &str| {
