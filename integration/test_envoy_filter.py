@@ -181,7 +181,7 @@ def test_a_broken_plugin_configuration_is_rejected_with_its_location(tmp_path):
     assert r.returncode != 0
     out = r.stdout + r.stderr
     assert "llm-policy: invalid configuration" in out, out[-2000:]
-    assert "plugin configuration: policies[0]" in out
+    assert "filter configuration: policies[0]" in out
     assert "maybe" in out
 
 

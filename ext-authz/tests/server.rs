@@ -18,6 +18,7 @@ use llm_policy_server::server::config::FailureMode;
 use llm_policy_server::server::limits::{
     CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture,
 };
+use llm_policy_server::server::redis::RedisError;
 use serde_json::{json, Value};
 
 const RULES: &str = r#"
@@ -593,7 +594,7 @@ impl CounterStore for SlowStore {
     fn reserve<'a>(&'a self, _: &'a Charge, _: u64) -> StoreFuture<'a, StoreResult<Reserved>> {
         Box::pin(async {
             tokio::time::sleep(Duration::from_secs(30)).await;
-            Err(StoreError("slow".into()))
+            Err(StoreError::Redis(RedisError::Timeout(30_000)))
         })
     }
     fn commit(&self, _: ReservationId, _: Option<f64>) -> StoreFuture<'_, StoreResult<()>> {

@@ -1,4 +1,4 @@
-//! The plugin configuration: one JSON or YAML document (the `configuration` of Envoy's wasm
+//! The filter configuration: one JSON or YAML document (the `configuration` of Envoy's wasm
 //! filter), read with the core's located loader, so a mistake is reported with its line and
 //! column and Envoy rejects the configuration.
 
@@ -7,16 +7,16 @@ use std::time::Duration;
 use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, Document, PolicySet};
 use serde::{Deserialize, Serialize};
 
-/// Where errors in the plugin configuration are said to be.
-pub const CONFIG_FILE: &str = "plugin configuration";
+/// Where errors in the filter configuration are said to be.
+pub const CONFIG_FILE: &str = "filter configuration";
 
 /// Where errors in an inline policy bundle are said to be.
-pub const INLINE_POLICIES: &str = "plugin configuration: policies";
+pub const INLINE_POLICIES: &str = "filter configuration: policies";
 
 /// The default body limit of the filter (1 MiB): bodies are buffered in the proxy.
 pub const DEFAULT_MAX_BODY_BYTES: usize = 1024 * 1024;
 
-/// The plugin configuration. See `docs/filter.md`.
+/// The filter configuration. See `docs/filter.md`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct FilterConfig {
@@ -103,7 +103,7 @@ impl ServerConfig {
     }
 }
 
-/// `sync:` in the plugin configuration.
+/// `sync:` in the filter configuration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct SyncConfig {
@@ -136,7 +136,7 @@ fn default_timeout() -> u64 {
 }
 
 impl FilterConfig {
-    /// Parses the plugin configuration (JSON or YAML). Errors are located in the configuration.
+    /// Parses the filter configuration (JSON or YAML). Errors are located in the configuration.
     pub fn parse(text: &str) -> Result<FilterConfig, Diagnostics> {
         if text.trim().is_empty() {
             return Ok(FilterConfig::default());
@@ -145,7 +145,7 @@ impl FilterConfig {
         let [doc] = docs.as_slice() else {
             return Err(one(Diagnostic::error(
                 llm_policy_core::Code::InvalidType,
-                "the plugin configuration must be one document",
+                "the filter configuration must be one document",
             )
             .at(CONFIG_FILE, None)));
         };

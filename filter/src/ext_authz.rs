@@ -3,22 +3,18 @@
 //! types would not fit a proxy plugin). A test checks the wire format against `envoy-types`.
 //!
 //! The filter has already counted the local-scope limits: it says so in the request's
-//! `context_extensions` (which a client cannot set), with the rules whose local counter was over,
-//! so the server neither counts them again nor counts them differently.
+//! `context_extensions` (which a client cannot set), with the rules whose local counter was over
+//! ([`LocalCounted`], the core's wire contract), so the server neither counts them again nor
+//! counts them differently.
 
 use std::collections::HashMap;
 
-use llm_policy_core::reply::LimitState;
+use llm_policy_core::wire::LocalCounted;
 
 /// The gRPC service.
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
 /// The gRPC method.
 pub const METHOD: &str = "Check";
-/// Context extension: the proxy counted local-scope limits (`"proxy"`).
-pub const LOCAL_COUNTERS: &str = "llm-policy.local-counters";
-/// Context extension: the rules whose local counter was over its limit, as a JSON object
-/// `{rule: [limit, remaining, reset_secs]}`.
-pub const LOCAL_OVER: &str = "llm-policy.local-over";
 
 /// `CheckRequest`.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -167,13 +163,8 @@ impl HeaderValue {
     }
 }
 
-/// The encoded `CheckRequest` for a buffered request. `over` lists the rules whose local
-/// counter was over its limit, with the counter's state.
-pub fn check_request(
-    headers: &[(String, String)],
-    body: &[u8],
-    over: &[(String, LimitState)],
-) -> Vec<u8> {
+/// The encoded `CheckRequest` for a buffered request, with the local limits the filter counted.
+pub fn check_request(headers: &[(String, String)], body: &[u8], local: &LocalCounted) -> Vec<u8> {
     use prost::Message as _;
     let get = |name: &str| {
         headers
@@ -193,18 +184,11 @@ pub fn check_request(
             })
             .or_insert_with(|| v.clone());
     }
-    let mut extensions = HashMap::new();
-    extensions.insert(LOCAL_COUNTERS.to_string(), "proxy".to_string());
-    extensions.insert(
-        LOCAL_OVER.to_string(),
-        serde_json::to_string(
-            &over
-                .iter()
-                .map(|(rule, s)| (rule.as_str(), (s.limit, s.remaining, s.reset_secs)))
-                .collect::<std::collections::BTreeMap<_, _>>(),
-        )
-        .unwrap_or_else(|_| String::from("{}")),
-    );
+    let extensions = local
+        .extensions()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Request {
@@ -227,7 +211,7 @@ pub fn check_request(
 
 /// What the server decided.
 #[derive(Debug, Clone, PartialEq)]
-pub enum Answer {
+pub enum ServerAnswer {
     /// Let the request go: set these headers, remove those.
     Allow {
         /// Headers to set (replace) on the upstream request.
@@ -246,15 +230,15 @@ pub enum Answer {
     },
 }
 
-impl Answer {
+impl ServerAnswer {
     /// Decodes a `CheckResponse`.
-    pub fn decode(bytes: &[u8]) -> Result<Answer, String> {
+    pub fn decode(bytes: &[u8]) -> Result<ServerAnswer, String> {
         use prost::Message as _;
         let r = CheckResponse::decode(bytes).map_err(|e| format!("bad CheckResponse: {e}"))?;
         let code = r.status.as_ref().map_or(0, |s| s.code);
         if code == 0 {
             let ok = r.ok_response.unwrap_or_default();
-            return Ok(Answer::Allow {
+            return Ok(ServerAnswer::Allow {
                 set: ok
                     .headers
                     .iter()
@@ -269,7 +253,7 @@ impl Answer {
             .and_then(|s| u16::try_from(s.code).ok())
             .filter(|s| (200..600).contains(s))
             .unwrap_or(403);
-        Ok(Answer::Deny {
+        Ok(ServerAnswer::Deny {
             status,
             headers: denied
                 .headers
@@ -278,5 +262,130 @@ impl Answer {
                 .collect(),
             body: denied.body,
         })
+    }
+}
+
+/// The hand-written subset above against Envoy's own types (`envoy-types`): every field the
+/// filter writes is read back by Envoy's `CheckRequest`, and every field it reads from Envoy's
+/// `CheckResponse` arrives, so the subset cannot drift from the real messages.
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::ext_authz::v3::pb as envoy;
+    use prost::Message as _;
+
+    #[test]
+    fn check_request_reads_back_as_envoys() {
+        let local = LocalCounted {
+            over: vec![(
+                String::from("r"),
+                llm_policy_core::reply::LimitState {
+                    limit: 3.0,
+                    remaining: 0.0,
+                    reset_secs: 9,
+                },
+            )],
+        };
+        let headers = [
+            (":method", "POST"),
+            (":path", "/v1/chat/completions?x=1"),
+            (":authority", "api.openai.com"),
+            (":scheme", "https"),
+            ("X-User-Id", "a"),
+            ("x-user-id", "b"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()));
+        let bytes = check_request(&headers, b"\x00{\"a\":1}\xff", &local);
+        let sent = envoy::CheckRequest::decode(bytes.as_slice()).unwrap();
+        let attrs = sent.attributes.unwrap();
+        let http = attrs.request.unwrap().http.unwrap();
+        assert_eq!(http.method, "POST");
+        assert_eq!(http.path, "/v1/chat/completions?x=1");
+        assert_eq!(http.host, "api.openai.com");
+        assert_eq!(http.scheme, "https");
+        assert_eq!(http.size, 9);
+        assert_eq!(http.protocol, "HTTP/1.1");
+        assert_eq!(http.raw_body, b"\x00{\"a\":1}\xff");
+        assert_eq!(http.headers["x-user-id"], "a,b");
+        let ext = &attrs.context_extensions;
+        assert_eq!(
+            LocalCounted::from_extensions(|k| ext.get(k).map(String::as_str)),
+            Some(local)
+        );
+        // Ours decodes what Envoy's types encode of it (the same field numbers both ways).
+        let back = envoy::CheckRequest {
+            attributes: Some(
+                envoy_types::pb::envoy::service::auth::v3::AttributeContext {
+                    context_extensions: ext.clone(),
+                    request: Some(
+                        envoy_types::pb::envoy::service::auth::v3::attribute_context::Request {
+                            http: Some(http),
+                            ..Default::default()
+                        },
+                    ),
+                    ..Default::default()
+                },
+            ),
+        };
+        let ours = CheckRequest::decode(back.encode_to_vec().as_slice()).unwrap();
+        assert_eq!(ours, CheckRequest::decode(bytes.as_slice()).unwrap());
+    }
+
+    #[test]
+    fn envoys_check_responses_read_as_ours() {
+        let header = |k: &str, v: &str, raw: bool| envoy::HeaderValueOption {
+            header: Some(envoy::HeaderValue {
+                key: k.into(),
+                value: if raw { String::new() } else { v.into() },
+                raw_value: if raw {
+                    v.as_bytes().to_vec()
+                } else {
+                    Vec::new()
+                },
+            }),
+            ..Default::default()
+        };
+        let ok = envoy::CheckResponse {
+            status: Some(envoy_types::pb::google::rpc::Status {
+                code: 0,
+                ..Default::default()
+            }),
+            http_response: Some(envoy::HttpResponse::OkResponse(envoy::OkHttpResponse {
+                headers: vec![header("X-A", "1", false), header("x-b", "2", true)],
+                headers_to_remove: vec!["x-c".into()],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServerAnswer::decode(&ok.encode_to_vec()),
+            Ok(ServerAnswer::Allow {
+                set: vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())],
+                remove: vec!["x-c".into()],
+            })
+        );
+        let denied = envoy::CheckResponse {
+            status: Some(envoy_types::pb::google::rpc::Status {
+                code: 8,
+                ..Default::default()
+            }),
+            http_response: Some(envoy::HttpResponse::DeniedResponse(
+                envoy::DeniedHttpResponse {
+                    status: Some(envoy_types::pb::envoy::r#type::v3::HttpStatus { code: 429 }),
+                    headers: vec![header("retry-after", "7", false)],
+                    body: "{\"error\":{}}".into(),
+                },
+            )),
+            ..Default::default()
+        };
+        assert_eq!(
+            ServerAnswer::decode(&denied.encode_to_vec()),
+            Ok(ServerAnswer::Deny {
+                status: 429,
+                headers: vec![("retry-after".into(), "7".into())],
+                body: "{\"error\":{}}".into(),
+            })
+        );
+        assert!(ServerAnswer::decode(b"\xff\xff").is_err());
     }
 }

@@ -10,8 +10,8 @@
 //! wasm build implements with host calls (`wasm.rs`, the only file that makes them) and the tests
 //! with a fake proxy.
 //!
-//! - [`config`]: the plugin configuration (located errors).
-//! - [`plugin`]: one VM's configured state (bundle, routes, counters, cache).
+//! - [`config`]: the filter configuration (located errors).
+//! - [`vm`]: one worker VM's configured state (bundle, routes, counters, cache).
 //! - [`request`]: one request's path through the filter.
 //! - [`route`]: which requests are LLM API calls.
 //! - [`counters`]: local rate limits in shared data (compare-and-swap).
@@ -27,11 +27,11 @@ pub mod counters;
 pub mod ext_authz;
 pub mod host;
 pub mod outbox;
-pub mod plugin;
 pub mod request;
 pub mod route;
 pub mod sync;
 pub mod usage;
+pub mod vm;
 
 #[cfg(test)]
 mod fake;

@@ -10,20 +10,18 @@ use std::rc::Rc;
 use llm_policy_core::context::Provider;
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::model::Scope;
-use llm_policy_core::reply::{self, LimitState, DECISION_HEADER};
-use llm_policy_core::{Answer, CounterCheck, NeedKind, PluginCheck, Step};
+use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
+use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
+use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
 use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
 
 use crate::config::FailureMode;
 use crate::counters::{Count, Reservation};
-use crate::ext_authz;
+use crate::ext_authz::{self, ServerAnswer};
 use crate::host::{Host, Level, Metric};
 use crate::outbox::{Outbox, UsageReport};
-use crate::plugin::Plugin;
 use crate::usage::UsageReader;
-
-/// The server's reservation handle for token and cost budgets; a client's copy is removed.
-pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
+use crate::vm::Vm;
 
 /// What the proxy does with the request after a callback.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -58,10 +56,60 @@ enum State {
     Answered,
 }
 
+/// How a request's check ends: applied to the request and counted in one place
+/// ([`RequestFlow::finish`]), whoever decided (the bundle, the cache, the server, the failure
+/// mode).
+#[derive(Debug)]
+enum Outcome {
+    /// The request goes upstream with these headers set (in order: a later one wins) and these
+    /// removed.
+    Allow {
+        set: Vec<(String, String)>,
+        remove: Vec<String>,
+    },
+    /// The request is answered here.
+    Reply(Reply, Ending),
+    /// The request waits for the policy server's answer (the state says which call).
+    Asking,
+}
+
+/// Why a request was answered here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Ending {
+    Denied,
+    Throttled,
+    TooLarge,
+    InvalidBody,
+    /// No bundle yet, or the server could not answer (failure mode closed).
+    Unavailable,
+}
+
+impl Ending {
+    /// The stats a request answered this way counts.
+    fn metrics(self) -> &'static [Metric] {
+        match self {
+            Ending::Denied => &[Metric::Denied],
+            Ending::Throttled => &[Metric::Throttled],
+            Ending::TooLarge => &[Metric::Rejected, Metric::BodyTooLarge],
+            Ending::InvalidBody => &[Metric::Rejected, Metric::InvalidBody],
+            // The cause is counted where it happened (fallback failures, sync failures).
+            Ending::Unavailable => &[],
+        }
+    }
+
+    fn of_status(status: u16) -> Ending {
+        if status == 429 {
+            Ending::Throttled
+        } else {
+            Ending::Denied
+        }
+    }
+}
+
 /// The filter's state for one request.
 #[derive(Debug)]
 pub struct RequestFlow {
-    plugin: Rc<Plugin>,
+    vm: Rc<Vm>,
     outbox: Rc<Outbox>,
     state: State,
     /// Local counters charged for this request.
@@ -75,10 +123,10 @@ pub struct RequestFlow {
 }
 
 impl RequestFlow {
-    /// A request checked against `plugin`; its usage report, if any, goes to `outbox`.
-    pub fn new(plugin: Rc<Plugin>, outbox: Rc<Outbox>) -> RequestFlow {
+    /// A request checked against `vm`'s bundle; its usage report, if any, goes to `outbox`.
+    pub fn new(vm: Rc<Vm>, outbox: Rc<Outbox>) -> RequestFlow {
         RequestFlow {
-            plugin,
+            vm,
             outbox,
             state: State::New,
             held: Vec::new(),
@@ -169,7 +217,7 @@ impl RequestFlow {
         self.usage = None;
         if let Some(t) = tokens {
             for r in self.held.iter().filter(|r| r.is_tokens()) {
-                self.plugin.counters.adjust(host, r, t - r.amount());
+                self.vm.counters.adjust(host, r, t - r.amount());
             }
         }
         if let Some(handle) = self.handle.take() {
@@ -186,28 +234,31 @@ impl RequestFlow {
         }
         let headers = host.request_headers();
         let path = header(&headers, ":path").unwrap_or("/");
-        let Some(provider) = self.plugin.routes.check(path, &headers) else {
+        let Some(provider) = self.vm.routes.check(path, &headers) else {
             self.state = State::Passing;
             return Flow::Continue;
         };
-        // Only the server issues reservation handles.
-        if header(&headers, RESERVATION_HEADER).is_some() {
-            host.set_request_header(RESERVATION_HEADER, None);
+        // Only the policy engine sets these upstream.
+        for name in wire::SERVER_ONLY_HEADERS {
+            if header(&headers, name).is_some() {
+                host.set_request_header(name, None);
+            }
         }
-        let Some(set) = &self.plugin.set else {
-            // Waiting for the first bundle from the server.
-            return self.no_bundle(host, provider);
+        let Some(set) = &self.vm.set else {
+            let outcome = self.no_bundle(host, provider);
+            return self.finish(host, outcome);
         };
         let limit = set.config().max_body_bytes;
         if let Some(declared) =
             header(&headers, "content-length").and_then(|v| v.parse::<usize>().ok())
         {
             if declared > limit {
-                return self.reject_too_large(host, provider, declared, limit);
+                return self.finish(host, too_large(provider, declared, limit));
             }
         }
         if end_of_stream {
-            return self.decide(host, provider, 0, headers);
+            let outcome = self.decide(host, provider, 0, headers);
+            return self.finish(host, outcome);
         }
         self.state = State::Buffering {
             provider,
@@ -232,15 +283,16 @@ impl RequestFlow {
         };
         let provider = *provider;
         *body_len = body_size;
-        let limit = self.plugin.config.context.max_body_bytes;
+        let limit = self.vm.config.context.max_body_bytes;
         if body_size > limit {
-            return self.reject_too_large(host, provider, body_size, limit);
+            return self.finish(host, too_large(provider, body_size, limit));
         }
         if !end_of_stream {
             return Flow::Pause;
         }
         let headers = self.take_headers();
-        self.decide(host, provider, body_size, headers)
+        let outcome = self.decide(host, provider, body_size, headers);
+        self.finish(host, outcome)
     }
 
     /// The headers kept while buffering.
@@ -261,7 +313,8 @@ impl RequestFlow {
             return self.passing();
         };
         let headers = self.take_headers();
-        self.decide(host, provider, body_len, headers)
+        let outcome = self.decide(host, provider, body_len, headers);
+        self.finish(host, outcome)
     }
 
     /// The answer to the policy-server call `token`: `status` is the gRPC status of the call
@@ -286,7 +339,7 @@ impl RequestFlow {
         }
         let provider = *provider;
         let answer = match (status, body) {
-            (0, Some(bytes)) => ext_authz::Answer::decode(&bytes),
+            (0, Some(bytes)) => ServerAnswer::decode(&bytes),
             (0, None) => Err(String::from("empty answer")),
             (4, _) => {
                 host.metric(Metric::FallbackTimeouts, 1);
@@ -294,8 +347,39 @@ impl RequestFlow {
             }
             (code, _) => Err(format!("gRPC status {code}")),
         };
-        match answer {
-            Ok(ext_authz::Answer::Allow { set, remove }) => {
+        let outcome = match answer {
+            Ok(ServerAnswer::Allow { set, remove }) => Outcome::Allow { set, remove },
+            Ok(ServerAnswer::Deny {
+                status,
+                headers,
+                body,
+            }) => Outcome::Reply(
+                Reply {
+                    status,
+                    headers,
+                    body,
+                },
+                Ending::of_status(status),
+            ),
+            Err(why) => {
+                self.server_failed(host, &format!("policy server check failed: {why}"));
+                let State::Asking { provisional, .. } =
+                    std::mem::replace(&mut self.state, State::Answered)
+                else {
+                    return;
+                };
+                self.without_server(provider, *provisional)
+            }
+        };
+        if self.finish(host, outcome) == Flow::Continue {
+            host.resume_request();
+        }
+    }
+
+    /// Applies how the check ended to the request, and counts it: the one place that does.
+    fn finish(&mut self, host: &mut dyn Host, outcome: Outcome) -> Flow {
+        match outcome {
+            Outcome::Allow { set, remove } => {
                 for name in remove {
                     host.set_request_header(&name, None);
                 }
@@ -310,36 +394,20 @@ impl RequestFlow {
                 host.metric(Metric::Allowed, 1);
                 self.allowed = true;
                 self.state = State::Passing;
-                host.resume_request();
+                Flow::Continue
             }
-            Ok(ext_authz::Answer::Deny {
-                status,
-                headers,
-                body,
-            }) => {
-                self.release(host);
-                host.metric(
-                    if status == 429 {
-                        Metric::Throttled
-                    } else {
-                        Metric::Denied
-                    },
-                    1,
-                );
-                self.state = State::Answered;
-                host.send_reply(status, &headers, body.as_bytes());
-            }
-            Err(why) => {
-                self.server_failed(host, &format!("policy server check failed: {why}"));
-                let State::Asking { provisional, .. } =
-                    std::mem::replace(&mut self.state, State::Answered)
-                else {
-                    return;
-                };
-                if self.apply_failure(host, provider, *provisional) == Flow::Continue {
-                    host.resume_request();
+            Outcome::Reply(reply, ending) => {
+                for r in std::mem::take(&mut self.held) {
+                    self.vm.counters.release(host, &r);
                 }
+                for metric in ending.metrics() {
+                    host.metric(*metric, 1);
+                }
+                self.state = State::Answered;
+                host.send_reply(reply.status, &reply.headers, reply.body.as_bytes());
+                Flow::Pause
             }
+            Outcome::Asking => Flow::Pause,
         }
     }
 
@@ -350,82 +418,29 @@ impl RequestFlow {
         }
     }
 
-    fn reject_too_large(
-        &mut self,
-        host: &mut dyn Host,
-        provider: Provider,
-        size: usize,
-        limit: usize,
-    ) -> Flow {
-        host.metric(Metric::BodyTooLarge, 1);
-        self.reject(
-            host,
-            &llm_policy_core::ContextError::BodyTooLarge { size, limit },
-            provider,
-        )
-    }
-
-    fn reject(
-        &mut self,
-        host: &mut dyn Host,
-        e: &llm_policy_core::ContextError,
-        provider: Provider,
-    ) -> Flow {
-        host.metric(Metric::Rejected, 1);
-        let r = reply::for_error(e, provider);
-        self.answer(host, r.status, &r.headers, r.body.as_bytes())
-    }
-
-    fn answer(
-        &mut self,
-        host: &mut dyn Host,
-        status: u16,
-        headers: &[(String, String)],
-        body: &[u8],
-    ) -> Flow {
-        self.release(host);
-        self.state = State::Answered;
-        host.send_reply(status, headers, body);
-        Flow::Pause
-    }
-
-    fn release(&mut self, host: &mut dyn Host) {
-        for r in std::mem::take(&mut self.held) {
-            self.plugin.counters.release(host, &r);
-        }
-    }
-
     /// No bundle yet (it comes from the server): the failure mode answers.
-    fn no_bundle(&mut self, host: &mut dyn Host, provider: Provider) -> Flow {
+    fn no_bundle(&self, host: &mut dyn Host, provider: Provider) -> Outcome {
         host.log(Level::Warn, "no policy bundle yet (waiting for the sync)");
-        match self.plugin.config.failure_mode {
-            FailureMode::Closed => {
-                self.unavailable(host, provider, "no policy bundle is loaded yet")
-            }
-            FailureMode::Open => {
-                host.set_request_header(DECISION_HEADER, Some("error"));
-                self.state = State::Passing;
-                Flow::Continue
-            }
+        match self.vm.config.failure_mode {
+            FailureMode::Closed => unavailable(provider, "no policy bundle is loaded yet"),
+            FailureMode::Open => Outcome::Allow {
+                set: vec![(DECISION_HEADER.to_string(), String::from("error"))],
+                remove: Vec::new(),
+            },
         }
     }
 
-    /// 503 in the provider's format, marked `x-llm-policy-decision: error`.
-    fn unavailable(&mut self, host: &mut dyn Host, provider: Provider, message: &str) -> Flow {
-        let r = reply::unavailable(provider, message);
-        self.answer(host, r.status, &r.headers, r.body.as_bytes())
-    }
-
-    /// Builds the context from the buffered request and decides.
+    /// Builds the context from the buffered request and decides: locally, from the cache, or
+    /// by asking the server.
     fn decide(
         &mut self,
         host: &mut dyn Host,
         provider: Provider,
         body_len: usize,
         headers: Vec<(String, String)>,
-    ) -> Flow {
-        let plugin = Rc::clone(&self.plugin);
-        let Some(set) = plugin.set.as_ref() else {
+    ) -> Outcome {
+        let vm = Rc::clone(&self.vm);
+        let Some(set) = vm.set.as_ref() else {
             return self.no_bundle(host, provider);
         };
         let body = if body_len > 0 {
@@ -434,15 +449,10 @@ impl RequestFlow {
             Vec::new()
         };
         let now = host.now();
-        let started = now;
-        // As the server's ext_authz edge sees them: pseudo-headers other than `:authority` are
-        // not request data (method and path come separately).
+        // What rules read, as the server's ext_authz edge sees it.
         let data: Vec<(String, String)> = headers
             .iter()
-            .filter(|(k, _)| {
-                (!k.starts_with(':') || k == ":authority")
-                    && !k.eq_ignore_ascii_case(RESERVATION_HEADER)
-            })
+            .filter(|(k, _)| wire::is_request_data(k))
             .cloned()
             .collect();
         let input = RequestInput {
@@ -454,128 +464,101 @@ impl RequestFlow {
         };
         let ctx = match RequestContext::from_request_with(&input, set.config(), set.needs()) {
             Ok(ctx) => ctx,
-            Err(e) => {
-                host.metric(
-                    if e.status() == 413 {
-                        Metric::BodyTooLarge
-                    } else {
-                        Metric::InvalidBody
-                    },
-                    1,
-                );
-                return self.reject(host, &e, provider);
-            }
+            Err(e) => return rejected(&e, provider),
         };
         let opts = EvalOptions::default();
-        let key = plugin
+        let key = vm
             .cache
             .try_borrow()
             .ok()
             .filter(|c| c.enabled())
             .map(|_| set.cache_key(&ctx, &opts));
         if let Some(k) = &key {
-            let hit = plugin.cache.try_borrow().ok().and_then(|c| c.get(k));
+            let hit = vm.cache.try_borrow().ok().and_then(|c| c.get(k));
             match hit {
                 Some(d) => {
                     host.metric(Metric::CacheHit, 1);
-                    return self.apply(host, provider, &d, None);
+                    return of_decision(&d, provider, None);
                 }
                 None => host.metric(Metric::CacheMiss, 1),
             }
         }
-
-        let now_secs = now.as_secs();
-        let mut limits: Vec<(String, LimitState)> = Vec::new();
-        let mut remote = false;
-        let mut step = set.start(&ctx, &opts);
-        let decision = loop {
-            match step {
-                Step::Done(d) => break d,
-                Step::Pending(mut p) => {
-                    for need in p.needs().to_vec() {
-                        let answer = match &need.kind {
-                            NeedKind::Counter(c) if c.scope == Scope::Local => {
-                                match plugin.counters.reserve(host, c, now_secs) {
-                                    Count::Under(r) => {
-                                        self.held.push(r);
-                                        Answer::Counter(CounterCheck::Under)
-                                    }
-                                    Count::Over(state) => {
-                                        limits.push((need.rule.clone(), state));
-                                        Answer::Counter(CounterCheck::Over)
-                                    }
-                                    Count::Unknown => Answer::Counter(CounterCheck::Unknown),
-                                }
-                            }
-                            NeedKind::Counter(_) => {
-                                remote = true;
-                                Answer::Counter(CounterCheck::Unknown)
-                            }
-                            NeedKind::Plugin(_) => {
-                                remote = true;
-                                Answer::Plugin(PluginCheck::Unavailable)
-                            }
-                        };
-                        p.answer(need.id, answer);
-                    }
-                    step = p.resume(&ctx);
+        let mut local = LocalCounted::default();
+        let (decision, remote) = self.evaluate(host, set, &ctx, &opts, now.as_secs(), &mut local);
+        self.time_decision(host, now);
+        if remote || decision.metadata.needs_remote {
+            return self.ask_server(host, provider, &headers, &body, &local, decision);
+        }
+        if let Some(k) = key {
+            if decision.metadata.cacheable {
+                if let Ok(mut c) = vm.cache.try_borrow_mut() {
+                    c.put(k, Rc::new(decision.clone()));
                 }
             }
-        };
-        // Timed on every 16th decision: the clock is a host call.
-        self.plugin
-            .decisions
-            .set(self.plugin.decisions.get().wrapping_add(1));
-        if self.plugin.decisions.get().is_multiple_of(16) {
+        }
+        let limit = reply::deciding_limit(&decision, &local.over);
+        of_decision(&decision, provider, limit)
+    }
+
+    /// Evaluates, answering local counters from the shared-data table (the rules whose counter
+    /// was over go into `local`); global counters and plugins are left for the server. Returns
+    /// the decision and whether the server must be asked.
+    fn evaluate(
+        &mut self,
+        host: &mut dyn Host,
+        set: &llm_policy_core::PolicySet,
+        ctx: &RequestContext,
+        opts: &EvalOptions<'_>,
+        now_secs: u64,
+        local: &mut LocalCounted,
+    ) -> (Decision, bool) {
+        let mut remote = false;
+        let mut step = set.start(ctx, opts);
+        loop {
+            let mut pending = match step {
+                Step::Done(d) => return (d, remote),
+                Step::Pending(p) => p,
+            };
+            for need in pending.needs().to_vec() {
+                let answer = match &need.kind {
+                    NeedKind::Counter(c) if c.scope == Scope::Local => {
+                        match self.vm.counters.reserve(host, c, now_secs) {
+                            Count::Under(r) => {
+                                self.held.push(r);
+                                Answer::Counter(CounterCheck::Under)
+                            }
+                            Count::Over(state) => {
+                                local.over.push((need.rule.clone(), state));
+                                Answer::Counter(CounterCheck::Over)
+                            }
+                            Count::Unknown => Answer::Counter(CounterCheck::Unknown),
+                        }
+                    }
+                    NeedKind::Counter(_) => {
+                        remote = true;
+                        Answer::Counter(CounterCheck::Unknown)
+                    }
+                    NeedKind::Plugin(_) => {
+                        remote = true;
+                        Answer::Plugin(PluginCheck::Unavailable)
+                    }
+                };
+                pending.answer(need.id, answer);
+            }
+            step = pending.resume(ctx);
+        }
+    }
+
+    /// Records the time of every 16th decision, from `started` (the clock is a host call).
+    fn time_decision(&self, host: &mut dyn Host, started: std::time::Duration) {
+        let n = self.vm.decisions.get().wrapping_add(1);
+        self.vm.decisions.set(n);
+        if n.is_multiple_of(16) {
             let spent = host.now().saturating_sub(started);
             host.metric(
                 Metric::EvaluationMicros,
                 u64::try_from(spent.as_micros()).unwrap_or(u64::MAX),
             );
-        }
-        if remote || decision.metadata.needs_remote {
-            return self.ask_server(host, provider, &headers, &body, &limits, decision);
-        }
-        if let Some(k) = key {
-            if decision.metadata.cacheable {
-                if let Ok(mut c) = plugin.cache.try_borrow_mut() {
-                    c.put(k, Rc::new(decision.clone()));
-                }
-            }
-        }
-        let limit = reply::deciding_limit(&decision, &limits);
-        self.apply(host, provider, &decision, limit)
-    }
-
-    /// Lets the request go with the decision's headers, or answers it.
-    fn apply(
-        &mut self,
-        host: &mut dyn Host,
-        provider: Provider,
-        d: &Decision,
-        limit: Option<LimitState>,
-    ) -> Flow {
-        match reply::for_decision(d, provider, limit) {
-            Some(r) => {
-                host.metric(
-                    if d.decision == Verdict::Throttle {
-                        Metric::Throttled
-                    } else {
-                        Metric::Denied
-                    },
-                    1,
-                );
-                self.answer(host, r.status, &r.headers, r.body.as_bytes())
-            }
-            None => {
-                for (name, value) in reply::upstream_headers(d) {
-                    host.set_request_header(&name, Some(&value));
-                }
-                host.metric(Metric::Allowed, 1);
-                self.allowed = true;
-                self.state = State::Passing;
-                Flow::Continue
-            }
         }
     }
 
@@ -586,11 +569,11 @@ impl RequestFlow {
         provider: Provider,
         headers: &[(String, String)],
         body: &[u8],
-        over: &[(String, LimitState)],
+        local: &LocalCounted,
         provisional: Decision,
-    ) -> Flow {
-        let Some(server) = self.plugin.config.server.clone() else {
-            if !self.plugin.warned_no_server.replace(true) {
+    ) -> Outcome {
+        let Some(server) = self.vm.config.server.clone() else {
+            if !self.vm.warned_no_server.replace(true) {
                 host.log(
                     Level::Warn,
                     &format!(
@@ -599,9 +582,9 @@ impl RequestFlow {
                     ),
                 );
             }
-            return self.apply_failure(host, provider, provisional);
+            return self.without_server(provider, provisional);
         };
-        let message = ext_authz::check_request(headers, body, over);
+        let message = ext_authz::check_request(headers, body, local);
         host.metric(Metric::FallbackCalls, 1);
         match host.grpc_call(
             &server.cluster,
@@ -616,7 +599,7 @@ impl RequestFlow {
                     provider,
                     provisional: Box::new(provisional),
                 };
-                Flow::Pause
+                Outcome::Asking
             }
             Err(e) => {
                 self.server_failed(
@@ -626,7 +609,7 @@ impl RequestFlow {
                         server.cluster
                     ),
                 );
-                self.apply_failure(host, provider, provisional)
+                self.without_server(provider, provisional)
             }
         }
     }
@@ -635,33 +618,65 @@ impl RequestFlow {
     /// not be able to write one log line per request.
     fn server_failed(&self, host: &mut dyn Host, message: &str) {
         host.metric(Metric::FallbackFailures, 1);
-        let n = self.plugin.server_failures.get();
-        self.plugin.server_failures.set(n.wrapping_add(1));
+        let n = self.vm.server_failures.get();
+        self.vm.server_failures.set(n.wrapping_add(1));
         if n.is_multiple_of(100) {
             host.log(Level::Warn, &format!("{message} ({} so far)", n + 1));
         }
     }
 
-    /// The server could not answer: closed → 503; open → the decision without its rules.
-    fn apply_failure(
-        &mut self,
-        host: &mut dyn Host,
-        provider: Provider,
-        provisional: Decision,
-    ) -> Flow {
-        match self.plugin.config.failure_mode {
-            FailureMode::Closed => {
-                self.unavailable(host, provider, "the policy server could not be reached")
-            }
-            FailureMode::Open => {
-                let flow = self.apply(host, provider, &provisional, None);
-                if flow == Flow::Continue {
-                    host.set_request_header(DECISION_HEADER, Some("error"));
+    /// The server could not answer: closed → 503; open → the decision without its rules,
+    /// marked `x-llm-policy-decision: error` when it lets the request go.
+    fn without_server(&self, provider: Provider, provisional: Decision) -> Outcome {
+        match self.vm.config.failure_mode {
+            FailureMode::Closed => unavailable(provider, "the policy server could not be reached"),
+            FailureMode::Open => match of_decision(&provisional, provider, None) {
+                Outcome::Allow { mut set, remove } => {
+                    set.push((DECISION_HEADER.to_string(), String::from("error")));
+                    Outcome::Allow { set, remove }
                 }
-                flow
-            }
+                other => other,
+            },
         }
     }
+}
+
+/// The decision's outcome: upstream with its headers, or its reply.
+fn of_decision(d: &Decision, provider: Provider, limit: Option<reply::LimitState>) -> Outcome {
+    match reply::for_decision(d, provider, limit) {
+        Some(r) => {
+            let ending = if d.decision == Verdict::Throttle {
+                Ending::Throttled
+            } else {
+                Ending::Denied
+            };
+            Outcome::Reply(r, ending)
+        }
+        None => Outcome::Allow {
+            set: reply::upstream_headers(d),
+            remove: Vec::new(),
+        },
+    }
+}
+
+/// A request rejected before evaluation (400 / 413).
+fn rejected(e: &ContextError, provider: Provider) -> Outcome {
+    let ending = if e.status() == 413 {
+        Ending::TooLarge
+    } else {
+        Ending::InvalidBody
+    };
+    Outcome::Reply(reply::for_error(e, provider), ending)
+}
+
+/// 413 for a body over the limit.
+fn too_large(provider: Provider, size: usize, limit: usize) -> Outcome {
+    rejected(&ContextError::BodyTooLarge { size, limit }, provider)
+}
+
+/// 503 in the provider's format, marked `x-llm-policy-decision: error`.
+fn unavailable(provider: Provider, message: &str) -> Outcome {
+    Outcome::Reply(reply::unavailable(provider, message), Ending::Unavailable)
 }
 
 fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {

@@ -6,27 +6,14 @@
 use std::time::Duration;
 
 use llm_policy_core::model::KIND_POLICY_TEST;
+use llm_policy_core::wire::BundleAnswer;
 use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
-use serde::Deserialize;
 
 use crate::config::SyncConfig;
 use crate::host::{Host, Level, Metric};
 
 /// Largest bundle answer accepted.
 pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
-
-/// The server's answer (`GET /v1/bundle`).
-#[derive(Debug, Deserialize)]
-struct BundleAnswer {
-    bundle: String,
-    files: Vec<BundleFile>,
-}
-
-#[derive(Debug, Deserialize)]
-struct BundleFile {
-    path: String,
-    text: String,
-}
 
 /// What a fetch brought.
 #[derive(Debug)]

@@ -5,12 +5,11 @@ use std::rc::Rc;
 use prost::Message as _;
 
 use crate::config::FilterConfig;
-use crate::ext_authz;
 use crate::fake::{chat, FakeHost};
 use crate::host::Metric;
 use crate::outbox::Outbox;
-use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
+use crate::vm::Vm;
 
 const POLICY: &str = r#"
 apiVersion: llm-policy/v1
@@ -50,7 +49,7 @@ spec:
         budget: {key: "{principal.team}", tokens: 1000, per: day}
 "#;
 
-fn plugin(extra: &str) -> Rc<Plugin> {
+fn plugin(extra: &str) -> Rc<Vm> {
     let config = format!(
         "policies: |\n{}\n{extra}",
         POLICY
@@ -59,16 +58,16 @@ fn plugin(extra: &str) -> Rc<Plugin> {
             .collect::<Vec<_>>()
             .join("\n")
     );
-    Rc::new(Plugin::configure(&config).unwrap())
+    Rc::new(Vm::configure(&config).unwrap())
 }
 
 /// Runs a request through headers and one body chunk.
-fn run(p: &Rc<Plugin>, host: &mut FakeHost) -> (RequestFlow, Flow) {
+fn run(p: &Rc<Vm>, host: &mut FakeHost) -> (RequestFlow, Flow) {
     run_into(p, host, &Rc::default())
 }
 
 /// [`run`], with usage reports going to `outbox`.
-fn run_into(p: &Rc<Plugin>, host: &mut FakeHost, outbox: &Rc<Outbox>) -> (RequestFlow, Flow) {
+fn run_into(p: &Rc<Vm>, host: &mut FakeHost, outbox: &Rc<Outbox>) -> (RequestFlow, Flow) {
     let mut flow = RequestFlow::new(Rc::clone(p), Rc::clone(outbox));
     let eos = host.body.is_empty();
     let first = flow.on_request_headers(host, eos);
@@ -265,7 +264,7 @@ fn without_a_server_rules_that_need_one_follow_the_failure_mode() {
     assert_eq!(run(&closed, &mut host).1, Flow::Continue);
 }
 
-fn server_plugin() -> Rc<Plugin> {
+fn server_plugin() -> Rc<Vm> {
     plugin("server: {cluster: llm_policy, timeoutMs: 300}\n")
 }
 
@@ -297,8 +296,14 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
     assert_eq!(http.path, "/v1/chat/completions");
     assert_eq!(http.raw_body, body.as_bytes());
     assert_eq!(http.headers["x-team-id"], "research");
-    assert_eq!(attrs.context_extensions[ext_authz::LOCAL_COUNTERS], "proxy");
-    assert_eq!(attrs.context_extensions[ext_authz::LOCAL_OVER], "{}");
+    assert_eq!(
+        attrs.context_extensions[llm_policy_core::wire::LOCAL_COUNTERS_EXTENSION],
+        "proxy"
+    );
+    assert_eq!(
+        attrs.context_extensions[llm_policy_core::wire::LOCAL_OVER_EXTENSION],
+        "{}"
+    );
 
     // The server allows, with headers: they are set upstream and the request resumes.
     let ok = envoy::CheckResponse {
@@ -423,16 +428,16 @@ fn a_failed_or_late_server_follows_the_failure_mode_and_stale_answers_are_ignore
 
 #[test]
 fn configuration_errors_are_located() {
-    let e = Plugin::configure("routes: {paths: 5}\n")
+    let e = Vm::configure("routes: {paths: 5}\n")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("plugin configuration:1"), "{e}");
-    let e = Plugin::configure("").unwrap_err().to_string();
+    assert!(e.contains("filter configuration:1"), "{e}");
+    let e = Vm::configure("").unwrap_err().to_string();
     assert!(e.contains("no policies"), "{e}");
-    let e = Plugin::configure("policies: \"apiVersion: llm-policy/v1\\nkind: Policy\\nmetadata: {name: p}\\nspec: {rules: [{id: r, when: {cel: 'nope('}, action: {decision: deny}}]}\\n\"")
+    let e = Vm::configure("policies: \"apiVersion: llm-policy/v1\\nkind: Policy\\nmetadata: {name: p}\\nspec: {rules: [{id: r, when: {cel: 'nope('}, action: {decision: deny}}]}\\n\"")
         .unwrap_err()
         .to_string();
-    assert!(e.contains("plugin configuration: policies:4"), "{e}");
+    assert!(e.contains("filter configuration: policies:4"), "{e}");
     let _ = FilterConfig::default();
 }
 
@@ -461,7 +466,7 @@ fn local_token_limits_are_reconciled_with_the_answers_usage() {
 
 #[test]
 fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
-    let p = Rc::new(Plugin::configure("sync: {cluster: llm_policy_rest}\n").unwrap());
+    let p = Rc::new(Vm::configure("sync: {cluster: llm_policy_rest}\n").unwrap());
     assert!(p.set.is_none());
     let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("claude-sonnet-4-5"));
     assert_eq!(run(&p, &mut host).1, Flow::Pause);
@@ -472,7 +477,7 @@ fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
         "{}",
         r.body
     );
-    let open = Rc::new(Plugin::configure("sync: {cluster: c}\nfailureMode: open\n").unwrap());
+    let open = Rc::new(Vm::configure("sync: {cluster: c}\nfailureMode: open\n").unwrap());
     let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("claude-sonnet-4-5"));
     assert_eq!(run(&open, &mut host).1, Flow::Continue);
     assert_eq!(host.header("x-llm-policy-decision"), Some("error"));

@@ -17,9 +17,9 @@ use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, Metr
 
 use crate::host::{Host, Level, Metric, SharedWrite};
 use crate::outbox::Outbox;
-use crate::plugin::Plugin;
 use crate::request::{Flow, RequestFlow};
 use crate::sync::{BundleSync, Fetched};
+use crate::vm::Vm;
 
 proxy_wasm::main! {{
     proxy_wasm::set_log_level(LogLevel::Info);
@@ -27,7 +27,7 @@ proxy_wasm::main! {{
         let _ = hostcalls::log(LogLevel::Critical, &format!("llm-policy: panic: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { plugin: None, outbox: Rc::default(), sync: None })
+        Box::new(Root { vm: None, outbox: Rc::default(), sync: None })
     });
 }}
 
@@ -78,10 +78,10 @@ fn define_metrics() {
 /// How often the root context sends queued usage reports.
 const TICK: Duration = Duration::from_millis(200);
 
-/// The root context of one VM: holds the configured plugin, the usage reports' queue and the
+/// The root context of one VM: holds its configured state, the usage reports' queue and the
 /// bundle sync.
 struct Root {
-    plugin: Option<Rc<Plugin>>,
+    vm: Option<Rc<Vm>>,
     outbox: Rc<Outbox>,
     sync: Option<BundleSync>,
 }
@@ -100,7 +100,7 @@ impl Context for Root {
         body_size: usize,
         _num_trailers: usize,
     ) {
-        let (Some(sync), Some(plugin)) = (&mut self.sync, &self.plugin) else {
+        let (Some(sync), Some(vm)) = (&mut self.sync, &self.vm) else {
             return;
         };
         let headers = if num_headers > 0 {
@@ -128,10 +128,10 @@ impl Context for Root {
             status,
             value("etag"),
             body,
-            &plugin.config.context,
+            &vm.config.context,
         );
         if let Fetched::New(set) = fetched {
-            self.plugin = Some(Rc::new(Plugin::new(plugin.config.clone(), Some(set))));
+            self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set))));
         }
     }
 }
@@ -152,9 +152,9 @@ impl RootContext for Root {
             },
             _ => String::new(),
         };
-        match Plugin::configure(&text) {
-            Ok(plugin) => {
-                match &plugin.set {
+        match Vm::configure(&text) {
+            Ok(vm) => {
+                match &vm.set {
                     Some(set) => {
                         let stats = set.stats();
                         log(
@@ -173,8 +173,8 @@ impl RootContext for Root {
                         "llm-policy: waiting for the bundle from the server",
                     ),
                 }
-                self.sync = plugin.config.sync.clone().map(BundleSync::new);
-                self.plugin = Some(Rc::new(plugin));
+                self.sync = vm.config.sync.clone().map(BundleSync::new);
+                self.vm = Some(Rc::new(vm));
                 let _ = hostcalls::set_tick_period(TICK);
                 true
             }
@@ -197,7 +197,7 @@ impl RootContext for Root {
         if self.outbox.is_empty() {
             return;
         }
-        if let Some(server) = self.plugin.as_ref().and_then(|p| p.config.server.as_ref()) {
+        if let Some(server) = self.vm.as_ref().and_then(|p| p.config.server.as_ref()) {
             self.outbox.flush(&mut WasmHost, server);
         }
     }
@@ -205,7 +205,7 @@ impl RootContext for Root {
     fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
         Some(Box::new(Http {
             flow: self
-                .plugin
+                .vm
                 .as_ref()
                 .map(|p| RequestFlow::new(Rc::clone(p), Rc::clone(&self.outbox))),
         }))

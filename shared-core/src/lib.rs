@@ -64,6 +64,7 @@ mod set;
 pub mod source;
 mod suggest;
 mod truth;
+pub mod wire;
 
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};
 pub use decision::{Decision, ErrorBody, Verdict};

@@ -240,7 +240,7 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
                           vm_id: llm_policy
                           runtime: envoy.wasm.runtime.v8
                           code: {{ local: {{ filename: {wasm} }} }}
-                        # The plugin configuration (docs/filter.md): the bundle inline, as JSON.
+                        # The filter configuration (docs/filter.md): the bundle inline, as JSON.
                         configuration:
                           \"@type\": type.googleapis.com/google.protobuf.StringValue
                           value: |

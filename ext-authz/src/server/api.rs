@@ -447,9 +447,7 @@ impl PolicyService for PolicyApi {
                 },
             )
             .await
-            .map_err(|e| {
-                Status::unavailable(format!("the counter store is unavailable: {}", e.0))
-            })?;
+            .map_err(|e| Status::unavailable(format!("the counter store is unavailable: {}", e)))?;
         Ok(Response::new(pb::RecordUsageResponse { recorded }))
     }
 }

@@ -13,13 +13,14 @@ use tracing::field::Empty;
 use tracing::Instrument as _;
 
 use llm_policy_core::decision::{
-    ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
+    Charge, ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
+use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{
-    Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, PluginCheck,
+    Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck,
     RequestContext, RequestInput, Step,
 };
 
@@ -55,7 +56,7 @@ pub struct CheckInput {
     /// The proxy (the llm-policy filter) already counted the local-scope limits (`scope:
     /// local`): the rules whose counter was over, with its state. They are answered from here,
     /// not counted again. `None`: this server counts them (ext_authz-only deployments).
-    pub local_counted: Option<Vec<(String, LimitState)>>,
+    pub local_counted: Option<LocalCounted>,
 }
 
 /// The outcome of a check.
@@ -117,10 +118,6 @@ impl Failure {
         }
     }
 }
-
-/// The header carrying the handle a usage report names an allowed request by: 128 random bits,
-/// known only to whoever sees the upstream request.
-pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
 
 /// Bodies above this are parsed and evaluated on the blocking pool, so a few large requests
 /// never stall the async workers that serve small ones.
@@ -344,222 +341,293 @@ impl Engine {
         }
     }
 
-    /// Everything but the deadline. Returns the context for accounting.
+    /// Everything but the deadline, in its steps: the context, the caches, evaluation (answering
+    /// the core's needs), the deadline, settling the reservations. Returns the context for
+    /// accounting.
     async fn decide(
         &self,
-        input: CheckInput,
+        mut input: CheckInput,
         provider: llm_policy_core::context::Provider,
         version: Option<Arc<Version>>,
         started: Instant,
         deadline: Duration,
     ) -> Result<(Checked, Option<RequestContext>), Failure> {
         let version = version.ok_or(Failure::NotReady)?;
-        let set = version.set.clone();
         let long = input.body.len() > INLINE_BODY_BYTES;
-        let mut needs = set.needs();
-        if self.audit.prompts() != PromptLogging::Off {
-            needs.prompt = true;
-        }
         let explain = input.explain;
-        let charge = input.charge;
-        let local_counted = input.local_counted.clone();
-        let now = input
-            .now
-            .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
-        // Context and cache key: the CPU-heavy part for large bodies.
-        let built = {
-            let set = set.clone();
-            cpu(long, move || {
-                let ctx = if input.partial_body {
-                    Err(ContextError::BodyTooLarge {
-                        size: content_length(&input.headers).unwrap_or(input.body.len()),
-                        limit: set.config().max_body_bytes,
-                    })
-                } else {
-                    RequestContext::from_request_with(
-                        &RequestInput {
-                            method: &input.method,
-                            path: &input.path,
-                            headers: &input.headers,
-                            body: &input.body,
-                            now_unix: now,
-                        },
-                        set.config(),
-                        needs,
-                    )
-                };
-                ctx.map(|ctx| {
-                    let key = (!explain)
-                        .then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
-                    (ctx, key)
-                })
-            })
-            .instrument(tracing::debug_span!("extract"))
-            .await?
+        let mut counting = Counting {
+            held: Held::new(Arc::clone(&self.store)),
+            over: Vec::new(),
+            charge: input.charge,
+            local: input.local_counted.take(),
+            now: unix_now(),
         };
-        let (ctx, key) = match built {
-            Ok(x) => x,
-            Err(e) => {
-                let checked = Checked {
-                    decision: None,
-                    reply: Some(reply::for_error(&e, provider)),
-                    upstream: Vec::new(),
-                    version: Some(version),
-                    cache: None,
-                    error: Some(ErrorBody::from(&e).error),
-                };
-                return Ok((checked, None));
-            }
+        let (ctx, key) = match self.context(input, &version, long).await? {
+            Ok(built) => built,
+            Err(e) => return Ok((rejected(version, &e, provider), None)),
         };
-        let hit = key.as_ref().and_then(|key| {
-            let _span = tracing::debug_span!("cache").entered();
-            self.caches.get(key, &self.metrics)
-        });
-        if let Some((d, level)) = hit {
-            let checked = render(version, (*d).clone(), &ctx, None, Some(level));
+        if let Some(checked) = self.cached(&version, &ctx, key.as_ref()).await {
             return Ok((checked, Some(ctx)));
         }
-        if let (Some(remote), Some(key)) = (&self.remote, &key) {
-            let found = remote
-                .get(key, &self.metrics)
-                .instrument(tracing::debug_span!("cache", level = "l4"))
-                .await;
-            if let Some(d) = found {
-                self.caches.put(key.clone(), Arc::clone(&d));
-                let checked = render(version, (*d).clone(), &ctx, None, Some(Level::L4));
-                return Ok((checked, Some(ctx)));
-            }
-        }
-        let mut held = Held::new(Arc::clone(&self.store));
-        let mut limit_states: Vec<(String, LimitState)> = Vec::new();
-        let (mut step, mut ctx) = {
-            let set = set.clone();
-            cpu(long, move || {
-                let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
-                (step, ctx)
-            })
-            .instrument(tracing::debug_span!("evaluate"))
-            .await?
-        };
-        let counter_now = unix_now();
-        let decision = loop {
-            match step {
-                Step::Done(d) => break d,
-                Step::Pending(mut p) => {
-                    let needs = p.needs().to_vec();
-                    let mut plugin_answers = Vec::new();
-                    if needs.iter().any(|n| matches!(n.kind, NeedKind::Plugin(_))) {
-                        (plugin_answers, ctx) = self
-                            .run_plugins(&needs, ctx, started + deadline)
-                            .instrument(tracing::debug_span!("plugins"))
-                            .await?;
-                    }
-                    for need in needs {
-                        let answer = match &need.kind {
-                            NeedKind::Plugin(_) => Answer::Plugin(
-                                plugin_answers
-                                    .iter()
-                                    .find(|(id, _)| *id == need.id)
-                                    .map_or(PluginCheck::Unavailable, |(_, a)| a.clone()),
-                            ),
-                            NeedKind::Counter(c)
-                                if c.scope == Scope::Local && local_counted.is_some() =>
-                            {
-                                let over = local_counted
-                                    .iter()
-                                    .flatten()
-                                    .find(|(rule, _)| *rule == need.rule);
-                                match over {
-                                    Some((_, state)) => {
-                                        limit_states.push((need.rule.clone(), *state));
-                                        Answer::Counter(CounterCheck::Over)
-                                    }
-                                    None => Answer::Counter(CounterCheck::Under),
-                                }
-                            }
-                            NeedKind::Counter(c) => {
-                                let span = tracing::debug_span!(
-                                    "counters",
-                                    rule = %need.rule,
-                                    charge,
-                                );
-                                let r = if charge {
-                                    self.store.reserve(c, counter_now).instrument(span).await
-                                } else {
-                                    self.store.peek(c, counter_now).instrument(span).await
-                                };
-                                let r = match r {
-                                    Ok(r) => r,
-                                    Err(e) => {
-                                        let open = self
-                                            .limits
-                                            .failure_mode
-                                            .unwrap_or(self.check.failure_mode)
-                                            == FailureMode::Open;
-                                        self.metrics
-                                            .counter_errors
-                                            .with_label_values(&[if open {
-                                                "open"
-                                            } else {
-                                                "closed"
-                                            }])
-                                            .inc();
-                                        if !open {
-                                            tracing::error!(error = %e.0, "counter store failed");
-                                            return Err(Failure::Store);
-                                        }
-                                        tracing::debug!(error = %e.0, rule = %need.rule, "counter store failed: limit not applied (failure mode open)");
-                                        p.answer(need.id, Answer::Counter(CounterCheck::Under));
-                                        continue;
-                                    }
-                                };
-                                match r.reservation {
-                                    Some(id) => {
-                                        if charge {
-                                            held.ids.push((id, c.kind));
-                                        }
-                                        Answer::Counter(CounterCheck::Under)
-                                    }
-                                    None => {
-                                        let kind = match c.source {
-                                            ChargeSource::RateLimit => "rate_limit",
-                                            ChargeSource::Budget => "budget",
-                                        };
-                                        if charge {
-                                            self.metrics
-                                                .limit_rejections
-                                                .with_label_values(&[kind])
-                                                .inc();
-                                        }
-                                        limit_states.push((need.rule.clone(), r.state));
-                                        Answer::Counter(CounterCheck::Over)
-                                    }
-                                }
-                            }
-                        };
-                        p.answer(need.id, answer);
-                    }
-                    (step, ctx) = cpu(long, move || {
-                        let step = p.resume(&ctx);
-                        (step, ctx)
-                    })
-                    .instrument(tracing::debug_span!("evaluate"))
-                    .await?;
-                }
-            }
-        };
+        let (decision, ctx) = self
+            .evaluate(
+                &version,
+                ctx,
+                long,
+                explain,
+                &mut counting,
+                started + deadline,
+            )
+            .await?;
         // Past the deadline the failure mode answers, whatever was decided: nothing is
         // charged for a decision the proxy may never apply (the reservations go back).
         if started.elapsed() > deadline {
             return Err(Failure::Deadline);
         }
-        // Settle: a request that goes ahead spends its request counts now and keeps its token
-        // and cost reservations for its usage report; anything else gives them back.
-        let limit = reply::deciding_limit(&decision, &limit_states);
+        let checked = self.settle(version, decision, &ctx, counting, key).await;
+        Ok((checked, Some(ctx)))
+    }
+
+    /// The request context and its cache key (none when explaining): the CPU-heavy part for
+    /// large bodies. `Ok(Err(_))`: the request is rejected before evaluation (400 / 413).
+    async fn context(
+        &self,
+        input: CheckInput,
+        version: &Version,
+        long: bool,
+    ) -> Result<Result<(RequestContext, Option<String>), ContextError>, Failure> {
+        let set = version.set.clone();
+        let mut needs = set.needs();
+        if self.audit.prompts() != PromptLogging::Off {
+            needs.prompt = true;
+        }
+        let now = input
+            .now
+            .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
+        cpu(long, move || {
+            let ctx = if input.partial_body {
+                Err(ContextError::BodyTooLarge {
+                    size: content_length(&input.headers).unwrap_or(input.body.len()),
+                    limit: set.config().max_body_bytes,
+                })
+            } else {
+                RequestContext::from_request_with(
+                    &RequestInput {
+                        method: &input.method,
+                        path: &input.path,
+                        headers: &input.headers,
+                        body: &input.body,
+                        now_unix: now,
+                    },
+                    set.config(),
+                    needs,
+                )
+            };
+            ctx.map(|ctx| {
+                let explain = input.explain;
+                let key =
+                    (!explain).then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
+                (ctx, key)
+            })
+        })
+        .instrument(tracing::debug_span!("extract"))
+        .await
+    }
+
+    /// A decision from the caches: in process (L1, L2), then Redis (L4).
+    async fn cached(
+        &self,
+        version: &Arc<Version>,
+        ctx: &RequestContext,
+        key: Option<&String>,
+    ) -> Option<Checked> {
+        let key = key?;
+        let hit = {
+            let _span = tracing::debug_span!("cache").entered();
+            self.caches.get(key, &self.metrics)
+        };
+        if let Some((d, level)) = hit {
+            return Some(render(
+                Arc::clone(version),
+                (*d).clone(),
+                ctx,
+                None,
+                Some(level),
+            ));
+        }
+        let remote = self.remote.as_ref()?;
+        let d = remote
+            .get(key, &self.metrics)
+            .instrument(tracing::debug_span!("cache", level = "l4"))
+            .await?;
+        self.caches.put(key.clone(), Arc::clone(&d));
+        Some(render(
+            Arc::clone(version),
+            (*d).clone(),
+            ctx,
+            None,
+            Some(Level::L4),
+        ))
+    }
+
+    /// Evaluates with `version`, answering what the core asks for (plugins, counters) until it
+    /// decides. The context travels through the blocking pool and back.
+    async fn evaluate(
+        &self,
+        version: &Version,
+        ctx: RequestContext,
+        long: bool,
+        explain: bool,
+        counting: &mut Counting,
+        deadline: Instant,
+    ) -> Result<(Decision, RequestContext), Failure> {
+        let set = version.set.clone();
+        let (mut step, mut ctx) = cpu(long, move || {
+            let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
+            (step, ctx)
+        })
+        .instrument(tracing::debug_span!("evaluate"))
+        .await?;
+        loop {
+            let mut pending = match step {
+                Step::Done(d) => return Ok((d, ctx)),
+                Step::Pending(p) => p,
+            };
+            ctx = self
+                .answer_needs(&mut pending, ctx, counting, deadline)
+                .await?;
+            (step, ctx) = cpu(long, move || {
+                let step = pending.resume(&ctx);
+                (step, ctx)
+            })
+            .instrument(tracing::debug_span!("evaluate"))
+            .await?;
+        }
+    }
+
+    /// Answers every need of one evaluation phase: the plugin calls together, then each counter.
+    async fn answer_needs(
+        &self,
+        pending: &mut Pending,
+        ctx: RequestContext,
+        counting: &mut Counting,
+        deadline: Instant,
+    ) -> Result<RequestContext, Failure> {
+        let needs = pending.needs().to_vec();
+        let (plugin_answers, ctx) = if needs.iter().any(|n| matches!(n.kind, NeedKind::Plugin(_))) {
+            self.run_plugins(&needs, ctx, deadline)
+                .instrument(tracing::debug_span!("plugins"))
+                .await?
+        } else {
+            (Vec::new(), ctx)
+        };
+        for need in needs {
+            let answer = match &need.kind {
+                NeedKind::Plugin(_) => Answer::Plugin(
+                    plugin_answers
+                        .iter()
+                        .find(|(id, _)| *id == need.id)
+                        .map_or(PluginCheck::Unavailable, |(_, a)| a.clone()),
+                ),
+                NeedKind::Counter(charge) => {
+                    Answer::Counter(self.answer_counter(&need.rule, charge, counting).await?)
+                }
+            };
+            pending.answer(need.id, answer);
+        }
+        Ok(ctx)
+    }
+
+    /// One counter: answered from the proxy's count for local limits it counted, else reserved
+    /// (or, in a dry run, read) in the counter store. A store failure follows the failure mode.
+    async fn answer_counter(
+        &self,
+        rule: &str,
+        charge: &Charge,
+        counting: &mut Counting,
+    ) -> Result<CounterCheck, Failure> {
+        if let (Scope::Local, Some(local)) = (charge.scope, &counting.local) {
+            return Ok(match local.over(rule) {
+                Some(state) => {
+                    counting.over.push((rule.to_string(), state));
+                    CounterCheck::Over
+                }
+                None => CounterCheck::Under,
+            });
+        }
+        let span = tracing::debug_span!("counters", rule = %rule, charge = counting.charge);
+        let result = if counting.charge {
+            self.store
+                .reserve(charge, counting.now)
+                .instrument(span)
+                .await
+        } else {
+            self.store.peek(charge, counting.now).instrument(span).await
+        };
+        let reserved = match result {
+            Ok(r) => r,
+            Err(e) => {
+                self.counter_store_failed(rule, &e)?;
+                return Ok(CounterCheck::Under);
+            }
+        };
+        match reserved.reservation {
+            Some(id) => {
+                if counting.charge {
+                    counting.held.ids.push((id, charge.kind));
+                }
+                Ok(CounterCheck::Under)
+            }
+            None => {
+                if counting.charge {
+                    let kind = match charge.source {
+                        ChargeSource::RateLimit => "rate_limit",
+                        ChargeSource::Budget => "budget",
+                    };
+                    self.metrics
+                        .limit_rejections
+                        .with_label_values(&[kind])
+                        .inc();
+                }
+                counting.over.push((rule.to_string(), reserved.state));
+                Ok(CounterCheck::Over)
+            }
+        }
+    }
+
+    /// The counter store failed: fail-closed ends the check (503), fail-open answers the
+    /// counter as under its limit (counted in `llm_policy_counter_errors_total`).
+    fn counter_store_failed(&self, rule: &str, e: &StoreError) -> Result<(), Failure> {
+        let open = self.limits.failure_mode.unwrap_or(self.check.failure_mode) == FailureMode::Open;
+        self.metrics
+            .counter_errors
+            .with_label_values(&[if open { "open" } else { "closed" }])
+            .inc();
+        if !open {
+            tracing::error!(error = %e, "counter store failed");
+            return Err(Failure::Store);
+        }
+        tracing::debug!(error = %e, rule = %rule, "counter store failed: limit not applied (failure mode open)");
+        Ok(())
+    }
+
+    /// Settles the reservations of a decided check and renders its answer: a request that goes
+    /// ahead spends its request counts now and keeps its token and cost reservations for its
+    /// usage report (under a handle added upstream); anything else gives them back. Cacheable
+    /// decisions are cached.
+    async fn settle(
+        &self,
+        version: Arc<Version>,
+        decision: Decision,
+        ctx: &RequestContext,
+        mut counting: Counting,
+        key: Option<String>,
+    ) -> Checked {
+        let limit = reply::deciding_limit(&decision, &counting.over);
         if decision.decision != Verdict::Allow {
-            held.release_now().await;
-        } else if !held.ids.is_empty() {
-            let ids = std::mem::take(&mut held.ids);
+            counting.held.release_now().await;
+        } else if !counting.held.ids.is_empty() {
+            let ids = std::mem::take(&mut counting.held.ids);
             let (requests, waiting): (Vec<_>, Vec<_>) = ids
                 .into_iter()
                 .partition(|(_, kind)| *kind == CounterKind::Requests);
@@ -579,13 +647,13 @@ impl Engine {
                 }
             }
             if !waiting.is_empty() {
-                let mut checked = render(version, decision, &ctx, limit, None);
+                let mut checked = render(version, decision, ctx, limit, None);
                 if let Some(handle) = self.hold_for_usage(waiting).await {
                     checked
                         .upstream
                         .push((RESERVATION_HEADER.to_string(), handle));
                 }
-                return Ok((checked, Some(ctx)));
+                return checked;
             }
         }
         if let Some(key) = key {
@@ -596,7 +664,7 @@ impl Engine {
                 self.caches.put(key, Arc::new(decision.clone()));
             }
         }
-        Ok((render(version, decision, &ctx, limit, None), Some(ctx)))
+        render(version, decision, ctx, limit, None)
     }
 
     /// Runs the plugin conditions among `needs` on the blocking pool (each in a fresh sandboxed
@@ -683,7 +751,7 @@ impl Engine {
                     "too many reservations wait for usage reports: committing estimates"
                 ),
                 Err(e) => {
-                    tracing::warn!(error = %e.0, "cannot hold reservations for a usage report: committing estimates")
+                    tracing::warn!(error = %e, "cannot hold reservations for a usage report: committing estimates")
                 }
             }
         }
@@ -698,12 +766,8 @@ impl Engine {
     /// reservations were waiting under it; an error when the counter store cannot say (the
     /// report may be sent again).
     pub async fn record_usage(&self, handle: &str, usage: Usage) -> Result<bool, StoreError> {
-        // Only handles this server could have made reach the store (32 lower-case hex digits).
-        let well_formed = handle.len() == 32
-            && handle
-                .bytes()
-                .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        let found = if well_formed {
+        // Only handles this server could have made reach the store.
+        let found = if wire::is_reservation_handle(handle) {
             self.store.held(handle).await
         } else {
             Ok(None)
@@ -718,7 +782,7 @@ impl Engine {
                 return Ok(false);
             }
             Err(e) => {
-                tracing::warn!(error = %e.0, "cannot read a usage report's reservations");
+                tracing::warn!(error = %e, "cannot read a usage report's reservations");
                 self.metrics
                     .usage_reports
                     .with_label_values(&["error"])
@@ -873,6 +937,37 @@ impl Engine {
     }
 }
 
+/// The answer for a request rejected before evaluation (a bad or too large body).
+fn rejected(
+    version: Arc<Version>,
+    e: &ContextError,
+    provider: llm_policy_core::context::Provider,
+) -> Checked {
+    Checked {
+        decision: None,
+        reply: Some(reply::for_error(e, provider)),
+        upstream: Vec::new(),
+        version: Some(version),
+        cache: None,
+        error: Some(ErrorBody::from(e).error),
+    }
+}
+
+/// What answering the counters of one check collects.
+struct Counting {
+    /// The reservations taken (given back if the check ends any other way).
+    held: Held,
+    /// The rules whose counter was over, with its state (a throttle's `retry-after` and
+    /// `x-ratelimit-*` come from the deciding one).
+    over: Vec<(String, LimitState)>,
+    /// Reserve (a request that will go ahead) rather than only read.
+    charge: bool,
+    /// The local limits the proxy counted itself.
+    local: Option<LocalCounted>,
+    /// The counters' clock (the server's, Unix seconds).
+    now: u64,
+}
+
 /// The answer for a decision.
 fn render(
     version: Arc<Version>,
@@ -897,7 +992,6 @@ fn render(
     }
 }
 
-/// The counter state of the rule that decided a throttle, if a counter made it decide.
 /// Reservations taken during a check: released if the check ends any other way (an error, the
 /// deadline dropping the future).
 struct Held {

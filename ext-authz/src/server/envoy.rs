@@ -11,12 +11,9 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
-use llm_policy_core::reply::LimitState;
+use llm_policy_core::wire::{self, LocalCounted, PARTIAL_BODY_HEADER};
 
-use super::engine::{CheckInput, Checked, Engine, RESERVATION_HEADER};
-
-/// Envoy sets this header when it forwarded only part of a body larger than its buffer limit.
-const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+use super::engine::{CheckInput, Checked, Engine};
 
 /// The ext_authz service.
 pub struct EnvoyAuthz {
@@ -32,10 +29,11 @@ impl EnvoyAuthz {
 
 /// `CheckRequest` → [`CheckInput`].
 pub fn input(req: CheckRequest) -> CheckInput {
-    let Some(mut attributes) = req.attributes else {
+    let Some(attributes) = req.attributes else {
         return CheckInput::default();
     };
-    let local_counted = local_counted(&mut attributes.context_extensions);
+    let extensions = &attributes.context_extensions;
+    let local_counted = LocalCounted::from_extensions(|k| extensions.get(k).map(String::as_str));
     let Some(http) = attributes.request.and_then(|r| r.http) else {
         return CheckInput::default();
     };
@@ -72,11 +70,7 @@ pub fn input(req: CheckRequest) -> CheckInput {
         .iter()
         .any(|(k, v)| k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER) && v == "true")
         || declared.is_some_and(|n| n > body.len());
-    // Pseudo-headers other than `:authority` say nothing rules read (method and path come
-    // separately); Envoy's own bookkeeping header is not the client's.
-    headers.retain(|(k, _)| {
-        (!k.starts_with(':') || k == ":authority") && !k.eq_ignore_ascii_case(PARTIAL_BODY_HEADER)
-    });
+    headers.retain(|(k, _)| wire::is_request_data(k));
     if !http.host.is_empty()
         && !headers
             .iter()
@@ -96,41 +90,6 @@ pub fn input(req: CheckRequest) -> CheckInput {
         charge: true,
         local_counted,
     }
-}
-
-/// Context extension set by the llm-policy filter when it calls the server: it counted the
-/// local-scope limits itself. Context extensions come from the proxy's configuration, never
-/// from the client's request.
-pub const LOCAL_COUNTERS: &str = "llm-policy.local-counters";
-
-/// Context extension with the rules whose local counter was over: a JSON object `{rule:
-/// [limit, remaining, reset_secs]}`.
-pub const LOCAL_OVER: &str = "llm-policy.local-over";
-
-fn local_counted(
-    extensions: &mut std::collections::HashMap<String, String>,
-) -> Option<Vec<(String, LimitState)>> {
-    if extensions.get(LOCAL_COUNTERS).map(String::as_str) != Some("proxy") {
-        return None;
-    }
-    let over: std::collections::BTreeMap<String, (f64, f64, u64)> = extensions
-        .remove(LOCAL_OVER)
-        .and_then(|text| serde_json::from_str(&text).ok())
-        .unwrap_or_default();
-    Some(
-        over.into_iter()
-            .map(|(rule, (limit, remaining, reset_secs))| {
-                (
-                    rule,
-                    LimitState {
-                        limit,
-                        remaining,
-                        reset_secs,
-                    },
-                )
-            })
-            .collect(),
-    )
 }
 
 fn header(key: String, value: String) -> HeaderValueOption {
@@ -160,7 +119,7 @@ pub fn response(checked: Checked) -> CheckResponse {
     match checked.reply {
         None => {
             // Headers only the server may set upstream: a client's copy is removed.
-            let headers_to_remove = [RESERVATION_HEADER]
+            let headers_to_remove = wire::SERVER_ONLY_HEADERS
                 .iter()
                 .filter(|h| !checked.upstream.iter().any(|(k, _)| k == *h))
                 .map(|h| (*h).to_string())

@@ -37,9 +37,19 @@ pub struct Reserved {
 /// Reservations held for a usage report.
 pub type Held = Vec<(ReservationId, CounterKind)>;
 
-/// A counter store failed (it is unreachable or timed out).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoreError(pub String);
+/// Why a counter store could not answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum StoreError {
+    /// The in-memory store holds its maximum number of counter keys.
+    #[error("the counter store holds its maximum of {0} keys")]
+    Full(u64),
+    /// A lock was poisoned by a panic elsewhere (a bug).
+    #[error("counter lock poisoned")]
+    Poisoned,
+    /// The Redis store failed (timed out, unreachable, or an error answer).
+    #[error(transparent)]
+    Redis(#[from] super::redis::RedisError),
+}
 
 /// Where counters live.
 pub trait CounterStore: Send + Sync {
@@ -131,7 +141,7 @@ impl Default for MemoryStore {
 }
 
 fn poisoned<T>(_: T) -> StoreError {
-    StoreError(String::from("counter lock poisoned"))
+    StoreError::Poisoned
 }
 
 impl MemoryStore {
@@ -168,10 +178,7 @@ impl MemoryStore {
         let mut shard = self.shard(&charge.key).lock().map_err(poisoned)?;
         if !shard.contains_key(&charge.key) {
             if self.keys.load(Ordering::Relaxed) >= self.max_keys {
-                return Err(StoreError(format!(
-                    "the counter store holds its maximum of {} keys",
-                    self.max_keys
-                )));
+                return Err(StoreError::Full(self.max_keys));
             }
             self.keys.fetch_add(1, Ordering::Relaxed);
         }

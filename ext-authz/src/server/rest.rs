@@ -12,6 +12,7 @@ use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use llm_policy_core::wire::{BundleAnswer, BundleFile};
 use llm_policy_core::Diagnostics;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
@@ -281,7 +282,7 @@ async fn usage(State(s): State<RestState>, body: Bytes) -> ApiResult {
         error(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            format!("the counter store is unavailable: {}", e.0),
+            format!("the counter store is unavailable: {}", e),
         )
     })?;
     if found {
@@ -484,16 +485,19 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
-    let files: Vec<Value> = v
-        .relative_files(s.engine.registry().path())
-        .into_iter()
-        .map(|(path, text)| json!({"path": path, "text": text}))
-        .collect();
-    Ok((
-        [(header::ETAG, etag_value)],
-        Json(json!({"version": v.number, "bundle": v.set.bundle(), "files": files})),
-    )
-        .into_response())
+    let answer = BundleAnswer {
+        version: v.number,
+        bundle: v.set.bundle().to_string(),
+        files: v
+            .relative_files(s.engine.registry().path())
+            .into_iter()
+            .map(|(path, text)| BundleFile {
+                path,
+                text: text.to_string(),
+            })
+            .collect(),
+    };
+    Ok(([(header::ETAG, etag_value)], Json(answer)).into_response())
 }
 
 async fn ready(State(s): State<RestState>) -> ApiResult {

@@ -7,9 +7,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 
 /// Headers a rule may not set: they frame the HTTP message (a wrong `content-length` or
-/// `transfer-encoding` hangs or splits it), route it, or carry the verdict and the server's
-/// reservation handle.
-const RESERVED_HEADERS: &[&str] = &[
+/// `transfer-encoding` hangs or splits it) or route it; nor may it set the engine's own
+/// ([`crate::wire::SERVER_ONLY_HEADERS`]: the verdict and the reservation handle).
+const FRAMING_HEADERS: &[&str] = &[
     "content-length",
     "transfer-encoding",
     "connection",
@@ -20,8 +20,6 @@ const RESERVED_HEADERS: &[&str] = &[
     "trailer",
     "host",
     "content-encoding",
-    crate::reply::DECISION_HEADER,
-    "x-llm-policy-reservation",
 ];
 
 use super::{has_control, Compiler, RuleSite};
@@ -73,7 +71,10 @@ impl Compiler {
                     ),
                 ));
             }
-            if valid && RESERVED_HEADERS.contains(&name.as_str()) {
+            if valid
+                && (FRAMING_HEADERS.contains(&name.as_str())
+                    || crate::wire::SERVER_ONLY_HEADERS.contains(&name.as_str()))
+            {
                 self.errors.push(site.error(
                     Code::InvalidHeader,
                     &format!("/action/headers/{}", crate::document::escape_segment(name)),

@@ -17,7 +17,7 @@ use llm_policy_core::reply::LimitState;
 use redis::Script;
 
 use super::{CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture};
-use crate::server::redis::{Feature, Redis, RedisError};
+use crate::server::redis::{Feature, Redis};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
 /// `commit` (the reserved amount is spent), `actual` (this amount is spent instead) or `expire`
@@ -126,10 +126,6 @@ pub struct RedisStore {
     pending: String,
 }
 
-fn store_error(e: RedisError) -> StoreError {
-    StoreError(e.to_string())
-}
-
 fn kind_tag(kind: CounterKind) -> char {
     match kind {
         CounterKind::Requests => 'r',
@@ -198,7 +194,7 @@ impl RedisStore {
                     .await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         let state = LimitState {
             limit: charge.limit,
             remaining: remaining.parse().unwrap_or(0.0),
@@ -234,7 +230,7 @@ impl RedisStore {
                     .await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         Ok(())
     }
 
@@ -255,7 +251,7 @@ impl RedisStore {
                     .await
             })
             .await
-            .map_err(store_error)?;
+            .map_err(StoreError::from)?;
         let f = |v: Option<String>| v.and_then(|v| v.parse().ok()).unwrap_or(0.0);
         Ok((f(s), f(r)))
     }
@@ -320,7 +316,7 @@ impl CounterStore for RedisStore {
                         .await
                 })
                 .await
-                .map_err(store_error)?;
+                .map_err(StoreError::from)?;
             Ok(true)
         })
     }
@@ -334,7 +330,7 @@ impl CounterStore for RedisStore {
                     redis::cmd("GET").arg(&key).query_async(&mut conn).await
                 })
                 .await
-                .map_err(store_error)?;
+                .map_err(StoreError::from)?;
             Ok(value.map(|v| {
                 v.split(',')
                     .filter_map(|item| {
@@ -354,7 +350,7 @@ impl CounterStore for RedisStore {
                     redis::cmd("DEL").arg(&key).query_async(&mut conn).await
                 })
                 .await
-                .map_err(store_error)
+                .map_err(StoreError::from)
         })
     }
 

@@ -1,6 +1,7 @@
-//! The configured plugin of one worker VM: the compiled bundle, the route matcher, the local
-//! counter table and the decision cache. Requests share it (`Rc`); a new configuration or bundle
-//! makes a new one, and requests in flight keep the one they started with.
+//! The configured state of one worker VM (what Envoy calls a plugin instance: the filter's
+//! configuration, compiled): the bundle, the route matcher, the local counter table and the
+//! decision cache. Requests share it (`Rc`); a new configuration or bundle makes a new one, and
+//! requests in flight keep the one they started with.
 
 use std::cell::RefCell;
 
@@ -11,9 +12,9 @@ use crate::config::FilterConfig;
 use crate::counters::Counters;
 use crate::route::Routes;
 
-/// One VM's plugin state.
+/// One VM's configured state.
 #[derive(Debug)]
-pub struct Plugin {
+pub struct Vm {
     /// The bundle serving (`None` until the first sync when the configuration has none).
     pub set: Option<PolicySet>,
     /// The configuration it came with.
@@ -24,7 +25,7 @@ pub struct Plugin {
     pub counters: Counters,
     /// Cacheable decisions of this VM.
     pub cache: RefCell<DecisionCache>,
-    /// Whether "a rule needs the server, none is configured" was logged (once per plugin).
+    /// Whether "a rule needs the server, none is configured" was logged (once per VM state).
     pub warned_no_server: std::cell::Cell<bool>,
     /// Failed calls to the server (their log lines are thinned out).
     pub server_failures: std::cell::Cell<u64>,
@@ -32,10 +33,10 @@ pub struct Plugin {
     pub decisions: std::cell::Cell<u64>,
 }
 
-impl Plugin {
-    /// Parses the plugin configuration and compiles its bundle. Errors are located (file, line,
+impl Vm {
+    /// Parses the filter configuration and compiles its bundle. Errors are located (file, line,
     /// column) in the configuration or in the inline policies.
-    pub fn configure(text: &str) -> Result<Plugin, Diagnostics> {
+    pub fn configure(text: &str) -> Result<Vm, Diagnostics> {
         let config = FilterConfig::parse(text)?;
         let set = config.compile_policies()?;
         if set.is_none() && config.sync.is_none() {
@@ -45,12 +46,12 @@ impl Plugin {
             )
             .at(crate::config::CONFIG_FILE, None)]));
         }
-        Ok(Plugin::new(config, set))
+        Ok(Vm::new(config, set))
     }
 
-    /// A plugin serving `set` under `config`.
-    pub fn new(config: FilterConfig, set: Option<PolicySet>) -> Plugin {
-        Plugin {
+    /// The state serving `set` under `config`.
+    pub fn new(config: FilterConfig, set: Option<PolicySet>) -> Vm {
+        Vm {
             routes: Routes::new(&config.routes),
             counters: Counters::new(
                 config.local_counter_slots,

@@ -1,0 +1,196 @@
+//! The contract between the filter and the policy server, written once: both sides use these
+//! names, encodings and rules, so they cannot drift apart.
+//!
+//! - The **reservation handle** ([`RESERVATION_HEADER`]): the server adds it to an allowed
+//!   request whose token or cost reservations wait for a usage report; only the server may set
+//!   it ([`SERVER_ONLY_HEADERS`]), and only [`is_reservation_handle`] strings are looked up.
+//! - The **local counters** the filter counted itself, told to the server in the ext_authz
+//!   `Check`'s context extensions ([`LocalCounted`]), which come from the proxy, never from the
+//!   client.
+//! - **Which headers rules see** ([`is_request_data`]): the same for a request the filter reads
+//!   from Envoy and for one the server receives in a `Check`.
+//! - The **bundle answer** of `GET /v1/bundle` the filter syncs from ([`BundleAnswer`]).
+//!
+//! The gRPC messages themselves come from `proto/` (generated on both sides).
+
+use alloc::collections::BTreeMap;
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use serde::{Deserialize, Serialize};
+
+use crate::reply::{LimitState, DECISION_HEADER};
+
+/// The header carrying the handle a usage report names an allowed request by: 128 random bits
+/// as 32 lower-case hex digits, known only to whoever sees the upstream request.
+pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
+
+/// Headers only the policy engine sets on an upstream request: a client's copy is removed (the
+/// filter removes it; the server's ext_authz answer removes it), and a rule may not set them.
+pub const SERVER_ONLY_HEADERS: &[&str] = &[DECISION_HEADER, RESERVATION_HEADER];
+
+/// Envoy's ext_authz filter sets this when it forwarded only part of a body larger than its
+/// buffer limit; Envoy's bookkeeping, not the client's.
+pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
+
+/// Whether `handle` has the form of a reservation handle (32 lower-case hex digits): nothing else
+/// is looked up in the counter store.
+pub fn is_reservation_handle(handle: &str) -> bool {
+    handle.len() == 32
+        && handle
+            .bytes()
+            .all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Whether a request header is request data that rules read: not the pseudo-headers other than
+/// `:authority` (method and path come separately), not the reservation handle (the server's),
+/// not Envoy's partial-body flag. The filter and the server's `Check` edge both filter with this.
+pub fn is_request_data(name: &str) -> bool {
+    (!name.starts_with(':') || name == ":authority")
+        && !name.eq_ignore_ascii_case(RESERVATION_HEADER)
+        && !name.eq_ignore_ascii_case(PARTIAL_BODY_HEADER)
+}
+
+/// Context extension set by the filter when it calls the server: it counted the local-scope
+/// limits itself (value [`LOCAL_COUNTERS_BY_PROXY`]).
+pub const LOCAL_COUNTERS_EXTENSION: &str = "llm-policy.local-counters";
+/// The value of [`LOCAL_COUNTERS_EXTENSION`].
+pub const LOCAL_COUNTERS_BY_PROXY: &str = "proxy";
+/// Context extension with the rules whose local counter was over: a JSON object `{rule: [limit,
+/// remaining, reset_secs]}`.
+pub const LOCAL_OVER_EXTENSION: &str = "llm-policy.local-over";
+
+/// The local-scope limits the filter counted for a request: the rules whose counter was over,
+/// with its state. The server answers those rules from here instead of counting them again.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct LocalCounted {
+    /// Rules whose local counter was over its limit.
+    pub over: Vec<(String, LimitState)>,
+}
+
+impl LocalCounted {
+    /// The two context extensions that say so: `(name, value)` pairs.
+    pub fn extensions(&self) -> [(&'static str, String); 2] {
+        let over: BTreeMap<&str, (f64, f64, u64)> = self
+            .over
+            .iter()
+            .map(|(rule, s)| (rule.as_str(), (s.limit, s.remaining, s.reset_secs)))
+            .collect();
+        [
+            (
+                LOCAL_COUNTERS_EXTENSION,
+                String::from(LOCAL_COUNTERS_BY_PROXY),
+            ),
+            (
+                LOCAL_OVER_EXTENSION,
+                serde_json::to_string(&over).unwrap_or_else(|_| String::from("{}")),
+            ),
+        ]
+    }
+
+    /// Reads the context extensions of a `Check` (`get` looks one up): `None` when the proxy did
+    /// not count local limits (an ext_authz-only deployment: the server counts them). An
+    /// unreadable list of rules counts as none over.
+    pub fn from_extensions<'a>(get: impl Fn(&str) -> Option<&'a str>) -> Option<LocalCounted> {
+        if get(LOCAL_COUNTERS_EXTENSION) != Some(LOCAL_COUNTERS_BY_PROXY) {
+            return None;
+        }
+        let over: BTreeMap<String, (f64, f64, u64)> = get(LOCAL_OVER_EXTENSION)
+            .and_then(|text| serde_json::from_str(text).ok())
+            .unwrap_or_default();
+        Some(LocalCounted {
+            over: over
+                .into_iter()
+                .map(|(rule, (limit, remaining, reset_secs))| {
+                    let state = LimitState {
+                        limit,
+                        remaining,
+                        reset_secs,
+                    };
+                    (rule, state)
+                })
+                .collect(),
+        })
+    }
+
+    /// The state of `rule`'s local counter if it was over.
+    pub fn over(&self, rule: &str) -> Option<LimitState> {
+        self.over
+            .iter()
+            .find(|(r, _)| r == rule)
+            .map(|(_, state)| *state)
+    }
+}
+
+/// The answer of `GET /v1/bundle`: the bundle serving, as files (the ETag is the digest).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleAnswer {
+    /// The registry version number.
+    pub version: u64,
+    /// The bundle's content digest.
+    pub bundle: String,
+    /// The policy files, relative to the policy directory.
+    pub files: Vec<BundleFile>,
+}
+
+/// One file of a [`BundleAnswer`].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BundleFile {
+    /// Path relative to the policy directory.
+    pub path: String,
+    /// The file's text.
+    pub text: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn local_counted_round_trips_through_the_extensions() {
+        let counted = LocalCounted {
+            over: alloc::vec![(
+                String::from("per-user"),
+                LimitState {
+                    limit: 5.0,
+                    remaining: 0.0,
+                    reset_secs: 42,
+                },
+            )],
+        };
+        let ext = counted.extensions();
+        let get = |k: &str| ext.iter().find(|(n, _)| *n == k).map(|(_, v)| v.as_str());
+        assert_eq!(LocalCounted::from_extensions(get), Some(counted.clone()));
+        assert_eq!(counted.over("per-user").map(|s| s.reset_secs), Some(42));
+        assert_eq!(counted.over("other"), None);
+        // Not counted by a proxy: the server counts.
+        assert_eq!(LocalCounted::from_extensions(|_| None), None);
+        // Garbage in the list: nothing over, still counted by the proxy.
+        let garbage = |k: &str| match k {
+            LOCAL_COUNTERS_EXTENSION => Some("proxy"),
+            _ => Some("not json"),
+        };
+        assert_eq!(
+            LocalCounted::from_extensions(garbage),
+            Some(LocalCounted::default())
+        );
+    }
+
+    #[test]
+    fn request_data_and_handles() {
+        for h in [":authority", "x-user-id", "content-length"] {
+            assert!(is_request_data(h), "{h}");
+        }
+        for h in [
+            ":path",
+            ":method",
+            "X-LLM-Policy-Reservation",
+            PARTIAL_BODY_HEADER,
+        ] {
+            assert!(!is_request_data(h), "{h}");
+        }
+        assert!(is_reservation_handle("0123456789abcdef0123456789abcdef"));
+        assert!(!is_reservation_handle("0123456789ABCDEF0123456789abcdef"));
+        assert!(!is_reservation_handle("stolen"));
+    }
+}
