@@ -116,6 +116,9 @@ pub enum StartError {
         /// Why.
         source: std::io::Error,
     },
+    /// A TLS certificate, key or client CA cannot be used.
+    #[error("{0}")]
+    Tls(#[from] listen::TlsError),
     /// The audit file cannot be opened, or metrics cannot be registered.
     #[error("{0}")]
     Setup(String),
@@ -252,9 +255,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     );
     let tls = |on: bool, alpn: &[&[u8]]| -> Result<_, StartError> {
         match &config.tls {
-            Some(t) if on => listen::acceptor(t, alpn)
-                .map(Some)
-                .map_err(StartError::Setup),
+            Some(t) if on => Ok(Some(listen::acceptor(t, alpn)?)),
             _ => Ok(None),
         }
     };

@@ -232,9 +232,9 @@ pub enum ServerAnswer {
 
 impl ServerAnswer {
     /// Decodes a `CheckResponse`.
-    pub fn decode(bytes: &[u8]) -> Result<ServerAnswer, String> {
+    pub fn decode(bytes: &[u8]) -> Result<ServerAnswer, prost::DecodeError> {
         use prost::Message as _;
-        let r = CheckResponse::decode(bytes).map_err(|e| format!("bad CheckResponse: {e}"))?;
+        let r = CheckResponse::decode(bytes)?;
         let code = r.status.as_ref().map_or(0, |s| s.code);
         if code == 0 {
             let ok = r.ok_response.unwrap_or_default();

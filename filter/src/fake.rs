@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use crate::host::{Host, Level, Metric, SharedWrite};
+use crate::host::{CallRefused, Host, Level, Metric, SharedWrite};
 
 /// A chat completion body for `model`.
 pub fn chat(model: &str) -> String {
@@ -190,9 +190,9 @@ impl Host for FakeHost {
         method: &str,
         message: &[u8],
         timeout: Duration,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, CallRefused> {
         if self.refuse_calls {
-            return Err("cluster not found".into());
+            return Err(CallRefused("bad argument (is the cluster defined?)"));
         }
         self.calls.push(GrpcCall {
             cluster: cluster.into(),
@@ -209,7 +209,7 @@ impl Host for FakeHost {
         cluster: &str,
         headers: &[(&str, &str)],
         timeout: Duration,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, CallRefused> {
         self.http_calls.push(HttpCall {
             cluster: cluster.into(),
             headers: headers

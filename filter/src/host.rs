@@ -28,6 +28,11 @@ pub enum SharedWrite {
     Failed,
 }
 
+/// Why the proxy would not start a call (gRPC or HTTP): the host's status, named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("the proxy refused the call: {0}")]
+pub struct CallRefused(pub &'static str);
+
 /// The filter's counters and histograms (Envoy stats, `llm_policy.*`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Metric {
@@ -154,7 +159,7 @@ pub trait Host {
         method: &str,
         message: &[u8],
         timeout: Duration,
-    ) -> Result<u32, String>;
+    ) -> Result<u32, CallRefused>;
     /// Starts an HTTP call on `cluster` (headers include `:method`, `:path`, `:authority`); the
     /// answer comes to the root context's callback with the returned token.
     fn http_call(
@@ -162,7 +167,7 @@ pub trait Host {
         cluster: &str,
         headers: &[(&str, &str)],
         timeout: Duration,
-    ) -> Result<u32, String>;
+    ) -> Result<u32, CallRefused>;
     /// Logs a line.
     fn log(&mut self, level: Level, message: &str);
     /// Adds to a counter, or records a histogram value.

@@ -339,7 +339,9 @@ impl RequestFlow {
         }
         let provider = *provider;
         let answer = match (status, body) {
-            (0, Some(bytes)) => ServerAnswer::decode(&bytes),
+            (0, Some(bytes)) => {
+                ServerAnswer::decode(&bytes).map_err(|e| format!("bad CheckResponse: {e}"))
+            }
             (0, None) => Err(String::from("empty answer")),
             (4, _) => {
                 host.metric(Metric::FallbackTimeouts, 1);

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llm_policy_core::model::KIND_POLICY_TEST;
 use llm_policy_core::wire::BundleAnswer;
-use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
+use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, PolicySet};
 
 use crate::config::SyncConfig;
 use crate::host::{Host, Level, Metric};
@@ -148,24 +148,43 @@ impl BundleSync {
     }
 }
 
+/// Why a synced bundle was not taken (the last good one keeps serving).
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    /// The answer is larger than [`MAX_BUNDLE_BYTES`].
+    #[error("the answer is over {MAX_BUNDLE_BYTES} bytes")]
+    TooLarge,
+    /// The answer is not a `GET /v1/bundle` answer.
+    #[error("not a bundle answer: {0}")]
+    NotABundle(serde_json::Error),
+    /// A file of the bundle cannot be parsed.
+    #[error("{0}")]
+    Unreadable(Diagnostic),
+    /// The bundle holds no policy (test suites only, or nothing).
+    #[error("the bundle holds no policy")]
+    Empty,
+    /// The bundle does not compile here.
+    #[error("{0}")]
+    Invalid(Diagnostics),
+}
+
 /// Parses and compiles a bundle answer: (the server's bundle digest, the compiled set).
-fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), String> {
+fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), SyncError> {
     if body.len() > MAX_BUNDLE_BYTES {
-        return Err(format!("the answer is over {MAX_BUNDLE_BYTES} bytes"));
+        return Err(SyncError::TooLarge);
     }
-    let answer: BundleAnswer =
-        serde_json::from_slice(body).map_err(|e| format!("not a bundle answer: {e}"))?;
+    let answer: BundleAnswer = serde_json::from_slice(body).map_err(SyncError::NotABundle)?;
     let mut docs = Vec::new();
     for f in &answer.files {
-        docs.extend(source::parse_str(&f.path, &f.text).map_err(|d| d.to_string())?);
+        docs.extend(source::parse_str(&f.path, &f.text).map_err(SyncError::Unreadable)?);
     }
     docs.retain(|d| d.kind() != Some(KIND_POLICY_TEST));
     if docs.is_empty() {
-        return Err(String::from("the bundle holds no policy"));
+        return Err(SyncError::Empty);
     }
     // Warnings were shown when the bundle was validated on the server.
     let set = PolicySet::compile(&docs, context)
-        .map_err(|d: Diagnostics| d.to_string())?
+        .map_err(SyncError::Invalid)?
         .set;
     Ok((answer.bundle, set))
 }

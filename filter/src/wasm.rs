@@ -15,7 +15,7 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
-use crate::host::{Host, Level, Metric, SharedWrite};
+use crate::host::{CallRefused, Host, Level, Metric, SharedWrite};
 use crate::outbox::Outbox;
 use crate::request::{Flow, RequestFlow};
 use crate::sync::{BundleSync, Fetched};
@@ -303,6 +303,20 @@ fn log(level: Level, message: &str) {
     let _ = hostcalls::log(level, message);
 }
 
+/// A host status that refused a call, named.
+fn refused(status: Status) -> CallRefused {
+    CallRefused(match status {
+        Status::NotFound => "not found (is the cluster defined?)",
+        Status::BadArgument => "bad argument (is the cluster defined?)",
+        Status::ParseFailure => "parse failure",
+        Status::Empty => "empty",
+        Status::CasMismatch => "compare-and-swap mismatch",
+        Status::InternalFailure => "internal failure",
+        Status::SerializationFailure => "serialization failure",
+        _ => "unknown status",
+    })
+}
+
 /// [`Host`] over proxy-wasm host calls, for the request whose callback is running.
 struct WasmHost;
 
@@ -379,9 +393,9 @@ impl Host for WasmHost {
         method: &str,
         message: &[u8],
         timeout: Duration,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, CallRefused> {
         hostcalls::dispatch_grpc_call(cluster, service, method, Vec::new(), Some(message), timeout)
-            .map_err(|s| format!("{s:?}"))
+            .map_err(refused)
     }
 
     fn http_call(
@@ -389,9 +403,9 @@ impl Host for WasmHost {
         cluster: &str,
         headers: &[(&str, &str)],
         timeout: Duration,
-    ) -> Result<u32, String> {
+    ) -> Result<u32, CallRefused> {
         hostcalls::dispatch_http_call(cluster, headers.to_vec(), None, Vec::new(), timeout)
-            .map_err(|s| format!("{s:?}"))
+            .map_err(refused)
     }
 
     fn log(&mut self, level: Level, message: &str) {

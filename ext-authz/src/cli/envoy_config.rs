@@ -92,24 +92,34 @@ struct Upstream {
     port: u16,
 }
 
-fn parse_upstream(url: &str) -> Result<Upstream, String> {
+/// Why no configuration could be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum EnvoyConfigError {
+    /// A flag is missing or its value cannot be used (the message names the flag).
+    #[error("{0}")]
+    Argument(String),
+    /// The bundle does not load or compile (its located diagnostics).
+    #[error("{}", render(.0))]
+    Bundle(Diagnostics),
+}
+
+fn parse_upstream(url: &str) -> Result<Upstream, EnvoyConfigError> {
+    let bad = |why: &str| EnvoyConfigError::Argument(format!("--upstream {url}: {why}"));
     let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
         (true, r)
     } else if let Some(r) = url.strip_prefix("http://") {
         (false, r)
     } else {
-        return Err(format!(
-            "--upstream {url}: expected http://host[:port] or https://host[:port]"
-        ));
+        return Err(bad("expected http://host[:port] or https://host[:port]"));
     };
     let authority = rest.trim_end_matches('/');
     if authority.is_empty() || authority.contains('/') {
-        return Err(format!(
-            "--upstream {url}: give the provider's origin only (no path); requests keep their own paths"
+        return Err(bad(
+            "give the provider's origin only (no path); requests keep their own paths",
         ));
     }
-    let (host, port) = split_host_port(authority, if tls { 443 } else { 80 })
-        .ok_or_else(|| format!("--upstream {url}: bad port"))?;
+    let (host, port) =
+        split_host_port(authority, if tls { 443 } else { 80 }).ok_or_else(|| bad("bad port"))?;
     Ok(Upstream { tls, host, port })
 }
 
@@ -171,7 +181,10 @@ fn cluster(name: &str, host: &str, port: u16, dns: Dns, extra: &str) -> String {
 }
 
 /// Generates the configuration. Errors: a broken bundle (its diagnostics), bad arguments.
-pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Result<String, String> {
+pub fn generate(
+    args: &EnvoyConfigArgs,
+    context: Option<&ContextConfig>,
+) -> Result<String, EnvoyConfigError> {
     let upstream = parse_upstream(&args.upstream)?;
     let uses_filter = args.mode != Mode::ExtAuthz;
     let uses_server = args.mode != Mode::Filter;
@@ -193,10 +206,12 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
     let mut filters = String::new();
     if uses_filter {
         if args.policies.is_empty() {
-            return Err(String::from("--policies is required in the filter modes"));
+            return Err(EnvoyConfigError::Argument(String::from(
+                "--policies is required in the filter modes",
+            )));
         }
-        let docs = source::load_policies(&args.policies).map_err(render)?;
-        let out = PolicySet::compile(&docs, &context).map_err(render)?;
+        let docs = source::load_policies(&args.policies).map_err(EnvoyConfigError::Bundle)?;
+        let out = PolicySet::compile(&docs, &context).map_err(EnvoyConfigError::Bundle)?;
         let remote = out.set.stats().remote;
         if args.mode == Mode::Filter && remote > 0 {
             let _ = writeln!(
@@ -221,8 +236,11 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
                 "intervalMs": args.sync_interval_ms,
             });
         }
-        let plugin = serde_json::to_string_pretty(&plugin).map_err(|e| e.to_string())?;
-        let wasm = serde_json::to_string(&args.wasm).map_err(|e| e.to_string())?;
+        // Serializing a JSON value or a path cannot fail; a failure would say which.
+        let plugin = serde_json::to_string_pretty(&plugin)
+            .map_err(|e| EnvoyConfigError::Argument(format!("the filter configuration: {e}")))?;
+        let wasm = serde_json::to_string(&args.wasm)
+            .map_err(|e| EnvoyConfigError::Argument(format!("--wasm: {e}")))?;
         filters.push_str(&format!(
             "                  # The llm-policy filter: decides LLM API calls in Envoy.
                   - name: envoy.filters.http.wasm
@@ -314,8 +332,9 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
         &upstream_tls,
     );
     if uses_server {
-        let (host, port) = split_host_port(&args.server, 50051)
-            .ok_or_else(|| format!("--server {}: expected host:port", args.server))?;
+        let (host, port) = split_host_port(&args.server, 50051).ok_or_else(|| {
+            EnvoyConfigError::Argument(format!("--server {}: expected host:port", args.server))
+        })?;
         let h2 = "      # gRPC: the cluster must speak HTTP/2.
       typed_extension_protocol_options:
         envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
@@ -338,8 +357,9 @@ pub fn generate(args: &EnvoyConfigArgs, context: Option<&ContextConfig>) -> Resu
     }
 
     if let (true, Some(addr)) = (uses_filter, &args.sync_from) {
-        let (host, port) = split_host_port(addr, 8080)
-            .ok_or_else(|| format!("--sync-from {addr}: expected host:port"))?;
+        let (host, port) = split_host_port(addr, 8080).ok_or_else(|| {
+            EnvoyConfigError::Argument(format!("--sync-from {addr}: expected host:port"))
+        })?;
         clusters.push('\n');
         clusters.push_str(&cluster(
             "llm_policy_rest",
@@ -418,7 +438,7 @@ static_resources:
     ))
 }
 
-fn render(d: Diagnostics) -> String {
+fn render(d: &Diagnostics) -> String {
     d.0.iter()
         .map(ToString::to_string)
         .collect::<Vec<_>>()

@@ -206,12 +206,10 @@ const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
 fn registry_status(e: RegistryError) -> Status {
     match e {
         RegistryError::Invalid(d) => invalid(&d),
-        RegistryError::Refused(message, status) => match status {
-            404 => Status::not_found(message),
-            409 => Status::failed_precondition(message),
-            s if s >= 500 => Status::unavailable(message),
-            _ => Status::invalid_argument(message),
-        },
+        RegistryError::Malformed(m) => Status::invalid_argument(m),
+        RegistryError::NotFound(m) => Status::not_found(m),
+        RegistryError::Conflict(m) => Status::failed_precondition(m),
+        RegistryError::Unavailable(m) => Status::unavailable(m),
     }
 }
 
@@ -372,28 +370,21 @@ impl PolicyService for PolicyApi {
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
         let name = req.into_inner().name;
-        let registry = self.engine.registry();
-        let active = registry.current().map(|v| v.number);
-        let versions: Vec<pb::PolicyVersion> = registry
-            .versions()
-            .iter()
-            .filter_map(|v| {
-                let entry = v.policies().into_iter().find(|p| p.name == name)?;
-                Some(pb::PolicyVersion {
-                    version: v.number,
-                    loaded_at: super::audit::rfc3339(v.loaded_at),
-                    origin: name_of_origin(v.origin),
-                    bundle: v.set.bundle().to_string(),
-                    policy_version: entry.version,
-                    active: Some(v.number) == active,
-                })
+        let versions = self
+            .engine
+            .registry()
+            .policy_versions(&name)
+            .map_err(registry_status)?
+            .into_iter()
+            .map(|v| pb::PolicyVersion {
+                version: v.version,
+                loaded_at: v.loaded_at,
+                origin: name_of_origin(v.origin),
+                bundle: v.bundle,
+                policy_version: v.policy_version,
+                active: v.active,
             })
             .collect();
-        if versions.is_empty() {
-            return Err(Status::not_found(format!(
-                "no kept version has a policy `{name}`"
-            )));
-        }
         Ok(Response::new(pb::ListVersionsResponse { versions }))
     }
 

@@ -10,7 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
+use llm_policy_core::decision::{Decision, ErrorDetail};
 use llm_policy_core::model::Alert;
+use llm_policy_core::RequestContext;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
@@ -462,7 +464,114 @@ fn flush(sinks: &mut [Box<dyn Sink>]) {
     }
 }
 
+/// What a check leaves behind for its audit record: what the engine knew when it answered.
+#[derive(Debug)]
+pub struct CheckFacts<'a> {
+    /// The decision, when there was one.
+    pub decision: Option<&'a Decision>,
+    /// Why there was none: the request was rejected, or the check failed.
+    pub error: Option<&'a ErrorDetail>,
+    /// The check failed (the failure mode answered).
+    pub failed: bool,
+    /// The request context, when it could be built.
+    pub ctx: Option<&'a RequestContext>,
+    /// The HTTP status the client got (200 when the request went upstream).
+    pub status: u16,
+    /// The registry version that decided (0: none loaded).
+    pub version: u64,
+    /// Its bundle digest.
+    pub bundle: &'a str,
+    /// The cache level that answered.
+    pub cache: Option<&'static str>,
+    /// How long the check took.
+    pub latency: std::time::Duration,
+    /// The W3C trace id, when the request carried one.
+    pub trace_id: Option<String>,
+    /// The client's `x-request-id`, when short enough.
+    pub request_id: Option<String>,
+}
+
+impl CheckFacts<'_> {
+    /// The verdict as the audit log names it (`error` for a failed check, `deny` for a rejected
+    /// request).
+    pub fn verdict(&self) -> &'static str {
+        match (self.decision, self.failed) {
+            (Some(d), _) => d.decision.as_str(),
+            (None, true) => "error",
+            (None, false) => "deny",
+        }
+    }
+}
+
+impl Record {
+    /// The decision record of a check (`id` from [`Audit::next_id`], `prompt` as configured).
+    pub fn of(facts: &CheckFacts<'_>, id: String, prompt: Option<String>) -> Record {
+        let d = facts.decision;
+        let ctx = facts.ctx;
+        let reason = match (d, facts.error) {
+            (Some(d), _) => d.reason.clone(),
+            (None, Some(e)) => e.message.clone(),
+            (None, None) => String::new(),
+        };
+        Record {
+            kind: "decision",
+            id,
+            request_id: facts.request_id.clone(),
+            time: rfc3339(std::time::SystemTime::now()),
+            namespace: d
+                .map(|d| d.metadata.namespace.clone())
+                .or_else(|| ctx.map(|c| c.namespace.clone()))
+                .unwrap_or_default(),
+            policy: d.map(|d| d.metadata.policy.clone()).unwrap_or_default(),
+            policy_version: d.map(|d| d.metadata.version.clone()).unwrap_or_default(),
+            version: facts.version,
+            bundle: facts.bundle.to_string(),
+            principal: ctx
+                .map(|c| {
+                    c.principal
+                        .iter()
+                        .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            model: ctx.and_then(|c| c.request.model.clone()),
+            decision: facts.verdict().to_string(),
+            status: facts.status,
+            matched_rules: d.map(|d| d.matched_rules.clone()).unwrap_or_default(),
+            reason,
+            latency_us: u64::try_from(facts.latency.as_micros()).unwrap_or(u64::MAX),
+            cache: facts.cache,
+            trace_id: facts.trace_id.clone(),
+            alert: d.and_then(|d| d.actions.alert),
+            prompt,
+        }
+    }
+}
+
 impl Audit {
+    /// Records a check as configured: its decision record when the scope wants it, and an alert
+    /// record when a rule raised one.
+    pub fn record_check(&self, facts: &CheckFacts<'_>) {
+        let d = facts.decision;
+        let alert = d.and_then(|d| d.actions.alert);
+        let wants = self.wants(facts.verdict(), d.is_some_and(|d| d.actions.audit));
+        if !wants && alert.is_none() {
+            return;
+        }
+        let prompt = facts.ctx.and_then(|c| self.prompt_field(&c.request.prompt));
+        let record = Record::of(facts, self.next_id(), prompt);
+        if alert.is_some() {
+            self.record(Record {
+                kind: "alert",
+                id: self.next_id(),
+                ..record.clone()
+            });
+        }
+        if wants {
+            self.record(record);
+        }
+    }
+
     /// Whether a decision with this verdict and `audit` flag is recorded.
     pub fn wants(&self, verdict: &str, flagged: bool) -> bool {
         match self.scope {

@@ -24,7 +24,7 @@ use llm_policy_core::{
     RequestContext, RequestInput, Step,
 };
 
-use super::audit::{self, Audit, Record};
+use super::audit::{Audit, CheckFacts};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::limits::{CounterStore, ReservationId, StoreError};
@@ -871,69 +871,19 @@ impl Engine {
         request_id: Option<String>,
         failure: Option<Failure>,
     ) {
-        let d = checked.decision.as_ref();
-        let verdict = match (d, failure) {
-            (Some(d), _) => d.decision.as_str(),
-            (None, Some(_)) => "error",
-            (None, None) => "deny",
-        };
-        let flagged = d.is_some_and(|d| d.actions.audit);
-        let alert = d.and_then(|d| d.actions.alert);
-        let wants = self.audit.wants(verdict, flagged);
-        if !wants && alert.is_none() {
-            return;
-        }
-        let reason = match (d, &checked.error) {
-            (Some(d), _) => d.reason.clone(),
-            (None, Some(e)) => e.message.clone(),
-            (None, None) => String::new(),
-        };
-        let version = checked.version.as_deref();
-        let record = Record {
-            kind: "decision",
-            id: self.audit.next_id(),
-            request_id,
-            time: audit::rfc3339(SystemTime::now()),
-            namespace: d
-                .map(|d| d.metadata.namespace.clone())
-                .or_else(|| ctx.map(|c| c.namespace.clone()))
-                .unwrap_or_default(),
-            policy: d.map(|d| d.metadata.policy.clone()).unwrap_or_default(),
-            policy_version: d.map(|d| d.metadata.version.clone()).unwrap_or_default(),
-            version: checked.version_number(),
-            bundle: version
-                .map(|v| v.set.bundle().to_string())
-                .unwrap_or_default(),
-            principal: ctx
-                .map(|c| {
-                    c.principal
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-                        .collect()
-                })
-                .unwrap_or_default(),
-            model: ctx.and_then(|c| c.request.model.clone()),
-            decision: verdict.to_string(),
+        self.audit.record_check(&CheckFacts {
+            decision: checked.decision.as_ref(),
+            error: checked.error.as_ref(),
+            failed: failure.is_some(),
+            ctx,
             status: checked.reply.as_ref().map_or(200, |r| r.status),
-            matched_rules: d.map(|d| d.matched_rules.clone()).unwrap_or_default(),
-            reason,
-            latency_us: u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            version: checked.version_number(),
+            bundle: checked.version.as_deref().map_or("", |v| v.set.bundle()),
             cache: checked.cache.map(Level::as_str),
+            latency,
             trace_id,
-            alert,
-            prompt: ctx.and_then(|c| self.audit.prompt_field(&c.request.prompt)),
-        };
-        if let Some(a) = alert {
-            self.audit.record(Record {
-                kind: "alert",
-                id: self.audit.next_id(),
-                alert: Some(a),
-                ..record.clone()
-            });
-        }
-        if wants {
-            self.audit.record(record);
-        }
+            request_id,
+        });
     }
 }
 

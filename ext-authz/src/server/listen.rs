@@ -77,25 +77,55 @@ fn provider() -> Arc<CryptoProvider> {
     Arc::new(tokio_rustls::rustls::crypto::ring::default_provider())
 }
 
+/// Why TLS could not be set up. `Display` names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// A certificate or key file cannot be read as PEM.
+    #[error("{}: cannot read {what}: {reason}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// What it should hold.
+        what: &'static str,
+        /// Why it could not be read.
+        reason: String,
+    },
+    /// A file was read but its content cannot be used (no certificate in it, a key that does
+    /// not fit the certificate, an unusable CA).
+    #[error("{}: {reason}", path.display())]
+    Unusable {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// The TLS library refused the configuration.
+    #[error("TLS: {0}")]
+    Config(#[from] tokio_rustls::rustls::Error),
+}
+
 /// Builds a TLS acceptor offering `alpn` (e.g. `h2` for gRPC). Fails, with the file and the
 /// reason, when the certificate, the key or the client CA does not load.
-pub fn acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<TlsAcceptor, String> {
+pub fn acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<TlsAcceptor, TlsError> {
     let provider = provider();
     let cert = ReloadingCert::new(config, Arc::clone(&provider))?;
     let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS: {e}"))?;
+        .with_safe_default_protocol_versions()?;
     let builder = match &config.client_ca_file {
         Some(path) => {
+            let unusable = |reason: String| TlsError::Unusable {
+                path: path.clone(),
+                reason,
+            };
             let mut roots = RootCertStore::empty();
             for ca in read_certs(path)? {
                 roots
                     .add(ca)
-                    .map_err(|e| format!("{}: not a usable CA certificate: {e}", path.display()))?;
+                    .map_err(|e| unusable(format!("not a usable CA certificate: {e}")))?;
             }
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .build()
-                .map_err(|e| format!("{}: {e}", path.display()))?;
+                .map_err(|e| unusable(e.to_string()))?;
             builder.with_client_cert_verifier(verifier)
         }
         None => builder.with_no_client_auth(),
@@ -105,29 +135,36 @@ pub fn acceptor(config: &TlsConfig, alpn: &[&[u8]]) -> Result<TlsAcceptor, Strin
     Ok(TlsAcceptor::from(Arc::new(server)))
 }
 
-fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
     let certs = CertificateDer::pem_file_iter(path)
         .and_then(|it| it.collect::<Result<Vec<_>, _>>())
-        .map_err(|e| format!("{}: cannot read PEM certificates: {e}", path.display()))?;
+        .map_err(|e| TlsError::Read {
+            path: path.to_path_buf(),
+            what: "PEM certificates",
+            reason: e.to_string(),
+        })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{}: no PEM certificate in the file",
-            path.display()
-        ));
+        return Err(TlsError::Unusable {
+            path: path.to_path_buf(),
+            reason: String::from("no PEM certificate in the file"),
+        });
     }
     Ok(certs)
 }
 
-fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, String> {
+fn load_key(cert: &Path, key: &Path, provider: &CryptoProvider) -> Result<CertifiedKey, TlsError> {
     let chain = read_certs(cert)?;
-    let der = PrivateKeyDer::from_pem_file(key)
-        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key.display()))?;
-    CertifiedKey::from_der(chain, der, provider).map_err(|e| {
-        format!(
-            "{} / {}: the key does not fit the certificate: {e}",
-            cert.display(),
-            key.display()
-        )
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| TlsError::Read {
+        path: key.to_path_buf(),
+        what: "a PEM private key",
+        reason: e.to_string(),
+    })?;
+    CertifiedKey::from_der(chain, der, provider).map_err(|e| TlsError::Unusable {
+        path: key.to_path_buf(),
+        reason: format!(
+            "the key does not fit the certificate {}: {e}",
+            cert.display()
+        ),
     })
 }
 
@@ -152,7 +189,7 @@ struct ReloadingCert {
 }
 
 impl ReloadingCert {
-    fn new(config: &TlsConfig, provider: Arc<CryptoProvider>) -> Result<Self, String> {
+    fn new(config: &TlsConfig, provider: Arc<CryptoProvider>) -> Result<Self, TlsError> {
         let stamp = stamp(&config.cert_file, &config.key_file);
         let key = load_key(&config.cert_file, &config.key_file, &provider)?;
         Ok(ReloadingCert {

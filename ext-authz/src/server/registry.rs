@@ -22,6 +22,24 @@ use llm_policy_core::{
 };
 use serde::Serialize;
 
+/// One kept version of a policy ([`Registry::policy_versions`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PolicyVersion {
+    /// The registry version number.
+    pub version: u64,
+    /// When it was loaded (RFC 3339).
+    pub loaded_at: String,
+    /// How it came to be.
+    pub origin: Origin,
+    /// Its bundle digest.
+    pub bundle: String,
+    /// The policy's own `metadata.version` in it.
+    pub policy_version: String,
+    /// Whether it is the version serving.
+    pub active: bool,
+}
+
 /// How a version came to be.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -161,8 +179,28 @@ pub struct PolicyEntry {
 pub enum RegistryError {
     /// The policies do not validate (the located findings).
     Invalid(Diagnostics),
-    /// The request cannot be carried out (what is wrong, HTTP status).
-    Refused(String, u16),
+    /// The request is malformed: a name the API does not write, a body that is not exactly the
+    /// policy it names.
+    Malformed(String),
+    /// What the request names is not there: a version not kept, a policy a version lacks.
+    NotFound(String),
+    /// The registry's state does not allow it now: policies served from one file, nothing
+    /// loaded yet, a file shared with other policies, another replica wrote first.
+    Conflict(String),
+    /// Storage failed: a file cannot be written, the shared store (Redis) is unreachable.
+    Unavailable(String),
+}
+
+impl std::fmt::Display for RegistryError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RegistryError::Invalid(d) => write!(f, "{d}"),
+            RegistryError::Malformed(m)
+            | RegistryError::NotFound(m)
+            | RegistryError::Conflict(m)
+            | RegistryError::Unavailable(m) => f.write_str(m),
+        }
+    }
 }
 
 /// The registry.
@@ -314,7 +352,7 @@ impl Registry {
     ) -> Result<Arc<Version>, RegistryError> {
         let Some(shared) = self.shared.get() else {
             write_atomically(target, text).map_err(|e| {
-                RegistryError::Refused(format!("cannot write {}: {e}", target.display()), 503)
+                RegistryError::Unavailable(format!("cannot write {}: {e}", target.display()))
             })?;
             let (v, _) = self
                 .accept(
@@ -356,6 +394,33 @@ impl Registry {
     /// The kept versions, oldest first.
     pub fn versions(&self) -> Vec<Arc<Version>> {
         self.history.lock().map(|h| h.clone()).unwrap_or_default()
+    }
+
+    /// The kept versions that hold policy `name`, oldest first (`NotFound` when none does): what
+    /// the REST and gRPC version listings show.
+    pub fn policy_versions(&self, name: &str) -> Result<Vec<PolicyVersion>, RegistryError> {
+        let active = self.current().map(|v| v.number);
+        let versions: Vec<PolicyVersion> = self
+            .versions()
+            .iter()
+            .filter_map(|v| {
+                let entry = v.policies().into_iter().find(|p| p.name == name)?;
+                Some(PolicyVersion {
+                    version: v.number,
+                    loaded_at: super::audit::rfc3339(v.loaded_at),
+                    origin: v.origin,
+                    bundle: v.set.bundle().to_string(),
+                    policy_version: entry.version,
+                    active: Some(v.number) == active,
+                })
+            })
+            .collect();
+        if versions.is_empty() {
+            return Err(RegistryError::NotFound(format!(
+                "no kept version has a policy `{name}`"
+            )));
+        }
+        Ok(versions)
     }
 
     /// The errors of the last rejected reload (cleared by a good one).
@@ -467,10 +532,9 @@ impl Registry {
     pub fn put_policy(&self, name: &str, text: &str) -> Result<Arc<Version>, RegistryError> {
         let _guard = self.writer.lock();
         if !self.path.is_dir() && !self.is_shared() {
-            return Err(RegistryError::Refused(
-                String::from("policies are served from a single file: write them through the file"),
-                409,
-            ));
+            return Err(RegistryError::Conflict(String::from(
+                "policies are served from a single file: write them through the file",
+            )));
         }
         if name.is_empty()
             || !name
@@ -478,10 +542,9 @@ impl Registry {
                 .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
             || name.starts_with('.')
         {
-            return Err(RegistryError::Refused(
-                format!("`{name}` is not a policy name this API writes (letters, digits, -, _, .)"),
-                400,
-            ));
+            return Err(RegistryError::Malformed(format!(
+                "`{name}` is not a policy name this API writes (letters, digits, -, _, .)"
+            )));
         }
         let file_name = format!("{name}.yaml");
         let docs = source::parse_str(&file_name, text)
@@ -491,12 +554,9 @@ impl Registry {
             .filter_map(|d| d.value.pointer("/metadata/name").and_then(|n| n.as_str()))
             .collect();
         if named != [name] {
-            return Err(RegistryError::Refused(
-                format!(
-                    "the body must hold exactly one policy named `{name}` (it holds {named:?})"
-                ),
-                400,
-            ));
+            return Err(RegistryError::Malformed(format!(
+                "the body must hold exactly one policy named `{name}` (it holds {named:?})"
+            )));
         }
         let current = self.base_files()?;
         let target = self.file_of(name, &current)?;
@@ -522,7 +582,7 @@ impl Registry {
         let _guard = self.writer.lock();
         let current = self
             .current()
-            .ok_or_else(|| RegistryError::Refused(String::from("no policies loaded yet"), 409))?;
+            .ok_or_else(|| RegistryError::Conflict(String::from("no policies loaded yet")))?;
         let text_in = |v: &Version| -> Option<(PathBuf, String)> {
             let file = v.policy_file(name)?;
             Some((file.path.clone(), file.text.clone()))
@@ -533,22 +593,19 @@ impl Registry {
             Some(n) => history
                 .iter()
                 .find(|v| v.number == n)
-                .ok_or_else(|| RegistryError::Refused(format!("version {n} is not kept"), 404))?
+                .ok_or_else(|| RegistryError::NotFound(format!("version {n} is not kept")))?
                 .clone(),
             None => history
                 .iter()
                 .rev()
                 .find(|v| v.number < current.number && text_in(v).is_some() && text_in(v) != now)
                 .ok_or_else(|| {
-                    RegistryError::Refused(format!("no earlier version of `{name}` is kept"), 404)
+                    RegistryError::NotFound(format!("no earlier version of `{name}` is kept"))
                 })?
                 .clone(),
         };
         let (path, text) = text_in(&target).ok_or_else(|| {
-            RegistryError::Refused(
-                format!("version {} has no policy `{name}`", target.number),
-                404,
-            )
+            RegistryError::NotFound(format!("version {} has no policy `{name}`", target.number))
         })?;
         let on_disk = self.base_files()?;
         // The API writes whole files: a file the policy shares with others (now or in the
@@ -562,15 +619,12 @@ impl Registry {
             }],
         )?;
         if here != path {
-            return Err(RegistryError::Refused(
-                format!(
-                    "`{name}` moved from {} to {} since version {}: restore it through the files",
-                    path.display(),
-                    here.display(),
-                    target.number
-                ),
-                409,
-            ));
+            return Err(RegistryError::Conflict(format!(
+                "`{name}` moved from {} to {} since version {}: restore it through the files",
+                path.display(),
+                here.display(),
+                target.number
+            )));
         }
         let mut files: Vec<SourceFile> = on_disk.into_iter().filter(|f| f.path != path).collect();
         files.push(SourceFile {
@@ -595,26 +649,20 @@ impl Registry {
                 .collect();
             if names.contains(&name) {
                 if names.len() > 1 {
-                    return Err(RegistryError::Refused(
-                        format!(
-                            "`{name}` shares {} with other policies: edit that file instead",
-                            f.path.display()
-                        ),
-                        409,
-                    ));
+                    return Err(RegistryError::Conflict(format!(
+                        "`{name}` shares {} with other policies: edit that file instead",
+                        f.path.display()
+                    )));
                 }
                 return Ok(f.path.clone());
             }
         }
         let fresh = self.root().join(format!("{name}.yaml"));
         if files.iter().any(|f| f.path == fresh) {
-            return Err(RegistryError::Refused(
-                format!(
-                    "{} holds other policies: a new policy `{name}` cannot take its place",
-                    fresh.display()
-                ),
-                409,
-            ));
+            return Err(RegistryError::Conflict(format!(
+                "{} holds other policies: a new policy `{name}` cannot take its place",
+                fresh.display()
+            )));
         }
         Ok(fresh)
     }
@@ -823,7 +871,7 @@ mod tests {
         // Wrong name in the body.
         assert!(matches!(
             r.put_policy("a", &policy("b", "z")),
-            Err(RegistryError::Refused(_, 400))
+            Err(RegistryError::Malformed(_))
         ));
         // A new policy gets its own file.
         r.put_policy("b", &policy("b", "z")).unwrap();
@@ -850,11 +898,11 @@ mod tests {
         // A new policy named after the shared file would overwrite it.
         assert!(matches!(
             r.put_policy("c", &policy("c", "y")),
-            Err(RegistryError::Refused(_, 409))
+            Err(RegistryError::Conflict(_))
         ));
         assert!(matches!(
             r.put_policy("a", &policy("a", "y")),
-            Err(RegistryError::Refused(_, 409))
+            Err(RegistryError::Conflict(_))
         ));
         // Rolling back `a` would roll back `b` too.
         let both = |m: &str| format!("{}---\n{}", policy("a", m), policy("b", m));
@@ -862,7 +910,7 @@ mod tests {
         r.reload().unwrap();
         assert!(matches!(
             r.rollback_policy("a", Some(1)),
-            Err(RegistryError::Refused(_, 409))
+            Err(RegistryError::Conflict(_))
         ));
         assert_eq!(
             std::fs::read_to_string(dir.path().join("c.yaml")).unwrap(),

@@ -138,10 +138,9 @@ impl SharedBundle for RedisBundle {
                 Feature::Registry,
                 &super::redis::RedisError::Failed(e.clone()),
             );
-            RegistryError::Refused(
-                format!("the shared policy store (Redis) is unavailable: {e}"),
-                503,
-            )
+            RegistryError::Unavailable(format!(
+                "the shared policy store (Redis) is unavailable: {e}"
+            ))
         };
         let payload = serde_json::to_string(&Revision {
             files: files.to_vec(),
@@ -176,13 +175,10 @@ impl SharedBundle for RedisBundle {
             .invoke(&mut conn)
             .map_err(|e| unavailable(e.to_string()))?;
         if ok != 1 {
-            return Err(RegistryError::Refused(
-                format!(
-                    "another replica published revision {n} first: this replica serves {}; retry",
-                    base.unwrap_or("none")
-                ),
-                409,
-            ));
+            return Err(RegistryError::Conflict(format!(
+                "another replica published revision {n} first: this replica serves {}; retry",
+                base.unwrap_or("none")
+            )));
         }
         Ok(n)
     }
@@ -239,8 +235,8 @@ pub async fn sync_once(engine: &Arc<Engine>, bundle: &Arc<RedisBundle>) -> bool 
                         revision = %id,
                         "the shared policy store was empty: seeded with the version this replica serves"
                     ),
-                    Ok(Err(RegistryError::Refused(m, _))) => {
-                        tracing::warn!(error = %m, "cannot seed the shared policy store")
+                    Ok(Err(e)) => {
+                        tracing::warn!(error = %e, "cannot seed the shared policy store")
                     }
                     _ => {}
                 }

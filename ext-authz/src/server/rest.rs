@@ -14,7 +14,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use llm_policy_core::wire::{BundleAnswer, BundleFile};
 use llm_policy_core::Diagnostics;
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Value};
 
 use super::engine::{CheckInput, Engine, Usage};
@@ -135,11 +135,10 @@ fn invalid(d: &Diagnostics) -> ApiError {
 fn registry_error(e: RegistryError) -> ApiError {
     match e {
         RegistryError::Invalid(d) => invalid(&d),
-        RegistryError::Refused(message, status) => error(
-            StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_REQUEST),
-            "refused",
-            message,
-        ),
+        RegistryError::Malformed(m) => error(StatusCode::BAD_REQUEST, "invalid_request", m),
+        RegistryError::NotFound(m) => error(StatusCode::NOT_FOUND, "not_found", m),
+        RegistryError::Conflict(m) => error(StatusCode::CONFLICT, "conflict", m),
+        RegistryError::Unavailable(m) => error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m),
     }
 }
 
@@ -329,43 +328,12 @@ async fn get_policy(State(s): State<RestState>, Path(name): Path<String>) -> Api
     Ok(Json(json!({"version": v.number, "policy": entry, "text": text})).into_response())
 }
 
-#[derive(Serialize)]
-#[serde(rename_all = "camelCase")]
-struct VersionEntry {
-    version: u64,
-    loaded_at: String,
-    origin: super::registry::Origin,
-    bundle: String,
-    policy_version: String,
-    active: bool,
-}
-
 async fn policy_versions(State(s): State<RestState>, Path(name): Path<String>) -> ApiResult {
-    let active = s.engine.registry().current().map(|v| v.number);
-    let versions: Vec<VersionEntry> = s
+    let versions = s
         .engine
         .registry()
-        .versions()
-        .iter()
-        .filter_map(|v| {
-            let entry = v.policies().into_iter().find(|p| p.name == name)?;
-            Some(VersionEntry {
-                version: v.number,
-                loaded_at: super::audit::rfc3339(v.loaded_at),
-                origin: v.origin,
-                bundle: v.set.bundle().to_string(),
-                policy_version: entry.version,
-                active: Some(v.number) == active,
-            })
-        })
-        .collect();
-    if versions.is_empty() {
-        return Err(error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no kept version has a policy `{name}`"),
-        ));
-    }
+        .policy_versions(&name)
+        .map_err(registry_error)?;
     Ok(Json(json!({"policy": name, "versions": versions})).into_response())
 }
 
