@@ -57,6 +57,29 @@ fn reload_if_changed(engine: &Engine) -> Option<Result<Arc<Version>, Diagnostics
         .map(|r| report_reload(engine, r))
 }
 
+/// Counts and logs a policy write or rollback through an API (REST or gRPC): the version now
+/// serving and its warnings, or a rejected bundle.
+pub(crate) fn report_write(
+    engine: &Engine,
+    action: &str,
+    policy: &str,
+    result: &Result<Arc<Version>, registry::RegistryError>,
+) {
+    let metrics = engine.metrics();
+    match result {
+        Ok(v) => {
+            metrics.reloads.with_label_values(&["ok"]).inc();
+            metrics.serving(v.set.bundle(), v.number);
+            tracing::info!(policy = %policy, version = v.number, bundle = v.set.bundle(), "policy {action} through the API");
+            v.log_warnings();
+        }
+        Err(registry::RegistryError::Invalid(_)) => {
+            metrics.reloads.with_label_values(&["error"]).inc();
+        }
+        Err(_) => {}
+    }
+}
+
 pub(crate) fn report_reload(
     engine: &Engine,
     result: Result<(Arc<Version>, bool), Diagnostics>,
@@ -70,9 +93,7 @@ pub(crate) fn report_reload(
                 .inc();
             if changed {
                 metrics.serving(v.set.bundle(), v.number);
-                for w in &v.warnings {
-                    tracing::warn!(diagnostic = %w, "policy warning");
-                }
+                v.log_warnings();
                 let stats = v.set.stats();
                 tracing::info!(
                     version = v.number,

@@ -891,3 +891,28 @@ async fn local_limits_counted_by_the_filter_are_not_counted_again() {
     assert!(!check(&mut c, req(None)).await.allowed);
     h.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_turns_a_namespace_to_default_deny_is_served_with_a_warning() {
+    let h = Harness::start(&[("base.yaml", &base())], |_| {}).await;
+    // The new policy leaves `defaultDecision` out: deny, for the whole namespace.
+    let silent = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: extra}\nspec:\n  rules:\n    - { id: no-o1, when: { match: { field: request.model, op: eq, value: o1 } }, action: { decision: deny } }\n";
+    let r = h
+        .client
+        .put(h.url("/v1/policies/extra"))
+        .bearer_auth(TOKEN)
+        .body(silent)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let v: Value = r.json().await.unwrap();
+    let warnings = v["warnings"].as_array().unwrap();
+    let w = warnings
+        .iter()
+        .find(|w| w["code"] == "mixed-default-decision")
+        .unwrap_or_else(|| panic!("no warning in {v}"));
+    assert!(w["file"].as_str().unwrap().ends_with("extra.yaml"), "{w}");
+    assert!(w["message"].as_str().unwrap().contains("base.yaml"), "{w}");
+    h.stop().await;
+}

@@ -60,6 +60,12 @@ struct PolicyMeta {
     name: String,
     version: String,
     default: DefaultDecision,
+    /// The policy's file.
+    file: String,
+    /// Where its default comes from: `defaultDecision` when written, else the policy's name.
+    default_at: Option<crate::diagnostic::Position>,
+    /// `defaultDecision` is written (not left to its default, deny).
+    default_written: bool,
 }
 
 /// A rule read from its document, waiting to be compiled.
@@ -133,6 +139,7 @@ impl Compiler {
                 ns.default = Verdict::Deny;
             }
         }
+        self.warn_mixed_defaults(&metas);
         let mut seen_ids: HashMap<(String, String), String> = HashMap::new();
         for p in pending {
             let Some(doc) = docs.get(p.doc) else {
@@ -321,11 +328,20 @@ impl Compiler {
             return;
         }
         first_policy.insert(key, doc.file.clone());
+        let written = doc.value.pointer("/spec/defaultDecision").is_some();
+        let at = doc.position(if written {
+            "/spec/defaultDecision"
+        } else {
+            "/metadata/name"
+        });
         metas.push(PolicyMeta {
             namespace: meta.namespace.clone(),
             name: meta.name.clone(),
             version: meta.version.clone().unwrap_or_default(),
             default: policy.spec.default_decision,
+            file: doc.file.clone(),
+            default_at: at,
+            default_written: written,
         });
         for (i, raw) in rules.iter().enumerate() {
             let base = format!("/spec/rules/{i}");
@@ -355,6 +371,46 @@ impl Compiler {
                 pointer: base,
                 rule,
             });
+        }
+    }
+
+    /// One namespace's policies disagree on `defaultDecision`: the namespace denies what nothing
+    /// allows (fail closed, as documented). A policy file added without `defaultDecision` turns a
+    /// default-allow namespace into default-deny for every request, so say so, naming both.
+    fn warn_mixed_defaults(&mut self, metas: &[PolicyMeta]) {
+        let mut namespaces: Vec<&str> = metas.iter().map(|m| m.namespace.as_str()).collect();
+        namespaces.sort_unstable();
+        namespaces.dedup();
+        for ns in namespaces {
+            let in_ns = || metas.iter().filter(move |m| m.namespace == ns);
+            let (Some(allow), Some(deny)) = (
+                in_ns().find(|m| m.default == DefaultDecision::Allow),
+                in_ns().find(|m| m.default == DefaultDecision::Deny),
+            ) else {
+                continue;
+            };
+            let how = if deny.default_written {
+                "says `defaultDecision: deny`"
+            } else {
+                "leaves `defaultDecision` out (deny)"
+            };
+            let allow_at = match allow.default_at {
+                Some(p) => format!("{}:{}:{}", allow.file, p.line, p.column),
+                None => allow.file.clone(),
+            };
+            self.warnings.push(
+                Diagnostic::warning(
+                    Code::MixedDefaultDecision,
+                    format!(
+                        "namespace `{ns}`: policy `{}` {how} while policy `{}` ({}) says `defaultDecision: allow`: the namespace denies every request no rule allows",
+                        deny.name, allow.name, allow_at
+                    ),
+                )
+                .at(&deny.file, deny.default_at)
+                .help(Some(String::from(
+                    "write the same `defaultDecision` in every policy of the namespace",
+                ))),
+            );
         }
     }
 

@@ -137,6 +137,8 @@ codes! {
     ConflictingRules = "conflicting-rules", "equal priority, identical condition, contradictory decisions";
     /// (warning) A rule that can never decide.
     ShadowedRule = "shadowed-rule", "(warning) a higher-priority enforcing rule matches every request";
+    /// (warning) One namespace's policies disagree on `defaultDecision`.
+    MixedDefaultDecision = "mixed-default-decision", "(warning) the policies of one namespace disagree on `defaultDecision` (one leaves it out, which means deny): the namespace denies every request no rule allows";
     /// (warning) A CEL test on a value that may be null or absent, without a guard.
     CelUnguarded = "cel-unguarded", "(warning) a CEL method call or ordering on a field that may be null or absent without a guard in the same conjunction: it errors (and fails closed) when the value is missing";
 }

@@ -494,3 +494,41 @@ fn rules_keep_where_they_were_written() {
     assert_eq!(b.origin.position.map(|p| (p.line, p.column)), Some((9, 7)));
     assert_eq!(b.origin.policy, "t");
 }
+
+#[test]
+fn policies_of_one_namespace_that_disagree_on_the_default_warn_naming_both() {
+    let allow = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: base, namespace: team}\nspec:\n  defaultDecision: allow\n  rules: []\n";
+    let silent = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: extra, namespace: team}\nspec:\n  rules:\n    - {id: r, when: {cel: \"request.model == 'x'\"}, action: {decision: deny}}\n";
+    let other_ns = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: lone, namespace: other}\nspec:\n  defaultDecision: deny\n";
+    let mut docs = llm_policy_core::source::parse_str("a.yaml", allow).unwrap();
+    docs.extend(llm_policy_core::source::parse_str("b.yaml", silent).unwrap());
+    docs.extend(llm_policy_core::source::parse_str("c.yaml", other_ns).unwrap());
+    let out = llm_policy_core::PolicySet::compile(&docs, &Default::default()).unwrap();
+    let mixed: Vec<_> = out
+        .warnings
+        .iter()
+        .filter(|w| w.code == "mixed-default-decision")
+        .collect();
+    assert_eq!(mixed.len(), 1, "{:#?}", out.warnings);
+    let w = mixed[0];
+    assert_eq!(w.severity, Severity::Warning);
+    // Located at the policy that turned the namespace to deny, naming the other's file.
+    assert_eq!(w.file.as_deref(), Some("b.yaml"));
+    assert_eq!(w.position.map(|p| p.line), Some(3));
+    assert!(w.message.contains("namespace `team`"), "{w}");
+    assert!(w.message.contains("leaves `defaultDecision` out"), "{w}");
+    assert!(w.message.contains("a.yaml:5:"), "{w}");
+    // Still fail closed, as documented.
+    assert!(out.set.has_namespace("team"));
+    // Agreeing policies say nothing.
+    let mut same = llm_policy_core::source::parse_str("a.yaml", allow).unwrap();
+    same.extend(
+        llm_policy_core::source::parse_str(
+            "b.yaml",
+            &silent.replace("spec:\n", "spec:\n  defaultDecision: allow\n"),
+        )
+        .unwrap(),
+    );
+    let out = llm_policy_core::PolicySet::compile(&same, &Default::default()).unwrap();
+    assert!(out.warnings.is_empty(), "{:#?}", out.warnings);
+}

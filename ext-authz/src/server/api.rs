@@ -329,23 +329,14 @@ impl PolicyService for PolicyApi {
             return Err(Status::invalid_argument("a policy is at most 4 MiB"));
         }
         let registry = Arc::clone(self.engine.registry());
+        let policy = name.clone();
         let result = tokio::task::spawn_blocking(move || registry.put_policy(&name, &text))
             .await
             .map_err(|e| Status::internal(e.to_string()))?;
-        let metrics = self.engine.metrics();
-        match result {
-            Ok(v) => {
-                metrics.reloads.with_label_values(&["ok"]).inc();
-                metrics.serving(v.set.bundle(), v.number);
-                Ok(Response::new(version_info(&v)))
-            }
-            Err(e) => {
-                if matches!(e, RegistryError::Invalid(_)) {
-                    metrics.reloads.with_label_values(&["error"]).inc();
-                }
-                Err(registry_status(e))
-            }
-        }
+        super::report_write(&self.engine, "written", &policy, &result);
+        result
+            .map(|v| Response::new(version_info(&v)))
+            .map_err(registry_status)
     }
 
     async fn rollback(
@@ -355,14 +346,14 @@ impl PolicyService for PolicyApi {
         self.authorize(&req)?;
         let pb::RollbackRequest { name, to } = req.into_inner();
         let registry = Arc::clone(self.engine.registry());
-        let v = tokio::task::spawn_blocking(move || registry.rollback_policy(&name, to))
+        let policy = name.clone();
+        let result = tokio::task::spawn_blocking(move || registry.rollback_policy(&name, to))
             .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(registry_status)?;
-        let metrics = self.engine.metrics();
-        metrics.reloads.with_label_values(&["ok"]).inc();
-        metrics.serving(v.set.bundle(), v.number);
-        Ok(Response::new(version_info(&v)))
+            .map_err(|e| Status::internal(e.to_string()))?;
+        super::report_write(&self.engine, "rolled back", &policy, &result);
+        result
+            .map(|v| Response::new(version_info(&v)))
+            .map_err(registry_status)
     }
 
     async fn list_versions(

@@ -97,6 +97,14 @@ pub struct Version {
 }
 
 impl Version {
+    /// Logs its warnings (at `warn`), one line each: every path that starts serving a version
+    /// does, so an operator sees e.g. a namespace whose policies disagree on `defaultDecision`.
+    pub fn log_warnings(&self) {
+        for w in &self.warnings {
+            tracing::warn!(version = self.number, diagnostic = %w, "policy warning");
+        }
+    }
+
     /// `(namespace, name, version)` of every policy in it.
     pub fn policies(&self) -> Vec<PolicyEntry> {
         self.documents

@@ -371,21 +371,11 @@ async fn put_policy(
     // Compiling a large bundle is CPU work: off the async workers.
     let result = tokio::task::spawn_blocking(move || registry.put_policy(&name2, &text)).await;
     match result {
-        Ok(Ok(v)) => {
-            s.engine.metrics().reloads.with_label_values(&["ok"]).inc();
-            s.engine.metrics().serving(v.set.bundle(), v.number);
-            tracing::info!(policy = %name, version = v.number, bundle = v.set.bundle(), "policy written through the API");
-            Ok(Json(version_json(&v)).into_response())
-        }
-        Ok(Err(e)) => {
-            if matches!(e, RegistryError::Invalid(_)) {
-                s.engine
-                    .metrics()
-                    .reloads
-                    .with_label_values(&["error"])
-                    .inc();
-            }
-            Err(registry_error(e))
+        Ok(written) => {
+            super::report_write(&s.engine, "written", &name, &written);
+            written
+                .map(|v| Json(version_json(&v)).into_response())
+                .map_err(registry_error)
         }
         Err(e) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -411,13 +401,12 @@ async fn rollback(
     let registry = Arc::clone(s.engine.registry());
     let name2 = name.clone();
     match tokio::task::spawn_blocking(move || registry.rollback_policy(&name2, q.to)).await {
-        Ok(Ok(v)) => {
-            s.engine.metrics().reloads.with_label_values(&["ok"]).inc();
-            s.engine.metrics().serving(v.set.bundle(), v.number);
-            tracing::info!(policy = %name, version = v.number, "policy rolled back through the API");
-            Ok(Json(version_json(&v)).into_response())
+        Ok(rolled) => {
+            super::report_write(&s.engine, "rolled back", &name, &rolled);
+            rolled
+                .map(|v| Json(version_json(&v)).into_response())
+                .map_err(registry_error)
         }
-        Ok(Err(e)) => Err(registry_error(e)),
         Err(e) => Err(error(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
