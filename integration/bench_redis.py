@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 from benchkit import loadgen, save
-from stack import ROOT, Redis, Server
+from stack import ROOT, Replicas, Server
 
 SECS = int(os.environ.get("BENCH_SECS", "5"))
 LIGHT, SATURATED = 4, 48
@@ -56,13 +56,9 @@ def main():
             results["memory_1"] = run([memory], SATURATED)
             memory.proc.stop()
 
-            redis = Redis(tmp, cache={"enabled": False})  # the default: L4 off
-            procs.append(redis.proc)
-            servers = []
-            for i in range(3):
-                (tmp / f"r{i}").mkdir()
-                servers.append(Server(tmp / f"r{i}", bundle, log_dir=tmp, redis=redis, name=f"replica-{i}"))
-                procs.append(servers[-1].proc)
+            replicas = Replicas(tmp, bundle, 3, cache={"enabled": False})  # the default: L4 off
+            procs.append(replicas)
+            servers = replicas.servers
             results["redis_light"] = run(servers[:1], LIGHT)
             results["redis_1"] = run(servers[:1], SATURATED)
             results["redis_3"] = run(servers, SATURATED)

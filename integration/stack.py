@@ -183,6 +183,36 @@ def _resp(f):
     raise ValueError(f"unexpected RESP reply {line!r}")
 
 
+class Replicas:
+    """`n` `llm-policy serve` replicas on `bundle` sharing one real redis-server (counters,
+    registry, audit stream), each in its own directory under `tmp`; `ext_authz_config()` is
+    Envoy's ext_authz configuration over all of them (round robin). `stop()` stops them all (also
+    when one fails to start)."""
+
+    def __init__(self, tmp, bundle, n, name="replica", **redis_extra):
+        self.procs = []
+        try:
+            self.redis = Redis(tmp, **redis_extra)
+            self.procs.append(self.redis.proc)
+            self.servers = []
+            for i in range(n):
+                home = Path(tmp) / f"{name}-{i}"
+                home.mkdir()
+                self.servers.append(Server(home, bundle, log_dir=tmp, redis=self.redis, name=f"{name}-{i}"))
+                self.procs.append(self.servers[-1].proc)
+        except BaseException:
+            self.stop()
+            raise
+
+    def ext_authz_config(self):
+        """`envoy/ext-authz.yaml` with one endpoint per replica."""
+        return with_endpoints((ROOT / "envoy" / "ext-authz.yaml").read_text(), [s.grpc for s in self.servers])
+
+    def stop(self):
+        for p in reversed(self.procs):
+            p.stop()
+
+
 def with_endpoints(text, ports, old=50051):
     """`text` (an Envoy config) with the endpoint on port `old` replaced by one per port (a cluster
     of replicas, round robin)."""

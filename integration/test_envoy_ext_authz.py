@@ -14,37 +14,8 @@ import anthropic
 import openai
 import pytest
 
+from clients import assert_throttled_after, chat, claude, curl, oai
 from stack import DEFAULT_WASM, ROOT, TOKEN, Envoy, Server, binary, envoy_config, http_get, make_certs, wait_for, wasm_file
-
-
-def curl(url, body=None, headers=None, method="POST"):
-    """Runs curl; returns (status, headers dict, body bytes)."""
-    args = ["curl", "-sS", "-X", method, "-D", "-", "-o", "-", url, "--max-time", "10", "-H", "expect:"]
-    for k, v in (headers or {}).items():
-        args += ["-H", f"{k}: {v}"]
-    if body is not None:
-        args += ["-H", "content-type: application/json", "--data-binary", "@-"]
-    raw = subprocess.run(args, input=body, capture_output=True, check=True).stdout
-    head, _, rest = raw.partition(b"\r\n\r\n")
-    lines = head.decode().split("\r\n")
-    status = int(lines[0].split()[1])
-    hdrs = {}
-    for line in lines[1:]:
-        k, _, v = line.partition(":")
-        hdrs[k.strip().lower()] = v.strip()
-    return status, hdrs, rest
-
-
-def chat(model, prompt="Say hello", **extra):
-    return json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], **extra}).encode()
-
-
-def oai(stack, **headers):
-    return openai.OpenAI(base_url=stack.envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
-
-
-def claude(stack, **headers):
-    return anthropic.Anthropic(base_url=stack.envoy.url(), api_key="sk-ant-test", max_retries=0, default_headers=headers or None)
 
 
 def test_envoy_configs_validate(tmp_path):
@@ -144,7 +115,7 @@ def test_denied_requests_never_reach_the_upstream(stack):
 
 
 def test_openai_sdk_raises_the_right_exceptions(stack):
-    client = oai(stack)
+    client = oai(stack.envoy)
     with pytest.raises(openai.PermissionDeniedError) as e:
         client.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 403
@@ -159,13 +130,13 @@ def test_openai_sdk_raises_the_right_exceptions(stack):
 
 
 def test_openai_streaming_passes_through(stack):
-    stream = oai(stack).chat.completions.create(model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hi"}])
+    stream = oai(stack.envoy).chat.completions.create(model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hi"}])
     text = "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
     assert text == "Hello from the mock upstream."
 
 
 def test_anthropic_sdk_raises_the_right_exceptions_and_streams(stack):
-    client = claude(stack)
+    client = claude(stack.envoy)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         client.messages.create(model="claude-2.1", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 403
@@ -179,34 +150,10 @@ def test_anthropic_sdk_raises_the_right_exceptions_and_streams(stack):
         assert "".join(s.text_stream) == "Hello from the mock upstream."
 
 
-def assert_throttled_after(make_client, allowed, total, reason):
-    """`total` chat requests from 8 threads (separate connections): exactly `allowed` pass, the
-    rest get `RateLimitError` with the counter's headers and the rule's reason."""
-
-    def one(_):
-        try:
-            make_client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
-            return "ok", None
-        except openai.RateLimitError as e:
-            return "limited", e
-
-    with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(one, range(total)))
-    assert sum(1 for r, _ in results if r == "ok") == allowed
-    limited = [e for r, e in results if r == "limited"]
-    assert len(limited) == total - allowed
-    e = limited[0]
-    assert e.status_code == 429
-    assert e.response.headers["x-ratelimit-limit"] == str(allowed)
-    assert e.response.headers["x-ratelimit-remaining"] == "0"
-    assert 1 <= int(e.response.headers["retry-after"]) <= 3600
-    assert reason in str(e)
-
-
 def test_throttle_after_n_across_concurrent_connections(stack):
     stack.upstream.reset()
     user = f"user-{uuid.uuid4().hex[:8]}"
-    assert_throttled_after(lambda: oai(stack, **{"x-llm-policy-namespace": "e2e", "x-user-id": user}),
+    assert_throttled_after(lambda: oai(stack.envoy, **{"x-llm-policy-namespace": "e2e", "x-user-id": user}),
                            5, 20, "more than 5 requests per hour")
     assert len(stack.upstream.requests()) == 5
 
@@ -261,7 +208,7 @@ def test_admin_writes_without_the_token_are_refused(stack):
 def test_hot_reload_good_bad_and_rollback_through_envoy(stack):
     path = stack.server.policies / "llm-baseline.yaml"
     original = path.read_text()
-    client = oai(stack)
+    client = oai(stack.envoy)
 
     def allowed():
         try:

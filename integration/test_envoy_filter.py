@@ -16,12 +16,8 @@ import h2.events
 import openai
 import pytest
 
+from clients import assert_throttled_after, chat, claude, curl, oai
 from stack import ROOT, Envoy, binary, envoy_config, free_port, wait_for, wasm_file
-from test_envoy_ext_authz import assert_throttled_after, chat, curl
-
-def oai(s, **headers):
-    return openai.OpenAI(base_url=s.envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
-
 
 def audit_records(server):
     if not server.audit.exists():
@@ -52,7 +48,7 @@ def test_allowed_requests_reach_the_upstream_unchanged_and_denied_never(fstack):
 
 
 def test_the_sdks_raise_the_right_exceptions_and_stream(fstack):
-    client = oai(fstack)
+    client = oai(fstack.envoy)
     with pytest.raises(openai.PermissionDeniedError) as e:
         client.chat.completions.create(model="gpt-3.5-turbo", messages=[{"role": "user", "content": "hi"}])
     assert e.value.status_code == 403 and "model is not approved" in str(e.value)
@@ -62,7 +58,7 @@ def test_the_sdks_raise_the_right_exceptions_and_stream(fstack):
     stream = client.chat.completions.create(model="gpt-4o", stream=True, messages=[{"role": "user", "content": "hi"}])
     assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == "Hello from the mock upstream."
 
-    c = anthropic.Anthropic(base_url=fstack.envoy.url(), api_key="sk-ant-test", max_retries=0)
+    c = claude(fstack.envoy)
     with pytest.raises(anthropic.PermissionDeniedError) as e:
         c.messages.create(model="claude-2.1", max_tokens=50, messages=[{"role": "user", "content": "hi"}])
     assert e.value.body["error"] == {"type": "permission_error", "message": "model is not approved"}
@@ -94,7 +90,7 @@ def test_413_400_and_other_routes(fstack):
 def test_local_limits_throttle_after_n_across_workers(fstack):
     fstack.upstream.reset()
     user = f"user-{uuid.uuid4().hex[:8]}"
-    assert_throttled_after(lambda: oai(fstack, **{"x-llm-policy-namespace": "e2e-local", "x-user-id": user}),
+    assert_throttled_after(lambda: oai(fstack.envoy, **{"x-llm-policy-namespace": "e2e-local", "x-user-id": user}),
                            5, 20, "more than 5 requests per hour on this proxy")
     assert len(fstack.upstream.requests()) == 5
 
@@ -171,7 +167,7 @@ def test_with_the_server_down_requests_that_need_it_fail_closed(fstack, tmp_path
         envoy.proc.stop()
 
 
-def test_a_broken_plugin_configuration_is_rejected_with_its_location(tmp_path):
+def test_a_broken_filter_configuration_is_rejected_with_its_location(tmp_path):
     text = envoy_config("filter", ROOT / "policies").replace('"defaultDecision": "allow"', '"defaultDecision": "maybe"', 1)
     assert '"maybe"' in text
     path = tmp_path / "broken.yaml"
@@ -202,8 +198,7 @@ def test_usage_of_a_streamed_answer_is_reported_to_the_server(fstack):
     reported back under the reservation (RecordUsage) — never sent to the provider."""
     fstack.upstream.reset()
     before = fstack.server.metric('llm_policy_usage_reports_total{result="recorded"}')
-    c = anthropic.Anthropic(base_url=fstack.envoy.url(), api_key="sk-ant-test", max_retries=0,
-                            default_headers={"x-llm-policy-namespace": "e2e-budget", "x-team-id": "research"})
+    c = claude(fstack.envoy, **{"x-llm-policy-namespace": "e2e-budget", "x-team-id": "research"})
     with c.messages.stream(model="claude-sonnet-4-5", max_tokens=50, messages=[{"role": "user", "content": "hi"}]) as s:
         assert "".join(s.text_stream) == "Hello from the mock upstream."
     seen = fstack.upstream.requests()

@@ -9,7 +9,7 @@ import subprocess
 import yaml
 
 from stack import ROOT, binary
-from test_envoy_ext_authz import curl
+from clients import curl
 
 
 def cases():

@@ -4,7 +4,6 @@ Limits and budgets hold across the replicas, a policy written on one serves on a
 killed and restarted under load degrades per the failure mode and recovers by itself."""
 
 import concurrent.futures
-import json
 import shutil
 import time
 import urllib.request
@@ -12,8 +11,8 @@ import uuid
 
 import pytest
 
-from stack import ROOT, TOKEN, Envoy, Redis, Server, Upstream, envoy_config, http_get, with_endpoints
-from test_envoy_ext_authz import chat, curl
+from clients import chat, curl, many
+from stack import ROOT, TOKEN, Envoy, Replicas, Upstream, envoy_config, with_endpoints
 
 REPLICAS = """
 apiVersion: llm-policy/v1
@@ -51,22 +50,16 @@ def replicas(tmp_path_factory):
     try:
         upstream = Upstream(tmp)
         procs.append(upstream.proc)
-        redis = Redis(tmp)
-        procs.append(redis.proc)
-        servers = []
-        for i in range(3):
-            (tmp / f"server{i}").mkdir()
-            servers.append(Server(tmp / f"server{i}", bundle, log_dir=tmp, redis=redis, name=f"llm-policy-{i}"))
-            procs.append(servers[-1].proc)
-        ports = [s.grpc for s in servers]
-        authz = Envoy(tmp, None, upstream.port, tmp,
-                      text=with_endpoints((ROOT / "envoy" / "ext-authz.yaml").read_text(), ports))
+        replicas = Replicas(tmp, bundle, 3, name="llm-policy")
+        procs.append(replicas)
+        servers = replicas.servers
+        authz = Envoy(tmp, None, upstream.port, tmp, text=replicas.ext_authz_config())
         procs.append(authz.proc)
         text = envoy_config("filter+fallback", bundle, server="127.0.0.1:50051",
                             sync_from=f"127.0.0.1:{servers[0].http}", sync_interval_ms=300)
-        filt = Envoy(tmp, None, upstream.port, tmp, text=with_endpoints(text, ports))
+        filt = Envoy(tmp, None, upstream.port, tmp, text=with_endpoints(text, [s.grpc for s in servers]))
         procs.append(filt.proc)
-        yield type("Replicas", (), {"upstream": upstream, "redis": redis, "servers": servers, "authz": authz,
+        yield type("Replicas", (), {"upstream": upstream, "redis": replicas.redis, "servers": servers, "authz": authz,
                                     "filter": filt, "tmp": tmp, "procs": procs})
     finally:
         for p in reversed(procs):
@@ -77,11 +70,6 @@ def post(envoy, team, prompt="hi", max_tokens=None, timeout=10):
     extra = {"max_tokens": max_tokens} if max_tokens else {}
     return curl(envoy.url("/v1/chat/completions"), chat("gpt-4o", prompt, **extra),
                 {**NS, "x-team-id": team, "x-user-id": "u1"})
-
-
-def many(fn, n, threads=16):
-    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-        return list(pool.map(fn, range(n)))
 
 
 def checks_served(server):

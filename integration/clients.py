@@ -1,0 +1,79 @@
+"""The clients the demo, the tests and the benchmarks send requests with: curl, the official
+`openai` and `anthropic` SDKs pointed at an Envoy, and what checking their answers takes."""
+
+import concurrent.futures
+import json
+import subprocess
+
+
+def curl(url, body=None, headers=None, method="POST"):
+    """Runs curl; returns (status, headers dict with lower-case names, body bytes). `body` is
+    bytes, text, or a JSON value (sent as JSON)."""
+    args = ["curl", "-sS", "-X", method, "-D", "-", "-o", "-", url, "--max-time", "10", "-H", "expect:"]
+    for k, v in (headers or {}).items():
+        args += ["-H", f"{k}: {v}"]
+    if body is not None:
+        if not isinstance(body, (bytes, str)):
+            body = json.dumps(body)
+        if isinstance(body, str):
+            body = body.encode()
+        if not any(k.lower() == "content-type" for k in (headers or {})):
+            args += ["-H", "content-type: application/json"]
+        args += ["--data-binary", "@-"]
+    raw = subprocess.run(args, input=body, capture_output=True, check=True).stdout
+    head, _, rest = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    hdrs = {}
+    for line in lines[1:]:
+        k, _, v = line.partition(":")
+        hdrs[k.strip().lower()] = v.strip()
+    return status, hdrs, rest
+
+
+def chat(model, prompt="Say hello", **extra):
+    """An OpenAI chat completion body (bytes)."""
+    return json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], **extra}).encode()
+
+
+def oai(envoy, **headers):
+    """The official OpenAI client through `envoy`, no retries."""
+    import openai
+    return openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
+
+
+def claude(envoy, **headers):
+    """The official Anthropic client through `envoy`, no retries."""
+    import anthropic
+    return anthropic.Anthropic(base_url=envoy.url(), api_key="sk-ant-test", max_retries=0,
+                               default_headers=headers or None)
+
+
+def many(fn, n, threads=16):
+    """`fn(i)` for i in range(n), on `threads` threads; the results in order."""
+    with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(fn, range(n)))
+
+
+def assert_throttled_after(make_client, allowed, total, reason):
+    """`total` chat requests from 8 threads (separate connections): exactly `allowed` pass, the
+    rest get `RateLimitError` with the counter's headers and the rule's reason."""
+    import openai
+
+    def one(_):
+        try:
+            make_client().chat.completions.create(model="gpt-4o", messages=[{"role": "user", "content": "hi"}])
+            return "ok", None
+        except openai.RateLimitError as e:
+            return "limited", e
+
+    results = many(one, total, threads=8)
+    assert sum(1 for r, _ in results if r == "ok") == allowed
+    limited = [e for r, e in results if r == "limited"]
+    assert len(limited) == total - allowed
+    e = limited[0]
+    assert e.status_code == 429
+    assert e.response.headers["x-ratelimit-limit"] == str(allowed)
+    assert e.response.headers["x-ratelimit-remaining"] == "0"
+    assert 1 <= int(e.response.headers["retry-after"]) <= 3600
+    assert reason in str(e)
