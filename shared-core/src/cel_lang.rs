@@ -21,8 +21,10 @@
 use std::sync::Arc;
 
 use cel::common::ast::{Expr, IdedExpr, LiteralValue, SelectExpr};
+use cel::Value;
 
 use crate::cel_program::{env, CelProgram};
+use crate::cel_text::ShowValue;
 use crate::condition::{Cond, Lit};
 use crate::diagnostic::Code;
 use crate::schema::{ElemField, FieldRef, FieldType};
@@ -245,18 +247,23 @@ fn render(e: &IdedExpr, out: &mut String) {
         return;
     }
     match &e.expr {
-        Expr::Literal(LiteralValue::String(s)) => {
+        Expr::Literal(LiteralValue::String(s)) if !s.inner().contains(['\'', '\\']) => {
             out.push('\'');
             out.push_str(s.inner());
             out.push('\'');
         }
-        Expr::Literal(l) => match literal(e) {
-            Some(Lit::Int(i)) => out.push_str(&i.to_string()),
-            Some(Lit::Float(f)) => out.push_str(&format!("{f:?}")),
-            Some(Lit::Bool(b)) => out.push_str(if b { "true" } else { "false" }),
-            Some(Lit::Null) => out.push_str("null"),
-            _ => out.push_str(&format!("{l:?}")),
-        },
+        Expr::Literal(l) => {
+            let v = match l {
+                LiteralValue::Boolean(b) => Value::Bool(*b.inner()),
+                LiteralValue::Int(i) => Value::Int(*i.inner()),
+                LiteralValue::UInt(u) => Value::UInt(*u.inner()),
+                LiteralValue::Double(d) => Value::Float(*d.inner()),
+                LiteralValue::String(s) => Value::String(Arc::new(s.inner().to_string())),
+                LiteralValue::Bytes(b) => Value::Bytes(Arc::new(b.inner().to_vec())),
+                LiteralValue::Null => Value::Null,
+            };
+            out.push_str(&ShowValue(&v).to_string());
+        }
         Expr::Ident(n) => out.push_str(n),
         Expr::Select(s) => {
             if s.test {
@@ -298,6 +305,13 @@ fn render(e: &IdedExpr, out: &mut String) {
                 (_, [a], op::LOGICAL_NOT) => {
                     out.push('!');
                     render(a, out);
+                }
+                (_, [c, a, b], op::CONDITIONAL) => {
+                    render(c, out);
+                    out.push_str(" ? ");
+                    render(a, out);
+                    out.push_str(" : ");
+                    render(b, out);
                 }
                 (_, [a], op::NEGATE) => {
                     out.push('-');

@@ -11,6 +11,7 @@ use cel::common::ast::{
 use cel::{Context, ExecutionError, Value};
 
 use super::{env, field_of, issue, show, string_lit, CelIssue, Scope};
+use crate::cel_text::ShowError;
 use crate::diagnostic::Code;
 use crate::pattern::build_regex;
 use crate::schema::{check_shield_name, root_fields, FieldRef, FieldType, ROOTS};
@@ -1345,7 +1346,7 @@ fn fold_constants(e: &IdedExpr, bound: &mut Vec<String>) -> Result<(), CelIssue>
         if let Err(err) = Value::resolve(e, &ctx) {
             return Err(issue(
                 Code::CelConstant,
-                format!("`{}` always fails: {err}", show(e)),
+                format!("`{}` always fails: {}", show(e), ShowError(&err)),
                 None,
             ));
         }

@@ -41,8 +41,8 @@ use textproto::{Msg, Value as Tp};
 /// The vendored files, with the fewest tests each must pass (a regression fails the test).
 const FILES: &[(&str, usize)] = &[
     ("basic", 35),
-    ("comparisons", 322),
-    ("conversions", 106),
+    ("comparisons", 324),
+    ("conversions", 109),
     ("fields", 42),
     ("fp_math", 30),
     ("integer_math", 64),
@@ -55,7 +55,7 @@ const FILES: &[(&str, usize)] = &[
     ("plumbing", 4),
     ("string", 51),
     ("string_ext", 42),
-    ("timestamps", 0),
+    ("timestamps", 68),
 ];
 
 /// Load-time codes that mean "this expression always fails": a test expecting an evaluation
@@ -98,7 +98,10 @@ struct Case {
 enum Outcome {
     Pass,
     /// An expected error, found at load with this code.
-    PassAtLoad,
+    /// An expected error, found at load with this message.
+    PassAtLoad(String),
+    /// An expected error, found at evaluation with this message.
+    PassWithError(String),
     Wrong(String),
     Refused(String, String),
     NotApplicable(String),
@@ -453,12 +456,13 @@ fn outcome(c: &Case, ctx: &RequestContext) -> (Outcome, String) {
         },
     };
     let o = match (run(&cond, ctx), want) {
-        (Ok(true), Some(_)) | (Err(Ok(_)), None) => Outcome::Pass,
+        (Ok(true), Some(_)) => Outcome::Pass,
+        (Err(Ok(e)), None) => Outcome::PassWithError(e),
         (Ok(false), Some(v)) => Outcome::Wrong(format!("the value is not {}", show(v))),
         (Ok(_), None) => Outcome::Wrong("a value, where an error was expected".into()),
         (Err(Ok(e)), Some(_)) => Outcome::Wrong(format!("runtime error: {e}")),
-        (Err(Err((code, _))), None) if CAUGHT_AT_LOAD.contains(&code.as_str()) => {
-            Outcome::PassAtLoad
+        (Err(Err((code, msg))), None) if CAUGHT_AT_LOAD.contains(&code.as_str()) => {
+            Outcome::PassAtLoad(msg)
         }
         (Err(Err((code, msg))), _) => Outcome::Refused(code, msg),
     };
@@ -512,6 +516,8 @@ fn cel_spec_simple_tests() {
     let mut below = Vec::new();
     let mut total = Tally::default();
     let mut na_reasons: BTreeMap<String, usize> = BTreeMap::new();
+    // Every load error and runtime error message, checked for Rust debug text.
+    let mut messages: Vec<(String, String)> = Vec::new();
     for &(file, floor) in FILES {
         let mut t = Tally::default();
         for c in cases_of(file) {
@@ -519,8 +525,8 @@ fn cel_spec_simple_tests() {
             let (o, cond) = outcome(&c, &ctx);
             let id = format!("{file}/{}/{}", c.section, c.name);
             match &o {
-                Outcome::Pass => t.pass += 1,
-                Outcome::PassAtLoad => {
+                Outcome::Pass | Outcome::PassWithError(_) => t.pass += 1,
+                Outcome::PassAtLoad(_) => {
                     t.pass += 1;
                     t.at_load += 1;
                 }
@@ -532,9 +538,16 @@ fn cel_spec_simple_tests() {
                 Outcome::NotApplicable(_) => t.na += 1,
             }
             let detail = match &o {
-                Outcome::Pass | Outcome::PassAtLoad => None,
+                Outcome::Pass => None,
+                Outcome::PassAtLoad(msg) | Outcome::PassWithError(msg) => {
+                    messages.push((id.clone(), msg.clone()));
+                    None
+                }
                 Outcome::Wrong(why) => Some(format!("WRONG: {why}")),
-                Outcome::Refused(code, msg) => Some(format!("refused, {code}: {msg}")),
+                Outcome::Refused(code, msg) => {
+                    messages.push((id.clone(), msg.clone()));
+                    Some(format!("refused, {code}: {msg}"))
+                }
                 Outcome::NotApplicable(why) => {
                     *na_reasons.entry(why.clone()).or_default() += 1;
                     Some(format!("n/a: {why}"))
@@ -613,6 +626,57 @@ fn cel_spec_simple_tests() {
         wrong.join("\n")
     );
     assert!(below.is_empty(), "below the floor:\n{}", below.join("\n"));
+    if std::env::var_os("CEL_CONFORMANCE_MESSAGES").is_some() {
+        for (id, m) in &messages {
+            println!("{id}: {m}");
+        }
+    }
+    let debug: Vec<String> = messages
+        .iter()
+        .filter(|(_, m)| rust_debug_text(m))
+        .map(|(id, m)| format!("{id}: {m}"))
+        .collect();
+    assert!(
+        debug.is_empty(),
+        "{} messages with Rust debug text:\n{}",
+        debug.len(),
+        debug.join("\n")
+    );
+}
+
+/// Whether a message shows a value the way Rust's `Debug` does (`UInt(256)`, `Bytes([1, 2])`,
+/// `TimeDelta { secs: 1, nanos: 0 }`) rather than the way CEL writes it.
+fn rust_debug_text(m: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "Int(",
+        "UInt(",
+        "Float(",
+        "String(",
+        "Bytes(",
+        "Bool(",
+        "List(",
+        "Map(",
+        "Duration(",
+        "Timestamp(",
+        "TimeDelta",
+        "Null",
+        "Key::",
+        "Function(",
+        "Opaque<",
+        "Some(",
+        "Arc(",
+        "CelString",
+        "CelInt",
+        "CelUInt",
+        "CelDouble",
+        "CelBytes",
+    ];
+    NAMES.iter().any(|n| {
+        m.match_indices(n).any(|(i, _)| {
+            // A name inside a word (`isNull(`, `toString(`) is not a value.
+            !m[..i].ends_with(|c: char| c.is_ascii_alphanumeric() || c == '_' || c == '.')
+        })
+    })
 }
 
 #[allow(
