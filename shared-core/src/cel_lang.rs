@@ -72,20 +72,55 @@ pub(crate) struct CelCompiled {
     pub warnings: Vec<CelIssue>,
 }
 
-/// Parses without any check (the guard runs first in [`compile`]).
+/// Parses without any check (the guard runs first in [`compile`]). Backtick-quoted field names
+/// (`` request.headers.`x-api-key` ``, `` m.`content-type` ``) are CEL syntax and accepted.
 pub(crate) fn parse(src: &str) -> Result<IdedExpr, CelIssue> {
     cel::parser::PrattParser::new()
         .enable_optional_syntax(true)
+        .enable_ident_escape_syntax(true)
         .max_recursion_depth(u16::try_from(MAX_DEPTH).unwrap_or(u16::MAX))
         // Stop at the first error: recovery would keep building a tree from broken text.
         .error_recovery_limit(0)
         .max_expression_node_count(MAX_NODES)
         .parse(src)
-        .map_err(|e| {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default().trim().to_string();
-            issue(Code::CelSyntax, format!("CEL syntax error: {first}"), None)
-        })
+        .map_err(|e| syntax_error(src, &e.errors))
+}
+
+/// The parser's first real error (not its note that recovery stopped), with the column.
+fn syntax_error(src: &str, errors: &[cel::parser::ParseError]) -> CelIssue {
+    let first = errors
+        .iter()
+        .find(|e| !e.msg.starts_with("error recovery attempt limit exceeded"))
+        .or(errors.first());
+    let Some(e) = first else {
+        return issue(Code::CelSyntax, "CEL syntax error", None);
+    };
+    let mut msg = e.msg.trim_start_matches("Syntax error: ").to_string();
+    if msg == "unexpected quoted identifier" {
+        msg = String::from(
+            "a backtick-quoted name may hold only letters, digits and `_ . - /` or spaces, and only after a `.` (`m.`content-type``)",
+        );
+    }
+    // `pos` is (line, byte column), both from 1: shown as a column in characters.
+    let line = usize::try_from(e.pos.0).unwrap_or(0);
+    let byte = usize::try_from(e.pos.1).unwrap_or(0).saturating_sub(1);
+    let text = src.lines().nth(line.saturating_sub(1)).unwrap_or_default();
+    let column = text
+        .get(..byte)
+        .map_or(byte, |t| t.chars().count())
+        .saturating_add(1);
+    let at = if line > 1 || src.contains('\n') {
+        format!(" at line {line}, column {column}")
+    } else if line == 1 {
+        format!(" at column {column}")
+    } else {
+        String::new()
+    };
+    issue(
+        Code::CelSyntax,
+        format!("CEL syntax error{at}: {msg}"),
+        None,
+    )
 }
 
 /// Compiles one CEL condition.
