@@ -716,7 +716,7 @@ mod checks {
             "request.prompt.split(' ', 5000).size() > 3",
             "request.prompt.split(' ', request.max_tokens).size() > 3",
             "request.tools.join(request.model) == ''",
-            "request.tools.join('-----------------') == ''",
+            "request.tools.join('--------') == ''",
             "'%s'.format(request.tools) == ''",
             "'%s'.format(request.messages.map(m, m.content)) == ''",
             "strings.quote(strings.quote(strings.quote(strings.quote(request.prompt)))) == ''",

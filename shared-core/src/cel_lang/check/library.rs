@@ -322,18 +322,19 @@ impl Checker<'_> {
                         ),
                         ..T::derived(Ty::Str, list.size, request)
                     },
-                    // A list from the request has at most one element per two bytes of it, so
-                    // the separators add at most half their length in request sizes.
+                    // A list from the request has at most one element per byte of it (a
+                    // `split` of `',,,'` included), so the separators add at most their length
+                    // in request sizes.
                     None if list.request => T {
                         lits: list.lits,
-                        ..T::derived(
-                            Ty::Str,
-                            list.size.saturating_add(u32_of(sep.div_ceil(2))),
-                            request,
-                        )
+                        ..T::derived(Ty::Str, list.size.saturating_add(u32_of(sep)), request)
                     },
+                    // A constant list (`'a,b'.split(',')`): at most one element per byte of its
+                    // literal text, and one more.
                     None => T {
-                        lits: list.lits.saturating_mul(sep_bytes.saturating_add(1)),
+                        lits: list
+                            .lits
+                            .saturating_add(list.lits.saturating_add(1).saturating_mul(sep_bytes)),
                         ..T::derived(Ty::Str, list.size, request)
                     },
                 };
