@@ -387,12 +387,47 @@ fn render(e: &IdedExpr, out: &mut String) {
         }
         Expr::Comprehension(c) => {
             render(&c.iter_range, out);
-            out.push_str(&format!(".<macro>({}, ...)", c.iter_var));
+            out.push_str(&format!(".{}({}, ...)", macro_name(c), c.iter_var));
         }
         Expr::Map(_) => out.push_str("{...}"),
         Expr::Struct(s) => out.push_str(&format!("{}{{...}}", s.type_name)),
         Expr::Unspecified => {}
     }
+}
+
+/// Which macro a comprehension was expanded from (as the `cel` parser expands them).
+fn macro_name(c: &cel::common::ast::ComprehensionExpr) -> &'static str {
+    use cel::common::ast::operators as op;
+    let step = match &c.loop_step.expr {
+        Expr::Call(s) => s.func_name.as_str(),
+        _ => "",
+    };
+    match (&c.accu_init.expr, step) {
+        (Expr::Literal(LiteralValue::Boolean(b)), op::LOGICAL_OR) if !*b.inner() => "exists",
+        (Expr::Literal(LiteralValue::Boolean(b)), op::LOGICAL_AND) if *b.inner() => "all",
+        (Expr::Literal(LiteralValue::Int(_)), _) => "exists_one",
+        // `filter` adds the element itself; `map(x, pred, f)` adds `f`.
+        (Expr::List(_), op::CONDITIONAL) if adds_iter_var(c) => "filter",
+        (Expr::List(_), _) => "map",
+        _ => "macro",
+    }
+}
+
+/// Whether a comprehension's step is `pred ? accu + [iter_var] : accu`.
+fn adds_iter_var(c: &cel::common::ast::ComprehensionExpr) -> bool {
+    let Expr::Call(step) = &c.loop_step.expr else {
+        return false;
+    };
+    let Some(Expr::Call(add)) = step.args.get(1).map(|a| &a.expr) else {
+        return false;
+    };
+    matches!(
+        add.args.get(1).map(|a| &a.expr),
+        Some(Expr::List(l)) if matches!(
+            l.elements.as_slice(),
+            [x] if matches!(&x.expr, Expr::Ident(v) if *v == c.iter_var)
+        )
+    )
 }
 
 #[cfg(test)]

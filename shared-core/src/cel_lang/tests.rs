@@ -888,6 +888,22 @@ mod checks {
     }
 
     #[test]
+    fn messages_name_the_macros() {
+        for (src, name) in [
+            ("[0].exists(x, 1 / x > 0)", ".exists(x, ...)"),
+            ("[0].all(x, 1 / x > 0)", ".all(x, ...)"),
+            ("[0].exists_one(x, 1 / x > 0)", ".exists_one(x, ...)"),
+            ("size([1, 0].map(x, 1 / x)) > 0", ".map(x, ...)"),
+            ("size([1, 0].map(x, x >= 0, 1 / x)) > 0", ".map(x, ...)"),
+            ("size([1, 0].filter(x, 1 / x > 0)) > 0", ".filter(x, ...)"),
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert_eq!(e.code, Code::CelConstant, "{src}");
+            assert!(e.message.contains(name), "{src}: {}", e.message);
+        }
+    }
+
+    #[test]
     fn messages_write_values_as_cel() {
         for (src, text) in [
             (
