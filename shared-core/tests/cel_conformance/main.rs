@@ -7,7 +7,11 @@
 //! A test expecting a value `v` becomes the condition a user would write: `EXPR` for `true`,
 //! `!(EXPR)` for `false`, `(EXPR) == v` otherwise, plus `&& type(EXPR) == T` when `v` is a number
 //! (CEL's `==` compares numbers across `int`, `uint` and `double`, so `1u == 1` alone would pass
-//! an `int` test), and `type(EXPR) == double && (EXPR) != (EXPR)` for NaN. A test expecting an
+//! an `int` test; inside an expected list or map, numbers still compare across kinds, as CEL's
+//! `==` does), and `type(EXPR) == double && (EXPR) != (EXPR)` for NaN (only NaN differs from
+//! itself; a NaN inside an expected list or map has no literal: not applicable). Parentheses
+//! around the whole expression are dropped before it is wrapped, so the condition nests no
+//! deeper than the test (`parse.textproto` tests the 32-level limit). A test expecting an
 //! error becomes `type(EXPR) == type`, true for every value: the rule must report an error, or
 //! the policy must be refused at load with a code that means the expression always fails
 //! ([`CAUGHT_AT_LOAD`]).
@@ -18,7 +22,12 @@
 //! a protobuf container, message types, type-check-only or unknown results).
 //!
 //! `cargo test -p llm-policy-core --test cel_conformance -- --nocapture` prints the per-file
-//! table; `CEL_CONFORMANCE_VERBOSE=1` also lists every test that does not pass, with why.
+//! table; `CEL_CONFORMANCE_VERBOSE=1` also lists every test that does not pass, with why, and
+//! `CEL_CONFORMANCE_MESSAGES=1` every load and runtime error message.
+//!
+//! The expressions read no request field, so they run in the interpreter (after the load-time
+//! checks, which evaluate constant sub-expressions once); the native translation is held to the
+//! interpreter by the differential property test in `cel_lang/tests.rs`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
