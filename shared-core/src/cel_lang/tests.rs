@@ -854,6 +854,15 @@ mod checks {
             "{}",
             e.message
         );
+        let e = compile("request.model == 'x' && 'y", &attrs())
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Code::CelSyntax);
+        assert!(
+            e.message.starts_with("CEL syntax error at column 25: "),
+            "{}",
+            e.message
+        );
         let e = compile("{'a': 1}.`a+b` == 1", &attrs()).err().unwrap();
         assert!(e.message.contains("backtick-quoted name"), "{}", e.message);
         // Backtick-quoted names are CEL syntax: header names with dashes, map keys.
