@@ -21,8 +21,10 @@
 use std::sync::Arc;
 
 use cel::common::ast::{Expr, IdedExpr, LiteralValue, SelectExpr};
+use cel::Value;
 
 use crate::cel_program::{env, CelProgram};
+use crate::cel_text::ShowValue;
 use crate::condition::{Cond, Lit};
 use crate::diagnostic::Code;
 use crate::schema::{ElemField, FieldRef, FieldType};
@@ -70,20 +72,55 @@ pub(crate) struct CelCompiled {
     pub warnings: Vec<CelIssue>,
 }
 
-/// Parses without any check (the guard runs first in [`compile`]).
+/// Parses without any check (the guard runs first in [`compile`]). Backtick-quoted field names
+/// (`` request.headers.`x-api-key` ``, `` m.`content-type` ``) are CEL syntax and accepted.
 pub(crate) fn parse(src: &str) -> Result<IdedExpr, CelIssue> {
     cel::parser::PrattParser::new()
         .enable_optional_syntax(true)
+        .enable_ident_escape_syntax(true)
         .max_recursion_depth(u16::try_from(MAX_DEPTH).unwrap_or(u16::MAX))
         // Stop at the first error: recovery would keep building a tree from broken text.
         .error_recovery_limit(0)
         .max_expression_node_count(MAX_NODES)
         .parse(src)
-        .map_err(|e| {
-            let text = e.to_string();
-            let first = text.lines().next().unwrap_or_default().trim().to_string();
-            issue(Code::CelSyntax, format!("CEL syntax error: {first}"), None)
-        })
+        .map_err(|e| syntax_error(src, &e.errors))
+}
+
+/// The parser's first real error (not its note that recovery stopped), with the column.
+fn syntax_error(src: &str, errors: &[cel::parser::ParseError]) -> CelIssue {
+    let first = errors
+        .iter()
+        .find(|e| !e.msg.starts_with("error recovery attempt limit exceeded"))
+        .or(errors.first());
+    let Some(e) = first else {
+        return issue(Code::CelSyntax, "CEL syntax error", None);
+    };
+    let mut msg = e.msg.trim_start_matches("Syntax error: ").to_string();
+    if msg == "unexpected quoted identifier" {
+        msg = String::from(
+            "a backtick-quoted name may hold only letters, digits and `_ . - /` or spaces, and only after a `.` (`m.`content-type``)",
+        );
+    }
+    // `pos` is (line, byte column), both from 1: shown as a column in characters.
+    let line = usize::try_from(e.pos.0).unwrap_or(0);
+    let byte = usize::try_from(e.pos.1).unwrap_or(0).saturating_sub(1);
+    let text = src.lines().nth(line.saturating_sub(1)).unwrap_or_default();
+    let column = text
+        .get(..byte)
+        .map_or(byte, |t| t.chars().count())
+        .saturating_add(1);
+    let at = if line > 1 || src.contains('\n') {
+        format!(" at line {line}, column {column}")
+    } else if line == 1 {
+        format!(" at column {column}")
+    } else {
+        String::new()
+    };
+    issue(
+        Code::CelSyntax,
+        format!("CEL syntax error{at}: {msg}"),
+        None,
+    )
 }
 
 /// Compiles one CEL condition.
@@ -245,18 +282,23 @@ fn render(e: &IdedExpr, out: &mut String) {
         return;
     }
     match &e.expr {
-        Expr::Literal(LiteralValue::String(s)) => {
+        Expr::Literal(LiteralValue::String(s)) if !s.inner().contains(['\'', '\\']) => {
             out.push('\'');
             out.push_str(s.inner());
             out.push('\'');
         }
-        Expr::Literal(l) => match literal(e) {
-            Some(Lit::Int(i)) => out.push_str(&i.to_string()),
-            Some(Lit::Float(f)) => out.push_str(&format!("{f:?}")),
-            Some(Lit::Bool(b)) => out.push_str(if b { "true" } else { "false" }),
-            Some(Lit::Null) => out.push_str("null"),
-            _ => out.push_str(&format!("{l:?}")),
-        },
+        Expr::Literal(l) => {
+            let v = match l {
+                LiteralValue::Boolean(b) => Value::Bool(*b.inner()),
+                LiteralValue::Int(i) => Value::Int(*i.inner()),
+                LiteralValue::UInt(u) => Value::UInt(*u.inner()),
+                LiteralValue::Double(d) => Value::Float(*d.inner()),
+                LiteralValue::String(s) => Value::String(Arc::new(s.inner().to_string())),
+                LiteralValue::Bytes(b) => Value::Bytes(Arc::new(b.inner().to_vec())),
+                LiteralValue::Null => Value::Null,
+            };
+            out.push_str(&ShowValue(&v).to_string());
+        }
         Expr::Ident(n) => out.push_str(n),
         Expr::Select(s) => {
             if s.test {
@@ -299,6 +341,13 @@ fn render(e: &IdedExpr, out: &mut String) {
                     out.push('!');
                     render(a, out);
                 }
+                (_, [c, a, b], op::CONDITIONAL) => {
+                    render(c, out);
+                    out.push_str(" ? ");
+                    render(a, out);
+                    out.push_str(" : ");
+                    render(b, out);
+                }
                 (_, [a], op::NEGATE) => {
                     out.push('-');
                     render(a, out);
@@ -338,12 +387,47 @@ fn render(e: &IdedExpr, out: &mut String) {
         }
         Expr::Comprehension(c) => {
             render(&c.iter_range, out);
-            out.push_str(&format!(".<macro>({}, ...)", c.iter_var));
+            out.push_str(&format!(".{}({}, ...)", macro_name(c), c.iter_var));
         }
         Expr::Map(_) => out.push_str("{...}"),
         Expr::Struct(s) => out.push_str(&format!("{}{{...}}", s.type_name)),
         Expr::Unspecified => {}
     }
+}
+
+/// Which macro a comprehension was expanded from (as the `cel` parser expands them).
+fn macro_name(c: &cel::common::ast::ComprehensionExpr) -> &'static str {
+    use cel::common::ast::operators as op;
+    let step = match &c.loop_step.expr {
+        Expr::Call(s) => s.func_name.as_str(),
+        _ => "",
+    };
+    match (&c.accu_init.expr, step) {
+        (Expr::Literal(LiteralValue::Boolean(b)), op::LOGICAL_OR) if !*b.inner() => "exists",
+        (Expr::Literal(LiteralValue::Boolean(b)), op::LOGICAL_AND) if *b.inner() => "all",
+        (Expr::Literal(LiteralValue::Int(_)), _) => "exists_one",
+        // `filter` adds the element itself; `map(x, pred, f)` adds `f`.
+        (Expr::List(_), op::CONDITIONAL) if adds_iter_var(c) => "filter",
+        (Expr::List(_), _) => "map",
+        _ => "macro",
+    }
+}
+
+/// Whether a comprehension's step is `pred ? accu + [iter_var] : accu`.
+fn adds_iter_var(c: &cel::common::ast::ComprehensionExpr) -> bool {
+    let Expr::Call(step) = &c.loop_step.expr else {
+        return false;
+    };
+    let Some(Expr::Call(add)) = step.args.get(1).map(|a| &a.expr) else {
+        return false;
+    };
+    matches!(
+        add.args.get(1).map(|a| &a.expr),
+        Some(Expr::List(l)) if matches!(
+            l.elements.as_slice(),
+            [x] if matches!(&x.expr, Expr::Ident(v) if *v == c.iter_var)
+        )
+    )
 }
 
 #[cfg(test)]

@@ -20,6 +20,7 @@ use cel::common::value::CowVal;
 use cel::{Context, Env, ExecutionError, Value};
 use regex::Regex;
 
+use crate::cel_text::{ShowError, ShowValue};
 use crate::context::{FieldValue, ShieldValue, View};
 use crate::pattern::build_regex;
 use crate::schema::{members, FieldRef};
@@ -204,12 +205,12 @@ impl CelProgram {
             .get_or_insert_with(|| activation(v, Some(reads)));
         match Value::resolve(&self.expr, activation) {
             Ok(Value::Bool(b)) => Ok(b),
-            Ok(other) => Err(CondError(format!(
-                "condition returned {:?}, not a bool",
-                other.type_of()
-            ))),
+            Ok(other) => Err(CondError(clip(format!(
+                "the condition is {}, not a bool",
+                ShowValue(&other)
+            )))),
             Err(e) => {
-                let mut msg = clip_display(&e);
+                let mut msg = clip_display(&ShowError(&e));
                 let missing: Vec<String> = self
                     .nullable
                     .iter()

@@ -100,17 +100,17 @@ codes! {
     /// A plugin the host has not loaded.
     UnknownPlugin = "unknown-plugin", "a plugin condition names a plugin the server has not loaded (`llm-policy serve` only)";
     /// CEL syntax.
-    CelSyntax = "cel-syntax", "CEL syntax error";
+    CelSyntax = "cel-syntax", "CEL syntax error (the parser's message and its column)";
     /// CEL source too long.
     CelTooLarge = "cel-too-large", "a CEL expression over 16 KiB";
     /// CEL nesting or operator chains too deep.
     CelTooDeep = "cel-too-deep", "a CEL expression nests brackets deeper than 32 levels or its syntax tree deeper than 64 (long operator chains count)";
     /// A CEL construct whose cost grows too fast.
-    CelTooComplex = "cel-too-complex", "a construct whose cost could outgrow the request: a list macro inside another, one over request data (or over more than 32 literals) whose body reads request text, a value more than 8 times the request or with more than 64 KiB of literal text, `split`, `join`, `format`, `indexOf`, `lastIndexOf`, a growing `replace`";
+    CelTooComplex = "cel-too-complex", "a construct whose cost could outgrow the request: a list macro inside another (except over a list literal of at most 32 items, one level deep), one over request data (or over more than 32 literals) whose body reads request text, a value more than 8 times the request or with more than 64 KiB of literal text; `indexOf` / `lastIndexOf` unless the text or what it looks for is a literal of at most 64 characters, `split` of request text without a literal limit (at most 1000), `join` with a separator that is not a literal, `format` of anything but a list literal, `replace` with a replacement that is neither a literal nor limited by a literal count";
     /// Unknown CEL function.
     CelUnknownFunction = "cel-unknown-function", "a CEL function that does not exist (also behind `&&` / `||`)";
     /// Unsupported CEL construct.
-    CelUnsupported = "cel-unsupported", "CEL message construction";
+    CelUnsupported = "cel-unsupported", "CEL that the engine does not run: message construction, two-variable comprehensions (`exists(i, v, ...)`), `transformList` / `transformMap`, `optMap` / `optFlatMap`, time zone names from the IANA database (`getHours('Europe/Paris')`; fixed offsets and UTC are supported)";
     /// CEL without the `cel` feature.
     CelUnavailable = "cel-unavailable", "a CEL condition in a build of the core without the `cel` feature";
     /// A CEL type error.

@@ -43,6 +43,8 @@ mod cache_key;
 mod cel_lang;
 #[cfg(feature = "cel")]
 mod cel_program;
+#[cfg(feature = "cel")]
+mod cel_text;
 mod compile;
 mod condition;
 pub mod context;

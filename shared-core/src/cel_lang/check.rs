@@ -11,6 +11,9 @@ use cel::common::ast::{
 use cel::{Context, ExecutionError, Value};
 
 use super::{env, field_of, issue, show, string_lit, CelIssue, Scope};
+
+mod library;
+use crate::cel_text::ShowError;
 use crate::diagnostic::Code;
 use crate::pattern::build_regex;
 use crate::schema::{check_shield_name, root_fields, FieldRef, FieldType, ROOTS};
@@ -39,6 +42,8 @@ enum Ty {
     Str,
     Bytes,
     Null,
+    Timestamp,
+    Duration,
     List,
     Map,
     /// An element of `request.messages` (a map with `role` and `content`).
@@ -57,6 +62,8 @@ impl Ty {
             Ty::Str => "a string",
             Ty::Bytes => "bytes",
             Ty::Null => "null",
+            Ty::Timestamp => "a timestamp",
+            Ty::Duration => "a duration",
             Ty::List => "a list",
             Ty::Map | Ty::Message => "a map",
             Ty::Type => "a type",
@@ -249,7 +256,15 @@ fn orderable(a: Ty, b: Ty) -> bool {
     let ordered = |t: Ty| {
         matches!(
             t,
-            Ty::Int | Ty::Uint | Ty::Double | Ty::Str | Ty::Bool | Ty::Bytes | Ty::Dyn
+            Ty::Int
+                | Ty::Uint
+                | Ty::Double
+                | Ty::Str
+                | Ty::Bool
+                | Ty::Bytes
+                | Ty::Timestamp
+                | Ty::Duration
+                | Ty::Dyn
         )
     };
     ordered(a) && ordered(b) && (a == b || !a.known() || !b.known() || (a.numeric() && b.numeric()))
@@ -461,6 +476,13 @@ impl Checker<'_> {
     }
 
     fn select(&mut self, s: &cel::common::ast::SelectExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        // `google.protobuf.Timestamp`: a type name.
+        if let Some(segments) = qualified_name(e) {
+            let unbound = segments.first().is_some_and(|r| self.binding(r).is_none());
+            if unbound && QUALIFIED_TYPE_NAMES.contains(&segments.join(".").as_str()) {
+                return Ok(T::of(Ty::Type));
+            }
+        }
         // `m.role` / `m.content` of a message element.
         if let Expr::Ident(v) = &s.operand.expr {
             if let Some(b) = self.binding(v) {
@@ -704,6 +726,18 @@ impl Checker<'_> {
                 let (ta, tb) = (self.expr(a)?, self.expr(b)?);
                 self.use_nullable(&ta, a);
                 self.use_nullable(&tb, b);
+                if let Some(ty) = time_arithmetic(name, ta.ty, tb.ty) {
+                    return match ty {
+                        Some(ty) => Ok(T::derived(ty, 0, ta.request || tb.request)),
+                        None => Err(type_err(format!(
+                            "`{}` applies `{}` to {} and {} (a timestamp takes `+` and `-` of a duration, `-` of a timestamp gives a duration, durations add and subtract)",
+                            show(e),
+                            op_symbol(name),
+                            ta.ty.name(),
+                            tb.ty.name()
+                        ))),
+                    };
+                }
                 let add = name == op::ADD;
                 let ok_kind = |t: Ty| {
                     !t.known()
@@ -901,17 +935,32 @@ impl Checker<'_> {
     }
 
     fn comprehension(&mut self, c: &ComprehensionExpr, e: &IdedExpr) -> Result<T, CelIssue> {
-        if self.comprehensions > 0 {
+        // Inside another macro, only a short list written out (`['a', 'b'].exists(p, ...)`) may
+        // be ranged over: the inner macro then costs at most that many steps per outer step.
+        let short_list =
+            matches!(&c.iter_range.expr, Expr::List(l) if l.elements.len() <= MAX_LITERAL_RANGE);
+        let nested = self.comprehensions > 0;
+        if self.comprehensions > 1 || (self.comprehensions == 1 && !short_list) {
             return Err(issue(
                 Code::CelTooComplex,
                 format!(
                     "`{}` runs a list macro inside another one: the cost grows with the product of the list sizes",
                     show(e)
                 ),
-                Some(String::from("split it into two conditions, or into two rules")),
+                Some(format!("split it into two conditions or two rules (a macro may run inside another only over a list literal of at most {MAX_LITERAL_RANGE} items, one level deep)")),
             ));
         }
         let range = self.expr(&c.iter_range)?;
+        if self.comprehensions == 1 && range.request {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}` runs a list macro over request data inside another one: the cost grows with the product of the list sizes",
+                    show(e)
+                ),
+                Some(String::from("split it into two conditions, or into two rules")),
+            ));
+        }
         if range.ty.known() && !matches!(range.ty, Ty::List | Ty::Map) {
             return Err(type_err(format!(
                 "`{}` ranges over {}: `exists`, `all`, `map` and `filter` need a list or a map",
@@ -951,7 +1000,9 @@ impl Checker<'_> {
         // Only a short literal list may run a body that reads request text: its cost is a small
         // multiple of the text. Over request data, or a long list, it would be the product.
         let short_literal = !range.request && range.count.is_some_and(|n| n <= MAX_LITERAL_RANGE);
-        self.in_request_loop = !short_literal;
+        // Inside another macro, the body may read no request text but the elements (the two
+        // loops' steps multiply).
+        self.in_request_loop = outer || nested || !short_literal;
         let result = (|| {
             self.expr(&c.loop_cond)?;
             let step = self.expr(&c.loop_step)?;
@@ -999,7 +1050,44 @@ impl Checker<'_> {
         Ok(t)
     }
 
+    /// `optional.of(x)`, `strings.quote(x)`: a call whose target spells a name that is not a
+    /// variable is a call of the qualified function (as the interpreter resolves it). `None`
+    /// when the target is not such a name (or is a misspelt variable, for its suggestion).
+    fn qualified_function(&mut self, c: &CallExpr, e: &IdedExpr) -> Option<Result<T, CelIssue>> {
+        let segments = qualified_name(c.target.as_deref()?)?;
+        let root = segments.first()?;
+        if ROOTS.contains(&root.as_str()) || self.binding(root).is_some() {
+            return None;
+        }
+        let name = format!("{}.{}", segments.join("."), c.func_name);
+        if !function_exists(&name, false) {
+            // `reqest.model.startsWith('x')`: a misspelt variable, or a method called on an
+            // unknown one, is reported as the unknown variable.
+            let misspelt_variable = FieldRef::resolve(root, Some(""), &[])
+                .err()
+                .is_some_and(|u| u.suggestion.is_some());
+            if misspelt_variable || function_exists(&c.func_name, true) {
+                return None;
+            }
+            return Some(Err(issue(
+                Code::CelUnknownFunction,
+                format!("unknown function `{name}` (and `{root}` is not a variable)"),
+                None,
+            )));
+        }
+        let call = CallExpr {
+            func_name: name,
+            target: None,
+            args: c.args.clone(),
+        };
+        Some(self.function(&call, e))
+    }
+
     fn function(&mut self, c: &CallExpr, e: &IdedExpr) -> Result<T, CelIssue> {
+        unexpanded_macro(c, e)?;
+        if let Some(t) = self.qualified_function(c, e) {
+            return t;
+        }
         let name = c.func_name.as_str();
         let target = match &c.target {
             Some(t) => Some(self.expr(t)?),
@@ -1031,6 +1119,9 @@ impl Checker<'_> {
                 let r = r.clone();
                 self.use_nullable(&r, x);
             }
+        }
+        if let Some(t) = self.library(c, e, target.as_ref(), &args)? {
+            return Ok(t);
         }
         let size_of_recv = recv.map_or(0, |t| t.size);
         let t = match name {
@@ -1091,47 +1182,6 @@ impl Checker<'_> {
                     ..T::derived(Ty::Str, size_of_recv, request)
                 }
             }
-            "indexOf" | "lastIndexOf" => {
-                return Err(issue(
-                    Code::CelTooComplex,
-                    format!(
-                        "`{}`: `{name}` searches in time proportional to the text times the needle",
-                        show(e)
-                    ),
-                    Some(String::from(
-                        "use `contains`, `startsWith`, `endsWith` or `matches`",
-                    )),
-                ))
-            }
-            "replace" => {
-                want_str(recv)?;
-                let lits: Vec<Option<String>> = c.args.iter().take(2).map(string_lit).collect();
-                match lits.as_slice() {
-                    [Some(from), Some(to)] if !from.is_empty() && to.len() <= from.len() => {}
-                    _ => {
-                        return Err(issue(
-                            Code::CelTooComplex,
-                            format!("`{}` can grow the text it is applied to", show(e)),
-                            Some(String::from(
-                                "`replace` takes a non-empty literal and a literal no longer than it (e.g. `.replace('-', '')`)",
-                            )),
-                        ))
-                    }
-                }
-                T::derived(Ty::Str, size_of_recv, request)
-            }
-            "split" | "join" | "format" | "strings.quote" => {
-                return Err(issue(
-                    Code::CelTooComplex,
-                    format!(
-                        "`{}` builds values out of proportion to the request",
-                        show(e)
-                    ),
-                    Some(String::from(
-                        "use `contains`, `startsWith`, `endsWith` or `matches` on the text itself",
-                    )),
-                ))
-            }
             "int" => T::derived(Ty::Int, 0, request),
             "uint" => T::derived(Ty::Uint, 0, request),
             "double" => T::derived(Ty::Double, 0, request),
@@ -1157,8 +1207,11 @@ impl Checker<'_> {
                     return Err(issue(
                         Code::CelUnknownFunction,
                         format!("unknown function `{name}`"),
-                        crate::suggest::closest(name, KNOWN_FUNCTIONS.iter().copied())
-                            .map(|s| format!("did you mean `{s}`?")),
+                        crate::suggest::closest(
+                            name,
+                            KNOWN_FUNCTIONS.iter().chain(library::FUNCTIONS).copied(),
+                        )
+                        .map(|s| format!("did you mean `{s}`?")),
                     ));
                 }
                 // Untyped here (`orValue`, `value`, ...): as large as all its inputs together.
@@ -1179,6 +1232,23 @@ impl Checker<'_> {
         };
         Ok(t)
     }
+}
+
+/// The type of `a <op> b` when a timestamp or a duration is involved: `None` when neither is,
+/// `Some(None)` when the operator does not apply to them.
+fn time_arithmetic(name: &str, a: Ty, b: Ty) -> Option<Option<Ty>> {
+    use Ty::{Duration as D, Dyn, Timestamp as Ts};
+    if !matches!(a, Ts | D) && !matches!(b, Ts | D) {
+        return None;
+    }
+    Some(match (name, a, b) {
+        (op::ADD, Ts, D) | (op::ADD, D, Ts) | (op::SUBSTRACT, Ts, D) => Some(Ts),
+        (op::ADD | op::SUBSTRACT, D, D) | (op::SUBSTRACT, Ts, Ts) => Some(D),
+        (op::ADD | op::SUBSTRACT, Ts | D, Dyn) | (op::ADD | op::SUBSTRACT, Dyn, Ts | D) => {
+            Some(Dyn)
+        }
+        _ => None,
+    })
 }
 
 fn op_symbol(name: &str) -> &'static str {
@@ -1210,7 +1280,57 @@ const TYPE_NAMES: &[&str] = &[
     "null_type",
     "type",
     "dyn",
+    "optional_type",
 ];
+
+/// Macros the parser does not expand: CEL's two-variable comprehensions and the optional
+/// library's `optMap` / `optFlatMap` (left as calls, their variables would be reported as
+/// unknown).
+fn unexpanded_macro(c: &CallExpr, e: &IdedExpr) -> Result<(), CelIssue> {
+    let name = c.func_name.as_str();
+    let why = match (name, c.target.is_some(), c.args.len()) {
+        ("all" | "exists" | "exists_one" | "existsOne", true, 3) => {
+            "two-variable comprehensions (`list.exists(i, v, ...)`, `map.all(k, v, ...)`) are not supported"
+        }
+        ("transformList" | "transformMap" | "transformMapEntry", true, 3 | 4) => {
+            "`transformList`, `transformMap` and `transformMapEntry` are not supported"
+        }
+        ("optMap" | "optFlatMap", true, 2) => {
+            "`optMap` and `optFlatMap` are not supported"
+        }
+        _ => return Ok(()),
+    };
+    Err(issue(
+        Code::CelUnsupported,
+        format!("`{}`: {why}", show(e)),
+        Some(String::from(
+            "write it with the one-variable macros (`exists`, `all`, `exists_one`, `map`, `filter`) or with `hasValue()` / `value()` / `orValue()`",
+        )),
+    ))
+}
+
+/// Type names written with a package (`type(t) == google.protobuf.Timestamp`).
+const QUALIFIED_TYPE_NAMES: &[&str] = &["google.protobuf.Timestamp", "google.protobuf.Duration"];
+
+/// The names of `a.b.c` (an identifier and the fields selected from it), if `e` is one.
+fn qualified_name(e: &IdedExpr) -> Option<Vec<String>> {
+    let mut names = Vec::new();
+    let mut at = e;
+    loop {
+        match &at.expr {
+            Expr::Ident(n) => {
+                names.push(n.clone());
+                names.reverse();
+                return Some(names);
+            }
+            Expr::Select(s) if !s.test => {
+                names.push(s.field.clone());
+                at = &s.operand;
+            }
+            _ => return None,
+        }
+    }
+}
 
 /// Functions the checker types itself (the rest are looked up in the interpreter).
 pub(super) const KNOWN_FUNCTIONS: &[&str] = &[
@@ -1225,7 +1345,6 @@ pub(super) const KNOWN_FUNCTIONS: &[&str] = &[
     "reverse",
     "substring",
     "charAt",
-    "replace",
     "int",
     "uint",
     "double",
@@ -1345,11 +1464,24 @@ fn fold_constants(e: &IdedExpr, bound: &mut Vec<String>) -> Result<(), CelIssue>
         if let Err(err) = Value::resolve(e, &ctx) {
             return Err(issue(
                 Code::CelConstant,
-                format!("`{}` always fails: {err}", show(e)),
+                format!("`{}` always fails: {}", show(e), ShowError(&err)),
                 None,
             ));
         }
         return Ok(());
+    }
+    // `strings.quote(x)`: the target names a function, it is not a value.
+    if let Expr::Call(c) = &e.expr {
+        if c.target
+            .as_deref()
+            .and_then(qualified_name)
+            .is_some_and(|n| {
+                n.first()
+                    .is_some_and(|r| !ROOTS.contains(&r.as_str()) && !bound.contains(r))
+            })
+        {
+            return c.args.iter().try_for_each(|x| fold_constants(x, bound));
+        }
     }
     if let Expr::Comprehension(c) = &e.expr {
         fold_constants(&c.iter_range, bound)?;

@@ -71,10 +71,27 @@ pub(crate) fn lexical(src: &str) -> Result<(), CelIssue> {
         match token.kind {
             K::TokEnd => break,
             K::TokError => {
-                let at = lexer.get_error().map_or(token.start, |e| e.start);
+                let (at, what) = lexer
+                    .get_error()
+                    .map_or((token.start, "invalid token"), |e| {
+                        (e.start, e.message.as_str())
+                    });
+                // The column in characters, from 1, on the line where the token starts.
+                let before = src.get(..at).unwrap_or(src);
+                let line = before.matches('\n').count().saturating_add(1);
+                let column = before
+                    .rsplit('\n')
+                    .next()
+                    .map_or(0, |l| l.chars().count())
+                    .saturating_add(1);
+                let place = if src.contains('\n') {
+                    format!("line {line}, column {column}")
+                } else {
+                    format!("column {column}")
+                };
                 return Err(issue(
                     Code::CelSyntax,
-                    format!("CEL syntax error: invalid token at byte {at}"),
+                    format!("CEL syntax error at {place}: {what}"),
                     None,
                 ));
             }

@@ -109,6 +109,7 @@ mod differential {
         "principal.tier",
         "shield.pii",
         "request.headers['x-a']",
+        "request.headers.`x-a`",
         "time.hour",
     ];
     /// Literals of every type.
@@ -706,9 +707,25 @@ mod checks {
             "request.messages.exists(m, request.tools.exists(t, t == m.content))",
             "request.messages.exists(m, m.content.contains(request.prompt))",
             "request.messages.exists(m, principal.tier == 'free' && m.role == 'x')",
-            "request.prompt.replace('', 'xxxx') == ''",
+            "request.prompt.replace('', 'xxxxxxxxxx') == ''",
+            "request.prompt.replace('a', 'aaaaaaaaa') == ''",
             "request.prompt.replace('a', request.prompt) == ''",
+            "request.prompt.replace('a', request.model) == ''",
             "request.prompt.split(' ').size() > 3",
+            "request.prompt.split(' ', -1).size() > 3",
+            "request.prompt.split(' ', 5000).size() > 3",
+            "request.prompt.split(' ', request.max_tokens).size() > 3",
+            "request.tools.join(request.model) == ''",
+            "request.tools.join('--------') == ''",
+            "'%s'.format(request.tools) == ''",
+            "'%s'.format(request.messages.map(m, m.content)) == ''",
+            "strings.quote(strings.quote(strings.quote(strings.quote(request.prompt)))) == ''",
+            "request.prompt.indexOf(request.model) > 0",
+            "request.prompt.lastIndexOf(request.prompt.substring(0, 100)) > 0",
+            "request.prompt.indexOf('0123456789012345678901234567890123456789012345678901234567890123456789') > 0",
+            "['a'].exists(x, ['b'].exists(y, request.prompt.contains(y)))",
+            "['a'].exists(x, ['b'].exists(y, ['c'].exists(z, z == y)))",
+            "['a'].exists(x, request.tools.exists(t, t == x))",
             "[request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt, request.prompt].size() > 0",
             "request.messages.map(m, request.prompt).size() > 0",
         ] {
@@ -720,6 +737,19 @@ mod checks {
             "(request.prompt + request.user).size() > 10",
             "request.messages.map(m, m.content).size() > 3",
             "request.messages.filter(m, m.role == 'user').size() > 3",
+            "request.prompt.replace('', 'xxxx') == ''",
+            "request.prompt.replace('a', 'bb', 3) == ''",
+            "request.prompt.replace('a', request.model, 2) == ''",
+            "request.prompt.indexOf('secret') >= 0",
+            "request.prompt.lastIndexOf('x', 10) > 5",
+            "'abc'.indexOf(request.model) > 0",
+            "request.headers['x-groups'].split(',', 16).exists(g, g.trim() == 'admin')",
+            "request.tools.join(', ').contains('web_search, code')",
+            "[request.model, principal.tier].join('/') == 'gpt-4o/free'",
+            "'%s by %s (%d tokens)'.format([request.model, principal.id, request.max_tokens]).size() > 0",
+            "strings.quote(request.model) == '\"gpt-4o\"'",
+            "['a', 'b'].exists(x, ['c', 'd'].exists(y, x + y == 'ad'))",
+            "request.messages.exists(m, ['sk-', 'AKIA'].exists(p, m.content.startsWith(p)))",
         ] {
             assert!(
                 compile(src, &attrs()).is_ok(),
@@ -758,10 +788,149 @@ mod checks {
             code("request.messages[0].content.indexOf(request.messages[1].content) > 5"),
             Code::CelTooComplex
         );
+    }
+
+    #[test]
+    fn timestamps_and_durations_are_typed() {
+        for src in [
+            "timestamp(request.headers['x-exp']) > timestamp('2025-01-01T00:00:00Z')",
+            "timestamp(request.headers['x-iat']) + duration('1h') >= timestamp(1735689600)",
+            "timestamp('2025-01-01T00:00:00Z') - timestamp(request.headers['x-iat']) < duration('30m')",
+            "duration(request.headers['x-ttl']).getSeconds() <= 3600",
+            "timestamp(request.headers['x-exp']).getHours('+05:30') < 9",
+            "timestamp(request.headers['x-exp']).getDayOfWeek('UTC') == 1",
+            "timestamp(request.headers['x-exp']).getFullYear('Etc/GMT-2') == 2025",
+            "type(timestamp(0)) == google.protobuf.Timestamp",
+            "int(timestamp(request.headers['x-exp'])) > 0",
+            "string(duration('90s')) == '90s'",
+        ] {
+            assert!(
+                compile(src, &attrs()).is_ok(),
+                "{src}: {:?}",
+                compile(src, &attrs()).err()
+            );
+        }
+        for src in [
+            "timestamp('2025-01-01T00:00:00Z') + timestamp('2025-01-01T00:00:00Z') == timestamp(0)",
+            "duration('1h') < 5",
+            "timestamp(request.headers['x-exp']) > 1735689600",
+            "timestamp(true) == timestamp(0)",
+            "duration(5) == duration('5s')",
+            "duration('1h').getFullYear() == 0",
+            "request.model.getHours() == 1",
+            "timestamp(0).getHours(1) == 0",
+            "duration('1h') * 2 == duration('2h')",
+            "request.model.timestamp() == timestamp(0)",
+        ] {
+            assert_eq!(code(src), Code::CelType, "{src}");
+        }
+        let iana = compile(
+            "timestamp(request.headers['x-exp']).getHours('Europe/Paris') < 9",
+            &attrs(),
+        )
+        .err()
+        .unwrap();
+        assert_eq!(iana.code, Code::CelUnsupported);
+        assert!(iana.message.contains("IANA"), "{}", iana.message);
         assert_eq!(
-            code("request.prompt.lastIndexOf('x') > 5"),
-            Code::CelTooComplex
+            code("timestamp(request.headers['x-exp']).getHours('+25:00') < 9"),
+            Code::CelConstant
         );
+    }
+
+    #[test]
+    fn syntax_errors_say_what_and_where() {
+        let e = compile("request.model ==", &attrs()).err().unwrap();
+        assert_eq!(e.code, Code::CelSyntax);
+        assert_eq!(
+            e.message,
+            "CEL syntax error at column 17: mismatched input '<EOF>' expecting expression"
+        );
+        let e = compile("request.model == 'x' &&\n  (1 + ", &attrs())
+            .err()
+            .unwrap();
+        assert!(
+            e.message.starts_with("CEL syntax error at line 2, column"),
+            "{}",
+            e.message
+        );
+        let e = compile("request.model == 'x' && 'y", &attrs())
+            .err()
+            .unwrap();
+        assert_eq!(e.code, Code::CelSyntax);
+        assert!(
+            e.message.starts_with("CEL syntax error at column 25: "),
+            "{}",
+            e.message
+        );
+        let e = compile("{'a': 1}.`a+b` == 1", &attrs()).err().unwrap();
+        assert!(e.message.contains("backtick-quoted name"), "{}", e.message);
+        // Backtick-quoted names are CEL syntax: header names with dashes, map keys.
+        let c = compile("request.headers.`x-api-key` == 'k'", &attrs()).unwrap();
+        assert!(c.native);
+        assert!(compile("{'content-type': 1}.`content-type` == 1", &attrs()).is_ok());
+        assert!(compile("has(request.headers.`x-api-key`)", &attrs()).is_ok());
+    }
+
+    #[test]
+    fn unsupported_syntax_and_unknown_qualified_functions_are_named() {
+        for src in [
+            "[1, 2].exists(i, v, i == v)",
+            "{'a': 1}.all(k, v, v > 0)",
+            "[1].transformList(i, v, v * 2) == [2]",
+            "optional.of(1).optMap(x, x + 1).hasValue()",
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert_eq!(e.code, Code::CelUnsupported, "{src}");
+            assert!(e.message.contains("not supported"), "{}", e.message);
+        }
+        let e = compile("math.greatest(1, 2) == 2", &attrs()).err().unwrap();
+        assert_eq!(e.code, Code::CelUnknownFunction);
+        assert_eq!(
+            e.message,
+            "unknown function `math.greatest` (and `math` is not a variable)"
+        );
+        assert!(compile("optional.of(request.model).hasValue()", &attrs()).is_ok());
+        assert!(compile("optional.none().orValue(1) == 1", &attrs()).is_ok());
+        // A method on an unknown variable names the variable.
+        assert_eq!(code("foo.startsWith('x')"), Code::UnknownField);
+    }
+
+    #[test]
+    fn messages_name_the_macros() {
+        for (src, name) in [
+            ("[0].exists(x, 1 / x > 0)", ".exists(x, ...)"),
+            ("[0].all(x, 1 / x > 0)", ".all(x, ...)"),
+            ("[0].exists_one(x, 1 / x > 0)", ".exists_one(x, ...)"),
+            ("size([1, 0].map(x, 1 / x)) > 0", ".map(x, ...)"),
+            ("size([1, 0].map(x, x >= 0, 1 / x)) > 0", ".map(x, ...)"),
+            ("size([1, 0].filter(x, 1 / x > 0)) > 0", ".filter(x, ...)"),
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert_eq!(e.code, Code::CelConstant, "{src}");
+            assert!(e.message.contains(name), "{src}: {}", e.message);
+        }
+    }
+
+    #[test]
+    fn messages_write_values_as_cel() {
+        for (src, text) in [
+            (
+                "request.max_tokens == 1 + 18446744073709551615u",
+                "18446744073709551615u",
+            ),
+            ("size(string(b'\\xff')) == 1", "b\"\\xff\""),
+            (
+                "timestamp('9999-12-31T23:59:59Z') + duration('1s') > timestamp(0)",
+                "timestamp('9999-12-31T23:59:59Z') + duration('1s') is out of range",
+            ),
+        ] {
+            let e = compile(src, &attrs()).err().unwrap();
+            assert!(e.message.contains(text), "{src}: {}", e.message);
+            for debug in ["UInt(", "Bytes(", "Int(", "Duration(", "Timestamp("] {
+                assert!(!e.message.contains(debug), "{src}: {}", e.message);
+            }
+        }
     }
 
     #[test]
