@@ -97,6 +97,8 @@ struct T {
     /// Bytes of literal text the value may hold (`'abc'` holds 3; a `map` over a literal list
     /// holds the list's length times what each step adds): built on every evaluation.
     lits: u64,
+    /// For a list literal: an element holds request data that is not text ([`T::wide`]).
+    wide_items: bool,
 }
 
 impl T {
@@ -110,8 +112,21 @@ impl T {
             request: false,
             count: None,
             lits: 0,
+            wide_items: false,
         }
     }
+    /// Request-sized data that is not known to be text (a list or map from the request, a
+    /// value of unknown type): written as text, each number in it could take hundreds of
+    /// characters (`-5e-324` prints 327), far more than it took in the request.
+    fn wide(&self) -> bool {
+        self.size > 0
+            && match self.ty {
+                Ty::Str | Ty::Bytes | Ty::Message => false,
+                Ty::List | Ty::Map => !matches!(self.elem, Ty::Str | Ty::Message),
+                _ => true,
+            }
+    }
+
     fn derived(ty: Ty, size: u32, request: bool) -> T {
         T {
             size,
@@ -158,6 +173,12 @@ struct Checker<'a> {
     /// Set inside the body of a comprehension over request data.
     in_request_loop: bool,
     comprehensions: usize,
+    /// Passes over request text so far (see [`MAX_TEXT_PASSES`]).
+    passes: u64,
+    /// How many times the node being checked runs per evaluation: the product of the lengths of
+    /// the literal lists the enclosing macros range over (a macro over request data runs its
+    /// body once per element, and the elements share the request: 1).
+    repeat: u64,
 }
 
 /// Checks an expression; `Err` is the first error found.
@@ -172,6 +193,8 @@ pub(super) fn check(e: &IdedExpr, attrs: &[String]) -> Result<Checked, CelIssue>
         facts: Vec::new(),
         in_request_loop: false,
         comprehensions: 0,
+        passes: 0,
+        repeat: 1,
     };
     let t = c.expr(e)?;
     if t.ty.known() && t.ty != Ty::Bool {
@@ -209,12 +232,13 @@ fn t_of_field(f: FieldRef, ty: FieldType) -> T {
         FieldType::Messages => (Ty::List, Ty::Message),
         FieldType::Dynamic => (Ty::Dyn, Ty::Dyn),
     };
-    // Request text can be as large as the request; numbers, bools and the enum-like strings
-    // cannot.
-    let small = matches!(
-        f,
-        FieldRef::Method | FieldRef::Provider | FieldRef::Api | FieldRef::Hour | FieldRef::Weekday
-    ) || matches!(t, Ty::Int | Ty::Double | Ty::Bool);
+    // Request text can be as large as the request (the method too: it is the client's, as
+    // sent); numbers, bools and the names the engine gives (provider, api) cannot. Those names
+    // still hold text: at most `NAME_TEXT` bytes of it, built into what derives from them.
+    let name = matches!(f, FieldRef::Provider | FieldRef::Api);
+    let small = name
+        || matches!(f, FieldRef::Hour | FieldRef::Weekday)
+        || matches!(t, Ty::Int | Ty::Double | Ty::Bool);
     T {
         ty: t,
         elem,
@@ -226,9 +250,13 @@ fn t_of_field(f: FieldRef, ty: FieldType) -> T {
         request: true,
         field: Some(f),
         count: None,
-        lits: 0,
+        lits: if name { NAME_TEXT } else { 0 },
+        wide_items: false,
     }
 }
+
+/// The longest name the engine gives a provider or an API (`anthropic`, `chat`, ...), with room.
+const NAME_TEXT: u64 = 32;
 
 fn lit_ty(l: &LiteralValue) -> Ty {
     match l {
@@ -286,9 +314,35 @@ impl Checker<'_> {
         self.reads.push(f.clone());
     }
 
-    /// Rejects reading request text inside a list macro over request data (its cost would be
-    /// the product of the two sizes).
-    fn loop_read(&self, t: &T, e: &IdedExpr) -> Result<(), CelIssue> {
+    /// Counts `n` passes over request text at `e`, times [`Checker::repeat`]: each read of a
+    /// request-sized value is one (whatever consumes it scans it a bounded number of times), a
+    /// search for a literal of `k` characters `k`. Past [`MAX_TEXT_PASSES`] in one condition the
+    /// expression is refused: each construct is linear in the request, but their number and the
+    /// literal lists that repeat them multiply.
+    fn pass(&mut self, n: u64, e: &IdedExpr) -> Result<(), CelIssue> {
+        self.passes = self.passes.saturating_add(n.saturating_mul(self.repeat));
+        if self.passes > MAX_TEXT_PASSES {
+            return Err(issue(
+                Code::CelTooComplex,
+                format!(
+                    "`{}`: the condition goes over request text more than {MAX_TEXT_PASSES} times per evaluation (each read of request text counts once, a search for a literal of n characters n times, and a macro over a literal list of k items repeats its body k times)",
+                    show(e)
+                ),
+                Some(String::from(
+                    "split it into several rules, or test the text once with `matches` and one regex",
+                )),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Counts a read of `t` ([`Checker::pass`] when it is request text), and rejects reading
+    /// request text inside a list macro over request data (its cost would be the product of the
+    /// two sizes).
+    fn loop_read(&mut self, t: &T, e: &IdedExpr) -> Result<(), CelIssue> {
+        if t.size > 0 {
+            self.pass(1, e)?;
+        }
         if self.in_request_loop && t.size > 0 {
             return Err(issue(
                 Code::CelTooComplex,
@@ -370,6 +424,7 @@ impl Checker<'_> {
             Expr::List(l) => {
                 let mut elem: Option<Ty> = None;
                 let (mut size, mut request, mut lits) = (0u32, false, 0u64);
+                let mut wide_items = false;
                 for x in &l.elements {
                     let t = self.expr(x)?;
                     elem = Some(match elem {
@@ -380,12 +435,14 @@ impl Checker<'_> {
                     size = size.saturating_add(t.size);
                     request |= t.request;
                     lits = lits.saturating_add(t.lits);
+                    wide_items |= t.wide() || t.wide_items;
                 }
                 self.grow(size, e)?;
                 Ok(T {
                     elem: elem.unwrap_or(Ty::Dyn),
                     count: Some(l.elements.len()),
                     lits,
+                    wide_items,
                     ..T::derived(Ty::List, size, request)
                 })
             }
@@ -537,6 +594,10 @@ impl Checker<'_> {
             ));
         }
         if operand.ty == Ty::Message {
+            // One pass over every message's text, whatever the macro's length.
+            if operand.size > 0 {
+                self.pass(1, e)?;
+            }
             return Ok(T::derived(Ty::Str, operand.size, operand.request));
         }
         if operand.ty.known() && !matches!(operand.ty, Ty::Map | Ty::Message) {
@@ -1003,12 +1064,20 @@ impl Checker<'_> {
         // Inside another macro, the body may read no request text but the elements (the two
         // loops' steps multiply).
         self.in_request_loop = outer || nested || !short_literal;
+        let outer_repeat = self.repeat;
+        if short_literal {
+            let n = range
+                .count
+                .map_or(1, |n| u64::try_from(n).unwrap_or(u64::MAX));
+            self.repeat = self.repeat.saturating_mul(n.max(1));
+        }
         let result = (|| {
             self.expr(&c.loop_cond)?;
             let step = self.expr(&c.loop_step)?;
             let result = self.expr(&c.result)?;
             Ok::<_, CelIssue>((step, result))
         })();
+        self.repeat = outer_repeat;
         self.in_request_loop = outer;
         self.comprehensions = self.comprehensions.saturating_sub(1);
         self.bound.truncate(n);
@@ -1185,8 +1254,16 @@ impl Checker<'_> {
             "int" => T::derived(Ty::Int, 0, request),
             "uint" => T::derived(Ty::Uint, 0, request),
             "double" => T::derived(Ty::Double, 0, request),
+            // The text of a number, bool, timestamp or duration is bounded, but not by its
+            // size in the request (`-5e-324` prints 327 characters).
             "string" => T {
-                lits: recv.map_or(0, |r| r.lits),
+                lits: recv.map_or(0, |r| {
+                    if matches!(r.ty, Ty::Str | Ty::Bytes) {
+                        r.lits
+                    } else {
+                        r.lits.saturating_add(MAX_SCALAR_TEXT)
+                    }
+                }),
                 ..T::derived(Ty::Str, size_of_recv, request)
             },
             "bool" => T::derived(Ty::Bool, 0, request),
@@ -1260,6 +1337,14 @@ fn op_symbol(name: &str) -> &'static str {
         _ => "%",
     }
 }
+
+/// Most passes over request text one condition may make per evaluation ([`Checker::pass`]): at
+/// the filter's 1 MiB body limit, tens of milliseconds of scanning at worst.
+const MAX_TEXT_PASSES: u64 = 64;
+
+/// The longest text of a number, a bool, a timestamp or a duration written as a string (a double
+/// prints every digit: `5e-324` is 327 characters): what `string(x)` of one builds.
+pub(super) const MAX_SCALAR_TEXT: u64 = 420;
 
 /// Most literal text an expression may build on one evaluation.
 const MAX_LITERAL_BYTES: u64 = 64 * 1024;

@@ -26,8 +26,9 @@ pub(super) const MAX_NEEDLE: usize = 64;
 /// Most parts a `split` of request text may be asked for (each part is a separate string).
 pub(super) const MAX_SPLIT_PARTS: i64 = 1000;
 
-/// The longest text one `format` clause writes for a number (`%.100f` of `1e308`).
-const MAX_NUMBER_TEXT: u64 = 420;
+/// The longest text one `format` clause writes for a number (`%.100f` of `1e308`, `%s` of
+/// `5e-324`).
+const MAX_NUMBER_TEXT: u64 = super::MAX_SCALAR_TEXT;
 
 /// How many times its size an argument of `format` may become (`%x` of bytes writes two digits
 /// per byte; `%s` of bytes writes U+FFFD, three bytes, for an invalid one).
@@ -246,6 +247,19 @@ impl Checker<'_> {
                         "look for a literal (`request.prompt.indexOf('secret')`), or use `contains` / `matches`",
                     ));
                 }
+                // The search compares the literal at every position: as many passes over the
+                // text as the literal has characters (the read itself counted one).
+                let chars = rest_expr
+                    .first()
+                    .and_then(lit_chars)
+                    .or_else(|| recv_expr.and_then(lit_chars))
+                    .unwrap_or(1);
+                if recv.is_some_and(|r| r.size > 0) || rest.first().is_some_and(|r| r.size > 0) {
+                    self.pass(
+                        u64::try_from(chars.saturating_sub(1)).unwrap_or(u64::MAX),
+                        e,
+                    )?;
+                }
                 T::derived(Ty::Int, 0, request)
             }
             "replace" => self.replace(e, recv, rest, rest_expr, request)?,
@@ -355,6 +369,13 @@ impl Checker<'_> {
                         "write the arguments as a list literal: `'%s: %d'.format([request.model, request.max_tokens])`",
                     ));
                 };
+                if list.wide_items {
+                    return Err(too_complex(
+                        e,
+                        "formats request data that is not text (a list or map from the request): each number in it could print as hundreds of characters, far more than it took in the request",
+                        "format scalars and strings (`'%s: %d'.format([request.model, request.max_tokens])`), or test the data itself",
+                    ));
+                }
                 let recv = recv.cloned().unwrap_or_else(|| T::of(Ty::Dyn));
                 let count = u64::try_from(items.elements.len()).unwrap_or(u64::MAX);
                 let t = T {
