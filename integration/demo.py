@@ -34,7 +34,11 @@ def send(envoy, req):
     body text)."""
     status, headers, body = curl(envoy.url(req.get("path", "/v1/chat/completions")), req.get("body"),
                                  req.get("headers", {}), req.get("method", "POST"))
-    return f"HTTP/1.1 {status} {HTTPStatus(status).phrase}", headers, body.decode(errors="replace")
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:  # a rule may answer any 4xx / 5xx
+        phrase = ""
+    return f"HTTP/1.1 {status} {phrase}".rstrip(), headers, body.decode(errors="replace")
 
 
 def show(envoy, upstream, server):

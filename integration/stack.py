@@ -211,6 +211,9 @@ class Replicas:
     def stop(self):
         for p in reversed(self.procs):
             p.stop()
+        # A restarted Redis runs under a process started after ours.
+        if getattr(self, "redis", None) is not None and self.redis.proc is not None:
+            self.redis.proc.stop()
 
 
 def with_endpoints(text, ports, old=50051):

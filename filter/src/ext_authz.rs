@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 
-use llm_policy_core::wire::LocalCounted;
+use llm_policy_core::wire::{self, LocalCounted};
 
 /// The gRPC service.
 pub const SERVICE: &str = "envoy.service.auth.v3.Authorization";
@@ -173,8 +173,13 @@ pub fn check_request(headers: &[(String, String)], body: &[u8], local: &LocalCou
             .map(|(_, v)| v.clone())
             .unwrap_or_default()
     };
+    // The headers rules read, as Envoy's own ext_authz filter sends them: not the server's
+    // (reservation, verdict) nor Envoy's partial-body flag, which a client could have sent.
     let mut joined: HashMap<String, String> = HashMap::new();
-    for (k, v) in headers {
+    for (k, v) in headers.iter().filter(|(k, _)| {
+        wire::is_request_data(k)
+            && !wire::SERVER_ONLY_HEADERS.contains(&k.to_ascii_lowercase().as_str())
+    }) {
         let k = k.to_ascii_lowercase();
         joined
             .entry(k)
@@ -293,6 +298,13 @@ mod tests {
             (":scheme", "https"),
             ("X-User-Id", "a"),
             ("x-user-id", "b"),
+            // A client's copies of what only Envoy and the engine set are not sent.
+            ("x-envoy-auth-partial-body", "true"),
+            (
+                "x-llm-policy-reservation",
+                "0123456789abcdef0123456789abcdef",
+            ),
+            ("x-llm-policy-decision", "allow"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
         let bytes = check_request(&headers, b"\x00{\"a\":1}\xff", &local);
@@ -307,6 +319,15 @@ mod tests {
         assert_eq!(http.protocol, "HTTP/1.1");
         assert_eq!(http.raw_body, b"\x00{\"a\":1}\xff");
         assert_eq!(http.headers["x-user-id"], "a,b");
+        for h in [
+            "x-envoy-auth-partial-body",
+            "x-llm-policy-reservation",
+            "x-llm-policy-decision",
+            ":path",
+        ] {
+            assert!(!http.headers.contains_key(h), "{h} was sent");
+        }
+        assert_eq!(http.headers[":authority"], "api.openai.com");
         let ext = &attrs.context_extensions;
         assert_eq!(
             LocalCounted::from_extensions(|k| ext.get(k).map(String::as_str)),

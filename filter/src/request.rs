@@ -67,6 +67,9 @@ enum Outcome {
         set: Vec<(String, String)>,
         remove: Vec<String>,
     },
+    /// The request goes upstream undecided (no bundle yet, failure mode open), with these headers
+    /// set: not counted as a decision, nothing reserved.
+    Pass { set: Vec<(String, String)> },
     /// The request is answered here.
     Reply(Reply, Ending),
     /// The request waits for the policy server's answer (the state says which call).
@@ -189,6 +192,13 @@ impl RequestFlow {
     /// The stream is over (Envoy's log callback). An answer still being read was cut off (the
     /// client went away, the upstream failed): its usage is unknown.
     pub fn on_done(&mut self, host: &mut dyn Host) {
+        // Never let through (the client went away while the server was asked): what the
+        // request reserved locally goes back.
+        if !self.allowed {
+            for r in std::mem::take(&mut self.held) {
+                self.vm.counters.release(host, &r);
+            }
+        }
         let reserved =
             self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
         if self.usage.take().is_some() || (reserved && self.handle.is_some()) {
@@ -398,6 +408,13 @@ impl RequestFlow {
                 self.state = State::Passing;
                 Flow::Continue
             }
+            Outcome::Pass { set } => {
+                for (name, value) in set {
+                    host.set_request_header(&name, Some(&value));
+                }
+                self.state = State::Passing;
+                Flow::Continue
+            }
             Outcome::Reply(reply, ending) => {
                 for r in std::mem::take(&mut self.held) {
                     self.vm.counters.release(host, &r);
@@ -425,9 +442,8 @@ impl RequestFlow {
         host.log(Level::Warn, "no policy bundle yet (waiting for the sync)");
         match self.vm.config.failure_mode {
             FailureMode::Closed => unavailable(provider, "no policy bundle is loaded yet"),
-            FailureMode::Open => Outcome::Allow {
+            FailureMode::Open => Outcome::Pass {
                 set: vec![(DECISION_HEADER.to_string(), String::from("error"))],
-                remove: Vec::new(),
             },
         }
     }

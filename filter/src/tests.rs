@@ -481,6 +481,8 @@ fn until_the_first_sync_llm_calls_follow_the_failure_mode() {
     let mut host = FakeHost::request("POST", "/v1/messages", &[], &chat("claude-sonnet-4-5"));
     assert_eq!(run(&open, &mut host).1, Flow::Continue);
     assert_eq!(host.header("x-llm-policy-decision"), Some("error"));
+    // Let through undecided: not counted as an allow decision.
+    assert_eq!(host.count(Metric::Allowed), 0);
     // Other routes are not affected.
     let mut host = FakeHost::request("GET", "/healthz", &[], "");
     assert_eq!(run(&p, &mut host).1, Flow::Continue);
@@ -589,4 +591,26 @@ fn answers_without_usage_cannot_dodge_a_budget() {
     flow.on_response_headers(&mut host, false);
     flow.on_done(&mut host);
     assert_eq!(reported(&mut host, &outbox), vec![Some(0.0)]);
+}
+
+#[test]
+fn a_client_that_goes_away_while_the_server_is_asked_gets_its_local_counts_back() {
+    let p = server_plugin();
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-4o"));
+    // Three requests that need the server (the team budget); each client leaves before the
+    // answer: Envoy's log callback ends the stream, the request never went upstream.
+    for _ in 0..3 {
+        host.next_chat(&[("x-team-id", "research"), ("x-user-id", "u7")], "gpt-4o");
+        let (mut flow, f) = run(&p, &mut host);
+        assert_eq!(f, Flow::Pause);
+        flow.on_done(&mut host);
+    }
+    // So u7 still has its three requests a minute.
+    for _ in 0..3 {
+        host.next_chat(&[("x-user-id", "u7")], "gpt-4o");
+        assert_eq!(run(&p, &mut host).1, Flow::Continue);
+    }
+    host.next_chat(&[("x-user-id", "u7")], "gpt-4o");
+    assert_eq!(run(&p, &mut host).1, Flow::Pause);
+    assert_eq!(host.reply.clone().unwrap().status, 429);
 }
