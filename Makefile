@@ -98,6 +98,7 @@ install-check:
 RUST_SRC_DIRS := shared-core/src ext-authz/src filter/src benches/src plugins/pii-detector/src \
 	plugins/prompt-injection/src plugins/template/src
 lint: toolchain
+	python3 scripts/module-cycles.py --self-test
 	python3 scripts/module-cycles.py $(RUST_SRC_DIRS)
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings

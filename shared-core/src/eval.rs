@@ -30,8 +30,6 @@ mod resolve;
 mod run;
 mod select;
 
-pub(crate) use run::Outcome;
-
 /// Options of one evaluation.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct EvalOptions<'a> {
@@ -118,6 +116,30 @@ pub enum Answer {
     Plugin(PluginCheck),
     /// For [`NeedKind::Counter`].
     Counter(CounterCheck),
+}
+
+/// How one rule fared.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) enum Outcome {
+    /// Left out by the requested tags.
+    NotSelected,
+    /// Matched; with the charge when a counter was over its limit.
+    Matched(Option<Charge>),
+    NotMatched,
+    /// The condition failed (the rule's `onError` applies).
+    Error(String),
+    /// Left to the server: a plugin that could not run here, or a global counter not counted
+    /// here (with its charge).
+    Remote(Option<Charge>),
+    /// Matched, but its counter is within the limit: the action does not apply.
+    UnderLimit(Charge),
+    /// Waiting for the host to run the rule's plugin.
+    WaitPlugin(NeedId),
+    /// Waiting for the host to check the rule's counter.
+    WaitCounter(NeedId, Charge),
+    /// Matched (or a plugin rule), but below a rule that already denied or throttled without
+    /// the host: its plugin or counter could not change the verdict, so it was not asked for.
+    Skipped,
 }
 
 /// The outcomes of the rules run on one view (the request, or one batch item).

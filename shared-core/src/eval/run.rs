@@ -8,38 +8,14 @@ use super::key::charge;
 use super::resolve;
 use super::select;
 use super::{
-    Answer, CounterCheck, EvalOptions, Hooks, Need, NeedId, NeedKind, Part, Pending, PluginCheck,
-    Step,
+    Answer, CounterCheck, EvalOptions, Hooks, Need, NeedId, NeedKind, Outcome, Part, Pending,
+    PluginCheck, Step,
 };
 use crate::context::{RequestContext, View};
 use crate::decision::{Charge, Verdict};
 use crate::model::{OnError, PluginRef, Scope};
 use crate::set::{CompiledRule, Namespace, PolicySet};
 use crate::truth::Scratch;
-
-/// How one rule fared.
-#[derive(Debug, Clone, PartialEq)]
-pub(crate) enum Outcome {
-    /// Left out by the requested tags.
-    NotSelected,
-    /// Matched; with the charge when a counter was over its limit.
-    Matched(Option<Charge>),
-    NotMatched,
-    /// The condition failed (the rule's `onError` applies).
-    Error(String),
-    /// Left to the server: a plugin that could not run here, or a global counter not counted
-    /// here (with its charge).
-    Remote(Option<Charge>),
-    /// Matched, but its counter is within the limit: the action does not apply.
-    UnderLimit(Charge),
-    /// Waiting for the host to run the rule's plugin.
-    WaitPlugin(NeedId),
-    /// Waiting for the host to check the rule's counter.
-    WaitCounter(NeedId, Charge),
-    /// Matched (or a plugin rule), but below a rule that already denied or throttled without
-    /// the host: its plugin or counter could not change the verdict, so it was not asked for.
-    Skipped,
-}
 
 /// A clock for `evaluation_time_us` (none without `std`).
 struct Timer {
