@@ -1286,7 +1286,7 @@ impl Checker<'_> {
                         format!("unknown function `{name}`"),
                         crate::suggest::closest(
                             name,
-                            KNOWN_FUNCTIONS.iter().chain(library::FUNCTIONS).copied(),
+                            KNOWN_FUNCTIONS.iter().copied().chain(library::functions()),
                         )
                         .map(|s| format!("did you mean `{s}`?")),
                     ));

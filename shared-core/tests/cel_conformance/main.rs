@@ -492,6 +492,32 @@ struct Tally {
     na: usize,
 }
 
+/// One line of the table: `decimals` digits of the pass rate.
+fn row(table: &mut String, name: &str, t: &Tally, decimals: usize) {
+    let run = t.tests - t.na;
+    let refused = t
+        .refused
+        .iter()
+        .map(|(code, n)| format!("`{code}` {n}"))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let _ = writeln!(
+        table,
+        "| {name} | {} | {} | {run} | {} ({:.decimals$}%) | {} | {} | {} |",
+        t.tests,
+        t.na,
+        t.pass,
+        percent(t.pass, run),
+        t.at_load,
+        t.wrong,
+        if refused.is_empty() {
+            "—".into()
+        } else {
+            refused
+        }
+    );
+}
+
 fn cases_of(file: &str) -> Vec<Case> {
     let path = format!(
         "{}/tests/cel-spec/{file}.textproto",
@@ -569,28 +595,7 @@ fn cel_spec_simple_tests() {
         if t.pass < floor {
             below.push(format!("{file}: {} pass, the floor is {floor}", t.pass));
         }
-        let run = t.tests - t.na;
-        let refused = t
-            .refused
-            .iter()
-            .map(|(code, n)| format!("`{code}` {n}"))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let _ = writeln!(
-            table,
-            "| {file} | {} | {} | {run} | {} ({:.0}%) | {} | {} | {} |",
-            t.tests,
-            t.na,
-            t.pass,
-            percent(t.pass, run),
-            t.at_load,
-            t.wrong,
-            if refused.is_empty() {
-                "—".into()
-            } else {
-                refused
-            }
-        );
+        row(&mut table, file, &t, 0);
         total.tests += t.tests;
         total.na += t.na;
         total.pass += t.pass;
@@ -600,28 +605,7 @@ fn cel_spec_simple_tests() {
             *total.refused.entry(code).or_default() += n;
         }
     }
-    let run = total.tests - total.na;
-    let refused = total
-        .refused
-        .iter()
-        .map(|(code, n)| format!("`{code}` {n}"))
-        .collect::<Vec<_>>()
-        .join(", ");
-    let _ = writeln!(
-        table,
-        "| **all** | {} | {} | {run} | {} ({:.1}%) | {} | {} | {} |",
-        total.tests,
-        total.na,
-        total.pass,
-        percent(total.pass, run),
-        total.at_load,
-        total.wrong,
-        if refused.is_empty() {
-            "—".into()
-        } else {
-            refused
-        }
-    );
+    row(&mut table, "**all**", &total, 1);
     println!("{table}");
     let na: Vec<String> = na_reasons
         .iter()
