@@ -4,7 +4,9 @@ the official `openai` and `anthropic` SDKs. The example bundle (`policies/`) dec
 import base64
 import concurrent.futures
 import json
+import select
 import signal
+import socket
 import subprocess
 import time
 import urllib.request
@@ -15,7 +17,8 @@ import openai
 import pytest
 
 from clients import assert_throttled_after, chat, claude, curl, oai
-from stack import DEFAULT_WASM, ROOT, TOKEN, Envoy, Server, binary, envoy_config, http_get, make_certs, wait_for, wasm_file
+from stack import (DEFAULT_WASM, ROOT, TOKEN, Envoy, Server, Upstream, binary, envoy_config, free_port, http_get,
+                   make_certs, wait_for, wasm_file)
 
 
 def test_envoy_configs_validate(tmp_path):
@@ -74,6 +77,56 @@ def test_envoy_configs_are_what_the_generator_prints():
     assert (ROOT / "deploy" / "envoy.yaml").read_text() == compose, "deploy/envoy.yaml: run make envoy-configs"
     # The replicas are one DNS name, every address an endpoint.
     assert "type: STRICT_DNS" in compose
+
+
+def test_slow_header_connections_are_cut_off_and_connections_are_capped(tmp_path):
+    """The generated listener holds at most --max-connections client connections (more are closed
+    as they arrive) and closes one that has not finished its headers within
+    --request-headers-timeout-ms, so idle or slow connections cannot pile up."""
+    upstream = Upstream(tmp_path)
+    text = envoy_config("ext-authz", max_connections=20, request_headers_timeout_ms=1000)
+    envoy = Envoy(tmp_path, None, upstream.port, tmp_path, text=text, authz_port=free_port())
+
+    def closed(s, wait):
+        s.settimeout(wait)
+        try:
+            data = s.recv(4096)
+            return data == b"" or data.startswith(b"HTTP/1.1 408")
+        except (ConnectionResetError, BrokenPipeError):
+            return True
+        except socket.timeout:
+            return False
+
+    socks = []
+    try:
+        for _ in range(30):
+            s = socket.create_connection(("127.0.0.1", envoy.port), timeout=5)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # never finished
+            socks.append(s)
+        time.sleep(0.3)
+        # Closed ones are readable (end of stream, or a reset): all looked at at once, well
+        # within the headers timeout.
+        readable, _, _ = select.select(socks, [], [], 0)
+        held = [s for s in socks if s not in readable]
+        assert len(held) == 20, f"{len(held)} connections held"
+        assert all(closed(s, 1) for s in readable)
+        # Past the headers timeout every one of them is gone.
+        time.sleep(1.2)
+        assert all(closed(s, 2) for s in held)
+        # Once they are gone the listener serves again (no ext_authz server here: its failure
+        # mode answers). Envoy keeps a closed connection counted until the client closes too
+        # (or its delayed close times out).
+        for s in socks:
+            s.close()
+        wait_for(lambda: http_get(f"http://127.0.0.1:{envoy.admin}/stats?filter=llm_connections.active")[1]
+                 .strip().endswith(b": 0"), "the connections to close", timeout=5)
+        status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+        assert status == 503
+    finally:
+        for s in socks:
+            s.close()
+        envoy.proc.stop()
+        upstream.proc.stop()
 
 
 # Where deploy/docker-compose.yml mounts the filter.

@@ -82,6 +82,13 @@ pub struct EnvoyConfigArgs {
     /// CA bundle that verifies an https upstream.
     #[arg(long, default_value = "/etc/ssl/certs/ca-certificates.crt")]
     pub upstream_ca: String,
+    /// Most client connections the listener holds at once; more are closed as they arrive.
+    #[arg(long, default_value_t = 10_000)]
+    pub max_connections: u64,
+    /// Longest a client may take to send its request headers, in milliseconds (then 408 and the
+    /// connection is closed: slow-header connections cannot pile up).
+    #[arg(long, default_value_t = 10_000)]
+    pub request_headers_timeout_ms: u64,
 }
 
 /// An `http(s)://host[:port]` URL.
@@ -403,6 +410,13 @@ static_resources:
       per_connection_buffer_limit_bytes: {buffer_limit}
       filter_chains:
         - filters:
+            # At most {max_connections} client connections at once: more are closed as they
+            # arrive (a flood of idle or slow connections cannot take every file descriptor).
+            - name: envoy.filters.network.connection_limit
+              typed_config:
+                \"@type\": type.googleapis.com/envoy.extensions.filters.network.connection_limit.v3.ConnectionLimit
+                stat_prefix: llm_connections
+                max_connections: {max_connections}
             - name: envoy.filters.network.http_connection_manager
               typed_config:
                 \"@type\": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
@@ -415,6 +429,20 @@ static_resources:
                 path_with_escaped_slashes_action: UNESCAPE_AND_FORWARD
                 # Streaming answers (SSE) may run long: no idle cut-off on the stream.
                 stream_idle_timeout: 300s
+                # A client that has not sent its headers by then gets 408 and loses the
+                # connection (slow-header connections cannot hold the listener).
+                request_headers_timeout: {headers_timeout}
+                common_http_protocol_options:
+                  # A connection without a request for this long is closed.
+                  idle_timeout: 300s
+                  max_headers_count: 100
+                  # `x_user_id` is a different header here, but some upstreams (CGI, WSGI) read it
+                  # as `x-user-id`: dropped, so no spelling of a header gets around a policy.
+                  headers_with_underscores_action: DROP_HEADER
+                http2_protocol_options:
+                  max_concurrent_streams: 100
+                  initial_stream_window_size: 65536
+                  initial_connection_window_size: 1048576
                 route_config:
                   virtual_hosts:
                     - name: llm
@@ -435,6 +463,8 @@ static_resources:
         admin_port = args.admin.port(),
         listen_ip = args.listen.ip(),
         listen_port = args.listen.port(),
+        max_connections = args.max_connections.max(1),
+        headers_timeout = format!("{:.3}s", args.request_headers_timeout_ms.max(1) as f64 / 1000.0),
     ))
 }
 
