@@ -41,8 +41,10 @@ plugins: toolchain
 	cp $(PLUGIN_OUT)/llm_policy_plugin_injection.wasm $(PLUGIN_DIR)/prompt-injection.wasm
 
 ## envoy-configs: regenerate envoy/{filter,ext-authz,filter-fallback}.yaml with `llm-policy envoy-config`
-## from the example bundle (the tests check the committed files are current).
-ENVOY_CONFIG = $(CLI) envoy-config --upstream http://127.0.0.1:18000 --listen 0.0.0.0:10000
+## from the example bundle (the tests check the committed files are current). These are the test
+## and demo configurations: identity comes from headers the tests send (`--identity
+## trusted-headers`); docs/identity.md shows the configurations for real clients.
+ENVOY_CONFIG = $(CLI) envoy-config --upstream http://127.0.0.1:18000 --listen 0.0.0.0:10000 --identity trusted-headers
 envoy-configs: build
 	$(ENVOY_CONFIG) --mode filter --policies $(POLICIES) > envoy/filter.yaml
 	$(ENVOY_CONFIG) --mode ext-authz > envoy/ext-authz.yaml

@@ -81,7 +81,7 @@ class Server:
     """`llm-policy serve` with a config file, its own policy directory and audit file."""
 
     def __init__(self, tmp, policies_src, extra_policies=None, audit_queue=10000, log_dir=None, tls=None,
-                 redis=None, name="llm-policy"):
+                 redis=None, name="llm-policy", config_extra=None):
         self.dir = tmp
         self.policies = tmp / "policies"
         shutil.copytree(policies_src, self.policies, ignore=shutil.ignore_patterns("tests"))
@@ -107,6 +107,7 @@ class Server:
         if redis:
             # Replicas: counters, L4 cache, registry and an audit stream in the shared Redis.
             config["redis"] = {"url": redis.url, "registry": True, "audit": {}, "cache": {"enabled": True}, **redis.extra}
+        config.update(config_extra or {})
         (tmp / "server.yaml").write_text(json.dumps(config))
         self.proc = Proc(
             name,
@@ -189,7 +190,7 @@ class Replicas:
     Envoy's ext_authz configuration over all of them (round robin). `stop()` stops them all (also
     when one fails to start)."""
 
-    def __init__(self, tmp, bundle, n, name="replica", **redis_extra):
+    def __init__(self, tmp, bundle, n, name="replica", config_extra=None, **redis_extra):
         self.procs = []
         try:
             self.redis = Redis(tmp, **redis_extra)
@@ -198,7 +199,8 @@ class Replicas:
             for i in range(n):
                 home = Path(tmp) / f"{name}-{i}"
                 home.mkdir()
-                self.servers.append(Server(home, bundle, log_dir=tmp, redis=self.redis, name=f"{name}-{i}"))
+                self.servers.append(Server(home, bundle, log_dir=tmp, redis=self.redis, name=f"{name}-{i}",
+                                           config_extra=config_extra))
                 self.procs.append(self.servers[-1].proc)
         except BaseException:
             self.stop()
@@ -271,14 +273,19 @@ def wasm_file():
     return Path(os.environ.get("LLM_POLICY_WASM", ROOT / DEFAULT_WASM))
 
 
-def envoy_config(mode, policies=None, **flags):
-    """`llm-policy envoy-config --mode MODE` with the default ports (the Envoy class replaces them)."""
+def envoy_config(mode, policies=None, identity="trusted-headers", **flags):
+    """`llm-policy envoy-config --mode MODE` with the default ports (the Envoy class replaces them).
+    Most tests send their identity as headers (`--identity trusted-headers`); `identity=None` is
+    the generator's default (identity headers removed). A list value repeats its flag."""
     args = [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", mode,
             "--upstream", "http://127.0.0.1:18000", "--listen", "0.0.0.0:10000"]
     if policies:
         args += ["--policies", str(policies)]
+    if identity:
+        args += ["--identity", identity]
     for k, v in flags.items():
-        args += [f"--{k.replace('_', '-')}", str(v)]
+        for one in v if isinstance(v, list) else [v]:
+            args += [f"--{k.replace('_', '-')}", str(one)]
     return subprocess.run(args, check=True, capture_output=True, text=True).stdout
 
 

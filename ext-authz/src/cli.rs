@@ -5,6 +5,7 @@
 //! shutdown, 2 on a configuration it cannot start with.
 
 pub mod envoy_config;
+pub mod keys;
 pub mod report;
 pub mod suite;
 
@@ -130,6 +131,8 @@ enum Command {
     Serve(crate::server::config::ServeArgs),
     /// Print a complete Envoy 1.40 configuration: listener, the filter and/or ext_authz, clusters.
     EnvoyConfig(envoy_config::EnvoyConfigArgs),
+    /// Virtual API keys in a key file: create (the secret printed once), list, revoke.
+    Keys(keys::KeysArgs),
 }
 
 fn print_diagnostics(d: &Diagnostics) {
@@ -195,6 +198,16 @@ pub fn main() -> ExitCode {
                 }
             }
         }
+        Command::Keys(args) => match keys::run(&args) {
+            Ok(text) => {
+                outp!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                err!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve(_) => ExitCode::from(2),
     }
 }

@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod envoy;
+pub mod key_store;
 pub mod limits;
 pub mod listen;
 pub mod metrics;
@@ -171,6 +172,7 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 /// files change.
 pub async fn start(config: Config) -> Result<Running, StartError> {
     let admin_token = config.admin_token().map_err(StartError::Config)?;
+    let read_token = config.read_token().map_err(StartError::Config)?;
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
     // Plugins are compiled once, before any bundle: a bad module stops the start, named.
     let plugins = match &config.plugins.dir {
@@ -222,6 +224,21 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         )),
         _ => Arc::new(limits::MemoryStore::default()),
     };
+    // The keys: from the key file, shared through Redis when there is one (a connection of its
+    // own, off the traffic path).
+    let key_redis = match &redis {
+        Some(_) => redis::Redis::connect(&config.redis, metrics.clone())
+            .ok()
+            .flatten(),
+        None => None,
+    };
+    let keys = Arc::new(
+        key_store::KeyStore::load(config.keys_file.clone(), key_redis)
+            .map_err(StartError::Config)?,
+    );
+    if let Err(e) = keys.seed().await {
+        tracing::warn!(error = %e, "cannot seed the shared keys yet (retrying every poll)");
+    }
     let engine = Arc::new(
         Engine::new(
             registry,
@@ -233,6 +250,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
             config.limits.clone(),
         )
         .with_plugins(plugins)
+        .with_keys(Arc::clone(&keys))
         .with_remote_cache(
             redis
                 .as_ref()
@@ -333,7 +351,26 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let state = rest::RestState {
         engine: Arc::clone(&engine),
         admin_token: admin_token.map(Arc::from),
+        read_token: read_token.map(Arc::from),
     };
+    // Replicas follow the shared keys.
+    if keys.shared() {
+        let keys = Arc::clone(&keys);
+        let mut stopped = stopped.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(key_store::POLL);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {
+                        if let Err(e) = keys.seed_or_refresh().await {
+                            tracing::debug!(error = %e, "cannot read the shared keys");
+                        }
+                    }
+                    _ = stopped_signal(&mut stopped) => return,
+                }
+            }
+        });
+    }
     let app = rest::router(state, rest_body_limit(&config));
     let incoming = listen::accept(http, http_tls, stopped.clone());
     tasks.spawn(listen::serve_http(incoming, app, stopped.clone()));

@@ -254,27 +254,27 @@ fn context_config_changes_the_schema_and_the_headers() {
     let cfg = write(
         dir.path(),
         "ctx.yaml",
-        "principalHeaders: { id: x-forwarded-user, org: x-org-id }\nnamespaceHeader: x-tenant\n",
+        "principalHeaders: { id: x-forwarded-user, dept: x-dept }\nnamespaceHeader: x-tenant\n",
     );
     let p = write(
         dir.path(),
         "p.yaml",
-        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p, namespace: acme}\nspec:\n  defaultDecision: allow\n  rules:\n    - {id: org, when: {cel: \"principal.org == 'blocked'\"}, action: {decision: deny}}\n",
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p, namespace: acme}\nspec:\n  defaultDecision: allow\n  rules:\n    - {id: dept, when: {cel: \"principal.dept == 'blocked'\"}, action: {decision: deny}}\n",
     );
     let r = write(
         dir.path(),
         "r.json",
-        r#"{"headers": {"x-tenant": "acme", "x-org-id": "blocked"}, "body": {"model": "m"}}"#,
+        r#"{"headers": {"x-tenant": "acme", "x-dept": "blocked"}, "body": {"model": "m"}}"#,
     );
     let out = run(&["eval", "--context-config", &cfg, "-p", &p, "-r", &r]);
     assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["decision"], "deny");
     assert_eq!(d["metadata"]["namespace"], "acme");
-    // Without the configuration, `principal.org` is not part of the schema.
+    // Without the configuration, `principal.dept` is not part of the schema.
     let out = run(&["validate", &p]);
     assert_eq!(out.status.code(), Some(2));
-    stderr_has(&out, "configured principal attributes: id, team, tier");
+    stderr_has(&out, "configured principal attributes: id, org, team, tier");
     let bad = write(dir.path(), "bad.yaml", "principalHeader: {}\n");
     let out = run(&["validate", "--context-config", &bad, &p]);
     assert_eq!(out.status.code(), Some(2));

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use llm_policy_core::identity::{IdentityMode, KeyRecord, KeyTable};
 use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, Document, PolicySet};
 use serde::{Deserialize, Serialize};
 
@@ -38,6 +39,20 @@ pub struct FilterConfig {
     /// Slots of the local rate-limit table shared by the workers (default 65,536). Each live
     /// counter key takes one; a key that finds no free slot is not counted (and logged).
     pub local_counter_slots: u32,
+    /// How the request's identity is established (docs/identity.md).
+    pub identity: IdentityConfig,
+}
+
+/// `identity:` in the filter configuration.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct IdentityConfig {
+    /// `none` (default), `trusted-headers`, `jwt` or `api-keys`: what the Envoy configuration
+    /// does (`llm-policy envoy-config --identity`). With `api-keys` the filter looks up the
+    /// request's virtual key; the server is told the mode when the filter asks it.
+    pub mode: IdentityMode,
+    /// The virtual keys (`llm-policy keys create`), when the filter does not sync them.
+    pub keys: Vec<KeyRecord>,
 }
 
 impl Default for FilterConfig {
@@ -54,6 +69,7 @@ impl Default for FilterConfig {
             sync: None,
             cache_entries: 1024,
             local_counter_slots: 65_536,
+            identity: IdentityConfig::default(),
         }
     }
 }
@@ -176,7 +192,23 @@ impl FilterConfig {
         {
             return Err(bad("/server/cluster", "the server's cluster name is empty"));
         }
+        if let Err(errors) = KeyTable::new(config.identity.keys.clone()) {
+            return Err(Diagnostics(
+                errors
+                    .into_iter()
+                    .map(|(i, message)| {
+                        Diagnostic::error(llm_policy_core::Code::InvalidApiKey, message)
+                            .at(CONFIG_FILE, doc.position(&format!("/identity/keys/{i}")))
+                    })
+                    .collect(),
+            ));
+        }
         Ok(config)
+    }
+
+    /// The configured virtual keys (checked by [`FilterConfig::parse`]).
+    pub fn keys(&self) -> KeyTable {
+        KeyTable::new(self.identity.keys.clone()).unwrap_or_default()
     }
 
     /// Compiles the inline bundle (`None` when there is none).

@@ -9,6 +9,7 @@
 
 use std::collections::HashMap;
 
+use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::wire::{self, LocalCounted};
 
 /// The gRPC service.
@@ -164,7 +165,12 @@ impl HeaderValue {
 }
 
 /// The encoded `CheckRequest` for a buffered request, with the local limits the filter counted.
-pub fn check_request(headers: &[(String, String)], body: &[u8], local: &LocalCounted) -> Vec<u8> {
+pub fn check_request(
+    headers: &[(String, String)],
+    body: &[u8],
+    local: &LocalCounted,
+    identity: IdentityMode,
+) -> Vec<u8> {
     use prost::Message as _;
     let get = |name: &str| {
         headers
@@ -189,11 +195,15 @@ pub fn check_request(headers: &[(String, String)], body: &[u8], local: &LocalCou
             })
             .or_insert_with(|| v.clone());
     }
-    let extensions = local
+    let mut extensions: HashMap<String, String> = local
         .extensions()
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+    extensions.insert(
+        wire::IDENTITY_EXTENSION.to_string(),
+        identity.via().to_string(),
+    );
     CheckRequest {
         attributes: Some(AttributeContext {
             request: Some(Request {
@@ -307,7 +317,12 @@ mod tests {
             ("x-llm-policy-decision", "allow"),
         ]
         .map(|(k, v)| (k.to_string(), v.to_string()));
-        let bytes = check_request(&headers, b"\x00{\"a\":1}\xff", &local);
+        let bytes = check_request(
+            &headers,
+            b"\x00{\"a\":1}\xff",
+            &local,
+            IdentityMode::ApiKeys,
+        );
         let sent = envoy::CheckRequest::decode(bytes.as_slice()).unwrap();
         let attrs = sent.attributes.unwrap();
         let http = attrs.request.unwrap().http.unwrap();

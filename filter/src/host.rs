@@ -48,6 +48,8 @@ pub enum Metric {
     BodyTooLarge,
     /// Requests whose body is not a valid request (400).
     InvalidBody,
+    /// Requests whose virtual API key was missing, unknown, revoked or expired (401).
+    Unauthenticated,
     /// Decisions served from the per-VM cache.
     CacheHit,
     /// Cache lookups that missed.
@@ -76,13 +78,14 @@ pub enum Metric {
 
 impl Metric {
     /// Every metric, for hosts that define them up front.
-    pub const ALL: [Metric; 18] = [
+    pub const ALL: [Metric; 19] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Throttled,
         Metric::Rejected,
         Metric::BodyTooLarge,
         Metric::InvalidBody,
+        Metric::Unauthenticated,
         Metric::CacheHit,
         Metric::CacheMiss,
         Metric::FallbackCalls,
@@ -106,6 +109,7 @@ impl Metric {
             Metric::Rejected => "llm_policy.decisions.rejected",
             Metric::BodyTooLarge => "llm_policy.body_too_large",
             Metric::InvalidBody => "llm_policy.invalid_body",
+            Metric::Unauthenticated => "llm_policy.unauthenticated",
             Metric::CacheHit => "llm_policy.cache.hit",
             Metric::CacheMiss => "llm_policy.cache.miss",
             Metric::FallbackCalls => "llm_policy.fallback.calls",

@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use llm_policy_core::context::Provider;
 use llm_policy_core::decision::Verdict;
+use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
@@ -83,6 +84,8 @@ enum Ending {
     Throttled,
     TooLarge,
     InvalidBody,
+    /// The virtual API key was refused (401).
+    Unauthenticated,
     /// No bundle yet, or the server could not answer (failure mode closed).
     Unavailable,
 }
@@ -95,6 +98,7 @@ impl Ending {
             Ending::Throttled => &[Metric::Throttled],
             Ending::TooLarge => &[Metric::Rejected, Metric::BodyTooLarge],
             Ending::InvalidBody => &[Metric::Rejected, Metric::InvalidBody],
+            Ending::Unauthenticated => &[Metric::Rejected, Metric::Unauthenticated],
             // The cause is counted where it happened (fallback failures, sync failures).
             Ending::Unavailable => &[],
         }
@@ -455,18 +459,31 @@ impl RequestFlow {
         host: &mut dyn Host,
         provider: Provider,
         body_len: usize,
-        headers: Vec<(String, String)>,
+        mut headers: Vec<(String, String)>,
     ) -> Outcome {
         let vm = Rc::clone(&self.vm);
         let Some(set) = vm.set.as_ref() else {
             return self.no_bundle(host, provider);
         };
+        let now = host.now();
+        // Virtual keys: the key's record is who the request is (before anything reads it).
+        if vm.config.identity.mode == IdentityMode::ApiKeys {
+            let now_unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
+            match vm.keys.authenticate(&headers, now_unix) {
+                Ok(record) => record.assert(set.config(), &mut headers),
+                Err(e) => {
+                    return Outcome::Reply(
+                        reply::unauthenticated(provider, e),
+                        Ending::Unauthenticated,
+                    )
+                }
+            }
+        }
         let body = if body_len > 0 {
             host.request_body(body_len).unwrap_or_default()
         } else {
             Vec::new()
         };
-        let now = host.now();
         // What rules read, as the server's ext_authz edge sees it.
         let data: Vec<(String, String)> = headers
             .iter()
@@ -602,7 +619,7 @@ impl RequestFlow {
             }
             return self.without_server(provider, provisional);
         };
-        let message = ext_authz::check_request(headers, body, local);
+        let message = ext_authz::check_request(headers, body, local, self.vm.config.identity.mode);
         host.metric(Metric::FallbackCalls, 1);
         match host.grpc_call(
             &server.cluster,

@@ -5,6 +5,7 @@
 
 use std::time::Duration;
 
+use llm_policy_core::identity::KeyTable;
 use llm_policy_core::model::KIND_POLICY_TEST;
 use llm_policy_core::wire::BundleAnswer;
 use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, PolicySet};
@@ -18,8 +19,8 @@ pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
 /// What a fetch brought.
 #[derive(Debug)]
 pub enum Fetched {
-    /// A new bundle, compiled.
-    New(PolicySet),
+    /// A new bundle, compiled, and the server's keys (when it holds any).
+    New(PolicySet, Option<KeyTable>),
     /// The same bundle, or no usable answer (nothing changes).
     Nothing,
 }
@@ -101,7 +102,7 @@ impl BundleSync {
         match status {
             Some(304) => Fetched::Nothing,
             Some(200) => match compile(body.as_deref().unwrap_or_default(), context) {
-                Ok((served, set)) => {
+                Ok((served, set, keys)) => {
                     self.failures = 0;
                     self.etag = etag.or(Some(format!("\"{served}\"")));
                     host.metric(Metric::SyncOk, 1);
@@ -113,7 +114,7 @@ impl BundleSync {
                             set.rule_count()
                         ),
                     );
-                    Fetched::New(set)
+                    Fetched::New(set, keys)
                 }
                 Err(e) => {
                     let msg = format!(
@@ -166,10 +167,17 @@ pub enum SyncError {
     /// The bundle does not compile here.
     #[error("{0}")]
     Invalid(Diagnostics),
+    /// The answer's virtual keys are not a valid key table.
+    #[error("the keys: {0}")]
+    BadKeys(String),
 }
 
-/// Parses and compiles a bundle answer: (the server's bundle digest, the compiled set).
-fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), SyncError> {
+/// Parses and compiles a bundle answer: (the server's bundle digest, the compiled set, the
+/// keys when the server holds keys).
+fn compile(
+    body: &[u8],
+    context: &ContextConfig,
+) -> Result<(String, PolicySet, Option<KeyTable>), SyncError> {
     if body.len() > MAX_BUNDLE_BYTES {
         return Err(SyncError::TooLarge);
     }
@@ -186,7 +194,19 @@ fn compile(body: &[u8], context: &ContextConfig) -> Result<(String, PolicySet), 
     let set = PolicySet::compile(&docs, context)
         .map_err(SyncError::Invalid)?
         .set;
-    Ok((answer.bundle, set))
+    let keys = match answer.keys {
+        Some(records) => Some(KeyTable::new(records).map_err(|errors| {
+            SyncError::BadKeys(
+                errors
+                    .into_iter()
+                    .map(|(_, m)| m)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?),
+        None => None,
+    };
+    Ok((answer.bundle, set, keys))
 }
 
 #[cfg(test)]
@@ -234,7 +254,7 @@ mod tests {
             Some(answer(POLICY)),
             &ctx,
         );
-        assert!(matches!(got, Fetched::New(set) if set.rule_count() == 1));
+        assert!(matches!(got, Fetched::New(set, None) if set.rule_count() == 1));
 
         // Not due yet; then due, with If-None-Match; 304 changes nothing.
         s.tick(&mut host);

@@ -5,6 +5,7 @@
 
 use std::cell::RefCell;
 
+use llm_policy_core::identity::KeyTable;
 use llm_policy_core::{Diagnostics, PolicySet};
 
 use crate::cache::DecisionCache;
@@ -19,6 +20,8 @@ pub struct Vm {
     pub set: Option<PolicySet>,
     /// The configuration it came with.
     pub config: FilterConfig,
+    /// The virtual API keys (from the configuration, or the last sync that brought keys).
+    pub keys: KeyTable,
     /// Which requests are checked.
     pub routes: Routes,
     /// Local rate-limit counters (shared data).
@@ -46,11 +49,12 @@ impl Vm {
             )
             .at(crate::config::CONFIG_FILE, None)]));
         }
-        Ok(Vm::new(config, set))
+        let keys = config.keys();
+        Ok(Vm::new(config, set, keys))
     }
 
-    /// The state serving `set` under `config`.
-    pub fn new(config: FilterConfig, set: Option<PolicySet>) -> Vm {
+    /// The state serving `set` and `keys` under `config`.
+    pub fn new(config: FilterConfig, set: Option<PolicySet>, keys: KeyTable) -> Vm {
         Vm {
             routes: Routes::new(&config.routes),
             counters: Counters::new(
@@ -62,6 +66,7 @@ impl Vm {
             decisions: std::cell::Cell::new(0),
             server_failures: std::cell::Cell::new(0),
             set,
+            keys,
             config,
         }
     }

@@ -130,8 +130,9 @@ impl Context for Root {
             body,
             &vm.config.context,
         );
-        if let Fetched::New(set) = fetched {
-            self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set))));
+        if let Fetched::New(set, keys) = fetched {
+            let keys = keys.unwrap_or_else(|| vm.keys.clone());
+            self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set), keys)));
         }
     }
 }

@@ -17,16 +17,27 @@ use crate::schema::FieldRef;
 /// (principal attributes are part of the schema conditions are checked against). Header names
 /// match in any case (`X-Tenant` finds `x-tenant`).
 ///
-/// As a file (`llm-policy --context-config`):
-/// `{namespaceHeader, principalHeaders: {id: x-user-id, ...}, shieldPrefix, maxBodyBytes}`.
+/// As a file (`llm-policy --context-config`): `{namespaceHeader, principalHeaders: {id:
+/// x-user-id, ...}, principalClaims: {id: sub, ...}, namespaceClaim, shieldPrefix, maxBodyBytes}`.
+///
+/// Which of these headers a client may send itself depends on the identity mode Envoy runs in
+/// (docs/identity.md): in every mode but `trusted-headers`, Envoy removes the client's copies of
+/// the namespace, principal and shield headers before the filter or the server reads a request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct ContextConfig {
     /// Header that selects the policy namespace (default `x-llm-policy-namespace`).
     pub namespace_header: String,
     /// Principal attributes and the header each is read from (defaults: `id` ← `x-user-id`,
-    /// `tier` ← `x-user-tier`, `team` ← `x-team-id`).
+    /// `tier` ← `x-user-tier`, `team` ← `x-team-id`, `org` ← `x-org-id`).
     pub principal_headers: BTreeMap<String, String>,
+    /// With JWT identity: the claim of the verified token each principal attribute comes from
+    /// (defaults: `id` ← `sub`, `tier` ← `tier`, `team` ← `team`, `org` ← `org`). Envoy's
+    /// `jwt_authn` writes the claim into the attribute's header after removing the client's.
+    pub principal_claims: BTreeMap<String, String>,
+    /// With JWT identity: the claim naming the policy namespace (default: none, so every token
+    /// is in the default namespace).
+    pub namespace_claim: Option<String>,
     /// Prefix of shield score headers (default `x-llm-shield-`).
     pub shield_prefix: String,
     /// Bodies larger than this are rejected with 413 (default 4 MiB).
@@ -44,10 +55,21 @@ impl Default for ContextConfig {
                 ("id", "x-user-id"),
                 ("tier", "x-user-tier"),
                 ("team", "x-team-id"),
+                ("org", "x-org-id"),
             ]
             .iter()
             .map(|(a, h)| (a.to_string(), h.to_string()))
             .collect(),
+            principal_claims: [
+                ("id", "sub"),
+                ("tier", "tier"),
+                ("team", "team"),
+                ("org", "org"),
+            ]
+            .iter()
+            .map(|(a, c)| (a.to_string(), c.to_string()))
+            .collect(),
+            namespace_claim: None,
             shield_prefix: String::from("x-llm-shield-"),
             max_body_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
@@ -71,6 +93,8 @@ impl ContextConfig {
                 .iter()
                 .map(|(a, h)| (a.clone(), h.to_ascii_lowercase()))
                 .collect(),
+            principal_claims: self.principal_claims.clone(),
+            namespace_claim: self.namespace_claim.clone(),
             shield_prefix: self.shield_prefix.to_ascii_lowercase(),
             max_body_bytes: self.max_body_bytes,
             max_batch_items: self.max_batch_items,

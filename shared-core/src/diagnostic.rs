@@ -125,6 +125,8 @@ codes! {
     InvalidShieldName = "invalid-shield-name", "a shield score name with capitals or `-` (scores are named in lower case, `-` becomes `_`)";
     /// A bad rate limit or budget.
     InvalidLimit = "invalid-limit", "`rateLimit` / `budget` without exactly one amount, or both on one rule";
+    /// A bad virtual API key record.
+    InvalidApiKey = "invalid-api-key", "a virtual API key record (`llm-policy keys`) with an empty or repeated id, a `hash` that is not 64 lower-case hex digits, or the same key as an earlier record";
     /// A bad counter key template.
     InvalidKey = "invalid-key", "a counter key template with an unknown field, request text (`request.prompt`, lists, maps), fields without text between them, `%`, more than 8 fields or more than 256 bytes";
     /// A bad window.

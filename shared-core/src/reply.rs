@@ -16,6 +16,7 @@ use alloc::vec::Vec;
 
 use crate::context::{Api, ContextError, Provider};
 use crate::decision::{Decision, Verdict};
+use crate::identity::KeyError;
 
 /// The header that carries the verdict to the upstream (allow) or the client (deny, throttle).
 pub const DECISION_HEADER: &str = "x-llm-policy-decision";
@@ -111,6 +112,19 @@ pub fn unavailable(provider: Provider, message: &str) -> Reply {
         status: 503,
         body: error_body(provider, 503, "policy_unavailable", message),
         headers: with_content_type(alloc::vec![(DECISION_HEADER.into(), String::from("error"))]),
+    }
+}
+
+/// The reply to a request whose virtual API key was refused: 401 in the provider's format (the
+/// SDKs raise their authentication error), marked `x-llm-policy-decision: deny`.
+pub fn unauthenticated(provider: Provider, e: KeyError) -> Reply {
+    Reply {
+        status: 401,
+        body: error_body(provider, 401, e.code(), &e.to_string()),
+        headers: with_content_type(alloc::vec![
+            (DECISION_HEADER.into(), String::from("deny")),
+            (String::from("www-authenticate"), String::from("Bearer")),
+        ]),
     }
 }
 

@@ -9,6 +9,7 @@
 //!   client.
 //! - **Which headers rules see** ([`is_request_data`]): the same for a request the filter reads
 //!   from Envoy and for one the server receives in a `Check`.
+//! - **How identity was established** ([`IDENTITY_EXTENSION`]), told to the server the same way.
 //! - The **bundle answer** of `GET /v1/bundle` the filter syncs from ([`BundleAnswer`]).
 //!
 //! The gRPC messages themselves come from `proto/` (generated on both sides).
@@ -59,6 +60,12 @@ pub const LOCAL_COUNTERS_BY_PROXY: &str = "proxy";
 /// Context extension with the rules whose local counter was over: a JSON object `{rule: [limit,
 /// remaining, reset_secs]}`.
 pub const LOCAL_OVER_EXTENSION: &str = "llm-policy.local-over";
+
+/// Context extension naming how the proxy established the request's identity
+/// ([`crate::identity::IdentityMode::via`]: `none`, `trusted-header`, `jwt`, `api-key`). Set
+/// by Envoy's route configuration for ext_authz and by the filter when it calls the server, so
+/// the server knows whether to look up a virtual key and what its audit record says.
+pub const IDENTITY_EXTENSION: &str = "llm-policy.identity";
 
 /// The local-scope limits the filter counted for a request: the rules whose counter was over,
 /// with its state. The server answers those rules from here instead of counting them again.
@@ -131,6 +138,10 @@ pub struct BundleAnswer {
     pub bundle: String,
     /// The policy files, relative to the policy directory.
     pub files: Vec<BundleFile>,
+    /// The virtual API keys the server holds (none when it holds no key table): a filter in
+    /// `api-keys` identity swaps them in. The ETag covers them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keys: Option<Vec<crate::identity::KeyRecord>>,
 }
 
 /// One file of a [`BundleAnswer`].

@@ -14,6 +14,8 @@ use std::path::PathBuf;
 use std::io::Write as _;
 
 use clap::{Args, ValueEnum};
+use llm_policy_core::identity::{IdentityMode, API_KEY_HEADER};
+use llm_policy_core::wire::IDENTITY_EXTENSION;
 use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
 use serde_json::json;
 
@@ -43,6 +45,43 @@ pub enum Failure {
     Closed,
     /// No decision: let through, marked.
     Open,
+}
+
+/// How the generated configuration establishes who a request is (docs/identity.md).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Identity {
+    /// Client identity, namespace and shield headers are removed: every request is anonymous
+    /// in the default namespace (the default).
+    None,
+    /// The identity headers are trusted as sent: only behind a gateway that sets them itself.
+    #[value(name = "trusted-headers")]
+    TrustedHeaders,
+    /// Envoy's jwt_authn verifies `Authorization: Bearer <jwt>`; claims become the principal.
+    Jwt,
+    /// Virtual API keys (hashed in a key table); the provider's key is injected upstream.
+    #[value(name = "api-keys")]
+    ApiKeys,
+}
+
+impl Identity {
+    fn mode(self) -> IdentityMode {
+        match self {
+            Identity::None => IdentityMode::Anonymous,
+            Identity::TrustedHeaders => IdentityMode::TrustedHeaders,
+            Identity::Jwt => IdentityMode::Jwt,
+            Identity::ApiKeys => IdentityMode::ApiKeys,
+        }
+    }
+}
+
+/// The header the provider's key goes upstream in (api-keys identity).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ProviderKeyHeader {
+    /// `Authorization: Bearer <key>` (OpenAI, Azure OpenAI with a bearer token).
+    Authorization,
+    /// `x-api-key: <key>` (Anthropic).
+    #[value(name = "x-api-key")]
+    XApiKey,
 }
 
 /// `llm-policy envoy-config` arguments.
@@ -89,6 +128,34 @@ pub struct EnvoyConfigArgs {
     /// connection is closed: slow-header connections cannot pile up).
     #[arg(long, default_value_t = 10_000)]
     pub request_headers_timeout_ms: u64,
+    /// Who a request is (docs/identity.md). Without it, every identity, namespace and shield
+    /// header a client sends is removed and requests are anonymous.
+    #[arg(long, value_enum, default_value = "none")]
+    pub identity: Identity,
+    /// `--identity jwt`: the issuer (`iss`) tokens must carry.
+    #[arg(long)]
+    pub jwt_issuer: Option<String>,
+    /// `--identity jwt`: an audience (`aud`) tokens must carry (repeat for several).
+    #[arg(long)]
+    pub jwt_audience: Vec<String>,
+    /// `--identity jwt`: the issuer's public keys as a JWKS file (re-read by Envoy on start).
+    #[arg(long)]
+    pub jwks_file: Option<PathBuf>,
+    /// `--identity jwt`: the issuer's JWKS URL (fetched and cached by Envoy; https).
+    #[arg(long)]
+    pub jwks_uri: Option<String>,
+    /// `--identity api-keys`: the key table (`llm-policy keys create`), embedded in the filter.
+    /// In ext-authz mode the server holds the keys (`keysFile` in its configuration).
+    #[arg(long)]
+    pub keys_file: Option<PathBuf>,
+    /// `--identity api-keys`: a file holding the provider's real API key, injected upstream in
+    /// place of the virtual key (Envoy's credential_injector; the key stays out of the config).
+    #[arg(long)]
+    pub provider_key_file: Option<PathBuf>,
+    /// The header the provider key goes in (default: `x-api-key` for an upstream on
+    /// anthropic.com, else `authorization` with `Bearer`).
+    #[arg(long, value_enum)]
+    pub provider_key_header: Option<ProviderKeyHeader>,
 }
 
 /// An `http(s)://host[:port]` URL.
@@ -187,6 +254,360 @@ fn cluster(name: &str, host: &str, port: u16, dns: Dns, extra: &str) -> String {
     )
 }
 
+/// The identity parts of a configuration (docs/identity.md): filters before and after the
+/// policy filter, the local replies, static secrets, the ext_authz route settings, and the
+/// filter configuration's `identity` section.
+#[derive(Default)]
+struct IdentityParts {
+    /// Filters before the policy filter: the client's identity headers removed, JWT verified.
+    before: String,
+    /// Filters after it: the client's credentials removed, the provider's key injected.
+    after: String,
+    /// The connection manager's `local_reply_config` (JWT failures in the provider's format).
+    local_reply: String,
+    /// `static_resources.secrets`.
+    secrets: String,
+    /// Extra clusters (a remote JWKS).
+    clusters: String,
+    /// The filter configuration's `identity`.
+    filter: serde_json::Value,
+}
+
+/// `scheme://host[:port]/path` split for a JWKS URL.
+fn parse_url(flag: &str, url: &str) -> Result<(Upstream, String), EnvoyConfigError> {
+    let bad = |why: &str| EnvoyConfigError::Argument(format!("{flag} {url}: {why}"));
+    let (tls, rest) = if let Some(r) = url.strip_prefix("https://") {
+        (true, r)
+    } else if let Some(r) = url.strip_prefix("http://") {
+        (false, r)
+    } else {
+        return Err(bad("expected an http:// or https:// URL"));
+    };
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, "/"),
+    };
+    let (host, port) = split_host_port(authority, if tls { 443 } else { 80 })
+        .filter(|(h, _)| !h.is_empty())
+        .ok_or_else(|| bad("bad host or port"))?;
+    Ok((Upstream { tls, host, port }, path.to_string()))
+}
+
+/// A JSON string (file names, claim names, URLs) for YAML: JSON is YAML.
+fn quoted(text: &str) -> String {
+    serde_json::Value::String(text.to_string()).to_string()
+}
+
+/// The TLS transport socket of a cluster that talks to `host` over https.
+fn tls_socket(host: &str, ca: &str) -> String {
+    format!(
+        "      transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+          sni: {host}
+          common_tls_context:
+            validation_context:
+              trusted_ca: {{ filename: {ca} }}
+              match_typed_subject_alt_names:
+                - san_type: DNS
+                  matcher: {{ exact: {host} }}
+"
+    )
+}
+
+/// Writes a warning on stderr (the configuration goes to stdout).
+fn warn(text: &str) {
+    let _ = writeln!(std::io::stderr(), "warning: {text}");
+}
+
+fn identity_parts(
+    args: &EnvoyConfigArgs,
+    context: &ContextConfig,
+    upstream: &Upstream,
+) -> Result<IdentityParts, EnvoyConfigError> {
+    let arg = |text: &str| EnvoyConfigError::Argument(text.to_string());
+    let mut parts = IdentityParts {
+        filter: json!({"mode": args.identity.mode()}),
+        ..IdentityParts::default()
+    };
+    let jwt_flags = args.jwt_issuer.is_some()
+        || !args.jwt_audience.is_empty()
+        || args.jwks_file.is_some()
+        || args.jwks_uri.is_some();
+    if jwt_flags && args.identity != Identity::Jwt {
+        return Err(arg(
+            "--jwt-issuer, --jwt-audience, --jwks-file and --jwks-uri need --identity jwt",
+        ));
+    }
+    if args.keys_file.is_some() && args.identity != Identity::ApiKeys {
+        return Err(arg("--keys-file needs --identity api-keys"));
+    }
+    let injects = args.provider_key_file.is_some();
+    if injects && !matches!(args.identity, Identity::Jwt | Identity::ApiKeys) {
+        return Err(arg(
+            "--provider-key-file needs --identity jwt or --identity api-keys",
+        ));
+    }
+    match args.identity {
+        Identity::TrustedHeaders => {
+            warn("--identity trusted-headers: the identity, namespace and shield headers are trusted as the client sends them; \
+                  only run this behind a gateway that authenticates clients and sets those headers itself");
+            parts.before.push_str(
+                "                  # --identity trusted-headers: the identity, namespace and shield headers are
+                  # trusted as sent. Only safe behind a gateway that authenticates clients and sets
+                  # them itself (docs/identity.md).
+",
+            );
+            return Ok(parts);
+        }
+        Identity::None => warn(
+            "no --identity: every identity, namespace and shield header a client sends is removed, so every request \
+             is anonymous in the default namespace; choose --identity jwt, api-keys or trusted-headers (docs/identity.md)",
+        ),
+        Identity::Jwt | Identity::ApiKeys => {}
+    }
+
+    // Every header the context reads identity from, removed before anything reads it.
+    let mut owned: Vec<String> = vec![context.namespace_header.to_ascii_lowercase()];
+    owned.extend(
+        context
+            .principal_headers
+            .values()
+            .map(|h| h.to_ascii_lowercase()),
+    );
+    owned.sort();
+    owned.dedup();
+    let mut removes: String = owned
+        .iter()
+        .map(|h| format!("                          - remove: {}\n", quoted(h)))
+        .collect();
+    removes.push_str(&format!(
+        "                          - remove_on_match: {{ key_matcher: {{ prefix: {} }} }}\n",
+        quoted(&context.shield_prefix.to_ascii_lowercase())
+    ));
+    parts.before.push_str(&format!(
+        "                  # Identity ({mode}): the client's own identity, namespace and shield headers are
+                  # removed before any filter reads them; only what Envoy establishes takes their place.
+                  - name: envoy.filters.http.header_mutation
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+                      mutations:
+                        request_mutations:
+{removes}",
+        mode = args.identity.mode().via()
+    ));
+
+    if args.identity == Identity::Jwt {
+        let issuer = args
+            .jwt_issuer
+            .as_deref()
+            .ok_or_else(|| arg("--identity jwt needs --jwt-issuer"))?;
+        if args.jwt_audience.is_empty() {
+            return Err(arg(
+                "--identity jwt needs --jwt-audience (tokens for another audience are refused)",
+            ));
+        }
+        let jwks = match (&args.jwks_file, &args.jwks_uri) {
+            (Some(file), None) => format!(
+                "local_jwks: {{ filename: {} }}",
+                quoted(&file.to_string_lossy())
+            ),
+            (None, Some(uri)) => {
+                let (origin, _) = parse_url("--jwks-uri", uri)?;
+                let socket = if origin.tls {
+                    tls_socket(&origin.host, &args.upstream_ca)
+                } else {
+                    String::new()
+                };
+                parts.clusters.push('\n');
+                parts.clusters.push_str(&cluster(
+                    "llm_jwks",
+                    &origin.host,
+                    origin.port,
+                    Dns::Logical,
+                    &socket,
+                ));
+                format!(
+                    "remote_jwks:
+                            http_uri: {{ uri: {}, cluster: llm_jwks, timeout: 5s }}
+                            cache_duration: 600s
+                            # Fetched at start and refreshed before the cache expires.
+                            async_fetch: {{}}
+                            retry_policy: {{ num_retries: 3 }}",
+                    quoted(uri)
+                )
+            }
+            _ => {
+                return Err(arg(
+                    "--identity jwt needs one of --jwks-file and --jwks-uri",
+                ))
+            }
+        };
+        let audiences = args
+            .jwt_audience
+            .iter()
+            .map(|a| quoted(a))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut claims = String::new();
+        let defaults = ContextConfig::default().principal_claims;
+        for (attribute, claim) in &context.principal_claims {
+            let Some(header) = context.principal_headers.get(attribute) else {
+                // A default mapping for an attribute this deployment does not have is no mistake.
+                if defaults.get(attribute) != Some(claim) {
+                    warn(&format!(
+                        "principalClaims maps claim `{claim}` to principal attribute `{attribute}`, which has no principal header: the claim is not used"
+                    ));
+                }
+                continue;
+            };
+            claims.push_str(&format!(
+                "                            - {{ claim_name: {}, header_name: {} }}\n",
+                quoted(claim),
+                quoted(&header.to_ascii_lowercase())
+            ));
+        }
+        if let Some(claim) = &context.namespace_claim {
+            claims.push_str(&format!(
+                "                            - {{ claim_name: {}, header_name: {} }}\n",
+                quoted(claim),
+                quoted(&context.namespace_header.to_ascii_lowercase())
+            ));
+        }
+        parts.before.push_str(&format!(
+            "                  # Identity (jwt): `Authorization: Bearer <jwt>` verified (signature, exp/nbf, issuer,
+                  # audience) before any policy runs; its claims become the principal (headers Envoy
+                  # writes itself, after the client's were removed). Failures: 401.
+                  - name: envoy.filters.http.jwt_authn
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+                      providers:
+                        llm_policy:
+                          issuer: {issuer}
+                          audiences: [{audiences}]
+                          {jwks}
+                          # The token is not sent to the provider.
+                          forward: false
+                          claim_to_headers:
+{claims}                      rules:
+                        - match: {{ prefix: / }}
+                          requires: {{ provider_name: llm_policy }}
+",
+            issuer = quoted(issuer),
+        ));
+        // jwt_authn answers in plain text; the SDKs expect their provider's error JSON.
+        let cel = "                            - extension_filter:
+                                name: envoy.access_loggers.extension_filters.cel
+                                typed_config:
+                                  \"@type\": type.googleapis.com/envoy.extensions.access_loggers.filters.cel.v3.ExpressionFilter
+                                  expression: \"response.code_details.startsWith('jwt_authn')\"
+";
+        parts.local_reply = format!(
+            "                # JWT failures answered in the provider's error format (the SDKs raise their
+                # AuthenticationError): Anthropic for its paths and SDK, OpenAI otherwise.
+                local_reply_config:
+                  mappers:
+                    - filter:
+                        and_filter:
+                          filters:
+{cel}                            - or_filter:
+                                filters:
+                                  - header_filter: {{ header: {{ name: anthropic-version, present_match: true }} }}
+                                  - header_filter: {{ header: {{ name: \":path\", string_match: {{ prefix: /v1/messages }} }} }}
+                      body_format_override:
+                        json_format:
+                          type: error
+                          error: {{ type: authentication_error, message: \"%LOCAL_REPLY_BODY%\" }}
+                        content_type: application/json
+                    - filter:
+                        and_filter:
+                          filters:
+{cel}                            - status_code_filter: {{ comparison: {{ op: GE, value: {{ default_value: 400, runtime_key: llm_policy.jwt_status }} }} }}
+                      body_format_override:
+                        json_format:
+                          error: {{ message: \"%LOCAL_REPLY_BODY%\", type: authentication_error, code: invalid_api_key }}
+                        content_type: application/json
+"
+        );
+    }
+
+    if args.identity == Identity::ApiKeys {
+        let uses_filter = args.mode != Mode::ExtAuthz;
+        match (&args.keys_file, uses_filter) {
+            (Some(_), false) => {
+                return Err(arg(
+                    "--keys-file: in ext-authz mode the server holds the keys (`keysFile` in its configuration, or `llm-policy keys create --server`)",
+                ))
+            }
+            (None, true) if args.sync_from.is_none() => {
+                return Err(arg("--identity api-keys in a filter mode needs --keys-file or --sync-from (the keys the filter checks)"))
+            }
+            _ => {}
+        }
+        if let Some(path) = &args.keys_file {
+            let table =
+                llm_policy_core::identity::load_keys(path).map_err(EnvoyConfigError::Bundle)?;
+            parts.filter["keys"] = serde_json::to_value(table.records().collect::<Vec<_>>())
+                .map_err(|e| arg(&format!("--keys-file: {e}")))?;
+        }
+    }
+
+    if args.identity == Identity::ApiKeys || injects {
+        let header =
+            args.provider_key_header
+                .unwrap_or(if upstream.host.ends_with("anthropic.com") {
+                    ProviderKeyHeader::XApiKey
+                } else {
+                    ProviderKeyHeader::Authorization
+                });
+        parts.after.push_str(&format!(
+            "                  # The client's credentials (a virtual key, a token) never reach the provider.
+                  - name: envoy.filters.http.header_mutation
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+                      mutations:
+                        request_mutations:
+                          - remove: authorization
+                          - remove: {API_KEY_HEADER}
+"
+        ));
+        match &args.provider_key_file {
+            Some(file) => {
+                let (name, prefix) = match header {
+                    ProviderKeyHeader::Authorization => ("authorization", "\n                          header_value_prefix: \"Bearer \""),
+                    ProviderKeyHeader::XApiKey => (API_KEY_HEADER, ""),
+                };
+                parts.after.push_str(&format!(
+                    "                  # The provider's real key, from a file (a secret: not in config dumps).
+                  - name: envoy.filters.http.credential_injector
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.credential_injector.v3.CredentialInjector
+                      overwrite: true
+                      credential:
+                        name: envoy.http.injected_credentials.generic
+                        typed_config:
+                          \"@type\": type.googleapis.com/envoy.extensions.http.injected_credentials.generic.v3.Generic
+                          credential: {{ name: llm_provider_key }}
+                          header: {name}{prefix}
+"
+                ));
+                parts.secrets = format!(
+                    "  secrets:
+    - name: llm_provider_key
+      generic_secret: {{ secret: {{ filename: {} }} }}
+",
+                    quoted(&file.to_string_lossy())
+                );
+            }
+            None => warn(
+                "no --provider-key-file: the client's key is removed and no provider key is sent upstream",
+            ),
+        }
+    }
+    Ok(parts)
+}
+
 /// Generates the configuration. Errors: a broken bundle (its diagnostics), bad arguments.
 pub fn generate(
     args: &EnvoyConfigArgs,
@@ -210,7 +631,8 @@ pub fn generate(
         Failure::Open => "open",
     };
 
-    let mut filters = String::new();
+    let identity = identity_parts(args, &context, &upstream)?;
+    let mut filters = identity.before.clone();
     if uses_filter {
         if args.policies.is_empty() {
             return Err(EnvoyConfigError::Argument(String::from(
@@ -232,6 +654,7 @@ pub fn generate(
             "policies": docs.iter().map(|d| d.value.clone()).collect::<Vec<_>>(),
             "context": context,
             "failureMode": failure,
+            "identity": identity.filter,
         });
         if uses_server {
             plugin["server"] = json!({"cluster": "llm_policy", "timeoutMs": 200});
@@ -306,28 +729,28 @@ pub fn generate(
         ));
     }
 
+    filters.push_str(&identity.after);
+    // ext_authz learns how identity was established from the route, never from the client.
+    let route_settings = if uses_filter {
+        String::new()
+    } else {
+        format!(
+            "
+                          typed_per_filter_config:
+                            envoy.filters.http.ext_authz:
+                              \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthzPerRoute
+                              check_settings:
+                                context_extensions: {{ {IDENTITY_EXTENSION}: {} }}",
+            args.identity.mode().via()
+        )
+    };
     let host_rewrite = if upstream.tls {
         format!("host_rewrite_literal: {}, ", upstream.host)
     } else {
         String::new()
     };
     let upstream_tls = if upstream.tls {
-        format!(
-            "      transport_socket:
-        name: envoy.transport_sockets.tls
-        typed_config:
-          \"@type\": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
-          sni: {host}
-          common_tls_context:
-            validation_context:
-              trusted_ca: {{ filename: {ca} }}
-              match_typed_subject_alt_names:
-                - san_type: DNS
-                  matcher: {{ exact: {host} }}
-",
-            host = upstream.host,
-            ca = args.upstream_ca
-        )
+        tls_socket(&upstream.host, &args.upstream_ca)
     } else {
         String::new()
     };
@@ -377,6 +800,8 @@ pub fn generate(
         ));
     }
 
+    clusters.push_str(&identity.clusters);
+
     // Room for our own 413 before Envoy's: the filter answers when a body passes the limit.
     let buffer_limit = if uses_filter {
         max_body.saturating_mul(2).max(64 * 1024)
@@ -396,7 +821,7 @@ pub fn generate(
     let ms = args.request_headers_timeout_ms.max(1);
     let headers_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
     Ok(format!(
-        "# Generated by `llm-policy envoy-config --mode {mode}` for Envoy 1.40.
+        "# Generated by `llm-policy envoy-config --mode {mode} --identity {ident}` for Envoy 1.40.
 # {what}
 # Upstream: {url}. Validate with: envoy --mode validate -c <this file>
 admin:
@@ -451,22 +876,25 @@ static_resources:
                       domains: [\"*\"]
                       routes:
                         - match: {{ prefix: \"/\" }}
-                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}
-                http_filters:
+                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}{route_settings}
+{local_reply}                http_filters:
 {filters}                  - name: envoy.filters.http.router
                     typed_config:
                       \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
 
-  clusters:
+{secrets}  clusters:
 {clusters}",
         mode = args.mode.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         url = args.upstream,
+        ident = args.identity.to_possible_value().map(|v| v.get_name().to_string()).unwrap_or_default(),
         admin_ip = args.admin.ip(),
         admin_port = args.admin.port(),
         listen_ip = args.listen.ip(),
         listen_port = args.listen.port(),
         max_connections = args.max_connections.max(1),
         headers_timeout = headers_timeout,
+        local_reply = identity.local_reply,
+        secrets = identity.secrets,
     ))
 }
 

@@ -77,6 +77,7 @@ impl PolicyApi {
                 explain: req.explain,
                 charge,
                 local_counted: None,
+                identity: None,
             })
             .await;
         evaluate_response(checked)

@@ -44,6 +44,9 @@ pub struct Record {
     /// Principal attributes present on the request.
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub principal: std::collections::BTreeMap<String, String>,
+    /// How the principal was established (`jwt`, `api-key`, `trusted-header`, `none`) and by
+    /// which virtual key (its id; never the key or a token).
+    pub identity: IdentityRecord,
     /// The requested model.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
@@ -69,6 +72,16 @@ pub struct Record {
     /// The prompt, HMAC-SHA256-hashed or redacted, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+}
+
+/// How a record's principal was established.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct IdentityRecord {
+    /// `jwt`, `api-key`, `trusted-header` or `none`.
+    pub via: &'static str,
+    /// The virtual key's id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
 }
 
 /// Where records go.
@@ -475,6 +488,8 @@ pub struct CheckFacts<'a> {
     pub failed: bool,
     /// The request context, when it could be built.
     pub ctx: Option<&'a RequestContext>,
+    /// How the request's identity was established.
+    pub identity: &'a super::engine::Identified,
     /// The HTTP status the client got (200 when the request went upstream).
     pub status: u16,
     /// The registry version that decided (0: none loaded).
@@ -534,6 +549,10 @@ impl Record {
                         .collect()
                 })
                 .unwrap_or_default(),
+            identity: IdentityRecord {
+                via: facts.identity.via,
+                key: facts.identity.key.clone(),
+            },
             model: ctx.and_then(|c| c.request.model.clone()),
             decision: facts.verdict().to_string(),
             status: facts.status,

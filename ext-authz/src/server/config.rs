@@ -23,6 +23,13 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// File holding the admin token for API writes; without one, writes are refused.
     pub admin_token_file: Option<PathBuf>,
+    /// File holding a token for API reads (policies, bundle, keys); without one, reads are
+    /// open to whoever reaches the REST and gRPC listeners. The admin token also reads.
+    pub read_token_file: Option<PathBuf>,
+    /// Virtual API keys (`llm-policy keys create --file`), checked for requests Envoy marks
+    /// `api-key` (docs/identity.md). With Redis they seed the shared keys; without, API
+    /// writes (`/v1/keys`) are written back to this file.
+    pub keys_file: Option<PathBuf>,
     /// How requests are read: namespace and principal headers, shield prefix, body limits.
     pub context: ContextConfig,
     /// Checks: deadline and what happens when the server cannot decide in time.
@@ -102,6 +109,8 @@ impl Default for Config {
             http_listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             admin_token_file: None,
+            read_token_file: None,
+            keys_file: None,
             context: ContextConfig::default(),
             check: CheckConfig::default(),
             reload: ReloadConfig::default(),
@@ -314,6 +323,12 @@ pub struct ServeArgs {
     /// File holding the admin token for API writes.
     #[arg(long)]
     pub admin_token_file: Option<PathBuf>,
+    /// File holding a token for API reads (policies, bundle, keys).
+    #[arg(long)]
+    pub read_token_file: Option<PathBuf>,
+    /// Virtual API keys file (`llm-policy keys create --file`).
+    #[arg(long)]
+    pub keys_file: Option<PathBuf>,
     /// Redis URL (`redis://host:port`): counters, L4 cache and the other `redis:` features
     /// shared with the other replicas.
     #[arg(long)]
@@ -345,6 +360,12 @@ impl Config {
         if let Some(p) = &args.admin_token_file {
             config.admin_token_file = Some(p.clone());
         }
+        if let Some(p) = &args.read_token_file {
+            config.read_token_file = Some(p.clone());
+        }
+        if let Some(p) = &args.keys_file {
+            config.keys_file = Some(p.clone());
+        }
         if let Some(u) = &args.redis_url {
             config.redis.url = Some(u.clone());
         }
@@ -356,27 +377,37 @@ impl Config {
 
     /// The admin token, if one is configured (trimmed; an empty file is an error).
     pub fn admin_token(&self) -> Result<Option<String>, Diagnostics> {
-        let Some(path) = &self.admin_token_file else {
-            return Ok(None);
-        };
-        let name = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| {
-            one(Diagnostic::error(
-                llm_policy_core::Code::Io,
-                format!("cannot read the admin token: {e}"),
-            )
-            .at(&name, None))
-        })?;
-        let token = text.trim().to_string();
-        if token.len() < 16 {
-            return Err(one(Diagnostic::error(
-                llm_policy_core::Code::Io,
-                "the admin token must be at least 16 characters",
-            )
-            .at(&name, None)));
-        }
-        Ok(Some(token))
+        token(self.admin_token_file.as_deref(), "admin")
     }
+
+    /// The read token, if one is configured (as the admin token).
+    pub fn read_token(&self) -> Result<Option<String>, Diagnostics> {
+        token(self.read_token_file.as_deref(), "read")
+    }
+}
+
+/// A token from its file: trimmed, at least 16 characters.
+fn token(path: Option<&Path>, which: &str) -> Result<Option<String>, Diagnostics> {
+    let Some(path) = path else {
+        return Ok(None);
+    };
+    let name = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        one(Diagnostic::error(
+            llm_policy_core::Code::Io,
+            format!("cannot read the {which} token: {e}"),
+        )
+        .at(&name, None))
+    })?;
+    let token = text.trim().to_string();
+    if token.len() < 16 {
+        return Err(one(Diagnostic::error(
+            llm_policy_core::Code::Io,
+            format!("the {which} token must be at least 16 characters"),
+        )
+        .at(&name, None)));
+    }
+    Ok(Some(token))
 }
 
 fn one(d: Diagnostic) -> Diagnostics {

@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 use llm_policy_core::decision::{
     Charge, ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
+use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
@@ -27,6 +28,7 @@ use llm_policy_core::{
 use super::audit::{Audit, CheckFacts};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
+use super::key_store::KeyStore;
 use super::limits::{CounterStore, ReservationId, StoreError};
 use super::metrics::Metrics;
 use super::plugins::Plugins;
@@ -57,6 +59,19 @@ pub struct CheckInput {
     /// local`): the rules whose counter was over, with its state. They are answered from here,
     /// not counted again. `None`: this server counts them (ext_authz-only deployments).
     pub local_counted: Option<LocalCounted>,
+    /// How the proxy established the request's identity (its route configuration says so, or
+    /// the filter): `api-key` makes the server look the key up. `None`: not said (the REST
+    /// API, an older proxy configuration), so the identity headers are taken as sent.
+    pub identity: Option<IdentityMode>,
+}
+
+/// Who a check's request is, as established: how, and by which virtual key.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Identified {
+    /// How (`IdentityMode::via`): `none`, `trusted-header`, `jwt`, `api-key`.
+    pub via: &'static str,
+    /// The virtual key's id (api-key).
+    pub key: Option<String>,
 }
 
 /// The outcome of a check.
@@ -147,6 +162,8 @@ pub struct Engine {
     audit: Audit,
     check: CheckConfig,
     limits: LimitsConfig,
+    /// The virtual API keys.
+    keys: Arc<KeyStore>,
 }
 
 fn unix_now() -> u64 {
@@ -199,6 +216,48 @@ impl Engine {
             audit,
             check,
             limits,
+            keys: Arc::new(KeyStore::empty()),
+        }
+    }
+
+    /// Uses these virtual API keys (none by default).
+    pub fn with_keys(mut self, keys: Arc<KeyStore>) -> Engine {
+        self.keys = keys;
+        self
+    }
+
+    /// The virtual API keys.
+    pub fn keys(&self) -> &Arc<KeyStore> {
+        &self.keys
+    }
+
+    /// Establishes who the request is: for `api-key`, looks the key up and writes its identity
+    /// into the headers (the client's identity headers were removed by the proxy; any left are
+    /// replaced). Returns how, or why the key was refused.
+    fn identify(
+        &self,
+        input: &mut CheckInput,
+        version: Option<&Version>,
+    ) -> (Identified, Option<KeyError>) {
+        let mode = input.identity.unwrap_or(IdentityMode::TrustedHeaders);
+        let mut identified = Identified {
+            via: mode.via(),
+            key: None,
+        };
+        if mode != IdentityMode::ApiKeys {
+            return (identified, None);
+        }
+        let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
+        let table = self.keys.table();
+        match table.authenticate(&input.headers, now) {
+            Ok(record) => {
+                if let Some(v) = version {
+                    record.assert(v.set.config(), &mut input.headers);
+                }
+                identified.key = Some(record.id.clone());
+                (identified, None)
+            }
+            Err(e) => (identified, Some(e)),
         }
     }
 
@@ -235,7 +294,7 @@ impl Engine {
     }
 
     /// Checks one request within the deadline.
-    pub async fn check(&self, input: CheckInput) -> Checked {
+    pub async fn check(&self, mut input: CheckInput) -> Checked {
         let started = Instant::now();
         let provider = reply::provider_of(&input.path, &input.headers);
         let trace_id = trace_id(&input.headers);
@@ -256,13 +315,17 @@ impl Engine {
             cache = Empty,
         );
         super::telemetry::continue_trace(&span, &input.headers);
-        let result = tokio::time::timeout(
-            deadline,
-            self.decide(input, provider, version.clone(), started, deadline),
-        )
-        .instrument(span.clone())
-        .await
-        .unwrap_or(Err(Failure::Deadline));
+        let (identity, refused) = self.identify(&mut input, version.as_deref());
+        let result = match refused {
+            Some(e) => Ok((unauthenticated(version.clone(), e, provider), None)),
+            None => tokio::time::timeout(
+                deadline,
+                self.decide(input, provider, version.clone(), started, deadline),
+            )
+            .instrument(span.clone())
+            .await
+            .unwrap_or(Err(Failure::Deadline)),
+        };
         let latency = started.elapsed();
         self.metrics.check.observe(latency.as_secs_f64());
         let (checked, ctx, failure) = match result {
@@ -305,6 +368,7 @@ impl Engine {
         self.record(
             &checked,
             ctx.as_ref(),
+            &identity,
             latency,
             trace_id,
             request_id,
@@ -862,10 +926,15 @@ impl Engine {
     }
 
     /// The audit record of a check (and its alert record).
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the facts of one check, each named"
+    )]
     fn record(
         &self,
         checked: &Checked,
         ctx: Option<&RequestContext>,
+        identity: &Identified,
         latency: Duration,
         trace_id: Option<String>,
         request_id: Option<String>,
@@ -876,6 +945,7 @@ impl Engine {
             error: checked.error.as_ref(),
             failed: failure.is_some(),
             ctx,
+            identity,
             status: checked.reply.as_ref().map_or(200, |r| r.status),
             version: checked.version_number(),
             bundle: checked.version.as_deref().map_or("", |v| v.set.bundle()),
@@ -900,6 +970,26 @@ fn rejected(
         version: Some(version),
         cache: None,
         error: Some(ErrorBody::from(e).error),
+    }
+}
+
+/// The answer for a request whose virtual key was refused: 401 in the provider's format.
+fn unauthenticated(
+    version: Option<Arc<Version>>,
+    e: KeyError,
+    provider: llm_policy_core::context::Provider,
+) -> Checked {
+    Checked {
+        decision: None,
+        reply: Some(reply::unauthenticated(provider, e)),
+        upstream: Vec::new(),
+        version,
+        cache: None,
+        error: Some(ErrorDetail {
+            code: e.code().to_string(),
+            message: e.to_string(),
+            status: 401,
+        }),
     }
 }
 

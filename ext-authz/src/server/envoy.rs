@@ -11,6 +11,7 @@ use envoy_types::ext_authz::v3::pb::{
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
+use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::wire::{self, LocalCounted, PARTIAL_BODY_HEADER};
 
 use super::engine::{CheckInput, Checked, Engine};
@@ -34,6 +35,9 @@ pub fn input(req: CheckRequest) -> CheckInput {
     };
     let extensions = &attributes.context_extensions;
     let local_counted = LocalCounted::from_extensions(|k| extensions.get(k).map(String::as_str));
+    let identity = extensions
+        .get(wire::IDENTITY_EXTENSION)
+        .and_then(|via| IdentityMode::from_via(via));
     let Some(http) = attributes.request.and_then(|r| r.http) else {
         return CheckInput::default();
     };
@@ -89,6 +93,7 @@ pub fn input(req: CheckRequest) -> CheckInput {
         // Envoy forwards what is allowed: counters are spent.
         charge: true,
         local_counted,
+        identity,
     }
 }
 

@@ -28,6 +28,8 @@ pub struct RestState {
     pub engine: Arc<Engine>,
     /// The admin token (`None`: writes disabled).
     pub admin_token: Option<Arc<str>>,
+    /// The read token (`None`: reads are open); the admin token also reads.
+    pub read_token: Option<Arc<str>>,
 }
 
 /// Largest policy a `PUT` accepts.
@@ -55,12 +57,11 @@ pub fn router(state: RestState, max_body: usize) -> Router {
         .route("/v1/policies/{name}/rollback", post(rollback))
         .route("/v1/reload", post(reload))
         .route("/v1/bundle", get(bundle))
+        .route("/v1/keys", get(list_keys).post(create_key))
+        .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(ready))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            guard_writes,
-        ))
+        .layer(axum::middleware::from_fn_with_state(state.clone(), guard))
         .layer(DefaultBodyLimit::max(max_body))
         .layer(tower_http::timeout::TimeoutLayer::with_status_code(
             StatusCode::REQUEST_TIMEOUT,
@@ -74,6 +75,8 @@ pub fn router(state: RestState, max_body: usize) -> Router {
 fn is_write(method: &axum::http::Method, uri: &axum::http::Uri) -> bool {
     let path = uri.path();
     method == axum::http::Method::PUT
+        || method == axum::http::Method::DELETE
+        || (method == axum::http::Method::POST && path == "/v1/keys")
         || path.ends_with("/rollback")
         || path == "/v1/reload"
         || (path == "/v1/evaluate"
@@ -82,18 +85,55 @@ fn is_write(method: &axum::http::Method, uri: &axum::http::Uri) -> bool {
                 .is_some_and(|q| q.split('&').any(|kv| kv == "charge=true")))
 }
 
-/// Refuses writes without the admin token before their body is read.
-async fn guard_writes(
+/// Whether a request reads what reveals the rules or the keys (policies, the bundle, keys, an
+/// evaluation), and so needs the read token when one is configured. Health, readiness and usage
+/// reports are not reads.
+fn is_read(uri: &axum::http::Uri) -> bool {
+    let path = uri.path();
+    path.starts_with("/v1/policies")
+        || path == "/v1/bundle"
+        || path.starts_with("/v1/keys")
+        || path == "/v1/evaluate"
+}
+
+/// Refuses writes without the admin token, and reads without the read token (when one is
+/// configured), before their body is read.
+async fn guard(
     State(s): State<RestState>,
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    if is_write(req.method(), req.uri()) {
-        if let Err(e) = authorize(&s, req.headers()) {
-            return e.into_response();
-        }
+    let allowed = if is_write(req.method(), req.uri()) {
+        authorize(&s, req.headers())
+    } else if is_read(req.uri()) {
+        authorize_read(&s, req.headers())
+    } else {
+        Ok(())
+    };
+    match allowed {
+        Ok(()) => next.run(req).await,
+        Err(e) => e.into_response(),
     }
-    next.run(req).await
+}
+
+/// Checks `Authorization: Bearer <read token>` (or the admin token) when a read token is set.
+fn authorize_read(state: &RestState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(read) = state.read_token.as_deref() else {
+        return Ok(());
+    };
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    if super::auth::check(Some(read), given).is_ok()
+        || super::auth::check(state.admin_token.as_deref(), given).is_ok()
+    {
+        return Ok(());
+    }
+    Err(error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "a valid `Authorization: Bearer <read token>` is required",
+    ))
 }
 
 /// An error answer: `{"error": {"code", "message", "status"}}`, plus `diagnostics` for a
@@ -203,6 +243,7 @@ async fn evaluate(
             explain: q.explain,
             charge: q.charge,
             local_counted: None,
+            identity: None,
         })
         .await;
     match (checked.decision, checked.error) {
@@ -433,7 +474,12 @@ async fn reload(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
 /// (`If-None-Match` → 304).
 async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
     let v = current(&s)?;
-    let etag = format!("\"{}\"", v.set.bundle());
+    let keys = s.engine.keys();
+    let etag = if keys.configured() {
+        format!("\"{}.{}\"", v.set.bundle(), keys.digest())
+    } else {
+        format!("\"{}\"", v.set.bundle())
+    };
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|h| h.to_str().ok())
@@ -453,8 +499,48 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
                 text: text.to_string(),
             })
             .collect(),
+        keys: keys.configured().then(|| keys.list()),
     };
     Ok(([(header::ETAG, etag_value)], Json(answer)).into_response())
+}
+
+/// `GET /v1/keys`: the virtual keys' records (hashes, never keys).
+async fn list_keys(State(s): State<RestState>) -> ApiResult {
+    Ok(Json(json!({"keys": s.engine.keys().list()})).into_response())
+}
+
+/// `POST /v1/keys` `{id?, principal?, namespace?, expires?}`: a new key. 201 with the key itself
+/// (shown this once) and its record.
+async fn create_key(State(s): State<RestState>, body: Bytes) -> ApiResult {
+    let spec: crate::keys::NewKey = json_body(&body)?;
+    let (record, secret) = s.engine.keys().create(&spec).await.map_err(key_error)?;
+    tracing::info!(key = %record.id, "virtual key created");
+    Ok((
+        StatusCode::CREATED,
+        Json(json!({"key": secret, "record": record})),
+    )
+        .into_response())
+}
+
+/// `DELETE /v1/keys/{id}`: revokes a key (its record stays, refused as revoked).
+async fn revoke_key(State(s): State<RestState>, Path(id): Path<String>) -> ApiResult {
+    let record = s.engine.keys().revoke(&id).await.map_err(key_error)?;
+    tracing::info!(key = %record.id, "virtual key revoked");
+    Ok(Json(json!({"record": record})).into_response())
+}
+
+fn key_error(e: super::key_store::KeyStoreError) -> ApiError {
+    use super::key_store::KeyStoreError as E;
+    match &e {
+        E::Invalid(_) => error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()),
+        E::NotFound(_) => error(StatusCode::NOT_FOUND, "not_found", e.to_string()),
+        E::Conflict(_) => error(StatusCode::CONFLICT, "conflict", e.to_string()),
+        E::Unavailable(_) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            e.to_string(),
+        ),
+    }
 }
 
 async fn ready(State(s): State<RestState>) -> ApiResult {
