@@ -269,6 +269,8 @@ struct IdentityParts {
     secrets: String,
     /// Extra clusters (a remote JWKS).
     clusters: String,
+    /// Route settings: the identity headers kept from the provider.
+    route: String,
     /// The filter configuration's `identity`.
     filter: serde_json::Value,
 }
@@ -386,6 +388,18 @@ fn identity_parts(
         "                          - remove_on_match: {{ key_matcher: {{ prefix: {} }} }}\n",
         quoted(&context.shield_prefix.to_ascii_lowercase())
     ));
+    // What Envoy established is for the policy, not for the provider: removed by the router,
+    // after every filter has read it.
+    parts.route = format!(
+        "
+                          # The principal and namespace stay here: the provider never sees them.
+                          request_headers_to_remove: [{}]",
+        owned
+            .iter()
+            .map(|h| quoted(h))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
     parts.before.push_str(&format!(
         "                  # Identity ({mode}): the client's own identity, namespace and shield headers are
                   # removed before any filter reads them; only what Envoy establishes takes their place.
@@ -504,7 +518,7 @@ fn identity_parts(
                                   expression: \"response.code_details.startsWith('jwt_authn')\"
 ";
         parts.local_reply = format!(
-            "                # JWT failures answered in the provider's error format (the SDKs raise their
+            "                # JWT failures answered 401 in the provider's error format (the SDKs raise their
                 # AuthenticationError): Anthropic for its paths and SDK, OpenAI otherwise.
                 local_reply_config:
                   mappers:
@@ -515,6 +529,9 @@ fn identity_parts(
                                 filters:
                                   - header_filter: {{ header: {{ name: anthropic-version, present_match: true }} }}
                                   - header_filter: {{ header: {{ name: \":path\", string_match: {{ prefix: /v1/messages }} }} }}
+                      # jwt_authn answers 403 for a token of another audience: still a token
+                      # this gateway does not accept, so 401 like every other refused token.
+                      status_code: 401
                       body_format_override:
                         json_format:
                           type: error
@@ -524,6 +541,7 @@ fn identity_parts(
                         and_filter:
                           filters:
 {cel}                            - status_code_filter: {{ comparison: {{ op: GE, value: {{ default_value: 400, runtime_key: llm_policy.jwt_status }} }} }}
+                      status_code: 401
                       body_format_override:
                         json_format:
                           error: {{ message: \"%LOCAL_REPLY_BODY%\", type: authentication_error, code: invalid_api_key }}
@@ -876,7 +894,7 @@ static_resources:
                       domains: [\"*\"]
                       routes:
                         - match: {{ prefix: \"/\" }}
-                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}{route_settings}
+                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}{identity_route}{route_settings}
 {local_reply}                http_filters:
 {filters}                  - name: envoy.filters.http.router
                     typed_config:
@@ -894,6 +912,7 @@ static_resources:
         max_connections = args.max_connections.max(1),
         headers_timeout = headers_timeout,
         local_reply = identity.local_reply,
+        identity_route = identity.route,
         secrets = identity.secrets,
     ))
 }
