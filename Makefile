@@ -52,10 +52,12 @@ envoy-configs: build
 	$(COMPOSE_ENVOY_CONFIG) > deploy/envoy.yaml
 
 ## The Envoy of deploy/docker-compose.yml: the filter, falling back to the server replicas (one DNS
-## name, every address an endpoint) in front of api.openai.com.
+## name, every address an endpoint) in front of api.openai.com; virtual API keys synced from the
+## replicas, the real key injected from a Compose secret.
 COMPOSE_ENVOY_CONFIG = $(CLI) envoy-config --mode filter+fallback --policies $(POLICIES) \
 	--upstream https://api.openai.com --listen 0.0.0.0:10000 --server llm-policy:50051 \
-	--sync-from llm-policy:8080 --wasm /etc/envoy/llm_policy_filter.wasm
+	--sync-from llm-policy:8080 --wasm /etc/envoy/llm_policy_filter.wasm \
+	--identity api-keys --provider-key-file /run/secrets/openai-api-key
 
 ## compose-check: validate deploy/docker-compose.yml (no Docker engine needed).
 compose-check: docker-compose

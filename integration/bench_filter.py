@@ -6,7 +6,10 @@ upstream share CPU 1) in front of `bench-upstream`, four set-ups:
   1. passthrough: Envoy alone (`envoy/passthrough.yaml`);
   2. floor: Envoy + a no-op wasm filter that only buffers the request body (`benches/noop-filter`);
   3. llm-policy (a): the filter with 100 rules on model / max_tokens / headers;
-  4. llm-policy (b): the filter with the example bundle (`policies/`, which also scans prompts).
+  4. llm-policy (b): the filter with the example bundle (`policies/`, which also scans prompts);
+  5. (a) with `--identity jwt` (Envoy's jwt_authn verifies an RS256 token on every request) and
+     (a) with `--identity api-keys` (the filter looks up a virtual key; Envoy's credential_injector
+     sets the provider's key): the cost of identity, next to (a) in the same run.
 
 Each with 1 KB, 8 KB and 64 KB chat bodies: throughput at saturation (closed loop) and the
 unloaded p50 (100 rps). Then 100,000 requests through (b) with Envoy's allocated memory before and
@@ -21,7 +24,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import bench_upstream, loadgen, non_200, save
+from benchkit import bench_upstream, identity_material, loadgen, non_200, save
 from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
@@ -35,7 +38,7 @@ def body(size):
     """An OpenAI chat body of about `size` bytes that the example bundle allows."""
     text = "Please summarise the following notes about the quarterly planning meeting. "
     filler = (text * (size // len(text) + 1))[: max(size - 120, 10)]
-    return json.dumps({"model": "gpt-4o", "max_tokens": 256,
+    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 256,
                        "messages": [{"role": "system", "content": "You are concise."},
                                     {"role": "user", "content": filler}]}).encode()
 
@@ -59,13 +62,29 @@ def pin(proc, cpu):
     subprocess.run(["taskset", "-pc", str(cpu), str(proc.p.pid)], capture_output=True, check=True)
 
 
-def measure(url, files):
+def measure(url, files, headers=()):
+    extra = [a for h in headers for a in ("--header", h)]
     out = {}
     for size, f in files.items():
-        sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f, cpu=1)
-        idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f, cpu=1)
+        sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f, *extra, cpu=1)
+        idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f,
+                       *extra, cpu=1)
         out[str(size)] = {"saturation": sat, "unloaded": idle}
     return out
+
+
+def identity_setups(tmp, policies):
+    """(name, config, headers) for the 100-rule bundle behind `--identity jwt` and `api-keys`."""
+    token, secret = identity_material(tmp)
+    return [
+        ("filter_100_rules_jwt", envoy_config("filter", policies, identity="jwt", jwt_issuer="https://idp.bench",
+                                              jwt_audience="llm", jwks_file=tmp / "jwks.json",
+                                              provider_key_file=tmp / "provider.key"),
+         [f"authorization: Bearer {token}"]),
+        ("filter_100_rules_api_keys", envoy_config("filter", policies, identity="api-keys",
+                                                   keys_file=tmp / "keys.json", provider_key_file=tmp / "provider.key"),
+         [f"authorization: Bearer {secret}"]),
+    ]
 
 
 def allocated(envoy):
@@ -91,12 +110,13 @@ def main():
             procs.append(upstream)
             pin(upstream, 1)
             setups = [
-                ("passthrough", None),
-                ("noop_floor", envoy_config("filter", ROOT / "policies", wasm=NOOP)),
-                ("filter_100_rules", envoy_config("filter", hundred)),
-                ("filter_example_bundle", envoy_config("filter", ROOT / "policies")),
+                ("passthrough", None, []),
+                ("noop_floor", envoy_config("filter", ROOT / "policies", wasm=NOOP), []),
+                ("filter_100_rules", envoy_config("filter", hundred), []),
+                ("filter_example_bundle", envoy_config("filter", ROOT / "policies"), []),
+                *identity_setups(tmp, hundred),
             ]
-            for name, text in setups:
+            for name, text, headers in setups:
                 if text is None:
                     e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml", concurrency=1)
                 else:
@@ -105,10 +125,11 @@ def main():
                 url = e.url("/v1/chat/completions")
                 # The example bundle allows the benchmark request: check before measuring.
                 status = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
-                                         f"@{files[1024]}", "-H", "content-type: application/json", url],
+                                         f"@{files[1024]}", "-H", "content-type: application/json",
+                                         *[a for h in headers for a in ("-H", h)], url],
                                         capture_output=True, text=True).stdout
                 assert status == "200", f"{name}: the benchmark request got {status}"
-                results[name] = measure(url, files)
+                results[name] = measure(url, files, headers)
                 if name.startswith("filter"):
                     _, h = http_get(f"http://127.0.0.1:{e.admin}/stats?filter=evaluation_us")
                     results[name]["evaluation_us_histogram"] = h.decode().strip()
@@ -128,7 +149,8 @@ def main():
 
 
 def print_table(r):
-    names = ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle")
+    names = ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle", "filter_100_rules_jwt",
+             "filter_100_rules_api_keys")
     print("| set-up | body | rps (saturation) | × passthrough | p50 ms unloaded | p99 ms saturation | non-200 |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for size in map(str, SIZES):
@@ -150,6 +172,13 @@ def print_table(r):
                   f"{f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor); unloaded p50 "
                   f"{f['unloaded']['p50_ms']:.3f} ms vs floor {n['unloaded']['p50_ms']:.3f} ms vs passthrough "
                   f"{t['unloaded']['p50_ms']:.3f} ms")
+    for size in map(str, SIZES):
+        base = r["filter_100_rules"][size]
+        for name in ("filter_100_rules_jwt", "filter_100_rules_api_keys"):
+            x = r[name][size]
+            print(f"{int(size) // 1024} KB {name}: {x['saturation']['rps'] / base['saturation']['rps']:.2f}x "
+                  f"filter_100_rules at saturation; unloaded p50 {x['unloaded']['p50_ms']:.3f} ms vs "
+                  f"{base['unloaded']['p50_ms']:.3f} ms")
     m = r["memory_100k"]
     print(f"memory over {m['requests']} requests (example bundle, 8 KB): allocated {m['allocated_before'] / 1e6:.1f} MB "
           f"-> {m['allocated_after'] / 1e6:.1f} MB")

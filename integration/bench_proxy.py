@@ -5,7 +5,10 @@ Three Envoy 1.40 set-ups in front of the same fast upstream (`bench-upstream`), 
 
   1. passthrough: Envoy alone (`envoy/passthrough.yaml`);
   2. floor: Envoy + ext_authz → `allow-authz`, a gRPC server that allows without looking;
-  3. llm-policy: Envoy + ext_authz → `llm-policy serve` on the example bundle (`policies/`).
+  3. llm-policy: Envoy + ext_authz → `llm-policy serve` on the example bundle (`policies/`);
+     then the same with `--identity jwt` (Envoy's jwt_authn verifies an RS256 token) and with
+     `--identity api-keys` (the server looks up a virtual key among 1,000; Envoy's
+     credential_injector sets the provider's key): the cost of identity in the same run.
 
 Then `Check` called directly over gRPC against `llm-policy serve` pinned to one core (cached
 decisions), and a 10,000-rule bundle written into the policy directory while 500 rps flow
@@ -23,7 +26,7 @@ import threading
 import time
 from pathlib import Path
 
-from benchkit import BIN, bench_upstream, loadgen, non_200, save
+from benchkit import BIN, bench_upstream, identity_material, loadgen, non_200, save
 from stack import ROOT, Envoy, Proc, Server, free_port
 
 RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
@@ -31,10 +34,39 @@ RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
 
 
 
-def http_scenarios(url):
-    fixed = loadgen("http", "--url", url, "--rate", 1000, "--duration", RATE_SECS, "--concurrency", 64)
-    sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS)
+def http_scenarios(url, headers=()):
+    extra = [a for h in headers for a in ("--header", h)]
+    fixed = loadgen("http", "--url", url, "--rate", 1000, "--duration", RATE_SECS, "--concurrency", 64, *extra)
+    sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS, *extra)
     return {"fixed_1000": fixed, "saturation": sat}
+
+
+def identity_runs(tmp, up_port, procs, results):
+    """`llm_policy` again behind `--identity jwt` and `--identity api-keys`. The principals carry a
+    tier and no id, so the example bundle's per-user limit (120 a minute) stays out of the way."""
+    from stack import binary, envoy_config
+
+    cli = str(binary("LLM_POLICY_BIN", "target/release/llm-policy"))
+    token, secret = identity_material(tmp)
+    (tmp / "claims.json").write_text('{"principalClaims": {"tier": "tier"}}')
+    keys = tmp / "keys.json"
+    home = tmp / "keyed"
+    home.mkdir()
+    server = Server(home, ROOT / "policies", config_extra={"keysFile": str(keys)})
+    procs.append(server.proc)
+    jwt_config = subprocess.run([cli, "--context-config", str(tmp / "claims.json"), "envoy-config", "--mode",
+                                 "ext-authz", "--upstream", "http://127.0.0.1:18000", "--listen", "0.0.0.0:10000",
+                                 "--identity", "jwt", "--jwt-issuer", "https://idp.bench", "--jwt-audience", "llm",
+                                 "--jwks-file", str(tmp / "jwks.json"), "--provider-key-file",
+                                 str(tmp / "provider.key")], capture_output=True, text=True, check=True).stdout
+    keys_config = envoy_config("ext-authz", identity="api-keys", provider_key_file=tmp / "provider.key")
+    for name, text, header in [("llm_policy_jwt", jwt_config, f"authorization: Bearer {token}"),
+                               ("llm_policy_api_keys", keys_config, f"authorization: Bearer {secret}")]:
+        e = Envoy(tmp, server, up_port, tmp, text=text)
+        results[name] = http_scenarios(e.url("/v1/chat/completions"), [header])
+        e.proc.stop()
+    server.proc.stop()
+    procs.remove(server.proc)
 
 
 def main():
@@ -67,6 +99,7 @@ def main():
             procs.append(server.proc)
             e = Envoy(tmp, server, up_port, tmp)
             results["llm_policy"] = http_scenarios(e.url("/v1/chat/completions"))
+            identity_runs(tmp, up_port, procs, results)
 
             # 4. A 10k-rule bundle arrives while 500 rps flow.
             before = server.bundle()
@@ -117,7 +150,7 @@ def main():
 def print_table(r):
     print("| set-up | load | rps | p50 ms | p99 ms | non-200 |")
     print("|---|---|---:|---:|---:|---:|")
-    for name in ("passthrough", "floor", "llm_policy"):
+    for name in ("passthrough", "floor", "llm_policy", "llm_policy_jwt", "llm_policy_api_keys"):
         for load in ("fixed_1000", "saturation"):
             x = r[name][load]
             bad = non_200(x)
@@ -128,6 +161,11 @@ def print_table(r):
           f"(target <= 1.2x); llm-policy / passthrough: {p['fixed_1000']['p99_ms'] / t['fixed_1000']['p99_ms']:.2f}x")
     print(f"saturation throughput, llm-policy / floor: {p['saturation']['rps'] / f['saturation']['rps']:.2f}; "
           f"llm-policy / passthrough: {p['saturation']['rps'] / t['saturation']['rps']:.2f}")
+    for name in ("llm_policy_jwt", "llm_policy_api_keys"):
+        x = r[name]
+        print(f"{name} / llm_policy: p50 at 1k rps {x['fixed_1000']['p50_ms'] / p['fixed_1000']['p50_ms']:.2f}x, "
+              f"p99 {x['fixed_1000']['p99_ms'] / p['fixed_1000']['p99_ms']:.2f}x, saturation "
+              f"{x['saturation']['rps'] / p['saturation']['rps']:.2f}x")
     g = r["grpc_check_one_core"]
     print(f"gRPC Check, server on one core, cached: {g['rps']:.0f} calls/s (target >= 20,000), p99 {g['p99_ms']:.2f} ms, "
           f"errors {g['errors']}")

@@ -40,3 +40,31 @@ def save(name, results):
     out = ROOT / "tools" / f"{name}.json"
     out.parent.mkdir(exist_ok=True)
     out.write_text(json.dumps(results, indent=2))
+
+
+def identity_material(tmp, keys=1000):
+    """What the identity set-ups need, written into `tmp`: a JWKS (`jwks.json`) and an RS256 token
+    it verifies (issuer `https://idp.bench`, audience `llm`, tier pro), the provider's key
+    (`provider.key`), and a key table of `keys` virtual keys (`keys.json`, made with `llm-policy
+    keys`; principals with a tier and no id). Returns (token, one virtual key)."""
+    import time
+
+    import jwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from stack import binary
+
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    jwk = json.loads(RSAAlgorithm.to_jwk(key.public_key()))
+    jwk.update(kid="bench", alg="RS256")
+    (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+    token = jwt.encode({"iss": "https://idp.bench", "aud": "llm", "sub": "bench-user", "tier": "pro",
+                        "exp": int(time.time()) + 3600}, key, algorithm="RS256", headers={"kid": "bench"})
+    (tmp / "provider.key").write_text("sk-provider")
+    cli = str(binary("LLM_POLICY_BIN", "target/release/llm-policy"))
+    secret = None
+    for i in range(keys):  # a realistic table: the lookup is by hash, whatever its size
+        secret = subprocess.run([cli, "keys", "create", "--file", str(tmp / "keys.json"), "--id", f"k{i}",
+                                 "--principal", "tier=pro"], capture_output=True, text=True, check=True).stdout.strip()
+    return token, secret

@@ -36,17 +36,24 @@ def chat(model, prompt="Say hello", **extra):
     return json.dumps({"model": model, "messages": [{"role": "user", "content": prompt}], **extra}).encode()
 
 
+# The tests' clients are pro-tier users of the example bundle (whose tier rules allow-list the paid
+# tiers: no tier is the free tier), sent as a header through the test configurations (`--identity
+# trusted-headers`); a test about tiers says otherwise.
+PRO = {"x-user-tier": "pro"}
+
+
 def oai(envoy, **headers):
-    """The official OpenAI client through `envoy`, no retries."""
+    """The official OpenAI client through `envoy` as a pro-tier user, no retries."""
     import openai
-    return openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-test", max_retries=0, default_headers=headers or None)
+    return openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-test", max_retries=0,
+                         default_headers={**PRO, **headers})
 
 
 def claude(envoy, **headers):
-    """The official Anthropic client through `envoy`, no retries."""
+    """The official Anthropic client through `envoy` as a pro-tier user, no retries."""
     import anthropic
     return anthropic.Anthropic(base_url=envoy.url(), api_key="sk-ant-test", max_retries=0,
-                               default_headers=headers or None)
+                               default_headers={**PRO, **headers})
 
 
 def many(fn, n, threads=16):

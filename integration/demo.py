@@ -1,11 +1,12 @@
-"""`make demo`, parts 2 to 4: the example bundle in front of the mock LLM upstream, through a real
+"""`make demo`, parts 2 to 5: the example bundle in front of the mock LLM upstream, through a real
 Envoy 1.40 —
 
 - with the llm-policy proxy-wasm filter deciding inside Envoy and `llm-policy serve` behind it for
   what the filter cannot decide alone (`llm-policy envoy-config --mode filter+fallback`);
 - with Envoy's ext_authz filter asking `llm-policy serve` for every request;
 - with two server replicas sharing one redis-server (limits, registry, audit stream) and running
-  the WASM plugins of the `restricted` namespace.
+  the WASM plugins of the `restricted` namespace;
+- with identity a client cannot fake: two virtual keys of different tiers, one JWT, spoofs refused.
 
 Each sample request (`examples/requests/`) goes through Envoy with curl; the demo shows the answer,
 whether it reached the upstream (and, for the filter, whether it needed the server), Envoy's stats,
@@ -189,10 +190,102 @@ def replicas_tour():
     print("\n== stopped: upstream, redis-server, replicas, Envoy")
 
 
+def identity_tour():
+    """Who is asking: two virtual keys of different tiers (the filter looks them up, the
+    provider's real key goes upstream), one JWT (Envoy's jwt_authn, ext_authz), spoofs refused."""
+    import subprocess
+
+    import jwt as pyjwt
+    from cryptography.hazmat.primitives.asymmetric import rsa
+    from jwt.algorithms import RSAAlgorithm
+
+    from stack import binary
+
+    print("\n== part 5: identity a client cannot fake (docs/identity.md)")
+    cli = str(binary("LLM_POLICY_BIN", "target/release/llm-policy"))
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            keys = tmp / "keys.json"
+            secrets = {}
+            for name, tier in [("alice", "pro"), ("bob", "free")]:
+                out = subprocess.run([cli, "keys", "create", "--file", str(keys), "--id", name, "--principal",
+                                      f"id={name}", "--principal", f"tier={tier}"], check=True, capture_output=True,
+                                     text=True).stdout
+                secrets[name] = out.strip()
+                print(f"   llm-policy keys create --id {name} --principal tier={tier} → {secrets[name][:10]}… "
+                      "(shown once; keys.json keeps its SHA-256)")
+            (tmp / "openai.key").write_text("sk-the-real-provider-key")
+            upstream = Upstream(tmp)
+            procs.append(upstream.proc)
+            home = tmp / "keys"
+            home.mkdir()
+            keyed = Server(home, ROOT / "policies", config_extra={"keysFile": str(keys)})
+            procs.append(keyed.proc)
+            text = envoy_config("filter+fallback", ROOT / "policies", identity="api-keys", keys_file=keys,
+                                provider_key_file=tmp / "openai.key", server=f"127.0.0.1:{keyed.grpc}")
+            envoy = Envoy(tmp, None, upstream.port, tmp, text=text)
+            procs.append(envoy.proc)
+            print(f"   Envoy :{envoy.port}: envoy-config --mode filter+fallback --identity api-keys --keys-file keys.json "
+                  "--provider-key-file openai.key (the server holds the same keys: keysFile)")
+            gpt4o = {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}
+            for who, extra in [("alice", {}), ("bob", {}), ("bob", {"x-user-tier": "pro", "x-user-id": "alice"}),
+                               ("mallory", {})]:
+                key = secrets.get(who, "lpk_" + "0" * 48)
+                before = len(upstream.requests())
+                status, _, body = send(envoy, {"body": gpt4o, "headers": {"authorization": f"Bearer {key}", **extra}})
+                note = f" + spoofed {extra}" if extra else (" (an unknown key)" if who == "mallory" else "")
+                reason = "" if status.endswith("200 OK") else " " + json.loads(body)["error"]["message"]
+                print(f"   {who}{note}: gpt-4o → {status.split(' ', 1)[1]}{reason}")
+                seen = upstream.requests()[before:]
+                if seen:
+                    print(f"      the provider got authorization: {seen[0]['headers']['authorization']!r}, "
+                          f"not the virtual key")
+
+            signing = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+            jwk = json.loads(RSAAlgorithm.to_jwk(signing.public_key()))
+            jwk.update(kid="demo", alg="RS256")
+            (tmp / "jwks.json").write_text(json.dumps({"keys": [jwk]}))
+            home = tmp / "jwt"
+            home.mkdir()
+            server = Server(home, ROOT / "policies")
+            procs.append(server.proc)
+            text = envoy_config("ext-authz", None, identity="jwt", jwt_issuer="https://idp.example",
+                                jwt_audience="llm-gateway", jwks_file=tmp / "jwks.json",
+                                provider_key_file=tmp / "openai.key")
+            jwt_envoy = Envoy(home, server, upstream.port, home, text=text)
+            procs.append(jwt_envoy.proc)
+            print(f"   Envoy :{jwt_envoy.port}: envoy-config --mode ext-authz --identity jwt (Envoy's jwt_authn)")
+            now = int(time.time())
+            token = pyjwt.encode({"iss": "https://idp.example", "aud": "llm-gateway", "sub": "carol", "tier": "pro",
+                                  "exp": now + 300}, signing, algorithm="RS256", headers={"kid": "demo"})
+            forged = pyjwt.encode({"iss": "https://idp.example", "aud": "llm-gateway", "sub": "carol", "tier": "pro",
+                                   "exp": now + 300}, rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                                  algorithm="RS256", headers={"kid": "demo"})
+            for what, tok in [("a token from the issuer (tier: pro)", token), ("a forged token", forged)]:
+                status, _, body = send(jwt_envoy, {"body": gpt4o, "headers": {"authorization": f"Bearer {tok}"}})
+                reason = "" if status.endswith("200 OK") else " " + json.loads(body)["error"]["message"]
+                print(f"   {what}: gpt-4o → {status.split(' ', 1)[1]}{reason}")
+            status, _, body = send(jwt_envoy, {"body": gpt4o, "headers": {"x-user-tier": "pro", "x-user-id": "carol"}})
+            print(f"   no token, x-user-tier: pro sent as a header: → {status.split(' ', 1)[1]} "
+                  f"{json.loads(body)['error']['message']}")
+            server.proc.stop()
+            lines = server.audit.read_text().splitlines() if server.audit.exists() else []
+            if lines:
+                record = json.loads(lines[-1])
+                print(f"   audit: principal {record.get('principal')}, identity {record['identity']}")
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    print("\n== stopped: upstream, server, Envoys")
+
+
 def main():
     filter_tour()
     ext_authz_tour()
     replicas_tour()
+    identity_tour()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,9 @@ def test_envoy_configs_validate(tmp_path):
         # Configs that name certificate files are validated with real ones.
         text = c.read_text().replace("/etc/llm-policy/tls/", f"{certs}/").replace(DEFAULT_WASM, str(wasm_file()))
         text = text.replace(COMPOSE_WASM, str(wasm_file()))
+        # The Compose secret, as Compose mounts it.
+        (tmp_path / "openai-api-key").write_text("sk-test")
+        text = text.replace("/run/secrets/openai-api-key", str(tmp_path / "openai-api-key"))
         path = tmp_path / c.name
         path.write_text(text)
         r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
@@ -40,19 +43,30 @@ def test_generated_configs_for_every_mode_and_an_https_provider_validate(tmp_pat
     """`llm-policy envoy-config` in each mode, in front of https://api.openai.com (TLS with SNI, the
     provider's name checked against its certificate): Envoy accepts every one."""
     envoy = binary("ENVOY_BIN", "tools/envoy/_bin/envoy")
-    for mode in ("filter", "ext-authz", "filter+fallback"):
+    (tmp_path / "provider.key").write_text("sk-test")
+    identities = {
+        "none": [],
+        "trusted-headers": ["--identity", "trusted-headers"],
+        # A remote JWKS over https (its own TLS cluster) and the provider's key injected.
+        "jwt": ["--identity", "jwt", "--jwt-issuer", "https://login.example.com/", "--jwt-audience", "llm",
+                "--jwt-audience", "llm-2", "--jwks-uri", "https://login.example.com/.well-known/jwks.json",
+                "--provider-key-file", str(tmp_path / "provider.key")],
+        "api-keys": ["--identity", "api-keys", "--provider-key-file", str(tmp_path / "provider.key")],
+    }
+    for mode, (identity, flags) in [(m, i) for m in ("filter", "ext-authz", "filter+fallback")
+                                    for i in identities.items()]:
         args = [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", mode,
-                "--upstream", "https://api.openai.com", "--wasm", str(wasm_file())]
+                "--upstream", "https://api.openai.com", "--wasm", str(wasm_file()), *flags]
         if mode != "ext-authz":
             args += ["--policies", str(ROOT / "policies")]
-        if mode == "filter+fallback":
+        if mode == "filter+fallback" or (mode == "filter" and identity == "api-keys"):
             args += ["--sync-from", "127.0.0.1:8080"]
         text = subprocess.run(args, check=True, capture_output=True, text=True).stdout
         assert "sni: api.openai.com" in text and "host_rewrite_literal: api.openai.com" in text
-        path = tmp_path / f"{mode}.yaml"
+        path = tmp_path / f"{mode}-{identity}.yaml"
         path.write_text(text)
         r = subprocess.run([str(envoy), "--mode", "validate", "-c", str(path)], capture_output=True, text=True)
-        assert r.returncode == 0, f"{mode}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
+        assert r.returncode == 0, f"{mode} {identity}: {r.stdout[-2000:]}{r.stderr[-2000:]}"
     # A broken bundle is refused with its location, nothing printed.
     bad = tmp_path / "bad"
     bad.mkdir()
@@ -72,7 +86,8 @@ def test_envoy_configs_are_what_the_generator_prints():
     compose = subprocess.run(
         [str(binary("LLM_POLICY_BIN", "target/release/llm-policy")), "envoy-config", "--mode", "filter+fallback",
          "--policies", "policies", "--upstream", "https://api.openai.com", "--listen", "0.0.0.0:10000",
-         "--server", "llm-policy:50051", "--sync-from", "llm-policy:8080", "--wasm", COMPOSE_WASM],
+         "--server", "llm-policy:50051", "--sync-from", "llm-policy:8080", "--wasm", COMPOSE_WASM,
+         "--identity", "api-keys", "--provider-key-file", "/run/secrets/openai-api-key"],
         check=True, capture_output=True, text=True, cwd=ROOT).stdout
     assert (ROOT / "deploy" / "envoy.yaml").read_text() == compose, "deploy/envoy.yaml: run make envoy-configs"
     # The replicas are one DNS name, every address an endpoint.
@@ -120,7 +135,7 @@ def test_slow_header_connections_are_cut_off_and_connections_are_capped(tmp_path
             s.close()
         wait_for(lambda: http_get(f"http://127.0.0.1:{envoy.admin}/stats?filter=llm_connections.active")[1]
                  .strip().endswith(b": 0"), "the connections to close", timeout=5)
-        status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+        status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))
         assert status == 503
     finally:
         for s in socks:
@@ -135,7 +150,7 @@ COMPOSE_WASM = "/etc/envoy/llm_policy_filter.wasm"
 
 def test_allowed_requests_reach_the_upstream_unchanged(stack):
     stack.upstream.reset()
-    body = chat("gpt-4o", "What is the capital of France?", temperature=0.2)
+    body = chat("gpt-4o-mini", "What is the capital of France?", temperature=0.2)
     status, headers, out = curl(stack.envoy.url("/v1/chat/completions"), body, {"x-user-id": "alice", "x-custom": "kept"})
     assert status == 200, out
     assert json.loads(out)["choices"][0]["message"]["content"] == "Hello from the mock upstream."
@@ -150,7 +165,7 @@ def test_allowed_requests_reach_the_upstream_unchanged(stack):
 
 def test_a_client_cannot_forge_the_verdict_header(stack):
     stack.upstream.reset()
-    status, _, _ = curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-4o"), {"x-llm-policy-decision": "forged"})
+    status, _, _ = curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"), {"x-llm-policy-decision": "forged"})
     assert status == 200
     assert stack.upstream.requests()[0]["headers"]["x-llm-policy-decision"] == "allow"
 
@@ -213,7 +228,7 @@ def test_throttle_after_n_across_concurrent_connections(stack):
 
 def test_bodies_over_the_limit_and_broken_bodies_get_provider_errors(stack):
     stack.upstream.reset()
-    huge = chat("gpt-4o", "x" * (5 * 1024 * 1024))
+    huge = chat("gpt-4o-mini", "x" * (5 * 1024 * 1024))
     status, headers, out = curl(stack.envoy.url("/v1/chat/completions"), huge)
     assert status == 413, out[:200]
     assert json.loads(out)["error"]["code"] == "body_too_large"
@@ -227,7 +242,8 @@ def test_bodies_over_the_limit_and_broken_bodies_get_provider_errors(stack):
 
 
 def test_metrics_and_audit_record_what_happened(stack):
-    curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-3.5-turbo"), {"x-user-id": "audited", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
+    curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-3.5-turbo"),
+         {"x-user-id": "audited", "x-user-tier": "pro", "traceparent": "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"})
     assert stack.server.metric('llm_policy_decisions_total{decision="deny",namespace="default",rule="block-unapproved-models"}') >= 1
     assert stack.server.metric('llm_policy_reloads_total{result="ok"}') >= 1
     _, text = http_get(f"http://127.0.0.1:{stack.server.metrics}/metrics")
@@ -245,7 +261,9 @@ def test_metrics_and_audit_record_what_happened(stack):
     r = find()
     assert r["decision"] == "deny" and r["status"] == 403
     assert r["matched_rules"] == ["block-unapproved-models"]
-    assert r["principal"] == {"id": "audited"}
+    assert r["principal"] == {"id": "audited", "tier": "pro"}
+    # The test configuration trusts the identity headers, and the record says so.
+    assert r["identity"] == {"via": "trusted-header"}
     assert r["model"] == "gpt-3.5-turbo"
     assert r["policy"] == "llm-baseline" and r["policy_version"] == "1.2.0"
     assert "prompt" not in r
@@ -303,7 +321,7 @@ def test_sigterm_with_a_full_audit_queue_loses_no_accepted_record(tmp_path):
     """A tiny audit queue under a burst: some records are dropped (and counted); every accepted
     one is on disk after SIGTERM, and the exit is clean."""
     server = Server(tmp_path, ROOT / "policies", audit_queue=4)
-    body = json.dumps({"body": {"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}]}}).encode()
+    body = json.dumps({"body": {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}}).encode()
 
     def one(_):
         req = urllib.request.Request(server.url("/v1/evaluate"), data=body, method="POST")
@@ -338,7 +356,7 @@ def test_envoy_reaches_the_server_over_mutual_tls(stack, tmp_path):
         procs.append(secure.proc)
         plain = Envoy(tmp_path, server, stack.upstream.port, tmp_path)
         procs.append(plain.proc)
-        ok = chat("gpt-4o")
+        ok = chat("gpt-4o-mini")
         stack.upstream.reset()
         status, _, _ = curl(secure.url("/v1/chat/completions"), ok)
         assert status == 200

@@ -16,7 +16,7 @@ import h2.events
 import openai
 import pytest
 
-from clients import assert_throttled_after, chat, claude, curl, oai
+from clients import PRO, assert_throttled_after, chat, claude, curl, oai
 from stack import ROOT, Envoy, binary, envoy_config, free_port, wait_for, wasm_file
 
 def audit_records(server):
@@ -27,7 +27,7 @@ def audit_records(server):
 
 def test_allowed_requests_reach_the_upstream_unchanged_and_denied_never(fstack):
     fstack.upstream.reset()
-    body = chat("gpt-4o", "What is the capital of France?", temperature=0.2)
+    body = chat("gpt-4o-mini", "What is the capital of France?", temperature=0.2)
     status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), body,
                           {"x-custom": "kept", "x-llm-policy-decision": "forged"})
     assert status == 200, out
@@ -68,7 +68,7 @@ def test_the_sdks_raise_the_right_exceptions_and_stream(fstack):
 
 def test_413_400_and_other_routes(fstack):
     fstack.upstream.reset()
-    status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o", "x" * (2 * 1024 * 1024)))
+    status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini", "x" * (2 * 1024 * 1024)))
     assert status == 413, out[:200]
     assert json.loads(out)["error"]["code"] == "body_too_large"
     status, _, out = curl(fstack.envoy.url("/v1/messages"), b'{"model": "claude-sonnet-4-5", "messages": [')
@@ -129,7 +129,7 @@ def test_an_http2_request_with_trailers_is_decided(fstack):
     status, data = h2_post(fstack.envoy.port, "/v1/chat/completions", [], chat("gpt-3.5-turbo"), [("x-checksum", "abc")])
     assert status == 403, data
     assert json.loads(data)["error"]["message"] == "model is not approved"
-    status, _ = h2_post(fstack.envoy.port, "/v1/chat/completions", [], chat("gpt-4o"), [("x-checksum", "abc")])
+    status, _ = h2_post(fstack.envoy.port, "/v1/chat/completions", [], chat("gpt-4o-mini"), [("x-checksum", "abc")])
     assert status == 200
     assert len(fstack.upstream.requests()) == 1
 
@@ -137,11 +137,11 @@ def test_an_http2_request_with_trailers_is_decided(fstack):
 def test_only_requests_that_need_the_server_reach_it(fstack):
     before = len(audit_records(fstack.server))
     # No user id: the filter decides alone.
-    status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+    status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))
     assert status == 200
     # A user id: the global per-user rate limit is the server's, so the filter asks it.
     user = f"u-{uuid.uuid4().hex[:6]}"
-    status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"), {"x-user-id": user})
+    status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"), {"x-user-id": user})
     assert status == 200
     wait_for(lambda: len(audit_records(fstack.server)) > before, "the server's audit record")
     new = audit_records(fstack.server)[before:]
@@ -154,12 +154,12 @@ def test_with_the_server_down_requests_that_need_it_fail_closed(fstack, tmp_path
     text = envoy_config("filter+fallback", fstack.policies, server=f"127.0.0.1:{free_port()}")
     envoy = Envoy(tmp_path, None, fstack.upstream.port, tmp_path, text=text)
     try:
-        status, headers, out = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o"), {"x-user-id": "someone"})
+        status, headers, out = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"), {"x-user-id": "someone"})
         assert status == 503, out
         assert headers["x-llm-policy-decision"] == "error"
         assert json.loads(out)["error"]["code"] == "policy_unavailable"
         # What the filter decides alone still flows.
-        status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+        status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))
         assert status == 200
         status, _, _ = curl(envoy.url("/v1/chat/completions"), chat("gpt-3.5-turbo"))
         assert status == 403
@@ -185,11 +185,11 @@ def test_hostile_headers_do_not_crash_the_vm(fstack):
     # A header value that is not UTF-8 (Envoy allows obs-text): the SDK's string API would panic.
     args = [b"curl", b"-sS", b"-o", b"/dev/null", b"-w", b"%{http_code}", b"--max-time", b"10",
             b"-H", b"content-type: application/json", b"-H", b"x-user-tier: \xff\xfe",
-            b"--data-binary", chat("gpt-4o"), fstack.envoy.url("/v1/chat/completions").encode()]
+            b"--data-binary", chat("gpt-4o-mini"), fstack.envoy.url("/v1/chat/completions").encode()]
     out = subprocess.run(args, capture_output=True, check=True).stdout
     assert out in (b"200", b"403")
     for _ in range(4):
-        status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+        status, _, _ = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))
         assert status == 200
 
 
@@ -237,7 +237,7 @@ def test_bundle_sync_swaps_a_new_policy_while_traffic_flows(fstack):
 
     def traffic():
         while not stop.is_set():
-            status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"))
+            status, _, out = curl(fstack.envoy.url("/v1/chat/completions"), chat("gpt-4o"), PRO)
             sent[0] += 1
             if status != 200:
                 failures.append((status, out[:200]))

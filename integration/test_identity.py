@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import rsa
 from jwt.algorithms import RSAAlgorithm
 
 from clients import chat, curl
-from stack import TOKEN, Envoy, Replicas, Server, Upstream, binary, envoy_config, free_port, wait_for
+from stack import TOKEN, Envoy, Replicas, Server, Upstream, binary, http_get, wait_for
 
 PROVIDER_KEY = "sk-provider-real-0123456789"
 ISSUER = "https://idp.llm-policy.test"
@@ -306,9 +306,13 @@ def test_bad_tokens_get_a_401_the_sdks_understand_before_any_rule(world, mode):
         with pytest.raises(anthropic.AuthenticationError):
             anthropic.Anthropic(base_url=d.envoy.url(), auth_token=tok, max_retries=0).messages.create(
                 model="claude-3-5-haiku-latest", max_tokens=16, messages=[{"role": "user", "content": "hi"}])
-    # No token at all.
+    # No token at all; a valid one in the URL is not taken (it would travel on to the provider).
     status, _, body = curl(d.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"), SPOOF)
     assert status == 401 and json.loads(body)["error"]["type"] == "authentication_error"
+    status, _, _ = curl(d.envoy.url(f"/v1/chat/completions?access_token={world.token()}"), chat("gpt-4o-mini"))
+    assert status == 401
+    # Every path needs a token, not only the LLM calls the rules check.
+    assert curl(d.envoy.url("/v1/models"), method="GET")[0] == 401
     assert len(world.upstream.requests()) == before, "a refused token reached the upstream"
 
 
@@ -372,6 +376,10 @@ def test_unknown_revoked_and_expired_keys_get_a_401(world, mode):
         assert ae.value.response.json()["type"] == "error"
     assert json.loads(curl(d.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"))[2])["error"]["code"] \
         == "missing_api_key"
+    # Every path needs a key, not only the LLM calls the rules check: Envoy would put the
+    # provider's key on it.
+    assert curl(d.envoy.url("/v1/models"), method="GET")[0] == 401
+    assert curl(d.envoy.url("/v1/files"), b"x", {"authorization": "Bearer lpk_nope"})[0] == 401
     # Two different keys at once: refused, not one of them picked.
     status, _, _ = curl(d.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"),
                         {"authorization": f"Bearer {world.secrets['bob']}", "x-api-key": world.secrets["alice"]})
@@ -456,6 +464,25 @@ def test_reads_can_be_put_behind_a_read_token(tmp_path, world):
         # The read token does not write; health stays open.
         assert rest("POST", server.url("/v1/keys"), read, {"id": "x"})[0] == 401
         assert rest("GET", server.url("/readyz"))[0] == 200
+        # A filter syncing from it sends the token (and one without it is refused).
+        synced = {}
+        for name, flags in [("with", {"sync_token_file": tmp_path / "read-token"}), ("without", {})]:
+            text = generate("filter", world.bundle, "none", sync_from=f"127.0.0.1:{server.http}",
+                            sync_interval_ms=200, **flags)
+            home = tmp_path / name
+            home.mkdir()
+            synced[name] = Envoy(home, None, world.upstream.port, home, text=text)
+
+        def stat(envoy, name):
+            _, text = http_get(f"http://127.0.0.1:{envoy.admin}/stats?filter=llm_policy.sync")
+            return sum(int(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+                       if line.split(":")[0].endswith(name))
+
+        wait_for(lambda: stat(synced["with"], "sync.ok") > 0, "a sync with the read token")
+        wait_for(lambda: stat(synced["without"], "sync.failed") > 0, "a refused sync without it")
+        assert stat(synced["without"], "sync.ok") == 0
+        for e in synced.values():
+            e.proc.stop()
     finally:
         server.proc.stop()
 

@@ -57,7 +57,7 @@ fn llm_policy(c: &mut Criterion) {
 
     // A hit: rule 42 matches, so a decision with a matched rule is built.
     let set = compile(&w::policy_cel(100));
-    let hit = context(&w::chat_body(2 * 1024).replace("\"gpt-4o\"", "\"m42\""));
+    let hit = context(&w::chat_body(2 * 1024).replace("\"gpt-4o-mini\"", "\"m42\""));
     assert_eq!(
         set.evaluate(&hit, &EvalOptions::default(), &mut LocalOnly)
             .matched_rules,

@@ -40,7 +40,7 @@ fn decision() -> Arc<Decision> {
 
 fn body() -> Vec<u8> {
     let text = "Please review the following paragraph about distributed systems. ".repeat(120);
-    serde_json::json!({"model": "gpt-4o", "max_tokens": 256, "messages": [{"role": "user", "content": text}]})
+    serde_json::json!({"model": "gpt-4o-mini", "max_tokens": 256, "messages": [{"role": "user", "content": text}]})
         .to_string()
         .into_bytes()
 }

@@ -3,7 +3,7 @@
 //! bodies of a given size.
 //!
 //! Rule `i` of N matches when `model == "m{i}"` and `max_tokens > 10 i`; the benchmark request
-//! (`model: gpt-4o`, `max_tokens: 500`) misses all of them, so every engine must look at every rule
+//! (`model: gpt-4o-mini`, `max_tokens: 500`) misses all of them, so every engine must look at every rule
 //! unless it indexes.
 
 use std::fmt::Write as _;
@@ -124,7 +124,7 @@ pub fn chat_body(bytes: usize) -> String {
         turn += 1;
     }
     serde_json::json!({
-        "model": "gpt-4o",
+        "model": "gpt-4o-mini",
         "messages": messages,
         "max_tokens": 500,
         "temperature": 0.3,

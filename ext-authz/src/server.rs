@@ -325,6 +325,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
     let api = api::pb::policy_service_server::PolicyServiceServer::new(api::PolicyApi::new(
         Arc::clone(&engine),
         admin_token.clone().map(Arc::from),
+        read_token.clone().map(Arc::from),
         stopped.clone(),
     ))
     .max_decoding_message_size(grpc_message_limit(&config));

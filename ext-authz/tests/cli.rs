@@ -184,7 +184,7 @@ fn test_reports_a_failed_case_with_a_diff_and_exit_1() {
         dir.path(),
         "s.yaml",
         &format!(
-            "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {{name: s}}\npolicy: {policy}\ncases:\n  - name: wrong on purpose\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: deny, matched_rules: [x], status: 402 }}\n  - name: right\n    request: {{ body: {{ model: gpt-4o }} }}\n    expect: {{ decision: allow }}\n"
+            "apiVersion: llm-policy/v1\nkind: PolicyTest\nmetadata: {{name: s}}\npolicy: {policy}\ncases:\n  - name: wrong on purpose\n    request: {{ headers: {{ x-user-tier: pro }}, body: {{ model: gpt-4o }} }}\n    expect: {{ decision: deny, matched_rules: [x], status: 402 }}\n  - name: right\n    request: {{ headers: {{ x-user-tier: pro }}, body: {{ model: gpt-4o }} }}\n    expect: {{ decision: allow }}\n"
         ),
     );
     let out = run(&["test", &suite]);
@@ -295,7 +295,8 @@ fn context_shows_what_conditions_see() {
     assert_eq!(c["request"]["api"], "messages");
     assert_eq!(c["request"]["headers"]["anthropic-version"], "2023-06-01");
     assert_eq!(c["principal"]["id"], "u-8");
-    assert!(c["principal"]["tier"].is_null());
+    assert_eq!(c["principal"]["tier"], "enterprise");
+    assert!(c["principal"]["team"].is_null());
     assert!(c["request"]["prompt"]
         .as_str()
         .unwrap()

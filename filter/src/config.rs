@@ -137,6 +137,9 @@ pub struct SyncConfig {
     /// Longest a fetch may take, in milliseconds (default 5,000).
     #[serde(default = "default_timeout")]
     pub timeout_ms: u64,
+    /// The server's read token, sent as `Authorization: Bearer` (when the server has one).
+    #[serde(default)]
+    pub token: Option<String>,
 }
 
 fn default_path() -> String {

@@ -248,6 +248,17 @@ impl RequestFlow {
         }
         let headers = host.request_headers();
         let path = header(&headers, ":path").unwrap_or("/");
+        // Virtual keys guard every request, not only the LLM calls the rules check: Envoy puts
+        // the provider's real key on whatever goes upstream.
+        if self.vm.config.identity.mode == IdentityMode::ApiKeys {
+            let now = i64::try_from(host.now().as_secs()).unwrap_or(i64::MAX);
+            if let Err(e) = self.vm.keys.authenticate(&headers, now) {
+                let provider = reply::provider_of(path, &headers);
+                let outcome =
+                    Outcome::Reply(reply::unauthenticated(provider, e), Ending::Unauthenticated);
+                return self.finish(host, outcome);
+            }
+        }
         let Some(provider) = self.vm.routes.check(path, &headers) else {
             self.state = State::Passing;
             return Flow::Continue;

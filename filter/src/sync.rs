@@ -71,6 +71,9 @@ impl BundleSync {
         if let Some(etag) = &self.etag {
             headers.push(("if-none-match", etag.clone()));
         }
+        if let Some(token) = &self.config.token {
+            headers.push(("authorization", format!("Bearer {token}")));
+        }
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let timeout = Duration::from_millis(self.config.timeout_ms.clamp(100, 60_000));
         match host.http_call(&self.config.cluster, &headers, timeout) {
@@ -230,6 +233,7 @@ mod tests {
             authority: None,
             interval_ms: 1000,
             timeout_ms: 500,
+            token: None,
         })
     }
 

@@ -82,7 +82,7 @@ fn chat_body() -> Vec<u8> {
         text.push_str(sentence);
     }
     serde_json::json!({
-        "model": "gpt-4o",
+        "model": "gpt-4o-mini",
         "max_tokens": 256,
         "messages": [
             {"role": "system", "content": "You are a careful technical editor."},

@@ -115,6 +115,10 @@ pub struct EnvoyConfigArgs {
     /// (filter modes).
     #[arg(long)]
     pub sync_from: Option<String>,
+    /// A file holding the server's read token, for the filter's bundle fetches (when the server
+    /// has `readTokenFile`).
+    #[arg(long)]
+    pub sync_token_file: Option<PathBuf>,
     /// How often the filter asks for a new bundle, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub sync_interval_ms: u64,
@@ -501,6 +505,9 @@ fn identity_parts(
                           issuer: {issuer}
                           audiences: [{audiences}]
                           {jwks}
+                          # Only from the Authorization header (not the default `access_token`
+                          # query parameter, which would travel on to the provider in the URL).
+                          from_headers: [{{ name: authorization, value_prefix: \"Bearer \" }}]
                           # The token is not sent to the provider.
                           forward: false
                           claim_to_headers:
@@ -683,6 +690,16 @@ pub fn generate(
                 "authority": "llm-policy",
                 "intervalMs": args.sync_interval_ms,
             });
+            if let Some(path) = &args.sync_token_file {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    EnvoyConfigError::Argument(format!("--sync-token-file {}: {e}", path.display()))
+                })?;
+                plugin["sync"]["token"] = json!(token.trim());
+            }
+        } else if args.sync_token_file.is_some() {
+            return Err(EnvoyConfigError::Argument(String::from(
+                "--sync-token-file needs --sync-from",
+            )));
         }
         // Serializing a JSON value or a path cannot fail; a failure would say which.
         let plugin = serde_json::to_string_pretty(&plugin)

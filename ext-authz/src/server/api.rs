@@ -33,22 +33,39 @@ pub const MAX_BATCH: usize = 1000;
 pub struct PolicyApi {
     engine: Arc<Engine>,
     admin_token: Option<Arc<str>>,
+    read_token: Option<Arc<str>>,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PolicyApi {
-    /// A service over `engine`; writes need `admin_token` (none: writes disabled). Open
-    /// `WatchBundle` streams end when `stopped` turns true, so shutdown never waits on them.
+    /// A service over `engine`; writes need `admin_token` (none: writes disabled), reads need
+    /// `read_token` when one is set (or the admin token). Open `WatchBundle` streams end when
+    /// `stopped` turns true, so shutdown never waits on them.
     pub fn new(
         engine: Arc<Engine>,
         admin_token: Option<Arc<str>>,
+        read_token: Option<Arc<str>>,
         stopped: tokio::sync::watch::Receiver<bool>,
     ) -> PolicyApi {
         PolicyApi {
             engine,
             admin_token,
+            read_token,
             stopped,
         }
+    }
+
+    fn authorize_read<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        auth::check_read(
+            self.read_token.as_deref(),
+            self.admin_token.as_deref(),
+            given,
+        )
+        .map_err(|_| Status::unauthenticated(auth::READ_REFUSED))
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
@@ -257,6 +274,8 @@ impl PolicyService for PolicyApi {
     ) -> Result<Response<pb::EvaluateResponse>, Status> {
         if req.get_ref().charge {
             self.authorize(&req)?;
+        } else {
+            self.authorize_read(&req)?;
         }
         Ok(Response::new(self.evaluate_one(req.into_inner()).await))
     }
@@ -267,6 +286,8 @@ impl PolicyService for PolicyApi {
     ) -> Result<Response<pb::BatchEvaluateResponse>, Status> {
         if req.get_ref().requests.iter().any(|r| r.charge) {
             self.authorize(&req)?;
+        } else {
+            self.authorize_read(&req)?;
         }
         let requests = req.into_inner().requests;
         if requests.len() > MAX_BATCH {
@@ -284,8 +305,9 @@ impl PolicyService for PolicyApi {
 
     async fn list_policies(
         &self,
-        _: Request<pb::ListPoliciesRequest>,
+        req: Request<pb::ListPoliciesRequest>,
     ) -> Result<Response<pb::ListPoliciesResponse>, Status> {
+        self.authorize_read(&req)?;
         let v = self
             .engine
             .registry()
@@ -302,6 +324,7 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::GetPolicyRequest>,
     ) -> Result<Response<pb::GetPolicyResponse>, Status> {
+        self.authorize_read(&req)?;
         let name = req.into_inner().name;
         let v = self
             .engine
@@ -361,6 +384,7 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::ListVersionsRequest>,
     ) -> Result<Response<pb::ListVersionsResponse>, Status> {
+        self.authorize_read(&req)?;
         let name = req.into_inner().name;
         let versions = self
             .engine
@@ -386,6 +410,7 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::WatchBundleRequest>,
     ) -> Result<Response<Self::WatchBundleStream>, Status> {
+        self.authorize_read(&req)?;
         let mut known = req.into_inner().known_bundle;
         let registry = Arc::clone(self.engine.registry());
         let mut changes = registry.subscribe();

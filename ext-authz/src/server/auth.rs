@@ -1,5 +1,7 @@
-//! Admin authorization for API writes, shared by the REST and gRPC edges: `Authorization: Bearer
-//! <token>`, compared in constant time; with no token configured, writes are disabled.
+//! API authorization, shared by the REST and gRPC edges: `Authorization: Bearer <token>`,
+//! compared in constant time. Writes need the admin token (none configured: writes are
+//! disabled); reads that reveal the rules or the keys need the read token when one is configured
+//! (or the admin token).
 
 /// Why a write was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -42,6 +44,23 @@ pub fn check(token: Option<&str>, authorization: Option<&str>) -> Result<(), Den
     }
 }
 
+/// Checks a read: open without a read token; else the read token or the admin token.
+pub fn check_read(
+    read: Option<&str>,
+    admin: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(), Denied> {
+    match read {
+        None => Ok(()),
+        Some(token) => check(Some(token), authorization)
+            .or_else(|_| check(admin, authorization))
+            .map_err(|_| Denied::Unauthorized),
+    }
+}
+
+/// What to tell a reader without the read token.
+pub const READ_REFUSED: &str = "a valid `Authorization: Bearer <read token>` is required";
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -60,5 +79,18 @@ mod tests {
         );
         assert_eq!(check(t, None), Err(Denied::Unauthorized));
         assert_eq!(check(None, Some("Bearer x")), Err(Denied::Disabled));
+    }
+
+    #[test]
+    fn reads() {
+        let (r, a) = (Some("read-0123456789abc"), Some("admin-0123456789ab"));
+        assert_eq!(check_read(None, a, None), Ok(()));
+        assert_eq!(check_read(r, a, Some("Bearer read-0123456789abc")), Ok(()));
+        assert_eq!(check_read(r, a, Some("Bearer admin-0123456789ab")), Ok(()));
+        assert_eq!(
+            check_read(r, None, Some("Bearer admin-0123456789ab")),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(check_read(r, a, None), Err(Denied::Unauthorized));
     }
 }

@@ -118,22 +118,21 @@ async fn guard(
 
 /// Checks `Authorization: Bearer <read token>` (or the admin token) when a read token is set.
 fn authorize_read(state: &RestState, headers: &HeaderMap) -> Result<(), ApiError> {
-    let Some(read) = state.read_token.as_deref() else {
-        return Ok(());
-    };
     let given = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    if super::auth::check(Some(read), given).is_ok()
-        || super::auth::check(state.admin_token.as_deref(), given).is_ok()
-    {
-        return Ok(());
-    }
-    Err(error(
-        StatusCode::UNAUTHORIZED,
-        "unauthorized",
-        "a valid `Authorization: Bearer <read token>` is required",
-    ))
+    super::auth::check_read(
+        state.read_token.as_deref(),
+        state.admin_token.as_deref(),
+        given,
+    )
+    .map_err(|_| {
+        error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            super::auth::READ_REFUSED,
+        )
+    })
 }
 
 /// An error answer: `{"error": {"code", "message", "status"}}`, plus `diagnostics` for a
