@@ -67,9 +67,10 @@ compose-check: docker-compose
 ## demo: build; validate the example bundle and evaluate the sample requests with --explain; then
 ## send the same requests with curl through a real Envoy in front of a mock LLM upstream: with the
 ## llm-policy filter (and the server behind it), then with ext_authz and the server (answers, stats,
-## audit records, metrics), then two server replicas on one redis-server running the WASM plugins;
+## audit records, metrics), then two server replicas on one redis-server running the WASM plugins,
+## then identity (two virtual keys, one JWT, spoofs refused; in the SDK venv for pyjwt);
 ## validates deploy/docker-compose.yml; all on loopback.
-demo: build filter plugins envoy redis curl compose-check
+demo: build filter plugins envoy redis curl compose-check $(SDK_VENV)/.installed
 	@echo "== llm-policy validate $(POLICIES)"
 	@$(CLI) validate $(POLICIES)
 	@for r in $(REQUESTS); do \
@@ -77,7 +78,7 @@ demo: build filter plugins envoy redis curl compose-check
 	  $(CLI) eval --policy $(POLICIES) --request $$r --explain --format text || echo "(exit $$? — the request was rejected before evaluation, as a proxy would answer 400)"; \
 	done
 	@echo; echo "== Envoy $(ENVOY_VERSION) with the llm-policy filter, and with ext_authz, in front of a mock upstream"
-	@$(IN_INTEGRATION) python3 demo.py
+	@$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python demo.py
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
@@ -161,9 +162,9 @@ bench:
 
 ## bench-proxy: Envoy passthrough vs ext_authz floor vs llm-policy under load (loadgen), gRPC
 ## Check on one core, a 10k-rule reload under load. About 2 minutes; results in tools/bench-proxy.json.
-bench-proxy: build envoy
+bench-proxy: build envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
-	$(IN_INTEGRATION) python3 bench_proxy.py
+	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_proxy.py
 
 ## bench-redis: a check with its counter in Redis vs in memory (p50/p99 added), and 3 server
 ## replicas on one Redis vs 1, over gRPC Check. About 20 s; results in tools/bench-redis.json.
@@ -174,10 +175,10 @@ bench-redis: build redis
 ## bench-filter: the proxy-wasm filter under load (Envoy, one worker): passthrough vs a no-op
 ## body-buffering wasm filter vs llm-policy with 100 rules and with the example bundle, 1/8/64 KB
 ## bodies; memory over 100k requests; .wasm size. About 3 minutes; results in tools/bench-filter.json.
-bench-filter: build filter envoy
+bench-filter: build filter envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
-	$(IN_INTEGRATION) python3 bench_filter.py
+	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_filter.py
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build

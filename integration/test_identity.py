@@ -340,6 +340,15 @@ def test_virtual_keys_are_who_the_client_is_and_never_reach_the_provider(world, 
         assert not set(SPOOF) & set(h), h
     assert not any(secret in json.dumps(seen) for secret in s.values())
 
+    # With the provider's key injected, only the inference endpoints are routed: a key holder
+    # cannot list or fetch the organisation's files, batches or stored responses.
+    before = len(world.upstream.requests())
+    for method, path, body in [("GET", "/v1/files", None), ("POST", "/v1/batches", b'{"input_file_id": "f"}'),
+                               ("GET", "/v1/responses/resp_123", None), ("GET", "/v1/chat/completions", None)]:
+        status, _, out = curl(d.envoy.url(path), body, {"authorization": f"Bearer {s['alice']}"}, method=method)
+        assert status == 404 and json.loads(out)["error"]["code"] == "not_routed", (path, status, out)
+    assert len(world.upstream.requests()) == before
+
     # Counters are the key's principal's, whatever x-user-id says.
     bob = oai(d, s["bob"])
     done = 0
@@ -398,6 +407,42 @@ def test_unknown_revoked_and_expired_keys_get_a_401(world, mode):
         # bob's 402 (the tests above): his key, how it was established, his principal.
         bobs = [r for r in records if r["identity"].get("key") == "bob"]
         assert bobs and bobs[0]["identity"]["via"] == "api-key" and bobs[0]["principal"]["tier"] == "free"
+
+
+def test_a_key_file_revoked_with_the_cli_applies_to_a_running_server(tmp_path, world):
+    """Without Redis the server follows its key file: `llm-policy keys revoke --file` on it
+    takes effect without a restart, and an API write does not undo it."""
+    keys = tmp_path / "keys.json"
+    made = llm_policy("keys", "create", "--file", keys, "--id", "frank", "--principal", "tier=pro")
+    assert made.returncode == 0
+    secret = made.stdout.strip()
+    server = Server(tmp_path, world.bundle, config_extra={"keysFile": str(keys)})
+    procs = [server.proc]
+    try:
+        e = Envoy(tmp_path, server, world.upstream.port, tmp_path,
+                  text=generate("ext-authz", None, "api-keys", provider_key_file=world.tmp / "provider-key"))
+        procs.append(e.proc)
+        d = type("D", (), {"envoy": e})
+        assert gpt(oai(d, secret)).choices
+        assert llm_policy("keys", "revoke", "frank", "--file", keys).returncode == 0
+
+        def refused():
+            try:
+                gpt(oai(d, secret))
+                return False
+            except openai.AuthenticationError:
+                return True
+
+        wait_for(refused, "the revocation in the key file", timeout=5)
+        # A key made through the API keeps the revocation made with the CLI.
+        status, _ = rest("POST", server.url("/v1/keys"), TOKEN, {"id": "grace"})
+        assert status == 201
+        records = {r["id"]: r for r in json.loads(keys.read_text())["keys"]}
+        assert records["frank"]["revoked"] is True and "grace" in records
+        assert refused()
+    finally:
+        for p in reversed(procs):
+            p.stop()
 
 
 def test_a_revoked_key_is_refused_by_every_replica_and_the_filter(tmp_path, world):
@@ -496,12 +541,18 @@ def test_identity_flags_are_checked(world):
         (["--jwt-issuer", "i"], "need --identity jwt"),
         (["--identity", "api-keys", "--keys-file", "k"], "server holds the keys"),
         (["--provider-key-file", "p"], "--identity jwt or --identity api-keys"),
+        (["--identity", "api-keys", "--failure-mode", "open"], "needs --failure-mode closed"),
+        (["--identity", "jwt", "--jwt-issuer", "i", "--jwt-audience", "a", "--jwks-uri", "http://idp.example/jwks"],
+         "use https"),
     ]:
         r = llm_policy(*base, *flags)
         assert r.returncode == 2 and message in r.stderr, (flags, r.stderr)
     r = llm_policy("envoy-config", "--mode", "filter", "--policies", world.bundle, "--upstream",
                    "http://127.0.0.1:18000", "--identity", "api-keys")
     assert r.returncode == 2 and "--keys-file or --sync-from" in r.stderr
+    # Nothing from a flag can end a YAML scalar in the configuration.
+    r = llm_policy("envoy-config", "--mode", "ext-authz", "--upstream", 'http://ev"il:80')
+    assert r.returncode == 2 and "bad host" in r.stderr
     broken = world.tmp / "broken-keys.json"
     broken.write_text('{"keys": [{"id": "a", "hash": "nothex"}]}\n')
     r = llm_policy("envoy-config", "--mode", "filter", "--policies", world.bundle, "--upstream",

@@ -354,8 +354,8 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         admin_token: admin_token.map(Arc::from),
         read_token: read_token.map(Arc::from),
     };
-    // Replicas follow the shared keys.
-    if keys.shared() {
+    // Replicas follow the shared keys; a key file is followed when it changes.
+    if keys.configured() {
         let keys = Arc::clone(&keys);
         let mut stopped = stopped.clone();
         tasks.spawn(async move {

@@ -5,7 +5,7 @@
 
 use std::time::Duration;
 
-use llm_policy_core::identity::KeyTable;
+use llm_policy_core::identity::{KeyRecord, KeyTable};
 use llm_policy_core::model::KIND_POLICY_TEST;
 use llm_policy_core::wire::BundleAnswer;
 use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, PolicySet};
@@ -19,8 +19,10 @@ pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
 /// What a fetch brought.
 #[derive(Debug)]
 pub enum Fetched {
-    /// A new bundle, compiled, and the server's keys (when it holds any).
+    /// A new bundle, compiled, and the server's keys (when it holds any, and they are valid).
     New(PolicySet, Option<KeyTable>),
+    /// New keys only: the bundle did not compile here (the last good one keeps serving).
+    Keys(KeyTable),
     /// The same bundle, or no usable answer (nothing changes).
     Nothing,
 }
@@ -104,29 +106,53 @@ impl BundleSync {
         self.in_flight = None;
         match status {
             Some(304) => Fetched::Nothing,
-            Some(200) => match compile(body.as_deref().unwrap_or_default(), context) {
-                Ok((served, set, keys)) => {
-                    self.failures = 0;
-                    self.etag = etag.or(Some(format!("\"{served}\"")));
-                    host.metric(Metric::SyncOk, 1);
-                    host.log(
-                        Level::Info,
-                        &format!(
-                            "llm-policy: bundle {served} synced from {}: {} rules",
-                            self.config.cluster,
-                            set.rule_count()
-                        ),
-                    );
-                    Fetched::New(set, keys)
+            Some(200) => {
+                let answer = match parse(body.as_deref().unwrap_or_default()) {
+                    Ok(answer) => answer,
+                    Err(e) => {
+                        let msg = format!("llm-policy: synced bundle rejected, the last good one keeps serving: {e}");
+                        self.failed(host, Level::Error, &msg);
+                        return Fetched::Nothing;
+                    }
+                };
+                // The keys apply on their own: a bundle that does not compile here must not
+                // keep a revoked key working.
+                let keys = match keys_of(answer.keys.clone()) {
+                    Ok(keys) => keys,
+                    Err(e) => {
+                        let msg = format!("llm-policy: synced keys rejected, the last good ones keep serving: {e}");
+                        self.failed(host, Level::Error, &msg);
+                        None
+                    }
+                };
+                match compile(&answer, context) {
+                    Ok(set) => {
+                        self.failures = 0;
+                        self.etag = etag.or(Some(format!("\"{}\"", answer.bundle)));
+                        host.metric(Metric::SyncOk, 1);
+                        host.log(
+                            Level::Info,
+                            &format!(
+                                "llm-policy: bundle {} synced from {}: {} rules",
+                                answer.bundle,
+                                self.config.cluster,
+                                set.rule_count()
+                            ),
+                        );
+                        Fetched::New(set, keys)
+                    }
+                    Err(e) => {
+                        let msg = format!(
+                            "llm-policy: synced bundle rejected, the last good one keeps serving: {e}"
+                        );
+                        self.failed(host, Level::Error, &msg);
+                        match keys {
+                            Some(keys) => Fetched::Keys(keys),
+                            None => Fetched::Nothing,
+                        }
+                    }
                 }
-                Err(e) => {
-                    let msg = format!(
-                        "llm-policy: synced bundle rejected, the last good one keeps serving: {e}"
-                    );
-                    self.failed(host, Level::Error, &msg);
-                    Fetched::Nothing
-                }
-            },
+            }
             other => {
                 let msg = format!(
                     "bundle sync: {} answered {}",
@@ -175,16 +201,16 @@ pub enum SyncError {
     BadKeys(String),
 }
 
-/// Parses and compiles a bundle answer: (the server's bundle digest, the compiled set, the
-/// keys when the server holds keys).
-fn compile(
-    body: &[u8],
-    context: &ContextConfig,
-) -> Result<(String, PolicySet, Option<KeyTable>), SyncError> {
+/// Reads a bundle answer.
+fn parse(body: &[u8]) -> Result<BundleAnswer, SyncError> {
     if body.len() > MAX_BUNDLE_BYTES {
         return Err(SyncError::TooLarge);
     }
-    let answer: BundleAnswer = serde_json::from_slice(body).map_err(SyncError::NotABundle)?;
+    serde_json::from_slice(body).map_err(SyncError::NotABundle)
+}
+
+/// Compiles a bundle answer's policies.
+fn compile(answer: &BundleAnswer, context: &ContextConfig) -> Result<PolicySet, SyncError> {
     let mut docs = Vec::new();
     for f in &answer.files {
         docs.extend(source::parse_str(&f.path, &f.text).map_err(SyncError::Unreadable)?);
@@ -194,22 +220,25 @@ fn compile(
         return Err(SyncError::Empty);
     }
     // Warnings were shown when the bundle was validated on the server.
-    let set = PolicySet::compile(&docs, context)
+    Ok(PolicySet::compile(&docs, context)
         .map_err(SyncError::Invalid)?
-        .set;
-    let keys = match answer.keys {
-        Some(records) => Some(KeyTable::new(records).map_err(|errors| {
-            SyncError::BadKeys(
-                errors
-                    .into_iter()
-                    .map(|(_, m)| m)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?),
-        None => None,
+        .set)
+}
+
+/// The answer's keys as a table (none when the server holds no keys).
+fn keys_of(records: Option<Vec<KeyRecord>>) -> Result<Option<KeyTable>, SyncError> {
+    let Some(records) = records else {
+        return Ok(None);
     };
-    Ok((answer.bundle, set, keys))
+    KeyTable::new(records).map(Some).map_err(|errors| {
+        SyncError::BadKeys(
+            errors
+                .into_iter()
+                .map(|(_, m)| m)
+                .collect::<Vec<_>>()
+                .join("; "),
+        )
+    })
 }
 
 #[cfg(test)]

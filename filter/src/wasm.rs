@@ -130,9 +130,15 @@ impl Context for Root {
             body,
             &vm.config.context,
         );
-        if let Fetched::New(set, keys) = fetched {
-            let keys = keys.unwrap_or_else(|| vm.keys.clone());
-            self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set), keys)));
+        match fetched {
+            Fetched::New(set, keys) => {
+                let keys = keys.unwrap_or_else(|| vm.keys.clone());
+                self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set), keys)));
+            }
+            Fetched::Keys(keys) => {
+                self.vm = Some(Rc::new(Vm::new(vm.config.clone(), vm.set.clone(), keys)));
+            }
+            Fetched::Nothing => {}
         }
     }
 }

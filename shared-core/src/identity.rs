@@ -69,8 +69,14 @@ impl IdentityMode {
         }
     }
 
-    /// The mode a [`IdentityMode::via`] string names.
+    /// The mode a [`IdentityMode::via`] string names (also the configuration's spellings:
+    /// `trusted-headers`, `api-keys`).
     pub fn from_via(via: &str) -> Option<IdentityMode> {
+        match via {
+            "trusted-headers" => return Some(IdentityMode::TrustedHeaders),
+            "api-keys" => return Some(IdentityMode::ApiKeys),
+            _ => {}
+        }
         [
             IdentityMode::Anonymous,
             IdentityMode::TrustedHeaders,
@@ -84,6 +90,9 @@ impl IdentityMode {
 
 /// What every virtual key starts with (so secret scanners and people can tell one).
 pub const KEY_PREFIX: &str = "lpk_";
+
+/// The principal attribute a key's id stands in for when its record names none.
+pub const PRINCIPAL_ID: &str = "id";
 
 /// The header an Anthropic SDK sends its key in (OpenAI's SDK uses `Authorization: Bearer`).
 pub const API_KEY_HEADER: &str = "x-api-key";
@@ -115,8 +124,9 @@ pub struct KeyRecord {
 
 impl KeyRecord {
     /// Writes this key's identity into `headers`: every header the context reads the namespace
-    /// or a principal attribute from is removed, then the record's values are set in them.
-    /// Attributes the context configuration does not name are left out.
+    /// or a principal attribute from is removed, then the record's values are set in them (the
+    /// key's id as `principal.id` when the record has none). Attributes the context
+    /// configuration does not name are left out.
     pub fn assert(&self, config: &ContextConfig, headers: &mut Vec<(String, String)>) {
         let owned = |name: &str| {
             name.eq_ignore_ascii_case(&config.namespace_header)
@@ -129,6 +139,13 @@ impl KeyRecord {
         for (attribute, value) in &self.principal {
             if let Some(header) = config.principal_headers.get(attribute) {
                 headers.push((header.to_ascii_lowercase(), value.clone()));
+            }
+        }
+        // A key always names someone: without an `id` attribute its own id is the principal's,
+        // so per-principal limits and budgets apply to it.
+        if !self.principal.contains_key(PRINCIPAL_ID) {
+            if let Some(header) = config.principal_headers.get(PRINCIPAL_ID) {
+                headers.push((header.to_ascii_lowercase(), self.id.clone()));
             }
         }
         if let Some(ns) = &self.namespace {
@@ -454,6 +471,16 @@ mod tests {
                 ("x-llm-policy-namespace", "research"),
             ])
         );
+    }
+
+    #[test]
+    fn a_key_without_a_principal_id_is_its_own_principal() {
+        let mut r = record("laptop-7", "k");
+        r.principal.remove("id");
+        let mut headers = h(&[("x-user-id", "mallory")]);
+        r.assert(&ContextConfig::default(), &mut headers);
+        assert!(headers.contains(&("x-user-id".to_string(), "laptop-7".to_string())));
+        assert!(!headers.iter().any(|(_, v)| v == "mallory"));
     }
 
     #[test]

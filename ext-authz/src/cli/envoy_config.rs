@@ -22,6 +22,18 @@ use serde_json::json;
 /// Where Envoy runs the filter from when `--wasm` is not given (what `make filter` builds).
 pub const DEFAULT_WASM: &str = "target/wasm32-wasip1/wasm/llm_policy_filter.wasm";
 
+/// What is routed when the provider's key is injected: the inference endpoints the policies
+/// decide (method, exact path; a query string does not change the match).
+const INFERENCE_ROUTES: &[(&str, &str)] = &[
+    ("POST", "/v1/chat/completions"),
+    ("POST", "/v1/completions"),
+    ("POST", "/v1/embeddings"),
+    ("POST", "/v1/responses"),
+    ("POST", "/v1/messages"),
+    ("POST", "/v1/messages/count_tokens"),
+    ("GET", "/v1/models"),
+];
+
 /// The filter's default body limit (bodies are buffered in the proxy).
 const FILTER_MAX_BODY: usize = 1024 * 1024;
 
@@ -196,12 +208,26 @@ fn parse_upstream(url: &str) -> Result<Upstream, EnvoyConfigError> {
             "give the provider's origin only (no path); requests keep their own paths",
         ));
     }
-    let (host, port) =
-        split_host_port(authority, if tls { 443 } else { 80 }).ok_or_else(|| bad("bad port"))?;
+    let (host, port) = split_host_port(authority, if tls { 443 } else { 80 })
+        .ok_or_else(|| bad("bad host or port"))?;
     Ok(Upstream { tls, host, port })
 }
 
+/// Whether `host` is a DNS name or an IP address (nothing that could end a YAML scalar).
+fn valid_host(host: &str) -> bool {
+    !host.is_empty()
+        && host.len() <= 253
+        && host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'_'))
+}
+
 fn split_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
+    let (host, port) = split_any_host_port(authority, default)?;
+    valid_host(&host).then_some((host, port))
+}
+
+fn split_any_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
     if let Some(rest) = authority.strip_prefix('[') {
         let (host, after) = rest.split_once(']')?;
         let port = match after.strip_prefix(':') {
@@ -275,6 +301,9 @@ struct IdentityParts {
     clusters: String,
     /// Route settings: the identity headers kept from the provider.
     route: String,
+    /// Only the inference endpoints are routed (the provider's key is injected: the file, batch
+    /// and assistant APIs would hand one organisation's data to every key holder).
+    inference_only: bool,
     /// The filter configuration's `identity`.
     filter: serde_json::Value,
 }
@@ -306,6 +335,7 @@ fn quoted(text: &str) -> String {
 
 /// The TLS transport socket of a cluster that talks to `host` over https.
 fn tls_socket(host: &str, ca: &str) -> String {
+    let ca = quoted(ca);
     format!(
         "      transport_socket:
         name: envoy.transport_sockets.tls
@@ -350,6 +380,15 @@ fn identity_parts(
         return Err(arg("--keys-file needs --identity api-keys"));
     }
     let injects = args.provider_key_file.is_some();
+    if args.identity == Identity::ApiKeys
+        && args.mode == Mode::ExtAuthz
+        && args.failure_mode == Failure::Open
+    {
+        return Err(arg(
+            "--identity api-keys with --mode ext-authz needs --failure-mode closed: with the server unreachable, \
+             requests without a valid key would go upstream with the provider's key",
+        ));
+    }
     if injects && !matches!(args.identity, Identity::Jwt | Identity::ApiKeys) {
         return Err(arg(
             "--provider-key-file needs --identity jwt or --identity api-keys",
@@ -433,6 +472,16 @@ fn identity_parts(
             ),
             (None, Some(uri)) => {
                 let (origin, _) = parse_url("--jwks-uri", uri)?;
+                let loopback = origin
+                    .host
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|ip| ip.is_loopback())
+                    || origin.host == "localhost";
+                if !origin.tls && !loopback {
+                    return Err(arg(&format!(
+                        "--jwks-uri {uri}: use https (whoever can change the keys on the way can sign any token)"
+                    )));
+                }
                 let socket = if origin.tls {
                     tls_socket(&origin.host, &args.upstream_ca)
                 } else {
@@ -508,6 +557,8 @@ fn identity_parts(
                           # Only from the Authorization header (not the default `access_token`
                           # query parameter, which would travel on to the provider in the URL).
                           from_headers: [{{ name: authorization, value_prefix: \"Bearer \" }}]
+                          # A token without `exp` would be good forever: refused.
+                          require_expiration: true
                           # The token is not sent to the provider.
                           forward: false
                           claim_to_headers:
@@ -579,6 +630,7 @@ fn identity_parts(
     }
 
     if args.identity == Identity::ApiKeys || injects {
+        parts.inference_only = true;
         let header =
             args.provider_key_header
                 .unwrap_or(if upstream.host.ends_with("anthropic.com") {
@@ -853,6 +905,40 @@ pub fn generate(
              # only for global limits, budgets and plugin rules."
         }
     };
+    let route = format!(
+        "                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}{}{route_settings}\n",
+        identity.route
+    );
+    let routes = if identity.inference_only {
+        let mut routes = String::from(
+            "                        # The provider's key is injected: only the inference endpoints are routed.\n",
+        );
+        for (method, path) in INFERENCE_ROUTES {
+            routes.push_str(&format!(
+                "                        - match: {{ path: \"{path}\", headers: [{{ name: \":method\", string_match: {{ exact: {method} }} }}] }}\n{route}"
+            ));
+        }
+        routes.push_str(&format!(
+            "                        # Files, batches, assistants, stored responses: shared by every key holder
+                        # under one provider key, so not routed.
+                        - match: {{ prefix: \"/\" }}
+                          direct_response:
+                            status: 404
+                            body: {{ inline_string: {} }}
+                          response_headers_to_add:
+                            - header: {{ key: content-type, value: application/json }}{route_settings}
+",
+            quoted(&llm_policy_core::reply::error_body(
+                llm_policy_core::context::Provider::Openai,
+                404,
+                "not_routed",
+                "this gateway routes only the inference endpoints",
+            ))
+        ));
+        routes
+    } else {
+        format!("                        - match: {{ prefix: \"/\" }}\n{route}")
+    };
     let ms = args.request_headers_timeout_ms.max(1);
     let headers_timeout = format!("{}.{:03}s", ms / 1000, ms % 1000);
     Ok(format!(
@@ -910,9 +996,7 @@ static_resources:
                     - name: llm
                       domains: [\"*\"]
                       routes:
-                        - match: {{ prefix: \"/\" }}
-                          route: {{ cluster: llm_upstream, {host_rewrite}timeout: 0s }}{identity_route}{route_settings}
-{local_reply}                http_filters:
+{routes}{local_reply}                http_filters:
 {filters}                  - name: envoy.filters.http.router
                     typed_config:
                       \"@type\": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
@@ -929,7 +1013,6 @@ static_resources:
         max_connections = args.max_connections.max(1),
         headers_timeout = headers_timeout,
         local_reply = identity.local_reply,
-        identity_route = identity.route,
         secrets = identity.secrets,
     ))
 }
@@ -963,5 +1046,14 @@ mod tests {
         assert!(parse_upstream("api.openai.com").is_err());
         assert!(parse_upstream("https://api.openai.com/v1").is_err());
         assert!(parse_upstream("http://h:notaport").is_err());
+        assert!(parse_upstream("http://ev\"il:80").is_err());
+        assert!(parse_upstream("http://a b").is_err());
+        assert!(parse_url("--jwks-uri", "https://idp\n  x: 1/jwks").is_err());
+        assert_eq!(
+            parse_url("--jwks-uri", "https://login.example.com/a/jwks.json")
+                .unwrap()
+                .1,
+            "/a/jwks.json"
+        );
     }
 }

@@ -35,9 +35,14 @@ pub fn input(req: CheckRequest) -> CheckInput {
     };
     let extensions = &attributes.context_extensions;
     let local_counted = LocalCounted::from_extensions(|k| extensions.get(k).map(String::as_str));
-    let identity = extensions
-        .get(wire::IDENTITY_EXTENSION)
-        .and_then(|via| IdentityMode::from_via(via));
+    // A value this server does not know is taken as the strictest mode (a key is required),
+    // never as "trust the headers".
+    let identity = extensions.get(wire::IDENTITY_EXTENSION).map(|via| {
+        IdentityMode::from_via(via).unwrap_or_else(|| {
+            tracing::warn!(identity = %via, "unknown identity mode from the proxy: requiring a virtual key");
+            IdentityMode::ApiKeys
+        })
+    });
     let Some(http) = attributes.request.and_then(|r| r.http) else {
         return CheckInput::default();
     };

@@ -2,10 +2,12 @@
 //! `arc-swap`, no lock on the traffic path), and writes (create, revoke) that reach every
 //! replica.
 //!
-//! Without Redis the table lives here and writes go back to the key file (when one is set).
-//! With Redis, the table is one Redis hash (`keys`: id → record); the key file seeds ids Redis
-//! does not have yet, every write goes to Redis, and every replica re-reads the hash each
-//! [`POLL`] (so a revocation on one replica applies on all of them within it).
+//! Without Redis the table is the key file's: re-read when it changes (checked each [`POLL`], so
+//! `llm-policy keys revoke --file` applies to a running server), and API writes re-read it
+//! before they write it back. With Redis, the table is one Redis hash (`keys`: id → record); the
+//! key file seeds ids Redis does not have yet, every write goes to Redis, and every replica
+//! re-reads the hash each [`POLL`] (so a revocation on one replica applies on all of them within
+//! it). Until Redis has been read once, no key is accepted: the file may hold keys revoked since.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -59,6 +61,8 @@ pub struct KeyStore {
     writing: tokio::sync::Mutex<()>,
     /// The key file's records (what seeds Redis).
     from_file: Vec<KeyRecord>,
+    /// When the key file was last read as changed (no Redis).
+    modified: std::sync::Mutex<Option<std::time::SystemTime>>,
     /// The key file's records are in Redis.
     seeded: std::sync::atomic::AtomicBool,
 }
@@ -66,14 +70,22 @@ pub struct KeyStore {
 impl KeyStore {
     /// The keys of `file` (none without one); with `redis`, they seed it (see [`KeyStore::seed`]).
     pub fn load(file: Option<PathBuf>, redis: Option<Redis>) -> Result<KeyStore, Diagnostics> {
-        let table = match &file {
+        let from_file = match &file {
             Some(path) if path.exists() || redis.is_none() => {
                 llm_policy_core::identity::load_keys(path)?
             }
             _ => KeyTable::default(),
         };
+        let modified = file.as_deref().and_then(modified);
+        // With Redis, nothing is served before Redis is read (it knows the revocations).
+        let table = if redis.is_some() {
+            KeyTable::default()
+        } else {
+            from_file.clone()
+        };
         Ok(KeyStore {
-            from_file: table.records().cloned().collect(),
+            from_file: from_file.records().cloned().collect(),
+            modified: std::sync::Mutex::new(modified),
             table: ArcSwap::from_pointee(table),
             file,
             redis,
@@ -86,6 +98,7 @@ impl KeyStore {
     pub fn empty() -> KeyStore {
         KeyStore {
             from_file: Vec::new(),
+            modified: std::sync::Mutex::new(None),
             table: ArcSwap::from_pointee(KeyTable::default()),
             file: None,
             redis: None,
@@ -142,6 +155,7 @@ impl KeyStore {
             self.refresh().await?;
             return Ok((record, secret));
         }
+        self.reread_file()?;
         let mut all = self.list();
         if all.iter().any(|r| r.id == record.id) {
             return Err(KeyStoreError::Conflict(record.id));
@@ -179,6 +193,7 @@ impl KeyStore {
             self.refresh().await?;
             return Ok(record);
         }
+        self.reread_file()?;
         let mut all = self.list();
         let record = all
             .iter_mut()
@@ -190,7 +205,7 @@ impl KeyStore {
         Ok(revoked)
     }
 
-    /// Swaps in `all` and writes the key file (no Redis).
+    /// Swaps in `all` and writes the key file (no Redis), remembering its new time.
     fn keep(&self, all: Vec<KeyRecord>) -> Result<(), KeyStoreError> {
         let table = KeyTable::new(all.clone()).map_err(|errors| {
             KeyStoreError::Invalid(
@@ -205,6 +220,9 @@ impl KeyStore {
             keys::write_file(path, &all).map_err(|e| {
                 KeyStoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
             })?;
+            if let Ok(mut m) = self.modified.lock() {
+                *m = modified(path);
+            }
         }
         self.table.store(Arc::new(table));
         Ok(())
@@ -276,8 +294,46 @@ impl KeyStore {
         }
     }
 
-    /// Seeds Redis until that has worked once (Redis may be down at start), then refreshes.
+    /// Re-reads the key file (no Redis): the table it holds now. A file that does not load is
+    /// reported and the last good table keeps serving.
+    fn reread_file(&self) -> Result<(), KeyStoreError> {
+        let Some(path) = &self.file else {
+            return Ok(());
+        };
+        if !path.exists() {
+            return Ok(());
+        }
+        let stamp = modified(path);
+        let table = llm_policy_core::identity::load_keys(path).map_err(|d| {
+            KeyStoreError::Invalid(
+                d.0.iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            )
+        })?;
+        if let Ok(mut m) = self.modified.lock() {
+            *m = stamp;
+        }
+        self.table.store(Arc::new(table));
+        Ok(())
+    }
+
+    /// What the poll does: seeds Redis until that has worked once (Redis may be down at start),
+    /// then re-reads it; without Redis, re-reads the key file when it changed.
     pub async fn seed_or_refresh(&self) -> Result<(), KeyStoreError> {
+        if self.redis.is_none() {
+            let changed = match (&self.file, self.modified.lock()) {
+                (Some(path), Ok(m)) => modified(path) != *m,
+                _ => false,
+            };
+            if changed {
+                let _one = self.writing.lock().await;
+                self.reread_file()?;
+                tracing::info!("virtual keys re-read from the key file");
+            }
+            return Ok(());
+        }
         if self.seeded.load(std::sync::atomic::Ordering::Relaxed) {
             return self.refresh().await;
         }
@@ -289,9 +345,9 @@ impl KeyStore {
     pub fn configured(&self) -> bool {
         self.file.is_some() || self.redis.is_some()
     }
+}
 
-    /// Whether writes reach other replicas (Redis) or stay here.
-    pub fn shared(&self) -> bool {
-        self.redis.is_some()
-    }
+/// When a file was last modified (none when it cannot be read).
+fn modified(path: &std::path::Path) -> Option<std::time::SystemTime> {
+    std::fs::metadata(path).and_then(|m| m.modified()).ok()
 }
