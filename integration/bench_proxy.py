@@ -42,8 +42,10 @@ def http_scenarios(url, headers=()):
 
 
 def identity_runs(tmp, up_port, procs, results):
-    """`llm_policy` again behind `--identity jwt` and `--identity api-keys`. The principals carry a
-    tier and no id, so the example bundle's per-user limit (120 a minute) stays out of the way."""
+    """`llm_policy` again behind `--identity jwt` and `--identity api-keys`. The JWT principal
+    carries a tier and no id; a key is its own principal id, so its requests are counted by the
+    example bundle's per-user limit, raised here (a copy of `policies/`) out of the load's way:
+    the api-keys rows include that counter."""
     from stack import binary, envoy_config
 
     cli = str(binary("LLM_POLICY_BIN", "target/release/llm-policy"))
@@ -52,7 +54,11 @@ def identity_runs(tmp, up_port, procs, results):
     keys = tmp / "keys.json"
     home = tmp / "keyed"
     home.mkdir()
-    server = Server(home, ROOT / "policies", config_extra={"keysFile": str(keys)})
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    for f in (ROOT / "policies").glob("*.yaml"):
+        (bundle / f.name).write_text(f.read_text().replace("requests: 120, per: minute", "requests: 100000000, per: minute"))
+    server = Server(home, bundle, config_extra={"keysFile": str(keys)})
     procs.append(server.proc)
     jwt_config = subprocess.run([cli, "--context-config", str(tmp / "claims.json"), "envoy-config", "--mode",
                                  "ext-authz", "--upstream", "http://127.0.0.1:18000", "--listen", "0.0.0.0:10000",

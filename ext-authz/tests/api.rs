@@ -235,3 +235,79 @@ async fn registry_reads_writes_and_bundle_watch() {
     h.stop().await;
     assert!(started.elapsed() < Duration::from_secs(3));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn virtual_keys_and_the_read_token_over_grpc() {
+    let dir = tempfile::tempdir().unwrap();
+    let keys = dir.path().join("keys.json");
+    let read = dir.path().join("read-token");
+    std::fs::write(&read, "read-token-0123456789").unwrap();
+    let (k, r) = (keys.clone(), read.clone());
+    let h = Harness::start(&[("p.yaml", &policy("p", "allow", RULES))], move |c| {
+        c.keys_file = Some(k);
+        c.read_token_file = Some(r);
+    })
+    .await;
+    let mut c = client(&h).await;
+    // Writes need the admin token; reads the read token (or the admin token).
+    let spec = pb::CreateKeyRequest {
+        id: Some("alice".into()),
+        principal: [("tier".to_string(), "pro".to_string())].into(),
+        namespace: None,
+        expires: None,
+    };
+    let e = c.create_key(spec.clone()).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let made = c
+        .create_key(authed(spec.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(made.key.starts_with("lpk_"));
+    let record = made.record.unwrap();
+    assert_eq!(record.hash.len(), 64);
+    assert!(!record.hash.contains(&made.key[4..]));
+    let e = c.create_key(authed(spec)).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::AlreadyExists);
+    let e = c.list_keys(pb::ListKeysRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let e = c
+        .list_policies(pb::ListPoliciesRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::Unauthenticated);
+    let mut reader = tonic::Request::new(pb::ListKeysRequest {});
+    reader.metadata_mut().insert(
+        "authorization",
+        "Bearer read-token-0123456789".parse().unwrap(),
+    );
+    let listed = c.list_keys(reader).await.unwrap().into_inner().keys;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].principal["tier"], "pro");
+    // The read token does not write.
+    let mut writer = tonic::Request::new(pb::RevokeKeyRequest { id: "alice".into() });
+    writer.metadata_mut().insert(
+        "authorization",
+        "Bearer read-token-0123456789".parse().unwrap(),
+    );
+    assert_eq!(
+        c.revoke_key(writer).await.unwrap_err().code(),
+        tonic::Code::Unauthenticated
+    );
+    let revoked = c
+        .revoke_key(authed(pb::RevokeKeyRequest { id: "alice".into() }))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(revoked.revoked);
+    let e = c
+        .revoke_key(authed(pb::RevokeKeyRequest {
+            id: "nobody".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    // The key file holds the records (hashes, never keys).
+    let text = std::fs::read_to_string(&keys).unwrap();
+    assert!(text.contains("\"revoked\": true") && !text.contains(&made.key));
+}

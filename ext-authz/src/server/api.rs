@@ -458,6 +458,74 @@ impl PolicyService for PolicyApi {
             .map_err(|e| Status::unavailable(format!("the counter store is unavailable: {}", e)))?;
         Ok(Response::new(pb::RecordUsageResponse { recorded }))
     }
+
+    async fn create_key(
+        &self,
+        req: Request<pb::CreateKeyRequest>,
+    ) -> Result<Response<pb::CreateKeyResponse>, Status> {
+        self.authorize(&req)?;
+        let r = req.into_inner();
+        let spec = crate::keys::NewKey {
+            id: r.id,
+            principal: r.principal.into_iter().collect(),
+            namespace: r.namespace,
+            expires: r.expires,
+        };
+        let (record, key) = self.engine.keys().create(&spec).await.map_err(key_status)?;
+        tracing::info!(key = %record.id, "virtual key created");
+        Ok(Response::new(pb::CreateKeyResponse {
+            key,
+            record: Some(key_record(record)),
+        }))
+    }
+
+    async fn list_keys(
+        &self,
+        req: Request<pb::ListKeysRequest>,
+    ) -> Result<Response<pb::ListKeysResponse>, Status> {
+        self.authorize_read(&req)?;
+        let keys = self
+            .engine
+            .keys()
+            .list()
+            .into_iter()
+            .map(key_record)
+            .collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn revoke_key(
+        &self,
+        req: Request<pb::RevokeKeyRequest>,
+    ) -> Result<Response<pb::KeyRecord>, Status> {
+        self.authorize(&req)?;
+        let id = req.into_inner().id;
+        let record = self.engine.keys().revoke(&id).await.map_err(key_status)?;
+        tracing::info!(key = %record.id, "virtual key revoked");
+        Ok(Response::new(key_record(record)))
+    }
+}
+
+fn key_record(r: llm_policy_core::identity::KeyRecord) -> pb::KeyRecord {
+    pb::KeyRecord {
+        id: r.id,
+        hash: r.hash,
+        principal: r.principal.into_iter().collect(),
+        namespace: r.namespace,
+        expires: r.expires,
+        revoked: r.revoked,
+        created: r.created,
+    }
+}
+
+fn key_status(e: super::key_store::KeyStoreError) -> Status {
+    use super::key_store::KeyStoreError as E;
+    match &e {
+        E::Invalid(_) => Status::invalid_argument(e.to_string()),
+        E::NotFound(_) => Status::not_found(e.to_string()),
+        E::Conflict(_) => Status::already_exists(e.to_string()),
+        E::Unavailable(_) => Status::unavailable(e.to_string()),
+    }
 }
 
 fn name_of_origin(o: super::registry::Origin) -> String {

@@ -70,10 +70,9 @@ pub struct KeyStore {
 impl KeyStore {
     /// The keys of `file` (none without one); with `redis`, they seed it (see [`KeyStore::seed`]).
     pub fn load(file: Option<PathBuf>, redis: Option<Redis>) -> Result<KeyStore, Diagnostics> {
+        // A key file that does not exist yet is an empty one (the first API write creates it).
         let from_file = match &file {
-            Some(path) if path.exists() || redis.is_none() => {
-                llm_policy_core::identity::load_keys(path)?
-            }
+            Some(path) if path.exists() => llm_policy_core::identity::load_keys(path)?,
             _ => KeyTable::default(),
         };
         let modified = file.as_deref().and_then(modified);
