@@ -74,7 +74,7 @@ pub struct Record {
     pub prompt: Option<String>,
 }
 
-/// How a record's principal was established.
+/// How a check's principal was established: how, and by which virtual key (its id).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IdentityRecord {
     /// `jwt`, `api-key`, `trusted-header` or `none`.
@@ -489,7 +489,7 @@ pub struct CheckFacts<'a> {
     /// The request context, when it could be built.
     pub ctx: Option<&'a RequestContext>,
     /// How the request's identity was established.
-    pub identity: &'a super::engine::Identified,
+    pub identity: &'a IdentityRecord,
     /// The HTTP status the client got (200 when the request went upstream).
     pub status: u16,
     /// The registry version that decided (0: none loaded).
@@ -549,10 +549,7 @@ impl Record {
                         .collect()
                 })
                 .unwrap_or_default(),
-            identity: IdentityRecord {
-                via: facts.identity.via,
-                key: facts.identity.key.clone(),
-            },
+            identity: facts.identity.clone(),
             model: ctx.and_then(|c| c.request.model.clone()),
             decision: facts.verdict().to_string(),
             status: facts.status,

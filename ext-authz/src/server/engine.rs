@@ -25,7 +25,7 @@ use llm_policy_core::{
     RequestContext, RequestInput, Step,
 };
 
-use super::audit::{Audit, CheckFacts};
+use super::audit::{Audit, CheckFacts, IdentityRecord};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::key_store::KeyStore;
@@ -63,15 +63,6 @@ pub struct CheckInput {
     /// the filter): `api-key` makes the server look the key up. `None`: not said (the REST
     /// API, an older proxy configuration), so the identity headers are taken as sent.
     pub identity: Option<IdentityMode>,
-}
-
-/// Who a check's request is, as established: how, and by which virtual key.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Identified {
-    /// How (`IdentityMode::via`): `none`, `trusted-header`, `jwt`, `api-key`.
-    pub via: &'static str,
-    /// The virtual key's id (api-key).
-    pub key: Option<String>,
 }
 
 /// The outcome of a check.
@@ -238,9 +229,9 @@ impl Engine {
         &self,
         input: &mut CheckInput,
         version: Option<&Version>,
-    ) -> (Identified, Option<KeyError>) {
+    ) -> (IdentityRecord, Option<KeyError>) {
         let mode = input.identity.unwrap_or(IdentityMode::TrustedHeaders);
-        let mut identified = Identified {
+        let mut identified = IdentityRecord {
             via: mode.via(),
             key: None,
         };
@@ -934,7 +925,7 @@ impl Engine {
         &self,
         checked: &Checked,
         ctx: Option<&RequestContext>,
-        identity: &Identified,
+        identity: &IdentityRecord,
         latency: Duration,
         trace_id: Option<String>,
         request_id: Option<String>,
