@@ -135,6 +135,20 @@ enum Command {
     Keys(keys::KeysArgs),
 }
 
+/// A command's text on stdout (exit 0), or its error on stderr (exit 2).
+fn print_or_fail(result: Result<String, impl std::fmt::Display>) -> ExitCode {
+    match result {
+        Ok(text) => {
+            outp!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            err!("{e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
 fn print_diagnostics(d: &Diagnostics) {
     for diag in &d.0 {
         err!("{diag}");
@@ -187,27 +201,9 @@ pub fn main() -> ExitCode {
         }
         Command::EnvoyConfig(args) => {
             let given = cli.config.context_config.is_some().then_some(&config);
-            match envoy_config::generate(&args, given) {
-                Ok(text) => {
-                    outp!("{text}");
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    err!("{e}");
-                    ExitCode::from(2)
-                }
-            }
+            print_or_fail(envoy_config::generate(&args, given))
         }
-        Command::Keys(args) => match keys::run(&args) {
-            Ok(text) => {
-                outp!("{text}");
-                ExitCode::SUCCESS
-            }
-            Err(e) => {
-                err!("{e}");
-                ExitCode::from(2)
-            }
-        },
+        Command::Keys(args) => print_or_fail(keys::run(&args)),
         Command::Serve(_) => ExitCode::from(2),
     }
 }

@@ -196,15 +196,7 @@ impl FilterConfig {
             return Err(bad("/server/cluster", "the server's cluster name is empty"));
         }
         if let Err(errors) = KeyTable::new(config.identity.keys.clone()) {
-            return Err(Diagnostics(
-                errors
-                    .into_iter()
-                    .map(|(i, message)| {
-                        Diagnostic::error(llm_policy_core::Code::InvalidApiKey, message)
-                            .at(CONFIG_FILE, doc.position(&format!("/identity/keys/{i}")))
-                    })
-                    .collect(),
-            ));
+            return Err(errors.located(doc, "/identity/keys"));
         }
         Ok(config)
     }

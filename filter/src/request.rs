@@ -246,19 +246,27 @@ impl RequestFlow {
         if !matches!(self.state, State::New) {
             return Flow::Continue;
         }
-        let headers = host.request_headers();
-        let path = header(&headers, ":path").unwrap_or("/");
+        let mut headers = host.request_headers();
         // Virtual keys guard every request, not only the LLM calls the rules check: Envoy puts
-        // the provider's real key on whatever goes upstream.
+        // the provider's real key on whatever goes upstream. The key's record is who the
+        // request is, written into the headers the context is read from (before anything reads
+        // them).
         if self.vm.config.identity.mode == IdentityMode::ApiKeys {
             let now = i64::try_from(host.now().as_secs()).unwrap_or(i64::MAX);
-            if let Err(e) = self.vm.keys.authenticate(&headers, now) {
-                let provider = reply::provider_of(path, &headers);
-                let outcome =
-                    Outcome::Reply(reply::unauthenticated(provider, e), Ending::Unauthenticated);
-                return self.finish(host, outcome);
+            match self.vm.keys.authenticate(&headers, now) {
+                Ok(record) => record.assert(&self.vm.config.context, &mut headers),
+                Err(e) => {
+                    let path = header(&headers, ":path").unwrap_or("/");
+                    let provider = reply::provider_of(path, &headers);
+                    let outcome = Outcome::Reply(
+                        reply::unauthenticated(provider, e),
+                        Ending::Unauthenticated,
+                    );
+                    return self.finish(host, outcome);
+                }
             }
         }
+        let path = header(&headers, ":path").unwrap_or("/");
         let Some(provider) = self.vm.routes.check(path, &headers) else {
             self.state = State::Passing;
             return Flow::Continue;
@@ -470,26 +478,13 @@ impl RequestFlow {
         host: &mut dyn Host,
         provider: Provider,
         body_len: usize,
-        mut headers: Vec<(String, String)>,
+        headers: Vec<(String, String)>,
     ) -> Outcome {
         let vm = Rc::clone(&self.vm);
         let Some(set) = vm.set.as_ref() else {
             return self.no_bundle(host, provider);
         };
         let now = host.now();
-        // Virtual keys: the key's record is who the request is (before anything reads it).
-        if vm.config.identity.mode == IdentityMode::ApiKeys {
-            let now_unix = i64::try_from(now.as_secs()).unwrap_or(i64::MAX);
-            match vm.keys.authenticate(&headers, now_unix) {
-                Ok(record) => record.assert(set.config(), &mut headers),
-                Err(e) => {
-                    return Outcome::Reply(
-                        reply::unauthenticated(provider, e),
-                        Ending::Unauthenticated,
-                    )
-                }
-            }
-        }
         let body = if body_len > 0 {
             host.request_body(body_len).unwrap_or_default()
         } else {

@@ -230,15 +230,9 @@ fn keys_of(records: Option<Vec<KeyRecord>>) -> Result<Option<KeyTable>, SyncErro
     let Some(records) = records else {
         return Ok(None);
     };
-    KeyTable::new(records).map(Some).map_err(|errors| {
-        SyncError::BadKeys(
-            errors
-                .into_iter()
-                .map(|(_, m)| m)
-                .collect::<Vec<_>>()
-                .join("; "),
-        )
-    })
+    KeyTable::new(records)
+        .map(Some)
+        .map_err(|e| SyncError::BadKeys(e.to_string()))
 }
 
 #[cfg(test)]

@@ -203,7 +203,10 @@ pub fn hash_key(key: &str) -> String {
     let digest = Sha256::digest(key.as_bytes());
     let mut out = String::with_capacity(64);
     for b in digest {
-        out.push_str(&format!("{b:02x}"));
+        for nibble in [b >> 4, b & 0x0f] {
+            // A nibble is always a hex digit (lower-case from `from_digit`).
+            out.push(char::from_digit(u32::from(nibble), 16).unwrap_or('0'));
+        }
     }
     out
 }
@@ -243,6 +246,37 @@ pub struct KeysFile {
     pub keys: Vec<KeyRecord>,
 }
 
+/// Why records do not make a [`KeyTable`]: each bad record's index and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyTableErrors(pub Vec<(usize, String)>);
+
+impl core::fmt::Display for KeyTableErrors {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        for (n, (_, message)) in self.0.iter().enumerate() {
+            if n > 0 {
+                f.write_str("; ")?;
+            }
+            f.write_str(message)?;
+        }
+        Ok(())
+    }
+}
+
+impl KeyTableErrors {
+    /// The errors located in `doc`, whose records are the array at JSON pointer `records`.
+    pub fn located(self, doc: &Document, records: &str) -> Diagnostics {
+        Diagnostics(
+            self.0
+                .into_iter()
+                .map(|(i, message)| {
+                    Diagnostic::error(Code::InvalidApiKey, message)
+                        .at(&doc.file, doc.position(&format!("{records}/{i}")))
+                })
+                .collect(),
+        )
+    }
+}
+
 /// The virtual keys a proxy accepts, by hash.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct KeyTable {
@@ -252,7 +286,7 @@ pub struct KeyTable {
 impl KeyTable {
     /// A table of `records`. Errors (the record's index and a message, one per bad record): a
     /// hash that is not 64 lower-case hex digits, an empty or repeated id, a repeated hash.
-    pub fn new(records: Vec<KeyRecord>) -> Result<KeyTable, Vec<(usize, String)>> {
+    pub fn new(records: Vec<KeyRecord>) -> Result<KeyTable, KeyTableErrors> {
         let mut errors = Vec::new();
         let mut by_hash = BTreeMap::new();
         let mut ids = BTreeMap::new();
@@ -292,24 +326,14 @@ impl KeyTable {
         if errors.is_empty() {
             Ok(KeyTable { by_hash })
         } else {
-            Err(errors)
+            Err(KeyTableErrors(errors))
         }
     }
 
     /// The table a document (`{keys: [...]}`) holds; errors are located in it.
     pub fn from_document(doc: &Document) -> Result<KeyTable, Diagnostics> {
         let file: KeysFile = doc.parse().map_err(|d| Diagnostics(alloc::vec![d]))?;
-        KeyTable::new(file.keys).map_err(|errors| {
-            Diagnostics(
-                errors
-                    .into_iter()
-                    .map(|(i, message)| {
-                        Diagnostic::error(Code::InvalidApiKey, message)
-                            .at(&doc.file, doc.position(&format!("/keys/{i}")))
-                    })
-                    .collect(),
-            )
-        })
+        KeyTable::new(file.keys).map_err(|e| e.located(doc, "/keys"))
     }
 
     /// The record of the key `headers` present, if it may be used at `now` (seconds since the
@@ -444,12 +468,13 @@ mod tests {
             record("", "k3"),
         ])
         .unwrap_err();
-        let at: Vec<usize> = errors.iter().map(|(i, _)| *i).collect();
+        let at: Vec<usize> = errors.0.iter().map(|(i, _)| *i).collect();
         assert_eq!(at, [1, 2, 3, 4], "{errors:?}");
-        assert!(errors[0].1.contains("used twice"));
-        assert!(errors[1].1.contains("same key"));
-        assert!(errors[2].1.contains("64 lower-case hex"));
-        assert!(errors[3].1.contains("empty"));
+        assert!(errors.0[0].1.contains("used twice"));
+        assert!(errors.0[1].1.contains("same key"));
+        assert!(errors.0[2].1.contains("64 lower-case hex"));
+        assert!(errors.0[3].1.contains("empty"));
+        assert_eq!(errors.to_string().matches("; ").count(), 3);
     }
 
     #[test]

@@ -239,8 +239,8 @@ impl Engine {
             return (identified, None);
         }
         let now = i64::try_from(unix_now()).unwrap_or(i64::MAX);
-        let table = self.keys.table();
-        match table.authenticate(&input.headers, now) {
+        let keys = self.keys.snapshot();
+        match keys.table.authenticate(&input.headers, now) {
             Ok(record) => {
                 if let Some(v) = version {
                     record.assert(v.set.config(), &mut input.headers);

@@ -52,9 +52,34 @@ impl From<NewKeyError> for KeyStoreError {
     }
 }
 
+/// The keys serving, with what every read needs, made once per change: the table checks look
+/// keys up in, the records by id (`/v1/keys`, the bundle answer) and their digest (its ETag).
+pub struct Snapshot {
+    /// The table checks read.
+    pub table: KeyTable,
+    /// The records, by id.
+    pub records: Vec<KeyRecord>,
+    /// A digest of the records.
+    pub digest: String,
+}
+
+impl Snapshot {
+    fn of(table: KeyTable) -> Snapshot {
+        let mut records: Vec<KeyRecord> = table.records().cloned().collect();
+        records.sort_by(|a, b| a.id.cmp(&b.id));
+        let text = serde_json::to_string(&records).unwrap_or_default();
+        let digest = format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()));
+        Snapshot {
+            table,
+            records,
+            digest,
+        }
+    }
+}
+
 /// The keys, and where writes go.
 pub struct KeyStore {
-    table: ArcSwap<KeyTable>,
+    keys: ArcSwap<Snapshot>,
     file: Option<PathBuf>,
     redis: Option<Redis>,
     /// One write at a time on this replica (Redis writes are atomic per record).
@@ -77,7 +102,7 @@ impl KeyStore {
         };
         let modified = file.as_deref().and_then(modified);
         // With Redis, nothing is served before Redis is read (it knows the revocations).
-        let table = if redis.is_some() {
+        let serving = if redis.is_some() {
             KeyTable::default()
         } else {
             from_file.clone()
@@ -85,7 +110,7 @@ impl KeyStore {
         Ok(KeyStore {
             from_file: from_file.records().cloned().collect(),
             modified: std::sync::Mutex::new(modified),
-            table: ArcSwap::from_pointee(table),
+            keys: ArcSwap::from_pointee(Snapshot::of(serving)),
             file,
             redis,
             writing: tokio::sync::Mutex::new(()),
@@ -98,7 +123,7 @@ impl KeyStore {
         KeyStore {
             from_file: Vec::new(),
             modified: std::sync::Mutex::new(None),
-            table: ArcSwap::from_pointee(KeyTable::default()),
+            keys: ArcSwap::from_pointee(Snapshot::of(KeyTable::default())),
             file: None,
             redis: None,
             writing: tokio::sync::Mutex::new(()),
@@ -106,49 +131,49 @@ impl KeyStore {
         }
     }
 
-    /// The table checks read.
-    pub fn table(&self) -> Arc<KeyTable> {
-        self.table.load_full()
+    /// The keys serving.
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.keys.load_full()
     }
 
     /// The records, by id.
     pub fn list(&self) -> Vec<KeyRecord> {
-        let mut all: Vec<KeyRecord> = self.table.load().records().cloned().collect();
-        all.sort_by(|a, b| a.id.cmp(&b.id));
-        all
+        self.keys.load().records.clone()
     }
 
-    /// A digest of the table (the filter's sync compares it).
-    pub fn digest(&self) -> String {
-        let list = self.list();
-        let text = serde_json::to_string(&list).unwrap_or_default();
-        format!("{:016x}", xxhash_rust::xxh3::xxh3_64(text.as_bytes()))
+    fn serve(&self, table: KeyTable) {
+        self.keys.store(Arc::new(Snapshot::of(table)));
     }
 
-    fn hash_key(&self) -> Option<(Redis, String)> {
-        self.redis.as_ref().map(|r| (r.clone(), r.key("keys")))
+    /// Writes one record into the Redis hash (`HSETNX`: only if its id is new; `HSET`: over
+    /// it); whether it was written. `Ok(false)` without Redis.
+    async fn put(&self, command: &str, record: &KeyRecord) -> Result<bool, KeyStoreError> {
+        let Some(redis) = &self.redis else {
+            return Ok(false);
+        };
+        let json =
+            serde_json::to_string(record).map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
+        let (hash, id) = (redis.key("keys"), record.id.clone());
+        redis
+            .run_for(Feature::Registry, DEADLINE, |mut c| async move {
+                redis::cmd(command)
+                    .arg(&hash)
+                    .arg(&id)
+                    .arg(&json)
+                    .query_async::<i64>(&mut c)
+                    .await
+            })
+            .await
+            .map(|written| written > 0 || command == "HSET")
+            .map_err(|e| KeyStoreError::Unavailable(e.to_string()))
     }
 
     /// Makes a key; returns its record and its secret (shown once).
     pub async fn create(&self, spec: &NewKey) -> Result<(KeyRecord, String), KeyStoreError> {
         let _one = self.writing.lock().await;
         let (record, secret) = keys::create(spec, keys::unix_now())?;
-        if let Some((redis, hash)) = self.hash_key() {
-            let json = serde_json::to_string(&record)
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
-            let id = record.id.clone();
-            let added: bool = redis
-                .run_for(Feature::Registry, DEADLINE, |mut c| async move {
-                    redis::cmd("HSETNX")
-                        .arg(&hash)
-                        .arg(&id)
-                        .arg(&json)
-                        .query_async(&mut c)
-                        .await
-                })
-                .await
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
-            if !added {
+        if self.redis.is_some() {
+            if !self.put("HSETNX", &record).await? {
                 return Err(KeyStoreError::Conflict(record.id));
             }
             self.refresh().await?;
@@ -167,7 +192,7 @@ impl KeyStore {
     /// Revokes a key (the record stays, refused with `revoked`).
     pub async fn revoke(&self, id: &str) -> Result<KeyRecord, KeyStoreError> {
         let _one = self.writing.lock().await;
-        if let Some((redis, hash)) = self.hash_key() {
+        if self.redis.is_some() {
             self.refresh().await?;
             let mut record = self
                 .list()
@@ -175,20 +200,7 @@ impl KeyStore {
                 .find(|r| r.id == id)
                 .ok_or_else(|| KeyStoreError::NotFound(id.to_string()))?;
             record.revoked = true;
-            let json = serde_json::to_string(&record)
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
-            let field = record.id.clone();
-            redis
-                .run_for(Feature::Registry, DEADLINE, |mut c| async move {
-                    redis::cmd("HSET")
-                        .arg(&hash)
-                        .arg(&field)
-                        .arg(&json)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
+            self.put("HSET", &record).await?;
             self.refresh().await?;
             return Ok(record);
         }
@@ -206,15 +218,8 @@ impl KeyStore {
 
     /// Swaps in `all` and writes the key file (no Redis), remembering its new time.
     fn keep(&self, all: Vec<KeyRecord>) -> Result<(), KeyStoreError> {
-        let table = KeyTable::new(all.clone()).map_err(|errors| {
-            KeyStoreError::Invalid(
-                errors
-                    .into_iter()
-                    .map(|(_, m)| m)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )
-        })?;
+        let table =
+            KeyTable::new(all.clone()).map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
         if let Some(path) = &self.file {
             keys::write_file(path, &all).map_err(|e| {
                 KeyStoreError::Unavailable(format!("cannot write {}: {e}", path.display()))
@@ -223,31 +228,18 @@ impl KeyStore {
                 *m = modified(path);
             }
         }
-        self.table.store(Arc::new(table));
+        self.serve(table);
         Ok(())
     }
 
     /// Copies the key file's records that Redis does not hold yet into Redis (a revocation
     /// made through the API is never undone by the file), then reads the table.
     pub async fn seed(&self) -> Result<(), KeyStoreError> {
-        let Some((redis, hash)) = self.hash_key() else {
+        if self.redis.is_none() {
             return Ok(());
-        };
+        }
         for record in &self.from_file {
-            let json = serde_json::to_string(record)
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
-            let (hash, id) = (hash.clone(), record.id.clone());
-            redis
-                .run_for(Feature::Registry, DEADLINE, |mut c| async move {
-                    redis::cmd("HSETNX")
-                        .arg(&hash)
-                        .arg(&id)
-                        .arg(&json)
-                        .query_async::<()>(&mut c)
-                        .await
-                })
-                .await
-                .map_err(|e| KeyStoreError::Unavailable(e.to_string()))?;
+            self.put("HSETNX", record).await?;
         }
         self.refresh().await?;
         self.seeded
@@ -258,9 +250,10 @@ impl KeyStore {
     /// Re-reads the keys from Redis (nothing without it). A record that does not parse is
     /// skipped and logged; the rest still apply.
     pub async fn refresh(&self) -> Result<(), KeyStoreError> {
-        let Some((redis, hash)) = self.hash_key() else {
+        let Some(redis) = &self.redis else {
             return Ok(());
         };
+        let hash = redis.key("keys");
         let stored: Vec<(String, String)> = redis
             .run_for(Feature::Registry, DEADLINE, |mut c| async move {
                 redis::cmd("HGETALL").arg(&hash).query_async(&mut c).await
@@ -276,21 +269,11 @@ impl KeyStore {
                 }
             }
         }
-        match KeyTable::new(records) {
-            Ok(table) => {
-                if *self.table.load_full() != table {
-                    self.table.store(Arc::new(table));
-                }
-                Ok(())
-            }
-            Err(errors) => Err(KeyStoreError::Invalid(
-                errors
-                    .into_iter()
-                    .map(|(_, m)| m)
-                    .collect::<Vec<_>>()
-                    .join("; "),
-            )),
+        let table = KeyTable::new(records).map_err(|e| KeyStoreError::Invalid(e.to_string()))?;
+        if self.keys.load().table != table {
+            self.serve(table);
         }
+        Ok(())
     }
 
     /// Re-reads the key file (no Redis): the table it holds now. A file that does not load is
@@ -314,7 +297,7 @@ impl KeyStore {
         if let Ok(mut m) = self.modified.lock() {
             *m = stamp;
         }
-        self.table.store(Arc::new(table));
+        self.serve(table);
         Ok(())
     }
 

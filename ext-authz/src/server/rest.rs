@@ -473,9 +473,10 @@ async fn reload(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
 /// (`If-None-Match` → 304).
 async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
     let v = current(&s)?;
-    let keys = s.engine.keys();
-    let etag = if keys.configured() {
-        format!("\"{}.{}\"", v.set.bundle(), keys.digest())
+    let store = s.engine.keys();
+    let keys = store.snapshot();
+    let etag = if store.configured() {
+        format!("\"{}.{}\"", v.set.bundle(), keys.digest)
     } else {
         format!("\"{}\"", v.set.bundle())
     };
@@ -498,7 +499,7 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
                 text: text.to_string(),
             })
             .collect(),
-        keys: keys.configured().then(|| keys.list()),
+        keys: store.configured().then(|| keys.records.clone()),
     };
     Ok(([(header::ETAG, etag_value)], Json(answer)).into_response())
 }
