@@ -170,9 +170,15 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 /// Loads the policies, binds the listeners and serves until [`Running::shutdown`]. A policy
 /// path that does not load yet is not fatal: the server runs, not ready, and reloads when the
 /// files change.
-pub async fn start(config: Config) -> Result<Running, StartError> {
+pub async fn start(mut config: Config) -> Result<Running, StartError> {
+    if let Some(path) = &config.models_file {
+        let table =
+            llm_policy_core::model_table::ModelTable::load(path).map_err(StartError::Config)?;
+        config.context.models = Some(table);
+    }
     let admin_token = config.admin_token().map_err(StartError::Config)?;
     let read_token = config.read_token().map_err(StartError::Config)?;
+    let usage_token = config.usage_token().map_err(StartError::Config)?;
     let metrics = metrics::Metrics::new().map_err(|e| StartError::Setup(e.to_string()))?;
     // Plugins are compiled once, before any bundle: a bad module stops the start, named.
     let plugins = match &config.plugins.dir {
@@ -326,6 +332,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         Arc::clone(&engine),
         admin_token.clone().map(Arc::from),
         read_token.clone().map(Arc::from),
+        usage_token.clone().map(Arc::from),
         stopped.clone(),
     ))
     .max_decoding_message_size(grpc_message_limit(&config));
@@ -353,6 +360,7 @@ pub async fn start(config: Config) -> Result<Running, StartError> {
         engine: Arc::clone(&engine),
         admin_token: admin_token.map(Arc::from),
         read_token: read_token.map(Arc::from),
+        usage_token: usage_token.map(Arc::from),
     };
     // Replicas follow the shared keys; a key file is followed when it changes.
     if keys.configured() {

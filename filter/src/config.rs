@@ -106,6 +106,10 @@ pub struct ServerConfig {
     /// Longest a check may wait for the server, in milliseconds (default 200).
     #[serde(default = "default_timeout_ms")]
     pub timeout_ms: u64,
+    /// The server's usage token (`usageTokenFile`), sent with usage reports as
+    /// `Authorization: Bearer` (a server refuses reports without it).
+    #[serde(default)]
+    pub usage_token: Option<String>,
 }
 
 fn default_timeout_ms() -> u64 {

@@ -85,6 +85,29 @@ pub struct CheckResponse {
     /// `ok_response`.
     #[prost(message, optional, tag = "3")]
     pub ok_response: Option<OkHttpResponse>,
+    /// `dynamic_metadata` (google.protobuf.Struct): the reservation ([`wire::Reservation`]).
+    #[prost(message, optional, tag = "4")]
+    pub dynamic_metadata: Option<PbStruct>,
+}
+
+/// `google.protobuf.Struct`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PbStruct {
+    /// `fields`.
+    #[prost(btree_map = "string, message", tag = "1")]
+    pub fields: std::collections::BTreeMap<String, PbValue>,
+}
+
+/// `google.protobuf.Value`: the kinds the reservation uses (a `oneof` on the wire, read as
+/// optional fields).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct PbValue {
+    /// `number_value`.
+    #[prost(double, optional, tag = "2")]
+    pub number_value: Option<f64>,
+    /// `string_value`.
+    #[prost(string, optional, tag = "3")]
+    pub string_value: Option<String>,
 }
 
 /// `google.rpc.Status`.
@@ -233,6 +256,8 @@ pub enum ServerAnswer {
         set: Vec<(String, String)>,
         /// Headers to remove.
         remove: Vec<String>,
+        /// The token and cost reservations waiting for the answer's usage.
+        reservation: Option<wire::Reservation>,
     },
     /// Answer the client.
     Deny {
@@ -253,7 +278,18 @@ impl ServerAnswer {
         let code = r.status.as_ref().map_or(0, |s| s.code);
         if code == 0 {
             let ok = r.ok_response.unwrap_or_default();
+            let reservation = r.dynamic_metadata.and_then(|m| {
+                wire::Reservation::from_fields(|k| {
+                    let v = m.fields.get(k)?;
+                    match (&v.string_value, v.number_value) {
+                        (Some(t), _) => Some(wire::MetadataValue::Text(t.clone())),
+                        (None, Some(n)) => Some(wire::MetadataValue::Number(n)),
+                        (None, None) => None,
+                    }
+                })
+            });
             return Ok(ServerAnswer::Allow {
+                reservation,
                 set: ok
                     .headers
                     .iter()
@@ -381,6 +417,24 @@ mod tests {
             }),
             ..Default::default()
         };
+        use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
+        let handle = "0123456789abcdef0123456789abcdef";
+        let text = |t: &str| Value {
+            kind: Some(Kind::StringValue(t.into())),
+        };
+        let number = |n: f64| Value {
+            kind: Some(Kind::NumberValue(n)),
+        };
+        let metadata = Struct {
+            fields: [
+                (wire::Reservation::HANDLE.to_string(), text(handle)),
+                (wire::Reservation::MODEL.to_string(), text("gpt-4o")),
+                (wire::Reservation::PROMPT.to_string(), number(12.0)),
+                (wire::Reservation::OUTPUT.to_string(), number(100.0)),
+            ]
+            .into_iter()
+            .collect(),
+        };
         let ok = envoy::CheckResponse {
             status: Some(envoy_types::pb::google::rpc::Status {
                 code: 0,
@@ -391,6 +445,7 @@ mod tests {
                 headers_to_remove: vec!["x-c".into()],
                 ..Default::default()
             })),
+            dynamic_metadata: Some(metadata),
             ..Default::default()
         };
         assert_eq!(
@@ -398,6 +453,12 @@ mod tests {
             Ok(ServerAnswer::Allow {
                 set: vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())],
                 remove: vec!["x-c".into()],
+                reservation: Some(wire::Reservation {
+                    handle: handle.into(),
+                    model: Some("gpt-4o".into()),
+                    prompt: 12,
+                    output: 100,
+                }),
             })
         );
         let denied = envoy::CheckResponse {

@@ -25,6 +25,7 @@ pub struct GrpcCall {
     pub cluster: String,
     pub service: String,
     pub method: String,
+    pub metadata: Vec<(String, String)>,
     pub message: Vec<u8>,
     pub timeout: Duration,
 }
@@ -148,6 +149,25 @@ impl Host for FakeHost {
             .map(<[u8]>::to_vec)
     }
 
+    fn set_response_body(&mut self, len: usize, bytes: &[u8]) {
+        let len = len.min(self.response_chunk.len());
+        self.response_chunk.splice(..len, bytes.iter().copied());
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        self.response_headers
+            .retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+        if let Some(v) = value {
+            self.response_headers
+                .push((name.to_string(), v.to_string()));
+        }
+    }
+
+    fn set_request_body(&mut self, len: usize, body: &[u8]) {
+        let len = len.min(self.body.len());
+        self.body.splice(..len, body.iter().copied());
+    }
+
     fn resume_request(&mut self) {
         self.resumed = true;
     }
@@ -188,6 +208,7 @@ impl Host for FakeHost {
         cluster: &str,
         service: &str,
         method: &str,
+        metadata: &[(&str, &str)],
         message: &[u8],
         timeout: Duration,
     ) -> Result<u32, CallRefused> {
@@ -198,6 +219,10 @@ impl Host for FakeHost {
             cluster: cluster.into(),
             service: service.into(),
             method: method.into(),
+            metadata: metadata
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
             message: message.to_vec(),
             timeout,
         });

@@ -142,10 +142,17 @@ pub trait Host {
     fn set_request_header(&mut self, name: &str, value: Option<&str>);
     /// Answers the client locally; the request never reaches the upstream.
     fn send_reply(&mut self, status: u16, headers: &[(String, String)], body: &[u8]);
+    /// Replaces the buffered request body (its first `len` bytes: all of it) before it goes
+    /// upstream.
+    fn set_request_body(&mut self, len: usize, body: &[u8]);
     /// A response header (first value).
     fn response_header(&mut self, name: &str) -> Option<String>;
+    /// Sets (replaces) a response header, or removes it with `None`.
+    fn set_response_header(&mut self, name: &str, value: Option<&str>);
     /// The response body chunk being passed on (`len` bytes).
     fn response_body(&mut self, len: usize) -> Option<Vec<u8>>;
+    /// Replaces the response body chunk being passed on (`len` bytes) with `bytes`.
+    fn set_response_body(&mut self, len: usize, bytes: &[u8]);
     /// Lets a paused request continue (after an asynchronous decision).
     fn resume_request(&mut self);
     /// Wall-clock time since the Unix epoch.
@@ -154,13 +161,14 @@ pub trait Host {
     fn shared_get(&mut self, key: &str) -> Option<(Vec<u8>, u32)>;
     /// Writes a shared-data value if its token is still `cas` (`None`: unconditionally).
     fn shared_set(&mut self, key: &str, value: &[u8], cas: Option<u32>) -> SharedWrite;
-    /// Starts a unary gRPC call on `cluster`; the answer comes to the request's callback with
-    /// the returned token.
+    /// Starts a unary gRPC call on `cluster` with these initial metadata; the answer comes to
+    /// the request's callback with the returned token.
     fn grpc_call(
         &mut self,
         cluster: &str,
         service: &str,
         method: &str,
+        metadata: &[(&str, &str)],
         message: &[u8],
         timeout: Duration,
     ) -> Result<u32, CallRefused>;

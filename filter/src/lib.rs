@@ -30,7 +30,6 @@ pub mod outbox;
 pub mod request;
 pub mod route;
 pub mod sync;
-pub mod usage;
 pub mod vm;
 
 #[cfg(test)]

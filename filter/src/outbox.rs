@@ -41,6 +41,8 @@ pub struct UsageReport {
     /// Tokens used; `None`: unknown (the answer did not say, or was cut off), so the server
     /// counts its estimate as spent.
     pub tokens: Option<f64>,
+    /// What the answer cost in US dollars (the model table's prices); `None`: unknown.
+    pub usd: Option<f64>,
 }
 
 /// The VM's queue of reports.
@@ -85,10 +87,23 @@ impl Outbox {
             let message = RecordUsageRequest {
                 request_id: r.handle,
                 tokens: r.tokens,
-                cost_usd: None,
+                cost_usd: r.usd,
             }
             .encode_to_vec();
-            match host.grpc_call(&server.cluster, SERVICE, METHOD, &message, server.timeout()) {
+            let bearer = server.usage_token.as_ref().map(|t| format!("Bearer {t}"));
+            let metadata: Vec<(&str, &str)> = bearer
+                .as_deref()
+                .map(|b| ("authorization", b))
+                .into_iter()
+                .collect();
+            match host.grpc_call(
+                &server.cluster,
+                SERVICE,
+                METHOD,
+                &metadata,
+                &message,
+                server.timeout(),
+            ) {
                 Ok(_) => host.metric(Metric::UsageReports, 1),
                 Err(e) => {
                     host.metric(Metric::UsageReportFailures, 1);
@@ -112,6 +127,7 @@ mod tests {
             let queued = outbox.push(UsageReport {
                 handle: format!("h{i}"),
                 tokens: Some(10.0),
+                usd: None,
             });
             assert_eq!(queued, i < MAX_QUEUED);
         }
@@ -119,6 +135,7 @@ mod tests {
         let server = ServerConfig {
             cluster: "llm_policy".into(),
             timeout_ms: 200,
+            usage_token: Some("u-token".into()),
         };
         outbox.flush(&mut host, &server);
         assert_eq!(host.calls.len(), PER_TICK);
@@ -127,6 +144,10 @@ mod tests {
         assert_eq!(
             (first.service.as_str(), first.method.as_str()),
             (SERVICE, METHOD)
+        );
+        assert_eq!(
+            first.metadata,
+            vec![("authorization".to_string(), "Bearer u-token".to_string())]
         );
         let m = RecordUsageRequest::decode(first.message.as_slice()).unwrap();
         assert_eq!(m.request_id, "h0");

@@ -11,7 +11,9 @@ use llm_policy_core::context::Provider;
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
+use llm_policy_core::model_table::ModelTable;
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
+use llm_policy_core::usage::{add_include_usage, Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
 use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
@@ -21,7 +23,6 @@ use crate::counters::{Count, Reservation};
 use crate::ext_authz::{self, ServerAnswer};
 use crate::host::{Host, Level, Metric};
 use crate::outbox::{Outbox, UsageReport};
-use crate::usage::UsageReader;
 use crate::vm::Vm;
 
 /// What the proxy does with the request after a callback.
@@ -127,6 +128,53 @@ pub struct RequestFlow {
     handle: Option<String>,
     /// Reading the response's usage (for a request that reserved tokens).
     usage: Option<UsageReader>,
+    /// What the request reserved and how its usage is priced (requests some rule counts
+    /// tokens or cost for).
+    spend: Option<Spend>,
+    /// Removing the usage chunk the filter asked for on the client's behalf.
+    stripper: Option<UsageChunkStripper>,
+}
+
+/// What a request that counts tokens or cost reserved, to settle its usage with.
+#[derive(Debug, Clone)]
+struct Spend {
+    models: std::sync::Arc<ModelTable>,
+    model: Option<String>,
+    /// The prompt estimate.
+    prompt: u64,
+    /// The output reserved (`max_tokens`, else the model's default cap).
+    output: u64,
+}
+
+impl Spend {
+    /// What the reservation was: tokens, and cost in US dollars.
+    fn reserved(&self) -> (f64, f64) {
+        let models = &self.models;
+        let tokens = self.prompt.saturating_add(self.output) as f64;
+        let usd = models.estimate_usd(self.model.as_deref(), self.prompt, self.output);
+        (tokens, usd)
+    }
+
+    /// What to charge for what the answer said: its usage when it gave one; for a stream
+    /// without usage, the larger of the reservation and the prompt plus the text that
+    /// streamed; otherwise unknown (`None`: the reservation stands).
+    fn charge(&self, reading: &Reading) -> (Option<f64>, Option<f64>) {
+        let models = &self.models;
+        let model = self.model.as_deref();
+        if let Some(u) = &reading.usage {
+            return (Some(u.tokens()), Some(models.cost(model, u)));
+        }
+        match reading.streamed_output {
+            Some(counted) => {
+                let (tokens, usd) = self.reserved();
+                let out = counted.max(0.0) as u64;
+                let streamed = self.prompt.saturating_add(out) as f64;
+                let streamed_usd = models.estimate_usd(model, self.prompt, out);
+                (Some(tokens.max(streamed)), Some(usd.max(streamed_usd)))
+            }
+            None => (None, None),
+        }
+    }
 }
 
 impl RequestFlow {
@@ -140,23 +188,34 @@ impl RequestFlow {
             allowed: false,
             handle: None,
             usage: None,
+            spend: None,
+            stripper: None,
         }
     }
 
     /// Response headers arrived.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let status = host
+            .response_header(":status")
+            .and_then(|s| s.parse::<u16>().ok())
+            .unwrap_or(200);
+        if self.stripper.is_some() {
+            let ct = host.response_header("content-type").unwrap_or_default();
+            if status >= 400 || end_of_stream || !UsageReader::is_event_stream(&ct) {
+                self.stripper = None;
+            } else {
+                // Bytes will be removed: the length the upstream declared no longer holds.
+                host.set_response_header("content-length", None);
+            }
+        }
         let wants =
             self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
         if !wants || self.usage.is_some() {
             return Flow::Continue;
         }
-        let status = host
-            .response_header(":status")
-            .and_then(|s| s.parse::<u16>().ok())
-            .unwrap_or(200);
         if status >= 400 {
             // The provider refused or failed: nothing was spent.
-            self.settle_with(host, Some(0.0));
+            self.settle_with(host, (Some(0.0), Some(0.0)));
             return Flow::Continue;
         }
         let ct = host.response_header("content-type").unwrap_or_default();
@@ -174,10 +233,19 @@ impl RequestFlow {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        if let Some(reader) = &mut self.usage {
-            if body_size > 0 {
-                if let Some(chunk) = host.response_body(body_size) {
-                    reader.feed(&chunk);
+        if self.usage.is_some() || self.stripper.is_some() {
+            let chunk = if body_size > 0 {
+                host.response_body(body_size).unwrap_or_default()
+            } else {
+                Vec::new()
+            };
+            if let Some(reader) = &mut self.usage {
+                reader.feed(&chunk);
+            }
+            if let Some(stripper) = &mut self.stripper {
+                let out = stripper.pass(&chunk, end_of_stream);
+                if out != chunk {
+                    host.set_response_body(body_size, &out);
                 }
             }
             if end_of_stream {
@@ -203,31 +271,36 @@ impl RequestFlow {
                 self.vm.counters.release(host, &r);
             }
         }
-        let reserved =
-            self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
-        if self.usage.take().is_some() || (reserved && self.handle.is_some()) {
+        // A body still being read was cut: what streamed of it still counts.
+        if self.usage.is_some() {
+            self.settle(host);
+        } else if self.allowed && self.handle.is_some() {
             host.metric(Metric::UsageUnknown, 1);
-            self.settle_with(host, None);
+            self.settle_with(host, (None, None));
         }
     }
 
-    /// Settles with what the answer said.
+    /// Settles with what the answer said (or, cut, what of it streamed).
     fn settle(&mut self, host: &mut dyn Host) {
         let Some(reader) = self.usage.take() else {
             return;
         };
-        let tokens = reader.finish().map(|u| u.tokens());
-        if tokens.is_none() {
+        let reading = reader.finish();
+        if reading.usage.is_none() {
             host.metric(Metric::UsageUnknown, 1);
         }
-        self.settle_with(host, tokens);
+        let charged = match &self.spend {
+            Some(spend) => spend.charge(&reading),
+            None => (reading.usage.map(|u| u.tokens()), None),
+        };
+        self.settle_with(host, charged);
     }
 
-    /// Reconciles the reservations with the tokens spent: local token counters get the
+    /// Reconciles the reservations with what was spent: local token counters get the
     /// difference, the server a usage report. Unknown usage (`None`) keeps the local estimates
-    /// and asks the server to count its estimate as spent, so an answer without usage — an
-    /// OpenAI stream without `include_usage`, a cut connection — cannot dodge a budget.
-    fn settle_with(&mut self, host: &mut dyn Host, tokens: Option<f64>) {
+    /// and asks the server to count its estimate as spent, so an answer without usage — a cut
+    /// connection, a provider that does not say — cannot dodge a budget.
+    fn settle_with(&mut self, host: &mut dyn Host, (tokens, usd): (Option<f64>, Option<f64>)) {
         self.usage = None;
         if let Some(t) = tokens {
             for r in self.held.iter().filter(|r| r.is_tokens()) {
@@ -235,7 +308,11 @@ impl RequestFlow {
             }
         }
         if let Some(handle) = self.handle.take() {
-            if !self.outbox.push(UsageReport { handle, tokens }) {
+            if !self.outbox.push(UsageReport {
+                handle,
+                tokens,
+                usd,
+            }) {
                 host.metric(Metric::UsageReportFailures, 1);
             }
         }
@@ -383,7 +460,15 @@ impl RequestFlow {
             (code, _) => Err(format!("gRPC status {code}")),
         };
         let outcome = match answer {
-            Ok(ServerAnswer::Allow { set, remove }) => Outcome::Allow { set, remove },
+            Ok(ServerAnswer::Allow {
+                set,
+                remove,
+                reservation,
+            }) => {
+                // The handle is for the usage report, never for the provider.
+                self.handle = reservation.map(|r| r.handle);
+                Outcome::Allow { set, remove }
+            }
             Ok(ServerAnswer::Deny {
                 status,
                 headers,
@@ -503,10 +588,14 @@ impl RequestFlow {
             body: &body,
             now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let ctx = match RequestContext::from_request_with(&input, set.config(), set.needs()) {
+        let needs = set.needs();
+        let ctx = match RequestContext::from_request_with(&input, set.config(), needs) {
             Ok(ctx) => ctx,
             Err(e) => return rejected(&e, provider),
         };
+        if needs.estimate {
+            self.count_spend(host, set, &ctx, provider, &body);
+        }
         let opts = EvalOptions::default();
         let key = vm
             .cache
@@ -539,6 +628,37 @@ impl RequestFlow {
         }
         let limit = reply::deciding_limit(&decision, &local.over);
         of_decision(&decision, provider, limit)
+    }
+
+    /// For a request some rule counts tokens or cost for: remembers what it reserves, and has
+    /// an OpenAI stream report its usage (`stream_options.include_usage`, its extra chunk
+    /// removed on the way back when the client did not ask for it).
+    fn count_spend(
+        &mut self,
+        host: &mut dyn Host,
+        set: &llm_policy_core::PolicySet,
+        ctx: &RequestContext,
+        provider: Provider,
+        body: &[u8],
+    ) {
+        let r = &ctx.request;
+        let prompt = u64::try_from(r.estimated_tokens).unwrap_or(0);
+        let models = set.models();
+        let output = models.output_reservation(r.model.as_deref(), r.max_tokens);
+        self.spend = Some(Spend {
+            models,
+            model: r.model.clone(),
+            prompt,
+            output,
+        });
+        if provider != Provider::Openai || !r.stream {
+            return;
+        }
+        if let Some(new) = add_include_usage(body) {
+            host.set_request_body(body.len(), &new);
+            host.set_request_header("content-length", Some(&new.len().to_string()));
+            self.stripper = Some(UsageChunkStripper::default());
+        }
     }
 
     /// Evaluates, answering local counters from the shared-data table (the rules whose counter
@@ -631,6 +751,7 @@ impl RequestFlow {
             &server.cluster,
             ext_authz::SERVICE,
             ext_authz::METHOD,
+            &[],
             &message,
             server.timeout(),
         ) {

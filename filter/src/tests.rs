@@ -541,6 +541,7 @@ fn reported(host: &mut FakeHost, outbox: &Outbox) -> Vec<Option<f64>> {
         &crate::config::ServerConfig {
             cluster: "llm_policy".into(),
             timeout_ms: 200,
+            usage_token: None,
         },
     );
     host.calls[before..]
@@ -555,7 +556,9 @@ fn reported(host: &mut FakeHost, outbox: &Outbox) -> Vec<Option<f64>> {
 
 #[test]
 fn answers_without_usage_cannot_dodge_a_budget() {
-    // A stream without usage events (OpenAI without include_usage): the estimate counts.
+    // A stream without usage events (a provider that does not report it): the larger of the
+    // reservation (the prompt estimate and gpt-4o's default output cap, 16,384, since the
+    // request set no max_tokens) and what streamed counts.
     let (mut flow, mut host, outbox) = allowed_with_a_reservation();
     host.response_headers = vec![
         (":status".into(), "200".into()),
@@ -567,10 +570,11 @@ fn answers_without_usage_cannot_dodge_a_budget() {
     let len = host.response_chunk.len();
     flow.on_response_body(&mut host, len, true);
     flow.on_done(&mut host);
-    assert_eq!(reported(&mut host, &outbox), vec![None]);
+    let reserved = Some(16_384.0 + 1.0);
+    assert_eq!(reported(&mut host, &outbox), vec![reserved]);
     assert_eq!(host.count(Metric::UsageUnknown), 1);
 
-    // Cut off mid-stream (the client went away): the estimate counts.
+    // Cut off mid-stream (the client went away): the same.
     let (mut flow, mut host, outbox) = allowed_with_a_reservation();
     host.response_headers = vec![("content-type".into(), "text/event-stream".into())];
     flow.on_response_headers(&mut host, false);
@@ -578,9 +582,9 @@ fn answers_without_usage_cannot_dodge_a_budget() {
     let len = host.response_chunk.len();
     flow.on_response_body(&mut host, len, false);
     flow.on_done(&mut host);
-    assert_eq!(reported(&mut host, &outbox), vec![None]);
+    assert_eq!(reported(&mut host, &outbox), vec![reserved]);
 
-    // The upstream never answered: the estimate counts.
+    // The upstream never answered: the server's reservation counts.
     let (mut flow, mut host, outbox) = allowed_with_a_reservation();
     flow.on_done(&mut host);
     assert_eq!(reported(&mut host, &outbox), vec![None]);

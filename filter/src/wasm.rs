@@ -367,6 +367,18 @@ impl Host for WasmHost {
             .flatten()
     }
 
+    fn set_response_body(&mut self, len: usize, bytes: &[u8]) {
+        let _ = hostcalls::set_buffer(BufferType::HttpResponseBody, 0, len, bytes);
+    }
+
+    fn set_response_header(&mut self, name: &str, value: Option<&str>) {
+        let _ = hostcalls::set_map_value(MapType::HttpResponseHeaders, name, value);
+    }
+
+    fn set_request_body(&mut self, len: usize, body: &[u8]) {
+        let _ = hostcalls::set_buffer(BufferType::HttpRequestBody, 0, len, body);
+    }
+
     fn resume_request(&mut self) {
         let _ = hostcalls::resume_http_request();
     }
@@ -398,10 +410,13 @@ impl Host for WasmHost {
         cluster: &str,
         service: &str,
         method: &str,
+        metadata: &[(&str, &str)],
         message: &[u8],
         timeout: Duration,
     ) -> Result<u32, CallRefused> {
-        hostcalls::dispatch_grpc_call(cluster, service, method, Vec::new(), Some(message), timeout)
+        let metadata: Vec<(&str, &[u8])> =
+            metadata.iter().map(|(k, v)| (*k, v.as_bytes())).collect();
+        hostcalls::dispatch_grpc_call(cluster, service, method, metadata, Some(message), timeout)
             .map_err(refused)
     }
 

@@ -121,12 +121,19 @@ impl Compiler {
             ));
         }
         let mut namespaces: HashMap<String, Namespace> = HashMap::new();
+        // A table of the configuration's own prices is part of what the bundle decides with.
+        if let Some(table) = &self.config.models {
+            if let Ok(json) = serde_json::to_vec(table) {
+                digest.update(&json);
+            }
+        }
+        let models = Arc::new(self.config.models.clone().unwrap_or_default());
         let mut policy_index: HashMap<(String, String), usize> = HashMap::new();
         // Every policy, with or without rules, defines its namespace and contributes its default.
         for meta in &metas {
             let ns = namespaces
                 .entry(meta.namespace.clone())
-                .or_insert_with(|| Namespace::new(&meta.namespace));
+                .or_insert_with(|| Namespace::new(&meta.namespace, Arc::clone(&models)));
             policy_index.insert(
                 (meta.namespace.clone(), meta.name.clone()),
                 ns.policies.len(),
@@ -208,6 +215,7 @@ impl Compiler {
                 bundle,
                 config: self.config,
                 needs,
+                models,
             })),
             warnings: self.warnings,
         })
@@ -472,18 +480,22 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
     let mut needs = Needs {
         messages: false,
         prompt: false,
+        estimate: false,
     };
     for ns in namespaces {
         for f in &ns.reads {
             needs.prompt |= matches!(f, FieldRef::Prompt | FieldRef::EstimatedTokens);
+            needs.estimate |= *f == FieldRef::EstimatedTokens;
             needs.messages |= *f == FieldRef::Messages;
         }
         for r in &ns.rules {
-            needs.prompt |= r
+            let counts_tokens = r
                 .action
                 .limit
                 .as_ref()
                 .is_some_and(|l| l.kind != CounterKind::Requests);
+            needs.prompt |= counts_tokens;
+            needs.estimate |= counts_tokens;
             if r.plugin.is_some() {
                 needs = Needs::ALL;
             }

@@ -45,6 +45,10 @@ pub struct ContextConfig {
     /// Batch bodies with more requests than this are rejected with 413 (default 10,000; each
     /// item is evaluated as a request).
     pub max_batch_items: usize,
+    /// The model table (docs/budgets.md) token and cost charges are priced with (default: the
+    /// shipped `models/models.yaml`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<crate::model_table::ModelTable>,
 }
 
 impl Default for ContextConfig {
@@ -73,6 +77,7 @@ impl Default for ContextConfig {
             shield_prefix: String::from("x-llm-shield-"),
             max_body_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
+            models: None,
         }
     }
 }
@@ -98,6 +103,7 @@ impl ContextConfig {
             shield_prefix: self.shield_prefix.to_ascii_lowercase(),
             max_body_bytes: self.max_body_bytes,
             max_batch_items: self.max_batch_items,
+            models: self.models.clone(),
         }
     }
 }
@@ -338,8 +344,10 @@ pub struct RequestContext {
 pub struct Needs {
     /// Build `request.messages`.
     pub messages: bool,
-    /// Build `request.prompt` (and `estimated_tokens`).
+    /// Build `request.prompt`.
     pub prompt: bool,
+    /// Estimate `request.estimated_tokens` from the prompt (needs `prompt`).
+    pub estimate: bool,
 }
 
 impl Needs {
@@ -347,6 +355,7 @@ impl Needs {
     pub const ALL: Needs = Needs {
         messages: true,
         prompt: true,
+        estimate: true,
     };
 }
 

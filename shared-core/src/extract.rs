@@ -571,7 +571,10 @@ impl<S: Sink> Body<'_, S> {
             for m in &messages {
                 push_joined(&mut prompt, &m.content);
             }
-            request.estimated_tokens = i64::try_from(prompt.len().div_ceil(4)).unwrap_or(i64::MAX);
+            if needs.estimate {
+                request.estimated_tokens =
+                    i64::try_from(crate::tokens::estimate(&prompt)).unwrap_or(i64::MAX);
+            }
             request.prompt = prompt;
         }
         if needs.messages {

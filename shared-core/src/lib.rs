@@ -59,6 +59,7 @@ mod field_table_tests;
 pub mod identity;
 mod index;
 pub mod model;
+pub mod model_table;
 mod pattern;
 pub mod reply;
 pub mod schema;
@@ -66,7 +67,9 @@ mod set;
 #[cfg(feature = "std")]
 pub mod source;
 mod suggest;
+pub mod tokens;
 mod truth;
+pub mod usage;
 pub mod wire;
 
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};

@@ -170,7 +170,7 @@ pub const FIELDS: &[Field] = &[
     field!("request.user", Some(FieldRef::User), OptStr, "string | null", "null", "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)."),
     field!("request.messages", Some(FieldRef::Messages), Messages, "list<{role: string, content: string}>", "[]", "Conversation turns with their text joined (system / instructions first as role `system`); what counts as text is listed under `request.prompt`."),
     field!("request.prompt", Some(FieldRef::Prompt), Str, "string", "\"\"", "All text the model reads, joined with newlines: see \"What `request.prompt` holds\" in the policy language."),
-    field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate: ceil(UTF-8 bytes of `prompt` / 4)."),
+    field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate (docs/budgets.md): a bound calibrated per script that undercounts the providers' tokenizers by at most 10%."),
     field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools / functions offered to the model."),
     field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),
     field!("principal.<attribute>", None, OptStr, "string | null", "null", "One per configured attribute, from its header (defaults: `id` from `x-user-id`, `tier` from `x-user-tier`, `team` from `x-team-id`, `org` from `x-org-id`); null when the header is missing, so guard CEL calls: `principal.id != null && principal.id.startsWith('svc-')`."),

@@ -15,6 +15,7 @@ use crate::decision::{ChargeSource, CounterKind, Verdict};
 use crate::diagnostic::{Diagnostic, Position};
 use crate::index::RuleIndex;
 use crate::model::{Alert, OnError, PluginRef, Scope};
+use crate::model_table::ModelTable;
 use crate::schema::FieldRef;
 
 /// A compiled, validated, immutable set of policies. Cloning is cheap (one reference count), so a
@@ -36,6 +37,7 @@ pub(crate) struct Inner {
     pub bundle: String,
     pub config: ContextConfig,
     pub needs: Needs,
+    pub models: Arc<ModelTable>,
 }
 
 pub(crate) struct PolicyInfo {
@@ -66,6 +68,8 @@ pub(crate) struct Namespace {
     pub cel_reads: Vec<FieldRef>,
     /// Tag → bitset over `rules`.
     pub tags: HashMap<String, Vec<u64>>,
+    /// The model table token and cost charges are priced with.
+    pub models: Arc<ModelTable>,
 }
 
 /// Where a rule was written.
@@ -153,7 +157,7 @@ pub(crate) enum KeyPart {
 }
 
 impl Namespace {
-    pub(crate) fn new(name: &str) -> Namespace {
+    pub(crate) fn new(name: &str, models: Arc<ModelTable>) -> Namespace {
         Namespace {
             name: String::from(name),
             policies: Vec::new(),
@@ -166,6 +170,7 @@ impl Namespace {
             reads: Vec::new(),
             cel_reads: Vec::new(),
             tags: HashMap::new(),
+            models,
         }
     }
 }
@@ -205,6 +210,12 @@ impl PolicySet {
     /// The context configuration the set was compiled against (use it to build contexts).
     pub fn config(&self) -> &ContextConfig {
         &self.0.config
+    }
+
+    /// The model table charges are priced with: the context configuration's `models`, else the
+    /// shipped table.
+    pub fn models(&self) -> Arc<ModelTable> {
+        self.0.models.clone()
     }
 
     /// Which expensive context parts some rule reads (pass to

@@ -34,6 +34,81 @@ pub const SERVER_ONLY_HEADERS: &[&str] = &[DECISION_HEADER, RESERVATION_HEADER];
 /// buffer limit; Envoy's bookkeeping, not the client's.
 pub const PARTIAL_BODY_HEADER: &str = "x-envoy-auth-partial-body";
 
+/// Envoy's dynamic metadata namespace of the ext_authz filter: where the server's `Check`
+/// answer puts the reservation ([`Reservation`]) instead of a header, so the handle never
+/// reaches the provider; Envoy forwards the namespace to the server's ext_proc edge
+/// (`metadata_options.forwarding_namespaces`), and the filter reads it from the answer.
+pub const EXT_AUTHZ_METADATA: &str = "envoy.filters.http.ext_authz";
+
+/// An allowed request's token and cost reservations waiting for its usage: the handle a usage
+/// report names, and what the response path needs to price the answer. Carried in the `Check`
+/// answer's dynamic metadata under these keys ([`Reservation::fields`]).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Reservation {
+    /// The handle ([`is_reservation_handle`]).
+    pub handle: String,
+    /// The request's model, as the model table is looked up.
+    pub model: Option<String>,
+    /// The prompt estimate reserved.
+    pub prompt: u64,
+    /// The output reserved (`max_tokens`, else the model's default cap).
+    pub output: u64,
+}
+
+impl Reservation {
+    /// Metadata key of the handle.
+    pub const HANDLE: &'static str = "llm_policy_reservation";
+    /// Metadata key of the model.
+    pub const MODEL: &'static str = "llm_policy_model";
+    /// Metadata key of the prompt estimate.
+    pub const PROMPT: &'static str = "llm_policy_prompt_tokens";
+    /// Metadata key of the output reserved.
+    pub const OUTPUT: &'static str = "llm_policy_output_tokens";
+
+    /// The metadata fields: (key, text or number).
+    pub fn fields(&self) -> Vec<(&'static str, MetadataValue)> {
+        let mut out = alloc::vec![
+            (Self::HANDLE, MetadataValue::Text(self.handle.clone())),
+            (Self::PROMPT, MetadataValue::Number(self.prompt as f64)),
+            (Self::OUTPUT, MetadataValue::Number(self.output as f64)),
+        ];
+        if let Some(m) = &self.model {
+            out.push((Self::MODEL, MetadataValue::Text(m.clone())));
+        }
+        out
+    }
+
+    /// Reads the fields back (`get`: a field's value); `None` without a valid handle.
+    pub fn from_fields(get: impl Fn(&str) -> Option<MetadataValue>) -> Option<Reservation> {
+        let handle = match get(Self::HANDLE)? {
+            MetadataValue::Text(h) if is_reservation_handle(&h) => h,
+            _ => return None,
+        };
+        let number = |k: &str| match get(k) {
+            Some(MetadataValue::Number(n)) if n.is_finite() && n >= 0.0 => n as u64,
+            _ => 0,
+        };
+        Some(Reservation {
+            handle,
+            model: match get(Self::MODEL) {
+                Some(MetadataValue::Text(m)) => Some(m),
+                _ => None,
+            },
+            prompt: number(Self::PROMPT),
+            output: number(Self::OUTPUT),
+        })
+    }
+}
+
+/// A dynamic metadata value (`google.protobuf.Value`, the kinds used).
+#[derive(Debug, Clone, PartialEq)]
+pub enum MetadataValue {
+    /// `string_value`.
+    Text(String),
+    /// `number_value`.
+    Number(f64),
+}
+
 /// Whether `handle` has the form of a reservation handle (32 lower-case hex digits): nothing else
 /// is looked up in the counter store.
 pub fn is_reservation_handle(handle: &str) -> bool {

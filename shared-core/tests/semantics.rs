@@ -417,7 +417,8 @@ fn extraction_needs_follow_what_rules_read() {
         model_only.needs(),
         llm_policy_core::context::Needs {
             messages: false,
-            prompt: false
+            prompt: false,
+            estimate: false
         }
     );
     let prompt = compile(&policy("allow", "    - {id: p, when: {match: {field: request.prompt, op: contains, value: secret}}, action: {decision: deny}}\n")).unwrap();
@@ -425,7 +426,8 @@ fn extraction_needs_follow_what_rules_read() {
         prompt.needs(),
         llm_policy_core::context::Needs {
             messages: false,
-            prompt: true
+            prompt: true,
+            estimate: false
         }
     );
     let messages = compile(&policy("allow", "    - {id: i, when: {cel: \"request.messages.exists(m, m.role == 'tool')\"}, action: {decision: deny}}\n")).unwrap();

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use llm_policy_core::decision::{Actions, Charge, Decision, DecisionMetadata, RuleTrace};
+use llm_policy_core::wire;
 use llm_policy_core::Diagnostics;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status};
@@ -34,23 +35,27 @@ pub struct PolicyApi {
     engine: Arc<Engine>,
     admin_token: Option<Arc<str>>,
     read_token: Option<Arc<str>>,
+    usage_token: Option<Arc<str>>,
     stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 impl PolicyApi {
     /// A service over `engine`; writes need `admin_token` (none: writes disabled), reads need
-    /// `read_token` when one is set (or the admin token). Open `WatchBundle` streams end when
+    /// `read_token` when one is set (or the admin token), usage reports `usage_token` (or the
+    /// admin token; neither: refused). Open `WatchBundle` streams end when
     /// `stopped` turns true, so shutdown never waits on them.
     pub fn new(
         engine: Arc<Engine>,
         admin_token: Option<Arc<str>>,
         read_token: Option<Arc<str>>,
+        usage_token: Option<Arc<str>>,
         stopped: tokio::sync::watch::Receiver<bool>,
     ) -> PolicyApi {
         PolicyApi {
             engine,
             admin_token,
             read_token,
+            usage_token,
             stopped,
         }
     }
@@ -194,7 +199,14 @@ fn evaluate_response(c: Checked) -> pb::EvaluateResponse {
             headers: r.headers.into_iter().collect(),
             body: r.body,
         }),
-        upstream_headers: c.upstream.into_iter().collect(),
+        upstream_headers: c
+            .upstream
+            .into_iter()
+            .chain(
+                c.reservation
+                    .map(|r| (wire::RESERVATION_HEADER.to_string(), r.handle)),
+            )
+            .collect(),
         version,
         error: c.error.map(|e| pb::Error {
             code: e.code,
@@ -444,6 +456,19 @@ impl PolicyService for PolicyApi {
         &self,
         req: Request<pb::RecordUsageRequest>,
     ) -> Result<Response<pb::RecordUsageResponse>, Status> {
+        let given = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        auth::check_usage(
+            self.usage_token.as_deref(),
+            self.admin_token.as_deref(),
+            given,
+        )
+        .map_err(|d| match d {
+            auth::Denied::Disabled => Status::permission_denied(auth::USAGE_DISABLED),
+            auth::Denied::Unauthorized => Status::unauthenticated(auth::USAGE_REFUSED),
+        })?;
         let r = req.into_inner();
         let recorded = self
             .engine

@@ -58,12 +58,55 @@ pub fn check_read(
     }
 }
 
+/// Checks a usage report: the usage token or the admin token; with neither configured,
+/// reports are refused (a report lowers what a request is charged, so it is a write).
+pub fn check_usage(
+    usage: Option<&str>,
+    admin: Option<&str>,
+    authorization: Option<&str>,
+) -> Result<(), Denied> {
+    if usage.is_none() && admin.is_none() {
+        return Err(Denied::Disabled);
+    }
+    check(usage, authorization)
+        .or_else(|_| check(admin, authorization))
+        .map_err(|_| Denied::Unauthorized)
+}
+
+/// What to tell a usage reporter without a token.
+pub const USAGE_REFUSED: &str =
+    "a valid `Authorization: Bearer <usage token>` (or the admin token) is required";
+
+/// What to tell a usage reporter when no token is configured.
+pub const USAGE_DISABLED: &str =
+    "usage reports are disabled: configure `usageTokenFile` (or an admin token)";
+
 /// What to tell a reader without the read token.
 pub const READ_REFUSED: &str = "a valid `Authorization: Bearer <read token>` is required";
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn usage_reports_need_the_usage_or_admin_token() {
+        let (u, a) = (Some("usage-token-0123"), Some("admin-token-0123"));
+        assert_eq!(
+            check_usage(None, None, Some("Bearer x")),
+            Err(Denied::Disabled)
+        );
+        assert_eq!(check_usage(u, a, Some("Bearer usage-token-0123")), Ok(()));
+        assert_eq!(check_usage(u, a, Some("Bearer admin-token-0123")), Ok(()));
+        assert_eq!(
+            check_usage(None, a, Some("Bearer admin-token-0123")),
+            Ok(())
+        );
+        assert_eq!(
+            check_usage(u, a, Some("Bearer read-token-01234")),
+            Err(Denied::Unauthorized)
+        );
+        assert_eq!(check_usage(u, None, None), Err(Denied::Unauthorized));
+    }
 
     #[test]
     fn bearer_tokens() {

@@ -26,6 +26,13 @@ pub struct Config {
     /// File holding a token for API reads (policies, bundle, keys); without one, reads are
     /// open to whoever reaches the REST and gRPC listeners. The admin token also reads.
     pub read_token_file: Option<PathBuf>,
+    /// File holding the token usage reports (`POST /v1/usage`, gRPC `RecordUsage`) must carry
+    /// (the filter's `server.usageToken`); the admin token also reports. Without either,
+    /// reports are refused and reservations are settled by `limits.unreported`.
+    pub usage_token_file: Option<PathBuf>,
+    /// The model table (docs/budgets.md): prices and output caps, re-read with the policies
+    /// (default: the shipped `models/models.yaml`).
+    pub models_file: Option<PathBuf>,
     /// Virtual API keys (`llm-policy keys create --file`), checked for requests Envoy marks
     /// `api-key` (docs/identity.md). With Redis they seed the shared keys; without, API
     /// writes (`/v1/keys`) are written back to this file.
@@ -110,6 +117,8 @@ impl Default for Config {
             metrics_listen: SocketAddr::from(([0, 0, 0, 0], 9090)),
             admin_token_file: None,
             read_token_file: None,
+            usage_token_file: None,
+            models_file: None,
             keys_file: None,
             context: ContextConfig::default(),
             check: CheckConfig::default(),
@@ -192,9 +201,11 @@ impl Default for ReloadConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub enum Unreported {
-    /// Give the reservation back (default: the request may have failed upstream).
+    /// Give the reservation back: only for deployments where every answer's usage is reported
+    /// (a client that can keep its answer's usage from being reported spends for free).
     Release,
-    /// Count the reservation as spent (for deployments without usage reports).
+    /// Count the reservation as spent (default): an answer whose usage never came costs what
+    /// it reserved, never nothing.
     Commit,
 }
 
@@ -204,7 +215,7 @@ pub enum Unreported {
 pub struct LimitsConfig {
     /// Seconds a token or cost reservation waits for its usage report (default 300).
     pub reservation_timeout_secs: u64,
-    /// What an unreported reservation becomes (default release).
+    /// What an unreported reservation becomes (default commit).
     pub unreported: Unreported,
     /// What a check answers when the counter store fails (Redis unreachable or slow, or the
     /// in-memory store full): `open` lets the rule's limit pass (counted in
@@ -217,7 +228,7 @@ impl Default for LimitsConfig {
     fn default() -> Self {
         LimitsConfig {
             reservation_timeout_secs: 300,
-            unreported: Unreported::Release,
+            unreported: Unreported::Commit,
             failure_mode: None,
         }
     }
@@ -326,6 +337,12 @@ pub struct ServeArgs {
     /// File holding a token for API reads (policies, bundle, keys).
     #[arg(long)]
     pub read_token_file: Option<PathBuf>,
+    /// File holding the token usage reports must carry.
+    #[arg(long)]
+    pub usage_token_file: Option<PathBuf>,
+    /// The model table (prices, output caps); default: the shipped one.
+    #[arg(long)]
+    pub models_file: Option<PathBuf>,
     /// Virtual API keys file (`llm-policy keys create --file`).
     #[arg(long)]
     pub keys_file: Option<PathBuf>,
@@ -360,6 +377,12 @@ impl Config {
         if let Some(p) = &args.admin_token_file {
             config.admin_token_file = Some(p.clone());
         }
+        if let Some(p) = &args.usage_token_file {
+            config.usage_token_file = Some(p.clone());
+        }
+        if let Some(p) = &args.models_file {
+            config.models_file = Some(p.clone());
+        }
         if let Some(p) = &args.read_token_file {
             config.read_token_file = Some(p.clone());
         }
@@ -383,6 +406,11 @@ impl Config {
     /// The read token, if one is configured (as the admin token).
     pub fn read_token(&self) -> Result<Option<String>, Diagnostics> {
         token(self.read_token_file.as_deref(), "read")
+    }
+
+    /// The usage token, if one is configured (as the admin token).
+    pub fn usage_token(&self) -> Result<Option<String>, Diagnostics> {
+        token(self.usage_token_file.as_deref(), "usage")
     }
 }
 

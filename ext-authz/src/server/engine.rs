@@ -19,7 +19,7 @@ use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
-use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
+use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck,
     RequestContext, RequestInput, Step,
@@ -76,6 +76,10 @@ pub struct Checked {
     pub reply: Option<Reply>,
     /// Headers to add to a request that goes ahead.
     pub upstream: Vec<(String, String)>,
+    /// The token and cost reservations waiting for the answer's usage (an allowed request some
+    /// budget or token limit counts): never a header to the provider; the ext_authz edge puts
+    /// it in Envoy's dynamic metadata, the API edges hand the handle to their caller.
+    pub reservation: Option<wire::Reservation>,
     /// The registry version that decided (or was serving when the check failed).
     pub version: Option<Arc<Version>>,
     /// The cache level that answered.
@@ -387,6 +391,7 @@ impl Engine {
             FailureMode::Closed => (Some(reply::unavailable(provider, f.message())), Vec::new()),
         };
         Checked {
+            reservation: None,
             decision: None,
             reply,
             upstream,
@@ -702,11 +707,16 @@ impl Engine {
                 }
             }
             if !waiting.is_empty() {
+                let models = version.set.models();
                 let mut checked = render(version, decision, ctx, limit, None);
                 if let Some(handle) = self.hold_for_usage(waiting).await {
-                    checked
-                        .upstream
-                        .push((RESERVATION_HEADER.to_string(), handle));
+                    let r = &ctx.request;
+                    checked.reservation = Some(wire::Reservation {
+                        handle,
+                        model: r.model.clone(),
+                        prompt: u64::try_from(r.estimated_tokens).unwrap_or(0),
+                        output: models.output_reservation(r.model.as_deref(), r.max_tokens),
+                    });
                 }
                 return checked;
             }
@@ -955,6 +965,7 @@ fn rejected(
     provider: llm_policy_core::context::Provider,
 ) -> Checked {
     Checked {
+        reservation: None,
         decision: None,
         reply: Some(reply::for_error(e, provider)),
         upstream: Vec::new(),
@@ -971,6 +982,7 @@ fn unauthenticated(
     provider: llm_policy_core::context::Provider,
 ) -> Checked {
     Checked {
+        reservation: None,
         decision: None,
         reply: Some(reply::unauthenticated(provider, e)),
         upstream: Vec::new(),
@@ -1014,6 +1026,7 @@ fn render(
         Vec::new()
     };
     Checked {
+        reservation: None,
         decision: Some(decision),
         reply,
         upstream,

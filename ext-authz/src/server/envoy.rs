@@ -8,6 +8,7 @@ use envoy_types::ext_authz::v3::pb::{
     Authorization, CheckRequest, CheckResponse, DeniedHttpResponse, HeaderAppendAction,
     HeaderValue, HeaderValueOption, HttpResponse, HttpStatus, OkHttpResponse,
 };
+use envoy_types::pb::google::protobuf::{value::Kind, Struct, Value};
 use envoy_types::pb::google::rpc;
 use tonic::{Request, Response, Status};
 
@@ -124,6 +125,24 @@ mod code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
+/// A reservation as Envoy dynamic metadata (under the ext_authz filter's namespace, which the
+/// generated configuration forwards to the server's ext_proc edge).
+fn metadata(r: &wire::Reservation) -> Struct {
+    Struct {
+        fields: r
+            .fields()
+            .into_iter()
+            .map(|(k, v)| {
+                let kind = match v {
+                    wire::MetadataValue::Text(t) => Kind::StringValue(t),
+                    wire::MetadataValue::Number(n) => Kind::NumberValue(n),
+                };
+                (k.to_string(), Value { kind: Some(kind) })
+            })
+            .collect(),
+    }
+}
+
 /// [`Checked`] → `CheckResponse`.
 pub fn response(checked: Checked) -> CheckResponse {
     match checked.reply {
@@ -139,6 +158,7 @@ pub fn response(checked: Checked) -> CheckResponse {
                     code: code::OK,
                     ..rpc::Status::default()
                 }),
+                dynamic_metadata: checked.reservation.as_ref().map(metadata),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
                     headers: checked
                         .upstream

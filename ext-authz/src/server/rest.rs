@@ -30,6 +30,8 @@ pub struct RestState {
     pub admin_token: Option<Arc<str>>,
     /// The read token (`None`: reads are open); the admin token also reads.
     pub read_token: Option<Arc<str>>,
+    /// The usage token (usage reports; the admin token also reports; neither: refused).
+    pub usage_token: Option<Arc<str>>,
 }
 
 /// Largest policy a `PUT` accepts.
@@ -304,7 +306,24 @@ fn usage_tokens(u: &Value) -> Option<f64> {
     })
 }
 
-async fn usage(State(s): State<RestState>, body: Bytes) -> ApiResult {
+async fn usage(State(s): State<RestState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    let given = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok());
+    super::auth::check_usage(s.usage_token.as_deref(), s.admin_token.as_deref(), given).map_err(
+        |d| match d {
+            super::auth::Denied::Disabled => error(
+                StatusCode::FORBIDDEN,
+                "usage_reports_disabled",
+                super::auth::USAGE_DISABLED,
+            ),
+            super::auth::Denied::Unauthorized => error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                super::auth::USAGE_REFUSED,
+            ),
+        },
+    )?;
     let r: UsageReport = json_body(&body)?;
     let tokens = r.tokens.or_else(|| r.usage.as_ref().and_then(usage_tokens));
     let found = s

@@ -11,6 +11,9 @@ use crate::set::{CompiledRule, KeyPart, Limit, Namespace};
 
 pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: View<'_>) -> Charge {
     let r = view.req;
+    let model = r.model.as_deref();
+    let prompt = u64::try_from(r.estimated_tokens).unwrap_or(0);
+    let output = ns.models.output_reservation(model, r.max_tokens);
     Charge {
         rule: rule.id.clone(),
         source: limit.source,
@@ -20,13 +23,10 @@ pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: V
         window_secs: limit.window_secs,
         amount: match limit.kind {
             CounterKind::Requests => 1.0,
-            // Saturating: a request's `max_tokens` can be any i64.
-            CounterKind::Tokens => {
-                r.estimated_tokens
-                    .max(0)
-                    .saturating_add(r.max_tokens.unwrap_or(0).max(0)) as f64
-            }
-            CounterKind::Usd => 0.0,
+            // Saturating: a request's `max_tokens` can be any i64. Without one, the model's
+            // largest output is reserved (docs/budgets.md): never the prompt alone.
+            CounterKind::Tokens => prompt.saturating_add(output) as f64,
+            CounterKind::Usd => ns.models.estimate_usd(model, prompt, output),
         },
         scope: limit.scope,
     }
