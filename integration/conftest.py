@@ -78,7 +78,8 @@ def fstack(tmp_path_factory):
         server = Server(tmp / "server", policies, log_dir=tmp)
         procs.append(server.proc)
         text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}",
-                            sync_from=f"127.0.0.1:{server.http}", sync_interval_ms=300)
+                            sync_from=f"127.0.0.1:{server.http}", sync_interval_ms=300,
+                            usage_token_file=server.usage_token_file)
         envoy = Envoy(tmp, None, upstream.port, tmp, text=text, concurrency=2)
         procs.append(envoy.proc)
         yield type("FilterStack", (), {"upstream": upstream, "server": server, "envoy": envoy, "tmp": tmp,

@@ -8,6 +8,13 @@ did not.
     python3 mock_upstream.py PORT
 
 Test hooks: `GET /__requests` lists what arrived (base64 bodies), `POST /__reset` forgets it.
+Request headers shape an answer (the provider's behaviour a test needs; a real provider ignores
+them): `x-mock-prompt-tokens` / `x-mock-completion-tokens` set the usage it reports (default 9 /
+6), `x-mock-cached-tokens` the cached part of the prompt, `x-mock-no-usage: 1` leaves usage out
+(as some providers and proxies do), `x-mock-pieces: N` streams N text pieces, and
+`x-mock-cut-after: K` drops the connection after K stream events (a cut stream). An OpenAI stream
+carries its usage chunk only when the request asks (`stream_options.include_usage`), as the real
+API does.
 """
 
 import base64
@@ -21,9 +28,25 @@ LOCK = threading.Lock()
 SEEN = []
 
 
-def openai_chat(req, stream):
+def usage_of(knobs):
+    """(prompt, completion, cached) tokens the answer reports."""
+    return (int(knobs.get("x-mock-prompt-tokens", 9)), int(knobs.get("x-mock-completion-tokens", 6)),
+            int(knobs.get("x-mock-cached-tokens", 0)))
+
+
+def pieces_of(knobs, default):
+    n = knobs.get("x-mock-pieces")
+    return default if n is None else [f" word{i}" for i in range(int(n))]
+
+
+def openai_chat(req, stream, knobs):
     model = req.get("model", "gpt-4o")
     created = int(time.time())
+    prompt, completion, cached = usage_of(knobs)
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    if cached:
+        usage["prompt_tokens_details"] = {"cached_tokens": cached}
+    no_usage = knobs.get("x-mock-no-usage") == "1"
     if not stream:
         return {
             "id": "chatcmpl-mock",
@@ -38,10 +61,11 @@ def openai_chat(req, stream):
                     "logprobs": None,
                 }
             ],
-            "usage": {"prompt_tokens": 9, "completion_tokens": 6, "total_tokens": 15},
+            **({} if no_usage else {"usage": usage}),
         }
+    include_usage = bool((req.get("stream_options") or {}).get("include_usage"))
     chunks = []
-    for i, piece in enumerate(["Hello", " from", " the", " mock", " upstream."]):
+    for i, piece in enumerate(pieces_of(knobs, ["Hello", " from", " the", " mock", " upstream."])):
         delta = {"content": piece}
         if i == 0:
             delta["role"] = "assistant"
@@ -63,12 +87,23 @@ def openai_chat(req, stream):
             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}],
         }
     )
+    if include_usage:
+        for c in chunks:
+            c["usage"] = None
+        if not no_usage:
+            chunks.append({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created,
+                           "model": model, "choices": [], "usage": usage})
     return [("", c) for c in chunks] + [("", "[DONE]")]
 
 
-def anthropic_message(req, stream):
+def anthropic_message(req, stream, knobs):
     model = req.get("model", "claude-sonnet-4-5")
     text = "Hello from the mock upstream."
+    prompt, completion, cached = usage_of(knobs)
+    no_usage = knobs.get("x-mock-no-usage") == "1"
+    usage = {"input_tokens": prompt - cached, "output_tokens": completion}
+    if cached:
+        usage["cache_read_input_tokens"] = cached
     if not stream:
         return {
             "id": "msg_mock",
@@ -78,7 +113,7 @@ def anthropic_message(req, stream):
             "content": [{"type": "text", "text": text}],
             "stop_reason": "end_turn",
             "stop_sequence": None,
-            "usage": {"input_tokens": 9, "output_tokens": 6},
+            **({} if no_usage else {"usage": usage}),
         }
     start = {
         "type": "message_start",
@@ -90,15 +125,15 @@ def anthropic_message(req, stream):
             "content": [],
             "stop_reason": None,
             "stop_sequence": None,
-            "usage": {"input_tokens": 9, "output_tokens": 1},
+            **({} if no_usage else {"usage": {**usage, "output_tokens": 1}}),
         },
     }
     events = [("message_start", start)]
     events.append(("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}}))
-    for piece in ["Hello", " from the", " mock upstream."]:
+    for piece in pieces_of(knobs, ["Hello", " from the", " mock upstream."]):
         events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
     events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, "usage": {"output_tokens": 6}}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, **({} if no_usage else {"usage": {"output_tokens": completion}})}))
     events.append(("message_stop", {"type": "message_stop"}))
     return events
 
@@ -117,13 +152,19 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_events(self, events):
+    def send_events(self, events, cut_after=None):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
-        for name, data in events:
+        for i, (name, data) in enumerate(events):
+            if cut_after is not None and i >= cut_after:
+                # A cut stream: the connection drops mid-answer, no terminating chunk.
+                self.close_connection = True
+                self.wfile.flush()
+                self.connection.shutdown(2)
+                return
             payload = data if isinstance(data, str) else json.dumps(data)
             frame = (f"event: {name}\n" if name else "") + f"data: {payload}\n\n"
             raw = frame.encode()
@@ -165,10 +206,11 @@ class Handler(BaseHTTPRequestHandler):
             req = {}
         stream = bool(req.get("stream"))
         path = self.path.split("?")[0]
+        knobs = {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-mock-")}
         if path.endswith("/chat/completions"):
-            out = openai_chat(req, stream)
+            out = openai_chat(req, stream, knobs)
         elif path.endswith("/messages"):
-            out = anthropic_message(req, stream)
+            out = anthropic_message(req, stream, knobs)
         elif path.endswith("/embeddings"):
             out = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}], "model": req.get("model"), "usage": {"prompt_tokens": 2, "total_tokens": 2}}
             stream = False
@@ -176,7 +218,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_json(404, {"error": {"message": f"no route {path}", "type": "invalid_request_error"}})
             return
         if stream:
-            self.send_events(out)
+            cut = knobs.get("x-mock-cut-after")
+            self.send_events(out, int(cut) if cut is not None else None)
         else:
             self.send_json(200, out)
 

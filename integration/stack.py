@@ -20,6 +20,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 TOKEN = "e2e-admin-token-0123456789abcdef"
+# The token usage reports carry (the server's `usageTokenFile`, the filter's `--usage-token-file`).
+USAGE_TOKEN = "e2e-usage-token-0123456789abcdef"
 
 
 def free_port():
@@ -88,6 +90,8 @@ class Server:
         for name, text in (extra_policies or {}).items():
             (self.policies / name).write_text(text)
         (tmp / "token").write_text(TOKEN)
+        self.usage_token_file = tmp / "usage-token"
+        self.usage_token_file.write_text(USAGE_TOKEN)
         self.audit = tmp / "audit.log"
         self.grpc, self.http, self.metrics = free_port(), free_port(), free_port()
         config = {
@@ -96,6 +100,7 @@ class Server:
             "httpListen": f"127.0.0.1:{self.http}",
             "metricsListen": f"127.0.0.1:{self.metrics}",
             "adminTokenFile": str(tmp / "token"),
+            "usageTokenFile": str(self.usage_token_file),
             "reload": {"debounceMs": 100},
             "audit": {"stdout": False, "queue": audit_queue, "file": {"path": str(self.audit)}},
         }

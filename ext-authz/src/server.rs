@@ -17,6 +17,7 @@ pub mod cache;
 pub mod config;
 pub mod engine;
 pub mod envoy;
+pub mod ext_proc;
 pub mod key_store;
 pub mod limits;
 pub mod listen;
@@ -336,9 +337,15 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         stopped.clone(),
     ))
     .max_decoding_message_size(grpc_message_limit(&config));
+    let usage_edge =
+        envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessorServer::new(
+            ext_proc::EnvoyUsage::new(Arc::clone(&engine)),
+        )
+        .max_decoding_message_size(grpc_message_limit(&config));
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(authz)
+        .add_service(usage_edge)
         .add_service(api)
         .serve_with_incoming_shutdown(
             tokio_stream::wrappers::ReceiverStream::new(listen::accept(

@@ -11,7 +11,7 @@ use llm_policy_core::context::Provider;
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
-use llm_policy_core::model_table::ModelTable;
+use llm_policy_core::model_table::{charge_for, ModelTable};
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
 use llm_policy_core::usage::{add_include_usage, Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
@@ -147,33 +147,15 @@ struct Spend {
 }
 
 impl Spend {
-    /// What the reservation was: tokens, and cost in US dollars.
-    fn reserved(&self) -> (f64, f64) {
-        let models = &self.models;
-        let tokens = self.prompt.saturating_add(self.output) as f64;
-        let usd = models.estimate_usd(self.model.as_deref(), self.prompt, self.output);
-        (tokens, usd)
-    }
-
-    /// What to charge for what the answer said: its usage when it gave one; for a stream
-    /// without usage, the larger of the reservation and the prompt plus the text that
-    /// streamed; otherwise unknown (`None`: the reservation stands).
+    /// What to charge for what the answer said ([`charge_for`]).
     fn charge(&self, reading: &Reading) -> (Option<f64>, Option<f64>) {
-        let models = &self.models;
-        let model = self.model.as_deref();
-        if let Some(u) = &reading.usage {
-            return (Some(u.tokens()), Some(models.cost(model, u)));
-        }
-        match reading.streamed_output {
-            Some(counted) => {
-                let (tokens, usd) = self.reserved();
-                let out = counted.max(0.0) as u64;
-                let streamed = self.prompt.saturating_add(out) as f64;
-                let streamed_usd = models.estimate_usd(model, self.prompt, out);
-                (Some(tokens.max(streamed)), Some(usd.max(streamed_usd)))
-            }
-            None => (None, None),
-        }
+        charge_for(
+            &self.models,
+            self.model.as_deref(),
+            self.prompt,
+            self.output,
+            reading,
+        )
     }
 }
 

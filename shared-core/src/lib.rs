@@ -70,6 +70,7 @@ mod suggest;
 pub mod tokens;
 mod truth;
 pub mod usage;
+pub mod window;
 pub mod wire;
 
 pub use context::{ContextConfig, ContextError, RequestContext, RequestInput};

@@ -227,6 +227,39 @@ impl ModelTable {
     }
 }
 
+/// What a request that reserved `prompt` + `output` tokens is charged once its answer is read:
+/// the answer's usage (tokens, and its cost) when it gave one; for a stream without usage (cut,
+/// or a provider that does not say) the larger of the reservation and the prompt plus the text
+/// that streamed; otherwise nothing known (`None`: the reservation stands). The filter and the
+/// server's ext_proc edge both settle with this.
+pub fn charge_for(
+    models: &ModelTable,
+    model: Option<&str>,
+    prompt: u64,
+    output: u64,
+    reading: &crate::usage::Reading,
+) -> (Option<f64>, Option<f64>) {
+    if let Some(u) = &reading.usage {
+        return (Some(u.tokens()), Some(models.cost(model, u)));
+    }
+    match reading.streamed_output {
+        Some(counted) => {
+            let streamed = if counted.is_finite() && counted > 0.0 {
+                counted as u64
+            } else {
+                0
+            };
+            let reserved = prompt.saturating_add(output);
+            let tokens = reserved.max(prompt.saturating_add(streamed)) as f64;
+            let usd = models
+                .estimate_usd(model, prompt, output)
+                .max(models.estimate_usd(model, prompt, streamed));
+            (Some(tokens), Some(usd))
+        }
+        None => (None, None),
+    }
+}
+
 /// `/` and `~` escaped for a JSON pointer segment.
 fn escape_pointer(s: &str) -> String {
     s.replace('~', "~0").replace('/', "~1")

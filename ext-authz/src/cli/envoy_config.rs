@@ -15,7 +15,7 @@ use std::io::Write as _;
 
 use clap::{Args, ValueEnum};
 use llm_policy_core::identity::{IdentityMode, API_KEY_HEADER};
-use llm_policy_core::wire::IDENTITY_EXTENSION;
+use llm_policy_core::wire::{self, IDENTITY_EXTENSION};
 use llm_policy_core::{source, ContextConfig, Diagnostics, PolicySet};
 use serde_json::json;
 
@@ -131,6 +131,10 @@ pub struct EnvoyConfigArgs {
     /// has `readTokenFile`).
     #[arg(long)]
     pub sync_token_file: Option<PathBuf>,
+    /// filter+fallback: a file holding the server's usage token (`usageTokenFile`), sent with the
+    /// filter's usage reports (a server refuses reports without it).
+    #[arg(long)]
+    pub usage_token_file: Option<PathBuf>,
     /// How often the filter asks for a new bundle, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub sync_interval_ms: u64,
@@ -735,6 +739,16 @@ pub fn generate(
         });
         if uses_server {
             plugin["server"] = json!({"cluster": "llm_policy", "timeoutMs": 200});
+            if let Some(path) = &args.usage_token_file {
+                let token = std::fs::read_to_string(path).map_err(|e| {
+                    EnvoyConfigError::Argument(format!("--usage-token-file {}: {e}", path.display()))
+                })?;
+                plugin["server"]["usageToken"] = json!(token.trim());
+            }
+        } else if args.usage_token_file.is_some() {
+            return Err(EnvoyConfigError::Argument(String::from(
+                "--usage-token-file is for --mode filter+fallback (the filter's usage reports)",
+            )));
         }
         if args.sync_from.is_some() {
             plugin["sync"] = json!({
@@ -806,13 +820,37 @@ pub fn generate(
                       # The policy server unreachable: {}.
                       failure_mode_allow: {}
                       status_on_error: {{ code: 503 }}
+                  # Every answer's usage, read by `llm-policy serve` as it streams to the client
+                  # (docs/budgets.md): observability mode, so Envoy never waits for the server.
+                  # The reservation travels in the ext_authz filter's dynamic metadata, never
+                  # to the provider. A server that cannot be reached loses no answer; the
+                  # reservation is then settled by `limits.unreported` (default: commit).
+                  - name: envoy.filters.http.ext_proc
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                      grpc_service:
+                        envoy_grpc: {{ cluster_name: llm_policy }}
+                        timeout: 5s
+                      observability_mode: true
+                      failure_mode_allow: true
+                      processing_mode:
+                        request_header_mode: SKIP
+                        response_header_mode: SEND
+                        request_body_mode: NONE
+                        response_body_mode: STREAMED
+                        request_trailer_mode: SKIP
+                        response_trailer_mode: SEND
+                      metadata_options:
+                        forwarding_namespaces:
+                          untyped: [ {EXT_AUTHZ_METADATA} ]
 ",
             if args.failure_mode == Failure::Open {
                 "let through"
             } else {
                 "deny (503), never let through unchecked"
             },
-            args.failure_mode == Failure::Open
+            args.failure_mode == Failure::Open,
+            EXT_AUTHZ_METADATA = wire::EXT_AUTHZ_METADATA,
         ));
     }
 

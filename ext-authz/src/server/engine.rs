@@ -881,6 +881,22 @@ impl Engine {
         Ok(true)
     }
 
+    /// What the counter `key` holds now (`GET /v1/budgets/{key}`).
+    pub async fn counter(
+        &self,
+        key: &str,
+    ) -> Result<Option<super::limits::CounterState>, StoreError> {
+        self.store.state(key, unix_now()).await
+    }
+
+    /// The model table of the serving bundle (the shipped one before any bundle loaded).
+    pub fn models(&self) -> Arc<llm_policy_core::model_table::ModelTable> {
+        self.registry
+            .current()
+            .map(|v| v.set.models())
+            .unwrap_or_default()
+    }
+
     /// Settles reservations whose usage report did not come within the configured timeout
     /// (run periodically).
     pub async fn expire(&self) {

@@ -7,7 +7,7 @@
 //! when usage is reported); one that does not releases them; one whose usage is never reported
 //! releases (or commits, as configured) after a timeout.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +15,7 @@ use std::sync::Mutex;
 
 use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
+use llm_policy_core::window;
 
 pub mod redis_store;
 
@@ -32,6 +33,19 @@ pub struct Reserved {
     pub reservation: Option<ReservationId>,
     /// The counter after the answer.
     pub state: LimitState,
+}
+
+/// What a counter holds (`GET /v1/budgets/{key}`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct CounterState {
+    /// Spent in the sliding window.
+    pub spent: f64,
+    /// Reserved by requests whose usage is not known yet.
+    pub reserved: f64,
+    /// The window's length.
+    pub window_secs: u64,
+    /// Seconds until the oldest amount in the window stops counting (`None`: nothing counts).
+    pub reset_secs: Option<u64>,
 }
 
 /// Reservations held for a usage report.
@@ -90,6 +104,13 @@ pub trait CounterStore: Send + Sync {
     /// or released; forgets handles of that age and windows that ended before it. Returns the
     /// number of reservations settled.
     fn expire(&self, now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize>;
+    /// What a counter holds now: its sliding window's spent and reserved amounts (`None`: no
+    /// such counter, or nothing in its window).
+    fn state<'a>(
+        &'a self,
+        key: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Result<Option<CounterState>, StoreError>>;
     /// Whether calls leave the process (a network round trip each): the engine then commits
     /// request counts off the check's path.
     fn remote(&self) -> bool {
@@ -97,18 +118,63 @@ pub trait CounterStore: Send + Sync {
     }
 }
 
-#[derive(Debug, Default)]
-struct Window {
-    start: u64,
-    end: u64,
+/// One slot of a counter's sliding window ([`window`]).
+#[derive(Debug, Default, Clone, Copy)]
+struct Slot {
+    idx: u64,
     spent: f64,
     reserved: f64,
+}
+
+/// A counter: its slots, oldest first.
+#[derive(Debug, Default)]
+struct Counter {
+    window: u64,
+    slots: VecDeque<Slot>,
+}
+
+impl Counter {
+    /// What the check at `now` counts: (used, oldest counted slot holding something).
+    fn used(&self, now: u64) -> (f64, Option<u64>) {
+        let first = window::first_counted(now, self.window);
+        let mut used = 0.0;
+        let mut oldest = None;
+        for s in self.slots.iter().filter(|s| s.idx >= first) {
+            let n = s.spent + s.reserved;
+            if n > 0.0 {
+                used += n;
+                oldest.get_or_insert(s.idx);
+            }
+        }
+        (used, oldest)
+    }
+
+    /// The slot `now` falls in (a clock that steps back uses the newest slot: it never
+    /// resets a counter).
+    fn current(&mut self, now: u64) -> &mut Slot {
+        let idx = window::slot(now, self.window);
+        if self.slots.back().is_none_or(|s| s.idx < idx) {
+            self.slots.push_back(Slot {
+                idx,
+                ..Slot::default()
+            });
+        }
+        // Just pushed when empty.
+        let last = self.slots.len() - 1;
+        &mut self.slots[last]
+    }
+
+    /// Forgets slots no check at `now` counts and no reservation refers to.
+    fn trim(&mut self, now: u64) {
+        let first = window::first_counted(now, self.window);
+        self.slots.retain(|s| s.idx >= first || s.reserved > 0.0);
+    }
 }
 
 #[derive(Debug)]
 struct Reservation {
     key: String,
-    window_start: u64,
+    slot: u64,
     amount: f64,
     made_at: u64,
 }
@@ -117,13 +183,15 @@ const SHARDS: usize = 16;
 
 /// Counters in this process.
 pub struct MemoryStore {
-    shards: Vec<Mutex<HashMap<String, Window>>>,
+    shards: Vec<Mutex<HashMap<String, Counter>>>,
     reservations: Mutex<HashMap<u64, Reservation>>,
     /// Reservations waiting for a usage report, by handle: (held at, ids).
     held: Mutex<HashMap<String, (u64, Held)>>,
     next: AtomicU64,
     /// Counter keys held now (over all shards).
     keys: AtomicU64,
+    /// The latest time a check or expiry ran at: usage is spent in its slot.
+    clock: AtomicU64,
     max_keys: u64,
 }
 
@@ -155,17 +223,18 @@ impl MemoryStore {
             held: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             keys: AtomicU64::new(0),
+            clock: AtomicU64::new(0),
             max_keys,
         }
     }
 
-    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Window>> {
+    fn shard(&self, key: &str) -> &Mutex<HashMap<String, Counter>> {
         let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
         let i = usize::try_from(h % SHARDS as u64).unwrap_or(0);
         &self.shards[i.min(SHARDS - 1)]
     }
 
-    /// Checks `charge` against its window and, when `reserve`, reserves it.
+    /// Checks `charge` against its sliding window and, when `reserve`, reserves it.
     fn reserve_now(
         &self,
         charge: &Charge,
@@ -173,8 +242,7 @@ impl MemoryStore {
         reserve: bool,
     ) -> Result<Reserved, StoreError> {
         let window = charge.window_secs.max(1);
-        let start = now - now % window;
-        let reset_secs = start.saturating_add(window).saturating_sub(now);
+        self.clock.fetch_max(now, Ordering::Relaxed);
         let mut shard = self.shard(&charge.key).lock().map_err(poisoned)?;
         if !shard.contains_key(&charge.key) {
             if self.keys.load(Ordering::Relaxed) >= self.max_keys {
@@ -182,22 +250,21 @@ impl MemoryStore {
             }
             self.keys.fetch_add(1, Ordering::Relaxed);
         }
-        let w = shard.entry(charge.key.clone()).or_default();
-        // Only a newer window replaces the one kept: a clock step back never resets a counter.
-        if start > w.start || w.end == 0 {
-            *w = Window {
-                start,
-                end: start.saturating_add(window),
-                ..Window::default()
-            };
-        }
-        let used = w.spent + w.reserved;
+        let c = shard.entry(charge.key.clone()).or_default();
+        c.window = window;
+        c.trim(now);
+        let (used, oldest) = c.used(now);
         // A request limit counts one per request whatever `amount` says; a charge of 0 (a cost
         // budget before the cost is known) fits while the budget is not spent.
         let fits = if charge.amount > 0.0 {
             used + charge.amount <= charge.limit
         } else {
             used < charge.limit
+        };
+        let reset_secs = |oldest: Option<u64>| {
+            oldest.map_or(window::slot_len(window), |o| {
+                window::reset_secs(o, now, window)
+            })
         };
         let remaining_after = |extra: f64| (charge.limit - used - extra).max(0.0);
         if !fits || !reserve {
@@ -206,19 +273,21 @@ impl MemoryStore {
                 state: LimitState {
                     limit: charge.limit,
                     remaining: remaining_after(if fits { charge.amount } else { 0.0 }),
-                    reset_secs,
+                    reset_secs: reset_secs(oldest),
                 },
             });
         }
-        w.reserved += charge.amount;
-        let window_start = w.start;
+        let slot = c.current(now);
+        slot.reserved += charge.amount;
+        let slot = slot.idx;
+        let oldest = oldest.map_or(slot, |o| o.min(slot));
         drop(shard);
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         self.reservations.lock().map_err(poisoned)?.insert(
             id,
             Reservation {
                 key: charge.key.clone(),
-                window_start,
+                slot,
                 amount: charge.amount,
                 made_at: now,
             },
@@ -228,7 +297,7 @@ impl MemoryStore {
             state: LimitState {
                 limit: charge.limit,
                 remaining: remaining_after(charge.amount),
-                reset_secs,
+                reset_secs: reset_secs(Some(oldest)),
             },
         })
     }
@@ -238,26 +307,51 @@ impl MemoryStore {
             return Ok(());
         };
         let mut shard = self.shard(&r.key).lock().map_err(poisoned)?;
-        if let Some(w) = shard.get_mut(&r.key) {
-            // The reservation left with its window; usage reported after the window turned is
-            // spent in the current one (a call that crossed the boundary still counts).
-            if w.start == r.window_start {
-                w.reserved = (w.reserved - r.amount).max(0.0);
+        if let Some(c) = shard.get_mut(&r.key) {
+            if let Some(s) = c.slots.iter_mut().find(|s| s.idx == r.slot) {
+                s.reserved = (s.reserved - r.amount).max(0.0);
             }
-            if let Some(s) = spend {
-                w.spent += s.max(0.0);
+            // Spent now (usage reported late still counts, from when it was reported).
+            if let Some(amount) = spend {
+                let now = self.clock.load(Ordering::Relaxed);
+                c.current(now).spent += amount.max(0.0);
             }
         }
         Ok(())
     }
 
-    /// The spent and reserved amounts of a key's current window (tests and metrics).
+    /// The spent and reserved amounts a counter holds (every slot; tests and metrics).
     pub fn usage(&self, key: &str) -> (f64, f64) {
         self.shard(key)
             .lock()
             .ok()
-            .and_then(|s| s.get(key).map(|w| (w.spent, w.reserved)))
+            .and_then(|s| {
+                s.get(key).map(|c| {
+                    c.slots
+                        .iter()
+                        .fold((0.0, 0.0), |(a, b), s| (a + s.spent, b + s.reserved))
+                })
+            })
             .unwrap_or((0.0, 0.0))
+    }
+
+    fn state_now(&self, key: &str, now: u64) -> Result<Option<CounterState>, StoreError> {
+        let shard = self.shard(key).lock().map_err(poisoned)?;
+        Ok(shard.get(key).map(|c| {
+            let first = window::first_counted(now, c.window);
+            let (spent, reserved) = c
+                .slots
+                .iter()
+                .filter(|s| s.idx >= first)
+                .fold((0.0, 0.0), |(a, b), s| (a + s.spent, b + s.reserved));
+            let (_, oldest) = c.used(now);
+            CounterState {
+                spent,
+                reserved,
+                window_secs: c.window,
+                reset_secs: oldest.map(|o| window::reset_secs(o, now, c.window)),
+            }
+        }))
     }
 }
 
@@ -340,8 +434,17 @@ impl CounterStore for MemoryStore {
         })
     }
 
+    fn state<'a>(
+        &'a self,
+        key: &'a str,
+        now: u64,
+    ) -> StoreFuture<'a, Result<Option<CounterState>, StoreError>> {
+        Box::pin(async move { self.state_now(key, now) })
+    }
+
     fn expire(&self, now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {
         let before = now.saturating_sub(timeout_secs);
+        self.clock.fetch_max(now, Ordering::Relaxed);
         Box::pin(async move {
             if let Ok(mut held) = self.held.lock() {
                 held.retain(|_, (at, _)| *at >= before);
@@ -357,12 +460,15 @@ impl CounterStore for MemoryStore {
             for (id, amount) in &old {
                 let _ = self.settle(ReservationId(*id), commit.then_some(*amount));
             }
-            // Windows that ended before `before` hold nothing a check can read: drop them, so
-            // counters keyed by request values (users, tenants) do not accumulate forever.
+            // Slots no check counts any more are dropped, then counters left empty, so counters
+            // keyed by request values (users, tenants) do not accumulate forever.
             for shard in &self.shards {
                 if let Ok(mut s) = shard.lock() {
                     let held = s.len();
-                    s.retain(|_, w| w.end >= before || w.reserved > 0.0);
+                    for c in s.values_mut() {
+                        c.trim(now);
+                    }
+                    s.retain(|_, c| !c.slots.is_empty());
                     let dropped = held.saturating_sub(s.len()) as u64;
                     self.keys.fetch_sub(
                         dropped.min(self.keys.load(Ordering::Relaxed)),
@@ -435,11 +541,14 @@ mod tests {
         assert_eq!(c.state.remaining, 860.0);
         assert_eq!(store.expire(63, 0, true).await, 1);
         assert_eq!(store.usage("default/r/team"), (140.0, 0.0));
-        // A new window starts empty.
+        // The window slides: a minute later (t = 125) what was spent at 60..63 still counts
+        // (its 6-second slot overlaps the last minute), until the slot has aged out.
         let d = store.reserve(&charge(100.0, 1000.0), 125).await.unwrap();
-        assert_eq!(d.state.remaining, 900.0);
-        assert_eq!(d.state.reset_secs, 55);
-        // Ended windows are forgotten.
+        assert_eq!(d.state.remaining, 760.0);
+        assert_eq!(d.state.reset_secs, 66 + 60 + 1 - 125);
+        let e = store.peek(&charge(100.0, 1000.0), 127).await.unwrap();
+        assert_eq!(e.state.remaining, 800.0);
+        // Slots no check counts are forgotten.
         store.expire(1000, 0, false).await;
         assert_eq!(store.usage("default/r/team"), (0.0, 0.0));
         assert!(store.shards.iter().all(|s| s.lock().unwrap().is_empty()));
@@ -463,6 +572,27 @@ mod tests {
         let p = store.peek(&charge(200.0, 1000.0), 186).await.unwrap();
         assert!(p.reservation.is_some());
         assert_eq!(store.usage("default/r/team").1, 1.0);
+    }
+
+    #[tokio::test]
+    async fn a_limit_holds_across_any_window_not_only_the_clock_aligned_one() {
+        // 5 per minute: 5 at 0:59 and then every second until 2:00; a fixed window would admit 5
+        // more at 1:00.
+        let store = MemoryStore::default();
+        let mut c = charge(1.0, 5.0);
+        c.kind = CounterKind::Requests;
+        let mut admitted = Vec::new();
+        for t in std::iter::repeat_n(59, 5).chain(60..180) {
+            if let Some(id) = store.reserve(&c, t).await.unwrap().reservation {
+                store.commit(id, None).await.unwrap();
+                admitted.push(t);
+            }
+        }
+        for &start in &admitted {
+            let within = admitted.iter().filter(|&&t| t >= start && t < start + 60).count();
+            assert!(within <= 5, "{within} admitted in the minute from {start}: {admitted:?}");
+        }
+        assert!(admitted.len() >= 9, "{admitted:?}");
     }
 
     #[tokio::test]

@@ -59,6 +59,7 @@ pub fn router(state: RestState, max_body: usize) -> Router {
         .route("/v1/policies/{name}/rollback", post(rollback))
         .route("/v1/reload", post(reload))
         .route("/v1/bundle", get(bundle))
+        .route("/v1/budgets/{*key}", get(budget))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
         .route("/healthz", get(|| async { "ok" }))
@@ -95,6 +96,7 @@ fn is_read(uri: &axum::http::Uri) -> bool {
     path.starts_with("/v1/policies")
         || path == "/v1/bundle"
         || path.starts_with("/v1/keys")
+        || path.starts_with("/v1/budgets/")
         || path == "/v1/evaluate"
 }
 
@@ -524,6 +526,34 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
 }
 
 /// `GET /v1/keys`: the virtual keys' records (hashes, never keys).
+/// `GET /v1/budgets/{key}`: what a rate limit's or budget's counter holds now (its full key,
+/// `namespace/rule/value`, as decisions and audit records name it): spent and reserved in its
+/// sliding window, and when the oldest of it stops counting.
+async fn budget(State(s): State<RestState>, Path(key): Path<String>) -> ApiResult {
+    let state = s.engine.counter(&key).await.map_err(|e| {
+        error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "store_unavailable",
+            format!("the counter store is unavailable: {e}"),
+        )
+    })?;
+    let Some(c) = state else {
+        return Err(error(
+            StatusCode::NOT_FOUND,
+            "unknown_counter",
+            "no counter holds anything under this key now",
+        ));
+    };
+    Ok(Json(json!({
+        "key": key,
+        "spent": c.spent,
+        "reserved": c.reserved,
+        "windowSecs": c.window_secs,
+        "resetSecs": c.reset_secs,
+    }))
+    .into_response())
+}
+
 async fn list_keys(State(s): State<RestState>) -> ApiResult {
     Ok(Json(json!({"keys": s.engine.keys().list()})).into_response())
 }

@@ -3,8 +3,9 @@
 //! Redis's clock (`TIME`), so replicas with skewed clocks still agree on them.
 //!
 //! Keys (after the configured prefix):
-//! - `c:{counter key}@{window start}`: hash `s` (spent), `r` (reserved); expires when its window
-//!   has ended and no reservation can still refer to it.
+//! - `c:{counter key}`: the counter's sliding window ([`llm_policy_core::window`]), a hash of
+//!   `s:{slot}` (spent) and `r:{slot}` (reserved) fields; slots no check counts are deleted by
+//!   the next check, the key expires a window (plus the grace) after its last write.
 //! - `res:{id}`: one reservation (counter key, window start, window length, amount); ids come from
 //!   `res-seq`, so any replica can settle any reservation.
 //! - `res-pending`: sorted set of reservation ids by the time they were made, for expiry.
@@ -14,9 +15,12 @@ use std::sync::LazyLock;
 
 use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
+use llm_policy_core::window::SLOTS;
 use redis::Script;
 
-use super::{CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture};
+use super::{
+    CounterState, CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture,
+};
 use crate::server::redis::{Feature, Redis};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
@@ -33,65 +37,118 @@ local function settle(rkey, pending, id, mode, actual, grace)
   end
   redis.call('DEL', rkey)
   redis.call('ZREM', pending, id)
-  local wkey = r[1] .. '@' .. r[2]
-  if redis.call('EXISTS', wkey) == 1 then
-    local left = tonumber(redis.call('HINCRBYFLOAT', wkey, 'r', -tonumber(r[4])))
-    if left < 0 then redis.call('HSET', wkey, 'r', '0') end
+  local rfield = 'r:' .. r[2]
+  if redis.call('HEXISTS', r[1], rfield) == 1 then
+    local left = tonumber(redis.call('HINCRBYFLOAT', r[1], rfield, -tonumber(r[4])))
+    if left <= 0 then redis.call('HDEL', r[1], rfield) end
   end
   local spend = nil
   if mode == 'commit' then spend = tonumber(r[4]) elseif mode == 'actual' then spend = tonumber(actual) end
   if spend and spend > 0 then
     local now = tonumber(redis.call('TIME')[1])
     local window = tonumber(r[3])
-    local start = now - (now % window)
-    local ckey = r[1] .. '@' .. start
-    redis.call('HINCRBYFLOAT', ckey, 's', spend)
-    redis.call('EXPIRE', ckey, window + grace)
+    local len = math.max(1, math.floor(window / SLOTS))
+    redis.call('HINCRBYFLOAT', r[1], 's:' .. math.floor(now / len), spend)
+    redis.call('EXPIRE', r[1], window + len + grace + 1)
   end
   return 1
 end
 ";
 
 /// `KEYS`: counter key, id sequence, reservation key prefix, pending set. `ARGV`: limit, amount,
-/// window seconds, `1` to reserve (else a peek), grace seconds, kind (`r`, `t`, `u`). Returns `{fits, remaining,
-/// reset_secs, id}` (remaining as a string: Lua numbers become integers on the way out).
+/// window seconds, `1` to reserve (else a peek), grace seconds, kind (`r`, `t`, `u`). Returns
+/// `{fits, remaining, reset_secs, id}` (remaining as a string: Lua numbers become integers on
+/// the way out). The sliding window's arithmetic is [`llm_policy_core::window`]'s.
 static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+    Script::new(&format!(
         r"
+local SLOTS = {SLOTS}
 local now = tonumber(redis.call('TIME')[1])
 local window = tonumber(ARGV[3])
-local start = now - (now % window)
-local wkey = KEYS[1] .. '@' .. start
-local v = redis.call('HMGET', wkey, 's', 'r')
-local used = (tonumber(v[1]) or 0) + (tonumber(v[2]) or 0)
+local len = math.max(1, math.floor(window / SLOTS))
+local cur = math.floor(now / len)
+local first = math.floor(math.max(now - window - 1, 0) / len)
+local ckey = KEYS[1]
+local h = redis.call('HGETALL', ckey)
+local used = 0
+local oldest = nil
+local stale = {{}}
+for i = 1, #h, 2 do
+  local f = h[i]
+  local v = tonumber(h[i + 1]) or 0
+  local idx = tonumber(string.sub(f, 3))
+  if idx and idx >= first then
+    used = used + v
+    if v > 0 and (oldest == nil or idx < oldest) then oldest = idx end
+  elseif string.sub(f, 1, 1) == 's' or v <= 0 then
+    table.insert(stale, f)
+  end
+end
+if #stale > 0 then redis.call('HDEL', ckey, unpack(stale)) end
 local limit = tonumber(ARGV[1])
 local amount = tonumber(ARGV[2])
 local fits
 if amount > 0 then fits = used + amount <= limit else fits = used < limit end
-local reset = start + window - now
+local function reset(o)
+  if o == nil then return len end
+  return math.max((o + 1) * len + window + 1 - now, 1)
+end
 if not fits then
-  return {0, tostring(math.max(limit - used, 0)), reset, 0}
+  return {{0, tostring(math.max(limit - used, 0)), reset(oldest), 0}}
 end
 if ARGV[4] ~= '1' then
-  return {1, tostring(math.max(limit - used - amount, 0)), reset, 0}
+  return {{1, tostring(math.max(limit - used - amount, 0)), reset(oldest), 0}}
 end
 local grace = tonumber(ARGV[5])
-redis.call('HINCRBYFLOAT', wkey, 'r', amount)
-redis.call('EXPIRE', wkey, window + grace)
+redis.call('HINCRBYFLOAT', ckey, 'r:' .. cur, amount)
+redis.call('HSET', ckey, 'n', window)
+redis.call('EXPIRE', ckey, window + len + grace + 1)
 local id = redis.call('INCR', KEYS[2])
 local rkey = KEYS[3] .. id
-redis.call('HSET', rkey, 'k', KEYS[1], 'w', start, 'n', window, 'a', ARGV[2], 'q', ARGV[6])
+redis.call('HSET', rkey, 'k', ckey, 'w', cur, 'n', window, 'a', ARGV[2], 'q', ARGV[6])
 redis.call('EXPIRE', rkey, window + 2 * grace)
 redis.call('ZADD', KEYS[4], now, id)
-return {1, tostring(math.max(limit - used - amount, 0)), reset, id}
-",
-    )
+if oldest == nil or cur < oldest then oldest = cur end
+return {{1, tostring(math.max(limit - used - amount, 0)), reset(oldest), id}}
+"
+    ))
+});
+
+/// `KEYS`: counter key. `ARGV`: window seconds (0: the counter's own, field `n`). Returns
+/// `{spent, reserved, reset_secs, window}` of the slots a check now counts (`reset_secs` 0:
+/// nothing counts).
+static STATE: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+local SLOTS = {SLOTS}
+local now = tonumber(redis.call('TIME')[1])
+local window = tonumber(ARGV[1])
+if window == 0 then window = tonumber(redis.call('HGET', KEYS[1], 'n') or '0') or 0 end
+if window <= 0 then return {{'0', '0', 0, 0}} end
+local len = math.max(1, math.floor(window / SLOTS))
+local first = math.floor(math.max(now - window - 1, 0) / len)
+local h = redis.call('HGETALL', KEYS[1])
+local spent, reserved, oldest = 0, 0, nil
+for i = 1, #h, 2 do
+  local f = h[i]
+  local v = tonumber(h[i + 1]) or 0
+  local idx = tonumber(string.sub(f, 3))
+  if idx and idx >= first and v > 0 then
+    if string.sub(f, 1, 1) == 's' then spent = spent + v else reserved = reserved + v end
+    if oldest == nil or idx < oldest then oldest = idx end
+  end
+end
+local reset = 0
+if oldest then reset = math.max((oldest + 1) * len + window + 1 - now, 1) end
+return {{tostring(spent), tostring(reserved), reset, window}}
+"
+    ))
 });
 
 /// `KEYS`: reservation key, pending set. `ARGV`: id, mode, actual, grace.
 static SETTLE_ONE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SETTLE}\nreturn settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
+        "local SLOTS = {SLOTS}\n{SETTLE}\nreturn settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
     ))
 });
 
@@ -99,7 +156,7 @@ static SETTLE_ONE: LazyLock<Script> = LazyLock::new(|| {
 /// `expire`: see `settle`), most to settle in one call, grace. Returns how many were settled.
 static EXPIRE: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
-        "{SETTLE}
+        "local SLOTS = {SLOTS}\n{SETTLE}
 local now = tonumber(redis.call('TIME')[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])), 'LIMIT', 0, tonumber(ARGV[3]))
 local n = 0
@@ -234,26 +291,38 @@ impl RedisStore {
         Ok(())
     }
 
-    /// Spent and reserved amounts of a counter's current window (tests and diagnostics).
+    /// Spent and reserved amounts of a counter's sliding window (tests and diagnostics).
     pub async fn usage(&self, key: &str, window_secs: u64) -> Result<(f64, f64), StoreError> {
-        let base = self.redis.key(&format!("c:{key}"));
-        let (s, r): (Option<String>, Option<String>) = self
+        let state = self.state_of(key, window_secs).await?;
+        Ok(state.map_or((0.0, 0.0), |s| (s.spent, s.reserved)))
+    }
+
+    /// A counter's sliding window (`window_secs`: its length, as its rule says; 0: as the
+    /// counter recorded it).
+    async fn state_of(
+        &self,
+        key: &str,
+        window_secs: u64,
+    ) -> Result<Option<CounterState>, StoreError> {
+        let ckey = self.redis.key(&format!("c:{key}"));
+        let (spent, reserved, reset, window): (String, String, u64, u64) = self
             .redis
             .run(Feature::Counters, |mut conn| async move {
-                let (now, _): (u64, u64) = redis::cmd("TIME").query_async(&mut conn).await?;
-                let w = window_secs.max(1);
-                let wkey = format!("{base}@{}", now - now % w);
-                redis::cmd("HMGET")
-                    .arg(wkey)
-                    .arg("s")
-                    .arg("r")
-                    .query_async(&mut conn)
-                    .await
+                STATE.key(&ckey).arg(window_secs).invoke_async(&mut conn).await
             })
             .await
             .map_err(StoreError::from)?;
-        let f = |v: Option<String>| v.and_then(|v| v.parse().ok()).unwrap_or(0.0);
-        Ok((f(s), f(r)))
+        let spent: f64 = spent.parse().unwrap_or(0.0);
+        let reserved: f64 = reserved.parse().unwrap_or(0.0);
+        if reset == 0 {
+            return Ok(None);
+        }
+        Ok(Some(CounterState {
+            spent,
+            reserved,
+            window_secs: window,
+            reset_secs: Some(reset),
+        }))
     }
 }
 
@@ -356,6 +425,14 @@ impl CounterStore for RedisStore {
 
     fn remote(&self) -> bool {
         true
+    }
+
+    fn state<'a>(
+        &'a self,
+        key: &'a str,
+        _now: u64,
+    ) -> StoreFuture<'a, Result<Option<CounterState>, StoreError>> {
+        Box::pin(self.state_of(key, 0))
     }
 
     fn expire(&self, _now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {

@@ -1,0 +1,184 @@
+//! The Envoy response edge: `envoy.service.ext_proc.v3.ExternalProcessor/Process`. In an
+//! ext_authz deployment Envoy's ext_proc filter streams each answer to the server (observability
+//! mode: Envoy does not wait for the server, the answer reaches the client as fast as without
+//! it), with the `Check`'s reservation in the forwarded dynamic metadata. The edge reads the
+//! answer's usage exactly as the filter does ([`UsageReader`], [`charge_for`]) and commits it.
+//!
+//! A stream without a reservation is closed after its response headers (no body is sent). A
+//! stream that ends before its body did (client gone, upstream reset) is charged what streamed,
+//! at least its reservation; one that never got its response headers keeps its reservation.
+
+use std::sync::Arc;
+
+use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
+use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
+use envoy_types::pb::envoy::service::ext_proc::v3::{
+    processing_request, processing_response, BodyResponse, HeadersResponse, ProcessingRequest,
+    ProcessingResponse, TrailersResponse,
+};
+use envoy_types::pb::google::protobuf::value::Kind;
+use tokio_stream::StreamExt as _;
+use tonic::{Request, Response, Status, Streaming};
+
+use llm_policy_core::model_table::charge_for;
+use llm_policy_core::usage::{Reading, UsageReader};
+use llm_policy_core::wire::{self, MetadataValue, Reservation};
+
+use super::engine::{Engine, Usage};
+
+/// The ext_proc service.
+pub struct EnvoyUsage {
+    engine: Arc<Engine>,
+}
+
+impl EnvoyUsage {
+    /// A service recording usage with `engine`.
+    pub fn new(engine: Arc<Engine>) -> EnvoyUsage {
+        EnvoyUsage { engine }
+    }
+}
+
+/// The reservation in the forwarded metadata, if any.
+fn reservation(metadata: Option<&Metadata>) -> Option<Reservation> {
+    let fields = &metadata?.filter_metadata.get(wire::EXT_AUTHZ_METADATA)?.fields;
+    Reservation::from_fields(|k| match fields.get(k)?.kind.as_ref()? {
+        Kind::StringValue(s) => Some(MetadataValue::Text(s.clone())),
+        Kind::NumberValue(n) => Some(MetadataValue::Number(*n)),
+        _ => None,
+    })
+}
+
+/// A header's value (`raw_value` as Envoy sends it, or `value`).
+fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
+    let h = headers?.headers.iter().find(|h| h.key == name)?;
+    Some(if h.raw_value.is_empty() {
+        h.value.clone()
+    } else {
+        String::from_utf8_lossy(&h.raw_value).into_owned()
+    })
+}
+
+/// One answer being read.
+#[derive(Default)]
+struct Answer {
+    reservation: Option<Reservation>,
+    /// The response headers came: `None` while the upstream has not answered.
+    status: Option<u16>,
+    reader: Option<UsageReader>,
+    done: bool,
+}
+
+impl Answer {
+    /// What to charge, once the stream ended (`None` fields: the reservation stands).
+    fn settle(self, engine: &Engine) -> Option<(String, Usage)> {
+        let r = self.reservation?;
+        let usage = match (self.status, self.reader) {
+            // The provider refused or failed: nothing was spent.
+            (Some(s), _) if s >= 400 => Usage {
+                tokens: Some(0.0),
+                usd: Some(0.0),
+            },
+            (Some(_), Some(reader)) => {
+                let reading: Reading = reader.finish();
+                let models = engine.models();
+                let (tokens, usd) =
+                    charge_for(&models, r.model.as_deref(), r.prompt, r.output, &reading);
+                Usage { tokens, usd }
+            }
+            // No answer at all: the reservation stands.
+            _ => Usage::default(),
+        };
+        Some((r.handle, usage))
+    }
+}
+
+/// The reply a non-observability Envoy expects for `request` (ignored in observability mode).
+fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
+    use processing_request::Request as In;
+    use processing_response::Response as Out;
+    let response = match request {
+        In::RequestHeaders(_) => Out::RequestHeaders(HeadersResponse::default()),
+        In::ResponseHeaders(_) => Out::ResponseHeaders(HeadersResponse::default()),
+        In::RequestBody(_) => Out::RequestBody(BodyResponse::default()),
+        In::ResponseBody(_) => Out::ResponseBody(BodyResponse::default()),
+        In::RequestTrailers(_) => Out::RequestTrailers(TrailersResponse::default()),
+        In::ResponseTrailers(_) => Out::ResponseTrailers(TrailersResponse::default()),
+    };
+    Some(ProcessingResponse {
+        response: Some(response),
+        ..ProcessingResponse::default()
+    })
+}
+
+/// Reads one message into `answer`; returns whether the stream has nothing more to say.
+fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
+    use processing_request::Request as In;
+    if answer.reservation.is_none() {
+        answer.reservation = reservation(message.metadata_context.as_ref());
+    }
+    match &message.request {
+        Some(In::ResponseHeaders(h)) => {
+            let headers = h.headers.as_ref();
+            answer.status = Some(
+                header(headers, ":status")
+                    .and_then(|s| s.parse().ok())
+                    .unwrap_or(200),
+            );
+            // Nothing reserved: no body is needed.
+            if answer.reservation.is_none() {
+                return true;
+            }
+            let ct = header(headers, "content-type").unwrap_or_default();
+            answer.reader = Some(UsageReader::new(&ct));
+            answer.done = h.end_of_stream;
+        }
+        Some(In::ResponseBody(b)) => {
+            if let Some(reader) = &mut answer.reader {
+                reader.feed(&b.body);
+            }
+            answer.done = b.end_of_stream;
+        }
+        Some(In::ResponseTrailers(_)) => answer.done = true,
+        _ => {}
+    }
+    answer.done
+}
+
+#[tonic::async_trait]
+impl ExternalProcessor for EnvoyUsage {
+    type ProcessStream = tokio_stream::wrappers::ReceiverStream<Result<ProcessingResponse, Status>>;
+
+    async fn process(
+        &self,
+        request: Request<Streaming<ProcessingRequest>>,
+    ) -> Result<Response<Self::ProcessStream>, Status> {
+        let mut incoming = request.into_inner();
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        let engine = Arc::clone(&self.engine);
+        tokio::spawn(async move {
+            let mut answer = Answer::default();
+            // A stream error is the end of the stream: what was read is settled.
+            while let Some(Ok(message)) = incoming.next().await {
+                let over = read(&mut answer, &message);
+                if !message.observability_mode {
+                    if let Some(reply) = message.request.as_ref().and_then(ack) {
+                        if tx.send(Ok(reply)).await.is_err() {
+                            break;
+                        }
+                    }
+                }
+                if over {
+                    break;
+                }
+            }
+            // Closing our side tells Envoy no more messages are needed.
+            drop(tx);
+            if let Some((handle, usage)) = answer.settle(&engine) {
+                if let Err(e) = engine.record_usage(&handle, usage).await {
+                    tracing::warn!(error = %e, "cannot record an answer's usage: its reservation settles by the timeout");
+                }
+            }
+        });
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+    }
+}

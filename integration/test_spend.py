@@ -1,0 +1,275 @@
+"""Spend a client cannot dodge (docs/budgets.md), through real Envoy 1.40 in both deployment
+modes — the filter deciding in Envoy and asking `llm-policy serve` for global budgets
+(filter+fallback), and ext_authz with the server's ext_proc edge reading every answer — with the
+official SDKs and a loopback provider that reports the usage each test asks of it:
+
+- a token budget admits what the answers' usage allows and not one request more;
+- a stream whose client did not ask for usage: the filter asks on its behalf and removes the
+  extra chunk (the SDK sees the stream it would have seen); ext_authz charges the larger of the
+  reservation and the streamed text;
+- a cut stream is charged at least its reservation;
+- a request without `max_tokens` reserves the model's output cap;
+- a USD budget with the shipped prices stops at the right request;
+- a sliding limit admits no more than its limit in any minute across a boundary;
+- the reservation handle never reaches the provider, and usage reports need the usage token.
+"""
+
+import base64
+import json
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+
+import openai
+import pytest
+
+from clients import PRO
+from stack import USAGE_TOKEN, Envoy, Server, Upstream, envoy_config, http_get, wait_for
+
+SPEND = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: spend, namespace: spend, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: user-tokens
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "tok-" } }
+      action:
+        decision: throttle
+        reason: "the user's daily token budget is spent"
+        budget: { key: "{principal.id}", tokens: 1000, per: day }
+    - id: user-usd
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "usd-" } }
+      action:
+        decision: throttle
+        reason: "the user's daily spend is used up"
+        budget: { key: "{principal.id}", usd: 0.05, per: day }
+    - id: five-a-minute
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "rate-" } }
+      action:
+        decision: throttle
+        reason: "five requests a minute"
+        rateLimit: { key: "{principal.id}", requests: 5, per: minute }
+"""
+
+MODES = ["filter", "ext-authz"]
+
+
+@pytest.fixture(scope="module")
+def spend(tmp_path_factory):
+    """One provider, one server, and an Envoy per mode."""
+    tmp = tmp_path_factory.mktemp("spend")
+    bundle = tmp / "bundle"
+    bundle.mkdir()
+    (bundle / "spend.yaml").write_text(SPEND)
+    procs = []
+    try:
+        upstream = Upstream(tmp)
+        procs.append(upstream.proc)
+        (tmp / "server").mkdir()
+        server = Server(tmp / "server", bundle, log_dir=tmp)
+        procs.append(server.proc)
+        envoys = {}
+        text = envoy_config("filter+fallback", bundle, server=f"127.0.0.1:{server.grpc}",
+                            usage_token_file=server.usage_token_file)
+        envoys["filter"] = Envoy(tmp, server, upstream.port, tmp, text=text)
+        envoys["ext-authz"] = Envoy(tmp, server, upstream.port, tmp,
+                                    text=envoy_config("ext-authz", server=f"127.0.0.1:{server.grpc}"))
+        procs += [e.proc for e in envoys.values()]
+        yield type("Spend", (), {"upstream": upstream, "server": server, "envoys": envoys})
+    finally:
+        for p in reversed(procs):
+            p.stop()
+
+
+def client(envoy, user, **headers):
+    return openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-test", max_retries=0,
+                         default_headers={**PRO, "x-llm-policy-namespace": "spend", "x-user-id": user, **headers})
+
+
+def counter(server, rule, user):
+    """`GET /v1/budgets/{key}` of the user's counter (None: nothing counts)."""
+    key = urllib.parse.quote(f"spend/{rule}/{user}", safe="/")
+    try:
+        return json.loads(http_get(server.url(f"/v1/budgets/{key}"))[1])
+    except urllib.error.HTTPError as e:
+        assert e.code == 404, e
+        return None
+
+
+def settled(server, rule, user, spent_before):
+    """Waits until the user's counter holds no reservation and more than `spent_before` (the
+    answer's usage was recorded); returns what it holds."""
+    state = {}
+
+    def done():
+        c = counter(server, rule, user)
+        state["c"] = c
+        return c is not None and c["reserved"] == 0 and c["spent"] > spent_before
+
+    wait_for(done, f"the usage of {user}'s answer", timeout=10)
+    return state["c"]
+
+
+def send(c, stream=False, **kw):
+    """One chat completion; returns (status, the parsed stream chunks or answer)."""
+    try:
+        if stream:
+            chunks = list(c.chat.completions.create(model=kw.pop("model", "gpt-4o-mini"), stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}], **kw))
+            return 200, chunks
+        r = c.chat.completions.create(model=kw.pop("model", "gpt-4o-mini"),
+                                      messages=[{"role": "user", "content": "hi"}], **kw)
+        return 200, r
+    except openai.RateLimitError as e:
+        return 429, e
+    except openai.APIConnectionError as e:
+        return 0, e
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_token_budget_admits_what_the_usage_allows_and_not_one_more(spend, mode):
+    """1,000 tokens a day; each answer reports 330 (230 prompt + 100 output) against a reservation
+    of a few prompt tokens + max_tokens 100. Three answers spend 990; the fourth would reserve at
+    least 100 more: throttled, and so is every one after it."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "230", "x-mock-completion-tokens": "100"})
+    statuses, spent = [], 0.0
+    for _ in range(8):
+        status, _ = send(c, max_tokens=100)
+        statuses.append(status)
+        if status == 200:
+            spent = settled(spend.server, "user-tokens", user, spent)["spent"]
+    assert statuses == [200, 200, 200] + [429] * 5, statuses
+    assert spent == 990
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_stream_without_usage_cannot_dodge_the_budget(spend, mode):
+    """OpenAI streams whose client did not ask for usage. Filter mode: the filter adds
+    `stream_options.include_usage` upstream, charges the reported usage (330) and removes the
+    usage chunk, so the SDK sees exactly the chunks it would have seen. ext_authz mode: the answer
+    carries no usage; the larger of the reservation and the streamed text is charged. Either way
+    the budget admits exactly what the charges allow."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "230", "x-mock-completion-tokens": "100"})
+    spend.upstream.reset()
+    statuses, charges, spent = [], [], 0.0
+    for _ in range(8):
+        status, chunks = send(c, stream=True, max_tokens=300)
+        statuses.append(status)
+        if status != 200:
+            continue
+        # The SDK parsed every chunk, none of them a usage-only chunk.
+        assert [ch.choices[0].delta.content for ch in chunks if ch.choices and ch.choices[0].delta.content] == \
+            ["Hello", " from", " the", " mock", " upstream."]
+        assert all(ch.choices for ch in chunks) and all(ch.usage is None for ch in chunks)
+        now = settled(spend.server, "user-tokens", user, spent)["spent"]
+        charges.append(now - spent)
+        spent = now
+    first = charges[0]
+    if mode == "filter":
+        assert charges == [330] * len(charges)
+        sent = [json.loads(base64.b64decode(r["body"])) for r in spend.upstream.requests()]
+        assert all(b["stream_options"] == {"include_usage": True} for b in sent)
+    else:
+        # The reservation: the prompt estimate and max_tokens.
+        assert 300 < first < 320, charges
+    admitted = int(1000 // first)
+    assert statuses == [200] * admitted + [429] * (8 - admitted), (statuses, charges)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_cut_stream_is_charged_at_least_its_reservation(spend, mode):
+    """The provider drops the connection mid-stream (usage never comes): charged the
+    reservation; a long stream cut late: charged the text that streamed, above it."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-cut-after": "3"})
+    status, _ = send(c, stream=True, max_tokens=200, stream_options={"include_usage": True})
+    assert status in (0, 200)
+    first = settled(spend.server, "user-tokens", user, 0.0)["spent"]
+    assert 200 < first < 220, first
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-pieces": "600", "x-mock-cut-after": "500"})
+    send(c, stream=True, max_tokens=200)
+    long = settled(spend.server, "user-tokens", user, 0.0)["spent"]
+    # 499 pieces of " wordN" streamed: two or three tokens each by the estimate.
+    assert long > 900, long
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_request_without_max_tokens_reserves_the_models_output_cap(spend, mode):
+    """gpt-4o-mini can answer 16,384 tokens: a request without max_tokens reserves that, which
+    a 1,000-token budget cannot pay for; with max_tokens it goes through."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user)
+    status, err = send(c)
+    assert status == 429, err
+    assert "budget" in str(err)
+    assert send(c, max_tokens=50)[0] == 200
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_usd_budget_stops_at_the_right_request(spend, mode):
+    """$0.05 a day on gpt-4o at the shipped prices ($2.50 / $10 per million): each answer
+    reports 1,000 + 1,000 tokens, $0.0125; each reservation is about $0.01 (max_tokens 1,000).
+    After four answers $0.05 is spent: the fifth is throttled."""
+    user = f"usd-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1000", "x-mock-completion-tokens": "1000"})
+    statuses, spent = [], 0.0
+    for _ in range(6):
+        status, _ = send(c, model="gpt-4o", max_tokens=1000)
+        statuses.append(status)
+        if status == 200:
+            spent = settled(spend.server, "user-usd", user, spent)["spent"]
+    assert statuses == [200] * 4 + [429] * 2, statuses
+    assert abs(spent - 0.05) < 1e-9, spent
+
+
+def test_a_sliding_limit_admits_no_more_than_five_in_any_minute(spend):
+    """Five requests at the end of a minute, then five at the start of the next: a clock-aligned
+    window would admit all ten within seconds; the sliding window admits none of the second five."""
+    user = f"rate-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys["ext-authz"], user)
+    while time.time() % 60 < 50 or time.time() % 60 > 55:
+        time.sleep(0.2)
+    first = [send(c, max_tokens=5)[0] for _ in range(5)]
+    assert first == [200] * 5
+    while time.time() % 60 > 5:
+        time.sleep(0.2)
+    second = [send(c, max_tokens=5)[0] for _ in range(5)]
+    assert second == [429] * 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_reservation_handle_never_reaches_the_provider(spend, mode):
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    spend.upstream.reset()
+    assert send(client(spend.envoys[mode], user, **{"x-llm-policy-reservation": "f" * 32}), max_tokens=10)[0] == 200
+    (seen,) = spend.upstream.requests()
+    assert not any(k.startswith("x-llm-policy-reservation") for k in seen["headers"]), seen["headers"]
+    settled(spend.server, "user-tokens", user, 0.0)
+
+
+def test_usage_reports_need_the_usage_token(spend):
+    body = json.dumps({"requestId": "0" * 32, "tokens": 0}).encode()
+
+    def post(headers):
+        req = urllib.request.Request(spend.server.url("/v1/usage"), data=body, method="POST",
+                                     headers={"content-type": "application/json", **headers})
+        try:
+            with urllib.request.urlopen(req, timeout=2) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+
+    assert post({}) == 401
+    assert post({"authorization": "Bearer not-the-token-0123456789"}) == 401
+    # The right token: the (unknown) handle is looked up.
+    assert post({"authorization": f"Bearer {USAGE_TOKEN}"}) == 404
