@@ -220,15 +220,15 @@ async fn registry_reads_writes_and_bundle_watch() {
             .is_err()
     );
 
-    let r = c
-        .record_usage(pb::RecordUsageRequest {
-            request_id: "unknown".into(),
-            tokens: Some(5.0),
-            cost_usd: None,
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    // A usage report needs the usage token (or, as here, the admin token).
+    let report = || pb::RecordUsageRequest {
+        request_id: "unknown".into(),
+        tokens: Some(5.0),
+        cost_usd: None,
+    };
+    let refused = c.record_usage(report()).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unauthenticated);
+    let r = c.record_usage(authed(report())).await.unwrap().into_inner();
     assert!(!r.recorded);
     // Open watch streams do not hold up shutdown.
     let started = std::time::Instant::now();

@@ -446,7 +446,6 @@ mod tests {
                 ..Default::default()
             })),
             dynamic_metadata: Some(metadata),
-            ..Default::default()
         };
         assert_eq!(
             ServerAnswer::decode(&ok.encode_to_vec()),

@@ -17,7 +17,8 @@
 //! - [`counters`]: local rate limits in shared data (compare-and-swap).
 //! - [`cache`]: the per-VM decision cache.
 //! - [`ext_authz`]: the `Check` call to the policy server.
-//! - [`usage`]: token usage read from responses (JSON and SSE) as they stream through.
+//! - token usage is read from responses with the core's `usage` module (shared with the server's
+//!   ext_proc edge), in [`request`].
 //! - [`outbox`]: usage reports queued for the server, sent from the root context.
 //! - [`sync`]: the bundle fetched from the server and swapped in.
 

@@ -20,13 +20,13 @@ pub fn estimate(text: &str) -> u64 {
     let mut run: u64 = 0;
     let flush = |run: &mut u64, halves: &mut u64| {
         if *run > 0 {
-            *halves += 2 * run.div_ceil(4);
+            *halves = halves.saturating_add(run.div_ceil(4).saturating_mul(2));
             *run = 0;
         }
     };
     for c in text.chars() {
         if c.is_ascii_alphanumeric() {
-            run += 1;
+            run = run.saturating_add(1);
             continue;
         }
         flush(&mut run, &mut halves);
@@ -38,7 +38,7 @@ pub fn estimate(text: &str) -> u64 {
             0x800..=0xFFFF => 2,
             _ => 4,
         };
-        halves += cost;
+        halves = halves.saturating_add(cost);
     }
     flush(&mut run, &mut halves);
     halves.div_ceil(2)

@@ -72,13 +72,16 @@ impl Tail {
     fn push(&mut self, bytes: &[u8]) {
         if bytes.len() >= TAIL_BYTES {
             self.0.clear();
-            self.0
-                .extend_from_slice(bytes.get(bytes.len() - TAIL_BYTES..).unwrap_or_default());
+            self.0.extend_from_slice(
+                bytes
+                    .get(bytes.len().saturating_sub(TAIL_BYTES)..)
+                    .unwrap_or_default(),
+            );
             return;
         }
-        let keep = TAIL_BYTES - bytes.len();
+        let keep = TAIL_BYTES.saturating_sub(bytes.len());
         if self.0.len() > keep {
-            self.0.drain(..self.0.len() - keep);
+            self.0.drain(..self.0.len().saturating_sub(keep));
         }
         self.0.extend_from_slice(bytes);
     }
@@ -153,7 +156,7 @@ impl UsageReader {
                 for piece in chunk.split_inclusive(|b| *b == b'\n') {
                     s.line.push(piece);
                     if s.head.len() < 5 {
-                        let room = 5 - s.head.len();
+                        let room = 5usize.saturating_sub(s.head.len());
                         s.head.extend_from_slice(
                             piece.get(..room.min(piece.len())).unwrap_or_default(),
                         );
@@ -313,13 +316,17 @@ impl UsageChunkStripper {
         let mut out = Vec::with_capacity(self.held.len());
         let mut start = 0;
         while let Some((event_end, next)) = event_end(self.held.get(start..).unwrap_or_default()) {
-            let event = self.held.get(start..start + event_end).unwrap_or_default();
+            let event = self
+                .held
+                .get(start..start.saturating_add(event_end))
+                .unwrap_or_default();
             if is_usage_only_chunk(event) {
                 self.stripped = true;
             } else {
-                out.extend_from_slice(self.held.get(start..start + next).unwrap_or_default());
+                let whole = self.held.get(start..start.saturating_add(next));
+                out.extend_from_slice(whole.unwrap_or_default());
             }
-            start += next;
+            start = start.saturating_add(next);
         }
         self.held.drain(..start);
         if end || self.held.len() > MAX_HELD_EVENT {
@@ -335,9 +342,9 @@ fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
     let lf = bytes.windows(2).position(|w| w == b"\n\n");
     let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
     match (lf, crlf) {
-        (Some(a), Some(b)) if b < a => Some((b, b + 4)),
-        (Some(a), _) => Some((a, a + 2)),
-        (None, Some(b)) => Some((b, b + 4)),
+        (Some(a), Some(b)) if b < a => Some((b, b.saturating_add(4))),
+        (Some(a), _) => Some((a, a.saturating_add(2))),
+        (None, Some(b)) => Some((b, b.saturating_add(4))),
         (None, None) => None,
     }
 }
@@ -356,9 +363,9 @@ pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     match obj.get("stream_options") {
         None => {
             let at = body.iter().position(|b| *b == b'{')?;
-            let rest = body.get(at + 1..)?;
+            let rest = body.get(at.saturating_add(1)..)?;
             let empty = trim_start(rest).first() == Some(&b'}');
-            let mut out = Vec::with_capacity(body.len() + 40);
+            let mut out = Vec::with_capacity(body.len().saturating_add(40));
             out.extend_from_slice(body.get(..=at)?);
             out.extend_from_slice(b"\"stream_options\":{\"include_usage\":true}");
             if !empty {
@@ -389,7 +396,7 @@ fn merge(seen: &mut Option<Usage>, text: &[u8]) {
     let Some(at) = text.windows(KEY.len()).rposition(|w| w == KEY) else {
         return;
     };
-    let rest = text.get(at + KEY.len()..).unwrap_or_default();
+    let rest = text.get(at.saturating_add(KEY.len())..).unwrap_or_default();
     let rest = trim_start(rest);
     let Some(rest) = rest.strip_prefix(b":") else {
         return;

@@ -19,12 +19,14 @@ pub fn slot_len(window_secs: u64) -> u64 {
 
 /// The slot `now` falls in.
 pub fn slot(now: u64, window_secs: u64) -> u64 {
-    now / slot_len(window_secs)
+    now.checked_div(slot_len(window_secs)).unwrap_or(now)
 }
 
 /// The oldest slot a check at `now` counts.
 pub fn first_counted(now: u64, window_secs: u64) -> u64 {
-    now.saturating_sub(window_secs.max(1).saturating_add(1)) / slot_len(window_secs)
+    now.saturating_sub(window_secs.max(1).saturating_add(1))
+        .checked_div(slot_len(window_secs))
+        .unwrap_or(0)
 }
 
 /// Seconds until `oldest` (the oldest slot still holding something) stops counting.
@@ -76,7 +78,10 @@ mod tests {
                     .iter()
                     .filter(|&&t| t >= start && t < start + window)
                     .count() as u64;
-                assert!(within <= limit, "{within} in [{start}, +{window}) for {limit}");
+                assert!(
+                    within <= limit,
+                    "{within} in [{start}, +{window}) for {limit}"
+                );
             }
         }
         // The limit comes back: 5 per minute over five minutes admits at least 4 per minute.

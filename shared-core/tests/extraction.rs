@@ -54,7 +54,10 @@ fn openai_chat_with_parts_tools_and_options() {
         r.prompt,
         "Answer in French.\nWhat is in this image?\n{\"q\":\"x\"}\nlookup result"
     );
-    assert_eq!(r.estimated_tokens, (r.prompt.len() as i64 + 3) / 4);
+    assert_eq!(
+        r.estimated_tokens,
+        llm_policy_core::tokens::estimate(&r.prompt) as i64
+    );
     assert_eq!(c.principal("tier"), Some("pro"));
     assert_eq!(c.header("x-user-tier"), Some("pro"));
     assert_eq!(r.body_bytes, body.len() as i64);

@@ -741,7 +741,10 @@ pub fn generate(
             plugin["server"] = json!({"cluster": "llm_policy", "timeoutMs": 200});
             if let Some(path) = &args.usage_token_file {
                 let token = std::fs::read_to_string(path).map_err(|e| {
-                    EnvoyConfigError::Argument(format!("--usage-token-file {}: {e}", path.display()))
+                    EnvoyConfigError::Argument(format!(
+                        "--usage-token-file {}: {e}",
+                        path.display()
+                    ))
                 })?;
                 plugin["server"]["usageToken"] = json!(token.trim());
             }

@@ -168,7 +168,6 @@ pub fn response(checked: Checked) -> CheckResponse {
                     headers_to_remove,
                     ..OkHttpResponse::default()
                 })),
-                ..CheckResponse::default()
             }
         }
         Some(reply) => {

@@ -40,7 +40,10 @@ impl EnvoyUsage {
 
 /// The reservation in the forwarded metadata, if any.
 fn reservation(metadata: Option<&Metadata>) -> Option<Reservation> {
-    let fields = &metadata?.filter_metadata.get(wire::EXT_AUTHZ_METADATA)?.fields;
+    let fields = &metadata?
+        .filter_metadata
+        .get(wire::EXT_AUTHZ_METADATA)?
+        .fields;
     Reservation::from_fields(|k| match fields.get(k)?.kind.as_ref()? {
         Kind::StringValue(s) => Some(MetadataValue::Text(s.clone())),
         Kind::NumberValue(n) => Some(MetadataValue::Number(*n)),
@@ -179,6 +182,8 @@ impl ExternalProcessor for EnvoyUsage {
                 }
             }
         });
-        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(rx)))
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
     }
 }

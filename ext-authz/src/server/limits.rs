@@ -589,8 +589,14 @@ mod tests {
             }
         }
         for &start in &admitted {
-            let within = admitted.iter().filter(|&&t| t >= start && t < start + 60).count();
-            assert!(within <= 5, "{within} admitted in the minute from {start}: {admitted:?}");
+            let within = admitted
+                .iter()
+                .filter(|&&t| t >= start && t < start + 60)
+                .count();
+            assert!(
+                within <= 5,
+                "{within} admitted in the minute from {start}: {admitted:?}"
+            );
         }
         assert!(admitted.len() >= 9, "{admitted:?}");
     }

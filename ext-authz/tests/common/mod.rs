@@ -176,6 +176,8 @@ pub fn chat(model: &str, prompt: &str) -> String {
 #[derive(Debug)]
 pub struct Answer {
     pub allowed: bool,
+    /// The reservation handle, from the answer's dynamic metadata (never a header).
+    pub reservation: Option<String>,
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: String,
@@ -196,9 +198,21 @@ impl Answer {
 
 pub fn answer(r: CheckResponse) -> Answer {
     let code = r.status.map_or(-1, |s| s.code);
+    let reservation = r.dynamic_metadata.as_ref().and_then(|m| {
+        match m
+            .fields
+            .get(llm_policy_core::wire::Reservation::HANDLE)?
+            .kind
+            .as_ref()?
+        {
+            envoy_types::pb::google::protobuf::value::Kind::StringValue(s) => Some(s.clone()),
+            _ => None,
+        }
+    });
     match r.http_response {
         Some(HttpResponse::OkResponse(ok)) => Answer {
             allowed: code == 0,
+            reservation,
             status: 200,
             headers: ok
                 .headers
@@ -209,6 +223,7 @@ pub fn answer(r: CheckResponse) -> Answer {
         },
         Some(HttpResponse::DeniedResponse(d)) => Answer {
             allowed: false,
+            reservation,
             status: d.status.map_or(0, |s| s.code as u16),
             headers: d
                 .headers

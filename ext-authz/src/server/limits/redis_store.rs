@@ -18,9 +18,7 @@ use llm_policy_core::reply::LimitState;
 use llm_policy_core::window::SLOTS;
 use redis::Script;
 
-use super::{
-    CounterState, CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture,
-};
+use super::{CounterState, CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture};
 use crate::server::redis::{Feature, Redis};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
@@ -308,7 +306,11 @@ impl RedisStore {
         let (spent, reserved, reset, window): (String, String, u64, u64) = self
             .redis
             .run(Feature::Counters, |mut conn| async move {
-                STATE.key(&ckey).arg(window_secs).invoke_async(&mut conn).await
+                STATE
+                    .key(&ckey)
+                    .arg(window_secs)
+                    .invoke_async(&mut conn)
+                    .await
             })
             .await
             .map_err(StoreError::from)?;
