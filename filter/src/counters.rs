@@ -1,14 +1,18 @@
 //! Local-scope rate limits (`scope: local`), counted in proxy-wasm shared data so every worker VM
 //! of one Envoy sees the same counts.
 //!
+//! Each counter is a sliding window ([`llm_policy_core::window`], the server's arithmetic): a
+//! ring of per-slot amounts, so no interval of the window's length admits more than the limit.
+//!
 //! The counters live in a fixed table of `slots` shared-data entries (`llm_policy.c.<n>`), so a
 //! flood of distinct keys (one per client-chosen header value, say) cannot grow Envoy's memory: a
 //! key hashes (with a random seed the first worker stores, so a client cannot aim at another
 //! key's slots) to a slot and probes up to [`PROBES`] slots for its own live entry, else the
-//! first one free or whose window has ended. Each update is a compare-and-swap, retried when
-//! another worker wrote first. A key that finds no free slot is counted in
-//! `llm_policy.local_counters.full` and, failing closed (the default), is over its limit;
-//! failing open, it is not counted.
+//! first one that is free: never used, or holding nothing its window still counts (expired, or
+//! idle: everything it held was given back). A live count is never evicted, so a flood cannot
+//! reset another key's limit. Each update is a compare-and-swap, retried when another worker
+//! wrote first. A key that finds no free slot is counted in `llm_policy.local_counters.full`
+//! and, failing closed (the default), is over its limit; failing open, it is not counted.
 //!
 //! One race is left: the very first write of a never-used slot cannot be a compare-and-swap
 //! (proxy-wasm has no "create if absent"), so two workers creating the same slot at the same
@@ -18,6 +22,7 @@ use std::cell::Cell;
 
 use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
+use llm_policy_core::window;
 
 use crate::host::{Host, Level, Metric, SharedWrite};
 
@@ -27,41 +32,106 @@ pub const PROBES: u32 = 8;
 /// Compare-and-swap attempts per slot before giving up.
 const CAS_ATTEMPTS: u32 = 64;
 
-/// A slot's content: which key, until when, how much used.
+/// Slots of a counter's ring: every slot one check counts.
+const RING: usize = window::MAX_COUNTED as usize;
+
+/// A table entry: which key, its window, and the ring of its newest slots' amounts.
 #[derive(Debug, Clone, Copy, PartialEq)]
 struct Entry {
     key: u64,
-    window_end: u64,
-    used: f64,
+    window: u64,
+    /// The newest slot written.
+    newest: u64,
+    /// Amount per slot, at `slot % RING`.
+    ring: [f64; RING],
 }
 
 impl Entry {
-    const LEN: usize = 24;
+    const LEN: usize = 24 + 8 * RING;
 
-    fn encode(self) -> [u8; Self::LEN] {
-        let mut out = [0u8; Self::LEN];
-        let parts = [
-            self.key.to_le_bytes(),
-            self.window_end.to_le_bytes(),
-            self.used.to_bits().to_le_bytes(),
-        ];
-        for (chunk, part) in out.chunks_exact_mut(8).zip(parts) {
-            chunk.copy_from_slice(&part);
+    fn new(key: u64, window: u64, now: u64) -> Entry {
+        Entry {
+            key,
+            window,
+            newest: window::slot(now, window),
+            ring: [0.0; RING],
+        }
+    }
+
+    fn at(idx: u64) -> usize {
+        usize::try_from(idx % RING as u64).unwrap_or(0)
+    }
+
+    /// What a check at `now` counts, and the oldest slot holding any of it.
+    fn used(&self, now: u64) -> (f64, Option<u64>) {
+        let first = window::first_counted(now, self.window);
+        let oldest_kept = self.newest.saturating_sub(RING as u64 - 1);
+        let mut used = 0.0;
+        let mut oldest = None;
+        for idx in first.max(oldest_kept)..=self.newest {
+            let n = self.ring[Entry::at(idx)];
+            if n > 0.0 {
+                used += n;
+                oldest.get_or_insert(idx);
+            }
+        }
+        (used, oldest)
+    }
+
+    /// Moves the ring forward to the slot of `now` (slots it passes start empty).
+    fn advance(&mut self, now: u64) {
+        let cur = window::slot(now, self.window);
+        if cur <= self.newest {
+            return;
+        }
+        let from = self
+            .newest
+            .saturating_add(1)
+            .max(cur.saturating_sub(RING as u64 - 1));
+        for idx in from..=cur {
+            self.ring[Entry::at(idx)] = 0.0;
+        }
+        self.newest = cur;
+    }
+
+    /// Adds `delta` to slot `idx` if the ring still holds it (never below zero).
+    fn add(&mut self, idx: u64, delta: f64) {
+        if idx + (RING as u64) > self.newest && idx <= self.newest {
+            let v = &mut self.ring[Entry::at(idx)];
+            *v = (*v + delta).max(0.0);
+        }
+    }
+
+    fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(Self::LEN);
+        out.extend_from_slice(&self.key.to_le_bytes());
+        out.extend_from_slice(&self.window.to_le_bytes());
+        out.extend_from_slice(&self.newest.to_le_bytes());
+        for v in self.ring {
+            out.extend_from_slice(&v.to_bits().to_le_bytes());
         }
         out
     }
 
     fn decode(bytes: &[u8]) -> Option<Entry> {
+        if bytes.len() != Self::LEN {
+            return None;
+        }
         let mut words = bytes.chunks_exact(8).map(|c| {
             let mut w = [0u8; 8];
             w.copy_from_slice(c);
             u64::from_le_bytes(w)
         });
-        let (key, window_end, used) = (words.next()?, words.next()?, words.next()?);
+        let (key, window, newest) = (words.next()?, words.next()?, words.next()?);
+        let mut ring = [0.0; RING];
+        for v in &mut ring {
+            *v = f64::from_bits(words.next()?);
+        }
         Some(Entry {
             key,
-            window_end,
-            used: f64::from_bits(used),
+            window,
+            newest,
+            ring,
         })
     }
 }
@@ -71,7 +141,8 @@ impl Entry {
 pub struct Reservation {
     slot: String,
     key: u64,
-    window_end: u64,
+    /// The window slot the amount went into.
+    idx: u64,
     amount: f64,
     kind: CounterKind,
 }
@@ -138,21 +209,19 @@ impl Counters {
             .unwrap_or(fresh)
     }
 
-    /// Adds `charge.amount` to the charge's counter if that stays within its limit.
+    /// Adds `charge.amount` to the charge's counter if that stays within its sliding window's
+    /// limit.
     pub fn reserve(&self, host: &mut dyn Host, charge: &Charge, now_secs: u64) -> Count {
         let key = key_hash(Counters::seed(host), &charge.rule, &charge.key);
         let window = charge.window_secs.max(1);
-        let window_end = now_secs
-            .saturating_sub(now_secs % window)
-            .saturating_add(window);
         let base = key % u64::from(self.slots);
         let names: Vec<String> = (0..u64::from(PROBES))
             .map(|p| slot_name((base + p) % u64::from(self.slots)))
             .collect();
         for _ in 0..CAS_ATTEMPTS {
-            // Our own live entry anywhere in the probe window first; else the first free slot
-            // (never used, or its window ended). Claiming a free slot before looking further
-            // would start a second count for the same key.
+            // Our own entry anywhere in the probe window first; else the first free slot (never
+            // used, or holding nothing its window still counts). Claiming a free slot before
+            // looking further would start a second count for the same key.
             let mut own = None;
             let mut free = None;
             for name in &names {
@@ -161,11 +230,11 @@ impl Counters {
                     None => (None, None),
                 };
                 match entry {
-                    Some(e) if e.key == key && e.window_end > now_secs => {
-                        own = Some((name, e.used, cas));
+                    Some(e) if e.key == key && e.window == window => {
+                        own = Some((name, e, cas));
                         break;
                     }
-                    Some(e) if e.window_end > now_secs => {}
+                    Some(e) if e.used(now_secs).0 > 0.0 => {}
                     _ => {
                         if free.is_none() {
                             free = Some((name, cas));
@@ -173,30 +242,30 @@ impl Counters {
                     }
                 }
             }
-            let (slot, used, cas) = match (own, free) {
+            let (slot, mut entry, cas) = match (own, free) {
                 (Some(own), _) => own,
-                (None, Some((name, cas))) => (name, 0.0, cas),
-                (None, None) => return self.full(host, charge, now_secs, window_end),
+                (None, Some((name, cas))) => (name, Entry::new(key, window, now_secs), cas),
+                (None, None) => return self.full(host, charge, now_secs),
             };
-            let after = used + charge.amount;
-            if after > charge.limit {
+            entry.advance(now_secs);
+            let (used, oldest) = entry.used(now_secs);
+            if used + charge.amount > charge.limit {
                 return Count::Over(LimitState {
                     limit: charge.limit,
                     remaining: (charge.limit - used).max(0.0),
-                    reset_secs: window_end.saturating_sub(now_secs),
+                    reset_secs: oldest.map_or(window::slot_len(window), |o| {
+                        window::reset_secs(o, now_secs, window)
+                    }),
                 });
             }
-            let entry = Entry {
-                key,
-                window_end,
-                used: after,
-            };
+            let idx = entry.newest;
+            entry.add(idx, charge.amount);
             match host.shared_set(slot, &entry.encode(), cas) {
                 SharedWrite::Ok => {
                     return Count::Under(Reservation {
                         slot: slot.clone(),
                         key,
-                        window_end,
+                        idx,
                         amount: charge.amount,
                         kind: charge.kind,
                     })
@@ -209,7 +278,7 @@ impl Counters {
     }
 
     /// No free slot for the key: over its limit when failing closed, else not counted.
-    fn full(&self, host: &mut dyn Host, charge: &Charge, now: u64, window_end: u64) -> Count {
+    fn full(&self, host: &mut dyn Host, charge: &Charge, now: u64) -> Count {
         host.metric(Metric::CounterTableFull, 1);
         if now >= self.logged.get().saturating_add(10) {
             self.logged.set(now);
@@ -230,14 +299,14 @@ impl Counters {
             Count::Over(LimitState {
                 limit: charge.limit,
                 remaining: 0.0,
-                reset_secs: window_end.saturating_sub(now),
+                reset_secs: window::slot_len(charge.window_secs),
             })
         } else {
             Count::Unknown
         }
     }
 
-    /// Gives a reservation back (if its window has not ended).
+    /// Gives a reservation back (if its slot still counts).
     pub fn release(&self, host: &mut dyn Host, r: &Reservation) {
         self.adjust(host, r, -r.amount);
     }
@@ -252,10 +321,10 @@ impl Counters {
             let Some(mut e) = Entry::decode(&bytes) else {
                 return;
             };
-            if e.key != r.key || e.window_end != r.window_end {
+            if e.key != r.key {
                 return;
             }
-            e.used = (e.used + delta).max(0.0);
+            e.add(r.idx, delta);
             match host.shared_set(&r.slot, &e.encode(), Some(cas)) {
                 SharedWrite::CasMismatch => continue,
                 SharedWrite::Ok | SharedWrite::Failed => return,
@@ -302,7 +371,7 @@ mod tests {
     }
 
     #[test]
-    fn counts_up_to_the_limit_then_says_over_until_the_window_ends() {
+    fn counts_up_to_the_limit_then_says_over_until_the_window_slides_past() {
         let mut host = FakeHost::default();
         let c = Counters::new(64, false);
         for _ in 0..3 {
@@ -314,17 +383,24 @@ mod tests {
         match c.reserve(&mut host, &charge("a", 3.0), 130) {
             Count::Over(s) => {
                 assert_eq!(s.remaining, 0.0);
-                assert_eq!(s.reset_secs, 50);
+                // The slot of 120..126 stops counting a minute (and a second) after it ends.
+                assert_eq!(s.reset_secs, 126 + 61 - 130);
             }
             other => panic!("{other:?}"),
         }
-        // Another key has its own count; the next window starts over.
+        // Another key has its own count.
         assert!(matches!(
             c.reserve(&mut host, &charge("b", 3.0), 130),
             Count::Under(_)
         ));
+        // A minute after 120 the three still count (a clock-aligned window would have reset at
+        // 180); once their slot has slid out, the key starts over.
         assert!(matches!(
             c.reserve(&mut host, &charge("a", 3.0), 180),
+            Count::Over(_)
+        ));
+        assert!(matches!(
+            c.reserve(&mut host, &charge("a", 3.0), 187),
             Count::Under(_)
         ));
     }
@@ -423,6 +499,37 @@ mod tests {
         assert!(matches!(
             c.reserve(&mut host, &charge("a", 2.0), 125),
             Count::Over(_)
+        ));
+    }
+
+    #[test]
+    fn idle_entries_are_reclaimed_before_a_key_is_refused_but_live_counts_never_are() {
+        // Eight slots, every key probes all eight.
+        let mut host = FakeHost::default();
+        let c = Counters::new(8, true);
+        let mut held = Vec::new();
+        for i in 0..8 {
+            let Count::Under(r) = c.reserve(&mut host, &charge(&format!("k{i}"), 5.0), 0) else {
+                panic!("k{i}")
+            };
+            held.push(r);
+        }
+        // Full of live counts: a new key is refused (fail closed), and no live count was evicted.
+        assert!(matches!(
+            c.reserve(&mut host, &charge("new", 5.0), 1),
+            Count::Over(_)
+        ));
+        for i in 0..8 {
+            match c.reserve(&mut host, &charge(&format!("k{i}"), 1.0), 2) {
+                Count::Over(s) => assert_eq!(s.remaining, 0.0),
+                other => panic!("k{i} lost its count: {other:?}"),
+            }
+        }
+        // One key's request never went ahead (released): its entry is idle and is reclaimed.
+        c.release(&mut host, &held[3]);
+        assert!(matches!(
+            c.reserve(&mut host, &charge("new", 5.0), 3),
+            Count::Under(_)
         ));
     }
 

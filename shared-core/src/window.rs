@@ -1,7 +1,7 @@
 //! Sliding windows for rate limits and budgets (docs/budgets.md), the same arithmetic in the
 //! filter's local counters, the server's memory store and its Redis scripts.
 //!
-//! A window of `W` seconds is kept as slots of `L = max(1, W / SLOTS)` seconds. A check counts
+//! A window of `W` seconds is kept as slots of `L = ceil(W / SLOTS)` seconds. A check counts
 //! every slot that overlaps the last `W + 1` seconds — a partly overlapping slot counts whole —
 //! so across **any** interval of `W` seconds no more than the limit is admitted: when the last
 //! request of the interval was admitted, everything earlier in the interval was counted. The
@@ -14,8 +14,12 @@ pub const SLOTS: u64 = 10;
 
 /// The slot length of a window of `window_secs`.
 pub fn slot_len(window_secs: u64) -> u64 {
-    (window_secs.max(1) / SLOTS).max(1)
+    window_secs.max(1).div_ceil(SLOTS)
 }
+
+/// Most slots one check counts (`first_counted ..= slot`), whatever the window: a ring of this
+/// many slots holds a whole window.
+pub const MAX_COUNTED: u64 = SLOTS + 3;
 
 /// The slot `now` falls in.
 pub fn slot(now: u64, window_secs: u64) -> u64 {
@@ -86,6 +90,16 @@ mod tests {
         }
         // The limit comes back: 5 per minute over five minutes admits at least 4 per minute.
         assert!(admit(&times, 5, 60).len() >= 20);
+    }
+
+    #[test]
+    fn a_check_counts_at_most_max_counted_slots() {
+        for window in 1..2000 {
+            for now in [window * 7, window * 7 + 1, window * 13 + window / 2] {
+                let n = slot(now, window) - first_counted(now, window) + 1;
+                assert!(n <= MAX_COUNTED, "{n} slots for {window} s at {now}");
+            }
+        }
     }
 
     #[test]

@@ -45,7 +45,7 @@ local function settle(rkey, pending, id, mode, actual, grace)
   if spend and spend > 0 then
     local now = tonumber(redis.call('TIME')[1])
     local window = tonumber(r[3])
-    local len = math.max(1, math.floor(window / SLOTS))
+    local len = math.max(1, math.ceil(window / SLOTS))
     redis.call('HINCRBYFLOAT', r[1], 's:' .. math.floor(now / len), spend)
     redis.call('EXPIRE', r[1], window + len + grace + 1)
   end
@@ -63,7 +63,7 @@ static RESERVE: LazyLock<Script> = LazyLock::new(|| {
 local SLOTS = {SLOTS}
 local now = tonumber(redis.call('TIME')[1])
 local window = tonumber(ARGV[3])
-local len = math.max(1, math.floor(window / SLOTS))
+local len = math.max(1, math.ceil(window / SLOTS))
 local cur = math.floor(now / len)
 local first = math.floor(math.max(now - window - 1, 0) / len)
 local ckey = KEYS[1]
@@ -123,7 +123,7 @@ local now = tonumber(redis.call('TIME')[1])
 local window = tonumber(ARGV[1])
 if window == 0 then window = tonumber(redis.call('HGET', KEYS[1], 'n') or '0') or 0 end
 if window <= 0 then return {{'0', '0', 0, 0}} end
-local len = math.max(1, math.floor(window / SLOTS))
+local len = math.max(1, math.ceil(window / SLOTS))
 local first = math.floor(math.max(now - window - 1, 0) / len)
 local h = redis.call('HGETALL', KEYS[1])
 local spent, reserved, oldest = 0, 0, nil
