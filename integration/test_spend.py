@@ -49,6 +49,20 @@ spec:
         decision: throttle
         reason: "the user's daily spend is used up"
         budget: { key: "{principal.id}", usd: 0.05, per: day }
+    - id: hier-user
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "h-" } }
+      action:
+        decision: throttle
+        reason: "the user's daily token budget is spent"
+        budget: { key: "{principal.id}", tokens: 1000, per: day }
+    - id: hier-team
+      priority: 20
+      when: { match: { field: principal.team, op: starts_with, value: "hteam-" } }
+      action:
+        decision: throttle
+        reason: "the team's daily token budget is spent"
+        budget: { key: "{principal.team}", tokens: 1500, per: day }
     - id: five-a-minute
       priority: 20
       when: { match: { field: principal.id, op: starts_with, value: "rate-" } }
@@ -222,6 +236,7 @@ def test_a_usd_budget_stops_at_the_right_request(spend, mode):
     After four answers $0.05 is spent: the fifth is throttled."""
     user = f"usd-{uuid.uuid4().hex[:8]}"
     c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1000", "x-mock-completion-tokens": "1000"})
+    before = spend.server.metric("llm_policy_spend_usd_total")
     statuses, spent = [], 0.0
     for _ in range(6):
         status, _ = send(c, model="gpt-4o", max_tokens=1000)
@@ -230,6 +245,39 @@ def test_a_usd_budget_stops_at_the_right_request(spend, mode):
             spent = settled(spend.server, "user-usd", user, spent)["spent"]
     assert statuses == [200] * 4 + [429] * 2, statuses
     assert abs(spent - 0.05) < 1e-9, spent
+    # The server's spend counter moved by these answers (and by the few micro-dollars of other
+    # tests' answers whose reports land meanwhile).
+    assert 0.05 - 1e-9 < spend.server.metric("llm_policy_spend_usd_total") - before < 0.0501
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_team_budget_stops_the_team_when_two_users_spend_it(spend, mode):
+    """User budgets of 1,000 and a team budget of 1,500 tokens; each answer reports 300 tokens
+    (within its reservation). Alice spends 900 (her fourth would pass 1,000); Bob then gets one
+    answer (the team is at 1,200) and is stopped by the team budget, which is named. A throttled
+    request charges no budget: Bob's own counter holds only his one answer."""
+    team = f"hteam-{uuid.uuid4().hex[:6]}"
+    knobs = {"x-team-id": team, "x-mock-prompt-tokens": "5", "x-mock-completion-tokens": "295"}
+    alice, bob = f"h-{uuid.uuid4().hex[:8]}", f"h-{uuid.uuid4().hex[:8]}"
+    results = {}
+    for user in (alice, bob):
+        c = client(spend.envoys[mode], user, **knobs)
+        statuses, spent = [], 0.0
+        for _ in range(5):
+            status, err = send(c, max_tokens=300)
+            statuses.append(status)
+            if status == 200:
+                spent = settled(spend.server, "hier-user", user, spent)["spent"]
+            else:
+                results.setdefault(user + "-reason", str(err))
+        results[user] = statuses
+    assert results[alice] == [200, 200, 200, 429, 429], results
+    assert "user's daily token budget" in results[alice + "-reason"]
+    assert results[bob] == [200, 429, 429, 429, 429], results
+    assert "team's daily token budget" in results[bob + "-reason"]
+    assert counter(spend.server, "hier-team", team)["spent"] == 1200
+    bob_counter = counter(spend.server, "hier-user", bob)
+    assert (bob_counter["spent"], bob_counter["reserved"]) == (300, 0)
 
 
 def test_a_sliding_limit_admits_no_more_than_five_in_any_minute(spend):

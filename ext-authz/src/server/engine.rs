@@ -635,6 +635,16 @@ impl Engine {
             Some(id) => {
                 if counting.charge {
                     counting.held.ids.push((id, charge.kind));
+                    if charge.source == ChargeSource::Budget && charge.limit > 0.0 {
+                        let kind = match charge.kind {
+                            CounterKind::Usd => "usd",
+                            _ => "tokens",
+                        };
+                        self.metrics
+                            .budget_remaining
+                            .with_label_values(&[kind])
+                            .observe((reserved.state.remaining / charge.limit).clamp(0.0, 1.0));
+                    }
                 }
                 Ok(CounterCheck::Under)
             }
@@ -878,6 +888,12 @@ impl Engine {
             .usage_reports
             .with_label_values(&["recorded"])
             .inc();
+        if let Some(usd) = usage.usd.filter(|u| u.is_finite() && *u > 0.0) {
+            self.metrics.spend_usd.inc_by(usd);
+        }
+        if let Some(t) = usage.tokens.filter(|t| t.is_finite() && *t > 0.0) {
+            self.metrics.spend_tokens.inc_by(t);
+        }
         Ok(true)
     }
 

@@ -1,8 +1,8 @@
 //! Prometheus metrics, every name prefixed `llm_policy_`, served on their own port.
 
 use prometheus::{
-    exponential_buckets, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
+    IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric the server exports.
@@ -33,6 +33,14 @@ pub struct Metrics {
     pub check_errors: IntCounterVec,
     /// `llm_policy_usage_reports_total{result}`.
     pub usage_reports: IntCounterVec,
+    /// `llm_policy_spend_usd_total`: US dollars answers cost, as their usage was recorded.
+    pub spend_usd: Counter,
+    /// `llm_policy_spend_tokens_total`: tokens answers used, as their usage was recorded.
+    pub spend_tokens: Counter,
+    /// `llm_policy_budget_remaining_ratio{kind}`: what budgets had left (of their limit) at each
+    /// check that reserved from them. Per key: `GET /v1/budgets/{key}` (a per-key series would
+    /// grow with every user).
+    pub budget_remaining: HistogramVec,
     /// `llm_policy_redis_errors_total{feature,kind}`.
     pub redis_errors: IntCounterVec,
     /// `llm_policy_counter_errors_total{result}`: counter-store failures answered per
@@ -120,6 +128,25 @@ impl Metrics {
             "Usage reports by result (recorded; unknown: no reservation waited under the handle).",
             &["result"],
         )?;
+        let spend_usd = Counter::new(
+            "llm_policy_spend_usd_total",
+            "US dollars answers cost (the model table's prices), as their usage was recorded.",
+        )?;
+        registry.register(Box::new(spend_usd.clone()))?;
+        let spend_tokens = Counter::new(
+            "llm_policy_spend_tokens_total",
+            "Tokens answers used, as their usage was recorded.",
+        )?;
+        registry.register(Box::new(spend_tokens.clone()))?;
+        let budget_remaining = HistogramVec::new(
+            HistogramOpts::new(
+                "llm_policy_budget_remaining_ratio",
+                "What budgets had left, as a fraction of their limit, at each check that reserved from them, by kind (tokens, usd).",
+            )
+            .buckets(vec![0.0, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0]),
+            &["kind"],
+        )?;
+        registry.register(Box::new(budget_remaining.clone()))?;
         let redis_errors = counter_vec(
             "llm_policy_redis_errors_total",
             "Failed Redis calls by feature (counters, usage, cache, registry, audit) and kind (timeout, unavailable, error).",
@@ -140,6 +167,9 @@ impl Metrics {
             "Time of one WASM plugin call (fresh instance, input, run, output).",
         )?;
         Ok(Metrics {
+            spend_usd,
+            spend_tokens,
+            budget_remaining,
             plugin_calls,
             plugin_duration,
             usage_reports,
