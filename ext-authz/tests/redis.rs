@@ -19,7 +19,7 @@ use llm_policy_core::decision::{Charge, ChargeSource, CounterKind};
 use llm_policy_core::model::Scope;
 use llm_policy_server::server::config::{Config, FailureMode};
 use llm_policy_server::server::limits::redis_store::RedisStore;
-use llm_policy_server::server::limits::CounterStore;
+use llm_policy_server::server::limits::{CounterStore, ReservationId};
 use llm_policy_server::server::metrics::Metrics;
 use llm_policy_server::server::redis::{Redis, RedisConfig, StreamConfig};
 
@@ -46,6 +46,50 @@ fn store(server: &RedisServer, timeout_ms: u64) -> (RedisStore, Metrics) {
     };
     let redis = Redis::connect(&config, metrics.clone()).unwrap().unwrap();
     (RedisStore::new(redis, 300), metrics)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_hierarchy_is_charged_all_or_nothing_across_replicas() {
+    // user 1,000 / team 1,500, 100 tokens a request; two users, three replicas, at once.
+    let server = RedisServer::start();
+    let stores: Vec<Arc<RedisStore>> = (0..3).map(|_| Arc::new(store(&server, 1000).0)).collect();
+    let of = |user: &str| {
+        vec![
+            charge(&format!("ns/user/{user}"), 100.0, 1000.0),
+            charge("ns/team/t", 100.0, 1500.0),
+        ]
+    };
+    let mut tasks = Vec::new();
+    for i in 0..60 {
+        let s = Arc::clone(&stores[i % 3]);
+        let charges = of(if i % 2 == 0 { "a" } else { "b" });
+        tasks.push(tokio::spawn(async move {
+            let r = s.reserve_all(&charges, 0).await.unwrap();
+            r.iter()
+                .all(|r| r.reservation.is_some_and(|id| id != ReservationId::NONE))
+        }));
+    }
+    let mut granted = 0;
+    for t in tasks {
+        if t.await.unwrap() {
+            granted += 1;
+        }
+    }
+    assert_eq!(granted, 15);
+    let team = stores[0].usage("ns/team/t", 3600).await.unwrap();
+    let a = stores[1].usage("ns/user/a", 3600).await.unwrap();
+    let b = stores[2].usage("ns/user/b", 3600).await.unwrap();
+    assert_eq!(team, (0.0, 1500.0));
+    assert_eq!(a.1 + b.1, 1500.0);
+    assert!(a.1 <= 1000.0 && b.1 <= 1000.0);
+    // A stopped batch reserved nothing.
+    let r = stores[0].reserve_all(&of("c"), 0).await.unwrap();
+    assert_eq!(r[0].reservation, Some(ReservationId::NONE));
+    assert_eq!(r[1].reservation, None);
+    assert_eq!(
+        stores[0].usage("ns/user/c", 3600).await.unwrap(),
+        (0.0, 0.0)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

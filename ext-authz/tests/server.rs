@@ -602,6 +602,16 @@ impl CounterStore for SlowStore {
             Err(StoreError::Redis(RedisError::Timeout(30_000)))
         })
     }
+    fn reserve_all<'a>(
+        &'a self,
+        _: &'a [Charge],
+        _: u64,
+    ) -> StoreFuture<'a, StoreResult<Vec<Reserved>>> {
+        Box::pin(async {
+            tokio::time::sleep(Duration::from_secs(30)).await;
+            Err(StoreError::Redis(RedisError::Timeout(30_000)))
+        })
+    }
     fn commit(&self, _: ReservationId, _: Option<f64>) -> StoreFuture<'_, StoreResult<()>> {
         Box::pin(async { Ok(()) })
     }

@@ -570,7 +570,7 @@ data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{
         }
         let got = r.finish();
         assert_eq!(got.usage, None);
-        assert_eq!(got.streamed_output, Some(3.0));
+        assert_eq!(got.streamed_output, Some(5.0));
         let anthropic = b"event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"\xe6\x97\xa5\xe6\x9c\xac\"}}\n";
         let mut r = UsageReader::new("text/event-stream; charset=utf-8");
         r.feed(anthropic);

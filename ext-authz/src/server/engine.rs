@@ -29,7 +29,7 @@ use super::audit::{Audit, CheckFacts, IdentityRecord};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::key_store::KeyStore;
-use super::limits::{CounterStore, ReservationId, StoreError};
+use super::limits::{CounterStore, ReservationId, Reserved, StoreError};
 use super::metrics::Metrics;
 use super::plugins::Plugins;
 use super::registry::{Registry, Version};
@@ -581,6 +581,35 @@ impl Engine {
         } else {
             (Vec::new(), ctx)
         };
+        // The counters the store answers for a request that goes ahead: all of them reserved
+        // together, or none (a hierarchy of budgets is charged atomically).
+        let batch: Vec<(NeedId, String, Charge)> = needs
+            .iter()
+            .filter_map(|n| match &n.kind {
+                NeedKind::Counter(c) if !counting.answers_locally(c) => {
+                    Some((n.id, n.rule.clone(), c.clone()))
+                }
+                _ => None,
+            })
+            .collect();
+        let mut batched = Vec::new();
+        if counting.charge && batch.len() > 1 {
+            let charges: Vec<Charge> = batch.iter().map(|(_, _, c)| c.clone()).collect();
+            let span = tracing::debug_span!("counters", batch = charges.len());
+            let result = self
+                .store
+                .reserve_all(&charges, counting.now)
+                .instrument(span)
+                .await;
+            for (i, (id, rule, charge)) in batch.iter().enumerate() {
+                let one = match &result {
+                    Ok(all) => all.get(i).copied().ok_or(StoreError::Poisoned),
+                    Err(e) => Err(e.clone()),
+                };
+                let check = self.counter_answer(rule, charge, one, counting)?;
+                batched.push((*id, check));
+            }
+        }
         for need in needs {
             let answer = match &need.kind {
                 NeedKind::Plugin(_) => Answer::Plugin(
@@ -589,9 +618,12 @@ impl Engine {
                         .find(|(id, _)| *id == need.id)
                         .map_or(PluginCheck::Unavailable, |(_, a)| a.clone()),
                 ),
-                NeedKind::Counter(charge) => {
-                    Answer::Counter(self.answer_counter(&need.rule, charge, counting).await?)
-                }
+                NeedKind::Counter(charge) => match batched.iter().find(|(id, _)| *id == need.id) {
+                    Some((_, check)) => Answer::Counter(*check),
+                    None => {
+                        Answer::Counter(self.answer_counter(&need.rule, charge, counting).await?)
+                    }
+                },
             };
             pending.answer(need.id, answer);
         }
@@ -624,6 +656,19 @@ impl Engine {
         } else {
             self.store.peek(charge, counting.now).instrument(span).await
         };
+        self.counter_answer(rule, charge, result, counting)
+    }
+
+    /// What the store said of one counter, as the core's answer: reserved (held until the check
+    /// settles), fits without a reservation, or over (its state kept for the reply). A store
+    /// failure follows the failure mode.
+    fn counter_answer(
+        &self,
+        rule: &str,
+        charge: &Charge,
+        result: Result<Reserved, StoreError>,
+        counting: &mut Counting,
+    ) -> Result<CounterCheck, Failure> {
         let reserved = match result {
             Ok(r) => r,
             Err(e) => {
@@ -633,7 +678,7 @@ impl Engine {
         };
         match reserved.reservation {
             Some(id) => {
-                if counting.charge {
+                if counting.charge && id != ReservationId::NONE {
                     counting.held.ids.push((id, charge.kind));
                     if charge.source == ChargeSource::Budget && charge.limit > 0.0 {
                         let kind = match charge.kind {
@@ -1029,6 +1074,13 @@ fn unauthenticated(
 }
 
 /// What answering the counters of one check collects.
+impl Counting {
+    /// Whether the proxy's own count answers this counter (a local limit it counted).
+    fn answers_locally(&self, charge: &Charge) -> bool {
+        charge.scope == Scope::Local && self.local.is_some()
+    }
+}
+
 struct Counting {
     /// The reservations taken (given back if the check ends any other way).
     held: Held,

@@ -26,6 +26,11 @@ pub type StoreFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct ReservationId(pub u64);
 
+impl ReservationId {
+    /// Fits, but nothing was reserved (a peek, or a batch another charge of stopped).
+    pub const NONE: ReservationId = ReservationId(0);
+}
+
 /// What a counter said.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Reserved {
@@ -79,6 +84,14 @@ pub trait CounterStore: Send + Sync {
         charge: &'a Charge,
         now: u64,
     ) -> StoreFuture<'a, Result<Reserved, StoreError>>;
+    /// Reserves every charge or none (a request that matched several budgets — key, user, team,
+    /// org — charges all of them atomically): when one would not fit, it answers with no
+    /// reservation, the others with [`ReservationId::NONE`], and nothing is reserved.
+    fn reserve_all<'a>(
+        &'a self,
+        charges: &'a [Charge],
+        now: u64,
+    ) -> StoreFuture<'a, Result<Vec<Reserved>, StoreError>>;
     /// Turns a reservation into spent amount: `actual` replaces the reserved amount when given.
     fn commit(
         &self,
@@ -229,9 +242,113 @@ impl MemoryStore {
     }
 
     fn shard(&self, key: &str) -> &Mutex<HashMap<String, Counter>> {
-        let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
-        let i = usize::try_from(h % SHARDS as u64).unwrap_or(0);
-        &self.shards[i.min(SHARDS - 1)]
+        &self.shards[shard_of(key)]
+    }
+
+    /// Reserves every charge or none, under the locks of all their shards at once (taken in
+    /// shard order, so two batches never wait on each other in a circle).
+    fn reserve_all_now(&self, charges: &[Charge], now: u64) -> Result<Vec<Reserved>, StoreError> {
+        self.clock.fetch_max(now, Ordering::Relaxed);
+        let mut order: Vec<usize> = charges.iter().map(|c| shard_of(&c.key)).collect();
+        order.sort_unstable();
+        order.dedup();
+        let mut guards = Vec::with_capacity(order.len());
+        for &i in &order {
+            guards.push((i, self.shards[i].lock().map_err(poisoned)?));
+        }
+        let mut states = Vec::with_capacity(charges.len());
+        let mut all_fit = true;
+        let mut new_keys = 0u64;
+        for (n, charge) in charges.iter().enumerate() {
+            let i = shard_of(&charge.key);
+            let Some((_, shard)) = guards.iter_mut().find(|(g, _)| *g == i) else {
+                return Err(StoreError::Poisoned);
+            };
+            // What earlier charges of this batch add to the same counter.
+            let earlier: f64 = charges[..n]
+                .iter()
+                .filter(|c| c.key == charge.key)
+                .map(|c| c.amount)
+                .sum();
+            let window = charge.window_secs.max(1);
+            let (used, oldest) = match shard.get_mut(&charge.key) {
+                Some(c) => {
+                    c.window = window;
+                    c.trim(now);
+                    c.used(now)
+                }
+                None => {
+                    if !charges[..n].iter().any(|c| c.key == charge.key) {
+                        new_keys += 1;
+                    }
+                    (0.0, None)
+                }
+            };
+            let used = used + earlier;
+            let fits = if charge.amount > 0.0 {
+                used + charge.amount <= charge.limit
+            } else {
+                used < charge.limit
+            };
+            all_fit &= fits;
+            states.push((fits, used, oldest, window));
+        }
+        if self.keys.load(Ordering::Relaxed).saturating_add(new_keys) > self.max_keys {
+            return Err(StoreError::Full(self.max_keys));
+        }
+        let mut out = Vec::with_capacity(charges.len());
+        let mut made = Vec::new();
+        for (charge, (fits, used, oldest, window)) in charges.iter().zip(states) {
+            let reset = |o: Option<u64>| {
+                o.map_or(window::slot_len(window), |o| {
+                    window::reset_secs(o, now, window)
+                })
+            };
+            if !all_fit {
+                out.push(Reserved {
+                    reservation: fits.then_some(ReservationId::NONE),
+                    state: LimitState {
+                        limit: charge.limit,
+                        remaining: (charge.limit - used).max(0.0),
+                        reset_secs: reset(oldest),
+                    },
+                });
+                continue;
+            }
+            let i = shard_of(&charge.key);
+            let Some((_, shard)) = guards.iter_mut().find(|(g, _)| *g == i) else {
+                return Err(StoreError::Poisoned);
+            };
+            if !shard.contains_key(&charge.key) {
+                self.keys.fetch_add(1, Ordering::Relaxed);
+            }
+            let c = shard.entry(charge.key.clone()).or_default();
+            c.window = window;
+            let slot = c.current(now);
+            slot.reserved += charge.amount;
+            let slot = slot.idx;
+            let id = self.next.fetch_add(1, Ordering::Relaxed);
+            made.push((
+                id,
+                Reservation {
+                    key: charge.key.clone(),
+                    slot,
+                    amount: charge.amount,
+                    made_at: now,
+                },
+            ));
+            out.push(Reserved {
+                reservation: Some(ReservationId(id)),
+                state: LimitState {
+                    limit: charge.limit,
+                    remaining: (charge.limit - used - charge.amount).max(0.0),
+                    reset_secs: reset(Some(oldest.map_or(slot, |o| o.min(slot)))),
+                },
+            });
+        }
+        drop(guards);
+        self.reservations.lock().map_err(poisoned)?.extend(made);
+        Ok(out)
     }
 
     /// Checks `charge` against its sliding window and, when `reserve`, reserves it.
@@ -355,7 +472,23 @@ impl MemoryStore {
     }
 }
 
+/// The shard a counter key lives in.
+fn shard_of(key: &str) -> usize {
+    let h = xxhash_rust::xxh3::xxh3_64(key.as_bytes());
+    usize::try_from(h % SHARDS as u64)
+        .unwrap_or(0)
+        .min(SHARDS - 1)
+}
+
 impl CounterStore for MemoryStore {
+    fn reserve_all<'a>(
+        &'a self,
+        charges: &'a [Charge],
+        now: u64,
+    ) -> StoreFuture<'a, Result<Vec<Reserved>, StoreError>> {
+        Box::pin(async move { self.reserve_all_now(charges, now) })
+    }
+
     fn peek<'a>(
         &'a self,
         charge: &'a Charge,
@@ -599,6 +732,45 @@ mod tests {
             );
         }
         assert!(admitted.len() >= 9, "{admitted:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn a_hierarchy_is_charged_all_or_nothing_and_never_overshoots() {
+        // user 1,000 and team 1,500: two users of one team, 100 tokens a request, concurrently.
+        let store = Arc::new(MemoryStore::default());
+        let of = |user: &str| {
+            let mut u = charge(100.0, 1000.0);
+            u.key = format!("default/u/{user}");
+            let mut t = charge(100.0, 1500.0);
+            t.key = "default/t/team".into();
+            vec![u, t]
+        };
+        let mut tasks = Vec::new();
+        for i in 0..60 {
+            let s = Arc::clone(&store);
+            let charges = of(if i % 2 == 0 { "a" } else { "b" });
+            tasks.push(tokio::spawn(async move {
+                let r = s.reserve_all(&charges, 60).await.unwrap();
+                r.iter()
+                    .all(|r| r.reservation.is_some_and(|id| id != ReservationId::NONE))
+            }));
+        }
+        let mut granted = 0;
+        for t in tasks {
+            if t.await.unwrap() {
+                granted += 1;
+            }
+        }
+        // The team's 1,500 stops at 15; neither user's 1,000 is passed.
+        assert_eq!(granted, 15);
+        assert_eq!(store.usage("default/t/team").1, 1500.0);
+        let (a, b) = (store.usage("default/u/a").1, store.usage("default/u/b").1);
+        assert_eq!(a + b, 1500.0);
+        assert!(a <= 1000.0 && b <= 1000.0);
+        // A stopped batch reserved nothing: the user still fits alone.
+        let r = store.reserve_all(&of("c"), 61).await.unwrap();
+        assert!(r[0].reservation == Some(ReservationId::NONE) && r[1].reservation.is_none());
+        assert_eq!(store.usage("default/u/c"), (0.0, 0.0));
     }
 
     #[tokio::test]

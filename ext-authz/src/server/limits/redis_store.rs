@@ -112,6 +112,78 @@ return {{1, tostring(math.max(limit - used - amount, 0)), reset(oldest), id}}
     ))
 });
 
+/// Every charge or none, in one call. `KEYS`: id sequence, reservation key prefix, pending set,
+/// then one counter key per charge. `ARGV`: grace seconds, then per charge limit, amount, window
+/// seconds, kind. Returns per charge `{fits, remaining, reset_secs, id}`; when one does not fit,
+/// nothing is reserved and every id is 0.
+static RESERVE_ALL: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(&format!(
+        r"
+local SLOTS = {SLOTS}
+local now = tonumber(redis.call('TIME')[1])
+local grace = tonumber(ARGV[1])
+local n = #KEYS - 3
+local seen = {{}}
+local out = {{}}
+local all = true
+for i = 1, n do
+  local ckey = KEYS[3 + i]
+  local limit = tonumber(ARGV[2 + (i - 1) * 4])
+  local amount = tonumber(ARGV[3 + (i - 1) * 4])
+  local window = tonumber(ARGV[4 + (i - 1) * 4])
+  local len = math.max(1, math.ceil(window / SLOTS))
+  local first = math.floor(math.max(now - window - 1, 0) / len)
+  local h = redis.call('HGETALL', ckey)
+  local used = seen[ckey] or 0
+  local oldest = nil
+  local stale = {{}}
+  for j = 1, #h, 2 do
+    local f = h[j]
+    local idx = tonumber(string.sub(f, 3))
+    local v = tonumber(h[j + 1]) or 0
+    if idx and idx >= first then
+      used = used + v
+      if v > 0 and (oldest == nil or idx < oldest) then oldest = idx end
+    elseif idx and (string.sub(f, 1, 1) == 's' or v <= 0) then
+      table.insert(stale, f)
+    end
+  end
+  if #stale > 0 then redis.call('HDEL', ckey, unpack(stale)) end
+  local fits
+  if amount > 0 then fits = used + amount <= limit else fits = used < limit end
+  if not fits then all = false end
+  seen[ckey] = (seen[ckey] or 0) + amount
+  local reset = len
+  if oldest then reset = math.max((oldest + 1) * len + window + 1 - now, 1) end
+  out[i] = {{fits and 1 or 0, tostring(math.max(limit - used - (fits and amount or 0), 0)), reset, 0}}
+end
+if not all then
+  for i = 1, n do
+    if out[i][1] == 1 then out[i][2] = tostring(math.max(tonumber(out[i][2]) + tonumber(ARGV[3 + (i - 1) * 4]), 0)) end
+  end
+  return out
+end
+for i = 1, n do
+  local ckey = KEYS[3 + i]
+  local amount = ARGV[3 + (i - 1) * 4]
+  local window = tonumber(ARGV[4 + (i - 1) * 4])
+  local len = math.max(1, math.ceil(window / SLOTS))
+  local cur = math.floor(now / len)
+  redis.call('HINCRBYFLOAT', ckey, 'r:' .. cur, amount)
+  redis.call('HSET', ckey, 'n', window)
+  redis.call('EXPIRE', ckey, window + len + grace + 1)
+  local id = redis.call('INCR', KEYS[1])
+  local rkey = KEYS[2] .. id
+  redis.call('HSET', rkey, 'k', ckey, 'w', cur, 'n', window, 'a', amount, 'q', ARGV[5 + (i - 1) * 4])
+  redis.call('EXPIRE', rkey, window + 2 * grace)
+  redis.call('ZADD', KEYS[3], now, id)
+  out[i][4] = id
+end
+return out
+"
+    ))
+});
+
 /// `KEYS`: counter key. `ARGV`: window seconds (0: the counter's own, field `n`). Returns
 /// `{spent, reserved, reset_secs, window}` of the slots a check now counts (`reset_secs` 0:
 /// nothing counts).
@@ -261,6 +333,47 @@ impl RedisStore {
         })
     }
 
+    async fn check_all(&self, charges: &[Charge]) -> Result<Vec<Reserved>, StoreError> {
+        let keys: Vec<String> = charges
+            .iter()
+            .map(|c| self.redis.key(&format!("c:{}", c.key)))
+            .collect();
+        let answers: Vec<(i64, String, u64, u64)> = self
+            .redis
+            .run(Feature::Counters, |mut conn| {
+                let keys = &keys;
+                async move {
+                    let mut call = RESERVE_ALL.prepare_invoke();
+                    call.key(&self.seq).key(&self.res_prefix).key(&self.pending);
+                    for k in keys {
+                        call.key(k);
+                    }
+                    call.arg(self.grace_secs);
+                    for c in charges {
+                        call.arg(number(c.limit))
+                            .arg(number(c.amount))
+                            .arg(c.window_secs.max(1))
+                            .arg(kind_tag(c.kind).to_string());
+                    }
+                    call.invoke_async(&mut conn).await
+                }
+            })
+            .await
+            .map_err(StoreError::from)?;
+        Ok(charges
+            .iter()
+            .zip(answers)
+            .map(|(c, (fits, remaining, reset, id))| Reserved {
+                reservation: (fits == 1).then_some(ReservationId(id)),
+                state: LimitState {
+                    limit: c.limit,
+                    remaining: remaining.parse().unwrap_or(0.0),
+                    reset_secs: reset,
+                },
+            })
+            .collect())
+    }
+
     async fn settle(
         &self,
         id: ReservationId,
@@ -329,6 +442,14 @@ impl RedisStore {
 }
 
 impl CounterStore for RedisStore {
+    fn reserve_all<'a>(
+        &'a self,
+        charges: &'a [Charge],
+        _now: u64,
+    ) -> StoreFuture<'a, Result<Vec<Reserved>, StoreError>> {
+        Box::pin(self.check_all(charges))
+    }
+
     fn peek<'a>(
         &'a self,
         charge: &'a Charge,
