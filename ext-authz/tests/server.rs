@@ -250,7 +250,7 @@ async fn two_hundred_concurrent_checks_never_overshoot_a_budget() {
     }
     .context(&set)
     .unwrap();
-    let charge = (ctx.request.estimated_tokens + 100) as usize;
+    let charge = (ctx.request.prompt_tokens() + 100) as usize;
     let mut tasks = Vec::new();
     for i in 0..200 {
         let mut c = h.grpc().await;

@@ -570,13 +570,12 @@ impl RequestFlow {
             body: &body,
             now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let needs = set.needs();
-        let ctx = match RequestContext::from_request_with(&input, set.config(), needs) {
+        let mut ctx = match RequestContext::from_request_with(&input, set.config(), set.needs()) {
             Ok(ctx) => ctx,
             Err(e) => return rejected(&e, provider),
         };
-        if needs.estimate {
-            self.count_spend(host, set, &ctx, provider, &body);
+        if set.counts_tokens(&ctx.namespace) {
+            self.count_spend(host, set, &mut ctx, provider, &body);
         }
         let opts = EvalOptions::default();
         let key = vm
@@ -619,12 +618,14 @@ impl RequestFlow {
         &mut self,
         host: &mut dyn Host,
         set: &llm_policy_core::PolicySet,
-        ctx: &RequestContext,
+        ctx: &mut RequestContext,
         provider: Provider,
         body: &[u8],
     ) {
+        // Estimated once: the counters' charges read it again.
+        let prompt = ctx.request.prompt_tokens();
+        ctx.request.estimated_tokens = i64::try_from(prompt).unwrap_or(i64::MAX);
         let r = &ctx.request;
-        let prompt = u64::try_from(r.estimated_tokens).unwrap_or(0);
         let models = set.models();
         let output = models.output_reservation(r.model.as_deref(), r.max_tokens);
         self.spend = Some(Spend {

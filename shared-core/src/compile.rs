@@ -198,6 +198,12 @@ impl Compiler {
         }
         for ns in namespaces.values_mut() {
             self.finish_namespace(ns);
+            ns.counts_tokens = ns.rules.iter().any(|r| {
+                r.action
+                    .limit
+                    .as_ref()
+                    .is_some_and(|l| l.kind != CounterKind::Requests)
+            });
         }
         let needs = needs_of(namespaces.values());
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);
@@ -495,7 +501,6 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
                 .as_ref()
                 .is_some_and(|l| l.kind != CounterKind::Requests);
             needs.prompt |= counts_tokens;
-            needs.estimate |= counts_tokens;
             if r.plugin.is_some() {
                 needs = Needs::ALL;
             }

@@ -260,6 +260,18 @@ impl Api {
     }
 }
 
+impl RequestInfo {
+    /// The prompt token estimate ([`crate::tokens::estimate`]): `estimated_tokens` when it was
+    /// computed, else computed now from `prompt`. Set `estimated_tokens` to it once when it will
+    /// be asked for more than once.
+    pub fn prompt_tokens(&self) -> u64 {
+        match u64::try_from(self.estimated_tokens) {
+            Ok(n) if n > 0 || self.prompt.is_empty() => n,
+            _ => crate::tokens::estimate(&self.prompt),
+        }
+    }
+}
+
 /// The `request` part of the context.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct RequestInfo {
@@ -290,7 +302,8 @@ pub struct RequestInfo {
     pub messages: Vec<Message>,
     /// All prompt text joined.
     pub prompt: String,
-    /// Prompt token estimate.
+    /// Prompt token estimate (computed at extraction only when a rule reads it: see
+    /// [`RequestInfo::prompt_tokens`]).
     pub estimated_tokens: i64,
     /// Tool names.
     pub tools: Vec<String>,
@@ -346,7 +359,8 @@ pub struct Needs {
     pub messages: bool,
     /// Build `request.prompt`.
     pub prompt: bool,
-    /// Estimate `request.estimated_tokens` from the prompt (needs `prompt`).
+    /// Estimate `request.estimated_tokens` from the prompt (some rule reads it; needs `prompt`).
+    /// Counters that charge tokens estimate on demand ([`RequestInfo::prompt_tokens`]).
     pub estimate: bool,
 }
 

@@ -298,6 +298,19 @@ mod tests {
     }
 
     #[test]
+    fn the_anthropic_example_of_the_docs() {
+        // docs/budgets.md: 500 input + 1,500 cache reads + 400 output on claude-sonnet-4-5.
+        let t = ModelTable::default();
+        let mut reader = crate::usage::UsageReader::new("application/json");
+        reader.feed(
+            br#"{"usage":{"input_tokens":500,"cache_read_input_tokens":1500,"output_tokens":400}}"#,
+        );
+        let usage = reader.finish().usage.unwrap();
+        let usd = t.cost(Some("claude-sonnet-4-5-20250929"), &usage);
+        assert!((usd - 0.00795).abs() < 1e-12, "{usd}");
+    }
+
+    #[test]
     fn a_bad_table_is_rejected_with_its_line() {
         let text = "fallback: {contextWindow: 1, maxOutput: 1, input: 1, output: 1}\nmodels:\n  a*b: {contextWindow: 1, maxOutput: 0, input: -1, output: 1}\n";
         let e = ModelTable::parse("m.yaml", text).unwrap_err().to_string();

@@ -70,6 +70,8 @@ pub(crate) struct Namespace {
     pub tags: HashMap<String, Vec<u64>>,
     /// The model table token and cost charges are priced with.
     pub models: Arc<ModelTable>,
+    /// Some rule counts tokens or cost.
+    pub counts_tokens: bool,
 }
 
 /// Where a rule was written.
@@ -171,6 +173,7 @@ impl Namespace {
             cel_reads: Vec::new(),
             tags: HashMap::new(),
             models,
+            counts_tokens: false,
         }
     }
 }
@@ -239,6 +242,15 @@ impl PolicySet {
     /// Whether the bundle has a policy for `namespace`.
     pub fn has_namespace(&self, namespace: &str) -> bool {
         self.0.namespaces.contains_key(namespace)
+    }
+
+    /// Whether some rule of `namespace` counts tokens or cost (a token rate limit or budget):
+    /// only its requests need a prompt estimate, a reservation's model and an answer's usage.
+    pub fn counts_tokens(&self, namespace: &str) -> bool {
+        self.0
+            .namespaces
+            .get(namespace)
+            .is_some_and(|ns| ns.counts_tokens)
     }
 
     /// Number of enabled rules over all namespaces.

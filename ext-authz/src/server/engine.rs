@@ -483,7 +483,13 @@ impl Engine {
                     needs,
                 )
             };
-            ctx.map(|ctx| {
+            ctx.map(|mut ctx| {
+                // Estimated once, for a namespace whose counters charge tokens or cost (the
+                // charges and the reservation read it).
+                if set.counts_tokens(&ctx.namespace) {
+                    let n = ctx.request.prompt_tokens();
+                    ctx.request.estimated_tokens = i64::try_from(n).unwrap_or(i64::MAX);
+                }
                 let explain = input.explain;
                 let key =
                     (!explain).then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
@@ -769,7 +775,7 @@ impl Engine {
                     checked.reservation = Some(wire::Reservation {
                         handle,
                         model: r.model.clone(),
-                        prompt: u64::try_from(r.estimated_tokens).unwrap_or(0),
+                        prompt: r.prompt_tokens(),
                         output: models.output_reservation(r.model.as_deref(), r.max_tokens),
                     });
                 }

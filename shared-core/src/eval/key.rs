@@ -12,7 +12,7 @@ use crate::set::{CompiledRule, KeyPart, Limit, Namespace};
 pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: View<'_>) -> Charge {
     let r = view.req;
     let model = r.model.as_deref();
-    let prompt = u64::try_from(r.estimated_tokens).unwrap_or(0);
+    let prompt = r.prompt_tokens();
     let output = ns.models.output_reservation(model, r.max_tokens);
     Charge {
         rule: rule.id.clone(),
