@@ -159,6 +159,7 @@ bench:
 	$(CARGO) bench -p llm-policy-bench --bench evaluate
 	$(CARGO) bench -p llm-policy-bench --bench load
 	$(CARGO) bench -p llm-policy-bench --bench server
+	$(CARGO) bench -p llm-policy-bench --bench spend
 
 ## bench-proxy: Envoy passthrough vs ext_authz floor vs llm-policy under load (loadgen), gRPC
 ## Check on one core, a 10k-rule reload under load. About 2 minutes; results in tools/bench-proxy.json.

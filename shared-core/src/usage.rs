@@ -17,6 +17,7 @@
 use alloc::string::String;
 use alloc::vec::Vec;
 
+use memchr::memmem;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -210,54 +211,73 @@ impl SseState {
     }
 }
 
-/// Output tokens of one SSE `data:` payload: the generated text it carries (OpenAI chat,
-/// completions and Responses deltas, Anthropic text, thinking and tool-input deltas), estimated
-/// like a prompt. A line too long to keep whole counts a token per 4 bytes of it.
+/// The keys whose string values are generated text in a stream's events: OpenAI chat deltas
+/// (`content`, `reasoning_content`, `refusal`, tool calls' `arguments`), completions' `text`,
+/// the Responses API's `delta`, Anthropic's `text`, `thinking` and `partial_json` deltas.
+const TEXT_KEYS: &[&[u8]] = &[
+    b"content",
+    b"text",
+    b"arguments",
+    b"partial_json",
+    b"thinking",
+    b"reasoning_content",
+    b"refusal",
+    b"delta",
+];
+
+/// Output tokens of one SSE `data:` payload: the generated text it carries, estimated like a
+/// prompt. One pass over the line finds each `"key":` whose key is a text key and whose value
+/// is a string (a key inside a string value has escaped quotes, so text cannot forge one); the
+/// string is decoded (escapes, `\u` sequences) before it is estimated. A line too long to keep
+/// whole counts a token per 4 bytes of it.
 fn delta_tokens(data: &[u8], full_len: usize) -> u64 {
     if full_len > TAIL_BYTES {
         return u64::try_from(full_len.div_ceil(4)).unwrap_or(u64::MAX);
     }
-    let data = trim_start(data);
-    if data.first() != Some(&b'{') {
-        return 0;
-    }
-    let Ok(event) = serde_json::from_slice::<Value>(data) else {
-        return 0;
-    };
     let mut tokens = 0u64;
-    let mut add = |v: Option<&Value>| {
-        if let Some(Value::String(s)) = v {
-            tokens = tokens.saturating_add(crate::tokens::estimate(s));
+    let mut from = 0usize;
+    while let Some(rel) = data.get(from..).and_then(|rest| memchr::memchr(b':', rest)) {
+        let colon = from.saturating_add(rel);
+        from = colon.saturating_add(1);
+        if colon == 0 || data.get(colon.saturating_sub(1)) != Some(&b'"') {
+            continue;
         }
-    };
-    // OpenAI chat / completions chunks.
-    if let Some(Value::Array(choices)) = event.get("choices") {
-        for c in choices {
-            add(c.get("text"));
-            if let Some(d) = c.get("delta") {
-                add(d.get("content"));
-                add(d.get("reasoning_content"));
-                add(d.get("refusal"));
-                if let Some(Value::Array(calls)) = d.get("tool_calls") {
-                    for call in calls {
-                        add(call.get("function").and_then(|f| f.get("arguments")));
-                    }
-                }
-            }
+        // The key: back from its closing quote to its opening one.
+        let before = data.get(..colon.saturating_sub(1)).unwrap_or_default();
+        let Some(open) = before.iter().rposition(|b| *b == b'"') else {
+            continue;
+        };
+        let key = before.get(open.saturating_add(1)..).unwrap_or_default();
+        if !TEXT_KEYS.contains(&key) {
+            continue;
         }
-    }
-    match event.get("delta") {
-        // The Responses API: `response.output_text.delta`, `…arguments.delta`, ….
-        Some(v @ Value::String(_)) => add(Some(v)),
-        // Anthropic `content_block_delta`.
-        Some(d @ Value::Object(_)) => {
-            add(d.get("text"));
-            add(d.get("thinking"));
-            add(d.get("partial_json"));
+        let value = trim_start(data.get(colon.saturating_add(1)..).unwrap_or_default());
+        let Some(len) = string_literal_len(value) else {
+            continue;
+        };
+        let literal = value.get(..len).unwrap_or_default();
+        if let Ok(text) = serde_json::from_slice::<alloc::borrow::Cow<'_, str>>(literal) {
+            tokens = tokens.saturating_add(crate::tokens::estimate(&text));
         }
-        _ => {}
+        from = colon.saturating_add(len);
     }
     tokens
+}
+
+/// The length of the JSON string literal `b` starts with (quotes included), if it is one.
+fn string_literal_len(b: &[u8]) -> Option<usize> {
+    if b.first() != Some(&b'"') {
+        return None;
+    }
+    let mut i = 1usize;
+    while let Some(c) = b.get(i) {
+        match c {
+            b'\\' => i = i.saturating_add(2),
+            b'"' => return Some(i.saturating_add(1)),
+            _ => i = i.saturating_add(1),
+        }
+    }
+    None
 }
 
 /// Whether one SSE event (its lines, without the blank line that ends it) is an OpenAI
@@ -277,6 +297,11 @@ pub fn is_usage_only_chunk(event: &[u8]) -> bool {
     let Some(data) = data else {
         return false;
     };
+    // Most events carry text, not a usage object: no parse for them.
+    let has = |pat: &[u8]| memmem::find(data, pat).is_some();
+    if !has(b"\"usage\"") || !has(b"\"choices\"") || has(b"\"usage\":null") {
+        return false;
+    }
     #[derive(Deserialize)]
     struct Chunk {
         choices: Vec<Value>,
@@ -339,8 +364,8 @@ impl UsageChunkStripper {
 
 /// Where the first SSE event of `bytes` ends: (end of its lines, start of the next event).
 fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
-    let lf = bytes.windows(2).position(|w| w == b"\n\n");
-    let crlf = bytes.windows(4).position(|w| w == b"\r\n\r\n");
+    let lf = memmem::find(bytes, b"\n\n");
+    let crlf = memmem::find(bytes, b"\r\n\r\n");
     match (lf, crlf) {
         (Some(a), Some(b)) if b < a => Some((b, b.saturating_add(4))),
         (Some(a), _) => Some((a, a.saturating_add(2))),
@@ -393,7 +418,7 @@ pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
 /// provider's stream, so the largest value seen wins.
 fn merge(seen: &mut Option<Usage>, text: &[u8]) {
     const KEY: &[u8] = b"\"usage\"";
-    let Some(at) = text.windows(KEY.len()).rposition(|w| w == KEY) else {
+    let Some(at) = memmem::rfind(text, KEY) else {
         return;
     };
     let rest = text.get(at.saturating_add(KEY.len())..).unwrap_or_default();
