@@ -8,7 +8,11 @@ Three Envoy 1.40 set-ups in front of the same fast upstream (`bench-upstream`), 
   3. llm-policy: Envoy + ext_authz → `llm-policy serve` on the example bundle (`policies/`);
      then the same with `--identity jwt` (Envoy's jwt_authn verifies an RS256 token) and with
      `--identity api-keys` (the server looks up a virtual key among 1,000; Envoy's
-     credential_injector sets the provider's key): the cost of identity in the same run.
+     credential_injector sets the provider's key): the cost of identity in the same run;
+     and the response path: the same without Envoy's ext_proc filter (what reading usage costs
+     for requests no budget applies to: the stream ends after the response headers), and a
+     namespace whose requests all reserve from a token budget, with and without ext_proc (the
+     answer's body read by the server and its usage committed).
 
 Then `Check` called directly over gRPC against `llm-policy serve` pinned to one core (cached
 decisions), and a 10,000-rule bundle written into the policy directory while 500 rps flow
@@ -30,6 +34,29 @@ from benchkit import BIN, bench_upstream, identity_material, loadgen, non_200, s
 from stack import ROOT, Envoy, Proc, Server, free_port
 
 RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
+
+# A namespace whose every request reserves from a token budget that never runs out.
+BENCH_SPEND = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: bench-spend, namespace: bench-spend, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: everyone-tokens
+      priority: 10
+      when: { match: { field: request.model, op: exists } }
+      action:
+        decision: throttle
+        budget: { key: "all", tokens: 1000000000000000, per: day }
+"""
+
+
+def without_ext_proc(text):
+    """The generated ext_authz configuration without its ext_proc filter (the response path)."""
+    start = text.index("                  # Every answer's usage")
+    end = text.index("\n", text.index("untyped: [", start)) + 1
+    return text[:start] + text[end:]
 
 
 
@@ -101,11 +128,18 @@ def main():
 
             # 3. llm-policy.
             (tmp / "s").mkdir()
-            server = Server(tmp / "s", ROOT / "policies")
+            server = Server(tmp / "s", ROOT / "policies", {"bench-spend.yaml": BENCH_SPEND})
             procs.append(server.proc)
             e = Envoy(tmp, server, up_port, tmp)
             results["llm_policy"] = http_scenarios(e.url("/v1/chat/completions"))
             identity_runs(tmp, up_port, procs, results)
+            # The response path (ext_proc), with and without, and with a budget on every request.
+            bare = Envoy(tmp, server, up_port, tmp, text=without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text()))
+            results["llm_policy_no_ext_proc"] = http_scenarios(bare.url("/v1/chat/completions"))
+            spend = ["x-llm-policy-namespace: bench-spend"]
+            results["llm_policy_budget"] = http_scenarios(e.url("/v1/chat/completions"), spend)
+            results["llm_policy_budget_no_ext_proc"] = http_scenarios(bare.url("/v1/chat/completions"), spend)
+            bare.proc.stop()
 
             # 4. A 10k-rule bundle arrives while 500 rps flow.
             before = server.bundle()
@@ -156,7 +190,8 @@ def main():
 def print_table(r):
     print("| set-up | load | rps | p50 ms | p99 ms | non-200 |")
     print("|---|---|---:|---:|---:|---:|")
-    for name in ("passthrough", "floor", "llm_policy", "llm_policy_jwt", "llm_policy_api_keys"):
+    for name in ("passthrough", "floor", "llm_policy", "llm_policy_jwt", "llm_policy_api_keys",
+                 "llm_policy_no_ext_proc", "llm_policy_budget", "llm_policy_budget_no_ext_proc"):
         for load in ("fixed_1000", "saturation"):
             x = r[name][load]
             bad = non_200(x)
@@ -172,6 +207,13 @@ def print_table(r):
         print(f"{name} / llm_policy: p50 at 1k rps {x['fixed_1000']['p50_ms'] / p['fixed_1000']['p50_ms']:.2f}x, "
               f"p99 {x['fixed_1000']['p99_ms'] / p['fixed_1000']['p99_ms']:.2f}x, saturation "
               f"{x['saturation']['rps'] / p['saturation']['rps']:.2f}x")
+    for with_, without in (("llm_policy", "llm_policy_no_ext_proc"),
+                           ("llm_policy_budget", "llm_policy_budget_no_ext_proc")):
+        a, b = r[with_], r[without]
+        print(f"{with_} / {without} (ext_proc response path): p50 at 1k rps "
+              f"{a['fixed_1000']['p50_ms'] / b['fixed_1000']['p50_ms']:.2f}x, p99 "
+              f"{a['fixed_1000']['p99_ms'] / b['fixed_1000']['p99_ms']:.2f}x, saturation "
+              f"{a['saturation']['rps'] / b['saturation']['rps']:.2f}x")
     g = r["grpc_check_one_core"]
     print(f"gRPC Check, server on one core, cached: {g['rps']:.0f} calls/s (target >= 20,000), p99 {g['p99_ms']:.2f} ms, "
           f"errors {g['errors']}")

@@ -6,7 +6,9 @@ Envoy 1.40 —
 - with Envoy's ext_authz filter asking `llm-policy serve` for every request;
 - with two server replicas sharing one redis-server (limits, registry, audit stream) and running
   the WASM plugins of the `restricted` namespace;
-- with identity a client cannot fake: two virtual keys of different tiers, one JWT, spoofs refused.
+- with identity a client cannot fake: two virtual keys of different tiers, one JWT, spoofs refused;
+- with spend a client cannot dodge: a token budget against the answers' usage in both modes, an
+  OpenAI stream whose client did not ask for usage, a USD budget at the shipped prices.
 
 Each sample request (`examples/requests/`) goes through Envoy with curl; the demo shows the answer,
 whether it reached the upstream (and, for the filter, whether it needed the server), Envoy's stats,
@@ -21,6 +23,7 @@ import time
 from pathlib import Path
 
 import os
+import urllib.error
 import urllib.request
 
 from clients import curl
@@ -281,11 +284,89 @@ def identity_tour():
     print("\n== stopped: upstream, server, Envoys")
 
 
+def spend_tour():
+    """Budgets against the answers' real usage: the mock provider reports 330 tokens an answer;
+    a 1,000-token budget admits three, in the filter's mode and in ext_authz mode (the server's
+    ext_proc edge reads the answers); a stream without usage cannot dodge it; $0.05 on gpt-4o."""
+    import openai
+
+    from test_spend import SPEND
+
+    print("\n== part 6: spend a client cannot dodge (docs/budgets.md)")
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        try:
+            bundle = tmp / "bundle"
+            bundle.mkdir()
+            (bundle / "spend.yaml").write_text(SPEND)
+            upstream = Upstream(tmp)
+            procs.append(upstream.proc)
+            home = tmp / "server"
+            home.mkdir()
+            server = Server(home, bundle)
+            procs.append(server.proc)
+            envoys = {
+                "filter": Envoy(tmp, server, upstream.port, tmp, text=envoy_config(
+                    "filter+fallback", bundle, server=f"127.0.0.1:{server.grpc}",
+                    usage_token_file=server.usage_token_file)),
+                "ext-authz": Envoy(tmp, server, upstream.port, tmp, text=envoy_config(
+                    "ext-authz", server=f"127.0.0.1:{server.grpc}")),
+            }
+            procs += [e.proc for e in envoys.values()]
+
+            def settled(user, before, rule="user-tokens"):
+                return server.settled(f"spend/{rule}/{user}", before)
+
+            knobs = {"x-mock-prompt-tokens": "230", "x-mock-completion-tokens": "100"}
+            for mode, envoy in envoys.items():
+                user = f"tok-{mode}"
+                c = openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-demo", max_retries=0, default_headers={
+                    "x-llm-policy-namespace": "spend", "x-user-id": user, **knobs})
+                print(f"   {mode}: 1,000 tokens a day; each answer reports 330 tokens (max_tokens 100)")
+                spent = 0
+                for i in range(5):
+                    try:
+                        c.chat.completions.create(model="gpt-4o-mini", max_tokens=100,
+                                                  messages=[{"role": "user", "content": "hi"}])
+                        spent = settled(user, spent)["spent"]
+                        print(f"      request {i + 1}: 200, GET /v1/budgets → spent {spent:.0f}")
+                    except openai.RateLimitError as e:
+                        print(f"      request {i + 1}: 429 {e.body['message'] if isinstance(e.body, dict) else e}")
+            c = openai.OpenAI(base_url=envoys["filter"].url("/v1"), api_key="sk-demo", max_retries=0, default_headers={
+                "x-llm-policy-namespace": "spend", "x-user-id": "tok-stream", **knobs})
+            upstream.reset()
+            chunks = list(c.chat.completions.create(model="gpt-4o-mini", max_tokens=100, stream=True,
+                                                    messages=[{"role": "user", "content": "hi"}]))
+            sent = json.loads(__import__("base64").b64decode(upstream.requests()[0]["body"]))
+            print(f"   a stream without stream_options: the provider got {sent.get('stream_options')}; the SDK parsed "
+                  f"{len(chunks)} chunks, {sum(1 for ch in chunks if ch.usage)} with usage; charged "
+                  f"{settled('tok-stream', 0)['spent']:.0f} tokens")
+            c = openai.OpenAI(base_url=envoys["ext-authz"].url("/v1"), api_key="sk-demo", max_retries=0,
+                              default_headers={"x-llm-policy-namespace": "spend", "x-user-id": "usd-demo",
+                                               "x-mock-prompt-tokens": "1000", "x-mock-completion-tokens": "1000"})
+            print("   $0.05 a day on gpt-4o ($2.50 / $10 per million, models/models.yaml); 1,000 + 1,000 tokens an answer")
+            statuses, usd = [], 0
+            for _ in range(6):
+                try:
+                    c.chat.completions.create(model="gpt-4o", max_tokens=1000, messages=[{"role": "user", "content": "hi"}])
+                    statuses.append(200)
+                    usd = settled("usd-demo", usd, "user-usd")["spent"]
+                except openai.RateLimitError:
+                    statuses.append(429)
+            print(f"      {statuses}; llm_policy_spend_usd_total {server.metric('llm_policy_spend_usd_total'):.4f}")
+        finally:
+            for p in reversed(procs):
+                p.stop()
+    print("\n== stopped: upstream, server, Envoys")
+
+
 def main():
     filter_tour()
     ext_authz_tour()
     replicas_tour()
     identity_tour()
+    spend_tour()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -134,6 +136,26 @@ class Server:
 
     def bundle(self):
         return json.loads(http_get(self.url("/readyz"))[1])["bundle"]
+
+    def counter(self, key):
+        """`GET /v1/budgets/{key}`: what a counter holds now (None: nothing counts)."""
+        try:
+            return json.loads(http_get(self.url("/v1/budgets/" + urllib.parse.quote(key, safe="/")))[1])
+        except urllib.error.HTTPError as e:
+            assert e.code == 404, e
+            return None
+
+    def settled(self, key, spent_before, timeout=10):
+        """Waits until counter `key` holds no reservation and more than `spent_before` (an answer's
+        usage was recorded); returns what it holds."""
+        state = {}
+
+        def done():
+            state["c"] = self.counter(key)
+            return state["c"] is not None and state["c"]["reserved"] == 0 and state["c"]["spent"] > spent_before
+
+        wait_for(done, f"the usage recorded in {key}", timeout=timeout)
+        return state["c"]
 
 
 class Redis:

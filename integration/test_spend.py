@@ -18,7 +18,6 @@ import base64
 import json
 import time
 import urllib.error
-import urllib.parse
 import urllib.request
 import uuid
 
@@ -108,27 +107,13 @@ def client(envoy, user, **headers):
 
 
 def counter(server, rule, user):
-    """`GET /v1/budgets/{key}` of the user's counter (None: nothing counts)."""
-    key = urllib.parse.quote(f"spend/{rule}/{user}", safe="/")
-    try:
-        return json.loads(http_get(server.url(f"/v1/budgets/{key}"))[1])
-    except urllib.error.HTTPError as e:
-        assert e.code == 404, e
-        return None
+    """What the user's counter of `rule` holds (None: nothing counts)."""
+    return server.counter(f"spend/{rule}/{user}")
 
 
 def settled(server, rule, user, spent_before):
-    """Waits until the user's counter holds no reservation and more than `spent_before` (the
-    answer's usage was recorded); returns what it holds."""
-    state = {}
-
-    def done():
-        c = counter(server, rule, user)
-        state["c"] = c
-        return c is not None and c["reserved"] == 0 and c["spent"] > spent_before
-
-    wait_for(done, f"the usage of {user}'s answer", timeout=10)
-    return state["c"]
+    """Waits until the answer's usage is recorded in the user's counter of `rule`."""
+    return server.settled(f"spend/{rule}/{user}", spent_before)
 
 
 def send(c, stream=False, **kw):
