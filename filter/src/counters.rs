@@ -249,7 +249,13 @@ impl Counters {
             };
             entry.advance(now_secs);
             let (used, oldest) = entry.used(now_secs);
-            if used + charge.amount > charge.limit {
+            // As the server's stores: a charge of 0 fits while the limit is not spent.
+            let fits = if charge.amount > 0.0 {
+                used + charge.amount <= charge.limit
+            } else {
+                used < charge.limit
+            };
+            if !fits {
                 return Count::Over(LimitState {
                     limit: charge.limit,
                     remaining: (charge.limit - used).max(0.0),

@@ -7,7 +7,7 @@
 
 use std::rc::Rc;
 
-use llm_policy_core::context::Provider;
+use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
@@ -181,9 +181,14 @@ impl RequestFlow {
             .response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
             .unwrap_or(200);
+        let encoding = host.response_header("content-encoding");
         if self.stripper.is_some() {
             let ct = host.response_header("content-type").unwrap_or_default();
-            if status >= 400 || end_of_stream || !UsageReader::is_event_stream(&ct) {
+            if status >= 400
+                || end_of_stream
+                || !UsageReader::is_event_stream(&ct)
+                || encoding.is_some()
+            {
                 self.stripper = None;
             } else {
                 // Bytes will be removed: the length the upstream declared no longer holds.
@@ -195,13 +200,13 @@ impl RequestFlow {
         if !wants || self.usage.is_some() {
             return Flow::Continue;
         }
-        if status >= 400 {
-            // The provider refused or failed: nothing was spent.
+        if refused(status) {
+            // The provider refused the request: nothing was spent.
             self.settle_with(host, (Some(0.0), Some(0.0)));
             return Flow::Continue;
         }
         let ct = host.response_header("content-type").unwrap_or_default();
-        self.usage = Some(UsageReader::new(&ct));
+        self.usage = Some(UsageReader::for_response(&ct, encoding.as_deref()));
         if end_of_stream {
             self.settle(host);
         }
@@ -493,6 +498,10 @@ impl RequestFlow {
                     }
                     host.set_request_header(&name, Some(&value));
                 }
+                // An answer whose usage is read must come uncompressed.
+                if self.handle.is_some() || self.held.iter().any(Reservation::is_tokens) {
+                    host.set_request_header("accept-encoding", None);
+                }
                 host.metric(Metric::Allowed, 1);
                 self.allowed = true;
                 self.state = State::Passing;
@@ -627,14 +636,19 @@ impl RequestFlow {
         ctx.request.estimated_tokens = i64::try_from(prompt).unwrap_or(i64::MAX);
         let r = &ctx.request;
         let models = set.models();
-        let output = models.output_reservation(r.model.as_deref(), r.max_tokens);
+        let output = r.output_reservation(&models);
         self.spend = Some(Spend {
             models,
             model: r.model.clone(),
             prompt,
             output,
         });
-        if provider != Provider::Openai || !r.stream {
+        // Chat and completions only: the Responses API reports usage in `response.completed`
+        // and has other `stream_options`.
+        if provider != Provider::Openai
+            || !r.stream
+            || !matches!(r.api, Api::Chat | Api::Completions)
+        {
             return;
         }
         if let Some(new) = add_include_usage(body) {
@@ -784,6 +798,14 @@ impl RequestFlow {
             },
         }
     }
+}
+
+/// Whether a response status says the provider refused the request, so nothing was spent: a
+/// 4xx (a 408 is Envoy's own timeout of a request the provider may still be answering, and
+/// billing). A 5xx may come from Envoy (an upstream timeout, a reset) after the provider spent:
+/// the reservation stands.
+pub fn refused(status: u16) -> bool {
+    (400..500).contains(&status) && status != 408
 }
 
 /// The decision's outcome: upstream with its headers, or its reply.

@@ -331,7 +331,7 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
     // The answer streams through; its usage goes to the server under the handle.
     host.response_headers = vec![("content-type".into(), "text/event-stream".into())];
     assert_eq!(flow.on_response_headers(&mut host, false), Flow::Continue);
-    host.response_chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\n".to_vec();
+    host.response_chunk = b"data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":7,\"total_tokens\":12}}\n\ndata: [DONE]\n\n".to_vec();
     let len = host.response_chunk.len();
     assert_eq!(flow.on_response_body(&mut host, len, true), Flow::Continue);
     let server = p.config.server.clone().unwrap();
@@ -511,7 +511,7 @@ fn allowed_with_a_reservation() -> (RequestFlow, FakeHost, Rc<Outbox>) {
     let mut host = FakeHost::request(
         "POST",
         "/v1/chat/completions",
-        &[("x-team-id", "research")],
+        &[("x-team-id", "research"), ("accept-encoding", "gzip, br")],
         &chat("gpt-4o"),
     );
     let outbox = Rc::new(Outbox::default());
@@ -589,12 +589,33 @@ fn answers_without_usage_cannot_dodge_a_budget() {
     flow.on_done(&mut host);
     assert_eq!(reported(&mut host, &outbox), vec![None]);
 
-    // The provider refused (429, 5xx): nothing was spent.
+    // The provider refused (429): nothing was spent.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    host.response_headers = vec![(":status".into(), "429".into())];
+    flow.on_response_headers(&mut host, false);
+    flow.on_done(&mut host);
+    assert_eq!(reported(&mut host, &outbox), vec![Some(0.0)]);
+
+    // A 5xx may be Envoy's own (an upstream timeout) after the provider spent: the
+    // reservation stands.
     let (mut flow, mut host, outbox) = allowed_with_a_reservation();
     host.response_headers = vec![(":status".into(), "503".into())];
     flow.on_response_headers(&mut host, false);
     flow.on_done(&mut host);
-    assert_eq!(reported(&mut host, &outbox), vec![Some(0.0)]);
+    assert_eq!(reported(&mut host, &outbox), vec![None]);
+
+    // An answer compressed despite the request: unread, the reservation stands.
+    let (mut flow, mut host, outbox) = allowed_with_a_reservation();
+    assert_eq!(host.header("accept-encoding"), None);
+    host.response_headers = vec![
+        ("content-type".into(), "application/json".into()),
+        ("content-encoding".into(), "gzip".into()),
+    ];
+    flow.on_response_headers(&mut host, false);
+    host.response_chunk = br#"{"usage":{"prompt_tokens":1,"completion_tokens":1}}"#.to_vec();
+    let len = host.response_chunk.len();
+    flow.on_response_body(&mut host, len, true);
+    assert_eq!(reported(&mut host, &outbox), vec![None]);
 }
 
 #[test]

@@ -261,6 +261,14 @@ impl Api {
 }
 
 impl RequestInfo {
+    /// The output tokens this request may be answered with, to reserve: its `max_tokens` (else
+    /// the model's output cap) for each of its `choices`.
+    pub fn output_reservation(&self, models: &crate::model_table::ModelTable) -> u64 {
+        models
+            .output_reservation(self.model.as_deref(), self.max_tokens)
+            .saturating_mul(u64::from(self.choices.max(1)))
+    }
+
     /// The prompt token estimate ([`crate::tokens::estimate`]): `estimated_tokens` when it was
     /// computed, else computed now from `prompt`. Set `estimated_tokens` to it once when it will
     /// be asked for more than once.
@@ -294,6 +302,10 @@ pub struct RequestInfo {
     pub stream: bool,
     /// Output token cap.
     pub max_tokens: Option<i64>,
+    /// Answers generated for this request (OpenAI `n`, `best_of`; 1 when absent), each up to
+    /// the output cap: what an output reservation is multiplied by.
+    #[serde(skip)]
+    pub choices: u32,
     /// Temperature.
     pub temperature: Option<f64>,
     /// End-user id from the body.

@@ -475,6 +475,12 @@ struct Body<'a, S> {
     max_completion_tokens: Option<i64>,
     #[serde(default)]
     max_output_tokens: Option<i64>,
+    /// OpenAI: completions generated per request (each up to `max_tokens`).
+    #[serde(default)]
+    n: Option<i64>,
+    /// OpenAI completions: candidates generated server-side.
+    #[serde(default)]
+    best_of: Option<i64>,
     #[serde(default)]
     temperature: Option<f64>,
     #[serde(default, borrow)]
@@ -516,6 +522,11 @@ impl<S: Sink> Body<'_, S> {
         .into_iter()
         .flatten()
         .max();
+        request.choices = [self.n, self.best_of]
+            .into_iter()
+            .flatten()
+            .max()
+            .map_or(1, |n| u32::try_from(n.clamp(1, 10_000)).unwrap_or(1));
         request.temperature = self.temperature;
         request.user = self
             .user

@@ -227,11 +227,15 @@ impl ModelTable {
     }
 }
 
-/// What a request that reserved `prompt` + `output` tokens is charged once its answer is read:
-/// the answer's usage (tokens, and its cost) when it gave one; for a stream without usage (cut,
-/// or a provider that does not say) the larger of the reservation and the prompt plus the text
-/// that streamed; otherwise nothing known (`None`: the reservation stands). The filter and the
-/// server's ext_proc edge both settle with this.
+/// What a request that reserved `prompt` + `output` tokens is charged once its answer is read
+/// (the filter and the server's ext_proc edge both settle with this):
+/// - an answer that reported its usage and ended (a JSON answer; a stream that reached its end
+///   event): that usage, at the table's prices;
+/// - a stream cut before its end, or one that never reported usage: the largest of the usage it
+///   reported so far, the prompt estimate plus the text that streamed, and the reservation (a
+///   client that cuts a stream early cannot pay less than it reserved);
+/// - nothing known (a JSON answer without usage, an unreadable body): `None`, the reservation
+///   stands.
 pub fn charge_for(
     models: &ModelTable,
     model: Option<&str>,
@@ -239,25 +243,30 @@ pub fn charge_for(
     output: u64,
     reading: &crate::usage::Reading,
 ) -> (Option<f64>, Option<f64>) {
-    if let Some(u) = &reading.usage {
+    let Some(counted) = reading.streamed_output else {
+        return match (&reading.usage, reading.complete) {
+            (Some(u), true) => (Some(u.tokens()), Some(models.cost(model, u))),
+            _ => (None, None),
+        };
+    };
+    if let (Some(u), true) = (&reading.usage, reading.complete) {
         return (Some(u.tokens()), Some(models.cost(model, u)));
     }
-    match reading.streamed_output {
-        Some(counted) => {
-            let streamed = if counted.is_finite() && counted > 0.0 {
-                counted as u64
-            } else {
-                0
-            };
-            let reserved = prompt.saturating_add(output);
-            let tokens = reserved.max(prompt.saturating_add(streamed)) as f64;
-            let usd = models
-                .estimate_usd(model, prompt, output)
-                .max(models.estimate_usd(model, prompt, streamed));
-            (Some(tokens), Some(usd))
-        }
-        None => (None, None),
+    let streamed = if counted.is_finite() && counted > 0.0 {
+        counted as u64
+    } else {
+        0
+    };
+    let reserved = prompt.saturating_add(output);
+    let mut tokens = reserved.max(prompt.saturating_add(streamed)) as f64;
+    let mut usd = models
+        .estimate_usd(model, prompt, output)
+        .max(models.estimate_usd(model, prompt, streamed));
+    if let Some(u) = &reading.usage {
+        tokens = tokens.max(u.tokens());
+        usd = usd.max(models.cost(model, u));
     }
+    (Some(tokens), Some(usd))
 }
 
 /// `/` and `~` escaped for a JSON pointer segment.
@@ -308,6 +317,58 @@ mod tests {
         let usage = reader.finish().usage.unwrap();
         let usd = t.cost(Some("claude-sonnet-4-5-20250929"), &usage);
         assert!((usd - 0.00795).abs() < 1e-12, "{usd}");
+    }
+
+    #[test]
+    fn a_stream_cut_before_its_end_pays_at_least_its_reservation() {
+        use crate::usage::UsageReader;
+        let t = ModelTable::default();
+        let read = |ct: &str, body: &[u8]| {
+            let mut r = UsageReader::new(ct);
+            r.feed(body);
+            r.finish()
+        };
+        // Anthropic: message_start reports 1 output token; the client cuts after the text.
+        let cut = read(
+            "text/event-stream",
+            b"event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":50,\"output_tokens\":1}}}\n\nevent: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"delta\":{\"type\":\"text_delta\",\"text\":\"Hello\"}}\n\n",
+        );
+        assert!(!cut.complete);
+        let (tokens, usd) = charge_for(&t, Some("claude-sonnet-4-5"), 50, 1000, &cut);
+        assert_eq!(tokens, Some(1050.0));
+        assert!(usd.unwrap() >= t.estimate_usd(Some("claude-sonnet-4-5"), 50, 1000));
+        // The same stream, whole: its final usage.
+        let whole = read(
+            "text/event-stream",
+            b"data: {\"type\":\"message_start\",\"message\":{\"usage\":{\"input_tokens\":50,\"output_tokens\":1}}}\n\ndata: {\"type\":\"message_delta\",\"usage\":{\"output_tokens\":7}}\n\ndata: {\"type\":\"message_stop\"}\n\n",
+        );
+        assert!(whole.complete);
+        assert_eq!(charge_for(&t, None, 50, 1000, &whole).0, Some(57.0));
+        // A JSON answer: its usage; none at all: the reservation stands.
+        let json = read(
+            "application/json",
+            br#"{"usage":{"prompt_tokens":5,"completion_tokens":5}}"#,
+        );
+        assert_eq!(charge_for(&t, None, 50, 1000, &json).0, Some(10.0));
+        let none = read("application/json", br#"{"choices":[]}"#);
+        assert_eq!(charge_for(&t, None, 50, 1000, &none), (None, None));
+    }
+
+    #[test]
+    fn a_usage_key_the_client_echoes_cannot_hide_the_real_one() {
+        use crate::usage::UsageReader;
+        // The Responses API echoes `metadata` after `usage`.
+        let mut r = UsageReader::new("application/json");
+        r.feed(br#"{"output":[],"usage":{"input_tokens":3,"output_tokens":4,"total_tokens":7},"user":null,"metadata":{"usage":"0"}}"#);
+        assert_eq!(r.finish().usage.map(|u| u.tokens()), Some(7.0));
+        let mut r = UsageReader::new("application/json");
+        r.feed(br#"{"usage":{"input_tokens":3,"output_tokens":4},"metadata":{"usage":{"x":1}}}"#);
+        assert_eq!(r.finish().usage.map(|u| u.tokens()), Some(7.0));
+        // A compressed answer is not read (the reservation stands).
+        assert!(matches!(
+            UsageReader::for_response("application/json", Some("gzip")),
+            UsageReader::Off
+        ));
     }
 
     #[test]

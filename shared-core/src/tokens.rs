@@ -8,7 +8,8 @@
 //! class instead:
 //! - a run of ASCII letters and digits: one token per 4 characters, at least one;
 //! - ASCII punctuation and symbols: half a token each (tokenizers merge `();`, `->`, …);
-//! - ASCII white space: one token per line break (runs of spaces merge into the next word);
+//! - a line break, and any other control character: one token; spaces and tabs merge into the
+//!   next word, a long run of them costs a token per 8;
 //! - any other character below U+0800 (accented Latin, Greek, Cyrillic, Hebrew, Arabic): one;
 //! - a character from U+0800 up (CJK, kana, Hangul, Indic scripts, symbols): one token; one from
 //!   U+10000 up (emoji, rare CJK): three.
@@ -22,22 +23,28 @@
 /// the scripts of the calibration corpus, usually more).
 pub fn estimate(text: &str) -> u64 {
     let mut halves: u64 = 0;
+    // The current run of ASCII letters and digits, and of spaces and tabs.
     let mut run: u64 = 0;
-    let flush = |run: &mut u64, halves: &mut u64| {
-        if *run > 0 {
-            *halves = halves.saturating_add(run.div_ceil(4).saturating_mul(2));
-            *run = 0;
-        }
-    };
+    let mut blanks: u64 = 0;
     for c in text.chars() {
+        if c == ' ' || c == '\t' {
+            halves = halves.saturating_add(run.div_ceil(4).saturating_mul(2));
+            run = 0;
+            blanks = blanks.saturating_add(1);
+            continue;
+        }
+        // Spaces merge into the next word; a long run of them is a token per 8.
+        halves = halves.saturating_add(blanks / 4);
+        blanks = 0;
         if c.is_ascii_alphanumeric() {
             run = run.saturating_add(1);
             continue;
         }
-        flush(&mut run, &mut halves);
+        halves = halves.saturating_add(run.div_ceil(4).saturating_mul(2));
+        run = 0;
         let cost = match c as u32 {
-            0x0A => 2,
-            0x00..=0x20 | 0x7F => 0,
+            // A line break, and any other control character: a token each.
+            0x00..=0x1F | 0x7F => 2,
             0x21..=0x7E => 1,
             0x80..=0x7FF => 2,
             0x800..=0xFFFF => 2,
@@ -45,7 +52,9 @@ pub fn estimate(text: &str) -> u64 {
         };
         halves = halves.saturating_add(cost);
     }
-    flush(&mut run, &mut halves);
+    halves = halves
+        .saturating_add(blanks / 4)
+        .saturating_add(run.div_ceil(4).saturating_mul(2));
     halves.div_ceil(2)
 }
 
@@ -63,5 +72,8 @@ mod tests {
         assert_eq!(estimate("😀"), 3);
         assert_eq!(estimate("über"), 2);
         assert_eq!(estimate("a\nb"), 3);
+        // Text a client pads with what tokenizers still count: control characters, blanks.
+        assert_eq!(estimate(&"\u{1}".repeat(100)), 100);
+        assert!(estimate(&" ".repeat(100_000)) >= 12_500);
     }
 }

@@ -21,8 +21,10 @@ use memchr::memmem;
 use serde::Deserialize;
 use serde_json::Value;
 
-/// Bytes kept from the end of a JSON answer, or of one SSE line.
-pub const TAIL_BYTES: usize = 4 * 1024;
+/// Bytes kept from the end of a JSON answer, or of one SSE line: enough for what follows
+/// `usage` in the providers' answers (the Responses API echoes `user` and `metadata` after it,
+/// at most 16 pairs of 64 + 512 characters).
+pub const TAIL_BYTES: usize = 16 * 1024;
 
 /// Token counts of one answer.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -65,6 +67,23 @@ struct Fields {
     input_tokens_details: Option<Details>,
 }
 
+impl Fields {
+    /// No count at all (`{}`, or an object of other keys): not a usage object.
+    fn is_empty(&self) -> bool {
+        [
+            self.prompt_tokens,
+            self.completion_tokens,
+            self.total_tokens,
+            self.input_tokens,
+            self.output_tokens,
+            self.cache_creation_input_tokens,
+            self.cache_read_input_tokens,
+        ]
+        .iter()
+        .all(Option::is_none)
+    }
+}
+
 /// The last [`TAIL_BYTES`] of a byte stream.
 #[derive(Debug, Default)]
 pub struct Tail(Vec<u8>);
@@ -100,6 +119,10 @@ pub struct Reading {
     pub usage: Option<Usage>,
     /// Output tokens counted from a stream's generated text (`None`: not a stream).
     pub streamed_output: Option<f64>,
+    /// A stream reached its end event (OpenAI `[DONE]`, Anthropic `message_stop`, the Responses
+    /// API's `response.completed`): its usage is final. A stream cut before it has reported only
+    /// part of its usage (Anthropic's `message_start` counts one output token).
+    pub complete: bool,
 }
 
 /// The state of an SSE stream being read.
@@ -115,6 +138,8 @@ pub struct SseState {
     seen: Option<Usage>,
     /// Output tokens counted from the deltas so far.
     counted: u64,
+    /// The stream's end event was seen.
+    complete: bool,
 }
 
 /// Reads usage from one response body, chunk by chunk.
@@ -134,6 +159,16 @@ impl UsageReader {
         let ct = content_type.trim_start();
         let p = "text/event-stream";
         ct.get(..p.len()).is_some_and(|h| h.eq_ignore_ascii_case(p))
+    }
+
+    /// A reader for a response with these `content-type` and `content-encoding` headers: a
+    /// compressed body cannot be read (the engine asks for none: it removes `accept-encoding`
+    /// from a request that waits for its usage), and is left [`UsageReader::Off`].
+    pub fn for_response(content_type: &str, content_encoding: Option<&str>) -> UsageReader {
+        match content_encoding.map(str::trim) {
+            Some(e) if !e.is_empty() && !e.eq_ignore_ascii_case("identity") => UsageReader::Off,
+            _ => UsageReader::new(content_type),
+        }
     }
 
     /// A reader for a response of this `content-type`.
@@ -179,6 +214,7 @@ impl UsageReader {
                 let mut seen = None;
                 merge(&mut seen, &tail.0);
                 Reading {
+                    complete: seen.is_some(),
                     usage: seen,
                     streamed_output: None,
                 }
@@ -188,6 +224,7 @@ impl UsageReader {
                 Reading {
                     usage: s.seen,
                     streamed_output: Some(s.counted as f64),
+                    complete: s.complete,
                 }
             }
             UsageReader::Off => Reading::default(),
@@ -205,6 +242,10 @@ impl SseState {
             let data = line.strip_prefix(b"data:").unwrap_or(line);
             merge(&mut self.seen, data);
             self.counted = self.counted.saturating_add(delta_tokens(data, full));
+            let trimmed = trim_start(data);
+            self.complete |= trimmed.starts_with(b"[DONE]")
+                || memmem::find(data, b"\"type\":\"message_stop\"").is_some()
+                || memmem::find(data, b"\"type\":\"response.completed\"").is_some();
         }
         self.head.clear();
         self.line.0.clear();
@@ -414,30 +455,41 @@ pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
     }
 }
 
-/// Finds the last `"usage"` key in `text` and adds its object. Counts are cumulative in every
-/// provider's stream, so the largest value seen wins.
+/// Finds the last `"usage"` key in `text` whose value is a usage object and adds it (a
+/// `"usage"` key the client put in echoed fields, `metadata` say, with another value is passed
+/// over). Counts are cumulative in every provider's stream, so the largest value seen wins.
 fn merge(seen: &mut Option<Usage>, text: &[u8]) {
     const KEY: &[u8] = b"\"usage\"";
-    let Some(at) = memmem::rfind(text, KEY) else {
+    let mut end = text.len();
+    while let Some(at) = text.get(..end).and_then(|t| memmem::rfind(t, KEY)) {
+        end = at;
+        let rest = trim_start(text.get(at.saturating_add(KEY.len())..).unwrap_or_default());
+        let Some(rest) = rest.strip_prefix(b":") else {
+            continue;
+        };
+        // The object that follows, up to wherever it ends (the rest of the line is ignored).
+        let mut values =
+            serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<Fields>();
+        let Some(Ok(f)) = values.next() else {
+            continue;
+        };
+        if f.is_empty() {
+            continue;
+        }
+        add(seen, &f);
         return;
-    };
-    let rest = text.get(at.saturating_add(KEY.len())..).unwrap_or_default();
-    let rest = trim_start(rest);
-    let Some(rest) = rest.strip_prefix(b":") else {
-        return;
-    };
-    // The object that follows, up to wherever it ends (the rest of the line is ignored).
-    let mut values = serde_json::Deserializer::from_slice(trim_start(rest)).into_iter::<Fields>();
-    let Some(Ok(f)) = values.next() else {
-        return;
-    };
+    }
+}
+
+/// Adds one usage object to what was seen.
+fn add(seen: &mut Option<Usage>, f: &Fields) {
     let u = seen.get_or_insert_with(Usage::default);
     let read = f.cache_read_input_tokens.unwrap_or(0.0);
     let write = f.cache_creation_input_tokens.unwrap_or(0.0);
     let input = f.prompt_tokens.unwrap_or(0.0) + f.input_tokens.unwrap_or(0.0) + write + read;
     let cached = read
-        + [f.prompt_tokens_details, f.input_tokens_details]
-            .iter()
+        + [&f.prompt_tokens_details, &f.input_tokens_details]
+            .into_iter()
             .flatten()
             .filter_map(|d| d.cached_tokens)
             .sum::<f64>();
@@ -602,9 +654,9 @@ data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{
         assert_eq!(r.finish().streamed_output, Some(2.0));
         // A line too long to keep counts by its length.
         let mut r = UsageReader::new("text/event-stream");
-        let long: Vec<u8> = [b"data: {\"x\":\"".as_slice(), &[b'a'; 8000], b"\"}\n"].concat();
+        let long: Vec<u8> = [b"data: {\"x\":\"".as_slice(), &[b'a'; 20000], b"\"}\n"].concat();
         r.feed(&long);
-        assert_eq!(r.finish().streamed_output, Some(2004.0));
+        assert_eq!(r.finish().streamed_output, Some(5004.0));
     }
 
     #[test]

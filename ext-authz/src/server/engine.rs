@@ -612,7 +612,16 @@ impl Engine {
                     Ok(all) => all.get(i).copied().ok_or(StoreError::Poisoned),
                     Err(e) => Err(e.clone()),
                 };
-                let check = self.counter_answer(rule, charge, one, counting)?;
+                // One did not fit, so none was reserved. The ones that fit are reserved on their
+                // own: if the rule that was over only allows (a soft budget), the request still
+                // goes ahead and must be charged on the others; if it throttles, settling gives
+                // them back.
+                let check = match one {
+                    Ok(r) if r.reservation == Some(ReservationId::NONE) => {
+                        self.answer_counter(rule, charge, counting).await?
+                    }
+                    one => self.counter_answer(rule, charge, one, counting)?,
+                };
                 batched.push((*id, check));
             }
         }
@@ -776,7 +785,7 @@ impl Engine {
                         handle,
                         model: r.model.clone(),
                         prompt: r.prompt_tokens(),
-                        output: models.output_reservation(r.model.as_deref(), r.max_tokens),
+                        output: r.output_reservation(&models),
                     });
                 }
                 return checked;

@@ -148,11 +148,15 @@ pub fn response(checked: Checked) -> CheckResponse {
     match checked.reply {
         None => {
             // Headers only the server may set upstream: a client's copy is removed.
-            let headers_to_remove = wire::SERVER_ONLY_HEADERS
+            let mut headers_to_remove: Vec<String> = wire::SERVER_ONLY_HEADERS
                 .iter()
                 .filter(|h| !checked.upstream.iter().any(|(k, _)| k == *h))
                 .map(|h| (*h).to_string())
                 .collect();
+            // An answer whose usage is read (the ext_proc edge) must come uncompressed.
+            if checked.reservation.is_some() {
+                headers_to_remove.push(String::from("accept-encoding"));
+            }
             CheckResponse {
                 status: Some(rpc::Status {
                     code: code::OK,

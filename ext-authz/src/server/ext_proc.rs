@@ -76,12 +76,13 @@ impl Answer {
     fn settle(self, engine: &Engine) -> Option<(String, Usage)> {
         let r = self.reservation?;
         let usage = match (self.status, self.reader) {
-            // The provider refused or failed: nothing was spent.
-            (Some(s), _) if s >= 400 => Usage {
+            // The provider refused the request: nothing was spent (a 5xx may be Envoy's, after
+            // the provider spent: the reservation stands).
+            (Some(s), _) if (400..500).contains(&s) && s != 408 => Usage {
                 tokens: Some(0.0),
                 usd: Some(0.0),
             },
-            (Some(_), Some(reader)) => {
+            (Some(s), Some(reader)) if s < 400 => {
                 let reading: Reading = reader.finish();
                 let models = engine.models();
                 let (tokens, usd) =
@@ -132,7 +133,8 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
                 return true;
             }
             let ct = header(headers, "content-type").unwrap_or_default();
-            answer.reader = Some(UsageReader::new(&ct));
+            let encoding = header(headers, "content-encoding");
+            answer.reader = Some(UsageReader::for_response(&ct, encoding.as_deref()));
             answer.done = h.end_of_stream;
         }
         Some(In::ResponseBody(b)) => {

@@ -13,7 +13,7 @@ pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: V
     let r = view.req;
     let model = r.model.as_deref();
     let prompt = r.prompt_tokens();
-    let output = ns.models.output_reservation(model, r.max_tokens);
+    let output = r.output_reservation(&ns.models);
     Charge {
         rule: rule.id.clone(),
         source: limit.source,
