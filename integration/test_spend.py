@@ -290,6 +290,21 @@ def test_the_reservation_handle_never_reaches_the_provider(spend, mode):
     settled(spend.server, "user-tokens", user, 0.0)
 
 
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_cannot_set_envoys_retries_or_timeouts(spend, mode):
+    """`x-envoy-max-retries`, `x-envoy-retry-on`, per-try timeouts: a client that set them could
+    have the provider answer (and bill) several times for one charged request."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    spend.upstream.reset()
+    c = client(spend.envoys[mode], user, **{"x-envoy-max-retries": "5", "x-envoy-retry-on": "5xx,reset",
+                                            "x-envoy-upstream-rq-per-try-timeout-ms": "1"})
+    assert send(c, max_tokens=10)[0] == 200
+    (seen,) = spend.upstream.requests()
+    assert not any(k.startswith("x-envoy-") and k != "x-envoy-expected-rq-timeout-ms" for k in seen["headers"]), \
+        seen["headers"]
+    settled(spend.server, "user-tokens", user, 0.0)
+
+
 def test_usage_reports_need_the_usage_token(spend):
     body = json.dumps({"requestId": "0" * 32, "tokens": 0}).encode()
 

@@ -713,7 +713,21 @@ pub fn generate(
     };
 
     let identity = identity_parts(args, &context, &upstream)?;
-    let mut filters = identity.before.clone();
+    // Envoy obeys `x-envoy-*` request headers from requests it takes as internal (retries,
+    // per-try timeouts): a client could make the provider answer, and bill, several times for one
+    // charged request. None of them is the client's to set.
+    let mut filters = String::from(
+        "                  # Envoy's own control headers (retries, timeouts) are never the client's:
+                  # removed first, so one request is never answered (and billed) several times.
+                  - name: envoy.filters.http.header_mutation
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.filters.http.header_mutation.v3.HeaderMutation
+                      mutations:
+                        request_mutations:
+                          - remove_on_match: { key_matcher: { prefix: \"x-envoy-\" } }
+",
+    );
+    filters.push_str(&identity.before);
     if uses_filter {
         if args.policies.is_empty() {
             return Err(EnvoyConfigError::Argument(String::from(
