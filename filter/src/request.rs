@@ -177,6 +177,12 @@ impl RequestFlow {
 
     /// Response headers arrived.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let wants =
+            self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
+        // Most answers: nothing to read, no host call.
+        if self.stripper.is_none() && (!wants || self.usage.is_some()) {
+            return Flow::Continue;
+        }
         let status = host
             .response_header(":status")
             .and_then(|s| s.parse::<u16>().ok())
@@ -195,8 +201,6 @@ impl RequestFlow {
                 host.set_response_header("content-length", None);
             }
         }
-        let wants =
-            self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
         if !wants || self.usage.is_some() {
             return Flow::Continue;
         }

@@ -501,8 +501,11 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
                 .as_ref()
                 .is_some_and(|l| l.kind != CounterKind::Requests);
             needs.prompt |= counts_tokens;
+            // A plugin may read any text; its estimate is made on demand
+            // (`RequestInfo::prompt_tokens`), never for every request.
             if r.plugin.is_some() {
-                needs = Needs::ALL;
+                needs.messages = true;
+                needs.prompt = true;
             }
         }
     }

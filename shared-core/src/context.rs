@@ -505,7 +505,9 @@ impl<'a> View<'a> {
             FieldRef::User => opt_str(&r.user),
             FieldRef::Messages => FieldValue::Messages(&r.messages),
             FieldRef::Prompt => FieldValue::Str(&r.prompt),
-            FieldRef::EstimatedTokens => FieldValue::Int(r.estimated_tokens),
+            FieldRef::EstimatedTokens => {
+                FieldValue::Int(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
+            }
             FieldRef::Tools => FieldValue::StrList(&r.tools),
             FieldRef::BodyBytes => FieldValue::Int(outer.body_bytes),
             FieldRef::PrincipalAll => FieldValue::Principal(&self.ctx.principal),

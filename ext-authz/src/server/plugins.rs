@@ -813,7 +813,9 @@ impl Serialize for FieldValue<'_> {
             FieldRef::User => r.user.serialize(s),
             FieldRef::Messages => r.messages.serialize(s),
             FieldRef::Prompt => s.serialize_str(&r.prompt),
-            FieldRef::EstimatedTokens => s.serialize_i64(r.estimated_tokens),
+            FieldRef::EstimatedTokens => {
+                s.serialize_i64(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
+            }
             FieldRef::Tools => r.tools.serialize(s),
             FieldRef::BodyBytes => s.serialize_i64(r.body_bytes),
             FieldRef::PrincipalAll => s.collect_map(ctx.principal.iter().map(|(k, v)| (k, v))),
