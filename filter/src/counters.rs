@@ -249,19 +249,11 @@ impl Counters {
             };
             entry.advance(now_secs);
             let (used, oldest) = entry.used(now_secs);
-            // As the server's stores: a charge of 0 fits while the limit is not spent.
-            let fits = if charge.amount > 0.0 {
-                used + charge.amount <= charge.limit
-            } else {
-                used < charge.limit
-            };
-            if !fits {
+            if !window::fits(used, charge.amount, charge.limit) {
                 return Count::Over(LimitState {
                     limit: charge.limit,
                     remaining: (charge.limit - used).max(0.0),
-                    reset_secs: oldest.map_or(window::slot_len(window), |o| {
-                        window::reset_secs(o, now_secs, window)
-                    }),
+                    reset_secs: window::retry_after(oldest, now_secs, window),
                 });
             }
             let idx = entry.newest;

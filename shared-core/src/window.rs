@@ -45,6 +45,23 @@ pub fn reset_secs(oldest: u64, now: u64, window_secs: u64) -> u64 {
     until.saturating_sub(now).max(1)
 }
 
+/// Whether a charge of `amount` fits a counter that counts `used` against `limit`: a charge of 0
+/// (a cost not known yet) fits while the limit is not spent. The filter's counters and the
+/// server's stores decide with this (the Redis scripts write the same comparison).
+pub fn fits(used: f64, amount: f64, limit: f64) -> bool {
+    if amount > 0.0 {
+        used + amount <= limit
+    } else {
+        used < limit
+    }
+}
+
+/// `retry-after` for a counter whose oldest counted slot is `oldest` (`None`: nothing counts,
+/// a slot).
+pub fn retry_after(oldest: Option<u64>, now: u64, window_secs: u64) -> u64 {
+    oldest.map_or(slot_len(window_secs), |o| reset_secs(o, now, window_secs))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -285,11 +285,7 @@ impl MemoryStore {
                 }
             };
             let used = used + earlier;
-            let fits = if charge.amount > 0.0 {
-                used + charge.amount <= charge.limit
-            } else {
-                used < charge.limit
-            };
+            let fits = window::fits(used, charge.amount, charge.limit);
             all_fit &= fits;
             states.push((fits, used, oldest, window));
         }
@@ -299,18 +295,13 @@ impl MemoryStore {
         let mut out = Vec::with_capacity(charges.len());
         let mut made = Vec::new();
         for (charge, (fits, used, oldest, window)) in charges.iter().zip(states) {
-            let reset = |o: Option<u64>| {
-                o.map_or(window::slot_len(window), |o| {
-                    window::reset_secs(o, now, window)
-                })
-            };
             if !all_fit {
                 out.push(Reserved {
                     reservation: fits.then_some(ReservationId::NONE),
                     state: LimitState {
                         limit: charge.limit,
                         remaining: (charge.limit - used).max(0.0),
-                        reset_secs: reset(oldest),
+                        reset_secs: window::retry_after(oldest, now, window),
                     },
                 });
                 continue;
@@ -342,7 +333,11 @@ impl MemoryStore {
                 state: LimitState {
                     limit: charge.limit,
                     remaining: (charge.limit - used - charge.amount).max(0.0),
-                    reset_secs: reset(Some(oldest.map_or(slot, |o| o.min(slot)))),
+                    reset_secs: window::retry_after(
+                        Some(oldest.map_or(slot, |o| o.min(slot))),
+                        now,
+                        window,
+                    ),
                 },
             });
         }
@@ -351,70 +346,19 @@ impl MemoryStore {
         Ok(out)
     }
 
-    /// Checks `charge` against its sliding window and, when `reserve`, reserves it.
-    fn reserve_now(
-        &self,
-        charge: &Charge,
-        now: u64,
-        reserve: bool,
-    ) -> Result<Reserved, StoreError> {
+    /// Whether `charge` would fit its sliding window now, reserving nothing.
+    fn peek_now(&self, charge: &Charge, now: u64) -> Result<Reserved, StoreError> {
         let window = charge.window_secs.max(1);
-        self.clock.fetch_max(now, Ordering::Relaxed);
-        let mut shard = self.shard(&charge.key).lock().map_err(poisoned)?;
-        if !shard.contains_key(&charge.key) {
-            if self.keys.load(Ordering::Relaxed) >= self.max_keys {
-                return Err(StoreError::Full(self.max_keys));
-            }
-            self.keys.fetch_add(1, Ordering::Relaxed);
-        }
-        let c = shard.entry(charge.key.clone()).or_default();
-        c.window = window;
-        c.trim(now);
-        let (used, oldest) = c.used(now);
-        // A request limit counts one per request whatever `amount` says; a charge of 0 (a cost
-        // budget before the cost is known) fits while the budget is not spent.
-        let fits = if charge.amount > 0.0 {
-            used + charge.amount <= charge.limit
-        } else {
-            used < charge.limit
-        };
-        let reset_secs = |oldest: Option<u64>| {
-            oldest.map_or(window::slot_len(window), |o| {
-                window::reset_secs(o, now, window)
-            })
-        };
-        let remaining_after = |extra: f64| (charge.limit - used - extra).max(0.0);
-        if !fits || !reserve {
-            return Ok(Reserved {
-                reservation: fits.then_some(ReservationId(0)),
-                state: LimitState {
-                    limit: charge.limit,
-                    remaining: remaining_after(if fits { charge.amount } else { 0.0 }),
-                    reset_secs: reset_secs(oldest),
-                },
-            });
-        }
-        let slot = c.current(now);
-        slot.reserved += charge.amount;
-        let slot = slot.idx;
-        let oldest = oldest.map_or(slot, |o| o.min(slot));
-        drop(shard);
-        let id = self.next.fetch_add(1, Ordering::Relaxed);
-        self.reservations.lock().map_err(poisoned)?.insert(
-            id,
-            Reservation {
-                key: charge.key.clone(),
-                slot,
-                amount: charge.amount,
-                made_at: now,
-            },
-        );
+        let shard = self.shard(&charge.key).lock().map_err(poisoned)?;
+        let (used, oldest) = shard.get(&charge.key).map_or((0.0, None), |c| c.used(now));
+        let fits = window::fits(used, charge.amount, charge.limit);
+        let extra = if fits { charge.amount } else { 0.0 };
         Ok(Reserved {
-            reservation: Some(ReservationId(id)),
+            reservation: fits.then_some(ReservationId::NONE),
             state: LimitState {
                 limit: charge.limit,
-                remaining: remaining_after(charge.amount),
-                reset_secs: reset_secs(Some(oldest)),
+                remaining: (charge.limit - used - extra).max(0.0),
+                reset_secs: window::retry_after(oldest, now, window),
             },
         })
     }
@@ -494,7 +438,7 @@ impl CounterStore for MemoryStore {
         charge: &'a Charge,
         now: u64,
     ) -> StoreFuture<'a, Result<Reserved, StoreError>> {
-        Box::pin(async move { self.reserve_now(charge, now, false) })
+        Box::pin(async move { self.peek_now(charge, now) })
     }
 
     fn reserve<'a>(
@@ -502,7 +446,10 @@ impl CounterStore for MemoryStore {
         charge: &'a Charge,
         now: u64,
     ) -> StoreFuture<'a, Result<Reserved, StoreError>> {
-        Box::pin(async move { self.reserve_now(charge, now, true) })
+        Box::pin(async move {
+            let mut all = self.reserve_all_now(std::slice::from_ref(charge), now)?;
+            all.pop().ok_or(StoreError::Poisoned)
+        })
     }
 
     fn commit(

@@ -53,69 +53,12 @@ local function settle(rkey, pending, id, mode, actual, grace)
 end
 ";
 
-/// `KEYS`: counter key, id sequence, reservation key prefix, pending set. `ARGV`: limit, amount,
-/// window seconds, `1` to reserve (else a peek), grace seconds, kind (`r`, `t`, `u`). Returns
-/// `{fits, remaining, reset_secs, id}` (remaining as a string: Lua numbers become integers on
-/// the way out). The sliding window's arithmetic is [`llm_policy_core::window`]'s.
-static RESERVE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
-        r"
-local SLOTS = {SLOTS}
-local now = tonumber(redis.call('TIME')[1])
-local window = tonumber(ARGV[3])
-local len = math.max(1, math.ceil(window / SLOTS))
-local cur = math.floor(now / len)
-local first = math.floor(math.max(now - window - 1, 0) / len)
-local ckey = KEYS[1]
-local h = redis.call('HGETALL', ckey)
-local used = 0
-local oldest = nil
-local stale = {{}}
-for i = 1, #h, 2 do
-  local f = h[i]
-  local v = tonumber(h[i + 1]) or 0
-  local idx = tonumber(string.sub(f, 3))
-  if idx and idx >= first then
-    used = used + v
-    if v > 0 and (oldest == nil or idx < oldest) then oldest = idx end
-  elseif string.sub(f, 1, 1) == 's' or v <= 0 then
-    table.insert(stale, f)
-  end
-end
-if #stale > 0 then redis.call('HDEL', ckey, unpack(stale)) end
-local limit = tonumber(ARGV[1])
-local amount = tonumber(ARGV[2])
-local fits
-if amount > 0 then fits = used + amount <= limit else fits = used < limit end
-local function reset(o)
-  if o == nil then return len end
-  return math.max((o + 1) * len + window + 1 - now, 1)
-end
-if not fits then
-  return {{0, tostring(math.max(limit - used, 0)), reset(oldest), 0}}
-end
-if ARGV[4] ~= '1' then
-  return {{1, tostring(math.max(limit - used - amount, 0)), reset(oldest), 0}}
-end
-local grace = tonumber(ARGV[5])
-redis.call('HINCRBYFLOAT', ckey, 'r:' .. cur, amount)
-redis.call('HSET', ckey, 'n', window)
-redis.call('EXPIRE', ckey, window + len + grace + 1)
-local id = redis.call('INCR', KEYS[2])
-local rkey = KEYS[3] .. id
-redis.call('HSET', rkey, 'k', ckey, 'w', cur, 'n', window, 'a', ARGV[2], 'q', ARGV[6])
-redis.call('EXPIRE', rkey, window + 2 * grace)
-redis.call('ZADD', KEYS[4], now, id)
-if oldest == nil or cur < oldest then oldest = cur end
-return {{1, tostring(math.max(limit - used - amount, 0)), reset(oldest), id}}
-"
-    ))
-});
-
 /// Every charge or none, in one call. `KEYS`: id sequence, reservation key prefix, pending set,
-/// then one counter key per charge. `ARGV`: grace seconds, then per charge limit, amount, window
-/// seconds, kind. Returns per charge `{fits, remaining, reset_secs, id}`; when one does not fit,
-/// nothing is reserved and every id is 0.
+/// then one counter key per charge. `ARGV`: grace seconds, `1` to reserve (else a peek), then per
+/// charge limit, amount, window seconds, kind (`r`, `t`, `u`). Returns per charge `{fits,
+/// remaining, reset_secs, id}` (remaining as a string: Lua numbers become integers on the way
+/// out); when one does not fit, or on a peek, nothing is reserved and every id is 0. The sliding
+/// window's arithmetic is [`llm_policy_core::window`]'s.
 static RESERVE_ALL: LazyLock<Script> = LazyLock::new(|| {
     Script::new(&format!(
         r"
@@ -128,9 +71,9 @@ local out = {{}}
 local all = true
 for i = 1, n do
   local ckey = KEYS[3 + i]
-  local limit = tonumber(ARGV[2 + (i - 1) * 4])
-  local amount = tonumber(ARGV[3 + (i - 1) * 4])
-  local window = tonumber(ARGV[4 + (i - 1) * 4])
+  local limit = tonumber(ARGV[3 + (i - 1) * 4])
+  local amount = tonumber(ARGV[4 + (i - 1) * 4])
+  local window = tonumber(ARGV[5 + (i - 1) * 4])
   local len = math.max(1, math.ceil(window / SLOTS))
   local first = math.floor(math.max(now - window - 1, 0) / len)
   local h = redis.call('HGETALL', ckey)
@@ -159,14 +102,15 @@ for i = 1, n do
 end
 if not all then
   for i = 1, n do
-    if out[i][1] == 1 then out[i][2] = tostring(math.max(tonumber(out[i][2]) + tonumber(ARGV[3 + (i - 1) * 4]), 0)) end
+    if out[i][1] == 1 then out[i][2] = tostring(math.max(tonumber(out[i][2]) + tonumber(ARGV[4 + (i - 1) * 4]), 0)) end
   end
   return out
 end
+if ARGV[2] ~= '1' then return out end
 for i = 1, n do
   local ckey = KEYS[3 + i]
-  local amount = ARGV[3 + (i - 1) * 4]
-  local window = tonumber(ARGV[4 + (i - 1) * 4])
+  local amount = ARGV[4 + (i - 1) * 4]
+  local window = tonumber(ARGV[5 + (i - 1) * 4])
   local len = math.max(1, math.ceil(window / SLOTS))
   local cur = math.floor(now / len)
   redis.call('HINCRBYFLOAT', ckey, 'r:' .. cur, amount)
@@ -174,7 +118,7 @@ for i = 1, n do
   redis.call('EXPIRE', ckey, window + len + grace + 1)
   local id = redis.call('INCR', KEYS[1])
   local rkey = KEYS[2] .. id
-  redis.call('HSET', rkey, 'k', ckey, 'w', cur, 'n', window, 'a', amount, 'q', ARGV[5 + (i - 1) * 4])
+  redis.call('HSET', rkey, 'k', ckey, 'w', cur, 'n', window, 'a', amount, 'q', ARGV[6 + (i - 1) * 4])
   redis.call('EXPIRE', rkey, window + 2 * grace)
   redis.call('ZADD', KEYS[3], now, id)
   out[i][4] = id
@@ -294,46 +238,20 @@ impl RedisStore {
         }
     }
 
+    /// One charge, reserved (`reserve`) or peeked at.
     async fn check(&self, charge: &Charge, reserve: bool) -> Result<Reserved, StoreError> {
-        let key = self.redis.key(&format!("c:{}", charge.key));
-        let args = (
-            number(charge.limit),
-            number(charge.amount),
-            charge.window_secs.max(1),
-            if reserve { "1" } else { "0" },
-            self.grace_secs,
-        );
-        let (fits, remaining, reset, id): (i64, String, u64, u64) = self
-            .redis
-            .run(Feature::Counters, |mut conn| async move {
-                RESERVE
-                    .key(&key)
-                    .key(&self.seq)
-                    .key(&self.res_prefix)
-                    .key(&self.pending)
-                    .arg(args.0)
-                    .arg(args.1)
-                    .arg(args.2)
-                    .arg(args.3)
-                    .arg(args.4)
-                    .arg(kind_tag(charge.kind).to_string())
-                    .invoke_async(&mut conn)
-                    .await
-            })
-            .await
-            .map_err(StoreError::from)?;
-        let state = LimitState {
-            limit: charge.limit,
-            remaining: remaining.parse().unwrap_or(0.0),
-            reset_secs: reset,
-        };
-        Ok(Reserved {
-            reservation: (fits == 1).then_some(ReservationId(id)),
-            state,
-        })
+        let mut one = self
+            .check_all(std::slice::from_ref(charge), reserve)
+            .await?;
+        one.pop().ok_or(StoreError::Poisoned)
     }
 
-    async fn check_all(&self, charges: &[Charge]) -> Result<Vec<Reserved>, StoreError> {
+    /// Reserves (`reserve`) or peeks at every charge, all or none.
+    async fn check_all(
+        &self,
+        charges: &[Charge],
+        reserve: bool,
+    ) -> Result<Vec<Reserved>, StoreError> {
         let keys: Vec<String> = charges
             .iter()
             .map(|c| self.redis.key(&format!("c:{}", c.key)))
@@ -348,7 +266,8 @@ impl RedisStore {
                     for k in keys {
                         call.key(k);
                     }
-                    call.arg(self.grace_secs);
+                    call.arg(self.grace_secs)
+                        .arg(if reserve { "1" } else { "0" });
                     for c in charges {
                         call.arg(number(c.limit))
                             .arg(number(c.amount))
@@ -447,7 +366,7 @@ impl CounterStore for RedisStore {
         charges: &'a [Charge],
         _now: u64,
     ) -> StoreFuture<'a, Result<Vec<Reserved>, StoreError>> {
-        Box::pin(self.check_all(charges))
+        Box::pin(self.check_all(charges, true))
     }
 
     fn peek<'a>(
