@@ -10,7 +10,7 @@ did not.
 Test hooks: `GET /__requests` lists what arrived (base64 bodies), `POST /__reset` forgets it.
 Request headers shape an answer (the provider's behaviour a test needs; a real provider ignores
 them): `x-mock-prompt-tokens` / `x-mock-completion-tokens` set the usage it reports (default 9 /
-6), `x-mock-cached-tokens` the cached part of the prompt, `x-mock-no-usage: 1` leaves usage out
+6; the completion never above the request's `max_tokens`, as a real provider answers), `x-mock-cached-tokens` the cached part of the prompt, `x-mock-no-usage: 1` leaves usage out
 (as some providers and proxies do), `x-mock-pieces: N` streams N text pieces, and
 `x-mock-cut-after: K` drops the connection after K stream events (a cut stream). An OpenAI stream
 carries its usage chunk only when the request asks (`stream_options.include_usage`), as the real
@@ -28,10 +28,15 @@ LOCK = threading.Lock()
 SEEN = []
 
 
-def usage_of(knobs):
-    """(prompt, completion, cached) tokens the answer reports."""
-    return (int(knobs.get("x-mock-prompt-tokens", 9)), int(knobs.get("x-mock-completion-tokens", 6)),
-            int(knobs.get("x-mock-cached-tokens", 0)))
+def usage_of(knobs, req):
+    """(prompt, completion, cached) tokens the answer reports: the completion never above the
+    request's output cap, as a real provider answers."""
+    completion = int(knobs.get("x-mock-completion-tokens", 6))
+    caps = [req.get(k) for k in ("max_tokens", "max_completion_tokens", "max_output_tokens")]
+    caps = [c for c in caps if isinstance(c, int) and not isinstance(c, bool)]
+    if caps:
+        completion = min([completion] + caps)
+    return (int(knobs.get("x-mock-prompt-tokens", 9)), completion, int(knobs.get("x-mock-cached-tokens", 0)))
 
 
 def pieces_of(knobs, default):
@@ -42,7 +47,7 @@ def pieces_of(knobs, default):
 def openai_chat(req, stream, knobs):
     model = req.get("model", "gpt-4o")
     created = int(time.time())
-    prompt, completion, cached = usage_of(knobs)
+    prompt, completion, cached = usage_of(knobs, req)
     usage = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
     if cached:
         usage["prompt_tokens_details"] = {"cached_tokens": cached}
@@ -99,7 +104,7 @@ def openai_chat(req, stream, knobs):
 def anthropic_message(req, stream, knobs):
     model = req.get("model", "claude-sonnet-4-5")
     text = "Hello from the mock upstream."
-    prompt, completion, cached = usage_of(knobs)
+    prompt, completion, cached = usage_of(knobs, req)
     no_usage = knobs.get("x-mock-no-usage") == "1"
     usage = {"input_tokens": prompt - cached, "output_tokens": completion}
     if cached:

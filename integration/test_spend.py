@@ -11,6 +11,9 @@ official SDKs and a loopback provider that reports the usage each test asks of i
 - a request without `max_tokens` reserves the model's output cap;
 - a USD budget with the shipped prices stops at the right request;
 - a sliding limit admits no more than its limit in any minute across a boundary;
+- clamp instead of throttle: a budget that cannot pay for a request's `max_tokens` lowers it to
+  what it can pay for (`transform: {maxTokens: fitBudget}`), a fixed cap lowers every request a
+  rule allows; the provider receives the lowered body, the client the header that says so;
 - the reservation handle never reaches the provider, and usage reports need the usage token.
 """
 
@@ -62,6 +65,25 @@ spec:
         decision: throttle
         reason: "the team's daily token budget is spent"
         budget: { key: "{principal.team}", tokens: 1500, per: day }
+    - id: fit-tokens
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "fit-" } }
+      action:
+        decision: throttle
+        reason: "the user's daily token budget is spent"
+        budget: { key: "{principal.id}", tokens: 1000, per: day }
+        transform: { maxTokens: fitBudget, minTokens: 50 }
+    - id: cap-64
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "cap-" } }
+      action: { decision: allow, transform: { maxTokens: 64 } }
+    - id: cap-tokens
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "cap-" } }
+      action:
+        decision: throttle
+        reason: "the user's daily token budget is spent"
+        budget: { key: "{principal.id}", tokens: 1000, per: day }
     - id: five-a-minute
       priority: 20
       when: { match: { field: principal.id, op: starts_with, value: "rate-" } }
@@ -321,3 +343,114 @@ def test_usage_reports_need_the_usage_token(spend):
     assert post({"authorization": "Bearer not-the-token-0123456789"}) == 401
     # The right token: the (unknown) handle is looked up.
     assert post({"authorization": f"Bearer {USAGE_TOKEN}"}) == 404
+
+
+def raw_send(c, **kw):
+    """One chat completion with its response headers: (status, headers, answer or error)."""
+    try:
+        raw = c.chat.completions.with_raw_response.create(
+            model=kw.pop("model", "gpt-4o-mini"), messages=[{"role": "user", "content": "hi"}], **kw)
+        return 200, raw.headers, raw.parse()
+    except openai.RateLimitError as e:
+        return 429, e.response.headers, e
+
+
+def upstream_bodies(upstream):
+    return [json.loads(base64.b64decode(r["body"])) for r in upstream.requests()]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_budget_lowers_max_tokens_to_what_it_can_pay_for_instead_of_throttling(spend, mode):
+    """1,000 tokens a day, `fitBudget` down to 50 tokens. Each answer uses 1 prompt token and its
+    whole `max_tokens` of output (the provider answers up to the cap). Two requests of 400 go
+    through as sent; the third would not fit: it goes through lowered to what is left (the
+    provider receives the lowered body, the client `x-llm-policy-max-tokens`); the fourth finds
+    less than 50 tokens: throttled. Never more than the budget."""
+    user = f"fit-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
+    spend.upstream.reset()
+    results, spent = [], 0.0
+    for _ in range(4):
+        status, headers, answer = raw_send(c, max_tokens=400)
+        results.append((status, headers.get("x-llm-policy-max-tokens")))
+        if status == 200:
+            spent = settled(spend.server, "fit-tokens", user, spent)["spent"]
+    assert [r[0] for r in results] == [200, 200, 200, 429], results
+    assert results[0][1] is None and results[1][1] is None, results
+    lowered = int(results[2][1])
+    assert 150 < lowered < 200, results
+    bodies = upstream_bodies(spend.upstream)
+    assert [b["max_tokens"] for b in bodies] == [400, 400, lowered], bodies
+    assert 990 <= spent <= 1000, spent
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_lowered_stream_keeps_its_usage_report(spend, mode):
+    """A stream lowered by its budget: in filter mode the body gets both edits (the usage the
+    client did not ask for, and the lower cap); the SDK sees the stream it asked for."""
+    user = f"fit-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
+    spend.upstream.reset()
+    status, chunks = send(c, stream=True, max_completion_tokens=5000)
+    assert status == 200, chunks
+    assert all(ch.usage is None for ch in chunks)
+    (body,) = upstream_bodies(spend.upstream)
+    assert 950 < body["max_completion_tokens"] < 1000, body
+    assert ("stream_options" in body) == (mode == "filter"), body
+    spent = settled(spend.server, "fit-tokens", user, 0.0)["spent"]
+    assert spent <= 1000, spent
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_fixed_cap_lowers_every_request_its_rule_allows(spend, mode):
+    """`maxTokens: 64` on the rule that allows `cap-` users: a request without max_tokens (which
+    would reserve gpt-4o-mini's 16,384 and be throttled by the 1,000-token budget) goes through
+    capped at 64, charged for 64; a request asking for less keeps its own."""
+    user = f"cap-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
+    spend.upstream.reset()
+    status, headers, _ = raw_send(c)
+    assert (status, headers.get("x-llm-policy-max-tokens")) == (200, "64")
+    spent = settled(spend.server, "cap-tokens", user, 0.0)["spent"]
+    assert spent == 65
+    status, headers, _ = raw_send(c, max_tokens=10)
+    assert (status, headers.get("x-llm-policy-max-tokens")) == (200, None)
+    first, second = upstream_bodies(spend.upstream)
+    assert first["max_completion_tokens"] == 64 and "max_tokens" not in first, first
+    assert second["max_tokens"] == 10 and "max_completion_tokens" not in second, second
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_client_cannot_ask_for_a_rewrite_or_hide_a_second_cap(spend, mode):
+    """The rewrite marker is the server's: a client that sends it changes nothing and it never
+    reaches the provider. A body that names its cap twice (once escaped) is refused or lowered
+    in every copy: never a larger cap upstream than the budget paid for."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    spend.upstream.reset()
+    c = client(spend.envoys[mode], user, **{"x-llm-policy-rewrite": "1"})
+    status, headers, _ = raw_send(c, max_tokens=20)
+    assert (status, headers.get("x-llm-policy-max-tokens")) == (200, None)
+    (seen,) = spend.upstream.requests()
+    assert "x-llm-policy-rewrite" not in seen["headers"], seen["headers"]
+    assert json.loads(base64.b64decode(seen["body"]))["max_tokens"] == 20
+    settled(spend.server, "user-tokens", user, 0.0)
+
+    user = f"fit-{uuid.uuid4().hex[:8]}"
+    spend.upstream.reset()
+    body = ('{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}],'
+            '"max_tokens":900,"max\\u005ftokens":100000}').encode()
+    req = urllib.request.Request(spend.envoys[mode].url("/v1/chat/completions"), data=body, method="POST",
+                                 headers={**PRO, "content-type": "application/json", "authorization": "Bearer sk-test",
+                                          "x-llm-policy-namespace": "spend", "x-user-id": user})
+    try:
+        with urllib.request.urlopen(req, timeout=10) as r:
+            status = r.status
+    except urllib.error.HTTPError as e:
+        status = e.code
+    sent = spend.upstream.requests()
+    if status == 200:
+        (seen,) = sent
+        raw = base64.b64decode(seen["body"]).decode()
+        assert "100000" not in raw, raw
+    else:
+        assert status in (400, 429) and not sent, (status, sent)

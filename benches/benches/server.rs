@@ -178,6 +178,9 @@ fn bench_redis(c: &mut Criterion) {
         window_secs: 3600,
         amount: 1.0,
         scope: llm_policy_core::model::Scope::Global,
+        output: 0,
+        per_output: 0.0,
+        fit: None,
     };
     let reserve_commit = |store: &dyn CounterStore| {
         rt.block_on(async {

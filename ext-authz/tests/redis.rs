@@ -33,6 +33,9 @@ fn charge(key: &str, amount: f64, limit: f64) -> Charge {
         window_secs: 3600,
         amount,
         scope: Scope::Global,
+        output: 0,
+        per_output: 0.0,
+        fit: None,
     }
 }
 

@@ -365,6 +365,9 @@ mod tests {
             window_secs: 60,
             amount: 1.0,
             scope: Scope::Local,
+            output: 0,
+            per_output: 0.0,
+            fit: None,
         }
     }
 

@@ -256,8 +256,9 @@ pub enum ServerAnswer {
         set: Vec<(String, String)>,
         /// Headers to remove.
         remove: Vec<String>,
-        /// The token and cost reservations waiting for the answer's usage.
-        reservation: Option<wire::Reservation>,
+        /// The token and cost reservations waiting for the answer's usage, and the output cap
+        /// the body is lowered to.
+        grant: wire::Grant,
     },
     /// Answer the client.
     Deny {
@@ -278,8 +279,8 @@ impl ServerAnswer {
         let code = r.status.as_ref().map_or(0, |s| s.code);
         if code == 0 {
             let ok = r.ok_response.unwrap_or_default();
-            let reservation = r.dynamic_metadata.and_then(|m| {
-                wire::Reservation::from_fields(|k| {
+            let grant = r.dynamic_metadata.map_or_else(wire::Grant::default, |m| {
+                wire::Grant::from_fields(|k| {
                     let v = m.fields.get(k)?;
                     match (&v.string_value, v.number_value) {
                         (Some(t), _) => Some(wire::MetadataValue::Text(t.clone())),
@@ -289,7 +290,7 @@ impl ServerAnswer {
                 })
             });
             return Ok(ServerAnswer::Allow {
-                reservation,
+                grant,
                 set: ok
                     .headers
                     .iter()
@@ -431,6 +432,7 @@ mod tests {
                 (wire::Reservation::MODEL.to_string(), text("gpt-4o")),
                 (wire::Reservation::PROMPT.to_string(), number(12.0)),
                 (wire::Reservation::OUTPUT.to_string(), number(100.0)),
+                (wire::Grant::MAX_TOKENS.to_string(), number(64.0)),
             ]
             .into_iter()
             .collect(),
@@ -452,12 +454,15 @@ mod tests {
             Ok(ServerAnswer::Allow {
                 set: vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())],
                 remove: vec!["x-c".into()],
-                reservation: Some(wire::Reservation {
-                    handle: handle.into(),
-                    model: Some("gpt-4o".into()),
-                    prompt: 12,
-                    output: 100,
-                }),
+                grant: wire::Grant {
+                    reservation: Some(wire::Reservation {
+                        handle: handle.into(),
+                        model: Some("gpt-4o".into()),
+                        prompt: 12,
+                        output: 100,
+                    }),
+                    max_tokens: Some(64),
+                },
             })
         );
         let denied = envoy::CheckResponse {

@@ -13,6 +13,7 @@ use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::model_table::{charge_for, ModelTable};
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
+use llm_policy_core::rewrite::lower_max_tokens;
 use llm_policy_core::usage::{add_include_usage, Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
@@ -68,6 +69,8 @@ enum Outcome {
     Allow {
         set: Vec<(String, String)>,
         remove: Vec<String>,
+        /// Lower the body's output cap to this (`transform.maxTokens`).
+        max_tokens: Option<u64>,
     },
     /// The request goes upstream undecided (no bundle yet, failure mode open), with these headers
     /// set: not counted as a decision, nothing reserved.
@@ -133,6 +136,11 @@ pub struct RequestFlow {
     spend: Option<Spend>,
     /// Removing the usage chunk the filter asked for on the client's behalf.
     stripper: Option<UsageChunkStripper>,
+    /// The request's API and its body's length as it goes upstream (after any rewrite).
+    api: Api,
+    body_len: usize,
+    /// The output cap the body was lowered to (told to the client in a response header).
+    lowered: Option<u64>,
 }
 
 /// What a request that counts tokens or cost reserved, to settle its usage with.
@@ -142,8 +150,10 @@ struct Spend {
     model: Option<String>,
     /// The prompt estimate.
     prompt: u64,
-    /// The output reserved (`max_tokens`, else the model's default cap).
+    /// The output reserved (`max_tokens`, else the model's default cap, for each choice).
     output: u64,
+    /// The answers asked for (`n`, `best_of`).
+    choices: u64,
 }
 
 impl Spend {
@@ -172,11 +182,32 @@ impl RequestFlow {
             usage: None,
             spend: None,
             stripper: None,
+            api: Api::Other,
+            body_len: 0,
+            lowered: None,
         }
+    }
+
+    /// Lowers the body's output cap to `n` (`transform.maxTokens`), and what the request
+    /// reserved with it.
+    fn lower(&mut self, host: &mut dyn Host, n: u64) {
+        let body = host.request_body(self.body_len).unwrap_or_default();
+        if let Some(new) = lower_max_tokens(&body, self.api, n) {
+            host.set_request_body(self.body_len, &new);
+            host.set_request_header("content-length", Some(&new.len().to_string()));
+            self.body_len = new.len();
+        }
+        if let Some(spend) = &mut self.spend {
+            spend.output = spend.output.min(n.saturating_mul(spend.choices));
+        }
+        self.lowered = Some(n);
     }
 
     /// Response headers arrived.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        if let Some(n) = self.lowered {
+            host.set_response_header(wire::MAX_TOKENS_HEADER, Some(&n.to_string()));
+        }
         let wants =
             self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
         // Most answers: nothing to read, no host call.
@@ -451,14 +482,14 @@ impl RequestFlow {
             (code, _) => Err(format!("gRPC status {code}")),
         };
         let outcome = match answer {
-            Ok(ServerAnswer::Allow {
-                set,
-                remove,
-                reservation,
-            }) => {
+            Ok(ServerAnswer::Allow { set, remove, grant }) => {
                 // The handle is for the usage report, never for the provider.
-                self.handle = reservation.map(|r| r.handle);
-                Outcome::Allow { set, remove }
+                self.handle = grant.reservation.map(|r| r.handle);
+                Outcome::Allow {
+                    set,
+                    remove,
+                    max_tokens: grant.max_tokens,
+                }
             }
             Ok(ServerAnswer::Deny {
                 status,
@@ -490,14 +521,26 @@ impl RequestFlow {
     /// Applies how the check ended to the request, and counts it: the one place that does.
     fn finish(&mut self, host: &mut dyn Host, outcome: Outcome) -> Flow {
         match outcome {
-            Outcome::Allow { set, remove } => {
+            Outcome::Allow {
+                set,
+                remove,
+                max_tokens,
+            } => {
                 for name in remove {
                     host.set_request_header(&name, None);
+                }
+                if let Some(n) = max_tokens {
+                    self.lower(host, n);
                 }
                 for (name, value) in set {
                     // The reservation handle is for the usage report, not for the provider.
                     if name == RESERVATION_HEADER {
                         self.handle = Some(value);
+                        continue;
+                    }
+                    // For Envoy's ext_proc filter of an ext_authz deployment: the filter lowers
+                    // the body itself.
+                    if name == wire::REWRITE_HEADER {
                         continue;
                     }
                     host.set_request_header(&name, Some(&value));
@@ -587,6 +630,8 @@ impl RequestFlow {
             Ok(ctx) => ctx,
             Err(e) => return rejected(&e, provider),
         };
+        self.api = ctx.request.api;
+        self.body_len = body.len();
         if set.counts_tokens(&ctx.namespace) {
             self.count_spend(host, set, &mut ctx, provider, &body);
         }
@@ -640,12 +685,13 @@ impl RequestFlow {
         ctx.request.estimated_tokens = i64::try_from(prompt).unwrap_or(i64::MAX);
         let r = &ctx.request;
         let models = set.models();
-        let output = r.output_reservation(&models);
+        let output = r.output_reservation(&models, None);
         self.spend = Some(Spend {
             models,
             model: r.model.clone(),
             prompt,
             output,
+            choices: u64::from(r.choices.max(1)),
         });
         // Chat and completions only: the Responses API reports usage in `response.completed`
         // and has other `stream_options`.
@@ -658,6 +704,7 @@ impl RequestFlow {
         if let Some(new) = add_include_usage(body) {
             host.set_request_body(body.len(), &new);
             host.set_request_header("content-length", Some(&new.len().to_string()));
+            self.body_len = new.len();
             self.stripper = Some(UsageChunkStripper::default());
         }
     }
@@ -794,9 +841,17 @@ impl RequestFlow {
         match self.vm.config.failure_mode {
             FailureMode::Closed => unavailable(provider, "the policy server could not be reached"),
             FailureMode::Open => match of_decision(&provisional, provider, None) {
-                Outcome::Allow { mut set, remove } => {
+                Outcome::Allow {
+                    mut set,
+                    remove,
+                    max_tokens,
+                } => {
                     set.push((DECISION_HEADER.to_string(), String::from("error")));
-                    Outcome::Allow { set, remove }
+                    Outcome::Allow {
+                        set,
+                        remove,
+                        max_tokens,
+                    }
                 }
                 other => other,
             },
@@ -826,6 +881,7 @@ fn of_decision(d: &Decision, provider: Provider, limit: Option<reply::LimitState
         None => Outcome::Allow {
             set: reply::upstream_headers(d),
             remove: Vec::new(),
+            max_tokens: d.actions.max_tokens,
         },
     }
 }

@@ -204,6 +204,7 @@ impl Compiler {
                     .as_ref()
                     .is_some_and(|l| l.kind != CounterKind::Requests)
             });
+            ns.caps = ns.rules.iter().any(|r| !r.shadow && r.action.cap.is_some());
         }
         let needs = needs_of(namespaces.values());
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);

@@ -246,6 +246,11 @@ impl Provider {
 }
 
 impl Api {
+    /// The API a request path addresses, as extraction classifies it.
+    pub fn of_path(path: &str) -> Api {
+        crate::extract::classify(path, |_| false).1
+    }
+
     /// Schema string.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -262,10 +267,16 @@ impl Api {
 
 impl RequestInfo {
     /// The output tokens this request may be answered with, to reserve: its `max_tokens` (else
-    /// the model's output cap) for each of its `choices`.
-    pub fn output_reservation(&self, models: &crate::model_table::ModelTable) -> u64 {
-        models
-            .output_reservation(self.model.as_deref(), self.max_tokens)
+    /// the model's output cap), lowered to `lowered` (the decision's `actions.max_tokens`), for
+    /// each of its `choices`.
+    pub fn output_reservation(
+        &self,
+        models: &crate::model_table::ModelTable,
+        lowered: Option<u64>,
+    ) -> u64 {
+        let each = models.output_reservation(self.model.as_deref(), self.max_tokens);
+        lowered
+            .map_or(each, |l| l.min(each))
             .saturating_mul(u64::from(self.choices.max(1)))
     }
 

@@ -70,6 +70,11 @@ pub struct Actions {
     /// unless the decision is `allow`, since a rejected request consumes nothing.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub counters: Vec<Charge>,
+    /// Lower the request's output cap (`max_tokens`, each choice) to this before it goes
+    /// upstream (`transform.maxTokens`: a rule's fixed cap or what a budget can pay for). Only
+    /// on `allow`, and only when it is below the request's own cap.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
 }
 
 /// What kind of counter.
@@ -103,6 +108,53 @@ pub struct Charge {
     pub amount: f64,
     /// Counted by the filter (`local`) or the server (`global`).
     pub scope: crate::model::Scope,
+    /// The output cap (`max_tokens`, each choice) that `amount` counts (0 for requests).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub output: u64,
+    /// What one token less of `output` takes off `amount`.
+    #[serde(default, skip_serializing_if = "is_zero_f64")]
+    pub per_output: f64,
+    /// `transform: {maxTokens: fitBudget}`: when `amount` does not fit, the request may go ahead
+    /// with `output` lowered to what fits, down to this many tokens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fit: Option<u64>,
+}
+
+impl Charge {
+    /// `amount` with the output cap lowered to `output` (never raised).
+    pub fn amount_with_output(&self, output: u64) -> f64 {
+        let fewer = self.output.saturating_sub(output) as f64;
+        (self.amount - fewer * self.per_output).max(0.0)
+    }
+
+    /// The largest output cap whose amount fits in `room`, if the rule lets the request be
+    /// lowered (`fit`) and at least its minimum fits.
+    pub fn fitting_output(&self, room: f64) -> Option<u64> {
+        let min = self.fit?;
+        if self.per_output <= 0.0 || !room.is_finite() {
+            return None;
+        }
+        let fixed = self.amount - self.output as f64 * self.per_output;
+        let tokens = ((room - fixed) / self.per_output).floor();
+        if tokens < min as f64 {
+            return None;
+        }
+        // Saturating float-to-int cast; never above what was asked for.
+        let mut tokens = (tokens as u64).min(self.output);
+        // Rounding may leave the lowered amount a hair above the room.
+        while self.amount_with_output(tokens) > room {
+            tokens = tokens.checked_sub(1).filter(|t| *t >= min)?;
+        }
+        Some(tokens)
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+fn is_zero_f64(n: &f64) -> bool {
+    *n == 0.0
 }
 
 /// Rate limit or budget.

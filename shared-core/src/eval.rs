@@ -57,6 +57,9 @@ pub enum CounterCheck {
     Under,
     /// Over the limit: the rule's action applies.
     Over,
+    /// Within the limit once the request's output cap is lowered to this many tokens (a
+    /// `fitBudget` rule): the rule's action does not apply, the request goes ahead lowered.
+    Fit(u64),
     /// Not counted here (a global counter then needs the server; a local one counts as under).
     Unknown,
 }
@@ -150,6 +153,21 @@ pub(crate) struct Part {
     pub outcomes: Vec<(u32, Outcome)>,
     /// No rule run reads time, uses a plugin or a counter.
     pub cacheable: bool,
+    /// The lowest fixed `transform.maxTokens` of the enforcing rules that matched (known before
+    /// any counter is charged: such rules use no plugin or counter).
+    pub cap: Option<u64>,
+    /// The lowest output cap a `fitBudget` counter was answered with.
+    pub fitted: Option<u64>,
+}
+
+impl Part {
+    /// The output cap this part's request goes ahead with, if lowered.
+    pub(crate) fn lowered(&self) -> Option<u64> {
+        match (self.cap, self.fitted) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 /// The result of [`PolicySet::start`] or [`Pending::resume`].

@@ -62,6 +62,7 @@ pub mod model;
 pub mod model_table;
 mod pattern;
 pub mod reply;
+pub mod rewrite;
 pub mod schema;
 mod set;
 #[cfg(feature = "std")]

@@ -268,6 +268,71 @@ pub struct Action {
     /// Make the action conditional on a token or cost budget.
     #[serde(default)]
     pub budget: Option<Budget>,
+    /// Change the request that goes ahead: lower its output cap (`maxTokens`).
+    #[serde(default)]
+    pub transform: Option<Transform>,
+}
+
+/// `transform: {maxTokens: 1024}` or `transform: {maxTokens: fitBudget, minTokens: 64}`: the
+/// request goes upstream with its output cap lowered (docs/budgets.md).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct Transform {
+    /// The cap: a number of tokens, or `fitBudget` (what the rule's budget can still pay for).
+    pub max_tokens: MaxTokens,
+    /// With `fitBudget`: the smallest output worth sending (default 1); a budget that cannot
+    /// pay for this much output throttles as usual.
+    #[serde(default)]
+    pub min_tokens: Option<u64>,
+}
+
+/// The value of `transform.maxTokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MaxTokens {
+    /// A fixed cap, on an allow rule: every request it allows answers with at most this many
+    /// tokens (each choice).
+    Cap(u64),
+    /// On a budget rule: a request the budget cannot pay for in full goes ahead with its output
+    /// lowered to what the budget can still pay for, instead of being throttled.
+    FitBudget,
+}
+
+impl Serialize for MaxTokens {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            MaxTokens::Cap(n) => s.serialize_u64(*n),
+            MaxTokens::FitBudget => s.serialize_str("fitBudget"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for MaxTokens {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<MaxTokens, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = MaxTokens;
+            fn expecting(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+                f.write_str("a positive number of tokens or `fitBudget`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<MaxTokens, E> {
+                Ok(MaxTokens::Cap(n))
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<MaxTokens, E> {
+                u64::try_from(n).map(MaxTokens::Cap).map_err(|_| {
+                    E::custom("`maxTokens` must be a positive number of tokens or `fitBudget`")
+                })
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<MaxTokens, E> {
+                match s {
+                    "fitBudget" => Ok(MaxTokens::FitBudget),
+                    _ => Err(E::custom(alloc::format!(
+                        "`maxTokens: {s}`: write a positive number of tokens or `fitBudget`"
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// allow / deny / throttle.

@@ -90,7 +90,8 @@ impl Default for ModelTable {
     }
 }
 
-const PER_MILLION: f64 = 1_000_000.0;
+/// Prices are per million tokens.
+pub const PER_MILLION: f64 = 1_000_000.0;
 
 impl ModelTable {
     /// Parses and checks a table (YAML or JSON); errors name the file and the line.

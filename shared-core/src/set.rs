@@ -72,6 +72,8 @@ pub(crate) struct Namespace {
     pub models: Arc<ModelTable>,
     /// Some rule counts tokens or cost.
     pub counts_tokens: bool,
+    /// Some enforcing rule sets a fixed `transform.maxTokens`.
+    pub caps: bool,
 }
 
 /// Where a rule was written.
@@ -141,6 +143,11 @@ pub(crate) struct CompiledAction {
     pub audit: bool,
     pub alert: Option<Alert>,
     pub limit: Option<Limit>,
+    /// `transform: {maxTokens: N}`: the output cap of every request this rule allows.
+    pub cap: Option<u64>,
+    /// `transform: {maxTokens: fitBudget}`: the smallest output the budget may lower a request
+    /// to, instead of throttling it.
+    pub fit: Option<u64>,
 }
 
 /// A rate limit or budget of a rule.
@@ -174,6 +181,7 @@ impl Namespace {
             tags: HashMap::new(),
             models,
             counts_tokens: false,
+            caps: false,
         }
     }
 }

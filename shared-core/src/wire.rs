@@ -10,6 +10,8 @@
 //! - **Which headers rules see** ([`is_request_data`]): the same for a request the filter reads
 //!   from Envoy and for one the server receives in a `Check`.
 //! - **How identity was established** ([`IDENTITY_EXTENSION`]), told to the server the same way.
+//! - What an allowed request goes ahead with besides headers ([`Grant`]: its reservation and
+//!   lowered output cap), in the `Check` answer's dynamic metadata.
 //! - The **bundle answer** of `GET /v1/bundle` the filter syncs from ([`BundleAnswer`]).
 //!
 //! The gRPC messages themselves come from `proto/` (generated on both sides).
@@ -28,7 +30,13 @@ pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
 
 /// Headers only the policy engine sets on an upstream request: a client's copy is removed (the
 /// filter removes it; the server's ext_authz answer removes it), and a rule may not set them.
-pub const SERVER_ONLY_HEADERS: &[&str] = &[DECISION_HEADER, RESERVATION_HEADER];
+pub const SERVER_ONLY_HEADERS: &[&str] = &[DECISION_HEADER, RESERVATION_HEADER, REWRITE_HEADER];
+
+/// Set by the server's ext_authz answer on a request whose body is to be rewritten (its output
+/// cap lowered, [`Grant::max_tokens`]): Envoy then runs the ext_proc filter that rewrites it
+/// (the generated configuration skips that filter for every other request), and that filter
+/// removes the header before the request goes upstream.
+pub const REWRITE_HEADER: &str = "x-llm-policy-rewrite";
 
 /// Envoy's ext_authz filter sets this when it forwarded only part of a body larger than its
 /// buffer limit; Envoy's bookkeeping, not the client's.
@@ -99,6 +107,58 @@ impl Reservation {
         })
     }
 }
+
+/// What an allowed request goes ahead with besides its headers, in the `Check` answer's dynamic
+/// metadata ([`EXT_AUTHZ_METADATA`]): its reservation, and the output cap its body is lowered
+/// to (`transform.maxTokens`; the filter rewrites the body, in an ext_authz deployment the
+/// server's ext_proc edge does).
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Grant {
+    /// The token and cost reservations waiting for the answer's usage.
+    pub reservation: Option<Reservation>,
+    /// The output cap (`max_tokens`, each choice) the request's body must be lowered to.
+    pub max_tokens: Option<u64>,
+}
+
+impl Grant {
+    /// Metadata key of the lowered output cap.
+    pub const MAX_TOKENS: &'static str = "llm_policy_max_tokens";
+
+    /// Whether there is nothing to say (no metadata is sent).
+    pub fn is_empty(&self) -> bool {
+        self.reservation.is_none() && self.max_tokens.is_none()
+    }
+
+    /// The metadata fields: (key, text or number).
+    pub fn fields(&self) -> Vec<(&'static str, MetadataValue)> {
+        let mut out = self
+            .reservation
+            .as_ref()
+            .map(Reservation::fields)
+            .unwrap_or_default();
+        if let Some(n) = self.max_tokens {
+            out.push((Self::MAX_TOKENS, MetadataValue::Number(n as f64)));
+        }
+        out
+    }
+
+    /// Reads the fields back (`get`: a field's value).
+    pub fn from_fields(get: impl Fn(&str) -> Option<MetadataValue>) -> Grant {
+        let max_tokens = match get(Self::MAX_TOKENS) {
+            // At least one token: a cap of 0 is no answer at all, never what a rule allows.
+            Some(MetadataValue::Number(n)) if n.is_finite() && n >= 1.0 => Some(n as u64),
+            _ => None,
+        };
+        Grant {
+            reservation: Reservation::from_fields(get),
+            max_tokens,
+        }
+    }
+}
+
+/// The response header that tells the client its request's output cap was lowered
+/// (`transform.maxTokens`), and to what.
+pub const MAX_TOKENS_HEADER: &str = "x-llm-policy-max-tokens";
 
 /// A dynamic metadata value (`google.protobuf.Value`, the kinds used).
 #[derive(Debug, Clone, PartialEq)]

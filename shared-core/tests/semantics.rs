@@ -516,6 +516,125 @@ fn huge_max_tokens_charge_a_saturated_positive_amount() {
     assert_eq!(d.actions.counters[0].amount, 0.0);
 }
 
+const CLAMP: &str = r#"
+    - id: free-cap
+      when: { match: { field: principal.tier, op: eq, value: free } }
+      action: { decision: allow, transform: { maxTokens: 256 } }
+    - id: user-budget
+      when: { match: { field: principal.id, op: exists } }
+      action: { decision: throttle, budget: { key: "{principal.id}", tokens: 100000, per: day }, transform: { maxTokens: fitBudget, minTokens: 16 } }
+    - id: user-requests
+      when: { match: { field: principal.id, op: exists } }
+      action: { decision: throttle, rateLimit: { key: "{principal.id}", requests: 100, per: day } }
+"#;
+
+/// Counters answered with `Fit(n)` when they may be lowered, else under.
+struct Fits(u64);
+
+impl Hooks for Fits {
+    fn plugin(
+        &mut self,
+        _: &str,
+        _: &llm_policy_core::model::PluginRef,
+        _: &llm_policy_core::RequestContext,
+    ) -> PluginCheck {
+        PluginCheck::Matched(false)
+    }
+    fn counter(&mut self, c: &llm_policy_core::decision::Charge) -> CounterCheck {
+        match c.fit {
+            Some(_) => CounterCheck::Fit(self.0),
+            None => CounterCheck::Under,
+        }
+    }
+}
+
+#[test]
+fn a_fixed_cap_lowers_the_request_and_what_its_counters_charge() {
+    let set = compile(&policy("allow", CLAMP)).unwrap();
+    let free = ctx(
+        &[("x-user-id", "u"), ("x-user-tier", "free")],
+        r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    let d = set.evaluate(&free, &EvalOptions::default(), &mut Fits(u64::MAX));
+    assert_eq!(d.decision, Verdict::Allow);
+    assert_eq!(d.actions.max_tokens, Some(256));
+    let tokens = &d.actions.counters[0];
+    assert_eq!((tokens.output, tokens.fit), (256, Some(16)));
+    assert_eq!(tokens.amount, free.request.prompt_tokens() as f64 + 256.0);
+    assert_eq!(d.actions.counters[1].output, 0, "requests count no output");
+    // A request that asks for less keeps its own cap.
+    let small = ctx(
+        &[("x-user-id", "u"), ("x-user-tier", "free")],
+        r#"{"model":"gpt-4o-mini","max_tokens":100}"#,
+    );
+    let d = set.evaluate(&small, &EvalOptions::default(), &mut Fits(u64::MAX));
+    assert_eq!(d.actions.max_tokens, None);
+    assert_eq!(d.actions.counters[0].output, 100);
+    // Another tier is not capped.
+    let pro = ctx(
+        &[("x-user-id", "u"), ("x-user-tier", "pro")],
+        r#"{"model":"gpt-4o-mini","max_tokens":5000}"#,
+    );
+    let d = set.evaluate(&pro, &EvalOptions::default(), &mut Fits(u64::MAX));
+    assert_eq!(d.actions.max_tokens, None);
+    assert_eq!(d.actions.counters[0].output, 5000);
+}
+
+#[test]
+fn a_budget_that_fits_a_lower_cap_lowers_the_request_instead_of_throttling() {
+    let set = compile(&policy("allow", CLAMP)).unwrap();
+    let c = ctx(
+        &[("x-user-id", "u"), ("x-user-tier", "pro")],
+        r#"{"model":"gpt-4o-mini","max_tokens":5000,"n":2}"#,
+    );
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(40));
+    assert_eq!(d.decision, Verdict::Allow);
+    assert_eq!(d.actions.max_tokens, Some(40));
+    let tokens = &d.actions.counters[0];
+    assert_eq!(tokens.output, 40);
+    // Two choices of 40 tokens each, and the prompt.
+    assert_eq!(tokens.amount, c.request.prompt_tokens() as f64 + 80.0);
+    assert_eq!(
+        tokens.amount_with_output(10),
+        c.request.prompt_tokens() as f64 + 20.0
+    );
+    // Room for the prompt and 50 tokens of each choice: 50; for less than the minimum: none.
+    let room = c.request.prompt_tokens() as f64 + 100.0;
+    assert_eq!(
+        d.actions.counters[0].fitting_output(room),
+        Some(40),
+        "never above the output counted"
+    );
+    let full = llm_policy_core::decision::Charge {
+        output: 5000,
+        amount: c.request.prompt_tokens() as f64 + 10_000.0,
+        ..tokens.clone()
+    };
+    assert_eq!(full.fitting_output(room), Some(50));
+    assert_eq!(
+        full.fitting_output(c.request.prompt_tokens() as f64 + 31.0),
+        None
+    );
+    // A host that lowers a counter whose rule does not allow it: the rule applies.
+    struct Lowers;
+    impl Hooks for Lowers {
+        fn plugin(
+            &mut self,
+            _: &str,
+            _: &llm_policy_core::model::PluginRef,
+            _: &llm_policy_core::RequestContext,
+        ) -> PluginCheck {
+            PluginCheck::Matched(false)
+        }
+        fn counter(&mut self, _: &llm_policy_core::decision::Charge) -> CounterCheck {
+            CounterCheck::Fit(10)
+        }
+    }
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut Lowers);
+    assert_eq!(d.decision, Verdict::Throttle);
+    assert_eq!(d.actions.max_tokens, None);
+}
+
 const BATCH_RULES: &str = r#"
     - id: approved-models
       priority: 10

@@ -233,6 +233,44 @@ fn limits_and_actions_are_checked() {
 }
 
 #[test]
+fn transforms_are_checked_where_they_cannot_apply() {
+    let cases = [
+        // decision, rest of the action
+        ("throttle", "transform: { maxTokens: 100 }"),
+        ("allow", "transform: { maxTokens: 0 }"),
+        ("allow", "transform: { maxTokens: 100, minTokens: 5 }"),
+        ("allow", "transform: { maxTokens: 100 }, rateLimit: { key: u, requests: 5, per: minute }"),
+        ("throttle", "transform: { maxTokens: fitBudget }"),
+        ("throttle", "transform: { maxTokens: fitBudget }, rateLimit: { key: u, tokens: 5, per: minute }"),
+        ("throttle", "transform: { maxTokens: fitBudget, minTokens: 0 }, budget: { key: u, tokens: 5, per: day }"),
+    ];
+    for (decision, extra) in cases {
+        let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: {decision}, {extra} }}\n"));
+        let all = errors(&y);
+        assert!(
+            all.iter().any(|d| d.code == "invalid-transform"
+                && d.rule.as_deref() == Some("a")
+                && d.position.is_some_and(|p| p.line == 10)),
+            "{extra}: {all:#?}"
+        );
+    }
+    let y = policy("allow", "    - id: a\n      when: { plugin: { name: pii } }\n      action: { decision: allow, transform: { maxTokens: 10 } }\n");
+    assert!(errors(&y).iter().any(|d| d.code == "invalid-transform"));
+    for bad in ["fitbudget", "-3", "1.5"] {
+        let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: allow, transform: {{ maxTokens: {bad} }} }}\n"));
+        assert!(!errors(&y).is_empty(), "{bad}");
+    }
+    for good in [
+        "decision: allow, transform: { maxTokens: 1024 }",
+        "decision: throttle, transform: { maxTokens: fitBudget }, budget: { key: u, usd: 5, per: day }",
+        "decision: throttle, transform: { maxTokens: fitBudget, minTokens: 64 }, budget: { key: u, tokens: 5, per: day }",
+    ] {
+        let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ {good} }}\n"));
+        assert!(compile(&y).is_ok(), "{good}");
+    }
+}
+
+#[test]
 fn header_errors() {
     let y = "apiVersion: llm-policy/v2\nkind: Policy\nmetadata: {name: x}\nspec: {}\n";
     expect(y, "api-version", 1, None);

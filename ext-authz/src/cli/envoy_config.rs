@@ -837,6 +837,49 @@ pub fn generate(
                       # The policy server unreachable: {}.
                       failure_mode_allow: {}
                       status_on_error: {{ code: 503 }}
+                  # A request whose output cap the policies lower (`transform.maxTokens`,
+                  # docs/budgets.md): ext_authz cannot rewrite a body, so the server's ext_proc
+                  # edge does, for the requests whose Check answer set `{REWRITE}` only
+                  # (every other request skips this filter; the edge removes the header).
+                  - name: llm_policy.lower_max_tokens
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
+                      extension_config:
+                        name: envoy.filters.http.ext_proc
+                        typed_config:
+                          \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                          grpc_service:
+                            envoy_grpc: {{ cluster_name: llm_policy }}
+                          # Unlowered, the request could spend more than its budget pays for.
+                          failure_mode_allow: false
+                          allow_mode_override: true
+                          processing_mode:
+                            request_header_mode: SEND
+                            response_header_mode: SKIP
+                            request_body_mode: NONE
+                            response_body_mode: NONE
+                            request_trailer_mode: SKIP
+                            response_trailer_mode: SKIP
+                          metadata_options:
+                            forwarding_namespaces:
+                              untyped: [ {EXT_AUTHZ_METADATA} ]
+                      xds_matcher:
+                        matcher_list:
+                          matchers:
+                            - predicate:
+                                not_matcher:
+                                  single_predicate:
+                                    input:
+                                      name: rewrite-header
+                                      typed_config:
+                                        \"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                                        header_name: {REWRITE}
+                                    value_match: {{ exact: \"1\" }}
+                              on_match:
+                                action:
+                                  name: skip
+                                  typed_config:
+                                    \"@type\": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
                   # Every answer's usage, read by `llm-policy serve` as it streams to the client
                   # (docs/budgets.md): observability mode, so Envoy never waits for the server.
                   # The reservation travels in the ext_authz filter's dynamic metadata, never
@@ -868,6 +911,7 @@ pub fn generate(
             },
             args.failure_mode == Failure::Open,
             EXT_AUTHZ_METADATA = wire::EXT_AUTHZ_METADATA,
+            REWRITE = wire::REWRITE_HEADER,
         ));
     }
 

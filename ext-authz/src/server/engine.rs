@@ -599,7 +599,10 @@ impl Engine {
             })
             .collect();
         let mut batched = Vec::new();
-        if counting.charge && batch.len() > 1 {
+        if counting.charge && batch.iter().any(|(_, _, c)| c.fit.is_some()) {
+            batched = self.reserve_lowered(&batch, counting).await?;
+        }
+        if batched.is_empty() && counting.charge && batch.len() > 1 {
             let charges: Vec<Charge> = batch.iter().map(|(_, _, c)| c.clone()).collect();
             let span = tracing::debug_span!("counters", batch = charges.len());
             let result = self
@@ -643,6 +646,65 @@ impl Engine {
             pending.answer(need.id, answer);
         }
         Ok(ctx)
+    }
+
+    /// The counters of a request some `fitBudget` rule may lower: all reserved as asked, or —
+    /// when the only ones over are budgets that may lower it — all reserved with the request's
+    /// output cap lowered to what every one of them can still pay for (answered
+    /// [`CounterCheck::Fit`]). Empty: neither fits (or the store failed); the counters are then
+    /// answered as usual.
+    async fn reserve_lowered(
+        &self,
+        batch: &[(NeedId, String, Charge)],
+        counting: &mut Counting,
+    ) -> Result<Vec<(NeedId, CounterCheck)>, Failure> {
+        let charges: Vec<Charge> = batch.iter().map(|(_, _, c)| c.clone()).collect();
+        let Ok(first) = self.store.reserve_all(&charges, counting.now).await else {
+            return Ok(Vec::new());
+        };
+        let reserved = |r: &Reserved| r.reservation.is_some_and(|id| id != ReservationId::NONE);
+        if first.len() == batch.len() && first.iter().all(reserved) {
+            let mut out = Vec::with_capacity(batch.len());
+            for ((id, rule, charge), r) in batch.iter().zip(first) {
+                out.push((*id, self.counter_answer(rule, charge, Ok(r), counting)?));
+            }
+            return Ok(out);
+        }
+        // Every counter that did not fit must be one that may lower the request.
+        let mut output = u64::MAX;
+        for (c, r) in charges.iter().zip(&first) {
+            if r.reservation.is_none() {
+                match c.fitting_output(r.state.remaining) {
+                    Some(o) => output = output.min(o),
+                    None => return Ok(Vec::new()),
+                }
+            }
+        }
+        let lowered: Vec<Charge> = charges
+            .iter()
+            .map(|c| Charge {
+                amount: c.amount_with_output(output),
+                output: c.output.min(output),
+                ..c.clone()
+            })
+            .collect();
+        let Ok(second) = self.store.reserve_all(&lowered, counting.now).await else {
+            return Ok(Vec::new());
+        };
+        // Another request took the room in between: nothing was reserved.
+        if second.len() != batch.len() || !second.iter().all(reserved) {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::with_capacity(batch.len());
+        for (((id, rule, _), charge), r) in batch.iter().zip(&lowered).zip(second) {
+            let check = self.counter_answer(rule, charge, Ok(r), counting)?;
+            let check = match (check, charge.fit) {
+                (CounterCheck::Under, Some(_)) => CounterCheck::Fit(output),
+                (check, _) => check,
+            };
+            out.push((*id, check));
+        }
+        Ok(out)
     }
 
     /// One counter: answered from the proxy's count for local limits it counted, else reserved
@@ -778,6 +840,7 @@ impl Engine {
             }
             if !waiting.is_empty() {
                 let models = version.set.models();
+                let lowered = decision.actions.max_tokens;
                 let mut checked = render(version, decision, ctx, limit, None);
                 if let Some(handle) = self.hold_for_usage(waiting).await {
                     let r = &ctx.request;
@@ -785,7 +848,7 @@ impl Engine {
                         handle,
                         model: r.model.clone(),
                         prompt: r.prompt_tokens(),
-                        output: r.output_reservation(&models),
+                        output: r.output_reservation(&models, lowered),
                     });
                 }
                 return checked;

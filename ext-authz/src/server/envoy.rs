@@ -125,9 +125,9 @@ mod code {
     pub const UNAVAILABLE: i32 = 14;
 }
 
-/// A reservation as Envoy dynamic metadata (under the ext_authz filter's namespace, which the
+/// A grant as Envoy dynamic metadata (under the ext_authz filter's namespace, which the
 /// generated configuration forwards to the server's ext_proc edge).
-fn metadata(r: &wire::Reservation) -> Struct {
+fn metadata(r: &wire::Grant) -> Struct {
     Struct {
         fields: r
             .fields()
@@ -157,19 +157,29 @@ pub fn response(checked: Checked) -> CheckResponse {
             if checked.reservation.is_some() {
                 headers_to_remove.push(String::from("accept-encoding"));
             }
+            let grant = wire::Grant {
+                max_tokens: checked.decision.as_ref().and_then(|d| d.actions.max_tokens),
+                reservation: checked.reservation,
+            };
+            let mut upstream = checked.upstream;
+            let mut response_headers_to_add = Vec::new();
+            if let Some(n) = grant.max_tokens {
+                // The ext_proc filter that lowers the body runs for this request only.
+                headers_to_remove.retain(|h| h != wire::REWRITE_HEADER);
+                upstream.push((wire::REWRITE_HEADER.to_string(), String::from("1")));
+                response_headers_to_add
+                    .push(header(wire::MAX_TOKENS_HEADER.to_string(), n.to_string()));
+            }
             CheckResponse {
                 status: Some(rpc::Status {
                     code: code::OK,
                     ..rpc::Status::default()
                 }),
-                dynamic_metadata: checked.reservation.as_ref().map(metadata),
+                dynamic_metadata: (!grant.is_empty()).then(|| metadata(&grant)),
                 http_response: Some(HttpResponse::OkResponse(OkHttpResponse {
-                    headers: checked
-                        .upstream
-                        .into_iter()
-                        .map(|(k, v)| header(k, v))
-                        .collect(),
+                    headers: upstream.into_iter().map(|(k, v)| header(k, v)).collect(),
                     headers_to_remove,
+                    response_headers_to_add,
                     ..OkHttpResponse::default()
                 })),
             }

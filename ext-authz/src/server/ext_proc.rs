@@ -7,22 +7,37 @@
 //! A stream without a reservation is closed after its response headers (no body is sent). A
 //! stream that ends before its body did (client gone, upstream reset) is charged what streamed,
 //! at least its reservation; one that never got its response headers keeps its reservation.
+//!
+//! The same service lowers a request's output cap (`transform.maxTokens`), which ext_authz
+//! cannot: the generated configuration runs a second ext_proc filter, on the request path and
+//! waited for, only for requests whose `Check` answer set [`wire::REWRITE_HEADER`]. Its stream
+//! starts with the request headers; the edge asks for the buffered body (a mode override),
+//! answers it lowered ([`lower_max_tokens`]) with its new `content-length`, and removes the
+//! header. Such a stream settles nothing.
 
 use std::sync::Arc;
 
-use envoy_types::pb::envoy::config::core::v3::{HeaderMap, Metadata};
+use envoy_types::pb::envoy::config::core::v3::{
+    HeaderMap, HeaderValue, HeaderValueOption, Metadata,
+};
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
+    processing_mode, ProcessingMode,
+};
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
-    processing_request, processing_response, BodyResponse, HeadersResponse, ProcessingRequest,
-    ProcessingResponse, TrailersResponse,
+    body_mutation, processing_request, processing_response, BodyMutation, BodyResponse,
+    CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
+    TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use llm_policy_core::context::Api;
 use llm_policy_core::model_table::charge_for;
+use llm_policy_core::rewrite::lower_max_tokens;
 use llm_policy_core::usage::{Reading, UsageReader};
-use llm_policy_core::wire::{self, MetadataValue, Reservation};
+use llm_policy_core::wire::{self, Grant, MetadataValue};
 
 use super::engine::{Engine, Usage};
 
@@ -38,13 +53,15 @@ impl EnvoyUsage {
     }
 }
 
-/// The reservation in the forwarded metadata, if any.
-fn reservation(metadata: Option<&Metadata>) -> Option<Reservation> {
-    let fields = &metadata?
-        .filter_metadata
-        .get(wire::EXT_AUTHZ_METADATA)?
-        .fields;
-    Reservation::from_fields(|k| match fields.get(k)?.kind.as_ref()? {
+/// The `Check`'s grant in the forwarded metadata (empty when there is none).
+fn grant(metadata: Option<&Metadata>) -> Grant {
+    let Some(fields) = metadata
+        .and_then(|m| m.filter_metadata.get(wire::EXT_AUTHZ_METADATA))
+        .map(|s| &s.fields)
+    else {
+        return Grant::default();
+    };
+    Grant::from_fields(|k| match fields.get(k)?.kind.as_ref()? {
         Kind::StringValue(s) => Some(MetadataValue::Text(s.clone())),
         Kind::NumberValue(n) => Some(MetadataValue::Number(*n)),
         _ => None,
@@ -61,10 +78,12 @@ fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
     })
 }
 
-/// One answer being read.
+/// One answer being read (or, on the request path, one request being lowered).
 #[derive(Default)]
 struct Answer {
-    reservation: Option<Reservation>,
+    reservation: Option<wire::Reservation>,
+    /// A request-path stream: it lowers a request and settles nothing.
+    request: Option<Lowering>,
     /// The response headers came: `None` while the upstream has not answered.
     status: Option<u16>,
     reader: Option<UsageReader>,
@@ -74,6 +93,9 @@ struct Answer {
 impl Answer {
     /// What to charge, once the stream ended (`None` fields: the reservation stands).
     fn settle(self, engine: &Engine) -> Option<(String, Usage)> {
+        if self.request.is_some() {
+            return None;
+        }
         let r = self.reservation?;
         let usage = match (self.status, self.reader) {
             // The provider refused the request: nothing was spent (a 5xx may be Envoy's, after
@@ -114,13 +136,94 @@ fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
     })
 }
 
+/// A request whose output cap is being lowered.
+struct Lowering {
+    api: Api,
+    max_tokens: Option<u64>,
+}
+
+/// A header to set.
+fn set_header(key: &str, value: String) -> HeaderValueOption {
+    HeaderValueOption {
+        header: Some(HeaderValue {
+            key: key.to_string(),
+            raw_value: value.into_bytes(),
+            ..HeaderValue::default()
+        }),
+        ..HeaderValueOption::default()
+    }
+}
+
+/// The reply to a request-path message: the headers without [`wire::REWRITE_HEADER`] (and, when
+/// the `Check` lowered the request, a request for its buffered body), then the body lowered.
+fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<ProcessingResponse> {
+    use processing_request::Request as In;
+    use processing_response::Response as Out;
+    match message {
+        In::RequestHeaders(h) => {
+            let body_follows = lowering.max_tokens.is_some() && !h.end_of_stream;
+            Some(ProcessingResponse {
+                response: Some(Out::RequestHeaders(HeadersResponse {
+                    response: Some(CommonResponse {
+                        header_mutation: Some(HeaderMutation {
+                            remove_headers: vec![wire::REWRITE_HEADER.to_string()],
+                            ..HeaderMutation::default()
+                        }),
+                        ..CommonResponse::default()
+                    }),
+                })),
+                mode_override: body_follows.then(|| ProcessingMode {
+                    request_body_mode: processing_mode::BodySendMode::Buffered as i32,
+                    ..ProcessingMode::default()
+                }),
+                ..ProcessingResponse::default()
+            })
+        }
+        In::RequestBody(b) => {
+            let lowered = lowering
+                .max_tokens
+                .and_then(|n| lower_max_tokens(&b.body, lowering.api, n));
+            // In buffered mode the processor sets the new length (Envoy keeps the old one).
+            let response = lowered.map(|body| CommonResponse {
+                header_mutation: Some(HeaderMutation {
+                    set_headers: vec![set_header("content-length", body.len().to_string())],
+                    ..HeaderMutation::default()
+                }),
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(body)),
+                }),
+                ..CommonResponse::default()
+            });
+            Some(ProcessingResponse {
+                response: Some(Out::RequestBody(BodyResponse { response })),
+                ..ProcessingResponse::default()
+            })
+        }
+        other => ack(other),
+    }
+}
+
 /// Reads one message into `answer`; returns whether the stream has nothing more to say.
 fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
     use processing_request::Request as In;
     if answer.reservation.is_none() {
-        answer.reservation = reservation(message.metadata_context.as_ref());
+        answer.reservation = grant(message.metadata_context.as_ref()).reservation;
     }
     match &message.request {
+        Some(In::RequestHeaders(h)) => {
+            let path = header(h.headers.as_ref(), ":path").unwrap_or_default();
+            answer.request = Some(Lowering {
+                api: Api::of_path(&path),
+                max_tokens: grant(message.metadata_context.as_ref()).max_tokens,
+            });
+            // Nothing more to come when nothing is to be lowered.
+            answer.done = answer
+                .request
+                .as_ref()
+                .is_none_or(|l| l.max_tokens.is_none())
+                || h.end_of_stream;
+        }
+        Some(In::RequestBody(b)) => answer.done = b.end_of_stream,
         Some(In::ResponseHeaders(h)) => {
             let headers = h.headers.as_ref();
             answer.status = Some(
@@ -166,7 +269,14 @@ impl ExternalProcessor for EnvoyUsage {
             while let Some(Ok(message)) = incoming.next().await {
                 let over = read(&mut answer, &message);
                 if !message.observability_mode {
-                    if let Some(reply) = message.request.as_ref().and_then(ack) {
+                    let reply = message
+                        .request
+                        .as_ref()
+                        .and_then(|m| match &answer.request {
+                            Some(lowering) => lower(lowering, m),
+                            None => ack(m),
+                        });
+                    if let Some(reply) = reply {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
                         }

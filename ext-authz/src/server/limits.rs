@@ -578,6 +578,9 @@ mod tests {
             window_secs: 60,
             amount,
             scope: Scope::Global,
+            output: 0,
+            per_output: 0.0,
+            fit: None,
         }
     }
 

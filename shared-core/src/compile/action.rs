@@ -25,7 +25,7 @@ const FRAMING_HEADERS: &[&str] = &[
 use super::{has_control, Compiler, RuleSite};
 use crate::decision::{ChargeSource, CounterKind, Verdict};
 use crate::diagnostic::Code;
-use crate::model::{Action, ActionDecision, Scope};
+use crate::model::{Action, ActionDecision, MaxTokens, Scope};
 use crate::schema::{FieldRef, FieldType};
 use crate::set::{CompiledAction, KeyPart, Limit};
 
@@ -33,6 +33,7 @@ impl Compiler {
     pub(super) fn compile_action(
         &mut self,
         a: &Action,
+        plugin: bool,
         site: &RuleSite<'_>,
     ) -> Option<CompiledAction> {
         let before = self.errors.len();
@@ -154,6 +155,7 @@ impl Compiler {
                 });
             }
         }
+        let (cap, fit) = self.compile_transform(a, decision, limit.as_ref(), plugin, site);
         if self.errors.len() > before {
             return None;
         }
@@ -165,7 +167,72 @@ impl Compiler {
             audit: a.audit,
             alert: a.alert,
             limit,
+            cap,
+            fit,
         })
+    }
+
+    /// `transform`: a fixed cap (allow rules, decided without plugin or counter, so the core
+    /// knows it before any counter is charged) or `fitBudget` (rules with a token or USD budget).
+    fn compile_transform(
+        &mut self,
+        a: &Action,
+        decision: Verdict,
+        limit: Option<&Limit>,
+        plugin: bool,
+        site: &RuleSite<'_>,
+    ) -> (Option<u64>, Option<u64>) {
+        let Some(t) = &a.transform else {
+            return (None, None);
+        };
+        let problem = |c: &mut Compiler, ptr: &str, msg: &str| {
+            c.errors.push(site.error(Code::InvalidTransform, ptr, msg));
+        };
+        match t.max_tokens {
+            MaxTokens::Cap(n) => {
+                if t.min_tokens.is_some() {
+                    problem(
+                        self,
+                        "/action/transform/minTokens",
+                        "`minTokens` goes with `maxTokens: fitBudget`",
+                    );
+                }
+                if n == 0 {
+                    problem(
+                        self,
+                        "/action/transform/maxTokens",
+                        "`maxTokens` must be at least 1",
+                    );
+                } else if decision != Verdict::Allow {
+                    problem(self, "/action/transform/maxTokens", "a fixed `maxTokens` caps the requests a rule allows: write it on an allow rule");
+                } else if limit.is_some() || plugin {
+                    problem(self, "/action/transform/maxTokens", "a fixed `maxTokens` must be known before counters are charged: its rule cannot use a plugin, `rateLimit` or `budget`");
+                } else {
+                    return (Some(n), None);
+                }
+                (None, None)
+            }
+            MaxTokens::FitBudget => {
+                let budget = limit.filter(|l| {
+                    l.source == ChargeSource::Budget && l.kind != CounterKind::Requests
+                });
+                if budget.is_none() {
+                    problem(self, "/action/transform/maxTokens", "`maxTokens: fitBudget` needs a `budget` of `tokens` or `usd` on the same rule");
+                    return (None, None);
+                }
+                match t.min_tokens {
+                    Some(0) => {
+                        problem(
+                            self,
+                            "/action/transform/minTokens",
+                            "`minTokens` must be at least 1",
+                        );
+                        (None, None)
+                    }
+                    min => (None, Some(min.unwrap_or(1))),
+                }
+            }
+        }
     }
 
     fn key_or_error(&mut self, t: &str, site: &RuleSite<'_>, ptr: &str) -> Option<Vec<KeyPart>> {

@@ -84,7 +84,7 @@ impl Compiler {
                 ));
             }
         }
-        let action = self.compile_action(&rule.action, &site);
+        let action = self.compile_action(&rule.action, rule.when.plugin.is_some(), &site);
         if self.errors.len() > before {
             return None;
         }

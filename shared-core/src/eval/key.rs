@@ -9,11 +9,30 @@ use crate::context::{FieldValue, View};
 use crate::decision::{Charge, CounterKind};
 use crate::set::{CompiledRule, KeyPart, Limit, Namespace};
 
-pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: View<'_>) -> Charge {
+/// What `rule`'s counter charges for the request in `view`, whose output cap is lowered to
+/// `cap` (a fixed `transform.maxTokens`) when one applies.
+pub(super) fn charge(
+    rule: &CompiledRule,
+    ns: &Namespace,
+    limit: &Limit,
+    view: View<'_>,
+    cap: Option<u64>,
+) -> Charge {
     let r = view.req;
     let model = r.model.as_deref();
     let prompt = r.prompt_tokens();
-    let output = r.output_reservation(&ns.models);
+    let each = ns.models.output_reservation(model, r.max_tokens);
+    let each = cap.map_or(each, |c| c.min(each));
+    let choices = u64::from(r.choices.max(1));
+    let output = each.saturating_mul(choices);
+    let (per_output, fit) = match limit.kind {
+        CounterKind::Requests => (0.0, None),
+        CounterKind::Tokens => (choices as f64, rule.action.fit),
+        CounterKind::Usd => (
+            ns.models.lookup(model).output * choices as f64 / crate::model_table::PER_MILLION,
+            rule.action.fit,
+        ),
+    };
     Charge {
         rule: rule.id.clone(),
         source: limit.source,
@@ -29,6 +48,13 @@ pub(super) fn charge(rule: &CompiledRule, ns: &Namespace, limit: &Limit, view: V
             CounterKind::Usd => ns.models.estimate_usd(model, prompt, output),
         },
         scope: limit.scope,
+        output: if limit.kind == CounterKind::Requests {
+            0
+        } else {
+            each
+        },
+        per_output,
+        fit,
     }
 }
 

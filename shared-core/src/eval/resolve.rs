@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use super::{Outcome, Part};
 use crate::cache_key;
-use crate::context::RequestContext;
+use crate::context::{Api, RequestContext};
 use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
 use crate::model::OnError;
 use crate::set::{CompiledRule, Namespace, PolicySet};
@@ -85,6 +85,7 @@ pub(super) fn decide(
             d.charges.clear();
         }
         let cacheable = d.cacheable;
+        let max_tokens = max_tokens(ns, ctx, Some(part), d.verdict);
         let (shadow, errors, charges, remote) = (
             core::mem::take(&mut d.shadow),
             core::mem::take(&mut d.errors),
@@ -103,10 +104,12 @@ pub(super) fn decide(
                 remote,
                 cacheable,
                 cache_key: cache_key(),
+                max_tokens,
             },
             explain,
         );
     }
+    let raw = parts;
     let parts: Vec<PartDecision> = parts
         .iter()
         .map(|part| resolve_part(ns, part, explain))
@@ -158,6 +161,7 @@ pub(super) fn decide(
         remote,
         cacheable,
         cache_key: cache_key(),
+        max_tokens: max_tokens(ns, ctx, raw.first(), verdict),
     };
     decision(d, ns, set, merged, explain)
 }
@@ -171,6 +175,30 @@ struct Merged {
     remote: Vec<String>,
     cacheable: bool,
     cache_key: String,
+    max_tokens: Option<u64>,
+}
+
+/// The output cap the request goes ahead with, when a `transform.maxTokens` lowered it below
+/// its own (a request without one may be answered with the model's largest output).
+fn max_tokens(
+    ns: &Namespace,
+    ctx: &RequestContext,
+    part: Option<&Part>,
+    verdict: Verdict,
+) -> Option<u64> {
+    let r = &ctx.request;
+    let answers = matches!(
+        r.api,
+        Api::Chat | Api::Completions | Api::Responses | Api::Messages
+    );
+    if verdict != Verdict::Allow || !answers {
+        return None;
+    }
+    let lowered = part?.lowered()?;
+    let own = ns
+        .models
+        .output_reservation(r.model.as_deref(), r.max_tokens);
+    (lowered < own).then_some(lowered)
 }
 
 /// The decision of the deciding part `d`, with what all parts contribute.
@@ -187,6 +215,7 @@ fn decision(
         matched_rules: d.matched_rules,
         actions: Actions {
             counters: m.charges,
+            max_tokens: m.max_tokens,
             ..d.actions
         },
         metadata: DecisionMetadata {

@@ -179,7 +179,16 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
     let answer = |id: &NeedId| answers.get(id.0 as usize).cloned().flatten();
     let mut host = Host::Later(Vec::new());
     let views: Vec<View<'_>> = ctx.views().collect();
-    for (part, Part { outcomes, .. }) in p.parts.iter_mut().enumerate() {
+    for (
+        part,
+        Part {
+            outcomes,
+            cap,
+            fitted,
+            ..
+        },
+    ) in p.parts.iter_mut().enumerate()
+    {
         let Some(view) = views.get(part).copied() else {
             continue;
         };
@@ -193,14 +202,15 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
                         Some(Answer::Plugin(c)) => c,
                         _ => PluginCheck::Unavailable,
                     };
-                    plugin_outcome(check, rule, ns, view, &mut host, part)
+                    let at = At { part, cap: *cap };
+                    plugin_outcome(check, rule, ns, view, &mut host, at, fitted)
                 }
                 Outcome::WaitCounter(id, charge) => {
                     let state = match answer(id) {
                         Some(Answer::Counter(c)) => c,
                         _ => CounterCheck::Unknown,
                     };
-                    counter_outcome(state, charge.clone())
+                    counter_outcome(state, charge.clone(), fitted)
                 }
                 _ => continue,
             };
@@ -233,6 +243,9 @@ fn run_part(
         outcomes.extend(left_out.into_iter().map(|i| (i, Outcome::NotSelected)));
     }
     let mut cacheable = true;
+    let cap = fixed_cap(ns, &candidates, view, &mut scratch);
+    let mut fitted = None;
+    let at = At { part, cap };
     // The priority of the first (highest) rule that denied or throttled without the host: rules
     // below it cannot change the verdict, so their plugins and counters are not asked for.
     let mut floor: Option<i64> = None;
@@ -242,7 +255,7 @@ fn run_part(
         };
         cacheable &= !rule.volatile;
         let below = floor.is_some_and(|f| rule.priority < f);
-        let outcome = run_rule(rule, ns, view, &mut scratch, host, part, below);
+        let outcome = run_rule(rule, ns, view, &mut scratch, host, at, below, &mut fitted);
         if floor.is_none() && stops(rule, &outcome) {
             floor = Some(rule.priority);
         }
@@ -262,7 +275,37 @@ fn run_part(
     Part {
         outcomes,
         cacheable,
+        cap,
+        fitted,
     }
+}
+
+/// The lowest fixed `transform.maxTokens` among the enforcing candidates that match: known
+/// before any counter is charged, so counters charge for the lowered request.
+fn fixed_cap<'a>(
+    ns: &Namespace,
+    candidates: &[u32],
+    view: View<'a>,
+    scratch: &mut Scratch<'a>,
+) -> Option<u64> {
+    if !ns.caps {
+        return None;
+    }
+    candidates
+        .iter()
+        .filter_map(|i| ns.rules.get(*i as usize))
+        .filter(|r| !r.shadow)
+        .filter_map(|r| Some((r.action.cap?, r)))
+        .filter(|(_, r)| matches!(r.cond.eval(view, scratch), Ok(true)))
+        .map(|(cap, _)| cap)
+        .min()
+}
+
+/// Where a rule runs: which part, with which fixed output cap.
+#[derive(Clone, Copy)]
+struct At {
+    part: usize,
+    cap: Option<u64>,
 }
 
 fn finish(mut p: Pending, ctx: &RequestContext, timer: Timer) -> Step {
@@ -294,21 +337,26 @@ fn stops(rule: &CompiledRule, outcome: &Outcome) -> bool {
 
 /// Runs one rule as far as the host lets: its condition (or its plugin), then its counter.
 /// `below` a rule that already denied or throttled, nothing is asked of the host.
+#[allow(
+    clippy::too_many_arguments,
+    reason = "one rule's run: the rule, where it runs, and what it may change"
+)]
 fn run_rule<'a>(
     rule: &CompiledRule,
     ns: &Namespace,
     view: View<'a>,
     scratch: &mut Scratch<'a>,
     host: &mut Host<'_>,
-    part: usize,
+    at: At,
     below: bool,
+    fitted: &mut Option<u64>,
 ) -> Outcome {
     if let Some(plugin) = &rule.plugin {
         if below {
             return Outcome::Skipped;
         }
-        return match host.plugin(rule, plugin, part) {
-            Ok(check) => plugin_outcome(check, rule, ns, view, host, part),
+        return match host.plugin(rule, plugin, at.part) {
+            Ok(check) => plugin_outcome(check, rule, ns, view, host, at, fitted),
             Err(id) => Outcome::WaitPlugin(id),
         };
     }
@@ -316,7 +364,7 @@ fn run_rule<'a>(
         Err(e) => Outcome::Error(crate::truth::clip(e.0)),
         Ok(false) => Outcome::NotMatched,
         Ok(true) if below && rule.action.limit.is_some() && !rule.shadow => Outcome::Skipped,
-        Ok(true) => after_match(rule, ns, view, host, part),
+        Ok(true) => after_match(rule, ns, view, host, at, fitted),
     }
 }
 
@@ -326,10 +374,11 @@ fn plugin_outcome(
     ns: &Namespace,
     view: View<'_>,
     host: &mut Host<'_>,
-    part: usize,
+    at: At,
+    fitted: &mut Option<u64>,
 ) -> Outcome {
     match check {
-        PluginCheck::Matched(true) => after_match(rule, ns, view, host, part),
+        PluginCheck::Matched(true) => after_match(rule, ns, view, host, at, fitted),
         PluginCheck::Matched(false) => Outcome::NotMatched,
         PluginCheck::Error(e) => Outcome::Error(crate::truth::clip(e)),
         PluginCheck::Unavailable => Outcome::Remote(None),
@@ -353,7 +402,8 @@ fn after_match(
     ns: &Namespace,
     view: View<'_>,
     host: &mut Host<'_>,
-    part: usize,
+    at: At,
+    fitted: &mut Option<u64>,
 ) -> Outcome {
     let Some(limit) = &rule.action.limit else {
         return Outcome::Matched(None);
@@ -361,17 +411,31 @@ fn after_match(
     if rule.shadow {
         return Outcome::Matched(None);
     }
-    let charge = charge(rule, ns, limit, view);
-    match host.counter(rule, &charge, part) {
-        Ok(state) => counter_outcome(state, charge),
+    let charge = charge(rule, ns, limit, view, at.cap);
+    match host.counter(rule, &charge, at.part) {
+        Ok(state) => counter_outcome(state, charge, fitted),
         Err(id) => Outcome::WaitCounter(id, charge),
     }
 }
 
-fn counter_outcome(state: CounterCheck, charge: Charge) -> Outcome {
+/// A counter's answer as the rule's outcome; a `fitBudget` answer lowers the part's output cap.
+fn counter_outcome(state: CounterCheck, charge: Charge, fitted: &mut Option<u64>) -> Outcome {
     match state {
         CounterCheck::Over => Outcome::Matched(Some(charge)),
         CounterCheck::Under => Outcome::UnderLimit(charge),
+        CounterCheck::Fit(output) if charge.fit.is_some() => {
+            // Never raised above what was counted.
+            let output = output.min(charge.output);
+            *fitted = Some(fitted.map_or(output, |f| f.min(output)));
+            let amount = charge.amount_with_output(output);
+            Outcome::UnderLimit(Charge {
+                amount,
+                output,
+                ..charge
+            })
+        }
+        // A host that lowers a counter its rule does not let lower: over.
+        CounterCheck::Fit(_) => Outcome::Matched(Some(charge)),
         CounterCheck::Unknown if charge.scope == Scope::Global => Outcome::Remote(Some(charge)),
         CounterCheck::Unknown => Outcome::UnderLimit(charge),
     }

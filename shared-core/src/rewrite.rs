@@ -1,0 +1,200 @@
+//! Edits of a request body on its way upstream, the same in the filter and the server: the
+//! output cap lowered (`transform.maxTokens`), and the usage report an OpenAI stream is asked
+//! for ([`crate::usage::add_include_usage`]). Every byte the edit does not concern is kept.
+
+use alloc::string::String;
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use serde::de::IgnoredAny;
+
+use crate::context::Api;
+
+/// The fields that cap an answer's output in `api`'s requests, and the one written when the
+/// request names none.
+fn cap_fields(api: Api) -> Option<(&'static [&'static str], &'static str)> {
+    match api {
+        // `max_tokens` is deprecated and refused by OpenAI's reasoning models; both are lowered
+        // when both are sent.
+        Api::Chat => Some((
+            &["max_tokens", "max_completion_tokens"],
+            "max_completion_tokens",
+        )),
+        Api::Completions | Api::Messages => Some((&["max_tokens"], "max_tokens")),
+        Api::Responses => Some((&["max_output_tokens"], "max_output_tokens")),
+        Api::Embeddings | Api::Batch | Api::Other => None,
+    }
+}
+
+/// `body` with its output cap lowered to `max` (each field of `api` that caps output and holds
+/// more, or anything but a number; the cap written in front when none is present). `None`: not
+/// an API that answers with output, not a JSON object, or nothing to lower.
+///
+/// Keys are compared decoded (`"max\u005ftokens"` is `max_tokens`), and every occurrence is
+/// lowered: a body that names a field twice cannot keep a larger value in the copy the provider
+/// reads.
+pub fn lower_max_tokens(body: &[u8], api: Api, max: u64) -> Option<Vec<u8>> {
+    let (fields, written) = cap_fields(api)?;
+    let members = top_level_members(body)?;
+    let mut edits: Vec<Range<usize>> = Vec::new();
+    let mut present = false;
+    for (key, value) in members {
+        if !fields.contains(&key.as_str()) {
+            continue;
+        }
+        present = true;
+        let holds = body
+            .get(value.clone())
+            .and_then(|v| serde_json::from_slice::<u64>(v).ok());
+        if holds.is_none_or(|n| n > max) {
+            edits.push(value);
+        }
+    }
+    let digits = max_digits(max);
+    let mut out = Vec::with_capacity(body.len().saturating_add(32));
+    if !present {
+        let open = body.iter().position(|b| *b == b'{')?;
+        let rest = body.get(open.saturating_add(1)..)?;
+        let empty = trim_start(rest).first() == Some(&b'}');
+        out.extend_from_slice(body.get(..=open)?);
+        out.push(b'"');
+        out.extend_from_slice(written.as_bytes());
+        out.extend_from_slice(b"\":");
+        out.extend_from_slice(digits.as_bytes());
+        if !empty {
+            out.push(b',');
+        }
+        out.extend_from_slice(rest);
+        return Some(out);
+    }
+    if edits.is_empty() {
+        return None;
+    }
+    let mut at = 0;
+    for span in edits {
+        out.extend_from_slice(body.get(at..span.start)?);
+        out.extend_from_slice(digits.as_bytes());
+        at = span.end;
+    }
+    out.extend_from_slice(body.get(at..)?);
+    Some(out)
+}
+
+fn max_digits(n: u64) -> String {
+    use core::fmt::Write as _;
+    let mut s = String::new();
+    let _ = write!(s, "{n}");
+    s
+}
+
+fn trim_start(b: &[u8]) -> &[u8] {
+    let n = b
+        .iter()
+        .take_while(|c| matches!(c, b' ' | b'\t' | b'\n' | b'\r'))
+        .count();
+    b.get(n..).unwrap_or_default()
+}
+
+/// The decoded key and the byte range of the value of each member of the top-level object in
+/// `body`; `None` when `body` is not one JSON object.
+fn top_level_members(body: &[u8]) -> Option<Vec<(String, Range<usize>)>> {
+    let mut members = Vec::new();
+    let mut at = skip_space(body, 0);
+    if body.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(body, at.saturating_add(1));
+    if body.get(at) == Some(&b'}') {
+        return Some(members);
+    }
+    loop {
+        let (key, end) = next_value::<String>(body, at)?;
+        at = skip_space(body, end);
+        if body.get(at) != Some(&b':') {
+            return None;
+        }
+        let start = skip_space(body, at.saturating_add(1));
+        let (_, end) = next_value::<IgnoredAny>(body, start)?;
+        members.push((key, start..end));
+        at = skip_space(body, end);
+        match body.get(at) {
+            Some(b',') => at = skip_space(body, at.saturating_add(1)),
+            Some(b'}') => return Some(members),
+            _ => return None,
+        }
+    }
+}
+
+fn skip_space(body: &[u8], at: usize) -> usize {
+    let rest = body.get(at..).unwrap_or_default();
+    at.saturating_add(rest.len().saturating_sub(trim_start(rest).len()))
+}
+
+/// The JSON value starting at `at`, and where it ends.
+fn next_value<T: serde::de::DeserializeOwned>(body: &[u8], at: usize) -> Option<(T, usize)> {
+    let rest = body.get(at..)?;
+    let mut values = serde_json::Deserializer::from_slice(rest).into_iter::<T>();
+    let value = values.next()?.ok()?;
+    Some((value, at.saturating_add(values.byte_offset())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lowered(body: &str, api: Api, max: u64) -> Option<String> {
+        lower_max_tokens(body.as_bytes(), api, max).map(|b| String::from_utf8(b).unwrap())
+    }
+
+    #[test]
+    fn a_larger_cap_is_lowered_in_place() {
+        assert_eq!(
+            lowered(
+                r#"{"model":"m", "max_tokens": 4000 ,"x":1}"#,
+                Api::Messages,
+                100
+            )
+            .as_deref(),
+            Some(r#"{"model":"m", "max_tokens": 100 ,"x":1}"#)
+        );
+        assert_eq!(
+            lowered(r#"{"max_output_tokens":9e9}"#, Api::Responses, 7).as_deref(),
+            Some(r#"{"max_output_tokens":7}"#)
+        );
+    }
+
+    #[test]
+    fn a_smaller_cap_is_kept() {
+        assert_eq!(lowered(r#"{"max_tokens":50}"#, Api::Messages, 100), None);
+    }
+
+    #[test]
+    fn a_missing_cap_is_written_in_front() {
+        assert_eq!(
+            lowered(r#" {"model":"gpt-4o"}"#, Api::Chat, 64).as_deref(),
+            Some(r#" {"max_completion_tokens":64,"model":"gpt-4o"}"#)
+        );
+        assert_eq!(
+            lowered("{ }", Api::Completions, 64).as_deref(),
+            Some(r#"{"max_tokens":64 }"#)
+        );
+    }
+
+    #[test]
+    fn every_spelling_and_copy_is_lowered() {
+        let body = r#"{"max\u005ftokens":900,"messages":[{"max_tokens":5}],"max_completion_tokens":null,"max_tokens":"x"}"#;
+        assert_eq!(
+            lowered(body, Api::Chat, 10).as_deref(),
+            Some(
+                r#"{"max\u005ftokens":10,"messages":[{"max_tokens":5}],"max_completion_tokens":10,"max_tokens":10}"#
+            )
+        );
+    }
+
+    #[test]
+    fn not_an_object_or_no_output_is_left_alone() {
+        assert_eq!(lowered("[1]", Api::Chat, 10), None);
+        assert_eq!(lowered(r#"{"a":1"#, Api::Chat, 10), None);
+        assert_eq!(lowered(r#"{"input":"x"}"#, Api::Embeddings, 10), None);
+    }
+}
