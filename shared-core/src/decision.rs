@@ -135,11 +135,12 @@ impl Charge {
             return None;
         }
         let fixed = self.amount - self.output as f64 * self.per_output;
-        let tokens = ((room - fixed) / self.per_output).floor();
-        if tokens < min as f64 {
+        let tokens = (room - fixed) / self.per_output;
+        if tokens.is_nan() || tokens < min as f64 {
             return None;
         }
-        // Saturating float-to-int cast; never above what was asked for.
+        // A saturating cast that drops the fraction (rounds down); never above what was asked
+        // for.
         let mut tokens = (tokens as u64).min(self.output);
         // Rounding may leave the lowered amount a hair above the room.
         while self.amount_with_output(tokens) > room {
