@@ -14,6 +14,7 @@ official SDKs and a loopback provider that reports the usage each test asks of i
 - clamp instead of throttle: a budget that cannot pay for a request's `max_tokens` lowers it to
   what it can pay for (`transform: {maxTokens: fitBudget}`), a fixed cap lowers every request a
   rule allows; the provider receives the lowered body, the client the header that says so;
+- allowed answers say what is left (`x-ratelimit-*-tokens`, `-requests`) when a rule asks;
 - the reservation handle never reaches the provider, and usage reports need the usage token.
 """
 
@@ -84,6 +85,18 @@ spec:
         decision: throttle
         reason: "the user's daily token budget is spent"
         budget: { key: "{principal.id}", tokens: 1000, per: day }
+    - id: left-tokens
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "left-" } }
+      action:
+        decision: throttle
+        budget: { key: "{principal.id}", tokens: 1000, per: day, remainingHeaders: true }
+    - id: left-requests
+      priority: 20
+      when: { match: { field: principal.id, op: starts_with, value: "left-" } }
+      action:
+        decision: throttle
+        rateLimit: { key: "{principal.id}", requests: 10, per: minute, scope: local, remainingHeaders: true }
     - id: five-a-minute
       priority: 20
       when: { match: { field: principal.id, op: starts_with, value: "rate-" } }
@@ -454,3 +467,26 @@ def test_a_client_cannot_ask_for_a_rewrite_or_hide_a_second_cap(spend, mode):
         assert "100000" not in raw, raw
     else:
         assert status in (400, 429) and not sent, (status, sent)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_allowed_answers_say_what_is_left_when_a_rule_asks(spend, mode):
+    """`remainingHeaders: true` on a 1,000-token budget (the server's) and a 10-a-minute local
+    limit (the filter's, in filter mode): each allowed answer carries what is left after it was
+    charged; answers under limits that do not ask carry none."""
+    user = f"left-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
+    status, h, _ = raw_send(c, max_tokens=100)
+    assert status == 200
+    assert (h.get("x-ratelimit-limit-tokens"), h.get("x-ratelimit-limit-requests")) == ("1000", "10"), h
+    first = int(h["x-ratelimit-remaining-tokens"])
+    assert 890 < first < 900, h
+    assert h["x-ratelimit-remaining-requests"] == "9"
+    assert int(h["x-ratelimit-reset-tokens"]) > 0 and int(h["x-ratelimit-reset-requests"]) > 0
+    settled(spend.server, "left-tokens", user, 0.0)
+    status, h, _ = raw_send(c, max_tokens=100)
+    assert status == 200 and h["x-ratelimit-remaining-requests"] == "8"
+    # The first answer's usage (101) replaced its reservation; the second reserves as the first.
+    assert int(h["x-ratelimit-remaining-tokens"]) == first - 101, h
+    status, h, _ = raw_send(client(spend.envoys[mode], f"tok-{uuid.uuid4().hex[:8]}"), max_tokens=10)
+    assert status == 200 and not any(k.startswith("x-ratelimit") for k in h), h

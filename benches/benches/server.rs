@@ -181,6 +181,7 @@ fn bench_redis(c: &mut Criterion) {
         output: 0,
         per_output: 0.0,
         fit: None,
+        headers: false,
     };
     let reserve_commit = |store: &dyn CounterStore| {
         rt.block_on(async {

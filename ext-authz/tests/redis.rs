@@ -36,6 +36,7 @@ fn charge(key: &str, amount: f64, limit: f64) -> Charge {
         output: 0,
         per_output: 0.0,
         fit: None,
+        headers: false,
     }
 }
 

@@ -145,12 +145,19 @@ pub struct Reservation {
     idx: u64,
     amount: f64,
     kind: CounterKind,
+    /// The counter after the charge.
+    state: LimitState,
 }
 
 impl Reservation {
     /// The amount reserved.
     pub fn amount(&self) -> f64 {
         self.amount
+    }
+
+    /// What the counter is, and has left, after the charge (for `remainingHeaders`).
+    pub fn left(&self) -> (CounterKind, LimitState) {
+        (self.kind, self.state)
     }
 
     /// Whether it counts tokens (reconciled with the answer's usage).
@@ -266,6 +273,15 @@ impl Counters {
                         idx,
                         amount: charge.amount,
                         kind: charge.kind,
+                        state: LimitState {
+                            limit: charge.limit,
+                            remaining: (charge.limit - used - charge.amount).max(0.0),
+                            reset_secs: window::retry_after(
+                                Some(oldest.map_or(idx, |o| o.min(idx))),
+                                now_secs,
+                                window,
+                            ),
+                        },
                     })
                 }
                 SharedWrite::CasMismatch => continue,
@@ -368,6 +384,7 @@ mod tests {
             output: 0,
             per_output: 0.0,
             fit: None,
+            headers: false,
         }
     }
 

@@ -152,6 +152,9 @@ pub struct OkHttpResponse {
     /// `headers_to_remove`.
     #[prost(string, repeated, tag = "5")]
     pub headers_to_remove: Vec<String>,
+    /// `response_headers_to_add` (added to the answer sent to the client).
+    #[prost(message, repeated, tag = "6")]
+    pub response_headers_to_add: Vec<HeaderValueOption>,
 }
 
 /// `HeaderValueOption`.
@@ -256,6 +259,8 @@ pub enum ServerAnswer {
         set: Vec<(String, String)>,
         /// Headers to remove.
         remove: Vec<String>,
+        /// Headers to add to the answer sent to the client.
+        respond: Vec<(String, String)>,
         /// The token and cost reservations waiting for the answer's usage, and the output cap
         /// the body is lowered to.
         grant: wire::Grant,
@@ -297,6 +302,11 @@ impl ServerAnswer {
                     .filter_map(|h| h.header.as_ref().map(HeaderValue::pair))
                     .collect(),
                 remove: ok.headers_to_remove,
+                respond: ok
+                    .response_headers_to_add
+                    .iter()
+                    .filter_map(|h| h.header.as_ref().map(HeaderValue::pair))
+                    .collect(),
             });
         }
         let denied = r.denied_response.unwrap_or_default();
@@ -445,6 +455,7 @@ mod tests {
             http_response: Some(envoy::HttpResponse::OkResponse(envoy::OkHttpResponse {
                 headers: vec![header("X-A", "1", false), header("x-b", "2", true)],
                 headers_to_remove: vec!["x-c".into()],
+                response_headers_to_add: vec![header("x-ratelimit-remaining-tokens", "70", false)],
                 ..Default::default()
             })),
             dynamic_metadata: Some(metadata),
@@ -454,6 +465,7 @@ mod tests {
             Ok(ServerAnswer::Allow {
                 set: vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())],
                 remove: vec!["x-c".into()],
+                respond: vec![("x-ratelimit-remaining-tokens".into(), "70".into())],
                 grant: wire::Grant {
                     reservation: Some(wire::Reservation {
                         handle: handle.into(),

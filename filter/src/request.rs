@@ -8,7 +8,7 @@
 use std::rc::Rc;
 
 use llm_policy_core::context::{Api, Provider};
-use llm_policy_core::decision::Verdict;
+use llm_policy_core::decision::{CounterKind, Verdict};
 use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::model_table::{charge_for, ModelTable};
@@ -141,6 +141,10 @@ pub struct RequestFlow {
     body_len: usize,
     /// The output cap the body was lowered to (told to the client in a response header).
     lowered: Option<u64>,
+    /// The local counters charged that tell the client what is left (`remainingHeaders`).
+    remaining: Vec<(CounterKind, reply::LimitState)>,
+    /// Headers for the answer (the server's `response_headers_to_add`, what is left).
+    respond: Vec<(String, String)>,
 }
 
 /// What a request that counts tokens or cost reserved, to settle its usage with.
@@ -185,6 +189,8 @@ impl RequestFlow {
             api: Api::Other,
             body_len: 0,
             lowered: None,
+            remaining: Vec::new(),
+            respond: Vec::new(),
         }
     }
 
@@ -207,6 +213,9 @@ impl RequestFlow {
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         if let Some(n) = self.lowered {
             host.set_response_header(wire::MAX_TOKENS_HEADER, Some(&n.to_string()));
+        }
+        for (name, value) in &self.respond {
+            host.set_response_header(name, Some(value));
         }
         let wants =
             self.allowed && (self.handle.is_some() || self.held.iter().any(Reservation::is_tokens));
@@ -482,9 +491,16 @@ impl RequestFlow {
             (code, _) => Err(format!("gRPC status {code}")),
         };
         let outcome = match answer {
-            Ok(ServerAnswer::Allow { set, remove, grant }) => {
+            Ok(ServerAnswer::Allow {
+                set,
+                remove,
+                respond,
+                grant,
+            }) => {
                 // The handle is for the usage report, never for the provider.
                 self.handle = grant.reservation.map(|r| r.handle);
+                // What the server's counters have left; the local ones are added on allow.
+                self.respond = respond;
                 Outcome::Allow {
                     set,
                     remove,
@@ -548,6 +564,14 @@ impl RequestFlow {
                 // An answer whose usage is read must come uncompressed.
                 if self.handle.is_some() || self.held.iter().any(Reservation::is_tokens) {
                     host.set_request_header("accept-encoding", None);
+                }
+                if !self.remaining.is_empty() {
+                    let own = reply::remaining_headers(&self.remaining);
+                    for (name, value) in own {
+                        if !self.respond.iter().any(|(k, _)| *k == name) {
+                            self.respond.push((name, value));
+                        }
+                    }
                 }
                 host.metric(Metric::Allowed, 1);
                 self.allowed = true;
@@ -733,6 +757,9 @@ impl RequestFlow {
                     NeedKind::Counter(c) if c.scope == Scope::Local => {
                         match self.vm.counters.reserve(host, c, now_secs) {
                             Count::Under(r) => {
+                                if c.headers {
+                                    self.remaining.push(r.left());
+                                }
                                 self.held.push(r);
                                 Answer::Counter(CounterCheck::Under)
                             }

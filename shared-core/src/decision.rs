@@ -118,6 +118,10 @@ pub struct Charge {
     /// with `output` lowered to what fits, down to this many tokens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fit: Option<u64>,
+    /// `remainingHeaders`: the answer to a request that goes ahead says what is left
+    /// ([`crate::reply::remaining_headers`]).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub headers: bool,
 }
 
 impl Charge {
@@ -148,6 +152,10 @@ impl Charge {
         }
         Some(tokens)
     }
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn is_zero(n: &u64) -> bool {

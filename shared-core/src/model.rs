@@ -380,6 +380,10 @@ pub struct RateLimit {
     /// (per Envoy instance, counted by the filter in shared data).
     #[serde(default)]
     pub scope: Scope,
+    /// Tell the client what is left: `x-ratelimit-{limit,remaining,reset}-requests` (or
+    /// `-tokens`) on the answers to the requests this limit lets through.
+    #[serde(default, rename = "remainingHeaders")]
+    pub remaining_headers: bool,
 }
 
 /// Where a rate limit is counted.
@@ -408,6 +412,10 @@ pub struct Budget {
     pub usd: Option<f64>,
     /// Window, as for rate limits.
     pub per: String,
+    /// Tell the client what is left: `x-ratelimit-{limit,remaining,reset}-tokens` (or `-usd`)
+    /// on the answers to the requests this budget lets through.
+    #[serde(default, rename = "remainingHeaders")]
+    pub remaining_headers: bool,
 }
 
 /// The JSON value type used for raw policy data (re-exported so dependants need not pin

@@ -15,7 +15,7 @@ use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 
 use crate::context::{Api, ContextError, Provider};
-use crate::decision::{Decision, Verdict};
+use crate::decision::{CounterKind, Decision, Verdict};
 use crate::identity::KeyError;
 
 /// The header that carries the verdict to the upstream (allow) or the client (deny, throttle).
@@ -85,6 +85,39 @@ pub fn for_decision(d: &Decision, provider: Provider, limit: Option<LimitState>)
         body: error_body(provider, status, code, &d.reason),
         headers: with_content_type(headers),
     })
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens,usd}` for the answer to a request
+/// that went ahead, from the counters it was charged on that asked for them
+/// (`remainingHeaders`, with their state after the charge): per unit, the counter with the least
+/// left. Reset in whole seconds.
+pub fn remaining_headers(counters: &[(CounterKind, LimitState)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (kind, unit) in [
+        (CounterKind::Requests, "requests"),
+        (CounterKind::Tokens, "tokens"),
+        (CounterKind::Usd, "usd"),
+    ] {
+        let tightest = counters
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, s)| s)
+            .min_by(|a, b| a.remaining.total_cmp(&b.remaining));
+        let Some(s) = tightest else {
+            continue;
+        };
+        let amount = |v: f64| match kind {
+            CounterKind::Usd => format!("{:.4}", v.max(0.0)),
+            _ => whole(v.max(0.0)),
+        };
+        out.push((format!("x-ratelimit-limit-{unit}"), amount(s.limit)));
+        out.push((format!("x-ratelimit-remaining-{unit}"), amount(s.remaining)));
+        out.push((
+            format!("x-ratelimit-reset-{unit}"),
+            s.reset_secs.max(1).to_string(),
+        ));
+    }
+    out
 }
 
 /// The state of the deciding rule's counter among those a host checked (`(rule, state)` of each

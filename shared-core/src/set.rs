@@ -158,6 +158,8 @@ pub(crate) struct Limit {
     pub limit: f64,
     pub window_secs: u64,
     pub scope: Scope,
+    /// `remainingHeaders`: allowed requests are told what is left.
+    pub headers: bool,
 }
 
 pub(crate) enum KeyPart {

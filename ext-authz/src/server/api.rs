@@ -124,6 +124,9 @@ fn charge(c: Charge) -> pb::Charge {
         limit: c.limit,
         window_secs: c.window_secs,
         amount: c.amount,
+        output: c.output,
+        per_output: c.per_output,
+        fit: c.fit,
     }
 }
 
@@ -134,6 +137,7 @@ fn actions(a: Actions) -> pb::Actions {
         audit: a.audit,
         alert: a.alert.as_ref().map(name),
         counters: a.counters.into_iter().map(charge).collect(),
+        max_tokens: a.max_tokens,
     }
 }
 

@@ -76,6 +76,9 @@ pub struct Checked {
     pub reply: Option<Reply>,
     /// Headers to add to a request that goes ahead.
     pub upstream: Vec<(String, String)>,
+    /// Headers to add to the answer of a request that goes ahead: its lowered output cap
+    /// ([`wire::MAX_TOKENS_HEADER`]), what its counters have left (`remainingHeaders`).
+    pub respond: Vec<(String, String)>,
     /// The token and cost reservations waiting for the answer's usage (an allowed request some
     /// budget or token limit counts): never a header to the provider; the ext_authz edge puts
     /// it in Envoy's dynamic metadata, the API edges hand the handle to their caller.
@@ -391,6 +394,7 @@ impl Engine {
             FailureMode::Closed => (Some(reply::unavailable(provider, f.message())), Vec::new()),
         };
         Checked {
+            respond: Vec::new(),
             reservation: None,
             decision: None,
             reply,
@@ -418,6 +422,7 @@ impl Engine {
         let mut counting = Counting {
             held: Held::new(Arc::clone(&self.store)),
             over: Vec::new(),
+            remaining: Vec::new(),
             charge: input.charge,
             local: input.local_counted.take(),
             now: unix_now(),
@@ -755,6 +760,9 @@ impl Engine {
         };
         match reserved.reservation {
             Some(id) => {
+                if charge.headers && (id != ReservationId::NONE || !counting.charge) {
+                    counting.remaining.push((charge.kind, reserved.state));
+                }
                 if counting.charge && id != ReservationId::NONE {
                     counting.held.ids.push((id, charge.kind));
                     if charge.source == ChargeSource::Budget && charge.limit > 0.0 {
@@ -816,6 +824,11 @@ impl Engine {
         key: Option<String>,
     ) -> Checked {
         let limit = reply::deciding_limit(&decision, &counting.over);
+        let remaining = if decision.decision == Verdict::Allow {
+            reply::remaining_headers(&counting.remaining)
+        } else {
+            Vec::new()
+        };
         if decision.decision != Verdict::Allow {
             counting.held.release_now().await;
         } else if !counting.held.ids.is_empty() {
@@ -851,6 +864,7 @@ impl Engine {
                         output: r.output_reservation(&models, lowered),
                     });
                 }
+                checked.respond.extend(remaining);
                 return checked;
             }
         }
@@ -862,7 +876,9 @@ impl Engine {
                 self.caches.put(key, Arc::new(decision.clone()));
             }
         }
-        render(version, decision, ctx, limit, None)
+        let mut checked = render(version, decision, ctx, limit, None);
+        checked.respond.extend(remaining);
+        checked
     }
 
     /// Runs the plugin conditions among `needs` on the blocking pool (each in a fresh sandboxed
@@ -1120,6 +1136,7 @@ fn rejected(
     provider: llm_policy_core::context::Provider,
 ) -> Checked {
     Checked {
+        respond: Vec::new(),
         reservation: None,
         decision: None,
         reply: Some(reply::for_error(e, provider)),
@@ -1137,6 +1154,7 @@ fn unauthenticated(
     provider: llm_policy_core::context::Provider,
 ) -> Checked {
     Checked {
+        respond: Vec::new(),
         reservation: None,
         decision: None,
         reply: Some(reply::unauthenticated(provider, e)),
@@ -1165,6 +1183,9 @@ struct Counting {
     /// The rules whose counter was over, with its state (a throttle's `retry-after` and
     /// `x-ratelimit-*` come from the deciding one).
     over: Vec<(String, LimitState)>,
+    /// The counters reserved that tell the client what is left (`remainingHeaders`), with
+    /// their state after the reservation.
+    remaining: Vec<(CounterKind, LimitState)>,
     /// Reserve (a request that will go ahead) rather than only read.
     charge: bool,
     /// The local limits the proxy counted itself.
@@ -1182,16 +1203,23 @@ fn render(
     cache: Option<Level>,
 ) -> Checked {
     let reply = reply::for_decision(&decision, ctx.request.provider, limit);
-    let upstream = if reply.is_none() {
-        reply::upstream_headers(&decision)
+    let (upstream, respond) = if reply.is_none() {
+        let respond = decision
+            .actions
+            .max_tokens
+            .map(|n| (wire::MAX_TOKENS_HEADER.to_string(), n.to_string()))
+            .into_iter()
+            .collect();
+        (reply::upstream_headers(&decision), respond)
     } else {
-        Vec::new()
+        (Vec::new(), Vec::new())
     };
     Checked {
         reservation: None,
         decision: Some(decision),
         reply,
         upstream,
+        respond,
         version: Some(version),
         cache,
         error: None,

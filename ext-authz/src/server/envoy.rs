@@ -162,14 +162,16 @@ pub fn response(checked: Checked) -> CheckResponse {
                 reservation: checked.reservation,
             };
             let mut upstream = checked.upstream;
-            let mut response_headers_to_add = Vec::new();
-            if let Some(n) = grant.max_tokens {
+            if grant.max_tokens.is_some() {
                 // The ext_proc filter that lowers the body runs for this request only.
                 headers_to_remove.retain(|h| h != wire::REWRITE_HEADER);
                 upstream.push((wire::REWRITE_HEADER.to_string(), String::from("1")));
-                response_headers_to_add
-                    .push(header(wire::MAX_TOKENS_HEADER.to_string(), n.to_string()));
             }
+            let response_headers_to_add = checked
+                .respond
+                .into_iter()
+                .map(|(k, v)| header(k, v))
+                .collect();
             CheckResponse {
                 status: Some(rpc::Status {
                     code: code::OK,

@@ -581,6 +581,7 @@ mod tests {
             output: 0,
             per_output: 0.0,
             fit: None,
+            headers: false,
         }
     }
 

@@ -126,6 +126,7 @@ impl Compiler {
                     limit: amount,
                     window_secs,
                     scope: rl.scope,
+                    headers: rl.remaining_headers,
                 });
             }
         }
@@ -152,6 +153,7 @@ impl Compiler {
                     limit: amount,
                     window_secs,
                     scope: Scope::Global,
+                    headers: b.remaining_headers,
                 });
             }
         }

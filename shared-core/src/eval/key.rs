@@ -55,6 +55,7 @@ pub(super) fn charge(
         },
         per_output,
         fit,
+        headers: limit.headers,
     }
 }
 
