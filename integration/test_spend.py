@@ -490,3 +490,47 @@ def test_allowed_answers_say_what_is_left_when_a_rule_asks(spend, mode):
     assert int(h["x-ratelimit-remaining-tokens"]) == first - 101, h
     status, h, _ = raw_send(client(spend.envoys[mode], f"tok-{uuid.uuid4().hex[:8]}"), max_tokens=10)
     assert status == 200 and not any(k.startswith("x-ratelimit") for k in h), h
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_audit_records_carry_the_estimated_and_the_actual_cost(spend, mode):
+    """The decision record of a request that reserved says what it was estimated to cost; a
+    `usage` record, joined by the reservation's digest (never the handle), what its answer cost
+    at the model table's prices: gpt-4o, 1,000 prompt and 1,000 output tokens, $0.0125."""
+    user = f"usd-{uuid.uuid4().hex[:8]}"
+    c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1000", "x-mock-completion-tokens": "1000"})
+    status, _, _ = raw_send(c, model="gpt-4o", max_tokens=1000)
+    assert status == 200
+    settled(spend.server, "user-usd", user, 0.0)
+
+    def records():
+        return [json.loads(line) for line in spend.server.audit.read_text().splitlines() if line.strip()]
+
+    found = {}
+
+    def joined():
+        mine = [r for r in records() if r.get("principal", {}).get("id") == user and r.get("spend")]
+        if not mine:
+            return False
+        found["decision"] = mine[-1]
+        digest = mine[-1]["spend"]["reservation"]
+        usage = [r for r in records() if r["kind"] == "usage" and r["spend"]["reservation"] == digest]
+        found["usage"] = usage[-1] if usage else None
+        return bool(usage)
+
+    wait_for(joined, "the decision and usage records")
+    decision, usage = found["decision"]["spend"], found["usage"]["spend"]
+    assert len(decision["reservation"]) == 16
+    assert 1000 < decision["estimated_tokens"] < 1020, decision
+    assert 0.0100 < decision["estimated_usd"] < 0.0101, decision
+    assert usage["tokens"] == 2000 and abs(usage["usd"] - 0.0125) < 1e-9, usage
+
+    def handles(value, key=""):
+        if isinstance(value, dict):
+            return [h for k, v in value.items() for h in handles(v, k)]
+        if isinstance(value, list):
+            return [h for v in value for h in handles(v, key)]
+        is_hex = isinstance(value, str) and len(value) == 32 and all(ch in "0123456789abcdef" for ch in value)
+        return [(key, value)] if is_hex and key != "bundle" else []
+
+    assert not [h for r in records() for h in handles(r)], "a reservation handle in the audit log"

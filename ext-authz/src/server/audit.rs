@@ -72,6 +72,42 @@ pub struct Record {
     /// The prompt, HMAC-SHA256-hashed or redacted, when configured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub prompt: Option<String>,
+    /// What an allowed request reserved (a `decision` record) or was charged once its answer's
+    /// usage was read (a `usage` record), joined by `reservation`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spend: Option<SpendRecord>,
+}
+
+/// The spend of one request: estimated at the check, actual from the answer's usage.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct SpendRecord {
+    /// A digest of the reservation handle (the first 16 hex digits of its SHA-256): joins a
+    /// request's `decision` and `usage` records without writing the handle, a credential.
+    pub reservation: String,
+    /// Estimated prompt tokens and the output reserved (`decision` records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_tokens: Option<u64>,
+    /// Estimated cost at the model table's prices (`decision` records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub estimated_usd: Option<f64>,
+    /// The output cap the request was lowered to (`transform.maxTokens`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Tokens charged from the answer's usage (`usage` records; absent: the reservation stood).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<f64>,
+    /// Cost charged at the model table's prices (`usage` records).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usd: Option<f64>,
+}
+
+impl SpendRecord {
+    /// The digest a reservation handle is recorded under.
+    pub fn digest(handle: &str) -> String {
+        use sha2::Digest as _;
+        let sum = sha2::Sha256::digest(handle.as_bytes());
+        sum.iter().take(8).map(|b| format!("{b:02x}")).collect()
+    }
 }
 
 /// How a check's principal was established: how, and by which virtual key (its id).
@@ -504,6 +540,8 @@ pub struct CheckFacts<'a> {
     pub trace_id: Option<String>,
     /// The client's `x-request-id`, when short enough.
     pub request_id: Option<String>,
+    /// What an allowed request reserved.
+    pub spend: Option<SpendRecord>,
 }
 
 impl CheckFacts<'_> {
@@ -560,6 +598,7 @@ impl Record {
             trace_id: facts.trace_id.clone(),
             alert: d.and_then(|d| d.actions.alert),
             prompt,
+            spend: facts.spend.clone(),
         }
     }
 }
@@ -586,6 +625,21 @@ impl Audit {
         if wants {
             self.record(record);
         }
+    }
+
+    /// Records what an answer's usage charged a reservation (a `usage` record), when the audit
+    /// log records anything.
+    pub fn record_usage(&self, spend: SpendRecord) {
+        if self.scope == AuditScope::None {
+            return;
+        }
+        self.record(Record {
+            kind: "usage",
+            id: self.next_id(),
+            time: rfc3339(std::time::SystemTime::now()),
+            spend: Some(spend),
+            ..Record::default()
+        });
     }
 
     /// Whether a decision with this verdict and `audit` flag is recorded.

@@ -25,7 +25,7 @@ use llm_policy_core::{
     RequestContext, RequestInput, Step,
 };
 
-use super::audit::{Audit, CheckFacts, IdentityRecord};
+use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
 use super::cache::{Caches, Level, RemoteCache};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::key_store::KeyStore;
@@ -1027,6 +1027,12 @@ impl Engine {
             .usage_reports
             .with_label_values(&["recorded"])
             .inc();
+        self.audit.record_usage(SpendRecord {
+            reservation: SpendRecord::digest(handle),
+            tokens: usage.tokens,
+            usd: usage.usd,
+            ..SpendRecord::default()
+        });
         if let Some(usd) = usage.usd.filter(|u| u.is_finite() && *u > 0.0) {
             self.metrics.spend_usd.inc_by(usd);
         }
@@ -1125,6 +1131,21 @@ impl Engine {
             latency,
             trace_id,
             request_id,
+            spend: checked.reservation.as_ref().map(|r| {
+                let models = self.models();
+                let lowered = checked.decision.as_ref().and_then(|d| d.actions.max_tokens);
+                SpendRecord {
+                    reservation: SpendRecord::digest(&r.handle),
+                    estimated_tokens: Some(r.prompt.saturating_add(r.output)),
+                    estimated_usd: Some(models.estimate_usd(
+                        r.model.as_deref(),
+                        r.prompt,
+                        r.output,
+                    )),
+                    max_tokens: lowered,
+                    ..SpendRecord::default()
+                }
+            }),
         });
     }
 }
