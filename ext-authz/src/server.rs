@@ -172,10 +172,15 @@ async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, StartError> {
 /// path that does not load yet is not fatal: the server runs, not ready, and reloads when the
 /// files change.
 pub async fn start(mut config: Config) -> Result<Running, StartError> {
+    let mut models_text = None;
     if let Some(path) = &config.models_file {
+        let text = llm_policy_core::source::read_file(path)
+            .map_err(|d| StartError::Config(Diagnostics(vec![d])))?;
         let table =
-            llm_policy_core::model_table::ModelTable::load(path).map_err(StartError::Config)?;
+            llm_policy_core::model_table::ModelTable::parse(&path.display().to_string(), &text)
+                .map_err(StartError::Config)?;
         config.context.models = Some(table);
+        models_text = Some(text);
     }
     let admin_token = config.admin_token().map_err(StartError::Config)?;
     let read_token = config.read_token().map_err(StartError::Config)?;
@@ -200,18 +205,20 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         }
         None => None,
     };
-    let registry = Arc::new(
-        Registry::new(
-            config.policies.clone(),
-            config.context.clone(),
-            config.reload.history,
-        )
-        .with_plugins(
-            plugins
-                .as_ref()
-                .map(|p| p.names().map(str::to_string).collect()),
-        ),
+    let mut registry = Registry::new(
+        config.policies.clone(),
+        config.context.clone(),
+        config.reload.history,
+    )
+    .with_plugins(
+        plugins
+            .as_ref()
+            .map(|p| p.names().map(str::to_string).collect()),
     );
+    if let (Some(path), Some(text)) = (config.models_file.clone(), models_text) {
+        registry = registry.with_models_file(path, text);
+    }
+    let registry = Arc::new(registry);
     let redis = redis::Redis::connect(&config.redis, metrics.clone()).map_err(|e| {
         StartError::Config(Diagnostics(vec![llm_policy_core::Diagnostic::error(
             llm_policy_core::Code::Io,
@@ -448,6 +455,17 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 }
             }
         };
+        if let Some(models) = &config.models_file {
+            // The model table reloads with the policies: its changes call the same reload.
+            watch::spawn(
+                models.clone(),
+                Duration::from_millis(config.reload.debounce_ms),
+                None,
+                on_change.clone(),
+                stopped.clone(),
+                &mut tasks,
+            );
+        }
         watch::spawn(
             config.policies.clone(),
             Duration::from_millis(config.reload.debounce_ms),

@@ -16,7 +16,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use arc_swap::ArcSwapOption;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use llm_policy_core::model_table::ModelTable;
 use llm_policy_core::{
     source, Code, ContextConfig, Diagnostic, Diagnostics, Document, PolicySet, Severity,
 };
@@ -214,7 +215,12 @@ impl std::fmt::Display for RegistryError {
 /// The registry.
 pub struct Registry {
     path: PathBuf,
-    context: ContextConfig,
+    /// The context policies compile with; its model table is replaced when the models file
+    /// changes.
+    context: ArcSwap<ContextConfig>,
+    /// The model table's file (`modelsFile`), the text last loaded from it and the text last
+    /// rejected (not reported again).
+    models: Option<(PathBuf, Mutex<(String, Option<String>)>)>,
     keep: usize,
     active: ArcSwapOption<Version>,
     history: Mutex<Vec<Arc<Version>>>,
@@ -239,7 +245,8 @@ impl Registry {
     pub fn new(path: PathBuf, context: ContextConfig, keep: usize) -> Registry {
         Registry {
             path,
-            context,
+            context: ArcSwap::from_pointee(context),
+            models: None,
             keep: keep.max(1),
             active: ArcSwapOption::empty(),
             history: Mutex::new(Vec::new()),
@@ -252,6 +259,51 @@ impl Registry {
             shared: std::sync::OnceLock::new(),
             revisions: Mutex::new((None, None)),
         }
+    }
+
+    /// Reloads the model table from `path` with the policies (`text`: what the context's table
+    /// was loaded from): a change recompiles the policies with the new prices; a table that
+    /// does not load is reported like a broken policy, and the last good keeps serving.
+    pub fn with_models_file(mut self, path: PathBuf, text: String) -> Registry {
+        self.models = Some((path, Mutex::new((text, None))));
+        self
+    }
+
+    /// The model table's file, if one is configured.
+    pub fn models_file(&self) -> Option<&Path> {
+        self.models.as_ref().map(|(p, _)| p.as_path())
+    }
+
+    /// Reads the model table's file: `Ok(true)` when it changed and was loaded into the
+    /// context; an error when it cannot be read or parsed (the table serving stays).
+    fn refresh_models(&self) -> Result<bool, Diagnostics> {
+        let Some((path, last)) = &self.models else {
+            return Ok(false);
+        };
+        let text = source::read_file(path).map_err(|d| Diagnostics(vec![d]))?;
+        let mut last = last.lock().map_err(|_| {
+            Diagnostics(vec![Diagnostic::error(
+                Code::Io,
+                "model table lock poisoned",
+            )])
+        })?;
+        let (loaded, rejected) = &mut *last;
+        if *loaded == text || rejected.as_ref() == Some(&text) {
+            return Ok(false);
+        }
+        let table = match ModelTable::parse(&path.display().to_string(), &text) {
+            Ok(t) => t,
+            Err(d) => {
+                *rejected = Some(text);
+                return Err(d);
+            }
+        };
+        let mut context = ContextConfig::clone(&self.context.load());
+        context.models = Some(table);
+        self.context.store(Arc::new(context));
+        *loaded = text;
+        *rejected = None;
+        Ok(true)
     }
 
     /// Checks plugin conditions against these loaded plugins (`None`: no plugin directory; plugin
@@ -445,8 +497,21 @@ impl Registry {
         if let (true, Some(cur)) = (self.is_shared(), self.current()) {
             return Ok((cur, false));
         }
+        let models_changed = self.models_or_error()?;
         let files = read_files(&self.path)?;
+        if models_changed {
+            return self.accept(files, Origin::Load);
+        }
         self.reload_files(files)
+    }
+
+    /// [`Registry::refresh_models`], with a failure remembered as the last error.
+    fn models_or_error(&self) -> Result<bool, Diagnostics> {
+        self.refresh_models().inspect_err(|d| {
+            if let Ok(mut e) = self.last_error.lock() {
+                *e = Some(d.clone());
+            }
+        })
     }
 
     /// Like [`Registry::reload`], but `None` when the files are those serving or those last
@@ -454,10 +519,17 @@ impl Registry {
     /// neither recompiled nor reported again.
     pub fn reload_if_changed(&self) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
         let _guard = self.writer.lock();
+        let models_changed = match self.models_or_error() {
+            Ok(changed) => changed,
+            Err(d) => return Some(Err(d)),
+        };
         let files = match read_files(&self.path) {
             Ok(f) => f,
             Err(d) => return Some(Err(d)),
         };
+        if models_changed {
+            return Some(self.accept(files, Origin::Load));
+        }
         let print = fingerprint(&files);
         let serving = self.current().map(|v| fingerprint(&v.files));
         let rejected = self.last_rejected.lock().ok().and_then(|r| *r);
@@ -492,7 +564,7 @@ impl Registry {
         files: Vec<SourceFile>,
         origin: Origin,
     ) -> Result<(Arc<Version>, bool), Diagnostics> {
-        let result = compile(&files, &self.context, self.plugins.as_deref());
+        let result = compile(&files, &self.context.load(), self.plugins.as_deref());
         let (set, documents, warnings) = match result {
             Ok(x) => x,
             Err(d) => {
@@ -575,7 +647,8 @@ impl Registry {
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
         // Validate before touching the directory or the shared store.
-        compile(&files, &self.context, self.plugins.as_deref()).map_err(RegistryError::Invalid)?;
+        compile(&files, &self.context.load(), self.plugins.as_deref())
+            .map_err(RegistryError::Invalid)?;
         self.store(files, &target, text, Origin::Api)
     }
 
@@ -640,7 +713,8 @@ impl Registry {
             text: text.clone(),
         });
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        compile(&files, &self.context, self.plugins.as_deref()).map_err(RegistryError::Invalid)?;
+        compile(&files, &self.context.load(), self.plugins.as_deref())
+            .map_err(RegistryError::Invalid)?;
         self.store(files, &path, &text, Origin::Rollback)
     }
 
@@ -827,6 +901,52 @@ mod tests {
         std::fs::write(dir.path().join("a.yaml"), policy("a", "x")).unwrap();
         let (v, changed) = r.reload().unwrap();
         assert!(!changed && v.number == 1);
+        assert!(r.last_error().is_none());
+    }
+
+    #[test]
+    fn the_model_table_reloads_with_the_policies_and_a_bad_one_keeps_the_last_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let policies = dir.path().join("policies");
+        std::fs::create_dir(&policies).unwrap();
+        std::fs::write(policies.join("a.yaml"), policy("a", "x")).unwrap();
+        let table = |price: f64| {
+            format!("asOf: \"2026-01-01\"\nfallback: {{contextWindow: 1000, maxOutput: 100, input: 1.0, output: 2.0}}\nmodels:\n  m: {{provider: openai, contextWindow: 1000, maxOutput: 100, input: {price}, output: 2.0}}\n")
+        };
+        let models = dir.path().join("models.yaml");
+        std::fs::write(&models, table(1.0)).unwrap();
+        let mut context = ContextConfig::default();
+        context.models = Some(ModelTable::parse("models.yaml", &table(1.0)).unwrap());
+        let r = Registry::new(policies.clone(), context, 5)
+            .with_models_file(models.clone(), table(1.0));
+        let (v1, _) = r.reload().unwrap();
+        let price = |v: &Version| v.set.models().lookup(Some("m")).input;
+        assert_eq!(price(&v1), 1.0);
+        assert!(r.reload_if_changed().is_none(), "nothing changed");
+        // New prices: a new version, the policies recompiled with them (a new bundle digest).
+        std::fs::write(&models, table(3.0)).unwrap();
+        let (v2, changed) = r.reload_if_changed().unwrap().unwrap();
+        assert!(changed && v2.number == 2 && price(&v2) == 3.0);
+        assert_ne!(v1.set.bundle(), v2.set.bundle());
+        // A broken table: located, reported once, the last good keeps serving.
+        std::fs::write(&models, "asOf: 2026\nmodels:\n  m: {input: -1}\n").unwrap();
+        let e = r.reload_if_changed().unwrap().unwrap_err();
+        assert!(
+            e.0[0]
+                .file
+                .as_deref()
+                .is_some_and(|f| f.ends_with("models.yaml")),
+            "{e:?}"
+        );
+        assert_eq!(r.current().unwrap().number, 2);
+        assert!(r.last_error().is_some());
+        assert!(
+            r.reload_if_changed().is_none(),
+            "the same broken table is not reported again"
+        );
+        std::fs::write(&models, table(5.0)).unwrap();
+        let (v3, _) = r.reload_if_changed().unwrap().unwrap();
+        assert_eq!(price(&v3), 5.0);
         assert!(r.last_error().is_none());
     }
 
