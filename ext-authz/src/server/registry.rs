@@ -212,6 +212,9 @@ impl std::fmt::Display for RegistryError {
     }
 }
 
+/// The text of the model table's file last loaded, and last rejected.
+type ModelsText = (String, Option<String>);
+
 /// The registry.
 pub struct Registry {
     path: PathBuf,
@@ -220,7 +223,7 @@ pub struct Registry {
     context: ArcSwap<ContextConfig>,
     /// The model table's file (`modelsFile`), the text last loaded from it and the text last
     /// rejected (not reported again).
-    models: Option<(PathBuf, Mutex<(String, Option<String>)>)>,
+    models: Option<(PathBuf, Mutex<ModelsText>)>,
     keep: usize,
     active: ArcSwapOption<Version>,
     history: Mutex<Vec<Arc<Version>>>,
@@ -915,8 +918,10 @@ mod tests {
         };
         let models = dir.path().join("models.yaml");
         std::fs::write(&models, table(1.0)).unwrap();
-        let mut context = ContextConfig::default();
-        context.models = Some(ModelTable::parse("models.yaml", &table(1.0)).unwrap());
+        let context = ContextConfig {
+            models: Some(ModelTable::parse("models.yaml", &table(1.0)).unwrap()),
+            ..ContextConfig::default()
+        };
         let r = Registry::new(policies.clone(), context, 5)
             .with_models_file(models.clone(), table(1.0));
         let (v1, _) = r.reload().unwrap();
