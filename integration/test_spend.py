@@ -534,3 +534,18 @@ def test_audit_records_carry_the_estimated_and_the_actual_cost(spend, mode):
         return [(key, value)] if is_hex and key != "bundle" else []
 
     assert not [h for r in records() for h in handles(r)], "a reservation handle in the audit log"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_query_string_does_not_skip_the_lowering(spend, mode):
+    """Azure sends `?api-version=`, Anthropic's SDK `?beta=true`: the path is read as the check
+    read it, and the body is lowered all the same."""
+    user = f"cap-{uuid.uuid4().hex[:8]}"
+    spend.upstream.reset()
+    c = openai.OpenAI(base_url=spend.envoys[mode].url("/v1"), api_key="sk-test", max_retries=0,
+                      default_query={"api-version": "2024-10-21"},
+                      default_headers={**PRO, "x-llm-policy-namespace": "spend", "x-user-id": user})
+    status, headers, _ = raw_send(c)
+    assert (status, headers.get("x-llm-policy-max-tokens")) == (200, "64")
+    (body,) = upstream_bodies(spend.upstream)
+    assert body["max_completion_tokens"] == 64, body

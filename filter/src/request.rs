@@ -13,7 +13,7 @@ use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::model_table::{charge_for, ModelTable};
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
-use llm_policy_core::rewrite::lower_max_tokens;
+use llm_policy_core::rewrite::{lower_max_tokens, Lowered};
 use llm_policy_core::usage::{add_include_usage, Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
@@ -136,7 +136,9 @@ pub struct RequestFlow {
     spend: Option<Spend>,
     /// Removing the usage chunk the filter asked for on the client's behalf.
     stripper: Option<UsageChunkStripper>,
-    /// The request's API and its body's length as it goes upstream (after any rewrite).
+    /// The request's provider and API, and its body's length as it goes upstream (after any
+    /// rewrite).
+    provider: Provider,
     api: Api,
     body_len: usize,
     /// The output cap the body was lowered to (told to the client in a response header).
@@ -186,6 +188,7 @@ impl RequestFlow {
             usage: None,
             spend: None,
             stripper: None,
+            provider: Provider::Unknown,
             api: Api::Other,
             body_len: 0,
             lowered: None,
@@ -196,17 +199,23 @@ impl RequestFlow {
 
     /// Lowers the body's output cap to `n` (`transform.maxTokens`), and what the request
     /// reserved with it.
-    fn lower(&mut self, host: &mut dyn Host, n: u64) {
+    /// Returns false when the body cannot be lowered (then it must not go upstream as it is).
+    fn lower(&mut self, host: &mut dyn Host, n: u64) -> bool {
         let body = host.request_body(self.body_len).unwrap_or_default();
-        if let Some(new) = lower_max_tokens(&body, self.api, n) {
-            host.set_request_body(self.body_len, &new);
-            host.set_request_header("content-length", Some(&new.len().to_string()));
-            self.body_len = new.len();
+        match lower_max_tokens(&body, self.api, n) {
+            Some(Lowered::Body(new)) => {
+                host.set_request_body(self.body_len, &new);
+                host.set_request_header("content-length", Some(&new.len().to_string()));
+                self.body_len = new.len();
+            }
+            Some(Lowered::Within) => {}
+            None => return false,
         }
         if let Some(spend) = &mut self.spend {
             spend.output = spend.output.min(n.saturating_mul(spend.choices));
         }
         self.lowered = Some(n);
+        true
     }
 
     /// Response headers arrived.
@@ -546,7 +555,12 @@ impl RequestFlow {
                     host.set_request_header(&name, None);
                 }
                 if let Some(n) = max_tokens {
-                    self.lower(host, n);
+                    if !self.lower(host, n) {
+                        let message =
+                            "the request's output cap could not be lowered as the policy requires";
+                        host.log(Level::Error, message);
+                        return self.finish(host, unavailable(self.provider, message));
+                    }
                 }
                 for (name, value) in set {
                     // The reservation handle is for the usage report, not for the provider.
@@ -654,6 +668,7 @@ impl RequestFlow {
             Ok(ctx) => ctx,
             Err(e) => return rejected(&e, provider),
         };
+        self.provider = provider;
         self.api = ctx.request.api;
         self.body_len = body.len();
         if set.counts_tokens(&ctx.namespace) {

@@ -246,9 +246,21 @@ impl Provider {
 }
 
 impl Api {
-    /// The API a request path addresses, as extraction classifies it.
-    pub fn of_path(path: &str) -> Api {
-        crate::extract::classify(path, |_| false).1
+    /// The body fields that cap an answer's output in this API's requests (what
+    /// `request.max_tokens` reads, and what a `transform.maxTokens` lowers), and the one written
+    /// when a request names none; `None` for APIs that answer with no output to cap.
+    pub fn output_cap_fields(self) -> Option<(&'static [&'static str], &'static str)> {
+        match self {
+            // `max_tokens` is deprecated and refused by OpenAI's reasoning models; a body may
+            // carry both.
+            Api::Chat => Some((
+                &["max_tokens", "max_completion_tokens"],
+                "max_completion_tokens",
+            )),
+            Api::Completions | Api::Messages => Some((&["max_tokens"], "max_tokens")),
+            Api::Responses => Some((&["max_output_tokens"], "max_output_tokens")),
+            Api::Embeddings | Api::Batch | Api::Other => None,
+        }
     }
 
     /// Schema string.

@@ -146,11 +146,15 @@ impl Charge {
         // A saturating cast that drops the fraction (rounds down); never above what was asked
         // for.
         let mut tokens = (tokens as u64).min(self.output);
-        // Rounding may leave the lowered amount a hair above the room.
-        while self.amount_with_output(tokens) > room {
+        // Rounding may leave the lowered amount a hair above the room (amounts are exact below
+        // 2^53, so a token or two at most).
+        for _ in 0..4 {
+            if self.amount_with_output(tokens) <= room {
+                return Some(tokens);
+            }
             tokens = tokens.checked_sub(1).filter(|t| *t >= min)?;
         }
-        Some(tokens)
+        None
     }
 }
 

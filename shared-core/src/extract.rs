@@ -513,15 +513,26 @@ impl<S: Sink> Body<'_, S> {
     fn fill(self, request: &mut RequestInfo, needs: Needs) {
         request.model = self.model.map(Cow::into_owned);
         request.stream = self.stream.unwrap_or(false);
-        // When a body names several, the largest is what a cap must see.
-        request.max_tokens = [
-            self.max_tokens,
-            self.max_completion_tokens,
-            self.max_output_tokens,
-        ]
-        .into_iter()
-        .flatten()
-        .max();
+        // The fields the API reads (a field it ignores caps nothing: the answer may run to the
+        // model's output cap); when a body names several, the largest is what a cap must see.
+        // An API without a known field: any of them.
+        let field = |name: &str| match name {
+            "max_tokens" => self.max_tokens,
+            "max_completion_tokens" => self.max_completion_tokens,
+            "max_output_tokens" => self.max_output_tokens,
+            _ => None,
+        };
+        request.max_tokens = match request.api.output_cap_fields() {
+            Some((fields, _)) => fields.iter().filter_map(|f| field(f)).max(),
+            None => [
+                self.max_tokens,
+                self.max_completion_tokens,
+                self.max_output_tokens,
+            ]
+            .into_iter()
+            .flatten()
+            .max(),
+        };
         request.choices = [self.n, self.best_of]
             .into_iter()
             .flatten()

@@ -10,31 +10,36 @@ use serde::de::IgnoredAny;
 
 use crate::context::Api;
 
-/// The fields that cap an answer's output in `api`'s requests, and the one written when the
-/// request names none.
-fn cap_fields(api: Api) -> Option<(&'static [&'static str], &'static str)> {
-    match api {
-        // `max_tokens` is deprecated and refused by OpenAI's reasoning models; both are lowered
-        // when both are sent.
-        Api::Chat => Some((
-            &["max_tokens", "max_completion_tokens"],
-            "max_completion_tokens",
-        )),
-        Api::Completions | Api::Messages => Some((&["max_tokens"], "max_tokens")),
-        Api::Responses => Some((&["max_output_tokens"], "max_output_tokens")),
-        Api::Embeddings | Api::Batch | Api::Other => None,
-    }
+/// The API a request path addresses, as extraction classifies it (after the same path
+/// normalization: a query string or another spelling cannot change it).
+pub fn api_of(path: &str) -> Api {
+    crate::extract::classify(&crate::extract::normalize_path(path), |_| false).1
+}
+
+/// Whether a request of `api` can have its output cap lowered: only those are charged lowered.
+pub fn lowers(api: Api) -> bool {
+    api.output_cap_fields().is_some()
+}
+
+/// What [`lower_max_tokens`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Lowered {
+    /// The body to send instead.
+    Body(Vec<u8>),
+    /// Every cap the body holds is already at or below the one asked for.
+    Within,
 }
 
 /// `body` with its output cap lowered to `max` (each field of `api` that caps output and holds
-/// more, or anything but a number; the cap written in front when none is present). `None`: not
-/// an API that answers with output, not a JSON object, or nothing to lower.
+/// more, or anything but a number; the cap written in front when none is present). `None`: it
+/// cannot be lowered (not an API that answers with output, not a JSON object): the request must
+/// not go ahead as it is.
 ///
 /// Keys are compared decoded (`"max\u005ftokens"` is `max_tokens`), and every occurrence is
 /// lowered: a body that names a field twice cannot keep a larger value in the copy the provider
 /// reads.
-pub fn lower_max_tokens(body: &[u8], api: Api, max: u64) -> Option<Vec<u8>> {
-    let (fields, written) = cap_fields(api)?;
+pub fn lower_max_tokens(body: &[u8], api: Api, max: u64) -> Option<Lowered> {
+    let (fields, written) = api.output_cap_fields()?;
     let members = top_level_members(body)?;
     let mut edits: Vec<Range<usize>> = Vec::new();
     let mut present = false;
@@ -65,10 +70,10 @@ pub fn lower_max_tokens(body: &[u8], api: Api, max: u64) -> Option<Vec<u8>> {
             out.push(b',');
         }
         out.extend_from_slice(rest);
-        return Some(out);
+        return Some(Lowered::Body(out));
     }
     if edits.is_empty() {
-        return None;
+        return Some(Lowered::Within);
     }
     let mut at = 0;
     for span in edits {
@@ -77,7 +82,7 @@ pub fn lower_max_tokens(body: &[u8], api: Api, max: u64) -> Option<Vec<u8>> {
         at = span.end;
     }
     out.extend_from_slice(body.get(at..)?);
-    Some(out)
+    Some(Lowered::Body(out))
 }
 
 fn max_digits(n: u64) -> String {
@@ -143,7 +148,10 @@ mod tests {
     use super::*;
 
     fn lowered(body: &str, api: Api, max: u64) -> Option<String> {
-        lower_max_tokens(body.as_bytes(), api, max).map(|b| String::from_utf8(b).unwrap())
+        match lower_max_tokens(body.as_bytes(), api, max)? {
+            Lowered::Body(b) => Some(String::from_utf8(b).unwrap()),
+            Lowered::Within => Some(String::from("within")),
+        }
     }
 
     #[test]
@@ -165,7 +173,10 @@ mod tests {
 
     #[test]
     fn a_smaller_cap_is_kept() {
-        assert_eq!(lowered(r#"{"max_tokens":50}"#, Api::Messages, 100), None);
+        assert_eq!(
+            lowered(r#"{"max_tokens":50}"#, Api::Messages, 100).as_deref(),
+            Some("within")
+        );
     }
 
     #[test]
@@ -196,5 +207,16 @@ mod tests {
         assert_eq!(lowered("[1]", Api::Chat, 10), None);
         assert_eq!(lowered(r#"{"a":1"#, Api::Chat, 10), None);
         assert_eq!(lowered(r#"{"input":"x"}"#, Api::Embeddings, 10), None);
+    }
+
+    #[test]
+    fn the_api_is_read_from_the_path_as_extraction_reads_it() {
+        assert_eq!(
+            api_of("/v1/chat/completions?api-version=2024-10-21"),
+            Api::Chat
+        );
+        assert_eq!(api_of("/v1/messages?beta=true"), Api::Messages);
+        assert_eq!(api_of("//v1/./responses#x"), Api::Responses);
+        assert_eq!(api_of("/v1/embeddings"), Api::Embeddings);
     }
 }

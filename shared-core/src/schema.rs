@@ -165,7 +165,7 @@ pub const FIELDS: &[Field] = &[
     field!("request.api", Some(FieldRef::Api), Str, "string", "\"other\"", "`chat`, `completions`, `embeddings`, `responses`, `messages`, `batch` or `other`. A batch body (`/v1/messages/batches`) is also evaluated item by item: see the policy language."),
     field!("request.model", Some(FieldRef::Model), OptStr, "string | null", "null", "Body `model`; on Azure OpenAI (`/openai/deployments/{name}/...`) the deployment in the path, whatever the body says (the deployment is what runs)."),
     field!("request.stream", Some(FieldRef::Stream), Bool, "bool", "false", "Body `stream`."),
-    field!("request.max_tokens", Some(FieldRef::MaxTokens), OptInt, "int | null", "null", "`max_tokens`, else `max_completion_tokens` (OpenAI chat), else `max_output_tokens` (Responses)."),
+    field!("request.max_tokens", Some(FieldRef::MaxTokens), OptInt, "int | null", "null", "The output cap the API reads: `max_tokens` or `max_completion_tokens` (OpenAI chat, the larger), `max_tokens` (completions, Anthropic messages), `max_output_tokens` (Responses); any of them for other APIs."),
     field!("request.temperature", Some(FieldRef::Temperature), OptFloat, "double | null", "null", "Body `temperature`."),
     field!("request.user", Some(FieldRef::User), OptStr, "string | null", "null", "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)."),
     field!("request.messages", Some(FieldRef::Messages), Messages, "list<{role: string, content: string}>", "[]", "Conversation turns with their text joined (system / instructions first as role `system`); what counts as text is listed under `request.prompt`."),

@@ -509,8 +509,9 @@ fn huge_max_tokens_charge_a_saturated_positive_amount() {
         charged: vec![],
     };
     let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
+    // Counted as 2^32 tokens: far above any model's output, exact in f64.
     let amount = d.actions.counters[0].amount;
-    assert!(amount > 9.2e18 && amount.is_finite(), "{amount}");
+    assert_eq!(amount, c.request.prompt_tokens() as f64 + 4_294_967_296.0);
     let c = ctx(&[("x-user-id", "u")], r#"{"model":"m","max_tokens":-5}"#);
     let d = set.evaluate(&c, &EvalOptions::default(), &mut hooks);
     assert_eq!(d.actions.counters[0].amount, 0.0);
@@ -633,6 +634,47 @@ fn a_budget_that_fits_a_lower_cap_lowers_the_request_instead_of_throttling() {
     let d = set.evaluate(&c, &EvalOptions::default(), &mut Lowers);
     assert_eq!(d.decision, Verdict::Throttle);
     assert_eq!(d.actions.max_tokens, None);
+}
+
+#[test]
+fn only_requests_whose_body_can_be_lowered_are_charged_lowered() {
+    let set = compile(&policy("allow", CLAMP)).unwrap();
+    // Embeddings answer no output; a path the engine does not know cannot be rewritten: neither
+    // is capped nor lowered by a budget (a `Fit` answer then counts as over).
+    for (path, body) in [
+        (
+            "/v1/embeddings",
+            r#"{"model":"text-embedding-3-small","input":"hi","max_tokens":5000}"#,
+        ),
+        (
+            "/v1beta/models/gemini:generateContent",
+            r#"{"max_tokens":5000}"#,
+        ),
+    ] {
+        let c = common::ctx_at(path, &[("x-user-id", "u"), ("x-user-tier", "free")], body);
+        let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(40));
+        assert_eq!(d.actions.max_tokens, None, "{path}");
+        assert!(d.actions.counters.iter().all(|c| c.fit.is_none()), "{path}");
+    }
+    // A chat request's cap is the field chat reads: `max_output_tokens` caps nothing there.
+    let c = ctx(
+        &[("x-user-id", "u"), ("x-user-tier", "pro")],
+        r#"{"model":"gpt-4o-mini","max_output_tokens":1}"#,
+    );
+    assert_eq!(c.request.max_tokens, None);
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(u64::MAX));
+    assert_eq!(d.actions.counters[0].output, 16384);
+}
+
+#[test]
+fn a_capped_decision_is_not_cached() {
+    // Whether the cap lowers a request depends on the request's own cap, which the cache key
+    // does not read.
+    let set = compile(&policy("allow", "    - id: cap\n      when: { cel: 'true' }\n      action: { decision: allow, transform: { maxTokens: 256 } }\n")).unwrap();
+    let small = ctx(&[], r#"{"model":"gpt-4o-mini","max_tokens":100}"#);
+    let d = set.evaluate(&small, &EvalOptions::default(), &mut LocalOnly);
+    assert_eq!(d.actions.max_tokens, None);
+    assert!(!d.metadata.cacheable);
 }
 
 const BATCH_RULES: &str = r#"

@@ -23,19 +23,21 @@ use envoy_types::pb::envoy::config::core::v3::{
 use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
     processing_mode, ProcessingMode,
 };
+use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
     body_mutation, processing_request, processing_response, BodyMutation, BodyResponse,
-    CommonResponse, HeaderMutation, HeadersResponse, ProcessingRequest, ProcessingResponse,
-    TrailersResponse,
+    CommonResponse, HeaderMutation, HeadersResponse, ImmediateResponse, ProcessingRequest,
+    ProcessingResponse, TrailersResponse,
 };
 use envoy_types::pb::google::protobuf::value::Kind;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
-use llm_policy_core::context::Api;
+use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::model_table::charge_for;
-use llm_policy_core::rewrite::lower_max_tokens;
+use llm_policy_core::reply;
+use llm_policy_core::rewrite::{self, lower_max_tokens, Lowered};
 use llm_policy_core::usage::{Reading, UsageReader};
 use llm_policy_core::wire::{self, Grant, MetadataValue};
 
@@ -138,6 +140,7 @@ fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
 
 /// A request whose output cap is being lowered.
 struct Lowering {
+    provider: Provider,
     api: Api,
     max_tokens: Option<u64>,
 }
@@ -172,17 +175,30 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
                         ..CommonResponse::default()
                     }),
                 })),
+                // The whole mode is replaced: the response stays unsent. The request headers
+                // stay `SEND` (already sent): in buffered mode only then may the body's answer
+                // set its `content-length`.
                 mode_override: body_follows.then(|| ProcessingMode {
+                    request_header_mode: processing_mode::HeaderSendMode::Send as i32,
+                    response_header_mode: processing_mode::HeaderSendMode::Skip as i32,
                     request_body_mode: processing_mode::BodySendMode::Buffered as i32,
-                    ..ProcessingMode::default()
+                    response_body_mode: processing_mode::BodySendMode::None as i32,
+                    request_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
+                    response_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
                 }),
                 ..ProcessingResponse::default()
             })
         }
         In::RequestBody(b) => {
-            let lowered = lowering
-                .max_tokens
-                .and_then(|n| lower_max_tokens(&b.body, lowering.api, n));
+            let lowered = match lowering.max_tokens {
+                Some(n) => match lower_max_tokens(&b.body, lowering.api, n) {
+                    Some(Lowered::Body(body)) => Some(body),
+                    Some(Lowered::Within) => None,
+                    // Never upstream with a larger cap than was paid for.
+                    None => return Some(refuse(lowering.provider)),
+                },
+                None => None,
+            };
             // In buffered mode the processor sets the new length (Envoy keeps the old one).
             let response = lowered.map(|body| CommonResponse {
                 header_mutation: Some(HeaderMutation {
@@ -203,6 +219,33 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
     }
 }
 
+/// The answer to a request whose output cap cannot be lowered: 503 in the provider's format.
+fn refuse(provider: Provider) -> ProcessingResponse {
+    let message = "the request's output cap could not be lowered as the policy requires";
+    tracing::error!("{message}");
+    let reply = reply::unavailable(provider, message);
+    ProcessingResponse {
+        response: Some(processing_response::Response::ImmediateResponse(
+            ImmediateResponse {
+                status: Some(HttpStatus {
+                    code: i32::from(reply.status),
+                }),
+                headers: Some(HeaderMutation {
+                    set_headers: reply
+                        .headers
+                        .into_iter()
+                        .map(|(k, v)| set_header(&k, v))
+                        .collect(),
+                    ..HeaderMutation::default()
+                }),
+                body: reply.body.into_bytes(),
+                ..ImmediateResponse::default()
+            },
+        )),
+        ..ProcessingResponse::default()
+    }
+}
+
 /// Reads one message into `answer`; returns whether the stream has nothing more to say.
 fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
     use processing_request::Request as In;
@@ -213,7 +256,8 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
         Some(In::RequestHeaders(h)) => {
             let path = header(h.headers.as_ref(), ":path").unwrap_or_default();
             answer.request = Some(Lowering {
-                api: Api::of_path(&path),
+                provider: reply::provider_of(&path, &[]),
+                api: rewrite::api_of(&path),
                 max_tokens: grant(message.metadata_context.as_ref()).max_tokens,
             });
             // Nothing more to come when nothing is to be lowered.

@@ -277,11 +277,13 @@ impl Registry {
         self.models.as_ref().map(|(p, _)| p.as_path())
     }
 
-    /// Reads the model table's file: `Ok(true)` when it changed and was loaded into the
-    /// context; an error when it cannot be read or parsed (the table serving stays).
-    fn refresh_models(&self) -> Result<bool, Diagnostics> {
+    /// Reads the model table's file: the context with the new table when it changed (applied
+    /// by [`Registry::accept_models`] once the policies compile with it), `None` when it did not
+    /// (or is the table last rejected); an error when it cannot be read or parsed (the table
+    /// serving stays).
+    fn staged_models(&self) -> Result<Option<(ContextConfig, String)>, Diagnostics> {
         let Some((path, last)) = &self.models else {
-            return Ok(false);
+            return Ok(None);
         };
         let text = source::read_file(path).map_err(|d| Diagnostics(vec![d]))?;
         let mut last = last.lock().map_err(|_| {
@@ -292,21 +294,43 @@ impl Registry {
         })?;
         let (loaded, rejected) = &mut *last;
         if *loaded == text || rejected.as_ref() == Some(&text) {
-            return Ok(false);
+            return Ok(None);
         }
-        let table = match ModelTable::parse(&path.display().to_string(), &text) {
-            Ok(t) => t,
+        match ModelTable::parse(&path.display().to_string(), &text) {
+            Ok(table) => {
+                let mut context = ContextConfig::clone(&self.context.load());
+                context.models = Some(table);
+                Ok(Some((context, text)))
+            }
             Err(d) => {
                 *rejected = Some(text);
-                return Err(d);
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(d.clone());
+                }
+                Err(d)
             }
-        };
-        let mut context = ContextConfig::clone(&self.context.load());
-        context.models = Some(table);
-        self.context.store(Arc::new(context));
-        *loaded = text;
-        *rejected = None;
-        Ok(true)
+        }
+    }
+
+    /// Compiles `files` with a staged model table; on success the table is the one serving.
+    fn accept_models(
+        &self,
+        files: Vec<SourceFile>,
+        (context, text): (ContextConfig, String),
+    ) -> Result<(Arc<Version>, bool), Diagnostics> {
+        let previous = self.context.swap(Arc::new(context));
+        let result = self.accept(files, Origin::Load);
+        match (&result, &self.models) {
+            (Ok(_), Some((_, last))) => {
+                if let Ok(mut last) = last.lock() {
+                    *last = (text, None);
+                }
+            }
+            // The policies do not compile with it: the table serving stays, and the next
+            // reload tries the new one again.
+            _ => self.context.store(previous),
+        }
+        result
     }
 
     /// Checks plugin conditions against these loaded plugins (`None`: no plugin directory; plugin
@@ -500,21 +524,12 @@ impl Registry {
         if let (true, Some(cur)) = (self.is_shared(), self.current()) {
             return Ok((cur, false));
         }
-        let models_changed = self.models_or_error()?;
+        let staged = self.staged_models()?;
         let files = read_files(&self.path)?;
-        if models_changed {
-            return self.accept(files, Origin::Load);
+        if let Some(staged) = staged {
+            return self.accept_models(files, staged);
         }
         self.reload_files(files)
-    }
-
-    /// [`Registry::refresh_models`], with a failure remembered as the last error.
-    fn models_or_error(&self) -> Result<bool, Diagnostics> {
-        self.refresh_models().inspect_err(|d| {
-            if let Ok(mut e) = self.last_error.lock() {
-                *e = Some(d.clone());
-            }
-        })
     }
 
     /// Like [`Registry::reload`], but `None` when the files are those serving or those last
@@ -522,16 +537,16 @@ impl Registry {
     /// neither recompiled nor reported again.
     pub fn reload_if_changed(&self) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
         let _guard = self.writer.lock();
-        let models_changed = match self.models_or_error() {
-            Ok(changed) => changed,
+        let staged = match self.staged_models() {
+            Ok(staged) => staged,
             Err(d) => return Some(Err(d)),
         };
         let files = match read_files(&self.path) {
             Ok(f) => f,
             Err(d) => return Some(Err(d)),
         };
-        if models_changed {
-            return Some(self.accept(files, Origin::Load));
+        if let Some(staged) = staged {
+            return Some(self.accept_models(files, staged));
         }
         let print = fingerprint(&files);
         let serving = self.current().map(|v| fingerprint(&v.files));

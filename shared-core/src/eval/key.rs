@@ -9,28 +9,38 @@ use crate::context::{FieldValue, View};
 use crate::decision::{Charge, CounterKind};
 use crate::set::{CompiledRule, KeyPart, Limit, Namespace};
 
+/// The largest output cap a charge counts, each choice: far above any model's, and small
+/// enough that amounts stay exact in `f64` (a `max_tokens` of 2^63 counts as this).
+const MAX_OUTPUT: u64 = 1 << 32;
+
 /// What `rule`'s counter charges for the request in `view`, whose output cap is lowered to
-/// `cap` (a fixed `transform.maxTokens`) when one applies.
+/// `cap` (a fixed `transform.maxTokens`) when one applies; `lowerable`: its body can be lowered,
+/// so a `fitBudget` rule may lower it.
 pub(super) fn charge(
     rule: &CompiledRule,
     ns: &Namespace,
     limit: &Limit,
     view: View<'_>,
     cap: Option<u64>,
+    lowerable: bool,
 ) -> Charge {
     let r = view.req;
     let model = r.model.as_deref();
     let prompt = r.prompt_tokens();
-    let each = ns.models.output_reservation(model, r.max_tokens);
+    let each = ns
+        .models
+        .output_reservation(model, r.max_tokens)
+        .min(MAX_OUTPUT);
     let each = cap.map_or(each, |c| c.min(each));
     let choices = u64::from(r.choices.max(1));
     let output = each.saturating_mul(choices);
+    let fit = rule.action.fit.filter(|_| lowerable);
     let (per_output, fit) = match limit.kind {
         CounterKind::Requests => (0.0, None),
-        CounterKind::Tokens => (choices as f64, rule.action.fit),
+        CounterKind::Tokens => (choices as f64, fit),
         CounterKind::Usd => (
             ns.models.lookup(model).output * choices as f64 / crate::model_table::PER_MILLION,
-            rule.action.fit,
+            fit,
         ),
     };
     Charge {

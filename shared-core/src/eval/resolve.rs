@@ -7,7 +7,7 @@ use alloc::vec::Vec;
 
 use super::{Outcome, Part};
 use crate::cache_key;
-use crate::context::{Api, RequestContext};
+use crate::context::RequestContext;
 use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
 use crate::model::OnError;
 use crate::set::{CompiledRule, Namespace, PolicySet};
@@ -187,11 +187,7 @@ fn max_tokens(
     verdict: Verdict,
 ) -> Option<u64> {
     let r = &ctx.request;
-    let answers = matches!(
-        r.api,
-        Api::Chat | Api::Completions | Api::Responses | Api::Messages
-    );
-    if verdict != Verdict::Allow || !answers {
+    if verdict != Verdict::Allow || !crate::rewrite::lowers(r.api) {
         return None;
     }
     let lowered = part?.lowered()?;

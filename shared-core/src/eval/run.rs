@@ -202,7 +202,11 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
                         Some(Answer::Plugin(c)) => c,
                         _ => PluginCheck::Unavailable,
                     };
-                    let at = At { part, cap: *cap };
+                    let at = At {
+                        part,
+                        cap: *cap,
+                        lowerable: part == 0 && crate::rewrite::lowers(view.req.api),
+                    };
                     plugin_outcome(check, rule, ns, view, &mut host, at, fitted)
                 }
                 Outcome::WaitCounter(id, charge) => {
@@ -242,10 +246,18 @@ fn run_part(
     if explain {
         outcomes.extend(left_out.into_iter().map(|i| (i, Outcome::NotSelected)));
     }
-    let mut cacheable = true;
-    let cap = fixed_cap(ns, &candidates, view, &mut scratch);
+    // Only the request itself, of an API whose body can be lowered, is charged lowered.
+    let lowerable = part == 0 && crate::rewrite::lowers(view.req.api);
+    let cap = fixed_cap(ns, &candidates, view, &mut scratch).filter(|_| lowerable);
+    // Whether a cap lowers the request depends on its own cap, which the cache key does not
+    // read: a capped decision is not cached.
+    let mut cacheable = cap.is_none();
     let mut fitted = None;
-    let at = At { part, cap };
+    let at = At {
+        part,
+        cap,
+        lowerable,
+    };
     // The priority of the first (highest) rule that denied or throttled without the host: rules
     // below it cannot change the verdict, so their plugins and counters are not asked for.
     let mut floor: Option<i64> = None;
@@ -301,11 +313,13 @@ fn fixed_cap<'a>(
         .min()
 }
 
-/// Where a rule runs: which part, with which fixed output cap.
+/// Where a rule runs: which part, with which fixed output cap, and whether its body can be
+/// lowered (`fitBudget` applies).
 #[derive(Clone, Copy)]
 struct At {
     part: usize,
     cap: Option<u64>,
+    lowerable: bool,
 }
 
 fn finish(mut p: Pending, ctx: &RequestContext, timer: Timer) -> Step {
@@ -411,7 +425,7 @@ fn after_match(
     if rule.shadow {
         return Outcome::Matched(None);
     }
-    let charge = charge(rule, ns, limit, view, at.cap);
+    let charge = charge(rule, ns, limit, view, at.cap, at.lowerable);
     match host.counter(rule, &charge, at.part) {
         Ok(state) => counter_outcome(state, charge, fitted),
         Err(id) => Outcome::WaitCounter(id, charge),
