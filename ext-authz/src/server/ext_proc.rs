@@ -178,7 +178,7 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
                 // The whole mode is replaced: the response stays unsent. The request headers
                 // stay `SEND` (already sent): in buffered mode only then may the body's answer
                 // set its `content-length`.
-                mode_override: body_follows.then(|| ProcessingMode {
+                mode_override: body_follows.then_some(ProcessingMode {
                     request_header_mode: processing_mode::HeaderSendMode::Send as i32,
                     response_header_mode: processing_mode::HeaderSendMode::Skip as i32,
                     request_body_mode: processing_mode::BodySendMode::Buffered as i32,
