@@ -287,7 +287,8 @@ def identity_tour():
 def spend_tour():
     """Budgets against the answers' real usage: the mock provider reports 330 tokens an answer;
     a 1,000-token budget admits three, in the filter's mode and in ext_authz mode (the server's
-    ext_proc edge reads the answers); a stream without usage cannot dodge it; $0.05 on gpt-4o."""
+    ext_proc edge reads the answers); a stream without usage cannot dodge it; $0.05 on gpt-4o;
+    a budget that lowers max_tokens to what it can pay for instead of refusing."""
     import openai
 
     from test_spend import SPEND
@@ -355,6 +356,23 @@ def spend_tour():
                 except openai.RateLimitError:
                     statuses.append(429)
             print(f"      {statuses}; llm_policy_spend_usd_total {server.metric('llm_policy_spend_usd_total'):.4f}")
+            print("   clamp instead of throttle: 1,000 tokens, `maxTokens: fitBudget`; max_tokens 400, answers use it all")
+            for mode, envoy in envoys.items():
+                c = openai.OpenAI(base_url=envoy.url("/v1"), api_key="sk-demo", max_retries=0, default_headers={
+                    "x-llm-policy-namespace": "spend", "x-user-id": f"fit-{mode}",
+                    "x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
+                upstream.reset()
+                seen, spent = [], 0
+                for _ in range(4):
+                    try:
+                        raw = c.chat.completions.with_raw_response.create(
+                            model="gpt-4o-mini", max_tokens=400, messages=[{"role": "user", "content": "hi"}])
+                        seen.append(f"200 (x-llm-policy-max-tokens: {raw.headers.get('x-llm-policy-max-tokens', '-')})")
+                        spent = settled(f"fit-{mode}", spent, "fit-tokens")["spent"]
+                    except openai.RateLimitError:
+                        seen.append("429")
+                bodies = [json.loads(__import__("base64").b64decode(r["body"]))["max_tokens"] for r in upstream.requests()]
+                print(f"      {mode}: {', '.join(seen)}; the provider got max_tokens {bodies}; spent {spent:.0f}")
         finally:
             for p in reversed(procs):
                 p.stop()
