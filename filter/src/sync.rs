@@ -219,6 +219,21 @@ fn compile(answer: &BundleAnswer, context: &ContextConfig) -> Result<PolicySet, 
     if docs.is_empty() {
         return Err(SyncError::Empty);
     }
+    // The server's model table, so the filter prices as the server does.
+    let served;
+    let context = match &answer.models {
+        Some(text) => {
+            let table =
+                llm_policy_core::model_table::ModelTable::parse("models (from the server)", text)
+                    .map_err(SyncError::Invalid)?;
+            served = ContextConfig {
+                models: Some(table),
+                ..context.clone()
+            };
+            &served
+        }
+        None => context,
+    };
     // Warnings were shown when the bundle was validated on the server.
     Ok(PolicySet::compile(&docs, context)
         .map_err(SyncError::Invalid)?
@@ -258,6 +273,43 @@ mod tests {
             timeout_ms: 500,
             token: None,
         })
+    }
+
+    #[test]
+    fn the_servers_model_table_prices_the_filters_bundle() {
+        let table = "asOf: \"2026-01-01\"\nfallback: {contextWindow: 1000, maxOutput: 100, input: 1.0, output: 2.0}\nmodels:\n  x: {provider: openai, contextWindow: 1000, maxOutput: 100, input: 7.0, output: 9.0}\n";
+        let with = |models: &str| BundleAnswer {
+            version: 1,
+            bundle: "abc".into(),
+            files: vec![llm_policy_core::wire::BundleFile {
+                path: "p.yaml".into(),
+                text: POLICY.into(),
+            }],
+            keys: None,
+            models: Some(models.into()),
+        };
+        let set = compile(&with(table), &ContextConfig::default()).unwrap();
+        assert_eq!(set.models().lookup(Some("x")).input, 7.0);
+        let shipped = compile(
+            &BundleAnswer {
+                models: None,
+                ..with(table)
+            },
+            &ContextConfig::default(),
+        )
+        .unwrap();
+        assert_ne!(
+            set.bundle(),
+            shipped.bundle(),
+            "the table is part of the bundle"
+        );
+        assert!(matches!(
+            compile(
+                &with("asOf: 1\nmodels: {x: {input: -1}}\n"),
+                &ContextConfig::default()
+            ),
+            Err(SyncError::Invalid(_))
+        ));
     }
 
     #[test]

@@ -277,6 +277,11 @@ pub struct BundleAnswer {
     /// `api-keys` identity swaps them in. The ETag covers them.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keys: Option<Vec<crate::identity::KeyRecord>>,
+    /// The model table the bundle was compiled with, as its YAML text, when the server loads
+    /// its own (`modelsFile`): the filter prices with it too (else both use the shipped one).
+    /// The bundle digest covers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<String>,
 }
 
 /// One file of a [`BundleAnswer`].

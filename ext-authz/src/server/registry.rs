@@ -277,6 +277,13 @@ impl Registry {
         self.models.as_ref().map(|(p, _)| p.as_path())
     }
 
+    /// The text of the model table serving, when it comes from `modelsFile` (the bundle sync
+    /// hands it to the filters).
+    pub fn models_text(&self) -> Option<String> {
+        let (_, last) = self.models.as_ref()?;
+        last.lock().ok().map(|l| l.0.clone())
+    }
+
     /// Reads the model table's file: the context with the new table when it changed (applied
     /// by [`Registry::accept_models`] once the policies compile with it), `None` when it did not
     /// (or is the table last rejected); an error when it cannot be read or parsed (the table

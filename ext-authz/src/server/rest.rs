@@ -521,6 +521,7 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
             })
             .collect(),
         keys: store.configured().then(|| keys.records.clone()),
+        models: s.engine.registry().models_text(),
     };
     Ok(([(header::ETAG, etag_value)], Json(answer)).into_response())
 }
