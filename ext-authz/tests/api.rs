@@ -311,3 +311,31 @@ async fn virtual_keys_and_the_read_token_over_grpc() {
     let text = std::fs::read_to_string(&keys).unwrap();
     assert!(text.contains("\"revoked\": true") && !text.contains(&made.key));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dry_run_lowers_as_the_check_would() {
+    let rules = r#"
+    - id: fit
+      when: { cel: "true" }
+      action:
+        decision: throttle
+        budget: { key: "all", tokens: 100, per: day }
+        transform: { maxTokens: fitBudget, minTokens: 10 }
+"#;
+    let h = Harness::start(&[("p.yaml", &policy("p", "allow", rules))], |_| {}).await;
+    let mut c = client(&h).await;
+    let mut req = eval_req("gpt-4o");
+    req.request.as_mut().unwrap().body =
+        br#"{"model":"gpt-4o","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#
+            .to_vec();
+    let d = c
+        .evaluate(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .decision
+        .unwrap();
+    assert_eq!(d.decision, "allow");
+    let lowered = d.actions.unwrap().max_tokens.unwrap();
+    assert!((80..100).contains(&lowered), "{lowered}");
+}

@@ -736,7 +736,19 @@ impl Engine {
                 .instrument(span)
                 .await
         } else {
-            self.store.peek(charge, counting.now).instrument(span).await
+            let peeked = self.store.peek(charge, counting.now).instrument(span).await;
+            // A dry run says what the real check would: a `fitBudget` counter over its limit
+            // that can pay for a lowered request lowers it.
+            if let Ok(Reserved {
+                reservation: None,
+                state,
+            }) = &peeked
+            {
+                if let Some(output) = charge.fitting_output(state.remaining) {
+                    return Ok(CounterCheck::Fit(output));
+                }
+            }
+            peeked
         };
         self.counter_answer(rule, charge, result, counting)
     }
