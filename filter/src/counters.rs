@@ -257,11 +257,14 @@ impl Counters {
             entry.advance(now_secs);
             let (used, oldest) = entry.used(now_secs);
             if !window::fits(used, charge.amount, charge.limit) {
-                return Count::Over(LimitState {
-                    limit: charge.limit,
-                    remaining: (charge.limit - used).max(0.0),
-                    reset_secs: window::retry_after(oldest, now_secs, window),
-                });
+                return Count::Over(window::state(
+                    charge.limit,
+                    used,
+                    oldest,
+                    None,
+                    now_secs,
+                    window,
+                ));
             }
             let idx = entry.newest;
             entry.add(idx, charge.amount);
@@ -273,15 +276,14 @@ impl Counters {
                         idx,
                         amount: charge.amount,
                         kind: charge.kind,
-                        state: LimitState {
-                            limit: charge.limit,
-                            remaining: (charge.limit - used - charge.amount).max(0.0),
-                            reset_secs: window::retry_after(
-                                Some(oldest.map_or(idx, |o| o.min(idx))),
-                                now_secs,
-                                window,
-                            ),
-                        },
+                        state: window::state(
+                            charge.limit,
+                            used,
+                            oldest,
+                            Some((charge.amount, idx)),
+                            now_secs,
+                            window,
+                        ),
                     })
                 }
                 SharedWrite::CasMismatch => continue,

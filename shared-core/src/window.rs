@@ -62,6 +62,29 @@ pub fn retry_after(oldest: Option<u64>, now: u64, window_secs: u64) -> u64 {
     oldest.map_or(slot_len(window_secs), |o| reset_secs(o, now, window_secs))
 }
 
+/// What a check answers of a counter that counts `used` against `limit` (`oldest`: its oldest
+/// counted slot): what is left and when it resets, after `added` (an amount put into slot
+/// `idx` by this check; `None`: nothing was). The filter's counters and the memory store answer
+/// with this.
+pub fn state(
+    limit: f64,
+    used: f64,
+    oldest: Option<u64>,
+    added: Option<(f64, u64)>,
+    now: u64,
+    window_secs: u64,
+) -> crate::reply::LimitState {
+    let (amount, oldest) = match added {
+        Some((amount, idx)) => (amount, Some(oldest.map_or(idx, |o| o.min(idx)))),
+        None => (0.0, oldest),
+    };
+    crate::reply::LimitState {
+        limit,
+        remaining: (limit - used - amount).max(0.0),
+        reset_secs: retry_after(oldest, now, window_secs),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -529,8 +529,21 @@ const CLAMP: &str = r#"
       action: { decision: throttle, rateLimit: { key: "{principal.id}", requests: 100, per: day } }
 "#;
 
-/// Counters answered with `Fit(n)` when they may be lowered, else under.
-struct Fits(u64);
+/// Counters answered with `Fit(n)`: only those whose rule may lower the request (else under), or
+/// every one, as a host that lowers what it may not would.
+struct Fits {
+    output: u64,
+    every: bool,
+}
+
+impl Fits {
+    fn lowerable(output: u64) -> Fits {
+        Fits {
+            output,
+            every: false,
+        }
+    }
+}
 
 impl Hooks for Fits {
     fn plugin(
@@ -542,9 +555,10 @@ impl Hooks for Fits {
         PluginCheck::Matched(false)
     }
     fn counter(&mut self, c: &llm_policy_core::decision::Charge) -> CounterCheck {
-        match c.fit {
-            Some(_) => CounterCheck::Fit(self.0),
-            None => CounterCheck::Under,
+        if self.every || c.fit.is_some() {
+            CounterCheck::Fit(self.output)
+        } else {
+            CounterCheck::Under
         }
     }
 }
@@ -556,7 +570,11 @@ fn a_fixed_cap_lowers_the_request_and_what_its_counters_charge() {
         &[("x-user-id", "u"), ("x-user-tier", "free")],
         r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}"#,
     );
-    let d = set.evaluate(&free, &EvalOptions::default(), &mut Fits(u64::MAX));
+    let d = set.evaluate(
+        &free,
+        &EvalOptions::default(),
+        &mut Fits::lowerable(u64::MAX),
+    );
     assert_eq!(d.decision, Verdict::Allow);
     assert_eq!(d.actions.max_tokens, Some(256));
     let tokens = &d.actions.counters[0];
@@ -568,7 +586,11 @@ fn a_fixed_cap_lowers_the_request_and_what_its_counters_charge() {
         &[("x-user-id", "u"), ("x-user-tier", "free")],
         r#"{"model":"gpt-4o-mini","max_tokens":100}"#,
     );
-    let d = set.evaluate(&small, &EvalOptions::default(), &mut Fits(u64::MAX));
+    let d = set.evaluate(
+        &small,
+        &EvalOptions::default(),
+        &mut Fits::lowerable(u64::MAX),
+    );
     assert_eq!(d.actions.max_tokens, None);
     assert_eq!(d.actions.counters[0].output, 100);
     // Another tier is not capped.
@@ -576,7 +598,11 @@ fn a_fixed_cap_lowers_the_request_and_what_its_counters_charge() {
         &[("x-user-id", "u"), ("x-user-tier", "pro")],
         r#"{"model":"gpt-4o-mini","max_tokens":5000}"#,
     );
-    let d = set.evaluate(&pro, &EvalOptions::default(), &mut Fits(u64::MAX));
+    let d = set.evaluate(
+        &pro,
+        &EvalOptions::default(),
+        &mut Fits::lowerable(u64::MAX),
+    );
     assert_eq!(d.actions.max_tokens, None);
     assert_eq!(d.actions.counters[0].output, 5000);
 }
@@ -588,7 +614,7 @@ fn a_budget_that_fits_a_lower_cap_lowers_the_request_instead_of_throttling() {
         &[("x-user-id", "u"), ("x-user-tier", "pro")],
         r#"{"model":"gpt-4o-mini","max_tokens":5000,"n":2}"#,
     );
-    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(40));
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits::lowerable(40));
     assert_eq!(d.decision, Verdict::Allow);
     assert_eq!(d.actions.max_tokens, Some(40));
     let tokens = &d.actions.counters[0];
@@ -617,21 +643,14 @@ fn a_budget_that_fits_a_lower_cap_lowers_the_request_instead_of_throttling() {
         None
     );
     // A host that lowers a counter whose rule does not allow it: the rule applies.
-    struct Lowers;
-    impl Hooks for Lowers {
-        fn plugin(
-            &mut self,
-            _: &str,
-            _: &llm_policy_core::model::PluginRef,
-            _: &llm_policy_core::RequestContext,
-        ) -> PluginCheck {
-            PluginCheck::Matched(false)
-        }
-        fn counter(&mut self, _: &llm_policy_core::decision::Charge) -> CounterCheck {
-            CounterCheck::Fit(10)
-        }
-    }
-    let d = set.evaluate(&c, &EvalOptions::default(), &mut Lowers);
+    let d = set.evaluate(
+        &c,
+        &EvalOptions::default(),
+        &mut Fits {
+            output: 10,
+            every: true,
+        },
+    );
     assert_eq!(d.decision, Verdict::Throttle);
     assert_eq!(d.actions.max_tokens, None);
 }
@@ -652,7 +671,7 @@ fn only_requests_whose_body_can_be_lowered_are_charged_lowered() {
         ),
     ] {
         let c = common::ctx_at(path, &[("x-user-id", "u"), ("x-user-tier", "free")], body);
-        let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(40));
+        let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits::lowerable(40));
         assert_eq!(d.actions.max_tokens, None, "{path}");
         assert!(d.actions.counters.iter().all(|c| c.fit.is_none()), "{path}");
     }
@@ -662,7 +681,7 @@ fn only_requests_whose_body_can_be_lowered_are_charged_lowered() {
         r#"{"model":"gpt-4o-mini","max_output_tokens":1}"#,
     );
     assert_eq!(c.request.max_tokens, None);
-    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits(u64::MAX));
+    let d = set.evaluate(&c, &EvalOptions::default(), &mut Fits::lowerable(u64::MAX));
     assert_eq!(d.actions.counters[0].output, 16384);
 }
 

@@ -249,8 +249,15 @@ fn refuse(provider: Provider) -> ProcessingResponse {
 /// Reads one message into `answer`; returns whether the stream has nothing more to say.
 fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
     use processing_request::Request as In;
+    // The grant, read once: until a reservation is found, and with the request headers.
+    let fresh = match (&message.request, &answer.reservation) {
+        (Some(In::RequestHeaders(_)), _) | (_, None) => {
+            Some(grant(message.metadata_context.as_ref()))
+        }
+        _ => None,
+    };
     if answer.reservation.is_none() {
-        answer.reservation = grant(message.metadata_context.as_ref()).reservation;
+        answer.reservation = fresh.as_ref().and_then(|g| g.reservation.clone());
     }
     match &message.request {
         Some(In::RequestHeaders(h)) => {
@@ -258,7 +265,7 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
             answer.request = Some(Lowering {
                 provider: reply::provider_of(&path, &[]),
                 api: rewrite::api_of(&path),
-                max_tokens: grant(message.metadata_context.as_ref()).max_tokens,
+                max_tokens: fresh.and_then(|g| g.max_tokens),
             });
             // Nothing more to come when nothing is to be lowered.
             answer.done = answer

@@ -298,11 +298,7 @@ impl MemoryStore {
             if !all_fit {
                 out.push(Reserved {
                     reservation: fits.then_some(ReservationId::NONE),
-                    state: LimitState {
-                        limit: charge.limit,
-                        remaining: (charge.limit - used).max(0.0),
-                        reset_secs: window::retry_after(oldest, now, window),
-                    },
+                    state: window::state(charge.limit, used, oldest, None, now, window),
                 });
                 continue;
             }
@@ -330,15 +326,14 @@ impl MemoryStore {
             ));
             out.push(Reserved {
                 reservation: Some(ReservationId(id)),
-                state: LimitState {
-                    limit: charge.limit,
-                    remaining: (charge.limit - used - charge.amount).max(0.0),
-                    reset_secs: window::retry_after(
-                        Some(oldest.map_or(slot, |o| o.min(slot))),
-                        now,
-                        window,
-                    ),
-                },
+                state: window::state(
+                    charge.limit,
+                    used,
+                    oldest,
+                    Some((charge.amount, slot)),
+                    now,
+                    window,
+                ),
             });
         }
         drop(guards);

@@ -272,11 +272,6 @@ impl Registry {
         self
     }
 
-    /// The model table's file, if one is configured.
-    pub fn models_file(&self) -> Option<&Path> {
-        self.models.as_ref().map(|(p, _)| p.as_path())
-    }
-
     /// The text of the model table serving, when it comes from `modelsFile` (the bundle sync
     /// hands it to the filters).
     pub fn models_text(&self) -> Option<String> {
