@@ -189,12 +189,68 @@ class Redis:
     def command(self, *args):
         """One command over RESP (standard library only): its reply (str, int, list or None);
         None also when Redis is unreachable."""
+        return _command(self.port, *args)
+
+
+class RedisCluster:
+    """A real three-node Redis Cluster (three primaries, no replicas) on free loopback ports,
+    nothing persisted; `url` is its first node, and servers given it run with `cluster: true`."""
+
+    SLOTS = [(0, 5460), (5461, 10922), (10923, 16383)]
+
+    def __init__(self, log_dir, **extra):
+        self.log_dir = Path(log_dir) / f"redis-cluster-{free_port()}"
+        self.log_dir.mkdir()
+        self.extra = {"cluster": True, **extra}
+        self.nodes = []
+        self.proc = self
         try:
-            with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
-                s.sendall(("*%d\r\n" % len(args) + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in map(str, args))).encode())
-                return _resp(s.makefile("rb"))
-        except OSError:
-            return None
+            for _ in range(3):
+                port, bus = free_port(), free_port()
+                proc = Proc(f"redis-cluster-{port}", [
+                    os.environ.get("REDIS_SERVER", "redis-server"), "--port", str(port), "--bind", "127.0.0.1",
+                    "--save", "", "--appendonly", "no", "--cluster-enabled", "yes", "--cluster-port", str(bus),
+                    "--cluster-node-timeout", "5000", "--cluster-config-file", str(self.log_dir / f"nodes-{port}.conf"),
+                    "--dir", str(self.log_dir)], self.log_dir)
+                self.nodes.append((port, bus, proc))
+                wait_for(lambda: _command(port, "PING") == "PONG", "redis-server (cluster node)")
+            first, first_bus, _ = self.nodes[0]
+            for i, (port, _, _) in enumerate(self.nodes):
+                assert _command(port, "CLUSTER", "ADDSLOTSRANGE", *self.SLOTS[i]) == "OK"
+                if i:
+                    assert _command(port, "CLUSTER", "MEET", "127.0.0.1", first, first_bus) == "OK"
+
+            def formed():
+                infos = [_command(port, "CLUSTER", "INFO") or "" for port, _, _ in self.nodes]
+                return all("cluster_state:ok" in i and "cluster_known_nodes:3" in i for i in infos)
+
+            wait_for(formed, "the Redis Cluster to form", timeout=20)
+        except BaseException:
+            self.stop()
+            raise
+
+    @property
+    def url(self):
+        return f"redis://127.0.0.1:{self.nodes[0][0]}"
+
+    def keys(self, pattern):
+        """Per node, the keys matching `pattern`."""
+        return [_command(port, "KEYS", pattern) or [] for port, _, _ in self.nodes]
+
+    def stop(self, *_):
+        for _, _, proc in self.nodes:
+            proc.stop()
+
+
+def _command(port, *args):
+    """One command to the redis-server on `port` over RESP (standard library only): its reply
+    (str, int, list or None); None also when it is unreachable."""
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=2) as s:
+            s.sendall(("*%d\r\n" % len(args) + "".join(f"${len(a.encode())}\r\n{a}\r\n" for a in map(str, args))).encode())
+            return _resp(s.makefile("rb"))
+    except OSError:
+        return None
 
 
 def _resp(f):
@@ -212,15 +268,15 @@ def _resp(f):
 
 
 class Replicas:
-    """`n` `llm-policy serve` replicas on `bundle` sharing one real redis-server (counters,
-    registry, audit stream), each in its own directory under `tmp`; `ext_authz_config()` is
+    """`n` `llm-policy serve` replicas on `bundle` sharing one real redis-server, or a real Redis
+    Cluster with `cluster=True` (counters, registry, audit stream), each in its own directory under `tmp`; `ext_authz_config()` is
     Envoy's ext_authz configuration over all of them (round robin). `stop()` stops them all (also
     when one fails to start)."""
 
-    def __init__(self, tmp, bundle, n, name="replica", config_extra=None, **redis_extra):
+    def __init__(self, tmp, bundle, n, name="replica", config_extra=None, cluster=False, **redis_extra):
         self.procs = []
         try:
-            self.redis = Redis(tmp, **redis_extra)
+            self.redis = (RedisCluster if cluster else Redis)(tmp, **redis_extra)
             self.procs.append(self.redis.proc)
             self.servers = []
             for i in range(n):

@@ -18,10 +18,38 @@ use common::{chat, check, check_request, policy, Harness, TOKEN};
 use llm_policy_core::decision::{Charge, ChargeSource, CounterKind};
 use llm_policy_core::model::Scope;
 use llm_policy_server::server::config::{Config, FailureMode};
-use llm_policy_server::server::limits::redis_store::RedisStore;
-use llm_policy_server::server::limits::{CounterStore, ReservationId};
+use llm_policy_server::server::limits::redis_store::{tag_of, RedisStore};
+use llm_policy_server::server::limits::{CounterStore, ReservationId, StoreError};
 use llm_policy_server::server::metrics::Metrics;
 use llm_policy_server::server::redis::{Redis, RedisConfig, StreamConfig};
+
+/// `name(server)` run twice: on a standalone redis-server and on a three-node Redis Cluster.
+macro_rules! both {
+    ($name:ident) => {
+        mod $name {
+            use super::RedisServer;
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn standalone() {
+                super::$name(RedisServer::start()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn cluster() {
+                super::$name(RedisServer::cluster()).await;
+            }
+        }
+    };
+}
+
+both!(a_hierarchy_is_charged_all_or_nothing_across_replicas);
+both!(three_replicas_never_overshoot_a_shared_budget);
+both!(a_request_limit_allows_exactly_n_and_peeks_reserve_nothing);
+both!(usage_handles_are_taken_once_and_expiry_settles);
+both!(a_rate_limit_of_n_allows_exactly_n_across_three_replicas);
+both!(a_budget_holds_across_replicas_and_usage_is_reported_to_any_of_them);
+both!(decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream);
+both!(a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none);
 
 fn charge(key: &str, amount: f64, limit: f64) -> Charge {
     Charge {
@@ -40,22 +68,33 @@ fn charge(key: &str, amount: f64, limit: f64) -> Charge {
     }
 }
 
+/// Failed counter calls, every kind.
+fn counter_errors(metrics: &Metrics) -> u64 {
+    ["timeout", "unavailable", "error"]
+        .iter()
+        .map(|k| {
+            metrics
+                .redis_errors
+                .with_label_values(&["counters", k])
+                .get()
+        })
+        .sum()
+}
+
 fn store(server: &RedisServer, timeout_ms: u64) -> (RedisStore, Metrics) {
     let metrics = Metrics::new().unwrap();
-    let config = RedisConfig {
-        url: Some(server.url()),
+    let mut config = RedisConfig {
         timeout_ms,
         backoff_ms: 100,
         ..RedisConfig::default()
     };
+    server.apply(&mut config);
     let redis = Redis::connect(&config, metrics.clone()).unwrap().unwrap();
     (RedisStore::new(redis, 300), metrics)
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_hierarchy_is_charged_all_or_nothing_across_replicas() {
+async fn a_hierarchy_is_charged_all_or_nothing_across_replicas(server: RedisServer) {
     // user 1,000 / team 1,500, 100 tokens a request; two users, three replicas, at once.
-    let server = RedisServer::start();
     let stores: Vec<Arc<RedisStore>> = (0..3).map(|_| Arc::new(store(&server, 1000).0)).collect();
     let of = |user: &str| {
         vec![
@@ -96,9 +135,7 @@ async fn a_hierarchy_is_charged_all_or_nothing_across_replicas() {
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn three_replicas_never_overshoot_a_shared_budget() {
-    let server = RedisServer::start();
+async fn three_replicas_never_overshoot_a_shared_budget(server: RedisServer) {
     // Three stores, three connections: what three server processes would hold.
     let replicas: Vec<Arc<RedisStore>> = (0..3).map(|_| Arc::new(store(&server, 1000).0)).collect();
     let mut tasks = Vec::new();
@@ -143,9 +180,7 @@ async fn three_replicas_never_overshoot_a_shared_budget() {
     assert_eq!(replicas[1].usage("t/budget", 3600).await.unwrap().0, 71.0);
 }
 
-#[tokio::test]
-async fn a_request_limit_allows_exactly_n_and_peeks_reserve_nothing() {
-    let server = RedisServer::start();
+async fn a_request_limit_allows_exactly_n_and_peeks_reserve_nothing(server: RedisServer) {
     let (s, _) = store(&server, 1000);
     let mut c = charge("t/rpm", 1.0, 5.0);
     c.kind = CounterKind::Requests;
@@ -168,9 +203,7 @@ async fn a_request_limit_allows_exactly_n_and_peeks_reserve_nothing() {
     assert!(over.state.reset_secs <= 60 + 6 + 1 && over.state.reset_secs >= 1);
 }
 
-#[tokio::test]
-async fn usage_handles_are_taken_once_and_expiry_settles() {
-    let server = RedisServer::start();
+async fn usage_handles_are_taken_once_and_expiry_settles(server: RedisServer) {
     let (a, _) = store(&server, 1000);
     let (b, _) = store(&server, 1000);
     let r = a.reserve(&charge("t/u", 100.0, 1000.0), 0).await.unwrap();
@@ -209,15 +242,7 @@ async fn redis_down_fails_fast_and_recovers_by_itself() {
         "{:?}",
         started.elapsed()
     );
-    let errors: u64 = ["timeout", "unavailable", "error"]
-        .iter()
-        .map(|k| {
-            metrics
-                .redis_errors
-                .with_label_values(&["counters", k])
-                .get()
-        })
-        .sum();
+    let errors = counter_errors(&metrics);
     assert_eq!(errors, 20);
     server.restart();
     let back = async {
@@ -258,12 +283,13 @@ const LIMITED: &str = r#"
 async fn replicas(server: &RedisServer, n: usize, tweak: fn(&mut Config)) -> Vec<Harness> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let url = server.url();
+        let (url, cluster) = (server.url(), server.is_cluster());
         out.push(
             Harness::start(
                 &[("base.yaml", &policy("base", "allow", LIMITED))],
                 move |c| {
                     c.redis.url = Some(url);
+                    c.redis.cluster = cluster;
                     c.redis.timeout_ms = 200;
                     c.redis.audit = Some(StreamConfig::default());
                     c.redis.registry = true;
@@ -292,9 +318,7 @@ async fn check_as(h: &Harness, team_id: &str, body: &str) -> common::Answer {
     .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_rate_limit_of_n_allows_exactly_n_across_three_replicas() {
-    let server = RedisServer::start();
+async fn a_rate_limit_of_n_allows_exactly_n_across_three_replicas(server: RedisServer) {
     let rs = replicas(&server, 3, |_| {}).await;
     let mut tasks = Vec::new();
     for i in 0..30 {
@@ -329,9 +353,7 @@ async fn a_rate_limit_of_n_allows_exactly_n_across_three_replicas() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_budget_holds_across_replicas_and_usage_is_reported_to_any_of_them() {
-    let server = RedisServer::start();
+async fn a_budget_holds_across_replicas_and_usage_is_reported_to_any_of_them(server: RedisServer) {
     let rs = replicas(&server, 3, |_| {}).await;
     // Each request reserves its estimate: max_tokens 90 (+ the prompt's few tokens).
     let body = r#"{"model":"gpt-4o","max_tokens":90,"messages":[{"role":"user","content":"hi"}]}"#;
@@ -384,9 +406,9 @@ async fn a_budget_holds_across_replicas_and_usage_is_reported_to_any_of_them() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream() {
-    let server = RedisServer::start();
+async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream(
+    server: RedisServer,
+) {
     let rs = replicas(&server, 2, |_| {}).await;
     let a = check_as(&rs[0], "x", &chat("gpt-5", "hello")).await;
     assert_eq!(a.status, 403);
@@ -409,13 +431,12 @@ async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream(
     }
     assert!(hit, "replica 1 never saw replica 0's decision in L4");
     // Audit records of both replicas are in the stream.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
+    let mut conn = server.conn();
     let mut n = 0;
     for _ in 0..50 {
         n = redis::cmd("XLEN")
             .arg("llm-policy:audit")
-            .query::<u64>(&mut conn)
+            .query::<u64>(&mut *conn)
             .unwrap();
         if n >= 2 {
             break;
@@ -428,7 +449,7 @@ async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream(
             .arg("llm-policy:audit")
             .arg("-")
             .arg("+")
-            .query(&mut conn)
+            .query(&mut *conn)
             .unwrap();
         redis::FromRedisValue::from_redis_value(v).unwrap()
     };
@@ -440,9 +461,7 @@ async fn decisions_are_shared_through_the_l4_cache_and_records_reach_the_stream(
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none() {
-    let server = RedisServer::start();
+async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none(server: RedisServer) {
     let rs = replicas(&server, 3, |_| {}).await;
     let before: Vec<String> = {
         let mut v = Vec::new();
@@ -482,30 +501,29 @@ async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none() 
         assert_eq!(h.bundle().await, after);
     }
     // A bad revision written straight into Redis (not through a replica) serves nowhere.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
+    let mut conn = server.conn();
     let head: String = redis::cmd("GET")
-        .arg("llm-policy:bundle:head")
-        .query(&mut conn)
+        .arg("llm-policy:{bundle}:head")
+        .query(&mut *conn)
         .unwrap();
     let n: u64 = head.split(':').next().unwrap().parse().unwrap();
     let bad_id = format!("{}:badbadbad", n + 100);
     let bad =
         serde_json::json!({"files": [["base.yaml", "spec: [oops"]], "origin": "api", "at": 0});
     let _: () = redis::cmd("SET")
-        .arg(format!("llm-policy:bundle:rev:{bad_id}"))
+        .arg(format!("llm-policy:{{bundle}}:rev:{bad_id}"))
         .arg(bad.to_string())
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     let _: () = redis::cmd("SET")
-        .arg("llm-policy:bundle:head")
+        .arg("llm-policy:{bundle}:head")
         .arg(&bad_id)
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     let _: () = redis::cmd("PUBLISH")
         .arg("llm-policy:bundle")
         .arg(&bad_id)
-        .query(&mut conn)
+        .query(&mut *conn)
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     for h in &rs {
@@ -584,13 +602,12 @@ async fn redis_going_away_follows_the_failure_mode_and_service_comes_back() {
     }
     assert!(back, "limits work again once Redis is back");
     // The restarted (empty) Redis is seeded again with the bundle serving.
-    let client = redis::Client::open(server.url()).unwrap();
-    let mut conn = client.get_connection().unwrap();
+    let mut conn = server.conn();
     let mut seeded = false;
     for _ in 0..50 {
         let head: Option<String> = redis::cmd("GET")
-            .arg("llm-policy:bundle:head")
-            .query(&mut conn)
+            .arg("llm-policy:{bundle}:head")
+            .query(&mut *conn)
             .unwrap();
         if head.is_some() {
             seeded = true;
@@ -655,4 +672,90 @@ async fn a_redis_that_never_answers_does_not_hold_up_the_other_audit_sinks() {
     let lines = std::fs::read_to_string(&file).unwrap().lines().count();
     assert_eq!(lines, 5000, "after {:?}", started.elapsed());
     drop(silent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn on_a_cluster_namespaces_spread_over_the_nodes_and_a_request_stays_on_one() {
+    let server = RedisServer::cluster();
+    let (s, _) = store(&server, 1000);
+    for n in 0..32 {
+        // A hierarchy of two counters per namespace, charged in one call.
+        let charges = vec![
+            charge(&format!("ns{n}/user/a"), 1.0, 10.0),
+            charge(&format!("ns{n}/team/t"), 1.0, 10.0),
+        ];
+        let granted = s.reserve_all(&charges, 0).await.unwrap();
+        for r in granted {
+            let id = r.reservation.unwrap();
+            assert_ne!(id, ReservationId::NONE);
+            s.commit(id, Some(2.0)).await.unwrap();
+        }
+        assert_eq!(
+            s.usage(&format!("ns{n}/team/t"), 3600).await.unwrap(),
+            (2.0, 0.0)
+        );
+    }
+    // Every node serves some of the namespaces' counters.
+    let RedisServer::Cluster(cluster) = &server else {
+        unreachable!()
+    };
+    let mut per_node = Vec::new();
+    for url in cluster.urls() {
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("llm-policy:{c*}:c:*")
+            .query(&mut conn)
+            .unwrap();
+        per_node.push(keys.len());
+    }
+    assert_eq!(per_node.iter().sum::<usize>(), 64, "{per_node:?}");
+    assert!(per_node.iter().all(|n| *n > 0), "{per_node:?}");
+    // Counters of two namespaces are never charged apart: refused as a whole.
+    let other = (0..)
+        .map(|n| format!("other{n}/x/1"))
+        .find(|k| tag_of(k) != tag_of("ns0/x/1"))
+        .unwrap();
+    let mixed = vec![charge("ns0/x/1", 1.0, 10.0), charge(&other, 1.0, 10.0)];
+    assert!(matches!(
+        s.reserve_all(&mixed, 0).await,
+        Err(StoreError::Spread(_))
+    ));
+    assert_eq!(s.usage("ns0/x/1", 3600).await.unwrap(), (0.0, 0.0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cluster_node_down_fails_its_namespaces_fast_and_the_others_keep_counting() {
+    let mut server = RedisServer::cluster();
+    let (s, metrics) = store(&server, 100);
+    let RedisServer::Cluster(cluster) = &mut server else {
+        unreachable!()
+    };
+    let node = |key: &str| cluster.node_of(&format!("{{c{}}}", tag_of(key))).unwrap();
+    let down = node("a/x/1");
+    let up = (0..)
+        .map(|n| format!("b{n}/x/1"))
+        .find(|k| node(k) != down)
+        .unwrap();
+    assert!(s.reserve(&charge("a/x/1", 1.0, 100.0), 0).await.is_ok());
+    assert!(s.reserve(&charge(&up, 1.0, 100.0), 0).await.is_ok());
+    cluster.kill(down);
+    let started = std::time::Instant::now();
+    for _ in 0..5 {
+        assert!(s.reserve(&charge("a/x/1", 1.0, 100.0), 0).await.is_err());
+    }
+    // Each call is bounded by its deadline (100 ms).
+    assert!(
+        started.elapsed() < Duration::from_millis(5 * 100 + 500),
+        "{:?}",
+        started.elapsed()
+    );
+    // The namespaces on the other nodes are served all along.
+    for _ in 0..10 {
+        let r = s.reserve(&charge(&up, 1.0, 100.0), 0).await.unwrap();
+        assert!(r.reservation.is_some());
+        assert!(s.reserve(&charge("a/x/1", 1.0, 100.0), 0).await.is_err());
+    }
+    assert_eq!(s.usage(&up, 3600).await.unwrap(), (0.0, 11.0));
+    let errors = counter_errors(&metrics);
+    assert_eq!(errors, 15);
 }

@@ -237,7 +237,20 @@ pub struct StreamSink {
     metrics: Metrics,
 }
 
-/// Lines a [`StreamSink`] sends in one pipeline at most.
+/// Appends a batch of lines to the stream in one call (one command, so a Redis Cluster routes
+/// it by the stream's key). `KEYS`: the stream. `ARGV`: entries kept, then the lines.
+static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
+    redis::Script::new(
+        r"
+for i = 2, #ARGV do
+  redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'record', ARGV[i])
+end
+return 0
+",
+    )
+});
+
+/// Lines a [`StreamSink`] sends in one call at most.
 const STREAM_BATCH: usize = 512;
 
 /// Lines waiting for the stream's thread.
@@ -248,7 +261,7 @@ struct StreamWriter {
     redis: super::redis::Redis,
     key: String,
     max_len: u64,
-    conn: Option<redis::Connection>,
+    conn: Option<super::redis::Blocking>,
     retry_at: Option<std::time::Instant>,
     metrics: Metrics,
 }
@@ -269,7 +282,7 @@ impl StreamSink {
         let thread = std::thread::Builder::new()
             .name(String::from("llm-policy-audit-stream"))
             .spawn(move || {
-                // Batches: whatever is queued, up to STREAM_BATCH lines per pipeline.
+                // Batches: whatever is queued, up to STREAM_BATCH lines per call.
                 while let Ok(first) = rx.recv() {
                     let mut lines = vec![first];
                     while lines.len() < STREAM_BATCH {
@@ -291,7 +304,7 @@ impl StreamSink {
 }
 
 impl StreamWriter {
-    fn connection(&mut self) -> Result<&mut redis::Connection, super::redis::RedisError> {
+    fn connection(&mut self) -> Result<&mut super::redis::Blocking, super::redis::RedisError> {
         if self.conn.is_none() {
             if self
                 .retry_at
@@ -300,15 +313,7 @@ impl StreamWriter {
                 return Err(super::redis::RedisError::Unavailable);
             }
             let timeout = self.redis.timeout().saturating_mul(4);
-            let conn = self
-                .redis
-                .client()
-                .get_connection_with_timeout(timeout)
-                .and_then(|c| {
-                    c.set_read_timeout(Some(timeout))?;
-                    c.set_write_timeout(Some(timeout))?;
-                    Ok(c)
-                });
+            let conn = self.redis.blocking(timeout);
             match conn {
                 Ok(c) => {
                     if self.retry_at.take().is_some() {
@@ -329,20 +334,13 @@ impl StreamWriter {
     }
 
     fn send(&mut self, lines: &[String]) {
-        let mut pipe = redis::pipe();
+        let mut call = APPEND.prepare_invoke();
+        call.key(&self.key).arg(self.max_len);
         for line in lines {
-            pipe.cmd("XADD")
-                .arg(&self.key)
-                .arg("MAXLEN")
-                .arg("~")
-                .arg(self.max_len)
-                .arg("*")
-                .arg("record")
-                .arg(line)
-                .ignore();
+            call.arg(line);
         }
         let sent = self.connection().and_then(|c| {
-            pipe.query::<()>(c)
+            call.invoke::<()>(&mut **c)
                 .map_err(|e| super::redis::RedisError::Failed(e.to_string()))
         });
         if let Err(e) = sent {

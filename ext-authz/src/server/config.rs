@@ -350,6 +350,9 @@ pub struct ServeArgs {
     /// shared with the other replicas.
     #[arg(long)]
     pub redis_url: Option<String>,
+    /// `--redis-url` is a node of a Redis Cluster (`redis.cluster: true`).
+    #[arg(long)]
+    pub redis_cluster: bool,
     /// Directory of WASM plugin modules (`*.wasm`).
     #[arg(long)]
     pub plugins_dir: Option<PathBuf>,
@@ -391,6 +394,9 @@ impl Config {
         }
         if let Some(u) = &args.redis_url {
             config.redis.url = Some(u.clone());
+        }
+        if args.redis_cluster {
+            config.redis.cluster = true;
         }
         if let Some(d) = &args.plugins_dir {
             config.plugins.dir = Some(d.clone());

@@ -65,6 +65,10 @@ pub enum StoreError {
     /// A lock was poisoned by a panic elsewhere (a bug).
     #[error("counter lock poisoned")]
     Poisoned,
+    /// Counters a store cannot charge together: of two namespaces (a bug; one request's
+    /// counters are of its namespace).
+    #[error("counters cannot be charged together: {0}")]
+    Spread(String),
     /// The Redis store failed (timed out, unreachable, or an error answer).
     #[error(transparent)]
     Redis(#[from] super::redis::RedisError),

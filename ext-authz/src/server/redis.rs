@@ -4,18 +4,25 @@
 //! audit stream ([`super::audit`]).
 //!
 //! Every call has a deadline. A failed call is counted in
-//! `llm_policy_redis_errors_total{feature,kind}` and, when Redis looks unreachable (a timeout or
-//! a connection error), calls fail at once for a short while instead of each waiting for its
-//! deadline; the connection is re-established in the background, so service comes back by
+//! `llm_policy_redis_errors_total{feature,kind}` and, when a standalone Redis looks unreachable
+//! (a timeout or a connection error), calls fail at once for a short while instead of each
+//! waiting for its deadline (on a Redis Cluster, where one node's outage leaves the others
+//! serving, each call waits for its own deadline instead); the connection is re-established in the background, so service comes back by
 //! itself when Redis does. What a failure means is each feature's business (see
 //! `docs/server.md#redis`): counters follow `limits.failureMode`, a cache lookup becomes a miss,
 //! the registry keeps serving its last good version, audit records are dropped and counted.
+//!
+//! Standalone Redis and Redis Cluster (`redis.cluster: true`) are both served by the same calls:
+//! [`Conn`] is either connection, and every multi-key call names keys of one hash slot (see
+//! [`Redis::tagged`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
@@ -25,9 +32,15 @@ use super::metrics::Metrics;
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default, rename_all = "camelCase")]
 pub struct RedisConfig {
-    /// `redis://[user:password@]host:port[/db]` (standalone Redis; `rediss://` for TLS is not
-    /// built in). `llm-policy serve --redis-url` sets it too.
+    /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS is not built in).
+    /// `llm-policy serve --redis-url` sets it too. With `cluster`, any node of the cluster.
     pub url: Option<String>,
+    /// `url` is a node of a Redis Cluster (`llm-policy serve --redis-cluster`): the server learns
+    /// the cluster's layout from it and sends every call to the node serving its keys.
+    pub cluster: bool,
+    /// More nodes of the cluster to learn its layout from, should `url`'s be down (with
+    /// `cluster` only).
+    pub nodes: Vec<String>,
     /// Prefix of every key and channel (default `llm-policy:`), so several deployments can share
     /// one Redis.
     pub key_prefix: String,
@@ -50,6 +63,8 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            cluster: false,
+            nodes: Vec::new(),
             key_prefix: String::from("llm-policy:"),
             timeout_ms: 25,
             backoff_ms: 500,
@@ -164,8 +179,8 @@ pub struct Redis {
 }
 
 struct Inner {
-    conn: ConnectionManager,
-    client: redis::Client,
+    conn: Conn,
+    client: Client,
     prefix: String,
     timeout: Duration,
     backoff: Duration,
@@ -177,30 +192,126 @@ struct Inner {
     metrics: Metrics,
 }
 
+/// One connection to Redis, standalone or Cluster: what [`Redis::run`] hands its call.
+#[derive(Clone)]
+pub enum Conn {
+    /// A standalone Redis (reconnects by itself).
+    Single(ConnectionManager),
+    /// A Redis Cluster (routes each call to the node serving its keys).
+    Cluster(ClusterConnection),
+}
+
+impl redis::aio::ConnectionLike for Conn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Conn::Single(c) => c.req_packed_command(cmd),
+            Conn::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Conn::Single(c) => c.get_db(),
+            Conn::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Where connections of their own come from.
+enum Client {
+    Single(redis::Client),
+    Cluster {
+        client: Box<ClusterClient>,
+        /// The configured nodes (pub/sub subscribes on the first that answers).
+        nodes: Vec<redis::ConnectionInfo>,
+    },
+}
+
+/// A blocking connection of its own (registry writes, the audit writer's thread).
+pub type Blocking = Box<dyn redis::ConnectionLike + Send>;
+
+/// `url`'s connection details, with TCP_NODELAY: small commands go out at once (with Nagle, a
+/// script load split over two segments waits for a delayed ACK: tens of milliseconds).
+fn node_info(field: &str, url: &str) -> Result<redis::ConnectionInfo, String> {
+    let info = redis::IntoConnectionInfo::into_connection_info(url)
+        .map_err(|e| format!("{field} {url:?}: {e}"))?;
+    let tcp = info.tcp_settings().clone().set_nodelay(true);
+    Ok(info.set_tcp_settings(tcp))
+}
+
 impl Redis {
     /// A connection to `config.url` (made lazily: the server starts while Redis is down and
-    /// connects when it is back). Errors only on a malformed URL. Call it inside a tokio
-    /// runtime (the connection lives on it).
+    /// connects when it is back). Errors only on a malformed URL or configuration. Call it
+    /// inside a tokio runtime (the connection lives on it).
     pub fn connect(config: &RedisConfig, metrics: Metrics) -> Result<Option<Redis>, String> {
         let Some(url) = &config.url else {
+            if config.cluster || !config.nodes.is_empty() {
+                return Err(String::from(
+                    "redis.cluster needs redis.url (a node of the cluster)",
+                ));
+            }
             return Ok(None);
         };
-        // TCP_NODELAY: small commands go out at once (with Nagle, a script load split over two
-        // segments waits for a delayed ACK: tens of milliseconds).
-        let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .map_err(|e| format!("redis.url {url:?}: {e}"))?;
-        let tcp = info.tcp_settings().clone().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))
-            .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+        if !config.cluster && !config.nodes.is_empty() {
+            return Err(String::from(
+                "redis.nodes names nodes of a Redis Cluster: set redis.cluster: true too",
+            ));
+        }
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let manager = redis::aio::ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(500)))
-            .set_response_timeout(Some(timeout.saturating_mul(4)))
-            .set_number_of_retries(2)
-            .set_max_delay(Duration::from_millis(500));
-        let conn = client
-            .get_connection_manager_lazy(manager)
-            .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+        let connect_timeout = Duration::from_millis(500);
+        let (conn, client) = if config.cluster {
+            let nodes = std::iter::once(node_info("redis.url", url))
+                .chain(config.nodes.iter().map(|u| node_info("redis.nodes", u)))
+                .collect::<Result<Vec<_>, _>>()?;
+            let tcp = nodes[0].tcp_settings().clone();
+            let client = ClusterClient::builder(nodes.clone())
+                .connection_timeout(connect_timeout)
+                .response_timeout(timeout.saturating_mul(4))
+                .retries(2)
+                .max_retry_wait(500)
+                .tcp_settings(tcp)
+                .build()
+                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+            let conn = client.get_pending_async_connection_with_config(
+                redis::cluster::ClusterConfig::new()
+                    .set_connection_timeout(connect_timeout)
+                    .set_response_timeout(timeout.saturating_mul(4)),
+            );
+            (
+                Conn::Cluster(conn),
+                Client::Cluster {
+                    client: Box::new(client),
+                    nodes,
+                },
+            )
+        } else {
+            let client = redis::Client::open(node_info("redis.url", url)?)
+                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+            let manager = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(connect_timeout))
+                .set_response_timeout(Some(timeout.saturating_mul(4)))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_millis(500));
+            let conn = client
+                .get_connection_manager_lazy(manager)
+                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+            (Conn::Single(conn), Client::Single(client))
+        };
         Ok(Some(Redis {
             inner: Arc::new(Inner {
                 conn,
@@ -216,14 +327,66 @@ impl Redis {
         }))
     }
 
-    /// `prefix` + `name`: every key and channel is named through this.
+    /// `prefix` + `name`: every key and channel is named through this (or [`Redis::tagged`]).
     pub fn key(&self, name: &str) -> String {
         format!("{}{name}", self.inner.prefix)
     }
 
-    /// The client (for connections of their own: pub/sub, the audit writer thread).
-    pub fn client(&self) -> &redis::Client {
-        &self.inner.client
+    /// `prefix` + `{tag}:` + `name`: keys one script or call uses together are named with one
+    /// tag, so they share a hash slot and one Redis Cluster node serves them all (on a
+    /// standalone Redis the braces are just characters). A prefix with a tag of its own puts
+    /// every key in that one slot, which works too.
+    pub fn tagged(&self, tag: &str, name: &str) -> String {
+        format!("{}{{{tag}}}:{name}", self.inner.prefix)
+    }
+
+    /// Whether this is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.inner.client, Client::Cluster { .. })
+    }
+
+    /// A blocking connection of its own, with `timeout` on connecting, reading and writing.
+    pub fn blocking(&self, timeout: Duration) -> redis::RedisResult<Blocking> {
+        match &self.inner.client {
+            Client::Single(client) => {
+                let conn = client.get_connection_with_timeout(timeout)?;
+                conn.set_read_timeout(Some(timeout))?;
+                conn.set_write_timeout(Some(timeout))?;
+                Ok(Box::new(conn))
+            }
+            Client::Cluster { client, .. } => {
+                let conn = client.get_connection()?;
+                conn.set_read_timeout(Some(timeout))?;
+                conn.set_write_timeout(Some(timeout))?;
+                Ok(Box::new(conn))
+            }
+        }
+    }
+
+    /// A pub/sub connection of its own. On a Redis Cluster, messages published on any node
+    /// reach every node, so it subscribes on the first configured node that answers.
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        match &self.inner.client {
+            Client::Single(client) => client.get_async_pubsub().await,
+            Client::Cluster { nodes, .. } => {
+                let mut last = None;
+                for node in nodes {
+                    match redis::Client::open(node.clone()) {
+                        Ok(c) => match c.get_async_pubsub().await {
+                            Ok(p) => return Ok(p),
+                            Err(e) => last = Some(e),
+                        },
+                        Err(e) => last = Some(e),
+                    }
+                }
+                Err(last.unwrap_or_else(|| {
+                    redis::RedisError::from((
+                        redis::ErrorKind::ClusterConnectionNotFound,
+                        "no Redis Cluster node answered",
+                    ))
+                }))
+            }
+        }
     }
 
     /// The deadline of one call.
@@ -259,7 +422,7 @@ impl Redis {
     /// deadline; counts and classifies its failure.
     pub async fn run<T, F, Fut>(&self, feature: Feature, call: F) -> Result<T, RedisError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         self.run_for(feature, self.inner.timeout, call).await
@@ -275,7 +438,7 @@ impl Redis {
         call: F,
     ) -> Result<T, RedisError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: FnOnce(Conn) -> Fut,
         Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
         let until = self.inner.down_until_ms.load(Ordering::Relaxed);
@@ -322,6 +485,9 @@ impl Redis {
             ),
         };
         let (error, unreachable) = error;
+        // On a Redis Cluster one node's outage is not everyone's: calls to the other nodes go
+        // on, and calls to that node fail at their deadline.
+        let unreachable = unreachable && !self.is_cluster();
         let in_a_row = if unreachable {
             self.inner.failures.fetch_add(1, Ordering::Relaxed) + 1
         } else {
@@ -357,10 +523,10 @@ pub mod local {
     impl LocalRedis {
         /// Starts one on a free port and waits (at most 10 s) until it answers.
         pub fn start() -> std::io::Result<LocalRedis> {
-            let port = std::net::TcpListener::bind("127.0.0.1:0")?
-                .local_addr()?
-                .port();
-            let mut r = LocalRedis { child: None, port };
+            let mut r = LocalRedis {
+                child: None,
+                port: free_port()?,
+            };
             r.restart()?;
             Ok(r)
         }
@@ -402,19 +568,7 @@ pub mod local {
                     )
                 })?;
             self.child = Some(child);
-            let client = redis::Client::open(self.url()).map_err(std::io::Error::other)?;
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(10) {
-                if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
-                    if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                        return Ok(());
-                    }
-                }
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            Err(std::io::Error::other(
-                "redis-server did not answer within 10 s",
-            ))
+            connect(self.port).map(drop)
         }
     }
 
@@ -422,5 +576,230 @@ pub mod local {
         fn drop(&mut self) {
             self.kill();
         }
+    }
+
+    /// The slot ranges of a [`LocalCluster`]'s three nodes.
+    const SLOTS: [(u64, u64); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
+
+    /// A free loopback port.
+    fn free_port() -> std::io::Result<u16> {
+        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port())
+    }
+
+    /// A throw-away Redis Cluster of three primaries (no replicas) on free loopback ports, its
+    /// 16,384 slots split in three; stopped and its directory removed when dropped.
+    pub struct LocalCluster {
+        children: Vec<Child>,
+        ports: Vec<u16>,
+        /// Each node's cluster bus port.
+        buses: Vec<u16>,
+        dir: std::path::PathBuf,
+    }
+
+    impl LocalCluster {
+        /// Starts the three nodes, joins them and waits (at most 20 s) until every node
+        /// serves all slots.
+        pub fn start() -> std::io::Result<LocalCluster> {
+            let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
+            let dir = std::env::temp_dir().join(format!(
+                "llm-policy-cluster-{}-{}",
+                std::process::id(),
+                free_port()?
+            ));
+            std::fs::create_dir_all(&dir)?;
+            let mut cluster = LocalCluster {
+                children: Vec::new(),
+                ports: Vec::new(),
+                buses: Vec::new(),
+                dir,
+            };
+            for _ in 0..3 {
+                let (port, bus) = (free_port()?, free_port()?);
+                let child = Command::new(&bin)
+                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                    .args(["--save", "", "--appendonly", "no"])
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-port",
+                        &bus.to_string(),
+                    ])
+                    .args(["--cluster-node-timeout", "5000"])
+                    .arg("--cluster-config-file")
+                    .arg(cluster.dir.join(format!("nodes-{port}.conf")))
+                    .arg("--dir")
+                    .arg(&cluster.dir)
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .map_err(|e| {
+                        std::io::Error::new(e.kind(), format!("cannot start {bin}: {e}"))
+                    })?;
+                cluster.children.push(child);
+                cluster.ports.push(port);
+                cluster.buses.push(bus);
+            }
+            let mut conns = Vec::new();
+            for port in &cluster.ports {
+                conns.push(connect(*port)?);
+            }
+            let (first, first_bus) = (cluster.ports[0], cluster.buses[0]);
+            for (i, conn) in conns.iter_mut().enumerate() {
+                let (from, to) = SLOTS[i];
+                redis::cmd("CLUSTER")
+                    .arg("ADDSLOTSRANGE")
+                    .arg(from)
+                    .arg(to)
+                    .query::<()>(conn)
+                    .map_err(std::io::Error::other)?;
+                if i > 0 {
+                    redis::cmd("CLUSTER")
+                        .arg("MEET")
+                        .arg("127.0.0.1")
+                        .arg(first)
+                        .arg(first_bus)
+                        .query::<()>(conn)
+                        .map_err(std::io::Error::other)?;
+                }
+            }
+            let started = Instant::now();
+            while started.elapsed() < Duration::from_secs(20) {
+                let ready = conns.iter_mut().all(|c| {
+                    let info: String = redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query(c)
+                        .unwrap_or_default();
+                    info.contains("cluster_state:ok")
+                        && info.contains("cluster_known_nodes:3")
+                        && info.contains("cluster_slots_assigned:16384")
+                });
+                if ready {
+                    return Ok(cluster);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            Err(std::io::Error::other(
+                "the Redis Cluster did not form within 20 s",
+            ))
+        }
+
+        /// Kills node `i` (0..3), as a crash would.
+        pub fn kill(&mut self, i: usize) {
+            if let Some(c) = self.children.get_mut(i) {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+
+        /// The node (0..3) serving `key`'s hash slot.
+        pub fn node_of(&self, key: &str) -> std::io::Result<usize> {
+            let mut conn = connect(self.ports[0])?;
+            let slot: u64 = redis::cmd("CLUSTER")
+                .arg("KEYSLOT")
+                .arg(key)
+                .query(&mut conn)
+                .map_err(std::io::Error::other)?;
+            Ok(SLOTS.iter().position(|(_, to)| slot <= *to).unwrap_or(2))
+        }
+
+        /// Its nodes' URLs.
+        pub fn urls(&self) -> Vec<String> {
+            self.ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect()
+        }
+    }
+
+    /// A connection to the redis-server on `port`, once it answers (at most 10 s).
+    fn connect(port: u16) -> std::io::Result<redis::Connection> {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))
+            .map_err(std::io::Error::other)?;
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(10) {
+            if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
+                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
+                    return Ok(c);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Err(std::io::Error::other(format!(
+            "redis-server on port {port} did not answer within 10 s"
+        )))
+    }
+
+    impl Drop for LocalCluster {
+        fn drop(&mut self) {
+            for c in &mut self.children {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed expectation is a failed test"
+    )]
+
+    use super::*;
+
+    fn connect(config: RedisConfig) -> Result<Option<Redis>, String> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async { Redis::connect(&config, Metrics::new().unwrap()) })
+    }
+
+    #[test]
+    fn cluster_settings_that_cannot_work_are_refused() {
+        let one = |url: &str| Some(String::from(url));
+        for (config, refused) in [
+            (
+                RedisConfig {
+                    cluster: true,
+                    ..RedisConfig::default()
+                },
+                "needs redis.url",
+            ),
+            (
+                RedisConfig {
+                    url: one("redis://127.0.0.1:1"),
+                    nodes: vec!["redis://127.0.0.1:2".into()],
+                    ..RedisConfig::default()
+                },
+                "redis.cluster: true",
+            ),
+            (
+                RedisConfig {
+                    url: one("redis://127.0.0.1:1"),
+                    cluster: true,
+                    nodes: vec!["not a url".into()],
+                    ..RedisConfig::default()
+                },
+                "redis.nodes \"not a url\"",
+            ),
+        ] {
+            let e = connect(config).err().unwrap();
+            assert!(e.contains(refused), "{e}");
+        }
+        // Made lazily: nothing needs to answer yet.
+        let r = connect(RedisConfig {
+            url: Some("redis://127.0.0.1:1".into()),
+            cluster: true,
+            ..RedisConfig::default()
+        })
+        .unwrap()
+        .unwrap();
+        assert!(r.is_cluster());
+        assert_eq!(r.tagged("c3", "c:ns/r/k"), "llm-policy:{c3}:c:ns/r/k");
     }
 }

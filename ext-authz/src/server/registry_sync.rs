@@ -1,12 +1,14 @@
 //! The policy registry shared by replicas through Redis (`redis.registry: true`).
 //!
-//! Keys (after the configured prefix):
-//! - `bundle:head`: the id of the revision serving everywhere, `{n}:{digest}` (the digest of its
-//!   content keeps ids unique even when a Redis restarted empty numbers revisions from 1 again);
-//!   `bundle:seq`: the last revision number;
-//! - `bundle:rev:{id}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
-//! - `bundle:history`: the kept revisions, newest first (older ones are deleted);
-//! - channel `bundle`: a revision number, published on every write.
+//! Keys (after the configured prefix; one hash tag, `{bundle}`, so a Redis Cluster serves them
+//! from one node and the publish script may write them all):
+//! - `{bundle}:head`: the id of the revision serving everywhere, `{n}:{digest}` (the digest of
+//!   its content keeps ids unique even when a Redis restarted empty numbers revisions from 1
+//!   again); `{bundle}:seq`: the last revision number;
+//! - `{bundle}:rev:{id}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
+//! - `{bundle}:history`: the kept revisions, newest first (older ones are deleted);
+//! - channel `bundle`: a revision number, published on every write (on a Redis Cluster, a
+//!   message published on one node reaches subscribers on every node).
 //!
 //! A write (API put or rollback) is validated and compiled by the replica that takes it, then
 //! published with a compare-and-set on the head (a write racing another is refused with 409, so
@@ -83,10 +85,11 @@ impl RedisBundle {
     /// The shared bundle on `redis`.
     pub fn new(redis: Redis) -> RedisBundle {
         RedisBundle {
-            head: redis.key("bundle:head"),
-            seq: redis.key("bundle:seq"),
-            history: redis.key("bundle:history"),
-            prefix: redis.key("bundle:rev:"),
+            // One hash tag: the publish script writes all of them (Redis Cluster).
+            head: redis.tagged("bundle", "head"),
+            seq: redis.tagged("bundle", "seq"),
+            history: redis.tagged("bundle", "history"),
+            prefix: redis.tagged("bundle", "rev:"),
             channel: redis.key("bundle"),
             redis,
         }
@@ -155,11 +158,7 @@ impl SharedBundle for RedisBundle {
         let timeout = self.redis.timeout().saturating_mul(8);
         let mut conn = self
             .redis
-            .client()
-            .get_connection_with_timeout(timeout)
-            .map_err(|e| unavailable(e.to_string()))?;
-        conn.set_read_timeout(Some(timeout))
-            .and_then(|()| conn.set_write_timeout(Some(timeout)))
+            .blocking(timeout)
             .map_err(|e| unavailable(e.to_string()))?;
         let digest = format!("{:032x}", xxhash_rust::xxh3::xxh3_128(payload.as_bytes()));
         let (ok, n): (i64, String) = PUBLISH
@@ -172,7 +171,7 @@ impl SharedBundle for RedisBundle {
             .arg(KEEP)
             .arg(&self.channel)
             .arg(digest)
-            .invoke(&mut conn)
+            .invoke(&mut *conn)
             .map_err(|e| unavailable(e.to_string()))?;
         if ok != 1 {
             return Err(RegistryError::Conflict(format!(
@@ -264,7 +263,7 @@ pub fn spawn<F, Fut>(
         loop {
             // (Re)subscribe; while that fails, keep polling.
             let sub = tokio::time::timeout(Duration::from_secs(1), async {
-                let mut p = bundle.redis.client().get_async_pubsub().await?;
+                let mut p = bundle.redis.pubsub().await?;
                 p.subscribe(&bundle.channel).await?;
                 Ok::<_, redis::RedisError>(p)
             })

@@ -244,25 +244,68 @@ pub async fn check(
     answer(client.check(req).await.unwrap().into_inner())
 }
 
-/// A real `redis-server` on a free loopback port (stopped when dropped).
+/// A real `redis-server` on a free loopback port, or a real three-node Redis Cluster (stopped
+/// when dropped).
 pub mod redis_server {
-    pub use llm_policy_server::server::redis::local::LocalRedis;
+    pub use llm_policy_server::server::redis::local::{LocalCluster, LocalRedis};
+    use llm_policy_server::server::redis::RedisConfig;
 
-    /// A started redis-server (the test fails when none can start).
-    pub struct RedisServer(pub LocalRedis);
+    /// A started redis-server or cluster (the test fails when none can start).
+    pub enum RedisServer {
+        Single(LocalRedis),
+        Cluster(LocalCluster),
+    }
 
     impl RedisServer {
         pub fn start() -> RedisServer {
-            RedisServer(LocalRedis::start().unwrap())
+            RedisServer::Single(LocalRedis::start().unwrap())
         }
+        pub fn cluster() -> RedisServer {
+            RedisServer::Cluster(LocalCluster::start().unwrap())
+        }
+        /// Its URL (a cluster's first node).
         pub fn url(&self) -> String {
-            self.0.url()
+            match self {
+                RedisServer::Single(r) => r.url(),
+                RedisServer::Cluster(c) => c.urls()[0].clone(),
+            }
+        }
+        pub fn is_cluster(&self) -> bool {
+            matches!(self, RedisServer::Cluster(_))
+        }
+        /// `redis:` for the server: its URL, and `cluster` when it is one.
+        pub fn apply(&self, config: &mut RedisConfig) {
+            config.url = Some(self.url());
+            config.cluster = self.is_cluster();
+        }
+        /// A connection for the test's own commands (routed by key on a cluster).
+        pub fn conn(&self) -> Box<dyn redis::ConnectionLike> {
+            match self {
+                RedisServer::Single(r) => Box::new(
+                    redis::Client::open(r.url())
+                        .unwrap()
+                        .get_connection()
+                        .unwrap(),
+                ),
+                RedisServer::Cluster(c) => Box::new(
+                    redis::cluster::ClusterClient::new(c.urls())
+                        .unwrap()
+                        .get_connection()
+                        .unwrap(),
+                ),
+            }
+        }
+        fn single(&mut self) -> &mut LocalRedis {
+            match self {
+                RedisServer::Single(r) => r,
+                RedisServer::Cluster(_) => panic!("a standalone redis-server only"),
+            }
         }
         pub fn kill(&mut self) {
-            self.0.kill();
+            self.single().kill();
         }
         pub fn restart(&mut self) {
-            self.0.restart().unwrap();
+            self.single().restart().unwrap();
         }
     }
 }

@@ -2,13 +2,18 @@
 //! Lua script, so it is atomic across replicas (no check-then-increment race), and windows follow
 //! Redis's clock (`TIME`), so replicas with skewed clocks still agree on them.
 //!
-//! Keys (after the configured prefix):
-//! - `c:{counter key}`: the counter's sliding window ([`llm_policy_core::window`]), a hash of
-//!   `s:{slot}` (spent) and `r:{slot}` (reserved) fields; slots no check counts are deleted by
+//! Keys (after the configured prefix). A namespace's counters and reservations share one hash
+//! tag, `{c<n>}`, n = xxh3(namespace) mod [`TAGS`]: every key one script touches is in one hash
+//! slot, so the same scripts run on a Redis Cluster, and the namespaces spread over its nodes.
+//! (A request's counters are all of one namespace: a hierarchy is charged in one call.)
+//! - `{c<n>}:c:{counter key}`: the counter's sliding window ([`llm_policy_core::window`]), a hash
+//!   of `s:{slot}` (spent) and `r:{slot}` (reserved) fields; slots no check counts are deleted by
 //!   the next check, the key expires a window (plus the grace) after its last write.
-//! - `res:{id}`: one reservation (counter key, window start, window length, amount); ids come from
-//!   `res-seq`, so any replica can settle any reservation.
-//! - `res-pending`: sorted set of reservation ids by the time they were made, for expiry.
+//! - `{c<n>}:res:{seq}`: one reservation (counter key, window start, window length, amount);
+//!   sequence numbers come from `{c<n>}:res-seq`, and a [`ReservationId`] is `n << 48 | seq`, so
+//!   any replica can settle any reservation.
+//! - `{c<n>}:res-pending`: sorted set of reservation sequence numbers by the time they were made,
+//!   for expiry.
 //! - `held:{handle}`: the reservations an allowed request's usage report settles.
 
 use std::sync::LazyLock;
@@ -19,7 +24,7 @@ use llm_policy_core::window::SLOTS;
 use redis::Script;
 
 use super::{CounterState, CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture};
-use crate::server::redis::{Feature, Redis};
+use crate::server::redis::{Feature, Redis, RedisError};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
 /// `commit` (the reserved amount is spent), `actual` (this amount is spent instead) or `expire`
@@ -186,15 +191,36 @@ return n"
 /// for the next tick).
 const EXPIRE_BATCH: u64 = 1000;
 
+/// Hash tags the counters are spread over (a [`ReservationId`] carries its tag in bits 48..).
+pub const TAGS: u64 = 16;
+
+/// Bits of a [`ReservationId`] below its tag: the tag's sequence number.
+const SEQ_BITS: u32 = 48;
+
 /// Counters in Redis (see the module docs).
 pub struct RedisStore {
     redis: Redis,
     /// How long a reservation may wait for its usage report (the windows and reservations outlive
     /// their end by this much).
     grace_secs: u64,
+    /// Per tag: its keys.
+    tags: Vec<TagKeys>,
+}
+
+/// The keys of one hash tag.
+struct TagKeys {
+    /// `{c<n>}:`: prefix of the tag's counter keys.
+    counters: String,
     seq: String,
     res_prefix: String,
     pending: String,
+}
+
+/// The hash tag of a counter key: its namespace's (the part before the first `/`; counter keys
+/// are `namespace/rule/...` with `/` escaped inside each part).
+pub fn tag_of(counter_key: &str) -> u64 {
+    let ns = counter_key.split('/').next().unwrap_or_default();
+    xxhash_rust::xxh3::xxh3_64(ns.as_bytes()) % TAGS
 }
 
 fn kind_tag(kind: CounterKind) -> char {
@@ -229,13 +255,32 @@ impl RedisStore {
     /// Counters on `redis`; reservations wait at most `reservation_timeout_secs` for a usage
     /// report.
     pub fn new(redis: Redis, reservation_timeout_secs: u64) -> RedisStore {
+        let tags = (0..TAGS)
+            .map(|n| {
+                let tag = format!("c{n}");
+                TagKeys {
+                    counters: redis.tagged(&tag, "c:"),
+                    seq: redis.tagged(&tag, "res-seq"),
+                    res_prefix: redis.tagged(&tag, "res:"),
+                    pending: redis.tagged(&tag, "res-pending"),
+                }
+            })
+            .collect();
         RedisStore {
-            seq: redis.key("res-seq"),
-            res_prefix: redis.key("res:"),
-            pending: redis.key("res-pending"),
             grace_secs: reservation_timeout_secs.max(1),
+            tags,
             redis,
         }
+    }
+
+    /// The keys of tag `n`.
+    fn tag(&self, n: u64) -> &TagKeys {
+        &self.tags[(n % TAGS) as usize]
+    }
+
+    /// The Redis key of a counter.
+    fn counter_key(&self, key: &str) -> String {
+        format!("{}{key}", self.tag(tag_of(key)).counters)
     }
 
     /// One charge, reserved (`reserve`) or peeked at.
@@ -252,17 +297,24 @@ impl RedisStore {
         charges: &[Charge],
         reserve: bool,
     ) -> Result<Vec<Reserved>, StoreError> {
-        let keys: Vec<String> = charges
-            .iter()
-            .map(|c| self.redis.key(&format!("c:{}", c.key)))
-            .collect();
+        let Some(first) = charges.first() else {
+            return Ok(Vec::new());
+        };
+        let tag = tag_of(&first.key);
+        if let Some(c) = charges.iter().find(|c| tag_of(&c.key) != tag) {
+            // One request's counters are of one namespace; anything else is a bug, and cannot
+            // be charged atomically on a Redis Cluster.
+            return Err(StoreError::Spread(format!("{} and {}", first.key, c.key)));
+        }
+        let t = self.tag(tag);
+        let keys: Vec<String> = charges.iter().map(|c| self.counter_key(&c.key)).collect();
         let answers: Vec<(i64, String, u64, u64)> = self
             .redis
             .run(Feature::Counters, |mut conn| {
                 let keys = &keys;
                 async move {
                     let mut call = RESERVE_ALL.prepare_invoke();
-                    call.key(&self.seq).key(&self.res_prefix).key(&self.pending);
+                    call.key(&t.seq).key(&t.res_prefix).key(&t.pending);
                     for k in keys {
                         call.key(k);
                     }
@@ -279,18 +331,26 @@ impl RedisStore {
             })
             .await
             .map_err(StoreError::from)?;
-        Ok(charges
+        charges
             .iter()
             .zip(answers)
-            .map(|(c, (fits, remaining, reset, id))| Reserved {
-                reservation: (fits == 1).then_some(ReservationId(id)),
-                state: LimitState {
-                    limit: c.limit,
-                    remaining: remaining.parse().unwrap_or(0.0),
-                    reset_secs: reset,
-                },
+            .map(|(c, (fits, remaining, reset, seq))| {
+                if seq >> SEQ_BITS != 0 {
+                    return Err(StoreError::Redis(RedisError::Failed(format!(
+                        "the reservation sequence of tag c{tag} is spent"
+                    ))));
+                }
+                let id = if seq == 0 { 0 } else { tag << SEQ_BITS | seq };
+                Ok(Reserved {
+                    reservation: (fits == 1).then_some(ReservationId(id)),
+                    state: LimitState {
+                        limit: c.limit,
+                        remaining: remaining.parse().unwrap_or(0.0),
+                        reset_secs: reset,
+                    },
+                })
             })
-            .collect())
+            .collect()
     }
 
     async fn settle(
@@ -302,14 +362,16 @@ impl RedisStore {
         if id.0 == 0 {
             return Ok(());
         }
-        let rkey = format!("{}{}", self.res_prefix, id.0);
+        let t = self.tag(id.0 >> SEQ_BITS);
+        let seq = id.0 & ((1 << SEQ_BITS) - 1);
+        let rkey = format!("{}{seq}", t.res_prefix);
         let _: i64 = self
             .redis
             .run(Feature::Counters, |mut conn| async move {
                 SETTLE_ONE
                     .key(&rkey)
-                    .key(&self.pending)
-                    .arg(id.0)
+                    .key(&t.pending)
+                    .arg(seq)
                     .arg(mode)
                     .arg(number(actual))
                     .arg(self.grace_secs)
@@ -334,7 +396,7 @@ impl RedisStore {
         key: &str,
         window_secs: u64,
     ) -> Result<Option<CounterState>, StoreError> {
-        let ckey = self.redis.key(&format!("c:{key}"));
+        let ckey = self.counter_key(key);
         let (spent, reserved, reset, window): (String, String, u64, u64) = self
             .redis
             .run(Feature::Counters, |mut conn| async move {
@@ -480,21 +542,25 @@ impl CounterStore for RedisStore {
     fn expire(&self, _now: u64, timeout_secs: u64, commit: bool) -> StoreFuture<'_, usize> {
         Box::pin(async move {
             let mode = if commit { "commit" } else { "expire" };
-            let n: Result<u64, _> = self
-                .redis
-                .run(Feature::Counters, |mut conn| async move {
-                    EXPIRE
-                        .key(&self.pending)
-                        .key(&self.res_prefix)
-                        .arg(timeout_secs)
-                        .arg(mode)
-                        .arg(EXPIRE_BATCH)
-                        .arg(self.grace_secs)
-                        .invoke_async(&mut conn)
-                        .await
-                })
-                .await;
-            n.ok().and_then(|n| usize::try_from(n).ok()).unwrap_or(0)
+            let mut settled = 0;
+            for t in &self.tags {
+                let n: Result<u64, _> = self
+                    .redis
+                    .run(Feature::Counters, |mut conn| async move {
+                        EXPIRE
+                            .key(&t.pending)
+                            .key(&t.res_prefix)
+                            .arg(timeout_secs)
+                            .arg(mode)
+                            .arg(EXPIRE_BATCH)
+                            .arg(self.grace_secs)
+                            .invoke_async(&mut conn)
+                            .await
+                    })
+                    .await;
+                settled += n.ok().and_then(|n| usize::try_from(n).ok()).unwrap_or(0);
+            }
+            settled
         })
     }
 }
