@@ -4,9 +4,9 @@ modes — the filter deciding in Envoy and asking `llm-policy serve` for global 
 official SDKs and a loopback provider that reports the usage each test asks of it:
 
 - a token budget admits what the answers' usage allows and not one request more;
-- a stream whose client did not ask for usage: the filter asks on its behalf and removes the
-  extra chunk (the SDK sees the stream it would have seen); ext_authz charges the larger of the
-  reservation and the streamed text;
+- a stream whose client did not ask for usage: the filter (in ext_authz deployments the
+  server's ext_proc edge) asks on its behalf and removes the extra chunk (the SDK sees the stream
+  it would have seen);
 - a cut stream is charged at least its reservation;
 - a request without `max_tokens` reserves the model's output cap;
 - a USD budget with the shipped prices stops at the right request;
@@ -20,6 +20,7 @@ official SDKs and a loopback provider that reports the usage each test asks of i
 
 import base64
 import json
+import re
 import time
 import urllib.error
 import urllib.request
@@ -28,7 +29,7 @@ import uuid
 import openai
 import pytest
 
-from clients import PRO
+from clients import PRO, curl
 from stack import USAGE_TOKEN, Envoy, Server, Upstream, envoy_config, http_get, wait_for
 
 SPEND = """
@@ -186,11 +187,10 @@ def test_a_token_budget_admits_what_the_usage_allows_and_not_one_more(spend, mod
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_stream_without_usage_cannot_dodge_the_budget(spend, mode):
-    """OpenAI streams whose client did not ask for usage. Filter mode: the filter adds
-    `stream_options.include_usage` upstream, charges the reported usage (330) and removes the
-    usage chunk, so the SDK sees exactly the chunks it would have seen. ext_authz mode: the answer
-    carries no usage; the larger of the reservation and the streamed text is charged. Either way
-    the budget admits exactly what the charges allow."""
+    """OpenAI streams whose client did not ask for usage. The filter (ext_authz mode: the server's
+    ext_proc edge) adds `stream_options.include_usage` upstream, the reported usage (330) is
+    charged and the usage chunk removed, so the SDK sees exactly the chunks it would have seen.
+    The budget admits exactly what the charges allow."""
     user = f"tok-{uuid.uuid4().hex[:8]}"
     c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "230", "x-mock-completion-tokens": "100"})
     spend.upstream.reset()
@@ -207,16 +207,46 @@ def test_a_stream_without_usage_cannot_dodge_the_budget(spend, mode):
         now = settled(spend.server, "user-tokens", user, spent)["spent"]
         charges.append(now - spent)
         spent = now
-    first = charges[0]
-    if mode == "filter":
-        assert charges == [330] * len(charges)
-        sent = [json.loads(base64.b64decode(r["body"])) for r in spend.upstream.requests()]
-        assert all(b["stream_options"] == {"include_usage": True} for b in sent)
-    else:
-        # The reservation: the prompt estimate and max_tokens.
-        assert 300 < first < 320, charges
-    admitted = int(1000 // first)
+    assert charges == [330] * len(charges)
+    sent = [json.loads(base64.b64decode(r["body"])) for r in spend.upstream.requests()]
+    assert all(b["stream_options"] == {"include_usage": True} for b in sent)
+    # 330 a request against 1,000, the next one's reservation (~305) counted: 2 spent, the
+    # third fits (660 + 305), the fourth does not.
+    admitted = statuses.count(200)
     assert statuses == [200] * admitted + [429] * (8 - admitted), (statuses, charges)
+    assert admitted * 330 <= 1000 < admitted * 330 + 305, (statuses, charges)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_the_asked_usage_chunk_is_removed_byte_for_byte(spend, mode):
+    """The raw stream a client without `include_usage` receives is the provider's stream without
+    the usage-only chunk, every other byte as sent; a client that asked for usage keeps it."""
+    user = f"tok-{uuid.uuid4().hex[:8]}"
+    headers = {**PRO, "x-llm-policy-namespace": "spend", "x-user-id": user, "x-mock-prompt-tokens": "7",
+               "x-mock-completion-tokens": "5"}
+    body = {"model": "gpt-4o", "stream": True, "max_tokens": 50, "messages": [{"role": "user", "content": "hi"}]}
+    status, _, raw = curl(spend.envoys[mode].url("/v1/chat/completions"), json.dumps(body), headers)
+    assert status == 200, raw
+    events = [e for e in raw.decode().split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]", events
+
+    def usage_of(e):
+        return None if e == "data: [DONE]" else json.loads(e[len("data: "):]).get("usage")
+
+    assert all(usage_of(e) is None for e in events), events
+    assert all(json.loads(e[len("data: "):])["choices"] for e in events[:-1]), events
+    asked = {**body, "stream_options": {"include_usage": True}}
+    status, _, raw_asked = curl(spend.envoys[mode].url("/v1/chat/completions"), json.dumps(asked), headers)
+    assert status == 200, raw_asked
+    asked_events = [e for e in raw_asked.decode().split("\n\n") if e.strip()]
+    usage = [e for e in asked_events if usage_of(e) is not None]
+    assert len(usage) == 1 and json.loads(usage[0][len("data: "):])["choices"] == [], asked_events
+    assert usage_of(usage[0])["completion_tokens"] == 5
+    # The same stream, but for the usage chunk the second client asked for (and the clock).
+    def same(es):
+        return [re.sub(r'"created":\s*\d+', '"created":0', e) for e in es]
+
+    assert same(e for e in asked_events if e not in usage) == same(events)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -399,8 +429,8 @@ def test_a_budget_lowers_max_tokens_to_what_it_can_pay_for_instead_of_throttling
 
 @pytest.mark.parametrize("mode", MODES)
 def test_a_lowered_stream_keeps_its_usage_report(spend, mode):
-    """A stream lowered by its budget: in filter mode the body gets both edits (the usage the
-    client did not ask for, and the lower cap); the SDK sees the stream it asked for."""
+    """A stream lowered by its budget: the body gets both edits (the usage the client did not ask
+    for, and the lower cap); the SDK sees the stream it asked for."""
     user = f"fit-{uuid.uuid4().hex[:8]}"
     c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "1", "x-mock-completion-tokens": "100000"})
     spend.upstream.reset()
@@ -409,7 +439,7 @@ def test_a_lowered_stream_keeps_its_usage_report(spend, mode):
     assert all(ch.usage is None for ch in chunks)
     (body,) = upstream_bodies(spend.upstream)
     assert 950 < body["max_completion_tokens"] < 1000, body
-    assert ("stream_options" in body) == (mode == "filter"), body
+    assert body["stream_options"] == {"include_usage": True}, body
     spent = settled(spend.server, "fit-tokens", user, 0.0)["spent"]
     assert spent <= 1000, spent
 

@@ -443,6 +443,7 @@ mod tests {
                 (wire::Reservation::PROMPT.to_string(), number(12.0)),
                 (wire::Reservation::OUTPUT.to_string(), number(100.0)),
                 (wire::Grant::MAX_TOKENS.to_string(), number(64.0)),
+                (wire::Grant::INCLUDE_USAGE.to_string(), number(1.0)),
             ]
             .into_iter()
             .collect(),
@@ -474,6 +475,7 @@ mod tests {
                         output: 100,
                     }),
                     max_tokens: Some(64),
+                    include_usage: true,
                 },
             })
         );

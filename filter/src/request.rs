@@ -13,8 +13,8 @@ use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::model_table::{charge_for, ModelTable};
 use llm_policy_core::reply::{self, Reply, DECISION_HEADER};
-use llm_policy_core::rewrite::{lower_max_tokens, Lowered};
-use llm_policy_core::usage::{add_include_usage, Reading, UsageChunkStripper, UsageReader};
+use llm_policy_core::rewrite::{add_include_usage, lower_max_tokens, usage_needs_asking, Lowered};
+use llm_policy_core::usage::{Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
 use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
@@ -732,12 +732,7 @@ impl RequestFlow {
             output,
             choices: u64::from(r.choices.max(1)),
         });
-        // Chat and completions only: the Responses API reports usage in `response.completed`
-        // and has other `stream_options`.
-        if provider != Provider::Openai
-            || !r.stream
-            || !matches!(r.api, Api::Chat | Api::Completions)
-        {
+        if !usage_needs_asking(provider, r.api, r.stream) {
             return;
         }
         if let Some(new) = add_include_usage(body) {

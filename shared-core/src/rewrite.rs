@@ -1,14 +1,16 @@
 //! Edits of a request body on its way upstream, the same in the filter and the server: the
 //! output cap lowered (`transform.maxTokens`), and the usage report an OpenAI stream is asked
-//! for ([`crate::usage::add_include_usage`]). Every byte the edit does not concern is kept.
+//! for ([`add_include_usage`]; [`crate::usage::UsageChunkStripper`] removes the extra chunk on
+//! the way back). Every byte the edit does not concern is kept.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use serde::de::IgnoredAny;
+use serde_json::Value;
 
-use crate::context::Api;
+use crate::context::{Api, Provider};
 
 /// The API a request path addresses, as extraction classifies it (after the same path
 /// normalization: a query string or another spelling cannot change it).
@@ -143,6 +145,55 @@ fn next_value<T: serde::de::DeserializeOwned>(body: &[u8], at: usize) -> Option<
     Some((value, at.saturating_add(values.byte_offset())))
 }
 
+/// Whether a request's stream reports its usage only when asked: OpenAI chat and completions
+/// streams (`stream_options.include_usage`). The Responses API reports it in
+/// `response.completed` and has other `stream_options`; Anthropic's streams always carry it.
+/// The filter and the server's ext_proc edge ask on the client's behalf ([`add_include_usage`])
+/// and remove the extra chunk on the way back ([`UsageChunkStripper`]).
+pub fn usage_needs_asking(provider: Provider, api: Api, stream: bool) -> bool {
+    provider == Provider::Openai && stream && matches!(api, Api::Chat | Api::Completions)
+}
+
+/// Adds `stream_options.include_usage: true` to an OpenAI chat or completions request body
+/// that streams without it. Returns the new body, or `None` when nothing is to be done (not a
+/// stream, usage already asked for, or not a JSON object). A body without `stream_options`
+/// keeps every byte and gains the field in front; one with other stream options is written
+/// anew from its parsed value.
+pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
+    let value: Value = serde_json::from_slice(body).ok()?;
+    let obj = value.as_object()?;
+    if obj.get("stream") != Some(&Value::Bool(true)) {
+        return None;
+    }
+    match obj.get("stream_options") {
+        None => {
+            let at = body.iter().position(|b| *b == b'{')?;
+            let rest = body.get(at.saturating_add(1)..)?;
+            let empty = trim_start(rest).first() == Some(&b'}');
+            let mut out = Vec::with_capacity(body.len().saturating_add(40));
+            out.extend_from_slice(body.get(..=at)?);
+            out.extend_from_slice(b"\"stream_options\":{\"include_usage\":true}");
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(rest);
+            Some(out)
+        }
+        Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => None,
+        Some(_) => {
+            let mut value = value;
+            let obj = value.as_object_mut()?;
+            let mut options = match obj.remove("stream_options") {
+                Some(Value::Object(o)) => o,
+                _ => serde_json::Map::new(),
+            };
+            options.insert(String::from("include_usage"), Value::Bool(true));
+            obj.insert(String::from("stream_options"), Value::Object(options));
+            serde_json::to_vec(&value).ok()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -218,5 +269,30 @@ mod tests {
         assert_eq!(api_of("/v1/messages?beta=true"), Api::Messages);
         assert_eq!(api_of("//v1/./responses#x"), Api::Responses);
         assert_eq!(api_of("/v1/embeddings"), Api::Embeddings);
+    }
+
+    #[test]
+    fn include_usage_is_added_where_it_is_missing() {
+        let body = br#" {"model":"m","stream":true,"messages":[]}"#;
+        let out = add_include_usage(body).unwrap();
+        assert_eq!(
+            out,
+            br#" {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
+        );
+        assert_eq!(add_include_usage(br#"{"stream":false}"#), None);
+        assert_eq!(
+            add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
+            None
+        );
+        let v: Value = serde_json::from_slice(
+            &add_include_usage(
+                br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
+            )
+            .unwrap(),
+        )
+        .unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
+        assert_eq!(v["stream_options"]["x"], 1);
+        assert_eq!(add_include_usage(b"[1]"), None);
     }
 }

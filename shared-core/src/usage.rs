@@ -14,7 +14,6 @@
 //! when the usage never comes (a stream cut by the client or the upstream, a provider that does
 //! not report it) the text that did stream is still charged.
 
-use alloc::string::String;
 use alloc::vec::Vec;
 
 use memchr::memmem;
@@ -415,46 +414,6 @@ fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
     }
 }
 
-/// Adds `stream_options.include_usage: true` to an OpenAI chat or completions request body
-/// that streams without it. Returns the new body, or `None` when nothing is to be done (not a
-/// stream, usage already asked for, or not a JSON object). A body without `stream_options`
-/// keeps every byte and gains the field in front; one with other stream options is written
-/// anew from its parsed value.
-pub fn add_include_usage(body: &[u8]) -> Option<Vec<u8>> {
-    let value: Value = serde_json::from_slice(body).ok()?;
-    let obj = value.as_object()?;
-    if obj.get("stream") != Some(&Value::Bool(true)) {
-        return None;
-    }
-    match obj.get("stream_options") {
-        None => {
-            let at = body.iter().position(|b| *b == b'{')?;
-            let rest = body.get(at.saturating_add(1)..)?;
-            let empty = trim_start(rest).first() == Some(&b'}');
-            let mut out = Vec::with_capacity(body.len().saturating_add(40));
-            out.extend_from_slice(body.get(..=at)?);
-            out.extend_from_slice(b"\"stream_options\":{\"include_usage\":true}");
-            if !empty {
-                out.push(b',');
-            }
-            out.extend_from_slice(rest);
-            Some(out)
-        }
-        Some(Value::Object(o)) if o.get("include_usage") == Some(&Value::Bool(true)) => None,
-        Some(_) => {
-            let mut value = value;
-            let obj = value.as_object_mut()?;
-            let mut options = match obj.remove("stream_options") {
-                Some(Value::Object(o)) => o,
-                _ => serde_json::Map::new(),
-            };
-            options.insert(String::from("include_usage"), Value::Bool(true));
-            obj.insert(String::from("stream_options"), Value::Object(options));
-            serde_json::to_vec(&value).ok()
-        }
-    }
-}
-
 /// Finds the last `"usage"` key in `text` whose value is a usage object and adds it (a
 /// `"usage"` key the client put in echoed fields, `metadata` say, with another value is passed
 /// over). Counts are cumulative in every provider's stream, so the largest value seen wins.
@@ -675,29 +634,7 @@ data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"function\":{\"arguments\":\"{
     }
 
     #[test]
-    fn include_usage_is_added_and_its_chunk_removed() {
-        let body = br#" {"model":"m","stream":true,"messages":[]}"#;
-        let out = add_include_usage(body).unwrap();
-        assert_eq!(
-            out,
-            br#" {"stream_options":{"include_usage":true},"model":"m","stream":true,"messages":[]}"#
-        );
-        assert_eq!(add_include_usage(br#"{"stream":false}"#), None);
-        assert_eq!(
-            add_include_usage(br#"{"stream":true,"stream_options":{"include_usage":true}}"#),
-            None
-        );
-        let v: Value = serde_json::from_slice(
-            &add_include_usage(
-                br#"{"stream":true,"stream_options":{"include_usage":false,"x":1}}"#,
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        assert_eq!(v["stream_options"]["include_usage"], Value::Bool(true));
-        assert_eq!(v["stream_options"]["x"], 1);
-        assert_eq!(add_include_usage(b"[1]"), None);
-
+    fn the_usage_chunk_is_removed_wherever_the_stream_is_cut() {
         let stream = b"data: {\"choices\":[{\"delta\":{\"content\":\"Hi\"}}],\"usage\":null}\n\n\
 data: {\"choices\":[],\"usage\":{\"prompt_tokens\":9,\"completion_tokens\":2,\"total_tokens\":11}}\n\n\
 data: [DONE]\n\n";

@@ -10,8 +10,9 @@
 //! - **Which headers rules see** ([`is_request_data`]): the same for a request the filter reads
 //!   from Envoy and for one the server receives in a `Check`.
 //! - **How identity was established** ([`IDENTITY_EXTENSION`]), told to the server the same way.
-//! - What an allowed request goes ahead with besides headers ([`Grant`]: its reservation and
-//!   lowered output cap), in the `Check` answer's dynamic metadata.
+//! - What an allowed request goes ahead with besides headers ([`Grant`]: its reservation, its
+//!   lowered output cap, whether its stream is to be asked for its usage), in the `Check`
+//!   answer's dynamic metadata.
 //! - The **bundle answer** of `GET /v1/bundle` the filter syncs from ([`BundleAnswer`]).
 //!
 //! The gRPC messages themselves come from `proto/` (generated on both sides).
@@ -33,7 +34,8 @@ pub const RESERVATION_HEADER: &str = "x-llm-policy-reservation";
 pub const SERVER_ONLY_HEADERS: &[&str] = &[DECISION_HEADER, RESERVATION_HEADER, REWRITE_HEADER];
 
 /// Set by the server's ext_authz answer on a request whose body is to be rewritten (its output
-/// cap lowered, [`Grant::max_tokens`]): Envoy then runs the ext_proc filter that rewrites it
+/// cap lowered, [`Grant::max_tokens`], or its stream asked for its usage,
+/// [`Grant::include_usage`]): Envoy then runs the ext_proc filter that rewrites it
 /// (the generated configuration skips that filter for every other request), and that filter
 /// removes the header before the request goes upstream.
 pub const REWRITE_HEADER: &str = "x-llm-policy-rewrite";
@@ -118,15 +120,29 @@ pub struct Grant {
     pub reservation: Option<Reservation>,
     /// The output cap (`max_tokens`, each choice) the request's body must be lowered to.
     pub max_tokens: Option<u64>,
+    /// The request is an OpenAI stream whose client did not ask for its usage: the body must
+    /// ask (`stream_options.include_usage`) and the extra usage chunk be removed from the answer
+    /// (in an ext_authz deployment the server's ext_proc edge does both; the filter does it
+    /// itself).
+    pub include_usage: bool,
 }
 
 impl Grant {
     /// Metadata key of the lowered output cap.
     pub const MAX_TOKENS: &'static str = "llm_policy_max_tokens";
 
+    /// Metadata key of [`Grant::include_usage`] (`1`).
+    pub const INCLUDE_USAGE: &'static str = "llm_policy_include_usage";
+
     /// Whether there is nothing to say (no metadata is sent).
     pub fn is_empty(&self) -> bool {
-        self.reservation.is_none() && self.max_tokens.is_none()
+        self.reservation.is_none() && self.max_tokens.is_none() && !self.include_usage
+    }
+
+    /// Whether the request's body is rewritten on its way up (its cap lowered, or its usage
+    /// asked for).
+    pub fn rewrites(&self) -> bool {
+        self.max_tokens.is_some() || self.include_usage
     }
 
     /// The metadata fields: (key, text or number).
@@ -139,6 +155,9 @@ impl Grant {
         if let Some(n) = self.max_tokens {
             out.push((Self::MAX_TOKENS, MetadataValue::Number(n as f64)));
         }
+        if self.include_usage {
+            out.push((Self::INCLUDE_USAGE, MetadataValue::Number(1.0)));
+        }
         out
     }
 
@@ -150,6 +169,7 @@ impl Grant {
             _ => None,
         };
         Grant {
+            include_usage: get(Self::INCLUDE_USAGE) == Some(MetadataValue::Number(1.0)),
             reservation: Reservation::from_fields(get),
             max_tokens,
         }

@@ -837,11 +837,14 @@ pub fn generate(
                       # The policy server unreachable: {}.
                       failure_mode_allow: {}
                       status_on_error: {{ code: 503 }}
-                  # A request whose output cap the policies lower (`transform.maxTokens`,
-                  # docs/budgets.md): ext_authz cannot rewrite a body, so the server's ext_proc
-                  # edge does, for the requests whose Check answer set `{REWRITE}` only
-                  # (every other request skips this filter; the edge removes the header).
-                  - name: llm_policy.lower_max_tokens
+                  # A request whose body the policies rewrite (docs/budgets.md): its output cap
+                  # lowered (`transform.maxTokens`), or, for an OpenAI stream whose client did not
+                  # ask for its usage, `stream_options.include_usage` added and the extra usage
+                  # chunk removed from the answer. ext_authz cannot rewrite a body, so the
+                  # server's ext_proc edge does, for the requests whose Check answer set
+                  # `{REWRITE}` only (every other request skips this filter; the edge removes
+                  # the header). Before the usage filter: answers reach that one first.
+                  - name: llm_policy.rewrite
                     typed_config:
                       \"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
                       extension_config:
@@ -850,7 +853,7 @@ pub fn generate(
                           \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                           grpc_service:
                             envoy_grpc: {{ cluster_name: llm_policy }}
-                          # Unlowered, the request could spend more than its budget pays for.
+                          # Unrewritten, the request could spend more than its budget pays for.
                           failure_mode_allow: false
                           allow_mode_override: true
                           processing_mode:

@@ -19,6 +19,7 @@ use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
 use llm_policy_core::reply::{self, LimitState, Reply};
+use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck,
@@ -83,6 +84,9 @@ pub struct Checked {
     /// budget or token limit counts): never a header to the provider; the ext_authz edge puts
     /// it in Envoy's dynamic metadata, the API edges hand the handle to their caller.
     pub reservation: Option<wire::Reservation>,
+    /// With a reservation: the request is an OpenAI stream whose client did not ask for its
+    /// usage, so the answer must be made to report it ([`wire::Grant::include_usage`]).
+    pub include_usage: bool,
     /// The registry version that decided (or was serving when the check failed).
     pub version: Option<Arc<Version>>,
     /// The cache level that answered.
@@ -396,6 +400,7 @@ impl Engine {
         Checked {
             respond: Vec::new(),
             reservation: None,
+            include_usage: false,
             decision: None,
             reply,
             upstream,
@@ -426,11 +431,17 @@ impl Engine {
             charge: input.charge,
             local: input.local_counted.take(),
             now: unix_now(),
+            ask_usage: false,
         };
-        let (ctx, key) = match self.context(input, &version, long).await? {
+        let Built {
+            ctx,
+            key,
+            ask_usage,
+        } = match self.context(input, &version, long).await? {
             Ok(built) => built,
             Err(e) => return Ok((rejected(version, &e, provider), None)),
         };
+        counting.ask_usage = ask_usage;
         if let Some(checked) = self.cached(&version, &ctx, key.as_ref()).await {
             return Ok((checked, Some(ctx)));
         }
@@ -453,14 +464,14 @@ impl Engine {
         Ok((checked, Some(ctx)))
     }
 
-    /// The request context and its cache key (none when explaining): the CPU-heavy part for
-    /// large bodies. `Ok(Err(_))`: the request is rejected before evaluation (400 / 413).
+    /// The request context, its cache key and whether its stream must be asked for its usage:
+    /// the CPU-heavy part for large bodies. `Ok(Err(_))`: the request is rejected before evaluation (400 / 413).
     async fn context(
         &self,
         input: CheckInput,
         version: &Version,
         long: bool,
-    ) -> Result<Result<(RequestContext, Option<String>), ContextError>, Failure> {
+    ) -> Result<Result<Built, ContextError>, Failure> {
         let set = version.set.clone();
         let mut needs = set.needs();
         if self.audit.prompts() != PromptLogging::Off {
@@ -490,15 +501,23 @@ impl Engine {
             };
             ctx.map(|mut ctx| {
                 // Estimated once, for a namespace whose counters charge tokens or cost (the
-                // charges and the reservation read it).
+                // charges and the reservation read it); a stream there must report its usage.
+                let mut ask_usage = false;
                 if set.counts_tokens(&ctx.namespace) {
                     let n = ctx.request.prompt_tokens();
                     ctx.request.estimated_tokens = i64::try_from(n).unwrap_or(i64::MAX);
+                    let r = &ctx.request;
+                    ask_usage = usage_needs_asking(r.provider, r.api, r.stream)
+                        && add_include_usage(&input.body).is_some();
                 }
                 let explain = input.explain;
                 let key =
                     (!explain).then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
-                (ctx, key)
+                Built {
+                    ctx,
+                    key,
+                    ask_usage,
+                }
             })
         })
         .instrument(tracing::debug_span!("extract"))
@@ -875,6 +894,7 @@ impl Engine {
                         prompt: r.prompt_tokens(),
                         output: r.output_reservation(&models, lowered),
                     });
+                    checked.include_usage = counting.ask_usage;
                 }
                 checked.respond.extend(remaining);
                 return checked;
@@ -1171,6 +1191,7 @@ fn rejected(
     Checked {
         respond: Vec::new(),
         reservation: None,
+        include_usage: false,
         decision: None,
         reply: Some(reply::for_error(e, provider)),
         upstream: Vec::new(),
@@ -1189,6 +1210,7 @@ fn unauthenticated(
     Checked {
         respond: Vec::new(),
         reservation: None,
+        include_usage: false,
         decision: None,
         reply: Some(reply::unauthenticated(provider, e)),
         upstream: Vec::new(),
@@ -1225,6 +1247,18 @@ struct Counting {
     local: Option<LocalCounted>,
     /// The counters' clock (the server's, Unix seconds).
     now: u64,
+    /// The request is an OpenAI stream whose client did not ask for its usage.
+    ask_usage: bool,
+}
+
+/// A request's context, built from its headers and body.
+struct Built {
+    ctx: RequestContext,
+    /// Its cache key (none when explaining).
+    key: Option<String>,
+    /// An OpenAI stream whose client did not ask for its usage, in a namespace that counts
+    /// tokens or cost.
+    ask_usage: bool,
 }
 
 /// The answer for a decision.
@@ -1249,6 +1283,7 @@ fn render(
     };
     Checked {
         reservation: None,
+        include_usage: false,
         decision: Some(decision),
         reply,
         upstream,

@@ -159,11 +159,12 @@ pub fn response(checked: Checked) -> CheckResponse {
             }
             let grant = wire::Grant {
                 max_tokens: checked.decision.as_ref().and_then(|d| d.actions.max_tokens),
+                include_usage: checked.include_usage && checked.reservation.is_some(),
                 reservation: checked.reservation,
             };
             let mut upstream = checked.upstream;
-            if grant.max_tokens.is_some() {
-                // The ext_proc filter that lowers the body runs for this request only.
+            if grant.rewrites() {
+                // The ext_proc filter that rewrites the body runs for this request only.
                 headers_to_remove.retain(|h| h != wire::REWRITE_HEADER);
                 upstream.push((wire::REWRITE_HEADER.to_string(), String::from("1")));
             }

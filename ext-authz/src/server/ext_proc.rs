@@ -8,12 +8,17 @@
 //! stream that ends before its body did (client gone, upstream reset) is charged what streamed,
 //! at least its reservation; one that never got its response headers keeps its reservation.
 //!
-//! The same service lowers a request's output cap (`transform.maxTokens`), which ext_authz
-//! cannot: the generated configuration runs a second ext_proc filter, on the request path and
-//! waited for, only for requests whose `Check` answer set [`wire::REWRITE_HEADER`]. Its stream
-//! starts with the request headers; the edge asks for the buffered body (a mode override),
-//! answers it lowered ([`lower_max_tokens`]) with its new `content-length`, and removes the
-//! header. Such a stream settles nothing.
+//! The same service rewrites what ext_authz cannot: it lowers a request's output cap
+//! (`transform.maxTokens`), and has an OpenAI stream whose client did not ask for its usage ask
+//! for it (`stream_options.include_usage`), removing the extra usage chunk from the answer so
+//! the client sees the stream it asked for. The generated configuration runs a second ext_proc
+//! filter, waited for, only for requests whose `Check` answer set [`wire::REWRITE_HEADER`]. Its
+//! stream starts with the request headers; the edge asks for the buffered body (a mode
+//! override, with the answer's body streamed when a usage chunk is to be removed), answers it
+//! rewritten ([`lower_max_tokens`], [`add_include_usage`]) with its new `content-length`, removes
+//! the header, and answers each chunk of the answer without the usage chunk
+//! ([`UsageChunkStripper`]). Such a stream settles nothing: the observability stream, which
+//! sees the answer before this filter does, reads the usage.
 
 use std::sync::Arc;
 
@@ -37,8 +42,8 @@ use tonic::{Request, Response, Status, Streaming};
 use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::model_table::charge_for;
 use llm_policy_core::reply;
-use llm_policy_core::rewrite::{self, lower_max_tokens, Lowered};
-use llm_policy_core::usage::{Reading, UsageReader};
+use llm_policy_core::rewrite::{self, add_include_usage, lower_max_tokens, Lowered};
+use llm_policy_core::usage::{Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, Grant, MetadataValue};
 
 use super::engine::{Engine, Usage};
@@ -84,8 +89,8 @@ fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
 #[derive(Default)]
 struct Answer {
     reservation: Option<wire::Reservation>,
-    /// A request-path stream: it lowers a request and settles nothing.
-    request: Option<Lowering>,
+    /// A request-path stream: it rewrites a request (and its answer) and settles nothing.
+    request: Option<Rewrite>,
     /// The response headers came: `None` while the upstream has not answered.
     status: Option<u16>,
     reader: Option<UsageReader>,
@@ -138,11 +143,22 @@ fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
     })
 }
 
-/// A request whose output cap is being lowered.
-struct Lowering {
+/// A request being rewritten: its output cap lowered, its stream's usage asked for (and the
+/// extra usage chunk removed from the answer).
+struct Rewrite {
     provider: Provider,
     api: Api,
     max_tokens: Option<u64>,
+    include_usage: bool,
+    /// Removes the usage chunk, once the body asked for it.
+    stripper: Option<UsageChunkStripper>,
+}
+
+impl Rewrite {
+    /// Whether anything is rewritten.
+    fn rewrites(&self) -> bool {
+        self.max_tokens.is_some() || self.include_usage
+    }
 }
 
 /// A header to set.
@@ -157,14 +173,20 @@ fn set_header(key: &str, value: String) -> HeaderValueOption {
     }
 }
 
-/// The reply to a request-path message: the headers without [`wire::REWRITE_HEADER`] (and, when
-/// the `Check` lowered the request, a request for its buffered body), then the body lowered.
-fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<ProcessingResponse> {
+/// The reply to a message of a rewritten request: the headers without [`wire::REWRITE_HEADER`]
+/// (and, when the body is to be rewritten, a request for it buffered and, for a stream whose
+/// usage is asked for, for the answer's body streamed), the body rewritten, the answer's chunks
+/// without the usage chunk.
+fn rewrite_reply(
+    state: &mut Rewrite,
+    message: &processing_request::Request,
+) -> Option<ProcessingResponse> {
     use processing_request::Request as In;
     use processing_response::Response as Out;
     match message {
         In::RequestHeaders(h) => {
-            let body_follows = lowering.max_tokens.is_some() && !h.end_of_stream;
+            let body_follows = state.rewrites() && !h.end_of_stream;
+            let answer_follows = body_follows && state.include_usage;
             Some(ProcessingResponse {
                 response: Some(Out::RequestHeaders(HeadersResponse {
                     response: Some(CommonResponse {
@@ -175,14 +197,17 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
                         ..CommonResponse::default()
                     }),
                 })),
-                // The whole mode is replaced: the response stays unsent. The request headers
-                // stay `SEND` (already sent): in buffered mode only then may the body's answer
-                // set its `content-length`.
+                // The whole mode is replaced. The request headers stay `SEND` (already sent): in
+                // buffered mode only then may the body's answer set its `content-length`.
                 mode_override: body_follows.then_some(ProcessingMode {
                     request_header_mode: processing_mode::HeaderSendMode::Send as i32,
                     response_header_mode: processing_mode::HeaderSendMode::Skip as i32,
                     request_body_mode: processing_mode::BodySendMode::Buffered as i32,
-                    response_body_mode: processing_mode::BodySendMode::None as i32,
+                    response_body_mode: if answer_follows {
+                        processing_mode::BodySendMode::Streamed as i32
+                    } else {
+                        processing_mode::BodySendMode::None as i32
+                    },
                     request_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
                     response_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
                 }),
@@ -190,17 +215,23 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
             })
         }
         In::RequestBody(b) => {
-            let lowered = match lowering.max_tokens {
-                Some(n) => match lower_max_tokens(&b.body, lowering.api, n) {
-                    Some(Lowered::Body(body)) => Some(body),
-                    Some(Lowered::Within) => None,
+            let mut body = None;
+            if let Some(n) = state.max_tokens {
+                match lower_max_tokens(&b.body, state.api, n) {
+                    Some(Lowered::Body(lowered)) => body = Some(lowered),
+                    Some(Lowered::Within) => {}
                     // Never upstream with a larger cap than was paid for.
-                    None => return Some(refuse(lowering.provider)),
-                },
-                None => None,
-            };
+                    None => return Some(refuse(state.provider)),
+                }
+            }
+            if state.include_usage {
+                if let Some(asked) = add_include_usage(body.as_deref().unwrap_or(&b.body)) {
+                    body = Some(asked);
+                    state.stripper = Some(UsageChunkStripper::default());
+                }
+            }
             // In buffered mode the processor sets the new length (Envoy keeps the old one).
-            let response = lowered.map(|body| CommonResponse {
+            let response = body.map(|body| CommonResponse {
                 header_mutation: Some(HeaderMutation {
                     set_headers: vec![set_header("content-length", body.len().to_string())],
                     ..HeaderMutation::default()
@@ -212,6 +243,22 @@ fn lower(lowering: &Lowering, message: &processing_request::Request) -> Option<P
             });
             Some(ProcessingResponse {
                 response: Some(Out::RequestBody(BodyResponse { response })),
+                ..ProcessingResponse::default()
+            })
+        }
+        In::ResponseBody(b) => {
+            // Each chunk is answered with what passes of it: every byte but the usage chunk's.
+            let response = state.stripper.as_mut().and_then(|stripper| {
+                let out = stripper.pass(&b.body, b.end_of_stream);
+                (out != b.body).then(|| CommonResponse {
+                    body_mutation: Some(BodyMutation {
+                        mutation: Some(body_mutation::Mutation::Body(out)),
+                    }),
+                    ..CommonResponse::default()
+                })
+            });
+            Some(ProcessingResponse {
+                response: Some(Out::ResponseBody(BodyResponse { response })),
                 ..ProcessingResponse::default()
             })
         }
@@ -262,19 +309,23 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
     match &message.request {
         Some(In::RequestHeaders(h)) => {
             let path = header(h.headers.as_ref(), ":path").unwrap_or_default();
-            answer.request = Some(Lowering {
+            let grant = fresh.unwrap_or_default();
+            let request = Rewrite {
                 provider: reply::provider_of(&path, &[]),
                 api: rewrite::api_of(&path),
-                max_tokens: fresh.and_then(|g| g.max_tokens),
-            });
-            // Nothing more to come when nothing is to be lowered.
-            answer.done = answer
-                .request
-                .as_ref()
-                .is_none_or(|l| l.max_tokens.is_none())
-                || h.end_of_stream;
+                max_tokens: grant.max_tokens,
+                include_usage: grant.include_usage,
+                stripper: None,
+            };
+            // Nothing more to come when nothing is to be rewritten.
+            answer.done = !request.rewrites() || h.end_of_stream;
+            answer.request = Some(request);
         }
-        Some(In::RequestBody(b)) => answer.done = b.end_of_stream,
+        Some(In::RequestBody(b)) => {
+            // The answer's chunks follow when its usage chunk is to be removed.
+            answer.done =
+                b.end_of_stream && answer.request.as_ref().is_none_or(|r| !r.include_usage);
+        }
         Some(In::ResponseHeaders(h)) => {
             let headers = h.headers.as_ref();
             answer.status = Some(
@@ -323,8 +374,8 @@ impl ExternalProcessor for EnvoyUsage {
                     let reply = message
                         .request
                         .as_ref()
-                        .and_then(|m| match &answer.request {
-                            Some(lowering) => lower(lowering, m),
+                        .and_then(|m| match &mut answer.request {
+                            Some(r) => rewrite_reply(r, m),
                             None => ack(m),
                         });
                     if let Some(reply) = reply {
@@ -348,5 +399,116 @@ impl ExternalProcessor for EnvoyUsage {
         Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::panic,
+        reason = "test code: a failed expectation is a failed test"
+    )]
+
+    use envoy_types::pb::envoy::service::ext_proc::v3::{HttpBody, HttpHeaders};
+
+    use super::*;
+
+    fn body_of(reply: &ProcessingResponse) -> Option<Vec<u8>> {
+        use processing_response::Response as Out;
+        let common = match reply.response.as_ref()? {
+            Out::RequestBody(b) | Out::ResponseBody(b) => b.response.as_ref()?,
+            _ => return None,
+        };
+        match common.body_mutation.as_ref()?.mutation.as_ref()? {
+            body_mutation::Mutation::Body(b) => Some(b.clone()),
+            _ => None,
+        }
+    }
+
+    /// `state`'s reply to a body message (`response`: of the answer).
+    fn reply_to_body(
+        state: &mut Rewrite,
+        response: bool,
+        bytes: &[u8],
+        end: bool,
+    ) -> ProcessingResponse {
+        use processing_request::Request as In;
+        let body = HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream: end,
+            ..HttpBody::default()
+        };
+        let message = if response {
+            In::ResponseBody(body)
+        } else {
+            In::RequestBody(body)
+        };
+        rewrite_reply(state, &message).unwrap()
+    }
+
+    #[test]
+    fn a_stream_is_asked_for_its_usage_and_the_usage_chunk_removed_across_chunks() {
+        use processing_request::Request as In;
+        let mut state = Rewrite {
+            provider: Provider::Openai,
+            api: Api::Chat,
+            max_tokens: Some(10),
+            include_usage: true,
+            stripper: None,
+        };
+        let headers = rewrite_reply(
+            &mut state,
+            &In::RequestHeaders(HttpHeaders {
+                end_of_stream: false,
+                ..HttpHeaders::default()
+            }),
+        )
+        .unwrap();
+        let mode = headers.mode_override.unwrap();
+        assert_eq!(
+            mode.request_body_mode,
+            processing_mode::BodySendMode::Buffered as i32
+        );
+        assert_eq!(
+            mode.response_body_mode,
+            processing_mode::BodySendMode::Streamed as i32
+        );
+        let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":500,"messages":[]}"#;
+        let reply = reply_to_body(&mut state, false, body, true);
+        let sent: serde_json::Value = serde_json::from_slice(&body_of(&reply).unwrap()).unwrap();
+        assert_eq!(sent["max_tokens"], 10);
+        assert_eq!(sent["stream_options"]["include_usage"], true);
+        // The answer, its usage chunk split over two body chunks.
+        let text = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+                    data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n\
+                    data: [DONE]\n\n";
+        let split = text.find("completion_tokens").unwrap();
+        let mut out = Vec::new();
+        for (chunk, end) in [(&text[..split], false), (&text[split..], true)] {
+            let reply = reply_to_body(&mut state, true, chunk.as_bytes(), end);
+            out.extend(body_of(&reply).unwrap_or_else(|| chunk.as_bytes().to_vec()));
+        }
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\ndata: [DONE]\n\n"
+        );
+    }
+
+    #[test]
+    fn a_client_that_asked_for_usage_keeps_its_chunk() {
+        let mut state = Rewrite {
+            provider: Provider::Openai,
+            api: Api::Chat,
+            max_tokens: None,
+            include_usage: true,
+            stripper: None,
+        };
+        let body = br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
+        let reply = reply_to_body(&mut state, false, body, true);
+        assert_eq!(body_of(&reply), None, "the body goes as sent");
+        let usage = b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\n";
+        let reply = reply_to_body(&mut state, true, usage, true);
+        assert_eq!(body_of(&reply), None, "the answer goes as sent");
     }
 }
