@@ -502,8 +502,14 @@ async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none(se
     }
     // A bad revision written straight into Redis (not through a replica) serves nowhere.
     let mut conn = server.conn();
+    // The registry's keys: one hash tag on a cluster, the names of earlier releases otherwise.
+    let bundle = if server.is_cluster() {
+        "llm-policy:{bundle}"
+    } else {
+        "llm-policy:bundle"
+    };
     let head: String = redis::cmd("GET")
-        .arg("llm-policy:{bundle}:head")
+        .arg(format!("{bundle}:head"))
         .query(&mut *conn)
         .unwrap();
     let n: u64 = head.split(':').next().unwrap().parse().unwrap();
@@ -511,12 +517,12 @@ async fn a_write_on_one_replica_reaches_the_others_and_a_bad_one_reaches_none(se
     let bad =
         serde_json::json!({"files": [["base.yaml", "spec: [oops"]], "origin": "api", "at": 0});
     let _: () = redis::cmd("SET")
-        .arg(format!("llm-policy:{{bundle}}:rev:{bad_id}"))
+        .arg(format!("{bundle}:rev:{bad_id}"))
         .arg(bad.to_string())
         .query(&mut *conn)
         .unwrap();
     let _: () = redis::cmd("SET")
-        .arg("llm-policy:{bundle}:head")
+        .arg(format!("{bundle}:head"))
         .arg(&bad_id)
         .query(&mut *conn)
         .unwrap();
@@ -606,7 +612,7 @@ async fn redis_going_away_follows_the_failure_mode_and_service_comes_back() {
     let mut seeded = false;
     for _ in 0..50 {
         let head: Option<String> = redis::cmd("GET")
-            .arg("llm-policy:{bundle}:head")
+            .arg("llm-policy:bundle:head")
             .query(&mut *conn)
             .unwrap();
         if head.is_some() {
@@ -738,6 +744,7 @@ async fn a_cluster_node_down_fails_its_namespaces_fast_and_the_others_keep_count
         .unwrap();
     assert!(s.reserve(&charge("a/x/1", 1.0, 100.0), 0).await.is_ok());
     assert!(s.reserve(&charge(&up, 1.0, 100.0), 0).await.is_ok());
+    let up_url = cluster.urls()[node(&up)].clone();
     cluster.kill(down);
     let started = std::time::Instant::now();
     for _ in 0..5 {
@@ -749,6 +756,16 @@ async fn a_cluster_node_down_fails_its_namespaces_fast_and_the_others_keep_count
         "{:?}",
         started.elapsed()
     );
+    // A node that does not know the scripts (restarted, or a replica promoted in the failover)
+    // learns them while another node is down: each call sends its script to its own node.
+    let mut up_node = redis::Client::open(up_url.clone())
+        .unwrap()
+        .get_connection()
+        .unwrap();
+    let _: () = redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query(&mut up_node)
+        .unwrap();
     // The namespaces on the other nodes are served all along.
     for _ in 0..10 {
         let r = s.reserve(&charge(&up, 1.0, 100.0), 0).await.unwrap();

@@ -149,7 +149,7 @@ fn next_value<T: serde::de::DeserializeOwned>(body: &[u8], at: usize) -> Option<
 /// streams (`stream_options.include_usage`). The Responses API reports it in
 /// `response.completed` and has other `stream_options`; Anthropic's streams always carry it.
 /// The filter and the server's ext_proc edge ask on the client's behalf ([`add_include_usage`])
-/// and remove the extra chunk on the way back ([`UsageChunkStripper`]).
+/// and remove the extra chunk on the way back ([`crate::usage::UsageChunkStripper`]).
 pub fn usage_needs_asking(provider: Provider, api: Api, stream: bool) -> bool {
     provider == Provider::Openai && stream && matches!(api, Api::Chat | Api::Completions)
 }

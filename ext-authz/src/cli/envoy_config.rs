@@ -247,6 +247,59 @@ fn split_any_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
     }
 }
 
+/// An ext_proc filter to `llm-policy serve` that Envoy runs only for requests whose `Check`
+/// answer set [`wire::REWRITE_HEADER`] (every other request skips it), with the `Check`'s grant
+/// forwarded. `modes`: request headers, response headers, request body, response body, request
+/// trailers, response trailers (the edge overrides them per request).
+fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&str; 6]) -> String {
+    let comment = indent(comment, 18);
+    let [rq_headers, rs_headers, rq_body, rs_body, rq_trailers, rs_trailers] = modes;
+    format!(
+        "{comment}
+                  - name: {name}
+                    typed_config:
+                      \"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
+                      extension_config:
+                        name: envoy.filters.http.ext_proc
+                        typed_config:
+                          \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                          grpc_service:
+                            envoy_grpc: {{ cluster_name: llm_policy }}
+                          failure_mode_allow: {failure_mode_allow}
+                          allow_mode_override: true
+                          processing_mode:
+                            request_header_mode: {rq_headers}
+                            response_header_mode: {rs_headers}
+                            request_body_mode: {rq_body}
+                            response_body_mode: {rs_body}
+                            request_trailer_mode: {rq_trailers}
+                            response_trailer_mode: {rs_trailers}
+                          metadata_options:
+                            forwarding_namespaces:
+                              untyped: [ {EXT_AUTHZ_METADATA} ]
+                      xds_matcher:
+                        matcher_list:
+                          matchers:
+                            - predicate:
+                                not_matcher:
+                                  single_predicate:
+                                    input:
+                                      name: rewrite-header
+                                      typed_config:
+                                        \"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                                        header_name: {REWRITE}
+                                    value_match: {{ exact: \"1\" }}
+                              on_match:
+                                action:
+                                  name: skip
+                                  typed_config:
+                                    \"@type\": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
+",
+        EXT_AUTHZ_METADATA = wire::EXT_AUTHZ_METADATA,
+        REWRITE = wire::REWRITE_HEADER,
+    )
+}
+
 /// Indents every line of `text` by `n` spaces.
 fn indent(text: &str, n: usize) -> String {
     let pad = " ".repeat(n);
@@ -837,53 +890,37 @@ pub fn generate(
                       # The policy server unreachable: {}.
                       failure_mode_allow: {}
                       status_on_error: {{ code: 503 }}
-                  # A request whose body the policies rewrite (docs/budgets.md): its output cap
-                  # lowered (`transform.maxTokens`), or, for an OpenAI stream whose client did not
-                  # ask for its usage, `stream_options.include_usage` added and the extra usage
-                  # chunk removed from the answer. ext_authz cannot rewrite a body, so the
-                  # server's ext_proc edge does, for the requests whose Check answer set
-                  # `{REWRITE}` only (every other request skips this filter; the edge removes
-                  # the header). Before the usage filter: answers reach that one first.
-                  - name: llm_policy.rewrite
-                    typed_config:
-                      \"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
-                      extension_config:
-                        name: envoy.filters.http.ext_proc
-                        typed_config:
-                          \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-                          grpc_service:
-                            envoy_grpc: {{ cluster_name: llm_policy }}
-                          # Unrewritten, the request could spend more than its budget pays for.
-                          failure_mode_allow: false
-                          allow_mode_override: true
-                          processing_mode:
-                            request_header_mode: SEND
-                            response_header_mode: SKIP
-                            request_body_mode: NONE
-                            response_body_mode: NONE
-                            request_trailer_mode: SKIP
-                            response_trailer_mode: SKIP
-                          metadata_options:
-                            forwarding_namespaces:
-                              untyped: [ {EXT_AUTHZ_METADATA} ]
-                      xds_matcher:
-                        matcher_list:
-                          matchers:
-                            - predicate:
-                                not_matcher:
-                                  single_predicate:
-                                    input:
-                                      name: rewrite-header
-                                      typed_config:
-                                        \"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
-                                        header_name: {REWRITE}
-                                    value_match: {{ exact: \"1\" }}
-                              on_match:
-                                action:
-                                  name: skip
-                                  typed_config:
-                                    \"@type\": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
-                  # Every answer's usage, read by `llm-policy serve` as it streams to the client
+",
+            if args.failure_mode == Failure::Open {
+                "let through"
+            } else {
+                "deny (503), never let through unchecked"
+            },
+            args.failure_mode == Failure::Open,
+        ));
+        filters.push_str(&gated_ext_proc(
+            "llm_policy.strip_usage",
+            "# An answer whose usage the rewrite below asked for on the client's behalf (an
+# OpenAI stream without `stream_options.include_usage`, docs/budgets.md): the
+# server's ext_proc edge removes the extra usage chunk, every other byte as the
+# provider sent it. Before the rewrite filter, so it still sees the header;
+# answers reach the usage filter first. A server that cannot be reached, or
+# answers late, costs the client that chunk, never its stream.",
+            true,
+            ["SKIP", "SEND", "NONE", "NONE", "SKIP", "SKIP"],
+        ));
+        filters.push_str(&gated_ext_proc(
+            "llm_policy.rewrite",
+            "# A request whose body the policies rewrite (docs/budgets.md): its output
+# cap lowered (`transform.maxTokens`), or, for an OpenAI stream whose client did
+# not ask for its usage, `stream_options.include_usage` added. ext_authz cannot
+# rewrite a body, so the server's ext_proc edge does. Unrewritten, the request
+# could spend more than its budget pays for: the server unreachable denies it.",
+            false,
+            ["SEND", "SKIP", "NONE", "NONE", "SKIP", "SKIP"],
+        ));
+        filters.push_str(&format!(
+            "                  # Every answer's usage, read by `llm-policy serve` as it streams to the client
                   # (docs/budgets.md): observability mode, so Envoy never waits for the server.
                   # The reservation travels in the ext_authz filter's dynamic metadata, never
                   # to the provider. A server that cannot be reached loses no answer; the
@@ -907,14 +944,7 @@ pub fn generate(
                         forwarding_namespaces:
                           untyped: [ {EXT_AUTHZ_METADATA} ]
 ",
-            if args.failure_mode == Failure::Open {
-                "let through"
-            } else {
-                "deny (503), never let through unchecked"
-            },
-            args.failure_mode == Failure::Open,
             EXT_AUTHZ_METADATA = wire::EXT_AUTHZ_METADATA,
-            REWRITE = wire::REWRITE_HEADER,
         ));
     }
 

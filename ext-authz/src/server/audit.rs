@@ -239,8 +239,8 @@ pub struct StreamSink {
 
 /// Appends a batch of lines to the stream in one call (one command, so a Redis Cluster routes
 /// it by the stream's key). `KEYS`: the stream. `ARGV`: entries kept, then the lines.
-static APPEND: std::sync::LazyLock<redis::Script> = std::sync::LazyLock::new(|| {
-    redis::Script::new(
+static APPEND: std::sync::LazyLock<super::redis::LuaScript> = std::sync::LazyLock::new(|| {
+    super::redis::LuaScript::new(
         r"
 for i = 2, #ARGV do
   redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 'record', ARGV[i])

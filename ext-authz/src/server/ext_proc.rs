@@ -11,23 +11,27 @@
 //! The same service rewrites what ext_authz cannot: it lowers a request's output cap
 //! (`transform.maxTokens`), and has an OpenAI stream whose client did not ask for its usage ask
 //! for it (`stream_options.include_usage`), removing the extra usage chunk from the answer so
-//! the client sees the stream it asked for. The generated configuration runs a second ext_proc
-//! filter, waited for, only for requests whose `Check` answer set [`wire::REWRITE_HEADER`]. Its
-//! stream starts with the request headers; the edge asks for the buffered body (a mode
-//! override, with the answer's body streamed when a usage chunk is to be removed), answers it
-//! rewritten ([`lower_max_tokens`], [`add_include_usage`]) with its new `content-length`, removes
-//! the header, and answers each chunk of the answer without the usage chunk
-//! ([`UsageChunkStripper`]). Such a stream settles nothing: the observability stream, which
-//! sees the answer before this filter does, reads the usage.
+//! the client sees the stream it asked for. The generated configuration runs two more ext_proc
+//! filters, only for requests whose `Check` answer set [`wire::REWRITE_HEADER`]:
+//! - the rewrite stream (waited for, failing closed) starts with the request headers: the edge
+//!   asks for the buffered body (a mode override), answers it rewritten ([`lower_max_tokens`],
+//!   [`add_include_usage`]) with its new `content-length`, and removes the header;
+//! - the strip stream (failing open) starts with the answer's headers: for an uncompressed event
+//!   stream whose grant says usage was asked for, the edge asks for the body streamed and answers
+//!   each chunk without the usage chunk ([`UsageChunkStripper`]).
+//!
+//! Neither settles anything: the observability stream, which sees the answer before the strip
+//! filter does, reads the usage.
 
 use std::sync::Arc;
 
 use envoy_types::pb::envoy::config::core::v3::{
     HeaderMap, HeaderValue, HeaderValueOption, Metadata,
 };
-use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::{
-    processing_mode, ProcessingMode,
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::processing_mode::{
+    BodySendMode, HeaderSendMode,
 };
+use envoy_types::pb::envoy::extensions::filters::http::ext_proc::v3::ProcessingMode;
 use envoy_types::pb::envoy::r#type::v3::HttpStatus;
 use envoy_types::pb::envoy::service::ext_proc::v3::external_processor_server::ExternalProcessor;
 use envoy_types::pb::envoy::service::ext_proc::v3::{
@@ -89,8 +93,11 @@ fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
 #[derive(Default)]
 struct Answer {
     reservation: Option<wire::Reservation>,
-    /// A request-path stream: it rewrites a request (and its answer) and settles nothing.
+    /// A request-path stream: it rewrites a request and settles nothing.
     request: Option<Rewrite>,
+    /// A stream that removes the usage chunk from an answer (`None` inside: nothing to remove);
+    /// it settles nothing.
+    strip: Option<Option<UsageChunkStripper>>,
     /// The response headers came: `None` while the upstream has not answered.
     status: Option<u16>,
     reader: Option<UsageReader>,
@@ -100,7 +107,7 @@ struct Answer {
 impl Answer {
     /// What to charge, once the stream ended (`None` fields: the reservation stands).
     fn settle(self, engine: &Engine) -> Option<(String, Usage)> {
-        if self.request.is_some() {
+        if self.request.is_some() || self.strip.is_some() {
             return None;
         }
         let r = self.reservation?;
@@ -143,15 +150,12 @@ fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
     })
 }
 
-/// A request being rewritten: its output cap lowered, its stream's usage asked for (and the
-/// extra usage chunk removed from the answer).
+/// A request being rewritten: its output cap lowered, its stream's usage asked for.
 struct Rewrite {
     provider: Provider,
     api: Api,
     max_tokens: Option<u64>,
     include_usage: bool,
-    /// Removes the usage chunk, once the body asked for it.
-    stripper: Option<UsageChunkStripper>,
 }
 
 impl Rewrite {
@@ -173,12 +177,28 @@ fn set_header(key: &str, value: String) -> HeaderValueOption {
     }
 }
 
+/// A processing mode for the rest of a stream (a mode override replaces the whole mode):
+/// request and response headers, request and response bodies; trailers skipped.
+fn mode(
+    request_headers: HeaderSendMode,
+    response_headers: HeaderSendMode,
+    request_body: BodySendMode,
+    response_body: BodySendMode,
+) -> ProcessingMode {
+    ProcessingMode {
+        request_header_mode: request_headers as i32,
+        response_header_mode: response_headers as i32,
+        request_body_mode: request_body as i32,
+        response_body_mode: response_body as i32,
+        request_trailer_mode: HeaderSendMode::Skip as i32,
+        response_trailer_mode: HeaderSendMode::Skip as i32,
+    }
+}
+
 /// The reply to a message of a rewritten request: the headers without [`wire::REWRITE_HEADER`]
-/// (and, when the body is to be rewritten, a request for it buffered and, for a stream whose
-/// usage is asked for, for the answer's body streamed), the body rewritten, the answer's chunks
-/// without the usage chunk.
+/// (and, when the body is to be rewritten, a request for it buffered), then the body rewritten.
 fn rewrite_reply(
-    state: &mut Rewrite,
+    state: &Rewrite,
     message: &processing_request::Request,
 ) -> Option<ProcessingResponse> {
     use processing_request::Request as In;
@@ -186,7 +206,6 @@ fn rewrite_reply(
     match message {
         In::RequestHeaders(h) => {
             let body_follows = state.rewrites() && !h.end_of_stream;
-            let answer_follows = body_follows && state.include_usage;
             Some(ProcessingResponse {
                 response: Some(Out::RequestHeaders(HeadersResponse {
                     response: Some(CommonResponse {
@@ -197,19 +216,16 @@ fn rewrite_reply(
                         ..CommonResponse::default()
                     }),
                 })),
-                // The whole mode is replaced. The request headers stay `SEND` (already sent): in
-                // buffered mode only then may the body's answer set its `content-length`.
-                mode_override: body_follows.then_some(ProcessingMode {
-                    request_header_mode: processing_mode::HeaderSendMode::Send as i32,
-                    response_header_mode: processing_mode::HeaderSendMode::Skip as i32,
-                    request_body_mode: processing_mode::BodySendMode::Buffered as i32,
-                    response_body_mode: if answer_follows {
-                        processing_mode::BodySendMode::Streamed as i32
-                    } else {
-                        processing_mode::BodySendMode::None as i32
-                    },
-                    request_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
-                    response_trailer_mode: processing_mode::HeaderSendMode::Skip as i32,
+                // The whole mode is replaced: the response stays unsent. The request headers
+                // stay `SEND` (already sent): in buffered mode only then may the body's answer
+                // set its `content-length`.
+                mode_override: body_follows.then(|| {
+                    mode(
+                        HeaderSendMode::Send,
+                        HeaderSendMode::Skip,
+                        BodySendMode::Buffered,
+                        BodySendMode::None,
+                    )
                 }),
                 ..ProcessingResponse::default()
             })
@@ -227,7 +243,6 @@ fn rewrite_reply(
             if state.include_usage {
                 if let Some(asked) = add_include_usage(body.as_deref().unwrap_or(&b.body)) {
                     body = Some(asked);
-                    state.stripper = Some(UsageChunkStripper::default());
                 }
             }
             // In buffered mode the processor sets the new length (Envoy keeps the old one).
@@ -246,9 +261,34 @@ fn rewrite_reply(
                 ..ProcessingResponse::default()
             })
         }
+        other => ack(other),
+    }
+}
+
+/// The reply to a message of an answer whose usage chunk is removed: for its headers, a request
+/// for its body streamed (when there is a chunk to remove); for each chunk, what passes of it,
+/// every byte but the usage chunk's.
+fn strip_reply(
+    stripper: &mut Option<UsageChunkStripper>,
+    message: &processing_request::Request,
+) -> Option<ProcessingResponse> {
+    use processing_request::Request as In;
+    use processing_response::Response as Out;
+    match message {
+        In::ResponseHeaders(_) => Some(ProcessingResponse {
+            response: Some(Out::ResponseHeaders(HeadersResponse::default())),
+            mode_override: stripper.is_some().then(|| {
+                mode(
+                    HeaderSendMode::Skip,
+                    HeaderSendMode::Send,
+                    BodySendMode::None,
+                    BodySendMode::Streamed,
+                )
+            }),
+            ..ProcessingResponse::default()
+        }),
         In::ResponseBody(b) => {
-            // Each chunk is answered with what passes of it: every byte but the usage chunk's.
-            let response = state.stripper.as_mut().and_then(|stripper| {
+            let response = stripper.as_mut().and_then(|stripper| {
                 let out = stripper.pass(&b.body, b.end_of_stream);
                 (out != b.body).then(|| CommonResponse {
                     body_mutation: Some(BodyMutation {
@@ -315,16 +355,28 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
                 api: rewrite::api_of(&path),
                 max_tokens: grant.max_tokens,
                 include_usage: grant.include_usage,
-                stripper: None,
             };
             // Nothing more to come when nothing is to be rewritten.
             answer.done = !request.rewrites() || h.end_of_stream;
             answer.request = Some(request);
         }
-        Some(In::RequestBody(b)) => {
-            // The answer's chunks follow when its usage chunk is to be removed.
-            answer.done =
-                b.end_of_stream && answer.request.as_ref().is_none_or(|r| !r.include_usage);
+        Some(In::RequestBody(b)) => answer.done = b.end_of_stream,
+        Some(In::ResponseHeaders(h)) if !message.observability_mode && answer.request.is_none() => {
+            // The stream that removes the usage chunk the edge asked for: from an uncompressed
+            // event stream only (anything else passes as it came).
+            let headers = h.headers.as_ref();
+            let ct = header(headers, "content-type").unwrap_or_default();
+            let plain = header(headers, "content-encoding")
+                .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
+            let strips = fresh.is_some_and(|g| g.include_usage)
+                && ct
+                    .trim_start()
+                    .to_ascii_lowercase()
+                    .starts_with("text/event-stream")
+                && plain
+                && !h.end_of_stream;
+            answer.strip = Some(strips.then(UsageChunkStripper::default));
+            answer.done = !strips;
         }
         Some(In::ResponseHeaders(h)) => {
             let headers = h.headers.as_ref();
@@ -371,13 +423,13 @@ impl ExternalProcessor for EnvoyUsage {
             while let Some(Ok(message)) = incoming.next().await {
                 let over = read(&mut answer, &message);
                 if !message.observability_mode {
-                    let reply = message
-                        .request
-                        .as_ref()
-                        .and_then(|m| match &mut answer.request {
-                            Some(r) => rewrite_reply(r, m),
-                            None => ack(m),
-                        });
+                    let reply = message.request.as_ref().and_then(|m| {
+                        match (&answer.request, &mut answer.strip) {
+                            (Some(r), _) => rewrite_reply(r, m),
+                            (None, Some(stripper)) => strip_reply(stripper, m),
+                            (None, None) => ack(m),
+                        }
+                    });
                     if let Some(reply) = reply {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -426,39 +478,17 @@ mod tests {
         }
     }
 
-    /// `state`'s reply to a body message (`response`: of the answer).
-    fn reply_to_body(
-        state: &mut Rewrite,
-        response: bool,
-        bytes: &[u8],
-        end: bool,
-    ) -> ProcessingResponse {
-        use processing_request::Request as In;
-        let body = HttpBody {
-            body: bytes.to_vec(),
-            end_of_stream: end,
-            ..HttpBody::default()
-        };
-        let message = if response {
-            In::ResponseBody(body)
-        } else {
-            In::RequestBody(body)
-        };
-        rewrite_reply(state, &message).unwrap()
-    }
-
     #[test]
     fn a_stream_is_asked_for_its_usage_and_the_usage_chunk_removed_across_chunks() {
         use processing_request::Request as In;
-        let mut state = Rewrite {
+        let state = Rewrite {
             provider: Provider::Openai,
             api: Api::Chat,
             max_tokens: Some(10),
             include_usage: true,
-            stripper: None,
         };
         let headers = rewrite_reply(
-            &mut state,
+            &state,
             &In::RequestHeaders(HttpHeaders {
                 end_of_stream: false,
                 ..HttpHeaders::default()
@@ -466,27 +496,27 @@ mod tests {
         )
         .unwrap();
         let mode = headers.mode_override.unwrap();
-        assert_eq!(
-            mode.request_body_mode,
-            processing_mode::BodySendMode::Buffered as i32
-        );
-        assert_eq!(
-            mode.response_body_mode,
-            processing_mode::BodySendMode::Streamed as i32
-        );
+        assert_eq!(mode.request_body_mode, BodySendMode::Buffered as i32);
         let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":500,"messages":[]}"#;
-        let reply = reply_to_body(&mut state, false, body, true);
+        let reply = rewrite_reply(&state, &request_body(body)).unwrap();
         let sent: serde_json::Value = serde_json::from_slice(&body_of(&reply).unwrap()).unwrap();
         assert_eq!(sent["max_tokens"], 10);
         assert_eq!(sent["stream_options"]["include_usage"], true);
-        // The answer, its usage chunk split over two body chunks.
+        // The answer (the other filter's stream), its usage chunk split over two body chunks.
+        let mut stripper = Some(UsageChunkStripper::default());
+        let headers =
+            strip_reply(&mut stripper, &In::ResponseHeaders(HttpHeaders::default())).unwrap();
+        assert_eq!(
+            headers.mode_override.unwrap().response_body_mode,
+            BodySendMode::Streamed as i32
+        );
         let text = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
                     data: {\"choices\":[],\"usage\":{\"prompt_tokens\":1,\"completion_tokens\":2}}\n\n\
                     data: [DONE]\n\n";
         let split = text.find("completion_tokens").unwrap();
         let mut out = Vec::new();
         for (chunk, end) in [(&text[..split], false), (&text[split..], true)] {
-            let reply = reply_to_body(&mut state, true, chunk.as_bytes(), end);
+            let reply = strip_reply(&mut stripper, &answer_chunk(chunk.as_bytes(), end)).unwrap();
             out.extend(body_of(&reply).unwrap_or_else(|| chunk.as_bytes().to_vec()));
         }
         assert_eq!(
@@ -495,20 +525,42 @@ mod tests {
         );
     }
 
+    /// A request's whole body.
+    fn request_body(bytes: &[u8]) -> processing_request::Request {
+        processing_request::Request::RequestBody(HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream: true,
+            ..HttpBody::default()
+        })
+    }
+
+    /// A chunk of the answer.
+    fn answer_chunk(bytes: &[u8], end: bool) -> processing_request::Request {
+        processing_request::Request::ResponseBody(HttpBody {
+            body: bytes.to_vec(),
+            end_of_stream: end,
+            ..HttpBody::default()
+        })
+    }
+
     #[test]
-    fn a_client_that_asked_for_usage_keeps_its_chunk() {
-        let mut state = Rewrite {
+    fn a_client_that_asked_for_usage_keeps_its_body_and_its_chunk() {
+        use processing_request::Request as In;
+        let state = Rewrite {
             provider: Provider::Openai,
             api: Api::Chat,
             max_tokens: None,
             include_usage: true,
-            stripper: None,
         };
         let body = br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
-        let reply = reply_to_body(&mut state, false, body, true);
+        let reply = rewrite_reply(&state, &request_body(body)).unwrap();
         assert_eq!(body_of(&reply), None, "the body goes as sent");
+        // Nothing to remove (the Check did not ask): the headers' reply asks for no body.
+        let mut none = None;
+        let headers = strip_reply(&mut none, &In::ResponseHeaders(HttpHeaders::default())).unwrap();
+        assert_eq!(headers.mode_override, None);
         let usage = b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\n";
-        let reply = reply_to_body(&mut state, true, usage, true);
+        let reply = strip_reply(&mut none, &answer_chunk(usage, true)).unwrap();
         assert_eq!(body_of(&reply), None, "the answer goes as sent");
     }
 }

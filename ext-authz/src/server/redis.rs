@@ -242,6 +242,24 @@ enum Client {
     },
 }
 
+/// See [`Redis::tagged`].
+fn tagged_key(prefix: &str, cluster: bool, tag: &str, name: &str) -> String {
+    if cluster {
+        format!("{prefix}{{{tag}}}:{name}")
+    } else {
+        format!("{prefix}{tag}:{name}")
+    }
+}
+
+/// The part of `key` a Redis Cluster hashes when it has one: between its first `{` and the first
+/// `}` after it, if not empty.
+fn hash_tag(key: &str) -> Option<&str> {
+    let open = key.find('{')?;
+    let rest = key.get(open.saturating_add(1)..)?;
+    let close = rest.find('}')?;
+    rest.get(..close).filter(|t| !t.is_empty())
+}
+
 /// A blocking connection of its own (registry writes, the audit writer's thread).
 pub type Blocking = Box<dyn redis::ConnectionLike + Send>;
 
@@ -274,6 +292,17 @@ impl Redis {
         }
         let timeout = Duration::from_millis(config.timeout_ms.max(1));
         let connect_timeout = Duration::from_millis(500);
+        if config.cluster {
+            // Keys used together must share a slot whatever the prefix holds.
+            let one = tagged_key(&config.key_prefix, true, "c0", "a");
+            let two = tagged_key(&config.key_prefix, true, "c0", "b");
+            if hash_tag(&one).is_none() || hash_tag(&one) != hash_tag(&two) {
+                return Err(format!(
+                    "redis.keyPrefix {:?}: on a Redis Cluster the prefix must not hold an empty hash tag (`{{}}`)",
+                    config.key_prefix
+                ));
+            }
+        }
         let (conn, client) = if config.cluster {
             let nodes = std::iter::once(node_info("redis.url", url))
                 .chain(config.nodes.iter().map(|u| node_info("redis.nodes", u)))
@@ -332,12 +361,12 @@ impl Redis {
         format!("{}{name}", self.inner.prefix)
     }
 
-    /// `prefix` + `{tag}:` + `name`: keys one script or call uses together are named with one
-    /// tag, so they share a hash slot and one Redis Cluster node serves them all (on a
-    /// standalone Redis the braces are just characters). A prefix with a tag of its own puts
-    /// every key in that one slot, which works too.
+    /// The name of a key used together with others of `tag` (in one script or call). On a Redis
+    /// Cluster: `prefix` + `{tag}:` + `name`, a hash tag, so they share a slot and one node serves
+    /// them all (a prefix with a tag of its own puts every key in that one slot, which works
+    /// too). On a standalone Redis: `prefix` + `tag:` + `name`, the names earlier releases used.
     pub fn tagged(&self, tag: &str, name: &str) -> String {
-        format!("{}{{{tag}}}:{name}", self.inner.prefix)
+        tagged_key(&self.inner.prefix, self.is_cluster(), tag, name)
     }
 
     /// Whether this is a Redis Cluster.
@@ -505,6 +534,105 @@ impl Redis {
         self.count_error(feature, &error);
         Err(error)
     }
+}
+
+/// A Lua script, run by its digest (`EVALSHA`) and sent whole (`EVAL`) to a node that does not
+/// know it yet. (`redis::Script` loads it with `SCRIPT LOAD` instead, which a Redis Cluster sends
+/// to every primary: while one is down, no node could learn a script, and a replica promoted
+/// in a failover starts without any.) `EVAL` goes where its keys are, and leaves the script
+/// cached there.
+pub struct LuaScript {
+    code: String,
+    hash: String,
+}
+
+impl LuaScript {
+    /// The script `code`.
+    pub fn new(code: &str) -> LuaScript {
+        LuaScript {
+            hash: redis::Script::new(code).get_hash().to_string(),
+            code: code.to_string(),
+        }
+    }
+
+    /// A call with no keys or arguments yet.
+    pub fn prepare_invoke(&self) -> LuaCall<'_> {
+        LuaCall {
+            script: self,
+            keys: Vec::new(),
+            args: Vec::new(),
+        }
+    }
+
+    /// A call, its first key `key`.
+    pub fn key<T: redis::ToRedisArgs>(&self, key: T) -> LuaCall<'_> {
+        let mut call = self.prepare_invoke();
+        call.key(key);
+        call
+    }
+}
+
+/// One call of a [`LuaScript`]: its keys and arguments.
+pub struct LuaCall<'a> {
+    script: &'a LuaScript,
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+impl LuaCall<'_> {
+    /// Adds a key.
+    pub fn key<T: redis::ToRedisArgs>(&mut self, key: T) -> &mut Self {
+        self.keys.extend(key.to_redis_args());
+        self
+    }
+
+    /// Adds an argument.
+    pub fn arg<T: redis::ToRedisArgs>(&mut self, arg: T) -> &mut Self {
+        self.args.extend(arg.to_redis_args());
+        self
+    }
+
+    /// `EVALSHA` (`by_digest`) or `EVAL`.
+    fn command(&self, by_digest: bool) -> redis::Cmd {
+        let mut cmd = if by_digest {
+            let mut c = redis::cmd("EVALSHA");
+            c.arg(&self.script.hash);
+            c
+        } else {
+            let mut c = redis::cmd("EVAL");
+            c.arg(&self.script.code);
+            c
+        };
+        cmd.arg(self.keys.len()).arg(&self.keys).arg(&self.args);
+        cmd
+    }
+
+    /// Runs the call on an async connection.
+    pub async fn invoke_async<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut impl redis::aio::ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self.command(true).query_async(conn).await {
+            Err(e) if unknown_script(&e) => self.command(false).query_async(conn).await,
+            other => other,
+        }
+    }
+
+    /// Runs the call on a blocking connection.
+    pub fn invoke<T: redis::FromRedisValue>(
+        &self,
+        conn: &mut dyn redis::ConnectionLike,
+    ) -> redis::RedisResult<T> {
+        match self.command(true).query(conn) {
+            Err(e) if unknown_script(&e) => self.command(false).query(conn),
+            other => other,
+        }
+    }
+}
+
+/// Whether the node answered that it does not know the script's digest.
+fn unknown_script(e: &redis::RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
 }
 
 /// A throw-away `redis-server` on a free loopback port, for tests, benchmarks and demos (nothing
@@ -787,6 +915,15 @@ mod tests {
                 },
                 "redis.nodes \"not a url\"",
             ),
+            (
+                RedisConfig {
+                    url: one("redis://127.0.0.1:1"),
+                    cluster: true,
+                    key_prefix: String::from("a{}b:"),
+                    ..RedisConfig::default()
+                },
+                "empty hash tag",
+            ),
         ] {
             let e = connect(config).err().unwrap();
             assert!(e.contains(refused), "{e}");
@@ -801,5 +938,18 @@ mod tests {
         .unwrap();
         assert!(r.is_cluster());
         assert_eq!(r.tagged("c3", "c:ns/r/k"), "llm-policy:{c3}:c:ns/r/k");
+        // A prefix with a tag of its own, or a stray brace: still one slot per tag.
+        for prefix in ["{tenant}:", "x{", "}"] {
+            let (a, b) = (
+                tagged_key(prefix, true, "c0", "a"),
+                tagged_key(prefix, true, "c0", "b"),
+            );
+            assert!(
+                hash_tag(&a).is_some() && hash_tag(&a) == hash_tag(&b),
+                "{prefix}"
+            );
+        }
+        // A standalone Redis keeps the names of earlier releases.
+        assert_eq!(tagged_key("p:", false, "bundle", "head"), "p:bundle:head");
     }
 }

@@ -1,12 +1,12 @@
 //! The policy registry shared by replicas through Redis (`redis.registry: true`).
 //!
-//! Keys (after the configured prefix; one hash tag, `{bundle}`, so a Redis Cluster serves them
-//! from one node and the publish script may write them all):
-//! - `{bundle}:head`: the id of the revision serving everywhere, `{n}:{digest}` (the digest of
+//! Keys (after the configured prefix; on a Redis Cluster `{bundle}:` instead of `bundle:`, one
+//! hash tag, so one node serves them and the publish script may write them all):
+//! - `bundle:head`: the id of the revision serving everywhere, `{n}:{digest}` (the digest of
 //!   its content keeps ids unique even when a Redis restarted empty numbers revisions from 1
-//!   again); `{bundle}:seq`: the last revision number;
-//! - `{bundle}:rev:{id}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
-//! - `{bundle}:history`: the kept revisions, newest first (older ones are deleted);
+//!   again); `bundle:seq`: the last revision number;
+//! - `bundle:rev:{id}`: a revision, `{"files": [[path, text], ...], "origin": ..., "at": ...}`;
+//! - `bundle:history`: the kept revisions, newest first (older ones are deleted);
 //! - channel `bundle`: a revision number, published on every write (on a Redis Cluster, a
 //!   message published on one node reaches subscribers on every node).
 //!
@@ -22,14 +22,13 @@
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
-use redis::Script;
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio_stream::StreamExt as _;
 
 use super::engine::Engine;
-use super::redis::{Feature, Redis};
+use super::redis::{Feature, LuaScript, Redis};
 use super::registry::{Origin, RegistryError, SharedBundle};
 
 /// Revisions kept in Redis.
@@ -43,8 +42,8 @@ const READ_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `KEYS`: head, seq, history, revision prefix. `ARGV`: base revision id (`` none), payload,
 /// revisions kept, channel, payload digest. Returns `{1, id}` or `{0, head}` when the head moved.
-static PUBLISH: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(
+static PUBLISH: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(
         r"
 local head = redis.call('GET', KEYS[1])
 if head and ARGV[1] ~= head then return {0, head} end

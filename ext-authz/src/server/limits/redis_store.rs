@@ -2,16 +2,18 @@
 //! Lua script, so it is atomic across replicas (no check-then-increment race), and windows follow
 //! Redis's clock (`TIME`), so replicas with skewed clocks still agree on them.
 //!
-//! Keys (after the configured prefix). A namespace's counters and reservations share one hash
-//! tag, `{c<n>}`, n = xxh3(namespace) mod [`TAGS`]: every key one script touches is in one hash
-//! slot, so the same scripts run on a Redis Cluster, and the namespaces spread over its nodes.
-//! (A request's counters are all of one namespace: a hierarchy is charged in one call.)
+//! Keys (after the configured prefix). On a Redis Cluster a namespace's counters and
+//! reservations share one hash tag, `{c<n>}:`, n = xxh3(namespace) mod [`TAGS`]: every key one
+//! script touches is in one hash slot, and the namespaces spread over the nodes. (A request's
+//! counters are all of one namespace: a hierarchy is charged in one call.) A standalone Redis
+//! has one keyspace, without the tag: the names earlier releases used, so an upgrade keeps every
+//! counter.
 //! - `{c<n>}:c:{counter key}`: the counter's sliding window ([`llm_policy_core::window`]), a hash
 //!   of `s:{slot}` (spent) and `r:{slot}` (reserved) fields; slots no check counts are deleted by
 //!   the next check, the key expires a window (plus the grace) after its last write.
 //! - `{c<n>}:res:{seq}`: one reservation (counter key, window start, window length, amount);
-//!   sequence numbers come from `{c<n>}:res-seq`, and a [`ReservationId`] is `n << 48 | seq`, so
-//!   any replica can settle any reservation.
+//!   sequence numbers come from `{c<n>}:res-seq`, and a [`ReservationId`] is `n << 48 | seq` (n
+//!   is 0 on a standalone Redis), so any replica can settle any reservation.
 //! - `{c<n>}:res-pending`: sorted set of reservation sequence numbers by the time they were made,
 //!   for expiry.
 //! - `held:{handle}`: the reservations an allowed request's usage report settles.
@@ -21,10 +23,9 @@ use std::sync::LazyLock;
 use llm_policy_core::decision::{Charge, CounterKind};
 use llm_policy_core::reply::LimitState;
 use llm_policy_core::window::SLOTS;
-use redis::Script;
 
 use super::{CounterState, CounterStore, Held, ReservationId, Reserved, StoreError, StoreFuture};
-use crate::server::redis::{Feature, Redis, RedisError};
+use crate::server::redis::{Feature, LuaScript, Redis, RedisError};
 
 /// Settles one reservation: `settle(rkey, pending, id, mode, actual, grace)`, mode `release`,
 /// `commit` (the reserved amount is spent), `actual` (this amount is spent instead) or `expire`
@@ -64,8 +65,8 @@ end
 /// remaining, reset_secs, id}` (remaining as a string: Lua numbers become integers on the way
 /// out); when one does not fit, or on a peek, nothing is reserved and every id is 0. The sliding
 /// window's arithmetic is [`llm_policy_core::window`]'s.
-static RESERVE_ALL: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static RESERVE_ALL: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(&format!(
         r"
 local SLOTS = {SLOTS}
 local now = tonumber(redis.call('TIME')[1])
@@ -136,8 +137,8 @@ return out
 /// `KEYS`: counter key. `ARGV`: window seconds (0: the counter's own, field `n`). Returns
 /// `{spent, reserved, reset_secs, window}` of the slots a check now counts (`reset_secs` 0:
 /// nothing counts).
-static STATE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static STATE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(&format!(
         r"
 local SLOTS = {SLOTS}
 local now = tonumber(redis.call('TIME')[1])
@@ -165,16 +166,16 @@ return {{tostring(spent), tostring(reserved), reset, window}}
 });
 
 /// `KEYS`: reservation key, pending set. `ARGV`: id, mode, actual, grace.
-static SETTLE_ONE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static SETTLE_ONE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(&format!(
         "local SLOTS = {SLOTS}\n{SETTLE}\nreturn settle(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], tonumber(ARGV[4]))"
     ))
 });
 
 /// `KEYS`: pending set, reservation key prefix. `ARGV`: timeout seconds, mode (`commit`, or
 /// `expire`: see `settle`), most to settle in one call, grace. Returns how many were settled.
-static EXPIRE: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(&format!(
+static EXPIRE: LazyLock<LuaScript> = LazyLock::new(|| {
+    LuaScript::new(&format!(
         "local SLOTS = {SLOTS}\n{SETTLE}
 local now = tonumber(redis.call('TIME')[1])
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - tonumber(ARGV[1])), 'LIMIT', 0, tonumber(ARGV[3]))
@@ -255,17 +256,28 @@ impl RedisStore {
     /// Counters on `redis`; reservations wait at most `reservation_timeout_secs` for a usage
     /// report.
     pub fn new(redis: Redis, reservation_timeout_secs: u64) -> RedisStore {
-        let tags = (0..TAGS)
-            .map(|n| {
-                let tag = format!("c{n}");
-                TagKeys {
-                    counters: redis.tagged(&tag, "c:"),
-                    seq: redis.tagged(&tag, "res-seq"),
-                    res_prefix: redis.tagged(&tag, "res:"),
-                    pending: redis.tagged(&tag, "res-pending"),
-                }
-            })
-            .collect();
+        // A standalone Redis has one keyspace: the names (and reservation ids) of earlier
+        // releases, so an upgrade keeps every counter and reservation.
+        let tags = if redis.is_cluster() {
+            (0..TAGS)
+                .map(|n| {
+                    let tag = format!("c{n}");
+                    TagKeys {
+                        counters: redis.tagged(&tag, "c:"),
+                        seq: redis.tagged(&tag, "res-seq"),
+                        res_prefix: redis.tagged(&tag, "res:"),
+                        pending: redis.tagged(&tag, "res-pending"),
+                    }
+                })
+                .collect()
+        } else {
+            vec![TagKeys {
+                counters: redis.key("c:"),
+                seq: redis.key("res-seq"),
+                res_prefix: redis.key("res:"),
+                pending: redis.key("res-pending"),
+            }]
+        };
         RedisStore {
             grace_secs: reservation_timeout_secs.max(1),
             tags,
@@ -273,14 +285,24 @@ impl RedisStore {
         }
     }
 
+    /// The tag of a counter key in this store (0 on a standalone Redis).
+    fn tag_index(&self, counter_key: &str) -> u64 {
+        if self.tags.len() == 1 {
+            0
+        } else {
+            tag_of(counter_key)
+        }
+    }
+
     /// The keys of tag `n`.
     fn tag(&self, n: u64) -> &TagKeys {
-        &self.tags[(n % TAGS) as usize]
+        let i = usize::try_from(n).unwrap_or(0) % self.tags.len().max(1);
+        &self.tags[i]
     }
 
     /// The Redis key of a counter.
     fn counter_key(&self, key: &str) -> String {
-        format!("{}{key}", self.tag(tag_of(key)).counters)
+        format!("{}{key}", self.tag(self.tag_index(key)).counters)
     }
 
     /// One charge, reserved (`reserve`) or peeked at.
@@ -300,8 +322,8 @@ impl RedisStore {
         let Some(first) = charges.first() else {
             return Ok(Vec::new());
         };
-        let tag = tag_of(&first.key);
-        if let Some(c) = charges.iter().find(|c| tag_of(&c.key) != tag) {
+        let tag = self.tag_index(&first.key);
+        if let Some(c) = charges.iter().find(|c| self.tag_index(&c.key) != tag) {
             // One request's counters are of one namespace; anything else is a bug, and cannot
             // be charged atomically on a Redis Cluster.
             return Err(StoreError::Spread(format!("{} and {}", first.key, c.key)));
