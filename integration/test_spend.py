@@ -166,6 +166,8 @@ def send(c, stream=False, **kw):
         return 429, e
     except openai.APIConnectionError as e:
         return 0, e
+    except openai.InternalServerError as e:
+        return e.status_code, e
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -261,7 +263,11 @@ def test_a_cut_stream_is_charged_at_least_its_reservation(spend, mode):
     assert 200 < first < 220, first
     user = f"tok-{uuid.uuid4().hex[:8]}"
     c = client(spend.envoys[mode], user, **{"x-mock-pieces": "600", "x-mock-cut-after": "500"})
-    send(c, stream=True, max_tokens=200)
+    status, _ = send(c, stream=True, max_tokens=200)
+    # Cut before its headers reached the client (ext_authz: while the usage-chunk filter held
+    # them for its round trip), the client sees Envoy's 502; either way the text that streamed
+    # is charged.
+    assert status in (0, 200, 502), status
     long = settled(spend.server, "user-tokens", user, 0.0)["spent"]
     # 499 pieces of " wordN" streamed: two or three tokens each by the estimate.
     assert long > 900, long
