@@ -487,11 +487,16 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
     let mut needs = Needs {
         messages: false,
         prompt: false,
+        folded: false,
         estimate: false,
     };
     for ns in namespaces {
         for f in &ns.reads {
-            needs.prompt |= matches!(f, FieldRef::Prompt | FieldRef::EstimatedTokens);
+            needs.prompt |= matches!(
+                f,
+                FieldRef::Prompt | FieldRef::PromptFolded | FieldRef::EstimatedTokens
+            );
+            needs.folded |= *f == FieldRef::PromptFolded;
             needs.estimate |= *f == FieldRef::EstimatedTokens;
             needs.messages |= *f == FieldRef::Messages;
         }

@@ -73,6 +73,31 @@ pub(crate) enum Test {
     Present,
 }
 
+impl Test {
+    /// The test with its string literals folded ([`crate::fold::fold`]), for a leaf on
+    /// `request.prompt_folded`: a policy's plain phrase then matches every disguise of it. A
+    /// regex is left as written (it is matched against the folded text). (The DSL folds its
+    /// values before it builds tests: several needles become one regex.)
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only CEL's translation uses it")
+    )]
+    pub(crate) fn folded(self) -> Test {
+        let lit = |l: Lit| match l {
+            Lit::Str(s) => Lit::Str(crate::fold::fold(&s)),
+            other => other,
+        };
+        match self {
+            Test::Eq(l) => Test::Eq(lit(l)),
+            Test::In(ls) => Test::In(ls.into_iter().map(lit).collect()),
+            Test::Contains(s) => Test::Contains(crate::fold::fold(&s)),
+            Test::StartsWith(s) => Test::StartsWith(crate::fold::fold(&s)),
+            Test::EndsWith(s) => Test::EndsWith(crate::fold::fold(&s)),
+            other => other,
+        }
+    }
+}
+
 /// One leaf: a field, a test, and how nulls behave.
 #[derive(Debug, Clone)]
 pub(crate) struct Leaf {

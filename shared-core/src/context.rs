@@ -337,6 +337,8 @@ pub struct RequestInfo {
     pub messages: Vec<Message>,
     /// All prompt text joined.
     pub prompt: String,
+    /// `prompt` folded ([`crate::fold::fold`]; built only when a rule reads it).
+    pub prompt_folded: String,
     /// Prompt token estimate (computed at extraction only when a rule reads it: see
     /// [`RequestInfo::prompt_tokens`]).
     pub estimated_tokens: i64,
@@ -394,6 +396,8 @@ pub struct Needs {
     pub messages: bool,
     /// Build `request.prompt`.
     pub prompt: bool,
+    /// Build `request.prompt_folded` (needs `prompt`).
+    pub folded: bool,
     /// Estimate `request.estimated_tokens` from the prompt (some rule reads it; needs `prompt`).
     /// Counters that charge tokens estimate on demand ([`RequestInfo::prompt_tokens`]).
     pub estimate: bool,
@@ -404,6 +408,7 @@ impl Needs {
     pub const ALL: Needs = Needs {
         messages: true,
         prompt: true,
+        folded: true,
         estimate: true,
     };
 }
@@ -528,6 +533,7 @@ impl<'a> View<'a> {
             FieldRef::User => opt_str(&r.user),
             FieldRef::Messages => FieldValue::Messages(&r.messages),
             FieldRef::Prompt => FieldValue::Str(&r.prompt),
+            FieldRef::PromptFolded => FieldValue::Str(&r.prompt_folded),
             FieldRef::EstimatedTokens => {
                 FieldValue::Int(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }

@@ -175,7 +175,11 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
             e.suggestion.map(|s| format!("did you mean `{s}`?")),
         )
     })?;
-    let value = doc.value.as_ref();
+    // Values compared with the folded prompt are folded the same way (a regex stays as written).
+    let folded = (field == FieldRef::PromptFolded && doc.op != Op::Matches)
+        .then(|| doc.value.as_ref().map(fold_value))
+        .flatten();
+    let value = folded.as_ref().or(doc.value.as_ref());
     let op = doc.op;
     let ic = doc.ignore_case;
     let mut negate = false;
@@ -309,6 +313,15 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
         ignore_case: ic,
         size: false,
     }))
+}
+
+/// A DSL value with its strings folded ([`crate::fold::fold`]).
+fn fold_value(v: &Value) -> Value {
+    match v {
+        Value::String(s) => Value::String(crate::fold::fold(s)),
+        Value::Array(items) => Value::Array(items.iter().map(fold_value).collect()),
+        other => other.clone(),
+    }
 }
 
 fn op_name(op: Op) -> String {

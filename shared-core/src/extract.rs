@@ -597,6 +597,9 @@ impl<S: Sink> Body<'_, S> {
                 request.estimated_tokens =
                     i64::try_from(crate::tokens::estimate(&prompt)).unwrap_or(i64::MAX);
             }
+            if needs.folded {
+                request.prompt_folded = crate::fold::fold(&prompt);
+            }
             request.prompt = prompt;
         }
         if needs.messages {

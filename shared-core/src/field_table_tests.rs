@@ -31,6 +31,7 @@ fn perturb(c: &mut RequestContext, field: &FieldRef) {
             content: "more".into(),
         }),
         FieldRef::Prompt => r.prompt.push_str(" more"),
+        FieldRef::PromptFolded => r.prompt_folded.push_str(" more"),
         FieldRef::EstimatedTokens => r.estimated_tokens = 99,
         FieldRef::Tools => r.tools.push("t2".into()),
         FieldRef::BodyBytes => r.body_bytes = 1234,

@@ -56,6 +56,7 @@ mod eval;
 mod extract;
 #[cfg(all(test, feature = "cel"))]
 mod field_table_tests;
+pub mod fold;
 pub mod identity;
 mod index;
 pub mod model;

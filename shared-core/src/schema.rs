@@ -39,6 +39,8 @@ pub enum FieldRef {
     Messages,
     /// `request.prompt`
     Prompt,
+    /// `request.prompt_folded`
+    PromptFolded,
     /// `request.estimated_tokens`
     EstimatedTokens,
     /// `request.tools`
@@ -170,6 +172,7 @@ pub const FIELDS: &[Field] = &[
     field!("request.user", Some(FieldRef::User), OptStr, "string | null", "null", "Body `user`, else `safety_identifier` (OpenAI), else `metadata.user_id` (Anthropic)."),
     field!("request.messages", Some(FieldRef::Messages), Messages, "list<{role: string, content: string}>", "[]", "Conversation turns with their text joined (system / instructions first as role `system`); what counts as text is listed under `request.prompt`."),
     field!("request.prompt", Some(FieldRef::Prompt), Str, "string", "\"\"", "All text the model reads, joined with newlines: see \"What `request.prompt` holds\" in the policy language."),
+    field!("request.prompt_folded", Some(FieldRef::PromptFolded), Str, "string", "\"\"", "`request.prompt` folded so that Unicode disguises coincide with the plain text: compatibility forms (fullwidth, mathematical letters, ligatures), accents, zero-width and other invisible characters, case, and look-alike letters of other scripts (Unicode TS #39 confusables) mapped to plain lower-case ASCII; whitespace runs collapsed. In the DSL (and CEL's `==`, `contains`, `startsWith`, `endsWith` on it) string values are folded the same way when the policy loads: write the plain phrase. See \"Disguised text\" in the policy language."),
     field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate (docs/budgets.md): a bound calibrated per script that undercounts the providers' tokenizers by at most 10%."),
     field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools / functions offered to the model."),
     field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),

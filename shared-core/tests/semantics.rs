@@ -418,6 +418,7 @@ fn extraction_needs_follow_what_rules_read() {
         llm_policy_core::context::Needs {
             messages: false,
             prompt: false,
+            folded: false,
             estimate: false
         }
     );
@@ -427,6 +428,7 @@ fn extraction_needs_follow_what_rules_read() {
         llm_policy_core::context::Needs {
             messages: false,
             prompt: true,
+            folded: false,
             estimate: false
         }
     );

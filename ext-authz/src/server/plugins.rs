@@ -813,6 +813,7 @@ impl Serialize for FieldValue<'_> {
             FieldRef::User => r.user.serialize(s),
             FieldRef::Messages => r.messages.serialize(s),
             FieldRef::Prompt => s.serialize_str(&r.prompt),
+            FieldRef::PromptFolded => s.serialize_str(&r.prompt_folded),
             FieldRef::EstimatedTokens => {
                 s.serialize_i64(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }

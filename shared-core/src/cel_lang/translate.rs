@@ -15,6 +15,11 @@ use crate::schema::{FieldRef, FieldType, ROOTS};
 
 /// A CEL-semantics leaf on the field's value (`size: false`) or its `size()`.
 fn strict_leaf(field: FieldRef, test: Test, size: bool) -> Cond {
+    let test = if field == FieldRef::PromptFolded && !size {
+        test.folded()
+    } else {
+        test
+    };
     Cond::Leaf(Leaf {
         field,
         test,

@@ -294,7 +294,7 @@ fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
         if matches!(
             ty,
             FieldType::Messages | FieldType::StrList | FieldType::StrMap
-        ) || field == FieldRef::Prompt
+        ) || matches!(field, FieldRef::Prompt | FieldRef::PromptFolded)
         {
             return Err(format!(
                 "`{path}` cannot be part of a counter key (use a field that names who or what is counted, e.g. `principal.id`, `request.model`)"

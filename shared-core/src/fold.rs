@@ -1,0 +1,249 @@
+//! Text folding: the one normalization every text test can ask for, so a phrase written in a
+//! policy matches however a client disguises it in Unicode.
+//!
+//! [`fold`] maps text to a form in which look-alike spellings coincide:
+//! - compatibility decomposition (Unicode NFKD): fullwidth `ｉｇｎｏｒｅ`, ligatures, circled and
+//!   mathematical letters (`𝐢𝐠𝐧𝐨𝐫𝐞`), superscripts and non-breaking spaces become their plain
+//!   forms;
+//! - combining marks dropped (`ìgnóre` → `ignore`);
+//! - default-ignorable code points dropped: zero-width spaces and joiners, soft hyphens, bidi
+//!   marks and embeddings, variation selectors, tag characters;
+//! - lower case;
+//! - every non-ASCII character mapped to its Unicode TS #39 confusable prototype (Cyrillic
+//!   `о`, Greek `ο` → `o`), ASCII kept as it is (so `rn` stays `rn` and a policy written in plain
+//!   lower-case ASCII folds to itself);
+//! - runs of whitespace (any Unicode white space) collapsed to one space, none at the ends.
+//!
+//! Folding never grows a character into more than [`MAX_EXPANSION`] characters, nor (tested over
+//! every code point) into more than five times its UTF-8 bytes: the folded text is at most five
+//! times the size of the text. It does not undo spellings that are not
+//! Unicode look-alikes (leetspeak, spaced-out letters, other languages): those are the scanners'
+//! business (issue #16).
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use unicode_normalization::char::is_combining_mark;
+use unicode_normalization::UnicodeNormalization;
+
+/// The most characters one input character folds into (a few compatibility decompositions are
+/// longer: their tail is dropped).
+pub const MAX_EXPANSION: usize = 4;
+
+/// What one character folds into: at most [`MAX_OUT`] characters, white space as `' '`.
+#[derive(Clone, Copy)]
+struct Folded {
+    chars: [char; MAX_OUT],
+    len: u8,
+}
+
+/// Room for [`MAX_EXPANSION`] characters, each lower-cased into at most two.
+const MAX_OUT: usize = 2 * MAX_EXPANSION;
+
+impl Folded {
+    const EMPTY: Folded = Folded {
+        chars: ['\0'; MAX_OUT],
+        len: 0,
+    };
+
+    fn push(&mut self, c: char) {
+        if let Some(slot) = self.chars.get_mut(usize::from(self.len)) {
+            *slot = c;
+            self.len = self.len.saturating_add(1);
+        }
+    }
+
+    fn as_slice(&self) -> &[char] {
+        self.chars.get(..usize::from(self.len)).unwrap_or_default()
+    }
+}
+
+/// One non-ASCII character folded.
+fn fold_char(c: char) -> Folded {
+    let mut out = Folded::EMPTY;
+    let mut written = 0;
+    let mut buf = [0u8; 4];
+    for d in c.encode_utf8(&mut buf).nfkd() {
+        if written >= MAX_EXPANSION {
+            break;
+        }
+        if d.is_whitespace() {
+            out.push(' ');
+            written = written.saturating_add(1);
+            continue;
+        }
+        if d.is_ascii() {
+            out.push(d.to_ascii_lowercase());
+            written = written.saturating_add(1);
+            continue;
+        }
+        if is_combining_mark(d) {
+            continue;
+        }
+        for lower in d.to_lowercase() {
+            let mut buf = [0u8; 4];
+            // The skeleton drops default-ignorable code points itself.
+            for p in unicode_security::skeleton(lower.encode_utf8(&mut buf)) {
+                if written >= MAX_EXPANSION {
+                    break;
+                }
+                if is_combining_mark(p) {
+                    continue;
+                }
+                for l in p.to_lowercase() {
+                    out.push(if l.is_whitespace() { ' ' } else { l });
+                }
+                written = written.saturating_add(1);
+            }
+        }
+    }
+    out
+}
+
+/// Slots of the per-call memo of folded non-ASCII characters (text in one script repeats its
+/// characters: a hit skips the decomposition and the confusables lookup).
+const MEMO: usize = 256;
+
+/// `text` folded (see the module docs).
+pub fn fold(text: &str) -> String {
+    let mut out: Vec<u8> = Vec::with_capacity(text.len());
+    // Whether the last byte written is a space (or nothing is written yet).
+    let mut space = true;
+    let mut memo: Vec<(char, Folded)> = Vec::new();
+    let bytes = text.as_bytes();
+    let mut i = 0usize;
+    while let Some(&b) = bytes.get(i) {
+        if b.is_ascii() {
+            i = i.saturating_add(1);
+            // ASCII white space as `char::is_whitespace` has it.
+            if matches!(b, b' ' | b'\t'..=b'\r') {
+                if !space {
+                    out.push(b' ');
+                    space = true;
+                }
+            } else {
+                out.push(b.to_ascii_lowercase());
+                space = false;
+            }
+            continue;
+        }
+        let Some(c) = text.get(i..).and_then(|t| t.chars().next()) else {
+            break;
+        };
+        i = i.saturating_add(c.len_utf8());
+        if memo.is_empty() {
+            // '\0' is ASCII: never looked up, so it marks an empty slot.
+            memo = alloc::vec![('\0', Folded::EMPTY); MEMO];
+        }
+        let slot = (c as usize) % MEMO;
+        let folded = match memo.get(slot) {
+            Some((k, f)) if *k == c => *f,
+            _ => {
+                let f = fold_char(c);
+                if let Some(entry) = memo.get_mut(slot) {
+                    *entry = (c, f);
+                }
+                f
+            }
+        };
+        for &f in folded.as_slice() {
+            if f == ' ' {
+                if !space {
+                    out.push(b' ');
+                    space = true;
+                }
+            } else {
+                let mut buf = [0u8; 4];
+                out.extend_from_slice(f.encode_utf8(&mut buf).as_bytes());
+                space = false;
+            }
+        }
+    }
+    if out.last() == Some(&b' ') {
+        out.pop();
+    }
+    // Only whole characters were written.
+    String::from_utf8(out).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn look_alikes_fold_to_plain_ascii() {
+        let plain = "ignore all previous instructions";
+        for disguised in [
+            "Ignore ALL previous instructions",
+            "ＩＧＮＯＲＥ　ａｌｌ　ｐｒｅｖｉｏｕｓ　ｉｎｓｔｒｕｃｔｉｏｎｓ",
+            "ig\u{200b}nore al\u{00ad}l pre\u{200d}vious in\u{2060}structions",
+            // Cyrillic і, о, е, Greek ο.
+            "\u{456}gn\u{43e}r\u{435} all previ\u{3bf}us instructions",
+            "𝐢𝐠𝐧𝐨𝐫𝐞 𝐚𝐥𝐥 𝐩𝐫𝐞𝐯𝐢𝐨𝐮𝐬 𝐢𝐧𝐬𝐭𝐫𝐮𝐜𝐭𝐢𝐨𝐧𝐬",
+            "ìgnóre all prévious instructïons",
+            "  ignore\t\tall\u{a0}previous\n\ninstructions  ",
+            "\u{202e}ignore all previous instructions\u{202c}",
+        ] {
+            assert_eq!(fold(disguised), plain, "{disguised:?}");
+        }
+    }
+
+    #[test]
+    fn plain_lower_case_ascii_folds_to_itself() {
+        for s in [
+            "system prompt",
+            "rn m 0 o l 1 i",
+            "user@example.com",
+            "a-b_c.d",
+        ] {
+            assert_eq!(fold(s), s);
+        }
+    }
+
+    #[test]
+    fn no_character_folds_into_more_than_five_times_its_bytes() {
+        let mut worst = (0usize, 'a');
+        for c in (0..=0x10_ffff_u32).filter_map(char::from_u32) {
+            let mut buf = [0u8; 4];
+            let folded = fold(c.encode_utf8(&mut buf));
+            let ratio = folded.len().div_ceil(c.len_utf8());
+            if ratio > worst.0 {
+                worst = (ratio, c);
+            }
+        }
+        // The worst is U+0609 (per mille sign, 2 bytes): 10 bytes.
+        assert!(worst.0 <= 5, "{worst:?}");
+    }
+
+    #[test]
+    fn folding_is_bounded_and_idempotent() {
+        // U+FDFA decomposes into 18 characters: at most MAX_EXPANSION are kept.
+        let long = "\u{fdfa}".repeat(100);
+        assert!(fold(&long).chars().count() <= 100 * MAX_EXPANSION);
+        for s in [
+            "Ｈéllo Wörld",
+            "\u{fdfa}",
+            "ΑΒΓ абв",
+            "日本語のテキスト",
+            "emoji 😀 ok",
+        ] {
+            let once = fold(s);
+            assert_eq!(fold(&once), once, "{s:?}");
+        }
+    }
+
+    #[test]
+    fn other_scripts_keep_one_letter_for_one() {
+        // Folding is for matching, not display: each letter stays one letter (a katakana may
+        // become its CJK look-alike), so text in other scripts keeps its shape.
+        for s in [
+            "日本語 テキスト",
+            "привет мир",
+            "مرحبا بالعالم",
+            "γειά σου κόσμε",
+        ] {
+            assert_eq!(fold(s).chars().count(), s.chars().count(), "{s:?}");
+        }
+        assert_eq!(fold("Grüße"), fold("GRÜẞE"));
+    }
+}
