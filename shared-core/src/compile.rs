@@ -512,6 +512,7 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
             if r.plugin.is_some() {
                 needs.messages = true;
                 needs.prompt = true;
+                needs.folded = true;
             }
         }
     }

@@ -84,15 +84,15 @@ impl Test {
     )]
     pub(crate) fn folded(self) -> Test {
         let lit = |l: Lit| match l {
-            Lit::Str(s) => Lit::Str(crate::fold::fold(&s)),
+            Lit::Str(s) => Lit::Str(crate::fold::fold_phrase(&s)),
             other => other,
         };
         match self {
             Test::Eq(l) => Test::Eq(lit(l)),
             Test::In(ls) => Test::In(ls.into_iter().map(lit).collect()),
-            Test::Contains(s) => Test::Contains(crate::fold::fold(&s)),
-            Test::StartsWith(s) => Test::StartsWith(crate::fold::fold(&s)),
-            Test::EndsWith(s) => Test::EndsWith(crate::fold::fold(&s)),
+            Test::Contains(s) => Test::Contains(crate::fold::fold_phrase(&s)),
+            Test::StartsWith(s) => Test::StartsWith(crate::fold::fold_phrase(&s)),
+            Test::EndsWith(s) => Test::EndsWith(crate::fold::fold_phrase(&s)),
             other => other,
         }
     }

@@ -179,6 +179,15 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
     let folded = (field == FieldRef::PromptFolded && doc.op != Op::Matches)
         .then(|| doc.value.as_ref().map(fold_value))
         .flatten();
+    if folded.as_ref().is_some_and(folds_to_nothing) {
+        return Err((
+            "value",
+            String::from(
+                "a value folds to nothing (only spaces, invisible characters or marks): it would match every prompt",
+            ),
+            None,
+        ));
+    }
     let value = folded.as_ref().or(doc.value.as_ref());
     let op = doc.op;
     let ic = doc.ignore_case;
@@ -315,10 +324,19 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
     }))
 }
 
-/// A DSL value with its strings folded ([`crate::fold::fold`]).
+/// Whether a folded DSL value holds a string that folded to nothing.
+fn folds_to_nothing(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s.trim().is_empty(),
+        Value::Array(items) => items.iter().any(folds_to_nothing),
+        _ => false,
+    }
+}
+
+/// A DSL value with its strings folded ([`crate::fold::fold_phrase`]).
 fn fold_value(v: &Value) -> Value {
     match v {
-        Value::String(s) => Value::String(crate::fold::fold(s)),
+        Value::String(s) => Value::String(crate::fold::fold_phrase(s)),
         Value::Array(items) => Value::Array(items.iter().map(fold_value).collect()),
         other => other.clone(),
     }

@@ -112,3 +112,34 @@ fn a_regex_on_the_folded_prompt_is_matched_as_written() {
         Verdict::Allow
     );
 }
+
+#[test]
+fn a_space_the_author_wrote_at_either_end_is_kept() {
+    let set = compile(&policy(
+        "allow",
+        r#"
+    - id: dan
+      when: { match: { field: request.prompt_folded, op: contains, value: " DAN " } }
+      action: { decision: deny }
+"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        eval(&set, &ctx(&[], &chat("you are now ＤＡＮ now"))).decision,
+        Verdict::Deny
+    );
+    assert_eq!(
+        eval(&set, &ctx(&[], &chat("Jordan dances"))).decision,
+        Verdict::Allow
+    );
+}
+
+#[test]
+fn a_value_that_folds_to_nothing_is_refused_at_load() {
+    let e = compile(&policy(
+        "allow",
+        "    - id: empty\n      when: { match: { field: request.prompt_folded, op: contains, value: [\"x\", \"\\u200b\"] } }\n      action: { decision: deny }\n",
+    ))
+    .unwrap_err();
+    assert!(format!("{e:?}").contains("folds to nothing"), "{e:?}");
+}
