@@ -5,6 +5,9 @@ the SDK would send (nothing leaves the process) and writes it as a request file 
 `llm-policy eval` format. The Rust tests in shared-core/tests/sdk_shapes.rs read these files, so
 extraction is tested on what the SDKs really send, not on shapes written from memory.
 
+It also writes text-fields.json: one captured request per free-text string leaf of the SDKs'
+request parameter types, each with a canary at that leaf (see text_fields.py).
+
 Usage: python generate.py OUT_DIR   (make sdk-fixtures; make test checks the committed files)
 """
 
@@ -14,57 +17,10 @@ import sys
 import warnings
 
 import anthropic
-import httpx2 as httpx
 import openai
 
-# Headers that depend on the machine or SDK build are dropped so the files are reproducible.
-KEEP_HEADERS = {"content-type", "anthropic-version", "x-user-id", "x-user-tier", "x-team-id"}
-
-
-class Captured(Exception):
-    pass
-
-
-def capture(make_client, call):
-    seen = {}
-
-    def handler(request: httpx.Request):
-        seen["request"] = request
-        raise Captured()
-
-    client = make_client(httpx.Client(transport=httpx.MockTransport(handler)))
-    try:
-        call(client)
-    except (Captured, openai.APIConnectionError, anthropic.APIConnectionError):
-        pass
-    req = seen["request"]
-    headers = {k: v for k, v in req.headers.items() if k.lower() in KEEP_HEADERS}
-    return {
-        "method": req.method,
-        "path": req.url.path,
-        "headers": headers,
-        "body": json.loads(req.content) if req.content else None,
-    }
-
-
-def oai(http_client):
-    return openai.OpenAI(
-        api_key="sk-test",
-        base_url="http://llm.test/v1",
-        http_client=http_client,
-        max_retries=0,
-        default_headers={"x-user-id": "u-1", "x-user-tier": "pro"},
-    )
-
-
-def ant(http_client):
-    return anthropic.Anthropic(
-        api_key="sk-ant-test",
-        base_url="http://llm.test",
-        http_client=http_client,
-        max_retries=0,
-        default_headers={"x-user-id": "u-2", "x-team-id": "research"},
-    )
+from sdk_capture import ant, capture, oai
+import text_fields
 
 
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
@@ -149,7 +105,9 @@ def main():
     for name, (client, call) in CASES.items():
         req = capture(client, call)
         (out / f"{name}.json").write_text(json.dumps(req, indent=2, sort_keys=True) + "\n")
-    print(f"wrote {len(CASES)} fixtures to {out} (openai {openai.__version__}, anthropic {anthropic.__version__})")
+    tf = text_fields.cases()
+    (out / "text-fields.json").write_text(json.dumps(tf, indent=1, sort_keys=True) + "\n")
+    print(f"wrote {len(CASES)} fixtures and {len(tf)} text-field cases to {out} (openai {openai.__version__}, anthropic {anthropic.__version__})")
 
 
 if __name__ == "__main__":

@@ -74,8 +74,9 @@ pub(crate) enum Test {
 }
 
 impl Test {
-    /// The test with its string literals folded ([`crate::fold::fold`]), for a leaf on
-    /// `request.prompt_folded`: a policy's plain phrase then matches every disguise of it. A
+    /// The test with its string literals folded ([`crate::fold::fold`]), for a leaf on a folded
+    /// field (`request.prompt_folded`, `request.tools`): a policy's plain phrase then matches
+    /// every disguise of it. A
     /// regex is left as written (it is matched against the folded text). (The DSL folds its
     /// values before it builds tests: several needles become one regex.)
     #[cfg_attr(
@@ -90,6 +91,7 @@ impl Test {
         match self {
             Test::Eq(l) => Test::Eq(lit(l)),
             Test::In(ls) => Test::In(ls.into_iter().map(lit).collect()),
+            Test::Has(ls) => Test::Has(ls.into_iter().map(lit).collect()),
             Test::Contains(s) => Test::Contains(crate::fold::fold_phrase(&s)),
             Test::StartsWith(s) => Test::StartsWith(crate::fold::fold_phrase(&s)),
             Test::EndsWith(s) => Test::EndsWith(crate::fold::fold_phrase(&s)),
@@ -138,6 +140,22 @@ pub(crate) enum Cond {
 }
 
 impl Cond {
+    /// The condition with the tests on a list's element folded, for a comprehension over a
+    /// folded list (`request.tools`).
+    #[cfg(feature = "cel")]
+    pub(crate) fn fold_elements(self) -> Cond {
+        match self {
+            Cond::All(v) => Cond::All(v.into_iter().map(Cond::fold_elements).collect()),
+            Cond::Any(v) => Cond::Any(v.into_iter().map(Cond::fold_elements).collect()),
+            Cond::Not(c) => Cond::Not(Box::new(c.fold_elements())),
+            Cond::Leaf(mut l) if l.field == FieldRef::Elem(ElemField::Value) && !l.size => {
+                l.test = l.test.folded();
+                Cond::Leaf(l)
+            }
+            other => other,
+        }
+    }
+
     #[cfg_attr(
         not(feature = "cel"),
         allow(

@@ -342,8 +342,11 @@ pub struct RequestInfo {
     /// Prompt token estimate (computed at extraction only when a rule reads it: see
     /// [`RequestInfo::prompt_tokens`]).
     pub estimated_tokens: i64,
-    /// Tool names.
+    /// Tool names, folded ([`crate::fold::fold`]: lower case, look-alike letters as Latin).
     pub tools: Vec<String>,
+    /// The canonical type of each tool in `tools`, in the same order
+    /// (see `request.tool_types` in the schema).
+    pub tool_types: Vec<String>,
     /// Body size.
     pub body_bytes: i64,
 }
@@ -538,6 +541,7 @@ impl<'a> View<'a> {
                 FieldValue::Int(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }
             FieldRef::Tools => FieldValue::StrList(&r.tools),
+            FieldRef::ToolTypes => FieldValue::StrList(&r.tool_types),
             FieldRef::BodyBytes => FieldValue::Int(outer.body_bytes),
             FieldRef::PrincipalAll => FieldValue::Principal(&self.ctx.principal),
             FieldRef::Principal(attr) => match self.ctx.principal.iter().find(|(a, _)| a == attr) {

@@ -175,8 +175,9 @@ fn compile_leaf(doc: &LeafDoc, attrs: &[String]) -> Result<Cond, LeafError> {
             e.suggestion.map(|s| format!("did you mean `{s}`?")),
         )
     })?;
-    // Values compared with the folded prompt are folded the same way (a regex stays as written).
-    let folded = (field == FieldRef::PromptFolded && doc.op != Op::Matches)
+    // Values compared with a folded field (the folded prompt, tool names) are folded the same
+    // way (a regex stays as written).
+    let folded = (field.folds() && doc.op != Op::Matches)
         .then(|| doc.value.as_ref().map(fold_value))
         .flatten();
     if folded.as_ref().is_some_and(folds_to_nothing) {

@@ -349,9 +349,9 @@ pub(crate) fn body(
         return Ok(());
     };
     if needs.messages || needs.prompt {
-        parse::<Body<'_, Text>>(bytes)?.fill(request, needs);
+        parse::<Body<Text>>(bytes)?.fill(request, needs);
     } else {
-        parse::<Body<'_, Skip>>(bytes)?.fill(request, needs);
+        parse::<Body<Skip>>(bytes)?.fill(request, needs);
     }
     Ok(())
 }
@@ -367,14 +367,14 @@ fn batch_items(bytes: &[u8], needs: Needs, limit: usize) -> Result<Vec<RequestIn
         return Err(ContextError::BatchTooLarge { limit });
     }
     if needs.messages || needs.prompt {
-        let b: Batch<'_, Text> = parse(bytes)?;
+        let b: Batch<Text> = parse(bytes)?;
         Ok(b.requests
             .into_iter()
             .flatten()
             .map(|i| item(i.params, needs))
             .collect())
     } else {
-        let b: Batch<'_, Skip> = parse(bytes)?;
+        let b: Batch<Skip> = parse(bytes)?;
         Ok(b.requests
             .into_iter()
             .flatten()
@@ -383,7 +383,7 @@ fn batch_items(bytes: &[u8], needs: Needs, limit: usize) -> Result<Vec<RequestIn
     }
 }
 
-fn item<S: Sink>(params: Option<Body<'_, S>>, needs: Needs) -> RequestInfo {
+fn item<S: Sink>(params: Option<Body<S>>, needs: Needs) -> RequestInfo {
     let mut r = RequestInfo {
         provider: Provider::Anthropic,
         api: Api::Messages,
@@ -449,69 +449,121 @@ impl<'de> Deserialize<'de> for BatchCount {
 /// `{"requests": [{"custom_id", "params": {...a Messages body...}}]}`.
 #[derive(Deserialize)]
 #[serde(bound = "S: Sink")]
-struct Batch<'a, S> {
-    #[serde(default, borrow)]
-    requests: Option<Vec<BatchItem<'a, S>>>,
-}
-
-#[derive(Deserialize)]
-#[serde(bound = "S: Sink")]
-struct BatchItem<'a, S> {
-    #[serde(default, borrow)]
-    params: Option<Body<'a, S>>,
-}
-
-/// The body fields policies read; everything else is skipped by serde.
-#[derive(Deserialize)]
-#[serde(bound = "S: Sink")]
-struct Body<'a, S> {
-    #[serde(default, borrow)]
-    model: Option<Cow<'a, str>>,
+struct Batch<S> {
     #[serde(default)]
+    requests: Option<Vec<BatchItem<S>>>,
+}
+
+#[derive(Deserialize)]
+#[serde(bound = "S: Sink")]
+struct BatchItem<S> {
+    #[serde(default)]
+    params: Option<Body<S>>,
+}
+
+/// The body fields policies read. Keys this type does not name are not skipped: their strings
+/// are text the provider receives (tool and schema descriptions, `stop`, `metadata`, fields added
+/// by a later API version), collected into `declared` when a rule reads the prompt, unless the key
+/// is in [`NOT_TEXT`].
+struct Body<S> {
+    model: Option<String>,
     stream: Option<bool>,
-    #[serde(default)]
     max_tokens: Option<i64>,
-    #[serde(default)]
     max_completion_tokens: Option<i64>,
-    #[serde(default)]
     max_output_tokens: Option<i64>,
     /// OpenAI: completions generated per request (each up to `max_tokens`).
-    #[serde(default)]
     n: Option<i64>,
     /// OpenAI completions: candidates generated server-side.
-    #[serde(default)]
     best_of: Option<i64>,
-    #[serde(default)]
     temperature: Option<f64>,
-    #[serde(default, borrow)]
-    user: Option<Cow<'a, str>>,
+    user: Option<String>,
     /// OpenAI's successor of `user`.
-    #[serde(default, borrow)]
-    safety_identifier: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    metadata: Option<Meta<'a>>,
-    #[serde(default)]
-    messages: Option<Vec<Item<S>>>,
-    #[serde(default)]
-    system: Option<S>,
-    #[serde(default)]
-    instructions: Option<S>,
-    #[serde(default)]
-    prompt: Option<S>,
-    /// Completions: text after the insertion point.
-    #[serde(default)]
-    suffix: Option<S>,
-    #[serde(default)]
-    input: Option<Items<S>>,
-    #[serde(default, borrow)]
-    tools: Option<Vec<Tool<'a>>>,
-    #[serde(default, borrow)]
-    functions: Option<Vec<Tool<'a>>>,
+    safety_identifier: Option<String>,
+    /// Anthropic `metadata.user_id`.
+    metadata_user: Option<String>,
+    /// `system`, `instructions` and the Assistants API's `additional_instructions`.
+    system: Vec<S>,
+    /// `messages`, the Assistants API's `additional_messages`, a thread's `messages` and a
+    /// thread message's own `role` and `content`.
+    messages: Vec<Item<S>>,
+    /// `prompt` and Completions' `suffix`.
+    prompt: Vec<S>,
+    tools: Vec<ToolDef<S>>,
+    /// The text of every other field.
+    declared: String,
 }
 
-impl<S: Sink> Body<'_, S> {
+impl<S> Default for Body<S> {
+    fn default() -> Self {
+        Body {
+            model: None,
+            stream: None,
+            max_tokens: None,
+            max_completion_tokens: None,
+            max_output_tokens: None,
+            n: None,
+            best_of: None,
+            temperature: None,
+            user: None,
+            safety_identifier: None,
+            metadata_user: None,
+            system: Vec::new(),
+            messages: Vec::new(),
+            prompt: Vec::new(),
+            tools: Vec::new(),
+            declared: String::new(),
+        }
+    }
+}
+
+/// Top-level keys whose strings are identifiers, enumerations or credentials meant for the
+/// provider, never text a model reads: `model`, `tool_choice`, `reasoning_effort`, file and
+/// thread ids, `logit_bias` token ids, ... Every other key's strings are text.
+const NOT_TEXT: &[&str] = &[
+    "model",
+    "stream",
+    "stream_options",
+    "tool_choice",
+    "service_tier",
+    "reasoning_effort",
+    "reasoning",
+    "verbosity",
+    "modalities",
+    "include",
+    "previous_response_id",
+    "conversation",
+    "truncation",
+    "encoding_format",
+    "logit_bias",
+    "audio",
+    "container",
+    "thinking",
+    "assistant_id",
+    "thread_id",
+    "file_ids",
+    "attachments",
+    "tool_resources",
+    "input_file_id",
+    "endpoint",
+    "completion_window",
+    "background",
+    "prompt_cache_retention",
+    "role",
+];
+
+/// Keys inside a tool definition that are not text: its type, and credentials the provider uses
+/// to reach a remote (MCP) server.
+const TOOL_NOT_TEXT: &[&str] = &[
+    "type",
+    "headers",
+    "authorization",
+    "authorization_token",
+    "cache_control",
+];
+
+impl<S: Sink> Body<S> {
     fn fill(self, request: &mut RequestInfo, needs: Needs) {
-        request.model = self.model.map(Cow::into_owned);
+        request.model = self.model;
         request.stream = self.stream.unwrap_or(false);
         // The fields the API reads (a field it ignores caps nothing: the answer may run to the
         // model's output cap); when a body names several, the largest is what a cap must see.
@@ -539,23 +591,25 @@ impl<S: Sink> Body<'_, S> {
             .max()
             .map_or(1, |n| u32::try_from(n.clamp(1, 10_000)).unwrap_or(1));
         request.temperature = self.temperature;
-        request.user = self
-            .user
-            .or(self.safety_identifier)
-            .map(Cow::into_owned)
-            .or_else(|| self.metadata.and_then(|m| m.user_id).map(Cow::into_owned));
-        request.tools = self
-            .tools
-            .into_iter()
-            .flatten()
-            .chain(self.functions.into_iter().flatten())
-            .filter_map(Tool::name)
-            .collect();
+        request.user = self.user.or(self.safety_identifier).or(self.metadata_user);
+        let mut tools = Vec::with_capacity(self.tools.len());
+        let mut tool_types = Vec::with_capacity(self.tools.len());
+        let mut tool_text = String::new();
+        for t in self.tools {
+            let (name, kind, text) = t.into_parts();
+            if let Some(name) = name {
+                tools.push(crate::fold::fold(&name));
+                tool_types.push(kind);
+            }
+            push_joined(&mut tool_text, &text);
+        }
+        request.tools = tools;
+        request.tool_types = tool_types;
         if !(needs.messages || needs.prompt) {
             return;
         }
         let mut messages: Vec<Message> = Vec::new();
-        for system in [self.system, self.instructions].into_iter().flatten() {
+        for system in self.system {
             let text = system.into_text();
             if !text.is_empty() {
                 messages.push(Message {
@@ -564,17 +618,12 @@ impl<S: Sink> Body<'_, S> {
                 });
             }
         }
-        for item in self
-            .messages
-            .into_iter()
-            .flatten()
-            .chain(self.input.into_iter().flat_map(|i| i.0))
-        {
+        for item in self.messages {
             if let Some(m) = item.0 {
                 messages.push(m);
             }
         }
-        for prompt in [self.prompt, self.suffix].into_iter().flatten() {
+        for prompt in self.prompt {
             let text = prompt.into_text();
             if !text.is_empty() {
                 messages.push(Message {
@@ -588,11 +637,15 @@ impl<S: Sink> Body<'_, S> {
                 messages
                     .iter()
                     .map(|m| m.content.len().saturating_add(1))
-                    .sum(),
+                    .sum::<usize>()
+                    .saturating_add(tool_text.len())
+                    .saturating_add(self.declared.len()),
             );
             for m in &messages {
                 push_joined(&mut prompt, &m.content);
             }
+            push_joined(&mut prompt, &tool_text);
+            push_joined(&mut prompt, &self.declared);
             if needs.estimate {
                 request.estimated_tokens =
                     i64::try_from(crate::tokens::estimate(&prompt)).unwrap_or(i64::MAX);
@@ -608,42 +661,331 @@ impl<S: Sink> Body<'_, S> {
     }
 }
 
-#[derive(Deserialize)]
-struct Meta<'a> {
-    #[serde(default, borrow)]
-    user_id: Option<Cow<'a, str>>,
-}
-
-#[derive(Deserialize)]
-struct Named<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-}
-
-/// OpenAI chat `{type, function: {name}}`, Responses `{type, name}` or built-in `{type}`,
-/// Anthropic `{name, input_schema}`, legacy `functions: [{name}]`.
-#[derive(Deserialize)]
-struct Tool<'a> {
-    #[serde(default, borrow)]
-    name: Option<Cow<'a, str>>,
-    #[serde(default, borrow)]
-    function: Option<Named<'a>>,
-    #[serde(default, borrow, rename = "type")]
-    kind: Option<Cow<'a, str>>,
-}
-
-impl Tool<'_> {
-    fn name(self) -> Option<String> {
-        self.function
-            .and_then(|f| f.name)
-            .or(self.name)
-            .or(self.kind.filter(|k| k != "function"))
-            .map(Cow::into_owned)
+/// Sets a field once: a key repeated in one object is refused, as serde's derive does, because
+/// servers disagree about which copy counts.
+fn once<T, E: de::Error>(slot: &mut Option<T>, value: T, key: &'static str) -> Result<(), E> {
+    if slot.is_some() {
+        return Err(E::duplicate_field(key));
     }
+    *slot = Some(value);
+    Ok(())
+}
+
+impl<'de, S: Sink> Deserialize<'de> for Body<S> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        d.deserialize_map(BodyVisitor(PhantomData))
+    }
+}
+
+struct BodyVisitor<S>(PhantomData<S>);
+
+impl<'de, S: Sink> Visitor<'de> for BodyVisitor<S> {
+    type Value = Body<S>;
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a request body object")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Body<S>, A::Error> {
+        // Every field is kept until the object ends (keys come in any order); `Some(None)` is a
+        // key sent as `null`.
+        let (mut model, mut stream, mut temperature) = (None, None, None);
+        let (mut max_tokens, mut max_completion, mut max_output, mut n, mut best_of) =
+            (None, None, None, None, None);
+        let (mut user, mut safety, mut metadata) = (None, None, None);
+        let (mut system, mut instructions, mut additional) = (None, None, None);
+        let (mut prompt, mut suffix, mut content, mut input) = (None, None, None, None);
+        let (mut role, mut messages, mut extra_messages, mut thread) = (None, None, None, None);
+        let (mut tools, mut functions, mut mcp) = (None, None, None);
+        let mut declared = String::new();
+        macro_rules! take {
+            ($slot:ident, $key:literal, $ty:ty) => {
+                once(&mut $slot, map.next_value::<Option<$ty>>()?, $key)?
+            };
+        }
+        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+            match key.as_ref() {
+                "model" => take!(model, "model", String),
+                "stream" => take!(stream, "stream", bool),
+                "max_tokens" => take!(max_tokens, "max_tokens", i64),
+                "max_completion_tokens" => take!(max_completion, "max_completion_tokens", i64),
+                "max_output_tokens" => take!(max_output, "max_output_tokens", i64),
+                "n" => take!(n, "n", i64),
+                "best_of" => take!(best_of, "best_of", i64),
+                "temperature" => take!(temperature, "temperature", f64),
+                "user" => take!(user, "user", String),
+                "safety_identifier" => take!(safety, "safety_identifier", String),
+                "metadata" => take!(metadata, "metadata", Meta<S>),
+                "messages" => take!(messages, "messages", Vec<Item<S>>),
+                "additional_messages" => take!(extra_messages, "additional_messages", Vec<Item<S>>),
+                "thread" => take!(thread, "thread", Thread<S>),
+                "role" => take!(role, "role", String),
+                "content" => take!(content, "content", S),
+                "system" => take!(system, "system", S),
+                "instructions" => take!(instructions, "instructions", S),
+                "additional_instructions" => take!(additional, "additional_instructions", S),
+                "prompt" => take!(prompt, "prompt", S),
+                "suffix" => take!(suffix, "suffix", S),
+                "input" => take!(input, "input", Items<S>),
+                "tools" => take!(tools, "tools", Vec<ToolDef<S>>),
+                "functions" => take!(functions, "functions", Vec<ToolDef<S>>),
+                "mcp_servers" => take!(mcp, "mcp_servers", Vec<ToolDef<S>>),
+                k if !S::TEXT || NOT_TEXT.contains(&k) => {
+                    map.next_value::<IgnoredAny>()?;
+                }
+                _ => {
+                    let Strings(text) = map.next_value::<Strings>()?;
+                    push_joined(&mut declared, &text);
+                }
+            }
+        }
+        let mut b = Body::<S> {
+            model: model.flatten(),
+            stream: stream.flatten(),
+            max_tokens: max_tokens.flatten(),
+            max_completion_tokens: max_completion.flatten(),
+            max_output_tokens: max_output.flatten(),
+            n: n.flatten(),
+            best_of: best_of.flatten(),
+            temperature: temperature.flatten(),
+            user: user.flatten(),
+            safety_identifier: safety.flatten(),
+            ..Body::default()
+        };
+        b.system = [system, instructions, additional]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .collect();
+        b.prompt = [prompt, suffix].into_iter().flatten().flatten().collect();
+        if let Some(t) = thread.flatten() {
+            b.messages.extend(t.messages.into_iter().flatten());
+            if let Some(m) = t.metadata {
+                push_joined(&mut b.declared, &m.text);
+            }
+        }
+        b.messages.extend(messages.flatten().into_iter().flatten());
+        b.messages
+            .extend(extra_messages.flatten().into_iter().flatten());
+        b.messages
+            .extend(input.flatten().into_iter().flat_map(|i| i.0));
+        if let Some(content) = content.flatten() {
+            // An Assistants thread message: `{role, content, ...}`.
+            let role = role.flatten().unwrap_or_else(|| String::from("user"));
+            b.messages.push(Item::text(&role, content.into_text()));
+        }
+        b.tools = [tools, functions]
+            .into_iter()
+            .flatten()
+            .flatten()
+            .flatten()
+            .collect();
+        for item in &mut b.messages {
+            // Tools added by an input item are offered like those of `tools`.
+            b.tools.append(&mut item.1);
+        }
+        for mut server in mcp.flatten().into_iter().flatten() {
+            server.kind = Some(String::from("mcp"));
+            b.tools.push(server);
+        }
+        for id in [&b.user, &b.safety_identifier].into_iter().flatten() {
+            // Identifiers the client chose are sent to the provider with the request.
+            push_joined(&mut b.declared, id);
+        }
+        if let Some(m) = metadata.flatten() {
+            b.metadata_user = m.user_id;
+            push_joined(&mut b.declared, &m.text);
+        }
+        push_joined(&mut b.declared, &declared);
+        Ok(b)
+    }
+}
+
+/// `metadata`: Anthropic's `user_id`, and every value as text (OpenAI's string map).
+struct Meta<S> {
+    user_id: Option<String>,
+    text: String,
+    _sink: PhantomData<S>,
+}
+
+impl<'de, S: Sink> Deserialize<'de> for Meta<S> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<S>(PhantomData<S>);
+        impl<'de, S: Sink> Visitor<'de> for V<S> {
+            type Value = Meta<S>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a metadata object")
+            }
+            fn visit_unit<E: de::Error>(self) -> Result<Meta<S>, E> {
+                Ok(Meta {
+                    user_id: None,
+                    text: String::new(),
+                    _sink: PhantomData,
+                })
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Meta<S>, A::Error> {
+                let mut m = self.visit_unit::<A::Error>()?;
+                let mut user_id = None;
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    if key == "user_id" {
+                        let id = map.next_value::<Option<String>>()?;
+                        if S::TEXT {
+                            push_joined(&mut m.text, id.as_deref().unwrap_or_default());
+                        }
+                        once(&mut user_id, id, "user_id")?;
+                    } else if S::TEXT {
+                        push_joined(&mut m.text, &key);
+                        let Strings(v) = map.next_value::<Strings>()?;
+                        push_joined(&mut m.text, &v);
+                    } else {
+                        map.next_value::<IgnoredAny>()?;
+                    }
+                }
+                m.user_id = user_id.flatten();
+                Ok(m)
+            }
+        }
+        d.deserialize_any(V(PhantomData))
+    }
+}
+
+/// An Assistants API thread created with its run: `{messages, metadata}`.
+#[derive(Deserialize)]
+#[serde(bound = "S: Sink")]
+struct Thread<S> {
+    #[serde(default)]
+    messages: Option<Vec<Item<S>>>,
+    #[serde(default)]
+    metadata: Option<Meta<S>>,
+}
+
+/// A tool definition: OpenAI chat `{type, function: {name, description, parameters}}` (or
+/// `custom: {...}`), Responses `{type, name, ...}` or a built-in `{type, ...}`, Anthropic
+/// `{name, description, input_schema}` or a server tool `{type: "web_search_20250305", name}`,
+/// legacy `functions: [{name, ...}]`, an Anthropic `mcp_servers` entry. Its text is every string
+/// but the type and credentials ([`TOOL_NOT_TEXT`]).
+struct ToolDef<S> {
+    name: Option<String>,
+    kind: Option<String>,
+    /// `function` / `custom`: the definition one level down.
+    inner: Option<Box<ToolDef<S>>>,
+    text: String,
+    _sink: PhantomData<S>,
+}
+
+impl<S> ToolDef<S> {
+    /// The name (`None` for a definition without name or type), the canonical type
+    /// ([`tool_type`]) and the text.
+    fn into_parts(self) -> (Option<String>, String, String) {
+        let mut text = self.text;
+        let (inner_name, inner_kind) = match self.inner {
+            Some(inner) => {
+                push_joined(&mut text, &inner.text);
+                (inner.name, inner.kind)
+            }
+            None => (None, None),
+        };
+        let kind = self.kind.or(inner_kind);
+        let name = inner_name
+            .or(self.name)
+            .or_else(|| kind.clone().filter(|k| k != "function" && k != "custom"));
+        (name, tool_type(kind.as_deref()), text)
+    }
+}
+
+impl<'de, S: Sink> Deserialize<'de> for ToolDef<S> {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V<S>(PhantomData<S>);
+        impl<'de, S: Sink> Visitor<'de> for V<S> {
+            type Value = ToolDef<S>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a tool definition object")
+            }
+            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<ToolDef<S>, A::Error> {
+                let (mut name, mut kind, mut inner, mut server_label) = (None, None, None, None);
+                let mut text = String::new();
+                while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+                    match key.as_ref() {
+                        "name" => {
+                            let n = map.next_value::<Option<String>>()?;
+                            if S::TEXT {
+                                push_joined(&mut text, n.as_deref().unwrap_or_default());
+                            }
+                            once(&mut name, n, "name")?;
+                        }
+                        "type" => {
+                            once(&mut kind, map.next_value::<Option<String>>()?, "type")?;
+                        }
+                        // An OpenAI MCP tool is named by its server's label.
+                        "server_label" => {
+                            let label = map.next_value::<Option<String>>()?;
+                            if S::TEXT {
+                                push_joined(&mut text, label.as_deref().unwrap_or_default());
+                            }
+                            once(&mut server_label, label, "server_label")?;
+                        }
+                        "function" | "custom" => {
+                            let def = map.next_value::<Option<ToolDef<S>>>()?.map(Box::new);
+                            once(&mut inner, def, "function")?;
+                        }
+                        k if TOOL_NOT_TEXT.contains(&k) || !S::TEXT => {
+                            map.next_value::<IgnoredAny>()?;
+                        }
+                        _ => {
+                            let Strings(v) = map.next_value::<Strings>()?;
+                            push_joined(&mut text, &v);
+                        }
+                    }
+                }
+                Ok(ToolDef {
+                    name: name.flatten().or(server_label.flatten()),
+                    kind: kind.flatten(),
+                    inner: inner.flatten(),
+                    text,
+                    _sink: PhantomData,
+                })
+            }
+        }
+        d.deserialize_map(V(PhantomData))
+    }
+}
+
+/// The canonical type of a tool, the same for both providers: `function` for a tool the client
+/// defines and runs (`function`, `custom`, no type), else the built-in or server tool's type
+/// without its version (`web_search_20250305` and `web_search_preview` are `web_search`;
+/// `code_execution_*` and `code_interpreter` are `code_execution`; `bash_*`, `local_shell` and
+/// `shell` are `bash`; `computer_*` and `computer_use_preview` are `computer_use`;
+/// `text_editor_*` and `apply_patch` are `text_editor`; `mcp_toolset` and an MCP server are
+/// `mcp`; `tool_search_tool_*` is `tool_search`), lower case.
+pub fn tool_type(kind: Option<&str>) -> String {
+    let Some(kind) = kind else {
+        return String::from("function");
+    };
+    let lower = kind.trim().to_ascii_lowercase();
+    // Versions: `_20250305` (Anthropic) or `_2025_03_11` (OpenAI).
+    let mut base = lower.as_str();
+    while let Some((head, tail)) = base.rsplit_once('_') {
+        if tail.is_empty() || !tail.bytes().all(|b| b.is_ascii_digit()) {
+            break;
+        }
+        base = head;
+    }
+    let canonical = match base {
+        "" | "function" | "custom" => "function",
+        "code_execution" | "code_interpreter" => "code_execution",
+        "bash" | "local_shell" | "shell" => "bash",
+        "computer" | "computer_use" | "computer_use_preview" => "computer_use",
+        "text_editor" | "apply_patch" => "text_editor",
+        "web_search" | "web_search_preview" => "web_search",
+        "mcp" | "mcp_toolset" => "mcp",
+        b if b.starts_with("tool_search_tool") => "tool_search",
+        other => other,
+    };
+    String::from(canonical)
 }
 
 /// Text collected from a content value, or nothing.
 trait Sink: for<'de> Deserialize<'de> + Default {
+    /// Whether text is collected at all.
+    const TEXT: bool;
     fn into_text(self) -> String;
 }
 
@@ -661,12 +1003,14 @@ struct Text(String);
 struct Skip;
 
 impl Sink for Text {
+    const TEXT: bool = true;
     fn into_text(self) -> String {
         self.0
     }
 }
 
 impl Sink for Skip {
+    const TEXT: bool = false;
     fn into_text(self) -> String {
         String::new()
     }
@@ -732,47 +1076,137 @@ impl<'de> Visitor<'de> for TextVisitor {
         }
         Ok(Text(acc))
     }
-    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Text, A::Error> {
-        let mut acc = String::new();
-        let mut kind: Option<Cow<'de, str>> = None;
-        // Kept until the block's `type` is known (keys come in any order).
-        let (mut data, mut title, mut context) = (None, None, None);
-        while let Some(key) = map.next_key::<Cow<'de, str>>()? {
-            match key.as_ref() {
-                "text" | "content" | "output" | "thinking" | "refusal" | "arguments"
-                | "function" | "function_call" | "tool_calls" | "summary" | "source" => {
-                    let Text(part) = map.next_value::<Text>()?;
-                    push_joined(&mut acc, &part);
-                }
-                // Tool call input (any JSON), prompt-template variables.
-                "input" | "variables" => {
-                    let Strings(part) = map.next_value::<Strings>()?;
-                    push_joined(&mut acc, &part);
-                }
-                "type" => kind = map.next_value::<Option<Cow<'de, str>>>()?,
-                "data" => data = map.next_value::<Option<Text>>()?,
-                "title" => title = map.next_value::<Option<Text>>()?,
-                "context" => context = map.next_value::<Option<Text>>()?,
-                _ => {
-                    map.next_value::<IgnoredAny>()?;
-                }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Text, A::Error> {
+        let b = block::<A, Text>(map)?;
+        let mut text = b.text;
+        // Tool definitions inside content (a tool search result): their text is read too.
+        for t in b.tools {
+            push_joined(&mut text, &t.into_parts().2);
+        }
+        Ok(Text(text))
+    }
+}
+
+/// Keys of messages, input items and content blocks whose values are not text: ids, types,
+/// opaque provider data (signatures, encrypted content), media and log probabilities, and
+/// credentials the provider uses. Every other key's strings are text (default in: a block type
+/// added by a later API version is read, not skipped).
+const CONTENT_NOT_TEXT: &[&str] = &[
+    "id",
+    "call_id",
+    "tool_call_id",
+    "tool_use_id",
+    "tool_id",
+    "caller_id",
+    "file_id",
+    "file_ids",
+    "download_id",
+    "tab_id",
+    "skill_id",
+    "container_id",
+    "approval_request_id",
+    "vector_store_ids",
+    "signature",
+    "encrypted_content",
+    "encrypted_index",
+    "encrypted_stdout",
+    "media_type",
+    "mime_type",
+    "cache_control",
+    "detail",
+    "status",
+    "version",
+    "retrieved_at",
+    "file_data",
+    "input_audio",
+    "audio",
+    "logprobs",
+    "top_logprobs",
+    "fingerprint",
+    "headers",
+    "authorization",
+    "authorization_token",
+    "domain_secrets",
+];
+
+/// A message, input item or content block read as a map: its role and type, its text, and the
+/// tools it adds (a Responses `additional_tools` item).
+struct Block<S> {
+    role: Option<String>,
+    kind: Option<String>,
+    text: String,
+    tools: Vec<ToolDef<S>>,
+}
+
+/// Reads one map of a message, item or block ([`CONTENT_NOT_TEXT`] says what is not text).
+fn block<'de, A: MapAccess<'de>, S: Sink>(mut map: A) -> Result<Block<S>, A::Error> {
+    let mut b = Block {
+        role: None,
+        kind: None,
+        text: String::new(),
+        tools: Vec::new(),
+    };
+    // Kept until the block's `type` is known (keys come in any order).
+    let (mut data, mut result) = (None, None);
+    while let Some(key) = map.next_key::<Cow<'de, str>>()? {
+        match key.as_ref() {
+            "role" => b.role = map.next_value::<Option<String>>()?,
+            "type" => b.kind = map.next_value::<Option<String>>()?,
+            "tools" => {
+                let tools = map.next_value::<Option<Vec<ToolDef<S>>>>()?;
+                b.tools.extend(tools.into_iter().flatten());
+            }
+            _ if !S::TEXT => {
+                map.next_value::<IgnoredAny>()?;
+            }
+            k if CONTENT_NOT_TEXT.contains(&k) => {
+                map.next_value::<IgnoredAny>()?;
+            }
+            // A text document's source, or base64 of an image, a PDF, a redacted thought.
+            "data" => data = map.next_value::<Option<Text>>()?,
+            // An image generation call's base64 image, or a tool's result.
+            "result" => result = map.next_value::<Option<Text>>()?,
+            // A URL is text (a key in its query is a key sent); a `data:` URI is media.
+            "url" | "image_url" | "file_url" => {
+                let Text(url) = map.next_value::<Url>()?.0;
+                push_joined(&mut b.text, &url);
+            }
+            // Tool call input and arguments (any JSON), template variables, a shell's
+            // environment, metadata and JSON schemas: every key and string.
+            "input" | "arguments" | "variables" | "env" | "metadata" | "attributes" | "schema"
+            | "input_schema" | "output_schema" | "parameters" | "properties" | "configs"
+            | "input_examples" => {
+                let Strings(part) = map.next_value::<Strings>()?;
+                push_joined(&mut b.text, &part);
+            }
+            _ => {
+                let Text(part) = map.next_value::<Text>()?;
+                push_joined(&mut b.text, &part);
             }
         }
-        match kind.as_deref() {
-            // A plain-text document source: `{"type": "text", "media_type": "text/plain", "data"}`.
-            Some("text") => {
-                if let Some(Text(d)) = data {
-                    push_joined(&mut acc, &d);
-                }
-            }
-            Some("document" | "search_result") => {
-                for Text(t) in [title, context].into_iter().flatten() {
-                    push_joined(&mut acc, &t);
-                }
-            }
-            _ => {}
-        }
-        Ok(Text(acc))
+    }
+    let kind = b.kind.as_deref();
+    if let (Some("text"), Some(Text(d))) = (kind, data) {
+        // A plain-text document source: `{"type": "text", "media_type": "text/plain", "data"}`.
+        push_joined(&mut b.text, &d);
+    }
+    if let (false, Some(Text(r))) = (kind == Some("image_generation_call"), result) {
+        push_joined(&mut b.text, &r);
+    }
+    Ok(b)
+}
+
+/// A URL's text, or nothing for a `data:` URI (media); an object (`{"url", "detail"}`) is read
+/// as a block.
+struct Url(Text);
+
+impl<'de> Deserialize<'de> for Url {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let Text(t) = Text::deserialize(d)?;
+        let media = t
+            .get(..5)
+            .is_some_and(|head| head.eq_ignore_ascii_case("data:"));
+        Ok(Url(Text(if media { String::new() } else { t })))
     }
 }
 
@@ -833,51 +1267,21 @@ impl<'de> Visitor<'de> for StringsVisitor {
     }
 }
 
-/// One message / input item; `None` for items without text (token arrays, bare ids).
-struct Item<S>(Option<Message>, PhantomData<S>);
+/// One message / input item; `None` for items without text (token arrays, bare ids), with the
+/// tools it adds.
+struct Item<S>(Option<Message>, Vec<ToolDef<S>>);
 
 /// `input`: a string, or an array of strings / items / token arrays.
 struct Items<S>(Vec<Item<S>>);
 
-#[derive(Deserialize)]
-#[serde(bound = "S: Sink")]
-struct ItemFields<'a, S> {
-    #[serde(default, borrow)]
-    role: Option<Cow<'a, str>>,
-    /// OpenAI chat: the participant's name, which the model reads with the turn.
-    #[serde(default)]
-    name: Option<S>,
-    #[serde(default)]
-    content: Option<S>,
-    #[serde(default)]
-    output: Option<S>,
-    /// OpenAI chat assistant turns: `tool_calls[].function.arguments`.
-    #[serde(default)]
-    tool_calls: Option<S>,
-    /// Legacy OpenAI chat assistant turns: `function_call.arguments`.
-    #[serde(default)]
-    function_call: Option<S>,
-    /// Responses `function_call` items.
-    #[serde(default)]
-    arguments: Option<S>,
-    /// Responses `custom_tool_call` items.
-    #[serde(default)]
-    input: Option<S>,
-    /// Responses `reasoning` items.
-    #[serde(default)]
-    summary: Option<S>,
-    #[serde(default, borrow, rename = "type")]
-    kind: Option<Cow<'a, str>>,
-}
-
-impl<S: Sink> Item<S> {
+impl<S> Item<S> {
     fn text(role: &str, text: String) -> Self {
         Item(
             Some(Message {
                 role: role.to_string(),
                 content: text,
             }),
-            PhantomData,
+            Vec::new(),
         )
     }
 }
@@ -893,52 +1297,38 @@ impl<'de, S: Sink> Visitor<'de> for ItemVisitor<S> {
         Ok(Item::text("user", v.to_string()))
     }
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Item<S>, A::Error> {
-        let f: ItemFields<'_, S> =
-            Deserialize::deserialize(de::value::MapAccessDeserializer::new(map))?;
-        // A Responses `function_call` item's `name` is the tool's name, not text.
-        let name = f.name.filter(|_| f.role.is_some());
-        let parts = [
-            name,
-            f.content,
-            f.output,
-            f.tool_calls,
-            f.function_call,
-            f.arguments,
-            f.input,
-            f.summary,
-        ];
-        if f.role.is_none() && parts.iter().all(Option::is_none) {
-            // Items that carry no text (a bare reference, a token array in a map, ...).
-            return Ok(Item(None, PhantomData));
+        let b = block::<A, S>(map)?;
+        if b.role.is_none() && b.text.is_empty() {
+            // An item without text (a bare reference, a reasoning item without a summary, a
+            // call without arguments): no turn.
+            return Ok(Item(None, b.tools));
         }
-        let role = match (&f.role, f.kind.as_deref()) {
-            (Some(r), _) => r.as_ref(),
-            (None, Some("function_call_output" | "custom_tool_call_output")) => "tool",
-            (None, Some("function_call" | "custom_tool_call" | "reasoning")) => "assistant",
+        let role = match (b.role.as_deref(), b.kind.as_deref()) {
+            (Some(r), _) => r,
+            (None, Some(k)) if k.ends_with("_output") => "tool",
+            (None, Some(k)) if k.ends_with("_call") || k == "reasoning" => "assistant",
             (None, _) => "user",
         };
-        let mut text = String::new();
-        for part in parts.into_iter().flatten() {
-            push_joined(&mut text, &part.into_text());
-        }
-        if f.role.is_none() && text.is_empty() {
-            // A reasoning item without a summary, a call without arguments: no turn.
-            return Ok(Item(None, PhantomData));
-        }
-        Ok(Item::text(role, text))
+        Ok(Item(
+            Some(Message {
+                role: role.to_string(),
+                content: b.text,
+            }),
+            b.tools,
+        ))
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Item<S>, A::Error> {
         while seq.next_element::<IgnoredAny>()?.is_some() {}
-        Ok(Item(None, PhantomData))
+        Ok(Item(None, Vec::new()))
     }
     fn visit_i64<E: de::Error>(self, _: i64) -> Result<Item<S>, E> {
-        Ok(Item(None, PhantomData))
+        Ok(Item(None, Vec::new()))
     }
     fn visit_u64<E: de::Error>(self, _: u64) -> Result<Item<S>, E> {
-        Ok(Item(None, PhantomData))
+        Ok(Item(None, Vec::new()))
     }
     fn visit_unit<E: de::Error>(self) -> Result<Item<S>, E> {
-        Ok(Item(None, PhantomData))
+        Ok(Item(None, Vec::new()))
     }
 }
 

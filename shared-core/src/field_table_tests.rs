@@ -34,6 +34,7 @@ fn perturb(c: &mut RequestContext, field: &FieldRef) {
         FieldRef::PromptFolded => r.prompt_folded.push_str(" more"),
         FieldRef::EstimatedTokens => r.estimated_tokens = 99,
         FieldRef::Tools => r.tools.push("t2".into()),
+        FieldRef::ToolTypes => r.tool_types.push("bash".into()),
         FieldRef::BodyBytes => r.body_bytes = 1234,
         FieldRef::PrincipalAll | FieldRef::Principal(_) => {
             c.principal = vec![("id".into(), Some("other".into()))]

@@ -45,6 +45,8 @@ pub enum FieldRef {
     EstimatedTokens,
     /// `request.tools`
     Tools,
+    /// `request.tool_types`
+    ToolTypes,
     /// `request.body_bytes`
     BodyBytes,
     /// `principal` (the whole map)
@@ -61,6 +63,14 @@ pub enum FieldRef {
     Weekday,
     /// A field of the current element inside a CEL `exists` / `all` over a list.
     Elem(ElemField),
+}
+
+impl FieldRef {
+    /// Whether the field's text is folded ([`crate::fold::fold`]), so that a policy's strings
+    /// compared with it are folded the same way when the policy loads.
+    pub fn folds(&self) -> bool {
+        matches!(self, FieldRef::PromptFolded | FieldRef::Tools)
+    }
 }
 
 /// What an element field of a list comprehension reads.
@@ -174,7 +184,8 @@ pub const FIELDS: &[Field] = &[
     field!("request.prompt", Some(FieldRef::Prompt), Str, "string", "\"\"", "All text the model reads, joined with newlines: see \"What `request.prompt` holds\" in the policy language."),
     field!("request.prompt_folded", Some(FieldRef::PromptFolded), Str, "string", "\"\"", "`request.prompt` folded so that Unicode disguises coincide with the plain text: compatibility forms (fullwidth, mathematical letters, ligatures), accents, zero-width and other invisible characters, case, and look-alike letters of other scripts (Unicode TS #39 confusables) mapped to their Latin look-alikes, in lower case; whitespace runs collapsed. In the DSL (and CEL's `==`, `in`, `contains`, `startsWith`, `endsWith` on it, where CEL compiles to native tests) string values are folded the same way when the policy loads: write the plain phrase. See \"Disguised text\" in the policy language."),
     field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate (docs/budgets.md): a bound calibrated per script that undercounts the providers' tokenizers by at most 10%."),
-    field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools / functions offered to the model."),
+    field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools offered to the model (functions, built-in and server tools, MCP servers), folded like `request.prompt_folded` (lower case, look-alike letters as Latin): a rule's names are folded the same way, so `Bash` and `bash` are one tool."),
+    field!("request.tool_types", Some(FieldRef::ToolTypes), StrList, "list<string>", "[]", "The type of each tool in `request.tools`, same order, the same for both providers: `function` (defined and run by the client), or the built-in / server tool without its version: `code_execution` (Anthropic `code_execution_*`, OpenAI `code_interpreter`), `bash` (`bash_*`, `local_shell`, `shell`), `computer_use`, `text_editor` (`text_editor_*`, `apply_patch`), `web_search`, `web_fetch`, `file_search`, `image_generation`, `mcp` (OpenAI `mcp`, Anthropic `mcp_toolset` and `mcp_servers`), `memory`, `tool_search`; another type as sent, lower case, without a date suffix."),
     field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),
     field!("principal.<attribute>", None, OptStr, "string | null", "null", "One per configured attribute, from its header (defaults: `id` from `x-user-id`, `tier` from `x-user-tier`, `team` from `x-team-id`, `org` from `x-org-id`); null when the header is missing, so guard CEL calls: `principal.id != null && principal.id.startsWith('svc-')`."),
     field!("shield.<name>", None, Dynamic, "double | string (may be absent)", "absent", "From headers `x-llm-shield-<name>` (lower-case, dashes become underscores: write `shield.pii_score`; a header name with `_` is ignored); numeric values are numbers; a score sent more than once counts at its highest (scores are risks). DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`."),

@@ -113,7 +113,8 @@ fn string_functions_on_request_data() {
             true,
         ),
         (
-            "request.prompt.replace('sk-abc', '[key]') == 'my key is [key], ok?'",
+            // Tool definitions are text the model reads too.
+            "request.prompt.replace('sk-abc', '[key]') == 'my key is [key], ok?\\nweb_search\\ncode'",
             true,
         ),
         ("strings.quote(request.model) == '\"gpt-4o\"'", true),

@@ -10,8 +10,9 @@
 mod common;
 
 use common::{ctx, ctx_at, try_ctx};
-use llm_policy_core::context::{Api, Provider};
+use llm_policy_core::context::{Api, Needs, Provider};
 use llm_policy_core::ContextError;
+use llm_policy_core::{ContextConfig, RequestContext, RequestInput};
 
 #[test]
 fn openai_chat_with_parts_tools_and_options() {
@@ -52,7 +53,7 @@ fn openai_chat_with_parts_tools_and_options() {
     assert_eq!(r.messages[1].content, "What is in this image?");
     assert_eq!(
         r.prompt,
-        "Answer in French.\nWhat is in this image?\n{\"q\":\"x\"}\nlookup result"
+        "Answer in French.\nWhat is in this image?\nlookup\n{\"q\":\"x\"}\nlookup result\nlookup\ntype\nobject\nend-user-9\ntype\njson_object"
     );
     assert_eq!(
         r.estimated_tokens,
@@ -91,8 +92,11 @@ fn anthropic_messages_with_system_blocks_and_tool_blocks() {
     // The tool call's input is text the model reads (a secret in it must be caught).
     assert_eq!(
         r.prompt,
-        "You are terse.\nWeather in Paris?\ncity\nParis\n18C"
+        "You are terse.\nWeather in Paris?\nget_weather\ncity\nParis\n18C\nget_weather\nw\ntype\nobject\nu-77"
     );
+    // The turns hold the messages only; the tool definitions and metadata are in the prompt.
+    assert_eq!(r.messages.last().unwrap().content, "18C");
+    assert_eq!(r.tool_types, vec!["function"]);
 }
 
 #[test]
@@ -122,8 +126,12 @@ fn responses_api_input_forms() {
         {"type":"reasoning","id":"r","summary":[]}],
       "tools":[{"type":"web_search_preview"},{"type":"function","name":"f","parameters":{}}]}"#;
     let c = ctx_at("/v1/responses", &[], body);
-    assert_eq!(c.request.prompt, "look\n{}\ntool says hi");
+    assert_eq!(
+        c.request.prompt,
+        "look\nhttps://x/y.png\nf\n{}\ntool says hi\nf"
+    );
     assert_eq!(c.request.tools, vec!["web_search_preview", "f"]);
+    assert_eq!(c.request.tool_types, vec!["web_search", "function"]);
     assert!(c
         .request
         .messages
@@ -280,13 +288,33 @@ fn deeply_nested_json_is_an_error_not_a_crash() {
             .status(),
         400
     );
-    // Unknown fields are skipped without recursion, however deep.
+    // Unknown fields are text the provider receives: when a rule reads the prompt, nesting in them
+    // is refused the same way; when none does, they are skipped without recursion, however deep.
     let body = format!(
         "{{\"x\":{}1{}}}",
         "{\"a\":".repeat(100_000),
         "}".repeat(100_000)
     );
-    assert!(try_ctx("/v1/chat/completions", &[], &body).is_ok());
+    assert_eq!(
+        try_ctx("/v1/chat/completions", &[], &body)
+            .unwrap_err()
+            .status(),
+        400
+    );
+    let input = RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &[],
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    let none = Needs {
+        messages: false,
+        prompt: false,
+        folded: false,
+        estimate: false,
+    };
+    assert!(RequestContext::from_request_with(&input, &ContextConfig::default(), none).is_ok());
 }
 
 #[test]

@@ -48,7 +48,7 @@ fn openai_chat_with_parts_tools_and_stream() {
     assert_eq!(r.tools, vec!["lookup"]);
     assert_eq!(
         r.prompt,
-        "Answer in French.\nWhat is in this image?\n{\"q\": \"x\"}\nlookup result"
+        "Answer in French.\nWhat is in this image?\n{\"q\": \"x\"}\nlookup\nlookup result\nlookup\nproperties\ntype\nobject\nend-user-9"
     );
     assert_eq!(c.principal("tier"), Some("pro"));
 }
@@ -85,7 +85,7 @@ fn openai_responses() {
     assert_eq!(r.max_tokens, Some(200));
     assert_eq!(
         r.prompt,
-        "You are a support bot.\nlook at this\n{}\ntool says hi"
+        "You are a support bot.\nlook at this\n{}\nget_weather\ntool says hi\nget_weather"
     );
     let roles: Vec<&str> = r.messages.iter().map(|m| m.role.as_str()).collect();
     assert_eq!(roles, vec!["system", "user", "assistant", "tool"]);
@@ -105,7 +105,7 @@ fn anthropic_messages() {
     assert_eq!(r.tools, vec!["get_weather"]);
     assert_eq!(
         r.prompt,
-        "You are terse.\nWeather in Paris?\ncity\nParis\n18C"
+        "You are terse.\nWeather in Paris?\ncity\nParis\nget_weather\n18C\nweather\nproperties\ntype\nobject\nget_weather\nu-77"
     );
     assert_eq!(c.principal("team"), Some("research"));
     let c = load("anthropic-messages-stream");

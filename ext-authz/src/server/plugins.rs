@@ -818,6 +818,7 @@ impl Serialize for FieldValue<'_> {
                 s.serialize_i64(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }
             FieldRef::Tools => r.tools.serialize(s),
+            FieldRef::ToolTypes => r.tool_types.serialize(s),
             FieldRef::BodyBytes => s.serialize_i64(r.body_bytes),
             FieldRef::PrincipalAll => s.collect_map(ctx.principal.iter().map(|(k, v)| (k, v))),
             FieldRef::Principal(attr) => ctx.principal(attr).serialize(s),

@@ -15,7 +15,7 @@ use crate::schema::{FieldRef, FieldType, ROOTS};
 
 /// A CEL-semantics leaf on the field's value (`size: false`) or its `size()`.
 fn strict_leaf(field: FieldRef, test: Test, size: bool) -> Cond {
-    let test = if field == FieldRef::PromptFolded && !size {
+    let test = if field.folds() && !size {
         test.folded()
     } else {
         test
@@ -157,7 +157,11 @@ fn translate_each(c: &ComprehensionExpr, sc: &Scope<'_>) -> Option<Cond> {
         attrs: sc.attrs,
         elem: Some((c.iter_var.as_str(), ty)),
     };
-    let pred = translate(pred, &inner)?;
+    let mut pred = translate(pred, &inner)?;
+    if range.folds() {
+        // Tool names are folded: so are the strings the element is compared with.
+        pred = pred.fold_elements();
+    }
     Some(Cond::Each {
         range,
         any,
