@@ -49,6 +49,7 @@ mod compile;
 mod condition;
 pub mod context;
 pub mod decision;
+pub mod detect;
 mod diagnostic;
 mod document;
 mod dsl;

@@ -1,0 +1,165 @@
+//! Personal data, secrets and prompt injection in text, however the client disguises them: the
+//! scanners of [`pii`] and [`injection`] read the text and its views ([`views`]): the text folded
+//! ([`crate::fold`]: fullwidth, zero-width, look-alike letters), letters spelled one by one
+//! joined, spelled-out `[at]` / `dot`, keys written in groups, mixed digit separators, base64 /
+//! hex / percent-encoded runs decoded, the text reversed, digit groups of nearby numbers side by
+//! side (a card handed over in two turns) and, for phrases, leetspeak.
+//!
+//! A view that rewrites the text may join what was apart, so in a view only confident findings
+//! count ([`VIEW_CONFIDENCE`]: a Luhn-valid number must have a known issuer's prefix). Both
+//! plugins and the context fields `request.prompt_entities` and `request.prompt_injection` are
+//! this module; the filter and the server compute the same.
+
+pub mod injection;
+pub mod pii;
+pub mod views;
+
+use alloc::vec::Vec;
+
+pub use injection::Signal;
+pub use pii::{Entities, Entity, Finding};
+
+/// The least confidence a finding in a view (not the text as sent) needs to count.
+pub const VIEW_CONFIDENCE: f64 = 0.8;
+
+/// The most confident finding of each kind of personal data or secret.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Found {
+    best: [f64; Entity::ALL.len()],
+}
+
+impl Found {
+    /// The highest confidence a finding of `e` had (0 when none).
+    pub fn confidence(&self, e: Entity) -> f64 {
+        self.best.get(e as usize).copied().unwrap_or(0.0)
+    }
+
+    /// The kinds found with at least `min` confidence, in [`Entity::ALL`] order.
+    pub fn kinds(&self, min: f64) -> impl Iterator<Item = Entity> + '_ {
+        Entity::ALL
+            .into_iter()
+            .filter(move |e| self.confidence(*e) >= min && self.confidence(*e) > 0.0)
+    }
+
+    /// The highest confidence of any kind.
+    pub fn score(&self) -> f64 {
+        self.best.iter().copied().fold(0.0, f64::max)
+    }
+
+    fn add(&mut self, f: &Finding, view: bool) {
+        if view && f.confidence < VIEW_CONFIDENCE {
+            return;
+        }
+        if let Some(slot) = self.best.get_mut(f.entity as usize) {
+            *slot = slot.max(f.confidence);
+        }
+    }
+}
+
+/// The personal data and secrets of the kinds in `wanted` found in `text` or any of its views.
+pub fn entities(text: &str, wanted: Entities) -> Found {
+    let mut found = Found::default();
+    for f in pii::scan(text, wanted) {
+        found.add(&f, false);
+    }
+    let cards = Entities::none().with(Entity::CreditCard);
+    for_each_view(text, |view, cards_only| {
+        let kinds = if cards_only { cards } else { wanted };
+        if cards_only && !wanted.contains(Entity::CreditCard) {
+            return;
+        }
+        for f in pii::scan_any_case(view, kinds) {
+            found.add(&f, true);
+        }
+    });
+    found
+}
+
+/// The prompt-injection score of `text`: the highest of the text's and its views' scores
+/// ([`injection::score`]), with the signals of that view.
+pub fn injection_score(text: &str) -> (f64, Vec<Signal>) {
+    let mut best = injection::score(text);
+    let mut consider = |view: &str| {
+        let s = injection::score(view);
+        if s.0 > best.0 {
+            best = s;
+        }
+    };
+    let folded = crate::fold::fold(text);
+    consider(&folded);
+    let compact = crate::fold::fold(&views::compact(text));
+    consider(&views::unleet(&compact));
+    if compact != folded {
+        consider(&compact);
+    }
+    if asks_backwards(text) {
+        consider(&views::reversed(&folded));
+    }
+    let decoded = views::decoded(text);
+    if !decoded.is_empty() {
+        consider(&crate::fold::fold(&decoded));
+    }
+    best
+}
+
+/// Words that ask for text to be read backwards, in the languages the scanners know: without
+/// one, the reversed view is not read (backwards, a long number is another number that passes the
+/// Luhn check one time in ten).
+const BACKWARDS: &[&str] = &[
+    "revers",
+    "backward",
+    "flip",
+    "mirror",
+    "envers",
+    "rückwärts",
+    "ruckwarts",
+    "umgekehrt",
+    "al revés",
+    "al reves",
+    "invert",
+    "contrario",
+    "задом",
+    "наоборот",
+    "反",
+    "逆",
+];
+
+/// Whether `text` asks for something to be read backwards.
+pub fn asks_backwards(text: &str) -> bool {
+    let lower = text.to_lowercase();
+    BACKWARDS.iter().any(|w| lower.contains(w))
+}
+
+/// Calls `f` with each view of `text` that differs from it (folded, compacted and folded,
+/// decoded, reversed when the text asks for it) and whether only card numbers are read in it
+/// (the scattered digits).
+pub fn for_each_view(text: &str, mut f: impl FnMut(&str, bool)) {
+    let folded = crate::fold::fold(text);
+    if folded != text {
+        f(&folded, false);
+    }
+    let compact = views::compact(text);
+    if compact != text {
+        f(&compact, false);
+        let folded_compact = crate::fold::fold(&compact);
+        if folded_compact != compact && folded_compact != folded {
+            f(&folded_compact, false);
+        }
+    }
+    let decoded = views::decoded(text);
+    if !decoded.is_empty() {
+        f(&decoded, false);
+    }
+    if asks_backwards(text) {
+        f(&views::reversed(text), false);
+    }
+    let scattered = views::scattered_digits(text);
+    if !scattered.is_empty() {
+        f(&scattered, true);
+    }
+}
+
+/// The names of the kinds found with at least `min` confidence, e.g. for a reason; never values.
+pub fn kind_names(found: &Found, min: f64) -> Vec<&'static str> {
+    found.kinds(min).map(Entity::name).collect()
+}

@@ -1,0 +1,1004 @@
+//! Personal data and secrets in text: e-mail addresses, phone numbers, payment cards (Luhn),
+//! IBANs (mod 97), US social security numbers, the API keys of the major clouds and AI vendors,
+//! PEM private keys.
+//!
+//! | name | what | confidence |
+//! |---|---|---|
+//! | `email` | `local@domain.tld` (at least two domain labels, an alphabetic TLD) | 0.95 |
+//! | `phone` | `+` international (8–15 digits), `(area) …`, North-American `ddd-ddd-dddd` (one separator kind), national numbers with a leading `0` written in groups; never a bare digit run | 0.7–0.9 |
+//! | `credit_card` | 13–19 digits, optionally grouped with one kind of separator (space, `-`, `.`, `/`, `_`), **Luhn-valid**; a known issuer prefix and length | 0.9 (0.4 for an unknown prefix) |
+//! | `iban` | country code, check digits, the country's length (single spaces, `-` or `.` between groups; any case), **mod-97 valid** | 0.95 |
+//! | `us_ssn` | `ddd-dd-dddd` (or spaces or dots) with a valid area, group and serial; nine bare digits only after `SSN` or `social security` | 0.85 (0.8 bare) |
+//! | `api_key` | OpenAI `sk-…` / `sk-proj-…`, Anthropic `sk-ant-…`, AWS `AKIA…` / `ASIA…`, GitHub `ghp_…` / `github_pat_…`, Slack `xox[abprs]-…`, Google `AIza…`, Stripe `sk_live_…` / `rk_live_…`; a distinctive prefix with at least 6 random characters is a key cut short | 0.9–0.99 (0.8 cut short) |
+//! | `private_key` | a PEM `-----BEGIN … PRIVATE KEY-----` header, in any case | 0.99 |
+//!
+//! The scanners work on bytes (every pattern is ASCII), run in one pass each and allocate only
+//! the findings. They see one text; [`crate::detect`] runs them over the text's views (folded,
+//! compacted, decoded, reversed), so a disguise does not hide a value.
+
+use alloc::vec::Vec;
+
+/// A kind of personal data or secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Entity {
+    /// An email address.
+    Email,
+    /// A phone number.
+    Phone,
+    /// A payment card number.
+    CreditCard,
+    /// An international bank account number.
+    Iban,
+    /// A US social security number.
+    UsSsn,
+    /// A provider API key or access token.
+    ApiKey,
+    /// A PEM private key.
+    PrivateKey,
+}
+
+impl Entity {
+    /// Every entity, in reporting order.
+    pub const ALL: [Entity; 7] = [
+        Entity::Email,
+        Entity::Phone,
+        Entity::CreditCard,
+        Entity::Iban,
+        Entity::UsSsn,
+        Entity::ApiKey,
+        Entity::PrivateKey,
+    ];
+
+    /// The name used in the `entities` argument and in reasons.
+    pub fn name(self) -> &'static str {
+        match self {
+            Entity::Email => "email",
+            Entity::Phone => "phone",
+            Entity::CreditCard => "credit_card",
+            Entity::Iban => "iban",
+            Entity::UsSsn => "us_ssn",
+            Entity::ApiKey => "api_key",
+            Entity::PrivateKey => "private_key",
+        }
+    }
+
+    /// The entity with this name.
+    pub fn from_name(name: &str) -> Option<Entity> {
+        Entity::ALL.into_iter().find(|e| e.name() == name)
+    }
+
+    fn bit(self) -> u8 {
+        1 << (self as u8)
+    }
+}
+
+/// A set of entities to look for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Entities(u8);
+
+impl Entities {
+    /// Every entity.
+    pub fn all() -> Entities {
+        Entities(Entity::ALL.iter().fold(0, |acc, e| acc | e.bit()))
+    }
+
+    /// No entity.
+    pub fn none() -> Entities {
+        Entities(0)
+    }
+
+    /// This set with `e`.
+    pub fn with(self, e: Entity) -> Entities {
+        Entities(self.0 | e.bit())
+    }
+
+    /// Whether `e` is in the set.
+    pub fn contains(self, e: Entity) -> bool {
+        self.0 & e.bit() != 0
+    }
+}
+
+/// One thing found: its kind, the scanner's confidence and where (byte offsets; never reported).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Finding {
+    /// What was found.
+    pub entity: Entity,
+    /// How sure the scanner is, 0..1.
+    pub confidence: f64,
+    /// Start byte offset.
+    pub start: usize,
+    /// End byte offset (exclusive).
+    pub end: usize,
+}
+
+/// Every finding of the selected entities in `text`, in scanner order.
+pub fn scan(text: &str, entities: Entities) -> Vec<Finding> {
+    scan_with(text, entities, false)
+}
+
+/// [`scan`] for a view whose case is not the text's (folded to lower case): key prefixes and
+/// bodies match in any case.
+pub fn scan_any_case(text: &str, entities: Entities) -> Vec<Finding> {
+    scan_with(text, entities, true)
+}
+
+fn scan_with(text: &str, entities: Entities, any_case: bool) -> Vec<Finding> {
+    let b = text.as_bytes();
+    let mut out = Vec::new();
+    if entities.contains(Entity::Email) {
+        scan_emails(b, &mut out);
+    }
+    if entities.contains(Entity::CreditCard) {
+        scan_cards(b, &mut out);
+    }
+    if entities.contains(Entity::Phone) {
+        scan_phones(b, &mut out);
+    }
+    if entities.contains(Entity::Iban) {
+        scan_ibans(b, &mut out);
+    }
+    if entities.contains(Entity::UsSsn) {
+        scan_ssns(b, &mut out);
+    }
+    if entities.contains(Entity::ApiKey) || entities.contains(Entity::PrivateKey) {
+        scan_keys(b, entities, any_case, &mut out);
+    }
+    out
+}
+
+// ---------------------------------------------------------------------------------------------
+// Scanners. `b` is the prompt's bytes; every pattern is ASCII, so a multi-byte character is just
+// a non-matching byte and offsets always fall on character boundaries of the patterns.
+
+fn at(b: &[u8], i: usize) -> u8 {
+    b.get(i).copied().unwrap_or(0)
+}
+
+fn before(b: &[u8], i: usize) -> u8 {
+    i.checked_sub(1).map_or(0, |j| at(b, j))
+}
+
+fn push(out: &mut Vec<Finding>, entity: Entity, confidence: f64, start: usize, end: usize) {
+    out.push(Finding {
+        entity,
+        confidence,
+        start,
+        end,
+    });
+}
+
+fn scan_emails(b: &[u8], out: &mut Vec<Finding>) {
+    let local = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-');
+    let label = |c: u8| c.is_ascii_alphanumeric() || c == b'-';
+    for (i, _) in b.iter().enumerate().filter(|(_, c)| **c == b'@') {
+        // Local part, leftwards (at most 64 bytes), without leading dots.
+        let mut s = i;
+        while s > 0 && i - s < 64 && local(before(b, s)) {
+            s -= 1;
+        }
+        while s < i && at(b, s) == b'.' {
+            s += 1;
+        }
+        if s == i || at(b, i - 1) == b'.' {
+            continue;
+        }
+        // Domain: labels separated by single dots; a final dot is punctuation.
+        let mut j = i + 1;
+        let mut labels = 0;
+        let mut tld = (j, j);
+        loop {
+            let start = j;
+            while j < b.len() && j - i <= 253 && label(at(b, j)) {
+                j += 1;
+            }
+            if j == start {
+                break;
+            }
+            labels += 1;
+            tld = (start, j);
+            if at(b, j) == b'.' && label(at(b, j + 1)) {
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        let tld_ok = tld.1 - tld.0 >= 2 && b[tld.0..tld.1].iter().all(u8::is_ascii_alphabetic);
+        // `git@github.com:org/repo` and `ssh -T git@host`: a Git host's SSH login, not a mailbox.
+        let ssh = at(b, tld.1) == b':' || b[s..i].eq_ignore_ascii_case(b"git");
+        if labels >= 2 && tld_ok && !ssh {
+            push(out, Entity::Email, 0.95, s, tld.1);
+        }
+    }
+}
+
+/// Most digit groups a number is split into (a longer run is cut; cards and phones have at most
+/// five groups).
+const MAX_GROUPS: usize = 16;
+
+/// The digit groups of a number, on the stack: `(start, end)` of each run of digits, and the
+/// separator before each group after the first.
+struct Groups {
+    spans: [(usize, usize); MAX_GROUPS],
+    seps: [u8; MAX_GROUPS],
+    n: usize,
+}
+
+impl Groups {
+    fn spans(&self) -> &[(usize, usize)] {
+        &self.spans[..self.n]
+    }
+
+    fn seps(&self) -> &[u8] {
+        &self.seps[..self.n.saturating_sub(1)]
+    }
+}
+
+/// The groups of the number starting at `i` (a digit): digits with single separators from
+/// `seps` between them. Returns the groups and the index after the last digit.
+fn groups(b: &[u8], i: usize, seps: &[u8]) -> (Groups, usize) {
+    let mut g = Groups {
+        spans: [(0, 0); MAX_GROUPS],
+        seps: [0; MAX_GROUPS],
+        n: 0,
+    };
+    let mut j = i;
+    loop {
+        let s = j;
+        while at(b, j).is_ascii_digit() {
+            j += 1;
+        }
+        g.spans[g.n] = (s, j);
+        g.n += 1;
+        let sep = at(b, j);
+        if g.n < MAX_GROUPS && seps.contains(&sep) && at(b, j + 1).is_ascii_digit() {
+            g.seps[g.n - 1] = sep;
+            j += 1;
+        } else {
+            return (g, j);
+        }
+    }
+}
+
+/// The digits of a window of at most 19 digits, as numbers.
+fn digits_of(b: &[u8], spans: &[(usize, usize)]) -> ([u8; 19], usize) {
+    let mut d = [0u8; 19];
+    let mut n = 0;
+    for &c in spans.iter().flat_map(|&(s, e)| &b[s..e]) {
+        if n < d.len() {
+            d[n] = c - b'0';
+            n += 1;
+        }
+    }
+    (d, n)
+}
+
+/// Whether `b[i]` starts a number: a digit not preceded by a letter, digit or joining punctuation.
+fn number_start(b: &[u8], i: usize) -> bool {
+    let p = before(b, i);
+    at(b, i).is_ascii_digit()
+        && !p.is_ascii_alphanumeric()
+        && !matches!(p, b'_' | b'.' | b',' | b'/' | b'-')
+}
+
+/// Whether `c` may follow a number (not a letter, digit or `_`).
+fn number_end(c: u8) -> bool {
+    !c.is_ascii_alphanumeric() && c != b'_'
+}
+
+fn luhn(digits: &[u8]) -> bool {
+    let sum: u32 = digits
+        .iter()
+        .rev()
+        .enumerate()
+        .map(|(k, &d)| {
+            let d = u32::from(d);
+            if k % 2 == 1 {
+                let x = d * 2;
+                if x > 9 {
+                    x - 9
+                } else {
+                    x
+                }
+            } else {
+                d
+            }
+        })
+        .sum();
+    sum.is_multiple_of(10)
+}
+
+/// Whether a card number has a known issuer's prefix and a length that issuer uses.
+fn known_issuer(d: &[u8]) -> bool {
+    let n = d.len();
+    let prefix = |k: usize| {
+        d.iter()
+            .take(k)
+            .fold(0u32, |acc, &x| acc * 10 + u32::from(x))
+    };
+    let (p1, p2, p3, p4) = (prefix(1), prefix(2), prefix(3), prefix(4));
+    match p1 {
+        4 => matches!(n, 13 | 16 | 19),              // Visa
+        2 => (2221..=2720).contains(&p4) && n == 16, // Mastercard
+        3 => {
+            ((p2 == 34 || p2 == 37) && n == 15)                                   // Amex
+                || ((3528..=3589).contains(&p4) && (16..=19).contains(&n))        // JCB
+                || (((300..=305).contains(&p3) || matches!(p2, 36 | 38 | 39)) && (14..=19).contains(&n))
+            // Diners
+        }
+        5 => {
+            ((51..=55).contains(&p2) && n == 16) || (p2 == 50 || p2 >= 56) && (12..=19).contains(&n)
+        } // Mastercard, Maestro
+        6 => (12..=19).contains(&n), // Discover, UnionPay, Maestro
+        _ => false,
+    }
+}
+
+fn scan_cards(b: &[u8], out: &mut Vec<Finding>) {
+    let mut i = 0;
+    while i < b.len() {
+        if !number_start(b, i) {
+            i += 1;
+            continue;
+        }
+        let (g, end) = groups(b, i, b" -./_");
+        i = end.max(i + 1);
+        let (spans, gseps) = (g.spans(), g.seps());
+        let n = spans.len();
+        // Windows of up to 5 groups with one kind of separator; a window inside the number must
+        // be delimited by spaces (a dash joins it to its neighbours).
+        for s in 0..n {
+            if s > 0 && gseps[s - 1] != b' ' {
+                continue;
+            }
+            for e in s..n.min(s + 5) {
+                let window = &spans[s..=e];
+                let seps = &gseps[s..e];
+                if seps.iter().any(|c| Some(c) != seps.first()) {
+                    break;
+                }
+                let count: usize = window.iter().map(|(a, z)| z - a).sum();
+                if count > 19 {
+                    break;
+                }
+                let closed = if e + 1 < n {
+                    gseps[e] == b' '
+                } else {
+                    number_end(at(b, window[window.len() - 1].1))
+                };
+                if count < 13 || !closed {
+                    continue;
+                }
+                let (d, len) = digits_of(b, window);
+                let d = &d[..len];
+                if luhn(d) {
+                    let conf = if known_issuer(d) { 0.9 } else { 0.4 };
+                    push(
+                        out,
+                        Entity::CreditCard,
+                        conf,
+                        window[0].0,
+                        window[window.len() - 1].1,
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
+    let mut i = 0;
+    while i < b.len() {
+        let c = at(b, i);
+        let free = || {
+            let p = before(b, i);
+            !p.is_ascii_alphanumeric() && !matches!(p, b'_' | b'.' | b',' | b'/' | b'-' | b'+')
+        };
+        let found = if c == b'+' && at(b, i + 1).is_ascii_digit() && free() {
+            international(b, i)
+        } else if c == b'(' && at(b, i + 1).is_ascii_digit() && free() {
+            parenthesised(b, i)
+        } else if number_start(b, i) {
+            national(b, i)
+        } else {
+            None
+        };
+        match found {
+            Some((conf, end)) => {
+                push(out, Entity::Phone, conf, i, end);
+                i = end;
+            }
+            None => {
+                // Skip the rest of a number so no suffix of it is taken for a phone number.
+                i += 1;
+                while c.is_ascii_digit() && at(b, i).is_ascii_digit() {
+                    i += 1;
+                }
+            }
+        }
+    }
+}
+
+/// `+CC …`: 8–15 digits, single separators (space, `-`, `.`), an optional `(0)` trunk prefix.
+fn international(b: &[u8], i: usize) -> Option<(f64, usize)> {
+    let mut j = i + 1;
+    let mut digits = 0;
+    let mut end = j;
+    loop {
+        let c = at(b, j);
+        if c.is_ascii_digit() {
+            digits += 1;
+            j += 1;
+            end = j;
+        } else if b" -.".contains(&c) && at(b, j + 1).is_ascii_digit() && digits > 0 {
+            j += 1;
+        } else if c == b' ' && b[j + 1..].starts_with(b"(0)") && digits > 0 {
+            // `+44 (0)20 …` or `+44 (0) 20 …`: the trunk prefix, then the number goes on.
+            j += 4;
+            if at(b, j) == b' ' {
+                j += 1;
+            }
+            if !at(b, j).is_ascii_digit() {
+                break;
+            }
+        } else {
+            break;
+        }
+        if digits > 15 {
+            return None;
+        }
+    }
+    ((8..=15).contains(&digits) && number_end(at(b, end))).then_some((0.9, end))
+}
+
+/// `(area) rest`: 2–5 digits in parentheses, then digit groups; 9–11 digits in all.
+fn parenthesised(b: &[u8], i: usize) -> Option<(f64, usize)> {
+    let mut j = i + 1;
+    while at(b, j).is_ascii_digit() {
+        j += 1;
+    }
+    let area = j - i - 1;
+    if !(2..=5).contains(&area) || at(b, j) != b')' {
+        return None;
+    }
+    j += 1;
+    if at(b, j) == b' ' {
+        j += 1;
+    }
+    if !at(b, j).is_ascii_digit() {
+        return None;
+    }
+    let (g, end) = groups(b, j, b" -.");
+    let count: usize = area + g.spans().iter().map(|(s, e)| e - s).sum::<usize>();
+    ((9..=11).contains(&count) && g.n <= 3 && number_end(at(b, end))).then_some((0.85, end))
+}
+
+/// National formats written in groups with one kind of separator: North-American
+/// `ddd-ddd-dddd` (optionally `1-` first), or a leading `0` and 9–11 digits in 2–5 groups.
+fn national(b: &[u8], i: usize) -> Option<(f64, usize)> {
+    let (g, end) = groups(b, i, b" -.");
+    let seps = g.seps();
+    if !number_end(at(b, end)) || seps.is_empty() || seps.iter().any(|c| *c != seps[0]) {
+        return None;
+    }
+    let mut sizes = [0usize; MAX_GROUPS];
+    for (size, (s, e)) in sizes.iter_mut().zip(g.spans()) {
+        *size = e - s;
+    }
+    let sizes = &sizes[..g.n];
+    let count: usize = sizes.iter().sum();
+    if sizes == [3, 3, 4] || (sizes == [1, 3, 3, 4] && at(b, i) == b'1') {
+        return Some((0.8, end));
+    }
+    let leading_zero = at(b, i) == b'0' && at(b, i + 1) != b'0';
+    let grouped = (2..=5).contains(&sizes.len())
+        && sizes.first().is_some_and(|s| (2..=5).contains(s))
+        && sizes.iter().all(|s| (2..=8).contains(s));
+    // Dots only in the French way: five pairs (`06.12.34.56.78`).
+    let dots_ok = seps[0] != b'.' || sizes.iter().all(|s| *s == 2);
+    (leading_zero && grouped && (9..=11).contains(&count) && dots_ok).then_some((0.7, end))
+}
+
+/// IBAN lengths by country (SWIFT registry).
+const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
+    (b"AD", 24),
+    (b"AE", 23),
+    (b"AL", 28),
+    (b"AT", 20),
+    (b"AZ", 28),
+    (b"BA", 20),
+    (b"BE", 16),
+    (b"BG", 22),
+    (b"BH", 22),
+    (b"BI", 27),
+    (b"BR", 29),
+    (b"BY", 28),
+    (b"CH", 21),
+    (b"CR", 22),
+    (b"CY", 28),
+    (b"CZ", 24),
+    (b"DE", 22),
+    (b"DJ", 27),
+    (b"DK", 18),
+    (b"DO", 28),
+    (b"EE", 20),
+    (b"EG", 29),
+    (b"ES", 24),
+    (b"FI", 18),
+    (b"FK", 18),
+    (b"FO", 18),
+    (b"FR", 27),
+    (b"GB", 22),
+    (b"GE", 22),
+    (b"GI", 23),
+    (b"GL", 18),
+    (b"GR", 27),
+    (b"GT", 28),
+    (b"HR", 21),
+    (b"HU", 28),
+    (b"IE", 22),
+    (b"IL", 23),
+    (b"IQ", 23),
+    (b"IS", 26),
+    (b"IT", 27),
+    (b"JO", 30),
+    (b"KW", 30),
+    (b"KZ", 20),
+    (b"LB", 28),
+    (b"LC", 32),
+    (b"LI", 21),
+    (b"LT", 20),
+    (b"LU", 20),
+    (b"LV", 21),
+    (b"LY", 25),
+    (b"MC", 27),
+    (b"MD", 24),
+    (b"ME", 22),
+    (b"MK", 19),
+    (b"MN", 20),
+    (b"MR", 27),
+    (b"MT", 31),
+    (b"MU", 30),
+    (b"NI", 28),
+    (b"NL", 18),
+    (b"NO", 15),
+    (b"OM", 23),
+    (b"PK", 24),
+    (b"PL", 28),
+    (b"PS", 29),
+    (b"PT", 25),
+    (b"QA", 29),
+    (b"RO", 24),
+    (b"RS", 22),
+    (b"RU", 33),
+    (b"SA", 24),
+    (b"SC", 31),
+    (b"SD", 18),
+    (b"SE", 24),
+    (b"SI", 19),
+    (b"SK", 24),
+    (b"SM", 27),
+    (b"SO", 23),
+    (b"ST", 25),
+    (b"SV", 28),
+    (b"TL", 23),
+    (b"TN", 24),
+    (b"TR", 26),
+    (b"UA", 29),
+    (b"VA", 22),
+    (b"VG", 24),
+    (b"XK", 20),
+    (b"YE", 30),
+];
+
+fn scan_ibans(b: &[u8], out: &mut Vec<Finding>) {
+    for i in 0..b.len().saturating_sub(3) {
+        if !(at(b, i).is_ascii_alphabetic()
+            && at(b, i + 1).is_ascii_alphabetic()
+            && at(b, i + 2).is_ascii_digit()
+            && at(b, i + 3).is_ascii_digit()
+            && !before(b, i).is_ascii_alphanumeric())
+        {
+            continue;
+        }
+        let cc = [
+            at(b, i).to_ascii_uppercase(),
+            at(b, i + 1).to_ascii_uppercase(),
+        ];
+        let Some(&(_, len)) = IBAN_LENGTHS.iter().find(|(c, _)| **c == cc) else {
+            continue;
+        };
+        // `len` letters (any case) or digits, one kind of single separator (space, `-`, `.`)
+        // allowed between them.
+        let mut chars = Vec::with_capacity(len);
+        let mut j = i;
+        let mut sep = 0u8;
+        while chars.len() < len {
+            let c = at(b, j);
+            if c.is_ascii_alphanumeric() {
+                chars.push(c.to_ascii_uppercase());
+                j += 1;
+            } else if b" -.".contains(&c)
+                && (sep == 0 || sep == c)
+                && !chars.is_empty()
+                && at(b, j + 1).is_ascii_alphanumeric()
+            {
+                sep = c;
+                j += 1;
+            } else {
+                break;
+            }
+        }
+        if chars.len() == len && !at(b, j).is_ascii_alphanumeric() && mod97(&chars) == 1 {
+            push(out, Entity::Iban, 0.95, i, j);
+        }
+    }
+}
+
+/// US social security numbers: `ddd-dd-dddd` with one kind of separator (`-`, space, `.`), or
+/// nine bare digits right after `SSN` / `social security` (number); area not 000, 666 or 9xx,
+/// group not 00, serial not 0000.
+fn scan_ssns(b: &[u8], out: &mut Vec<Finding>) {
+    let mut i = 0;
+    while i < b.len() {
+        if !number_start(b, i) {
+            i += 1;
+            continue;
+        }
+        let (g, end) = groups(b, i, b"- .");
+        let spans = g.spans();
+        let seps = g.seps();
+        let sizes: Vec<usize> = spans.iter().map(|(s, e)| e - s).collect();
+        let (d, n) = digits_of(b, spans);
+        let valid = n == 9 && {
+            let area = u32::from(d[0]) * 100 + u32::from(d[1]) * 10 + u32::from(d[2]);
+            let group = u32::from(d[3]) * 10 + u32::from(d[4]);
+            let serial = d[5..9].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
+            area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
+        };
+        if valid && number_end(at(b, end)) {
+            if sizes == [3, 2, 4] && seps[0] == seps[1] {
+                push(out, Entity::UsSsn, 0.85, i, end);
+            } else if sizes == [9] && ssn_label_before(b, i) {
+                push(out, Entity::UsSsn, 0.8, i, end);
+            }
+        }
+        i = end.max(i + 1);
+    }
+}
+
+/// Whether `SSN` or `social security` ends at most 24 bytes before `i`.
+fn ssn_label_before(b: &[u8], i: usize) -> bool {
+    let from = i.saturating_sub(24 + 15);
+    let window = b.get(from..i).unwrap_or_default();
+    let lower: Vec<u8> = window.iter().map(u8::to_ascii_lowercase).collect();
+    [&b"ssn"[..], b"social security"].iter().any(|label| {
+        lower
+            .windows(label.len())
+            .rposition(|w| w == *label)
+            .is_some_and(|p| lower.len() - (p + label.len()) <= 24)
+    })
+}
+
+/// The IBAN check: the first four characters moved to the end, letters as 10..35, mod 97.
+fn mod97(chars: &[u8]) -> u32 {
+    let (head, tail) = chars.split_at(4.min(chars.len()));
+    tail.iter().chain(head).fold(0u32, |acc, &c| {
+        if c.is_ascii_digit() {
+            (acc * 10 + u32::from(c - b'0')) % 97
+        } else {
+            (acc * 100 + u32::from(c - b'A') + 10) % 97
+        }
+    })
+}
+
+/// How a key body may be spelled.
+#[derive(Clone, Copy)]
+enum Body {
+    /// Letters and digits.
+    Alnum,
+    /// Letters, digits, `-` and `_`.
+    Token,
+    /// Upper-case letters and digits.
+    Upper,
+}
+
+impl Body {
+    fn allows(self, c: u8, any_case: bool) -> bool {
+        match self {
+            Body::Alnum => c.is_ascii_alphanumeric(),
+            Body::Token => c.is_ascii_alphanumeric() || c == b'-' || c == b'_',
+            Body::Upper if any_case => c.is_ascii_alphanumeric(),
+            Body::Upper => c.is_ascii_uppercase() || c.is_ascii_digit(),
+        }
+    }
+}
+
+/// The fewest random characters after a distinctive prefix (not `sk-`) that make a key cut short
+/// (letters and digits both):
+/// a key handed over in pieces is still a key.
+const CUT_SHORT: usize = 6;
+
+/// Key shapes: prefix, body spelling, body length range, confidence. The first prefix that
+/// matches at a position decides (longer prefixes first).
+const KEYS: &[(&[u8], Body, usize, usize, f64)] = &[
+    (b"sk-ant-", Body::Token, 32, 200, 0.99),
+    (b"sk-proj-", Body::Token, 32, 200, 0.99),
+    (b"sk-svcacct-", Body::Token, 32, 200, 0.99),
+    (b"sk-admin-", Body::Token, 32, 200, 0.99),
+    (b"sk-", Body::Token, 20, 200, 0.9),
+    (b"sk_live_", Body::Alnum, 20, 200, 0.99),
+    (b"rk_live_", Body::Alnum, 20, 200, 0.99),
+    (b"AKIA", Body::Upper, 16, 16, 0.95),
+    (b"ASIA", Body::Upper, 16, 16, 0.95),
+    (b"AIza", Body::Token, 35, 35, 0.95),
+    (b"github_pat_", Body::Token, 22, 255, 0.99),
+    (b"ghp_", Body::Alnum, 36, 36, 0.99),
+    (b"gho_", Body::Alnum, 36, 36, 0.99),
+    (b"ghu_", Body::Alnum, 36, 36, 0.99),
+    (b"ghs_", Body::Alnum, 36, 36, 0.99),
+    (b"ghr_", Body::Alnum, 36, 36, 0.99),
+    (b"xoxb-", Body::Token, 10, 255, 0.95),
+    (b"xoxa-", Body::Token, 10, 255, 0.95),
+    (b"xoxp-", Body::Token, 10, 255, 0.95),
+    (b"xoxr-", Body::Token, 10, 255, 0.95),
+    (b"xoxs-", Body::Token, 10, 255, 0.95),
+];
+
+fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding>) {
+    let token = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+    let mut i = 0;
+    while i < b.len() {
+        let c = at(b, i);
+        if c == b'-'
+            && entities.contains(Entity::PrivateKey)
+            && b.get(i..i + 11)
+                .is_some_and(|h| h.eq_ignore_ascii_case(b"-----BEGIN "))
+        {
+            // The header line: `-----BEGIN [RSA |EC |OPENSSH |ENCRYPTED ]PRIVATE KEY-----`.
+            let line = &b[i..b.len().min(i + 80)];
+            let header_end = line
+                .iter()
+                .skip(11)
+                .position(|&c| c == b'-' || c == b'\n')
+                .map_or(line.len(), |p| p + 11);
+            let header = &line[11..header_end];
+            let private = header.len() >= 11
+                && header[header.len() - 11..].eq_ignore_ascii_case(b"PRIVATE KEY");
+            if private && line[header_end..].starts_with(b"-----") {
+                push(out, Entity::PrivateKey, 0.99, i, i + header_end + 5);
+                i += header_end + 5;
+                continue;
+            }
+        }
+        if !entities.contains(Entity::ApiKey)
+            || !matches!(c.to_ascii_lowercase(), b's' | b'r' | b'a' | b'g' | b'x')
+            || token(before(b, i))
+        {
+            i += 1;
+            continue;
+        }
+        let mut next = i + 1;
+        for &(prefix, body, min, max, conf) in KEYS {
+            let at_prefix = b.get(i..i + prefix.len()).is_some_and(|h| {
+                if any_case {
+                    h.eq_ignore_ascii_case(prefix)
+                } else {
+                    h == prefix
+                }
+            });
+            if !at_prefix {
+                continue;
+            }
+            let s = i + prefix.len();
+            let mut e = s;
+            while e < b.len() && body.allows(at(b, e), any_case) {
+                e += 1;
+            }
+            let len = e - s;
+            // A key body is random: letters and digits, or upper and lower case mixed in a long
+            // body, or the exact length of an upper-case body (a hyphenated word is not a key).
+            let body_text = &b[s..e];
+            let has = |f: fn(&u8) -> bool| body_text.iter().any(f);
+            let random = (has(u8::is_ascii_digit) && has(u8::is_ascii_alphabetic))
+                || (len >= 16 && has(u8::is_ascii_uppercase) && has(u8::is_ascii_lowercase))
+                || (matches!(body, Body::Upper) && len == min && !any_case);
+            // A distinctive prefix (all but the generic `sk-`) with a random body shorter than
+            // the key's is a piece of one; `sk-` needs 12 characters.
+            let short = if prefix == b"sk-" { 12 } else { CUT_SHORT };
+            if (min..=max).contains(&len) && !token(at(b, e)) && random {
+                push(out, Entity::ApiKey, conf, i, e);
+                next = e;
+            } else if (short..min).contains(&len) && !token(at(b, e)) && random {
+                push(out, Entity::ApiKey, 0.8, i, e);
+                next = e;
+            }
+            break;
+        }
+        i = next;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kinds(text: &str) -> Vec<Entity> {
+        let mut k: Vec<Entity> = scan(text, Entities::all())
+            .iter()
+            .map(|f| f.entity)
+            .collect();
+        k.sort();
+        k.dedup();
+        k
+    }
+
+    /// Found at the default threshold.
+    fn found(text: &str, e: Entity) -> bool {
+        scan(text, Entities::all())
+            .iter()
+            .any(|f| f.entity == e && f.confidence >= 0.5)
+    }
+
+    #[test]
+    fn emails() {
+        assert!(found("mail me: jane.doe+llm@example.co.uk.", Entity::Email));
+        assert!(found("<a.b@c-d.io>", Entity::Email));
+        let f = scan("x jane@example.com.", Entities::all());
+        assert_eq!(f.len(), 1);
+        assert_eq!(
+            &"x jane@example.com."[f[0].start..f[0].end],
+            "jane@example.com"
+        );
+        for no in [
+            "user@localhost",
+            "git remote add origin git@github.com:acme/api.git",
+            "ssh -T git@gitlab.com",
+            "@example.com",
+            "a@b.c",
+            "foo@ bar.com",
+            "x@1.23",
+            "2@3",
+        ] {
+            assert!(!found(no, Entity::Email), "{no}");
+        }
+    }
+
+    #[test]
+    fn cards_are_luhn_checked() {
+        for yes in [
+            "4111 1111 1111 1111",
+            "card: 4111-1111-1111-1111, exp 12/27",
+            "5500005555555559",
+            "amex 3782 822463 10005",
+            "6011111111111117",
+            "ref 77 4111 1111 1111 1111 thanks",
+        ] {
+            assert!(found(yes, Entity::CreditCard), "{yes}");
+        }
+        for no in [
+            "4111 1111 1111 1112",      // Luhn fails
+            "4111-1111 1111-1111",      // mixed separators
+            "41111111111111111111111",  // too long
+            "order 4111111111111111-3", // part of a longer number
+            "v4111111111111111",        // part of a word
+            "1234 5678 9012 3456",      // Luhn fails
+        ] {
+            assert!(!found(no, Entity::CreditCard), "{no}");
+        }
+        // Luhn-valid, unknown issuer: low confidence.
+        let f = scan("9999 9999 9999 9995", Entities::all());
+        assert!(
+            f.iter()
+                .all(|f| f.entity != Entity::CreditCard || f.confidence < 0.5),
+            "{f:?}"
+        );
+    }
+
+    #[test]
+    fn phones_need_a_phone_shape() {
+        for yes in [
+            "call +44 20 7946 0958 today",
+            "+4915112345678",
+            "+1 (0) 415 555 2671",
+            "+44 (0)20 7946 0958",
+            "(415) 555-2671",
+            "415-555-2671",
+            "1-800-555-0199",
+            "415.555.2671",
+            "020 7946 0958",
+            "01 23 45 67 89",
+        ] {
+            assert!(found(yes, Entity::Phone), "{yes}");
+        }
+        for no in [
+            "4155552671",
+            "123456789012",
+            "2024-01-15",
+            "192.168.100.200",
+            "v1.2.3",
+            "+123",
+            "version 12 345 6789",
+            "4111 1111 1111 1111",
+            "id-415-555-2671",
+            "$1,234,567.89",
+        ] {
+            assert!(!found(no, Entity::Phone), "{no}");
+        }
+    }
+
+    #[test]
+    fn ibans_are_mod97_checked() {
+        for yes in [
+            "DE89370400440532013000",
+            "IBAN: DE89 3704 0044 0532 0130 00, thanks",
+            "GB82 WEST 1234 5698 7654 32",
+            "FR1420041010050500013M02606",
+        ] {
+            assert!(found(yes, Entity::Iban), "{yes}");
+        }
+        for no in [
+            "DE89370400440532013001",  // checksum
+            "DE8937040044053201300",   // length
+            "XX89370400440532013000",  // country
+            "DE893704004405320130001", // longer
+        ] {
+            assert!(!found(no, Entity::Iban), "{no}");
+        }
+    }
+
+    #[test]
+    fn api_keys_and_private_keys() {
+        let ant = "sk-ant-api03-Zx8kQ2mN4pR7sT1vW3yB5cD9fG0hJ6kL2nP4qR8sT0uV2wX4yZ6aB8cD0eF2gH4iJ6k-AbCdEfAA";
+        for yes in [
+            ant,
+            "key=sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f",
+            "sk-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0fGh3i",
+            "AKIAIOSFODNN7EXAMPLE",
+            // Cut short: a distinctive prefix and 6 or more random characters.
+            "AKIAIOSFODNN7EXAMPL",
+            "first half: AKIA2UQCYD",
+            "token ghp_aBcDeFgHiJkLmNoPqRsTuVwXyZ0123456789 ok",
+            "github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz",
+            "xoxb-1234567890-abcdefghij",
+            "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",
+            "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+        ] {
+            assert!(found(yes, Entity::ApiKey), "{yes}");
+        }
+        for no in [
+            "sk-learn is a library",
+            "task-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0f",
+            "sk-this-is-a-long-hyphenated-sentence-fragment",
+            "AKIAIOSFODNN7EXAMPLEX",
+            "ghp_abc1",
+        ] {
+            assert!(!found(no, Entity::ApiKey), "{no}");
+        }
+        let pem = "here:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEow...";
+        assert_eq!(kinds(pem), vec![Entity::PrivateKey]);
+        assert!(found(
+            "-----BEGIN OPENSSH PRIVATE KEY-----",
+            Entity::PrivateKey
+        ));
+        assert!(!found("-----BEGIN CERTIFICATE-----", Entity::PrivateKey));
+        assert!(!found("-----BEGIN PUBLIC KEY-----", Entity::PrivateKey));
+    }
+
+    #[test]
+    fn plain_text_finds_nothing() {
+        let text =
+            "Please summarise this paper about 2024 results: revenue grew 12% to $1,234,567 \
+                    in Q3 (see table 4.1, rows 10-20). Call it v2.3.1; ISBN 978-3-16-148410-0.";
+        assert_eq!(kinds(text), vec![]);
+        assert_eq!(kinds(""), vec![]);
+        assert_eq!(kinds("ünïcödé @ ë.ü 😀 4111"), vec![]);
+    }
+
+    #[test]
+    fn large_and_hostile_text_is_linear() {
+        let big = "4111 ".repeat(50_000) + &"@".repeat(100_000) + &"+1 ".repeat(50_000);
+        let _ = scan(&big, Entities::all());
+        let digits = "1".repeat(200_000);
+        assert!(scan(&digits, Entities::all()).is_empty());
+    }
+}
