@@ -488,15 +488,23 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
         messages: false,
         prompt: false,
         folded: false,
+        entities: false,
+        injection: false,
         estimate: false,
     };
     for ns in namespaces {
         for f in &ns.reads {
             needs.prompt |= matches!(
                 f,
-                FieldRef::Prompt | FieldRef::PromptFolded | FieldRef::EstimatedTokens
+                FieldRef::Prompt
+                    | FieldRef::PromptFolded
+                    | FieldRef::PromptEntities
+                    | FieldRef::PromptInjection
+                    | FieldRef::EstimatedTokens
             );
             needs.folded |= *f == FieldRef::PromptFolded;
+            needs.entities |= *f == FieldRef::PromptEntities;
+            needs.injection |= *f == FieldRef::PromptInjection;
             needs.estimate |= *f == FieldRef::EstimatedTokens;
             needs.messages |= *f == FieldRef::Messages;
         }

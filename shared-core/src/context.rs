@@ -339,6 +339,13 @@ pub struct RequestInfo {
     pub prompt: String,
     /// `prompt` folded ([`crate::fold::fold`]; built only when a rule reads it).
     pub prompt_folded: String,
+    /// The kinds of personal data and secrets found in `prompt` or its views
+    /// ([`crate::detect::entities`], confidence at least [`ENTITY_CONFIDENCE`]); built only when
+    /// a rule reads it.
+    pub prompt_entities: Vec<String>,
+    /// The prompt-injection score of `prompt` and its views, 0..1
+    /// ([`crate::detect::injection_score`]); computed only when a rule reads it.
+    pub prompt_injection: f64,
     /// Prompt token estimate (computed at extraction only when a rule reads it: see
     /// [`RequestInfo::prompt_tokens`]).
     pub estimated_tokens: i64,
@@ -401,6 +408,10 @@ pub struct Needs {
     pub prompt: bool,
     /// Build `request.prompt_folded` (needs `prompt`).
     pub folded: bool,
+    /// Scan the prompt for personal data and secrets: `request.prompt_entities` (needs `prompt`).
+    pub entities: bool,
+    /// Score the prompt for injection: `request.prompt_injection` (needs `prompt`).
+    pub injection: bool,
     /// Estimate `request.estimated_tokens` from the prompt (some rule reads it; needs `prompt`).
     /// Counters that charge tokens estimate on demand ([`RequestInfo::prompt_tokens`]).
     pub estimate: bool,
@@ -412,9 +423,16 @@ impl Needs {
         messages: true,
         prompt: true,
         folded: true,
+        entities: true,
+        injection: true,
         estimate: true,
     };
 }
+
+/// The least confidence a finding needs to be listed in `request.prompt_entities`: every scanner's
+/// shape-checked findings (a Luhn-valid card of a known issuer, a grouped national phone number);
+/// not a Luhn-valid number of unknown issuer (0.4).
+pub const ENTITY_CONFIDENCE: f64 = 0.7;
 
 /// A field's value as conditions see it.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -537,6 +555,8 @@ impl<'a> View<'a> {
             FieldRef::Messages => FieldValue::Messages(&r.messages),
             FieldRef::Prompt => FieldValue::Str(&r.prompt),
             FieldRef::PromptFolded => FieldValue::Str(&r.prompt_folded),
+            FieldRef::PromptEntities => FieldValue::StrList(&r.prompt_entities),
+            FieldRef::PromptInjection => FieldValue::Float(r.prompt_injection),
             FieldRef::EstimatedTokens => {
                 FieldValue::Int(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }

@@ -62,12 +62,12 @@ pub fn entities(text: &str, wanted: Entities) -> Found {
     for f in pii::scan(text, wanted) {
         found.add(&f, false);
     }
-    let cards = Entities::none().with(Entity::CreditCard);
-    for_each_view(text, |view, cards_only| {
-        let kinds = if cards_only { cards } else { wanted };
-        if cards_only && !wanted.contains(Entity::CreditCard) {
-            return;
-        }
+    for_each_view(text, |view, only| {
+        let kinds = match only {
+            Some(e) if !wanted.contains(e) => return,
+            Some(e) => Entities::none().with(e),
+            None => wanted,
+        };
         for f in pii::scan_any_case(view, kinds) {
             found.add(&f, true);
         }
@@ -131,31 +131,35 @@ pub fn asks_backwards(text: &str) -> bool {
 }
 
 /// Calls `f` with each view of `text` that differs from it (folded, compacted and folded,
-/// decoded, reversed when the text asks for it) and whether only card numbers are read in it
-/// (the scattered digits).
-pub fn for_each_view(text: &str, mut f: impl FnMut(&str, bool)) {
+/// decoded, reversed when the text asks for it, card and IBAN pieces joined) and the one kind to
+/// read in it, if only one (card numbers in the scattered digits, IBANs in the IBAN pieces).
+pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
     let folded = crate::fold::fold(text);
     if folded != text {
-        f(&folded, false);
+        f(&folded, None);
     }
     let compact = views::compact(text);
     if compact != text {
-        f(&compact, false);
+        f(&compact, None);
         let folded_compact = crate::fold::fold(&compact);
         if folded_compact != compact && folded_compact != folded {
-            f(&folded_compact, false);
+            f(&folded_compact, None);
         }
     }
     let decoded = views::decoded(text);
     if !decoded.is_empty() {
-        f(&decoded, false);
+        f(&decoded, None);
     }
     if asks_backwards(text) {
-        f(&views::reversed(text), false);
+        f(&views::reversed(text), None);
     }
     let scattered = views::scattered_digits(text);
     if !scattered.is_empty() {
-        f(&scattered, true);
+        f(&scattered, Some(Entity::CreditCard));
+    }
+    let iban = views::scattered_iban(text);
+    if !iban.is_empty() {
+        f(&iban, Some(Entity::Iban));
     }
 }
 

@@ -8,6 +8,7 @@
 //! `docs/policy-language.md` ("What `request.prompt` holds") and tested in `tests/extraction.rs`.
 
 use alloc::borrow::Cow;
+use alloc::boxed::Box;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::fmt;
@@ -652,6 +653,16 @@ impl<S: Sink> Body<S> {
             }
             if needs.folded {
                 request.prompt_folded = crate::fold::fold(&prompt);
+            }
+            if needs.entities {
+                let found = crate::detect::entities(&prompt, crate::detect::Entities::all());
+                request.prompt_entities = found
+                    .kinds(crate::context::ENTITY_CONFIDENCE)
+                    .map(|e| String::from(e.name()))
+                    .collect();
+            }
+            if needs.injection {
+                request.prompt_injection = crate::detect::injection_score(&prompt).0;
             }
             request.prompt = prompt;
         }

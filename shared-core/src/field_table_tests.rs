@@ -32,6 +32,8 @@ fn perturb(c: &mut RequestContext, field: &FieldRef) {
         }),
         FieldRef::Prompt => r.prompt.push_str(" more"),
         FieldRef::PromptFolded => r.prompt_folded.push_str(" more"),
+        FieldRef::PromptEntities => r.prompt_entities.push("email".into()),
+        FieldRef::PromptInjection => r.prompt_injection = 0.9,
         FieldRef::EstimatedTokens => r.estimated_tokens = 99,
         FieldRef::Tools => r.tools.push("t2".into()),
         FieldRef::ToolTypes => r.tool_types.push("bash".into()),

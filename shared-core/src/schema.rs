@@ -41,6 +41,10 @@ pub enum FieldRef {
     Prompt,
     /// `request.prompt_folded`
     PromptFolded,
+    /// `request.prompt_entities`
+    PromptEntities,
+    /// `request.prompt_injection`
+    PromptInjection,
     /// `request.estimated_tokens`
     EstimatedTokens,
     /// `request.tools`
@@ -183,6 +187,8 @@ pub const FIELDS: &[Field] = &[
     field!("request.messages", Some(FieldRef::Messages), Messages, "list<{role: string, content: string}>", "[]", "Conversation turns with their text joined (system / instructions first as role `system`); what counts as text is listed under `request.prompt`."),
     field!("request.prompt", Some(FieldRef::Prompt), Str, "string", "\"\"", "All text the model reads, joined with newlines: see \"What `request.prompt` holds\" in the policy language."),
     field!("request.prompt_folded", Some(FieldRef::PromptFolded), Str, "string", "\"\"", "`request.prompt` folded so that Unicode disguises coincide with the plain text: compatibility forms (fullwidth, mathematical letters, ligatures), accents, zero-width and other invisible characters, case, and look-alike letters of other scripts (Unicode TS #39 confusables) mapped to their Latin look-alikes, in lower case; whitespace runs collapsed. In the DSL (and CEL's `==`, `in`, `contains`, `startsWith`, `endsWith` on it, where CEL compiles to native tests) string values are folded the same way when the policy loads: write the plain phrase. See \"Disguised text\" in the policy language."),
+    field!("request.prompt_entities", Some(FieldRef::PromptEntities), StrList, "list<string>", "[]", "The kinds of personal data and secrets in `request.prompt`, disguised or not: `email`, `phone`, `credit_card` (Luhn-valid, a known issuer), `iban` (mod-97 valid), `us_ssn`, `api_key` (OpenAI, Anthropic, AWS, Google, GitHub, Slack, Stripe; also cut short), `private_key` (PEM). The same scanners as the `pii-detector` plugin, over the text and its views: folded, spelled-out letters joined, `[at]` / `dot` spellings, base64 / hex / percent-encoded runs decoded, reversed when the text asks for it, a card or IBAN handed over in pieces. Never the values. See \"Personal data, secrets and injection\" in the policy language."),
+    field!("request.prompt_injection", Some(FieldRef::PromptInjection), OptFloat, "double", "0.0", "Prompt-injection score of `request.prompt` and its views, 0..1: phrases that set instructions aside, reveal the system prompt or ask for an unrestricted persona, in English and 12 other languages, with leetspeak, spelled-out, reversed and encoded forms; chat-template tokens, fake role headers, hidden characters. The same scorer as the `prompt-injection` plugin; 0.7 is a good threshold."),
     field!("request.estimated_tokens", Some(FieldRef::EstimatedTokens), Int, "int", "0", "Prompt token estimate (docs/budgets.md): a bound calibrated per script that undercounts the providers' tokenizers by at most 10%."),
     field!("request.tools", Some(FieldRef::Tools), StrList, "list<string>", "[]", "Names of the tools offered to the model (functions, built-in and server tools, MCP servers), folded like `request.prompt_folded` (lower case, look-alike letters as Latin): a rule's names are folded the same way, so `Bash` and `bash` are one tool."),
     field!("request.tool_types", Some(FieldRef::ToolTypes), StrList, "list<string>", "[]", "The type of each tool in `request.tools`, same order, the same for both providers: `function` (defined and run by the client), or the built-in / server tool without its version: `code_execution` (Anthropic `code_execution_*`, OpenAI `code_interpreter`), `bash` (`bash_*`, `local_shell`, `shell`), `computer_use`, `text_editor` (`text_editor_*`, `apply_patch`), `web_search`, `web_fetch`, `file_search`, `image_generation`, `mcp` (OpenAI `mcp`, Anthropic `mcp_toolset` and `mcp_servers`), `memory`, `tool_search`; another type as sent, lower case, without a date suffix."),

@@ -814,6 +814,8 @@ impl Serialize for FieldValue<'_> {
             FieldRef::Messages => r.messages.serialize(s),
             FieldRef::Prompt => s.serialize_str(&r.prompt),
             FieldRef::PromptFolded => s.serialize_str(&r.prompt_folded),
+            FieldRef::PromptEntities => r.prompt_entities.serialize(s),
+            FieldRef::PromptInjection => s.serialize_f64(r.prompt_injection),
             FieldRef::EstimatedTokens => {
                 s.serialize_i64(i64::try_from(r.prompt_tokens()).unwrap_or(i64::MAX))
             }

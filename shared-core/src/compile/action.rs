@@ -294,8 +294,10 @@ fn key_template(t: &str, attrs: &[String]) -> Result<Vec<KeyPart>, String> {
         if matches!(
             ty,
             FieldType::Messages | FieldType::StrList | FieldType::StrMap
-        ) || matches!(field, FieldRef::Prompt | FieldRef::PromptFolded)
-        {
+        ) || matches!(
+            field,
+            FieldRef::Prompt | FieldRef::PromptFolded | FieldRef::PromptInjection
+        ) {
             return Err(format!(
                 "`{path}` cannot be part of a counter key (use a field that names who or what is counted, e.g. `principal.id`, `request.model`)"
             ));

@@ -402,6 +402,66 @@ pub fn scattered_digits(text: &str) -> String {
     out
 }
 
+/// An IBAN handed over in pieces (`starts DE10 2321 8709` … `ends 8398 8120 52`): from each
+/// word of two letters and two digits, it and the following words that hold digits (words
+/// without digits between them skipped, at most 48 bytes apart) joined, one line per prefix, up to
+/// 34 characters (the longest IBAN). The IBAN scanner's length and mod-97 checks decide.
+pub fn scattered_iban(text: &str) -> String {
+    const NEAR: usize = 48;
+    // Offsets of the alphanumeric words.
+    let mut spans: Vec<(usize, usize)> = Vec::new();
+    let b = text.as_bytes();
+    let mut i = 0usize;
+    while i < b.len() {
+        if b.get(i).is_some_and(u8::is_ascii_alphanumeric) {
+            let s = i;
+            while b.get(i).is_some_and(u8::is_ascii_alphanumeric) {
+                i = i.saturating_add(1);
+            }
+            spans.push((s, i));
+        } else {
+            i = i.saturating_add(1);
+        }
+    }
+    let word = |k: usize| {
+        spans
+            .get(k)
+            .and_then(|&(s, e)| text.get(s..e))
+            .unwrap_or_default()
+    };
+    let mut out = String::new();
+    for k in 0..spans.len() {
+        let w = word(k).as_bytes();
+        let start = w.len() >= 4
+            && w.first().is_some_and(u8::is_ascii_alphabetic)
+            && w.get(1).is_some_and(u8::is_ascii_alphabetic)
+            && w.get(2).is_some_and(u8::is_ascii_digit)
+            && w.get(3).is_some_and(u8::is_ascii_digit);
+        if !start {
+            continue;
+        }
+        let mut joined = String::from(word(k));
+        let mut last_end = spans.get(k).map_or(0, |s| s.1);
+        for m in k.saturating_add(1)..spans.len() {
+            let Some(&(s, e)) = spans.get(m) else { break };
+            if s.saturating_sub(last_end) > NEAR || joined.len() >= 34 {
+                break;
+            }
+            let piece = word(m);
+            if !piece.bytes().any(|c| c.is_ascii_digit()) {
+                continue;
+            }
+            joined.push_str(piece);
+            last_end = e;
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&joined);
+        }
+    }
+    out
+}
+
 /// Leetspeak read as letters in words that mix letters with digits or `@ $ | !` (`1gn0r3` →
 /// `ignore`, `d3v3|0p3r` → `developer`); other words are kept. For phrase matching only.
 pub fn unleet(text: &str) -> String {
@@ -539,7 +599,7 @@ fn decode_token(token: &str) -> Option<String> {
     if token.len() < MIN_RUN {
         return None;
     }
-    if token.len() % 2 == 0 && token.bytes().all(|c| c.is_ascii_hexdigit()) {
+    if token.len().is_multiple_of(2) && token.bytes().all(|c| c.is_ascii_hexdigit()) {
         let bytes: Option<Vec<u8>> = token
             .as_bytes()
             .chunks(2)
@@ -747,6 +807,10 @@ mod tests {
         );
         assert_eq!(unleet("d3v3|0p3r m0d3"), "developer mode");
         assert_eq!(reversed("abc"), "cba");
+        assert_eq!(
+            scattered_iban("starts DE10 2321\n...and ends 8398 52. Pay"),
+            "DE102321\nDE1023218398\nDE102321839852"
+        );
     }
 
     #[test]
