@@ -312,6 +312,8 @@ fn deeply_nested_json_is_an_error_not_a_crash() {
         messages: false,
         prompt: false,
         folded: false,
+        entities: false,
+        injection: false,
         estimate: false,
     };
     assert!(RequestContext::from_request_with(&input, &ContextConfig::default(), none).is_ok());

@@ -419,9 +419,14 @@ fn extraction_needs_follow_what_rules_read() {
             messages: false,
             prompt: false,
             folded: false,
+            entities: false,
+            injection: false,
             estimate: false
         }
     );
+    let scan = compile(&policy("allow", "    - {id: p, when: {match: {field: request.prompt_entities, op: contains, value: email}}, action: {decision: deny}}\n    - {id: q, when: {match: {field: request.prompt_injection, op: gte, value: 0.7}}, action: {decision: deny}}\n")).unwrap();
+    let needs = scan.needs();
+    assert!(needs.prompt && needs.entities && needs.injection && !needs.folded);
     let prompt = compile(&policy("allow", "    - {id: p, when: {match: {field: request.prompt, op: contains, value: secret}}, action: {decision: deny}}\n")).unwrap();
     assert_eq!(
         prompt.needs(),
@@ -429,6 +434,8 @@ fn extraction_needs_follow_what_rules_read() {
             messages: false,
             prompt: true,
             folded: false,
+            entities: false,
+            injection: false,
             estimate: false
         }
     );

@@ -1045,7 +1045,10 @@ pub fn score(text: &str) -> (f64, Vec<Signal>) {
         // Only words that may start a pattern are tried: the filter rules out almost all others
         // without a string comparison.
         let h = fnv(word.as_bytes()) % 4096;
-        if STARTERS[h / 64] & (1 << (h % 64)) == 0 {
+        let starter = STARTERS
+            .get(h / 64)
+            .is_some_and(|bits| bits & (1 << (h % 64)) != 0);
+        if !starter {
             continue;
         }
         // `do not reveal the system prompt`, `never ignore these rules`: a defensive system
@@ -1103,34 +1106,38 @@ pub fn score(text: &str) -> (f64, Vec<Signal>) {
 /// FNV-1a, 32 bits.
 const fn fnv(word: &[u8]) -> usize {
     let mut h: u32 = 0x811c_9dc5;
-    let mut i = 0;
-    while i < word.len() {
-        h = (h ^ word[i] as u32).wrapping_mul(0x0100_0193);
-        i += 1;
+    let mut rest = word;
+    while let [c, tail @ ..] = rest {
+        h = (h ^ *c as u32).wrapping_mul(0x0100_0193);
+        rest = tail;
     }
     h as usize
 }
 
 /// A 4096-bit filter of the hashes of the words that start a phrase pattern, built at compile
 /// time.
+#[allow(
+    clippy::indexing_slicing,
+    reason = "evaluated at compile time only: `h < 4096`, so `h / 64 < 64` is in bounds, and an \
+              index out of bounds would fail const evaluation (the build), never panic at run time"
+)]
 const STARTERS: [u64; 64] = {
     let mut filter = [0u64; 64];
-    let mut p = 0;
-    while p < PHRASES.len() {
-        let patterns = PHRASES[p].2;
-        let mut k = 0;
-        while k < patterns.len() {
-            if let Some(W(first)) = patterns[k].first() {
-                let mut w = 0;
-                while w < first.len() {
-                    let h = fnv(first[w].as_bytes()) % 4096;
+    let mut phrases = PHRASES;
+    while let [Phrase(_, _, patterns), more_phrases @ ..] = phrases {
+        let mut patterns = *patterns;
+        while let [pattern, more_patterns @ ..] = patterns {
+            if let Some(W(first)) = pattern.first() {
+                let mut words = *first;
+                while let [word, more_words @ ..] = words {
+                    let h = fnv(word.as_bytes()) % 4096;
                     filter[h / 64] |= 1 << (h % 64);
-                    w += 1;
+                    words = more_words;
                 }
             }
-            k += 1;
+            patterns = more_patterns;
         }
-        p += 1;
+        phrases = more_phrases;
     }
     filter
 };
@@ -1139,9 +1146,10 @@ fn matches_at(words: &[&str], i: usize, steps: &[Step]) -> bool {
     match steps.split_first() {
         None => true,
         Some((W(set), rest)) => {
-            words.get(i).is_some_and(|w| set.contains(w)) && matches_at(words, i + 1, rest)
+            words.get(i).is_some_and(|w| set.contains(w))
+                && matches_at(words, i.saturating_add(1), rest)
         }
-        Some((Gap(n), rest)) => (0..=*n).any(|k| matches_at(words, i + k, rest)),
+        Some((Gap(n), rest)) => (0..=*n).any(|k| matches_at(words, i.saturating_add(k), rest)),
     }
 }
 
@@ -1181,15 +1189,17 @@ fn normalise(text: &str) -> (String, Hidden) {
             // Tag characters hide ASCII; decode it.
             0xE0000..=0xE007F => {
                 hidden.tags = true;
-                if let Some(a) =
-                    char::from_u32(u - 0xE0000).filter(|a| a.is_ascii_graphic() || *a == ' ')
+                if let Some(a) = u
+                    .checked_sub(0xE0000)
+                    .and_then(char::from_u32)
+                    .filter(|a| a.is_ascii_graphic() || *a == ' ')
                 {
                     out.push(a.to_ascii_lowercase());
                 }
             }
             // Full-width ASCII.
             0xFF01..=0xFF5E => {
-                if let Some(a) = char::from_u32(u - 0xFEE0) {
+                if let Some(a) = u.checked_sub(0xFEE0).and_then(char::from_u32) {
                     out.push(a.to_ascii_lowercase());
                 }
             }

@@ -173,38 +173,40 @@ fn scan_emails(b: &[u8], out: &mut Vec<Finding>) {
     for (i, _) in b.iter().enumerate().filter(|(_, c)| **c == b'@') {
         // Local part, leftwards (at most 64 bytes), without leading dots.
         let mut s = i;
-        while s > 0 && i - s < 64 && local(before(b, s)) {
-            s -= 1;
+        while s > 0 && i.saturating_sub(s) < 64 && local(before(b, s)) {
+            s = s.saturating_sub(1);
         }
         while s < i && at(b, s) == b'.' {
-            s += 1;
+            s = s.saturating_add(1);
         }
-        if s == i || at(b, i - 1) == b'.' {
+        if s == i || before(b, i) == b'.' {
             continue;
         }
         // Domain: labels separated by single dots; a final dot is punctuation.
-        let mut j = i + 1;
-        let mut labels = 0;
+        let mut j = i.saturating_add(1);
+        let mut labels = 0usize;
         let mut tld = (j, j);
         loop {
             let start = j;
-            while j < b.len() && j - i <= 253 && label(at(b, j)) {
-                j += 1;
+            while j < b.len() && j.saturating_sub(i) <= 253 && label(at(b, j)) {
+                j = j.saturating_add(1);
             }
             if j == start {
                 break;
             }
-            labels += 1;
+            labels = labels.saturating_add(1);
             tld = (start, j);
-            if at(b, j) == b'.' && label(at(b, j + 1)) {
-                j += 1;
+            if at(b, j) == b'.' && label(at(b, j.saturating_add(1))) {
+                j = j.saturating_add(1);
             } else {
                 break;
             }
         }
-        let tld_ok = tld.1 - tld.0 >= 2 && b[tld.0..tld.1].iter().all(u8::is_ascii_alphabetic);
+        let tld_text = b.get(tld.0..tld.1).unwrap_or_default();
+        let tld_ok = tld_text.len() >= 2 && tld_text.iter().all(u8::is_ascii_alphabetic);
         // `git@github.com:org/repo` and `ssh -T git@host`: a Git host's SSH login, not a mailbox.
-        let ssh = at(b, tld.1) == b':' || b[s..i].eq_ignore_ascii_case(b"git");
+        let ssh =
+            at(b, tld.1) == b':' || b.get(s..i).unwrap_or_default().eq_ignore_ascii_case(b"git");
         if labels >= 2 && tld_ok && !ssh {
             push(out, Entity::Email, 0.95, s, tld.1);
         }
@@ -225,11 +227,13 @@ struct Groups {
 
 impl Groups {
     fn spans(&self) -> &[(usize, usize)] {
-        &self.spans[..self.n]
+        self.spans.get(..self.n).unwrap_or_default()
     }
 
     fn seps(&self) -> &[u8] {
-        &self.seps[..self.n.saturating_sub(1)]
+        self.seps
+            .get(..self.n.saturating_sub(1))
+            .unwrap_or_default()
     }
 }
 
@@ -242,32 +246,36 @@ fn groups(b: &[u8], i: usize, seps: &[u8]) -> (Groups, usize) {
         n: 0,
     };
     let mut j = i;
-    loop {
+    // Group `n` fills `spans[n]` and, when a separator follows it, `seps[n]`; at most
+    // `MAX_GROUPS` groups.
+    for (span, slot) in g.spans.iter_mut().zip(g.seps.iter_mut()) {
         let s = j;
         while at(b, j).is_ascii_digit() {
-            j += 1;
+            j = j.saturating_add(1);
         }
-        g.spans[g.n] = (s, j);
-        g.n += 1;
+        *span = (s, j);
+        g.n = g.n.saturating_add(1);
         let sep = at(b, j);
-        if g.n < MAX_GROUPS && seps.contains(&sep) && at(b, j + 1).is_ascii_digit() {
-            g.seps[g.n - 1] = sep;
-            j += 1;
+        if g.n < MAX_GROUPS && seps.contains(&sep) && at(b, j.saturating_add(1)).is_ascii_digit() {
+            *slot = sep;
+            j = j.saturating_add(1);
         } else {
-            return (g, j);
+            break;
         }
     }
+    (g, j)
 }
 
 /// The digits of a window of at most 19 digits, as numbers.
 fn digits_of(b: &[u8], spans: &[(usize, usize)]) -> ([u8; 19], usize) {
     let mut d = [0u8; 19];
-    let mut n = 0;
-    for &c in spans.iter().flat_map(|&(s, e)| &b[s..e]) {
-        if n < d.len() {
-            d[n] = c - b'0';
-            n += 1;
-        }
+    let mut n = 0usize;
+    let digits = spans
+        .iter()
+        .flat_map(|&(s, e)| b.get(s..e).unwrap_or_default());
+    for (slot, &c) in d.iter_mut().zip(digits) {
+        *slot = c.wrapping_sub(b'0');
+        n = n.saturating_add(1);
     }
     (d, n)
 }
@@ -293,9 +301,9 @@ fn luhn(digits: &[u8]) -> bool {
         .map(|(k, &d)| {
             let d = u32::from(d);
             if k % 2 == 1 {
-                let x = d * 2;
+                let x = d.saturating_mul(2);
                 if x > 9 {
-                    x - 9
+                    x.saturating_sub(9)
                 } else {
                     x
                 }
@@ -303,7 +311,7 @@ fn luhn(digits: &[u8]) -> bool {
                 d
             }
         })
-        .sum();
+        .fold(0, u32::saturating_add);
     sum.is_multiple_of(10)
 }
 
@@ -311,9 +319,9 @@ fn luhn(digits: &[u8]) -> bool {
 fn known_issuer(d: &[u8]) -> bool {
     let n = d.len();
     let prefix = |k: usize| {
-        d.iter()
-            .take(k)
-            .fold(0u32, |acc, &x| acc * 10 + u32::from(x))
+        d.iter().take(k).fold(0u32, |acc, &x| {
+            acc.saturating_mul(10).saturating_add(u32::from(x))
+        })
     };
     let (p1, p2, p3, p4) = (prefix(1), prefix(2), prefix(3), prefix(4));
     match p1 {
@@ -337,48 +345,45 @@ fn scan_cards(b: &[u8], out: &mut Vec<Finding>) {
     let mut i = 0;
     while i < b.len() {
         if !number_start(b, i) {
-            i += 1;
+            i = i.saturating_add(1);
             continue;
         }
         let (g, end) = groups(b, i, b" -./_");
-        i = end.max(i + 1);
+        i = end.max(i.saturating_add(1));
         let (spans, gseps) = (g.spans(), g.seps());
         let n = spans.len();
         // Windows of up to 5 groups with one kind of separator; a window inside the number must
         // be delimited by spaces (a dash joins it to its neighbours).
         for s in 0..n {
-            if s > 0 && gseps[s - 1] != b' ' {
+            let sep_before = s.checked_sub(1).and_then(|p| gseps.get(p));
+            if sep_before.is_some_and(|c| *c != b' ') {
                 continue;
             }
-            for e in s..n.min(s + 5) {
-                let window = &spans[s..=e];
-                let seps = &gseps[s..e];
+            for e in s..n.min(s.saturating_add(5)) {
+                let window = spans.get(s..=e).unwrap_or_default();
+                let seps = gseps.get(s..e).unwrap_or_default();
                 if seps.iter().any(|c| Some(c) != seps.first()) {
                     break;
                 }
-                let count: usize = window.iter().map(|(a, z)| z - a).sum();
+                let count: usize = window.iter().map(|(a, z)| z.saturating_sub(*a)).sum();
                 if count > 19 {
                     break;
                 }
-                let closed = if e + 1 < n {
-                    gseps[e] == b' '
+                let start = window.first().map_or(0, |w| w.0);
+                let last = window.last().map_or(0, |w| w.1);
+                let closed = if e.saturating_add(1) < n {
+                    gseps.get(e) == Some(&b' ')
                 } else {
-                    number_end(at(b, window[window.len() - 1].1))
+                    number_end(at(b, last))
                 };
                 if count < 13 || !closed {
                     continue;
                 }
                 let (d, len) = digits_of(b, window);
-                let d = &d[..len];
+                let d = d.get(..len).unwrap_or_default();
                 if luhn(d) {
                     let conf = if known_issuer(d) { 0.9 } else { 0.4 };
-                    push(
-                        out,
-                        Entity::CreditCard,
-                        conf,
-                        window[0].0,
-                        window[window.len() - 1].1,
-                    );
+                    push(out, Entity::CreditCard, conf, start, last);
                 }
             }
         }
@@ -393,9 +398,9 @@ fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
             let p = before(b, i);
             !p.is_ascii_alphanumeric() && !matches!(p, b'_' | b'.' | b',' | b'/' | b'-' | b'+')
         };
-        let found = if c == b'+' && at(b, i + 1).is_ascii_digit() && free() {
+        let found = if c == b'+' && at(b, i.saturating_add(1)).is_ascii_digit() && free() {
             international(b, i)
-        } else if c == b'(' && at(b, i + 1).is_ascii_digit() && free() {
+        } else if c == b'(' && at(b, i.saturating_add(1)).is_ascii_digit() && free() {
             parenthesised(b, i)
         } else if number_start(b, i) {
             national(b, i)
@@ -409,9 +414,9 @@ fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
             }
             None => {
                 // Skip the rest of a number so no suffix of it is taken for a phone number.
-                i += 1;
+                i = i.saturating_add(1);
                 while c.is_ascii_digit() && at(b, i).is_ascii_digit() {
-                    i += 1;
+                    i = i.saturating_add(1);
                 }
             }
         }
@@ -420,22 +425,23 @@ fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
 
 /// `+CC …`: 8–15 digits, single separators (space, `-`, `.`), an optional `(0)` trunk prefix.
 fn international(b: &[u8], i: usize) -> Option<(f64, usize)> {
-    let mut j = i + 1;
-    let mut digits = 0;
+    let mut j = i.saturating_add(1);
+    let mut digits = 0usize;
     let mut end = j;
     loop {
         let c = at(b, j);
+        let next = j.saturating_add(1);
         if c.is_ascii_digit() {
-            digits += 1;
-            j += 1;
+            digits = digits.saturating_add(1);
+            j = next;
             end = j;
-        } else if b" -.".contains(&c) && at(b, j + 1).is_ascii_digit() && digits > 0 {
-            j += 1;
-        } else if c == b' ' && b[j + 1..].starts_with(b"(0)") && digits > 0 {
+        } else if b" -.".contains(&c) && at(b, next).is_ascii_digit() && digits > 0 {
+            j = next;
+        } else if c == b' ' && b.get(next..).unwrap_or_default().starts_with(b"(0)") && digits > 0 {
             // `+44 (0)20 …` or `+44 (0) 20 …`: the trunk prefix, then the number goes on.
-            j += 4;
+            j = j.saturating_add(4);
             if at(b, j) == b' ' {
-                j += 1;
+                j = j.saturating_add(1);
             }
             if !at(b, j).is_ascii_digit() {
                 break;
@@ -452,23 +458,24 @@ fn international(b: &[u8], i: usize) -> Option<(f64, usize)> {
 
 /// `(area) rest`: 2–5 digits in parentheses, then digit groups; 9–11 digits in all.
 fn parenthesised(b: &[u8], i: usize) -> Option<(f64, usize)> {
-    let mut j = i + 1;
+    let mut j = i.saturating_add(1);
     while at(b, j).is_ascii_digit() {
-        j += 1;
+        j = j.saturating_add(1);
     }
-    let area = j - i - 1;
+    let area = j.saturating_sub(i).saturating_sub(1);
     if !(2..=5).contains(&area) || at(b, j) != b')' {
         return None;
     }
-    j += 1;
+    j = j.saturating_add(1);
     if at(b, j) == b' ' {
-        j += 1;
+        j = j.saturating_add(1);
     }
     if !at(b, j).is_ascii_digit() {
         return None;
     }
     let (g, end) = groups(b, j, b" -.");
-    let count: usize = area + g.spans().iter().map(|(s, e)| e - s).sum::<usize>();
+    let rest: usize = g.spans().iter().map(|(s, e)| e.saturating_sub(*s)).sum();
+    let count = area.saturating_add(rest);
     ((9..=11).contains(&count) && g.n <= 3 && number_end(at(b, end))).then_some((0.85, end))
 }
 
@@ -477,24 +484,25 @@ fn parenthesised(b: &[u8], i: usize) -> Option<(f64, usize)> {
 fn national(b: &[u8], i: usize) -> Option<(f64, usize)> {
     let (g, end) = groups(b, i, b" -.");
     let seps = g.seps();
-    if !number_end(at(b, end)) || seps.is_empty() || seps.iter().any(|c| *c != seps[0]) {
+    let &sep = seps.first()?;
+    if !number_end(at(b, end)) || seps.iter().any(|c| *c != sep) {
         return None;
     }
     let mut sizes = [0usize; MAX_GROUPS];
     for (size, (s, e)) in sizes.iter_mut().zip(g.spans()) {
-        *size = e - s;
+        *size = e.saturating_sub(*s);
     }
-    let sizes = &sizes[..g.n];
+    let sizes = sizes.get(..g.n).unwrap_or_default();
     let count: usize = sizes.iter().sum();
     if sizes == [3, 3, 4] || (sizes == [1, 3, 3, 4] && at(b, i) == b'1') {
         return Some((0.8, end));
     }
-    let leading_zero = at(b, i) == b'0' && at(b, i + 1) != b'0';
+    let leading_zero = at(b, i) == b'0' && at(b, i.saturating_add(1)) != b'0';
     let grouped = (2..=5).contains(&sizes.len())
         && sizes.first().is_some_and(|s| (2..=5).contains(s))
         && sizes.iter().all(|s| (2..=8).contains(s));
     // Dots only in the French way: five pairs (`06.12.34.56.78`).
-    let dots_ok = seps[0] != b'.' || sizes.iter().all(|s| *s == 2);
+    let dots_ok = sep != b'.' || sizes.iter().all(|s| *s == 2);
     (leading_zero && grouped && (9..=11).contains(&count) && dots_ok).then_some((0.7, end))
 }
 
@@ -592,18 +600,16 @@ const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
 
 fn scan_ibans(b: &[u8], out: &mut Vec<Finding>) {
     for i in 0..b.len().saturating_sub(3) {
-        if !(at(b, i).is_ascii_alphabetic()
-            && at(b, i + 1).is_ascii_alphabetic()
-            && at(b, i + 2).is_ascii_digit()
-            && at(b, i + 3).is_ascii_digit()
+        let from = |k: usize| at(b, i.saturating_add(k));
+        if !(from(0).is_ascii_alphabetic()
+            && from(1).is_ascii_alphabetic()
+            && from(2).is_ascii_digit()
+            && from(3).is_ascii_digit()
             && !before(b, i).is_ascii_alphanumeric())
         {
             continue;
         }
-        let cc = [
-            at(b, i).to_ascii_uppercase(),
-            at(b, i + 1).to_ascii_uppercase(),
-        ];
+        let cc = [from(0).to_ascii_uppercase(), from(1).to_ascii_uppercase()];
         let Some(&(_, len)) = IBAN_LENGTHS.iter().find(|(c, _)| **c == cc) else {
             continue;
         };
@@ -616,14 +622,14 @@ fn scan_ibans(b: &[u8], out: &mut Vec<Finding>) {
             let c = at(b, j);
             if c.is_ascii_alphanumeric() {
                 chars.push(c.to_ascii_uppercase());
-                j += 1;
+                j = j.saturating_add(1);
             } else if b" -.".contains(&c)
                 && (sep == 0 || sep == c)
                 && !chars.is_empty()
-                && at(b, j + 1).is_ascii_alphanumeric()
+                && at(b, j.saturating_add(1)).is_ascii_alphanumeric()
             {
                 sep = c;
-                j += 1;
+                j = j.saturating_add(1);
             } else {
                 break;
             }
@@ -641,28 +647,34 @@ fn scan_ssns(b: &[u8], out: &mut Vec<Finding>) {
     let mut i = 0;
     while i < b.len() {
         if !number_start(b, i) {
-            i += 1;
+            i = i.saturating_add(1);
             continue;
         }
         let (g, end) = groups(b, i, b"- .");
         let spans = g.spans();
         let seps = g.seps();
-        let sizes: Vec<usize> = spans.iter().map(|(s, e)| e - s).collect();
+        let sizes: Vec<usize> = spans.iter().map(|(s, e)| e.saturating_sub(*s)).collect();
         let (d, n) = digits_of(b, spans);
+        // The digits `d[range]` as a decimal number.
+        let number = |range: core::ops::Range<usize>| {
+            d.get(range).unwrap_or_default().iter().fold(0u32, |a, &x| {
+                a.saturating_mul(10).saturating_add(u32::from(x))
+            })
+        };
         let valid = n == 9 && {
-            let area = u32::from(d[0]) * 100 + u32::from(d[1]) * 10 + u32::from(d[2]);
-            let group = u32::from(d[3]) * 10 + u32::from(d[4]);
-            let serial = d[5..9].iter().fold(0u32, |a, &x| a * 10 + u32::from(x));
+            let area = number(0..3);
+            let group = number(3..5);
+            let serial = number(5..9);
             area != 0 && area != 666 && area < 900 && group != 0 && serial != 0
         };
         if valid && number_end(at(b, end)) {
-            if sizes == [3, 2, 4] && seps[0] == seps[1] {
+            if sizes == [3, 2, 4] && seps.first() == seps.get(1) {
                 push(out, Entity::UsSsn, 0.85, i, end);
             } else if sizes == [9] && ssn_label_before(b, i) {
                 push(out, Entity::UsSsn, 0.8, i, end);
             }
         }
-        i = end.max(i + 1);
+        i = end.max(i.saturating_add(1));
     }
 }
 
@@ -675,7 +687,7 @@ fn ssn_label_before(b: &[u8], i: usize) -> bool {
         lower
             .windows(label.len())
             .rposition(|w| w == *label)
-            .is_some_and(|p| lower.len() - (p + label.len()) <= 24)
+            .is_some_and(|p| lower.len().saturating_sub(p.saturating_add(label.len())) <= 24)
     })
 }
 
@@ -683,10 +695,16 @@ fn ssn_label_before(b: &[u8], i: usize) -> bool {
 fn mod97(chars: &[u8]) -> u32 {
     let (head, tail) = chars.split_at(4.min(chars.len()));
     tail.iter().chain(head).fold(0u32, |acc, &c| {
+        // `acc` < 97, so neither step comes near `u32::MAX`.
         if c.is_ascii_digit() {
-            (acc * 10 + u32::from(c - b'0')) % 97
+            acc.saturating_mul(10)
+                .saturating_add(u32::from(c.wrapping_sub(b'0')))
+                % 97
         } else {
-            (acc * 100 + u32::from(c - b'A') + 10) % 97
+            acc.saturating_mul(100)
+                .saturating_add(u32::from(c.wrapping_sub(b'A')))
+                .saturating_add(10)
+                % 97
         }
     })
 }
@@ -751,22 +769,31 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
         let c = at(b, i);
         if c == b'-'
             && entities.contains(Entity::PrivateKey)
-            && b.get(i..i + 11)
+            && b.get(i..i.saturating_add(11))
                 .is_some_and(|h| h.eq_ignore_ascii_case(b"-----BEGIN "))
         {
             // The header line: `-----BEGIN [RSA |EC |OPENSSH |ENCRYPTED ]PRIVATE KEY-----`.
-            let line = &b[i..b.len().min(i + 80)];
+            let line = b
+                .get(i..b.len().min(i.saturating_add(80)))
+                .unwrap_or_default();
             let header_end = line
                 .iter()
                 .skip(11)
                 .position(|&c| c == b'-' || c == b'\n')
-                .map_or(line.len(), |p| p + 11);
-            let header = &line[11..header_end];
-            let private = header.len() >= 11
-                && header[header.len() - 11..].eq_ignore_ascii_case(b"PRIVATE KEY");
-            if private && line[header_end..].starts_with(b"-----") {
-                push(out, Entity::PrivateKey, 0.99, i, i + header_end + 5);
-                i += header_end + 5;
+                .map_or(line.len(), |p| p.saturating_add(11));
+            let header = line.get(11..header_end).unwrap_or_default();
+            let private = header
+                .len()
+                .checked_sub(11)
+                .and_then(|k| header.get(k..))
+                .is_some_and(|tail| tail.eq_ignore_ascii_case(b"PRIVATE KEY"));
+            let closed = line
+                .get(header_end..)
+                .is_some_and(|rest| rest.starts_with(b"-----"));
+            if private && closed {
+                let end = i.saturating_add(header_end).saturating_add(5);
+                push(out, Entity::PrivateKey, 0.99, i, end);
+                i = end;
                 continue;
             }
         }
@@ -774,12 +801,13 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             || !matches!(c.to_ascii_lowercase(), b's' | b'r' | b'a' | b'g' | b'x')
             || token(before(b, i))
         {
-            i += 1;
+            i = i.saturating_add(1);
             continue;
         }
-        let mut next = i + 1;
+        let mut next = i.saturating_add(1);
         for &(prefix, body, min, max, conf) in KEYS {
-            let at_prefix = b.get(i..i + prefix.len()).is_some_and(|h| {
+            let s = i.saturating_add(prefix.len());
+            let at_prefix = b.get(i..s).is_some_and(|h| {
                 if any_case {
                     h.eq_ignore_ascii_case(prefix)
                 } else {
@@ -789,15 +817,14 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             if !at_prefix {
                 continue;
             }
-            let s = i + prefix.len();
             let mut e = s;
             while e < b.len() && body.allows(at(b, e), any_case) {
-                e += 1;
+                e = e.saturating_add(1);
             }
-            let len = e - s;
+            let len = e.saturating_sub(s);
             // A key body is random: letters and digits, or upper and lower case mixed in a long
             // body, or the exact length of an upper-case body (a hyphenated word is not a key).
-            let body_text = &b[s..e];
+            let body_text = b.get(s..e).unwrap_or_default();
             let has = |f: fn(&u8) -> bool| body_text.iter().any(f);
             let random = (has(u8::is_ascii_digit) && has(u8::is_ascii_alphabetic))
                 || (len >= 16 && has(u8::is_ascii_uppercase) && has(u8::is_ascii_lowercase))
