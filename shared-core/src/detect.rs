@@ -14,6 +14,7 @@ pub mod injection;
 pub mod pii;
 pub mod views;
 
+use alloc::string::String;
 use alloc::vec::Vec;
 
 pub use injection::Signal;
@@ -102,6 +103,54 @@ pub fn injection_score(text: &str) -> (f64, Vec<Signal>) {
     best
 }
 
+/// The most bytes on each side of a seam between two user turns that [`seams`] keeps.
+pub const SEAM: usize = 256;
+
+/// What the user said across turns, without the turns of others between: around each seam
+/// between two user turns (with an assistant or tool turn between them), the last [`SEAM`] bytes
+/// of the user's text before it and the first [`SEAM`] bytes after, one window per line. A value
+/// or a phrase handed over in pieces over several turns (`my card is 4163 3238` … `the rest is
+/// 0705 8996`) is whole in a window; the scanners read the windows with the text.
+pub fn seams<'a>(turns: impl IntoIterator<Item = (&'a str, &'a str)>) -> String {
+    let mut user = String::new();
+    let mut cuts: Vec<usize> = Vec::new();
+    let mut others_since = false;
+    for (role, text) in turns {
+        if role != "user" {
+            others_since = true;
+            continue;
+        }
+        if !user.is_empty() {
+            if others_since {
+                cuts.push(user.len());
+            }
+            user.push('\n');
+        }
+        user.push_str(text);
+        others_since = false;
+    }
+    let mut out = String::new();
+    let mut covered = 0usize;
+    for cut in cuts {
+        let mut from = cut.saturating_sub(SEAM).max(covered);
+        while !user.is_char_boundary(from) {
+            from = from.saturating_add(1);
+        }
+        let mut to = cut.saturating_add(1).saturating_add(SEAM).min(user.len());
+        while !user.is_char_boundary(to) {
+            to = to.saturating_sub(1);
+        }
+        if let Some(window) = user.get(from..to) {
+            if !out.is_empty() && from > covered {
+                out.push('\n');
+            }
+            out.push_str(window);
+        }
+        covered = to.max(covered);
+    }
+    out
+}
+
 /// Words that ask for text to be read backwards, in the languages the scanners know: without
 /// one, the reversed view is not read (backwards, a long number is another number that passes the
 /// Luhn check one time in ten).
@@ -166,4 +215,33 @@ pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
 /// The names of the kinds found with at least `min` confidence, e.g. for a reason; never values.
 pub fn kind_names(found: &Found, min: f64) -> Vec<&'static str> {
     found.kinds(min).map(Entity::name).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn seams_join_what_the_user_said_across_turns() {
+        let turns = [
+            ("system", "be brief"),
+            ("user", "my card is 4163 3238"),
+            ("assistant", "Noted."),
+            ("user", "and the rest is 0705 8996"),
+            ("user", "thanks"),
+        ];
+        assert_eq!(
+            seams(turns),
+            "my card is 4163 3238\nand the rest is 0705 8996\nthanks"
+        );
+        // Adjacent user turns are adjacent in the prompt already: no seam.
+        assert_eq!(seams([("user", "a"), ("user", "b")]), "");
+        let long = "x".repeat(1000);
+        let s = seams([
+            ("user", long.as_str()),
+            ("assistant", "ok"),
+            ("user", "tail"),
+        ]);
+        assert_eq!(s.len(), SEAM + 1 + 4);
+    }
 }

@@ -654,15 +654,30 @@ impl<S: Sink> Body<S> {
             if needs.folded {
                 request.prompt_folded = crate::fold::fold(&prompt);
             }
+            // Values and phrases handed over across user turns are whole in the seams.
+            let seams = if needs.entities || needs.injection {
+                crate::detect::seams(
+                    messages
+                        .iter()
+                        .map(|m| (m.role.as_str(), m.content.as_str())),
+                )
+            } else {
+                String::new()
+            };
+            let scanned: Cow<'_, str> = if seams.is_empty() {
+                Cow::Borrowed(&prompt)
+            } else {
+                Cow::Owned(alloc::format!("{prompt}\n{seams}"))
+            };
             if needs.entities {
-                let found = crate::detect::entities(&prompt, crate::detect::Entities::all());
+                let found = crate::detect::entities(&scanned, crate::detect::Entities::all());
                 request.prompt_entities = found
                     .kinds(crate::context::ENTITY_CONFIDENCE)
                     .map(|e| String::from(e.name()))
                     .collect();
             }
             if needs.injection {
-                request.prompt_injection = crate::detect::injection_score(&prompt).0;
+                request.prompt_injection = crate::detect::injection_score(&scanned).0;
             }
             request.prompt = prompt;
         }

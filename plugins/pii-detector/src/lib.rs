@@ -35,11 +35,12 @@ mod abi;
 #[path = "../../io.rs"]
 mod io;
 
-/// The plugin manifest (ABI 1): name, version and the one context field it reads.
+/// The plugin manifest (ABI 1): name, version and the context fields it reads (the turns, for
+/// values handed over across them).
 pub const MANIFEST: &str = concat!(
     r#"{"abi":1,"name":"pii-detector","version":""#,
     env!("CARGO_PKG_VERSION"),
-    r#"","reads":["request.prompt"]}"#
+    r#"","reads":["request.prompt","request.messages"]}"#
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -56,6 +57,16 @@ struct Args {
 struct Fields {
     #[serde(rename = "request.prompt", default)]
     prompt: Option<String>,
+    #[serde(rename = "request.messages", default)]
+    messages: Option<Vec<Message>>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    #[serde(default)]
+    role: String,
+    #[serde(default)]
+    content: String,
 }
 
 /// The plugin: the input JSON of ABI 1 (`{"rule", "args", "fields"}`) to its output JSON
@@ -86,7 +97,19 @@ fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
             "threshold must be between 0 and 1, not {threshold}"
         ));
     }
-    let text = fields.prompt.unwrap_or_default();
+    let mut text = fields.prompt.unwrap_or_default();
+    // A value handed over across user turns is whole in the seams between them.
+    let seams = detect::seams(
+        fields
+            .messages
+            .iter()
+            .flatten()
+            .map(|m| (m.role.as_str(), m.content.as_str())),
+    );
+    if !seams.is_empty() {
+        text.push('\n');
+        text.push_str(&seams);
+    }
     let report = detect::entities(&text, entities);
     let score = report.score();
     let found: Vec<&str> = report.kinds(0.0).map(Entity::name).collect();
@@ -170,7 +193,10 @@ mod tests {
         let m: serde_json::Value = serde_json::from_str(MANIFEST).unwrap();
         assert_eq!(m["abi"], 1);
         assert_eq!(m["name"], "pii-detector");
-        assert_eq!(m["reads"], serde_json::json!(["request.prompt"]));
+        assert_eq!(
+            m["reads"],
+            serde_json::json!(["request.prompt", "request.messages"])
+        );
     }
 
     #[test]

@@ -81,7 +81,18 @@ fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
             .filter(|m| include_system || m.role != "system")
             .map(|m| m.content.as_str())
             .collect();
-        parts.join("\n")
+        let mut text = parts.join("\n");
+        // A phrase handed over across user turns is whole in the seams between them.
+        let seams = detect::seams(
+            messages
+                .iter()
+                .map(|m| (m.role.as_str(), m.content.as_str())),
+        );
+        if !seams.is_empty() {
+            text.push('\n');
+            text.push_str(&seams);
+        }
+        text
     };
     let (score, signals) = detect::injection_score(&text);
     let reason = if signals.is_empty() {
