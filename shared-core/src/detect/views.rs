@@ -25,7 +25,7 @@ use base64::Engine;
 pub const MAX_DECODED: usize = 1 << 20;
 
 /// The shortest run of base64 or hex that is decoded.
-const MIN_RUN: usize = 16;
+pub const MIN_RUN: usize = 16;
 
 /// Whether `c` separates the letters of a word spelled out (`r.e.v`, `d-i-s`, `p_r_i`).
 fn letter_sep(c: char) -> bool {
