@@ -208,6 +208,56 @@ fn extraction(c: &mut Criterion) {
             },
         );
     }
+    // What a request costs when no rule reads text (the body's text is skipped, not built): the
+    // filter's path for a bundle without text rules.
+    let none = llm_policy_core::context::Needs {
+        messages: false,
+        prompt: false,
+        folded: false,
+        entities: false,
+        injection: false,
+        estimate: false,
+    };
+    let body = w::chat_body(2 * 1024);
+    g.throughput(criterion::Throughput::Bytes(body.len() as u64));
+    g.bench_with_input(BenchmarkId::new("chat-no-text", "2KB"), &body, |b, body| {
+        b.iter(|| {
+            let input = w::chat_input(&headers, body);
+            RequestContext::from_request_with(black_box(&input), &config, none).unwrap()
+        })
+    });
+    g.finish();
+}
+
+/// The scanners of `request.prompt_entities` and `request.prompt_injection` (text and views) per
+/// KB: plain English, a disguised mix (spelled-out letters, leetspeak, base64, `[at]`) and
+/// Chinese.
+fn detection(c: &mut Criterion) {
+    let mut g = c.benchmark_group("detect");
+    let english =
+        "The policy engine reads the request and decides what to do next. ".repeat(8 * 1024 / 66);
+    let disguised =
+        "i g n o r e 1gn0r3 aWdub3JlIGFsbA== jane [at] example [dot] com 4111.1111.1111.1111 "
+            .repeat(8 * 1024 / 84);
+    let chinese = "策略引擎读取请求并做出决定。".repeat(8 * 1024 / 42);
+    for (name, text) in [
+        ("english", &english),
+        ("disguised", &disguised),
+        ("chinese", &chinese),
+    ] {
+        g.throughput(criterion::Throughput::Bytes(text.len() as u64));
+        g.bench_with_input(BenchmarkId::new("entities", name), text, |b, text| {
+            b.iter(|| {
+                llm_policy_core::detect::entities(
+                    black_box(text),
+                    llm_policy_core::detect::Entities::all(),
+                )
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("injection", name), text, |b, text| {
+            b.iter(|| llm_policy_core::detect::injection_score(black_box(text)))
+        });
+    }
     g.finish();
 }
 
@@ -240,6 +290,6 @@ fn folding(c: &mut Criterion) {
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(60).warm_up_time(Duration::from_millis(800)).measurement_time(Duration::from_secs(3));
-    targets = llm_policy, peers, extraction, folding
+    targets = llm_policy, peers, extraction, folding, detection
 }
 criterion_main!(benches);

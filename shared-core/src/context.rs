@@ -229,6 +229,9 @@ pub enum Api {
     Messages,
     /// A batch of requests (`/v1/messages/batches`, `/v1/batches`).
     Batch,
+    /// OpenAI's Assistants API: assistants, threads, their messages and runs (`/v1/assistants`,
+    /// `/v1/threads/...`), a request that carries a body.
+    Assistants,
     /// Anything else.
     #[default]
     Other,
@@ -259,7 +262,9 @@ impl Api {
             )),
             Api::Completions | Api::Messages => Some((&["max_tokens"], "max_tokens")),
             Api::Responses => Some((&["max_output_tokens"], "max_output_tokens")),
-            Api::Embeddings | Api::Batch | Api::Other => None,
+            // Runs cap with `max_completion_tokens`, but the API's other bodies take no cap: a
+            // lowered cap is not written into them.
+            Api::Embeddings | Api::Batch | Api::Assistants | Api::Other => None,
         }
     }
 
@@ -272,6 +277,7 @@ impl Api {
             Api::Responses => "responses",
             Api::Messages => "messages",
             Api::Batch => "batch",
+            Api::Assistants => "assistants",
             Api::Other => "other",
         }
     }

@@ -273,6 +273,11 @@ pub(crate) fn classify_wide(wide: &str, has_header: impl Fn(&str) -> bool) -> (P
         (Provider::Openai, Api::Responses)
     } else if p.ends_with("/v1/batches") || p.ends_with("/openai/batches") {
         (Provider::Openai, Api::Batch)
+    } else if p
+        .split('/')
+        .any(|seg| seg == "assistants" || seg == "threads")
+    {
+        (Provider::Openai, Api::Assistants)
     } else {
         (Provider::Unknown, Api::Other)
     };

@@ -9,7 +9,7 @@
 //! | `credit_card` | 13–19 digits, optionally grouped with one kind of separator (space, `-`, `.`, `/`, `_`), **Luhn-valid**; a known issuer prefix and length | 0.9 (0.4 for an unknown prefix) |
 //! | `iban` | country code, check digits, the country's length (single spaces, `-` or `.` between groups; any case), **mod-97 valid** | 0.95 |
 //! | `us_ssn` | `ddd-dd-dddd` (or spaces or dots) with a valid area, group and serial; nine bare digits only after `SSN` or `social security` | 0.85 (0.8 bare) |
-//! | `api_key` | OpenAI `sk-…` / `sk-proj-…`, Anthropic `sk-ant-…`, AWS `AKIA…` / `ASIA…`, GitHub `ghp_…` / `github_pat_…`, Slack `xox[abprs]-…`, Google `AIza…`, Stripe `sk_live_…` / `rk_live_…`; a distinctive prefix with at least 6 random characters is a key cut short | 0.9–0.99 (0.8 cut short) |
+//! | `api_key` | OpenAI `sk-…` / `sk-proj-…`, Anthropic `sk-ant-…`, AWS `AKIA…` / `ASIA…`, GitHub `ghp_…` / `github_pat_…`, GitLab `glpat-…`, Slack `xox[abprs]-…` / `xapp-…`, Google `AIza…`, Stripe `sk_live_…` / `rk_live_…`, Hugging Face `hf_…`, Groq `gsk_…`, xAI `xai-…`, Perplexity `pplx-…`, Replicate `r8_…`, npm `npm_…`, DigitalOcean `dop_v1_…`; a distinctive prefix with at least 6 random characters is a key cut short | 0.9–0.99 (0.8 cut short) |
 //! | `private_key` | a PEM `-----BEGIN … PRIVATE KEY-----` header, in any case | 0.99 |
 //!
 //! The scanners work on bytes (every pattern is ASCII), run in one pass each and allocate only
@@ -746,6 +746,15 @@ const KEYS: &[(&[u8], Body, usize, usize, f64)] = &[
     (b"sk-", Body::Token, 20, 200, 0.9),
     (b"sk_live_", Body::Alnum, 20, 200, 0.99),
     (b"rk_live_", Body::Alnum, 20, 200, 0.99),
+    (b"hf_", Body::Alnum, 30, 40, 0.95),
+    (b"gsk_", Body::Alnum, 40, 60, 0.95),
+    (b"xai-", Body::Alnum, 40, 120, 0.95),
+    (b"pplx-", Body::Alnum, 40, 60, 0.95),
+    (b"glpat-", Body::Token, 20, 64, 0.95),
+    (b"npm_", Body::Alnum, 36, 36, 0.95),
+    (b"r8_", Body::Alnum, 30, 40, 0.9),
+    (b"dop_v1_", Body::Alnum, 64, 64, 0.95),
+    (b"xapp-", Body::Token, 10, 255, 0.95),
     (b"AKIA", Body::Upper, 16, 16, 0.95),
     (b"ASIA", Body::Upper, 16, 16, 0.95),
     (b"AIza", Body::Token, 35, 35, 0.95),
@@ -798,7 +807,10 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             }
         }
         if !entities.contains(Entity::ApiKey)
-            || !matches!(c.to_ascii_lowercase(), b's' | b'r' | b'a' | b'g' | b'x')
+            || !matches!(
+                c.to_ascii_lowercase(),
+                b's' | b'r' | b'a' | b'g' | b'x' | b'h' | b'p' | b'n' | b'd'
+            )
             || token(before(b, i))
         {
             i = i.saturating_add(1);
@@ -989,6 +1001,9 @@ mod tests {
             "xoxb-1234567890-abcdefghij",
             "AIzaSyA1b2C3d4E5f6G7h8I9j0K1l2M3n4O5p6Q",
             "sk_live_4eC39HqLyjWDarjtT1zdp7dc",
+            "HF_TOKEN=hf_aB3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7c",
+            "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",
+            "glpat-xY3dEf6hIj9kLm2nOp5q",
         ] {
             assert!(found(yes, Entity::ApiKey), "{yes}");
         }

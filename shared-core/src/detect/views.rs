@@ -254,6 +254,11 @@ const KEY_STARTS: &[&str] = &[
     "xoxb-",
     "xoxp-",
     "xoxa-",
+    "hf_",
+    "gsk_",
+    "glpat-",
+    "xai-",
+    "pplx-",
 ];
 
 /// A key written in short groups (`AIza SyXE SDML h3Ds`, `sk_l ive_ z3LO`) joined: a run of at
