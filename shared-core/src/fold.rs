@@ -6,6 +6,7 @@
 //!   mathematical letters (`𝐢𝐠𝐧𝐨𝐫𝐞`), superscripts and non-breaking spaces become their plain
 //!   forms;
 //! - combining marks dropped (`ìgnóre` → `ignore`);
+//! - decimal digits of other scripts as ASCII digits (`٤١١١` → `4111`);
 //! - default-ignorable code points dropped: zero-width spaces and joiners, soft hyphens, bidi
 //!   marks and embeddings, variation selectors, tag characters;
 //! - lower case;
@@ -58,9 +59,33 @@ impl Folded {
     }
 }
 
+/// The first code point (zero) of each run of ten decimal digits of another script: Arabic-Indic,
+/// Extended Arabic-Indic, NKo, the Indic scripts, Thai, Lao, Tibetan, Myanmar, Khmer, Mongolian,
+/// Limbu, New Tai Lue, Balinese, Sundanese, Lepcha, Ol Chiki, Vai, Saurashtra, Kayah Li, Javanese,
+/// Cham, Meetei Mayek. (Fullwidth and mathematical digits decompose to ASCII already.)
+const DIGIT_ZEROS: &[u32] = &[
+    0x0660, 0x06F0, 0x07C0, 0x0966, 0x09E6, 0x0A66, 0x0AE6, 0x0B66, 0x0BE6, 0x0C66, 0x0CE6, 0x0D66,
+    0x0DE6, 0x0E50, 0x0ED0, 0x0F20, 0x1040, 0x1090, 0x17E0, 0x1810, 0x1946, 0x19D0, 0x1B50, 0x1BB0,
+    0x1C40, 0x1C50, 0xA620, 0xA8D0, 0xA900, 0xA9D0, 0xAA50, 0xABF0,
+];
+
+/// The ASCII digit of a decimal digit of another script (`٤` → `4`): the confusables table maps
+/// some of them to letters (`١` → `l`), which would hide a number written in them.
+fn ascii_digit(c: char) -> Option<char> {
+    let u = u32::from(c);
+    DIGIT_ZEROS.iter().find_map(|&zero| {
+        let d = u.checked_sub(zero).filter(|d| *d < 10)?;
+        char::from_digit(d, 10)
+    })
+}
+
 /// One non-ASCII character folded.
 fn fold_char(c: char) -> Folded {
     let mut out = Folded::EMPTY;
+    if let Some(d) = ascii_digit(c) {
+        out.push(d);
+        return out;
+    }
     let mut written = 0;
     let mut buf = [0u8; 4];
     for d in c.encode_utf8(&mut buf).nfkd() {
@@ -225,6 +250,12 @@ pub fn fold(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn digits_of_other_scripts_are_digits() {
+        assert_eq!(fold("٤١١١ ١١١١ ۴۵"), "4111 1111 45");
+        assert_eq!(fold("४१११"), "4111");
+    }
 
     #[test]
     fn look_alikes_fold_to_plain_ascii() {

@@ -348,7 +348,7 @@ fn scan_cards(b: &[u8], out: &mut Vec<Finding>) {
             i = i.saturating_add(1);
             continue;
         }
-        let (g, end) = groups(b, i, b" -./_");
+        let (g, end) = groups(b, i, b" -./_:");
         i = end.max(i.saturating_add(1));
         let (spans, gseps) = (g.spans(), g.seps());
         let n = spans.len();
@@ -811,11 +811,14 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
                 c.to_ascii_lowercase(),
                 b's' | b'r' | b'a' | b'g' | b'x' | b'h' | b'p' | b'n' | b'd'
             )
-            || token(before(b, i))
+            // Inside a longer word is no key; after `_` or `-` (`__AKIA…__` in Markdown, `KEY-…`)
+            // it may be, except the generic `sk-` (`task-…`, `risk-…` are words).
+            || before(b, i).is_ascii_alphanumeric()
         {
             i = i.saturating_add(1);
             continue;
         }
+        let joined_before = token(before(b, i));
         let mut next = i.saturating_add(1);
         for &(prefix, body, min, max, conf) in KEYS {
             let s = i.saturating_add(prefix.len());
@@ -844,10 +847,14 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             // A distinctive prefix (all but the generic `sk-`) with a random body shorter than
             // the key's is a piece of one; `sk-` needs 12 characters.
             let short = if prefix == b"sk-" { 12 } else { CUT_SHORT };
-            if (min..=max).contains(&len) && !token(at(b, e)) && random {
+            // A key ends where its body does: a letter or digit after it means a longer word,
+            // `_` or `-` after an alphanumeric body is punctuation.
+            let inside = at(b, e).is_ascii_alphanumeric() || (joined_before && prefix == b"sk-");
+            let ends = !inside;
+            if (min..=max).contains(&len) && ends && random {
                 push(out, Entity::ApiKey, conf, i, e);
                 next = e;
-            } else if (short..min).contains(&len) && !token(at(b, e)) && random {
+            } else if (short..min).contains(&len) && ends && random {
                 push(out, Entity::ApiKey, 0.8, i, e);
                 next = e;
             }
@@ -1004,6 +1011,8 @@ mod tests {
             "HF_TOKEN=hf_aB3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7c",
             "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",
             "glpat-xY3dEf6hIj9kLm2nOp5q",
+            "bold __AKIAIOSFODNN7EXAMPLE__ here",
+            "AWS_KEY=AKIAIOSFODNN7EXAMPLE_",
         ] {
             assert!(found(yes, Entity::ApiKey), "{yes}");
         }
