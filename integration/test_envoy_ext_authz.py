@@ -300,7 +300,7 @@ def test_hot_reload_good_bad_and_rollback_through_envoy(stack):
         good = stack.server.bundle()
         # Bad: rejected; the last good version keeps serving.
         errors = stack.server.metric('llm_policy_reloads_total{result="error"}')
-        path.write_text(original.replace("op: matches", "op: matchez"))
+        path.write_text(original.replace("op: contains", "op: containz"))
         wait_for(lambda: stack.server.metric('llm_policy_reloads_total{result="error"}') > errors, "rejected reload", timeout=5)
         assert stack.server.bundle() == good
         assert not allowed()

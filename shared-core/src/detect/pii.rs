@@ -838,12 +838,13 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             }
             let len = e.saturating_sub(s);
             // A key body is random: letters and digits, or upper and lower case mixed in a long
-            // body, or the exact length of an upper-case body (a hyphenated word is not a key).
+            // body, or exactly the length of a fixed-length key (`AKIA` + 16, `ghp_` + 36); a
+            // hyphenated word is not a key.
             let body_text = b.get(s..e).unwrap_or_default();
             let has = |f: fn(&u8) -> bool| body_text.iter().any(f);
             let random = (has(u8::is_ascii_digit) && has(u8::is_ascii_alphabetic))
                 || (len >= 16 && has(u8::is_ascii_uppercase) && has(u8::is_ascii_lowercase))
-                || (matches!(body, Body::Upper) && len == min && !any_case);
+                || (min == max && len == min);
             // A distinctive prefix (all but the generic `sk-`) with a random body shorter than
             // the key's is a piece of one; `sk-` needs 12 characters.
             let short = if prefix == b"sk-" { 12 } else { CUT_SHORT };
@@ -1012,6 +1013,7 @@ mod tests {
             "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",
             "glpat-xY3dEf6hIj9kLm2nOp5q",
             "bold __AKIAIOSFODNN7EXAMPLE__ here",
+            "ghp_aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
             "AWS_KEY=AKIAIOSFODNN7EXAMPLE_",
         ] {
             assert!(found(yes, Entity::ApiKey), "{yes}");
