@@ -87,10 +87,17 @@ pub fn injection_score(text: &str) -> (f64, Vec<Signal>) {
         }
     };
     let folded = crate::fold::fold(text);
-    consider(&folded);
+    // ASCII folds to its lower case with white space collapsed: the words the scorer reads are
+    // those of the text, already scored.
+    if !text.is_ascii() {
+        consider(&folded);
+    }
     let compact = crate::fold::fold(&views::compact(text));
-    consider(&views::unleet(&compact));
-    if compact != folded {
+    let unleet = views::unleet(&compact);
+    if unleet != folded {
+        consider(&unleet);
+    }
+    if compact != folded && compact != unleet {
         consider(&compact);
     }
     if asks_backwards(text) {
@@ -184,7 +191,9 @@ pub fn asks_backwards(text: &str) -> bool {
 /// read in it, if only one (card numbers in the scattered digits, IBANs in the IBAN pieces).
 pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
     let folded = crate::fold::fold(text);
-    if folded != text {
+    // ASCII folds to its lower case with white space collapsed, which the scanners of the text
+    // already see through (only a key's case differs, and a lower-case key is no key).
+    if folded != text && !text.is_ascii() {
         f(&folded, None);
     }
     let compact = views::compact(text);
