@@ -210,20 +210,17 @@ fn extraction(c: &mut Criterion) {
     }
     // What a request costs when no rule reads text (the body's text is skipped, not built): the
     // filter's path for a bundle without text rules.
-    let none = llm_policy_core::context::Needs {
-        messages: false,
-        prompt: false,
-        folded: false,
-        entities: false,
-        injection: false,
-        estimate: false,
-    };
     let body = w::chat_body(2 * 1024);
     g.throughput(criterion::Throughput::Bytes(body.len() as u64));
     g.bench_with_input(BenchmarkId::new("chat-no-text", "2KB"), &body, |b, body| {
         b.iter(|| {
             let input = w::chat_input(&headers, body);
-            RequestContext::from_request_with(black_box(&input), &config, none).unwrap()
+            RequestContext::from_request_with(
+                black_box(&input),
+                &config,
+                llm_policy_core::context::Needs::NONE,
+            )
+            .unwrap()
         })
     });
     g.finish();

@@ -484,14 +484,7 @@ impl Compiler {
 /// What extraction must build for these namespaces: text only if some rule reads it, a token
 /// counter estimates from it, or a plugin may inspect it.
 fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
-    let mut needs = Needs {
-        messages: false,
-        prompt: false,
-        folded: false,
-        entities: false,
-        injection: false,
-        estimate: false,
-    };
+    let mut needs = Needs::NONE;
     for ns in namespaces {
         for f in &ns.reads {
             needs.prompt |= matches!(

@@ -424,6 +424,16 @@ pub struct Needs {
 }
 
 impl Needs {
+    /// Extract nothing beyond the fields every request has (no rule reads text).
+    pub const NONE: Needs = Needs {
+        messages: false,
+        prompt: false,
+        folded: false,
+        entities: false,
+        injection: false,
+        estimate: false,
+    };
+
     /// Extract everything.
     pub const ALL: Needs = Needs {
         messages: true,

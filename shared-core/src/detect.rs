@@ -14,6 +14,7 @@ pub mod injection;
 pub mod pii;
 pub mod views;
 
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -156,6 +157,20 @@ pub fn seams<'a>(turns: impl IntoIterator<Item = (&'a str, &'a str)>) -> String 
         covered = to.max(covered);
     }
     out
+}
+
+/// `text` with the [`seams`] of `turns` after it, when there are any: what the scanners read so
+/// that a value or phrase handed over across user turns is whole.
+pub fn with_seams<'a, 't>(
+    text: &'t str,
+    turns: impl IntoIterator<Item = (&'a str, &'a str)>,
+) -> Cow<'t, str> {
+    let seams = seams(turns);
+    if seams.is_empty() {
+        Cow::Borrowed(text)
+    } else {
+        Cow::Owned(alloc::format!("{text}\n{seams}"))
+    }
 }
 
 /// Words that ask for text to be read backwards, in the languages the scanners know: without

@@ -660,19 +660,15 @@ impl<S: Sink> Body<S> {
                 request.prompt_folded = crate::fold::fold(&prompt);
             }
             // Values and phrases handed over across user turns are whole in the seams.
-            let seams = if needs.entities || needs.injection {
-                crate::detect::seams(
+            let scanned = if needs.entities || needs.injection {
+                crate::detect::with_seams(
+                    &prompt,
                     messages
                         .iter()
                         .map(|m| (m.role.as_str(), m.content.as_str())),
                 )
             } else {
-                String::new()
-            };
-            let scanned: Cow<'_, str> = if seams.is_empty() {
-                Cow::Borrowed(&prompt)
-            } else {
-                Cow::Owned(alloc::format!("{prompt}\n{seams}"))
+                Cow::Borrowed(prompt.as_str())
             };
             if needs.entities {
                 let found = crate::detect::entities(&scanned, crate::detect::Entities::all());

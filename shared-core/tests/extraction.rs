@@ -308,15 +308,9 @@ fn deeply_nested_json_is_an_error_not_a_crash() {
         body: body.as_bytes(),
         now_unix: 0,
     };
-    let none = Needs {
-        messages: false,
-        prompt: false,
-        folded: false,
-        entities: false,
-        injection: false,
-        estimate: false,
-    };
-    assert!(RequestContext::from_request_with(&input, &ContextConfig::default(), none).is_ok());
+    assert!(
+        RequestContext::from_request_with(&input, &ContextConfig::default(), Needs::NONE).is_ok()
+    );
 }
 
 #[test]

@@ -413,17 +413,7 @@ fn extraction_needs_follow_what_rules_read() {
         "    - {id: m, when: {cel: \"request.model == 'x'\"}, action: {decision: deny}}\n",
     ))
     .unwrap();
-    assert_eq!(
-        model_only.needs(),
-        llm_policy_core::context::Needs {
-            messages: false,
-            prompt: false,
-            folded: false,
-            entities: false,
-            injection: false,
-            estimate: false
-        }
-    );
+    assert_eq!(model_only.needs(), llm_policy_core::context::Needs::NONE);
     let scan = compile(&policy("allow", "    - {id: p, when: {match: {field: request.prompt_entities, op: contains, value: email}}, action: {decision: deny}}\n    - {id: q, when: {match: {field: request.prompt_injection, op: gte, value: 0.7}}, action: {decision: deny}}\n")).unwrap();
     let needs = scan.needs();
     assert!(needs.prompt && needs.entities && needs.injection && !needs.folded);

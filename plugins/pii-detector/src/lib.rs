@@ -97,19 +97,16 @@ fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
             "threshold must be between 0 and 1, not {threshold}"
         ));
     }
-    let mut text = fields.prompt.unwrap_or_default();
+    let prompt = fields.prompt.unwrap_or_default();
     // A value handed over across user turns is whole in the seams between them.
-    let seams = detect::seams(
+    let text = detect::with_seams(
+        &prompt,
         fields
             .messages
             .iter()
             .flatten()
             .map(|m| (m.role.as_str(), m.content.as_str())),
     );
-    if !seams.is_empty() {
-        text.push('\n');
-        text.push_str(&seams);
-    }
     let report = detect::entities(&text, entities);
     let score = report.score();
     let found: Vec<&str> = report.kinds(0.0).map(Entity::name).collect();

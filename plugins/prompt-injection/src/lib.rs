@@ -94,15 +94,12 @@ fn run(args: Args, fields: Fields) -> Result<io::Verdict, String> {
         text = String::from(rest);
     }
     // A phrase handed over across user turns is whole in the seams between them.
-    let seams = detect::seams(
+    let text = detect::with_seams(
+        &text,
         messages
             .iter()
             .map(|m| (m.role.as_str(), m.content.as_str())),
     );
-    if !seams.is_empty() {
-        text.push('\n');
-        text.push_str(&seams);
-    }
     let (score, signals) = detect::injection_score(&text);
     let reason = if signals.is_empty() {
         String::from("no injection signals")
