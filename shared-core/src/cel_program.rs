@@ -286,7 +286,12 @@ fn members_of(root: &'static str) -> &'static [(&'static str, FieldRef)] {
     type Table = Vec<(&'static str, FieldRef)>;
     static REQUEST: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
     static TIME: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
-    let cell = if root == "time" { &TIME } else { &REQUEST };
+    static RESPONSE: std::sync::OnceLock<Table> = std::sync::OnceLock::new();
+    let cell = match root {
+        "time" => &TIME,
+        "response" => &RESPONSE,
+        _ => &REQUEST,
+    };
     cell.get_or_init(|| {
         members(root)
             .filter_map(|(m, f)| Some((m, f.field.clone()?)))
@@ -294,10 +299,10 @@ fn members_of(root: &'static str) -> &'static [(&'static str, FieldRef)] {
     })
 }
 
-/// The CEL variables for one evaluation: `request`, `principal`, `shield`, `time`, borrowing
+/// The CEL variables for one evaluation: `request`, `response`, `principal`, `shield`, `time`, borrowing
 /// every string from the context (no copies), built from the schema table. Only the `request`
-/// fields in `reads` are built (all of them with `None`): the interpreted programs of a
-/// namespace never read others.
+/// and `response` fields in `reads` are built (all of them with `None`): the interpreted
+/// programs of a namespace never read others.
 pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context<'a, 'a> {
     let want = |f: &FieldRef| {
         reads.is_none_or(|rs| {
@@ -315,6 +320,7 @@ pub(crate) fn activation<'a>(v: View<'a>, reads: Option<&[FieldRef]>) -> Context
     };
     let mut c = Context::with_env(Arc::clone(env()));
     c.add_variable_as_val("request", root(members_of("request"), false));
+    c.add_variable_as_val("response", root(members_of("response"), false));
     c.add_variable_as_val("time", root(members_of("time"), true));
     for (name, field) in [
         ("principal", FieldRef::PrincipalAll),

@@ -18,7 +18,7 @@ use crate::decision::{CounterKind, Verdict};
 use crate::diagnostic::{Code, Diagnostic, Diagnostics};
 use crate::document::Document;
 use crate::index::RuleIndex;
-use crate::model::{DefaultDecision, PolicyDoc, Rule, API_VERSION, KIND_POLICY};
+use crate::model::{DefaultDecision, Phase, PolicyDoc, Rule, API_VERSION, KIND_POLICY};
 use crate::schema::FieldRef;
 use crate::set::{
     CompileOutput, CompiledRule, Inner, KeyPart, Namespace, Origin, PolicyInfo, PolicySet,
@@ -192,8 +192,10 @@ impl Compiler {
                 ns.disabled.push((p.rule.id.clone(), p.rule.priority));
                 continue;
             }
-            if let Some(rule) = compiled {
-                ns.rules.push(rule);
+            match compiled {
+                Some(rule) if p.rule.phase == Phase::Response => ns.answer_rules.push(rule),
+                Some(rule) => ns.rules.push(rule),
+                None => {}
             }
         }
         for ns in namespaces.values_mut() {
@@ -436,6 +438,25 @@ impl Compiler {
         ns.policy_versions = versions.join(",");
         // Descending priority, stable (file order) within a priority.
         ns.rules.sort_by_key(|r| core::cmp::Reverse(r.priority));
+        ns.answer_rules
+            .sort_by_key(|r| core::cmp::Reverse(r.priority));
+        let mut answer = crate::set::AnswerReads::default();
+        for r in &ns.answer_rules {
+            r.cond.visit_fields(&mut |f| match f {
+                FieldRef::Header(h) => answer.headers.push(h.clone()),
+                FieldRef::ResponseEntities => answer.entities = true,
+                _ => {}
+            });
+            #[cfg(feature = "cel")]
+            if let crate::condition::Cond::Cel(p) = &r.cond {
+                answer.cel.extend(p.reads().iter().cloned());
+            }
+        }
+        answer.headers.sort();
+        answer.headers.dedup();
+        answer.cel.sort();
+        answer.cel.dedup();
+        ns.answer_reads = answer;
         let (errors, warnings) = lint::lint(&ns.rules);
         self.errors.extend(errors);
         self.warnings.extend(warnings);

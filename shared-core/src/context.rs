@@ -18,7 +18,8 @@ use crate::schema::FieldRef;
 /// match in any case (`X-Tenant` finds `x-tenant`).
 ///
 /// As a file (`llm-policy --context-config`): `{namespaceHeader, principalHeaders: {id:
-/// x-user-id, ...}, principalClaims: {id: sub, ...}, namespaceClaim, shieldPrefix, maxBodyBytes}`.
+/// x-user-id, ...}, principalClaims: {id: sub, ...}, namespaceClaim, shieldPrefix, maxBodyBytes,
+/// maxBatchItems, models, responseHoldBackBytes, maxResponseBytes}`.
 ///
 /// Which of these headers a client may send itself depends on the identity mode Envoy runs in
 /// (docs/identity.md): in every mode but `trusted-headers`, Envoy removes the client's copies of
@@ -49,6 +50,14 @@ pub struct ContextConfig {
     /// shipped `models/models.yaml`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub models: Option<crate::model_table::ModelTable>,
+    /// `phase: response` rules on a stream: the generated text held back from the client
+    /// until what follows it was checked (default 128 bytes). A match of up to this many bytes
+    /// is caught before any of it is sent, whatever chunks it arrives in; the first token waits
+    /// for this much text.
+    pub response_hold_back_bytes: usize,
+    /// `phase: response` rules: the largest JSON answer (or stream event) checked; a larger
+    /// one is refused, never passed unchecked (default 4 MiB).
+    pub max_response_bytes: usize,
 }
 
 impl Default for ContextConfig {
@@ -78,6 +87,8 @@ impl Default for ContextConfig {
             max_body_bytes: 4 * 1024 * 1024,
             max_batch_items: 10_000,
             models: None,
+            response_hold_back_bytes: 128,
+            max_response_bytes: 4 * 1024 * 1024,
         }
     }
 }
@@ -104,6 +115,8 @@ impl ContextConfig {
             max_body_bytes: self.max_body_bytes,
             max_batch_items: self.max_batch_items,
             models: self.models.clone(),
+            response_hold_back_bytes: self.response_hold_back_bytes,
+            max_response_bytes: self.max_response_bytes,
         }
     }
 }
@@ -403,6 +416,74 @@ pub struct RequestContext {
     /// request (method, path, host, headers and body size are the batch's). Empty otherwise.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub batch: Vec<RequestInfo>,
+    /// What the model answered, for `phase: response` rules (empty while the request is
+    /// evaluated).
+    #[serde(default, skip_serializing_if = "ResponseInfo::is_empty")]
+    pub response: ResponseInfo,
+}
+
+/// The `response` part of the context: what the model answered, as `phase: response` rules
+/// read it (see the schema's `response.*` fields).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ResponseInfo {
+    /// The answer's text: a JSON answer whole, a stream's window.
+    pub text: String,
+    /// The kinds of personal data and secrets in `text` (built only when a rule reads them).
+    pub entities: Vec<String>,
+    /// The tools the model called so far, folded.
+    pub tool_calls: Vec<String>,
+    /// Why the model stopped, once it said.
+    pub finish_reason: Option<String>,
+    /// The output tokens the provider reported, once it did.
+    pub output_tokens: Option<i64>,
+}
+
+impl ResponseInfo {
+    /// Whether nothing was answered yet.
+    pub fn is_empty(&self) -> bool {
+        *self == ResponseInfo::default()
+    }
+}
+
+impl RequestContext {
+    /// What of this request a `phase: response` rule may read, kept while its answer is
+    /// checked: everything but the request's text and batch items, and of the headers only
+    /// those named in `headers` (a rule reads a header by name; the whole map holds the
+    /// client's credentials).
+    pub fn for_answer(&self, headers: &[String]) -> RequestContext {
+        let r = &self.request;
+        RequestContext {
+            namespace: self.namespace.clone(),
+            request: RequestInfo {
+                method: r.method.clone(),
+                path: r.path.clone(),
+                host: r.host.clone(),
+                headers: r
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| headers.iter().any(|h| h == k))
+                    .cloned()
+                    .collect(),
+                provider: r.provider,
+                api: r.api,
+                model: r.model.clone(),
+                stream: r.stream,
+                max_tokens: r.max_tokens,
+                choices: r.choices,
+                temperature: r.temperature,
+                user: r.user.clone(),
+                tools: r.tools.clone(),
+                tool_types: r.tool_types.clone(),
+                body_bytes: r.body_bytes,
+                ..RequestInfo::default()
+            },
+            principal: self.principal.clone(),
+            shield: self.shield.clone(),
+            time: self.time,
+            batch: Vec::new(),
+            response: ResponseInfo::default(),
+        }
+    }
 }
 
 /// What a rule set needs extracted; fields no rule reads are skipped.
@@ -516,6 +597,7 @@ impl RequestContext {
             shield: self.shield.clone(),
             time: self.time,
             batch: Vec::new(),
+            response: ResponseInfo::default(),
         })
     }
 
@@ -597,6 +679,15 @@ impl<'a> View<'a> {
                     None => FieldValue::Missing,
                 }
             }
+            FieldRef::ResponseText => FieldValue::Str(&self.ctx.response.text),
+            FieldRef::ResponseEntities => FieldValue::StrList(&self.ctx.response.entities),
+            FieldRef::ResponseToolCalls => FieldValue::StrList(&self.ctx.response.tool_calls),
+            FieldRef::ResponseFinishReason => opt_str(&self.ctx.response.finish_reason),
+            FieldRef::ResponseOutputTokens => self
+                .ctx
+                .response
+                .output_tokens
+                .map_or(FieldValue::Null, FieldValue::Int),
             FieldRef::Hour => FieldValue::Int(self.ctx.time.hour),
             FieldRef::Weekday => FieldValue::Int(self.ctx.time.weekday),
             // Element fields exist only inside a list comprehension (see `truth::Elem`).

@@ -131,6 +131,8 @@ codes! {
     InvalidApiKey = "invalid-api-key", "a virtual API key record (`llm-policy keys`) with an empty or repeated id, a `hash` that is not 64 lower-case hex digits, or the same key as an earlier record";
     /// A bad model table.
     InvalidModelTable = "invalid-model-table", "a model table (`models.yaml`) with a negative or non-finite price, a `maxOutput` or `contextWindow` of 0, or a name with a `*` anywhere but at its end";
+    /// A rule whose phase does not fit what it does.
+    InvalidPhase = "invalid-phase", "a `phase: response` rule with a plugin, rate limit, budget, transform or throttle, or reading what is not kept for the answer (the request's text, `request.headers` whole); a request rule reading `response.*`";
     /// A bad counter key template.
     InvalidKey = "invalid-key", "a counter key template with an unknown field, request text (`request.prompt`, lists, maps), fields without text between them, `%`, more than 8 fields or more than 256 bytes";
     /// A bad window.

@@ -176,6 +176,7 @@ impl RequestContext {
             shield,
             time: TimeInfo::from_unix(input.now_unix),
             batch,
+            response: crate::context::ResponseInfo::default(),
         })
     }
 }

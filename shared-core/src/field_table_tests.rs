@@ -44,6 +44,11 @@ fn perturb(c: &mut RequestContext, field: &FieldRef) {
         FieldRef::ShieldAll | FieldRef::Shield(_) => {
             c.shield = vec![("x".into(), ShieldValue::Number(0.9))]
         }
+        FieldRef::ResponseText => c.response.text.push_str(" more"),
+        FieldRef::ResponseEntities => c.response.entities.push("email".into()),
+        FieldRef::ResponseToolCalls => c.response.tool_calls.push("bash".into()),
+        FieldRef::ResponseFinishReason => c.response.finish_reason = Some("length".into()),
+        FieldRef::ResponseOutputTokens => c.response.output_tokens = Some(7),
         FieldRef::Hour => c.time.hour = 23,
         FieldRef::Weekday => c.time.weekday = 6,
         FieldRef::Elem(_) => {}

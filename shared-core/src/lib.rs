@@ -38,6 +38,7 @@
 
 extern crate alloc;
 
+pub mod answer;
 mod cache_key;
 #[cfg(feature = "cel")]
 mod cel_lang;

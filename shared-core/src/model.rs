@@ -98,6 +98,10 @@ pub struct Rule {
     /// `enforce` (default) or `shadow` (reported, never changes the decision).
     #[serde(default)]
     pub mode: Mode,
+    /// `request` (default): the rule decides whether a request goes upstream. `response`: it
+    /// tests the model's answer (`response.*`) as it passes, and a deny ends it.
+    #[serde(default)]
+    pub phase: Phase,
     /// What a runtime error in the condition does. Default `deny`.
     #[serde(default)]
     pub on_error: OnError,
@@ -123,6 +127,18 @@ pub enum Mode {
     Enforce,
     /// Matches are reported in `metadata.shadow_matches` only.
     Shadow,
+}
+
+/// When a rule is evaluated.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Phase {
+    /// On the request, before it goes upstream.
+    #[default]
+    Request,
+    /// On the answer, as it comes back: a JSON answer whole, a stream through a held-back
+    /// window (docs/policy-language.md, "Response rules").
+    Response,
 }
 
 /// Runtime-error policy of a rule.

@@ -247,6 +247,25 @@ pub fn error_body(provider: Provider, status: u16, code: &str, message: &str) ->
     serde_json::to_string(&v).unwrap_or_default()
 }
 
+/// The event that ends a stream in the provider's format, so the official SDKs raise it: an
+/// OpenAI chat or completions stream gets a `data:` event holding an `error` object (what the
+/// SDK checks every event for), the Responses API the same as an `error` event, Anthropic an
+/// `error` event with its error body.
+pub fn stream_error(
+    provider: Provider,
+    api: Api,
+    status: u16,
+    code: &str,
+    message: &str,
+) -> Vec<u8> {
+    let body = error_body(provider, status, code, message);
+    let event = match (provider, api) {
+        (Provider::Anthropic, _) | (_, Api::Responses) => format!("event: error\ndata: {body}\n\n"),
+        _ => format!("data: {body}\n\n"),
+    };
+    event.into_bytes()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -61,6 +61,16 @@ pub enum FieldRef {
     ShieldAll,
     /// `shield.<name>`
     Shield(String),
+    /// `response.text`
+    ResponseText,
+    /// `response.entities`
+    ResponseEntities,
+    /// `response.tool_calls`
+    ResponseToolCalls,
+    /// `response.finish_reason`
+    ResponseFinishReason,
+    /// `response.output_tokens`
+    ResponseOutputTokens,
     /// `time.hour`
     Hour,
     /// `time.weekday`
@@ -73,7 +83,38 @@ impl FieldRef {
     /// Whether the field's text is folded ([`crate::fold::fold`]), so that a policy's strings
     /// compared with it are folded the same way when the policy loads.
     pub fn folds(&self) -> bool {
-        matches!(self, FieldRef::PromptFolded | FieldRef::Tools)
+        matches!(
+            self,
+            FieldRef::PromptFolded | FieldRef::Tools | FieldRef::ResponseToolCalls
+        )
+    }
+
+    /// Whether the field is part of the model's answer: only `phase: response` rules read it.
+    pub fn is_response(&self) -> bool {
+        matches!(
+            self,
+            FieldRef::ResponseText
+                | FieldRef::ResponseEntities
+                | FieldRef::ResponseToolCalls
+                | FieldRef::ResponseFinishReason
+                | FieldRef::ResponseOutputTokens
+        )
+    }
+
+    /// Whether the field is not kept for the answer, so a `phase: response` rule cannot read
+    /// it: the request's text (an answer's check would hold a copy of every prompt for as long
+    /// as the answer streams) and the whole header map (it holds the client's credentials).
+    pub fn dropped_for_answer(&self) -> bool {
+        matches!(
+            self,
+            FieldRef::Prompt
+                | FieldRef::PromptFolded
+                | FieldRef::PromptEntities
+                | FieldRef::PromptInjection
+                | FieldRef::Messages
+                | FieldRef::EstimatedTokens
+                | FieldRef::Headers
+        )
     }
 }
 
@@ -195,14 +236,19 @@ pub const FIELDS: &[Field] = &[
     field!("request.body_bytes", Some(FieldRef::BodyBytes), Int, "int", "0", "Size of the request body in bytes."),
     field!("principal.<attribute>", None, OptStr, "string | null", "null", "One per configured attribute, from its header (defaults: `id` from `x-user-id`, `tier` from `x-user-tier`, `team` from `x-team-id`, `org` from `x-org-id`); null when the header is missing, so guard CEL calls: `principal.id != null && principal.id.startsWith('svc-')`."),
     field!("shield.<name>", None, Dynamic, "double | string (may be absent)", "absent", "From headers `x-llm-shield-<name>` (lower-case, dashes become underscores: write `shield.pii_score`; a header name with `_` is ignored); numeric values are numbers; a score sent more than once counts at its highest (scores are risks). DSL: absent is null; CEL: a missing key is an error, test with `has(shield.<name>)`."),
+    field!("response.text", Some(FieldRef::ResponseText), Str, "string", "\"\"", "`phase: response` rules only. What the model answered: message text, refusals, reasoning, tool calls' arguments and tool results shown to the client, as the client reads them. A JSON answer whole (up to `maxResponseBytes`); a stream through a window: the text not checked yet plus the last `responseHoldBackBytes` bytes checked before it, so a match of up to that many bytes is caught whole whatever chunks it arrives in. See \"Response rules\" in the policy language."),
+    field!("response.entities", Some(FieldRef::ResponseEntities), StrList, "list<string>", "[]", "`phase: response` rules only. The kinds of personal data and secrets in `response.text`, disguised or not: the scanners of `request.prompt_entities`."),
+    field!("response.tool_calls", Some(FieldRef::ResponseToolCalls), StrList, "list<string>", "[]", "`phase: response` rules only. Names of the tools the model called so far (functions, server tools), folded like `request.tools`."),
+    field!("response.finish_reason", Some(FieldRef::ResponseFinishReason), OptStr, "string | null", "null", "`phase: response` rules only. Why the model stopped, as the provider says it: `stop`, `length`, `tool_calls`, `content_filter` (OpenAI chat and completions), `end_turn`, `max_tokens`, `tool_use`, `stop_sequence`, `refusal` (Anthropic), `completed` or the reason it is `incomplete` (Responses); null until a stream says it."),
+    field!("response.output_tokens", Some(FieldRef::ResponseOutputTokens), OptInt, "int | null", "null", "`phase: response` rules only. The output tokens the provider reported (a JSON answer's usage, a stream's last usage event); null until reported."),
     field!("time.hour", Some(FieldRef::Hour), Int, "int", "-", "Hour of the evaluation time, UTC, 0-23. Rules reading time are never cached."),
     field!("time.weekday", Some(FieldRef::Weekday), Int, "int", "-", "Day of week of the evaluation time, UTC, 0 = Sunday … 6 = Saturday."),
 ];
 
 /// The root variables conditions can read.
-pub const ROOTS: &[&str] = &["request", "principal", "shield", "time"];
+pub const ROOTS: &[&str] = &["request", "response", "principal", "shield", "time"];
 
-/// The fixed fields under `root` (`request` or `time`), with their member names.
+/// The fixed fields under `root` (`request`, `response` or `time`), with their member names.
 pub fn members(root: &str) -> impl Iterator<Item = (&'static str, &'static Field)> + '_ {
     FIELDS.iter().filter_map(move |f| {
         let (r, m) = f.path.split_once('.')?;
@@ -247,7 +293,7 @@ impl FieldRef {
         principal_attrs: &[String],
     ) -> Result<(FieldRef, FieldType), UnknownField> {
         match (root, member) {
-            ("request" | "time", Some(m)) => members(root)
+            ("request" | "response" | "time", Some(m)) => members(root)
                 .find(|(name, _)| *name == m)
                 .and_then(|(_, f)| Some((f.field.clone()?, f.ty)))
                 .ok_or_else(|| unknown(root, m, members(root).map(|(n, _)| n))),

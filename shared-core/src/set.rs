@@ -74,6 +74,23 @@ pub(crate) struct Namespace {
     pub counts_tokens: bool,
     /// Some enforcing rule sets a fixed `transform.maxTokens`.
     pub caps: bool,
+    /// The `phase: response` rules, by descending priority (file order within a priority).
+    pub answer_rules: Vec<CompiledRule>,
+    /// What they read: the fields their interpreted CEL programs read, the headers they name,
+    /// and whether they read `response.entities`.
+    pub answer_reads: AnswerReads,
+}
+
+/// What the `phase: response` rules of a namespace read.
+#[derive(Default)]
+pub(crate) struct AnswerReads {
+    #[cfg_attr(
+        not(feature = "cel"),
+        allow(dead_code, reason = "only the CEL activation reads it")
+    )]
+    pub cel: Vec<FieldRef>,
+    pub headers: Vec<String>,
+    pub entities: bool,
 }
 
 /// Where a rule was written.
@@ -184,6 +201,8 @@ impl Namespace {
             models,
             counts_tokens: false,
             caps: false,
+            answer_rules: Vec::new(),
+            answer_reads: AnswerReads::default(),
         }
     }
 }

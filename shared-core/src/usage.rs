@@ -403,7 +403,7 @@ impl UsageChunkStripper {
 }
 
 /// Where the first SSE event of `bytes` ends: (end of its lines, start of the next event).
-fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
+pub(crate) fn event_end(bytes: &[u8]) -> Option<(usize, usize)> {
     let lf = memmem::find(bytes, b"\n\n");
     let crlf = memmem::find(bytes, b"\r\n\r\n");
     match (lf, crlf) {

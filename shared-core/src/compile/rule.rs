@@ -9,7 +9,7 @@ use crate::condition::Cond;
 use crate::diagnostic::Code;
 use crate::document::Document;
 use crate::dsl;
-use crate::model::Mode;
+use crate::model::{Mode, Phase};
 use crate::set::{CompiledRule, Origin};
 
 impl Compiler {
@@ -85,6 +85,7 @@ impl Compiler {
             }
         }
         let action = self.compile_action(&rule.action, rule.when.plugin.is_some(), &site);
+        self.check_phase(rule, &cond, &site);
         if self.errors.len() > before {
             return None;
         }
@@ -105,6 +106,69 @@ impl Compiler {
             action,
             volatile,
         })
+    }
+
+    /// A rule may read only what its phase knows, and a `phase: response` rule may only allow
+    /// or deny what is answered (nothing there can be counted, rewritten or asked of a plugin).
+    fn check_phase(&mut self, rule: &crate::model::Rule, cond: &Cond, site: &RuleSite<'_>) {
+        let mut misread: Option<alloc::string::String> = None;
+        let response = rule.phase == Phase::Response;
+        cond.visit_fields(&mut |f| {
+            let wrong = if response {
+                f.dropped_for_answer()
+            } else {
+                f.is_response()
+            };
+            if misread.is_none() && wrong {
+                misread = Some(f.path());
+            }
+        });
+        let at = if rule.when.cel.is_some() {
+            "/when/cel"
+        } else {
+            "/when/match"
+        };
+        if let Some(path) = misread {
+            let (message, help) = if response {
+                (
+                    alloc::format!("a `phase: response` rule cannot read `{path}`: it is not kept while the answer is checked"),
+                    "response rules read `response.*` and the request's small fields (model, api, principal, a header by name); test the request's text in a request rule",
+                )
+            } else {
+                (
+                    alloc::format!("`{path}` is known only once the model answers"),
+                    "add `phase: response` to the rule",
+                )
+            };
+            self.errors.push(
+                site.error(Code::InvalidPhase, at, message)
+                    .help(Some(alloc::string::String::from(help))),
+            );
+        }
+        if !response {
+            return;
+        }
+        let a = &rule.action;
+        let refused = [
+            (rule.when.plugin.is_some(), "/when/plugin", "a plugin"),
+            (a.rate_limit.is_some(), "/action/rateLimit", "a rate limit"),
+            (a.budget.is_some(), "/action/budget", "a budget"),
+            (a.transform.is_some(), "/action/transform", "a transform"),
+            (
+                a.decision == crate::model::ActionDecision::Throttle,
+                "/action/decision",
+                "`throttle`",
+            ),
+        ];
+        for (bad, ptr, what) in refused {
+            if bad {
+                self.errors.push(site.error(
+                    Code::InvalidPhase,
+                    ptr,
+                    alloc::format!("a `phase: response` rule cannot have {what}: it allows or denies the answer as it passes"),
+                ));
+            }
+        }
     }
 
     #[cfg(feature = "cel")]

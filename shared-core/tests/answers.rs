@@ -1,0 +1,401 @@
+//! Response rules: load-time checks of what a `phase: response` rule may do and read, JSON
+//! answers checked whole, streams of each provider checked through the held-back window (a
+//! secret split over 2, 3 and 10 chunks at any byte is cut before any of it is sent), clean
+//! streams passing byte for byte, and what a cut reports.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    clippy::indexing_slicing,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+mod common;
+
+use common::{compile, ctx_at, policy};
+use llm_policy_core::answer::{AnswerGuard, Pass};
+use llm_policy_core::PolicySet;
+
+const RULES: &str = r#"    - id: no-keys-out
+      phase: response
+      when: {match: {field: response.entities, op: contains, value: [api_key, private_key]}}
+      action: {decision: deny, reason: the answer holds a secret}
+    - id: no-codename
+      phase: response
+      when: {match: {field: response.text, op: contains, value: "project bluebird", ignore_case: true}}
+      action: {decision: deny, reason: the answer names the project, status: 451}
+    - id: no-shell
+      phase: response
+      when: {match: {field: response.tool_calls, op: contains, value: bash}}
+      action: {decision: deny, reason: the model may not run a shell}
+    - id: no-truncated
+      phase: response
+      when: {match: {field: response.finish_reason, op: eq, value: length}}
+      action: {decision: deny, reason: cut short}
+    - id: admins-may
+      phase: response
+      priority: 10
+      when: {match: {field: principal.tier, op: eq, value: admin}}
+      action: {decision: allow}
+    - id: all
+      when: {match: {field: request.method, op: eq, value: POST}}
+      action: {decision: allow}
+"#;
+
+const SECRET: &str = "sk-proj-Ab3dEf6hIj9kLm2nOp5qRs8tUv1wXy4zAb7cDe0fGh";
+
+fn set() -> PolicySet {
+    compile(&policy("deny", RULES)).expect("valid policy")
+}
+
+fn guard(set: &PolicySet, path: &str, tier: &str, ct: &str) -> AnswerGuard {
+    let ctx = ctx_at(
+        path,
+        &[("x-user-tier", tier)],
+        r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
+    );
+    let kept = ctx.for_answer(set.answer_headers(&ctx.namespace));
+    AnswerGuard::new(set, kept, 200, ct, None).expect("answers are checked")
+}
+
+/// An OpenAI chat stream of `text` in deltas of `n` characters.
+fn openai_stream(text: &str, n: usize) -> String {
+    let mut out = String::from(
+        "data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"}}]}\n\n",
+    );
+    let chars: Vec<char> = text.chars().collect();
+    for piece in chars.chunks(n) {
+        let piece: String = piece.iter().collect();
+        out.push_str(&format!(
+            "data: {{\"id\":\"c\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}},\"finish_reason\":null}}]}}\n\n",
+            serde_json::to_string(&piece).unwrap()
+        ));
+    }
+    out.push_str("data: {\"id\":\"c\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\ndata: [DONE]\n\n");
+    out
+}
+
+/// An Anthropic stream of `text` in deltas of `n` characters.
+fn anthropic_stream(text: &str, n: usize) -> String {
+    let mut out = String::from(
+        "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m\",\"type\":\"message\",\"role\":\"assistant\",\"content\":[],\"usage\":{\"input_tokens\":5,\"output_tokens\":1}}}\n\n\
+         event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n",
+    );
+    let chars: Vec<char> = text.chars().collect();
+    for piece in chars.chunks(n) {
+        let piece: String = piece.iter().collect();
+        out.push_str(&format!(
+            "event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"text_delta\",\"text\":{}}}}}\n\n",
+            serde_json::to_string(&piece).unwrap()
+        ));
+    }
+    out.push_str(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n\
+         event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":30}}\n\n\
+         event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+    );
+    out
+}
+
+/// A Responses API stream of `text` in deltas of `n` characters (the final events repeat it).
+fn responses_stream(text: &str, n: usize) -> String {
+    let mut out = String::from(
+        "event: response.created\ndata: {\"type\":\"response.created\",\"response\":{\"id\":\"r\",\"status\":\"in_progress\",\"output\":[]}}\n\n",
+    );
+    let chars: Vec<char> = text.chars().collect();
+    for piece in chars.chunks(n) {
+        let piece: String = piece.iter().collect();
+        out.push_str(&format!(
+            "event: response.output_text.delta\ndata: {{\"type\":\"response.output_text.delta\",\"output_index\":0,\"content_index\":0,\"delta\":{}}}\n\n",
+            serde_json::to_string(&piece).unwrap()
+        ));
+    }
+    out.push_str(&format!(
+        "event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"id\":\"r\",\"status\":\"completed\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":{}}}]}}],\"usage\":{{\"input_tokens\":3,\"output_tokens\":9}}}}}}\n\n",
+        serde_json::to_string(text).unwrap()
+    ));
+    out
+}
+
+/// Feeds `stream` in `pieces` chunks split at byte offsets spread over it (any byte: inside
+/// events, inside escapes); returns what was sent and whether the guard cut.
+fn feed(g: &mut AnswerGuard, stream: &[u8], pieces: usize, offset: usize) -> Vec<u8> {
+    let mut cuts: Vec<usize> = (1..pieces)
+        .map(|i| (i * stream.len() / pieces + offset).min(stream.len()))
+        .collect();
+    cuts.push(stream.len());
+    let mut out = Vec::new();
+    let mut from = 0;
+    for (i, to) in cuts.iter().enumerate() {
+        let chunk = &stream[from..*to];
+        match g.push(chunk, i + 1 == cuts.len()) {
+            Pass::Bytes(b) => out.extend(b),
+            other => panic!("a stream is never answered whole: {other:?}"),
+        }
+        from = *to;
+    }
+    out
+}
+
+/// A stream of a text in deltas of so many characters.
+type MakeStream = fn(&str, usize) -> String;
+
+const STREAMS: [(&str, &str, MakeStream); 3] = [
+    ("/v1/chat/completions", "openai", openai_stream),
+    ("/v1/messages", "anthropic", anthropic_stream),
+    ("/v1/responses", "openai", responses_stream),
+];
+
+#[test]
+fn a_secret_split_over_2_3_and_10_chunks_is_cut_before_any_of_it_is_sent() {
+    let set = set();
+    let text = format!(
+        "Sure. Here is the key you asked for: {SECRET} — keep it safe. {}",
+        "More words follow here. ".repeat(20)
+    );
+    for (path, provider, make) in STREAMS {
+        for delta in [1, 3, 7] {
+            let stream = make(&text, delta);
+            for pieces in [2, 3, 10] {
+                for offset in [0, 1, 5, 17] {
+                    let mut g = guard(&set, path, "free", "text/event-stream");
+                    let out = feed(&mut g, stream.as_bytes(), pieces, offset);
+                    let sent = String::from_utf8_lossy(&out);
+                    let cut = g
+                        .cut()
+                        .unwrap_or_else(|| panic!("{path} delta {delta} in {pieces}: not cut"));
+                    assert_eq!(cut.deny.rule, "no-keys-out");
+                    // Not even the key's distinctive prefix reached the client.
+                    assert!(
+                        !sent.contains("sk-proj"),
+                        "{path} {delta}/{pieces}/{offset}: {sent}"
+                    );
+                    assert!(!sent.contains("Ab3dEf"), "{path}: {sent}");
+                    assert!(
+                        cut.text_sent < text.find(SECRET).unwrap(),
+                        "{path}: {cut:?}"
+                    );
+                    // The stream ends with the provider's error event, nothing after it.
+                    let last = sent.trim_end().rsplit("\n\n").next().unwrap();
+                    let data = last.lines().find_map(|l| l.strip_prefix("data: ")).unwrap();
+                    let v: serde_json::Value = serde_json::from_str(data).unwrap();
+                    assert_eq!(v["error"]["message"], "the answer holds a secret");
+                    if provider == "anthropic" {
+                        assert!(last.starts_with("event: error\n"));
+                        assert_eq!(v["type"], "error");
+                        assert_eq!(v["error"]["type"], "permission_error");
+                    } else {
+                        assert_eq!(v["error"]["code"], "response_denied");
+                    }
+                    assert!(!sent.contains("[DONE]") && !sent.contains("message_stop"));
+                    assert!(
+                        matches!(g.push(b"data: more\n\n", true), Pass::Bytes(b) if b.is_empty())
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_clean_stream_passes_byte_for_byte_and_holds_back_at_most_the_window() {
+    let set = set();
+    let text =
+        "The capital of France is Paris. Prices: 10.50 EUR, call +33 1 23 45 67 89. ".repeat(10);
+    for (path, _, make) in STREAMS {
+        let stream = make(&text, 4);
+        let mut g = guard(&set, path, "free", "text/event-stream");
+        let out = feed(&mut g, stream.as_bytes(), 10, 3);
+        assert!(g.cut().is_none(), "{path}: {:?}", g.cut());
+        assert_eq!(String::from_utf8(out).unwrap(), stream, "{path}");
+        // Event by event: once 128 bytes of text came, every event but the last 128 bytes'
+        // worth has been sent.
+        let mut g = guard(&set, path, "free", "text/event-stream");
+        let (mut sent, mut came, mut text_in) = (0usize, 0usize, 0usize);
+        let events: Vec<&str> = stream.split_inclusive("\n\n").collect();
+        for e in &events[..events.len() - 1] {
+            if let Pass::Bytes(b) = g.push(e.as_bytes(), false) {
+                sent += b.len();
+            }
+            came += e.len();
+            if e.contains("\"content\":\"")
+                || e.contains("text_delta")
+                || e.contains("output_text.delta")
+            {
+                text_in += 4;
+            }
+            // 128 bytes of text are 32 deltas of 4, one more that may go once the next is checked,
+            // and the one being checked: their events' bytes at most are held.
+            if text_in > 128 + 8 {
+                let held = came - sent;
+                let longest = events.iter().map(|e| e.len()).max().unwrap();
+                assert!(
+                    held <= 34 * longest,
+                    "{path}: {held} bytes held after {text_in} bytes of text"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn a_phrase_across_deltas_is_caught_and_a_higher_priority_allow_exempts() {
+    let set = set();
+    let text = format!(
+        "{}The launch of Project Bluebird is next week.",
+        "Intro. ".repeat(40)
+    );
+    for (path, _, make) in STREAMS {
+        let stream = make(&text, 3);
+        let mut g = guard(&set, path, "free", "text/event-stream");
+        let sent = String::from_utf8(feed(&mut g, stream.as_bytes(), 3, 0)).unwrap();
+        assert_eq!(g.cut().unwrap().deny.rule, "no-codename", "{path}");
+        assert!(!sent.to_lowercase().contains("project b"), "{path}");
+        // An admin's answer is let through whole.
+        let mut g = guard(&set, path, "admin", "text/event-stream");
+        let out = feed(&mut g, stream.as_bytes(), 3, 0);
+        assert!(g.cut().is_none());
+        assert_eq!(String::from_utf8(out).unwrap(), stream);
+    }
+}
+
+#[test]
+fn tool_calls_and_finish_reasons_in_streams() {
+    let set = set();
+    let stream = "data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"Bash\",\"arguments\":\"\"}}]}}]}\n\n\
+                  data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"cmd\\\":\\\"ls\\\"}\"}}]}}]}\n\n\
+                  data: [DONE]\n\n";
+    let mut g = guard(&set, "/v1/chat/completions", "free", "text/event-stream");
+    let out = feed(&mut g, stream.as_bytes(), 2, 0);
+    assert_eq!(g.cut().unwrap().deny.rule, "no-shell");
+    assert!(!String::from_utf8_lossy(&out).contains("Bash"));
+    // Cut short: known at the end only, the stream ends with the error instead of its end.
+    let text = "word ".repeat(100);
+    let stream = openai_stream(&text, 5)
+        .replace("\"finish_reason\":\"stop\"", "\"finish_reason\":\"length\"");
+    let mut g = guard(&set, "/v1/chat/completions", "free", "text/event-stream");
+    let sent = String::from_utf8(feed(&mut g, stream.as_bytes(), 4, 0)).unwrap();
+    assert_eq!(g.cut().unwrap().deny.rule, "no-truncated");
+    let last = sent.trim_end().rsplit("\n\n").next().unwrap();
+    assert!(
+        last.starts_with("data: {\"error\"") && last.contains("cut short"),
+        "{sent}"
+    );
+    assert!(sent.contains("\"content\":\"word \"") && !sent.contains("[DONE]"));
+}
+
+#[test]
+fn json_answers_are_checked_whole() {
+    let set = set();
+    let openai = format!(
+        r#"{{"id":"c","object":"chat.completion","choices":[{{"index":0,"message":{{"role":"assistant","content":"the key is {SECRET}"}},"finish_reason":"stop"}}],"usage":{{"prompt_tokens":3,"completion_tokens":9}}}}"#
+    );
+    let mut g = guard(&set, "/v1/chat/completions", "free", "application/json");
+    assert!(g.reads_whole());
+    let half = openai.len() / 2;
+    assert_eq!(g.push(&openai.as_bytes()[..half], false), Pass::Wait);
+    let Pass::Reply(reply) = g.push(&openai.as_bytes()[half..], true) else {
+        panic!("denied");
+    };
+    assert_eq!(reply.status, 403);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body["error"]["code"], "response_denied");
+    assert!(!reply.body.contains("sk-proj"));
+    let cut = g.cut().unwrap();
+    assert!(!cut.stream && cut.text_sent == 0);
+    // Anthropic, with the rule's status.
+    let anthropic = r#"{"id":"m","type":"message","role":"assistant","content":[{"type":"text","text":"About PROJECT   Bluebird"}],"stop_reason":"end_turn","usage":{"input_tokens":1,"output_tokens":5}}"#;
+    let mut g = guard(&set, "/v1/messages", "free", "application/json");
+    // `contains` does not collapse spaces: this one is not the phrase.
+    assert!(matches!(g.push(anthropic.as_bytes(), true), Pass::Bytes(_)));
+    let anthropic = anthropic.replace("PROJECT   Bluebird", "PROJECT Bluebird");
+    let mut g = guard(&set, "/v1/messages", "free", "application/json");
+    let Pass::Reply(reply) = g.push(anthropic.as_bytes(), true) else {
+        panic!("denied");
+    };
+    assert_eq!(reply.status, 451);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).unwrap();
+    assert_eq!(body["type"], "error");
+    // A clean answer passes as it came.
+    let clean = r#"{"choices":[{"index":0,"message":{"role":"assistant","content":"Paris"},"finish_reason":"stop"}]}"#;
+    let mut g = guard(&set, "/v1/chat/completions", "free", "application/json");
+    assert_eq!(
+        g.push(clean.as_bytes(), true),
+        Pass::Bytes(clean.as_bytes().to_vec())
+    );
+}
+
+#[test]
+fn answers_that_cannot_be_checked_are_refused() {
+    let set = set();
+    let ctx = ctx_at(
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","messages":[]}"#,
+    );
+    let mut g = AnswerGuard::new(
+        &set,
+        ctx.for_answer(&[]),
+        200,
+        "text/event-stream",
+        Some("gzip"),
+    )
+    .unwrap();
+    assert!(g.reads_whole());
+    let Pass::Reply(reply) = g.push(b"\x1f\x8b\x08", false) else {
+        panic!("refused");
+    };
+    assert_eq!(reply.status, 502);
+    // Provider errors and other content types pass unchecked; namespaces without response
+    // rules are not guarded.
+    assert!(AnswerGuard::new(&set, ctx.for_answer(&[]), 429, "application/json", None).is_none());
+    assert!(AnswerGuard::new(&set, ctx.for_answer(&[]), 200, "audio/mpeg", None).is_none());
+    let plain = compile(&policy("allow", "    - id: a\n      when: {match: {field: request.method, op: eq, value: POST}}\n      action: {decision: allow}\n")).unwrap();
+    assert!(AnswerGuard::new(&plain, ctx.for_answer(&[]), 200, "application/json", None).is_none());
+}
+
+#[test]
+fn what_a_rule_may_do_and_read_in_each_phase() {
+    let cases = [
+        (
+            "      when: {match: {field: response.text, op: contains, value: x}}\n      action: {decision: deny}\n",
+            "is known only once the model answers",
+        ),
+        (
+            "      phase: response\n      when: {match: {field: request.prompt, op: contains, value: x}}\n      action: {decision: deny}\n",
+            "cannot read `request.prompt`",
+        ),
+        (
+            "      phase: response\n      when: {cel: \"request.headers['authorization'] != ''\"}\n      action: {decision: deny}\n",
+            "",
+        ),
+        (
+            "      phase: response\n      when: {match: {field: response.text, op: contains, value: x}}\n      action: {decision: throttle}\n",
+            "cannot have `throttle`",
+        ),
+        (
+            "      phase: response\n      when: {match: {field: response.text, op: contains, value: x}}\n      action: {decision: deny, budget: {key: k, tokens: 10, per: day}}\n",
+            "cannot have a budget",
+        ),
+        (
+            "      phase: response\n      when: {plugin: {name: pii-detector}}\n      action: {decision: deny}\n",
+            "cannot have a plugin",
+        ),
+    ];
+    for (rule, message) in cases {
+        let yaml = policy("allow", &format!("    - id: r\n{rule}"));
+        match compile(&yaml) {
+            Ok(_) if message.is_empty() => {}
+            Ok(_) => panic!("accepted: {rule}"),
+            Err(d) => {
+                let text = format!("{d:?}");
+                assert!(!message.is_empty(), "refused: {text}");
+                assert!(
+                    text.contains("invalid-phase") || text.contains("InvalidPhase"),
+                    "{text}"
+                );
+                assert!(text.contains(message), "{text}");
+            }
+        }
+    }
+}
