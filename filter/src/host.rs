@@ -72,13 +72,15 @@ pub enum Metric {
     UsageReportFailures,
     /// Answers to reserved requests whose usage could not be read.
     UsageUnknown,
+    /// Answers a response rule denied (replaced, or a stream ended with an error event).
+    AnswersCut,
     /// Context extraction and evaluation time, microseconds, of every 16th decision (histogram).
     EvaluationMicros,
 }
 
 impl Metric {
     /// Every metric, for hosts that define them up front.
-    pub const ALL: [Metric; 19] = [
+    pub const ALL: [Metric; 20] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Throttled,
@@ -97,6 +99,7 @@ impl Metric {
         Metric::UsageReports,
         Metric::UsageReportFailures,
         Metric::UsageUnknown,
+        Metric::AnswersCut,
         Metric::EvaluationMicros,
     ];
 
@@ -121,6 +124,7 @@ impl Metric {
             Metric::UsageReports => "llm_policy.usage.reports",
             Metric::UsageReportFailures => "llm_policy.usage.report_failures",
             Metric::UsageUnknown => "llm_policy.usage.unknown",
+            Metric::AnswersCut => "llm_policy.answers.cut",
             Metric::EvaluationMicros => "llm_policy.evaluation_us",
         }
     }

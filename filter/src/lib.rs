@@ -19,9 +19,12 @@
 //! - [`ext_authz`]: the `Check` call to the policy server.
 //! - token usage is read from responses with the core's `usage` module (shared with the server's
 //!   ext_proc edge), in [`request`].
-//! - [`outbox`]: usage reports queued for the server, sent from the root context.
+//! - [`answer`]: response rules over the answer (the core's answer guard), cuts reported.
+//! - [`outbox`]: usage reports (and cut answers) queued for the server, sent from the root
+//!   context.
 //! - [`sync`]: the bundle fetched from the server and swapped in.
 
+pub mod answer;
 pub mod cache;
 pub mod config;
 pub mod counters;

@@ -31,9 +31,9 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/llmpolicy.v1.rs"));
 }
 
-pub use pb::RecordUsageRequest;
+pub use pb::{AnswerCut, RecordUsageRequest};
 
-/// One request's usage.
+/// One request's usage, or an answer a response rule cut (for the server's audit log).
 #[derive(Debug, Clone, PartialEq)]
 pub struct UsageReport {
     /// The server's reservation handle.
@@ -43,6 +43,9 @@ pub struct UsageReport {
     pub tokens: Option<f64>,
     /// What the answer cost in US dollars (the model table's prices); `None`: unknown.
     pub usd: Option<f64>,
+    /// The answer was cut by a response rule (the handle is then empty: a report of the cut
+    /// only).
+    pub cut: Option<AnswerCut>,
 }
 
 /// The VM's queue of reports.
@@ -88,6 +91,7 @@ impl Outbox {
                 request_id: r.handle,
                 tokens: r.tokens,
                 cost_usd: r.usd,
+                cut: r.cut,
             }
             .encode_to_vec();
             let bearer = server.usage_token.as_ref().map(|t| format!("Bearer {t}"));
@@ -128,6 +132,7 @@ mod tests {
                 handle: format!("h{i}"),
                 tokens: Some(10.0),
                 usd: None,
+                cut: None,
             });
             assert_eq!(queued, i < MAX_QUEUED);
         }

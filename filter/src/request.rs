@@ -19,6 +19,9 @@ use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
 use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
 
+use llm_policy_core::answer::{AnswerGuard, Pass};
+
+use crate::answer::{self, Kept};
 use crate::config::FailureMode;
 use crate::counters::{Count, Reservation};
 use crate::ext_authz::{self, ServerAnswer};
@@ -147,6 +150,13 @@ pub struct RequestFlow {
     remaining: Vec<(CounterKind, reply::LimitState)>,
     /// Headers for the answer (the server's `response_headers_to_add`, what is left).
     respond: Vec<(String, String)>,
+    /// What response rules read of the request, kept for its answer (namespaces with response
+    /// rules).
+    kept: Option<Kept>,
+    /// The answer being checked by response rules, and what was kept for it.
+    guard: Option<(AnswerGuard, Kept)>,
+    /// The buffered length of a JSON answer held whole.
+    whole_len: usize,
 }
 
 /// What a request that counts tokens or cost reserved, to settle its usage with.
@@ -194,6 +204,9 @@ impl RequestFlow {
             lowered: None,
             remaining: Vec::new(),
             respond: Vec::new(),
+            kept: None,
+            guard: None,
+            whole_len: 0,
         }
     }
 
@@ -218,8 +231,27 @@ impl RequestFlow {
         true
     }
 
-    /// Response headers arrived.
+    /// Response headers arrived. An answer response rules check whole holds them back until it
+    /// has been read.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
+        let mut whole = false;
+        if let Some(kept) = self.kept.take().filter(|_| self.allowed && !end_of_stream) {
+            let vm = Rc::clone(&self.vm);
+            if let Some(set) = vm.set.as_ref() {
+                self.guard = answer::guard(host, set, kept);
+                whole = self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole());
+            }
+        }
+        let flow = self.usage_headers(host, end_of_stream);
+        if whole {
+            Flow::Pause
+        } else {
+            flow
+        }
+    }
+
+    /// Response headers: the decision's headers added, the answer's usage to be read.
+    fn usage_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         if let Some(n) = self.lowered {
             host.set_response_header(wire::MAX_TOKENS_HEADER, Some(&n.to_string()));
         }
@@ -266,37 +298,110 @@ impl RequestFlow {
         Flow::Continue
     }
 
-    /// A response body chunk of `body_size` bytes is passing (never held back).
+    /// A response body chunk of `body_size` bytes is passing: as it came, or as response rules
+    /// let it (a stream's held-back window; a JSON answer held whole until its end).
     pub fn on_response_body(
         &mut self,
         host: &mut dyn Host,
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        if self.usage.is_some() || self.stripper.is_some() {
-            let chunk = if body_size > 0 {
-                host.response_body(body_size).unwrap_or_default()
-            } else {
-                Vec::new()
-            };
-            if let Some(reader) = &mut self.usage {
-                reader.feed(&chunk);
+        if self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole()) {
+            if !end_of_stream {
+                self.whole_len = body_size;
+                return Flow::Pause;
             }
-            if let Some(stripper) = &mut self.stripper {
-                let out = stripper.pass(&chunk, end_of_stream);
-                if out != chunk {
-                    host.set_response_body(body_size, &out);
-                }
+            return self.answer_whole(host, body_size);
+        }
+        if self.usage.is_none() && self.stripper.is_none() && self.guard.is_none() {
+            return Flow::Continue;
+        }
+        let chunk = if body_size > 0 {
+            host.response_body(body_size).unwrap_or_default()
+        } else {
+            Vec::new()
+        };
+        // The usage is read from what the upstream sent: what was generated up to a cut is
+        // charged.
+        if let Some(reader) = &mut self.usage {
+            reader.feed(&chunk);
+        }
+        let mut out = None;
+        if let Some((g, _)) = &mut self.guard {
+            let was_cut = g.cut().is_some();
+            out = Some(match g.push(&chunk, end_of_stream) {
+                Pass::Bytes(b) => b,
+                Pass::Wait | Pass::Reply(_) => Vec::new(),
+            });
+            if !was_cut {
+                self.report_cut(host);
             }
-            if end_of_stream {
-                self.settle(host);
-            }
+        }
+        if let Some(stripper) = &mut self.stripper {
+            out = Some(stripper.pass(out.as_deref().unwrap_or(&chunk), end_of_stream));
+        }
+        if let Some(out) = out.filter(|o| *o != chunk) {
+            host.set_response_body(body_size, &out);
+        }
+        if end_of_stream {
+            self.settle(host);
         }
         Flow::Continue
     }
 
-    /// Response trailers arrived: the body has ended.
+    /// The whole of a JSON answer response rules check: sent as it came, or replaced by the
+    /// error reply. Its usage is read either way.
+    fn answer_whole(&mut self, host: &mut dyn Host, len: usize) -> Flow {
+        let body = host.response_body(len).unwrap_or_default();
+        if let Some(reader) = &mut self.usage {
+            reader.feed(&body);
+        }
+        if let Some((g, _)) = &mut self.guard {
+            match g.push(&body, true) {
+                Pass::Reply(reply) => answer::replace(host, len, &reply),
+                Pass::Bytes(b) if b != body => host.set_response_body(len, &b),
+                Pass::Bytes(_) | Pass::Wait => {}
+            }
+            self.report_cut(host);
+        }
+        self.settle(host);
+        Flow::Continue
+    }
+
+    /// Reports the answer's cut, if it was just cut.
+    fn report_cut(&mut self, host: &mut dyn Host) {
+        let Some((g, kept)) = &self.guard else {
+            return;
+        };
+        let Some(cut) = g.cut() else {
+            return;
+        };
+        let report = answer::report_cut(host, cut, kept);
+        if !self.outbox.push(report) {
+            host.metric(Metric::UsageReportFailures, 1);
+        }
+    }
+
+    /// Response trailers arrived: the body has ended (a JSON answer held whole is decided now;
+    /// a stream's held-back text cannot be sent after its body, so it is checked and dropped).
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> Flow {
+        if self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole()) {
+            return self.answer_whole(host, self.whole_len);
+        }
+        if let Some((g, _)) = &mut self.guard {
+            let was_cut = g.cut().is_some();
+            if let Pass::Bytes(held) = g.push(&[], true) {
+                if !held.is_empty() {
+                    host.log(
+                        Level::Warn,
+                        "a stream ended with trailers: its last held-back bytes are dropped",
+                    );
+                }
+            }
+            if !was_cut {
+                self.report_cut(host);
+            }
+        }
         self.settle(host);
         Flow::Continue
     }
@@ -352,6 +457,7 @@ impl RequestFlow {
                 handle,
                 tokens,
                 usd,
+                cut: None,
             }) {
                 host.metric(Metric::UsageReportFailures, 1);
             }
@@ -575,8 +681,12 @@ impl RequestFlow {
                     }
                     host.set_request_header(&name, Some(&value));
                 }
-                // An answer whose usage is read must come uncompressed.
-                if self.handle.is_some() || self.held.iter().any(Reservation::is_tokens) {
+                // An answer whose usage is read, or that response rules check, must come
+                // uncompressed.
+                if self.handle.is_some()
+                    || self.held.iter().any(Reservation::is_tokens)
+                    || self.kept.is_some()
+                {
                     host.set_request_header("accept-encoding", None);
                 }
                 if !self.remaining.is_empty() {
@@ -671,6 +781,12 @@ impl RequestFlow {
         self.provider = provider;
         self.api = ctx.request.api;
         self.body_len = body.len();
+        if set.checks_answers(&ctx.namespace) && ctx.request.api != Api::Batch {
+            self.kept = Some(Kept {
+                ctx: ctx.for_answer(set.answer_headers(&ctx.namespace)),
+                request_id: header(&headers, "x-request-id").map(str::to_string),
+            });
+        }
         if set.counts_tokens(&ctx.namespace) {
             self.count_spend(host, set, &mut ctx, provider, &body);
         }

@@ -714,3 +714,110 @@ fn api_keys_guard_every_request_and_their_record_is_the_principal() {
     run(&p, &mut host);
     assert_eq!(host.reply.as_ref().map(|r| r.status), Some(503));
 }
+
+#[test]
+fn response_rules_replace_a_json_answer_and_cut_a_stream_and_report_it() {
+    let policy = r#"
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: answers}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: no-keys-out
+      phase: response
+      when: {match: {field: response.entities, op: contains, value: api_key}}
+      action: {decision: deny, reason: "the answer holds a secret"}
+"#;
+    let config = format!(
+        "policies: |\n{}\nserver: {{cluster: llm_policy}}\n",
+        policy
+            .lines()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    let p = Rc::new(Vm::configure(&config).unwrap());
+    let outbox = Rc::new(Outbox::default());
+    let secret = "AKIAIOSFODNN7EXAMPLE";
+    // A JSON answer: headers held, the body buffered, then replaced whole.
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("accept-encoding", "gzip"), ("x-request-id", "r-1")],
+        &chat("gpt-4o"),
+    );
+    let (mut flow, f) = run_into(&p, &mut host, &outbox);
+    assert_eq!(f, Flow::Continue);
+    assert_eq!(
+        host.header("accept-encoding"),
+        None,
+        "checked answers come uncompressed"
+    );
+    host.response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "application/json".into()),
+        ("content-length".into(), "999".into()),
+    ];
+    assert_eq!(flow.on_response_headers(&mut host, false), Flow::Pause);
+    host.response_chunk = format!(
+        r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"use {secret}"}},"finish_reason":"stop"}}]}}"#
+    )
+    .into_bytes();
+    let half = host.response_chunk.len() / 2;
+    assert_eq!(flow.on_response_body(&mut host, half, false), Flow::Pause);
+    let len = host.response_chunk.len();
+    assert_eq!(flow.on_response_body(&mut host, len, true), Flow::Continue);
+    let status = host
+        .response_headers
+        .iter()
+        .find(|(k, _)| k == ":status")
+        .map(|(_, v)| v.clone());
+    assert_eq!(status.as_deref(), Some("403"));
+    assert!(!host.response_headers.iter().any(|(k, _)| k == "content-length"));
+    let body = String::from_utf8(host.response_chunk.clone()).unwrap();
+    assert!(body.contains("response_denied") && !body.contains(secret), "{body}");
+    assert_eq!(host.count(Metric::AnswersCut), 1);
+    // The cut goes to the server for its audit log.
+    let server = p.config.server.clone().unwrap();
+    outbox.flush(&mut host, &server);
+    let m = crate::outbox::RecordUsageRequest::decode(host.calls.last().unwrap().message.as_slice())
+        .unwrap();
+    let cut = m.cut.unwrap();
+    assert_eq!(
+        (
+            cut.rule.as_str(),
+            cut.stream,
+            cut.request_id.as_deref(),
+            m.request_id.as_str()
+        ),
+        ("no-keys-out", false, Some("r-1"), "")
+    );
+
+    // A stream: chunks pass through the held-back window; the secret never does.
+    host.next("POST", "/v1/chat/completions", &[], &chat("gpt-4o"));
+    let (mut flow, _) = run_into(&p, &mut host, &outbox);
+    host.response_headers = vec![
+        (":status".into(), "200".into()),
+        ("content-type".into(), "text/event-stream".into()),
+    ];
+    assert_eq!(flow.on_response_headers(&mut host, false), Flow::Continue);
+    let text = format!("{} the key is {secret} ok", "Some words before it. ".repeat(12));
+    let mut sent = Vec::new();
+    for piece in text.as_bytes().chunks(5) {
+        let piece = std::str::from_utf8(piece).unwrap();
+        host.response_chunk = format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":{}}}}}]}}\n\n",
+            serde_json::to_string(piece).unwrap()
+        )
+        .into_bytes();
+        let len = host.response_chunk.len();
+        assert_eq!(flow.on_response_body(&mut host, len, false), Flow::Continue);
+        sent.extend_from_slice(&host.response_chunk);
+    }
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(sent.contains("\"content\":\"Some \""), "text before the secret streamed");
+    assert!(!sent.contains("AKIA"), "{sent}");
+    assert!(sent.ends_with("\"code\":\"response_denied\",\"message\":\"the answer holds a secret\",\"param\":null,\"type\":\"permission_denied\"}}\n\n"), "{sent}");
+    assert_eq!(host.count(Metric::AnswersCut), 2);
+}

@@ -474,6 +474,28 @@ impl PolicyService for PolicyApi {
             auth::Denied::Unauthorized => Status::unauthenticated(auth::USAGE_REFUSED),
         })?;
         let r = req.into_inner();
+        if let Some(cut) = r.cut {
+            self.engine.record_cut(super::audit::CutFacts {
+                namespace: cut.namespace,
+                rule: cut.rule,
+                policy: cut.policy,
+                reason: cut.reason,
+                status: u16::try_from(cut.status).unwrap_or(403),
+                model: cut.model,
+                request_id: cut.request_id,
+                principal: cut.principal.into_iter().collect(),
+                cut: super::audit::CutRecord {
+                    stream: cut.stream,
+                    text_sent: cut.text_sent,
+                    bytes_sent: cut.bytes_sent,
+                    text_read: cut.text_read,
+                    by: "filter",
+                },
+            });
+            if r.request_id.is_empty() {
+                return Ok(Response::new(pb::RecordUsageResponse { recorded: false }));
+            }
+        }
         let recorded = self
             .engine
             .record_usage(

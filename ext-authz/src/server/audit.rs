@@ -22,7 +22,8 @@ use super::metrics::Metrics;
 /// One decision record. Field names are a stable contract (see `docs/server.md`).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Record {
-    /// `decision`, or `alert` for the extra record an `alert` action emits.
+    /// `decision`, `alert` for the extra record an `alert` action emits, `usage` for what an
+    /// answer's usage charged, `response` for an answer a response rule cut.
     pub kind: &'static str,
     /// Unique id, made by the server.
     pub id: String,
@@ -76,6 +77,47 @@ pub struct Record {
     /// usage was read (a `usage` record), joined by `reservation`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub spend: Option<SpendRecord>,
+    /// Where a response rule cut the answer (a `response` record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cut: Option<CutRecord>,
+}
+
+/// Where an answer was cut: what the client had received and what had been read.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct CutRecord {
+    /// The answer was a stream (ended with an error event); else a JSON answer, replaced whole.
+    pub stream: bool,
+    /// Bytes of generated text the client had received before the cut.
+    pub text_sent: u64,
+    /// Bytes of the answer the client had received before the cut.
+    pub bytes_sent: u64,
+    /// Bytes of generated text read from the upstream when the rule denied.
+    pub text_read: u64,
+    /// Who cut: `filter` or `server` (the ext_proc edge).
+    pub by: &'static str,
+}
+
+/// An answer a response rule denied, for its `response` record.
+#[derive(Debug, Clone, Default)]
+pub struct CutFacts {
+    /// The request's namespace.
+    pub namespace: String,
+    /// The deciding rule (empty: the answer could not be checked).
+    pub rule: String,
+    /// Its policy.
+    pub policy: String,
+    /// The rule's reason.
+    pub reason: String,
+    /// The status of the error reply or event.
+    pub status: u16,
+    /// The requested model.
+    pub model: Option<String>,
+    /// The client's `x-request-id`.
+    pub request_id: Option<String>,
+    /// Principal attributes present on the request.
+    pub principal: std::collections::BTreeMap<String, String>,
+    /// Where it was cut.
+    pub cut: CutRecord,
 }
 
 /// The spend of one request: estimated at the check, actual from the answer's usage.
@@ -597,6 +639,7 @@ impl Record {
             alert: d.and_then(|d| d.actions.alert),
             prompt,
             spend: facts.spend.clone(),
+            cut: None,
         }
     }
 }
@@ -636,6 +679,34 @@ impl Audit {
             id: self.next_id(),
             time: rfc3339(std::time::SystemTime::now()),
             spend: Some(spend),
+            ..Record::default()
+        });
+    }
+
+    /// Records an answer a response rule denied (a `response` record: a deny, so every scope
+    /// but `none` wants it).
+    pub fn record_cut(&self, facts: CutFacts) {
+        if self.scope == AuditScope::None {
+            return;
+        }
+        self.record(Record {
+            kind: "response",
+            id: self.next_id(),
+            request_id: facts.request_id,
+            time: rfc3339(std::time::SystemTime::now()),
+            namespace: facts.namespace,
+            policy: facts.policy,
+            principal: facts.principal,
+            model: facts.model,
+            decision: String::from("deny"),
+            status: facts.status,
+            matched_rules: if facts.rule.is_empty() {
+                Vec::new()
+            } else {
+                vec![facts.rule]
+            },
+            reason: facts.reason,
+            cut: Some(facts.cut),
             ..Record::default()
         });
     }

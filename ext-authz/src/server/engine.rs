@@ -1007,6 +1007,29 @@ impl Engine {
         None
     }
 
+    /// Records an answer a response rule cut (in the filter, reported with a usage report, or
+    /// on the ext_proc edge): its `response` audit record and metric.
+    pub fn record_cut(&self, facts: super::audit::CutFacts) {
+        let rule = if facts.rule.is_empty() {
+            "(unchecked)"
+        } else {
+            facts.rule.as_str()
+        };
+        self.metrics
+            .answers_cut
+            .with_label_values(&[facts.namespace.as_str(), rule, facts.cut.by])
+            .inc();
+        tracing::warn!(
+            namespace = %facts.namespace,
+            rule,
+            reason = %facts.reason,
+            text_sent = facts.cut.text_sent,
+            by = facts.cut.by,
+            "an answer was cut by a response rule"
+        );
+        self.audit.record_cut(facts);
+    }
+
     /// Commits the usage of an allowed request, named by the `x-llm-policy-reservation` handle
     /// its check added upstream (on any replica sharing the counter store). Returns whether
     /// reservations were waiting under it; an error when the counter store cannot say (the

@@ -33,6 +33,8 @@ pub struct Metrics {
     pub check_errors: IntCounterVec,
     /// `llm_policy_usage_reports_total{result}`.
     pub usage_reports: IntCounterVec,
+    /// `llm_policy_answers_cut_total{namespace,rule,by}`.
+    pub answers_cut: IntCounterVec,
     /// `llm_policy_spend_usd_total`: US dollars answers cost, as their usage was recorded.
     pub spend_usd: Counter,
     /// `llm_policy_spend_tokens_total`: tokens answers used, as their usage was recorded.
@@ -128,6 +130,11 @@ impl Metrics {
             "Usage reports by result (recorded; unknown: no reservation waited under the handle).",
             &["result"],
         )?;
+        let answers_cut = counter_vec(
+            "llm_policy_answers_cut_total",
+            "Answers a response rule denied (a JSON answer replaced, a stream ended with an error event), by namespace, rule and where (filter, server).",
+            &["namespace", "rule", "by"],
+        )?;
         let spend_usd = Counter::new(
             "llm_policy_spend_usd_total",
             "US dollars answers cost (the model table's prices), as their usage was recorded.",
@@ -173,6 +180,7 @@ impl Metrics {
             plugin_calls,
             plugin_duration,
             usage_reports,
+            answers_cut,
             redis_errors,
             counter_errors,
             registry,

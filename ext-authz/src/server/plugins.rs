@@ -833,6 +833,12 @@ impl Serialize for FieldValue<'_> {
                 .serialize(s),
             FieldRef::Hour => s.serialize_i64(ctx.time.hour),
             FieldRef::Weekday => s.serialize_i64(ctx.time.weekday),
+            // Plugins run on requests: the answer is not known yet (empty).
+            FieldRef::ResponseText => s.serialize_str(&ctx.response.text),
+            FieldRef::ResponseEntities => ctx.response.entities.serialize(s),
+            FieldRef::ResponseToolCalls => ctx.response.tool_calls.serialize(s),
+            FieldRef::ResponseFinishReason => ctx.response.finish_reason.serialize(s),
+            FieldRef::ResponseOutputTokens => ctx.response.output_tokens.serialize(s),
             // Element fields exist only inside CEL comprehensions; a manifest cannot name one.
             FieldRef::Elem(_) => s.serialize_unit(),
         }

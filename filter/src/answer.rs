@@ -1,0 +1,86 @@
+//! Response rules in the filter: the core's [`AnswerGuard`] over the answer's bytes as Envoy
+//! hands them over, and what the filter does with what it says. A JSON answer is held whole
+//! (response headers paused, body buffered) and sent as it came or replaced by the error reply;
+//! a stream's chunks are replaced by what the guard lets through (the held-back window), its
+//! `content-length` dropped. A cut is counted, logged and reported to the server for its audit
+//! log.
+
+use llm_policy_core::answer::{AnswerGuard, Cut};
+use llm_policy_core::reply::Reply;
+use llm_policy_core::{PolicySet, RequestContext};
+
+use crate::host::{Host, Level, Metric};
+use crate::outbox::{AnswerCut, UsageReport};
+
+/// What the filter keeps of a request whose answer response rules check.
+#[derive(Debug)]
+pub struct Kept {
+    /// The request's context as response rules read it.
+    pub ctx: RequestContext,
+    /// Its `x-request-id`.
+    pub request_id: Option<String>,
+}
+
+/// A guard for the answer whose headers just arrived, if it is one to check.
+pub fn guard(host: &mut dyn Host, set: &PolicySet, kept: Kept) -> Option<(AnswerGuard, Kept)> {
+    let status = host
+        .response_header(":status")
+        .and_then(|s| s.parse::<u16>().ok())
+        .unwrap_or(200);
+    let ct = host.response_header("content-type").unwrap_or_default();
+    let encoding = host.response_header("content-encoding");
+    let g = AnswerGuard::new(set, kept.ctx.clone(), status, &ct, encoding.as_deref())?;
+    if !g.reads_whole() {
+        // Held-back bytes change the body: the upstream's length no longer holds.
+        host.set_response_header("content-length", None);
+    }
+    Some((g, kept))
+}
+
+/// Replaces the whole buffered answer (`len` bytes) by `reply`.
+pub fn replace(host: &mut dyn Host, len: usize, reply: &Reply) {
+    host.set_response_header(":status", Some(&reply.status.to_string()));
+    for name in ["content-length", "content-encoding"] {
+        host.set_response_header(name, None);
+    }
+    for (name, value) in &reply.headers {
+        host.set_response_header(name, Some(value));
+    }
+    host.set_response_body(len, reply.body.as_bytes());
+}
+
+/// Counts, logs and reports a cut (the report carries no usage: the handle is empty).
+pub fn report_cut(host: &mut dyn Host, cut: &Cut, kept: &Kept) -> UsageReport {
+    host.metric(Metric::AnswersCut, 1);
+    host.log(
+        Level::Warn,
+        &format!(
+            "answer cut by rule `{}` after {} bytes of text: {}",
+            cut.deny.rule, cut.text_sent, cut.deny.reason
+        ),
+    );
+    let ctx = &kept.ctx;
+    UsageReport {
+        handle: String::new(),
+        tokens: None,
+        usd: None,
+        cut: Some(AnswerCut {
+            namespace: ctx.namespace.clone(),
+            rule: cut.deny.rule.clone(),
+            policy: cut.deny.policy.clone(),
+            reason: cut.deny.reason.clone(),
+            status: u32::from(cut.deny.status),
+            stream: cut.stream,
+            text_sent: u64::try_from(cut.text_sent).unwrap_or(u64::MAX),
+            bytes_sent: u64::try_from(cut.bytes_sent).unwrap_or(u64::MAX),
+            text_read: u64::try_from(cut.text_read).unwrap_or(u64::MAX),
+            model: ctx.request.model.clone(),
+            request_id: kept.request_id.clone(),
+            principal: ctx
+                .principal
+                .iter()
+                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+                .collect(),
+        }),
+    }
+}
