@@ -15,7 +15,8 @@ def stack(tmp_path_factory):
     try:
         upstream = Upstream(tmp)
         procs.append(upstream.proc)
-        server = Server(tmp, ROOT / "policies", {"e2e-limits.yaml": E2E_LIMITS}, log_dir=tmp)
+        server = Server(tmp, ROOT / "policies", {"e2e-limits.yaml": E2E_LIMITS, "e2e-answers.yaml": E2E_ANSWERS},
+                        log_dir=tmp)
         procs.append(server.proc)
         envoy = Envoy(tmp, server, upstream.port, tmp)
         procs.append(envoy.proc)
@@ -61,6 +62,38 @@ spec:
 """
 
 
+# Response rules over OpenAI and Anthropic answers (the restricted namespace checks Claude's only),
+# with a token budget whose usage shows what a cut answer is charged.
+E2E_ANSWERS = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-answers, namespace: e2e-answers, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: no-secrets-out
+      phase: response
+      priority: 100
+      when: { match: { field: response.entities, op: contains, value: [api_key, private_key] } }
+      action: { decision: deny, reason: "the answer holds a secret", audit: true }
+    - id: no-codename-out
+      phase: response
+      when: { match: { field: response.text, op: contains, value: "project bluebird", ignore_case: true } }
+      action: { decision: deny, reason: "the answer names an internal project", status: 451 }
+    - id: no-shell-calls
+      phase: response
+      when: { match: { field: response.tool_calls, op: contains, value: bash } }
+      action: { decision: deny, reason: "the model may not call a shell" }
+    - id: team-tokens
+      priority: 10
+      when: { match: { field: principal.team, op: exists } }
+      action:
+        decision: throttle
+        reason: "the team's daily token budget is spent"
+        budget: { key: "{principal.team}", tokens: 10000000, per: day }
+"""
+
+
 @pytest.fixture(scope="session")
 def fstack(tmp_path_factory):
     """Upstream, server and Envoy with the filter (filter+fallback, bundle sync), shared by the
@@ -70,6 +103,7 @@ def fstack(tmp_path_factory):
     shutil.copytree(ROOT / "policies", policies, ignore=shutil.ignore_patterns("tests"))
     (policies / "e2e-local.yaml").write_text(E2E_LOCAL)
     (policies / "e2e-budget.yaml").write_text(E2E_BUDGET)
+    (policies / "e2e-answers.yaml").write_text(E2E_ANSWERS)
     procs = []
     try:
         upstream = Upstream(tmp)

@@ -14,7 +14,11 @@ them): `x-mock-prompt-tokens` / `x-mock-completion-tokens` set the usage it repo
 (as some providers and proxies do), `x-mock-pieces: N` streams N text pieces, and
 `x-mock-cut-after: K` drops the connection after K stream events (a cut stream). An OpenAI stream
 carries its usage chunk only when the request asks (`stream_options.include_usage`), as the real
-API does.
+API does. What the model answers: `x-mock-answer` is the base64 of a JSON list of text pieces
+(the answer's text, one stream event per piece, each written and flushed on its own),
+`x-mock-tool` names a tool the model calls, `x-mock-finish` is the finish reason, and
+`x-mock-delay-ms` waits before each stream event (time to first token). The Responses API
+(`/v1/responses`) is answered too, JSON and streamed.
 """
 
 import base64
@@ -40,8 +44,38 @@ def usage_of(knobs, req):
 
 
 def pieces_of(knobs, default):
+    answer = knobs.get("x-mock-answer")
+    if answer is not None:
+        return json.loads(base64.b64decode(answer))
     n = knobs.get("x-mock-pieces")
     return default if n is None else [f" word{i}" for i in range(int(n))]
+
+
+def openai_responses(req, stream, knobs):
+    model = req.get("model", "gpt-4o")
+    prompt, completion, _ = usage_of(knobs, req)
+    pieces = pieces_of(knobs, ["Hello", " from", " the", " mock", " upstream."])
+    text = "".join(pieces)
+    tool = knobs.get("x-mock-tool")
+    output = [{"type": "message", "id": "msg_mock", "status": "completed", "role": "assistant",
+               "content": [{"type": "output_text", "text": text, "annotations": []}]}]
+    if tool:
+        output.append({"type": "function_call", "id": "fc_mock", "call_id": "call_mock", "name": tool,
+                       "arguments": "{}", "status": "completed"})
+    response = {"id": "resp_mock", "object": "response", "created_at": int(time.time()), "model": model,
+                "status": "completed", "instructions": req.get("instructions"), "output": output,
+                "usage": {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion}}
+    if not stream:
+        return response
+    created = {**response, "status": "in_progress", "output": [], "usage": None}
+    events = [("response.created", {"type": "response.created", "sequence_number": 0, "response": created})]
+    for piece in pieces:
+        events.append(("response.output_text.delta", {"type": "response.output_text.delta", "item_id": "msg_mock",
+                                                      "output_index": 0, "content_index": 0, "delta": piece,
+                                                      "sequence_number": len(events), "logprobs": []}))
+    events.append(("response.completed", {"type": "response.completed", "sequence_number": len(events),
+                                           "response": response}))
+    return events
 
 
 def openai_chat(req, stream, knobs):
@@ -61,8 +95,10 @@ def openai_chat(req, stream, knobs):
             "choices": [
                 {
                     "index": 0,
-                    "message": {"role": "assistant", "content": "Hello from the mock upstream."},
-                    "finish_reason": "stop",
+                    "message": {"role": "assistant",
+                                "content": "".join(pieces_of(knobs, ["Hello from the mock upstream."])),
+                                **tool_calls(knobs)},
+                    "finish_reason": knobs.get("x-mock-finish", "stop"),
                     "logprobs": None,
                 }
             ],
@@ -83,13 +119,16 @@ def openai_chat(req, stream, knobs):
                 "choices": [{"index": 0, "delta": delta, "finish_reason": None, "logprobs": None}],
             }
         )
+    if knobs.get("x-mock-tool"):
+        chunks.append({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": created, "model": model,
+                       "choices": [{"index": 0, "delta": tool_calls(knobs), "finish_reason": None, "logprobs": None}]})
     chunks.append(
         {
             "id": "chatcmpl-mock",
             "object": "chat.completion.chunk",
             "created": created,
             "model": model,
-            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}],
+            "choices": [{"index": 0, "delta": {}, "finish_reason": knobs.get("x-mock-finish", "stop"), "logprobs": None}],
         }
     )
     if include_usage:
@@ -101,9 +140,18 @@ def openai_chat(req, stream, knobs):
     return [("", c) for c in chunks] + [("", "[DONE]")]
 
 
+def tool_calls(knobs):
+    """The OpenAI `tool_calls` of a message or delta calling `x-mock-tool`, if asked."""
+    tool = knobs.get("x-mock-tool")
+    if not tool:
+        return {}
+    return {"tool_calls": [{"index": 0, "id": "call_mock", "type": "function",
+                            "function": {"name": tool, "arguments": "{}"}}]}
+
+
 def anthropic_message(req, stream, knobs):
     model = req.get("model", "claude-sonnet-4-5")
-    text = "Hello from the mock upstream."
+    text = "".join(pieces_of(knobs, ["Hello from the mock upstream."]))
     prompt, completion, cached = usage_of(knobs, req)
     no_usage = knobs.get("x-mock-no-usage") == "1"
     usage = {"input_tokens": prompt - cached, "output_tokens": completion}
@@ -115,8 +163,10 @@ def anthropic_message(req, stream, knobs):
             "type": "message",
             "role": "assistant",
             "model": model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": "end_turn",
+            "content": [{"type": "text", "text": text}]
+            + ([{"type": "tool_use", "id": "toolu_mock", "name": knobs["x-mock-tool"], "input": {}}]
+               if knobs.get("x-mock-tool") else []),
+            "stop_reason": knobs.get("x-mock-finish", "end_turn"),
             "stop_sequence": None,
             **({} if no_usage else {"usage": usage}),
         }
@@ -138,7 +188,11 @@ def anthropic_message(req, stream, knobs):
     for piece in pieces_of(knobs, ["Hello", " from the", " mock upstream."]):
         events.append(("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": piece}}))
     events.append(("content_block_stop", {"type": "content_block_stop", "index": 0}))
-    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": "end_turn", "stop_sequence": None}, **({} if no_usage else {"usage": {"output_tokens": completion}})}))
+    if knobs.get("x-mock-tool"):
+        block = {"type": "tool_use", "id": "toolu_mock", "name": knobs["x-mock-tool"], "input": {}}
+        events.append(("content_block_start", {"type": "content_block_start", "index": 1, "content_block": block}))
+        events.append(("content_block_stop", {"type": "content_block_stop", "index": 1}))
+    events.append(("message_delta", {"type": "message_delta", "delta": {"stop_reason": knobs.get("x-mock-finish", "end_turn"), "stop_sequence": None}, **({} if no_usage else {"usage": {"output_tokens": completion}})}))
     events.append(("message_stop", {"type": "message_stop"}))
     return events
 
@@ -157,13 +211,15 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(body)
 
-    def send_events(self, events, cut_after=None):
+    def send_events(self, events, cut_after=None, delay=0.0):
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
         self.send_header("cache-control", "no-cache")
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         for i, (name, data) in enumerate(events):
+            if delay:
+                time.sleep(delay)
             if cut_after is not None and i >= cut_after:
                 # A cut stream: the connection drops mid-answer, no terminating chunk.
                 self.close_connection = True
@@ -216,6 +272,8 @@ class Handler(BaseHTTPRequestHandler):
             out = openai_chat(req, stream, knobs)
         elif path.endswith("/messages"):
             out = anthropic_message(req, stream, knobs)
+        elif path.endswith("/responses"):
+            out = openai_responses(req, stream, knobs)
         elif path.endswith("/embeddings"):
             out = {"object": "list", "data": [{"object": "embedding", "index": 0, "embedding": [0.0, 0.1]}], "model": req.get("model"), "usage": {"prompt_tokens": 2, "total_tokens": 2}}
             stream = False
@@ -224,7 +282,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if stream:
             cut = knobs.get("x-mock-cut-after")
-            self.send_events(out, int(cut) if cut is not None else None)
+            delay = float(knobs.get("x-mock-delay-ms", 0)) / 1000
+            self.send_events(out, int(cut) if cut is not None else None, delay)
         else:
             self.send_json(200, out)
 

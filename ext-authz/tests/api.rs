@@ -225,6 +225,7 @@ async fn registry_reads_writes_and_bundle_watch() {
         request_id: "unknown".into(),
         tokens: Some(5.0),
         cost_usd: None,
+        cut: None,
     };
     let refused = c.record_usage(report()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);

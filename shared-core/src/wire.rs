@@ -125,6 +125,21 @@ pub struct Grant {
     /// (in an ext_authz deployment the server's ext_proc edge does both; the filter does it
     /// itself).
     pub include_usage: bool,
+    /// Response rules check the answer: what they read of the request (in an ext_authz
+    /// deployment the server's ext_proc edge checks it; the filter keeps its own copy).
+    pub answer: Option<AnswerCheck>,
+}
+
+/// What checking an answer needs of its request ([`crate::answer`]): the request as response
+/// rules read it ([`RequestContext::for_answer`]) and its `x-request-id`, for the audit record
+/// of a cut.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+pub struct AnswerCheck {
+    /// The request's context as response rules read it.
+    pub ctx: crate::context::RequestContext,
+    /// The request's `x-request-id`, as the client or proxy sent it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 impl Grant {
@@ -134,9 +149,22 @@ impl Grant {
     /// Metadata key of [`Grant::include_usage`] (`1`).
     pub const INCLUDE_USAGE: &'static str = "llm_policy_include_usage";
 
+    /// Metadata key of [`Grant::answer`] (JSON).
+    pub const ANSWER: &'static str = "llm_policy_answer";
+
     /// Whether there is nothing to say (no metadata is sent).
     pub fn is_empty(&self) -> bool {
-        self.reservation.is_none() && self.max_tokens.is_none() && !self.include_usage
+        self.reservation.is_none()
+            && self.max_tokens.is_none()
+            && !self.include_usage
+            && self.answer.is_none()
+    }
+
+    /// Whether the request goes through the ext_proc filters gated by [`REWRITE_HEADER`]: its
+    /// body is rewritten, or its answer is changed (its usage chunk removed, or response rules
+    /// check it).
+    pub fn gates(&self) -> bool {
+        self.rewrites() || self.answer.is_some()
     }
 
     /// Whether the request's body is rewritten on its way up (its cap lowered, or its usage
@@ -158,6 +186,11 @@ impl Grant {
         if self.include_usage {
             out.push((Self::INCLUDE_USAGE, MetadataValue::Number(1.0)));
         }
+        if let Some(a) = &self.answer {
+            if let Ok(json) = serde_json::to_string(a) {
+                out.push((Self::ANSWER, MetadataValue::Text(json)));
+            }
+        }
         out
     }
 
@@ -168,10 +201,15 @@ impl Grant {
             Some(MetadataValue::Number(n)) if n.is_finite() && n >= 1.0 => Some(n as u64),
             _ => None,
         };
+        let answer = match get(Self::ANSWER) {
+            Some(MetadataValue::Text(json)) => serde_json::from_str(&json).ok(),
+            _ => None,
+        };
         Grant {
             include_usage: get(Self::INCLUDE_USAGE) == Some(MetadataValue::Number(1.0)),
-            reservation: Reservation::from_fields(get),
+            reservation: Reservation::from_fields(&get),
             max_tokens,
+            answer,
         }
     }
 }

@@ -899,14 +899,21 @@ pub fn generate(
             args.failure_mode == Failure::Open,
         ));
         filters.push_str(&gated_ext_proc(
-            "llm_policy.strip_usage",
-            "# An answer whose usage the rewrite below asked for on the client's behalf (an
-# OpenAI stream without `stream_options.include_usage`, docs/budgets.md): the
-# server's ext_proc edge removes the extra usage chunk, every other byte as the
-# provider sent it. Before the rewrite filter, so it still sees the header;
-# answers reach the usage filter first. A server that cannot be reached, or
-# answers late, costs the client that chunk, never its stream.",
-            true,
+            "llm_policy.answer",
+            &format!(
+                "# An answer the server changes (docs/budgets.md, docs/policy-language.md): the
+# usage chunk the rewrite below asked for on the client's behalf removed from an
+# OpenAI stream; answers response rules check held back and checked (a JSON
+# answer whole, a stream through its held-back window), a denied one replaced by
+# the provider's error. Before the rewrite filter, so it still sees the header;
+# answers reach the usage filter first. The server unreachable: {}.",
+                if args.failure_mode == Failure::Open {
+                    "the answer passes unchanged"
+                } else {
+                    "the answer fails, never passes unchecked"
+                }
+            ),
+            args.failure_mode == Failure::Open,
             ["SKIP", "SEND", "NONE", "NONE", "SKIP", "SKIP"],
         ));
         filters.push_str(&gated_ext_proc(

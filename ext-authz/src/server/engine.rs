@@ -87,6 +87,9 @@ pub struct Checked {
     /// With a reservation: the request is an OpenAI stream whose client did not ask for its
     /// usage, so the answer must be made to report it ([`wire::Grant::include_usage`]).
     pub include_usage: bool,
+    /// Response rules check the answer of this allowed request: what they read of it
+    /// ([`wire::Grant::answer`]).
+    pub answer: Option<wire::AnswerCheck>,
     /// The registry version that decided (or was serving when the check failed).
     pub version: Option<Arc<Version>>,
     /// The cache level that answered.
@@ -401,6 +404,7 @@ impl Engine {
             respond: Vec::new(),
             reservation: None,
             include_usage: false,
+            answer: None,
             decision: None,
             reply,
             upstream,
@@ -1105,6 +1109,11 @@ impl Engine {
         self.store.state(key, unix_now()).await
     }
 
+    /// The serving policy set (none before any bundle loaded).
+    pub fn policy_set(&self) -> Option<llm_policy_core::PolicySet> {
+        self.registry.current().map(|v| v.set.clone())
+    }
+
     /// The model table of the serving bundle (the shipped one before any bundle loaded).
     pub fn models(&self) -> Arc<llm_policy_core::model_table::ModelTable> {
         self.registry
@@ -1215,6 +1224,7 @@ fn rejected(
         respond: Vec::new(),
         reservation: None,
         include_usage: false,
+        answer: None,
         decision: None,
         reply: Some(reply::for_error(e, provider)),
         upstream: Vec::new(),
@@ -1234,6 +1244,7 @@ fn unauthenticated(
         respond: Vec::new(),
         reservation: None,
         include_usage: false,
+        answer: None,
         decision: None,
         reply: Some(reply::unauthenticated(provider, e)),
         upstream: Vec::new(),
@@ -1293,6 +1304,14 @@ fn render(
     cache: Option<Level>,
 ) -> Checked {
     let reply = reply::for_decision(&decision, ctx.request.provider, limit);
+    let set = &version.set;
+    let answer = (reply.is_none()
+        && set.checks_answers(&ctx.namespace)
+        && ctx.request.api != llm_policy_core::context::Api::Batch)
+        .then(|| wire::AnswerCheck {
+            ctx: ctx.for_answer(set.answer_headers(&ctx.namespace)),
+            request_id: ctx.header("x-request-id").map(str::to_string),
+        });
     let (upstream, respond) = if reply.is_none() {
         let respond = decision
             .actions
@@ -1307,6 +1326,7 @@ fn render(
     Checked {
         reservation: None,
         include_usage: false,
+        answer,
         decision: Some(decision),
         reply,
         upstream,

@@ -153,18 +153,21 @@ pub fn response(checked: Checked) -> CheckResponse {
                 .filter(|h| !checked.upstream.iter().any(|(k, _)| k == *h))
                 .map(|h| (*h).to_string())
                 .collect();
-            // An answer whose usage is read (the ext_proc edge) must come uncompressed.
-            if checked.reservation.is_some() {
+            // An answer whose usage is read, or that response rules check (the ext_proc edge),
+            // must come uncompressed.
+            if checked.reservation.is_some() || checked.answer.is_some() {
                 headers_to_remove.push(String::from("accept-encoding"));
             }
             let grant = wire::Grant {
                 max_tokens: checked.decision.as_ref().and_then(|d| d.actions.max_tokens),
                 include_usage: checked.include_usage && checked.reservation.is_some(),
                 reservation: checked.reservation,
+                answer: checked.answer,
             };
             let mut upstream = checked.upstream;
-            if grant.rewrites() {
-                // The ext_proc filter that rewrites the body runs for this request only.
+            if grant.gates() {
+                // The ext_proc filters that rewrite the body and change the answer run for this
+                // request only.
                 headers_to_remove.retain(|h| h != wire::REWRITE_HEADER);
                 upstream.push((wire::REWRITE_HEADER.to_string(), String::from("1")));
             }

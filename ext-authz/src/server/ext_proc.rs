@@ -16,12 +16,18 @@
 //! - the rewrite stream (waited for, failing closed) starts with the request headers: the edge
 //!   asks for the buffered body (a mode override), answers it rewritten ([`lower_max_tokens`],
 //!   [`add_include_usage`]) with its new `content-length`, and removes the header;
-//! - the strip stream (failing open) starts with the answer's headers: for an uncompressed event
-//!   stream whose grant says usage was asked for, the edge asks for the body streamed and answers
-//!   each chunk without the usage chunk ([`UsageChunkStripper`]).
+//! - the answer stream (failing as the deployment's failure mode says) starts with the answer's
+//!   headers and changes the answer: for an uncompressed event stream whose grant says usage was
+//!   asked for, each chunk without the usage chunk ([`UsageChunkStripper`]); for an answer the
+//!   grant says response rules check ([`wire::Grant::answer`]), the core's [`AnswerGuard`]: a
+//!   JSON answer asked for buffered and answered whole (a deny is an immediate response, the
+//!   error in the provider's format), a stream asked for streamed and each chunk answered with
+//!   what the held-back window lets through (a deny ends it with the provider's error event).
+//!   A cut is recorded (`response` audit record, `llm_policy_answers_cut_total`).
 //!
-//! Neither settles anything: the observability stream, which sees the answer before the strip
-//! filter does, reads the usage.
+//! Neither settles anything: the observability stream, which sees the answer before the answer
+//! filter does, reads the usage from what the upstream sent, so what was generated up to a cut
+//! is charged.
 
 use std::sync::Arc;
 
@@ -43,6 +49,7 @@ use envoy_types::pb::google::protobuf::value::Kind;
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
+use llm_policy_core::answer::{AnswerGuard, Pass};
 use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::model_table::charge_for;
 use llm_policy_core::reply;
@@ -50,6 +57,7 @@ use llm_policy_core::rewrite::{self, add_include_usage, lower_max_tokens, Lowere
 use llm_policy_core::usage::{Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, Grant, MetadataValue};
 
+use super::audit::{CutFacts, CutRecord};
 use super::engine::{Engine, Usage};
 
 /// The ext_proc service.
@@ -95,9 +103,8 @@ struct Answer {
     reservation: Option<wire::Reservation>,
     /// A request-path stream: it rewrites a request and settles nothing.
     request: Option<Rewrite>,
-    /// A stream that removes the usage chunk from an answer (`None` inside: nothing to remove);
-    /// it settles nothing.
-    strip: Option<Option<UsageChunkStripper>>,
+    /// A stream that changes the answer; it settles nothing.
+    edit: Option<Edit>,
     /// The response headers came: `None` while the upstream has not answered.
     status: Option<u16>,
     reader: Option<UsageReader>,
@@ -107,7 +114,7 @@ struct Answer {
 impl Answer {
     /// What to charge, once the stream ended (`None` fields: the reservation stands).
     fn settle(self, engine: &Engine) -> Option<(String, Usage)> {
-        if self.request.is_some() || self.strip.is_some() {
+        if self.request.is_some() || self.edit.is_some() {
             return None;
         }
         let r = self.reservation?;
@@ -265,52 +272,137 @@ fn rewrite_reply(
     }
 }
 
-/// The reply to a message of an answer whose usage chunk is removed: for its headers, a request
-/// for its body streamed (when there is a chunk to remove); for each chunk, what passes of it,
-/// every byte but the usage chunk's.
-fn strip_reply(
-    stripper: &mut Option<UsageChunkStripper>,
+/// What the answer stream changes in the answer.
+#[derive(Default)]
+struct Edit {
+    /// Removing the usage chunk the edge asked for.
+    stripper: Option<UsageChunkStripper>,
+    /// Response rules over the answer, and what they read of the request.
+    guard: Option<(AnswerGuard, wire::AnswerCheck)>,
+}
+
+impl Edit {
+    /// Whether there is nothing to change (no body is asked for).
+    fn is_idle(&self) -> bool {
+        self.stripper.is_none() && self.guard.is_none()
+    }
+}
+
+/// The reply to a message of an answer being changed: for its headers, a request for its body
+/// (buffered for an answer response rules read whole, else streamed); for the body, what
+/// passes of it. A cut made by this message comes back too, to be recorded.
+fn edit_reply(
+    edit: &mut Edit,
     message: &processing_request::Request,
-) -> Option<ProcessingResponse> {
+) -> (Option<ProcessingResponse>, Option<CutFacts>) {
     use processing_request::Request as In;
     use processing_response::Response as Out;
     match message {
-        In::ResponseHeaders(_) => Some(ProcessingResponse {
-            response: Some(Out::ResponseHeaders(HeadersResponse::default())),
-            mode_override: stripper.is_some().then(|| {
-                mode(
-                    HeaderSendMode::Skip,
-                    HeaderSendMode::Send,
-                    BodySendMode::None,
-                    BodySendMode::Streamed,
-                )
-            }),
-            ..ProcessingResponse::default()
-        }),
-        In::ResponseBody(b) => {
-            let response = stripper.as_mut().and_then(|stripper| {
-                let out = stripper.pass(&b.body, b.end_of_stream);
-                (out != b.body).then(|| CommonResponse {
-                    body_mutation: Some(BodyMutation {
-                        mutation: Some(body_mutation::Mutation::Body(out)),
-                    }),
-                    ..CommonResponse::default()
-                })
+        In::ResponseHeaders(_) => {
+            let whole = edit.guard.as_ref().is_some_and(|(g, _)| g.reads_whole());
+            let body_mode = if whole {
+                BodySendMode::Buffered
+            } else {
+                BodySendMode::Streamed
+            };
+            // A stream's held-back window changes its bytes: the upstream's length no longer
+            // holds.
+            let response = (edit.guard.is_some() && !whole).then(|| CommonResponse {
+                header_mutation: Some(HeaderMutation {
+                    remove_headers: vec![String::from("content-length")],
+                    ..HeaderMutation::default()
+                }),
+                ..CommonResponse::default()
             });
-            Some(ProcessingResponse {
+            let reply = ProcessingResponse {
+                response: Some(Out::ResponseHeaders(HeadersResponse { response })),
+                mode_override: (!edit.is_idle()).then(|| {
+                    mode(
+                        HeaderSendMode::Skip,
+                        HeaderSendMode::Send,
+                        BodySendMode::None,
+                        body_mode,
+                    )
+                }),
+                ..ProcessingResponse::default()
+            };
+            (Some(reply), None)
+        }
+        In::ResponseBody(b) => {
+            let mut out: Option<Vec<u8>> = None;
+            let mut cut = None;
+            if let Some((g, check)) = &mut edit.guard {
+                let was_cut = g.cut().is_some();
+                match g.push(&b.body, b.end_of_stream) {
+                    Pass::Reply(reply) => {
+                        let cut = cut_facts(g, check);
+                        return (Some(immediate(reply)), cut);
+                    }
+                    Pass::Bytes(bytes) => out = Some(bytes),
+                    Pass::Wait => out = Some(Vec::new()),
+                }
+                if !was_cut {
+                    cut = cut_facts(g, check);
+                }
+            }
+            if let Some(stripper) = &mut edit.stripper {
+                out = Some(stripper.pass(
+                    out.as_deref().unwrap_or(&b.body),
+                    b.end_of_stream,
+                ));
+            }
+            let response = out.filter(|o| *o != b.body).map(|out| CommonResponse {
+                body_mutation: Some(BodyMutation {
+                    mutation: Some(body_mutation::Mutation::Body(out)),
+                }),
+                ..CommonResponse::default()
+            });
+            let reply = ProcessingResponse {
                 response: Some(Out::ResponseBody(BodyResponse { response })),
                 ..ProcessingResponse::default()
-            })
+            };
+            (Some(reply), cut)
         }
-        other => ack(other),
+        other => (ack(other), None),
     }
+}
+
+/// The audit facts of the guard's cut, if it cut.
+fn cut_facts(g: &AnswerGuard, check: &wire::AnswerCheck) -> Option<CutFacts> {
+    let cut = g.cut()?;
+    let ctx = &check.ctx;
+    Some(CutFacts {
+        namespace: ctx.namespace.clone(),
+        rule: cut.deny.rule.clone(),
+        policy: cut.deny.policy.clone(),
+        reason: cut.deny.reason.clone(),
+        status: cut.deny.status,
+        model: ctx.request.model.clone(),
+        request_id: check.request_id.clone(),
+        principal: ctx
+            .principal
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+            .collect(),
+        cut: CutRecord {
+            stream: cut.stream,
+            text_sent: u64::try_from(cut.text_sent).unwrap_or(u64::MAX),
+            bytes_sent: u64::try_from(cut.bytes_sent).unwrap_or(u64::MAX),
+            text_read: u64::try_from(cut.text_read).unwrap_or(u64::MAX),
+            by: "server",
+        },
+    })
 }
 
 /// The answer to a request whose output cap cannot be lowered: 503 in the provider's format.
 fn refuse(provider: Provider) -> ProcessingResponse {
     let message = "the request's output cap could not be lowered as the policy requires";
     tracing::error!("{message}");
-    let reply = reply::unavailable(provider, message);
+    immediate(reply::unavailable(provider, message))
+}
+
+/// A local reply instead of what was on its way (a request, or an answer not yet sent).
+fn immediate(reply: reply::Reply) -> ProcessingResponse {
     ProcessingResponse {
         response: Some(processing_response::Response::ImmediateResponse(
             ImmediateResponse {
@@ -334,7 +426,8 @@ fn refuse(provider: Provider) -> ProcessingResponse {
 }
 
 /// Reads one message into `answer`; returns whether the stream has nothing more to say.
-fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
+/// `engine` gives the serving policy set to an answer response rules check.
+fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bool {
     use processing_request::Request as In;
     // The grant, read once: until a reservation is found, and with the request headers.
     let fresh = match (&message.request, &answer.reservation) {
@@ -362,21 +455,33 @@ fn read(answer: &mut Answer, message: &ProcessingRequest) -> bool {
         }
         Some(In::RequestBody(b)) => answer.done = b.end_of_stream,
         Some(In::ResponseHeaders(h)) if !message.observability_mode && answer.request.is_none() => {
-            // The stream that removes the usage chunk the edge asked for: from an uncompressed
-            // event stream only (anything else passes as it came).
+            // The stream that changes the answer. The usage chunk the edge asked for is removed
+            // from an uncompressed event stream only (anything else passes as it came).
             let headers = h.headers.as_ref();
             let ct = header(headers, "content-type").unwrap_or_default();
-            let plain = header(headers, "content-encoding")
+            let encoding = header(headers, "content-encoding");
+            let plain = encoding
+                .as_deref()
                 .is_none_or(|e| e.trim().eq_ignore_ascii_case("identity"));
-            let strips = fresh.is_some_and(|g| g.include_usage)
-                && ct
-                    .trim_start()
-                    .to_ascii_lowercase()
-                    .starts_with("text/event-stream")
+            let grant = fresh.unwrap_or_default();
+            let strips = grant.include_usage
+                && UsageReader::is_event_stream(&ct)
                 && plain
                 && !h.end_of_stream;
-            answer.strip = Some(strips.then(UsageChunkStripper::default));
-            answer.done = !strips;
+            let status = header(headers, ":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200);
+            let guard = grant.answer.filter(|_| !h.end_of_stream).and_then(|check| {
+                let set = engine.policy_set()?;
+                let g = AnswerGuard::new(&set, check.ctx.clone(), status, &ct, encoding.as_deref())?;
+                Some((g, check))
+            });
+            let edit = Edit {
+                stripper: strips.then(UsageChunkStripper::default),
+                guard,
+            };
+            answer.done = edit.is_idle();
+            answer.edit = Some(edit);
         }
         Some(In::ResponseHeaders(h)) => {
             let headers = h.headers.as_ref();
@@ -421,15 +526,17 @@ impl ExternalProcessor for EnvoyUsage {
             let mut answer = Answer::default();
             // A stream error is the end of the stream: what was read is settled.
             while let Some(Ok(message)) = incoming.next().await {
-                let over = read(&mut answer, &message);
+                let over = read(&mut answer, &message, &engine);
                 if !message.observability_mode {
-                    let reply = message.request.as_ref().and_then(|m| {
-                        match (&answer.request, &mut answer.strip) {
-                            (Some(r), _) => rewrite_reply(r, m),
-                            (None, Some(stripper)) => strip_reply(stripper, m),
-                            (None, None) => ack(m),
-                        }
-                    });
+                    let (reply, cut) = match (message.request.as_ref(), &answer.request, &mut answer.edit) {
+                        (None, _, _) => (None, None),
+                        (Some(m), Some(r), _) => (rewrite_reply(r, m), None),
+                        (Some(m), None, Some(edit)) => edit_reply(edit, m),
+                        (Some(m), None, None) => (ack(m), None),
+                    };
+                    if let Some(cut) = cut {
+                        engine.record_cut(cut);
+                    }
                     if let Some(reply) = reply {
                         if tx.send(Ok(reply)).await.is_err() {
                             break;
@@ -503,9 +610,13 @@ mod tests {
         assert_eq!(sent["max_tokens"], 10);
         assert_eq!(sent["stream_options"]["include_usage"], true);
         // The answer (the other filter's stream), its usage chunk split over two body chunks.
-        let mut stripper = Some(UsageChunkStripper::default());
-        let headers =
-            strip_reply(&mut stripper, &In::ResponseHeaders(HttpHeaders::default())).unwrap();
+        let mut stripper = Edit {
+            stripper: Some(UsageChunkStripper::default()),
+            guard: None,
+        };
+        let headers = edit_reply(&mut stripper, &In::ResponseHeaders(HttpHeaders::default()))
+            .0
+            .unwrap();
         assert_eq!(
             headers.mode_override.unwrap().response_body_mode,
             BodySendMode::Streamed as i32
@@ -516,7 +627,9 @@ mod tests {
         let split = text.find("completion_tokens").unwrap();
         let mut out = Vec::new();
         for (chunk, end) in [(&text[..split], false), (&text[split..], true)] {
-            let reply = strip_reply(&mut stripper, &answer_chunk(chunk.as_bytes(), end)).unwrap();
+            let reply = edit_reply(&mut stripper, &answer_chunk(chunk.as_bytes(), end))
+                .0
+                .unwrap();
             out.extend(body_of(&reply).unwrap_or_else(|| chunk.as_bytes().to_vec()));
         }
         assert_eq!(
@@ -556,11 +669,80 @@ mod tests {
         let reply = rewrite_reply(&state, &request_body(body)).unwrap();
         assert_eq!(body_of(&reply), None, "the body goes as sent");
         // Nothing to remove (the Check did not ask): the headers' reply asks for no body.
-        let mut none = None;
-        let headers = strip_reply(&mut none, &In::ResponseHeaders(HttpHeaders::default())).unwrap();
+        let mut none = Edit::default();
+        let headers = edit_reply(&mut none, &In::ResponseHeaders(HttpHeaders::default()))
+            .0
+            .unwrap();
         assert_eq!(headers.mode_override, None);
         let usage = b"data: {\"choices\":[],\"usage\":{\"completion_tokens\":2}}\n\n";
-        let reply = strip_reply(&mut none, &answer_chunk(usage, true)).unwrap();
+        let reply = edit_reply(&mut none, &answer_chunk(usage, true)).0.unwrap();
         assert_eq!(body_of(&reply), None, "the answer goes as sent");
+    }
+
+    /// An answer guard of a namespace whose one response rule denies `AKIA` keys.
+    fn guarded(ct: &str) -> Edit {
+        let yaml = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: p}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: no-keys\n      phase: response\n      when: {match: {field: response.entities, op: contains, value: api_key}}\n      action: {decision: deny, reason: no keys}\n";
+        let docs = llm_policy_core::source::parse_str("p.yaml", yaml).unwrap();
+        let set = llm_policy_core::PolicySet::compile(&docs, &Default::default())
+            .unwrap()
+            .set;
+        let check = wire::AnswerCheck {
+            ctx: llm_policy_core::RequestContext {
+                namespace: "default".into(),
+                ..Default::default()
+            },
+            request_id: Some("r-9".into()),
+        };
+        let g = AnswerGuard::new(&set, check.ctx.clone(), 200, ct, None).unwrap();
+        Edit {
+            stripper: None,
+            guard: Some((g, check)),
+        }
+    }
+
+    #[test]
+    fn response_rules_answer_a_json_answer_whole_and_cut_a_stream() {
+        use processing_request::Request as In;
+        use processing_response::Response as Out;
+        // JSON: asked for buffered; a deny is an immediate response in the provider's format.
+        let mut edit = guarded("application/json");
+        let (headers, _) = edit_reply(&mut edit, &In::ResponseHeaders(HttpHeaders::default()));
+        assert_eq!(
+            headers.unwrap().mode_override.unwrap().response_body_mode,
+            BodySendMode::Buffered as i32
+        );
+        let answer = br#"{"choices":[{"index":0,"message":{"role":"assistant","content":"AKIAIOSFODNN7EXAMPLE"}}]}"#;
+        let (reply, cut) = edit_reply(&mut edit, &answer_chunk(answer, true));
+        let Some(Out::ImmediateResponse(r)) = reply.unwrap().response else {
+            panic!("an immediate response");
+        };
+        assert_eq!(r.status.unwrap().code, 403);
+        assert!(String::from_utf8(r.body).unwrap().contains("response_denied"));
+        let cut = cut.unwrap();
+        assert_eq!(
+            (cut.rule.as_str(), cut.request_id.as_deref(), cut.cut.by),
+            ("no-keys", Some("r-9"), "server")
+        );
+        // A stream: streamed, chunks held back, the key never passes.
+        let mut edit = guarded("text/event-stream");
+        let (headers, _) = edit_reply(&mut edit, &In::ResponseHeaders(HttpHeaders::default()));
+        assert_eq!(
+            headers.unwrap().mode_override.unwrap().response_body_mode,
+            BodySendMode::Streamed as i32
+        );
+        let mut sent = Vec::new();
+        let mut cuts = 0;
+        for piece in ["hello ", "there, AKIAIOSF", "ODNN7EXAMPLE", " bye"] {
+            let event = format!(
+                "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{piece}\"}}}}]}}\n\n"
+            );
+            let (reply, cut) = edit_reply(&mut edit, &answer_chunk(event.as_bytes(), false));
+            cuts += usize::from(cut.is_some());
+            sent.extend(body_of(&reply.unwrap()).unwrap_or_else(|| event.into_bytes()));
+        }
+        let sent = String::from_utf8(sent).unwrap();
+        assert_eq!(cuts, 1, "the cut is recorded once");
+        assert!(!sent.contains("AKIA"), "{sent}");
+        assert!(sent.contains("response_denied"), "{sent}");
     }
 }
