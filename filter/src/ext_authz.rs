@@ -262,8 +262,9 @@ pub enum ServerAnswer {
         /// Headers to add to the answer sent to the client.
         respond: Vec<(String, String)>,
         /// The token and cost reservations waiting for the answer's usage, and the output cap
-        /// the body is lowered to.
-        grant: wire::Grant,
+        /// the body is lowered to (what response rules read of the request is not read: the
+        /// filter keeps its own).
+        grant: Box<wire::Grant>,
     },
     /// Answer the client.
     Deny {
@@ -286,6 +287,9 @@ impl ServerAnswer {
             let ok = r.ok_response.unwrap_or_default();
             let grant = r.dynamic_metadata.map_or_else(wire::Grant::default, |m| {
                 wire::Grant::from_fields(|k| {
+                    if k == wire::Grant::ANSWER {
+                        return None;
+                    }
                     let v = m.fields.get(k)?;
                     match (&v.string_value, v.number_value) {
                         (Some(t), _) => Some(wire::MetadataValue::Text(t.clone())),
@@ -295,7 +299,7 @@ impl ServerAnswer {
                 })
             });
             return Ok(ServerAnswer::Allow {
-                grant,
+                grant: Box::new(grant),
                 set: ok
                     .headers
                     .iter()
@@ -467,7 +471,7 @@ mod tests {
                 set: vec![("x-a".into(), "1".into()), ("x-b".into(), "2".into())],
                 remove: vec!["x-c".into()],
                 respond: vec![("x-ratelimit-remaining-tokens".into(), "70".into())],
-                grant: wire::Grant {
+                grant: Box::new(wire::Grant {
                     reservation: Some(wire::Reservation {
                         handle: handle.into(),
                         model: Some("gpt-4o".into()),
@@ -476,7 +480,8 @@ mod tests {
                     }),
                     max_tokens: Some(64),
                     include_usage: true,
-                },
+                    answer: None,
+                }),
             })
         );
         let denied = envoy::CheckResponse {

@@ -774,15 +774,22 @@ spec:
         .find(|(k, _)| k == ":status")
         .map(|(_, v)| v.clone());
     assert_eq!(status.as_deref(), Some("403"));
-    assert!(!host.response_headers.iter().any(|(k, _)| k == "content-length"));
+    assert!(!host
+        .response_headers
+        .iter()
+        .any(|(k, _)| k == "content-length"));
     let body = String::from_utf8(host.response_chunk.clone()).unwrap();
-    assert!(body.contains("response_denied") && !body.contains(secret), "{body}");
+    assert!(
+        body.contains("response_denied") && !body.contains(secret),
+        "{body}"
+    );
     assert_eq!(host.count(Metric::AnswersCut), 1);
     // The cut goes to the server for its audit log.
     let server = p.config.server.clone().unwrap();
     outbox.flush(&mut host, &server);
-    let m = crate::outbox::RecordUsageRequest::decode(host.calls.last().unwrap().message.as_slice())
-        .unwrap();
+    let m =
+        crate::outbox::RecordUsageRequest::decode(host.calls.last().unwrap().message.as_slice())
+            .unwrap();
     let cut = m.cut.unwrap();
     assert_eq!(
         (
@@ -802,7 +809,10 @@ spec:
         ("content-type".into(), "text/event-stream".into()),
     ];
     assert_eq!(flow.on_response_headers(&mut host, false), Flow::Continue);
-    let text = format!("{} the key is {secret} ok", "Some words before it. ".repeat(12));
+    let text = format!(
+        "{} the key is {secret} ok",
+        "Some words before it. ".repeat(12)
+    );
     let mut sent = Vec::new();
     for piece in text.as_bytes().chunks(5) {
         let piece = std::str::from_utf8(piece).unwrap();
@@ -816,7 +826,10 @@ spec:
         sent.extend_from_slice(&host.response_chunk);
     }
     let sent = String::from_utf8(sent).unwrap();
-    assert!(sent.contains("\"content\":\"Some \""), "text before the secret streamed");
+    assert!(
+        sent.contains("\"content\":\"Some \""),
+        "text before the secret streamed"
+    );
     assert!(!sent.contains("AKIA"), "{sent}");
     assert!(sent.ends_with("\"code\":\"response_denied\",\"message\":\"the answer holds a secret\",\"param\":null,\"type\":\"permission_denied\"}}\n\n"), "{sent}");
     assert_eq!(host.count(Metric::AnswersCut), 2);

@@ -131,7 +131,7 @@ pub struct Grant {
 }
 
 /// What checking an answer needs of its request ([`crate::answer`]): the request as response
-/// rules read it ([`RequestContext::for_answer`]) and its `x-request-id`, for the audit record
+/// rules read it ([`crate::context::RequestContext::for_answer`]) and its `x-request-id`, for the audit record
 /// of a cut.
 #[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
 pub struct AnswerCheck {

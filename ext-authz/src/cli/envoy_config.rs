@@ -906,7 +906,8 @@ pub fn generate(
 # OpenAI stream; answers response rules check held back and checked (a JSON
 # answer whole, a stream through its held-back window), a denied one replaced by
 # the provider's error. Before the rewrite filter, so it still sees the header;
-# answers reach the usage filter first. The server unreachable: {}.",
+# answers reach the usage filter first.
+# The server unreachable: {}.",
                 if args.failure_mode == Failure::Open {
                     "the answer passes unchanged"
                 } else {

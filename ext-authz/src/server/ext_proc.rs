@@ -346,10 +346,7 @@ fn edit_reply(
                 }
             }
             if let Some(stripper) = &mut edit.stripper {
-                out = Some(stripper.pass(
-                    out.as_deref().unwrap_or(&b.body),
-                    b.end_of_stream,
-                ));
+                out = Some(stripper.pass(out.as_deref().unwrap_or(&b.body), b.end_of_stream));
             }
             let response = out.filter(|o| *o != b.body).map(|out| CommonResponse {
                 body_mutation: Some(BodyMutation {
@@ -473,7 +470,8 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
                 .unwrap_or(200);
             let guard = grant.answer.filter(|_| !h.end_of_stream).and_then(|check| {
                 let set = engine.policy_set()?;
-                let g = AnswerGuard::new(&set, check.ctx.clone(), status, &ct, encoding.as_deref())?;
+                let g =
+                    AnswerGuard::new(&set, check.ctx.clone(), status, &ct, encoding.as_deref())?;
                 Some((g, check))
             });
             let edit = Edit {
@@ -528,12 +526,13 @@ impl ExternalProcessor for EnvoyUsage {
             while let Some(Ok(message)) = incoming.next().await {
                 let over = read(&mut answer, &message, &engine);
                 if !message.observability_mode {
-                    let (reply, cut) = match (message.request.as_ref(), &answer.request, &mut answer.edit) {
-                        (None, _, _) => (None, None),
-                        (Some(m), Some(r), _) => (rewrite_reply(r, m), None),
-                        (Some(m), None, Some(edit)) => edit_reply(edit, m),
-                        (Some(m), None, None) => (ack(m), None),
-                    };
+                    let (reply, cut) =
+                        match (message.request.as_ref(), &answer.request, &mut answer.edit) {
+                            (None, _, _) => (None, None),
+                            (Some(m), Some(r), _) => (rewrite_reply(r, m), None),
+                            (Some(m), None, Some(edit)) => edit_reply(edit, m),
+                            (Some(m), None, None) => (ack(m), None),
+                        };
                     if let Some(cut) = cut {
                         engine.record_cut(cut);
                     }
@@ -717,7 +716,9 @@ mod tests {
             panic!("an immediate response");
         };
         assert_eq!(r.status.unwrap().code, 403);
-        assert!(String::from_utf8(r.body).unwrap().contains("response_denied"));
+        assert!(String::from_utf8(r.body)
+            .unwrap()
+            .contains("response_denied"));
         let cut = cut.unwrap();
         assert_eq!(
             (cut.rule.as_str(), cut.request_id.as_deref(), cut.cut.by),
