@@ -242,3 +242,22 @@ def test_holding_back_costs_the_first_token_at_most_the_window(proxy, request):
     # At most the window's pieces (and one being checked) later, with scheduling slack.
     assert held - plain <= (window_events + 2) * 0.010 + 0.25
     assert held - plain >= (window_events - 4) * 0.010, "the window is held back"
+
+
+def test_both_modes_send_the_same_bytes(stack, fstack):
+    """Parity: the filter and the server's ext_proc edge run the same guard, so a client receives
+    the same bytes from either, cut or clean (the mock's timestamps aside)."""
+    import re
+
+    def norm(raw):
+        return re.sub(rb'"created(_at)?": ?\d+', b'"created": 0', raw)
+
+    cases = [("/v1/chat/completions", CHAT, answer(secret_pieces(3), delay_ms=2)),
+             ("/v1/messages", MESSAGES, answer(secret_pieces(10), delay_ms=2)),
+             ("/v1/responses", RESPONSES, answer(secret_pieces(2), delay_ms=2)),
+             ("/v1/chat/completions", CHAT, answer(pieces_of(FILLER * 4, 5), delay_ms=1)),
+             ("/v1/chat/completions", {**CHAT, "stream": False}, answer([f"k={SECRET}"]))]
+    for path, body, knobs in cases:
+        a = raw_stream(stack.envoy, path, body, {**NS, **knobs})
+        b = raw_stream(fstack.envoy, path, body, {**NS, **knobs})
+        assert a[0] == b[0] and norm(a[1]) == norm(b[1]), (path, a, b)

@@ -192,6 +192,27 @@ pub struct Cut {
     pub text_read: usize,
 }
 
+/// One channel of a stream's text (a choice, a content block, an output item, a tool call's
+/// arguments): each is its own text, however the provider interleaves them.
+#[derive(Debug, Default)]
+struct Channel {
+    id: u32,
+    /// Bytes of its text in held-back events.
+    held: usize,
+    /// The last `hold` bytes of its text checked.
+    tail: String,
+    /// Its text not yet checked.
+    new: String,
+}
+
+/// A whole event held back: its bytes, and its text's length on each channel it carries text
+/// on.
+type Held = (Vec<u8>, Vec<(u32, usize)>);
+
+/// Channels a stream keeps apart at most; text on more shares the last one (a provider sends
+/// a few; `n` is capped at 128 by OpenAI).
+const MAX_CHANNELS: usize = 256;
+
 /// How the answer is read.
 #[derive(Debug)]
 enum Form {
@@ -214,11 +235,10 @@ pub struct AnswerGuard {
     form: Form,
     /// Unfinished event (stream) or the body so far (JSON).
     buf: Vec<u8>,
-    /// Whole events held back: their bytes and their text's length.
-    held: VecDeque<(Vec<u8>, usize)>,
-    held_text: usize,
-    /// The last `hold` bytes of text checked.
-    tail: String,
+    /// Whole events held back.
+    held: VecDeque<Held>,
+    /// Per channel: the text held back, and the last `hold` bytes of text checked.
+    channels: Vec<Channel>,
     text_read: usize,
     text_sent: usize,
     bytes_sent: usize,
@@ -264,8 +284,7 @@ impl AnswerGuard {
             form,
             buf: Vec::new(),
             held: VecDeque::new(),
-            held_text: 0,
-            tail: String::new(),
+            channels: Vec::new(),
             text_read: 0,
             text_sent: 0,
             bytes_sent: 0,
@@ -375,13 +394,12 @@ impl AnswerGuard {
 
     fn push_event_bytes(&mut self, chunk: &[u8], end: bool) -> Vec<u8> {
         self.buf.extend_from_slice(chunk);
-        let mut new_text = String::new();
         let mut said_more = false;
         let mut start = 0usize;
         while let Some((_, next)) = event_end(self.buf.get(start..).unwrap_or_default()) {
             let to = start.saturating_add(next);
             let event = self.buf.get(start..to).unwrap_or_default().to_vec();
-            said_more |= self.take_event(event, &mut new_text);
+            said_more |= self.take_event(event);
             start = to;
         }
         self.buf.drain(..start.min(self.buf.len()));
@@ -390,27 +408,56 @@ impl AnswerGuard {
         }
         if end && !self.buf.is_empty() {
             let last = core::mem::take(&mut self.buf);
-            said_more |= self.take_event(last, &mut new_text);
+            said_more |= self.take_event(last);
         }
-        if !new_text.is_empty() || said_more || end {
-            let mut window = core::mem::take(&mut self.tail);
-            window.push_str(&new_text);
+        let fresh = self.channels.iter().any(|c| !c.new.is_empty());
+        if fresh || said_more || end {
+            // Each channel's window: what it had checked last, then its new text.
+            let mut window = String::new();
+            for c in &mut self.channels {
+                if c.new.is_empty() {
+                    continue;
+                }
+                if !window.is_empty() {
+                    window.push('\n');
+                }
+                let mut text = core::mem::take(&mut c.tail);
+                text.push_str(&c.new);
+                c.new.clear();
+                window.push_str(&text);
+                c.tail = last_bytes(&text, self.hold);
+            }
             if let Some(deny) = self.check(window) {
                 return self.end_stream(deny);
             }
         }
+        // An event goes once every channel it carries text on has `hold` bytes checked after
+        // it (events without text go as soon as those before them went).
         let mut out = Vec::new();
-        while let Some((bytes, text)) = self.held.front() {
-            let (bytes_len, text_len) = (bytes.len(), *text);
-            if !end && self.held_text.saturating_sub(text_len) < self.hold {
+        while let Some((_, texts)) = self.held.front() {
+            let ready = end
+                || texts.iter().all(|(id, len)| {
+                    let held = self
+                        .channels
+                        .iter()
+                        .find(|c| c.id == *id)
+                        .map_or(0, |c| c.held);
+                    held.saturating_sub(*len) >= self.hold
+                });
+            if !ready {
                 break;
             }
-            if let Some((bytes, _)) = self.held.pop_front() {
-                out.extend_from_slice(&bytes);
+            let Some((bytes, texts)) = self.held.pop_front() else {
+                break;
+            };
+            for (id, len) in texts {
+                if let Some(c) = self.channels.iter_mut().find(|c| c.id == id) {
+                    c.held = c.held.saturating_sub(len);
+                }
+                self.text_sent = self.text_sent.saturating_add(len);
             }
-            self.held_text = self.held_text.saturating_sub(text_len);
-            self.text_sent = self.text_sent.saturating_add(text_len);
-            self.bytes_sent = self.bytes_sent.saturating_add(bytes_len);
+            self.bytes_sent = self.bytes_sent.saturating_add(bytes.len());
+            out.extend_from_slice(&bytes);
         }
         out
     }
@@ -422,18 +469,38 @@ impl AnswerGuard {
         }
     }
 
-    /// Reads one whole event into the held queue; its text joins `new_text`. Returns whether
-    /// it said something besides text (a tool called, the end, the usage).
-    fn take_event(&mut self, event: Vec<u8>, new_text: &mut String) -> bool {
+    /// Reads one whole event into the held queue; its text joins its channels' new text.
+    /// Returns whether it said something besides text (a tool called, the end, the usage).
+    fn take_event(&mut self, event: Vec<u8>) -> bool {
         let said = event_said(&event);
-        let text_len = said.text.len();
-        new_text.push_str(&said.text);
-        self.text_read = self.text_read.saturating_add(text_len);
-        self.held_text = self.held_text.saturating_add(text_len);
-        self.held.push_back((event, text_len));
+        let mut texts = Vec::with_capacity(said.pieces.len());
+        for (id, text) in &said.pieces {
+            let at = self.channel_at(*id);
+            if let Some(c) = self.channels.get_mut(at) {
+                c.held = c.held.saturating_add(text.len());
+                c.new.push_str(text);
+                texts.push((c.id, text.len()));
+            }
+            self.text_read = self.text_read.saturating_add(text.len());
+        }
+        self.held.push_back((event, texts));
         let more = !said.tools.is_empty() || said.finish.is_some() || said.output_tokens.is_some();
         self.note(&said);
         more
+    }
+
+    /// Where channel `id` is in `channels` (added; past [`MAX_CHANNELS`], the last one).
+    fn channel_at(&mut self, id: u32) -> usize {
+        if let Some(at) = self.channels.iter().position(|c| c.id == id) {
+            return at;
+        }
+        if self.channels.len() < MAX_CHANNELS {
+            self.channels.push(Channel {
+                id,
+                ..Channel::default()
+            });
+        }
+        self.channels.len().saturating_sub(1)
     }
 
     /// Keeps what an answer said besides its text.
@@ -448,8 +515,7 @@ impl AnswerGuard {
         }
     }
 
-    /// Runs the rules over `text` (the whole answer, or a stream's window); keeps the last
-    /// `hold` bytes of it as the next window's start.
+    /// Runs the rules over `text` (the whole answer, or a stream's windows).
     fn check(&mut self, text: String) -> Option<AnswerDeny> {
         self.ctx.response.entities = if self.entities {
             let found = crate::detect::entities(&text, crate::detect::Entities::all());
@@ -467,8 +533,7 @@ impl AnswerGuard {
                 self.shadow.push(s);
             }
         }
-        let text = core::mem::take(&mut self.ctx.response.text);
-        self.tail = last_bytes(&text, self.hold);
+        self.ctx.response.text = String::new();
         verdict.deny
     }
 

@@ -399,3 +399,64 @@ fn what_a_rule_may_do_and_read_in_each_phase() {
         }
     }
 }
+
+#[test]
+fn interleaved_choices_are_each_read_as_their_own_text() {
+    // `n: 2`: the provider interleaves the choices' deltas; the key in choice 0 is whole only
+    // when each choice is read apart.
+    let set = set();
+    let zero = format!("{}then {SECRET} end", "Choice zero talks. ".repeat(10));
+    let one = "Choice one says other things entirely. ".repeat(10);
+    let mut stream = String::new();
+    let (a, b): (Vec<char>, Vec<char>) = (zero.chars().collect(), one.chars().collect());
+    for i in 0..a.len().max(b.len()).div_ceil(3) {
+        for (index, text) in [(0, &a), (1, &b)] {
+            let piece: String = text.iter().skip(i * 3).take(3).collect();
+            if !piece.is_empty() {
+                stream.push_str(&format!(
+                    "data: {{\"choices\":[{{\"index\":{index},\"delta\":{{\"content\":{}}}}}]}}\n\n",
+                    serde_json::to_string(&piece).unwrap()
+                ));
+            }
+        }
+    }
+    stream.push_str("data: [DONE]\n\n");
+    let mut g = guard(&set, "/v1/chat/completions", "free", "text/event-stream");
+    let sent = String::from_utf8(feed(&mut g, stream.as_bytes(), 10, 0)).unwrap();
+    assert_eq!(g.cut().map(|c| c.deny.rule.as_str()), Some("no-keys-out"));
+    // Not one piece of the key went out on choice 0.
+    let zero_sent: String = sent
+        .split("\n\n")
+        .filter(|e| e.contains("\"index\":0"))
+        .filter_map(|e| serde_json::from_str::<serde_json::Value>(e.strip_prefix("data: ")?).ok())
+        .map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string()
+        })
+        .collect();
+    assert!(
+        zero.starts_with(&zero_sent) && zero_sent.len() < zero.find(SECRET).unwrap(),
+        "{zero_sent}"
+    );
+}
+
+#[test]
+fn a_private_key_is_cut_at_its_header_and_a_tool_calls_arguments_are_their_own_text() {
+    let set = set();
+    let pem = "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAABG5vbmUAAAAEbm9uZQAAAAAAAAABAAAAMwAAAAtzc2gtZW\nQyNTUxOQAAACDJ1yZ8bR0x4Qh9gX8X8a0m5Jw0n9m4a6n2r9u1o7h2mQAAAJhfYv4dX2L+\n-----END OPENSSH PRIVATE KEY-----\n";
+    let text = format!("{}Here it is:\n{pem}", "Some preamble text. ".repeat(10));
+    let stream = anthropic_stream(&text, 4);
+    let mut g = guard(&set, "/v1/messages", "free", "text/event-stream");
+    let sent = String::from_utf8(feed(&mut g, stream.as_bytes(), 10, 0)).unwrap();
+    assert_eq!(g.cut().map(|c| c.deny.rule.as_str()), Some("no-keys-out"));
+    let streamed: String = sent
+        .split("\n\n")
+        .filter_map(|e| e.lines().find_map(|l| l.strip_prefix("data: ")))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .map(|v| v["delta"]["text"].as_str().unwrap_or_default().to_string())
+        .collect();
+    assert!(streamed.starts_with("Some preamble"), "{streamed}");
+    assert!(!streamed.contains("-----BEGIN"), "{streamed}");
+}

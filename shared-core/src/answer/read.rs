@@ -18,6 +18,10 @@ use serde_json::{Map, Value};
 pub struct Said {
     /// The text, its pieces joined with newlines (a whole answer) or as they come (deltas).
     pub text: String,
+    /// The text of each channel it came on, in order: a stream interleaves the text of several
+    /// choices (OpenAI `n`), content blocks or output items, and each is read as its own text
+    /// (`(channel, text)`; a whole answer is one channel).
+    pub pieces: Vec<(u32, String)>,
     /// Names of the tools called.
     pub tools: Vec<String>,
     /// Why the model stopped.
@@ -57,16 +61,33 @@ const NOT_TEXT: &[&str] = &[
 /// How deep a tool result's strings are followed (the JSON parser bounds nesting anyway).
 const MAX_DEPTH: usize = 32;
 
+/// Channels of one choice or output item (its text, its tool calls or content parts).
+const CHANNELS_PER_PART: u32 = 1024;
+
+/// A channel number from an index the provider sent (bounded: an index past the last channel
+/// shares it).
+fn channel(index: u64) -> u32 {
+    u32::try_from(index.min(u64::from(CHANNELS_PER_PART.saturating_sub(2)))).unwrap_or(0)
+}
+
+/// The `index` of an object (a choice, a content block), as a channel.
+fn index_of(v: &Value, key: &str) -> u32 {
+    channel(v.get(key).and_then(Value::as_u64).unwrap_or(0))
+}
+
 impl Said {
     /// What a piece that is not JSON says: all of it is text.
     pub(super) fn raw(bytes: &[u8]) -> Said {
-        Said {
-            text: String::from_utf8_lossy(bytes).into_owned(),
-            ..Said::default()
-        }
+        let mut said = Said::default();
+        said.piece(&String::from_utf8_lossy(bytes));
+        said
     }
 
     fn piece(&mut self, s: &str) {
+        self.piece_on(0, s);
+    }
+
+    fn piece_on(&mut self, channel: u32, s: &str) {
         if s.is_empty() {
             return;
         }
@@ -74,6 +95,10 @@ impl Said {
             self.text.push('\n');
         }
         self.text.push_str(s);
+        match self.pieces.last_mut() {
+            Some((c, t)) if *c == channel => t.push_str(s),
+            _ => self.pieces.push((channel, String::from(s))),
+        }
     }
 
     fn tool(&mut self, name: Option<&Value>) {
@@ -122,65 +147,81 @@ impl Said {
         }
     }
 
-    /// An OpenAI chat message or delta.
-    fn chat_message(&mut self, m: &Map<String, Value>) {
+    /// An OpenAI chat message or delta of choice `choice`: its text on one channel, each tool
+    /// call's arguments on their own.
+    fn chat_message(&mut self, m: &Map<String, Value>, choice: u32) {
+        let ch = choice.saturating_mul(CHANNELS_PER_PART);
+        let text = |key: &str| m.get(key).and_then(Value::as_str).unwrap_or_default();
         match m.get("content") {
-            Some(Value::String(s)) => self.piece(s),
+            Some(Value::String(s)) => self.piece_on(ch, s),
             Some(Value::Array(parts)) => {
                 for p in parts {
-                    self.piece(p.get("text").and_then(Value::as_str).unwrap_or_default());
+                    self.piece_on(
+                        ch,
+                        p.get("text").and_then(Value::as_str).unwrap_or_default(),
+                    );
                 }
             }
             _ => {}
         }
         for key in ["refusal", "reasoning_content", "reasoning"] {
-            self.piece(m.get(key).and_then(Value::as_str).unwrap_or_default());
+            self.piece_on(ch, text(key));
         }
         if let Some(t) = m.get("audio").and_then(|a| a.get("transcript")) {
-            self.piece(t.as_str().unwrap_or_default());
+            self.piece_on(ch, t.as_str().unwrap_or_default());
         }
         let calls = m.get("tool_calls").and_then(Value::as_array);
-        for call in calls.into_iter().flatten() {
+        for (i, call) in calls.into_iter().flatten().enumerate() {
+            let index = call
+                .get("index")
+                .and_then(Value::as_u64)
+                .unwrap_or(i as u64);
+            let tool_ch = ch.saturating_add(channel(index).saturating_add(1));
             for inner in ["function", "custom"] {
                 if let Some(f) = call.get(inner) {
                     self.tool(f.get("name"));
                     for key in ["arguments", "input"] {
-                        self.piece(f.get(key).and_then(Value::as_str).unwrap_or_default());
+                        let arg = f.get(key).and_then(Value::as_str).unwrap_or_default();
+                        self.piece_on(tool_ch, arg);
                     }
                 }
             }
         }
         if let Some(f) = m.get("function_call") {
             self.tool(f.get("name"));
-            self.piece(
-                f.get("arguments")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            );
+            let args = f
+                .get("arguments")
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            self.piece_on(ch.saturating_add(1), args);
         }
     }
 
-    /// An Anthropic content block.
-    fn block(&mut self, b: &Value) {
+    /// An Anthropic content block (on channel `ch`, its index).
+    fn block(&mut self, b: &Value, ch: u32) {
+        let text = |key: &str| b.get(key).and_then(Value::as_str).unwrap_or_default();
         match b.get("type").and_then(Value::as_str).unwrap_or_default() {
-            "text" => self.piece(b.get("text").and_then(Value::as_str).unwrap_or_default()),
-            "thinking" => self.piece(
-                b.get("thinking")
-                    .and_then(Value::as_str)
-                    .unwrap_or_default(),
-            ),
+            "text" => self.piece_on(ch, text("text")),
+            "thinking" => self.piece_on(ch, text("thinking")),
             "redacted_thinking" => {}
             "tool_use" | "server_tool_use" | "mcp_tool_use" => {
                 self.tool(b.get("name"));
                 match b.get("input") {
                     Some(Value::Object(m)) if m.is_empty() => {}
                     Some(input @ Value::Object(_)) => {
-                        self.piece(&serde_json::to_string(input).unwrap_or_default());
+                        self.piece_on(ch, &serde_json::to_string(input).unwrap_or_default());
                     }
                     _ => {}
                 }
             }
-            _ => self.strings(b, 0),
+            _ => {
+                let mut inner = Said {
+                    whole: self.whole,
+                    ..Said::default()
+                };
+                inner.strings(b, 0);
+                self.piece_on(ch, &inner.text);
+            }
         }
     }
 
@@ -206,13 +247,13 @@ pub fn answer(v: &Value) -> Said {
     if let Some(choices) = o.get("choices").and_then(Value::as_array) {
         for c in choices {
             if let Some(m) = c.get("message").and_then(Value::as_object) {
-                said.chat_message(m);
+                said.chat_message(m, 0);
             }
             said.piece(c.get("text").and_then(Value::as_str).unwrap_or_default());
             said.finish(c.get("finish_reason"));
         }
     } else if let Some(content) = o.get("content").and_then(Value::as_array) {
-        content.iter().for_each(|b| said.block(b));
+        content.iter().for_each(|b| said.block(b, 0));
         said.finish(o.get("stop_reason"));
     } else if let Some(output) = o.get("output").and_then(Value::as_array) {
         output.iter().for_each(|item| said.item(item));
@@ -242,10 +283,14 @@ pub fn event(v: &Value) -> Said {
     if let Some(choices) = o.get("choices").and_then(Value::as_array) {
         // OpenAI chat (`delta`) and completions (`text`) chunks.
         for c in choices {
+            let choice = index_of(c, "index");
             if let Some(m) = c.get("delta").and_then(Value::as_object) {
-                said.chat_message(m);
+                said.chat_message(m, choice);
             }
-            said.piece(c.get("text").and_then(Value::as_str).unwrap_or_default());
+            said.piece_on(
+                choice.saturating_mul(CHANNELS_PER_PART),
+                c.get("text").and_then(Value::as_str).unwrap_or_default(),
+            );
             said.finish(c.get("finish_reason"));
         }
         said.usage(o.get("usage"));
@@ -257,19 +302,22 @@ pub fn event(v: &Value) -> Said {
         "message_start" => {
             let m = o.get("message");
             if let Some(content) = m.and_then(|m| m.get("content")).and_then(Value::as_array) {
-                content.iter().for_each(|b| said.block(b));
+                for (i, b) in content.iter().enumerate() {
+                    said.block(b, channel(i as u64));
+                }
             }
             said.usage(m.and_then(|m| m.get("usage")));
         }
         "content_block_start" => {
             if let Some(b) = o.get("content_block") {
-                said.block(b);
+                said.block(b, index_of(v, "index"));
             }
         }
         "content_block_delta" => {
             let d = o.get("delta");
             for key in ["text", "partial_json", "thinking"] {
-                said.piece(
+                said.piece_on(
+                    index_of(v, "index"),
                     d.and_then(|d| d.get(key))
                         .and_then(Value::as_str)
                         .unwrap_or_default(),
@@ -301,7 +349,13 @@ pub fn event(v: &Value) -> Said {
             }
         }
         k if k.ends_with(".delta") => {
-            said.piece(o.get("delta").and_then(Value::as_str).unwrap_or_default());
+            let ch = index_of(v, "output_index")
+                .saturating_mul(CHANNELS_PER_PART)
+                .saturating_add(index_of(v, "content_index"));
+            said.piece_on(
+                ch,
+                o.get("delta").and_then(Value::as_str).unwrap_or_default(),
+            );
         }
         _ => said.error = o.contains_key("error") && kind.is_empty(),
     }
