@@ -63,7 +63,8 @@ def openai_responses(req, stream, knobs):
         output.append({"type": "function_call", "id": "fc_mock", "call_id": "call_mock", "name": tool,
                        "arguments": "{}", "status": "completed"})
     response = {"id": "resp_mock", "object": "response", "created_at": int(time.time()), "model": model,
-                "status": "completed", "instructions": req.get("instructions"), "output": output,
+                "status": "completed", "error": None, "incomplete_details": None,
+                "instructions": req.get("instructions"), "output": output,
                 "usage": {"input_tokens": prompt, "output_tokens": completion, "total_tokens": prompt + completion}}
     if not stream:
         return response

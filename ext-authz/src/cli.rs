@@ -72,10 +72,19 @@ impl ConfigArgs {
             return Ok(ContextConfig::default());
         };
         let docs = source::load_file(path).map_err(|d| Diagnostics(vec![d]))?;
-        match docs.first() {
-            Some(doc) => doc.parse().map_err(|d| Diagnostics(vec![d])),
-            None => Ok(ContextConfig::default()),
+        let Some(doc) = docs.first() else {
+            return Ok(ContextConfig::default());
+        };
+        let config: ContextConfig = doc.parse().map_err(|d| Diagnostics(vec![d]))?;
+        if let Some((key, message)) = config.problem() {
+            let d = llm_policy_core::Diagnostic::error(llm_policy_core::Code::InvalidType, message)
+                .at(
+                    &path.display().to_string(),
+                    doc.position(&format!("/{key}")),
+                );
+            return Err(Diagnostics(vec![d]));
         }
+        Ok(config)
     }
 }
 

@@ -180,8 +180,8 @@ impl FilterConfig {
             one(Diagnostic::error(llm_policy_core::Code::InvalidType, msg)
                 .at(CONFIG_FILE, doc.position(pointer)))
         };
-        if config.context.max_body_bytes == 0 {
-            return Err(bad("/context/maxBodyBytes", "maxBodyBytes must be above 0"));
+        if let Some((key, message)) = config.context.problem() {
+            return Err(bad(&format!("/context/{key}"), message));
         }
         if config.routes.hosts.iter().any(|h| h.trim().is_empty()) {
             return Err(bad(

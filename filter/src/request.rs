@@ -783,7 +783,7 @@ impl RequestFlow {
         self.body_len = body.len();
         if set.checks_answers(&ctx.namespace) && ctx.request.api != Api::Batch {
             self.kept = Some(Kept {
-                ctx: ctx.for_answer(set.answer_headers(&ctx.namespace)),
+                ctx: set.answer_context(&ctx),
                 request_id: header(&headers, "x-request-id").map(str::to_string),
             });
         }

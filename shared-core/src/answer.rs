@@ -73,13 +73,15 @@ impl PolicySet {
             .is_some_and(|ns| !ns.answer_rules.is_empty())
     }
 
-    /// The request headers the response rules of `namespace` read (by name): what
-    /// [`RequestContext::for_answer`] keeps.
-    pub fn answer_headers(&self, namespace: &str) -> &[String] {
-        self.0
+    /// What the response rules of `ctx`'s namespace read of it, kept for its answer
+    /// ([`RequestContext::for_answer`]).
+    pub fn answer_context(&self, ctx: &RequestContext) -> RequestContext {
+        let reads = self
+            .0
             .namespaces
-            .get(namespace)
-            .map_or(&[], |ns| ns.answer_reads.headers.as_slice())
+            .get(ctx.namespace.as_str())
+            .map_or(&[][..], |ns| ns.answer_reads.fields.as_slice());
+        ctx.for_answer(reads)
     }
 
     /// Whether the response rules of `namespace` read `response.entities`.
@@ -203,15 +205,17 @@ struct Channel {
     tail: String,
     /// Its text not yet checked.
     new: String,
+    /// Its text is over (checked whole): what is held of it may go.
+    closed: bool,
 }
 
 /// A whole event held back: its bytes, and its text's length on each channel it carries text
 /// on.
 type Held = (Vec<u8>, Vec<(u32, usize)>);
 
-/// Channels a stream keeps apart at most; text on more shares the last one (a provider sends
-/// a few; `n` is capped at 128 by OpenAI).
-const MAX_CHANNELS: usize = 256;
+/// Channels a stream keeps apart at most (a provider sends a few; OpenAI caps `n` at 128); a
+/// stream with more is refused, never read as one text.
+const MAX_CHANNELS: usize = 1024;
 
 /// How the answer is read.
 #[derive(Debug)]
@@ -239,6 +243,12 @@ pub struct AnswerGuard {
     held: VecDeque<Held>,
     /// Per channel: the text held back, and the last `hold` bytes of text checked.
     channels: Vec<Channel>,
+    /// Bytes of the events held back.
+    held_bytes: usize,
+    /// Where the search for the end of the unfinished event resumes.
+    scanned: usize,
+    /// Text came on more channels than are kept apart.
+    overflow: bool,
     text_read: usize,
     text_sent: usize,
     bytes_sent: usize,
@@ -285,6 +295,9 @@ impl AnswerGuard {
             buf: Vec::new(),
             held: VecDeque::new(),
             channels: Vec::new(),
+            held_bytes: 0,
+            scanned: 0,
+            overflow: false,
             text_read: 0,
             text_sent: 0,
             bytes_sent: 0,
@@ -353,6 +366,9 @@ impl AnswerGuard {
         let provider = self.ctx.request.provider;
         let mut headers = deny.headers.clone();
         headers.push((String::from(reply::DECISION_HEADER), String::from("deny")));
+        // The answer was generated and paid for: an SDK retrying a 429 or 5xx would have it
+        // generated (and paid for) again.
+        headers.push((String::from("x-should-retry"), String::from("false")));
         headers.push((
             String::from("content-type"),
             String::from("application/json"),
@@ -396,19 +412,30 @@ impl AnswerGuard {
         self.buf.extend_from_slice(chunk);
         let mut said_more = false;
         let mut start = 0usize;
-        while let Some((_, next)) = event_end(self.buf.get(start..).unwrap_or_default()) {
-            let to = start.saturating_add(next);
+        // The unfinished event was searched up to `scanned` already (less the 3 bytes a
+        // delimiter split by the chunk could start with): a large event costs linear time.
+        let mut from = self.scanned.saturating_sub(3);
+        while let Some((_, next)) = event_end(self.buf.get(from..).unwrap_or_default()) {
+            let to = from.saturating_add(next);
             let event = self.buf.get(start..to).unwrap_or_default().to_vec();
             said_more |= self.take_event(event);
             start = to;
+            from = to;
         }
         self.buf.drain(..start.min(self.buf.len()));
+        self.scanned = self.buf.len();
         if self.buf.len() > self.max {
             return self.refused_stream("an event of the answer is too large to be checked");
         }
         if end && !self.buf.is_empty() {
             let last = core::mem::take(&mut self.buf);
             said_more |= self.take_event(last);
+        }
+        if self.overflow {
+            return self.refused_stream("the answer interleaves too many texts to be checked");
+        }
+        if self.held_bytes > self.max {
+            return self.refused_stream("the answer holds back too much to be checked");
         }
         let fresh = self.channels.iter().any(|c| !c.new.is_empty());
         if fresh || said_more || end {
@@ -437,12 +464,10 @@ impl AnswerGuard {
         while let Some((_, texts)) = self.held.front() {
             let ready = end
                 || texts.iter().all(|(id, len)| {
-                    let held = self
-                        .channels
+                    self.channels
                         .iter()
                         .find(|c| c.id == *id)
-                        .map_or(0, |c| c.held);
-                    held.saturating_sub(*len) >= self.hold
+                        .is_none_or(|c| c.closed || c.held.saturating_sub(*len) >= self.hold)
                 });
             if !ready {
                 break;
@@ -457,6 +482,7 @@ impl AnswerGuard {
                 self.text_sent = self.text_sent.saturating_add(len);
             }
             self.bytes_sent = self.bytes_sent.saturating_add(bytes.len());
+            self.held_bytes = self.held_bytes.saturating_sub(bytes.len());
             out.extend_from_slice(&bytes);
         }
         out
@@ -473,34 +499,52 @@ impl AnswerGuard {
     /// Returns whether it said something besides text (a tool called, the end, the usage).
     fn take_event(&mut self, event: Vec<u8>) -> bool {
         let said = event_said(&event);
-        let mut texts = Vec::with_capacity(said.pieces.len());
+        let mut texts: Vec<(u32, usize)> = Vec::with_capacity(said.pieces.len());
         for (id, text) in &said.pieces {
-            let at = self.channel_at(*id);
+            let Some(at) = self.channel_at(*id).filter(|_| *id != read::TOO_MANY) else {
+                self.overflow = true;
+                continue;
+            };
             if let Some(c) = self.channels.get_mut(at) {
                 c.held = c.held.saturating_add(text.len());
                 c.new.push_str(text);
-                texts.push((c.id, text.len()));
+                c.closed = false;
+            }
+            match texts.iter_mut().find(|(c, _)| c == id) {
+                Some((_, n)) => *n = n.saturating_add(text.len()),
+                None => texts.push((*id, text.len())),
             }
             self.text_read = self.text_read.saturating_add(text.len());
         }
+        self.held_bytes = self.held_bytes.saturating_add(event.len());
         self.held.push_back((event, texts));
+        for (from, to) in &said.ends {
+            for c in self
+                .channels
+                .iter_mut()
+                .filter(|c| (*from..*to).contains(&c.id))
+            {
+                c.closed = true;
+            }
+        }
         let more = !said.tools.is_empty() || said.finish.is_some() || said.output_tokens.is_some();
         self.note(&said);
         more
     }
 
-    /// Where channel `id` is in `channels` (added; past [`MAX_CHANNELS`], the last one).
-    fn channel_at(&mut self, id: u32) -> usize {
+    /// Where channel `id` is in `channels` (added); `None` past [`MAX_CHANNELS`].
+    fn channel_at(&mut self, id: u32) -> Option<usize> {
         if let Some(at) = self.channels.iter().position(|c| c.id == id) {
-            return at;
+            return Some(at);
         }
-        if self.channels.len() < MAX_CHANNELS {
-            self.channels.push(Channel {
-                id,
-                ..Channel::default()
-            });
+        if self.channels.len() >= MAX_CHANNELS {
+            return None;
         }
-        self.channels.len().saturating_sub(1)
+        self.channels.push(Channel {
+            id,
+            ..Channel::default()
+        });
+        Some(self.channels.len().saturating_sub(1))
     }
 
     /// Keeps what an answer said besides its text.

@@ -442,18 +442,17 @@ impl Compiler {
             .sort_by_key(|r| core::cmp::Reverse(r.priority));
         let mut answer = crate::set::AnswerReads::default();
         for r in &ns.answer_rules {
-            r.cond.visit_fields(&mut |f| match f {
-                FieldRef::Header(h) => answer.headers.push(h.clone()),
-                FieldRef::ResponseEntities => answer.entities = true,
-                _ => {}
+            r.cond.visit_fields(&mut |f| {
+                answer.entities |= *f == FieldRef::ResponseEntities;
+                answer.fields.push(f.clone());
             });
             #[cfg(feature = "cel")]
             if let crate::condition::Cond::Cel(p) = &r.cond {
                 answer.cel.extend(p.reads().iter().cloned());
             }
         }
-        answer.headers.sort();
-        answer.headers.dedup();
+        answer.fields.sort();
+        answer.fields.dedup();
         answer.cel.sort();
         answer.cel.dedup();
         ns.answer_reads = answer;

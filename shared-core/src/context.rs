@@ -94,6 +94,25 @@ impl Default for ContextConfig {
 }
 
 impl ContextConfig {
+    /// What is wrong with these settings, if anything: `(key, message)`. A body limit of 0
+    /// refuses every request; a hold-back window under 16 bytes could not hold a key's prefix
+    /// and what identifies it; a response limit under 1 KiB refuses every answer.
+    pub fn problem(&self) -> Option<(&'static str, &'static str)> {
+        if self.max_body_bytes == 0 {
+            return Some(("maxBodyBytes", "maxBodyBytes must be above 0"));
+        }
+        if self.response_hold_back_bytes < 16 {
+            return Some((
+                "responseHoldBackBytes",
+                "responseHoldBackBytes must be at least 16: a smaller window lets a secret split over two chunks through",
+            ));
+        }
+        if self.max_response_bytes < 1024 {
+            return Some(("maxResponseBytes", "maxResponseBytes must be at least 1024"));
+        }
+        None
+    }
+
     /// The configured principal attribute names.
     pub fn principal_attributes(&self) -> Vec<String> {
         self.principal_headers.keys().cloned().collect()
@@ -446,12 +465,15 @@ impl ResponseInfo {
 }
 
 impl RequestContext {
-    /// What of this request a `phase: response` rule may read, kept while its answer is
-    /// checked: everything but the request's text and batch items, and of the headers only
-    /// those named in `headers` (a rule reads a header by name; the whole map holds the
-    /// client's credentials).
-    pub fn for_answer(&self, headers: &[String]) -> RequestContext {
+    /// What of this request `phase: response` rules reading `reads` see, kept while its answer
+    /// is checked (and, in an ext_authz deployment, carried to the ext_proc edge): the small
+    /// fields every answer check needs (namespace, provider, API, method, path, host, stream,
+    /// caps, time) and of the others only those read. Never the request's text or batch items;
+    /// of the headers only those read by name (the whole map holds the client's credentials).
+    pub fn for_answer(&self, reads: &[FieldRef]) -> RequestContext {
         let r = &self.request;
+        let read = |f: &FieldRef| reads.contains(f);
+        let reads_any = |f: fn(&FieldRef) -> bool| reads.iter().any(f);
         RequestContext {
             namespace: self.namespace.clone(),
             request: RequestInfo {
@@ -461,24 +483,46 @@ impl RequestContext {
                 headers: r
                     .headers
                     .iter()
-                    .filter(|(k, _)| headers.iter().any(|h| h == k))
+                    .filter(|(k, _)| {
+                        reads
+                            .iter()
+                            .any(|f| matches!(f, FieldRef::Header(h) if h == k))
+                    })
                     .cloned()
                     .collect(),
                 provider: r.provider,
                 api: r.api,
-                model: r.model.clone(),
+                model: r.model.clone().filter(|_| read(&FieldRef::Model)),
                 stream: r.stream,
                 max_tokens: r.max_tokens,
                 choices: r.choices,
                 temperature: r.temperature,
-                user: r.user.clone(),
-                tools: r.tools.clone(),
-                tool_types: r.tool_types.clone(),
+                user: r.user.clone().filter(|_| read(&FieldRef::User)),
+                tools: if read(&FieldRef::Tools) {
+                    r.tools.clone()
+                } else {
+                    Vec::new()
+                },
+                tool_types: if read(&FieldRef::ToolTypes) {
+                    r.tool_types.clone()
+                } else {
+                    Vec::new()
+                },
                 body_bytes: r.body_bytes,
                 ..RequestInfo::default()
             },
-            principal: self.principal.clone(),
-            shield: self.shield.clone(),
+            principal: if reads_any(|f| {
+                matches!(f, FieldRef::PrincipalAll | FieldRef::Principal(_))
+            }) {
+                self.principal.clone()
+            } else {
+                Vec::new()
+            },
+            shield: if reads_any(|f| matches!(f, FieldRef::ShieldAll | FieldRef::Shield(_))) {
+                self.shield.clone()
+            } else {
+                Vec::new()
+            },
             time: self.time,
             batch: Vec::new(),
             response: ResponseInfo::default(),

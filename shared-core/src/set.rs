@@ -89,7 +89,8 @@ pub(crate) struct AnswerReads {
         allow(dead_code, reason = "only the CEL activation reads it")
     )]
     pub cel: Vec<FieldRef>,
-    pub headers: Vec<String>,
+    /// Every field they read (what [`crate::context::RequestContext::for_answer`] keeps).
+    pub fields: Vec<FieldRef>,
     pub entities: bool,
 }
 

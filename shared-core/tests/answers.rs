@@ -54,7 +54,7 @@ fn guard(set: &PolicySet, path: &str, tier: &str, ct: &str) -> AnswerGuard {
         &[("x-user-tier", tier)],
         r#"{"model":"m","messages":[{"role":"user","content":"hi"}]}"#,
     );
-    let kept = ctx.for_answer(set.answer_headers(&ctx.namespace));
+    let kept = set.answer_context(&ctx);
     AnswerGuard::new(set, kept, 200, ct, None).expect("answers are checked")
 }
 
@@ -335,7 +335,7 @@ fn answers_that_cannot_be_checked_are_refused() {
     );
     let mut g = AnswerGuard::new(
         &set,
-        ctx.for_answer(&[]),
+        set.answer_context(&ctx),
         200,
         "text/event-stream",
         Some("gzip"),
@@ -348,10 +348,24 @@ fn answers_that_cannot_be_checked_are_refused() {
     assert_eq!(reply.status, 502);
     // Provider errors and other content types pass unchecked; namespaces without response
     // rules are not guarded.
-    assert!(AnswerGuard::new(&set, ctx.for_answer(&[]), 429, "application/json", None).is_none());
-    assert!(AnswerGuard::new(&set, ctx.for_answer(&[]), 200, "audio/mpeg", None).is_none());
+    assert!(AnswerGuard::new(
+        &set,
+        set.answer_context(&ctx),
+        429,
+        "application/json",
+        None
+    )
+    .is_none());
+    assert!(AnswerGuard::new(&set, set.answer_context(&ctx), 200, "audio/mpeg", None).is_none());
     let plain = compile(&policy("allow", "    - id: a\n      when: {match: {field: request.method, op: eq, value: POST}}\n      action: {decision: allow}\n")).unwrap();
-    assert!(AnswerGuard::new(&plain, ctx.for_answer(&[]), 200, "application/json", None).is_none());
+    assert!(AnswerGuard::new(
+        &plain,
+        plain.answer_context(&ctx),
+        200,
+        "application/json",
+        None
+    )
+    .is_none());
 }
 
 #[test]
@@ -459,4 +473,165 @@ fn a_private_key_is_cut_at_its_header_and_a_tool_calls_arguments_are_their_own_t
         .collect();
     assert!(streamed.starts_with("Some preamble"), "{streamed}");
     assert!(!streamed.contains("-----BEGIN"), "{streamed}");
+}
+
+/// Whether the guard cut the stream (or refused it) after feeding it whole in 7 chunks.
+fn cuts(path: &str, stream: &str) -> (bool, String) {
+    let set = set();
+    let mut g = guard(&set, path, "free", "text/event-stream");
+    let sent = String::from_utf8(feed(&mut g, stream.as_bytes(), 7, 0)).unwrap();
+    (g.cut().is_some(), sent)
+}
+
+#[test]
+fn every_answer_shape_is_read() {
+    // A Responses API answer carries `"error": null`: it is an answer, checked.
+    let set = set();
+    let responses = format!(
+        r#"{{"id":"r","object":"response","status":"completed","error":null,"incomplete_details":null,"output":[{{"type":"message","content":[{{"type":"output_text","text":"k {SECRET}"}}]}}]}}"#
+    );
+    let mut g = guard(&set, "/v1/responses", "free", "application/json");
+    assert!(matches!(g.push(responses.as_bytes(), true), Pass::Reply(_)));
+    // A list of stored completions, and a shape the reader does not know: read whole.
+    for body in [
+        format!(
+            r#"{{"object":"list","data":[{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{SECRET}"}}}}]}}]}}"#
+        ),
+        format!(r#"{{"object":"something.new","result_text":{{"value":"{SECRET}"}}}}"#),
+        format!(
+            r#"{{"object":"list","data":[{{"object":"thread.message","content":[{{"type":"text","text":{{"value":"{SECRET}","annotations":[]}}}}]}}]}}"#
+        ),
+    ] {
+        let mut g = guard(&set, "/v1/chat/completions", "free", "application/json");
+        assert!(
+            matches!(g.push(body.as_bytes(), true), Pass::Reply(_)),
+            "{body}"
+        );
+    }
+    // A provider's error passes as it is.
+    let error = r#"{"error":{"message":"rate limited","type":"rate_limit_error"}}"#;
+    let mut g = guard(&set, "/v1/chat/completions", "free", "application/json");
+    assert_eq!(
+        g.push(error.as_bytes(), true),
+        Pass::Bytes(error.as_bytes().to_vec())
+    );
+
+    let filler = "All fine here. ".repeat(12);
+    // The Assistants API's deltas, a Responses tool's output that never streams as deltas, an
+    // event type the reader does not know, an Anthropic citation.
+    let streams = [
+        format!("event: thread.message.delta\ndata: {{\"id\":\"m\",\"object\":\"thread.message.delta\",\"delta\":{{\"content\":[{{\"index\":0,\"type\":\"text\",\"text\":{{\"value\":\"{filler}{SECRET}\"}}}}]}}}}\n\ndata: [DONE]\n\n"),
+        format!("event: response.output_item.done\ndata: {{\"type\":\"response.output_item.done\",\"output_index\":1,\"item\":{{\"type\":\"code_interpreter_call\",\"id\":\"ci\",\"code\":\"print('AK'+'IA')\",\"outputs\":[{{\"type\":\"logs\",\"logs\":\"{SECRET}\"}}]}}}}\n\n"),
+        format!("event: response.brand_new\ndata: {{\"type\":\"response.brand_new\",\"payload\":{{\"words\":\"{SECRET}\"}}}}\n\n"),
+        format!("event: content_block_delta\ndata: {{\"type\":\"content_block_delta\",\"index\":0,\"delta\":{{\"type\":\"citations_delta\",\"citation\":{{\"type\":\"char_location\",\"cited_text\":\"{SECRET}\"}}}}}}\n\n"),
+    ];
+    for stream in streams {
+        let (cut, sent) = cuts("/v1/responses", &stream);
+        assert!(cut && !sent.contains(SECRET), "{stream}");
+    }
+}
+
+#[test]
+fn a_finished_block_is_released_without_waiting_for_the_end() {
+    // Thinking, then text: the thinking block's last events go once it stops, not at the end.
+    let mut stream = String::from("event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"thinking\",\"thinking\":\"\"}}\n\n");
+    for _ in 0..5 {
+        stream.push_str("event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"thinking_delta\",\"thinking\":\"hmm, \"}}\n\n");
+    }
+    stream.push_str(
+        "event: content_block_stop\ndata: {\"type\":\"content_block_stop\",\"index\":0}\n\n",
+    );
+    stream.push_str("event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":1,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n");
+    let set = set();
+    let mut g = guard(&set, "/v1/messages", "free", "text/event-stream");
+    let Pass::Bytes(sent) = g.push(stream.as_bytes(), false) else {
+        panic!("a stream");
+    };
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(
+        sent.contains("content_block_stop") && sent.contains("\"index\":1"),
+        "{sent}"
+    );
+    // An OpenAI choice that starts a tool call ends its text: it goes.
+    let text = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Let me check.\"}}]}\n\n\
+                data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"lookup\",\"arguments\":\"\"}}]}}]}\n\n";
+    let mut g = guard(&set, "/v1/chat/completions", "free", "text/event-stream");
+    let Pass::Bytes(sent) = g.push(text.as_bytes(), false) else {
+        panic!("a stream");
+    };
+    assert!(String::from_utf8(sent).unwrap().contains("Let me check."));
+}
+
+#[test]
+fn streams_that_cannot_be_checked_are_refused() {
+    // More interleaved texts than are kept apart.
+    let mut stream = String::new();
+    for i in 0..1100 {
+        stream.push_str(&format!(
+            "data: {{\"choices\":[{{\"index\":{i},\"delta\":{{\"content\":\"x\"}}}}]}}\n\n"
+        ));
+    }
+    let (cut, sent) = cuts("/v1/chat/completions", &stream);
+    assert!(
+        cut && sent.contains("too many texts"),
+        "{}",
+        &sent[sent.len().saturating_sub(300)..]
+    );
+    // More held back than `maxResponseBytes`: one choice that never ends, one that talks on.
+    let docs = llm_policy_core::source::parse_str("t.yaml", &policy("deny", RULES)).unwrap();
+    let config = llm_policy_core::ContextConfig {
+        max_response_bytes: 4096,
+        ..Default::default()
+    };
+    let set = PolicySet::compile(&docs, &config).unwrap().set;
+    let ctx = ctx_at(
+        "/v1/chat/completions",
+        &[],
+        r#"{"model":"m","messages":[]}"#,
+    );
+    let mut g = AnswerGuard::new(
+        &set,
+        set.answer_context(&ctx),
+        200,
+        "text/event-stream",
+        None,
+    )
+    .unwrap();
+    let mut stream =
+        String::from("data: {\"choices\":[{\"index\":1,\"delta\":{\"content\":\"x\"}}]}\n\n");
+    for _ in 0..100 {
+        stream.push_str(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"more words\"}}]}\n\n",
+        );
+    }
+    let Pass::Bytes(sent) = g.push(stream.as_bytes(), false) else {
+        panic!("a stream");
+    };
+    assert!(
+        g.cut().is_some()
+            && String::from_utf8(sent)
+                .unwrap()
+                .contains("holds back too much")
+    );
+}
+
+#[test]
+fn only_what_response_rules_read_is_kept_for_the_answer() {
+    let set = set();
+    let ctx = ctx_at(
+        "/v1/chat/completions",
+        &[
+            ("authorization", "Bearer sk-client-secret"),
+            ("x-user-tier", "admin"),
+        ],
+        r#"{"model":"m","user":"u-1","messages":[{"role":"user","content":"my prompt"}],"tools":[{"type":"function","function":{"name":"t"}}]}"#,
+    );
+    let kept = set.answer_context(&ctx);
+    let json = serde_json::to_string(&kept).unwrap();
+    for gone in ["sk-client-secret", "my prompt", "u-1", "\"t\""] {
+        assert!(!json.contains(gone), "{gone} kept: {json}");
+    }
+    // The rules read the tier (the admins' exemption), so it is kept.
+    assert_eq!(kept.principal("tier"), Some("admin"));
+    assert!(json.len() < 1024, "{json}");
 }

@@ -254,6 +254,14 @@ fn split_any_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
 fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&str; 6]) -> String {
     let comment = indent(comment, 18);
     let [rq_headers, rs_headers, rq_body, rs_body, rq_trailers, rs_trailers] = modes;
+    // A processor that cannot answer: 503, as the ext_authz filter answers (Envoy's default is
+    // 500). Local replies of earlier filters reach these filters too (the header gate is not
+    // evaluated for them).
+    let on_error = if failure_mode_allow {
+        String::new()
+    } else {
+        String::from("\n                          status_on_error: { code: 503 }")
+    };
     format!(
         "{comment}
                   - name: {name}
@@ -265,7 +273,9 @@ fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&
                           \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
                           grpc_service:
                             envoy_grpc: {{ cluster_name: llm_policy }}
-                          failure_mode_allow: {failure_mode_allow}
+                          failure_mode_allow: {failure_mode_allow}{on_error}
+                          # A whole answer is checked at once (up to maxResponseBytes).
+                          message_timeout: 2s
                           allow_mode_override: true
                           processing_mode:
                             request_header_mode: {rq_headers}

@@ -450,10 +450,18 @@ fn one(d: Diagnostic) -> Diagnostics {
 
 fn read(path: &Path) -> Result<Config, Diagnostics> {
     let docs = source::load_file(path).map_err(one)?;
-    match docs.first() {
-        Some(doc) => doc.parse().map_err(one),
-        None => Ok(Config::default()),
+    let Some(doc) = docs.first() else {
+        return Ok(Config::default());
+    };
+    let config: Config = doc.parse().map_err(one)?;
+    if let Some((key, message)) = config.context.problem() {
+        let d = Diagnostic::error(llm_policy_core::Code::InvalidType, message).at(
+            &path.display().to_string(),
+            doc.position(&format!("/context/{key}")),
+        );
+        return Err(one(d));
     }
+    Ok(config)
 }
 
 #[cfg(test)]

@@ -1309,7 +1309,7 @@ fn render(
         && set.checks_answers(&ctx.namespace)
         && ctx.request.api != llm_policy_core::context::Api::Batch)
         .then(|| wire::AnswerCheck {
-            ctx: ctx.for_answer(set.answer_headers(&ctx.namespace)),
+            ctx: set.answer_context(ctx),
             request_id: ctx.header("x-request-id").map(str::to_string),
         });
     let (upstream, respond) = if reply.is_none() {

@@ -60,6 +60,9 @@ use llm_policy_core::wire::{self, Grant, MetadataValue};
 use super::audit::{CutFacts, CutRecord};
 use super::engine::{Engine, Usage};
 
+/// A body chunk above this is checked with [`tokio::task::block_in_place`].
+const LARGE_BODY: usize = 64 * 1024;
+
 /// The ext_proc service.
 pub struct EnvoyUsage {
     engine: Arc<Engine>,
@@ -72,18 +75,27 @@ impl EnvoyUsage {
     }
 }
 
-/// The `Check`'s grant in the forwarded metadata (empty when there is none).
-fn grant(metadata: Option<&Metadata>) -> Grant {
+/// The `Check`'s grant in the forwarded metadata (empty when there is none); what response
+/// rules read of the request only when `answer` (it is read once, by the stream that checks
+/// the answer).
+fn grant(metadata: Option<&Metadata>, answer: bool) -> Grant {
     let Some(fields) = metadata
         .and_then(|m| m.filter_metadata.get(wire::EXT_AUTHZ_METADATA))
         .map(|s| &s.fields)
     else {
         return Grant::default();
     };
-    Grant::from_fields(|k| match fields.get(k)?.kind.as_ref()? {
-        Kind::StringValue(s) => Some(MetadataValue::Text(s.clone())),
-        Kind::NumberValue(n) => Some(MetadataValue::Number(*n)),
-        _ => None,
+    Grant::from_fields(|k| {
+        match fields
+            .get(k)
+            .filter(|_| answer || k != Grant::ANSWER)?
+            .kind
+            .as_ref()?
+        {
+            Kind::StringValue(s) => Some(MetadataValue::Text(s.clone())),
+            Kind::NumberValue(n) => Some(MetadataValue::Number(*n)),
+            _ => None,
+        }
     })
 }
 
@@ -333,7 +345,10 @@ fn edit_reply(
             let mut cut = None;
             if let Some((g, check)) = &mut edit.guard {
                 let was_cut = g.cut().is_some();
-                match g.push(&b.body, b.end_of_stream) {
+                // A buffered body is the whole answer, also when trailers follow it (then
+                // without `end_of_stream`).
+                let end = b.end_of_stream || g.reads_whole();
+                match g.push(&b.body, end) {
                     Pass::Reply(reply) => {
                         let cut = cut_facts(g, check);
                         return (Some(immediate(reply)), cut);
@@ -427,9 +442,12 @@ fn immediate(reply: reply::Reply) -> ProcessingResponse {
 fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bool {
     use processing_request::Request as In;
     // The grant, read once: until a reservation is found, and with the request headers.
+    let checks_answer = matches!(&message.request, Some(In::ResponseHeaders(_)))
+        && !message.observability_mode
+        && answer.request.is_none();
     let fresh = match (&message.request, &answer.reservation) {
         (Some(In::RequestHeaders(_)), _) | (_, None) => {
-            Some(grant(message.metadata_context.as_ref()))
+            Some(grant(message.metadata_context.as_ref(), checks_answer))
         }
         _ => None,
     };
@@ -530,6 +548,15 @@ impl ExternalProcessor for EnvoyUsage {
                         match (message.request.as_ref(), &answer.request, &mut answer.edit) {
                             (None, _, _) => (None, None),
                             (Some(m), Some(r), _) => (rewrite_reply(r, m), None),
+                            // A large body is checked off the async workers (a whole JSON
+                            // answer scanned for personal data takes milliseconds per MiB).
+                            (
+                                Some(m @ processing_request::Request::ResponseBody(b)),
+                                None,
+                                Some(edit),
+                            ) if b.body.len() > LARGE_BODY => {
+                                tokio::task::block_in_place(|| edit_reply(edit, m))
+                            }
                             (Some(m), None, Some(edit)) => edit_reply(edit, m),
                             (Some(m), None, None) => (ack(m), None),
                         };

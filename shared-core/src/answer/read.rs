@@ -30,6 +30,9 @@ pub struct Said {
     pub output_tokens: Option<i64>,
     /// The event is an error the provider reported (it passes as it is).
     pub error: bool,
+    /// Channels whose text is over (`[from, to)`): a content block stopped, an output item
+    /// done, a choice finished. Their text is checked whole, so what is held of it may go.
+    pub ends: Vec<(u32, u32)>,
     /// Pieces of a whole answer are separated by newlines; deltas are joined as they come.
     whole: bool,
 }
@@ -64,10 +67,17 @@ const MAX_DEPTH: usize = 32;
 /// Channels of one choice or output item (its text, its tool calls or content parts).
 const CHANNELS_PER_PART: u32 = 1024;
 
-/// A channel number from an index the provider sent (bounded: an index past the last channel
-/// shares it).
+/// The channel of text past the indices kept apart ([`CHANNELS_PER_PART`] less two): a guard
+/// refuses a stream that uses it rather than read several texts as one.
+pub const TOO_MANY: u32 = u32::MAX;
+
+/// A channel number from an index the provider sent ([`TOO_MANY`] past the last one; every
+/// channel computed from it saturates to it).
 fn channel(index: u64) -> u32 {
-    u32::try_from(index.min(u64::from(CHANNELS_PER_PART.saturating_sub(2)))).unwrap_or(0)
+    if index > u64::from(CHANNELS_PER_PART.saturating_sub(2)) {
+        return TOO_MANY;
+    }
+    u32::try_from(index).unwrap_or(TOO_MANY)
 }
 
 /// The `index` of an object (a choice, a content block), as a channel.
@@ -177,6 +187,8 @@ impl Said {
                 .and_then(Value::as_u64)
                 .unwrap_or(i as u64);
             let tool_ch = ch.saturating_add(channel(index).saturating_add(1));
+            // A tool call starts: the choice's text and earlier calls are over.
+            self.ends.push((ch, tool_ch));
             for inner in ["function", "custom"] {
                 if let Some(f) = call.get(inner) {
                     self.tool(f.get("name"));
@@ -201,7 +213,16 @@ impl Said {
     fn block(&mut self, b: &Value, ch: u32) {
         let text = |key: &str| b.get(key).and_then(Value::as_str).unwrap_or_default();
         match b.get("type").and_then(Value::as_str).unwrap_or_default() {
-            "text" => self.piece_on(ch, text("text")),
+            "text" => match b.get("text") {
+                Some(Value::String(t)) => self.piece_on(ch, t),
+                // Assistants messages: `{"text": {"value": ..., "annotations": [...]}}`.
+                Some(t) => {
+                    let mut inner = Said::default();
+                    inner.strings(t, 0);
+                    self.piece_on(ch, &inner.text);
+                }
+                None => {}
+            },
             "thinking" => self.piece_on(ch, text("thinking")),
             "redacted_thinking" => {}
             "tool_use" | "server_tool_use" | "mcp_tool_use" => {
@@ -225,42 +246,84 @@ impl Said {
         }
     }
 
-    /// A Responses API output item.
+    /// A Responses API output item (a tool call without a name is named by its type: a
+    /// `shell_call` is the `shell` tool).
     fn item(&mut self, item: &Value) {
         let kind = item.get("type").and_then(Value::as_str).unwrap_or_default();
-        if kind.ends_with("_call") {
-            self.tool(item.get("name"));
+        if let Some(tool) = kind.strip_suffix("_call") {
+            match item.get("name") {
+                Some(name) => self.tool(Some(name)),
+                None => self.tools.push(String::from(tool)),
+            }
         }
         self.strings(item, 0);
     }
+
+    /// OpenAI chat or completions choices (a whole answer's `message`, or a chunk's `delta`).
+    fn choices(&mut self, choices: &[Value], key: &str) {
+        for c in choices {
+            let choice = index_of(c, "index");
+            let ch = choice.saturating_mul(CHANNELS_PER_PART);
+            if let Some(m) = c.get(key).and_then(Value::as_object) {
+                self.chat_message(m, choice);
+            }
+            self.piece_on(
+                ch,
+                c.get("text").and_then(Value::as_str).unwrap_or_default(),
+            );
+            // The alternatives a client asked for (`top_logprobs`) are text it reads too.
+            if let Some(l) = c.get("logprobs").filter(|l| !l.is_null()) {
+                let mut alt = Said::default();
+                alt.strings(l, 0);
+                self.piece_on(
+                    ch.saturating_add(CHANNELS_PER_PART.saturating_sub(1)),
+                    &alt.text,
+                );
+            }
+            if let Some(r) = c.get("finish_reason").filter(|r| r.is_string()) {
+                self.finish(Some(r));
+                // The choice is over: its text is checked whole.
+                self.ends.push((ch, ch.saturating_add(CHANNELS_PER_PART)));
+            }
+        }
+    }
 }
 
-/// What a whole JSON answer says.
+/// What a whole JSON answer says. Shapes the reader does not know are read whole (every string
+/// but ids and enumerations), so an answer is never passed unread.
 pub fn answer(v: &Value) -> Said {
     let mut said = Said {
         whole: true,
         ..Said::default()
     };
     let Some(o) = v.as_object() else {
+        said.strings(v, 0);
         return said;
     };
+    let answered = ["choices", "content", "output", "data"]
+        .iter()
+        .any(|k| o.get(*k).is_some_and(|x| !x.is_null()));
     if let Some(choices) = o.get("choices").and_then(Value::as_array) {
-        for c in choices {
-            if let Some(m) = c.get("message").and_then(Value::as_object) {
-                said.chat_message(m, 0);
-            }
-            said.piece(c.get("text").and_then(Value::as_str).unwrap_or_default());
-            said.finish(c.get("finish_reason"));
-        }
+        said.choices(choices, "message");
     } else if let Some(content) = o.get("content").and_then(Value::as_array) {
         content.iter().for_each(|b| said.block(b, 0));
         said.finish(o.get("stop_reason"));
     } else if let Some(output) = o.get("output").and_then(Value::as_array) {
         output.iter().for_each(|item| said.item(item));
         responses_end(&mut said, v);
+    } else if let Some(data) = o.get("data").and_then(Value::as_array) {
+        // A list (stored completions, conversation items, thread messages): each one read.
+        for x in data {
+            let one = answer(x);
+            said.piece(&one.text);
+            said.tools.extend(one.tools);
+        }
+    } else if o.get("error").is_none_or(|e| e.is_null()) {
+        said.strings(v, 0);
     }
     said.usage(o.get("usage"));
-    said.error = o.contains_key("error") && !o.contains_key("choices");
+    // The provider's error (`"error": null` is in every Responses API answer).
+    said.error = !answered && o.get("error").is_some_and(|e| !e.is_null());
     said
 }
 
@@ -274,30 +337,63 @@ fn responses_end(said: &mut Said, response: &Value) {
     said.finish(reason);
 }
 
-/// What one stream event's `data` says.
+/// Events that carry no new generated text: the request echoed (`response.created`, an
+/// Assistants run), text already streamed in deltas repeated (`.done`, `content_part`), or
+/// nothing at all.
+const NO_NEW_TEXT: &[&str] = &[
+    "response.created",
+    "response.in_progress",
+    "response.queued",
+    "response.content_part.added",
+    "response.content_part.done",
+    "response.output_item.added",
+    "content_block_stop",
+    "message_stop",
+    "ping",
+];
+
+/// Responses API items whose text streams in deltas (their `output_item.done` repeats it).
+const STREAMED_ITEMS: &[&str] = &["message", "reasoning", "function_call", "custom_tool_call"];
+
+/// What one stream event's `data` says. Events the reader does not know are read whole (every
+/// string but ids and enumerations), so no generated text passes unread.
 pub fn event(v: &Value) -> Said {
     let mut said = Said::default();
     let Some(o) = v.as_object() else {
+        said.strings(v, 0);
         return said;
     };
     if let Some(choices) = o.get("choices").and_then(Value::as_array) {
         // OpenAI chat (`delta`) and completions (`text`) chunks.
-        for c in choices {
-            let choice = index_of(c, "index");
-            if let Some(m) = c.get("delta").and_then(Value::as_object) {
-                said.chat_message(m, choice);
-            }
-            said.piece_on(
-                choice.saturating_mul(CHANNELS_PER_PART),
-                c.get("text").and_then(Value::as_str).unwrap_or_default(),
-            );
-            said.finish(c.get("finish_reason"));
-        }
+        said.choices(choices, "delta");
         said.usage(o.get("usage"));
         return said;
     }
+    // The Assistants API: objects, not typed events.
+    match o.get("object").and_then(Value::as_str).unwrap_or_default() {
+        "thread.message.delta" | "thread.run.step.delta" | "thread.run.step" => {
+            said.strings(o.get("delta").or(o.get("step_details")).unwrap_or(v), 0);
+            return said;
+        }
+        // A run (its instructions echoed), a thread, a whole message (its deltas streamed).
+        "thread.run" | "thread" | "thread.message" => return said,
+        _ => {}
+    }
     let kind = o.get("type").and_then(Value::as_str).unwrap_or_default();
+    let index = index_of(v, "index");
     match kind {
+        k if NO_NEW_TEXT.contains(&k) => {
+            if k == "content_block_stop" {
+                said.ends.push((index, index.saturating_add(1)));
+            }
+            if k == "response.output_item.added" {
+                let mut named = Said::default();
+                if let Some(item) = o.get("item") {
+                    named.item(item);
+                }
+                said.tools = named.tools;
+            }
+        }
         // Anthropic.
         "message_start" => {
             let m = o.get("message");
@@ -310,18 +406,16 @@ pub fn event(v: &Value) -> Said {
         }
         "content_block_start" => {
             if let Some(b) = o.get("content_block") {
-                said.block(b, index_of(v, "index"));
+                said.block(b, index);
             }
         }
         "content_block_delta" => {
-            let d = o.get("delta");
-            for key in ["text", "partial_json", "thinking"] {
-                said.piece_on(
-                    index_of(v, "index"),
-                    d.and_then(|d| d.get(key))
-                        .and_then(Value::as_str)
-                        .unwrap_or_default(),
-                );
+            // Text, a tool's JSON, thinking, citations: every string but its type and the
+            // thinking's signature.
+            if let Some(d) = o.get("delta") {
+                let mut delta = Said::default();
+                delta.strings(d, 0);
+                said.piece_on(index, &delta.text);
             }
         }
         "message_delta" => {
@@ -329,25 +423,35 @@ pub fn event(v: &Value) -> Said {
             said.usage(o.get("usage"));
         }
         "error" => said.error = true,
-        // The Responses API: text comes in deltas (audio and images are not text); the
-        // names of called tools when their item is added; the end with its usage.
+        // The Responses API.
         "response.audio.delta" => {}
-        "response.output_item.added" => {
-            let item = o.get("item");
-            if item
-                .and_then(|i| i.get("type"))
-                .and_then(Value::as_str)
-                .is_some_and(|t| t.ends_with("_call"))
-            {
-                said.tool(item.and_then(|i| i.get("name")));
-            }
-        }
         "response.completed" | "response.incomplete" | "response.failed" => {
             if let Some(r) = o.get("response") {
                 responses_end(&mut said, r);
                 said.usage(r.get("usage"));
             }
         }
+        "response.output_item.done" => {
+            // Items whose content never streamed as deltas (tool outputs, built-in tools'
+            // actions) are read now; the others' text was.
+            let output = index_of(v, "output_index").saturating_mul(CHANNELS_PER_PART);
+            let item = o.get("item");
+            let kind = item
+                .and_then(|i| i.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            if let Some(item) = item.filter(|_| !STREAMED_ITEMS.contains(&kind)) {
+                let mut inner = Said::default();
+                inner.item(item);
+                said.piece_on(
+                    output.saturating_add(CHANNELS_PER_PART.saturating_sub(1)),
+                    &inner.text,
+                );
+            }
+            said.ends
+                .push((output, output.saturating_add(CHANNELS_PER_PART)));
+        }
+        k if k.ends_with(".done") => {}
         k if k.ends_with(".delta") => {
             let ch = index_of(v, "output_index")
                 .saturating_mul(CHANNELS_PER_PART)
@@ -357,7 +461,8 @@ pub fn event(v: &Value) -> Said {
                 o.get("delta").and_then(Value::as_str).unwrap_or_default(),
             );
         }
-        _ => said.error = o.contains_key("error") && kind.is_empty(),
+        _ if o.contains_key("error") && kind.is_empty() => said.error = true,
+        _ => said.strings(v, 0),
     }
     said
 }
