@@ -248,19 +248,23 @@ fn split_any_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
 }
 
 /// An ext_proc filter to `llm-policy serve` that Envoy runs only for requests whose `Check`
-/// answer set [`wire::REWRITE_HEADER`] (every other request skips it), with the `Check`'s grant
-/// forwarded. `modes`: request headers, response headers, request body, response body, request
-/// trailers, response trailers (the edge overrides them per request).
+/// answer set [`wire::REWRITE_HEADER`], with the `Check`'s grant forwarded. `modes`: request
+/// headers, response headers, request body, response body, request trailers, response trailers
+/// (the edge overrides them per request).
+///
+/// Envoy's composite filter holds it, created only when the request's headers carry the mark:
+/// every other request, and a local reply of an earlier filter (an ext_authz denial, a request
+/// timeout) whose request never reached it, passes without it. (A filter skipped by a matcher
+/// instead would still run for such a reply, and fail it when the server is down.)
 fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&str; 6]) -> String {
     let comment = indent(comment, 18);
     let [rq_headers, rs_headers, rq_body, rs_body, rq_trailers, rs_trailers] = modes;
     // A processor that cannot answer: 503, as the ext_authz filter answers (Envoy's default is
-    // 500). Local replies of earlier filters reach these filters too (the header gate is not
-    // evaluated for them).
+    // 500).
     let on_error = if failure_mode_allow {
         String::new()
     } else {
-        String::from("\n                          status_on_error: { code: 503 }")
+        String::from("\n                                        status_on_error: { code: 503 }")
     };
     format!(
         "{comment}
@@ -268,42 +272,45 @@ fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&
                     typed_config:
                       \"@type\": type.googleapis.com/envoy.extensions.common.matching.v3.ExtensionWithMatcher
                       extension_config:
-                        name: envoy.filters.http.ext_proc
+                        name: envoy.filters.http.composite
                         typed_config:
-                          \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
-                          grpc_service:
-                            envoy_grpc: {{ cluster_name: llm_policy }}
-                          failure_mode_allow: {failure_mode_allow}{on_error}
-                          # A whole answer is checked at once (up to maxResponseBytes).
-                          message_timeout: 2s
-                          allow_mode_override: true
-                          processing_mode:
-                            request_header_mode: {rq_headers}
-                            response_header_mode: {rs_headers}
-                            request_body_mode: {rq_body}
-                            response_body_mode: {rs_body}
-                            request_trailer_mode: {rq_trailers}
-                            response_trailer_mode: {rs_trailers}
-                          metadata_options:
-                            forwarding_namespaces:
-                              untyped: [ {EXT_AUTHZ_METADATA} ]
+                          \"@type\": type.googleapis.com/envoy.extensions.filters.http.composite.v3.Composite
                       xds_matcher:
                         matcher_list:
                           matchers:
                             - predicate:
-                                not_matcher:
-                                  single_predicate:
-                                    input:
-                                      name: rewrite-header
-                                      typed_config:
-                                        \"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
-                                        header_name: {REWRITE}
-                                    value_match: {{ exact: \"1\" }}
+                                single_predicate:
+                                  input:
+                                    name: rewrite-header
+                                    typed_config:
+                                      \"@type\": type.googleapis.com/envoy.type.matcher.v3.HttpRequestHeaderMatchInput
+                                      header_name: {REWRITE}
+                                  value_match: {{ exact: \"1\" }}
                               on_match:
                                 action:
-                                  name: skip
+                                  name: {name}
                                   typed_config:
-                                    \"@type\": type.googleapis.com/envoy.extensions.filters.common.matcher.action.v3.SkipFilter
+                                    \"@type\": type.googleapis.com/envoy.extensions.filters.http.composite.v3.ExecuteFilterAction
+                                    typed_config:
+                                      name: envoy.filters.http.ext_proc
+                                      typed_config:
+                                        \"@type\": type.googleapis.com/envoy.extensions.filters.http.ext_proc.v3.ExternalProcessor
+                                        grpc_service:
+                                          envoy_grpc: {{ cluster_name: llm_policy }}
+                                        failure_mode_allow: {failure_mode_allow}{on_error}
+                                        # A whole answer is checked at once (up to maxResponseBytes).
+                                        message_timeout: 2s
+                                        allow_mode_override: true
+                                        processing_mode:
+                                          request_header_mode: {rq_headers}
+                                          response_header_mode: {rs_headers}
+                                          request_body_mode: {rq_body}
+                                          response_body_mode: {rs_body}
+                                          request_trailer_mode: {rq_trailers}
+                                          response_trailer_mode: {rs_trailers}
+                                        metadata_options:
+                                          forwarding_namespaces:
+                                            untyped: [ {EXT_AUTHZ_METADATA} ]
 ",
         EXT_AUTHZ_METADATA = wire::EXT_AUTHZ_METADATA,
         REWRITE = wire::REWRITE_HEADER,
