@@ -166,6 +166,32 @@ impl PolicySet {
     }
 }
 
+/// What response rules read of an answer given as text (tests, `llm-policy test`): its
+/// entities found by the scanners, its tools folded.
+pub fn response_of(
+    text: &str,
+    tool_calls: &[String],
+    finish_reason: Option<&str>,
+    output_tokens: Option<i64>,
+) -> crate::context::ResponseInfo {
+    crate::context::ResponseInfo {
+        text: String::from(text),
+        entities: entity_names(text),
+        tool_calls: tool_calls.iter().map(|t| crate::fold::fold(t)).collect(),
+        finish_reason: finish_reason.map(String::from),
+        output_tokens,
+    }
+}
+
+/// The kinds of personal data and secrets in `text` (confidence at least
+/// [`ENTITY_CONFIDENCE`]).
+fn entity_names(text: &str) -> Vec<String> {
+    crate::detect::entities(text, crate::detect::Entities::all())
+        .kinds(ENTITY_CONFIDENCE)
+        .map(|e| String::from(e.name()))
+        .collect()
+}
+
 /// What to do with a chunk of the answer.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Pass {
@@ -562,11 +588,7 @@ impl AnswerGuard {
     /// Runs the rules over `text` (the whole answer, or a stream's windows).
     fn check(&mut self, text: String) -> Option<AnswerDeny> {
         self.ctx.response.entities = if self.entities {
-            let found = crate::detect::entities(&text, crate::detect::Entities::all());
-            found
-                .kinds(ENTITY_CONFIDENCE)
-                .map(|e| String::from(e.name()))
-                .collect()
+            entity_names(&text)
         } else {
             Vec::new()
         };

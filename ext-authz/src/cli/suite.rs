@@ -13,6 +13,10 @@
 //!   - name: broken JSON is a 400
 //!     request: { body: "{not json" }
 //!     expect: { error: invalid_body }
+//!   - name: an answer with a card number is cut     # response rules: `expect` is the answer's
+//!     request: { body: {...} }                      # verdict (allow or deny)
+//!     response: { text: "Card 4111 1111 1111 1111", toolCalls: [], finishReason: stop }
+//!     expect: { decision: deny, matched_rules: [no-pii-in-answers] }
 //! ```
 
 use std::path::{Path, PathBuf};
@@ -66,8 +70,30 @@ pub struct Case {
     /// Tags to select rules with.
     #[serde(default)]
     pub tags: Vec<String>,
+    /// The model's answer to the request: the case then tests the response rules, and
+    /// `expect` is what they decide of the answer (the request must be allowed).
+    #[serde(default)]
+    pub response: Option<AnswerCase>,
     /// What must come out.
     pub expect: Expect,
+}
+
+/// What the model answers, as response rules read it.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct AnswerCase {
+    /// `response.text`.
+    #[serde(default)]
+    pub text: String,
+    /// `response.tool_calls`.
+    #[serde(default)]
+    pub tool_calls: Vec<String>,
+    /// `response.finish_reason`.
+    #[serde(default)]
+    pub finish_reason: Option<String>,
+    /// `response.output_tokens`.
+    #[serde(default)]
+    pub output_tokens: Option<i64>,
 }
 
 /// Expected outcome; unset fields are not checked.
@@ -124,6 +150,66 @@ pub fn find_suites(paths: &[PathBuf]) -> Result<Vec<Document>, Diagnostics> {
     let mut docs = source::load_documents(paths)?;
     docs.retain(|d| d.kind() == Some(KIND_POLICY_TEST));
     Ok(docs)
+}
+
+/// The differences between what a case expects of an answer and what the response rules say.
+fn check_answer(
+    set: &PolicySet,
+    ctx: &llm_policy_core::RequestContext,
+    answer: &AnswerCase,
+    e: &Expect,
+) -> Vec<String> {
+    let mut diffs = Vec::new();
+    let mut kept = set.answer_context(ctx);
+    kept.response = llm_policy_core::answer::response_of(
+        &answer.text,
+        &answer.tool_calls,
+        answer.finish_reason.as_deref(),
+        answer.output_tokens,
+    );
+    let v = set.check_answer(&kept);
+    let (decision, rules, reason, status) = match &v.deny {
+        Some(d) => (
+            Verdict::Deny,
+            vec![d.rule.clone()],
+            d.reason.clone(),
+            Some(d.status),
+        ),
+        None => (Verdict::Allow, Vec::new(), String::new(), None),
+    };
+    if let Some(want) = e.decision.filter(|w| *w != decision) {
+        diffs.push(format!(
+            "answer: expected {}, got {}",
+            want.as_str(),
+            decision.as_str()
+        ));
+    }
+    if let Some(want) = e.matched_rules.as_ref().filter(|w| **w != rules) {
+        diffs.push(format!(
+            "matched_rules: expected {}, got {}",
+            show_list(want),
+            show_list(&rules)
+        ));
+    }
+    if let Some(want) = e.reason.as_ref().filter(|w| **w != reason) {
+        diffs.push(format!("reason: expected {want:?}, got {reason:?}"));
+    }
+    if let Some(want) = e.status.filter(|w| Some(*w) != status) {
+        diffs.push(format!("status: expected {want}, got {status:?}"));
+    }
+    if let Some(want) = e.shadow_matches.as_ref().filter(|w| **w != v.shadow) {
+        diffs.push(format!(
+            "shadow_matches: expected {}, got {}",
+            show_list(want),
+            show_list(&v.shadow)
+        ));
+    }
+    for (rule, message) in &v.errors {
+        if !diffs.is_empty() {
+            diffs.push(format!("(rule `{rule}` errored: {message})"));
+        }
+    }
+    diffs
 }
 
 fn show_list(v: &[String]) -> String {
@@ -187,6 +273,17 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
         },
         &mut LocalOnly,
     );
+    if let Some(answer) = &case.response {
+        if d.decision != Verdict::Allow {
+            diffs.push(format!(
+                "the request was not allowed ({}: {}): its answer cannot be tested",
+                d.decision.as_str(),
+                d.reason
+            ));
+            return diffs;
+        }
+        return check_answer(set, &ctx, answer, e);
+    }
     if let Some(want) = e.decision {
         if want != d.decision {
             diffs.push(format!(
