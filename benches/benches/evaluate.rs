@@ -284,9 +284,85 @@ fn folding(c: &mut Criterion) {
     g.finish();
 }
 
+/// Response rules over a 16 KB answer: an OpenAI stream in 4-byte deltas (what the held-back
+/// window costs per chunk) and the same answer as JSON, with a rule on the answer's text and one
+/// on its entities (the scanners over every window).
+fn answers(c: &mut Criterion) {
+    let mut g = c.benchmark_group("answer");
+    let text = "The policy engine reads the answer and lets it through. ".repeat(16 * 1024 / 56);
+    let mut stream = String::new();
+    for piece in text.as_bytes().chunks(4) {
+        let piece = std::str::from_utf8(piece).unwrap_or_default();
+        stream.push_str(&format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{piece}\"}}}}]}}\n\n"
+        ));
+    }
+    stream.push_str("data: [DONE]\n\n");
+    let json = format!(
+        r#"{{"choices":[{{"index":0,"message":{{"role":"assistant","content":"{text}"}},"finish_reason":"stop"}}]}}"#
+    );
+    let rule = |field: &str, value: &str| {
+        format!(
+            "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: a}}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: r\n      phase: response\n      when: {{match: {{field: {field}, op: contains, value: {value}}}}}\n      action: {{decision: deny}}\n"
+        )
+    };
+    let ctx =
+        context(r#"{"model":"gpt-4o","stream":true,"messages":[{"role":"user","content":"hi"}]}"#);
+    for (name, yaml) in [
+        ("text", rule("response.text", "project bluebird")),
+        ("entities", rule("response.entities", "api_key")),
+    ] {
+        let set = compile(&yaml);
+        let kept = set.answer_context(&ctx);
+        g.throughput(criterion::Throughput::Bytes(text.len() as u64));
+        g.bench_function(
+            BenchmarkId::new(format!("{name}/stream-4B-deltas"), "16KB"),
+            |b| {
+                b.iter(|| {
+                    let mut guard = llm_policy_core::answer::AnswerGuard::new(
+                        &set,
+                        kept.clone(),
+                        200,
+                        "text/event-stream",
+                        None,
+                    );
+                    let mut sent = 0usize;
+                    if let Some(guard) = &mut guard {
+                        // As Envoy hands a stream over: a few events a chunk.
+                        for chunk in stream.as_bytes().chunks(256) {
+                            if let llm_policy_core::answer::Pass::Bytes(b) =
+                                guard.push(chunk, false)
+                            {
+                                sent += b.len();
+                            }
+                        }
+                        let _ = guard.push(b"", true);
+                    }
+                    black_box(sent)
+                })
+            },
+        );
+        g.bench_function(BenchmarkId::new(format!("{name}/json"), "16KB"), |b| {
+            b.iter(|| {
+                let mut guard = llm_policy_core::answer::AnswerGuard::new(
+                    &set,
+                    kept.clone(),
+                    200,
+                    "application/json",
+                    None,
+                );
+                guard
+                    .as_mut()
+                    .map(|g| g.push(black_box(json.as_bytes()), true))
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(60).warm_up_time(Duration::from_millis(800)).measurement_time(Duration::from_secs(3));
-    targets = llm_policy, peers, extraction, folding, detection
+    targets = llm_policy, peers, extraction, folding, detection, answers
 }
 criterion_main!(benches);
