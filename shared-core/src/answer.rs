@@ -524,7 +524,14 @@ impl AnswerGuard {
     /// Reads one whole event into the held queue; its text joins its channels' new text.
     /// Returns whether it said something besides text (a tool called, the end, the usage).
     fn take_event(&mut self, event: Vec<u8>) -> bool {
-        let said = event_said(&event);
+        let mut said = event_said(&event);
+        // Text an event repeats is read for a channel that has had none (a stream resumed
+        // after its deltas); for the others it was read as it streamed.
+        for (id, text) in core::mem::take(&mut said.repeats) {
+            if !self.channels.iter().any(|c| c.id == id) {
+                said.pieces.push((id, text));
+            }
+        }
         let mut texts: Vec<(u32, usize)> = Vec::with_capacity(said.pieces.len());
         for (id, text) in &said.pieces {
             let Some(at) = self.channel_at(*id).filter(|_| *id != read::TOO_MANY) else {

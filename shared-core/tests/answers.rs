@@ -635,3 +635,48 @@ fn only_what_response_rules_read_is_kept_for_the_answer() {
     assert_eq!(kept.principal("tier"), Some("admin"));
     assert!(json.len() < 1024, "{json}");
 }
+
+#[test]
+fn a_resumed_stream_is_read_from_the_events_that_repeat_its_text() {
+    // `GET /v1/responses/{id}?stream=true&starting_after=N` after the deltas: only the events
+    // that repeat the text whole come. They are read.
+    let stream = format!(
+        "event: response.output_text.done\ndata: {{\"type\":\"response.output_text.done\",\"item_id\":\"m\",\"output_index\":0,\"content_index\":0,\"text\":\"the key {SECRET}\"}}\n\n\
+         event: response.content_part.done\ndata: {{\"type\":\"response.content_part.done\",\"output_index\":0,\"content_index\":0,\"part\":{{\"type\":\"output_text\",\"text\":\"the key {SECRET}\"}}}}\n\n\
+         event: response.completed\ndata: {{\"type\":\"response.completed\",\"response\":{{\"status\":\"completed\",\"output\":[{{\"type\":\"message\",\"content\":[{{\"type\":\"output_text\",\"text\":\"the key {SECRET}\"}}]}}]}}}}\n\n"
+    );
+    let (cut, sent) = cuts("/v1/responses", &stream);
+    assert!(cut && !sent.contains(SECRET), "{sent}");
+    // A whole stream reads each text once (the repeats of a channel that had deltas are not
+    // read again): a clean one passes byte for byte.
+    let clean = responses_stream(&"plain words ".repeat(30), 5);
+    let (cut, sent) = cuts("/v1/responses", &clean);
+    assert!(!cut);
+    assert_eq!(sent, clean);
+}
+
+#[test]
+fn built_in_tool_events_do_not_stall_the_stream_and_assistants_tool_calls_are_named() {
+    // Reasoning at output 0 (done), a web search at output 1 (events the reader does not know),
+    // the message at output 2: the message's deltas flow once 128 bytes of it follow them.
+    let mut stream = String::from(
+        "event: response.output_item.done\ndata: {\"type\":\"response.output_item.done\",\"output_index\":0,\"item\":{\"type\":\"reasoning\",\"id\":\"rs\",\"summary\":[]}}\n\n\
+         event: response.web_search_call.in_progress\ndata: {\"type\":\"response.web_search_call.in_progress\",\"output_index\":1,\"item_id\":\"ws_123\"}\n\n\
+         event: response.web_search_call.completed\ndata: {\"type\":\"response.web_search_call.completed\",\"output_index\":1,\"item_id\":\"ws_123\"}\n\n",
+    );
+    for _ in 0..60 {
+        stream.push_str("event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"output_index\":2,\"content_index\":0,\"delta\":\"word \"}\n\n");
+    }
+    let set = set();
+    let mut g = guard(&set, "/v1/responses", "free", "text/event-stream");
+    let Pass::Bytes(sent) = g.push(stream.as_bytes(), false) else {
+        panic!("a stream");
+    };
+    let sent = String::from_utf8(sent).unwrap();
+    assert!(sent.matches("output_text.delta").count() >= 30, "{sent}");
+    // An Assistants run step calling a function named like a shell.
+    let step = "event: thread.run.step.delta\ndata: {\"id\":\"s\",\"object\":\"thread.run.step.delta\",\"delta\":{\"step_details\":{\"type\":\"tool_calls\",\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"type\":\"function\",\"function\":{\"name\":\"Bash\",\"arguments\":\"\"}}]}}}\n\n";
+    let mut g = guard(&set, "/v1/threads/t/runs", "free", "text/event-stream");
+    let _ = g.push(step.as_bytes(), false);
+    assert_eq!(g.cut().map(|c| c.deny.rule.as_str()), Some("no-shell"));
+}

@@ -33,6 +33,10 @@ pub struct Said {
     /// Channels whose text is over (`[from, to)`): a content block stopped, an output item
     /// done, a choice finished. Their text is checked whole, so what is held of it may go.
     pub ends: Vec<(u32, u32)>,
+    /// Text an event repeats whole (a Responses `.done` event, a finished item, the completed
+    /// response), by channel: read only for a channel that has had no text, as when a stream is
+    /// resumed after its deltas (`starting_after`).
+    pub repeats: Vec<(u32, String)>,
     /// Pieces of a whole answer are separated by newlines; deltas are joined as they come.
     whole: bool,
 }
@@ -59,6 +63,9 @@ const NOT_TEXT: &[&str] = &[
     "mime_type",
     "file_id",
     "container_id",
+    "item_id",
+    "b64_json",
+    "embedding",
 ];
 
 /// How deep a tool result's strings are followed (the JSON parser bounds nesting anyway).
@@ -280,10 +287,61 @@ impl Said {
                     &alt.text,
                 );
             }
-            if let Some(r) = c.get("finish_reason").filter(|r| r.is_string()) {
+            if let Some(r) = c
+                .get("finish_reason")
+                .filter(|r| r.as_str().is_some_and(|s| !s.is_empty()))
+            {
                 self.finish(Some(r));
                 // The choice is over: its text is checked whole.
                 self.ends.push((ch, ch.saturating_add(CHANNELS_PER_PART)));
+            }
+        }
+    }
+}
+
+/// The channel of an output item's text that comes whole in one event (a tool's output, a
+/// built-in tool's action, an event the reader does not know): checked with its event, and
+/// over with it.
+fn whole_channel(output: u32) -> u32 {
+    output
+        .saturating_mul(CHANNELS_PER_PART)
+        .saturating_add(CHANNELS_PER_PART.saturating_sub(1))
+}
+
+impl Said {
+    /// Text that comes whole in this event, on `ch`: read, and its channel over with it.
+    fn whole_text(&mut self, ch: u32, v: &Value) {
+        let mut inner = Said::default();
+        inner.strings(v, 0);
+        self.tools.extend(inner.tools);
+        self.piece_on(ch, &inner.text);
+        self.ends.push((ch, ch.saturating_add(1)));
+    }
+
+    /// Text this event repeats whole, on `ch`.
+    fn repeat(&mut self, ch: u32, v: Option<&Value>) {
+        let Some(v) = v else {
+            return;
+        };
+        let mut inner = Said::default();
+        inner.strings(v, 0);
+        if !inner.text.is_empty() {
+            self.repeats.push((ch, inner.text));
+        }
+    }
+
+    /// The names of the tools an Assistants run step or required action calls (functions by
+    /// name, built-in tools by type).
+    fn assistant_tools(&mut self, v: &Value) {
+        let calls = v
+            .pointer("/step_details/tool_calls")
+            .or_else(|| v.pointer("/delta/step_details/tool_calls"))
+            .or_else(|| v.pointer("/required_action/submit_tool_outputs/tool_calls"))
+            .and_then(Value::as_array);
+        for call in calls.into_iter().flatten() {
+            match call.pointer("/function/name") {
+                Some(name) => self.tool(Some(name)),
+                None => self.tool(call.get("type")),
             }
         }
     }
@@ -345,8 +403,6 @@ const NO_NEW_TEXT: &[&str] = &[
     "response.in_progress",
     "response.queued",
     "response.content_part.added",
-    "response.content_part.done",
-    "response.output_item.added",
     "content_block_stop",
     "message_stop",
     "ping",
@@ -372,11 +428,17 @@ pub fn event(v: &Value) -> Said {
     // The Assistants API: objects, not typed events.
     match o.get("object").and_then(Value::as_str).unwrap_or_default() {
         "thread.message.delta" | "thread.run.step.delta" | "thread.run.step" => {
+            said.assistant_tools(v);
             said.strings(o.get("delta").or(o.get("step_details")).unwrap_or(v), 0);
             return said;
         }
-        // A run (its instructions echoed), a thread, a whole message (its deltas streamed).
-        "thread.run" | "thread" | "thread.message" => return said,
+        // A run (its instructions echoed: only the tools it asks the client to run are read),
+        // a thread, a whole message (its deltas streamed).
+        "thread.run" => {
+            said.assistant_tools(v);
+            return said;
+        }
+        "thread" | "thread.message" => return said,
         _ => {}
     }
     let kind = o.get("type").and_then(Value::as_str).unwrap_or_default();
@@ -386,13 +448,29 @@ pub fn event(v: &Value) -> Said {
             if k == "content_block_stop" {
                 said.ends.push((index, index.saturating_add(1)));
             }
-            if k == "response.output_item.added" {
-                let mut named = Said::default();
-                if let Some(item) = o.get("item") {
-                    named.item(item);
-                }
-                said.tools = named.tools;
+        }
+        "response.output_item.added" => {
+            // The tool's name now; an item that comes whole (no deltas follow) read now.
+            let output = index_of(v, "output_index");
+            let item = o.get("item");
+            let kind = item
+                .and_then(|i| i.get("type"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            let mut named = Said::default();
+            if let Some(item) = item {
+                named.item(item);
             }
+            said.tools = named.tools;
+            if let Some(item) = item.filter(|_| !STREAMED_ITEMS.contains(&kind)) {
+                said.whole_text(whole_channel(output), item);
+            }
+        }
+        "response.content_part.done" => {
+            let ch = index_of(v, "output_index")
+                .saturating_mul(CHANNELS_PER_PART)
+                .saturating_add(index_of(v, "content_index"));
+            said.repeat(ch, o.get("part"));
         }
         // Anthropic.
         "message_start" => {
@@ -429,6 +507,11 @@ pub fn event(v: &Value) -> Said {
             if let Some(r) = o.get("response") {
                 responses_end(&mut said, r);
                 said.usage(r.get("usage"));
+                let output = r.get("output").and_then(Value::as_array);
+                for (i, item) in output.into_iter().flatten().enumerate() {
+                    let ch = channel(i as u64).saturating_mul(CHANNELS_PER_PART);
+                    said.repeat(ch, Some(item));
+                }
             }
         }
         "response.output_item.done" => {
@@ -440,18 +523,28 @@ pub fn event(v: &Value) -> Said {
                 .and_then(|i| i.get("type"))
                 .and_then(Value::as_str)
                 .unwrap_or_default();
-            if let Some(item) = item.filter(|_| !STREAMED_ITEMS.contains(&kind)) {
-                let mut inner = Said::default();
-                inner.item(item);
-                said.piece_on(
-                    output.saturating_add(CHANNELS_PER_PART.saturating_sub(1)),
-                    &inner.text,
-                );
+            match item {
+                Some(item) if !STREAMED_ITEMS.contains(&kind) => {
+                    let mut named = Said::default();
+                    named.item(item);
+                    said.tools = named.tools;
+                    said.whole_text(whole_channel(index_of(v, "output_index")), item);
+                }
+                // Its text streamed in deltas, unless the stream was resumed after them.
+                item => said.repeat(output, item),
             }
             said.ends
                 .push((output, output.saturating_add(CHANNELS_PER_PART)));
         }
-        k if k.ends_with(".done") => {}
+        k if k.ends_with(".done") => {
+            let ch = index_of(v, "output_index")
+                .saturating_mul(CHANNELS_PER_PART)
+                .saturating_add(index_of(v, "content_index"));
+            let repeated = ["text", "arguments", "refusal", "input", "code"]
+                .iter()
+                .find_map(|k| o.get(*k));
+            said.repeat(ch, repeated);
+        }
         k if k.ends_with(".delta") => {
             let ch = index_of(v, "output_index")
                 .saturating_mul(CHANNELS_PER_PART)
@@ -462,10 +555,21 @@ pub fn event(v: &Value) -> Said {
             );
         }
         _ if o.contains_key("error") && kind.is_empty() => said.error = true,
-        _ => said.strings(v, 0),
+        // An event the reader does not know: read whole, on its output's own channel (or
+        // one of its own), over with the event.
+        _ => {
+            let ch = match o.get("output_index") {
+                Some(_) => whole_channel(index_of(v, "output_index")),
+                None => UNKNOWN,
+            };
+            said.whole_text(ch, v);
+        }
     }
     said
 }
+
+/// The channel of an event the reader does not know that names no output.
+const UNKNOWN: u32 = TOO_MANY.saturating_sub(1);
 
 #[cfg(test)]
 mod tests {
