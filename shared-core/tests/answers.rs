@@ -680,3 +680,25 @@ fn built_in_tool_events_do_not_stall_the_stream_and_assistants_tool_calls_are_na
     let _ = g.push(step.as_bytes(), false);
     assert_eq!(g.cut().map(|c| c.deny.rule.as_str()), Some("no-shell"));
 }
+
+#[test]
+fn a_key_written_with_json_escapes_in_a_tools_arguments_is_caught() {
+    // The model writes the key as `\uXXXX` escapes inside the tool's JSON arguments: the client
+    // decodes them, so the scanners do too.
+    let escaped: String = SECRET
+        .chars()
+        .map(|c| format!("\\u{:04x}", c as u32))
+        .collect();
+    let args = format!("{{\"note\": \"{escaped}\"}}");
+    let mut stream = String::from("data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"name\":\"save\",\"arguments\":\"\"}}]}}]}\n\n");
+    for piece in args.as_bytes().chunks(7) {
+        let piece = std::str::from_utf8(piece).unwrap();
+        stream.push_str(&format!(
+            "data: {{\"choices\":[{{\"index\":0,\"delta\":{{\"tool_calls\":[{{\"index\":0,\"function\":{{\"arguments\":{}}}}}]}}}}]}}\n\n",
+            serde_json::to_string(piece).unwrap()
+        ));
+    }
+    let (cut, sent) = cuts("/v1/chat/completions", &stream);
+    assert!(cut, "not cut");
+    assert!(!sent.contains("0041\\\\u004b"), "{sent}");
+}

@@ -571,7 +571,8 @@ pub fn unleet(text: &str) -> String {
 }
 
 /// Every run of base64 (at least [`MIN_RUN`] characters), hex (at least [`MIN_RUN`] digits, an
-/// even count) and percent-encoding (at least two `%XX`) whose decoded bytes are printable UTF-8,
+/// even count), percent-encoding (at least two `%XX`) and `\uXXXX` escapes (at least two) whose
+/// decoded bytes are printable UTF-8,
 /// decoded, one per line; and the runs inside those, once more. At most [`MAX_DECODED`] bytes of
 /// runs are read per level.
 pub fn decoded(text: &str) -> String {
@@ -590,6 +591,13 @@ pub fn decoded(text: &str) -> String {
 
 fn decode_level(text: &str) -> String {
     let mut out = hex_bytes(text);
+    let escaped = json_escapes(text);
+    if !escaped.is_empty() {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&escaped);
+    }
     let mut budget = MAX_DECODED;
     let b = text.as_bytes();
     let mut i = 0usize;
@@ -617,6 +625,45 @@ fn decode_level(text: &str) -> String {
             i = e.max(i.saturating_add(1));
         } else {
             i = i.saturating_add(1);
+        }
+    }
+    out
+}
+
+/// Words written with JSON / JavaScript `\uXXXX` escapes (at least two), decoded, one per line:
+/// `\u0041\u004b\u0049\u0041` is `AKIA` (a model can be asked to write a value so, and a tool's
+/// arguments are JSON the client decodes).
+fn json_escapes(text: &str) -> String {
+    let mut out = String::new();
+    for word in text
+        .split(char::is_whitespace)
+        .filter(|w| w.contains("\\u"))
+    {
+        let mut parts = word.split("\\u");
+        let mut decoded = String::from(parts.next().unwrap_or_default());
+        let mut escapes = 0usize;
+        for part in parts {
+            let code = part.get(..4).and_then(|h| u32::from_str_radix(h, 16).ok());
+            match code.and_then(char::from_u32) {
+                Some(c) => {
+                    decoded.push(c);
+                    decoded.push_str(part.get(4..).unwrap_or_default());
+                    escapes = escapes.saturating_add(1);
+                }
+                None => {
+                    decoded.push_str("\\u");
+                    decoded.push_str(part);
+                }
+            }
+        }
+        if escapes >= 2 {
+            if !out.is_empty() {
+                out.push('\n');
+            }
+            out.push_str(&decoded);
+        }
+        if out.len() > MAX_DECODED {
+            break;
         }
     }
     out
@@ -785,6 +832,15 @@ mod tests {
             compact("I am at the bar, a b test"),
             "I am at the bar, a b test"
         );
+    }
+
+    #[test]
+    fn json_escapes_are_decoded() {
+        let d = decoded("{\"k\": \"\\u0041\\u004b\\u0049\\u0041x\"}");
+        assert!(d.contains("AKIAx"), "{d}");
+        // One escape is a character, not a disguise; a bad one is kept as written.
+        assert_eq!(json_escapes("caf\\u00e9 ok"), "");
+        assert_eq!(json_escapes("\\u004a\\uZZZZ\\u004b"), "J\\uZZZZK");
     }
 
     #[test]
