@@ -154,8 +154,11 @@ impl Said {
                 .iter()
                 .for_each(|x| self.strings(x, depth.saturating_add(1))),
             Value::Object(m) => {
+                // A text source's `data` is text (Anthropic's web fetch: the page it fetched);
+                // other sources' `data` is media.
+                let text_source = m.get("type").and_then(Value::as_str) == Some("text");
                 for (k, x) in m {
-                    if !NOT_TEXT.contains(&k.as_str()) {
+                    if !NOT_TEXT.contains(&k.as_str()) || (text_source && k == "data") {
                         self.strings(x, depth.saturating_add(1));
                     }
                 }
@@ -606,6 +609,18 @@ mod tests {
         assert_eq!(s.text, "answer\n{}");
         assert_eq!(s.tools, ["lookup"]);
         assert_eq!(s.finish.as_deref(), Some("completed"));
+    }
+
+    #[test]
+    fn a_fetched_page_is_text_and_media_is_not() {
+        let answer_json = json!({"type": "message", "content": [{"type": "web_fetch_tool_result",
+            "tool_use_id": "t", "content": {"type": "web_fetch_result", "url": "https://x.example",
+            "content": {"type": "document", "source": {"type": "text", "media_type": "text/plain",
+            "data": "the page text"}}}}, {"type": "image", "source": {"type": "base64",
+            "media_type": "image/png", "data": "iVBORw0KGgo="}}]});
+        let s = answer(&answer_json);
+        assert!(s.text.contains("the page text"), "{}", s.text);
+        assert!(!s.text.contains("iVBOR"), "{}", s.text);
     }
 
     #[test]
