@@ -76,11 +76,7 @@ pub fn report_cut(host: &mut dyn Host, cut: &Cut, kept: &Kept) -> UsageReport {
             text_read: u64::try_from(cut.text_read).unwrap_or(u64::MAX),
             model: ctx.request.model.clone(),
             request_id: kept.request_id.clone(),
-            principal: ctx
-                .principal
-                .iter()
-                .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-                .collect(),
+            principal: ctx.principal_present().collect(),
         }),
     }
 }

@@ -176,20 +176,11 @@ pub fn response_of(
 ) -> crate::context::ResponseInfo {
     crate::context::ResponseInfo {
         text: String::from(text),
-        entities: entity_names(text),
+        entities: crate::detect::entity_names(text, ENTITY_CONFIDENCE),
         tool_calls: tool_calls.iter().map(|t| crate::fold::fold(t)).collect(),
         finish_reason: finish_reason.map(String::from),
         output_tokens,
     }
-}
-
-/// The kinds of personal data and secrets in `text` (confidence at least
-/// [`ENTITY_CONFIDENCE`]).
-fn entity_names(text: &str) -> Vec<String> {
-    crate::detect::entities(text, crate::detect::Entities::all())
-        .kinds(ENTITY_CONFIDENCE)
-        .map(|e| String::from(e.name()))
-        .collect()
 }
 
 /// What to do with a chunk of the answer.
@@ -595,7 +586,7 @@ impl AnswerGuard {
     /// Runs the rules over `text` (the whole answer, or a stream's windows).
     fn check(&mut self, text: String) -> Option<AnswerDeny> {
         self.ctx.response.entities = if self.entities {
-            entity_names(&text)
+            crate::detect::entity_names(&text, ENTITY_CONFIDENCE)
         } else {
             Vec::new()
         };

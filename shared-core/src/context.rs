@@ -614,6 +614,14 @@ impl RequestContext {
         find_header(&self.request.headers, name)
     }
 
+    /// The principal attributes the request carries (those without a value left out), e.g. for
+    /// an audit record.
+    pub fn principal_present(&self) -> impl Iterator<Item = (String, String)> + '_ {
+        self.principal
+            .iter()
+            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
+    }
+
     /// The value of a principal attribute.
     pub fn principal(&self, attr: &str) -> Option<&str> {
         self.principal

@@ -241,6 +241,15 @@ pub fn kind_names(found: &Found, min: f64) -> Vec<&'static str> {
     found.kinds(min).map(Entity::name).collect()
 }
 
+/// The names of every kind in `text` or its views with at least `min` confidence: what
+/// `request.prompt_entities` and `response.entities` hold.
+pub fn entity_names(text: &str, min: f64) -> Vec<String> {
+    entities(text, Entities::all())
+        .kinds(min)
+        .map(|e| String::from(e.name()))
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -672,11 +672,8 @@ impl<S: Sink> Body<S> {
                 Cow::Borrowed(prompt.as_str())
             };
             if needs.entities {
-                let found = crate::detect::entities(&scanned, crate::detect::Entities::all());
-                request.prompt_entities = found
-                    .kinds(crate::context::ENTITY_CONFIDENCE)
-                    .map(|e| String::from(e.name()))
-                    .collect();
+                request.prompt_entities =
+                    crate::detect::entity_names(&scanned, crate::context::ENTITY_CONFIDENCE);
             }
             if needs.injection {
                 request.prompt_injection = crate::detect::injection_score(&scanned).0;

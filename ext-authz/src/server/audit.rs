@@ -620,12 +620,7 @@ impl Record {
             version: facts.version,
             bundle: facts.bundle.to_string(),
             principal: ctx
-                .map(|c| {
-                    c.principal
-                        .iter()
-                        .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-                        .collect()
-                })
+                .map(|c| c.principal_present().collect())
                 .unwrap_or_default(),
             identity: facts.identity.clone(),
             model: ctx.and_then(|c| c.request.model.clone()),

@@ -391,11 +391,7 @@ fn cut_facts(g: &AnswerGuard, check: &wire::AnswerCheck) -> Option<CutFacts> {
         status: cut.deny.status,
         model: ctx.request.model.clone(),
         request_id: check.request_id.clone(),
-        principal: ctx
-            .principal
-            .iter()
-            .filter_map(|(k, v)| Some((k.clone(), v.clone()?)))
-            .collect(),
+        principal: ctx.principal_present().collect(),
         cut: CutRecord {
             stream: cut.stream,
             text_sent: u64::try_from(cut.text_sent).unwrap_or(u64::MAX),

@@ -87,6 +87,23 @@ fn channel(index: u64) -> u32 {
     u32::try_from(index).unwrap_or(TOO_MANY)
 }
 
+/// Every string under `v` but those of [`NOT_TEXT`] keys, joined with newlines.
+fn text_of(v: &Value) -> String {
+    let mut inner = Said {
+        whole: true,
+        ..Said::default()
+    };
+    inner.strings(v, 0);
+    inner.text
+}
+
+/// The channel of a Responses API event's content part (`output_index`, `content_index`).
+fn part_channel(v: &Value) -> u32 {
+    index_of(v, "output_index")
+        .saturating_mul(CHANNELS_PER_PART)
+        .saturating_add(index_of(v, "content_index"))
+}
+
 /// The `index` of an object (a choice, a content block), as a channel.
 fn index_of(v: &Value, key: &str) -> u32 {
     channel(v.get(key).and_then(Value::as_u64).unwrap_or(0))
@@ -226,11 +243,7 @@ impl Said {
             "text" => match b.get("text") {
                 Some(Value::String(t)) => self.piece_on(ch, t),
                 // Assistants messages: `{"text": {"value": ..., "annotations": [...]}}`.
-                Some(t) => {
-                    let mut inner = Said::default();
-                    inner.strings(t, 0);
-                    self.piece_on(ch, &inner.text);
-                }
+                Some(t) => self.piece_on(ch, &text_of(t)),
                 None => {}
             },
             "thinking" => self.piece_on(ch, text("thinking")),
@@ -245,14 +258,7 @@ impl Said {
                     _ => {}
                 }
             }
-            _ => {
-                let mut inner = Said {
-                    whole: self.whole,
-                    ..Said::default()
-                };
-                inner.strings(b, 0);
-                self.piece_on(ch, &inner.text);
-            }
+            _ => self.piece_on(ch, &text_of(b)),
         }
     }
 
@@ -283,12 +289,8 @@ impl Said {
             );
             // The alternatives a client asked for (`top_logprobs`) are text it reads too.
             if let Some(l) = c.get("logprobs").filter(|l| !l.is_null()) {
-                let mut alt = Said::default();
-                alt.strings(l, 0);
-                self.piece_on(
-                    ch.saturating_add(CHANNELS_PER_PART.saturating_sub(1)),
-                    &alt.text,
-                );
+                let alternatives = ch.saturating_add(CHANNELS_PER_PART.saturating_sub(1));
+                self.piece_on(alternatives, &text_of(l));
             }
             if let Some(r) = c
                 .get("finish_reason")
@@ -314,10 +316,7 @@ fn whole_channel(output: u32) -> u32 {
 impl Said {
     /// Text that comes whole in this event, on `ch`: read, and its channel over with it.
     fn whole_text(&mut self, ch: u32, v: &Value) {
-        let mut inner = Said::default();
-        inner.strings(v, 0);
-        self.tools.extend(inner.tools);
-        self.piece_on(ch, &inner.text);
+        self.piece_on(ch, &text_of(v));
         self.ends.push((ch, ch.saturating_add(1)));
     }
 
@@ -326,10 +325,9 @@ impl Said {
         let Some(v) = v else {
             return;
         };
-        let mut inner = Said::default();
-        inner.strings(v, 0);
-        if !inner.text.is_empty() {
-            self.repeats.push((ch, inner.text));
+        let text = text_of(v);
+        if !text.is_empty() {
+            self.repeats.push((ch, text));
         }
     }
 
@@ -470,9 +468,7 @@ pub fn event(v: &Value) -> Said {
             }
         }
         "response.content_part.done" => {
-            let ch = index_of(v, "output_index")
-                .saturating_mul(CHANNELS_PER_PART)
-                .saturating_add(index_of(v, "content_index"));
+            let ch = part_channel(v);
             said.repeat(ch, o.get("part"));
         }
         // Anthropic.
@@ -494,9 +490,7 @@ pub fn event(v: &Value) -> Said {
             // Text, a tool's JSON, thinking, citations: every string but its type and the
             // thinking's signature.
             if let Some(d) = o.get("delta") {
-                let mut delta = Said::default();
-                delta.strings(d, 0);
-                said.piece_on(index, &delta.text);
+                said.piece_on(index, &text_of(d));
             }
         }
         "message_delta" => {
@@ -540,18 +534,14 @@ pub fn event(v: &Value) -> Said {
                 .push((output, output.saturating_add(CHANNELS_PER_PART)));
         }
         k if k.ends_with(".done") => {
-            let ch = index_of(v, "output_index")
-                .saturating_mul(CHANNELS_PER_PART)
-                .saturating_add(index_of(v, "content_index"));
+            let ch = part_channel(v);
             let repeated = ["text", "arguments", "refusal", "input", "code"]
                 .iter()
                 .find_map(|k| o.get(*k));
             said.repeat(ch, repeated);
         }
         k if k.ends_with(".delta") => {
-            let ch = index_of(v, "output_index")
-                .saturating_mul(CHANNELS_PER_PART)
-                .saturating_add(index_of(v, "content_index"));
+            let ch = part_channel(v);
             said.piece_on(
                 ch,
                 o.get("delta").and_then(Value::as_str).unwrap_or_default(),
