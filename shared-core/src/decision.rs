@@ -75,6 +75,26 @@ pub struct Actions {
     /// on `allow`, and only when it is below the request's own cap.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<u64>,
+    /// Replace personal data and secrets in the request by placeholders before it goes upstream
+    /// (`transform.redact` of the enforcing rules that matched). Only on `allow`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub redact: Option<Redaction>,
+}
+
+/// What a request has replaced before it goes upstream ([`crate::redact`]): the kinds, whether
+/// the answer gets the values back, and (once the body was redacted) how many distinct values of
+/// each kind were replaced. Never the values.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Redaction {
+    /// The kinds replaced (entity names, in reporting order).
+    pub kinds: Vec<String>,
+    /// The answer's placeholders are replaced by the values (`restore: true`).
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub restore: bool,
+    /// Distinct values replaced, by kind; empty until the body is redacted, and when nothing
+    /// was found.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub counts: BTreeMap<String, u32>,
 }
 
 /// What kind of counter.

@@ -64,6 +64,7 @@ mod index;
 pub mod model;
 pub mod model_table;
 mod pattern;
+pub mod redact;
 pub mod reply;
 pub mod rewrite;
 pub mod schema;

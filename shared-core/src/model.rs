@@ -290,16 +290,27 @@ pub struct Action {
 }
 
 /// `transform: {maxTokens: 1024}` or `transform: {maxTokens: fitBudget, minTokens: 64}`: the
-/// request goes upstream with its output cap lowered (docs/budgets.md).
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+/// request goes upstream with its output cap lowered (docs/budgets.md); `transform: {redact:
+/// [email, credit_card], restore: true}`: with the values of those kinds replaced by typed
+/// placeholders (`<EMAIL_1>`), put back in the answer when `restore` (docs/policy-language.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Transform {
     /// The cap: a number of tokens, or `fitBudget` (what the rule's budget can still pay for).
-    pub max_tokens: MaxTokens,
+    #[serde(default)]
+    pub max_tokens: Option<MaxTokens>,
     /// With `fitBudget`: the smallest output worth sending (default 1); a budget that cannot
     /// pay for this much output throttles as usual.
     #[serde(default)]
     pub min_tokens: Option<u64>,
+    /// The kinds of personal data and secrets replaced by placeholders before the request goes
+    /// upstream: entity names (`email`, `phone`, `credit_card`, `iban`, `us_ssn`, `api_key`,
+    /// `private_key`) or the groups `card` and `secret`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub redact: Vec<String>,
+    /// Put the redacted values back where the answer repeats their placeholders.
+    #[serde(default, skip_serializing_if = "core::ops::Not::not")]
+    pub restore: bool,
 }
 
 /// The value of `transform.maxTokens`.

@@ -166,6 +166,17 @@ pub(crate) struct CompiledAction {
     /// `transform: {maxTokens: fitBudget}`: the smallest output the budget may lower a request
     /// to, instead of throttling it.
     pub fit: Option<u64>,
+    /// `transform: {redact: [...], restore}`: the kinds replaced in the requests this rule allows.
+    pub redact: Option<Redact>,
+}
+
+/// A rule's `transform.redact`: what is replaced by placeholders, and whether put back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Redact {
+    /// The kinds replaced.
+    pub kinds: crate::detect::Entities,
+    /// `restore: true`.
+    pub restore: bool,
 }
 
 /// A rate limit or budget of a rule.

@@ -27,7 +27,8 @@ use crate::decision::{ChargeSource, CounterKind, Verdict};
 use crate::diagnostic::Code;
 use crate::model::{Action, ActionDecision, MaxTokens, Scope};
 use crate::schema::{FieldRef, FieldType};
-use crate::set::{CompiledAction, KeyPart, Limit};
+use crate::detect::{Entities, Entity};
+use crate::set::{CompiledAction, KeyPart, Limit, Redact};
 
 impl Compiler {
     pub(super) fn compile_action(
@@ -158,6 +159,7 @@ impl Compiler {
             }
         }
         let (cap, fit) = self.compile_transform(a, decision, limit.as_ref(), plugin, site);
+        let redact = self.compile_redact(a, decision, site);
         if self.errors.len() > before {
             return None;
         }
@@ -171,6 +173,53 @@ impl Compiler {
             limit,
             cap,
             fit,
+            redact,
+        })
+    }
+
+    /// `transform.redact` (and `restore`): the kinds named, on a rule that allows.
+    fn compile_redact(
+        &mut self,
+        a: &Action,
+        decision: Verdict,
+        site: &RuleSite<'_>,
+    ) -> Option<Redact> {
+        let t = a.transform.as_ref()?;
+        if t.redact.is_empty() {
+            if t.restore {
+                self.errors.push(site.error(
+                    Code::InvalidTransform,
+                    "/action/transform/restore",
+                    "`restore` goes with `redact`: name the kinds to replace",
+                ));
+            }
+            return None;
+        }
+        if decision != Verdict::Allow {
+            self.errors.push(site.error(
+                Code::InvalidTransform,
+                "/action/transform/redact",
+                "`redact` changes the requests a rule allows: write it on an allow rule",
+            ));
+            return None;
+        }
+        let mut kinds = Entities::none();
+        for (i, name) in t.redact.iter().enumerate() {
+            match crate::redact::kinds_named(name) {
+                Some(k) => kinds = kinds.union(k),
+                None => {
+                    let known = Entity::ALL.map(Entity::name).join("`, `");
+                    self.errors.push(site.error(
+                        Code::InvalidTransform,
+                        &alloc::format!("/action/transform/redact/{i}"),
+                        alloc::format!("unknown kind `{name}` to redact: one of `{known}`, or the groups `card`, `secret`"),
+                    ));
+                }
+            }
+        }
+        Some(Redact {
+            kinds,
+            restore: t.restore,
         })
     }
 
@@ -190,7 +239,24 @@ impl Compiler {
         let problem = |c: &mut Compiler, ptr: &str, msg: &str| {
             c.errors.push(site.error(Code::InvalidTransform, ptr, msg));
         };
-        match t.max_tokens {
+        let Some(max_tokens) = t.max_tokens else {
+            if t.min_tokens.is_some() {
+                problem(
+                    self,
+                    "/action/transform/minTokens",
+                    "`minTokens` goes with `maxTokens: fitBudget`",
+                );
+            }
+            if t.redact.is_empty() {
+                problem(
+                    self,
+                    "/action/transform",
+                    "a `transform` needs `maxTokens` or `redact`",
+                );
+            }
+            return (None, None);
+        };
+        match max_tokens {
             MaxTokens::Cap(n) => {
                 if t.min_tokens.is_some() {
                     problem(

@@ -96,6 +96,21 @@ impl Entities {
     pub fn contains(self, e: Entity) -> bool {
         self.0 & e.bit() != 0
     }
+
+    /// Every entity of this set or `other`.
+    pub fn union(self, other: Entities) -> Entities {
+        Entities(self.0 | other.0)
+    }
+
+    /// Whether the set is empty.
+    pub fn is_empty(self) -> bool {
+        self.0 == 0
+    }
+
+    /// The entities of the set, in [`Entity::ALL`] order.
+    pub fn iter(self) -> impl Iterator<Item = Entity> {
+        Entity::ALL.into_iter().filter(move |e| self.contains(*e))
+    }
 }
 
 /// One thing found: its kind, the scanner's confidence and where (byte offsets; never reported).

@@ -8,7 +8,9 @@ use alloc::vec::Vec;
 use super::{Outcome, Part};
 use crate::cache_key;
 use crate::context::RequestContext;
-use crate::decision::{Actions, Charge, Decision, DecisionMetadata, RuleError, RuleTrace, Verdict};
+use crate::decision::{
+    Actions, Charge, Decision, DecisionMetadata, Redaction, RuleError, RuleTrace, Verdict,
+};
 use crate::model::OnError;
 use crate::set::{CompiledRule, Namespace, PolicySet};
 
@@ -197,6 +199,28 @@ fn max_tokens(
     (lowered < own).then_some(lowered)
 }
 
+/// What the request has replaced before it goes upstream: the kinds of every enforcing rule that
+/// matched and redacts (as with a fixed `maxTokens`, a matching rule's transform applies whichever
+/// rule decided), restored when any of them restores.
+fn redaction(ns: &Namespace, matched: &[String], verdict: Verdict) -> Option<Redaction> {
+    if verdict != Verdict::Allow {
+        return None;
+    }
+    let mut kinds = crate::detect::Entities::none();
+    let mut restore = false;
+    for r in ns.rules.iter().filter(|r| !r.shadow && matched.contains(&r.id)) {
+        if let Some(x) = r.action.redact {
+            kinds = kinds.union(x.kinds);
+            restore |= x.restore;
+        }
+    }
+    (!kinds.is_empty()).then(|| Redaction {
+        kinds: kinds.iter().map(|e| String::from(e.name())).collect(),
+        restore,
+        counts: BTreeMap::new(),
+    })
+}
+
 /// The decision of the deciding part `d`, with what all parts contribute.
 fn decision(
     d: PartDecision,
@@ -205,6 +229,7 @@ fn decision(
     m: Merged,
     explain: bool,
 ) -> Decision {
+    let redact = redaction(ns, &d.matched_rules, d.verdict);
     Decision {
         decision: d.verdict,
         reason: d.reason,
@@ -212,6 +237,7 @@ fn decision(
         actions: Actions {
             counters: m.charges,
             max_tokens: m.max_tokens,
+            redact,
             ..d.actions
         },
         metadata: DecisionMetadata {

@@ -1,0 +1,348 @@
+//! Redact instead of deny (`transform: {redact: [email, credit_card], restore: true}`): the
+//! values of the named kinds in a request are replaced by typed placeholders (`<EMAIL_1>`; the
+//! same value is the same placeholder) before it goes upstream, and, with `restore`, put back
+//! where the answer repeats a placeholder ([`Restorer`]). The filter and the server's ext_proc
+//! edge both call this module; decisions and audit records carry only kinds and counts.
+//!
+//! What is replaced: every value the scanners find in the text as sent ([`pii::scan`], with the
+//! confidence `request.prompt_entities` needs) in every JSON string of the body, keys included,
+//! except inline binary data (a `data:` URL, a long base64 run). A value the scanners find only
+//! in a view of the text (spelled out, encoded, split across turns) has no place to be replaced
+//! at: after replacing, the request is read again as a rule would read it, and if
+//! `request.prompt_entities` still holds a redacted kind the request is refused
+//! ([`Unredactable`]): the upstream never sees a value of a kind the policy redacts.
+
+use alloc::collections::BTreeMap;
+use alloc::string::{String, ToString};
+use alloc::vec::Vec;
+use core::ops::Range;
+
+use crate::context::{ContextConfig, Needs, RequestContext, RequestInput, ENTITY_CONFIDENCE};
+use crate::decision::{Decision, Redaction, Verdict};
+use crate::detect::{pii, Entities, Entity};
+
+mod restore;
+
+pub use restore::Restorer;
+
+/// The kinds a `transform.redact` entry names: an entity name, or the groups `card`
+/// (`credit_card`) and `secret` (`api_key`, `private_key`).
+pub fn kinds_named(name: &str) -> Option<Entities> {
+    let one = |e| Some(Entities::none().with(e));
+    match name {
+        "card" => one(Entity::CreditCard),
+        "secret" | "secrets" => Some(
+            Entities::none()
+                .with(Entity::ApiKey)
+                .with(Entity::PrivateKey),
+        ),
+        other => Entity::from_name(other).and_then(one),
+    }
+}
+
+/// The kinds of a decision's redaction.
+pub fn kinds_of(r: &Redaction) -> Entities {
+    r.kinds
+        .iter()
+        .filter_map(|k| Entity::from_name(k))
+        .fold(Entities::none(), |acc, e| acc.with(e))
+}
+
+/// The placeholder text of the `n`th value of `e`: `<EMAIL_1>`.
+fn placeholder(e: Entity, n: u32) -> String {
+    let mut s = String::from("<");
+    s.push_str(&e.name().to_ascii_uppercase());
+    s.push('_');
+    s.push_str(&n.to_string());
+    s.push('>');
+    s
+}
+
+/// The values a request had replaced, by placeholder: what [`Restorer`] puts back. Held only in
+/// the memory of the stream that redacted (never in metadata, headers or records).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct Placeholders {
+    pairs: Vec<(String, String)>,
+}
+
+impl core::fmt::Debug for Placeholders {
+    fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
+        // Never the values, even in a debug log.
+        f.debug_list()
+            .entries(self.pairs.iter().map(|(p, _)| p))
+            .finish()
+    }
+}
+
+impl Placeholders {
+    /// Whether nothing was replaced.
+    pub fn is_empty(&self) -> bool {
+        self.pairs.is_empty()
+    }
+
+    /// The placeholders and their values.
+    pub(crate) fn pairs(&self) -> &[(String, String)] {
+        &self.pairs
+    }
+
+    /// The placeholder of `value` of kind `e`, numbered on first sight; numbers whose
+    /// placeholder the request itself contains are skipped, so a placeholder written by the
+    /// client is never restored to a value.
+    fn of(&mut self, e: Entity, value: &str, body: &[u8], counts: &mut [u32]) -> String {
+        if let Some((p, _)) = self.pairs.iter().find(|(_, v)| v == value) {
+            return p.clone();
+        }
+        let n = counts.get_mut(e as usize);
+        let mut next = n.as_deref().copied().unwrap_or(0);
+        let p = loop {
+            next = next.saturating_add(1);
+            let p = placeholder(e, next);
+            if !contains(body, p.as_bytes()) || next == u32::MAX {
+                break p;
+            }
+        };
+        if let Some(n) = n {
+            *n = next;
+        }
+        self.pairs.push((p.clone(), String::from(value)));
+        p
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// A request redacted: the body to send, what was replaced, and how many distinct values of each
+/// kind.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Redacted {
+    /// The body to send upstream (the original when nothing was replaced).
+    pub body: Option<Vec<u8>>,
+    /// What [`Restorer`] puts back.
+    pub placeholders: Placeholders,
+    /// Distinct values replaced, by kind name.
+    pub counts: BTreeMap<String, u32>,
+}
+
+/// A request that still holds a value of a redacted kind after redaction (written so that the
+/// scanners find it only in a view: spelled out, encoded, split across turns): it is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unredactable {
+    /// The kinds left (names).
+    pub kinds: Vec<String>,
+}
+
+impl Unredactable {
+    /// The reason given to the client and recorded.
+    pub fn reason(&self) -> String {
+        alloc::format!(
+            "the request holds {} that the policy redacts, written so that it cannot be replaced",
+            self.kinds.join(", ")
+        )
+    }
+}
+
+/// Redacts `input`'s body: every value of `kinds` replaced by its placeholder, then the body
+/// read again as a rule reads it (with `config`); a redacted kind still found refuses it.
+pub fn redact(
+    input: &RequestInput<'_>,
+    config: &ContextConfig,
+    kinds: Entities,
+) -> Result<Redacted, Unredactable> {
+    let mut placeholders = Placeholders::default();
+    let mut numbers = [0u32; Entity::ALL.len()];
+    let mut distinct = [0u32; Entity::ALL.len()];
+    let body = input.body;
+    let mut out: Option<Vec<u8>> = None;
+    // Only a JSON body has text a rule reads (anything else passes as it is, and is read again
+    // below like any other).
+    let json = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    let mut at = 0;
+    for token in json.then(|| strings(body)).into_iter().flatten() {
+        let Some(text) = body.get(token.clone()).and_then(decode) else {
+            continue;
+        };
+        if binary(&text) {
+            continue;
+        }
+        let found = spans(&text, kinds);
+        if found.is_empty() {
+            continue;
+        }
+        let mut replaced = String::with_capacity(text.len());
+        let mut from = 0;
+        for (e, span) in found {
+            let (Some(before), Some(value)) = (text.get(from..span.start), text.get(span.clone()))
+            else {
+                continue;
+            };
+            replaced.push_str(before);
+            let known = placeholders.pairs.len();
+            let p = placeholders.of(e, value, body, &mut numbers);
+            if placeholders.pairs.len() > known {
+                if let Some(d) = distinct.get_mut(e as usize) {
+                    *d = d.saturating_add(1);
+                }
+            }
+            replaced.push_str(&p);
+            from = span.end;
+        }
+        replaced.push_str(text.get(from..).unwrap_or_default());
+        let o = out.get_or_insert_with(|| Vec::with_capacity(body.len()));
+        o.extend_from_slice(body.get(at..token.start).unwrap_or_default());
+        match serde_json::to_vec(&replaced) {
+            Ok(encoded) => o.extend_from_slice(&encoded),
+            Err(_) => o.extend_from_slice(body.get(token.clone()).unwrap_or_default()),
+        }
+        at = token.end;
+    }
+    if let Some(o) = &mut out {
+        o.extend_from_slice(body.get(at..).unwrap_or_default());
+    }
+    // Read again, as `request.prompt_entities` reads it: views, decoded runs, seams of turns.
+    let sent = RequestInput {
+        body: out.as_deref().unwrap_or(body),
+        ..*input
+    };
+    let needs = Needs {
+        prompt: true,
+        entities: true,
+        ..Needs::NONE
+    };
+    if let Ok(ctx) = RequestContext::from_request_with(&sent, config, needs) {
+        let left: Vec<String> = kinds
+            .iter()
+            .map(Entity::name)
+            .filter(|k| {
+                core::iter::once(&ctx.request)
+                    .chain(&ctx.batch)
+                    .any(|r| r.prompt_entities.iter().any(|f| f == k))
+            })
+            .map(String::from)
+            .collect();
+        if !left.is_empty() {
+            return Err(Unredactable { kinds: left });
+        }
+    }
+    let counts = Entity::ALL
+        .into_iter()
+        .filter_map(|e| {
+            let n = distinct.get(e as usize).copied().unwrap_or(0);
+            (n > 0).then(|| (String::from(e.name()), n))
+        })
+        .collect();
+    Ok(Redacted {
+        body: out,
+        placeholders,
+        counts,
+    })
+}
+
+/// Applies a decision's redaction to its request: `Ok(None)` when the decision redacts nothing
+/// (not an allow, or no redacting rule matched); the counts are written into the decision. A
+/// request that cannot be redacted turns the decision into a deny (403) with the reason.
+pub fn apply(
+    decision: &mut Decision,
+    input: &RequestInput<'_>,
+    config: &ContextConfig,
+) -> Option<Redacted> {
+    if decision.decision != Verdict::Allow {
+        return None;
+    }
+    let r = decision.actions.redact.as_mut()?;
+    match redact(input, config, kinds_of(r)) {
+        Ok(done) => {
+            r.counts = done.counts.clone();
+            Some(done)
+        }
+        Err(left) => {
+            decision.decision = Verdict::Deny;
+            decision.reason = left.reason();
+            decision.actions.status = Some(403);
+            decision.actions.counters.clear();
+            decision.actions.max_tokens = None;
+            decision.actions.redact = None;
+            decision.metadata.cacheable = false;
+            None
+        }
+    }
+}
+
+/// The `(kind, span)` of each value of `kinds` in `text`, in order, none overlapping (the
+/// longer, then the more confident, of overlapping findings).
+fn spans(text: &str, kinds: Entities) -> Vec<(Entity, Range<usize>)> {
+    let mut found: Vec<pii::Finding> = pii::scan(text, kinds)
+        .into_iter()
+        .filter(|f| f.confidence >= ENTITY_CONFIDENCE && f.end > f.start)
+        .collect();
+    found.sort_by(|a, b| {
+        a.start
+            .cmp(&b.start)
+            .then(b.end.cmp(&a.end))
+            .then(b.confidence.total_cmp(&a.confidence))
+    });
+    let mut out: Vec<(Entity, Range<usize>)> = Vec::new();
+    for f in found {
+        if let Some((_, last)) = out.last_mut() {
+            if f.start < last.end {
+                // Overlapping: one placeholder over both.
+                last.end = last.end.max(f.end);
+                continue;
+            }
+        }
+        out.push((f.entity, f.start..f.end));
+    }
+    out.retain(|(_, s)| text.is_char_boundary(s.start) && text.is_char_boundary(s.end));
+    out
+}
+
+/// Inline binary data, never text: a `data:` URL, or a long run of base64 without a space.
+fn binary(text: &str) -> bool {
+    text.starts_with("data:")
+        || (text.len() > 256
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')))
+}
+
+/// The byte range of every string (keys too) of a valid JSON text, quotes included.
+pub(crate) fn strings(json: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
+    let mut i = 0;
+    core::iter::from_fn(move || {
+        while let Some(&b) = json.get(i) {
+            if b != b'"' {
+                i += 1;
+                continue;
+            }
+            let start = i;
+            let mut j = i + 1;
+            while let Some(&c) = json.get(j) {
+                match c {
+                    b'\\' => j += 2,
+                    b'"' => break,
+                    _ => j += 1,
+                }
+            }
+            i = j.saturating_add(1);
+            return Some(start..i.min(json.len()));
+        }
+        None
+    })
+}
+
+/// A JSON string token decoded (borrowed when it has no escape).
+pub(crate) fn decode(token: &[u8]) -> Option<alloc::borrow::Cow<'_, str>> {
+    let inner = token.get(1..token.len().checked_sub(1)?)?;
+    if !inner.contains(&b'\\') {
+        return core::str::from_utf8(inner)
+            .ok()
+            .map(alloc::borrow::Cow::Borrowed);
+    }
+    serde_json::from_slice::<String>(token)
+        .ok()
+        .map(alloc::borrow::Cow::Owned)
+}
+
+#[cfg(test)]
+mod tests;

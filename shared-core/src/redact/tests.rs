@@ -1,0 +1,261 @@
+#![allow(
+    clippy::unwrap_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
+use alloc::string::String;
+use alloc::vec::Vec;
+
+use super::*;
+
+fn input(body: &[u8]) -> RequestInput<'_> {
+    RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &[],
+        body,
+        now_unix: 0,
+    }
+}
+
+fn chat(text: &str) -> Vec<u8> {
+    serde_json::to_vec(&serde_json::json!({
+        "model": "gpt-4o",
+        "messages": [{"role": "user", "content": text}],
+    }))
+    .unwrap()
+}
+
+fn all() -> Entities {
+    Entities::all()
+}
+
+fn sent(r: &Redacted) -> serde_json::Value {
+    serde_json::from_slice(r.body.as_deref().unwrap()).unwrap()
+}
+
+#[test]
+fn values_become_typed_placeholders_the_same_value_the_same_one() {
+    let body = chat("mail ann@example.com or bob@example.org, again ann@example.com; card 4111 1111 1111 1111");
+    let r = redact(&input(&body), &ContextConfig::default(), all()).unwrap();
+    let v = sent(&r);
+    assert_eq!(
+        v["messages"][0]["content"],
+        "mail <EMAIL_1> or <EMAIL_2>, again <EMAIL_1>; card <CREDIT_CARD_1>"
+    );
+    assert_eq!(r.counts.get("email"), Some(&2));
+    assert_eq!(r.counts.get("credit_card"), Some(&1));
+    assert_eq!(v["model"], "gpt-4o");
+    assert!(!format!("{:?}", r.placeholders).contains("ann@"));
+}
+
+#[test]
+fn only_the_kinds_named_are_replaced() {
+    let body = chat("ann@example.com, +1 415-555-0199");
+    let kinds = Entities::none().with(Entity::Email);
+    let r = redact(&input(&body), &ContextConfig::default(), kinds).unwrap();
+    assert_eq!(
+        sent(&r)["messages"][0]["content"],
+        "<EMAIL_1>, +1 415-555-0199"
+    );
+}
+
+#[test]
+fn every_string_is_redacted_keys_and_escapes_too() {
+    let body = br#"{"model":"gpt-4o","user":"ann@example.com","metadata":{"bob@example.org":"x"},"messages":[{"role":"user","content":"write to ann\u0040example.com"}]}"#;
+    let r = redact(&input(body), &ContextConfig::default(), all()).unwrap();
+    let out = String::from_utf8(r.body.clone().unwrap()).unwrap();
+    assert!(!out.contains("example.com") && !out.contains("example.org"), "{out}");
+    let v = sent(&r);
+    assert_eq!(v["user"], "<EMAIL_1>");
+    assert_eq!(v["messages"][0]["content"], "write to <EMAIL_1>");
+}
+
+#[test]
+fn nothing_found_keeps_the_body() {
+    let body = chat("hello there");
+    let r = redact(&input(&body), &ContextConfig::default(), all()).unwrap();
+    assert_eq!(r.body, None);
+    assert!(r.counts.is_empty() && r.placeholders.is_empty());
+}
+
+#[test]
+fn a_value_only_a_view_shows_refuses_the_request() {
+    // Spelled out, base64-encoded, split across turns: nowhere to put a placeholder.
+    for text in [
+        "ann [at] example [dot] com",
+        "YW5uQGV4YW1wbGUuY29t is the address, decode it",
+    ] {
+        let body = chat(text);
+        let err = redact(&input(&body), &ContextConfig::default(), all()).unwrap_err();
+        assert_eq!(err.kinds, ["email"], "{text}");
+    }
+    let body = serde_json::to_vec(&serde_json::json!({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": "my card is 4163 3238"},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "and then 0705 8996"}]}))
+    .unwrap();
+    let err = redact(&input(&body), &ContextConfig::default(), all()).unwrap_err();
+    assert_eq!(err.kinds, ["credit_card"]);
+}
+
+#[test]
+fn inline_images_are_not_text() {
+    let image = format!("data:image/png;base64,{}", "QUl6YVN5".repeat(100));
+    let body = serde_json::to_vec(&serde_json::json!({"model": "gpt-4o", "messages": [
+        {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image}}]}]}))
+    .unwrap();
+    let r = redact(&input(&body), &ContextConfig::default(), all()).unwrap();
+    assert_eq!(r.body, None);
+}
+
+#[test]
+fn a_placeholder_the_client_wrote_is_not_reused() {
+    let body = chat("<EMAIL_1> is mine, ann@example.com is hers");
+    let r = redact(&input(&body), &ContextConfig::default(), all()).unwrap();
+    assert_eq!(
+        sent(&r)["messages"][0]["content"],
+        "<EMAIL_1> is mine, <EMAIL_2> is hers"
+    );
+    let mut back = Restorer::new(r.placeholders, "application/json", None, 1 << 20).unwrap();
+    let answer = br#"{"choices":[{"message":{"content":"<EMAIL_1> and <EMAIL_2>"}}]}"#;
+    let out = back.push(answer, true);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "<EMAIL_1> and ann@example.com");
+}
+
+fn placeholders(body: &[u8]) -> Placeholders {
+    redact(&input(body), &ContextConfig::default(), all())
+        .unwrap()
+        .placeholders
+}
+
+#[test]
+fn a_json_answer_gets_its_values_back_tool_arguments_escaped() {
+    let p = placeholders(&chat("ann@example.com"));
+    let mut back = Restorer::new(p, "application/json; charset=utf-8", None, 1 << 20).unwrap();
+    assert!(back.reads_whole());
+    let answer = br#"{"choices":[{"message":{"content":"Hi <EMAIL_1>!","tool_calls":[{"function":{"name":"send","arguments":"{\"to\":\"<EMAIL_1>\"}"}}]}}]}"#;
+    assert!(back.push(&answer[..20], false).is_empty());
+    let out = back.push(&answer[20..], true);
+    let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+    assert_eq!(v["choices"][0]["message"]["content"], "Hi ann@example.com!");
+    let args: serde_json::Value = serde_json::from_str(
+        v["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(args["to"], "ann@example.com");
+    assert_eq!(back.restored(), 2);
+}
+
+fn openai_event(text: &str, index: u32) -> String {
+    format!(
+        "data: {}\n\n",
+        serde_json::json!({"choices": [{"index": index, "delta": {"content": text}}]})
+    )
+}
+
+fn texts_of(out: &[u8]) -> Vec<(u64, String)> {
+    String::from_utf8_lossy(out)
+        .split("\n\n")
+        .filter_map(|e| e.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+        .map(|v| {
+            (
+                v["choices"][0]["index"].as_u64().unwrap(),
+                String::from(v["choices"][0]["delta"]["content"].as_str().unwrap()),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn a_placeholder_split_across_events_is_restored_whole() {
+    let p = placeholders(&chat("ann@example.com"));
+    for split in [1, 2, 3, 5, 8] {
+        let mut back = Restorer::new(p.clone(), "text/event-stream", None, 1 << 20).unwrap();
+        let text = "Write to <EMAIL_1> today";
+        let pieces: Vec<String> = text
+            .as_bytes()
+            .chunks(split)
+            .map(|c| String::from_utf8(c.to_vec()).unwrap())
+            .collect();
+        let mut out = Vec::new();
+        for piece in &pieces {
+            // Events cut anywhere in the byte stream too.
+            let e = openai_event(piece, 0);
+            let (a, b) = e.as_bytes().split_at(e.len() / 2);
+            out.extend(back.push(a, false));
+            out.extend(back.push(b, false));
+        }
+        out.extend(back.push(b"data: [DONE]\n\n", true));
+        let joined: String = texts_of(&out).into_iter().map(|(_, t)| t).collect();
+        assert_eq!(joined, "Write to ann@example.com today", "split {split}");
+        assert!(String::from_utf8_lossy(&out).ends_with("data: [DONE]\n\n"));
+    }
+}
+
+#[test]
+fn a_text_ending_in_a_lone_angle_bracket_is_sent_at_the_end() {
+    let p = placeholders(&chat("ann@example.com"));
+    let mut back = Restorer::new(p, "text/event-stream", None, 1 << 20).unwrap();
+    let mut out = back.push(openai_event("a <", 0).as_bytes(), false);
+    assert!(out.is_empty(), "held: could be a placeholder's start");
+    out.extend(back.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n", false));
+    let s = String::from_utf8(out).unwrap();
+    assert!(s.starts_with("data: ") && s.contains("a <") && s.contains("finish_reason"));
+}
+
+#[test]
+fn other_texts_are_not_merged() {
+    let p = placeholders(&chat("ann@example.com"));
+    let mut back = Restorer::new(p, "text/event-stream", None, 1 << 20).unwrap();
+    let mut out = back.push(openai_event("to <EMA", 0).as_bytes(), false);
+    out.extend(back.push(openai_event("IL_1> x", 1).as_bytes(), false));
+    out.extend(back.push(b"", true));
+    assert_eq!(
+        texts_of(&out),
+        [(0, String::from("to <EMA")), (1, String::from("IL_1> x"))]
+    );
+}
+
+#[test]
+fn anthropic_events_are_restored() {
+    let p = placeholders(&chat("card 4111 1111 1111 1111"));
+    let mut back = Restorer::new(p, "text/event-stream", None, 1 << 20).unwrap();
+    let ev = |t: &str| {
+        format!(
+            "event: content_block_delta\ndata: {}\n\n",
+            serde_json::json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})
+        )
+    };
+    let mut out = back.push(ev("card <CREDIT_").as_bytes(), false);
+    out.extend(back.push(ev("CARD_1> ok").as_bytes(), false));
+    out.extend(back.push(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", true));
+    let s = String::from_utf8(out).unwrap();
+    assert!(s.contains("card 4111 1111 1111 1111 ok"), "{s}");
+    assert!(s.contains("event: content_block_delta\ndata: "));
+    assert_eq!(s.matches("content_block_delta\ndata").count(), 1);
+}
+
+#[test]
+fn compressed_or_other_answers_are_not_read() {
+    let p = placeholders(&chat("ann@example.com"));
+    assert!(Restorer::new(p.clone(), "application/json", Some("gzip"), 1 << 20).is_none());
+    assert!(Restorer::new(p.clone(), "text/plain", None, 1 << 20).is_none());
+    assert!(Restorer::new(Placeholders::default(), "application/json", None, 1 << 20).is_none());
+    let mut back = Restorer::new(p, "application/json", None, 8).unwrap();
+    let big = br#"{"a":"<EMAIL_1> and more"}"#;
+    assert_eq!(back.push(big, true), big.to_vec());
+}
+
+#[test]
+fn kinds_by_name_and_group() {
+    assert_eq!(kinds_named("card"), kinds_named("credit_card"));
+    let s = kinds_named("secret").unwrap();
+    assert!(s.contains(Entity::ApiKey) && s.contains(Entity::PrivateKey));
+    assert_eq!(kinds_named("emails"), None);
+}
