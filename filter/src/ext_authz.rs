@@ -481,6 +481,7 @@ mod tests {
                     max_tokens: Some(64),
                     include_usage: true,
                     answer: None,
+                    redact: None,
                 }),
             })
         );

@@ -20,6 +20,8 @@ use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck,
 use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
 
 use llm_policy_core::answer::{AnswerGuard, Pass};
+use llm_policy_core::decision::Redaction;
+use llm_policy_core::redact::{self, Placeholders, Restorer};
 
 use crate::answer::{self, Kept};
 use crate::config::FailureMode;
@@ -157,6 +159,15 @@ pub struct RequestFlow {
     guard: Option<(AnswerGuard, Kept)>,
     /// The buffered length of a JSON answer held whole.
     whole_len: usize,
+    /// The request as the server is asked about it (method, path, the headers rules read): what
+    /// redaction reads when the server's answer says to redact.
+    head: Option<(String, String, Vec<(String, String)>)>,
+    /// The redacted values, for an answer that gets them back (`restore: true`).
+    placeholders: Option<Placeholders>,
+    /// The answer's placeholders being put back.
+    restorer: Option<Restorer>,
+    /// What was redacted ([`wire::REDACTED_HEADER`]), told to the client.
+    redacted: Option<String>,
 }
 
 /// What a request that counts tokens or cost reserved, to settle its usage with.
@@ -207,7 +218,49 @@ impl RequestFlow {
             kept: None,
             guard: None,
             whole_len: 0,
+            head: None,
+            placeholders: None,
+            restorer: None,
+            redacted: None,
         }
+    }
+
+    /// Redacts the body as it goes upstream (`transform.redact`): the values of `r`'s kinds
+    /// replaced by placeholders, kept for the answer when it restores them. A value that cannot
+    /// be replaced refuses the request.
+    fn redact(
+        &mut self,
+        host: &mut dyn Host,
+        head: (&str, &str, &[(String, String)]),
+        r: &Redaction,
+    ) -> Result<(), redact::Unredactable> {
+        let body = host.request_body(self.body_len).unwrap_or_default();
+        let input = RequestInput {
+            method: head.0,
+            path: head.1,
+            headers: head.2,
+            body: &body,
+            now_unix: 0,
+        };
+        let config = &self.vm.config.context;
+        let done = redact::redact(&input, config, redact::kinds_of(r))?;
+        if let Some(new) = &done.body {
+            host.set_request_body(self.body_len, new);
+            host.set_request_header("content-length", Some(&new.len().to_string()));
+            self.body_len = new.len();
+        }
+        self.redacted = wire::redacted_header(&done.counts);
+        if r.restore && !done.placeholders.is_empty() {
+            self.placeholders = Some(done.placeholders);
+        }
+        Ok(())
+    }
+
+    /// Whether the answer is read whole: a JSON answer response rules check, or values are
+    /// restored in.
+    fn reads_whole(&self) -> bool {
+        self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole())
+            || self.restorer.as_ref().is_some_and(Restorer::reads_whole)
     }
 
     /// Lowers the body's output cap to `n` (`transform.maxTokens`), and what the request
@@ -234,14 +287,28 @@ impl RequestFlow {
     /// Response headers arrived. An answer response rules check whole holds them back until it
     /// has been read.
     pub fn on_response_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
-        let mut whole = false;
         if let Some(kept) = self.kept.take().filter(|_| self.allowed && !end_of_stream) {
             let vm = Rc::clone(&self.vm);
             if let Some(set) = vm.set.as_ref() {
                 self.guard = answer::guard(host, set, kept);
-                whole = self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole());
             }
         }
+        if let Some(p) = self.placeholders.take().filter(|_| !end_of_stream) {
+            let status = host
+                .response_header(":status")
+                .and_then(|s| s.parse::<u16>().ok())
+                .unwrap_or(200);
+            let ct = host.response_header("content-type").unwrap_or_default();
+            let encoding = host.response_header("content-encoding");
+            let max = self.vm.config.context.max_response_bytes;
+            self.restorer = Restorer::new(p, &ct, encoding.as_deref(), max)
+                .filter(|_| (200..300).contains(&status));
+            if self.restorer.is_some() {
+                // Restored values change the answer's length.
+                host.set_response_header("content-length", None);
+            }
+        }
+        let whole = self.reads_whole();
         let flow = self.usage_headers(host, end_of_stream);
         if whole {
             Flow::Pause
@@ -254,6 +321,9 @@ impl RequestFlow {
     fn usage_headers(&mut self, host: &mut dyn Host, end_of_stream: bool) -> Flow {
         if let Some(n) = self.lowered {
             host.set_response_header(wire::MAX_TOKENS_HEADER, Some(&n.to_string()));
+        }
+        if let Some(r) = &self.redacted {
+            host.set_response_header(wire::REDACTED_HEADER, Some(r));
         }
         for (name, value) in &self.respond {
             host.set_response_header(name, Some(value));
@@ -306,14 +376,18 @@ impl RequestFlow {
         body_size: usize,
         end_of_stream: bool,
     ) -> Flow {
-        if self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole()) {
+        if self.reads_whole() {
             if !end_of_stream {
                 self.whole_len = body_size;
                 return Flow::Pause;
             }
             return self.answer_whole(host, body_size);
         }
-        if self.usage.is_none() && self.stripper.is_none() && self.guard.is_none() {
+        if self.usage.is_none()
+            && self.stripper.is_none()
+            && self.guard.is_none()
+            && self.restorer.is_none()
+        {
             return Flow::Continue;
         }
         let chunk = if body_size > 0 {
@@ -337,6 +411,10 @@ impl RequestFlow {
                 self.report_cut(host);
             }
         }
+        // Put back after the response rules read the answer as the model wrote it.
+        if let Some(r) = &mut self.restorer {
+            out = Some(r.push(out.as_deref().unwrap_or(&chunk), end_of_stream));
+        }
         if let Some(stripper) = &mut self.stripper {
             out = Some(stripper.pass(out.as_deref().unwrap_or(&chunk), end_of_stream));
         }
@@ -356,13 +434,23 @@ impl RequestFlow {
         if let Some(reader) = &mut self.usage {
             reader.feed(&body);
         }
+        let mut out = None;
         if let Some((g, _)) = &mut self.guard {
             match g.push(&body, true) {
-                Pass::Reply(reply) => answer::replace(host, len, &reply),
-                Pass::Bytes(b) if b != body => host.set_response_body(len, &b),
+                Pass::Reply(reply) => {
+                    answer::replace(host, len, &reply);
+                    self.restorer = None;
+                }
+                Pass::Bytes(b) if b != body => out = Some(b),
                 Pass::Bytes(_) | Pass::Wait => {}
             }
             self.report_cut(host);
+        }
+        if let Some(r) = &mut self.restorer {
+            out = Some(r.push(out.as_deref().unwrap_or(&body), true));
+        }
+        if let Some(b) = out.filter(|b| *b != body) {
+            host.set_response_body(len, &b);
         }
         self.settle(host);
         Flow::Continue
@@ -385,7 +473,7 @@ impl RequestFlow {
     /// Response trailers arrived: the body has ended (a JSON answer held whole is decided now;
     /// a stream's held-back text cannot be sent after its body, so it is checked and dropped).
     pub fn on_response_trailers(&mut self, host: &mut dyn Host) -> Flow {
-        if self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole()) {
+        if self.reads_whole() {
             return self.answer_whole(host, self.whole_len);
         }
         if let Some((g, _)) = &mut self.guard {
@@ -614,6 +702,13 @@ impl RequestFlow {
             }) => {
                 // The handle is for the usage report, never for the provider.
                 self.handle = grant.reservation.map(|r| r.handle);
+                if let (Some(r), Some((method, path, data))) = (&grant.redact, self.head.take()) {
+                    if let Err(left) = self.redact(host, (&method, &path, &data), r) {
+                        let outcome = Outcome::Reply(left.reply(provider), Ending::Denied);
+                        self.finish(host, outcome);
+                        return;
+                    }
+                }
                 // What the server's counters have left; the local ones are added on allow.
                 self.respond = respond;
                 Outcome::Allow {
@@ -686,6 +781,7 @@ impl RequestFlow {
                 if self.handle.is_some()
                     || self.held.iter().any(Reservation::is_tokens)
                     || self.kept.is_some()
+                    || self.placeholders.is_some()
                 {
                     host.set_request_header("accept-encoding", None);
                 }
@@ -811,7 +907,22 @@ impl RequestFlow {
         let (decision, remote) = self.evaluate(host, set, &ctx, &opts, now.as_secs(), &mut local);
         self.time_decision(host, now);
         if remote || decision.metadata.needs_remote {
+            self.head = Some((
+                input.method.to_string(),
+                input.path.to_string(),
+                data.clone(),
+            ));
             return self.ask_server(host, provider, &headers, &body, &local, decision);
+        }
+        if let Some(r) = decision
+            .actions
+            .redact
+            .as_ref()
+            .filter(|_| decision.decision == Verdict::Allow)
+        {
+            if let Err(left) = self.redact(host, (input.method, input.path, &data), r) {
+                return Outcome::Reply(left.reply(provider), Ending::Denied);
+            }
         }
         if let Some(k) = key {
             if decision.metadata.cacheable {

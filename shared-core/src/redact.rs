@@ -134,6 +134,24 @@ pub struct Unredactable {
 }
 
 impl Unredactable {
+    /// The reply refusing the request: 403 in the provider's format, marked denied.
+    pub fn reply(&self, provider: crate::context::Provider) -> crate::reply::Reply {
+        crate::reply::Reply {
+            status: 403,
+            body: crate::reply::error_body(provider, 403, "policy_denied", &self.reason()),
+            headers: alloc::vec![
+                (
+                    String::from(crate::reply::DECISION_HEADER),
+                    String::from("deny")
+                ),
+                (
+                    String::from("content-type"),
+                    String::from("application/json")
+                ),
+            ],
+        }
+    }
+
     /// The reason given to the client and recorded.
     pub fn reason(&self) -> String {
         alloc::format!(
@@ -301,9 +319,9 @@ fn spans(text: &str, kinds: Entities) -> Vec<(Entity, Range<usize>)> {
 fn binary(text: &str) -> bool {
     text.starts_with("data:")
         || (text.len() > 256
-            && text
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')))
+            && text.bytes().all(|b| {
+                b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')
+            }))
 }
 
 /// The byte range of every string (keys too) of a valid JSON text, quotes included.

@@ -128,6 +128,11 @@ pub struct Grant {
     /// Response rules check the answer: what they read of the request (in an ext_authz
     /// deployment the server's ext_proc edge checks it; the filter keeps its own copy).
     pub answer: Option<AnswerCheck>,
+    /// The body's personal data and secrets are replaced by placeholders on the way up
+    /// (`transform.redact`; the kinds, and whether the answer gets them back): in an ext_authz
+    /// deployment the server's rewrite stream redacts, and with `restore` also checks and
+    /// restores the answer; the filter does it itself.
+    pub redact: Option<crate::decision::Redaction>,
 }
 
 /// What checking an answer needs of its request ([`crate::answer`]): the request as response
@@ -152,12 +157,17 @@ impl Grant {
     /// Metadata key of [`Grant::answer`] (JSON).
     pub const ANSWER: &'static str = "llm_policy_answer";
 
+    /// Metadata key of [`Grant::redact`]: the kinds, comma-separated, then `;restore` when the
+    /// answer gets the values back (`email,credit_card;restore`).
+    pub const REDACT: &'static str = "llm_policy_redact";
+
     /// Whether there is nothing to say (no metadata is sent).
     pub fn is_empty(&self) -> bool {
         self.reservation.is_none()
             && self.max_tokens.is_none()
             && !self.include_usage
             && self.answer.is_none()
+            && self.redact.is_none()
     }
 
     /// Whether the request goes through the ext_proc filters gated by [`REWRITE_HEADER`]: its
@@ -170,7 +180,13 @@ impl Grant {
     /// Whether the request's body is rewritten on its way up (its cap lowered, or its usage
     /// asked for).
     pub fn rewrites(&self) -> bool {
-        self.max_tokens.is_some() || self.include_usage
+        self.max_tokens.is_some() || self.include_usage || self.redact.is_some()
+    }
+
+    /// Whether the rewrite stream also reads the answer: it restores redacted values, and so
+    /// (before restoring) runs the response rules the answer stream would.
+    pub fn restores(&self) -> bool {
+        self.redact.as_ref().is_some_and(|r| r.restore)
     }
 
     /// The metadata fields: (key, text or number).
@@ -191,6 +207,13 @@ impl Grant {
                 out.push((Self::ANSWER, MetadataValue::Text(json)));
             }
         }
+        if let Some(r) = &self.redact {
+            let mut v = r.kinds.join(",");
+            if r.restore {
+                v.push_str(";restore");
+            }
+            out.push((Self::REDACT, MetadataValue::Text(v)));
+        }
         out
     }
 
@@ -205,11 +228,31 @@ impl Grant {
             Some(MetadataValue::Text(json)) => serde_json::from_str(&json).ok(),
             _ => None,
         };
+        let redact = match get(Self::REDACT) {
+            Some(MetadataValue::Text(v)) => {
+                let (kinds, restore) = match v.split_once(';') {
+                    Some((k, flag)) => (k.to_string(), flag == "restore"),
+                    None => (v, false),
+                };
+                let kinds: Vec<String> = kinds
+                    .split(',')
+                    .filter(|k| crate::detect::Entity::from_name(k).is_some())
+                    .map(String::from)
+                    .collect();
+                (!kinds.is_empty()).then(|| crate::decision::Redaction {
+                    kinds,
+                    restore,
+                    counts: Default::default(),
+                })
+            }
+            _ => None,
+        };
         Grant {
             include_usage: get(Self::INCLUDE_USAGE) == Some(MetadataValue::Number(1.0)),
             reservation: Reservation::from_fields(&get),
             max_tokens,
             answer,
+            redact,
         }
     }
 }
@@ -217,6 +260,26 @@ impl Grant {
 /// The response header that tells the client its request's output cap was lowered
 /// (`transform.maxTokens`), and to what.
 pub const MAX_TOKENS_HEADER: &str = "x-llm-policy-max-tokens";
+
+/// The response header that tells the client what its request had replaced before it went
+/// upstream (`transform.redact`): distinct values by kind, `email=2, credit_card=1`; never the
+/// values.
+pub const REDACTED_HEADER: &str = "x-llm-policy-redacted";
+
+/// The value of [`REDACTED_HEADER`] for `counts` (`None`: nothing was replaced).
+pub fn redacted_header(counts: &alloc::collections::BTreeMap<String, u32>) -> Option<String> {
+    use core::fmt::Write as _;
+    let mut out = String::new();
+    for e in crate::detect::Entity::ALL {
+        if let Some(n) = counts.get(e.name()) {
+            if !out.is_empty() {
+                out.push_str(", ");
+            }
+            let _ = write!(out, "{}={n}", e.name());
+        }
+    }
+    (!out.is_empty()).then_some(out)
+}
 
 /// A dynamic metadata value (`google.protobuf.Value`, the kinds used).
 #[derive(Debug, Clone, PartialEq)]

@@ -243,6 +243,11 @@ fn transforms_are_checked_where_they_cannot_apply() {
         ("throttle", "transform: { maxTokens: fitBudget }"),
         ("throttle", "transform: { maxTokens: fitBudget }, rateLimit: { key: u, tokens: 5, per: minute }"),
         ("throttle", "transform: { maxTokens: fitBudget, minTokens: 0 }, budget: { key: u, tokens: 5, per: day }"),
+        ("deny", "transform: { redact: [email] }"),
+        ("allow", "transform: { redact: [emails] }"),
+        ("allow", "transform: { restore: true }"),
+        ("allow", "transform: { minTokens: 5, redact: [email] }"),
+        ("allow", "transform: {}"),
     ];
     for (decision, extra) in cases {
         let y = policy("allow", &format!("    - id: a\n      when: {{ cel: 'true' }}\n      action: {{ decision: {decision}, {extra} }}\n"));

@@ -80,6 +80,10 @@ pub struct Record {
     /// Where a response rule cut the answer (a `response` record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cut: Option<CutRecord>,
+    /// What the request had replaced before it went upstream (`transform.redact`): distinct
+    /// values by kind, never the values (a `decision` record).
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub redacted: std::collections::BTreeMap<String, u32>,
 }
 
 /// Where an answer was cut: what the client had received and what had been read.
@@ -635,6 +639,10 @@ impl Record {
             prompt,
             spend: facts.spend.clone(),
             cut: None,
+            redacted: d
+                .and_then(|d| d.actions.redact.as_ref())
+                .map(|r| r.counts.clone())
+                .unwrap_or_default(),
         }
     }
 }

@@ -18,6 +18,7 @@ use llm_policy_core::decision::{
 use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
+use llm_policy_core::redact;
 use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
@@ -439,6 +440,7 @@ impl Engine {
         };
         let Built {
             ctx,
+            raw,
             key,
             ask_usage,
         } = match self.context(input, &version, long).await? {
@@ -449,7 +451,7 @@ impl Engine {
         if let Some(checked) = self.cached(&version, &ctx, key.as_ref()).await {
             return Ok((checked, Some(ctx)));
         }
-        let (decision, ctx) = self
+        let (mut decision, ctx) = self
             .evaluate(
                 &version,
                 ctx,
@@ -459,6 +461,23 @@ impl Engine {
                 started + deadline,
             )
             .await?;
+        if decision.actions.redact.is_some() {
+            // The counts for the decision and its record (the rewrite stream redacts the body
+            // it forwards the same way); a value that cannot be redacted denies.
+            let config = version.set.config().clone();
+            decision = cpu(long, move || {
+                let input = RequestInput {
+                    method: &raw.method,
+                    path: &raw.path,
+                    headers: &raw.headers,
+                    body: &raw.body,
+                    now_unix: raw.now,
+                };
+                redact::apply(&mut decision, &input, &config);
+                decision
+            })
+            .await?;
+        }
         // Past the deadline the failure mode answers, whatever was decided: nothing is
         // charged for a decision the proxy may never apply (the reservations go back).
         if started.elapsed() > deadline {
@@ -519,6 +538,13 @@ impl Engine {
                     (!explain).then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
                 Built {
                     ctx,
+                    raw: Raw {
+                        method: input.method,
+                        path: input.path,
+                        headers: input.headers,
+                        body: input.body,
+                        now,
+                    },
                     key,
                     ask_usage,
                 }
@@ -1288,11 +1314,22 @@ struct Counting {
 /// A request's context, built from its headers and body.
 struct Built {
     ctx: RequestContext,
+    /// The request as it came, for a decision that redacts it ([`redact::apply`]).
+    raw: Raw,
     /// Its cache key (none when explaining).
     key: Option<String>,
     /// An OpenAI stream whose client did not ask for its usage, in a namespace that counts
     /// tokens or cost.
     ask_usage: bool,
+}
+
+/// A request as it came: what redaction reads.
+struct Raw {
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+    now: i64,
 }
 
 /// The answer for a decision.
@@ -1318,6 +1355,14 @@ fn render(
             .max_tokens
             .map(|n| (wire::MAX_TOKENS_HEADER.to_string(), n.to_string()))
             .into_iter()
+            .chain(
+                decision
+                    .actions
+                    .redact
+                    .as_ref()
+                    .and_then(|r| wire::redacted_header(&r.counts))
+                    .map(|v| (wire::REDACTED_HEADER.to_string(), v)),
+            )
             .collect();
         (reply::upstream_headers(&decision), respond)
     } else {

@@ -155,7 +155,21 @@ pub fn response(checked: Checked) -> CheckResponse {
                 .collect();
             // An answer whose usage is read, or that response rules check (the ext_proc edge),
             // must come uncompressed.
-            if checked.reservation.is_some() || checked.answer.is_some() {
+            let redact = checked
+                .decision
+                .as_ref()
+                .and_then(|d| d.actions.redact.clone())
+                // Nothing found at the check: the body the rewrite stream gets holds nothing
+                // to replace either.
+                .filter(|r| !r.counts.is_empty())
+                .map(|mut r| {
+                    r.counts.clear();
+                    r
+                });
+            if checked.reservation.is_some()
+                || checked.answer.is_some()
+                || redact.as_ref().is_some_and(|r| r.restore)
+            {
                 headers_to_remove.push(String::from("accept-encoding"));
             }
             let grant = wire::Grant {
@@ -163,6 +177,7 @@ pub fn response(checked: Checked) -> CheckResponse {
                 include_usage: checked.include_usage && checked.reservation.is_some(),
                 reservation: checked.reservation,
                 answer: checked.answer,
+                redact,
             };
             let mut upstream = checked.upstream;
             if grant.gates() {

@@ -50,8 +50,10 @@ use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
 
 use llm_policy_core::answer::{AnswerGuard, Pass};
-use llm_policy_core::context::{Api, Provider};
+use llm_policy_core::context::{Api, ContextConfig, Provider, RequestInput};
+use llm_policy_core::detect::Entities;
 use llm_policy_core::model_table::charge_for;
+use llm_policy_core::redact::{self, Placeholders, Restorer};
 use llm_policy_core::reply;
 use llm_policy_core::rewrite::{self, add_include_usage, lower_max_tokens, Lowered};
 use llm_policy_core::usage::{Reading, UsageChunkStripper, UsageReader};
@@ -109,6 +111,26 @@ fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
     })
 }
 
+/// The request headers rules read (pseudo-headers but `:authority` left out), as sent.
+fn request_headers(headers: Option<&HeaderMap>) -> Vec<(String, String)> {
+    headers
+        .map(|m| {
+            m.headers
+                .iter()
+                .filter(|x| wire::is_request_data(&x.key))
+                .map(|x| {
+                    let v = if x.raw_value.is_empty() {
+                        x.value.clone()
+                    } else {
+                        String::from_utf8_lossy(&x.raw_value).into_owned()
+                    };
+                    (x.key.clone(), v)
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// One answer being read (or, on the request path, one request being lowered).
 #[derive(Default)]
 struct Answer {
@@ -151,6 +173,15 @@ impl Answer {
     }
 }
 
+/// Whether a message is of the answer (not the request).
+fn answers(m: &processing_request::Request) -> bool {
+    use processing_request::Request as In;
+    matches!(
+        m,
+        In::ResponseHeaders(_) | In::ResponseBody(_) | In::ResponseTrailers(_)
+    )
+}
+
 /// The reply a non-observability Envoy expects for `request` (ignored in observability mode).
 fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
     use processing_request::Request as In;
@@ -169,18 +200,41 @@ fn ack(request: &processing_request::Request) -> Option<ProcessingResponse> {
     })
 }
 
-/// A request being rewritten: its output cap lowered, its stream's usage asked for.
+/// A request being rewritten: its personal data and secrets redacted, its output cap lowered,
+/// its stream's usage asked for.
 struct Rewrite {
     provider: Provider,
     api: Api,
     max_tokens: Option<u64>,
     include_usage: bool,
+    /// `transform.redact`: the kinds, and what redaction reads of the request.
+    redact: Option<Redacting>,
+}
+
+/// A request whose body is redacted on its way up.
+struct Redacting {
+    kinds: Entities,
+    /// The answer comes back through this stream: response rules, then the values restored.
+    restore: bool,
+    /// What response rules read of the request (with `restore`).
+    answer: Option<wire::AnswerCheck>,
+    method: String,
+    path: String,
+    headers: Vec<(String, String)>,
+    config: ContextConfig,
+    /// What was replaced, once the body was redacted.
+    placeholders: Placeholders,
 }
 
 impl Rewrite {
     /// Whether anything is rewritten.
     fn rewrites(&self) -> bool {
-        self.max_tokens.is_some() || self.include_usage
+        self.max_tokens.is_some() || self.include_usage || self.redact.is_some()
+    }
+
+    /// Whether the answer comes back through this stream.
+    fn restores(&self) -> bool {
+        self.redact.as_ref().is_some_and(|r| r.restore)
     }
 }
 
@@ -217,7 +271,7 @@ fn mode(
 /// The reply to a message of a rewritten request: the headers without [`wire::REWRITE_HEADER`]
 /// (and, when the body is to be rewritten, a request for it buffered), then the body rewritten.
 fn rewrite_reply(
-    state: &Rewrite,
+    state: &mut Rewrite,
     message: &processing_request::Request,
 ) -> Option<ProcessingResponse> {
     use processing_request::Request as In;
@@ -225,6 +279,12 @@ fn rewrite_reply(
     match message {
         In::RequestHeaders(h) => {
             let body_follows = state.rewrites() && !h.end_of_stream;
+            // A restoring stream also reads the answer's headers (then asks for its body).
+            let answer_headers = if state.restores() {
+                HeaderSendMode::Send
+            } else {
+                HeaderSendMode::Skip
+            };
             Some(ProcessingResponse {
                 response: Some(Out::RequestHeaders(HeadersResponse {
                     response: Some(CommonResponse {
@@ -241,7 +301,7 @@ fn rewrite_reply(
                 mode_override: body_follows.then(|| {
                     mode(
                         HeaderSendMode::Send,
-                        HeaderSendMode::Skip,
+                        answer_headers,
                         BodySendMode::Buffered,
                         BodySendMode::None,
                     )
@@ -250,9 +310,26 @@ fn rewrite_reply(
             })
         }
         In::RequestBody(b) => {
-            let mut body = None;
+            let mut body: Option<Vec<u8>> = None;
+            if let Some(r) = &mut state.redact {
+                let input = RequestInput {
+                    method: &r.method,
+                    path: &r.path,
+                    headers: &r.headers,
+                    body: &b.body,
+                    now_unix: 0,
+                };
+                match redact::redact(&input, &r.config, r.kinds) {
+                    Ok(done) => {
+                        body = done.body;
+                        r.placeholders = done.placeholders;
+                    }
+                    // The check found it redactable; the body it was given was another.
+                    Err(left) => return Some(immediate(left.reply(state.provider))),
+                }
+            }
             if let Some(n) = state.max_tokens {
-                match lower_max_tokens(&b.body, state.api, n) {
+                match lower_max_tokens(body.as_deref().unwrap_or(&b.body), state.api, n) {
                     Some(Lowered::Body(lowered)) => body = Some(lowered),
                     Some(Lowered::Within) => {}
                     // Never upstream with a larger cap than was paid for.
@@ -291,12 +368,21 @@ struct Edit {
     stripper: Option<UsageChunkStripper>,
     /// Response rules over the answer, and what they read of the request.
     guard: Option<(AnswerGuard, wire::AnswerCheck)>,
+    /// The redacted values put back (after the response rules read the answer).
+    restorer: Option<Restorer>,
 }
 
 impl Edit {
     /// Whether there is nothing to change (no body is asked for).
     fn is_idle(&self) -> bool {
-        self.stripper.is_none() && self.guard.is_none()
+        self.stripper.is_none() && self.guard.is_none() && self.restorer.is_none()
+    }
+
+    /// Whether the answer is read whole (a JSON answer response rules check or values are
+    /// restored in).
+    fn reads_whole(&self) -> bool {
+        self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole())
+            || self.restorer.as_ref().is_some_and(Restorer::reads_whole)
     }
 }
 
@@ -311,7 +397,7 @@ fn edit_reply(
     use processing_response::Response as Out;
     match message {
         In::ResponseHeaders(_) => {
-            let whole = edit.guard.as_ref().is_some_and(|(g, _)| g.reads_whole());
+            let whole = edit.reads_whole();
             let body_mode = if whole {
                 BodySendMode::Buffered
             } else {
@@ -319,7 +405,9 @@ fn edit_reply(
             };
             // A stream's held-back window changes its bytes: the upstream's length no longer
             // holds.
-            let response = (edit.guard.is_some() && !whole).then(|| CommonResponse {
+            // Restored values change a JSON answer's length too.
+            let changes = (edit.guard.is_some() && !whole) || edit.restorer.is_some();
+            let response = changes.then(|| CommonResponse {
                 header_mutation: Some(HeaderMutation {
                     remove_headers: vec![String::from("content-length")],
                     ..HeaderMutation::default()
@@ -343,11 +431,12 @@ fn edit_reply(
         In::ResponseBody(b) => {
             let mut out: Option<Vec<u8>> = None;
             let mut cut = None;
+            // A buffered body is the whole answer, also when trailers follow it (then without
+            // `end_of_stream`).
+            let edit_whole = edit.reads_whole();
             if let Some((g, check)) = &mut edit.guard {
                 let was_cut = g.cut().is_some();
-                // A buffered body is the whole answer, also when trailers follow it (then
-                // without `end_of_stream`).
-                let end = b.end_of_stream || g.reads_whole();
+                let end = b.end_of_stream || edit_whole;
                 match g.push(&b.body, end) {
                     Pass::Reply(reply) => {
                         let cut = cut_facts(g, check);
@@ -359,6 +448,10 @@ fn edit_reply(
                 if !was_cut {
                     cut = cut_facts(g, check);
                 }
+            }
+            if let Some(r) = &mut edit.restorer {
+                let end = b.end_of_stream || edit_whole;
+                out = Some(r.push(out.as_deref().unwrap_or(&b.body), end));
             }
             if let Some(stripper) = &mut edit.stripper {
                 out = Some(stripper.pass(out.as_deref().unwrap_or(&b.body), b.end_of_stream));
@@ -438,9 +531,12 @@ fn immediate(reply: reply::Reply) -> ProcessingResponse {
 fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bool {
     use processing_request::Request as In;
     // The grant, read once: until a reservation is found, and with the request headers.
-    let checks_answer = matches!(&message.request, Some(In::ResponseHeaders(_)))
+    // (A restoring rewrite stream runs the response rules: it reads them with the request's
+    // headers.)
+    let checks_answer = (matches!(&message.request, Some(In::ResponseHeaders(_)))
         && !message.observability_mode
-        && answer.request.is_none();
+        && answer.request.is_none())
+        || matches!(&message.request, Some(In::RequestHeaders(_)));
     let fresh = match (&message.request, &answer.reservation) {
         (Some(In::RequestHeaders(_)), _) | (_, None) => {
             Some(grant(message.metadata_context.as_ref(), checks_answer))
@@ -454,17 +550,74 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
         Some(In::RequestHeaders(h)) => {
             let path = header(h.headers.as_ref(), ":path").unwrap_or_default();
             let grant = fresh.unwrap_or_default();
+            let restores = grant.restores();
+            let redact = grant.redact.map(|r| Redacting {
+                kinds: redact::kinds_of(&r),
+                restore: r.restore,
+                answer: grant.answer.filter(|_| restores),
+                method: header(h.headers.as_ref(), ":method").unwrap_or_default(),
+                path: path.clone(),
+                headers: request_headers(h.headers.as_ref()),
+                // The rules' context settings, as the check read the request with.
+                config: engine
+                    .policy_set()
+                    .map(|set| set.config().clone())
+                    .unwrap_or_default(),
+                placeholders: Placeholders::default(),
+            });
             let request = Rewrite {
                 provider: reply::provider_of(&path, &[]),
                 api: rewrite::api_of(&path),
                 max_tokens: grant.max_tokens,
                 include_usage: grant.include_usage,
+                redact,
             };
             // Nothing more to come when nothing is to be rewritten.
-            answer.done = !request.rewrites() || h.end_of_stream;
+            answer.done = !request.rewrites() || (h.end_of_stream && !request.restores());
             answer.request = Some(request);
         }
-        Some(In::RequestBody(b)) => answer.done = b.end_of_stream,
+        Some(In::RequestBody(b)) => {
+            let restores = answer.request.as_ref().is_some_and(Rewrite::restores);
+            answer.done = b.end_of_stream && !restores;
+        }
+        Some(In::ResponseHeaders(h))
+            if !message.observability_mode
+                && answer.request.as_ref().is_some_and(Rewrite::restores) =>
+        {
+            // The restoring rewrite stream: the response rules the answer stream leaves to it,
+            // then the values put back.
+            let headers = h.headers.as_ref();
+            let ct = header(headers, "content-type").unwrap_or_default();
+            let encoding = header(headers, "content-encoding");
+            let status = header(headers, ":status")
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200);
+            let redacting = answer.request.as_mut().and_then(|r| r.redact.as_mut());
+            let mut edit = Edit::default();
+            if let Some(r) = redacting.filter(|_| !h.end_of_stream) {
+                let set = engine.policy_set();
+                edit.guard = r.answer.take().and_then(|check| {
+                    let g = AnswerGuard::new(
+                        set.as_ref()?,
+                        check.ctx.clone(),
+                        status,
+                        &ct,
+                        encoding.as_deref(),
+                    )?;
+                    Some((g, check))
+                });
+                let max = r.config.max_response_bytes;
+                edit.restorer = Restorer::new(
+                    core::mem::take(&mut r.placeholders),
+                    &ct,
+                    encoding.as_deref(),
+                    max,
+                )
+                .filter(|_| (200..300).contains(&status));
+            }
+            answer.done = edit.is_idle();
+            answer.edit = Some(edit);
+        }
         Some(In::ResponseHeaders(h)) if !message.observability_mode && answer.request.is_none() => {
             // The stream that changes the answer. The usage chunk the edge asked for is removed
             // from an uncompressed event stream only (anything else passes as it came).
@@ -482,15 +635,26 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
             let status = header(headers, ":status")
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(200);
-            let guard = grant.answer.filter(|_| !h.end_of_stream).and_then(|check| {
-                let set = engine.policy_set()?;
-                let g =
-                    AnswerGuard::new(&set, check.ctx.clone(), status, &ct, encoding.as_deref())?;
-                Some((g, check))
-            });
+            // A restoring request's rewrite stream runs its response rules.
+            let restores = grant.restores();
+            let guard = grant
+                .answer
+                .filter(|_| !h.end_of_stream && !restores)
+                .and_then(|check| {
+                    let set = engine.policy_set()?;
+                    let g = AnswerGuard::new(
+                        &set,
+                        check.ctx.clone(),
+                        status,
+                        &ct,
+                        encoding.as_deref(),
+                    )?;
+                    Some((g, check))
+                });
             let edit = Edit {
                 stripper: strips.then(UsageChunkStripper::default),
                 guard,
+                restorer: None,
             };
             answer.done = edit.is_idle();
             answer.edit = Some(edit);
@@ -540,22 +704,29 @@ impl ExternalProcessor for EnvoyUsage {
             while let Some(Ok(message)) = incoming.next().await {
                 let over = read(&mut answer, &message, &engine);
                 if !message.observability_mode {
-                    let (reply, cut) =
-                        match (message.request.as_ref(), &answer.request, &mut answer.edit) {
-                            (None, _, _) => (None, None),
-                            (Some(m), Some(r), _) => (rewrite_reply(r, m), None),
-                            // A large body is checked off the async workers (a whole JSON
-                            // answer scanned for personal data takes milliseconds per MiB).
-                            (
-                                Some(m @ processing_request::Request::ResponseBody(b)),
-                                None,
-                                Some(edit),
-                            ) if b.body.len() > LARGE_BODY => {
-                                tokio::task::block_in_place(|| edit_reply(edit, m))
-                            }
-                            (Some(m), None, Some(edit)) => edit_reply(edit, m),
-                            (Some(m), None, None) => (ack(m), None),
-                        };
+                    let (reply, cut) = match (
+                        message.request.as_ref(),
+                        &mut answer.request,
+                        &mut answer.edit,
+                    ) {
+                        (None, _, _) => (None, None),
+                        // A large body is rewritten or checked off the async workers (a
+                        // whole JSON body scanned for personal data takes milliseconds per
+                        // MiB).
+                        (Some(m @ processing_request::Request::RequestBody(b)), Some(r), _)
+                            if b.body.len() > LARGE_BODY =>
+                        {
+                            (tokio::task::block_in_place(|| rewrite_reply(r, m)), None)
+                        }
+                        (Some(m), Some(r), _) if !answers(m) => (rewrite_reply(r, m), None),
+                        (Some(m @ processing_request::Request::ResponseBody(b)), _, Some(edit))
+                            if b.body.len() > LARGE_BODY =>
+                        {
+                            tokio::task::block_in_place(|| edit_reply(edit, m))
+                        }
+                        (Some(m), _, Some(edit)) => edit_reply(edit, m),
+                        (Some(m), _, None) => (ack(m), None),
+                    };
                     if let Some(cut) = cut {
                         engine.record_cut(cut);
                     }
@@ -610,14 +781,15 @@ mod tests {
     #[test]
     fn a_stream_is_asked_for_its_usage_and_the_usage_chunk_removed_across_chunks() {
         use processing_request::Request as In;
-        let state = Rewrite {
+        let mut state = Rewrite {
             provider: Provider::Openai,
             api: Api::Chat,
             max_tokens: Some(10),
             include_usage: true,
+            redact: None,
         };
         let headers = rewrite_reply(
-            &state,
+            &mut state,
             &In::RequestHeaders(HttpHeaders {
                 end_of_stream: false,
                 ..HttpHeaders::default()
@@ -627,7 +799,7 @@ mod tests {
         let mode = headers.mode_override.unwrap();
         assert_eq!(mode.request_body_mode, BodySendMode::Buffered as i32);
         let body = br#"{"model":"gpt-4o","stream":true,"max_tokens":500,"messages":[]}"#;
-        let reply = rewrite_reply(&state, &request_body(body)).unwrap();
+        let reply = rewrite_reply(&mut state, &request_body(body)).unwrap();
         let sent: serde_json::Value = serde_json::from_slice(&body_of(&reply).unwrap()).unwrap();
         assert_eq!(sent["max_tokens"], 10);
         assert_eq!(sent["stream_options"]["include_usage"], true);
@@ -635,6 +807,7 @@ mod tests {
         let mut stripper = Edit {
             stripper: Some(UsageChunkStripper::default()),
             guard: None,
+            restorer: None,
         };
         let headers = edit_reply(&mut stripper, &In::ResponseHeaders(HttpHeaders::default()))
             .0
@@ -681,14 +854,15 @@ mod tests {
     #[test]
     fn a_client_that_asked_for_usage_keeps_its_body_and_its_chunk() {
         use processing_request::Request as In;
-        let state = Rewrite {
+        let mut state = Rewrite {
             provider: Provider::Openai,
             api: Api::Chat,
             max_tokens: None,
             include_usage: true,
+            redact: None,
         };
         let body = br#"{"stream":true,"stream_options":{"include_usage":true},"messages":[]}"#;
-        let reply = rewrite_reply(&state, &request_body(body)).unwrap();
+        let reply = rewrite_reply(&mut state, &request_body(body)).unwrap();
         assert_eq!(body_of(&reply), None, "the body goes as sent");
         // Nothing to remove (the Check did not ask): the headers' reply asks for no body.
         let mut none = Edit::default();
@@ -719,6 +893,99 @@ mod tests {
         Edit {
             stripper: None,
             guard: Some((g, check)),
+            restorer: None,
+        }
+    }
+
+    #[test]
+    fn a_restoring_rewrite_stream_redacts_the_body_and_restores_the_answer() {
+        use processing_request::Request as In;
+        let mut state = Rewrite {
+            provider: Provider::Openai,
+            api: Api::Chat,
+            max_tokens: None,
+            include_usage: false,
+            redact: Some(Redacting {
+                kinds: Entities::all(),
+                restore: true,
+                answer: None,
+                method: "POST".into(),
+                path: "/v1/chat/completions".into(),
+                headers: Vec::new(),
+                config: ContextConfig::default(),
+                placeholders: Placeholders::default(),
+            }),
+        };
+        let headers = rewrite_reply(
+            &mut state,
+            &In::RequestHeaders(HttpHeaders {
+                end_of_stream: false,
+                ..HttpHeaders::default()
+            }),
+        )
+        .unwrap();
+        let mode = headers.mode_override.unwrap();
+        assert_eq!(mode.request_body_mode, BodySendMode::Buffered as i32);
+        assert_eq!(mode.response_header_mode, HeaderSendMode::Send as i32);
+        let body =
+            br#"{"model":"gpt-4o","messages":[{"role":"user","content":"mail ann@example.com"}]}"#;
+        let reply = rewrite_reply(&mut state, &request_body(body)).unwrap();
+        let sent: serde_json::Value = serde_json::from_slice(&body_of(&reply).unwrap()).unwrap();
+        assert_eq!(sent["messages"][0]["content"], "mail <EMAIL_1>");
+        // A value the scanners see only spelled out: refused, never forwarded.
+        let disguised = br#"{"model":"gpt-4o","messages":[{"role":"user","content":"ann [at] example [dot] com"}]}"#;
+        let mut other = Rewrite {
+            redact: state.redact.as_ref().map(|r| Redacting {
+                kinds: r.kinds,
+                restore: false,
+                answer: None,
+                method: r.method.clone(),
+                path: r.path.clone(),
+                headers: Vec::new(),
+                config: ContextConfig::default(),
+                placeholders: Placeholders::default(),
+            }),
+            ..state_like(&state)
+        };
+        let reply = rewrite_reply(&mut other, &request_body(disguised)).unwrap();
+        match reply.response {
+            Some(processing_response::Response::ImmediateResponse(r)) => {
+                assert_eq!(r.status.unwrap().code, 403);
+                assert!(!String::from_utf8_lossy(&r.body).contains("example"));
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        // The answer: restored in a JSON answer read whole.
+        let placeholders = state.redact.as_mut().unwrap().placeholders.clone();
+        let mut edit = Edit {
+            restorer: Restorer::new(placeholders, "application/json", None, 1 << 20),
+            ..Edit::default()
+        };
+        let headers = edit_reply(&mut edit, &In::ResponseHeaders(HttpHeaders::default()))
+            .0
+            .unwrap();
+        assert_eq!(
+            headers.mode_override.unwrap().response_body_mode,
+            BodySendMode::Buffered as i32
+        );
+        let answer = br#"{"choices":[{"message":{"content":"Sent to <EMAIL_1>."}}]}"#;
+        let reply = edit_reply(&mut edit, &answer_chunk(answer, true))
+            .0
+            .unwrap();
+        let got: serde_json::Value = serde_json::from_slice(&body_of(&reply).unwrap()).unwrap();
+        assert_eq!(
+            got["choices"][0]["message"]["content"],
+            "Sent to ann@example.com."
+        );
+    }
+
+    fn state_like(s: &Rewrite) -> Rewrite {
+        Rewrite {
+            provider: s.provider,
+            api: s.api,
+            max_tokens: None,
+            include_usage: false,
+            redact: None,
         }
     }
 

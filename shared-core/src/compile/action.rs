@@ -24,10 +24,10 @@ const FRAMING_HEADERS: &[&str] = &[
 
 use super::{has_control, Compiler, RuleSite};
 use crate::decision::{ChargeSource, CounterKind, Verdict};
+use crate::detect::{Entities, Entity};
 use crate::diagnostic::Code;
 use crate::model::{Action, ActionDecision, MaxTokens, Scope};
 use crate::schema::{FieldRef, FieldType};
-use crate::detect::{Entities, Entity};
 use crate::set::{CompiledAction, KeyPart, Limit, Redact};
 
 impl Compiler {

@@ -208,7 +208,11 @@ fn redaction(ns: &Namespace, matched: &[String], verdict: Verdict) -> Option<Red
     }
     let mut kinds = crate::detect::Entities::none();
     let mut restore = false;
-    for r in ns.rules.iter().filter(|r| !r.shadow && matched.contains(&r.id)) {
+    for r in ns
+        .rules
+        .iter()
+        .filter(|r| !r.shadow && matched.contains(&r.id))
+    {
         if let Some(x) = r.action.redact {
             kinds = kinds.union(x.kinds);
             restore |= x.restore;
@@ -230,6 +234,7 @@ fn decision(
     explain: bool,
 ) -> Decision {
     let redact = redaction(ns, &d.matched_rules, d.verdict);
+    let redacts = redact.is_some();
     Decision {
         decision: d.verdict,
         reason: d.reason,
@@ -250,7 +255,8 @@ fn decision(
             batch_item: m.batch_item,
             shadow_matches: m.shadow,
             errors: m.errors,
-            cacheable: m.cacheable,
+            // A redacting decision carries its request's counts: never reused.
+            cacheable: m.cacheable && !redacts,
             cache_key: m.cache_key,
             needs_remote: !m.remote.is_empty(),
             remote_rules: m.remote,

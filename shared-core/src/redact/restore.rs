@@ -211,9 +211,10 @@ impl Restorer {
         if !s.as_bytes().get(tail..).unwrap_or_default().contains(&b'<') {
             return false;
         }
-        self.placeholders.pairs().iter().any(|(p, _)| {
-            (1..p.len()).any(|k| p.get(..k).is_some_and(|start| s.ends_with(start)))
-        })
+        self.placeholders
+            .pairs()
+            .iter()
+            .any(|(p, _)| (1..p.len()).any(|k| p.get(..k).is_some_and(|start| s.ends_with(start))))
     }
 
     /// `event` with the placeholders of its data restored (`None`: nothing to restore).

@@ -37,7 +37,9 @@ fn sent(r: &Redacted) -> serde_json::Value {
 
 #[test]
 fn values_become_typed_placeholders_the_same_value_the_same_one() {
-    let body = chat("mail ann@example.com or bob@example.org, again ann@example.com; card 4111 1111 1111 1111");
+    let body = chat(
+        "mail ann@example.com or bob@example.org, again ann@example.com; card 4111 1111 1111 1111",
+    );
     let r = redact(&input(&body), &ContextConfig::default(), all()).unwrap();
     let v = sent(&r);
     assert_eq!(
@@ -66,7 +68,10 @@ fn every_string_is_redacted_keys_and_escapes_too() {
     let body = br#"{"model":"gpt-4o","user":"ann@example.com","metadata":{"bob@example.org":"x"},"messages":[{"role":"user","content":"write to ann\u0040example.com"}]}"#;
     let r = redact(&input(body), &ContextConfig::default(), all()).unwrap();
     let out = String::from_utf8(r.body.clone().unwrap()).unwrap();
-    assert!(!out.contains("example.com") && !out.contains("example.org"), "{out}");
+    assert!(
+        !out.contains("example.com") && !out.contains("example.org"),
+        "{out}"
+    );
     let v = sent(&r);
     assert_eq!(v["user"], "<EMAIL_1>");
     assert_eq!(v["messages"][0]["content"], "write to <EMAIL_1>");
@@ -122,7 +127,10 @@ fn a_placeholder_the_client_wrote_is_not_reused() {
     let answer = br#"{"choices":[{"message":{"content":"<EMAIL_1> and <EMAIL_2>"}}]}"#;
     let out = back.push(answer, true);
     let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
-    assert_eq!(v["choices"][0]["message"]["content"], "<EMAIL_1> and ann@example.com");
+    assert_eq!(
+        v["choices"][0]["message"]["content"],
+        "<EMAIL_1> and ann@example.com"
+    );
 }
 
 fn placeholders(body: &[u8]) -> Placeholders {
@@ -204,7 +212,10 @@ fn a_text_ending_in_a_lone_angle_bracket_is_sent_at_the_end() {
     let mut back = Restorer::new(p, "text/event-stream", None, 1 << 20).unwrap();
     let mut out = back.push(openai_event("a <", 0).as_bytes(), false);
     assert!(out.is_empty(), "held: could be a placeholder's start");
-    out.extend(back.push(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n", false));
+    out.extend(back.push(
+        b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+        false,
+    ));
     let s = String::from_utf8(out).unwrap();
     assert!(s.starts_with("data: ") && s.contains("a <") && s.contains("finish_reason"));
 }
@@ -234,7 +245,10 @@ fn anthropic_events_are_restored() {
     };
     let mut out = back.push(ev("card <CREDIT_").as_bytes(), false);
     out.extend(back.push(ev("CARD_1> ok").as_bytes(), false));
-    out.extend(back.push(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n", true));
+    out.extend(back.push(
+        b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n",
+        true,
+    ));
     let s = String::from_utf8(out).unwrap();
     assert!(s.contains("card 4111 1111 1111 1111 ok"), "{s}");
     assert!(s.contains("event: content_block_delta\ndata: "));
