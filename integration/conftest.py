@@ -15,7 +15,8 @@ def stack(tmp_path_factory):
     try:
         upstream = Upstream(tmp)
         procs.append(upstream.proc)
-        server = Server(tmp, ROOT / "policies", {"e2e-limits.yaml": E2E_LIMITS, "e2e-answers.yaml": E2E_ANSWERS},
+        server = Server(tmp, ROOT / "policies", {"e2e-limits.yaml": E2E_LIMITS, "e2e-answers.yaml": E2E_ANSWERS,
+                                                        "e2e-redact.yaml": E2E_REDACT},
                         log_dir=tmp)
         procs.append(server.proc)
         envoy = Envoy(tmp, server, upstream.port, tmp)
@@ -94,6 +95,39 @@ spec:
 """
 
 
+# Redact instead of deny: personal data and secrets replaced by placeholders on the way up; the
+# support and budgeted teams get their e-mail addresses back in the answer, after the response
+# rules read it. The budgeted team's budget is the server's (the filter asks it).
+E2E_REDACT = """
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: e2e-redact, namespace: e2e-redact, version: "1"}
+spec:
+  defaultDecision: allow
+  rules:
+    - id: redact-personal-data
+      when: { match: { field: request.method, op: eq, value: POST } }
+      action: { decision: allow, audit: true, transform: { redact: [email, phone, card, iban, secret] } }
+    - id: support-sees-its-own
+      when: { match: { field: principal.team, op: eq, value: support } }
+      action: { decision: allow, transform: { redact: [email], restore: true } }
+    - id: budgeted-sees-its-own
+      when: { match: { field: principal.team, op: eq, value: budgeted } }
+      action: { decision: allow, transform: { redact: [email], restore: true } }
+    - id: no-emails-out
+      phase: response
+      when: { match: { field: response.entities, op: contains, value: email } }
+      action: { decision: deny, reason: "the answer holds an e-mail address" }
+    - id: team-budget
+      priority: 10
+      when: { match: { field: principal.team, op: eq, value: budgeted } }
+      action:
+        decision: throttle
+        reason: "the team's daily token budget is spent"
+        budget: { key: "{principal.team}", tokens: 10000000, per: day }
+"""
+
+
 @pytest.fixture(scope="session")
 def fstack(tmp_path_factory):
     """Upstream, server and Envoy with the filter (filter+fallback, bundle sync), shared by the
@@ -104,6 +138,7 @@ def fstack(tmp_path_factory):
     (policies / "e2e-local.yaml").write_text(E2E_LOCAL)
     (policies / "e2e-budget.yaml").write_text(E2E_BUDGET)
     (policies / "e2e-answers.yaml").write_text(E2E_ANSWERS)
+    (policies / "e2e-redact.yaml").write_text(E2E_REDACT)
     procs = []
     try:
         upstream = Upstream(tmp)

@@ -17,8 +17,9 @@ carries its usage chunk only when the request asks (`stream_options.include_usag
 API does. What the model answers: `x-mock-answer` is the base64 of a JSON list of text pieces
 (the answer's text, one stream event per piece, each written and flushed on its own),
 `x-mock-tool` names a tool the model calls, `x-mock-finish` is the finish reason, and
-`x-mock-delay-ms` waits before each stream event (time to first token). The Responses API
-(`/v1/responses`) is answered too, JSON and streamed.
+`x-mock-delay-ms` waits before each stream event (time to first token). `x-mock-echo: N` answers
+with the last user text as it arrived, in pieces of N characters (a model repeating what it was
+told). The Responses API (`/v1/responses`) is answered too, JSON and streamed.
 """
 
 import base64
@@ -49,6 +50,24 @@ def pieces_of(knobs, default):
         return json.loads(base64.b64decode(answer))
     n = knobs.get("x-mock-pieces")
     return default if n is None else [f" word{i}" for i in range(int(n))]
+
+
+def last_user_text(req):
+    """The last user text of a chat, messages or responses request, as it arrived."""
+    def text(content):
+        if isinstance(content, str):
+            return content
+        if isinstance(content, list):
+            return "".join(b.get("text", "") for b in content if isinstance(b, dict))
+        return ""
+    turns = [m for m in req.get("messages") or [] if isinstance(m, dict) and m.get("role") == "user"]
+    if turns:
+        return text(turns[-1].get("content"))
+    given = req.get("input")
+    if isinstance(given, list):
+        turns = [m for m in given if isinstance(m, dict) and m.get("role", "user") == "user"]
+        return text(turns[-1].get("content")) if turns else ""
+    return text(given)
 
 
 def openai_responses(req, stream, knobs):
@@ -269,6 +288,10 @@ class Handler(BaseHTTPRequestHandler):
         stream = bool(req.get("stream"))
         path = self.path.split("?")[0]
         knobs = {k.lower(): v for k, v in self.headers.items() if k.lower().startswith("x-mock-")}
+        if knobs.get("x-mock-echo"):
+            said, n = last_user_text(req), int(knobs["x-mock-echo"])
+            pieces = [said[i:i + n] for i in range(0, len(said), n)] or [""]
+            knobs["x-mock-answer"] = base64.b64encode(json.dumps(pieces).encode()).decode()
         if path.endswith("/chat/completions"):
             out = openai_chat(req, stream, knobs)
         elif path.endswith("/messages"):

@@ -271,7 +271,8 @@ fn eval(
         Ok(c) => c,
         Err(e) => return rejected(request, &e),
     };
-    let d = set.evaluate(&ctx, &EvalOptions { tags, explain }, &mut LocalOnly);
+    let mut d = set.evaluate(&ctx, &EvalOptions { tags, explain }, &mut LocalOnly);
+    req.redact(&mut d, set.config());
     match format {
         Format::Json => out!("{}", serde_json::to_string_pretty(&d).unwrap_or_default()),
         Format::Text => outp!("{}", report::decision_text(&d)),

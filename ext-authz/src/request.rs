@@ -56,6 +56,28 @@ impl RequestFile {
         self.context_with(set.config(), set.needs())
     }
 
+    /// Applies `d`'s redaction (`transform.redact`) to this request as a proxy would: the counts
+    /// written into the decision, or a deny when a value cannot be replaced.
+    pub fn redact(&self, d: &mut llm_policy_core::Decision, config: &ContextConfig) {
+        if d.actions.redact.is_none() {
+            return;
+        }
+        let headers: Vec<(String, String)> = self
+            .headers
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        let body = self.body_bytes();
+        let input = RequestInput {
+            method: &self.method,
+            path: &self.path,
+            headers: &headers,
+            body: &body,
+            now_unix: self.now.unwrap_or(0),
+        };
+        llm_policy_core::redact::apply(d, &input, config);
+    }
+
     /// Builds the context with a configuration, extracting what `needs` says.
     pub fn context_with(
         &self,

@@ -161,7 +161,7 @@ pub struct RequestFlow {
     whole_len: usize,
     /// The request as the server is asked about it (method, path, the headers rules read): what
     /// redaction reads when the server's answer says to redact.
-    head: Option<(String, String, Vec<(String, String)>)>,
+    head: Option<Head>,
     /// The redacted values, for an answer that gets them back (`restore: true`).
     placeholders: Option<Placeholders>,
     /// The answer's placeholders being put back.
@@ -169,6 +169,9 @@ pub struct RequestFlow {
     /// What was redacted ([`wire::REDACTED_HEADER`]), told to the client.
     redacted: Option<String>,
 }
+
+/// A request's method, path and the headers rules read.
+type Head = (String, String, Vec<(String, String)>);
 
 /// What a request that counts tokens or cost reserved, to settle its usage with.
 #[derive(Debug, Clone)]
@@ -736,7 +739,7 @@ impl RequestFlow {
                 else {
                     return;
                 };
-                self.without_server(provider, *provisional)
+                self.without_server(host, provider, *provisional)
             }
         };
         if self.finish(host, outcome) == Flow::Continue {
@@ -1055,7 +1058,7 @@ impl RequestFlow {
                     ),
                 );
             }
-            return self.without_server(provider, provisional);
+            return self.without_server(host, provider, provisional);
         };
         let message = ext_authz::check_request(headers, body, local, self.vm.config.identity.mode);
         host.metric(Metric::FallbackCalls, 1);
@@ -1083,7 +1086,7 @@ impl RequestFlow {
                         server.cluster
                     ),
                 );
-                self.without_server(provider, provisional)
+                self.without_server(host, provider, provisional)
             }
         }
     }
@@ -1101,7 +1104,27 @@ impl RequestFlow {
 
     /// The server could not answer: closed → 503; open → the decision without its rules,
     /// marked `x-llm-policy-decision: error` when it lets the request go.
-    fn without_server(&self, provider: Provider, provisional: Decision) -> Outcome {
+    fn without_server(
+        &mut self,
+        host: &mut dyn Host,
+        provider: Provider,
+        provisional: Decision,
+    ) -> Outcome {
+        // What the filter's own rules redact is redacted even so: the failure mode lets the
+        // server's rules go, never the ones the filter applied.
+        if let (Some(r), Some((method, path, data)), FailureMode::Open) = (
+            provisional
+                .actions
+                .redact
+                .as_ref()
+                .filter(|_| provisional.decision == Verdict::Allow),
+            self.head.take(),
+            self.vm.config.failure_mode,
+        ) {
+            if let Err(left) = self.redact(host, (&method, &path, &data), r) {
+                return Outcome::Reply(left.reply(provider), Ending::Denied);
+            }
+        }
         match self.vm.config.failure_mode {
             FailureMode::Closed => unavailable(provider, "the policy server could not be reached"),
             FailureMode::Open => match of_decision(&provisional, provider, None) {

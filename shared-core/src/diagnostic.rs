@@ -126,7 +126,7 @@ codes! {
     /// A bad rate limit or budget.
     InvalidLimit = "invalid-limit", "`rateLimit` / `budget` without exactly one amount, or both on one rule";
     /// A `transform` that cannot apply.
-    InvalidTransform = "invalid-transform", "`transform.maxTokens` where it cannot apply: a fixed cap on a rule that does not allow, or with a plugin, rate limit or budget; `fitBudget` without a token or USD budget; `minTokens` without `fitBudget`";
+    InvalidTransform = "invalid-transform", "a `transform` that cannot apply: a fixed `maxTokens` on a rule that does not allow, or with a plugin, rate limit or budget; `fitBudget` without a token or USD budget; `minTokens` without `fitBudget`; `redact` on a rule that does not allow, or naming an unknown kind; `restore` without `redact`; a transform with neither `maxTokens` nor `redact`";
     /// A bad virtual API key record.
     InvalidApiKey = "invalid-api-key", "a virtual API key record (`llm-policy keys`) with an empty or repeated id, a `hash` that is not 64 lower-case hex digits, or the same key as an earlier record";
     /// A bad model table.

@@ -12,7 +12,7 @@
 //! `request.prompt_entities` still holds a redacted kind the request is refused
 //! ([`Unredactable`]): the upstream never sees a value of a kind the policy redacts.
 
-use alloc::collections::BTreeMap;
+use alloc::collections::{BTreeMap, BTreeSet};
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
 use core::ops::Range;
@@ -62,34 +62,45 @@ fn placeholder(e: Entity, n: u32) -> String {
 /// the memory of the stream that redacted (never in metadata, headers or records).
 #[derive(Clone, Default, PartialEq, Eq)]
 pub struct Placeholders {
-    pairs: Vec<(String, String)>,
+    /// Placeholder → value.
+    by_placeholder: BTreeMap<String, String>,
+    /// Value → placeholder.
+    by_value: BTreeMap<String, String>,
+    /// Placeholder-shaped words the request itself holds: never given a value.
+    taken: BTreeSet<String>,
 }
 
 impl core::fmt::Debug for Placeholders {
     fn fmt(&self, f: &mut core::fmt::Formatter<'_>) -> core::fmt::Result {
         // Never the values, even in a debug log.
-        f.debug_list()
-            .entries(self.pairs.iter().map(|(p, _)| p))
-            .finish()
+        f.debug_list().entries(self.by_placeholder.keys()).finish()
     }
 }
 
 impl Placeholders {
     /// Whether nothing was replaced.
     pub fn is_empty(&self) -> bool {
-        self.pairs.is_empty()
+        self.by_placeholder.is_empty()
     }
 
-    /// The placeholders and their values.
-    pub(crate) fn pairs(&self) -> &[(String, String)] {
-        &self.pairs
+    /// The value of `placeholder`.
+    pub(crate) fn value(&self, placeholder: &str) -> Option<&str> {
+        self.by_placeholder.get(placeholder).map(String::as_str)
     }
 
-    /// The placeholder of `value` of kind `e`, numbered on first sight; numbers whose
-    /// placeholder the request itself contains are skipped, so a placeholder written by the
-    /// client is never restored to a value.
-    fn of(&mut self, e: Entity, value: &str, body: &[u8], counts: &mut [u32]) -> String {
-        if let Some((p, _)) = self.pairs.iter().find(|(_, v)| v == value) {
+    /// Whether `s` is the start (not the whole) of a placeholder.
+    pub(crate) fn starts_one(&self, s: &str) -> bool {
+        self.by_placeholder
+            .range::<str, _>((core::ops::Bound::Included(s), core::ops::Bound::Unbounded))
+            .next()
+            .is_some_and(|(p, _)| p.len() > s.len() && p.starts_with(s))
+    }
+
+    /// The placeholder of `value` of kind `e`, numbered on first sight (`counts`: the last
+    /// number of each kind); numbers whose placeholder the request itself contains are skipped,
+    /// so a placeholder written by the client is never restored to a value.
+    fn of(&mut self, e: Entity, value: &str, counts: &mut [u32]) -> String {
+        if let Some(p) = self.by_value.get(value) {
             return p.clone();
         }
         let n = counts.get_mut(e as usize);
@@ -97,20 +108,42 @@ impl Placeholders {
         let p = loop {
             next = next.saturating_add(1);
             let p = placeholder(e, next);
-            if !contains(body, p.as_bytes()) || next == u32::MAX {
+            if !self.taken.contains(&p) || next == u32::MAX {
                 break p;
             }
         };
         if let Some(n) = n {
             *n = next;
         }
-        self.pairs.push((p.clone(), String::from(value)));
+        self.by_placeholder.insert(p.clone(), String::from(value));
+        self.by_value.insert(String::from(value), p.clone());
         p
     }
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+/// The placeholder-shaped words (`<WORD_12>`) in `text`.
+fn placeholder_words(text: &[u8], into: &mut BTreeSet<String>) {
+    let mut i = 0;
+    while let Some(at) = text
+        .get(i..)
+        .and_then(|t| t.iter().position(|b| *b == b'<'))
+    {
+        let start = i.saturating_add(at);
+        let word = text
+            .get(start.saturating_add(1)..)
+            .unwrap_or_default()
+            .iter()
+            .take(40)
+            .position(|b| !(b.is_ascii_uppercase() || b.is_ascii_digit() || *b == b'_'));
+        if let Some(len) = word {
+            if len > 0 && text.get(start.saturating_add(1).saturating_add(len)) == Some(&b'>') {
+                if let Some(w) = text.get(start..start.saturating_add(len).saturating_add(2)) {
+                    into.insert(String::from_utf8_lossy(w).into_owned());
+                }
+            }
+        }
+        i = start.saturating_add(1);
+    }
 }
 
 /// A request redacted: the body to send, what was replaced, and how many distinct values of each
@@ -176,6 +209,14 @@ pub fn redact(
     // Only a JSON body has text a rule reads (anything else passes as it is, and is read again
     // below like any other).
     let json = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
+    if json {
+        // Placeholders the client wrote itself (decoded: `\u003c` is `<`) are never reused.
+        for token in strings(body) {
+            if let Some(text) = body.get(token).and_then(decode) {
+                placeholder_words(text.as_bytes(), &mut placeholders.taken);
+            }
+        }
+    }
     let mut at = 0;
     for token in json.then(|| strings(body)).into_iter().flatten() {
         let Some(text) = body.get(token.clone()).and_then(decode) else {
@@ -196,9 +237,9 @@ pub fn redact(
                 continue;
             };
             replaced.push_str(before);
-            let known = placeholders.pairs.len();
-            let p = placeholders.of(e, value, body, &mut numbers);
-            if placeholders.pairs.len() > known {
+            let known = placeholders.by_value.len();
+            let p = placeholders.of(e, value, &mut numbers);
+            if placeholders.by_value.len() > known {
                 if let Some(d) = distinct.get_mut(e as usize) {
                     *d = d.saturating_add(1);
                 }
@@ -330,16 +371,16 @@ pub(crate) fn strings(json: &[u8]) -> impl Iterator<Item = Range<usize>> + '_ {
     core::iter::from_fn(move || {
         while let Some(&b) = json.get(i) {
             if b != b'"' {
-                i += 1;
+                i = i.saturating_add(1);
                 continue;
             }
             let start = i;
-            let mut j = i + 1;
+            let mut j = i.saturating_add(1);
             while let Some(&c) = json.get(j) {
                 match c {
-                    b'\\' => j += 2,
+                    b'\\' => j = j.saturating_add(2),
                     b'"' => break,
-                    _ => j += 1,
+                    _ => j = j.saturating_add(1),
                 }
             }
             i = j.saturating_add(1);

@@ -231,7 +231,7 @@ impl Grant {
         let redact = match get(Self::REDACT) {
             Some(MetadataValue::Text(v)) => {
                 let (kinds, restore) = match v.split_once(';') {
-                    Some((k, flag)) => (k.to_string(), flag == "restore"),
+                    Some((k, flag)) => (String::from(k), flag == "restore"),
                     None => (v, false),
                 };
                 let kinds: Vec<String> = kinds

@@ -121,6 +121,9 @@ pub struct Expect {
     /// The request is rejected before evaluation with this error code (`invalid_body`, …).
     #[serde(default)]
     pub error: Option<String>,
+    /// Exactly these distinct values redacted, by kind (`{email: 2}`; `{}`: none).
+    #[serde(default)]
+    pub redacted: Option<std::collections::BTreeMap<String, u32>>,
 }
 
 /// Outcome of one case.
@@ -265,7 +268,7 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
         ));
         return diffs;
     }
-    let d = set.evaluate(
+    let mut d = set.evaluate(
         &ctx,
         &EvalOptions {
             tags: &case.tags,
@@ -273,6 +276,7 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
         },
         &mut LocalOnly,
     );
+    case.request.redact(&mut d, set.config());
     if let Some(answer) = &case.response {
         if d.decision != Verdict::Allow {
             diffs.push(format!(
@@ -291,6 +295,17 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
                 want.as_str(),
                 d.decision.as_str()
             ));
+        }
+    }
+    if let Some(want) = &e.redacted {
+        let got = d
+            .actions
+            .redact
+            .as_ref()
+            .map(|r| r.counts.clone())
+            .unwrap_or_default();
+        if *want != got {
+            diffs.push(format!("redacted: expected {want:?}, got {got:?}"));
         }
     }
     if let Some(want) = &e.matched_rules {

@@ -21,6 +21,9 @@ const INDEX_KEYS: &[&str] = &["index", "output_index", "content_index", "item_id
 /// escaped as a JSON string's content.
 const JSON_TEXT_KEYS: &[&str] = &["arguments", "partial_json"];
 
+/// The Responses API's event type whose `delta` is a tool call's arguments.
+const ARGUMENTS_EVENT: &[u8] = b"response.function_call_arguments.delta";
+
 /// How an answer is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Mode {
@@ -207,14 +210,16 @@ impl Restorer {
 
     /// Whether `s` ends with the start (not the whole) of a placeholder.
     fn ends_partial(&self, s: &str) -> bool {
-        let tail = s.len().saturating_sub(32);
-        if !s.as_bytes().get(tail..).unwrap_or_default().contains(&b'<') {
+        let tail = s.len().saturating_sub(40);
+        let Some(at) = s
+            .as_bytes()
+            .get(tail..)
+            .and_then(|t| t.iter().rposition(|b| *b == b'<'))
+        else {
             return false;
-        }
-        self.placeholders
-            .pairs()
-            .iter()
-            .any(|(p, _)| (1..p.len()).any(|k| p.get(..k).is_some_and(|start| s.ends_with(start))))
+        };
+        s.get(tail.saturating_add(at)..)
+            .is_some_and(|start| self.placeholders.starts_one(start))
     }
 
     /// `event` with the placeholders of its data restored (`None`: nothing to restore).
@@ -231,6 +236,10 @@ impl Restorer {
     ) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         let mut at = 0;
+        // The Responses API streams a tool call's arguments as `delta` of its own event type.
+        let arguments_event = bytes
+            .windows(ARGUMENTS_EVENT.len())
+            .any(|w| w == ARGUMENTS_EVENT);
         for (range, text) in ranges {
             let Some(token) = bytes.get(range.clone()) else {
                 continue;
@@ -244,7 +253,7 @@ impl Restorer {
             let json_text = text
                 .key
                 .as_deref()
-                .is_some_and(|k| JSON_TEXT_KEYS.contains(&k));
+                .is_some_and(|k| JSON_TEXT_KEYS.contains(&k) || (arguments_event && k == "delta"));
             let Some(restored) = self.restore_text(&value, json_text) else {
                 continue;
             };
@@ -273,13 +282,12 @@ impl Restorer {
         while let Some(i) = rest.find('<') {
             out.push_str(rest.get(..i).unwrap_or_default());
             let tail = rest.get(i..).unwrap_or_default();
-            match self
-                .placeholders
-                .pairs()
-                .iter()
-                .find(|(p, _)| tail.starts_with(p.as_str()))
-            {
-                Some((p, v)) => {
+            let end = tail.bytes().take(48).position(|b| b == b'>');
+            let found = end
+                .and_then(|e| tail.get(..=e))
+                .and_then(|p| Some((p.len(), self.placeholders.value(p)?)));
+            match found {
+                Some((len, v)) => {
                     if json_text {
                         let quoted = serde_json::to_string(v).unwrap_or_default();
                         out.push_str(
@@ -292,7 +300,7 @@ impl Restorer {
                     }
                     self.restored = self.restored.saturating_add(1);
                     any = true;
-                    rest = tail.get(p.len()..).unwrap_or_default();
+                    rest = tail.get(len..).unwrap_or_default();
                 }
                 None => {
                     out.push('<');
@@ -307,8 +315,14 @@ impl Restorer {
 
 /// The end (exclusive) of the first whole event in `buf`: after its blank line.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf.windows(2).position(|w| w == b"\n\n").map(|i| i + 2);
-    let crlf = buf.windows(4).position(|w| w == b"\r\n\r\n").map(|i| i + 4);
+    let lf = buf
+        .windows(2)
+        .position(|w| w == b"\n\n")
+        .map(|i| i.saturating_add(2));
+    let crlf = buf
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|i| i.saturating_add(4));
     match (lf, crlf) {
         (Some(a), Some(b)) => Some(a.min(b)),
         (a, b) => a.or(b),
@@ -323,7 +337,7 @@ fn data_strings(event: &[u8]) -> Vec<(Range<usize>, Text)> {
         let start = at;
         at = at.saturating_add(line.len()).saturating_add(1);
         if let Some(payload) = line.strip_prefix(b"data:") {
-            let base = start + 5;
+            let base = start.saturating_add(5);
             out.extend(value_strings(payload, base));
         }
     }
@@ -342,7 +356,7 @@ fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
             .unwrap_or_default()
             .iter()
             .position(|b| !b.is_ascii_whitespace())
-            .map(|i| token.end + i);
+            .map(|i| token.end.saturating_add(i));
         let is_key = after.and_then(|i| json.get(i)) == Some(&b':');
         let decoded = json.get(token.clone()).and_then(decode);
         if is_key {
@@ -350,7 +364,7 @@ fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
             if let (Some(k), Some(colon)) = (&k, after) {
                 if INDEX_KEYS.contains(&k.as_str()) {
                     let value: Vec<u8> = json
-                        .get(colon + 1..)
+                        .get(colon.saturating_add(1)..)
                         .unwrap_or_default()
                         .iter()
                         .copied()
@@ -362,7 +376,10 @@ fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
             }
             key = k;
         } else {
-            values.push((token.start + base..token.end + base, key.clone()));
+            values.push((
+                token.start.saturating_add(base)..token.end.saturating_add(base),
+                key.clone(),
+            ));
         }
     }
     values

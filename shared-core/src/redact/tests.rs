@@ -273,3 +273,20 @@ fn kinds_by_name_and_group() {
     assert!(s.contains(Entity::ApiKey) && s.contains(Entity::PrivateKey));
     assert_eq!(kinds_named("emails"), None);
 }
+
+#[test]
+fn many_values_and_escaped_client_placeholders() {
+    let text: String = (0..3000).map(|i| format!("u{i}@example.org ")).collect();
+    let body = serde_json::to_vec(&serde_json::json!({"model": "m", "messages": [
+        {"role": "user", "content": text}, {"role": "user", "content": "\u{3c}EMAIL_2\u{3e}"}]}))
+    .unwrap();
+    // The client's `<EMAIL_2>`, sent escaped, is never a placeholder of a value.
+    let escaped = String::from_utf8(body).unwrap().replace("<EMAIL_2>", "\\u003cEMAIL_2\\u003e");
+    let r = redact(&input(escaped.as_bytes()), &ContextConfig::default(), all()).unwrap();
+    assert_eq!(r.counts.get("email"), Some(&3000));
+    let v = sent(&r);
+    let first = v["messages"][0]["content"].as_str().unwrap();
+    assert!(first.starts_with("<EMAIL_1> <EMAIL_3> "), "{}", &first[..40]);
+    assert!(first.contains("<EMAIL_3001>"));
+    assert_eq!(v["messages"][1]["content"], "<EMAIL_2>");
+}
