@@ -297,7 +297,7 @@ pub struct Action {
 #[serde(deny_unknown_fields, rename_all = "camelCase")]
 pub struct Transform {
     /// The cap: a number of tokens, or `fitBudget` (what the rule's budget can still pay for).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_tokens: Option<MaxTokens>,
     /// With `fitBudget`: the smallest output worth sending (default 1); a budget that cannot
     /// pay for this much output throttles as usual.
