@@ -102,7 +102,7 @@ fn eval_explain_lists_every_rule() {
     let d: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(d["decision"], "allow");
     let trace = d["explain"].as_array().unwrap();
-    assert_eq!(trace.len(), 9, "every rule of the default namespace");
+    assert_eq!(trace.len(), 10, "every rule of the default namespace");
     assert!(trace
         .iter()
         .any(|t| t["rule"] == "per-user-request-rate" && t["outcome"] == "remote"));
