@@ -246,7 +246,7 @@ impl RequestFlow {
             now_unix: 0,
         };
         let config = &self.vm.config.context;
-        let done = redact::redact(&input, config, redact::kinds_of(r))?;
+        let done = redact::redact(&input, config, redact::kinds_of(r), r.restore)?;
         if let Some(new) = &done.body {
             host.set_request_body(self.body_len, new);
             host.set_request_header("content-length", Some(&new.len().to_string()));

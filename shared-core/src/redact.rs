@@ -78,9 +78,14 @@ impl core::fmt::Debug for Placeholders {
 }
 
 impl Placeholders {
-    /// Whether nothing was replaced.
+    /// Whether nothing is to be put back.
     pub fn is_empty(&self) -> bool {
         self.by_placeholder.is_empty()
+    }
+
+    /// Keeps for the answer only the values `restorable` says may be given back.
+    fn keep_restorable(&mut self, restorable: impl Fn(&str) -> bool) {
+        self.by_placeholder.retain(|_, v| restorable(v));
     }
 
     /// The value of `placeholder`.
@@ -158,12 +163,18 @@ pub struct Redacted {
     pub counts: BTreeMap<String, u32>,
 }
 
-/// A request that still holds a value of a redacted kind after redaction (written so that the
-/// scanners find it only in a view: spelled out, encoded, split across turns): it is refused.
+/// A request that cannot be redacted: it is refused, never forwarded as it is.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Unredactable {
-    /// The kinds left (names).
-    pub kinds: Vec<String>,
+pub enum Unredactable {
+    /// It still holds a value of these redacted kinds after redaction (written so that the
+    /// scanners find it only in a view: spelled out, encoded, split across turns).
+    Disguised {
+        /// The kinds left (names).
+        kinds: Vec<String>,
+    },
+    /// Some of its text cannot be read (an escape that is no character, bytes that are not
+    /// UTF-8), so what it holds cannot be known.
+    Unreadable,
 }
 
 impl Unredactable {
@@ -187,19 +198,32 @@ impl Unredactable {
 
     /// The reason given to the client and recorded.
     pub fn reason(&self) -> String {
-        alloc::format!(
-            "the request holds {} that the policy redacts, written so that it cannot be replaced",
-            self.kinds.join(", ")
-        )
+        match self {
+            Unredactable::Disguised { kinds } => alloc::format!(
+                "the request holds {} that the policy redacts, written so that it cannot be replaced",
+                kinds.join(", ")
+            ),
+            Unredactable::Unreadable => String::from(
+                "the request holds text that cannot be read (an escape that is no character, or bytes that are not UTF-8): what the policy redacts cannot be found in it",
+            ),
+        }
     }
 }
 
+/// Keys whose value is a credential the provider needs to act for the client (an MCP server's
+/// token), never text the model reads: not redacted.
+const CREDENTIAL_KEYS: &[&str] = &["authorization", "authorization_token"];
+
 /// Redacts `input`'s body: every value of `kinds` replaced by its placeholder, then the body
-/// read again as a rule reads it (with `config`); a redacted kind still found refuses it.
+/// read again as a rule reads it (with `config`); a redacted kind still found refuses it. With
+/// `restore`, the placeholders kept for the answer are those of values the request's user turns
+/// hold: a value only the application put in (a system prompt, a tool definition, `metadata`)
+/// is never given back, whatever the model is asked to repeat.
 pub fn redact(
     input: &RequestInput<'_>,
     config: &ContextConfig,
     kinds: Entities,
+    restore: bool,
 ) -> Result<Redacted, Unredactable> {
     let mut placeholders = Placeholders::default();
     let mut numbers = [0u32; Entity::ALL.len()];
@@ -209,23 +233,41 @@ pub fn redact(
     // Only a JSON body has text a rule reads (anything else passes as it is, and is read again
     // below like any other).
     let json = serde_json::from_slice::<serde::de::IgnoredAny>(body).is_ok();
-    if json {
+    let tokens: Vec<Range<usize>> = if json {
+        strings(body).collect()
+    } else {
+        Vec::new()
+    };
+    let mut texts = Vec::with_capacity(tokens.len());
+    for token in &tokens {
+        // A string that does not decode (a lone surrogate escape passes a JSON check) could
+        // hide anything.
+        let text = body
+            .get(token.clone())
+            .and_then(decode)
+            .ok_or(Unredactable::Unreadable)?;
         // Placeholders the client wrote itself (decoded: `\u003c` is `<`) are never reused.
-        for token in strings(body) {
-            if let Some(text) = body.get(token).and_then(decode) {
-                placeholder_words(text.as_bytes(), &mut placeholders.taken);
-            }
-        }
+        placeholder_words(text.as_bytes(), &mut placeholders.taken);
+        texts.push(text);
     }
     let mut at = 0;
-    for token in json.then(|| strings(body)).into_iter().flatten() {
-        let Some(text) = body.get(token.clone()).and_then(decode) else {
-            continue;
-        };
-        if binary(&text) {
+    let mut key: Option<&str> = None;
+    for (token, text) in tokens.iter().zip(&texts) {
+        let is_key = body
+            .get(token.end..)
+            .unwrap_or_default()
+            .iter()
+            .find(|b| !b.is_ascii_whitespace())
+            == Some(&b':');
+        let credential = !is_key
+            && key.is_some_and(|k| CREDENTIAL_KEYS.iter().any(|c| c.eq_ignore_ascii_case(k)));
+        if is_key {
+            key = Some(text);
+        }
+        if credential || binary(text) {
             continue;
         }
-        let found = spans(&text, kinds);
+        let found = spans(text, kinds);
         if found.is_empty() {
             continue;
         }
@@ -252,7 +294,7 @@ pub fn redact(
         o.extend_from_slice(body.get(at..token.start).unwrap_or_default());
         match serde_json::to_vec(&replaced) {
             Ok(encoded) => o.extend_from_slice(&encoded),
-            Err(_) => o.extend_from_slice(body.get(token.clone()).unwrap_or_default()),
+            Err(_) => return Err(Unredactable::Unreadable),
         }
         at = token.end;
     }
@@ -260,29 +302,63 @@ pub fn redact(
         o.extend_from_slice(body.get(at..).unwrap_or_default());
     }
     // Read again, as `request.prompt_entities` reads it: views, decoded runs, seams of turns.
+    // Placeholders are longer than some values: the body the request was allowed with may grow
+    // past the size limit, which is not a reason to stop reading it.
     let sent = RequestInput {
         body: out.as_deref().unwrap_or(body),
         ..*input
+    };
+    let unbounded = ContextConfig {
+        max_body_bytes: usize::MAX,
+        ..config.clone()
     };
     let needs = Needs {
         prompt: true,
         entities: true,
         ..Needs::NONE
     };
-    if let Ok(ctx) = RequestContext::from_request_with(&sent, config, needs) {
-        let left: Vec<String> = kinds
-            .iter()
-            .map(Entity::name)
-            .filter(|k| {
-                core::iter::once(&ctx.request)
-                    .chain(&ctx.batch)
-                    .any(|r| r.prompt_entities.iter().any(|f| f == k))
-            })
-            .map(String::from)
-            .collect();
-        if !left.is_empty() {
-            return Err(Unredactable { kinds: left });
+    match RequestContext::from_request_with(&sent, &unbounded, needs) {
+        Ok(ctx) => {
+            let left: Vec<String> = kinds
+                .iter()
+                .map(Entity::name)
+                .filter(|k| {
+                    core::iter::once(&ctx.request)
+                        .chain(&ctx.batch)
+                        .any(|r| r.prompt_entities.iter().any(|f| f == k))
+                })
+                .map(String::from)
+                .collect();
+            if !left.is_empty() {
+                return Err(Unredactable::Disguised { kinds: left });
+            }
         }
+        // A JSON body the reader refuses: nothing reads its text (it is refused before it
+        // is checked, or is no API's), except one that could not be read again.
+        Err(_) if json => return Err(Unredactable::Unreadable),
+        Err(_) => {}
+    }
+    if restore && !placeholders.is_empty() {
+        let original = RequestContext::from_request_with(
+            input,
+            &unbounded,
+            Needs {
+                messages: true,
+                ..Needs::NONE
+            },
+        )
+        .map(|ctx| {
+            core::iter::once(ctx.request)
+                .chain(ctx.batch)
+                .flat_map(|r| r.messages)
+                .filter(|m| m.role == "user")
+                .map(|m| m.content)
+                .collect::<Vec<String>>()
+        })
+        .unwrap_or_default();
+        placeholders.keep_restorable(|value| original.iter().any(|t| t.contains(value)));
+    } else {
+        placeholders.by_placeholder.clear();
     }
     let counts = Entity::ALL
         .into_iter()
@@ -310,7 +386,7 @@ pub fn apply(
         return None;
     }
     let r = decision.actions.redact.as_mut()?;
-    match redact(input, config, kinds_of(r)) {
+    match redact(input, config, kinds_of(r), r.restore) {
         Ok(done) => {
             r.counts = done.counts.clone();
             Some(done)
@@ -358,7 +434,8 @@ fn spans(text: &str, kinds: Entities) -> Vec<(Entity, Range<usize>)> {
 
 /// Inline binary data, never text: a `data:` URL, or a long run of base64 without a space.
 fn binary(text: &str) -> bool {
-    text.starts_with("data:")
+    text.get(..5)
+        .is_some_and(|p| p.eq_ignore_ascii_case("data:"))
         || (text.len() > 256
             && text.bytes().all(|b| {
                 b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'=' | b'-' | b'_')

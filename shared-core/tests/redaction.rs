@@ -105,3 +105,33 @@ fn a_disguised_value_turns_the_decision_into_a_deny() {
     assert!(d.reason.contains("email"), "{}", d.reason);
     assert_eq!(d.actions.redact, None);
 }
+
+#[test]
+fn a_batch_is_redacted_when_any_of_its_requests_matches() {
+    let set = compile(&policy(
+        "allow",
+        r#"    - id: redact-contact
+      when: {match: {field: request.prompt_entities, op: contains, value: [email]}}
+      action: {decision: allow, transform: {redact: [email]}}
+"#,
+    ))
+    .expect("valid policy");
+    let b = serde_json::json!({"requests": [
+        {"custom_id": "a", "params": {"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "hello"}]}},
+        {"custom_id": "b", "params": {"model": "claude-sonnet-4-5", "max_tokens": 10,
+            "messages": [{"role": "user", "content": "mail ann@example.org"}]}}]})
+    .to_string();
+    let c = common::ctx_at("/v1/messages/batches", &[], &b);
+    let mut d = eval(&set, &c);
+    assert_eq!(d.decision, Verdict::Allow);
+    assert!(d.actions.redact.is_some(), "{d:?}");
+    let headers = Vec::new();
+    let input = RequestInput {
+        path: "/v1/messages/batches",
+        ..input(&headers, &b)
+    };
+    let done = redact::apply(&mut d, &input, &ContextConfig::default()).expect("redacted");
+    let sent = String::from_utf8(done.body.expect("changed")).unwrap();
+    assert!(sent.contains("mail <EMAIL_1>") && !sent.contains("ann@"), "{sent}");
+}

@@ -461,7 +461,13 @@ impl Engine {
                 started + deadline,
             )
             .await?;
+        // Past the deadline the failure mode answers, whatever was decided: nothing is
+        // charged for a decision the proxy may never apply (the reservations go back).
+        if started.elapsed() > deadline {
+            return Err(Failure::Deadline);
+        }
         if decision.actions.redact.is_some() {
+            // (After the deadline: what redacting costs is not taken from the decision's time.)
             // The counts for the decision and its record (the rewrite stream redacts the body
             // it forwards the same way); a value that cannot be redacted denies.
             let config = version.set.config().clone();
@@ -477,11 +483,6 @@ impl Engine {
                 decision
             })
             .await?;
-        }
-        // Past the deadline the failure mode answers, whatever was decided: nothing is
-        // charged for a decision the proxy may never apply (the reservations go back).
-        if started.elapsed() > deadline {
-            return Err(Failure::Deadline);
         }
         let checked = self.settle(version, decision, &ctx, counting, key).await;
         Ok((checked, Some(ctx)))

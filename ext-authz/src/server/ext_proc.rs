@@ -319,7 +319,7 @@ fn rewrite_reply(
                     body: &b.body,
                     now_unix: 0,
                 };
-                match redact::redact(&input, &r.config, r.kinds) {
+                match redact::redact(&input, &r.config, r.kinds, r.restore) {
                     Ok(done) => {
                         body = done.body;
                         r.placeholders = done.placeholders;

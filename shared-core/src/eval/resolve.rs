@@ -88,6 +88,7 @@ pub(super) fn decide(
         }
         let cacheable = d.cacheable;
         let max_tokens = max_tokens(ns, ctx, Some(part), d.verdict);
+        let redact = redaction(ns, d.matched_rules.iter(), d.verdict);
         let (shadow, errors, charges, remote) = (
             core::mem::take(&mut d.shadow),
             core::mem::take(&mut d.errors),
@@ -107,6 +108,7 @@ pub(super) fn decide(
                 cacheable,
                 cache_key: cache_key(),
                 max_tokens,
+                redact,
             },
             explain,
         );
@@ -152,6 +154,12 @@ pub(super) fn decide(
             }
         }
     }
+    // A batch's items are its requests: what any of them matched redacts the body.
+    let redact = redaction(
+        ns,
+        parts.iter().flat_map(|p| p.matched_rules.iter()),
+        verdict,
+    );
     let Some(d) = parts.into_iter().nth(deciding) else {
         return no_namespace(set, ctx, tags, explain);
     };
@@ -164,6 +172,7 @@ pub(super) fn decide(
         cacheable,
         cache_key: cache_key(),
         max_tokens: max_tokens(ns, ctx, raw.first(), verdict),
+        redact,
     };
     decision(d, ns, set, merged, explain)
 }
@@ -178,6 +187,8 @@ struct Merged {
     cacheable: bool,
     cache_key: String,
     max_tokens: Option<u64>,
+    /// What the request has replaced: the redactions of every part's matching rules.
+    redact: Option<Redaction>,
 }
 
 /// The output cap the request goes ahead with, when a `transform.maxTokens` lowered it below
@@ -202,16 +213,21 @@ fn max_tokens(
 /// What the request has replaced before it goes upstream: the kinds of every enforcing rule that
 /// matched and redacts (as with a fixed `maxTokens`, a matching rule's transform applies whichever
 /// rule decided), restored when any of them restores.
-fn redaction(ns: &Namespace, matched: &[String], verdict: Verdict) -> Option<Redaction> {
+fn redaction<'a>(
+    ns: &Namespace,
+    matched: impl Iterator<Item = &'a String>,
+    verdict: Verdict,
+) -> Option<Redaction> {
     if verdict != Verdict::Allow {
         return None;
     }
+    let matched: Vec<&String> = matched.collect();
     let mut kinds = crate::detect::Entities::none();
     let mut restore = false;
     for r in ns
         .rules
         .iter()
-        .filter(|r| !r.shadow && matched.contains(&r.id))
+        .filter(|r| !r.shadow && matched.contains(&&r.id))
     {
         if let Some(x) = r.action.redact {
             kinds = kinds.union(x.kinds);
@@ -233,7 +249,7 @@ fn decision(
     m: Merged,
     explain: bool,
 ) -> Decision {
-    let redact = redaction(ns, &d.matched_rules, d.verdict);
+    let redact = m.redact;
     let redacts = redact.is_some();
     Decision {
         decision: d.verdict,

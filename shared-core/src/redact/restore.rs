@@ -1,17 +1,24 @@
 //! `restore: true`: the redacted values put back where the answer repeats their placeholders,
 //! in a JSON answer (read whole) and in an event stream (event by event). A placeholder the
-//! provider splits across two events of one text (`<EMA` … `IL_1>`) is restored whole: an event
-//! whose text ends with the start of a placeholder is held until the next event of the same text
-//! (by key and index fields), and the two are sent as one. Restoring is for the client's
-//! convenience, not a guard: anything it cannot read (a compressed or oversized answer, a
-//! placeholder split across interleaved texts) passes with the placeholder, never with another
-//! value.
+//! provider splits across two events of one text (`<EMA` … `IL_1>`) is restored whole: when an
+//! event's text ends with the start of a placeholder, that start (at most
+//! [`MAX_PLACEHOLDER`] bytes) is taken off it and carried to the front of the next event of the
+//! same text (the same key and index fields); if that text has no next event, the start is sent
+//! on its own (a copy of its event) before whatever comes next. Only what a placeholder can be
+//! is ever held, and every event is sent as soon as it is read.
+//!
+//! Restoring is for the client's convenience, not a guard: anything it cannot read (a compressed
+//! or oversized answer, a placeholder split across texts the provider interleaves) passes with
+//! the placeholder, never with another value.
 
 use alloc::string::String;
 use alloc::vec::Vec;
 use core::ops::Range;
 
 use super::{decode, Placeholders};
+
+/// The longest placeholder start carried to the next event (`<PRIVATE_KEY_4294967295>` is 24).
+pub const MAX_PLACEHOLDER: usize = 40;
 
 /// The keys of index fields that tell the texts of one answer apart (choices, content blocks,
 /// output items, tool calls).
@@ -20,9 +27,6 @@ const INDEX_KEYS: &[&str] = &["index", "output_index", "content_index", "item_id
 /// Keys whose string value is JSON text (tool-call arguments): a value restored into it is
 /// escaped as a JSON string's content.
 const JSON_TEXT_KEYS: &[&str] = &["arguments", "partial_json"];
-
-/// The Responses API's event type whose `delta` is a tool call's arguments.
-const ARGUMENTS_EVENT: &[u8] = b"response.function_call_arguments.delta";
 
 /// How an answer is read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -35,20 +39,34 @@ enum Mode {
     Pass,
 }
 
-/// Which text of an answer a string is: its key and the answer's index fields.
-#[derive(Debug, Clone, PartialEq, Eq)]
-struct Text {
-    key: Option<String>,
+/// The strings of one JSON text: each value string's range and key, and the text's index fields
+/// (which text of the answer it is).
+#[derive(Debug, Default)]
+struct Strings {
+    values: Vec<Value>,
     indexes: Vec<(String, String)>,
 }
 
-/// An event held because its text ends with the start of a placeholder.
+/// One value string.
 #[derive(Debug)]
-struct Held {
+struct Value {
+    range: Range<usize>,
+    key: Option<String>,
+    /// Its content is JSON (tool-call arguments).
+    json_text: bool,
+}
+
+/// A placeholder's start taken off the end of an event's text, for the next event of that text.
+#[derive(Debug)]
+struct Carry {
+    /// The event it was taken from, and the string's range in it (to send the start on its own
+    /// if the text has no next event).
     event: Vec<u8>,
-    text: Text,
-    /// The held string's decoded value.
-    value: String,
+    range: Range<usize>,
+    key: Option<String>,
+    indexes: Vec<(String, String)>,
+    /// The placeholder's start.
+    start: String,
 }
 
 /// Puts a request's redacted values back into its answer.
@@ -57,7 +75,7 @@ pub struct Restorer {
     placeholders: Placeholders,
     mode: Mode,
     buf: Vec<u8>,
-    held: Option<Held>,
+    carry: Option<Carry>,
     max: usize,
     restored: u32,
 }
@@ -90,7 +108,7 @@ impl Restorer {
             placeholders,
             mode,
             buf: Vec::new(),
-            held: None,
+            carry: None,
             max: max_bytes,
             restored: 0,
         })
@@ -125,19 +143,26 @@ impl Restorer {
                 }
                 let body = core::mem::take(&mut self.buf);
                 let strings = value_strings(&body, 0);
-                self.restore_strings(&body, &strings).unwrap_or(body)
+                self.restore_strings(&body, &strings.values).unwrap_or(body)
             }
             Mode::Events => {
+                // Where the next event is looked for: the unread bytes are never scanned twice.
+                let scanned = self.buf.len().saturating_sub(3);
                 self.buf.extend_from_slice(chunk);
                 let mut out = Vec::new();
-                while let Some(n) = event_end(&self.buf) {
-                    let rest = self.buf.split_off(n);
-                    let event = core::mem::replace(&mut self.buf, rest);
+                let mut at = 0;
+                let mut from = scanned;
+                while let Some(n) = event_end(self.buf.get(from..).unwrap_or_default()) {
+                    let end_at = from.saturating_add(n);
+                    let event = self.buf.get(at..end_at).unwrap_or_default().to_vec();
                     self.event(event, &mut out);
+                    at = end_at;
+                    from = end_at;
                 }
+                self.buf.drain(..at.min(self.buf.len()));
                 if self.buf.len() > self.max {
-                    // An event this long is not one the provider sends: passed as it is.
-                    self.flush_held(&mut out);
+                    // An event this long is not one a provider sends: passed as it is.
+                    self.flush(&mut out);
                     out.append(&mut self.buf);
                 }
                 if end {
@@ -145,125 +170,129 @@ impl Restorer {
                     if !last.is_empty() {
                         self.event(last, &mut out);
                     }
-                    self.flush_held(&mut out);
+                    self.flush(&mut out);
                 }
                 out
             }
         }
     }
 
-    /// Sends a held event as it is (restored, its last text without the placeholder's end).
-    fn flush_held(&mut self, out: &mut Vec<u8>) {
-        if let Some(h) = self.held.take() {
-            let restored = self.restore_event(&h.event);
-            out.extend_from_slice(&restored.unwrap_or(h.event));
+    /// Sends a carried placeholder start on its own: a copy of its event with only it as text.
+    fn flush(&mut self, out: &mut Vec<u8>) {
+        let Some(c) = self.carry.take() else {
+            return;
+        };
+        let Ok(encoded) = serde_json::to_vec(&c.start) else {
+            return;
+        };
+        let mut event = c.event;
+        if event.get(c.range.clone()).is_some() {
+            event.splice(c.range, encoded);
+            out.extend_from_slice(&event);
         }
     }
 
-    /// One whole event: restored and sent, held, or merged with the one held.
+    /// One whole event: the carried start put in front of its text (or sent before it), then
+    /// restored and sent, a new placeholder start at its end carried.
     fn event(&mut self, mut event: Vec<u8>, out: &mut Vec<u8>) {
-        if let Some(h) = self.held.take() {
+        if let Some(c) = self.carry.take() {
             let strings = data_strings(&event);
-            match strings.iter().find(|(_, t)| *t == h.text) {
-                Some((range, _)) => {
-                    // The held text goes in front of this event's: one event, the placeholder
-                    // whole.
-                    let joined = event
-                        .get(range.clone())
-                        .and_then(decode)
-                        .map(|v| {
-                            let mut s = h.value.clone();
-                            s.push_str(&v);
-                            s
-                        })
-                        .and_then(|s| serde_json::to_vec(&s).ok());
-                    match joined {
-                        Some(encoded) => {
-                            event.splice(range.clone(), encoded);
-                        }
-                        None => {
-                            self.held = Some(h);
-                            self.flush_held(out);
-                        }
-                    }
+            let same = (strings.indexes == c.indexes)
+                .then(|| strings.values.iter().find(|v| v.key == c.key))
+                .flatten();
+            let joined = same.and_then(|v| {
+                let text = decode(event.get(v.range.clone())?)?;
+                let mut s = c.start.clone();
+                s.push_str(&text);
+                Some((v.range.clone(), serde_json::to_vec(&s).ok()?))
+            });
+            match joined {
+                Some((range, encoded)) => {
+                    event.splice(range, encoded);
                 }
                 None => {
-                    self.held = Some(h);
-                    self.flush_held(out);
+                    self.carry = Some(c);
+                    self.flush(out);
                 }
             }
         }
-        // The text ends with the start of a placeholder: held for the next event of it.
-        for (range, text) in data_strings(&event) {
-            let Some(value) = event.get(range).and_then(decode) else {
+        let strings = data_strings(&event);
+        let mut carry = None;
+        for v in &strings.values {
+            let Some(text) = event.get(v.range.clone()).and_then(decode) else {
                 continue;
             };
-            if self.ends_partial(&value) {
-                let value = value.into_owned();
-                self.held = Some(Held { event, text, value });
-                return;
+            if let Some(at) = self.partial_start(&text) {
+                if let (Some(head), Some(start)) = (text.get(..at), text.get(at..)) {
+                    if let Ok(encoded) = serde_json::to_vec(head) {
+                        carry = Some((
+                            v.range.clone(),
+                            encoded,
+                            Carry {
+                                event: Vec::new(),
+                                range: v.range.clone(),
+                                key: v.key.clone(),
+                                indexes: strings.indexes.clone(),
+                                start: String::from(start),
+                            },
+                        ));
+                    }
+                }
+                break;
             }
         }
-        let restored = self.restore_event(&event);
-        out.extend_from_slice(&restored.unwrap_or(event));
+        match carry {
+            Some((range, head, mut c)) => {
+                // The event is sent now without the start; the start goes with the next one.
+                c.event = event.clone();
+                event.splice(range, head);
+                let strings = data_strings(&event);
+                let restored = self.restore_strings(&event, &strings.values);
+                out.extend_from_slice(&restored.unwrap_or(event));
+                self.carry = Some(c);
+            }
+            None => {
+                let restored = self.restore_strings(&event, &strings.values);
+                out.extend_from_slice(&restored.unwrap_or(event));
+            }
+        }
     }
 
-    /// Whether `s` ends with the start (not the whole) of a placeholder.
-    fn ends_partial(&self, s: &str) -> bool {
-        let tail = s.len().saturating_sub(40);
-        let Some(at) = s
-            .as_bytes()
-            .get(tail..)
-            .and_then(|t| t.iter().rposition(|b| *b == b'<'))
-        else {
-            return false;
-        };
-        s.get(tail.saturating_add(at)..)
+    /// Where `s` ends with the start (not the whole) of a placeholder: that start's offset.
+    fn partial_start(&self, s: &str) -> Option<usize> {
+        let tail = s.len().saturating_sub(MAX_PLACEHOLDER);
+        let at = s.as_bytes().get(tail..)?.iter().rposition(|b| *b == b'<')?;
+        let at = tail.saturating_add(at);
+        s.get(at..)
             .is_some_and(|start| self.placeholders.starts_one(start))
+            .then_some(at)
     }
 
-    /// `event` with the placeholders of its data restored (`None`: nothing to restore).
-    fn restore_event(&mut self, event: &[u8]) -> Option<Vec<u8>> {
-        let ranges: Vec<(Range<usize>, Text)> = data_strings(event);
-        self.restore_strings(event, &ranges)
-    }
-
-    /// `bytes` with the placeholders of its strings (`ranges`) restored.
-    fn restore_strings(
-        &mut self,
-        bytes: &[u8],
-        ranges: &[(Range<usize>, Text)],
-    ) -> Option<Vec<u8>> {
+    /// `bytes` with the placeholders of its strings (`values`) restored (`None`: nothing to
+    /// restore).
+    fn restore_strings(&mut self, bytes: &[u8], values: &[Value]) -> Option<Vec<u8>> {
         let mut out: Option<Vec<u8>> = None;
         let mut at = 0;
-        // The Responses API streams a tool call's arguments as `delta` of its own event type.
-        let arguments_event = bytes
-            .windows(ARGUMENTS_EVENT.len())
-            .any(|w| w == ARGUMENTS_EVENT);
-        for (range, text) in ranges {
-            let Some(token) = bytes.get(range.clone()) else {
+        for v in values {
+            let Some(token) = bytes.get(v.range.clone()) else {
                 continue;
             };
             if !token.contains(&b'<') && !token.contains(&b'\\') {
                 continue;
             }
-            let Some(value) = decode(token) else {
+            let Some(text) = decode(token) else {
                 continue;
             };
-            let json_text = text
-                .key
-                .as_deref()
-                .is_some_and(|k| JSON_TEXT_KEYS.contains(&k) || (arguments_event && k == "delta"));
-            let Some(restored) = self.restore_text(&value, json_text) else {
+            let Some(restored) = self.restore_text(&text, v.json_text) else {
                 continue;
             };
             let Ok(encoded) = serde_json::to_vec(&restored) else {
                 continue;
             };
             let o = out.get_or_insert_with(|| Vec::with_capacity(bytes.len()));
-            o.extend_from_slice(bytes.get(at..range.start).unwrap_or_default());
+            o.extend_from_slice(bytes.get(at..v.range.start).unwrap_or_default());
             o.extend_from_slice(&encoded);
-            at = range.end;
+            at = v.range.end;
         }
         let mut o = out?;
         o.extend_from_slice(bytes.get(at..).unwrap_or_default());
@@ -282,7 +311,7 @@ impl Restorer {
         while let Some(i) = rest.find('<') {
             out.push_str(rest.get(..i).unwrap_or_default());
             let tail = rest.get(i..).unwrap_or_default();
-            let end = tail.bytes().take(48).position(|b| b == b'>');
+            let end = tail.bytes().take(MAX_PLACEHOLDER).position(|b| b == b'>');
             let found = end
                 .and_then(|e| tail.get(..=e))
                 .and_then(|p| Some((p.len(), self.placeholders.value(p)?)));
@@ -313,43 +342,48 @@ impl Restorer {
     }
 }
 
-/// The end (exclusive) of the first whole event in `buf`: after its blank line.
+/// The length of the first whole event in `buf`, its blank line included.
 fn event_end(buf: &[u8]) -> Option<usize> {
-    let lf = buf
-        .windows(2)
-        .position(|w| w == b"\n\n")
-        .map(|i| i.saturating_add(2));
-    let crlf = buf
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .map(|i| i.saturating_add(4));
-    match (lf, crlf) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
+    let at = buf.iter().position(|b| *b == b'\n')?;
+    let mut i = at;
+    // A blank line: `\n\n`, or `\r\n\r\n` (or a mix).
+    loop {
+        let next = buf.get(i.saturating_add(1)..)?;
+        let skip = match next {
+            [b'\n', ..] => 1,
+            [b'\r', b'\n', ..] => 2,
+            _ => {
+                let more = next.iter().position(|b| *b == b'\n')?;
+                i = i.saturating_add(1).saturating_add(more);
+                continue;
+            }
+        };
+        return Some(i.saturating_add(1).saturating_add(skip));
     }
 }
 
 /// The value strings of an event's `data:` lines.
-fn data_strings(event: &[u8]) -> Vec<(Range<usize>, Text)> {
-    let mut out = Vec::new();
+fn data_strings(event: &[u8]) -> Strings {
+    let mut out = Strings::default();
     let mut at: usize = 0;
     for line in event.split(|b| *b == b'\n') {
         let start = at;
         at = at.saturating_add(line.len()).saturating_add(1);
         if let Some(payload) = line.strip_prefix(b"data:") {
-            let base = start.saturating_add(5);
-            out.extend(value_strings(payload, base));
+            let s = value_strings(payload, start.saturating_add(5));
+            out.values.extend(s.values);
+            out.indexes.extend(s.indexes);
         }
     }
     out
 }
 
 /// The value strings (not keys) of the JSON text `json`, offset by `base`, with the key each is
-/// the value of and the text's index fields.
-fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
-    let mut values: Vec<(Range<usize>, Option<String>)> = Vec::new();
-    let mut indexes: Vec<(String, String)> = Vec::new();
+/// the value of, and the text's index fields.
+fn value_strings(json: &[u8], base: usize) -> Strings {
+    let mut out = Strings::default();
     let mut key: Option<String> = None;
+    let mut kind: Option<String> = None;
     for token in super::strings(json) {
         let after = json
             .get(token.end..)
@@ -360,7 +394,7 @@ fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
         let is_key = after.and_then(|i| json.get(i)) == Some(&b':');
         let decoded = json.get(token.clone()).and_then(decode);
         if is_key {
-            let k = decoded.map(|d| d.into_owned());
+            let k = decoded.map(alloc::borrow::Cow::into_owned);
             if let (Some(k), Some(colon)) = (&k, after) {
                 if INDEX_KEYS.contains(&k.as_str()) {
                     let value: Vec<u8> = json
@@ -369,29 +403,36 @@ fn value_strings(json: &[u8], base: usize) -> Vec<(Range<usize>, Text)> {
                         .iter()
                         .copied()
                         .skip_while(u8::is_ascii_whitespace)
+                        .take(64)
                         .take_while(|b| b.is_ascii_alphanumeric() || *b == b'"' || *b == b'_')
                         .collect();
-                    indexes.push((k.clone(), String::from_utf8_lossy(&value).into_owned()));
+                    out.indexes
+                        .push((k.clone(), String::from_utf8_lossy(&value).into_owned()));
                 }
             }
             key = k;
         } else {
-            values.push((
-                token.start.saturating_add(base)..token.end.saturating_add(base),
-                key.clone(),
-            ));
+            if kind.is_none() && key.as_deref() == Some("type") {
+                kind = decoded.map(alloc::borrow::Cow::into_owned);
+            }
+            out.values.push(Value {
+                range: token.start.saturating_add(base)..token.end.saturating_add(base),
+                json_text: key.as_deref().is_some_and(|k| JSON_TEXT_KEYS.contains(&k)),
+                key: key.clone(),
+            });
         }
     }
-    values
-        .into_iter()
-        .map(|(r, key)| {
-            (
-                r,
-                Text {
-                    key,
-                    indexes: indexes.clone(),
-                },
-            )
-        })
-        .collect()
+    // The Responses API streams a tool call's arguments as the `delta` of an arguments event
+    // (`response.function_call_arguments.delta`, `response.mcp_call_arguments.delta`).
+    if kind
+        .as_deref()
+        .is_some_and(|t| t.ends_with("arguments.delta"))
+    {
+        for v in &mut out.values {
+            if v.key.as_deref() == Some("delta") {
+                v.json_text = true;
+            }
+        }
+    }
+    out
 }
