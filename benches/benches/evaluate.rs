@@ -360,9 +360,93 @@ fn answers(c: &mut Criterion) {
     g.finish();
 }
 
+/// `transform.redact`: an 8 KB prompt with 16 addresses and phone numbers redacted (and read
+/// again), and the answer restored (JSON whole; a stream of 4-byte deltas, its placeholders split).
+fn redaction(c: &mut Criterion) {
+    use llm_policy_core::detect::Entities;
+    use llm_policy_core::redact::{redact, Restorer};
+    let mut g = c.benchmark_group("redact");
+    let mut prompt = String::new();
+    let mut i = 0;
+    while prompt.len() < 8 * 1024 {
+        prompt.push_str(
+            "Please forward the minutes of the review to the people who asked for them. ",
+        );
+        if i % 6 == 0 {
+            prompt.push_str(&format!(
+                "Write to user{i}@corp.example.org or call +1 415 555 {:04}. ",
+                100 + i
+            ));
+        }
+        i += 1;
+    }
+    let body =
+        serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]})
+            .to_string();
+    let input = llm_policy_core::RequestInput {
+        method: "POST",
+        path: "/v1/chat/completions",
+        headers: &[],
+        body: body.as_bytes(),
+        now_unix: 0,
+    };
+    let config = ContextConfig::default();
+    g.throughput(criterion::Throughput::Bytes(body.len() as u64));
+    g.bench_function(BenchmarkId::new("request", "8KB"), |b| {
+        b.iter(|| redact(black_box(&input), &config, Entities::all(), true).map(|r| r.counts.len()))
+    });
+    let done = redact(&input, &config, Entities::all(), true).unwrap_or_else(|_| {
+        std::process::exit(1);
+    });
+    let sent = String::from_utf8(done.body.clone().unwrap_or_default()).unwrap_or_default();
+    let said: serde_json::Value = serde_json::from_str(&sent).unwrap_or_default();
+    let text = said["messages"][0]["content"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    let json = serde_json::json!({"choices": [{"index": 0, "message": {"role": "assistant", "content": text}}]})
+        .to_string();
+    let mut stream = String::new();
+    for piece in text.as_bytes().chunks(4) {
+        let piece = std::str::from_utf8(piece).unwrap_or_default();
+        stream.push_str(&format!(
+            "data: {}\n\n",
+            serde_json::json!({"choices": [{"index": 0, "delta": {"content": piece}}]})
+        ));
+    }
+    stream.push_str("data: [DONE]\n\n");
+    g.throughput(criterion::Throughput::Bytes(text.len() as u64));
+    g.bench_function(BenchmarkId::new("restore/json", "8KB"), |b| {
+        b.iter(|| {
+            let mut r = Restorer::new(done.placeholders.clone(), "application/json", None, 1 << 22);
+            r.as_mut()
+                .map(|r| r.push(black_box(json.as_bytes()), true).len())
+        })
+    });
+    g.bench_function(BenchmarkId::new("restore/stream-4B-deltas", "8KB"), |b| {
+        b.iter(|| {
+            let mut r = Restorer::new(
+                done.placeholders.clone(),
+                "text/event-stream",
+                None,
+                1 << 22,
+            );
+            let mut n = 0usize;
+            if let Some(r) = &mut r {
+                for chunk in stream.as_bytes().chunks(256) {
+                    n += r.push(chunk, false).len();
+                }
+                n += r.push(b"", true).len();
+            }
+            black_box(n)
+        })
+    });
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(60).warm_up_time(Duration::from_millis(800)).measurement_time(Duration::from_secs(3));
-    targets = llm_policy, peers, extraction, folding, detection, answers
+    targets = llm_policy, peers, extraction, folding, detection, answers, redaction
 }
 criterion_main!(benches);

@@ -133,5 +133,8 @@ fn a_batch_is_redacted_when_any_of_its_requests_matches() {
     };
     let done = redact::apply(&mut d, &input, &ContextConfig::default()).expect("redacted");
     let sent = String::from_utf8(done.body.expect("changed")).unwrap();
-    assert!(sent.contains("mail <EMAIL_1>") && !sent.contains("ann@"), "{sent}");
+    assert!(
+        sent.contains("mail <EMAIL_1>") && !sent.contains("ann@"),
+        "{sent}"
+    );
 }
