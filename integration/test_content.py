@@ -17,9 +17,10 @@ with the official SDKs, against the shipped policies:
 - a code-execution server tool is denied by type whatever its name, a client tool by name in any
   case.
 
-The two cases no scanner catches (an address given as a user name and a domain with an ask to join
-them; an SSN in two pieces) are listed in `KNOWN_GAPS` and asserted to pass, so that closing one
-fails this test until the list is updated.
+Cases no scanner catches are listed in `KNOWN_GAPS` and asserted to pass, so that closing one
+fails this test until the list is updated; it is empty (the last two, an address given as a user
+name and a domain with an ask to join them and an SSN in two pieces, are read by views of their
+own).
 """
 
 import json
@@ -38,7 +39,7 @@ RESEARCH = {"x-llm-policy-namespace": "restricted", "x-team-id": "research", "x-
 BASELINE_KINDS = {"secret", "private_key", "card", "ssn", "injection"}
 
 # Cases no scanner catches, in every namespace and mode (see the issue notes).
-KNOWN_GAPS = {"email-split-002", "ssn-split-001"}
+KNOWN_GAPS: set = set()
 
 DISGUISED = corpus.disguised()
 CLEAN = corpus.clean(1200)

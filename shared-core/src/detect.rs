@@ -3,7 +3,8 @@
 //! ([`crate::fold`]: fullwidth, zero-width, look-alike letters), letters spelled one by one
 //! joined, spelled-out `[at]` / `dot`, keys written in groups, mixed digit separators, base64 /
 //! hex / percent-encoded runs decoded, the text reversed, digit groups of nearby numbers side by
-//! side (a card handed over in two turns) and, for phrases, leetspeak.
+//! side (a card handed over in two turns), an SSN's two pieces and an address's labelled parts
+//! joined, and, for phrases, leetspeak.
 //!
 //! A view that rewrites the text may join what was apart, so in a view only confident findings
 //! count ([`VIEW_CONFIDENCE`]: a Luhn-valid number must have a known issuer's prefix). Both
@@ -202,8 +203,9 @@ pub fn asks_backwards(text: &str) -> bool {
 }
 
 /// Calls `f` with each view of `text` that differs from it (folded, compacted and folded,
-/// decoded, reversed when the text asks for it, card and IBAN pieces joined) and the one kind to
-/// read in it, if only one (card numbers in the scattered digits, IBANs in the IBAN pieces).
+/// decoded, reversed when the text asks for it, card, IBAN and SSN pieces joined, an address's
+/// labelled parts joined) and the one kind to read in it, if only one (card numbers in the
+/// scattered digits, IBANs in the IBAN pieces, ...).
 pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
     let folded = crate::fold::fold(text);
     // ASCII folds to its lower case with white space collapsed, which the scanners of the text
@@ -233,6 +235,14 @@ pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
     let iban = views::scattered_iban(text);
     if !iban.is_empty() {
         f(&iban, Some(Entity::Iban));
+    }
+    let ssn = views::scattered_ssn(text);
+    if !ssn.is_empty() {
+        f(&ssn, Some(Entity::UsSsn));
+    }
+    let address = views::labelled_address(text);
+    if !address.is_empty() {
+        f(&address, Some(Entity::Email));
     }
 }
 

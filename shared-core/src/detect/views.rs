@@ -473,6 +473,128 @@ pub fn scattered_digits(text: &str) -> String {
     out
 }
 
+/// A US social security number handed over in two pieces (`the first five digits are 126-04` …
+/// `the last four are 7734`), only in a text that names it (`SSN`, `social security`): each
+/// `ddd-dd` standing alone joined with the first four digits standing alone at most 64 bytes
+/// after it, one per line. The SSN scanner's area, group and serial checks decide.
+pub fn scattered_ssn(text: &str) -> String {
+    const NEAR: usize = 64;
+    let lower = text.to_ascii_lowercase();
+    if !(lower.contains("ssn") || lower.contains("social security")) {
+        return String::new();
+    }
+    let b = text.as_bytes();
+    let digit = |i: usize| b.get(i).is_some_and(u8::is_ascii_digit);
+    let word = |i: Option<usize>| {
+        i.and_then(|i| b.get(i))
+            .is_some_and(u8::is_ascii_alphanumeric)
+    };
+    let mut out = String::new();
+    let mut i = 0usize;
+    while i.saturating_add(6) <= b.len() {
+        let head = (0..3).all(|k| digit(i.saturating_add(k)))
+            && matches!(b.get(i.saturating_add(3)), Some(b'-' | b' ' | b'.'))
+            && (4..6).all(|k| digit(i.saturating_add(k)))
+            && !word(i.checked_sub(1))
+            && !digit(i.saturating_add(6))
+            // Not already whole (`ddd-dd-dddd`): the scanner reads that in the text itself.
+            && !(matches!(b.get(i.saturating_add(6)), Some(b'-' | b' ' | b'.'))
+                && digit(i.saturating_add(7)));
+        if !head {
+            i = i.saturating_add(1);
+            continue;
+        }
+        let end = i.saturating_add(6);
+        let mut j = end;
+        let limit = end.saturating_add(NEAR).min(b.len());
+        while j < limit {
+            if digit(j) && !word(j.checked_sub(1)) {
+                let mut z = j;
+                while digit(z) {
+                    z = z.saturating_add(1);
+                }
+                if z.saturating_sub(j) == 4 && !b.get(z).is_some_and(u8::is_ascii_alphanumeric) {
+                    if let (Some(h), Some(t)) = (text.get(i..i.saturating_add(3)), text.get(j..z)) {
+                        let g = text.get(i.saturating_add(4)..end).unwrap_or_default();
+                        out.push_str(h);
+                        out.push('-');
+                        out.push_str(g);
+                        out.push('-');
+                        out.push_str(t);
+                        out.push('\n');
+                    }
+                    break;
+                }
+                j = z;
+            } else {
+                j = j.saturating_add(1);
+            }
+        }
+        i = end;
+    }
+    out
+}
+
+/// An address handed over as its parts with the sign to join them (`Username: ann.lee` …
+/// `Domain: example.org. Put an @ between them`): in a text that holds an `@` or names it (`at
+/// sign`, `at symbol`), each value labelled as a user, login, account or local name joined with
+/// each value labelled as a domain or host, one per line (at most 8 of each). The e-mail scanner
+/// decides.
+pub fn labelled_address(text: &str) -> String {
+    let lower = text.to_ascii_lowercase();
+    if !(text.contains('@')
+        || lower.contains("at sign")
+        || lower.contains("at symbol")
+        || lower.contains("at-sign"))
+    {
+        return String::new();
+    }
+    let mut locals: Vec<&str> = Vec::new();
+    let mut domains: Vec<&str> = Vec::new();
+    for (colon, _) in text.match_indices(':') {
+        let before = lower.get(..colon).unwrap_or_default();
+        let label_start = before
+            .rfind(|c: char| !(c.is_ascii_alphabetic() || c == ' ' || c == '-' || c == '_'))
+            .map_or(0, |p| p.saturating_add(1));
+        let label = before.get(label_start..).unwrap_or_default().trim();
+        if label.is_empty() || label.len() > 24 {
+            continue;
+        }
+        let after = text.get(colon.saturating_add(1)..).unwrap_or_default();
+        let value = after.trim_start();
+        let len = value
+            .find(|c: char| {
+                !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '%' | '+' | '-'))
+            })
+            .unwrap_or(value.len());
+        let value = value.get(..len).unwrap_or_default().trim_end_matches('.');
+        if value.is_empty() {
+            continue;
+        }
+        if label.contains("domain") || label.contains("host") {
+            if value.contains('.') && domains.len() < 8 {
+                domains.push(value);
+            }
+        } else if ["user", "login", "account", "local", "name", "mailbox"]
+            .iter()
+            .any(|w| label.contains(w))
+            && locals.len() < 8
+        {
+            locals.push(value);
+        }
+    }
+    let mut out = String::new();
+    for l in &locals {
+        for d in &domains {
+            out.push_str(l);
+            out.push('@');
+            out.push_str(d);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 /// An IBAN handed over in pieces (`starts DE10 2321 8709` … `ends 8398 8120 52`): from each
 /// word of two letters and two digits, it and the following words that hold digits (words
 /// without digits between them skipped, at most 48 bytes apart) joined, one line per prefix, up to
@@ -808,6 +930,29 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ssn_in_two_pieces_joins_only_where_an_ssn_is_named() {
+        let t = "the first five digits of my SSN are 126-04\nand the last four are 7734. Fill in the W-4.";
+        assert_eq!(scattered_ssn(t), "126-04-7734\n");
+        assert_eq!(scattered_ssn("pages 100-12 of the 2024 report"), "");
+        // Whole already: the text is read as it is.
+        assert_eq!(scattered_ssn("SSN 126-04-7734 and 2024"), "");
+    }
+
+    #[test]
+    fn an_address_in_labelled_parts_joins_only_where_the_sign_is_named() {
+        let t = "Username: ann.lee\nDomain: example.org. Put an @ between them and send the quote.";
+        assert_eq!(labelled_address(t), "ann.lee@example.org\n");
+        assert_eq!(
+            labelled_address("Username: admin\nDomain: example.org, the usual setup"),
+            ""
+        );
+        assert_eq!(
+            labelled_address("host: db1.local, name: primary @ 5pm"),
+            "primary@db1.local\n"
+        );
+    }
 
     #[test]
     fn spelled_out_letters_join() {
