@@ -153,7 +153,8 @@ def test_restore_puts_the_values_back_json_and_streams(proxy, team, request):
             assert "".join(st.text_stream) == said, n
         events = list(oai(s.envoy, **ns(team), **{"x-mock-echo": n}).responses.create(
             model="gpt-4o", input=said, stream=True))
-        assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == said, n
+        got = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert got == said, (n, got, [(e.type, getattr(e, "delta", None), getattr(e, "sequence_number", None)) for e in events])
         assert events[-1].type == "response.completed"
 
 

@@ -482,6 +482,7 @@ mod tests {
                     include_usage: true,
                     answer: None,
                     redact: None,
+                    stream: false,
                 }),
             })
         );

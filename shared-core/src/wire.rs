@@ -133,6 +133,9 @@ pub struct Grant {
     /// deployment the server's rewrite stream redacts, and with `restore` also checks and
     /// restores the answer; the filter does it itself.
     pub redact: Option<crate::decision::Redaction>,
+    /// The request asked for its answer streamed: a restoring rewrite stream asks for the answer
+    /// streamed, else buffered, from the request's headers on (said with [`Grant::redact`]).
+    pub stream: bool,
 }
 
 /// What checking an answer needs of its request ([`crate::answer`]): the request as response
@@ -158,7 +161,8 @@ impl Grant {
     pub const ANSWER: &'static str = "llm_policy_answer";
 
     /// Metadata key of [`Grant::redact`]: the kinds, comma-separated, then `;restore` when the
-    /// answer gets the values back (`email,credit_card;restore`).
+    /// answer gets the values back and `;stream` when it is asked for streamed
+    /// (`email,credit_card;restore;stream`).
     pub const REDACT: &'static str = "llm_policy_redact";
 
     /// Whether there is nothing to say (no metadata is sent).
@@ -212,6 +216,9 @@ impl Grant {
             if r.restore {
                 v.push_str(";restore");
             }
+            if self.stream {
+                v.push_str(";stream");
+            }
             out.push((Self::REDACT, MetadataValue::Text(v)));
         }
         out
@@ -228,17 +235,22 @@ impl Grant {
             Some(MetadataValue::Text(json)) => serde_json::from_str(&json).ok(),
             _ => None,
         };
+        let mut stream = false;
         let redact = match get(Self::REDACT) {
             Some(MetadataValue::Text(v)) => {
-                let (kinds, restore) = match v.split_once(';') {
-                    Some((k, flag)) => (String::from(k), flag == "restore"),
-                    None => (v, false),
-                };
-                let kinds: Vec<String> = kinds
+                let mut parts = v.split(';');
+                let kinds: Vec<String> = parts
+                    .next()
+                    .unwrap_or_default()
                     .split(',')
                     .filter(|k| crate::detect::Entity::from_name(k).is_some())
                     .map(String::from)
                     .collect();
+                let mut restore = false;
+                for flag in parts {
+                    restore |= flag == "restore";
+                    stream |= flag == "stream";
+                }
                 (!kinds.is_empty()).then(|| crate::decision::Redaction {
                     kinds,
                     restore,
@@ -253,6 +265,7 @@ impl Grant {
             max_tokens,
             answer,
             redact,
+            stream,
         }
     }
 }

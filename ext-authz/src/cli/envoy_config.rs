@@ -256,8 +256,22 @@ fn split_any_host_port(authority: &str, default: u16) -> Option<(String, u16)> {
 /// every other request, and a local reply of an earlier filter (an ext_authz denial, a request
 /// timeout) whose request never reached it, passes without it. (A filter skipped by a matcher
 /// instead would still run for such a reply, and fail it when the server is down.)
-fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&str; 6]) -> String {
+fn gated_ext_proc(
+    name: &str,
+    comment: &str,
+    failure_mode_allow: bool,
+    modes: [&str; 6],
+    early_body: bool,
+) -> String {
     let comment = indent(comment, 18);
+    // A body streamed from the request's headers on goes to the server as it comes: held until
+    // the answer's headers are answered, a body that has fully arrived by then is lost (Envoy
+    // 1.40, seen under load).
+    let early = if early_body {
+        "\n                                        # An answer streamed since the request's headers goes to the server as it comes.\n                                        send_body_without_waiting_for_header_response: true"
+    } else {
+        ""
+    };
     let [rq_headers, rs_headers, rq_body, rs_body, rq_trailers, rs_trailers] = modes;
     // A processor that cannot answer: 503, as the ext_authz filter answers (Envoy's default is
     // 500).
@@ -300,7 +314,7 @@ fn gated_ext_proc(name: &str, comment: &str, failure_mode_allow: bool, modes: [&
                                         failure_mode_allow: {failure_mode_allow}{on_error}
                                         # A whole answer is checked at once (up to maxResponseBytes).
                                         message_timeout: 2s
-                                        allow_mode_override: true
+                                        allow_mode_override: true{early}
                                         processing_mode:
                                           request_header_mode: {rq_headers}
                                           response_header_mode: {rs_headers}
@@ -933,16 +947,21 @@ pub fn generate(
             ),
             args.failure_mode == Failure::Open,
             ["SKIP", "SEND", "NONE", "NONE", "SKIP", "SKIP"],
+            false,
         ));
         filters.push_str(&gated_ext_proc(
             "llm_policy.rewrite",
             "# A request whose body the policies rewrite (docs/budgets.md): its output
 # cap lowered (`transform.maxTokens`), or, for an OpenAI stream whose client did
-# not ask for its usage, `stream_options.include_usage` added. ext_authz cannot
+# not ask for its usage, `stream_options.include_usage` added; its personal data
+# replaced by placeholders (`transform.redact`), and with `restore` its answer
+# read back here (response rules, then the values put back). ext_authz cannot
 # rewrite a body, so the server's ext_proc edge does. Unrewritten, the request
-# could spend more than its budget pays for: the server unreachable denies it.",
+# could spend more than its budget pays for, or send what the policy redacts:
+# the server unreachable denies it.",
             false,
             ["SEND", "SKIP", "NONE", "NONE", "SKIP", "SKIP"],
+            false,
         ));
         filters.push_str(&format!(
             "                  # Every answer's usage, read by `llm-policy serve` as it streams to the client

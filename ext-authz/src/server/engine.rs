@@ -91,6 +91,8 @@ pub struct Checked {
     /// Response rules check the answer of this allowed request: what they read of it
     /// ([`wire::Grant::answer`]).
     pub answer: Option<wire::AnswerCheck>,
+    /// The request asked for its answer streamed ([`wire::Grant::stream`]).
+    pub stream: bool,
     /// The registry version that decided (or was serving when the check failed).
     pub version: Option<Arc<Version>>,
     /// The cache level that answered.
@@ -405,6 +407,7 @@ impl Engine {
             respond: Vec::new(),
             reservation: None,
             include_usage: false,
+            stream: false,
             answer: None,
             decision: None,
             reply,
@@ -1251,6 +1254,7 @@ fn rejected(
         respond: Vec::new(),
         reservation: None,
         include_usage: false,
+        stream: false,
         answer: None,
         decision: None,
         reply: Some(reply::for_error(e, provider)),
@@ -1271,6 +1275,7 @@ fn unauthenticated(
         respond: Vec::new(),
         reservation: None,
         include_usage: false,
+        stream: false,
         answer: None,
         decision: None,
         reply: Some(reply::unauthenticated(provider, e)),
@@ -1373,6 +1378,7 @@ fn render(
         reservation: None,
         include_usage: false,
         answer,
+        stream: ctx.request.stream,
         decision: Some(decision),
         reply,
         upstream,

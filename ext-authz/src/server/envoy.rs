@@ -177,6 +177,7 @@ pub fn response(checked: Checked) -> CheckResponse {
                 include_usage: checked.include_usage && checked.reservation.is_some(),
                 reservation: checked.reservation,
                 answer: checked.answer,
+                stream: checked.stream && redact.is_some(),
                 redact,
             };
             let mut upstream = checked.upstream;

@@ -62,6 +62,12 @@ use llm_policy_core::wire::{self, Grant, MetadataValue};
 use super::audit::{CutFacts, CutRecord};
 use super::engine::{Engine, Usage};
 
+/// Whether a restoring rewrite stream reads a streamed answer streamed. Off: Envoy 1.40 loses
+/// (now and then, under load) a streamed answer whose body has fully arrived before its headers
+/// were answered, and the client gets an empty 200; buffered, the answer is restored whole and
+/// sent at its end.
+const STREAM_RESTORED: bool = false;
+
 /// A body chunk above this is checked with [`tokio::task::block_in_place`].
 const LARGE_BODY: usize = 64 * 1024;
 
@@ -216,6 +222,10 @@ struct Redacting {
     kinds: Entities,
     /// The answer comes back through this stream: response rules, then the values restored.
     restore: bool,
+    /// The request asked for its answer streamed: the answer is asked for streamed (else
+    /// buffered) from the request headers on, never by an override at the answer's headers
+    /// (Envoy loses a body that has fully arrived before such an override turns streaming on).
+    stream: bool,
     /// What response rules read of the request (with `restore`).
     answer: Option<wire::AnswerCheck>,
     method: String,
@@ -279,11 +289,14 @@ fn rewrite_reply(
     match message {
         In::RequestHeaders(h) => {
             let body_follows = state.rewrites() && !h.end_of_stream;
-            // A restoring stream also reads the answer's headers (then asks for its body).
-            let answer_headers = if state.restores() {
-                HeaderSendMode::Send
-            } else {
-                HeaderSendMode::Skip
+            // A restoring stream also reads the answer: its headers, and its body streamed or
+            // buffered as the request asked.
+            let (answer_headers, answer_body) = match &state.redact {
+                Some(r) if r.restore && r.stream && STREAM_RESTORED => {
+                    (HeaderSendMode::Send, BodySendMode::Streamed)
+                }
+                Some(r) if r.restore => (HeaderSendMode::Send, BodySendMode::Buffered),
+                _ => (HeaderSendMode::Skip, BodySendMode::None),
             };
             Some(ProcessingResponse {
                 response: Some(Out::RequestHeaders(HeadersResponse {
@@ -303,7 +316,7 @@ fn rewrite_reply(
                         HeaderSendMode::Send,
                         answer_headers,
                         BodySendMode::Buffered,
-                        BodySendMode::None,
+                        answer_body,
                     )
                 }),
                 ..ProcessingResponse::default()
@@ -370,6 +383,9 @@ struct Edit {
     guard: Option<(AnswerGuard, wire::AnswerCheck)>,
     /// The redacted values put back (after the response rules read the answer).
     restorer: Option<Restorer>,
+    /// The body's mode was set with the request headers (a restoring rewrite stream): whether
+    /// it comes buffered. `None`: the answer's headers set it.
+    buffered: Option<bool>,
 }
 
 impl Edit {
@@ -381,8 +397,10 @@ impl Edit {
     /// Whether the answer is read whole (a JSON answer response rules check or values are
     /// restored in).
     fn reads_whole(&self) -> bool {
-        self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole())
-            || self.restorer.as_ref().is_some_and(Restorer::reads_whole)
+        self.buffered.unwrap_or_else(|| {
+            self.guard.as_ref().is_some_and(|(g, _)| g.reads_whole())
+                || self.restorer.as_ref().is_some_and(Restorer::reads_whole)
+        })
     }
 }
 
@@ -416,7 +434,7 @@ fn edit_reply(
             });
             let reply = ProcessingResponse {
                 response: Some(Out::ResponseHeaders(HeadersResponse { response })),
-                mode_override: (!edit.is_idle()).then(|| {
+                mode_override: (!edit.is_idle() && edit.buffered.is_none()).then(|| {
                     mode(
                         HeaderSendMode::Skip,
                         HeaderSendMode::Send,
@@ -551,9 +569,11 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
             let path = header(h.headers.as_ref(), ":path").unwrap_or_default();
             let grant = fresh.unwrap_or_default();
             let restores = grant.restores();
+            let stream = grant.stream;
             let redact = grant.redact.map(|r| Redacting {
                 kinds: redact::kinds_of(&r),
                 restore: r.restore,
+                stream,
                 answer: grant.answer.filter(|_| restores),
                 method: header(h.headers.as_ref(), ":method").unwrap_or_default(),
                 path: path.clone(),
@@ -593,7 +613,10 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
                 .and_then(|s| s.parse().ok())
                 .unwrap_or(200);
             let redacting = answer.request.as_mut().and_then(|r| r.redact.as_mut());
-            let mut edit = Edit::default();
+            let mut edit = Edit {
+                buffered: redacting.as_ref().map(|r| !(r.stream && STREAM_RESTORED)),
+                ..Edit::default()
+            };
             if let Some(r) = redacting.filter(|_| !h.end_of_stream) {
                 let set = engine.policy_set();
                 edit.guard = r.answer.take().and_then(|check| {
@@ -615,7 +638,9 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
                 )
                 .filter(|_| (200..300).contains(&status));
             }
-            answer.done = edit.is_idle();
+            // The body comes in the mode the request headers set, changed or not: every chunk is
+            // answered.
+            answer.done = h.end_of_stream;
             answer.edit = Some(edit);
         }
         Some(In::ResponseHeaders(h)) if !message.observability_mode && answer.request.is_none() => {
@@ -655,6 +680,7 @@ fn read(answer: &mut Answer, message: &ProcessingRequest, engine: &Engine) -> bo
                 stripper: strips.then(UsageChunkStripper::default),
                 guard,
                 restorer: None,
+                buffered: None,
             };
             answer.done = edit.is_idle();
             answer.edit = Some(edit);
@@ -808,6 +834,7 @@ mod tests {
             stripper: Some(UsageChunkStripper::default()),
             guard: None,
             restorer: None,
+            buffered: None,
         };
         let headers = edit_reply(&mut stripper, &In::ResponseHeaders(HttpHeaders::default()))
             .0
@@ -894,6 +921,7 @@ mod tests {
             stripper: None,
             guard: Some((g, check)),
             restorer: None,
+            buffered: None,
         }
     }
 
@@ -908,6 +936,7 @@ mod tests {
             redact: Some(Redacting {
                 kinds: Entities::all(),
                 restore: true,
+                stream: false,
                 answer: None,
                 method: "POST".into(),
                 path: "/v1/chat/completions".into(),
@@ -938,6 +967,7 @@ mod tests {
             redact: state.redact.as_ref().map(|r| Redacting {
                 kinds: r.kinds,
                 restore: false,
+                stream: false,
                 answer: None,
                 method: r.method.clone(),
                 path: r.path.clone(),

@@ -431,3 +431,51 @@ fn only_what_the_user_said_is_given_back() {
     let r = redact(&input(&body), &ContextConfig::default(), all(), false).unwrap();
     assert!(r.placeholders.is_empty() && r.counts.get("email") == Some(&2));
 }
+
+#[test]
+fn any_chunking_of_a_stream_restores_the_same_text() {
+    let said =
+        "Please write to ann@example.com, then to raj@partner.example.net; ann@example.com first.";
+    let r = redact(&input(&chat(said)), &ContextConfig::default(), all(), true).unwrap();
+    let sent = sent(&r)["messages"][0]["content"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for piece in [1usize, 2, 3, 5, 10] {
+        let mut stream = String::new();
+        for (n, p) in sent.as_bytes().chunks(piece).enumerate() {
+            let p = std::str::from_utf8(p).unwrap();
+            stream.push_str(&format!(
+                "event: response.output_text.delta\ndata: {}\n\n",
+                serde_json::json!({"type": "response.output_text.delta", "item_id": "msg_1", "output_index": 0, "content_index": 0, "delta": p, "sequence_number": n})
+            ));
+        }
+        stream.push_str("event: response.completed\ndata: {\"type\":\"response.completed\"}\n\n");
+        let mut seed = 7u64 + piece as u64;
+        for _ in 0..200 {
+            let mut back =
+                Restorer::new(r.placeholders.clone(), "text/event-stream", None, 1 << 20).unwrap();
+            let mut out = Vec::new();
+            let mut at = 0;
+            let bytes = stream.as_bytes();
+            while at < bytes.len() {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let n = 1 + (seed >> 33) as usize % 120;
+                let end = (at + n).min(bytes.len());
+                out.extend(back.push(&bytes[at..end], false));
+                at = end;
+            }
+            out.extend(back.push(b"", true));
+            let text: String = String::from_utf8(out)
+                .unwrap()
+                .split("\n\n")
+                .filter_map(|e| e.split("data: ").nth(1))
+                .filter_map(|d| serde_json::from_str::<serde_json::Value>(d).ok())
+                .filter_map(|v| v["delta"].as_str().map(String::from))
+                .collect();
+            assert_eq!(text, said, "pieces of {piece}");
+        }
+    }
+}
