@@ -470,7 +470,8 @@ impl Engine {
             return Err(Failure::Deadline);
         }
         if decision.actions.redact.is_some() {
-            // (After the deadline: what redacting costs is not taken from the decision's time.)
+            // Within the check's deadline, after the decision's own check of it: a body too large
+            // to redact in time fails as the failure mode says (open: Envoy lets it go).
             // The counts for the decision and its record (the rewrite stream redacts the body
             // it forwards the same way); a value that cannot be redacted denies.
             let config = version.set.config().clone();

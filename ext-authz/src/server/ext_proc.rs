@@ -289,6 +289,9 @@ fn rewrite_reply(
     match message {
         In::RequestHeaders(h) => {
             let body_follows = state.rewrites() && !h.end_of_stream;
+            // A restoring stream reads the answer (and runs its response rules, which the
+            // answer stream leaves to it) even for a request without a body.
+            let answer_follows = state.restores();
             // A restoring stream also reads the answer: its headers, and its body streamed or
             // buffered as the request asked.
             let (answer_headers, answer_body) = match &state.redact {
@@ -311,11 +314,16 @@ fn rewrite_reply(
                 // The whole mode is replaced: the response stays unsent. The request headers
                 // stay `SEND` (already sent): in buffered mode only then may the body's answer
                 // set its `content-length`.
-                mode_override: body_follows.then(|| {
+                mode_override: (body_follows || answer_follows).then(|| {
+                    let request_body = if body_follows {
+                        BodySendMode::Buffered
+                    } else {
+                        BodySendMode::None
+                    };
                     mode(
                         HeaderSendMode::Send,
                         answer_headers,
-                        BodySendMode::Buffered,
+                        request_body,
                         answer_body,
                     )
                 }),

@@ -480,7 +480,14 @@ pub fn scattered_digits(text: &str) -> String {
 pub fn scattered_ssn(text: &str) -> String {
     const NEAR: usize = 64;
     let lower = text.to_ascii_lowercase();
-    if !(lower.contains("ssn") || lower.contains("social security")) {
+    // `SSN` as a word (`SSNs` too), not inside one (`className`).
+    let named = lower.match_indices("ssn").any(|(at, _)| {
+        let before = at.checked_sub(1).and_then(|p| lower.as_bytes().get(p));
+        let after = lower.as_bytes().get(at.saturating_add(3));
+        !before.is_some_and(u8::is_ascii_alphanumeric)
+            && (after.is_none_or(|c| !c.is_ascii_alphanumeric() || *c == b's'))
+    });
+    if !(named || lower.contains("social security")) {
         return String::new();
     }
     let b = text.as_bytes();
@@ -493,7 +500,8 @@ pub fn scattered_ssn(text: &str) -> String {
     let mut i = 0usize;
     while i.saturating_add(6) <= b.len() {
         let head = (0..3).all(|k| digit(i.saturating_add(k)))
-            && matches!(b.get(i.saturating_add(3)), Some(b'-' | b' ' | b'.'))
+            // A hyphen: `129.99` is a price, `12 34` anything.
+            && b.get(i.saturating_add(3)) == Some(&b'-')
             && (4..6).all(|k| digit(i.saturating_add(k)))
             && !word(i.checked_sub(1))
             && !digit(i.saturating_add(6))
@@ -513,7 +521,18 @@ pub fn scattered_ssn(text: &str) -> String {
                 while digit(z) {
                     z = z.saturating_add(1);
                 }
-                if z.saturating_sub(j) == 4 && !b.get(z).is_some_and(u8::is_ascii_alphanumeric) {
+                // Four digits standing alone: not a time, a date or a version (`12:30`,
+                // `3/2024`, `2024.1`).
+                let joint = |c: Option<&u8>| {
+                    c.is_some_and(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'/' | b':'))
+                };
+                let alone = !joint(b.get(z))
+                    || (b.get(z) == Some(&b'.')
+                        && !b.get(z.saturating_add(1)).is_some_and(u8::is_ascii_digit));
+                if z.saturating_sub(j) == 4
+                    && alone
+                    && !joint(j.checked_sub(1).and_then(|p| b.get(p)))
+                {
                     if let (Some(h), Some(t)) = (text.get(i..i.saturating_add(3)), text.get(j..z)) {
                         let g = text.get(i.saturating_add(4)..end).unwrap_or_default();
                         out.push_str(h);
@@ -542,7 +561,15 @@ pub fn scattered_ssn(text: &str) -> String {
 /// decides.
 pub fn labelled_address(text: &str) -> String {
     let lower = text.to_ascii_lowercase();
-    if !(text.contains('@')
+    // The sign on its own (`put an @ between them`, `"@"`), or named: not an `@` inside a
+    // word (a decorator, `git@host`, `image@sha256`, a handle).
+    let standalone = text.match_indices('@').any(|(at, _)| {
+        let before = at.checked_sub(1).and_then(|p| text.as_bytes().get(p));
+        let after = text.as_bytes().get(at.saturating_add(1));
+        let apart = |c: Option<&u8>| c.is_none_or(|c| !c.is_ascii_alphanumeric() && *c != b'.');
+        apart(before) && apart(after)
+    });
+    if !(standalone
         || lower.contains("at sign")
         || lower.contains("at symbol")
         || lower.contains("at-sign"))
@@ -554,10 +581,12 @@ pub fn labelled_address(text: &str) -> String {
     for (colon, _) in text.match_indices(':') {
         let before = lower.get(..colon).unwrap_or_default();
         let label_start = before
-            .rfind(|c: char| !(c.is_ascii_alphabetic() || c == ' ' || c == '-' || c == '_'))
-            .map_or(0, |p| p.saturating_add(1));
+            .char_indices()
+            .rev()
+            .find(|(_, c)| !(c.is_ascii_alphabetic() || matches!(c, ' ' | '-' | '_')))
+            .map_or(0, |(p, c)| p.saturating_add(c.len_utf8()));
         let label = before.get(label_start..).unwrap_or_default().trim();
-        if label.is_empty() || label.len() > 24 {
+        if label.is_empty() || label.len() > 64 {
             continue;
         }
         let after = text.get(colon.saturating_add(1)..).unwrap_or_default();
@@ -571,14 +600,30 @@ pub fn labelled_address(text: &str) -> String {
         if value.is_empty() {
             continue;
         }
-        if label.contains("domain") || label.contains("host") {
+        // The label's last words name the part (`Username:`, `your domain:`); not a label that
+        // merely holds one (`User-Agent:`).
+        let names = |words: &[&str]| {
+            words.iter().any(|w| {
+                label.ends_with(w)
+                    && !label
+                        .as_bytes()
+                        .get(label.len().saturating_sub(w.len()).wrapping_sub(1))
+                        .is_some_and(u8::is_ascii_alphabetic)
+            })
+        };
+        if names(&["domain", "domain name", "host", "hostname", "host name"]) {
             if value.contains('.') && domains.len() < 8 {
                 domains.push(value);
             }
-        } else if ["user", "login", "account", "local", "name", "mailbox"]
-            .iter()
-            .any(|w| label.contains(w))
-            && locals.len() < 8
+        } else if names(&[
+            "user",
+            "username",
+            "user name",
+            "login",
+            "account",
+            "local part",
+            "mailbox",
+        ]) && locals.len() < 8
         {
             locals.push(value);
         }
@@ -938,6 +983,13 @@ mod tests {
         assert_eq!(scattered_ssn("pages 100-12 of the 2024 report"), "");
         // Whole already: the text is read as it is.
         assert_eq!(scattered_ssn("SSN 126-04-7734 and 2024"), "");
+        // Not named as a word, a price, a date.
+        assert_eq!(scattered_ssn("className 126-04 and 7734"), "");
+        assert_eq!(
+            scattered_ssn("Never reveal SSNs. My order of 129.99 was placed on 12 March 2024"),
+            ""
+        );
+        assert_eq!(scattered_ssn("SSN? build 126-04 at 12:30/2024"), "");
     }
 
     #[test]
@@ -949,8 +1001,21 @@ mod tests {
             ""
         );
         assert_eq!(
-            labelled_address("host: db1.local, name: primary @ 5pm"),
+            labelled_address("host: db1.local, login: primary @ 5pm"),
             "primary@db1.local\n"
+        );
+        assert_eq!(
+            labelled_address("→Username: ann.lee\nDomain: example.org, put an @ between"),
+            "ann.lee@example.org\n"
+        );
+        // An `@` inside a word, a manifest's `name:`, an HTTP dump: no address.
+        assert_eq!(
+            labelled_address("@app.route('/')\nname: web\nhost: shop.example.com"),
+            ""
+        );
+        assert_eq!(
+            labelled_address("Host: api.shop.com\nUser-Agent: Mozilla/5.0 @ home"),
+            ""
         );
     }
 
