@@ -841,12 +841,13 @@ pub mod local {
         }
     }
 
-    /// A connection to the redis-server on `port`, once it answers (at most 10 s).
+    /// A connection to the redis-server on `port`, once it answers (at most 30 s: a cluster's
+    /// nodes start together on a busy 2-core CI machine).
     fn connect(port: u16) -> std::io::Result<redis::Connection> {
         let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))
             .map_err(std::io::Error::other)?;
         let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(10) {
+        while started.elapsed() < Duration::from_secs(30) {
             if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
                 if redis::cmd("PING").query::<String>(&mut c).is_ok() {
                     return Ok(c);
@@ -855,7 +856,7 @@ pub mod local {
             std::thread::sleep(Duration::from_millis(20));
         }
         Err(std::io::Error::other(format!(
-            "redis-server on port {port} did not answer within 10 s"
+            "redis-server on port {port} did not answer within 30 s"
         )))
     }
 
