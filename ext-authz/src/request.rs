@@ -62,20 +62,33 @@ impl RequestFile {
         if d.actions.redact.is_none() {
             return;
         }
-        let headers: Vec<(String, String)> = self
-            .headers
+        let (headers, body) = (self.header_pairs(), self.body_bytes());
+        let input = self.input(&headers, &body, self.now.unwrap_or(0));
+        llm_policy_core::redact::apply(d, &input, config);
+    }
+
+    /// The headers as pairs.
+    fn header_pairs(&self) -> Vec<(String, String)> {
+        self.headers
             .iter()
             .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let body = self.body_bytes();
-        let input = RequestInput {
+            .collect()
+    }
+
+    /// The request as the core reads it, with these headers and body, at `now`.
+    fn input<'a>(
+        &'a self,
+        headers: &'a [(String, String)],
+        body: &'a [u8],
+        now: i64,
+    ) -> RequestInput<'a> {
+        RequestInput {
             method: &self.method,
             path: &self.path,
-            headers: &headers,
-            body: &body,
-            now_unix: self.now.unwrap_or(0),
-        };
-        llm_policy_core::redact::apply(d, &input, config);
+            headers,
+            body,
+            now_unix: now,
+        }
     }
 
     /// Builds the context with a configuration, extracting what `needs` says.
@@ -84,25 +97,14 @@ impl RequestFile {
         config: &ContextConfig,
         needs: Needs,
     ) -> Result<RequestContext, ContextError> {
-        let headers: Vec<(String, String)> = self
-            .headers
-            .iter()
-            .map(|(k, v)| (k.clone(), v.clone()))
-            .collect();
-        let body = self.body_bytes();
+        let (headers, body) = (self.header_pairs(), self.body_bytes());
         let now = self.now.unwrap_or_else(|| {
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| i64::try_from(d.as_secs()).unwrap_or(0))
                 .unwrap_or(0)
         });
-        let input = RequestInput {
-            method: &self.method,
-            path: &self.path,
-            headers: &headers,
-            body: &body,
-            now_unix: now,
-        };
+        let input = self.input(&headers, &body, now);
         let mut ctx = RequestContext::from_request_with(&input, config, needs)?;
         if let Some(t) = self.time {
             ctx.time = t;

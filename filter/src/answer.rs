@@ -21,14 +21,31 @@ pub struct Kept {
     pub request_id: Option<String>,
 }
 
-/// A guard for the answer whose headers just arrived, if it is one to check.
-pub fn guard(host: &mut dyn Host, set: &PolicySet, kept: Kept) -> Option<(AnswerGuard, Kept)> {
+/// The answer's status, content type and content encoding, from its headers.
+fn head(host: &mut dyn Host) -> (u16, String, Option<String>) {
     let status = host
         .response_header(":status")
         .and_then(|s| s.parse::<u16>().ok())
         .unwrap_or(200);
     let ct = host.response_header("content-type").unwrap_or_default();
-    let encoding = host.response_header("content-encoding");
+    (status, ct, host.response_header("content-encoding"))
+}
+
+/// What puts the redacted values back into the answer whose headers just arrived, if it is one
+/// to restore (a 2xx JSON answer or event stream, uncompressed).
+pub fn restorer(
+    host: &mut dyn Host,
+    placeholders: llm_policy_core::redact::Placeholders,
+    max_bytes: usize,
+) -> Option<llm_policy_core::redact::Restorer> {
+    let (status, ct, encoding) = head(host);
+    llm_policy_core::redact::Restorer::new(placeholders, &ct, encoding.as_deref(), max_bytes)
+        .filter(|_| (200..300).contains(&status))
+}
+
+/// A guard for the answer whose headers just arrived, if it is one to check.
+pub fn guard(host: &mut dyn Host, set: &PolicySet, kept: Kept) -> Option<(AnswerGuard, Kept)> {
+    let (status, ct, encoding) = head(host);
     let g = AnswerGuard::new(set, kept.ctx.clone(), status, &ct, encoding.as_deref())?;
     if !g.reads_whole() {
         // Held-back bytes change the body: the upstream's length no longer holds.

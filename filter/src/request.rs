@@ -297,15 +297,8 @@ impl RequestFlow {
             }
         }
         if let Some(p) = self.placeholders.take().filter(|_| !end_of_stream) {
-            let status = host
-                .response_header(":status")
-                .and_then(|s| s.parse::<u16>().ok())
-                .unwrap_or(200);
-            let ct = host.response_header("content-type").unwrap_or_default();
-            let encoding = host.response_header("content-encoding");
             let max = self.vm.config.context.max_response_bytes;
-            self.restorer = Restorer::new(p, &ct, encoding.as_deref(), max)
-                .filter(|_| (200..300).contains(&status));
+            self.restorer = answer::restorer(host, p, max);
             if self.restorer.is_some() {
                 // Restored values change the answer's length.
                 host.set_response_header("content-length", None);
