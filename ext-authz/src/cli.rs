@@ -4,6 +4,7 @@
 //! input; `test` 0 all passed, 1 a case failed, 2 invalid suite or policy; `serve` 0 after a clean
 //! shutdown, 2 on a configuration it cannot start with.
 
+pub mod bundle;
 pub mod envoy_config;
 pub mod keys;
 pub mod report;
@@ -142,6 +143,8 @@ enum Command {
     EnvoyConfig(envoy_config::EnvoyConfigArgs),
     /// Virtual API keys in a key file: create (the secret printed once), list, revoke.
     Keys(keys::KeysArgs),
+    /// Signed policy bundles: keygen, build, sign, verify, push to object storage, history, activate.
+    Bundle(bundle::BundleArgs),
 }
 
 /// A command's text on stdout (exit 0), or its error on stderr (exit 2).
@@ -213,6 +216,7 @@ pub fn main() -> ExitCode {
             print_or_fail(envoy_config::generate(&args, given))
         }
         Command::Keys(args) => print_or_fail(keys::run(&args)),
+        Command::Bundle(args) => print_or_fail(bundle::run(&args, &config)),
         Command::Serve(_) => ExitCode::from(2),
     }
 }

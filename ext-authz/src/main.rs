@@ -2,5 +2,6 @@
 //! one binary. See [`llm_policy_server::cli`].
 
 fn main() -> std::process::ExitCode {
+    llm_policy_server::install_crypto_provider();
     llm_policy_server::cli::main()
 }

@@ -13,6 +13,7 @@
 pub mod api;
 pub mod audit;
 pub mod auth;
+pub mod bundle_source;
 pub mod cache;
 pub mod config;
 pub mod engine;
@@ -272,15 +273,32 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 .map(|r| cache::RemoteCache::new(r.clone(), config.redis.cache.ttl_secs)),
         ),
     );
-    let mut first = {
-        let e = Arc::clone(&engine);
-        tokio::task::spawn_blocking(move || reload(&e).is_ok())
-            .await
-            .unwrap_or(false)
+    // Signed bundles from object storage: the only source of policies when configured.
+    let bundle_source = match &config.bundle.store {
+        Some(_) => {
+            let source = Arc::new(
+                bundle_source::BundleSource::new(&config.bundle)
+                    .map_err(|e| StartError::Setup(e.to_string()))?,
+            );
+            engine
+                .registry()
+                .share(Arc::clone(&source) as Arc<dyn registry::SharedBundle>);
+            Some(source)
+        }
+        None => None,
+    };
+    let mut first = match &bundle_source {
+        Some(source) => bundle_source::poll_once(&engine, source).await,
+        None => {
+            let e = Arc::clone(&engine);
+            tokio::task::spawn_blocking(move || reload(&e).is_ok())
+                .await
+                .unwrap_or(false)
+        }
     };
     // Replicas sharing the bundle start from the shared head (or seed an empty store).
     let shared = match &redis {
-        Some(_) if config.redis.registry => {
+        Some(_) if config.redis.registry && bundle_source.is_none() => {
             // A connection of its own: bundles can be megabytes, and must never queue in front
             // of counter calls.
             let own = redis::Redis::connect(&config.redis, metrics.clone())
@@ -375,6 +393,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         admin_token: admin_token.map(Arc::from),
         read_token: read_token.map(Arc::from),
         usage_token: usage_token.map(Arc::from),
+        bundle_source: bundle_source.clone(),
     };
     // Replicas follow the shared keys; a key file is followed when it changes.
     if keys.configured() {
@@ -418,8 +437,24 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     let incoming = listen::accept(prom, None, stopped.clone());
     tasks.spawn(listen::serve_http(incoming, metrics_app, stopped.clone()));
 
-    // Hot reload: of the directory, or (shared) of the revisions other replicas publish.
-    if let Some(bundle) = shared {
+    // Hot reload: of the directory, (shared) of the revisions other replicas publish, or of the
+    // signed bundle store.
+    if let Some(source) = bundle_source {
+        let h = Arc::clone(&health);
+        bundle_source::spawn(
+            Arc::clone(&engine),
+            source,
+            move || {
+                let h = Arc::clone(&h);
+                async move {
+                    h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+                        .await;
+                }
+            },
+            stopped.clone(),
+            &mut tasks,
+        );
+    } else if let Some(bundle) = shared {
         let h = Arc::clone(&health);
         registry_sync::spawn(
             Arc::clone(&engine),

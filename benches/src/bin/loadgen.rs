@@ -148,6 +148,7 @@ async fn http(
     body: Vec<u8>,
     headers: Vec<(String, String)>,
 ) -> serde_json::Value {
+    llm_policy_server::install_crypto_provider();
     let client = reqwest::Client::builder()
         .pool_max_idle_per_host(concurrency)
         .timeout(Duration::from_secs(10))

@@ -58,6 +58,40 @@ pub struct Config {
     pub redis: super::redis::RedisConfig,
     /// WASM plugin conditions (off unless a directory is set).
     pub plugins: PluginsConfig,
+    /// Policies from signed bundles on object storage instead of `policies` (off unless a store
+    /// is set).
+    pub bundle: BundleConfig,
+}
+
+/// `bundle:` in the configuration: where signed bundles are, the keys they must be signed
+/// with, how often the store is read (docs/bundles.md).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct BundleConfig {
+    /// The store: `s3://bucket/prefix`, `gs://…`, `az://…`, `file:///dir`. When set, policies
+    /// (and the model table, when the bundle has one) come only from its current revision.
+    pub store: Option<String>,
+    /// Store options (`object_store` keys: `aws_endpoint`, `aws_region`, `aws_allow_http`, …);
+    /// credentials also from the environment (`AWS_ACCESS_KEY_ID`, …).
+    pub options: std::collections::BTreeMap<String, String>,
+    /// PEM public keys (ed25519); a revision must carry a signature by one of them.
+    pub public_key_files: Vec<PathBuf>,
+    /// How often the store's pointer is read, in milliseconds (default 10,000).
+    pub poll_ms: u64,
+    /// One request to the store, in milliseconds (default 5,000; two retries with back-off).
+    pub timeout_ms: u64,
+}
+
+impl Default for BundleConfig {
+    fn default() -> Self {
+        BundleConfig {
+            store: None,
+            options: std::collections::BTreeMap::new(),
+            public_key_files: Vec::new(),
+            poll_ms: 10_000,
+            timeout_ms: 5_000,
+        }
+    }
 }
 
 /// `plugins:` in the configuration: where plugin modules are and what one call may use.
@@ -130,6 +164,7 @@ impl Default for Config {
             tls: None,
             redis: super::redis::RedisConfig::default(),
             plugins: PluginsConfig::default(),
+            bundle: BundleConfig::default(),
         }
     }
 }
@@ -459,6 +494,22 @@ fn read(path: &Path) -> Result<Config, Diagnostics> {
             &path.display().to_string(),
             doc.position(&format!("/context/{key}")),
         );
+        return Err(one(d));
+    }
+    let problem = match &config.bundle.store {
+        Some(_) if config.bundle.public_key_files.is_empty() => Some((
+            "/bundle/store",
+            "a bundle store needs `publicKeyFiles`: revisions are only served when signed by one of them",
+        )),
+        Some(_) if config.redis.registry => Some((
+            "/redis/registry",
+            "`redis.registry` and `bundle.store` both say where policies come from: choose one (every replica reads the bundle store itself)",
+        )),
+        _ => None,
+    };
+    if let Some((pointer, message)) = problem {
+        let d = Diagnostic::error(llm_policy_core::Code::InvalidType, message)
+            .at(&path.display().to_string(), doc.position(pointer));
         return Err(one(d));
     }
     Ok(config)

@@ -52,6 +52,11 @@ pub struct Metrics {
     pub plugin_calls: IntCounterVec,
     /// `llm_policy_plugin_duration_seconds`: one plugin call.
     pub plugin_duration: Histogram,
+    /// `llm_policy_bundle_fetches_total{result}`: reads of the bundle store (`applied`,
+    /// `unchanged`, `refused`, `unavailable`).
+    pub bundle_fetches: IntCounterVec,
+    /// `llm_policy_bundle_store_up`: 1 when the last read of the bundle store got an answer.
+    pub bundle_store_up: IntGauge,
 }
 
 impl Metrics {
@@ -173,7 +178,19 @@ impl Metrics {
             "llm_policy_plugin_duration_seconds",
             "Time of one WASM plugin call (fresh instance, input, run, output).",
         )?;
+        let bundle_fetches = counter_vec(
+            "llm_policy_bundle_fetches_total",
+            "Reads of the signed bundle store by result (applied: a new revision serves; unchanged; refused: unsigned, tampered or invalid, the last good serves; unavailable: the store did not answer).",
+            &["result"],
+        )?;
+        let bundle_store_up = IntGauge::new(
+            "llm_policy_bundle_store_up",
+            "1 when the last read of the signed bundle store got an answer, 0 when it did not.",
+        )?;
+        registry.register(Box::new(bundle_store_up.clone()))?;
         Ok(Metrics {
+            bundle_fetches,
+            bundle_store_up,
             spend_usd,
             spend_tokens,
             budget_remaining,

@@ -53,6 +53,8 @@ pub enum Origin {
     Rollback,
     /// Published by another replica (the shared registry).
     Shared,
+    /// A signed bundle's revision from object storage.
+    Bundle,
 }
 
 /// Where a bundle shared by replicas is kept (Redis: [`super::registry_sync::RedisBundle`]).
@@ -67,6 +69,12 @@ pub trait SharedBundle: Send + Sync {
         files: &[(String, String)],
         origin: Origin,
     ) -> Result<String, RegistryError>;
+
+    /// Whether the policy directory seeds the store when it is empty (Redis: yes; a signed
+    /// bundle store: no, the server serves nothing until a signed revision is read).
+    fn seeds_from_directory(&self) -> bool {
+        true
+    }
 }
 
 /// One policy file as it was read.
@@ -221,6 +229,10 @@ pub struct Registry {
     /// The context policies compile with; its model table is replaced when the models file
     /// changes.
     context: ArcSwap<ContextConfig>,
+    /// The context as configured (a bundle without a model table compiles with it).
+    configured: Arc<ContextConfig>,
+    /// The model table's text of the bundle serving, when it brought one.
+    bundle_models: Mutex<Option<String>>,
     /// The model table's file (`modelsFile`), the text last loaded from it and the text last
     /// rejected (not reported again).
     models: Option<(PathBuf, Mutex<ModelsText>)>,
@@ -248,7 +260,9 @@ impl Registry {
     pub fn new(path: PathBuf, context: ContextConfig, keep: usize) -> Registry {
         Registry {
             path,
+            configured: Arc::new(context.clone()),
             context: ArcSwap::from_pointee(context),
+            bundle_models: Mutex::new(None),
             models: None,
             keep: keep.max(1),
             active: ArcSwapOption::empty(),
@@ -275,6 +289,9 @@ impl Registry {
     /// The text of the model table serving, when it comes from `modelsFile` (the bundle sync
     /// hands it to the filters).
     pub fn models_text(&self) -> Option<String> {
+        if let Some(text) = self.bundle_models.lock().ok().and_then(|m| m.clone()) {
+            return Some(text);
+        }
         let (_, last) = self.models.as_ref()?;
         last.lock().ok().map(|l| l.0.clone())
     }
@@ -376,6 +393,65 @@ impl Registry {
         revision: &str,
         files: Vec<(String, String)>,
     ) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
+        let root = self.root();
+        let files = files
+            .into_iter()
+            .map(|(rel, text)| SourceFile {
+                path: root.join(rel),
+                text,
+            })
+            .collect();
+        self.apply_revision(revision, files, None, Origin::Shared)
+    }
+
+    /// Swaps in revision `revision` of a signed bundle (verified by the caller): `files` named
+    /// as in the archive (`policies/…`, so a diagnostic names the bundle's file), compiled with
+    /// the bundle's model table `(name, text)` when it has one, else the configured one.
+    pub fn apply_bundle(
+        &self,
+        revision: &str,
+        files: Vec<(String, String)>,
+        models: Option<(&str, &str)>,
+    ) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
+        let files = files
+            .into_iter()
+            .map(|(path, text)| SourceFile {
+                path: PathBuf::from(path),
+                text,
+            })
+            .collect();
+        let models = match models {
+            Some((name, text)) => match ModelTable::parse(name, text) {
+                Ok(table) => Some((table, text.to_string())),
+                Err(d) => {
+                    if let Ok(mut r) = self.revisions.lock() {
+                        r.1 = Some(revision.to_string());
+                    }
+                    if let Ok(mut e) = self.last_error.lock() {
+                        *e = Some(d.clone());
+                    }
+                    return Some(Err(d));
+                }
+            },
+            None => None,
+        };
+        let mut context = ContextConfig::clone(&self.configured);
+        let text = models.map(|(table, text)| {
+            context.models = Some(table);
+            text
+        });
+        self.apply_revision(revision, files, Some((context, text)), Origin::Bundle)
+    }
+
+    /// Compiles and swaps in one revision of a store (`context`: the context it compiles with,
+    /// and the model table's text it brings), unless it is serving or was rejected already.
+    fn apply_revision(
+        &self,
+        revision: &str,
+        mut files: Vec<SourceFile>,
+        context: Option<(ContextConfig, Option<String>)>,
+        origin: Origin,
+    ) -> Option<Result<(Arc<Version>, bool), Diagnostics>> {
         let _guard = self.writer.lock();
         let (serving, rejected) = self
             .revisions
@@ -385,21 +461,26 @@ impl Registry {
         if serving.as_deref() == Some(revision) || rejected.as_deref() == Some(revision) {
             return None;
         }
-        let root = self.root();
-        let mut files: Vec<SourceFile> = files
-            .into_iter()
-            .map(|(rel, text)| SourceFile {
-                path: root.join(rel),
-                text,
-            })
-            .collect();
         files.sort_by(|a, b| a.path.cmp(&b.path));
-        let result = self.accept(files, Origin::Shared);
+        let (result, models) = match context {
+            Some((context, models)) => {
+                let previous = self.context.swap(Arc::new(context));
+                let result = self.accept(files, origin);
+                if result.is_err() {
+                    self.context.store(previous);
+                }
+                (result, Some(models))
+            }
+            None => (self.accept(files, origin), None),
+        };
         if let Ok(mut r) = self.revisions.lock() {
             match &result {
                 Ok(_) => *r = (Some(revision.to_string()), None),
                 Err(_) => r.1 = Some(revision.to_string()),
             }
+        }
+        if let (Ok(_), Some(models), Ok(mut m)) = (&result, models, self.bundle_models.lock()) {
+            *m = models;
         }
         Some(result)
     }
@@ -525,6 +606,12 @@ impl Registry {
         let _guard = self.writer.lock();
         if let (true, Some(cur)) = (self.is_shared(), self.current()) {
             return Ok((cur, false));
+        }
+        if self.shared.get().is_some_and(|s| !s.seeds_from_directory()) {
+            return Err(Diagnostics(vec![Diagnostic::error(
+                Code::Io,
+                "no signed bundle revision has been read from the store yet",
+            )]));
         }
         let staged = self.staged_models()?;
         let files = read_files(&self.path)?;

@@ -32,6 +32,8 @@ pub struct RestState {
     pub read_token: Option<Arc<str>>,
     /// The usage token (usage reports; the admin token also reports; neither: refused).
     pub usage_token: Option<Arc<str>>,
+    /// The signed bundle store followed, if any (`GET /v1/bundle/source`).
+    pub bundle_source: Option<Arc<super::bundle_source::BundleSource>>,
 }
 
 /// Largest policy a `PUT` accepts.
@@ -59,6 +61,7 @@ pub fn router(state: RestState, max_body: usize) -> Router {
         .route("/v1/policies/{name}/rollback", post(rollback))
         .route("/v1/reload", post(reload))
         .route("/v1/bundle", get(bundle))
+        .route("/v1/bundle/source", get(bundle_source))
         .route("/v1/budgets/{*key}", get(budget))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
@@ -95,6 +98,7 @@ fn is_read(uri: &axum::http::Uri) -> bool {
     let path = uri.path();
     path.starts_with("/v1/policies")
         || path == "/v1/bundle"
+        || path == "/v1/bundle/source"
         || path.starts_with("/v1/keys")
         || path.starts_with("/v1/budgets/")
         || path == "/v1/evaluate"
@@ -590,6 +594,19 @@ fn key_error(e: super::key_store::KeyStoreError) -> ApiError {
             "unavailable",
             e.to_string(),
         ),
+    }
+}
+
+/// `GET /v1/bundle/source`: the signed bundle store followed (revision serving, signer, last
+/// good read, last error), 404 without one.
+async fn bundle_source(State(s): State<RestState>) -> ApiResult {
+    match &s.bundle_source {
+        Some(source) => Ok(Json(source.status()).into_response()),
+        None => Err(error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no bundle store configured (`bundle.store`)",
+        )),
     }
 }
 

@@ -34,6 +34,7 @@ pub fn policy(name: &str, default: &str, rules: &str) -> String {
 impl Harness {
     /// Starts a server on `files` (name, text) with the admin token set and audit to a file.
     pub async fn start(files: &[(&str, &str)], tweak: impl FnOnce(&mut Config)) -> Harness {
+        llm_policy_server::install_crypto_provider();
         let dir = tempfile::tempdir().unwrap();
         let policies = dir.path().join("policies");
         std::fs::create_dir(&policies).unwrap();
