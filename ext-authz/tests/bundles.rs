@@ -2,6 +2,12 @@
 //! builds, signs and pushes; the server follows the store — a new revision within the poll
 //! interval, tampered, unsigned, foreign-signed and broken revisions refused with where, the
 //! store unreachable and back, API writes refused, history and rollback.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    clippy::panic,
+    reason = "test code: a failed expectation is a failed test"
+)]
 
 mod common;
 
@@ -106,7 +112,7 @@ fn cli(args: &[&str], s3: &S3) -> (bool, String) {
     c.env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
         .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
         .env("AWS_REGION", "us-east-1");
-    if args.iter().any(|a| *a == "--store") {
+    if args.contains(&"--store") {
         c.args([
             "--option",
             &format!("aws_endpoint=http://{}", s3.addr),

@@ -218,7 +218,11 @@ mod tests {
         assert_eq!(read.manifest.revision, "r1");
 
         // Unsigned.
-        let e = crate::bundle::verify("b", &bundle().to_archive().unwrap(), &[public.clone()]);
+        let e = crate::bundle::verify(
+            "b",
+            &bundle().to_archive().unwrap(),
+            std::slice::from_ref(&public),
+        );
         assert!(e.err().is_some_and(|e| e.to_string().contains("unsigned")));
         // Another key.
         let (other, _) = SigningKey::generate().unwrap();
