@@ -7,6 +7,7 @@
 pub mod bundle;
 pub mod envoy_config;
 pub mod keys;
+pub mod replay;
 pub mod report;
 pub mod suite;
 
@@ -89,9 +90,12 @@ impl ConfigArgs {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum Format {
+/// How a command prints its result.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum Format {
+    /// JSON.
     Json,
+    /// Text for a person.
     Text,
 }
 
@@ -145,6 +149,9 @@ enum Command {
     Keys(keys::KeysArgs),
     /// Signed policy bundles: keygen, build, sign, verify, push to object storage, history, activate.
     Bundle(bundle::BundleArgs),
+    /// Re-decide recorded requests (audit records with `audit.context`) with other policies: the
+    /// difference by rule (exit 0; with --fail-on-change, 1 when a decision changed; 2 invalid).
+    Replay(replay::ReplayArgs),
 }
 
 /// A command's text on stdout (exit 0), or its error on stderr (exit 2).
@@ -217,6 +224,26 @@ pub fn main() -> ExitCode {
         }
         Command::Keys(args) => print_or_fail(keys::run(&args)),
         Command::Bundle(args) => print_or_fail(bundle::run(&args, &config)),
+        Command::Replay(args) => match replay::replay(&args, &config) {
+            Ok(report) => {
+                match args.format {
+                    Format::Json => out!(
+                        "{}",
+                        serde_json::to_string_pretty(&report).unwrap_or_default()
+                    ),
+                    Format::Text => outp!("{}", replay::text(&report, args.show)),
+                }
+                if args.fail_on_change && report.changed > 0 {
+                    ExitCode::from(1)
+                } else {
+                    ExitCode::SUCCESS
+                }
+            }
+            Err(e) => {
+                err!("{e}");
+                ExitCode::from(2)
+            }
+        },
         Command::Serve(_) => ExitCode::from(2),
     }
 }

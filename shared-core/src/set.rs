@@ -280,6 +280,15 @@ impl PolicySet {
         v
     }
 
+    /// Every field `namespace`'s rules read (sorted; empty for a namespace the bundle lacks):
+    /// what a decision there can depend on.
+    pub fn reads(&self, namespace: &str) -> &[FieldRef] {
+        self.0
+            .namespaces
+            .get(namespace)
+            .map_or(&[], |ns| ns.reads.as_slice())
+    }
+
     /// Whether the bundle has a policy for `namespace`.
     pub fn has_namespace(&self, namespace: &str) -> bool {
         self.0.namespaces.contains_key(namespace)

@@ -84,6 +84,51 @@ pub struct Record {
     /// values by kind, never the values (a `decision` record).
     #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub redacted: std::collections::BTreeMap<String, u32>,
+    /// The rule that decided (none: the namespace's default decision).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deciding_rule: Option<String>,
+    /// The context the decision was made from (`audit.context: true`), for `llm-policy replay`:
+    /// every field, the request's text as `audit.prompts` says (off: empty), credential headers
+    /// removed (a `decision` record).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub context: Option<Box<llm_policy_core::RequestContext>>,
+}
+
+/// Headers a recorded context never holds: the client's credentials.
+pub const CREDENTIAL_HEADERS: [&str; 7] = [
+    "authorization",
+    "proxy-authorization",
+    "x-api-key",
+    "api-key",
+    "x-goog-api-key",
+    "cookie",
+    "set-cookie",
+];
+
+/// A context as a record holds it: the answer dropped, credential headers removed, every text
+/// (prompt, folded prompt, turns; of batch items too) through `text` (the `audit.prompts`
+/// form, or empty). The scanners' findings (`prompt_entities`, `prompt_injection`) and the
+/// estimate stay: kinds and numbers, never values.
+pub fn recorded_context(
+    ctx: &llm_policy_core::RequestContext,
+    text: impl Fn(&str) -> String,
+) -> llm_policy_core::RequestContext {
+    let mut c = ctx.clone();
+    c.response = llm_policy_core::context::ResponseInfo::default();
+    let scrub = |r: &mut llm_policy_core::context::RequestInfo| {
+        r.headers
+            .retain(|(k, _)| !CREDENTIAL_HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+        r.prompt = text(&r.prompt);
+        r.prompt_folded = text(&r.prompt_folded);
+        for m in &mut r.messages {
+            m.content = text(&m.content);
+        }
+    };
+    scrub(&mut c.request);
+    for item in &mut c.batch {
+        scrub(item);
+    }
+    c
 }
 
 /// Where an answer was cut: what the client had received and what had been read.
@@ -440,6 +485,7 @@ pub struct Audit {
     prompts: PromptLogging,
     prompt_key: Arc<[u8]>,
     sequence: Arc<AtomicU64>,
+    context: bool,
 }
 
 /// The writer thread; [`Writer::shutdown`] drains the queue and joins it.
@@ -503,6 +549,7 @@ pub fn start_with(
         metrics,
         scope: config.decisions,
         prompts: config.prompts,
+        context: config.context,
         prompt_key,
         sequence: Arc::new(AtomicU64::new(0)),
     };
@@ -643,6 +690,8 @@ impl Record {
                 .and_then(|d| d.actions.redact.as_ref())
                 .map(|r| r.counts.clone())
                 .unwrap_or_default(),
+            deciding_rule: d.and_then(|d| d.metadata.deciding_rule.clone()),
+            context: None,
         }
     }
 }
@@ -658,7 +707,8 @@ impl Audit {
             return;
         }
         let prompt = facts.ctx.and_then(|c| self.prompt_field(&c.request.prompt));
-        let record = Record::of(facts, self.next_id(), prompt);
+        let mut record = Record::of(facts, self.next_id(), prompt);
+        record.context = facts.ctx.and_then(|c| self.context_field(c));
         if alert.is_some() {
             self.record(Record {
                 kind: "alert",
@@ -726,6 +776,23 @@ impl Audit {
     /// How prompts are logged.
     pub fn prompts(&self) -> PromptLogging {
         self.prompts
+    }
+
+    /// Whether decision records carry their context (`audit.context`).
+    pub fn records_context(&self) -> bool {
+        self.context
+    }
+
+    /// The context as a record holds it (`audit.context`), else `None`.
+    pub fn context_field(
+        &self,
+        ctx: &llm_policy_core::RequestContext,
+    ) -> Option<Box<llm_policy_core::RequestContext>> {
+        self.context.then(|| {
+            Box::new(recorded_context(ctx, |t| {
+                self.prompt_field(t).unwrap_or_default()
+            }))
+        })
     }
 
     /// The prompt as configured for a record.

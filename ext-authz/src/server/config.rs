@@ -311,6 +311,10 @@ pub struct AuditConfig {
     /// Key (at least 16 bytes) for `prompts: hash`, so hashes match across restarts and
     /// replicas; without it a random key per process.
     pub prompt_hash_key_file: Option<PathBuf>,
+    /// Decision records carry the context they were decided from, for `llm-policy replay`
+    /// (default false): every field, the text as `prompts` says, credential headers removed.
+    /// Every request is then read as if every rule read everything (the scanners run).
+    pub context: bool,
 }
 
 impl Default for AuditConfig {
@@ -322,6 +326,7 @@ impl Default for AuditConfig {
             queue: 10_000,
             prompts: PromptLogging::Off,
             prompt_hash_key_file: None,
+            context: false,
         }
     }
 }

@@ -505,6 +505,10 @@ impl Engine {
         if self.audit.prompts() != PromptLogging::Off {
             needs.prompt = true;
         }
+        if self.audit.records_context() {
+            // A replay may read any field: the record holds them all.
+            needs = llm_policy_core::context::Needs::ALL;
+        }
         let now = input
             .now
             .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
