@@ -82,7 +82,7 @@ demo: build filter plugins envoy redis curl compose-check $(SDK_VENV)/.installed
 
 ## test: formatting, lints, unit/property/CLI/server tests, no_std and wasm builds, policy test
 ## suites, and the end-to-end tests through a real Envoy.
-test: install-check-if-asked toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration k8s-check
+test: install-check-if-asked toolchain lint unit nostd wasm policy-tests sdk-fixtures-check integration k8s-check observability-check
 
 ## toolchain: the rustup targets and components the build needs (`rustup … add` runs every time:
 ## it is a no-op when they are installed, and a broken install step cannot hide behind that).
@@ -213,6 +213,18 @@ K8S_CHECK = $(SDK_VENV)/bin/python scripts/k8s-check.py --cli $(CLI) \
 k8s-check: build $(SDK_VENV)/.installed
 	$(K8S_CHECK) --self-test
 	$(K8S_CHECK) $(K8S_DIR)
+
+## observability-check: deploy/observability/ (scripts/observability-check.py, docs/observability.md):
+## the Prometheus rule file's structure as Prometheus loads it, every PromQL expression of the
+## rules and of the Grafana dashboard parsed (promql-parser, pinned in integration/requirements.txt),
+## every metric and label they use checked against ext-authz/src/server/metrics.rs and
+## filter/src/host.rs, the dashboard's panels and variables; first its self-test (broken files it
+## must catch). Builds nothing.
+.PHONY: observability-check
+OBSERVABILITY_CHECK = $(SDK_VENV)/bin/python scripts/observability-check.py
+observability-check: $(SDK_VENV)/.installed
+	$(OBSERVABILITY_CHECK) --self-test
+	$(OBSERVABILITY_CHECK)
 
 ## redis / docker-compose / curl: the Debian packages the tests (redis-server, curl) and `make demo`
 ## (curl; docker-compose, to validate the compose file) need, installed with apt-get when missing

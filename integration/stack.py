@@ -339,10 +339,12 @@ class Envoy:
         self.proc = Proc(
             f"envoy-{config.removesuffix('.yaml') if not text else 'generated'}-{self.port}",
             [str(binary("ENVOY_BIN", "tools/envoy/_bin/envoy")), "-c", str(path), "--concurrency", str(concurrency),
-             "--base-id", str(self.port), "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning")],
+             "--base-id", str(self.port), "-l", os.environ.get("ENVOY_LOG_LEVEL", "warning"),
+             "--service-node", f"envoy-{self.port}"],
             log_dir,
         )
         wait_for(lambda: http_get(f"http://127.0.0.1:{self.admin}/ready")[1].strip() == b"LIVE", "envoy")
+        self.node = f"envoy-{self.port}"
 
     def url(self, path=""):
         return f"http://127.0.0.1:{self.port}{path}"

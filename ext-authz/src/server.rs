@@ -15,10 +15,12 @@ pub mod audit;
 pub mod auth;
 pub mod bundle_source;
 pub mod cache;
+pub mod canary;
 pub mod config;
 pub mod engine;
 pub mod envoy;
 pub mod ext_proc;
+pub mod fleet;
 pub mod key_store;
 pub mod limits;
 pub mod listen;
@@ -273,6 +275,7 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
                 .map(|r| cache::RemoteCache::new(r.clone(), config.redis.cache.ttl_secs)),
         ),
     );
+    engine.bind();
     // Signed bundles from object storage: the only source of policies when configured.
     let bundle_source = match &config.bundle.store {
         Some(_) => {
@@ -388,12 +391,31 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     });
 
     // REST.
+    // The filters syncing from this server: stale ones age out every few seconds.
+    let fleet = Arc::new(fleet::Fleet::new(
+        Duration::from_secs(config.fleet.stale_secs.max(1)),
+        metrics.clone(),
+    ));
+    {
+        let fleet = Arc::clone(&fleet);
+        let mut rx = stopped.clone();
+        tasks.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => fleet.age_out(),
+                    _ = stopped_signal(&mut rx) => break,
+                }
+            }
+        });
+    }
     let state = rest::RestState {
         engine: Arc::clone(&engine),
         admin_token: admin_token.map(Arc::from),
         read_token: read_token.map(Arc::from),
         usage_token: usage_token.map(Arc::from),
         bundle_source: bundle_source.clone(),
+        fleet: Arc::clone(&fleet),
     };
     // Replicas follow the shared keys; a key file is followed when it changes.
     if keys.configured() {

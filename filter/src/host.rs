@@ -76,11 +76,15 @@ pub enum Metric {
     AnswersCut,
     /// Context extraction and evaluation time, microseconds, of every 16th decision (histogram).
     EvaluationMicros,
+    /// Requests a canary's candidate decided again.
+    CanaryEvaluations,
+    /// Of them, those it decided otherwise.
+    CanaryDisagreements,
 }
 
 impl Metric {
     /// Every metric, for hosts that define them up front.
-    pub const ALL: [Metric; 20] = [
+    pub const ALL: [Metric; 22] = [
         Metric::Allowed,
         Metric::Denied,
         Metric::Throttled,
@@ -101,6 +105,8 @@ impl Metric {
         Metric::UsageUnknown,
         Metric::AnswersCut,
         Metric::EvaluationMicros,
+        Metric::CanaryEvaluations,
+        Metric::CanaryDisagreements,
     ];
 
     /// The stat name (Envoy shows it in `/stats/prometheus` with dots as underscores).
@@ -126,6 +132,8 @@ impl Metric {
             Metric::UsageUnknown => "llm_policy.usage.unknown",
             Metric::AnswersCut => "llm_policy.answers.cut",
             Metric::EvaluationMicros => "llm_policy.evaluation_us",
+            Metric::CanaryEvaluations => "llm_policy.canary.evaluations",
+            Metric::CanaryDisagreements => "llm_policy.canary.disagreements",
         }
     }
 

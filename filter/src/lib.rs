@@ -22,10 +22,13 @@
 //! - [`answer`]: response rules over the answer (the core's answer guard), cuts reported.
 //! - [`outbox`]: usage reports (and cut answers) queued for the server, sent from the root
 //!   context.
-//! - [`sync`]: the bundle fetched from the server and swapped in.
+//! - [`sync`]: the bundle fetched from the server and swapped in; the filter's report of
+//!   itself (node, bundle running, canary counts) rides on its requests.
+//! - [`canary`]: a canary's candidate decided beside the bundle, never enforced.
 
 pub mod answer;
 pub mod cache;
+pub mod canary;
 pub mod config;
 pub mod counters;
 pub mod ext_authz;

@@ -866,7 +866,11 @@ impl RequestFlow {
             body: &body,
             now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let mut ctx = match RequestContext::from_request_with(&input, set.config(), set.needs()) {
+        let needs = match &vm.canary {
+            Some(c) => c.needs(set.needs()),
+            None => set.needs(),
+        };
+        let mut ctx = match RequestContext::from_request_with(&input, set.config(), needs) {
             Ok(ctx) => ctx,
             Err(e) => return rejected(&e, provider),
         };
@@ -894,6 +898,9 @@ impl RequestFlow {
             match hit {
                 Some(d) => {
                     host.metric(Metric::CacheHit, 1);
+                    if let Some(c) = &vm.canary {
+                        c.decide(host, &ctx, d.decision);
+                    }
                     return of_decision(&d, provider, None);
                 }
                 None => host.metric(Metric::CacheMiss, 1),
@@ -909,6 +916,9 @@ impl RequestFlow {
                 data.clone(),
             ));
             return self.ask_server(host, provider, &headers, &body, &local, decision);
+        }
+        if let Some(c) = &vm.canary {
+            c.decide(host, &ctx, decision.decision);
         }
         if let Some(r) = decision
             .actions

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use llm_policy_core::identity::{KeyRecord, KeyTable};
 use llm_policy_core::model::KIND_POLICY_TEST;
-use llm_policy_core::wire::BundleAnswer;
+use llm_policy_core::wire::{self, BundleAnswer, BundleFile};
 use llm_policy_core::{source, ContextConfig, Diagnostic, Diagnostics, PolicySet};
 
 use crate::config::SyncConfig;
@@ -16,11 +16,37 @@ use crate::host::{Host, Level, Metric};
 /// Largest bundle answer accepted.
 pub const MAX_BUNDLE_BYTES: usize = 32 * 1024 * 1024;
 
+/// A canary's candidate, compiled: decided beside the bundle, never enforced.
+#[derive(Debug)]
+pub struct Candidate {
+    /// The candidate.
+    pub set: PolicySet,
+    /// Its digest as the server names it (the counts reported name it).
+    pub bundle: String,
+    /// The share of requests decided again.
+    pub sample: f64,
+}
+
+/// What a filter says about itself with each sync (the server's fleet view).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Its Envoy node id.
+    pub node: Option<String>,
+    /// The bundle it runs.
+    pub running: Option<String>,
+    /// Its canary's counts ([`llm_policy_core::wire::canary_counts`]).
+    pub canary: Option<String>,
+}
+
+/// Longest sync error reported.
+const MAX_REPORTED_ERROR: usize = 200;
+
 /// What a fetch brought.
 #[derive(Debug)]
 pub enum Fetched {
-    /// A new bundle, compiled, and the server's keys (when it holds any, and they are valid).
-    New(PolicySet, Option<KeyTable>),
+    /// A new bundle, compiled, the server's keys (when it holds any, and they are valid), and
+    /// the canary's candidate when one runs there (and compiles here).
+    New(PolicySet, Option<KeyTable>, Option<Candidate>),
     /// New keys only: the bundle did not compile here (the last good one keeps serving).
     Keys(KeyTable),
     /// The same bundle, or no usable answer (nothing changes).
@@ -36,6 +62,8 @@ pub struct BundleSync {
     last: Option<Duration>,
     /// Failures in a row (only the first of a run, then every 100th, is logged).
     failures: u64,
+    /// The last failure's message, reported with the next syncs until one succeeds.
+    last_error: Option<String>,
 }
 
 impl BundleSync {
@@ -47,11 +75,13 @@ impl BundleSync {
             in_flight: None,
             last: None,
             failures: 0,
+            last_error: None,
         }
     }
 
-    /// Starts a fetch if one is due and none is running.
-    pub fn tick(&mut self, host: &mut dyn Host) {
+    /// Starts a fetch if one is due and none is running; the request says who this filter is
+    /// and what it runs (`report`), and its last sync error.
+    pub fn tick(&mut self, host: &mut dyn Host, report: &SyncReport) {
         let now = host.now();
         let every = Duration::from_millis(self.config.interval_ms.max(100));
         let due = self.last.is_none_or(|t| now.saturating_sub(t) >= every);
@@ -75,6 +105,24 @@ impl BundleSync {
         }
         if let Some(token) = &self.config.token {
             headers.push(("authorization", format!("Bearer {token}")));
+        }
+        let printable = |v: &str| -> String {
+            v.chars()
+                .filter(|c| c.is_ascii_graphic() || *c == ' ')
+                .take(MAX_REPORTED_ERROR)
+                .collect()
+        };
+        if let Some(node) = &report.node {
+            headers.push((wire::SYNC_NODE_HEADER, printable(node)));
+        }
+        if let Some(running) = &report.running {
+            headers.push((wire::SYNC_RUNNING_HEADER, printable(running)));
+        }
+        if let Some(canary) = &report.canary {
+            headers.push((wire::SYNC_CANARY_HEADER, printable(canary)));
+        }
+        if let Some(error) = &self.last_error {
+            headers.push((wire::SYNC_ERROR_HEADER, printable(error)));
         }
         let headers: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let timeout = Duration::from_millis(self.config.timeout_ms.clamp(100, 60_000));
@@ -125,9 +173,30 @@ impl BundleSync {
                         None
                     }
                 };
-                match compile(&answer, context) {
+                match compile(&answer.files, answer.models.as_deref(), context) {
                     Ok(set) => {
                         self.failures = 0;
+                        self.last_error = None;
+                        let candidate = answer.canary.as_ref().and_then(|c| {
+                            let models = c.models.as_deref().or(answer.models.as_deref());
+                            match compile(&c.files, models, context) {
+                                Ok(set) => Some(Candidate {
+                                    set,
+                                    bundle: c.bundle.clone(),
+                                    sample: c.sample.clamp(f64::MIN_POSITIVE, 1.0),
+                                }),
+                                Err(e) => {
+                                    host.log(
+                                        Level::Warn,
+                                        &format!(
+                                            "llm-policy: the canary's candidate {} does not compile here, not decided: {e}",
+                                            c.bundle
+                                        ),
+                                    );
+                                    None
+                                }
+                            }
+                        });
                         self.etag = etag.or(Some(format!("\"{}\"", answer.bundle)));
                         host.metric(Metric::SyncOk, 1);
                         host.log(
@@ -139,7 +208,7 @@ impl BundleSync {
                                 set.rule_count()
                             ),
                         );
-                        Fetched::New(set, keys)
+                        Fetched::New(set, keys, candidate)
                     }
                     Err(e) => {
                         let msg = format!(
@@ -168,6 +237,7 @@ impl BundleSync {
     /// Counts a failure; logs the first of a run and every 100th after it.
     fn failed(&mut self, host: &mut dyn Host, level: Level, message: &str) {
         host.metric(Metric::SyncFailed, 1);
+        self.last_error = Some(message.chars().take(MAX_REPORTED_ERROR).collect());
         if self.failures.is_multiple_of(100) {
             host.log(
                 level,
@@ -209,10 +279,15 @@ fn parse(body: &[u8]) -> Result<BundleAnswer, SyncError> {
     serde_json::from_slice(body).map_err(SyncError::NotABundle)
 }
 
-/// Compiles a bundle answer's policies.
-fn compile(answer: &BundleAnswer, context: &ContextConfig) -> Result<PolicySet, SyncError> {
+/// Compiles a bundle answer's policy files (the bundle's, or a canary's candidate) with the
+/// server's model table when it sent one.
+fn compile(
+    files: &[BundleFile],
+    models: Option<&str>,
+    context: &ContextConfig,
+) -> Result<PolicySet, SyncError> {
     let mut docs = Vec::new();
-    for f in &answer.files {
+    for f in files {
         docs.extend(source::parse_str(&f.path, &f.text).map_err(SyncError::Unreadable)?);
     }
     docs.retain(|d| d.kind() != Some(KIND_POLICY_TEST));
@@ -221,7 +296,7 @@ fn compile(answer: &BundleAnswer, context: &ContextConfig) -> Result<PolicySet, 
     }
     // The server's model table, so the filter prices as the server does.
     let served;
-    let context = match &answer.models {
+    let context = match models {
         Some(text) => {
             let table =
                 llm_policy_core::model_table::ModelTable::parse("models (from the server)", text)
@@ -278,26 +353,13 @@ mod tests {
     #[test]
     fn the_servers_model_table_prices_the_filters_bundle() {
         let table = "asOf: \"2026-01-01\"\nfallback: {contextWindow: 1000, maxOutput: 100, input: 1.0, output: 2.0}\nmodels:\n  x: {provider: openai, contextWindow: 1000, maxOutput: 100, input: 7.0, output: 9.0}\n";
-        let with = |models: &str| BundleAnswer {
-            version: 1,
-            bundle: "abc".into(),
-            files: vec![llm_policy_core::wire::BundleFile {
-                path: "p.yaml".into(),
-                text: POLICY.into(),
-            }],
-            keys: None,
-            models: Some(models.into()),
-        };
-        let set = compile(&with(table), &ContextConfig::default()).unwrap();
+        let files = [BundleFile {
+            path: "p.yaml".into(),
+            text: POLICY.into(),
+        }];
+        let set = compile(&files, Some(table), &ContextConfig::default()).unwrap();
         assert_eq!(set.models().lookup(Some("x")).input, 7.0);
-        let shipped = compile(
-            &BundleAnswer {
-                models: None,
-                ..with(table)
-            },
-            &ContextConfig::default(),
-        )
-        .unwrap();
+        let shipped = compile(&files, None, &ContextConfig::default()).unwrap();
         assert_ne!(
             set.bundle(),
             shipped.bundle(),
@@ -305,7 +367,8 @@ mod tests {
         );
         assert!(matches!(
             compile(
-                &with("asOf: 1\nmodels: {x: {input: -1}}\n"),
+                &files,
+                Some("asOf: 1\nmodels: {x: {input: -1}}\n"),
                 &ContextConfig::default()
             ),
             Err(SyncError::Invalid(_))
@@ -317,8 +380,8 @@ mod tests {
         let mut host = FakeHost::default();
         let mut s = sync();
         let ctx = ContextConfig::default();
-        s.tick(&mut host);
-        s.tick(&mut host);
+        s.tick(&mut host, &SyncReport::default());
+        s.tick(&mut host, &SyncReport::default());
         assert_eq!(host.http_calls.len(), 1, "one fetch at a time");
         let first = host.http_calls[0].clone();
         assert!(first
@@ -333,13 +396,13 @@ mod tests {
             Some(answer(POLICY)),
             &ctx,
         );
-        assert!(matches!(got, Fetched::New(set, None) if set.rule_count() == 1));
+        assert!(matches!(got, Fetched::New(set, None, None) if set.rule_count() == 1));
 
         // Not due yet; then due, with If-None-Match; 304 changes nothing.
-        s.tick(&mut host);
+        s.tick(&mut host, &SyncReport::default());
         assert_eq!(host.http_calls.len(), 1);
         host.now += Duration::from_millis(1000);
-        s.tick(&mut host);
+        s.tick(&mut host, &SyncReport::default());
         assert!(host.http_calls[1]
             .headers
             .contains(&("if-none-match".into(), "\"abc\"".into())));
@@ -356,7 +419,7 @@ mod tests {
             (6, Some(503), None),
         ] {
             host.now += Duration::from_millis(1000);
-            s.tick(&mut host);
+            s.tick(&mut host, &SyncReport::default());
             assert!(matches!(
                 s.on_answer(&mut host, token, status, None, body, &ctx),
                 Fetched::Nothing

@@ -838,3 +838,103 @@ spec:
     assert_eq!(error["error"]["message"], "the answer holds a secret");
     assert_eq!(host.count(Metric::AnswersCut), 2);
 }
+
+#[test]
+fn a_canary_candidate_is_decided_beside_the_bundle_counted_and_never_enforced() {
+    let base = plugin("");
+    let docs = llm_policy_core::source::parse_str(
+        "candidate.yaml",
+        &POLICY.replace("'gpt-3.5-turbo'", "'gpt-4o'"),
+    )
+    .unwrap();
+    let candidate = llm_policy_core::PolicySet::compile(&docs, &base.config.context)
+        .unwrap()
+        .set;
+    let run_of = |sample: f64| {
+        std::rc::Rc::new(crate::canary::CanaryRun::new(
+            crate::sync::Candidate {
+                set: candidate.clone(),
+                bundle: String::from("cand"),
+                sample,
+            },
+            String::from("vm1"),
+        ))
+    };
+    let mut vm = Vm::new(base.config.clone(), base.set.clone(), base.keys.clone());
+    vm.canary = Some(run_of(1.0));
+    let vm = Rc::new(vm);
+    for (model, allowed) in [
+        ("gpt-4o", true),
+        ("gpt-4o", true),
+        ("gpt-3.5-turbo", false),
+        ("claude-x", true),
+    ] {
+        let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat(model));
+        run(&vm, &mut host);
+        // The bundle serving decides: the candidate never answers.
+        assert_eq!(host.reply.is_none(), allowed, "{model}");
+        if allowed {
+            assert_eq!(host.header("x-llm-policy-decision"), Some("allow"));
+        }
+    }
+    let c = vm.canary.as_ref().unwrap();
+    // gpt-4o twice (deny there), gpt-3.5 (allow there): three disagreements of four.
+    assert_eq!(c.report(), "vm1;cand;4;3");
+
+    // Sampled at a quarter: one request in four is decided again.
+    let mut vm = Vm::new(base.config.clone(), base.set.clone(), base.keys.clone());
+    vm.canary = Some(run_of(0.25));
+    let vm = Rc::new(vm);
+    let mut evaluated = 0;
+    for _ in 0..8 {
+        let mut h = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-4o"));
+        run(&vm, &mut h);
+        evaluated += h.count(Metric::CanaryEvaluations);
+    }
+    assert_eq!(evaluated, 2);
+    assert_eq!(vm.canary.as_ref().unwrap().report(), "vm1;cand;2;2");
+}
+
+#[test]
+fn the_sync_says_who_the_filter_is_what_it_runs_and_its_last_error() {
+    use crate::config::SyncConfig;
+    use crate::sync::{BundleSync, SyncReport};
+    let mut host = FakeHost::default();
+    let mut s = BundleSync::new(SyncConfig {
+        cluster: "llm_policy_rest".into(),
+        path: "/v1/bundle".into(),
+        authority: None,
+        interval_ms: 100,
+        timeout_ms: 500,
+        token: None,
+    });
+    let report = SyncReport {
+        node: Some(String::from("envoy-7\n")),
+        running: Some(String::from("abc")),
+        canary: Some(String::from("vm1;cand;4;3")),
+    };
+    s.tick(&mut host, &report);
+    let h = &host.http_calls[0].headers;
+    let get = |k: &str| h.iter().find(|(n, _)| n == k).map(|(_, v)| v.as_str());
+    assert_eq!(
+        get(llm_policy_core::wire::SYNC_NODE_HEADER),
+        Some("envoy-7")
+    );
+    assert_eq!(get(llm_policy_core::wire::SYNC_RUNNING_HEADER), Some("abc"));
+    assert_eq!(
+        get(llm_policy_core::wire::SYNC_CANARY_HEADER),
+        Some("vm1;cand;4;3")
+    );
+    assert_eq!(get(llm_policy_core::wire::SYNC_ERROR_HEADER), None);
+    // A failed sync is reported with the next ones, until one succeeds.
+    s.on_answer(&mut host, 1, Some(500), None, None, &Default::default());
+    host.now += std::time::Duration::from_secs(1);
+    s.tick(&mut host, &report);
+    let h = &host.http_calls[1].headers;
+    let error = h
+        .iter()
+        .find(|(n, _)| n == llm_policy_core::wire::SYNC_ERROR_HEADER)
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    assert!(error.contains("answered 500"), "{error}");
+}

@@ -34,6 +34,9 @@ pub struct Vm {
     pub server_failures: std::cell::Cell<u64>,
     /// Decisions made (every 16th is timed).
     pub decisions: std::cell::Cell<u64>,
+    /// A canary's candidate, decided beside the bundle (from the sync; shared by the VM states
+    /// of one candidate so its counts carry on).
+    pub canary: Option<std::rc::Rc<crate::canary::CanaryRun>>,
 }
 
 impl Vm {
@@ -65,6 +68,7 @@ impl Vm {
             warned_no_server: std::cell::Cell::new(false),
             decisions: std::cell::Cell::new(0),
             server_failures: std::cell::Cell::new(0),
+            canary: None,
             set,
             keys,
             config,

@@ -15,10 +15,11 @@ use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType, Status};
 
+use crate::canary::CanaryRun;
 use crate::host::{CallRefused, Host, Level, Metric, SharedWrite};
 use crate::outbox::Outbox;
 use crate::request::{Flow, RequestFlow};
-use crate::sync::{BundleSync, Fetched};
+use crate::sync::{BundleSync, Fetched, SyncReport};
 use crate::vm::Vm;
 
 proxy_wasm::main! {{
@@ -27,7 +28,13 @@ proxy_wasm::main! {{
         let _ = hostcalls::log(LogLevel::Critical, &format!("llm-policy: panic: {info}"));
     }));
     proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { vm: None, outbox: Rc::default(), sync: None })
+        Box::new(Root {
+            vm: None,
+            outbox: Rc::default(),
+            sync: None,
+            vm_id: format!("{:x}", WasmHost.now().as_nanos()),
+            node: String::new(),
+        })
     });
 }}
 
@@ -84,6 +91,12 @@ struct Root {
     vm: Option<Rc<Vm>>,
     outbox: Rc<Outbox>,
     sync: Option<BundleSync>,
+    /// This VM among its node's workers (the time it was made, in nanoseconds, as hex): names
+    /// its canary counts.
+    vm_id: String,
+    /// Envoy's node id (`--service-node`, or the bootstrap's `node.id`; read when configured),
+    /// else `vm-` and this VM's id: what the sync reports this filter as.
+    node: String,
 }
 
 impl Context for Root {
@@ -131,12 +144,21 @@ impl Context for Root {
             &vm.config.context,
         );
         match fetched {
-            Fetched::New(set, keys) => {
+            Fetched::New(set, keys, candidate) => {
                 let keys = keys.unwrap_or_else(|| vm.keys.clone());
-                self.vm = Some(Rc::new(Vm::new(vm.config.clone(), Some(set), keys)));
+                // The same candidate keeps its run (and its counts); a new one starts afresh.
+                let canary = candidate.map(|c| match &vm.canary {
+                    Some(run) if run.runs(&c) => Rc::clone(run),
+                    _ => Rc::new(CanaryRun::new(c, self.vm_id.clone())),
+                });
+                let mut next = Vm::new(vm.config.clone(), Some(set), keys);
+                next.canary = canary;
+                self.vm = Some(Rc::new(next));
             }
             Fetched::Keys(keys) => {
-                self.vm = Some(Rc::new(Vm::new(vm.config.clone(), vm.set.clone(), keys)));
+                let mut next = Vm::new(vm.config.clone(), vm.set.clone(), keys);
+                next.canary = vm.canary.clone();
+                self.vm = Some(Rc::new(next));
             }
             Fetched::Nothing => {}
         }
@@ -146,6 +168,17 @@ impl Context for Root {
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
         define_metrics();
+        // Envoy 1.40 answers `xds.node` (the attribute `node` of older versions is gone).
+        self.node = [vec!["xds", "node", "id"], vec!["node", "id"]]
+            .into_iter()
+            .find_map(|path| {
+                hostcalls::get_property(path)
+                    .ok()
+                    .flatten()
+                    .map(|b| String::from_utf8_lossy(&b).into_owned())
+                    .filter(|id| !id.is_empty())
+            })
+            .unwrap_or_else(|| format!("vm-{}", self.vm_id));
         let text = match hostcalls::get_buffer(BufferType::PluginConfiguration, 0, usize::MAX) {
             Ok(Some(bytes)) => match String::from_utf8(bytes) {
                 Ok(t) => t,
@@ -199,7 +232,15 @@ impl RootContext for Root {
     fn on_tick(&mut self) {
         flush_metrics();
         if let Some(sync) = &mut self.sync {
-            sync.tick(&mut WasmHost);
+            let vm = self.vm.as_deref();
+            let report = SyncReport {
+                node: Some(self.node.clone()),
+                running: vm
+                    .and_then(|v| v.set.as_ref())
+                    .map(|s| s.bundle().to_string()),
+                canary: vm.and_then(|v| v.canary.as_ref()).map(|c| c.report()),
+            };
+            sync.tick(&mut WasmHost, &report);
         }
         if self.outbox.is_empty() {
             return;

@@ -568,6 +568,19 @@ impl Needs {
         injection: true,
         estimate: true,
     };
+
+    /// What either needs (a bundle and a canary's candidate decided on one context).
+    #[must_use]
+    pub fn union(self, other: Needs) -> Needs {
+        Needs {
+            messages: self.messages || other.messages,
+            prompt: self.prompt || other.prompt,
+            folded: self.folded || other.folded,
+            entities: self.entities || other.entities,
+            injection: self.injection || other.injection,
+            estimate: self.estimate || other.estimate,
+        }
+    }
 }
 
 /// The least confidence a finding needs to be listed in `request.prompt_entities`: every scanner's

@@ -416,6 +416,54 @@ pub struct BundleAnswer {
     /// The bundle digest covers it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub models: Option<String>,
+    /// The canary running on the server, if any: the filter decides sampled requests with it
+    /// too (never enforcing) and reports its counts with its next syncs ([`SYNC_CANARY_HEADER`]).
+    /// The ETag covers it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryBundle>,
+}
+
+/// A canary's candidate, as `GET /v1/bundle` hands it to the filters.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryBundle {
+    /// The candidate's bundle digest (the filters' counts name it).
+    pub bundle: String,
+    /// Its policy files.
+    pub files: Vec<BundleFile>,
+    /// Its model table, when it differs from the bundle's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub models: Option<String>,
+    /// The share of requests decided again (0 < sample <= 1).
+    pub sample: f64,
+}
+
+/// What a filter's bundle sync tells the server about itself (`GET /v1/bundle` request headers;
+/// the server's fleet view, `GET /v1/fleet`): its Envoy node id.
+pub const SYNC_NODE_HEADER: &str = "x-llm-policy-node";
+/// The bundle digest the syncing filter runs.
+pub const SYNC_RUNNING_HEADER: &str = "x-llm-policy-running";
+/// The syncing filter's last sync error (absent: its last sync was good).
+pub const SYNC_ERROR_HEADER: &str = "x-llm-policy-sync-error";
+/// The syncing filter's canary counts: `<vm id>;<candidate bundle>;<evaluated>;<disagreements>`
+/// (cumulative for that candidate in that VM; each Envoy worker's VM syncs on its own).
+pub const SYNC_CANARY_HEADER: &str = "x-llm-policy-canary";
+
+/// The value of [`SYNC_CANARY_HEADER`].
+pub fn canary_counts(vm: &str, bundle: &str, evaluated: u64, disagreements: u64) -> String {
+    alloc::format!("{vm};{bundle};{evaluated};{disagreements}")
+}
+
+/// Reads a [`SYNC_CANARY_HEADER`] value: (vm id, candidate bundle, evaluated, disagreements).
+pub fn parse_canary_counts(value: &str) -> Option<(String, String, u64, u64)> {
+    let mut parts = value.split(';');
+    let vm = String::from(parts.next()?);
+    let bundle = String::from(parts.next()?);
+    let evaluated = parts.next()?.parse().ok()?;
+    let disagreements = parts.next()?.parse().ok()?;
+    if parts.next().is_some() || vm.is_empty() || bundle.is_empty() {
+        return None;
+    }
+    Some((vm, bundle, evaluated, disagreements))
 }
 
 /// One file of a [`BundleAnswer`].

@@ -262,7 +262,7 @@ pub fn replay(args: &ReplayArgs, config: &ContextConfig) -> Result<Report, Strin
             approximate,
         })
         .collect();
-    report.by_rule.sort_by(|a, b| b.count.cmp(&a.count));
+    report.by_rule.sort_by_key(|c| std::cmp::Reverse(c.count));
     Ok(report)
 }
 

@@ -23,7 +23,8 @@ use super::metrics::Metrics;
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct Record {
     /// `decision`, `alert` for the extra record an `alert` action emits, `usage` for what an
-    /// answer's usage charged, `response` for an answer a response rule cut.
+    /// answer's usage charged, `response` for an answer a response rule cut, `canary` for a
+    /// check a canary's candidate decided otherwise.
     pub kind: &'static str,
     /// Unique id, made by the server.
     pub id: String,
@@ -87,11 +88,32 @@ pub struct Record {
     /// The rule that decided (none: the namespace's default decision).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub deciding_rule: Option<String>,
+    /// What a canary's candidate decided where it disagreed with the bundle serving (a
+    /// `canary` record; the record's own decision fields are the serving bundle's).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryRecord>,
     /// The context the decision was made from (`audit.context: true`), for `llm-policy replay`:
     /// every field, the request's text as `audit.prompts` says (off: empty), credential headers
     /// removed (a `decision` record).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub context: Option<Box<llm_policy_core::RequestContext>>,
+}
+
+/// A canary candidate's decision, in a `canary` record.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryRecord {
+    /// The candidate's bundle digest.
+    pub bundle: String,
+    /// Its verdict.
+    pub decision: String,
+    /// Its deciding rule.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub deciding_rule: Option<String>,
+    /// Its matched enforcing rules.
+    pub matched_rules: Vec<String>,
+    /// Its reason.
+    pub reason: String,
 }
 
 /// Headers a recorded context never holds: the client's credentials.
@@ -691,6 +713,7 @@ impl Record {
                 .map(|r| r.counts.clone())
                 .unwrap_or_default(),
             deciding_rule: d.and_then(|d| d.metadata.deciding_rule.clone()),
+            canary: None,
             context: None,
         }
     }
@@ -776,6 +799,45 @@ impl Audit {
     /// How prompts are logged.
     pub fn prompts(&self) -> PromptLogging {
         self.prompts
+    }
+
+    /// Records a check a canary's candidate decided otherwise: the serving decision in the
+    /// record's fields, the candidate's in `canary` (`versions`: the registry version and
+    /// bundle serving, the candidate's bundle). Always recorded, whatever `decisions` says.
+    pub fn record_canary(
+        &self,
+        active: &Decision,
+        candidate: &Decision,
+        ctx: &RequestContext,
+        (version, bundle, candidate_bundle): (u64, &str, &str),
+        request_id: Option<String>,
+    ) {
+        self.record(Record {
+            kind: "canary",
+            id: self.next_id(),
+            request_id,
+            time: rfc3339(std::time::SystemTime::now()),
+            namespace: active.metadata.namespace.clone(),
+            policy: active.metadata.policy.clone(),
+            policy_version: active.metadata.version.clone(),
+            version,
+            bundle: bundle.to_string(),
+            principal: ctx.principal_present().collect(),
+            model: ctx.request.model.clone(),
+            decision: active.decision.as_str().to_string(),
+            matched_rules: active.matched_rules.clone(),
+            reason: active.reason.clone(),
+            deciding_rule: active.metadata.deciding_rule.clone(),
+            canary: Some(CanaryRecord {
+                bundle: candidate_bundle.to_string(),
+                decision: candidate.decision.as_str().to_string(),
+                deciding_rule: candidate.metadata.deciding_rule.clone(),
+                matched_rules: candidate.matched_rules.clone(),
+                reason: candidate.reason.clone(),
+            }),
+            context: self.context_field(ctx),
+            ..Record::default()
+        });
     }
 
     /// Whether decision records carry their context (`audit.context`).

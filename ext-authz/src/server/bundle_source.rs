@@ -91,6 +91,32 @@ impl BundleSource {
         self.status.lock().map(|s| s.clone()).unwrap_or_default()
     }
 
+    /// A revision of the store, fetched and verified as one to serve would be (a canary's
+    /// candidate): its manifest must name that revision.
+    pub async fn fetch_verified(&self, revision: &str) -> Result<bundle::Bundle, BundleError> {
+        let bytes = self.store.fetch(revision).await?;
+        let name = self.store.revision_url(revision);
+        let keys = self.keys.clone();
+        let wanted = revision.to_string();
+        tokio::task::spawn_blocking(move || {
+            let (b, _) = bundle::verify(&name, &bytes, &keys)?;
+            if b.manifest.revision != wanted {
+                return Err(BundleError::Tampered(format!(
+                    "{name}: manifest.json names revision `{}`",
+                    b.manifest.revision
+                )));
+            }
+            Ok(b)
+        })
+        .await
+        .map_err(|e| BundleError::Unavailable(e.to_string()))?
+    }
+
+    /// The store's URL.
+    pub fn url(&self) -> &str {
+        self.store.url()
+    }
+
     fn note(&self, f: impl FnOnce(&mut SourceStatus)) {
         if let Ok(mut s) = self.status.lock() {
             f(&mut s);

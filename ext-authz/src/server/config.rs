@@ -61,6 +61,22 @@ pub struct Config {
     /// Policies from signed bundles on object storage instead of `policies` (off unless a store
     /// is set).
     pub bundle: BundleConfig,
+    /// The fleet view of the filters syncing from this server (`GET /v1/fleet`).
+    pub fleet: FleetConfig,
+}
+
+/// `fleet:` in the configuration.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default, rename_all = "camelCase")]
+pub struct FleetConfig {
+    /// A filter not seen syncing for this long leaves the fleet view, in seconds (default 300).
+    pub stale_secs: u64,
+}
+
+impl Default for FleetConfig {
+    fn default() -> Self {
+        FleetConfig { stale_secs: 300 }
+    }
 }
 
 /// `bundle:` in the configuration: where signed bundles are, the keys they must be signed
@@ -165,6 +181,7 @@ impl Default for Config {
             redis: super::redis::RedisConfig::default(),
             plugins: PluginsConfig::default(),
             bundle: BundleConfig::default(),
+            fleet: FleetConfig::default(),
         }
     }
 }

@@ -29,6 +29,7 @@ use llm_policy_core::{
 
 use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
 use super::cache::{Caches, Level, RemoteCache};
+use super::canary::{Canary, CanaryStatus};
 use super::config::{CheckConfig, FailureMode, LimitsConfig, PromptLogging, Unreported};
 use super::key_store::KeyStore;
 use super::limits::{CounterStore, ReservationId, Reserved, StoreError};
@@ -172,6 +173,12 @@ pub struct Engine {
     limits: LimitsConfig,
     /// The virtual API keys.
     keys: Arc<KeyStore>,
+    /// The canary running, if any (`PUT /v1/canary`).
+    canary: arc_swap::ArcSwapOption<Canary>,
+    /// The canary last run (its status after it ended).
+    last_canary: std::sync::Mutex<Option<Arc<Canary>>>,
+    /// This engine, once shared (`Engine::bind`): canary decisions run in tasks of their own.
+    me: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
 
 fn unix_now() -> u64 {
@@ -225,7 +232,146 @@ impl Engine {
             check,
             limits,
             keys: Arc::new(KeyStore::empty()),
+            canary: arc_swap::ArcSwapOption::empty(),
+            last_canary: std::sync::Mutex::new(None),
+            me: std::sync::OnceLock::new(),
         }
+    }
+
+    /// Lets the engine hand work to tasks of its own (a canary's decisions, after the check
+    /// answered). Call once it is in its `Arc`; without it, canaries decide nothing.
+    pub fn bind(self: &Arc<Self>) {
+        let _ = self.me.set(Arc::downgrade(self));
+    }
+
+    /// Starts a canary (replacing one running, which is aborted).
+    pub fn start_canary(&self, canary: Canary) -> CanaryStatus {
+        let canary = Arc::new(canary);
+        if let Some(old) = self.canary.swap(Some(Arc::clone(&canary))) {
+            old.end("aborted", String::from("replaced by a new canary"));
+        }
+        if let Ok(mut last) = self.last_canary.lock() {
+            *last = Some(Arc::clone(&canary));
+        }
+        tracing::info!(
+            candidate = canary.version.set.bundle(),
+            sample = canary.sample,
+            "canary started"
+        );
+        canary.status()
+    }
+
+    /// The canary running, if any.
+    pub fn canary(&self) -> Option<Arc<Canary>> {
+        self.canary.load_full()
+    }
+
+    /// The status of the canary running, or of the last one.
+    pub fn canary_status(&self) -> Option<CanaryStatus> {
+        self.last_canary
+            .lock()
+            .ok()
+            .and_then(|l| l.as_ref().map(|c| c.status()))
+    }
+
+    /// Ends the canary running (`promoted`, `aborted`): the one ended, or `None`.
+    pub fn end_canary(&self, state: &str, reason: &str) -> Option<Arc<Canary>> {
+        let canary = self.canary.swap(None)?;
+        canary.end(state, reason.to_string());
+        tracing::info!(
+            candidate = canary.version.set.bundle(),
+            state,
+            reason,
+            "canary ended"
+        );
+        Some(canary)
+    }
+
+    /// Decides `ctx` again with the canary's candidate, off the check's time (a task of its
+    /// own): plugins run, counters are read and never charged. A different verdict is counted,
+    /// recorded with both decisions, and may abort the canary.
+    fn decide_again(&self, checked: &Checked, ctx: RequestContext, request_id: Option<String>) {
+        let (Some(canary), Some(active)) = (self.canary.load_full(), checked.decision.as_ref())
+        else {
+            return;
+        };
+        if !canary.sampled() {
+            return;
+        }
+        let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
+            return;
+        };
+        let active = active.clone();
+        let bundle = checked
+            .version
+            .as_deref()
+            .map(|v| v.set.bundle().to_string())
+            .unwrap_or_default();
+        let version = checked.version_number();
+        tokio::spawn(async move {
+            let mut counting = Counting {
+                held: Held::new(Arc::clone(&me.store)),
+                over: Vec::new(),
+                remaining: Vec::new(),
+                charge: false,
+                local: None,
+                now: unix_now(),
+                ask_usage: false,
+            };
+            let deadline = Instant::now() + me.check.deadline();
+            let long =
+                ctx.request.body_bytes > i64::try_from(INLINE_BODY_BYTES).unwrap_or(i64::MAX);
+            let decided = me
+                .evaluate(&canary.version, ctx, long, false, &mut counting, deadline)
+                .await;
+            let (candidate, ctx) = match decided {
+                Ok(d) => d,
+                Err(f) => {
+                    me.metrics
+                        .canary_evaluations
+                        .with_label_values(&["error"])
+                        .inc();
+                    tracing::debug!(reason = f.as_str(), "canary could not decide");
+                    return;
+                }
+            };
+            let from = active.decision.as_str();
+            let to = candidate.decision.as_str();
+            let rule = candidate
+                .metadata
+                .deciding_rule
+                .clone()
+                .unwrap_or_else(|| String::from("default"));
+            let abort = canary.count(from, to, &rule);
+            me.metrics
+                .canary_evaluations
+                .with_label_values(&[if from == to { "agree" } else { "disagree" }])
+                .inc();
+            if from != to {
+                me.metrics
+                    .canary_disagreements
+                    .with_label_values(&[from, to, &rule])
+                    .inc();
+                me.audit.record_canary(
+                    &active,
+                    &candidate,
+                    &ctx,
+                    (version, &bundle, canary.version.set.bundle()),
+                    request_id,
+                );
+            }
+            if abort {
+                let reason = format!(
+                    "{} disagreements reached maxDisagreements",
+                    canary.status().disagreements
+                );
+                // Only the canary that counted it: a newer one started meanwhile stays.
+                let current = me.canary.load_full();
+                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &canary)) {
+                    me.end_canary("aborted", &reason);
+                }
+            }
+        });
     }
 
     /// Uses these virtual API keys (none by default).
@@ -379,9 +525,12 @@ impl Engine {
             &identity,
             latency,
             trace_id,
-            request_id,
+            request_id.clone(),
             failure,
         );
+        if let Some(ctx) = ctx {
+            self.decide_again(&checked, ctx, request_id);
+        }
         checked
     }
 

@@ -29,7 +29,8 @@ pub struct Metrics {
     pub audit_queue: IntGauge,
     /// `llm_policy_alerts_total{severity,rule}`.
     pub alerts: IntCounterVec,
-    /// `llm_policy_check_errors_total{kind}`: checks that could not decide (deadline, store).
+    /// `llm_policy_check_errors_total{kind}`: checks that could not decide (`not_ready`,
+    /// `deadline`, `store`, `internal`).
     pub check_errors: IntCounterVec,
     /// `llm_policy_usage_reports_total{result}`.
     pub usage_reports: IntCounterVec,
@@ -57,6 +58,14 @@ pub struct Metrics {
     pub bundle_fetches: IntCounterVec,
     /// `llm_policy_bundle_store_up`: 1 when the last read of the bundle store got an answer.
     pub bundle_store_up: IntGauge,
+    /// `llm_policy_canary_evaluations_total{result}`: checks a canary decided again (`agree`,
+    /// `disagree`, `error`).
+    pub canary_evaluations: IntCounterVec,
+    /// `llm_policy_canary_disagreements_total{from,to,rule}`: checks the candidate decided
+    /// otherwise (`rule`: its deciding rule, `default`).
+    pub canary_disagreements: IntCounterVec,
+    /// `llm_policy_fleet_proxies{bundle}`: filters that synced lately, by the bundle they run.
+    pub fleet_proxies: IntGaugeVec,
 }
 
 impl Metrics {
@@ -127,7 +136,7 @@ impl Metrics {
         )?;
         let check_errors = counter_vec(
             "llm_policy_check_errors_total",
-            "Checks that could not decide, by kind (deadline, store), answered per the failure mode.",
+            "Checks that could not decide, by kind (not_ready, deadline, store, internal), answered per the failure mode.",
             &["kind"],
         )?;
         let usage_reports = counter_vec(
@@ -188,7 +197,54 @@ impl Metrics {
             "1 when the last read of the signed bundle store got an answer, 0 when it did not.",
         )?;
         registry.register(Box::new(bundle_store_up.clone()))?;
+        let canary_evaluations = counter_vec(
+            "llm_policy_canary_evaluations_total",
+            "Checks a canary's candidate decided again, by result (agree, disagree, error).",
+            &["result"],
+        )?;
+        let canary_disagreements = counter_vec(
+            "llm_policy_canary_disagreements_total",
+            "Checks a canary's candidate decided otherwise than the bundle serving, by verdict serving (from), the candidate's (to) and its deciding rule.",
+            &["from", "to", "rule"],
+        )?;
+        let fleet_proxies = IntGaugeVec::new(
+            Opts::new(
+                "llm_policy_fleet_proxies",
+                "Envoy filters that synced their bundle from this server lately, by the bundle they run (`none`: not loaded yet).",
+            ),
+            &["bundle"],
+        )?;
+        registry.register(Box::new(fleet_proxies.clone()))?;
+        // The label values known up front start at 0, so the first event is an increase (a
+        // Prometheus `increase()` over a series that appears at 1 sees nothing).
+        for (vec, values) in [
+            (&reloads, &["ok", "unchanged", "error"][..]),
+            (
+                &check_errors,
+                &["not_ready", "deadline", "store", "internal"][..],
+            ),
+            (&counter_errors, &["open", "closed"][..]),
+            (
+                &bundle_fetches,
+                &["applied", "unchanged", "refused", "unavailable"][..],
+            ),
+            (&usage_reports, &["recorded", "unknown", "error"][..]),
+            (&canary_evaluations, &["agree", "disagree", "error"][..]),
+            (&limit_rejections, &["rate_limit", "budget"][..]),
+        ] {
+            for v in values {
+                vec.with_label_values(&[v]);
+            }
+        }
+        for level in ["l1", "l2", "l4"] {
+            for result in ["hit", "miss"] {
+                cache.with_label_values(&[level, result]);
+            }
+        }
         Ok(Metrics {
+            fleet_proxies,
+            canary_evaluations,
+            canary_disagreements,
             bundle_fetches,
             bundle_store_up,
             spend_usd,

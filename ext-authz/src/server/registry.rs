@@ -55,6 +55,8 @@ pub enum Origin {
     Shared,
     /// A signed bundle's revision from object storage.
     Bundle,
+    /// A canary's candidate, promoted through the API.
+    Canary,
 }
 
 /// Where a bundle shared by replicas is kept (Redis: [`super::registry_sync::RedisBundle`]).
@@ -420,27 +422,174 @@ impl Registry {
                 text,
             })
             .collect();
-        let models = match models {
-            Some((name, text)) => match ModelTable::parse(name, text) {
-                Ok(table) => Some((table, text.to_string())),
-                Err(d) => {
-                    if let Ok(mut r) = self.revisions.lock() {
-                        r.1 = Some(revision.to_string());
-                    }
-                    if let Ok(mut e) = self.last_error.lock() {
-                        *e = Some(d.clone());
-                    }
-                    return Some(Err(d));
+        let (context, text) = match self.bundle_context(models) {
+            Ok(c) => c,
+            Err(d) => {
+                if let Ok(mut r) = self.revisions.lock() {
+                    r.1 = Some(revision.to_string());
                 }
-            },
+                if let Ok(mut e) = self.last_error.lock() {
+                    *e = Some(d.clone());
+                }
+                return Some(Err(d));
+            }
+        };
+        self.apply_revision(revision, files, Some((context, text)), Origin::Bundle)
+    }
+
+    /// The context a bundle compiles with: the configured one, with the bundle's model table
+    /// `(name, text)` when it has one (and that text, to hand to the filters).
+    fn bundle_context(
+        &self,
+        models: Option<(&str, &str)>,
+    ) -> Result<(ContextConfig, Option<String>), Diagnostics> {
+        let mut context = ContextConfig::clone(&self.configured);
+        let text = match models {
+            Some((name, text)) => {
+                context.models = Some(ModelTable::parse(name, text)?);
+                Some(text.to_string())
+            }
             None => None,
         };
-        let mut context = ContextConfig::clone(&self.configured);
-        let text = models.map(|(table, text)| {
-            context.models = Some(table);
-            text
-        });
-        self.apply_revision(revision, files, Some((context, text)), Origin::Bundle)
+        Ok((context, text))
+    }
+
+    /// Whether policies come from a signed bundle store (files are named as in the archive).
+    fn follows_bundle(&self) -> bool {
+        self.shared.get().is_some_and(|s| !s.seeds_from_directory())
+    }
+
+    /// Where a file named `rel` (relative to the policy root, as `GET /v1/bundle` names it) is.
+    fn file_path(&self, rel: &str) -> Result<PathBuf, RegistryError> {
+        let ok = !rel.is_empty()
+            && rel.len() <= 512
+            && !rel.starts_with('/')
+            && !rel.contains('\\')
+            && rel
+                .split('/')
+                .all(|p| !p.is_empty() && p != "." && p != ".." && !p.starts_with('.'))
+            && [".yaml", ".yml", ".json"].iter().any(|e| rel.ends_with(e));
+        if !ok {
+            return Err(RegistryError::Malformed(format!(
+                "`{rel}` is not a policy file this API writes (a relative .yaml, .yml or .json path, no hidden or `..` parts)"
+            )));
+        }
+        Ok(if self.follows_bundle() {
+            PathBuf::from(rel)
+        } else {
+            self.root().join(rel)
+        })
+    }
+
+    /// The files serving (or the directory) with `overlay` (`(path relative to the policy root,
+    /// text)`) written over them or added.
+    fn overlaid(&self, overlay: &[(String, String)]) -> Result<Vec<SourceFile>, RegistryError> {
+        let mut files = self.base_files()?;
+        for (rel, text) in overlay {
+            let path = self.file_path(rel)?;
+            files.retain(|f| f.path != path);
+            files.push(SourceFile {
+                path,
+                text: text.clone(),
+            });
+        }
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        Ok(files)
+    }
+
+    fn unswapped(files: Vec<SourceFile>, compiled: Compiled) -> Version {
+        let (set, documents, warnings) = compiled;
+        Version {
+            number: 0,
+            set,
+            loaded_at: SystemTime::now(),
+            origin: Origin::Canary,
+            files,
+            documents,
+            warnings,
+        }
+    }
+
+    /// A canary's candidate: the files serving with `overlay` written over them, validated and
+    /// compiled as a reload would, not swapped in (its number is 0).
+    pub fn candidate(&self, overlay: &[(String, String)]) -> Result<Version, RegistryError> {
+        let files = self.overlaid(overlay)?;
+        let compiled = compile(&files, &self.context.load(), self.plugins.as_deref())
+            .map_err(RegistryError::Invalid)?;
+        Ok(Registry::unswapped(files, compiled))
+    }
+
+    /// A canary's candidate from a signed bundle (verified by the caller): its policy files
+    /// named as in the archive, its model table if it has one; not swapped in.
+    pub fn candidate_bundle(
+        &self,
+        files: Vec<(String, String)>,
+        models: Option<(&str, &str)>,
+    ) -> Result<Version, RegistryError> {
+        let (context, _) = self
+            .bundle_context(models)
+            .map_err(RegistryError::Invalid)?;
+        let mut files: Vec<SourceFile> = files
+            .into_iter()
+            .map(|(path, text)| SourceFile {
+                path: PathBuf::from(path),
+                text,
+            })
+            .collect();
+        files.sort_by(|a, b| a.path.cmp(&b.path));
+        let compiled =
+            compile(&files, &context, self.plugins.as_deref()).map_err(RegistryError::Invalid)?;
+        Ok(Registry::unswapped(files, compiled))
+    }
+
+    /// Makes a canary's candidate the version serving: `overlay` written over the files serving
+    /// (into the directory, or published to the replicas), validated first as every write is.
+    /// A signed bundle store refuses (change the store: `llm-policy bundle activate`).
+    pub fn promote(&self, overlay: &[(String, String)]) -> Result<Arc<Version>, RegistryError> {
+        let _guard = self.writer.lock();
+        if !self.path.is_dir() && !self.is_shared() {
+            return Err(RegistryError::Conflict(String::from(
+                "policies are served from a single file: write them through the file",
+            )));
+        }
+        let files = self.overlaid(overlay)?;
+        compile(&files, &self.context.load(), self.plugins.as_deref())
+            .map_err(RegistryError::Invalid)?;
+        if let Some(shared) = self.shared.get() {
+            let root = self.root();
+            let relative: Vec<(String, String)> = files
+                .iter()
+                .map(|f| {
+                    let p = f.path.strip_prefix(&root).unwrap_or(&f.path);
+                    (p.display().to_string(), f.text.clone())
+                })
+                .collect();
+            let revision =
+                shared.publish(self.shared_revision().as_deref(), &relative, Origin::Canary)?;
+            let (v, _) = self
+                .accept(files, Origin::Canary)
+                .map_err(RegistryError::Invalid)?;
+            self.published(revision);
+            return Ok(v);
+        }
+        for (rel, text) in overlay {
+            let path = self.file_path(rel)?;
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    RegistryError::Unavailable(format!("cannot create {}: {e}", dir.display()))
+                })?;
+            }
+            write_atomically(&path, text).map_err(|e| {
+                RegistryError::Unavailable(format!("cannot write {}: {e}", path.display()))
+            })?;
+        }
+        let (v, _) = self
+            .accept(
+                read_files(&self.path).map_err(RegistryError::Invalid)?,
+                Origin::Canary,
+            )
+            .map_err(RegistryError::Invalid)?;
+        Ok(v)
     }
 
     /// Compiles and swaps in one revision of a store (`context`: the context it compiles with,

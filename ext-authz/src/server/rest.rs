@@ -34,10 +34,15 @@ pub struct RestState {
     pub usage_token: Option<Arc<str>>,
     /// The signed bundle store followed, if any (`GET /v1/bundle/source`).
     pub bundle_source: Option<Arc<super::bundle_source::BundleSource>>,
+    /// The filters syncing from this server (`GET /v1/fleet`).
+    pub fleet: Arc<super::fleet::Fleet>,
 }
 
 /// Largest policy a `PUT` accepts.
 const MAX_POLICY_BYTES: usize = 4 * 1024 * 1024;
+
+/// Largest canary request (its files).
+const MAX_CANARY_BYTES: usize = 16 * 1024 * 1024;
 
 /// Requests the REST API serves at once; more wait.
 const MAX_CONCURRENT: usize = 256;
@@ -62,6 +67,13 @@ pub fn router(state: RestState, max_body: usize) -> Router {
         .route("/v1/reload", post(reload))
         .route("/v1/bundle", get(bundle))
         .route("/v1/bundle/source", get(bundle_source))
+        .route("/v1/fleet", get(fleet))
+        .route(
+            "/v1/canary",
+            get(canary_status).put(put_canary.layer(DefaultBodyLimit::max(MAX_CANARY_BYTES))),
+        )
+        .route("/v1/canary/promote", post(promote_canary))
+        .route("/v1/canary/abort", post(abort_canary))
         .route("/v1/budgets/{*key}", get(budget))
         .route("/v1/keys", get(list_keys).post(create_key))
         .route("/v1/keys/{id}", axum::routing::delete(revoke_key))
@@ -84,6 +96,8 @@ fn is_write(method: &axum::http::Method, uri: &axum::http::Uri) -> bool {
         || method == axum::http::Method::DELETE
         || (method == axum::http::Method::POST && path == "/v1/keys")
         || path.ends_with("/rollback")
+        || path == "/v1/canary/promote"
+        || path == "/v1/canary/abort"
         || path == "/v1/reload"
         || (path == "/v1/evaluate"
             && uri
@@ -99,6 +113,8 @@ fn is_read(uri: &axum::http::Uri) -> bool {
     path.starts_with("/v1/policies")
         || path == "/v1/bundle"
         || path == "/v1/bundle/source"
+        || path == "/v1/canary"
+        || path == "/v1/fleet"
         || path.starts_with("/v1/keys")
         || path.starts_with("/v1/budgets/")
         || path == "/v1/evaluate"
@@ -497,14 +513,28 @@ async fn reload(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
 /// `GET /v1/bundle`: the active bundle's files, with the bundle digest as ETag
 /// (`If-None-Match` → 304).
 async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
+    // A filter's sync says who it is and what it runs (the fleet view).
+    let header_text = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_string)
+    };
+    if let Some(report) = super::fleet::Report::from_headers(header_text) {
+        s.fleet.observe(report);
+    }
     let v = current(&s)?;
     let store = s.engine.keys();
     let keys = store.snapshot();
-    let etag = if store.configured() {
-        format!("\"{}.{}\"", v.set.bundle(), keys.digest)
-    } else {
-        format!("\"{}\"", v.set.bundle())
-    };
+    let canary = s.engine.canary();
+    let mut etag = v.set.bundle().to_string();
+    if store.configured() {
+        etag = format!("{etag}.{}", keys.digest);
+    }
+    if let Some(c) = &canary {
+        etag = format!("{etag}.c{}-{}", c.version.set.bundle(), c.sample);
+    }
+    let etag = format!("\"{etag}\"");
     let matches = headers
         .get(header::IF_NONE_MATCH)
         .and_then(|h| h.to_str().ok())
@@ -513,21 +543,44 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
     if matches {
         return Ok((StatusCode::NOT_MODIFIED, [(header::ETAG, etag_value)]).into_response());
     }
-    let answer = BundleAnswer {
-        version: v.number,
-        bundle: v.set.bundle().to_string(),
-        files: v
-            .relative_files(s.engine.registry().path())
+    let files = |v: &Version| -> Vec<BundleFile> {
+        v.relative_files(s.engine.registry().path())
             .into_iter()
             .map(|(path, text)| BundleFile {
                 path,
                 text: text.to_string(),
             })
-            .collect(),
+            .collect()
+    };
+    let answer = BundleAnswer {
+        version: v.number,
+        bundle: v.set.bundle().to_string(),
+        files: files(&v),
         keys: store.configured().then(|| keys.records.clone()),
         models: s.engine.registry().models_text(),
+        canary: canary.map(|c| llm_policy_core::wire::CanaryBundle {
+            bundle: c.version.set.bundle().to_string(),
+            files: files(&c.version),
+            models: c.models.clone(),
+            sample: c.sample,
+        }),
     };
     Ok(([(header::ETAG, etag_value)], Json(answer)).into_response())
+}
+
+/// `GET /v1/fleet`: the filters syncing from this server (node, bundle running, whether it is
+/// the one serving here, last seen, last sync error), stale ones aged out.
+async fn fleet(State(s): State<RestState>) -> ApiResult {
+    let serving = s.engine.registry().current();
+    let nodes = s.fleet.list(serving.as_ref().map(|v| v.set.bundle()));
+    let current = nodes.iter().filter(|n| n.current).count();
+    Ok(Json(json!({
+        "bundle": serving.as_ref().map(|v| v.set.bundle()),
+        "proxies": nodes.len(),
+        "current": current,
+        "nodes": nodes,
+    }))
+    .into_response())
 }
 
 /// `GET /v1/keys`: the virtual keys' records (hashes, never keys).
@@ -608,6 +661,141 @@ async fn bundle_source(State(s): State<RestState>) -> ApiResult {
             "no bundle store configured (`bundle.store`)",
         )),
     }
+}
+
+/// `PUT /v1/canary`: a candidate (files over the ones serving, or a store revision) decided
+/// beside the bundle serving on live traffic, never enforced.
+async fn put_canary(State(s): State<RestState>, headers: HeaderMap, body: Bytes) -> ApiResult {
+    use super::canary::{Canary, CanaryRequest, CandidateSource};
+    authorize(&s, &headers)?;
+    let req: CanaryRequest = serde_json::from_slice(&body)
+        .map_err(|e| error(StatusCode::BAD_REQUEST, "invalid_request", e.to_string()))?;
+    let sample = req.sample.unwrap_or(1.0);
+    if !(sample > 0.0 && sample <= 1.0) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "sample is a share of checks: 0 < sample <= 1",
+        ));
+    }
+    if req.max_disagreements == Some(0) {
+        return Err(error(
+            StatusCode::BAD_REQUEST,
+            "invalid_request",
+            "maxDisagreements is at least 1",
+        ));
+    }
+    let registry = Arc::clone(s.engine.registry());
+    let internal = |e: tokio::task::JoinError| {
+        error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    let (version, source, models) = match (req.revision, req.files.is_empty()) {
+        (Some(revision), true) => {
+            let Some(store) = &s.bundle_source else {
+                return Err(error(
+                    StatusCode::CONFLICT,
+                    "conflict",
+                    "a revision names a signed bundle store, and this server has none (`bundle.store`): give files",
+                ));
+            };
+            let b = store.fetch_verified(&revision).await.map_err(|e| match e {
+                crate::bundle::BundleError::NotFound(m) => {
+                    error(StatusCode::NOT_FOUND, "not_found", m)
+                }
+                crate::bundle::BundleError::Unavailable(m) => {
+                    error(StatusCode::SERVICE_UNAVAILABLE, "unavailable", m)
+                }
+                other => error(
+                    StatusCode::UNPROCESSABLE_ENTITY,
+                    "invalid_bundle",
+                    other.to_string(),
+                ),
+            })?;
+            let models_text = b.models().map(str::to_string);
+            let v = tokio::task::spawn_blocking(move || {
+                let models = b.models().map(|t| (crate::bundle::archive::MODELS, t));
+                registry.candidate_bundle(b.policy_files(), models)
+            })
+            .await
+            .map_err(internal)?
+            .map_err(registry_error)?;
+            (v, CandidateSource::Revision(revision), models_text)
+        }
+        (None, false) => {
+            let overlay: Vec<(String, String)> = req.files.into_iter().collect();
+            let files = overlay.clone();
+            let v = tokio::task::spawn_blocking(move || registry.candidate(&files))
+                .await
+                .map_err(internal)?
+                .map_err(registry_error)?;
+            (v, CandidateSource::Files(overlay), None)
+        }
+        _ => {
+            return Err(error(
+                StatusCode::BAD_REQUEST,
+                "invalid_request",
+                "give the candidate as `files` (path → text, written over the files serving) or as a store `revision`, one of them",
+            ))
+        }
+    };
+    let mut canary = Canary::new(version, source, sample, req.max_disagreements);
+    canary.models = models;
+    let status = s.engine.start_canary(canary);
+    Ok(Json(status).into_response())
+}
+
+/// `GET /v1/canary`: the canary running (or the last one), 404 when there never was one.
+async fn canary_status(State(s): State<RestState>) -> ApiResult {
+    let mut status = s
+        .engine
+        .canary_status()
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no canary has run"))?;
+    let (evaluated, disagreements) = s.fleet.canary_counts(&status.candidate);
+    status.filters = super::canary::FilterCounts {
+        evaluated,
+        disagreements,
+    };
+    Ok(Json(status).into_response())
+}
+
+/// `POST /v1/canary/promote`: the candidate serves (written as every write is); a store
+/// revision is activated in the store instead (409 saying how).
+async fn promote_canary(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
+    use super::canary::CandidateSource;
+    authorize(&s, &headers)?;
+    let canary = s
+        .engine
+        .canary()
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no canary is running"))?;
+    let overlay = match &canary.source {
+        CandidateSource::Files(f) => f.clone(),
+        CandidateSource::Revision(r) => {
+            let store = s.bundle_source.as_ref().map_or("the store", |b| b.url());
+            return Err(error(
+                StatusCode::CONFLICT,
+                "conflict",
+                format!("the candidate is revision {r} of {store}: make it current there (llm-policy bundle activate --revision {r}); every server follows"),
+            ));
+        }
+    };
+    let registry = Arc::clone(s.engine.registry());
+    let result = tokio::task::spawn_blocking(move || registry.promote(&overlay))
+        .await
+        .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
+    super::report_write(&s.engine, "promoted", "canary", &result);
+    let v = result.map_err(registry_error)?;
+    s.engine
+        .end_canary("promoted", &format!("serving as version {}", v.number));
+    Ok(Json(version_json(&v)).into_response())
+}
+
+/// `POST /v1/canary/abort`: drops the candidate.
+async fn abort_canary(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
+    authorize(&s, &headers)?;
+    s.engine
+        .end_canary("aborted", "through the API")
+        .map(|c| Json(c.status()).into_response())
+        .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no canary is running"))
 }
 
 async fn ready(State(s): State<RestState>) -> ApiResult {
