@@ -1,4 +1,4 @@
-"""`make demo`, parts 2 to 5: the example bundle in front of the mock LLM upstream, through a real
+"""`make demo`, parts 2 to 7: the example bundle in front of the mock LLM upstream, through a real
 Envoy 1.40 —
 
 - with the llm-policy proxy-wasm filter deciding inside Envoy and `llm-policy serve` behind it for
@@ -8,7 +8,10 @@ Envoy 1.40 —
   the WASM plugins of the `restricted` namespace;
 - with identity a client cannot fake: two virtual keys of different tiers, one JWT, spoofs refused;
 - with spend a client cannot dodge: a token budget against the answers' usage in both modes, an
-  OpenAI stream whose client did not ask for usage, a USD budget at the shipped prices.
+  OpenAI stream whose client did not ask for usage, a USD budget at the shipped prices;
+- operating it: a canary of a candidate bundle on live traffic (disagreements counted, never
+  enforced; the filters' own canaries report theirs), the fleet view, and `llm-policy replay` of
+  the audit log with the candidate.
 
 Each sample request (`examples/requests/`) goes through Envoy with curl; the demo shows the answer,
 whether it reached the upstream (and, for the filter, whether it needed the server), Envoy's stats,
@@ -379,12 +382,84 @@ def spend_tour():
     print("\n== stopped: upstream, server, Envoys")
 
 
+def operate_tour():
+    """A canary of a candidate bundle on live traffic through Envoy (ext_authz, and the filter
+    counting its own), the fleet view, and `llm-policy replay` of the audit log with the
+    candidate."""
+    import subprocess
+
+    from test_operate import HEADERS, api, get, make_stack, policy, send
+
+    print("\n== part 7: operating it — canary, fleet view, replay (docs/server.md \"Canary and replay\")")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        (tmp / "a").mkdir()
+        (tmp / "b").mkdir()
+        stacks = {}
+        try:
+            stacks["ext-authz"] = make_stack(tmp / "a", "ext-authz")
+            stacks["filter"] = make_stack(tmp / "b", "filter")
+            candidate = policy(["gpt-banned", "gpt-next"], version="2")
+            print("   serving: deny gpt-banned; candidate: deny gpt-banned and gpt-next "
+                  "(namespace e2e-operate, audit.context on)")
+            for mode, (upstream, server, envoy, _) in stacks.items():
+                ops = type("Ops", (), {"envoy": envoy})
+                status, body = api(server, "PUT", "/v1/canary", {"files": {"operate.yaml": candidate}})
+                print(f"   {mode}: PUT /v1/canary → {status} {body['state']}, candidate {body['candidate'][:12]}")
+                time.sleep(1.0)  # the filter syncs the candidate (every 2 s by default here: 1 s is enough often)
+                codes = [send(ops, m)[0] for m in ["gpt-next", "gpt-next", "gpt-next", "gpt-ok", "gpt-banned"]]
+                print(f"   {mode}: gpt-next ×3, gpt-ok, gpt-banned through Envoy → {codes} (the canary never enforces)")
+                deadline = time.time() + 10
+                while True:
+                    s = get(server, "/v1/canary")
+                    counted = s["filters"] if mode == "filter" else s
+                    if counted["disagreements"] >= 1 or time.time() > deadline:
+                        break
+                    codes.append(send(ops, "gpt-next")[0])
+                    time.sleep(0.3)
+                if mode == "filter":
+                    print(f"   filter: the filters' canaries counted {s['filters']['evaluated']} decided again, "
+                          f"{s['filters']['disagreements']} disagreements (reported with their syncs)")
+                    fleet = get(server, "/v1/fleet")
+                    for n in fleet["nodes"]:
+                        print(f"   GET /v1/fleet: node {n['node']} runs {n['running'][:12]} "
+                              f"(current: {n['current']}, last seen {n['lastSeen']})")
+                else:
+                    print(f"   ext-authz: GET /v1/canary → evaluated {s['evaluated']}, disagreements "
+                          f"{s['disagreements']}, by rule {[(d['from'], d['to'], d['rule'], d['count']) for d in s['byRule']]}")
+                    sample = 'llm_policy_canary_disagreements_total{from="allow",rule="deny-gpt-next",to="deny"}'
+                    print(f"   {sample} {server.metric(sample):.0f}")
+                status, body = api(server, "POST", "/v1/canary/abort")
+                print(f"   {mode}: POST /v1/canary/abort → {status} {body['state']}")
+            upstream, server, envoy, procs = stacks["ext-authz"]
+            server.proc.stop()
+            records = [json.loads(line) for line in server.audit.read_text().splitlines()]
+            for r in [r for r in records if r["kind"] == "canary"][:1]:
+                print(f"   a canary audit record: decision {r['decision']} (serving) / {r['canary']['decision']} by "
+                      f"{r['canary']['decidingRule']} (candidate {r['canary']['bundle'][:12]}), model {r['model']}")
+            cand = tmp / "candidate"
+            cand.mkdir()
+            (cand / "operate.yaml").write_text(candidate)
+            print(f"\n== llm-policy replay --audit audit.log --policy candidate/  "
+                  f"({sum(1 for r in records if r['kind'] == 'decision')} decision records with their context)")
+            out = subprocess.run([os.environ.get("LLM_POLICY_BIN", str(ROOT / "target/release/llm-policy")), "replay",
+                                  "--audit", str(server.audit), "--policy", str(cand)], capture_output=True, text=True)
+            for line in out.stdout.splitlines():
+                print(f"   {line}")
+        finally:
+            for (_, _, _, procs) in stacks.values():
+                for p in reversed(procs):
+                    p.stop()
+    print("\n== stopped: upstreams, servers, Envoys")
+
+
 def main():
     filter_tour()
     ext_authz_tour()
     replicas_tour()
     identity_tour()
     spend_tour()
+    operate_tour()
 
 
 if __name__ == "__main__":
