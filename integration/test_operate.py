@@ -23,11 +23,15 @@ spec:
 """
 
 
+ALARM = ("    - {id: alarm, priority: 100, when: {match: {field: request.model, op: eq, value: gpt-alarm}}, "
+         "action: {decision: deny, reason: \"gpt-alarm raises an alarm\", alert: critical}}\n")
+
+
 def policy(models, version="1"):
     rules = "".join(
         f"    - {{id: deny-{m}, when: {{match: {{field: request.model, op: eq, value: {m}}}}}, "
         f"action: {{decision: deny, reason: \"{m} is not approved\"}}}}\n" for m in models)
-    return POLICY.format(version=version, rules=rules)
+    return POLICY.format(version=version, rules=ALARM + rules)
 
 
 HEADERS = {"x-llm-policy-namespace": "e2e-operate", "x-user-id": "ops", "authorization": "Bearer sk-live-secret-0123456789"}
@@ -48,8 +52,46 @@ def get(server, path):
     return json.loads(http_get(server.url(path))[1])
 
 
-def make_stack(tmp, mode):
-    """Upstream, a server recording contexts, Envoy in `mode` (the filter syncing every 300 ms)."""
+class Webhook:
+    """A webhook receiver on loopback that keeps what it is sent (path, headers, body)."""
+
+    SECRET = "e2e-webhook-secret-0123456789"
+
+    def __init__(self):
+        import http.server
+        import threading
+        received = self.received = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                received.append((self.path, {k.lower(): v for k, v in self.headers.items()}, body))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *_):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def verified(self):
+        """The bodies whose `x-llm-policy-signature` is the HMAC of `t.body` with the secret."""
+        import hashlib
+        import hmac
+        out = []
+        for _, headers, body in self.received:
+            sig = dict(p.split("=", 1) for p in headers.get("x-llm-policy-signature", "").split(","))
+            mac = hmac.new(self.SECRET.encode(), f"{sig.get('t')}.".encode() + body, hashlib.sha256).hexdigest()
+            if hmac.compare_digest(mac, sig.get("v1", "")) and abs(time.time() - int(sig["t"])) < 300:
+                out.append(json.loads(body))
+        return out
+
+
+def make_stack(tmp, mode, webhook=None):
+    """Upstream, a server recording contexts (and delivering alerts to `webhook`), Envoy in `mode`
+    (the filter syncing every 300 ms)."""
     policies = tmp / "policies"
     policies.mkdir()
     (policies / "operate.yaml").write_text(policy(["gpt-banned"]))
@@ -57,8 +99,11 @@ def make_stack(tmp, mode):
     upstream = Upstream(tmp)
     procs.append(upstream.proc)
     (tmp / "server").mkdir()
-    server = Server(tmp / "server", policies, log_dir=tmp, config_extra={
-        "audit": {"stdout": False, "file": {"path": str(tmp / "server" / "audit.log")}, "context": True}})
+    extra = {"audit": {"stdout": False, "file": {"path": str(tmp / "server" / "audit.log")}, "context": True}}
+    if webhook:
+        (tmp / "hook-secret").write_text(Webhook.SECRET)
+        extra["alerts"] = {"webhooks": [{"url": webhook.url, "secretFile": str(tmp / "hook-secret")}]}
+    server = Server(tmp / "server", policies, log_dir=tmp, config_extra=extra)
     procs.append(server.proc)
     if mode == "filter":
         text = envoy_config("filter+fallback", policies, server=f"127.0.0.1:{server.grpc}",
@@ -73,13 +118,32 @@ def make_stack(tmp, mode):
 
 @pytest.fixture(params=["filter", "ext-authz"])
 def ops(request, tmp_path):
-    upstream, server, envoy, procs = make_stack(tmp_path, request.param)
+    webhook = Webhook()
+    upstream, server, envoy, procs = make_stack(tmp_path, request.param, webhook)
     try:
         yield type("Ops", (), {"mode": request.param, "upstream": upstream, "server": server, "envoy": envoy,
-                               "tmp": tmp_path})
+                               "tmp": tmp_path, "webhook": webhook})
     finally:
         for p in reversed(procs):
             p.stop()
+        webhook.server.shutdown()
+
+
+def test_alerts_reach_a_signed_webhook_in_both_modes(ops):
+    """An `alert` rule denies through Envoy; the server delivers the alert record to the webhook,
+    signed; in filter mode the filter decided alone and reported the alert with its reports."""
+    status, _ = send(ops, "gpt-alarm")
+    assert status == 403
+    wait_for(lambda: ops.webhook.verified(), "the signed alert at the webhook", timeout=15)
+    alert = ops.webhook.verified()[0]
+    assert alert["kind"] == "alert" and alert["alert"] == "critical", alert
+    assert alert["deciding_rule"] == "alarm" and alert["principal"]["id"] == "ops", alert
+    assert alert["identity"]["via"] == ("filter" if ops.mode == "filter" else "trusted-header"), alert
+    assert "sk-live-secret" not in json.dumps(alert)
+    # A forged signature would not pass: the receiver's check is real.
+    path, headers, body = ops.webhook.received[0]
+    ops.webhook.received.append((path, {**headers, "x-llm-policy-signature": "t=1,v1=00"}, body))
+    assert len(ops.webhook.verified()) == 1
 
 
 def send(ops, model):

@@ -10,6 +10,7 @@
 //! [`start`] binds the listeners and returns a [`Running`] server; [`Running::shutdown`] drains
 //! it: stop accepting, finish in-flight checks, flush the audit queue.
 
+pub mod alerts;
 pub mod api;
 pub mod audit;
 pub mod auth;
@@ -234,6 +235,9 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
         .map(|(r, c)| audit::StreamSink::new(r.clone(), c));
     let (audit, writer) = audit::start(&config.audit, metrics.clone(), stream)
         .map_err(|e| StartError::Setup(format!("cannot open the audit log: {e}")))?;
+    let audit = audit.with_alerts(
+        alerts::Alerts::start(&config.alerts, metrics.clone()).map_err(StartError::Setup)?,
+    );
     let store: Arc<dyn limits::CounterStore> = match &redis {
         Some(r) if config.redis.counters => Arc::new(limits::redis_store::RedisStore::new(
             r.clone(),

@@ -226,6 +226,7 @@ async fn registry_reads_writes_and_bundle_watch() {
         tokens: Some(5.0),
         cost_usd: None,
         cut: None,
+        alert: None,
     };
     let refused = c.record_usage(report()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);

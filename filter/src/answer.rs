@@ -95,5 +95,6 @@ pub fn report_cut(host: &mut dyn Host, cut: &Cut, kept: &Kept) -> UsageReport {
             request_id: kept.request_id.clone(),
             principal: ctx.principal_present().collect(),
         }),
+        alert: None,
     }
 }

@@ -1,4 +1,4 @@
-//! Usage reports on their way to the policy server. A request queues its report when its
+//! Usage reports (and cut answers and raised alerts) on their way to the policy server. A request queues its report when its
 //! response ends; the VM's root context sends the queue on its tick (`RecordUsage` over gRPC on
 //! the server cluster), so a report never depends on the request's own context still existing.
 //! The queue is bounded: past [`MAX_QUEUED`] reports are dropped and counted.
@@ -31,7 +31,7 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/llmpolicy.v1.rs"));
 }
 
-pub use pb::{AnswerCut, RecordUsageRequest};
+pub use pb::{AnswerCut, RaisedAlert, RecordUsageRequest};
 
 /// One request's usage, or an answer a response rule cut (for the server's audit log).
 #[derive(Debug, Clone, PartialEq)]
@@ -46,6 +46,9 @@ pub struct UsageReport {
     /// The answer was cut by a response rule (the handle is then empty: a report of the cut
     /// only).
     pub cut: Option<AnswerCut>,
+    /// A rule raised an alert in a decision the filter made alone (the handle is then empty: a
+    /// report of the alert only).
+    pub alert: Option<RaisedAlert>,
 }
 
 /// The VM's queue of reports.
@@ -92,6 +95,7 @@ impl Outbox {
                 tokens: r.tokens,
                 cost_usd: r.usd,
                 cut: r.cut,
+                alert: r.alert,
             }
             .encode_to_vec();
             let bearer = server.usage_token.as_ref().map(|t| format!("Bearer {t}"));
@@ -133,6 +137,7 @@ mod tests {
                 tokens: Some(10.0),
                 usd: None,
                 cut: None,
+                alert: None,
             });
             assert_eq!(queued, i < MAX_QUEUED);
         }

@@ -542,6 +542,7 @@ impl RequestFlow {
                 tokens,
                 usd,
                 cut: None,
+                alert: None,
             }) {
                 host.metric(Metric::UsageReportFailures, 1);
             }
@@ -901,6 +902,7 @@ impl RequestFlow {
                     if let Some(c) = &vm.canary {
                         c.decide(host, &ctx, d.decision);
                     }
+                    self.raise_alert(host, &d, &ctx, &headers, provider);
                     return of_decision(&d, provider, None);
                 }
                 None => host.metric(Metric::CacheMiss, 1),
@@ -920,6 +922,7 @@ impl RequestFlow {
         if let Some(c) = &vm.canary {
             c.decide(host, &ctx, decision.decision);
         }
+        self.raise_alert(host, &decision, &ctx, &headers, provider);
         if let Some(r) = decision
             .actions
             .redact
@@ -939,6 +942,52 @@ impl RequestFlow {
         }
         let limit = reply::deciding_limit(&decision, &local.over);
         of_decision(&decision, provider, limit)
+    }
+
+    /// A decision the filter made alone that raised an `alert`: reported to the server (which
+    /// records and delivers it) with the usage reports.
+    fn raise_alert(
+        &self,
+        host: &mut dyn Host,
+        d: &Decision,
+        ctx: &RequestContext,
+        headers: &[(String, String)],
+        provider: Provider,
+    ) {
+        let Some(severity) = d.actions.alert else {
+            return;
+        };
+        let status = reply::for_decision(d, provider, None).map_or(200, |r| r.status);
+        let severity = match severity {
+            llm_policy_core::model::Alert::Low => "low",
+            llm_policy_core::model::Alert::Medium => "medium",
+            llm_policy_core::model::Alert::High => "high",
+            llm_policy_core::model::Alert::Critical => "critical",
+        };
+        let report = UsageReport {
+            handle: String::new(),
+            tokens: None,
+            usd: None,
+            cut: None,
+            alert: Some(crate::outbox::RaisedAlert {
+                namespace: d.metadata.namespace.clone(),
+                rule: d.metadata.deciding_rule.clone().unwrap_or_default(),
+                policy: d.metadata.policy.clone(),
+                severity: String::from(severity),
+                decision: String::from(d.decision.as_str()),
+                reason: d.reason.clone(),
+                status: u32::from(status),
+                model: ctx.request.model.clone(),
+                request_id: header(headers, "x-request-id")
+                    .filter(|id| id.len() <= 128)
+                    .map(str::to_string),
+                principal: ctx.principal_present().collect(),
+                bundle: d.metadata.bundle.clone(),
+            }),
+        };
+        if !self.outbox.push(report) {
+            host.metric(Metric::UsageReportFailures, 1);
+        }
     }
 
     /// For a request some rule counts tokens or cost for: remembers what it reserves, and has

@@ -938,3 +938,46 @@ fn the_sync_says_who_the_filter_is_what_it_runs_and_its_last_error() {
         .unwrap_or_default();
     assert!(error.contains("answered 500"), "{error}");
 }
+
+#[test]
+fn an_alert_raised_in_the_filter_goes_to_the_server_with_the_reports() {
+    let p = plugin("");
+    let alerting = POLICY.replace(
+        "action: {decision: deny, reason: \"model is not approved\", headers: {x-policy-note: model-not-approved}}",
+        "action: {decision: deny, reason: \"model is not approved\", alert: high}",
+    );
+    let docs = llm_policy_core::source::parse_str("p.yaml", &alerting).unwrap();
+    let set = llm_policy_core::PolicySet::compile(&docs, &p.config.context)
+        .unwrap()
+        .set;
+    let vm = Rc::new(Vm::new(p.config.clone(), Some(set), p.keys.clone()));
+    let outbox: Rc<Outbox> = Rc::default();
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", "r-7"), ("x-user-id", "eve")],
+        &chat("gpt-3.5-turbo"),
+    );
+    run_into(&vm, &mut host, &outbox);
+    assert_eq!(host.reply.as_ref().map(|r| r.status), Some(403));
+    assert_eq!(outbox.len(), 1);
+    let mut sent = FakeHost::default();
+    outbox.flush(
+        &mut sent,
+        &crate::config::ServerConfig {
+            cluster: "llm_policy".into(),
+            timeout_ms: 200,
+            usage_token: None,
+        },
+    );
+    let call = &sent.calls[0];
+    let report = crate::outbox::RecordUsageRequest::decode(call.message.as_slice()).unwrap();
+    let alert = report.alert.unwrap();
+    assert_eq!(report.request_id, "");
+    assert_eq!(
+        (alert.rule.as_str(), alert.severity.as_str(), alert.status),
+        ("no-gpt-3", "high", 403)
+    );
+    assert_eq!(alert.request_id.as_deref(), Some("r-7"));
+    assert_eq!(alert.principal.get("id").map(String::as_str), Some("eve"));
+}

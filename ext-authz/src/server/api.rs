@@ -474,6 +474,31 @@ impl PolicyService for PolicyApi {
             auth::Denied::Unauthorized => Status::unauthenticated(auth::USAGE_REFUSED),
         })?;
         let r = req.into_inner();
+        if let Some(a) = r.alert {
+            let severity = serde_json::from_value(serde_json::Value::String(a.severity.clone()))
+                .map_err(|_| {
+                    Status::invalid_argument(format!(
+                        "alert severity `{}` (low, medium, high, critical)",
+                        a.severity
+                    ))
+                })?;
+            self.engine.record_alert(super::audit::AlertFacts {
+                namespace: a.namespace,
+                rule: a.rule,
+                policy: a.policy,
+                bundle: a.bundle,
+                severity,
+                decision: a.decision,
+                reason: a.reason,
+                status: u16::try_from(a.status).unwrap_or(403),
+                model: a.model,
+                request_id: a.request_id.filter(|id| id.len() <= 128),
+                principal: a.principal.into_iter().collect(),
+            });
+            if r.request_id.is_empty() && r.cut.is_none() {
+                return Ok(Response::new(pb::RecordUsageResponse { recorded: false }));
+            }
+        }
         if let Some(cut) = r.cut {
             self.engine.record_cut(super::audit::CutFacts {
                 namespace: cut.namespace,

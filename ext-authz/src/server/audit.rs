@@ -191,6 +191,33 @@ pub struct CutFacts {
     pub cut: CutRecord,
 }
 
+/// An alert a proxy raised, as its report says.
+#[derive(Debug, Clone)]
+pub struct AlertFacts {
+    /// The request's namespace.
+    pub namespace: String,
+    /// The deciding rule.
+    pub rule: String,
+    /// Its policy.
+    pub policy: String,
+    /// The bundle that decided.
+    pub bundle: String,
+    /// The alert's severity.
+    pub severity: llm_policy_core::model::Alert,
+    /// The verdict.
+    pub decision: String,
+    /// The rule's reason.
+    pub reason: String,
+    /// The status the client got.
+    pub status: u16,
+    /// The requested model.
+    pub model: Option<String>,
+    /// The client's `x-request-id`.
+    pub request_id: Option<String>,
+    /// Principal attributes present on the request.
+    pub principal: std::collections::BTreeMap<String, String>,
+}
+
 /// The spend of one request: estimated at the check, actual from the answer's usage.
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct SpendRecord {
@@ -226,7 +253,7 @@ impl SpendRecord {
 /// How a check's principal was established: how, and by which virtual key (its id).
 #[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct IdentityRecord {
-    /// `jwt`, `api-key`, `trusted-header` or `none`.
+    /// `jwt`, `api-key`, `trusted-header` or `none`; `filter` on an alert a filter reported.
     pub via: &'static str,
     /// The virtual key's id.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -502,6 +529,8 @@ impl Drop for StreamSink {
 #[derive(Clone)]
 pub struct Audit {
     tx: mpsc::Sender<Msg>,
+    /// Where alert records are delivered besides the log (webhooks, Alertmanager).
+    alerts: super::alerts::Alerts,
     metrics: Metrics,
     scope: AuditScope,
     prompts: PromptLogging,
@@ -572,6 +601,7 @@ pub fn start_with(
         scope: config.decisions,
         prompts: config.prompts,
         context: config.context,
+        alerts: super::alerts::Alerts::default(),
         prompt_key,
         sequence: Arc::new(AtomicU64::new(0)),
     };
@@ -733,15 +763,85 @@ impl Audit {
         let mut record = Record::of(facts, self.next_id(), prompt);
         record.context = facts.ctx.and_then(|c| self.context_field(c));
         if alert.is_some() {
-            self.record(Record {
+            let alert = Record {
                 kind: "alert",
                 id: self.next_id(),
                 ..record.clone()
-            });
+            };
+            self.deliver(&alert);
+            self.record(alert);
         }
         if wants {
             self.record(record);
         }
+    }
+
+    /// Records an alert a proxy raised in a decision it made alone (reported with its usage
+    /// reports), and delivers it as the server's own.
+    pub fn record_alert(&self, facts: AlertFacts) {
+        let record = Record {
+            kind: "alert",
+            id: self.next_id(),
+            request_id: facts.request_id,
+            time: rfc3339(std::time::SystemTime::now()),
+            namespace: facts.namespace,
+            policy: facts.policy,
+            bundle: facts.bundle,
+            principal: facts.principal,
+            identity: IdentityRecord {
+                via: "filter",
+                key: None,
+            },
+            model: facts.model,
+            decision: facts.decision,
+            status: facts.status,
+            matched_rules: if facts.rule.is_empty() {
+                Vec::new()
+            } else {
+                vec![facts.rule.clone()]
+            },
+            deciding_rule: (!facts.rule.is_empty()).then_some(facts.rule),
+            reason: facts.reason,
+            alert: Some(facts.severity),
+            ..Record::default()
+        };
+        self.deliver(&record);
+        self.record(record);
+    }
+
+    /// Hands an alert record to the alert sinks (when any is configured).
+    fn deliver(&self, record: &Record) {
+        if !self.alerts.enabled() {
+            return;
+        }
+        let mut body = record.clone();
+        body.context = None;
+        self.alerts.deliver(super::alerts::AlertEvent {
+            id: record.id.clone(),
+            time: record.time.clone(),
+            severity: record
+                .alert
+                .map(|a| format!("{a:?}").to_ascii_lowercase())
+                .unwrap_or_default(),
+            rule: record
+                .deciding_rule
+                .clone()
+                .or_else(|| record.matched_rules.first().cloned())
+                .unwrap_or_default(),
+            namespace: record.namespace.clone(),
+            decision: record.decision.clone(),
+            status: record.status,
+            reason: record.reason.clone(),
+            model: record.model.clone(),
+            request_id: record.request_id.clone(),
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+        });
+    }
+
+    /// Delivers alert records to `alerts` too.
+    pub fn with_alerts(mut self, alerts: super::alerts::Alerts) -> Audit {
+        self.alerts = alerts;
+        self
     }
 
     /// Records what an answer's usage charged a reservation (a `usage` record), when the audit

@@ -63,6 +63,8 @@ pub struct Config {
     pub bundle: BundleConfig,
     /// The fleet view of the filters syncing from this server (`GET /v1/fleet`).
     pub fleet: FleetConfig,
+    /// Where rules' alerts are delivered (webhooks, Alertmanager; off unless one is set).
+    pub alerts: super::alerts::AlertsConfig,
 }
 
 /// `fleet:` in the configuration.
@@ -182,6 +184,7 @@ impl Default for Config {
             plugins: PluginsConfig::default(),
             bundle: BundleConfig::default(),
             fleet: FleetConfig::default(),
+            alerts: super::alerts::AlertsConfig::default(),
         }
     }
 }

@@ -1218,6 +1218,22 @@ impl Engine {
         self.audit.record_cut(facts);
     }
 
+    /// An alert a filter raised in a decision it made alone: counted, recorded and delivered as
+    /// the server's own.
+    pub fn record_alert(&self, facts: super::audit::AlertFacts) {
+        let severity = format!("{:?}", facts.severity).to_ascii_lowercase();
+        let rule = if facts.rule.is_empty() {
+            "default"
+        } else {
+            facts.rule.as_str()
+        };
+        self.metrics
+            .alerts
+            .with_label_values(&[&severity, rule])
+            .inc();
+        self.audit.record_alert(facts);
+    }
+
     /// Commits the usage of an allowed request, named by the `x-llm-policy-reservation` handle
     /// its check added upstream (on any replica sharing the counter store). Returns whether
     /// reservations were waiting under it; an error when the counter store cannot say (the

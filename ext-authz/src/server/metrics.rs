@@ -66,6 +66,9 @@ pub struct Metrics {
     pub canary_disagreements: IntCounterVec,
     /// `llm_policy_fleet_proxies{bundle}`: filters that synced lately, by the bundle they run.
     pub fleet_proxies: IntGaugeVec,
+    /// `llm_policy_alert_deliveries_total{sink,result}`: alerts sent to webhooks and
+    /// Alertmanagers (`delivered`, `failed` after every retry, `dropped`: the queue was full).
+    pub alert_deliveries: IntCounterVec,
 }
 
 impl Metrics {
@@ -215,6 +218,11 @@ impl Metrics {
             &["bundle"],
         )?;
         registry.register(Box::new(fleet_proxies.clone()))?;
+        let alert_deliveries = counter_vec(
+            "llm_policy_alert_deliveries_total",
+            "Alerts sent to webhooks and Alertmanagers, by sink (webhook, alertmanager) and result (delivered; failed: every retry failed; dropped: the sink's queue was full).",
+            &["sink", "result"],
+        )?;
         // The label values known up front start at 0, so the first event is an increase (a
         // Prometheus `increase()` over a series that appears at 1 sees nothing).
         for (vec, values) in [
@@ -242,6 +250,7 @@ impl Metrics {
             }
         }
         Ok(Metrics {
+            alert_deliveries,
             fleet_proxies,
             canary_evaluations,
             canary_disagreements,
