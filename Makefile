@@ -19,7 +19,7 @@ IN_INTEGRATION = cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) \
 	LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: install-check install-check-if-asked curl bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: install-check install-check-if-asked curl bench-sidecar bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -180,6 +180,14 @@ bench-filter: build filter envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
 	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_filter.py
+
+## bench-sidecar: the engine's resource budget against the seed's sidecar budget (0.5 core,
+## 256 MB, p99 <= 5 ms): llm-policy serve with the example bundle and plugins confined to half a
+## core (cgroup quota; else taskset), 1,000 rps of 8 KB chats through Envoy (ext_authz, ext_authz
+## with both plugins, the sidecar shape); CPU, RSS, p99. About 2 minutes; tools/bench-sidecar.json.
+bench-sidecar: build plugins envoy $(SDK_VENV)/.installed
+	$(CARGO) build --release -p llm-policy-bench --bins
+	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_sidecar.py
 
 # Generated docs: the context schema, and the table of validation codes in the policy language.
 docs: build

@@ -164,7 +164,9 @@ def test_the_fleet_view_shows_each_filter_and_what_it_runs(ops):
     wait_for(listed, "the filter in the fleet view", timeout=10)
     node = {n["node"]: n for n in get(server, "/v1/fleet")["nodes"]}[ops.envoy.node]
     assert node["running"] == bundle and node["lastError"] is None
-    assert server.metric(f'llm_policy_fleet_proxies{{bundle="{bundle}"}}') == 1.0
+    # The gauge is exported every 5 s.
+    wait_for(lambda: server.metric(f'llm_policy_fleet_proxies{{bundle="{bundle}"}}') == 1.0, "the fleet gauge",
+             timeout=10)
 
     # A new bundle: the fleet converges on it (the filter reports it with its next sync).
     (server.policies / "operate.yaml").write_text(policy(["gpt-banned", "gpt-other"], version="2"))

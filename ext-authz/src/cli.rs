@@ -233,7 +233,10 @@ pub fn main() -> ExitCode {
                     ),
                     Format::Text => outp!("{}", replay::text(&report, args.show)),
                 }
-                if args.fail_on_change && report.changed > 0 {
+                if args.fail_on_change && (report.replayed == 0 || report.unreadable > 0) {
+                    err!("nothing to judge the change by: {} records replayed, {} unreadable lines (records need audit.context: true)", report.replayed, report.unreadable);
+                    ExitCode::from(2)
+                } else if args.fail_on_change && report.changed > 0 {
                     ExitCode::from(1)
                 } else {
                     ExitCode::SUCCESS

@@ -402,12 +402,25 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
     ));
     {
         let fleet = Arc::clone(&fleet);
+        let e = Arc::clone(&engine);
         let mut rx = stopped.clone();
         tasks.spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(5));
             loop {
                 tokio::select! {
-                    _ = tick.tick() => fleet.age_out(),
+                    _ = tick.tick() => {
+                        // The bundles this server knows name the gauge's series.
+                        let mut known: Vec<String> = e
+                            .registry()
+                            .versions()
+                            .iter()
+                            .map(|v| v.set.bundle().to_string())
+                            .collect();
+                        if let Some(c) = e.canary() {
+                            known.push(c.version.set.bundle().to_string());
+                        }
+                        fleet.age_out(&known);
+                    }
                     _ = stopped_signal(&mut rx) => break,
                 }
             }

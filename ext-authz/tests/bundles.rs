@@ -448,6 +448,14 @@ async fn signed_bundles_from_s3_are_followed_and_bad_ones_refused() {
     );
     assert_eq!(h.metric("llm_policy_bundle_store_up").await, 1.0);
 
+    // The pointer written again with a revision refused before: still refused, never "serving".
+    let was = st.current(None).await.unwrap();
+    st.move_pointer("r4", &unsigned.manifest.digest, was.as_ref())
+        .await
+        .unwrap();
+    let (s, _) = until(&h, Duration::from_secs(5), |s| s["refused"] == "r4").await;
+    assert_eq!(s["revision"], "r2", "{s}");
+
     // A pointer moved by someone else between read and write is a conflict, not a lost write.
     let stale = st.current(None).await.unwrap();
     let b7 = {

@@ -104,6 +104,45 @@ async fn a_canary_counts_disagreements_aborts_at_its_threshold_and_promotes() {
     .await;
     assert_eq!(status, 400);
 
+    // Only live traffic is decided again: an evaluation through the API is the caller's choice.
+    let (status, _) = put(&h, json!({"files": {"base.yaml": candidate}}), Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    for _ in 0..3 {
+        let r = h
+            .client
+            .post(h.url("/v1/evaluate"))
+            .json(&json!({"method": "POST", "path": "/v1/chat/completions", "headers": {}, "body": {"model": "gpt-new", "messages": [{"role": "user", "content": "hi"}]}}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert_eq!(h.get_json("/v1/canary").await["evaluated"], 0);
+    let (status, _) = post(&h, "/v1/canary/abort").await;
+    assert_eq!(status, 200);
+
+    // A candidate reading what the bundle serving does not (the prompt's findings) is decided
+    // on a context that holds it.
+    let scanning = policy(
+        "base",
+        "allow",
+        &format!("{}    - {{id: no-emails, when: {{match: {{field: request.prompt_entities, op: contains, value: email}}}}, action: {{decision: deny}}}}\n", rules(&["gpt-bad"])),
+    );
+    let (status, _) = put(&h, json!({"files": {"base.yaml": scanning}}), Some(TOKEN)).await;
+    assert_eq!(status, 200);
+    let mailing = check_request(
+        "POST",
+        "/v1/chat/completions",
+        &[],
+        &chat("gpt-ok", "write to bob@example.com"),
+    );
+    assert!(check(&mut grpc, mailing).await.allowed);
+    let s = until(&h, |s| s["evaluated"] == 1).await;
+    assert_eq!(s["byRule"][0]["rule"], "no-emails", "{s}");
+    let (status, _) = post(&h, "/v1/canary/abort").await;
+    assert_eq!(status, 200);
+
     // The candidate denies gpt-new as well; it aborts itself at 3 disagreements.
     let (status, body) = put(
         &h,
@@ -159,6 +198,30 @@ async fn a_canary_counts_disagreements_aborts_at_its_threshold_and_promotes() {
         assert!(check(&mut grpc, send("gpt-ok")).await.allowed);
     }
     until(&h, |s| s["evaluated"] == 2).await;
+    // A file changed on disk since the canary started: what would be promoted is not what was
+    // measured.
+    let extra = h.policies.join("zz-extra.yaml");
+    std::fs::write(
+        &extra,
+        policy("extra", "allow", "    []\n")
+            .replace("name: extra", "name: extra, namespace: other"),
+    )
+    .unwrap();
+    let (status, body) = post(&h, "/v1/canary/promote").await;
+    assert_eq!(status, 409, "{body}");
+    std::fs::remove_file(&extra).unwrap();
+    let base = h.get_json("/v1/canary").await["base"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let start = Instant::now();
+    while h.bundle().await != base {
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "the reload without the extra file"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let old = h.bundle().await;
     let (status, body) = post(&h, "/v1/canary/promote").await;
     assert_eq!(status, 200, "{body}");
@@ -178,10 +241,10 @@ async fn a_canary_counts_disagreements_aborts_at_its_threshold_and_promotes() {
         .map(|l| serde_json::from_str::<Value>(l).unwrap())
         .filter(|r| r["kind"] == "canary")
         .collect();
-    assert_eq!(canary.len(), 3, "{log}");
-    assert_eq!(canary[0]["decision"], "allow");
-    assert_eq!(canary[0]["model"], "gpt-new");
-    assert_eq!(canary[0]["canary"]["decision"], "deny");
-    assert_eq!(canary[0]["canary"]["decidingRule"], "deny-gpt-new");
-    assert_ne!(canary[0]["canary"]["bundle"], canary[0]["bundle"]);
+    assert_eq!(canary.len(), 4, "{log}");
+    assert_eq!(canary[1]["decision"], "allow");
+    assert_eq!(canary[1]["model"], "gpt-new");
+    assert_eq!(canary[1]["canary"]["decision"], "deny");
+    assert_eq!(canary[1]["canary"]["decidingRule"], "deny-gpt-new");
+    assert_ne!(canary[1]["canary"]["bundle"], canary[1]["bundle"]);
 }

@@ -161,6 +161,34 @@ async fn replay_shows_what_a_candidate_would_change_by_rule() {
     // A CI gate.
     let (code, _, _) = run(&["--fail-on-change"]);
     assert_eq!(code, Some(1));
+    // A gate that saw nothing does not pass: records without their context.
+    let bare = dir.join("bare.log");
+    let without: String = log
+        .lines()
+        .map(|l| {
+            let mut v: Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut().unwrap().remove("context");
+            format!("{v}\n")
+        })
+        .collect();
+    std::fs::write(&bare, without).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_llm-policy"))
+        .args([
+            "replay",
+            "--fail-on-change",
+            "--audit",
+            &bare.display().to_string(),
+            "--policy",
+            &candidate.display().to_string(),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // The same policies replay with no change.
     let same = dir.join("policies");
     std::fs::create_dir_all(&same).unwrap();

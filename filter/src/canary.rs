@@ -50,8 +50,10 @@ impl CanaryRun {
         bundle.union(self.set.needs())
     }
 
-    /// Whether this request is decided again: every 1/sample-th, evenly.
-    fn sampled(&self) -> bool {
+    /// Whether this request is decided again: every 1/sample-th, evenly (asked once per
+    /// request, before its context is extracted: only a sampled request pays for what the
+    /// candidate reads).
+    pub fn sampled(&self) -> bool {
         let n = self.seen.get();
         self.seen.set(n.saturating_add(1));
         #[expect(
@@ -64,11 +66,9 @@ impl CanaryRun {
         step(n.saturating_add(1)) > step(n)
     }
 
-    /// Decides `ctx` again (when sampled) and counts whether the candidate agrees with `active`.
+    /// Decides a sampled request's `ctx` again and counts whether the candidate agrees with
+    /// `active`.
     pub fn decide(&self, host: &mut dyn Host, ctx: &RequestContext, active: Verdict) {
-        if !self.sampled() {
-            return;
-        }
         let d = self
             .set
             .evaluate(ctx, &EvalOptions::default(), &mut LocalOnly);

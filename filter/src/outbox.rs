@@ -12,6 +12,9 @@ use crate::host::{Host, Level, Metric};
 /// Reports waiting at most.
 pub const MAX_QUEUED: usize = 10_000;
 
+/// Alert reports waiting at most: a flood of alerts never takes the room of usage reports.
+pub const MAX_ALERTS_QUEUED: usize = 1_000;
+
 /// Reports sent per tick at most (the rest wait for the next tick).
 const PER_TICK: usize = 1_000;
 
@@ -55,13 +58,22 @@ pub struct UsageReport {
 #[derive(Debug, Default)]
 pub struct Outbox {
     queue: RefCell<VecDeque<UsageReport>>,
+    /// Alert reports in the queue.
+    alerts: std::cell::Cell<usize>,
 }
 
 impl Outbox {
-    /// Queues a report; `false` when the queue is full (the report is dropped).
+    /// Queues a report; `false` when the queue is full (the report is dropped). An alert report
+    /// is also dropped when [`MAX_ALERTS_QUEUED`] alerts wait.
     pub fn push(&self, report: UsageReport) -> bool {
         match self.queue.try_borrow_mut() {
             Ok(mut q) if q.len() < MAX_QUEUED => {
+                if report.alert.is_some() {
+                    if self.alerts.get() >= MAX_ALERTS_QUEUED {
+                        return false;
+                    }
+                    self.alerts.set(self.alerts.get().saturating_add(1));
+                }
                 q.push_back(report);
                 true
             }
@@ -85,7 +97,10 @@ impl Outbox {
         let batch: Vec<UsageReport> = match self.queue.try_borrow_mut() {
             Ok(mut q) => {
                 let n = q.len().min(PER_TICK);
-                q.drain(..n).collect()
+                let batch: Vec<UsageReport> = q.drain(..n).collect();
+                let alerts = batch.iter().filter(|r| r.alert.is_some()).count();
+                self.alerts.set(self.alerts.get().saturating_sub(alerts));
+                batch
             }
             Err(_) => return,
         };

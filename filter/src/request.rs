@@ -867,7 +867,10 @@ impl RequestFlow {
             body: &body,
             now_unix: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
         };
-        let needs = match &vm.canary {
+        // A canary's candidate decides this request again only when sampled: only then does
+        // the context hold what the candidate reads.
+        let canary = vm.canary.as_ref().filter(|c| c.sampled());
+        let needs = match canary {
             Some(c) => c.needs(set.needs()),
             None => set.needs(),
         };
@@ -899,7 +902,7 @@ impl RequestFlow {
             match hit {
                 Some(d) => {
                     host.metric(Metric::CacheHit, 1);
-                    if let Some(c) = &vm.canary {
+                    if let Some(c) = canary {
                         c.decide(host, &ctx, d.decision);
                     }
                     self.raise_alert(host, &d, &ctx, &headers, provider);
@@ -919,7 +922,7 @@ impl RequestFlow {
             ));
             return self.ask_server(host, provider, &headers, &body, &local, decision);
         }
-        if let Some(c) = &vm.canary {
+        if let Some(c) = canary {
             c.decide(host, &ctx, decision.decision);
         }
         self.raise_alert(host, &decision, &ctx, &headers, provider);

@@ -36,6 +36,10 @@ pub const MAX_UNPACKED_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_ENTRIES: usize = 10_000;
 /// Longest path in an archive.
 const MAX_PATH: usize = 512;
+/// Largest manifest (a list of paths and digests).
+pub const MAX_MANIFEST_BYTES: usize = 4 * 1024 * 1024;
+/// Most signatures a bundle may carry.
+pub const MAX_SIGNATURES: usize = 8;
 
 /// What `manifest.json` says.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -251,6 +255,20 @@ impl Bundle {
     /// Reads an archive (`name`: where it came from, for messages) and checks every file
     /// against the manifest. Signatures are read, not checked ([`super::verify`] does).
     pub fn read(name: &str, bytes: &[u8]) -> Result<Bundle, BundleError> {
+        let bundle = Bundle::read_unchecked(name, bytes)?;
+        bundle.check(name)?;
+        Ok(bundle)
+    }
+
+    /// Every file against the manifest ([`Bundle::read`] does it; [`super::verify`] does it
+    /// after the signature, so an unsigned archive costs no more than reading it).
+    pub fn check(&self, name: &str) -> Result<(), BundleError> {
+        check_files(name, &self.manifest, &self.files)
+    }
+
+    /// Reads an archive's entries, manifest and signatures without checking the files against
+    /// the manifest.
+    pub fn read_unchecked(name: &str, bytes: &[u8]) -> Result<Bundle, BundleError> {
         let malformed = |m: String| BundleError::Malformed(format!("{name}: {m}"));
         if bytes.len() > MAX_ARCHIVE_BYTES {
             return Err(malformed(format!(
@@ -270,6 +288,7 @@ impl Bundle {
         let mut manifest_bytes = None;
         let mut signatures_bytes = None;
         let mut files: Vec<(String, String)> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut total: u64 = 0;
         for (count, entry) in entries.enumerate() {
             if count >= MAX_ENTRIES {
@@ -303,6 +322,11 @@ impl Bundle {
                 .map_err(|e| malformed(format!("{path}: {e}")))?;
             let text = String::from_utf8(data)
                 .map_err(|_| malformed(format!("{path}: not UTF-8 text")))?;
+            if (path == MANIFEST || path == SIGNATURES) && text.len() > MAX_MANIFEST_BYTES {
+                return Err(malformed(format!(
+                    "{path}: larger than {MAX_MANIFEST_BYTES} bytes"
+                )));
+            }
             let duplicate = |p: &str| malformed(format!("{p}: more than once in the archive"));
             if path == MANIFEST {
                 if manifest_bytes.replace(text.into_bytes()).is_some() {
@@ -313,7 +337,7 @@ impl Bundle {
                     return Err(duplicate(&path));
                 }
             } else {
-                if files.iter().any(|(p, _)| *p == path) {
+                if !seen.insert(path.clone()) {
                     return Err(duplicate(&path));
                 }
                 files.push((path, text));
@@ -335,14 +359,28 @@ impl Bundle {
                 manifest.revision
             )));
         }
+        if manifest.files.len() > MAX_ENTRIES
+            || manifest.files.windows(2).any(|w| match w {
+                [a, b] => a.path >= b.path,
+                _ => false,
+            })
+        {
+            return Err(malformed(format!(
+                "{MANIFEST}: its files are not listed once each, in path order (at most {MAX_ENTRIES})"
+            )));
+        }
         let signatures: Signatures = match signatures_bytes {
             Some(b) => {
                 serde_json::from_slice(&b).map_err(|e| malformed(format!("{SIGNATURES}: {e}")))?
             }
             None => Signatures::default(),
         };
+        if signatures.signatures.len() > MAX_SIGNATURES {
+            return Err(malformed(format!(
+                "{SIGNATURES}: more than {MAX_SIGNATURES} signatures"
+            )));
+        }
         files.sort_by(|a, b| a.0.cmp(&b.0));
-        check_files(name, &manifest, &files)?;
         Ok(Bundle {
             manifest,
             manifest_bytes,
@@ -360,8 +398,16 @@ fn check_files(
     files: &[(String, String)],
 ) -> Result<(), BundleError> {
     let tampered = |m: String| BundleError::Tampered(format!("{name}: {m}"));
+    // The manifest is sorted and unique (checked when read): found by binary search.
+    let listed = |path: &str| {
+        manifest
+            .files
+            .binary_search_by(|f| f.path.as_str().cmp(path))
+            .ok()
+            .and_then(|i| manifest.files.get(i))
+    };
     for (path, text) in files {
-        let Some(entry) = manifest.files.iter().find(|f| f.path == *path) else {
+        let Some(entry) = listed(path) else {
             return Err(tampered(format!("{path}: not listed in the manifest")));
         };
         if entry.size != text.len() as u64 || entry.sha256 != sha256_hex(text.as_bytes()) {
@@ -371,7 +417,10 @@ fn check_files(
         }
     }
     for entry in &manifest.files {
-        if !files.iter().any(|(p, _)| *p == entry.path) {
+        if files
+            .binary_search_by(|(p, _)| p.as_str().cmp(entry.path.as_str()))
+            .is_err()
+        {
             return Err(tampered(format!(
                 "{}: listed in the manifest, missing from the archive",
                 entry.path
@@ -589,6 +638,30 @@ mod tests {
         let bytes = b.to_archive().unwrap_or_default();
         let e = Bundle::read("b", &bytes).err().map(|e| e.to_string());
         assert!(e.is_some_and(|e| e.contains("digest does not match its file list")));
+    }
+
+    #[test]
+    fn a_manifest_listing_a_file_twice_or_out_of_order_or_too_many_signatures_is_refused() {
+        let mut b = sample();
+        let first = b.manifest.files[0].clone();
+        b.manifest.files.push(first);
+        b.manifest_bytes = serde_json::to_vec(&b.manifest).unwrap_or_default();
+        let e = Bundle::read("b", &b.to_archive().unwrap_or_default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("listed once each, in path order")));
+        let mut b = sample();
+        for i in 0..=MAX_SIGNATURES {
+            b.signatures.signatures.push(Signature {
+                keyid: format!("{i}"),
+                algorithm: String::from("ed25519"),
+                signature: String::new(),
+            });
+        }
+        let e = Bundle::read("b", &b.to_archive().unwrap_or_default())
+            .err()
+            .map(|e| e.to_string());
+        assert!(e.is_some_and(|e| e.contains("more than 8 signatures")));
     }
 
     #[test]

@@ -145,8 +145,8 @@ fn pem(label: &str, der: &[u8]) -> String {
 }
 
 /// Checks that a signature by one of `trusted` verifies `bundle`'s manifest: the id of the key
-/// that did. Signatures by other keys are ignored; a signature by a trusted key that does not
-/// verify refuses the bundle (it was changed after signing).
+/// that did. Signatures by other keys are ignored; each trusted key's first signature is tried
+/// once; when none verifies, the bundle is refused (it was changed after signing).
 pub fn check(name: &str, bundle: &Bundle, trusted: &[PublicKey]) -> Result<String, BundleError> {
     if trusted.is_empty() {
         return Err(BundleError::Untrusted(format!(
@@ -160,10 +160,15 @@ pub fn check(name: &str, bundle: &Bundle, trusted: &[PublicKey]) -> Result<Strin
     }
     let message = signed_bytes(&bundle.manifest_bytes);
     let mut known = false;
+    let mut tried: Vec<&str> = Vec::new();
     for s in &bundle.signatures.signatures {
         let Some(key) = trusted.iter().find(|k| k.id() == s.keyid) else {
             continue;
         };
+        if tried.contains(&s.keyid.as_str()) {
+            continue;
+        }
+        tried.push(&s.keyid);
         known = true;
         let sig = base64::engine::general_purpose::STANDARD
             .decode(&s.signature)

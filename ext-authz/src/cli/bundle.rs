@@ -197,16 +197,24 @@ pub fn run(args: &BundleArgs, context: &ContextConfig) -> Result<String, Failed>
             revision,
         } => {
             let keys = public_keys_from(public_keys)?;
-            let (name, bytes) = match (bundle, store) {
-                (Some(path), None) => (path.display().to_string(), read(path)?),
+            let (name, bytes, expected) = match (bundle, store) {
+                (Some(path), None) => (path.display().to_string(), read(path)?, None),
                 (None, Some(url)) => block_on(async {
                     let store =
                         Store::open(url, &options.iter().cloned().collect(), Limits::default())?;
-                    let revision = match revision {
-                        Some(r) => r.clone(),
-                        None => current(&store).await?.pointer.revision,
+                    let (revision, digest) = match revision {
+                        Some(r) => (r.clone(), None),
+                        None => {
+                            let p = current(&store).await?.pointer;
+                            (p.revision, Some(p.digest))
+                        }
                     };
-                    Ok::<_, Failed>((store.revision_url(&revision), store.fetch(&revision).await?))
+                    let bytes = store.fetch(&revision).await?;
+                    Ok::<_, Failed>((
+                        store.revision_url(&revision),
+                        bytes,
+                        Some((revision, digest)),
+                    ))
                 })??,
                 _ => {
                     return Err(Failed(String::from(
@@ -215,6 +223,17 @@ pub fn run(args: &BundleArgs, context: &ContextConfig) -> Result<String, Failed>
                 }
             };
             let (b, key) = checked(&name, &bytes, &keys, context)?;
+            // From a store: the manifest must be the revision (and, for the current one, the
+            // digest) the store names, as a server checks.
+            if let Some((revision, digest)) = expected {
+                if b.manifest.revision != revision || digest.is_some_and(|d| d != b.manifest.digest)
+                {
+                    return Err(Failed(format!(
+                        "{name}: manifest.json names revision `{}` with digest {}, not what the store names",
+                        b.manifest.revision, b.manifest.digest
+                    )));
+                }
+            }
             Ok(format!(
                 "verified {name}: revision {}, digest {}, {} files, signed by {key}\n",
                 b.manifest.revision,

@@ -179,7 +179,14 @@ impl Alerts {
         if sinks.is_empty() {
             return Ok(Alerts::default());
         }
+        if config.resolve_after_secs == 0 || config.resolve_after_secs > 7 * 24 * 3600 {
+            return Err(String::from(
+                "alerts.resolveAfterSecs: between 1 second and 7 days",
+            ));
+        }
+        // Redirects are not followed: a delivery (and its signature) goes where it was told.
         let client = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
             .timeout(Duration::from_millis(config.timeout_ms.max(1)))
             .connect_timeout(Duration::from_millis(config.timeout_ms.clamp(1, 5_000)))
             .build()

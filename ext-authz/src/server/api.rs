@@ -482,18 +482,25 @@ impl PolicyService for PolicyApi {
                         a.severity
                     ))
                 })?;
+            // A filter's word, bounded: every text cut, at most 32 principal attributes.
+            let cut = |t: String, n: usize| -> String { t.chars().take(n).collect() };
             self.engine.record_alert(super::audit::AlertFacts {
-                namespace: a.namespace,
-                rule: a.rule,
-                policy: a.policy,
-                bundle: a.bundle,
+                namespace: cut(a.namespace, 256),
+                rule: cut(a.rule, 256),
+                policy: cut(a.policy, 256),
+                bundle: cut(a.bundle, 64),
                 severity,
-                decision: a.decision,
-                reason: a.reason,
+                decision: cut(a.decision, 16),
+                reason: cut(a.reason, 1024),
                 status: u16::try_from(a.status).unwrap_or(403),
-                model: a.model,
+                model: a.model.map(|m| cut(m, 256)),
                 request_id: a.request_id.filter(|id| id.len() <= 128),
-                principal: a.principal.into_iter().collect(),
+                principal: a
+                    .principal
+                    .into_iter()
+                    .take(32)
+                    .map(|(k, v)| (cut(k, 64), cut(v, 256)))
+                    .collect(),
             });
             if r.request_id.is_empty() && r.cut.is_none() {
                 return Ok(Response::new(pb::RecordUsageResponse { recorded: false }));

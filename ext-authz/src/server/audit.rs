@@ -116,16 +116,26 @@ pub struct CanaryRecord {
     pub reason: String,
 }
 
-/// Headers a recorded context never holds: the client's credentials.
-pub const CREDENTIAL_HEADERS: [&str; 7] = [
-    "authorization",
-    "proxy-authorization",
-    "x-api-key",
-    "api-key",
-    "x-goog-api-key",
+/// What in a header's name makes a recorded context leave it out: it may carry a credential
+/// (`authorization`, `x-api-key`, `cookie`, `ocp-apim-subscription-key`, `x-amz-security-token`,
+/// `x-session-id`, ...).
+pub const CREDENTIAL_HEADER_PARTS: [&str; 9] = [
+    "auth",
+    "key",
+    "token",
+    "secret",
     "cookie",
-    "set-cookie",
+    "session",
+    "signature",
+    "credential",
+    "password",
 ];
+
+/// Whether a recorded context leaves header `name` out.
+pub fn is_credential_header(name: &str) -> bool {
+    let name = name.to_ascii_lowercase();
+    CREDENTIAL_HEADER_PARTS.iter().any(|p| name.contains(p))
+}
 
 /// A context as a record holds it: the answer dropped, credential headers removed, every text
 /// (prompt, folded prompt, turns; of batch items too) through `text` (the `audit.prompts`
@@ -138,8 +148,7 @@ pub fn recorded_context(
     let mut c = ctx.clone();
     c.response = llm_policy_core::context::ResponseInfo::default();
     let scrub = |r: &mut llm_policy_core::context::RequestInfo| {
-        r.headers
-            .retain(|(k, _)| !CREDENTIAL_HEADERS.contains(&k.to_ascii_lowercase().as_str()));
+        r.headers.retain(|(k, _)| !is_credential_header(k));
         r.prompt = text(&r.prompt);
         r.prompt_folded = text(&r.prompt_folded);
         for m in &mut r.messages {

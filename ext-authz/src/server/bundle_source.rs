@@ -230,7 +230,14 @@ async fn poll(engine: &Arc<Engine>, source: &Arc<BundleSource>) -> Polled {
             .registry()
             .apply_bundle(&pointer.revision, b.policy_files(), models);
         match applied {
-            None => Ok((None, key)),
+            // Nothing to do: it is serving, or it was refused before (the pointer was written
+            // again with a revision already refused: still refused).
+            None if e.registry().shared_revision().as_deref() == Some(pointer.revision.as_str()) => {
+                Ok((None, key))
+            }
+            None => Err(format!(
+                "{name}: refused before (its policies do not compile here); the last good revision keeps serving"
+            )),
             Some(r) => match super::report_reload(&e, r) {
                 Ok(v) => Ok((Some(v.number), key)),
                 Err(d) => Err(format!("{name}: {d}")),

@@ -59,6 +59,8 @@ pub struct Canary {
     pub max_disagreements: Option<u64>,
     /// The model table's text the candidate brought (a store revision with its own).
     pub models: Option<String>,
+    /// The bundle serving when it started: a promotion writes the candidate over that one only.
+    pub base: String,
     started: SystemTime,
     seen: AtomicU64,
     evaluated: AtomicU64,
@@ -78,6 +80,8 @@ pub struct CanaryStatus {
     pub reason: Option<String>,
     /// The candidate's bundle digest.
     pub candidate: String,
+    /// The bundle serving when it started (what it is compared with).
+    pub base: String,
     /// The store revision it is, if it is one.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub revision: Option<String>,
@@ -138,6 +142,7 @@ impl Canary {
             sample: sample.clamp(f64::MIN_POSITIVE, 1.0),
             max_disagreements,
             models: None,
+            base: String::new(),
             started: SystemTime::now(),
             seen: AtomicU64::new(0),
             evaluated: AtomicU64::new(0),
@@ -217,6 +222,7 @@ impl Canary {
             state,
             reason,
             candidate: self.version.set.bundle().to_string(),
+            base: self.base.clone(),
             revision: match &self.source {
                 CandidateSource::Revision(r) => Some(r.clone()),
                 CandidateSource::Files(_) => None,

@@ -175,11 +175,17 @@ pub struct Engine {
     keys: Arc<KeyStore>,
     /// The canary running, if any (`PUT /v1/canary`).
     canary: arc_swap::ArcSwapOption<Canary>,
+    /// Canary decisions in flight at most: past it a sampled check is skipped (counted), so a
+    /// canary never takes more than this of the plugin slots, the blocking pool or Redis.
+    canary_slots: Arc<tokio::sync::Semaphore>,
     /// The canary last run (its status after it ended).
     last_canary: std::sync::Mutex<Option<Arc<Canary>>>,
     /// This engine, once shared (`Engine::bind`): canary decisions run in tasks of their own.
     me: std::sync::OnceLock<std::sync::Weak<Engine>>,
 }
+
+/// Canary decisions in flight at most ([`Engine::decide_again`]).
+const CANARY_IN_FLIGHT: usize = 16;
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -233,6 +239,7 @@ impl Engine {
             limits,
             keys: Arc::new(KeyStore::empty()),
             canary: arc_swap::ArcSwapOption::empty(),
+            canary_slots: Arc::new(tokio::sync::Semaphore::new(CANARY_IN_FLIGHT)),
             last_canary: std::sync::Mutex::new(None),
             me: std::sync::OnceLock::new(),
         }
@@ -274,6 +281,24 @@ impl Engine {
             .and_then(|l| l.as_ref().map(|c| c.status()))
     }
 
+    /// Ends `canary` if it is still the one running (a newer one started meanwhile stays).
+    pub fn end_this_canary(&self, canary: &Arc<Canary>, state: &str, reason: &str) -> bool {
+        let previous = self
+            .canary
+            .compare_and_swap(&Some(Arc::clone(canary)), None::<Arc<Canary>>);
+        let ended = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, canary));
+        if ended {
+            canary.end(state, reason.to_string());
+            tracing::info!(
+                candidate = canary.version.set.bundle(),
+                state,
+                reason,
+                "canary ended"
+            );
+        }
+        ended
+    }
+
     /// Ends the canary running (`promoted`, `aborted`): the one ended, or `None`.
     pub fn end_canary(&self, state: &str, reason: &str) -> Option<Arc<Canary>> {
         let canary = self.canary.swap(None)?;
@@ -301,6 +326,19 @@ impl Engine {
         let Some(me) = self.me.get().and_then(std::sync::Weak::upgrade) else {
             return;
         };
+        // Bounded: a canary never queues work in front of real checks. A body too large to
+        // decide on a runtime worker is skipped too.
+        let long = ctx.request.body_bytes > i64::try_from(INLINE_BODY_BYTES).unwrap_or(i64::MAX);
+        let permit = match Arc::clone(&self.canary_slots).try_acquire_owned() {
+            Ok(p) if !long => p,
+            _ => {
+                self.metrics
+                    .canary_evaluations
+                    .with_label_values(&["skipped"])
+                    .inc();
+                return;
+            }
+        };
         let active = active.clone();
         let bundle = checked
             .version
@@ -318,12 +356,15 @@ impl Engine {
                 now: unix_now(),
                 ask_usage: false,
             };
-            let deadline = Instant::now() + me.check.deadline();
-            let long =
-                ctx.request.body_bytes > i64::try_from(INLINE_BODY_BYTES).unwrap_or(i64::MAX);
-            let decided = me
-                .evaluate(&canary.version, ctx, long, false, &mut counting, deadline)
-                .await;
+            let _permit = permit;
+            let budget = me.check.deadline();
+            let deadline = Instant::now() + budget;
+            let decided = tokio::time::timeout(
+                budget,
+                me.evaluate(&canary.version, ctx, false, false, &mut counting, deadline),
+            )
+            .await
+            .unwrap_or(Err(Failure::Deadline));
             let (candidate, ctx) = match decided {
                 Ok(d) => d,
                 Err(f) => {
@@ -366,10 +407,7 @@ impl Engine {
                     canary.status().disagreements
                 );
                 // Only the canary that counted it: a newer one started meanwhile stays.
-                let current = me.canary.load_full();
-                if current.as_ref().is_some_and(|c| Arc::ptr_eq(c, &canary)) {
-                    me.end_canary("aborted", &reason);
-                }
+                me.end_this_canary(&canary, "aborted", &reason);
             }
         });
     }
@@ -455,6 +493,9 @@ impl Engine {
         let request_id = header(&input.headers, "x-request-id")
             .filter(|id| id.len() <= MAX_REQUEST_ID)
             .map(str::to_string);
+        // Live traffic: a proxy's check (it charges counters, at the server's own time). An
+        // evaluation through the API (a dry run, or a caller's time) is not: a canary ignores it.
+        let live = input.charge && input.now.is_none();
         // One version for the whole check: decision, audit and metrics agree even across a swap.
         let version = self.registry.current();
         let deadline = self.check.deadline();
@@ -528,7 +569,7 @@ impl Engine {
             request_id.clone(),
             failure,
         );
-        if let Some(ctx) = ctx {
+        if let (true, Some(ctx)) = (live, ctx) {
             self.decide_again(&checked, ctx, request_id);
         }
         checked
@@ -658,6 +699,11 @@ impl Engine {
             // A replay may read any field: the record holds them all.
             needs = llm_policy_core::context::Needs::ALL;
         }
+        // A canary's candidate is decided on the same context: it holds what either reads.
+        let candidate = self.canary.load_full().map(|c| c.version.set.clone());
+        if let Some(c) = &candidate {
+            needs = needs.union(c.needs());
+        }
         let now = input
             .now
             .unwrap_or_else(|| i64::try_from(unix_now()).unwrap_or(0));
@@ -684,9 +730,16 @@ impl Engine {
                 // Estimated once, for a namespace whose counters charge tokens or cost (the
                 // charges and the reservation read it); a stream there must report its usage.
                 let mut ask_usage = false;
-                if set.counts_tokens(&ctx.namespace) {
+                let counts = set.counts_tokens(&ctx.namespace);
+                if counts
+                    || candidate
+                        .as_ref()
+                        .is_some_and(|c| c.counts_tokens(&ctx.namespace))
+                {
                     let n = ctx.request.prompt_tokens();
                     ctx.request.estimated_tokens = i64::try_from(n).unwrap_or(i64::MAX);
+                }
+                if counts {
                     let r = &ctx.request;
                     ask_usage = usage_needs_asking(r.provider, r.api, r.stream)
                         && add_include_usage(&input.body).is_some();
@@ -1222,10 +1275,16 @@ impl Engine {
     /// the server's own.
     pub fn record_alert(&self, facts: super::audit::AlertFacts) {
         let severity = format!("{:?}", facts.severity).to_ascii_lowercase();
-        let rule = if facts.rule.is_empty() {
-            "default"
-        } else {
+        // The metric's label only names a rule the bundle serving has: a report cannot make
+        // series (the record keeps what the report said).
+        let known = self
+            .registry
+            .current()
+            .is_some_and(|v| v.set.rule(&facts.namespace, &facts.rule).is_some());
+        let rule = if known {
             facts.rule.as_str()
+        } else {
+            "unknown"
         };
         self.metrics
             .alerts

@@ -6,8 +6,9 @@
 //! replaces the node seen longest ago.
 //!
 //! What a report says is the proxy's word (anyone who can reach the REST API, or holds the read
-//! token when one is set, can report): it is shown, counted and bounded, never trusted for a
-//! decision.
+//! token when one is set, can report): it is shown and bounded, never trusted for a decision; its
+//! canary counts are kept only for the candidate running here, and the gauge names only bundles
+//! this server knows (`other` for the rest), so a report cannot make series.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -19,6 +20,8 @@ use super::metrics::Metrics;
 
 /// Most nodes kept.
 pub const MAX_NODES: usize = 10_000;
+/// Most VMs (Envoy workers) whose canary counts a node may report.
+const MAX_VMS: usize = 64;
 /// Longest node id, bundle digest or error kept.
 const MAX_FIELD: usize = 256;
 
@@ -107,8 +110,9 @@ impl Fleet {
         }
     }
 
-    /// Records a report.
-    pub fn observe(&self, report: Report) {
+    /// Records a report. Its canary counts are kept only when they name `canary`, the candidate
+    /// running here (a report cannot invent counts for anything else).
+    pub fn observe(&self, report: Report, canary: Option<&str>) {
         let Ok(mut nodes) = self.nodes.lock() else {
             return;
         };
@@ -130,28 +134,41 @@ impl Fleet {
         node.running = report.running;
         node.error = report.error;
         node.seen = SystemTime::now();
-        if let Some((vm, bundle, evaluated, disagreements)) = report.canary {
-            if node.canary.len() < 256 || node.canary.contains_key(&vm) {
+        match report.canary {
+            Some((vm, bundle, evaluated, disagreements))
+                if canary == Some(bundle.as_str())
+                    && (node.canary.len() < MAX_VMS || node.canary.contains_key(&vm)) =>
+            {
                 node.canary.insert(vm, (bundle, evaluated, disagreements));
             }
+            _ => {}
         }
-        self.export(&nodes);
+        if canary.is_none() {
+            node.canary.clear();
+        }
     }
 
-    /// Drops nodes not seen for `stale`; updates the gauge.
-    pub fn age_out(&self) {
+    /// Drops nodes not seen for `stale`.
+    fn prune(nodes: &mut HashMap<String, Node>, stale: Duration) {
+        let now = SystemTime::now();
+        nodes.retain(|_, n| now.duration_since(n.seen).unwrap_or_default() <= stale);
+    }
+
+    /// Ages stale nodes out and exports the gauge: proxies by the bundle they run, a bundle this
+    /// server does not know (`known`: its kept versions and its canary's candidate) as `other`,
+    /// so a report cannot make series.
+    pub fn age_out(&self, known: &[String]) {
         let Ok(mut nodes) = self.nodes.lock() else {
             return;
         };
-        let now = SystemTime::now();
-        nodes.retain(|_, n| now.duration_since(n.seen).unwrap_or_default() <= self.stale);
-        self.export(&nodes);
-    }
-
-    fn export(&self, nodes: &HashMap<String, Node>) {
+        Fleet::prune(&mut nodes, self.stale);
         let mut by_bundle: HashMap<&str, i64> = HashMap::new();
         for n in nodes.values() {
-            let b = n.running.as_deref().unwrap_or("none");
+            let b = match n.running.as_deref() {
+                None => "none",
+                Some(b) if known.iter().any(|k| k == b) => b,
+                Some(_) => "other",
+            };
             *by_bundle.entry(b).or_default() += 1;
         }
         self.metrics.fleet_proxies.reset();
@@ -165,7 +182,11 @@ impl Fleet {
 
     /// Every node not aged out, `serving` marking those on the bundle this server serves.
     pub fn list(&self, serving: Option<&str>) -> Vec<NodeStatus> {
-        self.age_out();
+        let Ok(mut nodes) = self.nodes.lock() else {
+            return Vec::new();
+        };
+        Fleet::prune(&mut nodes, self.stale);
+        drop(nodes);
         let Ok(nodes) = self.nodes.lock() else {
             return Vec::new();
         };
@@ -216,20 +237,29 @@ mod tests {
     fn nodes_are_listed_counted_by_bundle_and_age_out() {
         let metrics = Metrics::new().unwrap();
         let fleet = Fleet::new(Duration::from_millis(200), metrics.clone());
-        fleet.observe(report("a", "b1"));
-        fleet.observe(report("b", "b1"));
-        fleet.observe(report("c", "b0"));
+        fleet.observe(report("a", "b1"), None);
+        fleet.observe(report("b", "b1"), None);
+        fleet.observe(report("c", "b0"), None);
+        fleet.observe(report("d", "made-up"), None);
         let list = fleet.list(Some("b1"));
-        assert_eq!(list.len(), 3);
+        assert_eq!(list.len(), 4);
         assert!(list[0].current && !list[2].current);
+        let known = [String::from("b1"), String::from("b0")];
+        fleet.age_out(&known);
         let text = metrics.render();
         assert!(
             text.contains("llm_policy_fleet_proxies{bundle=\"b1\"} 2"),
             "{text}"
         );
+        assert!(
+            text.contains("llm_policy_fleet_proxies{bundle=\"other\"} 1"),
+            "{text}"
+        );
+        assert!(!text.contains("made-up"), "a report makes no series");
         std::thread::sleep(Duration::from_millis(300));
-        fleet.observe(report("a", "b1"));
+        fleet.observe(report("a", "b1"), None);
         assert_eq!(fleet.list(Some("b1")).len(), 1);
+        fleet.age_out(&known);
         assert!(!metrics.render().contains("bundle=\"b0\""));
     }
 
@@ -251,23 +281,22 @@ mod tests {
         .unwrap();
         assert_eq!(r.node, "envoy-1");
         let fleet = Fleet::new(Duration::from_secs(60), Metrics::new().unwrap());
-        fleet.observe(r);
-        fleet.observe(
-            Report::from_headers(headers(&[
-                (NODE_HEADER, "envoy-1"),
-                (CANARY_HEADER, "vm2;cand;5;1"),
-            ]))
-            .unwrap(),
-        );
-        fleet.observe(
-            Report::from_headers(headers(&[
-                (NODE_HEADER, "envoy-1"),
-                (CANARY_HEADER, "vm1;cand;12;4"),
-            ]))
-            .unwrap(),
-        );
+        let running = Some("cand");
+        let canary = |value: &'static str| {
+            Report::from_headers(move |k: &str| match k {
+                NODE_HEADER => Some(String::from("envoy-1")),
+                CANARY_HEADER => Some(String::from(value)),
+                _ => None,
+            })
+            .unwrap()
+        };
+        fleet.observe(r, running);
+        fleet.observe(canary("vm2;cand;5;1"), running);
+        fleet.observe(canary("vm1;cand;12;4"), running);
+        // Counts for a candidate that is not running here are not kept.
+        fleet.observe(canary("vm3;forged;999;0"), running);
         assert_eq!(fleet.canary_counts("cand"), (17, 5));
-        assert_eq!(fleet.canary_counts("other"), (0, 0));
+        assert_eq!(fleet.canary_counts("forged"), (0, 0));
         let long = "x".repeat(1000);
         let node = Report::from_headers(|k| (k == NODE_HEADER).then(|| long.clone())).unwrap();
         assert_eq!(node.node.len(), MAX_FIELD);

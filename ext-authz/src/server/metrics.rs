@@ -59,7 +59,7 @@ pub struct Metrics {
     /// `llm_policy_bundle_store_up`: 1 when the last read of the bundle store got an answer.
     pub bundle_store_up: IntGauge,
     /// `llm_policy_canary_evaluations_total{result}`: checks a canary decided again (`agree`,
-    /// `disagree`, `error`).
+    /// `disagree`, `error`; `skipped`: too many in flight, or a body too large).
     pub canary_evaluations: IntCounterVec,
     /// `llm_policy_canary_disagreements_total{from,to,rule}`: checks the candidate decided
     /// otherwise (`rule`: its deciding rule, `default`).
@@ -202,7 +202,7 @@ impl Metrics {
         registry.register(Box::new(bundle_store_up.clone()))?;
         let canary_evaluations = counter_vec(
             "llm_policy_canary_evaluations_total",
-            "Checks a canary's candidate decided again, by result (agree, disagree, error).",
+            "Checks a canary's candidate decided again, by result (agree, disagree, error; skipped: too many in flight, or a body too large).",
             &["result"],
         )?;
         let canary_disagreements = counter_vec(
@@ -237,7 +237,10 @@ impl Metrics {
                 &["applied", "unchanged", "refused", "unavailable"][..],
             ),
             (&usage_reports, &["recorded", "unknown", "error"][..]),
-            (&canary_evaluations, &["agree", "disagree", "error"][..]),
+            (
+                &canary_evaluations,
+                &["agree", "disagree", "error", "skipped"][..],
+            ),
             (&limit_rejections, &["rate_limit", "budget"][..]),
         ] {
             for v in values {

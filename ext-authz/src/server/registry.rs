@@ -545,7 +545,13 @@ impl Registry {
     /// Makes a canary's candidate the version serving: `overlay` written over the files serving
     /// (into the directory, or published to the replicas), validated first as every write is.
     /// A signed bundle store refuses (change the store: `llm-policy bundle activate`).
-    pub fn promote(&self, overlay: &[(String, String)]) -> Result<Arc<Version>, RegistryError> {
+    /// `expected`: the candidate's bundle digest, as the canary measured it; files that changed
+    /// since (on disk, or published) make another bundle, and the promotion is refused.
+    pub fn promote(
+        &self,
+        overlay: &[(String, String)],
+        expected: &str,
+    ) -> Result<Arc<Version>, RegistryError> {
         let _guard = self.writer.lock();
         if !self.path.is_dir() && !self.is_shared() {
             return Err(RegistryError::Conflict(String::from(
@@ -553,8 +559,14 @@ impl Registry {
             )));
         }
         let files = self.overlaid(overlay)?;
-        compile(&files, &self.context.load(), self.plugins.as_deref())
+        let (set, _, _) = compile(&files, &self.context.load(), self.plugins.as_deref())
             .map_err(RegistryError::Invalid)?;
+        if set.bundle() != expected {
+            return Err(RegistryError::Conflict(format!(
+                "the policy files changed since the canary started: the candidate would now be bundle {}, not the {expected} measured; start the canary again",
+                set.bundle()
+            )));
+        }
         if let Some(shared) = self.shared.get() {
             let root = self.root();
             let relative: Vec<(String, String)> = files
@@ -572,12 +584,24 @@ impl Registry {
             self.published(revision);
             return Ok(v);
         }
+        let root = self.root().canonicalize().map_err(|e| {
+            RegistryError::Unavailable(format!("cannot resolve the policy directory: {e}"))
+        })?;
         for (rel, text) in overlay {
             let path = self.file_path(rel)?;
             if let Some(dir) = path.parent() {
                 std::fs::create_dir_all(dir).map_err(|e| {
                     RegistryError::Unavailable(format!("cannot create {}: {e}", dir.display()))
                 })?;
+                // A linked directory inside the policy directory must not lead out of it.
+                let real = dir.canonicalize().map_err(|e| {
+                    RegistryError::Unavailable(format!("cannot resolve {}: {e}", dir.display()))
+                })?;
+                if !real.starts_with(&root) {
+                    return Err(RegistryError::Malformed(format!(
+                        "`{rel}` leads out of the policy directory"
+                    )));
+                }
             }
             write_atomically(&path, text).map_err(|e| {
                 RegistryError::Unavailable(format!("cannot write {}: {e}", path.display()))

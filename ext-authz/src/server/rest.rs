@@ -521,7 +521,9 @@ async fn bundle(State(s): State<RestState>, headers: HeaderMap) -> ApiResult {
             .map(str::to_string)
     };
     if let Some(report) = super::fleet::Report::from_headers(header_text) {
-        s.fleet.observe(report);
+        let canary = s.engine.canary();
+        s.fleet
+            .observe(report, canary.as_ref().map(|c| c.version.set.bundle()));
     }
     let v = current(&s)?;
     let store = s.engine.keys();
@@ -740,6 +742,12 @@ async fn put_canary(State(s): State<RestState>, headers: HeaderMap, body: Bytes)
     };
     let mut canary = Canary::new(version, source, sample, req.max_disagreements);
     canary.models = models;
+    canary.base = s
+        .engine
+        .registry()
+        .current()
+        .map(|v| v.set.bundle().to_string())
+        .unwrap_or_default();
     let status = s.engine.start_canary(canary);
     Ok(Json(status).into_response())
 }
@@ -767,6 +775,19 @@ async fn promote_canary(State(s): State<RestState>, headers: HeaderMap) -> ApiRe
         .engine
         .canary()
         .ok_or_else(|| error(StatusCode::NOT_FOUND, "not_found", "no canary is running"))?;
+    let serving = s
+        .engine
+        .registry()
+        .current()
+        .map(|v| v.set.bundle().to_string())
+        .unwrap_or_default();
+    if serving != canary.base {
+        return Err(error(
+            StatusCode::CONFLICT,
+            "conflict",
+            format!("the bundle serving changed since the canary started (was {}, now {serving}): what was measured is not what would be promoted; start the canary again", canary.base),
+        ));
+    }
     let overlay = match &canary.source {
         CandidateSource::Files(f) => f.clone(),
         CandidateSource::Revision(r) => {
@@ -779,13 +800,17 @@ async fn promote_canary(State(s): State<RestState>, headers: HeaderMap) -> ApiRe
         }
     };
     let registry = Arc::clone(s.engine.registry());
-    let result = tokio::task::spawn_blocking(move || registry.promote(&overlay))
+    let expected = canary.version.set.bundle().to_string();
+    let result = tokio::task::spawn_blocking(move || registry.promote(&overlay, &expected))
         .await
         .map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()))?;
     super::report_write(&s.engine, "promoted", "canary", &result);
     let v = result.map_err(registry_error)?;
-    s.engine
-        .end_canary("promoted", &format!("serving as version {}", v.number));
+    s.engine.end_this_canary(
+        &canary,
+        "promoted",
+        &format!("serving as version {}", v.number),
+    );
     Ok(Json(version_json(&v)).into_response())
 }
 

@@ -1,0 +1,195 @@
+"""`make bench-sidecar`: the engine's resource budget, measured against the seed's sidecar budget
+(0.5 core, 256 MB, p99 <= 5 ms), one run, one machine, all on loopback.
+
+`llm-policy serve` runs the example bundle with the WASM plugins, confined to half a core (a
+cgroup v1 or v2 CPU quota of 50 ms per 100 ms when this machine lets us make one; else pinned to
+one core with `taskset`, which is said), behind Envoy 1.40 and in front of the fast upstream
+(`bench-upstream`); `loadgen` sends 8 KB chats at a fixed 1,000 requests per second for
+`BENCH_SECS` (default 20) in each of:
+
+  1. ext_authz: Envoy asks the engine for every request (the engine's worst case);
+  2. ext_authz, namespace `restricted`: every request also runs both WASM plugins;
+  3. the sidecar shape (Envoy with the filter, the engine behind it): the filter decides what it
+     can alone, the engine gets the rest.
+
+For each: the engine's CPU (its own user + system time over the run, in cores), its resident
+memory at the end and at its peak (VmHWM), the quota's throttled periods, the client's p50/p99
+through Envoy (loadgen) and the engine's own check p99 (its histogram), failed requests.
+Results: a Markdown table on stdout and `tools/bench-sidecar.json`."""
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchkit import bench_upstream, loadgen, non_200, save
+from stack import ROOT, Envoy, Server, envoy_config, http_get
+
+SECS = int(os.environ.get("BENCH_SECS", "20"))
+RATE = 1000
+CPU_QUOTA_US, CPU_PERIOD_US = 50_000, 100_000
+BUDGET = {"cores": 0.5, "rss_mb": 256, "p99_ms": 5.0}
+
+
+class Confinement:
+    """Half a core for one process: a cgroup CPU quota (v2, else v1), else `taskset` to one core."""
+
+    def __init__(self):
+        self.path = None
+        self.how = None
+        for root, quota in [("/sys/fs/cgroup", "cpu.max"), ("/sys/fs/cgroup/cpu", "cpu.cfs_quota_us")]:
+            if not os.path.exists(os.path.join(root, quota if quota == "cpu.max" else "cpu.cfs_period_us")):
+                continue
+            path = os.path.join(root, f"llm-policy-bench-{os.getpid()}")
+            try:
+                os.mkdir(path)
+                if quota == "cpu.max":
+                    Path(path, "cpu.max").write_text(f"{CPU_QUOTA_US} {CPU_PERIOD_US}")
+                else:
+                    Path(path, "cpu.cfs_period_us").write_text(str(CPU_PERIOD_US))
+                    Path(path, "cpu.cfs_quota_us").write_text(str(CPU_QUOTA_US))
+                self.path, self.how = path, f"cgroup CPU quota {CPU_QUOTA_US // 1000} ms / {CPU_PERIOD_US // 1000} ms ({root})"
+                return
+            except OSError:
+                try:
+                    os.rmdir(path)
+                except OSError:
+                    pass
+        self.how = "taskset to one core (no cgroup could be made here: this is a whole core, not half)"
+
+    def add(self, pid):
+        if self.path:
+            Path(self.path, "cgroup.procs").write_text(str(pid))
+        else:
+            subprocess.run(["taskset", "-a", "-p", "-c", "0", str(pid)], check=True, capture_output=True)
+
+    def throttled(self):
+        if not self.path:
+            return None
+        stat = dict(line.split() for line in Path(self.path, "cpu.stat").read_text().splitlines())
+        return int(stat.get("nr_throttled", 0)), int(stat.get("nr_periods", 0))
+
+    def close(self):
+        if self.path:
+            try:
+                os.rmdir(self.path)
+            except OSError:
+                pass
+
+
+def cpu_seconds(pid):
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def memory_mb(pid):
+    status = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    kb = lambda k: int(status[k].split()[0])  # noqa: E731
+    return kb("VmRSS") / 1024, kb("VmHWM") / 1024
+
+
+def check_buckets(server):
+    """The engine's check-duration histogram now: {upper bound in seconds: count}."""
+    _, text = http_get(f"http://127.0.0.1:{server.metrics}/metrics")
+    out = {}
+    for line in text.decode().splitlines():
+        if line.startswith("llm_policy_check_duration_seconds_bucket{"):
+            le = line.split('le="', 1)[1].split('"', 1)[0]
+            out[float("inf") if le == "+Inf" else float(le)] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def check_p99_ms(server, before):
+    """The engine's own check p99 over the run (the bucket bound), from its histogram."""
+    delta = sorted((le, n - before.get(le, 0.0)) for le, n in check_buckets(server).items())
+    total = delta[-1][1] if delta else 0
+    for le, n in delta:
+        if total and n >= 0.99 * total:
+            return round(le * 1000, 3)
+    return None
+
+
+def run(name, server, confinement, url, headers=()):
+    pid = server.proc.p.pid
+    extra = [a for h in headers for a in ("--header", h)]
+    loadgen("http", "--url", url, "--rate", 200, "--duration", 2, "--concurrency", 64, *extra)  # warm up
+    before = check_buckets(server)
+    throttled0 = confinement.throttled()
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    result = loadgen("http", "--url", url, "--rate", RATE, "--duration", SECS, "--concurrency", 256, *extra)
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    rss, peak = memory_mb(pid)
+    throttled1 = confinement.throttled()
+    row = {
+        "requests": result["requests"],
+        "failed": non_200(result),
+        "rps": result.get("rps"),
+        "client_p50_ms": result["p50_ms"],
+        "client_p99_ms": result["p99_ms"],
+        "engine_check_p99_ms": check_p99_ms(server, before),
+        "engine_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+        "engine_rss_mb": round(rss, 1),
+        "engine_peak_rss_mb": round(peak, 1),
+    }
+    if throttled0 and throttled1:
+        row["throttled_periods"] = f"{throttled1[0] - throttled0[0]} of {throttled1[1] - throttled0[1]}"
+    print(f"   {name}: {json.dumps(row)}", flush=True)
+    return row
+
+
+def main():
+    results = {"rate": RATE, "seconds": SECS, "budget": BUDGET}
+    confinement = Confinement()
+    results["confinement"] = confinement.how
+    print(f"== the engine confined by {confinement.how}; {RATE} rps of 8 KB chats for {SECS} s each")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        procs = []
+        try:
+            upstream, up_port = bench_upstream(tmp)
+            procs.append(upstream)
+            bundle = tmp / "bundle"
+            bundle.mkdir()
+            # The example bundle, its per-user rate limit raised out of the load's way.
+            for f in (ROOT / "policies").glob("*.yaml"):
+                (bundle / f.name).write_text(f.read_text().replace("requests: 120, per: minute",
+                                                                   "requests: 100000000, per: minute"))
+            (tmp / "s").mkdir()
+            server = Server(tmp / "s", bundle, config_extra={"audit": {"stdout": False, "decisions": "flagged"}})
+            procs.append(server.proc)
+            confinement.add(server.proc.p.pid)
+            authz = Envoy(tmp, server, up_port, tmp)
+            procs.append(authz.proc)
+            pro = ["x-user-tier: pro"]
+            results["ext_authz"] = run("ext_authz", server, confinement, authz.url("/v1/chat/completions"), pro)
+            results["ext_authz_plugins"] = run("ext_authz, restricted (both plugins)", server, confinement,
+                                               authz.url("/v1/chat/completions"),
+                                               pro + ["x-llm-policy-namespace: restricted"])
+            authz.proc.stop()
+            text = envoy_config("filter+fallback", bundle, server=f"127.0.0.1:{server.grpc}",
+                                sync_from=f"127.0.0.1:{server.http}", usage_token_file=server.usage_token_file)
+            sidecar = Envoy(tmp, None, up_port, tmp, text=text)
+            procs.append(sidecar.proc)
+            results["sidecar"] = run("sidecar (filter + engine)", server, confinement,
+                                     sidecar.url("/v1/chat/completions"), pro)
+        finally:
+            for p in reversed(procs):
+                p.stop()
+            confinement.close()
+    save("bench-sidecar", results)
+    print(f"\n| set-up (engine: {confinement.how.split(' (')[0]}) | failed / requests | engine cores "
+          f"| engine RSS (peak) MB | client p50 / p99 ms | engine check p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for name in ("ext_authz", "ext_authz_plugins", "sidecar"):
+        r = results[name]
+        print(f"| {name} | {r['failed']} / {r['requests']} | {r['engine_cores']} | {r['engine_rss_mb']} "
+              f"({r['engine_peak_rss_mb']}) | {r['client_p50_ms']:.2f} / {r['client_p99_ms']:.2f} "
+              f"| {r['engine_check_p99_ms']} |")
+    print(f"budget: <= {BUDGET['cores']} core, <= {BUDGET['rss_mb']} MB, p99 <= {BUDGET['p99_ms']} ms")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
