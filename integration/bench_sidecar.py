@@ -4,13 +4,15 @@
 `llm-policy serve` runs the example bundle with the WASM plugins, confined to half a core (a
 cgroup v1 or v2 CPU quota of 50 ms per 100 ms when this machine lets us make one; else pinned to
 one core with `taskset`, which is said), behind Envoy 1.40 and in front of the fast upstream
-(`bench-upstream`); `loadgen` sends 8 KB chats at a fixed 1,000 requests per second for
-`BENCH_SECS` (default 20) in each of:
+(`bench-upstream`); `loadgen` sends 8 KB chats for `BENCH_SECS` (default 10) in each of:
 
-  1. ext_authz: Envoy asks the engine for every request (the engine's worst case);
-  2. ext_authz, namespace `restricted`: every request also runs both WASM plugins;
-  3. the sidecar shape (Envoy with the filter, the engine behind it): the filter decides what it
-     can alone, the engine gets the rest.
+  1. ext_authz at a fixed 1,000 rps: Envoy asks the engine for every request;
+  2. ext_authz, closed loop (32 in flight): the most the confined engine decides;
+  3. the same in the namespace `restricted`: both WASM plugins run on every request too;
+  4. the sidecar shape at 1,000 rps (Envoy with the filter, the engine behind it): the filter
+     decides what it can alone, the engine gets the rest;
+  5. ext_authz at 1,000 rps with 100 rules that read no prompt (what the budget holds for a
+     bundle that does not scan text).
 
 For each: the engine's CPU (its own user + system time over the run, in cores), its resident
 memory at the end and at its peak (VmHWM), the quota's throttled periods, the client's p50/p99
@@ -28,7 +30,7 @@ from pathlib import Path
 from benchkit import bench_upstream, loadgen, non_200, save
 from stack import ROOT, Envoy, Server, envoy_config, http_get
 
-SECS = int(os.environ.get("BENCH_SECS", "20"))
+SECS = int(os.environ.get("BENCH_SECS", "10"))
 RATE = 1000
 CPU_QUOTA_US, CPU_PERIOD_US = 50_000, 100_000
 BUDGET = {"cores": 0.5, "rss_mb": 256, "p99_ms": 5.0}
@@ -126,6 +128,7 @@ def run(name, server, confinement, url, headers=()):
     row = {
         "requests": result["requests"],
         "failed": non_200(result),
+        "statuses": result.get("statuses"),
         "rps": result.get("rps"),
         "client_p50_ms": result["p50_ms"],
         "client_p99_ms": result["p99_ms"],
@@ -140,11 +143,37 @@ def run(name, server, confinement, url, headers=()):
     return row
 
 
+def saturation(name, server, confinement, url, headers=()):
+    """The most the confined engine decides: closed loop, 32 in flight."""
+    pid = server.proc.p.pid
+    extra = [a for h in headers for a in ("--header", h)]
+    before = check_buckets(server)
+    cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    result = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, *extra)
+    cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    row = {
+        "requests": result["requests"],
+        "failed": non_200(result),
+        "statuses": result.get("statuses"),
+        "rps": round(result["rps"], 1),
+        "client_p50_ms": result["p50_ms"],
+        "client_p99_ms": result["p99_ms"],
+        "engine_check_p99_ms": check_p99_ms(server, before),
+        "engine_cores": round((cpu1 - cpu0) / (t1 - t0), 3),
+        "engine_rss_mb": round(memory_mb(pid)[0], 1),
+        "engine_peak_rss_mb": round(memory_mb(pid)[1], 1),
+    }
+    print(f"   {name}: {json.dumps(row)}", flush=True)
+    return row
+
+
 def main():
+    from bench_filter import hundred_rules
+
     results = {"rate": RATE, "seconds": SECS, "budget": BUDGET}
     confinement = Confinement()
     results["confinement"] = confinement.how
-    print(f"== the engine confined by {confinement.how}; {RATE} rps of 8 KB chats for {SECS} s each")
+    print(f"== the engine confined by {confinement.how}; 8 KB chats, {SECS} s a run")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         procs = []
@@ -163,31 +192,57 @@ def main():
             confinement.add(server.proc.p.pid)
             authz = Envoy(tmp, server, up_port, tmp)
             procs.append(authz.proc)
+            url = authz.url("/v1/chat/completions")
             pro = ["x-user-tier: pro"]
-            results["ext_authz"] = run("ext_authz", server, confinement, authz.url("/v1/chat/completions"), pro)
-            results["ext_authz_plugins"] = run("ext_authz, restricted (both plugins)", server, confinement,
-                                               authz.url("/v1/chat/completions"),
-                                               pro + ["x-llm-policy-namespace: restricted"])
+            print("   -- the example bundle (its baseline scans every prompt for personal data, secrets and "
+                  "injection: text and views)")
+            results["ext_authz_1000"] = run("ext_authz at 1,000 rps", server, confinement, url, pro)
+            results["ext_authz_capacity"] = saturation("ext_authz, capacity (closed loop)", server, confinement,
+                                                       url, pro)
+            results["ext_authz_plugins_capacity"] = saturation(
+                "ext_authz, restricted (both plugins too), capacity", server, confinement, url,
+                pro + ["x-llm-policy-namespace: restricted"])
             authz.proc.stop()
             text = envoy_config("filter+fallback", bundle, server=f"127.0.0.1:{server.grpc}",
                                 sync_from=f"127.0.0.1:{server.http}", usage_token_file=server.usage_token_file)
             sidecar = Envoy(tmp, None, up_port, tmp, text=text)
             procs.append(sidecar.proc)
-            results["sidecar"] = run("sidecar (filter + engine)", server, confinement,
-                                     sidecar.url("/v1/chat/completions"), pro)
+            results["sidecar_1000"] = run("sidecar shape (the filter decides, the engine behind it) at 1,000 rps",
+                                          server, confinement, sidecar.url("/v1/chat/completions"), pro)
+            sidecar.proc.stop()
+            server.proc.stop()
+            # A bundle whose rules do not read the prompt: 100 rules on model, tokens, headers.
+            hundred = tmp / "hundred"
+            hundred.mkdir()
+            (hundred / "hundred.yaml").write_text(hundred_rules())
+            (tmp / "h").mkdir()
+            plain = Server(tmp / "h", hundred, config_extra={"audit": {"stdout": False, "decisions": "flagged"}})
+            procs.append(plain.proc)
+            confinement.add(plain.proc.p.pid)
+            authz = Envoy(tmp, plain, up_port, tmp)
+            procs.append(authz.proc)
+            print("   -- 100 rules on model, max_tokens and headers (no rule reads the prompt)")
+            results["hundred_1000"] = run("ext_authz at 1,000 rps", plain, confinement,
+                                          authz.url("/v1/chat/completions"))
         finally:
             for p in reversed(procs):
                 p.stop()
             confinement.close()
     save("bench-sidecar", results)
-    print(f"\n| set-up (engine: {confinement.how.split(' (')[0]}) | failed / requests | engine cores "
-          f"| engine RSS (peak) MB | client p50 / p99 ms | engine check p99 ms |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for name in ("ext_authz", "ext_authz_plugins", "sidecar"):
-        r = results[name]
-        print(f"| {name} | {r['failed']} / {r['requests']} | {r['engine_cores']} | {r['engine_rss_mb']} "
-              f"({r['engine_peak_rss_mb']}) | {r['client_p50_ms']:.2f} / {r['client_p99_ms']:.2f} "
-              f"| {r['engine_check_p99_ms']} |")
+    print(f"\n| set-up (engine: {confinement.how.split(' (')[0]}) | rps | statuses | engine cores "
+          f"| engine RSS (peak) MB | client p50 / p99 ms | engine check p99 ms (bucket) |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = {"ext_authz_1000": "example bundle, ext_authz, 1,000 rps offered",
+             "ext_authz_capacity": "example bundle, ext_authz, closed loop",
+             "ext_authz_plugins_capacity": "example bundle + both plugins, closed loop",
+             "sidecar_1000": "example bundle, sidecar shape, 1,000 rps",
+             "hundred_1000": "100 rules (no prompt read), ext_authz, 1,000 rps"}
+    for key, name in names.items():
+        r = results[key]
+        statuses = ", ".join(f"{k}: {v}" for k, v in sorted((r.get("statuses") or {}).items()))
+        print(f"| {name} | {r['rps']:.0f} | {statuses} | {r['engine_cores']} | "
+              f"{r['engine_rss_mb']} ({r['engine_peak_rss_mb']}) | {r['client_p50_ms']:.2f} / "
+              f"{r['client_p99_ms']:.2f} | {r['engine_check_p99_ms']} |")
     print(f"budget: <= {BUDGET['cores']} core, <= {BUDGET['rss_mb']} MB, p99 <= {BUDGET['p99_ms']} ms")
 
 
