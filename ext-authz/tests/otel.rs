@@ -86,9 +86,12 @@ async fn checks_are_traced_and_continue_the_callers_trace() {
         .await
         .unwrap();
 
+    // Only this test's trace: other tests in this binary run servers whose checks are traced
+    // by the same global subscriber.
     let mut spans = Vec::new();
     for _ in 0..50 {
         spans = collector.0.lock().unwrap().clone();
+        spans.retain(|s| hex(&s.trace_id) == trace);
         if spans.iter().any(|s| s.name == "check") {
             break;
         }
@@ -97,7 +100,7 @@ async fn checks_are_traced_and_continue_the_callers_trace() {
     let check_span = spans
         .iter()
         .find(|s| s.name == "check")
-        .expect("a check span");
+        .expect("a check span in the caller's trace");
     assert_eq!(
         hex(&check_span.trace_id),
         trace,
@@ -128,4 +131,99 @@ async fn checks_are_traced_and_continue_the_callers_trace() {
             "{child} is a child of check"
         );
     }
+}
+
+#[derive(Clone, Default)]
+struct LogCollector(Arc<Mutex<Vec<opentelemetry_proto::tonic::logs::v1::LogRecord>>>);
+
+#[tonic::async_trait]
+impl opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsService
+    for LogCollector
+{
+    async fn export(
+        &self,
+        req: tonic::Request<
+            opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceRequest,
+        >,
+    ) -> Result<
+        tonic::Response<opentelemetry_proto::tonic::collector::logs::v1::ExportLogsServiceResponse>,
+        tonic::Status,
+    > {
+        let records = req
+            .into_inner()
+            .resource_logs
+            .into_iter()
+            .flat_map(|r| r.scope_logs)
+            .flat_map(|s| s.log_records);
+        self.0.lock().unwrap().extend(records);
+        Ok(tonic::Response::new(Default::default()))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn audit_records_are_exported_as_otlp_logs() {
+    use opentelemetry_proto::tonic::collector::logs::v1::logs_service_server::LogsServiceServer;
+    use opentelemetry_proto::tonic::common::v1::any_value::Value as Any;
+    let collector = LogCollector::default();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let c = collector.clone();
+    tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(LogsServiceServer::new(c))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+            .await
+            .unwrap();
+    });
+    let rules = "    - { id: no-gpt-3, when: { match: { field: request.model, op: eq, value: gpt-3 } }, action: { decision: deny, alert: high } }\n";
+    let h = Harness::start(&[("p.yaml", &policy("p", "allow", rules))], move |c| {
+        c.audit.otlp = Some(llm_policy_server::server::config::OtlpSinkConfig {
+            endpoint: format!("http://{addr}"),
+            service_name: String::from("llm-policy-test"),
+        });
+    })
+    .await;
+    let mut client = h.grpc().await;
+    let a = check(
+        &mut client,
+        check_request("POST", "/v1/chat/completions", &[], &chat("gpt-3", "hi")),
+    )
+    .await;
+    assert!(!a.allowed);
+    // Stopping the server flushes the audit queue and the exporter.
+    let file = h.stop().await;
+    let start = std::time::Instant::now();
+    while collector.0.lock().unwrap().len() < 2 {
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "the audit records at the collector"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let records = collector.0.lock().unwrap().clone();
+    let attr = |r: &opentelemetry_proto::tonic::logs::v1::LogRecord, k: &str| {
+        r.attributes
+            .iter()
+            .find(|a| a.key == k)
+            .and_then(|a| a.value.as_ref()?.value.clone())
+    };
+    let kinds: Vec<_> = records.iter().map(|r| attr(r, "llm_policy.kind")).collect();
+    assert!(
+        kinds.contains(&Some(Any::StringValue("decision".into()))),
+        "{kinds:?}"
+    );
+    assert!(
+        kinds.contains(&Some(Any::StringValue("alert".into()))),
+        "{kinds:?}"
+    );
+    let decision = records
+        .iter()
+        .find(|r| attr(r, "llm_policy.kind") == Some(Any::StringValue("decision".into())))
+        .unwrap();
+    assert_eq!(decision.event_name, "llm_policy.audit");
+    // The body is the line the file sink wrote.
+    let Some(Any::StringValue(body)) = decision.body.as_ref().and_then(|b| b.value.clone()) else {
+        panic!("no body");
+    };
+    assert!(file.lines().any(|l| l == body), "{body}");
 }

@@ -3,6 +3,7 @@
 //! queue is dropped and counted (`llm_policy_audit_dropped_total`); every record the queue
 //! accepted is written before shutdown completes.
 
+pub mod otlp;
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::PathBuf;
@@ -573,6 +574,9 @@ pub fn start(
     }
     if let Some(f) = &config.file {
         sinks.push(Box::new(FileSink::open(f.clone())?));
+    }
+    if let Some(o) = &config.otlp {
+        sinks.push(Box::new(otlp::OtlpSink::new(o)?));
     }
     if let Some(s) = stream {
         sinks.push(Box::new(s));

@@ -323,6 +323,8 @@ pub struct AuditConfig {
     pub stdout: bool,
     /// Also write them to this file, rotated by size.
     pub file: Option<FileSinkConfig>,
+    /// Also export them as OpenTelemetry log records over OTLP/gRPC.
+    pub otlp: Option<OtlpSinkConfig>,
     /// Records waiting to be written; past this, new records are dropped and counted (default
     /// 10,000).
     pub queue: usize,
@@ -347,8 +349,24 @@ impl Default for AuditConfig {
             prompts: PromptLogging::Off,
             prompt_hash_key_file: None,
             context: false,
+            otlp: None,
         }
     }
+}
+
+/// `audit.otlp:`: where audit records are exported as OpenTelemetry log records.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+pub struct OtlpSinkConfig {
+    /// The collector's OTLP/gRPC endpoint, e.g. `http://otel-collector:4317`.
+    pub endpoint: String,
+    /// `service.name` of the records (default `llm-policy`).
+    #[serde(default = "default_service_name")]
+    pub service_name: String,
+}
+
+fn default_service_name() -> String {
+    String::from("llm-policy")
 }
 
 /// A rotating audit file.

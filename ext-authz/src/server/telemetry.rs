@@ -79,11 +79,7 @@ pub fn init(config: Option<&TracingConfig>) -> Telemetry {
                         .with_sampler(Sampler::ParentBased(Box::new(Sampler::TraceIdRatioBased(
                             c.sample_ratio.clamp(0.0, 1.0),
                         ))))
-                        .with_resource(
-                            opentelemetry_sdk::Resource::builder()
-                                .with_service_name(c.service_name.clone())
-                                .build(),
-                        )
+                        .with_resource(resource(&c.service_name))
                         .build();
                     let tracer = p.tracer("llm-policy");
                     provider = Some(p);
@@ -128,6 +124,13 @@ impl Telemetry {
             }
         }
     }
+}
+
+/// The resource every OpenTelemetry signal of the server carries (its `service.name`).
+pub fn resource(service_name: &str) -> opentelemetry_sdk::Resource {
+    opentelemetry_sdk::Resource::builder()
+        .with_service_name(service_name.to_string())
+        .build()
 }
 
 /// Request headers as an OpenTelemetry extractor.
