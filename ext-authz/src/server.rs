@@ -478,33 +478,30 @@ pub async fn start(mut config: Config) -> Result<Running, StartError> {
 
     // Hot reload: of the directory, (shared) of the revisions other replicas publish, or of the
     // signed bundle store.
-    if let Some(source) = bundle_source {
+    // What a follower of a store runs once a version serves: gRPC health says SERVING.
+    let serving = {
         let h = Arc::clone(&health);
+        move || {
+            let h = Arc::clone(&h);
+            async move {
+                h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
+                    .await;
+            }
+        }
+    };
+    if let Some(source) = bundle_source {
         bundle_source::spawn(
             Arc::clone(&engine),
             source,
-            move || {
-                let h = Arc::clone(&h);
-                async move {
-                    h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
-                        .await;
-                }
-            },
+            serving,
             stopped.clone(),
             &mut tasks,
         );
     } else if let Some(bundle) = shared {
-        let h = Arc::clone(&health);
         registry_sync::spawn(
             Arc::clone(&engine),
             bundle,
-            move || {
-                let h = Arc::clone(&h);
-                async move {
-                    h.set_serving::<AuthorizationServer<envoy::EnvoyAuthz>>()
-                        .await;
-                }
-            },
+            serving,
             stopped.clone(),
             &mut tasks,
         );

@@ -56,14 +56,7 @@ impl CanaryRun {
     pub fn sampled(&self) -> bool {
         let n = self.seen.get();
         self.seen.set(n.saturating_add(1));
-        #[expect(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "a count of requests; the floor of a product in [0, n]"
-        )]
-        let step = |k: u64| (k as f64 * self.sample).floor() as u64;
-        step(n.saturating_add(1)) > step(n)
+        llm_policy_core::wire::canary_sampled(n, self.sample)
     }
 
     /// Decides a sampled request's `ctx` again and counts whether the candidate agrees with

@@ -437,6 +437,19 @@ pub struct CanaryBundle {
     pub sample: f64,
 }
 
+/// Whether the `n`-th request (counted from 0) a canary sampling `sample` (0 < sample <= 1)
+/// sees is decided again: every 1/sample-th, evenly. The filter and the server sample alike.
+pub fn canary_sampled(n: u64, sample: f64) -> bool {
+    #[expect(
+        clippy::cast_precision_loss,
+        clippy::cast_possible_truncation,
+        clippy::cast_sign_loss,
+        reason = "a count of requests; the whole part of a product in [0, n] (truncation is the floor here)"
+    )]
+    let step = |k: u64| (k as f64 * sample) as u64;
+    step(n.saturating_add(1)) > step(n)
+}
+
 /// What a filter's bundle sync tells the server about itself (`GET /v1/bundle` request headers;
 /// the server's fleet view, `GET /v1/fleet`): its Envoy node id.
 pub const SYNC_NODE_HEADER: &str = "x-llm-policy-node";

@@ -181,11 +181,7 @@ async fn poll(engine: &Arc<Engine>, source: &Arc<BundleSource>) -> Polled {
     let current = match source.store.current(seen.as_deref()).await {
         Ok(None) => return succeeded(source, Polled::Unchanged),
         Ok(Some(c)) => c,
-        Err(e @ BundleError::Unavailable(_)) => {
-            tracing::warn!(store = %source.store.url(), error = %e, "bundle store unreachable: the last good revision keeps serving");
-            source.note(|s| s.last_error = Some(e.to_string()));
-            return Polled::Unavailable;
-        }
+        Err(e @ BundleError::Unavailable(_)) => return unreachable(source, &e),
         Err(e) => {
             // No pointer yet, or one that does not parse: nothing to apply.
             tracing::warn!(store = %source.store.url(), error = %e, "no bundle revision to serve");
@@ -205,11 +201,7 @@ async fn poll(engine: &Arc<Engine>, source: &Arc<BundleSource>) -> Polled {
     }
     let bytes = match source.store.fetch(&revision).await {
         Ok(b) => b,
-        Err(e @ BundleError::Unavailable(_)) => {
-            tracing::warn!(store = %source.store.url(), error = %e, "bundle store unreachable: the last good revision keeps serving");
-            source.note(|s| s.last_error = Some(e.to_string()));
-            return Polled::Unavailable;
-        }
+        Err(e @ BundleError::Unavailable(_)) => return unreachable(source, &e),
         Err(e) => return refused(source, &revision, &e.to_string(), || handled(source)),
     };
     let name = source.store.revision_url(&revision);
@@ -258,6 +250,12 @@ async fn poll(engine: &Arc<Engine>, source: &Arc<BundleSource>) -> Polled {
         Ok(Err(message)) => refused(source, &revision, &message, || handled(source)),
         Err(join) => refused(source, &revision, &join.to_string(), || {}),
     }
+}
+
+fn unreachable(source: &BundleSource, e: &BundleError) -> Polled {
+    tracing::warn!(store = %source.store.url(), error = %e, "bundle store unreachable: the last good revision keeps serving");
+    source.note(|s| s.last_error = Some(e.to_string()));
+    Polled::Unavailable
 }
 
 fn succeeded(source: &BundleSource, polled: Polled) -> Polled {

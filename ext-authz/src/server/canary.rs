@@ -155,14 +155,7 @@ impl Canary {
     /// Whether this check is decided again: every 1/sample-th check, evenly.
     pub fn sampled(&self) -> bool {
         let n = self.seen.fetch_add(1, Ordering::Relaxed);
-        #[expect(
-            clippy::cast_precision_loss,
-            clippy::cast_possible_truncation,
-            clippy::cast_sign_loss,
-            reason = "a count of checks; the floor of a product in [0, n]"
-        )]
-        let step = |k: u64| (k as f64 * self.sample).floor() as u64;
-        step(n.saturating_add(1)) > step(n)
+        llm_policy_core::wire::canary_sampled(n, self.sample)
     }
 
     /// Counts one check decided again; on a disagreement, returns whether the threshold is now
