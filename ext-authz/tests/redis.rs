@@ -23,7 +23,8 @@ use llm_policy_server::server::limits::{CounterStore, ReservationId, StoreError}
 use llm_policy_server::server::metrics::Metrics;
 use llm_policy_server::server::redis::{Redis, RedisConfig, StreamConfig};
 
-/// `name(server)` run twice: on a standalone redis-server and on a three-node Redis Cluster.
+/// `name(server)` run three times: on a standalone redis-server, on a three-node Redis Cluster,
+/// and on a master found through Redis Sentinel.
 macro_rules! both {
     ($name:ident) => {
         mod $name {
@@ -37,6 +38,11 @@ macro_rules! both {
             #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
             async fn cluster() {
                 super::$name(RedisServer::cluster()).await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+            async fn sentinel() {
+                super::$name(RedisServer::sentinel()).await;
             }
         }
     };
@@ -283,13 +289,13 @@ const LIMITED: &str = r#"
 async fn replicas(server: &RedisServer, n: usize, tweak: fn(&mut Config)) -> Vec<Harness> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let (url, cluster) = (server.url(), server.is_cluster());
+        let mut redis = RedisConfig::default();
+        server.apply(&mut redis);
         out.push(
             Harness::start(
                 &[("base.yaml", &policy("base", "allow", LIMITED))],
                 move |c| {
-                    c.redis.url = Some(url);
-                    c.redis.cluster = cluster;
+                    c.redis = redis;
                     c.redis.timeout_ms = 200;
                     c.redis.audit = Some(StreamConfig::default());
                     c.redis.registry = true;
@@ -775,4 +781,147 @@ async fn a_cluster_node_down_fails_its_namespaces_fast_and_the_others_keep_count
     assert_eq!(s.usage(&up, 3600).await.unwrap(), (0.0, 11.0));
     let errors = counter_errors(&metrics);
     assert_eq!(errors, 15);
+}
+
+/// Allowed checks of team `search` (10 a minute) through `h` until `n` are allowed or one is
+/// throttled, each within `within`; what each answer was.
+async fn search_until(h: &Harness, n: usize, within: Duration) -> (usize, Vec<u16>) {
+    let (mut allowed, mut statuses) = (0, Vec::new());
+    let started = std::time::Instant::now();
+    let mut i = 0;
+    while allowed < n && started.elapsed() < within {
+        i += 1;
+        let a = check_as(h, "search", &chat("gpt-4o", &format!("s{i}"))).await;
+        if a.allowed {
+            allowed += 1;
+        } else if a.status == 429 {
+            statuses.push(429);
+            break;
+        } else {
+            // Fail-closed (503) while the sentinels elect a new master.
+            statuses.push(a.status);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    (allowed, statuses)
+}
+
+/// Waits until the master has sent its writes to the replica, so a failover keeps them (Redis
+/// replicates asynchronously: writes of the last moments before a crash can be lost).
+fn replicated(server: &RedisServer) {
+    let mut conn = server.conn();
+    let acked: u64 = redis::cmd("WAIT")
+        .arg(1)
+        // After a failover, the old master becomes the new one's replica seconds later.
+        .arg(20_000)
+        .query(&mut *conn)
+        .unwrap();
+    assert_eq!(acked, 1, "the replica did not acknowledge the writes");
+}
+
+async fn stream_len(server: &RedisServer) -> u64 {
+    let mut conn = server.conn();
+    redis::cmd("XLEN")
+        .arg("llm-policy:audit")
+        .query::<u64>(&mut *conn)
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn after_a_sentinel_failover_counters_the_registry_and_audit_follow_the_new_master() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter("llm_policy_server=info")
+        .with_test_writer()
+        .try_init();
+    let mut server = RedisServer::sentinel();
+    let rs = replicas(&server, 2, |c| c.redis.backoff_ms = 100).await;
+    let RedisServer::Sentinel(sentinel) = &server else {
+        unreachable!()
+    };
+    let first = sentinel.master_port().unwrap();
+    let (allowed, statuses) = search_until(&rs[0], 4, Duration::from_secs(5)).await;
+    assert_eq!((allowed, statuses.len()), (4, 0), "{statuses:?}");
+    replicated(&server);
+
+    // 1. A failover the sentinels are asked for: the old master lives on as a replica.
+    sentinel.failover().unwrap();
+    let second = sentinel.wait_for_new_master(first).unwrap();
+    // The servers see the new master within the sentinel watch (250 ms).
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    // The count goes on where it was on the new master: 6 more, then the limit.
+    let (allowed, statuses) = search_until(&rs[1], 10, Duration::from_secs(20)).await;
+    assert_eq!(allowed, 6, "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+    assert!(
+        statuses.iter().all(|s| *s == 429 || *s == 503),
+        "{statuses:?}"
+    );
+    let team: String = {
+        let mut conn = server.conn();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg("llm-policy:*search*")
+            .query(&mut *conn)
+            .unwrap();
+        keys.join(",")
+    };
+    assert!(
+        !team.is_empty(),
+        "the counter is on the new master {second}"
+    );
+
+    // The registry: a write on one replica reaches the other through the new master.
+    let before = rs[1].bundle().await;
+    let r = rs[0]
+        .client
+        .put(rs[0].url("/v1/policies/base"))
+        .bearer_auth(TOKEN)
+        .body(policy(
+            "base",
+            "allow",
+            &LIMITED.replace("value: gpt-5 }", "value: gpt-6 }"),
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.text().await.unwrap());
+    rs[1].wait_for_new_bundle(&before).await;
+    let a = check_as(&rs[1], "x", &chat("gpt-6", "after the failover")).await;
+    assert_eq!(a.status, 403, "{a:?}");
+
+    // The audit stream is written on the new master.
+    let written = stream_len(&server).await;
+    assert!(written >= 1);
+    let _ = check_as(&rs[0], "x", &chat("gpt-6", "one more")).await;
+    let mut grew = false;
+    for _ in 0..50 {
+        if stream_len(&server).await > written {
+            grew = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(grew, "no audit record reached the new master");
+    replicated(&server);
+
+    // 2. The new master crashes: the sentinels promote the old one back.
+    let RedisServer::Sentinel(sentinel) = &mut server else {
+        unreachable!()
+    };
+    let crashed = sentinel.kill_master().unwrap();
+    assert_eq!(crashed, second);
+    let started = std::time::Instant::now();
+    // Meanwhile checks answer fail-closed, each within its deadline: nothing hangs.
+    let a = check_as(&rs[0], "x", &chat("gpt-4o", "during")).await;
+    assert!(started.elapsed() < Duration::from_secs(2), "{a:?}");
+    let third = sentinel.wait_for_new_master(crashed).unwrap();
+    assert_eq!(third, first);
+    // The limit is still spent on the promoted master: nothing more is allowed.
+    let (allowed, statuses) = search_until(&rs[0], 1, Duration::from_secs(20)).await;
+    assert_eq!((allowed, statuses.last()), (0, Some(&429)), "{statuses:?}");
+    // And the other namespaces are served again.
+    let a = check_as(&rs[1], "x", &chat("gpt-6", "after the crash")).await;
+    assert_eq!(a.status, 403, "{a:?}");
+    for h in rs {
+        h.stop().await;
+    }
 }

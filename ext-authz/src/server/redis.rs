@@ -12,9 +12,9 @@
 //! `docs/server.md#redis`): counters follow `limits.failureMode`, a cache lookup becomes a miss,
 //! the registry keeps serving its last good version, audit records are dropped and counted.
 //!
-//! Standalone Redis and Redis Cluster (`redis.cluster: true`) are both served by the same calls:
-//! [`Conn`] is either connection, and every multi-key call names keys of one hash slot (see
-//! [`Redis::tagged`]).
+//! Standalone Redis, Redis Sentinel (`redis.sentinel`, [`sentinel`]) and Redis Cluster
+//! (`redis.cluster: true`) are all served by the same calls: [`Conn`] is any of the three
+//! connections, and every multi-key call names keys of one hash slot (see [`Redis::tagged`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -26,6 +26,10 @@ use redis::cluster_async::ClusterConnection;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::Metrics;
+use sentinel::{SentinelBlocking, SentinelConfig, SentinelConn};
+
+pub mod local;
+pub mod sentinel;
 
 /// `redis:` in the configuration. Without a URL the server keeps everything in memory (one
 /// replica).
@@ -35,6 +39,8 @@ pub struct RedisConfig {
     /// `redis://[user:password@]host:port[/db]` (`rediss://` for TLS is not built in).
     /// `llm-policy serve --redis-url` sets it too. With `cluster`, any node of the cluster.
     pub url: Option<String>,
+    /// Find the master through Redis Sentinel instead of `url` (see [`SentinelConfig`]).
+    pub sentinel: Option<SentinelConfig>,
     /// `url` is a node of a Redis Cluster (`llm-policy serve --redis-cluster`): the server learns
     /// the cluster's layout from it and sends every call to the node serving its keys.
     pub cluster: bool,
@@ -63,6 +69,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: None,
+            sentinel: None,
             cluster: false,
             nodes: Vec::new(),
             key_prefix: String::from("llm-policy:"),
@@ -199,6 +206,8 @@ pub enum Conn {
     Single(ConnectionManager),
     /// A Redis Cluster (routes each call to the node serving its keys).
     Cluster(ClusterConnection),
+    /// The master Redis Sentinel names (asks again after a failover).
+    Sentinel(SentinelConn),
 }
 
 impl redis::aio::ConnectionLike for Conn {
@@ -209,6 +218,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_command(cmd),
             Conn::Cluster(c) => c.req_packed_command(cmd),
+            Conn::Sentinel(c) => c.req_packed_command(cmd),
         }
     }
 
@@ -221,6 +231,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.req_packed_commands(pipeline, offset, count),
             Conn::Cluster(c) => c.req_packed_commands(pipeline, offset, count),
+            Conn::Sentinel(c) => c.req_packed_commands(pipeline, offset, count),
         }
     }
 
@@ -228,6 +239,7 @@ impl redis::aio::ConnectionLike for Conn {
         match self {
             Conn::Single(c) => c.get_db(),
             Conn::Cluster(c) => c.get_db(),
+            Conn::Sentinel(c) => c.get_db(),
         }
     }
 }
@@ -240,6 +252,7 @@ enum Client {
         /// The configured nodes (pub/sub subscribes on the first that answers).
         nodes: Vec<redis::ConnectionInfo>,
     },
+    Sentinel(Arc<SentinelBlocking>),
 }
 
 /// See [`Redis::tagged`].
@@ -277,6 +290,23 @@ impl Redis {
     /// connects when it is back). Errors only on a malformed URL or configuration. Call it
     /// inside a tokio runtime (the connection lives on it).
     pub fn connect(config: &RedisConfig, metrics: Metrics) -> Result<Option<Redis>, String> {
+        let timeout = Duration::from_millis(config.timeout_ms.max(1));
+        let connect_timeout = Duration::from_millis(500);
+        if let Some(sentinel) = &config.sentinel {
+            if config.url.is_some() || config.cluster || !config.nodes.is_empty() {
+                return Err(String::from(
+                    "redis.sentinel finds the master itself: leave out redis.url, redis.cluster and redis.nodes",
+                ));
+            }
+            let (conn, blocking) =
+                SentinelConn::new(sentinel, connect_timeout, timeout.saturating_mul(4))?;
+            return Ok(Some(Redis::with(
+                config,
+                Conn::Sentinel(conn),
+                Client::Sentinel(Arc::new(blocking)),
+                metrics,
+            )));
+        }
         let Some(url) = &config.url else {
             if config.cluster || !config.nodes.is_empty() {
                 return Err(String::from(
@@ -290,8 +320,6 @@ impl Redis {
                 "redis.nodes names nodes of a Redis Cluster: set redis.cluster: true too",
             ));
         }
-        let timeout = Duration::from_millis(config.timeout_ms.max(1));
-        let connect_timeout = Duration::from_millis(500);
         if config.cluster {
             // Keys used together must share a slot whatever the prefix holds.
             let one = tagged_key(&config.key_prefix, true, "c0", "a");
@@ -341,19 +369,23 @@ impl Redis {
                 .map_err(|e| format!("redis.url {url:?}: {e}"))?;
             (Conn::Single(conn), Client::Single(client))
         };
-        Ok(Some(Redis {
+        Ok(Some(Redis::with(config, conn, client, metrics)))
+    }
+
+    fn with(config: &RedisConfig, conn: Conn, client: Client, metrics: Metrics) -> Redis {
+        Redis {
             inner: Arc::new(Inner {
                 conn,
                 client,
                 prefix: config.key_prefix.clone(),
-                timeout,
+                timeout: Duration::from_millis(config.timeout_ms.max(1)),
                 backoff: Duration::from_millis(config.backoff_ms),
                 down_until_ms: AtomicU64::new(0),
                 failures: std::sync::atomic::AtomicU32::new(0),
                 epoch: Instant::now(),
                 metrics,
             }),
-        }))
+        }
     }
 
     /// `prefix` + `name`: every key and channel is named through this (or [`Redis::tagged`]).
@@ -389,6 +421,7 @@ impl Redis {
                 conn.set_write_timeout(Some(timeout))?;
                 Ok(Box::new(conn))
             }
+            Client::Sentinel(sentinel) => Ok(Box::new(sentinel.connection(timeout)?)),
         }
     }
 
@@ -397,6 +430,7 @@ impl Redis {
     pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         match &self.inner.client {
             Client::Single(client) => client.get_async_pubsub().await,
+            Client::Sentinel(sentinel) => Arc::clone(sentinel).pubsub().await,
             Client::Cluster { nodes, .. } => {
                 let mut last = None;
                 for node in nodes {
@@ -633,242 +667,6 @@ impl LuaCall<'_> {
 /// Whether the node answered that it does not know the script's digest.
 fn unknown_script(e: &redis::RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript)
-}
-
-/// A throw-away `redis-server` on a free loopback port, for tests, benchmarks and demos (nothing
-/// persisted; stopped when dropped). The binary is `$REDIS_SERVER` or `redis-server` on the
-/// `PATH`.
-pub mod local {
-    use std::process::{Child, Command, Stdio};
-    use std::time::{Duration, Instant};
-
-    /// A running redis-server.
-    pub struct LocalRedis {
-        child: Option<Child>,
-        port: u16,
-    }
-
-    impl LocalRedis {
-        /// Starts one on a free port and waits (at most 10 s) until it answers.
-        pub fn start() -> std::io::Result<LocalRedis> {
-            let mut r = LocalRedis {
-                child: None,
-                port: free_port()?,
-            };
-            r.restart()?;
-            Ok(r)
-        }
-
-        /// Its port.
-        pub fn port(&self) -> u16 {
-            self.port
-        }
-
-        /// Its URL.
-        pub fn url(&self) -> String {
-            format!("redis://127.0.0.1:{}", self.port)
-        }
-
-        /// Kills it, as a crash would.
-        pub fn kill(&mut self) {
-            if let Some(mut c) = self.child.take() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-
-        /// Starts it again on the same port, empty.
-        pub fn restart(&mut self) -> std::io::Result<()> {
-            self.kill();
-            let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-            let child = Command::new(&bin)
-                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| {
-                    std::io::Error::new(
-                        e.kind(),
-                        format!(
-                            "cannot start {bin} (install redis-server or set REDIS_SERVER): {e}"
-                        ),
-                    )
-                })?;
-            self.child = Some(child);
-            connect(self.port).map(drop)
-        }
-    }
-
-    impl Drop for LocalRedis {
-        fn drop(&mut self) {
-            self.kill();
-        }
-    }
-
-    /// The slot ranges of a [`LocalCluster`]'s three nodes.
-    const SLOTS: [(u64, u64); 3] = [(0, 5460), (5461, 10922), (10923, 16383)];
-
-    /// A free loopback port.
-    fn free_port() -> std::io::Result<u16> {
-        Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port())
-    }
-
-    /// A throw-away Redis Cluster of three primaries (no replicas) on free loopback ports, its
-    /// 16,384 slots split in three; stopped and its directory removed when dropped.
-    pub struct LocalCluster {
-        children: Vec<Child>,
-        ports: Vec<u16>,
-        /// Each node's cluster bus port.
-        buses: Vec<u16>,
-        dir: std::path::PathBuf,
-    }
-
-    impl LocalCluster {
-        /// Starts the three nodes, joins them and waits (at most 20 s) until every node
-        /// serves all slots.
-        pub fn start() -> std::io::Result<LocalCluster> {
-            let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
-            let dir = std::env::temp_dir().join(format!(
-                "llm-policy-cluster-{}-{}",
-                std::process::id(),
-                free_port()?
-            ));
-            std::fs::create_dir_all(&dir)?;
-            let mut cluster = LocalCluster {
-                children: Vec::new(),
-                ports: Vec::new(),
-                buses: Vec::new(),
-                dir,
-            };
-            for _ in 0..3 {
-                let (port, bus) = (free_port()?, free_port()?);
-                let child = Command::new(&bin)
-                    .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                    .args(["--save", "", "--appendonly", "no"])
-                    .args([
-                        "--cluster-enabled",
-                        "yes",
-                        "--cluster-port",
-                        &bus.to_string(),
-                    ])
-                    .args(["--cluster-node-timeout", "5000"])
-                    .arg("--cluster-config-file")
-                    .arg(cluster.dir.join(format!("nodes-{port}.conf")))
-                    .arg("--dir")
-                    .arg(&cluster.dir)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .spawn()
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot start {bin}: {e}"))
-                    })?;
-                cluster.children.push(child);
-                cluster.ports.push(port);
-                cluster.buses.push(bus);
-            }
-            let mut conns = Vec::new();
-            for port in &cluster.ports {
-                conns.push(connect(*port)?);
-            }
-            let (first, first_bus) = (cluster.ports[0], cluster.buses[0]);
-            for (i, conn) in conns.iter_mut().enumerate() {
-                let (from, to) = SLOTS[i];
-                redis::cmd("CLUSTER")
-                    .arg("ADDSLOTSRANGE")
-                    .arg(from)
-                    .arg(to)
-                    .query::<()>(conn)
-                    .map_err(std::io::Error::other)?;
-                if i > 0 {
-                    redis::cmd("CLUSTER")
-                        .arg("MEET")
-                        .arg("127.0.0.1")
-                        .arg(first)
-                        .arg(first_bus)
-                        .query::<()>(conn)
-                        .map_err(std::io::Error::other)?;
-                }
-            }
-            let started = Instant::now();
-            while started.elapsed() < Duration::from_secs(20) {
-                let ready = conns.iter_mut().all(|c| {
-                    let info: String = redis::cmd("CLUSTER")
-                        .arg("INFO")
-                        .query(c)
-                        .unwrap_or_default();
-                    info.contains("cluster_state:ok")
-                        && info.contains("cluster_known_nodes:3")
-                        && info.contains("cluster_slots_assigned:16384")
-                });
-                if ready {
-                    return Ok(cluster);
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            Err(std::io::Error::other(
-                "the Redis Cluster did not form within 20 s",
-            ))
-        }
-
-        /// Kills node `i` (0..3), as a crash would.
-        pub fn kill(&mut self, i: usize) {
-            if let Some(c) = self.children.get_mut(i) {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-
-        /// The node (0..3) serving `key`'s hash slot.
-        pub fn node_of(&self, key: &str) -> std::io::Result<usize> {
-            let mut conn = connect(self.ports[0])?;
-            let slot: u64 = redis::cmd("CLUSTER")
-                .arg("KEYSLOT")
-                .arg(key)
-                .query(&mut conn)
-                .map_err(std::io::Error::other)?;
-            Ok(SLOTS.iter().position(|(_, to)| slot <= *to).unwrap_or(2))
-        }
-
-        /// Its nodes' URLs.
-        pub fn urls(&self) -> Vec<String> {
-            self.ports
-                .iter()
-                .map(|p| format!("redis://127.0.0.1:{p}"))
-                .collect()
-        }
-    }
-
-    /// A connection to the redis-server on `port`, once it answers (at most 30 s: a cluster's
-    /// nodes start together on a busy 2-core CI machine).
-    fn connect(port: u16) -> std::io::Result<redis::Connection> {
-        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))
-            .map_err(std::io::Error::other)?;
-        let started = Instant::now();
-        while started.elapsed() < Duration::from_secs(30) {
-            if let Ok(mut c) = client.get_connection_with_timeout(Duration::from_millis(200)) {
-                if redis::cmd("PING").query::<String>(&mut c).is_ok() {
-                    return Ok(c);
-                }
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Err(std::io::Error::other(format!(
-            "redis-server on port {port} did not answer within 30 s"
-        )))
-    }
-
-    impl Drop for LocalCluster {
-        fn drop(&mut self) {
-            for c in &mut self.children {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
 }
 
 #[cfg(test)]

@@ -248,13 +248,18 @@ pub async fn check(
 /// A real `redis-server` on a free loopback port, or a real three-node Redis Cluster (stopped
 /// when dropped).
 pub mod redis_server {
-    pub use llm_policy_server::server::redis::local::{LocalCluster, LocalRedis};
+    pub use llm_policy_server::server::redis::local::{
+        LocalCluster, LocalRedis, LocalSentinel, SENTINEL_MASTER,
+    };
+    use llm_policy_server::server::redis::sentinel::SentinelConfig;
     use llm_policy_server::server::redis::RedisConfig;
 
-    /// A started redis-server or cluster (the test fails when none can start).
+    /// A started redis-server, cluster or Sentinel deployment (the test fails when none can
+    /// start).
     pub enum RedisServer {
         Single(LocalRedis),
         Cluster(LocalCluster),
+        Sentinel(LocalSentinel),
     }
 
     impl RedisServer {
@@ -264,24 +269,42 @@ pub mod redis_server {
         pub fn cluster() -> RedisServer {
             RedisServer::Cluster(LocalCluster::start().unwrap())
         }
-        /// Its URL (a cluster's first node).
+        pub fn sentinel() -> RedisServer {
+            RedisServer::Sentinel(LocalSentinel::start().unwrap())
+        }
+        /// Its URL (a cluster's first node, a Sentinel deployment's current master).
         pub fn url(&self) -> String {
             match self {
                 RedisServer::Single(r) => r.url(),
                 RedisServer::Cluster(c) => c.urls()[0].clone(),
+                RedisServer::Sentinel(s) => {
+                    format!("redis://127.0.0.1:{}", s.master_port().unwrap())
+                }
             }
         }
         pub fn is_cluster(&self) -> bool {
             matches!(self, RedisServer::Cluster(_))
         }
-        /// `redis:` for the server: its URL, and `cluster` when it is one.
+        /// `redis:` for the server: its URL and `cluster` when it is one, its sentinels when
+        /// it is a Sentinel deployment.
         pub fn apply(&self, config: &mut RedisConfig) {
+            if let RedisServer::Sentinel(s) = self {
+                config.sentinel = Some(SentinelConfig {
+                    master_name: SENTINEL_MASTER.to_string(),
+                    nodes: s.sentinel_urls(),
+                    db: 0,
+                    username: None,
+                    password_file: None,
+                });
+                return;
+            }
             config.url = Some(self.url());
             config.cluster = self.is_cluster();
         }
         /// A connection for the test's own commands (routed by key on a cluster).
         pub fn conn(&self) -> Box<dyn redis::ConnectionLike> {
             match self {
+                RedisServer::Sentinel(s) => Box::new(s.master().unwrap()),
                 RedisServer::Single(r) => Box::new(
                     redis::Client::open(r.url())
                         .unwrap()
@@ -299,7 +322,7 @@ pub mod redis_server {
         fn single(&mut self) -> &mut LocalRedis {
             match self {
                 RedisServer::Single(r) => r,
-                RedisServer::Cluster(_) => panic!("a standalone redis-server only"),
+                _ => panic!("a standalone redis-server only"),
             }
         }
         pub fn kill(&mut self) {
