@@ -170,13 +170,30 @@ def send(c, stream=False, **kw):
         return e.status_code, e
 
 
+GEN_AI = 'gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o-mini"'
+
+
+def gen_ai(server):
+    """The server's OpenTelemetry GenAI metrics of gpt-4o-mini chats: the token usage sum and
+    count by token type, and the request duration's count and sum."""
+    return {
+        "input": server.metric(f'gen_ai_client_token_usage_sum{{{GEN_AI},gen_ai_token_type="input"}}'),
+        "output": server.metric(f'gen_ai_client_token_usage_sum{{{GEN_AI},gen_ai_token_type="output"}}'),
+        "answers": server.metric(f'gen_ai_client_token_usage_count{{{GEN_AI},gen_ai_token_type="output"}}'),
+        "timed": server.metric(f"gen_ai_server_request_duration_count{{{GEN_AI}}}"),
+        "seconds": server.metric(f"gen_ai_server_request_duration_sum{{{GEN_AI}}}"),
+    }
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_token_budget_admits_what_the_usage_allows_and_not_one_more(spend, mode):
     """1,000 tokens a day; each answer reports 330 (230 prompt + 100 output) against a reservation
     of a few prompt tokens + max_tokens 100. Three answers spend 990; the fourth would reserve at
-    least 100 more: throttled, and so is every one after it."""
+    least 100 more: throttled, and so is every one after it. The OpenTelemetry GenAI metrics
+    count the three answers' tokens by type, and time them."""
     user = f"tok-{uuid.uuid4().hex[:8]}"
     c = client(spend.envoys[mode], user, **{"x-mock-prompt-tokens": "230", "x-mock-completion-tokens": "100"})
+    before = gen_ai(spend.server)
     statuses, spent = [], 0.0
     for _ in range(8):
         status, _ = send(c, max_tokens=100)
@@ -185,6 +202,11 @@ def test_a_token_budget_admits_what_the_usage_allows_and_not_one_more(spend, mod
             spent = settled(spend.server, "user-tokens", user, spent)["spent"]
     assert statuses == [200, 200, 200] + [429] * 5, statuses
     assert spent == 990
+    after = gen_ai(spend.server)
+    delta = {k: after[k] - before[k] for k in after}
+    assert (delta["input"], delta["output"], delta["answers"], delta["timed"]) == (690, 300, 3, 3), delta
+    # From the check's answer to the answer's end: a loopback round trip, not 0, never minutes.
+    assert 0 < delta["seconds"] < 3 * 5, delta
 
 
 @pytest.mark.parametrize("mode", MODES)

@@ -10,7 +10,7 @@ PromQL parser, pinned in integration/requirements.txt). No Prometheus or Grafana
 
 What the code exports, read from the sources (never listed here by hand):
 
-  server   ext-authz/src/server/metrics.rs: every `"llm_policy_..."` name registered in
+  server   ext-authz/src/server/metrics.rs: every `"llm_policy_..."` (and `gen_ai_...`) name registered in
            `Metrics::new`, its type (counter, gauge, histogram: `_bucket` with `le`, `_sum`,
            `_count`) and its labels (the `&["..."]` next to the name).
   filter   filter/src/host.rs: every `Metric::X => "llm_policy.a.b"` stat and which are
@@ -116,9 +116,13 @@ def server_metrics(text):
     if start < 0:
         raise ValueError("metrics.rs: no `fn new(` (Metrics::new) found")
     body = text[start:]
+    # Not the tests.
+    body = body[:body.find("#[cfg(test)]")] if "#[cfg(test)]" in body else body
     found = {}
-    for m in re.finditer(r'"(llm_policy_[a-z0-9_]+)"', body):
-        name = m.group(1)
+    # The engine's own names, and the OpenTelemetry GenAI ones (a name opens its call: the
+    # GenAI label names start with `gen_ai_` too).
+    for m in re.finditer(r'"(llm_policy_[a-z0-9_]+)"|\(\s*"(gen_ai_[a-z0-9_]+)"', body):
+        name = m.group(1) or m.group(2)
         # The statement: from the `let` before the name to the first `?;` after it.
         let = body.rfind("let ", 0, m.start())
         end = body.find("?;", m.end())
@@ -150,7 +154,7 @@ def server_doc_labels(text):
     """The `name{a,b}` the struct's doc comments give (to catch docs and code drifting apart)."""
     head = text[:text.find("fn new(")] if "fn new(" in text else text
     return {m.group(1): [x.strip() for x in m.group(2).split(",")]
-            for m in re.finditer(r"`(llm_policy_[a-z0-9_]+)\{([^}]*)\}`", head)}
+            for m in re.finditer(r"`((?:llm_policy|gen_ai)_[a-z0-9_]+)\{([^}]*)\}`", head)}
 
 
 def filter_metrics(text):

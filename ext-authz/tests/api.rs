@@ -224,9 +224,7 @@ async fn registry_reads_writes_and_bundle_watch() {
     let report = || pb::RecordUsageRequest {
         request_id: "unknown".into(),
         tokens: Some(5.0),
-        cost_usd: None,
-        cut: None,
-        alert: None,
+        ..pb::RecordUsageRequest::default()
     };
     let refused = c.record_usage(report()).await.unwrap_err();
     assert_eq!(refused.code(), tonic::Code::Unauthenticated);

@@ -96,5 +96,6 @@ pub fn report_cut(host: &mut dyn Host, cut: &Cut, kept: &Kept) -> UsageReport {
             principal: ctx.principal_present().collect(),
         }),
         alert: None,
+        gen_ai: None,
     }
 }

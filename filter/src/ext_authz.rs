@@ -477,6 +477,8 @@ mod tests {
                         model: Some("gpt-4o".into()),
                         prompt: 12,
                         output: 100,
+                        gen_ai: None,
+                        checked_at_ms: 0,
                     }),
                     max_tokens: Some(64),
                     include_usage: true,

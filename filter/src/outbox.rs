@@ -8,6 +8,7 @@ use std::collections::VecDeque;
 
 use crate::config::ServerConfig;
 use crate::host::{Host, Level, Metric};
+use llm_policy_core::gen_ai::GenAiUsage;
 
 /// Reports waiting at most.
 pub const MAX_QUEUED: usize = 10_000;
@@ -52,6 +53,8 @@ pub struct UsageReport {
     /// A rule raised an alert in a decision the filter made alone (the handle is then empty: a
     /// report of the alert only).
     pub alert: Option<RaisedAlert>,
+    /// What the GenAI metrics record of the answer.
+    pub gen_ai: Option<GenAiUsage>,
 }
 
 /// The VM's queue of reports.
@@ -105,12 +108,20 @@ impl Outbox {
             Err(_) => return,
         };
         for r in batch {
+            let g = r.gen_ai.unwrap_or_default();
+            let named = !g.operation.is_empty();
             let message = RecordUsageRequest {
                 request_id: r.handle,
                 tokens: r.tokens,
                 cost_usd: r.usd,
                 cut: r.cut,
                 alert: r.alert,
+                gen_ai_operation: named.then_some(g.operation),
+                gen_ai_provider: named.then_some(g.provider),
+                model: g.model,
+                input_tokens: g.input,
+                output_tokens: g.output,
+                duration_seconds: g.duration_secs,
             }
             .encode_to_vec();
             let bearer = server.usage_token.as_ref().map(|t| format!("Bearer {t}"));
@@ -153,6 +164,7 @@ mod tests {
                 usd: None,
                 cut: None,
                 alert: None,
+                gen_ai: None,
             });
             assert_eq!(queued, i < MAX_QUEUED);
         }

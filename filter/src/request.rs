@@ -9,6 +9,7 @@ use std::rc::Rc;
 
 use llm_policy_core::context::{Api, Provider};
 use llm_policy_core::decision::{CounterKind, Verdict};
+use llm_policy_core::gen_ai::GenAiUsage;
 use llm_policy_core::identity::IdentityMode;
 use llm_policy_core::model::Scope;
 use llm_policy_core::model_table::{charge_for, ModelTable};
@@ -134,6 +135,9 @@ pub struct RequestFlow {
     allowed: bool,
     /// The server's reservation handle for token and cost budgets.
     handle: Option<String>,
+    /// When the server's answer with the handle came (the GenAI request duration runs from
+    /// it; the clock is read for those requests only).
+    checked_at: Option<std::time::Duration>,
     /// Reading the response's usage (for a request that reserved tokens).
     usage: Option<UsageReader>,
     /// What the request reserved and how its usage is priced (requests some rule counts
@@ -209,6 +213,7 @@ impl RequestFlow {
             held: Vec::new(),
             allowed: false,
             handle: None,
+            checked_at: None,
             usage: None,
             spend: None,
             stripper: None,
@@ -353,7 +358,7 @@ impl RequestFlow {
         }
         if refused(status) {
             // The provider refused the request: nothing was spent.
-            self.settle_with(host, (Some(0.0), Some(0.0)));
+            self.settle_with(host, (Some(0.0), Some(0.0)), None);
             return Flow::Continue;
         }
         let ct = host.response_header("content-type").unwrap_or_default();
@@ -505,7 +510,7 @@ impl RequestFlow {
             self.settle(host);
         } else if self.allowed && self.handle.is_some() {
             host.metric(Metric::UsageUnknown, 1);
-            self.settle_with(host, (None, None));
+            self.settle_with(host, (None, None), None);
         }
     }
 
@@ -522,14 +527,24 @@ impl RequestFlow {
             Some(spend) => spend.charge(&reading),
             None => (reading.usage.map(|u| u.tokens()), None),
         };
-        self.settle_with(host, charged);
+        let duration = self
+            .checked_at
+            .map(|at| host.now().saturating_sub(at).as_secs_f64());
+        let model = self.spend.as_ref().and_then(|s| s.model.as_deref());
+        let gen_ai = GenAiUsage::of(self.provider, self.api, model, &reading, duration);
+        self.settle_with(host, charged, gen_ai);
     }
 
     /// Reconciles the reservations with what was spent: local token counters get the
     /// difference, the server a usage report. Unknown usage (`None`) keeps the local estimates
     /// and asks the server to count its estimate as spent, so an answer without usage — a cut
     /// connection, a provider that does not say — cannot dodge a budget.
-    fn settle_with(&mut self, host: &mut dyn Host, (tokens, usd): (Option<f64>, Option<f64>)) {
+    fn settle_with(
+        &mut self,
+        host: &mut dyn Host,
+        (tokens, usd): (Option<f64>, Option<f64>),
+        gen_ai: Option<GenAiUsage>,
+    ) {
         self.usage = None;
         if let Some(t) = tokens {
             for r in self.held.iter().filter(|r| r.is_tokens()) {
@@ -543,6 +558,7 @@ impl RequestFlow {
                 usd,
                 cut: None,
                 alert: None,
+                gen_ai,
             }) {
                 host.metric(Metric::UsageReportFailures, 1);
             }
@@ -699,6 +715,7 @@ impl RequestFlow {
             }) => {
                 // The handle is for the usage report, never for the provider.
                 self.handle = grant.reservation.map(|r| r.handle);
+                self.checked_at = self.handle.as_ref().map(|_| host.now());
                 if let (Some(r), Some((method, path, data))) = (&grant.redact, self.head.take()) {
                     if let Err(left) = self.redact(host, (&method, &path, &data), r) {
                         let outcome = Outcome::Reply(left.reply(provider), Ending::Denied);
@@ -764,6 +781,7 @@ impl RequestFlow {
                     // The reservation handle is for the usage report, not for the provider.
                     if name == RESERVATION_HEADER {
                         self.handle = Some(value);
+                        self.checked_at = Some(host.now());
                         continue;
                     }
                     // For Envoy's ext_proc filter of an ext_authz deployment: the filter lowers
@@ -987,6 +1005,7 @@ impl RequestFlow {
                 principal: ctx.principal_present().collect(),
                 bundle: d.metadata.bundle.clone(),
             }),
+            gen_ai: None,
         };
         if !self.outbox.push(report) {
             host.metric(Metric::UsageReportFailures, 1);

@@ -59,6 +59,7 @@ mod extract;
 #[cfg(all(test, feature = "cel"))]
 mod field_table_tests;
 pub mod fold;
+pub mod gen_ai;
 pub mod identity;
 mod index;
 pub mod model;

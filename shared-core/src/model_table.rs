@@ -192,6 +192,25 @@ impl ModelTable {
             .map_or(&self.fallback, |(_, m)| m)
     }
 
+    /// The name of `model`'s entry (a prefix entry without its `*`), else `other`: a metric label
+    /// with no more values than the table has entries, whatever clients name.
+    pub fn label(&self, model: Option<&str>) -> &str {
+        let Some(model) = model else {
+            return "other";
+        };
+        if let Some((name, _)) = self.models.get_key_value(model) {
+            return name;
+        }
+        self.models
+            .keys()
+            .filter_map(|name| {
+                let stem = name.strip_suffix('*')?;
+                model.starts_with(stem).then_some(stem)
+            })
+            .max_by_key(|stem| stem.len())
+            .unwrap_or("other")
+    }
+
     /// The output tokens a request reserves: its `max_tokens` when it sets one (at least 0),
     /// else the model's largest output (capped by `defaultOutputTokens`).
     pub fn output_reservation(&self, model: Option<&str>, max_tokens: Option<i64>) -> u64 {
@@ -288,6 +307,9 @@ mod tests {
         assert_eq!(t.lookup(Some("gpt-4o-mini-2024-07-18")).input, 0.15);
         assert_eq!(t.lookup(Some("gpt-4o-2024-08-06")).input, 2.5);
         assert_eq!(t.lookup(Some("claude-sonnet-4-5-20250929")).output, 15.0);
+        assert_eq!(t.label(Some("gpt-4o-mini-2024-07-18")), "gpt-4o-mini");
+        assert_eq!(t.label(Some("a-model-nobody-priced")), "other");
+        assert_eq!(t.label(None), "other");
         // Unknown models are priced high.
         assert_eq!(t.lookup(Some("mystery")).input, 15.0);
         assert_eq!(t.lookup(None).input, 15.0);

@@ -63,6 +63,12 @@ pub struct Reservation {
     pub prompt: u64,
     /// The output reserved (`max_tokens`, else the model's default cap).
     pub output: u64,
+    /// `gen_ai.operation.name` and `gen_ai.provider.name` of the request
+    /// ([`crate::gen_ai`]), when the conventions name them.
+    pub gen_ai: Option<(String, String)>,
+    /// When the check answered, in milliseconds since the Unix epoch (the GenAI request
+    /// duration is measured from it); 0: unknown.
+    pub checked_at_ms: u64,
 }
 
 impl Reservation {
@@ -74,6 +80,12 @@ impl Reservation {
     pub const PROMPT: &'static str = "llm_policy_prompt_tokens";
     /// Metadata key of the output reserved.
     pub const OUTPUT: &'static str = "llm_policy_output_tokens";
+    /// Metadata key of the GenAI operation name.
+    pub const OPERATION: &'static str = "llm_policy_gen_ai_operation";
+    /// Metadata key of the GenAI provider name.
+    pub const PROVIDER: &'static str = "llm_policy_gen_ai_provider";
+    /// Metadata key of the check's time.
+    pub const CHECKED_AT: &'static str = "llm_policy_checked_at_ms";
 
     /// The metadata fields: (key, text or number).
     pub fn fields(&self) -> Vec<(&'static str, MetadataValue)> {
@@ -84,6 +96,16 @@ impl Reservation {
         ];
         if let Some(m) = &self.model {
             out.push((Self::MODEL, MetadataValue::Text(m.clone())));
+        }
+        if let Some((operation, provider)) = &self.gen_ai {
+            out.push((Self::OPERATION, MetadataValue::Text(operation.clone())));
+            out.push((Self::PROVIDER, MetadataValue::Text(provider.clone())));
+        }
+        if self.checked_at_ms > 0 {
+            out.push((
+                Self::CHECKED_AT,
+                MetadataValue::Number(self.checked_at_ms as f64),
+            ));
         }
         out
     }
@@ -98,14 +120,17 @@ impl Reservation {
             Some(MetadataValue::Number(n)) if n.is_finite() && n >= 0.0 => n as u64,
             _ => 0,
         };
+        let text = |k: &str| match get(k) {
+            Some(MetadataValue::Text(t)) => Some(t),
+            _ => None,
+        };
         Some(Reservation {
             handle,
-            model: match get(Self::MODEL) {
-                Some(MetadataValue::Text(m)) => Some(m),
-                _ => None,
-            },
+            model: text(Self::MODEL),
             prompt: number(Self::PROMPT),
             output: number(Self::OUTPUT),
+            gen_ai: text(Self::OPERATION).zip(text(Self::PROVIDER)),
+            checked_at_ms: number(Self::CHECKED_AT),
         })
     }
 }

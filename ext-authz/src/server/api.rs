@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use llm_policy_core::decision::{Actions, Charge, Decision, DecisionMetadata, RuleTrace};
+use llm_policy_core::gen_ai::GenAiUsage;
 use llm_policy_core::wire;
 use llm_policy_core::Diagnostics;
 use tokio_stream::Stream;
@@ -535,6 +536,18 @@ impl PolicyService for PolicyApi {
                 Usage {
                     tokens: r.tokens,
                     usd: r.cost_usd,
+                    gen_ai: r
+                        .gen_ai_operation
+                        .clone()
+                        .zip(r.gen_ai_provider.clone())
+                        .map(|(operation, provider)| GenAiUsage {
+                            operation,
+                            provider,
+                            model: r.model.clone(),
+                            input: r.input_tokens,
+                            output: r.output_tokens,
+                            duration_secs: r.duration_seconds,
+                        }),
                 },
             )
             .await

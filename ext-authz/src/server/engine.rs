@@ -15,6 +15,7 @@ use tracing::Instrument as _;
 use llm_policy_core::decision::{
     Charge, ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
+use llm_policy_core::gen_ai::{self, GenAiUsage};
 use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
@@ -151,12 +152,14 @@ const INLINE_BODY_BYTES: usize = 64 * 1024;
 const MAX_REQUEST_ID: usize = 128;
 
 /// Usage reported for an allowed request (`POST /v1/usage`, `RecordUsage`).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct Usage {
     /// Tokens used (prompt + completion).
     pub tokens: Option<f64>,
     /// Cost in US dollars.
     pub usd: Option<f64>,
+    /// What the GenAI metrics record of the answer.
+    pub gen_ai: Option<GenAiUsage>,
 }
 
 /// The check engine, shared by every protocol edge.
@@ -186,6 +189,14 @@ pub struct Engine {
 
 /// Canary decisions in flight at most ([`Engine::decide_again`]).
 const CANARY_IN_FLIGHT: usize = 16;
+
+/// Milliseconds since the Unix epoch.
+fn unix_now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
 
 fn unix_now() -> u64 {
     SystemTime::now()
@@ -1134,6 +1145,10 @@ impl Engine {
                         model: r.model.clone(),
                         prompt: r.prompt_tokens(),
                         output: r.output_reservation(&models, lowered),
+                        gen_ai: gen_ai::provider_name(r.provider)
+                            .zip(gen_ai::operation_name(r.api))
+                            .map(|(p, o)| (o.to_string(), p.to_string())),
+                        checked_at_ms: unix_now_ms(),
                     });
                     checked.include_usage = counting.ask_usage;
                 }
@@ -1356,6 +1371,9 @@ impl Engine {
         }
         if let Some(t) = usage.tokens.filter(|t| t.is_finite() && *t > 0.0) {
             self.metrics.spend_tokens.inc_by(t);
+        }
+        if let Some(g) = &usage.gen_ai {
+            self.metrics.gen_ai(&self.models(), g);
         }
         Ok(true)
     }

@@ -52,6 +52,7 @@ use tonic::{Request, Response, Status, Streaming};
 use llm_policy_core::answer::{AnswerGuard, Pass};
 use llm_policy_core::context::{Api, ContextConfig, Provider, RequestInput};
 use llm_policy_core::detect::Entities;
+use llm_policy_core::gen_ai::GenAiUsage;
 use llm_policy_core::model_table::charge_for;
 use llm_policy_core::redact::{self, Placeholders, Restorer};
 use llm_policy_core::reply;
@@ -164,19 +165,41 @@ impl Answer {
             (Some(s), _) if (400..500).contains(&s) && s != 408 => Usage {
                 tokens: Some(0.0),
                 usd: Some(0.0),
+                gen_ai: None,
             },
             (Some(s), Some(reader)) if s < 400 => {
                 let reading: Reading = reader.finish();
                 let models = engine.models();
                 let (tokens, usd) =
                     charge_for(&models, r.model.as_deref(), r.prompt, r.output, &reading);
-                Usage { tokens, usd }
+                Usage {
+                    tokens,
+                    usd,
+                    gen_ai: gen_ai_of(&r, &reading),
+                }
             }
             // No answer at all: the reservation stands.
             _ => Usage::default(),
         };
         Some((r.handle, usage))
     }
+}
+
+/// What the GenAI metrics record of an answer read here: its duration from the check.
+fn gen_ai_of(r: &wire::Reservation, reading: &Reading) -> Option<GenAiUsage> {
+    let (operation, provider) = r.gen_ai.clone()?;
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64() * 1000.0)
+        .unwrap_or(0.0);
+    let duration = (r.checked_at_ms > 0).then(|| (now_ms - r.checked_at_ms as f64) / 1000.0);
+    Some(GenAiUsage::named(
+        operation,
+        provider,
+        r.model.as_deref(),
+        reading,
+        duration,
+    ))
 }
 
 /// Whether a message is of the answer (not the request).

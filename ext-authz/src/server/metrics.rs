@@ -1,5 +1,9 @@
-//! Prometheus metrics, every name prefixed `llm_policy_`, served on their own port.
+//! Prometheus metrics, served on their own port: the engine's own, every name prefixed
+//! `llm_policy_`, and the two of the OpenTelemetry GenAI conventions it can measure
+//! (`gen_ai_client_token_usage`, `gen_ai_server_request_duration`; [`GenAiUsage`]).
 
+use llm_policy_core::gen_ai::GenAiUsage;
+use llm_policy_core::model_table::ModelTable;
 use prometheus::{
     exponential_buckets, Counter, Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter,
     IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder,
@@ -69,6 +73,13 @@ pub struct Metrics {
     /// `llm_policy_alert_deliveries_total{sink,result}`: alerts sent to webhooks and
     /// Alertmanagers (`delivered`, `failed` after every retry, `dropped`: the queue was full).
     pub alert_deliveries: IntCounterVec,
+    /// Tokens of each answer whose usage the provider reported, by type (`input`, `output`), as
+    /// the GenAI conventions (and Envoy AI Gateway) name it:
+    /// `gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,gen_ai_request_model,gen_ai_token_type}`.
+    pub gen_ai_tokens: HistogramVec,
+    /// Seconds from the check's answer to the answer's end:
+    /// `gen_ai_server_request_duration{gen_ai_operation_name,gen_ai_provider_name,gen_ai_request_model}`.
+    pub gen_ai_duration: HistogramVec,
 }
 
 impl Metrics {
@@ -252,7 +263,37 @@ impl Metrics {
                 cache.with_label_values(&[level, result]);
             }
         }
+        // The conventions' bucket boundaries.
+        let gen_ai_tokens = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_client_token_usage",
+                "Tokens of each answer whose usage the provider reported, by type (OpenTelemetry GenAI gen_ai.client.token.usage).",
+            )
+            .buckets(exponential_buckets(1.0, 4.0, 14)?),
+            &[
+                "gen_ai_operation_name",
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+                "gen_ai_token_type",
+            ],
+        )?;
+        registry.register(Box::new(gen_ai_tokens.clone()))?;
+        let gen_ai_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "gen_ai_server_request_duration",
+                "Seconds from the request to its answer's end (OpenTelemetry GenAI gen_ai.server.request.duration).",
+            )
+            .buckets(exponential_buckets(0.01, 2.0, 14)?),
+            &[
+                "gen_ai_operation_name",
+                "gen_ai_provider_name",
+                "gen_ai_request_model",
+            ],
+        )?;
+        registry.register(Box::new(gen_ai_duration.clone()))?;
         Ok(Metrics {
+            gen_ai_tokens,
+            gen_ai_duration,
             alert_deliveries,
             fleet_proxies,
             canary_evaluations,
@@ -291,10 +332,76 @@ impl Metrics {
             .set(1);
     }
 
+    /// Records one answer in the GenAI metrics. Label values are bounded: operations and
+    /// providers the conventions name (anything else is not recorded), and the model as the
+    /// table names it (`other` for any model it does not).
+    pub fn gen_ai(&self, models: &ModelTable, usage: &GenAiUsage) {
+        let known_operation = matches!(
+            usage.operation.as_str(),
+            "chat" | "text_completion" | "embeddings"
+        );
+        let known_provider = matches!(usage.provider.as_str(), "openai" | "anthropic");
+        if !known_operation || !known_provider {
+            return;
+        }
+        let model = models.label(usage.model.as_deref());
+        let labels = [usage.operation.as_str(), usage.provider.as_str(), model];
+        for (kind, tokens) in [("input", usage.input), ("output", usage.output)] {
+            if let Some(t) = tokens.filter(|t| t.is_finite() && *t >= 0.0) {
+                self.gen_ai_tokens
+                    .with_label_values(&[labels[0], labels[1], labels[2], kind])
+                    .observe(t);
+            }
+        }
+        if let Some(d) = usage.duration_secs.filter(|d| d.is_finite() && *d >= 0.0) {
+            self.gen_ai_duration.with_label_values(&labels).observe(d);
+        }
+    }
+
     /// The text exposition.
     pub fn render(&self) -> String {
         let mut out = Vec::new();
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
         String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a failed expectation is a failed test"
+    )]
+
+    use super::*;
+
+    #[test]
+    fn gen_ai_label_values_are_bounded_whatever_a_report_says() {
+        let m = Metrics::new().unwrap();
+        let models = ModelTable::default();
+        let usage = |operation: &str, provider: &str, model: &str| GenAiUsage {
+            operation: operation.into(),
+            provider: provider.into(),
+            model: Some(model.into()),
+            input: Some(12.0),
+            output: Some(30.0),
+            duration_secs: Some(0.25),
+        };
+        m.gen_ai(&models, &usage("chat", "openai", "gpt-4o-mini-2024-07-18"));
+        // A model nobody priced is `other`; an operation or provider the conventions do not name
+        // is not recorded at all.
+        m.gen_ai(&models, &usage("chat", "anthropic", "my-model-\"}{x"));
+        m.gen_ai(&models, &usage("evil", "openai", "gpt-4o-mini"));
+        m.gen_ai(&models, &usage("chat", "evil", "gpt-4o-mini"));
+        let text = m.render();
+        let series: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("gen_ai_client_token_usage_count"))
+            .collect();
+        assert_eq!(series.len(), 4, "{series:#?}");
+        assert!(text.contains(r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="input"} 12"#), "{text}");
+        assert!(text.contains(r#"gen_ai_request_model="other",gen_ai_token_type="output"} 30"#));
+        assert!(text.contains(r#"gen_ai_server_request_duration_count{gen_ai_operation_name="chat",gen_ai_provider_name="anthropic",gen_ai_request_model="other"} 1"#));
+        assert!(!text.contains("evil"));
     }
 }

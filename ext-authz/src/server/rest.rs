@@ -355,6 +355,7 @@ async fn usage(State(s): State<RestState>, headers: HeaderMap, body: Bytes) -> A
             Usage {
                 tokens,
                 usd: r.cost_usd,
+                gen_ai: None,
             },
         )
         .await;

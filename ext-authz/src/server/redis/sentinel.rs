@@ -524,13 +524,20 @@ mod tests {
             master_name: String::from(" "),
             ..config(&["redis://127.0.0.1:26379"])
         };
-        assert!(sentinels(&no_name).unwrap_err().contains("masterName"));
-        assert!(sentinels(&config(&[])).unwrap_err().contains("no sentinel"));
+        assert!(sentinels(&no_name).err().unwrap().contains("masterName"));
+        assert!(sentinels(&config(&[]))
+            .err()
+            .unwrap()
+            .contains("no sentinel"));
         assert!(sentinels(&config(&["http://x"]))
-            .unwrap_err()
+            .err()
+            .unwrap()
             .contains("nodes[0]"));
         let mixed = config(&["redis://:a@127.0.0.1:1", "redis://:b@127.0.0.1:2"]);
-        assert!(sentinels(&mixed).unwrap_err().contains("same credentials"));
+        assert!(sentinels(&mixed)
+            .err()
+            .unwrap()
+            .contains("same credentials"));
         let missing = SentinelConfig {
             password_file: Some(PathBuf::from("/nonexistent/llm-policy-redis-password")),
             ..config(&["redis://127.0.0.1:26379"])
