@@ -180,8 +180,8 @@ def gen_ai(server):
         "input": server.metric(f'gen_ai_client_token_usage_sum{{{GEN_AI},gen_ai_token_type="input"}}'),
         "output": server.metric(f'gen_ai_client_token_usage_sum{{{GEN_AI},gen_ai_token_type="output"}}'),
         "answers": server.metric(f'gen_ai_client_token_usage_count{{{GEN_AI},gen_ai_token_type="output"}}'),
-        "timed": server.metric(f"gen_ai_server_request_duration_count{{{GEN_AI}}}"),
-        "seconds": server.metric(f"gen_ai_server_request_duration_sum{{{GEN_AI}}}"),
+        "timed": server.metric(f"gen_ai_server_request_duration_seconds_count{{{GEN_AI}}}"),
+        "seconds": server.metric(f"gen_ai_server_request_duration_seconds_sum{{{GEN_AI}}}"),
     }
 
 

@@ -361,6 +361,10 @@ impl RequestFlow {
             self.settle_with(host, (Some(0.0), Some(0.0)), None);
             return Flow::Continue;
         }
+        if status >= 400 {
+            // An error answer is not in the GenAI metrics (as the server's ext_proc edge).
+            self.checked_at = None;
+        }
         let ct = host.response_header("content-type").unwrap_or_default();
         self.usage = Some(UsageReader::for_response(&ct, encoding.as_deref()));
         if end_of_stream {
@@ -531,7 +535,8 @@ impl RequestFlow {
             .checked_at
             .map(|at| host.now().saturating_sub(at).as_secs_f64());
         let model = self.spend.as_ref().and_then(|s| s.model.as_deref());
-        let gen_ai = GenAiUsage::of(self.provider, self.api, model, &reading, duration);
+        let gen_ai = duration
+            .and_then(|d| GenAiUsage::of(self.provider, self.api, model, &reading, Some(d)));
         self.settle_with(host, charged, gen_ai);
     }
 

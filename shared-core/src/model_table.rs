@@ -199,7 +199,8 @@ impl ModelTable {
             return "other";
         };
         if let Some((name, _)) = self.models.get_key_value(model) {
-            return name;
+            // A client naming a prefix entry itself (`gpt-4o*`) gets the entry's label too.
+            return name.strip_suffix('*').unwrap_or(name);
         }
         self.models
             .keys()

@@ -1,6 +1,6 @@
 //! Prometheus metrics, served on their own port: the engine's own, every name prefixed
 //! `llm_policy_`, and the two of the OpenTelemetry GenAI conventions it can measure
-//! (`gen_ai_client_token_usage`, `gen_ai_server_request_duration`; [`GenAiUsage`]).
+//! (`gen_ai_client_token_usage`, `gen_ai_server_request_duration_seconds`; [`GenAiUsage`]).
 
 use llm_policy_core::gen_ai::GenAiUsage;
 use llm_policy_core::model_table::ModelTable;
@@ -73,14 +73,19 @@ pub struct Metrics {
     /// `llm_policy_alert_deliveries_total{sink,result}`: alerts sent to webhooks and
     /// Alertmanagers (`delivered`, `failed` after every retry, `dropped`: the queue was full).
     pub alert_deliveries: IntCounterVec,
-    /// Tokens of each answer whose usage the provider reported, by type (`input`, `output`), as
-    /// the GenAI conventions (and Envoy AI Gateway) name it:
+    /// Tokens of each answer whose usage the provider reported, by type (`input`, `output`):
+    /// the GenAI conventions' `gen_ai.client.token.usage` in its Prometheus name,
     /// `gen_ai_client_token_usage{gen_ai_operation_name,gen_ai_provider_name,gen_ai_request_model,gen_ai_token_type}`.
     pub gen_ai_tokens: HistogramVec,
     /// Seconds from the check's answer to the answer's end:
-    /// `gen_ai_server_request_duration{gen_ai_operation_name,gen_ai_provider_name,gen_ai_request_model}`.
+    /// `gen_ai_server_request_duration_seconds{gen_ai_operation_name,gen_ai_provider_name,gen_ai_request_model}`.
     pub gen_ai_duration: HistogramVec,
 }
+
+/// The most tokens one answer is recorded with (more: the report is not believed).
+const MAX_TOKENS: f64 = 16_777_216.0;
+/// The longest request duration recorded, in seconds.
+const MAX_SECONDS: f64 = 86_400.0;
 
 impl Metrics {
     /// Registers every metric.
@@ -280,8 +285,8 @@ impl Metrics {
         registry.register(Box::new(gen_ai_tokens.clone()))?;
         let gen_ai_duration = HistogramVec::new(
             HistogramOpts::new(
-                "gen_ai_server_request_duration",
-                "Seconds from the request to its answer's end (OpenTelemetry GenAI gen_ai.server.request.duration).",
+                "gen_ai_server_request_duration_seconds",
+                "Seconds from the check's answer to the answer's end (OpenTelemetry GenAI gen_ai.server.request.duration).",
             )
             .buckets(exponential_buckets(0.01, 2.0, 14)?),
             &[
@@ -346,14 +351,19 @@ impl Metrics {
         }
         let model = models.label(usage.model.as_deref());
         let labels = [usage.operation.as_str(), usage.provider.as_str(), model];
+        // A usage report is trusted as far as its token: no more than any context window holds,
+        // no answer longer than a day (a value past them would make a sum useless for good).
         for (kind, tokens) in [("input", usage.input), ("output", usage.output)] {
-            if let Some(t) = tokens.filter(|t| t.is_finite() && *t >= 0.0) {
+            if let Some(t) = tokens.filter(|t| t.is_finite() && (0.0..=MAX_TOKENS).contains(t)) {
                 self.gen_ai_tokens
                     .with_label_values(&[labels[0], labels[1], labels[2], kind])
                     .observe(t);
             }
         }
-        if let Some(d) = usage.duration_secs.filter(|d| d.is_finite() && *d >= 0.0) {
+        if let Some(d) = usage
+            .duration_secs
+            .filter(|d| d.is_finite() && (0.0..=MAX_SECONDS).contains(d))
+        {
             self.gen_ai_duration.with_label_values(&labels).observe(d);
         }
     }
@@ -393,6 +403,11 @@ mod tests {
         m.gen_ai(&models, &usage("chat", "anthropic", "my-model-\"}{x"));
         m.gen_ai(&models, &usage("evil", "openai", "gpt-4o-mini"));
         m.gen_ai(&models, &usage("chat", "evil", "gpt-4o-mini"));
+        // Values no answer has are not believed.
+        let mut huge = usage("chat", "openai", "gpt-4o-mini*");
+        huge.input = Some(1e308);
+        huge.duration_secs = Some(1e9);
+        m.gen_ai(&models, &huge);
         let text = m.render();
         let series: Vec<&str> = text
             .lines()
@@ -401,7 +416,13 @@ mod tests {
         assert_eq!(series.len(), 4, "{series:#?}");
         assert!(text.contains(r#"gen_ai_client_token_usage_sum{gen_ai_operation_name="chat",gen_ai_provider_name="openai",gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="input"} 12"#), "{text}");
         assert!(text.contains(r#"gen_ai_request_model="other",gen_ai_token_type="output"} 30"#));
-        assert!(text.contains(r#"gen_ai_server_request_duration_count{gen_ai_operation_name="chat",gen_ai_provider_name="anthropic",gen_ai_request_model="other"} 1"#));
+        assert!(text.contains(r#"gen_ai_server_request_duration_seconds_count{gen_ai_operation_name="chat",gen_ai_provider_name="anthropic",gen_ai_request_model="other"} 1"#));
         assert!(!text.contains("evil"));
+        assert!(!text.contains("e308") && !text.contains("gpt-4o-mini*"));
+        // The huge report's output counted (30 + 30), its input and duration not.
+        assert!(
+            text.contains(r#"gen_ai_request_model="gpt-4o-mini",gen_ai_token_type="output"} 60"#),
+            "{text}"
+        );
     }
 }

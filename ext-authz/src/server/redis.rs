@@ -276,11 +276,21 @@ fn hash_tag(key: &str) -> Option<&str> {
 /// A blocking connection of its own (registry writes, the audit writer's thread).
 pub type Blocking = Box<dyn redis::ConnectionLike + Send>;
 
+/// `url` as it may be shown in an error or a log: without its user name and password.
+fn without_credentials(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            format!("{}://…@{}", &url[..scheme], &url[at.saturating_add(1)..])
+        }
+        _ => url.to_string(),
+    }
+}
+
 /// `url`'s connection details, with TCP_NODELAY: small commands go out at once (with Nagle, a
 /// script load split over two segments waits for a delayed ACK: tens of milliseconds).
 fn node_info(field: &str, url: &str) -> Result<redis::ConnectionInfo, String> {
     let info = redis::IntoConnectionInfo::into_connection_info(url)
-        .map_err(|e| format!("{field} {url:?}: {e}"))?;
+        .map_err(|e| format!("{field} {:?}: {e}", without_credentials(url)))?;
     let tcp = info.tcp_settings().clone().set_nodelay(true);
     Ok(info.set_tcp_settings(tcp))
 }
@@ -343,7 +353,7 @@ impl Redis {
                 .max_retry_wait(500)
                 .tcp_settings(tcp)
                 .build()
-                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+                .map_err(|e| format!("redis.url {:?}: {e}", without_credentials(url)))?;
             let conn = client.get_pending_async_connection_with_config(
                 redis::cluster::ClusterConfig::new()
                     .set_connection_timeout(connect_timeout)
@@ -358,7 +368,7 @@ impl Redis {
             )
         } else {
             let client = redis::Client::open(node_info("redis.url", url)?)
-                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+                .map_err(|e| format!("redis.url {:?}: {e}", without_credentials(url)))?;
             let manager = redis::aio::ConnectionManagerConfig::new()
                 .set_connection_timeout(Some(connect_timeout))
                 .set_response_timeout(Some(timeout.saturating_mul(4)))
@@ -366,7 +376,7 @@ impl Redis {
                 .set_max_delay(Duration::from_millis(500));
             let conn = client
                 .get_connection_manager_lazy(manager)
-                .map_err(|e| format!("redis.url {url:?}: {e}"))?;
+                .map_err(|e| format!("redis.url {:?}: {e}", without_credentials(url)))?;
             (Conn::Single(conn), Client::Single(client))
         };
         Ok(Some(Redis::with(config, conn, client, metrics)))
@@ -430,7 +440,7 @@ impl Redis {
     pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
         match &self.inner.client {
             Client::Single(client) => client.get_async_pubsub().await,
-            Client::Sentinel(sentinel) => Arc::clone(sentinel).pubsub().await,
+            Client::Sentinel(sentinel) => sentinel.pubsub().await,
             Client::Cluster { nodes, .. } => {
                 let mut last = None;
                 for node in nodes {
@@ -558,6 +568,10 @@ impl Redis {
         };
         // One slow answer is not an outage: back off after a second failure in a row.
         if in_a_row >= FAILURES_TO_BACK_OFF {
+            // A connection that only times out may be dead without anyone saying so.
+            if let Conn::Sentinel(c) = &self.inner.conn {
+                c.suspect();
+            }
             let until = self.now_ms().saturating_add(self.backoff_ms());
             if self.inner.down_until_ms.swap(until, Ordering::Relaxed) == 0 {
                 tracing::warn!(feature = feature.as_str(), error = %error, "Redis unreachable: backing off");

@@ -233,7 +233,7 @@ impl Drop for LocalCluster {
 pub const SENTINEL_MASTER: &str = "llm-policy";
 
 /// A throw-away Redis Sentinel deployment on free loopback ports: a master, one replica, and
-/// three sentinels (quorum 2) that fail over a second after the master stops answering; stopped
+/// three sentinels (quorum 2) that fail over two seconds after the master stops answering; stopped
 /// and its directory removed when dropped.
 pub struct LocalSentinel {
     /// The data nodes (a port, and the process unless killed); the first starts as master.
@@ -290,7 +290,7 @@ impl LocalSentinel {
                 format!(
                     "port {port}\nbind 127.0.0.1\ndir {dir}\n\
                      sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master} 2\n\
-                     sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                     sentinel down-after-milliseconds {SENTINEL_MASTER} 2000\n\
                      sentinel failover-timeout {SENTINEL_MASTER} 5000\n\
                      sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
                     dir = s.dir.display()

@@ -4,19 +4,24 @@
 //! The sentinels are asked for the master's address, the node is checked to call itself master
 //! (`ROLE`), and one multiplexed connection to it serves every call. The connection is forgotten,
 //! and the next call asks the sentinels again, when
-//! - a call finds it broken, timed out, or the node demoted (`READONLY`);
-//! - the sentinels name another master ([`WATCH_EVERY`]). A failover leaves the old master
-//!   writable for seconds, until the sentinels turn it into a replica; without this watch, calls
-//!   would go on writing there, and what they wrote would be lost.
+//! - a call finds it broken or the node demoted (`READONLY`), or calls time out twice in a row
+//!   ([`SentinelConn::suspect`]);
+//! - the sentinels name another master and that node calls itself master ([`WATCH_EVERY`]). A
+//!   failover leaves the old master writable for seconds, until the sentinels turn it into a
+//!   replica; without this watch, calls would go on writing there for all that time, and what
+//!   they wrote would be lost. With it, for at most about one watch period.
 //!
-//! The call that failed is not retried: like any failed Redis call, it follows its feature's
-//! failure mode (see [`super::Redis::run`]), and its back-off keeps calls from queueing while the
-//! sentinels elect a new master.
+//! One lookup runs at a time, as a task of its own (a caller's deadline never cancels it
+//! halfway), bounded by [`LOOKUP_WITHIN`]; callers meanwhile wait for it within their own
+//! deadline, and after a failed lookup calls fail at once for [`RETRY_AFTER`]. The call that
+//! failed is not retried: like any failed Redis call, it follows its feature's failure mode (see
+//! [`super::Redis::run`]). Blocking connections (registry writes, the audit writer) and pub/sub
+//! connect to the master this lookup found, never asking the sentinels themselves.
 
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::MultiplexedConnection;
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
@@ -53,34 +58,51 @@ pub struct SentinelConn {
 /// How often the sentinels are asked whether the master is still the one connected to.
 pub const WATCH_EVERY: Duration = Duration::from_millis(250);
 
-/// The connection to the master: its generation, the master's address, the connection.
-type Current = (u64, redis::ConnectionAddr, MultiplexedConnection);
+/// Longest one lookup of the master may take (sentinels, `ROLE`, connecting).
+pub const LOOKUP_WITHIN: Duration = Duration::from_secs(2);
+
+/// After a failed lookup, calls fail at once this long instead of each asking again.
+pub const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// The connection to the master: its generation, the master's connection details, the
+/// connection.
+type Current = (u64, redis::ConnectionInfo, MultiplexedConnection);
 
 struct Shared {
-    /// Asks the sentinels (async calls). Held while one call rediscovers the master.
+    /// Asks the sentinels (held by the one lookup running).
     client: tokio::sync::Mutex<SentinelClient>,
     /// The connection to the current master (`None`: ask the sentinels).
     current: Mutex<Option<Current>>,
     generation: AtomicU64,
+    /// Changes each time the master connected to is left for another (blocking connections
+    /// follow it).
+    masters: AtomicU64,
+    /// A lookup is running.
+    looking: AtomicBool,
+    /// Milliseconds since `epoch` when the last lookup failed, and why.
+    failed_at_ms: AtomicU64,
+    failure: Mutex<String>,
+    /// Wakes the callers waiting for a lookup.
+    looked: tokio::sync::Notify,
+    epoch: Instant,
     config: AsyncConnectionConfig,
     master_name: String,
 }
 
 /// Blocking connections of their own (registry writes, the audit writer's thread) to the master
-/// the sentinels name now.
+/// [`SentinelConn`] found. Use them off the runtime (a thread of their own, `spawn_blocking`).
 pub struct SentinelBlocking {
-    client: Mutex<SentinelClient>,
-    /// Changes each time the watch sees the sentinels name another master.
-    masters: Arc<AtomicU64>,
+    conn: SentinelConn,
+    runtime: tokio::runtime::Handle,
 }
 
-/// A blocking connection that follows the master: when the sentinels name another, or the
-/// connection is lost, its next call connects to the master named then.
+/// A blocking connection that follows the master: when another is connected to, or the
+/// connection is lost, its next call connects to the master found then.
 pub struct FollowingConnection {
     sentinel: Arc<SentinelBlocking>,
     timeout: Duration,
-    conn: Option<redis::Connection>,
-    /// [`SentinelBlocking::masters`] when `conn` was made.
+    conn: Option<(redis::ConnectionAddr, redis::Connection)>,
+    /// [`Shared::masters`] when `conn` was made.
     master: u64,
 }
 
@@ -119,9 +141,16 @@ fn sentinels(config: &SentinelConfig) -> Result<Sentinels, String> {
         username: None,
         password: None,
     };
+    if config.db < 0 {
+        return Err(format!(
+            "redis.sentinel.db {}: a database number is 0 or more",
+            config.db
+        ));
+    }
     for (i, url) in config.nodes.iter().enumerate() {
+        let shown = super::without_credentials(url);
         let info = redis::IntoConnectionInfo::into_connection_info(url.as_str())
-            .map_err(|e| format!("redis.sentinel.nodes[{i}] {url:?}: {e}"))?;
+            .map_err(|e| format!("redis.sentinel.nodes[{i}] {shown:?}: {e}"))?;
         let settings = info.redis_settings();
         let (user, pass) = (
             settings.username().map(String::from),
@@ -131,7 +160,7 @@ fn sentinels(config: &SentinelConfig) -> Result<Sentinels, String> {
             (out.username, out.password) = (user, pass);
         } else if (user, pass) != (out.username.clone(), out.password.clone()) {
             return Err(format!(
-                "redis.sentinel.nodes[{i}] {url:?}: every sentinel URL must carry the same credentials"
+                "redis.sentinel.nodes[{i}] {shown:?}: every sentinel URL must carry the same credentials"
             ));
         }
         out.addrs.push(info.addr().clone());
@@ -179,9 +208,10 @@ fn client(config: &SentinelConfig) -> Result<SentinelClient, String> {
 }
 
 impl SentinelConn {
-    /// Calls through the sentinels of `config` (nothing is connected until the first call),
-    /// and the task that watches them for a new master. `connect` bounds connecting to the
-    /// master, `response` each answer. Call it inside a tokio runtime.
+    /// Calls through the sentinels of `config` (nothing is connected until the first call), and
+    /// the task that watches them for a new master; and blocking connections to the same master.
+    /// `connect` bounds connecting to the master, `response` each answer. Call it inside a tokio
+    /// runtime.
     pub fn new(
         config: &SentinelConfig,
         connect: Duration,
@@ -192,74 +222,69 @@ impl SentinelConn {
                 client: tokio::sync::Mutex::new(client(config)?),
                 current: Mutex::new(None),
                 generation: AtomicU64::new(0),
+                masters: AtomicU64::new(0),
+                looking: AtomicBool::new(false),
+                failed_at_ms: AtomicU64::new(0),
+                failure: Mutex::new(String::new()),
+                looked: tokio::sync::Notify::new(),
+                epoch: Instant::now(),
                 config: AsyncConnectionConfig::new()
                     .set_connection_timeout(Some(connect))
                     .set_response_timeout(Some(response)),
                 master_name: config.master_name.clone(),
             }),
         };
-        let masters = Arc::new(AtomicU64::new(0));
-        let blocking = SentinelBlocking {
-            client: Mutex::new(client(config)?),
-            masters: Arc::clone(&masters),
-        };
+        let runtime = tokio::runtime::Handle::try_current()
+            .map_err(|_| String::from("redis.sentinel: no tokio runtime to connect on"))?;
         tokio::spawn(watch(
             Arc::downgrade(&conn.shared),
-            masters,
             sentinels(config)?.infos,
             connect,
         ));
+        let blocking = SentinelBlocking {
+            conn: conn.clone(),
+            runtime,
+        };
         Ok((conn, blocking))
     }
 
-    fn current(shared: &Shared) -> Option<(u64, MultiplexedConnection)> {
-        shared
-            .current
-            .lock()
-            .ok()
-            .and_then(|c| c.as_ref().map(|(g, _, conn)| (*g, conn.clone())))
+    fn current(shared: &Shared) -> Option<Current> {
+        shared.current.lock().ok().and_then(|c| c.clone())
     }
 
-    /// The connection to the master, asking the sentinels when there is none. The asking runs
-    /// as a task of its own, so a caller's deadline never cancels it halfway; callers arriving
-    /// meanwhile wait for it and share its connection.
-    async fn connection(&self) -> redis::RedisResult<(u64, MultiplexedConnection)> {
-        if let Some(c) = Self::current(&self.shared) {
+    /// The connection to the master; when there is none, waits for the lookup (starting it if
+    /// none runs). Fails at once within [`RETRY_AFTER`] of a failed lookup.
+    async fn connection(&self) -> redis::RedisResult<Current> {
+        let shared = &self.shared;
+        let looked = shared.looked.notified();
+        tokio::pin!(looked);
+        looked.as_mut().enable();
+        if let Some(c) = Self::current(shared) {
             return Ok(c);
         }
-        let shared = Arc::clone(&self.shared);
-        let task = tokio::spawn(async move {
-            let mut client = shared.client.lock().await;
-            if let Some(c) = Self::current(&shared) {
-                return Ok(c);
+        if !shared.looking.swap(true, Ordering::AcqRel) {
+            let failed_at = shared.failed_at_ms.load(Ordering::Relaxed);
+            if failed_at > 0 && since(shared) < failed_at.saturating_add(millis(RETRY_AFTER)) {
+                shared.looking.store(false, Ordering::Release);
+                return Err(lookup_failed(shared));
             }
-            let master = client.async_get_client().await?;
-            let addr = master.get_connection_info().addr().clone();
-            let conn = master
-                .get_multiplexed_async_connection_with_config(&shared.config)
-                .await?;
-            let generation = shared
-                .generation
-                .fetch_add(1, Ordering::Relaxed)
-                .saturating_add(1);
-            if let Ok(mut current) = shared.current.lock() {
-                *current = Some((generation, addr.clone(), conn.clone()));
-            }
-            tracing::info!(
-                master = %shared.master_name,
-                address = %addr,
-                generation,
-                "Redis Sentinel: connected to the master"
-            );
-            Ok((generation, conn))
-        });
-        task.await.map_err(|e| {
-            redis::RedisError::from((
-                redis::ErrorKind::Io,
-                "asking the Redis sentinels failed",
-                e.to_string(),
-            ))
-        })?
+            tokio::spawn(look_up(Arc::clone(shared)));
+        }
+        looked.await;
+        Self::current(shared).ok_or_else(|| lookup_failed(shared))
+    }
+
+    /// The master's connection details (looking it up if needed).
+    pub async fn master(&self) -> redis::RedisResult<redis::ConnectionInfo> {
+        self.connection().await.map(|(_, info, _)| info)
+    }
+
+    /// Calls timed out twice in a row: the connection may be dead without anyone saying so (a
+    /// peer gone silent). Forget it; the next call looks the master up again.
+    pub fn suspect(&self) {
+        if let Some((generation, _, _)) = Self::current(&self.shared) {
+            forget(&self.shared, generation, "calls time out");
+        }
     }
 
     /// Forgets connection `generation` after `error`, if it means the master is lost.
@@ -270,6 +295,71 @@ impl SentinelConn {
     }
 }
 
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Milliseconds since the shared state was made (never 0: 0 means "never" in `failed_at_ms`).
+fn since(shared: &Shared) -> u64 {
+    millis(shared.epoch.elapsed()).saturating_add(1)
+}
+
+fn lookup_failed(shared: &Shared) -> redis::RedisError {
+    let why = shared.failure.lock().map(|f| f.clone()).unwrap_or_default();
+    redis::RedisError::from((
+        redis::ErrorKind::Io,
+        "no Redis master: the sentinels were asked",
+        why,
+    ))
+}
+
+/// One lookup: asks the sentinels for the master, checks it, connects; then wakes the callers.
+async fn look_up(shared: Arc<Shared>) {
+    let found = tokio::time::timeout(LOOKUP_WITHIN, async {
+        let mut client = shared.client.lock().await;
+        let master = client.async_get_client().await?;
+        let info = master.get_connection_info().clone();
+        let conn = master
+            .get_multiplexed_async_connection_with_config(&shared.config)
+            .await?;
+        Ok::<_, redis::RedisError>((info, conn))
+    })
+    .await;
+    match found {
+        Ok(Ok((info, conn))) => {
+            let generation = shared
+                .generation
+                .fetch_add(1, Ordering::Relaxed)
+                .saturating_add(1);
+            tracing::info!(
+                master = %shared.master_name,
+                address = %info.addr(),
+                generation,
+                "Redis Sentinel: connected to the master"
+            );
+            if let Ok(mut current) = shared.current.lock() {
+                *current = Some((generation, info, conn));
+            }
+            shared.failed_at_ms.store(0, Ordering::Relaxed);
+        }
+        Ok(Err(e)) => failed(&shared, e.to_string()),
+        Err(_) => failed(
+            &shared,
+            format!("no answer within {} ms", LOOKUP_WITHIN.as_millis()),
+        ),
+    }
+    shared.looking.store(false, Ordering::Release);
+    shared.looked.notify_waiters();
+}
+
+fn failed(shared: &Shared, why: String) {
+    tracing::warn!(master = %shared.master_name, error = %why, "Redis Sentinel: cannot find the master");
+    if let Ok(mut f) = shared.failure.lock() {
+        *f = why;
+    }
+    shared.failed_at_ms.store(since(shared), Ordering::Relaxed);
+}
+
 /// Forgets connection `generation` (if still the current one): the next call asks the sentinels.
 fn forget(shared: &Shared, generation: u64, why: &str) {
     if let Ok(mut current) = shared.current.lock() {
@@ -277,28 +367,44 @@ fn forget(shared: &Shared, generation: u64, why: &str) {
             tracing::warn!(
                 master = %shared.master_name,
                 why,
-                "Redis Sentinel: the master is lost; the next call asks the sentinels"
+                "Redis Sentinel: leaving the master; the next call asks the sentinels"
             );
             *current = None;
+            shared.masters.fetch_add(1, Ordering::Relaxed);
         }
     }
 }
 
-/// Every [`WATCH_EVERY`], asks a sentinel which node is master: counts in `masters` each time
-/// it is another than before, and forgets the connection when it is to another. Ends when the
-/// connection is dropped.
-async fn watch(
-    shared: Weak<Shared>,
-    masters: Arc<AtomicU64>,
-    sentinels: Vec<redis::ConnectionInfo>,
-    connect: Duration,
-) {
+/// Whether `node` answers `ROLE` as a master.
+async fn is_master(
+    node: redis::ConnectionAddr,
+    template: &redis::ConnectionInfo,
+    config: &AsyncConnectionConfig,
+) -> bool {
+    let info = template.clone().set_addr(node);
+    let Ok(client) = redis::Client::open(info) else {
+        return false;
+    };
+    let Ok(mut c) = client
+        .get_multiplexed_async_connection_with_config(config)
+        .await
+    else {
+        return false;
+    };
+    let role: redis::RedisResult<Vec<redis::Value>> = redis::cmd("ROLE").query_async(&mut c).await;
+    matches!(role.as_deref(), Ok([redis::Value::BulkString(r), ..]) if r.as_slice() == b"master")
+}
+
+/// Every [`WATCH_EVERY`], asks a sentinel which node is master, and forgets the connection when
+/// the sentinels name another node that calls itself master (a sentinel naming a dead node, or
+/// one still a replica, leaves it alone). Ends when the connection is dropped.
+async fn watch(shared: Weak<Shared>, sentinels: Vec<redis::ConnectionInfo>, connect: Duration) {
     let config = AsyncConnectionConfig::new()
         .set_connection_timeout(Some(connect))
         .set_response_timeout(Some(connect));
-    let mut asking: Option<(usize, MultiplexedConnection)> = None;
-    let mut last: Option<(String, u16)> = None;
+    let mut asking: Option<MultiplexedConnection> = None;
     let mut next = 0usize;
+    let mut unanswered_since: Option<Instant> = None;
     let mut tick = tokio::time::interval(WATCH_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -308,55 +414,58 @@ async fn watch(
         };
         if asking.is_none() {
             // The sentinels in turn, one a tick, until one answers.
-            let i = next % sentinels.len().max(1);
-            next = next.wrapping_add(1);
-            let Some(info) = sentinels.get(i) else {
+            let Some(info) = sentinels.get(next % sentinels.len().max(1)) else {
                 return;
             };
+            next = next.wrapping_add(1);
             if let Ok(client) = redis::Client::open(info.clone()) {
-                if let Ok(c) = client
+                asking = client
                     .get_multiplexed_async_connection_with_config(&config)
                     .await
-                {
-                    asking = Some((i, c));
-                }
+                    .ok();
             }
         }
-        let Some((_, conn)) = asking.as_mut() else {
+        let named: Option<(String, u16)> = match asking.as_mut() {
+            Some(conn) => redis::cmd("SENTINEL")
+                .arg("GET-MASTER-ADDR-BY-NAME")
+                .arg(&shared.master_name)
+                .query_async(conn)
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let Some((host, port)) = named else {
+            // Not answering, or not knowing the name: ask the next sentinel.
+            asking = None;
+            let since = *unanswered_since.get_or_insert_with(Instant::now);
+            if since.elapsed() >= Duration::from_secs(30) {
+                tracing::warn!(master = %shared.master_name, "Redis Sentinel: no sentinel has named the master for 30 s");
+                unanswered_since = Some(Instant::now());
+            }
             continue;
         };
-        let named: redis::RedisResult<Option<(String, u16)>> = redis::cmd("SENTINEL")
-            .arg("GET-MASTER-ADDR-BY-NAME")
-            .arg(&shared.master_name)
-            .query_async(conn)
-            .await;
-        match named {
-            Ok(Some((host, port))) => {
-                if last.as_ref().is_some_and(|l| *l != (host.clone(), port)) {
-                    masters.fetch_add(1, Ordering::Relaxed);
-                }
-                let connected = shared
-                    .current
-                    .lock()
-                    .ok()
-                    .and_then(|c| c.as_ref().map(|(g, addr, _)| (*g, addr.clone())));
-                if let Some((generation, addr)) = connected {
-                    let same = match &addr {
-                        redis::ConnectionAddr::Tcp(h, p) => *h == host && *p == port,
-                        _ => true,
-                    };
-                    if !same {
-                        forget(
-                            &shared,
-                            generation,
-                            &format!("the sentinels name {host}:{port} master"),
-                        );
-                    }
-                }
-                last = Some((host, port));
-            }
-            // Not answering, or not knowing the name: ask the next sentinel.
-            Ok(None) | Err(_) => asking = None,
+        unanswered_since = None;
+        let Some((generation, info, _)) = SentinelConn::current(&shared) else {
+            continue;
+        };
+        let same = match info.addr() {
+            redis::ConnectionAddr::Tcp(h, p) => *h == host && *p == port,
+            _ => true,
+        };
+        if !same
+            && is_master(
+                redis::ConnectionAddr::Tcp(host.clone(), port),
+                &info,
+                &config,
+            )
+            .await
+        {
+            forget(
+                &shared,
+                generation,
+                &format!("the sentinels name {host}:{port} master"),
+            );
         }
     }
 }
@@ -367,7 +476,7 @@ impl redis::aio::ConnectionLike for SentinelConn {
         cmd: &'a redis::Cmd,
     ) -> redis::RedisFuture<'a, redis::Value> {
         Box::pin(async move {
-            let (generation, mut conn) = self.connection().await?;
+            let (generation, _, mut conn) = self.connection().await?;
             let result = conn.req_packed_command(cmd).await;
             if let Err(e) = &result {
                 self.after(generation, e);
@@ -383,7 +492,7 @@ impl redis::aio::ConnectionLike for SentinelConn {
         count: usize,
     ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
         Box::pin(async move {
-            let (generation, mut conn) = self.connection().await?;
+            let (generation, _, mut conn) = self.connection().await?;
             let result = conn.req_packed_commands(pipeline, offset, count).await;
             if let Err(e) = &result {
                 self.after(generation, e);
@@ -398,32 +507,41 @@ impl redis::aio::ConnectionLike for SentinelConn {
 }
 
 impl FollowingConnection {
-    /// The connection to the master named now.
+    /// The connection to the master connected to now.
     fn connected(&mut self) -> redis::RedisResult<&mut redis::Connection> {
-        let master = self.sentinel.masters.load(Ordering::Relaxed);
+        let master = self.sentinel.conn.shared.masters.load(Ordering::Relaxed);
         if master != self.master {
             self.conn = None;
         }
-        let conn = match self.conn.take() {
+        let (addr, conn) = match self.conn.take() {
             Some(c) => c,
             None => {
-                let c = self
-                    .sentinel
-                    .master()?
-                    .get_connection_with_timeout(self.timeout)?;
+                let info = self.sentinel.master(self.timeout)?;
+                let addr = info.addr().clone();
+                let c = redis::Client::open(info)?.get_connection_with_timeout(self.timeout)?;
                 c.set_read_timeout(Some(self.timeout))?;
                 c.set_write_timeout(Some(self.timeout))?;
                 self.master = master;
-                c
+                (addr, c)
             }
         };
-        Ok(self.conn.insert(conn))
+        Ok(&mut self.conn.insert((addr, conn)).1)
     }
 
-    /// Forgets the connection after `error`, if it means the master is lost.
+    /// Forgets the connection after `error`, if it means the master is lost (and the shared
+    /// connection too, when it is to the same node).
     fn after<T>(&mut self, result: redis::RedisResult<T>) -> redis::RedisResult<T> {
-        if result.as_ref().is_err_and(lost_master) {
-            self.conn = None;
+        if let Err(e) = &result {
+            if lost_master(e) {
+                if let Some((addr, _)) = self.conn.take() {
+                    let shared = &self.sentinel.conn.shared;
+                    if let Some((generation, info, _)) = SentinelConn::current(shared) {
+                        if *info.addr() == addr {
+                            forget(shared, generation, &e.to_string());
+                        }
+                    }
+                }
+            }
         }
         result
     }
@@ -446,7 +564,7 @@ impl redis::ConnectionLike for FollowingConnection {
     }
 
     fn get_db(&self) -> i64 {
-        self.conn.as_ref().map_or(0, |c| c.get_db())
+        self.conn.as_ref().map_or(0, |(_, c)| c.get_db())
     }
 
     fn check_connection(&mut self) -> bool {
@@ -454,21 +572,26 @@ impl redis::ConnectionLike for FollowingConnection {
     }
 
     fn is_open(&self) -> bool {
-        self.conn.as_ref().is_some_and(|c| c.is_open())
+        self.conn.as_ref().is_some_and(|(_, c)| c.is_open())
     }
 }
 
 impl SentinelBlocking {
-    /// A client for the master the sentinels name now (blocking: call it off the runtime).
-    fn master(&self) -> redis::RedisResult<redis::Client> {
-        let mut client = self.client.lock().map_err(|_| {
-            redis::RedisError::from((redis::ErrorKind::Io, "the sentinel client was poisoned"))
-        })?;
-        client.get_client()
+    /// The master's connection details, within `timeout` (blocking: call it off the runtime).
+    fn master(&self, timeout: Duration) -> redis::RedisResult<redis::ConnectionInfo> {
+        let conn = self.conn.clone();
+        self.runtime
+            .block_on(async move { tokio::time::timeout(timeout, conn.master()).await })
+            .map_err(|_| {
+                redis::RedisError::from(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no Redis master found in time",
+                ))
+            })?
     }
 
     /// A blocking connection to the current master, `timeout` on connecting, reading and
-    /// writing; it follows the master when the sentinels name another.
+    /// writing; it follows the master when another is connected to.
     pub fn connection(
         self: &Arc<Self>,
         timeout: Duration,
@@ -484,18 +607,9 @@ impl SentinelBlocking {
     }
 
     /// A pub/sub connection to the current master.
-    pub async fn pubsub(self: Arc<Self>) -> redis::RedisResult<redis::aio::PubSub> {
-        // Asking is blocking (short, bounded by the sentinels' answers): off the runtime.
-        let client = tokio::task::spawn_blocking(move || self.master())
-            .await
-            .map_err(|e| {
-                redis::RedisError::from((
-                    redis::ErrorKind::Io,
-                    "asking the Redis sentinels failed",
-                    e.to_string(),
-                ))
-            })??;
-        client.get_async_pubsub().await
+    pub async fn pubsub(&self) -> redis::RedisResult<redis::aio::PubSub> {
+        let info = self.conn.master().await?;
+        redis::Client::open(info)?.get_async_pubsub().await
     }
 }
 
