@@ -10,7 +10,10 @@ one core with `taskset`, which is said), behind Envoy 1.40 and in front of the f
   2. ext_authz, closed loop (32 in flight): the most the confined engine decides;
   3. the same in the namespace `restricted`: both WASM plugins run on every request too;
   4. the sidecar shape at 1,000 rps (Envoy with the filter, the engine behind it): the filter
-     decides what it can alone, the engine gets the rest;
+     decides what it can alone, the engine gets the rest. Envoy runs as the sidecar manifest
+     runs it (`--concurrency 1`, confined to half a core of its own: its container's limit), and
+     its CPU, memory and start-up time (from exec to `/ready` answering LIVE, the filter loaded)
+     are measured too, beside the engine's start-up (exec to `/readyz` ready);
   5. ext_authz at 1,000 rps with 100 rules that read no prompt (what the budget holds for a
      bundle that does not scan text).
 
@@ -39,13 +42,13 @@ BUDGET = {"cores": 0.5, "rss_mb": 256, "p99_ms": 5.0}
 class Confinement:
     """Half a core for one process: a cgroup CPU quota (v2, else v1), else `taskset` to one core."""
 
-    def __init__(self):
+    def __init__(self, name="engine"):
         self.path = None
         self.how = None
         for root, quota in [("/sys/fs/cgroup", "cpu.max"), ("/sys/fs/cgroup/cpu", "cpu.cfs_quota_us")]:
             if not os.path.exists(os.path.join(root, quota if quota == "cpu.max" else "cpu.cfs_period_us")):
                 continue
-            path = os.path.join(root, f"llm-policy-bench-{os.getpid()}")
+            path = os.path.join(root, f"llm-policy-bench-{os.getpid()}-{name}")
             try:
                 os.mkdir(path)
                 if quota == "cpu.max":
@@ -114,15 +117,19 @@ def check_p99_ms(server, before):
     return None
 
 
-def run(name, server, confinement, url, headers=()):
+def run(name, server, confinement, url, headers=(), envoy=None, rate=RATE):
+    """One fixed-rate run; `envoy` (its process and confinement): Envoy's CPU and memory too."""
     pid = server.proc.p.pid
     extra = [a for h in headers for a in ("--header", h)]
     loadgen("http", "--url", url, "--rate", 200, "--duration", 2, "--concurrency", 64, *extra)  # warm up
     before = check_buckets(server)
     throttled0 = confinement.throttled()
+    envoy_throttled0 = envoy[1].throttled() if envoy else None
+    envoy_cpu0 = cpu_seconds(envoy[0]) if envoy else 0.0
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
-    result = loadgen("http", "--url", url, "--rate", RATE, "--duration", SECS, "--concurrency", 256, *extra)
+    result = loadgen("http", "--url", url, "--rate", rate, "--duration", SECS, "--concurrency", 256, *extra)
     cpu1, t1 = cpu_seconds(pid), time.monotonic()
+    envoy_cpu1 = cpu_seconds(envoy[0]) if envoy else 0.0
     rss, peak = memory_mb(pid)
     throttled1 = confinement.throttled()
     row = {
@@ -139,6 +146,15 @@ def run(name, server, confinement, url, headers=()):
     }
     if throttled0 and throttled1:
         row["throttled_periods"] = f"{throttled1[0] - throttled0[0]} of {throttled1[1] - throttled0[1]}"
+    if envoy:
+        e_rss, e_peak = memory_mb(envoy[0])
+        row["envoy_cores"] = round((envoy_cpu1 - envoy_cpu0) / (t1 - t0), 3)
+        row["envoy_cpu_ms_per_request"] = round((envoy_cpu1 - envoy_cpu0) * 1000 / max(result["requests"], 1), 3)
+        row["envoy_rss_mb"] = round(e_rss, 1)
+        row["envoy_peak_rss_mb"] = round(e_peak, 1)
+        e1 = envoy[1].throttled()
+        if envoy_throttled0 and e1:
+            row["envoy_throttled_periods"] = f"{e1[0] - envoy_throttled0[0]} of {e1[1] - envoy_throttled0[1]}"
     print(f"   {name}: {json.dumps(row)}", flush=True)
     return row
 
@@ -187,7 +203,9 @@ def main():
                 (bundle / f.name).write_text(f.read_text().replace("requests: 120, per: minute",
                                                                    "requests: 100000000, per: minute"))
             (tmp / "s").mkdir()
+            started = time.monotonic()
             server = Server(tmp / "s", bundle, config_extra={"audit": {"stdout": False, "decisions": "flagged"}})
+            results["engine_start_s"] = round(time.monotonic() - started, 3)
             procs.append(server.proc)
             confinement.add(server.proc.p.pid)
             authz = Envoy(tmp, server, up_port, tmp)
@@ -205,11 +223,24 @@ def main():
             authz.proc.stop()
             text = envoy_config("filter+fallback", bundle, server=f"127.0.0.1:{server.grpc}",
                                 sync_from=f"127.0.0.1:{server.http}", usage_token_file=server.usage_token_file)
-            sidecar = Envoy(tmp, None, up_port, tmp, text=text)
+            started = time.monotonic()
+            sidecar = Envoy(tmp, None, up_port, tmp, text=text, concurrency=1)
+            results["sidecar_envoy_start_s"] = round(time.monotonic() - started, 3)
             procs.append(sidecar.proc)
-            results["sidecar_1000"] = run("sidecar shape (the filter decides, the engine behind it) at 1,000 rps",
-                                          server, confinement, sidecar.url("/v1/chat/completions"), pro)
-            sidecar.proc.stop()
+            envoy_confinement = Confinement("envoy")
+            try:
+                envoy_confinement.add(sidecar.proc.p.pid)
+                results["sidecar_envoy_confinement"] = envoy_confinement.how
+                results["sidecar_envoy_idle_rss_mb"] = round(memory_mb(sidecar.proc.p.pid)[0], 1)
+                results["sidecar_200"] = run(
+                    "sidecar shape at 200 rps (within what half a core of Envoy decides)", server, confinement,
+                    sidecar.url("/v1/chat/completions"), pro, envoy=(sidecar.proc.p.pid, envoy_confinement), rate=200)
+                results["sidecar_1000"] = run(
+                    "sidecar shape (the filter decides, the engine behind it) at 1,000 rps", server, confinement,
+                    sidecar.url("/v1/chat/completions"), pro, envoy=(sidecar.proc.p.pid, envoy_confinement))
+            finally:
+                sidecar.proc.stop()
+                envoy_confinement.close()
             server.proc.stop()
             # A bundle whose rules do not read the prompt: 100 rules on model, tokens, headers.
             hundred = tmp / "hundred"
@@ -235,6 +266,7 @@ def main():
     names = {"ext_authz_1000": "example bundle, ext_authz, 1,000 rps offered",
              "ext_authz_capacity": "example bundle, ext_authz, closed loop",
              "ext_authz_plugins_capacity": "example bundle + both plugins, closed loop",
+             "sidecar_200": "example bundle, sidecar shape, 200 rps",
              "sidecar_1000": "example bundle, sidecar shape, 1,000 rps",
              "hundred_1000": "100 rules (no prompt read), ext_authz, 1,000 rps"}
     for key, name in names.items():
@@ -244,6 +276,15 @@ def main():
               f"{r['engine_rss_mb']} ({r['engine_peak_rss_mb']}) | {r['client_p50_ms']:.2f} / "
               f"{r['client_p99_ms']:.2f} | {r['engine_check_p99_ms']} |")
     print(f"budget: <= {BUDGET['cores']} core, <= {BUDGET['rss_mb']} MB, p99 <= {BUDGET['p99_ms']} ms")
+    print(f"\nThe sidecar pod's Envoy (--concurrency 1, {results['sidecar_envoy_confinement'].split(' (')[0]}): "
+          f"RSS {results['sidecar_envoy_idle_rss_mb']} MB idle; started (exec to LIVE, filter loaded) in "
+          f"{results['sidecar_envoy_start_s']} s. The engine started (exec to ready) in {results['engine_start_s']} s.")
+    print("| sidecar Envoy | rps | Envoy cores | Envoy CPU ms / request | Envoy RSS (peak) MB | client p50 / p99 ms |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for key in ("sidecar_200", "sidecar_1000"):
+        s = results[key]
+        print(f"| {names[key]} | {s['rps']:.0f} | {s['envoy_cores']} | {s['envoy_cpu_ms_per_request']} | "
+              f"{s['envoy_rss_mb']} ({s['envoy_peak_rss_mb']}) | {s['client_p50_ms']:.2f} / {s['client_p99_ms']:.2f} |")
 
 
 if __name__ == "__main__":
