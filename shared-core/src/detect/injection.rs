@@ -1070,7 +1070,17 @@ pub fn score(text: &str) -> (f64, Vec<Signal>) {
         if negated(&words, i) {
             continue;
         }
+        // Only the phrases this word may start (a 256-bit filter each): the word sets of the
+        // others are not compared at all.
+        let bit = (fnv(word.as_bytes()) % 256) as u32;
         for (k, phrase) in PHRASES.iter().enumerate() {
+            let may_start = FIRSTS
+                .get(k)
+                .and_then(|f| f.get((bit / 64) as usize))
+                .is_some_and(|bits| bits & (1u64 << (bit % 64)) != 0);
+            if !may_start {
+                continue;
+            }
             if let Some(f) = found.get_mut(k).filter(|f| !**f) {
                 *f = phrase.2.iter().any(|p| matches_at(&words, i, p));
             }
@@ -1112,6 +1122,38 @@ pub fn score(text: &str) -> (f64, Vec<Signal>) {
     let keep = hits.iter().fold(1.0, |acc, s| acc * (1.0 - s.weight));
     (1.0 - keep, hits)
 }
+
+/// Per phrase, a 256-bit filter of the hashes of the words that start one of its patterns, built
+/// at compile time.
+#[allow(
+    clippy::indexing_slicing,
+    reason = "evaluated at compile time only: `k < PHRASES.len()` and `h < 256`, so `h / 64 < 4` \
+              is in bounds, and an index out of bounds would fail const evaluation (the build), \
+              never panic at run time"
+)]
+const FIRSTS: [[u64; 4]; PHRASES.len()] = {
+    let mut filters = [[0u64; 4]; PHRASES.len()];
+    let mut k = 0;
+    while k < PHRASES.len() {
+        let mut patterns = PHRASES[k].2;
+        while let [pattern, more_patterns @ ..] = patterns {
+            if let Some(W(first)) = pattern.first() {
+                let mut words = *first;
+                while let [word, more_words @ ..] = words {
+                    let h = fnv(word.as_bytes()) % 256;
+                    filters[k][h / 64] |= 1 << (h % 64);
+                    words = more_words;
+                }
+            } else {
+                // A pattern that does not start with a word may start anywhere.
+                filters[k] = [u64::MAX; 4];
+            }
+            patterns = more_patterns;
+        }
+        k += 1;
+    }
+    filters
+};
 
 /// FNV-1a, 32 bits.
 const fn fnv(word: &[u8]) -> usize {

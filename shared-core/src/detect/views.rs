@@ -50,12 +50,14 @@ pub fn compact(text: &str) -> String {
     digit_separators(&keys)
 }
 
+/// The spelled-out forms of `@` and `.` ([`spell_out`]).
+const AT: &[&str] = &["[at]", "(at)", "{at}", "<at>", "-at-"];
+const DOT: &[&str] = &["[dot]", "(dot)", "{dot}", "<dot>", "-dot-"];
+
 /// `[at]`, `(at)`, `{at}`, `<at>`, `-at-` as `@` and the same forms of `dot` as `.`, in any
 /// case; ` at ` and ` dot ` too when the text spells a dot that way (else ` at ` is the English
 /// word). Then each address is put back together ([`reassemble`]).
 fn spell_out(text: &str) -> String {
-    const AT: &[&str] = &["[at]", "(at)", "{at}", "<at>", "-at-"];
-    const DOT: &[&str] = &["[dot]", "(dot)", "{dot}", "<dot>", "-dot-"];
     let lower = text.to_ascii_lowercase();
     let spelled_dot = DOT.iter().any(|f| lower.contains(f)) || lower.contains(" dot ");
     let mut out = String::with_capacity(text.len());
@@ -69,9 +71,12 @@ fn spell_out(text: &str) -> String {
                 .find(|f| rest.starts_with(f.as_bytes()))
                 .map(|f| f.len())
         };
-        let matched = form(AT)
-            .map(|n| (n, '@'))
-            .or_else(|| form(DOT).map(|n| (n, '.')))
+        // Every form starts with one of these bytes: any other is copied without comparing.
+        let may_start = matches!(rest.first(), Some(b'[' | b'(' | b'{' | b'<' | b'-' | b' '));
+        let matched = may_start
+            .then(|| form(AT).map(|n| (n, '@')))
+            .flatten()
+            .or_else(|| may_start.then(|| form(DOT).map(|n| (n, '.'))).flatten())
             .or_else(|| (spelled_dot && rest.starts_with(b" at ")).then_some((4, '@')))
             .or_else(|| (spelled_dot && rest.starts_with(b" dot ")).then_some((5, '.')));
         if let Some((len, to)) = matched {
@@ -287,13 +292,18 @@ fn join_key_groups(text: &str) -> String {
         let (Some(w), Some(body)) = (words.get(k), words.get(k.saturating_add(1))) else {
             return false;
         };
-        let lower = w.to_ascii_lowercase();
+        // (The prefixes are lower-case ASCII: compared without building a lower-cased copy of
+        // every word.)
+        if body.len() < 8 {
+            return false;
+        }
+        let is = |p: &str| w.eq_ignore_ascii_case(p);
         let prefix = KEY_STARTS
             .iter()
-            .any(|p| lower == *p || lower == p.trim_end_matches(['-', '_']))
-            || lower == "sk-proj-"
-            || lower == "sk-ant-";
-        prefix && body.len() >= 8 && body.chars().all(key_char)
+            .any(|p| is(p) || is(p.trim_end_matches(['-', '_'])))
+            || is("sk-proj-")
+            || is("sk-ant-");
+        prefix && body.chars().all(key_char)
     };
     let mut out = String::with_capacity(text.len());
     let mut i = 0usize;
@@ -336,14 +346,12 @@ fn join_key_groups(text: &str) -> String {
         // Where in the run a key starts: the first group whose next four groups, joined, begin
         // with a key prefix (each group is looked at once more, at most).
         let head = |k: usize| -> bool {
-            let h: String = run
-                .iter()
-                .skip(k)
-                .take(4)
-                .copied()
-                .collect::<String>()
-                .to_ascii_lowercase();
-            KEY_STARTS.iter().any(|p| h.starts_with(p))
+            let joined = run.iter().skip(k).take(4).flat_map(|w| w.bytes());
+            KEY_STARTS.iter().any(|p| {
+                let mut h = joined.clone();
+                p.bytes()
+                    .all(|c| h.next().is_some_and(|b| b.to_ascii_lowercase() == c))
+            })
         };
         let start = (0..run.len()).find(|&k| run.len().saturating_sub(k) >= 4 && head(k));
         match start {
@@ -975,6 +983,37 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spelled_forms_start_with_the_bytes_spell_out_looks_for() {
+        for f in AT.iter().chain(DOT) {
+            assert!(
+                matches!(f.as_bytes()[0], b'[' | b'(' | b'{' | b'<' | b'-'),
+                "{f}"
+            );
+            let spelled = spell_out(&alloc::format!("jane {f} example"));
+            assert!(
+                spelled.contains('@') || spelled.contains('.'),
+                "{f}: {spelled}"
+            );
+        }
+    }
+
+    #[test]
+    fn key_prefixes_are_lower_case_ascii_as_their_comparisons_assume() {
+        assert!(KEY_STARTS
+            .iter()
+            .all(|p| p.is_ascii() && p.to_ascii_lowercase() == *p));
+        // Any case of a prefix written apart from its body, and of grouped keys, is joined.
+        assert_eq!(
+            join_key_groups("key: AKIA IOSFODNN7EXAMPLE ok"),
+            "key: AKIAIOSFODNN7EXAMPLE ok"
+        );
+        assert_eq!(
+            join_key_groups("AIza SyXE SDML h3Ds, thanks"),
+            "AIzaSyXESDMLh3Ds, thanks"
+        );
+    }
 
     #[test]
     fn an_ssn_in_two_pieces_joins_only_where_an_ssn_is_named() {
