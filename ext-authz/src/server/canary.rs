@@ -182,6 +182,12 @@ impl Canary {
     pub fn end(&self, state: &str, reason: String) -> bool {
         match self.ended.lock() {
             Ok(mut e) if e.is_none() => {
+                tracing::info!(
+                    candidate = self.version.set.bundle(),
+                    state,
+                    reason,
+                    "canary ended"
+                );
                 *e = Some(format!("{state}\u{0}{reason}"));
                 true
             }

@@ -300,12 +300,6 @@ impl Engine {
         let ended = previous.as_ref().is_some_and(|p| Arc::ptr_eq(p, canary));
         if ended {
             canary.end(state, reason.to_string());
-            tracing::info!(
-                candidate = canary.version.set.bundle(),
-                state,
-                reason,
-                "canary ended"
-            );
         }
         ended
     }
@@ -314,12 +308,6 @@ impl Engine {
     pub fn end_canary(&self, state: &str, reason: &str) -> Option<Arc<Canary>> {
         let canary = self.canary.swap(None)?;
         canary.end(state, reason.to_string());
-        tracing::info!(
-            candidate = canary.version.set.bundle(),
-            state,
-            reason,
-            "canary ended"
-        );
         Some(canary)
     }
 
