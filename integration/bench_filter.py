@@ -11,8 +11,9 @@ upstream share CPU 1) in front of `bench-upstream`, four set-ups:
      (a) with `--identity api-keys` (the filter looks up a virtual key; Envoy's credential_injector
      sets the provider's key): the cost of identity, next to (a) in the same run.
 
-Each with 1 KB, 8 KB and 64 KB chat bodies: throughput at saturation (closed loop) and the
-unloaded p50 (100 rps). Then 100,000 requests through (b) with Envoy's allocated memory before and
+Each with 1 KB, 8 KB and 64 KB chat bodies: throughput at saturation (closed loop) with the same
+body every time (the filter's decision cache hits) and with a unique body per request (a nonce in
+the prompt: every request is extracted, scanned and decided), and the unloaded p50 (100 rps). Then 100,000 requests through (b) with Envoy's allocated memory before and
 after, and the size of the release `.wasm`. The machine is shared and noisy: compare the ratios of
 one run. Results: a Markdown table on stdout and `tools/bench-filter.json`.
 """
@@ -29,7 +30,9 @@ from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
 SECS = int(os.environ.get("BENCH_SECS", "5"))
-SIZES = (1024, 8 * 1024, 64 * 1024)
+SIZES = tuple(int(s) * 1024 for s in os.environ.get("BENCH_SIZES_KB", "1,8,64").split(","))
+# A subset of the set-ups by name (comma-separated), for a quicker look; all by default.
+ONLY = [s for s in os.environ.get("BENCH_SETUPS", "").split(",") if s]
 
 
 
@@ -37,7 +40,8 @@ SIZES = (1024, 8 * 1024, 64 * 1024)
 def body(size):
     """An OpenAI chat body of about `size` bytes that the example bundle allows."""
     text = "Please summarise the following notes about the quarterly planning meeting. "
-    filler = (text * (size // len(text) + 1))[: max(size - 120, 10)]
+    # `loadgen --unique` rewrites the nonce's letters per request.
+    filler = "nonceaaaaaaaaaa " + (text * (size // len(text) + 1))[: max(size - 136, 10)]
     return json.dumps({"model": "gpt-4o-mini", "max_tokens": 256,
                        "messages": [{"role": "system", "content": "You are concise."},
                                     {"role": "user", "content": filler}]}).encode()
@@ -67,9 +71,11 @@ def measure(url, files, headers=()):
     out = {}
     for size, f in files.items():
         sat = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f, *extra, cpu=1)
+        unique = loadgen("http", "--url", url, "--concurrency", 32, "--duration", SECS, "--body-file", f, "--unique",
+                         *extra, cpu=1)
         idle = loadgen("http", "--url", url, "--rate", 100, "--duration", 3, "--concurrency", 4, "--body-file", f,
                        *extra, cpu=1)
-        out[str(size)] = {"saturation": sat, "unloaded": idle}
+        out[str(size)] = {"saturation": sat, "saturation_unique": unique, "unloaded": idle}
     return out
 
 
@@ -117,6 +123,8 @@ def main():
                 *identity_setups(tmp, hundred),
             ]
             for name, text, headers in setups:
+                if ONLY and name not in ONLY:
+                    continue
                 if text is None:
                     e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml", concurrency=1)
                 else:
@@ -125,7 +133,7 @@ def main():
                 url = e.url("/v1/chat/completions")
                 # The example bundle allows the benchmark request: check before measuring.
                 status = subprocess.run(["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "--data-binary",
-                                         f"@{files[1024]}", "-H", "content-type: application/json",
+                                         f"@{files[SIZES[0]]}", "-H", "content-type: application/json",
                                          *[a for h in headers for a in ("-H", h)], url],
                                         capture_output=True, text=True).stdout
                 assert status == "200", f"{name}: the benchmark request got {status}"
@@ -133,7 +141,7 @@ def main():
                 if name.startswith("filter"):
                     _, h = http_get(f"http://127.0.0.1:{e.admin}/stats?filter=evaluation_us")
                     results[name]["evaluation_us_histogram"] = h.decode().strip()
-                if name == "filter_example_bundle":
+                if name == "filter_example_bundle" and 8 * 1024 in files:
                     before = allocated(e)
                     run = loadgen("http", "--url", url, "--concurrency", 32, "--duration", 12,
                                   "--body-file", files[8 * 1024], cpu=1)
@@ -149,39 +157,50 @@ def main():
 
 
 def print_table(r):
-    names = ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle", "filter_100_rules_jwt",
-             "filter_100_rules_api_keys")
-    print("| set-up | body | rps (saturation) | × passthrough | p50 ms unloaded | p99 ms saturation | non-200 |")
-    print("|---|---:|---:|---:|---:|---:|---:|")
+    names = [n for n in ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle",
+                         "filter_100_rules_jwt", "filter_100_rules_api_keys") if n in r]
+    print("| set-up | body | rps, same body | × floor | rps, unique bodies | × floor | p50 ms unloaded | "
+          "p99 ms saturation | non-200 |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in map(str, SIZES):
-        base = r["passthrough"][size]["saturation"]["rps"]
+        floor = r.get("noop_floor", {}).get(size)
         for name in names:
             x = r[name][size]
-            sat = x["saturation"]
+            sat, uniq = x["saturation"], x["saturation_unique"]
             bad = sum(non_200(v) for v in x.values())
-            print(f"| {name} | {int(size) // 1024} KB | {sat['rps']:.0f} | {sat['rps'] / base:.2f} | "
-                  f"{x['unloaded']['p50_ms']:.3f} | {sat['p99_ms']:.2f} | {bad} |")
+            ratio = (lambda v, k: f"{v['rps'] / floor[k]['rps']:.2f}") if floor else (lambda v, k: "—")
+            print(f"| {name} | {int(size) // 1024} KB | {sat['rps']:.0f} | {ratio(sat, 'saturation')} | "
+                  f"{uniq['rps']:.0f} | {ratio(uniq, 'saturation_unique')} | {x['unloaded']['p50_ms']:.3f} | "
+                  f"{sat['p99_ms']:.2f} | {bad} |")
     print()
     for size in map(str, SIZES):
-        t = r["passthrough"][size]
-        n = r["noop_floor"][size]
+        if "passthrough" not in r or "noop_floor" not in r:
+            break
+        t, n = r["passthrough"][size], r["noop_floor"][size]
         for name in ("filter_100_rules", "filter_example_bundle"):
+            if name not in r:
+                continue
             f = r[name][size]
-            print(f"{int(size) // 1024} KB {name}: {f['saturation']['rps'] / t['saturation']['rps']:.2f}x passthrough "
-                  f"(floor {n['saturation']['rps'] / t['saturation']['rps']:.2f}x, "
-                  f"{f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor); unloaded p50 "
+            print(f"{int(size) // 1024} KB {name}: {f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor "
+                  f"(unique bodies {f['saturation_unique']['rps'] / n['saturation_unique']['rps']:.2f}x; "
+                  f"floor {n['saturation']['rps'] / t['saturation']['rps']:.2f}x passthrough); unloaded p50 "
                   f"{f['unloaded']['p50_ms']:.3f} ms vs floor {n['unloaded']['p50_ms']:.3f} ms vs passthrough "
                   f"{t['unloaded']['p50_ms']:.3f} ms")
     for size in map(str, SIZES):
+        if "filter_100_rules" not in r:
+            break
         base = r["filter_100_rules"][size]
         for name in ("filter_100_rules_jwt", "filter_100_rules_api_keys"):
+            if name not in r:
+                continue
             x = r[name][size]
             print(f"{int(size) // 1024} KB {name}: {x['saturation']['rps'] / base['saturation']['rps']:.2f}x "
                   f"filter_100_rules at saturation; unloaded p50 {x['unloaded']['p50_ms']:.3f} ms vs "
                   f"{base['unloaded']['p50_ms']:.3f} ms")
-    m = r["memory_100k"]
-    print(f"memory over {m['requests']} requests (example bundle, 8 KB): allocated {m['allocated_before'] / 1e6:.1f} MB "
-          f"-> {m['allocated_after'] / 1e6:.1f} MB")
+    if "memory_100k" in r:
+        m = r["memory_100k"]
+        print(f"memory over {m['requests']} requests (example bundle, 8 KB): allocated "
+              f"{m['allocated_before'] / 1e6:.1f} MB -> {m['allocated_after'] / 1e6:.1f} MB")
     print(f".wasm: {r['wasm_bytes'] / 1e6:.2f} MB (target <= 3 MB); no-op floor {r['noop_wasm_bytes'] / 1e6:.2f} MB")
 
 

@@ -254,6 +254,19 @@ fn detection(c: &mut Criterion) {
         g.bench_with_input(BenchmarkId::new("injection", name), text, |b, text| {
             b.iter(|| llm_policy_core::detect::injection_score(black_box(text)))
         });
+        // Both, sharing the views, as a context that reads both fields builds them.
+        g.bench_with_input(BenchmarkId::new("both", name), text, |b, text| {
+            b.iter(|| {
+                let scanned = llm_policy_core::detect::Scanned::new(black_box(text));
+                (
+                    llm_policy_core::detect::entities_in(
+                        &scanned,
+                        llm_policy_core::detect::Entities::all(),
+                    ),
+                    llm_policy_core::detect::injection_score_in(&scanned),
+                )
+            })
+        });
     }
     g.finish();
 }

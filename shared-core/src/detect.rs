@@ -18,6 +18,7 @@ pub mod views;
 use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
+use core::cell::OnceCell;
 
 pub use injection::Signal;
 pub use pii::{Entities, Entity, Finding};
@@ -59,13 +60,82 @@ impl Found {
     }
 }
 
+/// A text and the views both scanners read, each built once, when first asked for: a context
+/// that reads both `request.prompt_entities` and `request.prompt_injection` folds, compacts and
+/// decodes its prompt once, not once per scanner.
+#[derive(Debug)]
+pub struct Scanned<'t> {
+    text: &'t str,
+    folded: OnceCell<String>,
+    compact: OnceCell<String>,
+    folded_compact: OnceCell<String>,
+    decoded: OnceCell<String>,
+    backwards: OnceCell<bool>,
+}
+
+impl<'t> Scanned<'t> {
+    /// `text`, no view built yet.
+    pub fn new(text: &'t str) -> Scanned<'t> {
+        Scanned {
+            text,
+            folded: OnceCell::new(),
+            compact: OnceCell::new(),
+            folded_compact: OnceCell::new(),
+            decoded: OnceCell::new(),
+            backwards: OnceCell::new(),
+        }
+    }
+
+    /// The text as sent.
+    pub fn text(&self) -> &'t str {
+        self.text
+    }
+
+    /// The text folded ([`crate::fold::fold`]).
+    pub fn folded(&self) -> &str {
+        self.folded.get_or_init(|| crate::fold::fold(self.text))
+    }
+
+    /// The text compacted ([`views::compact`]).
+    pub fn compact(&self) -> &str {
+        self.compact.get_or_init(|| views::compact(self.text))
+    }
+
+    /// The compacted text folded (the folded text when compacting changed nothing).
+    pub fn folded_compact(&self) -> &str {
+        self.folded_compact.get_or_init(|| {
+            if self.compact() == self.text {
+                String::from(self.folded())
+            } else {
+                crate::fold::fold(self.compact())
+            }
+        })
+    }
+
+    /// The text's encoded runs decoded ([`views::decoded`]; empty when there are none).
+    pub fn decoded(&self) -> &str {
+        self.decoded.get_or_init(|| views::decoded(self.text))
+    }
+
+    /// Whether the text asks for something to be read backwards ([`asks_backwards`]).
+    pub fn backwards(&self) -> bool {
+        *self.backwards.get_or_init(|| asks_backwards(self.text))
+    }
+}
+
 /// The personal data and secrets of the kinds in `wanted` found in `text` or any of its views.
 pub fn entities(text: &str, wanted: Entities) -> Found {
+    entities_in(&Scanned::new(text), wanted)
+}
+
+/// [`entities`] of a text whose views may be shared with [`injection_score_in`].
+pub fn entities_in(scanned: &Scanned<'_>, wanted: Entities) -> Found {
+    let text = scanned.text();
     let mut found = Found::default();
     for f in pii::scan(text, wanted) {
         found.add(&f, false);
     }
-    for_each_view(text, |view, only| {
+    each_view(scanned, |view, only| {
         let kinds = match only {
             Some(e) if !wanted.contains(e) => return,
             Some(e) => Entities::none().with(e),
@@ -81,6 +151,12 @@ pub fn entities(text: &str, wanted: Entities) -> Found {
 /// The prompt-injection score of `text`: the highest of the text's and its views' scores
 /// ([`injection::score`]), with the signals of that view.
 pub fn injection_score(text: &str) -> (f64, Vec<Signal>) {
+    injection_score_in(&Scanned::new(text))
+}
+
+/// [`injection_score`] of a text whose views may be shared with [`entities_in`].
+pub fn injection_score_in(scanned: &Scanned<'_>) -> (f64, Vec<Signal>) {
+    let text = scanned.text();
     let mut best = injection::score(text);
     let mut consider = |view: &str| {
         let s = injection::score(view);
@@ -88,26 +164,26 @@ pub fn injection_score(text: &str) -> (f64, Vec<Signal>) {
             best = s;
         }
     };
-    let folded = crate::fold::fold(text);
+    let folded = scanned.folded();
     // ASCII folds to its lower case with white space collapsed: the words the scorer reads are
     // those of the text, already scored.
     if !text.is_ascii() {
-        consider(&folded);
+        consider(folded);
     }
-    let compact = crate::fold::fold(&views::compact(text));
-    let unleet = views::unleet(&compact);
+    let compact = scanned.folded_compact();
+    let unleet = views::unleet(compact);
     if unleet != folded {
         consider(&unleet);
     }
     if compact != folded && compact != unleet {
-        consider(&compact);
+        consider(compact);
     }
-    if asks_backwards(text) {
-        consider(&views::reversed(&folded));
+    if scanned.backwards() {
+        consider(&views::reversed(folded));
     }
-    let decoded = views::decoded(text);
+    let decoded = scanned.decoded();
     if !decoded.is_empty() {
-        consider(&crate::fold::fold(&decoded));
+        consider(&crate::fold::fold(decoded));
     }
     best
 }
@@ -206,26 +282,31 @@ pub fn asks_backwards(text: &str) -> bool {
 /// decoded, reversed when the text asks for it, card, IBAN and SSN pieces joined, an address's
 /// labelled parts joined) and the one kind to read in it, if only one (card numbers in the
 /// scattered digits, IBANs in the IBAN pieces, ...).
-pub fn for_each_view(text: &str, mut f: impl FnMut(&str, Option<Entity>)) {
-    let folded = crate::fold::fold(text);
+pub fn for_each_view(text: &str, f: impl FnMut(&str, Option<Entity>)) {
+    each_view(&Scanned::new(text), f);
+}
+
+/// [`for_each_view`] with the views shared through `scanned`.
+fn each_view(scanned: &Scanned<'_>, mut f: impl FnMut(&str, Option<Entity>)) {
+    let text = scanned.text();
     // ASCII folds to its lower case with white space collapsed, which the scanners of the text
     // already see through (only a key's case differs, and a lower-case key is no key).
-    if folded != text && !text.is_ascii() {
-        f(&folded, None);
+    if !text.is_ascii() && scanned.folded() != text {
+        f(scanned.folded(), None);
     }
-    let compact = views::compact(text);
+    let compact = scanned.compact();
     if compact != text {
-        f(&compact, None);
-        let folded_compact = crate::fold::fold(&compact);
-        if folded_compact != compact && folded_compact != folded {
-            f(&folded_compact, None);
+        f(compact, None);
+        let folded_compact = scanned.folded_compact();
+        if folded_compact != compact && folded_compact != scanned.folded() {
+            f(folded_compact, None);
         }
     }
-    let decoded = views::decoded(text);
+    let decoded = scanned.decoded();
     if !decoded.is_empty() {
-        f(&decoded, None);
+        f(decoded, None);
     }
-    if asks_backwards(text) {
+    if scanned.backwards() {
         f(&views::reversed(text), None);
     }
     let scattered = views::scattered_digits(text);
@@ -254,7 +335,12 @@ pub fn kind_names(found: &Found, min: f64) -> Vec<&'static str> {
 /// The names of every kind in `text` or its views with at least `min` confidence: what
 /// `request.prompt_entities` and `response.entities` hold.
 pub fn entity_names(text: &str, min: f64) -> Vec<String> {
-    entities(text, Entities::all())
+    entity_names_in(&Scanned::new(text), min)
+}
+
+/// [`entity_names`] of a text whose views may be shared with [`injection_score_in`].
+pub fn entity_names_in(scanned: &Scanned<'_>, min: f64) -> Vec<String> {
+    entities_in(scanned, Entities::all())
         .kinds(min)
         .map(|e| String::from(e.name()))
         .collect()

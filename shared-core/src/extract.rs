@@ -671,12 +671,14 @@ impl<S: Sink> Body<S> {
             } else {
                 Cow::Borrowed(prompt.as_str())
             };
+            // Both scanners read the same views: built once.
+            let scanned = crate::detect::Scanned::new(&scanned);
             if needs.entities {
                 request.prompt_entities =
-                    crate::detect::entity_names(&scanned, crate::context::ENTITY_CONFIDENCE);
+                    crate::detect::entity_names_in(&scanned, crate::context::ENTITY_CONFIDENCE);
             }
             if needs.injection {
-                request.prompt_injection = crate::detect::injection_score(&scanned).0;
+                request.prompt_injection = crate::detect::injection_score_in(&scanned).0;
             }
             request.prompt = prompt;
         }

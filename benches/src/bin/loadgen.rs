@@ -10,6 +10,8 @@
 //!   directly over gRPC.
 //!
 //! Requests carry an 8 KB OpenAI chat body unless `--body-file` says otherwise.
+//! With `--unique`, each request's body differs (a nonce in its text), so nothing is served from a
+//! decision or scan cache.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -49,6 +51,10 @@ enum Mode {
         /// Extra header `name: value` (repeatable).
         #[arg(long)]
         header: Vec<String>,
+        /// Make every request's body unique: the body must hold [`NONCE`], whose letters are
+        /// replaced by a per-request count (so no decision or scan is served from a cache).
+        #[arg(long)]
+        unique: bool,
     },
     /// Print a policy of N generated rules (DSL, CEL and rate limits mixed), for reload tests.
     GenPolicy {
@@ -71,6 +77,51 @@ enum Mode {
         #[arg(long, default_value_t = 5)]
         duration: u64,
     },
+}
+
+/// The marker `--unique` rewrites in each body: a word of letters, so that no scanner reads it as
+/// a number, a key or a phrase.
+const NONCE: &[u8] = b"nonceaaaaaaaaaa";
+
+/// The bodies a run sends: the same one, or one made unique per request.
+#[derive(Clone)]
+struct Bodies {
+    body: axum::body::Bytes,
+    /// Where the letters of [`NONCE`] after `nonce` are, with `--unique`.
+    nonce: Option<usize>,
+    sent: Arc<AtomicU64>,
+}
+
+impl Bodies {
+    fn new(body: Vec<u8>, unique: bool) -> Result<Bodies, String> {
+        let nonce = if unique {
+            let at = body
+                .windows(NONCE.len())
+                .position(|w| w == NONCE)
+                .ok_or("--unique: the body holds no `nonceaaaaaaaaaa` marker")?;
+            Some(at + 5)
+        } else {
+            None
+        };
+        Ok(Bodies {
+            body: bytes_of(body),
+            nonce,
+            sent: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    fn next(&self) -> reqwest::Body {
+        let Some(at) = self.nonce else {
+            return reqwest::Body::from(self.body.clone());
+        };
+        let mut n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let mut b = self.body.to_vec();
+        for slot in b.iter_mut().skip(at).take(NONCE.len() - 5) {
+            *slot = b'a' + (n % 26) as u8;
+            n /= 26;
+        }
+        reqwest::Body::from(b)
+    }
 }
 
 /// An 8 KB chat completion request.
@@ -145,7 +196,7 @@ async fn http(
     rate: Option<u64>,
     concurrency: usize,
     duration: Duration,
-    body: Vec<u8>,
+    body: Bodies,
     headers: Vec<(String, String)>,
 ) -> serde_json::Value {
     llm_policy_server::install_crypto_provider();
@@ -155,7 +206,6 @@ async fn http(
         .build()
         .unwrap_or_default();
     let tally = Arc::new(Tally::default());
-    let body = bytes_of(body);
     let send = {
         let client = client.clone();
         let url = url.clone();
@@ -180,7 +230,7 @@ async fn http(
                 let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else {
                     break;
                 };
-                let fut = send(reqwest::Body::from(body.clone()));
+                let fut = send(body.next());
                 let tally = Arc::clone(&tally);
                 tasks.spawn(async move {
                     let r = fut.await;
@@ -201,7 +251,7 @@ async fn http(
                 tasks.spawn(async move {
                     while Instant::now() < deadline {
                         let at = Instant::now();
-                        let r = send(reqwest::Body::from(body.clone())).await;
+                        let r = send(body.next()).await;
                         finish(&tally, r, at).await;
                     }
                 });
@@ -310,6 +360,7 @@ async fn main() {
             duration,
             body_file,
             header,
+            unique,
         } => {
             let body = match body_file {
                 Some(p) => std::fs::read(&p).unwrap_or_else(|e| {
@@ -318,6 +369,10 @@ async fn main() {
                 }),
                 None => chat_body(),
             };
+            let body = Bodies::new(body, unique).unwrap_or_else(|e| {
+                eprintln!("{e}");
+                std::process::exit(2)
+            });
             let headers = header
                 .iter()
                 .filter_map(|h| {

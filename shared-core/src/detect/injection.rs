@@ -1194,11 +1194,18 @@ const STARTERS: [u64; 64] = {
     filter
 };
 
+/// Whether `w` is one of `set`'s words: lengths and first bytes compared before any string.
+fn in_set(set: &[&str], w: &str) -> bool {
+    let first = w.as_bytes().first();
+    set.iter()
+        .any(|s| s.len() == w.len() && s.as_bytes().first() == first && *s == w)
+}
+
 fn matches_at(words: &[&str], i: usize, steps: &[Step]) -> bool {
     match steps.split_first() {
         None => true,
         Some((W(set), rest)) => {
-            words.get(i).is_some_and(|w| set.contains(w))
+            words.get(i).is_some_and(|w| in_set(set, w))
                 && matches_at(words, i.saturating_add(1), rest)
         }
         Some((Gap(n), rest)) => (0..=*n).any(|k| matches_at(words, i.saturating_add(k), rest)),

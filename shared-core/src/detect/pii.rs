@@ -836,6 +836,10 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
         let joined_before = token(before(b, i));
         let mut next = i.saturating_add(1);
         for &(prefix, body, min, max, conf) in KEYS {
+            // (The first byte first: most prefixes are ruled out without comparing slices.)
+            if !prefix.first().is_some_and(|p| p.eq_ignore_ascii_case(&c)) {
+                continue;
+            }
             let s = i.saturating_add(prefix.len());
             let at_prefix = b.get(i..s).is_some_and(|h| {
                 if any_case {

@@ -16,6 +16,7 @@
 //! Every view is linear in the text and at most as long as the text (plus a separator per
 //! group); `decoded` reads at most [`MAX_DECODED`] bytes of runs in all.
 
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -40,11 +41,20 @@ fn letter_sep(c: char) -> bool {
 pub fn compact(text: &str) -> String {
     // Every white space character (tab, line break, no-break and ideographic space) as a space,
     // so that the letters of `i\tg\u{3000}n` are spaced like those of `i g n`.
-    let spaced: String = text
-        .chars()
-        .map(|c| if c.is_whitespace() { ' ' } else { c })
-        .collect();
-    let joined = join_single_chars(&spaced);
+    let spaced: Cow<'_, str> = if text.chars().any(|c| c.is_whitespace() && c != ' ') {
+        Cow::Owned(
+            text.chars()
+                .map(|c| if c.is_whitespace() { ' ' } else { c })
+                .collect(),
+        )
+    } else {
+        Cow::Borrowed(text)
+    };
+    let joined = if may_join_single_chars(&spaced) {
+        Cow::Owned(join_single_chars(&spaced))
+    } else {
+        spaced
+    };
     let spelled = spell_out(&joined);
     let keys = join_key_groups(&spelled);
     digit_separators(&keys)
@@ -58,6 +68,15 @@ const DOT: &[&str] = &["[dot]", "(dot)", "{dot}", "<dot>", "-dot-"];
 /// case; ` at ` and ` dot ` too when the text spells a dot that way (else ` at ` is the English
 /// word). Then each address is put back together ([`reassemble`]).
 fn spell_out(text: &str) -> String {
+    if !has_spelled_form(text.as_bytes()) {
+        // Nothing to replace: only the addresses to put back together.
+        return reassemble(text);
+    }
+    spell_out_forms(text)
+}
+
+/// [`spell_out`] without looking first whether there is a form to replace.
+fn spell_out_forms(text: &str) -> String {
     let lower = text.to_ascii_lowercase();
     let spelled_dot = DOT.iter().any(|f| lower.contains(f)) || lower.contains(" dot ");
     let mut out = String::with_capacity(text.len());
@@ -97,6 +116,50 @@ fn spell_out(text: &str) -> String {
         i = i.saturating_add(c.len_utf8());
     }
     reassemble(&out)
+}
+
+/// Whether `b` holds, in any case, a spelled-out form of `@` or `.` ([`AT`], [`DOT`]) or
+/// ` dot `: without one, [`spell_out`] replaces nothing. (One pass over the bytes, no copy.)
+fn has_spelled_form(b: &[u8]) -> bool {
+    b.iter().enumerate().any(|(i, &c)| {
+        let rest = b.get(i..).unwrap_or_default();
+        let starts = |f: &str| {
+            rest.get(..f.len())
+                .is_some_and(|r| r.eq_ignore_ascii_case(f.as_bytes()))
+        };
+        match c {
+            b'[' | b'(' | b'{' | b'<' | b'-' => AT.iter().chain(DOT).any(|f| starts(f)),
+            b' ' => starts(" dot "),
+            _ => false,
+        }
+    })
+}
+
+/// Whether `text` has what a run of [`join_single_chars`] starts with: a character standing
+/// alone (at the start, or after white space or a separator), then a separator, another
+/// character, and the same separator again (`i g `, `r.e.`). Without one, joining changes
+/// nothing. (One pass over the characters, no copy.)
+fn may_join_single_chars(text: &str) -> bool {
+    // The last five characters, oldest first; `None` before the text's start.
+    let mut w: [Option<char>; 5] = [None; 5];
+    for c in text.chars() {
+        w = [w[1], w[2], w[3], w[4], Some(c)];
+        let [before, Some(a), Some(s), Some(b), Some(s2)] = w else {
+            continue;
+        };
+        let alone = before.is_none_or(|p| p.is_whitespace() || letter_sep(p));
+        if alone
+            && letter_sep(s)
+            && s2 == s
+            && !a.is_whitespace()
+            && a != s
+            && !b.is_whitespace()
+            && b != s
+        {
+            return true;
+        }
+    }
+    false
 }
 
 /// Whether `c` may be in an address's local part.
@@ -791,7 +854,9 @@ fn decode_level(text: &str) -> String {
             }
             let token = text.get(s..e).unwrap_or_default();
             budget = budget.saturating_sub(token.len());
-            if let Some(d) = decode_token(token) {
+            // A token shorter than a run and without `%` decodes to nothing: not looked at.
+            let may_decode = token.len() >= MIN_RUN || token.contains('%');
+            if let Some(d) = may_decode.then(|| decode_token(token)).flatten() {
                 if !out.is_empty() {
                     out.push('\n');
                 }
@@ -810,6 +875,9 @@ fn decode_level(text: &str) -> String {
 /// arguments are JSON the client decodes).
 fn json_escapes(text: &str) -> String {
     let mut out = String::new();
+    if !text.contains("\\u") {
+        return out;
+    }
     for word in text
         .split(char::is_whitespace)
         .filter(|w| w.contains("\\u"))
@@ -860,23 +928,31 @@ fn hex_bytes(text: &str) -> String {
         }
         bytes.clear();
     };
+    let escaped = text.contains("\\x");
     for word in text.split(|c: char| c.is_whitespace() || c == ',') {
         if word.is_empty() {
             continue;
         }
-        let parts: Vec<&str> = if word.contains("\\x") {
-            word.split("\\x").filter(|p| !p.is_empty()).collect()
-        } else {
-            alloc::vec![word.strip_prefix("0x").unwrap_or(word)]
+        let byte = |p: &str| match (p.len(), u8::from_str_radix(p, 16)) {
+            (2, Ok(v)) => Some(v),
+            _ => None,
         };
         let mut all = true;
-        for p in &parts {
-            match (p.len(), u8::from_str_radix(p, 16)) {
-                (2, Ok(v)) => bytes.push(v),
-                _ => {
-                    all = false;
-                    break;
+        if escaped && word.contains("\\x") {
+            for p in word.split("\\x").filter(|p| !p.is_empty()) {
+                match byte(p) {
+                    Some(v) => bytes.push(v),
+                    None => {
+                        all = false;
+                        break;
+                    }
                 }
+            }
+        } else {
+            // (No allocation for the common word: one part.)
+            match byte(word.strip_prefix("0x").unwrap_or(word)) {
+                Some(v) => bytes.push(v),
+                None => all = false,
             }
         }
         if !all {
@@ -983,6 +1059,87 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Texts of the characters the views look at: separators, letters, digits, `@`, the
+    /// spelled-out forms' brackets, white space of several kinds, non-ASCII letters and `·`.
+    fn texts() -> impl Iterator<Item = String> {
+        const PIECES: &[&str] = &[
+            "a",
+            "b",
+            "I",
+            "7",
+            "4111",
+            " ",
+            "  ",
+            ".",
+            "-",
+            "_",
+            "·",
+            "\t",
+            "\n",
+            "\u{3000}",
+            "@",
+            "[at]",
+            "(DOT)",
+            "{at}",
+            "<dot>",
+            "-at-",
+            " dot ",
+            " at ",
+            "é",
+            "ж",
+            "ignore",
+            "sk-",
+            "AKIA",
+            "x",
+            ",",
+            "/",
+            "*",
+            "|",
+            "[",
+            "(",
+            "<",
+            "{",
+            "example.com",
+            "jane",
+        ];
+        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
+        (0..20_000).map(move |_| {
+            let mut t = String::new();
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let len = (seed % 12) as usize;
+            for k in 0..len {
+                let pick = (seed.rotate_left((k * 5) as u32) % PIECES.len() as u64) as usize;
+                t.push_str(PIECES[pick]);
+            }
+            t
+        })
+    }
+
+    #[test]
+    fn the_fast_paths_change_no_view() {
+        let fixed = [
+            "i g n o r e all",
+            "r.e.v.e.a.l the key",
+            "about a meeting at noon",
+            "U.S.A. and a b",
+            "x · y · z",
+            "jane [AT] example [dot] com",
+            "write to jo dot smith at corp dot example",
+        ];
+        for t in texts().chain(fixed.iter().map(|t| String::from(*t))) {
+            if !may_join_single_chars(&t) {
+                assert_eq!(join_single_chars(&t), t, "{t:?}");
+            }
+            assert_eq!(spell_out(&t), spell_out_forms(&t), "{t:?}");
+        }
+        assert!(may_join_single_chars("i g n o r e"));
+        assert!(!may_join_single_chars("about a meeting"));
+        assert!(has_spelled_form(b"jane [AT] corp"));
+        assert!(!has_spelled_form(b"jane at corp"));
+    }
 
     #[test]
     fn spelled_forms_start_with_the_bytes_spell_out_looks_for() {
