@@ -184,3 +184,65 @@ pub fn load_policy(n: usize, kind: LoadKind) -> String {
     }
     s
 }
+
+/// The 100 rules of `make bench-filter` (`integration/bench_filter.py`): on model, `max_tokens`
+/// and a header, a third each in CEL, the DSL and DSL `all`, none matching the benchmark request.
+pub fn hundred_rules_yaml() -> String {
+    let mut rules = String::new();
+    for i in 0..100 {
+        let when = match i % 3 {
+            0 => format!(
+                "{{ cel: \"request.model == 'm{i}' && request.max_tokens != null && request.max_tokens > {}\" }}",
+                10 * i
+            ),
+            1 => format!("{{ match: {{ field: request.headers.x-team, op: eq, value: t{i} }} }}"),
+            _ => format!(
+                "{{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, {{ field: request.max_tokens, op: gt, value: {i} }}] }} }}"
+            ),
+        };
+        rules.push_str(&format!(
+            "    - id: r{i}\n      priority: {i}\n      when: {when}\n      action: {{ decision: deny }}\n"
+        ));
+    }
+    format!(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: hundred}}\nspec:\n  defaultDecision: allow\n  rules:\n{rules}"
+    )
+}
+
+/// The nonce word of a benchmark body (`loadgen --unique` rewrites its letters per request).
+pub const NONCE: &str = "nonceaaaaaaaaaa";
+
+/// The chat body of `make bench-filter` (`integration/bench_filter.py`): about `size` bytes that
+/// the example bundle allows, its text starting with [`NONCE`].
+pub fn nonce_chat_body(size: usize) -> String {
+    let text = "Please summarise the following notes about the quarterly planning meeting. ";
+    let filler: String = text
+        .repeat(size / text.len() + 1)
+        .chars()
+        .take(size.saturating_sub(136).max(10))
+        .collect();
+    serde_json::json!({
+        "model": "gpt-4o-mini",
+        "max_tokens": 256,
+        "messages": [
+            {"role": "system", "content": "You are concise."},
+            {"role": "user", "content": format!("{NONCE} {filler}")},
+        ],
+    })
+    .to_string()
+}
+
+/// Where the letters of the body's [`NONCE`] start.
+pub fn nonce_at(body: &[u8]) -> usize {
+    body.windows(NONCE.len())
+        .position(|w| w == NONCE.as_bytes())
+        .map_or(0, |p| p + 5)
+}
+
+/// Writes `n` into the nonce's letters at `at` (base 26, `a`–`z`).
+pub fn write_nonce(body: &mut [u8], at: usize, mut n: u64) {
+    for slot in body.iter_mut().skip(at).take(NONCE.len() - 5) {
+        *slot = b'a' + (n % 26) as u8;
+        n /= 26;
+    }
+}

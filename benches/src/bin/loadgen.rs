@@ -22,6 +22,7 @@ use envoy_types::ext_authz::v3::pb::CheckRequest;
 use envoy_types::pb::envoy::service::auth::v3::attribute_context::{HttpRequest, Request};
 use envoy_types::pb::envoy::service::auth::v3::authorization_client::AuthorizationClient;
 use envoy_types::pb::envoy::service::auth::v3::AttributeContext;
+use llm_policy_bench::{write_nonce, NONCE};
 
 #[derive(Parser)]
 struct Cli {
@@ -79,10 +80,6 @@ enum Mode {
     },
 }
 
-/// The marker `--unique` rewrites in each body: a word of letters, so that no scanner reads it as
-/// a number, a key or a phrase.
-const NONCE: &[u8] = b"nonceaaaaaaaaaa";
-
 /// The bodies a run sends: the same one, or one made unique per request.
 #[derive(Clone)]
 struct Bodies {
@@ -95,11 +92,10 @@ struct Bodies {
 impl Bodies {
     fn new(body: Vec<u8>, unique: bool) -> Result<Bodies, String> {
         let nonce = if unique {
-            let at = body
-                .windows(NONCE.len())
-                .position(|w| w == NONCE)
-                .ok_or("--unique: the body holds no `nonceaaaaaaaaaa` marker")?;
-            Some(at + 5)
+            if !body.windows(NONCE.len()).any(|w| w == NONCE.as_bytes()) {
+                return Err(format!("--unique: the body holds no `{NONCE}` marker"));
+            }
+            Some(llm_policy_bench::nonce_at(&body))
         } else {
             None
         };
@@ -114,12 +110,9 @@ impl Bodies {
         let Some(at) = self.nonce else {
             return reqwest::Body::from(self.body.clone());
         };
-        let mut n = self.sent.fetch_add(1, Ordering::Relaxed);
+        let n = self.sent.fetch_add(1, Ordering::Relaxed);
         let mut b = self.body.to_vec();
-        for slot in b.iter_mut().skip(at).take(NONCE.len() - 5) {
-            *slot = b'a' + (n % 26) as u8;
-            n /= 26;
-        }
+        write_nonce(&mut b, at, n);
         reqwest::Body::from(b)
     }
 }
