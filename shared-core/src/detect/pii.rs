@@ -295,6 +295,13 @@ fn digits_of(b: &[u8], spans: &[(usize, usize)]) -> ([u8; 19], usize) {
     (d, n)
 }
 
+/// The position of the first digit at or after `from` (`b.len()` when there is none).
+fn next_digit(b: &[u8], from: usize) -> usize {
+    b.get(from..)
+        .and_then(|r| r.iter().position(u8::is_ascii_digit))
+        .map_or(b.len(), |p| from.saturating_add(p))
+}
+
 /// Whether `b[i]` starts a number: a digit not preceded by a letter, digit or joining punctuation.
 fn number_start(b: &[u8], i: usize) -> bool {
     let p = before(b, i);
@@ -357,10 +364,10 @@ fn known_issuer(d: &[u8]) -> bool {
 }
 
 fn scan_cards(b: &[u8], out: &mut Vec<Finding>) {
-    let mut i = 0;
+    let mut i = next_digit(b, 0);
     while i < b.len() {
         if !number_start(b, i) {
-            i = i.saturating_add(1);
+            i = next_digit(b, i.saturating_add(1));
             continue;
         }
         let (g, end) = groups(b, i, b" -./_:");
@@ -406,7 +413,14 @@ fn scan_cards(b: &[u8], out: &mut Vec<Finding>) {
 }
 
 fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
-    let mut i = 0;
+    // A phone number starts at `+`, `(` or a digit: the bytes between are not looked at.
+    let starts = |c: &u8| c.is_ascii_digit() || matches!(c, b'+' | b'(');
+    let next = |from: usize| {
+        b.get(from..)
+            .and_then(|r| r.iter().position(starts))
+            .map_or(b.len(), |p| from.saturating_add(p))
+    };
+    let mut i = next(0);
     while i < b.len() {
         let c = at(b, i);
         let free = || {
@@ -433,6 +447,7 @@ fn scan_phones(b: &[u8], out: &mut Vec<Finding>) {
                 while c.is_ascii_digit() && at(b, i).is_ascii_digit() {
                     i = i.saturating_add(1);
                 }
+                i = next(i);
             }
         }
     }
@@ -614,7 +629,11 @@ const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
 ];
 
 fn scan_ibans(b: &[u8], out: &mut Vec<Finding>) {
-    for i in 0..b.len().saturating_sub(3) {
+    // An IBAN's third byte is a digit: only the positions two before a digit are looked at.
+    let mut d = next_digit(b, 2);
+    while d.saturating_add(1) < b.len() {
+        let i = d.saturating_sub(2);
+        d = next_digit(b, d.saturating_add(1));
         let from = |k: usize| at(b, i.saturating_add(k));
         if !(from(0).is_ascii_alphabetic()
             && from(1).is_ascii_alphabetic()
@@ -659,10 +678,10 @@ fn scan_ibans(b: &[u8], out: &mut Vec<Finding>) {
 /// nine bare digits right after `SSN` / `social security` (number); area not 000, 666 or 9xx,
 /// group not 00, serial not 0000.
 fn scan_ssns(b: &[u8], out: &mut Vec<Finding>) {
-    let mut i = 0;
+    let mut i = next_digit(b, 0);
     while i < b.len() {
         if !number_start(b, i) {
-            i = i.saturating_add(1);
+            i = next_digit(b, i.saturating_add(1));
             continue;
         }
         let (g, end) = groups(b, i, b"- .");
