@@ -365,6 +365,12 @@ fn refused(status: Status) -> CallRefused {
     })
 }
 
+/// A header value as text: the bytes themselves when they are UTF-8 (no copy), else with each
+/// invalid sequence replaced (a client can send any bytes).
+fn text(bytes: Vec<u8>) -> String {
+    String::from_utf8(bytes).unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned())
+}
+
 /// [`Host`] over proxy-wasm host calls, for the request whose callback is running.
 struct WasmHost;
 
@@ -373,7 +379,7 @@ impl Host for WasmHost {
         hostcalls::get_map_bytes(MapType::HttpRequestHeaders)
             .unwrap_or_default()
             .into_iter()
-            .map(|(k, v)| (k, String::from_utf8_lossy(&v).into_owned()))
+            .map(|(k, v)| (k, text(v)))
             .collect()
     }
 
@@ -399,7 +405,7 @@ impl Host for WasmHost {
         hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
             .ok()
             .flatten()
-            .map(|v| String::from_utf8_lossy(&v).into_owned())
+            .map(text)
     }
 
     fn response_body(&mut self, len: usize) -> Option<Vec<u8>> {
