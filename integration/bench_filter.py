@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import bench_upstream, identity_material, loadgen, non_200, save
+from benchkit import BIN, bench_upstream, identity_material, loadgen, non_200, save
 from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
@@ -43,28 +43,16 @@ MEMORY_SECS = {"filter_100_rules": 18, "filter_example_bundle": 12}
 
 
 def body(size):
-    """An OpenAI chat body of about `size` bytes that the example bundle allows."""
-    text = "Please summarise the following notes about the quarterly planning meeting. "
-    # `loadgen --unique` rewrites the nonce's letters per request.
-    filler = "nonceaaaaaaaaaa " + (text * (size // len(text) + 1))[: max(size - 136, 10)]
-    return json.dumps({"model": "gpt-4o-mini", "max_tokens": 256,
-                       "messages": [{"role": "system", "content": "You are concise."},
-                                    {"role": "user", "content": filler}]}).encode()
+    """An OpenAI chat body of about `size` bytes that the example bundle allows, with the nonce
+    `loadgen --unique` rewrites (the `filter` criterion bench sends the same)."""
+    return subprocess.run([str(BIN / "loadgen"), "chat-body", "--bytes", str(size)], capture_output=True,
+                          check=True).stdout
 
 
 def hundred_rules():
-    rules = []
-    for i in range(100):
-        if i % 3 == 0:
-            when = f"{{ cel: \"request.model == 'm{i}' && request.max_tokens != null && request.max_tokens > {10 * i}\" }}"
-        elif i % 3 == 1:
-            when = f"{{ match: {{ field: request.headers.x-team, op: eq, value: t{i} }} }}"
-        else:
-            when = (f"{{ match: {{ all: [{{ field: request.model, op: eq, value: m{i} }}, "
-                    f"{{ field: request.max_tokens, op: gt, value: {i} }}] }} }}")
-        rules.append(f"    - id: r{i}\n      priority: {i}\n      when: {when}\n      action: {{ decision: deny }}\n")
-    return ("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: hundred}\nspec:\n"
-            "  defaultDecision: allow\n  rules:\n" + "".join(rules))
+    """The 100 rules on model / max_tokens / headers (the `filter` criterion bench reads the same)."""
+    return subprocess.run([str(BIN / "loadgen"), "hundred-rules"], capture_output=True, text=True,
+                          check=True).stdout
 
 
 def pin(proc, cpu):

@@ -136,7 +136,7 @@ fn requests(c: &mut Criterion) {
                 |b| b.iter(|| one(black_box(&vm), &outbox, &mut host)),
             );
             // A new body each time (a count in the prompt's nonce): every request decided.
-            let at = llm_policy_bench::nonce_at(&host.body);
+            let at = llm_policy_bench::nonce_at(&host.body).expect("the body has a nonce");
             let mut n = 0u64;
             g.bench_function(
                 BenchmarkId::new(format!("{name}/unique"), format!("{kb}KB")),

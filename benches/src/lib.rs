@@ -185,8 +185,9 @@ pub fn load_policy(n: usize, kind: LoadKind) -> String {
     s
 }
 
-/// The 100 rules of `make bench-filter` (`integration/bench_filter.py`): on model, `max_tokens`
-/// and a header, a third each in CEL, the DSL and DSL `all`, none matching the benchmark request.
+/// The 100 rules of `make bench-filter` (`loadgen hundred-rules`) and of the `filter` bench: on
+/// model, `max_tokens` and a header, a third each in CEL, the DSL and DSL `all`, none matching
+/// the benchmark request.
 pub fn hundred_rules_yaml() -> String {
     let mut rules = String::new();
     for i in 0..100 {
@@ -212,8 +213,8 @@ pub fn hundred_rules_yaml() -> String {
 /// The nonce word of a benchmark body (`loadgen --unique` rewrites its letters per request).
 pub const NONCE: &str = "nonceaaaaaaaaaa";
 
-/// The chat body of `make bench-filter` (`integration/bench_filter.py`): about `size` bytes that
-/// the example bundle allows, its text starting with [`NONCE`].
+/// The chat body of `make bench-filter` (`loadgen chat-body`) and of the `filter` bench: about
+/// `size` bytes that the example bundle allows, its text starting with [`NONCE`].
 pub fn nonce_chat_body(size: usize) -> String {
     let text = "Please summarise the following notes about the quarterly planning meeting. ";
     let filler: String = text
@@ -232,11 +233,11 @@ pub fn nonce_chat_body(size: usize) -> String {
     .to_string()
 }
 
-/// Where the letters of the body's [`NONCE`] start.
-pub fn nonce_at(body: &[u8]) -> usize {
+/// Where the letters of the body's [`NONCE`] start (`None`: the body has no nonce).
+pub fn nonce_at(body: &[u8]) -> Option<usize> {
     body.windows(NONCE.len())
         .position(|w| w == NONCE.as_bytes())
-        .map_or(0, |p| p + 5)
+        .map(|p| p + 5)
 }
 
 /// Writes `n` into the nonce's letters at `at` (base 26, `a`–`z`).

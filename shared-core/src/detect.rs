@@ -103,13 +103,11 @@ impl<'t> Scanned<'t> {
 
     /// The compacted text folded (the folded text when compacting changed nothing).
     pub fn folded_compact(&self) -> &str {
-        self.folded_compact.get_or_init(|| {
-            if self.compact() == self.text {
-                String::from(self.folded())
-            } else {
-                crate::fold::fold(self.compact())
-            }
-        })
+        if self.compact() == self.text {
+            return self.folded();
+        }
+        self.folded_compact
+            .get_or_init(|| crate::fold::fold(self.compact()))
     }
 
     /// The text's encoded runs decoded ([`views::decoded`]; empty when there are none).

@@ -1483,18 +1483,7 @@ mod tests {
             "%zz",
             "é",
         ];
-        let mut seed = 0x9e37_79b9_7f4a_7c15_u64;
-        (0..20_000).map(move |_| {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let mut p = String::new();
-            for k in 0..(seed % 9) as usize {
-                let pick = (seed.rotate_left((k * 7) as u32) % PIECES.len() as u64) as usize;
-                p.push_str(PIECES[pick]);
-            }
-            p
-        })
+        crate::generated_texts::generated(PIECES, 0x9e37_79b9_7f4a_7c15, 9)
     }
 
     #[test]

@@ -60,6 +60,8 @@ mod extract;
 mod field_table_tests;
 pub mod fold;
 pub mod gen_ai;
+#[cfg(test)]
+mod generated_texts;
 pub mod identity;
 mod index;
 pub mod model;

@@ -57,6 +57,15 @@ enum Mode {
         #[arg(long)]
         unique: bool,
     },
+    /// Print the 100 rules of `make bench-filter` ([`llm_policy_bench::hundred_rules_yaml`]).
+    HundredRules,
+    /// Print the chat body of `make bench-filter` of about `bytes` bytes, holding the nonce
+    /// `--unique` rewrites ([`llm_policy_bench::nonce_chat_body`]).
+    ChatBody {
+        /// Size in bytes.
+        #[arg(long)]
+        bytes: usize,
+    },
     /// Print a policy of N generated rules (DSL, CEL and rate limits mixed), for reload tests.
     GenPolicy {
         /// Rules.
@@ -92,10 +101,10 @@ struct Bodies {
 impl Bodies {
     fn new(body: Vec<u8>, unique: bool) -> Result<Bodies, String> {
         let nonce = if unique {
-            if !body.windows(NONCE.len()).any(|w| w == NONCE.as_bytes()) {
-                return Err(format!("--unique: the body holds no `{NONCE}` marker"));
-            }
-            Some(llm_policy_bench::nonce_at(&body))
+            Some(
+                llm_policy_bench::nonce_at(&body)
+                    .ok_or_else(|| format!("--unique: the body holds no `{NONCE}` marker"))?,
+            )
         } else {
             None
         };
@@ -382,6 +391,14 @@ async fn main() {
                 headers,
             )
             .await
+        }
+        Mode::HundredRules => {
+            print!("{}", llm_policy_bench::hundred_rules_yaml());
+            return;
+        }
+        Mode::ChatBody { bytes } => {
+            print!("{}", llm_policy_bench::nonce_chat_body(bytes));
+            return;
         }
         Mode::GenPolicy { rules } => {
             print!(

@@ -1103,19 +1103,7 @@ mod tests {
             "example.com",
             "jane",
         ];
-        let mut seed = 0x2545_f491_4f6c_dd1d_u64;
-        (0..20_000).map(move |_| {
-            let mut t = String::new();
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            let len = (seed % 12) as usize;
-            for k in 0..len {
-                let pick = (seed.rotate_left((k * 5) as u32) % PIECES.len() as u64) as usize;
-                t.push_str(PIECES[pick]);
-            }
-            t
-        })
+        crate::generated_texts::generated(PIECES, 0x2545_f491_4f6c_dd1d, 12)
     }
 
     #[test]
