@@ -52,7 +52,9 @@ def replicas(request, tmp_path_factory):
     try:
         upstream = Upstream(tmp)
         procs.append(upstream.proc)
-        replicas = Replicas(tmp, bundle, 3, name="llm-policy", cluster=request.param == "cluster")
+        # Redis calls get 250 ms (default 25 ms): a loaded 2-core machine must not turn counted
+        # decisions into fail-closed 503s; an outage still answers well within a second.
+        replicas = Replicas(tmp, bundle, 3, name="llm-policy", cluster=request.param == "cluster", timeoutMs=250)
         procs.append(replicas)
         servers = replicas.servers
         authz = Envoy(tmp, None, upstream.port, tmp, text=replicas.ext_authz_config())
@@ -60,6 +62,10 @@ def replicas(request, tmp_path_factory):
         text = envoy_config("filter+fallback", bundle, server="127.0.0.1:50051",
                             sync_from=f"127.0.0.1:{servers[0].http}", sync_interval_ms=300,
                             usage_token_file=servers[0].usage_token_file)
+        # Room for a 2-core machine under a full test run: these tests count decisions, and a
+        # check that outlives the filter's deadline (200 ms by default) would answer 503.
+        assert '"timeoutMs": 200' in text
+        text = text.replace('"timeoutMs": 200', '"timeoutMs": 2000')
         filt = Envoy(tmp, None, upstream.port, tmp, text=with_endpoints(text, [s.grpc for s in servers]))
         procs.append(filt.proc)
         yield type("Replicas", (), {"upstream": upstream, "redis": replicas.redis, "servers": servers, "authz": authz,

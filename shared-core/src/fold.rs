@@ -195,15 +195,28 @@ pub fn fold(text: &str) -> String {
     let mut i = 0usize;
     while let Some(&b) = bytes.get(i) {
         if b.is_ascii() {
-            i = i.saturating_add(1);
             // ASCII white space as `char::is_whitespace` has it.
-            if matches!(b, b' ' | b'\t'..=b'\r') {
+            let white = |c: u8| matches!(c, b' ' | b'\t'..=b'\r');
+            if white(b) {
+                i = i.saturating_add(1);
                 if !space {
                     out.push(b' ');
                     space = true;
                 }
             } else {
-                out.push(b.to_ascii_lowercase());
+                // The run of ASCII up to the next white space or other character, copied and
+                // lower-cased at once.
+                let rest = bytes.get(i..).unwrap_or_default();
+                let n = rest
+                    .iter()
+                    .position(|&c| !c.is_ascii() || white(c))
+                    .unwrap_or(rest.len());
+                let from = out.len();
+                out.extend_from_slice(rest.get(..n).unwrap_or_default());
+                if let Some(run) = out.get_mut(from..) {
+                    run.make_ascii_lowercase();
+                }
+                i = i.saturating_add(n);
                 space = false;
             }
             continue;
@@ -250,6 +263,100 @@ pub fn fold(text: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// [`fold`] as it was before its ASCII runs were copied at once (issue #18): the oracle.
+    fn fold_before(text: &str) -> String {
+        let mut out: Vec<u8> = Vec::with_capacity(text.len());
+        // Whether the last byte written is a space (or nothing is written yet).
+        let mut space = true;
+        let mut memo: Vec<(char, Folded)> = Vec::new();
+        let bytes = text.as_bytes();
+        let mut i = 0usize;
+        while let Some(&b) = bytes.get(i) {
+            if b.is_ascii() {
+                i = i.saturating_add(1);
+                // ASCII white space as `char::is_whitespace` has it.
+                if matches!(b, b' ' | b'\t'..=b'\r') {
+                    if !space {
+                        out.push(b' ');
+                        space = true;
+                    }
+                } else {
+                    out.push(b.to_ascii_lowercase());
+                    space = false;
+                }
+                continue;
+            }
+            let Some(c) = text.get(i..).and_then(|t| t.chars().next()) else {
+                break;
+            };
+            i = i.saturating_add(c.len_utf8());
+            if memo.is_empty() {
+                // '\0' is ASCII: never looked up, so it marks an empty slot.
+                memo = alloc::vec![('\0', Folded::EMPTY); MEMO];
+            }
+            let slot = (c as usize) % MEMO;
+            let folded = match memo.get(slot) {
+                Some((k, f)) if *k == c => *f,
+                _ => {
+                    let f = fold_char(c);
+                    if let Some(entry) = memo.get_mut(slot) {
+                        *entry = (c, f);
+                    }
+                    f
+                }
+            };
+            for &f in folded.as_slice() {
+                if f == ' ' {
+                    if !space {
+                        out.push(b' ');
+                        space = true;
+                    }
+                } else {
+                    let mut buf = [0u8; 4];
+                    out.extend_from_slice(f.encode_utf8(&mut buf).as_bytes());
+                    space = false;
+                }
+            }
+        }
+        if out.last() == Some(&b' ') {
+            out.pop();
+        }
+        // Only whole characters were written.
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    #[test]
+    fn folding_ascii_runs_at_once_changes_nothing() {
+        const PIECES: &[&str] = &[
+            "a",
+            "B",
+            " ",
+            "  ",
+            "\t",
+            "\n",
+            "\u{b}",
+            "\r\n",
+            "\u{a0}",
+            "\u{3000}",
+            "Hello",
+            "WORLD",
+            "é",
+            "Ｉ",
+            "\u{200b}",
+            "о",
+            "4",
+            "-",
+            "ǅ",
+            "ß",
+            "İ",
+            "\u{1d422}",
+            ".",
+        ];
+        for t in crate::generated_texts::generated(PIECES, 0x2545_f491_4f6c_dd1d, 14) {
+            assert_eq!(fold(&t), fold_before(&t), "{t:?}");
+        }
+    }
 
     #[test]
     fn digits_of_other_scripts_are_digits() {

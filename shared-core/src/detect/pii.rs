@@ -805,6 +805,39 @@ const KEYS: &[(&[u8], Body, usize, usize, f64)] = &[
     (b"xoxs-", Body::Token, 10, 255, 0.95),
 ];
 
+/// For each lower-case first byte of a [`KEYS`] prefix, the lower-case second bytes that follow
+/// it in some prefix (bit `d` for byte `d`), built at compile time: a position whose first two
+/// bytes start no prefix is passed without comparing prefixes.
+#[allow(
+    clippy::indexing_slicing,
+    reason = "evaluated at compile time only: both bytes are checked `< 128` before indexing, and \
+              an index out of bounds would fail const evaluation (the build), never panic at run \
+              time"
+)]
+const KEY_PAIRS: [u128; 128] = {
+    let mut table = [0u128; 128];
+    let mut keys = KEYS;
+    while let [(prefix, ..), more @ ..] = keys {
+        if let [first, second, ..] = prefix {
+            let (c, d) = (first.to_ascii_lowercase(), second.to_ascii_lowercase());
+            if c < 128 && d < 128 {
+                table[c as usize] |= 1 << d;
+            }
+        }
+        keys = more;
+    }
+    table
+};
+
+/// Whether some [`KEYS`] prefix starts with `c`, `d` (in any case).
+fn key_pair(c: u8, d: u8) -> bool {
+    let d = d.to_ascii_lowercase();
+    d < 128
+        && KEY_PAIRS
+            .get(usize::from(c.to_ascii_lowercase()))
+            .is_some_and(|m| (m >> d) & 1 == 1)
+}
+
 fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding>) {
     let token = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
     let mut i = 0;
@@ -848,8 +881,16 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
             // Inside a longer word is no key; after `_` or `-` (`__AKIA…__` in Markdown, `KEY-…`)
             // it may be, except the generic `sk-` (`task-…`, `risk-…` are words).
             || before(b, i).is_ascii_alphanumeric()
+            || !key_pair(c, at(b, i.saturating_add(1)))
         {
             i = i.saturating_add(1);
+            // The rest of a word starts no key (a letter or digit is before each of its
+            // bytes): passed at once.
+            if c.is_ascii_alphanumeric() {
+                while at(b, i).is_ascii_alphanumeric() {
+                    i = i.saturating_add(1);
+                }
+            }
             continue;
         }
         let joined_before = token(before(b, i));
@@ -922,6 +963,27 @@ mod tests {
         scan(text, Entities::all())
             .iter()
             .any(|f| f.entity == e && f.confidence >= 0.5)
+    }
+
+    #[test]
+    fn every_key_prefix_passes_the_first_two_bytes_filter() {
+        // The filter only skips positions where no prefix can match: each prefix has two bytes
+        // or more, and its first two, in any case, pass.
+        for (prefix, ..) in KEYS {
+            let [c, d, ..] = prefix else {
+                panic!("{prefix:?} is shorter than two bytes")
+            };
+            for (x, y) in [
+                (*c, *d),
+                (c.to_ascii_lowercase(), d.to_ascii_lowercase()),
+                (c.to_ascii_uppercase(), d.to_ascii_uppercase()),
+                (c.to_ascii_uppercase(), d.to_ascii_lowercase()),
+            ] {
+                assert!(key_pair(x, y), "{prefix:?}");
+            }
+        }
+        assert!(!key_pair(b's', b'u'));
+        assert!(!key_pair(b'q', b'k'));
     }
 
     #[test]

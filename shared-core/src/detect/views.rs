@@ -36,12 +36,29 @@ fn letter_sep(c: char) -> bool {
     )
 }
 
+/// Whether the ASCII byte `b` is white space as [`char::is_whitespace`] has it (which, unlike
+/// [`u8::is_ascii_whitespace`], counts the vertical tab).
+fn ascii_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t'..=b'\r')
+}
+
 /// Letters spelled one by one joined, keys written in groups joined, spelled-out `@` and `.`,
 /// digit separators made single spaces, white space around `@` removed (see the module docs).
 pub fn compact(text: &str) -> String {
     // Every white space character (tab, line break, no-break and ideographic space) as a space,
     // so that the letters of `i\tg\u{3000}n` are spaced like those of `i g n`.
-    let spaced: Cow<'_, str> = if text.chars().any(|c| c.is_whitespace() && c != ' ') {
+    let spaced: Cow<'_, str> = if text.is_ascii() {
+        // (ASCII: bytes are characters; no decoding.)
+        if text.bytes().any(|b| ascii_space(b) && b != b' ') {
+            let bytes: Vec<u8> = text
+                .bytes()
+                .map(|b| if ascii_space(b) { b' ' } else { b })
+                .collect();
+            Cow::Owned(String::from_utf8(bytes).unwrap_or_default())
+        } else {
+            Cow::Borrowed(text)
+        }
+    } else if text.chars().any(|c| c.is_whitespace() && c != ' ') {
         Cow::Owned(
             text.chars()
                 .map(|c| if c.is_whitespace() { ' ' } else { c })
@@ -129,7 +146,12 @@ fn has_spelled_form(b: &[u8]) -> bool {
         };
         match c {
             b'[' | b'(' | b'{' | b'<' | b'-' => AT.iter().chain(DOT).any(|f| starts(f)),
-            b' ' => starts(" dot "),
+            // (Most spaces are followed by another letter than `d`.)
+            b' ' => {
+                b.get(i.saturating_add(1))
+                    .is_some_and(|d| d.eq_ignore_ascii_case(&b'd'))
+                    && starts(" dot ")
+            }
             _ => false,
         }
     })
@@ -140,6 +162,23 @@ fn has_spelled_form(b: &[u8]) -> bool {
 /// character, and the same separator again (`i g `, `r.e.`). Without one, joining changes
 /// nothing. (One pass over the characters, no copy.)
 fn may_join_single_chars(text: &str) -> bool {
+    if text.is_ascii() {
+        // (ASCII: bytes are characters; four bytes at a time, the separator compared first.)
+        let b = text.as_bytes();
+        let sep = |c: u8| letter_sep(char::from(c));
+        return b.windows(4).enumerate().any(|(i, w)| {
+            let &[a, s, x, s2] = w else { return false };
+            s2 == s
+                && sep(s)
+                && !ascii_space(a)
+                && a != s
+                && !ascii_space(x)
+                && x != s
+                && i.checked_sub(1)
+                    .and_then(|p| b.get(p))
+                    .is_none_or(|&p| ascii_space(p) || sep(p))
+        });
+    }
     // The last five characters, oldest first; `None` before the text's start.
     let mut w: [Option<char>; 5] = [None; 5];
     for c in text.chars() {
@@ -343,6 +382,14 @@ const KEY_STARTS: &[&str] = &[
     "pplx-",
 ];
 
+/// The longest of [`KEY_STARTS`] (tested).
+const KEY_START_MAX: usize = 11;
+
+/// Whether a prefix of [`KEY_STARTS`] starts with the byte `c`.
+fn key_first(c: u8) -> bool {
+    KEY_STARTS.iter().any(|p| p.as_bytes().first() == Some(&c))
+}
+
 /// A key written in short groups (`AIza SyXE SDML h3Ds`, `sk_l ive_ z3LO`) joined: a run of at
 /// least four groups of 1–6 key characters separated by single spaces, whose joined form starts
 /// with a key prefix.
@@ -357,12 +404,26 @@ fn join_key_groups(text: &str) -> String {
         };
         // (The prefixes are lower-case ASCII: compared without building a lower-cased copy of
         // every word.)
-        if body.len() < 8 {
+        if body.len() < 8
+            || !(2..=KEY_START_MAX).contains(&w.len())
+            || !w
+                .as_bytes()
+                .first()
+                .is_some_and(|c| key_first(c.to_ascii_lowercase()))
+        {
             return false;
         }
         let is = |p: &str| w.eq_ignore_ascii_case(p);
+        // (Every prefix, trimmed or not, has two bytes or more: those are compared first.)
+        let head = w.as_bytes().get(..2);
         let prefix = KEY_STARTS
             .iter()
+            .filter(|p| {
+                p.as_bytes()
+                    .get(..2)
+                    .zip(head)
+                    .is_some_and(|(a, b)| a.eq_ignore_ascii_case(b))
+            })
             .any(|p| is(p) || is(p.trim_end_matches(['-', '_'])))
             || is("sk-proj-")
             || is("sk-ant-");
@@ -407,14 +468,31 @@ fn join_key_groups(text: &str) -> String {
         }
         let run = words.get(i..j).unwrap_or_default();
         // Where in the run a key starts: the first group whose next four groups, joined, begin
-        // with a key prefix (each group is looked at once more, at most).
+        // with a key prefix (each group is looked at once more, at most). The joined groups'
+        // first bytes, lower-cased, are compared with each prefix; most groups are ruled out by
+        // their first byte.
         let head = |k: usize| -> bool {
-            let joined = run.iter().skip(k).take(4).flat_map(|w| w.bytes());
-            KEY_STARTS.iter().any(|p| {
-                let mut h = joined.clone();
-                p.bytes()
-                    .all(|c| h.next().is_some_and(|b| b.to_ascii_lowercase() == c))
-            })
+            let mut joined = run
+                .iter()
+                .skip(k)
+                .take(4)
+                .flat_map(|w| w.bytes())
+                .peekable();
+            if !joined
+                .peek()
+                .is_some_and(|c| key_first(c.to_ascii_lowercase()))
+            {
+                return false;
+            }
+            let mut head = [0u8; KEY_START_MAX];
+            let mut n = 0usize;
+            for b in joined {
+                let Some(slot) = head.get_mut(n) else { break };
+                *slot = b.to_ascii_lowercase();
+                n = n.saturating_add(1);
+            }
+            let head = head.get(..n).unwrap_or_default();
+            KEY_STARTS.iter().any(|p| head.starts_with(p.as_bytes()))
         };
         let start = (0..run.len()).find(|&k| run.len().saturating_sub(k) >= 4 && head(k));
         match start {
@@ -792,13 +870,17 @@ pub fn unleet(text: &str) -> String {
         '|' => Some('l'),
         _ => None,
     };
+    // Every leet character is ASCII: bytes are compared, and a text without one is kept whole.
+    let leet_byte = |b: u8| leet(char::from(b)).is_some();
+    if !text.bytes().any(leet_byte) {
+        return String::from(text);
+    }
     let mut out = String::with_capacity(text.len());
     for (n, word) in text.split(' ').enumerate() {
         if n > 0 {
             out.push(' ');
         }
-        let mixed =
-            word.chars().any(char::is_alphabetic) && word.chars().any(|c| leet(c).is_some());
+        let mixed = word.bytes().any(leet_byte) && word.chars().any(char::is_alphabetic);
         if mixed {
             out.extend(word.chars().map(|c| leet(c).unwrap_or(c)));
         } else {
@@ -1056,6 +1138,169 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
     (good.saturating_mul(10) >= total.saturating_mul(9)).then_some(text)
 }
 
+/// The views as they were before their fast paths (issue #18): the oracles the fast paths are
+/// compared with.
+#[cfg(test)]
+mod before_fast_paths {
+    use super::{letter_sep, KEY_STARTS};
+    use alloc::string::String;
+    use alloc::vec::Vec;
+
+    /// White space as one space, character by character.
+    pub(super) fn spaced(text: &str) -> String {
+        text.chars()
+            .map(|c| if c.is_whitespace() { ' ' } else { c })
+            .collect()
+    }
+
+    pub(super) fn join_key_groups(text: &str) -> String {
+        /// The most groups one key is joined from.
+        const MAX_GROUPS: usize = 64;
+        let key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
+        let words: Vec<&str> = text.split(' ').collect();
+        let split_prefix = |k: usize| {
+            let (Some(w), Some(body)) = (words.get(k), words.get(k.saturating_add(1))) else {
+                return false;
+            };
+            // (The prefixes are lower-case ASCII: compared without building a lower-cased copy of
+            // every word.)
+            if body.len() < 8 {
+                return false;
+            }
+            let is = |p: &str| w.eq_ignore_ascii_case(p);
+            let prefix = KEY_STARTS
+                .iter()
+                .any(|p| is(p) || is(p.trim_end_matches(['-', '_'])))
+                || is("sk-proj-")
+                || is("sk-ant-");
+            prefix && body.chars().all(key_char)
+        };
+        let mut out = String::with_capacity(text.len());
+        let mut i = 0usize;
+        let emit = |out: &mut String, w: &str, first: bool| {
+            if !first {
+                out.push(' ');
+            }
+            out.push_str(w);
+        };
+        while i < words.len() {
+            let mut j = i;
+            while let Some(w) = words.get(j) {
+                if j > i && split_prefix(j) {
+                    break;
+                }
+                // The last group may carry the sentence's punctuation.
+                let bare = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
+                if !(1..=6).contains(&bare.len())
+                    || !bare.chars().all(key_char)
+                    || j.saturating_sub(i) >= MAX_GROUPS
+                {
+                    break;
+                }
+                j = j.saturating_add(1);
+                if bare.len() < w.len() {
+                    break;
+                }
+            }
+            // A prefix written apart from its body (`AKIA IOSFODNN7EXAMPLE`, `sk-proj- Ab3d…`).
+            if split_prefix(i) {
+                let (w, body) = (
+                    words.get(i).copied().unwrap_or_default(),
+                    words.get(i.saturating_add(1)).copied().unwrap_or_default(),
+                );
+                emit(&mut out, &alloc::format!("{w}{body}"), i == 0);
+                i = i.saturating_add(2);
+                continue;
+            }
+            let run = words.get(i..j).unwrap_or_default();
+            // Where in the run a key starts: the first group whose next four groups, joined, begin
+            // with a key prefix (each group is looked at once more, at most).
+            let head = |k: usize| -> bool {
+                let joined = run.iter().skip(k).take(4).flat_map(|w| w.bytes());
+                KEY_STARTS.iter().any(|p| {
+                    let mut h = joined.clone();
+                    p.bytes()
+                        .all(|c| h.next().is_some_and(|b| b.to_ascii_lowercase() == c))
+                })
+            };
+            let start = (0..run.len()).find(|&k| run.len().saturating_sub(k) >= 4 && head(k));
+            match start {
+                Some(0) => {
+                    emit(&mut out, &run.concat(), i == 0);
+                    i = j;
+                }
+                Some(k) => {
+                    // The words before the key as they are; the key on the next round.
+                    for (n, w) in run.iter().take(k).enumerate() {
+                        emit(&mut out, w, i == 0 && n == 0);
+                    }
+                    i = i.saturating_add(k);
+                }
+                None => {
+                    let end = j.max(i.saturating_add(1));
+                    for (n, w) in words.get(i..end).unwrap_or_default().iter().enumerate() {
+                        emit(&mut out, w, i == 0 && n == 0);
+                    }
+                    i = end;
+                }
+            }
+        }
+        out
+    }
+
+    pub(super) fn unleet(text: &str) -> String {
+        let leet = |c: char| match c {
+            '0' => Some('o'),
+            '1' | '!' => Some('i'),
+            '3' => Some('e'),
+            '4' | '@' => Some('a'),
+            '5' | '$' => Some('s'),
+            '7' | '+' => Some('t'),
+            '8' => Some('b'),
+            '9' => Some('g'),
+            '|' => Some('l'),
+            _ => None,
+        };
+        let mut out = String::with_capacity(text.len());
+        for (n, word) in text.split(' ').enumerate() {
+            if n > 0 {
+                out.push(' ');
+            }
+            let mixed =
+                word.chars().any(char::is_alphabetic) && word.chars().any(|c| leet(c).is_some());
+            if mixed {
+                out.extend(word.chars().map(|c| leet(c).unwrap_or(c)));
+            } else {
+                out.push_str(word);
+            }
+        }
+        out
+    }
+
+    pub(super) fn may_join_single_chars(text: &str) -> bool {
+        // The last five characters, oldest first; `None` before the text's start.
+        let mut w: [Option<char>; 5] = [None; 5];
+        for c in text.chars() {
+            w = [w[1], w[2], w[3], w[4], Some(c)];
+            let [before, Some(a), Some(s), Some(b), Some(s2)] = w else {
+                continue;
+            };
+            let alone = before.is_none_or(|p| p.is_whitespace() || letter_sep(p));
+            if alone
+                && letter_sep(s)
+                && s2 == s
+                && !a.is_whitespace()
+                && a != s
+                && !b.is_whitespace()
+                && b != s
+            {
+                return true;
+            }
+        }
+        false
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1104,6 +1349,150 @@ mod tests {
             "jane",
         ];
         crate::generated_texts::generated(PIECES, 0x2545_f491_4f6c_dd1d, 12)
+    }
+
+    /// Texts of keys written in groups, hex bytes and leetspeak, with the pieces around them.
+    fn key_texts() -> impl Iterator<Item = String> {
+        const PIECES: &[&str] = &[
+            " ",
+            "  ",
+            "\n",
+            "\t",
+            "\u{b}",
+            "\u{a0}",
+            ",",
+            ".",
+            "as",
+            "i",
+            "a",
+            "A",
+            "Sy",
+            "XE",
+            "sk",
+            "SK",
+            "-",
+            "_",
+            "proj-",
+            "ant-",
+            "hf_",
+            "ghp_",
+            "github",
+            "_pat_",
+            "live_",
+            "abc123",
+            "Z9x8W7v6",
+            "kLmNoPqRsTuV",
+            "0x",
+            "\\x",
+            "69",
+            "6E",
+            "ff",
+            "7",
+            "3",
+            "1",
+            "!",
+            "|",
+            "@",
+            "$",
+            "+",
+            "word",
+            "é",
+            "g",
+            "h",
+            "p",
+            "x",
+            "o",
+            "b",
+            "AKIA",
+            "Iosf",
+        ];
+        crate::generated_texts::generated(PIECES, 0x9e37_79b9_7f4a_7c15, 16)
+    }
+
+    /// Texts of short groups, each with its space: pieces of key prefixes (`gith ub_p at_`)
+    /// and of bodies, so that runs of groups joining into a prefix are frequent.
+    fn grouped_texts() -> impl Iterator<Item = String> {
+        const PIECES: &[&str] = &[
+            "sk_l ",
+            "ive_ ",
+            "gith ",
+            "ub_p ",
+            "at_ ",
+            "AKIA ",
+            "IOSF ",
+            "xoxb ",
+            "-123 ",
+            "a ",
+            "s ",
+            "i ",
+            "as ",
+            "ia ",
+            "Sy ",
+            "XE ",
+            "hf_ ",
+            "abc12 ",
+            "Z9x8W7 ",
+            "word. ",
+            "the ",
+            "sk- ",
+            "proj- ",
+            "gl ",
+            "pat- ",
+            "pp ",
+            "lx- ",
+            "AIza ",
+            "sk ",
+            "k9J2mQ7xW4 ",
+            "gith ub_p at_ ",
+            "sk_l ive_ ",
+            "xo xb- ",
+            "glp at- ",
+            "ppl x- ",
+            "Gs k_ ",
+        ];
+        crate::generated_texts::generated(PIECES, 0xd1b5_4a32_d192_ed03, 16)
+    }
+
+    #[test]
+    fn the_fast_paths_of_compacting_and_decoding_change_nothing() {
+        for b in 0..128u8 {
+            assert_eq!(ascii_space(b), char::from(b).is_whitespace(), "{b}");
+        }
+        assert_eq!(
+            KEY_STARTS.iter().map(|p| p.len()).max(),
+            Some(KEY_START_MAX)
+        );
+        assert_eq!(
+            join_key_groups("gith ub_p at_ abc12 sentence"),
+            "github_pat_abc12 sentence"
+        );
+        assert_eq!(
+            join_key_groups("xoxb -123 4 5 sentence"),
+            "xoxb-12345 sentence"
+        );
+        let mut joined = 0usize;
+        for t in texts().chain(key_texts()).chain(grouped_texts()) {
+            joined = joined.saturating_add(usize::from(join_key_groups(&t) != t));
+            assert_eq!(
+                join_key_groups(&t),
+                before_fast_paths::join_key_groups(&t),
+                "{t:?}"
+            );
+            assert_eq!(unleet(&t), before_fast_paths::unleet(&t), "{t:?}");
+            assert_eq!(
+                may_join_single_chars(&t),
+                before_fast_paths::may_join_single_chars(&t),
+                "{t:?}"
+            );
+            // White space as spaces, whichever path made them.
+            assert_eq!(
+                compact(&t),
+                compact(&before_fast_paths::spaced(&t)),
+                "{t:?}"
+            );
+        }
+        // The texts exercise the joining: thousands are changed by it.
+        assert!(joined > 1000, "{joined}");
     }
 
     #[test]
