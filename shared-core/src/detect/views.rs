@@ -136,25 +136,28 @@ fn spell_out_forms(text: &str) -> String {
 }
 
 /// Whether `b` holds, in any case, a spelled-out form of `@` or `.` ([`AT`], [`DOT`]) or
-/// ` dot `: without one, [`spell_out`] replaces nothing. (One pass over the bytes, no copy.)
+/// ` dot `: without one, [`spell_out`] replaces nothing. Every form has a `t` two or three bytes
+/// after its start (`[at]`, `(dot)`, ` dot `): only the places before each `t` are looked at.
 fn has_spelled_form(b: &[u8]) -> bool {
-    b.iter().enumerate().any(|(i, &c)| {
-        let rest = b.get(i..).unwrap_or_default();
-        let starts = |f: &str| {
-            rest.get(..f.len())
-                .is_some_and(|r| r.eq_ignore_ascii_case(f.as_bytes()))
-        };
-        match c {
-            b'[' | b'(' | b'{' | b'<' | b'-' => AT.iter().chain(DOT).any(|f| starts(f)),
-            // (Most spaces are followed by another letter than `d`.)
-            b' ' => {
-                b.get(i.saturating_add(1))
-                    .is_some_and(|d| d.eq_ignore_ascii_case(&b'd'))
-                    && starts(" dot ")
-            }
-            _ => false,
-        }
+    memchr::memchr2_iter(b't', b'T', b).any(|t| {
+        [2, 3]
+            .into_iter()
+            .any(|back| t.checked_sub(back).is_some_and(|i| spelled_form_at(b, i)))
     })
+}
+
+/// Whether a spelled-out form ([`has_spelled_form`]) starts at `i` in `b`.
+fn spelled_form_at(b: &[u8], i: usize) -> bool {
+    let rest = b.get(i..).unwrap_or_default();
+    let starts = |f: &str| {
+        rest.get(..f.len())
+            .is_some_and(|r| r.eq_ignore_ascii_case(f.as_bytes()))
+    };
+    match rest.first() {
+        Some(b'[' | b'(' | b'{' | b'<' | b'-') => AT.iter().chain(DOT).any(|f| starts(f)),
+        Some(b' ') => starts(" dot "),
+        _ => false,
+    }
 }
 
 /// Whether `text` has what a run of [`join_single_chars`] starts with: a character standing
@@ -1511,6 +1514,13 @@ mod tests {
                 assert_eq!(join_single_chars(&t), t, "{t:?}");
             }
             assert_eq!(spell_out(&t), spell_out_forms(&t), "{t:?}");
+            // Looked for at the bytes before each `t`, as at every byte.
+            let b = t.as_bytes();
+            assert_eq!(
+                has_spelled_form(b),
+                (0..b.len()).any(|i| spelled_form_at(b, i)),
+                "{t:?}"
+            );
         }
         assert!(may_join_single_chars("i g n o r e"));
         assert!(!may_join_single_chars("about a meeting"));
@@ -1520,6 +1530,12 @@ mod tests {
 
     #[test]
     fn spelled_forms_start_with_the_bytes_spell_out_looks_for() {
+        for f in AT.iter().chain(DOT).chain(&[" dot "]) {
+            assert!(
+                f.find('t').is_some_and(|t| t == 2 || t == 3),
+                "{f}: its `t` is where has_spelled_form looks"
+            );
+        }
         for f in AT.iter().chain(DOT) {
             assert!(
                 matches!(f.as_bytes()[0], b'[' | b'(' | b'{' | b'<' | b'-'),
