@@ -944,6 +944,112 @@ fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding
     }
 }
 
+/// [`scan_keys`] as it was before its first-two-bytes filter and word skipping (issue #18): the
+/// oracle they are compared with.
+#[cfg(test)]
+mod before_fast_paths {
+    use super::{at, before, push, Entities, Entity, Finding, Vec, CUT_SHORT, KEYS};
+
+    pub(super) fn scan_keys(b: &[u8], entities: Entities, any_case: bool, out: &mut Vec<Finding>) {
+        let token = |c: u8| c.is_ascii_alphanumeric() || c == b'-' || c == b'_';
+        let mut i = 0;
+        while i < b.len() {
+            let c = at(b, i);
+            if c == b'-'
+                && entities.contains(Entity::PrivateKey)
+                && b.get(i..i.saturating_add(11))
+                    .is_some_and(|h| h.eq_ignore_ascii_case(b"-----BEGIN "))
+            {
+                // The header line: `-----BEGIN [RSA |EC |OPENSSH |ENCRYPTED ]PRIVATE KEY-----`.
+                let line = b
+                    .get(i..b.len().min(i.saturating_add(80)))
+                    .unwrap_or_default();
+                let header_end = line
+                    .iter()
+                    .skip(11)
+                    .position(|&c| c == b'-' || c == b'\n')
+                    .map_or(line.len(), |p| p.saturating_add(11));
+                let header = line.get(11..header_end).unwrap_or_default();
+                let private = header
+                    .len()
+                    .checked_sub(11)
+                    .and_then(|k| header.get(k..))
+                    .is_some_and(|tail| tail.eq_ignore_ascii_case(b"PRIVATE KEY"));
+                let closed = line
+                    .get(header_end..)
+                    .is_some_and(|rest| rest.starts_with(b"-----"));
+                if private && closed {
+                    let end = i.saturating_add(header_end).saturating_add(5);
+                    push(out, Entity::PrivateKey, 0.99, i, end);
+                    i = end;
+                    continue;
+                }
+            }
+            if !entities.contains(Entity::ApiKey)
+                || !matches!(
+                    c.to_ascii_lowercase(),
+                    b's' | b'r' | b'a' | b'g' | b'x' | b'h' | b'p' | b'n' | b'd'
+                )
+                // Inside a longer word is no key; after `_` or `-` (`__AKIA…__` in Markdown, `KEY-…`)
+                // it may be, except the generic `sk-` (`task-…`, `risk-…` are words).
+                || before(b, i).is_ascii_alphanumeric()
+            {
+                i = i.saturating_add(1);
+                continue;
+            }
+            let joined_before = token(before(b, i));
+            let mut next = i.saturating_add(1);
+            for &(prefix, body, min, max, conf) in KEYS {
+                // (The first byte first: most prefixes are ruled out without comparing slices.)
+                if !prefix.first().is_some_and(|p| p.eq_ignore_ascii_case(&c)) {
+                    continue;
+                }
+                let s = i.saturating_add(prefix.len());
+                let at_prefix = b.get(i..s).is_some_and(|h| {
+                    if any_case {
+                        h.eq_ignore_ascii_case(prefix)
+                    } else {
+                        h == prefix
+                    }
+                });
+                if !at_prefix {
+                    continue;
+                }
+                let mut e = s;
+                while e < b.len() && body.allows(at(b, e), any_case) {
+                    e = e.saturating_add(1);
+                }
+                let len = e.saturating_sub(s);
+                // A key body is random: letters and digits, or upper and lower case mixed in a long
+                // body, or exactly the length of a fixed-length key (`AKIA` + 16, `ghp_` + 36); a
+                // hyphenated word is not a key.
+                let body_text = b.get(s..e).unwrap_or_default();
+                let has = |f: fn(&u8) -> bool| body_text.iter().any(f);
+                let random = (has(u8::is_ascii_digit) && has(u8::is_ascii_alphabetic))
+                    || (len >= 16 && has(u8::is_ascii_uppercase) && has(u8::is_ascii_lowercase))
+                    || (min == max && len == min);
+                // A distinctive prefix (all but the generic `sk-`) with a random body shorter than
+                // the key's is a piece of one; `sk-` needs 12 characters.
+                let short = if prefix == b"sk-" { 12 } else { CUT_SHORT };
+                // A key ends where its body does: a letter or digit after it means a longer word,
+                // `_` or `-` after an alphanumeric body is punctuation.
+                let inside =
+                    at(b, e).is_ascii_alphanumeric() || (joined_before && prefix == b"sk-");
+                let ends = !inside;
+                if (min..=max).contains(&len) && ends && random {
+                    push(out, Entity::ApiKey, conf, i, e);
+                    next = e;
+                } else if (short..min).contains(&len) && ends && random {
+                    push(out, Entity::ApiKey, 0.8, i, e);
+                    next = e;
+                }
+                break;
+            }
+            i = next;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -963,6 +1069,76 @@ mod tests {
         scan(text, Entities::all())
             .iter()
             .any(|f| f.entity == e && f.confidence >= 0.5)
+    }
+
+    #[test]
+    fn keys_are_found_as_before_the_fast_paths() {
+        const PIECES: &[&str] = &[
+            " ",
+            "\n",
+            "-",
+            "_",
+            "x",
+            "task",
+            "risk-",
+            "Sk-",
+            "sk-",
+            "SK-",
+            "sk-proj-",
+            "sk-ant-",
+            "sk_live_",
+            "rk_live_",
+            "AKIA",
+            "akia",
+            "ASIA",
+            "AIza",
+            "ghp_",
+            "GHP_",
+            "github_pat_",
+            "xoxb-",
+            "hf_",
+            "gsk_",
+            "xai-",
+            "pplx-",
+            "glpat-",
+            "npm_",
+            "r8_",
+            "dop_v1_",
+            "xapp-",
+            "a1B2c3D4e5",
+            "F6g7H8i9J0",
+            "KLMNOPQRST",
+            "0123456789",
+            "abcdefghij",
+            "é",
+            "__",
+            "-----BEGIN ",
+            "RSA ",
+            "PRIVATE KEY",
+            "-----",
+            "key=",
+            "(",
+            ".",
+        ];
+        let mut found = 0usize;
+        for t in crate::generated_texts::generated(PIECES, 0x2545_f491_4f6c_dd1d, 14) {
+            let b = t.as_bytes();
+            for any_case in [false, true] {
+                for entities in [
+                    Entities::all(),
+                    Entities::none().with(Entity::ApiKey),
+                    Entities::none().with(Entity::PrivateKey),
+                ] {
+                    let (mut new, mut old) = (Vec::new(), Vec::new());
+                    scan_keys(b, entities, any_case, &mut new);
+                    before_fast_paths::scan_keys(b, entities, any_case, &mut old);
+                    assert_eq!(new, old, "{t:?} {any_case}");
+                    found = found.saturating_add(new.len());
+                }
+            }
+        }
+        // The texts exercise the scanner: thousands of keys are found.
+        assert!(found > 1000, "{found}");
     }
 
     #[test]

@@ -1465,6 +1465,13 @@ mod tests {
             KEY_STARTS.iter().map(|p| p.len()).max(),
             Some(KEY_START_MAX)
         );
+        // What the prefilters of `split_prefix` rely on: lower-case prefixes of two bytes or
+        // more, trimmed or not.
+        for p in KEY_STARTS.iter().chain(&["sk-proj-", "sk-ant-"]) {
+            assert_eq!(*p, p.to_ascii_lowercase(), "{p}");
+            assert!(p.trim_end_matches(['-', '_']).len() >= 2, "{p}");
+            assert!(p.len() <= KEY_START_MAX, "{p}");
+        }
         assert_eq!(
             join_key_groups("gith ub_p at_ abc12 sentence"),
             "github_pat_abc12 sentence"
