@@ -162,7 +162,9 @@ bench:
 	$(CARGO) bench -p llm-policy-bench --bench spend
 
 ## bench-proxy: Envoy passthrough vs ext_authz floor vs llm-policy under load (loadgen), gRPC
-## Check on one core, a 10k-rule reload under load. About 2 minutes; results in tools/bench-proxy.json.
+## Check on one core, a 10k-rule reload under load, and the example bundle by deployment (ext_authz
+## or filter) and body size (1/8/64 KB) on one core. About 5 minutes; results in
+## tools/bench-proxy.json (BENCH_PARTS=main or sizes runs one part, into bench-proxy-partial.json).
 bench-proxy: build envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_proxy.py

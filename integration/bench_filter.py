@@ -27,7 +27,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from benchkit import BIN, bench_upstream, identity_material, loadgen, non_200, save
+from benchkit import BIN, bench_upstream, chat_body, identity_material, loadgen, non_200, pin, save
 from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
@@ -42,21 +42,10 @@ MEMORY_SECS = {"filter_100_rules": 18, "filter_example_bundle": 12}
 
 
 
-def body(size):
-    """An OpenAI chat body of about `size` bytes that the example bundle allows, with the nonce
-    `loadgen --unique` rewrites (the `filter` criterion bench sends the same)."""
-    return subprocess.run([str(BIN / "loadgen"), "chat-body", "--bytes", str(size)], capture_output=True,
-                          check=True).stdout
-
-
 def hundred_rules():
     """The 100 rules on model / max_tokens / headers (the `filter` criterion bench reads the same)."""
     return subprocess.run([str(BIN / "loadgen"), "hundred-rules"], capture_output=True, text=True,
                           check=True).stdout
-
-
-def pin(proc, cpu):
-    subprocess.run(["taskset", "-pc", str(cpu), str(proc.p.pid)], capture_output=True, check=True)
 
 
 def measure(url, files, headers=()):
@@ -98,7 +87,7 @@ def main():
         files = {}
         for size in SIZES:
             f = tmp / f"body-{size}.json"
-            f.write_bytes(body(size))
+            f.write_bytes(chat_body(size))
             files[size] = f
         hundred = tmp / "hundred"
         hundred.mkdir()

@@ -18,6 +18,11 @@ Then `Check` called directly over gRPC against `llm-policy serve` pinned to one 
 decisions), and a 10,000-rule bundle written into the policy directory while 500 rps flow
 through Envoy: failed requests and the time until the new version serves.
 
+First, the example bundle by deployment and body size on one core: Envoy (one worker) with the
+filter, or Envoy with ext_authz to `llm-policy serve` beside it, against passthrough and the
+ext_authz floor, with unique 1 / 8 / 64 KB bodies (`BENCH_SIZES_KB`) at saturation: which
+deployment serves more on the same CPU. `BENCH_PARTS=main` or `=sizes` runs one part.
+
 The machine is shared and noisy: compare the ratios of one run, not absolute numbers across
 runs. Results: a Markdown table on stdout and `tools/bench-proxy.json`.
 """
@@ -30,10 +35,14 @@ import threading
 import time
 from pathlib import Path
 
-from benchkit import BIN, bench_upstream, identity_material, loadgen, non_200, save
+from benchkit import BIN, bench_upstream, chat_body, identity_material, loadgen, non_200, pin, save
 from stack import ROOT, Envoy, Proc, Server, free_port
 
 RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
+# The body sizes of the by-size comparison (`BENCH_SIZES_KB`), and which parts run
+# (`BENCH_PARTS`: `main` for everything above, `sizes` for the comparison; default both).
+SIZES_KB = [int(k) for k in os.environ.get("BENCH_SIZES_KB", "1,8,64").split(",")]
+PARTS = set(os.environ.get("BENCH_PARTS", "main,sizes").split(","))
 
 # A namespace whose every request reserves from a token budget that never runs out.
 BENCH_SPEND = """
@@ -102,6 +111,64 @@ def identity_runs(tmp, up_port, procs, results):
     procs.remove(server.proc)
 
 
+def by_size(tmp, up_port, procs):
+    """The example bundle in each deployment on the same CPU, by body size: Envoy with one worker
+    (and, with ext_authz, `llm-policy serve` beside it) on core 0; the load generator and the
+    upstream on core 1. Unique bodies (a nonce per request: no decision is reused), closed loop at
+    saturation. Also the floor of each deployment: passthrough, and ext_authz to `allow-authz`."""
+    from stack import envoy_config
+
+    files = {}
+    for kb in SIZES_KB:
+        f = tmp / f"size-{kb}.json"
+        f.write_bytes(chat_body(kb * 1024))
+        files[kb] = f
+    out = {}
+
+    def run(name, envoy, *others):
+        pin(envoy.proc, 0)
+        for p in others:
+            pin(p, 0)
+        url = envoy.url("/v1/chat/completions")
+        out[name] = {}
+        for kb, f in files.items():
+            out[name][str(kb)] = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS,
+                                         "--body-file", f, "--unique", cpu=1)
+        envoy.proc.stop()
+
+    e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml", concurrency=1)
+    run("passthrough", e)
+    floor_port = free_port()
+    floor = Proc("allow-authz-sizes", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
+    procs.append(floor)
+    time.sleep(0.5)
+    run("ext_authz_floor", Envoy(tmp, None, up_port, tmp, authz_port=floor_port, concurrency=1), floor)
+    floor.stop()
+    procs.remove(floor)
+    (tmp / "sizes").mkdir()
+    server = Server(tmp / "sizes", ROOT / "policies")
+    procs.append(server.proc)
+    run("ext_authz_example_bundle", Envoy(tmp, server, up_port, tmp, concurrency=1), server.proc)
+    server.proc.stop()
+    procs.remove(server.proc)
+    run("filter_example_bundle", Envoy(tmp, None, up_port, tmp, text=envoy_config("filter", ROOT / "policies"),
+                                       concurrency=1))
+    return out
+
+
+def print_sizes(r):
+    names = ("passthrough", "ext_authz_floor", "ext_authz_example_bundle", "filter_example_bundle")
+    print("| body | " + " | ".join(names) + " |")
+    print("|---|" + "---:|" * len(names))
+    for kb in SIZES_KB:
+        cells = []
+        for n in names:
+            x = r[n][str(kb)]
+            bad = non_200(x)
+            cells.append(f"{x['rps']:.0f} rps, p99 {x['p99_ms']:.1f} ms" + (f", {bad} non-200" if bad else ""))
+        print(f"| {kb} KB | " + " | ".join(cells) + " |")
+
+
 def main():
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -110,6 +177,15 @@ def main():
         try:
             upstream, up_port = bench_upstream(tmp)
             procs.append(upstream)
+            if "sizes" in PARTS:
+                # 6. The example bundle by deployment and body size, on one core (first: the
+                # upstream is pinned to the other core for it).
+                pin(upstream, 1)
+                results["by_size"] = by_size(tmp, up_port, procs)
+                subprocess.run(["taskset", "-a", "-p", "-c", "0-1", str(upstream.p.pid)], capture_output=True,
+                               check=True)
+            if "main" not in PARTS:
+                return finish(results)
 
             # 1. Passthrough.
             e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml")
@@ -174,7 +250,7 @@ def main():
             one = Server(s1, ROOT / "policies")
             del os.environ["TOKIO_WORKER_THREADS"]
             procs.append(one.proc)
-            subprocess.run(["taskset", "-pc", "0", str(one.proc.p.pid)], capture_output=True, check=True)
+            pin(one.proc, 0)
             results["grpc_check_one_core"] = loadgen("check", "--grpc", f"127.0.0.1:{one.grpc}", "--concurrency", 64,
                                                      "--connections", 4, "--duration", 5, cpu=1)
             hits = one.metric('llm_policy_cache_requests_total{level="l1",result="hit"}')
@@ -183,8 +259,17 @@ def main():
             for p in reversed(procs):
                 p.stop()
 
-    save("bench-proxy", results)
-    print_table(results)
+    return finish(results)
+
+
+def finish(results):
+    """Saves the results (a partial run apart from the full one) and prints them."""
+    save("bench-proxy" if PARTS >= {"main", "sizes"} else "bench-proxy-partial", results)
+    if "main" in PARTS:
+        print_table(results)
+    if "by_size" in results:
+        print()
+        print_sizes(results["by_size"])
 
 
 def print_table(r):

@@ -21,6 +21,19 @@ def loadgen(*args, cpu=None):
     return json.loads(out.strip().splitlines()[-1])
 
 
+def chat_body(size):
+    """An OpenAI chat body of about `size` bytes that the example bundle allows, with the nonce
+    `loadgen --unique` rewrites (the `filter` criterion bench sends the same)."""
+    return subprocess.run([str(BIN / "loadgen"), "chat-body", "--bytes", str(size)], capture_output=True,
+                          check=True).stdout
+
+
+def pin(proc, cpu):
+    """Pins every thread of `proc` (a `stack.Proc`) to `cpu`: `taskset -a`, since a process's
+    threads started before the call (Envoy's workers, a server's runtime) keep their own mask."""
+    subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(proc.p.pid)], capture_output=True, check=True)
+
+
 def bench_upstream(tmp):
     """Starts `bench-upstream` on a free port: (process, port)."""
     port = free_port()

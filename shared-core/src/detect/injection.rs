@@ -1101,13 +1101,12 @@ pub fn score(text: &str) -> (f64, Vec<Signal>) {
     }
 
     let bytes = norm.as_bytes();
-    let template_token = bytes.iter().enumerate().any(|(i, c)| {
-        matches!(c, b'<' | b'[')
-            && bytes.get(i..).is_some_and(|rest| {
-                TEMPLATE_TOKENS
-                    .iter()
-                    .any(|t| rest.starts_with(t.as_bytes()))
-            })
+    let template_token = memchr::memchr2_iter(b'<', b'[', bytes).any(|i| {
+        bytes.get(i..).is_some_and(|rest| {
+            TEMPLATE_TOKENS
+                .iter()
+                .any(|t| rest.starts_with(t.as_bytes()))
+        })
     });
     if template_token {
         hit("chat_template_tokens", W_TEMPLATE_TOKENS);
@@ -1312,6 +1311,14 @@ mod tests {
 
     fn names(text: &str) -> Vec<&'static str> {
         score(text).1.iter().map(|s| s.name).collect()
+    }
+
+    #[test]
+    fn template_tokens_start_where_the_scorer_looks() {
+        // The scorer compares tokens only at `<` and `[` (memchr).
+        for t in TEMPLATE_TOKENS {
+            assert!(t.starts_with(['<', '[']), "{t}");
+        }
     }
 
     #[test]

@@ -185,7 +185,7 @@ fn push(out: &mut Vec<Finding>, entity: Entity, confidence: f64, start: usize, e
 fn scan_emails(b: &[u8], out: &mut Vec<Finding>) {
     let local = |c: u8| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'%' | b'+' | b'-');
     let label = |c: u8| c.is_ascii_alphanumeric() || c == b'-';
-    for (i, _) in b.iter().enumerate().filter(|(_, c)| **c == b'@') {
+    for i in memchr::memchr_iter(b'@', b) {
         // Local part, leftwards (at most 64 bytes), without leading dots.
         let mut s = i;
         while s > 0 && i.saturating_sub(s) < 64 && local(before(b, s)) {

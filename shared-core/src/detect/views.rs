@@ -446,10 +446,17 @@ fn join_key_groups(text: &str) -> String {
             if j > i && split_prefix(j) {
                 break;
             }
-            // The last group may carry the sentence's punctuation.
-            let bare = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
+            // The last group may carry the sentence's punctuation. (Bytes: the punctuation and
+            // key characters are ASCII.)
+            let kept = w
+                .bytes()
+                .rposition(|c| !matches!(c, b'.' | b',' | b';' | b':' | b'!' | b'?' | b')'))
+                .map_or(0, |p| p.saturating_add(1));
+            let bare = w.as_bytes().get(..kept).unwrap_or_default();
             if !(1..=6).contains(&bare.len())
-                || !bare.chars().all(key_char)
+                || !bare
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
                 || j.saturating_sub(i) >= MAX_GROUPS
             {
                 break;
