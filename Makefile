@@ -164,7 +164,8 @@ bench:
 ## bench-proxy: Envoy passthrough vs ext_authz floor vs llm-policy under load (loadgen), gRPC
 ## Check on one core, a 10k-rule reload under load, and the example bundle by deployment (ext_authz
 ## or filter) and body size (1/8/64 KB) on one core. About 5 minutes; results in
-## tools/bench-proxy.json (BENCH_PARTS=main or sizes runs one part, into bench-proxy-partial.json).
+## tools/bench-proxy.json, the by-size part also in bench-proxy-sizes.json (BENCH_PARTS=main or
+## sizes runs one part, BENCH_SIZES_KB some sizes: into bench-proxy-partial.json).
 bench-proxy: build envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_proxy.py

@@ -43,6 +43,7 @@ RATE_SECS = int(os.environ.get("BENCH_SECS", "10"))
 # (`BENCH_PARTS`: `main` for everything above, `sizes` for the comparison; default both).
 SIZES_KB = [int(k) for k in os.environ.get("BENCH_SIZES_KB", "1,8,64").split(",")]
 PARTS = set(os.environ.get("BENCH_PARTS", "main,sizes").split(","))
+assert PARTS and PARTS <= {"main", "sizes"}, f"BENCH_PARTS: main, sizes or both, not {PARTS}"
 
 # A namespace whose every request reserves from a token budget that never runs out.
 BENCH_SPEND = """
@@ -126,15 +127,17 @@ def by_size(tmp, up_port, procs):
     out = {}
 
     def run(name, envoy, *others):
-        pin(envoy.proc, 0)
-        for p in others:
-            pin(p, 0)
-        url = envoy.url("/v1/chat/completions")
-        out[name] = {}
-        for kb, f in files.items():
-            out[name][str(kb)] = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS,
-                                         "--body-file", f, "--unique", cpu=1)
-        envoy.proc.stop()
+        try:
+            pin(envoy.proc, 0)
+            for p in others:
+                pin(p, 0)
+            url = envoy.url("/v1/chat/completions")
+            out[name] = {}
+            for kb, f in files.items():
+                out[name][str(kb)] = loadgen("http", "--url", url, "--concurrency", 32, "--duration", RATE_SECS,
+                                             "--body-file", f, "--unique", cpu=1)
+        finally:
+            envoy.proc.stop()
 
     e = Envoy(tmp, None, up_port, tmp, config="passthrough.yaml", concurrency=1)
     run("passthrough", e)
@@ -142,11 +145,16 @@ def by_size(tmp, up_port, procs):
     floor = Proc("allow-authz-sizes", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
     procs.append(floor)
     time.sleep(0.5)
-    run("ext_authz_floor", Envoy(tmp, None, up_port, tmp, authz_port=floor_port, concurrency=1), floor)
+    floor_config = without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text())
+    run("ext_authz_floor", Envoy(tmp, None, up_port, tmp, authz_port=floor_port, concurrency=1, text=floor_config),
+        floor)
     floor.stop()
     procs.remove(floor)
     (tmp / "sizes").mkdir()
+    # One runtime worker, as on the one core it gets.
+    os.environ["TOKIO_WORKER_THREADS"] = "1"
     server = Server(tmp / "sizes", ROOT / "policies")
+    del os.environ["TOKIO_WORKER_THREADS"]
     procs.append(server.proc)
     run("ext_authz_example_bundle", Envoy(tmp, server, up_port, tmp, concurrency=1), server.proc)
     server.proc.stop()
@@ -180,9 +188,11 @@ def main():
             if "sizes" in PARTS:
                 # 6. The example bundle by deployment and body size, on one core (first: the
                 # upstream is pinned to the other core for it).
+                cpus = ",".join(map(str, sorted(os.sched_getaffinity(upstream.p.pid))))
                 pin(upstream, 1)
                 results["by_size"] = by_size(tmp, up_port, procs)
-                subprocess.run(["taskset", "-a", "-p", "-c", "0-1", str(upstream.p.pid)], capture_output=True,
+                save("bench-proxy-sizes", results["by_size"])
+                subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(upstream.p.pid)], capture_output=True,
                                check=True)
             if "main" not in PARTS:
                 return finish(results)
@@ -192,12 +202,14 @@ def main():
             results["passthrough"] = http_scenarios(e.url("/v1/chat/completions"))
             e.proc.stop()
 
-            # 2. Floor: ext_authz to a server that allows without looking.
+            # 2. Floor: ext_authz to a server that allows without looking (and no ext_proc
+            # stream, which such a server does not serve).
             floor_port = free_port()
             floor = Proc("allow-authz", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
             procs.append(floor)
             time.sleep(0.5)
-            e = Envoy(tmp, None, up_port, tmp, authz_port=floor_port)
+            e = Envoy(tmp, None, up_port, tmp, authz_port=floor_port,
+                      text=without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text()))
             results["floor"] = http_scenarios(e.url("/v1/chat/completions"))
             e.proc.stop()
             floor.stop()
@@ -264,7 +276,8 @@ def main():
 
 def finish(results):
     """Saves the results (a partial run apart from the full one) and prints them."""
-    save("bench-proxy" if PARTS >= {"main", "sizes"} else "bench-proxy-partial", results)
+    full = PARTS >= {"main", "sizes"} and "BENCH_SIZES_KB" not in os.environ
+    save("bench-proxy" if full else "bench-proxy-partial", results)
     if "main" in PARTS:
         print_table(results)
     if "by_size" in results:
