@@ -62,6 +62,12 @@ spec:
 """
 
 
+def ext_authz_without_ext_proc():
+    """`envoy/ext-authz.yaml` without its ext_proc filter: the floor's configuration (an
+    allow-everything server serves no ext_proc), and `llm-policy serve` without its response path."""
+    return without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text())
+
+
 def without_ext_proc(text):
     """The generated ext_authz configuration without its ext_proc filter (the response path)."""
     start = text.index("                  # Every answer's usage")
@@ -145,9 +151,8 @@ def by_size(tmp, up_port, procs):
     floor = Proc("allow-authz-sizes", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
     procs.append(floor)
     time.sleep(0.5)
-    floor_config = without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text())
-    run("ext_authz_floor", Envoy(tmp, None, up_port, tmp, authz_port=floor_port, concurrency=1, text=floor_config),
-        floor)
+    run("ext_authz_floor", Envoy(tmp, None, up_port, tmp, authz_port=floor_port, concurrency=1,
+                                 text=ext_authz_without_ext_proc()), floor)
     floor.stop()
     procs.remove(floor)
     (tmp / "sizes").mkdir()
@@ -192,8 +197,7 @@ def main():
                 pin(upstream, 1)
                 results["by_size"] = by_size(tmp, up_port, procs)
                 save("bench-proxy-sizes", results["by_size"])
-                subprocess.run(["taskset", "-a", "-p", "-c", cpus, str(upstream.p.pid)], capture_output=True,
-                               check=True)
+                pin(upstream, cpus)
             if "main" not in PARTS:
                 return finish(results)
 
@@ -208,8 +212,7 @@ def main():
             floor = Proc("allow-authz", [str(BIN / "allow-authz"), f"127.0.0.1:{floor_port}"], tmp)
             procs.append(floor)
             time.sleep(0.5)
-            e = Envoy(tmp, None, up_port, tmp, authz_port=floor_port,
-                      text=without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text()))
+            e = Envoy(tmp, None, up_port, tmp, authz_port=floor_port, text=ext_authz_without_ext_proc())
             results["floor"] = http_scenarios(e.url("/v1/chat/completions"))
             e.proc.stop()
             floor.stop()
@@ -222,7 +225,7 @@ def main():
             results["llm_policy"] = http_scenarios(e.url("/v1/chat/completions"))
             identity_runs(tmp, up_port, procs, results)
             # The response path (ext_proc), with and without, and with a budget on every request.
-            bare = Envoy(tmp, server, up_port, tmp, text=without_ext_proc((ROOT / "envoy" / "ext-authz.yaml").read_text()))
+            bare = Envoy(tmp, server, up_port, tmp, text=ext_authz_without_ext_proc())
             results["llm_policy_no_ext_proc"] = http_scenarios(bare.url("/v1/chat/completions"))
             spend = ["x-llm-policy-namespace: bench-spend"]
             results["llm_policy_budget"] = http_scenarios(e.url("/v1/chat/completions"), spend)

@@ -29,8 +29,9 @@ def chat_body(size):
 
 
 def pin(proc, cpu):
-    """Pins every thread of `proc` (a `stack.Proc`) to `cpu`: `taskset -a`, since a process's
-    threads started before the call (Envoy's workers, a server's runtime) keep their own mask."""
+    """Pins every thread of `proc` (a `stack.Proc`) to `cpu` (a core, or a list such as `0,1`):
+    `taskset -a`, since a process's threads started before the call (Envoy's workers, a server's
+    runtime) keep their own mask."""
     subprocess.run(["taskset", "-a", "-p", "-c", str(cpu), str(proc.p.pid)], capture_output=True, check=True)
 
 

@@ -181,6 +181,12 @@ pub fn fold_phrase(phrase: &str) -> String {
     out
 }
 
+/// Whether the ASCII byte `b` is white space as [`char::is_whitespace`] has it (which, unlike
+/// [`u8::is_ascii_whitespace`], counts the vertical tab).
+pub(crate) fn ascii_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t'..=b'\r')
+}
+
 /// Slots of the per-call memo of folded non-ASCII characters (text in one script repeats its
 /// characters: a hit skips the decomposition and the confusables lookup).
 const MEMO: usize = 256;
@@ -195,9 +201,7 @@ pub fn fold(text: &str) -> String {
     let mut i = 0usize;
     while let Some(&b) = bytes.get(i) {
         if b.is_ascii() {
-            // ASCII white space as `char::is_whitespace` has it.
-            let white = |c: u8| matches!(c, b' ' | b'\t'..=b'\r');
-            if white(b) {
+            if ascii_space(b) {
                 i = i.saturating_add(1);
                 if !space {
                     out.push(b' ');
@@ -209,7 +213,7 @@ pub fn fold(text: &str) -> String {
                 let rest = bytes.get(i..).unwrap_or_default();
                 let n = rest
                     .iter()
-                    .position(|&c| !c.is_ascii() || white(c))
+                    .position(|&c| !c.is_ascii() || ascii_space(c))
                     .unwrap_or(rest.len());
                 let from = out.len();
                 out.extend_from_slice(rest.get(..n).unwrap_or_default());

@@ -22,6 +22,8 @@ use alloc::vec::Vec;
 
 use base64::Engine;
 
+use crate::fold::ascii_space;
+
 /// The most bytes of encoded runs decoded per text (per level).
 pub const MAX_DECODED: usize = 1 << 20;
 
@@ -34,12 +36,6 @@ fn letter_sep(c: char) -> bool {
         c,
         ' ' | '.' | '-' | '_' | '*' | '/' | '|' | ',' | '+' | '~' | '·' | ':' | ';'
     )
-}
-
-/// Whether the ASCII byte `b` is white space as [`char::is_whitespace`] has it (which, unlike
-/// [`u8::is_ascii_whitespace`], counts the vertical tab).
-fn ascii_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t'..=b'\r')
 }
 
 /// Letters spelled one by one joined, keys written in groups joined, spelled-out `@` and `.`,
