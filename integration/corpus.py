@@ -867,6 +867,12 @@ def _cls_separators(b: _Builder) -> None:
     b.put("iban", "-".join(i[k:k + 4] for k in range(0, len(i), 4)))
     i = v.iban("NL")
     b.put("iban", ".".join(i[k:k + 4] for k in range(0, len(i), 4)))
+    # Keys in groups split by other white space than one space (a vertical tab, a tab, a line
+    # break, `\r\n`, two spaces), their long prefixes split over several groups (`gith ub_p at_…`).
+    for t, sep in (("github_pat", "\v"), ("stripe", "\t"), ("slack", "\n"), ("aws", "\r\n"),
+                   ("github", "  ")):
+        s = v.secret(t)[1]
+        b.put("secret", sep.join(s[k:k + 4] for k in range(0, len(s), 4)), SECRET_LABELS[t])
 
 
 def _cls_case(b: _Builder) -> None:

@@ -428,6 +428,20 @@ fn join_key_groups(text: &str) -> String {
             || is("sk-ant-");
         prefix && body.chars().all(key_char)
     };
+    // The length of `w` without the sentence's punctuation a last group may carry, when that is
+    // a group: 1 to 6 key characters. (Bytes: the punctuation and key characters are ASCII.)
+    let group = |w: &str| -> Option<usize> {
+        let kept = w
+            .bytes()
+            .rposition(|c| !matches!(c, b'.' | b',' | b';' | b':' | b'!' | b'?' | b')'))
+            .map_or(0, |p| p.saturating_add(1));
+        let bare = w.as_bytes().get(..kept).unwrap_or_default();
+        ((1..=6).contains(&bare.len())
+            && bare
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_')))
+        .then_some(bare.len())
+    };
     let mut out = String::with_capacity(text.len());
     let mut i = 0usize;
     let emit = |out: &mut String, w: &str, first: bool| {
@@ -442,23 +456,23 @@ fn join_key_groups(text: &str) -> String {
             if j > i && split_prefix(j) {
                 break;
             }
-            // The last group may carry the sentence's punctuation. (Bytes: the punctuation and
-            // key characters are ASCII.)
-            let kept = w
-                .bytes()
-                .rposition(|c| !matches!(c, b'.' | b',' | b';' | b':' | b'!' | b'?' | b')'))
-                .map_or(0, |p| p.saturating_add(1));
-            let bare = w.as_bytes().get(..kept).unwrap_or_default();
-            if !(1..=6).contains(&bare.len())
-                || !bare
-                    .iter()
-                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
-                || j.saturating_sub(i) >= MAX_GROUPS
+            // Groups two separators apart (`AKIA  IOSF`, a line break written `\r\n`): the
+            // one empty word between them is passed over.
+            if w.is_empty()
+                && j > i
+                && j.saturating_sub(i) < MAX_GROUPS
+                && words
+                    .get(j.saturating_add(1))
+                    .is_some_and(|next| group(next).is_some())
             {
-                break;
+                j = j.saturating_add(1);
+                continue;
             }
+            let Some(bare) = group(w).filter(|_| j.saturating_sub(i) < MAX_GROUPS) else {
+                break;
+            };
             j = j.saturating_add(1);
-            if bare.len() < w.len() {
+            if bare < w.len() {
                 break;
             }
         }
@@ -481,6 +495,7 @@ fn join_key_groups(text: &str) -> String {
             let mut joined = run
                 .iter()
                 .skip(k)
+                .filter(|w| !w.is_empty())
                 .take(4)
                 .flat_map(|w| w.bytes())
                 .peekable();
@@ -500,7 +515,17 @@ fn join_key_groups(text: &str) -> String {
             let head = head.get(..n).unwrap_or_default();
             KEY_STARTS.iter().any(|p| head.starts_with(p.as_bytes()))
         };
-        let start = (0..run.len()).find(|&k| run.len().saturating_sub(k) >= 4 && head(k));
+        // (A key starts at a group, and four groups follow from it, empty words not counted.)
+        let start = (0..run.len()).find(|&k| {
+            run.get(k).is_some_and(|w| !w.is_empty())
+                && run
+                    .iter()
+                    .skip(k)
+                    .filter(|w| !w.is_empty())
+                    .nth(3)
+                    .is_some()
+                && head(k)
+        });
         match start {
             Some(0) => {
                 emit(&mut out, &run.concat(), i == 0);
@@ -1483,14 +1508,32 @@ mod tests {
             join_key_groups("xoxb -123 4 5 sentence"),
             "xoxb-12345 sentence"
         );
+        // Groups two separators apart: joined (a key written with `\r\n` or double spaces).
+        assert_eq!(
+            join_key_groups("AKIA  IOSF  ODNN  7EXA  MPLE sentence"),
+            "AKIAIOSFODNN7EXAMPLE sentence"
+        );
+        assert_eq!(
+            compact("key: gith\r\nub_p\r\nat_1\r\n1ABC\r\nDEFG"),
+            "key: github_pat_11ABCDEFG"
+        );
+        // Three apart, or one empty word at the run's edges: as written.
+        assert_eq!(
+            join_key_groups("AKIA   IOSF   ODNN   7EXA"),
+            "AKIA   IOSF   ODNN   7EXA"
+        );
+        assert_eq!(join_key_groups("  as  i  a  "), "  as  i  a  ");
         let mut joined = 0usize;
         for t in texts().chain(key_texts()).chain(grouped_texts()) {
             joined = joined.saturating_add(usize::from(join_key_groups(&t) != t));
-            assert_eq!(
-                join_key_groups(&t),
-                before_fast_paths::join_key_groups(&t),
-                "{t:?}"
-            );
+            // (Groups two spaces apart are joined now; the old code left them apart.)
+            if !t.contains("  ") {
+                assert_eq!(
+                    join_key_groups(&t),
+                    before_fast_paths::join_key_groups(&t),
+                    "{t:?}"
+                );
+            }
             assert_eq!(unleet(&t), before_fast_paths::unleet(&t), "{t:?}");
             assert_eq!(
                 may_join_single_chars(&t),
