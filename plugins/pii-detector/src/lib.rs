@@ -203,6 +203,19 @@ mod tests {
             ("key: QUtJQUlPU0ZPRE5ON0VYQU1QTEU=", "api_key"),
             ("card 4111.1111.1111.1111", "credit_card"),
             ("ssn 123-45-6789", "us_ssn"),
+            // Keys in groups split by other white space than one space.
+            (
+                "Keep this Slack bot token for me so I don't lose it: xoxb\n-688\n0953\n7753\n0-84\n0606\n0055\n545-\nQgUc\nEq8H\n6UfQ\nM5F3\nXehL\nTxsS",
+                "api_key",
+            ),
+            (
+                "Please add ghp_  Iewo  3lGK  7RGj  toDC  1QIW  jt4c  JNl9  51ob  prvk to the team's .env template.",
+                "api_key",
+            ),
+            (
+                "Keep this AWS access key for me so I don't lose it: AKIA\r\nVXBM\r\nKM3W\r\nKYBO\r\nO6DH",
+                "api_key",
+            ),
         ] {
             let out = eval(&format!(
                 r#"{{"args":{{}},"fields":{{"request.prompt":{}}}}}"#,

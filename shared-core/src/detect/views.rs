@@ -528,8 +528,13 @@ fn join_key_groups(text: &str) -> String {
         });
         match start {
             Some(0) => {
-                emit(&mut out, &run.concat(), i == 0);
-                i = j;
+                let end = key_words(run, group);
+                emit(
+                    &mut out,
+                    &run.get(..end).unwrap_or_default().concat(),
+                    i == 0,
+                );
+                i = i.saturating_add(end);
             }
             Some(k) => {
                 // The words before the key as they are; the key on the next round.
@@ -550,6 +555,54 @@ fn join_key_groups(text: &str) -> String {
     out
 }
 
+/// How many of a run's words a key written in groups is (its groups, and the empty words between
+/// groups two separators apart). The key's group length `n` is the longest of the three groups
+/// after the first; the key runs to the last group of length `n` before any longer word, and one
+/// shorter group after that only when it ends the run. A key cut into groups of `n` ends with a
+/// group of `n` or fewer: shorter words after its last full group are the sentence's
+/// (`… prvk to the`), and joined to the key they would make it too long to be one.
+fn key_words(run: &[&str], group: impl Fn(&str) -> Option<usize>) -> usize {
+    let groups: Vec<(usize, usize)> = run
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| !w.is_empty())
+        .map(|(k, w)| (k, group(w).unwrap_or(w.len())))
+        .collect();
+    let n = groups
+        .iter()
+        .skip(1)
+        .take(3)
+        .map(|g| g.1)
+        .max()
+        .unwrap_or(0);
+    let mut last = 0usize;
+    for (idx, g) in groups.iter().enumerate().skip(1) {
+        if g.1 > n {
+            break;
+        }
+        if g.1 == n {
+            last = idx;
+        }
+    }
+    if last.saturating_add(2) == groups.len()
+        && groups.get(last.saturating_add(1)).is_some_and(|g| g.1 < n)
+    {
+        last = last.saturating_add(1);
+    }
+    groups
+        .get(last)
+        .map_or(run.len(), |g| g.0.saturating_add(1))
+}
+
+/// Whether a key prefix ([`KEY_STARTS`], any case) starts at byte `i` of `b`.
+fn key_prefix_at(b: &[u8], i: usize) -> bool {
+    b.get(i).is_some_and(|c| key_first(c.to_ascii_lowercase()))
+        && KEY_STARTS.iter().any(|p| {
+            b.get(i..i.saturating_add(p.len()))
+                .is_some_and(|h| h.eq_ignore_ascii_case(p.as_bytes()))
+        })
+}
+
 /// Between two groups of at least four digits, a run of one to three separators (`-`, `.`, `/`,
 /// `_`, spaces) as one space: `5207-7117 1309.4094` and `2606 - 1389` read as
 /// `5207 7117 1309 4094`. (Shorter groups are addresses, times and versions.)
@@ -563,6 +616,18 @@ fn digit_separators(text: &str) -> String {
     let mut i = 0usize;
     let mut run = 0usize;
     while let Some(&c) = b.get(i) {
+        // A word that starts with a key prefix is a key as written (or as joined from its
+        // groups): its digit groups are its own (`xoxb-6880953775300-8406060055545-…`).
+        if (i == 0 || b.get(i.wrapping_sub(1)) == Some(&b' ')) && key_prefix_at(b, i) {
+            let end = b
+                .get(i..)
+                .and_then(|r| memchr::memchr(b' ', r))
+                .map_or(b.len(), |e| i.saturating_add(e));
+            out.extend_from_slice(b.get(i..end).unwrap_or_default());
+            i = end;
+            run = 0;
+            continue;
+        }
         out.push(c);
         i = i.saturating_add(1);
         if !c.is_ascii_digit() {
@@ -1214,11 +1279,27 @@ mod before_fast_paths {
             }
             out.push_str(w);
         };
+        // (Since #18, as the code it is compared with: groups two separators apart, and where
+        // a key's groups end.)
+        let group = |w: &str| {
+            let bare = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
+            ((1..=6).contains(&bare.len()) && bare.chars().all(key_char)).then_some(bare.len())
+        };
         while i < words.len() {
             let mut j = i;
             while let Some(w) = words.get(j) {
                 if j > i && split_prefix(j) {
                     break;
+                }
+                if w.is_empty()
+                    && j > i
+                    && j.saturating_sub(i) < MAX_GROUPS
+                    && words
+                        .get(j.saturating_add(1))
+                        .is_some_and(|next| group(next).is_some())
+                {
+                    j = j.saturating_add(1);
+                    continue;
                 }
                 // The last group may carry the sentence's punctuation.
                 let bare = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
@@ -1247,18 +1328,32 @@ mod before_fast_paths {
             // Where in the run a key starts: the first group whose next four groups, joined, begin
             // with a key prefix (each group is looked at once more, at most).
             let head = |k: usize| -> bool {
-                let joined = run.iter().skip(k).take(4).flat_map(|w| w.bytes());
+                let joined = run
+                    .iter()
+                    .skip(k)
+                    .filter(|w| !w.is_empty())
+                    .take(4)
+                    .flat_map(|w| w.bytes());
                 KEY_STARTS.iter().any(|p| {
                     let mut h = joined.clone();
                     p.bytes()
                         .all(|c| h.next().is_some_and(|b| b.to_ascii_lowercase() == c))
                 })
             };
-            let start = (0..run.len()).find(|&k| run.len().saturating_sub(k) >= 4 && head(k));
+            let start = (0..run.len()).find(|&k| {
+                run.get(k).is_some_and(|w| !w.is_empty())
+                    && run.iter().skip(k).filter(|w| !w.is_empty()).count() >= 4
+                    && head(k)
+            });
             match start {
                 Some(0) => {
-                    emit(&mut out, &run.concat(), i == 0);
-                    i = j;
+                    let end = super::key_words(run, group);
+                    emit(
+                        &mut out,
+                        &run.get(..end).unwrap_or_default().concat(),
+                        i == 0,
+                    );
+                    i = i.saturating_add(end);
                 }
                 Some(k) => {
                     // The words before the key as they are; the key on the next round.
@@ -1505,8 +1600,8 @@ mod tests {
             "github_pat_abc12 sentence"
         );
         assert_eq!(
-            join_key_groups("xoxb -123 4 5 sentence"),
-            "xoxb-12345 sentence"
+            join_key_groups("xoxb -123 4567 8 sentence"),
+            "xoxb-12345678 sentence"
         );
         // Groups two separators apart: joined (a key written with `\r\n` or double spaces).
         assert_eq!(
@@ -1517,6 +1612,29 @@ mod tests {
             compact("key: gith\r\nub_p\r\nat_1\r\n1ABC\r\nDEFG"),
             "key: github_pat_11ABCDEFG"
         );
+        // The key ends at its last full group (and a shorter one that ends the run): short
+        // words after it are the sentence's.
+        assert_eq!(
+            join_key_groups("ghp_ Iewo 3lGK prvk to the office"),
+            "ghp_Iewo3lGKprvk to the office"
+        );
+        assert_eq!(
+            join_key_groups("AKIA IOSF ODNN 7EXA MPL to me"),
+            "AKIAIOSFODNN7EXA MPL to me"
+        );
+        assert_eq!(
+            join_key_groups("AKIA IOSF ODNN 7EXA MP"),
+            "AKIAIOSFODNN7EXAMP"
+        );
+        // A key's digit groups are its own: not read as a card's.
+        assert_eq!(
+            compact("token xoxb\n-688\n0953\n7753\n0-84\n0606\n0055\n545-\nQgUc thanks"),
+            "token xoxb-688095377530-8406060055545-QgUc thanks"
+        );
+        assert_eq!(
+            compact("card 5207-7117 1309.4094"),
+            "card 5207 7117 1309 4094"
+        );
         // Three apart, or one empty word at the run's edges: as written.
         assert_eq!(
             join_key_groups("AKIA   IOSF   ODNN   7EXA"),
@@ -1526,14 +1644,11 @@ mod tests {
         let mut joined = 0usize;
         for t in texts().chain(key_texts()).chain(grouped_texts()) {
             joined = joined.saturating_add(usize::from(join_key_groups(&t) != t));
-            // (Groups two spaces apart are joined now; the old code left them apart.)
-            if !t.contains("  ") {
-                assert_eq!(
-                    join_key_groups(&t),
-                    before_fast_paths::join_key_groups(&t),
-                    "{t:?}"
-                );
-            }
+            assert_eq!(
+                join_key_groups(&t),
+                before_fast_paths::join_key_groups(&t),
+                "{t:?}"
+            );
             assert_eq!(unleet(&t), before_fast_paths::unleet(&t), "{t:?}");
             assert_eq!(
                 may_join_single_chars(&t),
