@@ -24,6 +24,8 @@ own).
 """
 
 import json
+import time
+import uuid
 
 import anthropic
 import openai
@@ -31,6 +33,7 @@ import pytest
 
 import corpus
 from clients import claude, many, oai
+from stack import http_get
 
 RESEARCH = {"x-llm-policy-namespace": "restricted", "x-team-id": "research", "x-user-id": "r-16"}
 
@@ -117,6 +120,62 @@ def test_the_clean_corpus_is_not_denied(proxy, request):
           f"({100 * len(fp_restricted) / len(CLEAN):.2f}%)")
     assert len(fp_baseline) <= len(CLEAN) * 0.005, fp_baseline
     assert len(fp_restricted) <= len(CLEAN) * 0.005, fp_restricted
+
+
+def cache_hits(s, proxy):
+    """Decisions served from a decision cache so far: the filter's per-worker caches (Envoy's
+    stats) or the server's (its metrics)."""
+    if proxy == "fstack":
+        _, text = http_get(f"http://127.0.0.1:{s.envoy.admin}/stats?filter=llm_policy.cache.hit$")
+        return sum(int(line.rsplit(":", 1)[1]) for line in text.decode().splitlines() if ":" in line)
+    _, text = http_get(f"http://127.0.0.1:{s.server.metrics}/metrics")
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.decode().splitlines()
+               if line.startswith("llm_policy_cache_requests_total{") and 'result="hit"' in line)
+
+
+def chat_roles(envoy, turns):
+    """True when a chat of `(role, text)` turns is denied."""
+    try:
+        oai(envoy).chat.completions.create(
+            model="gpt-4o", messages=[{"role": r, "content": t} for r, t in turns])
+        return False
+    except openai.APIStatusError as e:
+        assert 400 <= e.status_code < 500, e
+        return True
+
+
+@pytest.mark.parametrize("proxy", ["stack", "fstack"])
+def test_a_cached_decision_covers_only_the_text_it_scanned(proxy, request):
+    """Decisions are looked up in the cache before the prompt scans run (the key holds the text
+    they read, hashed with SHA-256): a repeated prompt is served from the cache, and a prompt that
+    differs from a cached one by a secret, or only in who said which turn (a card whole only in
+    the user's own turns), is scanned and denied."""
+    s = request.getfixturevalue(proxy)
+    nonce = uuid.uuid4().hex
+    benign = [f"Summarise the notes of meeting {nonce} in three bullet points."]
+    before = cache_hits(s, proxy)
+    for _ in range(6):
+        assert not via_openai(s.envoy, benign)
+    # Two workers (filter) or one server: each misses once at most. (The filter's stats are
+    # flushed on its timer.)
+    deadline = time.monotonic() + 10
+    while cache_hits(s, proxy) - before < 4 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert cache_hits(s, proxy) - before >= 4
+    assert via_openai(s.envoy, [benign[0] + " Also keep AKIAIOSFODNN7EXAMPLE for me."])
+    assert via_openai(s.envoy, [benign[0].replace("three", "thr\u200bee") + " AKIA IOSF ODNN 7EXA MPLE"])
+    assert not via_openai(s.envoy, benign)
+    # The same prompt text twice: the card's halves are 80 bytes apart, and whole only in the
+    # seams of the user's turns. Said partly by the assistant it is allowed (and cached); said
+    # by the user it must be denied, not served the cached allow.
+    card = ["My card number starts 4111 1111, please remember it.",
+            f"Noted ({nonce}). I will keep that in mind for the form we are going to fill in together "
+            "later today.",
+            "And it ends 1111 1111, now fill in the form."]
+    for _ in range(3):
+        assert not chat_roles(s.envoy, list(zip(["user", "assistant", "assistant"], card)))
+    assert chat_roles(s.envoy, list(zip(["user", "assistant", "user"], card)))
+    assert leaked(s.upstream, ["AKIAIOSFODNN7EXAMPLE", "AKIA IOSF ODNN"]) == []
 
 
 SECRET = "AKIAIOSFODNN7EXAMPLE"

@@ -897,21 +897,16 @@ impl RequestFlow {
             Some(c) => c.needs(set.needs()),
             None => set.needs(),
         };
-        let mut ctx = match RequestContext::from_request_with(&input, set.config(), needs) {
-            Ok(ctx) => ctx,
+        // The prompt scans run only when the decision cache misses (their text is in the key).
+        let mut unscanned = match RequestContext::unscanned(&input, set.config(), needs) {
+            Ok(u) => u,
             Err(e) => return rejected(&e, provider),
         };
         self.provider = provider;
-        self.api = ctx.request.api;
+        self.api = unscanned.before_scans().request.api;
         self.body_len = body.len();
-        if set.checks_answers(&ctx.namespace) && ctx.request.api != Api::Batch {
-            self.kept = Some(Kept {
-                ctx: set.answer_context(&ctx),
-                request_id: header(&headers, "x-request-id").map(str::to_string),
-            });
-        }
-        if set.counts_tokens(&ctx.namespace) {
-            self.count_spend(host, set, &mut ctx, provider, &body);
+        if set.counts_tokens(&unscanned.before_scans().namespace) {
+            self.count_spend(host, set, unscanned.before_scans_mut(), provider, &body);
         }
         let opts = EvalOptions::default();
         let key = vm
@@ -919,20 +914,41 @@ impl RequestFlow {
             .try_borrow()
             .ok()
             .filter(|c| c.enabled())
-            .map(|_| set.cache_key(&ctx, &opts));
-        if let Some(k) = &key {
-            let hit = vm.cache.try_borrow().ok().and_then(|c| c.get(k));
-            match hit {
-                Some(d) => {
-                    host.metric(Metric::CacheHit, 1);
-                    if let Some(c) = canary {
-                        c.decide(host, &ctx, d.decision);
-                    }
-                    self.raise_alert(host, &d, &ctx, &headers, provider);
-                    return of_decision(&d, provider, None);
-                }
-                None => host.metric(Metric::CacheMiss, 1),
+            .map(|_| set.cache_key_before_scans(&unscanned, &opts));
+        let hit = key
+            .as_ref()
+            .and_then(|k| vm.cache.try_borrow().ok().and_then(|c| c.get(k)));
+        if key.is_some() {
+            host.metric(
+                if hit.is_some() {
+                    Metric::CacheHit
+                } else {
+                    Metric::CacheMiss
+                },
+                1,
+            );
+        }
+        // A hit needs no scan: the kept context for the answer's rules holds none of their
+        // findings (a response rule cannot read them).
+        let ctx = if hit.is_some() {
+            unscanned.into_before_scans()
+        } else {
+            unscanned.scan()
+        };
+        if set.checks_answers(&ctx.namespace) && ctx.request.api != Api::Batch {
+            self.kept = Some(Kept {
+                ctx: set.answer_context(&ctx),
+                request_id: header(&headers, "x-request-id").map(str::to_string),
+            });
+        }
+        if let Some(d) = hit {
+            // (A sampled canary's candidate scans what it reads: evaluation never reads a
+            // context without its scans.)
+            if let Some(c) = canary {
+                c.decide(host, &ctx, d.decision);
             }
+            self.raise_alert(host, &d, &ctx, &headers, provider);
+            return of_decision(&d, provider, None);
         }
         let mut local = LocalCounted::default();
         let (decision, remote) = self.evaluate(host, set, &ctx, &opts, now.as_secs(), &mut local);

@@ -1,43 +1,54 @@
-//! The decision cache key: a stable 128-bit hash (xxh3, unseeded, identical on every platform
-//! and process) of the bundle digest, namespace, requested tags and the values of exactly the
-//! context fields the namespace's rules read.
+//! The decision cache key: 128 bits of a SHA-256 (identical on every platform and process) of
+//! the bundle digest, namespace, requested tags and the values of exactly the context fields the
+//! namespace's rules read.
+//!
+//! The prompt scanners' fields (`request.prompt_entities`, `request.prompt_injection`) are keyed
+//! by the text the scanners read and the scanners' version, not by their results, so that a
+//! host looks the key up before scanning ([`crate::prompt_scan`]). That is exact because the
+//! scanners are pure functions of that text, and safe because the hash is collision-resistant: a
+//! client cannot craft a prompt whose key is a cached benign prompt's (with a fast
+//! non-cryptographic hash it could, and skip the scanners).
 
 use alloc::string::String;
-use xxhash_rust::xxh3::Xxh3;
+use sha2::{Digest, Sha256};
 
 use crate::context::{FieldValue, ShieldValue, View};
 use crate::schema::FieldRef;
 
-fn put(h: &mut Xxh3, bytes: &[u8]) {
-    h.update(&(bytes.len() as u64).to_le_bytes());
+/// The version of the scanners whose results a key stands for: a replica of another version
+/// (a rolling upgrade sharing a Redis cache) does not serve this one's decisions.
+const SCANNERS: &str = concat!("llm-policy-core ", env!("CARGO_PKG_VERSION"));
+
+fn put(h: &mut Sha256, bytes: &[u8]) {
+    h.update((bytes.len() as u64).to_le_bytes());
     h.update(bytes);
 }
 
-fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
+fn put_value(h: &mut Sha256, v: &FieldValue<'_>) {
     match v {
-        FieldValue::Missing => h.update(&[0]),
-        FieldValue::Null => h.update(&[1]),
-        FieldValue::Bool(b) => h.update(&[2, u8::from(*b)]),
+        FieldValue::Missing => h.update([0]),
+        FieldValue::Null => h.update([1]),
+        FieldValue::Bool(b) => h.update([2, u8::from(*b)]),
         FieldValue::Int(i) => {
-            h.update(&[3]);
-            h.update(&i.to_le_bytes());
+            h.update([3]);
+            h.update(i.to_le_bytes());
         }
         FieldValue::Float(f) => {
-            h.update(&[4]);
-            h.update(&f.to_bits().to_le_bytes());
+            h.update([4]);
+            h.update(f.to_bits().to_le_bytes());
         }
         FieldValue::Str(s) => {
-            h.update(&[5]);
+            h.update([5]);
             put(h, s.as_bytes());
         }
         FieldValue::StrList(l) => {
-            h.update(&[6]);
-            h.update(&(l.len() as u64).to_le_bytes());
+            h.update([6]);
+            h.update((l.len() as u64).to_le_bytes());
             l.iter().for_each(|s| put(h, s.as_bytes()));
         }
         FieldValue::StrMap(m) => {
-            h.update(&[7]);
-            h.update(&(m.len() as u64).to_le_bytes());
+            h.update([7]);
+            h.update((m.len() as u64).to_le_bytes());
             for (k, v) in m.iter() {
                 put(h, k.as_bytes());
                 put(h, v.as_bytes());
@@ -46,39 +57,39 @@ fn put_value(h: &mut Xxh3, v: &FieldValue<'_>) {
         // Every variant of every entry is tagged: `Number(0.0)` and `Text("")` (or `None` and
         // `Some`) must never hash the same.
         FieldValue::Principal(p) => {
-            h.update(&[8]);
-            h.update(&(p.len() as u64).to_le_bytes());
+            h.update([8]);
+            h.update((p.len() as u64).to_le_bytes());
             for (k, v) in p.iter() {
                 put(h, k.as_bytes());
                 match v {
                     Some(v) => {
-                        h.update(&[1]);
+                        h.update([1]);
                         put(h, v.as_bytes());
                     }
-                    None => h.update(&[0]),
+                    None => h.update([0]),
                 }
             }
         }
         FieldValue::Shield(s) => {
-            h.update(&[9]);
-            h.update(&(s.len() as u64).to_le_bytes());
+            h.update([9]);
+            h.update((s.len() as u64).to_le_bytes());
             for (k, v) in s.iter() {
                 put(h, k.as_bytes());
                 match v {
                     ShieldValue::Number(n) => {
-                        h.update(&[1]);
-                        h.update(&n.to_bits().to_le_bytes());
+                        h.update([1]);
+                        h.update(n.to_bits().to_le_bytes());
                     }
                     ShieldValue::Text(t) => {
-                        h.update(&[2]);
+                        h.update([2]);
                         put(h, t.as_bytes());
                     }
                 }
             }
         }
         FieldValue::Messages(ms) => {
-            h.update(&[10]);
-            h.update(&(ms.len() as u64).to_le_bytes());
+            h.update([10]);
+            h.update((ms.len() as u64).to_le_bytes());
             for m in ms.iter() {
                 put(h, m.role.as_bytes());
                 put(h, m.content.as_bytes());
@@ -95,18 +106,34 @@ pub(crate) fn compute<'a>(
     reads: &[FieldRef],
     views: impl Iterator<Item = View<'a>>,
 ) -> String {
-    let mut h = Xxh3::new();
+    let mut h = Sha256::new();
     put(&mut h, bundle.as_bytes());
     put(&mut h, namespace.as_bytes());
-    h.update(&(tags.len() as u64).to_le_bytes());
+    h.update((tags.len() as u64).to_le_bytes());
     tags.iter().for_each(|t| put(&mut h, t.as_bytes()));
     for (i, view) in views.enumerate() {
-        h.update(&(i as u64).to_le_bytes());
+        h.update((i as u64).to_le_bytes());
+        let mut scanned_text = false;
         for f in reads {
-            put_value(&mut h, &view.get(f));
+            match (f, view.req.scan.seams()) {
+                // The text the scanners read, once per view, whether they ran or not.
+                (FieldRef::PromptEntities | FieldRef::PromptInjection, Some(seams)) => {
+                    if !scanned_text {
+                        scanned_text = true;
+                        h.update([11]);
+                        put(&mut h, SCANNERS.as_bytes());
+                        put(&mut h, view.req.prompt.as_bytes());
+                        put(&mut h, seams.as_bytes());
+                    }
+                }
+                _ => put_value(&mut h, &view.get(f)),
+            }
         }
     }
-    hex128(h.digest128())
+    let digest = h.finalize();
+    let mut first = [0u8; 16];
+    first.iter_mut().zip(digest).for_each(|(a, b)| *a = b);
+    hex128(u128::from_be_bytes(first))
 }
 
 /// 32 lower-case hex digits (what `format!("{:032x}")` writes, several times faster).

@@ -394,6 +394,49 @@ pub struct RequestInfo {
     pub tool_types: Vec<String>,
     /// Body size.
     pub body_bytes: i64,
+    /// What the prompt scanners read, as extraction left it: scans still to run, and the seams
+    /// of the user turns they read with `prompt` (see [`crate::prompt_scan`]). Never serialized.
+    #[serde(skip)]
+    pub(crate) scan: ScanInput,
+}
+
+/// What the prompt scanners of one request (or batch item) read, as extraction left it (run by
+/// [`crate::prompt_scan`]).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct ScanInput {
+    /// Set by extraction: the scanners' fields are (or will be) a function of
+    /// `request.prompt` and [`ScanInput::seams`]. Unset in a context built any other way (a
+    /// replayed audit record holds the findings, not the text).
+    pub(crate) known: bool,
+    /// `request.prompt_entities` is still to be computed.
+    pub(crate) entities: bool,
+    /// `request.prompt_injection` is still to be computed.
+    pub(crate) injection: bool,
+    /// The seams of the user turns ([`crate::detect::seams`]), read after the prompt.
+    pub(crate) seams: String,
+}
+
+impl ScanInput {
+    /// The scans `entities` and `injection` still to run over the prompt and `seams`.
+    pub(crate) fn pending(entities: bool, injection: bool, seams: String) -> ScanInput {
+        ScanInput {
+            known: true,
+            entities,
+            injection,
+            seams,
+        }
+    }
+
+    /// The seams read after the prompt, when the scanners' fields are a function of the prompt
+    /// and them (a context extraction built).
+    pub(crate) fn seams(&self) -> Option<&str> {
+        self.known.then_some(self.seams.as_str())
+    }
+
+    /// Whether a scan is still to run.
+    pub(crate) fn is_pending(&self) -> bool {
+        self.entities || self.injection
+    }
 }
 
 /// The `time` part of the context.

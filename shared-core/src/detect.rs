@@ -240,7 +240,12 @@ pub fn with_seams<'a, 't>(
     text: &'t str,
     turns: impl IntoIterator<Item = (&'a str, &'a str)>,
 ) -> Cow<'t, str> {
-    let seams = seams(turns);
+    joined_with_seams(text, &seams(turns))
+}
+
+/// `text` with `seams` (the [`seams`] of its turns) after it, when there are any: the text
+/// [`with_seams`] gives.
+pub fn joined_with_seams<'t>(text: &'t str, seams: &str) -> Cow<'t, str> {
     if seams.is_empty() {
         Cow::Borrowed(text)
     } else {

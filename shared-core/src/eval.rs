@@ -17,6 +17,7 @@
 //! A batch request (`request.api == "batch"`) is evaluated once for the batch and once per item;
 //! the strictest verdict wins.
 
+use alloc::borrow::Cow;
 use alloc::string::String;
 use alloc::vec::Vec;
 
@@ -218,7 +219,18 @@ impl Pending {
     /// Either decides, or (after a plugin matched on a rule with a rate limit or budget) asks
     /// for that counter.
     pub fn resume(self, ctx: &RequestContext) -> Step {
-        run::resume(self, ctx)
+        run::resume(self, &scanned(ctx))
+    }
+}
+
+/// `ctx` with its prompt scans run: a context taken from
+/// [`crate::prompt_scan::Unscanned::before_scans`] is never evaluated with empty findings.
+/// (Hosts scan before evaluating; this copies only when one did not.)
+fn scanned(ctx: &RequestContext) -> Cow<'_, RequestContext> {
+    if ctx.scans_pending() {
+        Cow::Owned(crate::prompt_scan::Unscanned::new(ctx.clone()).scan())
+    } else {
+        Cow::Borrowed(ctx)
     }
 }
 
@@ -227,13 +239,24 @@ impl PolicySet {
     /// what is needed. Never panics and never fails: condition errors follow each rule's
     /// `onError` and are reported in `metadata.errors`.
     pub fn start(&self, ctx: &RequestContext, opts: &EvalOptions<'_>) -> Step {
-        run::start(self, ctx, opts, run::Host::Later(Vec::new()))
+        run::start(self, &scanned(ctx), opts, run::Host::Later(Vec::new()))
     }
 
     /// The key [`Decision::metadata`]`.cache_key` of this request's decision will have, computed
-    /// without evaluating (a hash of the bundle, namespace, tags and the values of the fields the
-    /// namespace's rules read). A host caching decisions looks this up first; only decisions marked
-    /// `cacheable` may be stored under it, and then the same key always gets the same decision.
+    /// without evaluating and before the prompt scans ran (a hash of the bundle, namespace, tags
+    /// and the values of the fields the namespace's rules read, the scanners' text in place of
+    /// their results). A host caching decisions looks this up first and scans only on a miss;
+    /// only decisions marked `cacheable` may be stored under it, and then the same key always
+    /// gets the same decision.
+    pub fn cache_key_before_scans(
+        &self,
+        ctx: &crate::prompt_scan::Unscanned,
+        opts: &EvalOptions<'_>,
+    ) -> String {
+        self.cache_key(ctx.before_scans(), opts)
+    }
+
+    /// [`PolicySet::cache_key_before_scans`] of a context whose scans ran (the same key).
     pub fn cache_key(&self, ctx: &RequestContext, opts: &EvalOptions<'_>) -> String {
         let (name, reads): (&str, &[crate::schema::FieldRef]) =
             match self.0.namespaces.get(ctx.namespace.as_str()) {
@@ -251,6 +274,7 @@ impl PolicySet {
         opts: &EvalOptions<'_>,
         hooks: &mut dyn Hooks,
     ) -> Decision {
+        let ctx = &*scanned(ctx);
         // The hooks answer as rules run: one pass, no pending state.
         let mut step = run::start(self, ctx, opts, run::Host::Now { hooks, ctx });
         loop {

@@ -37,6 +37,27 @@ impl RequestContext {
         config: &ContextConfig,
         needs: Needs,
     ) -> Result<RequestContext, ContextError> {
+        Ok(Self::unscanned(input, config, needs)?.scan())
+    }
+
+    /// [`RequestContext::from_request_with`] without running the prompt scanners yet: a host
+    /// with a decision cache looks the key up first
+    /// ([`crate::PolicySet::cache_key_before_scans`]) and scans only on a miss.
+    pub fn unscanned(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+        needs: Needs,
+    ) -> Result<crate::prompt_scan::Unscanned, ContextError> {
+        Ok(crate::prompt_scan::Unscanned::new(Self::extract(
+            input, config, needs,
+        )?))
+    }
+
+    fn extract(
+        input: &RequestInput<'_>,
+        config: &ContextConfig,
+        needs: Needs,
+    ) -> Result<RequestContext, ContextError> {
         if input.body.len() > config.max_body_bytes {
             return Err(ContextError::BodyTooLarge {
                 size: input.body.len(),
@@ -717,25 +738,18 @@ impl<S: Sink> Body<S> {
             if needs.folded {
                 request.prompt_folded = crate::fold::fold(&prompt);
             }
-            // Values and phrases handed over across user turns are whole in the seams.
-            let scanned = if needs.entities || needs.injection {
-                crate::detect::with_seams(
-                    &prompt,
-                    messages
-                        .iter()
-                        .map(|m| (m.role.as_str(), m.content.as_str())),
-                )
-            } else {
-                Cow::Borrowed(prompt.as_str())
-            };
-            // Both scanners read the same views: built once.
-            let scanned = crate::detect::Scanned::new(&scanned);
-            if needs.entities {
-                request.prompt_entities =
-                    crate::detect::entity_names_in(&scanned, crate::context::ENTITY_CONFIDENCE);
-            }
-            if needs.injection {
-                request.prompt_injection = crate::detect::injection_score_in(&scanned).0;
+            // The scans run later (`RequestContext::scan`): only when the decision cache
+            // misses. Values and phrases handed over across user turns are whole in the seams.
+            if needs.entities || needs.injection {
+                request.scan = crate::context::ScanInput::pending(
+                    needs.entities,
+                    needs.injection,
+                    crate::detect::seams(
+                        messages
+                            .iter()
+                            .map(|m| (m.role.as_str(), m.content.as_str())),
+                    ),
+                );
             }
             request.prompt = prompt;
         }

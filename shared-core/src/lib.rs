@@ -67,6 +67,7 @@ mod index;
 pub mod model;
 pub mod model_table;
 mod pattern;
+pub mod prompt_scan;
 pub mod redact;
 pub mod reply;
 pub mod rewrite;

@@ -19,6 +19,7 @@ use llm_policy_core::gen_ai::{self, GenAiUsage};
 use llm_policy_core::identity::{IdentityMode, KeyError};
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::model::Scope;
+use llm_policy_core::prompt_scan::Unscanned;
 use llm_policy_core::redact;
 use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
@@ -360,7 +361,14 @@ impl Engine {
             let deadline = Instant::now() + budget;
             let decided = tokio::time::timeout(
                 budget,
-                me.evaluate(&canary.version, ctx, false, false, &mut counting, deadline),
+                me.evaluate(
+                    &canary.version,
+                    ctx.into(),
+                    false,
+                    false,
+                    &mut counting,
+                    deadline,
+                ),
             )
             .await
             .unwrap_or(Err(Failure::Deadline));
@@ -640,7 +648,16 @@ impl Engine {
             Err(e) => return Ok((rejected(version, &e, provider), None)),
         };
         counting.ask_usage = ask_usage;
-        if let Some(checked) = self.cached(&version, &ctx, key.as_ref()).await {
+        if let Some(checked) = self
+            .cached(&version, ctx.before_scans(), key.as_ref())
+            .await
+        {
+            // A hit skips the scans, unless the audit records the context (with the findings).
+            let ctx = if self.audit.records_context() {
+                cpu(long, move || ctx.scan()).await?
+            } else {
+                ctx.into_before_scans()
+            };
             return Ok((checked, Some(ctx)));
         }
         let (mut decision, ctx) = self
@@ -713,7 +730,8 @@ impl Engine {
                     limit: set.config().max_body_bytes,
                 })
             } else {
-                RequestContext::from_request_with(
+                // The prompt scans run only when the caches miss (`evaluate`).
+                RequestContext::unscanned(
                     &RequestInput {
                         method: &input.method,
                         path: &input.path,
@@ -725,7 +743,8 @@ impl Engine {
                     needs,
                 )
             };
-            ctx.map(|mut ctx| {
+            ctx.map(|mut unscanned| {
+                let ctx = unscanned.before_scans_mut();
                 // Estimated once, for a namespace whose counters charge tokens or cost (the
                 // charges and the reservation read it); a stream there must report its usage.
                 let mut ask_usage = false;
@@ -744,10 +763,11 @@ impl Engine {
                         && add_include_usage(&input.body).is_some();
                 }
                 let explain = input.explain;
-                let key =
-                    (!explain).then(|| set.cache_key(&ctx, &EvalOptions { tags: &[], explain }));
+                let key = (!explain).then(|| {
+                    set.cache_key_before_scans(&unscanned, &EvalOptions { tags: &[], explain })
+                });
                 Built {
-                    ctx,
+                    ctx: unscanned,
                     raw: Raw {
                         method: input.method,
                         path: input.path,
@@ -805,7 +825,7 @@ impl Engine {
     async fn evaluate(
         &self,
         version: &Version,
-        ctx: RequestContext,
+        ctx: Unscanned,
         long: bool,
         explain: bool,
         counting: &mut Counting,
@@ -813,6 +833,7 @@ impl Engine {
     ) -> Result<(Decision, RequestContext), Failure> {
         let set = version.set.clone();
         let (mut step, mut ctx) = cpu(long, move || {
+            let ctx = ctx.scan();
             let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
             (step, ctx)
         })
@@ -1554,7 +1575,8 @@ struct Counting {
 
 /// A request's context, built from its headers and body.
 struct Built {
-    ctx: RequestContext,
+    /// Its scans run only when the caches miss.
+    ctx: Unscanned,
     /// The request as it came, for a decision that redacts it ([`redact::apply`]).
     raw: Raw,
     /// Its cache key (none when explaining).

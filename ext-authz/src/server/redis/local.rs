@@ -89,8 +89,20 @@ pub struct LocalCluster {
 
 impl LocalCluster {
     /// Starts the three nodes, joins them and waits (at most 20 s) until every node
-    /// serves all slots.
+    /// serves all slots. Tried three times: a free port picked for a node can be taken by
+    /// another test's server before the node binds it, and that cluster never forms.
     pub fn start() -> std::io::Result<LocalCluster> {
+        let mut last = None;
+        for _ in 0..3 {
+            match Self::start_once() {
+                Ok(c) => return Ok(c),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| std::io::Error::other("no attempt")))
+    }
+
+    fn start_once() -> std::io::Result<LocalCluster> {
         let bin = std::env::var("REDIS_SERVER").unwrap_or_else(|_| "redis-server".into());
         let dir = std::env::temp_dir().join(format!(
             "llm-policy-cluster-{}-{}",
