@@ -305,7 +305,15 @@ fn eval(
         Ok(c) => c,
         Err(e) => return rejected(request, &e),
     };
-    let mut d = set.evaluate(&ctx, &EvalOptions { tags, explain }, &mut LocalOnly);
+    let mut d = set.evaluate(
+        &ctx,
+        &EvalOptions {
+            tags,
+            explain,
+            ..EvalOptions::default()
+        },
+        &mut LocalOnly,
+    );
     req.redact(&mut d, set.config());
     match format {
         Format::Json => out!("{}", serde_json::to_string_pretty(&d).unwrap_or_default()),

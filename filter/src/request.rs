@@ -951,6 +951,11 @@ impl RequestFlow {
             return of_decision(&d, provider, None);
         }
         let mut local = LocalCounted::default();
+        // (The key just looked up: written into the decision, not hashed again.)
+        let opts = EvalOptions {
+            cache_key: key.as_deref(),
+            ..opts
+        };
         let (decision, remote) = self.evaluate(host, set, &ctx, &opts, now.as_secs(), &mut local);
         self.time_decision(host, now);
         if remote || decision.metadata.needs_remote {

@@ -38,6 +38,10 @@ pub struct EvalOptions<'a> {
     pub tags: &'a [String],
     /// Report every rule's outcome in `explain`.
     pub explain: bool,
+    /// The key the host computed for this request with the same options
+    /// ([`PolicySet::cache_key_before_scans`]): written into `metadata.cache_key` as it is, not
+    /// hashed again. `None`: computed.
+    pub cache_key: Option<&'a str>,
 }
 
 /// A plugin condition's outcome.
@@ -192,6 +196,8 @@ pub struct Pending {
     pub(crate) namespace: String,
     pub(crate) tags: Vec<String>,
     pub(crate) explain: bool,
+    /// The key the host computed ([`EvalOptions::cache_key`]).
+    pub(crate) cache_key: Option<String>,
     /// One per view: the request, then each batch item.
     pub(crate) parts: Vec<Part>,
     pub(crate) needs: Vec<Need>,

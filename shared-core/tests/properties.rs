@@ -146,7 +146,7 @@ proptest! {
             let input = RequestInput { method: "POST", path: &path, headers: &headers, body: body.as_bytes(), now_unix: now };
             let Ok(ctx) = RequestContext::from_request(&input, yaml.config()) else { return Ok(()) };
             let fast = yaml.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
-            let full = yaml.evaluate(&ctx, &EvalOptions { tags: &[], explain: true }, &mut LocalOnly);
+            let full = yaml.evaluate(&ctx, &EvalOptions { tags: &[], explain: true, ..EvalOptions::default() }, &mut LocalOnly);
             prop_assert_eq!(comparable(&fast), comparable(&full));
             let from_json = json.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
             prop_assert_eq!(comparable(&fast), comparable(&from_json));
@@ -287,7 +287,15 @@ fn arbitrary_contexts_never_panic() {
                 c.shield = shield;
                 c.time = TimeInfo { hour, weekday };
                 for t in [&[][..], &tags[..]] {
-                    let d = set.evaluate(&c, &EvalOptions { tags: t, explain }, &mut LocalOnly);
+                    let d = set.evaluate(
+                        &c,
+                        &EvalOptions {
+                            tags: t,
+                            explain,
+                            ..EvalOptions::default()
+                        },
+                        &mut LocalOnly,
+                    );
                     prop_assert!(!d.reason.is_empty());
                 }
                 Ok(())
@@ -433,7 +441,7 @@ mod two_phase {
             explain in any::<bool>(),
         ) {
             let Some(set) = set(&rules, default) else { return Ok(()) };
-            let opts = EvalOptions { tags: &[], explain };
+            let opts = EvalOptions { tags: &[], explain, ..EvalOptions::default() };
             let mut hooks = Scripted { seeds: seeds.clone() };
             let expected = set.evaluate(&ctx, &opts, &mut hooks);
             let script = Scripted { seeds };

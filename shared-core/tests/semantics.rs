@@ -186,6 +186,7 @@ fn tags_select_rules() {
         &EvalOptions {
             tags: &y,
             explain: false,
+            ..EvalOptions::default()
         },
         &mut LocalOnly,
     );
@@ -196,6 +197,7 @@ fn tags_select_rules() {
         &EvalOptions {
             tags: &none,
             explain: false,
+            ..EvalOptions::default()
         },
         &mut LocalOnly,
     );
@@ -205,7 +207,8 @@ fn tags_select_rules() {
             &c,
             &EvalOptions {
                 tags: &y,
-                explain: false
+                explain: false,
+                ..EvalOptions::default()
             },
             &mut LocalOnly
         )
@@ -366,6 +369,7 @@ fn explain_reports_every_rule_and_decides_like_the_index() {
         &EvalOptions {
             tags: &[],
             explain: true,
+            ..EvalOptions::default()
         },
         &mut LocalOnly,
     );

@@ -273,6 +273,7 @@ pub fn check(set: &PolicySet, case: &Case) -> Vec<String> {
         &EvalOptions {
             tags: &case.tags,
             explain: false,
+            ..EvalOptions::default()
         },
         &mut LocalOnly,
     );

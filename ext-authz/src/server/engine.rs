@@ -149,6 +149,11 @@ impl Failure {
 /// never stall the async workers that serve small ones.
 const INLINE_BODY_BYTES: usize = 64 * 1024;
 
+/// Whether a request's body is too large to evaluate on a runtime worker.
+fn is_long(ctx: &RequestContext) -> bool {
+    ctx.request.body_bytes > i64::try_from(INLINE_BODY_BYTES).unwrap_or(i64::MAX)
+}
+
 /// Longest client `x-request-id` kept in an audit record.
 const MAX_REQUEST_ID: usize = 128;
 
@@ -328,7 +333,7 @@ impl Engine {
         };
         // Bounded: a canary never queues work in front of real checks. A body too large to
         // decide on a runtime worker is skipped too.
-        let long = ctx.request.body_bytes > i64::try_from(INLINE_BODY_BYTES).unwrap_or(i64::MAX);
+        let long = is_long(&ctx);
         let permit = match Arc::clone(&self.canary_slots).try_acquire_owned() {
             Ok(p) if !long => p,
             _ => {
@@ -364,7 +369,8 @@ impl Engine {
                 me.evaluate(
                     &canary.version,
                     ctx.into(),
-                    false,
+                    // (The candidate's bundle keys its own decisions.)
+                    None,
                     false,
                     &mut counting,
                     deadline,
@@ -664,7 +670,7 @@ impl Engine {
             .evaluate(
                 &version,
                 ctx,
-                long,
+                key.clone(),
                 explain,
                 &mut counting,
                 started + deadline,
@@ -764,7 +770,14 @@ impl Engine {
                 }
                 let explain = input.explain;
                 let key = (!explain).then(|| {
-                    set.cache_key_before_scans(&unscanned, &EvalOptions { tags: &[], explain })
+                    set.cache_key_before_scans(
+                        &unscanned,
+                        &EvalOptions {
+                            tags: &[],
+                            explain,
+                            ..EvalOptions::default()
+                        },
+                    )
                 });
                 Built {
                     ctx: unscanned,
@@ -826,15 +839,22 @@ impl Engine {
         &self,
         version: &Version,
         ctx: Unscanned,
-        long: bool,
+        key: Option<String>,
         explain: bool,
         counting: &mut Counting,
         deadline: Instant,
     ) -> Result<(Decision, RequestContext), Failure> {
         let set = version.set.clone();
+        let long = is_long(ctx.before_scans());
         let (mut step, mut ctx) = cpu(long, move || {
             let ctx = ctx.scan();
-            let step = set.start(&ctx, &EvalOptions { tags: &[], explain });
+            let opts = EvalOptions {
+                tags: &[],
+                explain,
+                // (The key looked up in the caches: written into the decision, not hashed again.)
+                cache_key: key.as_deref(),
+            };
+            let step = set.start(&ctx, &opts);
             (step, ctx)
         })
         .instrument(tracing::debug_span!("evaluate"))

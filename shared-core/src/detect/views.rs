@@ -451,31 +451,7 @@ fn join_key_groups(text: &str) -> String {
         out.push_str(w);
     };
     while i < words.len() {
-        let mut j = i;
-        while let Some(w) = words.get(j) {
-            if j > i && split_prefix(j) {
-                break;
-            }
-            // Groups two separators apart (`AKIA  IOSF`, a line break written `\r\n`): the
-            // one empty word between them is passed over.
-            if w.is_empty()
-                && j > i
-                && j.saturating_sub(i) < MAX_GROUPS
-                && words
-                    .get(j.saturating_add(1))
-                    .is_some_and(|next| group(next).is_some())
-            {
-                j = j.saturating_add(1);
-                continue;
-            }
-            let Some(bare) = group(w).filter(|_| j.saturating_sub(i) < MAX_GROUPS) else {
-                break;
-            };
-            j = j.saturating_add(1);
-            if bare < w.len() {
-                break;
-            }
-        }
+        let (j, restart) = group_run(&words, i, MAX_GROUPS, group, split_prefix);
         // A prefix written apart from its body (`AKIA IOSFODNN7EXAMPLE`, `sk-proj- Ab3d…`).
         if split_prefix(i) {
             let (w, body) = (
@@ -534,6 +510,11 @@ fn join_key_groups(text: &str) -> String {
                     &run.get(..end).unwrap_or_default().concat(),
                     i == 0,
                 );
+                // The whole run joined too, when the key was cut before its end: a key grouped
+                // unevenly (`ghp_ aB c De FgHiJk …`) ends past where its groups' length says.
+                if end < run.len() {
+                    emit(&mut out, &run.concat(), false);
+                }
                 i = i.saturating_add(end);
             }
             Some(k) => {
@@ -544,7 +525,12 @@ fn join_key_groups(text: &str) -> String {
                 i = i.saturating_add(k);
             }
             None => {
-                let end = j.max(i.saturating_add(1));
+                // (A run of groups one separator apart that turned to two: a key written with
+                // two may start at its last group.)
+                let end = restart
+                    .filter(|&r| r > i)
+                    .unwrap_or(j)
+                    .max(i.saturating_add(1));
                 for (n, w) in words.get(i..end).unwrap_or_default().iter().enumerate() {
                     emit(&mut out, w, i == 0 && n == 0);
                 }
@@ -553,6 +539,62 @@ fn join_key_groups(text: &str) -> String {
         }
     }
     out
+}
+
+/// The run of groups of a key written in groups that starts at word `i` of `words` (the words of
+/// a text split at single spaces; an empty word is a second separator): where it ends, and where
+/// a run should start again when its separators turn from one to two.
+///
+/// Groups are one separator apart or two (`AKIA  IOSF`, a line break written `\r\n`; the empty
+/// word between them passed over), the same all along the run: a run of groups one apart ends
+/// at a blank line (`… MPLE\n\nWhy is this`), and one of groups two apart ends where the
+/// sentence goes on one apart (`… prvk to the`). A group is 1 to 6 key characters (`group`: its
+/// length without the sentence's punctuation, which ends the run); a prefix written apart from
+/// its body (`split_prefix`) starts another run; at most `max` words.
+fn group_run(
+    words: &[&str],
+    i: usize,
+    max: usize,
+    group: impl Fn(&str) -> Option<usize>,
+    split_prefix: impl Fn(usize) -> bool,
+) -> (usize, Option<usize>) {
+    let mut j = i;
+    let mut double: Option<bool> = None;
+    while let Some(w) = words.get(j) {
+        if (j > i && split_prefix(j)) || j.saturating_sub(i) >= max {
+            break;
+        }
+        let next_is_group = || {
+            words
+                .get(j.saturating_add(1))
+                .is_some_and(|next| group(next).is_some())
+        };
+        if w.is_empty() {
+            if j > i && double != Some(false) && next_is_group() {
+                double = Some(true);
+                j = j.saturating_add(1);
+                continue;
+            }
+            if j > i && next_is_group() {
+                return (j, Some(j.saturating_sub(1)));
+            }
+            break;
+        }
+        let Some(bare) = group(w) else {
+            break;
+        };
+        if j > i && words.get(j.wrapping_sub(1)).is_some_and(|p| !p.is_empty()) {
+            if double == Some(true) {
+                break;
+            }
+            double = Some(false);
+        }
+        j = j.saturating_add(1);
+        if bare < w.len() {
+            break;
+        }
+    }
+    (j, None)
 }
 
 /// How many of a run's words a key written in groups is (its groups, and the empty words between
@@ -616,17 +658,30 @@ fn digit_separators(text: &str) -> String {
     let mut i = 0usize;
     let mut run = 0usize;
     while let Some(&c) = b.get(i) {
-        // A word that starts with a key prefix is a key as written (or as joined from its
-        // groups): its digit groups are its own (`xoxb-6880953775300-8406060055545-…`).
+        // A word that is a key as written (or as joined from its groups): a key prefix, then
+        // key characters to the word's end (and the sentence's punctuation). Its digit groups
+        // are its own (`xoxb-6880953775300-8406060055545-…`).
         if (i == 0 || b.get(i.wrapping_sub(1)) == Some(&b' ')) && key_prefix_at(b, i) {
             let end = b
                 .get(i..)
                 .and_then(|r| memchr::memchr(b' ', r))
                 .map_or(b.len(), |e| i.saturating_add(e));
-            out.extend_from_slice(b.get(i..end).unwrap_or_default());
-            i = end;
-            run = 0;
-            continue;
+            let word = b.get(i..end).unwrap_or_default();
+            let kept = word
+                .iter()
+                .rposition(|c| !matches!(c, b'.' | b',' | b';' | b':' | b'!' | b'?' | b')'))
+                .map_or(0, |p| p.saturating_add(1));
+            if word
+                .get(..kept)
+                .unwrap_or_default()
+                .iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+            {
+                out.extend_from_slice(word);
+                i = end;
+                run = 0;
+                continue;
+            }
         }
         out.push(c);
         i = i.saturating_add(1);
@@ -1286,34 +1341,9 @@ mod before_fast_paths {
             ((1..=6).contains(&bare.len()) && bare.chars().all(key_char)).then_some(bare.len())
         };
         while i < words.len() {
-            let mut j = i;
-            while let Some(w) = words.get(j) {
-                if j > i && split_prefix(j) {
-                    break;
-                }
-                if w.is_empty()
-                    && j > i
-                    && j.saturating_sub(i) < MAX_GROUPS
-                    && words
-                        .get(j.saturating_add(1))
-                        .is_some_and(|next| group(next).is_some())
-                {
-                    j = j.saturating_add(1);
-                    continue;
-                }
-                // The last group may carry the sentence's punctuation.
-                let bare = w.trim_end_matches(['.', ',', ';', ':', '!', '?', ')']);
-                if !(1..=6).contains(&bare.len())
-                    || !bare.chars().all(key_char)
-                    || j.saturating_sub(i) >= MAX_GROUPS
-                {
-                    break;
-                }
-                j = j.saturating_add(1);
-                if bare.len() < w.len() {
-                    break;
-                }
-            }
+            // (The run's separators, since #18: the same as the code compared with, with this
+            // module's `group`, the one before its byte fast path.)
+            let (j, restart) = super::group_run(&words, i, MAX_GROUPS, group, split_prefix);
             // A prefix written apart from its body (`AKIA IOSFODNN7EXAMPLE`, `sk-proj- Ab3d…`).
             if split_prefix(i) {
                 let (w, body) = (
@@ -1353,6 +1383,9 @@ mod before_fast_paths {
                         &run.get(..end).unwrap_or_default().concat(),
                         i == 0,
                     );
+                    if end < run.len() {
+                        emit(&mut out, &run.concat(), false);
+                    }
                     i = i.saturating_add(end);
                 }
                 Some(k) => {
@@ -1363,7 +1396,10 @@ mod before_fast_paths {
                     i = i.saturating_add(k);
                 }
                 None => {
-                    let end = j.max(i.saturating_add(1));
+                    let end = restart
+                        .filter(|&r| r > i)
+                        .unwrap_or(j)
+                        .max(i.saturating_add(1));
                     for (n, w) in words.get(i..end).unwrap_or_default().iter().enumerate() {
                         emit(&mut out, w, i == 0 && n == 0);
                     }
@@ -1616,11 +1652,11 @@ mod tests {
         // words after it are the sentence's.
         assert_eq!(
             join_key_groups("ghp_ Iewo 3lGK prvk to the office"),
-            "ghp_Iewo3lGKprvk to the office"
+            "ghp_Iewo3lGKprvk ghp_Iewo3lGKprvktotheoffice to the office"
         );
         assert_eq!(
             join_key_groups("AKIA IOSF ODNN 7EXA MPL to me"),
-            "AKIAIOSFODNN7EXA MPL to me"
+            "AKIAIOSFODNN7EXA AKIAIOSFODNN7EXAMPLtome MPL to me"
         );
         assert_eq!(
             join_key_groups("AKIA IOSF ODNN 7EXA MP"),
@@ -1629,12 +1665,38 @@ mod tests {
         // A key's digit groups are its own: not read as a card's.
         assert_eq!(
             compact("token xoxb\n-688\n0953\n7753\n0-84\n0606\n0055\n545-\nQgUc thanks"),
-            "token xoxb-688095377530-8406060055545-QgUc thanks"
+            "token xoxb-688095377530-8406060055545-QgUc xoxb-688095377530-8406060055545-QgUcthanks thanks"
         );
         assert_eq!(
             compact("card 5207-7117 1309.4094"),
             "card 5207 7117 1309 4094"
         );
+        // However a key's groups are separated and whatever follows them, it is found: a blank
+        // line after groups one space apart, groups two apart after words one apart, uneven
+        // groups, a sentence after groups two apart, a `\r\n` line break.
+        for text in [
+            "AKIA IOSF ODNN 7EXA MPLE\n\nWhy is this failing?",
+            "AKIA IOSF ODNN 7EXA MPLE\r\nok?",
+            "my key AKIA  IOSF  ODNN  7EXA  MPLE",
+            "my key is AKIA  IOSF  ODNN  7EXA  MPLE to me",
+            "ghp_ aB c De FgHiJk LmNoPq rStUvW xYz012 345678 9",
+            "AKIA IO S FO DNN7EX AMPLE",
+            "Please add ghp_  Iewo  3lGK  7RGj  toDC  1QIW  jt4c  JNl9  51ob  prvk to the team's .env",
+            "key:\r\nAKIA\r\nIOSF\r\nODNN\r\n7EXA\r\nMPLE\r\nthanks",
+        ] {
+            let found = crate::detect::entities(text, crate::detect::Entities::all());
+            assert!(
+                found.kinds(0.8).any(|e| e == crate::detect::Entity::ApiKey),
+                "{text:?}: {:?}",
+                compact(text)
+            );
+        }
+        // A card after a word that starts like a key (`Asia`) is still read as digit groups.
+        let found =
+            crate::detect::entities("Asia:5207-7117 1309.4094", crate::detect::Entities::all());
+        assert!(found
+            .kinds(0.8)
+            .any(|e| e == crate::detect::Entity::CreditCard));
         // Three apart, or one empty word at the run's edges: as written.
         assert_eq!(
             join_key_groups("AKIA   IOSF   ODNN   7EXA"),

@@ -20,6 +20,7 @@ pub(super) fn no_namespace(
     ctx: &RequestContext,
     tags: &[String],
     explain: bool,
+    key: Option<&str>,
 ) -> Decision {
     let inner = &set.0;
     Decision {
@@ -38,7 +39,10 @@ pub(super) fn no_namespace(
             bundle: inner.bundle.clone(),
             default_applied: true,
             cacheable: true,
-            cache_key: cache_key::compute(&inner.bundle, &ctx.namespace, tags, &[], ctx.views()),
+            cache_key: key.map_or_else(
+                || cache_key::compute(&inner.bundle, &ctx.namespace, tags, &[], ctx.views()),
+                String::from,
+            ),
             ..DecisionMetadata::default()
         },
         evaluation_time_us: 0,
@@ -77,9 +81,16 @@ pub(super) fn decide(
     parts: &[Part],
     tags: &[String],
     explain: bool,
+    key: Option<&str>,
 ) -> Decision {
     let inner = &set.0;
-    let cache_key = || cache_key::compute(&inner.bundle, &ns.name, tags, &ns.reads, ctx.views());
+    // (The key the host looked up, when it says so: the same hash, not computed twice.)
+    let cache_key = || {
+        key.map_or_else(
+            || cache_key::compute(&inner.bundle, &ns.name, tags, &ns.reads, ctx.views()),
+            String::from,
+        )
+    };
     if let [part] = parts {
         // One request (not a batch): its decision as it is.
         let mut d = resolve_part(ns, part, explain);
@@ -161,7 +172,7 @@ pub(super) fn decide(
         verdict,
     );
     let Some(d) = parts.into_iter().nth(deciding) else {
-        return no_namespace(set, ctx, tags, explain);
+        return no_namespace(set, ctx, tags, explain, key);
     };
     let merged = Merged {
         batch_item: deciding.checked_sub(1),

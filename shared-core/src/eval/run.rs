@@ -113,13 +113,19 @@ pub(super) fn start(
     tags.sort();
     tags.dedup();
     let Some(ns) = set.0.namespaces.get(ctx.namespace.as_str()) else {
-        let mut d = resolve::no_namespace(set, ctx, &tags, opts.explain);
+        let mut d = resolve::no_namespace(set, ctx, &tags, opts.explain, opts.cache_key);
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
     };
     let mut views = ctx.views();
     let Some(first) = views.next() else {
-        return Step::Done(resolve::no_namespace(set, ctx, &tags, opts.explain));
+        return Step::Done(resolve::no_namespace(
+            set,
+            ctx,
+            &tags,
+            opts.explain,
+            opts.cache_key,
+        ));
     };
     let first = run_part(ns, first, 0, &tags, opts.explain, &mut host);
     let needs_nothing = |host: &Host<'_>| !matches!(host, Host::Later(needs) if !needs.is_empty());
@@ -132,6 +138,7 @@ pub(super) fn start(
             core::slice::from_ref(&first),
             &tags,
             opts.explain,
+            opts.cache_key,
         );
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
@@ -150,7 +157,7 @@ pub(super) fn start(
     }
     let needs = host.into_needs();
     if needs.is_empty() {
-        let mut d = resolve::decide(set, ns, ctx, &parts, &tags, opts.explain);
+        let mut d = resolve::decide(set, ns, ctx, &parts, &tags, opts.explain, opts.cache_key);
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
     }
@@ -159,6 +166,7 @@ pub(super) fn start(
         namespace: ns.name.clone(),
         tags,
         explain: opts.explain,
+        cache_key: opts.cache_key.map(String::from),
         parts,
         answers: alloc::vec![None; needs.len()],
         needs,
@@ -171,7 +179,7 @@ pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
     let set = p.set.clone();
     let Some(ns) = set.0.namespaces.get(p.namespace.as_str()) else {
         // A pending state always names a namespace of its own set; nothing to resume otherwise.
-        let mut d = resolve::no_namespace(&set, ctx, &p.tags, p.explain);
+        let mut d = resolve::no_namespace(&set, ctx, &p.tags, p.explain, p.cache_key.as_deref());
         d.evaluation_time_us = p.elapsed_us.saturating_add(timer.micros());
         return Step::Done(d);
     };
@@ -329,8 +337,16 @@ fn finish(mut p: Pending, ctx: &RequestContext, timer: Timer) -> Step {
     }
     let set = p.set.clone();
     let mut d = match set.0.namespaces.get(p.namespace.as_str()) {
-        Some(ns) => resolve::decide(&set, ns, ctx, &p.parts, &p.tags, p.explain),
-        None => resolve::no_namespace(&set, ctx, &p.tags, p.explain),
+        Some(ns) => resolve::decide(
+            &set,
+            ns,
+            ctx,
+            &p.parts,
+            &p.tags,
+            p.explain,
+            p.cache_key.as_deref(),
+        ),
+        None => resolve::no_namespace(&set, ctx, &p.tags, p.explain, p.cache_key.as_deref()),
     };
     d.evaluation_time_us = p.elapsed_us.saturating_add(timer.micros());
     Step::Done(d)
