@@ -873,6 +873,13 @@ def _cls_separators(b: _Builder) -> None:
                    ("github", "  ")):
         s = v.secret(t)[1]
         b.put("secret", sep.join(s[k:k + 4] for k in range(0, len(s), 4)), SECRET_LABELS[t])
+    # A key in groups with a blank line and a short question after it; a key in uneven groups.
+    s = v.secret("aws")[1]
+    b.put("secret", " ".join(s[k:k + 4] for k in range(0, len(s), 4)), SECRET_LABELS["aws"],
+          carriers=["Here is the {label}: {v}\n\nWhy is this failing?"])
+    s = v.secret("github")[1]
+    uneven = [s[:4], s[4:6], s[6:7], s[7:9]] + [s[k:k + 6] for k in range(9, len(s), 6)]
+    b.put("secret", " ".join(uneven), SECRET_LABELS["github"])
 
 
 def _cls_case(b: _Builder) -> None:
