@@ -510,11 +510,6 @@ fn join_key_groups(text: &str) -> String {
                     &run.get(..end).unwrap_or_default().concat(),
                     i == 0,
                 );
-                // The whole run joined too, when the key was cut before its end: a key grouped
-                // unevenly (`ghp_ aB c De FgHiJk …`) ends past where its groups' length says.
-                if end < run.len() {
-                    emit(&mut out, &run.concat(), false);
-                }
                 i = i.saturating_add(end);
             }
             Some(k) => {
@@ -585,7 +580,9 @@ fn group_run(
         };
         if j > i && words.get(j.wrapping_sub(1)).is_some_and(|p| !p.is_empty()) {
             if double == Some(true) {
-                break;
+                // (Groups two apart that go on one apart: a key written one apart may start at
+                // the last group, `key\r\nAKIA IOSF …`.)
+                return (j, Some(j.saturating_sub(1)));
             }
             double = Some(false);
         }
@@ -598,8 +595,8 @@ fn group_run(
 }
 
 /// How many of a run's words a key written in groups is (its groups, and the empty words between
-/// groups two separators apart). The key's group length `n` is the longest of the three groups
-/// after the first; the key runs to the last group of length `n` before any longer word, and one
+/// groups two separators apart). The key's group length `n` is the most frequent length after the
+/// first group (a few odd groups do not set it); the key runs to the last group of length `n` before any longer word, and one
 /// shorter group after that only when it ends the run. A key cut into groups of `n` ends with a
 /// group of `n` or fewer: shorter words after its last full group are the sentence's
 /// (`… prvk to the`), and joined to the key they would make it too long to be one.
@@ -610,12 +607,16 @@ fn key_words(run: &[&str], group: impl Fn(&str) -> Option<usize>) -> usize {
         .filter(|(_, w)| !w.is_empty())
         .map(|(k, w)| (k, group(w).unwrap_or(w.len())))
         .collect();
-    let n = groups
-        .iter()
-        .skip(1)
-        .take(3)
-        .map(|g| g.1)
-        .max()
+    // The most frequent length after the first group (the longer of two as frequent): a few
+    // odd groups (`ghp_ aB c De FgHiJk LmNoPq …`) do not set it.
+    let mut counts = [0usize; 8];
+    for g in groups.iter().skip(1) {
+        if let Some(c) = counts.get_mut(g.1.min(7)) {
+            *c = c.saturating_add(1);
+        }
+    }
+    let n = (1..8)
+        .max_by_key(|&len| counts.get(len).copied().unwrap_or(0))
         .unwrap_or(0);
     let mut last = 0usize;
     for (idx, g) in groups.iter().enumerate().skip(1) {
@@ -1383,9 +1384,6 @@ mod before_fast_paths {
                         &run.get(..end).unwrap_or_default().concat(),
                         i == 0,
                     );
-                    if end < run.len() {
-                        emit(&mut out, &run.concat(), false);
-                    }
                     i = i.saturating_add(end);
                 }
                 Some(k) => {
@@ -1652,11 +1650,11 @@ mod tests {
         // words after it are the sentence's.
         assert_eq!(
             join_key_groups("ghp_ Iewo 3lGK prvk to the office"),
-            "ghp_Iewo3lGKprvk ghp_Iewo3lGKprvktotheoffice to the office"
+            "ghp_Iewo3lGKprvk to the office"
         );
         assert_eq!(
             join_key_groups("AKIA IOSF ODNN 7EXA MPL to me"),
-            "AKIAIOSFODNN7EXA AKIAIOSFODNN7EXAMPLtome MPL to me"
+            "AKIAIOSFODNN7EXA MPL to me"
         );
         assert_eq!(
             join_key_groups("AKIA IOSF ODNN 7EXA MP"),
@@ -1665,7 +1663,7 @@ mod tests {
         // A key's digit groups are its own: not read as a card's.
         assert_eq!(
             compact("token xoxb\n-688\n0953\n7753\n0-84\n0606\n0055\n545-\nQgUc thanks"),
-            "token xoxb-688095377530-8406060055545-QgUc xoxb-688095377530-8406060055545-QgUcthanks thanks"
+            "token xoxb-688095377530-8406060055545-QgUc thanks"
         );
         assert_eq!(
             compact("card 5207-7117 1309.4094"),
@@ -1680,13 +1678,27 @@ mod tests {
             "my key AKIA  IOSF  ODNN  7EXA  MPLE",
             "my key is AKIA  IOSF  ODNN  7EXA  MPLE to me",
             "ghp_ aB c De FgHiJk LmNoPq rStUvW xYz012 345678 9",
-            "AKIA IO S FO DNN7EX AMPLE",
+            "Here is my key\r\nAKIA IOSF ODNN 7EXA MPLE",
+            "Here is my key\n\nAKIA IOSF ODNN 7EXA MPLE thanks",
             "Please add ghp_  Iewo  3lGK  7RGj  toDC  1QIW  jt4c  JNl9  51ob  prvk to the team's .env",
             "key:\r\nAKIA\r\nIOSF\r\nODNN\r\n7EXA\r\nMPLE\r\nthanks",
         ] {
             let found = crate::detect::entities(text, crate::detect::Entities::all());
             assert!(
                 found.kinds(0.8).any(|e| e == crate::detect::Entity::ApiKey),
+                "{text:?}: {:?}",
+                compact(text)
+            );
+        }
+        // Sentences whose first letters join to a key prefix (`as I a…` is `asia`) are no key.
+        for text in [
+            "As I am 25 years old, and I live in Paris.",
+            "Well, as I am not sure if it is ok.",
+            "As I asked you 2 days ago, the report is late.",
+        ] {
+            let found = crate::detect::entities(text, crate::detect::Entities::all());
+            assert!(
+                !found.kinds(0.0).any(|e| e == crate::detect::Entity::ApiKey),
                 "{text:?}: {:?}",
                 compact(text)
             );
