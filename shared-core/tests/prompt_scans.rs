@@ -10,6 +10,7 @@
 mod common;
 
 use common::{compile, eval, policy};
+use llm_policy_core::prompt_scan::Unscanned;
 use llm_policy_core::{
     ContextConfig, EvalOptions, PolicySet, RequestContext, RequestInput, Verdict,
 };
@@ -124,22 +125,23 @@ fn the_key_before_the_scans_is_the_key_after_them_and_the_decisions() {
     );
 }
 
+/// A chat of `(role, text)` turns as `set` reads it, its scans not run yet.
+fn unscanned_chat(set: &PolicySet, turns: &[(&str, &str)]) -> Unscanned {
+    let body = chat(turns);
+    RequestContext::unscanned(
+        &input(&[], "/v1/chat/completions", &body),
+        &ContextConfig::default(),
+        set.needs(),
+    )
+    .expect("valid")
+}
+
 #[test]
 fn distinct_scanned_texts_never_share_a_key() {
     let set = scanning_set();
-    let config = ContextConfig::default();
-    let headers: Vec<(String, String)> = Vec::new();
     let opts = EvalOptions::default();
-    let key = |turns: &[(&str, &str)]| {
-        let body = chat(turns);
-        let u = RequestContext::unscanned(
-            &input(&headers, "/v1/chat/completions", &body),
-            &config,
-            set.needs(),
-        )
-        .expect("valid");
-        set.cache_key_before_scans(&u, &opts)
-    };
+    let key =
+        |turns: &[(&str, &str)]| set.cache_key_before_scans(&unscanned_chat(&set, turns), &opts);
     let one = key(&[("user", "summarise the meeting notes")]);
     assert_eq!(one, key(&[("user", "summarise the meeting notes")]));
     assert_ne!(one, key(&[("user", "summarise the meeting notes.")]));
@@ -157,13 +159,7 @@ fn distinct_scanned_texts_never_share_a_key() {
     };
     assert_ne!(key(&turns("user")), key(&turns("assistant")));
     let verdict = |turns: &[(&str, &str)]| {
-        let body = chat(turns);
-        let ctx = RequestContext::from_request_with(
-            &input(&headers, "/v1/chat/completions", &body),
-            &config,
-            set.needs(),
-        )
-        .expect("valid");
+        let ctx = unscanned_chat(&set, turns).scan();
         let texts: Vec<&str> = turns.iter().map(|t| t.1).collect();
         assert_eq!(ctx.request.prompt, texts.join("\n"));
         eval(&set, &ctx).decision
@@ -177,14 +173,7 @@ fn distinct_scanned_texts_never_share_a_key() {
     ))
     .expect("compiles");
     let plain_key = |text: &str| {
-        let body = chat(&[("user", text)]);
-        let u = RequestContext::unscanned(
-            &input(&headers, "/v1/chat/completions", &body),
-            &config,
-            plain.needs(),
-        )
-        .expect("valid");
-        plain.cache_key_before_scans(&u, &opts)
+        plain.cache_key_before_scans(&unscanned_chat(&plain, &[("user", text)]), &opts)
     };
     assert_eq!(plain_key("one"), plain_key("two AKIAIOSFODNN7EXAMPLE"));
 }
