@@ -17,6 +17,8 @@ use core::marker::PhantomData;
 use serde::de::{self, Deserializer, IgnoredAny, MapAccess, SeqAccess, Visitor};
 use serde::Deserialize;
 
+mod skim;
+
 use crate::context::{
     cmp_header, find_header, Api, ContextConfig, ContextError, Message, Needs, Provider,
     RequestContext, RequestInfo, RequestInput, ShieldValue, TimeInfo,
@@ -436,7 +438,12 @@ pub(crate) fn body(
     if needs.messages || needs.prompt {
         parse::<Body<Text>>(bytes)?.fill(request, needs);
     } else {
-        parse::<Body<Skip>>(bytes)?.fill(request, needs);
+        // No rule reads the text: the skim passes over it, and asks serde when in doubt.
+        let body = match skim::body(bytes) {
+            Some(b) => b,
+            None => parse::<Body<Skip>>(bytes)?,
+        };
+        body.fill(request, needs);
     }
     Ok(())
 }
