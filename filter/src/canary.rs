@@ -9,7 +9,7 @@ use std::cell::Cell;
 
 use llm_policy_core::context::Needs;
 use llm_policy_core::decision::Verdict;
-use llm_policy_core::{wire, EvalOptions, LocalOnly, PolicySet, RequestContext};
+use llm_policy_core::{wire, DecisionKey, EvalOptions, LocalOnly, PolicySet, RequestContext};
 
 use crate::host::{Host, Metric};
 use crate::sync::Candidate;
@@ -62,9 +62,12 @@ impl CanaryRun {
     /// Decides a sampled request's `ctx` again and counts whether the candidate agrees with
     /// `active`.
     pub fn decide(&self, host: &mut dyn Host, ctx: &RequestContext, active: Verdict) {
-        let d = self
-            .set
-            .evaluate(ctx, &EvalOptions::default(), &mut LocalOnly);
+        // (Only its verdict counts: no key.)
+        let opts = EvalOptions {
+            cache_key: DecisionKey::Unwanted,
+            ..EvalOptions::default()
+        };
+        let d = self.set.evaluate(ctx, &opts, &mut LocalOnly);
         if d.metadata.needs_remote {
             return;
         }

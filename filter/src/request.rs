@@ -18,7 +18,7 @@ use llm_policy_core::rewrite::{add_include_usage, lower_max_tokens, usage_needs_
 use llm_policy_core::usage::{Reading, UsageChunkStripper, UsageReader};
 use llm_policy_core::wire::{self, LocalCounted, RESERVATION_HEADER};
 use llm_policy_core::{Answer, ContextError, CounterCheck, NeedKind, PluginCheck, Step};
-use llm_policy_core::{Decision, EvalOptions, RequestContext, RequestInput};
+use llm_policy_core::{Decision, DecisionKey, EvalOptions, RequestContext, RequestInput};
 
 use llm_policy_core::answer::{AnswerGuard, Pass};
 use llm_policy_core::decision::Redaction;
@@ -909,11 +909,12 @@ impl RequestFlow {
             self.count_spend(host, set, unscanned.before_scans_mut(), provider, &body);
         }
         let opts = EvalOptions::default();
+        // Only where a hit saves more than the key costs (the namespace's rules read the prompt).
         let key = vm
             .cache
             .try_borrow()
             .ok()
-            .filter(|c| c.enabled())
+            .filter(|c| c.enabled() && set.caching_pays(&unscanned.before_scans().namespace))
             .map(|_| set.cache_key_before_scans(&unscanned, &opts));
         let hit = key
             .as_ref()
@@ -951,9 +952,12 @@ impl RequestFlow {
             return of_decision(&d, provider, None);
         }
         let mut local = LocalCounted::default();
-        // (The key just looked up: written into the decision, not hashed again.)
+        // (The key just looked up: written into the decision, not hashed again; none when the
+        // decision is not cached.)
         let opts = EvalOptions {
-            cache_key: key.as_deref(),
+            cache_key: key
+                .as_deref()
+                .map_or(DecisionKey::Unwanted, DecisionKey::Known),
             ..opts
         };
         let (decision, remote) = self.evaluate(host, set, &ctx, &opts, now.as_secs(), &mut local);

@@ -50,9 +50,14 @@ spec:
 "#;
 
 fn plugin(extra: &str) -> Rc<Vm> {
+    with_policy(POLICY, extra)
+}
+
+/// A filter with `policy` (YAML) and `extra` configuration.
+fn with_policy(policy: &str, extra: &str) -> Rc<Vm> {
     let config = format!(
         "policies: |\n{}\n{extra}",
-        POLICY
+        policy
             .lines()
             .map(|l| format!("  {l}"))
             .collect::<Vec<_>>()
@@ -225,9 +230,27 @@ fn local_rate_limits_throttle_after_n_and_a_denied_request_costs_nothing() {
     assert_eq!(run(&p, &mut host).1, Flow::Continue);
 }
 
+/// [`POLICY`] with a rule that reads the prompt: a decision cache pays there.
+fn reading_the_prompt() -> Rc<Vm> {
+    let rule = "    - id: no-passwords\n      priority: 10\n      when: {match: {field: request.prompt, op: contains, value: password}}\n      action: {decision: deny}\n";
+    with_policy(&format!("{POLICY}{rule}"), "")
+}
+
+#[test]
+fn decisions_over_fields_other_than_the_prompt_are_neither_keyed_nor_cached() {
+    let p = plugin("");
+    let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-3.5-turbo"));
+    run(&p, &mut host);
+    host.next_chat(&[], "gpt-3.5-turbo");
+    run(&p, &mut host);
+    assert_eq!(host.reply.clone().unwrap().status, 403);
+    assert_eq!(host.count(Metric::CacheMiss), 0);
+    assert_eq!(host.count(Metric::CacheHit), 0);
+}
+
 #[test]
 fn cacheable_decisions_are_served_from_the_vm_cache() {
-    let p = plugin("");
+    let p = reading_the_prompt();
     let mut host = FakeHost::request("POST", "/v1/chat/completions", &[], &chat("gpt-3.5-turbo"));
     run(&p, &mut host);
     host.next_chat(&[], "gpt-3.5-turbo");

@@ -207,6 +207,16 @@ impl Compiler {
                     .is_some_and(|l| l.kind != CounterKind::Requests)
             });
             ns.caps = ns.rules.iter().any(|r| !r.shadow && r.action.cap.is_some());
+            ns.caching_pays = ns.reads.iter().any(|f| {
+                matches!(
+                    f,
+                    FieldRef::Prompt
+                        | FieldRef::PromptFolded
+                        | FieldRef::Messages
+                        | FieldRef::PromptEntities
+                        | FieldRef::PromptInjection
+                )
+            });
         }
         let needs = needs_of(namespaces.values());
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);

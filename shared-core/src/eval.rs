@@ -38,10 +38,33 @@ pub struct EvalOptions<'a> {
     pub tags: &'a [String],
     /// Report every rule's outcome in `explain`.
     pub explain: bool,
+    /// What `metadata.cache_key` holds.
+    pub cache_key: DecisionKey<'a>,
+}
+
+/// What a decision's `metadata.cache_key` holds ([`EvalOptions::cache_key`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum DecisionKey<'a> {
+    /// The key, computed.
+    #[default]
+    Computed,
     /// The key the host computed for this request with the same options
-    /// ([`PolicySet::cache_key_before_scans`]): written into `metadata.cache_key` as it is, not
-    /// hashed again. `None`: computed.
-    pub cache_key: Option<&'a str>,
+    /// ([`PolicySet::cache_key_before_scans`]): written as it is, not hashed again.
+    Known(&'a str),
+    /// Nothing (an empty string), not computed: the host caches no decision of this request's
+    /// namespace ([`PolicySet::caching_pays`]).
+    Unwanted,
+}
+
+impl<'a> DecisionKey<'a> {
+    /// The key to write as it is (`None`: to compute).
+    pub(crate) fn given(self) -> Option<&'a str> {
+        match self {
+            DecisionKey::Computed => None,
+            DecisionKey::Known(k) => Some(k),
+            DecisionKey::Unwanted => Some(""),
+        }
+    }
 }
 
 /// A plugin condition's outcome.

@@ -87,7 +87,7 @@ pub use decision::{Decision, ErrorBody, Verdict};
 pub use diagnostic::{Code, Diagnostic, Diagnostics, Position, Severity};
 pub use document::Document;
 pub use eval::{
-    Answer, CounterCheck, EvalOptions, Hooks, LocalOnly, Need, NeedId, NeedKind, Pending,
-    PluginCheck, Step,
+    Answer, CounterCheck, DecisionKey, EvalOptions, Hooks, LocalOnly, Need, NeedId, NeedKind,
+    Pending, PluginCheck, Step,
 };
 pub use set::{CompileOutput, Origin, PolicySet, RuleInfo, Stats};

@@ -72,6 +72,8 @@ pub(crate) struct Namespace {
     pub models: Arc<ModelTable>,
     /// Some rule counts tokens or cost.
     pub counts_tokens: bool,
+    /// A decision cache pays ([`PolicySet::caching_pays`]).
+    pub caching_pays: bool,
     /// Some enforcing rule sets a fixed `transform.maxTokens`.
     pub caps: bool,
     /// The `phase: response` rules, by descending priority (file order within a priority).
@@ -212,6 +214,7 @@ impl Namespace {
             tags: HashMap::new(),
             models,
             counts_tokens: false,
+            caching_pays: false,
             caps: false,
             answer_rules: Vec::new(),
             answer_reads: AnswerReads::default(),
@@ -301,6 +304,20 @@ impl PolicySet {
             .namespaces
             .get(namespace)
             .is_some_and(|ns| ns.counts_tokens)
+    }
+
+    /// Whether caching the namespace's decisions pays: its rules read the prompt's text
+    /// (`request.prompt`, `prompt_folded`, `messages`) or the prompt scanners' findings, whose
+    /// evaluation costs per byte of the prompt. A decision over other fields (model, tokens,
+    /// headers, principal, ...) costs less than its key, a SHA-256 of them: `make bench-filter`
+    /// measured a cache hit there no faster than a miss, so the filter keys and caches only
+    /// these namespaces. (The server caches every namespace: its cache also spares plugin calls
+    /// and Redis round trips, and is shared through Redis.)
+    pub fn caching_pays(&self, namespace: &str) -> bool {
+        self.0
+            .namespaces
+            .get(namespace)
+            .is_some_and(|ns| ns.caching_pays)
     }
 
     /// Number of enabled rules over all namespaces.

@@ -25,8 +25,8 @@ use llm_policy_core::reply::{self, LimitState, Reply};
 use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
-    Answer, ContextError, CounterCheck, EvalOptions, Need, NeedId, NeedKind, Pending, PluginCheck,
-    RequestContext, RequestInput, Step,
+    Answer, ContextError, CounterCheck, DecisionKey, EvalOptions, Need, NeedId, NeedKind, Pending,
+    PluginCheck, RequestContext, RequestInput, Step,
 };
 
 use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
@@ -852,7 +852,9 @@ impl Engine {
                 tags: &[],
                 explain,
                 // (The key looked up in the caches: written into the decision, not hashed again.)
-                cache_key: key.as_deref(),
+                cache_key: key
+                    .as_deref()
+                    .map_or(DecisionKey::Computed, DecisionKey::Known),
             };
             let step = set.start(&ctx, &opts);
             (step, ctx)

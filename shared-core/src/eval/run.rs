@@ -113,7 +113,7 @@ pub(super) fn start(
     tags.sort();
     tags.dedup();
     let Some(ns) = set.0.namespaces.get(ctx.namespace.as_str()) else {
-        let mut d = resolve::no_namespace(set, ctx, &tags, opts.explain, opts.cache_key);
+        let mut d = resolve::no_namespace(set, ctx, &tags, opts.explain, opts.cache_key.given());
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
     };
@@ -124,7 +124,7 @@ pub(super) fn start(
             ctx,
             &tags,
             opts.explain,
-            opts.cache_key,
+            opts.cache_key.given(),
         ));
     };
     let first = run_part(ns, first, 0, &tags, opts.explain, &mut host);
@@ -138,7 +138,7 @@ pub(super) fn start(
             core::slice::from_ref(&first),
             &tags,
             opts.explain,
-            opts.cache_key,
+            opts.cache_key.given(),
         );
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
@@ -157,7 +157,15 @@ pub(super) fn start(
     }
     let needs = host.into_needs();
     if needs.is_empty() {
-        let mut d = resolve::decide(set, ns, ctx, &parts, &tags, opts.explain, opts.cache_key);
+        let mut d = resolve::decide(
+            set,
+            ns,
+            ctx,
+            &parts,
+            &tags,
+            opts.explain,
+            opts.cache_key.given(),
+        );
         d.evaluation_time_us = timer.micros();
         return Step::Done(d);
     }
@@ -166,7 +174,7 @@ pub(super) fn start(
         namespace: ns.name.clone(),
         tags,
         explain: opts.explain,
-        cache_key: opts.cache_key.map(String::from),
+        cache_key: opts.cache_key.given().map(String::from),
         parts,
         answers: alloc::vec![None; needs.len()],
         needs,
