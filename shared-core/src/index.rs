@@ -19,18 +19,22 @@ pub(crate) struct RuleIndex {
     always: Vec<u32>,
 }
 
-/// Fields worth indexing: always present (never a missing key) and usually literal-tested.
-fn indexable(f: &FieldRef) -> bool {
-    matches!(
-        f,
+/// Fields worth indexing: usually literal-tested, and always present (never a missing key) —
+/// or a header tested leniently (a `match` leaf): a lenient test of a missing header is false,
+/// where a strict one (CEL's) is an error the rule's `onError` decides, so that one is not
+/// skipped.
+fn indexable(f: &FieldRef, strict: bool) -> bool {
+    match f {
         FieldRef::Model
-            | FieldRef::Path
-            | FieldRef::Api
-            | FieldRef::Provider
-            | FieldRef::Method
-            | FieldRef::Host
-            | FieldRef::Principal(_)
-    )
+        | FieldRef::Path
+        | FieldRef::Api
+        | FieldRef::Provider
+        | FieldRef::Method
+        | FieldRef::Host
+        | FieldRef::Principal(_) => true,
+        FieldRef::Header(_) => !strict,
+        _ => false,
+    }
 }
 
 /// The literal values a condition requires of one field, if it requires any.
@@ -42,8 +46,9 @@ fn required(c: &Cond) -> Option<(FieldRef, Vec<String>)> {
             negate: false,
             ignore_case: false,
             size: false,
+            strict,
             ..
-        }) if indexable(field) => {
+        }) if indexable(field, *strict) => {
             let lits: &[Lit] = match test {
                 Test::Eq(l) => core::slice::from_ref(l),
                 Test::In(ls) => ls,

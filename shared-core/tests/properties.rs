@@ -53,6 +53,10 @@ fn header() -> impl Strategy<Value = (String, String)> {
             .prop_map(|v| ("x-llm-policy-namespace".to_string(), v.to_string())),
         Just(("anthropic-version".to_string(), "2023-06-01".to_string())),
         "[a-z-]{1,12}".prop_map(|k| (format!("x-{k}"), "v".to_string())),
+        prop_oneof![Just("v"), Just("w"), Just("V")]
+            .prop_map(|v| ("X-ZZ".to_string(), v.to_string())),
+        prop_oneof![Just("Pro"), Just("PRO")]
+            .prop_map(|v| ("x-user-tier".to_string(), v.to_string())),
     ]
 }
 
@@ -151,6 +155,53 @@ proptest! {
             let from_json = json.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
             prop_assert_eq!(comparable(&fast), comparable(&from_json));
             prop_assert_eq!(fast.metadata.cacheable, from_json.metadata.cacheable);
+            Ok(())
+        })?;
+    }
+}
+
+/// Rules on headers the index selects by (lenient `match` leaves, a missing header false) and
+/// those it must not (CEL's strict tests, where a missing header is an error `onError` decides;
+/// negated, case-blind and `in` tests), over the same header names.
+fn header_rules_set() -> PolicySet {
+    let text = r#"
+apiVersion: llm-policy/v1
+kind: Policy
+metadata: {name: headers}
+spec:
+  defaultDecision: allow
+  rules:
+    - {id: lenient-eq, priority: 90, when: {match: {field: request.headers.x-team-id, op: eq, value: research}}, action: {decision: deny}}
+    - {id: lenient-in, priority: 80, when: {match: {field: request.headers.x-user-tier, op: in, value: [free, trial]}}, action: {decision: throttle}}
+    - {id: lenient-and, priority: 70, when: {match: {all: [{field: request.headers.x-user-id, op: eq, value: u-1}, {field: request.max_tokens, op: gt, value: 100}]}}, action: {decision: deny}}
+    - {id: lenient-not, priority: 60, when: {match: {not: {field: request.headers.x-team-id, op: eq, value: sales}}}, action: {decision: allow, headers: {x-n: "1"}}}
+    - {id: lenient-case, priority: 55, when: {match: {field: request.headers.x-user-tier, op: eq, value: PRO, ignore_case: true}}, action: {decision: allow, headers: {x-c: "1"}}}
+    - {id: strict-eq, priority: 50, onError: deny, when: {cel: "request.headers['x-user-id'] == 'u-2'"}, action: {decision: deny}}
+    - {id: strict-any, priority: 40, onError: deny, when: {cel: "request.headers['x-team-id'] == 'research' || request.headers['x-team-id'] == 'sales'"}, action: {decision: throttle}}
+    - {id: any-of, priority: 30, when: {match: {any: [{field: request.headers.x-zz, op: eq, value: v}, {field: request.headers.x-zz, op: eq, value: w}]}}, action: {decision: deny}}
+"#;
+    PolicySet::compile(
+        &parse_str("headers.yaml", text).expect("parses"),
+        &ContextConfig::default(),
+    )
+    .expect("valid")
+    .set
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(1500))]
+
+    #[test]
+    fn the_index_over_headers_never_changes_a_decision((path, headers, body, now) in request()) {
+        thread_local! {
+            static SET: PolicySet = header_rules_set();
+        }
+        SET.with(|set| {
+            let input = RequestInput { method: "POST", path: &path, headers: &headers, body: body.as_bytes(), now_unix: now };
+            let Ok(ctx) = RequestContext::from_request(&input, set.config()) else { return Ok(()) };
+            let fast = set.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
+            let full = set.evaluate(&ctx, &EvalOptions { tags: &[], explain: true, ..EvalOptions::default() }, &mut LocalOnly);
+            prop_assert_eq!(comparable(&fast), comparable(&full));
             Ok(())
         })?;
     }
