@@ -1,4 +1,4 @@
-//! The decision cache key: a SHA-256 (identical on every platform and process, 64 hex digits) of
+//! The decision cache key: a BLAKE3 (identical on every platform and process, 64 hex digits) of
 //! the bundle digest, namespace, requested tags and the values of exactly the context fields the
 //! namespace's rules read.
 //!
@@ -10,7 +10,7 @@
 //! non-cryptographic hash it could, and skip the scanners).
 
 use alloc::string::String;
-use sha2::{Digest, Sha256};
+use blake3::Hasher;
 
 use crate::context::{FieldValue, ShieldValue, View};
 use crate::schema::FieldRef;
@@ -22,36 +22,42 @@ use crate::schema::FieldRef;
 /// scanners: a change of their results cannot keep the old version.
 pub(crate) const SCANNERS: &str = "llm-policy scanners 44e8e48946fbc96b";
 
-fn put(h: &mut Sha256, bytes: &[u8]) {
-    h.update((bytes.len() as u64).to_le_bytes());
+fn put(h: &mut Hasher, bytes: &[u8]) {
+    h.update(&(bytes.len() as u64).to_le_bytes());
     h.update(bytes);
 }
 
-fn put_value(h: &mut Sha256, v: &FieldValue<'_>) {
+fn put_value(h: &mut Hasher, v: &FieldValue<'_>) {
     match v {
-        FieldValue::Missing => h.update([0]),
-        FieldValue::Null => h.update([1]),
-        FieldValue::Bool(b) => h.update([2, u8::from(*b)]),
+        FieldValue::Missing => {
+            h.update(&[0]);
+        }
+        FieldValue::Null => {
+            h.update(&[1]);
+        }
+        FieldValue::Bool(b) => {
+            h.update(&[2, u8::from(*b)]);
+        }
         FieldValue::Int(i) => {
-            h.update([3]);
-            h.update(i.to_le_bytes());
+            h.update(&[3]);
+            h.update(&i.to_le_bytes());
         }
         FieldValue::Float(f) => {
-            h.update([4]);
-            h.update(f.to_bits().to_le_bytes());
+            h.update(&[4]);
+            h.update(&f.to_bits().to_le_bytes());
         }
         FieldValue::Str(s) => {
-            h.update([5]);
+            h.update(&[5]);
             put(h, s.as_bytes());
         }
         FieldValue::StrList(l) => {
-            h.update([6]);
-            h.update((l.len() as u64).to_le_bytes());
+            h.update(&[6]);
+            h.update(&(l.len() as u64).to_le_bytes());
             l.iter().for_each(|s| put(h, s.as_bytes()));
         }
         FieldValue::StrMap(m) => {
-            h.update([7]);
-            h.update((m.len() as u64).to_le_bytes());
+            h.update(&[7]);
+            h.update(&(m.len() as u64).to_le_bytes());
             for (k, v) in m.iter() {
                 put(h, k.as_bytes());
                 put(h, v.as_bytes());
@@ -60,39 +66,41 @@ fn put_value(h: &mut Sha256, v: &FieldValue<'_>) {
         // Every variant of every entry is tagged: `Number(0.0)` and `Text("")` (or `None` and
         // `Some`) must never hash the same.
         FieldValue::Principal(p) => {
-            h.update([8]);
-            h.update((p.len() as u64).to_le_bytes());
+            h.update(&[8]);
+            h.update(&(p.len() as u64).to_le_bytes());
             for (k, v) in p.iter() {
                 put(h, k.as_bytes());
                 match v {
                     Some(v) => {
-                        h.update([1]);
+                        h.update(&[1]);
                         put(h, v.as_bytes());
                     }
-                    None => h.update([0]),
+                    None => {
+                        h.update(&[0]);
+                    }
                 }
             }
         }
         FieldValue::Shield(s) => {
-            h.update([9]);
-            h.update((s.len() as u64).to_le_bytes());
+            h.update(&[9]);
+            h.update(&(s.len() as u64).to_le_bytes());
             for (k, v) in s.iter() {
                 put(h, k.as_bytes());
                 match v {
                     ShieldValue::Number(n) => {
-                        h.update([1]);
-                        h.update(n.to_bits().to_le_bytes());
+                        h.update(&[1]);
+                        h.update(&n.to_bits().to_le_bytes());
                     }
                     ShieldValue::Text(t) => {
-                        h.update([2]);
+                        h.update(&[2]);
                         put(h, t.as_bytes());
                     }
                 }
             }
         }
         FieldValue::Messages(ms) => {
-            h.update([10]);
-            h.update((ms.len() as u64).to_le_bytes());
+            h.update(&[10]);
+            h.update(&(ms.len() as u64).to_le_bytes());
             for m in ms.iter() {
                 put(h, m.role.as_bytes());
                 put(h, m.content.as_bytes());
@@ -109,13 +117,13 @@ pub(crate) fn compute<'a>(
     reads: &[FieldRef],
     views: impl Iterator<Item = View<'a>>,
 ) -> String {
-    let mut h = Sha256::new();
+    let mut h = Hasher::new();
     put(&mut h, bundle.as_bytes());
     put(&mut h, namespace.as_bytes());
-    h.update((tags.len() as u64).to_le_bytes());
+    h.update(&(tags.len() as u64).to_le_bytes());
     tags.iter().for_each(|t| put(&mut h, t.as_bytes()));
     for (i, view) in views.enumerate() {
-        h.update((i as u64).to_le_bytes());
+        h.update(&(i as u64).to_le_bytes());
         let mut scanned_text = false;
         for f in reads {
             match (f, view.req.scan.seams()) {
@@ -123,7 +131,7 @@ pub(crate) fn compute<'a>(
                 (FieldRef::PromptEntities | FieldRef::PromptInjection, Some(seams)) => {
                     if !scanned_text {
                         scanned_text = true;
-                        h.update([11]);
+                        h.update(&[11]);
                         put(&mut h, SCANNERS.as_bytes());
                         put(&mut h, view.req.prompt.as_bytes());
                         put(&mut h, seams.as_bytes());
@@ -134,7 +142,7 @@ pub(crate) fn compute<'a>(
         }
     }
     // All 256 bits: a collision of two chosen prompts costs 2^128 hashes, not 2^64.
-    hex(&h.finalize())
+    hex(h.finalize().as_bytes())
 }
 
 /// 32 lower-case hex digits (what `format!("{:032x}")` writes, several times faster).

@@ -4,7 +4,7 @@
 //! The scanners are pure functions of the text they read: the prompt and the seams of the user
 //! turns ([`crate::detect::with_seams`]). So the cache key holds that text in place of their
 //! results ([`crate::PolicySet::cache_key_before_scans`]), and the key is a collision-resistant
-//! hash (SHA-256): a crafted prompt cannot share a cached benign prompt's key and skip the scans.
+//! hash (BLAKE3): a crafted prompt cannot share a cached benign prompt's key and skip the scans.
 //!
 //! [`Unscanned`] is a context whose scans have not run; only [`Unscanned::scan`] makes it a
 //! [`RequestContext`] to evaluate. [`RequestContext::from_request_with`] scans at once.

@@ -309,7 +309,7 @@ impl PolicySet {
     /// Whether caching the namespace's decisions pays: its rules read the prompt's text
     /// (`request.prompt`, `prompt_folded`, `messages`) or the prompt scanners' findings, whose
     /// evaluation costs per byte of the prompt. A decision over other fields (model, tokens,
-    /// headers, principal, ...) costs less than its key, a SHA-256 of them: `make bench-filter`
+    /// headers, principal, ...) costs less than its key, a BLAKE3 of them: `make bench-filter`
     /// measured a cache hit there no faster than a miss, so the filter keys and caches only
     /// these namespaces. (The server caches every namespace: its cache also spares plugin calls
     /// and Redis round trips, and is shared through Redis.)
