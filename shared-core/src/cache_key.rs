@@ -2,10 +2,10 @@
 //! the bundle digest, namespace, requested tags and the values of exactly the context fields the
 //! namespace's rules read.
 //!
-//! The prompt scanners' fields (`request.prompt_entities`, `request.prompt_injection`) are keyed
-//! by the text the scanners read and the scanners' version, not by their results, so that a
-//! host looks the key up before scanning ([`crate::prompt_scan`]). That is exact because the
-//! scanners are pure functions of that text, and safe because the hash is collision-resistant: a
+//! The prompt scanners' fields (`request.prompt_entities`, `request.prompt_injection`) and
+//! `request.prompt_folded` are keyed by the text they are computed from and the scanners'
+//! version, not by their values, so that a host looks the key up before scanning and folding
+//! ([`crate::prompt_scan`]). That is exact because they are pure functions of that text, and safe because the hash is collision-resistant: a
 //! client cannot craft a prompt whose key is a cached benign prompt's (with a fast
 //! non-cryptographic hash it could, and skip the scanners).
 
@@ -15,12 +15,12 @@ use blake3::Hasher;
 use crate::context::{FieldValue, ShieldValue, View};
 use crate::schema::FieldRef;
 
-/// The version of the scanners whose results a key stands for: a replica whose scanners find
-/// otherwise (a rolling upgrade sharing a Redis cache) does not serve this one's decisions.
+/// The version of the scanners (and of the folding) whose results a key stands for: a replica
+/// whose scanners find or fold otherwise (a rolling upgrade sharing a Redis cache) does not serve this one's decisions.
 /// It ends with a digest of what the scanners find in the texts of the test
 /// `the_scanners_version_names_their_results`, which fails until it is the digest of this build's
 /// scanners: a change of their results cannot keep the old version.
-pub(crate) const SCANNERS: &str = "llm-policy scanners 44e8e48946fbc96b";
+pub(crate) const SCANNERS: &str = "llm-policy scanners 2819d19b43511ebe";
 
 fn put(h: &mut Hasher, bytes: &[u8]) {
     h.update(&(bytes.len() as u64).to_le_bytes());
@@ -128,7 +128,10 @@ pub(crate) fn compute<'a>(
         for f in reads {
             match (f, view.req.scan.seams()) {
                 // The text the scanners read, once per view, whether they ran or not.
-                (FieldRef::PromptEntities | FieldRef::PromptInjection, Some(seams)) => {
+                (
+                    FieldRef::PromptEntities | FieldRef::PromptInjection | FieldRef::PromptFolded,
+                    Some(seams),
+                ) => {
                     if !scanned_text {
                         scanned_text = true;
                         h.update(&[11]);
@@ -316,6 +319,9 @@ mod tests {
             let score = injection_score_in(&scanned).0;
             injections = injections.saturating_add(usize::from(score >= 0.7));
             h.update(&score.to_bits().to_le_bytes());
+            // `request.prompt_folded` is keyed by the prompt too.
+            h.update(crate::fold::fold(&t).as_bytes());
+            h.update(&[0]);
         }
         // The texts exercise both scanners.
         assert!(found > 1000 && injections > 300, "{found} {injections}");

@@ -412,17 +412,26 @@ pub(crate) struct ScanInput {
     pub(crate) entities: bool,
     /// `request.prompt_injection` is still to be computed.
     pub(crate) injection: bool,
+    /// `request.prompt_folded` is still to be computed (from the prompt alone).
+    pub(crate) folded: bool,
     /// The seams of the user turns ([`crate::detect::seams`]), read after the prompt.
     pub(crate) seams: String,
 }
 
 impl ScanInput {
-    /// The scans `entities` and `injection` still to run over the prompt and `seams`.
-    pub(crate) fn pending(entities: bool, injection: bool, seams: String) -> ScanInput {
+    /// The scans `entities` and `injection` still to run over the prompt and `seams`, and the
+    /// prompt still to be folded (`folded`).
+    pub(crate) fn pending(
+        entities: bool,
+        injection: bool,
+        folded: bool,
+        seams: String,
+    ) -> ScanInput {
         ScanInput {
             known: true,
             entities,
             injection,
+            folded,
             seams,
         }
     }
@@ -435,7 +444,7 @@ impl ScanInput {
 
     /// Whether a scan is still to run.
     pub(crate) fn is_pending(&self) -> bool {
-        self.entities || self.injection
+        self.entities || self.injection || self.folded
     }
 }
 

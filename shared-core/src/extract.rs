@@ -742,20 +742,24 @@ impl<S: Sink> Body<S> {
                 request.estimated_tokens =
                     i64::try_from(crate::tokens::estimate(&prompt)).unwrap_or(i64::MAX);
             }
-            if needs.folded {
-                request.prompt_folded = crate::fold::fold(&prompt);
-            }
-            // The scans run later (`RequestContext::scan`): only when the decision cache
-            // misses. Values and phrases handed over across user turns are whole in the seams.
-            if needs.entities || needs.injection {
-                request.scan = crate::context::ScanInput::pending(
-                    needs.entities,
-                    needs.injection,
+            // The scans, and the folding of `request.prompt_folded`, run later
+            // (`RequestContext::scan`): only when the decision cache misses. Values and phrases
+            // handed over across user turns are whole in the seams.
+            if needs.entities || needs.injection || needs.folded {
+                let seams = if needs.entities || needs.injection {
                     crate::detect::seams(
                         messages
                             .iter()
                             .map(|m| (m.role.as_str(), m.content.as_str())),
-                    ),
+                    )
+                } else {
+                    String::new()
+                };
+                request.scan = crate::context::ScanInput::pending(
+                    needs.entities,
+                    needs.injection,
+                    needs.folded,
+                    seams,
                 );
             }
             request.prompt = prompt;

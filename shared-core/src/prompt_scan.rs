@@ -1,9 +1,10 @@
-//! The prompt scans (`request.prompt_entities`, `request.prompt_injection`) run after the
-//! decision cache is looked up, not before, so that a hit skips them.
+//! The prompt scans (`request.prompt_entities`, `request.prompt_injection`) and the folding of
+//! `request.prompt_folded` run after the decision cache is looked up, not before, so that a hit
+//! skips them.
 //!
-//! The scanners are pure functions of the text they read: the prompt and the seams of the user
-//! turns ([`crate::detect::with_seams`]). So the cache key holds that text in place of their
-//! results ([`crate::PolicySet::cache_key_before_scans`]), and the key is a collision-resistant
+//! The scanners and the folding are pure functions of the text they read: the prompt and the
+//! seams of the user turns ([`crate::detect::with_seams`]). So the cache key holds that text in
+//! place of their results ([`crate::PolicySet::cache_key_before_scans`]), and the key is a collision-resistant
 //! hash (BLAKE3): a crafted prompt cannot share a cached benign prompt's key and skip the scans.
 //!
 //! [`Unscanned`] is a context whose scans have not run; only [`Unscanned::scan`] makes it a
@@ -15,6 +16,10 @@ use crate::detect;
 /// Runs the scans still to run on one request (or batch item): both scanners read the same
 /// views, built once.
 fn run(r: &mut RequestInfo) {
+    if r.scan.folded {
+        r.prompt_folded = crate::fold::fold(&r.prompt);
+        r.scan.folded = false;
+    }
     if !r.scan.is_pending() {
         return;
     }
@@ -41,7 +46,7 @@ impl Unscanned {
     }
 
     /// The context with the scanners' fields not filled yet (`request.prompt_entities` empty,
-    /// `request.prompt_injection` 0): for what a host reads before its cache lookup (namespace,
+    /// `request.prompt_injection` 0, `request.prompt_folded` empty): for what a host reads before its cache lookup (namespace,
     /// API, principal, the token estimate), never to evaluate.
     pub fn before_scans(&self) -> &RequestContext {
         &self.0

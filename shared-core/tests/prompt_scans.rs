@@ -215,3 +215,36 @@ fn a_context_not_built_from_a_request_keys_the_findings() {
     assert_ne!(set.cache_key(&ctx, &opts), clean);
     assert_eq!(eval(&set, &ctx).decision, Verdict::Deny);
 }
+
+#[test]
+fn the_prompt_is_folded_after_the_cache_lookup_and_never_evaluated_unfolded() {
+    let set = compile(&policy(
+        "allow",
+        r#"    - id: no-wires
+      when: { match: { field: request.prompt_folded, op: contains, value: "wire the money" } }
+      action: { decision: deny, reason: "a wire" }
+"#,
+    ))
+    .expect("compiles");
+    let opts = EvalOptions::default();
+    for (text, verdict) in [
+        ("Please WIRE THE MONEY today", Verdict::Deny),
+        ("please summarise the notes", Verdict::Allow),
+    ] {
+        let unscanned = unscanned_chat(&set, &[("user", text)]);
+        assert!(unscanned.before_scans().scans_pending(), "{text}");
+        assert!(unscanned.before_scans().request.prompt_folded.is_empty());
+        let before = set.cache_key_before_scans(&unscanned, &opts);
+        // A host that skips the folding (a cache hit) and evaluates anyway still folds first.
+        let skipped = eval(&set, &unscanned.clone().into_before_scans());
+        let ctx = unscanned.scan();
+        assert!(!ctx.scans_pending() && !ctx.request.prompt_folded.is_empty());
+        let d = eval(&set, &ctx);
+        assert_eq!(set.cache_key(&ctx, &opts), before, "{text}");
+        assert_eq!(d.metadata.cache_key, before, "{text}");
+        assert_eq!((d.decision, skipped.decision), (verdict, verdict), "{text}");
+    }
+    // Prompts that fold alike are keyed apart (the key holds the prompt, not its folding).
+    let key = |t: &str| set.cache_key_before_scans(&unscanned_chat(&set, &[("user", t)]), &opts);
+    assert_ne!(key("WIRE the money"), key("wire the money"));
+}
