@@ -51,8 +51,8 @@ pub enum DecisionKey<'a> {
     /// The key the host computed for this request with the same options
     /// ([`PolicySet::cache_key_before_scans`]): written as it is, not hashed again.
     Known(&'a str),
-    /// Nothing (an empty string), not computed: the host caches no decision of this request's
-    /// namespace ([`PolicySet::caching_pays`]).
+    /// Nothing (an empty string), not computed, and the decision is not `cacheable`: the host
+    /// caches no decision of this request's namespace ([`PolicySet::caching_pays`]).
     Unwanted,
 }
 

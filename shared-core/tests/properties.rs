@@ -202,6 +202,12 @@ proptest! {
             let fast = set.evaluate(&ctx, &EvalOptions::default(), &mut LocalOnly);
             let full = set.evaluate(&ctx, &EvalOptions { tags: &[], explain: true, ..EvalOptions::default() }, &mut LocalOnly);
             prop_assert_eq!(comparable(&fast), comparable(&full));
+            // These rules read no text: the body is skimmed, and decides as when read whole.
+            let lean = RequestContext::from_request_with(&input, set.config(), set.needs());
+            let lean = lean.map_err(|e| TestCaseError::fail(format!("skimmed body refused: {e}")))?;
+            let skimmed = set.evaluate(&lean, &EvalOptions::default(), &mut LocalOnly);
+            prop_assert_eq!(comparable(&fast), comparable(&skimmed));
+            prop_assert_eq!(fast.metadata.cache_key, skimmed.metadata.cache_key);
             Ok(())
         })?;
     }

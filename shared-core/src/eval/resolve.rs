@@ -38,7 +38,8 @@ pub(super) fn no_namespace(
             namespace: ctx.namespace.clone(),
             bundle: inner.bundle.clone(),
             default_applied: true,
-            cacheable: true,
+            // (No key, `DecisionKey::Unwanted`: nothing to cache under.)
+            cacheable: key != Some(""),
             cache_key: key.map_or_else(
                 || cache_key::compute(&inner.bundle, &ctx.namespace, tags, &[], ctx.views()),
                 String::from,
@@ -283,7 +284,8 @@ fn decision(
             shadow_matches: m.shadow,
             errors: m.errors,
             // A redacting decision carries its request's counts: never reused.
-            cacheable: m.cacheable && !redacts,
+            // (An empty key, `DecisionKey::Unwanted`: nothing to cache under.)
+            cacheable: m.cacheable && !redacts && !m.cache_key.is_empty(),
             cache_key: m.cache_key,
             needs_remote: !m.remote.is_empty(),
             remote_rules: m.remote,

@@ -11,6 +11,9 @@
 //! surrogates, no control characters; numbers by the JSON grammar), and the typed values it keeps
 //! are read by serde from their own bytes. A test compares the two on generated and mutated
 //! bodies (`tests` below).
+//!
+//! A body the skim declines is read again by serde (a client can cause that with, say, a
+//! non-null `thread`): at most one more pass over a body already within `max_body_bytes`.
 
 use alloc::string::String;
 use alloc::vec::Vec;
@@ -19,8 +22,11 @@ use serde::de::DeserializeOwned;
 
 use super::{Body, Meta, Skip, ToolDef};
 
-/// Containers open at once, the body's own object included (serde_json stops at 128).
+/// Containers open at once below the body's object (serde_json stops at 128 in all). Far below
+/// serde's limit on purpose: a value the skim passes to serde alone (`typed`) gets a fresh
+/// budget there, which inside the body it would not.
 const MAX_DEPTH: u32 = 64;
+const _: () = assert!(MAX_DEPTH < 100);
 
 /// The body (trimmed, starting with `{`) as serde would read it without its text, or `None`:
 /// ask serde.
@@ -490,6 +496,15 @@ mod tests {
         r#""messages":null,"#,
         r#""messages":{"role":"user"},"#,
         r#""additional_messages":[{"role":"user","content":"more"}],"#,
+        r#""additional_messages":[{"role":"user","tools":[{"name":"extra"}]}],"#,
+        r#""messages":[{"t\u006fols":[{"name":"hidden"}]}],"#,
+        r#""messages":[{"r\u006fle":5}],"#,
+        r#""input":[{"type":"additional_tools","tools":[{"type":"function","name":"late"}]}],"#,
+        r#""input":[123456789012345678, 1234567890123456789, 12345678901234567890, 0, -1, 1e2],"#,
+        r#""input":[-1],"#,
+        r#""input":[0],"#,
+        r#""input":[1234567890123456789],"#,
+        "\"wide\":\"a\u{fffd}\u{4e2d}\u{1f600}\",",
         r#""input":"a string input","#,
         r#""input":[{"role":"user","content":[{"type":"input_text","text":"t"}]},{"type":"function_call","name":"f","arguments":"{}"}],"#,
         r#""input":[[1,2,3]],"#,
@@ -572,6 +587,32 @@ mod tests {
                     changed[at] = byte;
                     same(&changed);
                 }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_utf8_anywhere_reads_as_serde_reads() {
+        for bad in [
+            &b"\xff"[..],
+            b"\xc0\xaf",
+            b"\xed\xa0\x80",
+            b"\xe4\xb8",
+            b"\xf4\x90\x80\x80",
+        ] {
+            for (before, after) in [
+                (&br#"{"model":"m","x":""#[..], &br#""}"#[..]),
+                (br#"{"model":""#, br#""}"#),
+                (br#"{"model":"m","messages":[""#, br#""]}"#),
+                (
+                    br#"{"model":"m","messages":[{"role":"user","content":""#,
+                    br#""}]}"#,
+                ),
+                (br#"{"model":"m",""#, br#"":1}"#),
+            ] {
+                let body = [before, bad, after].concat();
+                same(&body);
+                assert!(!skimmed(&body), "{body:?}");
             }
         }
     }
