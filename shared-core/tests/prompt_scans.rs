@@ -216,16 +216,21 @@ fn a_context_not_built_from_a_request_keys_the_findings() {
     assert_eq!(eval(&set, &ctx).decision, Verdict::Deny);
 }
 
-#[test]
-fn the_prompt_is_folded_after_the_cache_lookup_and_never_evaluated_unfolded() {
-    let set = compile(&policy(
+/// A bundle whose one rule reads the folded prompt.
+fn folding_set() -> PolicySet {
+    compile(&policy(
         "allow",
         r#"    - id: no-wires
       when: { match: { field: request.prompt_folded, op: contains, value: "wire the money" } }
       action: { decision: deny, reason: "a wire" }
 "#,
     ))
-    .expect("compiles");
+    .expect("compiles")
+}
+
+#[test]
+fn the_prompt_is_folded_after_the_cache_lookup_and_never_evaluated_unfolded() {
+    let set = folding_set();
     let opts = EvalOptions::default();
     for (text, verdict) in [
         ("Please WIRE THE MONEY today", Verdict::Deny),
@@ -247,4 +252,49 @@ fn the_prompt_is_folded_after_the_cache_lookup_and_never_evaluated_unfolded() {
     // Prompts that fold alike are keyed apart (the key holds the prompt, not its folding).
     let key = |t: &str| set.cache_key_before_scans(&unscanned_chat(&set, &[("user", t)]), &opts);
     assert_ne!(key("WIRE the money"), key("wire the money"));
+}
+
+#[test]
+fn a_decision_the_host_wants_no_key_for_is_never_cacheable() {
+    let set = scanning_set();
+    let opts = EvalOptions {
+        cache_key: llm_policy_core::DecisionKey::Unwanted,
+        ..EvalOptions::default()
+    };
+    let config = ContextConfig::default();
+    // A namespace of the bundle, and one it does not have.
+    for ns in ["default", "nope"] {
+        let headers = vec![(String::from("x-llm-policy-namespace"), String::from(ns))];
+        let body = chat(&[("user", "hello")]);
+        let ctx =
+            RequestContext::from_request(&input(&headers, "/v1/chat/completions", &body), &config)
+                .expect("valid");
+        let d = set.evaluate(&ctx, &opts, &mut llm_policy_core::LocalOnly);
+        assert_eq!(d.metadata.cache_key, "", "{ns}");
+        assert!(!d.metadata.cacheable, "{ns}");
+        let keyed = eval(&set, &ctx);
+        assert_eq!(keyed.metadata.cache_key.len(), 64, "{ns}");
+    }
+}
+
+#[test]
+fn a_namespace_reading_only_the_folded_prompt_is_keyed_without_the_seams() {
+    let folded = folding_set();
+    let opts = EvalOptions::default();
+    let turns = [
+        ("user", "my card 4111 1111"),
+        ("assistant", "ok"),
+        ("user", "1111 1111"),
+    ];
+    let body = chat(&turns);
+    let i = input(&[], "/v1/chat/completions", &body);
+    let config = ContextConfig::default();
+    // Built with the seams (another namespace's needs) or without: the same key.
+    let lean = RequestContext::unscanned(&i, &config, folded.needs()).expect("valid");
+    let wide = RequestContext::unscanned(&i, &config, llm_policy_core::context::Needs::ALL)
+        .expect("valid");
+    assert_eq!(
+        folded.cache_key_before_scans(&lean, &opts),
+        folded.cache_key_before_scans(&wide, &opts)
+    );
 }

@@ -26,7 +26,9 @@ use super::{Body, Meta, Skip, ToolDef};
 /// serde's limit on purpose: a value the skim passes to serde alone (`typed`) gets a fresh
 /// budget there, which inside the body it would not.
 const MAX_DEPTH: u32 = 64;
-const _: () = assert!(MAX_DEPTH < 100);
+// What the skim accepts, the body's object and the containers below it, serde accepts too (its
+// limit is 128); a value passed to `typed` is within it as well, with a fresh budget there.
+const _: () = assert!(MAX_DEPTH + 1 < 128);
 
 /// The body (trimmed, starting with `{`) as serde would read it without its text, or `None`:
 /// ask serde.
