@@ -100,17 +100,8 @@ impl<'a> Cursor<'a> {
         let mut seen = [false; TAKEN.len()];
         let (mut tools, mut functions, mut mcp) = (None, None, None);
         let mut metadata: Option<Meta<Skip>> = None;
-        self.eat(b'{')?;
-        self.ws();
-        if self.peek()? == b'}' {
-            self.i = self.i.saturating_add(1);
-            return Some(body);
-        }
-        loop {
-            let key = self.key()?;
-            self.eat(b':')?;
-            self.ws();
-            let start = self.i;
+        self.object(0, |c, key| {
+            let start = c.i;
             if let Some(slot) = TAKEN.iter().position(|k| *k == key) {
                 let seen = seen.get_mut(slot)?;
                 if *seen {
@@ -119,11 +110,11 @@ impl<'a> Cursor<'a> {
                 *seen = true;
             }
             match key {
-                b"messages" | b"additional_messages" => self.items(false)?,
-                b"input" => self.items(true)?,
-                _ => self.skip(1)?,
+                b"messages" | b"additional_messages" => c.items(false)?,
+                b"input" => c.items(true)?,
+                _ => c.skip(1)?,
             }
-            let value = self.b.get(start..self.i)?;
+            let value = c.b.get(start..c.i)?;
             match key {
                 b"model" => body.model = typed(value)?,
                 b"stream" => body.stream = typed(value)?,
@@ -144,16 +135,8 @@ impl<'a> Cursor<'a> {
                 b"thread" if value != b"null" => return None,
                 _ => {}
             }
-            self.ws();
-            match self.peek()? {
-                b',' => self.i = self.i.saturating_add(1),
-                b'}' => {
-                    self.i = self.i.saturating_add(1);
-                    break;
-                }
-                _ => return None,
-            }
-        }
+            Some(())
+        })?;
         // As `BodyVisitor` puts them together (the messages' tools: none, see `items`).
         body.tools = [tools, functions].into_iter().flatten().flatten().collect();
         for mut server in mcp.into_iter().flatten() {
@@ -206,62 +189,57 @@ impl<'a> Cursor<'a> {
         })
     }
 
-    /// An array at `depth`, each element read by `element` (at the element's first byte).
-    fn list(&mut self, depth: u32, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+    /// Opens a container at `depth` (at its `open`): whether it is empty (closed at once).
+    fn open(&mut self, open: u8, close: u8, depth: u32) -> Option<bool> {
         if depth > MAX_DEPTH {
             return None;
         }
-        self.eat(b'[')?;
+        self.eat(open)?;
         self.ws();
-        if self.peek()? == b']' {
+        let empty = self.peek()? == close;
+        if empty {
             self.i = self.i.saturating_add(1);
-            return Some(());
         }
-        loop {
+        Some(empty)
+    }
+
+    /// After an element: whether its container ends here (`close`) or goes on (`,`).
+    fn after(&mut self, close: u8) -> Option<bool> {
+        self.ws();
+        let next = self.peek()?;
+        if next != b',' && next != close {
+            return None;
+        }
+        self.i = self.i.saturating_add(1);
+        Some(next == close)
+    }
+
+    /// An array at `depth`, each element read by `element` (at the element's first byte).
+    fn list(&mut self, depth: u32, mut element: impl FnMut(&mut Self) -> Option<()>) -> Option<()> {
+        let mut done = self.open(b'[', b']', depth)?;
+        while !done {
             self.ws();
             element(self)?;
-            self.ws();
-            match self.peek()? {
-                b',' => self.i = self.i.saturating_add(1),
-                b']' => {
-                    self.i = self.i.saturating_add(1);
-                    return Some(());
-                }
-                _ => return None,
-            }
+            done = self.after(b']')?;
         }
+        Some(())
     }
 
     /// An object at `depth`, each value read by `value` (at its first byte, with its key).
     fn object(
         &mut self,
         depth: u32,
-        mut value: impl FnMut(&mut Self, &[u8]) -> Option<()>,
+        mut value: impl FnMut(&mut Self, &'a [u8]) -> Option<()>,
     ) -> Option<()> {
-        if depth > MAX_DEPTH {
-            return None;
-        }
-        self.eat(b'{')?;
-        self.ws();
-        if self.peek()? == b'}' {
-            self.i = self.i.saturating_add(1);
-            return Some(());
-        }
-        loop {
+        let mut done = self.open(b'{', b'}', depth)?;
+        while !done {
             let key = self.key()?;
             self.eat(b':')?;
             self.ws();
             value(self, key)?;
-            self.ws();
-            match self.peek()? {
-                b',' => self.i = self.i.saturating_add(1),
-                b'}' => {
-                    self.i = self.i.saturating_add(1);
-                    return Some(());
-                }
-                _ => return None,
-            }
+            done = self.after(b'}')?;
         }
+        Some(())
     }
 
     /// Any value at `depth` (as serde's `IgnoredAny`, at least as strictly).
