@@ -38,6 +38,10 @@ ONLY = [s for s in os.environ.get("BENCH_SETUPS", "").split(",") if s]
 # Envoy's allocated memory before and after this many seconds of unique bodies (at the smallest
 # size): about 250,000 requests through the 100 rules.
 MEMORY_SECS = {"filter_100_rules": 18, "filter_example_bundle": 12}
+# Other builds of the filter to measure in the same run, as `name=path` (comma-separated): each adds
+# (a) and (b) with that .wasm, named `filter_100_rules@name` and `filter_example_bundle@name` (to
+# compare build settings or post-link optimisation against the floor of the same run).
+VARIANTS = [v.split("=", 1) for v in os.environ.get("BENCH_WASM_VARIANTS", "").split(",") if v]
 
 
 
@@ -104,6 +108,11 @@ def main():
                 ("filter_example_bundle", envoy_config("filter", ROOT / "policies"), []),
                 *identity_setups(tmp, hundred),
             ]
+            for variant, path in VARIANTS:
+                results[f"wasm_bytes@{variant}"] = Path(path).stat().st_size
+                setups += [(f"filter_100_rules@{variant}", envoy_config("filter", hundred, wasm=Path(path)), []),
+                           (f"filter_example_bundle@{variant}",
+                            envoy_config("filter", ROOT / "policies", wasm=Path(path)), [])]
             for name, text, headers in setups:
                 if ONLY and name not in ONLY:
                     continue
@@ -137,13 +146,15 @@ def main():
             for p in reversed(procs):
                 p.stop()
     # A subset is a quick look: it does not replace the full run's results.
-    save("bench-filter-partial" if ONLY or len(SIZES) < 3 else "bench-filter", results)
+    save("bench-filter-partial" if ONLY or VARIANTS or len(SIZES) < 3 else "bench-filter", results)
     print_table(results)
 
 
 def print_table(r):
     names = [n for n in ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle",
                          "filter_100_rules_jwt", "filter_100_rules_api_keys") if n in r]
+    names += [f"{n}@{v}" for v, _ in VARIANTS for n in ("filter_100_rules", "filter_example_bundle")
+              if f"{n}@{v}" in r]
     print("| set-up | body | rps, same body | × floor | rps, unique bodies | × floor | p50 ms unloaded | "
           "p99 ms saturation | non-200 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
@@ -186,6 +197,8 @@ def print_table(r):
         print(f"memory over {m['requests']} unique requests ({name}, {m['body_bytes'] // 1024} KB): allocated "
               f"{m['allocated_before'] / 1e6:.1f} MB -> {m['allocated_after'] / 1e6:.1f} MB")
     print(f".wasm: {r['wasm_bytes'] / 1e6:.2f} MB (target <= 3 MB); no-op floor {r['noop_wasm_bytes'] / 1e6:.2f} MB")
+    for v, _ in VARIANTS:
+        print(f".wasm@{v}: {r[f'wasm_bytes@{v}'] / 1e6:.2f} MB")
 
 
 if __name__ == "__main__":

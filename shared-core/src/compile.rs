@@ -219,6 +219,9 @@ impl Compiler {
             });
         }
         let needs = needs_of(namespaces.values());
+        let uses_plugins = namespaces
+            .values()
+            .any(|ns| ns.rules.iter().any(|r| r.plugin.is_some()));
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);
         self.errors.sort_by_key(by_place);
         self.warnings.sort_by_key(by_place);
@@ -234,6 +237,7 @@ impl Compiler {
                 bundle,
                 config: self.config,
                 needs,
+                uses_plugins,
                 models,
             })),
             warnings: self.warnings,
@@ -516,21 +520,7 @@ impl Compiler {
 fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
     let mut needs = Needs::NONE;
     for ns in namespaces {
-        for f in &ns.reads {
-            needs.prompt |= matches!(
-                f,
-                FieldRef::Prompt
-                    | FieldRef::PromptFolded
-                    | FieldRef::PromptEntities
-                    | FieldRef::PromptInjection
-                    | FieldRef::EstimatedTokens
-            );
-            needs.folded |= *f == FieldRef::PromptFolded;
-            needs.entities |= *f == FieldRef::PromptEntities;
-            needs.injection |= *f == FieldRef::PromptInjection;
-            needs.estimate |= *f == FieldRef::EstimatedTokens;
-            needs.messages |= *f == FieldRef::Messages;
-        }
+        needs = needs.union(Needs::reading(&ns.reads));
         for r in &ns.rules {
             let counts_tokens = r
                 .action
@@ -539,7 +529,9 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
                 .is_some_and(|l| l.kind != CounterKind::Requests);
             needs.prompt |= counts_tokens;
             // A plugin may read any text; its estimate is made on demand
-            // (`RequestInfo::prompt_tokens`), never for every request.
+            // (`RequestInfo::prompt_tokens`), never for every request. The scans a plugin's
+            // manifest reads are the host's to add ([`PolicySet::uses_plugins`]): the set does
+            // not know which plugins a host loads.
             if r.plugin.is_some() {
                 needs.messages = true;
                 needs.prompt = true;

@@ -621,6 +621,29 @@ impl Needs {
         estimate: true,
     };
 
+    /// What extraction must build for a reader of `fields` (a namespace's rules, a plugin's
+    /// manifest): the text for anything read from it, the scans and the folding for their fields.
+    #[must_use]
+    pub fn reading<'f>(fields: impl IntoIterator<Item = &'f FieldRef>) -> Needs {
+        let mut needs = Needs::NONE;
+        for f in fields {
+            needs.prompt |= matches!(
+                f,
+                FieldRef::Prompt
+                    | FieldRef::PromptFolded
+                    | FieldRef::PromptEntities
+                    | FieldRef::PromptInjection
+                    | FieldRef::EstimatedTokens
+            );
+            needs.folded |= *f == FieldRef::PromptFolded;
+            needs.entities |= *f == FieldRef::PromptEntities;
+            needs.injection |= *f == FieldRef::PromptInjection;
+            needs.estimate |= *f == FieldRef::EstimatedTokens;
+            needs.messages |= *f == FieldRef::Messages;
+        }
+        needs
+    }
+
     /// What either needs (a bundle and a canary's candidate decided on one context).
     #[must_use]
     pub fn union(self, other: Needs) -> Needs {

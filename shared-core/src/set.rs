@@ -37,6 +37,8 @@ pub(crate) struct Inner {
     pub bundle: String,
     pub config: ContextConfig,
     pub needs: Needs,
+    /// Some enabled rule has a plugin condition.
+    pub uses_plugins: bool,
     pub models: Arc<ModelTable>,
 }
 
@@ -269,6 +271,13 @@ impl PolicySet {
     /// [`crate::RequestContext::from_request_with`]).
     pub fn needs(&self) -> Needs {
         self.0.needs
+    }
+
+    /// Some enabled rule has a plugin condition. [`PolicySet::needs`] then holds the text a
+    /// plugin may read, but not the scans: the host adds what its plugins' manifests read
+    /// ([`Needs::reading`]), since only it knows which plugins it loaded.
+    pub fn uses_plugins(&self) -> bool {
+        self.0.uses_plugins
     }
 
     /// Digest of the compiled bundle.

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tracing::field::Empty;
 use tracing::Instrument as _;
 
+use llm_policy_core::context::Needs;
 use llm_policy_core::decision::{
     Charge, ChargeSource, CounterKind, Decision, ErrorBody, ErrorDetail, Verdict,
 };
@@ -26,7 +27,7 @@ use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, DecisionKey, EvalOptions, Need, NeedId, NeedKind, Pending,
-    PluginCheck, RequestContext, RequestInput, Step,
+    PluginCheck, PolicySet, RequestContext, RequestInput, Step,
 };
 
 use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
@@ -176,6 +177,9 @@ pub struct Engine {
     remote: Option<RemoteCache>,
     /// The plugins, and a permit per instance slot.
     plugins: Option<(Plugins, Arc<tokio::sync::Semaphore>)>,
+    /// What the loaded plugins' manifests read ([`Plugins::needs`]): added to the context of a
+    /// bundle with plugin rules.
+    plugin_needs: Needs,
     metrics: Metrics,
     audit: Audit,
     check: CheckConfig,
@@ -250,6 +254,7 @@ impl Engine {
             caches,
             remote: None,
             plugins: None,
+            plugin_needs: Needs::NONE,
             metrics,
             audit,
             check,
@@ -478,6 +483,7 @@ impl Engine {
         // Plugins are CPU-bound: more calls at once than cores only make every one of them
         // slower (and past its deadline); the rest wait, bounded by their check's deadline.
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
+        self.plugin_needs = plugins.as_ref().map_or(Needs::NONE, Plugins::needs);
         self.plugins = plugins.map(|p| {
             let slots = usize::try_from(p.limits().max_concurrent_calls).unwrap_or(1);
             (
@@ -719,12 +725,16 @@ impl Engine {
         }
         if self.audit.records_context() {
             // A replay may read any field: the record holds them all.
-            needs = llm_policy_core::context::Needs::ALL;
+            needs = Needs::ALL;
         }
         // A canary's candidate is decided on the same context: it holds what either reads.
         let candidate = self.canary.load_full().map(|c| c.version.set.clone());
         if let Some(c) = &candidate {
             needs = needs.union(c.needs());
+        }
+        // The scans a plugin reads are computed for it even when no rule reads them.
+        if set.uses_plugins() || candidate.as_ref().is_some_and(PolicySet::uses_plugins) {
+            needs = needs.union(self.plugin_needs);
         }
         let now = input
             .now

@@ -27,6 +27,7 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use llm_policy_core::context::Needs;
 use llm_policy_core::model::PluginRef;
 use llm_policy_core::schema::FieldRef;
 use llm_policy_core::{PluginCheck, RequestContext};
@@ -345,6 +346,15 @@ impl Plugins {
     /// What the plugin `name` declared, if it is loaded.
     pub fn info(&self, name: &str) -> Option<&PluginInfo> {
         self.inner.plugins.get(name).map(|p| &p.info)
+    }
+
+    /// What the context must hold for every loaded plugin: the union of what their manifests
+    /// read. A plugin reading `request.prompt_entities` gets the scan's findings even when no
+    /// rule reads that field.
+    pub fn needs(&self) -> Needs {
+        self.inner.plugins.values().fold(Needs::NONE, |n, p| {
+            n.union(Needs::reading(p.reads.iter().map(|(_, f)| f)))
+        })
     }
 
     /// Whether no plugin is loaded.

@@ -761,15 +761,73 @@ fn named(name: &str, body: &str) -> String {
     wat(&manifest(name, &["request.prompt"]), b"", body, "")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
+/// An engine with `plugins` loaded and one policy file per `(name, text)`, in a directory the
+/// caller keeps; its metrics.
+fn engine_with<const N: usize>(
+    plugins: Plugins,
+    policies: [(&str, String); N],
+) -> (
+    tempfile::TempDir,
+    Arc<crate::server::engine::Engine>,
+    crate::server::metrics::Metrics,
+) {
     use crate::server::cache::{CacheConfig, Caches};
     use crate::server::config::{AuditConfig, AuditScope, CheckConfig};
-    use crate::server::engine::{CheckInput, Engine};
+    use crate::server::engine::Engine;
     use crate::server::limits::MemoryStore;
     use crate::server::metrics::Metrics;
     use crate::server::{audit, registry};
 
+    let dir = tempfile::tempdir().unwrap();
+    for (name, text) in policies {
+        std::fs::write(dir.path().join(format!("{name}.yaml")), text).unwrap();
+    }
+    let reg = registry::Registry::new(dir.path().to_path_buf(), Default::default(), 2)
+        .with_plugins(Some(plugins.names().map(str::to_string).collect()));
+    reg.reload().unwrap();
+    let metrics = Metrics::new().unwrap();
+    let (audit, _writer) = audit::start(
+        &AuditConfig {
+            decisions: AuditScope::None,
+            stdout: false,
+            ..AuditConfig::default()
+        },
+        metrics.clone(),
+        None,
+    )
+    .unwrap();
+    let engine = Engine::new(
+        Arc::new(reg),
+        Arc::new(MemoryStore::default()),
+        Caches::new(&CacheConfig::default()),
+        metrics.clone(),
+        audit,
+        CheckConfig::default(),
+        Default::default(),
+    )
+    .with_plugins(Some(plugins));
+    (dir, Arc::new(engine), metrics)
+}
+
+/// A chat with one user turn, `prompt`, in namespace `ns`.
+fn chat(ns: &str, prompt: &str) -> crate::server::engine::CheckInput {
+    crate::server::engine::CheckInput {
+        method: "POST".into(),
+        path: "/v1/chat/completions".into(),
+        headers: vec![
+            ("content-type".into(), "application/json".into()),
+            ("x-llm-policy-namespace".into(), ns.to_string()),
+        ],
+        body: serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]})
+            .to_string()
+            .into_bytes(),
+        charge: true,
+        ..Default::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
     let plugin_dir = dir(&[
         ("spin.wasm", &named("spin", "(loop (br 0)) (i64.const 0)")),
         (
@@ -790,57 +848,18 @@ async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
         ..PluginLimits::default()
     };
     let plugins = Plugins::load_dir(plugin_dir.path(), limits, &attrs()).unwrap();
-    let policies = tempfile::tempdir().unwrap();
-    for name in ["spin", "bomb", "trap", "bang"] {
-        std::fs::write(
-            policies.path().join(format!("{name}.yaml")),
-            format!(
+    let (_policies, engine, metrics) = engine_with(
+        plugins,
+        ["spin", "bomb", "trap", "bang"].map(|name| {
+            let policy = format!(
                 "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: {name}, namespace: {name}}}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: {name}-rule\n      onError: deny\n      when: {{plugin: {{name: {name}}}}}\n      action: {{decision: deny, reason: \"{name} matched\"}}\n"
-            ),
-        )
-        .unwrap();
-    }
-    let reg = registry::Registry::new(policies.path().to_path_buf(), Default::default(), 2)
-        .with_plugins(Some(plugins.names().map(str::to_string).collect()));
-    reg.reload().unwrap();
-    let metrics = Metrics::new().unwrap();
-    let (audit, _writer) = audit::start(
-        &AuditConfig {
-            decisions: AuditScope::None,
-            stdout: false,
-            ..AuditConfig::default()
-        },
-        metrics.clone(),
-        None,
-    )
-    .unwrap();
-    let engine = Arc::new(
-        Engine::new(
-            Arc::new(reg),
-            Arc::new(MemoryStore::default()),
-            Caches::new(&CacheConfig::default()),
-            metrics.clone(),
-            audit,
-            CheckConfig::default(),
-            Default::default(),
-        )
-        .with_plugins(Some(plugins)),
+            );
+            (name, policy)
+        }),
     );
     let check = |ns: &str, prompt: &str| {
         let e = Arc::clone(&engine);
-        let input = CheckInput {
-            method: "POST".into(),
-            path: "/v1/chat/completions".into(),
-            headers: vec![
-                ("content-type".into(), "application/json".into()),
-                ("x-llm-policy-namespace".into(), ns.to_string()),
-            ],
-            body: serde_json::json!({"model": "gpt-4o", "messages": [{"role": "user", "content": prompt}]})
-                .to_string()
-                .into_bytes(),
-            charge: true,
-            ..CheckInput::default()
-        };
+        let input = chat(ns, prompt);
         tokio::spawn(async move {
             let t = Instant::now();
             let c = e.check(input).await;
@@ -896,4 +915,53 @@ async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
     // Still serving.
     let (c, _) = check("bang", "after!").await.unwrap();
     assert_eq!(c.decision.unwrap().decision.as_str(), "deny");
+}
+
+/// Matches when the input holds `"email"` (with its quotes: an entity in a JSON list).
+const EMAIL_ENTITY: &str = r#"
+    (local $i i32)
+    (block $no
+      (loop $l
+        (br_if $no (i32.gt_u (i32.add (local.get $i) (i32.const 7)) (local.get $len)))
+        (if (i32.and
+              (i32.eq (i32.load (i32.add (local.get $ptr) (local.get $i))) (i32.const 0x616d6522))
+              (i32.eq (i32.load (i32.add (local.get $ptr) (i32.add (local.get $i) (i32.const 3))))
+                      (i32.const 0x226c6961)))
+          (then (return (i64.const {yes}))))
+        (local.set $i (i32.add (local.get $i) (i32.const 1)))
+        (br $l)))
+    (i64.const {no})"#;
+
+/// A plugin that reads the scanners' findings gets them even when no rule reads that field (the
+/// bundle's own needs hold only the text a plugin may read).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_plugin_reading_the_scans_gets_them() {
+    let module = wat(
+        &manifest("sees", &["request.prompt_entities"]),
+        b"",
+        EMAIL_ENTITY,
+        "",
+    );
+    let plugin_dir = dir(&[("sees.wasm", &module)]);
+    let plugins = Plugins::load_dir(plugin_dir.path(), limits(), &attrs()).unwrap();
+    assert!(plugins.needs().entities && !plugins.needs().injection);
+    let policy = "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {name: sees, namespace: sees}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: sees-email\n      onError: deny\n      when: {plugin: {name: sees}}\n      action: {decision: deny, reason: email seen}\n";
+    let (_policies, engine, _) = engine_with(plugins, [("sees", policy.to_string())]);
+    let decision = |prompt: &'static str| {
+        let e = Arc::clone(&engine);
+        async move {
+            e.check(chat("sees", prompt))
+                .await
+                .decision
+                .expect("decided")
+        }
+    };
+    let d = decision("write to ann.lee@example.com about the launch").await;
+    assert_eq!(d.decision.as_str(), "deny", "{}", d.reason);
+    assert_eq!(d.reason, "email seen");
+    // Spelled out: the scanner's views find it too.
+    let d = decision("write to ann dot lee at example dot com").await;
+    assert_eq!(d.decision.as_str(), "deny", "{}", d.reason);
+    let d = decision("write to the team about the launch").await;
+    assert_eq!(d.decision.as_str(), "allow", "{}", d.reason);
 }
