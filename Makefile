@@ -19,7 +19,7 @@ IN_INTEGRATION = cd integration && LLM_POLICY_BIN=$(abspath $(CLI)) \
 	LLM_POLICY_PLUGINS=$(abspath $(PLUGIN_DIR)) BENCH_BIN_DIR=$(abspath $(TARGET_DIR))/release
 SDK_FIXTURES := shared-core/tests/fixtures/sdk
 
-.PHONY: install-check install-check-if-asked curl bench-sidecar bench-redis redis docker-compose compose-check all build filter plugins bench-filter envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
+.PHONY: install-check install-check-if-asked curl bench-sidecar bench-redis redis docker-compose compose-check all build filter plugins bench-filter bench-vm envoy-configs demo test lint fmt unit nostd wasm policy-tests sdk-fixtures sdk-fixtures-check integration bench bench-proxy docs envoy clean toolchain
 
 all: build
 
@@ -183,6 +183,16 @@ bench-filter: build filter envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
 	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_filter.py
+
+## bench-vm: the filter's .wasm alone in V8 (Node.js, installed with apt when missing), µs per
+## request inside the VM (100 rules, example bundle; 1/8/64 KB; same and unique bodies) beside the
+## no-op module, in alternating rounds: compares builds of the filter without Envoy's sockets and
+## processes in the way (BENCH_WASM_VARIANTS=name=file.wasm,...). About 3 minutes; results in tools/bench-vm.json.
+bench-vm: build filter $(SDK_VENV)/.installed
+	scripts/install.sh apt node nodejs
+	$(CARGO) build --release -p llm-policy-bench --bins
+	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
+	$(IN_INTEGRATION) ../$(SDK_VENV)/bin/python bench_vm.py
 
 ## bench-sidecar: the engine's resource budget against the seed's sidecar budget (0.5 core,
 ## 256 MB, p99 <= 5 ms): llm-policy serve with the example bundle and plugins confined to half a

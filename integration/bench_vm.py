@@ -4,9 +4,10 @@ beside the no-op floor's module.
 
 `make bench-filter` measures the whole path through Envoy, and on a shared machine its rounds
 disagree by up to 0.2× the floor. This measures only what the module does (the host here is a few
-lines of JavaScript, not Envoy's C++ side of the calls), with a spread of a few percent, in one
-process: the way to compare two builds of the filter (`BENCH_WASM_VARIANTS=name=file.wasm,...`),
-each run alternately in R rounds (BENCH_ROUNDS, default 5). Node's V8 is not Envoy's: compare the
+lines of JavaScript, not Envoy's C++ side of the calls), in one process, without sockets or a load
+generator competing for the cores: the way to compare builds of the filter
+(`BENCH_WASM_VARIANTS=name=file.wasm,...`), each run alternately in R rounds (BENCH_ROUNDS,
+default 5; the table gives the median and the range, which shows how noisy the machine was). Node's V8 is not Envoy's: compare the
 builds and bundles of one run, not these µs with Envoy's. Results: a table on stdout and
 `tools/bench-vm.json`.
 """
