@@ -219,9 +219,13 @@ impl Compiler {
             });
         }
         let needs = needs_of(namespaces.values());
-        let uses_plugins = namespaces
+        let mut plugins: Vec<String> = namespaces
             .values()
-            .any(|ns| ns.rules.iter().any(|r| r.plugin.is_some()));
+            .flat_map(|ns| ns.rules.iter().filter_map(|r| r.plugin.as_ref()))
+            .map(|p| p.name.clone())
+            .collect();
+        plugins.sort();
+        plugins.dedup();
         let by_place = |d: &Diagnostic| (d.file.clone(), d.position);
         self.errors.sort_by_key(by_place);
         self.warnings.sort_by_key(by_place);
@@ -237,7 +241,7 @@ impl Compiler {
                 bundle,
                 config: self.config,
                 needs,
-                uses_plugins,
+                plugins,
                 models,
             })),
             warnings: self.warnings,
@@ -530,8 +534,8 @@ fn needs_of<'n>(namespaces: impl Iterator<Item = &'n Namespace>) -> Needs {
             needs.prompt |= counts_tokens;
             // A plugin may read any text; its estimate is made on demand
             // (`RequestInfo::prompt_tokens`), never for every request. The scans a plugin's
-            // manifest reads are the host's to add ([`PolicySet::uses_plugins`]): the set does
-            // not know which plugins a host loads.
+            // manifest reads are the host's to add ([`PolicySet::plugins`]): the set does not
+            // know what the plugins a host loads declare.
             if r.plugin.is_some() {
                 needs.messages = true;
                 needs.prompt = true;

@@ -37,8 +37,8 @@ pub(crate) struct Inner {
     pub bundle: String,
     pub config: ContextConfig,
     pub needs: Needs,
-    /// Some enabled rule has a plugin condition.
-    pub uses_plugins: bool,
+    /// The plugins enabled rules call, by name (sorted, once each).
+    pub plugins: Vec<String>,
     pub models: Arc<ModelTable>,
 }
 
@@ -273,11 +273,11 @@ impl PolicySet {
         self.0.needs
     }
 
-    /// Some enabled rule has a plugin condition. [`PolicySet::needs`] then holds the text a
-    /// plugin may read, but not the scans: the host adds what its plugins' manifests read
-    /// ([`Needs::reading`]), since only it knows which plugins it loaded.
-    pub fn uses_plugins(&self) -> bool {
-        self.0.uses_plugins
+    /// The plugins enabled rules call, by name (sorted, once each). [`PolicySet::needs`] holds
+    /// the text a plugin may read, but not the scans: the host adds those its plugins' manifests
+    /// read ([`Needs::reading`]), since only it knows what the plugins it loaded declare.
+    pub fn plugins(&self) -> &[String] {
+        &self.0.plugins
     }
 
     /// Digest of the compiled bundle.

@@ -290,6 +290,33 @@ fn rate_limits_apply_only_over_the_limit_and_report_charges() {
 }
 
 #[test]
+fn a_set_names_the_plugins_its_rules_call() {
+    let set = compile(&policy("allow", LIMITS)).unwrap();
+    assert_eq!(set.plugins(), ["pii-detector"]);
+    // The text a plugin may read is built; the scans are the host's to add per plugin manifest.
+    let needs = set.needs();
+    assert!(needs.prompt && needs.messages && needs.folded);
+    assert!(!needs.entities && !needs.injection && !needs.estimate);
+    let twice = format!(
+        "{LIMITS}{}",
+        LIMITS
+            .replace("id: per-user", "id: other")
+            .replace("id: pii", "id: pii-2")
+    );
+    assert_eq!(
+        compile(&policy("allow", &twice)).unwrap().plugins(),
+        ["pii-detector"]
+    );
+    let none = compile(&policy(
+        "allow",
+        &LIMITS[..LIMITS.find("    - id: pii").unwrap()],
+    ))
+    .unwrap();
+    assert!(none.plugins().is_empty());
+    assert!(!none.needs().messages);
+}
+
+#[test]
 fn plugins_and_global_limits_need_the_server_locally() {
     let set = compile(&policy("allow", LIMITS)).unwrap();
     let c = ctx(&[("x-user-id", "u1")], r#"{"model":"gpt-4o"}"#);

@@ -27,7 +27,7 @@ use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, DecisionKey, EvalOptions, Need, NeedId, NeedKind, Pending,
-    PluginCheck, PolicySet, RequestContext, RequestInput, Step,
+    PluginCheck, RequestContext, RequestInput, Step,
 };
 
 use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
@@ -177,9 +177,6 @@ pub struct Engine {
     remote: Option<RemoteCache>,
     /// The plugins, and a permit per instance slot.
     plugins: Option<(Plugins, Arc<tokio::sync::Semaphore>)>,
-    /// What the loaded plugins' manifests read ([`Plugins::needs`]): added to the context of a
-    /// bundle with plugin rules.
-    plugin_needs: Needs,
     metrics: Metrics,
     audit: Audit,
     check: CheckConfig,
@@ -254,7 +251,6 @@ impl Engine {
             caches,
             remote: None,
             plugins: None,
-            plugin_needs: Needs::NONE,
             metrics,
             audit,
             check,
@@ -483,7 +479,6 @@ impl Engine {
         // Plugins are CPU-bound: more calls at once than cores only make every one of them
         // slower (and past its deadline); the rest wait, bounded by their check's deadline.
         let cores = std::thread::available_parallelism().map_or(2, usize::from);
-        self.plugin_needs = plugins.as_ref().map_or(Needs::NONE, Plugins::needs);
         self.plugins = plugins.map(|p| {
             let slots = usize::try_from(p.limits().max_concurrent_calls).unwrap_or(1);
             (
@@ -732,9 +727,10 @@ impl Engine {
         if let Some(c) = &candidate {
             needs = needs.union(c.needs());
         }
-        // The scans a plugin reads are computed for it even when no rule reads them.
-        if set.uses_plugins() || candidate.as_ref().is_some_and(PolicySet::uses_plugins) {
-            needs = needs.union(self.plugin_needs);
+        // The scans a plugin the bundle calls reads are made for it even when no rule reads them.
+        if let Some((plugins, _)) = &self.plugins {
+            let called = candidate.iter().flat_map(|c| c.plugins());
+            needs = needs.union(plugins.scans_for(set.plugins().iter().chain(called)));
         }
         let now = input
             .now

@@ -348,13 +348,20 @@ impl Plugins {
         self.inner.plugins.get(name).map(|p| &p.info)
     }
 
-    /// What the context must hold for every loaded plugin: the union of what their manifests
-    /// read. A plugin reading `request.prompt_entities` gets the scan's findings even when no
-    /// rule reads that field.
-    pub fn needs(&self) -> Needs {
-        self.inner.plugins.values().fold(Needs::NONE, |n, p| {
-            n.union(Needs::reading(p.reads.iter().map(|(_, f)| f)))
-        })
+    /// The scans the context must hold for the plugins `names` (those a bundle's rules call):
+    /// what their manifests read of `request.prompt_entities` and `request.prompt_injection`. A
+    /// plugin reading them gets the findings even when no rule reads those fields. (The text
+    /// and its folding are already built for a bundle with plugin rules, and the token estimate
+    /// is made on demand: neither is asked for here.)
+    pub fn scans_for<'n>(&self, names: impl IntoIterator<Item = &'n String>) -> Needs {
+        let mut needs = Needs::NONE;
+        for p in names.into_iter().filter_map(|n| self.inner.plugins.get(n)) {
+            let read = Needs::reading(p.reads.iter().map(|(_, f)| f));
+            needs.entities |= read.entities;
+            needs.injection |= read.injection;
+            needs.prompt |= read.entities || read.injection;
+        }
+        needs
     }
 
     /// Whether no plugin is loaded.
