@@ -42,21 +42,6 @@ class Host {
     dv.setUint32(retSize, bytes.length, true);
     return OK;
   }
-  pairs(map) {
-    const entries = [...map].map(([k, v]) => [enc.encode(k), enc.encode(v)]);
-    let size = 4 + entries.length * 8;
-    for (const [k, v] of entries) size += k.length + v.length + 2;
-    const out = new Uint8Array(size), dv = new DataView(out.buffer);
-    dv.setUint32(0, entries.length, true);
-    let at = 4 + entries.length * 8;
-    entries.forEach(([k, v], i) => {
-      dv.setUint32(4 + i * 8, k.length, true);
-      dv.setUint32(8 + i * 8, v.length, true);
-      out.set(k, at); at += k.length + 1;
-      out.set(v, at); at += v.length + 1;
-    });
-    return out;
-  }
   map(type) {
     const r = this.request;
     if (!r) return null;
@@ -99,7 +84,7 @@ class Host {
         return OK;
       },
       proxy_get_header_map_pairs: (type, retPtr, retSize) =>
-        h.give(type === 0 && h.request ? h.request.headerBytes : h.pairs(map(type) ?? new Map()), retPtr, retSize),
+        h.give(type === 0 && h.request ? h.request.headerBytes : pairs(map(type) ?? new Map()), retPtr, retSize),
       proxy_set_header_map_pairs: () => OK,
       proxy_get_header_map_value: (type, kp, kn, retPtr, retSize) => {
         const v = map(type)?.get(h.str(kp, kn));
@@ -185,6 +170,23 @@ function requestHeaders(body) {
   ]);
 }
 
+/** A header map as proxy-wasm serializes it: count, (name, value) lengths, NUL-ended bytes. */
+function pairs(map) {
+  const entries = [...map].map(([k, v]) => [enc.encode(k), enc.encode(v)]);
+  let size = 4 + entries.length * 8;
+  for (const [k, v] of entries) size += k.length + v.length + 2;
+  const out = new Uint8Array(size), dv = new DataView(out.buffer);
+  dv.setUint32(0, entries.length, true);
+  let at = 4 + entries.length * 8;
+  entries.forEach(([k, v], i) => {
+    dv.setUint32(4 + i * 8, k.length, true);
+    dv.setUint32(8 + i * 8, v.length, true);
+    out.set(k, at); at += k.length + 1;
+    out.set(v, at); at += v.length + 1;
+  });
+  return out;
+}
+
 const RESPONSE = enc.encode(JSON.stringify({
   id: "chatcmpl-1", object: "chat.completion", model: "gpt-4o-mini",
   choices: [{ index: 0, message: { role: "assistant", content: "Noted." }, finish_reason: "stop" }],
@@ -210,7 +212,7 @@ const hosts = Object.entries(spec.builds).map(([name, file]) => {
 const bodies = Object.entries(spec.bodies).map(([kb, f]) => {
   const b = new Uint8Array(readFileSync(f));
   // Serialized once: the host's own work per request should be as little as Envoy's.
-  return [kb, { bytes: b, at: nonceAt(b), headerBytes: Host.prototype.pairs(requestHeaders(b)) }];
+  return [kb, { bytes: b, at: nonceAt(b), headerBytes: pairs(requestHeaders(b)) }];
 });
 let counter = 1;
 function run(h, { bytes: body, at, headerBytes }, unique, n) {

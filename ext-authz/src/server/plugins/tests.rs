@@ -761,16 +761,25 @@ fn named(name: &str, body: &str) -> String {
     wat(&manifest(name, &["request.prompt"]), b"", body, "")
 }
 
-/// An engine with `plugins` loaded and one policy file per `(name, text)`, in a directory the
-/// caller keeps; its metrics.
-fn engine_with<const N: usize>(
-    plugins: Plugins,
-    policies: [(&str, String); N],
-) -> (
-    tempfile::TempDir,
-    Arc<crate::server::engine::Engine>,
-    crate::server::metrics::Metrics,
-) {
+/// An engine with plugins loaded, and what it needs kept alive while it runs.
+struct TestEngine {
+    engine: Arc<crate::server::engine::Engine>,
+    metrics: crate::server::metrics::Metrics,
+    _policies: tempfile::TempDir,
+    _audit: crate::server::audit::Writer,
+}
+
+/// A policy whose namespace and plugin are both `name`: deny when the plugin matches, and when
+/// it fails (`onError: deny`).
+fn plugin_policy(name: &str) -> (&str, String) {
+    let text = format!(
+        "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: {name}, namespace: {name}}}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: {name}-rule\n      onError: deny\n      when: {{plugin: {{name: {name}}}}}\n      action: {{decision: deny, reason: \"{name} matched\"}}\n"
+    );
+    (name, text)
+}
+
+/// An engine with `plugins` loaded and one policy file per `(name, text)`.
+fn engine_with<const N: usize>(plugins: Plugins, policies: [(&str, String); N]) -> TestEngine {
     use crate::server::cache::{CacheConfig, Caches};
     use crate::server::config::{AuditConfig, AuditScope, CheckConfig};
     use crate::server::engine::Engine;
@@ -786,7 +795,7 @@ fn engine_with<const N: usize>(
         .with_plugins(Some(plugins.names().map(str::to_string).collect()));
     reg.reload().unwrap();
     let metrics = Metrics::new().unwrap();
-    let (audit, _writer) = audit::start(
+    let (audit, writer) = audit::start(
         &AuditConfig {
             decisions: AuditScope::None,
             stdout: false,
@@ -806,7 +815,12 @@ fn engine_with<const N: usize>(
         Default::default(),
     )
     .with_plugins(Some(plugins));
-    (dir, Arc::new(engine), metrics)
+    TestEngine {
+        engine: Arc::new(engine),
+        metrics,
+        _policies: dir,
+        _audit: writer,
+    }
 }
 
 /// A chat with one user turn, `prompt`, in namespace `ns`.
@@ -848,15 +862,9 @@ async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
         ..PluginLimits::default()
     };
     let plugins = Plugins::load_dir(plugin_dir.path(), limits, &attrs()).unwrap();
-    let (_policies, engine, metrics) = engine_with(
-        plugins,
-        ["spin", "bomb", "trap", "bang"].map(|name| {
-            let policy = format!(
-                "apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: {name}, namespace: {name}}}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: {name}-rule\n      onError: deny\n      when: {{plugin: {{name: {name}}}}}\n      action: {{decision: deny, reason: \"{name} matched\"}}\n"
-            );
-            (name, policy)
-        }),
-    );
+    let TestEngine {
+        engine, metrics, ..
+    } = &engine_with(plugins, ["spin", "bomb", "trap", "bang"].map(plugin_policy));
     let check = |ns: &str, prompt: &str| {
         let e = Arc::clone(&engine);
         let input = chat(ns, prompt);
@@ -917,35 +925,32 @@ async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
     assert_eq!(c.decision.unwrap().decision.as_str(), "deny");
 }
 
-/// Matches when the input holds `"email"` (with its quotes: an entity in a JSON list).
-const EMAIL_ENTITY: &str = r#"
+/// An evaluate body that answers `found` (`{yes}` or `{no}`) when the input holds `needle`, and
+/// `missing` otherwise.
+fn search(needle: &[u8], found: &str, missing: &str) -> String {
+    let bytes: String = needle
+        .iter()
+        .enumerate()
+        .map(|(k, b)| {
+            format!(
+                "(i32.eq (i32.load8_u (i32.add (local.get $ptr) (i32.add (local.get $i) (i32.const {k})))) (i32.const {b}))"
+            )
+        })
+        .reduce(|all, one| format!("(i32.and {all} {one})"))
+        .unwrap_or_else(|| "(i32.const 1)".to_string());
+    format!(
+        r#"
     (local $i i32)
-    (block $no
+    (block $end
       (loop $l
-        (br_if $no (i32.gt_u (i32.add (local.get $i) (i32.const 7)) (local.get $len)))
-        (if (i32.and
-              (i32.eq (i32.load (i32.add (local.get $ptr) (local.get $i))) (i32.const 0x616d6522))
-              (i32.eq (i32.load (i32.add (local.get $ptr) (i32.add (local.get $i) (i32.const 3))))
-                      (i32.const 0x226c6961)))
-          (then (return (i64.const {yes}))))
+        (br_if $end (i32.gt_u (i32.add (local.get $i) (i32.const {n})) (local.get $len)))
+        (if {bytes} (then (return (i64.const {found}))))
         (local.set $i (i32.add (local.get $i) (i32.const 1)))
         (br $l)))
-    (i64.const {no})"#;
-
-/// Matches unless the input holds `":0.0` (a score of zero, as serde_json writes it).
-const NONZERO_SCORE: &str = r#"
-    (local $i i32)
-    (block $none
-      (loop $l
-        (br_if $none (i32.gt_u (i32.add (local.get $i) (i32.const 5)) (local.get $len)))
-        (if (i32.and
-              (i32.eq (i32.load (i32.add (local.get $ptr) (local.get $i))) (i32.const 0x2e303a22))
-              (i32.eq (i32.load8_u (i32.add (local.get $ptr) (i32.add (local.get $i) (i32.const 4))))
-                      (i32.const 0x30)))
-          (then (return (i64.const {no}))))
-        (local.set $i (i32.add (local.get $i) (i32.const 1)))
-        (br $l)))
-    (i64.const {yes})"#;
+    (i64.const {missing})"#,
+        n = needle.len(),
+    )
+}
 
 /// Plugins that read the scanners' findings get them even when no rule reads those fields (the
 /// bundle's own needs hold only the text a plugin may read); a loaded plugin no rule calls adds
@@ -955,13 +960,15 @@ async fn plugins_reading_the_scans_get_them() {
     let sees = wat(
         &manifest("sees", &["request.prompt_entities"]),
         b"",
-        EMAIL_ENTITY,
+        // An entity in a JSON list.
+        &search(br#""email""#, "{yes}", "{no}"),
         "",
     );
     let hears = wat(
         &manifest("hears", &["request.prompt_injection"]),
         b"",
-        NONZERO_SCORE,
+        // A score of zero, as serde_json writes it.
+        &search(br#"":0.0"#, "{no}", "{yes}"),
         "",
     );
     let plugin_dir = dir(&[("sees.wasm", &sees), ("hears.wasm", &hears)]);
@@ -974,15 +981,10 @@ async fn plugins_reading_the_scans_get_them() {
     // Nothing else: the estimate is made on demand, the text and folding by the bundle's needs.
     assert!(!both.estimate && !both.messages && !both.folded);
     assert_eq!(plugins.scans_for(&names(&[])), Needs::NONE);
-    let policy = |name: &str| {
-        format!("apiVersion: llm-policy/v1\nkind: Policy\nmetadata: {{name: {name}, namespace: {name}}}\nspec:\n  defaultDecision: allow\n  rules:\n    - id: {name}-rule\n      onError: deny\n      when: {{plugin: {{name: {name}}}}}\n      action: {{decision: deny, reason: {name} matched}}\n")
-    };
-    let (_policies, engine, _) = engine_with(
-        plugins,
-        [("sees", policy("sees")), ("hears", policy("hears"))],
-    );
+    let test = engine_with(plugins, [plugin_policy("sees"), plugin_policy("hears")]);
+    let engine = &test.engine;
     let decision = |ns: &'static str, prompt: &'static str| {
-        let e = Arc::clone(&engine);
+        let e = Arc::clone(engine);
         async move { e.check(chat(ns, prompt)).await.decision.expect("decided") }
     };
     let d = decision("sees", "write to ann.lee@example.com about the launch").await;
