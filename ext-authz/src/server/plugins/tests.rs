@@ -866,7 +866,7 @@ async fn runaway_plugins_answer_per_on_error_and_never_delay_other_checks() {
         engine, metrics, ..
     } = &engine_with(plugins, ["spin", "bomb", "trap", "bang"].map(plugin_policy));
     let check = |ns: &str, prompt: &str| {
-        let e = Arc::clone(&engine);
+        let e = Arc::clone(engine);
         let input = chat(ns, prompt);
         tokio::spawn(async move {
             let t = Instant::now();
