@@ -5,6 +5,9 @@ upstream share CPU 1) in front of `bench-upstream`, four set-ups:
 
   1. passthrough: Envoy alone (`envoy/passthrough.yaml`);
   2. floor: Envoy + a no-op wasm filter that only buffers the request body (`benches/noop-filter`);
+     with it, the same module making the host calls the filter makes for an allowed request and
+     nothing else (`noop_boundary`), and the same with the headers read by name in place of the
+     map (`noop_boundary_by_name`): what the boundary costs, apart from the filter's own work;
   3. llm-policy (a): the filter with 100 rules on model / max_tokens / headers;
   4. llm-policy (b): the filter with the example bundle (`policies/`, which also scans prompts);
   5. (a) with `--identity jwt` (Envoy's jwt_authn verifies an RS256 token on every request) and
@@ -16,12 +19,16 @@ body every time (the filter's decision cache hits) and with a unique body per re
 the prompt: every request is extracted, scanned and decided), and the unloaded p50 (100 rps).
 Then unique bodies through (a) (about 250,000) and (b) with Envoy's allocated memory before and
 after, and the size of the release `.wasm`. The machine is shared and noisy: compare the ratios
-of one run. Results: a Markdown table on stdout and `tools/bench-filter.json` (a subset chosen
-with BENCH_SETUPS / BENCH_SIZES_KB: `tools/bench-filter-partial.json`).
+of one run. BENCH_ROUNDS (default 1) repeats the set-ups in alternating order (the identity
+set-ups and the memory runs only in the first round); each ratio is then taken against the floor
+of its own round, and the table gives the median and, in brackets, the best. Results: a Markdown
+table on stdout and `tools/bench-filter.json` (a subset chosen with BENCH_SETUPS / BENCH_SIZES_KB,
+or with variants: `tools/bench-filter-partial.json`).
 """
 
 import json
 import os
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -32,6 +39,7 @@ from stack import ROOT, Envoy, envoy_config, http_get, wasm_file
 
 NOOP = Path(os.environ.get("NOOP_WASM") or wasm_file().with_name("llm_policy_noop_filter.wasm"))
 SECS = int(os.environ.get("BENCH_SECS", "5"))
+ROUNDS = int(os.environ.get("BENCH_ROUNDS", "1"))
 SIZES = tuple(int(s) * 1024 for s in os.environ.get("BENCH_SIZES_KB", "1,8,64").split(","))
 # A subset of the set-ups by name (comma-separated), for a quicker look; all by default.
 ONLY = [s for s in os.environ.get("BENCH_SETUPS", "").split(",") if s]
@@ -84,8 +92,15 @@ def allocated(envoy):
     return int(json.loads(text)["allocated"])
 
 
+def noop(root_id):
+    """The no-op module's Envoy configuration, doing what `root_id` names (`benches/noop-filter`)."""
+    text = envoy_config("filter", ROOT / "policies", wasm=NOOP)
+    assert text.count("root_id: llm_policy") == 1
+    return text.replace("root_id: llm_policy", f"root_id: {root_id}")
+
+
 def main():
-    results = {"wasm_bytes": wasm_file().stat().st_size, "noop_wasm_bytes": NOOP.stat().st_size}
+    results = {"wasm_bytes": wasm_file().stat().st_size, "noop_wasm_bytes": NOOP.stat().st_size, "rounds": []}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         files = {}
@@ -103,7 +118,9 @@ def main():
             pin(upstream, 1)
             setups = [
                 ("passthrough", None, []),
-                ("noop_floor", envoy_config("filter", ROOT / "policies", wasm=NOOP), []),
+                ("noop_floor", noop("floor"), []),
+                ("noop_boundary", noop("boundary"), []),
+                ("noop_boundary_by_name", noop("boundary-by-name"), []),
                 ("filter_100_rules", envoy_config("filter", hundred), []),
                 ("filter_example_bundle", envoy_config("filter", ROOT / "policies"), []),
                 *identity_setups(tmp, hundred),
@@ -113,7 +130,11 @@ def main():
                 setups += [(f"filter_100_rules@{variant}", envoy_config("filter", hundred, wasm=Path(path)), []),
                            (f"filter_example_bundle@{variant}",
                             envoy_config("filter", ROOT / "policies", wasm=Path(path)), [])]
-            for name, text, headers in setups:
+            runs = [(0, setup) for setup in setups]
+            for round_ in range(1, ROUNDS):
+                again = [s for s in setups if not s[0].endswith(("_jwt", "_api_keys"))]
+                runs += [(round_, s) for s in (again[::-1] if round_ % 2 else again)]
+            for round_, (name, text, headers) in runs:
                 if ONLY and name not in ONLY:
                     continue
                 if text is None:
@@ -128,11 +149,13 @@ def main():
                                          *[a for h in headers for a in ("-H", h)], url],
                                         capture_output=True, text=True).stdout
                 assert status == "200", f"{name}: the benchmark request got {status}"
-                results[name] = measure(url, files, headers)
-                if name.startswith("filter"):
+                while len(results["rounds"]) <= round_:
+                    results["rounds"].append({})
+                results["rounds"][round_][name] = measure(url, files, headers)
+                if name.startswith("filter") and round_ == 0:
                     _, h = http_get(f"http://127.0.0.1:{e.admin}/stats?filter=evaluation_us")
-                    results[name]["evaluation_us_histogram"] = h.decode().strip()
-                if name in MEMORY_SECS:
+                    results["rounds"][0][name]["evaluation_us_histogram"] = h.decode().strip()
+                if name in MEMORY_SECS and round_ == 0:
                     # Unique bodies: every request is decided and fills the decision cache.
                     before = allocated(e)
                     run = loadgen("http", "--url", url, "--concurrency", 32, "--duration", MEMORY_SECS[name],
@@ -150,49 +173,62 @@ def main():
     print_table(results)
 
 
+def cell(values, fmt):
+    """The median of a round's values and, when there are several, the best in brackets."""
+    if not values:
+        return "—"
+    text = format(statistics.median(values), fmt)
+    return text if len(values) == 1 else f"{text} ({format(max(values), fmt)})"
+
+
 def print_table(r):
-    names = [n for n in ("passthrough", "noop_floor", "filter_100_rules", "filter_example_bundle",
-                         "filter_100_rules_jwt", "filter_100_rules_api_keys") if n in r]
+    rounds = r["rounds"]
+    seen = {n for one in rounds for n in one}
+    names = [n for n in ("passthrough", "noop_floor", "noop_boundary", "noop_boundary_by_name", "filter_100_rules",
+                         "filter_example_bundle", "filter_100_rules_jwt", "filter_100_rules_api_keys") if n in seen]
     names += [f"{n}@{v}" for v, _ in VARIANTS for n in ("filter_100_rules", "filter_example_bundle")
-              if f"{n}@{v}" in r]
+              if f"{n}@{v}" in seen]
+
+    def rps(name, size, kind, per=None):
+        """rps of `name` in each round that ran it, or its ratio to `per` of the same round."""
+        return [one[name][size][kind]["rps"] / (one[per][size][kind]["rps"] if per else 1)
+                for one in rounds if name in one and (per is None or per in one)]
+
+    print(f"{len(rounds)} round(s); each cell the median" + (" (best)" if len(rounds) > 1 else "") +
+          "; ratios against the floor of the same round\n")
     print("| set-up | body | rps, same body | × floor | rps, unique bodies | × floor | p50 ms unloaded | "
           "p99 ms saturation | non-200 |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     for size in map(str, SIZES):
-        floor = r.get("noop_floor", {}).get(size)
         for name in names:
-            x = r[name][size]
-            sat, uniq = x["saturation"], x["saturation_unique"]
-            bad = sum(non_200(v) for v in x.values())
-            ratio = (lambda v, k: f"{v['rps'] / floor[k]['rps']:.2f}") if floor else (lambda v, k: "—")
-            print(f"| {name} | {int(size) // 1024} KB | {sat['rps']:.0f} | {ratio(sat, 'saturation')} | "
-                  f"{uniq['rps']:.0f} | {ratio(uniq, 'saturation_unique')} | {x['unloaded']['p50_ms']:.3f} | "
-                  f"{sat['p99_ms']:.2f} | {bad} |")
-    print()
+            ran = [one[name][size] for one in rounds if name in one]
+            bad = sum(non_200(v) for x in ran for k, v in x.items() if k != "evaluation_us_histogram")
+            print(f"| {name} | {int(size) // 1024} KB | {cell(rps(name, size, 'saturation'), '.0f')} | "
+                  f"{cell(rps(name, size, 'saturation', 'noop_floor'), '.2f')} | "
+                  f"{cell(rps(name, size, 'saturation_unique'), '.0f')} | "
+                  f"{cell(rps(name, size, 'saturation_unique', 'noop_floor'), '.2f')} | "
+                  f"{cell([x['unloaded']['p50_ms'] for x in ran], '.3f')} | "
+                  f"{cell([x['saturation']['p99_ms'] for x in ran], '.2f')} | {bad} |")
+    # At saturation the pinned worker is busy all the time: 1/rps is its time per request, and
+    # the difference from the floor's is what a set-up adds to each request.
+    print("\nµs of the worker per request over the floor's, unique bodies (median of the rounds' "
+          "differences):")
     for size in map(str, SIZES):
-        if "passthrough" not in r or "noop_floor" not in r:
-            break
-        t, n = r["passthrough"][size], r["noop_floor"][size]
-        for name in ("filter_100_rules", "filter_example_bundle"):
-            if name not in r:
-                continue
-            f = r[name][size]
-            print(f"{int(size) // 1024} KB {name}: {f['saturation']['rps'] / n['saturation']['rps']:.2f}x the floor "
-                  f"(unique bodies {f['saturation_unique']['rps'] / n['saturation_unique']['rps']:.2f}x; "
-                  f"floor {n['saturation']['rps'] / t['saturation']['rps']:.2f}x passthrough); unloaded p50 "
-                  f"{f['unloaded']['p50_ms']:.3f} ms vs floor {n['unloaded']['p50_ms']:.3f} ms vs passthrough "
-                  f"{t['unloaded']['p50_ms']:.3f} ms")
+        parts = []
+        for name in names:
+            over = [1e6 / one[name][size]["saturation_unique"]["rps"]
+                    - 1e6 / one["noop_floor"][size]["saturation_unique"]["rps"]
+                    for one in rounds if name in one and "noop_floor" in one and name != "noop_floor"]
+            if over:
+                parts.append(f"{name} {statistics.median(over):+.1f}")
+        floor = [1e6 / x for x in rps("noop_floor", size, "saturation_unique")]
+        if floor:
+            print(f"- {int(size) // 1024} KB (the floor: {statistics.median(floor):.1f} µs): " + ", ".join(parts))
     for size in map(str, SIZES):
-        if "filter_100_rules" not in r:
-            break
-        base = r["filter_100_rules"][size]
         for name in ("filter_100_rules_jwt", "filter_100_rules_api_keys"):
-            if name not in r:
-                continue
-            x = r[name][size]
-            print(f"{int(size) // 1024} KB {name}: {x['saturation']['rps'] / base['saturation']['rps']:.2f}x "
-                  f"filter_100_rules at saturation; unloaded p50 {x['unloaded']['p50_ms']:.3f} ms vs "
-                  f"{base['unloaded']['p50_ms']:.3f} ms")
+            x = rps(name, size, "saturation", "filter_100_rules")
+            if x:
+                print(f"{int(size) // 1024} KB {name}: {cell(x, '.2f')}x filter_100_rules at saturation")
     for name, m in r.get("memory", {}).items():
         print(f"memory over {m['requests']} unique requests ({name}, {m['body_bytes'] // 1024} KB): allocated "
               f"{m['allocated_before'] / 1e6:.1f} MB -> {m['allocated_after'] / 1e6:.1f} MB")

@@ -44,8 +44,10 @@ def filter_configuration(policies):
 
 
 def main():
-    builds = {"filter": str(wasm_file()), **{name: path for name, path in VARIANTS}, "noop_floor": str(NOOP)}
-    results = {"rounds": ROUNDS, "builds": {n: Path(p).stat().st_size for n, p in builds.items()}, "runs": {}}
+    builds = {"filter": str(wasm_file()), **{name: path for name, path in VARIANTS}, "noop_floor": str(NOOP),
+              "noop_boundary": f"{NOOP}#boundary"}
+    results = {"rounds": ROUNDS, "builds": {n: Path(p.split("#")[0]).stat().st_size for n, p in builds.items()},
+               "runs": {}, "host_calls": {}}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "hundred").mkdir()
@@ -65,7 +67,13 @@ def main():
                                      capture_output=True, text=True)
                 if out.returncode:
                     raise SystemExit(f"vm_host.mjs ({bundle}, {kb} KB) failed:\n{out.stderr[-3000:]}")
-                rows += [json.loads(line) for line in out.stdout.splitlines()]
+                for line in out.stdout.splitlines():
+                    row = json.loads(line)
+                    if "calls" in row:
+                        results["host_calls"].setdefault(bundle, {}).setdefault(row["build"], {})[
+                            f"{kb} KB {row['mode']}"] = row["calls"]
+                    else:
+                        rows.append(row)
             results["runs"][bundle] = rows
     save("bench-vm", results)
     print_table(results)
@@ -84,6 +92,16 @@ def print_table(r):
                     v = [x["us"] for x in rows if x["build"] == n and x["kb"] == kb and x["mode"] == mode]
                     cells.append(f"{statistics.median(v):.2f} ({min(v):.2f}–{max(v):.2f})")
                 print(f"| {bundle} | {kb} KB | {mode} | " + " | ".join(cells) + " |")
+    print("\nHost calls of one request, by callback (the same for every body and mode unless shown):")
+    for bundle, by_build in r.get("host_calls", {}).items():
+        for build, by_body in by_build.items():
+            seen = set()
+            for body, calls in by_body.items():
+                text = "; ".join(f"{cb.removeprefix('proxy_on_')}: " + ", ".join(f"{k} ×{v}" for k, v in c.items())
+                                 for cb, c in calls.items()) or "none"
+                if text not in seen:
+                    seen.add(text)
+                    print(f"- {bundle}, {build}{'' if len(seen) == 1 else f' ({body})'}: {text}")
     print()
     for n, size in r["builds"].items():
         print(f".wasm {n}: {size / 1e6:.2f} MB")

@@ -6,7 +6,7 @@
 //
 //   node vm_host.mjs SPEC.json
 //
-// SPEC: {"builds": {"name": "file.wasm", ...}, "configuration": "<the filter's JSON>",
+// SPEC: {"builds": {"name": "file.wasm[#root_id]", ...}, "configuration": "<the filter's JSON>",
 //        "bodies": {"1": "file", ...}, "requests": N, "rounds": R}
 // Every build runs every body, same and unique (the nonce rewritten per request), in R rounds
 // that alternate the builds; prints one JSON line per (build, body, mode, round) with µs per
@@ -22,12 +22,26 @@ const enc = new TextEncoder(), dec = new TextDecoder();
 /** One instance of a build, with the host state Envoy would keep for it. */
 class Host {
   constructor(file, configuration) {
+    // `file.wasm#root_id`: the plugin's root_id (the `plugin_root_id` property), as Envoy's
+    // `root_id` sets it; `llm_policy` otherwise, as `llm-policy envoy-config` writes it.
+    const [path, rootId = "llm_policy"] = file.split("#");
+    this.rootId = enc.encode(rootId);
     this.configuration = enc.encode(configuration);
     this.shared = new Map(); // key -> {value: Uint8Array, cas: number}
     this.metrics = 0;
     this.request = null; // {headers: Map, body: Uint8Array, reply: number|null, set: Map}
-    const module = new WebAssembly.Module(readFileSync(file));
-    this.instance = new WebAssembly.Instance(module, { env: this.env(), wasi_snapshot_preview1: this.wasi() });
+    const module = new WebAssembly.Module(readFileSync(path));
+    this.calls = null; // when counting: {callback: {import: n}}
+    this.phase = "";
+    const count = (imports) => Object.fromEntries(Object.entries(imports).map(([name, f]) => [name, (...a) => {
+      if (this.calls) {
+        const c = (this.calls[this.phase] ??= {});
+        c[name] = (c[name] ?? 0) + 1;
+      }
+      return f(...a);
+    }]));
+    this.instance = new WebAssembly.Instance(module,
+      { env: count(this.env()), wasi_snapshot_preview1: count(this.wasi()) });
     this.x = this.instance.exports;
   }
   u8() { return new Uint8Array(this.x.memory.buffer); }
@@ -61,7 +75,8 @@ class Host {
       },
       proxy_set_buffer_bytes: () => OK,
       proxy_set_property: () => OK,
-      proxy_get_property: () => NOT_FOUND,
+      proxy_get_property: (p, n, retPtr, retSize) =>
+        h.str(p, n).replace(/\0+$/, "") === "plugin_root_id" ? h.give(h.rootId, retPtr, retSize) : NOT_FOUND,
       proxy_get_shared_data: (kp, kn, retPtr, retSize, retCas) => {
         const e = h.shared.get(h.str(kp, kn));
         if (!e) return NOT_FOUND;
@@ -145,17 +160,18 @@ class Host {
       responseBody: RESPONSE,
     };
     const x = this.x;
-    x.proxy_on_context_create(ctx, 1);
-    x.proxy_on_request_headers(ctx, headers.size, 0);
-    if (this.request.reply === null) x.proxy_on_request_body(ctx, body.length, 1);
+    const call = (name, ...a) => { this.phase = name; return x[name](...a); };
+    call("proxy_on_context_create", ctx, 1);
+    call("proxy_on_request_headers", ctx, headers.size, 0);
+    if (this.request.reply === null) call("proxy_on_request_body", ctx, body.length, 1);
     const status = this.request.reply ?? 200;
     if (this.request.reply === null) {
-      x.proxy_on_response_headers(ctx, 2, 0);
-      x.proxy_on_response_body(ctx, RESPONSE.length, 1);
+      call("proxy_on_response_headers", ctx, 2, 0);
+      call("proxy_on_response_body", ctx, RESPONSE.length, 1);
     }
-    x.proxy_on_log(ctx);
-    x.proxy_on_done(ctx);
-    x.proxy_on_delete(ctx);
+    call("proxy_on_log", ctx);
+    call("proxy_on_done", ctx);
+    call("proxy_on_delete", ctx);
     this.request = null;
     return status;
   }
@@ -228,6 +244,17 @@ function run(h, { bytes: body, at, headerBytes }, unique, n) {
   return Number(process.hrtime.bigint() - t0) / 1000 / n;
 }
 for (const [, h] of hosts) for (const [, b] of bodies) { run(h, b, false, 2000); run(h, b, true, 2000); } // warm up: TurboFan
+// The host calls one request makes, by callback (after the warm-up: the steady state).
+for (const [name, h] of hosts) {
+  for (const [kb, body] of bodies) {
+    for (const unique of [false, true]) {
+      h.calls = {};
+      run(h, body, unique, 1);
+      console.log(JSON.stringify({ build: name, kb: Number(kb), mode: unique ? "unique" : "same", calls: h.calls }));
+      h.calls = null;
+    }
+  }
+}
 for (let round = 0; round < spec.rounds; round++) {
   for (const [kb, body] of bodies) {
     for (const unique of [false, true]) {

@@ -9,7 +9,9 @@ use std::cell::Cell;
 
 use llm_policy_core::context::Needs;
 use llm_policy_core::decision::Verdict;
-use llm_policy_core::{wire, DecisionKey, EvalOptions, LocalOnly, PolicySet, RequestContext};
+use llm_policy_core::{
+    wire, DecisionKey, EvalOptions, LocalOnly, PolicySet, RequestContext, Timing,
+};
 
 use crate::host::{Host, Metric};
 use crate::sync::Candidate;
@@ -62,9 +64,10 @@ impl CanaryRun {
     /// Decides a sampled request's `ctx` again and counts whether the candidate agrees with
     /// `active`.
     pub fn decide(&self, host: &mut dyn Host, ctx: &RequestContext, active: Verdict) {
-        // (Only its verdict counts: no key.)
+        // (Only its verdict counts: no key, no clock.)
         let opts = EvalOptions {
             cache_key: DecisionKey::Unwanted,
+            timing: Timing::Skipped,
             ..EvalOptions::default()
         };
         let d = self.set.evaluate(ctx, &opts, &mut LocalOnly);

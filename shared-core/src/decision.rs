@@ -44,7 +44,8 @@ pub struct Decision {
     pub actions: Actions,
     /// Provenance and hints for caching and remote evaluation.
     pub metadata: DecisionMetadata,
-    /// Wall-clock evaluation time in microseconds (0 where no clock is available).
+    /// Wall-clock evaluation time in microseconds (0 where no clock is available, or where the
+    /// host did not ask for it: [`crate::Timing::Skipped`]).
     pub evaluation_time_us: u64,
     /// Per-rule outcomes, when asked for (`--explain`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

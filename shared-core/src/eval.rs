@@ -40,6 +40,20 @@ pub struct EvalOptions<'a> {
     pub explain: bool,
     /// What `metadata.cache_key` holds.
     pub cache_key: DecisionKey<'a>,
+    /// Whether the clock is read for `metadata.evaluation_time_us`.
+    pub timing: Timing,
+}
+
+/// Whether an evaluation reads the clock for its decision's `metadata.evaluation_time_us`
+/// ([`EvalOptions::timing`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Timing {
+    /// Read at the start and at the end of each evaluation (and of each resumption).
+    #[default]
+    Measured,
+    /// Never read; `evaluation_time_us` is 0. For a host that times decisions itself, or only a
+    /// sample of them: in the filter each reading of the clock is a call out of the VM.
+    Skipped,
 }
 
 /// What a decision's `metadata.cache_key` holds ([`EvalOptions::cache_key`]).
@@ -221,6 +235,8 @@ pub struct Pending {
     pub(crate) explain: bool,
     /// The key the host computed ([`EvalOptions::cache_key`]).
     pub(crate) cache_key: Option<String>,
+    /// Whether the resumption reads the clock ([`EvalOptions::timing`]).
+    pub(crate) timing: Timing,
     /// One per view: the request, then each batch item.
     pub(crate) parts: Vec<Part>,
     pub(crate) needs: Vec<Need>,

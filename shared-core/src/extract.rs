@@ -277,10 +277,11 @@ fn normalize_any_path(raw: &str) -> String {
 pub(crate) fn api_path(path: &str) -> String {
     // Most paths are in this form already: lower case, nothing to replace or drop, no empty
     // segment, no trailing slash.
+    // (One pass over the bytes: `str::contains("//")` builds a substring searcher per call.)
     let wide = path == "/"
         || (path.starts_with('/')
             && !path.ends_with('/')
-            && !path.contains("//")
+            && !path.as_bytes().windows(2).any(|w| w == b"//")
             && !path
                 .bytes()
                 .any(|b| b.is_ascii_uppercase() || matches!(b, b'%' | b'\\' | b';')));

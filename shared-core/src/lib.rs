@@ -88,6 +88,6 @@ pub use diagnostic::{Code, Diagnostic, Diagnostics, Position, Severity};
 pub use document::Document;
 pub use eval::{
     Answer, CounterCheck, DecisionKey, EvalOptions, Hooks, LocalOnly, Need, NeedId, NeedKind,
-    Pending, PluginCheck, Step,
+    Pending, PluginCheck, Step, Timing,
 };
 pub use set::{CompileOutput, Origin, PolicySet, RuleInfo, Stats};

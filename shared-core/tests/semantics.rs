@@ -12,7 +12,9 @@ mod common;
 use common::{compile, ctx, eval, policy};
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::model::Alert;
-use llm_policy_core::{CounterCheck, EvalOptions, Hooks, LocalOnly, PluginCheck};
+use llm_policy_core::{
+    Answer, CounterCheck, EvalOptions, Hooks, LocalOnly, NeedKind, PluginCheck, Step, Timing,
+};
 
 const RULES: &str = r#"
     - id: deny-gpt4o
@@ -218,6 +220,43 @@ fn tags_select_rules() {
             .metadata
             .cache_key
     );
+}
+
+#[test]
+fn a_skipped_clock_changes_nothing_but_the_evaluation_time() {
+    let rules = format!(
+        "{LIMITS}    - id: no-gpt-3\n      priority: 1\n      when: {{ match: {{ field: request.model, op: eq, value: gpt-3.5-turbo }} }}\n      action: {{ decision: deny, reason: \"no\" }}\n"
+    );
+    let set = compile(&policy("allow", &rules)).unwrap();
+    let skipped = EvalOptions {
+        timing: Timing::Skipped,
+        ..EvalOptions::default()
+    };
+    for body in [r#"{"model":"gpt-3.5-turbo"}"#, r#"{"model":"gpt-4o"}"#] {
+        let c = ctx(&[("x-user-id", "u1")], body);
+        // At once (the callback form)...
+        let measured = set.evaluate(&c, &EvalOptions::default(), &mut LocalOnly);
+        let d = set.evaluate(&c, &skipped, &mut LocalOnly);
+        assert_eq!(d.evaluation_time_us, 0);
+        let mut without_time = measured.clone();
+        without_time.evaluation_time_us = 0;
+        assert_eq!(d, without_time, "{body}");
+        // ...and in two phases, through a resumption (the plugin is asked for).
+        let Step::Pending(mut p) = set.start(&c, &skipped) else {
+            panic!("the plugin is asked for");
+        };
+        for need in p.needs().to_vec() {
+            let answer = match need.kind {
+                NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Matched(false)),
+                NeedKind::Counter(_) => Answer::Counter(CounterCheck::Under),
+            };
+            p.answer(need.id, answer);
+        }
+        let Step::Done(d) = p.resume(&c) else {
+            panic!("everything was answered");
+        };
+        assert_eq!(d.evaluation_time_us, 0);
+    }
 }
 
 struct Fake {

@@ -27,7 +27,7 @@ use llm_policy_core::rewrite::{add_include_usage, usage_needs_asking};
 use llm_policy_core::wire::{self, LocalCounted};
 use llm_policy_core::{
     Answer, ContextError, CounterCheck, DecisionKey, EvalOptions, Need, NeedId, NeedKind, Pending,
-    PluginCheck, RequestContext, RequestInput, Step,
+    PluginCheck, RequestContext, RequestInput, Step, Timing,
 };
 
 use super::audit::{Audit, CheckFacts, IdentityRecord, SpendRecord};
@@ -861,6 +861,8 @@ impl Engine {
                 cache_key: key
                     .as_deref()
                     .map_or(DecisionKey::Computed, DecisionKey::Known),
+                // `llm_policy_evaluation_duration_seconds` is observed from it.
+                timing: Timing::Measured,
             };
             let step = set.start(&ctx, &opts);
             (step, ctx)

@@ -415,7 +415,7 @@ fn resolve_part(ns: &Namespace, part: &Part, explain: bool) -> PartDecision {
 
             (
                 ns.default,
-                format!("no rule matched: default {}", ns.default.as_str()),
+                String::from(default_reason(ns.default)),
                 ns.policy_names.clone(),
                 ns.policy_versions.clone(),
                 None,
@@ -462,5 +462,29 @@ fn rule_trace(rule: &CompiledRule, outcome: &Outcome) -> RuleTrace {
         outcome: label.to_string(),
         shadow: rule.shadow,
         detail,
+    }
+}
+
+/// The reason of a decision no rule made: a constant, not formatted per request.
+fn default_reason(default: Verdict) -> &'static str {
+    match default {
+        Verdict::Allow => "no rule matched: default allow",
+        Verdict::Throttle => "no rule matched: default throttle",
+        Verdict::Deny => "no rule matched: default deny",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_default_reason_names_the_default() {
+        for v in [Verdict::Allow, Verdict::Throttle, Verdict::Deny] {
+            assert_eq!(
+                default_reason(v),
+                format!("no rule matched: default {}", v.as_str())
+            );
+        }
     }
 }

@@ -9,7 +9,7 @@ use super::resolve;
 use super::select;
 use super::{
     Answer, CounterCheck, EvalOptions, Hooks, Need, NeedId, NeedKind, Outcome, Part, Pending,
-    PluginCheck, Step,
+    PluginCheck, Step, Timing,
 };
 use crate::context::{RequestContext, View};
 use crate::decision::{Charge, Verdict};
@@ -17,23 +17,27 @@ use crate::model::{OnError, PluginRef, Scope};
 use crate::set::{CompiledRule, Namespace, PolicySet};
 use crate::truth::Scratch;
 
-/// A clock for `evaluation_time_us` (none without `std`).
+/// A clock for `evaluation_time_us` (none without `std`, or when [`Timing::Skipped`]).
 struct Timer {
     #[cfg(feature = "std")]
-    start: std::time::Instant,
+    start: Option<std::time::Instant>,
 }
 
 impl Timer {
-    fn start() -> Timer {
+    fn start(timing: Timing) -> Timer {
+        #[cfg(not(feature = "std"))]
+        let _ = timing;
         Timer {
             #[cfg(feature = "std")]
-            start: std::time::Instant::now(),
+            start: (timing == Timing::Measured).then(std::time::Instant::now),
         }
     }
     fn micros(&self) -> u64 {
         #[cfg(feature = "std")]
         {
-            u64::try_from(self.start.elapsed().as_micros()).unwrap_or(u64::MAX)
+            self.start.map_or(0, |start| {
+                u64::try_from(start.elapsed().as_micros()).unwrap_or(u64::MAX)
+            })
         }
         #[cfg(not(feature = "std"))]
         {
@@ -108,7 +112,7 @@ pub(super) fn start(
     opts: &EvalOptions<'_>,
     mut host: Host<'_>,
 ) -> Step {
-    let timer = Timer::start();
+    let timer = Timer::start(opts.timing);
     let mut tags: Vec<String> = opts.tags.to_vec();
     tags.sort();
     tags.dedup();
@@ -175,6 +179,7 @@ pub(super) fn start(
         tags,
         explain: opts.explain,
         cache_key: opts.cache_key.given().map(String::from),
+        timing: opts.timing,
         parts,
         answers: alloc::vec![None; needs.len()],
         needs,
@@ -183,7 +188,7 @@ pub(super) fn start(
 }
 
 pub(super) fn resume(mut p: Pending, ctx: &RequestContext) -> Step {
-    let timer = Timer::start();
+    let timer = Timer::start(p.timing);
     let set = p.set.clone();
     let Some(ns) = set.0.namespaces.get(p.namespace.as_str()) else {
         // A pending state always names a namespace of its own set; nothing to resume otherwise.
