@@ -25,13 +25,13 @@ impl Routes {
             // Patterns are compared in the form classification reads (lower case, ...).
             match p.strip_suffix('*') {
                 Some(prefix) => {
-                    let mut wide = reply::api_path(prefix);
+                    let mut wide = reply::api_path(prefix).into_owned();
                     if prefix.ends_with('/') && !wide.ends_with('/') {
                         wide.push('/');
                     }
                     r.prefixes.push(wide);
                 }
-                None => r.exact.push(reply::api_path(p)),
+                None => r.exact.push(reply::api_path(p).into_owned()),
             }
         }
         r.hosts = config.hosts.iter().map(|h| host_name(h)).collect();
@@ -59,7 +59,7 @@ impl Routes {
                 .any(|p| wide.starts_with(p));
             return (api != Api::Other || provider_tree).then_some(provider);
         }
-        let hit = self.exact.contains(&wide)
+        let hit = self.exact.iter().any(|e| *e == *wide)
             || self.prefixes.iter().any(|p| wide.starts_with(p.as_str()));
         hit.then_some(provider)
     }

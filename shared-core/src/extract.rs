@@ -163,7 +163,7 @@ impl RequestContext {
         };
         let mut request = RequestInfo {
             method: input.method.to_ascii_uppercase(),
-            path,
+            path: path.into_owned(),
             host,
             headers: Vec::new(),
             provider,
@@ -208,7 +208,7 @@ impl RequestContext {
 /// classified as: query and fragment removed, percent-encoded unreserved characters decoded
 /// (`%73` is `s`), repeated slashes merged, `.` and `..` segments resolved (RFC 3986, 6.2.2 and
 /// 5.2.4). Case is kept. Other escapes (`%2F`) stay as they are.
-pub(crate) fn normalize_path(raw: &str) -> String {
+pub(crate) fn normalize_path(raw: &str) -> Cow<'_, str> {
     // Most paths are normal already (`/v1/chat/completions`): no escape, query or fragment, no
     // empty, `.` or `..` segment but a trailing slash's.
     let normal = raw.starts_with('/') && !raw.bytes().any(|b| matches!(b, b'%' | b'?' | b'#')) && {
@@ -224,9 +224,9 @@ pub(crate) fn normalize_path(raw: &str) -> String {
         ok
     };
     if normal {
-        return String::from(raw);
+        return Cow::Borrowed(raw);
     }
-    normalize_any_path(raw)
+    Cow::Owned(normalize_any_path(raw))
 }
 
 /// [`normalize_path`] of any path (without looking first whether it is normal already).
@@ -274,7 +274,7 @@ fn normalize_any_path(raw: &str) -> String {
 /// `%5C` as `/`, `;parameters` dropped from segments, repeated slashes merged. Servers differ in
 /// which of these spellings they accept as the same path; classification takes the widest
 /// reading, so a spelling cannot make an API call look like something else.
-pub(crate) fn api_path(path: &str) -> String {
+pub(crate) fn api_path(path: &str) -> Cow<'_, str> {
     // Most paths are in this form already: lower case, nothing to replace or drop, no empty
     // segment, no trailing slash.
     // (One pass over the bytes: `str::contains("//")` builds a substring searcher per call.)
@@ -286,9 +286,9 @@ pub(crate) fn api_path(path: &str) -> String {
                 .bytes()
                 .any(|b| b.is_ascii_uppercase() || matches!(b, b'%' | b'\\' | b';')));
     if wide {
-        return String::from(path);
+        return Cow::Borrowed(path);
     }
-    api_path_any(path)
+    Cow::Owned(api_path_any(path))
 }
 
 /// [`api_path`] of any path (without looking first whether it is in that form already).

@@ -10,6 +10,7 @@
 //! - Anthropic (`request.provider == "anthropic"`): `{"type": "error", "error": {"type",
 //!   "message"}}`.
 
+use alloc::borrow::Cow;
 use alloc::format;
 use alloc::string::{String, ToString};
 use alloc::vec::Vec;
@@ -170,7 +171,7 @@ pub fn provider_of(path: &str, headers: &[(String, String)]) -> Provider {
 /// Provider and API of a request from its path and headers, exactly as extraction decides them
 /// (`Api::Other` for a path that is no LLM API call), with the path in [`api_path`] form. A
 /// proxy uses it to pick the requests to check before reading their bodies.
-pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api, String) {
+pub fn classify<'p>(path: &'p str, headers: &[(String, String)]) -> (Provider, Api, Cow<'p, str>) {
     let wide = api_path(path);
     let (provider, api) = crate::extract::classify_wide(&wide, |name| {
         headers.iter().any(|(k, _)| k.eq_ignore_ascii_case(name))
@@ -182,9 +183,13 @@ pub fn classify(path: &str, headers: &[(String, String)]) -> (Provider, Api, Str
 /// removed, unreserved escapes decoded, dot segments resolved), then lower case, with `\\`,
 /// `%2F` and `%5C` as `/`, `;parameters` dropped and repeated slashes merged. Path patterns must
 /// match this form, or a client could spell its way around them (`/v1/chat%2Fcompletions`,
-/// `/v1/Chat/Completions`, `/v1/./chat/completions`).
-pub fn api_path(path: &str) -> String {
-    crate::extract::api_path(&crate::extract::normalize_path(path))
+/// `/v1/Chat/Completions`, `/v1/./chat/completions`). Borrowed when the path is in that form
+/// already, as most are.
+pub fn api_path(path: &str) -> Cow<'_, str> {
+    match crate::extract::normalize_path(path) {
+        Cow::Borrowed(normal) => crate::extract::api_path(normal),
+        Cow::Owned(normal) => Cow::Owned(crate::extract::api_path(&normal).into_owned()),
+    }
 }
 
 /// Headers added to a request that goes ahead: the verdict and the matched rules' headers.

@@ -6,10 +6,9 @@
 //! - anything but the names below (the benchmark's **floor**): holds the request until its body
 //!   has arrived, then lets it go — what any body-inspecting filter pays, with no decision at all;
 //! - `boundary`: the floor plus the **host calls llm-policy's filter makes** for an allowed
-//!   request (counted with `make bench-vm`'s census): the request header map read whole, the
-//!   clock (Envoy's, and WASI's twice, as `std::time::Instant` does), the body read, and the
-//!   verdict header set — each through the SDK as the filter calls it, and the results dropped.
-//!   What the filter costs over it is its own work in the VM;
+//!   request (counted with `make bench-vm`'s census): the request header map read whole, Envoy's
+//!   clock, the body read, and the verdict header set — each through the SDK as the filter calls
+//!   it, and the results dropped. What the filter costs over it is its own work in the VM;
 //! - `boundary-by-name`: as `boundary`, with the header map read as [`BY_NAME`]'s headers one
 //!   call each, in place of the whole map: what reading headers by name would cost.
 
@@ -90,10 +89,8 @@ mod wasm {
             }
             if !matches!(self.0, Mode::Floor) {
                 core::hint::black_box(hostcalls::get_current_time().ok());
-                let start = std::time::Instant::now();
                 let body = hostcalls::get_buffer(BufferType::HttpRequestBody, 0, size);
                 core::hint::black_box(body.ok());
-                core::hint::black_box(start.elapsed());
                 let _ = hostcalls::set_map_value(
                     MapType::HttpRequestHeaders,
                     "x-llm-policy-decision",
