@@ -179,7 +179,8 @@ bench-redis: build redis
 ## bench-filter: the proxy-wasm filter under load (Envoy, one worker): passthrough vs a no-op
 ## body-buffering wasm filter (and the same making only the filter's host calls) vs llm-policy
 ## with 100 rules and with the example bundle, 1/8/64 KB bodies; memory under unique bodies; .wasm
-## size. About 8 minutes a round (BENCH_ROUNDS=3 alternates three); results in tools/bench-filter.json.
+## size. About 8 minutes (BENCH_ROUNDS=3: two more rounds without the identity set-ups and memory
+## runs, about 5 minutes each); results in tools/bench-filter.json.
 bench-filter: build filter envoy $(SDK_VENV)/.installed
 	$(CARGO) build --release -p llm-policy-bench --bins
 	$(CARGO) build -p llm-policy-noop-filter --target wasm32-wasip1 --profile wasm
@@ -187,8 +188,9 @@ bench-filter: build filter envoy $(SDK_VENV)/.installed
 
 ## bench-vm: the filter's .wasm alone in V8 (Node.js, installed with apt when missing), µs per
 ## request inside the VM (100 rules, example bundle; 1/8/64 KB; same and unique bodies) beside the
-## no-op module and its host calls alone, and the host calls per callback, in alternating rounds: compares builds of the filter without Envoy's sockets and
-## processes in the way (BENCH_WASM_VARIANTS=name=file.wasm,...). About 3 minutes; results in tools/bench-vm.json.
+## no-op module and its host calls alone, and the host calls per callback, in alternating
+## rounds: compares builds of the filter without Envoy's sockets and processes in the way
+## (BENCH_WASM_VARIANTS=name=file.wasm,...). About 3 minutes; results in tools/bench-vm.json.
 bench-vm: build filter $(SDK_VENV)/.installed
 	scripts/install.sh apt node nodejs
 	$(CARGO) build --release -p llm-policy-bench --bins

@@ -173,12 +173,13 @@ def main():
     print_table(results)
 
 
-def cell(values, fmt):
-    """The median of a round's values and, when there are several, the best in brackets."""
+def cell(values, fmt, best=max):
+    """The median of the rounds' values and, when there are several, the best in brackets (the
+    highest by default; `best=min` for latencies)."""
     if not values:
         return "—"
     text = format(statistics.median(values), fmt)
-    return text if len(values) == 1 else f"{text} ({format(max(values), fmt)})"
+    return text if len(values) == 1 else f"{text} ({format(best(values), fmt)})"
 
 
 def print_table(r):
@@ -207,8 +208,8 @@ def print_table(r):
                   f"{cell(rps(name, size, 'saturation', 'noop_floor'), '.2f')} | "
                   f"{cell(rps(name, size, 'saturation_unique'), '.0f')} | "
                   f"{cell(rps(name, size, 'saturation_unique', 'noop_floor'), '.2f')} | "
-                  f"{cell([x['unloaded']['p50_ms'] for x in ran], '.3f')} | "
-                  f"{cell([x['saturation']['p99_ms'] for x in ran], '.2f')} | {bad} |")
+                  f"{cell([x['unloaded']['p50_ms'] for x in ran], '.3f', min)} | "
+                  f"{cell([x['saturation']['p99_ms'] for x in ran], '.2f', min)} | {bad} |")
     # At saturation the pinned worker is busy all the time: 1/rps is its time per request, and
     # the difference from the floor's is what a set-up adds to each request.
     print("\nµs of the worker per request over the floor's, unique bodies (median of the rounds' "

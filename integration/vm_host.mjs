@@ -11,7 +11,9 @@
 // Every build runs every body, same and unique (the nonce rewritten per request), in R rounds
 // that alternate the builds; prints one JSON line per (build, body, mode, round) with µs per
 // request (context created, request headers, body, response headers and body, log, done,
-// deleted), and stops with an error when a request is not allowed or the module traps.
+// deleted), and stops with an error when a request is not allowed or the module traps. Before the
+// rounds it prints the host calls one request makes, by callback ({"calls": ...}); every import is
+// wrapped for that count in every build alike, so compare µs within a run, not with older runs.
 
 import { readFileSync } from "node:fs";
 import { randomFillSync } from "node:crypto";

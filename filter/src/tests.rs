@@ -410,6 +410,40 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
 }
 
 #[test]
+fn a_header_sent_twice_reaches_the_server_joined_in_arrival_order() {
+    use envoy_types::ext_authz::v3::pb as envoy;
+    // The filter moves the headers rules read ahead of the others before deciding (it borrows
+    // them rather than copy them): the copies of one name, in any case, keep their order, and
+    // what only the server sets never reaches it from the client. (The team's budget is the
+    // server's: the request is asked about.)
+    let p = server_plugin();
+    let body = chat("gpt-4o");
+    let mut host = FakeHost::request(
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("x-tag", "first"),
+            ("x-llm-policy-reservation", "forged"),
+            ("x-envoy-auth-partial-body", "true"),
+            ("X-Tag", "second"),
+            ("x-team-id", "research"),
+            ("x-tag", "third"),
+        ],
+        &body,
+    );
+    let outbox = Rc::new(Outbox::default());
+    let (_flow, f) = run_into(&p, &mut host, &outbox);
+    assert_eq!(f, Flow::Pause);
+    let call = host.calls.first().cloned().unwrap();
+    let sent = envoy::CheckRequest::decode(call.message.as_slice()).unwrap();
+    let http = sent.attributes.unwrap().request.unwrap().http.unwrap();
+    assert_eq!(http.headers["x-tag"], "first,second,third");
+    assert_eq!(http.headers["x-team-id"], "research");
+    assert!(!http.headers.contains_key("x-llm-policy-reservation"));
+    assert!(!http.headers.contains_key("x-envoy-auth-partial-body"));
+}
+
+#[test]
 fn a_failed_or_late_server_follows_the_failure_mode_and_stale_answers_are_ignored() {
     let p = server_plugin();
     let research = [("x-team-id", "research")];
