@@ -881,11 +881,8 @@ impl RequestFlow {
         // arrival order (a stable sort), and borrowed from there rather than copied. Every other
         // reader looks headers up by name, which the order does not change.
         headers.sort_by_key(|(k, _)| !wire::is_request_data(k));
-        let data_len = headers
-            .iter()
-            .take_while(|(k, _)| wire::is_request_data(k))
-            .count();
-        let (data, _) = headers.split_at(data_len);
+        let (data, _) =
+            headers.split_at(headers.partition_point(|(k, _)| wire::is_request_data(k)));
         let input = RequestInput {
             method: header(&headers, ":method").unwrap_or("GET"),
             path: header(&headers, ":path").unwrap_or("/"),

@@ -287,6 +287,12 @@ fn without_a_server_rules_that_need_one_follow_the_failure_mode() {
     assert_eq!(run(&closed, &mut host).1, Flow::Continue);
 }
 
+/// The first `Check` the filter sent the policy server, read with Envoy's own types.
+fn first_check(host: &FakeHost) -> envoy_types::ext_authz::v3::pb::CheckRequest {
+    let call = host.calls.first().expect("a call to the server");
+    envoy_types::ext_authz::v3::pb::CheckRequest::decode(call.message.as_slice()).unwrap()
+}
+
 fn server_plugin() -> Rc<Vm> {
     plugin("server: {cluster: llm_policy, timeoutMs: 300}\n")
 }
@@ -312,8 +318,7 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
     assert_eq!(call.method, "Check");
     assert_eq!(call.timeout.as_millis(), 300);
     // Envoy's own types read what the filter sent.
-    let sent = envoy::CheckRequest::decode(call.message.as_slice()).unwrap();
-    let attrs = sent.attributes.unwrap();
+    let attrs = first_check(&host).attributes.unwrap();
     let http = attrs.request.unwrap().http.unwrap();
     assert_eq!(http.method, "POST");
     assert_eq!(http.path, "/v1/chat/completions");
@@ -411,7 +416,6 @@ fn requests_needing_the_server_are_sent_as_ext_authz_checks_and_its_answer_appli
 
 #[test]
 fn a_header_sent_twice_reaches_the_server_joined_in_arrival_order() {
-    use envoy_types::ext_authz::v3::pb as envoy;
     // The filter moves the headers rules read ahead of the others before deciding (it borrows
     // them rather than copy them): the copies of one name, in any case, keep their order, and
     // what only the server sets never reaches it from the client. (The team's budget is the
@@ -434,9 +438,13 @@ fn a_header_sent_twice_reaches_the_server_joined_in_arrival_order() {
     let outbox = Rc::new(Outbox::default());
     let (_flow, f) = run_into(&p, &mut host, &outbox);
     assert_eq!(f, Flow::Pause);
-    let call = host.calls.first().cloned().unwrap();
-    let sent = envoy::CheckRequest::decode(call.message.as_slice()).unwrap();
-    let http = sent.attributes.unwrap().request.unwrap().http.unwrap();
+    let http = first_check(&host)
+        .attributes
+        .unwrap()
+        .request
+        .unwrap()
+        .http
+        .unwrap();
     assert_eq!(http.headers["x-tag"], "first,second,third");
     assert_eq!(http.headers["x-team-id"], "research");
     assert!(!http.headers.contains_key("x-llm-policy-reservation"));

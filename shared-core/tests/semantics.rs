@@ -13,7 +13,8 @@ use common::{compile, ctx, eval, policy};
 use llm_policy_core::decision::Verdict;
 use llm_policy_core::model::Alert;
 use llm_policy_core::{
-    Answer, CounterCheck, EvalOptions, Hooks, LocalOnly, NeedKind, PluginCheck, Step, Timing,
+    Answer, CounterCheck, EvalOptions, Hooks, LocalOnly, NeedKind, Pending, PluginCheck, Step,
+    Timing,
 };
 
 const RULES: &str = r#"
@@ -245,17 +246,22 @@ fn a_skipped_clock_changes_nothing_but_the_evaluation_time() {
         let Step::Pending(mut p) = set.start(&c, &skipped) else {
             panic!("the plugin is asked for");
         };
-        for need in p.needs().to_vec() {
-            let answer = match need.kind {
-                NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Matched(false)),
-                NeedKind::Counter(_) => Answer::Counter(CounterCheck::Under),
-            };
-            p.answer(need.id, answer);
-        }
+        answer_all(&mut p, CounterCheck::Under);
         let Step::Done(d) = p.resume(&c) else {
             panic!("everything was answered");
         };
         assert_eq!(d.evaluation_time_us, 0);
+    }
+}
+
+/// Answers every need of `p`: plugins do not match, counters are `counter`.
+fn answer_all(p: &mut Pending, counter: CounterCheck) {
+    for need in p.needs().to_vec() {
+        let answer = match need.kind {
+            NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Matched(false)),
+            NeedKind::Counter(_) => Answer::Counter(counter),
+        };
+        p.answer(need.id, answer);
     }
 }
 
@@ -834,7 +840,6 @@ fn a_batch_is_decided_by_its_strictest_item() {
 
 mod two_phase {
     use super::*;
-    use llm_policy_core::{Answer, NeedKind, Step};
 
     #[test]
     fn what_the_host_must_answer_is_listed_and_the_answers_decide() {
@@ -852,13 +857,7 @@ mod two_phase {
             kinds,
             vec![("pii".to_string(), true), ("per-user".to_string(), false)]
         );
-        for need in p.needs().to_vec() {
-            let a = match need.kind {
-                NeedKind::Plugin(_) => Answer::Plugin(PluginCheck::Matched(false)),
-                NeedKind::Counter(_) => Answer::Counter(CounterCheck::Over),
-            };
-            p.answer(need.id, a);
-        }
+        answer_all(&mut p, CounterCheck::Over);
         let Step::Done(d) = p.resume(&c) else {
             panic!("all answered");
         };
