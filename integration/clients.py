@@ -85,3 +85,25 @@ def assert_throttled_after(make_client, allowed, total, reason):
     # Sliding windows free up a slot (a tenth of the window) at a time: up to an hour and a slot.
     assert 1 <= int(e.response.headers["retry-after"]) <= 3600 + 360 + 1
     assert reason in str(e)
+
+
+def assert_spellings_and_repeats_change_nothing(stack):
+    """Spellings of an API path a lenient upstream may accept are decided as the path they spell,
+    and a principal header sent twice is that value once or refused, through `stack`'s Envoy
+    (either deployment; the example bundle: gpt-3.5-turbo denied, gpt-4o 402 on the free tier)."""
+    stack.upstream.reset()
+    for path in ["/v1/chat%2Fcompletions", "/v1/Chat/Completions", "/v1/chat/completions;x=1",
+                 "/v1//chat/./completions", "/v1/chat%2fcompletions?x=1"]:
+        status, headers, out = curl(stack.envoy.url(path), chat("gpt-3.5-turbo"))
+        assert status == 403, f"{path}: {status} {out[:200]}"
+        assert json.loads(out)["error"]["message"] == "model is not approved"
+    assert stack.upstream.requests() == []
+    # The same tier twice is that tier (402 for gpt-4o on the free tier); two tiers are refused.
+    args = ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code}", "-H", "content-type: application/json",
+            "--data-binary", chat("gpt-4o").decode(), stack.envoy.url("/v1/chat/completions")]
+    same = subprocess.run(args + ["-H", "x-user-tier: free", "-H", "x-user-tier: free"], capture_output=True, text=True)
+    assert same.stdout == "402"
+    both = subprocess.run(args + ["-H", "x-user-tier: free", "-H", "x-user-tier: enterprise"], capture_output=True,
+                          text=True)
+    assert both.stdout == "400"
+    assert stack.upstream.requests() == []

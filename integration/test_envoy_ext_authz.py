@@ -16,7 +16,7 @@ import anthropic
 import openai
 import pytest
 
-from clients import assert_throttled_after, chat, claude, curl, oai
+from clients import assert_spellings_and_repeats_change_nothing, assert_throttled_after, chat, claude, curl, oai
 from stack import (DEFAULT_WASM, ROOT, TOKEN, Envoy, Server, Upstream, binary, envoy_config, free_port, http_get,
                    make_certs, wait_for, wasm_file)
 
@@ -168,6 +168,11 @@ def test_a_client_cannot_forge_the_verdict_header(stack):
     status, _, _ = curl(stack.envoy.url("/v1/chat/completions"), chat("gpt-4o-mini"), {"x-llm-policy-decision": "forged"})
     assert status == 200
     assert stack.upstream.requests()[0]["headers"]["x-llm-policy-decision"] == "allow"
+
+
+def test_path_spellings_and_repeated_identity_headers_do_not_get_around_the_policy(stack):
+    """The filter's hostile test of spellings and repeats, in the ext_authz deployment."""
+    assert_spellings_and_repeats_change_nothing(stack)
 
 
 def test_denied_requests_never_reach_the_upstream(stack):
