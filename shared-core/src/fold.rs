@@ -208,20 +208,26 @@ pub fn fold(text: &str) -> String {
                     space = true;
                 }
             } else {
-                // The run of ASCII up to the next white space or other character, copied and
-                // lower-cased at once.
+                // The run of ASCII that folds to itself lower-cased (words and the single spaces
+                // between them, up to other white space, a second space or another character),
+                // copied and lower-cased at once.
                 let rest = bytes.get(i..).unwrap_or_default();
-                let n = rest
-                    .iter()
-                    .position(|&c| !c.is_ascii() || ascii_space(c))
-                    .unwrap_or(rest.len());
+                let mut n = 0usize;
+                let mut after_space = false;
+                for &c in rest {
+                    if !c.is_ascii() || (ascii_space(c) && (c != b' ' || after_space)) {
+                        break;
+                    }
+                    after_space = c == b' ';
+                    n = n.saturating_add(1);
+                }
                 let from = out.len();
                 out.extend_from_slice(rest.get(..n).unwrap_or_default());
                 if let Some(run) = out.get_mut(from..) {
                     run.make_ascii_lowercase();
                 }
                 i = i.saturating_add(n);
-                space = false;
+                space = after_space;
             }
             continue;
         }
@@ -337,6 +343,8 @@ mod tests {
             "B",
             " ",
             "  ",
+            "Hello world ",
+            " the ",
             "\t",
             "\n",
             "\u{b}",

@@ -70,7 +70,7 @@ pub fn compact(text: &str) -> String {
     };
     let spelled = spell_out(&joined);
     let keys = join_key_groups(&spelled);
-    digit_separators(&keys)
+    digit_separators(&keys).into_owned()
 }
 
 /// The spelled-out forms of `@` and `.` ([`spell_out`]).
@@ -80,12 +80,12 @@ const DOT: &[&str] = &["[dot]", "(dot)", "{dot}", "<dot>", "-dot-"];
 /// `[at]`, `(at)`, `{at}`, `<at>`, `-at-` as `@` and the same forms of `dot` as `.`, in any
 /// case; ` at ` and ` dot ` too when the text spells a dot that way (else ` at ` is the English
 /// word). Then each address is put back together ([`reassemble`]).
-fn spell_out(text: &str) -> String {
+fn spell_out(text: &str) -> Cow<'_, str> {
     if !has_spelled_form(text.as_bytes()) {
         // Nothing to replace: only the addresses to put back together.
         return reassemble(text);
     }
-    spell_out_forms(text)
+    Cow::Owned(spell_out_forms(text))
 }
 
 /// [`spell_out`] without looking first whether there is a form to replace.
@@ -128,7 +128,7 @@ fn spell_out_forms(text: &str) -> String {
         out.push(c);
         i = i.saturating_add(c.len_utf8());
     }
-    reassemble(&out)
+    reassemble(&out).into_owned()
 }
 
 /// Whether `b` holds, in any case, a spelled-out form of `@` or `.` ([`AT`], [`DOT`]) or
@@ -240,7 +240,13 @@ fn domain_at(s: &str) -> Option<(usize, String)> {
 /// included) around `@` and around the dots of the domain after it removed, when the left side is
 /// a local part (with a `.`, `_` or digit if there was white space: `python` before a decorator
 /// is not) and the right side a domain; ` at ` between such a local part and a domain is `@`.
-fn reassemble(text: &str) -> String {
+fn reassemble(text: &str) -> Cow<'_, str> {
+    if memchr::memchr(b'@', text.as_bytes()).is_none()
+        && memchr::memmem::find(text.as_bytes(), b" at ").is_none()
+    {
+        // Nothing to put back together.
+        return Cow::Borrowed(text);
+    }
     // Every `@` and ` at `, in order, each looked at once (linear however many there are).
     let mut signs = text.match_indices('@').map(|(i, _)| (i, 1usize)).peekable();
     let mut words = text
@@ -296,7 +302,7 @@ fn reassemble(text: &str) -> String {
         }
     }
     out.push_str(text.get(done..).unwrap_or_default());
-    out
+    Cow::Owned(out)
 }
 
 /// Runs of at least three single characters each followed by the same one separator
@@ -392,7 +398,7 @@ fn key_first(c: u8) -> bool {
 /// A key written in short groups (`AIza SyXE SDML h3Ds`, `sk_l ive_ z3LO`) joined: a run of at
 /// least four groups of 1–6 key characters separated by single spaces, whose joined form starts
 /// with a key prefix.
-fn join_key_groups(text: &str) -> String {
+fn join_key_groups(text: &str) -> Cow<'_, str> {
     /// The most groups one key is joined from.
     const MAX_GROUPS: usize = 64;
     let key_char = |c: char| c.is_ascii_alphanumeric() || c == '-' || c == '_';
@@ -442,14 +448,25 @@ fn join_key_groups(text: &str) -> String {
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_')))
         .then_some(bare.len())
     };
-    let mut out = String::with_capacity(text.len());
-    let mut i = 0usize;
-    let emit = |out: &mut String, w: &str, first: bool| {
-        if !first {
-            out.push(' ');
-        }
-        out.push_str(w);
+    // The text as it is up to `copied`, then each key joined in place of its words `from..to`:
+    // the words between keys are copied in one piece, not one by one, and a text without a key
+    // is not copied at all.
+    let mut out: Option<String> = None;
+    let mut copied = 0usize;
+    let mut join = |from: usize, to: usize, key: &str| {
+        let (Some(first), Some(last)) = (
+            words.get(from),
+            to.checked_sub(1).and_then(|l| words.get(l)),
+        ) else {
+            return;
+        };
+        let start = offset_in(text, first);
+        let o = out.get_or_insert_with(|| String::with_capacity(text.len()));
+        o.push_str(text.get(copied..start).unwrap_or_default());
+        o.push_str(key);
+        copied = offset_in(text, last).saturating_add(last.len());
     };
+    let mut i = 0usize;
     while i < words.len() {
         let (j, restart) = group_run(&words, i, MAX_GROUPS, group, split_prefix);
         // A prefix written apart from its body (`AKIA IOSFODNN7EXAMPLE`, `sk-proj- Ab3d…`).
@@ -458,7 +475,7 @@ fn join_key_groups(text: &str) -> String {
                 words.get(i).copied().unwrap_or_default(),
                 words.get(i.saturating_add(1)).copied().unwrap_or_default(),
             );
-            emit(&mut out, &alloc::format!("{w}{body}"), i == 0);
+            join(i, i.saturating_add(2), &alloc::format!("{w}{body}"));
             i = i.saturating_add(2);
             continue;
         }
@@ -505,35 +522,39 @@ fn join_key_groups(text: &str) -> String {
         match start {
             Some(0) => {
                 let end = key_words(run, group);
-                emit(
-                    &mut out,
+                join(
+                    i,
+                    i.saturating_add(end),
                     &run.get(..end).unwrap_or_default().concat(),
-                    i == 0,
                 );
                 i = i.saturating_add(end);
             }
             Some(k) => {
                 // The words before the key as they are; the key on the next round.
-                for (n, w) in run.iter().take(k).enumerate() {
-                    emit(&mut out, w, i == 0 && n == 0);
-                }
                 i = i.saturating_add(k);
             }
             None => {
                 // (A run of groups one separator apart that turned to two: a key written with
                 // two may start at its last group.)
-                let end = restart
+                i = restart
                     .filter(|&r| r > i)
                     .unwrap_or(j)
                     .max(i.saturating_add(1));
-                for (n, w) in words.get(i..end).unwrap_or_default().iter().enumerate() {
-                    emit(&mut out, w, i == 0 && n == 0);
-                }
-                i = end;
             }
         }
     }
-    out
+    match out {
+        None => Cow::Borrowed(text),
+        Some(mut o) => {
+            o.push_str(text.get(copied..).unwrap_or_default());
+            Cow::Owned(o)
+        }
+    }
+}
+
+/// Where `part`, a slice of `text`, starts in it.
+fn offset_in(text: &str, part: &str) -> usize {
+    (part.as_ptr() as usize).saturating_sub(text.as_ptr() as usize)
 }
 
 /// The run of groups of a key written in groups that starts at word `i` of `words` (the words of
@@ -649,13 +670,15 @@ fn key_prefix_at(b: &[u8], i: usize) -> bool {
 /// Between two groups of at least four digits, a run of one to three separators (`-`, `.`, `/`,
 /// `_`, spaces) as one space: `5207-7117 1309.4094` and `2606 - 1389` read as
 /// `5207 7117 1309 4094`. (Shorter groups are addresses, times and versions.)
-fn digit_separators(text: &str) -> String {
+fn digit_separators(text: &str) -> Cow<'_, str> {
     let b = text.as_bytes();
     let run_len = |from: usize| {
         b.get(from..)
             .map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count())
     };
-    let mut out = Vec::with_capacity(b.len());
+    // The runs of separators that become one space (byte ranges, in order; ASCII, so character
+    // boundaries): the text is copied only when there is one.
+    let mut cuts: Vec<(usize, usize)> = Vec::new();
     let mut i = 0usize;
     let mut run = 0usize;
     while let Some(&c) = b.get(i) {
@@ -678,13 +701,11 @@ fn digit_separators(text: &str) -> String {
                 .iter()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
             {
-                out.extend_from_slice(word);
                 i = end;
                 run = 0;
                 continue;
             }
         }
-        out.push(c);
         i = i.saturating_add(1);
         if !c.is_ascii_digit() {
             run = 0;
@@ -703,12 +724,23 @@ fn digit_separators(text: &str) -> String {
             j = j.saturating_add(1);
         }
         if j > i && run >= 4 && run_len(j) >= 4 {
-            out.push(b' ');
+            cuts.push((i, j));
             i = j;
         }
         run = 0;
     }
-    String::from_utf8(out).unwrap_or_default()
+    if cuts.is_empty() {
+        return Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    let mut at = 0usize;
+    for (from, to) in cuts {
+        out.push_str(text.get(at..from).unwrap_or_default());
+        out.push(' ');
+        at = to;
+    }
+    out.push_str(text.get(at..).unwrap_or_default());
+    Cow::Owned(out)
 }
 
 /// The text backwards, character by character.
@@ -1294,7 +1326,7 @@ fn printable(bytes: Vec<u8>) -> Option<String> {
 /// compared with.
 #[cfg(test)]
 mod before_fast_paths {
-    use super::{letter_sep, KEY_STARTS};
+    use super::{domain_at, key_prefix_at, letter_sep, local_char, KEY_STARTS};
     use alloc::string::String;
     use alloc::vec::Vec;
 
@@ -1405,6 +1437,127 @@ mod before_fast_paths {
                 }
             }
         }
+        out
+    }
+
+    pub(super) fn digit_separators(text: &str) -> String {
+        let b = text.as_bytes();
+        let run_len = |from: usize| {
+            b.get(from..)
+                .map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count())
+        };
+        let mut out = Vec::with_capacity(b.len());
+        let mut i = 0usize;
+        let mut run = 0usize;
+        while let Some(&c) = b.get(i) {
+            // A word that is a key as written (or as joined from its groups): a key prefix, then
+            // key characters to the word's end (and the sentence's punctuation). Its digit groups
+            // are its own (`xoxb-6880953775300-8406060055545-…`).
+            if (i == 0 || b.get(i.wrapping_sub(1)) == Some(&b' ')) && key_prefix_at(b, i) {
+                let end = b
+                    .get(i..)
+                    .and_then(|r| memchr::memchr(b' ', r))
+                    .map_or(b.len(), |e| i.saturating_add(e));
+                let word = b.get(i..end).unwrap_or_default();
+                let kept = word
+                    .iter()
+                    .rposition(|c| !matches!(c, b'.' | b',' | b';' | b':' | b'!' | b'?' | b')'))
+                    .map_or(0, |p| p.saturating_add(1));
+                if word
+                    .get(..kept)
+                    .unwrap_or_default()
+                    .iter()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'-' | b'_'))
+                {
+                    out.extend_from_slice(word);
+                    i = end;
+                    run = 0;
+                    continue;
+                }
+            }
+            out.push(c);
+            i = i.saturating_add(1);
+            if !c.is_ascii_digit() {
+                run = 0;
+                continue;
+            }
+            run = run.saturating_add(1);
+            if b.get(i).is_some_and(u8::is_ascii_digit) {
+                continue;
+            }
+            let mut j = i;
+            while b
+                .get(j)
+                .is_some_and(|x| matches!(x, b'-' | b'.' | b'/' | b'_' | b':' | b' ' | b'\t'))
+                && j.saturating_sub(i) < 3
+            {
+                j = j.saturating_add(1);
+            }
+            if j > i && run >= 4 && run_len(j) >= 4 {
+                out.push(b' ');
+                i = j;
+            }
+            run = 0;
+        }
+        String::from_utf8(out).unwrap_or_default()
+    }
+
+    pub(super) fn reassemble(text: &str) -> String {
+        // Every `@` and ` at `, in order, each looked at once (linear however many there are).
+        let mut signs = text.match_indices('@').map(|(i, _)| (i, 1usize)).peekable();
+        let mut words = text
+            .match_indices(" at ")
+            .map(|(i, _)| (i, 4usize))
+            .peekable();
+        let mut out = String::with_capacity(text.len());
+        let mut done = 0usize;
+        loop {
+            let next = match (signs.peek().copied(), words.peek().copied()) {
+                (Some(a), Some(w)) if w.0 < a.0 => words.next(),
+                (Some(_), _) => signs.next(),
+                (None, Some(_)) => words.next(),
+                (None, None) => None,
+            };
+            let Some((pos, skip)) = next else { break };
+            if pos < done {
+                continue;
+            }
+            let left = text.get(done..pos).unwrap_or_default();
+            let left_trim = left.trim_end();
+            let gap = left.len() > left_trim.len() || skip == 4;
+            let local_len = left_trim
+                .chars()
+                .rev()
+                .take_while(|c| local_char(*c))
+                .map(char::len_utf8)
+                .sum::<usize>();
+            let local = left_trim
+                .get(left_trim.len().saturating_sub(local_len)..)
+                .unwrap_or_default();
+            let right_start = pos.saturating_add(skip);
+            let right = text.get(right_start..).unwrap_or_default();
+            let right_trim = right.trim_start();
+            // Spaced on both sides (`jo @ corp . example`) is a spelling; white space on one side
+            // only needs a local part that looks like one (a decorator follows a line break).
+            let both = left.len() > left_trim.len() && right.len() > right_trim.len();
+            let distinct =
+                both || local.contains(['.', '_']) || local.chars().any(|c| c.is_ascii_digit());
+            match domain_at(right_trim) {
+                Some((len, domain)) if !local.is_empty() && (!gap || distinct) => {
+                    out.push_str(left_trim);
+                    out.push('@');
+                    out.push_str(&domain);
+                    done = right_start
+                        .saturating_add(right.len().saturating_sub(right_trim.len()))
+                        .saturating_add(len);
+                }
+                _ => {
+                    out.push_str(text.get(done..right_start).unwrap_or_default());
+                    done = right_start;
+                }
+            }
+        }
+        out.push_str(text.get(done..).unwrap_or_default());
         out
     }
 
@@ -1725,6 +1878,12 @@ mod tests {
             );
             assert_eq!(unleet(&t), before_fast_paths::unleet(&t), "{t:?}");
             assert_eq!(
+                digit_separators(&t),
+                before_fast_paths::digit_separators(&t),
+                "{t:?}"
+            );
+            assert_eq!(reassemble(&t), before_fast_paths::reassemble(&t), "{t:?}");
+            assert_eq!(
                 may_join_single_chars(&t),
                 before_fast_paths::may_join_single_chars(&t),
                 "{t:?}"
@@ -1783,7 +1942,8 @@ mod tests {
                 matches!(f.as_bytes()[0], b'[' | b'(' | b'{' | b'<' | b'-'),
                 "{f}"
             );
-            let spelled = spell_out(&alloc::format!("jane {f} example"));
+            let written = alloc::format!("jane {f} example");
+            let spelled = spell_out(&written);
             assert!(
                 spelled.contains('@') || spelled.contains('.'),
                 "{f}: {spelled}"
