@@ -275,55 +275,14 @@ const BACKWARDS: &[&str] = &[
     "逆",
 ];
 
-/// For each byte, the words of [`BACKWARDS`] that start with it (bit `k`: word `k`).
-#[expect(
-    clippy::indexing_slicing,
-    reason = "evaluated at compile time only: a byte indexes 256 entries, and an empty word or an \
-              index out of bounds would fail const evaluation (the build), never panic at run time"
-)]
-const BACKWARDS_BY_FIRST: [u32; 256] = {
-    assert!(BACKWARDS.len() <= 32);
-    let mut table = [0u32; 256];
-    let mut k = 0;
-    while k < BACKWARDS.len() {
-        let first = BACKWARDS[k].as_bytes()[0];
-        table[first as usize] |= 1 << k;
-        k += 1;
-    }
-    table
-};
-
 /// Whether `text` asks for something to be read backwards.
 pub fn asks_backwards(text: &str) -> bool {
-    if text.is_ascii() {
-        // (ASCII lower-cases byte by byte: the words are compared in place, without a copy.)
-        has_backwards_word(text.as_bytes())
-    } else {
-        has_backwards_word(text.to_lowercase().as_bytes())
-    }
-}
-
-/// Whether one of [`BACKWARDS`] (lower case) is in `text`, ASCII letters in any case: one pass,
-/// each byte looked up once, the words that start with it compared there.
-fn has_backwards_word(text: &[u8]) -> bool {
-    text.iter().enumerate().any(|(i, b)| {
-        let mut words = BACKWARDS_BY_FIRST
-            .get(usize::from(b.to_ascii_lowercase()))
-            .copied()
-            .unwrap_or(0);
-        while words != 0 {
-            let k = words.trailing_zeros() as usize;
-            words &= words.wrapping_sub(1);
-            let found = BACKWARDS.get(k).is_some_and(|w| {
-                text.get(i..i.saturating_add(w.len()))
-                    .is_some_and(|here| here.eq_ignore_ascii_case(w.as_bytes()))
-            });
-            if found {
-                return true;
-            }
-        }
-        false
-    })
+    let lower = text.to_lowercase();
+    // (`memchr`'s substring search: SIMD in the filter, where `str::contains` compares byte by
+    // byte.)
+    BACKWARDS
+        .iter()
+        .any(|w| memchr::memmem::find(lower.as_bytes(), w.as_bytes()).is_some())
 }
 
 /// Calls `f` with each view of `text` that differs from it (folded, compacted and folded,
@@ -399,8 +358,8 @@ mod tests {
     use super::*;
 
     #[test]
-    fn asking_backwards_is_found_in_one_pass_as_it_was_with_a_search_per_word() {
-        // The oracle: [`asks_backwards`] before its one pass (issue #18).
+    fn asking_backwards_is_found_with_memchr_as_it_was_with_str_contains() {
+        // The oracle: [`asks_backwards`] before it searched with `memchr` (issue #18).
         let before = |text: &str| {
             let lower = text.to_lowercase();
             BACKWARDS.iter().any(|w| lower.contains(w))
