@@ -214,7 +214,27 @@ pub fn fold(text: &str) -> String {
                 let rest = bytes.get(i..).unwrap_or_default();
                 let mut n = 0usize;
                 let mut after_space = false;
-                for &c in rest {
+                // Sixteen bytes at a time while all of them belong to the run (tests without an
+                // early exit, which the compiler turns into SIMD comparisons in the filter), then
+                // byte by byte.
+                for chunk in rest.chunks_exact(16) {
+                    let plain = chunk.iter().fold(true, |ok, &c| {
+                        ok & c.is_ascii() & !(b'\t'..=b'\r').contains(&c)
+                    });
+                    let starts_doubled = after_space & (chunk.first() == Some(&b' '));
+                    let doubled = chunk
+                        .iter()
+                        .zip(chunk.iter().skip(1))
+                        .fold(starts_doubled, |d, (&x, &y)| {
+                            d | ((x == b' ') & (y == b' '))
+                        });
+                    if !plain || doubled {
+                        break;
+                    }
+                    after_space = chunk.last() == Some(&b' ');
+                    n = n.saturating_add(16);
+                }
+                for &c in rest.get(n..).unwrap_or_default() {
                     if !c.is_ascii() || (ascii_space(c) && (c != b' ' || after_space)) {
                         break;
                     }
@@ -345,6 +365,8 @@ mod tests {
             "  ",
             "Hello world ",
             " the ",
+            "The quick brown fox jumps over the lazy dog. ",
+            "summarise the following notes",
             "\t",
             "\n",
             "\u{b}",

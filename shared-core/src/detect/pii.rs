@@ -304,7 +304,7 @@ fn next_digit(b: &[u8], from: usize) -> usize {
 /// there is none). Sixteen bytes are tested at once before they are looked at one by one: the
 /// test has no early exit, so the compiler makes it one SIMD comparison in the filter, and prose,
 /// where the bytes looked for are rare, is passed over sixteen bytes a step.
-fn next_where(b: &[u8], from: usize, wanted: impl Fn(u8) -> bool) -> usize {
+pub(crate) fn next_where(b: &[u8], from: usize, wanted: impl Fn(u8) -> bool) -> usize {
     let rest = b.get(from..).unwrap_or_default();
     let mut chunks = rest.chunks_exact(16);
     let mut base = from;

@@ -22,6 +22,7 @@ use alloc::vec::Vec;
 
 use base64::Engine;
 
+use super::pii::next_where;
 use crate::fold::ascii_space;
 
 /// The most bytes of encoded runs decoded per text (per level).
@@ -682,6 +683,9 @@ fn key_prefix_at(b: &[u8], i: usize) -> bool {
 /// `5207 7117 1309 4094`. (Shorter groups are addresses, times and versions.)
 fn digit_separators(text: &str) -> Cow<'_, str> {
     let b = text.as_bytes();
+    if !may_cut_digits(b) {
+        return Cow::Borrowed(text);
+    }
     let run_len = |from: usize| {
         b.get(from..)
             .map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count())
@@ -726,11 +730,7 @@ fn digit_separators(text: &str) -> Cow<'_, str> {
             continue;
         }
         let mut j = i;
-        while b
-            .get(j)
-            .is_some_and(|x| matches!(x, b'-' | b'.' | b'/' | b'_' | b':' | b' ' | b'\t'))
-            && j.saturating_sub(i) < 3
-        {
+        while b.get(j).is_some_and(|x| digit_separator(*x)) && j.saturating_sub(i) < 3 {
             j = j.saturating_add(1);
         }
         if j > i && run >= 4 && run_len(j) >= 4 {
@@ -751,6 +751,38 @@ fn digit_separators(text: &str) -> Cow<'_, str> {
     }
     out.push_str(text.get(at..).unwrap_or_default());
     Cow::Owned(out)
+}
+
+/// The separators [`digit_separators`] puts between digit groups (at most three in a row).
+fn digit_separator(c: u8) -> bool {
+    matches!(c, b'-' | b'.' | b'/' | b'_' | b':' | b' ' | b'\t')
+}
+
+/// Whether `b` has a run of four digits or more, one to three separators and four digits: where
+/// [`digit_separators`] may cut (it cuts fewer: not inside a key). Digit runs are found sixteen
+/// bytes at a time, so prose without such numbers is passed over quickly.
+fn may_cut_digits(b: &[u8]) -> bool {
+    let digits_from = |from: usize| {
+        b.get(from..)
+            .map_or(0, |r| r.iter().take_while(|c| c.is_ascii_digit()).count())
+    };
+    let mut i = next_where(b, 0, |c| c.is_ascii_digit());
+    while i < b.len() {
+        let end = i.saturating_add(digits_from(i));
+        if end.saturating_sub(i) >= 4 {
+            let seps = b.get(end..).map_or(0, |r| {
+                r.iter()
+                    .take(3)
+                    .take_while(|c| digit_separator(**c))
+                    .count()
+            });
+            if seps > 0 && digits_from(end.saturating_add(seps)) >= 4 {
+                return true;
+            }
+        }
+        i = next_where(b, end, |c| c.is_ascii_digit());
+    }
+    false
 }
 
 /// The text backwards, character by character.
