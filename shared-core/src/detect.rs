@@ -278,11 +278,7 @@ const BACKWARDS: &[&str] = &[
 /// Whether `text` asks for something to be read backwards.
 pub fn asks_backwards(text: &str) -> bool {
     let lower = text.to_lowercase();
-    // (`memchr`'s substring search: SIMD in the filter, where `str::contains` compares byte by
-    // byte.)
-    BACKWARDS
-        .iter()
-        .any(|w| memchr::memmem::find(lower.as_bytes(), w.as_bytes()).is_some())
+    BACKWARDS.iter().any(|w| views::has(&lower, w))
 }
 
 /// Calls `f` with each view of `text` that differs from it (folded, compacted and folded,

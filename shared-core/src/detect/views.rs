@@ -559,7 +559,7 @@ fn join_key_groups(text: &str) -> Cow<'_, str> {
 
 /// Whether `needle` is in `text`: `memchr`'s substring search (SIMD in the filter), where
 /// `str::contains` would build a two-way searcher and compare byte by byte.
-fn has(text: &str, needle: &str) -> bool {
+pub(crate) fn has(text: &str, needle: &str) -> bool {
     memchr::memmem::find(text.as_bytes(), needle.as_bytes()).is_some()
 }
 
